@@ -1,0 +1,193 @@
+"""``check_*`` helpers that raise clear errors for bad user input.
+
+Every message names the argument in backticks, says what was expected and what
+was given, and suggests the fix. Shape and dtype checks always run; value
+checks (which read data back from the device) run only while
+:func:`crossent.get_validation` is true and never on lazy arrays (JAX tracers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from crossent._lib import _config
+from crossent._lib._xp import Array, as_bool, is_lazy, size
+
+__all__ = [
+    "check_axis",
+    "check_base",
+    "check_floating",
+    "check_from_logits",
+    "check_in_unit_interval",
+    "check_integer_labels",
+    "check_label_range",
+    "check_nonnegative",
+    "check_nonnegative_scalar",
+    "check_probabilities",
+    "check_reduction",
+    "check_same_shape",
+    "check_unit_interval_scalar",
+    "values_checked",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def values_checked(*arrays: Array) -> bool:
+    """Whether value checks should run on `arrays` now (validation on, none lazy)."""
+    return _config.get_validation() and not any(a is not None and is_lazy(a) for a in arrays)
+
+
+def check_reduction(reduction: object) -> str:
+    """`reduction` must be "mean", "sum" or "none"."""
+    if reduction not in REDUCTIONS:
+        msg = f'`reduction` must be one of "mean", "sum" or "none"; got {reduction!r}.'
+        raise ValueError(msg)
+    return str(reduction)
+
+
+def check_axis(axis: object, ndim: int, *, name: str = "input") -> int:
+    """`axis` as a non-negative int valid for a `ndim`-d array."""
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        msg = f"`axis` must be an int; got {type(axis).__name__}."
+        raise TypeError(msg)
+    if ndim == 0:
+        msg = f"`{name}` must have at least one dimension (the class axis); got a 0-d array."
+        raise ValueError(msg)
+    if not -ndim <= axis < ndim:
+        msg = (
+            f"`axis`={axis} is out of range for `{name}` with {ndim} dimension(s); "
+            f"use an axis in [{-ndim}, {ndim - 1}]."
+        )
+        raise ValueError(msg)
+    return axis % ndim
+
+
+def check_base(base: object) -> float | None:
+    """`base` is None (nats) or a positive number other than 1."""
+    if base is None:
+        return None
+    if isinstance(base, bool) or not isinstance(base, int | float):
+        msg = f"`base` must be None (nats) or a positive number such as 2; got {base!r}."
+        raise TypeError(msg)
+    if not base > 0 or base == 1:
+        msg = f"`base` must be positive and not 1 (None means nats, 2 bits); got {base!r}."
+        raise ValueError(msg)
+    return float(base)
+
+
+def check_floating(x: Array, *, name: str, xp: Any) -> None:
+    """`x` must have a real floating dtype."""
+    if not xp.isdtype(x.dtype, "real floating"):
+        msg = (
+            f"`{name}` must have a floating dtype (float16, bfloat16, float32 or float64); "
+            f"got {x.dtype}. Cast it first, e.g. `{name}.astype(float)`."
+        )
+        raise TypeError(msg)
+
+
+def check_same_shape(a: Array, b: Array, *, names: Sequence[str] = ("input", "target")) -> None:
+    """`a` and `b` must have the same shape."""
+    if tuple(a.shape) != tuple(b.shape):
+        msg = (
+            f"`{names[1]}` must have the same shape as `{names[0]}`; got {tuple(b.shape)} "
+            f"and {tuple(a.shape)}."
+        )
+        raise ValueError(msg)
+
+
+def check_from_logits(from_logits: bool, **options: object) -> None:
+    """Options that only make sense on logits (z_loss, softcap) need ``from_logits=True``."""
+    if from_logits:
+        return
+    for name, value in options.items():
+        if value is not None and value is not False and value != 0:
+            msg = f"`{name}` needs logits; pass from_logits=True (got {name}={value!r})."
+            raise ValueError(msg)
+
+
+def check_nonnegative_scalar(value: object, *, name: str) -> float:
+    """A finite, non-negative Python number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        msg = f"`{name}` must be a number; got {type(value).__name__}."
+        raise TypeError(msg)
+    if not value >= 0 or value == float("inf"):
+        msg = f"`{name}` must be finite and >= 0; got {value!r}."
+        raise ValueError(msg)
+    return float(value)
+
+
+def check_unit_interval_scalar(value: object, *, name: str) -> float:
+    """A Python number in [0, 1]."""
+    value = check_nonnegative_scalar(value, name=name)
+    if value > 1:
+        msg = f"`{name}` must lie in [0, 1]; got {value!r}."
+        raise ValueError(msg)
+    return value
+
+
+def check_probabilities(x: Array, *, name: str = "input", xp: Any) -> None:
+    """Values of `x` must lie in [0, 1] (NaN passes and propagates)."""
+    if size(x) == 0 or not values_checked(x):
+        return
+    if as_bool(xp.any((x < 0) | (x > 1))):
+        lo, hi = float(xp.min(x)), float(xp.max(x))
+        msg = (
+            f"`{name}` has values outside [0, 1] (min={lo:.6g}, max={hi:.6g}); "
+            "pass from_logits=True if these are logits."
+        )
+        raise ValueError(msg)
+
+
+def check_in_unit_interval(x: Array, *, name: str, xp: Any) -> None:
+    """Targets such as binary labels must lie in [0, 1]."""
+    if size(x) == 0 or not values_checked(x):
+        return
+    if as_bool(xp.any((x < 0) | (x > 1))):
+        lo, hi = float(xp.min(x)), float(xp.max(x))
+        msg = (
+            f"`{name}` must lie in [0, 1]; got values in [{lo:.6g}, {hi:.6g}]. "
+            "Rescale the targets, or use sparse_categorical_cross_entropy for class indices."
+        )
+        raise ValueError(msg)
+
+
+def check_nonnegative(x: Array, *, name: str, xp: Any) -> None:
+    """Weights must be >= 0 (NaN passes and propagates)."""
+    if size(x) == 0 or not values_checked(x):
+        return
+    if as_bool(xp.any(x < 0)):
+        msg = f"`{name}` must be non-negative; got a minimum of {float(xp.min(x)):.6g}."
+        raise ValueError(msg)
+
+
+def check_integer_labels(target: Array, *, name: str = "target", xp: Any) -> None:
+    """Sparse targets must have an integer dtype."""
+    if not xp.isdtype(target.dtype, "integral"):
+        msg = (
+            f"`{name}` must hold integer class indices; got dtype {target.dtype}. "
+            "Cast it (e.g. `target.astype(int)` / `target.long()`), or use "
+            "categorical_cross_entropy for one-hot or soft targets."
+        )
+        raise TypeError(msg)
+
+
+def check_label_range(
+    target: Array, num_classes: int, *, ignore_index: int | None, name: str = "target", xp: Any
+) -> None:
+    """Labels must lie in [0, num_classes) unless they equal `ignore_index`."""
+    if size(target) == 0 or not values_checked(target):
+        return
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad = bad & (target != ignore_index)
+    if as_bool(xp.any(bad)):
+        bad_values = target[bad]
+        lo, hi = int(xp.min(bad_values)), int(xp.max(bad_values))
+        hint = "" if ignore_index is None else f" (ignore_index={ignore_index})"
+        msg = (
+            f"`{name}` has labels outside [0, {num_classes}) that are not `ignore_index`"
+            f"{hint}: min={lo}, max={hi}. Check the number of classes, or set `ignore_index`."
+        )
+        raise ValueError(msg)

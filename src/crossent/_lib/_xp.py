@@ -1,0 +1,221 @@
+"""The one module that talks to array-api-compat.
+
+Every public function fetches its namespace once, ``xp = array_namespace(...)``,
+and passes it keyword-only to the helpers below, so each formula is written
+once and runs on NumPy, PyTorch, JAX, array-api-strict and any other array-API
+library. Where a backend has a native, faster or more accurate kernel
+(``torch.logsumexp``, ``jax.nn.logsumexp``, ``torch.nn.functional.logsigmoid``)
+the helper uses it; otherwise it falls back to a portable formula.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+from array_api_compat import (
+    is_jax_namespace,
+    is_numpy_namespace,
+    is_torch_namespace,
+)
+
+__all__ = [
+    "Array",
+    "array_namespace",
+    "as_bool",
+    "astype",
+    "compute_dtype",
+    "device",
+    "is_array",
+    "is_jax_namespace",
+    "is_lazy",
+    "is_numpy_namespace",
+    "is_torch_namespace",
+    "log_sigmoid",
+    "logsumexp",
+    "one_hot",
+    "safe_divide",
+    "size",
+    "take_along_axis",
+    "xlogy",
+]
+
+Array = Any
+
+
+def is_array(x: object) -> bool:
+    """Whether `x` is an array of a supported library (not a Python scalar)."""
+    return bool(array_api_compat.is_array_api_obj(x))
+
+
+def array_namespace(*arrays: object) -> Any:
+    """The array-API namespace shared by `arrays`; ``None`` and scalars are skipped.
+
+    Raises
+    ------
+    TypeError
+        If the arrays come from different libraries, or none is an array.
+    """
+    present = [a for a in arrays if a is not None and not isinstance(a, int | float | bool)]
+    if not present:
+        msg = "expected at least one array (NumPy, PyTorch, JAX, ...); got only Python scalars."
+        raise TypeError(msg)
+    try:
+        return array_api_compat.array_namespace(*present)
+    except TypeError as exc:
+        kinds = sorted({type(a).__module__.split(".")[0] + "." + type(a).__name__ for a in present})
+        msg = (
+            f"all arrays must come from one array library; got {', '.join(kinds)}. "
+            "Convert them to one library first (e.g. torch.as_tensor or np.asarray)."
+        )
+        raise TypeError(msg) from exc
+
+
+def device(x: Array) -> Any:
+    """The device `x` lives on."""
+    return array_api_compat.device(x)
+
+
+def size(x: Array) -> int:
+    """Number of elements of `x` (0 for an empty array)."""
+    n = array_api_compat.size(x)
+    return 0 if n is None else int(n)
+
+
+def is_lazy(x: Array) -> bool:
+    """Whether `x` has no concrete values yet (a JAX tracer inside ``jit``, a lazy array)."""
+    checker = getattr(array_api_compat, "is_lazy_array", None)
+    if checker is not None:
+        return bool(checker(x))
+    return type(x).__name__.endswith("Tracer")  # pragma: no cover - old array-api-compat
+
+
+def as_bool(x: Array) -> bool:
+    """A 0-d boolean array as a Python bool (a device-to-host read)."""
+    return bool(x)
+
+
+def _is_low_precision(dtype: Any, *, xp: Any) -> bool:
+    return bool(xp.isdtype(dtype, "real floating") and xp.finfo(dtype).bits < 32)
+
+
+def compute_dtype(*dtypes: Any, xp: Any) -> Any:
+    """The floating dtype to compute in: float16/bfloat16 accumulate in float32.
+
+    Integer and boolean inputs compute in the namespace's default float.
+    Mixed float dtypes promote (float32 with float64 gives float64).
+    """
+    floats = [d for d in dtypes if d is not None and xp.isdtype(d, "real floating")]
+    if not floats:
+        return xp.asarray(0.0).dtype
+    result = floats[0]
+    for d in floats[1:]:
+        result = xp.result_type(result, d)
+    return xp.float32 if _is_low_precision(result, xp=xp) else result
+
+
+def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
+    """`x` as `dtype`, without a copy when it already has it."""
+    if x.dtype == dtype:
+        return x
+    return xp.astype(x, dtype)
+
+
+def logsumexp(x: Array, *, axis: int, keepdims: bool = False, xp: Any) -> Array:
+    r"""Log-sum-exp along `axis`, exact for any finite input.
+
+    Notes
+    -----
+    .. math:: \operatorname{lse}(x) = m + \log\Bigl(1 + \sum_{k \ne k^*} e^{x_k - m}\Bigr),
+              \quad m = x_{k^*} = \max_k x_k
+
+    The sum over the non-maximal terms goes through ``log1p`` so the result
+    keeps full relative accuracy when one term dominates [1]_. A row of all
+    ``-inf`` gives ``-inf``; ``+inf`` gives ``+inf``; NaN propagates.
+    PyTorch and JAX use their native kernels.
+
+    References
+    ----------
+    .. [1] Blanchard, Higham, Higham, "Accurately computing the log-sum-exp
+       and softmax functions", IMA J. Numer. Anal., 2021.
+    """
+    if is_torch_namespace(xp):
+        import torch
+
+        return torch.logsumexp(x, dim=axis, keepdim=keepdims)
+    if is_jax_namespace(xp):
+        import jax
+
+        return jax.nn.logsumexp(x, axis=axis, keepdims=keepdims)
+    m = xp.max(x, axis=axis, keepdims=True)
+    m_safe = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    is_max = x == m
+    e = xp.where(is_max, xp.zeros_like(x), xp.exp(x - m_safe))
+    n_max = xp.sum(xp.astype(is_max, x.dtype), axis=axis, keepdims=True)
+    s = xp.sum(e, axis=axis, keepdims=True) + (n_max - 1)
+    # A non-finite max decides the result on its own: -inf (all masked), +inf or NaN.
+    out = xp.where(xp.isfinite(m), xp.log1p(s) + m_safe, m)
+    if not keepdims:
+        out = xp.squeeze(out, axis=axis)
+    return out
+
+
+def log_sigmoid(x: Array, *, xp: Any) -> Array:
+    r"""log σ(x) = −softplus(−x) = min(x, 0) − log1p(e^{−|x|}), exact for any finite x."""
+    if is_torch_namespace(xp):
+        import torch
+
+        return torch.nn.functional.logsigmoid(x)
+    if is_jax_namespace(xp):
+        import jax
+
+        return jax.nn.log_sigmoid(x)
+    zero = xp.zeros_like(x)
+    return xp.minimum(x, zero) - xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def xlogy(x: Array, y: Array, *, xp: Any) -> Array:
+    r"""x · log y with 0 · log y = 0 (so 0 · log 0 = 0), NaN-free in value and gradient.
+
+    The double ``where`` keeps autodiff from evaluating ``0 / 0`` in the
+    untaken branch. NaN in `x` or `y` propagates.
+    """
+    is_zero = x == 0
+    y_safe = xp.where(is_zero, xp.ones_like(y), y)
+    return xp.where(is_zero, xp.zeros_like(x * y_safe), x * xp.log(y_safe))
+
+
+def safe_divide(num: Array, den: Array, *, xp: Any) -> Array:
+    """`num` / `den`, with 0 (and a zero gradient) where `den` is 0."""
+    den_zero = den == 0
+    den_safe = xp.where(den_zero, xp.ones_like(den), den)
+    return xp.where(den_zero, xp.zeros_like(num / den_safe), num / den_safe)
+
+
+def take_along_axis(x: Array, indices: Array, *, axis: int, xp: Any) -> Array:
+    """``x[..., indices, ...]`` along `axis`; `indices` has `x`'s shape with size 1 on `axis`."""
+    if is_torch_namespace(xp):
+        import torch
+
+        return torch.gather(x, axis, indices)
+    native = getattr(xp, "take_along_axis", None)
+    if native is not None:
+        return native(x, indices, axis=axis)
+    mask = one_hot(xp.squeeze(indices, axis=axis), x.shape[axis], dtype=x.dtype, axis=axis, xp=xp)
+    return xp.sum(mask * x, axis=axis, keepdims=True)
+
+
+def one_hot(labels: Array, num_classes: int, *, dtype: Any, axis: int = -1, xp: Any) -> Array:
+    """One-hot encoding of integer `labels` with classes inserted at `axis`.
+
+    Labels outside ``[0, num_classes)`` give an all-zero row.
+    """
+    classes = xp.arange(num_classes, device=device(labels))
+    expanded = xp.expand_dims(labels, axis=-1) == classes
+    out = xp.astype(expanded, dtype)
+    ndim = out.ndim
+    if axis < 0:
+        axis += ndim
+    if axis != ndim - 1:
+        out = xp.moveaxis(out, -1, axis)
+    return out

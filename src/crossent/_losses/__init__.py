@@ -1,0 +1,1 @@
+"""Private loss implementations, one family per module; re-exported by :mod:`crossent`."""

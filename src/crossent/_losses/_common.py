@@ -1,0 +1,63 @@
+"""Pieces every loss family shares: reductions and the focal modulating factor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crossent._lib._xp import Array, device, safe_divide, size
+
+__all__ = ["focal_factor", "log1mexp", "reduce_loss"]
+
+
+def reduce_loss(
+    loss: Array, reduction: str, *, denominator: Array | None = None, xp: Any
+) -> Array:
+    """Apply `reduction` to per-item losses.
+
+    ``"mean"`` divides the sum by `denominator` (the element count when
+    ``None``); a zero denominator gives 0 with a zero gradient instead of NaN.
+    """
+    if reduction == "none":
+        return loss
+    total = xp.sum(loss)
+    if reduction == "sum":
+        return total
+    if denominator is None:
+        denominator = xp.asarray(float(size(loss)), dtype=loss.dtype, device=device(loss))
+    return safe_divide(total, denominator, xp=xp)
+
+
+def log1mexp(log_p: Array, *, xp: Any) -> Array:
+    r"""log(1 − e^u) for u ≤ 0, accurate everywhere [1]_; u = 0 gives −inf.
+
+    Notes
+    -----
+    .. math:: \log(1-e^u) = \begin{cases} \log(-\operatorname{expm1}(u)) & u > -\ln 2 \\
+              \operatorname{log1p}(-e^u) & u \le -\ln 2 \end{cases}
+
+    References
+    ----------
+    .. [1] Mächler, "Accurately computing log(1 − exp(−|a|))", Rmpfr vignette, 2012.
+    """
+    is_zero = log_p == 0
+    near_zero = (log_p > -0.6931471805599453) & ~is_zero
+    minus_one = xp.full_like(log_p, -1.0)
+    u_hi = xp.where(near_zero, log_p, minus_one)
+    u_lo = xp.where(near_zero | is_zero, minus_one, log_p)
+    out = xp.where(near_zero, xp.log(-xp.expm1(u_hi)), xp.log1p(-xp.exp(u_lo)))
+    return xp.where(is_zero, xp.full_like(out, -float("inf")), out)
+
+
+def focal_factor(log_one_minus_p: Array, gamma: float, *, xp: Any) -> Array:
+    r"""The focal modulating factor (1 − p)^γ from log(1 − p).
+
+    Computed as :math:`e^{\gamma \log(1-p)}`; where 1 − p is exactly 0 the
+    factor is 0 with a zero gradient, which is the limit of the focal loss
+    term's derivative for every γ > 0 (torchvision gives NaN there for γ < 1).
+    ``gamma=0`` gives ones.
+    """
+    if gamma == 0:
+        return xp.ones_like(log_one_minus_p)
+    is_certain = log_one_minus_p == -float("inf")
+    safe = xp.where(is_certain, xp.zeros_like(log_one_minus_p), log_one_minus_p)
+    return xp.where(is_certain, xp.zeros_like(safe), xp.exp(gamma * safe))

@@ -1,0 +1,74 @@
+"""Shared fixtures: the `xp` backend fixture and helpers to move data between backends."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+os.environ.setdefault("JAX_ENABLE_X64", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+settings.register_profile(
+    "crossent",
+    deadline=None,
+    derandomize=True,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.load_profile("crossent")
+
+BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
+
+
+def _import_backend(name: str) -> Any:
+    if name == "numpy":
+        import array_api_compat.numpy as xp_np
+
+        return xp_np
+    if name == "array_api_strict":
+        return pytest.importorskip("array_api_strict")
+    if name == "torch":
+        pytest.importorskip("torch")
+        import array_api_compat.torch as xp_torch
+
+        return xp_torch
+    if name == "jax":
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+
+        return jnp
+    raise ValueError(name)
+
+
+@pytest.fixture(params=BACKENDS)
+def xp(request: pytest.FixtureRequest) -> Any:
+    """Every array-API backend crossent claims to support (float64 enabled on JAX)."""
+    return _import_backend(request.param)
+
+
+def to_xp(xp: Any) -> Callable[..., Any]:
+    """A converter from NumPy data to `xp` arrays (keeps dtype unless given)."""
+
+    def convert(a: Any, dtype: Any = None) -> Any:
+        arr = np.asarray(a)
+        out = xp.asarray(arr)
+        if dtype is not None:
+            out = xp.astype(out, dtype)
+        return out
+
+    return convert
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Any backend's array as a float64/int NumPy array (test code only)."""
+    if hasattr(a, "detach"):
+        a = a.detach().cpu()
+    if type(a).__module__.startswith("array_api_strict"):
+        a = np.asarray(a._array)
+    return np.asarray(a)
