@@ -132,7 +132,9 @@ def logsumexp(x: Array, *, axis: int, keepdims: bool = False, xp: Any) -> Array:
     The sum over the non-maximal terms goes through ``log1p`` so the result
     keeps full relative accuracy when one term dominates [1]_. A row of all
     ``-inf`` gives ``-inf``; ``+inf`` gives ``+inf``; NaN propagates.
-    PyTorch and JAX use their native kernels.
+    PyTorch uses its native fused kernel (``torch.logsumexp``): it is the hot
+    path of training, and its error, relative to a result near 0, is larger
+    (about 1e-3 for ``[0, -30]``) but stays below one ulp of the maximum.
 
     References
     ----------
@@ -143,10 +145,6 @@ def logsumexp(x: Array, *, axis: int, keepdims: bool = False, xp: Any) -> Array:
         import torch
 
         return torch.logsumexp(x, dim=axis, keepdim=keepdims)
-    if is_jax_namespace(xp):
-        import jax
-
-        return jax.nn.logsumexp(x, axis=axis, keepdims=keepdims)
     m = xp.max(x, axis=axis, keepdims=True)
     m_safe = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
     is_max = x == m

@@ -9,9 +9,7 @@ from crossent._lib._xp import Array, device, safe_divide, size
 __all__ = ["focal_factor", "log1mexp", "reduce_loss"]
 
 
-def reduce_loss(
-    loss: Array, reduction: str, *, denominator: Array | None = None, xp: Any
-) -> Array:
+def reduce_loss(loss: Array, reduction: str, *, denominator: Array | None = None, xp: Any) -> Array:
     """Apply `reduction` to per-item losses.
 
     ``"mean"`` divides the sum by `denominator` (the element count when

@@ -1,0 +1,154 @@
+"""The backend layer: one formula, every backend, exact at the edges."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mpmath
+import numpy as np
+import pytest
+
+from crossent._lib import _xp
+from crossent._losses import _common
+from tests.conftest import to_numpy, to_xp
+
+
+def _lse_mpmath(row: list[float]) -> float:
+    with mpmath.workdps(50):
+        return float(mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(v)) for v in row)))
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        [0.0, -30.0],
+        [1e4, 0.0, -1e4],
+        [-1e4, -1e4 - 1.0],
+        [3.0, 3.0, 3.0],
+        [0.5, -0.25, 2.0, 1e-8],
+    ],
+)
+def test_logsumexp_matches_mpmath(xp: Any, row: list[float]) -> None:
+    x = to_xp(xp)(np.array([row], dtype=np.float64))
+    got = float(to_numpy(_xp.logsumexp(x, axis=-1, xp=xp))[0])
+    want = _lse_mpmath(row)
+    eps = np.finfo(np.float64).eps
+    if _xp.is_torch_namespace(xp):
+        # torch's native kernel has no log1p for the tail terms: within an ulp of the max.
+        assert abs(got - want) <= 2 * eps * max(1.0, abs(max(row)))
+    else:
+        assert got == pytest.approx(want, rel=4 * eps, abs=1e-300)
+
+
+def test_logsumexp_non_finite_rows(xp: Any) -> None:
+    inf = np.inf
+    x = to_xp(xp)(np.array([[-inf, -inf], [inf, 0.0], [np.nan, 0.0], [-inf, 0.0]]))
+    got = to_numpy(_xp.logsumexp(x, axis=-1, xp=xp))
+    assert got[0] == -inf
+    assert got[1] == inf
+    assert np.isnan(got[2])
+    assert got[3] == 0.0
+
+
+def test_logsumexp_axis_and_keepdims(xp: Any) -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 4, 5))
+    x = to_xp(xp)(a)
+    for axis in (0, 1, -1):
+        got = to_numpy(_xp.logsumexp(x, axis=axis, keepdims=True, xp=xp))
+        want = np.log(np.sum(np.exp(a), axis=axis, keepdims=True))
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_log_sigmoid_exact_at_extremes(xp: Any) -> None:
+    values = [-1e4, -100.0, -30.0, -1e-8, 0.0, 1e-8, 30.0, 100.0, 1e4]
+    got = to_numpy(_xp.log_sigmoid(to_xp(xp)(np.array(values)), xp=xp))
+    with mpmath.workdps(60):
+        want = [float(-mpmath.log1p(mpmath.exp(-mpmath.mpf(v)))) for v in values]
+    np.testing.assert_allclose(got, want, rtol=4e-16, atol=0)
+
+
+def test_xlogy_zero_times_log_zero_value_and_grad() -> None:
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xp
+
+    p = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    q = torch.tensor([0.0, 0.25, 0.0], dtype=torch.float64, requires_grad=True)
+    out = _xp.xlogy(p, q, xp=xp)
+    assert out[0].item() == 0.0
+    assert out[2].item() == -np.inf  # a positive mass on an impossible event
+    out[:2].sum().backward()
+    assert torch.isfinite(p.grad[:2]).all()
+    assert torch.isfinite(q.grad[:2]).all()
+    assert p.grad[0].item() == 0.0
+
+
+def test_safe_divide_zero_denominator(xp: Any) -> None:
+    conv = to_xp(xp)
+    got = to_numpy(_xp.safe_divide(conv(np.array([1.0, 3.0])), conv(np.array([0.0, 2.0])), xp=xp))
+    np.testing.assert_array_equal(got, [0.0, 1.5])
+
+
+def test_one_hot_and_take_along_axis(xp: Any) -> None:
+    conv = to_xp(xp)
+    labels = conv(np.array([[0, 2], [1, 5]]))
+    oh = to_numpy(_xp.one_hot(labels, 3, dtype=xp.float64, axis=1, xp=xp))
+    assert oh.shape == (2, 3, 2)
+    np.testing.assert_array_equal(oh[:, :, 0], [[1, 0, 0], [0, 1, 0]])
+    np.testing.assert_array_equal(oh[:, :, 1], [[0, 0, 1], [0, 0, 0]])  # 5 is out of range
+    x = conv(np.arange(6.0).reshape(2, 3))
+    idx = conv(np.array([[2], [0]]))
+    np.testing.assert_array_equal(
+        to_numpy(_xp.take_along_axis(x, idx, axis=1, xp=xp)), [[2.0], [3.0]]
+    )
+
+
+def test_compute_dtype_upcasts_low_precision() -> None:
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xp
+
+    assert _xp.compute_dtype(torch.bfloat16, xp=xp) == torch.float32
+    assert _xp.compute_dtype(torch.float16, torch.float64, xp=xp) == torch.float64
+    assert _xp.compute_dtype(torch.int64, xp=xp) == torch.float32
+    assert _xp.compute_dtype(torch.float64, xp=xp) == torch.float64
+
+
+def test_array_namespace_rejects_mixed_libraries() -> None:
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="one array library"):
+        _xp.array_namespace(np.zeros(2), torch.zeros(2))
+    with pytest.raises(TypeError, match="at least one array"):
+        _xp.array_namespace(1.0, None)
+
+
+def test_log1mexp_accurate_and_edges(xp: Any) -> None:
+    u = np.array([-1e-20, -1e-8, -0.5, -0.7, -1.0, -40.0, 0.0, -np.inf])
+    got = to_numpy(_common.log1mexp(to_xp(xp)(u), xp=xp))
+    with mpmath.workdps(60):
+        want = [float(mpmath.log(1 - mpmath.exp(mpmath.mpf(v)))) for v in u[:6]]
+    # JAX's float64 log1p/expm1 are a few ulps less accurate than NumPy's.
+    np.testing.assert_allclose(got[:6], want, rtol=8 * np.finfo(np.float64).eps)
+    assert got[6] == -np.inf
+    assert got[7] == 0.0
+
+
+def test_focal_factor_zero_where_certain() -> None:
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xp
+
+    log_1mp = torch.tensor([-np.inf, np.log(0.25)], dtype=torch.float64, requires_grad=True)
+    f = _common.focal_factor(log_1mp, 0.5, xp=xp)
+    np.testing.assert_allclose(f.detach().numpy(), [0.0, 0.5])
+    f.sum().backward()
+    assert torch.isfinite(log_1mp.grad).all()
+    np.testing.assert_allclose(log_1mp.grad.numpy(), [0.0, 0.25])
+
+
+def test_reduce_loss(xp: Any) -> None:
+    conv = to_xp(xp)
+    loss = conv(np.array([1.0, 2.0, 6.0]))
+    assert float(to_numpy(_common.reduce_loss(loss, "sum", xp=xp))) == 9.0
+    assert float(to_numpy(_common.reduce_loss(loss, "mean", xp=xp))) == 3.0
+    den = conv(np.array(0.0))
+    assert float(to_numpy(_common.reduce_loss(loss, "mean", denominator=den, xp=xp))) == 0.0
+    np.testing.assert_array_equal(to_numpy(_common.reduce_loss(loss, "none", xp=xp)), [1, 2, 6])
