@@ -37,6 +37,7 @@ __all__ = [
     "safe_divide",
     "size",
     "take_along_axis",
+    "to_numpy",
     "xlogy",
 ]
 
@@ -217,3 +218,47 @@ def one_hot(labels: Array, num_classes: int, *, dtype: Any, axis: int = -1, xp: 
     if axis != ndim - 1:
         out = xp.moveaxis(out, -1, axis)
     return out
+
+
+def to_numpy(x: Array, *, dtype: Any) -> Any:
+    """`x` copied to the host as a NumPy array of `dtype` (a device-to-host read).
+
+    Library code computes on the caller's backend; the one exception is state
+    that must live on the host, such as the float64 sums and int64 counts of
+    :mod:`crossent.metrics` (exact to merge across batches and workers whatever
+    the caller's device or precision). Every such conversion goes through here.
+
+    Raises
+    ------
+    TypeError
+        If `x` is lazy (a JAX tracer inside ``jit``): its values do not exist yet.
+    """
+    import numpy as np
+
+    if _is_tracer(x):
+        msg = (
+            "cannot read the values of a lazy array (a JAX tracer inside `jit`); "
+            "update metrics outside the jitted function, with concrete arrays."
+        )
+        raise TypeError(msg)
+    if isinstance(x, np.ndarray | np.generic):
+        return np.asarray(x, dtype=dtype)
+    if is_torch_namespace(array_namespace(x)):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+            x = x.float()
+        return x.numpy().astype(dtype, copy=False)
+    try:
+        host = np.from_dlpack(x)
+    except (TypeError, BufferError, RuntimeError, ValueError):  # pragma: no cover - exotic arrays
+        host = np.asarray(x)
+    return host.astype(dtype, copy=False)
+
+
+def _is_tracer(x: Array) -> bool:
+    """Whether `x` has no values yet (a JAX tracer; array-api-compat calls every JAX array lazy)."""
+    if type(x).__module__.startswith("jax"):
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    return is_lazy(x)
