@@ -1,6 +1,267 @@
-"""Placeholder: being written; replaced by the real implementation."""
+r"""Categorical cross-entropy with one-hot or soft targets (same shape as the input).
 
-def categorical_cross_entropy(*args, **kwargs):  # type: ignore[no-untyped-def]
-    raise NotImplementedError
+:func:`_soft_loss` and :func:`_soft_value_and_grad` compute
+:math:`\sum_k c_k (1-p_k)^\gamma (-\log p_k)` for a coefficient array `c`
+(class axis last); :func:`categorical_cross_entropy` builds
+:math:`c = w \odot ((1-\varepsilon) t + \varepsilon / C)` and
+:func:`crossent.listnet_loss` builds :math:`c = \operatorname{softmax}(r)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from crossent._lib._checks import (
+    check_axis,
+    check_floating,
+    check_in_unit_interval,
+    check_nonnegative_scalar,
+    check_probabilities,
+    check_reduction,
+    check_same_shape,
+    check_unit_interval_scalar,
+)
+from crossent._lib._xp import (
+    Array,
+    array_namespace,
+    astype,
+    compute_dtype,
+    device,
+    logsumexp,
+    size,
+)
+from crossent._losses._common import reduce_loss
+from crossent._losses._logprob import check_class_weight, class_terms, term_grad, term_value
+from crossent._losses._sparse import _no_autograd, _row_scale
+
+__all__ = ["categorical_cross_entropy"]
 
 
+def _soft_loss(x: Array, c: Array, *, kind: str, gamma: float, reduction: str, xp: Any) -> Array:
+    """Reduced loss (compute dtype), class axis last; "mean" divides by the number of rows."""
+    lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
+    terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
+    row = xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1)
+    return reduce_loss(row, reduction, xp=xp)
+
+
+def _soft_value_and_grad(
+    x: Array,
+    c: Array,
+    *,
+    kind: str,
+    gamma: float,
+    reduction: str,
+    grad_output: Array | None,
+    xp: Any,
+) -> tuple[Array, Array]:
+    r"""Closed form of :func:`_soft_loss` and its gradient (see :mod:`._logprob`).
+
+    Logits: :math:`g = s\,(H p - h)` with :math:`H = \sum_k h_k`;
+    probabilities: :math:`g = s\, \partial\ell/\partial p`.
+    """
+    lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
+    terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
+    row = xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1)
+    loss = reduce_loss(row, reduction, xp=xp)
+    count = xp.asarray(float(size(row)), dtype=row.dtype, device=device(row))
+    scale = xp.expand_dims(
+        _row_scale(grad_output, reduction, count, tuple(row.shape), xp=xp), axis=-1
+    )
+    h = term_grad(c, terms, gamma, kind=kind, xp=xp)
+    if kind != "logits":
+        return loss, scale * h
+    h = h + xp.zeros_like(x)  # full shape (h may be c itself)
+    total = xp.sum(h, axis=-1, keepdims=True)
+    return loss, scale * (total * xp.exp(x - lse) - h)
+
+
+def _check_soft(
+    input: Array,
+    target: Array,
+    *,
+    axis: object,
+    reduction: object,
+    xp: Any,
+    names: tuple[str, str] = ("input", "target"),
+) -> tuple[int, str]:
+    if not hasattr(input, "shape") or not hasattr(target, "shape"):
+        msg = f"`{names[0]}` and `{names[1]}` must be arrays (NumPy, PyTorch, JAX, ...)."
+        raise TypeError(msg)
+    reduction = check_reduction(reduction)
+    axis = check_axis(axis, input.ndim, name=names[0])
+    check_floating(input, name=names[0], xp=xp)
+    if not xp.isdtype(target.dtype, ("real floating", "integral")):
+        msg = f"`{names[1]}` must hold real numbers; got dtype {target.dtype}."
+        raise TypeError(msg)
+    check_same_shape(input, target, names=names)
+    return axis, reduction
+
+
+def _prepare(
+    input: Array,
+    target: Array,
+    *,
+    from_logits: object,
+    axis: object,
+    weight: Array | None,
+    label_smoothing: object,
+    gamma: object,
+    reduction: object,
+    xp: Any,
+) -> tuple[Array, Array, str, float, str, int]:
+    """Validate; return (x, c, kind, gamma, reduction, axis) with the class axis last."""
+    if not isinstance(from_logits, bool):
+        msg = f"`from_logits` must be a bool; got {type(from_logits).__name__}."
+        raise TypeError(msg)
+    eps = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
+    gamma = check_nonnegative_scalar(gamma, name="gamma")
+    axis, reduction = _check_soft(input, target, axis=axis, reduction=reduction, xp=xp)
+    num_classes = int(input.shape[axis])
+    check_class_weight(weight, num_classes, xp=xp)
+    check_in_unit_interval(target, name="target", xp=xp)
+    if not from_logits:
+        check_probabilities(input, xp=xp)
+    cdt = compute_dtype(input.dtype, xp=xp)
+    x = xp.moveaxis(astype(input, cdt, xp=xp), axis, -1)
+    t = xp.moveaxis(astype(target, cdt, xp=xp), axis, -1)
+    c = t if eps == 0 else (1 - eps) * t + eps / num_classes
+    if weight is not None:
+        c = c * astype(weight, cdt, xp=xp)
+    return x, c, "logits" if from_logits else "probs", gamma, reduction, axis
+
+
+def categorical_cross_entropy(
+    input: Array,
+    target: Array,
+    *,
+    from_logits: bool = False,
+    axis: int = -1,
+    weight: Array | None = None,
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+) -> Array:
+    r"""Cross-entropy between class scores and one-hot or soft class-probability targets.
+
+    Parameters
+    ----------
+    input : array
+        Probabilities, or logits if `from_logits` is True; classes lie along `axis`.
+    target : array
+        Class probabilities (one-hot or soft, values in [0, 1]), same shape as `input`.
+    from_logits : bool, default False
+        Whether `input` holds logits (``-inf`` masks a class) rather than probabilities.
+    axis : int, default -1
+        The class axis.
+    weight : array, optional
+        Per-class weights, shape ``(C,)``, non-negative; multiplies each class term.
+    label_smoothing : float, default 0.0
+        ε in [0, 1]: the target becomes :math:`(1-\varepsilon)\,t + \varepsilon/C`.
+    gamma : float, default 0.0
+        Focal-loss focusing parameter; each class term gets :math:`(1-p_k)^\gamma`.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        ``"mean"`` divides by the number of rows (PyTorch's rule for soft
+        targets, with or without weights).
+
+    Returns
+    -------
+    array
+        0-d for ``"mean"`` and ``"sum"``; the shape of `input` without `axis`
+        for ``"none"``. Same array type, device and dtype as `input`.
+
+    Raises
+    ------
+    TypeError
+        Non-floating `input`, non-numeric `target` or options.
+    ValueError
+        Shapes that differ, a `weight` of the wrong length or with negative
+        entries, targets or probabilities outside [0, 1], a bad `axis` or
+        `reduction`.
+
+    See Also
+    --------
+    sparse_categorical_cross_entropy : integer class labels.
+
+    Notes
+    -----
+    With :math:`\log p_k = z_k - \operatorname{lse}(z)` (logits) or
+    :math:`\max(\log p_k, -100)` (probabilities) and
+    :math:`\tilde t = (1-\varepsilon)\,t + \varepsilon/C`,
+
+    .. math:: \ell = \sum_k w_k\, \tilde t_k\, (1-p_k)^\gamma\, (-\log p_k),
+
+    as ``torch.nn.functional.cross_entropy`` does for probability targets [1]_.
+    A class with target 0 and probability 0 (a ``-inf`` logit) contributes
+    exactly 0, with a finite gradient; a positive target on it gives ``+inf``
+    (with label smoothing every target is positive). float16/bfloat16 are
+    computed in float32 and the result is cast back.
+
+    References
+    ----------
+    .. [1] PyTorch, ``torch.nn.functional.cross_entropy`` (class-probability targets).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import crossent as ce
+    >>> logits = np.array([[2.0, 0.0]])
+    >>> print(float(ce.categorical_cross_entropy(logits, np.array([[1.0, 0.0]]), from_logits=True)))
+    0.12692801104297...
+    >>> probs = np.array([[0.5, 0.5], [0.9, 0.1]])
+    >>> ce.categorical_cross_entropy(probs, np.array([[0.5, 0.5], [1.0, 0.0]]), reduction="none")
+    array([0.69314718, 0.10536052])
+    """
+    xp = array_namespace(input, target, weight)
+    x, c, kind, gamma_, reduction_, _ = _prepare(
+        input,
+        target,
+        from_logits=from_logits,
+        axis=axis,
+        weight=weight,
+        label_smoothing=label_smoothing,
+        gamma=gamma,
+        reduction=reduction,
+        xp=xp,
+    )
+    loss = _soft_loss(x, c, kind=kind, gamma=gamma_, reduction=reduction_, xp=xp)
+    return astype(loss, input.dtype, xp=xp)
+
+
+def _categorical_value_and_grad(
+    input: Array,
+    target: Array,
+    *,
+    from_logits: bool = False,
+    axis: int = -1,
+    weight: Array | None = None,
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    reduction: str = "mean",
+    grad_output: Array | None = None,
+    xp: Any = None,
+) -> tuple[Array, Array]:
+    """The loss and d(loss)/d(input) in closed form, on every backend, no autodiff.
+
+    For ``reduction="none"`` the gradient is that of ``sum(grad_output * loss)``
+    (``grad_output`` defaults to ones); otherwise ``grad_output`` (0-d) scales it.
+    """
+    if xp is None:
+        xp = array_namespace(input, target, weight)
+    with _no_autograd(xp):
+        x, c, kind, gamma_, reduction_, axis_ = _prepare(
+            input,
+            target,
+            from_logits=from_logits,
+            axis=axis,
+            weight=weight,
+            label_smoothing=label_smoothing,
+            gamma=gamma,
+            reduction=reduction,
+            xp=xp,
+        )
+        loss, grad = _soft_value_and_grad(
+            x, c, kind=kind, gamma=gamma_, reduction=reduction_, grad_output=grad_output, xp=xp
+        )
+        grad = xp.moveaxis(grad, -1, axis_)
+    return astype(loss, input.dtype, xp=xp), astype(grad, input.dtype, xp=xp)

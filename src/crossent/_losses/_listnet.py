@@ -1,6 +1,114 @@
-"""Placeholder: being written; replaced by the real implementation."""
+r"""ListNet top-one cross-entropy for learning to rank."""
 
-def listnet_loss(*args, **kwargs):  # type: ignore[no-untyped-def]
-    raise NotImplementedError
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from crossent._lib._xp import Array, array_namespace, astype, compute_dtype, logsumexp
+from crossent._losses._categorical import _check_soft, _soft_loss, _soft_value_and_grad
+from crossent._losses._sparse import _no_autograd
+
+__all__ = ["listnet_loss"]
+
+_NAMES = ("scores", "relevance")
 
 
+def _prepare(
+    scores: Array, relevance: Array, *, axis: object, reduction: object, xp: Any
+) -> tuple[Array, Array, str, int]:
+    """Validate; return (scores, softmax(relevance), reduction, axis), list axis last."""
+    axis, reduction = _check_soft(
+        scores, relevance, axis=axis, reduction=reduction, xp=xp, names=_NAMES
+    )
+    cdt = compute_dtype(scores.dtype, xp=xp)
+    s = xp.moveaxis(astype(scores, cdt, xp=xp), axis, -1)
+    r = xp.moveaxis(astype(relevance, cdt, xp=xp), axis, -1)
+    q = xp.exp(r - logsumexp(r, axis=-1, keepdims=True, xp=xp))
+    return s, q, reduction, axis
+
+
+def listnet_loss(
+    scores: Array,
+    relevance: Array,
+    *,
+    axis: int = -1,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+) -> Array:
+    r"""ListNet top-one cross-entropy between relevance grades and predicted scores.
+
+    Parameters
+    ----------
+    scores : array
+        Predicted scores (logits) of the items of each list; items lie along `axis`.
+        ``-inf`` masks an item (padding).
+    relevance : array
+        Relevance grades (any real numbers, integer grades work), same shape as
+        `scores`; ``-inf`` masks an item.
+    axis : int, default -1
+        The item axis.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        ``"mean"`` averages over lists.
+
+    Returns
+    -------
+    array
+        0-d for ``"mean"`` and ``"sum"``; one value per list for ``"none"``.
+
+    Raises
+    ------
+    TypeError
+        Non-floating `scores`, non-numeric `relevance`.
+    ValueError
+        Shapes that differ, a bad `axis` or `reduction`.
+
+    Notes
+    -----
+    The top-one probabilities of ListNet [1]_ are softmaxes, so the loss of one list is
+
+    .. math:: \ell(s, r) = -\sum_k \operatorname{softmax}(r)_k \log\operatorname{softmax}(s)_k
+              = \sum_k \operatorname{softmax}(r)_k\,(\operatorname{lse}(s) - s_k),
+
+    which is :func:`categorical_cross_entropy` on logits `scores` with the
+    soft target :math:`\operatorname{softmax}(r)`. Its gradient is
+    :math:`\operatorname{softmax}(s) - \operatorname{softmax}(r)`.
+
+    References
+    ----------
+    .. [1] Cao, Qin, Liu, Tsai, Li, "Learning to rank: from pairwise approach
+       to listwise approach", ICML 2007.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import crossent as ce
+    >>> scores = np.array([[2.0, 1.0, 0.0]])
+    >>> print(float(ce.listnet_loss(scores, np.array([[2.0, 1.0, 0.0]]))))
+    0.83239558...
+    >>> print(float(ce.listnet_loss(scores, np.array([[0.0, 1.0, 2.0]]))))
+    1.98281634...
+    """
+    xp = array_namespace(scores, relevance)
+    s, q, reduction_, _ = _prepare(scores, relevance, axis=axis, reduction=reduction, xp=xp)
+    loss = _soft_loss(s, q, kind="logits", gamma=0.0, reduction=reduction_, xp=xp)
+    return astype(loss, scores.dtype, xp=xp)
+
+
+def _listnet_value_and_grad(
+    scores: Array,
+    relevance: Array,
+    *,
+    axis: int = -1,
+    reduction: str = "mean",
+    grad_output: Array | None = None,
+    xp: Any = None,
+) -> tuple[Array, Array]:
+    """The ListNet loss and d(loss)/d(scores) in closed form, on every backend, no autodiff."""
+    if xp is None:
+        xp = array_namespace(scores, relevance)
+    with _no_autograd(xp):
+        s, q, reduction_, axis_ = _prepare(scores, relevance, axis=axis, reduction=reduction, xp=xp)
+        loss, grad = _soft_value_and_grad(
+            s, q, kind="logits", gamma=0.0, reduction=reduction_, grad_output=grad_output, xp=xp
+        )
+        grad = xp.moveaxis(grad, -1, axis_)
+    return astype(loss, scores.dtype, xp=xp), astype(grad, scores.dtype, xp=xp)
