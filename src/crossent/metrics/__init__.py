@@ -1,0 +1,46 @@
+"""Streaming, mergeable classification metrics.
+
+Update with batches of predictions (probabilities, logits or log-probabilities,
+stated with ``input_kind``) and integer labels from any array-API library,
+merge the states of several workers (or all-reduce them over
+``torch.distributed`` with :meth:`Metric.sync`), and compute at the end.
+States are float64 sums and int64 counts on the host, so merging is exact and
+long streams do not drift.
+
+- :class:`CrossEntropy` (log loss, in any base), :class:`Perplexity`,
+  :class:`BitsPerToken`
+- :class:`Accuracy`, :class:`BrierScore`
+- :class:`CalibrationError` (ECE / MCE; top-label, classwise, positive-class;
+  equal-width or equal-mass bins)
+- :class:`PerClassCrossEntropy`
+- :class:`ClassificationMetrics`: all of the above in one pass (``crossent eval``)
+
+Only NumPy is needed; PyTorch is imported only by :meth:`Metric.sync` when
+``torch.distributed`` is already initialised.
+"""
+
+from crossent.metrics._functional import BadRowError
+from crossent.metrics._metric import (
+    Accuracy,
+    BitsPerToken,
+    BrierScore,
+    CalibrationError,
+    ClassificationMetrics,
+    CrossEntropy,
+    Metric,
+    PerClassCrossEntropy,
+    Perplexity,
+)
+
+__all__ = [
+    "Accuracy",
+    "BadRowError",
+    "BitsPerToken",
+    "BrierScore",
+    "CalibrationError",
+    "ClassificationMetrics",
+    "CrossEntropy",
+    "Metric",
+    "PerClassCrossEntropy",
+    "Perplexity",
+]

@@ -1,0 +1,583 @@
+r"""Pure update / compute / merge functions behind :mod:`crossent.metrics`.
+
+A metric state is a ``dict`` of NumPy arrays: float64 sums and int64 counts,
+nothing else. Every statistic is a sum over rows, so two states merge by
+adding them element by element (exact for the counts, one float64 rounding
+per addition for the sums), and ``torch.distributed.all_reduce(SUM)`` of the
+arrays gives the state of the whole data set.
+
+The work is split in two:
+
+* :func:`_row_stats` computes the per-row quantities (−log p of the label,
+  the top-label confidence and prediction, the Brier term, and, when a
+  calibration state needs them, the full probability matrix) on the caller's
+  backend, in its compute dtype (float16/bfloat16 in float32), then copies
+  them to the host as float64 through :func:`crossent._lib._xp.to_numpy`;
+* the ``_*_update`` functions add one batch of row statistics to a state with
+  pairwise ``np.sum`` / ``np.bincount`` in float64, and the ``_*_compute``
+  functions turn a state into numbers.
+
+Calibration states keep two histograms of the confidences: ``B`` equal-width
+bins (``bin = min(floor(conf·B), B−1)``, so a confidence of exactly 1.0 lands
+in the last bin), and a fine histogram of ``FINE_BINS`` bins that are equal
+in width on the log-odds scale, which :func:`_calibration_compute` groups into
+``B`` bins of (nearly) equal mass. Equal-mass (quantile) bins need the
+distribution of all confidences, which a streaming, mergeable state cannot
+store exactly; the fine histogram resolves confidences to 1 part in
+``FINE_BINS / (2 · FINE_LOGIT_RANGE)`` of a log-odds unit (about 0.2 % of the
+odds) from 1e-8 to 1 − 1e-8, so the equal-mass bins are the exact quantile
+bins up to that resolution, and the per-bin sums stay exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+
+from crossent._lib import _checks
+from crossent._lib._xp import (
+    Array,
+    compute_dtype,
+    device,
+    logsumexp,
+    one_hot,
+    size,
+    take_along_axis,
+    to_numpy,
+)
+
+__all__ = [
+    "FINE_BINS",
+    "FINE_LOGIT_RANGE",
+    "INPUT_KINDS",
+    "LOG_P_FLOOR",
+    "BadRowError",
+    "State",
+]
+
+State = dict[str, np.ndarray]
+InputKind = Literal["probs", "logits", "log_probs"]
+
+INPUT_KINDS = ("probs", "logits", "log_probs")
+CALIBRATION_KINDS = ("top_label", "classwise", "positive")
+BINNINGS = ("width", "mass")
+#: log p of a probability input is clamped here (PyTorch's rule, as in the losses).
+LOG_P_FLOOR = -100.0
+#: rows whose probabilities sum this far from 1 are not distributions.
+SUM_TOLERANCE = 1e-3
+#: fine bins of the equal-mass calibration histogram, and their log-odds range.
+FINE_BINS = 4096
+FINE_LOGIT_RANGE = 18.420680743952367  # log((1 - 1e-8) / 1e-8)
+
+
+class BadRowError(ValueError):
+    """A row of the input that is not a valid prediction (`row` counts from 0 in the batch)."""
+
+    def __init__(self, message: str, *, row: int, reason: str) -> None:
+        super().__init__(message)
+        self.row = row
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _check_input_kind(input_kind: object) -> str:
+    if input_kind not in INPUT_KINDS:
+        msg = (
+            f'`input_kind` must be "probs", "logits" or "log_probs" (say what the input holds; '
+            f"it is never guessed from the values); got {input_kind!r}."
+        )
+        raise ValueError(msg)
+    return str(input_kind)
+
+
+def _check_bins(bins: object) -> int:
+    if isinstance(bins, bool) or not isinstance(bins, int | np.integer):
+        msg = f"`bins` must be a positive int; got {type(bins).__name__}."
+        raise TypeError(msg)
+    if bins < 1:
+        msg = f"`bins` must be at least 1; got {bins}."
+        raise ValueError(msg)
+    return int(bins)
+
+
+def _check_choice(value: object, choices: tuple[str, ...], *, name: str) -> str:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        msg = f"`{name}` must be one of {options}; got {value!r}."
+        raise ValueError(msg)
+    return str(value)
+
+
+def _log_base(base: float | None) -> float:
+    """The divisor that turns nats into units of `base` (1 for nats)."""
+    base = _checks.check_base(base)
+    return 1.0 if base is None else math.log(base)
+
+
+# ---------------------------------------------------------------- per-row statistics
+
+
+def _flatten(input: Array, target: Array, *, axis: int, xp: Any) -> tuple[Array, Array]:
+    """`input` as (rows, classes) and `target` as (rows,)."""
+    axis = _checks.check_axis(axis, input.ndim)
+    _checks.check_floating(input, name="input", xp=xp)
+    _checks.check_integer_labels(target, xp=xp)
+    expected = tuple(s for i, s in enumerate(input.shape) if i != axis)
+    if tuple(target.shape) != expected:
+        msg = (
+            f"`target` must have the shape of `input` without the class axis, {expected}; "
+            f"got {tuple(target.shape)}."
+        )
+        raise ValueError(msg)
+    if axis != input.ndim - 1:
+        input = xp.moveaxis(input, axis, -1)
+    num_classes = input.shape[-1]
+    rows = size(target)
+    return xp.reshape(input, (rows, num_classes)), xp.reshape(target, (rows,))
+
+
+def _first_bad_row(bad: Array) -> int | None:
+    flags = to_numpy(bad, dtype=np.bool_)
+    hits = np.flatnonzero(flags)
+    return int(hits[0]) if hits.size else None
+
+
+def _check_distributions(x: Array, *, input_kind: str, xp: Any) -> None:
+    """Rows of probabilities (or log-probabilities) must be distributions.
+
+    Values must lie in [0, 1] (log-probabilities in [-inf, 0]) and each row
+    must sum to 1 within ``SUM_TOLERANCE``; NaN passes (it propagates).
+    Raises :class:`BadRowError` naming the first bad row.
+    """
+    if input_kind == "logits" or size(x) == 0 or not _checks.values_checked(x):
+        return
+    if input_kind == "probs":
+        outside = xp.any((x < 0) | (x > 1), axis=-1)
+        total = xp.sum(x, axis=-1)
+    else:
+        outside = xp.any(x > SUM_TOLERANCE, axis=-1)
+        total = xp.exp(logsumexp(x, axis=-1, xp=xp))
+    off = xp.abs(total - 1) > SUM_TOLERANCE
+    row = _first_bad_row(outside | off)
+    if row is None:
+        return
+    values = to_numpy(x[row, ...], dtype=np.float64)
+    row_sum = float(to_numpy(total[row], dtype=np.float64))
+    hint = "logits" if input_kind == "probs" else "logits (or probabilities)"
+    kind = "probabilities" if input_kind == "probs" else "log-probabilities"
+    if bool(to_numpy(outside[row], dtype=np.bool_)):
+        bound = "[0, 1]" if input_kind == "probs" else "[-inf, 0]"
+        bad = values[(values < 0) | (values > 1)] if input_kind == "probs" else values[values > 0]
+        reason = f"has a value {bad[0]:.6g} outside {bound}"
+    else:
+        reason = f"sums to {row_sum:.6g}, not 1 (tolerance {SUM_TOLERANCE:g})"
+        if input_kind == "log_probs":
+            reason = (
+                f"has exp(values) summing to {row_sum:.6g}, not 1 (tolerance {SUM_TOLERANCE:g})"
+            )
+    msg = (
+        f"`input` row {row} is not a distribution of {kind}: it {reason}. "
+        f"Pass input_kind={'logits'!r} if these are {hint}, or normalise the rows."
+    )
+    raise BadRowError(msg, row=row, reason=reason)
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, *, ignore_index: int | None) -> None:
+    """Labels (on the host) must lie in [0, C) unless they equal `ignore_index`."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    hits = np.flatnonzero(bad)
+    if hits.size:
+        row = int(hits[0])
+        reason = f"has label {int(labels[row])}, outside [0, {num_classes})"
+        hint = "" if ignore_index is None else f" and not ignore_index={ignore_index}"
+        msg = (
+            f"`target` row {row} {reason}{hint}. Check the number of classes, "
+            "or set `ignore_index` for padding labels."
+        )
+        raise BadRowError(msg, row=row, reason=reason)
+
+
+def _row_stats(
+    input: Array,
+    target: Array,
+    *,
+    input_kind: str,
+    axis: int,
+    ignore_index: int | None,
+    need_probs: bool,
+    xp: Any,
+) -> dict[str, np.ndarray]:
+    """Per-row statistics of one batch, as float64 / int64 / bool NumPy arrays.
+
+    Keys: ``label``, ``nll`` (−log p of the label in nats), ``clamped`` (the
+    label's probability was below e^−100 and its log was clamped), ``pred``
+    (argmax), ``conf`` (top-label probability), ``brier`` (Σ_k (p_k − 1[k=y])²),
+    ``nan`` (the row holds NaN), and ``probs`` (rows × classes) when
+    `need_probs`. Rows whose label equals `ignore_index` are dropped.
+    """
+    x, y = _flatten(input, target, axis=axis, xp=xp)
+    num_classes = x.shape[-1]
+    labels = to_numpy(y, dtype=np.int64)
+    _check_labels(labels, num_classes, ignore_index=ignore_index)
+    _check_distributions(x, input_kind=input_kind, xp=xp)
+    if ignore_index is not None and np.any(labels == ignore_index):
+        kept = np.flatnonzero(labels != ignore_index)
+        rows = xp.asarray(kept, device=device(x))
+        x, y, labels = xp.take(x, rows, axis=0), xp.take(y, rows, axis=0), labels[kept]
+    dtype = compute_dtype(x.dtype, xp=xp)
+    x = xp.astype(x, dtype) if x.dtype != dtype else x
+    y_safe = xp.astype(y, xp.int64) if y.dtype != xp.int64 else y
+    index = xp.expand_dims(y_safe, axis=-1)
+
+    if input_kind == "logits":
+        lse = logsumexp(x, axis=-1, keepdims=True, xp=xp)
+        log_p = x - lse
+        log_p_y = xp.squeeze(take_along_axis(log_p, index, axis=-1, xp=xp), axis=-1)
+        probs = xp.exp(log_p)
+        clamped = xp.zeros_like(log_p_y, dtype=xp.bool)
+    elif input_kind == "log_probs":
+        log_p_y = xp.squeeze(take_along_axis(x, index, axis=-1, xp=xp), axis=-1)
+        probs = xp.exp(x)
+        clamped = xp.zeros_like(log_p_y, dtype=xp.bool)
+    else:
+        probs = x
+        p_y = xp.squeeze(take_along_axis(x, index, axis=-1, xp=xp), axis=-1)
+        positive = p_y > 0
+        log_safe = xp.log(xp.where(positive, p_y, xp.ones_like(p_y)))
+        log_raw = xp.where(positive, log_safe, xp.full_like(p_y, -math.inf))
+        clamped = log_raw < LOG_P_FLOOR
+        log_p_y = xp.where(clamped, xp.full_like(log_raw, LOG_P_FLOOR), log_raw)
+
+    conf = xp.max(probs, axis=-1)
+    pred = xp.argmax(x, axis=-1)
+    hot = one_hot(y_safe, num_classes, dtype=probs.dtype, xp=xp)
+    brier = xp.sum((probs - hot) ** 2, axis=-1)
+    nan = xp.any(xp.isnan(x), axis=-1)
+
+    out = {
+        "label": labels,
+        "nll": to_numpy(-log_p_y, dtype=np.float64),
+        "clamped": to_numpy(clamped, dtype=np.bool_),
+        "pred": to_numpy(pred, dtype=np.int64),
+        "conf": to_numpy(conf, dtype=np.float64),
+        "brier": to_numpy(brier, dtype=np.float64),
+        "nan": to_numpy(nan, dtype=np.bool_),
+    }
+    if need_probs:
+        out["probs"] = to_numpy(probs, dtype=np.float64)
+    out["num_classes"] = np.asarray(num_classes)
+    return out
+
+
+# ---------------------------------------------------------------- merge
+
+
+def _merge(a: State, b: State) -> State:
+    """The state of the union of the rows of `a` and `b` (element-wise sums)."""
+    if not a:
+        return {k: v.copy() for k, v in b.items()}
+    if not b:
+        return {k: v.copy() for k, v in a.items()}
+    if a.keys() != b.keys():
+        msg = f"cannot merge metric states with different fields: {sorted(a)} and {sorted(b)}."
+        raise ValueError(msg)
+    out: State = {}
+    for key, value in a.items():
+        other = b[key]
+        if value.shape != other.shape:
+            msg = (
+                f"cannot merge metric states: `{key}` has shape {value.shape} in one and "
+                f"{other.shape} in the other (different number of classes or bins?)."
+            )
+            raise ValueError(msg)
+        out[key] = value + other
+    return out
+
+
+def _batch_sum(values: np.ndarray) -> np.ndarray:
+    """Pairwise float64 sum of one batch, as a 0-d array."""
+    return np.asarray(np.sum(values, dtype=np.float64))
+
+
+def _count(values: np.ndarray) -> np.ndarray:
+    return np.asarray(np.count_nonzero(values), dtype=np.int64)
+
+
+def _zero_float() -> np.ndarray:
+    return np.zeros((), dtype=np.float64)
+
+
+def _zero_int() -> np.ndarray:
+    return np.zeros((), dtype=np.int64)
+
+
+def _ratio(num: Any, den: Any) -> float:
+    """num / den, NaN when there are no rows yet (den = 0)."""
+    return float(num) / float(den) if den else math.nan
+
+
+# ---------------------------------------------------------------- log loss
+
+
+def _log_loss_init() -> State:
+    return {"nll_sum": _zero_float(), "count": _zero_int(), "clamped": _zero_int()}
+
+
+def _log_loss_update(state: State, rows: dict[str, np.ndarray]) -> State:
+    return _merge(
+        state,
+        {
+            "nll_sum": _batch_sum(rows["nll"]),
+            "count": np.asarray(rows["nll"].size, dtype=np.int64),
+            "clamped": _count(rows["clamped"]),
+        },
+    )
+
+
+def _log_loss_compute(state: State, *, base: float | None = None) -> float:
+    """Mean −log p of the labels, in units of `base` (nats for None)."""
+    return _ratio(state["nll_sum"], state["count"]) / _log_base(base)
+
+
+def _perplexity_compute(state: State) -> float:
+    """exp of the mean negative log-likelihood in nats."""
+    mean = _log_loss_compute(state)
+    return math.exp(mean) if mean < 709.78 else math.inf
+
+
+# ---------------------------------------------------------------- accuracy / Brier
+
+
+def _accuracy_init() -> State:
+    return {"correct": _zero_int(), "count": _zero_int(), "nan": _zero_int()}
+
+
+def _accuracy_update(state: State, rows: dict[str, np.ndarray]) -> State:
+    valid = ~rows["nan"]
+    return _merge(
+        state,
+        {
+            "correct": _count(valid & (rows["pred"] == rows["label"])),
+            "count": np.asarray(rows["label"].size, dtype=np.int64),
+            "nan": _count(rows["nan"]),
+        },
+    )
+
+
+def _accuracy_compute(state: State) -> float:
+    """Fraction of rows whose argmax is the label; NaN if any row held NaN."""
+    if state["nan"]:
+        return math.nan
+    return _ratio(state["correct"], state["count"])
+
+
+def _brier_init() -> State:
+    return {"brier_sum": _zero_float(), "count": _zero_int()}
+
+
+def _brier_update(state: State, rows: dict[str, np.ndarray]) -> State:
+    return _merge(
+        state,
+        {
+            "brier_sum": _batch_sum(rows["brier"]),
+            "count": np.asarray(rows["brier"].size, dtype=np.int64),
+        },
+    )
+
+
+def _brier_compute(state: State) -> float:
+    """Mean over rows of Σ_k (p_k − 1[k = y])² (the multiclass Brier score)."""
+    return _ratio(state["brier_sum"], state["count"])
+
+
+# ---------------------------------------------------------------- per class
+
+
+def _per_class_init(num_classes: int) -> State:
+    return {
+        "class_nll": np.zeros(num_classes, dtype=np.float64),
+        "class_count": np.zeros(num_classes, dtype=np.int64),
+        "class_correct": np.zeros(num_classes, dtype=np.int64),
+        "class_predicted": np.zeros(num_classes, dtype=np.int64),
+    }
+
+
+def _per_class_update(state: State, rows: dict[str, np.ndarray]) -> State:
+    num_classes = state["class_count"].size
+    labels, valid = rows["label"], ~rows["nan"]
+    hit = valid & (rows["pred"] == labels)
+    return _merge(
+        state,
+        {
+            "class_nll": np.bincount(labels, weights=rows["nll"], minlength=num_classes),
+            "class_count": np.bincount(labels, minlength=num_classes).astype(np.int64),
+            "class_correct": np.bincount(labels[hit], minlength=num_classes).astype(np.int64),
+            "class_predicted": np.bincount(rows["pred"][valid], minlength=num_classes).astype(
+                np.int64
+            ),
+        },
+    )
+
+
+def _per_class_compute(state: State, *, base: float | None = None) -> dict[str, np.ndarray]:
+    """Per-class mean cross-entropy (NaN for unseen classes), counts, recall and precision."""
+    count = state["class_count"]
+    seen = count > 0
+    denom = np.where(seen, count, 1)
+    ce = np.where(seen, state["class_nll"] / denom, np.nan) / _log_base(base)
+    recall = np.where(seen, state["class_correct"] / denom, np.nan)
+    predicted = state["class_predicted"]
+    precision = np.where(
+        predicted > 0, state["class_correct"] / np.where(predicted > 0, predicted, 1), np.nan
+    )
+    return {"cross_entropy": ce, "count": count.copy(), "recall": recall, "precision": precision}
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def _calibration_init(groups: int, bins: int) -> State:
+    return {
+        "width_count": np.zeros((groups, bins), dtype=np.int64),
+        "width_conf": np.zeros((groups, bins), dtype=np.float64),
+        "width_hit": np.zeros((groups, bins), dtype=np.int64),
+        "fine_count": np.zeros((groups, FINE_BINS), dtype=np.int64),
+        "fine_conf": np.zeros((groups, FINE_BINS), dtype=np.float64),
+        "fine_hit": np.zeros((groups, FINE_BINS), dtype=np.int64),
+        "count": _zero_int(),
+        "nan": _zero_int(),
+    }
+
+
+def _width_bin(conf: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width bin of each confidence: min(floor(conf·B), B−1); 1.0 is in the last bin."""
+    return np.minimum(np.floor(conf * bins).astype(np.int64), bins - 1)
+
+
+def _fine_bin(conf: np.ndarray) -> np.ndarray:
+    """Fine bin of each confidence, equal-width in log-odds over ±FINE_LOGIT_RANGE."""
+    c = np.clip(conf, 0.0, 1.0)
+    with np.errstate(divide="ignore"):
+        logit = np.log(c) - np.log1p(-c)
+    t = (np.clip(logit, -FINE_LOGIT_RANGE, FINE_LOGIT_RANGE) + FINE_LOGIT_RANGE) / (
+        2 * FINE_LOGIT_RANGE
+    )
+    return np.minimum(np.floor(t * FINE_BINS).astype(np.int64), FINE_BINS - 1)
+
+
+def _calibration_pairs(rows: dict[str, np.ndarray], kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, hit) of shape (rows, groups) for the calibration `kind`."""
+    labels = rows["label"]
+    if kind == "top_label":
+        return rows["conf"][:, None], (rows["pred"] == labels)[:, None]
+    probs = rows["probs"]
+    if kind == "positive":
+        if probs.shape[1] != 2:
+            msg = (
+                'calibration kind="positive" is for two classes (the positive class is class 1); '
+                f'got {probs.shape[1]} classes. Use kind="top_label" or "classwise".'
+            )
+            raise ValueError(msg)
+        return probs[:, 1:], (labels == 1)[:, None]
+    return probs, labels[:, None] == np.arange(probs.shape[1])
+
+
+def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str) -> State:
+    groups, bins = state["width_count"].shape
+    valid = ~rows["nan"]
+    conf, hit = _calibration_pairs(rows, kind)
+    conf, hit = conf[valid], hit[valid]
+    offset = np.arange(groups, dtype=np.int64) * bins
+    fine_offset = np.arange(groups, dtype=np.int64) * FINE_BINS
+    width_idx = (_width_bin(conf, bins) + offset).ravel()
+    fine_idx = (_fine_bin(conf) + fine_offset).ravel()
+    flat_conf, flat_hit = conf.ravel(), hit.ravel()
+
+    def hist(idx: np.ndarray, length: int, shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
+        return (
+            np.bincount(idx, minlength=length).reshape(shape).astype(np.int64),
+            np.bincount(idx, weights=flat_conf, minlength=length).reshape(shape),
+            np.bincount(idx[flat_hit], minlength=length).reshape(shape).astype(np.int64),
+        )
+
+    w_count, w_conf, w_hit = hist(width_idx, groups * bins, (groups, bins))
+    f_count, f_conf, f_hit = hist(fine_idx, groups * FINE_BINS, (groups, FINE_BINS))
+    return _merge(
+        state,
+        {
+            "width_count": w_count,
+            "width_conf": w_conf,
+            "width_hit": w_hit,
+            "fine_count": f_count,
+            "fine_conf": f_conf,
+            "fine_hit": f_hit,
+            "count": np.asarray(rows["label"].size, dtype=np.int64),
+            "nan": _count(rows["nan"]),
+        },
+    )
+
+
+def _mass_groups(fine_count: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-mass bin of each fine bin: the bin holding the fine bin's median rank."""
+    total = fine_count.sum(axis=-1, keepdims=True)
+    middle = np.cumsum(fine_count, axis=-1) - fine_count / 2
+    frac = middle / np.where(total > 0, total, 1)
+    return np.minimum(np.floor(frac * bins).astype(np.int64), bins - 1)
+
+
+def _calibration_bins(state: State, *, binning: str) -> tuple[np.ndarray, ...]:
+    """Per-bin (count, confidence sum, hit count), shape (groups, bins)."""
+    groups, bins = state["width_count"].shape
+    if binning == "width":
+        return state["width_count"], state["width_conf"], state["width_hit"]
+    assign = _mass_groups(state["fine_count"], bins) + np.arange(groups)[:, None] * bins
+    idx = assign.ravel()
+    length = groups * bins
+    return (
+        np.bincount(idx, weights=state["fine_count"].ravel(), minlength=length).reshape(
+            groups, bins
+        ),
+        np.bincount(idx, weights=state["fine_conf"].ravel(), minlength=length).reshape(
+            groups, bins
+        ),
+        np.bincount(idx, weights=state["fine_hit"].ravel(), minlength=length).reshape(groups, bins),
+    )
+
+
+def _calibration_compute(state: State, *, binning: str = "width", norm: str = "l1") -> float:
+    r"""Expected (``norm="l1"``) or maximum (``norm="max"``) calibration error.
+
+    ECE = Σ_b (n_b / N) |acc_b − conf_b| per group, averaged over the groups
+    (one group for top-label and positive-class, one per class for classwise);
+    MCE = max over non-empty bins and groups of |acc_b − conf_b|.
+    """
+    if state["nan"]:
+        return math.nan
+    count, conf, hit = _calibration_bins(state, binning=binning)
+    total = float(state["count"])
+    if total == 0:
+        return math.nan
+    gap = np.abs(hit - conf)  # per-bin |Σ hit − Σ conf| = n_b · |acc_b − conf_b|
+    if norm == "l1":
+        return float(np.mean(np.sum(gap, axis=-1) / total))
+    nonempty = count > 0
+    per_bin = gap[nonempty] / count[nonempty]
+    return float(per_bin.max()) if per_bin.size else math.nan
+
+
+def _reliability(state: State, *, binning: str = "width") -> dict[str, np.ndarray]:
+    """Per-bin count, mean confidence and accuracy of group 0 (NaN for empty bins)."""
+    count, conf, hit = (a[0] for a in _calibration_bins(state, binning=binning))
+    nonempty = count > 0
+    denom = np.where(nonempty, count, 1)
+    return {
+        "count": np.asarray(count, dtype=np.int64),
+        "confidence": np.where(nonempty, conf / denom, np.nan),
+        "accuracy": np.where(nonempty, hit / denom, np.nan),
+    }
