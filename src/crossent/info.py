@@ -1,22 +1,421 @@
-"""Placeholder: being written; replaced by the real implementation."""
+r"""Information measures of discrete distributions: surprisal, entropy, cross-entropy, KL, JS.
 
-def surprisal(*args, **kwargs):  # type: ignore[no-untyped-def]
-    raise NotImplementedError
+Distributions lie along `axis` (default the last). Every function takes any
+array-API array (NumPy, PyTorch, JAX, ...) and returns the same kind of array
+on the same device; float16 and bfloat16 are computed in float32 and returned
+in their own dtype. ``base=None`` gives nats, ``base=2`` bits, any positive
+base other than 1 its own unit: the value in nats divided by :math:`\ln b`.
+
+Conventions, the same everywhere:
+
+* :math:`0 \log 0 = 0` and :math:`0 \log(0/q) = 0`: mass 0 contributes 0, with
+  a finite value and a finite (NaN-free) gradient.
+* Positive mass on an impossible event (:math:`p > 0`, :math:`q = 0`) gives
+  :math:`+\infty` for cross-entropy and KL divergence.
+* Inputs must be probabilities in [0, 1] (checked while
+  :func:`crossent.get_validation` is on). They are taken as given, not
+  renormalized: pass distributions that sum to 1 (``scipy.stats.entropy``
+  renormalizes, these functions do not).
+* `p` and `q` broadcast against each other (one true distribution against a
+  batch of predictions, say), but their lengths along `axis` must be equal.
+* NaN propagates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from crossent._lib._checks import check_axis, check_base, check_floating, values_checked
+from crossent._lib._xp import (
+    Array,
+    array_namespace,
+    as_bool,
+    astype,
+    compute_dtype,
+    is_array,
+    size,
+    xlogy,
+)
+
+__all__ = ["cross_entropy", "entropy", "js_divergence", "kl_divergence", "surprisal"]
 
 
-def entropy(*args, **kwargs):  # type: ignore[no-untyped-def]
-    raise NotImplementedError
+# ----------------------------------------------------------------------------
+# Checks and conversions
+# ----------------------------------------------------------------------------
 
 
-def cross_entropy(*args, **kwargs):  # type: ignore[no-untyped-def]
-    raise NotImplementedError
+def _check_distribution(x: Array, *, name: str, xp: Any) -> None:
+    if not is_array(x):
+        msg = f"`{name}` must be an array (NumPy, PyTorch, JAX, ...); got {type(x).__name__}."
+        raise TypeError(msg)
+    check_floating(x, name=name, xp=xp)
+    if size(x) == 0 or not values_checked(x):
+        return
+    if as_bool(xp.any((x < 0) | (x > 1))):
+        lo, hi = float(xp.min(x)), float(xp.max(x))
+        msg = (
+            f"`{name}` must hold probabilities in [0, 1]; got values in [{lo:.6g}, {hi:.6g}]. "
+            "Pass probabilities (e.g. a softmax of logits), not logits or counts."
+        )
+        raise ValueError(msg)
 
 
-def kl_divergence(*args, **kwargs):  # type: ignore[no-untyped-def]
-    raise NotImplementedError
+def _broadcast_axis(p: Array, q: Array, axis: object) -> int:
+    """Check that `p` and `q` broadcast with equal lengths along `axis`; the axis, normalized."""
+    ndim = max(p.ndim, q.ndim)
+    sp = (1,) * (ndim - p.ndim) + tuple(p.shape)
+    sq = (1,) * (ndim - q.ndim) + tuple(q.shape)
+    if any(a != b and 1 not in (a, b) for a, b in zip(sp, sq, strict=True)):
+        msg = (
+            f"`p` of shape {tuple(p.shape)} and `q` of shape {tuple(q.shape)} do not broadcast; "
+            "give them the same shape."
+        )
+        raise ValueError(msg)
+    ax = check_axis(axis, ndim, name="p")
+    if sp[ax] != sq[ax]:
+        msg = (
+            f"`p` and `q` must have the same length along `axis`={axis} (the distribution "
+            f"axis); got {sp[ax]} and {sq[ax]} (shapes {tuple(p.shape)} and {tuple(q.shape)})."
+        )
+        raise ValueError(msg)
+    return ax
 
 
-def js_divergence(*args, **kwargs):  # type: ignore[no-untyped-def]
-    raise NotImplementedError
+def _in_base(x: Array, base: float | None) -> Array:
+    return x if base is None else x / math.log(base)
 
 
+@dataclass(frozen=True)
+class _Pair:
+    """Checked `p`, `q` in the compute dtype, with what the measures need around them."""
+
+    p: Array
+    q: Array
+    axis: int
+    base: float | None
+    out_dtype: Any
+    xp: Any
+
+    def finish(self, nats: Array) -> Array:
+        """The result in the requested base and the output dtype."""
+        return astype(_in_base(nats, self.base), self.out_dtype, xp=self.xp)
+
+
+def _pair(p: Array, q: Array, axis: object, base: object) -> _Pair:
+    """Check `p`, `q`, `axis` and `base` (shared by every two-distribution measure)."""
+    xp = array_namespace(p, q)
+    _check_distribution(p, name="p", xp=xp)
+    _check_distribution(q, name="q", xp=xp)
+    ax = _broadcast_axis(p, q, axis)
+    checked_base = check_base(base)
+    out_dtype = xp.result_type(p.dtype, q.dtype)
+    dtype = compute_dtype(out_dtype, xp=xp)
+    return _Pair(astype(p, dtype, xp=xp), astype(q, dtype, xp=xp), ax, checked_base, out_dtype, xp)
+
+
+# ----------------------------------------------------------------------------
+# x · log(a / b), the one formula behind every measure
+# ----------------------------------------------------------------------------
+
+
+def _xlog(x: Array, a: Array, b: Array | None = None, *, xp: Any) -> Array:
+    r""":math:`x \log(a/b)` (:math:`x \log a` when `b` is None), safe at the poles.
+
+    Mass :math:`x = 0` gives 0 (:func:`~crossent._lib._xp.xlogy`); mass
+    :math:`x > 0` on a pole (:math:`a = 0`, or :math:`b = 0`) gives
+    :math:`-\infty` (or :math:`+\infty`). The pole is replaced by 1 before the
+    log and the division, so there is no NumPy warning and no NaN gradient.
+    NaN propagates. `a` must be 0 only where `x` is 0 when `b` is given.
+    """
+    pole = (a == 0) if b is None else (b == 0)
+    if b is None:
+        y = xp.where(pole, xp.ones_like(a), a)
+        inf = -float("inf")
+    else:
+        y = xp.where(pole, xp.ones_like(a), a) / xp.where(pole, xp.ones_like(b), b)
+        inf = float("inf")
+    out = xlogy(x, y, xp=xp)
+    return xp.where(pole & (x > 0), xp.full_like(out, inf), out)
+
+
+# ----------------------------------------------------------------------------
+# Public measures
+# ----------------------------------------------------------------------------
+
+
+def surprisal(p: Array, *, base: float | None = None) -> Array:
+    r"""Surprisal (self-information) of events with probability `p`, elementwise.
+
+    Parameters
+    ----------
+    p : array
+        Probabilities in [0, 1], any shape.
+    base : float, optional
+        Logarithm base: None for nats, 2 for bits; any positive number but 1.
+
+    Returns
+    -------
+    array
+        :math:`-\log_b p`, the shape of `p`; :math:`+\infty` where ``p == 0``.
+
+    Raises
+    ------
+    TypeError
+        If `p` is not a floating array or `base` is not a number.
+    ValueError
+        If `p` lies outside [0, 1] (while validation is on) or `base` is not
+        positive or is 1.
+
+    See Also
+    --------
+    entropy : the expected surprisal.
+
+    Notes
+    -----
+    .. math:: I(p) = -\log_b p = -\frac{\ln p}{\ln b}
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from crossent import info
+    >>> info.surprisal(np.array([1.0, 0.5, 0.125, 0.0]), base=2)
+    array([ 0.,  1.,  3., inf])
+    """
+    xp = array_namespace(p)
+    _check_distribution(p, name="p", xp=xp)
+    base = check_base(base)
+    x = astype(p, compute_dtype(p.dtype, xp=xp), xp=xp)
+    is_zero = x == 0
+    out = 0.0 - xp.log(xp.where(is_zero, xp.ones_like(x), x))  # 0 - 0 = +0, not -0
+    out = xp.where(is_zero, xp.full_like(out, float("inf")), out)
+    return astype(_in_base(out, base), p.dtype, xp=xp)
+
+
+def entropy(p: Array, *, axis: int = -1, base: float | None = None) -> Array:
+    r"""Shannon entropy of the distributions along `axis`.
+
+    Parameters
+    ----------
+    p : array
+        Probabilities in [0, 1]; each slice along `axis` is one distribution
+        (taken as given: not renormalized).
+    axis : int, default -1
+        The axis that holds the outcomes.
+    base : float, optional
+        Logarithm base: None for nats, 2 for bits; any positive number but 1.
+
+    Returns
+    -------
+    array
+        :math:`H(p)`, the shape of `p` without `axis`.
+
+    Raises
+    ------
+    TypeError
+        If `p` is not a floating array, or `axis` / `base` has a wrong type.
+    ValueError
+        If `p` lies outside [0, 1] (while validation is on), `axis` is out of
+        range, or `base` is not positive or is 1.
+
+    See Also
+    --------
+    cross_entropy, kl_divergence
+
+    Notes
+    -----
+    .. math:: H(p) = -\sum_k p_k \log_b p_k, \qquad 0 \log 0 = 0
+
+    Value and gradient are finite at :math:`p_k = 0` (the gradient of the
+    term is taken as 0 there).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from crossent import info
+    >>> info.entropy(np.array([[0.5, 0.5], [1.0, 0.0]]), base=2)
+    array([1., 0.])
+    >>> print(round(float(info.entropy(np.array([0.25, 0.25, 0.5]))), 6))
+    1.039721
+    """
+    xp = array_namespace(p)
+    _check_distribution(p, name="p", xp=xp)
+    ax = check_axis(axis, p.ndim, name="p")
+    base = check_base(base)
+    x = astype(p, compute_dtype(p.dtype, xp=xp), xp=xp)
+    out = 0.0 - xp.sum(xlogy(x, x, xp=xp), axis=ax)  # a certain outcome gives +0, not -0
+    return astype(_in_base(out, base), p.dtype, xp=xp)
+
+
+def cross_entropy(p: Array, q: Array, *, axis: int = -1, base: float | None = None) -> Array:
+    r"""Cross-entropy of the predicted distribution `q` relative to the true `p`.
+
+    Parameters
+    ----------
+    p : array
+        True distributions (probabilities in [0, 1]) along `axis`.
+    q : array
+        Predicted distributions along `axis`; broadcasts against `p`, with
+        the same length along `axis`.
+    axis : int, default -1
+        The axis that holds the outcomes.
+    base : float, optional
+        Logarithm base: None for nats, 2 for bits; any positive number but 1.
+
+    Returns
+    -------
+    array
+        :math:`H(p, q)`, the broadcast shape without `axis`; :math:`+\infty`
+        where `p` puts mass on an outcome that `q` rules out.
+
+    Raises
+    ------
+    TypeError
+        If `p` or `q` is not a floating array, or `axis` / `base` has a wrong
+        type.
+    ValueError
+        If `p` or `q` lies outside [0, 1] (while validation is on), the shapes
+        do not broadcast or differ along `axis`, `axis` is out of range, or
+        `base` is not positive or is 1.
+
+    See Also
+    --------
+    entropy, kl_divergence
+    crossent.categorical_cross_entropy : the loss, from logits or probabilities.
+
+    Notes
+    -----
+    .. math:: H(p, q) = -\sum_k p_k \log_b q_k = H(p) + D_{\mathrm{KL}}(p \,\|\, q)
+
+    with :math:`0 \log q = 0` for every :math:`q`, including 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from crossent import info
+    >>> p = np.array([1.0, 0.0])
+    >>> q = np.array([[0.5, 0.5], [0.25, 0.75], [0.0, 1.0]])
+    >>> info.cross_entropy(p, q, base=2)
+    array([ 1.,  2., inf])
+    """
+    d = _pair(p, q, axis, base)
+    return d.finish(0.0 - d.xp.sum(_xlog(d.p, d.q, xp=d.xp), axis=d.axis))
+
+
+def kl_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = None) -> Array:
+    r"""Kullback–Leibler divergence of `q` from `p` (relative entropy).
+
+    Parameters
+    ----------
+    p : array
+        True distributions (probabilities in [0, 1]) along `axis`.
+    q : array
+        Approximating distributions along `axis`; broadcasts against `p`,
+        with the same length along `axis`.
+    axis : int, default -1
+        The axis that holds the outcomes.
+    base : float, optional
+        Logarithm base: None for nats, 2 for bits; any positive number but 1.
+
+    Returns
+    -------
+    array
+        :math:`D(p \,\|\, q) \ge 0`, the broadcast shape without `axis`;
+        :math:`+\infty` where `p` puts mass on an outcome that `q` rules out.
+
+    Raises
+    ------
+    TypeError
+        If `p` or `q` is not a floating array, or `axis` / `base` has a wrong
+        type.
+    ValueError
+        If `p` or `q` lies outside [0, 1] (while validation is on), the shapes
+        do not broadcast or differ along `axis`, `axis` is out of range, or
+        `base` is not positive or is 1.
+
+    See Also
+    --------
+    cross_entropy, js_divergence
+
+    Notes
+    -----
+    .. math:: D(p \,\|\, q) = \sum_k p_k \log_b \frac{p_k}{q_k}
+
+    Each term is computed as :math:`p_k \log(p_k / q_k)` (SciPy's
+    ``rel_entr``), not as a difference of logs, so nearly equal
+    distributions keep their small divergence accurately and
+    :math:`D(p \,\|\, p)` is exactly 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from crossent import info
+    >>> p = np.array([0.5, 0.5, 0.0])
+    >>> info.kl_divergence(p, np.array([0.25, 0.25, 0.5]), base=2)
+    np.float64(1.0)
+    >>> info.kl_divergence(p, p)
+    np.float64(0.0)
+    """
+    d = _pair(p, q, axis, base)
+    return d.finish(d.xp.sum(_xlog(d.p, d.p, d.q, xp=d.xp), axis=d.axis))
+
+
+def js_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = None) -> Array:
+    r"""Jensen–Shannon divergence between `p` and `q` (symmetric, bounded).
+
+    Parameters
+    ----------
+    p, q : array
+        Distributions (probabilities in [0, 1]) along `axis`; they broadcast
+        against each other, with the same length along `axis`.
+    axis : int, default -1
+        The axis that holds the outcomes.
+    base : float, optional
+        Logarithm base: None for nats, 2 for bits; any positive number but 1.
+
+    Returns
+    -------
+    array
+        :math:`\mathrm{JS}(p, q) \in [0, \log_b 2]`, the broadcast shape
+        without `axis`. Always finite.
+
+    Raises
+    ------
+    TypeError
+        If `p` or `q` is not a floating array, or `axis` / `base` has a wrong
+        type.
+    ValueError
+        If `p` or `q` lies outside [0, 1] (while validation is on), the shapes
+        do not broadcast or differ along `axis`, `axis` is out of range, or
+        `base` is not positive or is 1.
+
+    See Also
+    --------
+    kl_divergence
+
+    Notes
+    -----
+    .. math:: \mathrm{JS}(p, q) = \tfrac12 D(p \,\|\, m) + \tfrac12 D(q \,\|\, m),
+              \qquad m = \tfrac12 (p + q)
+
+    The ratios are computed as :math:`p_k / m_k = 2 p_k / (p_k + q_k)`, so a
+    tiny (even subnormal) :math:`p_k` never meets an underflowed
+    :math:`m_k = 0`. ``scipy.spatial.distance.jensenshannon`` returns the
+    square root of this value (a metric) and renormalizes its inputs.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from crossent import info
+    >>> info.js_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0]), base=2)
+    np.float64(1.0)
+    >>> p, q = np.array([0.5, 0.5]), np.array([0.9, 0.1])
+    >>> bool(info.js_divergence(p, q) == info.js_divergence(q, p))
+    True
+    """
+    d = _pair(p, q, axis, base)
+    s = d.p + d.q
+    terms = _xlog(d.p, 2 * d.p, s, xp=d.xp) + _xlog(d.q, 2 * d.q, s, xp=d.xp)
+    return d.finish(d.xp.sum(terms, axis=d.axis) / 2)
