@@ -442,17 +442,20 @@ def _per_class_compute(state: State, *, base: float | None = None) -> dict[str, 
 # ---------------------------------------------------------------- calibration
 
 
-def _calibration_init(groups: int, bins: int) -> State:
-    return {
+def _calibration_init(groups: int, bins: int, *, fine: bool = True) -> State:
+    """Equal-width bins, plus the fine histogram for equal-mass bins when `fine`."""
+    state = {
         "width_count": np.zeros((groups, bins), dtype=np.int64),
         "width_conf": np.zeros((groups, bins), dtype=np.float64),
         "width_hit": np.zeros((groups, bins), dtype=np.int64),
-        "fine_count": np.zeros((groups, FINE_BINS), dtype=np.int64),
-        "fine_conf": np.zeros((groups, FINE_BINS), dtype=np.float64),
-        "fine_hit": np.zeros((groups, FINE_BINS), dtype=np.int64),
         "count": _zero_int(),
         "nan": _zero_int(),
     }
+    if fine:
+        state["fine_count"] = np.zeros((groups, FINE_BINS), dtype=np.int64)
+        state["fine_conf"] = np.zeros((groups, FINE_BINS), dtype=np.float64)
+        state["fine_hit"] = np.zeros((groups, FINE_BINS), dtype=np.int64)
+    return state
 
 
 def _width_bin(conf: np.ndarray, bins: int) -> np.ndarray:
@@ -494,9 +497,7 @@ def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str)
     conf, hit = _calibration_pairs(rows, kind)
     conf, hit = conf[valid], hit[valid]
     offset = np.arange(groups, dtype=np.int64) * bins
-    fine_offset = np.arange(groups, dtype=np.int64) * FINE_BINS
     width_idx = (_width_bin(conf, bins) + offset).ravel()
-    fine_idx = (_fine_bin(conf) + fine_offset).ravel()
     flat_conf, flat_hit = conf.ravel(), hit.ravel()
 
     def hist(idx: np.ndarray, length: int, shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
@@ -507,20 +508,19 @@ def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str)
         )
 
     w_count, w_conf, w_hit = hist(width_idx, groups * bins, (groups, bins))
-    f_count, f_conf, f_hit = hist(fine_idx, groups * FINE_BINS, (groups, FINE_BINS))
-    return _merge(
-        state,
-        {
-            "width_count": w_count,
-            "width_conf": w_conf,
-            "width_hit": w_hit,
-            "fine_count": f_count,
-            "fine_conf": f_conf,
-            "fine_hit": f_hit,
-            "count": np.asarray(rows["label"].size, dtype=np.int64),
-            "nan": _count(rows["nan"]),
-        },
-    )
+    batch = {
+        "width_count": w_count,
+        "width_conf": w_conf,
+        "width_hit": w_hit,
+        "count": np.asarray(rows["label"].size, dtype=np.int64),
+        "nan": _count(rows["nan"]),
+    }
+    if "fine_count" in state:
+        fine_offset = np.arange(groups, dtype=np.int64) * FINE_BINS
+        fine_idx = (_fine_bin(conf) + fine_offset).ravel()
+        f_count, f_conf, f_hit = hist(fine_idx, groups * FINE_BINS, (groups, FINE_BINS))
+        batch |= {"fine_count": f_count, "fine_conf": f_conf, "fine_hit": f_hit}
+    return _merge(state, batch)
 
 
 def _mass_groups(fine_count: np.ndarray, bins: int) -> np.ndarray:
@@ -536,6 +536,9 @@ def _calibration_bins(state: State, *, binning: str) -> tuple[np.ndarray, ...]:
     groups, bins = state["width_count"].shape
     if binning == "width":
         return state["width_count"], state["width_conf"], state["width_hit"]
+    if "fine_count" not in state:
+        msg = 'this calibration state keeps equal-width bins only; binning="mass" needs fine=True.'
+        raise ValueError(msg)
     assign = _mass_groups(state["fine_count"], bins) + np.arange(groups)[:, None] * bins
     idx = assign.ravel()
     length = groups * bins

@@ -15,6 +15,7 @@ A metric's state is a few float64 sums and int64 counts on the host
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 from collections.abc import Callable
@@ -50,19 +51,26 @@ class _Part:
     needs_probs: bool = False
 
 
-def _calibration_part(kind: str, bins: int) -> _Part:
-    def init(num_classes: int) -> F.State:
-        return F._calibration_init(num_classes if kind == "classwise" else 1, bins)
-
-    def update(state: F.State, rows: Rows) -> F.State:
-        return F._calibration_update(state, rows, kind=kind)
-
-    return _Part(init, update, needs_probs=kind != "top_label")
+def _calibration_init(num_classes: int, *, kind: str, bins: int, fine: bool) -> F.State:
+    return F._calibration_init(num_classes if kind == "classwise" else 1, bins, fine=fine)
 
 
-_LOG_LOSS = _Part(lambda _: F._log_loss_init(), F._log_loss_update)
-_ACCURACY = _Part(lambda _: F._accuracy_init(), F._accuracy_update)
-_BRIER = _Part(lambda _: F._brier_init(), F._brier_update)
+def _calibration_part(kind: str, bins: int, *, fine: bool = True) -> _Part:
+    # functools.partial of module-level functions (not closures), so metrics pickle
+    return _Part(
+        functools.partial(_calibration_init, kind=kind, bins=bins, fine=fine),
+        functools.partial(F._calibration_update, kind=kind),
+        needs_probs=kind != "top_label",
+    )
+
+
+def _without_classes(init: Callable[[], F.State], num_classes: int) -> F.State:
+    return init()
+
+
+_LOG_LOSS = _Part(functools.partial(_without_classes, F._log_loss_init), F._log_loss_update)
+_ACCURACY = _Part(functools.partial(_without_classes, F._accuracy_init), F._accuracy_update)
+_BRIER = _Part(functools.partial(_without_classes, F._brier_init), F._brier_update)
 _PER_CLASS = _Part(F._per_class_init, F._per_class_update)
 
 
@@ -526,13 +534,15 @@ class CalibrationError(Metric):
         self.binning = F._check_choice(binning, F.BINNINGS, name="binning")
         self.kind = F._check_choice(kind, F.CALIBRATION_KINDS, name="kind")
         self.norm = F._check_choice(norm, ("l1", "max"), name="norm")
-        self._parts = {"calibration": _calibration_part(self.kind, self.bins)}
+        # classwise equal-width bins need no fine histogram (C x 4096 numbers per class set)
+        fine = self.binning == "mass" or self.kind != "classwise"
+        self._parts = {"calibration": _calibration_part(self.kind, self.bins, fine=fine)}
         super().__init__(
             input_kind=input_kind, axis=axis, ignore_index=ignore_index, num_classes=num_classes
         )
 
     def _config(self) -> tuple[Any, ...]:
-        return (*super()._config(), self.bins, self.kind)
+        return (*super()._config(), self.bins, self.kind, self.binning)
 
     def compute(self) -> float:
         """ECE (or MCE for ``norm="max"``) in [0, 1]; NaN before the first batch."""
@@ -632,7 +642,8 @@ class ClassificationMetrics(Metric):
             "brier": _BRIER,
             "per_class": _PER_CLASS,
             "top_label": _calibration_part("top_label", self.bins),
-            "classwise": _calibration_part("classwise", self.bins),
+            # equal-width only: a fine histogram per class would grow with the vocabulary
+            "classwise": _calibration_part("classwise", self.bins, fine=False),
         }
         super().__init__(
             input_kind=input_kind, axis=axis, ignore_index=ignore_index, num_classes=num_classes

@@ -1,0 +1,444 @@
+"""crossent.metrics against scikit-learn and the float64 reference; streaming laws; errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import crossent as ce
+from crossent.metrics import (
+    Accuracy,
+    BadRowError,
+    BitsPerToken,
+    BrierScore,
+    CalibrationError,
+    ClassificationMetrics,
+    CrossEntropy,
+    PerClassCrossEntropy,
+    Perplexity,
+)
+from crossent.metrics import _functional as F
+from tests._reference import metrics as ref
+from tests.conftest import to_xp
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+KINDS = ("probs", "logits", "log_probs")
+
+
+def _data(n: int = 300, c: int = 4, *, seed: int = 0, scale: float = 2.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z = rng.normal(scale=scale, size=(n, c))
+    y = rng.integers(0, c, size=n)
+    log_p = z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))
+    return {"logits": z, "log_probs": log_p, "probs": np.exp(log_p), "y": y}
+
+
+# ------------------------------------------------------------------ values
+
+
+def test_log_loss_matches_sklearn() -> None:
+    d = _data()
+    got = CrossEntropy(input_kind="probs").update(d["probs"], d["y"]).compute()
+    want = sklearn_metrics.log_loss(d["y"], d["probs"], labels=range(4))
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("base", [None, 2, 10, 3.5])
+def test_log_loss_matches_reference(kind: str, base: float | None) -> None:
+    d = _data(n=120, c=5, seed=1)
+    got = CrossEntropy(input_kind=kind, base=base).update(d[kind], d["y"]).compute()
+    assert got == pytest.approx(ref.log_loss(d[kind], d["y"], kind, base), rel=1e-12)
+
+
+def test_perplexity_and_bits_per_token() -> None:
+    d = _data(seed=2)
+    nats = ref.log_loss(d["logits"], d["y"], "logits")
+    ppl = Perplexity(input_kind="logits").update(d["logits"], d["y"]).compute()
+    bits = BitsPerToken(input_kind="logits").update(d["logits"], d["y"]).compute()
+    assert ppl == pytest.approx(math.exp(nats), rel=1e-12)
+    assert bits == pytest.approx(nats / math.log(2), rel=1e-12)
+
+
+def test_log_loss_equals_the_library_loss_including_the_clamp() -> None:
+    d = _data(n=50, seed=3)
+    p = d["probs"].copy()
+    p[0] = [0.0, 1.0, 0.0, 0.0]  # label probability exactly 0 for row 0 if its label is not 1
+    y = d["y"].copy()
+    y[0] = 0
+    metric = CrossEntropy(input_kind="probs").update(p, y)
+    loss = ce.sparse_categorical_cross_entropy(p, y)
+    assert metric.compute() == pytest.approx(float(loss), rel=1e-12)
+    assert metric.clamped == 1
+
+
+def test_logit_of_minus_inf_on_the_label_gives_inf() -> None:
+    z = np.array([[-np.inf, 0.0], [1.0, 0.0]])
+    assert CrossEntropy(input_kind="logits").update(z, np.array([0, 1])).compute() == math.inf
+
+
+def test_brier_matches_sklearn_multiclass_and_binary() -> None:
+    d = _data(seed=4)
+    got = BrierScore(input_kind="probs").update(d["probs"], d["y"]).compute()
+    want = sklearn_metrics.brier_score_loss(d["y"], d["probs"], labels=range(4))
+    assert got == pytest.approx(want, rel=1e-12)
+    assert got == pytest.approx(ref.brier(d["probs"], d["y"], "probs"), rel=1e-12)
+    b = _data(c=2, seed=5)
+    got2 = BrierScore(input_kind="logits").update(b["logits"], b["y"]).compute()
+    # binary: the multiclass sum over both columns is twice the one-column score
+    want2 = sklearn_metrics.brier_score_loss(b["y"], b["probs"][:, 1])
+    assert got2 == pytest.approx(2 * want2, rel=1e-12)
+
+
+def test_accuracy_matches_sklearn() -> None:
+    d = _data(seed=6)
+    got = Accuracy(input_kind="logits").update(d["logits"], d["y"]).compute()
+    assert got == sklearn_metrics.accuracy_score(d["y"], np.argmax(d["logits"], axis=1))
+    assert got == ref.accuracy(d["logits"], d["y"])
+
+
+@pytest.mark.parametrize("which", ["top_label", "classwise", "positive"])
+@pytest.mark.parametrize("norm", ["l1", "max"])
+def test_calibration_error_equal_width_matches_reference(which: str, norm: str) -> None:
+    c = 2 if which == "positive" else 4
+    d = _data(n=400, c=c, seed=7)
+    metric = CalibrationError(input_kind="logits", bins=10, kind=which, norm=norm)
+    got = metric.update(d["logits"], d["y"]).compute()
+    want = ref.ece(d["logits"], d["y"], "logits", n_bins=10, which=which, norm=norm)
+    assert got == pytest.approx(want, rel=1e-10, abs=1e-14)
+
+
+def test_equal_mass_bins_are_the_quantile_bins_up_to_the_fine_resolution() -> None:
+    d = _data(n=3000, c=3, seed=8, scale=3.0)
+    metric = CalibrationError(input_kind="logits", bins=15, binning="mass")
+    metric.update(d["logits"], d["y"])
+    counts = metric.reliability()["count"]
+    assert counts.sum() == 3000
+    # a bin edge can miss the exact quantile by at most one fine bin's content
+    finest = int(metric.state["calibration"]["fine_count"].max())
+    assert finest <= 15
+    assert np.all(np.abs(counts - 200) <= finest), counts
+    want = ref.ece(d["logits"], d["y"], "logits", n_bins=15, binning="mass")
+    assert metric.compute() == pytest.approx(want, abs=2 * finest / 3000)
+    width = CalibrationError(input_kind="logits", bins=15).update(d["logits"], d["y"])
+    assert np.ptp(width.reliability()["count"]) > 100  # equal-width bins are far from equal
+
+
+def test_equal_mass_bins_resolve_confidences_near_one() -> None:
+    # 1 - conf spread over 1e-7 .. 1e-3: equal-width bins put all in one bin
+    rng = np.random.default_rng(9)
+    gap = 10.0 ** rng.uniform(-7, -3, size=1000)
+    p = np.stack([1 - gap, gap], axis=1)
+    metric = CalibrationError(input_kind="probs", bins=10, binning="mass").update(
+        p, np.zeros(1000, dtype=np.int64)
+    )
+    counts = metric.reliability()["count"]
+    assert np.all(np.abs(counts - 100) <= 3), counts
+
+
+def test_ece_bin_edges_and_confidence_one_in_the_last_bin() -> None:
+    k = np.arange(11)
+    p1 = k / 10  # confidences 0, 0.1, ..., 1.0 exactly on the edges
+    p = np.stack([1 - p1, p1], axis=1)
+    y = np.ones(11, dtype=np.int64)
+    metric = CalibrationError(input_kind="probs", bins=10, kind="positive").update(p, y)
+    counts = metric.reliability()["count"]
+    assert counts.tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 1, 2]  # k/10 in bin k; 1.0 joins bin 9
+    top = CalibrationError(input_kind="probs", bins=4).update(
+        np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1])
+    )
+    assert top.reliability()["count"].tolist() == [0, 0, 0, 2]
+    assert top.compute() == 0.0
+    assert F._width_bin(np.array([0.0, 0.25, np.nextafter(0.5, 0), 0.999999, 1.0]), 4).tolist() == [
+        0,
+        1,
+        1,
+        3,
+        3,
+    ]
+
+
+def test_positive_class_equals_classwise_slice_and_ece_of_perfect_calibration() -> None:
+    d = _data(n=500, c=2, seed=10)
+    pos = CalibrationError(input_kind="probs", bins=15, kind="positive").update(d["probs"], d["y"])
+    full = ClassificationMetrics(input_kind="probs", bins=15).update(d["probs"], d["y"]).compute()
+    assert full["ece_positive"] == pytest.approx(pos.compute(), rel=1e-12)
+
+
+def test_per_class_cross_entropy_matches_reference() -> None:
+    d = _data(n=200, c=5, seed=11)
+    y = d["y"].copy()
+    y[y == 3] = 4  # class 3 unseen: NaN
+    out = PerClassCrossEntropy(input_kind="log_probs", base=2).update(d["log_probs"], y).compute()
+    want = ref.per_class_log_loss(d["log_probs"], y, "log_probs", 5) / math.log(2)
+    np.testing.assert_allclose(out["cross_entropy"], want, rtol=1e-12)
+    assert out["count"].tolist() == np.bincount(y, minlength=5).tolist()
+    recall = sklearn_metrics.recall_score(
+        y, np.argmax(d["log_probs"], 1), labels=[0, 1, 2, 4], average=None
+    )
+    np.testing.assert_allclose(out["recall"][[0, 1, 2, 4]], recall)
+    assert math.isnan(out["recall"][3])
+
+
+def test_classification_metrics_agree_with_the_single_metrics() -> None:
+    d = _data(n=250, c=3, seed=12)
+    out = ClassificationMetrics(input_kind="logits", bins=12, base=10).update(d["logits"], d["y"])
+    r = out.compute()
+    assert r["rows"] == 250
+    assert r["classes"] == 3
+    assert r["log_loss_nats"] == pytest.approx(ref.log_loss(d["logits"], d["y"], "logits"))
+    assert r["log_loss_bits"] == pytest.approx(r["log_loss_nats"] / math.log(2))
+    assert r["log_loss"] == pytest.approx(r["log_loss_nats"] / math.log(10))
+    assert r["ece"] == pytest.approx(ref.ece(d["logits"], d["y"], "logits", n_bins=12))
+    assert r["mce"] == pytest.approx(ref.ece(d["logits"], d["y"], "logits", n_bins=12, norm="max"))
+    classwise = ref.ece(d["logits"], d["y"], "logits", n_bins=12, which="classwise")
+    assert r["classwise_ece"] == pytest.approx(classwise)
+    assert r["brier"] == pytest.approx(ref.brier(d["logits"], d["y"], "logits"))
+    assert r["ece_positive"] is None
+    assert [c["count"] for c in r["per_class"]] == np.bincount(d["y"], minlength=3).tolist()
+
+
+# ------------------------------------------------------------------ backends
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_backend_gives_the_numpy_result(xp: Any, kind: str) -> None:
+    d = _data(n=64, c=3, seed=13)
+    convert = to_xp(xp)
+    want = ClassificationMetrics(input_kind=kind).update(d[kind], d["y"]).compute()
+    got = ClassificationMetrics(input_kind=kind).update(convert(d[kind]), convert(d["y"])).compute()
+    for key, value in want.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-10, abs=1e-15), key
+        else:
+            assert got[key] == value, key
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_torch_low_precision_accumulates_in_float32(dtype: str) -> None:
+    torch = pytest.importorskip("torch")
+    d = _data(n=200, c=6, seed=14)
+    z = torch.tensor(d["logits"]).to(getattr(torch, dtype))
+    got = CrossEntropy(input_kind="logits").update(z, torch.tensor(d["y"])).compute()
+    want = ref.log_loss(z.double().numpy(), d["y"], "logits")
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_class_axis_and_sequence_shapes() -> None:
+    d = _data(n=24, c=5, seed=15)
+    z = d["logits"].reshape(2, 3, 4, 5)  # (batch, seq, ..., classes)
+    y = d["y"].reshape(2, 3, 4)
+    flat = CrossEntropy(input_kind="logits").update(d["logits"], d["y"]).compute()
+    assert CrossEntropy(input_kind="logits").update(z, y).compute() == pytest.approx(flat)
+    moved = np.moveaxis(z, -1, 1)  # (batch, classes, seq, ...), PyTorch's layout
+    assert CrossEntropy(input_kind="logits", axis=1).update(moved, y).compute() == pytest.approx(
+        flat
+    )
+
+
+def test_ignore_index_skips_rows() -> None:
+    d = _data(n=40, c=3, seed=16)
+    y = d["y"].copy()
+    y[::4] = -100
+    kept = y != -100
+    metric = Perplexity(input_kind="logits", ignore_index=-100).update(d["logits"], y)
+    assert metric.count == int(kept.sum())
+    want = math.exp(ref.log_loss(d["logits"][kept], y[kept], "logits"))
+    assert metric.compute() == pytest.approx(want, rel=1e-12)
+
+
+# ------------------------------------------------------------------ streaming laws
+
+
+def test_seven_uneven_shards_merge_to_one_pass() -> None:
+    d = _data(n=1000, c=4, seed=17)
+    cuts = [0, 3, 10, 11, 250, 251, 700, 1000]  # 7 shards of sizes 3..449
+    one = ClassificationMetrics(input_kind="probs", bins=15).update(d["probs"], d["y"])
+    shards = [
+        ClassificationMetrics(input_kind="probs", bins=15).update(d["probs"][a:b], d["y"][a:b])
+        for a, b in itertools.pairwise(cuts)
+    ]
+    merged = ClassificationMetrics(input_kind="probs", bins=15).merge(*shards)
+    for part, state in one.state.items():
+        for key, value in state.items():
+            other = merged.state[part][key]
+            if value.dtype == np.int64:
+                np.testing.assert_array_equal(other, value, err_msg=f"{part}.{key}")
+            else:
+                np.testing.assert_allclose(other, value, rtol=1e-13, atol=1e-13)
+    r1, r2 = one.compute(), merged.compute()
+    for key in ("log_loss_nats", "accuracy", "brier", "ece", "ece_equal_mass", "classwise_ece"):
+        assert r2[key] == pytest.approx(r1[key], rel=1e-12), key
+
+
+def test_batched_updates_equal_one_update() -> None:
+    d = _data(n=100, c=3, seed=18)
+    one = CalibrationError(input_kind="logits", binning="mass").update(d["logits"], d["y"])
+    many = CalibrationError(input_kind="logits", binning="mass")
+    for a in range(0, 100, 7):
+        many.update(d["logits"][a : a + 7], d["y"][a : a + 7])
+    assert many.compute() == pytest.approx(one.compute(), rel=1e-12)
+
+
+def test_ten_million_float32_predictions_sum_without_drift() -> None:
+    rng = np.random.default_rng(19)
+    metric = CrossEntropy(input_kind="log_probs")
+    exact_parts = []
+    float32_running = np.float32(0.0)
+    for _ in range(10):
+        p = rng.uniform(0.05, 0.95, size=1_000_000).astype(np.float32)
+        log_p = np.stack([np.log(p), np.log1p(-p)], axis=1).astype(np.float32)
+        y = (p < 0.5).astype(np.int64)  # the less likely class: losses near 0.7-3
+        metric.update(log_p, y)
+        nll = -log_p[np.arange(y.size), y]  # float32 per-row losses, exact negation
+        exact_parts.append(math.fsum(nll.astype(np.float64)))
+        float32_running = np.float32(float32_running + np.cumsum(nll, dtype=np.float32)[-1])
+    exact = math.fsum(exact_parts)
+    state = metric.state["log_loss"]
+    assert int(state["count"]) == 10_000_000
+    assert float(state["nll_sum"]) == pytest.approx(exact, rel=1e-13)
+    # the same sum accumulated in float32 drifts far beyond that: the test can fail
+    assert abs(float(float32_running) - exact) / exact > 1e-6
+
+
+def test_pickle_round_trip_keeps_the_state() -> None:
+    d = _data(n=50, c=3, seed=20)
+    metric = ClassificationMetrics(input_kind="logits").update(d["logits"], d["y"])
+    clone = pickle.loads(pickle.dumps(metric))
+    assert clone.compute() == metric.compute()
+    clone.update(d["logits"], d["y"])
+    assert clone.count == 100
+    assert metric.count == 50
+
+
+def test_reset_and_empty_metrics_give_nan() -> None:
+    metric = CrossEntropy(input_kind="probs")
+    assert math.isnan(metric.compute())
+    metric.update(np.array([[0.5, 0.5]]), np.array([0]))
+    assert metric.compute() == pytest.approx(math.log(2))
+    assert math.isnan(metric.reset().compute())
+    assert math.isnan(CalibrationError(input_kind="probs").compute())
+
+
+def test_sync_without_distributed_is_a_copy() -> None:
+    d = _data(n=30, c=3, seed=21)
+    metric = Accuracy(input_kind="logits").update(d["logits"], d["y"])
+    synced = metric.sync()
+    assert synced is not metric
+    assert synced.compute() == metric.compute()
+
+
+@given(
+    shift=st.floats(-1e6, 1e6, allow_nan=False),
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 20),
+)
+def test_logit_shift_invariance_and_kinds_agree(shift: float, seed: int, n: int) -> None:
+    d = _data(n=n, c=4, seed=seed)
+    base = ClassificationMetrics(input_kind="logits").update(d["logits"], d["y"]).compute()
+    shifted = ClassificationMetrics(input_kind="logits").update(d["logits"] + shift, d["y"])
+    from_log_p = ClassificationMetrics(input_kind="log_probs").update(d["log_probs"], d["y"])
+    for other in (shifted.compute(), from_log_p.compute()):
+        assert other["log_loss_nats"] == pytest.approx(base["log_loss_nats"], rel=1e-6, abs=1e-9)
+        assert other["brier"] == pytest.approx(base["brier"], rel=1e-6, abs=1e-9)
+
+
+@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=6), seed=st.integers(0, 100))
+def test_merge_in_any_grouping_equals_one_stream(sizes: list[int], seed: int) -> None:
+    n = sum(sizes)
+    if n == 0:
+        return
+    d = _data(n=n, c=3, seed=seed)
+    one = CrossEntropy(input_kind="logits").update(d["logits"], d["y"])
+    parts = []
+    start = 0
+    for s in sizes:
+        m = CrossEntropy(input_kind="logits")
+        if s:
+            m.update(d["logits"][start : start + s], d["y"][start : start + s])
+        parts.append(m)
+        start += s
+    merged = CrossEntropy(input_kind="logits").merge(*reversed(parts))
+    assert merged.count == n
+    assert merged.compute() == pytest.approx(one.compute(), rel=1e-12)
+
+
+# ------------------------------------------------------------------ NaN and errors
+
+
+def test_nan_propagates() -> None:
+    z = np.array([[np.nan, 0.0], [1.0, 0.0]])
+    y = np.array([0, 1])
+    r = ClassificationMetrics(input_kind="logits").update(z, y).compute()
+    for key in ("log_loss_nats", "accuracy", "brier", "ece", "classwise_ece"):
+        assert math.isnan(r[key]), key
+
+
+def test_input_kind_must_be_stated() -> None:
+    with pytest.raises(TypeError):
+        CrossEntropy()  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="input_kind"):
+        CrossEntropy(input_kind="probabilities")
+
+
+def test_rows_that_are_not_distributions_are_named() -> None:
+    p = np.array([[0.5, 0.5], [0.7, 0.7], [0.2, 0.8]])
+    with pytest.raises(BadRowError, match=r"row 1 .*sums to 1\.4") as info:
+        CrossEntropy(input_kind="probs").update(p, np.array([0, 1, 0]))
+    assert info.value.row == 1
+    with pytest.raises(ValueError, match=r"row 0 .*outside \[0, 1\].*logits"):
+        CrossEntropy(input_kind="probs").update(np.array([[2.0, -1.0]]), np.array([0]))
+    with pytest.raises(ValueError, match="row 0"):
+        CrossEntropy(input_kind="log_probs").update(np.array([[0.0, 0.0]]), np.array([0]))
+    with ce.validation(False):  # value checks can be switched off
+        CrossEntropy(input_kind="probs").update(p, np.array([0, 1, 0]))
+
+
+def test_labels_out_of_range_name_the_row() -> None:
+    with pytest.raises(ValueError, match=r"`target` row 2 has label 3, outside \[0, 3\)"):
+        Accuracy(input_kind="logits").update(np.zeros((3, 3)), np.array([0, 1, 3]))
+    with pytest.raises(TypeError, match="integer class indices"):
+        Accuracy(input_kind="logits").update(np.zeros((3, 3)), np.zeros(3))
+    with pytest.raises(ValueError, match="shape"):
+        Accuracy(input_kind="logits").update(np.zeros((3, 3)), np.zeros(4, dtype=int))
+
+
+def test_bad_settings_and_mismatched_merges() -> None:
+    with pytest.raises(ValueError, match="binning"):
+        CalibrationError(input_kind="probs", binning="quantile")
+    with pytest.raises(ValueError, match="bins"):
+        CalibrationError(input_kind="probs", bins=0)
+    with pytest.raises(ValueError, match="base"):
+        CrossEntropy(input_kind="probs", base=1)
+    with pytest.raises(ValueError, match="two classes"):
+        CalibrationError(input_kind="probs", kind="positive").update(
+            np.full((2, 3), 1 / 3), np.array([0, 1])
+        )
+    a = CrossEntropy(input_kind="probs", base=2)
+    with pytest.raises(ValueError, match="same settings"):
+        a.merge(CrossEntropy(input_kind="probs"))
+    with pytest.raises(ValueError, match="same settings"):
+        a.merge(Accuracy(input_kind="probs"))  # type: ignore[arg-type]
+    a.update(np.full((1, 2), 0.5), np.array([0]))
+    with pytest.raises(ValueError, match="classes"):
+        a.update(np.full((1, 3), 1 / 3), np.array([0]))
+
+
+def test_jax_tracers_are_refused() -> None:
+    jax = pytest.importorskip("jax")
+    metric = CrossEntropy(input_kind="logits")
+
+    def step(z: Any) -> Any:
+        metric.update(z, jax.numpy.zeros(2, dtype=jax.numpy.int32))
+        return z
+
+    with pytest.raises(TypeError, match="jit"):
+        jax.jit(step)(jax.numpy.zeros((2, 3)))
