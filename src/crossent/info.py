@@ -68,17 +68,17 @@ def _broadcast_axis(p: Array, q: Array, axis: object) -> int:
     ndim = max(p.ndim, q.ndim)
     sp = (1,) * (ndim - p.ndim) + tuple(p.shape)
     sq = (1,) * (ndim - q.ndim) + tuple(q.shape)
-    if any(a != b and 1 not in (a, b) for a, b in zip(sp, sq, strict=True)):
-        msg = (
-            f"`p` of shape {tuple(p.shape)} and `q` of shape {tuple(q.shape)} do not broadcast; "
-            "give them the same shape."
-        )
-        raise ValueError(msg)
     ax = check_axis(axis, ndim, name="p")
     if sp[ax] != sq[ax]:
         msg = (
             f"`p` and `q` must have the same length along `axis`={axis} (the distribution "
             f"axis); got {sp[ax]} and {sq[ax]} (shapes {tuple(p.shape)} and {tuple(q.shape)})."
+        )
+        raise ValueError(msg)
+    if any(a != b and 1 not in (a, b) for a, b in zip(sp, sq, strict=True)):
+        msg = (
+            f"`p` of shape {tuple(p.shape)} and `q` of shape {tuple(q.shape)} do not broadcast; "
+            "give them the same shape."
         )
         raise ValueError(msg)
     return ax

@@ -1,0 +1,314 @@
+"""crossent.info: SciPy parity, the laws of information theory, edges and errors."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mpmath
+import numpy as np
+import pytest
+from array_api_extra.testing import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from scipy import special, stats
+from scipy.spatial import distance
+
+import crossent as ce
+from crossent import info
+from crossent._lib._xp import is_lazy
+from tests._reference import info as ref
+from tests.conftest import to_numpy, to_xp
+
+PAIR_MEASURES = ("cross_entropy", "kl_divergence", "js_divergence")
+LN2 = math.log(2.0)
+
+
+def _dists(rng: np.random.Generator, shape: tuple[int, ...], zeros: bool = True) -> np.ndarray:
+    """Random distributions along the last axis, some with exact zeros."""
+    a = rng.random(shape)
+    if zeros:
+        a[rng.random(shape) < 0.2] = 0.0
+        a[..., 0] += 0.1  # never an all-zero row
+    return a / a.sum(axis=-1, keepdims=True)
+
+
+def _check(got: Any, want: np.ndarray, xp: Any, *, rtol: float = 1e-12, atol: float = 0.0) -> None:
+    """`got` is an `xp` float64 array of `want`'s shape, close to `want`."""
+    assert_close(got, to_xp(xp)(np.asarray(want, dtype=np.float64)), rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------
+# SciPy parity and the float64 reference
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", [None, 2, 10])
+def test_entropy_matches_scipy(xp: Any, base: float | None) -> None:
+    p = _dists(np.random.default_rng(0), (4, 5))
+    got = info.entropy(to_xp(xp)(p), base=base)
+    _check(got, stats.entropy(p, axis=-1, base=base), xp)
+    _check(got, ref.entropy(p, base=base), xp)
+
+
+@pytest.mark.parametrize("base", [None, 2])
+def test_kl_matches_scipy_rel_entr(xp: Any, base: float | None) -> None:
+    rng = np.random.default_rng(1)
+    p, q = _dists(rng, (3, 6)), _dists(rng, (3, 6), zeros=False)
+    got = info.kl_divergence(to_xp(xp)(p), to_xp(xp)(q), base=base)
+    scale = 1.0 if base is None else math.log(base)
+    _check(got, special.rel_entr(p, q).sum(axis=-1) / scale, xp)
+    _check(got, stats.entropy(p, q, axis=-1, base=base), xp)
+    _check(got, ref.kl_divergence(p, q, base=base), xp)
+
+
+def test_cross_entropy_matches_scipy(xp: Any) -> None:
+    rng = np.random.default_rng(2)
+    p, q = _dists(rng, (3, 6)), _dists(rng, (3, 6), zeros=False)
+    got = info.cross_entropy(to_xp(xp)(p), to_xp(xp)(q))
+    _check(got, stats.entropy(p, axis=-1) + stats.entropy(p, q, axis=-1), xp)
+    _check(got, ref.cross_entropy(p, q), xp)
+
+
+@pytest.mark.parametrize("base", [None, 2])
+def test_js_matches_scipy_jensenshannon_squared(xp: Any, base: float | None) -> None:
+    rng = np.random.default_rng(3)
+    p, q = _dists(rng, (4, 5)), _dists(rng, (4, 5))
+    got = info.js_divergence(to_xp(xp)(p), to_xp(xp)(q), base=base)
+    # SciPy returns the Jensen–Shannon *distance*, the square root of the divergence.
+    _check(got, distance.jensenshannon(p, q, axis=-1, base=base) ** 2, xp, rtol=1e-10)
+    _check(got, ref.js_divergence(p, q, base=base), xp)
+
+
+def test_surprisal_matches_reference(xp: Any) -> None:
+    p = np.array([[1.0, 0.5, 1e-300], [0.0, 0.25, 0.9]])
+    for base in (None, 2, 0.5):
+        _check(info.surprisal(to_xp(xp)(p), base=base), ref.surprisal(p, base=base), xp)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -3])
+def test_axis_moves_the_distribution(xp: Any, axis: int) -> None:
+    rng = np.random.default_rng(4)
+    p = np.moveaxis(_dists(rng, (2, 3, 4)), -1, axis)
+    q = np.moveaxis(_dists(rng, (2, 3, 4), zeros=False), -1, axis)
+    x, y = to_xp(xp)(p), to_xp(xp)(q)
+    _check(info.entropy(x, axis=axis), ref.entropy(p, axis=axis), xp)
+    for name in PAIR_MEASURES:
+        got = getattr(info, name)(x, y, axis=axis)
+        _check(got, getattr(ref, name)(p, q, axis=axis), xp)
+
+
+def test_p_and_q_broadcast(xp: Any) -> None:
+    rng = np.random.default_rng(5)
+    p, q = _dists(rng, (5,)), _dists(rng, (3, 5), zeros=False)
+    for name in PAIR_MEASURES:
+        got = getattr(info, name)(to_xp(xp)(p), to_xp(xp)(q))
+        _check(got, getattr(ref, name)(np.broadcast_to(p, q.shape), q), xp)
+
+
+def test_kl_of_nearly_equal_distributions_is_accurate(xp: Any) -> None:
+    p = np.array([0.5, 0.5])
+    q = np.array([0.5 + 1e-9, 0.5 - 1e-9])
+    with mpmath.workdps(50):
+        mp, mq = [mpmath.mpf(v) for v in p], [mpmath.mpf(v) for v in q]
+        want = float(mpmath.fsum(a * mpmath.log(a / b) for a, b in zip(mp, mq, strict=True)))
+    got = float(to_numpy(info.kl_divergence(to_xp(xp)(p), to_xp(xp)(q))))
+    assert got == pytest.approx(want, rel=1e-6)  # a difference of logs loses ~all digits here
+
+
+# ----------------------------------------------------------------------------
+# 0 · log 0 = 0, impossible events, NaN
+# ----------------------------------------------------------------------------
+
+
+def test_zero_mass_contributes_zero_and_impossible_events_are_infinite(xp: Any) -> None:
+    x = to_xp(xp)
+    p = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    q = np.array([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]])
+    _check(info.entropy(x(p)), [0.0, LN2], xp)
+    _check(info.cross_entropy(x(p), x(q)), [LN2, np.inf], xp)
+    _check(info.kl_divergence(x(p), x(q)), [LN2, np.inf], xp)
+    _check(info.js_divergence(x(p), x(q)), ref.js_divergence(p, q), xp)
+    assert np.isfinite(to_numpy(info.js_divergence(x(p), x(q)))).all()
+    got = to_numpy(info.surprisal(x(np.array([0.0, 1.0]))))
+    assert got[0] == np.inf
+    assert got[1] == 0.0
+    assert not np.signbit(got[1])
+
+
+def test_js_with_subnormal_mass_is_finite(xp: Any) -> None:
+    p = np.array([5e-324, 1.0 - 5e-324])
+    q = np.array([0.0, 1.0])
+    got = float(to_numpy(info.js_divergence(to_xp(xp)(p), to_xp(xp)(q))))
+    assert 0.0 <= got < 1e-300  # m = (p + q) / 2 underflows; p / m = 2p / (p + q) does not
+
+
+def test_zero_mass_gradients_are_finite() -> None:
+    torch = pytest.importorskip("torch")
+    p = torch.tensor([[0.0, 0.25, 0.75], [1.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    q = torch.tensor([[0.0, 0.5, 0.5], [0.5, 0.5, 0.0]], dtype=torch.float64, requires_grad=True)
+    for fn in (
+        info.entropy,
+        lambda a: info.cross_entropy(a, q),
+        lambda a: info.kl_divergence(a, q),
+    ):
+        (grad,) = torch.autograd.grad(fn(p).sum(), p)
+        assert torch.isfinite(grad).all()
+    (gp, gq) = torch.autograd.grad(info.js_divergence(p, q).sum(), (p, q))
+    assert torch.isfinite(gp).all()
+    assert torch.isfinite(gq).all()
+    # d/dq of KL where both are 0 is 0; d/dq_k = -p_k / q_k elsewhere.
+    (gq,) = torch.autograd.grad(info.kl_divergence(p, q).sum(), q)
+    want = torch.where(p == 0, torch.zeros_like(q), -p / torch.where(q == 0, 1.0, q))
+    torch.testing.assert_close(gq, want)
+
+
+def test_nan_propagates(xp: Any) -> None:
+    p = np.array([[0.5, np.nan], [0.5, 0.5]])
+    q = np.array([[0.0, 1.0], [0.5, 0.5]])
+    x = to_xp(xp)
+    for got in (
+        info.entropy(x(p)),
+        info.cross_entropy(x(p), x(q)),
+        info.kl_divergence(x(p), x(q)),
+        info.js_divergence(x(p), x(q)),
+        info.cross_entropy(x(q), x(p)),
+    ):
+        values = to_numpy(got)
+        assert np.isnan(values[0])
+        assert np.isfinite(values[1])
+    assert np.isnan(to_numpy(info.surprisal(x(np.array([np.nan]))))[0])
+
+
+# ----------------------------------------------------------------------------
+# Laws (hypothesis)
+# ----------------------------------------------------------------------------
+
+
+def _dist_strategy(k: int) -> st.SearchStrategy[np.ndarray]:
+    elems = st.one_of(st.just(0.0), st.floats(1e-6, 1.0))
+    raw = hnp.arrays(np.float64, (k,), elements=elems).filter(lambda a: a.sum() > 0)
+    return raw.map(lambda a: a / a.sum())
+
+
+@st.composite
+def _pair(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    k = draw(st.integers(1, 6))
+    return draw(_dist_strategy(k)), draw(_dist_strategy(k))
+
+
+@settings(max_examples=25)
+@given(pq=_pair())
+def test_information_laws(xp: Any, pq: tuple[np.ndarray, np.ndarray]) -> None:
+    p, q = pq
+    x, y = to_xp(xp)(p), to_xp(xp)(q)
+    h = float(to_numpy(info.entropy(x)))
+    hpq = float(to_numpy(info.cross_entropy(x, y)))
+    kl = float(to_numpy(info.kl_divergence(x, y)))
+    js = float(to_numpy(info.js_divergence(x, y)))
+    tol = 1e-12
+    assert kl >= 0.0
+    assert hpq >= h - tol  # Gibbs' inequality
+    if math.isfinite(hpq):
+        assert hpq == pytest.approx(h + kl, rel=1e-9, abs=tol)
+    else:
+        assert kl == math.inf
+    assert float(to_numpy(info.kl_divergence(x, x))) == 0.0
+    assert -tol <= js <= LN2 + tol
+    assert js == pytest.approx(float(to_numpy(info.js_divergence(y, x))), abs=tol)
+    for name, nats in (("entropy", h), ("kl_divergence", kl), ("js_divergence", js)):
+        args = (x,) if name == "entropy" else (x, y)
+        bits = float(to_numpy(getattr(info, name)(*args, base=2)))
+        assert bits == pytest.approx(nats / LN2, rel=1e-12, abs=tol)
+
+
+# ----------------------------------------------------------------------------
+# dtypes, devices, backends
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
+def test_low_precision_returns_input_dtype(dtype_name: str) -> None:
+    torch = pytest.importorskip("torch")
+    dtype = getattr(torch, dtype_name)
+    rng = np.random.default_rng(6)
+    p64, q64 = _dists(rng, (3, 8)), _dists(rng, (3, 8), zeros=False)
+    p, q = torch.tensor(p64).to(dtype), torch.tensor(q64).to(dtype)
+    # references on the rounded inputs, in float64
+    pr, qr = p.double().numpy(), q.double().numpy()
+    rtol = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-6}[dtype_name]
+    cases = [
+        (info.entropy(p), ref.entropy(pr)),
+        (info.cross_entropy(p, q), ref.cross_entropy(pr, qr)),
+        (info.kl_divergence(p, q), ref.kl_divergence(pr, qr)),
+        (info.js_divergence(p, q), ref.js_divergence(pr, qr)),
+        (info.surprisal(q), ref.surprisal(qr)),
+    ]
+    for got, want in cases:
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_jax_jit() -> None:
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    p = jnp.asarray(_dists(np.random.default_rng(7), (2, 4)))
+    q = jnp.asarray(_dists(np.random.default_rng(8), (2, 4), zeros=False))
+    got = jax.jit(lambda a, b: info.kl_divergence(a, b, base=2))(p, q)
+    np.testing.assert_allclose(np.asarray(got), ref.kl_divergence(p, q, base=2), rtol=1e-12)
+    grad = jax.grad(lambda a: info.entropy(a).sum())(p)
+    assert np.isfinite(np.asarray(grad)).all()
+
+
+# ----------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------
+
+
+def test_value_errors_name_the_argument(xp: Any) -> None:
+    x = to_xp(xp)
+    p = x(np.array([[0.5, 0.5]]))
+    if is_lazy(p):
+        pytest.skip("value checks never run on arrays the backend calls lazy (JAX)")
+    with pytest.raises(ValueError, match=r"`p` must hold probabilities in \[0, 1\]"):
+        info.entropy(x(np.array([1.5, -0.5])))
+    with pytest.raises(ValueError, match=r"`q` must hold probabilities"):
+        info.kl_divergence(p, x(np.array([[2.0, -1.0]])))
+    with pytest.raises(ValueError, match=r"`p` must hold probabilities"):
+        info.surprisal(x(np.array([1.5])))
+
+
+def test_type_and_shape_errors_name_the_argument(xp: Any) -> None:
+    x = to_xp(xp)
+    p = x(np.array([[0.5, 0.5]]))
+    with pytest.raises(TypeError, match=r"`p` must have a floating dtype"):
+        info.entropy(x(np.array([1, 0])))
+    with pytest.raises(TypeError, match=r"`q` must have a floating dtype"):
+        info.cross_entropy(p, x(np.array([[1, 0]])))
+    with pytest.raises(ValueError, match=r"`axis`=2 is out of range for `p`"):
+        info.entropy(p, axis=2)
+    with pytest.raises(TypeError, match=r"`axis` must be an int"):
+        info.js_divergence(p, p, axis=1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"same length along `axis`"):
+        info.kl_divergence(p, x(np.array([[0.2, 0.3, 0.5]])))
+    with pytest.raises(ValueError, match=r"do not broadcast"):
+        info.cross_entropy(x(np.full((2, 2), 0.5)), x(np.full((3, 2), 0.5)))
+    for base in (0, 1, -2.0):
+        with pytest.raises(ValueError, match=r"`base` must be positive and not 1"):
+            info.entropy(p, base=base)
+    with pytest.raises(TypeError, match=r"`base` must be None"):
+        info.entropy(p, base="2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"one array library; got .*builtins.list"):
+        info.cross_entropy([0.5, 0.5], p)  # type: ignore[arg-type]
+
+
+def test_validation_off_skips_value_checks_not_shape_checks(xp: Any) -> None:
+    x = to_xp(xp)
+    with ce.validation(False):
+        info.entropy(x(np.array([1.5, 0.25])))  # no error: values are not checked
+        with pytest.raises(ValueError, match="same length along"):
+            info.kl_divergence(x(np.array([0.5, 0.5])), x(np.array([1.0])))
+        with pytest.raises(TypeError, match="floating dtype"):
+            info.entropy(x(np.array([1, 0])))
