@@ -1,0 +1,249 @@
+"""Self-contained HTML report: reliability diagram, confidence histogram, per-class table.
+
+:func:`write_report` writes ``index.html`` and the figures as PNG files into a
+folder. The HTML embeds every PNG as a base64 ``data:`` URI, so the one file
+can be mailed or archived on its own, and each figure's caption links the PNG
+file beside it (``<a href="reliability.png">``) for reuse in slides and papers.
+matplotlib is imported here only, with the non-interactive Agg canvas (no
+pyplot, no global state, no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FIGURES", "write_report"]
+
+#: file name -> caption of every figure the report writes
+FIGURES = {
+    "reliability.png": "Reliability diagram (top-label confidence, equal-width bins)",
+    "confidence.png": "Histogram of top-label confidence",
+    "per_class.png": "Cross-entropy per true class (bits)",
+}
+
+
+def _figure(width: float = 5.2, height: float = 4.0) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - matplotlib is in the metrics extra
+        msg = "the HTML report needs matplotlib; install it with pip install 'crossent[metrics]'."
+        raise ImportError(msg) from exc
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _reliability_png(reliability: dict[str, np.ndarray], summary: dict[str, Any]) -> bytes:
+    count = reliability["count"]
+    bins = len(count)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    seen = count > 0
+    acc = np.where(seen, reliability["accuracy"], 0.0)
+    conf = np.where(seen, reliability["confidence"], 0.0)
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.bar(
+        centers[seen],
+        acc[seen],
+        width=1 / bins,
+        color="#4C72B0",
+        edgecolor="white",
+        label="accuracy in bin",
+    )
+    gap_bottom = np.minimum(acc, conf)[seen]
+    ax.bar(
+        centers[seen],
+        np.abs(conf - acc)[seen],
+        bottom=gap_bottom,
+        width=1 / bins,
+        color="#DD8452",
+        alpha=0.55,
+        edgecolor="#C44E52",
+        hatch="//",
+        label="gap to confidence",
+    )
+    ax.plot(
+        [0, 1], [0, 1], linestyle="--", color="#333333", linewidth=1, label="perfect calibration"
+    )
+    ax.plot(conf[seen], acc[seen], "o", color="#1f1f1f", markersize=3, label="bin mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-label probability)")
+    ax.set_ylabel("accuracy")
+    ece = summary.get("ece")
+    ax.set_title(
+        f"Reliability diagram, ECE = {ece:.4f}" if isinstance(ece, float) else "Reliability diagram"
+    )
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.grid(alpha=0.25)
+    return _png(fig)
+
+
+def _confidence_png(reliability: dict[str, np.ndarray], summary: dict[str, Any]) -> bytes:
+    count = reliability["count"].astype(np.float64)
+    bins = len(count)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = count.sum()
+    share = count / total if total else count
+    fig = _figure(height=3.4)
+    ax = fig.add_subplot()
+    ax.bar(edges[:-1], share, width=1 / bins, align="edge", color="#55A868", edgecolor="white")
+    seen = count > 0
+    mean_conf = (
+        float(np.sum(reliability["confidence"][seen] * count[seen]) / total) if total else math.nan
+    )
+    accuracy = summary.get("accuracy")
+    ax.axvline(mean_conf, color="#C44E52", linestyle="--", label=f"mean confidence {mean_conf:.3f}")
+    if isinstance(accuracy, float) and math.isfinite(accuracy):
+        ax.axvline(accuracy, color="#333333", linestyle=":", label=f"accuracy {accuracy:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("confidence (top-label probability)")
+    ax.set_ylabel("share of predictions")
+    ax.set_title("Confidence histogram")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.grid(alpha=0.25, axis="y")
+    return _png(fig)
+
+
+def _per_class_png(summary: dict[str, Any]) -> bytes:
+    rows = summary["per_class"]
+    names = [str(r["class"]) for r in rows]
+    bits = np.array([r["cross_entropy_bits"] for r in rows], dtype=np.float64)
+    fig = _figure(width=max(5.2, 0.35 * len(rows) + 1.5), height=3.4)
+    ax = fig.add_subplot()
+    finite = np.where(np.isfinite(bits), bits, 0.0)
+    ax.bar(range(len(rows)), finite, color="#8172B2")
+    mean_bits = summary.get("log_loss_bits")
+    if isinstance(mean_bits, float) and math.isfinite(mean_bits):
+        ax.axhline(
+            mean_bits,
+            color="#333333",
+            linestyle="--",
+            linewidth=1,
+            label=f"overall {mean_bits:.3f} bits",
+        )
+        ax.legend(fontsize=8, frameon=False)
+    ax.set_xticks(range(len(rows)), names, rotation=45 if len(rows) > 12 else 0, fontsize=8)
+    ax.set_xlabel("true class")
+    ax.set_ylabel("cross-entropy (bits)")
+    ax.set_title("Cross-entropy per true class")
+    ax.grid(alpha=0.25, axis="y")
+    return _png(fig)
+
+
+def _cell(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "&ndash;"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return html.escape(str(value))
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em auto;
+       max-width: 1100px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: 0.92em; }
+td, th { padding: 0.25em 0.8em; border-bottom: 1px solid #ddd; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; }
+figcaption { font-size: 0.85em; color: #555; }
+img { max-width: 100%; border: 1px solid #eee; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def write_report(
+    directory: Path, *, summary: dict[str, Any], reliability: dict[str, np.ndarray], title: str
+) -> Path:
+    """Write ``index.html`` and its PNG figures into `directory`; returns the HTML path.
+
+    `summary` is the dict ``crossent eval`` prints as JSON (with ``per_class``
+    entries naming their ``class``); `reliability` is the top-label
+    per-bin ``count``, ``confidence`` and ``accuracy``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    images = {
+        "reliability.png": _reliability_png(reliability, summary),
+        "confidence.png": _confidence_png(reliability, summary),
+        "per_class.png": _per_class_png(summary),
+    }
+    for name, data in images.items():
+        (directory / name).write_bytes(data)
+
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(FIGURES[name])}" '
+        f'src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+        f"<figcaption>{html.escape(FIGURES[name])} &middot; PNG file: "
+        f'<a href="{name}">{name}</a></figcaption></figure>'
+        for name, data in images.items()
+    )
+    figures_rows = [
+        ("rows", summary.get("rows")),
+        ("classes", len(summary.get("classes", []))),
+        ("input", summary.get("input")),
+        ("log loss (nats)", summary.get("log_loss_nats")),
+        ("log loss (bits)", summary.get("log_loss_bits")),
+        ("perplexity", summary.get("perplexity")),
+        ("accuracy", summary.get("accuracy")),
+        ("Brier score", summary.get("brier")),
+        (f"ECE ({summary.get('bins')} equal-width bins)", summary.get("ece")),
+        ("ECE (equal-mass bins)", summary.get("ece_equal_mass")),
+        ("MCE", summary.get("mce")),
+        ("classwise ECE", summary.get("classwise_ece")),
+        ("ECE of the positive class", summary.get("ece_positive")),
+        ("rows with log p clamped at -100", summary.get("clamped_rows")),
+    ]
+    overview = "\n".join(
+        f"<tr><td>{html.escape(label)}</td><td>{_cell(value)}</td></tr>"
+        for label, value in figures_rows
+        if value is not None or label == "accuracy"
+    )
+    per_class = "\n".join(
+        "<tr>"
+        f"<td>{html.escape(str(r['class']))}</td><td>{_cell(r['count'])}</td>"
+        f"<td>{_cell(r['cross_entropy_nats'])}</td><td>{_cell(r['cross_entropy_bits'])}</td>"
+        f"<td>{_cell(r['recall'])}</td><td>{_cell(r['precision'])}</td>"
+        "</tr>"
+        for r in summary["per_class"]
+    )
+    document = f"""<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="note">{html.escape(str(summary.get("file", "")))}</p>
+<h2>Figures</h2>
+<table>
+{overview}
+</table>
+<h2>Calibration</h2>
+{figures}
+<h2>Per class</h2>
+<table>
+<tr><th>class</th><th>rows</th><th>cross-entropy (nats)</th><th>cross-entropy (bits)</th>
+<th>recall</th><th>precision</th></tr>
+{per_class}
+</table>
+<p class="note">Made by crossent. The images are embedded in this file; the PNG files
+beside it hold the same figures.</p>
+</body>
+</html>
+"""
+    path = directory / "index.html"
+    path.write_text(document, encoding="utf-8")
+    return path
