@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FIGURES", "write_report"]
+__all__ = ["FIGURES", "summarize", "write_report"]
 
 #: file name -> caption of every figure the report writes
 FIGURES = {
@@ -27,6 +27,58 @@ FIGURES = {
     "confidence.png": "Histogram of top-label confidence",
     "per_class.png": "Cross-entropy per true class (bits)",
 }
+
+
+def summarize(
+    metric: Any,
+    *,
+    classes: list[str],
+    input_kind: str,
+    bins: int,
+    base: str = "e",
+    file: str | None = None,
+    format: str | None = None,
+    ignored_columns: list[str] | None = None,
+) -> dict[str, Any]:
+    """The figures of a :class:`~crossent.metrics.ClassificationMetrics` as one flat dict.
+
+    This is the JSON ``crossent eval`` prints and the input of :func:`write_report`:
+    plain numbers, the log loss in nats, in bits and in `base` (``"e"``, ``"2"``
+    or ``"10"``), and ``per_class`` entries named by `classes`.
+    """
+    result = metric.compute()
+    per_class = []
+    for entry, name in zip(result.pop("per_class"), classes, strict=True):
+        nats = entry["cross_entropy"]
+        per_class.append(
+            {
+                "class": name,
+                "index": entry["index"],
+                "count": entry["count"],
+                "cross_entropy_nats": nats,
+                "cross_entropy_bits": nats / math.log(2),
+                "recall": entry["recall"],
+                "precision": entry["precision"],
+            }
+        )
+    result.pop("classes")
+    result.pop("log_loss")
+    divisor = {"e": 1.0, "2": math.log(2), "10": math.log(10)}[base]
+    summary: dict[str, Any] = {
+        "file": file,
+        "format": format,
+        "input": input_kind,
+        "bins": bins,
+        "classes": list(classes),
+        "ignored_columns": list(ignored_columns or []),
+    }
+    for key, value in result.items():
+        summary[key] = value
+        if key == "log_loss_bits":
+            summary["base"] = base
+            summary["log_loss"] = result["log_loss_nats"] / divisor
+    summary["per_class"] = per_class
+    return summary
 
 
 def _figure(width: float = 5.2, height: float = 4.0) -> Any:
@@ -78,9 +130,19 @@ def _reliability_png(reliability: dict[str, np.ndarray], summary: dict[str, Any]
         [0, 1], [0, 1], linestyle="--", color="#333333", linewidth=1, label="perfect calibration"
     )
     ax.plot(conf[seen], acc[seen], "o", color="#1f1f1f", markersize=3, label="bin mean confidence")
+    for x, n in zip(centers[seen], count[seen], strict=True):
+        ax.annotate(
+            f"{n:,}",
+            (x, 0.015),
+            ha="center",
+            va="bottom",
+            fontsize=6,
+            color="#222222",
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.8, "lw": 0},
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (top-label probability)")
+    ax.set_xlabel("confidence (top-label probability); boxed: predictions per bin")
     ax.set_ylabel("accuracy")
     ece = summary.get("ece")
     ax.set_title(

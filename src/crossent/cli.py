@@ -428,6 +428,7 @@ def evaluate(
     label_column: str = "label",
     input_kind: str = "probs",
     bins: int = 15,
+    base: str = "e",
     labels: str = "auto",
     batch_size: int = 65536,
     progress: bool = False,
@@ -476,7 +477,8 @@ def evaluate(
     if offset == 0:
         msg = f"{path}: has no rows."
         raise CLIError(msg)
-    return _summary(metric, table, columns, input_kind=input_kind, bins=bins), metric
+    summary = _summary(metric, table, columns, input_kind=input_kind, bins=bins, base=base)
+    return summary, metric
 
 
 def _read_batches(table: _Table) -> Iterator[Any]:
@@ -507,48 +509,20 @@ def _finite(value: Any) -> Any:
 
 
 def _summary(
-    metric: Any, table: _Table, columns: _Columns, *, input_kind: str, bins: int
+    metric: Any, table: _Table, columns: _Columns, *, input_kind: str, bins: int, base: str
 ) -> dict[str, Any]:
-    result = metric.compute()
-    per_class = []
-    for entry, name in zip(result.pop("per_class"), columns.classes, strict=True):
-        nats = entry["cross_entropy"]
-        per_class.append(
-            {
-                "class": name,
-                "index": entry["index"],
-                "count": entry["count"],
-                "cross_entropy_nats": nats,
-                "cross_entropy_bits": nats / math.log(2),
-                "recall": entry["recall"],
-                "precision": entry["precision"],
-            }
-        )
-    result.pop("log_loss")
-    result.pop("classes")
-    summary = {
-        "file": str(table.path),
-        "format": table.format,
-        "input": input_kind,
-        "bins": bins,
-        "classes": list(columns.classes),
-        "ignored_columns": list(columns.ignored),
-        **result,
-        "per_class": per_class,
-    }
-    return summary
+    from crossent._report import summarize
 
-
-def _with_base(summary: dict[str, Any], base: str) -> dict[str, Any]:
-    """`summary` with ``base`` and ``log_loss`` (in that base) after the nats and bits."""
-    divisor = 1.0 if BASES[base] is None else math.log(BASES[base] or math.e)
-    out: dict[str, Any] = {}
-    for key, value in summary.items():
-        out[key] = value
-        if key == "log_loss_bits":
-            out["base"] = base
-            out["log_loss"] = summary["log_loss_nats"] / divisor
-    return out
+    return summarize(
+        metric,
+        classes=columns.classes,
+        file=str(table.path),
+        format=table.format,
+        input_kind=input_kind,
+        bins=bins,
+        base=base,
+        ignored_columns=columns.ignored,
+    )
 
 
 def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
@@ -632,11 +606,11 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
         label_column=args.label_column,
         input_kind=args.input,
         bins=args.bins,
+        base=args.base,
         labels=args.labels,
         batch_size=args.batch_size,
         progress=progress,
     )
-    summary = _with_base(summary, args.base)
     if args.report is not None:
         from crossent._report import write_report
 
