@@ -97,7 +97,9 @@ def _open_csv(path: Path, batch_size: int, label_column: str) -> _Table:
         for f in schema
         if f.name == label_column or _is_numeric(pa, f.type)
     }
-    convert = pcsv.ConvertOptions(column_types=column_types)
+    # "nan" and "inf" are numbers (reported as such); empty cells and NA are missing values
+    nulls = ["", "NA", "N/A", "NULL", "null", "None"]
+    convert = pcsv.ConvertOptions(column_types=column_types, null_values=nulls)
 
     def batches() -> Iterator[Any]:
         reader = pcsv.open_csv(

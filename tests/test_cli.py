@@ -1,0 +1,399 @@
+"""The `crossent` command line end to end: every file format, JSON schema, exit codes, report."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from crossent.cli import main
+from tests._reference import metrics as ref
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+pytest.importorskip("matplotlib")
+
+NAMES = ["cat", "dog", "bird"]
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    z = rng.normal(scale=2.0, size=(40, 3))
+    log_p = z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))
+    return {"logits": z, "log_probs": log_p, "probs": np.exp(log_p), "y": rng.integers(0, 3, 40)}
+
+
+def run(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    status = main(list(args), out=out)
+    return status, out.getvalue()
+
+
+def run_json(*args: str) -> dict[str, Any]:
+    status, text = run(*args, "--format", "json")
+    assert status == 0, text
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+    lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def csv_rows(data: dict[str, np.ndarray], kind: str = "probs") -> list[list[Any]]:
+    return [
+        [NAMES[t], *(f"{v:.17g}" for v in row)]
+        for row, t in zip(data[kind], data["y"], strict=True)
+    ]
+
+
+# ------------------------------------------------------------------ every format
+
+
+def _write_every_format(tmp: Path, data: dict[str, np.ndarray]) -> dict[str, Path]:
+    p, y = data["probs"], data["y"]
+    files = {
+        "csv": write_csv(
+            tmp / "p.csv",
+            ["id", "label", *NAMES],
+            [[f"r{i}", *r] for i, r in enumerate(csv_rows(data))],
+        )
+    }
+    table = pa.table({"label": pa.array(y), **{n: pa.array(p[:, k]) for k, n in enumerate(NAMES)}})
+    pq.write_table(table, tmp / "p.parquet")
+    files["parquet"] = tmp / "p.parquet"
+    with open(tmp / "p.jsonl", "w") as f:  # a list column, integer labels
+        for row, t in zip(p, y, strict=True):
+            f.write(json.dumps({"label": int(t), "probs": row.tolist()}) + "\n")
+    files["jsonl"] = tmp / "p.jsonl"
+    structured = np.zeros(len(y), dtype=[("label", "i8")] + [(n, "f8") for n in NAMES])
+    structured["label"] = y
+    for k, n in enumerate(NAMES):
+        structured[n] = p[:, k]
+    np.save(tmp / "p.npy", structured)
+    files["npy"] = tmp / "p.npy"
+    np.savez(tmp / "p.npz", label=y, probs=p)
+    files["npz"] = tmp / "p.npz"
+    (tmp / "p.tsv").write_text(files["csv"].read_text().replace(",", "\t"))
+    files["tsv"] = tmp / "p.tsv"
+    return files
+
+
+SCHEMA = {
+    "file": str,
+    "format": str,
+    "input": str,
+    "bins": int,
+    "base": str,
+    "classes": list,
+    "ignored_columns": list,
+    "rows": int,
+    "log_loss_nats": float,
+    "log_loss_bits": float,
+    "log_loss": float,
+    "perplexity": float,
+    "accuracy": float,
+    "brier": float,
+    "ece": float,
+    "mce": float,
+    "ece_equal_mass": float,
+    "classwise_ece": float,
+    "ece_positive": (float, type(None)),
+    "clamped_rows": int,
+    "per_class": list,
+}
+PER_CLASS_SCHEMA = {
+    "class": str,
+    "index": int,
+    "count": int,
+    "cross_entropy_nats": float,
+    "cross_entropy_bits": float,
+    "recall": float,
+    "precision": float,
+}
+
+
+def test_every_format_gives_the_reference_figures(
+    tmp_path: Path, data: dict[str, np.ndarray]
+) -> None:
+    want_nats = ref.log_loss(data["probs"], data["y"], "probs")
+    for fmt, path in _write_every_format(tmp_path, data).items():
+        out = run_json("eval", str(path), "--base", "2")
+        assert set(out) == set(SCHEMA), fmt
+        for key, kind in SCHEMA.items():
+            assert isinstance(out[key], kind), (fmt, key, out[key])
+        for entry in out["per_class"]:
+            assert set(entry) == set(PER_CLASS_SCHEMA)
+            for key, kind in PER_CLASS_SCHEMA.items():
+                assert isinstance(entry[key], kind), (fmt, key)
+        assert out["format"] == ("csv" if fmt == "tsv" else fmt)
+        assert out["rows"] == 40
+        assert out["classes"] == (["0", "1", "2"] if fmt in ("jsonl", "npz") else NAMES), fmt
+        assert out["log_loss_nats"] == pytest.approx(want_nats, rel=1e-12), fmt
+        assert out["log_loss_bits"] == pytest.approx(want_nats / math.log(2), rel=1e-12)
+        assert out["log_loss"] == out["log_loss_bits"]
+        assert out["accuracy"] == ref.accuracy(data["probs"], data["y"])
+        assert out["brier"] == pytest.approx(ref.brier(data["probs"], data["y"], "probs"))
+        assert out["ece"] == pytest.approx(ref.ece(data["probs"], data["y"], "probs", n_bins=15))
+        assert [c["count"] for c in out["per_class"]] == np.bincount(
+            data["y"], minlength=3
+        ).tolist()
+    assert run_json("eval", str(tmp_path / "p.csv"))["ignored_columns"] == ["id"]
+
+
+@pytest.mark.parametrize("kind", ["logits", "log_probs"])
+def test_input_kinds_and_bases(tmp_path: Path, data: dict[str, np.ndarray], kind: str) -> None:
+    path = write_csv(tmp_path / "z.csv", ["label", *NAMES], csv_rows(data, kind))
+    out = run_json("eval", str(path), "--input", kind, "--base", "10", "--bins", "5")
+    nats = ref.log_loss(data[kind], data["y"], kind)
+    assert out["log_loss_nats"] == pytest.approx(nats, rel=1e-12)
+    assert out["log_loss"] == pytest.approx(nats / math.log(10), rel=1e-12)
+    assert out["ece"] == pytest.approx(ref.ece(data[kind], data["y"], kind, n_bins=5))
+    assert out["bins"] == 5
+
+
+def test_text_output(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
+    path = write_csv(tmp_path / "p.csv", ["label", *NAMES], csv_rows(data))
+    status, text = run("eval", str(path))
+    assert status == 0
+    nats = ref.log_loss(data["probs"], data["y"], "probs")
+    assert f"{nats:.4f} nats" in text
+    assert f"{nats / math.log(2):.4f} bits" in text
+    assert "40 rows, 3 classes (cat, dog, bird)" in text
+    assert re.search(r"^\s+bird\s+\d+", text, flags=re.M)
+
+
+def test_label_forms(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
+    p, y = data["probs"], data["y"]
+    want = ref.log_loss(p, y, "probs")
+    # integer indices with named columns
+    rows = [[int(t), *row] for row, t in zip(p, y, strict=True)]
+    path = write_csv(tmp_path / "idx.csv", ["label", *NAMES], rows)
+    assert run_json("eval", str(path))["log_loss_nats"] == pytest.approx(want)
+    # float labels that are integers (1.0)
+    path = write_csv(tmp_path / "f.csv", ["label", *NAMES], [[float(r[0]), *r[1:]] for r in rows])
+    assert run_json("eval", str(path))["log_loss_nats"] == pytest.approx(want)
+    # columns named by integers are class names: labels 3, 5, 7
+    codes = ["3", "5", "7"]
+    rows = [[codes[t], *row] for row, t in zip(p, y, strict=True)]
+    path = write_csv(tmp_path / "codes.csv", ["label", *codes], rows)
+    assert run_json("eval", str(path))["log_loss_nats"] == pytest.approx(want)
+    # ... where label 0 is then not a class
+    rows[5][0] = "0"
+    status, _ = run("eval", str(write_csv(path, ["label", *codes], rows)))
+    assert status == 2
+    # --labels index forces indices
+    rows = [[int(t), *row] for row, t in zip(p, y, strict=True)]
+    path = write_csv(tmp_path / "forced.csv", ["label", *codes], rows)
+    assert run_json("eval", str(path), "--labels", "index")["log_loss_nats"] == pytest.approx(want)
+
+
+def test_custom_label_column_and_streaming_batches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(5000, 3))
+    y = rng.integers(0, 3, 5000)
+    rows = [[*(f"{v:.17g}" for v in row), int(t)] for row, t in zip(z, y, strict=True)]
+    path = write_csv(tmp_path / "big.csv", [*NAMES, "truth"], rows)
+    one = run_json("eval", str(path), "--input", "logits", "--label-column", "truth")
+    many = run_json(
+        "eval", str(path), "--input", "logits", "--label-column", "truth", "--batch-size", "97"
+    )
+    assert one["rows"] == many["rows"] == 5000
+    assert many["log_loss_nats"] == pytest.approx(ref.log_loss(z, y, "logits"), rel=1e-12)
+    for key in ("log_loss_nats", "accuracy", "brier", "ece", "ece_equal_mass", "classwise_ece"):
+        assert many[key] == pytest.approx(one[key], rel=1e-12), key
+    # a bad row deep inside a later block is named by its row and line in the file
+    from crossent.cli import open_table
+
+    table = open_table(path, batch_size=97, label_column="truth")
+    assert len(list(table.batches())) > 3  # the file is read in several blocks
+    rows[4320][0] = "nan"
+    write_csv(path, [*NAMES, "truth"], rows)
+    err = _error(capsys, "eval", str(path), "--input", "logits", "--label-column", "truth")
+    assert "row 4321 (line 4322) holds NaN" in err
+
+
+# ------------------------------------------------------------------ malformed files
+
+
+def _error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    status, out = run(*args)
+    err = capsys.readouterr().err
+    assert status == 2, out
+    assert err.startswith("crossent eval: error: ")
+    return err
+
+
+def test_malformed_files_exit_2_naming_the_problem(
+    tmp_path: Path, data: dict[str, np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = csv_rows(data)
+    good = ["label", *NAMES]
+
+    path = write_csv(tmp_path / "nolabel.csv", ["truth", *NAMES], rows)
+    err = _error(capsys, "eval", str(path))
+    assert "no label column 'label'" in err
+    assert "truth, cat, dog, bird" in err
+    assert "--label-column" in err
+
+    bad = [list(r) for r in rows]
+    bad[2][1:] = ["0.7", "0.7", "0.1"]
+    err = _error(capsys, "eval", str(write_csv(tmp_path / "sum.csv", good, bad)))
+    assert "row 3 (line 4) sums to 1.5, not 1" in err
+    assert "--input logits" in err
+
+    bad = [list(r) for r in rows]
+    bad[6][0] = "fish"
+    err = _error(capsys, "eval", str(write_csv(tmp_path / "fish.csv", good, bad)))
+    assert "row 7 (line 8) has label 'fish'" in err
+    assert "cat, dog, bird" in err
+
+    bad = [list(r) for r in rows]
+    bad[3][0] = "7"
+    err = _error(capsys, "eval", str(write_csv(tmp_path / "range.csv", good, bad)))
+    assert "row 4 (line 5) has label '7'" in err
+    assert "[0, 3)" in err
+
+    bad = [list(r) for r in rows]
+    bad[9][2] = "nan"
+    err = _error(capsys, "eval", str(write_csv(tmp_path / "nan.csv", good, bad)))
+    assert "row 10 (line 11) holds NaN" in err
+
+    bad = [list(r) for r in rows]
+    bad[11][3] = ""
+    err = _error(capsys, "eval", str(write_csv(tmp_path / "empty.csv", good, bad)))
+    assert "row 12 (line 13) has no value in column 'bird'" in err
+
+    bad = [list(r) for r in rows]
+    bad[12][1] = "-0.5"
+    err = _error(capsys, "eval", str(write_csv(tmp_path / "neg.csv", good, bad)))
+    assert "row 13 (line 14) has a value -0.5 outside [0, 1]" in err
+
+    with open(tmp_path / "ragged.jsonl", "w") as f:
+        f.write(json.dumps({"label": 0, "p": [0.5, 0.5]}) + "\n")
+        f.write(json.dumps({"label": 1, "p": [0.2, 0.3, 0.5]}) + "\n")
+    err = _error(capsys, "eval", str(tmp_path / "ragged.jsonl"))
+    assert "row 2 has 3 predictions" in err
+
+    err = _error(capsys, "eval", str(write_csv(tmp_path / "one.csv", ["label", "cat"], [[0, 1.0]])))
+    assert "only one class column" in err
+
+    err = _error(
+        capsys, "eval", str(write_csv(tmp_path / "text.csv", ["label", "note"], [[0, "x"]]))
+    )
+    assert "no prediction columns" in err
+
+    np.save(tmp_path / "plain.npy", data["probs"])
+    assert "structured array" in _error(capsys, "eval", str(tmp_path / "plain.npy"))
+
+    (tmp_path / "p.xlsx").write_text("x")
+    assert "unknown file type '.xlsx'" in _error(capsys, "eval", str(tmp_path / "p.xlsx"))
+    assert "no such file" in _error(capsys, "eval", str(tmp_path / "missing.csv"))
+    path = write_csv(tmp_path / "ok.csv", good, rows)
+    assert "--bins must be at least 1" in _error(capsys, "eval", str(path), "--bins", "0")
+
+
+def test_bad_arguments_exit_2(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "x.csv", "--input", "probabilities"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+
+
+def test_the_installed_command_and_its_exit_status(
+    tmp_path: Path, data: dict[str, np.ndarray]
+) -> None:
+    bad = [list(r) for r in csv_rows(data)]
+    bad[2][1:] = ["0.7", "0.7", "0.1"]
+    path = write_csv(tmp_path / "sum.csv", ["label", *NAMES], bad)
+    done = subprocess.run(
+        [sys.executable, "-m", "crossent", "eval", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "row 3" in done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("command", [[], ["eval"], ["demo"], ["bench"]])
+def test_help_on_each_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: crossent")
+    assert len(text) > 200
+
+
+# ------------------------------------------------------------------ report
+
+
+def test_report_files_exist_and_the_html_references_its_images(
+    tmp_path: Path, data: dict[str, np.ndarray]
+) -> None:
+    path = write_csv(tmp_path / "p.csv", ["label", *NAMES], csv_rows(data))
+    report = tmp_path / "report"
+    out = run_json("eval", str(path), "--report", str(report))
+    assert out["report"] == str(report / "index.html")
+    html = (report / "index.html").read_text()
+    for name in ("reliability.png", "confidence.png", "per_class.png"):
+        png = (report / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n"), name
+        assert len(png) > 5000, name
+        assert f'href="{name}"' in html, name  # the caption links the PNG file beside the HTML
+        embedded = base64.b64encode(png).decode("ascii")
+        assert f'src="data:image/png;base64,{embedded}"' in html, name  # and embeds the same bytes
+    for c in NAMES:
+        assert f"<td>{c}</td>" in html
+    assert f"{ref.log_loss(data['probs'], data['y'], 'probs'):.4f}" in html
+    assert "<script" not in html
+    assert re.findall(r'src="(?!data:)', html) == []  # nothing outside the file is needed
+
+
+# ------------------------------------------------------------------ bench
+
+
+def test_bench_runs_scripts_with_quick(tmp_path: Path) -> None:
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    (folder / "bench_a.py").write_text("import sys\nprint('| size | ms |', sys.argv[1:])\n")
+    (folder / "_helpers.py").write_text("raise SystemExit(3)\n")
+    status, out = run("bench", "--dir", str(folder), "--quick")
+    assert status == 0
+    assert "== bench_a.py (quick)" in out
+    assert "| size | ms | ['--quick']" in out
+    assert "_helpers" not in out
+    (folder / "bench_b.py").write_text("import sys\nprint('partial')\nsys.exit(1)\n")
+    status, out = run("bench", "--dir", str(folder))
+    assert status == 1
+    assert "bench_b.py exited with status 1" in out
+    status, out = run("bench", "--dir", str(folder), "--only", "bench_a")
+    assert status == 0
+    assert "bench_b" not in out
+
+
+def test_bench_without_the_benchmarks_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _ = run("bench", "--dir", str(tmp_path / "nowhere"))
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "no benchmarks folder" in err
+    assert "source" in err
