@@ -793,7 +793,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, *, out: IO[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 success, 2 bad input)."""
+    """Run the ``crossent`` command line; returns the exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after ``crossent`` (``sys.argv[1:]`` when None).
+    out : file, optional
+        Where results go (standard output when None); errors go to stderr.
+
+    Returns
+    -------
+    int
+        0 on success, 1 when a benchmark script failed, 2 on a malformed file
+        or bad arguments (argparse exits with 2 itself for unknown options).
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> import numpy as np
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "predictions.npz"
+    >>> np.savez(path, label=np.array([0, 1]), probs=np.array([[0.5, 0.5], [0.25, 0.75]]))
+    >>> main(["eval", str(path), "--format", "json"])  # doctest: +ELLIPSIS
+    {
+      "file": ...,
+      "rows": 2,
+      "log_loss_nats": 0.490...,
+      "log_loss_bits": 0.707...,
+    ...
+    0
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     stream = sys.stdout if out is None else out

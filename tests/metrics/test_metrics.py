@@ -326,6 +326,9 @@ def test_reset_and_empty_metrics_give_nan() -> None:
     assert metric.compute() == pytest.approx(math.log(2))
     assert math.isnan(metric.reset().compute())
     assert math.isnan(CalibrationError(input_kind="probs").compute())
+    assert math.isnan(Perplexity(input_kind="probs").compute())
+    huge = np.array([[0.0, 800.0]])  # exp(800) overflows: perplexity is inf, not an error
+    assert Perplexity(input_kind="logits").update(huge, np.array([0])).compute() == math.inf
 
 
 def test_sync_without_distributed_is_a_copy() -> None:
@@ -378,7 +381,7 @@ def test_nan_propagates() -> None:
     z = np.array([[np.nan, 0.0], [1.0, 0.0]])
     y = np.array([0, 1])
     r = ClassificationMetrics(input_kind="logits").update(z, y).compute()
-    for key in ("log_loss_nats", "accuracy", "brier", "ece", "classwise_ece"):
+    for key in ("log_loss_nats", "perplexity", "accuracy", "brier", "ece", "classwise_ece"):
         assert math.isnan(r[key]), key
 
 

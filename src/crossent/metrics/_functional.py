@@ -348,7 +348,9 @@ def _log_loss_compute(state: State, *, base: float | None = None) -> float:
 def _perplexity_compute(state: State) -> float:
     """exp of the mean negative log-likelihood in nats."""
     mean = _log_loss_compute(state)
-    return math.exp(mean) if mean < 709.78 else math.inf
+    if math.isnan(mean):
+        return math.nan
+    return math.exp(mean) if mean < 709.78 else math.inf  # exp overflows float64 beyond
 
 
 # ---------------------------------------------------------------- accuracy / Brier
