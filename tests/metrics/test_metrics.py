@@ -244,6 +244,17 @@ def test_class_axis_and_sequence_shapes() -> None:
     )
 
 
+def test_ignored_rows_are_not_checked_and_bad_rows_keep_their_index() -> None:
+    p = np.array([[0.5, 0.5], [0.0, 0.0], [0.9, 0.9], [0.2, 0.8]])
+    y = np.array([0, -1, 1, 1])
+    with pytest.raises(BadRowError, match="row 2 ") as info:
+        CrossEntropy(input_kind="probs", ignore_index=-1).update(p, y)
+    assert info.value.row == 2
+    ok = CrossEntropy(input_kind="probs", ignore_index=-1).update(p[[0, 1, 3]], y[[0, 1, 3]])
+    assert ok.count == 2
+    assert ok.compute() == pytest.approx((math.log(2) - math.log(0.8)) / 2)
+
+
 def test_ignore_index_skips_rows() -> None:
     d = _data(n=40, c=3, seed=16)
     y = d["y"].copy()

@@ -225,11 +225,20 @@ def _row_stats(
     num_classes = x.shape[-1]
     labels = to_numpy(y, dtype=np.int64)
     _check_labels(labels, num_classes, ignore_index=ignore_index)
-    _check_distributions(x, input_kind=input_kind, xp=xp)
+    kept = None
     if ignore_index is not None and np.any(labels == ignore_index):
+        # drop ignored rows first: padding rows may hold anything, they are never checked
         kept = np.flatnonzero(labels != ignore_index)
         rows = xp.asarray(kept, device=device(x))
         x, y, labels = xp.take(x, rows, axis=0), xp.take(y, rows, axis=0), labels[kept]
+    try:
+        _check_distributions(x, input_kind=input_kind, xp=xp)
+    except BadRowError as exc:
+        if kept is None:
+            raise
+        row = int(kept[exc.row])  # the row's index in the caller's batch
+        msg = str(exc).replace(f"row {exc.row} ", f"row {row} ", 1)
+        raise BadRowError(msg, row=row, reason=exc.reason) from None
     dtype = compute_dtype(x.dtype, xp=xp)
     x = xp.astype(x, dtype) if x.dtype != dtype else x
     y_safe = xp.astype(y, xp.int64) if y.dtype != xp.int64 else y
