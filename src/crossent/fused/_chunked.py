@@ -1,0 +1,472 @@
+r"""Pure-PyTorch chunked linear cross-entropy: the CPU path, the fallback, and the shared core.
+
+:func:`_chunked_linear_ce` walks the counted (non-ignored) tokens in chunks. For
+each chunk it computes the logits into one preallocated buffer, reduces each row
+to a few statistics (running max, sum of exponentials, target logit, smoothing
+sum), turns the buffer into :math:`\partial L / \partial z` in place and feeds it
+to two matrix products that fill ``grad_hidden`` and accumulate ``grad_weight``.
+Only one chunk of logits is ever alive.
+
+The same loop serves the vocabulary-parallel loss (:mod:`crossent.distributed`):
+``weight`` may be a contiguous slice of the vocabulary, and two hooks combine the
+per-row statistics of all slices before the loss and the gradient are formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["_ChunkedResult", "_auto_chunk_size", "_chunked_linear_ce"]
+
+Hook = Callable[["torch.Tensor"], "torch.Tensor | None"]
+
+#: Budget for the per-chunk work buffers when ``chunk_size=None`` (bytes).
+CHUNK_BUDGET_BYTES = 256 * 2**20
+#: Smallest automatic chunk, so the matrix products stay efficient.
+MIN_AUTO_CHUNK = 16
+
+
+class _ChunkedResult(NamedTuple):
+    """What :func:`_chunked_linear_ce` returns.
+
+    loss
+        Compute dtype (float32 for float16/bfloat16 inputs, else the input dtype):
+        0-d for ``"mean"``/``"sum"``, shape ``(N,)`` for ``"none"`` (0 at ignored rows).
+    grad_hidden
+        ``(N, d)`` in ``hidden.dtype``, or None. On a vocabulary slice this is the
+        slice's contribution only; the caller sums it over ranks.
+    grad_weight
+        ``(V_local, d)``: float32 when ``weight`` is float16/bfloat16 (accumulated in
+        float32), else ``weight.dtype``; or None.
+    grad_bias
+        ``(V_local,)`` with the same dtype rule, or None.
+    lse
+        ``(N,)`` per-row log-sum-exp of the (soft-capped) logits over the whole
+        vocabulary, compute dtype; 0 at ignored rows.
+    """
+
+    loss: torch.Tensor
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+    lse: torch.Tensor
+
+
+def _apply_hook(hook: Hook | None, x: torch.Tensor) -> torch.Tensor:
+    """Run an all-reduce hook that works in place or returns its result."""
+    if hook is None:
+        return x
+    out = hook(x)
+    return x if out is None else out
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    import torch
+
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _auto_chunk_size(
+    n_rows: int, v_local: int, *, low_precision: bool, softcap: bool, budget: int | None = None
+) -> int:
+    """Rows per chunk so the chunk's work buffers fit in :data:`CHUNK_BUDGET_BYTES`.
+
+    The buffers are one float32 (or float64) ``(chunk, V_local)`` logits buffer,
+    a second one when `softcap` is set (for the tanh), and a half-size copy in
+    the input dtype for float16/bfloat16 matrix products. The chunk is at least
+    :data:`MIN_AUTO_CHUNK` rows and at most `n_rows`.
+    """
+    budget = CHUNK_BUDGET_BYTES if budget is None else budget
+    per_row = 4.0 * v_local * (1.0 + (1.0 if softcap else 0.0) + (0.5 if low_precision else 0.0))
+    rows = int(budget // max(per_row, 1.0))
+    return max(1, min(n_rows, max(rows, MIN_AUTO_CHUNK)))
+
+
+def _chunked_linear_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    class_weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    reduction: str,
+    chunk_size: int | None,
+    compute_grad: bool | tuple[bool, bool, bool],
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    reduce_max: Hook | None = None,
+    reduce_sum: Hook | None = None,
+    row_scale: torch.Tensor | None = None,
+    use_triton: bool | None = None,
+) -> _ChunkedResult:
+    r"""Chunked sparse cross-entropy of ``hidden @ weight.T + bias`` and its gradients.
+
+    Private core shared by :func:`crossent.fused.linear_cross_entropy` and the
+    vocabulary-parallel loss. Arguments are trusted (the public functions check
+    them); nothing the caller owns is written to.
+
+    Parameters
+    ----------
+    hidden : Tensor, shape (N, d)
+        Float16, bfloat16, float32 or float64.
+    weight : Tensor, shape (V_local, d)
+        Same dtype as `hidden`. Rows hold the global classes
+        ``[vocab_start, vocab_start + V_local)``.
+    target : Tensor of int, shape (N,)
+        GLOBAL class indices in ``[0, vocab_size)`` or `ignore_index`.
+    bias : Tensor, shape (V_local,), or None
+        The local slice of the bias, same dtype as `weight`.
+    class_weight : Tensor, shape (vocab_size,), or None
+        The GLOBAL per-class weight vector (every rank passes the whole vector;
+        the core slices ``[vocab_start, vocab_start + V_local)`` itself, and reads
+        ``class_weight[target]`` locally, so the mean's denominator needs no
+        communication).
+    ignore_index, label_smoothing, z_loss, softcap, reduction
+        As in :func:`crossent.fused.linear_cross_entropy`.
+    chunk_size : int or None
+        Counted rows per chunk; None picks one from a memory budget
+        (:func:`_auto_chunk_size`). With hooks, the automatic choice is made the
+        same on every rank (the smallest over ranks, through `reduce_max`).
+    compute_grad : bool or (bool, bool, bool)
+        Whether to compute the gradients of (hidden, weight, bias); one bool
+        applies to all three. False gives the loss with a single matrix product.
+    vocab_start : int
+        Global index of ``weight[0]``.
+    vocab_size : int or None
+        The GLOBAL number of classes C (label smoothing's ε/C and the smoothing
+        sum run over all C classes); None means ``V_local`` (single process).
+    reduce_max, reduce_sum : callable or None
+        All-reduce a small float tensor across the ranks that hold the other
+        vocabulary slices (max, sum), in place or by returning the result.
+        Called once each per chunk, in the same order on every rank; the tensors
+        have shape ``(n,)`` (max) and ``(n, 3)`` (sum) for a chunk of n rows, plus
+        one ``(1,)`` call to `reduce_max` up front when `chunk_size` is None.
+        None means a single process.
+    row_scale : Tensor, shape (N,), or None
+        Multiplies each row's gradient (the upstream gradient of
+        ``reduction="none"``, used by backward's recomputation). None means 1.
+    use_triton : bool or None
+        Use the Triton kernels for the row statistics and the in-place gradient;
+        None means "when the tensors are on CUDA and Triton imports".
+
+    Returns
+    -------
+    _ChunkedResult
+        ``(loss, grad_hidden, grad_weight, grad_bias, lse)``; see
+        :class:`_ChunkedResult` for shapes and dtypes. Gradients are those of the
+        returned loss (already divided by the mean's denominator, and multiplied
+        by `row_scale`), ready to be scaled by a scalar upstream gradient.
+
+    Notes
+    -----
+    For a counted row with logits :math:`z` (soft-capped, :math:`z = c\tanh(x/c)`),
+    target :math:`y`, class weights :math:`w` (ones when None),
+    :math:`W = \sum_k w_k`, smoothing :math:`\varepsilon` over :math:`C` classes
+    and :math:`\ell = \operatorname{lse}(z) = m + \log s`,
+    :math:`s = \sum_k e^{z_k - m}`:
+
+    .. math::
+
+        L = (1-\varepsilon) w_y (\log s + m - z_y)
+            + \tfrac{\varepsilon}{C}\Big(W \log s - \sum_k w_k (z_k - m)\Big)
+            + \zeta \ell^2
+
+    (every term a sum of non-negative parts: no cancellation), and
+
+    .. math::
+
+        \frac{\partial L}{\partial z_k} = a\,p_k - (1-\varepsilon) w_y [k = y]
+            - \tfrac{\varepsilon}{C} w_k,
+        \qquad a = (1-\varepsilon) w_y + \tfrac{\varepsilon}{C} W + 2\zeta\ell,
+
+    times :math:`1 - \tanh^2(x_k/c)` under a soft cap. ``"mean"`` divides by
+    :math:`D = \sum_i w_{y_i}` over counted rows (0 when :math:`D = 0`).
+
+    Across vocabulary slices each rank reduces its slice to
+    :math:`(m_r, s_r, S_r = \sum_{k\in r} w_k(z_k - m_r), z_y - m_r)`; with
+    :math:`m = \max_r m_r`, :math:`\delta_r = m_r - m \le 0`:
+    :math:`s = \sum_r s_r e^{\delta_r}`, :math:`S = \sum_r (S_r + W_r\delta_r)`
+    (both parts :math:`\le 0`) and the owner's :math:`z_y - m = (z_y - m_r) + \delta_r`.
+    """
+    import torch
+
+    n_total, d = hidden.shape
+    v_local = weight.shape[0]
+    n_classes = v_local if vocab_size is None else int(vocab_size)
+    if isinstance(compute_grad, bool):
+        want_h = want_w = want_b = compute_grad
+    else:
+        want_h, want_w, want_b = (bool(g) for g in compute_grad)
+    want_b = want_b and bias is not None
+    any_grad = want_h or want_w or want_b
+
+    device = hidden.device
+    in_dtype = hidden.dtype
+    cdt = _compute_dtype(in_dtype)
+    low_precision = cdt != in_dtype
+    eps = float(label_smoothing)
+    zeta = float(z_loss)
+    has_softcap = softcap is not None
+    distributed = reduce_max is not None or reduce_sum is not None
+
+    # Which rows count, and the mean's denominator (known before any chunk).
+    target = target.reshape(-1)
+    counted = target != ignore_index
+    rows_all = torch.nonzero(counted).reshape(-1)
+    n_counted = int(rows_all.numel())
+    compact = n_counted != n_total
+    y_all = target[rows_all].long()
+
+    if class_weight is not None:
+        cw_global = class_weight.to(cdt)
+        cw_local = cw_global[vocab_start : vocab_start + v_local]
+        w_sum = cw_global.sum()
+        wy_all = cw_global[y_all]
+        denom = wy_all.sum()
+    else:
+        cw_local = None
+        w_sum = torch.tensor(float(n_classes), dtype=cdt, device=device)
+        wy_all = None
+        denom = torch.tensor(float(n_counted), dtype=cdt, device=device)
+    if reduction == "mean":
+        inv_denom = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
+    else:
+        inv_denom = torch.ones((), dtype=cdt, device=device)
+
+    # Outputs and accumulators.
+    acc_dtype = torch.float32 if low_precision else weight.dtype
+    grad_h = None
+    if want_h:
+        grad_h = (torch.zeros if compact else torch.empty)(
+            (n_total, d), dtype=in_dtype, device=device
+        )
+    grad_w = torch.zeros((v_local, d), dtype=acc_dtype, device=device) if want_w else None
+    grad_b = torch.zeros((v_local,), dtype=acc_dtype, device=device) if want_b else None
+    loss_rows = torch.zeros((n_total,), dtype=cdt, device=device) if reduction == "none" else None
+    loss_total = torch.zeros((), dtype=cdt, device=device)
+    lse_rows = torch.zeros((n_total,), dtype=cdt, device=device)
+
+    if n_counted == 0:
+        return _ChunkedResult(
+            loss_rows if loss_rows is not None else loss_total, grad_h, grad_w, grad_b, lse_rows
+        )
+
+    if chunk_size is None:
+        chunk = _auto_chunk_size(
+            n_counted, v_local, low_precision=low_precision, softcap=has_softcap
+        )
+        if distributed:
+            agreed = torch.tensor([-float(chunk)], dtype=torch.float32, device=device)
+            chunk = int(-_apply_hook(reduce_max, agreed).item())
+    else:
+        chunk = max(1, min(int(chunk_size), n_counted))
+
+    triton_ops = _triton_ops(hidden, use_triton)
+
+    # Work buffers, allocated once.
+    buf_all = torch.empty((chunk, v_local), dtype=cdt, device=device)
+    tanh_all = (
+        torch.empty((chunk, v_local), dtype=cdt, device=device)
+        if has_softcap and triton_ops is None
+        else None
+    )
+    lp_all = torch.empty((chunk, v_local), dtype=in_dtype, device=device) if low_precision else None
+    w_t = weight.t()
+    # vocabulary block for the float32-accumulated weight gradient of low precision inputs
+    v_block = max(1, min(v_local, (chunk * v_local) // max(4 * d, 1))) if low_precision else 0
+
+    for start in range(0, n_counted, chunk):
+        stop = min(start + chunk, n_counted)
+        n = stop - start
+        rows = rows_all[start:stop]
+        y = y_all[start:stop]
+        h_c = hidden.index_select(0, rows) if compact else hidden[start:stop]
+        buf = buf_all[:n]
+        lp = lp_all[:n] if lp_all is not None else None
+
+        # logits -> buf (compute dtype)
+        if lp is not None:
+            if bias is not None:
+                torch.addmm(bias, h_c, w_t, out=lp)
+            else:
+                torch.mm(h_c, w_t, out=lp)
+            buf.copy_(lp)
+        elif bias is not None:
+            torch.addmm(bias, h_c, w_t, out=buf)
+        else:
+            torch.mm(h_c, w_t, out=buf)
+
+        y_loc = y - vocab_start
+        owned = (y_loc >= 0) & (y_loc < v_local)
+        y_loc = torch.where(owned, y_loc, 0)
+
+        # local row statistics relative to the local max
+        if triton_ops is not None:
+            m_loc, s_loc, sm_loc, d_loc = triton_ops.row_stats(
+                buf, y_loc, cw_local, softcap=softcap, smoothing=eps > 0
+            )
+        else:
+            tanh_buf = tanh_all[:n] if tanh_all is not None else None
+            m_loc, s_loc, sm_loc, d_loc = _row_stats_torch(
+                buf, tanh_buf, y_loc, cw_local, softcap=softcap, smoothing=eps > 0
+            )
+        d_loc = torch.where(owned, d_loc, 0.0)
+
+        # combine the slices (single process: nothing to do)
+        if distributed:
+            m = _apply_hook(reduce_max, m_loc.clone())
+            delta = m_loc - m
+            w_loc_sum = cw_local.sum() if cw_local is not None else float(v_local)
+            packed = torch.stack(
+                (
+                    s_loc * torch.exp(delta),
+                    sm_loc + w_loc_sum * delta,
+                    torch.where(owned, d_loc + delta, 0.0),
+                ),
+                dim=1,
+            )
+            packed = _apply_hook(reduce_sum, packed)
+            s, sm, d_y = packed[:, 0], packed[:, 1], packed[:, 2]
+        else:
+            m, delta, s, sm, d_y = m_loc, None, s_loc, sm_loc, d_loc
+
+        log_s = torch.log(s)
+        lse = m + log_s
+        lse_rows[rows] = lse
+        wy = wy_all[start:stop] if wy_all is not None else None
+        ce = log_s - d_y
+        loss = (1.0 - eps) * (ce * wy if wy is not None else ce)
+        if eps > 0:
+            loss = loss + (eps / n_classes) * (w_sum * log_s - sm)
+        if zeta > 0:
+            loss = loss + zeta * lse * lse
+        if loss_rows is not None:
+            loss_rows[rows] = loss
+        loss_total += loss.sum()
+
+        if not any_grad:
+            continue
+
+        # d loss / d z, in place in buf
+        r = inv_denom.expand(n)
+        if row_scale is not None:
+            r = r * row_scale[rows].to(cdt)
+        b = (1.0 - eps) * (wy if wy is not None else torch.ones_like(lse))
+        a = b + (eps / n_classes) * w_sum
+        if zeta > 0:
+            a = a + 2.0 * zeta * lse
+        if triton_ops is not None:
+            triton_ops.logits_grad_(
+                buf,
+                y_loc,
+                owned,
+                cw_local,
+                lse,
+                r * a,
+                r * b,
+                r * (eps / n_classes),
+                softcap=softcap,
+            )
+        else:
+            coef = r * a / s
+            if delta is not None:
+                coef = coef * torch.exp(delta)
+            buf.mul_(coef[:, None])
+            idx = torch.arange(n, device=device)
+            buf.index_put_((idx, y_loc), -(r * b * owned), accumulate=True)
+            if eps > 0:
+                if cw_local is not None:
+                    buf.addr_(r, cw_local, alpha=-(eps / n_classes))
+                else:
+                    buf.sub_((r * (eps / n_classes))[:, None])
+            if tanh_all is not None:
+                t = tanh_all[:n]
+                t.square_().neg_().add_(1.0)
+                buf.mul_(t)
+
+        if grad_b is not None:
+            grad_b += buf.sum(0).to(acc_dtype)
+        g = buf
+        if lp is not None:
+            lp.copy_(buf)
+            g = lp
+        if grad_h is not None:
+            if compact:
+                grad_h.index_copy_(0, rows, torch.mm(g, weight))
+            else:
+                torch.mm(g, weight, out=grad_h[start:stop])
+        if grad_w is not None:
+            if lp is None:
+                grad_w.addmm_(g.t(), h_c)
+            else:
+                for v0 in range(0, v_local, v_block):
+                    v1 = min(v0 + v_block, v_local)
+                    grad_w[v0:v1] += torch.mm(g[:, v0:v1].t(), h_c)
+
+    if loss_rows is not None:
+        loss_out = loss_rows
+    else:
+        loss_out = loss_total * inv_denom if reduction == "mean" else loss_total
+    return _ChunkedResult(loss_out, grad_h, grad_w, grad_b, lse_rows)
+
+
+def _row_stats_torch(
+    buf: torch.Tensor,
+    tanh_buf: torch.Tensor | None,
+    y_loc: torch.Tensor,
+    cw_local: torch.Tensor | None,
+    *,
+    softcap: float | None,
+    smoothing: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local row statistics; leaves ``exp(z - m_loc)`` in `buf` (and tanh(x/c) in `tanh_buf`).
+
+    Returns ``(m_loc, s_loc, S_loc, z_y - m_loc)`` with
+    ``s_loc = Σ_k exp(z_k - m_loc)`` and ``S_loc = Σ_k w_k (z_k - m_loc)`` (0 when
+    not `smoothing`); ``z_y - m_loc`` is read at `y_loc` whether or not the row's
+    target lies in this slice (the caller masks it).
+    """
+    import torch
+
+    if softcap is not None and tanh_buf is not None:
+        buf.div_(softcap).tanh_()
+        tanh_buf.copy_(buf)
+        buf.mul_(softcap)
+    m_loc = buf.amax(dim=1)
+    buf.sub_(m_loc[:, None])
+    d_loc = buf.gather(1, y_loc[:, None]).squeeze(1)
+    if smoothing:
+        sm_loc = torch.mv(buf, cw_local) if cw_local is not None else buf.sum(dim=1)
+    else:
+        sm_loc = torch.zeros_like(m_loc)
+    buf.exp_()
+    s_loc = buf.sum(dim=1)
+    return m_loc, s_loc, sm_loc, d_loc
+
+
+def _triton_ops(hidden: torch.Tensor, use_triton: bool | None) -> Any:
+    """The Triton row-statistics / gradient ops, or None for the pure-PyTorch path."""
+    if use_triton is False:
+        return None
+    if use_triton is None and hidden.device.type != "cuda":
+        return None
+    try:
+        import crossent.fused._launch as _launch
+    except ImportError:  # pragma: no cover - triton missing
+        if use_triton:
+            raise
+        return None
+    if not _launch.triton_available():
+        if use_triton:
+            msg = "`use_triton=True` but Triton cannot be imported; install crossent[triton]."
+            raise ImportError(msg)
+        return None
+    return _launch

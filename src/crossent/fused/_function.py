@@ -1,0 +1,150 @@
+"""The autograd.Function of the fused linear cross-entropy.
+
+``"mean"`` and ``"sum"``: forward runs the three matrix products of the chunk
+loop once and keeps the gradients; backward only scales them by the incoming
+scalar gradient (in place, in tensors this Function owns). ``"none"``: forward
+computes only the loss (one matrix product); backward recomputes the gradients
+with each row scaled by its incoming gradient. A second backward through the
+same graph (``retain_graph=True``) recomputes too, so it is always correct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from crossent.fused._chunked import _chunked_linear_ce
+
+__all__ = ["LinearCEOptions", "_LinearCrossEntropyFunction", "run_linear_ce"]
+
+
+@dataclass(frozen=True)
+class LinearCEOptions:
+    """Checked, hashable options of one call."""
+
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    reduction: str
+    chunk_size: int | None
+    use_triton: bool | None = None
+
+
+def _core(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    class_weight: torch.Tensor | None,
+    opts: LinearCEOptions,
+    *,
+    compute_grad: tuple[bool, bool, bool] | bool,
+    row_scale: torch.Tensor | None = None,
+) -> Any:
+    return _chunked_linear_ce(
+        hidden,
+        weight,
+        target,
+        bias=bias,
+        class_weight=class_weight,
+        ignore_index=opts.ignore_index,
+        label_smoothing=opts.label_smoothing,
+        z_loss=opts.z_loss,
+        softcap=opts.softcap,
+        reduction=opts.reduction,
+        chunk_size=opts.chunk_size,
+        compute_grad=compute_grad,
+        row_scale=row_scale,
+        use_triton=opts.use_triton,
+    )
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """loss = CE(hidden @ weight.T + bias, target); hidden is 2-d, target 1-d."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        class_weight: torch.Tensor | None,
+        opts: LinearCEOptions,
+    ) -> torch.Tensor:
+        needs = (
+            bool(ctx.needs_input_grad[0]),
+            bool(ctx.needs_input_grad[1]),
+            bias is not None and bool(ctx.needs_input_grad[2]),
+        )
+        eager = opts.reduction != "none"
+        res = _core(
+            hidden, weight, target, bias, class_weight, opts, compute_grad=needs if eager else False
+        )
+        ctx.opts = opts
+        ctx.needs = needs
+        ctx.grads = (res.grad_hidden, res.grad_weight, res.grad_bias) if eager else None
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight)
+        return res.loss.to(hidden.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        hidden, weight, bias, target, class_weight = ctx.saved_tensors
+        if ctx.grads is not None:
+            grad_h, grad_w, grad_b = ctx.grads
+            ctx.grads = None  # consumed: a second backward recomputes
+            scale = grad_loss.to(torch.float32 if grad_w is None else grad_w.dtype)
+            if grad_h is not None:
+                grad_h.mul_(scale.to(grad_h.dtype))
+            if grad_w is not None:
+                grad_w = grad_w.mul_(scale).to(weight.dtype)
+            if grad_b is not None:
+                grad_b = grad_b.mul_(scale.to(grad_b.dtype)).to(bias.dtype)
+        else:
+            row_scale = grad_loss.expand(target.shape[0]) if grad_loss.ndim == 0 else grad_loss
+            res = _core(
+                hidden,
+                weight,
+                target,
+                bias,
+                class_weight,
+                ctx.opts,
+                compute_grad=ctx.needs,
+                row_scale=row_scale,
+            )
+            grad_h = res.grad_hidden
+            grad_w = None if res.grad_weight is None else res.grad_weight.to(weight.dtype)
+            grad_b = None if res.grad_bias is None else res.grad_bias.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def run_linear_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    class_weight: torch.Tensor | None,
+    opts: LinearCEOptions,
+) -> torch.Tensor:
+    """The loss of 2-d `hidden` and 1-d `target`: through autograd when a gradient is needed.
+
+    Under ``torch.no_grad()`` or with no input requiring a gradient, only the
+    loss is computed (one matrix product per chunk, no gradient buffers).
+    """
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        with torch.no_grad():
+            res = _core(hidden, weight, target, bias, class_weight, opts, compute_grad=False)
+        loss: torch.Tensor = res.loss.to(hidden.dtype)
+        return loss
+    out: torch.Tensor = _LinearCrossEntropyFunction.apply(
+        hidden, weight, bias, target, class_weight, opts
+    )
+    return out
