@@ -83,15 +83,19 @@ def _broadcastable(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
     return all(s in (1, d) for s, d in zip(reversed(shape), reversed(to), strict=False))
 
 
+def _check_weight_type(w: object, *, name: str) -> None:
+    if w is not None and (isinstance(w, bool) or not (isinstance(w, int | float) or is_array(w))):
+        msg = f"`{name}` must be None, a number or an array; got {type(w).__name__}."
+        raise TypeError(msg)
+
+
 def _elementwise_weight(
     w: Array | float | None, *, name: str, input: Array, dtype: Any, xp: Any
 ) -> Array | None:
     """`weight` / `pos_weight`: None, a number or an array broadcastable to `input`."""
     if w is None:
         return None
-    if isinstance(w, bool) or not (isinstance(w, int | float) or is_array(w)):
-        msg = f"`{name}` must be None, a number or an array; got {type(w).__name__}."
-        raise TypeError(msg)
+    _check_weight_type(w, name=name)
     arr: Array = w if is_array(w) else xp.asarray(float(w), dtype=dtype, device=device(input))
     if not xp.isdtype(arr.dtype, ("real floating", "integral")):
         msg = f"`{name}` must have a real numeric dtype; got {arr.dtype}."
@@ -121,6 +125,8 @@ def _prepare(
     xp: Any,
 ) -> _Binary:
     """Check every argument once, for the loss and its closed-form gradient alike."""
+    _check_weight_type(weight, name="weight")
+    _check_weight_type(pos_weight, name="pos_weight")
     if xp is None:
         xp = array_namespace(input, target, weight, pos_weight)
     if not isinstance(from_logits, bool):
@@ -193,12 +199,20 @@ class _LogProbs:
         r""":math:`c_p\,\partial_u \log p + c_{\bar p}\,\partial_u \log(1-p)` for the input `u`.
 
         Logits: :math:`\partial_x\log\sigma(x) = \sigma(-x)` and
-        :math:`\partial_x\log\sigma(-x) = -\sigma(x)`, both from the logs
-        (no cancellation). Probabilities: :math:`1/p` and :math:`-1/(1-p)`,
-        zero where the clamp is on (the derivative of the clamped value).
+        :math:`\partial_x\log\sigma(-x) = -\sigma(x)`, from :math:`z = e^{-|x|}`
+        as :math:`1/(1+z)` and :math:`z/(1+z)`: no overflow, no cancellation, and
+        within two ulps (``exp(log σ)`` would lose :math:`|\log\sigma|` ulps).
+        Probabilities: :math:`1/p` and :math:`-1/(1-p)`, zero where the clamp is
+        on (the derivative of the clamped value).
         """
         if self.clamped_p is None or self.clamped_not_p is None:
-            return c_p * xp.exp(self.log_not_p) - c_not_p * xp.exp(self.log_p)
+            x = self.x
+            z = xp.exp(-xp.abs(x))
+            one = xp.ones_like(z)
+            nonneg = x >= 0
+            sig = xp.where(nonneg, one, z) / (1 + z)  # σ(x)
+            sig_neg = xp.where(nonneg, z, one) / (1 + z)  # σ(−x)
+            return c_p * sig_neg - c_not_p * sig
         x, cp, cn = self.x, self.clamped_p, self.clamped_not_p
         zero = xp.zeros_like(x)
         d_p = xp.where(cp, zero, c_p / xp.where(cp, xp.ones_like(x), x))
