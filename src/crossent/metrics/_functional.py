@@ -94,14 +94,14 @@ def _check_input_kind(input_kind: object) -> str:
     return str(input_kind)
 
 
-def _check_bins(bins: object) -> int:
-    if isinstance(bins, bool) or not isinstance(bins, int | np.integer):
-        msg = f"`bins` must be a positive int; got {type(bins).__name__}."
+def _check_positive_int(value: object, *, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        msg = f"`{name}` must be a positive int; got {type(value).__name__}."
         raise TypeError(msg)
-    if bins < 1:
-        msg = f"`bins` must be at least 1; got {bins}."
+    if value < 1:
+        msg = f"`{name}` must be at least 1; got {value}."
         raise ValueError(msg)
-    return int(bins)
+    return int(value)
 
 
 def _check_choice(value: object, choices: tuple[str, ...], *, name: str) -> str:

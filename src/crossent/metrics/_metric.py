@@ -108,7 +108,7 @@ class Metric:
     ``ValueError`` naming the first bad row of the batch.
     """
 
-    _parts: dict[str, _Part]
+    _parts: dict[str, _Part] = {}  # noqa: RUF012 - each subclass sets its own in __init__
 
     def __init__(
         self,
@@ -130,7 +130,7 @@ class Metric:
             raise TypeError(msg)
         self.ignore_index = ignore_index
         if num_classes is not None:
-            num_classes = F._check_bins(num_classes)
+            num_classes = F._check_positive_int(num_classes, name="num_classes")
         self.num_classes = num_classes
         self._states: dict[str, F.State] = {}
         if num_classes is not None:
@@ -530,7 +530,7 @@ class CalibrationError(Metric):
         ignore_index: int | None = None,
         num_classes: int | None = None,
     ) -> None:
-        self.bins = F._check_bins(bins)
+        self.bins = F._check_positive_int(bins, name="bins")
         self.binning = F._check_choice(binning, F.BINNINGS, name="binning")
         self.kind = F._check_choice(kind, F.CALIBRATION_KINDS, name="kind")
         self.norm = F._check_choice(norm, ("l1", "max"), name="norm")
@@ -633,7 +633,7 @@ class ClassificationMetrics(Metric):
         ignore_index: int | None = None,
         num_classes: int | None = None,
     ) -> None:
-        self.bins = F._check_bins(bins)
+        self.bins = F._check_positive_int(bins, name="bins")
         F._log_base(base)
         self.base = base
         self._parts = {
