@@ -254,7 +254,7 @@ def write_report(
         f'<a href="{name}">{name}</a></figcaption></figure>'
         for name, data in images.items()
     )
-    figures_rows = [
+    summary_rows = [
         ("rows", summary.get("rows")),
         ("classes", len(summary.get("classes", []))),
         ("input", summary.get("input")),
@@ -272,8 +272,8 @@ def write_report(
     ]
     overview = "\n".join(
         f"<tr><td>{html.escape(label)}</td><td>{_cell(value)}</td></tr>"
-        for label, value in figures_rows
-        if value is not None or label == "accuracy"
+        for label, value in summary_rows
+        if value is not None
     )
     per_class = "\n".join(
         "<tr>"
@@ -289,7 +289,7 @@ def write_report(
 <body>
 <h1>{html.escape(title)}</h1>
 <p class="note">{html.escape(str(summary.get("file", "")))}</p>
-<h2>Figures</h2>
+<h2>Summary</h2>
 <table>
 {overview}
 </table>
