@@ -174,6 +174,22 @@ def test_text_output(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
     assert re.search(r"^\s+bird\s+\d+", text, flags=re.M)
 
 
+def test_infinite_figures_are_null_in_json(tmp_path: Path) -> None:
+    rows = [[0, "-inf", 0.0, 1.0], [1, 0.0, 2.0, -1.0]]  # label 0 has logit -inf: loss +inf
+    path = write_csv(tmp_path / "inf.csv", ["label", *NAMES], rows)
+    out = run_json("eval", str(path), "--input", "logits", "--progress")
+    assert out["log_loss_nats"] is None
+    assert out["perplexity"] is None
+    assert out["accuracy"] == 0.5
+    assert out["per_class"][0]["cross_entropy_nats"] is None
+    assert out["per_class"][1]["cross_entropy_nats"] == pytest.approx(
+        ref.log_loss(np.array([[0.0, 2.0, -1.0]]), np.array([1]), "logits")
+    )
+    status, text = run("eval", str(path), "--input", "logits")
+    assert status == 0
+    assert "inf nats" in text
+
+
 def test_label_forms(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
     p, y = data["probs"], data["y"]
     want = ref.log_loss(p, y, "probs")
