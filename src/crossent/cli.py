@@ -616,12 +616,15 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
     if args.report is not None:
         from crossent._report import write_report
 
-        html = write_report(
-            Path(args.report),
-            summary=summary,
-            reliability=metric.reliability(),
-            title=f"crossent eval {Path(args.file).name}",
-        )
+        try:
+            html = write_report(
+                Path(args.report),
+                summary=summary,
+                reliability=metric.reliability(),
+                title=f"crossent eval {Path(args.file).name}",
+            )
+        except ImportError as exc:
+            raise CLIError(str(exc)) from exc
         summary["report"] = str(html)
     if args.format == "json":
         json.dump(_jsonable(summary), out, indent=2, allow_nan=False)
@@ -639,13 +642,16 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
 def _cmd_demo(args: argparse.Namespace, out: IO[str]) -> int:
     from crossent._demo import run_demo
 
-    run_demo(
-        fast=args.fast,
-        report_dir=None if args.no_report else Path(args.report),
-        seed=args.seed,
-        out=out,
-        progress=sys.stderr.isatty(),
-    )
+    try:
+        run_demo(
+            fast=args.fast,
+            report_dir=None if args.no_report else Path(args.report),
+            seed=args.seed,
+            out=out,
+            progress=sys.stderr.isatty(),
+        )
+    except ImportError as exc:  # scikit-learn or matplotlib missing: say which extra
+        raise CLIError(str(exc)) from exc
     return 0
 
 
@@ -694,12 +700,8 @@ def _cmd_bench(args: argparse.Namespace, out: IO[str]) -> int:
 # =================================================================== argument parsing
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with exit status 2 and the subcommand in the message (argparse's own rule)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = argparse.ArgumentParser(
         prog="crossent",
         description="Cross-entropy tools: score a predictions file, run the demo, run benchmarks.",
     )
