@@ -174,6 +174,19 @@ def test_text_output(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
     assert re.search(r"^\s+bird\s+\d+", text, flags=re.M)
 
 
+def test_jsonl_types_widen_after_the_first_block(tmp_path: Path) -> None:
+    # the first 40,000 rows hold integers only (one-hot); the last row holds fractions
+    as_list = [{"label": i % 2, "p": [1 - i % 2, i % 2]} for i in range(40000)]
+    as_list.append({"label": 0, "p": [0.5, 0.5]})
+    as_columns = [{"label": r["label"], "x": r["p"][0], "y": r["p"][1]} for r in as_list]
+    for name, records in (("list", as_list), ("columns", as_columns)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        out = run_json("eval", str(path), "--batch-size", "100")  # 64 KiB blocks
+        assert out["rows"] == 40001
+        assert out["log_loss_nats"] == pytest.approx(math.log(2) / 40001, rel=1e-12)
+
+
 def test_infinite_figures_are_null_in_json(tmp_path: Path) -> None:
     rows = [[0, "-inf", 0.0, 1.0], [1, 0.0, 2.0, -1.0]]  # label 0 has logit -inf: loss +inf
     path = write_csv(tmp_path / "inf.csv", ["label", *NAMES], rows)

@@ -130,10 +130,15 @@ def _open_jsonl(path: Path, batch_size: int, label_column: str) -> _Table:
     first = pjson.open_json(path, read_options=read)
     schema = first.schema
     first.close()
-    widened = [
-        pa.field(f.name, pa.float64()) if f.name != label_column and _is_numeric(pa, f.type) else f
-        for f in schema
-    ]
+    # types from the first block can be too narrow for later ones (1, then 0.5): widen
+    # every numeric column, and every numeric list column, to float64
+    widened = []
+    for f in schema:
+        if f.name != label_column and _is_numeric(pa, f.type):
+            f = pa.field(f.name, pa.float64())
+        elif f.name != label_column and _is_numeric_list(pa, f.type):
+            f = pa.field(f.name, pa.list_(pa.float64()))
+        widened.append(f)
     parse = pjson.ParseOptions(explicit_schema=pa.schema(widened))
 
     def batches() -> Iterator[Any]:
