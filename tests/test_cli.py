@@ -174,7 +174,7 @@ def test_text_output(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
     assert re.search(r"^\s+bird\s+\d+", text, flags=re.M)
 
 
-def test_jsonl_types_widen_after_the_first_block(tmp_path: Path) -> None:
+def test_types_widen_after_the_first_block(tmp_path: Path) -> None:
     # the first 40,000 rows hold integers only (one-hot); the last row holds fractions
     as_list = [{"label": i % 2, "p": [1 - i % 2, i % 2]} for i in range(40000)]
     as_list.append({"label": 0, "p": [0.5, 0.5]})
@@ -185,6 +185,10 @@ def test_jsonl_types_widen_after_the_first_block(tmp_path: Path) -> None:
         out = run_json("eval", str(path), "--batch-size", "100")  # 64 KiB blocks
         assert out["rows"] == 40001
         assert out["log_loss_nats"] == pytest.approx(math.log(2) / 40001, rel=1e-12)
+    rows = [[r["label"], r["x"], r["y"]] for r in as_columns]
+    path = write_csv(tmp_path / "columns.csv", ["label", "x", "y"], rows)
+    out = run_json("eval", str(path), "--batch-size", "100")
+    assert out["log_loss_nats"] == pytest.approx(math.log(2) / 40001, rel=1e-12)
 
 
 def test_infinite_figures_are_null_in_json(tmp_path: Path) -> None:
