@@ -689,12 +689,16 @@ def _cmd_bench(args: argparse.Namespace, out: IO[str]) -> int:
         command = [sys.executable, str(script), *(["--quick"] if args.quick else [])]
         out.write(f"== {script.name} {'(quick)' if args.quick else ''}\n")
         out.flush()
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        out.write(done.stdout)
-        if done.returncode != 0:
+        # forward the script's output line by line, as it comes (long benchmarks)
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as proc:
+            for line in proc.stdout or ():
+                out.write(line)
+                out.flush()
+        if proc.returncode != 0:
             failed.append(script.name)
-            out.write(done.stderr[-4000:])
-            out.write(f"!! {script.name} exited with status {done.returncode}\n")
+            out.write(f"!! {script.name} exited with status {proc.returncode}\n")
         out.flush()
     if failed:
         out.write(f"{len(failed)} of {len(scripts)} benchmarks failed: {', '.join(failed)}\n")
