@@ -44,6 +44,8 @@ from crossent._lib._xp import (
     compute_dtype,
     device,
     is_array,
+    is_jax_namespace,
+    is_torch_namespace,
     log_sigmoid,
     size,
 )
@@ -195,29 +197,45 @@ class _LogProbs:
     clamped_p: Array | None = None
     clamped_not_p: Array | None = None
 
-    def chain(self, c_p: Array, c_not_p: Array, *, xp: Any) -> Array:
-        r""":math:`c_p\,\partial_u \log p + c_{\bar p}\,\partial_u \log(1-p)` for the input `u`.
+    def neg_chain(self, c_p: Array, c_not_p: Array, *, xp: Any) -> Array:
+        r""":math:`-\bigl(c_p\,\partial_u \log p + c_{\bar p}\,\partial_u \log(1-p)\bigr)`.
 
         Logits: :math:`\partial_x\log\sigma(x) = \sigma(-x)` and
-        :math:`\partial_x\log\sigma(-x) = -\sigma(x)`, from :math:`z = e^{-|x|}`
-        as :math:`1/(1+z)` and :math:`z/(1+z)`: no overflow, no cancellation, and
-        within two ulps (``exp(log σ)`` would lose :math:`|\log\sigma|` ulps).
+        :math:`\partial_x\log\sigma(-x) = -\sigma(x)` (:func:`_sigmoids`).
         Probabilities: :math:`1/p` and :math:`-1/(1-p)`, zero where the clamp is
         on (the derivative of the clamped value).
         """
+        x = self.x
         if self.clamped_p is None or self.clamped_not_p is None:
-            x = self.x
-            z = xp.exp(-xp.abs(x))
-            one = xp.ones_like(z)
-            nonneg = x >= 0
-            sig = xp.where(nonneg, one, z) / (1 + z)  # σ(x)
-            sig_neg = xp.where(nonneg, z, one) / (1 + z)  # σ(−x)
-            return c_p * sig_neg - c_not_p * sig
-        x, cp, cn = self.x, self.clamped_p, self.clamped_not_p
+            sig, sig_neg = _sigmoids(x, xp=xp)
+            return c_not_p * sig - c_p * sig_neg
+        cp, cn = self.clamped_p, self.clamped_not_p
         zero = xp.zeros_like(x)
         d_p = xp.where(cp, zero, c_p / xp.where(cp, xp.ones_like(x), x))
         d_not_p = xp.where(cn, zero, c_not_p / (1 - xp.where(cn, zero, x)))
-        return d_p - d_not_p
+        return d_not_p - d_p
+
+
+def _sigmoids(x: Array, *, xp: Any) -> tuple[Array, Array]:
+    r""":math:`\sigma(x)` and :math:`\sigma(-x)`, each within two ulps, no overflow.
+
+    Native kernels on PyTorch and JAX; elsewhere from :math:`z = e^{-|x|}` as
+    :math:`1/(1+z)` and :math:`z/(1+z)`. (``exp(log σ)`` would lose
+    :math:`|\log\sigma|` ulps.)
+    """
+    if is_torch_namespace(xp):
+        import torch
+
+        return torch.sigmoid(x), torch.sigmoid(-x)
+    if is_jax_namespace(xp):
+        import jax
+
+        return jax.nn.sigmoid(x), jax.nn.sigmoid(-x)
+    z = xp.exp(-xp.abs(x))
+    r = 1 / (1 + z)
+    zr = z * r
+    nonneg = x >= 0
+    return xp.where(nonneg, r, zr), xp.where(nonneg, zr, r)
 
 
 def _log_probs(x: Array, *, from_logits: bool, xp: Any) -> _LogProbs:
@@ -235,10 +253,17 @@ def _log_probs(x: Array, *, from_logits: bool, xp: Any) -> _LogProbs:
 
 
 def _times_log(c: Array, log: Array, *, xp: Any) -> Array:
-    """``c · log`` with ``0 · (−inf) = 0`` (0 · log 0), NaN-free in value and gradient."""
+    """``c · log`` with ``0 · (−inf) = 0`` (0 · log 0), NaN-free in value and gradient.
+
+    Only the log is guarded: where the mass `c` is 0 the product is 0 and its
+    derivative for `c` is the guarded log, 0 (a soft target may carry a gradient).
+    """
     zero_mass = (c == 0) & (log == -float("inf"))
-    safe = xp.where(zero_mass, xp.zeros_like(log), log)
-    return xp.where(zero_mass, xp.zeros_like(c * safe), c * safe)
+    return c * xp.where(zero_mass, xp.zeros_like(log), log)
+
+
+def _times(c: Array, log: Array, *, xp: Any) -> Array:
+    return c * log
 
 
 @dataclass(frozen=True)
@@ -264,6 +289,8 @@ def _terms(b: _Binary) -> _Terms:
         coef_pos = coef_pos * b.pos_weight
     if b.weight is not None:
         coef_pos, coef_neg = coef_pos * b.weight, coef_neg * b.weight
+    # Only logits reach log p = -inf (an infinite logit); clamped logs are finite.
+    times = _times_log if b.from_logits else _times
     f_pos = f_neg = None
     if b.gamma != 0:
         f_pos = focal_factor(logs.log_not_p, b.gamma, xp=xp)
@@ -272,8 +299,8 @@ def _terms(b: _Binary) -> _Terms:
         logs=logs,
         coef_pos=coef_pos,
         coef_neg=coef_neg,
-        pos=_times_log(coef_pos, logs.log_p, xp=xp),
-        neg=_times_log(coef_neg, logs.log_not_p, xp=xp),
+        pos=times(coef_pos, logs.log_p, xp=xp),
+        neg=times(coef_neg, logs.log_not_p, xp=xp),
         f_pos=f_pos,
         f_neg=f_neg,
     )
@@ -291,7 +318,7 @@ def _elementwise_grad(terms: _Terms, gamma: float, *, xp: Any) -> Array:
     else:
         c_p = terms.coef_pos * terms.f_pos + gamma * terms.f_neg * terms.neg
         c_not_p = terms.coef_neg * terms.f_neg + gamma * terms.f_pos * terms.pos
-    return -terms.logs.chain(c_p, c_not_p, xp=xp)
+    return terms.logs.neg_chain(c_p, c_not_p, xp=xp)
 
 
 def _finish(loss: Array, b: _Binary) -> Array:
