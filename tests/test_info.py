@@ -117,6 +117,30 @@ def test_kl_of_nearly_equal_distributions_is_accurate(xp: Any) -> None:
     assert got == pytest.approx(want, rel=1e-6)  # a difference of logs loses ~all digits here
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kl_with_subnormal_q_does_not_overflow(xp: Any, dtype: str) -> None:
+    """A softmax output that underflowed to a subnormal: p / q overflows, the KL does not."""
+    np_dtype = np.dtype(dtype)
+    q_tiny = float(np.finfo(np_dtype).smallest_subnormal) * 7
+    p = np.array([0.01, 0.99], np_dtype)
+    q = np.array([q_tiny, 1.0], np_dtype)
+    x = to_xp(xp)
+    probe = x(np.array([q_tiny], np_dtype))
+    if not bool(to_numpy(probe * 1 > 0)[0]):
+        pytest.skip("this backend flushes subnormals to zero (XLA on CPU)")
+    with mpmath.workdps(50):
+        want = float(
+            mpmath.fsum(
+                mpmath.mpf(float(a)) * mpmath.log(mpmath.mpf(float(a)) / mpmath.mpf(float(b)))
+                for a, b in zip(p, q, strict=True)
+            )
+        )
+    got = info.kl_divergence(x(p), x(q))
+    assert float(to_numpy(got)) == pytest.approx(want, rel=8 * float(np.finfo(np_dtype).eps))
+    h = info.cross_entropy(x(p), x(q)) - info.entropy(x(p))
+    assert float(to_numpy(h)) == pytest.approx(want, rel=1e-5)
+
+
 # ----------------------------------------------------------------------------
 # 0 · log 0 = 0, impossible events, NaN
 # ----------------------------------------------------------------------------

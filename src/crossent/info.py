@@ -121,6 +121,10 @@ def _pair(p: Array, q: Array, axis: object, base: object) -> _Pair:
 # ----------------------------------------------------------------------------
 
 
+_SUBNORMAL_SCALE_LOG2 = 64
+"""A subnormal denominator is scaled by 2**64 so that ``a / b`` cannot overflow."""
+
+
 def _xlog(x: Array, a: Array, b: Array | None = None, *, xp: Any) -> Array:
     r""":math:`x \log(a/b)` (:math:`x \log a` when `b` is None), safe at the poles.
 
@@ -128,17 +132,21 @@ def _xlog(x: Array, a: Array, b: Array | None = None, *, xp: Any) -> Array:
     :math:`x > 0` on a pole (:math:`a = 0`, or :math:`b = 0`) gives
     :math:`-\infty` (or :math:`+\infty`). The pole is replaced by 1 before the
     log and the division, so there is no NumPy warning and no NaN gradient.
-    NaN propagates. `a` must be 0 only where `x` is 0 when `b` is given.
+    A subnormal `b` (a softmax output that underflowed, say) is scaled by
+    :math:`2^{64}` first and :math:`64 \ln 2` added back, so :math:`a/b` never
+    overflows. NaN propagates. With `b`, `a` may be 0 only where `x` is.
     """
-    pole = (a == 0) if b is None else (b == 0)
     if b is None:
-        y = xp.where(pole, xp.ones_like(a), a)
-        inf = -float("inf")
-    else:
-        y = xp.where(pole, xp.ones_like(a), a) / xp.where(pole, xp.ones_like(b), b)
-        inf = float("inf")
-    out = xlogy(x, y, xp=xp)
-    return xp.where(pole & (x > 0), xp.full_like(out, inf), out)
+        pole = a == 0
+        out = xlogy(x, xp.where(pole, xp.ones_like(a), a), xp=xp)
+        return xp.where(pole & (x > 0), xp.full_like(out, -float("inf")), out)
+    pole = b == 0
+    one = xp.ones_like(b)
+    subnormal = (b < xp.finfo(b.dtype).smallest_normal) & ~pole
+    den = xp.where(pole, one, b) * xp.where(subnormal, one * 2.0**_SUBNORMAL_SCALE_LOG2, one)
+    out = xlogy(x, xp.where(pole, xp.ones_like(a), a) / den, xp=xp)
+    shift = xp.where(subnormal, x * (_SUBNORMAL_SCALE_LOG2 * math.log(2.0)), xp.zeros_like(x))
+    return xp.where(pole & (x > 0), xp.full_like(out, float("inf")), out + shift)
 
 
 # ----------------------------------------------------------------------------
