@@ -6,7 +6,7 @@ constant coefficients
 
 .. math:: P = w\,\alpha\,p_w\,t, \qquad N = w\,(1-\alpha)\,(1-t),
 
-the loss of one element is
+(:math:`\alpha` and :math:`1-\alpha` read as 1 without `alpha`), the loss of one element is
 
 .. math:: \ell = -\bigl[P\,(1-p)^\gamma \log p + N\,p^\gamma \log(1-p)\bigr]
 
