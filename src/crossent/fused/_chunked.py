@@ -374,6 +374,7 @@ def _chunked_linear_ce(
                 r * b,
                 r * (eps / n_classes),
                 softcap=softcap,
+                smoothing=eps > 0,
             )
         else:
             coef = r * a / s

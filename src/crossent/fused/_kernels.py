@@ -1,0 +1,136 @@
+r"""Triton kernels of the fused linear cross-entropy (``@triton.jit`` functions only).
+
+Imported only by :mod:`crossent.fused._launch`, on first use, so crossent works
+without Triton. Both kernels read a chunk's logits buffer ``X`` (float32 or
+float64, row-major ``(n, V_local)``) in vocabulary tiles of ``BLOCK_V``:
+
+* :func:`_row_stats_kernel` — one program per row, one pass over the row with an
+  online (running-max) log-sum-exp: :math:`m`, :math:`s = \sum_k e^{z_k - m}`,
+  :math:`S = \sum_k w_k (z_k - m)` and :math:`z_y - m`. When the running max grows
+  from :math:`m` to :math:`m'`, :math:`s \leftarrow s e^{m - m'}` and
+  :math:`S \leftarrow S + (\sum w)(m - m')` — both parts :math:`\le 0`, so no
+  cancellation.
+* :func:`_logits_grad_kernel` — one program per (row, tile): overwrites the raw
+  logits with :math:`\partial L/\partial x_k = (A e^{z_k - \ell} - B[k = y] - E w_k)(1 - t_k^2)`
+  where :math:`t = \tanh(x/c)` under a soft cap (1 otherwise).
+
+The soft cap is applied to the raw logits inside both kernels, so no second
+buffer is needed. ``tanh`` is written out (:func:`_tanh`): an odd Taylor
+polynomial near 0 and :math:`(1 - e^{-2|u|})/(1 + e^{-2|u|})` elsewhere, accurate
+to a few ulps and available in the interpreter as well as on GPUs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(u):
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    u2 = u * u
+    small = u * (
+        1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0))))
+    )
+    return tl.where(a < 0.125, small, tl.where(u < 0, -big, big))
+
+
+@triton.jit
+def _row_stats_kernel(
+    X,
+    stride_x,
+    Y,
+    CW,
+    M_out,
+    S_out,
+    SM_out,
+    D_out,
+    V,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    cols = tl.arange(0, BLOCK_V)
+    # running statistics, in the buffer's dtype (float32 or float64)
+    dt = X.dtype.element_ty
+    m = tl.full((), -float("inf"), dt)
+    s = tl.full((), 0.0, dt)
+    sm = tl.full((), 0.0, dt)
+    w_seen = tl.full((), 0.0, dt)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(x_row + offs, mask=mask, other=0.0)
+        z = softcap * _tanh(x / softcap) if HAS_SOFTCAP else x
+        z_max = tl.max(tl.where(mask, z, -float("inf")), axis=0)
+        m_new = tl.maximum(m, z_max)
+        e = tl.where(mask, tl.exp(z - m_new), 0.0)
+        s = s * tl.exp(m - m_new) + tl.sum(e, axis=0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(CW + offs, mask=mask, other=0.0).to(z.dtype)
+            else:
+                w = tl.where(mask, 1.0, 0.0).to(z.dtype)
+            shift = w_seen * tl.where(w_seen > 0, m - m_new, 0.0)
+            sm = sm + shift + tl.sum(tl.where(mask, w * (z - m_new), 0.0), axis=0)
+            w_seen = w_seen + tl.sum(w, axis=0)
+        m = m_new
+    y = tl.load(Y + row)
+    x_y = tl.load(x_row + y)
+    z_y = softcap * _tanh(x_y / softcap) if HAS_SOFTCAP else x_y
+    tl.store(M_out + row, m)
+    tl.store(S_out + row, s)
+    tl.store(SM_out + row, sm)
+    tl.store(D_out + row, z_y - m)
+
+
+@triton.jit
+def _logits_grad_kernel(
+    X,
+    stride_x,
+    Y,
+    CW,
+    LSE,
+    A,
+    B,
+    E,
+    V,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    offs = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = offs < V
+    x_ptrs = X + row * stride_x + offs
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        z = softcap * t
+    else:
+        z = x
+    lse = tl.load(LSE + row)
+    a = tl.load(A + row)
+    b = tl.load(B + row)
+    y = tl.load(Y + row)
+    g = a * tl.exp(z - lse) - tl.where(offs == y, b, 0.0)
+    if HAS_SMOOTHING:
+        e = tl.load(E + row)
+        if HAS_WEIGHT:
+            w = tl.load(CW + offs, mask=mask, other=0.0).to(z.dtype)
+            g = g - e * w
+        else:
+            g = g - e
+    if HAS_SOFTCAP:
+        g = g * (1.0 - t * t)
+    tl.store(x_ptrs, g.to(x.dtype), mask=mask)
