@@ -240,7 +240,7 @@ def test_mean_over_only_ignored_targets_is_zero_not_nan() -> None:
     target = torch.full((3,), -100)
     loss = cnn.CrossEntropyLoss()(logits, target)
     assert torch.isnan(torch.nn.CrossEntropyLoss()(logits, target))  # PyTorch's NaN
-    assert float(loss) == 0.0
+    assert loss.item() == 0.0
     loss.backward()
     assert logits.grad is not None
     assert torch.equal(logits.grad, torch.zeros_like(logits))

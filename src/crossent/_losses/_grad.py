@@ -2,42 +2,44 @@
 
 Each loss family owns its closed-form gradient (``_binary_value_and_grad`` in
 ``_binary.py`` and so on); this module only finds the family from the loss
-function (or its name) and checks the options against the loss's signature.
+function (or its name) and checks the options against the public loss's
+signature, so the two can never list different options.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 from crossent._lib._xp import Array
+from crossent._losses._binary import _binary_value_and_grad, binary_cross_entropy
+from crossent._losses._categorical import _categorical_value_and_grad, categorical_cross_entropy
+from crossent._losses._listnet import _listnet_value_and_grad, listnet_loss
+from crossent._losses._sparse import _sparse_value_and_grad, sparse_categorical_cross_entropy
 
 __all__ = ["value_and_grad"]
 
-# loss name -> (module, private closed-form function). Resolved on use, so a
-# family's module is the single place that defines both the loss and its gradient.
-_FAMILIES: dict[str, tuple[str, str]] = {
-    "binary_cross_entropy": ("crossent._losses._binary", "_binary_value_and_grad"),
-    "categorical_cross_entropy": ("crossent._losses._categorical", "_categorical_value_and_grad"),
-    "listnet_loss": ("crossent._losses._listnet", "_listnet_value_and_grad"),
-    "sparse_categorical_cross_entropy": ("crossent._losses._sparse", "_sparse_value_and_grad"),
+# loss name -> (public loss, its closed-form (value, grad) function from the same family module)
+_FAMILIES: dict[str, tuple[Callable[..., Any], Callable[..., tuple[Array, Array]]]] = {
+    "binary_cross_entropy": (binary_cross_entropy, _binary_value_and_grad),
+    "categorical_cross_entropy": (categorical_cross_entropy, _categorical_value_and_grad),
+    "listnet_loss": (listnet_loss, _listnet_value_and_grad),
+    "sparse_categorical_cross_entropy": (
+        sparse_categorical_cross_entropy,
+        _sparse_value_and_grad,
+    ),
 }
 
 
 def _public(name: str) -> Callable[..., Any]:
-    module, _ = _FAMILIES[name]
-    fn: Callable[..., Any] = getattr(importlib.import_module(module), name)
-    return fn
+    return _FAMILIES[name][0]
 
 
 def _closed_form(name: str) -> Callable[..., tuple[Array, Array]]:
-    module, attr = _FAMILIES[name]
-    fn: Callable[..., tuple[Array, Array]] = getattr(importlib.import_module(module), attr)
-    return fn
+    return _FAMILIES[name][1]
 
 
 @functools.cache
