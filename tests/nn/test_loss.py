@@ -314,6 +314,22 @@ def test_focal_loss_is_cross_entropy_with_gamma() -> None:
     )
 
 
+def test_focal_loss_takes_probability_targets() -> None:
+    logits = torch.randn(5, 4, generator=_gen(40), dtype=torch.float64)
+    probs = torch.softmax(torch.randn(5, 4, generator=_gen(41), dtype=torch.float64), 1)
+    _check_parity(
+        cnn.FocalLoss(0.0), torch.nn.CrossEntropyLoss(), [logits], probs, dtype=torch.float64
+    )
+    one_hot = F.one_hot(torch.tensor([0, 3, 1, 2, 2]), 4).to(torch.float64)
+    _check_parity(
+        cnn.FocalLoss(2.0),
+        lambda x, t: ref.softmax_focal(x, t.argmax(1), gamma=2.0),
+        [logits],
+        one_hot,
+        dtype=torch.float64,
+    )
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("alpha", [None, 0.25], ids=["no-alpha", "alpha.25"])
 @pytest.mark.parametrize("gamma", [2.0, 0.5])
@@ -452,6 +468,22 @@ def test_linear_cross_entropy_z_loss_softcap_match_written_out() -> None:
     _check_parity(
         lambda h, w, t: cnn.LinearCrossEntropyLoss(**extras)(h, w, t),
         lambda h, w, t: ref.cross_entropy_with_extras(F.linear(h, w), t, **extras),
+        [hidden, weight],
+        target,
+        dtype=torch.float64,
+        tol={"rtol": 1e-7, "atol": 1e-9},
+    )
+
+
+@needs_fused
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_takes_batch_by_sequence_hidden(reduction: str) -> None:
+    hidden = torch.randn(2, 5, 4, generator=_gen(38), dtype=torch.float64)
+    weight = torch.randn(9, 4, generator=_gen(39), dtype=torch.float64)
+    target = torch.tensor([[0, 8, -100, 3, 4], [4, 1, 2, -100, 7]])
+    _check_parity(
+        lambda h, w, t: cnn.LinearCrossEntropyLoss(reduction=reduction)(h, w, t),
+        lambda h, w, t: F.cross_entropy(F.linear(h, w).transpose(1, 2), t, reduction=reduction),
         [hidden, weight],
         target,
         dtype=torch.float64,

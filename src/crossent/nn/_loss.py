@@ -815,10 +815,11 @@ class LinearCrossEntropyLoss(_Loss):
     Notes
     -----
     ``forward(hidden, weight, target, bias=None)`` takes `hidden` of shape
-    ``(N, H)``, the head's `weight` of shape ``(V, H)`` (``nn.Linear``'s
-    layout), `target` of shape ``(N,)`` and an optional `bias` of shape
-    ``(V,)``. Shift the labels for next-token prediction before the call, as
-    with :class:`CrossEntropyLoss`.
+    ``(..., H)`` (e.g. ``(batch, seq, H)``), the head's `weight` of shape
+    ``(V, H)`` (``nn.Linear``'s layout), `target` of shape ``(...)`` and an
+    optional `bias` of shape ``(V,)``; ``reduction="none"`` returns the shape
+    of `target`. Shift the labels for next-token prediction before the call,
+    as with :class:`CrossEntropyLoss`.
 
     Examples
     --------
