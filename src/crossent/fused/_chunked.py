@@ -408,15 +408,44 @@ def _chunked_linear_ce(
             if lp is None:
                 grad_w.addmm_(g.t(), h_c)
             else:
-                for v0 in range(0, v_local, v_block):
-                    v1 = min(v0 + v_block, v_local)
-                    grad_w[v0:v1] += torch.mm(g[:, v0:v1].t(), h_c)
+                _accumulate_weight_grad_f32(grad_w, buf, g, h_c, v_block=v_block)
 
     if loss_rows is not None:
         loss_out = loss_rows
     else:
         loss_out = loss_total * inv_denom if reduction == "mean" else loss_total
     return _ChunkedResult(loss_out, grad_h, grad_w, grad_b, lse_rows)
+
+
+def _accumulate_weight_grad_f32(
+    grad_w: torch.Tensor,
+    g32: torch.Tensor,
+    g_lp: torch.Tensor,
+    h_c: torch.Tensor,
+    *,
+    v_block: int,
+) -> None:
+    """``grad_w += G.T @ h_c`` in float32 for float16/bfloat16 inputs.
+
+    On CUDA: low-precision matrix products with float32 output
+    (``torch.mm(..., out_dtype=torch.float32)``), in vocabulary blocks so the
+    temporary stays small. Elsewhere (no such kernel on CPU): a float32 product of
+    the float32 gradient buffer and the upcast chunk of `hidden`, accumulated in
+    place. Rounding each chunk's partial sum to the input dtype instead would make
+    the weight gradient less accurate than PyTorch's unfused one.
+    """
+    import torch
+
+    if g_lp.device.type == "cuda":
+        try:
+            for v0 in range(0, grad_w.shape[0], v_block):
+                v1 = min(v0 + v_block, grad_w.shape[0])
+                grad_w[v0:v1] += torch.mm(g_lp[:, v0:v1].t(), h_c, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # pragma: no cover - older torch / no kernel
+            pass
+        else:  # pragma: no cover - needs a GPU
+            return
+    grad_w.addmm_(g32.t(), h_c.to(torch.float32))
 
 
 def _row_stats_torch(
