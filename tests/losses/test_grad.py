@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pytest
 from array_api_extra.testing import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import crossent as ce
 from tests.conftest import to_numpy, to_xp
@@ -325,3 +328,61 @@ def test_errors_of_the_loss_itself_come_through() -> None:
         ce.value_and_grad("binary_cross_entropy", np.zeros(3), np.zeros(3), reduction="avg")
     with pytest.raises(ValueError, match="from_logits=True"):
         ce.value_and_grad("binary_cross_entropy", np.array([2.0, -1.0]), np.array([1.0, 0.0]))
+
+
+def test_value_and_grad_runs_under_jax_jit() -> None:
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    x = jnp.asarray(CASES[11].input)
+    t = jnp.asarray(CASES[11].target)
+    options = {**CASES[11].options, "weight": jnp.asarray(CASES[11].options["weight"])}
+
+    @jax.jit
+    def step(z: Any) -> Any:
+        return ce.value_and_grad("sparse_categorical_cross_entropy", z, t, **options)
+
+    value, grad = step(x)
+    want_value, want_grad = ce.value_and_grad("sparse_categorical_cross_entropy", x, t, **options)
+    np.testing.assert_allclose(np.asarray(value), np.asarray(want_value), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-12, atol=1e-15)
+
+
+@settings(max_examples=25)
+@given(
+    data=st.data(),
+    rows=st.integers(1, 4),
+    classes=st.integers(2, 5),
+    gamma=st.sampled_from([0.0, 0.5, 2.0]),
+    smoothing=st.sampled_from([0.0, 0.1]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+)
+def test_closed_form_equals_torch_autodiff(
+    data: st.DataObject, rows: int, classes: int, gamma: float, smoothing: float, reduction: str
+) -> None:
+    """Hypothesis: sparse and binary closed forms (NumPy) == autograd of the written-out formulas.
+
+    The references (tests/_reference/focal.py) are plain float64 torch loops, independent
+    of crossent's code paths (crossent's torch sparse path is itself a closed-form Function).
+    """
+    torch = pytest.importorskip("torch")
+    from tests._reference import focal as ref
+
+    finite = st.floats(-8.0, 8.0, allow_nan=False, width=64)
+    z = np.array(data.draw(st.lists(finite, min_size=rows * classes, max_size=rows * classes)))
+    z = z.reshape(rows, classes)
+    labels = np.array(
+        data.draw(st.lists(st.integers(0, classes - 1), min_size=rows, max_size=rows))
+    )
+    hard = (np.arange(rows * classes).reshape(rows, classes) % 2).astype(np.float64)
+    common = {"gamma": gamma, "label_smoothing": smoothing, "reduction": reduction}
+    references: list[tuple[str, np.ndarray, dict[str, Any], Callable[..., Any]]] = [
+        ("sparse_categorical_cross_entropy", labels, {}, ref.softmax_focal),
+        ("binary_cross_entropy", hard, {"alpha": 0.25}, ref.sigmoid_focal_per_term),
+    ]
+    for name, target, extra, reference in references:
+        _, grad = ce.value_and_grad(name, z, target, from_logits=True, **common, **extra)
+        zt = torch.tensor(z, requires_grad=True)
+        torch.sum(reference(zt, torch.as_tensor(target), **common, **extra)).backward()
+        assert zt.grad is not None
+        np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=1e-9, atol=1e-12)
