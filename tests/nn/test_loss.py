@@ -266,6 +266,14 @@ def test_cross_entropy_z_loss_and_softcap_match_written_out(
     )
 
 
+def test_float_class_indices_get_a_hint() -> None:
+    logits = torch.randn(3, 4, generator=_gen(42))
+    with pytest.raises(ValueError, match=r"class probabilities.*target\.long\(\)"):
+        cnn.CrossEntropyLoss()(logits, torch.tensor([0.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match="class probabilities"):
+        cnn.FocalLoss()(logits, torch.tensor([0.0, 2.0, 1.0]))
+
+
 def test_z_loss_and_softcap_need_class_indices() -> None:
     logits = torch.randn(3, 4, generator=_gen(18))
     probs = torch.softmax(torch.randn(3, 4, generator=_gen(19)), 1)

@@ -155,6 +155,13 @@ def _cross_entropy(
     """Cross-entropy from logits on dim 1: class indices -> sparse, probabilities -> categorical."""
     axis = _class_axis(input)
     if target.is_floating_point():
+        if tuple(target.shape) != tuple(input.shape):
+            msg = (
+                f"floating `target` of shape {tuple(target.shape)} is read as class probabilities "
+                f"and must have the input's shape {tuple(input.shape)}; for class indices pass "
+                "an integer tensor (e.g. `target.long()`)."
+            )
+            raise ValueError(msg)
         if z_loss != 0 or softcap is not None:
             msg = (
                 "`z_loss` and `softcap` need class-index targets; got floating (probability) "
