@@ -155,7 +155,7 @@ def _chunked_linear_ce(
         ``reduction="none"``, used by backward's recomputation). None means 1.
     use_triton : bool or None
         Use the Triton kernels for the row statistics and the in-place gradient;
-        None means "when the tensors are on CUDA and Triton imports".
+        None means "when the tensors are on CUDA, not float64, and Triton imports".
 
     Returns
     -------
@@ -406,7 +406,7 @@ def _chunked_linear_ce(
                 torch.mm(g, weight, out=grad_h[start:stop])
         if grad_w is not None:
             if lp is None:
-                grad_w.addmm_(g.t(), h_c)
+                torch.addmm(grad_w, g.t(), h_c, out=grad_w)
             else:
                 _accumulate_weight_grad_f32(grad_w, buf, g, h_c, v_block=v_block)
 
@@ -445,7 +445,7 @@ def _accumulate_weight_grad_f32(
             pass
         else:  # pragma: no cover - needs a GPU
             return
-    grad_w.addmm_(g32.t(), h_c.to(torch.float32))
+    torch.addmm(grad_w, g32.t(), h_c.to(torch.float32), out=grad_w)
 
 
 def _row_stats_torch(
@@ -484,9 +484,13 @@ def _row_stats_torch(
 
 def _triton_ops(hidden: torch.Tensor, use_triton: bool | None) -> Any:
     """The Triton row-statistics / gradient ops, or None for the pure-PyTorch path."""
+    import torch
+
     if use_triton is False:
         return None
-    if use_triton is None and hidden.device.type != "cuda":
+    if use_triton is None and (hidden.device.type != "cuda" or hidden.dtype == torch.float64):
+        # float64 stays on the PyTorch path: Triton rounds float literals (the tanh
+        # series' coefficients) to float32, which would cost float64 accuracy.
         return None
     try:
         import crossent.fused._launch as _launch

@@ -1,0 +1,198 @@
+"""The Triton kernels on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+The variable must be set when the kernels are decorated: it is set here, at
+import, ``crossent.fused._kernels`` is (re)loaded under it, so the kernels run in
+the interpreter whatever was imported before, and the previous value is restored
+once everything is decorated; each test sets it again while it runs (Triton
+reads it at launch as well). Sizes are tiny (the interpreter
+runs each program in NumPy) and the tiles small, so every kernel walks several
+vocabulary tiles with a ragged last one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import sys
+from typing import Any
+
+import pytest
+
+_previous = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+torch = pytest.importorskip("torch")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+if "crossent.fused._kernels" in sys.modules:  # decorated without the interpreter: redo it
+    importlib.reload(sys.modules["crossent.fused._kernels"])
+
+from crossent.fused import _kernels, _launch  # noqa: E402
+from crossent.fused._chunked import _chunked_linear_ce, _row_stats_torch  # noqa: E402
+
+BLOCK = 16
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_and_small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton reads it again at launch
+    monkeypatch.setattr(_launch, "BLOCK_V", BLOCK)
+
+
+def _tol(dtype: Any) -> dict[str, float]:
+    return (
+        {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    )
+
+
+@triton.jit
+def _tanh_probe(X, Y, n, BLOCK_V: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = offs < n
+    tl.store(Y + offs, _kernels._tanh(tl.load(X + offs, mask=mask)), mask=mask)
+
+
+# Everything is decorated now; leave the environment as it was for other test modules.
+if _previous is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _previous
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tanh_is_accurate_near_zero_and_saturates(dtype: Any) -> None:
+    x = torch.cat(
+        [
+            torch.linspace(-3, 3, 601, dtype=dtype),
+            torch.tensor(
+                [0.0, 1e-30, -1e-8, 0.1249, 0.1251, -0.125, 20.0, -20.0, 1e4], dtype=dtype
+            ),
+        ]
+    )
+    y = torch.empty_like(x)
+    _tanh_probe[(triton.cdiv(x.numel(), 64),)](x, y, x.numel(), BLOCK_V=64)
+    want = torch.tanh(x.double())
+    ulp = torch.finfo(dtype).eps
+    err = ((y.double() - want).abs() / want.abs().clamp_min(torch.finfo(dtype).tiny)).max()
+    assert err <= 4 * ulp
+    assert torch.equal(y[-1], torch.tensor(1.0, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cap", "weighted"),
+    [(torch.float32, None, False), (torch.float64, 2.0, True), (torch.float32, 5.0, True)],
+)
+def test_row_stats_kernel_matches_torch(dtype: Any, cap: float | None, weighted: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    n, v = 6, 53
+    x = torch.randn(n, v, generator=gen, dtype=dtype) * 4
+    x[2, 40] = 1e3  # peak in a late tile
+    y = torch.randint(0, v, (n,), generator=gen)
+    cw = torch.rand(v, generator=gen, dtype=dtype) if weighted else None
+    before = x.clone()
+    got = _launch.row_stats(x, y, cw, softcap=cap, smoothing=True)
+    assert torch.equal(x, before)  # the statistics kernel only reads
+    work = x.clone()
+    tanh_buf = torch.empty_like(work) if cap is not None else None
+    want = _row_stats_torch(work, tanh_buf, y, cw, softcap=cap, smoothing=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **_tol(dtype))
+
+
+@pytest.mark.parametrize(("cap", "weighted"), [(None, False), (3.0, True)])
+def test_logits_grad_kernel_matches_formula(cap: float | None, weighted: bool) -> None:
+    gen = torch.Generator().manual_seed(2)
+    n, v = 5, 37
+    x = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    y = torch.randint(0, v, (n,), generator=gen)
+    owned = torch.tensor([True, False, True, True, False])
+    cw = torch.rand(v, generator=gen, dtype=torch.float64) if weighted else None
+    a, b, e = (torch.rand(n, generator=gen, dtype=torch.float64) for _ in range(3))
+    z = x if cap is None else cap * torch.tanh(x / cap)
+    lse = torch.logsumexp(z, 1)
+    p = torch.exp(z - lse[:, None])
+    onehot = torch.nn.functional.one_hot(y, v).double() * owned[:, None]
+    w = cw if cw is not None else torch.ones(v, dtype=torch.float64)
+    want = a[:, None] * p - b[:, None] * onehot - e[:, None] * w
+    if cap is not None:
+        want = want * (1 - torch.tanh(x / cap) ** 2)
+    _launch.logits_grad_(x, y, owned, cw, lse, a, b, e, softcap=cap, smoothing=True)
+    torch.testing.assert_close(x, want, rtol=1e-12, atol=1e-13)
+
+
+COMBOS = [
+    # bias, class_weight, eps, z_loss, softcap, reduction, dtype
+    (False, False, 0.0, 0.0, None, "mean", torch.float32),
+    (True, True, 0.2, 1e-2, 2.0, "none", torch.float64),
+    (True, False, 0.1, 0.0, 3.0, "sum", torch.float32),
+    (False, True, 0.0, 1e-2, None, "mean", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(("bias", "cw", "eps", "zeta", "cap", "reduction", "dtype"), COMBOS)
+def test_chunk_loop_with_triton_equals_pytorch_path(
+    bias: bool, cw: bool, eps: float, zeta: float, cap: float | None, reduction: str, dtype: Any
+) -> None:
+    gen = torch.Generator().manual_seed(3)
+    n, d, v = 19, 7, 45
+    h = torch.randn(n, d, generator=gen).to(dtype)
+    w = (torch.randn(v, d, generator=gen) * 2).to(dtype)
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[::4] = -100
+    kw: dict[str, Any] = {
+        "bias": torch.randn(v, generator=gen).to(dtype) if bias else None,
+        "class_weight": torch.rand(v, generator=gen).to(dtype) if cw else None,
+        "ignore_index": -100,
+        "label_smoothing": eps,
+        "z_loss": zeta,
+        "softcap": cap,
+        "reduction": reduction,
+        "chunk_size": 8,
+        "compute_grad": True,
+        "row_scale": torch.randn(n, generator=gen).to(dtype) if reduction == "none" else None,
+    }
+    ref = _chunked_linear_ce(h, w, y, use_triton=False, **kw)
+    got = _chunked_linear_ce(h, w, y, use_triton=True, **kw)
+    tol = _tol(torch.float32 if dtype == torch.bfloat16 else dtype)
+    for g, r in itertools.zip_longest(got, ref):
+        if r is None:
+            assert g is None
+            continue
+        assert g.dtype == r.dtype
+        if g.dtype == torch.bfloat16:  # the same float32 gradient, rounded to bfloat16
+            torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-3)
+        else:
+            torch.testing.assert_close(g, r, **tol)
+
+
+def test_triton_path_under_public_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The autograd Function passes use_triton through (forced here on CPU)."""
+    import crossent.fused._function as fn
+
+    real = fn._chunked_linear_ce
+    seen: list[Any] = []
+
+    def forced(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("use_triton"))
+        kwargs["use_triton"] = True
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fn, "_chunked_linear_ce", forced)
+    from crossent.fused import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(10, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 30, (10,), generator=gen)
+    loss = linear_cross_entropy(h, w, y, softcap=4.0, label_smoothing=0.1)
+    loss.backward()
+    ref_h = h.detach().clone().requires_grad_()
+    ref_w = w.detach().clone().requires_grad_()
+    logits = 4.0 * torch.tanh(ref_h @ ref_w.T / 4.0)
+    ref = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+    ref.backward()
+    assert seen == [None]
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h.grad, ref_h.grad)
+    torch.testing.assert_close(w.grad, ref_w.grad)

@@ -1,0 +1,528 @@
+"""crossent.fused.linear_cross_entropy against the float64 reference and PyTorch's unfused loss."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from crossent.fused import _chunked, linear_cross_entropy  # noqa: E402
+from crossent.fused._chunked import _auto_chunk_size, _chunked_linear_ce  # noqa: E402
+from tests._reference.fused import linear_cross_entropy_ref  # noqa: E402
+
+N, D, V = 257, 67, 1003  # odd shapes: ragged last chunk, V not a power of two
+
+
+def _inputs(
+    n: int = N,
+    d: int = D,
+    v: int = V,
+    *,
+    dtype: Any = None,
+    ignored: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    dtype = torch.float64 if dtype is None else dtype
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64) * (2.0 / d**0.5)
+    bias = torch.randn(v, generator=gen, dtype=torch.float64) * 0.5
+    target = torch.randint(0, v, (n,), generator=gen)
+    if ignored:
+        target[::7] = -100
+    class_weight = torch.rand(v, generator=gen, dtype=torch.float64) + 0.1
+    grad = torch.randn(n, generator=gen, dtype=torch.float64)
+    return {
+        "hidden": hidden.to(dtype),
+        "weight": weight.to(dtype),
+        "bias": bias.to(dtype),
+        "target": target,
+        "class_weight": class_weight.to(dtype),
+        "grad": grad.to(dtype),
+    }
+
+
+def _ours(
+    data: dict[str, Any], *, bias: bool, class_weight: bool, upstream: Any, **opts: Any
+) -> tuple[Any, ...]:
+    """Loss and gradients of ours, through autograd, on fresh leaves."""
+    h = data["hidden"].clone().requires_grad_()
+    w = data["weight"].clone().requires_grad_()
+    b = data["bias"].clone().requires_grad_() if bias else None
+    cw = data["class_weight"] if class_weight else None
+    loss = linear_cross_entropy(h, w, data["target"], bias=b, class_weight=cw, **opts)
+    loss.backward(upstream)
+    return loss.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
+def _ref(data: dict[str, Any], *, bias: bool, class_weight: bool, upstream: Any, **opts: Any):
+    opts = dict(opts)
+    opts.pop("chunk_size", None)
+    return linear_cross_entropy_ref(
+        data["hidden"].double().numpy(),
+        data["weight"].double().numpy(),
+        data["target"].numpy(),
+        bias=data["bias"].double().numpy() if bias else None,
+        class_weight=data["class_weight"].double().numpy() if class_weight else None,
+        grad_output=upstream.double().numpy(),
+        **opts,
+    )
+
+
+def _assert_close(ours: Any, ref: Any, *, rtol: float, atol: float) -> None:
+    np.testing.assert_allclose(ours.detach().double().numpy(), ref, rtol=rtol, atol=atol)
+
+
+OPTION_GRID = list(
+    itertools.product(
+        [False, True],  # bias
+        [False, True],  # class_weight
+        [0.0, 0.1],  # label_smoothing
+        [0.0, 1e-3],  # z_loss
+        [None, 3.0],  # softcap
+        ["mean", "sum", "none"],
+    )
+)
+
+
+@pytest.mark.parametrize(("bias", "cw", "eps", "zeta", "cap", "reduction"), OPTION_GRID)
+def test_all_options_match_float64_reference(
+    bias: bool, cw: bool, eps: float, zeta: float, cap: float | None, reduction: str
+) -> None:
+    data = _inputs()
+    upstream = data["grad"] if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+    opts = {
+        "label_smoothing": eps,
+        "z_loss": zeta,
+        "softcap": cap,
+        "reduction": reduction,
+        "chunk_size": 64,
+    }
+    got = _ours(data, bias=bias, class_weight=cw, upstream=upstream, **opts)
+    want = _ref(data, bias=bias, class_weight=cw, upstream=upstream, **opts)
+    for g, w in zip(got, want, strict=True):
+        if g is None:
+            assert not bias
+            continue
+        _assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("bias", "cw", "eps"), [(False, False, 0.0), (True, True, 0.2)])
+def test_matches_torch_unfused_autograd(reduction: str, bias: bool, cw: bool, eps: float) -> None:
+    """Same value and gradients as F.cross_entropy(F.linear(...)), (..., d) hidden."""
+    data = _inputs(n=60)
+    h = data["hidden"].reshape(3, 20, D).clone().requires_grad_()
+    w = data["weight"].clone().requires_grad_()
+    b = data["bias"].clone().requires_grad_() if bias else None
+    y = data["target"].reshape(3, 20)
+    cls_w = data["class_weight"] if cw else None
+    kwargs = {"reduction": reduction, "label_smoothing": eps}
+    ours = linear_cross_entropy(h, w, y, bias=b, class_weight=cls_w, chunk_size=7, **kwargs)
+    logits = F.linear(h, w, b).reshape(-1, V)
+    theirs = F.cross_entropy(logits, y.reshape(-1), weight=cls_w, **kwargs)
+    if reduction == "none":
+        theirs = theirs.reshape(3, 20)
+        assert ours.shape == (3, 20)
+    up = data["grad"][:60].reshape(3, 20) if reduction == "none" else torch.tensor(1.3).double()
+    leaves = [h, w] + ([b] if bias else [])
+    g_ours = torch.autograd.grad(ours, leaves, up)
+    g_theirs = torch.autograd.grad(theirs, leaves, up)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    for a, c in zip(g_ours, g_theirs, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float32_within_float32_rounding_of_float64(reduction: str) -> None:
+    data = _inputs(dtype=torch.float32)
+    up = data["grad"] if reduction == "none" else torch.tensor(1.0)
+    opts = {"reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0}
+    got = _ours(data, bias=True, class_weight=True, upstream=up, chunk_size=50, **opts)
+    want = _ref(data, bias=True, class_weight=True, upstream=up, **opts)
+    for g, w in zip(got, want, strict=True):
+        scale = float(np.max(np.abs(w)))
+        assert g.dtype == torch.float32
+        _assert_close(g, w, rtol=2e-5, atol=2e-6 * scale)
+
+
+def _torch_unfused(
+    data: dict[str, Any], upstream: Any, reduction: str
+) -> tuple[Any, Any, Any, Any]:
+    h = data["hidden"].clone().requires_grad_()
+    w = data["weight"].clone().requires_grad_()
+    b = data["bias"].clone().requires_grad_()
+    loss = F.cross_entropy(F.linear(h, w, b), data["target"], reduction=reduction)
+    loss.backward(upstream)
+    return loss.detach(), h.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_low_precision_no_worse_than_torch(dtype: str, reduction: str) -> None:
+    """|ours − ref| against |torch − ref| (same dtype, same inputs), value and every gradient."""
+    dt = getattr(torch, dtype)
+    data = _inputs(dtype=dt)
+    up = data["grad"] if reduction == "none" else torch.tensor(1.0, dtype=dt)
+    ours = _ours(
+        data, bias=True, class_weight=False, upstream=up, reduction=reduction, chunk_size=64
+    )
+    theirs = _torch_unfused(data, up, reduction)
+    want = _ref(data, bias=True, class_weight=False, upstream=up, reduction=reduction)
+    for a, c, w in zip(ours, theirs, want, strict=True):
+        assert a.dtype == dt
+        err_ours = np.linalg.norm(a.double().numpy() - w)
+        err_torch = np.linalg.norm(c.double().numpy() - w)
+        # 1.25: the two round differently (both to the same dtype); ours keeps float32 inside
+        assert err_ours <= 1.25 * err_torch + 1e-6 * np.linalg.norm(w), (err_ours, err_torch)
+
+
+def test_gradcheck_float64_all_options() -> None:
+    data = _inputs(n=9, d=4, v=11)
+    y = data["target"]
+    cw = data["class_weight"]
+
+    def f(h: Any, w: Any, b: Any) -> Any:
+        return linear_cross_entropy(
+            h,
+            w,
+            y,
+            bias=b,
+            class_weight=cw,
+            label_smoothing=0.2,
+            z_loss=0.05,
+            softcap=2.0,
+            chunk_size=4,
+        )
+
+    def f_none(h: Any, w: Any, b: Any) -> Any:
+        return linear_cross_entropy(h, w, y, bias=b, z_loss=0.05, reduction="none", chunk_size=3)
+
+    args = tuple(data[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradcheck(f_none, args)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_inputs_unchanged_after_forward_and_backward(reduction: str, dtype: str) -> None:
+    data = _inputs(n=40, dtype=getattr(torch, dtype))
+    h = data["hidden"].requires_grad_()
+    w = data["weight"].requires_grad_()
+    b = data["bias"].requires_grad_()
+    y, cw = data["target"], data["class_weight"]
+    before = [t.detach().clone() for t in (h, w, b, y, cw)]
+    versions = [t._version for t in (h, w, b, y, cw)]
+    loss = linear_cross_entropy(
+        h, w, y, bias=b, class_weight=cw, softcap=4.0, label_smoothing=0.1, reduction=reduction
+    )
+    loss.sum().backward()
+    for t, old, version in zip((h, w, b, y, cw), before, versions, strict=True):
+        assert torch.equal(t.detach(), old)
+        assert t._version == version
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_batch_is_zero_with_zero_grads(reduction: str) -> None:
+    data = _inputs(n=12)
+    h = data["hidden"].requires_grad_()
+    w = data["weight"].requires_grad_()
+    b = data["bias"].requires_grad_()
+    y = torch.full((12,), -100)
+    loss = linear_cross_entropy(
+        h, w, y, bias=b, class_weight=data["class_weight"], reduction=reduction
+    )
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert loss.shape == ((12,) if reduction == "none" else ())
+    loss.sum().backward()
+    for t in (h, w, b):
+        assert t.grad is not None
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("target_is_peak", [True, False])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_peaked_row(target_is_peak: bool, dtype: str) -> None:
+    """One logit 1e4 above the rest: finite loss, exact limits, no NaN anywhere."""
+    dt = getattr(torch, dtype)
+    data = _inputs(n=6, d=5, v=9, ignored=False, dtype=dt)
+    h, w = data["hidden"].clone(), data["weight"].clone()
+    h[0] = 0.0
+    h[0, 0] = 1e4
+    w[:, 0] = 0.0
+    w[3, 0] = 1.0  # row 0: logit 3 is 1e4, every other logit 0
+    y = data["target"].clone()
+    y[0] = 3 if target_is_peak else 4
+    up = data["grad"]
+    opts = {"reduction": "none", "chunk_size": 4}
+    d_in = {**data, "hidden": h, "weight": w, "target": y}
+    got = _ours(d_in, bias=False, class_weight=False, upstream=up, **opts)
+    want = _ref(d_in, bias=False, class_weight=False, upstream=up, **opts)
+    assert got[0][0].item() == (0.0 if target_is_peak else 1e4)
+    for g, r in zip(got, want, strict=True):
+        if g is None:
+            continue
+        assert torch.isfinite(g).all()
+        _assert_close(g, r, rtol=2e-5, atol=1e-5)
+
+
+def test_nan_propagates() -> None:
+    data = _inputs(n=8, ignored=False)
+    h = data["hidden"].clone()
+    h[2, 0] = float("nan")
+    out = linear_cross_entropy(h, data["weight"], data["target"], reduction="none")
+    assert torch.isnan(out[2])
+    assert torch.isfinite(out[torch.arange(8) != 2]).all()
+
+
+def test_no_grad_path_does_no_gradient_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _inputs(n=30)
+    calls: list[Any] = []
+    real = _chunked_linear_ce
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["compute_grad"])
+        return real(*args, **kwargs)
+
+    import crossent.fused._function as fn
+
+    monkeypatch.setattr(fn, "_chunked_linear_ce", spy)
+    h = data["hidden"].requires_grad_()
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, data["weight"], data["target"])
+    assert loss.grad_fn is None
+    assert calls == [False]
+    with_grad = linear_cross_entropy(h, data["weight"], data["target"])
+    assert calls[-1] == (True, False, False)  # only hidden requires a gradient
+    torch.testing.assert_close(loss, with_grad.detach())
+
+
+def test_flops_are_three_matrix_products_of_counted_tokens() -> None:
+    """Forward does 6·n·V·d flops (n counted tokens), backward none; "none" forward only 2·n·V·d."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, d, v = 40, 16, 50
+    data = _inputs(n=n, d=d, v=v, ignored=False, dtype=torch.float32)
+    y = data["target"].clone()
+    y[::4] = -100  # 10 ignored, 30 counted
+    h = data["hidden"].requires_grad_()
+    w = data["weight"].requires_grad_()
+    with FlopCounterMode(display=False) as fwd:
+        loss = linear_cross_entropy(h, w, y, chunk_size=8)
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    assert fwd.get_total_flops() == 6 * 30 * v * d
+    assert bwd.get_total_flops() == 0
+    with FlopCounterMode(display=False) as fwd_none:
+        linear_cross_entropy(h, w, y, reduction="none", chunk_size=8)
+    assert fwd_none.get_total_flops() == 2 * 30 * v * d
+
+
+def test_retain_graph_second_backward_recomputes() -> None:
+    data = _inputs(n=20)
+    h = data["hidden"].requires_grad_()
+    w = data["weight"].requires_grad_()
+    loss = linear_cross_entropy(h, w, data["target"], label_smoothing=0.1)
+    g1 = torch.autograd.grad(loss, [h, w], retain_graph=True)
+    g2 = torch.autograd.grad(loss, [h, w], torch.tensor(2.0, dtype=torch.float64))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(2 * a, b)
+
+
+def test_non_contiguous_inputs() -> None:
+    data = _inputs(n=30)
+    h = data["hidden"].t().contiguous().t()  # column-major storage
+    w = data["weight"].t().contiguous().t()
+    assert not h.is_contiguous()
+    assert not w.is_contiguous()
+    h.requires_grad_()
+    w.requires_grad_()
+    loss = linear_cross_entropy(h, w, data["target"], chunk_size=8)
+    loss.backward()
+    want = _ref(data, bias=False, class_weight=False, upstream=torch.tensor(1.0))
+    _assert_close(loss, want[0], rtol=1e-10, atol=1e-12)
+    _assert_close(h.grad, want[1], rtol=1e-10, atol=1e-12)
+    _assert_close(w.grad, want[2], rtol=1e-10, atol=1e-12)
+
+
+@given(
+    n=st.integers(1, 12),
+    v=st.integers(2, 9),
+    chunk=st.one_of(st.none(), st.integers(1, 13)),
+    shift=st.floats(-50, 50),
+)
+def test_chunking_and_bias_shift_do_not_change_result(
+    n: int, v: int, chunk: int | None, shift: float
+) -> None:
+    """Any chunk size gives the reference; adding a constant to all logits changes nothing."""
+    data = _inputs(n=n, d=3, v=v, seed=n * 31 + v)
+    y = data["target"]
+    b = data["bias"]
+    ref = linear_cross_entropy(
+        data["hidden"], data["weight"], y, bias=b, reduction="none", chunk_size=1
+    )
+    got = linear_cross_entropy(
+        data["hidden"], data["weight"], y, bias=b + shift, reduction="none", chunk_size=chunk
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_auto_chunk_size_respects_budget() -> None:
+    assert _auto_chunk_size(10_000, 32_000, low_precision=False, softcap=False) == (
+        _chunked.CHUNK_BUDGET_BYTES // (4 * 32_000)
+    )
+    assert _auto_chunk_size(10_000, 32_000, low_precision=True, softcap=True) == int(
+        _chunked.CHUNK_BUDGET_BYTES // (4 * 32_000 * 2.5)
+    )
+    assert _auto_chunk_size(5, 32_000, low_precision=False, softcap=False) == 5
+    assert _auto_chunk_size(10_000, 10**9, low_precision=False, softcap=False) == 16
+    data = _inputs(n=50)
+    auto = linear_cross_entropy(data["hidden"], data["weight"], data["target"])
+    one = linear_cross_entropy(data["hidden"], data["weight"], data["target"], chunk_size=1)
+    torch.testing.assert_close(auto, one)
+
+
+# ----------------------------------------------------------------- vocabulary slices (core API)
+
+
+class _ThreadGroup:
+    """All-reduce over threads: stands in for torch.distributed in the core's hooks."""
+
+    def __init__(self, size: int) -> None:
+        self.barrier = threading.Barrier(size)
+        self.slots: list[Any] = [None] * size
+
+    def hook(self, rank: int, op: str) -> Any:
+        def reduce(x: Any) -> None:
+            self.slots[rank] = x.clone()
+            self.barrier.wait()
+            stacked = torch.stack(self.slots)
+            result = stacked.amax(0) if op == "max" else stacked.sum(0)
+            self.barrier.wait()
+            x.copy_(result)
+
+        return reduce
+
+
+@pytest.mark.parametrize(
+    ("cw", "eps", "zeta", "cap", "reduction", "chunk"),
+    [
+        (False, 0.0, 0.0, None, "mean", 5),
+        (True, 0.2, 1e-2, 2.0, "none", 4),
+        (True, 0.1, 0.0, None, "sum", None),
+    ],
+)
+def test_vocab_slices_with_hooks_equal_single_process(
+    cw: bool, eps: float, zeta: float, cap: float | None, reduction: str, chunk: int | None
+) -> None:
+    data = _inputs(n=29, d=7, v=20)
+    h, w, b, y = data["hidden"], data["weight"] * 3, data["bias"], data["target"]
+    kw: dict[str, Any] = {
+        "class_weight": data["class_weight"] if cw else None,
+        "ignore_index": -100,
+        "label_smoothing": eps,
+        "z_loss": zeta,
+        "softcap": cap,
+        "reduction": reduction,
+        "chunk_size": chunk,
+        "compute_grad": True,
+        "row_scale": data["grad"] if reduction == "none" else None,
+    }
+    full = _chunked_linear_ce(h, w, y, bias=b, **kw)
+    splits = [0, 6, 13, 20]  # uneven slices
+    group = _ThreadGroup(3)
+    outs: list[Any] = [None] * 3
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        lo, hi = splits[rank], splits[rank + 1]
+        try:
+            outs[rank] = _chunked_linear_ce(
+                h,
+                w[lo:hi],
+                y,
+                bias=b[lo:hi],
+                vocab_start=lo,
+                vocab_size=20,
+                reduce_max=group.hook(rank, "max"),
+                reduce_sum=group.hook(rank, "sum"),
+                **kw,
+            )
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for o in outs:
+        torch.testing.assert_close(o.loss, full.loss)
+        torch.testing.assert_close(o.lse, full.lse)
+    torch.testing.assert_close(sum(o.grad_hidden for o in outs), full.grad_hidden)
+    torch.testing.assert_close(torch.cat([o.grad_weight for o in outs]), full.grad_weight)
+    torch.testing.assert_close(torch.cat([o.grad_bias for o in outs]), full.grad_bias)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_messages() -> None:
+    data = _inputs(n=4, d=3, v=5)
+    h, w, y = data["hidden"], data["weight"], data["target"]
+    cases: list[tuple[Any, type[Exception], str]] = [
+        (lambda: linear_cross_entropy(h.numpy(), w, y), TypeError, "`hidden`"),
+        (lambda: linear_cross_entropy(h, w.float(), y), TypeError, "`weight`"),
+        (lambda: linear_cross_entropy(h.long(), w.long(), y), TypeError, "`hidden`"),
+        (lambda: linear_cross_entropy(h, w[:, :2], y), ValueError, "`weight`"),
+        (lambda: linear_cross_entropy(h, w, y[:3]), ValueError, "`target`"),
+        (lambda: linear_cross_entropy(h, w, y.double()), TypeError, "`target`"),
+        (lambda: linear_cross_entropy(h, w, y + 5), ValueError, "`target`"),
+        (lambda: linear_cross_entropy(h, w, y, bias=w[0]), ValueError, "`bias`"),
+        (lambda: linear_cross_entropy(h, w, y, bias=data["bias"].float()), TypeError, "`bias`"),
+        (
+            lambda: linear_cross_entropy(h, w, y, class_weight=-data["class_weight"]),
+            ValueError,
+            "`class_weight`",
+        ),
+        (lambda: linear_cross_entropy(h, w, y, class_weight=w[0]), ValueError, "`class_weight`"),
+        (lambda: linear_cross_entropy(h, w, y, reduction="avg"), ValueError, "`reduction`"),
+        (
+            lambda: linear_cross_entropy(h, w, y, label_smoothing=1.5),
+            ValueError,
+            "`label_smoothing`",
+        ),
+        (lambda: linear_cross_entropy(h, w, y, z_loss=-1.0), ValueError, "`z_loss`"),
+        (lambda: linear_cross_entropy(h, w, y, softcap=0.0), ValueError, "`softcap`"),
+        (lambda: linear_cross_entropy(h, w, y, softcap="30"), TypeError, "`softcap`"),
+        (lambda: linear_cross_entropy(h, w, y, chunk_size=0), ValueError, "`chunk_size`"),
+        (lambda: linear_cross_entropy(h, w, y, chunk_size=2.0), TypeError, "`chunk_size`"),
+        (lambda: linear_cross_entropy(h, w, y, ignore_index=None), TypeError, "`ignore_index`"),
+    ]
+    for call, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            call()
+
+
+def test_label_range_check_obeys_validation_switch() -> None:
+    import crossent
+
+    data = _inputs(n=4, d=3, v=5)
+    y = data["target"].clone()
+    y[0] = -1  # not ignore_index
+    with pytest.raises(ValueError, match="ignore_index"):
+        linear_cross_entropy(data["hidden"], data["weight"], y)
+    y[0] = 3
+    with crossent.validation(False):
+        out = linear_cross_entropy(data["hidden"], data["weight"], y, ignore_index=3)
+    assert torch.isfinite(out)
