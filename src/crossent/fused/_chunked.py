@@ -191,7 +191,9 @@ def _chunked_linear_ce(
     :math:`D = \sum_i w_{y_i}` over counted rows (0 when :math:`D = 0`).
 
     Across vocabulary slices each rank reduces its slice to
-    :math:`(m_r, s_r, S_r = \sum_{k\in r} w_k(z_k - m_r), z_y - m_r)`; with
+    :math:`(m_r, s_r, S_r = \sum_{k\in r} w_k(z_k - m_r), z_y - m_r)` about a
+    per-row reference point :math:`m_r` (the slice's max in the Triton kernel, its
+    log-sum-exp on the PyTorch path, where :math:`s_r = 1`); with
     :math:`m = \max_r m_r`, :math:`\delta_r = m_r - m \le 0`:
     :math:`s = \sum_r s_r e^{\delta_r}`, :math:`S = \sum_r (S_r + W_r\delta_r)`
     (both parts :math:`\le 0`) and the owner's :math:`z_y - m = (z_y - m_r) + \delta_r`.
@@ -248,8 +250,10 @@ def _chunked_linear_ce(
         grad_h = (torch.zeros if compact else torch.empty)(
             (n_total, d), dtype=in_dtype, device=device
         )
-    grad_w = torch.zeros((v_local, d), dtype=acc_dtype, device=device) if want_w else None
-    grad_b = torch.zeros((v_local,), dtype=acc_dtype, device=device) if want_b else None
+    # zeros only for an empty batch: otherwise the first chunk overwrites them (no fill pass)
+    alloc = torch.zeros if n_counted == 0 else torch.empty
+    grad_w = alloc((v_local, d), dtype=acc_dtype, device=device) if want_w else None
+    grad_b = alloc((v_local,), dtype=acc_dtype, device=device) if want_b else None
     loss_rows = torch.zeros((n_total,), dtype=cdt, device=device) if reduction == "none" else None
     loss_total = torch.zeros((), dtype=cdt, device=device)
     lse_rows = torch.zeros((n_total,), dtype=cdt, device=device)
@@ -284,6 +288,7 @@ def _chunked_linear_ce(
     v_block = max(1, min(v_local, (chunk * v_local) // max(4 * d, 1))) if low_precision else 0
 
     for start in range(0, n_counted, chunk):
+        first = start == 0
         stop = min(start + chunk, n_counted)
         n = stop - start
         rows = rows_all[start:stop]
@@ -377,6 +382,7 @@ def _chunked_linear_ce(
                 smoothing=eps > 0,
             )
         else:
+            buf.exp_()  # slice softmax
             coef = r * a / s
             if delta is not None:
                 coef = coef * torch.exp(delta)
@@ -394,7 +400,10 @@ def _chunked_linear_ce(
                 buf.mul_(t)
 
         if grad_b is not None:
-            grad_b += buf.sum(0).to(acc_dtype)
+            if first:
+                torch.sum(buf, dim=0, out=grad_b)
+            else:
+                grad_b += buf.sum(0)
         g = buf
         if lp is not None:
             lp.copy_(buf)
@@ -406,9 +415,12 @@ def _chunked_linear_ce(
                 torch.mm(g, weight, out=grad_h[start:stop])
         if grad_w is not None:
             if lp is None:
-                torch.addmm(grad_w, g.t(), h_c, out=grad_w)
+                if first:
+                    torch.mm(g.t(), h_c, out=grad_w)
+                else:
+                    torch.addmm(grad_w, g.t(), h_c, out=grad_w)
             else:
-                _accumulate_weight_grad_f32(grad_w, buf, g, h_c, v_block=v_block)
+                _accumulate_weight_grad_f32(grad_w, buf, g, h_c, v_block=v_block, first=first)
 
     if loss_rows is not None:
         loss_out = loss_rows
@@ -424,6 +436,7 @@ def _accumulate_weight_grad_f32(
     h_c: torch.Tensor,
     *,
     v_block: int,
+    first: bool,
 ) -> None:
     """``grad_w += G.T @ h_c`` in float32 for float16/bfloat16 inputs.
 
@@ -431,12 +444,15 @@ def _accumulate_weight_grad_f32(
     (``torch.mm(..., out_dtype=torch.float32)``), in vocabulary blocks so the
     temporary stays small. Elsewhere (no such kernel on CPU): a float32 product of
     the float32 gradient buffer and the upcast chunk of `hidden`, accumulated in
-    place. Rounding each chunk's partial sum to the input dtype instead would make
-    the weight gradient less accurate than PyTorch's unfused one.
+    place (`first` overwrites `grad_w` instead). Rounding each chunk's partial sum
+    to the input dtype would make the weight gradient less accurate than
+    PyTorch's unfused one.
     """
     import torch
 
     if g_lp.device.type == "cuda":
+        if first:
+            grad_w.zero_()
         try:
             for v0 in range(0, grad_w.shape[0], v_block):
                 v1 = min(v0 + v_block, grad_w.shape[0])
@@ -445,7 +461,11 @@ def _accumulate_weight_grad_f32(
             pass
         else:  # pragma: no cover - needs a GPU
             return
-    torch.addmm(grad_w, g32.t(), h_c.to(torch.float32), out=grad_w)
+    h32 = h_c.to(torch.float32)
+    if first:
+        torch.mm(g32.t(), h32, out=grad_w)
+    else:
+        torch.addmm(grad_w, g32.t(), h32, out=grad_w)
 
 
 def _row_stats_torch(
@@ -457,12 +477,14 @@ def _row_stats_torch(
     softcap: float | None,
     smoothing: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Local row statistics; leaves ``exp(z - m_loc)`` in `buf` (and tanh(x/c) in `tanh_buf`).
+    """Local row statistics; leaves the slice's log-softmax ``z - lse_loc`` in `buf`.
 
-    Returns ``(m_loc, s_loc, S_loc, z_y - m_loc)`` with
-    ``s_loc = Σ_k exp(z_k - m_loc)`` and ``S_loc = Σ_k w_k (z_k - m_loc)`` (0 when
-    not `smoothing`); ``z_y - m_loc`` is read at `y_loc` whether or not the row's
-    target lies in this slice (the caller masks it).
+    The reference point of the statistics is the slice's own log-sum-exp
+    ``lse_loc`` (one fused, cache-friendly ``log_softmax`` pass), so it returns
+    ``(lse_loc, 1, S_loc, z_y - lse_loc)`` with ``S_loc = Σ_k w_k (z_k - lse_loc)``
+    (≤ 0; 0 when not `smoothing`). ``lse_loc = z_j - (z_j - lse_loc)`` is recovered
+    at the target column (any column would do; the caller masks targets owned by
+    other slices). With `softcap`, tanh(x/c) is kept in `tanh_buf` for the chain rule.
     """
     import torch
 
@@ -470,16 +492,16 @@ def _row_stats_torch(
         buf.div_(softcap).tanh_()
         tanh_buf.copy_(buf)
         buf.mul_(softcap)
-    m_loc = buf.amax(dim=1)
-    buf.sub_(m_loc[:, None])
-    d_loc = buf.gather(1, y_loc[:, None]).squeeze(1)
+    col = y_loc[:, None]
+    z_y = buf.gather(1, col).squeeze(1)
+    torch._log_softmax(buf, 1, False, out=buf)
+    d_loc = buf.gather(1, col).squeeze(1)
+    lse_loc = z_y - d_loc
     if smoothing:
         sm_loc = torch.mv(buf, cw_local) if cw_local is not None else buf.sum(dim=1)
     else:
-        sm_loc = torch.zeros_like(m_loc)
-    buf.exp_()
-    s_loc = buf.sum(dim=1)
-    return m_loc, s_loc, sm_loc, d_loc
+        sm_loc = torch.zeros_like(lse_loc)
+    return lse_loc, torch.ones_like(lse_loc), sm_loc, d_loc
 
 
 def _triton_ops(hidden: torch.Tensor, use_triton: bool | None) -> Any:

@@ -98,13 +98,13 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.grads is not None:
             grad_h, grad_w, grad_b = ctx.grads
             ctx.grads = None  # consumed: a second backward recomputes
-            scale = grad_loss.to(torch.float32 if grad_w is None else grad_w.dtype)
-            if grad_h is not None:
-                grad_h.mul_(scale.to(grad_h.dtype))
-            if grad_w is not None:
-                grad_w = grad_w.mul_(scale).to(weight.dtype)
-            if grad_b is not None:
-                grad_b = grad_b.mul_(scale.to(grad_b.dtype)).to(bias.dtype)
+            if not bool(grad_loss == 1):  # loss.backward() passes 1: nothing to scale
+                scale = grad_loss.to(torch.float32 if grad_w is None else grad_w.dtype)
+                for g in (grad_h, grad_w, grad_b):
+                    if g is not None:
+                        g.mul_(scale.to(g.dtype))
+            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+            grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         else:
             row_scale = grad_loss.expand(target.shape[0]) if grad_loss.ndim == 0 else grad_loss
             res = _core(
