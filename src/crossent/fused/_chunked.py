@@ -14,13 +14,14 @@ per-row statistics of all slices before the loss and the gradient are formed.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["_ChunkedResult", "_auto_chunk_size", "_chunked_linear_ce"]
+__all__ = ["_ChunkedResult", "_auto_chunk_size", "_chunked_linear_ce", "clear_workspace"]
 
 Hook = Callable[["torch.Tensor"], "torch.Tensor | None"]
 
@@ -62,6 +63,39 @@ def _apply_hook(hook: Hook | None, x: torch.Tensor) -> torch.Tensor:
         return x
     out = hook(x)
     return x if out is None else out
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(
+    slot: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A work buffer of `shape`; on CPU reused across calls (one per slot and thread).
+
+    PyTorch's CPU allocator does not cache: every fresh buffer of this size is
+    new pages from the OS, whose first-touch faults and release cost as much as
+    several element-wise passes. The per-thread buffers are released by
+    :func:`clear_workspace`. On other devices PyTorch's caching allocator already
+    reuses memory, so a plain ``torch.empty`` is used.
+    """
+    import torch
+
+    numel = shape[0] * shape[1]
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    cache: dict[tuple[str, torch.dtype], torch.Tensor] = _WORKSPACE.__dict__.setdefault("bufs", {})
+    buf = cache.get((slot, dtype))
+    if buf is None or buf.numel() < numel:
+        cache.pop((slot, dtype), None)  # free the old one first
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        cache[(slot, dtype)] = buf
+    return buf[:numel].view(shape)
+
+
+def clear_workspace() -> None:
+    """Release this thread's cached CPU work buffers (see :func:`_workspace`)."""
+    _WORKSPACE.__dict__.pop("bufs", None)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -276,13 +310,12 @@ def _chunked_linear_ce(
     triton_ops = _triton_ops(hidden, use_triton)
 
     # Work buffers, allocated once.
-    buf_all = torch.empty((chunk, v_local), dtype=cdt, device=device)
+    shape = (chunk, v_local)
+    buf_all = _workspace("logits", shape, cdt, device)
     tanh_all = (
-        torch.empty((chunk, v_local), dtype=cdt, device=device)
-        if has_softcap and triton_ops is None
-        else None
+        _workspace("tanh", shape, cdt, device) if has_softcap and triton_ops is None else None
     )
-    lp_all = torch.empty((chunk, v_local), dtype=in_dtype, device=device) if low_precision else None
+    lp_all = _workspace("low", shape, in_dtype, device) if low_precision else None
     w_t = weight.t()
     # vocabulary block for the float32-accumulated weight gradient of low precision inputs
     v_block = max(1, min(v_local, (chunk * v_local) // max(4 * d, 1))) if low_precision else 0
