@@ -1,0 +1,115 @@
+"""Deterministic cases shared by the spawned ranks and the parent that checks them.
+
+Every rank rebuilds the whole problem from the case's seed, takes its slice of
+the vocabulary, and returns its loss and gradient slice; the parent rebuilds the
+same problem and computes the single-process loss with crossent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    batch: tuple[int, ...] = (7,)
+    vocab: int = 11
+    split: str = "even"  # "even" (sizes differ by at most 1) or "skewed" (rank 0 holds 1 class)
+    weight: str | None = None  # None, "global" (whole vector) or "local" (this rank's slice)
+    dtype: str = "float32"
+    ignored: str = "some"  # "none", "some" or "all" targets equal to ignore_index
+    masked: bool = False  # some non-target logits are -inf
+    hidden: int = 5  # hidden size of the fused cases
+    seed: int = 0
+
+
+def split_sizes(vocab: int, world_size: int, kind: str) -> list[int]:
+    """Slice lengths in rank order; never divisible-friendly by construction of the cases."""
+    if kind == "skewed":
+        rest = [len(c) for c in torch.arange(vocab - 1).tensor_split(world_size - 1)]
+        return [1, *rest]
+    return [len(c) for c in torch.arange(vocab).tensor_split(world_size)]
+
+
+def bounds(case: Case, world_size: int, rank: int) -> tuple[int, int]:
+    sizes = split_sizes(case.vocab, world_size, case.split)
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def problem(case: Case) -> dict[str, Any]:
+    """Logits, hidden, weight matrix, target, class weights, upstream gradient (float64)."""
+    g = torch.Generator().manual_seed(case.seed)
+    n = 1
+    for d in case.batch:
+        n *= d
+    ignore_index = case.options.get("ignore_index", -100)
+    target = torch.randint(0, case.vocab, case.batch, generator=g)
+    if case.ignored == "some" and ignore_index is not None:
+        target.view(-1)[::3] = ignore_index
+    elif case.ignored == "all":
+        target.fill_(ignore_index)
+    hidden = torch.randn((*case.batch, case.hidden), generator=g, dtype=torch.float64)
+    matrix = torch.randn((case.vocab, case.hidden), generator=g, dtype=torch.float64)
+    logits = 3 * torch.randn((*case.batch, case.vocab), generator=g, dtype=torch.float64)
+    if case.masked:
+        mask = torch.rand(logits.shape, generator=g) < 0.3
+        mask.view(-1, case.vocab)[torch.arange(n), target.view(-1).clamp(0, case.vocab - 1)] = False
+        logits = logits.masked_fill(mask, -float("inf"))
+    class_weight = torch.rand(case.vocab, generator=g, dtype=torch.float64) + 0.25
+    reduction = case.options.get("reduction", "mean")
+    upstream = torch.randn(
+        case.batch if reduction == "none" else (), generator=g, dtype=torch.float64
+    )
+    dtype = DTYPES[case.dtype]
+    return {
+        "logits": logits.to(dtype),
+        "hidden": hidden.to(dtype),
+        "matrix": matrix.to(dtype),
+        "target": target,
+        "class_weight": class_weight.to(dtype) if case.weight else None,
+        "upstream": upstream,
+    }
+
+
+CASES = [
+    Case("plain_mean"),
+    Case("plain_sum", {"reduction": "sum"}, split="skewed"),
+    Case("plain_none_2d", {"reduction": "none"}, batch=(2, 4)),
+    Case("no_ignore_index", {"ignore_index": None}, ignored="none"),
+    Case("other_ignore_index", {"ignore_index": 3, "reduction": "sum"}),
+    Case("smoothing_mean", {"label_smoothing": 0.2}, split="skewed"),
+    Case("smoothing_none", {"label_smoothing": 0.1, "reduction": "none"}),
+    Case("z_loss_mean", {"z_loss": 1e-2}),
+    Case("z_loss_none", {"z_loss": 1e-1, "reduction": "none"}, split="skewed"),
+    Case("softcap_sum", {"softcap": 2.5, "reduction": "sum"}),
+    Case("weight_global_mean", {"label_smoothing": 0.1}, weight="global"),
+    Case("weight_local_none", {"reduction": "none", "z_loss": 1e-2}, weight="local"),
+    Case(
+        "weight_local_smoothing_sum",
+        {"label_smoothing": 0.3, "reduction": "sum"},
+        weight="local",
+        split="skewed",
+    ),
+    Case(
+        "everything_mean",
+        {"label_smoothing": 0.15, "z_loss": 1e-2, "softcap": 4.0},
+        weight="global",
+        vocab=13,
+    ),
+    Case("all_ignored_mean", ignored="all"),
+    Case("masked_logits_mean", masked=True),
+    Case(
+        "float64_everything_none",
+        {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 3.0, "reduction": "none"},
+        dtype="float64",
+    ),
+    Case("bfloat16_mean", {"label_smoothing": 0.1}, dtype="bfloat16"),
+]

@@ -1,0 +1,134 @@
+"""What each spawned rank runs: every case in one process group, results returned to the parent."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tests.distributed._cases import CASES, Case, bounds, problem
+
+BAD_CALLS: dict[str, Callable[[int, int], dict[str, Any]]] = {}
+"""Each builds one rank's (local_logits, target, options) for a call that must raise everywhere."""
+
+
+def _bad(name: str) -> Callable[[Callable[[int, int], dict[str, Any]]], Any]:
+    def register(fn: Callable[[int, int], dict[str, Any]]) -> Any:
+        BAD_CALLS[name] = fn
+        return fn
+
+    return register
+
+
+def _good_args(rank: int, world_size: int) -> dict[str, Any]:
+    case = Case("bad")
+    p = problem(case)
+    lo, hi = bounds(case, world_size, rank)
+    return {"local_logits": p["logits"][..., lo:hi], "target": p["target"].clone()}
+
+
+@_bad("batch_shape_differs")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    args = _good_args(rank, world_size)
+    if rank == world_size - 1:
+        args = {k: v[:-1] for k, v in args.items()}
+    return args
+
+
+@_bad("label_above_global_vocab")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    args = _good_args(rank, world_size)
+    args["target"][1] = 11
+    return args
+
+
+@_bad("negative_label")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    args = _good_args(rank, world_size)
+    args["target"][2] = -7
+    return args
+
+
+@_bad("float_target_on_rank_0")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    args = _good_args(rank, world_size)
+    if rank == 0:
+        args["target"] = args["target"].float()
+    return args
+
+
+@_bad("target_shape_mismatch_on_rank_1")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    args = _good_args(rank, world_size)
+    if rank == 1:
+        args["target"] = args["target"][:-1]
+    return args
+
+
+@_bad("options_differ")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    return {**_good_args(rank, world_size), "label_smoothing": 0.1 if rank == 1 else 0.0}
+
+
+@_bad("bad_option_on_last_rank")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    return {
+        **_good_args(rank, world_size),
+        "reduction": "avg" if rank == world_size - 1 else "mean",
+    }
+
+
+@_bad("targets_differ")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    args = _good_args(rank, world_size)
+    if rank == 1:
+        args["target"][1] = (args["target"][1] + 1) % 11
+    return args
+
+
+@_bad("weight_on_rank_0_only")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    args = _good_args(rank, world_size)
+    if rank == 0:
+        args["weight"] = torch.ones(11)
+    return args
+
+
+@_bad("weight_wrong_length")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    return {**_good_args(rank, world_size), "weight": torch.ones(12)}
+
+
+def run_case(loss_fn: Callable[..., torch.Tensor], case: Case, rank: int, world_size: int) -> Any:
+    p = problem(case)
+    lo, hi = bounds(case, world_size, rank)
+    x = p["logits"][..., lo:hi].clone().requires_grad_(True)
+    weight = p["class_weight"]
+    if case.weight == "local":
+        weight = weight[lo:hi]
+    loss = loss_fn(x, p["target"], weight=weight, **case.options)
+    (loss.double() * p["upstream"]).sum().backward()
+    return {"loss": loss.detach(), "grad": x.grad}
+
+
+def capture(fn: Callable[[], Any]) -> tuple[str, str] | None:
+    """(exception type, message) raised by `fn`, or None."""
+    try:
+        fn()
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def vocab_parallel_worker(rank: int, world_size: int, payload: Any) -> dict[str, Any]:
+    from crossent.distributed import vocab_parallel_cross_entropy as loss_fn
+
+    out: dict[str, Any] = {"cases": {}, "errors": {}}
+    for case in CASES:
+        out["cases"][case.name] = run_case(loss_fn, case, rank, world_size)
+    for name, make in BAD_CALLS.items():
+        out["errors"][name] = capture(lambda make=make: loss_fn(**make(rank, world_size)))
+    # The group still works after all those errors.
+    out["after_errors"] = run_case(loss_fn, CASES[0], rank, world_size)
+    return out

@@ -1,0 +1,113 @@
+"""vocab_parallel_cross_entropy on 2 and 4 gloo ranks equals the single-process loss and grad."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import crossent as ce
+from crossent.distributed import vocab_parallel_cross_entropy
+from tests.distributed._cases import CASES, Case, bounds, problem, split_sizes
+from tests.distributed._harness import run_ranks
+from tests.distributed._workers import BAD_CALLS, vocab_parallel_worker
+
+WORLD_SIZES = (2, 4)
+TOL = {
+    "float32": {"rtol": 1e-5, "atol": 1e-6},
+    "float64": {"rtol": 1e-12, "atol": 1e-13},
+    "bfloat16": {"rtol": 1.6e-2, "atol": 1e-3},
+}
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"{w}ranks")
+def ranks(request: pytest.FixtureRequest) -> tuple[int, list[dict[str, Any]]]:
+    return request.param, run_ranks(vocab_parallel_worker, request.param)
+
+
+def reference(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """The single-process crossent loss and its gradient on the whole logits."""
+    p = problem(case)
+    x = p["logits"].clone().requires_grad_(True)
+    options = dict(case.options)
+    ignore_index = options.pop("ignore_index", -100)
+    loss = ce.sparse_categorical_cross_entropy(
+        x,
+        p["target"],
+        from_logits=True,
+        weight=p["class_weight"],
+        ignore_index=ignore_index,
+        **options,
+    )
+    (loss.double() * p["upstream"]).sum().backward()
+    assert x.grad is not None
+    return loss.detach(), x.grad
+
+
+def check_against_reference(case: Case, world_size: int, results: list[dict[str, Any]]) -> None:
+    want_loss, want_grad = reference(case)
+    for r, res in enumerate(results):  # the same loss, bit for bit, on every rank
+        assert res["loss"].dtype == want_loss.dtype
+        assert torch.equal(res["loss"], results[0]["loss"]), f"rank {r} differs from rank 0"
+    torch.testing.assert_close(results[0]["loss"], want_loss, **TOL[case.dtype])
+    grad = torch.cat([res["grad"] for res in results], dim=-1)
+    assert [res["grad"].shape[-1] for res in results] == split_sizes(
+        case.vocab, world_size, case.split
+    )
+    torch.testing.assert_close(grad, want_grad, **TOL[case.dtype])
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_loss_and_grad_equal_single_process(case: Case, ranks: Any) -> None:
+    world_size, results = ranks
+    check_against_reference(case, world_size, [res["cases"][case.name] for res in results])
+
+
+def test_group_still_usable_after_bad_calls(ranks: Any) -> None:
+    world_size, results = ranks
+    check_against_reference(CASES[0], world_size, [res["after_errors"] for res in results])
+
+
+# name: (rank(s) whose own arguments are wrong, the error they raise, words in every message)
+EXPECTED_ERRORS = {
+    "batch_shape_differs": (None, "ValueError", "same shape on every rank"),
+    "label_above_global_vocab": (None, "ValueError", "outside the global vocabulary [0, 11)"),
+    "negative_label": (None, "ValueError", "min=-7"),
+    "float_target_on_rank_0": (0, "TypeError", "integer class indices"),
+    "target_shape_mismatch_on_rank_1": (1, "ValueError", "without its last (vocabulary) axis"),
+    "options_differ": (None, "ValueError", "different options"),
+    "bad_option_on_last_rank": (-1, "ValueError", "`reduction`"),
+    "targets_differ": (None, "ValueError", "different `target` tensors"),
+    "weight_on_rank_0_only": (None, "ValueError", "given on some ranks but not on others"),
+    "weight_wrong_length": (None, "ValueError", "either the whole vocabulary (11 classes)"),
+}
+
+
+def test_every_bad_call_is_listed() -> None:
+    assert set(BAD_CALLS) == set(EXPECTED_ERRORS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ERRORS))
+def test_bad_call_raises_on_every_rank(name: str, ranks: Any) -> None:
+    world_size, results = ranks
+    culprit, kind, words = EXPECTED_ERRORS[name]
+    if culprit is not None:
+        culprit %= world_size
+    for r, res in enumerate(results):
+        err = res["errors"][name]
+        assert err is not None, f"rank {r} did not raise for {name}"
+        if culprit is None or r == culprit:
+            assert err[0] == kind, err
+            assert words in err[1], err
+        else:  # the other ranks name the culprit instead of waiting for it
+            assert err[0] == "ValueError", err
+            assert f"rank(s) [{culprit}]" in err[1], err
+
+
+def test_needs_a_process_group() -> None:
+    case = CASES[0]
+    p = problem(case)
+    lo, hi = bounds(case, 1, 0)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_cross_entropy(p["logits"][..., lo:hi], p["target"])
