@@ -27,6 +27,7 @@ class Case:
     ignored: str = "some"  # "none", "some" or "all" targets equal to ignore_index
     masked: bool = False  # some non-target logits are -inf
     hidden: int = 5  # hidden size of the fused cases
+    bias: bool = False  # fused cases: a bias vector
     seed: int = 0
 
 
@@ -64,6 +65,7 @@ def problem(case: Case) -> dict[str, Any]:
         mask.view(-1, case.vocab)[torch.arange(n), target.view(-1).clamp(0, case.vocab - 1)] = False
         logits = logits.masked_fill(mask, -float("inf"))
     class_weight = torch.rand(case.vocab, generator=g, dtype=torch.float64) + 0.25
+    bias = torch.randn(case.vocab, generator=g, dtype=torch.float64)
     reduction = case.options.get("reduction", "mean")
     upstream = torch.randn(
         case.batch if reduction == "none" else (), generator=g, dtype=torch.float64
@@ -75,6 +77,7 @@ def problem(case: Case) -> dict[str, Any]:
         "matrix": matrix.to(dtype),
         "target": target,
         "class_weight": class_weight.to(dtype) if case.weight else None,
+        "bias": bias.to(dtype) if case.bias else None,
         "upstream": upstream,
     }
 
@@ -112,4 +115,41 @@ CASES = [
         dtype="float64",
     ),
     Case("bfloat16_mean", {"label_smoothing": 0.1}, dtype="bfloat16"),
+]
+
+# The fused path: `options` may add chunk_size; `weight` can only be "global" (the core's rule).
+LINEAR_CASES = [
+    Case("linear_mean"),
+    Case("linear_sum_bias_skewed", {"reduction": "sum"}, bias=True, split="skewed"),
+    Case(
+        "linear_none_2d_smoothing_z",
+        {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-2},
+        batch=(2, 4),
+    ),
+    Case(
+        "linear_softcap_smoothing_chunks",
+        {"softcap": 3.0, "label_smoothing": 0.2, "chunk_size": 3},
+        bias=True,
+    ),
+    Case(
+        "linear_class_weight_mean",
+        {"label_smoothing": 0.1, "chunk_size": 2},
+        weight="global",
+        vocab=13,
+    ),
+    Case("linear_other_ignore_index_sum", {"ignore_index": 4, "reduction": "sum"}),
+    Case("linear_all_ignored_mean", ignored="all"),
+    Case(
+        "linear_float64_everything_none",
+        {
+            "label_smoothing": 0.1,
+            "z_loss": 1e-3,
+            "softcap": 2.0,
+            "reduction": "none",
+            "chunk_size": 2,
+        },
+        dtype="float64",
+        bias=True,
+        weight="global",
+    ),
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tests.distributed._cases import CASES, Case, bounds, problem
+from tests.distributed._cases import CASES, LINEAR_CASES, Case, bounds, problem
 
 BAD_CALLS: dict[str, Callable[[int, int], dict[str, Any]]] = {}
 """Each builds one rank's (local_logits, target, options) for a call that must raise everywhere."""
@@ -112,6 +112,71 @@ def run_case(loss_fn: Callable[..., torch.Tensor], case: Case, rank: int, world_
     return {"loss": loss.detach(), "grad": x.grad}
 
 
+def run_linear_case(loss_fn: Callable[..., torch.Tensor], case: Case, rank: int, ws: int) -> Any:
+    p = problem(case)
+    lo, hi = bounds(case, ws, rank)
+    hidden = p["hidden"].clone().requires_grad_(True)
+    weight = p["matrix"][lo:hi].clone().requires_grad_(True)
+    bias = None if p["bias"] is None else p["bias"][lo:hi].clone().requires_grad_(True)
+    args = {"bias": bias, "class_weight": p["class_weight"], **case.options}
+    loss = loss_fn(hidden, weight, p["target"], **args)
+    (loss.double() * p["upstream"]).sum().backward()
+    with torch.no_grad():  # the loss-only path (no gradient buffers) gives the same value
+        eval_loss = loss_fn(hidden, weight, p["target"], **args)
+    return {
+        "loss": loss.detach(),
+        "eval_loss": eval_loss,
+        "grad_hidden": hidden.grad,
+        "grad_weight": weight.grad,
+        "grad_bias": None if bias is None else bias.grad,
+    }
+
+
+LINEAR_BAD_CALLS: dict[str, Callable[[int, int], dict[str, Any]]] = {}
+
+
+def _linear_args(rank: int, world_size: int) -> dict[str, Any]:
+    case = Case("bad")
+    p = problem(case)
+    lo, hi = bounds(case, world_size, rank)
+    return {"hidden": p["hidden"], "local_weight": p["matrix"][lo:hi], "target": p["target"]}
+
+
+def _linear_bad_d(rank: int, world_size: int) -> dict[str, Any]:
+    args = _linear_args(rank, world_size)
+    if rank == 1:
+        args["local_weight"] = args["local_weight"][:, :-1]
+    return args
+
+
+def _linear_grad_differs(rank: int, world_size: int) -> dict[str, Any]:
+    args = _linear_args(rank, world_size)
+    args["hidden"] = args["hidden"].clone().requires_grad_(rank == 0)
+    return args
+
+
+def _linear_label_out_of_range(rank: int, world_size: int) -> dict[str, Any]:
+    args = _linear_args(rank, world_size)
+    args["target"] = args["target"].clone()
+    args["target"][0] = 11
+    return args
+
+
+def _linear_local_class_weight(rank: int, world_size: int) -> dict[str, Any]:
+    args = _linear_args(rank, world_size)
+    return {**args, "class_weight": torch.ones(args["local_weight"].shape[0])}
+
+
+LINEAR_BAD_CALLS.update(
+    {
+        "linear_hidden_size_differs_on_rank_1": _linear_bad_d,
+        "linear_requires_grad_differs": _linear_grad_differs,
+        "linear_label_above_global_vocab": _linear_label_out_of_range,
+        "linear_class_weight_slice": _linear_local_class_weight,
+    }
+)
+
+
 def capture(fn: Callable[[], Any]) -> tuple[str, str] | None:
     """(exception type, message) raised by `fn`, or None."""
     try:
@@ -132,3 +197,23 @@ def vocab_parallel_worker(rank: int, world_size: int, payload: Any) -> dict[str,
     # The group still works after all those errors.
     out["after_errors"] = run_case(loss_fn, CASES[0], rank, world_size)
     return out
+
+
+def linear_worker(rank: int, world_size: int, payload: Any) -> dict[str, Any]:
+    from crossent.distributed import vocab_parallel_linear_cross_entropy as loss_fn
+
+    out: dict[str, Any] = {"cases": {}, "errors": {}}
+    for case in LINEAR_CASES:
+        out["cases"][case.name] = run_linear_case(loss_fn, case, rank, world_size)
+    for name, make in LINEAR_BAD_CALLS.items():
+        out["errors"][name] = capture(lambda make=make: loss_fn(**make(rank, world_size)))
+    out["after_errors"] = run_linear_case(loss_fn, LINEAR_CASES[0], rank, world_size)
+    return out
+
+
+def both_worker(rank: int, world_size: int, payload: Any) -> dict[str, Any]:
+    """Both losses in one process group (one spawn per world size for the whole test module)."""
+    return {
+        "unfused": vocab_parallel_worker(rank, world_size, payload),
+        "linear": linear_worker(rank, world_size, payload),
+    }

@@ -10,20 +10,13 @@ import torch
 import crossent as ce
 from crossent.distributed import vocab_parallel_cross_entropy
 from tests.distributed._cases import CASES, Case, bounds, problem, split_sizes
-from tests.distributed._harness import run_ranks
-from tests.distributed._workers import BAD_CALLS, vocab_parallel_worker
+from tests.distributed._workers import BAD_CALLS
 
-WORLD_SIZES = (2, 4)
 TOL = {
     "float32": {"rtol": 1e-5, "atol": 1e-6},
     "float64": {"rtol": 1e-12, "atol": 1e-13},
     "bfloat16": {"rtol": 1.6e-2, "atol": 1e-3},
 }
-
-
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"{w}ranks")
-def ranks(request: pytest.FixtureRequest) -> tuple[int, list[dict[str, Any]]]:
-    return request.param, run_ranks(vocab_parallel_worker, request.param)
 
 
 def reference(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,12 +54,16 @@ def check_against_reference(case: Case, world_size: int, results: list[dict[str,
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_loss_and_grad_equal_single_process(case: Case, ranks: Any) -> None:
     world_size, results = ranks
-    check_against_reference(case, world_size, [res["cases"][case.name] for res in results])
+    check_against_reference(
+        case, world_size, [res["unfused"]["cases"][case.name] for res in results]
+    )
 
 
 def test_group_still_usable_after_bad_calls(ranks: Any) -> None:
     world_size, results = ranks
-    check_against_reference(CASES[0], world_size, [res["after_errors"] for res in results])
+    check_against_reference(
+        CASES[0], world_size, [res["unfused"]["after_errors"] for res in results]
+    )
 
 
 # name: (rank(s) whose own arguments are wrong, the error they raise, words in every message)
@@ -90,12 +87,15 @@ def test_every_bad_call_is_listed() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_ERRORS))
 def test_bad_call_raises_on_every_rank(name: str, ranks: Any) -> None:
-    world_size, results = ranks
-    culprit, kind, words = EXPECTED_ERRORS[name]
+    _, results = ranks
+    check_errors(name, EXPECTED_ERRORS[name], [res["unfused"]["errors"][name] for res in results])
+
+
+def check_errors(name: str, expected: tuple[Any, str, str], errors: list[Any]) -> None:
+    culprit, kind, words = expected
     if culprit is not None:
-        culprit %= world_size
-    for r, res in enumerate(results):
-        err = res["errors"][name]
+        culprit %= len(errors)
+    for r, err in enumerate(errors):
         assert err is not None, f"rank {r} did not raise for {name}"
         if culprit is None or r == culprit:
             assert err[0] == kind, err

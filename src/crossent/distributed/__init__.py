@@ -9,6 +9,7 @@ collectives per call and none in the backward pass of
 
 from __future__ import annotations
 
+from crossent.distributed._linear import vocab_parallel_linear_cross_entropy
 from crossent.distributed._vocab_parallel import vocab_parallel_cross_entropy
 
-__all__ = ["vocab_parallel_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]

@@ -144,8 +144,9 @@ def agree(
     batch_shape: Sequence[int],
     weight_len: int,
     target: torch.Tensor | None,
-    options: Options | None,
+    options: Any,
     signature: object,
+    weight_global_only: bool = False,
 ) -> Layout:
     """Exchange the headers; return this rank's :class:`Layout`, or raise on every rank alike.
 
@@ -202,14 +203,23 @@ def agree(
         )
         raise ValueError(msg)
     wlens = column(_WLEN)
+    wname = "class_weight" if weight_global_only else "weight"
     if len({w < 0 for w in wlens}) > 1:
         msg = (
-            f"{caller}: `weight` (class weights) was given on some ranks but not on others "
+            f"{caller}: `{wname}` (class weights) was given on some ranks but not on others "
             f"(ranks without: {[r for r, w in enumerate(wlens) if w < 0]}); give it on every rank."
         )
         raise ValueError(msg)
     sizes = column(_VLOCAL)
     vocab_size = sum(sizes)
+    if weight_global_only:
+        bad_w = [r for r, w in enumerate(wlens) if w >= 0 and w != vocab_size]
+        if bad_w:
+            msg = (
+                f"{caller}: `{wname}` must hold the whole vocabulary ({vocab_size} classes) "
+                f"on every rank; rank(s) {bad_w} passed {[wlens[r] for r in bad_w]} values."
+            )
+            raise ValueError(msg)
     bad_w = [r for r, w in enumerate(wlens) if w >= 0 and w not in (sizes[r], vocab_size)]
     if bad_w:
         msg = (

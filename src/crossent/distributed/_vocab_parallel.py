@@ -9,6 +9,7 @@ is rebuilt from the saved row log-sum-exp.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -102,17 +103,20 @@ def setup(
     local_vocab: int | None,
     target: Any,
     weight: Any,
-    checks: Any,
-    options: dict[str, Any],
+    checks: Callable[[], Any],
     signature: object,
-) -> tuple[Layout, Options]:
-    """Local checks (`checks()` raises on bad tensors), then the collective handshake."""
+    weight_global_only: bool = False,
+) -> tuple[Layout, Any]:
+    """Local checks (`checks()` raises on bad arguments, returns the options), then the handshake.
+
+    A local error does not raise at once: it travels in the handshake, so that
+    every rank stops (see :func:`crossent.distributed._comm.agree`).
+    """
     group = group_of(group, caller=caller)
     error: Exception | None = None
-    opts: Options | None = None
+    opts: Any = None
     try:
-        opts = check_options(**options)
-        checks()
+        opts = checks()
     except (TypeError, ValueError) as exc:
         error = exc
     layout = agree(
@@ -125,10 +129,8 @@ def setup(
         target=target if error is None else None,
         options=opts,
         signature=signature,
+        weight_global_only=weight_global_only,
     )
-    if opts is None:  # pragma: no cover - agree() has raised for this rank
-        msg = f"{caller}: internal error, options missing after the handshake."
-        raise RuntimeError(msg)
     return layout, opts
 
 
@@ -373,8 +375,16 @@ def vocab_parallel_cross_entropy(
     >>> dist.destroy_process_group()
     """
 
-    def checks() -> None:
+    def checks() -> Options:
+        opts = check_options(
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            reduction=reduction,
+        )
         _check_tensors(local_logits, target, weight)
+        return opts
 
     layout, opts = setup(
         caller=_CALLER,
@@ -385,13 +395,6 @@ def vocab_parallel_cross_entropy(
         target=target,
         weight=weight,
         checks=checks,
-        options={
-            "ignore_index": ignore_index,
-            "label_smoothing": label_smoothing,
-            "z_loss": z_loss,
-            "softcap": softcap,
-            "reduction": reduction,
-        },
         signature=(str(local_logits.dtype) if isinstance(local_logits, torch.Tensor) else None,),
     )
     out: torch.Tensor = _VocabParallelCE.apply(local_logits, target, weight, layout, opts)

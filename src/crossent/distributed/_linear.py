@@ -1,0 +1,334 @@
+r"""Vocabulary-parallel fused linear cross-entropy: :mod:`crossent.fused`'s chunked core per rank.
+
+Rank ``r`` holds rows ``[s_r, s_r + V_r)`` of the output projection (and of the
+bias). The chunk loop of :func:`crossent.fused._chunked._chunked_linear_ce` runs
+on every rank over the same chunks of tokens; per chunk, two all-reduces combine
+the row statistics of the slices (the hooks below). No rank ever holds more than
+one chunk of its own logits. The gradient of the local weight (and bias) stays
+local; the gradient of `hidden` is the sum of the slices' contributions,
+all-reduced in the backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from crossent._lib._checks import check_integer_labels, check_nonnegative
+from crossent._lib._xp import array_namespace
+from crossent.distributed._comm import Layout, all_reduce, row_reducers
+from crossent.distributed._vocab_parallel import setup
+from crossent.fused import _check_float, _check_options, _check_tensor
+from crossent.fused._chunked import _chunked_linear_ce
+from crossent.fused._function import LinearCEOptions
+
+__all__ = ["vocab_parallel_linear_cross_entropy"]
+
+_CALLER = "vocab_parallel_linear_cross_entropy"
+
+
+def _core(
+    hidden: torch.Tensor,
+    local_weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    class_weight: torch.Tensor | None,
+    layout: Layout,
+    opts: LinearCEOptions,
+    *,
+    compute_grad: tuple[bool, bool, bool] | bool,
+    row_scale: torch.Tensor | None = None,
+) -> Any:
+    reduce_max, reduce_sum = row_reducers(layout.group)
+    return _chunked_linear_ce(
+        hidden,
+        local_weight,
+        target,
+        bias=bias,
+        class_weight=class_weight,
+        ignore_index=opts.ignore_index,
+        label_smoothing=opts.label_smoothing,
+        z_loss=opts.z_loss,
+        softcap=opts.softcap,
+        reduction=opts.reduction,
+        chunk_size=opts.chunk_size,
+        compute_grad=compute_grad,
+        vocab_start=layout.vocab_start,
+        vocab_size=layout.vocab_size,
+        reduce_max=reduce_max,
+        reduce_sum=reduce_sum,
+        row_scale=row_scale,
+        use_triton=opts.use_triton,
+    )
+
+
+class _VocabParallelLinearCE(torch.autograd.Function):
+    """loss = CE(hidden @ W.T + b) over all slices; hidden 2-d, target 1-d."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        local_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        class_weight: torch.Tensor | None,
+        layout: Layout,
+        opts: LinearCEOptions,
+    ) -> torch.Tensor:
+        needs = (
+            bool(ctx.needs_input_grad[0]),
+            bool(ctx.needs_input_grad[1]),
+            bias is not None and bool(ctx.needs_input_grad[2]),
+        )
+        eager = opts.reduction != "none"  # "none": backward recomputes with the row gradients
+        res = _core(
+            hidden,
+            local_weight,
+            target,
+            bias,
+            class_weight,
+            layout,
+            opts,
+            compute_grad=needs if eager else False,
+        )
+        ctx.layout, ctx.opts, ctx.needs = layout, opts, needs
+        ctx.grads = (res.grad_hidden, res.grad_weight, res.grad_bias) if eager else None
+        ctx.save_for_backward(hidden, local_weight, bias, target, class_weight)
+        return res.loss.to(hidden.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        hidden, local_weight, bias, target, class_weight = ctx.saved_tensors
+        if ctx.grads is not None:
+            grad_h, grad_w, grad_b = ctx.grads
+            ctx.grads = None  # consumed: a second backward recomputes
+            for g in (grad_h, grad_w, grad_b):
+                if g is not None:
+                    g.mul_(grad_loss.to(g.dtype))
+        else:
+            row_scale = grad_loss.expand(target.shape[0]) if grad_loss.ndim == 0 else grad_loss
+            res = _core(
+                hidden,
+                local_weight,
+                target,
+                bias,
+                class_weight,
+                ctx.layout,
+                ctx.opts,
+                compute_grad=ctx.needs,
+                row_scale=row_scale,
+            )
+            grad_h, grad_w, grad_b = res.grad_hidden, res.grad_weight, res.grad_bias
+        if grad_h is not None:  # every rank's slice contributes to d loss / d hidden
+            grad_h = all_reduce(grad_h, dist.ReduceOp.SUM, ctx.layout.group)
+        grad_w = None if grad_w is None else grad_w.to(local_weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _check_tensors(
+    hidden: Any, local_weight: Any, target: Any, bias: Any, class_weight: Any
+) -> None:
+    """This rank's tensors: types, dtypes, shapes and devices (values are checked collectively)."""
+    for x, name in ((hidden, "hidden"), (local_weight, "local_weight"), (target, "target")):
+        _check_tensor(x, name=name)
+    _check_float(hidden, name="hidden")
+    _check_float(local_weight, name="local_weight", dtype=hidden.dtype)
+    xp = array_namespace(hidden, target)
+    check_integer_labels(target, xp=xp)
+    if hidden.ndim < 1:
+        msg = "`hidden` must have shape (..., d); got a 0-d tensor."
+        raise ValueError(msg)
+    d = hidden.shape[-1]
+    if local_weight.ndim != 2 or local_weight.shape[1] != d or local_weight.shape[0] == 0:
+        msg = (
+            "`local_weight` must have shape (V_r, d): this rank's rows of the output projection "
+            f"(at least one), d = hidden.shape[-1] = {d}; got {tuple(local_weight.shape)}."
+        )
+        raise ValueError(msg)
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        msg = (
+            f"`target` must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; "
+            f"got {tuple(target.shape)}."
+        )
+        raise ValueError(msg)
+    tensors = {"local_weight": local_weight, "target": target}
+    if bias is not None:
+        _check_tensor(bias, name="bias")
+        _check_float(bias, name="bias", dtype=hidden.dtype)
+        if tuple(bias.shape) != (local_weight.shape[0],):
+            msg = (
+                f"`bias` must be this rank's slice, shape (V_r,) = ({local_weight.shape[0]},); "
+                f"got {tuple(bias.shape)}."
+            )
+            raise ValueError(msg)
+        tensors["bias"] = bias
+    if class_weight is not None:
+        _check_tensor(class_weight, name="class_weight")
+        _check_float(class_weight, name="class_weight")
+        if class_weight.ndim != 1:
+            msg = (
+                "`class_weight` must be the whole (V,) vector of class weights; "
+                f"got shape {tuple(class_weight.shape)}."
+            )
+            raise ValueError(msg)
+        check_nonnegative(class_weight, name="class_weight", xp=xp)
+        tensors["class_weight"] = class_weight
+    for name, t in tensors.items():
+        if t.device != hidden.device:
+            msg = (
+                f"`{name}` is on {t.device} but `hidden` is on {hidden.device}; move it with .to()."
+            )
+            raise ValueError(msg)
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden: torch.Tensor,
+    local_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group: Any = None,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    chunk_size: int | None = None,
+    class_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Fused linear cross-entropy when the output projection is split by vocabulary over ranks.
+
+    Every rank passes the same `hidden` and `target` (the whole batch) and its
+    own rows of the projection; the loss, identical on every rank, equals
+    :func:`crossent.fused.linear_cross_entropy` with the whole projection, and
+    so do the gradients: `hidden`'s in full on every rank, `local_weight`'s and
+    `bias`'s for the rank's own rows. No rank holds more than one chunk of its
+    own logits.
+
+    Parameters
+    ----------
+    hidden : torch.Tensor, shape (..., d)
+        Hidden states, the same on every rank; float32, float64, float16 or bfloat16.
+    local_weight : torch.Tensor, shape (V_r, d)
+        This rank's rows of the output projection: rank ``r`` of `group` holds
+        classes ``[V_0 + ... + V_{r-1}, V_0 + ... + V_r)`` (lengths may differ).
+    target : torch.Tensor of int, shape (...)
+        Global class indices in ``[0, V)`` or `ignore_index`; `hidden`'s shape
+        without its last axis; the same on every rank.
+    group : ProcessGroup, optional
+        The tensor-parallel group (default: the whole world).
+    bias : torch.Tensor, shape (V_r,), optional
+        This rank's slice of the bias.
+    ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size
+        As in :func:`crossent.fused.linear_cross_entropy`; smoothing runs over
+        the whole vocabulary ``V``. All ranks must pass the same values.
+    class_weight : torch.Tensor, shape (V,), optional
+        Per-class weights for the *whole* vocabulary, on every rank (the mean's
+        denominator then needs no communication). Constants.
+
+    Returns
+    -------
+    torch.Tensor
+        In `hidden`'s dtype: 0-d for ``"mean"``/``"sum"``, the shape of `target`
+        for ``"none"``; identical on every rank.
+
+    Raises
+    ------
+    RuntimeError
+        If torch.distributed has no initialized process group.
+    TypeError, ValueError
+        On a bad call, on **every** rank, as for :func:`vocab_parallel_cross_entropy`
+        (the rank at fault raises its own error, the others name it).
+
+    Notes
+    -----
+    Per chunk of tokens, each rank reduces its slice of the chunk's logits to
+    per-row statistics about its own reference point :math:`m_r` (its slice's
+    row max or log-sum-exp): :math:`s_r = \sum_{k \in r} e^{z_k - m_r}`, the
+    smoothing sum :math:`\sum_{k \in r} w_k (z_k - m_r)` and, on the rank that
+    owns the label, :math:`z_y - m_r`. One all-reduce (MAX) of :math:`m_r` gives
+    :math:`m`, a second (SUM) of the statistics shifted to :math:`m` gives the
+    whole-vocabulary :math:`\operatorname{lse}`, smoothing sum and target logit;
+    every rank then forms the loss and the logits gradient :math:`G` of its
+    slice in place, and :math:`G^\top h` (its weight gradient) and :math:`G W_r`
+    (its part of `hidden`'s gradient) with no further communication. The
+    backward pass all-reduces `hidden`'s gradient (one ``(N, d)`` SUM); for
+    ``"none"`` it first recomputes the chunks (with their per-chunk
+    all-reduces) under the incoming row gradients. The formulas are those of
+    :func:`crossent.fused.linear_cross_entropy`.
+
+    Examples
+    --------
+    A group of one (``examples/vocab_parallel.py`` runs under
+    ``torchrun --nproc-per-node 2``):
+
+    >>> import socket, torch, torch.distributed as dist
+    >>> from crossent.distributed import vocab_parallel_linear_cross_entropy
+    >>> from crossent.fused import linear_cross_entropy
+    >>> with socket.socket() as s:
+    ...     s.bind(("127.0.0.1", 0))
+    ...     port = s.getsockname()[1]
+    >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    >>> hidden = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    >>> weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    >>> target = torch.tensor([0, 2])
+    >>> loss = vocab_parallel_linear_cross_entropy(hidden, weight, target, z_loss=1e-3)
+    >>> single = linear_cross_entropy(hidden, weight, target, z_loss=1e-3)
+    >>> print(f"{loss.item():.6f} {single.item():.6f}")
+    0.815848 0.815848
+    >>> dist.destroy_process_group()
+    """
+
+    def checks() -> LinearCEOptions:
+        opts = _check_options(
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            reduction=reduction,
+            chunk_size=chunk_size,
+        )
+        _check_tensors(hidden, local_weight, target, bias, class_weight)
+        return opts
+
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (hidden, local_weight, bias)
+    )
+    hidden_grad = needs_grad and isinstance(hidden, torch.Tensor) and hidden.requires_grad
+    layout, opts = setup(
+        caller=_CALLER,
+        group=group,
+        local_vocab=local_weight.shape[0]
+        if isinstance(local_weight, torch.Tensor) and local_weight.ndim
+        else None,
+        target=target,
+        weight=class_weight,
+        checks=checks,
+        # What decides the collectives must agree: dtype, d, bias, hidden's gradient (backward's
+        # all-reduce), whether a gradient is taken at all.
+        signature=(
+            str(getattr(hidden, "dtype", None)),
+            tuple(getattr(hidden, "shape", ()))[-1:],
+            bias is None,
+            needs_grad,
+            hidden_grad,
+        ),
+        weight_global_only=True,
+    )
+    d = hidden.shape[-1]
+    h2, t1 = hidden.reshape(-1, d), target.reshape(-1)
+    if needs_grad:
+        loss: torch.Tensor = _VocabParallelLinearCE.apply(
+            h2, local_weight, bias, t1, class_weight, layout, opts
+        )
+    else:
+        with torch.no_grad():
+            res = _core(h2, local_weight, t1, bias, class_weight, layout, opts, compute_grad=False)
+        loss = res.loss.to(hidden.dtype)
+    return loss.reshape(target.shape) if opts.reduction == "none" else loss
