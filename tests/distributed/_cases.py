@@ -152,4 +152,10 @@ LINEAR_CASES = [
         bias=True,
         weight="global",
     ),
+    Case(
+        "linear_bfloat16_sum_bias",
+        {"reduction": "sum", "label_smoothing": 0.1},
+        dtype="bfloat16",
+        bias=True,
+    ),
 ]
