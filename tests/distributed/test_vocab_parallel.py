@@ -111,3 +111,38 @@ def test_needs_a_process_group() -> None:
     lo, hi = bounds(case, 1, 0)
     with pytest.raises(RuntimeError, match="init_process_group"):
         vocab_parallel_cross_entropy(p["logits"][..., lo:hi], p["target"])
+
+
+@pytest.fixture
+def one_rank_group() -> Any:
+    """A gloo group of one in this process (127.0.0.1), destroyed afterwards."""
+    import torch.distributed as dist
+
+    from tests.distributed._harness import HOST, free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://{HOST}:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_on_a_group_of_one(reduction: str, one_rank_group: Any) -> None:
+    from crossent.distributed import vocab_parallel_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 5, -100, 2, 2])
+    weight = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    opts = {"label_smoothing": 0.2, "z_loss": 0.05, "softcap": 2.0, "reduction": reduction}
+    torch.autograd.gradcheck(
+        lambda x: vocab_parallel_cross_entropy(x, target, weight=weight, **opts), (logits,)
+    )
+    hidden = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    proj = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda h, w, b: vocab_parallel_linear_cross_entropy(
+            h, w, target, bias=b, class_weight=weight, chunk_size=2, **opts
+        ),
+        (hidden, proj, bias),
+    )
