@@ -185,7 +185,7 @@ class _VocabParallelCE(torch.autograd.Function):
         # Packed all-reduce SUM: Σ_k exp(z_k - m), m - z_y (from the owner), and with class
         # weights w_y (from the owner); with smoothing Σ_k w_k (m - z_k) (every rank adds its
         # slice; terms >= 0, no cancellation) and W = Σ_k w_k.
-        parts = [torch.exp(z - m[:, None]).sum(dim=1), torch.where(owned, m - z_y, 0)]
+        parts = [torch.sub(z, m[:, None]).exp_().sum(dim=1), torch.where(owned, m - z_y, 0)]
         if w is not None:
             parts.append(torch.where(owned, w[label], 0))
         if eps > 0:
@@ -241,12 +241,16 @@ class _VocabParallelCE(torch.autograd.Function):
         if eps > 0:
             coef = coef + (eps / layout.vocab_size) * (layout.vocab_size if w is None else w_total)
         lse_safe = torch.where(counted, lse, float("inf"))  # ignored rows: softmax row of 0
-        grad = torch.exp(z - lse_safe[:, None]) * (g * coef)[:, None]
+        # one (N, V_r) buffer, updated in place
+        grad = torch.sub(z, lse_safe[:, None]).exp_().mul_((g * coef)[:, None])
         if eps > 0:
             smooth = (eps / layout.vocab_size) * g
-            grad = grad - (smooth[:, None] * w[None, :] if w is not None else smooth[:, None])
+            if w is not None:
+                grad.addr_(smooth, w, alpha=-1)
+            else:
+                grad.sub_(smooth[:, None])
         hit = torch.where(owned, -(1 - eps) * w_y * g, 0)
-        grad = grad.scatter_add(1, label[:, None], hit[:, None])
+        grad.scatter_add_(1, label[:, None], hit[:, None])
         grad = softcap_backward(xc, opts.softcap, grad, xp=torch)
         return grad.to(local_logits.dtype).reshape(local_logits.shape), None, None, None, None
 
