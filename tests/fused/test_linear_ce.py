@@ -526,3 +526,52 @@ def test_label_range_check_obeys_validation_switch() -> None:
     with crossent.validation(False):
         out = linear_cross_entropy(data["hidden"], data["weight"], y, ignore_index=3)
     assert torch.isfinite(out)
+
+
+# ------------------------------------------------------------------------- shapes, workspace
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_single_token_and_empty_batch(reduction: str) -> None:
+    data = _inputs(n=1, ignored=False)
+    h = data["hidden"][0].clone().requires_grad_()  # (d,) with a 0-d target
+    y = data["target"][0]
+    out = linear_cross_entropy(h, data["weight"], y, reduction=reduction)
+    assert out.shape == ()
+    out.backward()
+    want = _ref(data, bias=False, class_weight=False, upstream=torch.tensor(1.0))
+    _assert_close(out, np.reshape(want[0], ()), rtol=1e-10, atol=1e-12)
+    _assert_close(h.grad, want[1][0], rtol=1e-10, atol=1e-12)
+
+    empty = torch.zeros(0, D, dtype=torch.float64, requires_grad=True)
+    out = linear_cross_entropy(
+        empty, data["weight"], torch.zeros(0, dtype=torch.long), reduction=reduction
+    )
+    assert out.shape == ((0,) if reduction == "none" else ())
+    out.sum().backward()
+    assert empty.grad is not None
+    assert empty.grad.shape == (0, D)
+
+
+def test_only_weight_requires_grad() -> None:
+    data = _inputs(n=30)
+    w = data["weight"].clone().requires_grad_()
+    loss = linear_cross_entropy(data["hidden"], w, data["target"], chunk_size=9)
+    loss.backward()
+    want = _ref(data, bias=False, class_weight=False, upstream=torch.tensor(1.0))
+    _assert_close(w.grad, want[2], rtol=1e-10, atol=1e-12)
+
+
+def test_cpu_workspace_is_reused_and_released() -> None:
+    data = _inputs(n=20)
+    _chunked.clear_workspace()
+    args = (data["hidden"], data["weight"], data["target"])
+    first = linear_cross_entropy(*args, chunk_size=8)
+    bufs = dict(_chunked._WORKSPACE.bufs)
+    assert set(bufs) == {("logits", torch.float64)}
+    ptr = bufs["logits", torch.float64].data_ptr()
+    second = linear_cross_entropy(*args, chunk_size=5)  # smaller: same buffer
+    assert _chunked._WORKSPACE.bufs["logits", torch.float64].data_ptr() == ptr
+    torch.testing.assert_close(first, second, rtol=1e-14, atol=0)
+    _chunked.clear_workspace()
+    assert not hasattr(_chunked._WORKSPACE, "bufs")

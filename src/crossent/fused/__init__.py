@@ -181,15 +181,25 @@ def linear_cross_entropy(
     \tfrac{\varepsilon}{V}\sum_k w_k + 2\zeta\ell_i` (times :math:`1-\tanh^2` under a
     soft cap), is formed in place in the chunk's buffer; then
     :math:`\nabla_h = G W` and :math:`\nabla_W \mathrel{+}= G^\top h` — three
-    matrix products in all, :math:`6 N V d` flops [1]_ [2]_. Each row's
-    log-sum-exp is :math:`m + \log \sum_k e^{z_k - m}` with :math:`m = \max_k z_k`,
-    computed in float32 for float16/bfloat16 inputs; the weight (and bias)
-    gradient is accumulated in float32 and returned in the input dtype.
+    matrix products in all, :math:`6 N V d` flops over the counted tokens only
+    [1]_ [2]_. Each row's log-sum-exp is :math:`m + \log \sum_k e^{z_k - m}` with
+    :math:`m = \max_k z_k` (a fused ``log_softmax`` on the PyTorch path, an online
+    running-max pass over vocabulary tiles in the Triton kernel on CUDA).
+
+    float16/bfloat16: the logits and :math:`\nabla_h` products run in the input
+    dtype (as PyTorch's unfused loss does); the row statistics, the loss and
+    :math:`G` are float32; the weight and bias gradients are accumulated in float32
+    (on CPU, where no low-precision product with float32 output exists, the weight
+    gradient product itself runs in float32 — accurate, but slower than a
+    bfloat16 product) and returned in the input dtype.
 
     With ``reduction="none"`` the forward pass computes only the loss and backward
     recomputes the logits (four matrix products in all), so any upstream gradient
-    is handled exactly. The caller's tensors are never written to. Higher-order
-    gradients are not supported.
+    is handled exactly; a second backward through the same graph also recomputes.
+    The caller's tensors are never written to. Higher-order gradients are not
+    supported. On CPU the chunk's work buffers are kept per thread between calls
+    (fresh ones cost page faults); ``crossent.fused._chunked.clear_workspace()``
+    releases them.
 
     References
     ----------
