@@ -14,9 +14,13 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from crossent.fused import _chunked, linear_cross_entropy  # noqa: E402
+from crossent.fused import _chunked  # noqa: E402
+from crossent.fused import linear_cross_entropy as _linear_ce  # noqa: E402
 from crossent.fused._chunked import _auto_chunk_size, _chunked_linear_ce  # noqa: E402
 from tests._reference.fused import linear_cross_entropy_ref  # noqa: E402
+
+# untyped alias: the bad-input tests pass wrong types on purpose
+linear_cross_entropy: Any = _linear_ce
 
 N, D, V = 257, 67, 1003  # odd shapes: ragged last chunk, V not a power of two
 
