@@ -579,3 +579,19 @@ def test_cpu_workspace_is_reused_and_released() -> None:
     torch.testing.assert_close(first, second, rtol=1e-14, atol=0)
     _chunked.clear_workspace()
     assert not hasattr(_chunked._WORKSPACE, "bufs")
+
+
+def test_cpu_path_does_not_import_triton() -> None:
+    """Triton is optional: the CPU path never imports it (nor the kernels module)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from crossent.fused import linear_cross_entropy\n"
+        "h = torch.randn(5, 3, requires_grad=True)\n"
+        "linear_cross_entropy(h, torch.randn(7, 3), torch.tensor([0, 1, 2, 3, 6])).backward()\n"
+        "print('triton' in sys.modules, 'crossent.fused._kernels' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
