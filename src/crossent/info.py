@@ -31,10 +31,10 @@ from crossent._lib._checks import check_axis, check_base, check_floating, values
 from crossent._lib._xp import (
     Array,
     array_namespace,
-    as_bool,
     astype,
     compute_dtype,
     is_array,
+    known_true,
     size,
     xlogy,
 )
@@ -54,7 +54,7 @@ def _check_distribution(x: Array, *, name: str, xp: Any) -> None:
     check_floating(x, name=name, xp=xp)
     if size(x) == 0 or not values_checked(x):
         return
-    if as_bool(xp.any((x < 0) | (x > 1))):
+    if known_true(xp.any((x < 0) | (x > 1))):
         lo, hi = float(xp.min(x)), float(xp.max(x))
         msg = (
             f"`{name}` must hold probabilities in [0, 1]; got values in [{lo:.6g}, {hi:.6g}]. "

@@ -152,3 +152,19 @@ def test_reduce_loss(xp: Any) -> None:
     den = conv(np.array(0.0))
     assert float(to_numpy(_common.reduce_loss(loss, "mean", denominator=den, xp=xp))) == 0.0
     np.testing.assert_array_equal(to_numpy(_common.reduce_loss(loss, "none", xp=xp)), [1, 2, 6])
+
+
+def test_is_lazy_only_for_jax_tracers() -> None:
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    assert not _xp.is_lazy(jnp.ones(3))
+    assert not _xp.is_lazy(np.ones(3))
+    seen: list[bool] = []
+
+    def f(x: Any) -> Any:
+        seen.append(_xp.is_lazy(x))
+        return x
+
+    jax.jit(f)(jnp.ones(3))
+    assert seen == [True]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from crossent._lib import _config
-from crossent._lib._xp import Array, as_bool, is_lazy, size
+from crossent._lib._xp import Array, is_lazy, known_true, size
 
 __all__ = [
     "check_axis",
@@ -131,7 +131,7 @@ def check_probabilities(x: Array, *, name: str = "input", xp: Any) -> None:
     """Values of `x` must lie in [0, 1] (NaN passes and propagates)."""
     if size(x) == 0 or not values_checked(x):
         return
-    if as_bool(xp.any((x < 0) | (x > 1))):
+    if known_true(xp.any((x < 0) | (x > 1))):
         lo, hi = float(xp.min(x)), float(xp.max(x))
         msg = (
             f"`{name}` has values outside [0, 1] (min={lo:.6g}, max={hi:.6g}); "
@@ -144,7 +144,7 @@ def check_in_unit_interval(x: Array, *, name: str, xp: Any) -> None:
     """Targets such as binary labels must lie in [0, 1]."""
     if size(x) == 0 or not values_checked(x):
         return
-    if as_bool(xp.any((x < 0) | (x > 1))):
+    if known_true(xp.any((x < 0) | (x > 1))):
         lo, hi = float(xp.min(x)), float(xp.max(x))
         msg = (
             f"`{name}` must lie in [0, 1]; got values in [{lo:.6g}, {hi:.6g}]. "
@@ -157,7 +157,7 @@ def check_nonnegative(x: Array, *, name: str, xp: Any) -> None:
     """Weights must be >= 0 (NaN passes and propagates)."""
     if size(x) == 0 or not values_checked(x):
         return
-    if as_bool(xp.any(x < 0)):
+    if known_true(xp.any(x < 0)):
         msg = f"`{name}` must be non-negative; got a minimum of {float(xp.min(x)):.6g}."
         raise ValueError(msg)
 
@@ -182,7 +182,7 @@ def check_label_range(
     bad = (target < 0) | (target >= num_classes)
     if ignore_index is not None:
         bad = bad & (target != ignore_index)
-    if as_bool(xp.any(bad)):
+    if known_true(xp.any(bad)):
         bad_values = target[bad]
         lo, hi = int(xp.min(bad_values)), int(xp.max(bad_values))
         hint = "" if ignore_index is None else f" (ignore_index={ignore_index})"

@@ -22,7 +22,6 @@ from array_api_compat import (
 __all__ = [
     "Array",
     "array_namespace",
-    "as_bool",
     "astype",
     "compute_dtype",
     "device",
@@ -31,6 +30,7 @@ __all__ = [
     "is_lazy",
     "is_numpy_namespace",
     "is_torch_namespace",
+    "known_true",
     "log_sigmoid",
     "logsumexp",
     "one_hot",
@@ -84,15 +84,31 @@ def size(x: Array) -> int:
 
 
 def is_lazy(x: Array) -> bool:
-    """Whether `x` has no concrete values yet (a JAX tracer inside ``jit``, a lazy array)."""
+    """Whether `x` has no concrete values yet (a JAX tracer inside ``jit``, a lazy array).
+
+    array-api-compat's ``is_lazy_array`` calls every JAX array lazy (JAX may be
+    asynchronous), which would switch value checks off on JAX altogether; a
+    concrete JAX array can be read, so only tracers count as lazy there.
+    """
+    if array_api_compat.is_jax_array(x):
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
     checker = getattr(array_api_compat, "is_lazy_array", None)
     if checker is not None:
         return bool(checker(x))
     return type(x).__name__.endswith("Tracer")  # pragma: no cover - old array-api-compat
 
 
-def as_bool(x: Array) -> bool:
-    """A 0-d boolean array as a Python bool (a device-to-host read)."""
+def known_true(x: Array) -> bool:
+    """Whether the 0-d boolean `x` is known to be true (a device-to-host read).
+
+    Inside ``jax.jit`` even arrays built from concrete inputs are traced and
+    have no value yet; they count as not known to be true, so a value check
+    built on this is skipped under tracing instead of failing.
+    """
+    if is_lazy(x):
+        return False
     return bool(x)
 
 
