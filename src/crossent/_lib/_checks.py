@@ -19,6 +19,7 @@ __all__ = [
     "check_base",
     "check_floating",
     "check_from_logits",
+    "check_ignore_index",
     "check_in_unit_interval",
     "check_integer_labels",
     "check_label_range",
@@ -27,6 +28,7 @@ __all__ = [
     "check_probabilities",
     "check_reduction",
     "check_same_shape",
+    "check_softcap",
     "check_unit_interval_scalar",
     "values_checked",
 ]
@@ -191,3 +193,27 @@ def check_label_range(
             f"{hint}: min={lo}, max={hi}. Check the number of classes, or set `ignore_index`."
         )
         raise ValueError(msg)
+
+
+def check_softcap(softcap: object) -> float | None:
+    """`softcap` is None (no capping) or a positive, finite number."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, int | float):
+        msg = f"`softcap` must be None or a positive number such as 30.0; got {softcap!r}."
+        raise TypeError(msg)
+    if not 0 < softcap < float("inf"):
+        msg = f"`softcap` must be positive and finite (or None for no capping); got {softcap!r}."
+        raise ValueError(msg)
+    return float(softcap)
+
+
+def check_ignore_index(ignore_index: object, *, allow_none: bool) -> int | None:
+    """`ignore_index` is an int (or None where no label is ignored by default)."""
+    if ignore_index is None and allow_none:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        expected = "None or an int" if allow_none else "an int"
+        msg = f"`ignore_index` must be {expected} such as -100; got {ignore_index!r}."
+        raise TypeError(msg)
+    return ignore_index

@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 
 from crossent._lib._checks import (
+    check_ignore_index,
     check_nonnegative_scalar,
     check_reduction,
+    check_softcap,
     check_unit_interval_scalar,
     values_checked,
 )
@@ -87,25 +89,11 @@ def check_options(
     reduction: object,
 ) -> Options:
     """Type and range checks of the scalar options (the same rules as the single-process losses)."""
-    if ignore_index is not None and (
-        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
-    ):
-        msg = f"`ignore_index` must be None or an int such as -100; got {ignore_index!r}."
-        raise TypeError(msg)
+    index = check_ignore_index(ignore_index, allow_none=True)
     eps = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
     z = check_nonnegative_scalar(z_loss, name="z_loss")
-    cap: float | None = None
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, int | float):
-            msg = f"`softcap` must be None or a positive number such as 30.0; got {softcap!r}."
-            raise TypeError(msg)
-        if not 0 < softcap < float("inf"):
-            msg = (
-                f"`softcap` must be positive and finite (or None for no capping); got {softcap!r}."
-            )
-            raise ValueError(msg)
-        cap = float(softcap)
-    return Options(ignore_index, eps, z, cap, check_reduction(reduction))
+    cap = check_softcap(softcap)
+    return Options(index, eps, z, cap, check_reduction(reduction))
 
 
 def _crc(value: object) -> int:

@@ -14,11 +14,13 @@ from typing import Any, Literal
 import torch
 
 from crossent._lib._checks import (
+    check_ignore_index,
     check_integer_labels,
     check_label_range,
     check_nonnegative,
     check_nonnegative_scalar,
     check_reduction,
+    check_softcap,
     check_unit_interval_scalar,
 )
 from crossent._lib._xp import array_namespace
@@ -58,22 +60,10 @@ def _check_options(
     reduction: object,
     chunk_size: object,
 ) -> LinearCEOptions:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        msg = f"`ignore_index` must be an int such as -100; got {ignore_index!r}."
-        raise TypeError(msg)
+    index = check_ignore_index(ignore_index, allow_none=False)
     eps = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
     zeta = check_nonnegative_scalar(z_loss, name="z_loss")
-    cap: float | None = None
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, int | float):
-            msg = f"`softcap` must be None or a positive number such as 30.0; got {softcap!r}."
-            raise TypeError(msg)
-        if not 0 < softcap < float("inf"):
-            msg = (
-                f"`softcap` must be positive and finite (or None for no capping); got {softcap!r}."
-            )
-            raise ValueError(msg)
-        cap = float(softcap)
+    cap = check_softcap(softcap)
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             msg = f"`chunk_size` must be None or a positive int; got {chunk_size!r}."
@@ -82,7 +72,7 @@ def _check_options(
             msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {chunk_size}."
             raise ValueError(msg)
     return LinearCEOptions(
-        ignore_index=ignore_index,
+        ignore_index=index,
         label_smoothing=eps,
         z_loss=zeta,
         softcap=cap,
