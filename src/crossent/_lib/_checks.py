@@ -9,7 +9,7 @@ checks (which read data back from the device) run only while
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from crossent._lib import _config
 from crossent._lib._xp import Array, is_lazy, known_true, size
@@ -208,6 +208,10 @@ def check_softcap(softcap: object) -> float | None:
     return float(softcap)
 
 
+@overload
+def check_ignore_index(ignore_index: object, *, allow_none: Literal[False]) -> int: ...
+@overload
+def check_ignore_index(ignore_index: object, *, allow_none: bool) -> int | None: ...
 def check_ignore_index(ignore_index: object, *, allow_none: bool) -> int | None:
     """`ignore_index` is an int (or None where no label is ignored by default)."""
     if ignore_index is None and allow_none:
