@@ -14,121 +14,17 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from crossent._lib._checks import check_integer_labels, check_nonnegative
 from crossent._lib._xp import array_namespace
-from crossent.distributed._comm import Layout, all_reduce, row_reducers
+from crossent.distributed._comm import row_reducers
 from crossent.distributed._vocab_parallel import setup
 from crossent.fused import _check_float, _check_options, _check_tensor
-from crossent.fused._chunked import _chunked_linear_ce
-from crossent.fused._function import LinearCEOptions
+from crossent.fused._function import LinearCEOptions, VocabShard, run_linear_ce
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
 _CALLER = "vocab_parallel_linear_cross_entropy"
-
-
-def _core(
-    hidden: torch.Tensor,
-    local_weight: torch.Tensor,
-    target: torch.Tensor,
-    bias: torch.Tensor | None,
-    class_weight: torch.Tensor | None,
-    layout: Layout,
-    opts: LinearCEOptions,
-    *,
-    compute_grad: tuple[bool, bool, bool] | bool,
-    row_scale: torch.Tensor | None = None,
-) -> Any:
-    reduce_max, reduce_sum = row_reducers(layout.group)
-    return _chunked_linear_ce(
-        hidden,
-        local_weight,
-        target,
-        bias=bias,
-        class_weight=class_weight,
-        ignore_index=opts.ignore_index,
-        label_smoothing=opts.label_smoothing,
-        z_loss=opts.z_loss,
-        softcap=opts.softcap,
-        reduction=opts.reduction,
-        chunk_size=opts.chunk_size,
-        compute_grad=compute_grad,
-        vocab_start=layout.vocab_start,
-        vocab_size=layout.vocab_size,
-        reduce_max=reduce_max,
-        reduce_sum=reduce_sum,
-        row_scale=row_scale,
-        use_triton=opts.use_triton,
-    )
-
-
-class _VocabParallelLinearCE(torch.autograd.Function):
-    """loss = CE(hidden @ W.T + b) over all slices; hidden 2-d, target 1-d."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: torch.Tensor,
-        local_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        target: torch.Tensor,
-        class_weight: torch.Tensor | None,
-        layout: Layout,
-        opts: LinearCEOptions,
-    ) -> torch.Tensor:
-        needs = (
-            bool(ctx.needs_input_grad[0]),
-            bool(ctx.needs_input_grad[1]),
-            bias is not None and bool(ctx.needs_input_grad[2]),
-        )
-        eager = opts.reduction != "none"  # "none": backward recomputes with the row gradients
-        res = _core(
-            hidden,
-            local_weight,
-            target,
-            bias,
-            class_weight,
-            layout,
-            opts,
-            compute_grad=needs if eager else False,
-        )
-        ctx.layout, ctx.opts, ctx.needs = layout, opts, needs
-        ctx.grads = (res.grad_hidden, res.grad_weight, res.grad_bias) if eager else None
-        ctx.save_for_backward(hidden, local_weight, bias, target, class_weight)
-        return res.loss.to(hidden.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
-        hidden, local_weight, bias, target, class_weight = ctx.saved_tensors
-        if ctx.grads is not None:
-            grad_h, grad_w, grad_b = ctx.grads
-            ctx.grads = None  # consumed: a second backward recomputes
-            for g in (grad_h, grad_w, grad_b):
-                if g is not None:
-                    g.mul_(grad_loss.to(g.dtype))
-        else:
-            row_scale = grad_loss.expand(target.shape[0]) if grad_loss.ndim == 0 else grad_loss
-            res = _core(
-                hidden,
-                local_weight,
-                target,
-                bias,
-                class_weight,
-                ctx.layout,
-                ctx.opts,
-                compute_grad=ctx.needs,
-                row_scale=row_scale,
-            )
-            grad_h, grad_w, grad_b = res.grad_hidden, res.grad_weight, res.grad_bias
-        if grad_h is not None:  # every rank's slice contributes to d loss / d hidden
-            grad_h = all_reduce(grad_h, dist.ReduceOp.SUM, ctx.layout.group)
-        grad_w = None if grad_w is None else grad_w.to(local_weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def _check_tensors(
@@ -323,12 +219,7 @@ def vocab_parallel_linear_cross_entropy(
     )
     d = hidden.shape[-1]
     h2, t1 = hidden.reshape(-1, d), target.reshape(-1)
-    if needs_grad:
-        loss: torch.Tensor = _VocabParallelLinearCE.apply(
-            h2, local_weight, bias, t1, class_weight, layout, opts
-        )
-    else:
-        with torch.no_grad():
-            res = _core(h2, local_weight, t1, bias, class_weight, layout, opts, compute_grad=False)
-        loss = res.loss.to(hidden.dtype)
+    reduce_max, reduce_sum = row_reducers(layout.group)
+    shard = VocabShard(layout.vocab_start, layout.vocab_size, reduce_max, reduce_sum)
+    loss = run_linear_ce(h2, local_weight, t1, bias, class_weight, opts, shard)
     return loss.reshape(target.shape) if opts.reduction == "none" else loss

@@ -6,10 +6,16 @@ scalar gradient (in place, in tensors this Function owns). ``"none"``: forward
 computes only the loss (one matrix product); backward recomputes the gradients
 with each row scaled by its incoming gradient. A second backward through the
 same graph (``retain_graph=True``) recomputes too, so it is always correct.
+
+With a :class:`VocabShard` the same Function runs one slice of a
+vocabulary-parallel head (:mod:`crossent.distributed`): the chunk loop combines
+the row statistics across processes and backward sums the slices' gradients
+of `hidden`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from crossent.fused._chunked import _chunked_linear_ce
 
-__all__ = ["LinearCEOptions", "_LinearCrossEntropyFunction", "run_linear_ce"]
+__all__ = ["LinearCEOptions", "VocabShard", "_LinearCrossEntropyFunction", "run_linear_ce"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,21 @@ class LinearCEOptions:
     use_triton: bool | None = None
 
 
+@dataclass(frozen=True)
+class VocabShard:
+    """This process's rows ``[vocab_start, vocab_start + V_local)`` of a `vocab_size` head.
+
+    `reduce_max` and `reduce_sum` all-reduce a tensor over the processes that
+    hold the other slices (the chunk loop's hooks; `reduce_sum` also sums the
+    gradient of `hidden` in backward).
+    """
+
+    vocab_start: int
+    vocab_size: int
+    reduce_max: Callable[[torch.Tensor], torch.Tensor]
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+
+
 def _core(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -44,7 +65,16 @@ def _core(
     *,
     compute_grad: tuple[bool, bool, bool] | bool,
     row_scale: torch.Tensor | None = None,
+    shard: VocabShard | None = None,
 ) -> Any:
+    sharding: dict[str, Any] = {}
+    if shard is not None:
+        sharding = {
+            "vocab_start": shard.vocab_start,
+            "vocab_size": shard.vocab_size,
+            "reduce_max": shard.reduce_max,
+            "reduce_sum": shard.reduce_sum,
+        }
     return _chunked_linear_ce(
         hidden,
         weight,
@@ -60,6 +90,7 @@ def _core(
         compute_grad=compute_grad,
         row_scale=row_scale,
         use_triton=opts.use_triton,
+        **sharding,
     )
 
 
@@ -75,6 +106,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         target: torch.Tensor,
         class_weight: torch.Tensor | None,
         opts: LinearCEOptions,
+        shard: VocabShard | None,
     ) -> torch.Tensor:
         needs = (
             bool(ctx.needs_input_grad[0]),
@@ -83,9 +115,16 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         )
         eager = opts.reduction != "none"
         res = _core(
-            hidden, weight, target, bias, class_weight, opts, compute_grad=needs if eager else False
+            hidden,
+            weight,
+            target,
+            bias,
+            class_weight,
+            opts,
+            compute_grad=needs if eager else False,
+            shard=shard,
         )
-        ctx.opts = opts
+        ctx.opts, ctx.shard = opts, shard
         ctx.needs = needs
         ctx.grads = (res.grad_hidden, res.grad_weight, res.grad_bias) if eager else None
         ctx.save_for_backward(hidden, weight, bias, target, class_weight)
@@ -116,11 +155,14 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 ctx.opts,
                 compute_grad=ctx.needs,
                 row_scale=row_scale,
+                shard=ctx.shard,
             )
             grad_h = res.grad_hidden
             grad_w = None if res.grad_weight is None else res.grad_weight.to(weight.dtype)
             grad_b = None if res.grad_bias is None else res.grad_bias.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+        if ctx.shard is not None and grad_h is not None:  # every slice contributes to it
+            grad_h = ctx.shard.reduce_sum(grad_h)
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def run_linear_ce(
@@ -130,6 +172,7 @@ def run_linear_ce(
     bias: torch.Tensor | None,
     class_weight: torch.Tensor | None,
     opts: LinearCEOptions,
+    shard: VocabShard | None = None,
 ) -> torch.Tensor:
     """The loss of 2-d `hidden` and 1-d `target`: through autograd when a gradient is needed.
 
@@ -141,10 +184,12 @@ def run_linear_ce(
     )
     if not needs_grad:
         with torch.no_grad():
-            res = _core(hidden, weight, target, bias, class_weight, opts, compute_grad=False)
+            res = _core(
+                hidden, weight, target, bias, class_weight, opts, compute_grad=False, shard=shard
+            )
         loss: torch.Tensor = res.loss.to(hidden.dtype)
         return loss
     out: torch.Tensor = _LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, target, class_weight, opts
+        hidden, weight, bias, target, class_weight, opts, shard
     )
     return out
