@@ -19,7 +19,7 @@ from crossent._lib._checks import check_integer_labels, check_nonnegative
 from crossent._lib._xp import array_namespace
 from crossent.distributed._comm import row_reducers
 from crossent.distributed._vocab_parallel import setup
-from crossent.fused import _check_float, _check_options, _check_tensor
+from crossent.fused import _check_devices, _check_float, _check_options, _check_tensor
 from crossent.fused._function import LinearCEOptions, VocabShard, run_linear_ce
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
@@ -75,12 +75,7 @@ def _check_tensors(
             raise ValueError(msg)
         check_nonnegative(class_weight, name="class_weight", xp=xp)
         tensors["class_weight"] = class_weight
-    for name, t in tensors.items():
-        if t.device != hidden.device:
-            msg = (
-                f"`{name}` is on {t.device} but `hidden` is on {hidden.device}; move it with .to()."
-            )
-            raise ValueError(msg)
+    _check_devices(hidden, tensors)
 
 
 def vocab_parallel_linear_cross_entropy(

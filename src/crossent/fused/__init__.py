@@ -36,6 +36,16 @@ def _check_tensor(x: object, *, name: str) -> torch.Tensor:
     return x
 
 
+def _check_devices(hidden: torch.Tensor, tensors: dict[str, Any]) -> None:
+    """Every tensor in `tensors` must be on `hidden`'s device."""
+    for name, t in tensors.items():
+        if t.device != hidden.device:
+            msg = (
+                f"`{name}` is on {t.device} but `hidden` is on {hidden.device}; move it with .to()."
+            )
+            raise ValueError(msg)
+
+
 def _check_float(x: torch.Tensor, *, name: str, dtype: torch.dtype | None = None) -> None:
     if not x.is_floating_point():
         msg = (
@@ -263,12 +273,7 @@ def linear_cross_entropy(
             raise ValueError(msg)
         check_nonnegative(class_weight, name="class_weight", xp=xp)
         tensors["class_weight"] = class_weight
-    for name, t in tensors.items():
-        if t.device != hidden.device:
-            msg = (
-                f"`{name}` is on {t.device} but `hidden` is on {hidden.device}; move it with .to()."
-            )
-            raise ValueError(msg)
+    _check_devices(hidden, tensors)
     check_label_range(target, n_classes, ignore_index=opts.ignore_index, xp=xp)
 
     d = hidden.shape[-1]
