@@ -58,8 +58,8 @@ def main() -> None:
           f"{'torch MiB':>9} {'crossent MiB':>12} {'ratio':>6}")  # fmt: skip
     for n, c in QUICK if args.quick else FULL:
         x, y = _inputs(n, c)
-        t_torch = best_time(lambda: _step("torch", x, y))
-        t_ce = best_time(lambda: _step("crossent", x, y))
+        t_torch = best_time(lambda x=x, y=y: _step("torch", x, y))
+        t_ce = best_time(lambda x=x, y=y: _step("crossent", x, y))
         m_torch = peak_memory_mib("benchmarks.bench_sparse", "torch", str(n), str(c))
         m_ce = peak_memory_mib("benchmarks.bench_sparse", "crossent", str(n), str(c))
         print(f"{n:>6} {c:>6} | {t_torch * 1e3:9.1f} {t_ce * 1e3:11.1f} {t_ce / t_torch:6.2f} | "
