@@ -13,6 +13,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]  # benchmarks run as modules from the repository root
 
 
 def best_time(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1) -> float:
@@ -31,13 +34,27 @@ def peak_memory_mib(module: str, case: str, *args: str) -> float:
     """Extra peak RSS (MiB) of ``python -m <module> --measure <case> <args>`` (prints JSON)."""
     out = subprocess.run(
         [sys.executable, "-m", module, "--measure", case, *args],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
 
 
-def rss_high_water_mib() -> float:
-    """This process's RSS high-water mark in MiB (Linux reports KiB)."""
-    import resource
+def rss_mib(field: str) -> float:
+    """A field of /proc/self/status in MiB: "VmRSS" (now) or "VmHWM" (high-water mark).
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    VmHWM belongs to this process image; ``ru_maxrss`` would not do, as Linux
+    carries it over from the parent across fork and exec.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    msg = f"{field} not in /proc/self/status"
+    raise RuntimeError(msg)
+
+
+def reset_peak_rss() -> float:
+    """Reset VmHWM to the current RSS (Linux clear_refs); return the current RSS in MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_mib("VmRSS")

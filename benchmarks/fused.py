@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks._util import REPO, reset_peak_rss, rss_mib
 from crossent.fused import linear_cross_entropy
 from crossent.fused._chunked import _auto_chunk_size
 
@@ -129,15 +129,6 @@ def three_gemm_floor(x: dict[str, Any], chunk: int | None) -> Callable[[], None]
 # ------------------------------------------------------------------------------ memory
 
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    msg = f"{field} not in /proc/self/status"
-    raise RuntimeError(msg)
-
-
 def measure_memory(
     provider: str, n: int, d: int, v: int, dtype: str, device: str
 ) -> dict[str, int]:
@@ -155,22 +146,21 @@ def measure_memory(
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        base = _rss_bytes("VmRSS")
+        base = int(reset_peak_rss() * 2**20)
         fwd_bwd(fn, x)
-        peak = _rss_bytes("VmHWM")
+        peak = int(rss_mib("VmHWM") * 2**20)
     return {"peak_above_inputs": peak - base, "grad_bytes": grad_bytes}
 
 
 def memory_in_subprocess(provider: str, n: int, d: int, v: int, dtype: str, device: str) -> Any:
     cmd = [
         sys.executable,
-        os.path.abspath(__file__),
+        "-m",
+        "benchmarks.fused",
         "--_memory",
         json.dumps([provider, n, d, v, dtype, device]),
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     if res.returncode != 0:
         return None
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -226,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--small", action="store_true", help="small shapes (smoke test)")
+    parser.add_argument(
+        "--quick", "--small", dest="small", action="store_true", help="small shapes (smoke test)"
+    )
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory:

@@ -430,3 +430,13 @@ def test_bench_without_the_benchmarks_folder(
     err = capsys.readouterr().err
     assert "no benchmarks folder" in err
     assert "source" in err
+
+
+def test_bench_runs_the_repository_scripts_quick() -> None:
+    """The real benchmark scripts run through `crossent bench --quick` and print their tables."""
+    pytest.importorskip("torch")
+    status, out = run("bench", "--quick")
+    assert status == 0, out
+    assert "== bench_sparse.py (quick)" in out
+    assert "crossent ms" in out
+    assert "three-GEMM floor" in out

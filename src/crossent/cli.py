@@ -686,12 +686,19 @@ def _cmd_bench(args: argparse.Namespace, out: IO[str]) -> int:
         raise CLIError(msg)
     failed = []
     for script in scripts:
-        command = [sys.executable, str(script), *(["--quick"] if args.quick else [])]
+        # run as a module of the folder's package, so scripts share helpers (benchmarks._util)
+        module = f"{script.parent.name}.{script.stem}"
+        command = [sys.executable, "-m", module, *(["--quick"] if args.quick else [])]
         out.write(f"== {script.name} {'(quick)' if args.quick else ''}\n")
         out.flush()
         # forward the script's output line by line, as it comes (long benchmarks)
         with subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            cwd=script.parent.parent,
         ) as proc:
             for line in proc.stdout or ():
                 out.write(line)
