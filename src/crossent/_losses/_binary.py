@@ -49,11 +49,10 @@ from crossent._lib._xp import (
     log_sigmoid,
     size,
 )
-from crossent._losses._common import focal_factor, reduce_loss
+from crossent._losses._common import clamped_log, focal_factor, reduce_loss
 
 __all__ = ["binary_cross_entropy"]
 
-LOG_CLAMP = -100.0
 """Lower clamp of ``log p`` and ``log(1 - p)`` for probability inputs (PyTorch's rule)."""
 
 
@@ -172,21 +171,6 @@ def _prepare(
 # ----------------------------------------------------------------------------
 
 
-def _clamped_log(x: Array, *, complement: bool, xp: Any) -> tuple[Array, Array]:
-    """``max(log x, -100)`` (or of ``log1p(-x)``) and the mask where the clamp is on.
-
-    The argument where the log is infinite (0, or 1 for the complement) is
-    replaced before the log, so NumPy warns about nothing and autodiff sees a
-    zero gradient at the clamp. NaN propagates (the mask is False there).
-    """
-    pole = 1.0 if complement else 0.0
-    at_pole = x == pole
-    safe = xp.where(at_pole, xp.full_like(x, 1.0 - pole), x)
-    raw = xp.log1p(-safe) if complement else xp.log(safe)
-    clamped = at_pole | (raw < LOG_CLAMP)
-    return xp.where(clamped, xp.full_like(raw, LOG_CLAMP), raw), clamped
-
-
 @dataclass(frozen=True)
 class _LogProbs:
     """``log p`` and ``log(1 - p)`` of the input, and the chain rule through them."""
@@ -242,8 +226,8 @@ def _log_probs(x: Array, *, from_logits: bool, xp: Any) -> _LogProbs:
     """log p and log(1 − p): log-sigmoid forms for logits, clamped logs for probabilities."""
     if from_logits:
         return _LogProbs(log_sigmoid(x, xp=xp), log_sigmoid(-x, xp=xp), x)
-    log_p, clamped_p = _clamped_log(x, complement=False, xp=xp)
-    log_not_p, clamped_not_p = _clamped_log(x, complement=True, xp=xp)
+    log_p, clamped_p = clamped_log(x, complement=False, xp=xp)
+    log_not_p, clamped_not_p = clamped_log(x, complement=True, xp=xp)
     return _LogProbs(log_p, log_not_p, x, clamped_p, clamped_not_p)
 
 

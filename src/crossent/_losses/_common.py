@@ -6,7 +6,10 @@ from typing import Any
 
 from crossent._lib._xp import Array, device, safe_divide, size
 
-__all__ = ["focal_factor", "log1mexp", "reduce_loss"]
+__all__ = ["LOG_CLAMP", "clamped_log", "focal_factor", "log1mexp", "reduce_loss"]
+
+LOG_CLAMP = -100.0
+"""Lower bound of log p for probability inputs (PyTorch's BCE / NLL rule)."""
 
 
 def reduce_loss(loss: Array, reduction: str, *, denominator: Array | None = None, xp: Any) -> Array:
@@ -59,3 +62,21 @@ def focal_factor(log_one_minus_p: Array, gamma: float, *, xp: Any) -> Array:
     is_certain = log_one_minus_p == -float("inf")
     safe = xp.where(is_certain, xp.zeros_like(log_one_minus_p), log_one_minus_p)
     return xp.where(is_certain, xp.zeros_like(safe), xp.exp(gamma * safe))
+
+
+def clamped_log(x: Array, *, complement: bool = False, xp: Any) -> tuple[Array, Array]:
+    """``max(log x, -100)`` (or of ``log1p(-x)``) and the mask where the clamp is on.
+
+    PyTorch's rule for probability inputs: a probability of exactly 0 or 1
+    gives a finite loss.
+
+    The argument where the log is infinite (0, or 1 for the complement) is
+    replaced before the log, so NumPy warns about nothing and autodiff sees a
+    zero gradient at the clamp. NaN propagates (the mask is False there).
+    """
+    pole = 1.0 if complement else 0.0
+    at_pole = x == pole
+    safe = xp.where(at_pole, xp.full_like(x, 1.0 - pole), x)
+    raw = xp.log1p(-safe) if complement else xp.log(safe)
+    clamped = at_pole | (raw < LOG_CLAMP)
+    return xp.where(clamped, xp.full_like(raw, LOG_CLAMP), raw), clamped

@@ -41,14 +41,13 @@ from typing import Any
 
 from crossent._lib._checks import check_nonnegative
 from crossent._lib._xp import Array, is_torch_namespace, one_hot
-from crossent._losses._common import focal_factor, log1mexp
+from crossent._losses._common import LOG_CLAMP, clamped_log, focal_factor, log1mexp
 
 __all__ = [
     "LOG_CLAMP",
     "ClassTerms",
     "add_at_index",
     "check_class_weight",
-    "clamped_log",
     "class_terms",
     "softcap_backward",
     "softcap_logits",
@@ -56,7 +55,6 @@ __all__ = [
     "term_value",
 ]
 
-LOG_CLAMP = -100.0
 """Lower clamp of ``log p`` for probability inputs (PyTorch's ``binary_cross_entropy`` rule)."""
 
 
@@ -88,17 +86,6 @@ def softcap_backward(x: Array, cap: float | None, grad_z: Array, *, xp: Any) -> 
     return grad_z * dz
 
 
-def clamped_log(p: Array, *, xp: Any) -> tuple[Array, Array]:
-    """``max(log p, -100)`` with ``log 0 = -100`` (no warning) and the mask where the clamp is off.
-
-    NaN propagates (the mask is False there, the value stays NaN).
-    """
-    is_zero = p == 0
-    log_p = xp.log(xp.where(is_zero, xp.ones_like(p), p))
-    clamped = is_zero | (log_p < LOG_CLAMP)
-    return xp.where(clamped, xp.full_like(log_p, LOG_CLAMP), log_p), ~clamped
-
-
 @dataclass
 class ClassTerms:
     """Per-class quantities of one kind of input (any shape, class axis last)."""
@@ -121,7 +108,8 @@ def class_terms(x: Array, lse: Array | None, *, kind: str, gamma: float, xp: Any
             return ClassTerms(nlp=-log_p)
         return ClassTerms(nlp=-log_p, p=xp.exp(log_p), log1m_p=log1mexp(log_p, xp=xp))
     if kind == "probs":
-        log_p, mask = clamped_log(x, xp=xp)
+        log_p, at_clamp = clamped_log(x, xp=xp)
+        mask = ~at_clamp
         log1m_p = xp.log1p(-x) if gamma != 0 else None
         return ClassTerms(nlp=-log_p, p=x, log1m_p=log1m_p, mask=mask)
     return ClassTerms(nlp=-x)
