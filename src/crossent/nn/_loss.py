@@ -249,6 +249,44 @@ class _WeightedLoss(_Loss):
 # ----------------------------------------------------------------------------
 
 
+class _BinaryLoss(_Loss):
+    """Shared state and forward of the binary modules: weights, pos_weight, smoothing, focal."""
+
+    weight: Tensor | None
+    pos_weight: Tensor | None
+    _FROM_LOGITS = True
+
+    def _set_binary_options(
+        self,
+        weight: Tensor | None,
+        pos_weight: Tensor | None,
+        label_smoothing: float,
+        gamma: float,
+        alpha: float | None,
+    ) -> None:
+        self.register_buffer("weight", _check_tensor(weight, name="weight", per_class=False))
+        self.register_buffer(
+            "pos_weight", _check_tensor(pos_weight, name="pos_weight", per_class=False)
+        )
+        self.label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
+        self.gamma = check_nonnegative_scalar(gamma, name="gamma")
+        self.alpha = _check_alpha(alpha)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """The loss of `input` (probabilities for BCELoss, else logits) vs targets in [0, 1]."""
+        return binary_cross_entropy(
+            input,
+            target,
+            from_logits=self._FROM_LOGITS,
+            weight=self.weight,
+            pos_weight=self.pos_weight,
+            label_smoothing=self.label_smoothing,
+            gamma=self.gamma,
+            alpha=self.alpha,
+            reduction=self.reduction,
+        )
+
+
 class CrossEntropyLoss(_WeightedLoss):
     r"""Cross-entropy from logits, a drop-in for :class:`torch.nn.CrossEntropyLoss`.
 
@@ -422,7 +460,7 @@ class NLLLoss(_WeightedLoss):
         )
 
 
-class BCELoss(_WeightedLoss):
+class BCELoss(_BinaryLoss):
     r"""Binary cross-entropy of probabilities, a drop-in for :class:`torch.nn.BCELoss`.
 
     Same arguments, defaults and results as PyTorch's (log p clamped at −100,
@@ -463,7 +501,7 @@ class BCELoss(_WeightedLoss):
     0.279777
     """
 
-    pos_weight: Tensor | None
+    _FROM_LOGITS = False
     _repr_fields = (
         ("reduction", "mean"),
         ("label_smoothing", 0.0),
@@ -483,30 +521,11 @@ class BCELoss(_WeightedLoss):
         gamma: float = 0.0,
         alpha: float | None = None,
     ) -> None:
-        super().__init__(weight, size_average, reduce, reduction, per_class=False)
-        self.register_buffer(
-            "pos_weight", _check_tensor(pos_weight, name="pos_weight", per_class=False)
-        )
-        self.label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
-        self.gamma = check_nonnegative_scalar(gamma, name="gamma")
-        self.alpha = _check_alpha(alpha)
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        """The loss of probabilities `input` against targets in [0, 1] of the same shape."""
-        return binary_cross_entropy(
-            input,
-            target,
-            from_logits=False,
-            weight=self.weight,
-            pos_weight=self.pos_weight,
-            label_smoothing=self.label_smoothing,
-            gamma=self.gamma,
-            alpha=self.alpha,
-            reduction=self.reduction,
-        )
+        super().__init__(size_average, reduce, reduction)
+        self._set_binary_options(weight, pos_weight, label_smoothing, gamma, alpha)
 
 
-class BCEWithLogitsLoss(_Loss):
+class BCEWithLogitsLoss(_BinaryLoss):
     r"""Binary cross-entropy of logits, a drop-in for :class:`torch.nn.BCEWithLogitsLoss`.
 
     Same arguments (in the same order), defaults and results as PyTorch's,
@@ -550,7 +569,6 @@ class BCEWithLogitsLoss(_Loss):
     """
 
     weight: Tensor | None
-    pos_weight: Tensor | None
     _repr_fields = (
         ("reduction", "mean"),
         ("label_smoothing", 0.0),
@@ -571,27 +589,7 @@ class BCEWithLogitsLoss(_Loss):
         alpha: float | None = None,
     ) -> None:
         super().__init__(size_average, reduce, reduction)
-        self.register_buffer("weight", _check_tensor(weight, name="weight", per_class=False))
-        self.register_buffer(
-            "pos_weight", _check_tensor(pos_weight, name="pos_weight", per_class=False)
-        )
-        self.label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
-        self.gamma = check_nonnegative_scalar(gamma, name="gamma")
-        self.alpha = _check_alpha(alpha)
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        """The loss of logits `input` against targets in [0, 1] of the same shape."""
-        return binary_cross_entropy(
-            input,
-            target,
-            from_logits=True,
-            weight=self.weight,
-            pos_weight=self.pos_weight,
-            label_smoothing=self.label_smoothing,
-            gamma=self.gamma,
-            alpha=self.alpha,
-            reduction=self.reduction,
-        )
+        self._set_binary_options(weight, pos_weight, label_smoothing, gamma, alpha)
 
 
 # ----------------------------------------------------------------------------
@@ -687,7 +685,7 @@ class FocalLoss(_WeightedLoss):
         )
 
 
-class BinaryFocalLoss(_Loss):
+class BinaryFocalLoss(_BinaryLoss):
     r"""Binary (sigmoid) focal loss from logits, multi-label ready.
 
     torchvision's ``sigmoid_focal_loss`` / Keras's ``BinaryFocalCrossentropy``
@@ -747,7 +745,6 @@ class BinaryFocalLoss(_Loss):
     """
 
     weight: Tensor | None
-    pos_weight: Tensor | None
     _repr_fields = (
         ("gamma", 2.0),
         ("alpha", None),
@@ -766,27 +763,7 @@ class BinaryFocalLoss(_Loss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(None, None, reduction)
-        self.register_buffer("weight", _check_tensor(weight, name="weight", per_class=False))
-        self.register_buffer(
-            "pos_weight", _check_tensor(pos_weight, name="pos_weight", per_class=False)
-        )
-        self.gamma = check_nonnegative_scalar(gamma, name="gamma")
-        self.alpha = _check_alpha(alpha)
-        self.label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        """The focal loss of logits `input` against targets in [0, 1] of the same shape."""
-        return binary_cross_entropy(
-            input,
-            target,
-            from_logits=True,
-            weight=self.weight,
-            pos_weight=self.pos_weight,
-            label_smoothing=self.label_smoothing,
-            gamma=self.gamma,
-            alpha=self.alpha,
-            reduction=self.reduction,
-        )
+        self._set_binary_options(weight, pos_weight, label_smoothing, gamma, alpha)
 
 
 class LinearCrossEntropyLoss(_Loss):
