@@ -591,7 +591,7 @@ def test_option_and_shape_errors(xp: Any, fn: Any) -> None:
         (ValueError, r"`alpha` must lie in \[0, 1\]", x, t, {"alpha": 1.5}),
         (ValueError, r"`alpha` must be finite and >= 0", x, t, {"alpha": -0.1}),
         (ValueError, r"`label_smoothing` must lie in \[0, 1\]", x, t, {"label_smoothing": 2}),
-        (TypeError, r"`from_logits` must be True or False", x, t, {"from_logits": 1}),
+        (TypeError, r"`from_logits` must be a bool", x, t, {"from_logits": 1}),
         (TypeError, r"`input` must have a floating dtype", conv(np.ones(SHAPE, int)), t, {}),
         (TypeError, r"`target` must have a floating dtype", x, conv(np.ones(SHAPE, int)), {}),
         (

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import crossent as ce
-from crossent._losses import _sparse
-from crossent._losses._sparse import _forward, _nll_loss, _sparse_value_and_grad, _torch_function
+from crossent._losses._options import make_options
+from crossent._losses._sparse import _forward, _nll_loss, _sparse_value_and_grad
 from tests._reference import categorical as ref
 from tests.conftest import to_numpy, to_xp
 
@@ -227,13 +227,11 @@ def test_closed_form_grad_equals_autodiff(name: str) -> None:
     (g_public,) = torch.autograd.grad(public, xt, torch.tensor(upstream))
     np.testing.assert_allclose(g_public.numpy(), closed, rtol=1e-10, atol=1e-12)
 
-    defaults = {"from_logits": False, "axis": -1, "weight": None, "ignore_index": None,
-                "label_smoothing": 0.0, "gamma": 0.0, "z_loss": 0.0, "softcap": None,
-                "reduction": "mean"}  # fmt: skip
-    setup = _sparse._setup(
-        torch.tensor(x), torch.tensor(y), **{**defaults, **options}, xp=_torch_xp()
+    opts = make_options(**{k: v for k, v in np_options.items() if k not in ("weight", "axis")})
+    axis = np_options.get("axis", -1) % x.ndim
+    generic = _forward(
+        xt, torch.tensor(y), weight=options["weight"], axis=axis, opts=opts, xp=_torch_xp()
     )
-    generic = _forward(xt, torch.tensor(y), weight=options["weight"], **setup, xp=_torch_xp())
     (g_generic,) = torch.autograd.grad(generic, xt, torch.tensor(upstream))
     np.testing.assert_allclose(g_generic.numpy(), closed, rtol=1e-10, atol=1e-12)
 
@@ -541,73 +539,28 @@ def test_nan_propagates() -> None:
     assert torch.isnan(loss)
 
 
-# --------------------------------------------------------------------------- the torch Function
+# --------------------------------------------------------------------------- the torch executor
 
 
-def _saved_sizes(fn: Any, x: Any, *args: Any) -> list[tuple[int, bool]]:
-    """(numel, is the input itself) of every tensor autograd saves while running `fn`."""
-    saved: list[tuple[int, bool]] = []
-
-    def pack(t: Any) -> Any:
-        saved.append((t.numel(), t.data_ptr() == x.data_ptr()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x, *args)
-    return saved
-
-
-def test_function_saves_no_copy_of_the_logits() -> None:
-    n, c = 64, 50
-    x = torch.randn(n, c, requires_grad=True)
-    y = torch.randint(0, c, (n,))
-    ours = _saved_sizes(
-        lambda a, b: ce.sparse_categorical_cross_entropy(
-            a, b, from_logits=True, label_smoothing=0.1, gamma=1.0, z_loss=1e-3, softcap=10.0
-        ),
-        x, y,
-    )  # fmt: skip
-    assert any(is_input for _, is_input in ours)
-    assert all(numel < n * c for numel, is_input in ours if not is_input)
-    # the check can fail: torch's cross_entropy keeps an N×C log_softmax
-    theirs = _saved_sizes(lambda a, b: F.cross_entropy(a, b), x, y)
-    assert any(numel == n * c and not is_input for numel, is_input in theirs)
-
-
-@pytest.mark.parametrize("chunk", [7, 1 << 20], ids=["chunked", "whole"])
-def test_function_chunks_and_layouts(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
-    """Several chunks (with a ragged last one), axis=0, a non-contiguous view: same results."""
-    monkeypatch.setattr(_sparse, "_CHUNK_ELEMENTS", chunk)
+def test_layouts_and_input_unchanged() -> None:
+    """axis=0, a non-contiguous view, every option: same results, input unchanged after backward."""
     x_np, y_np = _data(11, (C, 7), axis=0)
     y_np[3] = -100
     options = {"from_logits": True, "axis": 0, "weight": W, "ignore_index": -100,
                "label_smoothing": 0.1, "gamma": 1.0, "z_loss": 0.01, "softcap": 3.0}  # fmt: skip
-    expected, g_expected = _sparse_value_and_grad(x_np, y_np, **options)
-    for x in (torch.tensor(x_np), torch.tensor(np.ascontiguousarray(x_np.T)).T):
-        x = x.requires_grad_(True) if x.is_leaf else x.detach().requires_grad_(True)
-        before = x.detach().clone()
-        loss = ce.sparse_categorical_cross_entropy(
-            x, torch.tensor(y_np), **{**options, "weight": torch.tensor(W)}
-        )
-        loss.backward()
-        np.testing.assert_allclose(loss.item(), expected, rtol=1e-12)
-        np.testing.assert_allclose(x.grad.numpy(), g_expected, rtol=1e-10, atol=1e-14)
-        assert torch.equal(x.detach(), before)  # input unchanged after backward
-
-
-def test_function_gradcheck() -> None:
-    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    y = torch.tensor([0, 3, -100, 1, 2])
-    w = torch.tensor(W)
-
-    def f(v: Any) -> Any:
-        return ce.sparse_categorical_cross_entropy(
-            v, y, from_logits=True, weight=w, ignore_index=-100, label_smoothing=0.2, gamma=1.5,
-            z_loss=0.1, softcap=3.0, reduction="none",
-        )  # fmt: skip
-
-    assert torch.autograd.gradcheck(f, (x,))
-    assert _torch_function().__name__ == "SparseCrossEntropy"
+    for extra in ({}, {"gamma": 0.0, "z_loss": 0.0, "softcap": None}):
+        opts = {**options, **extra}
+        expected, g_expected = _sparse_value_and_grad(x_np, y_np, **opts)
+        for x in (torch.tensor(x_np), torch.tensor(np.ascontiguousarray(x_np.T)).T):
+            x = x.requires_grad_(True) if x.is_leaf else x.detach().requires_grad_(True)
+            before = x.detach().clone()
+            loss = ce.sparse_categorical_cross_entropy(
+                x, torch.tensor(y_np), **{**opts, "weight": torch.tensor(W)}
+            )
+            loss.backward()
+            np.testing.assert_allclose(loss.item(), expected, rtol=1e-12)
+            np.testing.assert_allclose(x.grad.numpy(), g_expected, rtol=1e-10, atol=1e-14)
+            assert torch.equal(x.detach(), before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])

@@ -10,6 +10,7 @@ the helper uses it; otherwise it falls back to a portable formula.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import array_api_compat
@@ -30,14 +31,17 @@ __all__ = [
     "is_lazy",
     "is_numpy_namespace",
     "is_torch_namespace",
+    "is_torch_tensor",
     "known_true",
     "log_sigmoid",
     "logsumexp",
     "one_hot",
+    "output_dtype",
     "safe_divide",
     "size",
     "take_along_axis",
     "to_numpy",
+    "torch_tracing",
     "xlogy",
 ]
 
@@ -72,6 +76,24 @@ def array_namespace(*arrays: object) -> Any:
         raise TypeError(msg) from exc
 
 
+def is_torch_tensor(x: object) -> bool:
+    """Whether `x` is a ``torch.Tensor``, without importing PyTorch (the thin dispatch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def torch_tracing() -> bool:
+    """Whether PyTorch is tracing (``torch.compile``/``export``, or a ``torch.func`` transform).
+
+    Values do not exist then (or reading them would break the graph), so value
+    checks are skipped; eagerly they run as everywhere else.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    return bool(torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+
+
 def device(x: Array) -> Any:
     """The device `x` lives on."""
     return array_api_compat.device(x)
@@ -94,6 +116,8 @@ def is_lazy(x: Array) -> bool:
         import jax
 
         return isinstance(x, jax.core.Tracer)
+    if is_torch_tensor(x) and torch_tracing():
+        return True
     checker = getattr(array_api_compat, "is_lazy_array", None)
     if checker is not None:
         return bool(checker(x))
@@ -136,6 +160,21 @@ def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
     if x.dtype == dtype:
         return x
     return xp.astype(x, dtype)
+
+
+def output_dtype(x: Array, *, xp: Any) -> Any:
+    """The dtype of a loss of `x`: `x`'s own, or float32 for float16/bfloat16 under ``torch.autocast``.
+
+    PyTorch's losses compute in float32 under autocast and return float32; so do crossent's.
+    """
+    if is_torch_tensor(x):
+        import torch
+
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+            x.device.type
+        ):
+            return torch.float32
+    return x.dtype
 
 
 def logsumexp(x: Array, *, axis: int, keepdims: bool = False, xp: Any) -> Array:

@@ -18,20 +18,15 @@ Layout of the module:
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Any, Literal
 
 from crossent._lib._checks import (
     check_axis,
     check_floating,
-    check_from_logits,
     check_integer_labels,
     check_label_range,
-    check_nonnegative_scalar,
     check_probabilities,
-    check_reduction,
-    check_unit_interval_scalar,
 )
 from crossent._lib._xp import (
     Array,
@@ -40,7 +35,9 @@ from crossent._lib._xp import (
     compute_dtype,
     device,
     is_torch_namespace,
+    is_torch_tensor,
     logsumexp,
+    output_dtype,
     safe_divide,
     take_along_axis,
 )
@@ -54,6 +51,7 @@ from crossent._losses._logprob import (
     term_grad,
     term_value,
 )
+from crossent._losses._options import CEOptions, make_options
 
 __all__ = ["sparse_categorical_cross_entropy"]
 
@@ -62,35 +60,6 @@ _CHUNK_ELEMENTS = 1 << 20
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_options(
-    *,
-    from_logits: object,
-    label_smoothing: object,
-    gamma: object,
-    z_loss: object,
-    softcap: object,
-    reduction: object,
-) -> tuple[float, float, float, float | None, str]:
-    if not isinstance(from_logits, bool):
-        msg = f"`from_logits` must be a bool; got {type(from_logits).__name__}."
-        raise TypeError(msg)
-    eps = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
-    gamma = check_nonnegative_scalar(gamma, name="gamma")
-    z_loss = check_nonnegative_scalar(z_loss, name="z_loss")
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, int | float):
-            msg = f"`softcap` must be None or a positive number such as 30.0; got {softcap!r}."
-            raise TypeError(msg)
-        if not 0 < softcap < float("inf"):
-            msg = (
-                f"`softcap` must be positive and finite (or None for no capping); got {softcap!r}."
-            )
-            raise ValueError(msg)
-        softcap = float(softcap)
-    check_from_logits(bool(from_logits), z_loss=z_loss, softcap=softcap)
-    return eps, gamma, z_loss, softcap, check_reduction(reduction)
 
 
 def _check_labels(
@@ -276,87 +245,6 @@ def _no_autograd(xp: Any) -> Iterator[None]:
         yield
 
 
-# --------------------------------------------------------------------------- PyTorch fast path
-
-
-@functools.cache
-def _torch_function() -> Any:
-    """The :class:`torch.autograd.Function` of the logits path (built on first use)."""
-    import torch
-    from torch.autograd.function import once_differentiable
-
-    xp = array_namespace(torch.empty(0))
-
-    def layout(x: Any, target: Any, axis: int) -> tuple[Any, Any, list[Any]]:
-        """Class axis last; contiguous inputs become (rows, C) chunks of ~_CHUNK_ELEMENTS."""
-        xl = x.movedim(axis, -1)
-        if not xl.is_contiguous():  # e.g. (N, C, d1, d2): one pass over the strided view
-            return xl, target, [slice(None)]
-        num_classes = max(int(xl.shape[-1]), 1)
-        xl = xl.reshape(-1, xl.shape[-1])
-        step = max(1, _CHUNK_ELEMENTS // num_classes)
-        chunks = [slice(i, i + step) for i in range(0, xl.shape[0], step)]
-        return xl, target.reshape(-1), chunks
-
-    class SparseCrossEntropy(torch.autograd.Function):
-        """Forward keeps only ``lse`` per row; backward rebuilds softmax from the input."""
-
-        @staticmethod
-        def forward(ctx: Any, x: Any, target: Any, weight: Any, opts: dict[str, Any]) -> Any:
-            cdt = compute_dtype(x.dtype, xp=xp)
-            w = None if weight is None else weight.to(cdt)
-            xl, tl, chunks = layout(x, target, opts["axis"])
-            lse = torch.empty(tl.shape, dtype=cdt, device=x.device)
-            row = torch.empty(tl.shape, dtype=cdt, device=x.device)
-            w_y = torch.empty(tl.shape, dtype=cdt, device=x.device)
-            for sl in chunks:
-                z = softcap_logits(xl[sl].to(cdt), opts["softcap"], xp=xp)
-                lse[sl] = torch.logsumexp(z, dim=-1)
-                row[sl], w_y[sl] = _sparse_rows(
-                    z, tl[sl], lse[sl], kind="logits", weight=w, **opts["rows"], xp=xp
-                )
-            denominator = w_y.sum()
-            ctx.save_for_backward(x, target, w, lse, denominator)
-            ctx.opts = opts
-            loss = reduce_loss(row, opts["reduction"], denominator=denominator, xp=xp)
-            return (
-                loss.reshape(target.shape).to(x.dtype)
-                if opts["reduction"] == "none"
-                else loss.to(x.dtype)
-            )
-
-        @staticmethod
-        @once_differentiable
-        def backward(ctx: Any, grad_output: Any) -> Any:
-            x, target, w, lse, denominator = ctx.saved_tensors
-            opts = ctx.opts
-            cdt = lse.dtype
-            xl, tl, chunks = layout(x, target, opts["axis"])
-            scale = _row_scale(
-                grad_output.reshape(tl.shape) if opts["reduction"] == "none" else grad_output,
-                opts["reduction"],
-                denominator,
-                tuple(tl.shape),
-                xp=xp,
-            )
-            grad = torch.empty(xl.shape, dtype=x.dtype, device=x.device) if len(chunks) > 1 else xl
-            for sl in chunks:
-                xc = xl[sl].to(cdt)
-                z = softcap_logits(xc, opts["softcap"], xp=xp)
-                g = _sparse_rows_grad(
-                    z, tl[sl], lse[sl], scale[sl], kind="logits", weight=w, **opts["rows"], xp=xp
-                )
-                g = softcap_backward(xc, opts["softcap"], g, xp=xp)
-                if len(chunks) == 1:
-                    grad = g.to(x.dtype)
-                else:
-                    grad[sl] = g
-            grad = grad.reshape(x.movedim(opts["axis"], -1).shape).movedim(-1, opts["axis"])
-            return grad, None, None, None
-
-    return SparseCrossEntropy
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -477,52 +365,47 @@ def sparse_categorical_cross_entropy(
     >>> print(float(ce.sparse_categorical_cross_entropy(probs, np.array([0, 1]), reduction="sum")))
     0.10536051565782...
     """
-    xp = array_namespace(input, target, weight)
-    setup = _setup(
-        input, target, from_logits=from_logits, axis=axis, weight=weight,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma,
-        z_loss=z_loss, softcap=softcap, reduction=reduction, xp=xp,
+    opts = make_options(
+        from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss,
+        softcap=softcap, ignore_index=ignore_index, reduction=reduction,
     )  # fmt: skip
-    if setup["kind"] == "logits" and is_torch_namespace(xp):
-        return _torch_function().apply(input, target, weight, setup)
-    return _forward(input, target, weight=weight, **setup, xp=xp)
+    if is_torch_tensor(input):
+        from crossent._backends import _torch as torch_exec
+
+        axis_ = check_axis(axis, input.ndim)
+        if weight is not None:
+            check_class_weight(weight, int(input.shape[axis_]), xp=array_namespace(weight))
+        out = torch_exec.sparse(input, target, weight, axis_, opts)
+        if out is not None:
+            return out
+    xp = array_namespace(input, target, weight)
+    axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
+    return _forward(input, target, weight=weight, axis=axis_, opts=opts, xp=xp)
 
 
-def _setup(
-    input: Array,
-    target: Array,
-    *,
-    from_logits: object,
-    axis: object,
-    weight: Array | None,
-    ignore_index: object,
-    label_smoothing: object,
-    gamma: object,
-    z_loss: object,
-    softcap: object,
-    reduction: object,
-    xp: Any,
-) -> dict[str, Any]:
-    """Validate everything; return the keyword arguments of the computing functions."""
-    eps, gamma_, z_loss_, softcap_, reduction_ = _check_options(
-        from_logits=from_logits,
-        label_smoothing=label_smoothing,
-        gamma=gamma,
-        z_loss=z_loss,
-        softcap=softcap,
-        reduction=reduction,
+def _check_arrays(
+    input: Array, target: Array, *, weight: Array | None, axis: object, opts: CEOptions, xp: Any
+) -> tuple[int, Array]:
+    """Shapes, dtypes and values of the arrays; returns the class axis and the target to index with."""
+    axis_ = _check_labels(
+        input, target, axis=axis, weight=weight, ignore_index=opts.ignore_index, xp=xp
     )
-    axis_ = _check_labels(input, target, axis=axis, weight=weight, ignore_index=ignore_index, xp=xp)
-    if not from_logits:
+    if opts.kind == "probs":
         check_probabilities(input, xp=xp)
-    rows = {
-        "ignore_index": ignore_index,
-        "label_smoothing": eps,
-        "gamma": gamma_,
-        "z_loss": z_loss_,
+    if is_torch_namespace(xp):
+        from crossent._backends._torch import index_target
+
+        target = index_target(target)
+    return axis_, target
+
+
+def _rows_options(opts: CEOptions) -> dict[str, Any]:
+    return {
+        "ignore_index": opts.ignore_index,
+        "label_smoothing": opts.label_smoothing,
+        "gamma": opts.gamma,
+        "z_loss": opts.z_loss,
     }
-    kind = "logits" if from_logits else "probs"
-    return {"kind": kind, "axis": axis_, "softcap": softcap_, "reduction": reduction_, "rows": rows}
 
 
 def _prepare(
@@ -538,22 +421,15 @@ def _prepare(
 
 
 def _forward(
-    input: Array,
-    target: Array,
-    *,
-    kind: str,
-    axis: int,
-    weight: Array | None,
-    softcap: float | None,
-    reduction: str,
-    rows: dict[str, Any],
-    xp: Any,
+    input: Array, target: Array, *, weight: Array | None, axis: int, opts: CEOptions, xp: Any
 ) -> Array:
     """The generic (autodiff-friendly) path on any backend."""
-    _, z, lse, w = _prepare(input, kind=kind, axis=axis, weight=weight, softcap=softcap, xp=xp)
-    row, w_y = _sparse_rows(z, target, lse, kind=kind, weight=w, **rows, xp=xp)
-    loss = reduce_loss(row, reduction, denominator=xp.sum(w_y), xp=xp)
-    return astype(loss, input.dtype, xp=xp)
+    _, z, lse, w = _prepare(
+        input, kind=opts.kind, axis=axis, weight=weight, softcap=opts.softcap, xp=xp
+    )
+    row, w_y = _sparse_rows(z, target, lse, kind=opts.kind, weight=w, **_rows_options(opts), xp=xp)
+    loss = reduce_loss(row, opts.reduction, denominator=xp.sum(w_y), xp=xp)
+    return astype(loss, output_dtype(input, xp=xp), xp=xp)
 
 
 def _sparse_value_and_grad(
@@ -577,38 +453,24 @@ def _sparse_value_and_grad(
     For ``reduction="none"`` the gradient is that of ``sum(grad_output * loss)``
     (``grad_output`` defaults to ones); otherwise ``grad_output`` (0-d) scales it.
     """
+    opts = make_options(
+        from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss,
+        softcap=softcap, ignore_index=ignore_index, reduction=reduction,
+    )  # fmt: skip
     if xp is None:
         xp = array_namespace(input, target, weight)
-    setup = _setup(
-        input, target, from_logits=from_logits, axis=axis, weight=weight,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma,
-        z_loss=z_loss, softcap=softcap, reduction=reduction, xp=xp,
-    )  # fmt: skip
-    return _value_and_grad(input, target, weight=weight, **setup, grad_output=grad_output, xp=xp)
-
-
-def _value_and_grad(
-    input: Array,
-    target: Array,
-    *,
-    kind: str,
-    axis: int,
-    weight: Array | None,
-    softcap: float | None,
-    reduction: str,
-    rows: dict[str, Any],
-    grad_output: Array | None,
-    xp: Any,
-) -> tuple[Array, Array]:
+    axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
+    kind, softcap_ = opts.kind, opts.softcap
+    rows = _rows_options(opts)
     with _no_autograd(xp):
-        x, z, lse, w = _prepare(input, kind=kind, axis=axis, weight=weight, softcap=softcap, xp=xp)
+        x, z, lse, w = _prepare(input, kind=kind, axis=axis_, weight=weight, softcap=softcap_, xp=xp)
         row, w_y = _sparse_rows(z, target, lse, kind=kind, weight=w, **rows, xp=xp)
         denominator = xp.sum(w_y)
-        loss = reduce_loss(row, reduction, denominator=denominator, xp=xp)
-        scale = _row_scale(grad_output, reduction, denominator, tuple(row.shape), xp=xp)
+        loss = reduce_loss(row, opts.reduction, denominator=denominator, xp=xp)
+        scale = _row_scale(grad_output, opts.reduction, denominator, tuple(row.shape), xp=xp)
         g = _sparse_rows_grad(z, target, lse, scale, kind=kind, weight=w, **rows, xp=xp)
-        g = softcap_backward(x, softcap, g, xp=xp)
-        grad = xp.moveaxis(g, -1, axis)
+        g = softcap_backward(x, softcap_, g, xp=xp)
+        grad = xp.moveaxis(g, -1, axis_)
     return astype(loss, input.dtype, xp=xp), astype(grad, input.dtype, xp=xp)
 
 
@@ -627,21 +489,17 @@ def _nll_loss(
     ``"mean"`` divides by :math:`\sum_i w_{y_i}` over counted targets (0 when
     there are none). Differentiable by the backend's autodiff.
     """
+    opts = make_options(ignore_index=ignore_index, reduction=reduction, kind="log_probs")
+    if is_torch_tensor(log_probs):
+        from crossent._backends import _torch as torch_exec
+
+        axis_ = check_axis(axis, log_probs.ndim)
+        if weight is not None:
+            check_class_weight(weight, int(log_probs.shape[axis_]), xp=array_namespace(weight))
+        out = torch_exec.nll(log_probs, target, weight, axis_, opts)
+        if out is not None:
+            return out
     if xp is None:
         xp = array_namespace(log_probs, target, weight)
-    reduction = check_reduction(reduction)
-    axis = _check_labels(
-        log_probs, target, axis=axis, weight=weight, ignore_index=ignore_index, xp=xp
-    )
-    rows = {"ignore_index": ignore_index, "label_smoothing": 0.0, "gamma": 0.0, "z_loss": 0.0}
-    return _forward(
-        log_probs,
-        target,
-        kind="log_probs",
-        axis=axis,
-        weight=weight,
-        softcap=None,
-        reduction=reduction,
-        rows=rows,
-        xp=xp,
-    )
+    axis_, target = _check_arrays(log_probs, target, weight=weight, axis=axis, opts=opts, xp=xp)
+    return _forward(log_probs, target, weight=weight, axis=axis_, opts=opts, xp=xp)

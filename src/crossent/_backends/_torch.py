@@ -1,0 +1,288 @@
+r"""The PyTorch executor: PyTorch's own kernels wherever they have crossent's semantics.
+
+``F.cross_entropy``, ``F.nll_loss`` and ``F.binary_cross_entropy_with_logits``
+compute class weights, ``ignore_index``, label smoothing, ``pos_weight`` and
+the reductions exactly as crossent defines them (crossent follows PyTorch
+there), and they come with everything a PyTorch user expects: exact double
+backward, ``torch.compile`` / ``torch.export`` without graph breaks,
+``torch.func`` transforms (``vmap(grad(...))``), autocast (float32 compute
+and result). This module calls them and adds only crossent's documented
+differences, each at the cost of a scalar test:
+
+- a ``"mean"`` over no counted target is 0 with a zero gradient (PyTorch: NaN);
+- integer targets of any width (PyTorch wants int64);
+- float16 / bfloat16 logits are computed in float32 (PyTorch's float16 mean
+  overflows at 8192 × 32000, its bfloat16 gradient is 3× above rounding);
+- a ``-inf`` logit with target 0 contributes 0 to a probability-target loss
+  and an infinite binary logit whose target agrees gives 0 (PyTorch: NaN);
+- out-of-range labels raise crossent's message (eagerly: PyTorch's own kernel
+  check is turned into it; on accelerators an asynchronous device assert).
+
+Each function returns ``None`` when the generic array-API formula must run
+(probabilities with options PyTorch lacks, crossent-only options); that path
+is made of differentiable PyTorch operations, so it has the same transforms.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from crossent._lib._checks import values_checked
+from crossent._lib._xp import output_dtype, torch_tracing
+from crossent._losses._options import CEOptions
+
+__all__ = ["binary", "categorical", "index_target", "nll", "sparse"]
+
+_NO_IGNORE = -(2**63)
+"""``ignore_index`` handed to PyTorch when nothing is ignored: no int64 label equals it
+in range, and PyTorch's bound check still rejects it as a label."""
+
+_LOW = (torch.float16, torch.bfloat16)
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INTEGERS = frozenset(
+    d
+    for d in (
+        torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+        getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+        getattr(torch, "uint64", None),
+    )
+    if d is not None
+)  # fmt: skip
+
+
+def index_target(target: Tensor) -> Tensor:
+    """Integer labels of any width as int64 (what gathers and PyTorch's kernels index with)."""
+    return target if target.dtype == torch.int64 else target.long()
+
+
+def _compute(x: Tensor) -> Tensor:
+    """`x` in the compute dtype: float16/bfloat16 accumulate in float32."""
+    return x.float() if x.dtype in _LOW else x
+
+
+def _host_readable(x: Tensor) -> bool:
+    """Whether a scalar may be read back now: CPU, eager (no compile, export or torch.func)."""
+    return x.device.type == "cpu" and not torch_tracing()
+
+
+def _finish(out: Tensor, x: Tensor) -> Tensor:
+    dtype = output_dtype(x, xp=torch)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+# --------------------------------------------------------------------------- class indices
+
+
+def _class_last_to_dim1(x: Tensor, axis: int) -> Tensor:
+    """PyTorch's layout: classes on dim 1 (or dim 0 for one unbatched row)."""
+    if x.ndim == 1 or axis == 1:
+        return x
+    return x.movedim(axis, 1)
+
+
+def _counted_weight(t: Tensor, w: Tensor | None, ignore: int) -> Tensor:
+    r"""The mean's denominator :math:`\sum_i w_{y_i}` over counted targets (their count without weights)."""
+    valid = t != ignore
+    if w is None:
+        return valid.sum()
+    return torch.where(valid, w[torch.where(valid, t, 0)], 0).sum()
+
+
+def _mean_of(
+    call: Any, x: Tensor, t: Tensor, w: Tensor | None, ignore: int, weighted_or_ignored: bool
+) -> Tensor:
+    """PyTorch's ``"mean"`` with crossent's rule: 0 (and a zero gradient) over no counted target.
+
+    Eagerly on CPU one scalar test decides (PyTorch's mean is NaN only for
+    0/0 or a NaN input); elsewhere the sum is divided by a denominator that is
+    1 where it would be 0, without reading anything back.
+    """
+    if t.numel() == 0:
+        return call("sum")
+    if not weighted_or_ignored:
+        return call("mean")
+    if _host_readable(x):
+        out = call("mean")
+        if math.isnan(out.item()) and float(_counted_weight(t, w, ignore)) == 0:
+            return call("sum")
+        return out
+    total = call("sum")
+    den = _counted_weight(t, w, ignore)
+    return total / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int | None) -> None:
+    """Turn PyTorch's bound-check error into crossent's message (re-raise it otherwise)."""
+    from crossent._lib._checks import check_label_range
+    from crossent._lib._xp import array_namespace
+
+    with torch.no_grad():
+        check_label_range(t, num_classes, ignore_index=ignore_index, xp=array_namespace(t))
+    raise exc
+
+
+def _assert_labels_async(t: Tensor, num_classes: int, ignore: int) -> None:
+    """On accelerators: an asynchronous device-side check, no host synchronisation."""
+    ok = ((t >= 0) & (t < num_classes)) | (t == ignore)
+    msg = (
+        f"`target` has labels outside [0, {num_classes}) that are not `ignore_index`; "
+        "check the number of classes, or set `ignore_index`."
+    )
+    torch._assert_async(ok.all(), msg)
+
+
+def _native_indices(
+    kernel: Any,
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    axis: int,
+    opts: CEOptions,
+    **extra: Any,
+) -> Tensor:
+    """``kernel(x, t, weight, ignore_index, reduction, **extra)`` with crossent's differences."""
+    num_classes = x.shape[axis]
+    xc = x if torch.is_autocast_enabled(x.device.type) else _compute(x)
+    xc = _class_last_to_dim1(xc, axis)
+    t = index_target(target)
+    w = None if weight is None else weight.to(xc.dtype)
+    ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index
+    eager = _host_readable(x)
+    if not eager and x.device.type != "cpu" and values_checked(t) and t.numel():
+        _assert_labels_async(t, num_classes, ignore)
+
+    def call(reduction: str) -> Tensor:
+        if not eager:
+            return kernel(xc, t, w, ignore_index=ignore, reduction=reduction, **extra)
+        try:
+            return kernel(xc, t, w, ignore_index=ignore, reduction=reduction, **extra)
+        except (IndexError, RuntimeError) as exc:
+            _label_error(exc, t, num_classes, opts.ignore_index)
+            raise  # pragma: no cover - _label_error always raises
+
+    if opts.reduction != "mean":
+        out = call(opts.reduction)
+    else:
+        out = _mean_of(call, x, t, w, ignore, opts.ignore_index is not None or w is not None)
+    return _finish(out, x)
+
+
+def _sparse_shapes_fit(x: Tensor, target: object, weight: object, axis: int) -> bool:
+    if not isinstance(target, Tensor) or target.dtype not in _INTEGERS:
+        return False
+    if weight is not None and not (
+        isinstance(weight, Tensor) and weight.dtype in _FLOATS and weight.shape == (x.shape[axis],)
+    ):
+        return False
+    return target.shape == x.shape[:axis] + x.shape[axis + 1 :]
+
+
+def sparse(
+    input: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
+) -> Tensor | None:
+    """Sparse cross-entropy from logits by ``F.cross_entropy``; None for the generic path.
+
+    `axis` is already a valid non-negative class axis; `weight`'s values are
+    checked by the caller.
+    """
+    if not (opts.kind == "logits" and opts.plain and input.dtype in _FLOATS):
+        return None
+    if not _sparse_shapes_fit(input, target, weight, axis):
+        return None
+    return _native_indices(
+        F.cross_entropy, input, target, weight, axis, opts, label_smoothing=opts.label_smoothing
+    )
+
+
+def nll(
+    input: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
+) -> Tensor | None:
+    """PyTorch's ``nll_loss`` on log-probabilities, with crossent's mean rule; None for generic."""
+    if input.dtype not in _FLOATS or not _sparse_shapes_fit(input, target, weight, axis):
+        return None
+    return _native_indices(F.nll_loss, input, target, weight, axis, opts)
+
+
+# --------------------------------------------------------------------------- probability targets
+
+
+def _reduce(row: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return row
+    if reduction == "sum" or row.numel() == 0:
+        return row.sum()
+    return row.mean()
+
+
+def categorical(
+    input: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
+) -> Tensor | None:
+    r"""Probability-target cross-entropy from logits: ``log_softmax`` and one guarded product.
+
+    :math:`\ell = -\sum_k c_k \log p_k` with :math:`c = w \odot ((1-\varepsilon)t + \varepsilon/C)`;
+    a term with :math:`c_k = 0` is 0 even where :math:`\log p_k = -\infty` (a masked class).
+    """
+    if not (opts.kind == "logits" and opts.plain and input.dtype in _FLOATS):
+        return None
+    if not (isinstance(target, Tensor) and target.shape == input.shape):
+        return None
+    if weight is not None and not (isinstance(weight, Tensor) and weight.dtype in _FLOATS):
+        return None
+    xc = _compute(input)
+    log_p = torch.log_softmax(xc, dim=axis)
+    c = target.to(log_p.dtype)
+    eps = opts.label_smoothing
+    if eps:
+        c = c * (1 - eps) + eps / input.shape[axis]
+    if weight is not None:
+        shape = [1] * input.ndim
+        shape[axis] = -1
+        c = c * weight.to(log_p.dtype).reshape(shape)
+    terms = torch.where(c == 0, 0.0, c * log_p)
+    return _finish(_reduce(-terms.sum(dim=axis), opts.reduction), input)
+
+
+# --------------------------------------------------------------------------- binary
+
+
+def binary(
+    input: Tensor,
+    target: Tensor,
+    weight: object,
+    pos_weight: object,
+    opts: CEOptions,
+) -> Tensor | None:
+    """``F.binary_cross_entropy_with_logits`` (logits, no focal); None for the generic path.
+
+    PyTorch gives NaN for an infinite logit; eagerly a NaN result sends the
+    call to the generic formula (which gives 0 for an agreeing target and
+    still propagates a NaN input), and while tracing the generic formula runs.
+    """
+    if not (opts.kind == "logits" and opts.plain and input.dtype in _FLOATS):
+        return None
+    if not (isinstance(target, Tensor) and target.dtype in _FLOATS):
+        return None
+    for w in (weight, pos_weight):
+        if w is not None and not (isinstance(w, Tensor) and w.dtype in _FLOATS):
+            return None
+    if not _host_readable(input):
+        return None
+    xc = _compute(input)
+    t = target.to(xc.dtype)
+    eps = opts.label_smoothing
+    if eps:
+        t = t * (1 - eps) + eps / 2
+    w = None if weight is None else weight.to(xc.dtype)
+    pw = None if pos_weight is None else pos_weight.to(xc.dtype)
+    out = F.binary_cross_entropy_with_logits(
+        xc, t, w, pos_weight=pw, reduction=opts.reduction if input.numel() else "sum"
+    )
+    nan = bool(out.isnan().any()) if opts.reduction == "none" else math.isnan(out.item())
+    if nan:
+        return None
+    return _finish(out, input)

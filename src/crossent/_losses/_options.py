@@ -1,0 +1,152 @@
+"""The checked options of a cross-entropy loss: one frozen, typed object.
+
+:func:`make_options` runs the shared scalar checks (types, ranges, options that
+need logits) once and returns a :class:`CEOptions`; every executor (the
+array-API formula, the PyTorch executor, and the ``crossent.nn`` modules,
+which build it once in ``__init__``) reads the same object. Array checks
+(shapes, dtypes, label values) depend on the call's arrays and stay with the
+executors.
+
+The options are plain Python scalars, so an object is hashable and
+:func:`make_options` caches them: a training loop that calls a loss with the
+same options pays for the checks once.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+from crossent._lib._checks import (
+    check_from_logits,
+    check_ignore_index,
+    check_nonnegative_scalar,
+    check_reduction,
+    check_softcap,
+    check_unit_interval_scalar,
+)
+
+__all__ = ["CEOptions", "Kind", "make_options"]
+
+Kind = Literal["logits", "probs", "log_probs"]
+
+
+@dataclass(frozen=True, slots=True)
+class CEOptions:
+    """Checked options of one loss call (or of one ``crossent.nn`` module).
+
+    Attributes
+    ----------
+    kind : {"logits", "probs", "log_probs"}
+        What the input holds: logits, probabilities (log clamped at −100) or
+        log-probabilities (``nll_loss``).
+    label_smoothing : float
+        ε in [0, 1].
+    gamma : float
+        Focal focusing parameter, ≥ 0.
+    z_loss : float
+        PaLM's z-loss coefficient, ≥ 0 (logits only).
+    softcap : float or None
+        Gemma 2's logit soft-cap, positive (logits only).
+    ignore_index : int or None
+        Sparse targets equal to it are not counted.
+    reduction : {"mean", "sum", "none"}
+    alpha : float or None
+        Binary focal class balance in [0, 1].
+    """
+
+    kind: Kind
+    label_smoothing: float = 0.0
+    gamma: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    ignore_index: int | None = None
+    reduction: str = "mean"
+    alpha: float | None = None
+
+    @property
+    def from_logits(self) -> bool:
+        """Whether the input holds logits."""
+        return self.kind == "logits"
+
+    @property
+    def plain(self) -> bool:
+        """No crossent-only option (focal, z-loss, softcap): PyTorch's own kernels apply."""
+        return self.gamma == 0 and self.z_loss == 0 and self.softcap is None and self.alpha is None
+
+
+def _check_from_logits_flag(from_logits: object) -> bool:
+    if not isinstance(from_logits, bool):
+        msg = f"`from_logits` must be a bool (True or False); got {from_logits!r}."
+        raise TypeError(msg)
+    return from_logits
+
+
+def _make(
+    from_logits: object,
+    label_smoothing: object,
+    gamma: object,
+    z_loss: object,
+    softcap: object,
+    ignore_index: object,
+    reduction: object,
+    alpha: object,
+    kind: Kind | None,
+) -> CEOptions:
+    logits = _check_from_logits_flag(from_logits)
+    eps = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
+    gamma_ = check_nonnegative_scalar(gamma, name="gamma")
+    z_loss_ = check_nonnegative_scalar(z_loss, name="z_loss")
+    softcap_ = check_softcap(softcap)
+    check_from_logits(logits, z_loss=z_loss_, softcap=softcap_)
+    ignore = check_ignore_index(ignore_index, allow_none=True)
+    alpha_ = None if alpha is None else check_unit_interval_scalar(alpha, name="alpha")
+    if kind is None:
+        kind = "logits" if logits else "probs"
+    return CEOptions(
+        kind=kind,
+        label_smoothing=eps,
+        gamma=gamma_,
+        z_loss=z_loss_,
+        softcap=softcap_,
+        ignore_index=ignore,
+        reduction=check_reduction(reduction),
+        alpha=alpha_,
+    )
+
+
+_make_cached = functools.lru_cache(maxsize=256)(_make)
+
+
+def make_options(
+    *,
+    from_logits: object = False,
+    label_smoothing: object = 0.0,
+    gamma: object = 0.0,
+    z_loss: object = 0.0,
+    softcap: object = None,
+    ignore_index: object = None,
+    reduction: object = "mean",
+    alpha: object = None,
+    kind: Kind | None = None,
+) -> CEOptions:
+    """Check the scalar options of a loss once; return them as a :class:`CEOptions`.
+
+    Raises
+    ------
+    TypeError
+        An option of the wrong type (a string for a number, a float `ignore_index`).
+    ValueError
+        An option out of range, an unknown `reduction`, or `z_loss` / `softcap`
+        without ``from_logits=True``.
+    """
+    args = (from_logits, label_smoothing, gamma, z_loss, softcap, ignore_index, reduction, alpha)
+    try:
+        hash(args)
+    except TypeError:  # an unhashable option (a list): let the checks name it
+        return _make(*args, kind)
+    # bool and int hash alike (True == 1): keep the types apart in the cache key
+    if type(from_logits) is not bool or any(type(a) is bool for a in args[1:]):
+        return _make(*args, kind)
+    return _make_cached(*args, kind)
