@@ -86,7 +86,8 @@ def _class_last_to_dim1(x: Tensor, axis: int) -> Tensor:
 
 
 def _counted_weight(t: Tensor, w: Tensor | None, ignore: int) -> Tensor:
-    r"""The mean's denominator :math:`\sum_i w_{y_i}` over counted targets (their count without weights)."""
+    r"""The mean's denominator :math:`\sum_i w_{y_i}` over counted targets
+    (their count without weights)."""
     valid = t != ignore
     if w is None:
         return valid.sum()

@@ -163,7 +163,7 @@ def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
 
 
 def output_dtype(x: Array, *, xp: Any) -> Any:
-    """The dtype of a loss of `x`: `x`'s own, or float32 for float16/bfloat16 under ``torch.autocast``.
+    """The dtype of a loss of `x`: its own, or float32 for half precision under ``torch.autocast``.
 
     PyTorch's losses compute in float32 under autocast and return float32; so do crossent's.
     """

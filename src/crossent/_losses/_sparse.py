@@ -386,7 +386,7 @@ def sparse_categorical_cross_entropy(
 def _check_arrays(
     input: Array, target: Array, *, weight: Array | None, axis: object, opts: CEOptions, xp: Any
 ) -> tuple[int, Array]:
-    """Shapes, dtypes and values of the arrays; returns the class axis and the target to index with."""
+    """Shapes, dtypes and values of the arrays; returns class axis and target to index with."""
     axis_ = _check_labels(
         input, target, axis=axis, weight=weight, ignore_index=opts.ignore_index, xp=xp
     )
@@ -463,7 +463,9 @@ def _sparse_value_and_grad(
     kind, softcap_ = opts.kind, opts.softcap
     rows = _rows_options(opts)
     with _no_autograd(xp):
-        x, z, lse, w = _prepare(input, kind=kind, axis=axis_, weight=weight, softcap=softcap_, xp=xp)
+        x, z, lse, w = _prepare(
+            input, kind=kind, axis=axis_, weight=weight, softcap=softcap_, xp=xp
+        )
         row, w_y = _sparse_rows(z, target, lse, kind=kind, weight=w, **rows, xp=xp)
         denominator = xp.sum(w_y)
         loss = reduce_loss(row, opts.reduction, denominator=denominator, xp=xp)
