@@ -1,10 +1,9 @@
 r"""The PyTorch executor: PyTorch's own kernels wherever they have crossent's semantics.
 
-``F.cross_entropy``, ``F.nll_loss`` and ``F.binary_cross_entropy_with_logits``
-compute class weights, ``ignore_index``, label smoothing, ``pos_weight`` and
-the reductions exactly as crossent defines them (crossent follows PyTorch
-there), and they come with everything a PyTorch user expects: exact double
-backward, ``torch.compile`` / ``torch.export`` without graph breaks,
+``F.cross_entropy`` and ``F.nll_loss`` compute class weights, ``ignore_index``,
+label smoothing and the reductions exactly as crossent defines them (crossent
+follows PyTorch there), and they come with everything a PyTorch user expects:
+exact double backward, ``torch.compile`` / ``torch.export`` without graph breaks,
 ``torch.func`` transforms (``vmap(grad(...))``), autocast (float32 compute
 and result). This module calls them and adds only crossent's documented
 differences, each at the cost of a scalar test:
@@ -13,14 +12,15 @@ differences, each at the cost of a scalar test:
 - integer targets of any width (PyTorch wants int64);
 - float16 / bfloat16 logits are computed in float32 (PyTorch's float16 mean
   overflows at 8192 × 32000, its bfloat16 gradient is 3× above rounding);
-- a ``-inf`` logit with target 0 contributes 0 to a probability-target loss
-  and an infinite binary logit whose target agrees gives 0 (PyTorch: NaN);
+- a ``-inf`` logit with target 0 contributes 0 to a probability-target loss;
 - out-of-range labels raise crossent's message (eagerly: PyTorch's own kernel
   check is turned into it; on accelerators an asynchronous device assert).
 
 Each function returns ``None`` when the generic array-API formula must run
-(probabilities with options PyTorch lacks, crossent-only options); that path
-is made of differentiable PyTorch operations, so it has the same transforms.
+(probabilities, crossent-only options, binary cross-entropy:
+``F.binary_cross_entropy_with_logits`` loses all relative accuracy of small
+losses, e.g. 0 instead of 9.4e-14 at x = -30, t = 0 in float32); that path is
+made of differentiable PyTorch operations, so it has the same transforms.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from crossent._lib._checks import values_checked
 from crossent._lib._xp import output_dtype, torch_tracing
 from crossent._losses._options import CEOptions
 
-__all__ = ["binary", "categorical", "index_target", "nll", "sparse"]
+__all__ = ["categorical", "index_target", "nll", "sparse"]
 
 _NO_IGNORE = -(2**63)
 """``ignore_index`` handed to PyTorch when nothing is ignored: no int64 label equals it
@@ -249,41 +249,3 @@ def categorical(
 
 
 # --------------------------------------------------------------------------- binary
-
-
-def binary(
-    input: Tensor,
-    target: Tensor,
-    weight: object,
-    pos_weight: object,
-    opts: CEOptions,
-) -> Tensor | None:
-    """``F.binary_cross_entropy_with_logits`` (logits, no focal); None for the generic path.
-
-    PyTorch gives NaN for an infinite logit; eagerly a NaN result sends the
-    call to the generic formula (which gives 0 for an agreeing target and
-    still propagates a NaN input), and while tracing the generic formula runs.
-    """
-    if not (opts.kind == "logits" and opts.plain and input.dtype in _FLOATS):
-        return None
-    if not (isinstance(target, Tensor) and target.dtype in _FLOATS):
-        return None
-    for w in (weight, pos_weight):
-        if w is not None and not (isinstance(w, Tensor) and w.dtype in _FLOATS):
-            return None
-    if not _host_readable(input):
-        return None
-    xc = _compute(input)
-    t = target.to(xc.dtype)
-    eps = opts.label_smoothing
-    if eps:
-        t = t * (1 - eps) + eps / 2
-    w = None if weight is None else weight.to(xc.dtype)
-    pw = None if pos_weight is None else pos_weight.to(xc.dtype)
-    out = F.binary_cross_entropy_with_logits(
-        xc, t, w, pos_weight=pw, reduction=opts.reduction if input.numel() else "sum"
-    )
-    nan = bool(out.isnan().any()) if opts.reduction == "none" else math.isnan(out.item())
-    if nan:
-        return None
-    return _finish(out, input)

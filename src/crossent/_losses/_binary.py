@@ -47,6 +47,7 @@ from crossent._lib._xp import (
     is_jax_namespace,
     is_torch_namespace,
     log_sigmoid,
+    output_dtype,
     size,
 )
 from crossent._losses._common import clamped_log, focal_factor, reduce_loss
@@ -131,7 +132,7 @@ def _prepare(
     if xp is None:
         xp = array_namespace(input, target, weight, pos_weight)
     if not isinstance(from_logits, bool):
-        msg = f"`from_logits` must be True or False; got {from_logits!r}."
+        msg = f"`from_logits` must be a bool (True or False); got {from_logits!r}."
         raise TypeError(msg)
     reduction = check_reduction(reduction)
     gamma = check_nonnegative_scalar(gamma, name="gamma")
@@ -162,7 +163,7 @@ def _prepare(
         gamma=gamma,
         alpha=alpha,
         reduction=reduction,
-        out_dtype=input.dtype,
+        out_dtype=output_dtype(input, xp=xp),
     )
 
 

@@ -15,11 +15,9 @@ from crossent._lib._checks import (
     check_axis,
     check_floating,
     check_in_unit_interval,
-    check_nonnegative_scalar,
     check_probabilities,
     check_reduction,
     check_same_shape,
-    check_unit_interval_scalar,
 )
 from crossent._lib._xp import (
     Array,
@@ -27,11 +25,14 @@ from crossent._lib._xp import (
     astype,
     compute_dtype,
     device,
+    is_torch_tensor,
     logsumexp,
+    output_dtype,
     size,
 )
 from crossent._losses._common import reduce_loss
 from crossent._losses._logprob import check_class_weight, class_terms, term_grad, term_value
+from crossent._losses._options import CEOptions, make_options
 from crossent._losses._sparse import _no_autograd, _row_scale
 
 __all__ = ["categorical_cross_entropy"]
@@ -98,7 +99,7 @@ def _check_soft(
     return axis, reduction
 
 
-def _prepare(
+def _check(
     input: Array,
     target: Array,
     *,
@@ -109,26 +110,35 @@ def _prepare(
     gamma: object,
     reduction: object,
     xp: Any,
-) -> tuple[Array, Array, str, float, str, int]:
-    """Validate; return (x, c, kind, gamma, reduction, axis) with the class axis last."""
-    if not isinstance(from_logits, bool):
-        msg = f"`from_logits` must be a bool; got {type(from_logits).__name__}."
-        raise TypeError(msg)
-    eps = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
-    gamma = check_nonnegative_scalar(gamma, name="gamma")
-    axis, reduction = _check_soft(input, target, axis=axis, reduction=reduction, xp=xp)
-    num_classes = int(input.shape[axis])
-    check_class_weight(weight, num_classes, xp=xp)
+) -> tuple[CEOptions, int]:
+    """Check every argument once; return the options and the class axis."""
+    opts = make_options(
+        from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma, reduction=reduction
+    )
+    axis_, _ = _check_soft(input, target, axis=axis, reduction=opts.reduction, xp=xp)
+    check_class_weight(weight, int(input.shape[axis_]), xp=xp)
     check_in_unit_interval(target, name="target", xp=xp)
-    if not from_logits:
+    if opts.kind == "probs":
         check_probabilities(input, xp=xp)
+    return opts, axis_
+
+
+def _coefficients(
+    input: Array, target: Array, *, weight: Array | None, opts: CEOptions, axis: int, xp: Any
+) -> tuple[Array, Array]:
+    r"""(x, c), class axis last: `input` in the compute dtype and the coefficients
+
+    :math:`c = w \odot ((1-\varepsilon)t + \varepsilon/C)`.
+    """
+    eps = opts.label_smoothing
+    num_classes = int(input.shape[axis])
     cdt = compute_dtype(input.dtype, xp=xp)
     x = xp.moveaxis(astype(input, cdt, xp=xp), axis, -1)
     t = xp.moveaxis(astype(target, cdt, xp=xp), axis, -1)
     c = t if eps == 0 else (1 - eps) * t + eps / num_classes
     if weight is not None:
         c = c * astype(weight, cdt, xp=xp)
-    return x, c, "logits" if from_logits else "probs", gamma, reduction, axis
+    return x, c
 
 
 def categorical_cross_entropy(
@@ -213,19 +223,19 @@ def categorical_cross_entropy(
     array([0.69314718, 0.10536052])
     """
     xp = array_namespace(input, target, weight)
-    x, c, kind, gamma_, reduction_, _ = _prepare(
-        input,
-        target,
-        from_logits=from_logits,
-        axis=axis,
-        weight=weight,
-        label_smoothing=label_smoothing,
-        gamma=gamma,
-        reduction=reduction,
-        xp=xp,
-    )
-    loss = _soft_loss(x, c, kind=kind, gamma=gamma_, reduction=reduction_, xp=xp)
-    return astype(loss, input.dtype, xp=xp)
+    opts, axis_ = _check(
+        input, target, from_logits=from_logits, axis=axis, weight=weight,
+        label_smoothing=label_smoothing, gamma=gamma, reduction=reduction, xp=xp,
+    )  # fmt: skip
+    if is_torch_tensor(input):
+        from crossent._backends import _torch as torch_exec
+
+        out = torch_exec.categorical(input, target, weight, axis_, opts)
+        if out is not None:
+            return out
+    x, c = _coefficients(input, target, weight=weight, opts=opts, axis=axis_, xp=xp)
+    loss = _soft_loss(x, c, kind=opts.kind, gamma=opts.gamma, reduction=opts.reduction, xp=xp)
+    return astype(loss, output_dtype(input, xp=xp), xp=xp)
 
 
 def _categorical_value_and_grad(
@@ -248,20 +258,15 @@ def _categorical_value_and_grad(
     """
     if xp is None:
         xp = array_namespace(input, target, weight)
+    opts, axis_ = _check(
+        input, target, from_logits=from_logits, axis=axis, weight=weight,
+        label_smoothing=label_smoothing, gamma=gamma, reduction=reduction, xp=xp,
+    )  # fmt: skip
     with _no_autograd(xp):
-        x, c, kind, gamma_, reduction_, axis_ = _prepare(
-            input,
-            target,
-            from_logits=from_logits,
-            axis=axis,
-            weight=weight,
-            label_smoothing=label_smoothing,
-            gamma=gamma,
-            reduction=reduction,
-            xp=xp,
-        )
+        x, c = _coefficients(input, target, weight=weight, opts=opts, axis=axis_, xp=xp)
         loss, grad = _soft_value_and_grad(
-            x, c, kind=kind, gamma=gamma_, reduction=reduction_, grad_output=grad_output, xp=xp
-        )
+            x, c, kind=opts.kind, gamma=opts.gamma, reduction=opts.reduction,
+            grad_output=grad_output, xp=xp,
+        )  # fmt: skip
         grad = xp.moveaxis(grad, -1, axis_)
     return astype(loss, input.dtype, xp=xp), astype(grad, input.dtype, xp=xp)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from crossent._lib._xp import Array, array_namespace, astype, compute_dtype, logsumexp
+from crossent._lib._xp import (
+    Array,
+    array_namespace,
+    astype,
+    compute_dtype,
+    logsumexp,
+    output_dtype,
+)
 from crossent._losses._categorical import _check_soft, _soft_loss, _soft_value_and_grad
 from crossent._losses._sparse import _no_autograd
 
@@ -90,7 +97,7 @@ def listnet_loss(
     xp = array_namespace(scores, relevance)
     s, q, reduction_, _ = _prepare(scores, relevance, axis=axis, reduction=reduction, xp=xp)
     loss = _soft_loss(s, q, kind="logits", gamma=0.0, reduction=reduction_, xp=xp)
-    return astype(loss, scores.dtype, xp=xp)
+    return astype(loss, output_dtype(scores, xp=xp), xp=xp)
 
 
 def _listnet_value_and_grad(
