@@ -148,8 +148,7 @@ def _native_indices(
 ) -> Tensor:
     """``kernel(x, t, weight, ignore_index, reduction, **extra)`` with crossent's differences."""
     num_classes = x.shape[axis]
-    xc = x if torch.is_autocast_enabled(x.device.type) else _compute(x)
-    xc = _class_last_to_dim1(xc, axis)
+    xc = _class_last_to_dim1(_compute(x), axis)
     t = index_target(target)
     w = None if weight is None else weight.to(xc.dtype)
     ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index

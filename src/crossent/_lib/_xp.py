@@ -14,11 +14,7 @@ import sys
 from typing import Any
 
 import array_api_compat
-from array_api_compat import (
-    is_jax_namespace,
-    is_numpy_namespace,
-    is_torch_namespace,
-)
+from array_api_compat import is_jax_namespace, is_numpy_namespace
 
 __all__ = [
     "Array",
@@ -50,7 +46,16 @@ Array = Any
 
 def is_array(x: object) -> bool:
     """Whether `x` is an array of a supported library (not a Python scalar)."""
-    return bool(array_api_compat.is_array_api_obj(x))
+    return is_torch_tensor(x) or bool(array_api_compat.is_array_api_obj(x))
+
+
+def is_torch_namespace(xp: Any) -> bool:
+    """Whether `xp` is PyTorch's namespace (plain or array-api-compat's).
+
+    Written out rather than array-api-compat's, whose cached helpers
+    ``torch.compile`` refuses to trace silently.
+    """
+    return getattr(xp, "__name__", None) in ("torch", "array_api_compat.torch")
 
 
 def array_namespace(*arrays: object) -> Any:
@@ -65,6 +70,8 @@ def array_namespace(*arrays: object) -> Any:
     if not present:
         msg = "expected at least one array (NumPy, PyTorch, JAX, ...); got only Python scalars."
         raise TypeError(msg)
+    if all(is_torch_tensor(a) for a in present):  # the common case, cheap and traceable
+        return _torch_namespace()
     try:
         return array_api_compat.array_namespace(*present)
     except TypeError as exc:
@@ -94,13 +101,24 @@ def torch_tracing() -> bool:
     return bool(torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
 
 
+def _torch_namespace() -> Any:
+    """array-api-compat's PyTorch namespace (imported once)."""
+    import array_api_compat.torch as module
+
+    return module
+
+
 def device(x: Array) -> Any:
     """The device `x` lives on."""
+    if is_torch_tensor(x):
+        return x.device
     return array_api_compat.device(x)
 
 
 def size(x: Array) -> int:
     """Number of elements of `x` (0 for an empty array)."""
+    if is_torch_tensor(x):
+        return int(x.numel())
     n = array_api_compat.size(x)
     return 0 if n is None else int(n)
 
@@ -112,12 +130,12 @@ def is_lazy(x: Array) -> bool:
     asynchronous), which would switch value checks off on JAX altogether; a
     concrete JAX array can be read, so only tracers count as lazy there.
     """
+    if is_torch_tensor(x):
+        return torch_tracing() or x.device.type == "meta"
     if array_api_compat.is_jax_array(x):
         import jax
 
         return isinstance(x, jax.core.Tracer)
-    if is_torch_tensor(x) and torch_tracing():
-        return True
     checker = getattr(array_api_compat, "is_lazy_array", None)
     if checker is not None:
         return bool(checker(x))
@@ -170,9 +188,7 @@ def output_dtype(x: Array, *, xp: Any) -> Any:
     if is_torch_tensor(x):
         import torch
 
-        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
-            x.device.type
-        ):
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
             return torch.float32
     return x.dtype
 

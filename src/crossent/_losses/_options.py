@@ -15,6 +15,7 @@ same options pays for the checks once.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -147,6 +148,9 @@ def make_options(
     except TypeError:  # an unhashable option (a list): let the checks name it
         return _make(*args, kind)
     # bool and int hash alike (True == 1): keep the types apart in the cache key
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.compiler.is_compiling():  # dynamo traces no cache
+        return _make(*args, kind)
     if type(from_logits) is not bool or any(type(a) is bool for a in args[1:]):
         return _make(*args, kind)
     return _make_cached(*args, kind)

@@ -1,0 +1,293 @@
+"""PyTorch transforms: double backward, autocast, label widths, compile, export, torch.func."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+import crossent as ce  # noqa: E402
+import crossent.nn as cnn  # noqa: E402
+
+N, C = 6, 5
+
+
+def _data(dtype: Any = torch.float64, seed: int = 0) -> tuple[Any, Any, Any, Any]:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, C, generator=g, dtype=torch.float64) * 2).to(dtype)
+    y = torch.randint(0, C, (N,), generator=g)
+    y[2] = -100
+    probs = torch.softmax(torch.randn(N, C, generator=g, dtype=torch.float64), -1).to(dtype)
+    w = torch.rand(C, generator=g, dtype=torch.float64).to(dtype) + 0.5
+    return x, y, probs, w
+
+
+def _losses() -> dict[str, Callable[[Any], Any]]:
+    """name -> loss of logits `x` (float64), every family and option mix."""
+    _x, y, probs, w = _data()
+    hard = torch.where(y < 0, 0, y)
+    binary_t = (probs > 0.2).double()
+    sparse = functools.partial(
+        ce.sparse_categorical_cross_entropy, target=y, from_logits=True, ignore_index=-100
+    )
+    return {
+        "sparse": lambda v: sparse(v, weight=w, label_smoothing=0.1),
+        "sparse-none": lambda v: sparse(v, reduction="none"),
+        "sparse-sum": lambda v: sparse(v, weight=w, reduction="sum"),
+        "sparse-focal": lambda v: sparse(v, gamma=2.0, weight=w),
+        "sparse-focal-smooth": lambda v: sparse(v, gamma=1.5, label_smoothing=0.2),
+        "sparse-zloss-softcap": lambda v: sparse(v, z_loss=0.1, softcap=3.0, label_smoothing=0.1),
+        "sparse-probs": lambda v: ce.sparse_categorical_cross_entropy(torch.softmax(v, -1), hard),
+        "categorical": lambda v: ce.categorical_cross_entropy(
+            v, probs, from_logits=True, weight=w, label_smoothing=0.1
+        ),
+        "categorical-focal": lambda v: ce.categorical_cross_entropy(
+            v, probs, from_logits=True, gamma=2.0
+        ),
+        "binary": lambda v: ce.binary_cross_entropy(
+            v, binary_t, from_logits=True, pos_weight=w, weight=w
+        ),
+        "binary-focal": lambda v: ce.binary_cross_entropy(
+            v, binary_t, from_logits=True, gamma=2.0, alpha=0.25, label_smoothing=0.1
+        ),
+        "binary-probs": lambda v: ce.binary_cross_entropy(torch.sigmoid(v), binary_t),
+        "listnet": lambda v: ce.listnet_loss(v, probs * 3),
+        "nn-cross-entropy": lambda v: cnn.CrossEntropyLoss(weight=w, label_smoothing=0.1)(v, y),
+        "nn-focal": lambda v: cnn.FocalLoss(weight=w)(v, y),
+        "nn-nll": lambda v: cnn.NLLLoss(weight=w)(torch.log_softmax(v, 1), y),
+        "nn-bce-with-logits": lambda v: cnn.BCEWithLogitsLoss(pos_weight=w)(v, binary_t),
+        "nn-binary-focal": lambda v: cnn.BinaryFocalLoss(alpha=0.25)(v, binary_t),
+    }
+
+
+LOSSES = list(_losses())
+
+
+# --------------------------------------------------------------------------- double backward
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_gradgradcheck(name: str) -> None:
+    """Second derivatives are exact (finite differences of the gradient, float64)."""
+    loss = _losses()[name]
+    x = _data()[0].requires_grad_(True)
+    assert torch.autograd.gradcheck(loss, (x,))
+    assert torch.autograd.gradgradcheck(loss, (x,))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.1}, {"ignore_index": 1}, {"reduction": "sum"}],
+    ids=["plain", "smoothing", "ignore", "sum"],
+)
+def test_gradient_penalty_matches_torch(options: dict[str, Any]) -> None:
+    """The issue's example: a gradient penalty's parameter gradients equal PyTorch's."""
+    x, y, _, w = _data()
+    y = torch.where(y < 0, 0, y)
+    weights = []
+    for fn in (F.cross_entropy, cnn.CrossEntropyLoss(weight=w, **options)):
+        lin = torch.nn.Linear(C, C, dtype=torch.float64)
+        torch.nn.init.constant_(lin.weight, 0.3)
+        torch.nn.init.constant_(lin.bias, 0.1)
+        inp = x.clone().requires_grad_(True)
+        logits = lin(inp)
+        loss = (
+            fn(logits, y, weight=w, **options) if fn is F.cross_entropy else fn(logits, y)  # type: ignore[operator]
+        )
+        (g,) = torch.autograd.grad(loss, inp, create_graph=True)
+        (g.pow(2).sum() + loss).backward()
+        weights.append(lin.weight.grad.clone())
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize(
+    "name", ["sparse", "sparse-focal", "categorical", "binary", "listnet", "nn-cross-entropy"]
+)
+def test_autocast_computes_and_returns_float32(name: str) -> None:
+    loss = _losses()[name]
+    x = _data()[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss(x.to(torch.bfloat16))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, loss(x.to(torch.bfloat16).double()).float())
+    assert loss(x.to(torch.bfloat16)).dtype == torch.bfloat16  # outside autocast: input's dtype
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8], ids=str
+)
+@pytest.mark.parametrize("options", [{}, {"gamma": 2.0, "z_loss": 0.1}], ids=["plain", "focal"])
+def test_every_integer_label_width(dtype: Any, options: dict[str, Any]) -> None:
+    x, y, _, w = _data()
+    y = torch.where(y < 0, 3, y)
+    x.requires_grad_(True)
+    expected = ce.sparse_categorical_cross_entropy(x, y, from_logits=True, weight=w, **options)
+    (g_expected,) = torch.autograd.grad(expected, x)
+    got = ce.sparse_categorical_cross_entropy(x, y.to(dtype), from_logits=True, weight=w, **options)
+    (g_got,) = torch.autograd.grad(got, x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(g_got, g_expected)
+    nll = cnn.NLLLoss(weight=w)(torch.log_softmax(x, 1), y.to(dtype))
+    torch.testing.assert_close(nll, cnn.NLLLoss(weight=w)(torch.log_softmax(x, 1), y))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int64], ids=str)
+@pytest.mark.parametrize("options", [{}, {"gamma": 2.0}], ids=["plain", "focal"])
+def test_bad_labels_raise_the_clear_error_eagerly(dtype: Any, options: dict[str, Any]) -> None:
+    x = _data()[0]
+    y = torch.tensor([0, 1, 2, 3, 4, 7], dtype=dtype)
+    with pytest.raises(ValueError, match=r"`target` has labels outside \[0, 5\).*max=7"):
+        ce.sparse_categorical_cross_entropy(x, y, from_logits=True, **options)
+    with pytest.raises(ValueError, match=r"`target` has labels outside \[0, 5\)"):
+        cnn.CrossEntropyLoss(**options)(x, y)
+
+
+def test_no_ignore_index_does_not_ignore_minus_100() -> None:
+    """Without `ignore_index` a label of -100 is out of range, not silently skipped."""
+    x = _data()[0]
+    y = torch.tensor([0, 1, 2, 3, 4, -100])
+    with pytest.raises(ValueError, match="outside"):
+        ce.sparse_categorical_cross_entropy(x, y, from_logits=True)
+    with ce.validation(False), pytest.raises((IndexError, RuntimeError)):
+        ce.sparse_categorical_cross_entropy(x, y, from_logits=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_mean_is_computed_in_float32(dtype: Any) -> None:
+    """Large rows in half precision: value and gradient within rounding of the float64 result."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(64, 300, generator=g) * 4).to(dtype).requires_grad_(True)
+    y = torch.randint(0, 300, (64,), generator=g)
+    loss = ce.sparse_categorical_cross_entropy(x, y, from_logits=True)
+    (grad,) = torch.autograd.grad(loss, x)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = F.cross_entropy(x64, y)
+    (g64,) = torch.autograd.grad(ref, x64)
+    assert loss.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    assert abs(loss.double() - ref) <= eps * abs(ref)
+    assert ((grad.double() - g64).abs() <= eps * g64.abs() + 1e-7).all()
+
+
+# --------------------------------------------------------------------------- compile and export
+
+
+COMPILED = [
+    "sparse",
+    "sparse-none",
+    "sparse-focal-smooth",
+    "sparse-zloss-softcap",
+    "sparse-probs",
+    "categorical",
+    "binary",
+    "binary-probs",
+    "listnet",
+    "nn-cross-entropy",
+    "nn-focal",
+    "nn-nll",
+    "nn-bce-with-logits",
+]
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_no_graph_break_with_validation_on(name: str) -> None:
+    torch._dynamo.reset()
+    loss = _losses()[name]
+    assert ce.get_validation()
+    explanation = torch._dynamo.explain(loss)(_data()[0])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("name", ["sparse", "sparse-focal", "categorical", "nn-cross-entropy"])
+def test_compiled_equals_eager(name: str) -> None:
+    torch._dynamo.reset()
+    loss = _losses()[name]
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (loss, compiled):
+        x = _data()[0].requires_grad_(True)
+        value = fn(x)
+        (grad,) = torch.autograd.grad(value, x)
+        results.append((value, grad))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_inductor_compiled_cross_entropy_equals_eager() -> None:
+    torch._dynamo.reset()
+    x, y, _, w = _data(torch.float32)
+    module = cnn.CrossEntropyLoss(weight=w, label_smoothing=0.1)
+    compiled = torch.compile(module, fullgraph=True)
+    xr = x.clone().requires_grad_(True)
+    xc = x.clone().requires_grad_(True)
+    eager, got = module(xr, y), compiled(xc, y)
+    eager.backward()
+    got.backward()
+    torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(xc.grad, xr.grad)
+
+
+def test_export_of_a_module_using_cross_entropy() -> None:
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(C, C, dtype=torch.float64)
+            self.loss = cnn.CrossEntropyLoss(label_smoothing=0.1)
+
+        def forward(self, x: Any, y: Any) -> Any:
+            return self.loss(self.head(x), y)
+
+    model = Model()
+    x, y, _, _ = _data()
+    program = torch.export.export(model, (x, y))
+    torch.testing.assert_close(program.module()(x, y), model(x, y))
+
+
+# --------------------------------------------------------------------------- torch.func
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"ignore_index": -100, "label_smoothing": 0.1}, {"gamma": 2.0, "z_loss": 0.01}],
+    ids=["plain", "ignore-smoothing", "focal-zloss"],
+)
+def test_vmap_grad_per_sample_gradients_equal_a_loop(options: dict[str, Any]) -> None:
+    x, y, _, w = _data()
+    y = torch.where(y < 0, 0, y) if "ignore_index" not in options else y
+
+    def sample_loss(v: Any, t: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(
+            v[None], t[None], from_logits=True, weight=w, **options
+        )
+
+    per_sample = torch.func.vmap(torch.func.grad(sample_loss))(x, y)
+    loop = torch.stack([torch.func.grad(sample_loss)(x[i], y[i]) for i in range(N)])
+    eager = []
+    for i in range(N):
+        xi = x[i].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(sample_loss(xi, y[i]), xi)
+        eager.append(g)
+    torch.testing.assert_close(per_sample, loop)
+    torch.testing.assert_close(per_sample, torch.stack(eager))
+
+
+def test_vmap_grad_of_a_module() -> None:
+    x, y, _probs, _ = _data()
+    y = torch.where(y < 0, 0, y)
+    module = cnn.CrossEntropyLoss()
+
+    def sample_loss(v: Any, t: Any) -> Any:
+        return module(v[None], t[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(sample_loss))(x, y)
+    expected = torch.softmax(x, -1) - F.one_hot(y, C)
+    torch.testing.assert_close(per_sample, expected)
