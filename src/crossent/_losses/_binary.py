@@ -49,7 +49,7 @@ from crossent._lib._xp import (
     log_sigmoid,
     size,
 )
-from crossent._losses._common import clamped_log, focal_factor, reduce_loss
+from crossent._losses._common import clamped_log, focal_factor, log_prob, reduce_loss
 
 __all__ = ["binary_cross_entropy"]
 
@@ -277,8 +277,13 @@ def _terms(b: _Binary) -> _Terms:
     times = _times_log if b.from_logits else _times
     f_pos = f_neg = None
     if b.gamma != 0:
-        f_pos = focal_factor(logs.log_not_p, b.gamma, xp=xp)
-        f_neg = focal_factor(logs.log_p, b.gamma, xp=xp)
+        # The focal factors (1-p)^γ and p^γ come from the exact logs: 0 at p = 1 (or 0),
+        # not e^(-100γ) from the clamped ones.
+        exact = b.from_logits
+        log_not_p = logs.log_not_p if exact else log_prob(b.input, complement=True, xp=xp)
+        log_p = logs.log_p if exact else log_prob(b.input, xp=xp)
+        f_pos = focal_factor(log_not_p, b.gamma, xp=xp)
+        f_neg = focal_factor(log_p, b.gamma, xp=xp)
     return _Terms(
         logs=logs,
         coef_pos=coef_pos,

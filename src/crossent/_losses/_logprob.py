@@ -41,7 +41,7 @@ from typing import Any
 
 from crossent._lib._checks import check_nonnegative
 from crossent._lib._xp import Array, is_torch_namespace, one_hot
-from crossent._losses._common import LOG_CLAMP, clamped_log, focal_factor, log1mexp
+from crossent._losses._common import LOG_CLAMP, clamped_log, focal_factor, log1mexp, log_prob
 
 __all__ = [
     "LOG_CLAMP",
@@ -110,7 +110,7 @@ def class_terms(x: Array, lse: Array | None, *, kind: str, gamma: float, xp: Any
     if kind == "probs":
         log_p, at_clamp = clamped_log(x, xp=xp)
         mask = ~at_clamp
-        log1m_p = xp.log1p(-x) if gamma != 0 else None
+        log1m_p = log_prob(x, complement=True, xp=xp) if gamma != 0 else None
         return ClassTerms(nlp=-log_p, p=x, log1m_p=log1m_p, mask=mask)
     return ClassTerms(nlp=-x)
 
