@@ -16,7 +16,7 @@ from crossent._lib._checks import (
     check_floating,
     check_in_unit_interval,
     check_nonnegative_scalar,
-    check_probabilities,
+    check_probability_rows,
     check_reduction,
     check_same_shape,
     check_unit_interval_scalar,
@@ -121,7 +121,7 @@ def _prepare(
     check_class_weight(weight, num_classes, xp=xp)
     check_in_unit_interval(target, name="target", xp=xp)
     if not from_logits:
-        check_probabilities(input, xp=xp)
+        check_probability_rows(input, axis=axis, xp=xp)
     cdt = compute_dtype(input.dtype, xp=xp)
     x = xp.moveaxis(astype(input, cdt, xp=xp), axis, -1)
     t = xp.moveaxis(astype(target, cdt, xp=xp), axis, -1)
@@ -148,6 +148,11 @@ def categorical_cross_entropy(
     ----------
     input : array
         Probabilities, or logits if `from_logits` is True; classes lie along `axis`.
+        Each row of probabilities must sum to 1 up to rounding,
+        :math:`|\sum_k p_k - 1| \le \epsilon_{\text{in}} + C\,\epsilon_{\text{sum}}`
+        (machine epsilons of the input's dtype and of the summing dtype,
+        float32 for float16/bfloat16): a softmax output passes, a sigmoid
+        output or unnormalized scores raise.
     target : array
         Class probabilities (one-hot or soft, values in [0, 1]), same shape as `input`.
     from_logits : bool, default False
@@ -176,7 +181,8 @@ def categorical_cross_entropy(
         Non-floating `input`, non-numeric `target` or options.
     ValueError
         Shapes that differ, a `weight` of the wrong length or with negative
-        entries, targets or probabilities outside [0, 1], a bad `axis` or
+        entries, targets or probabilities outside [0, 1], probability rows
+        that do not sum to 1, a bad `axis` or
         `reduction`.
 
     See Also
