@@ -122,3 +122,20 @@ def test_logits_and_soft_targets_are_not_checked() -> None:
     p = np.array([[0.2, 0.3, 0.5]])
     t = np.array([[0.5, 0.5, 0.5]])
     assert np.isfinite(ce.categorical_cross_entropy(p, t))
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=["sparse", "categorical"])
+def test_nan_in_a_non_target_class_propagates(xp: Any, loss: Any) -> None:
+    """A NaN probability where the target is 0 is not hidden (as it is not with logits)."""
+    conv = to_xp(xp)
+    p = conv(np.array([[np.nan, 0.5, 0.5], [0.2, 0.3, 0.5]]))
+    t = (
+        conv(np.array([1, 2]))
+        if loss is ce.sparse_categorical_cross_entropy
+        else conv(np.eye(3)[[1, 2]])
+    )
+    got = to_numpy(loss(p, t, reduction="none"))
+    assert np.isnan(got[0])
+    np.testing.assert_allclose(got[1], -np.log(0.5), rtol=1e-13)
+    value, _ = ce.value_and_grad(loss, p, t)
+    assert np.isnan(float(to_numpy(value)))

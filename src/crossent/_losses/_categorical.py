@@ -31,7 +31,13 @@ from crossent._lib._xp import (
     size,
 )
 from crossent._losses._common import reduce_loss
-from crossent._losses._logprob import check_class_weight, class_terms, term_grad, term_value
+from crossent._losses._logprob import (
+    check_class_weight,
+    class_terms,
+    propagate_nan,
+    term_grad,
+    term_value,
+)
 from crossent._losses._sparse import _no_autograd, _row_scale
 
 __all__ = ["categorical_cross_entropy"]
@@ -41,7 +47,7 @@ def _soft_loss(x: Array, c: Array, *, kind: str, gamma: float, reduction: str, x
     """Reduced loss (compute dtype), class axis last; "mean" divides by the number of rows."""
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
-    row = xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1)
+    row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)
     return reduce_loss(row, reduction, xp=xp)
 
 
@@ -62,7 +68,7 @@ def _soft_value_and_grad(
     """
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
-    row = xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1)
+    row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)
     loss = reduce_loss(row, reduction, xp=xp)
     count = xp.asarray(float(size(row)), dtype=row.dtype, device=device(row))
     scale = xp.expand_dims(

@@ -49,6 +49,7 @@ __all__ = [
     "add_at_index",
     "check_class_weight",
     "class_terms",
+    "propagate_nan",
     "softcap_backward",
     "softcap_logits",
     "term_grad",
@@ -113,6 +114,19 @@ def class_terms(x: Array, lse: Array | None, *, kind: str, gamma: float, xp: Any
         log1m_p = log_prob(x, complement=True, xp=xp) if gamma != 0 else None
         return ClassTerms(nlp=-log_p, p=x, log1m_p=log1m_p, mask=mask)
     return ClassTerms(nlp=-x)
+
+
+def propagate_nan(row: Array, x: Array, *, kind: str, xp: Any) -> Array:
+    """`row` (one loss per row), NaN where the row of probabilities `x` holds a NaN.
+
+    A probability row's loss reads only the classes with a positive
+    coefficient, so a NaN elsewhere in the row would vanish; logits reach
+    every class through ``lse`` and need nothing. Class axis last.
+    """
+    if kind != "probs":
+        return row
+    has_nan = xp.any(xp.isnan(x), axis=-1)
+    return xp.where(has_nan, xp.full_like(row, float("nan")), row)
 
 
 def _focal(terms: ClassTerms, gamma: float, *, xp: Any) -> Array | None:

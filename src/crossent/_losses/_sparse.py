@@ -49,6 +49,7 @@ from crossent._losses._logprob import (
     add_at_index,
     check_class_weight,
     class_terms,
+    propagate_nan,
     softcap_backward,
     softcap_logits,
     term_grad,
@@ -191,6 +192,7 @@ def _sparse_rows(
         row = row + xp.sum(term_value(c_s, terms, gamma, xp=xp), axis=-1)
     if z_loss > 0:
         row = row + z_loss * (lse * lse)
+    row = propagate_nan(row, z, kind=kind, xp=xp)
     return xp.where(valid, row, xp.zeros_like(row)), w_y
 
 
