@@ -81,12 +81,20 @@ def check_base(base: object) -> float | None:
     return float(base)
 
 
-def check_floating(x: Array, *, name: str, xp: Any) -> None:
-    """`x` must have a real floating dtype."""
+def check_floating(x: Array, *, name: str, xp: Any, hint: str = "") -> None:
+    """`x` must have a real floating dtype.
+
+    crossent's one dtype rule: every array argument except class indices
+    (predictions, probability and binary targets, relevance grades, weights,
+    distributions) must be floating; class indices must be integer. An
+    integer or boolean array is never converted silently (PyTorch's rule: an
+    integer target means class indices there).
+    """
     if not xp.isdtype(x.dtype, "real floating"):
         msg = (
             f"`{name}` must have a floating dtype (float16, bfloat16, float32 or float64); "
-            f"got {x.dtype}. Cast it first, e.g. `{name}.astype(float)`."
+            f"got {x.dtype}. Cast it first, e.g. `{name}.astype(float)` or `{name}.float()`"
+            f"{hint}."
         )
         raise TypeError(msg)
 

@@ -98,9 +98,7 @@ def _elementwise_weight(
         return None
     _check_weight_type(w, name=name)
     arr: Array = w if is_array(w) else xp.asarray(float(w), dtype=dtype, device=device(input))
-    if not xp.isdtype(arr.dtype, ("real floating", "integral")):
-        msg = f"`{name}` must have a real numeric dtype; got {arr.dtype}."
-        raise TypeError(msg)
+    check_floating(arr, name=name, xp=xp)
     shape, to = tuple(arr.shape), tuple(input.shape)
     if not _broadcastable(shape, to):
         msg = (
@@ -348,7 +346,7 @@ def binary_cross_entropy(
         Whether `input` holds logits :math:`x` with :math:`p = \sigma(x)`.
     weight : array or float, optional
         Per-element rescaling of the loss, broadcast to `input` (PyTorch's
-        `weight`). Must be non-negative.
+        `weight`). Must be non-negative; an array must be floating.
     pos_weight : array or float, optional
         Multiplies the positive term (PyTorch's `pos_weight`), broadcast to
         `input`; for ``(N, C)`` multi-label input a shape ``(C,)`` gives one

@@ -97,9 +97,8 @@ def _check_soft(
     reduction = check_reduction(reduction)
     axis = check_axis(axis, input.ndim, name=names[0])
     check_floating(input, name=names[0], xp=xp)
-    if not xp.isdtype(target.dtype, ("real floating", "integral")):
-        msg = f"`{names[1]}` must hold real numbers; got dtype {target.dtype}."
-        raise TypeError(msg)
+    hint = "; for integer class indices use sparse_categorical_cross_entropy"
+    check_floating(target, name=names[1], xp=xp, hint=hint if names[1] == "target" else "")
     check_same_shape(input, target, names=names)
     return axis, reduction
 
@@ -160,13 +159,15 @@ def categorical_cross_entropy(
         float32 for float16/bfloat16): a softmax output passes, a sigmoid
         output or unnormalized scores raise.
     target : array
-        Class probabilities (one-hot or soft, values in [0, 1]), same shape as `input`.
+        Class probabilities (one-hot or soft, values in [0, 1]), same shape as
+        `input`, floating (an integer one-hot array must be cast first).
     from_logits : bool, default False
         Whether `input` holds logits (``-inf`` masks a class) rather than probabilities.
     axis : int, default -1
         The class axis.
     weight : array, optional
-        Per-class weights, shape ``(C,)``, non-negative; multiplies each class term.
+        Per-class weights, shape ``(C,)``, floating, non-negative; multiplies
+        each class term.
     label_smoothing : float, default 0.0
         ε in [0, 1]: the target becomes :math:`(1-\varepsilon)\,t + \varepsilon/C`.
     gamma : float, default 0.0
@@ -184,7 +185,7 @@ def categorical_cross_entropy(
     Raises
     ------
     TypeError
-        Non-floating `input`, non-numeric `target` or options.
+        Non-floating `input`, `target` or `weight`; non-numeric options.
     ValueError
         Shapes that differ, a `weight` of the wrong length or with negative
         entries, targets or probabilities outside [0, 1], probability rows

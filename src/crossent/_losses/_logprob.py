@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from crossent._lib._checks import check_nonnegative
+from crossent._lib._checks import check_floating, check_nonnegative
 from crossent._lib._xp import Array, is_torch_namespace, one_hot
 from crossent._losses._common import LOG_CLAMP, clamped_log, focal_factor, log1mexp, log_prob
 
@@ -67,6 +67,7 @@ def check_class_weight(weight: Array | None, num_classes: int, *, xp: Any) -> No
         got = tuple(weight.shape) if hasattr(weight, "shape") else type(weight).__name__
         msg = f"`weight` must be a 1-d array of length C={num_classes} (one per class); got {got}."
         raise ValueError(msg)
+    check_floating(weight, name="weight", xp=xp)
     check_nonnegative(weight, name="weight", xp=xp)
 
 

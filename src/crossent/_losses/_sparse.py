@@ -395,7 +395,7 @@ def sparse_categorical_cross_entropy(
     axis : int, default -1
         The class axis of `input` (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
     weight : array, optional
-        Per-class weights, shape ``(C,)``, non-negative.
+        Per-class weights, shape ``(C,)``, floating, non-negative.
     ignore_index : int, optional
         Targets equal to it contribute nothing to the loss, the gradient or the
         mean's denominator.
