@@ -67,10 +67,12 @@ def _compute(x: Tensor) -> Tensor:
 
 def _host_readable(x: Tensor) -> bool:
     """Whether a scalar may be read back now: CPU, eager (no compile, export or torch.func)."""
-    return x.device.type == "cpu" and not torch_tracing()
+    return x.is_cpu and not torch_tracing()
 
 
 def _finish(out: Tensor, x: Tensor) -> Tensor:
+    if out.dtype is x.dtype:  # float32 / float64: autocast leaves them alone
+        return out
     dtype = output_dtype(x, xp=torch)
     return out if out.dtype == dtype else out.to(dtype)
 
@@ -153,7 +155,7 @@ def _native_indices(
     w = None if weight is None else weight.to(xc.dtype)
     ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index
     eager = _host_readable(x)
-    if not eager and x.device.type != "cpu" and values_checked(t) and t.numel():
+    if not eager and not x.is_cpu and values_checked(t) and t.numel():
         _assert_labels_async(t, num_classes, ignore)
 
     def call(reduction: str) -> Tensor:

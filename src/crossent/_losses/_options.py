@@ -7,14 +7,13 @@ which build it once in ``__init__``) reads the same object. Array checks
 (shapes, dtypes, label values) depend on the call's arrays and stay with the
 executors.
 
-The options are plain Python scalars, so an object is hashable and
-:func:`make_options` caches them: a training loop that calls a loss with the
-same options pays for the checks once.
+The options are plain Python scalars, so :func:`make_options` caches the
+objects it builds: a training loop that calls a loss with the same options
+pays for the checks once.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -117,7 +116,8 @@ def _make(
     )
 
 
-_make_cached = functools.lru_cache(maxsize=256)(_make)
+_CACHE: dict[tuple[object, ...], CEOptions] = {}
+_CACHE_SIZE = 1024
 
 
 def make_options(
@@ -142,15 +142,21 @@ def make_options(
         An option out of range, an unknown `reduction`, or `z_loss` / `softcap`
         without ``from_logits=True``.
     """
-    args = (from_logits, label_smoothing, gamma, z_loss, softcap, ignore_index, reduction, alpha)
-    try:
-        hash(args)
-    except TypeError:  # an unhashable option (a list): let the checks name it
-        return _make(*args, kind)
-    # bool and int hash alike (True == 1): keep the types apart in the cache key
+    key = (
+        from_logits, label_smoothing, gamma, z_loss, softcap, ignore_index, reduction, alpha, kind,
+    )  # fmt: skip
     torch = sys.modules.get("torch")
-    if torch is not None and torch.compiler.is_compiling():  # dynamo traces no cache
-        return _make(*args, kind)
-    if type(from_logits) is not bool or any(type(a) is bool for a in args[1:]):
-        return _make(*args, kind)
-    return _make_cached(*args, kind)
+    if torch is not None and torch.compiler.is_compiling():  # traced once: no cache lookups
+        return _make(*key)
+    try:
+        opts = _CACHE.get(key)
+    except TypeError:  # an unhashable option (a list): let the checks name it
+        return _make(*key)
+    # bool and int compare equal (True == 1): a bool option is checked, never a cache hit
+    exact = type(from_logits) is bool and not any(type(a) is bool for a in key[1:])
+    if opts is not None and exact:
+        return opts
+    opts = _make(*key)
+    if exact and len(_CACHE) < _CACHE_SIZE:
+        _CACHE[key] = opts
+    return opts

@@ -16,6 +16,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor
 
+from crossent._backends import _torch as torch_exec
 from crossent._lib._checks import (
     check_nonnegative,
     check_nonnegative_scalar,
@@ -25,6 +26,7 @@ from crossent._lib._checks import (
 from crossent._lib._xp import array_namespace
 from crossent._losses._binary import binary_cross_entropy
 from crossent._losses._categorical import categorical_cross_entropy
+from crossent._losses._options import CEOptions, make_options
 from crossent._losses._sparse import _nll_loss, sparse_categorical_cross_entropy
 
 __all__ = [
@@ -140,65 +142,87 @@ def _class_axis(input: Tensor) -> int:
     return 1 if input.ndim > 1 else 0
 
 
-def _cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    *,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    gamma: float,
-    z_loss: float,
-    softcap: float | None,
-    reduction: Reduction,
-) -> Tensor:
-    """Cross-entropy from logits on dim 1: class indices -> sparse, probabilities -> categorical."""
+def _cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, opts: CEOptions) -> Tensor:
+    """Cross-entropy from logits on dim 1: class indices -> sparse, probabilities -> categorical.
+
+    `opts` were checked when the module was built (or its options last set);
+    class indices go straight to the PyTorch executor.
+    """
     axis = _class_axis(input)
-    if target.is_floating_point():
-        if tuple(target.shape) != tuple(input.shape):
-            msg = (
-                f"floating `target` of shape {tuple(target.shape)} is read as class probabilities "
-                f"and must have the input's shape {tuple(input.shape)}; for class indices pass "
-                "an integer tensor (e.g. `target.long()`)."
-            )
-            raise ValueError(msg)
-        if ignore_index >= 0:  # torch: "ignore_index is not supported for floating point target"
-            msg = (
-                f"`ignore_index`={ignore_index} is not supported for floating (class-probability) "
-                "targets, as in PyTorch; use a negative ignore_index (the default -100), or "
-                "integer class indices to ignore a class."
-            )
-            raise ValueError(msg)
-        if z_loss != 0 or softcap is not None:
-            msg = (
-                "`z_loss` and `softcap` need class-index targets; got floating (probability) "
-                f"targets of shape {tuple(target.shape)}. Pass integer class indices, or set "
-                "z_loss=0.0 and softcap=None."
-            )
-            raise ValueError(msg)
-        return categorical_cross_entropy(
+    if not isinstance(target, Tensor) or not target.is_floating_point():
+        if isinstance(input, Tensor):
+            out = torch_exec.sparse(input, target, weight, axis, opts)
+            if out is not None:
+                return out
+        return sparse_categorical_cross_entropy(
             input,
             target,
             from_logits=True,
             axis=axis,
             weight=weight,
-            label_smoothing=label_smoothing,
-            gamma=gamma,
-            reduction=reduction,
+            ignore_index=opts.ignore_index,
+            label_smoothing=opts.label_smoothing,
+            gamma=opts.gamma,
+            z_loss=opts.z_loss,
+            softcap=opts.softcap,
+            reduction=opts.reduction,
         )
-    return sparse_categorical_cross_entropy(
+    if tuple(target.shape) != tuple(input.shape):
+        msg = (
+            f"floating `target` of shape {tuple(target.shape)} is read as class probabilities "
+            f"and must have the input's shape {tuple(input.shape)}; for class indices pass "
+            "an integer tensor (e.g. `target.long()`)."
+        )
+        raise ValueError(msg)
+    ignore_index = opts.ignore_index
+    if ignore_index is not None and ignore_index >= 0:  # torch: "not supported for floating"
+        msg = (
+            f"`ignore_index`={ignore_index} is not supported for floating (class-probability) "
+            "targets, as in PyTorch; use a negative ignore_index (the default -100), or "
+            "integer class indices to ignore a class."
+        )
+        raise ValueError(msg)
+    if opts.z_loss != 0 or opts.softcap is not None:
+        msg = (
+            "`z_loss` and `softcap` need class-index targets; got floating (probability) "
+            f"targets of shape {tuple(target.shape)}. Pass integer class indices, or set "
+            "z_loss=0.0 and softcap=None."
+        )
+        raise ValueError(msg)
+    return categorical_cross_entropy(
         input,
         target,
         from_logits=True,
         axis=axis,
         weight=weight,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        gamma=gamma,
-        z_loss=z_loss,
-        softcap=softcap,
-        reduction=reduction,
+        label_smoothing=opts.label_smoothing,
+        gamma=opts.gamma,
+        reduction=opts.reduction,
     )
+
+
+class _OptionsCache:
+    """Mixin: the module's :class:`CEOptions`, built once and rebuilt after an option changes.
+
+    ``_option_names`` lists the attributes that enter the options; setting one
+    (``loss.label_smoothing = 0.2``, as torch allows) drops the cached object.
+    """
+
+    _option_names: tuple[str, ...] = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._option_names:
+            self.__dict__["_ce_options"] = None
+        super().__setattr__(name, value)
+
+    def _options(self) -> CEOptions:
+        opts = self.__dict__.get("_ce_options")
+        if opts is None:
+            opts = make_options(
+                from_logits=True, **{name: getattr(self, name) for name in self._option_names}
+            )
+            self.__dict__["_ce_options"] = opts
+        return opts
 
 
 # ----------------------------------------------------------------------------
@@ -294,7 +318,7 @@ class _BinaryLoss(_Loss):
         )
 
 
-class CrossEntropyLoss(_WeightedLoss):
+class CrossEntropyLoss(_OptionsCache, _WeightedLoss):
     r"""Cross-entropy from logits, a drop-in for :class:`torch.nn.CrossEntropyLoss`.
 
     Same positional arguments, defaults and results as PyTorch's, classes on
@@ -367,6 +391,7 @@ class CrossEntropyLoss(_WeightedLoss):
         ("z_loss", 0.0),
         ("softcap", None),
     )
+    _option_names = ("ignore_index", "label_smoothing", "gamma", "z_loss", "softcap", "reduction")
 
     def __init__(
         self,
@@ -387,20 +412,11 @@ class CrossEntropyLoss(_WeightedLoss):
         self.gamma = check_nonnegative_scalar(gamma, name="gamma")
         self.z_loss = check_nonnegative_scalar(z_loss, name="z_loss")
         self.softcap = _check_softcap(softcap)
+        self._options()
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The loss of logits `input` (classes on dim 1) against `target`."""
-        return _cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            gamma=self.gamma,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            reduction=self.reduction,
-        )
+        return _cross_entropy(input, target, self.weight, self._options())
 
 
 class NLLLoss(_WeightedLoss):
@@ -605,7 +621,7 @@ class BCEWithLogitsLoss(_BinaryLoss):
 # ----------------------------------------------------------------------------
 
 
-class FocalLoss(_WeightedLoss):
+class FocalLoss(_OptionsCache, _WeightedLoss):
     r"""Multi-class focal loss from logits (Lin et al.), classes on dim 1.
 
     :class:`CrossEntropyLoss` with the focusing parameter `gamma` defaulting
@@ -663,6 +679,7 @@ class FocalLoss(_WeightedLoss):
         ("label_smoothing", 0.0),
         ("reduction", "mean"),
     )
+    _option_names = ("ignore_index", "label_smoothing", "gamma", "reduction")
 
     def __init__(
         self,
@@ -677,20 +694,11 @@ class FocalLoss(_WeightedLoss):
         self.gamma = check_nonnegative_scalar(gamma, name="gamma")
         self.ignore_index = _check_ignore_index(ignore_index)
         self.label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
+        self._options()
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The focal loss of logits `input` (classes on dim 1) against `target`."""
-        return _cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            gamma=self.gamma,
-            z_loss=0.0,
-            softcap=None,
-            reduction=self.reduction,
-        )
+        return _cross_entropy(input, target, self.weight, self._options())
 
 
 class BinaryFocalLoss(_BinaryLoss):
