@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from crossent._lib._checks import (
     check_from_logits,
@@ -27,9 +27,10 @@ from crossent._lib._checks import (
     check_unit_interval_scalar,
 )
 
-__all__ = ["CEOptions", "Kind", "make_options"]
+__all__ = ["CEOptions", "Kind", "Reduction", "make_options"]
 
 Kind = Literal["logits", "probs", "log_probs"]
+Reduction = Literal["mean", "sum", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,7 @@ class CEOptions:
     z_loss: float = 0.0
     softcap: float | None = None
     ignore_index: int | None = None
-    reduction: str = "mean"
+    reduction: Reduction = "mean"
     alpha: float | None = None
 
     @property
@@ -111,7 +112,7 @@ def _make(
         z_loss=z_loss_,
         softcap=softcap_,
         ignore_index=ignore,
-        reduction=check_reduction(reduction),
+        reduction=cast(Reduction, check_reduction(reduction)),
         alpha=alpha_,
     )
 

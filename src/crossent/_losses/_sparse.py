@@ -2,15 +2,15 @@ r"""Sparse categorical cross-entropy (integer class labels) and PyTorch's ``nll_
 
 Layout of the module:
 
-- :func:`_sparse_rows` / :func:`_sparse_rows_grad`: the per-row loss and its
-  closed-form gradient, class axis last, in the compute dtype. They are the
-  single implementation behind the public function (every backend), the
-  closed-form :func:`_sparse_value_and_grad`, and the PyTorch fast path
-  (:class:`torch.autograd.Function` built by :func:`_torch_function`), which
-  calls them on chunks of rows.
-- :func:`sparse_categorical_cross_entropy`: validation, then the fast path
-  (PyTorch tensor and ``from_logits=True``) or the generic array-API path
-  (differentiable by the backend's own autodiff).
+- :func:`_row_losses` / :func:`_row_grads`: the per-row loss and its
+  closed-form gradient, class axis last, in the compute dtype. From logits
+  they read both off the row statistics of :mod:`._rows` (the one statement
+  of the formula); probabilities, log-probabilities and focal loss with
+  smoothing go class by class (:func:`_sparse_rows` / :func:`_sparse_rows_grad`,
+  built on :mod:`._logprob`).
+- :func:`sparse_categorical_cross_entropy`: the options (:mod:`._options`),
+  then PyTorch's own kernels where they apply (:mod:`crossent._backends._torch`)
+  or the generic array-API path (differentiable by the backend's autodiff).
 - :func:`_nll_loss`: PyTorch's ``nll_loss`` semantics on log-probabilities,
   for :class:`crossent.nn.NLLLoss`.
 """
@@ -41,6 +41,7 @@ from crossent._lib._xp import (
     safe_divide,
     take_along_axis,
 )
+from crossent._losses import _rows
 from crossent._losses._common import reduce_loss
 from crossent._losses._logprob import (
     add_at_index,
@@ -416,25 +417,77 @@ def _rows_options(opts: CEOptions) -> dict[str, Any]:
 
 
 def _prepare(
-    input: Array, *, kind: str, axis: int, weight: Array | None, softcap: float | None, xp: Any
-) -> tuple[Array, Array, Array, Array | None]:
-    """(x, z, lse, w): input in the compute dtype with classes last, capped logits, lse, weight."""
+    input: Array, *, axis: int, weight: Array | None, opts: CEOptions, xp: Any
+) -> tuple[Array, Array, Array | None, Array | None]:
+    """(x, z, lse, w): input in the compute dtype with classes last, capped logits, lse, weight.
+
+    ``lse`` is computed only for the class-by-class formula (the row statistics carry their own).
+    """
     cdt = compute_dtype(input.dtype, xp=xp)
     w = None if weight is None else astype(weight, cdt, xp=xp)
     x = xp.moveaxis(astype(input, cdt, xp=xp), axis, -1)
-    z = softcap_logits(x, softcap, xp=xp)
-    lse = logsumexp(z, axis=-1, xp=xp) if kind == "logits" else None
+    z = softcap_logits(x, opts.softcap, xp=xp)
+    by_class = opts.kind == "logits" and not _rows.applies(opts)
+    lse = logsumexp(z, axis=-1, xp=xp) if by_class else None
     return x, z, lse, w
+
+
+def _statistics(
+    z: Array, target: Array, w: Array | None, opts: CEOptions, *, xp: Any
+) -> tuple[_rows.RowStats, Array, Array, Array | float]:
+    """(stats, counted, w_y, W): the row statistics of whole rows, the mask of counted rows,
+    the target weights (0 where ignored) and the total class weight."""
+    valid, label = _labels(target, opts.ignore_index, xp=xp)
+    w_y = _target_weight(w, label, valid, dtype=z.dtype, xp=xp)
+    stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, xp=xp)
+    total = float(z.shape[-1]) if w is None else xp.sum(w)
+    return stats, valid, w_y, total
+
+
+def _row_losses(
+    z: Array, target: Array, lse: Array | None, w: Array | None, opts: CEOptions, *, xp: Any
+) -> tuple[Array, Array]:
+    """Per-row loss (0 where ignored) and target weight w_y: row statistics where they apply."""
+    if not _rows.applies(opts):
+        return _sparse_rows(z, target, lse, kind=opts.kind, weight=w, **_rows_options(opts), xp=xp)
+    stats, valid, w_y, total = _statistics(z, target, w, opts, xp=xp)
+    row = _rows.row_loss(stats, w_y, total, z.shape[-1], opts, xp=xp)
+    return xp.where(valid, row, xp.zeros_like(row)), w_y
+
+
+def _row_grads(
+    z: Array,
+    target: Array,
+    lse: Array | None,
+    w: Array | None,
+    scale: Array,
+    opts: CEOptions,
+    *,
+    xp: Any,
+) -> Array:
+    r""":math:`\partial(\sum_i s_i \ell_i)/\partial z = s\,(a p - b[k=y] - e w)` in closed form."""
+    if not _rows.applies(opts):
+        return _sparse_rows_grad(
+            z, target, lse, scale, kind=opts.kind, weight=w, **_rows_options(opts), xp=xp
+        )
+    stats, valid, w_y, total = _statistics(z, target, w, opts, xp=xp)
+    a, b, e = _rows.grad_coefficients(stats, w_y, total, z.shape[-1], opts, xp=xp)
+    s = xp.where(valid, scale, xp.zeros_like(scale))
+    big_l = xp.where(valid, _rows.lse(stats, xp=xp), xp.full_like(s, float("inf")))
+    g = xp.expand_dims(a * s, axis=-1) * xp.exp(z - xp.expand_dims(big_l, axis=-1))
+    if e != 0:
+        w_row = xp.ones_like(z[..., :1]) if w is None else w
+        g = g - (e * xp.expand_dims(s, axis=-1)) * w_row
+    _, label = _labels(target, opts.ignore_index, xp=xp)
+    return add_at_index(g, label, -(b * s), xp=xp)
 
 
 def _forward(
     input: Array, target: Array, *, weight: Array | None, axis: int, opts: CEOptions, xp: Any
 ) -> Array:
     """The generic (autodiff-friendly) path on any backend."""
-    _, z, lse, w = _prepare(
-        input, kind=opts.kind, axis=axis, weight=weight, softcap=opts.softcap, xp=xp
-    )
-    row, w_y = _sparse_rows(z, target, lse, kind=opts.kind, weight=w, **_rows_options(opts), xp=xp)
+    _, z, lse, w = _prepare(input, axis=axis, weight=weight, opts=opts, xp=xp)
+    row, w_y = _row_losses(z, target, lse, w, opts, xp=xp)
     loss = reduce_loss(row, opts.reduction, denominator=xp.sum(w_y), xp=xp)
     return astype(loss, output_dtype(input, xp=xp), xp=xp)
 
@@ -467,18 +520,14 @@ def _sparse_value_and_grad(
     if xp is None:
         xp = array_namespace(input, target, weight)
     axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
-    kind, softcap_ = opts.kind, opts.softcap
-    rows = _rows_options(opts)
     with _no_autograd(xp):
-        x, z, lse, w = _prepare(
-            input, kind=kind, axis=axis_, weight=weight, softcap=softcap_, xp=xp
-        )
-        row, w_y = _sparse_rows(z, target, lse, kind=kind, weight=w, **rows, xp=xp)
+        x, z, lse, w = _prepare(input, axis=axis_, weight=weight, opts=opts, xp=xp)
+        row, w_y = _row_losses(z, target, lse, w, opts, xp=xp)
         denominator = xp.sum(w_y)
         loss = reduce_loss(row, opts.reduction, denominator=denominator, xp=xp)
         scale = _row_scale(grad_output, opts.reduction, denominator, tuple(row.shape), xp=xp)
-        g = _sparse_rows_grad(z, target, lse, scale, kind=kind, weight=w, **rows, xp=xp)
-        g = softcap_backward(x, softcap_, g, xp=xp)
+        g = _row_grads(z, target, lse, w, scale, opts, xp=xp)
+        g = softcap_backward(x, opts.softcap, g, xp=xp)
         grad = xp.moveaxis(g, -1, axis_)
     return astype(loss, input.dtype, xp=xp), astype(grad, input.dtype, xp=xp)
 

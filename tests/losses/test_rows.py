@@ -1,0 +1,143 @@
+"""The row statistics: combine is associative, and any split of the classes gives the whole-row loss.
+
+These laws are what lets every executor (chunks, vocabulary tiles, ranks)
+share one formula; the reference is the float64 class-by-class loss of
+``tests/_reference``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crossent._losses import _rows
+from crossent._losses._options import make_options
+from tests._reference import categorical as ref
+
+
+@st.composite
+def problems(draw: Any) -> tuple[np.ndarray, int, np.ndarray | None, list[int], dict[str, Any]]:
+    """A row of logits (some masked), its label, optional weights, a split and options."""
+    num = draw(st.integers(2, 12))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, draw(st.sampled_from([0.5, 3.0, 30.0])), size=num)
+    label = draw(st.integers(0, num - 1))
+    if draw(st.booleans()):  # mask a class other than the label
+        z[(label + 1) % num] = -np.inf
+    weight = rng.uniform(0.2, 2.0, size=num) if draw(st.booleans()) else None
+    cuts = sorted(draw(st.sets(st.integers(1, num - 1), max_size=num - 1)))
+    options = draw(
+        st.sampled_from(
+            [
+                {},
+                {"label_smoothing": 0.1},
+                {"z_loss": 0.01},
+                {"gamma": 2.0},
+                {"gamma": 0.5, "z_loss": 0.1},
+            ]
+        )
+    )
+    if options.get("label_smoothing"):
+        z = np.where(np.isinf(z), -5.0, z)  # smoothing over a masked class is +inf
+    return z, label, weight, cuts, options
+
+
+def _slices(z: np.ndarray, label: int, weight: np.ndarray | None, cuts: list[int]) -> list[Any]:
+    bounds = [0, *cuts, z.shape[-1]]
+    out = []
+    for lo, hi in itertools.pairwise(bounds):
+        w = None if weight is None else weight[lo:hi]
+        out.append(_rows.row_stats(z[None, lo:hi], np.array([label]), w, offset=lo, xp=xp))
+    return out
+
+
+def _reference(z: np.ndarray, label: int, weight: np.ndarray | None, opts: Any) -> float:
+    return float(
+        ref.sparse_ce(
+            z[None],
+            np.array([label]),
+            from_logits=True,
+            weight=weight,
+            label_smoothing=opts.label_smoothing,
+            gamma=opts.gamma,
+            z_loss=opts.z_loss,
+            reduction="sum",
+        )
+    )
+
+
+@given(problems())
+def test_any_split_gives_the_whole_row_loss(problem: Any) -> None:
+    z, label, weight, cuts, options = problem
+    opts = make_options(from_logits=True, **options)
+    parts = _slices(z, label, weight, cuts)
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = _rows.combine(merged, part, xp=xp)
+    w_y = np.array([1.0 if weight is None else weight[label]])
+    total = float(z.shape[-1]) if weight is None else float(weight.sum())
+    loss = _rows.row_loss(merged, w_y, total, z.shape[-1], opts, xp=xp)
+    np.testing.assert_allclose(loss[0], _reference(z, label, weight, opts), rtol=1e-10, atol=1e-12)
+
+
+@given(problems())
+def test_combine_is_associative_and_commutative(problem: Any) -> None:
+    z, label, weight, cuts, _ = problem
+    parts = _slices(z, label, weight, cuts)
+    if len(parts) < 3:
+        parts = _slices(z, label, weight, [1, 2] if z.shape[-1] > 2 else [1])
+    if len(parts) < 3:
+        return
+    a, b, c = parts[0], parts[1], parts[2]
+    for rest in parts[3:]:
+        c = _rows.combine(c, rest, xp=xp)
+    left = _rows.combine(_rows.combine(a, b, xp=xp), c, xp=xp)
+    right = _rows.combine(a, _rows.combine(b, c, xp=xp), xp=xp)
+    swapped = _rows.combine(c, _rows.combine(b, a, xp=xp), xp=xp)
+    for one, other in ((left, right), (left, swapped)):
+        np.testing.assert_array_equal(one.m, other.m)
+        np.testing.assert_allclose(_rows.lse(one, xp=xp), _rows.lse(other, xp=xp), rtol=1e-14)
+        np.testing.assert_allclose(one.wz, other.wz, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(one.z_y, other.z_y)
+
+
+@given(problems())
+def test_gradient_coefficients_give_the_gradient(problem: Any) -> None:
+    """a·p − b·[k=y] − e·w equals the finite-difference gradient of the reference."""
+    z, label, weight, _, options = problem
+    if np.isinf(z).any():
+        z = np.where(np.isinf(z), -8.0, z)
+    opts = make_options(from_logits=True, **options)
+    stats = _rows.row_stats(z[None], np.array([label]), weight, xp=xp)
+    w_y = np.array([1.0 if weight is None else weight[label]])
+    total = float(z.shape[-1]) if weight is None else float(weight.sum())
+    a, b, e = _rows.grad_coefficients(stats, w_y, total, z.shape[-1], opts, xp=xp)
+    p = np.exp(z - _rows.lse(stats, xp=xp)[0])
+    grad = a[0] * p - e * (np.ones_like(z) if weight is None else weight)
+    grad[label] -= b[0]
+    numeric = ref.numerical_grad(lambda v: _reference(v, label, weight, opts), z)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_an_empty_slice_is_the_identity() -> None:
+    z = np.array([[1.0, -np.inf, 3.0]])
+    whole = _rows.row_stats(z, np.array([0]), None, xp=xp)
+    masked = _rows.row_stats(z[:, 1:2], np.array([0]), None, offset=1, xp=xp)
+    merged = _rows.combine(masked, _rows.row_stats(z, np.array([0]), None, xp=xp), xp=xp)
+    assert masked.m[0] == -np.inf
+    assert masked.s[0] == 0
+    np.testing.assert_allclose(_rows.lse(merged, xp=xp), _rows.lse(whole, xp=xp))
+
+
+@pytest.mark.parametrize("options", [{"gamma": 2.0, "label_smoothing": 0.1}, {}])
+def test_applies_only_where_the_statistics_carry_the_loss(options: dict[str, Any]) -> None:
+    opts = make_options(from_logits=True, **options)
+    assert _rows.applies(opts) == (not options)
+    assert not _rows.applies(make_options(from_logits=False))
