@@ -1,0 +1,286 @@
+"""Size sweep: crossent against the reference library of each backend, ratios of median CPU time.
+
+Run: ``python -m benchmarks.bench_sweep [--quick] [--sizes 32x10,1024x1000] [--threads 1,2]
+[--dtypes float32,bfloat16] [--compiled] [--no-validation]``.
+
+Contenders run interleaved (A, B, A, B, ...) for ``--rounds`` rounds; each
+round times a batch of calls in *process* CPU time (robust on a shared
+machine); the table shows the median per-call time of each and the ratio of
+medians (crossent / reference; below 1 is faster). Cases:
+
+- PyTorch: sparse CE (``F.cross_entropy``), categorical CE (``F.cross_entropy``
+  with probability targets), binary CE (``F.binary_cross_entropy_with_logits``),
+  forward under ``no_grad`` and forward+backward, float32 and bfloat16, 1 and 2
+  threads, eager and (``--compiled``) ``torch.compile``;
+- crossent-only options (z-loss + softcap, focal) against the same loss
+  written in plain torch operations;
+- JAX: ``jit(value_and_grad)`` against an optax-style ``jax.nn.log_softmax`` CE;
+- NumPy: ``value_and_grad`` against a ``scipy.special.log_softmax`` CE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import crossent as ce
+
+FULL_SIZES = [(32, 10), (256, 100), (1024, 1000), (2048, 1000), (4096, 32000), (8192, 32000)]
+QUICK_SIZES = [(32, 10), (256, 100)]
+
+
+def _per_call(fn: Callable[[], object], budget: float) -> int:
+    """Calls per timed batch so that a batch takes about `budget` seconds of CPU time."""
+    fn()
+    start = time.process_time()
+    fn()
+    one = max(time.process_time() - start, 1e-6)
+    return max(1, int(budget / one))
+
+
+def compare(
+    ours: Callable[[], object], ref: Callable[[], object], *, rounds: int, budget: float
+) -> tuple[float, float]:
+    """(median seconds per call of `ref`, of `ours`), interleaved rounds of process CPU time."""
+    calls = max(_per_call(ours, budget), _per_call(ref, budget))
+    times: dict[str, list[float]] = {"ref": [], "ours": []}
+    for _ in range(rounds):
+        for name, fn in (("ref", ref), ("ours", ours)):
+            start = time.process_time()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.process_time() - start) / calls)
+    return statistics.median(times["ref"]), statistics.median(times["ours"])
+
+
+def _row(case: str, ref_s: float, ours_s: float) -> str:
+    return f"| {case:<46} | {ref_s * 1e6:>11.1f} | {ours_s * 1e6:>11.1f} | {ours_s / ref_s:>5.2f} |"
+
+
+def _header(title: str, ref: str) -> None:
+    print(f"\n{title}")
+    print(f"| {'case':<46} | {ref + ' µs':>11} | {'crossent µs':>11} | {'ratio':>5} |")
+    print(f"|{'-' * 48}|{'-' * 13}|{'-' * 13}|{'-' * 7}|")
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+def _torch_cases(n: int, c: int, dtype: Any) -> dict[str, tuple[Callable[..., Any], ...]]:
+    """name -> (inputs builder, crossent loss, reference loss) for one size and dtype."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, generator=g).to(dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    probs = torch.softmax(torch.randn(n, c, generator=g), -1).to(dtype)
+    bt = (torch.rand(n, c, generator=g) > 0.5).to(dtype)
+
+    def plain_zloss_softcap(v: Any) -> Any:
+        z = 30.0 * torch.tanh(v.float() / 30.0)
+        lse = torch.logsumexp(z, -1)
+        return (lse - z.gather(-1, y[:, None])[:, 0] + 1e-4 * lse**2).mean().to(v.dtype)
+
+    def plain_focal(v: Any) -> Any:
+        log_p = torch.log_softmax(v.float(), -1).gather(-1, y[:, None])[:, 0]
+        return (-((1 - log_p.exp()) ** 2) * log_p).mean().to(v.dtype)
+
+    return {
+        "sparse": (
+            x,
+            lambda v: ce.sparse_categorical_cross_entropy(v, y, from_logits=True),
+            lambda v: F.cross_entropy(v, y),
+        ),
+        "categorical": (
+            x,
+            lambda v: ce.categorical_cross_entropy(v, probs, from_logits=True),
+            lambda v: F.cross_entropy(v, probs),
+        ),
+        "binary": (
+            x,
+            lambda v: ce.binary_cross_entropy(v, bt, from_logits=True),
+            lambda v: F.binary_cross_entropy_with_logits(v, bt),
+        ),
+        "sparse z-loss+softcap vs torch ops": (
+            x,
+            lambda v: ce.sparse_categorical_cross_entropy(
+                v, y, from_logits=True, z_loss=1e-4, softcap=30.0
+            ),
+            plain_zloss_softcap,
+        ),
+        "sparse focal vs torch ops": (
+            x,
+            lambda v: ce.sparse_categorical_cross_entropy(v, y, from_logits=True, gamma=2.0),
+            plain_focal,
+        ),
+    }
+
+
+def _torch_sweep(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None:
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    _header("PyTorch eager" + (" and compiled" if args.compiled else ""), "torch")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for n, c in sizes:
+            for dname in args.dtypes:
+                for name, (x, ours, ref) in _torch_cases(n, c, dtypes[dname]).items():
+                    if args.quick and "vs torch ops" in name:
+                        continue
+                    modes = [("eager", ours, ref)]
+                    if args.compiled:
+                        modes.append(("compiled", torch.compile(ours), torch.compile(ref)))
+                    for mode, f_ours, f_ref in modes:
+                        _torch_row(name, mode, threads, n, c, dname, x, f_ours, f_ref, args)
+
+
+def _torch_row(
+    name: str,
+    mode: str,
+    threads: int,
+    n: int,
+    c: int,
+    dname: str,
+    x: Any,
+    ours: Callable[[Any], Any],
+    ref: Callable[[Any], Any],
+    args: argparse.Namespace,
+) -> None:
+    import torch
+
+    xg = x.clone().requires_grad_(True)
+
+    def step(fn: Callable[[Any], Any]) -> Callable[[], None]:
+        def run() -> None:
+            fn(xg).backward()
+            xg.grad = None
+
+        return run
+
+    def forward(fn: Callable[[Any], Any]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                fn(x)
+
+        return run
+
+    for kind, wrap in (("fwd", forward), ("fwd+bwd", step)):
+        r, o = compare(wrap(ours), wrap(ref), rounds=args.rounds, budget=args.budget)
+        case = f"{name} {n}x{c} {dname} {kind} {mode} {threads}t"
+        print(_row(case, r, o), flush=True)
+
+
+# --------------------------------------------------------------------------- JAX and NumPy
+
+
+def _jax_sweep(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None:
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        print("\njax not installed: JAX comparison skipped")
+        return
+    _header("JAX jit(value_and_grad), float32", "optax-style")
+    for n, c in sizes:
+        kx, ky = jax.random.split(jax.random.PRNGKey(0))
+        x = jax.random.normal(kx, (n, c), dtype=jnp.float32)
+        y = jax.random.randint(ky, (n,), 0, c)
+
+        def reference(z: Any, y: Any = y) -> Any:  # optax.softmax_cross_entropy_with_integer_labels
+            log_p = jax.nn.log_softmax(z, axis=-1)
+            return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=-1))
+
+        def ours(z: Any, y: Any = y) -> Any:
+            return ce.sparse_categorical_cross_entropy(z, y, from_logits=True)
+
+        f_ref = jax.jit(jax.value_and_grad(reference))
+        f_ours = jax.jit(jax.value_and_grad(ours))
+        r, o = compare(
+            lambda f=f_ours, x=x: f(x)[1].block_until_ready(),
+            lambda f=f_ref, x=x: f(x)[1].block_until_ready(),
+            rounds=args.rounds,
+            budget=args.budget,
+        )
+        print(_row(f"sparse {n}x{c} value_and_grad", r, o), flush=True)
+
+
+def _numpy_sweep(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None:
+    import numpy as np
+
+    try:
+        from scipy.special import log_softmax
+    except ImportError:
+        print("\nscipy not installed: NumPy comparison skipped")
+        return
+    _header("NumPy value_and_grad, float32", "scipy-style")
+    for n, c in sizes:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((n, c)).astype(np.float32)
+        y = rng.integers(0, c, n)
+
+        def reference(x: Any = x, y: Any = y, n: int = n) -> Any:
+            log_p = log_softmax(x, axis=-1)
+            loss = -log_p[np.arange(n), y].mean()
+            grad = np.exp(log_p)
+            grad[np.arange(n), y] -= 1
+            return loss, grad / n
+
+        def ours(x: Any = x, y: Any = y) -> Any:
+            return ce.value_and_grad(ce.sparse_categorical_cross_entropy, x, y, from_logits=True)
+
+        r, o = compare(ours, reference, rounds=args.rounds, budget=args.budget)
+        print(_row(f"sparse {n}x{c} value_and_grad", r, o), flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        n, c = item.lower().split("x")
+        out.append((int(n), int(c)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="two small sizes, float32, 1 thread")
+    parser.add_argument("--sizes", type=_sizes, help="e.g. 32x10,1024x1000")
+    parser.add_argument("--threads", default=None, help="e.g. 1,2")
+    parser.add_argument("--dtypes", default=None, help="float32,bfloat16")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--budget", type=float, default=None, help="CPU seconds per batch")
+    parser.add_argument("--compiled", action="store_true", help="also torch.compile both sides")
+    parser.add_argument("--no-validation", action="store_true", help="crossent value checks off")
+    parser.add_argument(
+        "--only", default="torch,jax,numpy", help="backends to run (torch,jax,numpy)"
+    )
+    args = parser.parse_args(argv)
+    sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
+    args.threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
+    args.dtypes = (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
+    args.rounds = args.rounds or (3 if args.quick else 7)
+    args.budget = args.budget or (0.01 if args.quick else 0.2)
+    ce.set_validation(not args.no_validation)
+    print(
+        f"validation {'off' if args.no_validation else 'on'}; {args.rounds} interleaved rounds; "
+        "median per-call process CPU time; ratio = crossent / reference"
+    )
+    only = args.only.split(",")
+    if "torch" in only:
+        _torch_sweep(args, sizes)
+    small = sizes[:1] if args.quick else sizes
+    if "jax" in only:
+        _jax_sweep(args, small)
+    if "numpy" in only:
+        _numpy_sweep(args, small)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""One prepared GPU check: CUDA correctness of crossent's torch paths, then GPU benchmarks.
+
+Run on a machine with a CUDA device: ``python -m benchmarks.gpu_check``
+(about 5 minutes on one H100/H200; every step has its own time limit and the
+whole run stops before 8 minutes). ``--dry-run`` prints the plan and checks
+that everything imports; without a CUDA device the script says so and exits 0
+(``crossent bench`` runs it too, so it must be harmless on a CPU machine).
+
+Steps:
+
+1. correctness on CUDA, float32 and bfloat16: sparse / categorical / binary
+   losses against PyTorch (values and gradients, class weights,
+   ``ignore_index``, smoothing, every label width), the all-ignored mean (0, zero
+   gradient), double backward, ``torch.compile(fullgraph=True)`` with
+   validation on, autocast dtype, and that no host synchronisation happens in
+   the plain sparse path (``torch.cuda.set_sync_debug_mode("error")``);
+2. the CUDA-capable test files (fused Triton kernels, the torch transforms)
+   under pytest;
+3. benchmarks with CUDA events, median of interleaved rounds: sparse CE
+   (crossent / torch / Liger Kernel's ``LigerCrossEntropyLoss``), fused linear
+   CE (crossent / torch ``F.linear_cross_entropy`` if present / Liger's
+   ``LigerFusedLinearCrossEntropyLoss`` / cut-cross-entropy's
+   ``linear_cross_entropy``), time and peak memory; contenders that are not
+   installed are reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+DEADLINE_S = 7.5 * 60
+_START = time.monotonic()
+
+
+def _left() -> float:
+    return DEADLINE_S - (time.monotonic() - _START)
+
+
+def _optional(name: str) -> Any | None:
+    try:
+        return importlib.import_module(name)
+    except Exception:  # any import failure means "not installable here"
+        return None
+
+
+# --------------------------------------------------------------------------- 1. correctness
+
+
+def _close(a: Any, b: Any, tol: float, what: str) -> None:
+    import torch
+
+    err = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    scale = float(b.double().abs().max()) if b.numel() else 1.0
+    if not err <= tol * max(scale, 1.0):
+        msg = f"{what}: max error {err:.3g} > {tol:g} x {max(scale, 1.0):.3g}"
+        raise AssertionError(msg)
+    assert torch.isfinite(a).all() or not torch.isfinite(b).all(), what
+
+
+def correctness(device: str) -> list[str]:
+    """Run every CUDA check; return the names of those that failed (after printing why)."""
+    import torch
+    import torch.nn.functional as F
+
+    import crossent as ce
+    import crossent.nn as cnn
+
+    failures: list[str] = []
+
+    def check(name: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+            print(f"  ok    {name}", flush=True)
+        except Exception as exc:  # report and continue
+            failures.append(name)
+            print(f"  FAIL  {name}: {type(exc).__name__}: {exc}", flush=True)
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, c = 512, 1000
+    x64 = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, c, (n,), generator=g)
+    y[::7] = -100
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    probs = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), -1)
+    bt = (torch.rand(n, c, generator=g) > 0.5).double()
+
+    def parity(dtype: Any, tol: float) -> Callable[[], None]:
+        def run() -> None:
+            x = x64.to(device, dtype).requires_grad_(True)
+            xr = x64.to(device, dtype).double().requires_grad_(True)
+            yy, ww = y.to(device), w.to(device)
+            for ours, ref in (
+                (
+                    lambda v: ce.sparse_categorical_cross_entropy(
+                        v, yy, from_logits=True, weight=ww.to(v.dtype), ignore_index=-100,
+                        label_smoothing=0.1,
+                    ),
+                    lambda v: F.cross_entropy(v, yy, ww, ignore_index=-100, label_smoothing=0.1),
+                ),
+                (
+                    lambda v: ce.categorical_cross_entropy(v, probs.to(device, v.dtype),
+                                                           from_logits=True),
+                    lambda v: F.cross_entropy(v, probs.to(device)),
+                ),
+                (
+                    lambda v: ce.binary_cross_entropy(v, bt.to(device, v.dtype), from_logits=True),
+                    lambda v: F.binary_cross_entropy_with_logits(v, bt.to(device)),
+                ),
+            ):  # fmt: skip
+                a, b = ours(x), ref(xr)
+                ga, gb = torch.autograd.grad(a, x)[0], torch.autograd.grad(b, xr)[0]
+                _close(a, b, tol, "value")
+                _close(ga, gb, tol, "gradient")
+
+        return run
+
+    check("parity float32", parity(torch.float32, 1e-5))
+    check("parity bfloat16 (computed in float32)", parity(torch.bfloat16, 1e-2))
+
+    def label_widths() -> None:
+        x = x64.to(device, torch.float32)
+        yy = torch.where(y < 0, 0, y).to(device)
+        ref = ce.sparse_categorical_cross_entropy(x, yy, from_logits=True)
+        for dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+            small = (yy % 100).to(dtype)
+            got = ce.sparse_categorical_cross_entropy(x, small, from_logits=True)
+            want = ce.sparse_categorical_cross_entropy(x, small.long(), from_logits=True)
+            _close(got, want, 0, str(dtype))
+        assert ref.isfinite()
+
+    check("every label width", label_widths)
+
+    def all_ignored() -> None:
+        x = x64.to(device, torch.float32).requires_grad_(True)
+        loss = cnn.CrossEntropyLoss()(x, torch.full((n,), -100, device=device))
+        (grad,) = torch.autograd.grad(loss, x)
+        assert float(loss) == 0
+        assert not grad.any()
+
+    check("all-ignored mean is 0 with zero gradient", all_ignored)
+
+    def no_sync() -> None:
+        x = x64.to(device, torch.float32).requires_grad_(True)
+        yy = y.to(device)
+        module = cnn.CrossEntropyLoss(label_smoothing=0.1)
+        module(x, yy)  # warm-up: lazy imports, caches
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            module(x, yy).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    check("no host synchronisation (CrossEntropyLoss fwd+bwd)", no_sync)
+
+    def double_backward() -> None:
+        x = x64[:8, :10].to(device).requires_grad_(True)
+        yy = torch.where(y[:8] < 0, 0, y[:8]).to(device) % 10
+        for fn in (
+            lambda v: cnn.CrossEntropyLoss(label_smoothing=0.1)(v, yy),
+            lambda v: cnn.FocalLoss()(v, yy),
+            lambda v: ce.binary_cross_entropy(v, bt[:8, :10].to(device), from_logits=True,
+                                              gamma=2.0),
+        ):  # fmt: skip
+            assert torch.autograd.gradgradcheck(fn, (x,))
+
+    check("double backward (gradgradcheck)", double_backward)
+
+    def compiled() -> None:
+        torch._dynamo.reset()
+        x = x64.to(device, torch.float32)
+        yy = y.to(device)
+        module = cnn.CrossEntropyLoss(label_smoothing=0.1)
+        explanation = torch._dynamo.explain(module)(x, yy)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        fast = torch.compile(module, fullgraph=True)
+        _close(fast(x, yy), module(x, yy), 1e-5, "compiled value")
+
+    check("torch.compile fullgraph, validation on", compiled)
+
+    def autocast() -> None:
+        x = x64.to(device, torch.float32)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = cnn.CrossEntropyLoss()(x.bfloat16(), y.to(device))
+        assert out.dtype == torch.float32, out.dtype
+
+    check("autocast returns float32", autocast)
+    return failures
+
+
+# --------------------------------------------------------------------------- 2. tests
+
+
+def run_tests(limit: float) -> int:
+    files = ["tests/fused", "tests/losses/test_torch_transforms.py"]
+    print(f"\n== pytest {' '.join(files)} (limit {limit:.0f} s)", flush=True)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", *files],
+            timeout=max(limit, 10),
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        print("pytest stopped at its time limit", flush=True)
+        return 1
+    return done.returncode
+
+
+# --------------------------------------------------------------------------- 3. benchmarks
+
+
+def _cuda_time(fn: Callable[[], object], *, rounds: int = 7, calls: int = 5) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def _peak_mib(fn: Callable[[], object]) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _cells(contenders: dict[str, Callable[[], object]], names: tuple[str, ...]) -> str:
+    cells = []
+    for name in names:
+        fn = contenders.get(name)
+        if fn is None:
+            cells.append("not installed")
+            continue
+        try:
+            cells.append(f"{_cuda_time(fn, rounds=5, calls=3):.2f} ({_peak_mib(fn):.0f})")
+        except Exception as exc:  # a contender failing is a result
+            cells.append(f"error: {type(exc).__name__}")
+    return " | ".join(cells)
+
+
+def _sparse_row(n: int, v: int, dtype: Any, device: str) -> str:
+    import torch
+    import torch.nn.functional as F
+
+    import crossent as ce
+
+    x = torch.randn(n, v, device=device, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, v, (n,), device=device)
+
+    def step(loss: Any) -> None:
+        loss.backward()
+        x.grad = None
+
+    contenders: dict[str, Callable[[], object]] = {
+        "torch": lambda: step(F.cross_entropy(x, y)),
+        "crossent": lambda: step(ce.sparse_categorical_cross_entropy(x, y, from_logits=True)),
+    }
+    liger = _optional("liger_kernel.transformers.cross_entropy")
+    if liger is not None:
+        module = liger.LigerCrossEntropyLoss()
+        contenders["liger"] = lambda: step(module(x, y))
+    return f"| {n} x {v} | {str(dtype)[6:]} | " + _cells(contenders, ("torch", "crossent", "liger"))
+
+
+FUSED = ("torch matmul+CE", "crossent", "torch linear_cross_entropy", "liger", "cce")
+
+
+def _fused_row(n: int, d: int, v: int, device: str) -> str:
+    import torch
+    import torch.nn.functional as F
+
+    from crossent.fused import linear_cross_entropy
+
+    h = torch.randn(n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    wt = (torch.randn(v, d, device=device, dtype=torch.bfloat16) / d**0.5).requires_grad_()
+    y = torch.randint(0, v, (n,), device=device)
+
+    def step(loss: Any) -> None:
+        loss.backward()
+        h.grad = wt.grad = None
+
+    contenders: dict[str, Callable[[], object]] = {
+        "torch matmul+CE": lambda: step(F.cross_entropy((h @ wt.T).float(), y)),
+        "crossent": lambda: step(linear_cross_entropy(h, wt, y)),
+    }
+    native = getattr(F, "linear_cross_entropy", None)
+    if native is not None:
+        contenders["torch linear_cross_entropy"] = lambda: step(native(h, wt, y))
+    liger = _optional("liger_kernel.transformers.fused_linear_cross_entropy")
+    if liger is not None:
+        module = liger.LigerFusedLinearCrossEntropyLoss()
+        contenders["liger"] = lambda: step(module(wt, h, y))
+    cce = _optional("cut_cross_entropy")
+    if cce is not None:
+        contenders["cce"] = lambda: step(cce.linear_cross_entropy(h, wt, y))
+    return f"| {n} x {d} x {v} | " + _cells(contenders, FUSED)
+
+
+def benchmarks(device: str) -> None:
+    import torch
+
+    print("\n== sparse cross-entropy fwd+bwd, CUDA events, median ms (peak MiB)")
+    print("| N x V | dtype | torch | crossent | liger |")
+    for n, v in ((4096, 32000), (8192, 128256)):
+        for dtype in (torch.float32, torch.bfloat16):
+            if _left() < 60:
+                print("time limit: remaining benchmarks skipped")
+                return
+            print(_sparse_row(n, v, dtype, device), flush=True)
+    print("\n== fused linear cross-entropy fwd+bwd, bfloat16, median ms (peak MiB)")
+    print("| N x d x V | " + " | ".join(FUSED) + " |")
+    for n, d, v in ((8192, 2048, 32000), (8192, 4096, 128256)):
+        if _left() < 60:
+            print("time limit: remaining benchmarks skipped")
+            return
+        print(_fused_row(n, d, v, device), flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, import, exit")
+    parser.add_argument("--quick", action="store_true", help="(crossent bench) same as --dry-run")
+    parser.add_argument("--skip-tests", action="store_true", help="no pytest step")
+    args = parser.parse_args(argv)
+    import torch
+
+    contenders = {
+        name: _optional(module) is not None
+        for name, module in (("liger", "liger_kernel"), ("cut-cross-entropy", "cut_cross_entropy"))
+    }
+    print(f"gpu_check: torch {torch.__version__}; optional contenders: {contenders}")
+    if args.dry_run or args.quick:
+        print("dry run: steps 1 (CUDA correctness), 2 (pytest), 3 (GPU benchmarks) not run")
+        return 0
+    if not torch.cuda.is_available():
+        print("no CUDA device: GPU checks skipped")
+        return 0
+    device = "cuda"
+    print(f"device: {torch.cuda.get_device_name()}")
+    print("\n== 1. CUDA correctness")
+    failures = correctness(device)
+    status = 1 if failures else 0
+    if not args.skip_tests:
+        status |= run_tests(limit=min(180.0, _left() - 150))
+    benchmarks(device)
+    print(f"\ngpu_check: {'FAILED: ' + ', '.join(failures) if failures else 'checks passed'}; "
+          f"{time.monotonic() - _START:.0f} s")  # fmt: skip
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
