@@ -34,6 +34,7 @@ from torch import Tensor
 
 from crossent._lib._checks import values_checked
 from crossent._lib._xp import output_dtype, torch_tracing
+from crossent._losses import _rows
 from crossent._losses._options import CEOptions
 
 __all__ = ["categorical", "index_target", "nll", "sparse"]
@@ -68,6 +69,13 @@ def _compute(x: Tensor) -> Tensor:
 def _host_readable(x: Tensor) -> bool:
     """Whether a scalar may be read back now: CPU, eager (no compile, export or torch.func)."""
     return x.is_cpu and not torch_tracing()
+
+
+def _may_hold_neg_inf(x: Tensor) -> bool:
+    """Whether `x` may hold ``-inf`` (masked classes): one reduction eagerly, else assumed."""
+    if not _host_readable(x) or x.numel() == 0:
+        return True
+    return not x.detach().min().item() > -math.inf  # NaN: keep the guarded form too
 
 
 def _finish(out: Tensor, x: Tensor) -> Tensor:
@@ -187,18 +195,74 @@ def _sparse_shapes_fit(x: Tensor, target: object, weight: object, axis: int) -> 
 def sparse(
     input: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
 ) -> Tensor | None:
-    """Sparse cross-entropy from logits by ``F.cross_entropy``; None for the generic path.
+    """Sparse cross-entropy from logits; None for the generic path.
 
-    `axis` is already a valid non-negative class axis; `weight`'s values are
-    checked by the caller.
+    PyTorch's ``F.cross_entropy`` for its own options; crossent's (z-loss,
+    softcap, focal without smoothing) through the row statistics of
+    :mod:`crossent._losses._rows`. `axis` is already a valid non-negative
+    class axis; `weight`'s values are checked by the caller.
     """
-    if not (opts.kind == "logits" and opts.plain and input.dtype in _FLOATS):
+    if not (opts.kind == "logits" and input.dtype in _FLOATS):
         return None
     if not _sparse_shapes_fit(input, target, weight, axis):
         return None
+    if not opts.plain:
+        return _sparse_rows(input, target, weight, axis, opts) if _rows.applies(opts) else None
     return _native_indices(
         F.cross_entropy, input, target, weight, axis, opts, label_smoothing=opts.label_smoothing
     )
+
+
+def _sparse_rows(
+    x: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
+) -> Tensor:
+    r"""crossent's own options: statistics by PyTorch kernels, loss by :func:`_rows.row_loss`.
+
+    ``logsumexp`` gives the statistics :math:`(m, s) = (L, 1)` in one fused
+    pass; the target logit is a gather and the weighted sum (smoothing only) a
+    product-sum. Everything is a differentiable PyTorch operation, so double
+    backward, ``torch.compile`` and ``torch.func`` see plain autograd.
+    """
+    xc = _compute(x)
+    z = xc if axis == x.ndim - 1 else xc.movedim(axis, -1)
+    num_classes = z.shape[-1]
+    if opts.softcap is not None:
+        cap = opts.softcap
+        capped = cap * torch.tanh(z / cap)
+        z = torch.where(z == -math.inf, z, capped) if _may_hold_neg_inf(z) else capped
+    t = index_target(target)
+    if values_checked(t):
+        from crossent._lib._checks import check_label_range
+        from crossent._lib._xp import array_namespace
+
+        check_label_range(t, num_classes, ignore_index=opts.ignore_index, xp=array_namespace(t))
+    w = None if weight is None else weight.to(z.dtype)
+    if opts.ignore_index is None:
+        valid, label = None, t
+    else:
+        valid = t != opts.ignore_index
+        label = torch.where(valid, t, 0)
+    lse = torch.logsumexp(z, dim=-1)
+    z_y = z.gather(-1, label.unsqueeze(-1)).squeeze(-1)
+    if opts.label_smoothing:
+        wz = z.sum(-1) if w is None else torch.where(w == 0, 0.0, w * z).sum(-1)
+    else:
+        wz = torch.zeros_like(lse)
+    stats = _rows.RowStats(m=lse, s=torch.ones_like(lse), wz=wz, z_y=z_y)
+    w_y = torch.ones_like(lse) if w is None else w[label]
+    total = float(num_classes) if w is None else w.sum()
+    row = _rows.row_loss(stats, w_y, total, num_classes, opts, xp=torch)
+    if valid is not None:
+        row = torch.where(valid, row, 0.0)
+        w_y = torch.where(valid, w_y, 0.0)
+    if opts.reduction == "none":
+        out = row
+    elif opts.reduction == "sum":
+        out = row.sum()
+    else:
+        den = w_y.sum()
+        out = row.sum() / torch.where(den == 0, torch.ones_like(den), den)
+    return _finish(out, x)
 
 
 def nll(
@@ -245,7 +309,8 @@ def categorical(
         shape = [1] * input.ndim
         shape[axis] = -1
         c = c * weight.to(log_p.dtype).reshape(shape)
-    terms = torch.where(c == 0, 0.0, c * log_p)
+    product = c * log_p
+    terms = torch.where(c == 0, 0.0, product) if _may_hold_neg_inf(xc) else product
     return _finish(_reduce(-terms.sum(dim=axis), opts.reduction), input)
 
 
