@@ -31,6 +31,7 @@ __all__ = [
     "check_same_shape",
     "check_softcap",
     "check_unit_interval_scalar",
+    "guard_label_range",
     "row_sum_tolerance",
     "values_checked",
 ]
@@ -252,6 +253,35 @@ def check_label_range(
             f"{hint}: min={lo}, max={hi}. Check the number of classes, or set `ignore_index`."
         )
         raise ValueError(msg)
+
+
+def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | None) -> None:
+    """PyTorch tensors: out-of-range labels fail even with validation off, as torch's kernels do.
+
+    For paths that index with labels themselves (the fused and chunked
+    kernels mask or clamp them, where ``torch.gather`` / ``nll_loss`` would
+    fail): on CPU an ``IndexError`` like ``nll_loss``'s, on an accelerator
+    or under ``torch.compile`` a device-side assertion (``torch._assert_async``,
+    no host synchronisation), like torch's CUDA kernels. With validation on,
+    :func:`check_label_range` has already run and this does nothing.
+    """
+    if size(target) == 0 or values_checked(target):
+        return
+    import torch
+
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad = bad & (target != ignore_index)
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "crossent: `target` has a label outside [0, C)")
+        return
+    if bool(bad.any()):
+        first = int(target[bad].reshape(-1)[0])
+        msg = (
+            f"`target` has a label outside [0, {num_classes}) that is not `ignore_index`: "
+            f"{first} (checked even with validation off, as torch's kernels do)."
+        )
+        raise IndexError(msg)
 
 
 def check_softcap(softcap: object) -> float | None:
