@@ -15,6 +15,7 @@ from crossent._lib import _config
 from crossent._lib._xp import Array, compute_dtype, is_lazy, known_true, size
 
 __all__ = [
+    "ProbabilityRangeError",
     "check_axis",
     "check_base",
     "check_floating",
@@ -140,17 +141,34 @@ def check_unit_interval_scalar(value: object, *, name: str) -> float:
     return value
 
 
+class ProbabilityRangeError(ValueError):
+    """Probabilities outside [0, 1]; the message's fix can be reworded by a caller.
+
+    The functions suggest ``from_logits=True``; :class:`crossent.nn.BCELoss`,
+    which has no such argument, re-raises with :meth:`with_fix`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        lo: float,
+        hi: float,
+        fix: str = "pass from_logits=True if these are logits",
+    ) -> None:
+        self.name, self.lo, self.hi = name, lo, hi
+        super().__init__(f"`{name}` has values outside [0, 1] (min={lo:.6g}, max={hi:.6g}); {fix}.")
+
+    def with_fix(self, fix: str) -> ProbabilityRangeError:
+        """The same error with another suggested fix."""
+        return ProbabilityRangeError(self.name, self.lo, self.hi, fix)
+
+
 def check_probabilities(x: Array, *, name: str = "input", xp: Any) -> None:
     """Values of `x` must lie in [0, 1] (NaN passes and propagates)."""
     if size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any((x < 0) | (x > 1))):
-        lo, hi = float(xp.min(x)), float(xp.max(x))
-        msg = (
-            f"`{name}` has values outside [0, 1] (min={lo:.6g}, max={hi:.6g}); "
-            "pass from_logits=True if these are logits."
-        )
-        raise ValueError(msg)
+        raise ProbabilityRangeError(name, float(xp.min(x)), float(xp.max(x)))
 
 
 def row_sum_tolerance(dtype: Any, num_classes: int, *, xp: Any) -> float:

@@ -225,7 +225,7 @@ def categorical_cross_entropy(
     >>> ce.categorical_cross_entropy(probs, np.array([[0.5, 0.5], [1.0, 0.0]]), reduction="none")
     array([0.69314718, 0.10536052])
     """
-    xp = array_namespace(input, target, weight)
+    xp = array_namespace(input=input, target=target, weight=weight)
     x, c, kind, gamma_, reduction_, _ = _prepare(
         input,
         target,
@@ -260,7 +260,7 @@ def _categorical_value_and_grad(
     (``grad_output`` defaults to ones); otherwise ``grad_output`` (0-d) scales it.
     """
     if xp is None:
-        xp = array_namespace(input, target, weight)
+        xp = array_namespace(input=input, target=target, weight=weight)
     with _no_autograd(xp):
         x, c, kind, gamma_, reduction_, axis_ = _prepare(
             input,

@@ -118,9 +118,14 @@ def _check_labels(
     num_classes = int(input.shape[axis])
     expected = tuple(input.shape[:axis]) + tuple(input.shape[axis + 1 :])
     if tuple(target.shape) != expected:
+        squeeze = (
+            " Drop its trailing axis of size 1 first (e.g. `target.reshape(-1)`)."
+            if tuple(target.shape) == (*expected, 1)
+            else ""
+        )
         msg = (
             f"`target` must have the shape of `input` without the class axis {axis}, "
-            f"{expected}; got {tuple(target.shape)}. For one-hot or soft targets use "
+            f"{expected}; got {tuple(target.shape)}.{squeeze} For one-hot or soft targets use "
             "categorical_cross_entropy."
         )
         raise ValueError(msg)
@@ -484,7 +489,7 @@ def sparse_categorical_cross_entropy(
     >>> print(float(ce.sparse_categorical_cross_entropy(probs, np.array([0, 1]), reduction="sum")))
     0.10536051565782...
     """
-    xp = array_namespace(input, target, weight)
+    xp = array_namespace(input=input, target=target, weight=weight)
     setup = _setup(
         input, target, from_logits=from_logits, axis=axis, weight=weight,
         ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma,
@@ -585,7 +590,7 @@ def _sparse_value_and_grad(
     (``grad_output`` defaults to ones); otherwise ``grad_output`` (0-d) scales it.
     """
     if xp is None:
-        xp = array_namespace(input, target, weight)
+        xp = array_namespace(input=input, target=target, weight=weight)
     setup = _setup(
         input, target, from_logits=from_logits, axis=axis, weight=weight,
         ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma,
@@ -635,7 +640,7 @@ def _nll_loss(
     there are none). Differentiable by the backend's autodiff.
     """
     if xp is None:
-        xp = array_namespace(log_probs, target, weight)
+        xp = array_namespace(input=log_probs, target=target, weight=weight)
     reduction = check_reduction(reduction)
     axis = _check_labels(
         log_probs, target, axis=axis, weight=weight, ignore_index=ignore_index, xp=xp
