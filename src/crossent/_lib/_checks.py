@@ -15,6 +15,7 @@ from crossent._lib import _config
 from crossent._lib._xp import Array, compute_dtype, is_lazy, known_true, size
 
 __all__ = [
+    "ProbabilityRangeError",
     "check_axis",
     "check_base",
     "check_floating",
@@ -31,6 +32,7 @@ __all__ = [
     "check_same_shape",
     "check_softcap",
     "check_unit_interval_scalar",
+    "guard_label_range",
     "row_sum_tolerance",
     "values_checked",
 ]
@@ -40,7 +42,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def values_checked(*arrays: Array) -> bool:
     """Whether value checks should run on `arrays` now (validation on, none lazy)."""
-    return _config.get_validation() and not any(a is not None and is_lazy(a) for a in arrays)
+    # lazy first: while torch traces, the context variable holding the switch is not read
+    return not any(a is not None and is_lazy(a) for a in arrays) and _config.get_validation()
 
 
 def check_reduction(reduction: object) -> str:
@@ -139,17 +142,34 @@ def check_unit_interval_scalar(value: object, *, name: str) -> float:
     return value
 
 
+class ProbabilityRangeError(ValueError):
+    """Probabilities outside [0, 1]; the message's fix can be reworded by a caller.
+
+    The functions suggest ``from_logits=True``; :class:`crossent.nn.BCELoss`,
+    which has no such argument, re-raises with :meth:`with_fix`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        lo: float,
+        hi: float,
+        fix: str = "pass from_logits=True if these are logits",
+    ) -> None:
+        self.name, self.lo, self.hi = name, lo, hi
+        super().__init__(f"`{name}` has values outside [0, 1] (min={lo:.6g}, max={hi:.6g}); {fix}.")
+
+    def with_fix(self, fix: str) -> ProbabilityRangeError:
+        """The same error with another suggested fix."""
+        return ProbabilityRangeError(self.name, self.lo, self.hi, fix)
+
+
 def check_probabilities(x: Array, *, name: str = "input", xp: Any) -> None:
     """Values of `x` must lie in [0, 1] (NaN passes and propagates)."""
     if size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any((x < 0) | (x > 1))):
-        lo, hi = float(xp.min(x)), float(xp.max(x))
-        msg = (
-            f"`{name}` has values outside [0, 1] (min={lo:.6g}, max={hi:.6g}); "
-            "pass from_logits=True if these are logits."
-        )
-        raise ValueError(msg)
+        raise ProbabilityRangeError(name, float(xp.min(x)), float(xp.max(x)))
 
 
 def row_sum_tolerance(dtype: Any, num_classes: int, *, xp: Any) -> float:
@@ -252,6 +272,35 @@ def check_label_range(
             f"{hint}: min={lo}, max={hi}. Check the number of classes, or set `ignore_index`."
         )
         raise ValueError(msg)
+
+
+def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | None) -> None:
+    """PyTorch tensors: out-of-range labels fail even with validation off, as torch's kernels do.
+
+    For paths that index with labels themselves (the fused and chunked
+    kernels mask or clamp them, where ``torch.gather`` / ``nll_loss`` would
+    fail): on CPU an ``IndexError`` like ``nll_loss``'s, on an accelerator
+    or under ``torch.compile`` a device-side assertion (``torch._assert_async``,
+    no host synchronisation), like torch's CUDA kernels. With validation on,
+    :func:`check_label_range` has already run and this does nothing.
+    """
+    if size(target) == 0 or values_checked(target):
+        return
+    import torch
+
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad = bad & (target != ignore_index)
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "crossent: `target` has a label outside [0, C)")
+        return
+    if bool(bad.any()):
+        first = int(target[bad].reshape(-1)[0])
+        msg = (
+            f"`target` has a label outside [0, {num_classes}) that is not `ignore_index`: "
+            f"{first} (checked even with validation off, as torch's kernels do)."
+        )
+        raise IndexError(msg)
 
 
 def check_softcap(softcap: object) -> float | None:

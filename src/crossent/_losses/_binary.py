@@ -128,7 +128,7 @@ def _prepare(
     _check_weight_type(weight, name="weight")
     _check_weight_type(pos_weight, name="pos_weight")
     if xp is None:
-        xp = array_namespace(input, target, weight, pos_weight)
+        xp = array_namespace(input=input, target=target, weight=weight, pos_weight=pos_weight)
     if not isinstance(from_logits, bool):
         msg = f"`from_logits` must be a bool (True or False); got {from_logits!r}."
         raise TypeError(msg)

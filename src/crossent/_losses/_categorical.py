@@ -235,7 +235,7 @@ def categorical_cross_entropy(
     >>> ce.categorical_cross_entropy(probs, np.array([[0.5, 0.5], [1.0, 0.0]]), reduction="none")
     array([0.69314718, 0.10536052])
     """
-    xp = array_namespace(input, target, weight)
+    xp = array_namespace(input=input, target=target, weight=weight)
     opts, axis_ = _check(
         input, target, from_logits=from_logits, axis=axis, weight=weight,
         label_smoothing=label_smoothing, gamma=gamma, reduction=reduction, xp=xp,
@@ -270,7 +270,7 @@ def _categorical_value_and_grad(
     (``grad_output`` defaults to ones); otherwise ``grad_output`` (0-d) scales it.
     """
     if xp is None:
-        xp = array_namespace(input, target, weight)
+        xp = array_namespace(input=input, target=target, weight=weight)
     opts, axis_ = _check(
         input, target, from_logits=from_logits, axis=axis, weight=weight,
         label_smoothing=label_smoothing, gamma=gamma, reduction=reduction, xp=xp,

@@ -95,7 +95,7 @@ def listnet_loss(
     >>> print(float(ce.listnet_loss(scores, np.array([[0.0, 1.0, 2.0]]))))
     1.98281634...
     """
-    xp = array_namespace(scores, relevance)
+    xp = array_namespace(scores=scores, relevance=relevance)
     s, q, reduction_, _ = _prepare(scores, relevance, axis=axis, reduction=reduction, xp=xp)
     loss = _soft_loss(s, q, kind="logits", gamma=0.0, reduction=reduction_, xp=xp)
     return astype(loss, output_dtype(scores, xp=xp), xp=xp)
@@ -112,7 +112,7 @@ def _listnet_value_and_grad(
 ) -> tuple[Array, Array]:
     """The ListNet loss and d(loss)/d(scores) in closed form, on every backend, no autodiff."""
     if xp is None:
-        xp = array_namespace(scores, relevance)
+        xp = array_namespace(scores=scores, relevance=relevance)
     with _no_autograd(xp):
         s, q, reduction_, axis_ = _prepare(scores, relevance, axis=axis, reduction=reduction, xp=xp)
         loss, grad = _soft_value_and_grad(

@@ -88,9 +88,14 @@ def _check_labels(
     num_classes = int(input.shape[axis])
     expected = tuple(input.shape[:axis]) + tuple(input.shape[axis + 1 :])
     if tuple(target.shape) != expected:
+        squeeze = (
+            " Drop its trailing axis of size 1 first (e.g. `target.reshape(-1)`)."
+            if tuple(target.shape) == (*expected, 1)
+            else ""
+        )
         msg = (
             f"`target` must have the shape of `input` without the class axis {axis}, "
-            f"{expected}; got {tuple(target.shape)}. For one-hot or soft targets use "
+            f"{expected}; got {tuple(target.shape)}.{squeeze} For one-hot or soft targets use "
             "categorical_cross_entropy."
         )
         raise ValueError(msg)
@@ -382,11 +387,11 @@ def sparse_categorical_cross_entropy(
 
         axis_ = check_axis(axis, input.ndim)
         if weight is not None:
-            check_class_weight(weight, int(input.shape[axis_]), xp=array_namespace(weight))
+            check_class_weight(weight, int(input.shape[axis_]), xp=array_namespace(weight=weight))
         out = torch_exec.sparse(input, target, weight, axis_, opts)
         if out is not None:
             return out
-    xp = array_namespace(input, target, weight)
+    xp = array_namespace(input=input, target=target, weight=weight)
     axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
     return _forward(input, target, weight=weight, axis=axis_, opts=opts, xp=xp)
 
@@ -518,7 +523,7 @@ def _sparse_value_and_grad(
         softcap=softcap, ignore_index=ignore_index, reduction=reduction,
     )  # fmt: skip
     if xp is None:
-        xp = array_namespace(input, target, weight)
+        xp = array_namespace(input=input, target=target, weight=weight)
     axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
     with _no_autograd(xp):
         x, z, lse, w = _prepare(input, axis=axis_, weight=weight, opts=opts, xp=xp)
@@ -553,11 +558,13 @@ def _nll_loss(
 
         axis_ = check_axis(axis, log_probs.ndim)
         if weight is not None:
-            check_class_weight(weight, int(log_probs.shape[axis_]), xp=array_namespace(weight))
+            check_class_weight(
+                weight, int(log_probs.shape[axis_]), xp=array_namespace(weight=weight)
+            )
         out = torch_exec.nll(log_probs, target, weight, axis_, opts)
         if out is not None:
             return out
     if xp is None:
-        xp = array_namespace(log_probs, target, weight)
+        xp = array_namespace(input=log_probs, target=target, weight=weight)
     axis_, target = _check_arrays(log_probs, target, weight=weight, axis=axis, opts=opts, xp=xp)
     return _forward(log_probs, target, weight=weight, axis=axis_, opts=opts, xp=xp)

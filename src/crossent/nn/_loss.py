@@ -18,6 +18,7 @@ from torch import Tensor
 
 from crossent._backends import _torch as torch_exec
 from crossent._lib._checks import (
+    ProbabilityRangeError,
     check_nonnegative,
     check_nonnegative_scalar,
     check_reduction,
@@ -305,17 +306,21 @@ class _BinaryLoss(_Loss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The loss of `input` (probabilities for BCELoss, else logits) vs targets in [0, 1]."""
-        return binary_cross_entropy(
-            input,
-            target,
-            from_logits=self._FROM_LOGITS,
-            weight=self.weight,
-            pos_weight=self.pos_weight,
-            label_smoothing=self.label_smoothing,
-            gamma=self.gamma,
-            alpha=self.alpha,
-            reduction=self.reduction,
-        )
+        try:
+            return binary_cross_entropy(
+                input,
+                target,
+                from_logits=self._FROM_LOGITS,
+                weight=self.weight,
+                pos_weight=self.pos_weight,
+                label_smoothing=self.label_smoothing,
+                gamma=self.gamma,
+                alpha=self.alpha,
+                reduction=self.reduction,
+            )
+        except ProbabilityRangeError as exc:  # the modules have no `from_logits`
+            fix = "for logits use BCEWithLogitsLoss (or apply torch.sigmoid first)"
+            raise exc.with_fix(fix) from None
 
 
 class CrossEntropyLoss(_OptionsCache, _WeightedLoss):
@@ -480,7 +485,7 @@ class NLLLoss(_WeightedLoss):
             weight=self.weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
-            xp=array_namespace(input, target, self.weight),
+            xp=array_namespace(input=input, target=target, weight=self.weight),
         )
 
 
