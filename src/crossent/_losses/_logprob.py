@@ -40,7 +40,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from crossent._lib._checks import check_floating, check_nonnegative
-from crossent._lib._xp import Array, is_torch_namespace, one_hot
+from crossent._lib._xp import (
+    Array,
+    is_jax_namespace,
+    is_numpy_namespace,
+    is_torch_namespace,
+    one_hot,
+)
 from crossent._losses._common import LOG_CLAMP, clamped_log, focal_factor, log1mexp, log_prob
 
 __all__ = [
@@ -186,4 +192,13 @@ def add_at_index(g: Array, index: Array, values: Array, *, xp: Any) -> Array:
     """
     if is_torch_namespace(xp):
         return g.scatter_add_(-1, xp.expand_dims(index, axis=-1), xp.expand_dims(values, axis=-1))
+    num = g.shape[-1]
+    if is_numpy_namespace(xp) or is_jax_namespace(xp):  # one entry per row: no dense one-hot
+        rows = xp.reshape(g, (-1, num))
+        at = (xp.arange(rows.shape[0]), xp.reshape(index, (-1,)))
+        flat = xp.reshape(values, (-1,))
+        if is_numpy_namespace(xp):
+            rows[at] += flat  # in place on the caller's fresh array (a view when contiguous)
+            return xp.reshape(rows, g.shape)
+        return xp.reshape(rows.at[at].add(flat), g.shape)
     return g + one_hot(index, g.shape[-1], dtype=g.dtype, xp=xp) * xp.expand_dims(values, axis=-1)

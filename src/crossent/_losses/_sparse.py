@@ -449,15 +449,22 @@ def _statistics(
     return stats, valid, w_y, total
 
 
+_Statistics = tuple[_rows.RowStats, Array, Array, Array | float]
+
+
 def _row_losses(
     z: Array, target: Array, lse: Array | None, w: Array | None, opts: CEOptions, *, xp: Any
-) -> tuple[Array, Array]:
-    """Per-row loss (0 where ignored) and target weight w_y: row statistics where they apply."""
+) -> tuple[Array, Array, _Statistics | None]:
+    """Per-row loss (0 where ignored), target weight w_y, and the statistics (for the gradient)."""
     if not _rows.applies(opts):
-        return _sparse_rows(z, target, lse, kind=opts.kind, weight=w, **_rows_options(opts), xp=xp)
-    stats, valid, w_y, total = _statistics(z, target, w, opts, xp=xp)
+        row, w_y = _sparse_rows(
+            z, target, lse, kind=opts.kind, weight=w, **_rows_options(opts), xp=xp
+        )
+        return row, w_y, None
+    statistics = _statistics(z, target, w, opts, xp=xp)
+    stats, valid, w_y, total = statistics
     row = _rows.row_loss(stats, w_y, total, z.shape[-1], opts, xp=xp)
-    return xp.where(valid, row, xp.zeros_like(row)), w_y
+    return xp.where(valid, row, xp.zeros_like(row)), w_y, statistics
 
 
 def _row_grads(
@@ -467,15 +474,16 @@ def _row_grads(
     w: Array | None,
     scale: Array,
     opts: CEOptions,
+    statistics: _Statistics | None,
     *,
     xp: Any,
 ) -> Array:
     r""":math:`\partial(\sum_i s_i \ell_i)/\partial z = s\,(a p - b[k=y] - e w)` in closed form."""
-    if not _rows.applies(opts):
+    if statistics is None:
         return _sparse_rows_grad(
             z, target, lse, scale, kind=opts.kind, weight=w, **_rows_options(opts), xp=xp
         )
-    stats, valid, w_y, total = _statistics(z, target, w, opts, xp=xp)
+    stats, valid, w_y, total = statistics
     a, b, e = _rows.grad_coefficients(stats, w_y, total, z.shape[-1], opts, xp=xp)
     s = xp.where(valid, scale, xp.zeros_like(scale))
     big_l = xp.where(valid, _rows.lse(stats, xp=xp), xp.full_like(s, float("inf")))
@@ -492,7 +500,7 @@ def _forward(
 ) -> Array:
     """The generic (autodiff-friendly) path on any backend."""
     _, z, lse, w = _prepare(input, axis=axis, weight=weight, opts=opts, xp=xp)
-    row, w_y = _row_losses(z, target, lse, w, opts, xp=xp)
+    row, w_y, _ = _row_losses(z, target, lse, w, opts, xp=xp)
     loss = reduce_loss(row, opts.reduction, denominator=xp.sum(w_y), xp=xp)
     return astype(loss, output_dtype(input, xp=xp), xp=xp)
 
@@ -527,11 +535,11 @@ def _sparse_value_and_grad(
     axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
     with _no_autograd(xp):
         x, z, lse, w = _prepare(input, axis=axis_, weight=weight, opts=opts, xp=xp)
-        row, w_y = _row_losses(z, target, lse, w, opts, xp=xp)
+        row, w_y, statistics = _row_losses(z, target, lse, w, opts, xp=xp)
         denominator = xp.sum(w_y)
         loss = reduce_loss(row, opts.reduction, denominator=denominator, xp=xp)
         scale = _row_scale(grad_output, opts.reduction, denominator, tuple(row.shape), xp=xp)
-        g = _row_grads(z, target, lse, w, scale, opts, xp=xp)
+        g = _row_grads(z, target, lse, w, scale, opts, statistics, xp=xp)
         g = softcap_backward(x, opts.softcap, g, xp=xp)
         grad = xp.moveaxis(g, -1, axis_)
     return astype(loss, input.dtype, xp=xp), astype(grad, input.dtype, xp=xp)
