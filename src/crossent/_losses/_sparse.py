@@ -350,12 +350,14 @@ def sparse_categorical_cross_entropy(
     is the mathematically right value (a probability-0 class then gives the
     clamped ``100`` instead).
 
-    On PyTorch tensors with ``from_logits=True`` a custom autograd function
-    keeps only the input and one ``lse`` per row for the backward pass (no
-    copy of the logits), and computes the gradient in closed form; it does
-    not support double backward. Differences from
-    ``torch.nn.functional.cross_entropy``: the class axis defaults to -1, and
-    a mean over no counted target is 0 instead of NaN.
+    On PyTorch tensors with ``from_logits=True`` PyTorch's own
+    ``F.cross_entropy`` computes the loss where it has the options (float16
+    and bfloat16 are computed in float32); crossent's own options go through
+    ``logsumexp`` and a gather. Both are plain autograd, so double backward
+    (``create_graph=True``), ``torch.compile``, ``torch.export`` and
+    ``torch.func`` work, and under ``torch.autocast`` the result is float32.
+    Differences from ``torch.nn.functional.cross_entropy``: the class axis
+    defaults to -1, and a mean over no counted target is 0 instead of NaN.
 
     References
     ----------
