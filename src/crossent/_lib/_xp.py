@@ -35,6 +35,7 @@ __all__ = [
     "output_dtype",
     "safe_divide",
     "size",
+    "stop_gradient",
     "take_along_axis",
     "to_numpy",
     "torch_tracing",
@@ -286,6 +287,22 @@ def log_sigmoid(x: Array, *, xp: Any) -> Array:
         return jax.nn.log_sigmoid(x)
     zero = xp.zeros_like(x)
     return xp.minimum(x, zero) - xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def stop_gradient(x: Array, *, xp: Any) -> Array:
+    """`x` as a constant for autodiff (JAX, PyTorch); other backends have no autodiff.
+
+    For shifts that cancel in value, such as the maximum subtracted inside a
+    log-sum-exp: derivatives of every order stay exact, and autodiff skips the
+    maximum's own (argmax) derivative.
+    """
+    if is_torch_tensor(x):
+        return x.detach()
+    if is_jax_namespace(xp):
+        import jax
+
+        return jax.lax.stop_gradient(x)
+    return x
 
 
 def xlogy(x: Array, y: Array, *, xp: Any) -> Array:

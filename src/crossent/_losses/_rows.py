@@ -64,7 +64,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from crossent._lib._xp import Array, take_along_axis
+from crossent._lib._xp import Array, stop_gradient, take_along_axis
 from crossent._losses._options import CEOptions
 
 __all__ = ["RowStats", "applies", "combine", "grad_coefficients", "row_loss", "row_stats"]
@@ -105,7 +105,7 @@ def row_stats(
     smoothing needs it).
     """
     num = z.shape[-1]
-    m = xp.max(z, axis=-1)
+    m = stop_gradient(xp.max(z, axis=-1), xp=xp)  # the shift cancels in L = m + log s
     finite = xp.isfinite(m)
     m_safe = xp.where(finite, m, xp.zeros_like(m))
     s = xp.sum(xp.exp(z - xp.expand_dims(m_safe, axis=-1)), axis=-1)
