@@ -44,7 +44,7 @@ from crossent._lib._xp import (
     safe_divide,
     take_along_axis,
 )
-from crossent._losses._common import reduce_loss
+from crossent._losses._common import reduce_loss, shift_logits
 from crossent._losses._logprob import (
     add_at_index,
     check_class_weight,
@@ -179,11 +179,14 @@ def _sparse_rows(
     label_smoothing: float,
     gamma: float,
     z_loss: float,
+    lse_shift: Array | None = None,
     xp: Any,
 ) -> tuple[Array, Array]:
     r"""Per-row loss and target weight w_y (0 where ignored); class axis last.
 
     loss = (1-ε) w_y f_y (-log p_y) + (ε/C) Σ_k w_k f_k (-log p_k) + z_loss · lse².
+    `z` may be shifted by its row max `lse_shift` (:func:`.shift_logits`),
+    `lse` being then that of the shifted logits; the z-loss adds it back.
     """
     eps = label_smoothing
     valid, label = _labels(target, ignore_index, xp=xp)
@@ -196,7 +199,8 @@ def _sparse_rows(
         terms = class_terms(z, lse_col, kind=kind, gamma=gamma, xp=xp)
         row = row + xp.sum(term_value(c_s, terms, gamma, xp=xp), axis=-1)
     if z_loss > 0:
-        row = row + z_loss * (lse * lse)
+        full = lse if lse_shift is None else lse + lse_shift
+        row = row + z_loss * (full * full)
     row = propagate_nan(row, z, kind=kind, xp=xp)
     return xp.where(valid, row, xp.zeros_like(row)), w_y
 
@@ -213,6 +217,7 @@ def _sparse_rows_grad(
     label_smoothing: float,
     gamma: float,
     z_loss: float,
+    lse_shift: Array | None = None,
     xp: Any,
 ) -> Array:
     r"""Closed-form d(Σ_i scale_i · loss_i)/dz, class axis last (see :mod:`._logprob`).
@@ -226,6 +231,7 @@ def _sparse_rows_grad(
     s = xp.where(valid, scale, xp.zeros_like(scale))
     s_col = xp.expand_dims(s, axis=-1)
     if kind == "logits":
+        full = lse if lse_shift is None else lse + lse_shift
         lse = xp.where(valid, lse, xp.full_like(lse, float("inf")))
     lse_col = None if lse is None else xp.expand_dims(lse, axis=-1)
     terms_y = class_terms(_gather(z, label, xp=xp), lse, kind=kind, gamma=gamma, xp=xp)
@@ -246,7 +252,7 @@ def _sparse_rows_grad(
         else:
             total = total + xp.sum(h_dense, axis=-1)
     if z_loss > 0:
-        total = total + (2 * z_loss) * xp.where(valid, lse, xp.zeros_like(lse))
+        total = total + (2 * z_loss) * xp.where(valid, full, xp.zeros_like(full))
     g = xp.expand_dims(total * s, axis=-1) * xp.exp(z - lse_col)
     if h_dense is not None:
         g = g - s_col * h_dense
@@ -317,10 +323,10 @@ def _torch_function() -> Any:
             row = torch.empty(tl.shape, dtype=cdt, device=x.device)
             w_y = torch.empty(tl.shape, dtype=cdt, device=x.device)
             for sl in chunks:
-                z = softcap_logits(xl[sl].to(cdt), opts["softcap"], xp=xp)
+                z, m = shift_logits(softcap_logits(xl[sl].to(cdt), opts["softcap"], xp=xp), xp=xp)
                 lse[sl] = torch.logsumexp(z, dim=-1)
                 row[sl], w_y[sl] = _sparse_rows(
-                    z, tl[sl], lse[sl], kind="logits", weight=w, **opts["rows"], xp=xp
+                    z, tl[sl], lse[sl], kind="logits", weight=w, **opts["rows"], lse_shift=m, xp=xp
                 )
             denominator = w_y.sum()
             ctx.save_for_backward(x, target, w, lse, denominator)
@@ -349,9 +355,17 @@ def _torch_function() -> Any:
             grad = torch.empty(xl.shape, dtype=x.dtype, device=x.device) if len(chunks) > 1 else xl
             for sl in chunks:
                 xc = xl[sl].to(cdt)
-                z = softcap_logits(xc, opts["softcap"], xp=xp)
+                z, m = shift_logits(softcap_logits(xc, opts["softcap"], xp=xp), xp=xp)
                 g = _sparse_rows_grad(
-                    z, tl[sl], lse[sl], scale[sl], kind="logits", weight=w, **opts["rows"], xp=xp
+                    z,
+                    tl[sl],
+                    lse[sl],
+                    scale[sl],
+                    kind="logits",
+                    weight=w,
+                    **opts["rows"],
+                    lse_shift=m,
+                    xp=xp,
                 )
                 g = softcap_backward(xc, opts["softcap"], g, xp=xp)
                 if len(chunks) == 1:
@@ -539,14 +553,17 @@ def _setup(
 
 def _prepare(
     input: Array, *, kind: str, axis: int, weight: Array | None, softcap: float | None, xp: Any
-) -> tuple[Array, Array, Array, Array | None]:
-    """(x, z, lse, w): input in the compute dtype with classes last, capped logits, lse, weight."""
+) -> tuple[Array, Array, Array | None, Array | None, Array | None]:
+    """(x, z, lse, w, m): input in the compute dtype with classes last, capped logits shifted
+    by their row max m (:func:`.shift_logits`; None for probabilities), their lse, weight."""
     cdt = compute_dtype(input.dtype, xp=xp)
     w = None if weight is None else astype(weight, cdt, xp=xp)
     x = xp.moveaxis(astype(input, cdt, xp=xp), axis, -1)
     z = softcap_logits(x, softcap, xp=xp)
-    lse = logsumexp(z, axis=-1, xp=xp) if kind == "logits" else None
-    return x, z, lse, w
+    if kind != "logits":
+        return x, z, None, w, None
+    z, m = shift_logits(z, xp=xp)
+    return x, z, logsumexp(z, axis=-1, xp=xp), w, m
 
 
 def _forward(
@@ -562,8 +579,8 @@ def _forward(
     xp: Any,
 ) -> Array:
     """The generic (autodiff-friendly) path on any backend."""
-    _, z, lse, w = _prepare(input, kind=kind, axis=axis, weight=weight, softcap=softcap, xp=xp)
-    row, w_y = _sparse_rows(z, target, lse, kind=kind, weight=w, **rows, xp=xp)
+    _, z, lse, w, m = _prepare(input, kind=kind, axis=axis, weight=weight, softcap=softcap, xp=xp)
+    row, w_y = _sparse_rows(z, target, lse, kind=kind, weight=w, **rows, lse_shift=m, xp=xp)
     loss = reduce_loss(row, reduction, denominator=xp.sum(w_y), xp=xp)
     return astype(loss, input.dtype, xp=xp)
 
@@ -613,12 +630,16 @@ def _value_and_grad(
     xp: Any,
 ) -> tuple[Array, Array]:
     with _no_autograd(xp):
-        x, z, lse, w = _prepare(input, kind=kind, axis=axis, weight=weight, softcap=softcap, xp=xp)
-        row, w_y = _sparse_rows(z, target, lse, kind=kind, weight=w, **rows, xp=xp)
+        x, z, lse, w, m = _prepare(
+            input, kind=kind, axis=axis, weight=weight, softcap=softcap, xp=xp
+        )
+        row, w_y = _sparse_rows(z, target, lse, kind=kind, weight=w, **rows, lse_shift=m, xp=xp)
         denominator = xp.sum(w_y)
         loss = reduce_loss(row, reduction, denominator=denominator, xp=xp)
         scale = _row_scale(grad_output, reduction, denominator, tuple(row.shape), xp=xp)
-        g = _sparse_rows_grad(z, target, lse, scale, kind=kind, weight=w, **rows, xp=xp)
+        g = _sparse_rows_grad(
+            z, target, lse, scale, kind=kind, weight=w, **rows, lse_shift=m, xp=xp
+        )
         g = softcap_backward(x, softcap, g, xp=xp)
         grad = xp.moveaxis(g, -1, axis)
     return astype(loss, input.dtype, xp=xp), astype(grad, input.dtype, xp=xp)
