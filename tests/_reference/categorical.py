@@ -36,9 +36,9 @@ def _row_log_p(
     if softcap is not None:
         z = np.array([v if v == -math.inf else softcap * math.tanh(v / softcap) for v in z])
     m = z.max()
-    lse = m + math.log(sum(math.exp(v - m) for v in z))
-    log_p = z - lse
-    return log_p, -np.expm1(log_p), lse
+    log_s = math.log(sum(math.exp(v - m) for v in z))
+    log_p = (z - m) - log_s  # not z - (m + log_s): that rounds at the magnitude of z
+    return log_p, -np.expm1(log_p), m + log_s
 
 
 def _row_loss(c: np.ndarray, log_p: np.ndarray, one_minus_p: np.ndarray, gamma: float) -> float:

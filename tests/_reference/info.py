@@ -26,7 +26,7 @@ def _plogratio(p: float, q: float) -> float:
         return 0.0
     if q == 0:
         return math.inf
-    return p * math.log(p / q)
+    return p * (math.log(p) - math.log(q))  # p / q overflows for a subnormal q
 
 
 def _reduce(fn, p: np.ndarray, q: np.ndarray | None, axis: int, base: float | None) -> np.ndarray:

@@ -66,6 +66,14 @@ def _bad_label_error() -> type[BaseException] | None:
     return None
 
 
+def _run_threads(*targets: Any) -> None:
+    threads = [threading.Thread(target=target) for target in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+
+
 def test_validation_block_is_local_to_its_thread() -> None:
     """While thread A is inside validation(False), thread B still gets the ValueError."""
     inside, done = threading.Event(), threading.Event()
@@ -83,11 +91,7 @@ def test_validation_block_is_local_to_its_thread() -> None:
         seen["b_error"] = _bad_label_error()
         done.set()
 
-    threads = [threading.Thread(target=a), threading.Thread(target=b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    _run_threads(a, b)
     assert seen == {"a": False, "b": True, "b_error": ValueError}
     assert ce.get_validation()
 
@@ -112,11 +116,7 @@ def test_interleaved_blocks_in_two_threads_restore_the_default() -> None:
             seen["b_inside"] = ce.get_validation()
         seen["b_after"] = ce.get_validation()
 
-    threads = [threading.Thread(target=a), threading.Thread(target=b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    _run_threads(a, b)
     assert seen == {"a_after": True, "b_inside": False, "b_after": True}
     assert ce.get_validation()
 

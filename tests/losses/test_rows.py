@@ -104,7 +104,7 @@ def test_combine_is_associative_and_commutative(problem: Any) -> None:
     for one, other in ((left, right), (left, swapped)):
         np.testing.assert_array_equal(one.m, other.m)
         np.testing.assert_allclose(_rows.lse(one, xp=xp), _rows.lse(other, xp=xp), rtol=1e-14)
-        np.testing.assert_allclose(one.wz, other.wz, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(one.wd, other.wd, rtol=1e-12, atol=1e-12)
         np.testing.assert_array_equal(one.z_y, other.z_y)
 
 

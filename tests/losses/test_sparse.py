@@ -285,13 +285,15 @@ def test_focal_is_finite_at_extreme_logits(xp: Any, label_smoothing: float) -> N
     assert np.isfinite(to_numpy(value))
     assert np.all(np.isfinite(to_numpy(grad)))
     np.testing.assert_allclose(to_numpy(value), ref.sparse_ce(x, y, **options), rtol=1e-12)
-    # the certain row (p_y = 1) contributes nothing and gets no gradient without smoothing
+    # the near-certain row (1 - p_y = e^-100) contributes only its exact, tiny gradient
+    # without smoothing: (1 - p_y)^1.5 ~ e^-150, derivatives of order e^-150
     if label_smoothing == 0:
-        np.testing.assert_array_equal(to_numpy(grad)[0], 0.0)
+        assert np.all(np.abs(to_numpy(grad)[0]) <= 1e-60)
     xt = torch.tensor(x, requires_grad=True)
     ce.sparse_categorical_cross_entropy(xt, torch.tensor(y), **options).backward()
     assert torch.isfinite(xt.grad).all()
-    np.testing.assert_allclose(xt.grad.numpy(), to_numpy(grad), rtol=1e-10, atol=1e-300)
+    # torch.logsumexp rounds log(1 + e^-100) to 0 where crossent's keeps it: |diff| ~ e^-150
+    np.testing.assert_allclose(xt.grad.numpy(), to_numpy(grad), rtol=1e-10, atol=1e-60)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from crossent._lib._checks import values_checked
-from crossent._lib._xp import output_dtype, torch_tracing
+from crossent._lib._xp import array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions
 
@@ -130,7 +130,6 @@ def _mean_of(
 def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int | None) -> None:
     """Turn PyTorch's bound-check error into crossent's message (re-raise it otherwise)."""
     from crossent._lib._checks import check_label_range
-    from crossent._lib._xp import array_namespace
 
     with torch.no_grad():
         check_label_range(t, num_classes, ignore_index=ignore_index, xp=array_namespace(t))
@@ -218,10 +217,10 @@ def _sparse_rows(
 ) -> Tensor:
     r"""crossent's own options: statistics by PyTorch kernels, loss by :func:`_rows.row_loss`.
 
-    ``logsumexp`` gives the statistics :math:`(m, s) = (L, 1)` in one fused
-    pass; the target logit is a gather and the weighted sum (smoothing only) a
-    product-sum. Everything is a differentiable PyTorch operation, so double
-    backward, ``torch.compile`` and ``torch.func`` see plain autograd.
+    The statistics are :func:`_rows.row_stats` (row max, sum of exponentials,
+    a gather for the target logit, the weighted sum for smoothing). Everything
+    is a differentiable PyTorch operation, so double backward,
+    ``torch.compile`` and ``torch.func`` see plain autograd.
     """
     xc = _compute(x)
     z = xc if axis == x.ndim - 1 else xc.movedim(axis, -1)
@@ -233,7 +232,6 @@ def _sparse_rows(
     t = index_target(target)
     if values_checked(t):
         from crossent._lib._checks import check_label_range
-        from crossent._lib._xp import array_namespace
 
         check_label_range(t, num_classes, ignore_index=opts.ignore_index, xp=array_namespace(t))
     w = None if weight is None else weight.to(z.dtype)
@@ -242,14 +240,8 @@ def _sparse_rows(
     else:
         valid = t != opts.ignore_index
         label = torch.where(valid, t, 0)
-    lse = torch.logsumexp(z, dim=-1)
-    z_y = z.gather(-1, label.unsqueeze(-1)).squeeze(-1)
-    if opts.label_smoothing:
-        wz = z.sum(-1) if w is None else torch.where(w == 0, 0.0, w * z).sum(-1)
-    else:
-        wz = torch.zeros_like(lse)
-    stats = _rows.RowStats(m=lse, s=torch.ones_like(lse), wz=wz, z_y=z_y)
-    w_y = torch.ones_like(lse) if w is None else w[label]
+    stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, xp=array_namespace(z))
+    w_y = torch.ones_like(stats.s) if w is None else w[label]
     total = float(num_classes) if w is None else w.sum()
     row = _rows.row_loss(stats, w_y, total, num_classes, opts, xp=torch)
     if valid is not None:

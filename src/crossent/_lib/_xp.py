@@ -263,9 +263,12 @@ def logsumexp(x: Array, *, axis: int, keepdims: bool = False, xp: Any) -> Array:
 
         return torch.logsumexp(x, dim=axis, keepdim=keepdims)
     m = xp.max(x, axis=axis, keepdims=True)
-    m_safe = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    finite_max = xp.isfinite(m)
+    m_safe = xp.where(finite_max, m, xp.zeros_like(m))
     is_max = x == m
-    e = xp.where(is_max, xp.zeros_like(x), xp.exp(x - m_safe))
+    # rows whose max is NaN or ±inf exponentiate nothing (exp(710 - 0) would overflow)
+    shifted = xp.where(finite_max, x - m_safe, xp.zeros_like(x))
+    e = xp.where(is_max, xp.zeros_like(x), xp.exp(shifted))
     n_max = xp.sum(xp.astype(is_max, x.dtype), axis=axis, keepdims=True)
     s = xp.sum(e, axis=axis, keepdims=True) + (n_max - 1)
     # A non-finite max decides the result on its own: -inf (all masked), +inf or NaN.

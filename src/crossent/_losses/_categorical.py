@@ -30,7 +30,7 @@ from crossent._lib._xp import (
     output_dtype,
     size,
 )
-from crossent._losses._common import reduce_loss
+from crossent._losses._common import reduce_loss, shift_logits
 from crossent._losses._logprob import (
     check_class_weight,
     class_terms,
@@ -46,6 +46,8 @@ __all__ = ["categorical_cross_entropy"]
 
 def _soft_loss(x: Array, c: Array, *, kind: str, gamma: float, reduction: str, xp: Any) -> Array:
     """Reduced loss (compute dtype), class axis last; "mean" divides by the number of rows."""
+    if kind == "logits":
+        x, _ = shift_logits(x, xp=xp)  # accurate log p for large logits
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
     row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)
@@ -67,6 +69,8 @@ def _soft_value_and_grad(
     Logits: :math:`g = s\,(H p - h)` with :math:`H = \sum_k h_k`;
     probabilities: :math:`g = s\, \partial\ell/\partial p`.
     """
+    if kind == "logits":
+        x, _ = shift_logits(x, xp=xp)  # accurate log p for large logits
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
     row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)

@@ -13,6 +13,7 @@ from crossent._lib._xp import (
     output_dtype,
 )
 from crossent._losses._categorical import _check_soft, _soft_loss, _soft_value_and_grad
+from crossent._losses._common import shift_logits
 from crossent._losses._sparse import _no_autograd
 
 __all__ = ["listnet_loss"]
@@ -30,6 +31,7 @@ def _prepare(
     cdt = compute_dtype(scores.dtype, xp=xp)
     s = xp.moveaxis(astype(scores, cdt, xp=xp), axis, -1)
     r = xp.moveaxis(astype(relevance, cdt, xp=xp), axis, -1)
+    r, _ = shift_logits(r, xp=xp)  # softmax(r) accurate for large grades
     q = xp.exp(r - logsumexp(r, axis=-1, keepdims=True, xp=xp))
     return s, q, reduction, axis
 

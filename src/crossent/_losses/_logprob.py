@@ -143,8 +143,12 @@ def _focal(terms: ClassTerms, gamma: float, *, xp: Any) -> Array | None:
 
 
 def term_value(c: Array, terms: ClassTerms, gamma: float, *, xp: Any) -> Array:
-    r"""The per-class loss :math:`c_k (1-p_k)^\gamma (-\log p_k)`, exactly 0 where ``c_k = 0``."""
-    nlp = xp.where(c == 0, xp.zeros_like(terms.nlp), terms.nlp)
+    r"""The per-class loss :math:`c_k (1-p_k)^\gamma (-\log p_k)`, exactly 0 where ``c_k = 0``.
+
+    Only ``0 · inf`` (a masked class with target 0) is replaced by 0; ``0 · NaN``
+    stays NaN, so NaN logits propagate also through a zero class weight.
+    """
+    nlp = xp.where((c == 0) & (terms.nlp == float("inf")), xp.zeros_like(terms.nlp), terms.nlp)
     f = _focal(terms, gamma, xp=xp)
     return c * nlp if f is None else c * f * nlp
 

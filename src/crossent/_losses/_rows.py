@@ -25,11 +25,17 @@ weights plus PaLM's z-loss is
 with :math:`L = \operatorname{lse}(z) = m + \log s`, :math:`m = \max_k z_k`,
 :math:`s = \sum_k e^{z_k - m}`. So the loss needs only the statistics
 
-.. math:: (m,\ s,\ \textstyle\sum_k w_k z_k,\ z_y),
+.. math:: (m,\ s,\ \textstyle\sum_k w_k (m - z_k),\ \sum_k w_k,\ z_y),
 
 and each of them merges over any split of the classes into slices:
 :math:`m = \max(m_a, m_b)`, :math:`s = s_a e^{m_a - m} + s_b e^{m_b - m}`,
-sums add, and :math:`z_y` is found in exactly one slice (the others hold 0).
+:math:`\sum w (m - z) = \sum_a w (m_a - z) + (m - m_a) \sum_a w + (\ldots)_b`,
+the weight sums add, and :math:`z_y` is found in exactly one slice (the
+others hold 0). The loss is read as
+:math:`\ell = (1-\varepsilon) w_y \bigl((m - z_y) + \log s\bigr)
++ \frac{\varepsilon}{C}\bigl(\sum_k w_k (m - z_k) + W \log s\bigr) + \lambda L^2`,
+so the large parts of the logits cancel before anything is rounded at their
+magnitude (float32 logits [1e4, 1e4] give log 2 to the last bit).
 :func:`combine` is associative (and commutative), so chunks, tiles and ranks
 merge alike, in any order and grouping.
 
@@ -78,8 +84,11 @@ class RowStats:
     """Running maximum of the logits seen (``-inf`` for none)."""
     s: Array
     r"""Sum of :math:`e^{z_k - m}` over the logits seen."""
-    wz: Array
-    r""":math:`\sum_k w_k z_k` over the logits seen (0 where :math:`w_k = 0`)."""
+    wd: Array
+    r""":math:`\sum_k w_k (m - z_k)` over the logits seen (0 where :math:`w_k = 0`): the
+    weighted sum of the logits measured from the row max, so that large logits lose nothing."""
+    wsum: Array | float
+    r""":math:`\sum_k w_k` over the classes seen (their count without weights)."""
     z_y: Array
     """The target logit if the label fell in this slice, else 0."""
 
@@ -110,18 +119,21 @@ def row_stats(
     m_safe = xp.where(finite, m, xp.zeros_like(m))
     s = xp.sum(xp.exp(z - xp.expand_dims(m_safe, axis=-1)), axis=-1)
     if with_wz:
+        d = xp.expand_dims(m_safe, axis=-1) - z
         if weight is None:
-            wz = xp.sum(z, axis=-1)
+            wd = xp.sum(d, axis=-1)
+            wsum: Array | float = float(num)
         else:
-            wz = xp.sum(xp.where(weight == 0, xp.zeros_like(z), weight * z), axis=-1)
+            wd = xp.sum(xp.where(weight == 0, xp.zeros_like(d), weight * d), axis=-1)
+            wsum = xp.sum(weight)
     else:
-        wz = xp.zeros_like(m)
+        wd, wsum = xp.zeros_like(m), 0.0
     local = label - offset
     inside = (local >= 0) & (local < num)
     idx = xp.where(inside, local, xp.zeros_like(local))
     z_y = xp.squeeze(take_along_axis(z, xp.expand_dims(idx, axis=-1), axis=-1, xp=xp), axis=-1)
     z_y = xp.where(inside, z_y, xp.zeros_like(z_y))
-    return RowStats(m=m, s=s, wz=wz, z_y=z_y)
+    return RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y)
 
 
 def combine(a: RowStats, b: RowStats, *, xp: Any) -> RowStats:
@@ -140,7 +152,13 @@ def combine(a: RowStats, b: RowStats, *, xp: Any) -> RowStats:
         return xp.where(empty, xp.zeros_like(st.s), st.s * xp.exp(shift))
 
     s = xp.where(finite, rescale(a) + rescale(b), a.s + b.s)
-    return RowStats(m=m, s=s, wz=a.wz + b.wz, z_y=a.z_y + b.z_y)
+
+    def moved(st: RowStats) -> Array:  # Σ w (m − z) measured from the merged max
+        m_st = xp.where(xp.isfinite(st.m), st.m, xp.zeros_like(st.m))
+        return st.wd + (m_safe - m_st) * st.wsum
+
+    wd = moved(a) + moved(b)
+    return RowStats(m=m, s=s, wd=wd, wsum=a.wsum + b.wsum, z_y=a.z_y + b.z_y)
 
 
 def lse(stats: RowStats, *, xp: Any) -> Array:
@@ -148,6 +166,18 @@ def lse(stats: RowStats, *, xp: Any) -> Array:
     finite = xp.isfinite(stats.m)
     m_safe = xp.where(finite, stats.m, xp.zeros_like(stats.m))
     return xp.where(finite, m_safe + xp.log(stats.s), stats.m)
+
+
+def _log_s(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
+    r""":math:`L - m = \log s` (:math:`L` itself where the max is not finite)."""
+    return xp.where(xp.isfinite(stats.m), xp.log(stats.s), big_l)
+
+
+def _nll_target(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
+    r""":math:`-\log p_y = (m - z_y) + \log s`: the large parts cancel exactly, first."""
+    finite = xp.isfinite(stats.m)
+    m_safe = xp.where(finite, stats.m, xp.zeros_like(stats.m))
+    return xp.where(finite, (m_safe - stats.z_y) + xp.log(stats.s), big_l - stats.z_y)
 
 
 def _focal(nll_y: Array, gamma: float, *, xp: Any) -> tuple[Array, Array]:
@@ -187,14 +217,14 @@ def row_loss(
     """
     big_l = lse(stats, xp=xp)
     eps, gamma = opts.label_smoothing, opts.gamma
-    nll_y = big_l - stats.z_y
+    nll_y = _nll_target(stats, big_l, xp=xp)
     if gamma != 0:
         f, _ = _focal(nll_y, gamma, xp=xp)
         row = w_y * f * nll_y
     else:
         row = (1 - eps) * w_y * nll_y if eps != 1 else xp.zeros_like(nll_y)
     if eps != 0:
-        row = row + (eps / num_classes) * (total_weight * big_l - stats.wz)
+        row = row + (eps / num_classes) * (stats.wd + total_weight * _log_s(stats, big_l, xp=xp))
     if opts.z_loss != 0:
         row = row + opts.z_loss * (big_l * big_l)
     return row
@@ -217,7 +247,7 @@ def grad_coefficients(
     big_l = lse(stats, xp=xp)
     eps, gamma = opts.label_smoothing, opts.gamma
     if gamma != 0:
-        nll_y = big_l - stats.z_y
+        nll_y = _nll_target(stats, big_l, xp=xp)
         f, q = _focal(nll_y, gamma, xp=xp)
         b = w_y * f * (1 + gamma * q)
         a = b

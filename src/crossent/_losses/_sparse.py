@@ -42,7 +42,7 @@ from crossent._lib._xp import (
     take_along_axis,
 )
 from crossent._losses import _rows
-from crossent._losses._common import reduce_loss
+from crossent._losses._common import reduce_loss, shift_logits
 from crossent._losses._logprob import (
     add_at_index,
     check_class_weight,
@@ -149,11 +149,14 @@ def _sparse_rows(
     label_smoothing: float,
     gamma: float,
     z_loss: float,
+    lse_shift: Array | None = None,
     xp: Any,
 ) -> tuple[Array, Array]:
     r"""Per-row loss and target weight w_y (0 where ignored); class axis last.
 
     loss = (1-ε) w_y f_y (-log p_y) + (ε/C) Σ_k w_k f_k (-log p_k) + z_loss · lse².
+    `z` may be shifted by its row max `lse_shift` (:func:`.shift_logits`),
+    `lse` being then that of the shifted logits; the z-loss adds it back.
     """
     eps = label_smoothing
     valid, label = _labels(target, ignore_index, xp=xp)
@@ -166,7 +169,8 @@ def _sparse_rows(
         terms = class_terms(z, lse_col, kind=kind, gamma=gamma, xp=xp)
         row = row + xp.sum(term_value(c_s, terms, gamma, xp=xp), axis=-1)
     if z_loss > 0:
-        row = row + z_loss * (lse * lse)
+        full = lse if lse_shift is None else lse + lse_shift
+        row = row + z_loss * (full * full)
     row = propagate_nan(row, z, kind=kind, xp=xp)
     return xp.where(valid, row, xp.zeros_like(row)), w_y
 
@@ -183,6 +187,7 @@ def _sparse_rows_grad(
     label_smoothing: float,
     gamma: float,
     z_loss: float,
+    lse_shift: Array | None = None,
     xp: Any,
 ) -> Array:
     r"""Closed-form d(Σ_i scale_i · loss_i)/dz, class axis last (see :mod:`._logprob`).
@@ -196,6 +201,7 @@ def _sparse_rows_grad(
     s = xp.where(valid, scale, xp.zeros_like(scale))
     s_col = xp.expand_dims(s, axis=-1)
     if kind == "logits":
+        full = lse if lse_shift is None else lse + lse_shift
         lse = xp.where(valid, lse, xp.full_like(lse, float("inf")))
     lse_col = None if lse is None else xp.expand_dims(lse, axis=-1)
     terms_y = class_terms(_gather(z, label, xp=xp), lse, kind=kind, gamma=gamma, xp=xp)
@@ -216,7 +222,7 @@ def _sparse_rows_grad(
         else:
             total = total + xp.sum(h_dense, axis=-1)
     if z_loss > 0:
-        total = total + (2 * z_loss) * xp.where(valid, lse, xp.zeros_like(lse))
+        total = total + (2 * z_loss) * xp.where(valid, full, xp.zeros_like(full))
     g = xp.expand_dims(total * s, axis=-1) * xp.exp(z - lse_col)
     if h_dense is not None:
         g = g - s_col * h_dense
@@ -425,18 +431,21 @@ def _rows_options(opts: CEOptions) -> dict[str, Any]:
 
 def _prepare(
     input: Array, *, axis: int, weight: Array | None, opts: CEOptions, xp: Any
-) -> tuple[Array, Array, Array | None, Array | None]:
-    """(x, z, lse, w): input in the compute dtype with classes last, capped logits, lse, weight.
+) -> tuple[Array, Array, Array | None, Array | None, Array | None]:
+    """(x, z, lse, w, m): input in the compute dtype with classes last, capped logits, lse, weight.
 
-    ``lse`` is computed only for the class-by-class formula (the row statistics carry their own).
+    ``lse`` is computed only for the class-by-class formula (the row statistics
+    carry their own); there `z` is shifted by its row max `m`
+    (:func:`.shift_logits`), so that log p = (z - m) - lse(z - m) stays accurate.
     """
     cdt = compute_dtype(input.dtype, xp=xp)
     w = None if weight is None else astype(weight, cdt, xp=xp)
     x = xp.moveaxis(astype(input, cdt, xp=xp), axis, -1)
     z = softcap_logits(x, opts.softcap, xp=xp)
-    by_class = opts.kind == "logits" and not _rows.applies(opts)
-    lse = logsumexp(z, axis=-1, xp=xp) if by_class else None
-    return x, z, lse, w
+    if opts.kind != "logits" or _rows.applies(opts):
+        return x, z, None, w, None
+    z, m = shift_logits(z, xp=xp)
+    return x, z, logsumexp(z, axis=-1, xp=xp), w, m
 
 
 def _statistics(
@@ -455,12 +464,19 @@ _Statistics = tuple[_rows.RowStats, Array, Array, Array | float]
 
 
 def _row_losses(
-    z: Array, target: Array, lse: Array | None, w: Array | None, opts: CEOptions, *, xp: Any
+    z: Array,
+    target: Array,
+    lse: Array | None,
+    w: Array | None,
+    opts: CEOptions,
+    shift: Array | None,
+    *,
+    xp: Any,
 ) -> tuple[Array, Array, _Statistics | None]:
     """Per-row loss (0 where ignored), target weight w_y, and the statistics (for the gradient)."""
     if not _rows.applies(opts):
         row, w_y = _sparse_rows(
-            z, target, lse, kind=opts.kind, weight=w, **_rows_options(opts), xp=xp
+            z, target, lse, kind=opts.kind, weight=w, **_rows_options(opts), lse_shift=shift, xp=xp
         )
         return row, w_y, None
     statistics = _statistics(z, target, w, opts, xp=xp)
@@ -477,14 +493,16 @@ def _row_grads(
     scale: Array,
     opts: CEOptions,
     statistics: _Statistics | None,
+    shift: Array | None,
     *,
     xp: Any,
 ) -> Array:
     r""":math:`\partial(\sum_i s_i \ell_i)/\partial z = s\,(a p - b[k=y] - e w)` in closed form."""
     if statistics is None:
         return _sparse_rows_grad(
-            z, target, lse, scale, kind=opts.kind, weight=w, **_rows_options(opts), xp=xp
-        )
+            z, target, lse, scale, kind=opts.kind, weight=w, **_rows_options(opts),
+            lse_shift=shift, xp=xp,
+        )  # fmt: skip
     stats, valid, w_y, total = statistics
     a, b, e = _rows.grad_coefficients(stats, w_y, total, z.shape[-1], opts, xp=xp)
     s = xp.where(valid, scale, xp.zeros_like(scale))
@@ -501,8 +519,8 @@ def _forward(
     input: Array, target: Array, *, weight: Array | None, axis: int, opts: CEOptions, xp: Any
 ) -> Array:
     """The generic (autodiff-friendly) path on any backend."""
-    _, z, lse, w = _prepare(input, axis=axis, weight=weight, opts=opts, xp=xp)
-    row, w_y, _ = _row_losses(z, target, lse, w, opts, xp=xp)
+    _, z, lse, w, m = _prepare(input, axis=axis, weight=weight, opts=opts, xp=xp)
+    row, w_y, _ = _row_losses(z, target, lse, w, opts, m, xp=xp)
     loss = reduce_loss(row, opts.reduction, denominator=xp.sum(w_y), xp=xp)
     return astype(loss, output_dtype(input, xp=xp), xp=xp)
 
@@ -536,12 +554,12 @@ def _sparse_value_and_grad(
         xp = array_namespace(input=input, target=target, weight=weight)
     axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
     with _no_autograd(xp):
-        x, z, lse, w = _prepare(input, axis=axis_, weight=weight, opts=opts, xp=xp)
-        row, w_y, statistics = _row_losses(z, target, lse, w, opts, xp=xp)
+        x, z, lse, w, m = _prepare(input, axis=axis_, weight=weight, opts=opts, xp=xp)
+        row, w_y, statistics = _row_losses(z, target, lse, w, opts, m, xp=xp)
         denominator = xp.sum(w_y)
         loss = reduce_loss(row, opts.reduction, denominator=denominator, xp=xp)
         scale = _row_scale(grad_output, opts.reduction, denominator, tuple(row.shape), xp=xp)
-        g = _row_grads(z, target, lse, w, scale, opts, statistics, xp=xp)
+        g = _row_grads(z, target, lse, w, scale, opts, statistics, m, xp=xp)
         g = softcap_backward(x, opts.softcap, g, xp=xp)
         grad = xp.moveaxis(g, -1, axis_)
     return astype(loss, input.dtype, xp=xp), astype(grad, input.dtype, xp=xp)

@@ -1,0 +1,440 @@
+"""A bounded fuzz of the public API: random shapes, dtypes, options and extreme values.
+
+Every generated call must give either the float64 reference's value (to the
+dtype's rounding) or a clear error: a ``ValueError``/``TypeError`` whose
+message names the offending argument in backticks. Any other exception, a
+wrong number, or a missing error fails. Values include ±1e4, ±inf, NaN,
+exact 0 and 1 and subnormals; the profile is fixed (derandomized, bounded
+``max_examples``) so the suite runs in seconds in CI.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import crossent as ce
+from tests._reference import binary as ref_binary
+from tests._reference import categorical as ref_cat
+from tests._reference import info as ref_info
+
+torch = pytest.importorskip("torch")
+
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+INF = math.inf
+SPECIAL_LOGITS = [0.0, 1.0, -1.0, 1e4, -1e4, 5e-324, -5e-324, 1e-310, 2.2250738585072014e-308]
+LOSSES = ("sparse", "categorical", "binary", "listnet", "info_ce", "info_kl", "info_entropy")
+BACKENDS = ("numpy", "torch", "array_api_strict")
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Call:
+    """One generated call: the loss, NumPy float64/int data, options, backend and dtype."""
+
+    loss: str
+    x: np.ndarray
+    t: np.ndarray
+    options: dict[str, Any] = field(default_factory=dict)
+    backend: str = "numpy"
+    dtype: str = "float64"
+    grad: bool = False
+
+    def convert(self, a: Any, *, floating: bool = True) -> Any:
+        if not isinstance(a, np.ndarray):
+            return a
+        if self.backend == "torch":
+            out = torch.as_tensor(a)
+            return out.to(getattr(torch, self.dtype)) if floating else out
+        if self.backend == "array_api_strict":
+            xp = pytest.importorskip("array_api_strict")
+            out = xp.asarray(a)
+            return xp.astype(out, getattr(xp, self.dtype)) if floating else out
+        return a.astype(self.dtype) if floating else a
+
+    def rounded(self, a: np.ndarray) -> np.ndarray:
+        """`a` as the backend sees it, back in float64 (the reference's input)."""
+        return np.asarray(a, dtype=self.dtype).astype(np.float64)
+
+
+def _function(loss: str) -> Callable[..., Any]:
+    return {
+        "sparse": ce.sparse_categorical_cross_entropy,
+        "categorical": ce.categorical_cross_entropy,
+        "binary": ce.binary_cross_entropy,
+        "listnet": ce.listnet_loss,
+        "info_ce": ce.info.cross_entropy,
+        "info_kl": ce.info.kl_divergence,
+        "info_entropy": lambda p, _q, **o: ce.info.entropy(p, **o),
+    }[loss]
+
+
+def _reference(call: Call) -> np.ndarray:
+    x = call.rounded(call.x)
+    o = dict(call.options)
+    with np.errstate(all="ignore"):
+        if call.loss == "sparse":
+            return ref_cat.sparse_ce(x, call.t, **o)
+        if call.loss == "categorical":
+            return ref_cat.categorical_ce(x, call.rounded(call.t), **o)
+        if call.loss == "binary":
+            return ref_binary.binary_cross_entropy(x, call.rounded(call.t), **o)
+        if call.loss == "listnet":
+            return ref_cat.listnet(x, call.rounded(call.t), **o)
+        if call.loss == "info_ce":
+            return ref_info.cross_entropy(x, call.rounded(call.t), **o)
+        if call.loss == "info_kl":
+            return ref_info.kl_divergence(x, call.rounded(call.t), **o)
+        return ref_info.entropy(x, **o)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def _logit() -> st.SearchStrategy[float]:
+    return st.one_of(
+        st.floats(-1e4, 1e4, allow_nan=False, allow_subnormal=True),
+        st.sampled_from(SPECIAL_LOGITS),
+    )
+
+
+@st.composite
+def valid_calls(draw: st.DrawFn) -> Call:
+    """Inputs that are valid by construction (masked -inf logits and exact 0/1 included)."""
+    loss = draw(st.sampled_from(LOSSES))
+    n = draw(st.integers(0, 4))
+    c = draw(st.integers(1, 5))
+    backend = draw(st.sampled_from(BACKENDS))
+    dtype = draw(st.sampled_from(["float64", "float32"]))
+    z = np.array(draw(st.lists(_logit(), min_size=n * c, max_size=n * c))).reshape(n, c)
+    options: dict[str, Any] = {}
+    from_logits = draw(st.booleans())
+    if loss in ("sparse", "categorical", "binary", "listnet"):
+        options["reduction"] = draw(st.sampled_from(["mean", "sum", "none"]))
+    if loss in ("sparse", "categorical", "binary"):
+        options["from_logits"] = from_logits
+        options["label_smoothing"] = draw(st.sampled_from([0.0, 0.1, 1.0]))
+        options["gamma"] = draw(st.sampled_from([0.0, 0.5, 2.0]))
+    if from_logits and loss in ("sparse", "categorical") and c > 1 and n > 0:
+        mask = np.array(draw(st.lists(st.booleans(), min_size=n * c, max_size=n * c)))
+        z = np.where(mask.reshape(n, c) & (np.arange(c) > 0), -INF, z)  # class 0 stays finite
+    x = z
+    if loss in ("sparse", "categorical") and not from_logits:
+        x = _softmax(z)
+        if draw(st.booleans()) and n > 0:  # exact one-hot rows: probabilities 0 and 1
+            x[0] = np.eye(c)[draw(st.integers(0, c - 1))]
+        x = x.astype(dtype).astype(np.float64)
+    if loss == "binary" and not from_logits:
+        x = 1 / (1 + np.exp(-np.clip(z, -700, 700)))
+        x = np.where(z == 1e4, 1.0, np.where(z == -1e4, 0.0, x))
+    if loss.startswith("info"):
+        x = _softmax(z)
+    if dtype == "float32" and not from_logits and loss in ("sparse", "categorical", "binary"):
+        # 1/p overflows float32 below 2.9e-39: the gradient there is ±inf (documented)
+        x = np.where(x < np.finfo(np.float32).tiny, 0.0, x)
+    weight = None
+    if loss in ("sparse", "categorical") and draw(st.booleans()):
+        weight = np.array(
+            draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0]), min_size=c, max_size=c))
+        )
+        options["weight"] = weight
+    if loss == "sparse":
+        t = np.array(draw(st.lists(st.integers(0, c - 1), min_size=n, max_size=n)), dtype=np.int64)
+        if draw(st.booleans()):
+            options["ignore_index"] = -100
+            if n > 0 and draw(st.booleans()):
+                t[0] = -100
+        if from_logits:
+            options["z_loss"] = draw(st.sampled_from([0.0, 1e-4]))
+            options["softcap"] = draw(st.sampled_from([None, 30.0]))
+    elif loss == "binary":
+        t = np.array(
+            draw(st.lists(st.sampled_from([0.0, 1.0, 0.3]), min_size=n * c, max_size=n * c))
+        )
+        t = t.reshape(n, c)
+    elif loss == "listnet":
+        t = np.array(draw(st.lists(_logit(), min_size=n * c, max_size=n * c))).reshape(n, c)
+    else:  # categorical and info: a distribution per row (one-hot or soft)
+        t = _softmax(
+            np.array(draw(st.lists(_logit(), min_size=n * c, max_size=n * c))).reshape(n, c)
+        )
+    if loss in ("categorical", "binary", "listnet") or loss.startswith("info"):
+        t = t.astype(dtype).astype(np.float64)
+    if loss.startswith("info"):
+        options["base"] = draw(st.sampled_from([None, 2.0]))
+    grad = loss in ("sparse", "categorical", "binary", "listnet") and draw(st.booleans())
+    return Call(loss, x, t, options, backend, dtype, grad)
+
+
+def _converted(call: Call) -> tuple[Any, Any, dict[str, Any]]:
+    x = call.convert(call.x)
+    t = call.convert(call.t, floating=call.loss != "sparse")
+    options = {k: call.convert(v) for k, v in call.options.items()}
+    return x, t, options
+
+
+def _to_float64(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):
+        return a.detach().cpu().double().numpy()
+    if type(a).__module__.startswith("array_api_strict"):
+        return np.asarray(a._array, dtype=np.float64)
+    return np.asarray(a, dtype=np.float64)
+
+
+def _tolerance(call: Call) -> tuple[float, float]:
+    """Relative to the result: every loss is a sum of non-negative terms, so no cancellation."""
+    eps = float(np.finfo(call.dtype).eps)
+    count = max(call.x.size, 1)
+    return 64 * eps, 64 * eps * count
+
+
+# --------------------------------------------------------------------------- valid inputs
+
+
+@FUZZ
+@given(call=valid_calls())
+def test_valid_inputs_match_the_float64_reference(call: Call) -> None:
+    x, t, options = _converted(call)
+    fn = _function(call.loss)
+    got = _to_float64(fn(x, t, **options))
+    want = np.asarray(_reference(call), dtype=np.float64)
+    rtol, atol = _tolerance(call)
+    assert got.shape == want.shape, call
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, equal_nan=True, err_msg=str(call))
+    if call.grad:
+        value, g = ce.value_and_grad(fn, x, t, **options)
+        np.testing.assert_allclose(_to_float64(value), got, rtol=rtol, atol=atol, equal_nan=True)
+        assert tuple(g.shape) == tuple(x.shape)
+        finite_rows = np.isfinite(want).all() and np.isfinite(call.rounded(call.x)).all()
+        if finite_rows and call.loss != "sparse":
+            assert np.isfinite(_to_float64(g)).all(), call
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+# Each corruption: (name, losses it applies to, argument the error must name, mutate(call))
+Mutation = Callable[[Call, Any], Call | tuple[Any, Any, dict[str, Any]]]
+
+
+def _set(**options: Any) -> Mutation:
+    def mutate(call: Call, _draw: Any) -> Call:
+        call.options.update(options)
+        return call
+
+    return mutate
+
+
+def _bad_label(call: Call, draw: Any) -> Call:
+    c = call.x.shape[-1]
+    call.t = call.t.copy()
+    call.t[0] = draw(st.sampled_from([c, c + 5, -1, -7]))
+    call.options.pop("ignore_index", None)
+    return call
+
+
+def _prob_outside(call: Call, draw: Any) -> Call:
+    call.x = call.x.copy()
+    call.x.flat[0] = draw(st.sampled_from([1.5, -0.25, INF, -INF]))
+    return call
+
+
+def _row_off(call: Call, draw: Any) -> Call:
+    call.x = call.x * draw(st.sampled_from([0.5, 0.9, 1.1]))
+    return call
+
+
+def _target_outside(call: Call, draw: Any) -> Call:
+    call.t = call.t.copy()
+    call.t.flat[0] = draw(st.sampled_from([1.5, -0.5, INF]))
+    return call
+
+
+def _as_list(which: str) -> Mutation:
+    def mutate(call: Call, _draw: Any) -> tuple[Any, Any, dict[str, Any]]:
+        x, t, options = _converted(call)
+        if which == "input":
+            return call.x.tolist(), t, options
+        return x, call.t.tolist(), options
+
+    return mutate
+
+
+def _mixed(call: Call, _draw: Any) -> tuple[Any, Any, dict[str, Any]]:
+    call.backend = "torch"
+    x, _, options = _converted(call)
+    return x, call.t, options
+
+
+def _int_input(call: Call, _draw: Any) -> tuple[Any, Any, dict[str, Any]]:
+    _, t, options = _converted(call)
+    return (
+        call.convert(np.nan_to_num(call.x, posinf=9, neginf=-9).astype(np.int64), floating=False),
+        t,
+        options,
+    )
+
+
+def _float_labels(call: Call, _draw: Any) -> tuple[Any, Any, dict[str, Any]]:
+    x, _, options = _converted(call)
+    return x, call.convert(call.t.astype(np.float64)), options
+
+
+def _labels_n1(call: Call, _draw: Any) -> Call:
+    call.t = call.t[:, None]
+    return call
+
+
+def _int_target(call: Call, _draw: Any) -> tuple[Any, Any, dict[str, Any]]:
+    x, _, options = _converted(call)
+    return (
+        x,
+        call.convert(
+            np.round(np.nan_to_num(call.t, posinf=9, neginf=-9)).astype(np.int64), floating=False
+        ),
+        options,
+    )
+
+
+def _wrong_shape(call: Call, _draw: Any) -> Call:
+    call.t = np.concatenate([call.t, call.t[:1]], axis=0)
+    return call
+
+
+def _weight(kind: str) -> Mutation:
+    def mutate(call: Call, _draw: Any) -> tuple[Any, Any, dict[str, Any]] | Call:
+        c = call.x.shape[-1]
+        if kind == "negative":
+            call.options["weight"] = np.full(c, -0.5)
+        elif kind == "length":
+            call.options["weight"] = np.ones(c + 1)
+        else:
+            x, t, options = _converted(call)
+            options["weight"] = call.convert(np.ones(c, dtype=np.int64), floating=False)
+            return x, t, options
+        return call
+
+    return mutate
+
+
+SPARSE_CAT = ("sparse", "categorical")
+PROB_LOSSES = ("sparse", "categorical", "binary")
+ALL_LOSSES = ("sparse", "categorical", "binary", "listnet")
+PAIRS = (*ALL_LOSSES, "info_ce", "info_kl")
+CORRUPTIONS: list[tuple[str, tuple[str, ...], str, Mutation]] = [
+    ("reduction", ALL_LOSSES, "reduction", _set(reduction="avg")),
+    ("smoothing-range", PROB_LOSSES, "label_smoothing", _set(label_smoothing=1.5)),
+    ("smoothing-nan", PROB_LOSSES, "label_smoothing", _set(label_smoothing=math.nan)),
+    ("smoothing-type", PROB_LOSSES, "label_smoothing", _set(label_smoothing="0.1")),
+    ("gamma", PROB_LOSSES, "gamma", _set(gamma=-1.0)),
+    ("gamma-inf", PROB_LOSSES, "gamma", _set(gamma=INF)),
+    ("from_logits", PROB_LOSSES, "from_logits", _set(from_logits="yes")),
+    ("axis-range", (*SPARSE_CAT, "listnet"), "axis", _set(axis=5)),
+    ("axis-type", (*SPARSE_CAT, "listnet"), "axis", _set(axis=1.0)),
+    ("z_loss-probs", ("sparse",), "z_loss", _set(from_logits=False, z_loss=0.1, softcap=None)),
+    ("softcap", ("sparse",), "softcap", _set(from_logits=True, softcap=-1.0)),
+    ("label-range", ("sparse",), "target", _bad_label),
+    ("labels-float", ("sparse",), "target", _float_labels),
+    ("labels-n1", ("sparse",), "target", _labels_n1),
+    ("prob-outside", PROB_LOSSES, "input", _prob_outside),
+    ("row-sum", SPARSE_CAT, "input", _row_off),
+    ("target-outside", ("categorical", "binary"), "target", _target_outside),
+    ("target-int", ("categorical", "binary"), "target", _int_target),
+    ("shape", ("categorical", "binary", "listnet"), "target", _wrong_shape),
+    ("input-list", (*PAIRS, "info_entropy"), "input", _as_list("input")),
+    ("target-list", PAIRS, "target", _as_list("target")),
+    ("mixed-libraries", PAIRS, "target", _mixed),
+    ("input-int", (*PAIRS, "info_entropy"), "input", _int_input),
+    ("info-axis", ("info_ce", "info_kl", "info_entropy"), "axis", _set(axis=3)),
+    ("info-base", ("info_ce", "info_kl", "info_entropy"), "base", _set(base=1.0)),
+    ("weight-negative", SPARSE_CAT, "weight", _weight("negative")),
+    ("weight-length", SPARSE_CAT, "weight", _weight("length")),
+    ("weight-int", SPARSE_CAT, "weight", _weight("int")),
+]
+NAMES = {
+    "listnet": {"input": "scores", "target": "relevance"},
+    "info_ce": {"input": "p", "target": "q"},
+    "info_kl": {"input": "p", "target": "q"},
+    "info_entropy": {"input": "p"},
+}
+
+
+@st.composite
+def bad_calls(draw: st.DrawFn) -> tuple[str, Any, Any, Any, dict[str, Any], str]:
+    name, losses, argument, mutate = draw(st.sampled_from(CORRUPTIONS))
+    call = draw(valid_calls().filter(lambda c: c.loss in losses and c.x.shape[0] > 0))
+    if name in ("prob-outside", "row-sum") or name == "z_loss-probs":
+        call.options["from_logits"] = False
+        call.options.pop("z_loss", None)
+        call.options.pop("softcap", None)
+        if call.loss in SPARSE_CAT:
+            call.x = _softmax(call.x if np.isfinite(call.x).any() else np.zeros_like(call.x))
+        elif call.loss == "binary":
+            call.x = np.full_like(call.x, 0.5)
+    if name == "row-sum":
+        call.x = call.x.astype(np.float64)
+        call.dtype = "float64"
+    if name == "labels-n1" and call.backend == "array_api_strict":
+        call.backend = "numpy"
+    mutated = mutate(call, draw)
+    x, t, options = _converted(mutated) if isinstance(mutated, Call) else mutated
+    argument = NAMES.get(call.loss, {}).get(argument, argument)
+    return name, _function(call.loss), x, t, options, argument
+
+
+@FUZZ
+@given(case=bad_calls())
+def test_bad_inputs_raise_a_clear_error_naming_the_argument(
+    case: tuple[str, Any, Any, Any, dict[str, Any], str],
+) -> None:
+    name, fn, x, t, options, argument = case
+    with pytest.raises((ValueError, TypeError)) as info:
+        fn(x, t, **options)
+    message = str(info.value)
+    assert f"`{argument}`" in message, (name, message)
+    assert not isinstance(info.value, IndexError | KeyError | AttributeError), (name, message)
+
+
+# --------------------------------------------------------------------------- NaN propagates
+
+
+@FUZZ
+@given(call=valid_calls().filter(lambda c: c.x.size > 0), data=st.data())
+def test_nan_in_the_input_propagates(call: Call, data: st.DataObject) -> None:
+    """A NaN in a used entry of the input gives NaN, never an error or a finite number."""
+    index = data.draw(st.integers(0, call.x.size - 1))
+    call.x = call.x.copy()
+    call.x.flat[index] = math.nan
+    if call.loss == "sparse":
+        row = index // call.x.shape[-1]
+        if call.options.get("ignore_index") is not None and call.t[row] == -100:
+            call.t = call.t.copy()
+            call.t[row] = 0
+    x, t, options = _converted(call)
+    if "reduction" in options:
+        options["reduction"] = "none"
+    got = _to_float64(_function(call.loss)(x, t, **options))
+    flat_row = index // call.x.shape[-1]
+    value = got.reshape(-1)[flat_row] if call.loss != "binary" else got.reshape(-1)[index]
+    assert math.isnan(value), (call, got)

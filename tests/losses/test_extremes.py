@@ -1,0 +1,77 @@
+"""Extreme inputs found by the API fuzz: large logits, NaN through zero weights and NaN rows."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+
+import crossent as ce
+from tests.conftest import to_numpy, to_xp
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("magnitude", [1024.0, 1e4, 3e4])
+def test_float32_logits_of_large_magnitude_give_accurate_losses(xp: Any, magnitude: float) -> None:
+    """log p = (z - m) - lse(z - m): lse(z) rounded at 1e4 turned log 2 into 0.69336."""
+    conv = to_xp(xp)
+    z = conv(np.array([[magnitude, magnitude]], dtype=np.float32))
+    log2 = math.log(2.0)
+    sparse = ce.sparse_categorical_cross_entropy(z, conv(np.array([0])), from_logits=True)
+    onehot = conv(np.array([[1.0, 0.0]], dtype=np.float32))
+    categorical = ce.categorical_cross_entropy(z, onehot, from_logits=True)
+    listnet = ce.listnet_loss(conv(np.zeros((1, 2), dtype=np.float32)), z)
+    for got in (sparse, categorical, listnet):
+        assert abs(float(to_numpy(got)) - log2) <= 4 * np.finfo(np.float32).eps
+
+
+def test_float32_large_logits_gradient_matches_torch() -> None:
+    x = torch.tensor([[1e4, 1e4 + 1.0, 1e4 - 3.0]], requires_grad=True)
+    y = torch.tensor([0])
+    ce.sparse_categorical_cross_entropy(x, y, from_logits=True).backward()
+    ref = x.detach().double().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(ref, y).backward()
+    assert x.grad is not None
+    assert ref.grad is not None
+    torch.testing.assert_close(x.grad.double(), ref.grad, rtol=4e-7, atol=4e-7)
+    _, closed = ce.value_and_grad(
+        "sparse_categorical_cross_entropy", x.detach().numpy(), y.numpy(), from_logits=True
+    )
+    np.testing.assert_allclose(closed, ref.grad.numpy(), rtol=4e-7, atol=4e-7)
+
+
+def test_z_loss_still_uses_the_unshifted_lse() -> None:
+    x = torch.tensor([[1e3, 1e3 + 1.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1])
+    got = ce.sparse_categorical_cross_entropy(x, y, from_logits=True, z_loss=1e-4)
+    want = torch.nn.functional.cross_entropy(x, y) + 1e-4 * torch.logsumexp(x, dim=1)[0] ** 2
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0.0)
+
+
+def test_nan_logits_propagate_through_a_zero_class_weight() -> None:
+    """As in torch: 0 · NaN is NaN; only 0 · inf (a masked class) is 0."""
+    x = np.array([[np.nan, 1.0], [0.5, -np.inf]])
+    w = np.array([0.0, 1.0])
+    got = ce.sparse_categorical_cross_entropy(
+        x, np.array([0, 0]), from_logits=True, weight=w, reduction="none"
+    )
+    want = torch.nn.functional.cross_entropy(
+        torch.tensor(x), torch.tensor([0, 0]), weight=torch.tensor(w), reduction="none"
+    )
+    assert np.isnan(got[0])
+    assert torch.isnan(want[0])
+    assert got[1] == 0.0
+
+
+def test_nan_row_with_large_logits_warns_about_nothing() -> None:
+    """logsumexp of a row whose max is NaN exponentiated the other entries unshifted."""
+    x = np.array([[np.nan, 710.0], [0.0, 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ce.listnet_loss(x, np.zeros((2, 2)), reduction="none")
+    assert np.isnan(got[0])
+    assert np.isfinite(got[1])
