@@ -73,7 +73,16 @@ from typing import Any
 from crossent._lib._xp import Array, stop_gradient, take_along_axis
 from crossent._losses._options import CEOptions
 
-__all__ = ["RowStats", "applies", "combine", "grad_coefficients", "row_loss", "row_stats"]
+__all__ = [
+    "RowStats",
+    "applies",
+    "combine",
+    "grad_coefficients",
+    "log_s",
+    "lse",
+    "row_loss",
+    "row_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -168,7 +177,7 @@ def lse(stats: RowStats, *, xp: Any) -> Array:
     return xp.where(finite, m_safe + xp.log(stats.s), stats.m)
 
 
-def _log_s(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
+def log_s(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
     r""":math:`L - m = \log s` (:math:`L` itself where the max is not finite)."""
     return xp.where(xp.isfinite(stats.m), xp.log(stats.s), big_l)
 
@@ -224,7 +233,7 @@ def row_loss(
     else:
         row = (1 - eps) * w_y * nll_y if eps != 1 else xp.zeros_like(nll_y)
     if eps != 0:
-        row = row + (eps / num_classes) * (stats.wd + total_weight * _log_s(stats, big_l, xp=xp))
+        row = row + (eps / num_classes) * (stats.wd + total_weight * log_s(stats, big_l, xp=xp))
     if opts.z_loss != 0:
         row = row + opts.z_loss * (big_l * big_l)
     return row

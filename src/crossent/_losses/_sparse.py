@@ -506,8 +506,12 @@ def _row_grads(
     stats, valid, w_y, total = statistics
     a, b, e = _rows.grad_coefficients(stats, w_y, total, z.shape[-1], opts, xp=xp)
     s = xp.where(valid, scale, xp.zeros_like(scale))
-    big_l = xp.where(valid, _rows.lse(stats, xp=xp), xp.full_like(s, float("inf")))
-    g = xp.expand_dims(a * s, axis=-1) * xp.exp(z - xp.expand_dims(big_l, axis=-1))
+    # p = exp((z - m) - log s): the large parts cancel first (ignored rows: p = 0)
+    m_safe = xp.where(xp.isfinite(stats.m), stats.m, xp.zeros_like(stats.m))
+    log_s = _rows.log_s(stats, _rows.lse(stats, xp=xp), xp=xp)
+    shift = xp.where(valid, log_s, xp.full_like(s, float("inf")))
+    z_m = z - xp.expand_dims(m_safe, axis=-1)
+    g = xp.expand_dims(a * s, axis=-1) * xp.exp(z_m - xp.expand_dims(shift, axis=-1))
     if e != 0:
         w_row = xp.ones_like(z[..., :1]) if w is None else w
         g = g - (e * xp.expand_dims(s, axis=-1)) * w_row
