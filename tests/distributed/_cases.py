@@ -28,6 +28,7 @@ class Case:
     masked: bool = False  # some non-target logits are -inf
     hidden: int = 5  # hidden size of the fused cases
     bias: bool = False  # fused cases: a bias vector
+    hidden_dtype: str | None = None  # fused cases: hidden in another dtype than the weight
     seed: int = 0
 
 
@@ -67,13 +68,16 @@ def problem(case: Case) -> dict[str, Any]:
     class_weight = torch.rand(case.vocab, generator=g, dtype=torch.float64) + 0.25
     bias = torch.randn(case.vocab, generator=g, dtype=torch.float64)
     reduction = case.options.get("reduction", "mean")
+    out_shape = case.batch
+    if case.options.get("shift"):
+        out_shape = (*case.batch[:-1], case.batch[-1] - 1)
     upstream = torch.randn(
-        case.batch if reduction == "none" else (), generator=g, dtype=torch.float64
+        out_shape if reduction == "none" else (), generator=g, dtype=torch.float64
     )
     dtype = DTYPES[case.dtype]
     return {
         "logits": logits.to(dtype),
-        "hidden": hidden.to(dtype),
+        "hidden": hidden.to(DTYPES[case.hidden_dtype or case.dtype]),
         "matrix": matrix.to(dtype),
         "target": target,
         "class_weight": class_weight.to(dtype) if case.weight else None,
@@ -151,6 +155,19 @@ LINEAR_CASES = [
         dtype="float64",
         bias=True,
         weight="global",
+    ),
+    Case(
+        "linear_shift_none_bias",
+        {"reduction": "none", "shift": True, "chunk_size": 3},
+        batch=(2, 5),
+        bias=True,
+    ),
+    Case("linear_shift_mean_skewed", {"shift": True}, batch=(3, 4), split="skewed"),
+    Case(
+        "linear_bfloat16_hidden_float32_weight",
+        {"label_smoothing": 0.1, "chunk_size": 4},
+        bias=True,
+        hidden_dtype="bfloat16",
     ),
     Case(
         "linear_bfloat16_sum_bias",

@@ -19,8 +19,16 @@ from crossent._lib._checks import check_integer_labels, check_nonnegative
 from crossent._lib._xp import array_namespace
 from crossent.distributed._comm import row_reducers
 from crossent.distributed._vocab_parallel import setup
-from crossent.fused import _check_devices, _check_float, _check_options, _check_tensor
 from crossent.fused._function import LinearCEOptions, VocabShard, run_linear_ce
+from crossent.fused._inputs import (
+    _check_devices,
+    _check_float,
+    _check_options,
+    _check_tensor,
+    check_shift,
+    shift_target,
+    unshift,
+)
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
@@ -34,7 +42,7 @@ def _check_tensors(
     for x, name in ((hidden, "hidden"), (local_weight, "local_weight"), (target, "target")):
         _check_tensor(x, name=name)
     _check_float(hidden, name="hidden")
-    _check_float(local_weight, name="local_weight", dtype=hidden.dtype)
+    _check_float(local_weight, name="local_weight")
     xp = array_namespace(hidden, target)
     check_integer_labels(target, xp=xp)
     if hidden.ndim < 1:
@@ -56,7 +64,7 @@ def _check_tensors(
     tensors = {"local_weight": local_weight, "target": target}
     if bias is not None:
         _check_tensor(bias, name="bias")
-        _check_float(bias, name="bias", dtype=hidden.dtype)
+        _check_float(bias, name="bias")
         if tuple(bias.shape) != (local_weight.shape[0],):
             msg = (
                 f"`bias` must be this rank's slice, shape (V_r,) = ({local_weight.shape[0]},); "
@@ -92,6 +100,7 @@ def vocab_parallel_linear_cross_entropy(
     reduction: Literal["mean", "sum", "none"] = "mean",
     chunk_size: int | None = None,
     class_weight: torch.Tensor | None = None,
+    shift: bool = False,
 ) -> torch.Tensor:
     r"""Fused linear cross-entropy when the output projection is split by vocabulary over ranks.
 
@@ -122,12 +131,16 @@ def vocab_parallel_linear_cross_entropy(
     class_weight : torch.Tensor, shape (V,), optional
         Per-class weights for the *whole* vocabulary, on every rank (the mean's
         denominator then needs no communication). Constants.
+    shift : bool, default False
+        Score position t against ``target[..., t + 1]`` (causal LM), as in
+        :func:`crossent.fused.linear_cross_entropy`.
 
     Returns
     -------
     torch.Tensor
-        In `hidden`'s dtype: 0-d for ``"mean"``/``"sum"``, the shape of `target`
-        for ``"none"``; identical on every rank.
+        float32 (float64 for float64 operands): 0-d for ``"mean"``/``"sum"``,
+        the shape of `target` (``(..., T - 1)`` with `shift`) for ``"none"``;
+        identical on every rank.
 
     Raises
     ------
@@ -186,6 +199,10 @@ def vocab_parallel_linear_cross_entropy(
             chunk_size=chunk_size,
         )
         _check_tensors(hidden, local_weight, target, bias, class_weight)
+        if check_shift(shift) and hidden.ndim < 2:
+            shape = tuple(hidden.shape)
+            msg = f"`hidden` must have shape (..., T, d) with shift=True; got {shape}."
+            raise ValueError(msg)
         return opts
 
     needs_grad = torch.is_grad_enabled() and any(
@@ -205,6 +222,9 @@ def vocab_parallel_linear_cross_entropy(
         # all-reduce), whether a gradient is taken at all.
         signature=(
             str(getattr(hidden, "dtype", None)),
+            str(getattr(local_weight, "dtype", None)),
+            str(getattr(bias, "dtype", None)),
+            shift,
             tuple(getattr(hidden, "shape", ()))[-1:],
             bias is None,
             needs_grad,
@@ -213,8 +233,11 @@ def vocab_parallel_linear_cross_entropy(
         weight_global_only=True,
     )
     d = hidden.shape[-1]
+    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     h2, t1 = hidden.reshape(-1, d), target.reshape(-1)
     reduce_max, reduce_sum = row_reducers(layout.group)
     shard = VocabShard(layout.vocab_start, layout.vocab_size, reduce_max, reduce_sum)
     loss = run_linear_ce(h2, local_weight, t1, bias, class_weight, opts, shard)
-    return loss.reshape(target.shape) if opts.reduction == "none" else loss
+    if opts.reduction == "none":
+        return unshift(loss.reshape(target.shape), shift=shift)
+    return loss

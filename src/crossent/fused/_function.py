@@ -75,23 +75,29 @@ def _core(
             "reduce_max": shard.reduce_max,
             "reduce_sum": shard.reduce_sum,
         }
-    return _chunked_linear_ce(
-        hidden,
-        weight,
-        target,
-        bias=bias,
-        class_weight=class_weight,
-        ignore_index=opts.ignore_index,
-        label_smoothing=opts.label_smoothing,
-        z_loss=opts.z_loss,
-        softcap=opts.softcap,
-        reduction=opts.reduction,
-        chunk_size=opts.chunk_size,
-        compute_grad=compute_grad,
-        row_scale=row_scale,
-        use_triton=opts.use_triton,
-        **sharding,
-    )
+    with no_autocast(hidden):
+        return _chunked_linear_ce(
+            hidden,
+            weight,
+            target,
+            bias=bias,
+            class_weight=class_weight,
+            ignore_index=opts.ignore_index,
+            label_smoothing=opts.label_smoothing,
+            z_loss=opts.z_loss,
+            softcap=opts.softcap,
+            reduction=opts.reduction,
+            chunk_size=opts.chunk_size,
+            compute_grad=compute_grad,
+            row_scale=row_scale,
+            use_triton=opts.use_triton,
+            **sharding,
+        )
+
+
+def no_autocast(x: torch.Tensor) -> Any:
+    """A context in which an enclosing ``torch.autocast`` does not recast the products."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
@@ -128,7 +134,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.needs = needs
         ctx.grads = (res.grad_hidden, res.grad_weight, res.grad_bias) if eager else None
         ctx.save_for_backward(hidden, weight, bias, target, class_weight)
-        return res.loss.to(hidden.dtype)
+        loss: torch.Tensor = res.loss
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -138,10 +145,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             grad_h, grad_w, grad_b = ctx.grads
             ctx.grads = None  # consumed: a second backward recomputes
             if not bool(grad_loss == 1):  # loss.backward() passes 1: nothing to scale
-                scale = grad_loss.to(torch.float32 if grad_w is None else grad_w.dtype)
                 for g in (grad_h, grad_w, grad_b):
                     if g is not None:
-                        g.mul_(scale.to(g.dtype))
+                        g.mul_(grad_loss)  # 0-d: keeps g.dtype
             grad_w = None if grad_w is None else grad_w.to(weight.dtype)
             grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         else:
@@ -187,7 +193,7 @@ def run_linear_ce(
             res = _core(
                 hidden, weight, target, bias, class_weight, opts, compute_grad=False, shard=shard
             )
-        loss: torch.Tensor = res.loss.to(hidden.dtype)
+        loss: torch.Tensor = res.loss
         return loss
     out: torch.Tensor = _LinearCrossEntropyFunction.apply(
         hidden, weight, bias, target, class_weight, opts, shard
