@@ -176,3 +176,43 @@ LINEAR_CASES = [
         bias=True,
     ),
 ]
+
+# vocab_parallel_linear_log_probs: `options` are linear_log_probs keywords.
+LOG_PROB_CASES = [
+    Case("log_probs_plain", {"chunk_size": 3}),
+    Case(
+        "log_probs_entropy_temperature_bias_skewed",
+        {"return_entropy": True, "temperature": 0.7, "chunk_size": 2},
+        bias=True,
+        split="skewed",
+    ),
+    Case(
+        "log_probs_entropy_softcap_shift_2d",
+        {"return_entropy": True, "softcap": 2.5, "shift": True, "temperature": 1.3},
+        batch=(2, 5),
+    ),
+    Case("log_probs_all_ignored", {"return_entropy": True}, ignored="all"),
+    Case(
+        "log_probs_float64_entropy",
+        {"return_entropy": True, "softcap": 3.0, "chunk_size": 4},
+        dtype="float64",
+        bias=True,
+    ),
+    Case(
+        "log_probs_bfloat16_hidden_float32_weight",
+        {"return_entropy": True},
+        hidden_dtype="bfloat16",
+    ),
+]
+
+
+def log_prob_upstream(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream gradients of (log_probs, entropy), float64, the output's shape."""
+    shape = case.batch
+    if case.options.get("shift"):
+        shape = (*case.batch[:-1], case.batch[-1] - 1)
+    g = torch.Generator().manual_seed(case.seed + 1)
+    return (
+        torch.randn(shape, generator=g, dtype=torch.float64),
+        torch.randn(shape, generator=g, dtype=torch.float64),
+    )

@@ -700,3 +700,12 @@ def test_module_shift_option() -> None:
     torch.testing.assert_close(module(h, data["weight"], y), want)
     with pytest.raises(TypeError, match="`shift`"):
         crossent.nn.LinearCrossEntropyLoss(shift="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_raises_instead_of_a_wrong_number(reduction: str) -> None:
+    data = _inputs(n=10)
+    h = data["hidden"].clone().requires_grad_()
+    loss = linear_cross_entropy(h, data["weight"], data["target"], reduction=reduction)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss.sum(), [h], create_graph=True)

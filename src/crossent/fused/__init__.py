@@ -1,9 +1,11 @@
-r"""Fused linear cross-entropy for large vocabularies (PyTorch, CPU and CUDA).
+r"""Fused linear losses for large vocabularies (PyTorch, CPU and CUDA).
 
 :func:`linear_cross_entropy` computes ``cross_entropy(hidden @ weight.T + bias,
 target)`` and its gradients while holding only one chunk of the logits at a
-time. On CUDA with Triton installed, the row statistics and the in-place logits
-gradient run as Triton kernels over vocabulary tiles; elsewhere a pure-PyTorch
+time; :func:`linear_log_probs` the per-token log-probabilities and entropy
+(policy-gradient training). All share one chunk loop. On CUDA with Triton
+installed, the row statistics and the in-place logits gradient of the
+cross-entropy run as Triton kernels over vocabulary tiles; elsewhere a pure-PyTorch
 chunked loop does the same work.
 """
 
@@ -13,21 +15,29 @@ from typing import Literal
 
 import torch
 
-from crossent._lib._checks import check_label_range, check_nonnegative
+from crossent._lib._checks import (
+    check_ignore_index,
+    check_label_range,
+    check_nonnegative,
+    check_softcap,
+)
 from crossent._lib._xp import array_namespace
+from crossent._losses._distill import check_temperature
 from crossent.fused._function import run_linear_ce
 from crossent.fused._inputs import (
     _check_devices,
     _check_float,
     _check_options,
     _check_tensor,
+    check_chunk_size,
     check_head,
     check_shift,
     shift_target,
     unshift,
 )
+from crossent.fused._logprobs import LogProbOptions, run_log_probs
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "linear_log_probs"]
 
 
 def linear_cross_entropy(
@@ -207,3 +217,146 @@ def linear_cross_entropy(
     if opts.reduction == "none":
         loss = unshift(loss.reshape(target.shape), shift=shift)
     return loss
+
+
+def _log_prob_options(
+    *,
+    temperature: object,
+    softcap: object,
+    ignore_index: object,
+    shift: object,
+    return_entropy: object,
+    chunk_size: object,
+) -> tuple[LogProbOptions, bool]:
+    """The checked options of the log-probability functions, and `shift`."""
+    if not isinstance(return_entropy, bool):
+        msg = f"`return_entropy` must be True or False; got {return_entropy!r}."
+        raise TypeError(msg)
+    opts = LogProbOptions(
+        ignore_index=check_ignore_index(ignore_index, allow_none=False),
+        temperature=check_temperature(temperature),
+        softcap=check_softcap(softcap),
+        entropy=return_entropy,
+        chunk_size=check_chunk_size(chunk_size),
+    )
+    return opts, check_shift(shift)
+
+
+def linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-token log-probability of `target` (and entropy) under softmax(logits / T).
+
+    The logits are ``hidden @ weight.T + bias``.
+
+    The policy log-probabilities and the entropy bonus of policy-gradient
+    training (PPO, GRPO, REINFORCE), without ever holding the whole
+    (tokens × vocabulary) logits: the forward pass keeps one chunk of logits at
+    a time, and the backward pass recomputes each chunk and forms its gradient
+    for whatever upstream gradients the two outputs receive.
+
+    Parameters
+    ----------
+    hidden : Tensor, shape (..., d)
+        Hidden states (``(..., T, d)`` with `shift`); float32, float64, float16 or bfloat16.
+    weight : Tensor, shape (V, d)
+        The output projection; its floating dtype may differ from `hidden`'s
+        (the products run in the promoted dtype).
+    target : Tensor of int, shape (...)
+        The tokens whose log-probability is wanted, `hidden`'s shape without ``d``.
+    bias : Tensor, shape (V,), optional
+        Added to the logits.
+    temperature : float, default 1.0
+        The logits are divided by it (after the soft cap); positive.
+    softcap : float, optional
+        Replaces the logits by ``softcap · tanh(logits / softcap)`` first (Gemma 2).
+    ignore_index : int, default -100
+        Positions with this target give 0 in both outputs and no gradient.
+    shift : bool, default False
+        Position t is scored against ``target[..., t + 1]``; the last position
+        is dropped, so the outputs have shape ``(..., T - 1)``.
+    return_entropy : bool, default False
+        Also return the entropy of each position's softmax.
+    chunk_size : int, optional
+        Tokens per chunk; None picks one from a 256 MiB budget.
+
+    Returns
+    -------
+    log_probs : Tensor
+        Shape of `target` (after the shift); float32, or float64 for float64 operands.
+    entropy : Tensor
+        Only with ``return_entropy=True``; same shape and dtype, in nats.
+
+    Raises
+    ------
+    TypeError
+        Non-tensor or non-floating arguments, non-integer `target`, bad option types.
+    ValueError
+        Mismatched shapes or devices, labels outside ``[0, V)`` that are not
+        `ignore_index`, ``temperature <= 0``, ``softcap <= 0``.
+
+    Notes
+    -----
+    With :math:`u = \operatorname{softcap}(x)/T` and :math:`p = \operatorname{softmax}(u)`:
+
+    .. math::
+
+        \log p_y = u_y - \operatorname{lse}(u), \qquad
+        H = -\sum_k p_k \log p_k = \operatorname{lse}(u) - \sum_k p_k u_k,
+
+        \frac{\partial}{\partial u_k}\big(g_y \log p_y + g_H H\big)
+            = g_y([k = y] - p_k) - g_H\, p_k (\log p_k + H).
+
+    The forward pass does one matrix product per chunk; backward recomputes the
+    chunk's logits and does the two gradient products (four in all, the cost of
+    the unfused ``log_softmax`` + ``gather`` with autograd, at a fraction of
+    its memory). Extra memory: one ``(chunk, V)`` float32 buffer, a second with
+    `softcap` in backward, and row-blocked temporaries of 1/8 of it. Higher-order
+    gradients are not supported (a second differentiation raises).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from crossent.fused import linear_log_probs
+    >>> hidden = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    >>> weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> target = torch.tensor([0, 2])
+    >>> log_probs, entropy = linear_log_probs(hidden, weight, target, return_entropy=True)
+    >>> ref = torch.log_softmax(hidden @ weight.T, dim=-1)
+    >>> bool(torch.allclose(log_probs, ref[[0, 1], [0, 2]]))
+    True
+    >>> bool(torch.allclose(entropy, -(ref.exp() * ref).sum(-1)))
+    True
+    >>> (log_probs.sum() + 0.01 * entropy.sum()).backward()
+    >>> hidden.grad.shape
+    torch.Size([2, 2])
+    """
+    opts, shift = _log_prob_options(
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        shift=shift,
+        return_entropy=return_entropy,
+        chunk_size=chunk_size,
+    )
+    n_classes = check_head(hidden, weight, target, bias, shift=shift)
+    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
+    check_label_range(
+        target, n_classes, ignore_index=opts.ignore_index, xp=array_namespace(hidden, target)
+    )
+    d = hidden.shape[-1]
+    lp, ent = run_log_probs(hidden.reshape(-1, d), weight, target.reshape(-1), bias, opts)
+    lp = unshift(lp.reshape(target.shape), shift=shift)
+    if ent is None:
+        return lp
+    return lp, unshift(ent.reshape(target.shape), shift=shift)

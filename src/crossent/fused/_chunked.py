@@ -661,6 +661,7 @@ def _row_stats_torch(
     *,
     softcap: float | None,
     smoothing: bool,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Local row statistics; leaves the slice's log-softmax ``z - lse_loc`` in `buf`.
 
@@ -669,14 +670,19 @@ def _row_stats_torch(
     ``(lse_loc, 1, S_loc, z_y - lse_loc)`` with ``S_loc = Σ_k w_k (z_k - lse_loc)``
     (≤ 0; 0 when not `smoothing`). ``lse_loc = z_j - (z_j - lse_loc)`` is recovered
     at the target column (any column would do; the caller masks targets owned by
-    other slices). With `softcap`, tanh(x/c) is kept in `tanh_buf` for the chain rule.
+    other slices). The logits are ``z = scale · softcap · tanh(x / softcap)``
+    (``scale`` is 1 / temperature); with `tanh_buf`, tanh(x/c) is kept there for
+    the chain rule.
     """
     import torch
 
-    if softcap is not None and tanh_buf is not None:
+    if softcap is not None:
         buf.div_(softcap).tanh_()
-        tanh_buf.copy_(buf)
-        buf.mul_(softcap)
+        if tanh_buf is not None:
+            tanh_buf.copy_(buf)
+        buf.mul_(softcap * scale)
+    elif scale != 1.0:
+        buf.mul_(scale)
     col = y_loc[:, None]
     z_y = buf.gather(1, col).squeeze(1)
     torch._log_softmax(buf, 1, False, out=buf)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from crossent.fused._chunked import _chunked_linear_ce
 
@@ -95,6 +94,23 @@ def _core(
         )
 
 
+def refuse_double_backward(name: str) -> None:
+    """Raise when backward runs with ``create_graph=True``: no exact second derivative here.
+
+    The gradients are formed in place from recomputed chunks, outside autograd;
+    returning them as constants would make any higher-order derivative silently
+    wrong, so it is an error instead.
+    """
+    if torch.is_grad_enabled():
+        msg = (
+            f"crossent.fused.{name} has no second derivative: its backward pass forms the "
+            "gradient chunk by chunk outside autograd. Differentiate it once (no "
+            "create_graph=True / double backward), or use the unfused loss on materialized "
+            "logits for higher-order gradients."
+        )
+        raise RuntimeError(msg)
+
+
 def no_autocast(x: torch.Tensor) -> Any:
     """A context in which an enclosing ``torch.autocast`` does not recast the products."""
     return torch.autocast(x.device.type, enabled=False)
@@ -138,8 +154,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        refuse_double_backward("linear_cross_entropy")
         hidden, weight, bias, target, class_weight = ctx.saved_tensors
         if ctx.grads is not None:
             grad_h, grad_w, grad_b = ctx.grads
