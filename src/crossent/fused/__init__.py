@@ -358,7 +358,14 @@ def linear_log_probs(
     )
     d = hidden.shape[-1]
     lp, ent = run_log_probs(hidden.reshape(-1, d), weight, target.reshape(-1), bias, opts)
-    lp = unshift(lp.reshape(target.shape), shift=shift)
+    return _log_prob_outputs(lp, ent, target.shape, shift=shift)
+
+
+def _log_prob_outputs(
+    lp: torch.Tensor, ent: torch.Tensor | None, shape: torch.Size, *, shift: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-row results back to the batch shape (without the last position when `shift`)."""
+    lp = unshift(lp.reshape(shape), shift=shift)
     if ent is None:
         return lp
-    return lp, unshift(ent.reshape(target.shape), shift=shift)
+    return lp, unshift(ent.reshape(shape), shift=shift)
