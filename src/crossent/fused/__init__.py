@@ -98,7 +98,7 @@ def linear_cross_entropy(
     chunk_size : int, optional
         Tokens per chunk. None picks the largest chunk whose work buffers
         (a float32 ``(chunk, V)`` logits buffer, plus a second one with `softcap`,
-        plus a half-size copy for float16/bfloat16 inputs) fit in 256 MiB, at
+        plus a half-size copy for float16/bfloat16 inputs) fit in 64 MiB, at
         least 16 tokens.
     class_weight : Tensor, shape (V,), optional
         Non-negative per-class weights (``weight=`` of ``F.cross_entropy``; here
@@ -297,7 +297,7 @@ def linear_log_probs(
     return_entropy : bool, default False
         Also return the entropy of each position's softmax.
     chunk_size : int, optional
-        Tokens per chunk; None picks one from a 256 MiB budget.
+        Tokens per chunk; None picks one from a 64 MiB budget.
 
     Returns
     -------
