@@ -24,8 +24,8 @@ import torch
 
 from crossent._lib._checks import check_label_range, check_nonnegative
 from crossent._lib._xp import array_namespace
-from crossent.fused._chunked import _chunked_linear_ce, result_dtype
-from crossent.fused._function import LinearCEOptions
+from crossent.fused._chunked import result_dtype
+from crossent.fused._function import LinearCEOptions, _core
 
 __all__ = ["linear_ce_compiled"]
 
@@ -44,22 +44,16 @@ def _run_core(
     check_label_range(target, weight.shape[0], ignore_index=opts.ignore_index, xp=xp)
     if class_weight is not None:
         check_nonnegative(class_weight, name="class_weight", xp=xp)
-    with torch.autocast(hidden.device.type, enabled=False):
-        res = _chunked_linear_ce(
-            hidden,
-            weight,
-            target,
-            bias=bias,
-            class_weight=class_weight,
-            ignore_index=opts.ignore_index,
-            label_smoothing=opts.label_smoothing,
-            z_loss=opts.z_loss,
-            softcap=opts.softcap,
-            reduction=opts.reduction,
-            chunk_size=opts.chunk_size,
-            compute_grad=(needs[0], needs[1], needs[2]),
-            row_scale=row_scale,
-        )
+    res = _core(
+        hidden,
+        weight,
+        target,
+        bias,
+        class_weight,
+        opts,
+        compute_grad=(needs[0], needs[1], needs[2]),
+        row_scale=row_scale,
+    )
     # distinct empty tensors where no gradient is wanted: outputs must not alias each other
     grad_h = hidden.new_empty(0) if res.grad_hidden is None else res.grad_hidden
     grad_w = hidden.new_empty(0) if res.grad_weight is None else res.grad_weight.to(weight.dtype)
