@@ -35,3 +35,16 @@ def test_valid_and_ignored_labels_pass_with_validation_off() -> None:
         got = fused.linear_cross_entropy(hidden, weight, target)
     want = torch.nn.functional.cross_entropy(hidden @ weight.T, target)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("label", [9, -1])
+def test_log_probs_out_of_range_label_raises_with_validation_off(label: int) -> None:
+    # sibling of the loss: linear_log_probs indexes the logits with the labels too
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(3, 4, generator=gen)
+    weight = torch.randn(5, 4, generator=gen)
+    target = torch.tensor([0, label, 2])
+    with ce.validation(False), pytest.raises(IndexError, match=re.escape("outside [0, 5)")):
+        fused.linear_log_probs(hidden, weight, target)
+    with pytest.raises(ValueError, match=re.escape("outside [0, 5)")):
+        fused.linear_log_probs(hidden, weight, target)
