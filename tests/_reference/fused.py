@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["linear_cross_entropy_ref"]
+__all__ = ["linear_cross_entropy_ref", "linear_log_probs_ref"]
 
 
 def linear_cross_entropy_ref(
@@ -78,3 +78,54 @@ def linear_cross_entropy_ref(
         scale = up / denom if denom > 0 else np.zeros(n)
     g_logits = g_logits * scale[:, None]
     return loss, g_logits @ w_mat, g_logits.T @ h, g_logits.sum(axis=0)
+
+
+def linear_log_probs_ref(
+    hidden: Any,
+    weight: Any,
+    target: Any,
+    *,
+    bias: Any = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    grad_log_probs: Any = None,
+    grad_entropy: Any = None,
+) -> tuple[np.ndarray, ...]:
+    """``(log_probs, entropy, d/d hidden, d/d weight, d/d bias)`` in float64, 2-d hidden.
+
+    Per token: u = softcap(W h + b) / T, p = softmax(u), log p_y and H = -Σ p log p; the
+    gradients are those of Σ_i g_i log p_{y_i} + e_i H_i (upstream `grad_log_probs` g and
+    `grad_entropy` e, zeros by default). Ignored tokens give 0 and no gradient.
+    """
+    h = np.asarray(hidden, dtype=np.float64)
+    w_mat = np.asarray(weight, dtype=np.float64)
+    y = np.asarray(target)
+    n = h.shape[0]
+    c = w_mat.shape[0]
+    b = np.zeros(c) if bias is None else np.asarray(bias, dtype=np.float64)
+    g_lp = np.zeros(n) if grad_log_probs is None else np.asarray(grad_log_probs, np.float64)
+    g_h = np.zeros(n) if grad_entropy is None else np.asarray(grad_entropy, np.float64)
+    lps, ents = np.zeros(n), np.zeros(n)
+    g_logits = np.zeros((n, c))
+    for i in range(n):
+        if y[i] == ignore_index:
+            continue
+        x = w_mat @ h[i] + b
+        z = x if softcap is None else softcap * np.tanh(x / softcap)
+        u = z / temperature
+        m = u.max()
+        lse = m + np.log(np.sum(np.exp(u - m)))
+        log_p = u - lse
+        p = np.exp(log_p)
+        t = int(y[i])
+        lps[i] = log_p[t]
+        ents[i] = -np.sum(p * log_p)
+        onehot = np.zeros(c)
+        onehot[t] = 1.0
+        du = g_lp[i] * (onehot - p) - g_h[i] * p * (log_p + ents[i])
+        dx = du / temperature
+        if softcap is not None:
+            dx = dx * (1 - np.tanh(x / softcap) ** 2)
+        g_logits[i] = dx
+    return lps, ents, g_logits @ w_mat, g_logits.T @ h, g_logits.sum(axis=0)

@@ -28,6 +28,7 @@ class Case:
     masked: bool = False  # some non-target logits are -inf
     hidden: int = 5  # hidden size of the fused cases
     bias: bool = False  # fused cases: a bias vector
+    hidden_dtype: str | None = None  # fused cases: hidden in another dtype than the weight
     seed: int = 0
 
 
@@ -67,13 +68,16 @@ def problem(case: Case) -> dict[str, Any]:
     class_weight = torch.rand(case.vocab, generator=g, dtype=torch.float64) + 0.25
     bias = torch.randn(case.vocab, generator=g, dtype=torch.float64)
     reduction = case.options.get("reduction", "mean")
+    out_shape = case.batch
+    if case.options.get("shift"):
+        out_shape = (*case.batch[:-1], case.batch[-1] - 1)
     upstream = torch.randn(
-        case.batch if reduction == "none" else (), generator=g, dtype=torch.float64
+        out_shape if reduction == "none" else (), generator=g, dtype=torch.float64
     )
     dtype = DTYPES[case.dtype]
     return {
         "logits": logits.to(dtype),
-        "hidden": hidden.to(dtype),
+        "hidden": hidden.to(DTYPES[case.hidden_dtype or case.dtype]),
         "matrix": matrix.to(dtype),
         "target": target,
         "class_weight": class_weight.to(dtype) if case.weight else None,
@@ -153,9 +157,62 @@ LINEAR_CASES = [
         weight="global",
     ),
     Case(
+        "linear_shift_none_bias",
+        {"reduction": "none", "shift": True, "chunk_size": 3},
+        batch=(2, 5),
+        bias=True,
+    ),
+    Case("linear_shift_mean_skewed", {"shift": True}, batch=(3, 4), split="skewed"),
+    Case(
+        "linear_bfloat16_hidden_float32_weight",
+        {"label_smoothing": 0.1, "chunk_size": 4},
+        bias=True,
+        hidden_dtype="bfloat16",
+    ),
+    Case(
         "linear_bfloat16_sum_bias",
         {"reduction": "sum", "label_smoothing": 0.1},
         dtype="bfloat16",
         bias=True,
     ),
 ]
+
+# vocab_parallel_linear_log_probs: `options` are linear_log_probs keywords.
+LOG_PROB_CASES = [
+    Case("log_probs_plain", {"chunk_size": 3}),
+    Case(
+        "log_probs_entropy_temperature_bias_skewed",
+        {"return_entropy": True, "temperature": 0.7, "chunk_size": 2},
+        bias=True,
+        split="skewed",
+    ),
+    Case(
+        "log_probs_entropy_softcap_shift_2d",
+        {"return_entropy": True, "softcap": 2.5, "shift": True, "temperature": 1.3},
+        batch=(2, 5),
+    ),
+    Case("log_probs_all_ignored", {"return_entropy": True}, ignored="all"),
+    Case(
+        "log_probs_float64_entropy",
+        {"return_entropy": True, "softcap": 3.0, "chunk_size": 4},
+        dtype="float64",
+        bias=True,
+    ),
+    Case(
+        "log_probs_bfloat16_hidden_float32_weight",
+        {"return_entropy": True},
+        hidden_dtype="bfloat16",
+    ),
+]
+
+
+def log_prob_upstream(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream gradients of (log_probs, entropy), float64, the output's shape."""
+    shape = case.batch
+    if case.options.get("shift"):
+        shape = (*case.batch[:-1], case.batch[-1] - 1)
+    g = torch.Generator().manual_seed(case.seed + 1)
+    return (
+        torch.randn(shape, generator=g, dtype=torch.float64),
+        torch.randn(shape, generator=g, dtype=torch.float64),
+    )

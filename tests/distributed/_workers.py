@@ -7,7 +7,15 @@ from typing import Any
 
 import torch
 
-from tests.distributed._cases import CASES, LINEAR_CASES, Case, bounds, problem
+from tests.distributed._cases import (
+    CASES,
+    LINEAR_CASES,
+    LOG_PROB_CASES,
+    Case,
+    bounds,
+    log_prob_upstream,
+    problem,
+)
 
 BAD_CALLS: dict[str, Callable[[int, int], dict[str, Any]]] = {}
 """Each builds one rank's (local_logits, target, options) for a call that must raise everywhere."""
@@ -211,9 +219,58 @@ def linear_worker(rank: int, world_size: int, payload: Any) -> dict[str, Any]:
     return out
 
 
+def run_log_prob_case(fn: Callable[..., Any], case: Case, rank: int, ws: int) -> Any:
+    """One rank's (log_probs, entropy) and gradients of Σ g·log_probs + e·entropy."""
+    p = problem(case)
+    lo, hi = bounds(case, ws, rank)
+    hidden = p["hidden"].clone().requires_grad_(True)
+    weight = p["matrix"][lo:hi].clone().requires_grad_(True)
+    bias = None if p["bias"] is None else p["bias"][lo:hi].clone().requires_grad_(True)
+    out = fn(hidden, weight, p["target"], bias=bias, **case.options)
+    lp, ent = out if isinstance(out, tuple) else (out, None)
+    g_lp, g_ent = log_prob_upstream(case)
+    total = (lp.double() * g_lp).sum() + (0.0 if ent is None else (ent.double() * g_ent).sum())
+    total.backward()
+    return {
+        "log_probs": lp.detach(),
+        "entropy": None if ent is None else ent.detach(),
+        "grad_hidden": hidden.grad,
+        "grad_weight": weight.grad,
+        "grad_bias": None if bias is None else bias.grad,
+    }
+
+
+def _log_prob_bad_temperature(rank: int, world_size: int) -> dict[str, Any]:
+    args = _linear_args(rank, world_size)
+    return {**args, "temperature": 0.0 if rank == world_size - 1 else 1.0}
+
+
+def _log_prob_options_differ(rank: int, world_size: int) -> dict[str, Any]:
+    return {**_linear_args(rank, world_size), "return_entropy": rank == 0}
+
+
+LOG_PROB_BAD_CALLS: dict[str, Callable[[int, int], dict[str, Any]]] = {
+    "log_probs_temperature_zero_on_last_rank": _log_prob_bad_temperature,
+    "log_probs_options_differ": _log_prob_options_differ,
+    "log_probs_label_above_global_vocab": _linear_label_out_of_range,
+}
+
+
+def log_prob_worker(rank: int, world_size: int, payload: Any) -> dict[str, Any]:
+    from crossent.distributed import vocab_parallel_linear_log_probs as fn
+
+    out: dict[str, Any] = {"cases": {}, "errors": {}}
+    for case in LOG_PROB_CASES:
+        out["cases"][case.name] = run_log_prob_case(fn, case, rank, world_size)
+    for name, make in LOG_PROB_BAD_CALLS.items():
+        out["errors"][name] = capture(lambda make=make: fn(**make(rank, world_size)))
+    return out
+
+
 def both_worker(rank: int, world_size: int, payload: Any) -> dict[str, Any]:
-    """Both losses in one process group (one spawn per world size for the whole test module)."""
+    """Every loss in one process group (one spawn per world size for the whole test package)."""
     return {
         "unfused": vocab_parallel_worker(rank, world_size, payload),
         "linear": linear_worker(rank, world_size, payload),
+        "log_probs": log_prob_worker(rank, world_size, payload),
     }

@@ -9,7 +9,7 @@ import pytest
 from tests.distributed._harness import run_ranks
 from tests.distributed._workers import both_worker
 
-WORLD_SIZES = (2, 4)
+WORLD_SIZES = (2, 3, 4)
 
 
 @pytest.fixture(scope="package", params=WORLD_SIZES, ids=lambda w: f"{w}ranks")

@@ -181,8 +181,8 @@ def test_low_precision_no_worse_than_torch(dtype: str, reduction: str) -> None:
     )
     theirs = _torch_unfused(data, up, reduction)
     want = _ref(data, bias=True, class_weight=False, upstream=up, reduction=reduction)
-    for a, c, w in zip(ours, theirs, want, strict=True):
-        assert a.dtype == dt
+    for i, (a, c, w) in enumerate(zip(ours, theirs, want, strict=True)):
+        assert a.dtype == (torch.float32 if i == 0 else dt)  # the loss is float32
         err_ours = np.linalg.norm(a.double().numpy() - w)
         err_torch = np.linalg.norm(c.double().numpy() - w)
         # 1.25: the two round differently (both to the same dtype); ours keeps float32 inside
@@ -486,14 +486,16 @@ def test_bad_input_messages() -> None:
     h, w, y = data["hidden"], data["weight"], data["target"]
     cases: list[tuple[Any, type[Exception], str]] = [
         (lambda: linear_cross_entropy(h.numpy(), w, y), TypeError, "`hidden`"),
-        (lambda: linear_cross_entropy(h, w.float(), y), TypeError, "`weight`"),
+        (lambda: linear_cross_entropy(h, w.long(), y), TypeError, "`weight`"),
         (lambda: linear_cross_entropy(h.long(), w.long(), y), TypeError, "`hidden`"),
         (lambda: linear_cross_entropy(h, w[:, :2], y), ValueError, "`weight`"),
         (lambda: linear_cross_entropy(h, w, y[:3]), ValueError, "`target`"),
         (lambda: linear_cross_entropy(h, w, y.double()), TypeError, "`target`"),
         (lambda: linear_cross_entropy(h, w, y + 5), ValueError, "`target`"),
         (lambda: linear_cross_entropy(h, w, y, bias=w[0]), ValueError, "`bias`"),
-        (lambda: linear_cross_entropy(h, w, y, bias=data["bias"].float()), TypeError, "`bias`"),
+        (lambda: linear_cross_entropy(h, w, y, bias=data["bias"].long()), TypeError, "`bias`"),
+        (lambda: linear_cross_entropy(h, w, y, shift=1), TypeError, "`shift`"),
+        (lambda: linear_cross_entropy(h[0], w, y[0], shift=True), ValueError, "`hidden`"),
         (
             lambda: linear_cross_entropy(h, w, y, class_weight=-data["class_weight"]),
             ValueError,
@@ -595,3 +597,115 @@ def test_cpu_path_does_not_import_triton() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+# ------------------------------------------------------------------ causal shift, mixed precision
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_shift_equals_hugging_face_convention(reduction: str) -> None:
+    """shift=True == the loss of logits[..., :-1, :] against target[..., 1:], values and grads."""
+    data = _inputs(n=3 * 17, d=D, v=V)
+    h = data["hidden"].reshape(3, 17, D).clone().requires_grad_()
+    w = data["weight"].clone().requires_grad_()
+    b = data["bias"].clone().requires_grad_()
+    y = data["target"].reshape(3, 17)
+    ours = linear_cross_entropy(
+        h, w, y, bias=b, shift=True, reduction=reduction, label_smoothing=0.1, chunk_size=5
+    )
+    logits = F.linear(h, w, b)[:, :-1, :]
+    theirs = F.cross_entropy(
+        logits.reshape(-1, V), y[:, 1:].reshape(-1), reduction=reduction, label_smoothing=0.1
+    )
+    if reduction == "none":
+        theirs = theirs.reshape(3, 16)
+        assert ours.shape == (3, 16)
+    up = torch.randn(ours.shape, dtype=torch.float64)
+    leaves = [h, w, b]
+    g_ours = torch.autograd.grad(ours, leaves, up)
+    g_theirs = torch.autograd.grad(theirs, leaves, up)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    for a, c in zip(g_ours, g_theirs, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+    assert torch.equal(g_ours[0][:, -1], torch.zeros_like(g_ours[0][:, -1]))
+
+
+def test_shift_single_position_and_uint8_target() -> None:
+    data = _inputs(n=4, d=5, v=9)
+    h = data["hidden"].reshape(4, 1, 5).requires_grad_()
+    y = data["target"].reshape(4, 1).abs().to(torch.uint8)
+    assert linear_cross_entropy(h, data["weight"], y, shift=True).item() == 0.0
+    out = linear_cross_entropy(h, data["weight"], y, shift=True, reduction="none")
+    assert out.shape == (4, 0)
+    h2 = data["hidden"].reshape(2, 2, 5)
+    y2 = data["target"].reshape(2, 2).abs().to(torch.uint8)
+    got = linear_cross_entropy(h2, data["weight"], y2, shift=True, reduction="none")
+    want = linear_cross_entropy(h2[:, 0], data["weight"], y2[:, 1].long(), reduction="none")
+    torch.testing.assert_close(got[:, 0], want)
+
+
+@pytest.mark.parametrize("low", ["bfloat16", "float16"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision_hidden_with_float32_weight(low: str, reduction: str) -> None:
+    """bfloat16/float16 hidden + float32 weight/bias: float32 loss, each grad in its own dtype.
+
+    The products run in float32, so the result is the float32 one of the upcast hidden.
+    """
+    dt = getattr(torch, low)
+    data = _inputs(n=40, dtype=torch.float32)
+    h = data["hidden"].to(dt).requires_grad_()
+    w = data["weight"].clone().requires_grad_()
+    b = data["bias"].clone().requires_grad_()
+    up = data["grad"][:40] if reduction == "none" else torch.tensor(1.0)
+    opts = {"reduction": reduction, "softcap": 4.0, "chunk_size": 16}
+    loss = linear_cross_entropy(h, w, data["target"][:40], bias=b, **opts)
+    assert loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss, [h, w, b], up)
+    assert [g.dtype for g in grads] == [dt, torch.float32, torch.float32]
+    h32 = h.detach().float().requires_grad_()
+    ref = linear_cross_entropy(h32, w, data["target"][:40], bias=b, **opts)
+    ref_grads = torch.autograd.grad(ref, [h32, w, b], up)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], ref_grads[0].to(dt))
+    for a, c in zip(grads[1:], ref_grads[1:], strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+
+
+def test_autocast_does_not_change_the_products() -> None:
+    """Under CPU autocast (bfloat16) the fused loss keeps its float32 products and dtypes."""
+    data = _inputs(n=30, dtype=torch.float32)
+    h = data["hidden"].to(torch.bfloat16)
+    w = data["weight"].clone().requires_grad_()
+    plain = linear_cross_entropy(h, w, data["target"][:30], chunk_size=7)
+    (g_plain,) = torch.autograd.grad(plain, [w])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = linear_cross_entropy(h, w, data["target"][:30], chunk_size=7)
+    (g_auto,) = torch.autograd.grad(auto, [w])
+    assert auto.dtype == torch.float32
+    assert torch.equal(auto, plain)
+    assert torch.equal(g_auto, g_plain)
+
+
+def test_module_shift_option() -> None:
+    import crossent.nn
+
+    data = _inputs(n=2 * 9, d=D, v=V)
+    h = data["hidden"].reshape(2, 9, D)
+    y = data["target"].reshape(2, 9)
+    module = crossent.nn.LinearCrossEntropyLoss(shift=True, reduction="sum")
+    assert "shift=True" in repr(module)
+    want = F.cross_entropy(
+        F.linear(h[:, :-1], data["weight"]).reshape(-1, V), y[:, 1:].reshape(-1), reduction="sum"
+    )
+    torch.testing.assert_close(module(h, data["weight"], y), want)
+    with pytest.raises(TypeError, match="`shift`"):
+        crossent.nn.LinearCrossEntropyLoss(shift="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_raises_instead_of_a_wrong_number(reduction: str) -> None:
+    data = _inputs(n=10)
+    h = data["hidden"].clone().requires_grad_()
+    loss = linear_cross_entropy(h, data["weight"], data["target"], reduction=reduction)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss.sum(), [h], create_graph=True)

@@ -19,10 +19,19 @@ from crossent._lib._checks import check_integer_labels, check_nonnegative
 from crossent._lib._xp import array_namespace
 from crossent.distributed._comm import row_reducers
 from crossent.distributed._vocab_parallel import setup
-from crossent.fused import _check_devices, _check_float, _check_options, _check_tensor
 from crossent.fused._function import LinearCEOptions, VocabShard, run_linear_ce
+from crossent.fused._inputs import (
+    _check_devices,
+    _check_float,
+    _check_options,
+    _check_tensor,
+    check_shift,
+    shift_target,
+    unshift,
+)
+from crossent.fused._logprobs import LogProbOptions, run_log_probs
 
-__all__ = ["vocab_parallel_linear_cross_entropy"]
+__all__ = ["vocab_parallel_linear_cross_entropy", "vocab_parallel_linear_log_probs"]
 
 _CALLER = "vocab_parallel_linear_cross_entropy"
 
@@ -34,7 +43,7 @@ def _check_tensors(
     for x, name in ((hidden, "hidden"), (local_weight, "local_weight"), (target, "target")):
         _check_tensor(x, name=name)
     _check_float(hidden, name="hidden")
-    _check_float(local_weight, name="local_weight", dtype=hidden.dtype)
+    _check_float(local_weight, name="local_weight")
     xp = array_namespace(hidden, target)
     check_integer_labels(target, xp=xp)
     if hidden.ndim < 1:
@@ -56,7 +65,7 @@ def _check_tensors(
     tensors = {"local_weight": local_weight, "target": target}
     if bias is not None:
         _check_tensor(bias, name="bias")
-        _check_float(bias, name="bias", dtype=hidden.dtype)
+        _check_float(bias, name="bias")
         if tuple(bias.shape) != (local_weight.shape[0],):
             msg = (
                 f"`bias` must be this rank's slice, shape (V_r,) = ({local_weight.shape[0]},); "
@@ -92,6 +101,7 @@ def vocab_parallel_linear_cross_entropy(
     reduction: Literal["mean", "sum", "none"] = "mean",
     chunk_size: int | None = None,
     class_weight: torch.Tensor | None = None,
+    shift: bool = False,
 ) -> torch.Tensor:
     r"""Fused linear cross-entropy when the output projection is split by vocabulary over ranks.
 
@@ -122,12 +132,16 @@ def vocab_parallel_linear_cross_entropy(
     class_weight : torch.Tensor, shape (V,), optional
         Per-class weights for the *whole* vocabulary, on every rank (the mean's
         denominator then needs no communication). Constants.
+    shift : bool, default False
+        Score position t against ``target[..., t + 1]`` (causal LM), as in
+        :func:`crossent.fused.linear_cross_entropy`.
 
     Returns
     -------
     torch.Tensor
-        In `hidden`'s dtype: 0-d for ``"mean"``/``"sum"``, the shape of `target`
-        for ``"none"``; identical on every rank.
+        float32 (float64 for float64 operands): 0-d for ``"mean"``/``"sum"``,
+        the shape of `target` (``(..., T - 1)`` with `shift`) for ``"none"``;
+        identical on every rank.
 
     Raises
     ------
@@ -186,6 +200,10 @@ def vocab_parallel_linear_cross_entropy(
             chunk_size=chunk_size,
         )
         _check_tensors(hidden, local_weight, target, bias, class_weight)
+        if check_shift(shift) and hidden.ndim < 2:
+            shape = tuple(hidden.shape)
+            msg = f"`hidden` must have shape (..., T, d) with shift=True; got {shape}."
+            raise ValueError(msg)
         return opts
 
     needs_grad = torch.is_grad_enabled() and any(
@@ -205,6 +223,9 @@ def vocab_parallel_linear_cross_entropy(
         # all-reduce), whether a gradient is taken at all.
         signature=(
             str(getattr(hidden, "dtype", None)),
+            str(getattr(local_weight, "dtype", None)),
+            str(getattr(bias, "dtype", None)),
+            shift,
             tuple(getattr(hidden, "shape", ()))[-1:],
             bias is None,
             needs_grad,
@@ -213,8 +234,145 @@ def vocab_parallel_linear_cross_entropy(
         weight_global_only=True,
     )
     d = hidden.shape[-1]
+    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     h2, t1 = hidden.reshape(-1, d), target.reshape(-1)
     reduce_max, reduce_sum = row_reducers(layout.group)
     shard = VocabShard(layout.vocab_start, layout.vocab_size, reduce_max, reduce_sum)
     loss = run_linear_ce(h2, local_weight, t1, bias, class_weight, opts, shard)
-    return loss.reshape(target.shape) if opts.reduction == "none" else loss
+    if opts.reduction == "none":
+        return unshift(loss.reshape(target.shape), shift=shift)
+    return loss
+
+
+def vocab_parallel_linear_log_probs(
+    hidden: torch.Tensor,
+    local_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group: Any = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-token log-probabilities (and entropy) when the output projection is split by vocabulary.
+
+    :func:`crossent.fused.linear_log_probs` with rank ``r`` of `group` holding
+    rows ``[V_0 + ... + V_{r-1}, V_0 + ... + V_r)`` of the projection (and of
+    `bias`). Every rank passes the same `hidden` and `target` and gets the whole
+    result, the whole gradient of `hidden`, and its own slice's gradients. No
+    rank holds more than one chunk of its own logits.
+
+    Parameters
+    ----------
+    hidden : torch.Tensor, shape (..., d)
+        Hidden states, the same on every rank.
+    local_weight : torch.Tensor, shape (V_r, d)
+        This rank's rows of the output projection (lengths may differ by rank).
+    target : torch.Tensor of int, shape (...)
+        Global token indices in ``[0, V)`` or `ignore_index`, the same on every rank.
+    group : ProcessGroup, optional
+        The tensor-parallel group (default: the whole world).
+    bias : torch.Tensor, shape (V_r,), optional
+        This rank's slice of the bias.
+    temperature, softcap, ignore_index, shift, return_entropy, chunk_size
+        As in :func:`crossent.fused.linear_log_probs`; the same on every rank.
+
+    Returns
+    -------
+    log_probs : torch.Tensor
+        Shape of `target` (after the shift), float32 (float64 for float64
+        operands), identical on every rank.
+    entropy : torch.Tensor
+        With ``return_entropy=True``.
+
+    Raises
+    ------
+    RuntimeError
+        If torch.distributed has no initialized process group.
+    TypeError, ValueError
+        On a bad call, on **every** rank (the rank at fault raises its own error).
+
+    Notes
+    -----
+    Per chunk, each rank reduces its slice to its log-sum-exp :math:`\ell_r`, the
+    target's log-probability within the slice (on the owner) and
+    :math:`t_r = \sum_{k \in r} e^{u_k - \ell_r}(u_k - \ell_r)`; one MAX and one
+    SUM all-reduce combine them into :math:`\log p_y` and :math:`H` (see
+    :mod:`crossent.fused._logprobs`). Backward recomputes the chunks (the same
+    two all-reduces per chunk) and all-reduces the gradient of `hidden` once.
+
+    Examples
+    --------
+    A group of one:
+
+    >>> import socket, torch, torch.distributed as dist
+    >>> from crossent.distributed import vocab_parallel_linear_log_probs
+    >>> from crossent.fused import linear_log_probs
+    >>> with socket.socket() as s:
+    ...     s.bind(("127.0.0.1", 0))
+    ...     port = s.getsockname()[1]
+    >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    >>> hidden = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    >>> weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> target = torch.tensor([0, 2])
+    >>> lp = vocab_parallel_linear_log_probs(hidden, weight, target, temperature=0.5)
+    >>> bool(torch.allclose(lp, linear_log_probs(hidden, weight, target, temperature=0.5)))
+    True
+    >>> dist.destroy_process_group()
+    """
+    from crossent.fused import _log_prob_options
+
+    def checks() -> LogProbOptions:
+        opts, shift_ = _log_prob_options(
+            temperature=temperature,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            shift=shift,
+            return_entropy=return_entropy,
+            chunk_size=chunk_size,
+        )
+        _check_tensors(hidden, local_weight, target, bias, None)
+        if shift_ and hidden.ndim < 2:
+            shape = tuple(hidden.shape)
+            msg = f"`hidden` must have shape (..., T, d) with shift=True; got {shape}."
+            raise ValueError(msg)
+        return opts
+
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (hidden, local_weight, bias)
+    )
+    hidden_grad = needs_grad and isinstance(hidden, torch.Tensor) and hidden.requires_grad
+    layout, opts = setup(
+        caller="vocab_parallel_linear_log_probs",
+        group=group,
+        local_vocab=local_weight.shape[0]
+        if isinstance(local_weight, torch.Tensor) and local_weight.ndim
+        else None,
+        target=target,
+        weight=None,
+        checks=checks,
+        signature=(
+            str(getattr(hidden, "dtype", None)),
+            str(getattr(local_weight, "dtype", None)),
+            str(getattr(bias, "dtype", None)),
+            tuple(getattr(hidden, "shape", ()))[-1:],
+            needs_grad,
+            hidden_grad,
+            shift,
+        ),
+    )
+    d = hidden.shape[-1]
+    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
+    reduce_max, reduce_sum = row_reducers(layout.group)
+    shard = VocabShard(layout.vocab_start, layout.vocab_size, reduce_max, reduce_sum)
+    lp, ent = run_log_probs(
+        hidden.reshape(-1, d), local_weight, target.reshape(-1), bias, opts, shard
+    )
+    lp = unshift(lp.reshape(target.shape), shift=shift)
+    if ent is None:
+        return lp
+    return lp, unshift(ent.reshape(target.shape), shift=shift)

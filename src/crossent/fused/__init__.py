@@ -1,94 +1,43 @@
-r"""Fused linear cross-entropy for large vocabularies (PyTorch, CPU and CUDA).
+r"""Fused linear losses for large vocabularies (PyTorch, CPU and CUDA).
 
 :func:`linear_cross_entropy` computes ``cross_entropy(hidden @ weight.T + bias,
 target)`` and its gradients while holding only one chunk of the logits at a
-time. On CUDA with Triton installed, the row statistics and the in-place logits
-gradient run as Triton kernels over vocabulary tiles; elsewhere a pure-PyTorch
+time; :func:`linear_log_probs` the per-token log-probabilities and entropy
+(policy-gradient training). All share one chunk loop. On CUDA with Triton
+installed, the row statistics and the in-place logits gradient of the
+cross-entropy run as Triton kernels over vocabulary tiles; elsewhere a pure-PyTorch
 chunked loop does the same work.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from crossent._lib._checks import (
     check_ignore_index,
-    check_integer_labels,
     check_label_range,
     check_nonnegative,
-    check_nonnegative_scalar,
-    check_reduction,
     check_softcap,
-    check_unit_interval_scalar,
 )
 from crossent._lib._xp import array_namespace
-from crossent.fused._function import LinearCEOptions, run_linear_ce
+from crossent._losses._distill import check_temperature
+from crossent.fused._function import run_linear_ce
+from crossent.fused._inputs import (
+    _check_devices,
+    _check_float,
+    _check_options,
+    _check_tensor,
+    check_chunk_size,
+    check_head,
+    check_shift,
+    shift_target,
+    unshift,
+)
+from crossent.fused._logprobs import LogProbOptions, run_log_probs
 
-__all__ = ["linear_cross_entropy"]
-
-
-def _check_tensor(x: object, *, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        msg = f"`{name}` must be a torch.Tensor; got {type(x).__name__}. Use torch.as_tensor first."
-        raise TypeError(msg)
-    return x
-
-
-def _check_devices(hidden: torch.Tensor, tensors: dict[str, Any]) -> None:
-    """Every tensor in `tensors` must be on `hidden`'s device."""
-    for name, t in tensors.items():
-        if t.device != hidden.device:
-            msg = (
-                f"`{name}` is on {t.device} but `hidden` is on {hidden.device}; move it with .to()."
-            )
-            raise ValueError(msg)
-
-
-def _check_float(x: torch.Tensor, *, name: str, dtype: torch.dtype | None = None) -> None:
-    if not x.is_floating_point():
-        msg = (
-            f"`{name}` must have a floating dtype (float16, bfloat16, float32 or float64); "
-            f"got {x.dtype}. Cast it first, e.g. `{name}.float()`."
-        )
-        raise TypeError(msg)
-    if dtype is not None and x.dtype != dtype:
-        msg = (
-            f"`{name}` must have the dtype of `hidden` ({dtype}); got {x.dtype}. "
-            f"Cast it, e.g. `{name}.to(hidden.dtype)`."
-        )
-        raise TypeError(msg)
-
-
-def _check_options(
-    *,
-    ignore_index: object,
-    label_smoothing: object,
-    z_loss: object,
-    softcap: object,
-    reduction: object,
-    chunk_size: object,
-) -> LinearCEOptions:
-    index = check_ignore_index(ignore_index, allow_none=False)
-    eps = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
-    zeta = check_nonnegative_scalar(z_loss, name="z_loss")
-    cap = check_softcap(softcap)
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            msg = f"`chunk_size` must be None or a positive int; got {chunk_size!r}."
-            raise TypeError(msg)
-        if chunk_size < 1:
-            msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {chunk_size}."
-            raise ValueError(msg)
-    return LinearCEOptions(
-        ignore_index=index,
-        label_smoothing=eps,
-        z_loss=zeta,
-        softcap=cap,
-        reduction=check_reduction(reduction),
-        chunk_size=chunk_size,
-    )
+__all__ = ["linear_cross_entropy", "linear_log_probs"]
 
 
 def linear_cross_entropy(
@@ -104,6 +53,7 @@ def linear_cross_entropy(
     reduction: Literal["mean", "sum", "none"] = "mean",
     chunk_size: int | None = None,
     class_weight: torch.Tensor | None = None,
+    shift: bool = False,
 ) -> torch.Tensor:
     r"""Sparse cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
 
@@ -120,7 +70,10 @@ def linear_cross_entropy(
     hidden : Tensor, shape (..., d)
         Hidden states; float32, float64, float16 or bfloat16.
     weight : Tensor, shape (V, d)
-        The output projection (one row per class), same dtype and device as `hidden`.
+        The output projection (one row per class), on `hidden`'s device. Its
+        floating dtype may differ from `hidden`'s (a float32 master weight with
+        bfloat16 activations, as under autocast): the products then run in the
+        promoted dtype.
     target : Tensor of int, shape (...)
         Class indices in ``[0, V)`` or `ignore_index`; `hidden`'s shape without its last axis.
     bias : Tensor, shape (V,), optional
@@ -148,11 +101,18 @@ def linear_cross_entropy(
     class_weight : Tensor, shape (V,), optional
         Non-negative per-class weights (``weight=`` of ``F.cross_entropy``; here
         `weight` is the projection matrix). Treated as a constant (no gradient).
+    shift : bool, default False
+        Causal-LM convention (Hugging Face's): `hidden` is ``(..., T, d)``, the
+        logits at position t are scored against ``target[..., t + 1]`` and the
+        last position is dropped; ``"none"`` returns shape ``(..., T - 1)``.
+        Nothing is copied: the last position is simply not counted.
 
     Returns
     -------
     Tensor
-        In `hidden`'s dtype: 0-d for ``"mean"`` and ``"sum"``, the shape of `target` for ``"none"``.
+        float32 (float64 when an operand is float64, as Hugging Face's loss):
+        0-d for ``"mean"`` and ``"sum"``, the shape of `target` for ``"none"``.
+        Gradients come back in each parameter's own dtype.
 
     Raises
     ------
@@ -187,11 +147,13 @@ def linear_cross_entropy(
     running-max pass over vocabulary tiles in the Triton kernel on CUDA).
 
     float16/bfloat16: the logits and :math:`\nabla_h` products run in the input
-    dtype (as PyTorch's unfused loss does); the row statistics, the loss and
+    dtype (as PyTorch's unfused loss does; mixed dtypes in the promoted one); the
+    row statistics, the loss and
     :math:`G` are float32; the weight and bias gradients are accumulated in float32
     (on CPU, where no low-precision product with float32 output exists, the weight
     gradient product itself runs in float32 — accurate, but slower than a
-    bfloat16 product) and returned in the input dtype.
+    bfloat16 product) and returned in the parameter's dtype. An enclosing
+    ``torch.autocast`` region does not change the products' dtypes.
 
     With ``reduction="none"`` the forward pass computes only the loss and backward
     recomputes the logits (four matrix products in all), so any upstream gradient
@@ -223,9 +185,6 @@ def linear_cross_entropy(
     >>> hidden.grad.shape, weight.grad.shape
     (torch.Size([2, 2]), torch.Size([3, 2]))
     """
-    hidden = _check_tensor(hidden, name="hidden")
-    weight = _check_tensor(weight, name="weight")
-    target = _check_tensor(target, name="target")
     opts = _check_options(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
@@ -234,34 +193,9 @@ def linear_cross_entropy(
         reduction=reduction,
         chunk_size=chunk_size,
     )
-    _check_float(hidden, name="hidden")
-    _check_float(weight, name="weight", dtype=hidden.dtype)
-    if hidden.ndim < 1:
-        msg = "`hidden` must have shape (..., d); got a 0-d tensor."
-        raise ValueError(msg)
-    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
-        msg = (
-            f"`weight` must have shape (V, d) with d = hidden.shape[-1] = {hidden.shape[-1]}; "
-            f"got {tuple(weight.shape)}."
-        )
-        raise ValueError(msg)
-    n_classes = int(weight.shape[0])
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
-        msg = (
-            f"`target` must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; "
-            f"got {tuple(target.shape)}."
-        )
-        raise ValueError(msg)
+    shift = check_shift(shift)
+    n_classes = check_head(hidden, weight, target, bias, shift=shift)
     xp = array_namespace(hidden, target)
-    check_integer_labels(target, xp=xp)
-    tensors: dict[str, Any] = {"weight": weight, "target": target}
-    if bias is not None:
-        bias = _check_tensor(bias, name="bias")
-        _check_float(bias, name="bias", dtype=hidden.dtype)
-        if tuple(bias.shape) != (n_classes,):
-            msg = f"`bias` must have shape (V,) = ({n_classes},); got {tuple(bias.shape)}."
-            raise ValueError(msg)
-        tensors["bias"] = bias
     if class_weight is not None:
         class_weight = _check_tensor(class_weight, name="class_weight")
         _check_float(class_weight, name="class_weight")
@@ -272,8 +206,8 @@ def linear_cross_entropy(
             )
             raise ValueError(msg)
         check_nonnegative(class_weight, name="class_weight", xp=xp)
-        tensors["class_weight"] = class_weight
-    _check_devices(hidden, tensors)
+        _check_devices(hidden, {"class_weight": class_weight})
+    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     check_label_range(target, n_classes, ignore_index=opts.ignore_index, xp=xp)
 
     d = hidden.shape[-1]
@@ -281,5 +215,148 @@ def linear_cross_entropy(
         hidden.reshape(-1, d), weight, target.reshape(-1), bias, class_weight, opts
     )
     if opts.reduction == "none":
-        loss = loss.reshape(target.shape)
+        loss = unshift(loss.reshape(target.shape), shift=shift)
     return loss
+
+
+def _log_prob_options(
+    *,
+    temperature: object,
+    softcap: object,
+    ignore_index: object,
+    shift: object,
+    return_entropy: object,
+    chunk_size: object,
+) -> tuple[LogProbOptions, bool]:
+    """The checked options of the log-probability functions, and `shift`."""
+    if not isinstance(return_entropy, bool):
+        msg = f"`return_entropy` must be True or False; got {return_entropy!r}."
+        raise TypeError(msg)
+    opts = LogProbOptions(
+        ignore_index=check_ignore_index(ignore_index, allow_none=False),
+        temperature=check_temperature(temperature),
+        softcap=check_softcap(softcap),
+        entropy=return_entropy,
+        chunk_size=check_chunk_size(chunk_size),
+    )
+    return opts, check_shift(shift)
+
+
+def linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-token log-probability of `target` (and entropy) under softmax(logits / T).
+
+    The logits are ``hidden @ weight.T + bias``.
+
+    The policy log-probabilities and the entropy bonus of policy-gradient
+    training (PPO, GRPO, REINFORCE), without ever holding the whole
+    (tokens × vocabulary) logits: the forward pass keeps one chunk of logits at
+    a time, and the backward pass recomputes each chunk and forms its gradient
+    for whatever upstream gradients the two outputs receive.
+
+    Parameters
+    ----------
+    hidden : Tensor, shape (..., d)
+        Hidden states (``(..., T, d)`` with `shift`); float32, float64, float16 or bfloat16.
+    weight : Tensor, shape (V, d)
+        The output projection; its floating dtype may differ from `hidden`'s
+        (the products run in the promoted dtype).
+    target : Tensor of int, shape (...)
+        The tokens whose log-probability is wanted, `hidden`'s shape without ``d``.
+    bias : Tensor, shape (V,), optional
+        Added to the logits.
+    temperature : float, default 1.0
+        The logits are divided by it (after the soft cap); positive.
+    softcap : float, optional
+        Replaces the logits by ``softcap · tanh(logits / softcap)`` first (Gemma 2).
+    ignore_index : int, default -100
+        Positions with this target give 0 in both outputs and no gradient.
+    shift : bool, default False
+        Position t is scored against ``target[..., t + 1]``; the last position
+        is dropped, so the outputs have shape ``(..., T - 1)``.
+    return_entropy : bool, default False
+        Also return the entropy of each position's softmax.
+    chunk_size : int, optional
+        Tokens per chunk; None picks one from a 256 MiB budget.
+
+    Returns
+    -------
+    log_probs : Tensor
+        Shape of `target` (after the shift); float32, or float64 for float64 operands.
+    entropy : Tensor
+        Only with ``return_entropy=True``; same shape and dtype, in nats.
+
+    Raises
+    ------
+    TypeError
+        Non-tensor or non-floating arguments, non-integer `target`, bad option types.
+    ValueError
+        Mismatched shapes or devices, labels outside ``[0, V)`` that are not
+        `ignore_index`, ``temperature <= 0``, ``softcap <= 0``.
+
+    Notes
+    -----
+    With :math:`u = \operatorname{softcap}(x)/T` and :math:`p = \operatorname{softmax}(u)`:
+
+    .. math::
+
+        \log p_y = u_y - \operatorname{lse}(u), \qquad
+        H = -\sum_k p_k \log p_k = \operatorname{lse}(u) - \sum_k p_k u_k,
+
+        \frac{\partial}{\partial u_k}\big(g_y \log p_y + g_H H\big)
+            = g_y([k = y] - p_k) - g_H\, p_k (\log p_k + H).
+
+    The forward pass does one matrix product per chunk; backward recomputes the
+    chunk's logits and does the two gradient products (four in all, the cost of
+    the unfused ``log_softmax`` + ``gather`` with autograd, at a fraction of
+    its memory). Extra memory: one ``(chunk, V)`` float32 buffer, a second with
+    `softcap` in backward, and row-blocked temporaries of 1/8 of it. Higher-order
+    gradients are not supported (a second differentiation raises).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from crossent.fused import linear_log_probs
+    >>> hidden = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    >>> weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> target = torch.tensor([0, 2])
+    >>> log_probs, entropy = linear_log_probs(hidden, weight, target, return_entropy=True)
+    >>> ref = torch.log_softmax(hidden @ weight.T, dim=-1)
+    >>> bool(torch.allclose(log_probs, ref[[0, 1], [0, 2]]))
+    True
+    >>> bool(torch.allclose(entropy, -(ref.exp() * ref).sum(-1)))
+    True
+    >>> (log_probs.sum() + 0.01 * entropy.sum()).backward()
+    >>> hidden.grad.shape
+    torch.Size([2, 2])
+    """
+    opts, shift = _log_prob_options(
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        shift=shift,
+        return_entropy=return_entropy,
+        chunk_size=chunk_size,
+    )
+    n_classes = check_head(hidden, weight, target, bias, shift=shift)
+    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
+    check_label_range(
+        target, n_classes, ignore_index=opts.ignore_index, xp=array_namespace(hidden, target)
+    )
+    d = hidden.shape[-1]
+    lp, ent = run_log_probs(hidden.reshape(-1, d), weight, target.reshape(-1), bias, opts)
+    lp = unshift(lp.reshape(target.shape), shift=shift)
+    if ent is None:
+        return lp
+    return lp, unshift(ent.reshape(target.shape), shift=shift)

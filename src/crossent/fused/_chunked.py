@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["_ChunkedResult", "_auto_chunk_size", "_chunked_linear_ce", "clear_workspace"]
+__all__ = [
+    "_ChunkedResult",
+    "_auto_chunk_size",
+    "_chunked_linear_ce",
+    "clear_workspace",
+    "product_dtype",
+    "result_dtype",
+]
 
 Hook = Callable[["torch.Tensor"], "torch.Tensor | None"]
 
@@ -105,17 +112,25 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _auto_chunk_size(
-    n_rows: int, v_local: int, *, low_precision: bool, softcap: bool, budget: int | None = None
+    n_rows: int,
+    v_local: int,
+    *,
+    low_precision: bool,
+    softcap: bool = False,
+    buffers: float = 1.0,
+    budget: int | None = None,
 ) -> int:
     """Rows per chunk so the chunk's work buffers fit in :data:`CHUNK_BUDGET_BYTES`.
 
-    The buffers are one float32 (or float64) ``(chunk, V_local)`` logits buffer,
-    a second one when `softcap` is set (for the tanh), and a half-size copy in
-    the input dtype for float16/bfloat16 matrix products. The chunk is at least
+    The buffers are `buffers` float32 (or float64) ``(chunk, V_local)`` buffers
+    (the logits, plus whatever else the function keeps per chunk), a second one
+    when `softcap` is set (for the tanh), and a half-size copy in the input dtype
+    for float16/bfloat16 matrix products. The chunk is at least
     :data:`MIN_AUTO_CHUNK` rows and at most `n_rows`.
     """
     budget = CHUNK_BUDGET_BYTES if budget is None else budget
-    per_row = 4.0 * v_local * (1.0 + (1.0 if softcap else 0.0) + (0.5 if low_precision else 0.0))
+    extra = (1.0 if softcap else 0.0) + (0.5 if low_precision else 0.0)
+    per_row = 4.0 * v_local * (buffers + extra)
     rows = int(budget // max(per_row, 1.0))
     return max(1, min(n_rows, max(rows, MIN_AUTO_CHUNK)))
 
@@ -234,32 +249,23 @@ def _chunked_linear_ce(
     """
     import torch
 
-    n_total, d = hidden.shape
+    n_total = hidden.shape[0]
     v_local = weight.shape[0]
     n_classes = v_local if vocab_size is None else int(vocab_size)
-    if isinstance(compute_grad, bool):
-        want_h = want_w = want_b = compute_grad
-    else:
-        want_h, want_w, want_b = (bool(g) for g in compute_grad)
-    want_b = want_b and bias is not None
-    any_grad = want_h or want_w or want_b
+    want = _wanted(compute_grad, bias)
+    any_grad = any(want)
 
+    weight, bias = _product_operands(hidden, weight, bias)
     device = hidden.device
-    in_dtype = hidden.dtype
-    cdt = _compute_dtype(in_dtype)
-    low_precision = cdt != in_dtype
+    cdt = _compute_dtype(weight.dtype)
     eps = float(label_smoothing)
     zeta = float(z_loss)
     has_softcap = softcap is not None
     distributed = reduce_max is not None or reduce_sum is not None
 
     # Which rows count, and the mean's denominator (known before any chunk).
-    target = target.reshape(-1)
-    counted = target != ignore_index
-    rows_all = torch.nonzero(counted).reshape(-1)
+    rows_all, y_all = _counted_rows(target, ignore_index)
     n_counted = int(rows_all.numel())
-    compact = n_counted != n_total
-    y_all = target[rows_all].long()
 
     if class_weight is not None:
         cw_global = class_weight.to(cdt)
@@ -277,71 +283,30 @@ def _chunked_linear_ce(
     else:
         inv_denom = torch.ones((), dtype=cdt, device=device)
 
-    # Outputs and accumulators.
-    acc_dtype = torch.float32 if low_precision else weight.dtype
-    grad_h = None
-    if want_h:
-        grad_h = (torch.zeros if compact else torch.empty)(
-            (n_total, d), dtype=in_dtype, device=device
-        )
-    # zeros only for an empty batch: otherwise the first chunk overwrites them (no fill pass)
-    alloc = torch.zeros if n_counted == 0 else torch.empty
-    grad_w = alloc((v_local, d), dtype=acc_dtype, device=device) if want_w else None
-    grad_b = alloc((v_local,), dtype=acc_dtype, device=device) if want_b else None
     loss_rows = torch.zeros((n_total,), dtype=cdt, device=device) if reduction == "none" else None
     loss_total = torch.zeros((), dtype=cdt, device=device)
     lse_rows = torch.zeros((n_total,), dtype=cdt, device=device)
 
-    if n_counted == 0:
-        return _ChunkedResult(
-            loss_rows if loss_rows is not None else loss_total, grad_h, grad_w, grad_b, lse_rows
-        )
-
-    if chunk_size is None:
-        chunk = _auto_chunk_size(
-            n_counted, v_local, low_precision=low_precision, softcap=has_softcap
-        )
-        if distributed:
-            agreed = torch.tensor([-float(chunk)], dtype=torch.float32, device=device)
-            chunk = int(-_apply_hook(reduce_max, agreed).item())
-    else:
-        chunk = max(1, min(int(chunk_size), n_counted))
-
-    triton_ops = _triton_ops(hidden, use_triton)
-
-    # Work buffers, allocated once.
-    shape = (chunk, v_local)
-    buf_all = _workspace("logits", shape, cdt, device)
-    tanh_all = (
-        _workspace("tanh", shape, cdt, device) if has_softcap and triton_ops is None else None
+    chunk = _agreed_chunk(
+        chunk_size,
+        n_counted,
+        v_local,
+        buffers=1.0 + (1.0 if has_softcap else 0.0),
+        low_precision=cdt != weight.dtype,
+        reduce_max=reduce_max,
+        device=device,
     )
-    lp_all = _workspace("low", shape, in_dtype, device) if low_precision else None
-    w_t = weight.t()
-    # vocabulary block for the float32-accumulated weight gradient of low precision inputs
-    v_block = max(1, min(v_local, (chunk * v_local) // max(4 * d, 1))) if low_precision else 0
+    triton_ops = _triton_ops(weight, use_triton)
+    tanh_all = (
+        _workspace("tanh", (chunk, v_local), cdt, device)
+        if has_softcap and triton_ops is None and n_counted
+        else None
+    )
 
-    for start in range(0, n_counted, chunk):
-        first = start == 0
-        stop = min(start + chunk, n_counted)
-        n = stop - start
-        rows = rows_all[start:stop]
-        y = y_all[start:stop]
-        h_c = hidden.index_select(0, rows) if compact else hidden[start:stop]
-        buf = buf_all[:n]
-        lp = lp_all[:n] if lp_all is not None else None
-
-        # logits -> buf (compute dtype)
-        if lp is not None:
-            if bias is not None:
-                torch.addmm(bias, h_c, w_t, out=lp)
-            else:
-                torch.mm(h_c, w_t, out=lp)
-            buf.copy_(lp)
-        elif bias is not None:
-            torch.addmm(bias, h_c, w_t, out=buf)
-        else:
-            torch.mm(h_c, w_t, out=buf)
-
+    def body(buf: torch.Tensor, c: _Chunk) -> bool:
+        nonlocal loss_total
+        n = c.stop - c.start
+        y = y_all[c.start : c.stop]
         y_loc = y - vocab_start
         owned = (y_loc >= 0) & (y_loc < v_local)
         y_loc = torch.where(owned, y_loc, 0)
@@ -378,8 +343,8 @@ def _chunked_linear_ce(
 
         log_s = torch.log(s)
         lse = m + log_s
-        lse_rows[rows] = lse
-        wy = wy_all[start:stop] if wy_all is not None else None
+        lse_rows[c.rows] = lse
+        wy = wy_all[c.start : c.stop] if wy_all is not None else None
         ce = log_s - d_y
         loss = (1.0 - eps) * (ce * wy if wy is not None else ce)
         if eps > 0:
@@ -387,16 +352,16 @@ def _chunked_linear_ce(
         if zeta > 0:
             loss = loss + zeta * lse * lse
         if loss_rows is not None:
-            loss_rows[rows] = loss
+            loss_rows[c.rows] = loss
         loss_total += loss.sum()
 
         if not any_grad:
-            continue
+            return False
 
         # d loss / d z, in place in buf
         r = inv_denom.expand(n)
         if row_scale is not None:
-            r = r * row_scale[rows].to(cdt)
+            r = r * row_scale[c.rows].to(cdt)
         b = (1.0 - eps) * (wy if wy is not None else torch.ones_like(lse))
         a = b + (eps / n_classes) * w_sum
         if zeta > 0:
@@ -414,26 +379,214 @@ def _chunked_linear_ce(
                 softcap=softcap,
                 smoothing=eps > 0,
             )
+            return True
+        buf.exp_()  # slice softmax
+        coef = r * a / s
+        if delta is not None:
+            coef = coef * torch.exp(delta)
+        buf.mul_(coef[:, None])
+        idx = torch.arange(n, device=device)
+        buf.index_put_((idx, y_loc), -(r * b * owned), accumulate=True)
+        if eps > 0:
+            if cw_local is not None:
+                buf.addr_(r, cw_local, alpha=-(eps / n_classes))
+            else:
+                buf.sub_((r * (eps / n_classes))[:, None])
+        if tanh_all is not None:
+            t = tanh_all[:n]
+            t.square_().neg_().add_(1.0)
+            buf.mul_(t)
+        return True
+
+    grad_h, grad_w, grad_b = _chunk_loop(
+        hidden, weight, bias, rows_all, chunk=chunk, want=want if any_grad else None, body=body
+    )
+    if loss_rows is not None:
+        loss_out = loss_rows
+    else:
+        loss_out = loss_total * inv_denom if reduction == "mean" else loss_total
+    return _ChunkedResult(loss_out, grad_h, grad_w, grad_b, lse_rows)
+
+
+class _Chunk(NamedTuple):
+    """One chunk of counted rows: positions ``[start, stop)`` of the counted rows.
+
+    rows
+        Their indices among all ``N`` rows (to scatter per-row results).
+    compact
+        Whether some rows are skipped (then `take` gathers, else it slices).
+    first
+        Whether this is the first chunk (accumulators are overwritten, not added to).
+    """
+
+    start: int
+    stop: int
+    rows: torch.Tensor
+    compact: bool
+    first: bool
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This chunk's rows of a per-row tensor `x` (shape ``(N, ...)``)."""
+        return x.index_select(0, self.rows) if self.compact else x[self.start : self.stop]
+
+
+def _wanted(compute_grad: bool | tuple[bool, bool, bool], bias: Any) -> tuple[bool, bool, bool]:
+    """``(hidden, weight, bias)`` gradient flags; no bias gradient without a bias."""
+    if isinstance(compute_grad, bool):
+        want_h = want_w = want_b = compute_grad
+    else:
+        want_h, want_w, want_b = (bool(g) for g in compute_grad)
+    return want_h, want_w, want_b and bias is not None
+
+
+def product_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype the matrix products run in: the promotion of the operands' dtypes.
+
+    A float32 head with bfloat16 hidden states (a float32 master weight under
+    autocast) gives float32 products: more accurate than autocast's bfloat16
+    product, and it needs no copy of the weight, only of each chunk of hidden rows.
+    """
+    import torch
+
+    present = [t.dtype for t in tensors if t is not None]
+    out = present[0]
+    for dt in present[1:]:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def result_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype of values the fused functions return: float32, or float64 for float64 operands."""
+    return _compute_dtype(product_dtype(*tensors))
+
+
+def _product_operands(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`weight` and `bias` in the product dtype (hidden rows are cast chunk by chunk)."""
+    dt = product_dtype(hidden, weight, bias)
+    return weight.to(dt), (None if bias is None else bias.to(dt))
+
+
+def _counted_rows(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the rows whose target is not `ignore_index`, and their (int64) targets."""
+    import torch
+
+    target = target.reshape(-1)
+    rows = torch.nonzero(target != ignore_index).reshape(-1)
+    return rows, target[rows].long()
+
+
+def _agreed_chunk(
+    chunk_size: int | None,
+    n_rows: int,
+    v_local: int,
+    *,
+    buffers: float,
+    low_precision: bool,
+    reduce_max: Hook | None,
+    device: torch.device,
+) -> int:
+    """Rows per chunk: `chunk_size`, or the budget's choice (the smallest over ranks)."""
+    import torch
+
+    if chunk_size is not None:
+        return max(1, min(int(chunk_size), n_rows))
+    if n_rows == 0:
+        return 1
+    chunk = _auto_chunk_size(
+        n_rows, v_local, low_precision=low_precision, softcap=False, buffers=buffers
+    )
+    if reduce_max is not None:
+        agreed = torch.tensor([-float(chunk)], dtype=torch.float32, device=device)
+        chunk = int(-_apply_hook(reduce_max, agreed).item())
+    return chunk
+
+
+def _chunk_loop(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows_all: torch.Tensor,
+    *,
+    chunk: int,
+    want: tuple[bool, bool, bool] | None,
+    body: Callable[[torch.Tensor, _Chunk], bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    r"""The one chunk loop of every fused function: logits in, gradient products out.
+
+    For each chunk of the counted rows `rows_all` it computes the logits
+    ``h_c @ weight.T + bias`` into a work buffer in the compute dtype (float32 for
+    float16/bfloat16 products) and calls ``body(buf, chunk)``, which reads the
+    logits, records its per-row values, and — when it returns True — has left
+    :math:`G = \partial L / \partial z` (already scaled) in `buf`. The loop then
+    forms :math:`\nabla_b \mathrel{+}= \sum_i G_i`, :math:`\nabla_h = G W` and
+    :math:`\nabla_W \mathrel{+}= G^\top h_c`.
+
+    `weight` and `bias` must already be in the product dtype
+    (:func:`_product_operands`); rows of `hidden` are cast to it chunk by chunk.
+    `want` gives the (hidden, weight, bias) gradients to form (None: none).
+    Returns them: `grad_hidden` ``(N, d)`` in `hidden`'s dtype (zero at rows not
+    in `rows_all`), `grad_weight` and `grad_bias` float32 for low-precision
+    products (accumulated in float32), else in the product dtype.
+    """
+    import torch
+
+    n_total, d = hidden.shape
+    v_local = weight.shape[0]
+    n_rows = int(rows_all.numel())
+    compact = n_rows != n_total
+    device = hidden.device
+    mm_dtype = weight.dtype
+    cdt = _compute_dtype(mm_dtype)
+    low_precision = cdt != mm_dtype
+    want_h, want_w, want_b = want if want is not None else (False, False, False)
+    want_b = want_b and bias is not None
+
+    acc_dtype = torch.float32 if low_precision else mm_dtype
+    grad_h = None
+    if want_h:
+        grad_h = (torch.zeros if compact else torch.empty)(
+            (n_total, d), dtype=hidden.dtype, device=device
+        )
+    # zeros only for an empty batch: otherwise the first chunk overwrites them (no fill pass)
+    alloc = torch.zeros if n_rows == 0 else torch.empty
+    grad_w = alloc((v_local, d), dtype=acc_dtype, device=device) if want_w else None
+    grad_b = alloc((v_local,), dtype=acc_dtype, device=device) if want_b else None
+    if n_rows == 0:
+        return grad_h, grad_w, grad_b
+
+    shape = (chunk, v_local)
+    buf_all = _workspace("logits", shape, cdt, device)
+    lp_all = _workspace("low", shape, mm_dtype, device) if low_precision else None
+    w_t = weight.t()
+    # vocabulary block for the float32-accumulated weight gradient of low precision inputs
+    v_block = max(1, min(v_local, (chunk * v_local) // max(4 * d, 1))) if low_precision else 0
+
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        n = stop - start
+        c = _Chunk(start, stop, rows_all[start:stop], compact, start == 0)
+        h_c = c.take(hidden)
+        if h_c.dtype != mm_dtype:
+            h_c = h_c.to(mm_dtype)
+        buf = buf_all[:n]
+        lp = lp_all[:n] if lp_all is not None else None
+
+        # logits -> buf (compute dtype)
+        out = lp if lp is not None else buf
+        if bias is not None:
+            torch.addmm(bias, h_c, w_t, out=out)
         else:
-            buf.exp_()  # slice softmax
-            coef = r * a / s
-            if delta is not None:
-                coef = coef * torch.exp(delta)
-            buf.mul_(coef[:, None])
-            idx = torch.arange(n, device=device)
-            buf.index_put_((idx, y_loc), -(r * b * owned), accumulate=True)
-            if eps > 0:
-                if cw_local is not None:
-                    buf.addr_(r, cw_local, alpha=-(eps / n_classes))
-                else:
-                    buf.sub_((r * (eps / n_classes))[:, None])
-            if tanh_all is not None:
-                t = tanh_all[:n]
-                t.square_().neg_().add_(1.0)
-                buf.mul_(t)
+            torch.mm(h_c, w_t, out=out)
+        if lp is not None:
+            buf.copy_(lp)
+
+        if not body(buf, c) or want is None:
+            continue
 
         if grad_b is not None:
-            if first:
+            if c.first:
                 torch.sum(buf, dim=0, out=grad_b)
             else:
                 grad_b += buf.sum(0)
@@ -442,24 +595,23 @@ def _chunked_linear_ce(
             lp.copy_(buf)
             g = lp
         if grad_h is not None:
-            if compact:
-                grad_h.index_copy_(0, rows, torch.mm(g, weight))
+            if compact or grad_h.dtype != mm_dtype:
+                gh = torch.mm(g, weight)
+                if compact:
+                    grad_h.index_copy_(0, c.rows, gh.to(grad_h.dtype))
+                else:
+                    grad_h[start:stop].copy_(gh)
             else:
                 torch.mm(g, weight, out=grad_h[start:stop])
         if grad_w is not None:
             if lp is None:
-                if first:
+                if c.first:
                     torch.mm(g.t(), h_c, out=grad_w)
                 else:
                     torch.addmm(grad_w, g.t(), h_c, out=grad_w)
             else:
-                _accumulate_weight_grad_f32(grad_w, buf, g, h_c, v_block=v_block, first=first)
-
-    if loss_rows is not None:
-        loss_out = loss_rows
-    else:
-        loss_out = loss_total * inv_denom if reduction == "mean" else loss_total
-    return _ChunkedResult(loss_out, grad_h, grad_w, grad_b, lse_rows)
+                _accumulate_weight_grad_f32(grad_w, buf, g, h_c, v_block=v_block, first=c.first)
+    return grad_h, grad_w, grad_b
 
 
 def _accumulate_weight_grad_f32(
@@ -509,6 +661,7 @@ def _row_stats_torch(
     *,
     softcap: float | None,
     smoothing: bool,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Local row statistics; leaves the slice's log-softmax ``z - lse_loc`` in `buf`.
 
@@ -517,14 +670,19 @@ def _row_stats_torch(
     ``(lse_loc, 1, S_loc, z_y - lse_loc)`` with ``S_loc = Σ_k w_k (z_k - lse_loc)``
     (≤ 0; 0 when not `smoothing`). ``lse_loc = z_j - (z_j - lse_loc)`` is recovered
     at the target column (any column would do; the caller masks targets owned by
-    other slices). With `softcap`, tanh(x/c) is kept in `tanh_buf` for the chain rule.
+    other slices). The logits are ``z = scale · softcap · tanh(x / softcap)``
+    (``scale`` is 1 / temperature); with `tanh_buf`, tanh(x/c) is kept there for
+    the chain rule.
     """
     import torch
 
-    if softcap is not None and tanh_buf is not None:
+    if softcap is not None:
         buf.div_(softcap).tanh_()
-        tanh_buf.copy_(buf)
-        buf.mul_(softcap)
+        if tanh_buf is not None:
+            tanh_buf.copy_(buf)
+        buf.mul_(softcap * scale)
+    elif scale != 1.0:
+        buf.mul_(scale)
     col = y_loc[:, None]
     z_y = buf.gather(1, col).squeeze(1)
     torch._log_softmax(buf, 1, False, out=buf)
@@ -537,13 +695,16 @@ def _row_stats_torch(
     return lse_loc, torch.ones_like(lse_loc), sm_loc, d_loc
 
 
-def _triton_ops(hidden: torch.Tensor, use_triton: bool | None) -> Any:
-    """The Triton row-statistics / gradient ops, or None for the pure-PyTorch path."""
+def _triton_ops(operand: torch.Tensor, use_triton: bool | None) -> Any:
+    """The Triton row-statistics / gradient ops, or None for the pure-PyTorch path.
+
+    `operand` is a tensor in the product dtype, on the device of the computation.
+    """
     import torch
 
     if use_triton is False:
         return None
-    if use_triton is None and (hidden.device.type != "cuda" or hidden.dtype == torch.float64):
+    if use_triton is None and (operand.device.type != "cuda" or operand.dtype == torch.float64):
         # float64 stays on the PyTorch path: Triton rounds float literals (the tanh
         # series' coefficients) to float32, which would cost float64 accuracy.
         return None

@@ -795,6 +795,9 @@ class LinearCrossEntropyLoss(_Loss):
         ``"mean"`` divides by the number of counted tokens.
     chunk_size : int, optional, keyword-only
         Tokens per chunk (memory versus speed); ``None`` picks one.
+    shift : bool, keyword-only, default False
+        Next-token prediction: position t is scored against ``target[..., t + 1]``
+        and the last position is dropped (Hugging Face's causal-LM loss).
 
     Notes
     -----
@@ -802,8 +805,8 @@ class LinearCrossEntropyLoss(_Loss):
     ``(..., H)`` (e.g. ``(batch, seq, H)``), the head's `weight` of shape
     ``(V, H)`` (``nn.Linear``'s layout), `target` of shape ``(...)`` and an
     optional `bias` of shape ``(V,)``; ``reduction="none"`` returns the shape
-    of `target`. Shift the labels for next-token prediction before the call,
-    as with :class:`CrossEntropyLoss`.
+    of `target` (``(..., T - 1)`` with `shift`). The loss is float32 (float64
+    for float64 inputs) whatever the dtype of `hidden`.
 
     Examples
     --------
@@ -827,6 +830,7 @@ class LinearCrossEntropyLoss(_Loss):
         ("softcap", None),
         ("reduction", "mean"),
         ("chunk_size", None),
+        ("shift", False),
     )
 
     def __init__(
@@ -838,6 +842,7 @@ class LinearCrossEntropyLoss(_Loss):
         softcap: float | None = None,
         reduction: str = "mean",
         chunk_size: int | None = None,
+        shift: bool = False,
     ) -> None:
         super().__init__(None, None, reduction)
         self.ignore_index = _check_ignore_index(ignore_index)
@@ -845,6 +850,10 @@ class LinearCrossEntropyLoss(_Loss):
         self.z_loss = check_nonnegative_scalar(z_loss, name="z_loss")
         self.softcap = _check_softcap(softcap)
         self.chunk_size = _check_chunk_size(chunk_size)
+        if not isinstance(shift, bool):
+            msg = f"`shift` must be True or False; got {shift!r}."
+            raise TypeError(msg)
+        self.shift = shift
 
     def forward(
         self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None
@@ -863,4 +872,5 @@ class LinearCrossEntropyLoss(_Loss):
             softcap=self.softcap,
             reduction=self.reduction,
             chunk_size=self.chunk_size,
+            shift=self.shift,
         )

@@ -1,0 +1,337 @@
+r"""Knowledge distillation: the generalized Jensen–Shannon divergence between two softmaxes.
+
+One row formula, :func:`distill_rows`, serves :func:`distillation_loss` (every
+array-API backend), its closed-form gradient in ``value_and_grad``, and the
+fused :func:`crossent.fused.linear_distillation_loss`, which calls it on each
+chunk of logits.
+
+With :math:`P = \operatorname{softmax}(t/T)` (teacher), :math:`Q = \operatorname{softmax}(s/T)`
+(student) and the mixture :math:`M = \beta P + (1-\beta) Q`,
+
+.. math::
+
+    L_\beta = \beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M), \qquad 0 < \beta < 1,
+
+and at the ends the two KL divergences the mixture degenerates from:
+:math:`L_0 = \mathrm{KL}(P\|Q)` (forward KL) and :math:`L_1 = \mathrm{KL}(Q\|P)`
+(reverse KL) — the convention of TRL's ``generalized_jsd_loss`` (Agarwal et al.,
+GKD). Everything is in log space: :math:`\log M =
+\operatorname{logaddexp}(\log\beta + \log P, \log(1-\beta) + \log Q)`.
+
+The gradient with respect to the student's logits :math:`s` (the teacher is a
+constant): with :math:`r_k = \log Q_k - \log M_k` (:math:`\log Q_k - \log P_k`
+for :math:`\beta = 1`),
+
+.. math::
+
+    \frac{\partial L_\beta}{\partial s_k}
+        = \frac{c_\beta}{T}\, Q_k \big(r_k - \textstyle\sum_j Q_j r_j\big),
+    \quad c_\beta = 1 - \beta \ (1 \text{ at } \beta = 1), \qquad
+    \frac{\partial L_0}{\partial s_k} = \frac{Q_k - P_k}{T},
+
+since :math:`\partial L_\beta / \partial Q_k = (1-\beta)(\log Q_k - \log M_k)` (the
+:math:`\log M` terms of the two KL divergences cancel through :math:`\sum_k \partial M_k = 0`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from crossent._lib._checks import (
+    check_axis,
+    check_floating,
+    check_ignore_index,
+    check_integer_labels,
+    check_reduction,
+    check_same_shape,
+)
+from crossent._lib._xp import Array, array_namespace, astype, compute_dtype, device, logsumexp
+from crossent._losses._common import reduce_loss
+
+__all__ = [
+    "check_beta",
+    "check_temperature",
+    "distill_rows",
+    "distillation_loss",
+]
+
+
+def check_beta(beta: object) -> float:
+    """`beta` is a number in [0, 1]."""
+    if isinstance(beta, bool) or not isinstance(beta, int | float):
+        msg = f"`beta` must be a number in [0, 1] such as 0.5; got {type(beta).__name__}."
+        raise TypeError(msg)
+    if not 0.0 <= beta <= 1.0:
+        msg = (
+            f"`beta` must lie in [0, 1] (0: forward KL(teacher||student), 1: reverse "
+            f"KL(student||teacher), in between: the generalized JSD); got {beta!r}."
+        )
+        raise ValueError(msg)
+    return float(beta)
+
+
+def check_temperature(temperature: object) -> float:
+    """`temperature` is a positive, finite number."""
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        kind = type(temperature).__name__
+        msg = f"`temperature` must be a positive number such as 1.0; got {kind}."
+        raise TypeError(msg)
+    if not 0.0 < temperature < math.inf:
+        msg = (
+            f"`temperature` must be positive and finite (the logits are divided by it); "
+            f"got {temperature!r}. Use 1.0 for the plain softmax."
+        )
+        raise ValueError(msg)
+    return float(temperature)
+
+
+def _log_softmax(x: Array, *, xp: Any) -> Array:
+    """Log-softmax along the last axis; a row of all −inf gives NaN (no distribution)."""
+    return x - logsumexp(x, axis=-1, keepdims=True, xp=xp)
+
+
+def _p_log_ratio(log_p: Array, log_q: Array, *, xp: Any) -> Array:
+    """Elementwise :math:`p (\\log p - \\log q)` with 0 where p = 0 (value and gradient)."""
+    zero = log_p == -math.inf
+    safe = xp.where(zero, xp.zeros_like(log_p), log_p - log_q)
+    return xp.where(zero, xp.zeros_like(log_p), xp.exp(log_p) * safe)
+
+
+def distill_rows(
+    student: Array,
+    teacher: Array,
+    *,
+    beta: float,
+    temperature: float,
+    grad: bool,
+    xp: Any,
+) -> tuple[Array, Array | None]:
+    r"""Per-row generalized JSD and its gradient for the student's logits (last axis).
+
+    `student` and `teacher` are ``(..., V)`` logits in the compute dtype; returns
+    the loss ``(...)`` and, with `grad`, :math:`\partial L / \partial s` ``(..., V)``
+    (None otherwise). The formulas are in the module docstring.
+    """
+    inv_t = 1.0 / temperature
+    log_q = _log_softmax(student * inv_t if inv_t != 1.0 else student, xp=xp)
+    log_p = _log_softmax(teacher * inv_t if inv_t != 1.0 else teacher, xp=xp)
+    if beta == 0.0:  # forward KL(P || Q)
+        loss = xp.sum(_p_log_ratio(log_p, log_q, xp=xp), axis=-1)
+        if not grad:
+            return loss, None
+        return loss, (xp.exp(log_q) - xp.exp(log_p)) * inv_t
+    if beta == 1.0:  # reverse KL(Q || P)
+        log_m, coef = log_p, 1.0
+        loss_q = _p_log_ratio(log_q, log_m, xp=xp)
+        loss = xp.sum(loss_q, axis=-1)
+    else:
+        log_m = xp.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
+        coef = 1.0 - beta
+        loss_q = _p_log_ratio(log_q, log_m, xp=xp)
+        loss = beta * xp.sum(_p_log_ratio(log_p, log_m, xp=xp), axis=-1) + coef * xp.sum(
+            loss_q, axis=-1
+        )
+    if not grad:
+        return loss, None
+    # Q_k (r_k - sum_j Q_j r_j) with Q_k r_k = loss_q (0 where Q_k = 0)
+    kl_q = xp.sum(loss_q, axis=-1, keepdims=True)
+    return loss, (loss_q - xp.exp(log_q) * kl_q) * (coef * inv_t)
+
+
+def _prepare(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    beta: object,
+    temperature: object,
+    axis: object,
+    target: Array | None,
+    ignore_index: object,
+    reduction: object,
+) -> tuple[Any, Array, Array, Array | None, dict[str, Any]]:
+    """Checks; the logits moved to the last axis (compute dtype) and the counted-row mask."""
+    xp = array_namespace(student_logits, teacher_logits)
+    check_floating(student_logits, name="student_logits", xp=xp)
+    check_floating(teacher_logits, name="teacher_logits", xp=xp)
+    check_same_shape(student_logits, teacher_logits, names=("student_logits", "teacher_logits"))
+    opts = {
+        "beta": check_beta(beta),
+        "temperature": check_temperature(temperature),
+        "reduction": check_reduction(reduction),
+    }
+    ndim = len(student_logits.shape)
+    if ndim == 0:
+        msg = "`student_logits` must have a class axis; got a 0-d array."
+        raise ValueError(msg)
+    ax = check_axis(axis, ndim, name="student_logits")
+    index = check_ignore_index(ignore_index, allow_none=True)
+    dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype, xp=xp)
+    s = xp.moveaxis(astype(student_logits, dtype, xp=xp), ax, -1)
+    t = xp.moveaxis(astype(teacher_logits, dtype, xp=xp), ax, -1)
+    counted = None
+    if target is not None:
+        check_integer_labels(target, xp=xp)
+        batch = tuple(s.shape[:-1])
+        if tuple(target.shape) != batch:
+            msg = (
+                f"`target` must have the shape of the logits without `axis`, {batch}; "
+                f"got {tuple(target.shape)}. It only masks rows equal to `ignore_index`."
+            )
+            raise ValueError(msg)
+        if index is not None:
+            counted = target != index
+    return xp, s, t, counted, {**opts, "axis": ax}
+
+
+def _finish(
+    rows: Array, counted: Array | None, reduction: str, *, xp: Any
+) -> tuple[Array, Array | None]:
+    """Masked rows → 0; the reduction; and d(result)/d(row) for ``"mean"`` (None: 1)."""
+    denom = None
+    if counted is not None:
+        rows = xp.where(counted, rows, xp.zeros_like(rows))
+        denom = xp.sum(xp.astype(counted, rows.dtype))
+    return reduce_loss(rows, reduction, denominator=denom, xp=xp), denom
+
+
+def distillation_loss(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    axis: int = -1,
+    target: Array | None = None,
+    ignore_index: int = -100,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+) -> Array:
+    r"""Generalized Jensen–Shannon divergence between the teacher's and the student's softmax.
+
+    With :math:`P = \operatorname{softmax}(t/T)` (teacher), :math:`Q =
+    \operatorname{softmax}(s/T)` (student) and :math:`M = \beta P + (1-\beta) Q`,
+    each row's loss is :math:`\beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M)`;
+    ``beta=0`` is exactly the forward :math:`\mathrm{KL}(P\|Q)` and ``beta=1``
+    exactly the reverse :math:`\mathrm{KL}(Q\|P)`. Computed in log space; the
+    teacher is a constant (no gradient flows to it).
+
+    Parameters
+    ----------
+    student_logits : array
+        The student's logits; classes along `axis`.
+    teacher_logits : array
+        The teacher's logits, same shape.
+    beta : float, default 0.5
+        Mixture weight β in [0, 1].
+    temperature : float, default 1.0
+        Both logits are divided by it before the softmax (no :math:`T^2` factor).
+    axis : int, default -1
+        The class axis.
+    target : array of int, optional
+        Shape of the logits without `axis`; rows where it equals `ignore_index`
+        are masked (they add 0 and do not count in the mean). Only used as a mask.
+    ignore_index : int, default -100
+        See `target`.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        ``"mean"`` divides by the number of counted rows (0 for none counted).
+
+    Returns
+    -------
+    array
+        0-d for ``"mean"``/``"sum"``, the logits' shape without `axis` for
+        ``"none"``; in the logits' (promoted) dtype, computed in float32 or
+        better.
+
+    Raises
+    ------
+    TypeError
+        Non-floating logits, a bad type for an option or integer `target`.
+    ValueError
+        Mismatched shapes, `beta` outside [0, 1], `temperature` ≤ 0, a bad `axis` or `reduction`.
+
+    Notes
+    -----
+    .. math::
+
+        L_\beta = \beta \sum_k P_k (\log P_k - \log M_k)
+            + (1-\beta) \sum_k Q_k (\log Q_k - \log M_k),
+        \qquad \log M = \operatorname{logaddexp}(\log\beta + \log P,\ \log(1-\beta) + \log Q).
+
+    A term with :math:`P_k = 0` (or :math:`Q_k = 0`) contributes 0, so masked
+    (−inf) classes are allowed in both models. This is TRL's
+    ``generalized_jsd_loss`` (GKD) [1]_ without its :math:`T^2` factor.
+
+    References
+    ----------
+    .. [1] Agarwal et al., "On-Policy Distillation of Language Models: Learning from
+       Self-Generated Mistakes" (GKD), ICLR 2024.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import crossent as ce
+    >>> s = np.array([[2.0, 0.0, -1.0]])
+    >>> t = np.array([[1.0, 1.0, 0.0]])
+    >>> print(f"{float(ce.distillation_loss(s, t, beta=0.0)):.6f}")
+    0.370817
+    >>> kl = np.sum(np.exp(t - np.log(np.exp(t).sum())) * (
+    ...     (t - np.log(np.exp(t).sum())) - (s - np.log(np.exp(s).sum()))))
+    >>> print(f"{kl:.6f}")
+    0.370817
+    """
+    xp, s, t, counted, opts = _prepare(
+        student_logits,
+        teacher_logits,
+        beta=beta,
+        temperature=temperature,
+        axis=axis,
+        target=target,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    rows, _ = distill_rows(
+        s, t, beta=opts["beta"], temperature=opts["temperature"], grad=False, xp=xp
+    )
+    out = _finish(rows, counted, opts["reduction"], xp=xp)[0]
+    return astype(out, xp.result_type(student_logits.dtype, teacher_logits.dtype), xp=xp)
+
+
+def _distill_value_and_grad(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    axis: int = -1,
+    target: Array | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> tuple[Array, Array]:
+    """``(distillation_loss(...), d loss / d student_logits)`` in closed form."""
+    xp, s, t, counted, opts = _prepare(
+        student_logits,
+        teacher_logits,
+        beta=beta,
+        temperature=temperature,
+        axis=axis,
+        target=target,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    rows, g = distill_rows(
+        s, t, beta=opts["beta"], temperature=opts["temperature"], grad=True, xp=xp
+    )
+    assert g is not None
+    value, denom = _finish(rows, counted, opts["reduction"], xp=xp)
+    if counted is not None:
+        g = xp.where(counted[..., None], g, xp.zeros_like(g))
+    if opts["reduction"] == "mean":
+        n = (
+            denom
+            if denom is not None
+            else xp.asarray(float(math.prod(rows.shape)), dtype=g.dtype, device=device(g))
+        )
+        g = g / xp.where(n > 0, n, xp.ones_like(n))
+    g = xp.moveaxis(g, -1, opts["axis"])
+    out_dtype = xp.result_type(student_logits.dtype, teacher_logits.dtype)
+    return astype(value, out_dtype, xp=xp), astype(g, student_logits.dtype, xp=xp)

@@ -1,0 +1,184 @@
+"""Argument checks and the causal shift shared by the fused and vocab-parallel functions.
+
+Dtypes: `hidden`, `weight` and `bias` may have different floating dtypes (a
+bfloat16 activation with a float32 master weight, as under autocast); the
+matrix products run in their promoted dtype (:func:`crossent.fused._chunked.product_dtype`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from crossent._lib._checks import (
+    check_ignore_index,
+    check_integer_labels,
+    check_nonnegative_scalar,
+    check_reduction,
+    check_softcap,
+    check_unit_interval_scalar,
+)
+from crossent._lib._xp import array_namespace
+from crossent.fused._function import LinearCEOptions
+
+__all__ = [
+    "check_chunk_size",
+    "check_head",
+    "check_shift",
+    "shift_target",
+    "unshift",
+]
+
+
+def _check_tensor(x: object, *, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        msg = f"`{name}` must be a torch.Tensor; got {type(x).__name__}. Use torch.as_tensor first."
+        raise TypeError(msg)
+    return x
+
+
+def _check_devices(hidden: torch.Tensor, tensors: dict[str, Any]) -> None:
+    """Every tensor in `tensors` must be on `hidden`'s device."""
+    for name, t in tensors.items():
+        if t.device != hidden.device:
+            msg = (
+                f"`{name}` is on {t.device} but `hidden` is on {hidden.device}; move it with .to()."
+            )
+            raise ValueError(msg)
+
+
+def _check_float(x: torch.Tensor, *, name: str, dtype: torch.dtype | None = None) -> None:
+    if not x.is_floating_point():
+        msg = (
+            f"`{name}` must have a floating dtype (float16, bfloat16, float32 or float64); "
+            f"got {x.dtype}. Cast it first, e.g. `{name}.float()`."
+        )
+        raise TypeError(msg)
+    if dtype is not None and x.dtype != dtype:
+        msg = (
+            f"`{name}` must have the dtype of `hidden` ({dtype}); got {x.dtype}. "
+            f"Cast it, e.g. `{name}.to(hidden.dtype)`."
+        )
+        raise TypeError(msg)
+
+
+def check_chunk_size(chunk_size: object) -> int | None:
+    """None or a positive int."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        msg = f"`chunk_size` must be None or a positive int; got {chunk_size!r}."
+        raise TypeError(msg)
+    if chunk_size < 1:
+        msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {chunk_size}."
+        raise ValueError(msg)
+    return chunk_size
+
+
+def check_shift(shift: object) -> bool:
+    """`shift` is a bool."""
+    if not isinstance(shift, bool):
+        msg = f"`shift` must be True or False; got {shift!r}."
+        raise TypeError(msg)
+    return shift
+
+
+def _check_options(
+    *,
+    ignore_index: object,
+    label_smoothing: object,
+    z_loss: object,
+    softcap: object,
+    reduction: object,
+    chunk_size: object,
+) -> LinearCEOptions:
+    index = check_ignore_index(ignore_index, allow_none=False)
+    eps = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
+    zeta = check_nonnegative_scalar(z_loss, name="z_loss")
+    cap = check_softcap(softcap)
+    return LinearCEOptions(
+        ignore_index=index,
+        label_smoothing=eps,
+        z_loss=zeta,
+        softcap=cap,
+        reduction=check_reduction(reduction),
+        chunk_size=check_chunk_size(chunk_size),
+    )
+
+
+def check_head(
+    hidden: object,
+    weight: object,
+    target: object,
+    bias: object,
+    *,
+    shift: bool,
+    names: tuple[str, str, str, str] = ("hidden", "weight", "target", "bias"),
+    target_optional: bool = False,
+) -> int:
+    """Types, dtypes, shapes and devices of one linear head and its targets; returns V.
+
+    `hidden` is ``(..., d)`` (``(..., T, d)`` with `shift`), `weight` ``(V, d)``,
+    `target` of int with `hidden`'s shape without ``d`` (or None when
+    `target_optional`), `bias` None or ``(V,)``. Floating dtypes may differ.
+    """
+    h_name, w_name, t_name, b_name = names
+    hidden = _check_tensor(hidden, name=h_name)
+    weight = _check_tensor(weight, name=w_name)
+    _check_float(hidden, name=h_name)
+    _check_float(weight, name=w_name)
+    if hidden.ndim < (2 if shift else 1):
+        want = "(..., T, d) with shift=True" if shift else "(..., d)"
+        msg = f"`{h_name}` must have shape {want}; got {tuple(hidden.shape)}."
+        raise ValueError(msg)
+    if shift and hidden.shape[-2] == 0:
+        msg = (
+            f"`{h_name}` has no positions to shift (T = hidden.shape[-2] = 0); "
+            "pass at least one position, or shift=False."
+        )
+        raise ValueError(msg)
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        msg = (
+            f"`{w_name}` must have shape (V, d) with d = {h_name}.shape[-1] = "
+            f"{hidden.shape[-1]}; got {tuple(weight.shape)}."
+        )
+        raise ValueError(msg)
+    n_classes = int(weight.shape[0])
+    tensors: dict[str, Any] = {w_name: weight}
+    if target is not None or not target_optional:
+        target = _check_tensor(target, name=t_name)
+        if tuple(target.shape) != tuple(hidden.shape[:-1]):
+            msg = (
+                f"`{t_name}` must have shape {h_name}.shape[:-1] = {tuple(hidden.shape[:-1])}; "
+                f"got {tuple(target.shape)}."
+            )
+            raise ValueError(msg)
+        check_integer_labels(target, name=t_name, xp=array_namespace(hidden, target))
+        tensors[t_name] = target
+    if bias is not None:
+        bias = _check_tensor(bias, name=b_name)
+        _check_float(bias, name=b_name)
+        if tuple(bias.shape) != (n_classes,):
+            msg = f"`{b_name}` must have shape (V,) = ({n_classes},); got {tuple(bias.shape)}."
+            raise ValueError(msg)
+        tensors[b_name] = bias
+    _check_devices(hidden, tensors)
+    return n_classes
+
+
+def shift_target(target: torch.Tensor, *, shift: bool, ignore_index: int) -> torch.Tensor:
+    """The label of each position: with `shift`, position t gets ``target[..., t + 1]``.
+
+    The last position gets `ignore_index`, so it costs nothing and gets no
+    gradient; `hidden` itself is never sliced or copied.
+    """
+    if not shift:
+        return target
+    pad = torch.full_like(target[..., :1], ignore_index, dtype=torch.int64)
+    return torch.cat((target[..., 1:].to(torch.int64), pad), dim=-1)
+
+
+def unshift(out: torch.Tensor, *, shift: bool) -> torch.Tensor:
+    """Per-position results without the last position when `shift` (shape ``(..., T - 1)``)."""
+    return out[..., :-1] if shift else out

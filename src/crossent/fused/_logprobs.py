@@ -1,0 +1,273 @@
+r"""Fused per-token log-probabilities and entropy of ``hidden @ weight.T + bias`` (RL, PPO, GRPO).
+
+The chunk loop of :mod:`crossent.fused._chunked` computes each chunk's logits;
+the row statistics here turn them into :math:`\log p_y` and the entropy, and —
+in the backward pass, which recomputes the chunk — into the logits gradient for
+any upstream gradients of both outputs. With a
+:class:`~crossent.fused._function.VocabShard` the same code runs one slice of a
+vocabulary-parallel head.
+
+For a row with logits :math:`x` (soft-capped :math:`c\tanh(x/c)` first when
+asked), :math:`u = x'/T`, :math:`\ell = \operatorname{lse}(u)`, :math:`p = e^{u - \ell}`:
+
+.. math::
+
+    \log p_y = u_y - \ell, \qquad H = \ell - \sum_k p_k u_k = -\sum_k p_k \log p_k,
+
+    \frac{\partial (g_y \log p_y + g_H H)}{\partial u_k}
+        = g_y([k = y] - p_k) - g_H\, p_k (\log p_k + H),
+
+times :math:`(1 - \tanh^2(x_k/c)) / T`. Across vocabulary slices (or within one,
+:math:`m_r = \ell_r`, the slice's own log-sum-exp) each slice sends
+:math:`(e^{\delta_r},\ [y \in r](u_y - m_r + \delta_r),\ e^{\delta_r}(t_r + \delta_r))`
+with :math:`\delta_r = \ell_r - \max_r \ell_r \le 0` and
+:math:`t_r = \sum_{k \in r} e^{u_k - \ell_r}(u_k - \ell_r) \le 0`; their sums
+:math:`s, d, \tau` give :math:`\ell = m + \log s`, :math:`\log p_y = d - \log s`
+and :math:`H = \log s - \tau / s` — both terms :math:`\ge 0`, no cancellation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from crossent.fused._chunked import (
+    _agreed_chunk,
+    _Chunk,
+    _chunk_loop,
+    _compute_dtype,
+    _counted_rows,
+    _product_operands,
+    _row_stats_torch,
+    _wanted,
+    _workspace,
+)
+from crossent.fused._function import VocabShard, no_autocast, refuse_double_backward
+
+__all__ = ["LogProbOptions", "run_log_probs"]
+
+#: Row blocks per chunk for the element-wise temporaries (each ≤ 1/8 of the chunk buffer).
+_SUB_BLOCKS = 8
+
+
+@dataclass(frozen=True)
+class LogProbOptions:
+    """Checked, hashable options of one :func:`crossent.fused.linear_log_probs` call."""
+
+    ignore_index: int
+    temperature: float
+    softcap: float | None
+    entropy: bool
+    chunk_size: int | None
+
+
+class _LogProbResult(NamedTuple):
+    log_probs: torch.Tensor
+    entropy: torch.Tensor | None
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+
+
+def row_blocks(n: int) -> range:
+    """Starts of the row blocks that bound the element-wise temporaries of a chunk of n rows."""
+    return range(0, n, max(1, -(-n // _SUB_BLOCKS)))
+
+
+def _sum_p_log_p(buf: torch.Tensor) -> torch.Tensor:
+    """:math:`\\sum_k e^{b_k} b_k` per row of the log-probabilities `buf` (0 · −inf = 0)."""
+    out = torch.empty(buf.shape[0], dtype=buf.dtype, device=buf.device)
+    step = max(1, -(-buf.shape[0] // _SUB_BLOCKS))
+    for i in row_blocks(buf.shape[0]):
+        b = buf[i : i + step]
+        e = b.exp()
+        e.mul_(b).masked_fill_(torch.isneginf(b), 0.0)
+        torch.sum(e, dim=1, out=out[i : i + step])
+    return out
+
+
+def _chunked_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogProbOptions,
+    *,
+    compute_grad: bool | tuple[bool, bool, bool],
+    grad_log_probs: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
+    shard: VocabShard | None = None,
+) -> _LogProbResult:
+    """Log-probabilities (and entropy) of 2-d `hidden`, 1-d `target`; gradients when asked.
+
+    The gradients are those of ``Σ_i grad_log_probs_i log p_i + grad_entropy_i H_i``
+    (the upstream gradients, shape ``(N,)``; None means 0). Ignored rows give 0.
+    """
+    n_total = hidden.shape[0]
+    v_local = weight.shape[0]
+    want = _wanted(compute_grad, bias)
+    any_grad = any(want)
+    weight, bias = _product_operands(hidden, weight, bias)
+    cdt = _compute_dtype(weight.dtype)
+    device = hidden.device
+    rows_all, y_all = _counted_rows(target, opts.ignore_index)
+    vocab_start = 0 if shard is None else shard.vocab_start
+    lp_rows = torch.zeros((n_total,), dtype=cdt, device=device)
+    ent_rows = torch.zeros((n_total,), dtype=cdt, device=device) if opts.entropy else None
+    keep_tanh = opts.softcap is not None and any_grad
+    chunk = _agreed_chunk(
+        opts.chunk_size,
+        int(rows_all.numel()),
+        v_local,
+        buffers=1.0 + (1.0 if keep_tanh else 0.0) + 1.0 / _SUB_BLOCKS,
+        low_precision=cdt != weight.dtype,
+        reduce_max=None if shard is None else shard.reduce_max,
+        device=device,
+    )
+    tanh_all = (
+        _workspace("tanh", (chunk, v_local), cdt, device)
+        if keep_tanh and rows_all.numel()
+        else None
+    )
+    inv_t = 1.0 / opts.temperature
+    g_lp_all = None if grad_log_probs is None else grad_log_probs.to(cdt)
+    g_h_all = None if (grad_entropy is None or not opts.entropy) else grad_entropy.to(cdt)
+
+    def body(buf: torch.Tensor, c: _Chunk) -> bool:
+        n = c.stop - c.start
+        y_loc = y_all[c.start : c.stop] - vocab_start
+        owned = (y_loc >= 0) & (y_loc < v_local)
+        y_loc = torch.where(owned, y_loc, 0)
+        tanh_buf = tanh_all[:n] if tanh_all is not None else None
+        lse_loc, _, _, d_loc = _row_stats_torch(
+            buf, tanh_buf, y_loc, None, softcap=opts.softcap, smoothing=False, scale=inv_t
+        )
+        d_loc = torch.where(owned, d_loc, 0.0)
+        t_loc = _sum_p_log_p(buf) if opts.entropy else None
+        shift = None  # m_r - lse per row (0 in a single process)
+        if shard is not None:
+            m = shard.reduce_max(lse_loc.clone())
+            delta = lse_loc - m
+            e = torch.exp(delta)
+            cols = [e, torch.where(owned, d_loc + delta, 0.0)]
+            if t_loc is not None:
+                cols.append(e * (t_loc + delta))
+            packed = shard.reduce_sum(torch.stack(cols, dim=1))
+            log_s = torch.log(packed[:, 0])
+            log_p_y = packed[:, 1] - log_s
+            ent = log_s - packed[:, 2] / packed[:, 0] if t_loc is not None else None
+            shift = delta - log_s
+        else:
+            log_p_y = d_loc
+            ent = -t_loc if t_loc is not None else None
+        lp_rows[c.rows] = log_p_y
+        if ent_rows is not None and ent is not None:
+            ent_rows[c.rows] = ent
+        if not any_grad:
+            return False
+
+        # d/du of g_y log p_y + g_H H, in place: buf holds u - lse_r
+        g_y = g_lp_all[c.rows] if g_lp_all is not None else torch.zeros_like(log_p_y)
+        if shift is not None:
+            buf.add_(shift[:, None])  # log p
+        step = max(1, -(-n // _SUB_BLOCKS))
+        if g_h_all is not None and ent is not None:
+            g_h = g_h_all[c.rows]
+            offset = g_y + g_h * ent
+            for i in row_blocks(n):
+                b = buf[i : i + step]
+                p = b.exp()
+                b.mul_(g_h[i : i + step, None]).add_(offset[i : i + step, None]).mul_(p)
+                b.masked_fill_(p == 0, 0.0).neg_()  # 0 · (−inf) = 0 at masked classes
+        else:
+            buf.exp_().mul_(-g_y[:, None])
+        idx = torch.arange(n, device=device)
+        buf.index_put_((idx, y_loc), g_y * owned, accumulate=True)
+        if tanh_buf is not None:
+            tanh_buf.square_().neg_().add_(1.0)
+            buf.mul_(tanh_buf)
+        if inv_t != 1.0:
+            buf.mul_(inv_t)
+        return True
+
+    with no_autocast(hidden):
+        grad_h, grad_w, grad_b = _chunk_loop(
+            hidden, weight, bias, rows_all, chunk=chunk, want=want if any_grad else None, body=body
+        )
+    return _LogProbResult(lp_rows, ent_rows, grad_h, grad_w, grad_b)
+
+
+class _LinearLogProbsFunction(torch.autograd.Function):
+    """(log_probs, entropy) of 2-d hidden and 1-d target; backward recomputes the chunks."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        opts: LogProbOptions,
+        shard: VocabShard | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        res = _chunked_log_probs(
+            hidden, weight, target, bias, opts, compute_grad=False, shard=shard
+        )
+        ctx.opts, ctx.shard = opts, shard
+        ctx.needs = (
+            bool(ctx.needs_input_grad[0]),
+            bool(ctx.needs_input_grad[1]),
+            bias is not None and bool(ctx.needs_input_grad[2]),
+        )
+        ctx.save_for_backward(hidden, weight, bias, target)
+        ent = res.entropy
+        if ent is None:
+            ent = torch.zeros_like(res.log_probs)
+            ctx.mark_non_differentiable(ent)
+        return res.log_probs, ent
+
+    @staticmethod
+    def backward(ctx: Any, grad_lp: torch.Tensor, grad_ent: torch.Tensor) -> tuple[Any, ...]:
+        refuse_double_backward("linear_log_probs")
+        hidden, weight, bias, target = ctx.saved_tensors
+        res = _chunked_log_probs(
+            hidden,
+            weight,
+            target,
+            bias,
+            ctx.opts,
+            compute_grad=ctx.needs,
+            grad_log_probs=grad_lp,
+            grad_entropy=grad_ent,
+            shard=ctx.shard,
+        )
+        grad_h = res.grad_hidden
+        if ctx.shard is not None and grad_h is not None:  # every slice contributes to it
+            grad_h = ctx.shard.reduce_sum(grad_h)
+        grad_w = None if res.grad_weight is None else res.grad_weight.to(weight.dtype)
+        grad_b = None if res.grad_bias is None else res.grad_bias.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def run_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogProbOptions,
+    shard: VocabShard | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` (autograd when needed)."""
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        with torch.no_grad():
+            res = _chunked_log_probs(
+                hidden, weight, target, bias, opts, compute_grad=False, shard=shard
+            )
+        return res.log_probs, res.entropy
+    lp, ent = _LinearLogProbsFunction.apply(hidden, weight, bias, target, opts, shard)
+    return lp, (ent if opts.entropy else None)

@@ -1,0 +1,78 @@
+"""vocab_parallel_linear_log_probs on 2, 3 and 4 gloo ranks equals the single-process linear_log_probs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from crossent.fused import linear_log_probs
+from tests.distributed._cases import LOG_PROB_CASES, Case, bounds, log_prob_upstream, problem
+from tests.distributed._workers import LOG_PROB_BAD_CALLS
+from tests.distributed.test_vocab_parallel import TOL, check_errors
+
+
+def reference(case: Case) -> dict[str, Any]:
+    p = problem(case)
+    hidden = p["hidden"].clone().requires_grad_(True)
+    weight = p["matrix"].clone().requires_grad_(True)
+    bias = None if p["bias"] is None else p["bias"].clone().requires_grad_(True)
+    out = linear_log_probs(hidden, weight, p["target"], bias=bias, **case.options)
+    lp, ent = out if isinstance(out, tuple) else (out, None)
+    g_lp, g_ent = log_prob_upstream(case)
+    total = (lp.double() * g_lp).sum() + (0.0 if ent is None else (ent.double() * g_ent).sum())
+    total.backward()
+    return {
+        "log_probs": lp.detach(),
+        "entropy": None if ent is None else ent.detach(),
+        "grad_hidden": hidden.grad,
+        "grad_weight": weight.grad,
+        "grad_bias": None if bias is None else bias.grad,
+    }
+
+
+@pytest.mark.parametrize("case", LOG_PROB_CASES, ids=lambda c: c.name)
+def test_log_probs_entropy_and_grads_equal_single_process(case: Case, ranks: Any) -> None:
+    world_size, all_results = ranks
+    results = [res["log_probs"]["cases"][case.name] for res in all_results]
+    want = reference(case)
+    tol = TOL[case.dtype]
+    for r, res in enumerate(results):
+        assert torch.equal(res["log_probs"], results[0]["log_probs"]), f"rank {r} differs"
+        torch.testing.assert_close(res["log_probs"], want["log_probs"], **tol)
+        if want["entropy"] is None:
+            assert res["entropy"] is None
+        else:
+            torch.testing.assert_close(res["entropy"], want["entropy"], **tol)
+        tol_h = TOL[case.hidden_dtype or case.dtype]
+        torch.testing.assert_close(res["grad_hidden"], want["grad_hidden"], **tol_h)
+        lo, hi = bounds(case, world_size, r)
+        assert res["grad_weight"].shape == (hi - lo, case.hidden)
+    torch.testing.assert_close(
+        torch.cat([res["grad_weight"] for res in results]), want["grad_weight"], **tol
+    )
+    if case.bias:
+        grad_b = torch.cat([res["grad_bias"] for res in results])
+        torch.testing.assert_close(grad_b, want["grad_bias"], **tol)
+
+
+EXPECTED_ERRORS = {
+    "log_probs_temperature_zero_on_last_rank": (-1, "ValueError", "`temperature`"),
+    "log_probs_options_differ": (None, "ValueError", "different options"),
+    "log_probs_label_above_global_vocab": (None, "ValueError", "outside the global vocabulary"),
+}
+
+
+def test_every_bad_call_is_listed() -> None:
+    assert set(LOG_PROB_BAD_CALLS) == set(EXPECTED_ERRORS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ERRORS))
+def test_bad_call_raises_on_every_rank(name: str, ranks: Any) -> None:
+    world_size, results = ranks
+    culprit, kind, text = EXPECTED_ERRORS[name]
+    if culprit == -1:
+        culprit = world_size - 1
+    errors = [res["log_probs"]["errors"][name] for res in results]
+    check_errors(name, (culprit, kind, text), errors)
