@@ -254,3 +254,16 @@ def test_all_ignored_batch_gives_zero_loss_and_gradient() -> None:
     assert float(out.loss.detach()) == 0.0
     out.loss.backward()
     assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters() if p.grad is not None)
+
+
+def test_bfloat16_model_gives_a_float32_loss_close_to_the_models_own() -> None:
+    ref_model = make_model("llama", dtype=torch.bfloat16)
+    model = patch(copy.deepcopy(ref_model))
+    ids, labels = _batch(seed=12)
+    want = ref_model(input_ids=ids, labels=labels).loss
+    got = model(input_ids=ids, labels=labels).loss
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    got.backward()
+    assert model.lm_head.weight.grad.dtype == torch.bfloat16
+    assert torch.isfinite(model.lm_head.weight.grad.float()).all()

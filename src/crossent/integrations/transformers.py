@@ -355,20 +355,16 @@ def _fused_loss(
     num_items = loss_kwargs.get("num_items_in_batch")
     ignore_index = loss_kwargs.get("ignore_index", -100)
     shift_labels = loss_kwargs.get("shift_labels")
-    if shift_labels is None:
-        hidden = hidden[..., :-1, :]
-        target = labels[..., 1:]
-    else:
-        target = shift_labels
     loss = linear_cross_entropy(
         hidden,
         weight,
-        target.to(weight.device),
+        (labels if shift_labels is None else shift_labels).to(weight.device),
         bias=head.bias,
         ignore_index=ignore_index,
         softcap=softcap,
         reduction="mean" if num_items is None else "sum",
         chunk_size=chunk_size,
+        shift=shift_labels is None,
     )
     if num_items is not None:
         if isinstance(num_items, torch.Tensor):
