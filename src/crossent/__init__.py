@@ -17,6 +17,7 @@ from crossent import info
 from crossent._lib._config import get_validation, set_validation, validation
 from crossent._losses._binary import binary_cross_entropy
 from crossent._losses._categorical import categorical_cross_entropy
+from crossent._losses._distill import distillation_loss
 from crossent._losses._grad import value_and_grad
 from crossent._losses._listnet import listnet_loss
 from crossent._losses._sparse import sparse_categorical_cross_entropy
@@ -27,6 +28,7 @@ __all__ = [
     "__version__",
     "binary_cross_entropy",
     "categorical_cross_entropy",
+    "distillation_loss",
     "distributed",
     "fused",
     "get_validation",

@@ -17,6 +17,7 @@ from typing import Any
 from crossent._lib._xp import Array
 from crossent._losses._binary import _binary_value_and_grad, binary_cross_entropy
 from crossent._losses._categorical import _categorical_value_and_grad, categorical_cross_entropy
+from crossent._losses._distill import _distill_value_and_grad, distillation_loss
 from crossent._losses._listnet import _listnet_value_and_grad, listnet_loss
 from crossent._losses._sparse import _sparse_value_and_grad, sparse_categorical_cross_entropy
 
@@ -26,6 +27,7 @@ __all__ = ["value_and_grad"]
 _FAMILIES: dict[str, tuple[Callable[..., Any], Callable[..., tuple[Array, Array]]]] = {
     "binary_cross_entropy": (binary_cross_entropy, _binary_value_and_grad),
     "categorical_cross_entropy": (categorical_cross_entropy, _categorical_value_and_grad),
+    "distillation_loss": (distillation_loss, _distill_value_and_grad),
     "listnet_loss": (listnet_loss, _listnet_value_and_grad),
     "sparse_categorical_cross_entropy": (
         sparse_categorical_cross_entropy,
@@ -95,7 +97,7 @@ def _resolve(loss: object) -> tuple[str, dict[str, Any]]:
 
 
 def value_and_grad(
-    loss: Callable[..., Array] | str, input: Array, target: Array, **options: Any
+    loss: Callable[..., Array] | str, input: Array, target: Array, /, **options: Any
 ) -> tuple[Array, Array]:
     r"""A loss and its gradient with respect to `input`, in closed form.
 
@@ -108,8 +110,9 @@ def value_and_grad(
     loss : callable or str
         One of :func:`crossent.binary_cross_entropy`,
         :func:`crossent.categorical_cross_entropy`,
-        :func:`crossent.sparse_categorical_cross_entropy` or
-        :func:`crossent.listnet_loss`, or its name as a string. A
+        :func:`crossent.sparse_categorical_cross_entropy`,
+        :func:`crossent.listnet_loss` or :func:`crossent.distillation_loss`
+        (gradient for the student's logits), or its name as a string. A
         ``functools.partial`` of one of them with keyword options bound also
         works (explicit `options` win over bound ones).
     input : array
@@ -118,7 +121,10 @@ def value_and_grad(
         The loss's second argument (labels, class probabilities or relevance).
     **options
         The loss's keyword options, exactly as the loss takes them (for example
-        ``from_logits=True, label_smoothing=0.1``).
+        ``from_logits=True, label_smoothing=0.1``; for
+        :func:`crossent.distillation_loss`, whose second argument is the
+        teacher's logits, ``target=`` is its row mask). `loss`, `input` and
+        `target` are positional-only, so an option may share their names.
 
     Returns
     -------

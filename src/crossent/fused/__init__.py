@@ -3,7 +3,8 @@ r"""Fused linear losses for large vocabularies (PyTorch, CPU and CUDA).
 :func:`linear_cross_entropy` computes ``cross_entropy(hidden @ weight.T + bias,
 target)`` and its gradients while holding only one chunk of the logits at a
 time; :func:`linear_log_probs` the per-token log-probabilities and entropy
-(policy-gradient training). All share one chunk loop. On CUDA with Triton
+(policy-gradient training); :func:`linear_distillation_loss` the generalized
+JSD between a student and a teacher head. All share one chunk loop. On CUDA with Triton
 installed, the row statistics and the in-place logits gradient of the
 cross-entropy run as Triton kernels over vocabulary tiles; elsewhere a pure-PyTorch
 chunked loop does the same work.
@@ -23,6 +24,7 @@ from crossent._lib._checks import (
 )
 from crossent._lib._xp import array_namespace
 from crossent._losses._distill import check_temperature
+from crossent.fused._distill import linear_distillation_loss
 from crossent.fused._function import run_linear_ce
 from crossent.fused._inputs import (
     _check_devices,
@@ -37,7 +39,7 @@ from crossent.fused._inputs import (
 )
 from crossent.fused._logprobs import LogProbOptions, run_log_probs
 
-__all__ = ["linear_cross_entropy", "linear_log_probs"]
+__all__ = ["linear_cross_entropy", "linear_distillation_loss", "linear_log_probs"]
 
 
 def linear_cross_entropy(

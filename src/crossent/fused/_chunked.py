@@ -503,6 +503,36 @@ def _agreed_chunk(
     return chunk
 
 
+def chunk_logits(
+    hidden: torch.Tensor,
+    w_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    c: _Chunk,
+    *,
+    out: torch.Tensor,
+    low: torch.Tensor | None,
+) -> torch.Tensor:
+    """The chunk's logits ``h_c @ w_t + bias`` into `out` (compute dtype); returns ``h_c``.
+
+    ``h_c`` (the chunk's rows of `hidden`, in `w_t`'s dtype) is returned for the
+    weight gradient. For float16/bfloat16 products the product goes to `low`
+    (the product dtype) and is then copied to `out`.
+    """
+    import torch
+
+    h_c = c.take(hidden)
+    if h_c.dtype != w_t.dtype:
+        h_c = h_c.to(w_t.dtype)
+    dest = low if low is not None else out
+    if bias is not None:
+        torch.addmm(bias, h_c, w_t, out=dest)
+    else:
+        torch.mm(h_c, w_t, out=dest)
+    if low is not None:
+        out.copy_(low)
+    return h_c
+
+
 def _chunk_loop(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -567,20 +597,9 @@ def _chunk_loop(
         stop = min(start + chunk, n_rows)
         n = stop - start
         c = _Chunk(start, stop, rows_all[start:stop], compact, start == 0)
-        h_c = c.take(hidden)
-        if h_c.dtype != mm_dtype:
-            h_c = h_c.to(mm_dtype)
         buf = buf_all[:n]
         lp = lp_all[:n] if lp_all is not None else None
-
-        # logits -> buf (compute dtype)
-        out = lp if lp is not None else buf
-        if bias is not None:
-            torch.addmm(bias, h_c, w_t, out=out)
-        else:
-            torch.mm(h_c, w_t, out=out)
-        if lp is not None:
-            buf.copy_(lp)
+        h_c = chunk_logits(hidden, w_t, bias, c, out=buf, low=lp)
 
         if not body(buf, c) or want is None:
             continue

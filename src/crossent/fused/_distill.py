@@ -1,0 +1,362 @@
+r"""Fused knowledge distillation: the generalized JSD of two linear heads, chunk by chunk.
+
+For each chunk of counted tokens the chunk loop of :mod:`crossent.fused._chunked`
+computes the student's logits; the body computes the teacher's logits for the
+same tokens (no gradient) and calls
+:func:`crossent._losses._distill.distill_rows` — the same row formula as
+:func:`crossent.distillation_loss` — on blocks of rows, leaving the student's
+logits gradient in the chunk buffer for the loop's gradient products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from crossent._lib._checks import check_ignore_index, check_reduction
+from crossent._lib._xp import array_namespace
+from crossent._losses._distill import check_beta, check_temperature, distill_rows
+from crossent.fused._chunked import (
+    _agreed_chunk,
+    _Chunk,
+    _chunk_loop,
+    _compute_dtype,
+    _product_operands,
+    _wanted,
+    _workspace,
+    chunk_logits,
+)
+from crossent.fused._function import no_autocast, refuse_double_backward
+from crossent.fused._inputs import check_chunk_size, check_head, check_shift, unshift
+
+__all__ = ["linear_distillation_loss"]
+
+#: Row blocks per chunk for :func:`distill_rows`' temporaries (about ten arrays per block).
+_SUB_BLOCKS = 16
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """Checked, hashable options of one :func:`linear_distillation_loss` call."""
+
+    beta: float
+    temperature: float
+    reduction: str
+    chunk_size: int | None
+
+
+class _DistillResult(NamedTuple):
+    loss: torch.Tensor
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+
+
+def _chunked_distill(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    counted: torch.Tensor,
+    opts: DistillOptions,
+    *,
+    compute_grad: bool | tuple[bool, bool, bool],
+    row_scale: torch.Tensor | None = None,
+) -> _DistillResult:
+    """Loss (reduced, or per row for ``"none"``) and the student's gradients, 2-d inputs.
+
+    `teacher` is ``(teacher_hidden, teacher_weight, teacher_bias)``, constants;
+    `counted` ``(N,)`` bool marks the rows that count. Gradients are those of the
+    returned loss, each row times `row_scale` (backward of ``"none"``).
+    """
+    n_total = hidden.shape[0]
+    v = weight.shape[0]
+    want = _wanted(compute_grad, bias)
+    any_grad = any(want)
+    weight, bias = _product_operands(hidden, weight, bias)
+    t_hidden, t_weight, t_bias = teacher
+    t_weight, t_bias = _product_operands(t_hidden, t_weight, t_bias)
+    cdt = _compute_dtype(weight.dtype)
+    t_low = _compute_dtype(t_weight.dtype) != t_weight.dtype
+    device = hidden.device
+    rows_all = torch.nonzero(counted).reshape(-1)
+    n_counted = int(rows_all.numel())
+    inv_denom = 1.0
+    if opts.reduction == "mean":
+        inv_denom = 1.0 / n_counted if n_counted else 0.0
+    loss_rows = torch.zeros((n_total,), dtype=cdt, device=device)
+    chunk = _agreed_chunk(
+        opts.chunk_size,
+        n_counted,
+        v,
+        buffers=2.0 + (0.5 if t_low else 0.0) + 10.0 / _SUB_BLOCKS,
+        low_precision=cdt != weight.dtype,
+        reduce_max=None,
+        device=device,
+    )
+    t_buf_all = _workspace("teacher", (chunk, v), cdt, device) if n_counted else None
+    t_low_all = (
+        _workspace("teacher_low", (chunk, v), t_weight.dtype, device)
+        if t_low and n_counted
+        else None
+    )
+    t_w_t = t_weight.t()
+    xp = array_namespace(loss_rows)
+
+    def body(buf: torch.Tensor, c: _Chunk) -> bool:
+        n = c.stop - c.start
+        assert t_buf_all is not None
+        t_buf = t_buf_all[:n]
+        chunk_logits(
+            t_hidden,
+            t_w_t,
+            t_bias,
+            c,
+            out=t_buf,
+            low=t_low_all[:n] if t_low_all is not None else None,
+        )
+        r = None
+        if any_grad:
+            r = torch.full((n,), inv_denom, dtype=cdt, device=device)
+            if row_scale is not None:
+                r = r * row_scale[c.rows].to(cdt)
+        step = max(1, -(-n // _SUB_BLOCKS))
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            loss, g = distill_rows(
+                buf[i:j],
+                t_buf[i:j],
+                beta=opts.beta,
+                temperature=opts.temperature,
+                grad=any_grad,
+                xp=xp,
+            )
+            loss_rows[c.rows[i:j]] = loss
+            if g is not None and r is not None:
+                torch.mul(g, r[i:j, None], out=buf[i:j])
+        return any_grad
+
+    with no_autocast(hidden):
+        grad_h, grad_w, grad_b = _chunk_loop(
+            hidden, weight, bias, rows_all, chunk=chunk, want=want if any_grad else None, body=body
+        )
+    loss = loss_rows if opts.reduction == "none" else loss_rows.sum() * inv_denom
+    return _DistillResult(loss, grad_h, grad_w, grad_b)
+
+
+class _LinearDistillFunction(torch.autograd.Function):
+    """The student's loss; gradients formed in forward (``"mean"``/``"sum"``) or backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        counted: torch.Tensor,
+        opts: DistillOptions,
+    ) -> torch.Tensor:
+        needs = (
+            bool(ctx.needs_input_grad[0]),
+            bool(ctx.needs_input_grad[1]),
+            bias is not None and bool(ctx.needs_input_grad[2]),
+        )
+        eager = opts.reduction != "none"
+        res = _chunked_distill(
+            hidden, weight, bias, teacher, counted, opts, compute_grad=needs if eager else False
+        )
+        ctx.opts, ctx.needs, ctx.teacher = opts, needs, teacher
+        ctx.grads = (res.grad_hidden, res.grad_weight, res.grad_bias) if eager else None
+        ctx.save_for_backward(hidden, weight, bias, counted)
+        return res.loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        refuse_double_backward("linear_distillation_loss")
+        hidden, weight, bias, counted = ctx.saved_tensors
+        if ctx.grads is not None:
+            grad_h, grad_w, grad_b = ctx.grads
+            ctx.grads = None  # consumed: a second backward recomputes
+            if not bool(grad_loss == 1):
+                for g in (grad_h, grad_w, grad_b):
+                    if g is not None:
+                        g.mul_(grad_loss)
+        else:
+            row_scale = grad_loss.expand(hidden.shape[0]) if grad_loss.ndim == 0 else grad_loss
+            res = _chunked_distill(
+                hidden,
+                weight,
+                bias,
+                ctx.teacher,
+                counted,
+                ctx.opts,
+                compute_grad=ctx.needs,
+                row_scale=row_scale,
+            )
+            grad_h, grad_w, grad_b = res.grad_hidden, res.grad_weight, res.grad_bias
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def linear_distillation_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    shift: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""Distillation loss of a student head against a teacher head, holding neither's whole logits.
+
+    Equals ``crossent.distillation_loss(hidden @ weight.T + bias,
+    teacher_hidden @ teacher_weight.T + teacher_bias, beta=beta,
+    temperature=temperature, target=target, ...)`` — the generalized
+    Jensen–Shannon divergence (β = 0: forward KL(teacher‖student), β = 1: reverse
+    KL(student‖teacher)) — with gradients for the student's `hidden`, `weight`
+    and `bias` only. Both models' logits are computed chunk by chunk.
+
+    Parameters
+    ----------
+    hidden : Tensor, shape (..., d)
+        The student's hidden states (``(..., T, d)`` with `shift`).
+    weight : Tensor, shape (V, d)
+        The student's output projection.
+    teacher_hidden : Tensor, shape (..., d_t)
+        The teacher's hidden states for the same positions (its hidden size may differ).
+    teacher_weight : Tensor, shape (V, d_t)
+        The teacher's output projection, over the same vocabulary.
+    target : Tensor of int, shape (...), optional
+        Only a mask: positions equal to `ignore_index` add nothing and do not
+        count in the mean. None counts every position.
+    bias, teacher_bias : Tensor, shape (V,), optional
+        The heads' biases.
+    beta : float, default 0.5
+        Mixture weight β in [0, 1].
+    temperature : float, default 1.0
+        Both models' logits are divided by it (no :math:`T^2` factor); positive.
+    ignore_index : int, default -100
+        See `target`.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        ``"mean"`` divides by the counted positions (0 when none counts).
+    shift : bool, default False
+        Compare positions 0 … T−2 of both models, masked by ``target[..., 1:]``
+        (causal LM); ``"none"`` then returns shape ``(..., T - 1)``.
+    chunk_size : int, optional
+        Tokens per chunk; None picks one from a 256 MiB budget for both
+        models' chunk buffers and the row formula's temporaries.
+
+    Returns
+    -------
+    Tensor
+        float32 (float64 for float64 student operands): 0-d, or per position for ``"none"``.
+
+    Raises
+    ------
+    TypeError
+        Non-tensor or non-floating arguments, non-integer `target`, bad option types.
+    ValueError
+        Mismatched vocabularies, hidden sizes, batch shapes or devices;
+        `beta` outside [0, 1]; ``temperature <= 0``.
+
+    Notes
+    -----
+    Per chunk: student logits :math:`s` (one product), teacher logits :math:`t`
+    (one product, no gradient), then on blocks of rows the loss and
+    :math:`\partial L/\partial s` of :func:`crossent.distillation_loss`'s row
+    formula, then :math:`\nabla_h = G W` and :math:`\nabla_W \mathrel{+}= G^\top h`.
+    ``"mean"``/``"sum"`` do all four products in forward; ``"none"`` does two in
+    forward and recomputes in backward. The teacher's tensors are detached.
+    Higher-order gradients are not supported (a second differentiation raises).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import crossent as ce
+    >>> from crossent.fused import linear_distillation_loss
+    >>> _ = torch.manual_seed(0)
+    >>> h, w = torch.randn(6, 4, requires_grad=True), torch.randn(10, 4)
+    >>> th, tw = torch.randn(6, 8), torch.randn(10, 8)
+    >>> loss = linear_distillation_loss(h, w, th, tw, beta=0.0, temperature=2.0)
+    >>> ref = ce.distillation_loss(h @ w.T, th @ tw.T, beta=0.0, temperature=2.0)
+    >>> bool(torch.allclose(loss, ref))
+    True
+    >>> loss.backward()
+    >>> h.grad.shape
+    torch.Size([6, 4])
+    """
+    opts = DistillOptions(
+        beta=check_beta(beta),
+        temperature=check_temperature(temperature),
+        reduction=check_reduction(reduction),
+        chunk_size=check_chunk_size(chunk_size),
+    )
+    index = check_ignore_index(ignore_index, allow_none=False)
+    shift = check_shift(shift)
+    n_classes = check_head(hidden, weight, target, bias, shift=shift, target_optional=True)
+    t_classes = check_head(
+        teacher_hidden,
+        teacher_weight,
+        None,
+        teacher_bias,
+        shift=shift,
+        names=("teacher_hidden", "teacher_weight", "target", "teacher_bias"),
+        target_optional=True,
+    )
+    if t_classes != n_classes:
+        msg = (
+            f"`teacher_weight` has {t_classes} classes but `weight` has {n_classes}; the "
+            "student and the teacher must share the vocabulary (same rows, same order)."
+        )
+        raise ValueError(msg)
+    batch = tuple(hidden.shape[:-1])
+    if tuple(teacher_hidden.shape[:-1]) != batch:
+        msg = (
+            f"`teacher_hidden` must have the positions of `hidden`, shape {batch} + (d_t,); "
+            f"got {tuple(teacher_hidden.shape)}."
+        )
+        raise ValueError(msg)
+    if teacher_hidden.device != hidden.device:
+        msg = (
+            f"`teacher_hidden` is on {teacher_hidden.device} but `hidden` is on "
+            f"{hidden.device}; move it with .to()."
+        )
+        raise ValueError(msg)
+    mask = (
+        torch.ones(batch, dtype=torch.bool, device=hidden.device)
+        if target is None
+        else target != index
+    )
+    if shift:
+        mask = torch.cat((mask[..., 1:], torch.zeros_like(mask[..., :1])), dim=-1)
+    counted = mask.reshape(-1)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    teacher = (
+        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+        teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+    )
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if needs_grad:
+        loss: torch.Tensor = _LinearDistillFunction.apply(h2, weight, bias, teacher, counted, opts)
+    else:
+        with torch.no_grad():
+            loss = _chunked_distill(
+                h2, weight, bias, teacher, counted, opts, compute_grad=False
+            ).loss
+    if opts.reduction == "none":
+        loss = unshift(loss.reshape(batch), shift=shift)
+    return loss

@@ -1,0 +1,201 @@
+"""distillation_loss (every backend) and its closed form in value_and_grad, against float64 references."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import crossent as ce
+from tests._reference.distill import distill_grad_ref, distill_rows_ref, kl_ref
+from tests.conftest import to_numpy, to_xp
+
+
+def _logits(shape: tuple[int, ...], *, seed: int = 0, scale: float = 2.0) -> tuple[Any, Any]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=shape) * scale, rng.normal(size=shape) * scale
+
+
+def _reduce(rows: np.ndarray, counted: np.ndarray, reduction: str) -> np.ndarray:
+    rows = np.where(counted, rows, 0.0)
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return np.asarray(total)
+    n = counted.sum()
+    return np.asarray(total / n if n else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("beta", "temperature", "reduction"),
+    list(itertools.product([0.0, 0.3, 0.5, 1.0], [1.0, 2.5], ["mean", "sum", "none"])),
+)
+def test_value_and_grad_match_float64_reference(
+    xp: Any, beta: float, temperature: float, reduction: str
+) -> None:
+    s, t = _logits((7, 11))
+    target = np.arange(7)
+    target[[1, 4]] = -100
+    counted = target != -100
+    conv = to_xp(xp)
+    opts = {"beta": beta, "temperature": temperature, "reduction": reduction}
+    got = ce.distillation_loss(conv(s), conv(t), target=conv(target), **opts)
+    value, grad = ce.value_and_grad(
+        ce.distillation_loss, conv(s), conv(t), target=conv(target), **opts
+    )
+    rows = distill_rows_ref(s, t, beta=beta, temperature=temperature)
+    want = _reduce(rows, counted, reduction)
+    np.testing.assert_allclose(to_numpy(got), want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(to_numpy(value), want, rtol=1e-12, atol=1e-14)
+    g_rows = distill_grad_ref(s, t, beta=beta, temperature=temperature) * counted[:, None]
+    if reduction == "mean":
+        g_rows = g_rows / counted.sum()
+    np.testing.assert_allclose(to_numpy(grad), g_rows, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_beta_ends_are_exactly_the_kl_divergences(xp: Any, beta: float) -> None:
+    """β = 0: KL(teacher||student); β = 1: KL(student||teacher), per row, to float64 rounding."""
+    s, t = _logits((5, 9), seed=3)
+    conv = to_xp(xp)
+    got = to_numpy(ce.distillation_loss(conv(s), conv(t), beta=beta, reduction="none"))
+    p = np.exp(t - np.log(np.exp(t).sum(-1, keepdims=True)))
+    q = np.exp(s - np.log(np.exp(s).sum(-1, keepdims=True)))
+    want = [kl_ref(p[i], q[i]) if beta == 0 else kl_ref(q[i], p[i]) for i in range(5)]
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+
+
+def test_kl_ends_match_torch_kl_div() -> None:
+    torch = pytest.importorskip("torch")
+    s, t = (torch.from_numpy(a) for a in _logits((6, 13), seed=5))
+    log_q, log_p = torch.log_softmax(s / 1.5, -1), torch.log_softmax(t / 1.5, -1)
+    forward = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    reverse = torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    torch.testing.assert_close(ce.distillation_loss(s, t, beta=0.0, temperature=1.5), forward)
+    torch.testing.assert_close(ce.distillation_loss(s, t, beta=1.0, temperature=1.5), reverse)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+def test_grad_reference_agrees_with_finite_differences(beta: float) -> None:
+    s, t = _logits((1, 6), seed=7)
+    g = distill_grad_ref(s, t, beta=beta, temperature=1.3)[0]
+    h = 1e-6
+    fd = []
+    for k in range(6):
+        e = np.zeros_like(s)
+        e[0, k] = h
+        up = distill_rows_ref(s + e, t, beta=beta, temperature=1.3)[0]
+        down = distill_rows_ref(s - e, t, beta=beta, temperature=1.3)[0]
+        fd.append((up - down) / (2 * h))
+    np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_torch_autograd_gives_the_closed_form_and_no_teacher_gradient() -> None:
+    torch = pytest.importorskip("torch")
+    s_np, t_np = _logits((4, 3, 5), seed=11)
+    s = torch.from_numpy(s_np).requires_grad_()
+    t = torch.from_numpy(t_np).requires_grad_()
+    loss = ce.distillation_loss(s, t, beta=0.3, temperature=0.7, axis=1)
+    loss.backward()
+    assert t.grad is None
+    _, grad = ce.value_and_grad(
+        "distillation_loss", s.detach(), t.detach(), beta=0.3, temperature=0.7, axis=1
+    )
+    torch.testing.assert_close(s.grad, grad, rtol=1e-10, atol=1e-13)
+    rows = distill_rows_ref(
+        np.moveaxis(s_np, 1, -1), np.moveaxis(t_np, 1, -1), beta=0.3, temperature=0.7
+    )
+    np.testing.assert_allclose(loss.item(), rows.mean(), rtol=1e-12)
+
+
+def test_jax_teacher_gets_no_gradient() -> None:
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    s, t = (jnp.asarray(a) for a in _logits((3, 4), seed=2))
+    g_teacher = jax.grad(lambda tt: ce.distillation_loss(s, tt, beta=0.5))(t)
+    assert float(jnp.abs(g_teacher).max()) == 0.0
+
+
+def test_masked_classes_peaked_rows_and_all_ignored() -> None:
+    """−inf logits in both models, a 1e4 spike, an all-ignored batch: finite, exact limits."""
+    s = np.array([[0.0, 1.0, -np.inf], [1e4, 0.0, 0.0]])
+    t = np.array([[0.5, -1.0, -np.inf], [1e4, 0.0, 1.0]])
+    for beta in (0.0, 0.5, 1.0):
+        value, grad = ce.value_and_grad(ce.distillation_loss, s, t, beta=beta, reduction="none")
+        assert np.isfinite(value).all()
+        assert np.isfinite(grad).all()
+        assert grad[0, 2] == 0.0
+        finite = np.array([[0.0, 1.0], [1e4, 0.0]]), np.array([[0.5, -1.0], [1e4, 0.0]])
+        want = distill_rows_ref(finite[0][:1], finite[1][:1], beta=beta)
+        np.testing.assert_allclose(value[0], want[0], rtol=1e-12)
+        np.testing.assert_allclose(value[1], 0.0, atol=1e-300)  # both rows put all mass on 0
+    target = np.array([-100, -100])
+    value, grad = ce.value_and_grad(ce.distillation_loss, s, t, target=target)
+    assert value == 0.0
+    assert not grad.any()
+
+
+def test_nan_propagates() -> None:
+    s, t = _logits((3, 4))
+    s[1, 2] = np.nan
+    with np.errstate(invalid="ignore"):  # NumPy warns on NaN in logaddexp
+        out = ce.distillation_loss(s, t, reduction="none")
+    assert np.isnan(out[1])
+    assert np.isfinite(out[[0, 2]]).all()
+
+
+def test_low_precision_computes_in_float32() -> None:
+    torch = pytest.importorskip("torch")
+    s, t = (torch.from_numpy(a) for a in _logits((8, 50), seed=4))
+    want = ce.distillation_loss(s, t, beta=0.2)
+    got = ce.distillation_loss(s.bfloat16(), t.bfloat16(), beta=0.2)
+    assert got.dtype == torch.bfloat16
+    exact_bf16_inputs = ce.distillation_loss(s.bfloat16().double(), t.bfloat16().double(), beta=0.2)
+    torch.testing.assert_close(got.double(), exact_bf16_inputs, rtol=8e-3, atol=1e-4)
+    assert abs(float(got) - float(want)) < 0.05
+
+
+@given(
+    beta=st.floats(0.0, 1.0),
+    temperature=st.floats(0.25, 4.0),
+    seed=st.integers(0, 1000),
+)
+def test_laws_nonnegative_zero_on_equal_and_symmetric_at_half(
+    beta: float, temperature: float, seed: int
+) -> None:
+    s, t = _logits((3, 6), seed=seed)
+    loss = ce.distillation_loss(s, t, beta=beta, temperature=temperature, reduction="none")
+    assert (loss >= -1e-15).all()
+    same = ce.distillation_loss(s, s, beta=beta, temperature=temperature, reduction="none")
+    np.testing.assert_allclose(same, 0.0, atol=1e-14)
+    a = ce.distillation_loss(s, t, beta=0.5, temperature=temperature, reduction="none")
+    b = ce.distillation_loss(t, s, beta=0.5, temperature=temperature, reduction="none")
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_bad_input_messages() -> None:
+    s, t = _logits((3, 4))
+    bad: Any = ce.distillation_loss
+    cases: list[tuple[Any, type[Exception], str]] = [
+        (lambda: bad(s, t, beta=-0.1), ValueError, "`beta`"),
+        (lambda: bad(s, t, beta=1.5), ValueError, "`beta`"),
+        (lambda: bad(s, t, beta="0.5"), TypeError, "`beta`"),
+        (lambda: bad(s, t, temperature=0.0), ValueError, "`temperature`"),
+        (lambda: bad(s, t, temperature=-2.0), ValueError, "`temperature`"),
+        (lambda: bad(s, t, temperature=None), TypeError, "`temperature`"),
+        (lambda: bad(s, t[:, :3]), ValueError, "teacher_logits"),
+        (lambda: bad(s.astype(int), t), TypeError, "`student_logits`"),
+        (lambda: bad(s, t, target=np.zeros(2, dtype=int)), ValueError, "`target`"),
+        (lambda: bad(s, t, target=np.zeros(3)), TypeError, "`target`"),
+        (lambda: bad(s, t, reduction="avg"), ValueError, "`reduction`"),
+        (lambda: bad(s, t, axis=3), ValueError, "`axis`"),
+    ]
+    for call, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            call()
