@@ -82,7 +82,7 @@ def check_first_step(student: TinyLM, teacher: TinyLM, tokens: torch.Tensor,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
