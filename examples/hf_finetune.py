@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 from collections.abc import Callable
 
@@ -24,7 +25,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from crossent.integrations.transformers import patch
-
 
 ALPHABET = 256
 """The synthetic text uses the first ALPHABET token ids of the vocabulary."""
@@ -38,24 +38,36 @@ def synthetic_batch(batch: int, length: int, *, seed: int) -> torch.Tensor:
     return (start + steps * 13) % ALPHABET
 
 
-def peak_mib(step: Callable[[], object], device: torch.device) -> float:
-    """Extra peak memory of `step()` in MiB (CUDA allocator, or Linux resident memory on CPU)."""
+def peak_mib(step: Callable[[], float], device: torch.device) -> tuple[float, float]:
+    """``(extra peak memory of step() in MiB, what step() returned)``.
+
+    CUDA: the allocator's peak. CPU: Linux's resident-memory high-water mark
+    (NaN elsewhere).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step()
+        value = step()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return (torch.cuda.max_memory_allocated() - base) / 2**20, value
     try:
         with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark
             f.write("5")
         base = _status_mib("VmRSS")
-        step()
-        return _status_mib("VmHWM") - base
     except OSError:
-        step()
-        return float("nan")  # not Linux: no cheap peak-memory probe
+        return float("nan"), step()  # not Linux: no cheap peak-memory probe
+    value = step()
+    return _status_mib("VmHWM") - base, value
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    """One optimizer step on the next-token loss of `ids`; the loss."""
+    opt.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+    return float(out.loss.detach())
 
 
 def _status_mib(field: str) -> float:
@@ -97,27 +109,18 @@ def main(argv: list[str] | None = None) -> int:
         ids = synthetic_batch(args.batch, args.length, seed=step).to(device)
         losses = {}
         for name, model in (("plain", plain), ("fused", fused)):
-            opt = optimizers[name]
-
-            def train_step(model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
-                opt.zero_grad(set_to_none=True)
-                out = model(input_ids=ids, labels=ids)
-                out.loss.backward()
-                opt.step()
-                losses[model is fused] = float(out.loss.detach())
-                if model is fused and out.logits is not None:
-                    raise RuntimeError("the patched model returned logits")
-
-            peak = peak_mib(train_step, device)
+            step_fn = functools.partial(train_step, model, optimizers[name], ids)
+            peak, losses[name] = peak_mib(step_fn, device)
             if step > 0:  # the first step also allocates AdamW's state
                 peaks[name] = max(peaks.get(name, 0.0), peak)
-        gap = abs(losses[True] - losses[False])
+        gap = abs(losses["fused"] - losses["plain"])
         worst = max(worst, gap)
-        print(f"{step:>4}  {losses[False]:>14.6f}  {losses[True]:>12.6f}  {gap:>8.1e}")
+        print(f"{step:>4}  {losses['plain']:>14.6f}  {losses['fused']:>12.6f}  {gap:>8.1e}")
 
     if peaks:
-        print(f"peak extra memory of a training step: unpatched {peaks['plain']:.1f} MiB, "
-              f"patched {peaks['fused']:.1f} MiB ({peaks['fused'] / peaks['plain']:.2f}x)")  # fmt: skip
+        plain_mib, fused_mib = peaks["plain"], peaks["fused"]
+        print(f"peak extra memory of a training step: unpatched {plain_mib:.1f} MiB, "
+              f"patched {fused_mib:.1f} MiB ({fused_mib / plain_mib:.2f}x)")  # fmt: skip
     print(f"max |patched - unpatched| loss: {worst:.2e}")
     return 0 if worst < 1e-3 else 1
 

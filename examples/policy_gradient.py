@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             ref_loss.backward()
             gap_lp = float((log_probs - ref_lp).detach().abs().max())
             gap_ent = float((entropy - ref_ent).detach().abs().max())
-            gap_grad = max(float((grads[n] - p.grad).abs().max()) for n, p in policy.named_parameters())
+            params = policy.named_parameters()
+            gap_grad = max(float((grads[n] - p.grad).abs().max()) for n, p in params)
             print(f"fused vs materialized: max |d log p| {gap_lp:.1e}, max |d entropy| "
                   f"{gap_ent:.1e}, max |d grad| {gap_grad:.1e}")  # fmt: skip
             if max(gap_lp, gap_ent) > 1e-4 or gap_grad > 1e-5:
