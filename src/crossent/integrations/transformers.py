@@ -43,6 +43,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from crossent.fused._inputs import check_chunk_size
+
 __all__ = ["patch", "unpatch"]
 
 _STATE = "_crossent_patch"
@@ -106,18 +108,6 @@ def _check_loss_function(model: torch.nn.Module) -> None:
             "patch() replaces that loss only; unset the custom loss or leave the model unpatched."
         )
         raise ValueError(msg)
-
-
-def _check_chunk_size(chunk_size: object) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        msg = f"`chunk_size` must be None or a positive int; got {chunk_size!r}."
-        raise TypeError(msg)
-    if chunk_size < 1:
-        msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {chunk_size}."
-        raise ValueError(msg)
-    return chunk_size
 
 
 def patch(model: ModelT, *, chunk_size: int | None = None) -> ModelT:
@@ -186,7 +176,7 @@ def patch(model: ModelT, *, chunk_size: int | None = None) -> ModelT:
     if not isinstance(model, torch.nn.Module):
         msg = f"`model` must be a torch.nn.Module (a transformers model); got {type(model)}."
         raise TypeError(msg)
-    size = _check_chunk_size(chunk_size)
+    size = check_chunk_size(chunk_size)
     _check_head(model)
     state = model.__dict__.get(_STATE)
     if isinstance(state, _PatchState):
