@@ -568,3 +568,12 @@ def test_from_logits_errors(xp: Any) -> None:
         info.cross_entropy(z, x(np.array([[1, 0]])), from_logits=True)
     with pytest.raises(ValueError, match=r"same length along `axis`"):
         info.js_divergence(z, x(np.array([[0.2, 0.3, 0.5]])), from_logits=True)
+
+
+def test_from_logits_is_a_keyword_only_option_defaulting_to_false() -> None:
+    import inspect
+
+    for name in MEASURES:
+        param = inspect.signature(getattr(info, name)).parameters["from_logits"]
+        assert param.kind is param.KEYWORD_ONLY
+        assert param.default is False

@@ -267,3 +267,19 @@ def test_bfloat16_model_gives_a_float32_loss_close_to_the_models_own() -> None:
     got.backward()
     assert model.lm_head.weight.grad.dtype == torch.bfloat16
     assert torch.isfinite(model.lm_head.weight.grad.float()).all()
+
+
+def test_public_contract() -> None:
+    import inspect
+
+    import crossent.integrations.transformers as integration
+
+    assert set(integration.__all__) == {"patch", "unpatch"}
+    params = inspect.signature(patch).parameters
+    assert list(params) == ["model", "chunk_size"]
+    assert params["chunk_size"].kind is params["chunk_size"].KEYWORD_ONLY
+    assert params["chunk_size"].default is None
+    for fn in (patch, unpatch):
+        doc = inspect.getdoc(fn) or ""
+        assert "Examples" in doc
+        assert ">>>" in doc
