@@ -283,3 +283,13 @@ def test_public_contract() -> None:
         doc = inspect.getdoc(fn) or ""
         assert "Examples" in doc
         assert ">>>" in doc
+
+
+def test_unpatch_refuses_to_drop_a_later_wrapper() -> None:
+    model = patch(make_model("gpt2"))
+    patched = model.forward
+    model.forward = lambda *a, **k: patched(*a, **k)
+    with pytest.raises(ValueError, match=r"was replaced after patch\(\)"):
+        unpatch(model)
+    model.forward = patched
+    assert unpatch(model) is model

@@ -63,6 +63,7 @@ class _PatchState:
     own_forward: Any  # the instance's ``forward`` attribute before patching, or _MISSING
     original: Callable[..., Any]  # the forward that ran before patching (bound)
     signature: inspect.Signature
+    wrapper: Callable[..., Any] | None = None  # the patched forward installed on the instance
     verified_softcap: list[float | None] = dataclasses.field(default_factory=list)
 
 
@@ -199,6 +200,7 @@ def patch(model: ModelT, *, chunk_size: int | None = None) -> ModelT:
     def forward(*args: Any, **kwargs: Any) -> Any:
         return _forward(model, state, args, kwargs)
 
+    state.wrapper = forward
     model.__dict__[_STATE] = state
     model.__dict__["forward"] = forward
     return model
@@ -220,7 +222,8 @@ def unpatch(model: ModelT) -> ModelT:
     Raises
     ------
     ValueError
-        If `model` is not patched.
+        If `model` is not patched, or its ``forward`` was wrapped again after
+        :func:`patch` (unpatching would drop that wrapper).
 
     Examples
     --------
@@ -235,6 +238,12 @@ def unpatch(model: ModelT) -> ModelT:
     state = model.__dict__.get(_STATE) if isinstance(model, torch.nn.Module) else None
     if not isinstance(state, _PatchState):
         msg = "`model` is not patched by patch(); nothing to undo."
+        raise ValueError(msg)
+    if model.__dict__.get("forward") is not state.wrapper:
+        msg = (
+            "`model.forward` was replaced after patch() (by another wrapper, e.g. accelerate's "
+            "autocast); unpatch() would drop that wrapper. Undo it first, then unpatch()."
+        )
         raise ValueError(msg)
     del model.__dict__[_STATE]
     if state.own_forward is _MISSING:
