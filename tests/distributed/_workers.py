@@ -220,9 +220,12 @@ def linear_worker(rank: int, world_size: int, payload: Any) -> dict[str, Any]:
 
 
 def run_log_prob_case(fn: Callable[..., Any], case: Case, rank: int, ws: int) -> Any:
-    """One rank's (log_probs, entropy) and gradients of Σ g·log_probs + e·entropy."""
+    """One rank's (log_probs, entropy) and gradients of Σ g·log_probs + e·entropy.
+
+    ``ws=0`` runs the whole vocabulary in this process (the single-process reference).
+    """
     p = problem(case)
-    lo, hi = bounds(case, ws, rank)
+    lo, hi = bounds(case, ws, rank) if ws else (0, case.vocab)
     hidden = p["hidden"].clone().requires_grad_(True)
     weight = p["matrix"][lo:hi].clone().requires_grad_(True)
     bias = None if p["bias"] is None else p["bias"][lo:hi].clone().requires_grad_(True)

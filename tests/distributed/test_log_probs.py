@@ -8,28 +8,14 @@ import pytest
 import torch
 
 from crossent.fused import linear_log_probs
-from tests.distributed._cases import LOG_PROB_CASES, Case, bounds, log_prob_upstream, problem
-from tests.distributed._workers import LOG_PROB_BAD_CALLS
+from tests.distributed._cases import LOG_PROB_CASES, Case, bounds
+from tests.distributed._workers import LOG_PROB_BAD_CALLS, run_log_prob_case
 from tests.distributed.test_vocab_parallel import TOL, check_errors
 
 
 def reference(case: Case) -> dict[str, Any]:
-    p = problem(case)
-    hidden = p["hidden"].clone().requires_grad_(True)
-    weight = p["matrix"].clone().requires_grad_(True)
-    bias = None if p["bias"] is None else p["bias"].clone().requires_grad_(True)
-    out = linear_log_probs(hidden, weight, p["target"], bias=bias, **case.options)
-    lp, ent = out if isinstance(out, tuple) else (out, None)
-    g_lp, g_ent = log_prob_upstream(case)
-    total = (lp.double() * g_lp).sum() + (0.0 if ent is None else (ent.double() * g_ent).sum())
-    total.backward()
-    return {
-        "log_probs": lp.detach(),
-        "entropy": None if ent is None else ent.detach(),
-        "grad_hidden": hidden.grad,
-        "grad_weight": weight.grad,
-        "grad_bias": None if bias is None else bias.grad,
-    }
+    """The single-process linear_log_probs with the whole projection."""
+    return run_log_prob_case(linear_log_probs, case, 0, 0)
 
 
 @pytest.mark.parametrize("case", LOG_PROB_CASES, ids=lambda c: c.name)

@@ -199,3 +199,10 @@ def test_bad_input_messages() -> None:
     for call, exc, name in cases:
         with pytest.raises(exc, match=name):
             call()
+
+
+def test_value_and_grad_with_default_options() -> None:
+    s, t = _logits((4, 6), seed=9)
+    value, grad = ce.value_and_grad("distillation_loss", s, t)
+    np.testing.assert_allclose(value, distill_rows_ref(s, t, beta=0.5).mean(), rtol=1e-12)
+    np.testing.assert_allclose(grad, distill_grad_ref(s, t, beta=0.5) / 4, rtol=1e-10)

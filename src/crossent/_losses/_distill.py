@@ -163,14 +163,18 @@ def _prepare(
     student_logits: Array,
     teacher_logits: Array,
     *,
-    beta: object,
-    temperature: object,
-    axis: object,
-    target: Array | None,
-    ignore_index: object,
-    reduction: object,
+    beta: object = 0.5,
+    temperature: object = 1.0,
+    axis: object = -1,
+    target: Array | None = None,
+    ignore_index: object = -100,
+    reduction: object = "mean",
 ) -> tuple[Any, Array, Array, Array | None, dict[str, Any]]:
-    """Checks; the logits moved to the last axis (compute dtype) and the counted-row mask."""
+    """Checks; the logits moved to the last axis (compute dtype) and the counted-row mask.
+
+    The defaults are :func:`distillation_loss`'s (``value_and_grad`` passes only
+    the options it is given).
+    """
     xp = array_namespace(student_logits, teacher_logits)
     check_floating(student_logits, name="student_logits", xp=xp)
     check_floating(teacher_logits, name="teacher_logits", xp=xp)
@@ -300,9 +304,10 @@ def distillation_loss(
     >>> print(f"{float(ce.distillation_loss(s, t, beta=0.5, temperature=2.0)):.6f}")
     0.030295
     """
-    xp, s, t, counted, opts = _prepare(
+    value, _ = _distill(
         student_logits,
         teacher_logits,
+        grad=False,
         beta=beta,
         temperature=temperature,
         axis=axis,
@@ -310,40 +315,22 @@ def distillation_loss(
         ignore_index=ignore_index,
         reduction=reduction,
     )
-    rows, _ = distill_rows(
-        s, t, beta=opts["beta"], temperature=opts["temperature"], grad=False, xp=xp
-    )
-    out = _finish(rows, counted, opts["reduction"], xp=xp)[0]
-    return astype(out, xp.result_type(student_logits.dtype, teacher_logits.dtype), xp=xp)
+    return value
 
 
-def _distill_value_and_grad(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    axis: int = -1,
-    target: Array | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-) -> tuple[Array, Array]:
-    """``(distillation_loss(...), d loss / d student_logits)`` in closed form."""
-    xp, s, t, counted, opts = _prepare(
-        student_logits,
-        teacher_logits,
-        beta=beta,
-        temperature=temperature,
-        axis=axis,
-        target=target,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    )
+def _distill(
+    student_logits: Array, teacher_logits: Array, *, grad: bool, **options: Any
+) -> tuple[Array, Array | None]:
+    """The loss and, with `grad`, its closed-form gradient for `student_logits`."""
+    xp, s, t, counted, opts = _prepare(student_logits, teacher_logits, **options)
     rows, g = distill_rows(
-        s, t, beta=opts["beta"], temperature=opts["temperature"], grad=True, xp=xp
+        s, t, beta=opts["beta"], temperature=opts["temperature"], grad=grad, xp=xp
     )
-    assert g is not None
     value, denom = _finish(rows, counted, opts["reduction"], xp=xp)
+    out_dtype = xp.result_type(student_logits.dtype, teacher_logits.dtype)
+    value = astype(value, out_dtype, xp=xp)
+    if g is None:
+        return value, None
     if counted is not None:
         g = xp.where(counted[..., None], g, xp.zeros_like(g))
     if opts["reduction"] == "mean":
@@ -354,5 +341,15 @@ def _distill_value_and_grad(
         )
         g = g / xp.where(n > 0, n, xp.ones_like(n))
     g = xp.moveaxis(g, -1, opts["axis"])
-    out_dtype = xp.result_type(student_logits.dtype, teacher_logits.dtype)
-    return astype(value, out_dtype, xp=xp), astype(g, student_logits.dtype, xp=xp)
+    return value, astype(g, student_logits.dtype, xp=xp)
+
+
+def _distill_value_and_grad(
+    student_logits: Array, teacher_logits: Array, **options: Any
+) -> tuple[Array, Array]:
+    """``(distillation_loss(...), d loss / d student_logits)`` in closed form."""
+    value, g = _distill(student_logits, teacher_logits, grad=True, **options)
+    if g is None:  # pragma: no cover - grad=True always returns it
+        msg = "internal: the distillation gradient was not computed."
+        raise RuntimeError(msg)
+    return value, g

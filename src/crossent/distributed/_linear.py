@@ -11,6 +11,7 @@ all-reduced in the backward pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -19,7 +20,7 @@ from crossent._lib._checks import check_integer_labels, check_nonnegative
 from crossent._lib._xp import array_namespace
 from crossent.distributed._comm import row_reducers
 from crossent.distributed._vocab_parallel import setup
-from crossent.fused._function import LinearCEOptions, VocabShard, run_linear_ce
+from crossent.fused._function import VocabShard, run_linear_ce
 from crossent.fused._inputs import (
     _check_devices,
     _check_float,
@@ -29,7 +30,7 @@ from crossent.fused._inputs import (
     shift_target,
     unshift,
 )
-from crossent.fused._logprobs import LogProbOptions, run_log_probs
+from crossent.fused._logprobs import run_log_probs
 
 __all__ = ["vocab_parallel_linear_cross_entropy", "vocab_parallel_linear_log_probs"]
 
@@ -85,6 +86,63 @@ def _check_tensors(
         check_nonnegative(class_weight, name="class_weight", xp=xp)
         tensors["class_weight"] = class_weight
     _check_devices(hidden, tensors)
+
+
+def _prepare(
+    *,
+    caller: str,
+    group: Any,
+    tensors: tuple[Any, Any, Any, Any, Any],
+    shift: bool,
+    options: Callable[[], Any],
+) -> tuple[Any, VocabShard, torch.Tensor, torch.Tensor]:
+    """Checks and handshake of a fused vocab-parallel call; ``(opts, shard, hidden_2d, target)``.
+
+    `tensors` is ``(hidden, local_weight, target, bias, class_weight)``; `options()`
+    checks and returns the call's options. The returned target is shifted
+    (when `shift`), with `hidden`'s batch shape.
+    """
+    hidden, local_weight, target, bias, class_weight = tensors
+
+    def checks() -> Any:
+        opts = options()
+        _check_tensors(hidden, local_weight, target, bias, class_weight)
+        if check_shift(shift) and hidden.ndim < 2:
+            shape = tuple(hidden.shape)
+            msg = f"`hidden` must have shape (..., T, d) with shift=True; got {shape}."
+            raise ValueError(msg)
+        return opts
+
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (hidden, local_weight, bias)
+    )
+    hidden_grad = needs_grad and isinstance(hidden, torch.Tensor) and hidden.requires_grad
+    layout, opts = setup(
+        caller=caller,
+        group=group,
+        local_vocab=local_weight.shape[0]
+        if isinstance(local_weight, torch.Tensor) and local_weight.ndim
+        else None,
+        target=target,
+        weight=class_weight,
+        checks=checks,
+        # What decides the collectives must agree: dtypes, d, bias, shift, hidden's gradient
+        # (backward's all-reduce), whether a gradient is taken at all.
+        signature=(
+            str(getattr(hidden, "dtype", None)),
+            str(getattr(local_weight, "dtype", None)),
+            str(getattr(bias, "dtype", None)),
+            shift,
+            tuple(getattr(hidden, "shape", ()))[-1:],
+            needs_grad,
+            hidden_grad,
+        ),
+        weight_global_only=True,
+    )
+    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
+    reduce_max, reduce_sum = row_reducers(layout.group)
+    shard = VocabShard(layout.vocab_start, layout.vocab_size, reduce_max, reduce_sum)
+    return opts, shard, hidden.reshape(-1, hidden.shape[-1]), target
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -190,54 +248,21 @@ def vocab_parallel_linear_cross_entropy(
     >>> dist.destroy_process_group()
     """
 
-    def checks() -> LinearCEOptions:
-        opts = _check_options(
+    opts, shard, h2, target = _prepare(
+        caller=_CALLER,
+        group=group,
+        tensors=(hidden, local_weight, target, bias, class_weight),
+        shift=shift,
+        options=lambda: _check_options(
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             z_loss=z_loss,
             softcap=softcap,
             reduction=reduction,
             chunk_size=chunk_size,
-        )
-        _check_tensors(hidden, local_weight, target, bias, class_weight)
-        if check_shift(shift) and hidden.ndim < 2:
-            shape = tuple(hidden.shape)
-            msg = f"`hidden` must have shape (..., T, d) with shift=True; got {shape}."
-            raise ValueError(msg)
-        return opts
-
-    needs_grad = torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in (hidden, local_weight, bias)
-    )
-    hidden_grad = needs_grad and isinstance(hidden, torch.Tensor) and hidden.requires_grad
-    layout, opts = setup(
-        caller=_CALLER,
-        group=group,
-        local_vocab=local_weight.shape[0]
-        if isinstance(local_weight, torch.Tensor) and local_weight.ndim
-        else None,
-        target=target,
-        weight=class_weight,
-        checks=checks,
-        # What decides the collectives must agree: dtype, d, bias, hidden's gradient (backward's
-        # all-reduce), whether a gradient is taken at all.
-        signature=(
-            str(getattr(hidden, "dtype", None)),
-            str(getattr(local_weight, "dtype", None)),
-            str(getattr(bias, "dtype", None)),
-            shift,
-            tuple(getattr(hidden, "shape", ()))[-1:],
-            bias is None,
-            needs_grad,
-            hidden_grad,
         ),
-        weight_global_only=True,
     )
-    d = hidden.shape[-1]
-    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
-    h2, t1 = hidden.reshape(-1, d), target.reshape(-1)
-    reduce_max, reduce_sum = row_reducers(layout.group)
-    shard = VocabShard(layout.vocab_start, layout.vocab_size, reduce_max, reduce_sum)
+    t1 = target.reshape(-1)
     loss = run_linear_ce(h2, local_weight, t1, bias, class_weight, opts, shard)
     if opts.reduction == "none":
         return unshift(loss.reshape(target.shape), shift=shift)
@@ -324,55 +349,21 @@ def vocab_parallel_linear_log_probs(
     True
     >>> dist.destroy_process_group()
     """
-    from crossent.fused import _log_prob_options
+    from crossent.fused import _log_prob_options, _log_prob_outputs
 
-    def checks() -> LogProbOptions:
-        opts, shift_ = _log_prob_options(
+    opts, shard, h2, target = _prepare(
+        caller="vocab_parallel_linear_log_probs",
+        group=group,
+        tensors=(hidden, local_weight, target, bias, None),
+        shift=shift,
+        options=lambda: _log_prob_options(
             temperature=temperature,
             softcap=softcap,
             ignore_index=ignore_index,
             shift=shift,
             return_entropy=return_entropy,
             chunk_size=chunk_size,
-        )
-        _check_tensors(hidden, local_weight, target, bias, None)
-        if shift_ and hidden.ndim < 2:
-            shape = tuple(hidden.shape)
-            msg = f"`hidden` must have shape (..., T, d) with shift=True; got {shape}."
-            raise ValueError(msg)
-        return opts
-
-    needs_grad = torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in (hidden, local_weight, bias)
+        )[0],
     )
-    hidden_grad = needs_grad and isinstance(hidden, torch.Tensor) and hidden.requires_grad
-    layout, opts = setup(
-        caller="vocab_parallel_linear_log_probs",
-        group=group,
-        local_vocab=local_weight.shape[0]
-        if isinstance(local_weight, torch.Tensor) and local_weight.ndim
-        else None,
-        target=target,
-        weight=None,
-        checks=checks,
-        signature=(
-            str(getattr(hidden, "dtype", None)),
-            str(getattr(local_weight, "dtype", None)),
-            str(getattr(bias, "dtype", None)),
-            tuple(getattr(hidden, "shape", ()))[-1:],
-            needs_grad,
-            hidden_grad,
-            shift,
-        ),
-    )
-    d = hidden.shape[-1]
-    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
-    reduce_max, reduce_sum = row_reducers(layout.group)
-    shard = VocabShard(layout.vocab_start, layout.vocab_size, reduce_max, reduce_sum)
-    lp, ent = run_log_probs(
-        hidden.reshape(-1, d), local_weight, target.reshape(-1), bias, opts, shard
-    )
-    lp = unshift(lp.reshape(target.shape), shift=shift)
-    if ent is None:
-        return lp
-    return lp, unshift(ent.reshape(target.shape), shift=shift)
+    lp, ent = run_log_probs(h2, local_weight, target.reshape(-1), bias, opts, shard)
+    return _log_prob_outputs(lp, ent, target.shape, shift=shift)

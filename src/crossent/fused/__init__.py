@@ -197,7 +197,6 @@ def linear_cross_entropy(
     )
     shift = check_shift(shift)
     n_classes = check_head(hidden, weight, target, bias, shift=shift)
-    xp = array_namespace(hidden, target)
     if class_weight is not None:
         class_weight = _check_tensor(class_weight, name="class_weight")
         _check_float(class_weight, name="class_weight")
@@ -207,15 +206,23 @@ def linear_cross_entropy(
                 f"got {tuple(class_weight.shape)}."
             )
             raise ValueError(msg)
-        check_nonnegative(class_weight, name="class_weight", xp=xp)
         _check_devices(hidden, {"class_weight": class_weight})
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
-    check_label_range(target, n_classes, ignore_index=opts.ignore_index, xp=xp)
-
     d = hidden.shape[-1]
-    loss = run_linear_ce(
-        hidden.reshape(-1, d), weight, target.reshape(-1), bias, class_weight, opts
-    )
+    if torch.compiler.is_compiling():  # value checks run inside the op, on concrete values
+        from crossent.fused._ops import linear_ce_compiled
+
+        loss = linear_ce_compiled(
+            hidden.reshape(-1, d), weight, target.reshape(-1), bias, class_weight, opts
+        )
+    else:
+        xp = array_namespace(hidden, target)
+        if class_weight is not None:
+            check_nonnegative(class_weight, name="class_weight", xp=xp)
+        check_label_range(target, n_classes, ignore_index=opts.ignore_index, xp=xp)
+        loss = run_linear_ce(
+            hidden.reshape(-1, d), weight, target.reshape(-1), bias, class_weight, opts
+        )
     if opts.reduction == "none":
         loss = unshift(loss.reshape(target.shape), shift=shift)
     return loss
@@ -358,7 +365,14 @@ def linear_log_probs(
     )
     d = hidden.shape[-1]
     lp, ent = run_log_probs(hidden.reshape(-1, d), weight, target.reshape(-1), bias, opts)
-    lp = unshift(lp.reshape(target.shape), shift=shift)
+    return _log_prob_outputs(lp, ent, target.shape, shift=shift)
+
+
+def _log_prob_outputs(
+    lp: torch.Tensor, ent: torch.Tensor | None, shape: torch.Size, *, shift: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-row results back to the batch shape (without the last position when `shift`)."""
+    lp = unshift(lp.reshape(shape), shift=shift)
     if ent is None:
         return lp
-    return lp, unshift(ent.reshape(target.shape), shift=shift)
+    return lp, unshift(ent.reshape(shape), shift=shift)

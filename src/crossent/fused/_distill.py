@@ -28,7 +28,12 @@ from crossent.fused._chunked import (
     _workspace,
     chunk_logits,
 )
-from crossent.fused._function import no_autocast, refuse_double_backward
+from crossent.fused._function import (
+    grad_needs,
+    no_autocast,
+    refuse_double_backward,
+    scale_grads_,
+)
 from crossent.fused._inputs import check_chunk_size, check_head, check_shift, unshift
 
 __all__ = ["linear_distillation_loss"]
@@ -159,11 +164,7 @@ class _LinearDistillFunction(torch.autograd.Function):
         counted: torch.Tensor,
         opts: DistillOptions,
     ) -> torch.Tensor:
-        needs = (
-            bool(ctx.needs_input_grad[0]),
-            bool(ctx.needs_input_grad[1]),
-            bias is not None and bool(ctx.needs_input_grad[2]),
-        )
+        needs = grad_needs(ctx, bias)
         eager = opts.reduction != "none"
         res = _chunked_distill(
             hidden, weight, bias, teacher, counted, opts, compute_grad=needs if eager else False
@@ -180,10 +181,7 @@ class _LinearDistillFunction(torch.autograd.Function):
         if ctx.grads is not None:
             grad_h, grad_w, grad_b = ctx.grads
             ctx.grads = None  # consumed: a second backward recomputes
-            if not bool(grad_loss == 1):
-                for g in (grad_h, grad_w, grad_b):
-                    if g is not None:
-                        g.mul_(grad_loss)
+            scale_grads_((grad_h, grad_w, grad_b), grad_loss)
         else:
             row_scale = grad_loss.expand(hidden.shape[0]) if grad_loss.ndim == 0 else grad_loss
             res = _chunked_distill(

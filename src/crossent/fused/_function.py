@@ -94,6 +94,24 @@ def _core(
         )
 
 
+def grad_needs(ctx: Any, bias: torch.Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of (hidden, weight, bias) — the Function's first three inputs — need a gradient."""
+    return (
+        bool(ctx.needs_input_grad[0]),
+        bool(ctx.needs_input_grad[1]),
+        bias is not None and bool(ctx.needs_input_grad[2]),
+    )
+
+
+def scale_grads_(grads: tuple[torch.Tensor | None, ...], grad_loss: torch.Tensor) -> None:
+    """Scale gradients formed in forward by the scalar upstream gradient, in place."""
+    if bool(grad_loss == 1):  # loss.backward() passes 1: nothing to scale
+        return
+    for g in grads:
+        if g is not None:
+            g.mul_(grad_loss)  # 0-d: keeps g.dtype
+
+
 def refuse_double_backward(name: str) -> None:
     """Raise when backward runs with ``create_graph=True``: no exact second derivative here.
 
@@ -130,11 +148,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         opts: LinearCEOptions,
         shard: VocabShard | None,
     ) -> torch.Tensor:
-        needs = (
-            bool(ctx.needs_input_grad[0]),
-            bool(ctx.needs_input_grad[1]),
-            bias is not None and bool(ctx.needs_input_grad[2]),
-        )
+        needs = grad_needs(ctx, bias)
         eager = opts.reduction != "none"
         res = _core(
             hidden,
@@ -160,10 +174,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.grads is not None:
             grad_h, grad_w, grad_b = ctx.grads
             ctx.grads = None  # consumed: a second backward recomputes
-            if not bool(grad_loss == 1):  # loss.backward() passes 1: nothing to scale
-                for g in (grad_h, grad_w, grad_b):
-                    if g is not None:
-                        g.mul_(grad_loss)  # 0-d: keeps g.dtype
+            scale_grads_((grad_h, grad_w, grad_b), grad_loss)
             grad_w = None if grad_w is None else grad_w.to(weight.dtype)
             grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         else:

@@ -19,7 +19,6 @@ from crossent._lib._checks import (
     check_softcap,
     check_unit_interval_scalar,
 )
-from crossent._lib._xp import array_namespace
 from crossent.fused._function import LinearCEOptions
 
 __all__ = [
@@ -61,6 +60,19 @@ def _check_float(x: torch.Tensor, *, name: str, dtype: torch.dtype | None = None
             f"Cast it, e.g. `{name}.to(hidden.dtype)`."
         )
         raise TypeError(msg)
+
+
+class _TorchDtypes:
+    """The one array-API query the label check needs, for torch dtypes, without array-api-compat.
+
+    (Calling array-api-compat under ``torch.compile`` makes Dynamo warn about its caches.)
+    """
+
+    @staticmethod
+    def isdtype(dtype: torch.dtype, kind: str) -> bool:
+        if kind != "integral":  # pragma: no cover - only "integral" is asked
+            raise NotImplementedError(kind)
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def check_chunk_size(chunk_size: object) -> int | None:
@@ -154,7 +166,7 @@ def check_head(
                 f"got {tuple(target.shape)}."
             )
             raise ValueError(msg)
-        check_integer_labels(target, name=t_name, xp=array_namespace(hidden, target))
+        check_integer_labels(target, name=t_name, xp=_TorchDtypes)
         tensors[t_name] = target
     if bias is not None:
         bias = _check_tensor(bias, name=b_name)

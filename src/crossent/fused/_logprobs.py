@@ -44,7 +44,12 @@ from crossent.fused._chunked import (
     _wanted,
     _workspace,
 )
-from crossent.fused._function import VocabShard, no_autocast, refuse_double_backward
+from crossent.fused._function import (
+    VocabShard,
+    grad_needs,
+    no_autocast,
+    refuse_double_backward,
+)
 
 __all__ = ["LogProbOptions", "run_log_probs"]
 
@@ -216,11 +221,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
             hidden, weight, target, bias, opts, compute_grad=False, shard=shard
         )
         ctx.opts, ctx.shard = opts, shard
-        ctx.needs = (
-            bool(ctx.needs_input_grad[0]),
-            bool(ctx.needs_input_grad[1]),
-            bias is not None and bool(ctx.needs_input_grad[2]),
-        )
+        ctx.needs = grad_needs(ctx, bias)
         ctx.save_for_backward(hidden, weight, bias, target)
         ent = res.entropy
         if ent is None:
