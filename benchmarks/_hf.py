@@ -1,6 +1,7 @@
 """A Hugging Face training step, patched vs unpatched: time and extra peak memory.
 
-Run: ``python -m benchmarks.bench_hf [--quick]``. A tiny random
+A section of ``python -m benchmarks.bench_llm [--quick]`` (registered in its
+``SECTIONS``; this module only runs alone as the memory subprocess). A tiny random
 ``LlamaForCausalLM`` (2 layers, hidden size 64, built in code) with a 32000-token
 vocabulary takes one forward+backward step on 8 × 512 tokens, unpatched (the
 model's own ``ForCausalLMLoss`` on materialized logits) and patched with
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from typing import Any
@@ -67,24 +69,15 @@ def _measure(provider: str, batch: int, length: int, vocab: int) -> None:
     print(json.dumps({"peak_mib": rss_mib("VmHWM") - before}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    parser.add_argument(
-        "--measure", nargs=4, metavar=("PROVIDER", "B", "T", "V"), help=argparse.SUPPRESS
-    )
-    args = parser.parse_args()
-    if args.measure:
-        provider, *sizes = args.measure
-        _measure(provider, *map(int, sizes))
-        return
+def hf_section(args: argparse.Namespace) -> None:
+    """The patched vs unpatched training-step table (``args.quick``, ``args.rounds``)."""
     try:
         import transformers  # noqa: F401
     except ImportError:
         print("transformers not installed: Hugging Face benchmark skipped")
         return
     torch.set_num_threads(1)
+    print("\n## Hugging Face training step (tiny Llama), patched vs unpatched")
     print(f"{'B x T':>9} {'V':>6} {'provider':>17} | {'CPU s':>7} {'ratio':>6} | "
           f"{'extra MiB':>9} {'ratio':>6} | loss")  # fmt: skip
     providers = list(PROVIDERS)[:2] if args.quick else list(PROVIDERS)
@@ -101,8 +94,10 @@ def main() -> None:
                 _step(m, ids)
                 times[p].append(time.process_time() - start)
         del models
-        peaks = {
-            p: peak_memory_mib("benchmarks.bench_hf", p, str(batch), str(length), str(vocab))
+        peaks = {  # quick: no memory subprocesses, as in the rest of bench_llm
+            p: math.nan
+            if args.quick
+            else peak_memory_mib("benchmarks._hf", p, str(batch), str(length), str(vocab))
             for p in providers
         }
         base = "unpatched"
@@ -112,6 +107,14 @@ def main() -> None:
                   f"{statistics.median(times[p]):7.2f} {ratio_t:6.2f} | "
                   f"{peaks[p]:9.1f} {peaks[p] / max(peaks[base], 1e-9):6.2f} | "
                   f"{losses[p]:.6f}")  # fmt: skip
+
+
+def main() -> None:
+    """``python -m benchmarks._hf --measure PROVIDER B T V``: one case's peak, as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", nargs=4, metavar=("PROVIDER", "B", "T", "V"), required=True)
+    provider, *sizes = parser.parse_args().measure
+    _measure(provider, *map(int, sizes))
 
 
 if __name__ == "__main__":
