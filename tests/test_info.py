@@ -577,3 +577,10 @@ def test_from_logits_is_a_keyword_only_option_defaulting_to_false() -> None:
         param = inspect.signature(getattr(info, name)).parameters["from_logits"]
         assert param.kind is param.KEYWORD_ONLY
         assert param.default is False
+
+
+def test_probability_error_on_a_tensor_that_requires_grad_is_clean() -> None:
+    torch = pytest.importorskip("torch")
+    z = torch.tensor([[3.0, -2.0]], requires_grad=True)
+    with pytest.raises(ValueError, match=r"pass from_logits=True if these are logits"):
+        info.entropy(z)  # the message reads the values without an autograd warning
