@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks._hf import hf_section
 from benchmarks._util import REPO, reset_peak_rss, rss_mib
 from crossent.fused import linear_distillation_loss, linear_log_probs
 from crossent.fused._chunked import _auto_chunk_size
@@ -229,6 +230,7 @@ def cuda_section(args: argparse.Namespace) -> None:
 
 
 SECTIONS.append(cuda_section)
+SECTIONS.append(hf_section)
 
 
 # ----------------------------------------------------------------------------------- main

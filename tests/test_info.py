@@ -333,3 +333,254 @@ def test_validation_off_skips_value_checks_not_shape_checks(xp: Any) -> None:
             info.kl_divergence(x(np.array([0.5, 0.5])), x(np.array([1.0])))
         with pytest.raises(TypeError, match="floating dtype"):
             info.entropy(x(np.array([1, 0])))
+
+
+# ----------------------------------------------------------------------------
+# from_logits=True: log-space measures
+# ----------------------------------------------------------------------------
+
+MEASURES = ("entropy", *PAIR_MEASURES)
+
+
+def _call(name: str, zp: Any, zq: Any, **kwargs: Any) -> Any:
+    fn = getattr(info, name)
+    return fn(zp, **kwargs) if name == "entropy" else fn(zp, zq, **kwargs)
+
+
+def _reference_from_logits(name: str, zp: np.ndarray, zq: np.ndarray, **kwargs: Any) -> np.ndarray:
+    fn = getattr(ref, f"{name}_from_logits")
+    return fn(zp, **kwargs) if name == "entropy" else fn(zp, zq, **kwargs)
+
+
+def _logits(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 4.0) -> np.ndarray:
+    return rng.standard_normal(shape) * scale
+
+
+# Rows with huge gaps: probabilities that underflow in float64 (e^-1000), on either side.
+GAP_P = np.array([[0.0, 1000.0, 2.0, -5.0], [3.0, 1.0, 2.0, -1.0], [-800.0, 0.0, 0.5, 0.0]])
+GAP_Q = np.array([[1000.0, 0.0, 2.0, 1.0], [1.0, 2.0, 3.5, 0.0], [0.0, -900.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize("name", MEASURES)
+@pytest.mark.parametrize("base", [None, 2, 10])
+def test_from_logits_matches_float64_reference(xp: Any, name: str, base: float | None) -> None:
+    rng = np.random.default_rng(10)
+    x = to_xp(xp)
+    for zp, zq in ((_logits(rng, (4, 7)), _logits(rng, (4, 7))), (GAP_P, GAP_Q)):
+        got = _call(name, x(zp), x(zq), base=base, from_logits=True)
+        _check(got, _reference_from_logits(name, zp, zq, base=base), xp, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", MEASURES)
+def test_from_logits_equals_the_measure_of_the_softmax(xp: Any, name: str) -> None:
+    """Where nothing underflows, logits and their softmax give the same measure."""
+    rng = np.random.default_rng(11)
+    zp, zq = _logits(rng, (3, 2, 5), 2.0), _logits(rng, (3, 2, 5), 2.0)
+    p, q = special.softmax(zp, axis=1), special.softmax(zq, axis=1)
+    x = to_xp(xp)
+    got = _call(name, x(zp), x(zq), axis=1, from_logits=True)
+    want = _call(name, x(p), x(q), axis=1)
+    assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", MEASURES)
+def test_from_logits_broadcasts_and_moves_axis(xp: Any, name: str) -> None:
+    rng = np.random.default_rng(12)
+    zp, zq = _logits(rng, (5,)), _logits(rng, (3, 5))
+    x = to_xp(xp)
+    if name != "entropy":
+        got = _call(name, x(zp), x(zq), from_logits=True)
+        _check(got, _reference_from_logits(name, np.broadcast_to(zp, zq.shape), zq), xp)
+    got = _call(name, x(zq.T), x(zp[:, None]), axis=0, from_logits=True)
+    _check(got, _reference_from_logits(name, zq, np.broadcast_to(zp, zq.shape)), xp)
+
+
+def test_from_logits_masked_outcomes(xp: Any) -> None:
+    """A logit of -inf is an impossible outcome: 0 · log 0 = 0, mass on it gives +inf."""
+    x = to_xp(xp)
+    inf = np.inf
+    zp = np.array([[0.0, 0.0, -inf], [0.0, 0.0, -inf], [0.0, -inf, -inf]])
+    zq = np.array([[0.0, -inf, -inf], [0.0, 0.0, 5.0], [-inf, 0.0, -inf]])
+    _check(info.entropy(x(zp), from_logits=True), [LN2, LN2, 0.0], xp)
+    ce = to_numpy(info.cross_entropy(x(zp), x(zq), from_logits=True))
+    kl = to_numpy(info.kl_divergence(x(zp), x(zq), from_logits=True))
+    assert ce[0] == inf
+    assert kl[0] == inf
+    assert ce[2] == inf
+    assert kl[2] == inf
+    np.testing.assert_allclose(ce[1:2], ref.cross_entropy_from_logits(zp[1:2], zq[1:2]), rtol=1e-12)
+    # p puts no mass where q does: KL = sum over p's support only (and q's mass elsewhere counts)
+    np.testing.assert_allclose(kl[1:2], ref.kl_divergence_from_logits(zp[1:2], zq[1:2]), rtol=1e-12)
+    np.testing.assert_allclose(
+        kl[1:2],
+        ref.kl_divergence(special.softmax(zp[1:2], -1), special.softmax(zq[1:2], -1)),
+        rtol=1e-12,
+    )
+    js = info.js_divergence(x(zp), x(zq), from_logits=True)
+    _check(js, ref.js_divergence(special.softmax(zp, -1), special.softmax(zq, -1)), xp)
+    assert to_numpy(js)[2] == pytest.approx(LN2, rel=1e-15)
+
+
+def test_from_logits_nan_propagates(xp: Any) -> None:
+    x = to_xp(xp)
+    zp = np.array([[0.0, np.nan], [0.0, 1.0]])
+    zq = np.array([[0.0, 1.0], [2.0, 0.0]])
+    for name in MEASURES:
+        for a, b in ((zp, zq), (zq, zp)):
+            values = to_numpy(_call(name, x(a), x(b), from_logits=True))
+            if name == "entropy" and a is zq:
+                assert np.isfinite(values).all()
+                continue
+            assert np.isnan(values[0])
+            assert np.isfinite(values[1])
+
+
+@pytest.mark.parametrize("name", MEASURES)
+def test_from_logits_gradients_torch_with_underflow(name: str) -> None:
+    """Autograd gradients equal the closed forms, finite where a probability underflows."""
+    torch = pytest.importorskip("torch")
+    zp = torch.tensor(GAP_P, requires_grad=True)
+    zq = torch.tensor(GAP_Q, requires_grad=True)
+    inputs = (zp,) if name == "entropy" else (zp, zq)
+    value = _call(name, zp, zq, from_logits=True)
+    assert torch.isfinite(value).all()
+    grads = torch.autograd.grad(value.sum(), inputs)
+    want = ref.grads_from_logits(name, GAP_P, GAP_Q)
+    for g, w in zip(grads, want, strict=False):
+        assert torch.isfinite(g).all()
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", MEASURES)
+def test_from_logits_gradients_jax_with_underflow(name: str) -> None:
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    zp, zq = jnp.asarray(GAP_P), jnp.asarray(GAP_Q)
+    argnums = (0,) if name == "entropy" else (0, 1)
+    fn = jax.jit(lambda a, b: _call(name, a, b, from_logits=True).sum())
+    grads = jax.grad(fn, argnums=argnums)(zp, zq)
+    want = ref.grads_from_logits(name, GAP_P, GAP_Q)
+    for g, w in zip(grads, want, strict=False):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-10, atol=1e-14)
+
+
+def test_distillation_with_underflowed_student_has_finite_gradients() -> None:
+    """The issue's case: KL(teacher‖student) with a student probability that underflows.
+
+    Through probabilities the student's underflowed q_k = 0 gives KL = inf and a
+    NaN gradient; from logits both are finite and equal the closed form q - p.
+    """
+    torch = pytest.importorskip("torch")
+    teacher = torch.tensor([[0.0, 0.0, 0.0, 0.0]], dtype=torch.float32)
+    student = torch.tensor([[150.0, 0.0, -10.0, 0.0]], dtype=torch.float32, requires_grad=True)
+    q = torch.softmax(student, -1)
+    assert bool((q == 0).any())  # e^-150 underflows float32
+    through_probs = info.kl_divergence(torch.softmax(teacher, -1), q)
+    assert not torch.isfinite(through_probs).all()
+    kl = info.kl_divergence(teacher, student, from_logits=True)
+    (g,) = torch.autograd.grad(kl.sum(), student)
+    want = ref.kl_divergence_from_logits(
+        teacher.double().numpy(), student.detach().double().numpy()
+    )
+    np.testing.assert_allclose(kl.detach().numpy(), want, rtol=1e-6)
+    gw = ref.grads_from_logits(
+        "kl_divergence", teacher.double().numpy(), student.detach().double().numpy()
+    )[1]
+    np.testing.assert_allclose(g.numpy(), gw, rtol=1e-6, atol=1e-7)
+    # second order: a double backward through the log-space form is finite too
+    kl = info.kl_divergence(teacher, student, from_logits=True)
+    (g2,) = torch.autograd.grad(kl.sum(), student, create_graph=True)
+    (h,) = torch.autograd.grad((g2**2).sum(), student)
+    assert torch.isfinite(h).all()
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
+def test_from_logits_low_precision(dtype_name: str) -> None:
+    torch = pytest.importorskip("torch")
+    dtype = getattr(torch, dtype_name)
+    rng = np.random.default_rng(13)
+    zp, zq = (
+        torch.tensor(_logits(rng, (3, 9))).to(dtype),
+        torch.tensor(_logits(rng, (3, 9))).to(dtype),
+    )
+    zp64, zq64 = zp.double().numpy(), zq.double().numpy()
+    rtol = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 2e-6}[dtype_name]
+    for name in MEASURES:
+        got = _call(name, zp, zq, from_logits=True)
+        assert got.dtype == dtype
+        want = _reference_from_logits(name, zp64, zq64)
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=rtol, atol=rtol * 1e-2)
+
+
+@st.composite
+def _logit_pair(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, float]:
+    k = draw(st.integers(1, 6))
+    elems = st.one_of(st.floats(-60.0, 60.0), st.sampled_from([-1000.0, 1000.0, -np.inf]))
+    rows = hnp.arrays(np.float64, (k,), elements=elems).filter(lambda z: np.isfinite(z).any())
+    return draw(rows), draw(rows), draw(st.floats(-500.0, 500.0))
+
+
+@settings(max_examples=25)
+@given(case=_logit_pair())
+def test_information_laws_from_logits(xp: Any, case: tuple[np.ndarray, np.ndarray, float]) -> None:
+    zp, zq, shift = case
+    x, y = to_xp(xp)(zp), to_xp(xp)(zq)
+
+    def measure(name: str, a: Any = x, b: Any = y, **kw: Any) -> float:
+        return float(to_numpy(_call(name, a, b, from_logits=True, **kw)))
+
+    h, hpq, kl, js = (measure(n) for n in MEASURES)
+    finite = not np.any(np.isfinite(zp) & (zq == -np.inf))  # p puts no mass where q has none
+    scale = 1.0 + abs(h) + (abs(hpq) if finite else 0.0)
+    tol = 1e-12 * scale
+    assert math.isfinite(h)
+    assert math.isfinite(hpq) == finite
+    assert math.isfinite(kl) == finite
+    assert kl >= 0.0  # exactly: the terms summed are each >= 0
+    assert hpq >= h - tol  # Gibbs' inequality
+    if finite:
+        assert hpq == pytest.approx(h + kl, rel=1e-9, abs=tol)
+    assert measure("kl_divergence", x, x) == 0.0
+    assert 0.0 <= js <= LN2 * (1 + 1e-12)
+    assert js == pytest.approx(measure("js_divergence", y, x), rel=1e-9, abs=1e-15)
+    # shift invariance: z + c is the same distribution
+    xs, ys = to_xp(xp)(zp + shift), to_xp(xp)(zq - shift)
+    for name, value in zip(MEASURES, (h, hpq, kl, js), strict=True):
+        assert measure(name, xs, ys) == pytest.approx(value, rel=1e-9, abs=1e-9 * scale)
+        assert measure(name, base=2) == pytest.approx(value / LN2, rel=1e-12, abs=tol)
+    for name, value in zip(MEASURES, (h, hpq, kl, js), strict=True):
+        want = float(_reference_from_logits(name, zp, zq))
+        assert value == pytest.approx(want, rel=1e-9, abs=tol)
+
+
+def test_from_logits_errors(xp: Any) -> None:
+    x = to_xp(xp)
+    z = x(np.array([[3.0, -2.0]]))
+    with pytest.raises(TypeError, match=r"`from_logits` must be True or False"):
+        info.entropy(z, from_logits=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`from_logits` must be True or False"):
+        info.kl_divergence(z, z, from_logits="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"pass from_logits=True if these are logits"):
+        info.kl_divergence(z, z)
+    with pytest.raises(TypeError, match=r"`q` must have a floating dtype"):
+        info.cross_entropy(z, x(np.array([[1, 0]])), from_logits=True)
+    with pytest.raises(ValueError, match=r"same length along `axis`"):
+        info.js_divergence(z, x(np.array([[0.2, 0.3, 0.5]])), from_logits=True)
+
+
+def test_from_logits_is_a_keyword_only_option_defaulting_to_false() -> None:
+    import inspect
+
+    for name in MEASURES:
+        param = inspect.signature(getattr(info, name)).parameters["from_logits"]
+        assert param.kind is param.KEYWORD_ONLY
+        assert param.default is False
+
+
+def test_probability_error_on_a_tensor_that_requires_grad_is_clean() -> None:
+    torch = pytest.importorskip("torch")
+    z = torch.tensor([[3.0, -2.0]], requires_grad=True)
+    with pytest.raises(ValueError, match=r"pass from_logits=True if these are logits"):
+        info.entropy(z)  # the message reads the values without an autograd warning

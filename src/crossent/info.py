@@ -16,6 +16,13 @@ Conventions, the same everywhere:
   :func:`crossent.get_validation` is on). They are taken as given, not
   renormalized: pass distributions that sum to 1 (``scipy.stats.entropy``
   renormalizes, these functions do not).
+* With ``from_logits=True`` (:func:`entropy`, :func:`cross_entropy`,
+  :func:`kl_divergence`, :func:`js_divergence`) every distribution argument is
+  given as logits, unnormalized log-probabilities along `axis`; a logit of
+  :math:`-\infty` is an impossible outcome. The measure is then computed from
+  :math:`\log p = z - \operatorname{lse}(z)` and never from a probability that
+  may have underflowed, so the value and its gradient are finite wherever the
+  true value is finite, whatever the logit gaps.
 * `p` and `q` broadcast against each other (one true distribution against a
   batch of predictions, say), but their lengths along `axis` must be equal.
 * NaN propagates.
@@ -35,7 +42,9 @@ from crossent._lib._xp import (
     compute_dtype,
     is_array,
     known_true,
+    logsumexp,
     size,
+    to_numpy,
     xlogy,
 )
 
@@ -47,18 +56,27 @@ __all__ = ["cross_entropy", "entropy", "js_divergence", "kl_divergence", "surpri
 # ----------------------------------------------------------------------------
 
 
-def _check_distribution(x: Array, *, name: str, xp: Any) -> None:
+def _check_from_logits(from_logits: object) -> bool:
+    if not isinstance(from_logits, bool):
+        msg = f"`from_logits` must be True or False; got {from_logits!r}."
+        raise TypeError(msg)
+    return from_logits
+
+
+def _check_distribution(x: Array, *, name: str, logits: bool = False, xp: Any) -> None:
+    """`x` is a floating array of probabilities in [0, 1] (any real values if `logits`)."""
     if not is_array(x):
         msg = f"`{name}` must be an array (NumPy, PyTorch, JAX, ...); got {type(x).__name__}."
         raise TypeError(msg)
     check_floating(x, name=name, xp=xp)
-    if size(x) == 0 or not values_checked(x):
+    if logits or size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any((x < 0) | (x > 1))):
-        lo, hi = float(xp.min(x)), float(xp.max(x))
+        lo, hi = (float(to_numpy(f(x), dtype=float)) for f in (xp.min, xp.max))  # no autograd
         msg = (
             f"`{name}` must hold probabilities in [0, 1]; got values in [{lo:.6g}, {hi:.6g}]. "
-            "Pass probabilities (e.g. a softmax of logits), not logits or counts."
+            "Pass probabilities (e.g. a softmax of logits), or pass from_logits=True if "
+            "these are logits."
         )
         raise ValueError(msg)
 
@@ -90,10 +108,14 @@ def _in_base(x: Array, base: float | None) -> Array:
 
 @dataclass(frozen=True)
 class _Pair:
-    """Checked `p`, `q` in the compute dtype, with what the measures need around them."""
+    """Checked `p`, `q` in the compute dtype, with what the measures need around them.
+
+    With `logs`, `p` and `q` hold log-probabilities (``from_logits=True``).
+    """
 
     p: Array
     q: Array
+    logs: bool
     axis: int
     base: float | None
     out_dtype: Any
@@ -104,16 +126,29 @@ class _Pair:
         return astype(_in_base(nats, self.base), self.out_dtype, xp=self.xp)
 
 
-def _pair(p: Array, q: Array, axis: object, base: object) -> _Pair:
-    """Check `p`, `q`, `axis` and `base` (shared by every two-distribution measure)."""
+def _pair(p: Array, q: Array, axis: object, base: object, from_logits: object) -> _Pair:
+    """Check `p`, `q`, `axis` and `base` (shared by every two-distribution measure).
+
+    With `from_logits` the pair holds log-probabilities, each normalized along
+    `axis` before `p` and `q` broadcast.
+    """
     xp = array_namespace(p=p, q=q)
-    _check_distribution(p, name="p", xp=xp)
-    _check_distribution(q, name="q", xp=xp)
+    logits = _check_from_logits(from_logits)
+    _check_distribution(p, name="p", logits=logits, xp=xp)
+    _check_distribution(q, name="q", logits=logits, xp=xp)
     ax = _broadcast_axis(p, q, axis)
     checked_base = check_base(base)
     out_dtype = xp.result_type(p.dtype, q.dtype)
     dtype = compute_dtype(out_dtype, xp=xp)
-    return _Pair(astype(p, dtype, xp=xp), astype(q, dtype, xp=xp), ax, checked_base, out_dtype, xp)
+    x, y = astype(p, dtype, xp=xp), astype(q, dtype, xp=xp)
+    if not logits:
+        return _Pair(x, y, False, ax, checked_base, out_dtype, xp)
+    ndim = max(x.ndim, y.ndim)
+    x = xp.reshape(x, (1,) * (ndim - x.ndim) + tuple(x.shape))
+    y = xp.reshape(y, (1,) * (ndim - y.ndim) + tuple(y.shape))
+    log_p = _log_softmax(x, axis=ax, xp=xp)
+    log_q = _log_softmax(y, axis=ax, xp=xp)
+    return _Pair(log_p, log_q, True, ax, checked_base, out_dtype, xp)
 
 
 # ----------------------------------------------------------------------------
@@ -149,6 +184,70 @@ def _xlog(x: Array, a: Array, b: Array | None = None, *, xp: Any) -> Array:
     return xp.where(pole & (x > 0), xp.full_like(out, float("inf")), out + shift)
 
 
+# ----------------------------------------------------------------------------
+# The same measures from log-probabilities (``from_logits=True``)
+# ----------------------------------------------------------------------------
+
+
+def _log_softmax(z: Array, *, axis: int, xp: Any) -> Array:
+    r""":math:`\log p = z - \operatorname{lse}(z)` along `axis`."""
+    return z - logsumexp(z, axis=axis, keepdims=True, xp=xp)
+
+
+def _xlog_from_log(log_x: Array, log_y: Array, *, xp: Any) -> Array:
+    r""":math:`x \log y` from :math:`\log x` and :math:`\log y`.
+
+    No mass (:math:`\log x = -\infty`) gives 0 in value and gradient; mass on
+    :math:`\log y = -\infty` gives :math:`-\infty`, even when :math:`x` itself
+    underflowed to 0 (its log says it is positive).
+    """
+    no_mass = log_x == -math.inf
+    pole = (log_y == -math.inf) & ~no_mass
+    zero = xp.zeros_like(log_y)
+    x = xp.exp(xp.where(no_mass, zero, log_x))
+    out = x * xp.where(no_mass | pole, zero, log_y)
+    return xp.where(pole, xp.full_like(out, -math.inf), xp.where(no_mass, zero, out))
+
+
+def _rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
+    r"""The terms :math:`a \log(a/b) - a + b` from :math:`\log a` and :math:`\log b`.
+
+    Summed over a pair of distributions (:math:`\sum a = \sum b = 1`) they
+    give :math:`D(a \,\|\, b)`, and each term is :math:`\ge 0`, so the sum is
+    non-negative in floating point too (a plain :math:`\sum a \log(a/b)` is
+    not). With :math:`d = \log a - \log b` the term is
+    :math:`a\,(d + \operatorname{expm1}(-d))` for :math:`d \ge -1` and
+    :math:`a(d - 1) + b` below, where :math:`e^{-d}` could overflow.
+    :math:`a = 0` (:math:`\log a = -\infty`) gives :math:`b`, and mass on
+    :math:`b = 0` gives :math:`+\infty`; an underflowed :math:`a` or :math:`b`
+    with finite logs keeps the value and the gradient finite. NaN propagates.
+    """
+    a_zero = log_a == -math.inf
+    b_zero = log_b == -math.inf
+    zero = xp.zeros_like(log_a)
+    log_a = xp.where(a_zero, zero, log_a)
+    d = log_a - xp.where(a_zero | b_zero, zero, log_b)  # finite unless NaN
+    a = xp.exp(log_a)
+    low = d < -1.0
+    d_hi = xp.where(low, zero, d)
+    d_lo = xp.where(low, d, zero - 2.0)
+    hi = a * (d_hi + xp.expm1(-d_hi))
+    lo = a * (d_lo - 1.0) + xp.exp(log_a - d_lo)
+    out = xp.where(b_zero, xp.full_like(hi, math.inf), xp.where(low, lo, hi))
+    return xp.where(a_zero, xp.exp(log_b), out)
+
+
+def _log_mixture(log_p: Array, log_q: Array, *, xp: Any) -> Array:
+    r""":math:`\log m = \log\frac{p + q}{2}` from :math:`\log p` and :math:`\log q`."""
+    hi = xp.maximum(log_p, log_q)
+    lo = xp.minimum(log_p, log_q)
+    both_zero = hi == -math.inf
+    zero = xp.zeros_like(hi)
+    gap = xp.where(both_zero, zero, lo) - xp.where(both_zero, zero, hi)
+    return hi + xp.log1p(xp.exp(gap)) - math.log(2.0)
+
+
+# ----------------------------------------------------------------------------
 # ----------------------------------------------------------------------------
 # Public measures
 # ----------------------------------------------------------------------------
@@ -202,7 +301,9 @@ def surprisal(p: Array, *, base: float | None = None) -> Array:
     return astype(_in_base(out, base), p.dtype, xp=xp)
 
 
-def entropy(p: Array, *, axis: int = -1, base: float | None = None) -> Array:
+def entropy(
+    p: Array, *, axis: int = -1, base: float | None = None, from_logits: bool = False
+) -> Array:
     r"""Shannon entropy of the distributions along `axis`.
 
     Parameters
@@ -214,6 +315,10 @@ def entropy(p: Array, *, axis: int = -1, base: float | None = None) -> Array:
         The axis that holds the outcomes.
     base : float, optional
         Logarithm base: None for nats, 2 for bits; any positive number but 1.
+    from_logits : bool, default False
+        If True, `p` is given as logits (unnormalized log-probabilities along
+        `axis`; :math:`-\infty` marks an impossible outcome) and the measure is
+        computed in log space from :math:`\log p = z - \operatorname{lse}(z)`.
 
     Returns
     -------
@@ -237,7 +342,9 @@ def entropy(p: Array, *, axis: int = -1, base: float | None = None) -> Array:
     .. math:: H(p) = -\sum_k p_k \log_b p_k, \qquad 0 \log 0 = 0
 
     Value and gradient are finite at :math:`p_k = 0` (the gradient of the
-    term is taken as 0 there).
+    term is taken as 0 there). From logits, :math:`H = -\sum_k p_k \log p_k`
+    with :math:`\log p_k = z_k - \operatorname{lse}(z)`; an outcome whose
+    probability underflows contributes 0 and a finite gradient.
 
     Examples
     --------
@@ -247,17 +354,27 @@ def entropy(p: Array, *, axis: int = -1, base: float | None = None) -> Array:
     array([1., 0.])
     >>> print(round(float(info.entropy(np.array([0.25, 0.25, 0.5]))), 6))
     1.039721
+    >>> info.entropy(np.array([[3.0, 3.0], [0.0, -np.inf]]), base=2, from_logits=True)
+    array([1., 0.])
     """
     xp = array_namespace(p=p)
-    _check_distribution(p, name="p", xp=xp)
+    logits = _check_from_logits(from_logits)
+    _check_distribution(p, name="p", logits=logits, xp=xp)
     ax = check_axis(axis, p.ndim, name="p")
     base = check_base(base)
     x = astype(p, compute_dtype(p.dtype, xp=xp), xp=xp)
-    out = 0.0 - xp.sum(xlogy(x, x, xp=xp), axis=ax)  # a certain outcome gives +0, not -0
+    if logits:
+        log_p = _log_softmax(x, axis=ax, xp=xp)
+        terms = _xlog_from_log(log_p, log_p, xp=xp)
+    else:
+        terms = xlogy(x, x, xp=xp)
+    out = 0.0 - xp.sum(terms, axis=ax)  # a certain outcome gives +0, not -0
     return astype(_in_base(out, base), p.dtype, xp=xp)
 
 
-def cross_entropy(p: Array, q: Array, *, axis: int = -1, base: float | None = None) -> Array:
+def cross_entropy(
+    p: Array, q: Array, *, axis: int = -1, base: float | None = None, from_logits: bool = False
+) -> Array:
     r"""Cross-entropy of the predicted distribution `q` relative to the true `p`.
 
     Parameters
@@ -271,6 +388,10 @@ def cross_entropy(p: Array, q: Array, *, axis: int = -1, base: float | None = No
         The axis that holds the outcomes.
     base : float, optional
         Logarithm base: None for nats, 2 for bits; any positive number but 1.
+    from_logits : bool, default False
+        If True, `p` and `q` are given as logits (unnormalized log-probabilities
+        along `axis`; :math:`-\infty` marks an impossible outcome) and the measure is
+        computed in log space from :math:`\log p = z - \operatorname{lse}(z)`.
 
     Returns
     -------
@@ -284,9 +405,9 @@ def cross_entropy(p: Array, q: Array, *, axis: int = -1, base: float | None = No
         If `p` or `q` is not a floating array, or `axis` / `base` has a wrong
         type.
     ValueError
-        If `p` or `q` lies outside [0, 1] (while validation is on), the shapes
-        do not broadcast or differ along `axis`, `axis` is out of range, or
-        `base` is not positive or is 1.
+        If `p` or `q` lies outside [0, 1] (probabilities, while validation is
+        on), the shapes do not broadcast or differ along `axis`, `axis` is out
+        of range, or `base` is not positive or is 1.
 
     See Also
     --------
@@ -297,7 +418,11 @@ def cross_entropy(p: Array, q: Array, *, axis: int = -1, base: float | None = No
     -----
     .. math:: H(p, q) = -\sum_k p_k \log_b q_k = H(p) + D_{\mathrm{KL}}(p \,\|\, q)
 
-    with :math:`0 \log q = 0` for every :math:`q`, including 0.
+    with :math:`0 \log q = 0` for every :math:`q`, including 0. From logits
+    :math:`\log q_k = z^q_k - \operatorname{lse}(z^q)` is used as is, so a
+    predicted probability that underflows (a logit far below the others)
+    gives the large finite value it should, not :math:`+\infty`, and the
+    gradient :math:`\partial H / \partial z^q = q - p` stays finite.
 
     Examples
     --------
@@ -307,12 +432,17 @@ def cross_entropy(p: Array, q: Array, *, axis: int = -1, base: float | None = No
     >>> q = np.array([[0.5, 0.5], [0.25, 0.75], [0.0, 1.0]])
     >>> info.cross_entropy(p, q, base=2)
     array([ 1.,  2., inf])
+    >>> info.cross_entropy(np.array([0.0, -np.inf]), np.array([-1000.0, 0.0]), from_logits=True)
+    np.float64(1000.0)
     """
-    d = _pair(p, q, axis, base)
-    return d.finish(0.0 - d.xp.sum(_xlog(d.p, d.q, xp=d.xp), axis=d.axis))
+    d = _pair(p, q, axis, base, from_logits)
+    terms = _xlog_from_log(d.p, d.q, xp=d.xp) if d.logs else _xlog(d.p, d.q, xp=d.xp)
+    return d.finish(0.0 - d.xp.sum(terms, axis=d.axis))
 
 
-def kl_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = None) -> Array:
+def kl_divergence(
+    p: Array, q: Array, *, axis: int = -1, base: float | None = None, from_logits: bool = False
+) -> Array:
     r"""Kullback–Leibler divergence of `q` from `p` (relative entropy).
 
     Parameters
@@ -326,6 +456,10 @@ def kl_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = No
         The axis that holds the outcomes.
     base : float, optional
         Logarithm base: None for nats, 2 for bits; any positive number but 1.
+    from_logits : bool, default False
+        If True, `p` and `q` are given as logits (unnormalized log-probabilities
+        along `axis`; :math:`-\infty` marks an impossible outcome) and the measure is
+        computed in log space from :math:`\log p = z - \operatorname{lse}(z)`.
 
     Returns
     -------
@@ -339,9 +473,9 @@ def kl_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = No
         If `p` or `q` is not a floating array, or `axis` / `base` has a wrong
         type.
     ValueError
-        If `p` or `q` lies outside [0, 1] (while validation is on), the shapes
-        do not broadcast or differ along `axis`, `axis` is out of range, or
-        `base` is not positive or is 1.
+        If `p` or `q` lies outside [0, 1] (probabilities, while validation is
+        on), the shapes do not broadcast or differ along `axis`, `axis` is out
+        of range, or `base` is not positive or is 1.
 
     See Also
     --------
@@ -356,6 +490,15 @@ def kl_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = No
     distributions keep their small divergence accurately and
     :math:`D(p \,\|\, p)` is exactly 0.
 
+    From logits, with :math:`d_k = \log p_k - \log q_k` in log space, the sum
+    is taken over the terms :math:`p_k d_k - p_k + q_k =
+    p_k\,(d_k + \operatorname{expm1}(-d_k))`, each :math:`\ge 0` (the added
+    :math:`q_k - p_k` sum to 0), so the result is never negative, even in
+    floating point; :math:`p_k (d_k - 1) + q_k` is used for :math:`d_k < -1`,
+    where :math:`e^{-d_k}` could overflow. An underflowed :math:`q_k` (a student's
+    probability in distillation, say) leaves the value and its gradient
+    :math:`\partial D / \partial z^q = q - p` finite.
+
     Examples
     --------
     >>> import numpy as np
@@ -365,12 +508,17 @@ def kl_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = No
     np.float64(1.0)
     >>> info.kl_divergence(p, p)
     np.float64(0.0)
+    >>> info.kl_divergence(np.array([0.0, 0.0]), np.array([0.0, -1000.0]), from_logits=True)
+    np.float64(499.30685281944...)
     """
-    d = _pair(p, q, axis, base)
-    return d.finish(d.xp.sum(_xlog(d.p, d.p, d.q, xp=d.xp), axis=d.axis))
+    d = _pair(p, q, axis, base, from_logits)
+    terms = _rel_entr_from_log(d.p, d.q, xp=d.xp) if d.logs else _xlog(d.p, d.p, d.q, xp=d.xp)
+    return d.finish(d.xp.sum(terms, axis=d.axis))
 
 
-def js_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = None) -> Array:
+def js_divergence(
+    p: Array, q: Array, *, axis: int = -1, base: float | None = None, from_logits: bool = False
+) -> Array:
     r"""Jensen–Shannon divergence between `p` and `q` (symmetric, bounded).
 
     Parameters
@@ -382,6 +530,10 @@ def js_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = No
         The axis that holds the outcomes.
     base : float, optional
         Logarithm base: None for nats, 2 for bits; any positive number but 1.
+    from_logits : bool, default False
+        If True, `p` and `q` are given as logits (unnormalized log-probabilities
+        along `axis`; :math:`-\infty` marks an impossible outcome) and the measure is
+        computed in log space from :math:`\log p = z - \operatorname{lse}(z)`.
 
     Returns
     -------
@@ -395,9 +547,9 @@ def js_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = No
         If `p` or `q` is not a floating array, or `axis` / `base` has a wrong
         type.
     ValueError
-        If `p` or `q` lies outside [0, 1] (while validation is on), the shapes
-        do not broadcast or differ along `axis`, `axis` is out of range, or
-        `base` is not positive or is 1.
+        If `p` or `q` lies outside [0, 1] (probabilities, while validation is
+        on), the shapes do not broadcast or differ along `axis`, `axis` is out
+        of range, or `base` is not positive or is 1.
 
     See Also
     --------
@@ -413,6 +565,10 @@ def js_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = No
     :math:`m_k = 0`. ``scipy.spatial.distance.jensenshannon`` returns the
     square root of this value (a metric) and renormalizes its inputs.
 
+    From logits, :math:`\log m_k = \max(\log p_k, \log q_k) + \operatorname{log1p}(
+    e^{-|\log p_k - \log q_k|}) - \ln 2`, exact for any logit gap, and both
+    halves are summed as non-negative terms as in :func:`kl_divergence`.
+
     Examples
     --------
     >>> import numpy as np
@@ -422,8 +578,15 @@ def js_divergence(p: Array, q: Array, *, axis: int = -1, base: float | None = No
     >>> p, q = np.array([0.5, 0.5]), np.array([0.9, 0.1])
     >>> bool(info.js_divergence(p, q) == info.js_divergence(q, p))
     True
+    >>> z = np.array([[0.0, -2000.0], [-2000.0, 0.0]])
+    >>> info.js_divergence(z, z[::-1], base=2, from_logits=True)
+    array([1., 1.])
     """
-    d = _pair(p, q, axis, base)
-    s = d.p + d.q
-    terms = _xlog(d.p, 2 * d.p, s, xp=d.xp) + _xlog(d.q, 2 * d.q, s, xp=d.xp)
+    d = _pair(p, q, axis, base, from_logits)
+    if d.logs:
+        log_m = _log_mixture(d.p, d.q, xp=d.xp)
+        terms = _rel_entr_from_log(d.p, log_m, xp=d.xp) + _rel_entr_from_log(d.q, log_m, xp=d.xp)
+    else:
+        s = d.p + d.q
+        terms = _xlog(d.p, 2 * d.p, s, xp=d.xp) + _xlog(d.q, 2 * d.q, s, xp=d.xp)
     return d.finish(d.xp.sum(terms, axis=d.axis) / 2)

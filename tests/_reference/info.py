@@ -66,3 +66,105 @@ def js_divergence(p: np.ndarray, q: np.ndarray, axis: int = -1, base: float | No
         return (_plogratio(a, m) + _plogratio(b, m)) / 2
 
     return _reduce(term, p, q, axis, base)
+
+
+# ----------------------------------------------------------------------------
+# From logits (``from_logits=True``): log-softmax rows, then the same sums in log space
+# ----------------------------------------------------------------------------
+
+
+def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    """log p = z - lse(z), row by row with an exactly summed log-sum-exp."""
+    rows = _rows(z, axis)
+    out = np.empty_like(rows)
+    for idx in np.ndindex(rows.shape[:-1]):
+        row = rows[idx]
+        m = max(row)
+        lse = m + math.log(math.fsum(math.exp(v - m) for v in row))
+        out[idx] = row - lse
+    return np.moveaxis(out, -1, axis)
+
+
+def _xlog_from_log(log_p: float, log_q: float) -> float:
+    """p · log q from the logs: no mass gives 0; mass (however small) on log q = -inf gives -inf."""
+    if log_p == -math.inf:
+        return 0.0
+    if log_q == -math.inf:
+        return -math.inf
+    return math.exp(log_p) * log_q
+
+
+def _reduce_logits(fn, zp: np.ndarray, zq: np.ndarray | None, axis: int, base: float | None):
+    lp = _rows(log_softmax(zp, axis), axis)
+    lq = lp if zq is None else _rows(log_softmax(zq, axis), axis)
+    lp, lq = np.broadcast_arrays(lp, lq)
+    out = np.empty(lp.shape[:-1])
+    for idx in np.ndindex(out.shape):
+        out[idx] = math.fsum(fn(a, b) for a, b in zip(lp[idx], lq[idx], strict=True))
+    scale = 1.0 if base is None else math.log(base)
+    return out / scale
+
+
+def entropy_from_logits(z: np.ndarray, axis: int = -1, base: float | None = None) -> np.ndarray:
+    return _reduce_logits(lambda a, _: -_xlog_from_log(a, a), z, None, axis, base)
+
+
+def cross_entropy_from_logits(zp, zq, axis: int = -1, base: float | None = None) -> np.ndarray:
+    return _reduce_logits(lambda a, b: -_xlog_from_log(a, b), zp, zq, axis, base)
+
+
+def kl_divergence_from_logits(zp, zq, axis: int = -1, base: float | None = None) -> np.ndarray:
+    def term(a: float, b: float) -> float:
+        if a == -math.inf:
+            return 0.0
+        return math.inf if b == -math.inf else math.exp(a) * (a - b)
+
+    return _reduce_logits(term, zp, zq, axis, base)
+
+
+def _log_mix(a: float, b: float) -> float:
+    """log((e^a + e^b) / 2)."""
+    hi, lo = max(a, b), min(a, b)
+    if hi == -math.inf:
+        return -math.inf
+    return hi + math.log1p(math.exp(lo - hi)) - math.log(2.0)
+
+
+def js_divergence_from_logits(zp, zq, axis: int = -1, base: float | None = None) -> np.ndarray:
+    def term(a: float, b: float) -> float:
+        m = _log_mix(a, b)
+        left = 0.0 if a == -math.inf else math.exp(a) * (a - m)
+        right = 0.0 if b == -math.inf else math.exp(b) * (b - m)
+        return (left + right) / 2
+
+    return _reduce_logits(term, zp, zq, axis, base)
+
+
+def grads_from_logits(name: str, zp: np.ndarray, zq: np.ndarray | None = None):
+    """d(sum of the measure over rows) / d logits, last axis, nats: ``p * (g - <p, g>)``.
+
+    ``g`` is the derivative with respect to the probabilities; for `zq` of
+    cross-entropy and KL the result is ``q - p``. Returns ``(d/dzp, d/dzq)``
+    (``d/dzq`` is None for the entropy). Rows must be finite-valued.
+    """
+    lp = log_softmax(zp)
+    p = np.exp(lp)
+
+    def through_softmax(prob: np.ndarray, g: np.ndarray) -> np.ndarray:
+        g = np.where(prob == 0, 0.0, g)
+        mean = np.array([math.fsum(r) for r in (prob * g).reshape(-1, g.shape[-1])])
+        return prob * (g - mean.reshape((*g.shape[:-1], 1)))
+
+    if name == "entropy":
+        return through_softmax(p, -lp), None
+    lq = log_softmax(zq)
+    q = np.exp(lq)
+    with np.errstate(invalid="ignore"):  # -inf - -inf on impossible outcomes, masked above
+        if name == "cross_entropy":
+            return through_softmax(p, -lq), q - p
+        if name == "kl_divergence":
+            return through_softmax(p, lp - lq), q - p
+        if name == "js_divergence":
+            lm = np.logaddexp(lp, lq) - math.log(2.0)
+            return through_softmax(p, (lp - lm) / 2), through_softmax(q, (lq - lm) / 2)
+    raise ValueError(name)

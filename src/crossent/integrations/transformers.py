@@ -1,0 +1,372 @@
+r"""Hugging Face ``transformers``: train causal LMs with the fused loss, logits never held.
+
+:func:`patch` makes one model instance compute its loss with
+:func:`crossent.fused.linear_cross_entropy` when it is called with ``labels``
+in training mode; :func:`unpatch` undoes it.
+
+How it works, for any model built as a base model followed by an ``lm_head``
+:class:`torch.nn.Linear` whose forward passes the head's logits (optionally
+soft-capped, ``config.final_logit_softcapping``) to ``self.loss_function``
+(``ForCausalLMLoss``) — Llama, Mistral, Qwen2, Qwen3, Gemma 2, GPT-2 and most
+decoder-only models of ``transformers``:
+
+1. The instance's ``forward`` is wrapped (the class is untouched, so other
+   instances are not affected; the wrapper keeps the original signature, which
+   ``generate()`` and the ``Trainer`` inspect).
+2. A training call with ``labels`` runs the model's own forward without
+   ``labels``; for the duration of that call the head records its input (the
+   final hidden states) and returns the logits of the first position only, so
+   the (tokens × vocabulary) logits are never formed.
+3. The loss is :func:`~crossent.fused.linear_cross_entropy` of those hidden
+   states, the head's weight (tied to the input embeddings or not) and bias,
+   with the causal shift, ``ignore_index``, ``shift_labels``, the soft cap and
+   ``num_items_in_batch`` handled as ``ForCausalLMLoss`` does.
+4. On the first such call the logits the model returned for that one position
+   are compared with the head's own output (soft-capped when configured): a
+   model that transforms its logits in another way (a logit scale, say) is
+   refused with an error instead of being trained on a different loss.
+
+Differences from the unpatched model, all deliberate: in training mode with
+``labels`` the output's ``logits`` is None (with ``return_dict=False`` the
+tuple is ``(loss, *rest)``, as ``to_tuple()`` drops None fields), and a batch
+in which every label is ignored has loss 0 with zero gradients (PyTorch's
+mean gives NaN). A call with ``logits_to_keep`` other than 0 runs unpatched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from crossent.fused._inputs import check_chunk_size
+
+__all__ = ["patch", "unpatch"]
+
+_STATE = "_crossent_patch"
+"""Attribute of a patched model holding its :class:`_PatchState`."""
+
+_MISSING = object()
+
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+
+
+@dataclasses.dataclass
+class _PatchState:
+    """What :func:`unpatch` restores and what the patched forward needs."""
+
+    chunk_size: int | None
+    own_forward: Any  # the instance's ``forward`` attribute before patching, or _MISSING
+    original: Callable[..., Any]  # the forward that ran before patching (bound)
+    signature: inspect.Signature
+    wrapper: Callable[..., Any] | None = None  # the patched forward installed on the instance
+    verified_softcap: list[float | None] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Capture:
+    """The head's input and its one-position logits, recorded during a fused call."""
+
+    hidden: torch.Tensor | None = None
+    probe: torch.Tensor | None = None
+
+
+def _causal_lm_loss() -> Callable[..., Any]:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss
+
+
+def _check_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """`model.lm_head`, which must be a plain :class:`torch.nn.Linear`."""
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        msg = (
+            f"`model` ({type(model).__name__}) has no `lm_head`; patch() needs a causal-LM "
+            "model built as a base model followed by an `lm_head` linear layer (e.g. "
+            "LlamaForCausalLM, GPT2LMHeadModel), not a base model such as LlamaModel."
+        )
+        raise ValueError(msg)
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+        msg = (
+            f"`model.lm_head` must be a torch.nn.Linear; got {type(head).__name__}. "
+            "Quantized or custom output layers are not supported by patch(); compute the "
+            "loss with crossent.fused.linear_cross_entropy yourself."
+        )
+        raise TypeError(msg)
+    return head
+
+
+def _check_loss_function(model: torch.nn.Module) -> None:
+    loss_function = getattr(model, "loss_function", None)
+    if loss_function is not _causal_lm_loss():
+        msg = (
+            f"`model.loss_function` must be transformers' ForCausalLMLoss; got {loss_function!r}. "
+            "patch() replaces that loss only; unset the custom loss or leave the model unpatched."
+        )
+        raise ValueError(msg)
+
+
+def patch(model: ModelT, *, chunk_size: int | None = None) -> ModelT:
+    r"""Make `model` compute its training loss with the fused linear cross-entropy.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal-LM model with an ``lm_head`` :class:`torch.nn.Linear`
+        (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+        ``Qwen3ForCausalLM``, ``Gemma2ForCausalLM``, ``GPT2LMHeadModel``, ...).
+        Only this instance is patched.
+    chunk_size : int, optional
+        Tokens per chunk, passed to :func:`crossent.fused.linear_cross_entropy`
+        (None picks one from a memory budget).
+
+    Returns
+    -------
+    model
+        The same instance. Patching a patched model only updates `chunk_size`.
+
+    Raises
+    ------
+    ValueError
+        If `model` has no ``lm_head``, its forward takes no ``labels``, or its
+        ``loss_function`` is not transformers' ``ForCausalLMLoss``.
+    TypeError
+        If `model` is not a :class:`torch.nn.Module`, ``lm_head`` is not a
+        :class:`torch.nn.Linear`, or `chunk_size` is not an int.
+
+    See Also
+    --------
+    unpatch
+    crossent.fused.linear_cross_entropy
+
+    Notes
+    -----
+    In training mode a call with ``labels`` returns the loss of
+    ``ForCausalLMLoss`` — the mean (or, with ``num_items_in_batch``, the sum
+    divided by it) over the counted positions of
+
+    .. math:: \ell_t = \operatorname{lse}(z_t) - z_{t, y_{t+1}}, \qquad
+              z_t = c \tanh\bigl((W h_t + b) / c\bigr)
+
+    (no soft cap unless ``config.final_logit_softcapping`` = :math:`c` is set)
+    — computed chunk by chunk, with ``outputs.logits`` None. Calls without
+    ``labels``, evaluation mode and ``generate()`` run the model's own forward.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from crossent.integrations.transformers import patch, unpatch
+    >>> config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+    ...                      num_hidden_layers=1, num_attention_heads=2)
+    >>> model = patch(LlamaForCausalLM(config))
+    >>> ids = torch.randint(0, 64, (2, 8))
+    >>> out = model(input_ids=ids, labels=ids)
+    >>> out.logits is None, out.loss.shape
+    (True, torch.Size([]))
+    >>> model.eval()(input_ids=ids).logits.shape  # evaluation is unchanged
+    torch.Size([2, 8, 64])
+    >>> unpatch(model) is model
+    True
+    """
+    if not isinstance(model, torch.nn.Module):
+        msg = f"`model` must be a torch.nn.Module (a transformers model); got {type(model)}."
+        raise TypeError(msg)
+    size = check_chunk_size(chunk_size)
+    _check_head(model)
+    state = model.__dict__.get(_STATE)
+    if isinstance(state, _PatchState):
+        state.chunk_size = size
+        return model
+    signature = inspect.signature(model.forward)
+    if "labels" not in signature.parameters:  # an instance wrapper that hides the signature
+        signature = inspect.signature(type(model).forward.__get__(model))
+    if "labels" not in signature.parameters:
+        msg = (
+            f"`model.forward` ({type(model).__name__}) takes no `labels`; patch() needs a "
+            "causal-LM model whose forward computes its loss from `labels`."
+        )
+        raise ValueError(msg)
+    _check_loss_function(model)
+    own = model.__dict__.get("forward", _MISSING)
+    state = _PatchState(size, own, model.forward, signature)
+
+    @functools.wraps(state.original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return _forward(model, state, args, kwargs)
+
+    state.wrapper = forward
+    model.__dict__[_STATE] = state
+    model.__dict__["forward"] = forward
+    return model
+
+
+def unpatch(model: ModelT) -> ModelT:
+    """Undo :func:`patch`: `model` computes its loss as before.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A model returned by :func:`patch`.
+
+    Returns
+    -------
+    model
+        The same instance, with its original ``forward``.
+
+    Raises
+    ------
+    ValueError
+        If `model` is not patched, or its ``forward`` was wrapped again after
+        :func:`patch` (unpatching would drop that wrapper).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> from crossent.integrations.transformers import patch, unpatch
+    >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    >>> _ = unpatch(patch(model))
+    >>> "forward" in vars(model)
+    False
+    """
+    state = model.__dict__.get(_STATE) if isinstance(model, torch.nn.Module) else None
+    if not isinstance(state, _PatchState):
+        msg = "`model` is not patched by patch(); nothing to undo."
+        raise ValueError(msg)
+    if model.__dict__.get("forward") is not state.wrapper:
+        msg = (
+            "`model.forward` was replaced after patch() (by another wrapper, e.g. accelerate's "
+            "autocast); unpatch() would drop that wrapper. Undo it first, then unpatch()."
+        )
+        raise ValueError(msg)
+    del model.__dict__[_STATE]
+    if state.own_forward is _MISSING:
+        del model.__dict__["forward"]
+    else:
+        model.__dict__["forward"] = state.own_forward
+    return model
+
+
+# ----------------------------------------------------------------------------
+# The patched forward
+# ----------------------------------------------------------------------------
+
+
+def _forward(
+    model: torch.nn.Module, state: _PatchState, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    bound = state.signature.bind(*args, **kwargs)
+    labels = bound.arguments.get("labels")
+    keep = bound.arguments.get("logits_to_keep", 0)
+    if labels is None or not model.training or not (isinstance(keep, int) and keep == 0):
+        return state.original(*args, **kwargs)
+    _check_loss_function(model)
+    head = _check_head(model)
+    var_kw = next(
+        (p.name for p in state.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
+    )
+    loss_kwargs = dict(bound.arguments.get(var_kw, {})) if var_kw else {}
+    bound.arguments["labels"] = None
+    capture = _Capture()
+    out = _run_with_recording_head(
+        head, capture, lambda: state.original(*bound.args, **bound.kwargs)
+    )
+    if capture.hidden is None or capture.probe is None:
+        msg = (
+            f"{type(model).__name__}.forward did not call `lm_head`; patch() supports models "
+            "whose forward computes the logits with `self.lm_head`. unpatch() this model."
+        )
+        raise RuntimeError(msg)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    logits = out.logits if not isinstance(out, tuple) else out[0]
+    if softcap not in state.verified_softcap:
+        _verify_head_transform(model, capture.probe, logits, softcap)
+        state.verified_softcap.append(softcap)
+    loss = _fused_loss(head, capture.hidden, labels, loss_kwargs, softcap, state.chunk_size)
+    if isinstance(out, tuple):
+        return (loss, *out[1:])
+    return dataclasses.replace(out, loss=loss, logits=None)
+
+
+def _run_with_recording_head(
+    head: torch.nn.Linear, capture: _Capture, call: Callable[[], Any]
+) -> Any:
+    """Run `call` while `head` records its input and returns one position's logits."""
+
+    def recording_forward(hidden: torch.Tensor) -> torch.Tensor:
+        capture.hidden = hidden
+        first = hidden.narrow(-2, 0, min(1, hidden.shape[-2])) if hidden.ndim >= 2 else hidden
+        with torch.no_grad():
+            capture.probe = torch.nn.functional.linear(first, head.weight, head.bias)
+        return capture.probe
+
+    own = head.__dict__.get("forward", _MISSING)
+    head.__dict__["forward"] = recording_forward
+    try:
+        return call()
+    finally:
+        if own is _MISSING:
+            del head.__dict__["forward"]
+        else:
+            head.__dict__["forward"] = own
+
+
+def _verify_head_transform(
+    model: torch.nn.Module, probe: torch.Tensor, logits: Any, softcap: float | None
+) -> None:
+    """The model's logits must be the head's output, soft-capped by `softcap` if set."""
+    want = probe if softcap is None else softcap * torch.tanh(probe / softcap)
+    ok = isinstance(logits, torch.Tensor) and logits.shape == want.shape
+    if ok:
+        dtype = torch.promote_types(torch.promote_types(want.dtype, logits.dtype), torch.float32)
+        eps = 16 * max(torch.finfo(want.dtype).eps, torch.finfo(logits.dtype).eps)
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        got = logits.detach().to(dtype)
+        ok = bool(torch.allclose(got, want.to(dtype), rtol=eps, atol=eps * scale))
+    if not ok:
+        msg = (
+            f"{type(model).__name__} transforms the output of `lm_head` before its loss in a way "
+            "patch() does not reproduce (only `config.final_logit_softcapping` is supported); "
+            "its fused loss would differ from the model's own. unpatch() this model."
+        )
+        raise RuntimeError(msg)
+
+
+def _fused_loss(
+    head: torch.nn.Linear,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    loss_kwargs: dict[str, Any],
+    softcap: float | None,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """``ForCausalLMLoss`` of ``head(hidden)``, computed by the fused linear cross-entropy."""
+    from crossent.fused import linear_cross_entropy
+
+    weight = head.weight
+    hidden = hidden.to(weight.device)
+    num_items = loss_kwargs.get("num_items_in_batch")
+    ignore_index = loss_kwargs.get("ignore_index", -100)
+    shift_labels = loss_kwargs.get("shift_labels")
+    loss = linear_cross_entropy(
+        hidden,
+        weight,
+        (labels if shift_labels is None else shift_labels).to(weight.device),
+        bias=head.bias,
+        ignore_index=ignore_index,
+        softcap=softcap,
+        reduction="mean" if num_items is None else "sum",
+        chunk_size=chunk_size,
+        shift=shift_labels is None,
+    )
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):
+            num_items = num_items.to(loss.device)
+        loss = loss / num_items
+    return loss

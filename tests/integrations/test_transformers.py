@@ -1,0 +1,295 @@
+"""crossent.integrations.transformers: patched Hugging Face models train exactly as unpatched ones."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from tests.integrations._models import MODELS, VOCAB, make_model
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+F = torch.nn.functional
+
+from crossent.integrations.transformers import patch, unpatch  # noqa: E402
+
+NAMES = tuple(MODELS)
+
+
+def _batch(seed: int = 1, batch: int = 3, length: int = 11) -> tuple[Any, Any]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt that is not scored
+    labels[2, -3:] = -100  # right padding
+    return ids, labels
+
+
+def _reference_loss(model: Any, ids: Any, labels: Any, num_items: Any = None) -> Any:
+    """ForCausalLMLoss's semantics on the unpatched model's own logits, in the model's dtype."""
+    logits = model(input_ids=ids).logits
+    z = logits[:, :-1].reshape(-1, logits.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    if num_items is None:
+        return F.cross_entropy(z, y, ignore_index=-100)
+    return F.cross_entropy(z, y, ignore_index=-100, reduction="sum") / num_items
+
+
+def _grads(model: Any) -> dict[str, Any]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_and_every_gradient_equal_the_unpatched_model(name: str) -> None:
+    """float64: the patched loss and every parameter's gradient equal the unpatched ones."""
+    ref_model = make_model(name, dtype=torch.float64)
+    model = patch(copy.deepcopy(ref_model))
+    ids, labels = _batch()
+    want = _reference_loss(ref_model, ids, labels)
+    want.backward()
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=0)
+    # HF's own loss (it upcasts logits to float32, so float32 agreement only)
+    hf = ref_model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(out.loss.float(), hf, rtol=1e-6, atol=0)
+    want_grads, got_grads = _grads(ref_model), _grads(model)
+    assert set(got_grads) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(got_grads) == set(want_grads)
+    for n, g in got_grads.items():
+        torch.testing.assert_close(g, want_grads[n], rtol=1e-10, atol=1e-13, msg=n)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+def test_float32_training_matches_the_models_own_loss(name: str) -> None:
+    """float32, against the unpatched model's own loss (HF's ForCausalLMLoss) and gradients."""
+    ref_model = make_model(name)
+    model = patch(copy.deepcopy(ref_model), chunk_size=7)
+    ids, labels = _batch(seed=2)
+    want = ref_model(input_ids=ids, labels=labels).loss
+    want.backward()
+    got = model(input_ids=ids, labels=labels).loss
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    want_grads = _grads(ref_model)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, want_grads[n], rtol=1e-4, atol=2e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gpt2"])
+def test_num_items_in_batch_gradient_accumulation(name: str) -> None:
+    """Two micro-batches with num_items_in_batch = all counted tokens: their summed
+    gradients equal one step on the whole batch, as with the unpatched model."""
+    ref_model = make_model(name, dtype=torch.float64)
+    model = patch(copy.deepcopy(ref_model))
+    ids, labels = _batch(seed=3, batch=4)
+    num_items = (labels[:, 1:] != -100).sum()
+    total = 0.0
+    for part in (slice(0, 1), slice(1, 4)):
+        loss = model(input_ids=ids[part], labels=labels[part], num_items_in_batch=num_items).loss
+        want = ref_model(
+            input_ids=ids[part], labels=labels[part], num_items_in_batch=num_items
+        ).loss
+        torch.testing.assert_close(loss.float(), want, rtol=1e-6, atol=0)
+        loss.backward()
+        total += float(loss.detach())
+    whole = _reference_loss(ref_model, ids, labels)
+    whole.backward()
+    assert total == pytest.approx(float(whole.detach()), rel=1e-12)
+    want_grads = _grads(ref_model)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, want_grads[n], rtol=1e-10, atol=1e-13, msg=n)
+
+
+def test_shift_labels_and_ignore_index_are_honoured() -> None:
+    ref_model = make_model("llama", dtype=torch.float64)
+    model = patch(copy.deepcopy(ref_model))
+    ids, labels = _batch(seed=4)
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    got = model(input_ids=ids, labels=labels, shift_labels=shifted).loss
+    want = ref_model(input_ids=ids, labels=labels, shift_labels=shifted).loss
+    torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=0)
+    other = labels.masked_fill(labels == -100, 7)
+    got = model(input_ids=ids, labels=other, ignore_index=7).loss
+    want = ref_model(input_ids=ids, labels=other, ignore_index=7).loss
+    torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=0)
+
+
+def test_logits_are_never_materialized_in_training() -> None:
+    """The head sees the hidden states but returns one position; peak memory stays low."""
+    model = patch(make_model("llama"))
+    ids, labels = _batch(seed=5, length=33)
+    shapes: list[tuple[int, ...]] = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    try:
+        out = model(input_ids=ids, labels=labels)
+    finally:
+        handle.remove()
+    assert out.logits is None
+    assert shapes == [(3, 1, VOCAB)]  # one position, not (3, 33, VOCAB)
+    out.loss.backward()
+    assert torch.isfinite(model.lm_head.weight.grad).all()
+
+
+def test_return_dict_false_gives_loss_first() -> None:
+    ref_model = make_model("gpt2", dtype=torch.float64)
+    model = patch(copy.deepcopy(ref_model))
+    ids, labels = _batch(seed=6)
+    got = model(input_ids=ids, labels=labels, return_dict=False)
+    want = ref_model(input_ids=ids, labels=labels)
+    assert isinstance(got, tuple)
+    torch.testing.assert_close(got[0].float(), want.loss, rtol=1e-6, atol=0)
+    # (loss, logits, *rest) unpatched; (loss, *rest) patched, as to_tuple() drops the None logits
+    assert len(got) == len(want.to_tuple()) - 1
+    assert not any(isinstance(t, torch.Tensor) and t.ndim == 3 for t in got)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_eval_no_labels_and_generate_are_unchanged(name: str) -> None:
+    ref_model = make_model(name)
+    model = patch(copy.deepcopy(ref_model))
+    ids, labels = _batch(seed=7)
+    # training mode without labels: the model's own logits
+    torch.testing.assert_close(model(input_ids=ids).logits, ref_model(input_ids=ids).logits)
+    model.eval()
+    ref_model.eval()
+    with torch.no_grad():
+        got, want = model(input_ids=ids, labels=labels), ref_model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    torch.testing.assert_close(model.generate(ids, **kwargs), ref_model.generate(ids, **kwargs))
+
+
+def test_only_that_instance_is_patched_and_unpatch_restores_it() -> None:
+    model = make_model("qwen2")
+    other = make_model("qwen2")
+    ids, labels = _batch(seed=8)
+    class_forward = type(model).forward
+    assert patch(model) is model
+    assert type(model).forward is class_forward
+    assert "forward" not in vars(other)
+    assert other(input_ids=ids, labels=labels).logits is not None
+    assert model(input_ids=ids, labels=labels).logits is None
+    assert patch(model, chunk_size=4) is model  # patching again only updates the chunk size
+    assert unpatch(model) is model
+    assert "forward" not in vars(model)
+    assert "forward" not in vars(model.lm_head)
+    assert not any(k.startswith("_crossent") for k in vars(model))
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, copy.deepcopy(model)(input_ids=ids, labels=labels).loss)
+    with pytest.raises(ValueError, match=r"`model` is not patched"):
+        unpatch(model)
+
+
+def test_unpatch_restores_an_instance_forward_wrapper() -> None:
+    """A forward already wrapped on the instance (as accelerate's hooks do) comes back as it was."""
+    model = make_model("llama")
+    calls: list[int] = []
+    original = model.forward
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.forward = wrapped
+    ids, labels = _batch(seed=9)
+    patch(model)
+    assert model(input_ids=ids, labels=labels).logits is None
+    assert calls == [1]
+    unpatch(model)
+    assert model.forward is wrapped
+
+
+def test_bad_models_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match=r"has no `lm_head`"):
+        patch(transformers.LlamaModel(make_model("llama").config))
+    model = make_model("llama")
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    with pytest.raises(TypeError, match=r"`model.lm_head` must be a torch.nn.Linear"):
+        patch(model)
+    with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module"):
+        patch(object())  # type: ignore[type-var]
+    with pytest.raises(TypeError, match=r"`chunk_size` must be None or a positive int"):
+        patch(make_model("llama"), chunk_size=2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`chunk_size` must be >= 1"):
+        patch(make_model("llama"), chunk_size=0)
+    custom = make_model("llama")
+    custom.loss_function = lambda *a, **k: torch.tensor(0.0)
+    with pytest.raises(
+        ValueError, match=r"`model.loss_function` must be transformers' ForCausalLMLoss"
+    ):
+        patch(custom)
+
+
+def test_an_unknown_logit_transform_is_refused() -> None:
+    """A model that scales its logits (as Cohere does) would train on another loss: refused."""
+    model = make_model("llama")
+    cls = type(model)
+
+    class Scaled(cls):  # type: ignore[misc, valid-type]
+        def forward(self, input_ids: Any = None, labels: Any = None, **kwargs: Any) -> Any:
+            out = super().forward(input_ids=input_ids, **kwargs)
+            out.logits = out.logits * 0.5
+            if labels is not None:
+                out.loss = self.loss_function(out.logits, labels, VOCAB)
+            return out
+
+    model.__class__ = Scaled
+    patch(model)
+    ids, labels = _batch(seed=10)
+    with pytest.raises(RuntimeError, match=r"transforms the output of `lm_head`"):
+        model(input_ids=ids, labels=labels)
+
+
+def test_all_ignored_batch_gives_zero_loss_and_gradient() -> None:
+    """Documented difference: PyTorch's mean over no token is NaN; the patched loss is 0."""
+    model = patch(make_model("mistral"))
+    ids, _ = _batch(seed=11)
+    out = model(input_ids=ids, labels=torch.full_like(ids, -100))
+    assert float(out.loss.detach()) == 0.0
+    out.loss.backward()
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters() if p.grad is not None)
+
+
+def test_bfloat16_model_gives_a_float32_loss_close_to_the_models_own() -> None:
+    ref_model = make_model("llama", dtype=torch.bfloat16)
+    model = patch(copy.deepcopy(ref_model))
+    ids, labels = _batch(seed=12)
+    want = ref_model(input_ids=ids, labels=labels).loss
+    got = model(input_ids=ids, labels=labels).loss
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    got.backward()
+    assert model.lm_head.weight.grad.dtype == torch.bfloat16
+    assert torch.isfinite(model.lm_head.weight.grad.float()).all()
+
+
+def test_public_contract() -> None:
+    import inspect
+
+    import crossent.integrations.transformers as integration
+
+    assert set(integration.__all__) == {"patch", "unpatch"}
+    params = inspect.signature(patch).parameters
+    assert list(params) == ["model", "chunk_size"]
+    assert params["chunk_size"].kind is params["chunk_size"].KEYWORD_ONLY
+    assert params["chunk_size"].default is None
+    for fn in (patch, unpatch):
+        doc = inspect.getdoc(fn) or ""
+        assert "Examples" in doc
+        assert ">>>" in doc
+
+
+def test_unpatch_refuses_to_drop_a_later_wrapper() -> None:
+    model = patch(make_model("gpt2"))
+    patched = model.forward
+    model.forward = lambda *a, **k: patched(*a, **k)
+    with pytest.raises(ValueError, match=r"was replaced after patch\(\)"):
+        unpatch(model)
+    model.forward = patched
+    assert unpatch(model) is model
