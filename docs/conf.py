@@ -47,7 +47,7 @@ exclude_patterns = ["_build", "gallery", "**/README.md", "_generated/*.md"]
 nitpicky = True
 # Names in signatures and docstrings that live outside this project (no intersphinx: offline).
 nitpick_ignore_regex = [
-    ("py:class", r"(torch|numpy|jax|np|collections\.abc|typing|argparse|pathlib)\..*"),
+    ("py:class", r"(torch|numpy|jax|np|sklearn|scipy|collections\.abc|typing|argparse|pathlib)\..*"),
     ("py:(mod|func|class|meth|attr|data|exc)", r"torch(\..*)?"),
     ("py:class", r"(Tensor|Array|ArrayLike|Module|optional|array|array-like|int|float|bool|str)"),
 ]

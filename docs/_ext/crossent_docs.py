@@ -3,7 +3,7 @@
 * API reference: one page per public module, listing every name of its
   ``__all__`` in an ``autosummary`` table (so a name added to the package appears
   without editing the docs); written to ``docs/api/`` before autosummary runs.
-* Doctests of the prose pages: every ``>>>`` example of a MyST page is run when
+* Doctests of the prose pages: every ``pycon`` block of a MyST page is run when
   the page is read; a failure is a build warning (an error under ``-W``).
 * ``crossent --help`` texts and the performance tables/figures, from the
   benchmark results committed in ``docs/performance/results.json``.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,13 +161,22 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
+_PYCON = re.compile(r"^```pycon[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
 def run_page_doctests(app: Sphinx, docname: str, source: list[str]) -> None:
-    """Run the ``>>>`` examples of a MyST prose page; report failures as warnings."""
+    """Run the ``pycon`` blocks of a MyST prose page as one doctest; failures are warnings.
+
+    Blocks fenced as ``python`` are shown, not run (features documented before
+    they are merged; commands that need several processes).
+    """
     path = Path(app.env.doc2path(docname))
-    if path.suffix != ".md" or ">>>" not in source[0]:
+    blocks = _PYCON.findall(source[0]) if path.suffix == ".md" else []
+    if not blocks:
         return
     parser = doctest.DocTestParser()
-    test = parser.get_doctest(source[0], {"__name__": docname}, docname, str(path), 0)
+    text = "\n\n".join(blocks)
+    test = parser.get_doctest(text, {"__name__": docname}, docname, str(path), 0)
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     runner = doctest.DocTestRunner(optionflags=flags)
     report: list[str] = []
