@@ -47,8 +47,7 @@ exclude_patterns = ["_build", "gallery", "**/README.md", "_generated/*.md"]
 nitpicky = True
 # Names in signatures and docstrings that live outside this project (no intersphinx: offline).
 nitpick_ignore_regex = [
-    ("py:class", r"(torch|numpy|jax|np|sklearn|scipy|collections\.abc|typing|argparse|pathlib)\..*"),
-    ("py:(mod|func|class|meth|attr|data|exc)", r"torch(\..*)?"),
+    ("py:.*", r"(torch|numpy|jax|np|sklearn|scipy|collections\.abc|typing|argparse)(\..*)?"),
     ("py:class", r"(Tensor|Array|ArrayLike|Module|optional|array|array-like|int|float|bool|str)"),
 ]
 
@@ -64,7 +63,7 @@ numpydoc_xref_param_type = False
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 
-# -- sphinx-gallery: concepts and guides with figures, executed at every build ----------------------
+# -- sphinx-gallery: concepts and guides with figures, executed at every build ---------------
 sphinx_gallery_conf = {
     "examples_dirs": ["gallery/concepts", "gallery/guides"],
     "gallery_dirs": ["concepts", "guides/examples"],
@@ -83,12 +82,13 @@ sphinx_gallery_conf = {
     "write_computation_times": False,
 }
 
-# -- HTML --------------------------------------------------------------------------------------------
+# -- HTML -------------------------------------------------------------------------------------
 html_theme = "pydata_sphinx_theme"
 html_title = f"crossent {release}"
 html_static_path = ["_static"]
 html_css_files = ["crossent.css"]
 html_show_sourcelink = False
+html_favicon = "_static/favicon.svg"
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,

@@ -75,7 +75,7 @@ def _api_page(module_name: str) -> str:
     lines = [title, "=" * len(title), "", f".. automodule:: {module_name}", "   :no-members:", ""]
     if module_name == "crossent":
         lines += [
-            ".. py:data:: crossent.__version__",
+            ".. py:data:: __version__",
             "",
             f"   The version of the package, ``{crossent.__version__}``.",
             "",

@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _is_float(value: str) -> bool:
@@ -27,7 +27,9 @@ def _is_float(value: str) -> bool:
 def _key_columns(columns: list[str], rows: list[list[str]]) -> int:
     """How many leading columns name a case (text or integers) rather than measure it."""
     k = 0
-    while k < len(columns) - 1 and all(not _is_float(r[k]) or r[k].lstrip("-").isdigit() for r in rows):
+    while k < len(columns) - 1 and all(
+        not _is_float(r[k]) or r[k].lstrip("-").isdigit() for r in rows
+    ):
         k += 1
     return max(k, 1)
 
@@ -46,7 +48,10 @@ def _figure(name: str, k: int, table: dict, path: Path) -> bool:
     if not ratio:
         return False
     nkey = _key_columns(columns, rows)
-    labels = [", ".join(f"{columns[c]}={r[c]}" if r[c].isdigit() else r[c] for c in range(nkey)) for r in rows]
+    labels = [
+        ", ".join(f"{columns[c]}={r[c]}" if r[c].isdigit() else r[c] for c in range(nkey))
+        for r in rows
+    ]
     fig, ax = plt.subplots(figsize=(7.5, 0.5 + 0.45 * len(rows) * len(ratio) + 0.6))
     height = 0.8 / len(ratio)
     for i, c in enumerate(ratio):
@@ -94,7 +99,7 @@ def render(results_path: Path, outdir: Path) -> None:
                 md += [f"**{table['title']}**", ""]
             if _figure(name, k, table, outdir / png):
                 md += [f"![{name}, table {k + 1}](/_generated/{png})", ""]
-            md += _markdown_table(table["columns"], table["rows"]) + [""]
+            md += [*_markdown_table(table["columns"], table["rows"]), ""]
         md += [
             "<details><summary>The script's full output</summary>",
             "",

@@ -36,7 +36,7 @@ n_features, n_classes = X.shape[1], 10
 W = np.zeros((n_features, n_classes))
 b = np.zeros(n_classes)
 learning_rate, history = 0.5, []
-for step in range(300):
+for _step in range(300):
     logits = X_train @ W + b
     loss, G = ce.value_and_grad(ce.sparse_categorical_cross_entropy, logits, y_train,
                                 from_logits=True, label_smoothing=0.05)  # fmt: skip

@@ -80,7 +80,7 @@ fig.tight_layout()
 # smoothing pushes its bins above the diagonal: it becomes under-confident and
 # its log loss grows, at nearly the same accuracy. Smoothing pays off on
 # over-confident models (deep networks trained long); measure the ECE before
-# and after rather than assuming it helps. Temperature scaling after training (dividing the logits by
-# a scalar fitted on held-out data) is the other common fix; it leaves the
-# accuracy unchanged. ``crossent eval --report DIR`` draws the same diagram
+# and after rather than assuming it helps. Temperature scaling after training
+# (dividing the logits by a scalar fitted on held-out data) is the other
+# common fix; it leaves the accuracy unchanged. ``crossent eval --report DIR`` draws the same diagram
 # for a predictions file.
