@@ -38,6 +38,8 @@ MODULE_TITLES = {
     "crossent.distributed": "Vocabulary-parallel losses (``crossent.distributed``)",
     "crossent.metrics": "Streaming metrics (``crossent.metrics``)",
     "crossent.cli": "Command-line entry point (``crossent.cli``)",
+    "crossent.integrations.transformers": "Hugging Face integration "
+    "(``crossent.integrations.transformers``)",
 }
 
 
@@ -91,11 +93,12 @@ def _api_page(module_name: str) -> str:
     return "\n".join(lines)
 
 
-def write_api_pages(app: Sphinx) -> None:
+def write_api_pages(app: Sphinx, config: object = None) -> None:
     """Write docs/api/<module>.rst for every public module, and the API index toctree."""
     api = DOCS / "api"
     api.mkdir(exist_ok=True)
-    modules = public_modules()
+    order = list(MODULE_TITLES)
+    modules = sorted(public_modules(), key=lambda m: (order.index(m) if m in order else 99, m))
     for name in modules:
         _write_if_changed(api / f"{name}.rst", _api_page(name))
     toc = ["API reference", "=============", "",
@@ -190,8 +193,8 @@ def run_page_doctests(app: Sphinx, docname: str, source: list[str]) -> None:
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
-    # before autosummary (priority 500) and sphinx-gallery read the sources
-    app.connect("builder-inited", write_api_pages, priority=400)
+    # the API pages exist before Sphinx lists the sources (autosummary stubs them at builder-inited)
+    app.connect("config-inited", write_api_pages)
     app.connect("builder-inited", write_cli_help, priority=400)
     app.connect("builder-inited", write_performance, priority=400)
     app.connect("builder-inited", write_home_figure, priority=400)
