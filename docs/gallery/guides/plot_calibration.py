@@ -82,5 +82,5 @@ fig.tight_layout()
 # over-confident models (deep networks trained long); measure the ECE before
 # and after rather than assuming it helps. Temperature scaling after training
 # (dividing the logits by a scalar fitted on held-out data) is the other
-# common fix; it leaves the accuracy unchanged. ``crossent eval --report DIR`` draws the same diagram
-# for a predictions file.
+# common fix; it leaves the accuracy unchanged. ``crossent eval --report DIR``
+# draws the same diagram for a predictions file.
