@@ -121,11 +121,16 @@ def main(argv: list[str] | None = None) -> None:
         p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_")
     )
     results = json.loads(args.output.read_text()) if args.output.exists() else {"benchmarks": {}}
+    failed = []
     for name in names:
         cmd = [sys.executable, "-m", f"benchmarks.{name}", *(["--quick"] if args.quick else [])]
         print("+", " ".join(cmd[1:]), flush=True)
-        out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
-        print(out, flush=True)
+        run = subprocess.run(cmd, cwd=REPO, check=False, capture_output=True, text=True)
+        print(run.stdout, run.stderr[-2000:] if run.returncode else "", flush=True)
+        if run.returncode:  # a script that cannot run here (a GPU-only one): keep its old entry
+            failed.append(name)
+            continue
+        out = run.stdout
         results["benchmarks"][name] = {
             "command": "python " + " ".join(cmd[1:]),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -134,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
             "tables": parse_tables(out),
         }
     args.output.write_text(json.dumps(results, indent=1) + "\n")
+    if failed:
+        print(f"failed (previous results kept): {', '.join(failed)}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
