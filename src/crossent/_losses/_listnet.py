@@ -42,8 +42,9 @@ def listnet_loss(
         Predicted scores (logits) of the items of each list; items lie along `axis`.
         ``-inf`` masks an item (padding).
     relevance : array
-        Relevance grades (any real numbers, integer grades work), same shape as
-        `scores`; ``-inf`` masks an item.
+        Relevance grades (any real numbers), same shape as `scores`; ``-inf``
+        masks an item. Floating, like every array but class indices: cast
+        integer grades first (``relevance.astype(float)``).
     axis : int, default -1
         The item axis.
     reduction : {"mean", "sum", "none"}, default "mean"
@@ -57,7 +58,7 @@ def listnet_loss(
     Raises
     ------
     TypeError
-        Non-floating `scores`, non-numeric `relevance`.
+        Non-floating `scores` or `relevance`.
     ValueError
         Shapes that differ, a bad `axis` or `reduction`.
 

@@ -29,7 +29,7 @@ from crossent._lib._checks import (
     check_integer_labels,
     check_label_range,
     check_nonnegative_scalar,
-    check_probabilities,
+    check_probability_rows,
     check_reduction,
     check_unit_interval_scalar,
 )
@@ -49,6 +49,7 @@ from crossent._losses._logprob import (
     add_at_index,
     check_class_weight,
     class_terms,
+    propagate_nan,
     softcap_backward,
     softcap_logits,
     term_grad,
@@ -191,6 +192,7 @@ def _sparse_rows(
         row = row + xp.sum(term_value(c_s, terms, gamma, xp=xp), axis=-1)
     if z_loss > 0:
         row = row + z_loss * (lse * lse)
+    row = propagate_nan(row, z, kind=kind, xp=xp)
     return xp.where(valid, row, xp.zeros_like(row)), w_y
 
 
@@ -380,6 +382,11 @@ def sparse_categorical_cross_entropy(
     ----------
     input : array
         Probabilities, or logits if `from_logits` is True; classes lie along `axis`.
+        Each row of probabilities must sum to 1 up to rounding,
+        :math:`|\sum_k p_k - 1| \le \epsilon_{\text{in}} + C\,\epsilon_{\text{sum}}`
+        (machine epsilons of the input's dtype and of the summing dtype,
+        float32 for float16/bfloat16): a softmax output passes, a sigmoid
+        output or unnormalized scores raise.
     target : array of int
         Class indices in ``[0, C)`` (or `ignore_index`); the shape of `input` without `axis`.
     from_logits : bool, default False
@@ -388,7 +395,7 @@ def sparse_categorical_cross_entropy(
     axis : int, default -1
         The class axis of `input` (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
     weight : array, optional
-        Per-class weights, shape ``(C,)``, non-negative.
+        Per-class weights, shape ``(C,)``, floating, non-negative.
     ignore_index : int, optional
         Targets equal to it contribute nothing to the loss, the gradient or the
         mean's denominator.
@@ -419,8 +426,8 @@ def sparse_categorical_cross_entropy(
     ValueError
         Wrong shapes, labels outside ``[0, C)`` that are not `ignore_index`,
         a `weight` of the wrong length or with negative entries, probabilities
-        outside [0, 1], `z_loss`/`softcap` without ``from_logits=True``, a bad
-        `axis` or `reduction`.
+        outside [0, 1] or rows of them that do not sum to 1, `z_loss`/`softcap`
+        without ``from_logits=True``, a bad `axis` or `reduction`.
 
     See Also
     --------
@@ -514,7 +521,7 @@ def _setup(
     )
     axis_ = _check_labels(input, target, axis=axis, weight=weight, ignore_index=ignore_index, xp=xp)
     if not from_logits:
-        check_probabilities(input, xp=xp)
+        check_probability_rows(input, axis=axis_, xp=xp)
     rows = {
         "ignore_index": ignore_index,
         "label_smoothing": eps,

@@ -162,6 +162,13 @@ def _cross_entropy(
                 "an integer tensor (e.g. `target.long()`)."
             )
             raise ValueError(msg)
+        if ignore_index >= 0:  # torch: "ignore_index is not supported for floating point target"
+            msg = (
+                f"`ignore_index`={ignore_index} is not supported for floating (class-probability) "
+                "targets, as in PyTorch; use a negative ignore_index (the default -100), or "
+                "integer class indices to ignore a class."
+            )
+            raise ValueError(msg)
         if z_loss != 0 or softcap is not None:
             msg = (
                 "`z_loss` and `softcap` need class-index targets; got floating (probability) "
@@ -309,7 +316,8 @@ class CrossEntropyLoss(_WeightedLoss):
         ``UserWarning`` with PyTorch's text is emitted.
     ignore_index : int, default -100
         Class-index targets equal to it count neither in the loss nor in the
-        mean's denominator (unused for probability targets, as in PyTorch).
+        mean's denominator. With probability targets it must be negative (it
+        is unused), else a ValueError, as PyTorch raises.
     reduction : {"mean", "sum", "none"}, default "mean"
         ``"mean"`` divides by the summed class weight of the counted targets
         (by the number of items for probability targets), as PyTorch does.
