@@ -43,11 +43,18 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "gallery", "**/README.md", "_generated/*.md"]
+# the guide gallery's own index page is replaced by guides/index.md, which lists its examples
+exclude_patterns = [
+    "_build", "gallery", "**/README.md", "_generated/*.md", "guides/examples/index.rst"
+]
 nitpicky = True
 # Names in signatures and docstrings that live outside this project (no intersphinx: offline).
+_EXTERNAL = (
+    "torch|numpy|np|jax|sklearn|scipy|transformers|dask|triton"
+    "|collections\\.abc|contextvars|functools|threading|asyncio|typing|argparse|os|io"
+)
 nitpick_ignore_regex = [
-    ("py:.*", r"(torch|numpy|jax|np|sklearn|scipy|collections\.abc|typing|argparse)(\..*)?"),
+    ("py:.*", rf"({_EXTERNAL})(\..*)?"),
     ("py:class", r"(Tensor|Array|ArrayLike|Module|optional|array|array-like|int|float|bool|str)"),
 ]
 

@@ -153,12 +153,6 @@ def write_home_figure(app: Sphinx) -> None:
     plt.close(fig)
 
 
-def drop_missing_pages(app: Sphinx, docname: str, source: list[str]) -> None:
-    """The "Differences" page comes from another branch; until it is merged the toctree skips it."""
-    if docname == "index" and not (DOCS / "differences.md").exists():
-        source[0] = source[0].replace("\ndifferences\n", "\n")
-
-
 def _write_if_changed(path: Path, text: str) -> None:
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
@@ -198,6 +192,5 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("builder-inited", write_cli_help, priority=400)
     app.connect("builder-inited", write_performance, priority=400)
     app.connect("builder-inited", write_home_figure, priority=400)
-    app.connect("source-read", drop_missing_pages)
     app.connect("source-read", run_page_doctests)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

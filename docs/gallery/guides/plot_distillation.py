@@ -1,6 +1,6 @@
 r"""
-Distillation: forward or reverse KL, and temperature
-====================================================
+Distillation figures: mode covering, mode seeking, temperature
+==============================================================
 
 A student that cannot represent the teacher's distribution exactly must
 choose what to get wrong, and the divergence it minimises makes the choice:
