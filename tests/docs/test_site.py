@@ -157,6 +157,31 @@ def test_gallery_page_figures_math_console(browser: Any, server: str) -> None:
         page.close()
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "getting_started.html",
+        "concepts/index.html",
+        "guides/index.html",
+        "guides/examples/plot_imbalanced.html",
+        "differences.html",
+        "performance/index.html",
+        "api/index.html",
+        "api/generated/crossent.nn.CrossEntropyLoss.html",
+    ],
+)
+def test_each_section_loads_cleanly(browser: Any, server: str, path: str) -> None:
+    page = _Page(browser, f"{server}/{path}")
+    try:
+        page.page.wait_for_load_state("networkidle")
+        broken = [i["src"] for i in page.images() if not i["complete"] or i["width"] == 0]
+        assert not broken, f"images that did not load: {broken}"
+        assert page.page.locator("mjx-merror").count() == 0
+        page.check_clean()
+    finally:
+        page.close()
+
+
 def test_search_finds_a_function(browser: Any, server: str) -> None:
     page = _Page(browser, f"{server}/search.html?q=sparse_categorical_cross_entropy")
     try:
