@@ -99,7 +99,7 @@ class Metric:
     Probability inputs: log p of the label is computed exactly and clamped at
     −100 (PyTorch's rule, the same as :func:`crossent.sparse_categorical_cross_entropy`),
     so a probability of exactly 0 costs 100 nats instead of making the mean
-    infinite; :attr:`clamped` counts the rows where this happened, so it is
+    infinite; :attr:`CrossEntropy.clamped` counts the rows where this happened, so it is
     never silent. Logits and log-probabilities are not clamped: a label whose
     logit or log-probability is −inf gives +inf. NaN propagates.
 
@@ -490,8 +490,8 @@ class CalibrationError(Metric):
         k; the result is the mean over classes (Kull et al.'s classwise-ECE).
         ``"positive"``: two classes, confidence p₁, hit = label is 1.
     norm : {"l1", "max"}, default "l1"
-        ``"l1"``: ECE = Σ_b (n_b/N)|acc_b − conf_b|; ``"max"``: MCE =
-        max over non-empty bins of |acc_b − conf_b|.
+        ``"l1"``: ECE = ``Σ_b (n_b/N)|acc_b − conf_b|``; ``"max"``: MCE =
+        max over non-empty bins of ``|acc_b − conf_b|``.
 
     Notes
     -----
