@@ -14,11 +14,13 @@ long streams do not drift.
   equal-width or equal-mass bins)
 - :class:`PerClassCrossEntropy`
 - :class:`ClassificationMetrics`: all of the above in one pass (``crossent eval``)
+- :class:`BinaryClassificationMetrics`: the binary figures of one P(label = 1) column
 
 Only NumPy is needed; PyTorch is imported only by :meth:`Metric.sync` when
 ``torch.distributed`` is already initialised.
 """
 
+from crossent.metrics._binary import BinaryClassificationMetrics
 from crossent.metrics._functional import BadRowError
 from crossent.metrics._metric import (
     Accuracy,
@@ -35,6 +37,7 @@ from crossent.metrics._metric import (
 __all__ = [
     "Accuracy",
     "BadRowError",
+    "BinaryClassificationMetrics",
     "BitsPerToken",
     "BrierScore",
     "CalibrationError",
