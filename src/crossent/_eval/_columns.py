@@ -1,0 +1,118 @@
+"""Which columns hold the label and the predictions, and the score matrix of a batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from crossent._eval._errors import CLIError, RowError
+from crossent._eval._table import Table, is_numeric, is_numeric_list, need
+
+__all__ = ["Columns", "batch_scores", "check_finite", "first_null", "resolve_columns"]
+
+
+@dataclass
+class Columns:
+    label: str
+    classes: list[str]
+    list_column: str | None
+    ignored: list[str] = field(default_factory=list)
+
+
+def resolve_columns(table: Table, label_column: str) -> Columns:
+    """The label column and the class columns (or the one list column) of `table`."""
+    pa = need("pyarrow")
+    if label_column not in table.names:
+        msg = (
+            f"{table.path}: no label column {label_column!r}; the columns are "
+            f"{', '.join(table.names)}. Name the label column with --label-column."
+        )
+        raise CLIError(msg)
+    classes, lists, ignored = [], [], []
+    for name in table.names:
+        if name == label_column:
+            continue
+        t = table.types[name]
+        if is_numeric(pa, t):
+            classes.append(name)
+        elif is_numeric_list(pa, t):
+            lists.append(name)
+        else:
+            ignored.append(name)
+    if classes and lists:
+        msg = (
+            f"{table.path}: has both per-class columns ({', '.join(classes)}) and a list "
+            f"column ({', '.join(lists)}); keep one way of giving the predictions."
+        )
+        raise CLIError(msg)
+    if len(lists) > 1:
+        msg = f"{table.path}: has several list columns ({', '.join(lists)}); keep one."
+        raise CLIError(msg)
+    if not classes and not lists:
+        msg = (
+            f"{table.path}: no prediction columns besides {label_column!r}; give one numeric "
+            "column per class, or one list column holding each row's predictions."
+        )
+        raise CLIError(msg)
+    if classes and len(classes) < 2:
+        msg = f"{table.path}: only one class column ({classes[0]}); give one column per class."
+        raise CLIError(msg)
+    return Columns(label_column, classes, lists[0] if lists else None, ignored)
+
+
+def first_null(column: Any) -> int:
+    """Index of the first null of an Arrow array."""
+    return int(np.flatnonzero(np.asarray(column.is_null().to_numpy(zero_copy_only=False)))[0])
+
+
+def batch_scores(batch: Any, columns: Columns) -> np.ndarray:
+    """The (rows, classes) float64 score matrix of one record batch."""
+    pa = need("pyarrow")
+    if columns.list_column is None:
+        parts = []
+        for name in columns.classes:
+            col = batch.column(name)
+            if col.null_count:
+                raise RowError(first_null(col), f"has no value in column {name!r}")
+            parts.append(col.to_numpy(zero_copy_only=False).astype(np.float64, copy=False))
+        return np.stack(parts, axis=1) if parts else np.zeros((0, 0))
+    col = batch.column(columns.list_column)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if col.null_count:
+        raise RowError(first_null(col), f"has no value in column {columns.list_column!r}")
+    if pa.types.is_fixed_size_list(col.type):
+        width = col.type.list_size
+        values = col.flatten().to_numpy(zero_copy_only=False)
+        return values.astype(np.float64).reshape(len(col), width)
+    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+    width = int(lengths[0]) if len(lengths) else 0
+    if columns.classes:
+        width = len(columns.classes)
+    bad = np.flatnonzero(lengths != width)
+    if bad.size:
+        row = int(bad[0])
+        raise RowError(
+            row, f"has {int(lengths[row])} predictions, but the rows before have {width}"
+        )
+    flat = col.flatten()
+    if flat.null_count:
+        row = int(np.searchsorted(np.cumsum(lengths), first_null(flat), side="right"))
+        raise RowError(row, f"has a missing value in column {columns.list_column!r}")
+    return flat.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(col), width)
+
+
+def check_finite(scores: np.ndarray, kind: str) -> None:
+    """A file must not hold NaN or +inf (logits and log-probabilities may hold −inf)."""
+    bad_nan = np.asarray(np.isnan(scores).any(axis=1))
+    bad_inf = np.asarray(np.isposinf(scores).any(axis=1))
+    bad_all = np.asarray(np.isneginf(scores).all(axis=1))
+    if kind == "probs":
+        bad_all = np.zeros(len(scores), dtype=np.bool_)
+    bad = np.flatnonzero(bad_nan | bad_inf | bad_all)
+    if bad.size:
+        row = int(bad[0])
+        what = "NaN" if bad_nan[row] else ("+inf" if bad_inf[row] else "only -inf")
+        raise RowError(row, f"holds {what}")

@@ -1,0 +1,90 @@
+"""A predictions file opened for streaming: its columns, its batches, where a row lies.
+
+Every format module (``_csv``, ``_jsonl``, ``_parquet``, ``_numpy``) turns a
+path into a :class:`Table`: the column names and Arrow types, and a function
+that yields :class:`Batch` objects (an Arrow record batch and the index of
+its first row in the file). :meth:`Table.where` turns a row index into the
+words an error message uses ("row 12 (line 13)").
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crossent._eval._errors import CLIError
+
+__all__ = ["Batch", "Table", "is_numeric", "is_numeric_list", "need"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One record batch of a table; `start` is the index (from 0) of its first row."""
+
+    data: Any  # pyarrow.RecordBatch
+    start: int
+
+
+@dataclass
+class Table:
+    """A predictions file opened for streaming.
+
+    `batches` yields the file's :class:`Batch` objects in order (each call
+    reads the file again); `total_rows` is known up front for Parquet and
+    NumPy files only. `line_of` maps a row index to its line in a text file
+    (None for binary formats).
+    """
+
+    path: Path
+    format: str
+    names: list[str]
+    types: dict[str, Any]
+    batches: Callable[[], Iterator[Batch]]
+    total_rows: int | None
+    line_of: Callable[[int], int | None] | None = None
+
+    def where(self, row: int) -> str:
+        """``row N`` (counting from 1), with ``(line L)`` for text files."""
+        text = f"row {row + 1}"
+        line = self.line_of(row) if self.line_of is not None else None
+        if line is not None:
+            text += f" (line {line})"
+        return text
+
+
+def need(module: str) -> Any:
+    """Import `module` of an optional dependency, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        msg = (
+            f"`crossent eval` needs {module.split('.')[0]}; install the metrics extra: "
+            "pip install 'crossent[metrics]'."
+        )
+        raise CLIError(msg) from exc
+
+
+def is_numeric(pa: Any, t: Any) -> bool:
+    """An integer or floating Arrow type."""
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
+
+
+def is_numeric_list(pa: Any, t: Any) -> bool:
+    """A list (of any kind) of integers or floats."""
+    listy = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    return bool(listy and is_numeric(pa, t.value_type))
+
+
+def record_batches(make: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[Batch]]:
+    """Number the record batches that `make()` yields by their first row."""
+
+    def batches() -> Iterator[Batch]:
+        start = 0
+        for data in make():
+            yield Batch(data, start)
+            start += data.num_rows
+
+    return batches
