@@ -28,6 +28,17 @@ __all__ = ["CLIError", "evaluate", "main", "open_table"]
 BASES = {"e": None, "2": 2.0, "10": 10.0}
 
 
+def _names(text: str | None, option: str) -> list[str] | None:
+    """A comma-separated column list (``--columns a,b``), without blanks."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        msg = f"{option} takes column names separated by commas; got {text!r}."
+        raise CLIError(msg)
+    return names
+
+
 def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
     if args.bins < 1:
         msg = f"--bins must be at least 1; got {args.bins}."
@@ -36,8 +47,14 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
         msg = f"--batch-size must be at least 1; got {args.batch_size}."
         raise CLIError(msg)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if args.workers is not None and args.workers < 1:
+        msg = f"--workers must be at least 1; got {args.workers}."
+        raise CLIError(msg)
+    if args.scheduler is not None and args.engine != "dask":
+        msg = "--scheduler is for --engine dask; add --engine dask, or drop --scheduler."
+        raise CLIError(msg)
     summary, metric = evaluate(
-        Path(args.file),
+        args.file,
         label_column=args.label_column,
         input_kind=args.input,
         bins=args.bins,
@@ -45,6 +62,12 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
         labels=args.labels,
         batch_size=args.batch_size,
         progress=progress,
+        columns=_names(args.columns, "--columns"),
+        exclude=_names(args.exclude, "--exclude") or (),
+        group_by=args.group_by,
+        engine=args.engine,
+        scheduler=args.scheduler,
+        workers=args.workers,
     )
     if args.report is not None:
         from crossent._report import write_report
@@ -54,7 +77,7 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
                 Path(args.report),
                 summary=summary,
                 reliability=metric.reliability(),
-                title=f"crossent eval {Path(args.file).name}",
+                title=f"crossent eval {' '.join(Path(f).name for f in args.file)}",
             )
         except ImportError as exc:
             raise CLIError(str(exc)) from exc
@@ -165,7 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit status 0 on success, 2 on a malformed file or bad arguments."
         ),
     )
-    ev.add_argument("file", help="the predictions file")
+    ev.add_argument(
+        "file",
+        nargs="+",
+        metavar="FILE",
+        help=(
+            "predictions files, directories or quoted globs, scored as one table (same columns "
+            "in each); .gz, .bz2, .xz and .zst CSV/JSONL are read by extension; - is CSV on stdin"
+        ),
+    )
     ev.add_argument(
         "--label-column", default="label", help="name of the label column (default: label)"
     )
@@ -192,6 +223,39 @@ def build_parser() -> argparse.ArgumentParser:
             "how to read labels (default: auto: as class names when every class name is an "
             "integer, e.g. columns 3,5,7; otherwise integers are indices and text is a name)"
         ),
+    )
+    ev.add_argument(
+        "--columns",
+        metavar="A,B,...",
+        help="the class columns, in class order (default: every numeric column but the label); "
+        "one column means binary predictions: P(label = 1), labels 0/1 or true/false",
+    )
+    ev.add_argument(
+        "--exclude",
+        metavar="C,...",
+        help="columns left out of the automatic choice of class columns (ids, timestamps)",
+    )
+    ev.add_argument(
+        "--group-by",
+        metavar="COL",
+        help="report every figure per value of COL (a model version, a day) and overall",
+    )
+    ev.add_argument(
+        "--engine",
+        choices=("local", "dask"),
+        default="local",
+        help="local: stream in this process (default); dask: one task per file on a Dask "
+        "cluster, states merged in a tree (pip install 'crossent[dask]')",
+    )
+    ev.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="the dask.distributed scheduler (default: start a local cluster)",
+    )
+    ev.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes of the local Dask cluster (default: one per CPU)",
     )
     ev.add_argument("--batch-size", type=int, default=65536, help="rows per batch (default: 65536)")
     ev.add_argument(

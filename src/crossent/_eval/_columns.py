@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +22,30 @@ class Columns:
     ignored: list[str] = field(default_factory=list)
 
 
-def resolve_columns(table: Table, label_column: str) -> Columns:
-    """The label column and the class columns (or the one list column) of `table`."""
+def _named(table: Table, names: Sequence[str], option: str) -> None:
+    missing = [n for n in names if n not in table.names]
+    if missing:
+        msg = (
+            f"{table.path}: {option} names {', '.join(map(repr, missing))}, not a column; "
+            f"the columns are {', '.join(table.names)}."
+        )
+        raise CLIError(msg)
+
+
+def resolve_columns(
+    table: Table,
+    label_column: str,
+    *,
+    columns: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    group_by: str | None = None,
+) -> Columns:
+    """The label column and the class columns (or the one list column) of `table`.
+
+    `columns` names the class columns (in class order); otherwise every numeric
+    column but the label, `group_by` and those in `exclude` is one, in file
+    order. One class column left means binary predictions: it holds P(label = 1).
+    """
     pa = need("pyarrow")
     if label_column not in table.names:
         msg = (
@@ -30,9 +53,25 @@ def resolve_columns(table: Table, label_column: str) -> Columns:
             f"{', '.join(table.names)}. Name the label column with --label-column."
         )
         raise CLIError(msg)
+    _named(table, exclude, "--exclude")
+    if group_by is not None:
+        _named(table, [group_by], "--group-by")
+    if columns is not None:
+        _named(table, columns, "--columns")
+        chosen = [label_column, group_by, *exclude]
+        wrong = [n for n in columns if n in chosen or not is_numeric(pa, table.types[n])]
+        if wrong or len(set(columns)) != len(columns) or not columns:
+            msg = (
+                f"{table.path}: --columns must name distinct numeric columns other than the "
+                f"label, --group-by and --exclude ones; got {', '.join(columns) or 'none'}"
+                + (f" ({', '.join(wrong)} cannot be a class column)." if wrong else ".")
+            )
+            raise CLIError(msg)
+        others = [n for n in table.names if n not in columns and n not in chosen]
+        return Columns(label_column, list(columns), None, others)
     classes, lists, ignored = [], [], []
     for name in table.names:
-        if name == label_column:
+        if name == label_column or name == group_by or name in exclude:
             continue
         t = table.types[name]
         if is_numeric(pa, t):
@@ -55,9 +94,6 @@ def resolve_columns(table: Table, label_column: str) -> Columns:
             f"{table.path}: no prediction columns besides {label_column!r}; give one numeric "
             "column per class, or one list column holding each row's predictions."
         )
-        raise CLIError(msg)
-    if classes and len(classes) < 2:
-        msg = f"{table.path}: only one class column ({classes[0]}); give one column per class."
         raise CLIError(msg)
     return Columns(label_column, classes, lists[0] if lists else None, ignored)
 

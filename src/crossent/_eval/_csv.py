@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from crossent._eval._sources import data_suffix, open_input
 from crossent._eval._table import Table, is_numeric, need, record_batches
 
 __all__ = ["NULL_VALUES", "open_csv"]
@@ -18,10 +19,10 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
     """Open a CSV (TSV for a ``.tsv`` name) file with a header line."""
     pa = need("pyarrow")
     pcsv = need("pyarrow.csv")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    delimiter = "\t" if data_suffix(path)[0] == ".tsv" else ","
     parse = pcsv.ParseOptions(delimiter=delimiter)
     read = pcsv.ReadOptions(block_size=max(1 << 16, batch_size * 64))
-    first = pcsv.open_csv(path, read_options=read, parse_options=parse)
+    first = pcsv.open_csv(open_input(path), read_options=read, parse_options=parse)
     schema = first.schema
     first.close()
     # types from the first block can be too narrow for later ones (int, then 0.5):
@@ -35,7 +36,7 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
 
     def blocks() -> Iterator[Any]:
         reader = pcsv.open_csv(
-            path, read_options=read, parse_options=parse, convert_options=convert
+            open_input(path), read_options=read, parse_options=parse, convert_options=convert
         )
         yield from reader
 

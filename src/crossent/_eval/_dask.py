@@ -19,12 +19,13 @@ from typing import Any
 
 from crossent._eval._errors import CLIError
 
-__all__ = ["dask_client", "merge_pair", "tree_merge"]
+__all__ = ["dask_client", "delayed", "merge_pair", "tree_merge"]
 
 
 def _need_dask() -> tuple[Any, Any]:
     try:
         import dask
+
         import distributed
     except ImportError as exc:
         msg = (
@@ -90,3 +91,9 @@ def dask_client(scheduler: str | None, *, workers: int | None = None) -> Iterato
     )
     with cluster, distributed.Client(cluster) as client:
         yield client
+
+
+def delayed(function: Callable[..., Any]) -> Any:
+    """``dask.delayed(function, pure=True)``: a task whose result depends on its arguments only."""
+    dask, _ = _need_dask()
+    return dask.delayed(function, pure=True)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from crossent._eval._sources import open_input
 from crossent._eval._table import Table, is_numeric, is_numeric_list, need, record_batches
 
 __all__ = ["open_jsonl"]
@@ -16,7 +17,7 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
     pa = need("pyarrow")
     pjson = need("pyarrow.json")
     read = pjson.ReadOptions(block_size=max(1 << 16, batch_size * 64))
-    first = pjson.open_json(path, read_options=read)
+    first = pjson.open_json(open_input(path), read_options=read)
     schema = first.schema
     first.close()
     # types from the first block can be too narrow for later ones (1, then 0.5): widen
@@ -31,7 +32,7 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
     parse = pjson.ParseOptions(explicit_schema=pa.schema(widened))
 
     def blocks() -> Iterator[Any]:
-        yield from pjson.open_json(path, read_options=read, parse_options=parse)
+        yield from pjson.open_json(open_input(path), read_options=read, parse_options=parse)
 
     types = {f.name: f.type for f in widened}
     return Table(path, "jsonl", list(schema.names), types, record_batches(blocks), None)
