@@ -117,16 +117,15 @@ def throughput(folder: Path, rows: int, rounds: int) -> list[dict[str, object]]:
                 wall, cpu, out = _run(argv(path))
                 times[name].append((wall, cpu))
                 figures[name] = out
-        ours = json.loads(figures["crossent eval"])
+        got = json.loads(figures["crossent eval"])["log_loss_nats"]
         floor_ll = float(figures["pyarrow + NumPy"].split()[0])
-        assert abs(ours["log_loss_nats"] - floor_ll) < 1e-9 * max(1.0, floor_ll), (ours, floor_ll)
+        assert abs(got - floor_ll) < 1e-9 * max(1.0, floor_ll), (got, floor_ll)
         med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
                for k, v in times.items()}  # fmt: skip
+        ours = times["crossent eval"]
         ratios = {
-            k: (
-                statistics.median(a[0] / b[0] for a, b in zip(times["crossent eval"], v, strict=True)),
-                statistics.median(a[1] / b[1] for a, b in zip(times["crossent eval"], v, strict=True)),
-            )
+            k: tuple(statistics.median(a[i] / b[i] for a, b in zip(ours, v, strict=True))
+                     for i in (0, 1))
             for k, v in times.items()
         }  # fmt: skip
         for name in contenders:
@@ -156,8 +155,8 @@ def dask_vs_local(folder: Path, rows: int, shards: int, workers: int) -> dict[st
     shard_dir.mkdir()
     for i in range(shards):
         _write(shard_dir, f"part-{i:03d}", rows // shards, seed=i)
-    local_wall, local_cpu, local_out = _run(_eval_argv(shard_dir))
-    dask_wall, dask_cpu, dask_out = _run(
+    local_wall, _, local_out = _run(_eval_argv(shard_dir))
+    dask_wall, _, dask_out = _run(
         _eval_argv(shard_dir, "--engine", "dask", "--workers", str(workers))
     )
     local, dask = json.loads(local_out), json.loads(dask_out)
@@ -181,8 +180,8 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 3)
     folder = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     try:
-        print(f"throughput, {rows:,} rows x {CLASSES} classes, median of {rounds} "
-              f"interleaved rounds, fresh processes ({os.cpu_count()} CPUs, possibly shared)")  # fmt: skip
+        print(f"throughput, {rows:,} rows x {CLASSES} classes, median of {rounds} interleaved "
+              f"rounds, fresh processes ({os.cpu_count()} CPUs, possibly shared)")  # fmt: skip
         print(f"{'format':<8} {'contender':<18} {'wall s':>7} {'CPU s':>7} {'rows/s':>10} "
               f"{'ours/it wall':>12} {'ours/it CPU':>11}")  # fmt: skip
         for r in throughput(folder, rows, rounds):

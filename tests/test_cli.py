@@ -98,6 +98,7 @@ SCHEMA = {
     "base": str,
     "classes": list,
     "ignored_columns": list,
+    "files": int,
     "rows": int,
     "log_loss_nats": float,
     "log_loss_bits": float,
@@ -321,8 +322,9 @@ def test_malformed_files_exit_2_naming_the_problem(
     err = _error(capsys, "eval", str(tmp_path / "ragged.jsonl"))
     assert "row 2 has 3 predictions" in err
 
-    err = _error(capsys, "eval", str(write_csv(tmp_path / "one.csv", ["label", "cat"], [[0, 1.0]])))
-    assert "only one class column" in err
+    # one class column is binary: P(label = 1), labels 0/1 or true/false
+    err = _error(capsys, "eval", str(write_csv(tmp_path / "one.csv", ["label", "cat"], [[2, 1.0]])))
+    assert "row 1 (line 2) has label '2', not 0/1 or true/false" in err
 
     err = _error(
         capsys, "eval", str(write_csv(tmp_path / "text.csv", ["label", "note"], [[0, "x"]]))

@@ -71,7 +71,7 @@ def resolve_columns(
         return Columns(label_column, list(columns), None, others)
     classes, lists, ignored = [], [], []
     for name in table.names:
-        if name == label_column or name == group_by or name in exclude:
+        if name in (label_column, group_by) or name in exclude:
             continue
         t = table.types[name]
         if is_numeric(pa, t):

@@ -243,6 +243,6 @@ class BinaryClassificationMetrics(Metric):
         }
 
     def reliability(self, *, binning: str = "width") -> dict[str, np.ndarray]:
-        """Per-bin ``count``, mean P(label = 1) (``confidence``) and positive rate (``accuracy``)."""
+        """Per-bin ``count``, mean P(label = 1) (``confidence``), positive rate (``accuracy``)."""
         F._check_choice(binning, F.BINNINGS, name="binning")
         return F._reliability(self._states["positive"], binning=binning)
