@@ -19,11 +19,24 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
-from crossent._eval import CLIError, evaluate, format_text, jsonable, open_table
+from crossent._eval._errors import CLIError
+
+if TYPE_CHECKING:
+    from crossent._eval import evaluate, open_table
 
 __all__ = ["CLIError", "evaluate", "main", "open_table"]
+
+
+def __getattr__(name: str) -> Any:
+    # re-exports, imported on first use: `crossent --version` must not import numpy
+    if name in ("evaluate", "open_table"):
+        import crossent._eval
+
+        return getattr(crossent._eval, name)
+    msg = f"module 'crossent.cli' has no attribute {name!r}"
+    raise AttributeError(msg)
 
 BASES = {"e": None, "2": 2.0, "10": 10.0}
 
@@ -53,6 +66,8 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
     if args.scheduler is not None and args.engine != "dask":
         msg = "--scheduler is for --engine dask; add --engine dask, or drop --scheduler."
         raise CLIError(msg)
+    from crossent._eval import evaluate, format_text, jsonable
+
     summary, metric = evaluate(
         args.file,
         label_column=args.label_column,
