@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from crossent._eval._table import to_numpy
+
 __all__ = ["GroupedMetrics", "group_keys", "order_groups"]
 
 _VERSION = re.compile(r"^[vV]?\d+([._-]\d+)*$")
@@ -42,8 +44,10 @@ class GroupedMetrics:
         self.overall = make()
         self.groups: dict[Any, Any] = {}
 
-    def update(self, scores: np.ndarray, target: np.ndarray, keys: np.ndarray | None) -> None:
-        """Add a batch; `keys` (one group value per row, no nulls) when grouped.
+    def update(
+        self, scores: np.ndarray, target: np.ndarray, keys: tuple[np.ndarray, list[Any]] | None
+    ) -> None:
+        """Add a batch; when grouped, `keys` is (each row's code, the value of each code).
 
         The overall metric sees the whole batch first, so a bad row is reported
         with its index in the batch; the groups then get their rows without a
@@ -54,15 +58,16 @@ class GroupedMetrics:
             return
         import crossent as ce
 
-        uniques, inverse = np.unique(keys, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        order = np.argsort(inverse, kind="stable")
-        ends = np.cumsum(np.bincount(inverse, minlength=len(uniques)))
+        codes, values = keys
+        order = np.argsort(codes, kind="stable")
+        ends = np.cumsum(np.bincount(codes, minlength=len(values)))
         start = 0
         with ce.validation(False):  # the overall update checked these rows
-            for key, end in zip(uniques.tolist(), ends.tolist(), strict=True):
+            for key, end in zip(values, ends.tolist(), strict=True):
                 rows = order[start:end]
                 start = end
+                if rows.size == 0:
+                    continue
                 metric = self.groups.get(key)
                 if metric is None:
                     metric = self.groups[key] = self.make()
@@ -85,29 +90,29 @@ class GroupedMetrics:
         return int(self.overall.count)
 
 
-def group_keys(column: Any, *, name: str) -> np.ndarray:
-    """The group value of each row of an Arrow column, as a NumPy array (no nulls).
+def group_keys(column: Any, *, name: str) -> tuple[np.ndarray, list[Any]]:
+    """Each row's group code and the group value of each code, from an Arrow column.
 
-    Raises ``ValueError`` (with the first null row in ``args[1]``) when a row
-    has no group value: a row that belongs to no group is a bad input, not
-    something to drop silently.
+    Hash-based (Arrow's ``dictionary_encode``): only the distinct values become
+    Python objects. Raises ``ValueError`` (with the first null row in
+    ``args[1]``) when a row has no group value: a row that belongs to no group
+    is a bad input, not something to drop silently.
     """
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if column.null_count:
-        mask = column.is_null().to_numpy(zero_copy_only=False)
+        mask = np.asarray(column.is_null())
         row = int(np.flatnonzero(mask)[0])
         msg = f"has no value in the --group-by column {name!r}"
         raise ValueError(msg, row)
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        return np.asarray(column.to_numpy(zero_copy_only=False), dtype=object).astype(str)
-    if pa.types.is_temporal(column.type):
-        return np.asarray(column.to_pylist(), dtype=object)
-    return column.to_numpy(zero_copy_only=False)
+    encoded = pc.dictionary_encode(column)
+    codes = to_numpy(encoded.indices).astype(np.int64, copy=False)
+    return codes, encoded.dictionary.to_pylist()
 
 
 def _version_key(text: str) -> tuple[int, ...]:

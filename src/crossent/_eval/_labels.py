@@ -8,7 +8,7 @@ import numpy as np
 
 from crossent._eval._columns import Columns, first_null
 from crossent._eval._errors import RowError
-from crossent._eval._table import is_numeric, need
+from crossent._eval._table import is_numeric, need, to_numpy
 
 __all__ = ["batch_labels"]
 
@@ -40,7 +40,7 @@ def _distinct(values: Any) -> tuple[list[str], np.ndarray]:
         array = array.cast(array.type.value_type)
     encoded = pc.dictionary_encode(array)
     texts = [str(v) for v in encoded.dictionary.to_pylist()]
-    return texts, encoded.indices.to_numpy(zero_copy_only=False)
+    return texts, to_numpy(encoded.indices)
 
 
 def batch_labels(batch: Any, columns: Columns, *, mode: str) -> np.ndarray:
@@ -54,7 +54,7 @@ def batch_labels(batch: Any, columns: Columns, *, mode: str) -> np.ndarray:
     if col.null_count:
         raise RowError(first_null(col), f"has no label (column {columns.label!r} is empty)")
     numeric = is_numeric(need("pyarrow"), col.type)  # else text: never one Python str per row
-    raw = col.to_numpy(zero_copy_only=False) if numeric else np.zeros(0)
+    raw = to_numpy(col) if numeric else np.zeros(0)
     names = columns.classes
     lookup = {name: i for i, name in enumerate(names)}
     names_are_ints = all(_as_int_text(n) is not None for n in names)

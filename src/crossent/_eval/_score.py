@@ -23,7 +23,7 @@ from crossent._eval._columns import Columns, batch_scores, check_finite, first_n
 from crossent._eval._errors import CLIError, RowError
 from crossent._eval._groups import GroupedMetrics, group_keys
 from crossent._eval._labels import batch_labels
-from crossent._eval._table import Batch, Table, need
+from crossent._eval._table import Batch, Table, need, to_numpy
 
 __all__ = ["Plan", "binary_labels", "input_hint", "score_batch", "score_table"]
 
@@ -75,7 +75,7 @@ def binary_labels(column: Any, *, name: str) -> np.ndarray:
     if pa.types.is_boolean(t):
         return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64)
     if pa.types.is_integer(t) or pa.types.is_floating(t):
-        values = column.to_numpy(zero_copy_only=False)
+        values = to_numpy(column)
         bad = np.flatnonzero((values != 0) & (values != 1))
         if bad.size:
             row = int(bad[0])
@@ -87,7 +87,7 @@ def binary_labels(column: Any, *, name: str) -> np.ndarray:
     encoded = pc.dictionary_encode(column)
     words = [str(w).strip().lower() for w in encoded.dictionary.to_pylist()]
     mapping = np.array([1 if w in _TRUE else 0 if w in _FALSE else -1 for w in words])
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    codes = to_numpy(encoded.indices)
     labels = mapping[codes] if len(mapping) else np.zeros(0, dtype=np.int64)
     bad = np.flatnonzero(labels < 0)
     if bad.size:
