@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
 
-from crossent._eval._columns import Columns, batch_scores, check_finite, resolve_columns
+from crossent._eval._columns import (
+    Columns,
+    batch_scores,
+    check_finite,
+    resolve_columns,
+)
 from crossent._eval._errors import CLIError, RowError
 from crossent._eval._labels import batch_labels
 from crossent._eval._open import open_table, read_batches
@@ -50,13 +56,15 @@ def evaluate(
     from crossent.metrics import BadRowError, ClassificationMetrics
 
     table = open_table(path, batch_size=batch_size, label_column=label_column)
-    columns = resolve_columns(table, label_column)
+    batches = read_batches(table)
+    first = next(batches, None)
+    columns = resolve_columns(table, label_column, None if first is None else first.data)
     metric = ClassificationMetrics(input_kind=input_kind, bins=bins)
     rows = 0
     bar = _progress_bar(table.total_rows, enabled=progress)
     try:
         with ce.validation(True):  # a file is always checked, whatever CROSSENT_VALIDATE says
-            for batch in read_batches(table):
+            for batch in itertools.chain([] if first is None else [first], batches):
                 try:
                     scores = batch_scores(batch.data, columns)
                     if columns.list_column is not None and not columns.classes:
