@@ -11,7 +11,17 @@ import numpy as np
 from crossent._eval._errors import CLIError, RowError
 from crossent._eval._table import Table, is_numeric, is_numeric_list, need, to_numpy
 
-__all__ = ["Columns", "batch_scores", "check_finite", "first_null", "resolve_columns"]
+__all__ = [
+    "Columns",
+    "batch_scores",
+    "check_finite",
+    "check_text_columns",
+    "first_null",
+    "resolve_columns",
+]
+
+#: a cell that reads as a number (what pyarrow's CSV reader accepts as a float64)
+_NUMBER = r"^\s*[-+]?((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)\s*$"
 
 
 @dataclass
@@ -35,6 +45,7 @@ def _named(table: Table, names: Sequence[str], option: str) -> None:
 def resolve_columns(
     table: Table,
     label_column: str,
+    first: Any = None,
     *,
     columns: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
@@ -45,6 +56,9 @@ def resolve_columns(
     `columns` names the class columns (in class order); otherwise every numeric
     column but the label, `group_by` and those in `exclude` is one, in file
     order. One class column left means binary predictions: it holds P(label = 1).
+    `first` is the table's first record batch (None for a file without rows):
+    a text column that holds numbers there is a class column with a bad cell
+    (see :func:`check_text_columns`).
     """
     pa = need("pyarrow")
     if label_column not in table.names:
@@ -80,6 +94,12 @@ def resolve_columns(
             lists.append(name)
         else:
             ignored.append(name)
+    if first is not None:
+        try:
+            check_text_columns(first, ignored)
+        except RowError as exc:
+            msg = f"{table.path}: {table.where(exc.row)} {exc.reason}."
+            raise CLIError(msg) from exc
     if classes and lists:
         msg = (
             f"{table.path}: has both per-class columns ({', '.join(classes)}) and a list "
@@ -154,3 +174,33 @@ def check_finite(scores: np.ndarray, kind: str) -> None:
         row = int(bad[0])
         what = "NaN" if bad_nan[row] else ("+inf" if bad_inf[row] else "only -inf")
         raise RowError(row, f"holds {what}")
+
+
+def check_text_columns(batch: Any, names: list[str]) -> None:
+    """A text column whose cells are mostly numbers is a class column with a bad cell.
+
+    A single non-numeric cell makes the CSV and JSON readers type a whole
+    column as text, which would drop the class silently; raise a
+    :class:`RowError` naming the first such cell instead. A column that is
+    mostly text (ids, notes) stays an ignored column.
+    """
+    pa = need("pyarrow")
+    pc = need("pyarrow.compute")
+    for name in names:
+        column = batch.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        numeric = pc.match_substring_regex(column, _NUMBER, ignore_case=True)
+        blank = pc.equal(pc.utf8_trim_whitespace(column), "")
+        filled = int(pc.sum(pc.invert(blank)).as_py() or 0)  # nulls are neither
+        numbers = int(pc.sum(numeric).as_py() or 0)
+        if numbers == 0 or 2 * numbers < filled:
+            continue
+        text = pc.and_(pc.invert(numeric), pc.invert(blank)).fill_null(False)
+        row = int(np.flatnonzero(text.to_numpy(zero_copy_only=False))[0])
+        reason = (
+            f"has {column[row].as_py()!r} in column {name!r}, which is not a number, while "
+            f"{numbers} of the column's {filled} cells in this block are: fix the cell (an "
+            "empty cell is a missing value), or drop the column if it is not a class"
+        )
+        raise RowError(row, reason)

@@ -203,7 +203,7 @@ def evaluate_dask(
     import pyarrow as pa
 
     from crossent._eval._columns import resolve_columns
-    from crossent._eval._score import Plan
+    from crossent._eval._score import Plan, Selection
     from crossent._eval._summary import summarize_state
     from crossent._eval._table import Table
 
@@ -220,7 +220,10 @@ def evaluate_dask(
         resolved = resolve_columns(
             table, label_column, columns=columns, exclude=exclude, group_by=group_by
         )
-        plan = Plan(resolved, input_kind, labels, bins, base, group_by)
+        selection = Selection(
+            label_column, None if columns is None else tuple(columns), tuple(exclude), group_by
+        )
+        plan = Plan(resolved, input_kind, labels, bins, base, selection)
         plan.make_metric()  # checks input_kind and bins here, not on every worker
         parts = [
             delayed(score_partition)(part, plan, i) for i, part in enumerate(frame.to_delayed())

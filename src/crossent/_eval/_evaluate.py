@@ -11,21 +11,22 @@ in a tree (``engine="dask"``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from crossent._eval._columns import resolve_columns
+from crossent._eval._columns import Columns, resolve_columns
 from crossent._eval._errors import CLIError
 from crossent._eval._groups import GroupedMetrics
 from crossent._eval._open import FORMATS, open_table, read_batches
-from crossent._eval._score import Plan, score_table
+from crossent._eval._score import Plan, Selection, score_table
 from crossent._eval._sources import expand_sources, stdin_as_file
 from crossent._eval._summary import summarize_state
-from crossent._eval._table import Table
+from crossent._eval._table import Batch, Table
 
-__all__ = ["evaluate", "score_file"]
+__all__ = ["evaluate", "open_scored", "score_file"]
 
 
 def _progress_bar(total: int | None, *, enabled: bool) -> Any:
@@ -38,34 +39,66 @@ def _progress_bar(total: int | None, *, enabled: bool) -> Any:
     return tqdm(total=total, unit=" rows", unit_scale=True, delay=1.0, file=sys.stderr, leave=False)
 
 
-def check_same_columns(table: Table, names: Sequence[str], first: Path) -> None:
-    """Every file of one evaluation must have the columns of the first one."""
-    if set(table.names) != set(names):
-        extra = [n for n in table.names if n not in names]
-        missing = [n for n in names if n not in table.names]
-        detail = "; ".join(
-            part
-            for part in (
-                f"it lacks {', '.join(missing)}" if missing else "",
-                f"it also has {', '.join(extra)}" if extra else "",
-            )
-            if part
-        )
-        msg = (
-            f"{table.path}: has other columns than {first} ({detail}); files scored together "
-            "must have the same columns. Score them separately, or fix the files."
-        )
-        raise CLIError(msg)
+def open_scored(
+    path: Path, selection: Selection, batch_size: int
+) -> tuple[Table, Columns, Iterator[Batch]]:
+    """Open `path`, resolve its columns (its first batch tells a text cell from a
+    text column), and return the table, the columns and every batch."""
+    table = open_table(path, batch_size=batch_size, label_column=selection.label_column)
+    batches = read_batches(table)
+    head = next(batches, None)
+    columns = resolve_columns(
+        table,
+        selection.label_column,
+        None if head is None else head.data,
+        columns=selection.columns,
+        exclude=selection.exclude,
+        group_by=selection.group_by,
+    )
+    return table, columns, itertools.chain([] if head is None else [head], batches)
+
+
+@contextlib.contextmanager
+def _renamed(path: Path, name: str) -> Iterator[None]:
+    """Error messages about `path` (standard input's spooled copy) say `name` instead."""
+    try:
+        yield
+    except CLIError as exc:
+        raise CLIError(str(exc).replace(str(path), name)) from exc.__cause__
+
+
+def check_same_columns(
+    table: Table, columns: Columns, plan: Plan, first: Path, names: Sequence[str]
+) -> None:
+    """Every file of one evaluation must have the columns (`names`) of the `first` one."""
+    same_classes = columns.list_column == plan.columns.list_column and (
+        columns.list_column is not None or columns.classes == plan.columns.classes
+    )
+    if set(table.names) == set(names) and same_classes:
+        return
+    extra = [n for n in table.names if n not in names]
+    missing = [n for n in names if n not in table.names]
+    parts = [
+        f"it lacks {', '.join(missing)}" if missing else "",
+        f"it also has {', '.join(extra)}" if extra else "",
+        "" if missing or extra else f"its class columns are {', '.join(columns.classes)}",
+    ]
+    detail = "; ".join(p for p in parts if p)
+    msg = (
+        f"{table.path}: has other columns than {first} ({detail}); files scored together "
+        "must have the same columns. Score them separately, or fix the files."
+    )
+    raise CLIError(msg)
 
 
 def score_file(
-    path: Path, plan: Plan, names: Sequence[str], first: Path, batch_size: int
+    path: Path, plan: Plan, first: Path, names: Sequence[str], batch_size: int
 ) -> GroupedMetrics:
     """One file's state (a Dask task: it runs on a worker)."""
-    table = open_table(path, batch_size=batch_size, label_column=plan.columns.label)
-    check_same_columns(table, names, first)
+    table, columns, batches = open_scored(path, plan.selection, batch_size)
+    check_same_columns(table, columns, plan, first, names)
     state = plan.new_state()
-    score_table(state, table, read_batches(table), plan)
+    score_table(state, table, batches, plan)
     return state
 
 
@@ -89,24 +122,26 @@ def evaluate(
     """Score the predictions in `paths` as one table; returns (summary, overall metric)."""
     args = [str(paths)] if isinstance(paths, str | Path) else [str(p) for p in paths]
     sources = expand_sources(args, formats=tuple(FORMATS))
+    selection = Selection(
+        label_column, None if columns is None else tuple(columns), tuple(exclude), group_by
+    )
     with contextlib.ExitStack() as stack:
         if sources == ["-"]:
             if engine != "local":
                 msg = "`-` (standard input) is read by the local engine only; drop --engine dask."
                 raise CLIError(msg)
-            sources = [stack.enter_context(stdin_as_file())]
+            spooled = stack.enter_context(stdin_as_file())
+            stack.enter_context(_renamed(spooled, "<stdin>"))
+            sources = [spooled]
         files = [Path(s) for s in sources]
-        first = open_table(files[0], batch_size=batch_size, label_column=label_column)
-        if args == ["-"]:
-            first.path = Path("<stdin>")
-        resolved = resolve_columns(
-            first, label_column, columns=columns, exclude=exclude, group_by=group_by
-        )
-        plan = Plan(resolved, input_kind, labels, bins, base, group_by)
+        first, resolved, batches = open_scored(files[0], selection, batch_size)
+        plan = Plan(resolved, input_kind, labels, bins, base, selection)
         if engine == "dask":
             state = _dask_state(files, plan, first, batch_size, scheduler, workers)
         else:
-            state = _local_state(files, plan, first, batch_size, progress)
+            state = _local_state(files, plan, first, batches, batch_size, progress)
+    if args == ["-"]:
+        first.path = Path("<stdin>")
     if state.count == 0:
         msg = f"{' '.join(args)}: has no rows."
         raise CLIError(msg)
@@ -121,18 +156,22 @@ def evaluate(
 
 
 def _local_state(
-    files: list[Path], plan: Plan, first: Table, batch_size: int, progress: bool
+    files: list[Path],
+    plan: Plan,
+    first: Table,
+    batches: Iterator[Batch],
+    batch_size: int,
+    progress: bool,
 ) -> GroupedMetrics:
     state = plan.new_state()
     total = first.total_rows if len(files) == 1 else None
     bar = _progress_bar(total, enabled=progress)
     try:
-        for path in files:
-            table = first
-            if path != files[0]:
-                table = open_table(path, batch_size=batch_size, label_column=plan.columns.label)
-                check_same_columns(table, first.names, first.path)
-            score_table(state, table, read_batches(table), plan, bar)
+        score_table(state, first, batches, plan, bar)
+        for path in files[1:]:
+            table, columns, more = open_scored(path, plan.selection, batch_size)
+            check_same_columns(table, columns, plan, first.path, first.names)
+            score_table(state, table, more, plan, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -151,7 +190,7 @@ def _dask_state(
 
     with dask_client(scheduler, workers=workers) as client:
         parts = [
-            delayed(score_file)(path.resolve(), plan, first.names, first.path, batch_size)
+            delayed(score_file)(path.resolve(), plan, first.path, first.names, batch_size)
             for path in files
         ]
         state: GroupedMetrics = client.compute(tree_merge(parts)).result()

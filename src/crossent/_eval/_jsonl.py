@@ -1,15 +1,138 @@
-"""JSON Lines files (one object per line), read in blocks by ``pyarrow.json``."""
+"""JSON Lines files (one object per line), read in blocks by ``pyarrow.json``.
+
+pyarrow's errors name a row inside a block ("in row 1"), and it skips blank
+lines, so neither gives the file line. :func:`_objects` walks the file with
+Python's :mod:`json` decoder, object by object, to find the line of a row
+(for an error message only) and, when pyarrow fails half-way, the line and
+column that made it fail.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from crossent._eval._sources import open_input
+from crossent._eval._errors import CLIError
+from crossent._eval._sources import open_input, open_text
 from crossent._eval._table import Table, is_numeric, is_numeric_list, need, record_batches
 
 __all__ = ["open_jsonl"]
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            msg = f"has the key {key!r} twice in one object"
+            raise _Duplicate(msg)
+        seen[key] = value
+    return seen
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+
+
+def _objects(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, value) of every JSON value in `path`, in order; raises CLIError on bad JSON.
+
+    Blank lines are skipped; a line may hold several values and a value may
+    span lines, as pyarrow allows.
+    """
+    buffer, line, pending = "", 0, 0  # pending: lines in `buffer` after its first
+    with open_text(path) as f:
+        for text in itertools.chain(f, [None]):
+            if text is not None:
+                buffer += text
+                pending += 1
+                if not buffer.strip():
+                    line, pending, buffer = line + pending, 0, ""
+                    continue
+            while buffer.strip():
+                start = len(buffer) - len(buffer.lstrip())
+                first_line = line + 1 + buffer.count("\n", 0, start)
+                try:
+                    value, end = _DECODER.raw_decode(buffer, start)
+                except _Duplicate as exc:
+                    msg = f"{path}: line {first_line} {exc}; give each key once."
+                    raise CLIError(msg) from None
+                except json.JSONDecodeError as exc:
+                    if text is not None and exc.pos >= len(buffer.rstrip()):
+                        break  # the value goes on on the next line
+                    if exc.pos >= len(buffer.rstrip()):  # the end of the file
+                        msg = (
+                            f"{path}: line {first_line} is cut off: the file ends inside a "
+                            "JSON value (is it truncated?)."
+                        )
+                        raise CLIError(msg) from None
+                    bad = line + 1 + buffer.count("\n", 0, exc.pos)
+                    msg = f"{path}: line {bad} is not valid JSON ({exc.msg})."
+                    raise CLIError(msg) from None
+                yield first_line, value
+                consumed = buffer.count("\n", 0, end)
+                line, pending, buffer = line + consumed, pending - consumed, buffer[end:]
+            if not buffer.strip():
+                line, pending, buffer = line + pending, 0, ""
+
+
+def _line_of(path: Path, row: int) -> int | None:
+    found = next(itertools.islice(_objects(path), row, None), None)
+    return None if found is None else found[0]
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "list"
+    return "object"
+
+
+def _diagnose(path: Path) -> str | None:
+    """The first line whose object does not fit the types of the lines before."""
+    kinds: dict[str, str] = {}
+    item_kinds: dict[str, str] = {}
+    for line, value in _objects(path):
+        if not isinstance(value, dict):
+            return f"line {line} holds a JSON {_kind(value)}, not an object"
+        for key, cell in value.items():
+            kind = _kind(cell)
+            if kind == "null":
+                continue
+            before = kinds.setdefault(key, kind)
+            if kind != before:
+                return f"line {line} has {cell!r} ({kind}) in column {key!r}, not a {before}"
+            if kind != "list":
+                continue
+            for item in cell:
+                item_kind = _kind(item)
+                if item_kind == "null":
+                    continue
+                earlier = item_kinds.setdefault(key, item_kind)
+                if item_kind != earlier:
+                    return (
+                        f"line {line} has {item!r} ({item_kind}) in the list of column {key!r}, "
+                        f"not a {earlier}"
+                    )
+    return None
+
+
+def _fail(path: Path, exc: Exception) -> CLIError:
+    found = _diagnose(path)
+    msg = f"{path}: {found}." if found else f"{path}: cannot read it as jsonl: {exc}"
+    return CLIError(msg)
 
 
 def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
@@ -17,7 +140,10 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
     pa = need("pyarrow")
     pjson = need("pyarrow.json")
     read = pjson.ReadOptions(block_size=max(1 << 16, batch_size * 64))
-    first = pjson.open_json(open_input(path), read_options=read)
+    try:
+        first = pjson.open_json(open_input(path), read_options=read)
+    except pa.ArrowInvalid as exc:
+        raise _fail(path, exc) from exc
     schema = first.schema
     first.close()
     # types from the first block can be too narrow for later ones (1, then 0.5): widen
@@ -32,7 +158,25 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
     parse = pjson.ParseOptions(explicit_schema=pa.schema(widened))
 
     def blocks() -> Iterator[Any]:
-        yield from pjson.open_json(open_input(path), read_options=read, parse_options=parse)
+        reader = pjson.open_json(open_input(path), read_options=read, parse_options=parse)
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except pa.ArrowInvalid as exc:
+                table.check_unchanged()
+                raise _fail(path, exc) from exc
+            yield batch
 
     types = {f.name: f.type for f in widened}
-    return Table(path, "jsonl", list(schema.names), types, record_batches(blocks), None)
+    table = Table(
+        path,
+        "jsonl",
+        list(schema.names),
+        types,
+        record_batches(blocks),
+        None,
+        line_of=lambda row: _line_of(path, row),
+    )
+    return table

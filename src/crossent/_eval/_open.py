@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,10 +38,36 @@ _OPENERS: dict[str, Callable[[Path, int, str], Table]] = {
 }
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why `path` cannot be a predictions file, or None if it is a regular file."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "no such file."
+    except OSError as exc:
+        return f"cannot open it: {exc.strerror}."
+    kinds = [
+        (stat.S_ISDIR, "is a directory, not a file; name a predictions file in it"),
+        (stat.S_ISCHR, "is a character device (like /dev/null), not a file"),
+        (stat.S_ISBLK, "is a block device, not a file"),
+        (stat.S_ISFIFO, "is a named pipe, not a file (it cannot be read twice)"),
+        (stat.S_ISSOCK, "is a socket, not a file"),
+    ]
+    for test, words in kinds:
+        if test(mode):
+            return words + "."
+    if not stat.S_ISREG(mode):  # pragma: no cover - every kind of file is listed above
+        return "is not a regular file."
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes)."
+    return None
+
+
 def open_table(path: Path, *, batch_size: int, label_column: str) -> Table:
     """Open a predictions file for streaming, by its extension."""
-    if not path.is_file():
-        msg = f"{path}: no such file."
+    problem = _not_a_file(path)
+    if problem is not None:
+        msg = f"{path}: {problem}"
         raise CLIError(msg)
     suffix, compression = data_suffix(path)
     fmt = FORMATS.get(suffix)
@@ -63,11 +90,27 @@ def open_table(path: Path, *, batch_size: int, label_column: str) -> Table:
 
 
 def read_batches(table: Table) -> Iterator[Batch]:
-    """The table's batches; a parse error half-way through the file becomes a CLIError."""
+    """The table's batches, checked: every row read, the file unchanged at the end.
+
+    A parse error half-way through the file becomes a :class:`CLIError`; so
+    does a file that was truncated or rewritten while it was read (its size
+    or modification time changed, or fewer rows came than its metadata says).
+    """
+    rows = 0
     try:
-        yield from table.batches()
+        for batch in table.batches():
+            rows += batch.data.num_rows
+            yield batch
     except CLIError:
         raise
     except Exception as exc:
+        table.check_unchanged()
         msg = f"{table.path}: cannot read it as {table.format}: {exc}"
         raise CLIError(msg) from exc
+    table.check_unchanged()
+    if table.total_rows is not None and rows != table.total_rows:
+        msg = (
+            f"{table.path}: its metadata says {table.total_rows:,} rows, but {rows:,} could "
+            "be read: the file is truncated or damaged."
+        )
+        raise CLIError(msg)

@@ -1,4 +1,10 @@
-"""Parquet files, read in record batches by ``pyarrow.parquet``."""
+"""Parquet files, read in record batches by ``pyarrow.parquet``.
+
+pyarrow pre-buffers a whole row group by default (the whole file when it has
+one row group), so memory grew with the file; here the column chunks are read
+through a small buffered stream instead, page by page, and memory stays
+bounded by the batch size.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from crossent._eval._table import Table, need, record_batches
 
 __all__ = ["open_parquet"]
 
+_BUFFER = 1 << 20  # bytes read at a time from a column chunk
+
 
 def open_parquet(path: Path, batch_size: int, label_column: str) -> Table:
     """Open a Parquet file."""
@@ -18,7 +26,8 @@ def open_parquet(path: Path, batch_size: int, label_column: str) -> Table:
     schema = meta.schema_arrow
 
     def blocks() -> Iterator[Any]:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size)
+        stream = pq.ParquetFile(path, pre_buffer=False, buffer_size=_BUFFER)
+        yield from stream.iter_batches(batch_size=batch_size, use_threads=False)
 
     types = {f.name: f.type for f in schema}
     return Table(

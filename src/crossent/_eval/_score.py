@@ -25,10 +25,20 @@ from crossent._eval._groups import GroupedMetrics, group_keys
 from crossent._eval._labels import batch_labels
 from crossent._eval._table import Batch, Table, need, to_numpy
 
-__all__ = ["Plan", "binary_labels", "input_hint", "score_batch", "score_table"]
+__all__ = ["Plan", "Selection", "binary_labels", "input_hint", "score_batch", "score_table"]
 
 _TRUE = ("1", "1.0", "true", "t", "yes")
 _FALSE = ("0", "0.0", "false", "f", "no")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The columns asked for: the label, the class columns (or those to exclude), the group."""
+
+    label_column: str = "label"
+    columns: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    group_by: str | None = None
 
 
 @dataclass
@@ -40,7 +50,12 @@ class Plan:
     labels: str = "auto"
     bins: int = 15
     base: str = "e"  # of the summary's `log_loss`: "e", "2" or "10"
-    group_by: str | None = None
+    selection: Selection = Selection()
+
+    @property
+    def group_by(self) -> str | None:
+        """The group column, if any."""
+        return self.selection.group_by
 
     @property
     def binary(self) -> bool:

@@ -27,7 +27,14 @@ from typing import IO, Any
 
 from crossent._eval._errors import CLIError
 
-__all__ = ["COMPRESSIONS", "data_suffix", "expand_sources", "open_input", "stdin_as_file"]
+__all__ = [
+    "COMPRESSIONS",
+    "data_suffix",
+    "expand_sources",
+    "open_input",
+    "open_text",
+    "stdin_as_file",
+]
 
 #: compressed-file extension -> pyarrow codec (None: Python's lzma)
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": None}
@@ -62,6 +69,16 @@ def open_input(path: Path) -> Any:
 
         return pa.PythonFile(lzma.open(path, "rb"), mode="r")
     return pa.input_stream(str(path), compression=codec)
+
+
+def open_text(path: Path) -> IO[str]:
+    """`path` as UTF-8 text (undecodable bytes replaced), decompressed by its extension.
+
+    Newlines are left as they are (``newline=""``), as the :mod:`csv` module wants.
+    """
+    import io
+
+    return io.TextIOWrapper(open_input(path), encoding="utf-8", errors="replace", newline="")
 
 
 def _known(path: Path, formats: Sequence[str]) -> bool:

@@ -9,9 +9,11 @@ words an error message uses ("row 12 (line 13)").
 
 from __future__ import annotations
 
+import collections
 import importlib
+import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,10 @@ class Table:
     reads the file again); `total_rows` is known up front for Parquet and
     NumPy files only. `line_of` maps a row index to its line in a text file
     (None for binary formats).
+
+    The file's size and modification time are noted when the table is made:
+    :meth:`check_unchanged` says whether the file changed since (truncated
+    or rewritten while it was read). Column names must be unique.
     """
 
     path: Path
@@ -45,6 +51,33 @@ class Table:
     batches: Callable[[], Iterator[Batch]]
     total_rows: int | None
     line_of: Callable[[int], int | None] | None = None
+    fingerprint: tuple[int, int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fingerprint = _fingerprint(self.path)
+        repeated = [name for name, n in collections.Counter(self.names).items() if n > 1]
+        if repeated:
+            where = "; ".join(
+                f"{name!r} is columns "
+                + ", ".join(str(i + 1) for i, n in enumerate(self.names) if n == name)
+                for name in repeated
+            )
+            msg = (
+                f"{self.path}: has duplicate column names ({where}); every column needs its "
+                "own name: rename or drop the repeated ones."
+            )
+            raise CLIError(msg)
+
+    def check_unchanged(self) -> None:
+        """Raise if the file's size or modification time changed since it was opened."""
+        now = _fingerprint(self.path)
+        if now != self.fingerprint:
+            msg = (
+                f"{self.path}: changed while it was read (it had {self.fingerprint[0]:,} bytes, "
+                f"now {now[0]:,}): it was truncated or rewritten. Score it once it is "
+                "complete, or score a copy."
+            )
+            raise CLIError(msg)
 
     def where(self, row: int) -> str:
         """``row N`` (counting from 1), with ``(line L)`` for text files."""
@@ -53,6 +86,15 @@ class Table:
         if line is not None:
             text += f" (line {line})"
         return text
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int]:
+    """Size, modification time and inode of `path` (all -1 once it is gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1, -1)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def need(module: str) -> Any:
