@@ -40,11 +40,19 @@ def _progress_bar(total: int | None, *, enabled: bool) -> Any:
 
 
 def open_scored(
-    path: Path, selection: Selection, batch_size: int
+    path: Path,
+    selection: Selection,
+    batch_size: int,
+    like: tuple[Path, Sequence[str]] | None = None,
 ) -> tuple[Table, Columns, Iterator[Batch]]:
     """Open `path`, resolve its columns (its first batch tells a text cell from a
-    text column), and return the table, the columns and every batch."""
+    text column), and return the table, the columns and every batch.
+
+    `like` is (first file, its column names): this file must have the same ones.
+    """
     table = open_table(path, batch_size=batch_size, label_column=selection.label_column)
+    if like is not None and set(table.names) != set(like[1]):
+        _other_columns(table, *like, "")
     batches = read_batches(table)
     head = next(batches, None)
     columns = resolve_columns(
@@ -67,21 +75,24 @@ def _renamed(path: Path, name: str) -> Iterator[None]:
         raise CLIError(str(exc).replace(str(path), name)) from exc.__cause__
 
 
-def check_same_columns(
-    table: Table, columns: Columns, plan: Plan, first: Path, names: Sequence[str]
-) -> None:
-    """Every file of one evaluation must have the columns (`names`) of the `first` one."""
+def check_same_columns(table: Table, columns: Columns, plan: Plan, first: Path) -> None:
+    """Every file of one evaluation must have the class columns of the `first` one."""
     same_classes = columns.list_column == plan.columns.list_column and (
         columns.list_column is not None or columns.classes == plan.columns.classes
     )
-    if set(table.names) == set(names) and same_classes:
-        return
+    if not same_classes:
+        _other_columns(
+            table, first, table.names, f"its class columns are {', '.join(columns.classes)}"
+        )
+
+
+def _other_columns(table: Table, first: Path, names: Sequence[str], why: str) -> None:
     extra = [n for n in table.names if n not in names]
     missing = [n for n in names if n not in table.names]
     parts = [
         f"it lacks {', '.join(missing)}" if missing else "",
         f"it also has {', '.join(extra)}" if extra else "",
-        "" if missing or extra else f"its class columns are {', '.join(columns.classes)}",
+        why,
     ]
     detail = "; ".join(p for p in parts if p)
     msg = (
@@ -95,8 +106,8 @@ def score_file(
     path: Path, plan: Plan, first: Path, names: Sequence[str], batch_size: int
 ) -> GroupedMetrics:
     """One file's state (a Dask task: it runs on a worker)."""
-    table, columns, batches = open_scored(path, plan.selection, batch_size)
-    check_same_columns(table, columns, plan, first, names)
+    table, columns, batches = open_scored(path, plan.selection, batch_size, (first, names))
+    check_same_columns(table, columns, plan, first)
     state = plan.new_state()
     score_table(state, table, batches, plan)
     return state
@@ -169,8 +180,9 @@ def _local_state(
     try:
         score_table(state, first, batches, plan, bar)
         for path in files[1:]:
-            table, columns, more = open_scored(path, plan.selection, batch_size)
-            check_same_columns(table, columns, plan, first.path, first.names)
+            like = (first.path, first.names)
+            table, columns, more = open_scored(path, plan.selection, batch_size, like)
+            check_same_columns(table, columns, plan, first.path)
             score_table(state, table, more, plan, bar)
     finally:
         if bar is not None:
