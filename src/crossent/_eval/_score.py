@@ -94,7 +94,7 @@ def binary_labels(column: Any, *, name: str) -> np.ndarray:
         bad = np.flatnonzero((values != 0) & (values != 1))
         if bad.size:
             row = int(bad[0])
-            raise RowError(row, f"has label {values[row]!r}, not 0 or 1 (a binary label)")
+            raise RowError(row, f"has label {values[row].item()!r}, not 0 or 1 (a binary label)")
         return values.astype(np.int64, copy=False)
     if pa.types.is_dictionary(t):
         column = column.cast(t.value_type)

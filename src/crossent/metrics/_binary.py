@@ -88,7 +88,7 @@ def _check_binary(score: np.ndarray, label: np.ndarray, *, input_kind: str) -> N
     bad = np.flatnonzero((label != 0) & (label != 1))
     if bad.size:
         row = int(bad[0])
-        reason = f"has label {label[row]!r}, not 0 or 1"
+        reason = f"has label {int(label[row])}, not 0 or 1"
         msg = f"`target` row {row} {reason}. Binary labels are 0/1 (or false/true)."
         raise F.BadRowError(msg, row=row, reason=reason)
     if input_kind == "logits":
