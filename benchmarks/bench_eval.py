@@ -67,9 +67,10 @@ def _table(rows: int, seed: int) -> dict[str, np.ndarray]:
     z = rng.normal(scale=2.0, size=(rows, CLASSES))
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
-    y = np.array([rng.choice(CLASSES, p=row) for row in p[:2000]])
-    y = np.concatenate([y, rng.integers(0, CLASSES, rows - len(y))]) if rows > len(y) else y
-    return {"label": y[:rows].astype(np.int64), **{f"c{k}": p[:, k] for k in range(CLASSES)}}
+    # labels drawn from the predictions themselves (a calibrated model), by inverse CDF
+    u = rng.uniform(size=(rows, 1))
+    y = np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), CLASSES - 1)
+    return {"label": y.astype(np.int64), **{f"c{k}": p[:, k] for k in range(CLASSES)}}
 
 
 def _write(folder: Path, name: str, rows: int, *, seed: int = 0, fmt: str = "parquet") -> Path:
