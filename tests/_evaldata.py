@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,7 +9,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from crossent.cli import main
+from tests.test_cli import run, run_json
+
+__all__ = [
+    "DAYS",
+    "FIGURES",
+    "NAMES",
+    "assert_same_figures",
+    "csv_text",
+    "error",
+    "rows",
+    "run",
+    "run_json",
+    "write",
+]
 
 NAMES = ["cat", "dog", "bird"]
 DAYS = ["2024-05-01", "2024-05-02", "2024-05-03"]
@@ -57,18 +68,6 @@ def csv_text(
             cells += [str(data["id"][i]), data["day"][i]]
         lines.append(",".join(cells))
     return "\n".join(lines) + "\n"
-
-
-def run(*args: str) -> tuple[int, str]:
-    out = io.StringIO()
-    status = main(list(args), out=out)
-    return status, out.getvalue()
-
-
-def run_json(*args: str) -> dict[str, Any]:
-    status, text = run(*args, "--format", "json")
-    assert status == 0, text
-    return dict(json.loads(text))
 
 
 def error(capsys: pytest.CaptureFixture[str], *args: str) -> str:

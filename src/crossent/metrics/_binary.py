@@ -23,12 +23,10 @@ import numpy as np
 from crossent._lib._xp import Array, array_namespace, to_numpy
 from crossent.metrics import _functional as F
 from crossent.metrics._metric import (
-    _ACCURACY,
-    _BRIER,
-    _LOG_LOSS,
-    _PER_CLASS,
+    _SUMMARY_PARTS,
     Metric,
     _calibration_part,
+    _per_class_list,
 )
 
 __all__ = ["BinaryClassificationMetrics"]
@@ -162,13 +160,7 @@ class BinaryClassificationMetrics(Metric):
         self.bins = F._check_positive_int(bins, name="bins")
         F._log_base(base)
         self.base = base
-        self._parts = {
-            "log_loss": _LOG_LOSS,
-            "accuracy": _ACCURACY,
-            "brier": _BRIER,
-            "per_class": _PER_CLASS,
-            "positive": _calibration_part("top_label", self.bins),
-        }
+        self._parts = {**_SUMMARY_PARTS, "positive": _calibration_part("top_label", self.bins)}
         super().__init__(input_kind=input_kind, ignore_index=ignore_index, num_classes=2)
 
     def _config(self) -> tuple[Any, ...]:
@@ -230,16 +222,7 @@ class BinaryClassificationMetrics(Metric):
             "positive_rate": F._ratio(per_class["count"][1], count),
             "mean_prediction": (math.nan if positive["nan"] else F._ratio(conf_sum, count)),
             "clamped_rows": int(log_loss["clamped"]),
-            "per_class": [
-                {
-                    "index": k,
-                    "count": int(per_class["count"][k]),
-                    "cross_entropy": float(per_class["cross_entropy"][k]),
-                    "recall": float(per_class["recall"][k]),
-                    "precision": float(per_class["precision"][k]),
-                }
-                for k in range(2)
-            ],
+            "per_class": _per_class_list(per_class),
         }
 
     def reliability(self, *, binning: str = "width") -> dict[str, np.ndarray]:
