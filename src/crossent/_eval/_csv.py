@@ -132,7 +132,9 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
     pa = need("pyarrow")
     pcsv = need("pyarrow.csv")
     parse = pcsv.ParseOptions(delimiter=_delimiter(path))
-    read = pcsv.ReadOptions(block_size=max(1 << 16, batch_size * 64))
+    # pyarrow parses dozens of blocks ahead of the consumer: 16 bytes per batch row (1 MiB
+    # blocks by default) keeps that read-ahead, and so the peak memory, small (issue 12)
+    read = pcsv.ReadOptions(block_size=max(1 << 16, batch_size * 16))
     try:
         first = pcsv.open_csv(open_input(path), read_options=read, parse_options=parse)
     except pa.ArrowInvalid as exc:
