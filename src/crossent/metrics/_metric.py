@@ -158,7 +158,7 @@ class Metric:
 
         Returns the metric itself, so calls chain: ``metric.update(x, y).compute()``.
         """
-        xp = array_namespace(input, target)
+        xp = array_namespace(input=input, target=target)
         need_probs = any(part.needs_probs for part in self._parts.values())
         rows = F._row_stats(
             input,
