@@ -563,6 +563,43 @@ def test_memory_stays_bounded_by_the_batch_size(tmp_path: Path) -> None:
         assert rss_growth < 0.15 * file_growth, (ext, rss_growth, file_growth)
 
 
+def test_eval_does_not_switch_validation_for_other_threads(
+    tmp_path: Path, data: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`crossent eval` checks its file with validation on, for its own thread only."""
+    import threading
+
+    import crossent as ce
+    from crossent.metrics import ClassificationMetrics
+
+    path = write_csv(tmp_path / "p.csv", ["label", *NAMES], csv_rows(data))
+    inside, resume = threading.Event(), threading.Event()
+    seen: list[bool] = []
+    update = ClassificationMetrics.update
+
+    def paused_update(self: Any, *args: Any) -> Any:
+        seen.append(ce.get_validation())
+        inside.set()
+        resume.wait(30)
+        return update(self, *args)
+
+    monkeypatch.setattr(ClassificationMetrics, "update", paused_update)
+    ce.set_validation(False)
+    try:
+        worker = threading.Thread(target=run, args=("eval", str(path)))
+        worker.start()
+        assert inside.wait(30)
+        during = ce.get_validation()  # this thread, while eval is inside its with-block
+        resume.set()
+        worker.join(30)
+        assert seen == [True]  # the file is checked
+        assert during is False
+        assert ce.get_validation() is False
+    finally:
+        resume.set()
+        ce.set_validation(True)
+
+
 # ------------------------------------------------------------------ report
 
 
