@@ -390,7 +390,7 @@ def test_a_text_cell_in_a_class_column_is_an_error_naming_line_and_column(
     path = tmp_path / "cell.jsonl"
     path.write_text('{"label": 0, "a": 0.5, "b": 0.5}\n\n\n{"label": 1, "a": 0.5, "b": "x"}\n')
     err = _error(capsys, "eval", str(path))
-    assert "line 4 has 'x' (text) in column 'b', not a number" in err
+    assert "line 4 has 'x' (text) in column 'b', whose other values are numbers" in err
     # a column of text (ids) with a stray number stays an ignored column
     path = write_csv(
         tmp_path / "ids.csv",
@@ -439,13 +439,32 @@ def test_errors_name_the_file_line_past_blank_lines_and_blocks(
     path = tmp_path / "late.jsonl"
     path.write_text(rows + "\n" + '{"label": 1, "a": 0.5, "b": "x"}\n' + rows)
     err = _error(capsys, "eval", str(path), "--batch-size", "100")
-    assert "line 3002 has 'x' (text) in column 'b'" in err
+    assert "line 3002 has 'x' (text) in column 'b', whose other values are numbers" in err
     path.write_text(rows + "\n" + '{"label": 1, "a": 0.5, "b": 0.7}\n' + rows)
     err = _error(capsys, "eval", str(path), "--batch-size", "100")
     assert "row 3001 (line 3002) sums to 1.2" in err
     path.write_text(rows + "\n" + '{"label": 1, "a": 0.5, "b": 0.5' + "\n")
     err = _error(capsys, "eval", str(path), "--batch-size", "100")
     assert "line 3002 is cut off" in err
+
+
+def test_a_text_file_cut_inside_its_last_row_is_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 0.75 cut to 0.7 still parses: the missing final line break is the one trace left
+    for name, text in (
+        ("cut.csv", "label,a,b\n0,0.5,0.5\n1,1.2,0.7"),
+        ("cut.jsonl", '{"label": 0, "a": 0.5, "b": 0.5}\n{"label": 1, "a": 1.2, "b": 0.7}'),
+    ):
+        (tmp_path / name).write_text(text)
+        status, _ = run("eval", str(tmp_path / name), "--input", "logits")
+        err = capsys.readouterr().err
+        assert status == 0
+        assert "warning:" in err
+        assert "does not end with a line break" in err
+        (tmp_path / name).write_text(text + "\n")
+        assert run("eval", str(tmp_path / name), "--input", "logits")[0] == 0
+        assert capsys.readouterr().err == ""
 
 
 def test_what_is_not_a_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

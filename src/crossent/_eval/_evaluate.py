@@ -96,6 +96,8 @@ def evaluate(
     if rows == 0:
         msg = f"{path}: has no rows."
         raise CLIError(msg)
+    for warning in table.warnings:
+        print(f"crossent eval: warning: {warning}", file=sys.stderr)
     summary = _summary(metric, table, columns, input_kind=input_kind, bins=bins, base=base)
     return summary, metric
 
