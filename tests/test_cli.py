@@ -392,7 +392,7 @@ def test_a_text_cell_in_a_class_column_is_an_error_naming_line_and_column(
     path = tmp_path / "cell.jsonl"
     path.write_text('{"label": 0, "a": 0.5, "b": 0.5}\n\n\n{"label": 1, "a": 0.5, "b": "x"}\n')
     err = _error(capsys, "eval", str(path))
-    assert "line 4 has 'x' (text) in column 'b', not a number" in err
+    assert "line 4 has 'x' (text) in column 'b', whose other values are numbers" in err
     # a column of text (ids) with a stray number stays an ignored column
     path = write_csv(
         tmp_path / "ids.csv",
@@ -441,13 +441,32 @@ def test_errors_name_the_file_line_past_blank_lines_and_blocks(
     path = tmp_path / "late.jsonl"
     path.write_text(rows + "\n" + '{"label": 1, "a": 0.5, "b": "x"}\n' + rows)
     err = _error(capsys, "eval", str(path), "--batch-size", "100")
-    assert "line 3002 has 'x' (text) in column 'b'" in err
+    assert "line 3002 has 'x' (text) in column 'b', whose other values are numbers" in err
     path.write_text(rows + "\n" + '{"label": 1, "a": 0.5, "b": 0.7}\n' + rows)
     err = _error(capsys, "eval", str(path), "--batch-size", "100")
     assert "row 3001 (line 3002) sums to 1.2" in err
     path.write_text(rows + "\n" + '{"label": 1, "a": 0.5, "b": 0.5' + "\n")
     err = _error(capsys, "eval", str(path), "--batch-size", "100")
     assert "line 3002 is cut off" in err
+
+
+def test_a_text_file_cut_inside_its_last_row_is_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 0.75 cut to 0.7 still parses: the missing final line break is the one trace left
+    for name, text in (
+        ("cut.csv", "label,a,b\n0,0.5,0.5\n1,1.2,0.7"),
+        ("cut.jsonl", '{"label": 0, "a": 0.5, "b": 0.5}\n{"label": 1, "a": 1.2, "b": 0.7}'),
+    ):
+        (tmp_path / name).write_text(text)
+        status, _ = run("eval", str(tmp_path / name), "--input", "logits")
+        err = capsys.readouterr().err
+        assert status == 0
+        assert "warning:" in err
+        assert "does not end with a line break" in err
+        (tmp_path / name).write_text(text + "\n")
+        assert run("eval", str(tmp_path / name), "--input", "logits")[0] == 0
+        assert capsys.readouterr().err == ""
 
 
 def test_what_is_not_a_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -564,6 +583,43 @@ def test_memory_stays_bounded_by_the_batch_size(tmp_path: Path) -> None:
         file_growth = (large.stat().st_size - small.stat().st_size) / 2**20  # 56 to 65 MB
         rss_growth = peak(large, 2_000_000) - peak(small, 200_000)
         assert rss_growth < 0.15 * file_growth, (ext, rss_growth, file_growth)
+
+
+def test_eval_does_not_switch_validation_for_other_threads(
+    tmp_path: Path, data: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`crossent eval` checks its file with validation on, for its own thread only."""
+    import threading
+
+    import crossent as ce
+    from crossent.metrics import ClassificationMetrics
+
+    path = write_csv(tmp_path / "p.csv", ["label", *NAMES], csv_rows(data))
+    inside, resume = threading.Event(), threading.Event()
+    seen: list[bool] = []
+    update = ClassificationMetrics.update
+
+    def paused_update(self: Any, *args: Any) -> Any:
+        seen.append(ce.get_validation())
+        inside.set()
+        resume.wait(30)
+        return update(self, *args)
+
+    monkeypatch.setattr(ClassificationMetrics, "update", paused_update)
+    ce.set_validation(False)
+    try:
+        worker = threading.Thread(target=run, args=("eval", str(path)))
+        worker.start()
+        assert inside.wait(30)
+        during = ce.get_validation()  # this thread, while eval is inside its with-block
+        resume.set()
+        worker.join(30)
+        assert seen == [True]  # the file is checked
+        assert during is False
+        assert ce.get_validation() is False
+    finally:
+        resume.set()
+        ce.set_validation(True)
 
 
 # ------------------------------------------------------------------ report

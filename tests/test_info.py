@@ -321,7 +321,7 @@ def test_type_and_shape_errors_name_the_argument(xp: Any) -> None:
             info.entropy(p, base=base)
     with pytest.raises(TypeError, match=r"`base` must be None"):
         info.entropy(p, base="2")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"one array library; got .*builtins.list"):
+    with pytest.raises(TypeError, match=r"`p` must be an array .*; got builtins.list"):
         info.cross_entropy([0.5, 0.5], p)  # type: ignore[arg-type]
 
 

@@ -106,7 +106,7 @@ class _Pair:
 
 def _pair(p: Array, q: Array, axis: object, base: object) -> _Pair:
     """Check `p`, `q`, `axis` and `base` (shared by every two-distribution measure)."""
-    xp = array_namespace(p, q)
+    xp = array_namespace(p=p, q=q)
     _check_distribution(p, name="p", xp=xp)
     _check_distribution(q, name="q", xp=xp)
     ax = _broadcast_axis(p, q, axis)
@@ -192,7 +192,7 @@ def surprisal(p: Array, *, base: float | None = None) -> Array:
     >>> info.surprisal(np.array([1.0, 0.5, 0.125, 0.0]), base=2)
     array([ 0.,  1.,  3., inf])
     """
-    xp = array_namespace(p)
+    xp = array_namespace(p=p)
     _check_distribution(p, name="p", xp=xp)
     base = check_base(base)
     x = astype(p, compute_dtype(p.dtype, xp=xp), xp=xp)
@@ -248,7 +248,7 @@ def entropy(p: Array, *, axis: int = -1, base: float | None = None) -> Array:
     >>> print(round(float(info.entropy(np.array([0.25, 0.25, 0.5]))), 6))
     1.039721
     """
-    xp = array_namespace(p)
+    xp = array_namespace(p=p)
     _check_distribution(p, name="p", xp=xp)
     ax = check_axis(axis, p.ndim, name="p")
     base = check_base(base)

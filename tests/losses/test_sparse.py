@@ -33,6 +33,7 @@ def _data(
         e = np.exp(x - x.max(axis=axis, keepdims=True))
         x = e / e.sum(axis=axis, keepdims=True)
         x = np.clip(x, 0.02, 0.98)  # keeps central differences away from 0 and 1
+        x = x / x.sum(axis=axis, keepdims=True)  # rows of probabilities sum to 1
     label_shape = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
     y = rng.integers(0, shape[axis], size=label_shape)
     return x, y

@@ -18,7 +18,7 @@ from typing import Any
 
 from crossent._eval._errors import CLIError
 from crossent._eval._sources import data_suffix, open_input, open_text
-from crossent._eval._table import Table, is_numeric, need, record_batches
+from crossent._eval._table import Table, is_numeric, last_line_warning, need, record_batches
 
 __all__ = ["NULL_VALUES", "open_csv", "row_lines"]
 
@@ -183,4 +183,5 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
         None,
         line_of=lambda row: _line_of(path, row),
     )
+    table.warnings += last_line_warning(path)
     return table

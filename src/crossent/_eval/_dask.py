@@ -5,8 +5,9 @@ is scored on a worker into a :class:`~crossent._eval._groups.GroupedMetrics`,
 the same object the local engine fills batch by batch; the states are then
 merged pairwise in a balanced binary tree (``log2(P)`` levels, each merge
 on a worker), and only the final state, a few kilobytes, comes back. The
-merges add float64 sums and int64 counts, so the figures equal the local
-engine's up to the order of the float additions.
+states hold int64 counts and exact sums (:mod:`crossent.metrics._exact`),
+and every per-row term is computed row by row, so the figures are the local
+engine's bit for bit, whatever the partitioning and the merge order.
 
 ``dask`` and ``distributed`` (the ``dask`` extra) are imported only here.
 """
@@ -76,7 +77,7 @@ def dask_client(scheduler: str | None, *, workers: int | None = None) -> Iterato
     """A ``distributed.Client``: connected to `scheduler`, or to a new local cluster.
 
     The local cluster has `workers` single-threaded worker processes on
-    127.0.0.1 (one per CPU when None) and no dashboard; it is shut down on exit.
+    127.0.0.1 (one per CPU when None) and its dashboard on a free port; it is shut down on exit.
     """
     _, distributed = _need_dask()
     if scheduler is not None:
@@ -95,7 +96,7 @@ def dask_client(scheduler: str | None, *, workers: int | None = None) -> Iterato
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=None,
+        dashboard_address=":0",  # a free port: never clash with a running dashboard
     )
     with cluster, distributed.Client(cluster) as client:
         yield client
@@ -186,9 +187,9 @@ def evaluate_dask(
 
     Notes
     -----
-    The states hold float64 sums and int64 counts, so the result equals one
-    pass over all rows (:func:`crossent._eval` local engine) up to the order
-    of the float additions.
+    The states hold int64 counts and exact sums, so the result is, bit for
+    bit, that of one pass over all rows (``crossent eval``'s local engine),
+    whatever the partitions and the order of the merges.
 
     Examples
     --------

@@ -153,6 +153,8 @@ def evaluate(
             state = _local_state(files, plan, first, batches, batch_size, progress)
     if args == ["-"]:
         first.path = Path("<stdin>")
+    for warning in state.warnings:
+        print(f"crossent eval: warning: {warning}", file=sys.stderr)
     if state.count == 0:
         msg = f"{' '.join(args)}: has no rows."
         raise CLIError(msg)

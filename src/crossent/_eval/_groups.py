@@ -43,6 +43,7 @@ class GroupedMetrics:
         self.grouped = grouped
         self.overall = make()
         self.groups: dict[Any, Any] = {}
+        self.warnings: list[str] = []  # about the files read (they travel from Dask workers)
 
     def update(
         self, scores: np.ndarray, target: np.ndarray, keys: tuple[np.ndarray, list[Any]] | None
@@ -76,6 +77,7 @@ class GroupedMetrics:
     def merge(self, other: GroupedMetrics) -> GroupedMetrics:
         """Add `other`'s rows (overall and per group) to this one; returns ``self``."""
         self.overall.merge(other.overall)
+        self.warnings += other.warnings
         for key, metric in other.groups.items():
             mine = self.groups.get(key)
             if mine is None:

@@ -9,6 +9,7 @@ column that made it fail.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 from collections.abc import Iterator
@@ -17,7 +18,14 @@ from typing import Any
 
 from crossent._eval._errors import CLIError
 from crossent._eval._sources import open_input, open_text
-from crossent._eval._table import Table, is_numeric, is_numeric_list, need, record_batches
+from crossent._eval._table import (
+    Table,
+    is_numeric,
+    is_numeric_list,
+    last_line_warning,
+    need,
+    record_batches,
+)
 
 __all__ = ["open_jsonl"]
 
@@ -100,32 +108,43 @@ def _kind(value: Any) -> str:
     return "object"
 
 
+def _cells(value: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
+    """(column, kind, cell) of an object's cells, list items as column ``name[]``; no nulls."""
+    for key, cell in value.items():
+        kind = _kind(cell)
+        if kind != "null":
+            yield key, kind, cell
+        if kind == "list":
+            for item in cell:
+                if _kind(item) != "null":
+                    yield f"{key}[]", _kind(item), item
+
+
 def _diagnose(path: Path) -> str | None:
-    """The first line whose object does not fit the types of the lines before."""
-    kinds: dict[str, str] = {}
-    item_kinds: dict[str, str] = {}
+    """The first line with a cell whose kind is not its column's usual kind.
+
+    The usual kind is the one most cells of the column have (a first row
+    holding text in a column of numbers is the odd one, not the rows after).
+    """
+    counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for line, value in _objects(path):
         if not isinstance(value, dict):
             return f"line {line} holds a JSON {_kind(value)}, not an object"
-        for key, cell in value.items():
-            kind = _kind(cell)
-            if kind == "null":
-                continue
-            before = kinds.setdefault(key, kind)
-            if kind != before:
-                return f"line {line} has {cell!r} ({kind}) in column {key!r}, not a {before}"
-            if kind != "list":
-                continue
-            for item in cell:
-                item_kind = _kind(item)
-                if item_kind == "null":
-                    continue
-                earlier = item_kinds.setdefault(key, item_kind)
-                if item_kind != earlier:
-                    return (
-                        f"line {line} has {item!r} ({item_kind}) in the list of column {key!r}, "
-                        f"not a {earlier}"
-                    )
+        for column, kind, _ in _cells(value):
+            counts[column][kind] += 1
+    usual = {column: kinds.most_common(1)[0][0] for column, kinds in counts.items()}
+    for line, value in _objects(path):
+        for column, kind, cell in _cells(value):
+            if kind != usual[column]:
+                where = (
+                    f"the list of column {column[:-2]!r}"
+                    if column.endswith("[]")
+                    else f"column {column!r}"
+                )
+                return (
+                    f"line {line} has {cell!r} ({kind}) in {where}, whose other values are "
+                    f"{usual[column]}s"
+                )
     return None
 
 
@@ -181,4 +200,5 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
         None,
         line_of=lambda row: _line_of(path, row),
     )
+    table.warnings += last_line_warning(path)
     return table

@@ -173,4 +173,5 @@ def score_table(
             rows += batch.data.num_rows
             if bar is not None:
                 bar.update(batch.data.num_rows)
+    state.warnings += table.warnings
     return rows

@@ -52,6 +52,7 @@ class Table:
     total_rows: int | None
     line_of: Callable[[int], int | None] | None = None
     fingerprint: tuple[int, int, int] = field(init=False)
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.fingerprint = _fingerprint(self.path)
@@ -95,6 +96,32 @@ def _fingerprint(path: Path) -> tuple[int, int, int]:
     except OSError:
         return (-1, -1, -1)
     return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def last_line_warning(path: Path) -> list[str]:
+    """A warning when a text file does not end with a line break: it may be cut short.
+
+    A file truncated in the middle of its last row still parses (``0.75``
+    cut to ``0.7``), so a missing final line break is the one trace left.
+    A compressed file is not checked: its codec reports a cut stream itself.
+    """
+    from crossent._eval._sources import data_suffix
+
+    if data_suffix(path)[1] is not None:
+        return []
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return []
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+    if last in (b"\n", b"\r"):
+        return []
+    return [
+        f"{path} does not end with a line break: if the file was cut short, its last row is "
+        "incomplete and the figures are wrong. Check the last line (files written whole "
+        "end with a line break)."
+    ]
 
 
 def need(module: str) -> Any:

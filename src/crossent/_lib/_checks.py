@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from typing import Any, Literal, overload
 
 from crossent._lib import _config
-from crossent._lib._xp import Array, is_lazy, known_true, size
+from crossent._lib._xp import Array, compute_dtype, is_lazy, known_true, size
 
 __all__ = [
+    "ProbabilityRangeError",
     "check_axis",
     "check_base",
     "check_floating",
@@ -26,10 +27,13 @@ __all__ = [
     "check_nonnegative",
     "check_nonnegative_scalar",
     "check_probabilities",
+    "check_probability_rows",
     "check_reduction",
     "check_same_shape",
     "check_softcap",
     "check_unit_interval_scalar",
+    "guard_label_range",
+    "row_sum_tolerance",
     "values_checked",
 ]
 
@@ -79,12 +83,20 @@ def check_base(base: object) -> float | None:
     return float(base)
 
 
-def check_floating(x: Array, *, name: str, xp: Any) -> None:
-    """`x` must have a real floating dtype."""
+def check_floating(x: Array, *, name: str, xp: Any, hint: str = "") -> None:
+    """`x` must have a real floating dtype.
+
+    crossent's one dtype rule: every array argument except class indices
+    (predictions, probability and binary targets, relevance grades, weights,
+    distributions) must be floating; class indices must be integer. An
+    integer or boolean array is never converted silently (PyTorch's rule: an
+    integer target means class indices there).
+    """
     if not xp.isdtype(x.dtype, "real floating"):
         msg = (
             f"`{name}` must have a floating dtype (float16, bfloat16, float32 or float64); "
-            f"got {x.dtype}. Cast it first, e.g. `{name}.astype(float)`."
+            f"got {x.dtype}. Cast it first, e.g. `{name}.astype(float)` or `{name}.float()`"
+            f"{hint}."
         )
         raise TypeError(msg)
 
@@ -129,17 +141,83 @@ def check_unit_interval_scalar(value: object, *, name: str) -> float:
     return value
 
 
+class ProbabilityRangeError(ValueError):
+    """Probabilities outside [0, 1]; the message's fix can be reworded by a caller.
+
+    The functions suggest ``from_logits=True``; :class:`crossent.nn.BCELoss`,
+    which has no such argument, re-raises with :meth:`with_fix`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        lo: float,
+        hi: float,
+        fix: str = "pass from_logits=True if these are logits",
+    ) -> None:
+        self.name, self.lo, self.hi = name, lo, hi
+        super().__init__(f"`{name}` has values outside [0, 1] (min={lo:.6g}, max={hi:.6g}); {fix}.")
+
+    def with_fix(self, fix: str) -> ProbabilityRangeError:
+        """The same error with another suggested fix."""
+        return ProbabilityRangeError(self.name, self.lo, self.hi, fix)
+
+
 def check_probabilities(x: Array, *, name: str = "input", xp: Any) -> None:
     """Values of `x` must lie in [0, 1] (NaN passes and propagates)."""
     if size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any((x < 0) | (x > 1))):
-        lo, hi = float(xp.min(x)), float(xp.max(x))
-        msg = (
-            f"`{name}` has values outside [0, 1] (min={lo:.6g}, max={hi:.6g}); "
-            "pass from_logits=True if these are logits."
-        )
-        raise ValueError(msg)
+        raise ProbabilityRangeError(name, float(xp.min(x)), float(xp.max(x)))
+
+
+def row_sum_tolerance(dtype: Any, num_classes: int, *, xp: Any) -> float:
+    r"""How far from 1 a row of `num_classes` probabilities of `dtype` may sum.
+
+    .. math:: \Bigl|\sum_k p_k - 1\Bigr| \le \epsilon_{\text{in}} + C\,\epsilon_{\text{sum}}
+
+    with :math:`\epsilon` the machine epsilon of the input's dtype and of the
+    dtype the sum is computed in (float32 for float16/bfloat16): twice the
+    rounding of each probability to the input's dtype plus Higham's worst-case
+    bound for summing C terms, once by the producer (the softmax) and once
+    here. float32, C = 32768: 0.0039; bfloat16: 0.0117; float64: 7.3e-12.
+    """
+    eps_in = float(xp.finfo(dtype).eps)
+    eps_sum = float(xp.finfo(compute_dtype(dtype, xp=xp)).eps)
+    return eps_in + max(num_classes, 1) * eps_sum
+
+
+def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any) -> None:
+    """Probability predictions: values in [0, 1] and every row summing to 1 along `axis`.
+
+    The sum may miss 1 by :func:`row_sum_tolerance`; NaN rows pass (NaN
+    propagates). A row that does not sum to 1 (sigmoid outputs, a forgotten
+    softmax, logits) is a bad input, never renormalized silently.
+    """
+    check_probabilities(x, name=name, xp=xp)
+    if size(x) == 0 or not values_checked(x):
+        return
+    num_classes = int(x.shape[axis])
+    tol = row_sum_tolerance(x.dtype, num_classes, xp=xp)
+    sums = xp.sum(xp.astype(x, compute_dtype(x.dtype, xp=xp)), axis=axis)
+    bad = xp.abs(sums - 1) > tol
+    if not known_true(xp.any(bad)):
+        return
+    flat = xp.reshape(bad, (-1,))
+    first = int(xp.argmax(xp.astype(flat, xp.int32)))
+    total = float(xp.reshape(sums, (-1,))[first])
+    index: list[int] = []
+    for extent in reversed(tuple(sums.shape)):
+        first, i = divmod(first, int(extent))
+        index.insert(0, i)
+    where = f"row {index[0]}" if len(index) == 1 else f"row {tuple(index)}"
+    msg = (
+        f"`{name}` holds probabilities whose rows must sum to 1 along axis {axis}; {where} "
+        f"sums to {total:.6g} (tolerance {tol:.2g} for {num_classes} classes in {x.dtype}). "
+        "Apply softmax first, or pass from_logits=True if these are logits "
+        "(for independent per-class probabilities use binary_cross_entropy)."
+    )
+    raise ValueError(msg)
 
 
 def check_in_unit_interval(x: Array, *, name: str, xp: Any) -> None:
@@ -193,6 +271,35 @@ def check_label_range(
             f"{hint}: min={lo}, max={hi}. Check the number of classes, or set `ignore_index`."
         )
         raise ValueError(msg)
+
+
+def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | None) -> None:
+    """PyTorch tensors: out-of-range labels fail even with validation off, as torch's kernels do.
+
+    For paths that index with labels themselves (the fused and chunked
+    kernels mask or clamp them, where ``torch.gather`` / ``nll_loss`` would
+    fail): on CPU an ``IndexError`` like ``nll_loss``'s, on an accelerator
+    or under ``torch.compile`` a device-side assertion (``torch._assert_async``,
+    no host synchronisation), like torch's CUDA kernels. With validation on,
+    :func:`check_label_range` has already run and this does nothing.
+    """
+    if size(target) == 0 or values_checked(target):
+        return
+    import torch
+
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad = bad & (target != ignore_index)
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "crossent: `target` has a label outside [0, C)")
+        return
+    if bool(bad.any()):
+        first = int(target[bad].reshape(-1)[0])
+        msg = (
+            f"`target` has a label outside [0, {num_classes}) that is not `ignore_index`: "
+            f"{first} (checked even with validation off, as torch's kernels do)."
+        )
+        raise IndexError(msg)
 
 
 def check_softcap(softcap: object) -> float | None:

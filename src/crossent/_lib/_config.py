@@ -1,15 +1,19 @@
 """Global switches: value validation on or off.
 
-Value checks (labels in range, probabilities in [0, 1], non-negative weights)
-need a device-to-host read on accelerators. They are on by default and can be
-turned off for speed with :func:`set_validation` or by setting the environment
-variable ``CROSSENT_VALIDATE=0`` before import. Shape and dtype checks are
+Value checks (labels in range, probabilities in [0, 1] summing to 1,
+non-negative weights) need a device-to-host read on accelerators. They are
+on by default. :func:`set_validation` (or the environment variable
+``CROSSENT_VALIDATE=0`` before import) sets the process-wide default;
+:func:`validation` overrides it inside a ``with`` block for the current thread
+or asyncio task only (a :class:`contextvars.ContextVar`), so concurrent code
+never sees another thread's or task's setting. Shape and dtype checks are
 free and always run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Iterator
 
@@ -21,18 +25,48 @@ def _from_env() -> bool:
     return value not in {"0", "false", "no", "off"}
 
 
-_VALIDATE = _from_env()
+_DEFAULT = _from_env()
+"""The process-wide default, set by :func:`set_validation`."""
+
+_LOCAL: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "crossent_validation", default=None
+)
+"""The override of the current thread / asyncio task (None: use the default)."""
+
+
+def _check_flag(enabled: object) -> bool:
+    if not isinstance(enabled, bool):
+        msg = f"`enabled` must be a bool; got {type(enabled).__name__}."
+        raise TypeError(msg)
+    return enabled
 
 
 def set_validation(enabled: bool) -> None:
-    """Turn value checks on or off for the whole process.
+    """Turn value checks on or off: the process-wide default.
+
+    Every thread and asyncio task uses this default, except inside a
+    ``with crossent.validation(flag):`` block, which overrides it for its own
+    thread or task only.
 
     Parameters
     ----------
     enabled : bool
-        ``True`` (the default state) checks values such as label ranges and
-        probability bounds; ``False`` skips them. Shape and dtype checks
-        always run.
+        ``True`` (the initial default, unless ``CROSSENT_VALIDATE=0``) checks
+        values; ``False`` skips the checks that read data: labels in
+        ``[0, C)`` (or `ignore_index`), probabilities in [0, 1] whose rows sum
+        to 1, binary targets in [0, 1], non-negative weights. Shape and dtype
+        checks always run.
+
+    Notes
+    -----
+    Validation off is a promise that the inputs are valid. Invalid values
+    then give **undefined results**, not errors: on NumPy a label of −1
+    wraps around to the last class and a label ``C`` raises NumPy's own
+    ``IndexError``; on JAX an out-of-range label gives NaN or wraps; a
+    probability outside [0, 1], a row that does not sum to 1 or a negative
+    weight gives a number that means nothing. On PyTorch, out-of-range labels
+    still fail as they do in torch's own kernels (``torch.gather`` and the
+    fused loss raise on CPU; a device-side assertion on CUDA): never a number.
 
     Examples
     --------
@@ -42,15 +76,12 @@ def set_validation(enabled: bool) -> None:
     False
     >>> ce.set_validation(True)
     """
-    global _VALIDATE
-    if not isinstance(enabled, bool):
-        msg = f"`enabled` must be a bool; got {type(enabled).__name__}."
-        raise TypeError(msg)
-    _VALIDATE = enabled
+    global _DEFAULT
+    _DEFAULT = _check_flag(enabled)
 
 
 def get_validation() -> bool:
-    """Whether value checks are on.
+    """Whether value checks are on in the current thread or asyncio task.
 
     Examples
     --------
@@ -58,12 +89,21 @@ def get_validation() -> bool:
     >>> ce.get_validation()
     True
     """
-    return _VALIDATE
+    local = _LOCAL.get()
+    return _DEFAULT if local is None else local
 
 
 @contextlib.contextmanager
 def validation(enabled: bool) -> Iterator[None]:
-    """Context manager that sets value validation inside a ``with`` block.
+    """Turn value checks on or off inside a ``with`` block, for this thread or task only.
+
+    The setting lives in a :class:`contextvars.ContextVar`: other threads and
+    other asyncio tasks keep their own (the process-wide default of
+    :func:`set_validation` unless they are inside a block of their own), and
+    leaving the block restores exactly what was there before, whatever other
+    threads or tasks did meanwhile. A new thread starts with the default; an
+    asyncio task starts with a copy of its creator's setting. See
+    :func:`set_validation` for what validation off means.
 
     Examples
     --------
@@ -71,10 +111,11 @@ def validation(enabled: bool) -> Iterator[None]:
     >>> with ce.validation(False):
     ...     ce.get_validation()
     False
+    >>> ce.get_validation()
+    True
     """
-    previous = get_validation()
-    set_validation(enabled)
+    token = _LOCAL.set(_check_flag(enabled))
     try:
         yield
     finally:
-        set_validation(previous)
+        _LOCAL.reset(token)

@@ -49,25 +49,69 @@ def is_array(x: object) -> bool:
     return bool(array_api_compat.is_array_api_obj(x))
 
 
-def array_namespace(*arrays: object) -> Any:
-    """The array-API namespace shared by `arrays`; ``None`` and scalars are skipped.
+def _library(x: object) -> str:
+    """``"numpy.ndarray"``, ``"torch.Tensor"``, ... for messages."""
+    return type(x).__module__.split(".")[0] + "." + type(x).__name__
+
+
+def _conversion(reference: object, name: str) -> str:
+    """How to turn `name` into an array of `reference`'s library, for messages."""
+    library = type(reference).__module__.split(".")[0]
+    fn = {
+        "numpy": "np.asarray",
+        "torch": "torch.as_tensor",
+        "jax": "jnp.asarray",
+        "jaxlib": "jnp.asarray",
+    }
+    return f"{fn.get(library, 'xp.asarray')}({name})"
+
+
+def array_namespace(*arrays: object, **named: object) -> Any:
+    """The array-API namespace shared by the arrays; ``None`` and Python scalars are skipped.
+
+    Pass the arrays by keyword (``array_namespace(input=input, target=target)``)
+    so that an error names the argument.
 
     Raises
     ------
     TypeError
-        If the arrays come from different libraries, or none is an array.
+        If an argument is not an array (a list, say), the arrays come from
+        different libraries, or none is an array; the message names the
+        argument and the conversion that fixes it.
     """
-    present = [a for a in arrays if a is not None and not isinstance(a, int | float | bool)]
+    items = [(f"argument {i + 1}", a) for i, a in enumerate(arrays)] + list(named.items())
+    given = [(n, a) for n, a in items if a is not None]
+    present = [(n, a) for n, a in given if not isinstance(a, int | float | bool)]
     if not present:
-        msg = "expected at least one array (NumPy, PyTorch, JAX, ...); got only Python scalars."
-        raise TypeError(msg)
-    try:
-        return array_api_compat.array_namespace(*present)
-    except TypeError as exc:
-        kinds = sorted({type(a).__module__.split(".")[0] + "." + type(a).__name__ for a in present})
+        names = ", ".join(f"`{n}`" for n, _ in given) or "the arguments"
         msg = (
-            f"all arrays must come from one array library; got {', '.join(kinds)}. "
-            "Convert them to one library first (e.g. torch.as_tensor or np.asarray)."
+            f"{names}: expected at least one array (NumPy, PyTorch, JAX, ...); got only "
+            "Python scalars. Pass an array, e.g. np.asarray(...)."
+        )
+        raise TypeError(msg)
+    arrays_only = [(n, a) for n, a in present if array_api_compat.is_array_api_obj(a)]
+    reference = arrays_only[0][1] if arrays_only else None
+    for n, a in present:
+        if not array_api_compat.is_array_api_obj(a):
+            fix = _conversion(reference, n) if reference is not None else f"np.asarray({n})"
+            msg = (
+                f"`{n}` must be an array (NumPy, PyTorch, JAX, ...); got {_library(a)}. "
+                f"Convert it first, e.g. `{fix}`."
+            )
+            raise TypeError(msg)
+    try:
+        return array_api_compat.array_namespace(*(a for _, a in present))
+    except TypeError as exc:
+        first_name, first = present[0]
+        other = next(
+            ((n, a) for n, a in present if type(a).__module__ != type(first).__module__), None
+        )
+        if other is None:
+            raise
+        msg = (
+            f"all arrays must come from one array library; `{first_name}` is a "
+            f"{_library(first)} but `{other[0]}` is a {_library(other[1])}. Convert it first, "
+            f"e.g. `{_conversion(first, other[0])}`."
         )
         raise TypeError(msg) from exc
 

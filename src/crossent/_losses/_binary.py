@@ -49,7 +49,7 @@ from crossent._lib._xp import (
     log_sigmoid,
     size,
 )
-from crossent._losses._common import clamped_log, focal_factor, reduce_loss
+from crossent._losses._common import clamped_log, focal_factor, log_prob, reduce_loss
 
 __all__ = ["binary_cross_entropy"]
 
@@ -98,9 +98,7 @@ def _elementwise_weight(
         return None
     _check_weight_type(w, name=name)
     arr: Array = w if is_array(w) else xp.asarray(float(w), dtype=dtype, device=device(input))
-    if not xp.isdtype(arr.dtype, ("real floating", "integral")):
-        msg = f"`{name}` must have a real numeric dtype; got {arr.dtype}."
-        raise TypeError(msg)
+    check_floating(arr, name=name, xp=xp)
     shape, to = tuple(arr.shape), tuple(input.shape)
     if not _broadcastable(shape, to):
         msg = (
@@ -129,7 +127,7 @@ def _prepare(
     _check_weight_type(weight, name="weight")
     _check_weight_type(pos_weight, name="pos_weight")
     if xp is None:
-        xp = array_namespace(input, target, weight, pos_weight)
+        xp = array_namespace(input=input, target=target, weight=weight, pos_weight=pos_weight)
     if not isinstance(from_logits, bool):
         msg = f"`from_logits` must be True or False; got {from_logits!r}."
         raise TypeError(msg)
@@ -277,8 +275,13 @@ def _terms(b: _Binary) -> _Terms:
     times = _times_log if b.from_logits else _times
     f_pos = f_neg = None
     if b.gamma != 0:
-        f_pos = focal_factor(logs.log_not_p, b.gamma, xp=xp)
-        f_neg = focal_factor(logs.log_p, b.gamma, xp=xp)
+        # The focal factors (1-p)^γ and p^γ come from the exact logs: 0 at p = 1 (or 0),
+        # not e^(-100γ) from the clamped ones.
+        exact = b.from_logits
+        log_not_p = logs.log_not_p if exact else log_prob(b.input, complement=True, xp=xp)
+        log_p = logs.log_p if exact else log_prob(b.input, xp=xp)
+        f_pos = focal_factor(log_not_p, b.gamma, xp=xp)
+        f_neg = focal_factor(log_p, b.gamma, xp=xp)
     return _Terms(
         logs=logs,
         coef_pos=coef_pos,
@@ -343,7 +346,7 @@ def binary_cross_entropy(
         Whether `input` holds logits :math:`x` with :math:`p = \sigma(x)`.
     weight : array or float, optional
         Per-element rescaling of the loss, broadcast to `input` (PyTorch's
-        `weight`). Must be non-negative.
+        `weight`). Must be non-negative; an array must be floating.
     pos_weight : array or float, optional
         Multiplies the positive term (PyTorch's `pos_weight`), broadcast to
         `input`; for ``(N, C)`` multi-label input a shape ``(C,)`` gives one

@@ -16,7 +16,7 @@ from crossent._lib._checks import (
     check_floating,
     check_in_unit_interval,
     check_nonnegative_scalar,
-    check_probabilities,
+    check_probability_rows,
     check_reduction,
     check_same_shape,
     check_unit_interval_scalar,
@@ -31,7 +31,13 @@ from crossent._lib._xp import (
     size,
 )
 from crossent._losses._common import reduce_loss
-from crossent._losses._logprob import check_class_weight, class_terms, term_grad, term_value
+from crossent._losses._logprob import (
+    check_class_weight,
+    class_terms,
+    propagate_nan,
+    term_grad,
+    term_value,
+)
 from crossent._losses._sparse import _no_autograd, _row_scale
 
 __all__ = ["categorical_cross_entropy"]
@@ -41,7 +47,7 @@ def _soft_loss(x: Array, c: Array, *, kind: str, gamma: float, reduction: str, x
     """Reduced loss (compute dtype), class axis last; "mean" divides by the number of rows."""
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
-    row = xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1)
+    row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)
     return reduce_loss(row, reduction, xp=xp)
 
 
@@ -62,7 +68,7 @@ def _soft_value_and_grad(
     """
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
-    row = xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1)
+    row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)
     loss = reduce_loss(row, reduction, xp=xp)
     count = xp.asarray(float(size(row)), dtype=row.dtype, device=device(row))
     scale = xp.expand_dims(
@@ -91,9 +97,8 @@ def _check_soft(
     reduction = check_reduction(reduction)
     axis = check_axis(axis, input.ndim, name=names[0])
     check_floating(input, name=names[0], xp=xp)
-    if not xp.isdtype(target.dtype, ("real floating", "integral")):
-        msg = f"`{names[1]}` must hold real numbers; got dtype {target.dtype}."
-        raise TypeError(msg)
+    hint = "; for integer class indices use sparse_categorical_cross_entropy"
+    check_floating(target, name=names[1], xp=xp, hint=hint if names[1] == "target" else "")
     check_same_shape(input, target, names=names)
     return axis, reduction
 
@@ -121,7 +126,7 @@ def _prepare(
     check_class_weight(weight, num_classes, xp=xp)
     check_in_unit_interval(target, name="target", xp=xp)
     if not from_logits:
-        check_probabilities(input, xp=xp)
+        check_probability_rows(input, axis=axis, xp=xp)
     cdt = compute_dtype(input.dtype, xp=xp)
     x = xp.moveaxis(astype(input, cdt, xp=xp), axis, -1)
     t = xp.moveaxis(astype(target, cdt, xp=xp), axis, -1)
@@ -148,14 +153,21 @@ def categorical_cross_entropy(
     ----------
     input : array
         Probabilities, or logits if `from_logits` is True; classes lie along `axis`.
+        Each row of probabilities must sum to 1 up to rounding,
+        :math:`|\sum_k p_k - 1| \le \epsilon_{\text{in}} + C\,\epsilon_{\text{sum}}`
+        (machine epsilons of the input's dtype and of the summing dtype,
+        float32 for float16/bfloat16): a softmax output passes, a sigmoid
+        output or unnormalized scores raise.
     target : array
-        Class probabilities (one-hot or soft, values in [0, 1]), same shape as `input`.
+        Class probabilities (one-hot or soft, values in [0, 1]), same shape as
+        `input`, floating (an integer one-hot array must be cast first).
     from_logits : bool, default False
         Whether `input` holds logits (``-inf`` masks a class) rather than probabilities.
     axis : int, default -1
         The class axis.
     weight : array, optional
-        Per-class weights, shape ``(C,)``, non-negative; multiplies each class term.
+        Per-class weights, shape ``(C,)``, floating, non-negative; multiplies
+        each class term.
     label_smoothing : float, default 0.0
         ε in [0, 1]: the target becomes :math:`(1-\varepsilon)\,t + \varepsilon/C`.
     gamma : float, default 0.0
@@ -173,10 +185,11 @@ def categorical_cross_entropy(
     Raises
     ------
     TypeError
-        Non-floating `input`, non-numeric `target` or options.
+        Non-floating `input`, `target` or `weight`; non-numeric options.
     ValueError
         Shapes that differ, a `weight` of the wrong length or with negative
-        entries, targets or probabilities outside [0, 1], a bad `axis` or
+        entries, targets or probabilities outside [0, 1], probability rows
+        that do not sum to 1, a bad `axis` or
         `reduction`.
 
     See Also
@@ -212,7 +225,7 @@ def categorical_cross_entropy(
     >>> ce.categorical_cross_entropy(probs, np.array([[0.5, 0.5], [1.0, 0.0]]), reduction="none")
     array([0.69314718, 0.10536052])
     """
-    xp = array_namespace(input, target, weight)
+    xp = array_namespace(input=input, target=target, weight=weight)
     x, c, kind, gamma_, reduction_, _ = _prepare(
         input,
         target,
@@ -247,7 +260,7 @@ def _categorical_value_and_grad(
     (``grad_output`` defaults to ones); otherwise ``grad_output`` (0-d) scales it.
     """
     if xp is None:
-        xp = array_namespace(input, target, weight)
+        xp = array_namespace(input=input, target=target, weight=weight)
     with _no_autograd(xp):
         x, c, kind, gamma_, reduction_, axis_ = _prepare(
             input,

@@ -6,7 +6,7 @@ from typing import Any
 
 from crossent._lib._xp import Array, device, safe_divide, size
 
-__all__ = ["LOG_CLAMP", "clamped_log", "focal_factor", "log1mexp", "reduce_loss"]
+__all__ = ["LOG_CLAMP", "clamped_log", "focal_factor", "log1mexp", "log_prob", "reduce_loss"]
 
 LOG_CLAMP = -100.0
 """Lower bound of log p for probability inputs (PyTorch's BCE / NLL rule)."""
@@ -64,19 +64,29 @@ def focal_factor(log_one_minus_p: Array, gamma: float, *, xp: Any) -> Array:
     return xp.where(is_certain, xp.zeros_like(safe), xp.exp(gamma * safe))
 
 
-def clamped_log(x: Array, *, complement: bool = False, xp: Any) -> tuple[Array, Array]:
-    """``max(log x, -100)`` (or of ``log1p(-x)``) and the mask where the clamp is on.
+def log_prob(x: Array, *, complement: bool = False, xp: Any) -> Array:
+    """``log x`` (or ``log1p(-x)``) of a probability, exact, ``-inf`` at the pole.
 
-    PyTorch's rule for probability inputs: a probability of exactly 0 or 1
-    gives a finite loss.
-
-    The argument where the log is infinite (0, or 1 for the complement) is
-    replaced before the log, so NumPy warns about nothing and autodiff sees a
-    zero gradient at the clamp. NaN propagates (the mask is False there).
+    The argument at the pole (0, or 1 for the complement) is replaced before
+    the log, so NumPy warns about nothing and autodiff sees a finite
+    derivative there, which a ``where`` downstream (the -100 clamp, the focal
+    factor) turns into an exact 0 instead of ``0 * inf = NaN``. NaN propagates.
     """
     pole = 1.0 if complement else 0.0
     at_pole = x == pole
     safe = xp.where(at_pole, xp.full_like(x, 1.0 - pole), x)
     raw = xp.log1p(-safe) if complement else xp.log(safe)
-    clamped = at_pole | (raw < LOG_CLAMP)
+    return xp.where(at_pole, xp.full_like(raw, -float("inf")), raw)
+
+
+def clamped_log(x: Array, *, complement: bool = False, xp: Any) -> tuple[Array, Array]:
+    """``max(log x, -100)`` (or of ``log1p(-x)``) and the mask where the clamp is on.
+
+    PyTorch's rule for probability inputs: a probability of exactly 0 or 1
+    gives a finite loss. Built on :func:`log_prob`, so there is no warning
+    and autodiff sees a zero gradient at the clamp. NaN propagates (the mask
+    is False there).
+    """
+    raw = log_prob(x, complement=complement, xp=xp)
+    clamped = raw < LOG_CLAMP
     return xp.where(clamped, xp.full_like(raw, LOG_CLAMP), raw), clamped

@@ -42,8 +42,9 @@ def listnet_loss(
         Predicted scores (logits) of the items of each list; items lie along `axis`.
         ``-inf`` masks an item (padding).
     relevance : array
-        Relevance grades (any real numbers, integer grades work), same shape as
-        `scores`; ``-inf`` masks an item.
+        Relevance grades (any real numbers), same shape as `scores`; ``-inf``
+        masks an item. Floating, like every array but class indices: cast
+        integer grades first (``relevance.astype(float)``).
     axis : int, default -1
         The item axis.
     reduction : {"mean", "sum", "none"}, default "mean"
@@ -57,7 +58,7 @@ def listnet_loss(
     Raises
     ------
     TypeError
-        Non-floating `scores`, non-numeric `relevance`.
+        Non-floating `scores` or `relevance`.
     ValueError
         Shapes that differ, a bad `axis` or `reduction`.
 
@@ -87,7 +88,7 @@ def listnet_loss(
     >>> print(float(ce.listnet_loss(scores, np.array([[0.0, 1.0, 2.0]]))))
     1.98281634...
     """
-    xp = array_namespace(scores, relevance)
+    xp = array_namespace(scores=scores, relevance=relevance)
     s, q, reduction_, _ = _prepare(scores, relevance, axis=axis, reduction=reduction, xp=xp)
     loss = _soft_loss(s, q, kind="logits", gamma=0.0, reduction=reduction_, xp=xp)
     return astype(loss, scores.dtype, xp=xp)
@@ -104,7 +105,7 @@ def _listnet_value_and_grad(
 ) -> tuple[Array, Array]:
     """The ListNet loss and d(loss)/d(scores) in closed form, on every backend, no autodiff."""
     if xp is None:
-        xp = array_namespace(scores, relevance)
+        xp = array_namespace(scores=scores, relevance=relevance)
     with _no_autograd(xp):
         s, q, reduction_, axis_ = _prepare(scores, relevance, axis=axis, reduction=reduction, xp=xp)
         loss, grad = _soft_value_and_grad(

@@ -39,9 +39,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from crossent._lib._checks import check_nonnegative
+from crossent._lib._checks import check_floating, check_nonnegative
 from crossent._lib._xp import Array, is_torch_namespace, one_hot
-from crossent._losses._common import LOG_CLAMP, clamped_log, focal_factor, log1mexp
+from crossent._losses._common import LOG_CLAMP, clamped_log, focal_factor, log1mexp, log_prob
 
 __all__ = [
     "LOG_CLAMP",
@@ -49,6 +49,7 @@ __all__ = [
     "add_at_index",
     "check_class_weight",
     "class_terms",
+    "propagate_nan",
     "softcap_backward",
     "softcap_logits",
     "term_grad",
@@ -66,6 +67,7 @@ def check_class_weight(weight: Array | None, num_classes: int, *, xp: Any) -> No
         got = tuple(weight.shape) if hasattr(weight, "shape") else type(weight).__name__
         msg = f"`weight` must be a 1-d array of length C={num_classes} (one per class); got {got}."
         raise ValueError(msg)
+    check_floating(weight, name="weight", xp=xp)
     check_nonnegative(weight, name="weight", xp=xp)
 
 
@@ -110,9 +112,22 @@ def class_terms(x: Array, lse: Array | None, *, kind: str, gamma: float, xp: Any
     if kind == "probs":
         log_p, at_clamp = clamped_log(x, xp=xp)
         mask = ~at_clamp
-        log1m_p = xp.log1p(-x) if gamma != 0 else None
+        log1m_p = log_prob(x, complement=True, xp=xp) if gamma != 0 else None
         return ClassTerms(nlp=-log_p, p=x, log1m_p=log1m_p, mask=mask)
     return ClassTerms(nlp=-x)
+
+
+def propagate_nan(row: Array, x: Array, *, kind: str, xp: Any) -> Array:
+    """`row` (one loss per row), NaN where the row of probabilities `x` holds a NaN.
+
+    A probability row's loss reads only the classes with a positive
+    coefficient, so a NaN elsewhere in the row would vanish; logits reach
+    every class through ``lse`` and need nothing. Class axis last.
+    """
+    if kind != "probs":
+        return row
+    has_nan = xp.any(xp.isnan(x), axis=-1)
+    return xp.where(has_nan, xp.full_like(row, float("nan")), row)
 
 
 def _focal(terms: ClassTerms, gamma: float, *, xp: Any) -> Array | None:

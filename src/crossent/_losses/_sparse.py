@@ -29,7 +29,7 @@ from crossent._lib._checks import (
     check_integer_labels,
     check_label_range,
     check_nonnegative_scalar,
-    check_probabilities,
+    check_probability_rows,
     check_reduction,
     check_unit_interval_scalar,
 )
@@ -49,6 +49,7 @@ from crossent._losses._logprob import (
     add_at_index,
     check_class_weight,
     class_terms,
+    propagate_nan,
     softcap_backward,
     softcap_logits,
     term_grad,
@@ -117,9 +118,14 @@ def _check_labels(
     num_classes = int(input.shape[axis])
     expected = tuple(input.shape[:axis]) + tuple(input.shape[axis + 1 :])
     if tuple(target.shape) != expected:
+        squeeze = (
+            " Drop its trailing axis of size 1 first (e.g. `target.reshape(-1)`)."
+            if tuple(target.shape) == (*expected, 1)
+            else ""
+        )
         msg = (
             f"`target` must have the shape of `input` without the class axis {axis}, "
-            f"{expected}; got {tuple(target.shape)}. For one-hot or soft targets use "
+            f"{expected}; got {tuple(target.shape)}.{squeeze} For one-hot or soft targets use "
             "categorical_cross_entropy."
         )
         raise ValueError(msg)
@@ -191,6 +197,7 @@ def _sparse_rows(
         row = row + xp.sum(term_value(c_s, terms, gamma, xp=xp), axis=-1)
     if z_loss > 0:
         row = row + z_loss * (lse * lse)
+    row = propagate_nan(row, z, kind=kind, xp=xp)
     return xp.where(valid, row, xp.zeros_like(row)), w_y
 
 
@@ -380,6 +387,11 @@ def sparse_categorical_cross_entropy(
     ----------
     input : array
         Probabilities, or logits if `from_logits` is True; classes lie along `axis`.
+        Each row of probabilities must sum to 1 up to rounding,
+        :math:`|\sum_k p_k - 1| \le \epsilon_{\text{in}} + C\,\epsilon_{\text{sum}}`
+        (machine epsilons of the input's dtype and of the summing dtype,
+        float32 for float16/bfloat16): a softmax output passes, a sigmoid
+        output or unnormalized scores raise.
     target : array of int
         Class indices in ``[0, C)`` (or `ignore_index`); the shape of `input` without `axis`.
     from_logits : bool, default False
@@ -388,7 +400,7 @@ def sparse_categorical_cross_entropy(
     axis : int, default -1
         The class axis of `input` (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
     weight : array, optional
-        Per-class weights, shape ``(C,)``, non-negative.
+        Per-class weights, shape ``(C,)``, floating, non-negative.
     ignore_index : int, optional
         Targets equal to it contribute nothing to the loss, the gradient or the
         mean's denominator.
@@ -419,8 +431,8 @@ def sparse_categorical_cross_entropy(
     ValueError
         Wrong shapes, labels outside ``[0, C)`` that are not `ignore_index`,
         a `weight` of the wrong length or with negative entries, probabilities
-        outside [0, 1], `z_loss`/`softcap` without ``from_logits=True``, a bad
-        `axis` or `reduction`.
+        outside [0, 1] or rows of them that do not sum to 1, `z_loss`/`softcap`
+        without ``from_logits=True``, a bad `axis` or `reduction`.
 
     See Also
     --------
@@ -477,7 +489,7 @@ def sparse_categorical_cross_entropy(
     >>> print(float(ce.sparse_categorical_cross_entropy(probs, np.array([0, 1]), reduction="sum")))
     0.10536051565782...
     """
-    xp = array_namespace(input, target, weight)
+    xp = array_namespace(input=input, target=target, weight=weight)
     setup = _setup(
         input, target, from_logits=from_logits, axis=axis, weight=weight,
         ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma,
@@ -514,7 +526,7 @@ def _setup(
     )
     axis_ = _check_labels(input, target, axis=axis, weight=weight, ignore_index=ignore_index, xp=xp)
     if not from_logits:
-        check_probabilities(input, xp=xp)
+        check_probability_rows(input, axis=axis_, xp=xp)
     rows = {
         "ignore_index": ignore_index,
         "label_smoothing": eps,
@@ -578,7 +590,7 @@ def _sparse_value_and_grad(
     (``grad_output`` defaults to ones); otherwise ``grad_output`` (0-d) scales it.
     """
     if xp is None:
-        xp = array_namespace(input, target, weight)
+        xp = array_namespace(input=input, target=target, weight=weight)
     setup = _setup(
         input, target, from_logits=from_logits, axis=axis, weight=weight,
         ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma,
@@ -628,7 +640,7 @@ def _nll_loss(
     there are none). Differentiable by the backend's autodiff.
     """
     if xp is None:
-        xp = array_namespace(log_probs, target, weight)
+        xp = array_namespace(input=log_probs, target=target, weight=weight)
     reduction = check_reduction(reduction)
     axis = _check_labels(
         log_probs, target, axis=axis, weight=weight, ignore_index=ignore_index, xp=xp

@@ -22,6 +22,7 @@ from crossent._lib._checks import (
     check_reduction,
     check_softcap,
     check_unit_interval_scalar,
+    guard_label_range,
 )
 from crossent._lib._xp import array_namespace
 from crossent.fused._function import LinearCEOptions, run_linear_ce
@@ -275,6 +276,7 @@ def linear_cross_entropy(
         tensors["class_weight"] = class_weight
     _check_devices(hidden, tensors)
     check_label_range(target, n_classes, ignore_index=opts.ignore_index, xp=xp)
+    guard_label_range(target, n_classes, ignore_index=opts.ignore_index)
 
     d = hidden.shape[-1]
     loss = run_linear_ce(

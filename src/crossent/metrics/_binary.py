@@ -206,7 +206,7 @@ class BinaryClassificationMetrics(Metric):
         nats = F._log_loss_compute(log_loss)
         per_class = F._per_class_compute(self._states["per_class"], base=self.base)
         count = int(log_loss["count"])
-        conf_sum = float(positive["width_conf"].sum())
+        conf_sum = float(positive["width_conf"].value().sum())
         return {
             "rows": count,
             "classes": 2,

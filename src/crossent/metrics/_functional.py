@@ -1,10 +1,13 @@
 r"""Pure update / compute / merge functions behind :mod:`crossent.metrics`.
 
-A metric state is a ``dict`` of NumPy arrays: float64 sums and int64 counts,
-nothing else. Every statistic is a sum over rows, so two states merge by
-adding them element by element (exact for the counts, one float64 rounding
-per addition for the sums), and ``torch.distributed.all_reduce(SUM)`` of the
-arrays gives the state of the whole data set.
+A metric state is a ``dict`` of int64 count arrays and exact sums
+(:class:`~crossent.metrics._exact.ExactSum`: the exact value of a sum of
+float64 per-row terms, kept as integer digits), nothing else. Every
+statistic is a sum over rows, so two states merge by adding them element by
+element, exactly, and the merged state is the single-pass state bit for bit,
+whatever the sharding and the merge order; each sum is rounded to float64
+once, when a figure is computed. ``torch.distributed.all_reduce(SUM)`` of
+the integer arrays gives the state of the whole data set, exactly too.
 
 The work is split in two:
 
@@ -13,9 +16,12 @@ The work is split in two:
   calibration state needs them, the full probability matrix) on the caller's
   backend, in its compute dtype (float16/bfloat16 in float32), then copies
   them to the host as float64 through :func:`crossent._lib._xp.to_numpy`;
-* the ``_*_update`` functions add one batch of row statistics to a state with
-  pairwise ``np.sum`` / ``np.bincount`` in float64, and the ``_*_compute``
-  functions turn a state into numbers.
+* the ``_*_update`` functions add one batch of row statistics to a state
+  (exact sums, ``np.bincount`` counts), and the ``_*_compute`` functions turn
+  a state into numbers.
+
+The per-row terms are computed row by row, so they do not depend on the
+batching either (for a given backend and dtype).
 
 Calibration states keep two histograms of the confidences: ``B`` equal-width
 bins (``bin = min(floor(conf·B), B−1)``, so a confidence of exactly 1.0 lands
@@ -48,6 +54,7 @@ from crossent._lib._xp import (
     take_along_axis,
     to_numpy,
 )
+from crossent.metrics._exact import ExactSum
 
 __all__ = [
     "FINE_BINS",
@@ -58,7 +65,7 @@ __all__ = [
     "State",
 ]
 
-State = dict[str, np.ndarray]
+State = dict[str, Any]  # name -> int64 np.ndarray or ExactSum
 InputKind = Literal["probs", "logits", "log_probs"]
 
 INPUT_KINDS = ("probs", "logits", "log_probs")
@@ -306,7 +313,7 @@ def _numpy_prob_rows(
 
     One pass each for the row max (confidence), min and sum (the distribution
     check, done here instead of in :func:`_check_distributions`), argmax, the
-    copy whose label entry loses 1, and its row-wise sum of squares (Brier).
+    copy whose label entry loses 1, squared in place and summed by row (Brier).
     """
     n = x.shape[0]
     rows = np.arange(n)
@@ -324,13 +331,14 @@ def _numpy_prob_rows(
     log_p_y[clamped] = LOG_P_FLOOR
     d = x.copy()
     d[rows, labels] -= 1
+    np.square(d, out=d)  # then a row sum, as the generic path: the same value per row
     out = {
         "label": labels,
         "nll": np.asarray(-log_p_y, dtype=np.float64),
         "clamped": clamped,
         "pred": x.argmax(axis=1).astype(np.int64, copy=False),
         "conf": np.asarray(conf, dtype=np.float64),
-        "brier": np.asarray(np.einsum("ij,ij->i", d, d), dtype=np.float64),
+        "brier": np.asarray(d.sum(axis=1), dtype=np.float64),
         # a row sum of values in [0, 1] is NaN exactly when the row holds NaN (+inf is > 1)
         "nan": np.isnan(total) if _checks.values_checked(x) else np.isnan(x).any(axis=1),
     }
@@ -343,7 +351,7 @@ def _numpy_prob_rows(
 
 
 def _merge(a: State, b: State) -> State:
-    """The state of the union of the rows of `a` and `b` (element-wise sums)."""
+    """The state of the union of the rows of `a` and `b` (element-wise exact sums)."""
     if not a:
         return {k: v.copy() for k, v in b.items()}
     if not b:
@@ -360,21 +368,21 @@ def _merge(a: State, b: State) -> State:
                 f"{other.shape} in the other (different number of classes or bins?)."
             )
             raise ValueError(msg)
-        out[key] = value + other
+        out[key] = value.merge(other) if isinstance(value, ExactSum) else value + other
     return out
 
 
-def _batch_sum(values: np.ndarray) -> np.ndarray:
-    """Pairwise float64 sum of one batch, as a 0-d array."""
-    return np.asarray(np.sum(values, dtype=np.float64))
+def _batch_sum(values: np.ndarray) -> ExactSum:
+    """Exact sum of one batch of float64 values."""
+    return ExactSum.zeros().add(values)
 
 
 def _count(values: np.ndarray) -> np.ndarray:
     return np.asarray(np.count_nonzero(values), dtype=np.int64)
 
 
-def _zero_float() -> np.ndarray:
-    return np.zeros((), dtype=np.float64)
+def _zero_float() -> ExactSum:
+    return ExactSum.zeros()
 
 
 def _zero_int() -> np.ndarray:
@@ -467,7 +475,7 @@ def _brier_compute(state: State) -> float:
 
 def _per_class_init(num_classes: int) -> State:
     return {
-        "class_nll": np.zeros(num_classes, dtype=np.float64),
+        "class_nll": ExactSum.zeros((num_classes,)),
         "class_count": np.zeros(num_classes, dtype=np.int64),
         "class_correct": np.zeros(num_classes, dtype=np.int64),
         "class_predicted": np.zeros(num_classes, dtype=np.int64),
@@ -481,7 +489,7 @@ def _per_class_update(state: State, rows: dict[str, np.ndarray]) -> State:
     return _merge(
         state,
         {
-            "class_nll": np.bincount(labels, weights=rows["nll"], minlength=num_classes),
+            "class_nll": ExactSum.zeros((num_classes,)).add(rows["nll"], labels),
             "class_count": np.bincount(labels, minlength=num_classes).astype(np.int64),
             "class_correct": np.bincount(labels[hit], minlength=num_classes).astype(np.int64),
             "class_predicted": np.bincount(rows["pred"][valid], minlength=num_classes).astype(
@@ -496,7 +504,7 @@ def _per_class_compute(state: State, *, base: float | None = None) -> dict[str, 
     count = state["class_count"]
     seen = count > 0
     denom = np.where(seen, count, 1)
-    ce = np.where(seen, state["class_nll"] / denom, np.nan) / _log_base(base)
+    ce = np.where(seen, state["class_nll"].value() / denom, np.nan) / _log_base(base)
     recall = np.where(seen, state["class_correct"] / denom, np.nan)
     predicted = state["class_predicted"]
     precision = np.where(
@@ -512,14 +520,14 @@ def _calibration_init(groups: int, bins: int, *, fine: bool = True) -> State:
     """Equal-width bins, plus the fine histogram for equal-mass bins when `fine`."""
     state = {
         "width_count": np.zeros((groups, bins), dtype=np.int64),
-        "width_conf": np.zeros((groups, bins), dtype=np.float64),
+        "width_conf": ExactSum.zeros((groups, bins)),
         "width_hit": np.zeros((groups, bins), dtype=np.int64),
         "count": _zero_int(),
         "nan": _zero_int(),
     }
     if fine:
         state["fine_count"] = np.zeros((groups, FINE_BINS), dtype=np.int64)
-        state["fine_conf"] = np.zeros((groups, FINE_BINS), dtype=np.float64)
+        state["fine_conf"] = ExactSum.zeros((groups, FINE_BINS))
         state["fine_hit"] = np.zeros((groups, FINE_BINS), dtype=np.int64)
     return state
 
@@ -576,7 +584,7 @@ def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str)
     conf, hits = _calibration_pairs(rows, kind)
     flat_conf = conf.ravel()
 
-    def hist(bin_of: np.ndarray, width: int) -> tuple[np.ndarray, ...]:
+    def hist(bin_of: np.ndarray, width: int) -> tuple[Any, ...]:
         # bin_of: (rows, groups) bin of each confidence; group g's bins are g*width + bin
         idx = bin_of
         if groups > 1:
@@ -585,7 +593,7 @@ def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str)
         length, shape = groups * width, (groups, width)
         return (
             np.bincount(idx, minlength=length).reshape(shape).astype(np.int64),
-            np.bincount(idx, weights=flat_conf, minlength=length).reshape(shape),
+            ExactSum.zeros(shape).add(flat_conf, idx),
             np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64),
         )
 
@@ -615,21 +623,21 @@ def _calibration_bins(state: State, *, binning: str) -> tuple[np.ndarray, ...]:
     """Per-bin (count, confidence sum, hit count), shape (groups, bins)."""
     groups, bins = state["width_count"].shape
     if binning == "width":
-        return state["width_count"], state["width_conf"], state["width_hit"]
+        return state["width_count"], state["width_conf"].value(), state["width_hit"]
     if "fine_count" not in state:
         msg = 'this calibration state keeps equal-width bins only; binning="mass" needs fine=True.'
         raise ValueError(msg)
-    assign = _mass_groups(state["fine_count"], bins) + np.arange(groups)[:, None] * bins
-    idx = assign.ravel()
-    length = groups * bins
+    assign = _mass_groups(state["fine_count"], bins)
+    rows = (np.arange(groups)[:, None] * bins + assign).ravel()
+
+    def regroup(counts: np.ndarray) -> np.ndarray:  # integer counts, exact in float64
+        summed = np.bincount(rows, weights=counts.ravel(), minlength=groups * bins)
+        return summed.astype(np.int64).reshape(groups, bins)
+
     return (
-        np.bincount(idx, weights=state["fine_count"].ravel(), minlength=length).reshape(
-            groups, bins
-        ),
-        np.bincount(idx, weights=state["fine_conf"].ravel(), minlength=length).reshape(
-            groups, bins
-        ),
-        np.bincount(idx, weights=state["fine_hit"].ravel(), minlength=length).reshape(groups, bins),
+        regroup(state["fine_count"]),
+        state["fine_conf"].regroup(assign, bins).value(),
+        regroup(state["fine_hit"]),
     )
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from crossent._lib._checks import (
+    ProbabilityRangeError,
     check_nonnegative,
     check_nonnegative_scalar,
     check_reduction,
@@ -153,6 +154,7 @@ def _cross_entropy(
     reduction: Reduction,
 ) -> Tensor:
     """Cross-entropy from logits on dim 1: class indices -> sparse, probabilities -> categorical."""
+    array_namespace(input=input, target=target, weight=weight)  # names a list or a NumPy target
     axis = _class_axis(input)
     if target.is_floating_point():
         if tuple(target.shape) != tuple(input.shape):
@@ -160,6 +162,13 @@ def _cross_entropy(
                 f"floating `target` of shape {tuple(target.shape)} is read as class probabilities "
                 f"and must have the input's shape {tuple(input.shape)}; for class indices pass "
                 "an integer tensor (e.g. `target.long()`)."
+            )
+            raise ValueError(msg)
+        if ignore_index >= 0:  # torch: "ignore_index is not supported for floating point target"
+            msg = (
+                f"`ignore_index`={ignore_index} is not supported for floating (class-probability) "
+                "targets, as in PyTorch; use a negative ignore_index (the default -100), or "
+                "integer class indices to ignore a class."
             )
             raise ValueError(msg)
         if z_loss != 0 or softcap is not None:
@@ -274,17 +283,21 @@ class _BinaryLoss(_Loss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The loss of `input` (probabilities for BCELoss, else logits) vs targets in [0, 1]."""
-        return binary_cross_entropy(
-            input,
-            target,
-            from_logits=self._FROM_LOGITS,
-            weight=self.weight,
-            pos_weight=self.pos_weight,
-            label_smoothing=self.label_smoothing,
-            gamma=self.gamma,
-            alpha=self.alpha,
-            reduction=self.reduction,
-        )
+        try:
+            return binary_cross_entropy(
+                input,
+                target,
+                from_logits=self._FROM_LOGITS,
+                weight=self.weight,
+                pos_weight=self.pos_weight,
+                label_smoothing=self.label_smoothing,
+                gamma=self.gamma,
+                alpha=self.alpha,
+                reduction=self.reduction,
+            )
+        except ProbabilityRangeError as exc:  # the modules have no `from_logits`
+            fix = "for logits use BCEWithLogitsLoss (or apply torch.sigmoid first)"
+            raise exc.with_fix(fix) from None
 
 
 class CrossEntropyLoss(_WeightedLoss):
@@ -309,7 +322,8 @@ class CrossEntropyLoss(_WeightedLoss):
         ``UserWarning`` with PyTorch's text is emitted.
     ignore_index : int, default -100
         Class-index targets equal to it count neither in the loss nor in the
-        mean's denominator (unused for probability targets, as in PyTorch).
+        mean's denominator. With probability targets it must be negative (it
+        is unused), else a ValueError, as PyTorch raises.
     reduction : {"mean", "sum", "none"}, default "mean"
         ``"mean"`` divides by the summed class weight of the counted targets
         (by the number of items for probability targets), as PyTorch does.
@@ -456,7 +470,7 @@ class NLLLoss(_WeightedLoss):
             weight=self.weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
-            xp=array_namespace(input, target, self.weight),
+            xp=array_namespace(input=input, target=target, weight=self.weight),
         )
 
 
