@@ -687,3 +687,5 @@ def test_bench_runs_the_repository_scripts_quick() -> None:
     assert "== bench_sparse.py (quick)" in out
     assert "crossent ms" in out
     assert "three-GEMM floor" in out
+    assert "== bench_eval.py (quick)" in out
+    assert "pyarrow + NumPy" in out

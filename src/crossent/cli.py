@@ -1,9 +1,12 @@
 """The ``crossent`` command line: ``eval`` a predictions file, run the ``demo``, ``bench``.
 
-``crossent eval FILE`` streams a predictions file (CSV, Parquet, JSONL, .npy
-or .npz) in batches through :class:`crossent.metrics.ClassificationMetrics`
-and prints the figures as text or JSON; ``--report DIR`` also writes an HTML
-report. Exit status: 0 on success, 2 on a malformed file or bad arguments,
+``crossent eval FILE ...`` streams predictions files (CSV, Parquet, JSONL,
+.npy or .npz; several files, directories or globs as one table; compressed
+CSV/JSONL; ``-`` for stdin) in batches through
+:class:`crossent.metrics.ClassificationMetrics` (or the binary metrics for one
+P(label = 1) column), per ``--group-by`` group as well, locally or on Dask
+(``--engine dask``), and prints the figures as text or JSON; ``--report DIR``
+also writes an HTML report. Exit status: 0 on success, 2 on a malformed file or bad arguments,
 with a message that names the problem and, for a bad row, the row.
 
 This module is argument handling only: the readers, column resolution,
@@ -199,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Score a predictions file: CSV/TSV, Parquet, JSONL, .npy (structured) or .npz. "
             "One column holds the label (a class name or an integer index); every other "
             "numeric column is one class, named by its column, in file order - or a single "
-            "list column holds each row's predictions. The file is streamed in batches. "
+            "list column holds each row's predictions; a single class column is binary: "
+            "P(label = 1), labels 0/1 or true/false. The files are streamed in batches. "
             "Exit status 0 on success, 2 on a malformed file or bad arguments."
         ),
     )
