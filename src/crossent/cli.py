@@ -41,6 +41,7 @@ def __getattr__(name: str) -> Any:
     msg = f"module 'crossent.cli' has no attribute {name!r}"
     raise AttributeError(msg)
 
+
 BASES = {"e": None, "2": 2.0, "10": 10.0}
 
 
