@@ -60,8 +60,7 @@ def resolve_columns(table: Table, label_column: str, first: Any = None) -> Colum
         try:
             check_text_columns(first, ignored)
         except RowError as exc:
-            msg = f"{table.path}: {table.where(exc.row)} {exc.reason}."
-            raise CLIError(msg) from exc
+            raise table.row_error(exc.row, exc.reason) from exc
     if classes and lists:
         msg = (
             f"{table.path}: has both per-class columns ({', '.join(classes)}) and a list "

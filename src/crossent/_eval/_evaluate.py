@@ -79,14 +79,10 @@ def evaluate(
                     check_finite(scores, input_kind)
                     metric.update(scores, target)
                 except RowError as exc:
-                    msg = f"{path}: {table.where(batch.start + exc.row)} {exc.reason}."
-                    raise CLIError(msg) from exc
+                    raise table.row_error(batch.start + exc.row, exc.reason) from exc
                 except BadRowError as exc:
-                    msg = (
-                        f"{path}: {table.where(batch.start + exc.row)} {exc.reason}. "
-                        f"{_input_hint(input_kind)}"
-                    )
-                    raise CLIError(msg) from exc
+                    hint = _input_hint(input_kind)
+                    raise table.row_error(batch.start + exc.row, exc.reason, hint) from exc
                 rows += batch.data.num_rows
                 if bar is not None:
                     bar.update(batch.data.num_rows)

@@ -10,6 +10,7 @@ column that made it fail.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 from collections.abc import Iterator
@@ -21,9 +22,9 @@ from crossent._eval._table import (
     Table,
     is_numeric,
     is_numeric_list,
-    last_line_warning,
     need,
     record_batches,
+    text_table,
 )
 
 __all__ = ["open_jsonl"]
@@ -188,14 +189,6 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
             yield batch
 
     types = {f.name: f.type for f in widened}
-    table = Table(
-        path,
-        "jsonl",
-        list(schema.names),
-        types,
-        record_batches(blocks),
-        None,
-        line_of=lambda row: _line_of(path, row),
-    )
-    table.warnings += last_line_warning(path)
+    line_of = functools.partial(_line_of, path)
+    table = text_table(path, "jsonl", list(schema.names), types, record_batches(blocks), line_of)
     return table

@@ -80,6 +80,11 @@ class Table:
             )
             raise CLIError(msg)
 
+    def row_error(self, row: int, reason: str, hint: str = "") -> CLIError:
+        """The error for a bad row: ``FILE: row N (line L) REASON. HINT``."""
+        msg = f"{self.path}: {self.where(row)} {reason}." + (f" {hint}" if hint else "")
+        return CLIError(msg)
+
     def where(self, row: int) -> str:
         """``row N`` (counting from 1), with ``(line L)`` for text files."""
         text = f"row {row + 1}"
@@ -96,6 +101,20 @@ def _fingerprint(path: Path) -> tuple[int, int, int]:
     except OSError:
         return (-1, -1, -1)
     return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def text_table(
+    path: Path,
+    format: str,
+    names: list[str],
+    types: dict[str, Any],
+    batches: Callable[[], Iterator[Batch]],
+    line_of: Callable[[int], int | None],
+) -> Table:
+    """A table of a text format (rows by lines), warned when its last line is unfinished."""
+    table = Table(path, format, names, types, batches, None, line_of=line_of)
+    table.warnings += last_line_warning(path)
+    return table
 
 
 def last_line_warning(path: Path) -> list[str]:
