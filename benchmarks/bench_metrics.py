@@ -139,23 +139,19 @@ def main() -> None:
     for n, c in sizes:
         z, y = _logits(n, c)
 
-        def update(z: np.ndarray = z, y: np.ndarray = y) -> None:
-            metric = ClassificationMetrics(input_kind="logits")
-            for start in range(0, len(y), 65536):
-                metric.update(z[start : start + 65536], y[start : start + 65536])
-            metric.compute()
+        for name, metric_type in (
+            ("update", ClassificationMetrics),
+            ("CrossEntropy", CrossEntropy),
+        ):
 
-        a, b, ratio = _ab(update, update, rounds)
-        print(f"| update | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} |")
+            def update(z: np.ndarray = z, y: np.ndarray = y, kind: Any = metric_type) -> None:
+                metric = kind(input_kind="logits")
+                for start in range(0, len(y), 65536):
+                    metric.update(z[start : start + 65536], y[start : start + 65536])
+                metric.compute()
 
-        def log_loss(z: np.ndarray = z, y: np.ndarray = y) -> None:
-            metric = CrossEntropy(input_kind="logits")
-            for start in range(0, len(y), 65536):
-                metric.update(z[start : start + 65536], y[start : start + 65536])
-            metric.compute()
-
-        a, b, ratio = _ab(log_loss, log_loss, rounds)
-        print(f"| CrossEntropy | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} |")
+            a, b, ratio = _ab(update, update, rounds)
+            print(f"| {name} | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} |")
     from crossent._eval import evaluate
 
     file_sizes = [(20_000, 10)] if args.quick else [(500_000, 10), (100_000, 100)]

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from crossent._eval._errors import CLIError
-from crossent._eval._table import Table, is_numeric, need, record_batches, text_table
+from crossent._eval._table import (
+    Table,
+    checked_blocks,
+    is_numeric,
+    need,
+    record_batches,
+    text_table,
+)
 
 __all__ = ["NULL_VALUES", "open_csv", "row_lines"]
 
@@ -144,23 +151,15 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
     numeric = [name for name, t in column_types.items() if t == pa.float64()]
     convert = pcsv.ConvertOptions(column_types=column_types, null_values=NULL_VALUES)
 
+    def explain(exc: Exception) -> CLIError | None:
+        found = _diagnose(table, numeric, read, parse)
+        return None if found is None else CLIError(f"{path}: {found}.")
+
     def blocks() -> Iterator[Any]:
         reader = pcsv.open_csv(
             path, read_options=read, parse_options=parse, convert_options=convert
         )
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                return
-            except pa.ArrowInvalid as exc:
-                table.check_unchanged()
-                found = _diagnose(table, numeric, read, parse)
-                if found is None:
-                    raise
-                msg = f"{path}: {found}."
-                raise CLIError(msg) from exc
-            yield batch
+        return checked_blocks(reader, lambda: table, explain)
 
     types = {f.name: column_types.get(f.name, f.type) for f in schema}
     line_of = functools.partial(_line_of, path)

@@ -20,6 +20,7 @@ from typing import Any
 from crossent._eval._errors import CLIError
 from crossent._eval._table import (
     Table,
+    checked_blocks,
     is_numeric,
     is_numeric_list,
     need,
@@ -178,15 +179,7 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
 
     def blocks() -> Iterator[Any]:
         reader = pjson.open_json(path, read_options=read, parse_options=parse)
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                return
-            except pa.ArrowInvalid as exc:
-                table.check_unchanged()
-                raise _fail(path, exc) from exc
-            yield batch
+        return checked_blocks(reader, lambda: table, lambda exc: _fail(path, exc))
 
     types = {f.name: f.type for f in widened}
     line_of = functools.partial(_line_of, path)

@@ -103,6 +103,29 @@ def _fingerprint(path: Path) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+def checked_blocks(
+    reader: Any, table: Callable[[], Table], explain: Callable[[Exception], CLIError | None]
+) -> Iterator[Any]:
+    """The record batches of a pyarrow streaming `reader`; a parse error is explained.
+
+    On an error half-way through, the file is first checked for a change
+    (truncated while read), then `explain` names the bad row or line; when it
+    finds none, pyarrow's own error goes up.
+    """
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except Exception as exc:  # pyarrow.ArrowInvalid: pyarrow is imported lazily
+            table().check_unchanged()
+            error = explain(exc)
+            if error is None:
+                raise
+            raise error from exc
+        yield batch
+
+
 def text_table(
     path: Path,
     format: str,
