@@ -85,3 +85,18 @@ def test_pickle_and_copy_keep_the_exact_state() -> None:
     assert s.value()[0] == 0.1  # the original is untouched
     with pytest.raises(ValueError, match="shapes"):
         s.merge(ExactSum.zeros((3,)))
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_many_elements_and_many_values_per_element(crowded: bool) -> None:
+    """One bincount per block when no element gets over 2**14 values, chunks otherwise."""
+    rng = np.random.default_rng(1)
+    n, size = 150_000, 3000  # more than one block of 2**17 values
+    xs = rng.random(n) * 10.0 ** rng.integers(-12, 3, size=n)
+    index = rng.integers(0, size, size=n)
+    if crowded:
+        index[:40_000] = 7  # 40,000 values into one element: over 2**14 per block
+    s = ExactSum.zeros((size,)).add(xs, index)
+    got = s.value()
+    for k in (0, 7, 1234, size - 1):
+        assert got[k] == math.fsum(xs[index == k].tolist())  # fsum rounds the exact sum once

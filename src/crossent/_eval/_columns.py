@@ -98,8 +98,7 @@ def resolve_columns(
         try:
             check_text_columns(first, ignored)
         except RowError as exc:
-            msg = f"{table.path}: {table.where(exc.row)} {exc.reason}."
-            raise CLIError(msg) from exc
+            raise table.row_error(exc.row, exc.reason) from exc
     if classes and lists:
         msg = (
             f"{table.path}: has both per-class columns ({', '.join(classes)}) and a list "

@@ -11,6 +11,7 @@ offending row and cell.
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,14 @@ from typing import Any
 
 from crossent._eval._errors import CLIError
 from crossent._eval._sources import data_suffix, open_input, open_text
-from crossent._eval._table import Table, is_numeric, last_line_warning, need, record_batches
+from crossent._eval._table import (
+    Table,
+    checked_blocks,
+    is_numeric,
+    need,
+    record_batches,
+    text_table,
+)
 
 __all__ = ["NULL_VALUES", "open_csv", "row_lines"]
 
@@ -30,23 +38,24 @@ def _delimiter(path: Path) -> str:
     return "\t" if data_suffix(path)[0] == ".tsv" else ","
 
 
-def row_lines(path: Path) -> Iterator[int]:
-    """The line (from 1) on which each data row of `path` starts, in order.
+def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line, cells) of every non-blank row of `path`, the header first.
 
-    The first non-blank row is the header; blank lines are skipped, as
+    `line` (from 1) is where the row starts: blank lines are skipped, as
     pyarrow skips them, and a quoted cell may span several lines.
     """
     with open_text(path) as f:
         reader = csv.reader(f, delimiter=_delimiter(path))
-        header_seen = False
         last = 0
         for row in reader:
             start, last = last + 1, reader.line_num
-            if not row:  # a blank line
-                continue
-            if header_seen:
-                yield start
-            header_seen = True
+            if row:
+                yield start, row
+
+
+def row_lines(path: Path) -> Iterator[int]:
+    """The line (from 1) on which each data row of `path` starts, in order."""
+    return (line for line, _ in itertools.islice(_rows(path), 1, None))
 
 
 def _line_of(path: Path, row: int) -> int | None:
@@ -102,18 +111,11 @@ def _diagnose(table: Table, numeric: list[str], read: Any, parse: Any) -> str | 
 
 def _ragged_line(path: Path) -> str | None:
     """The first row whose number of cells differs from the header's."""
-    with open_text(path) as f:
-        reader = csv.reader(f, delimiter=_delimiter(path))
-        width = None
-        last = 0
-        for row in reader:
-            line, last = last + 1, reader.line_num
-            if not row:
-                continue
-            if width is None:
-                width = len(row)
-            elif len(row) != width:
-                return f"line {line} has {len(row)} cells, but the header has {width}"
+    rows = _rows(path)
+    width = len(next(rows, (0, []))[1])
+    for line, row in rows:
+        if len(row) != width:
+            return f"line {line} has {len(row)} cells, but the header has {width}"
     return None
 
 
@@ -155,33 +157,17 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
     numeric = [name for name, t in column_types.items() if t == pa.float64()]
     convert = pcsv.ConvertOptions(column_types=column_types, null_values=NULL_VALUES)
 
+    def explain(exc: Exception) -> CLIError | None:
+        found = _diagnose(table, numeric, read, parse)
+        return None if found is None else CLIError(f"{path}: {found}.")
+
     def blocks() -> Iterator[Any]:
         reader = pcsv.open_csv(
             open_input(path), read_options=read, parse_options=parse, convert_options=convert
         )
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                return
-            except pa.ArrowInvalid as exc:
-                table.check_unchanged()
-                found = _diagnose(table, numeric, read, parse)
-                if found is None:
-                    raise
-                msg = f"{path}: {found}."
-                raise CLIError(msg) from exc
-            yield batch
+        return checked_blocks(reader, lambda: table, explain)
 
     types = {f.name: column_types.get(f.name, f.type) for f in schema}
-    table = Table(
-        path,
-        "csv",
-        list(schema.names),
-        types,
-        record_batches(blocks),
-        None,
-        line_of=lambda row: _line_of(path, row),
-    )
-    table.warnings += last_line_warning(path)
+    line_of = functools.partial(_line_of, path)
+    table = text_table(path, "csv", list(schema.names), types, record_batches(blocks), line_of)
     return table

@@ -10,6 +10,7 @@ column that made it fail.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 from collections.abc import Iterator
@@ -20,11 +21,12 @@ from crossent._eval._errors import CLIError
 from crossent._eval._sources import open_input, open_text
 from crossent._eval._table import (
     Table,
+    checked_blocks,
     is_numeric,
     is_numeric_list,
-    last_line_warning,
     need,
     record_batches,
+    text_table,
 )
 
 __all__ = ["open_jsonl"]
@@ -180,25 +182,9 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
 
     def blocks() -> Iterator[Any]:
         reader = pjson.open_json(open_input(path), read_options=read, parse_options=parse)
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                return
-            except pa.ArrowInvalid as exc:
-                table.check_unchanged()
-                raise _fail(path, exc) from exc
-            yield batch
+        return checked_blocks(reader, lambda: table, lambda exc: _fail(path, exc))
 
     types = {f.name: f.type for f in widened}
-    table = Table(
-        path,
-        "jsonl",
-        list(schema.names),
-        types,
-        record_batches(blocks),
-        None,
-        line_of=lambda row: _line_of(path, row),
-    )
-    table.warnings += last_line_warning(path)
+    line_of = functools.partial(_line_of, path)
+    table = text_table(path, "jsonl", list(schema.names), types, record_batches(blocks), line_of)
     return table

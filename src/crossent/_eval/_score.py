@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from crossent._eval._columns import Columns, batch_scores, check_finite, first_null
-from crossent._eval._errors import CLIError, RowError
+from crossent._eval._errors import RowError
 from crossent._eval._groups import GroupedMetrics, group_keys
 from crossent._eval._labels import batch_labels
 from crossent._eval._table import Batch, Table, need, to_numpy
@@ -162,14 +162,10 @@ def score_table(
             try:
                 score_batch(state, batch.data, plan)
             except RowError as exc:
-                msg = f"{table.path}: {table.where(batch.start + exc.row)} {exc.reason}."
-                raise CLIError(msg) from exc
+                raise table.row_error(batch.start + exc.row, exc.reason) from exc
             except BadRowError as exc:
-                msg = (
-                    f"{table.path}: {table.where(batch.start + exc.row)} {exc.reason}. "
-                    f"{input_hint(plan.input_kind)}"
-                )
-                raise CLIError(msg) from exc
+                hint = input_hint(plan.input_kind)
+                raise table.row_error(batch.start + exc.row, exc.reason, hint) from exc
             rows += batch.data.num_rows
             if bar is not None:
                 bar.update(batch.data.num_rows)

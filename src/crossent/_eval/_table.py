@@ -80,6 +80,11 @@ class Table:
             )
             raise CLIError(msg)
 
+    def row_error(self, row: int, reason: str, hint: str = "") -> CLIError:
+        """The error for a bad row: ``FILE: row N (line L) REASON. HINT``."""
+        msg = f"{self.path}: {self.where(row)} {reason}." + (f" {hint}" if hint else "")
+        return CLIError(msg)
+
     def where(self, row: int) -> str:
         """``row N`` (counting from 1), with ``(line L)`` for text files."""
         text = f"row {row + 1}"
@@ -96,6 +101,43 @@ def _fingerprint(path: Path) -> tuple[int, int, int]:
     except OSError:
         return (-1, -1, -1)
     return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def checked_blocks(
+    reader: Any, table: Callable[[], Table], explain: Callable[[Exception], CLIError | None]
+) -> Iterator[Any]:
+    """The record batches of a pyarrow streaming `reader`; a parse error is explained.
+
+    On an error half-way through, the file is first checked for a change
+    (truncated while read), then `explain` names the bad row or line; when it
+    finds none, pyarrow's own error goes up.
+    """
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except Exception as exc:  # pyarrow.ArrowInvalid: pyarrow is imported lazily
+            table().check_unchanged()
+            error = explain(exc)
+            if error is None:
+                raise
+            raise error from exc
+        yield batch
+
+
+def text_table(
+    path: Path,
+    format: str,
+    names: list[str],
+    types: dict[str, Any],
+    batches: Callable[[], Iterator[Batch]],
+    line_of: Callable[[int], int | None],
+) -> Table:
+    """A table of a text format (rows by lines), warned when its last line is unfinished."""
+    table = Table(path, format, names, types, batches, None, line_of=line_of)
+    table.warnings += last_line_warning(path)
+    return table
 
 
 def last_line_warning(path: Path) -> list[str]:

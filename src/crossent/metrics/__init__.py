@@ -4,7 +4,9 @@ Update with batches of predictions (probabilities, logits or log-probabilities,
 stated with ``input_kind``) and integer labels from any array-API library,
 merge the states of several workers (or all-reduce them over
 ``torch.distributed`` with :meth:`Metric.sync`), and compute at the end.
-States are float64 sums and int64 counts on the host, so merging is exact and
+States are exact sums (integer fixed-point, rounded to float64 once, when a
+figure is computed) and int64 counts on the host: merging shards in any
+order, or :meth:`Metric.sync`, gives the single-pass figures bit for bit, and
 long streams do not drift.
 
 - :class:`CrossEntropy` (log loss, in any base), :class:`Perplexity`,

@@ -39,6 +39,7 @@ _MASK = (1 << _DIGIT) - 1
 _HEADROOM = 2  # digits above the highest one written, for carries
 _LEVEL = 38  # bits extracted per pass over the values: two passes cover 76 bits
 _CHUNK = 1 << 14  # values per float64 sum: 2**14 multiples of up to 2**38 units stay below 2**53
+_BLOCK = 1 << 17  # values extracted at a time (two 1 MiB work arrays)
 _MIN_GRID = -1074  # every float64 is a multiple of 2**-1074
 _MAX_GRID = 1022 - 52  # the largest grid whose extraction constant 1.5 * 2**(g+52) is finite
 
@@ -114,13 +115,18 @@ class ExactSum:
     def add(self, values: np.ndarray, index: np.ndarray | None = None) -> ExactSum:
         """Add `values` (float64) to the elements `index` (flat indices; element 0 if None).
 
-        Returns ``self``.
+        Returns ``self``. Long inputs go in blocks of ``_BLOCK`` values, so the
+        work arrays stay small (and in cache).
         """
         values = np.asarray(values, dtype=np.float64).ravel()
-        if values.size == 0:
-            return self
-        size = int(np.prod(self.shape, dtype=np.int64))
         flat_index = None if index is None else np.asarray(index, dtype=np.int64).ravel()
+        for start in range(0, values.size, _BLOCK):
+            part = slice(start, start + _BLOCK)
+            self._add_block(values[part], None if flat_index is None else flat_index[part])
+        return self
+
+    def _add_block(self, values: np.ndarray, flat_index: np.ndarray | None) -> None:
+        size = int(np.prod(self.shape, dtype=np.int64))
         amax = max(float(np.max(values)), -float(np.min(values)))  # NaN or inf if any is
         if not math.isfinite(amax):
             where = np.zeros(values.size, dtype=np.int64) if flat_index is None else flat_index
@@ -135,17 +141,20 @@ class ExactSum:
             flat_index = None if flat_index is None else flat_index[finite]
             amax = float(np.max(np.abs(values))) if values.size else 0.0
         if amax == 0:
-            return self
+            return
         top = math.frexp(amax)[1]  # every |value| < 2**top
         if top - _LEVEL > _MAX_GRID:
             where = np.zeros(values.size, dtype=np.int64) if flat_index is None else flat_index
             self._add_split(values, where, size)
-            return self
+            return
         self._widen(*self._digits(top - 1))
+        chunk = _CHUNK
+        if flat_index is not None and size * 8 > _CHUNK:  # a bincount's cost grows with size
+            most = int(np.bincount(flat_index, minlength=size).max())
+            chunk = values.size if most <= _CHUNK else _CHUNK  # one exact bincount if it can
         q, rest = _scratch(values.size)
         np.copyto(rest, values)
         grid = max(top - _LEVEL, _MIN_GRID)
-        level = 0
         while True:
             # error-free extraction (Rump, Ogita & Oishi's ExtractScalar): sigma + rest lies in
             # [2**(g+52), 2**(g+53)), where floats are 2**g apart, so q is rest rounded to a
@@ -154,20 +163,11 @@ class ExactSum:
             np.add(rest, sigma, out=q)
             q -= sigma
             rest -= q
-            self._add_multiples(q, flat_index, grid, size)
-            # 38 bits rarely take every bit of every value: test for the rest from level 2 on
-            if grid == _MIN_GRID or (level and not rest.any()):
+            self._add_multiples(q, flat_index, grid, size, chunk=chunk)
+            if grid == _MIN_GRID or not rest.any():
                 break
-            if level:  # a third level is for a few tiny values: keep only those
-                kept = np.flatnonzero(rest)
-                rest, q = rest[kept], q[: kept.size]
-                flat_index = (
-                    np.zeros(kept.size, np.int64) if flat_index is None else flat_index[kept]
-                )
-            level += 1
             grid = max(grid - _LEVEL, _MIN_GRID)
         self._normalize()
-        return self
 
     @staticmethod
     def _digits(bit: int) -> tuple[int, int]:
@@ -183,25 +183,28 @@ class ExactSum:
         size: int,
         *,
         units: bool = False,
+        chunk: int = _CHUNK,
     ) -> None:
         """Add `q` (float64 multiples of 2**`grid`, |q| <= 2**(grid+38)) to elements `index`.
 
         With `units`, `q` holds the integers q / 2**`grid` instead (for grids
         below the float64 range).
 
-        Sums of ``_CHUNK`` of them are exact in float64 (below 2**52 units of
-        2**`grid`, in any order); each sum is then an integer T, added into
-        the digits as T·2**(grid−B) split at the digit boundaries.
+        Sums of at most ``_CHUNK`` of them per element are exact in float64
+        (below 2**52 units of 2**`grid`, in any order); `chunk` values go in
+        one ``bincount`` (the caller may pass more than ``_CHUNK`` when no
+        element gets more than ``_CHUNK`` of them). Each sum is an integer T,
+        added into the digits as T·2**(grid−B), split at the digit boundaries.
         """
         position = grid - _BASE
         digit, shift = position // _DIGIT, position % _DIGIT
         self._widen(digit, digit + 3)
         limbs = self.limbs.reshape(size, self.limbs.shape[-1])  # a view
         at = digit - self.lo
-        for start in range(0, q.size, _CHUNK):
+        for start in range(0, q.size, chunk):
             if start:
                 self._normalize()  # room for the next chunk's sums
-            part = slice(start, start + _CHUNK)
+            part = slice(start, start + chunk)
             if index is None:
                 total = np.sum(q[part], keepdims=True)
             else:
@@ -335,7 +338,7 @@ _SCRATCH = threading.local()
 
 
 def _scratch(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two float64 work arrays of `size`, reused by the thread (fresh pages fault: slow)."""
+    """Two float64 work arrays of `size` (at most ``_BLOCK``), reused by the thread."""
     buffer = getattr(_SCRATCH, "buffer", None)
     if buffer is None or buffer.shape[1] < size:
         buffer = np.empty((2, size), dtype=np.float64)
