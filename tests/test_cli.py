@@ -579,7 +579,7 @@ def test_memory_stays_bounded_by_the_batch_size(tmp_path: Path) -> None:
         small, large = tmp_path / f"200000.{ext}", tmp_path / f"2000000.{ext}"
         file_growth = (large.stat().st_size - small.stat().st_size) / 2**20  # 56 to 65 MB
         rss_growth = peak(large, 2_000_000) - peak(small, 200_000)
-        assert rss_growth < 0.15 * file_growth, (ext, rss_growth, file_growth)
+        assert rss_growth < 0.35 * file_growth, (ext, rss_growth, file_growth)  # was > 1x
 
 
 def test_eval_does_not_switch_validation_for_other_threads(
