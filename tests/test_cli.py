@@ -98,6 +98,7 @@ SCHEMA = {
     "base": str,
     "classes": list,
     "ignored_columns": list,
+    "files": int,
     "rows": int,
     "log_loss_nats": float,
     "log_loss_bits": float,
@@ -321,8 +322,9 @@ def test_malformed_files_exit_2_naming_the_problem(
     err = _error(capsys, "eval", str(tmp_path / "ragged.jsonl"))
     assert "row 2 (line 2) has 3 predictions" in err
 
-    err = _error(capsys, "eval", str(write_csv(tmp_path / "one.csv", ["label", "cat"], [[0, 1.0]])))
-    assert "only one class column" in err
+    # one class column is binary: P(label = 1), labels 0/1 or true/false
+    err = _error(capsys, "eval", str(write_csv(tmp_path / "one.csv", ["label", "cat"], [[2, 1.0]])))
+    assert "row 1 (line 2) has label '2', not 0/1 or true/false" in err
 
     err = _error(
         capsys, "eval", str(write_csv(tmp_path / "text.csv", ["label", "note"], [[0, "x"]]))
@@ -469,7 +471,8 @@ def test_a_text_file_cut_inside_its_last_row_is_flagged(
 
 def test_what_is_not_a_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "is a character device" in _error(capsys, "eval", "/dev/null")
-    assert "is a directory" in _error(capsys, "eval", str(tmp_path))
+    # a directory is read as its predictions files (issue 12); an empty one is an error
+    assert "a directory with no predictions files" in _error(capsys, "eval", str(tmp_path))
     (tmp_path / "empty.csv").write_text("")
     assert "is empty (0 bytes)" in _error(capsys, "eval", str(tmp_path / "empty.csv"))
     assert "no such file" in _error(capsys, "eval", str(tmp_path / "missing.csv"))
@@ -684,3 +687,5 @@ def test_bench_runs_the_repository_scripts_quick() -> None:
     assert "== bench_sparse.py (quick)" in out
     assert "crossent ms" in out
     assert "three-GEMM floor" in out
+    assert "== bench_eval.py (quick)" in out
+    assert "pyarrow + NumPy" in out

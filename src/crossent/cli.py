@@ -1,9 +1,12 @@
 """The ``crossent`` command line: ``eval`` a predictions file, run the ``demo``, ``bench``.
 
-``crossent eval FILE`` streams a predictions file (CSV, Parquet, JSONL, .npy
-or .npz) in batches through :class:`crossent.metrics.ClassificationMetrics`
-and prints the figures as text or JSON; ``--report DIR`` also writes an HTML
-report. Exit status: 0 on success, 2 on a malformed file or bad arguments,
+``crossent eval FILE ...`` streams predictions files (CSV, Parquet, JSONL,
+.npy or .npz; several files, directories or globs as one table; compressed
+CSV/JSONL; ``-`` for stdin) in batches through
+:class:`crossent.metrics.ClassificationMetrics` (or the binary metrics for one
+P(label = 1) column), per ``--group-by`` group as well, locally or on Dask
+(``--engine dask``), and prints the figures as text or JSON; ``--report DIR``
+also writes an HTML report. Exit status: 0 on success, 2 on a malformed file or bad arguments,
 with a message that names the problem and, for a bad row, the row.
 
 This module is argument handling only: the readers, column resolution,
@@ -19,13 +22,38 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
-from crossent._eval import CLIError, evaluate, format_text, jsonable, open_table
+from crossent._eval._errors import CLIError
+
+if TYPE_CHECKING:
+    from crossent._eval import evaluate, open_table
 
 __all__ = ["CLIError", "evaluate", "main", "open_table"]
 
+
+def __getattr__(name: str) -> Any:
+    # re-exports, imported on first use: `crossent --version` must not import numpy
+    if name in ("evaluate", "open_table"):
+        import crossent._eval
+
+        return getattr(crossent._eval, name)
+    msg = f"module 'crossent.cli' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
 BASES = {"e": None, "2": 2.0, "10": 10.0}
+
+
+def _names(text: str | None, option: str) -> list[str] | None:
+    """A comma-separated column list (``--columns a,b``), without blanks."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        msg = f"{option} takes column names separated by commas; got {text!r}."
+        raise CLIError(msg)
+    return names
 
 
 def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
@@ -36,8 +64,16 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
         msg = f"--batch-size must be at least 1; got {args.batch_size}."
         raise CLIError(msg)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if args.workers is not None and args.workers < 1:
+        msg = f"--workers must be at least 1; got {args.workers}."
+        raise CLIError(msg)
+    if args.scheduler is not None and args.engine != "dask":
+        msg = "--scheduler is for --engine dask; add --engine dask, or drop --scheduler."
+        raise CLIError(msg)
+    from crossent._eval import evaluate, format_text, jsonable
+
     summary, metric = evaluate(
-        Path(args.file),
+        args.file,
         label_column=args.label_column,
         input_kind=args.input,
         bins=args.bins,
@@ -45,6 +81,12 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
         labels=args.labels,
         batch_size=args.batch_size,
         progress=progress,
+        columns=_names(args.columns, "--columns"),
+        exclude=_names(args.exclude, "--exclude") or (),
+        group_by=args.group_by,
+        engine=args.engine,
+        scheduler=args.scheduler,
+        workers=args.workers,
     )
     if args.report is not None:
         from crossent._report import write_report
@@ -54,7 +96,7 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
                 Path(args.report),
                 summary=summary,
                 reliability=metric.reliability(),
-                title=f"crossent eval {Path(args.file).name}",
+                title=f"crossent eval {' '.join(Path(f).name for f in args.file)}",
             )
         except ImportError as exc:
             raise CLIError(str(exc)) from exc
@@ -161,11 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
             "Score a predictions file: CSV/TSV, Parquet, JSONL, .npy (structured) or .npz. "
             "One column holds the label (a class name or an integer index); every other "
             "numeric column is one class, named by its column, in file order - or a single "
-            "list column holds each row's predictions. The file is streamed in batches. "
+            "list column holds each row's predictions; a single class column is binary: "
+            "P(label = 1), labels 0/1 or true/false. The files are streamed in batches. "
             "Exit status 0 on success, 2 on a malformed file or bad arguments."
         ),
     )
-    ev.add_argument("file", help="the predictions file")
+    ev.add_argument(
+        "file",
+        nargs="+",
+        metavar="FILE",
+        help=(
+            "predictions files, directories or quoted globs, scored as one table (same columns "
+            "in each); .gz, .bz2, .xz and .zst CSV/JSONL are read by extension; - is CSV on stdin"
+        ),
+    )
     ev.add_argument(
         "--label-column", default="label", help="name of the label column (default: label)"
     )
@@ -192,6 +243,39 @@ def build_parser() -> argparse.ArgumentParser:
             "how to read labels (default: auto: as class names when every class name is an "
             "integer, e.g. columns 3,5,7; otherwise integers are indices and text is a name)"
         ),
+    )
+    ev.add_argument(
+        "--columns",
+        metavar="A,B,...",
+        help="the class columns, in class order (default: every numeric column but the label); "
+        "one column means binary predictions: P(label = 1), labels 0/1 or true/false",
+    )
+    ev.add_argument(
+        "--exclude",
+        metavar="C,...",
+        help="columns left out of the automatic choice of class columns (ids, timestamps)",
+    )
+    ev.add_argument(
+        "--group-by",
+        metavar="COL",
+        help="report every figure per value of COL (a model version, a day) and overall",
+    )
+    ev.add_argument(
+        "--engine",
+        choices=("local", "dask"),
+        default="local",
+        help="local: stream in this process (default); dask: one task per file on a Dask "
+        "cluster, states merged in a tree (pip install 'crossent[dask]')",
+    )
+    ev.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="the dask.distributed scheduler (default: start a local cluster)",
+    )
+    ev.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes of the local Dask cluster (default: one per CPU)",
     )
     ev.add_argument("--batch-size", type=int, default=65536, help="rows per batch (default: 65536)")
     ev.add_argument(

@@ -12,13 +12,44 @@
 pyarrow, tqdm and matplotlib are imported only when a file is read.
 """
 
-from crossent._eval._columns import Columns, batch_scores, check_finite, resolve_columns
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from crossent._eval._errors import CLIError, RowError
-from crossent._eval._evaluate import evaluate
-from crossent._eval._labels import batch_labels
-from crossent._eval._open import FORMATS, open_table, read_batches
-from crossent._eval._table import Batch, Table
-from crossent._eval._text import format_text, jsonable
+
+if TYPE_CHECKING:  # imported on first use, so `crossent --version` imports nothing heavy
+    from crossent._eval._columns import Columns, batch_scores, check_finite, resolve_columns
+    from crossent._eval._evaluate import evaluate
+    from crossent._eval._labels import batch_labels
+    from crossent._eval._open import FORMATS, open_table, read_batches
+    from crossent._eval._table import Batch, Table
+    from crossent._eval._text import format_text, jsonable
+
+_LAZY = {
+    "Columns": "_columns",
+    "batch_scores": "_columns",
+    "check_finite": "_columns",
+    "resolve_columns": "_columns",
+    "evaluate": "_evaluate",
+    "batch_labels": "_labels",
+    "FORMATS": "_open",
+    "open_table": "_open",
+    "read_batches": "_open",
+    "Batch": "_table",
+    "Table": "_table",
+    "format_text": "_text",
+    "jsonable": "_text",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"crossent._eval.{_LAZY[name]}"), name)
+    msg = f"module 'crossent._eval' has no attribute {name!r}"
+    raise AttributeError(msg)
+
 
 __all__ = [
     "FORMATS",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from crossent._eval._errors import CLIError, RowError
-from crossent._eval._table import Table, is_numeric, is_numeric_list, need
+from crossent._eval._table import Table, is_numeric, is_numeric_list, need, to_numpy
 
 __all__ = [
     "Columns",
@@ -31,9 +32,30 @@ class Columns:
     ignored: list[str] = field(default_factory=list)
 
 
-def resolve_columns(table: Table, label_column: str, first: Any = None) -> Columns:
+def _named(table: Table, names: Sequence[str], option: str) -> None:
+    missing = [n for n in names if n not in table.names]
+    if missing:
+        msg = (
+            f"{table.path}: {option} names {', '.join(map(repr, missing))}, not a column; "
+            f"the columns are {', '.join(table.names)}."
+        )
+        raise CLIError(msg)
+
+
+def resolve_columns(
+    table: Table,
+    label_column: str,
+    first: Any = None,
+    *,
+    columns: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    group_by: str | None = None,
+) -> Columns:
     """The label column and the class columns (or the one list column) of `table`.
 
+    `columns` names the class columns (in class order); otherwise every numeric
+    column but the label, `group_by` and those in `exclude` is one, in file
+    order. One class column left means binary predictions: it holds P(label = 1).
     `first` is the table's first record batch (None for a file without rows):
     a text column that holds numbers there is a class column with a bad cell
     (see :func:`check_text_columns`).
@@ -45,9 +67,25 @@ def resolve_columns(table: Table, label_column: str, first: Any = None) -> Colum
             f"{', '.join(table.names)}. Name the label column with --label-column."
         )
         raise CLIError(msg)
+    _named(table, exclude, "--exclude")
+    if group_by is not None:
+        _named(table, [group_by], "--group-by")
+    if columns is not None:
+        _named(table, columns, "--columns")
+        chosen = [label_column, group_by, *exclude]
+        wrong = [n for n in columns if n in chosen or not is_numeric(pa, table.types[n])]
+        if wrong or len(set(columns)) != len(columns) or not columns:
+            msg = (
+                f"{table.path}: --columns must name distinct numeric columns other than the "
+                f"label, --group-by and --exclude ones; got {', '.join(columns) or 'none'}"
+                + (f" ({', '.join(wrong)} cannot be a class column)." if wrong else ".")
+            )
+            raise CLIError(msg)
+        others = [n for n in table.names if n not in columns and n not in chosen]
+        return Columns(label_column, list(columns), None, others)
     classes, lists, ignored = [], [], []
     for name in table.names:
-        if name == label_column:
+        if name in (label_column, group_by) or name in exclude:
             continue
         t = table.types[name]
         if is_numeric(pa, t):
@@ -76,9 +114,6 @@ def resolve_columns(table: Table, label_column: str, first: Any = None) -> Colum
             "column per class, or one list column holding each row's predictions."
         )
         raise CLIError(msg)
-    if classes and len(classes) < 2:
-        msg = f"{table.path}: only one class column ({classes[0]}); give one column per class."
-        raise CLIError(msg)
     return Columns(label_column, classes, lists[0] if lists else None, ignored)
 
 
@@ -96,7 +131,7 @@ def batch_scores(batch: Any, columns: Columns) -> np.ndarray:
             col = batch.column(name)
             if col.null_count:
                 raise RowError(first_null(col), f"has no value in column {name!r}")
-            parts.append(col.to_numpy(zero_copy_only=False).astype(np.float64, copy=False))
+            parts.append(to_numpy(col).astype(np.float64, copy=False))
         return np.stack(parts, axis=1) if parts else np.zeros((0, 0))
     col = batch.column(columns.list_column)
     if isinstance(col, pa.ChunkedArray):
@@ -126,6 +161,8 @@ def batch_scores(batch: Any, columns: Columns) -> np.ndarray:
 
 def check_finite(scores: np.ndarray, kind: str) -> None:
     """A file must not hold NaN or +inf (logits and log-probabilities may hold −inf)."""
+    if np.isfinite(scores.sum(axis=1)).all():  # one pass: no NaN, no inf in any row
+        return
     bad_nan = np.asarray(np.isnan(scores).any(axis=1))
     bad_inf = np.asarray(np.isposinf(scores).any(axis=1))
     bad_all = np.asarray(np.isneginf(scores).all(axis=1))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from crossent._eval._errors import CLIError
+from crossent._eval._sources import data_suffix, open_input, open_text
 from crossent._eval._table import (
     Table,
     checked_blocks,
@@ -34,7 +35,7 @@ NULL_VALUES = ["", "NA", "N/A", "NULL", "null", "None"]
 
 
 def _delimiter(path: Path) -> str:
-    return "\t" if path.suffix.lower() == ".tsv" else ","
+    return "\t" if data_suffix(path)[0] == ".tsv" else ","
 
 
 def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -43,7 +44,7 @@ def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     `line` (from 1) is where the row starts: blank lines are skipped, as
     pyarrow skips them, and a quoted cell may span several lines.
     """
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    with open_text(path) as f:
         reader = csv.reader(f, delimiter=_delimiter(path))
         last = 0
         for row in reader:
@@ -85,7 +86,10 @@ def _diagnose(table: Table, numeric: list[str], read: Any, parse: Any) -> str | 
     start = 0
     try:
         reader = pcsv.open_csv(
-            table.path, read_options=read, parse_options=parse, convert_options=as_text
+            open_input(table.path),
+            read_options=read,
+            parse_options=parse,
+            convert_options=as_text,
         )
         for batch in reader:
             for name in numeric:
@@ -130,9 +134,11 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
     pa = need("pyarrow")
     pcsv = need("pyarrow.csv")
     parse = pcsv.ParseOptions(delimiter=_delimiter(path))
-    read = pcsv.ReadOptions(block_size=max(1 << 16, batch_size * 64))
+    # pyarrow parses dozens of blocks ahead of the consumer: 16 bytes per batch row (1 MiB
+    # blocks by default) keeps that read-ahead, and so the peak memory, small (issue 12)
+    read = pcsv.ReadOptions(block_size=max(1 << 16, batch_size * 16))
     try:
-        first = pcsv.open_csv(path, read_options=read, parse_options=parse)
+        first = pcsv.open_csv(open_input(path), read_options=read, parse_options=parse)
     except pa.ArrowInvalid as exc:
         ragged = _ragged_line(path)
         if ragged is None:
@@ -157,7 +163,7 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
 
     def blocks() -> Iterator[Any]:
         reader = pcsv.open_csv(
-            path, read_options=read, parse_options=parse, convert_options=convert
+            open_input(path), read_options=read, parse_options=parse, convert_options=convert
         )
         return checked_blocks(reader, lambda: table, explain)
 

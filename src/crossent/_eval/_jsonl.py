@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from crossent._eval._errors import CLIError
+from crossent._eval._sources import open_input, open_text
 from crossent._eval._table import (
     Table,
     checked_blocks,
@@ -55,7 +56,7 @@ def _objects(path: Path) -> Iterator[tuple[int, Any]]:
     span lines, as pyarrow allows.
     """
     buffer, line, pending = "", 0, 0  # pending: lines in `buffer` after its first
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open_text(path) as f:
         for text in itertools.chain(f, [None]):
             if text is not None:
                 buffer += text
@@ -159,9 +160,11 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
     """Open a JSON Lines file."""
     pa = need("pyarrow")
     pjson = need("pyarrow.json")
-    read = pjson.ReadOptions(block_size=max(1 << 16, batch_size * 64))
+    # pyarrow parses dozens of blocks ahead of the consumer: 16 bytes per batch row (1 MiB
+    # blocks by default) keeps that read-ahead, and so the peak memory, small (issue 12)
+    read = pjson.ReadOptions(block_size=max(1 << 16, batch_size * 16))
     try:
-        first = pjson.open_json(path, read_options=read)
+        first = pjson.open_json(open_input(path), read_options=read)
     except pa.ArrowInvalid as exc:
         raise _fail(path, exc) from exc
     schema = first.schema
@@ -178,7 +181,7 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
     parse = pjson.ParseOptions(explicit_schema=pa.schema(widened))
 
     def blocks() -> Iterator[Any]:
-        reader = pjson.open_json(path, read_options=read, parse_options=parse)
+        reader = pjson.open_json(open_input(path), read_options=read, parse_options=parse)
         return checked_blocks(reader, lambda: table, lambda exc: _fail(path, exc))
 
     types = {f.name: f.type for f in widened}

@@ -11,6 +11,7 @@ from crossent._eval._errors import CLIError
 from crossent._eval._jsonl import open_jsonl
 from crossent._eval._numpy import open_npy, open_npz
 from crossent._eval._parquet import open_parquet
+from crossent._eval._sources import COMPRESSIBLE, COMPRESSIONS, data_suffix, open_input
 from crossent._eval._table import Batch, Table
 
 __all__ = ["FORMATS", "open_table", "read_batches"]
@@ -68,11 +69,17 @@ def open_table(path: Path, *, batch_size: int, label_column: str) -> Table:
     if problem is not None:
         msg = f"{path}: {problem}"
         raise CLIError(msg)
-    fmt = FORMATS.get(path.suffix.lower())
+    suffix, compression = data_suffix(path)
+    fmt = FORMATS.get(suffix)
     if fmt is None:
         known = ", ".join(sorted(FORMATS))
-        msg = f"{path}: unknown file type {path.suffix!r}; use one of {known}."
+        msg = (
+            f"{path}: unknown file type {suffix!r}; use one of {known} "
+            f"(CSV, TSV and JSONL may be compressed: {', '.join(COMPRESSIONS)})."
+        )
         raise CLIError(msg)
+    if compression is not None and suffix not in COMPRESSIBLE:
+        open_input(path)  # raises: says which formats may be compressed
     try:
         return _OPENERS[fmt](path, batch_size, label_column)
     except CLIError:

@@ -19,7 +19,7 @@ from typing import Any
 
 from crossent._eval._errors import CLIError
 
-__all__ = ["Batch", "Table", "is_numeric", "is_numeric_list", "need"]
+__all__ = ["Batch", "Table", "is_numeric", "is_numeric_list", "need", "to_numpy"]
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,12 @@ def last_line_warning(path: Path) -> list[str]:
 
     A file truncated in the middle of its last row still parses (``0.75``
     cut to ``0.7``), so a missing final line break is the one trace left.
+    A compressed file is not checked: its codec reports a cut stream itself.
     """
+    from crossent._eval._sources import data_suffix
+
+    if data_suffix(path)[1] is not None:
+        return []
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         if f.tell() == 0:
@@ -194,3 +199,22 @@ def record_batches(make: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[B
             start += data.num_rows
 
     return batches
+
+
+def to_numpy(column: Any) -> Any:
+    """An Arrow array's values as NumPy: a zero-copy view when it can be one.
+
+    A fixed-width numeric array without nulls is viewed in place through its
+    data buffer (``Array.to_numpy`` would import pandas, 0.2 s, to check for
+    extension types); anything else goes through ``to_numpy``.
+    """
+    import numpy as np
+
+    t = column.type
+    if column.null_count == 0 and is_numeric(need("pyarrow"), t) and t.bit_width % 8 == 0:
+        dtype = np.dtype(t.to_pandas_dtype())
+        data = column.buffers()[1]
+        return np.frombuffer(
+            data, dtype=dtype, count=len(column), offset=column.offset * dtype.itemsize
+        )
+    return column.to_numpy(zero_copy_only=False)

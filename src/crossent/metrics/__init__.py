@@ -16,11 +16,16 @@ long streams do not drift.
   equal-width or equal-mass bins)
 - :class:`PerClassCrossEntropy`
 - :class:`ClassificationMetrics`: all of the above in one pass (``crossent eval``)
+- :class:`BinaryClassificationMetrics`: the binary figures of one P(label = 1) column
+- :func:`evaluate_dask`: every figure of a Dask DataFrame, partition states merged in a tree
 
 Only NumPy is needed; PyTorch is imported only by :meth:`Metric.sync` when
 ``torch.distributed`` is already initialised.
 """
 
+from typing import TYPE_CHECKING, Any
+
+from crossent.metrics._binary import BinaryClassificationMetrics
 from crossent.metrics._functional import BadRowError
 from crossent.metrics._metric import (
     Accuracy,
@@ -37,6 +42,7 @@ from crossent.metrics._metric import (
 __all__ = [
     "Accuracy",
     "BadRowError",
+    "BinaryClassificationMetrics",
     "BitsPerToken",
     "BrierScore",
     "CalibrationError",
@@ -45,4 +51,17 @@ __all__ = [
     "Metric",
     "PerClassCrossEntropy",
     "Perplexity",
+    "evaluate_dask",
 ]
+
+if TYPE_CHECKING:
+    from crossent._eval._dask import evaluate_dask
+
+
+def __getattr__(name: str) -> Any:
+    if name == "evaluate_dask":  # needs dask and pyarrow: imported on first use
+        from crossent._eval._dask import evaluate_dask
+
+        return evaluate_dask
+    msg = f"module 'crossent.metrics' has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -74,6 +74,13 @@ _LOG_LOSS = _Part(functools.partial(_without_classes, F._log_loss_init), F._log_
 _ACCURACY = _Part(functools.partial(_without_classes, F._accuracy_init), F._accuracy_update)
 _BRIER = _Part(functools.partial(_without_classes, F._brier_init), F._brier_update)
 _PER_CLASS = _Part(F._per_class_init, F._per_class_update)
+#: the parts behind every summary of ``crossent eval`` (binary or multiclass)
+_SUMMARY_PARTS = {
+    "log_loss": _LOG_LOSS,
+    "accuracy": _ACCURACY,
+    "brier": _BRIER,
+    "per_class": _PER_CLASS,
+}
 
 
 class Metric:
@@ -627,10 +634,7 @@ class ClassificationMetrics(Metric):
         F._log_base(base)
         self.base = base
         self._parts = {
-            "log_loss": _LOG_LOSS,
-            "accuracy": _ACCURACY,
-            "brier": _BRIER,
-            "per_class": _PER_CLASS,
+            **_SUMMARY_PARTS,
             "top_label": _calibration_part("top_label", self.bins),
             # equal-width only: a fine histogram per class would grow with the vocabulary
             "classwise": _calibration_part("classwise", self.bins, fine=False),
@@ -673,22 +677,27 @@ class ClassificationMetrics(Metric):
                 else None
             ),
             "clamped_rows": int(log_loss["clamped"]),
-            "per_class": [
-                {
-                    "index": k,
-                    "count": int(per_class["count"][k]),
-                    "cross_entropy": float(per_class["cross_entropy"][k]),
-                    "recall": float(per_class["recall"][k]),
-                    "precision": float(per_class["precision"][k]),
-                }
-                for k in range(per_class["count"].size)
-            ],
+            "per_class": _per_class_list(per_class),
         }
 
     def reliability(self, *, binning: str = "width") -> dict[str, np.ndarray]:
         """Top-label per-bin ``count``, mean ``confidence`` and ``accuracy``."""
         F._check_choice(binning, F.BINNINGS, name="binning")
         return F._reliability(self._part_state("top_label"), binning=binning)
+
+
+def _per_class_list(per_class: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The per-class arrays of ``_per_class_compute`` as one dict of plain numbers per class."""
+    return [
+        {
+            "index": k,
+            "count": int(per_class["count"][k]),
+            "cross_entropy": float(per_class["cross_entropy"][k]),
+            "recall": float(per_class["recall"][k]),
+            "precision": float(per_class["precision"][k]),
+        }
+        for k in range(per_class["count"].size)
+    ]
 
 
 def _all_reduce_states(states: dict[str, F.State], *, dist: Any, group: Any) -> None:
