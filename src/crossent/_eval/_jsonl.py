@@ -160,9 +160,10 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
     """Open a JSON Lines file."""
     pa = need("pyarrow")
     pjson = need("pyarrow.json")
-    # pyarrow parses dozens of blocks ahead of the consumer: 16 bytes per batch row (1 MiB
-    # blocks by default) keeps that read-ahead, and so the peak memory, small (issue 12)
-    read = pjson.ReadOptions(block_size=max(1 << 16, batch_size * 16))
+    # one thread, a block when asked (no parse-ahead), 16 bytes per batch row per block;
+    # the peak still creeps up with the file under Arrow's jemalloc and system pools
+    # (12 -> 56 MB from 0.1M to 2M rows; flat with 64 KiB blocks or mimalloc): not solved
+    read = pjson.ReadOptions(block_size=max(1 << 16, batch_size * 16), use_threads=False)
     try:
         first = pjson.open_json(open_input(path), read_options=read)
     except pa.ArrowInvalid as exc:
