@@ -26,6 +26,7 @@ FIGURES = {
     "reliability.png": "Reliability diagram (top-label confidence, equal-width bins)",
     "confidence.png": "Histogram of top-label confidence",
     "per_class.png": "Cross-entropy per true class (bits)",
+    "groups.png": "Log loss per group, in the groups' order (bits)",
 }
 
 
@@ -142,8 +143,12 @@ def _reliability_png(reliability: dict[str, np.ndarray], summary: dict[str, Any]
         )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (top-label probability); boxed: predictions per bin")
-    ax.set_ylabel("accuracy")
+    if summary.get("binary"):
+        ax.set_xlabel("P(label = 1); boxed: predictions per bin")
+        ax.set_ylabel("fraction of label 1")
+    else:
+        ax.set_xlabel("confidence (top-label probability); boxed: predictions per bin")
+        ax.set_ylabel("accuracy")
     ece = summary.get("ece")
     ax.set_title(
         f"Reliability diagram, ECE = {ece:.4f}" if isinstance(ece, float) else "Reliability diagram"
@@ -171,7 +176,8 @@ def _confidence_png(reliability: dict[str, np.ndarray], summary: dict[str, Any])
     if isinstance(accuracy, float) and math.isfinite(accuracy):
         ax.axvline(accuracy, color="#333333", linestyle=":", label=f"accuracy {accuracy:.3f}")
     ax.set_xlim(0, 1)
-    ax.set_xlabel("confidence (top-label probability)")
+    binary = bool(summary.get("binary"))
+    ax.set_xlabel("P(label = 1)" if binary else "confidence (top-label probability)")
     ax.set_ylabel("share of predictions")
     ax.set_title("Confidence histogram")
     ax.legend(loc="upper left", fontsize=8, frameon=False)
@@ -203,6 +209,50 @@ def _per_class_png(summary: dict[str, Any]) -> bytes:
     ax.set_title("Cross-entropy per true class")
     ax.grid(alpha=0.25, axis="y")
     return _png(fig)
+
+
+def _groups_png(summary: dict[str, Any]) -> bytes:
+    """Log loss (bits) of each group against the groups' order (days, versions)."""
+    groups = summary["groups"]
+    names = [str(g["group"]) for g in groups]
+    bits = np.array([g["log_loss_bits"] for g in groups], dtype=np.float64)
+    fig = _figure(width=max(5.2, 0.3 * len(groups) + 2.0), height=3.4)
+    ax = fig.add_subplot()
+    ax.plot(range(len(groups)), bits, "o-", color="#4C72B0", markersize=4)
+    overall = summary.get("log_loss_bits")
+    if isinstance(overall, float) and math.isfinite(overall):
+        ax.axhline(
+            overall, color="#333333", linestyle="--", linewidth=1, label=f"all rows {overall:.3f}"
+        )
+        ax.legend(fontsize=8, frameon=False)
+    step = max(1, len(groups) // 20)  # at most ~20 tick labels
+    ticks = list(range(0, len(groups), step))
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel(str(summary["group_by"]))
+    ax.set_ylabel("log loss (bits)")
+    ax.set_title(f"Log loss per {summary['group_by']}")
+    ax.grid(alpha=0.25)
+    return _png(fig)
+
+
+def _groups_table(summary: dict[str, Any]) -> str:
+    """The HTML section with one row per group."""
+    if "groups" not in summary:
+        return ""
+    rows = "\n".join(
+        "<tr>"
+        f"<td>{html.escape(str(g['group']))}</td><td>{_cell(g['rows'])}</td>"
+        f"<td>{_cell(g['log_loss_nats'])}</td><td>{_cell(g['log_loss_bits'])}</td>"
+        f"<td>{_cell(g['accuracy'])}</td><td>{_cell(g['brier'])}</td><td>{_cell(g['ece'])}</td>"
+        "</tr>"
+        for g in summary["groups"]
+    )
+    name = html.escape(str(summary["group_by"]))
+    return (
+        f"<h2>By {name}</h2>\n<table>\n<tr><th>{name}</th><th>rows</th><th>log loss (nats)</th>"
+        "<th>log loss (bits)</th><th>accuracy</th><th>Brier score</th><th>ECE</th></tr>\n"
+        f"{rows}\n</table>"
+    )
 
 
 def _cell(value: Any, digits: int = 4) -> str:
@@ -244,6 +294,8 @@ def write_report(
         "confidence.png": _confidence_png(reliability, summary),
         "per_class.png": _per_class_png(summary),
     }
+    if summary.get("groups") and summary.get("groups_ordered"):
+        images["groups.png"] = _groups_png(summary)
     for name, data in images.items():
         (directory / name).write_bytes(data)
 
@@ -268,6 +320,8 @@ def write_report(
         ("MCE", summary.get("mce")),
         ("classwise ECE", summary.get("classwise_ece")),
         ("ECE of the positive class", summary.get("ece_positive")),
+        ("positive rate", summary.get("positive_rate")),
+        ("mean P(label = 1)", summary.get("mean_prediction")),
         ("rows with log p clamped at -100", summary.get("clamped_rows")),
     ]
     overview = "\n".join(
@@ -301,6 +355,7 @@ def write_report(
 <th>recall</th><th>precision</th></tr>
 {per_class}
 </table>
+{_groups_table(summary)}
 <p class="note">Made by crossent. The images are embedded in this file; the PNG files
 beside it hold the same figures.</p>
 </body>

@@ -1,4 +1,9 @@
-"""Metric.sync(): all_reduce(SUM) of the states over torch.distributed (2 gloo processes)."""
+"""Metric.sync(): all_reduce of the states over torch.distributed (2 gloo processes).
+
+The synced figures must be bit-identical to one pass over both ranks' rows:
+the exact sums' digits are aligned (rank 1 holds far larger logits, so its
+sums need more digits) and summed as integers.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ if not dist.is_available():  # pragma: no cover - builds without distributed
 def _data(rank: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(100 + rank)
     n = 37 if rank == 0 else 91  # uneven shards
-    return rng.normal(size=(n, 4)), rng.integers(0, 4, size=n)
+    scale = 1.0 if rank == 0 else 1e6  # different digit windows on the two ranks
+    return rng.normal(size=(n, 4)) * scale, rng.integers(0, 4, size=n)
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -36,7 +42,16 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         np.save(
             Path(out_dir) / f"rank{rank}.npy",
             np.array(
-                [result["rows"], result["log_loss_nats"], result["ece"], again.count, metric.count]
+                [
+                    result["rows"],
+                    result["log_loss_nats"],
+                    result["ece"],
+                    again.count,
+                    metric.count,
+                    result["brier"],
+                    result["ece_equal_mass"],
+                    result["per_class"][2]["cross_entropy"],
+                ]
             ),
         )
     finally:
@@ -55,9 +70,13 @@ def test_sync_sums_the_states_of_all_ranks() -> None:
     one = ClassificationMetrics(input_kind="logits", bins=10)
     one.update(np.concatenate([z0, z1]), np.concatenate([y0, y1]))
     want = one.compute()
-    for rank, (rows, nats, ece, again_count, local_count) in enumerate(results):
+    for rank, (rows, nats, ece, again_count, local_count, brier, mass, ce2) in enumerate(results):
         assert rows == 128
         assert again_count == 128
         assert local_count == (37, 91)[rank]
-        assert nats == pytest.approx(want["log_loss_nats"], rel=1e-12)
-        assert ece == pytest.approx(want["ece"], rel=1e-12)
+        # bit-identical to one pass, not merely close
+        assert nats == want["log_loss_nats"]
+        assert ece == want["ece"]
+        assert brier == want["brier"]
+        assert mass == want["ece_equal_mass"]
+        assert ce2 == want["per_class"][2]["cross_entropy"]

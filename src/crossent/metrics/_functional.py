@@ -1,10 +1,13 @@
 r"""Pure update / compute / merge functions behind :mod:`crossent.metrics`.
 
-A metric state is a ``dict`` of NumPy arrays: float64 sums and int64 counts,
-nothing else. Every statistic is a sum over rows, so two states merge by
-adding them element by element (exact for the counts, one float64 rounding
-per addition for the sums), and ``torch.distributed.all_reduce(SUM)`` of the
-arrays gives the state of the whole data set.
+A metric state is a ``dict`` of int64 count arrays and exact sums
+(:class:`~crossent.metrics._exact.ExactSum`: the exact value of a sum of
+float64 per-row terms, kept as integer digits), nothing else. Every
+statistic is a sum over rows, so two states merge by adding them element by
+element, exactly, and the merged state is the single-pass state bit for bit,
+whatever the sharding and the merge order; each sum is rounded to float64
+once, when a figure is computed. ``torch.distributed.all_reduce(SUM)`` of
+the integer arrays gives the state of the whole data set, exactly too.
 
 The work is split in two:
 
@@ -13,9 +16,12 @@ The work is split in two:
   calibration state needs them, the full probability matrix) on the caller's
   backend, in its compute dtype (float16/bfloat16 in float32), then copies
   them to the host as float64 through :func:`crossent._lib._xp.to_numpy`;
-* the ``_*_update`` functions add one batch of row statistics to a state with
-  pairwise ``np.sum`` / ``np.bincount`` in float64, and the ``_*_compute``
-  functions turn a state into numbers.
+* the ``_*_update`` functions add one batch of row statistics to a state
+  (exact sums, ``np.bincount`` counts), and the ``_*_compute`` functions turn
+  a state into numbers.
+
+The per-row terms are computed row by row, so they do not depend on the
+batching either (for a given backend and dtype).
 
 Calibration states keep two histograms of the confidences: ``B`` equal-width
 bins (``bin = min(floor(conf·B), B−1)``, so a confidence of exactly 1.0 lands
@@ -41,12 +47,14 @@ from crossent._lib._xp import (
     Array,
     compute_dtype,
     device,
+    is_numpy_namespace,
     logsumexp,
     one_hot,
     size,
     take_along_axis,
     to_numpy,
 )
+from crossent.metrics._exact import ExactSum
 
 __all__ = [
     "FINE_BINS",
@@ -57,7 +65,7 @@ __all__ = [
     "State",
 ]
 
-State = dict[str, np.ndarray]
+State = dict[str, Any]  # name -> int64 np.ndarray or ExactSum
 InputKind = Literal["probs", "logits", "log_probs"]
 
 INPUT_KINDS = ("probs", "logits", "log_probs")
@@ -165,6 +173,13 @@ def _check_distributions(x: Array, *, input_kind: str, xp: Any) -> None:
     row = _first_bad_row(outside | off)
     if row is None:
         return
+    _raise_bad_distribution(x, total, outside, row, input_kind=input_kind)
+
+
+def _raise_bad_distribution(
+    x: Array, total: Array, outside: Array, row: int, *, input_kind: str
+) -> None:
+    """Raise the BadRowError of row `row`: a value out of range (`outside`) or a bad sum."""
     values = to_numpy(x[row, ...], dtype=np.float64)
     row_sum = float(to_numpy(total[row], dtype=np.float64))
     hint = "logits" if input_kind == "probs" else "logits (or probabilities)"
@@ -231,7 +246,15 @@ def _row_stats(
         kept = np.flatnonzero(labels != ignore_index)
         rows = xp.asarray(kept, device=device(x))
         x, y, labels = xp.take(x, rows, axis=0), xp.take(y, rows, axis=0), labels[kept]
+    dtype = compute_dtype(x.dtype, xp=xp)
+    fast = input_kind == "probs" and is_numpy_namespace(xp)
     try:
+        if fast:  # NumPy probabilities: checked inside, in the same passes
+            out = _numpy_prob_rows(
+                x if x.dtype == dtype else xp.astype(x, dtype), labels, need_probs=need_probs
+            )
+            out["num_classes"] = np.asarray(num_classes)
+            return out
         _check_distributions(x, input_kind=input_kind, xp=xp)
     except BadRowError as exc:
         if kept is None:
@@ -239,7 +262,6 @@ def _row_stats(
         row = int(kept[exc.row])  # the row's index in the caller's batch
         msg = str(exc).replace(f"row {exc.row} ", f"row {row} ", 1)
         raise BadRowError(msg, row=row, reason=exc.reason) from None
-    dtype = compute_dtype(x.dtype, xp=xp)
     x = xp.astype(x, dtype) if x.dtype != dtype else x
     y_safe = xp.astype(y, xp.int64) if y.dtype != xp.int64 else y
     index = xp.expand_dims(y_safe, axis=-1)
@@ -284,11 +306,52 @@ def _row_stats(
     return out
 
 
+def _numpy_prob_rows(
+    x: np.ndarray, labels: np.ndarray, *, need_probs: bool
+) -> dict[str, np.ndarray]:
+    """:func:`_row_stats` of NumPy probabilities: the same numbers, fewer passes over x.
+
+    One pass each for the row max (confidence), min and sum (the distribution
+    check, done here instead of in :func:`_check_distributions`), argmax, the
+    copy whose label entry loses 1, squared in place and summed by row (Brier).
+    """
+    n = x.shape[0]
+    rows = np.arange(n)
+    conf = x.max(axis=1)
+    total = x.sum(axis=1)
+    if _checks.values_checked(x) and n:
+        outside = (x.min(axis=1) < 0) | (conf > 1)
+        hits = np.flatnonzero(outside | (np.abs(total - 1) > SUM_TOLERANCE))
+        if hits.size:
+            _raise_bad_distribution(x, total, outside, int(hits[0]), input_kind="probs")
+    p_y = x[rows, labels]
+    with np.errstate(divide="ignore"):
+        log_p_y = np.log(p_y)
+    clamped = log_p_y < LOG_P_FLOOR
+    log_p_y[clamped] = LOG_P_FLOOR
+    d = x.copy()
+    d[rows, labels] -= 1
+    np.square(d, out=d)  # then a row sum, as the generic path: the same value per row
+    out = {
+        "label": labels,
+        "nll": np.asarray(-log_p_y, dtype=np.float64),
+        "clamped": clamped,
+        "pred": x.argmax(axis=1).astype(np.int64, copy=False),
+        "conf": np.asarray(conf, dtype=np.float64),
+        "brier": np.asarray(d.sum(axis=1), dtype=np.float64),
+        # a row sum of values in [0, 1] is NaN exactly when the row holds NaN (+inf is > 1)
+        "nan": np.isnan(total) if _checks.values_checked(x) else np.isnan(x).any(axis=1),
+    }
+    if need_probs:
+        out["probs"] = np.asarray(x, dtype=np.float64)
+    return out
+
+
 # ---------------------------------------------------------------- merge
 
 
 def _merge(a: State, b: State) -> State:
-    """The state of the union of the rows of `a` and `b` (element-wise sums)."""
+    """The state of the union of the rows of `a` and `b` (element-wise exact sums)."""
     if not a:
         return {k: v.copy() for k, v in b.items()}
     if not b:
@@ -305,21 +368,21 @@ def _merge(a: State, b: State) -> State:
                 f"{other.shape} in the other (different number of classes or bins?)."
             )
             raise ValueError(msg)
-        out[key] = value + other
+        out[key] = value.merge(other) if isinstance(value, ExactSum) else value + other
     return out
 
 
-def _batch_sum(values: np.ndarray) -> np.ndarray:
-    """Pairwise float64 sum of one batch, as a 0-d array."""
-    return np.asarray(np.sum(values, dtype=np.float64))
+def _batch_sum(values: np.ndarray) -> ExactSum:
+    """Exact sum of one batch of float64 values."""
+    return ExactSum.zeros().add(values)
 
 
 def _count(values: np.ndarray) -> np.ndarray:
     return np.asarray(np.count_nonzero(values), dtype=np.int64)
 
 
-def _zero_float() -> np.ndarray:
-    return np.zeros((), dtype=np.float64)
+def _zero_float() -> ExactSum:
+    return ExactSum.zeros()
 
 
 def _zero_int() -> np.ndarray:
@@ -412,7 +475,7 @@ def _brier_compute(state: State) -> float:
 
 def _per_class_init(num_classes: int) -> State:
     return {
-        "class_nll": np.zeros(num_classes, dtype=np.float64),
+        "class_nll": ExactSum.zeros((num_classes,)),
         "class_count": np.zeros(num_classes, dtype=np.int64),
         "class_correct": np.zeros(num_classes, dtype=np.int64),
         "class_predicted": np.zeros(num_classes, dtype=np.int64),
@@ -426,7 +489,7 @@ def _per_class_update(state: State, rows: dict[str, np.ndarray]) -> State:
     return _merge(
         state,
         {
-            "class_nll": np.bincount(labels, weights=rows["nll"], minlength=num_classes),
+            "class_nll": ExactSum.zeros((num_classes,)).add(rows["nll"], labels),
             "class_count": np.bincount(labels, minlength=num_classes).astype(np.int64),
             "class_correct": np.bincount(labels[hit], minlength=num_classes).astype(np.int64),
             "class_predicted": np.bincount(rows["pred"][valid], minlength=num_classes).astype(
@@ -441,7 +504,7 @@ def _per_class_compute(state: State, *, base: float | None = None) -> dict[str, 
     count = state["class_count"]
     seen = count > 0
     denom = np.where(seen, count, 1)
-    ce = np.where(seen, state["class_nll"] / denom, np.nan) / _log_base(base)
+    ce = np.where(seen, state["class_nll"].value() / denom, np.nan) / _log_base(base)
     recall = np.where(seen, state["class_correct"] / denom, np.nan)
     predicted = state["class_predicted"]
     precision = np.where(
@@ -457,21 +520,24 @@ def _calibration_init(groups: int, bins: int, *, fine: bool = True) -> State:
     """Equal-width bins, plus the fine histogram for equal-mass bins when `fine`."""
     state = {
         "width_count": np.zeros((groups, bins), dtype=np.int64),
-        "width_conf": np.zeros((groups, bins), dtype=np.float64),
+        "width_conf": ExactSum.zeros((groups, bins)),
         "width_hit": np.zeros((groups, bins), dtype=np.int64),
         "count": _zero_int(),
         "nan": _zero_int(),
     }
     if fine:
         state["fine_count"] = np.zeros((groups, FINE_BINS), dtype=np.int64)
-        state["fine_conf"] = np.zeros((groups, FINE_BINS), dtype=np.float64)
+        state["fine_conf"] = ExactSum.zeros((groups, FINE_BINS))
         state["fine_hit"] = np.zeros((groups, FINE_BINS), dtype=np.int64)
     return state
 
 
 def _width_bin(conf: np.ndarray, bins: int) -> np.ndarray:
     """Equal-width bin of each confidence: min(floor(conf·B), B−1); 1.0 is in the last bin."""
-    return np.minimum(np.floor(conf * bins).astype(np.int64), bins - 1)
+    t = conf * bins
+    np.floor(t, out=t)
+    np.minimum(t, bins - 1, out=t)
+    return t.astype(np.int64)
 
 
 def _fine_bin(conf: np.ndarray) -> np.ndarray:
@@ -486,11 +552,22 @@ def _fine_bin(conf: np.ndarray) -> np.ndarray:
 
 
 def _calibration_pairs(rows: dict[str, np.ndarray], kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence, hit) of shape (rows, groups) for the calibration `kind`."""
-    labels = rows["label"]
+    """Confidences (rows, groups) of the rows without NaN, and where the hits are.
+
+    The hits are given as flat indices into ``confidence.ravel()`` (for
+    classwise calibration, exactly one per row: its label's column), so no
+    (rows × classes) mask is ever built.
+    """
+    valid = ~rows["nan"]
+    every_row = bool(valid.all())
+
+    def kept(a: np.ndarray) -> np.ndarray:
+        return a if every_row else a[valid]
+
+    labels = kept(rows["label"])
     if kind == "top_label":
-        return rows["conf"][:, None], (rows["pred"] == labels)[:, None]
-    probs = rows["probs"]
+        return kept(rows["conf"])[:, None], np.flatnonzero(kept(rows["pred"]) == labels)
+    probs = kept(rows["probs"])
     if kind == "positive":
         if probs.shape[1] != 2:
             msg = (
@@ -498,27 +575,29 @@ def _calibration_pairs(rows: dict[str, np.ndarray], kind: str) -> tuple[np.ndarr
                 f'got {probs.shape[1]} classes. Use kind="top_label" or "classwise".'
             )
             raise ValueError(msg)
-        return probs[:, 1:], (labels == 1)[:, None]
-    return probs, labels[:, None] == np.arange(probs.shape[1])
+        return probs[:, 1:], np.flatnonzero(labels == 1)
+    return probs, np.arange(labels.size, dtype=np.int64) * probs.shape[1] + labels
 
 
 def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str) -> State:
     groups, bins = state["width_count"].shape
-    valid = ~rows["nan"]
-    conf, hit = _calibration_pairs(rows, kind)
-    conf, hit = conf[valid], hit[valid]
-    offset = np.arange(groups, dtype=np.int64) * bins
-    width_idx = (_width_bin(conf, bins) + offset).ravel()
-    flat_conf, flat_hit = conf.ravel(), hit.ravel()
+    conf, hits = _calibration_pairs(rows, kind)
+    flat_conf = conf.ravel()
 
-    def hist(idx: np.ndarray, length: int, shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    def hist(bin_of: np.ndarray, width: int) -> tuple[Any, ...]:
+        # bin_of: (rows, groups) bin of each confidence; group g's bins are g*width + bin
+        idx = bin_of
+        if groups > 1:
+            idx += np.arange(groups, dtype=np.int64) * width
+        idx = idx.ravel()
+        length, shape = groups * width, (groups, width)
         return (
             np.bincount(idx, minlength=length).reshape(shape).astype(np.int64),
-            np.bincount(idx, weights=flat_conf, minlength=length).reshape(shape),
-            np.bincount(idx[flat_hit], minlength=length).reshape(shape).astype(np.int64),
+            ExactSum.zeros(shape).add(flat_conf, idx),
+            np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64),
         )
 
-    w_count, w_conf, w_hit = hist(width_idx, groups * bins, (groups, bins))
+    w_count, w_conf, w_hit = hist(_width_bin(conf, bins), bins)
     batch = {
         "width_count": w_count,
         "width_conf": w_conf,
@@ -527,9 +606,7 @@ def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str)
         "nan": _count(rows["nan"]),
     }
     if "fine_count" in state:
-        fine_offset = np.arange(groups, dtype=np.int64) * FINE_BINS
-        fine_idx = (_fine_bin(conf) + fine_offset).ravel()
-        f_count, f_conf, f_hit = hist(fine_idx, groups * FINE_BINS, (groups, FINE_BINS))
+        f_count, f_conf, f_hit = hist(_fine_bin(conf), FINE_BINS)
         batch |= {"fine_count": f_count, "fine_conf": f_conf, "fine_hit": f_hit}
     return _merge(state, batch)
 
@@ -546,21 +623,21 @@ def _calibration_bins(state: State, *, binning: str) -> tuple[np.ndarray, ...]:
     """Per-bin (count, confidence sum, hit count), shape (groups, bins)."""
     groups, bins = state["width_count"].shape
     if binning == "width":
-        return state["width_count"], state["width_conf"], state["width_hit"]
+        return state["width_count"], state["width_conf"].value(), state["width_hit"]
     if "fine_count" not in state:
         msg = 'this calibration state keeps equal-width bins only; binning="mass" needs fine=True.'
         raise ValueError(msg)
-    assign = _mass_groups(state["fine_count"], bins) + np.arange(groups)[:, None] * bins
-    idx = assign.ravel()
-    length = groups * bins
+    assign = _mass_groups(state["fine_count"], bins)
+    rows = (np.arange(groups)[:, None] * bins + assign).ravel()
+
+    def regroup(counts: np.ndarray) -> np.ndarray:  # integer counts, exact in float64
+        summed = np.bincount(rows, weights=counts.ravel(), minlength=groups * bins)
+        return summed.astype(np.int64).reshape(groups, bins)
+
     return (
-        np.bincount(idx, weights=state["fine_count"].ravel(), minlength=length).reshape(
-            groups, bins
-        ),
-        np.bincount(idx, weights=state["fine_conf"].ravel(), minlength=length).reshape(
-            groups, bins
-        ),
-        np.bincount(idx, weights=state["fine_hit"].ravel(), minlength=length).reshape(groups, bins),
+        regroup(state["fine_count"]),
+        state["fine_conf"].regroup(assign, bins).value(),
+        regroup(state["fine_hit"]),
     )
 
 

@@ -5,11 +5,12 @@ Every class has the same life cycle::
     metric = CrossEntropy(input_kind="logits", base=2)
     for logits, labels in batches:
         metric.update(logits, labels)        # NumPy, PyTorch, JAX, ... arrays
-    metric.merge(other_worker_metric)        # exact: the states are sums
+    metric.merge(other_worker_metric)        # exact: the states are exact sums
     value = metric.sync().compute()          # all_reduce over torch.distributed
 
-A metric's state is a few float64 sums and int64 counts on the host
-(:attr:`Metric.state`); it pickles, merges and all-reduces exactly.
+A metric's state is a few exact sums and int64 counts on the host
+(:attr:`Metric.state`); it pickles, merges and all-reduces exactly: a merged
+or synced metric computes the same bits as one metric fed every row.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from crossent._lib._xp import Array, array_namespace
 from crossent.metrics import _functional as F
+from crossent.metrics._exact import ExactSum
 
 __all__ = [
     "Accuracy",
@@ -72,6 +74,13 @@ _LOG_LOSS = _Part(functools.partial(_without_classes, F._log_loss_init), F._log_
 _ACCURACY = _Part(functools.partial(_without_classes, F._accuracy_init), F._accuracy_update)
 _BRIER = _Part(functools.partial(_without_classes, F._brier_init), F._brier_update)
 _PER_CLASS = _Part(F._per_class_init, F._per_class_update)
+#: the parts behind every summary of ``crossent eval`` (binary or multiclass)
+_SUMMARY_PARTS = {
+    "log_loss": _LOG_LOSS,
+    "accuracy": _ACCURACY,
+    "brier": _BRIER,
+    "per_class": _PER_CLASS,
+}
 
 
 class Metric:
@@ -93,8 +102,12 @@ class Metric:
     -----
     :meth:`update` computes per-row statistics on the caller's backend in its
     compute dtype (float16/bfloat16 in float32), copies the per-row vectors to
-    the host and adds them to float64 sums and int64 counts: per-batch sums are
-    pairwise, so 10⁷ float32 predictions accumulate without drift.
+    the host as float64 and adds them to exact sums (integer fixed-point
+    digits, rounded to float64 once when a figure is computed) and int64
+    counts. So 10⁷ float32 predictions accumulate without drift, and
+    :meth:`merge` and :meth:`sync` are exact: the figures of merged shards are
+    bit-identical to one pass over all the rows, whatever the sharding, the
+    batching and the merge order.
 
     Probability inputs: log p of the label is computed exactly and clamped at
     −100 (PyTorch's rule, the same as :func:`crossent.sparse_categorical_cross_entropy`),
@@ -216,7 +229,8 @@ class Metric:
 
     @property
     def state(self) -> dict[str, dict[str, np.ndarray]]:
-        """A copy of the state: float64 sums and int64 counts, grouped by part."""
+        """A copy of the state: exact sums (``float()`` / ``.value()`` round them) and int64
+        counts, grouped by part."""
         return {name: {k: v.copy() for k, v in s.items()} for name, s in self._states.items()}
 
     @property
@@ -230,10 +244,12 @@ class Metric:
     def sync(self, group: Any = None) -> Self:
         """A copy whose state is the sum over all ranks of ``torch.distributed``.
 
-        Runs ``all_reduce(SUM)`` on the state arrays (one float64 and one int64
-        tensor) when ``torch.distributed`` is initialised, and is a plain copy
-        otherwise. The metric itself is left as it is, so calling :meth:`sync`
-        twice never counts a row twice. Every rank must call it (a collective).
+        Runs ``all_reduce`` on the state's integer arrays when
+        ``torch.distributed`` is initialised (a MAX to agree on the digits
+        the exact sums need, then one int64 SUM, which is exact), and is a
+        plain copy otherwise. The metric itself is left as it is, so calling
+        :meth:`sync` twice never counts a row twice. Every rank must call it
+        (a collective).
 
         Parameters
         ----------
@@ -250,26 +266,7 @@ class Metric:
                 "but this rank has seen no batch; pass num_classes=... to the constructor."
             )
             raise ValueError(msg)
-        import torch
-
-        backend = dist.get_backend(group)
-        on = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-        keys = [
-            (name, key) for name in sorted(synced._states) for key in sorted(synced._states[name])
-        ]
-        for kind in (np.float64, np.int64):
-            chosen = [(n, k) for n, k in keys if synced._states[n][k].dtype == kind]
-            if not chosen:
-                continue
-            flat = np.concatenate([synced._states[n][k].ravel() for n, k in chosen])
-            tensor = torch.from_numpy(flat).to(on)
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-            summed = tensor.cpu().numpy()
-            start = 0
-            for n, k in chosen:
-                arr = synced._states[n][k]
-                synced._states[n][k] = summed[start : start + arr.size].reshape(arr.shape).copy()
-                start += arr.size
+        _all_reduce_states(synced._states, dist=dist, group=group)
         return synced
 
     def compute(self) -> Any:
@@ -637,10 +634,7 @@ class ClassificationMetrics(Metric):
         F._log_base(base)
         self.base = base
         self._parts = {
-            "log_loss": _LOG_LOSS,
-            "accuracy": _ACCURACY,
-            "brier": _BRIER,
-            "per_class": _PER_CLASS,
+            **_SUMMARY_PARTS,
             "top_label": _calibration_part("top_label", self.bins),
             # equal-width only: a fine histogram per class would grow with the vocabulary
             "classwise": _calibration_part("classwise", self.bins, fine=False),
@@ -683,22 +677,87 @@ class ClassificationMetrics(Metric):
                 else None
             ),
             "clamped_rows": int(log_loss["clamped"]),
-            "per_class": [
-                {
-                    "index": k,
-                    "count": int(per_class["count"][k]),
-                    "cross_entropy": float(per_class["cross_entropy"][k]),
-                    "recall": float(per_class["recall"][k]),
-                    "precision": float(per_class["precision"][k]),
-                }
-                for k in range(per_class["count"].size)
-            ],
+            "per_class": _per_class_list(per_class),
         }
 
     def reliability(self, *, binning: str = "width") -> dict[str, np.ndarray]:
         """Top-label per-bin ``count``, mean ``confidence`` and ``accuracy``."""
         F._check_choice(binning, F.BINNINGS, name="binning")
         return F._reliability(self._part_state("top_label"), binning=binning)
+
+
+def _per_class_list(per_class: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The per-class arrays of ``_per_class_compute`` as one dict of plain numbers per class."""
+    return [
+        {
+            "index": k,
+            "count": int(per_class["count"][k]),
+            "cross_entropy": float(per_class["cross_entropy"][k]),
+            "recall": float(per_class["recall"][k]),
+            "precision": float(per_class["precision"][k]),
+        }
+        for k in range(per_class["count"].size)
+    ]
+
+
+def _all_reduce_states(states: dict[str, F.State], *, dist: Any, group: Any) -> None:
+    """Sum `states` over the ranks of `group`, in place, exactly.
+
+    The exact sums are first widened to the same digit window on every rank
+    (an all_reduce MAX of their windows), so that their digits line up; then
+    every int64 array (counts, digits, NaN and inf counts) goes into one
+    all_reduce SUM. Digits are below 2**32, so the sum over ranks cannot
+    overflow, and carries are propagated afterwards.
+    """
+    import torch
+
+    backend = dist.get_backend(group)
+    on = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    keys = [(name, key) for name in sorted(states) for key in sorted(states[name])]
+    exact = [(n, k) for n, k in keys if isinstance(states[n][k], ExactSum)]
+    if exact:
+        # [-lo..., hi...] under MAX: the smallest lo and the largest hi of all ranks
+        none = -(2**40)
+        bounds = []
+        for n, k in exact:
+            window = states[n][k].window()
+            bounds.append(none if window is None else -window[0])
+        for n, k in exact:
+            window = states[n][k].window()
+            bounds.append(none if window is None else window[1])
+        tensor = torch.tensor(bounds, dtype=torch.int64, device=on)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+        agreed = tensor.cpu().tolist()
+        for i, (n, k) in enumerate(exact):
+            lo, hi = -agreed[i], agreed[len(exact) + i]
+            if hi != none:
+                states[n][k].pad_to(lo, hi)
+    # (holder, field): the int64 arrays to sum, where each lives
+    slots: list[tuple[Any, str]] = []
+    for n, k in keys:
+        if isinstance(states[n][k], ExactSum):
+            slots += [(states[n][k], f) for f in ("limbs", "nan", "pos_inf", "neg_inf")]
+        else:
+            slots.append((states[n], k))
+
+    def get(holder: Any, name: str) -> np.ndarray:
+        return np.asarray(holder[name] if isinstance(holder, dict) else getattr(holder, name))
+
+    arrays = [get(holder, name) for holder, name in slots]
+    flat = np.concatenate([a.ravel() for a in arrays]).astype(np.int64)
+    tensor = torch.from_numpy(flat).to(on)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    summed = tensor.cpu().numpy()
+    start = 0
+    for (holder, name), a in zip(slots, arrays, strict=True):
+        value = summed[start : start + a.size].reshape(a.shape).copy()
+        if isinstance(holder, dict):
+            holder[name] = value
+        else:
+            setattr(holder, name, value)
+        start += a.size
+    for n, k in exact:
+        states[n][k]._normalize()
 
 
 def _class_slice(state: F.State, k: int) -> F.State:

@@ -1,0 +1,170 @@
+"""Cost of exact metric sums: ``crossent eval`` and ``ClassificationMetrics.update`` throughput.
+
+Run: ``python -m benchmarks.bench_metrics [--quick]``.
+
+The metric states keep exact sums (:class:`crossent.metrics._exact.ExactSum`),
+so merged shards give the single-pass figures bit for bit. The reference in
+the same run is the same code with the exact sums swapped for plain float64
+sums (``np.bincount`` / pairwise ``np.sum``, what the states held before),
+so the ratio is the price of exactness alone. Rows per second of
+``crossent eval`` (reading the file included: CSV and Parquet), of
+``ClassificationMetrics.update`` (every figure ``crossent eval`` reports)
+and of ``CrossEntropy.update`` on in-memory NumPy logits; process CPU time, contenders
+interleaved A, B, A, B over rounds, median ratio reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crossent.metrics import ClassificationMetrics, CrossEntropy
+from crossent.metrics import _functional as F
+
+
+class _FloatSum:
+    """The old state: float64 sums, rounded at every addition (same interface as ExactSum)."""
+
+    def __init__(self, total: np.ndarray) -> None:
+        self.total = total
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...] = ()) -> _FloatSum:
+        return cls(np.zeros(shape, dtype=np.float64))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.total.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.total.ndim
+
+    def add(self, values: np.ndarray, index: np.ndarray | None = None) -> _FloatSum:
+        if index is None:
+            self.total = self.total + np.sum(values, dtype=np.float64)
+        else:
+            size = self.total.size
+            summed = np.bincount(index, weights=values, minlength=size)
+            self.total = self.total + summed.reshape(self.shape)
+        return self
+
+    def merge(self, other: _FloatSum) -> _FloatSum:
+        return _FloatSum(self.total + other.total)
+
+    def copy(self) -> _FloatSum:
+        return _FloatSum(self.total.copy())
+
+    def regroup(self, groups: np.ndarray, count: int) -> _FloatSum:
+        rows = self.total.shape[0]
+        target = (np.arange(rows)[:, None] * count + groups).ravel()
+        summed = np.bincount(target, weights=self.total.ravel(), minlength=rows * count)
+        return _FloatSum(summed.reshape(rows, count))
+
+    def value(self) -> np.ndarray:
+        return self.total
+
+    def __float__(self) -> float:
+        return float(self.total)
+
+    def __getitem__(self, key: Any) -> _FloatSum:
+        return _FloatSum(np.asarray(self.total[key]))
+
+
+@contextlib.contextmanager
+def _float_sums() -> Iterator[None]:
+    exact = F.ExactSum
+    F.ExactSum = _FloatSum  # type: ignore[misc, assignment]
+    try:
+        yield
+    finally:
+        F.ExactSum = exact  # type: ignore[misc]
+
+
+def _cpu(fn: Callable[[], object]) -> float:
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def _ab(exact: Callable[[], object], plain: Callable[[], object], rounds: int) -> tuple[float, ...]:
+    """(exact seconds, plain seconds, median ratio exact/plain), interleaved."""
+    exact()  # warm up both
+    with _float_sums():
+        plain()
+    a_times, b_times, ratios = [], [], []
+    for _ in range(rounds):
+        a = _cpu(exact)
+        with _float_sums():
+            b = _cpu(plain)
+        a_times.append(a)
+        b_times.append(b)
+        ratios.append(a / b)
+    return statistics.median(a_times), statistics.median(b_times), statistics.median(ratios)
+
+
+def _logits(n: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(scale=2.0, size=(n, c)), rng.integers(0, c, size=n)
+
+
+def _files(tmp: Path, n: int, c: int) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    z, y = _logits(n, c, seed=1)
+    table = pa.table({"label": y, **{f"c{k}": z[:, k] for k in range(c)}})
+    pq.write_table(table, tmp / "p.parquet")
+    pcsv.write_csv(table, tmp / "p.csv")
+    return {"parquet": tmp / "p.parquet", "csv": tmp / "p.csv"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    args = parser.parse_args()
+    rounds = 3 if args.quick else 7
+    print("| case | rows | classes | exact rows/s | float rows/s | exact / float time |")
+    print("|---|---:|---:|---:|---:|---:|")
+    sizes = [(20_000, 10)] if args.quick else [(200_000, 10), (200_000, 100), (20_000, 1000)]
+    for n, c in sizes:
+        z, y = _logits(n, c)
+
+        for name, metric_type in (
+            ("update", ClassificationMetrics),
+            ("CrossEntropy", CrossEntropy),
+        ):
+
+            def update(z: np.ndarray = z, y: np.ndarray = y, kind: Any = metric_type) -> None:
+                metric = kind(input_kind="logits")
+                for start in range(0, len(y), 65536):
+                    metric.update(z[start : start + 65536], y[start : start + 65536])
+                metric.compute()
+
+            a, b, ratio = _ab(update, update, rounds)
+            print(f"| {name} | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} |")
+    from crossent._eval import evaluate
+
+    file_sizes = [(20_000, 10)] if args.quick else [(500_000, 10), (100_000, 100)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, c in file_sizes:
+            for fmt, path in _files(Path(tmp), n, c).items():
+
+                def run(path: Path = path) -> None:
+                    evaluate(path, input_kind="logits")
+
+                a, b, ratio = _ab(run, run, rounds)
+                print(f"| eval {fmt} | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

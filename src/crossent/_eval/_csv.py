@@ -1,0 +1,174 @@
+"""CSV and TSV files, read in blocks by ``pyarrow.csv``.
+
+pyarrow skips blank lines and lets a quoted cell span lines, so the file line
+of a row is not its index plus one: :func:`row_lines` walks the file with
+Python's :mod:`csv` module, which splits rows the same way, to find it (only
+when an error names a row). A parse or conversion error half-way through the
+file carries no line number in pyarrow's message; :func:`_diagnose` finds the
+offending row and cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from crossent._eval._errors import CLIError
+from crossent._eval._sources import data_suffix, open_input, open_text
+from crossent._eval._table import (
+    Table,
+    checked_blocks,
+    is_numeric,
+    need,
+    record_batches,
+    text_table,
+)
+
+__all__ = ["NULL_VALUES", "open_csv", "row_lines"]
+
+#: cells read as missing values ("nan" and "inf" are numbers, reported as such)
+NULL_VALUES = ["", "NA", "N/A", "NULL", "null", "None"]
+
+
+def _delimiter(path: Path) -> str:
+    return "\t" if data_suffix(path)[0] == ".tsv" else ","
+
+
+def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line, cells) of every non-blank row of `path`, the header first.
+
+    `line` (from 1) is where the row starts: blank lines are skipped, as
+    pyarrow skips them, and a quoted cell may span several lines.
+    """
+    with open_text(path) as f:
+        reader = csv.reader(f, delimiter=_delimiter(path))
+        last = 0
+        for row in reader:
+            start, last = last + 1, reader.line_num
+            if row:
+                yield start, row
+
+
+def row_lines(path: Path) -> Iterator[int]:
+    """The line (from 1) on which each data row of `path` starts, in order."""
+    return (line for line, _ in itertools.islice(_rows(path), 1, None))
+
+
+def _line_of(path: Path, row: int) -> int | None:
+    return next(itertools.islice(row_lines(path), row, None), None)
+
+
+def _bad_cell(pa: Any, pc: Any, column: Any) -> int | None:
+    """Index of the first cell of a text column that pyarrow cannot read as a float64."""
+    text = pc.utf8_trim_whitespace(column)
+    missing = pc.is_in(text, value_set=pa.array(NULL_VALUES))
+    for i, (value, is_null) in enumerate(zip(text.to_pylist(), missing.to_pylist(), strict=True)):
+        if value is None or is_null:
+            continue
+        try:
+            pc.cast(pa.array([value]), pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return i
+    return None
+
+
+def _diagnose(table: Table, numeric: list[str], read: Any, parse: Any) -> str | None:
+    """Name the row (and line) that made pyarrow fail half-way through the file."""
+    pa = need("pyarrow")
+    pc = need("pyarrow.compute")
+    pcsv = need("pyarrow.csv")
+    # the same parser with every column as text: the same rows, no conversion
+    as_text = pcsv.ConvertOptions(column_types=dict.fromkeys(table.names, pa.string()))
+    start = 0
+    try:
+        reader = pcsv.open_csv(
+            open_input(table.path),
+            read_options=read,
+            parse_options=parse,
+            convert_options=as_text,
+        )
+        for batch in reader:
+            for name in numeric:
+                column = batch.column(table.names.index(name))
+                if _cast_ok(pa, pc, column):
+                    continue
+                bad = _bad_cell(pa, pc, column)
+                if bad is not None:
+                    cell = column[bad].as_py()
+                    return (
+                        f"{table.where(start + bad)} has {cell!r} in column {name!r}, which is "
+                        "not a number (an empty cell is a missing value)"
+                    )
+            start += batch.num_rows
+    except pa.ArrowInvalid:
+        return _ragged_line(table.path)
+    return None
+
+
+def _ragged_line(path: Path) -> str | None:
+    """The first row whose number of cells differs from the header's."""
+    rows = _rows(path)
+    width = len(next(rows, (0, []))[1])
+    for line, row in rows:
+        if len(row) != width:
+            return f"line {line} has {len(row)} cells, but the header has {width}"
+    return None
+
+
+def _cast_ok(pa: Any, pc: Any, column: Any) -> bool:
+    text = pc.utf8_trim_whitespace(column)
+    text = pc.if_else(pc.is_in(text, value_set=pa.array(NULL_VALUES)), None, text)
+    try:
+        pc.cast(text, pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    return True
+
+
+def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
+    """Open a CSV (TSV for a ``.tsv`` name) file with a header line."""
+    pa = need("pyarrow")
+    pcsv = need("pyarrow.csv")
+    parse = pcsv.ParseOptions(delimiter=_delimiter(path))
+    # with threads pyarrow parses blocks ahead of the consumer as fast as it can, so the
+    # peak memory grew with the file (+44 MB at 3M rows): one thread reads a block when
+    # asked (bounded, no slower on the CI's two cores); 16 bytes per batch row per block
+    read = pcsv.ReadOptions(block_size=max(1 << 16, batch_size * 16), use_threads=False)
+    try:
+        first = pcsv.open_csv(open_input(path), read_options=read, parse_options=parse)
+    except pa.ArrowInvalid as exc:
+        ragged = _ragged_line(path)
+        if ragged is None:
+            raise
+        msg = f"{path}: {ragged}."
+        raise CLIError(msg) from exc
+    schema = first.schema
+    first.close()
+    # types from the first block can be too narrow for later ones (int, then 0.5):
+    # read every numeric column as float64 and the label as text.
+    column_types = {
+        f.name: pa.string() if f.name == label_column else pa.float64()
+        for f in schema
+        if f.name == label_column or is_numeric(pa, f.type)
+    }
+    numeric = [name for name, t in column_types.items() if t == pa.float64()]
+    convert = pcsv.ConvertOptions(column_types=column_types, null_values=NULL_VALUES)
+
+    def explain(exc: Exception) -> CLIError | None:
+        found = _diagnose(table, numeric, read, parse)
+        return None if found is None else CLIError(f"{path}: {found}.")
+
+    def blocks() -> Iterator[Any]:
+        reader = pcsv.open_csv(
+            open_input(path), read_options=read, parse_options=parse, convert_options=convert
+        )
+        return checked_blocks(reader, lambda: table, explain)
+
+    types = {f.name: column_types.get(f.name, f.type) for f in schema}
+    line_of = functools.partial(_line_of, path)
+    table = text_table(path, "csv", list(schema.names), types, record_batches(blocks), line_of)
+    return table

@@ -1,0 +1,211 @@
+"""Stream predictions files through the metrics: the local engine, or the Dask one.
+
+:func:`evaluate` expands the FILE arguments (files, directories, globs, ``-``),
+resolves the columns from the first file (every other file must have the
+same ones), and scores every file into one
+:class:`~crossent._eval._groups.GroupedMetrics`: batch after batch in this
+process (``engine="local"``), or one state per file on Dask workers, merged
+in a tree (``engine="dask"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from crossent._eval._columns import Columns, resolve_columns
+from crossent._eval._errors import CLIError
+from crossent._eval._groups import GroupedMetrics
+from crossent._eval._open import FORMATS, open_table, read_batches
+from crossent._eval._score import Plan, Selection, score_table
+from crossent._eval._sources import expand_sources, stdin_as_file
+from crossent._eval._summary import summarize_state
+from crossent._eval._table import Batch, Table
+
+__all__ = ["evaluate", "open_scored", "score_file"]
+
+
+def _progress_bar(total: int | None, *, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the metrics extra
+        return None
+    return tqdm(total=total, unit=" rows", unit_scale=True, delay=1.0, file=sys.stderr, leave=False)
+
+
+def open_scored(
+    path: Path,
+    selection: Selection,
+    batch_size: int,
+    like: tuple[Path, Sequence[str]] | None = None,
+) -> tuple[Table, Columns, Iterator[Batch]]:
+    """Open `path`, resolve its columns (its first batch tells a text cell from a
+    text column), and return the table, the columns and every batch.
+
+    `like` is (first file, its column names): this file must have the same ones.
+    """
+    table = open_table(path, batch_size=batch_size, label_column=selection.label_column)
+    if like is not None and set(table.names) != set(like[1]):
+        _other_columns(table, *like, "")
+    batches = read_batches(table)
+    head = next(batches, None)
+    columns = resolve_columns(
+        table,
+        selection.label_column,
+        None if head is None else head.data,
+        columns=selection.columns,
+        exclude=selection.exclude,
+        group_by=selection.group_by,
+    )
+    return table, columns, itertools.chain([] if head is None else [head], batches)
+
+
+@contextlib.contextmanager
+def _renamed(path: Path, name: str) -> Iterator[None]:
+    """Error messages about `path` (standard input's spooled copy) say `name` instead."""
+    try:
+        yield
+    except CLIError as exc:
+        raise CLIError(str(exc).replace(str(path), name)) from exc.__cause__
+
+
+def check_same_columns(table: Table, columns: Columns, plan: Plan, first: Path) -> None:
+    """Every file of one evaluation must have the class columns of the `first` one."""
+    same_classes = columns.list_column == plan.columns.list_column and (
+        columns.list_column is not None or columns.classes == plan.columns.classes
+    )
+    if not same_classes:
+        _other_columns(
+            table, first, table.names, f"its class columns are {', '.join(columns.classes)}"
+        )
+
+
+def _other_columns(table: Table, first: Path, names: Sequence[str], why: str) -> None:
+    extra = [n for n in table.names if n not in names]
+    missing = [n for n in names if n not in table.names]
+    parts = [
+        f"it lacks {', '.join(missing)}" if missing else "",
+        f"it also has {', '.join(extra)}" if extra else "",
+        why,
+    ]
+    detail = "; ".join(p for p in parts if p)
+    msg = (
+        f"{table.path}: has other columns than {first} ({detail}); files scored together "
+        "must have the same columns. Score them separately, or fix the files."
+    )
+    raise CLIError(msg)
+
+
+def score_file(
+    path: Path, plan: Plan, first: Path, names: Sequence[str], batch_size: int
+) -> GroupedMetrics:
+    """One file's state (a Dask task: it runs on a worker)."""
+    table, columns, batches = open_scored(path, plan.selection, batch_size, (first, names))
+    check_same_columns(table, columns, plan, first)
+    state = plan.new_state()
+    score_table(state, table, batches, plan)
+    return state
+
+
+def evaluate(
+    paths: Path | str | Sequence[Path | str],
+    *,
+    label_column: str = "label",
+    input_kind: str = "probs",
+    bins: int = 15,
+    base: str = "e",
+    labels: str = "auto",
+    batch_size: int = 65536,
+    progress: bool = False,
+    columns: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    group_by: str | None = None,
+    engine: str = "local",
+    scheduler: str | None = None,
+    workers: int | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """Score the predictions in `paths` as one table; returns (summary, overall metric)."""
+    args = [str(paths)] if isinstance(paths, str | Path) else [str(p) for p in paths]
+    sources = expand_sources(args, formats=tuple(FORMATS))
+    selection = Selection(
+        label_column, None if columns is None else tuple(columns), tuple(exclude), group_by
+    )
+    with contextlib.ExitStack() as stack:
+        if sources == ["-"]:
+            if engine != "local":
+                msg = "`-` (standard input) is read by the local engine only; drop --engine dask."
+                raise CLIError(msg)
+            spooled = stack.enter_context(stdin_as_file())
+            stack.enter_context(_renamed(spooled, "<stdin>"))
+            sources = [spooled]
+        files = [Path(s) for s in sources]
+        first, resolved, batches = open_scored(files[0], selection, batch_size)
+        plan = Plan(resolved, input_kind, labels, bins, base, selection)
+        if engine == "dask":
+            state = _dask_state(files, plan, first, batch_size, scheduler, workers)
+        else:
+            state = _local_state(files, plan, first, batches, batch_size, progress)
+    if args == ["-"]:
+        first.path = Path("<stdin>")
+    for warning in state.warnings:
+        print(f"crossent eval: warning: {warning}", file=sys.stderr)
+    if state.count == 0:
+        msg = f"{' '.join(args)}: has no rows."
+        raise CLIError(msg)
+    if not plan.columns.classes:  # a list column: classes are numbered (set on the workers)
+        plan.columns.classes = [str(k) for k in range(state.overall.num_classes or 0)]
+    label = args[0] if len(args) == 1 else " ".join(args)
+    summary = summarize_state(
+        state, plan, file=str(first.path) if len(files) == 1 else label, format=first.format
+    )
+    summary["files"] = len(files)
+    return summary, state.overall
+
+
+def _local_state(
+    files: list[Path],
+    plan: Plan,
+    first: Table,
+    batches: Iterator[Batch],
+    batch_size: int,
+    progress: bool,
+) -> GroupedMetrics:
+    state = plan.new_state()
+    total = first.total_rows if len(files) == 1 else None
+    bar = _progress_bar(total, enabled=progress)
+    try:
+        score_table(state, first, batches, plan, bar)
+        for path in files[1:]:
+            like = (first.path, first.names)
+            table, columns, more = open_scored(path, plan.selection, batch_size, like)
+            check_same_columns(table, columns, plan, first.path)
+            score_table(state, table, more, plan, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return state
+
+
+def _dask_state(
+    files: list[Path],
+    plan: Plan,
+    first: Table,
+    batch_size: int,
+    scheduler: str | None,
+    workers: int | None,
+) -> GroupedMetrics:
+    from crossent._eval._dask import dask_client, delayed, tree_merge
+
+    with dask_client(scheduler, workers=workers) as client:
+        parts = [
+            delayed(score_file)(path.resolve(), plan, first.path, first.names, batch_size)
+            for path in files
+        ]
+        state: GroupedMetrics = client.compute(tree_merge(parts)).result()
+    return state

@@ -1,0 +1,150 @@
+"""Every figure per value of a group column (a model version, a day, a segment) and overall.
+
+:class:`GroupedMetrics` holds one metric over every row and one per group
+value, all made by the same factory, so it streams, merges (one partition's
+groups with another's) and pickles like a single metric. Groups are listed in
+their natural order: numbers and dates by value, strings that are all dates
+or versions (``v1.2``, ``2024-05-01``) in version order, other strings
+alphabetically; the first kinds are *ordered* (a plot of log loss against the
+group makes sense), the last is not.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from crossent._eval._table import to_numpy
+
+__all__ = ["GroupedMetrics", "group_keys", "order_groups"]
+
+_VERSION = re.compile(r"^[vV]?\d+([._-]\d+)*$")
+_DATE = re.compile(r"^\d{4}-\d{2}(-\d{2})?([ T].*)?$")
+
+
+class GroupedMetrics:
+    """One metric over all rows and one per group value.
+
+    Parameters
+    ----------
+    make : callable
+        Returns a new, empty metric (a picklable ``functools.partial`` when
+        the object travels to Dask workers).
+    grouped : bool
+        Whether rows come with group keys.
+    """
+
+    def __init__(self, make: Callable[[], Any], *, grouped: bool) -> None:
+        self.make = make
+        self.grouped = grouped
+        self.overall = make()
+        self.groups: dict[Any, Any] = {}
+        self.warnings: list[str] = []  # about the files read (they travel from Dask workers)
+
+    def update(
+        self, scores: np.ndarray, target: np.ndarray, keys: tuple[np.ndarray, list[Any]] | None
+    ) -> None:
+        """Add a batch; when grouped, `keys` is (each row's code, the value of each code).
+
+        The overall metric sees the whole batch first, so a bad row is reported
+        with its index in the batch; the groups then get their rows without a
+        second round of value checks.
+        """
+        self.overall.update(scores, target)
+        if not self.grouped or keys is None or len(target) == 0:
+            return
+        import crossent as ce
+
+        codes, values = keys
+        order = np.argsort(codes, kind="stable")
+        ends = np.cumsum(np.bincount(codes, minlength=len(values)))
+        start = 0
+        with ce.validation(False):  # the overall update checked these rows
+            for key, end in zip(values, ends.tolist(), strict=True):
+                rows = order[start:end]
+                start = end
+                if rows.size == 0:
+                    continue
+                metric = self.groups.get(key)
+                if metric is None:
+                    metric = self.groups[key] = self.make()
+                metric.update(scores[rows], target[rows])
+
+    def merge(self, other: GroupedMetrics) -> GroupedMetrics:
+        """Add `other`'s rows (overall and per group) to this one; returns ``self``."""
+        self.overall.merge(other.overall)
+        self.warnings += other.warnings
+        for key, metric in other.groups.items():
+            mine = self.groups.get(key)
+            if mine is None:
+                self.groups[key] = metric
+            else:
+                mine.merge(metric)
+        return self
+
+    @property
+    def count(self) -> int:
+        """Rows added so far."""
+        return int(self.overall.count)
+
+
+def group_keys(column: Any, *, name: str) -> tuple[np.ndarray, list[Any]]:
+    """Each row's group code and the group value of each code, from an Arrow column.
+
+    Hash-based (Arrow's ``dictionary_encode``): only the distinct values become
+    Python objects. Raises ``ValueError`` (with the first null row in
+    ``args[1]``) when a row has no group value: a row that belongs to no group
+    is a bad input, not something to drop silently.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        mask = np.asarray(column.is_null())
+        row = int(np.flatnonzero(mask)[0])
+        msg = f"has no value in the --group-by column {name!r}"
+        raise ValueError(msg, row)
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    encoded = pc.dictionary_encode(column)
+    codes = to_numpy(encoded.indices).astype(np.int64, copy=False)
+    return codes, encoded.dictionary.to_pylist()
+
+
+def _version_key(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.split(r"[._-]", text.lstrip("vV")))
+
+
+def order_groups(keys: list[Any]) -> tuple[list[Any], bool]:
+    """`keys` in natural order, and whether that order means something (days, versions)."""
+    if not keys:
+        return [], False
+    if all(isinstance(k, bool | np.bool_) for k in keys):
+        return sorted(keys), False
+    if all(isinstance(k, int | float | np.integer | np.floating) for k in keys):
+        return sorted(keys), True
+    if all(isinstance(k, _dt.date | _dt.datetime | _dt.time | _dt.timedelta) for k in keys):
+        return sorted(keys), True
+    text = [str(k) for k in keys]
+    if all(_DATE.match(t) for t in text):
+        return [k for _, k in sorted(zip(text, keys, strict=True))], True
+    if all(_VERSION.match(t) for t in text):
+        return [k for _, k in sorted(zip(map(_version_key, text), keys, strict=True))], True
+    return [k for _, k in sorted(zip(text, keys, strict=True))], False
+
+
+def jsonable_key(key: Any) -> Any:
+    """A group value as JSON shows it: ints and floats as numbers, dates in ISO form."""
+    if isinstance(key, np.generic):
+        key = key.item()
+    if isinstance(key, _dt.date | _dt.datetime | _dt.time):
+        return key.isoformat()
+    if isinstance(key, _dt.timedelta):
+        return str(key)
+    return key

@@ -1,0 +1,135 @@
+"""Where the rows come from: files, directories, quoted globs, compressed files, stdin.
+
+:func:`expand_sources` turns ``crossent eval``'s FILE arguments into a list
+of files, in a stable order (each directory and glob sorted by path): a
+directory contributes every predictions file under it (hidden files and
+names starting with ``_``, such as Spark's ``_SUCCESS``, are skipped), a glob
+every file it matches. ``-`` is CSV on standard input, spooled to a
+temporary file (pyarrow reads a CSV twice: once for its columns, once for
+its rows).
+
+:func:`data_suffix` and :func:`open_input` handle compressed text files:
+``.gz``, ``.bz2`` and ``.zst`` are decompressed by pyarrow's own codecs as
+the file streams, ``.xz`` by Python's :mod:`lzma`; the format is the
+extension before the compression one (``preds.csv.gz`` is CSV).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from crossent._eval._errors import CLIError
+
+__all__ = [
+    "COMPRESSIONS",
+    "data_suffix",
+    "expand_sources",
+    "open_input",
+    "open_text",
+    "stdin_as_file",
+]
+
+#: compressed-file extension -> pyarrow codec (None: Python's lzma)
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": None}
+#: formats that may be compressed (the others have their own compression inside)
+COMPRESSIBLE = (".csv", ".tsv", ".jsonl", ".ndjson", ".json")
+
+
+def data_suffix(path: Path) -> tuple[str, str | None]:
+    """(format extension, compression extension or None) of `path`, lower case."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in COMPRESSIONS:
+        return suffixes[-2], suffixes[-1]
+    return (suffixes[-1] if suffixes else ""), None
+
+
+def open_input(path: Path) -> Any:
+    """`path` as a pyarrow input stream, decompressed by its extension."""
+    import pyarrow as pa
+
+    fmt, compression = data_suffix(path)
+    if compression is None:
+        return pa.input_stream(str(path))
+    if fmt not in COMPRESSIBLE:
+        msg = (
+            f"{path}: compressed {fmt or 'files'} are not read; compression by extension is for "
+            f"CSV, TSV and JSONL (Parquet and .npz compress inside the file)."
+        )
+        raise CLIError(msg)
+    codec = COMPRESSIONS[compression]
+    if codec is None:
+        import lzma
+
+        return pa.PythonFile(lzma.open(path, "rb"), mode="r")
+    return pa.input_stream(str(path), compression=codec)
+
+
+def open_text(path: Path) -> IO[str]:
+    """`path` as UTF-8 text (undecodable bytes replaced), decompressed by its extension.
+
+    Newlines are left as they are (``newline=""``), as the :mod:`csv` module wants.
+    """
+    import io
+
+    return io.TextIOWrapper(open_input(path), encoding="utf-8", errors="replace", newline="")
+
+
+def _known(path: Path, formats: Sequence[str]) -> bool:
+    fmt, _ = data_suffix(path)
+    return fmt in formats and not path.name.startswith((".", "_"))
+
+
+def _directory(folder: Path, formats: Sequence[str]) -> list[Path]:
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and _known(p, formats))
+    found = [p for p in found if not any(part.startswith((".", "_")) for part in p.parts[-2:-1])]
+    if not found:
+        shown = ", ".join(sorted(formats))
+        msg = f"{folder}: a directory with no predictions files ({shown}, optionally compressed)."
+        raise CLIError(msg)
+    return found
+
+
+def expand_sources(files: Sequence[str], *, formats: Sequence[str]) -> list[Path | str]:
+    """The files named by `files` (paths, directories, globs, ``-``), in a stable order."""
+    out: list[Path | str] = []
+    for text in files:
+        if text == "-":
+            if "-" in out:
+                msg = "`-` (standard input) can be given once only."
+                raise CLIError(msg)
+            out.append("-")
+            continue
+        path = Path(text)
+        if path.is_dir():
+            out.extend(_directory(path, formats))
+        elif path.exists() or not glob.has_magic(text):
+            out.append(path)  # a missing plain path: the opener says "no such file"
+        else:
+            matched = sorted(Path(p) for p in glob.glob(text, recursive=True))
+            files_only = [p for p in matched if p.is_file()]
+            if not files_only:
+                msg = f"{text}: the pattern matches no file."
+                raise CLIError(msg)
+            out.extend(files_only)
+    if "-" in out and len(out) > 1:
+        msg = "`-` (CSV on standard input) cannot be combined with other files."
+        raise CLIError(msg)
+    return out
+
+
+@contextlib.contextmanager
+def stdin_as_file(stream: IO[bytes] | None = None) -> Iterator[Path]:
+    """Standard input (or `stream`) copied to a temporary ``.csv`` file, removed on exit."""
+    source = sys.stdin.buffer if stream is None else stream
+    with tempfile.TemporaryDirectory(prefix="crossent-stdin-") as folder:
+        path = Path(folder) / "stdin.csv"
+        with open(path, "wb") as f:
+            shutil.copyfileobj(source, f, length=1 << 20)
+        yield path

@@ -1,0 +1,152 @@
+"""Binary predictions: one P(label = 1) column, against scikit-learn and float64 references."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossent.metrics import BadRowError, BinaryClassificationMetrics
+from tests._evaldata import error, run_json, write
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+pytest.importorskip("pyarrow")
+
+
+def _data(n: int = 400, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(0.01, 0.99, n)
+    y = (rng.uniform(size=n) < p**1.5).astype(np.int64)  # a miscalibrated model
+    return p, y
+
+
+def _ece_reference(p: np.ndarray, y: np.ndarray, bins: int) -> float:
+    """Σ_b (n_b/N)|mean y_b − mean p_b| over equal-width bins of p, by a loop."""
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        members = [
+            (pi, yi)
+            for pi, yi in zip(p, y, strict=True)
+            if lo <= pi < hi or (b == bins - 1 and pi == 1.0)
+        ]
+        if members:
+            mean_p = math.fsum(m[0] for m in members) / len(members)
+            mean_y = math.fsum(m[1] for m in members) / len(members)
+            total += len(members) / len(p) * abs(mean_y - mean_p)
+    return total
+
+
+def test_binary_metrics_match_scikit_learn() -> None:
+    p, y = _data()
+    r = BinaryClassificationMetrics(input_kind="probs", bins=10).update(p, y).compute()
+    assert r["log_loss_nats"] == pytest.approx(sklearn_metrics.log_loss(y, p), rel=1e-13)
+    assert r["brier"] == pytest.approx(sklearn_metrics.brier_score_loss(y, p), rel=1e-13)
+    assert r["accuracy"] == sklearn_metrics.accuracy_score(y, (p > 0.5).astype(int))
+    assert r["ece"] == pytest.approx(_ece_reference(p, y, 10), rel=1e-12)
+    assert r["positive_rate"] == pytest.approx(y.mean())
+    assert r["mean_prediction"] == pytest.approx(p.mean())
+    assert r["log_loss_bits"] == pytest.approx(r["log_loss_nats"] / math.log(2))
+
+
+def test_logits_and_log_probs_give_the_same_figures() -> None:
+    p, y = _data()
+    ref = BinaryClassificationMetrics(input_kind="probs").update(p, y).compute()
+    logits = np.log(p) - np.log1p(-p)
+    for kind, scores in (("logits", logits), ("log_probs", np.log(p))):
+        r = BinaryClassificationMetrics(input_kind=kind).update(scores, y).compute()
+        for key in ("log_loss_nats", "brier", "ece", "accuracy"):
+            assert r[key] == pytest.approx(ref[key], rel=1e-12, abs=1e-15), (kind, key)
+
+
+def test_extreme_logits_are_exact_and_zero_probabilities_are_clamped() -> None:
+    # −log σ(z) for z = −800: 800 nats, no overflow; log σ(40) ≈ −4.2e-18 kept exactly
+    r = (
+        BinaryClassificationMetrics(input_kind="logits")
+        .update(np.array([-800.0, 40.0]), np.array([1, 1]))
+        .compute()
+    )
+    assert r["log_loss_nats"] == pytest.approx((800.0 + math.exp(-40.0)) / 2, rel=1e-15)
+    r = (
+        BinaryClassificationMetrics(input_kind="probs")
+        .update(np.array([0.0, 1.0]), np.array([1, 1]))
+        .compute()
+    )
+    assert r["log_loss_nats"] == 50.0  # PyTorch's rule: log 0 is clamped at −100
+    assert r["clamped_rows"] == 1
+
+
+def test_merging_halves_equals_one_pass() -> None:
+    p, y = _data()
+    whole = BinaryClassificationMetrics(input_kind="probs").update(p, y)
+    a = BinaryClassificationMetrics(input_kind="probs").update(p[:150], y[:150])
+    b = BinaryClassificationMetrics(input_kind="probs").update(p[150:], y[150:])
+    merged = a.merge(b).compute()
+    for key, value in whole.compute().items():
+        if key != "per_class":
+            assert merged[key] == pytest.approx(value, rel=1e-14), key
+
+
+def test_bad_binary_input_names_the_row() -> None:
+    m = BinaryClassificationMetrics(input_kind="probs")
+    with pytest.raises(BadRowError, match=r"`target` row 1 has label 2, not 0 or 1"):
+        m.update(np.array([0.5, 0.5]), np.array([0, 2]))
+    with pytest.raises(
+        BadRowError, match=r"`input` row 0 has P\(label = 1\) = 1.5, outside \[0, 1\]"
+    ):
+        m.update(np.array([1.5, 0.5]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="one P"):
+        m.update(np.array([0.5, 0.5]), np.array([0]))
+    ignored = BinaryClassificationMetrics(input_kind="probs", ignore_index=-1)
+    assert ignored.update(np.array([0.8, 7.0]), np.array([1, -1])).count == 1
+
+
+def test_cli_binary_file_matches_scikit_learn(tmp_path: Path) -> None:
+    p, y = _data(200)
+    words = ["false", "true"]
+    text = "label,score,id\n" + "".join(
+        f"{words[t] if i % 2 else t},{v:.17g},{i}\n"
+        for i, (v, t) in enumerate(zip(p, y, strict=True))
+    )
+    out = run_json("eval", str(write(tmp_path / "b.csv", text)), "--exclude", "id")
+    assert out["binary"] is True
+    assert out["score_column"] == "score"
+    assert out["classes"] == ["0", "1"]
+    assert out["log_loss_nats"] == pytest.approx(sklearn_metrics.log_loss(y, p), rel=1e-13)
+    assert out["brier"] == pytest.approx(sklearn_metrics.brier_score_loss(y, p), rel=1e-13)
+    assert out["ece"] == pytest.approx(_ece_reference(p, y, 15), rel=1e-12)
+    # the same through --columns, and with boolean / integer label columns in Parquet
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for labels in (pa.array(y.astype(bool)), pa.array(y)):
+        pq.write_table(pa.table({"label": labels, "s": p, "t": p}), tmp_path / "b.parquet")
+        same = run_json("eval", str(tmp_path / "b.parquet"), "--columns", "s")
+        assert same["log_loss_nats"] == pytest.approx(out["log_loss_nats"], rel=1e-14)
+
+
+def test_cli_binary_bad_labels_and_scores_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path / "b.csv", "label,p\n1,0.9\nmaybe,0.2\n")
+    assert "row 2 (line 3) has label 'maybe', not 0/1 or true/false" in error(
+        capsys, "eval", str(path)
+    )
+    path = write(tmp_path / "c.csv", "label,p\n1,0.9\n0,1.2\n")
+    err = error(capsys, "eval", str(path))
+    assert "row 2 (line 3) has P(label = 1) = 1.2, outside [0, 1]" in err
+    assert "--input logits" in err
+    path = write(tmp_path / "d.csv", "label,p\n1,0.9\n0,\n")
+    assert "row 2 (line 3) has no value in column 'p'" in error(capsys, "eval", str(path))
+
+
+def test_cli_binary_report(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    p, y = _data(100)
+    text = "label,p\n" + "".join(f"{t},{v}\n" for v, t in zip(p, y, strict=True))
+    out = run_json("eval", str(write(tmp_path / "b.csv", text)), "--report", str(tmp_path / "r"))
+    page = Path(out["report"]).read_text()
+    assert "positive rate" in page
+    assert "mean P(label = 1)" in page

@@ -1,0 +1,125 @@
+"""The Dask engine against the local one: a LocalCluster of 2 worker processes on 127.0.0.1.
+
+One cluster serves the whole module (starting one takes seconds) and is shut down after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests._evaldata import NAMES, assert_same_figures, csv_text, error, rows, run_json, write
+
+distributed = pytest.importorskip("distributed")
+dd = pytest.importorskip("dask.dataframe")
+pd = pytest.importorskip("pandas")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",  # a free port: never clash with a running dashboard
+    ) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, Any]:
+    return rows(120, seed=7)
+
+
+def _parquet_shards(folder: Path, data: dict[str, Any], shards: int = 4) -> Path:
+    folder.mkdir()
+    size = len(data["y"]) // shards
+    for i in range(shards):
+        s = slice(i * size, (i + 1) * size)
+        table = pa.table(
+            {
+                "label": [NAMES[t] for t in data["y"][s]],
+                **{n: data["p"][s, k] for k, n in enumerate(NAMES)},
+                "day": data["day"][s],
+            }
+        )
+        pq.write_table(table, folder / f"part-{i}.parquet")
+    return folder
+
+
+def test_cli_dask_engine_equals_local(cluster: Any, tmp_path: Path, data: dict[str, Any]) -> None:
+    folder = _parquet_shards(tmp_path / "shards", data)
+    local = run_json("eval", str(folder), "--group-by", "day")
+    remote = run_json(
+        "eval",
+        str(folder),
+        "--group-by",
+        "day",
+        "--engine",
+        "dask",
+        "--scheduler",
+        cluster.scheduler_address,
+    )
+    assert remote["files"] == 4
+    assert_same_figures(remote, local, rtol=0)  # exact sums: bit-identical
+    assert [g["group"] for g in remote["groups"]] == [g["group"] for g in local["groups"]]
+    for a, b in zip(remote["groups"], local["groups"], strict=True):
+        assert_same_figures(a, b, rtol=0)
+
+
+def test_cli_dask_engine_compressed_csv_and_bad_rows(
+    cluster: Any, tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import gzip
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for i in range(3):
+        text = csv_text(data, 40 * i, 40 * (i + 1))
+        (folder / f"p{i}.csv.gz").write_bytes(gzip.compress(text.encode()))
+    args = ("eval", str(folder), "--exclude", "id")
+    remote = run_json(*args, "--engine", "dask", "--scheduler", cluster.scheduler_address)
+    assert_same_figures(remote, run_json(*args), rtol=0)
+    # a bad row on a worker: exit 2, naming the file and the row
+    bad = csv_text(data, 0, 40).splitlines()
+    bad[3] = bad[3].replace(",", ",-", 1)
+    write(folder / "p9.csv", "\n".join(bad) + "\n")
+    err = error(capsys, *args, "--engine", "dask", "--scheduler", cluster.scheduler_address)
+    assert f"{folder / 'p9.csv'}: row 3 (line 4) has a value -" in err
+
+
+def test_evaluate_dask_on_a_dataframe(cluster: Any, tmp_path: Path, data: dict[str, Any]) -> None:
+    from crossent.metrics import evaluate_dask
+
+    frame = pd.DataFrame(
+        {"label": data["y"], **{n: data["p"][:, k] for k, n in enumerate(NAMES)}, "id": data["id"]}
+    )
+    path = write(tmp_path / "all.csv", csv_text(data))
+    local = run_json("eval", str(path), "--exclude", "id,day", "--labels", "name")
+    with distributed.Client(cluster) as client:
+        assert client.scheduler_info()["workers"]
+        figures = evaluate_dask(dd.from_pandas(frame, npartitions=5), exclude=["id"])
+        binary = evaluate_dask(
+            dd.from_pandas(
+                frame.assign(label=(frame["label"] == 1), p=frame["dog"]), npartitions=3
+            ),
+            columns=["p"],
+        )
+        with pytest.raises(ValueError, match=r"partition \d: row \d+ has label '7'"):
+            evaluate_dask(dd.from_pandas(frame.assign(label=7), npartitions=2), exclude=["id"])
+        with pytest.raises(ValueError, match="--columns names 'wolf', not a column"):
+            evaluate_dask(dd.from_pandas(frame, npartitions=2), columns=["wolf"])
+    assert figures["classes"] == NAMES
+    assert_same_figures(figures, local, rtol=0)  # other batches, the same figures bit for bit
+    assert binary["binary"] is True
+    dog = data["p"][:, 1]
+    y = (data["y"] == 1).astype(float)
+    expected = -np.mean(y * np.log(dog) + (1 - y) * np.log1p(-dog))
+    assert binary["log_loss_nats"] == pytest.approx(expected, rel=1e-12)

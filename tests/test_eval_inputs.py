@@ -1,0 +1,234 @@
+"""``crossent eval`` inputs: several files, directories, globs, compression, stdin, column choice.
+
+Every input form is checked against the single-file result of the same rows.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+import lzma
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests._evaldata import (
+    NAMES,
+    assert_same_figures,
+    csv_text,
+    error,
+    rows,
+    run,
+    run_json,
+    write,
+)
+
+pa = pytest.importorskip("pyarrow")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, Any]:
+    return rows(60)
+
+
+@pytest.fixture
+def single(tmp_path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """The reference: every row in one plain CSV file (id excluded from the classes)."""
+    path = write(tmp_path / "all.csv", csv_text(data))
+    return run_json("eval", str(path), "--exclude", "id")
+
+
+def _shards(folder: Path, data: dict[str, Any], suffix: str = ".csv") -> list[Path]:
+    folder.mkdir(exist_ok=True)
+    return [
+        write(folder / f"part-{i}{suffix}", csv_text(data, 20 * i, 20 * (i + 1))) for i in range(3)
+    ]
+
+
+def test_several_files_a_directory_and_a_glob_are_one_table(
+    tmp_path: Path, data: dict[str, Any], single: dict[str, Any]
+) -> None:
+    parts = _shards(tmp_path / "shards", data)
+    (tmp_path / "shards" / "_SUCCESS").write_text("")  # Spark's marker: skipped
+    (tmp_path / "shards" / ".hidden.csv").write_text("not,a\nprediction,file\n")
+    for args in (
+        [str(p) for p in parts],
+        [str(tmp_path / "shards")],
+        [str(tmp_path / "shards" / "part-*.csv")],
+    ):
+        out = run_json("eval", *args, "--exclude", "id")
+        assert out["files"] == 3, args
+        assert_same_figures(out, single)
+    # the order of the files does not change the figures
+    assert_same_figures(
+        run_json("eval", *(str(p) for p in reversed(parts)), "--exclude", "id"), single
+    )
+
+
+def _compress(path: Path, suffix: str) -> Path:
+    data = path.read_bytes()
+    target = path.with_name(path.name + suffix)
+    if suffix == ".gz":
+        target.write_bytes(gzip.compress(data))
+    elif suffix == ".bz2":
+        target.write_bytes(bz2.compress(data))
+    elif suffix == ".xz":
+        target.write_bytes(lzma.compress(data))
+    else:
+        with pa.CompressedOutputStream(str(target), "zstd") as f:
+            f.write(data)
+    return target
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_files_read_by_extension(
+    tmp_path: Path, data: dict[str, Any], single: dict[str, Any], suffix: str
+) -> None:
+    plain = write(tmp_path / "p.csv", csv_text(data))
+    out = run_json("eval", str(_compress(plain, suffix)), "--exclude", "id")
+    assert out["format"] == "csv"
+    assert_same_figures(out, single)
+
+
+def test_compressed_jsonl_and_tsv(tmp_path: Path, data: dict[str, Any]) -> None:
+    lines = [
+        json.dumps({"label": int(t), "probs": list(map(float, p))})
+        for p, t in zip(data["p"], data["y"], strict=True)
+    ]
+    plain = write(tmp_path / "p.jsonl", "\n".join(lines) + "\n")
+    assert_same_figures(
+        run_json("eval", str(_compress(plain, ".gz"))), run_json("eval", str(plain))
+    )
+    tsv = write(tmp_path / "p.tsv", csv_text(data, extra=False).replace(",", "\t"))
+    assert_same_figures(run_json("eval", str(_compress(tsv, ".xz"))), run_json("eval", str(tsv)))
+
+
+def test_dash_reads_csv_from_stdin(
+    monkeypatch: pytest.MonkeyPatch, data: dict[str, Any], single: dict[str, Any]
+) -> None:
+    stdin = io.TextIOWrapper(io.BytesIO(csv_text(data).encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    out = run_json("eval", "-", "--exclude", "id")
+    assert out["file"] == "<stdin>"
+    assert_same_figures(out, single)
+
+
+def test_stdin_errors_name_stdin(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"label,a,b\n0,0.5,0.7\n")))
+    err = error(capsys, "eval", "-")
+    assert "<stdin>: row 1 (line 2) sums to 1.2" in err
+    assert "crossent-stdin" not in err
+
+
+def test_columns_and_exclude_choose_the_class_columns(
+    tmp_path: Path, data: dict[str, Any], single: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path / "p.csv", csv_text(data))
+    # by default the numeric id column is a class (its first value is 100)
+    assert "row 1 (line 2) has a value 100 outside [0, 1]" in error(capsys, "eval", str(path))
+    out = run_json("eval", str(path), "--exclude", "id")
+    assert out["classes"] == NAMES
+    assert out["ignored_columns"] == ["day"]
+    # --columns names them in class order: the per-class table follows it
+    chosen = run_json("eval", str(path), "--columns", "bird,cat,dog")
+    assert chosen["classes"] == ["bird", "cat", "dog"]
+    assert_same_figures(
+        {**chosen, "per_class": sorted(chosen["per_class"], key=lambda c: NAMES.index(c["class"]))},
+        single,
+    )
+    assert set(chosen["ignored_columns"]) == {"id", "day"}
+    # two of the three columns: a label of the third class is no class
+    err = error(capsys, "eval", str(path), "--columns", "cat,dog")
+    assert "has label 'bird', which is not a class index in [0, 2) or a class name" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--columns", "cat,wolf"], "--columns names 'wolf', not a column"),
+        (["--exclude", "idd"], "--exclude names 'idd', not a column"),
+        (["--columns", "cat,cat,dog"], "--columns must name distinct numeric columns"),
+        (["--columns", "cat,day,dog"], "(day cannot be a class column)"),
+        (["--columns", "cat,,dog"], "--columns takes column names separated by commas"),
+        (["--group-by", "month"], "--group-by names 'month', not a column"),
+        (["--scheduler", "tcp://127.0.0.1:1"], "--scheduler is for --engine dask"),
+    ],
+)
+def test_bad_column_choices_exit_2(
+    tmp_path: Path,
+    data: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    path = write(tmp_path / "p.csv", csv_text(data))
+    assert message in error(capsys, "eval", str(path), *args)
+
+
+def test_bad_inputs_in_every_new_path_exit_2(
+    tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    pattern = str(tmp_path / "nothing-*.csv")
+    assert f"{pattern}: the pattern matches no file" in error(capsys, "eval", pattern)
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    assert "a directory with no predictions files" in error(capsys, "eval", str(tmp_path / "empty"))
+
+    a = write(tmp_path / "a.csv", csv_text(data, 0, 30))
+    b = write(tmp_path / "b.csv", csv_text(data, 30, 60, extra=False))
+    err = error(capsys, "eval", str(a), str(b), "--exclude", "id")
+    assert f"{b}: has other columns than {a} (it lacks id, day)" in err
+    # same names, but `day` holds numbers in the second file: there it is a class column
+    c = write(tmp_path / "c.csv", csv_text(data, 0, 30))
+    d = write(tmp_path / "d.csv", csv_text(data, 30, 60).replace("2024-05-0", ""))
+    err = error(capsys, "eval", str(c), str(d), "--exclude", "id")
+    assert f"{d}: has other columns than {c} (its class columns are cat, dog, bird, day)" in err
+    plain = write(tmp_path / "p.csv", csv_text(data))
+    corrupt = tmp_path / "corrupt.csv.gz"
+    corrupt.write_bytes(b"this is not gzip data")
+    assert f"{corrupt}: cannot read it as csv" in error(capsys, "eval", str(corrupt))
+    cut = _compress(plain, ".gz")
+    cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 2])
+    assert f"{cut}: cannot read it as csv" in error(capsys, "eval", str(cut), "--exclude", "id")
+    xz = tmp_path / "corrupt.csv.xz"
+    xz.write_bytes(b"not xz")
+    assert f"{xz}: cannot read it as csv" in error(capsys, "eval", str(xz))
+
+    (tmp_path / "p.parquet.gz").write_bytes(b"x")
+    assert "compressed .parquet are not read" in error(
+        capsys, "eval", str(tmp_path / "p.parquet.gz")
+    )
+    assert "can be given once only" in error(capsys, "eval", "-", "-")
+    assert "cannot be combined with other files" in error(capsys, "eval", "-", str(plain))
+
+
+def test_stdin_is_local_only(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "read by the local engine only" in error(capsys, "eval", "-", "--engine", "dask")
+
+
+def test_version_imports_nothing_heavy() -> None:
+    import subprocess
+
+    code = (
+        "import sys; from crossent.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('numpy', 'pyarrow', 'pandas', 'torch') if m in sys.modules]\n"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_text_output_of_several_files(tmp_path: Path, data: dict[str, Any]) -> None:
+    parts = _shards(tmp_path / "s", data)
+    status, text = run("eval", *map(str, parts), "--exclude", "id")
+    assert status == 0
+    assert text.startswith(f"{parts[0]} {parts[1]} {parts[2]}: 60 rows, 3 classes")
