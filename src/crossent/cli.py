@@ -10,7 +10,7 @@ also writes an HTML report. Exit status: 0 on success, 2 on a malformed file or 
 with a message that names the problem and, for a bad row, the row.
 
 This module is argument handling only: the readers, column resolution,
-label parsing and the scoring loop live in :mod:`crossent._eval`. pyarrow,
+label parsing and the scoring loop live in ``crossent._eval``. pyarrow,
 tqdm and matplotlib (the ``metrics`` extra) are imported only by the
 subcommands that need them.
 """

@@ -327,7 +327,7 @@ def vocab_parallel_linear_log_probs(
     target's log-probability within the slice (on the owner) and
     :math:`t_r = \sum_{k \in r} e^{u_k - \ell_r}(u_k - \ell_r)`; one MAX and one
     SUM all-reduce combine them into :math:`\log p_y` and :math:`H` (see
-    :mod:`crossent.fused._logprobs`). Backward recomputes the chunks (the same
+    ``crossent.fused._logprobs``). Backward recomputes the chunks (the same
     two all-reduces per chunk) and all-reduces the gradient of `hidden` once.
 
     Examples

@@ -186,7 +186,7 @@ class BinaryClassificationMetrics(Metric):
         return self
 
     def update_rows(self, rows: dict[str, np.ndarray]) -> None:
-        """Add per-row statistics made by :func:`_binary_rows` (the fast path of ``eval``)."""
+        """Add per-row statistics made by ``_binary_rows`` (the fast path of ``eval``)."""
         positive = {**rows, "pred": np.ones_like(rows["pred"])}  # hit = (label == 1)
         for name, part in self._parts.items():
             self._states[name] = part.update(
