@@ -94,6 +94,7 @@ html_theme = "pydata_sphinx_theme"
 html_title = f"crossent {release}"
 html_static_path = ["_static"]
 html_css_files = ["crossent.css"]
+html_js_files = [("search_anchor.js", {"defer": "defer"})]  # after searchtools.js
 html_show_sourcelink = False
 html_favicon = "_static/favicon.svg"
 html_theme_options = {

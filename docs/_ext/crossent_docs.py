@@ -164,8 +164,8 @@ _PYCON = re.compile(r"^```pycon[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 def run_page_doctests(app: Sphinx, docname: str, source: list[str]) -> None:
     """Run the ``pycon`` blocks of a MyST prose page as one doctest; failures are warnings.
 
-    Blocks fenced as ``python`` are shown, not run (features documented before
-    they are merged; commands that need several processes).
+    Blocks fenced as ``python`` are shown, not run (commands that need several
+    processes, such as ``torchrun``).
     """
     path = Path(app.env.doc2path(docname))
     blocks = _PYCON.findall(source[0]) if path.suffix == ".md" else []
@@ -177,7 +177,9 @@ def run_page_doctests(app: Sphinx, docname: str, source: list[str]) -> None:
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     runner = doctest.DocTestRunner(optionflags=flags)
     report: list[str] = []
-    runner.run(test, out=report.append)
+    # the globals are left for the garbage collector: clearing them under torch.compile's
+    # guards (which watch the page's globals dict) prints "Exception ignored" at exit
+    runner.run(test, out=report.append, clear_globs=False)
     if runner.failures:
         detail = "".join(report)
         logger.warning("%d doctest failure(s) in %s:\n%s", runner.failures, docname, detail,
