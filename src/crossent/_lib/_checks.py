@@ -33,6 +33,7 @@ __all__ = [
     "check_softcap",
     "check_unit_interval_scalar",
     "guard_label_range",
+    "label_index_error",
     "row_sum_tolerance",
     "values_checked",
 ]
@@ -295,12 +296,16 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
         torch._assert_async(~bad.any(), "crossent: `target` has a label outside [0, C)")
         return
     if bool(bad.any()):
-        first = int(target[bad].reshape(-1)[0])
-        msg = (
-            f"`target` has a label outside [0, {num_classes}) that is not `ignore_index`: "
-            f"{first} (checked even with validation off, as torch's kernels do)."
-        )
-        raise IndexError(msg)
+        raise label_index_error(num_classes, str(int(target[bad].reshape(-1)[0])))
+
+
+def label_index_error(num_classes: int, found: str) -> IndexError:
+    """The error for a label outside ``[0, num_classes)`` with validation off (`found`: which)."""
+    msg = (
+        f"`target` has a label outside [0, {num_classes}) that is not `ignore_index`: "
+        f"{found} (checked even with validation off, as torch's kernels do)."
+    )
+    return IndexError(msg)
 
 
 def check_softcap(softcap: object) -> float | None:

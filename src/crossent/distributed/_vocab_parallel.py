@@ -322,6 +322,10 @@ def vocab_parallel_cross_entropy(
         ``[0, V)`` are detected from one small ``all_gather``. Value checks
         (label range, same labels on every rank, non-negative weights) obey
         :func:`crossent.set_validation`.
+    IndexError
+        With validation off, a label outside ``[0, V)`` that is not
+        `ignore_index` (on any rank), raised on every rank, as torch's own
+        kernels fail on such a label: never a number.
 
     Notes
     -----
