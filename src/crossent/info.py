@@ -40,11 +40,11 @@ from crossent._lib._xp import (
     array_namespace,
     astype,
     compute_dtype,
+    host_float,
     is_array,
     known_true,
     logsumexp,
     size,
-    to_numpy,
     xlogy,
 )
 
@@ -72,7 +72,7 @@ def _check_distribution(x: Array, *, name: str, logits: bool = False, xp: Any) -
     if logits or size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any((x < 0) | (x > 1))):
-        lo, hi = (float(to_numpy(f(x), dtype=float)) for f in (xp.min, xp.max))  # no autograd
+        lo, hi = host_float(xp.min(x)), host_float(xp.max(x))
         msg = (
             f"`{name}` must hold probabilities in [0, 1]; got values in [{lo:.6g}, {hi:.6g}]. "
             "Pass probabilities (e.g. a softmax of logits), or pass from_logits=True if "

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from typing import Any, Literal, overload
 
 from crossent._lib import _config
-from crossent._lib._xp import Array, compute_dtype, is_lazy, known_true, size
+from crossent._lib._xp import (
+    Array,
+    compute_dtype,
+    host_float,
+    is_lazy,
+    known_true,
+    size,
+    stop_gradient,
+)
 
 __all__ = [
     "ProbabilityRangeError",
@@ -170,7 +178,7 @@ def check_probabilities(x: Array, *, name: str = "input", xp: Any) -> None:
     if size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any((x < 0) | (x > 1))):
-        raise ProbabilityRangeError(name, float(xp.min(x)), float(xp.max(x)))
+        raise ProbabilityRangeError(name, host_float(xp.min(x)), host_float(xp.max(x)))
 
 
 def row_sum_tolerance(dtype: Any, num_classes: int, *, xp: Any) -> float:
@@ -201,13 +209,13 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
         return
     num_classes = int(x.shape[axis])
     tol = row_sum_tolerance(x.dtype, num_classes, xp=xp)
-    sums = xp.sum(xp.astype(x, compute_dtype(x.dtype, xp=xp)), axis=axis)
+    sums = xp.sum(xp.astype(stop_gradient(x, xp=xp), compute_dtype(x.dtype, xp=xp)), axis=axis)
     bad = xp.abs(sums - 1) > tol
     if not known_true(xp.any(bad)):
         return
     flat = xp.reshape(bad, (-1,))
     first = int(xp.argmax(xp.astype(flat, xp.int32)))
-    total = float(xp.reshape(sums, (-1,))[first])
+    total = host_float(xp.reshape(sums, (-1,))[first])
     index: list[int] = []
     for extent in reversed(tuple(sums.shape)):
         first, i = divmod(first, int(extent))
@@ -227,7 +235,7 @@ def check_in_unit_interval(x: Array, *, name: str, xp: Any) -> None:
     if size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any((x < 0) | (x > 1))):
-        lo, hi = float(xp.min(x)), float(xp.max(x))
+        lo, hi = host_float(xp.min(x)), host_float(xp.max(x))
         msg = (
             f"`{name}` must lie in [0, 1]; got values in [{lo:.6g}, {hi:.6g}]. "
             "Rescale the targets, or use sparse_categorical_cross_entropy for class indices."
@@ -240,7 +248,7 @@ def check_nonnegative(x: Array, *, name: str, xp: Any) -> None:
     if size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any(x < 0)):
-        msg = f"`{name}` must be non-negative; got a minimum of {float(xp.min(x)):.6g}."
+        msg = f"`{name}` must be non-negative; got a minimum of {host_float(xp.min(x)):.6g}."
         raise ValueError(msg)
 
 
