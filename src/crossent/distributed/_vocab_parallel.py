@@ -378,8 +378,8 @@ def vocab_parallel_cross_entropy(
     >>> loss = vocab_parallel_cross_entropy(logits, target, label_smoothing=0.1)
     >>> single = ce.sparse_categorical_cross_entropy(
     ...     logits, target, from_logits=True, label_smoothing=0.1)
-    >>> print(f"{loss.item():.6f} {single.item():.6f}")
-    1.117108 1.117108
+    >>> print(f"{loss.item():.5f} {single.item():.5f}")  # float32: equal to rounding
+    1.11711 1.11711
     >>> dist.destroy_process_group()
     """
 
