@@ -1,7 +1,7 @@
 r"""Knowledge distillation: the generalized Jensen–Shannon divergence between two softmaxes.
 
 One row formula, :func:`distill_rows` (its loss from
-:func:`crossent._lib._logdiv.generalized_jsd_from_log`, which also serves
+``crossent._lib._logdiv.generalized_jsd_from_log``, which also serves
 :mod:`crossent.info`), serves :func:`distillation_loss` (every
 array-API backend), its closed-form gradient in ``value_and_grad``, and the
 fused :func:`crossent.fused.linear_distillation_loss`, which calls it on each
