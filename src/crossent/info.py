@@ -35,16 +35,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from crossent._lib._checks import check_axis, check_base, check_floating, values_checked
+from crossent._lib._logdiv import generalized_jsd_from_log, log_softmax
 from crossent._lib._xp import (
     Array,
     array_namespace,
     astype,
     compute_dtype,
+    host_float,
     is_array,
     known_true,
-    logsumexp,
     size,
-    to_numpy,
     xlogy,
 )
 
@@ -72,7 +72,7 @@ def _check_distribution(x: Array, *, name: str, logits: bool = False, xp: Any) -
     if logits or size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any((x < 0) | (x > 1))):
-        lo, hi = (float(to_numpy(f(x), dtype=float)) for f in (xp.min, xp.max))  # no autograd
+        lo, hi = host_float(xp.min(x)), host_float(xp.max(x))
         msg = (
             f"`{name}` must hold probabilities in [0, 1]; got values in [{lo:.6g}, {hi:.6g}]. "
             "Pass probabilities (e.g. a softmax of logits), or pass from_logits=True if "
@@ -146,8 +146,8 @@ def _pair(p: Array, q: Array, axis: object, base: object, from_logits: object) -
     ndim = max(x.ndim, y.ndim)
     x = xp.reshape(x, (1,) * (ndim - x.ndim) + tuple(x.shape))
     y = xp.reshape(y, (1,) * (ndim - y.ndim) + tuple(y.shape))
-    log_p = _log_softmax(x, axis=ax, xp=xp)
-    log_q = _log_softmax(y, axis=ax, xp=xp)
+    log_p = log_softmax(x, axis=ax, xp=xp)
+    log_q = log_softmax(y, axis=ax, xp=xp)
     return _Pair(log_p, log_q, True, ax, checked_base, out_dtype, xp)
 
 
@@ -189,11 +189,6 @@ def _xlog(x: Array, a: Array, b: Array | None = None, *, xp: Any) -> Array:
 # ----------------------------------------------------------------------------
 
 
-def _log_softmax(z: Array, *, axis: int, xp: Any) -> Array:
-    r""":math:`\log p = z - \operatorname{lse}(z)` along `axis`."""
-    return z - logsumexp(z, axis=axis, keepdims=True, xp=xp)
-
-
 def _xlog_from_log(log_x: Array, log_y: Array, *, xp: Any) -> Array:
     r""":math:`x \log y` from :math:`\log x` and :math:`\log y`.
 
@@ -209,45 +204,6 @@ def _xlog_from_log(log_x: Array, log_y: Array, *, xp: Any) -> Array:
     return xp.where(pole, xp.full_like(out, -math.inf), xp.where(no_mass, zero, out))
 
 
-def _rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
-    r"""The terms :math:`a \log(a/b) - a + b` from :math:`\log a` and :math:`\log b`.
-
-    Summed over a pair of distributions (:math:`\sum a = \sum b = 1`) they
-    give :math:`D(a \,\|\, b)`, and each term is :math:`\ge 0`, so the sum is
-    non-negative in floating point too (a plain :math:`\sum a \log(a/b)` is
-    not). With :math:`d = \log a - \log b` the term is
-    :math:`a\,(d + \operatorname{expm1}(-d))` for :math:`d \ge -1` and
-    :math:`a(d - 1) + b` below, where :math:`e^{-d}` could overflow.
-    :math:`a = 0` (:math:`\log a = -\infty`) gives :math:`b`, and mass on
-    :math:`b = 0` gives :math:`+\infty`; an underflowed :math:`a` or :math:`b`
-    with finite logs keeps the value and the gradient finite. NaN propagates.
-    """
-    a_zero = log_a == -math.inf
-    b_zero = log_b == -math.inf
-    zero = xp.zeros_like(log_a)
-    log_a = xp.where(a_zero, zero, log_a)
-    d = log_a - xp.where(a_zero | b_zero, zero, log_b)  # finite unless NaN
-    a = xp.exp(log_a)
-    low = d < -1.0
-    d_hi = xp.where(low, zero, d)
-    d_lo = xp.where(low, d, zero - 2.0)
-    hi = a * (d_hi + xp.expm1(-d_hi))
-    lo = a * (d_lo - 1.0) + xp.exp(log_a - d_lo)
-    out = xp.where(b_zero, xp.full_like(hi, math.inf), xp.where(low, lo, hi))
-    return xp.where(a_zero, xp.exp(log_b), out)
-
-
-def _log_mixture(log_p: Array, log_q: Array, *, xp: Any) -> Array:
-    r""":math:`\log m = \log\frac{p + q}{2}` from :math:`\log p` and :math:`\log q`."""
-    hi = xp.maximum(log_p, log_q)
-    lo = xp.minimum(log_p, log_q)
-    both_zero = hi == -math.inf
-    zero = xp.zeros_like(hi)
-    gap = xp.where(both_zero, zero, lo) - xp.where(both_zero, zero, hi)
-    return hi + xp.log1p(xp.exp(gap)) - math.log(2.0)
-
-
-# ----------------------------------------------------------------------------
 # ----------------------------------------------------------------------------
 # Public measures
 # ----------------------------------------------------------------------------
@@ -364,7 +320,7 @@ def entropy(
     base = check_base(base)
     x = astype(p, compute_dtype(p.dtype, xp=xp), xp=xp)
     if logits:
-        log_p = _log_softmax(x, axis=ax, xp=xp)
+        log_p = log_softmax(x, axis=ax, xp=xp)
         terms = _xlog_from_log(log_p, log_p, xp=xp)
     else:
         terms = xlogy(x, x, xp=xp)
@@ -512,8 +468,9 @@ def kl_divergence(
     np.float64(499.30685281944...)
     """
     d = _pair(p, q, axis, base, from_logits)
-    terms = _rel_entr_from_log(d.p, d.q, xp=d.xp) if d.logs else _xlog(d.p, d.p, d.q, xp=d.xp)
-    return d.finish(d.xp.sum(terms, axis=d.axis))
+    if d.logs:
+        return d.finish(generalized_jsd_from_log(d.p, d.q, beta=0.0, axis=d.axis, xp=d.xp))
+    return d.finish(d.xp.sum(_xlog(d.p, d.p, d.q, xp=d.xp), axis=d.axis))
 
 
 def js_divergence(
@@ -584,9 +541,7 @@ def js_divergence(
     """
     d = _pair(p, q, axis, base, from_logits)
     if d.logs:
-        log_m = _log_mixture(d.p, d.q, xp=d.xp)
-        terms = _rel_entr_from_log(d.p, log_m, xp=d.xp) + _rel_entr_from_log(d.q, log_m, xp=d.xp)
-    else:
-        s = d.p + d.q
-        terms = _xlog(d.p, 2 * d.p, s, xp=d.xp) + _xlog(d.q, 2 * d.q, s, xp=d.xp)
+        return d.finish(generalized_jsd_from_log(d.p, d.q, beta=0.5, axis=d.axis, xp=d.xp))
+    s = d.p + d.q
+    terms = _xlog(d.p, 2 * d.p, s, xp=d.xp) + _xlog(d.q, 2 * d.q, s, xp=d.xp)
     return d.finish(d.xp.sum(terms, axis=d.axis) / 2)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+import crossent as ce
 from tests.distributed._cases import (
     CASES,
     LINEAR_CASES,
@@ -108,6 +109,21 @@ def _(rank: int, world_size: int) -> dict[str, Any]:
     return {**_good_args(rank, world_size), "weight": torch.ones(12)}
 
 
+# Labels outside [0, V) fail even with validation off (as torch's kernels do), on every rank.
+UNCHECKED = "_validation_off"
+"""Bad calls whose name ends with this run inside ``crossent.validation(False)``."""
+BAD_CALLS["label_above_global_vocab" + UNCHECKED] = BAD_CALLS["label_above_global_vocab"]
+BAD_CALLS["negative_label" + UNCHECKED] = BAD_CALLS["negative_label"]
+
+
+@_bad("label_above_global_vocab_on_rank_1_only" + UNCHECKED)
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    args = _good_args(rank, world_size)
+    if rank == 1:
+        args["target"][1] = 11
+    return args
+
+
 def run_case(loss_fn: Callable[..., torch.Tensor], case: Case, rank: int, world_size: int) -> Any:
     p = problem(case)
     lo, hi = bounds(case, world_size, rank)
@@ -170,6 +186,14 @@ def _linear_label_out_of_range(rank: int, world_size: int) -> dict[str, Any]:
     return args
 
 
+def _linear_negative_label_on_rank_1(rank: int, world_size: int) -> dict[str, Any]:
+    args = _linear_args(rank, world_size)
+    if rank == 1:
+        args["target"] = args["target"].clone()
+        args["target"][0] = -7
+    return args
+
+
 def _linear_local_class_weight(rank: int, world_size: int) -> dict[str, Any]:
     args = _linear_args(rank, world_size)
     return {**args, "class_weight": torch.ones(args["local_weight"].shape[0])}
@@ -181,14 +205,18 @@ LINEAR_BAD_CALLS.update(
         "linear_requires_grad_differs": _linear_grad_differs,
         "linear_label_above_global_vocab": _linear_label_out_of_range,
         "linear_class_weight_slice": _linear_local_class_weight,
+        "linear_label_above_global_vocab" + UNCHECKED: _linear_label_out_of_range,
+        "linear_negative_label_on_rank_1" + UNCHECKED: _linear_negative_label_on_rank_1,
     }
 )
 
 
-def capture(fn: Callable[[], Any]) -> tuple[str, str] | None:
-    """(exception type, message) raised by `fn`, or None."""
+def capture(fn: Callable[[], Any], name: str = "") -> tuple[str, str] | None:
+    """(exception type, message) raised by `fn`, or None; with validation off for an
+    :data:`UNCHECKED` `name`."""
     try:
-        fn()
+        with ce.validation(not name.endswith(UNCHECKED)):
+            fn()
     except Exception as exc:
         return type(exc).__name__, str(exc)
     return None
@@ -201,7 +229,7 @@ def vocab_parallel_worker(rank: int, world_size: int, payload: Any) -> dict[str,
     for case in CASES:
         out["cases"][case.name] = run_case(loss_fn, case, rank, world_size)
     for name, make in BAD_CALLS.items():
-        out["errors"][name] = capture(lambda make=make: loss_fn(**make(rank, world_size)))
+        out["errors"][name] = capture(lambda make=make: loss_fn(**make(rank, world_size)), name)
     # The group still works after all those errors.
     out["after_errors"] = run_case(loss_fn, CASES[0], rank, world_size)
     return out
@@ -214,7 +242,7 @@ def linear_worker(rank: int, world_size: int, payload: Any) -> dict[str, Any]:
     for case in LINEAR_CASES:
         out["cases"][case.name] = run_linear_case(loss_fn, case, rank, world_size)
     for name, make in LINEAR_BAD_CALLS.items():
-        out["errors"][name] = capture(lambda make=make: loss_fn(**make(rank, world_size)))
+        out["errors"][name] = capture(lambda make=make: loss_fn(**make(rank, world_size)), name)
     out["after_errors"] = run_linear_case(loss_fn, LINEAR_CASES[0], rank, world_size)
     return out
 
@@ -256,6 +284,8 @@ LOG_PROB_BAD_CALLS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "log_probs_temperature_zero_on_last_rank": _log_prob_bad_temperature,
     "log_probs_options_differ": _log_prob_options_differ,
     "log_probs_label_above_global_vocab": _linear_label_out_of_range,
+    "log_probs_label_above_global_vocab" + UNCHECKED: _linear_label_out_of_range,
+    "log_probs_negative_label_on_rank_1" + UNCHECKED: _linear_negative_label_on_rank_1,
 }
 
 
@@ -266,7 +296,7 @@ def log_prob_worker(rank: int, world_size: int, payload: Any) -> dict[str, Any]:
     for case in LOG_PROB_CASES:
         out["cases"][case.name] = run_log_prob_case(fn, case, rank, world_size)
     for name, make in LOG_PROB_BAD_CALLS.items():
-        out["errors"][name] = capture(lambda make=make: fn(**make(rank, world_size)))
+        out["errors"][name] = capture(lambda make=make: fn(**make(rank, world_size)), name)
     return out
 
 

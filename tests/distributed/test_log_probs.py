@@ -47,6 +47,8 @@ EXPECTED_ERRORS = {
     "log_probs_temperature_zero_on_last_rank": (-1, "ValueError", "`temperature`"),
     "log_probs_options_differ": (None, "ValueError", "different options"),
     "log_probs_label_above_global_vocab": (None, "ValueError", "outside the global vocabulary"),
+    "log_probs_label_above_global_vocab_validation_off": (None, "IndexError", "outside [0, 11)"),
+    "log_probs_negative_label_on_rank_1_validation_off": (None, "IndexError", "min=-7"),
 }
 
 

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from typing import Any, Literal, overload
 
 from crossent._lib import _config
-from crossent._lib._xp import Array, compute_dtype, is_lazy, known_true, size
+from crossent._lib._xp import (
+    Array,
+    compute_dtype,
+    host_float,
+    is_lazy,
+    known_true,
+    size,
+    stop_gradient,
+)
 
 __all__ = [
     "ProbabilityRangeError",
@@ -33,6 +41,7 @@ __all__ = [
     "check_softcap",
     "check_unit_interval_scalar",
     "guard_label_range",
+    "label_index_error",
     "row_sum_tolerance",
     "values_checked",
 ]
@@ -169,7 +178,7 @@ def check_probabilities(x: Array, *, name: str = "input", xp: Any) -> None:
     if size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any((x < 0) | (x > 1))):
-        raise ProbabilityRangeError(name, float(xp.min(x)), float(xp.max(x)))
+        raise ProbabilityRangeError(name, host_float(xp.min(x)), host_float(xp.max(x)))
 
 
 def row_sum_tolerance(dtype: Any, num_classes: int, *, xp: Any) -> float:
@@ -200,13 +209,13 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
         return
     num_classes = int(x.shape[axis])
     tol = row_sum_tolerance(x.dtype, num_classes, xp=xp)
-    sums = xp.sum(xp.astype(x, compute_dtype(x.dtype, xp=xp)), axis=axis)
+    sums = xp.sum(xp.astype(stop_gradient(x, xp=xp), compute_dtype(x.dtype, xp=xp)), axis=axis)
     bad = xp.abs(sums - 1) > tol
     if not known_true(xp.any(bad)):
         return
     flat = xp.reshape(bad, (-1,))
     first = int(xp.argmax(xp.astype(flat, xp.int32)))
-    total = float(xp.reshape(sums, (-1,))[first])
+    total = host_float(xp.reshape(sums, (-1,))[first])
     index: list[int] = []
     for extent in reversed(tuple(sums.shape)):
         first, i = divmod(first, int(extent))
@@ -226,7 +235,7 @@ def check_in_unit_interval(x: Array, *, name: str, xp: Any) -> None:
     if size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any((x < 0) | (x > 1))):
-        lo, hi = float(xp.min(x)), float(xp.max(x))
+        lo, hi = host_float(xp.min(x)), host_float(xp.max(x))
         msg = (
             f"`{name}` must lie in [0, 1]; got values in [{lo:.6g}, {hi:.6g}]. "
             "Rescale the targets, or use sparse_categorical_cross_entropy for class indices."
@@ -239,7 +248,7 @@ def check_nonnegative(x: Array, *, name: str, xp: Any) -> None:
     if size(x) == 0 or not values_checked(x):
         return
     if known_true(xp.any(x < 0)):
-        msg = f"`{name}` must be non-negative; got a minimum of {float(xp.min(x)):.6g}."
+        msg = f"`{name}` must be non-negative; got a minimum of {host_float(xp.min(x)):.6g}."
         raise ValueError(msg)
 
 
@@ -295,12 +304,16 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
         torch._assert_async(~bad.any(), "crossent: `target` has a label outside [0, C)")
         return
     if bool(bad.any()):
-        first = int(target[bad].reshape(-1)[0])
-        msg = (
-            f"`target` has a label outside [0, {num_classes}) that is not `ignore_index`: "
-            f"{first} (checked even with validation off, as torch's kernels do)."
-        )
-        raise IndexError(msg)
+        raise label_index_error(num_classes, str(int(target[bad].reshape(-1)[0])))
+
+
+def label_index_error(num_classes: int, found: str) -> IndexError:
+    """The error for a label outside ``[0, num_classes)`` with validation off (`found`: which)."""
+    msg = (
+        f"`target` has a label outside [0, {num_classes}) that is not `ignore_index`: "
+        f"{found} (checked even with validation off, as torch's kernels do)."
+    )
+    return IndexError(msg)
 
 
 def check_softcap(softcap: object) -> float | None:

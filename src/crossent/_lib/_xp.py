@@ -22,6 +22,7 @@ __all__ = [
     "astype",
     "compute_dtype",
     "device",
+    "host_float",
     "is_array",
     "is_jax_namespace",
     "is_lazy",
@@ -388,6 +389,15 @@ def to_numpy(x: Array, *, dtype: Any) -> Any:
     except (TypeError, BufferError, RuntimeError, ValueError):  # pragma: no cover - exotic arrays
         host = np.asarray(x)
     return host.astype(dtype, copy=False)
+
+
+def host_float(x: Array) -> float:
+    """The value of the 0-d array `x` as a Python float, read outside autodiff.
+
+    For the numbers in error messages: a tensor that requires grad is read
+    without autograd's scalar-conversion warning (an error under ``-W error``).
+    """
+    return float(to_numpy(x, dtype=float))
 
 
 def _is_tracer(x: Array) -> bool:

@@ -1,6 +1,8 @@
 r"""Knowledge distillation: the generalized Jensen–Shannon divergence between two softmaxes.
 
-One row formula, :func:`distill_rows`, serves :func:`distillation_loss` (every
+One row formula, :func:`distill_rows` (its loss from
+``crossent._lib._logdiv.generalized_jsd_from_log``, which also serves
+:mod:`crossent.info`), serves :func:`distillation_loss` (every
 array-API backend), its closed-form gradient in ``value_and_grad``, and the
 fused :func:`crossent.fused.linear_distillation_loss`, which calls it on each
 chunk of logits.
@@ -46,6 +48,7 @@ from crossent._lib._checks import (
     check_reduction,
     check_same_shape,
 )
+from crossent._lib._logdiv import generalized_jsd_from_log, log_mixture, log_softmax
 from crossent._lib._xp import (
     Array,
     array_namespace,
@@ -54,7 +57,6 @@ from crossent._lib._xp import (
     device,
     is_jax_namespace,
     is_torch_namespace,
-    logsumexp,
 )
 from crossent._losses._common import reduce_loss
 
@@ -106,11 +108,6 @@ def _constant(x: Array, *, xp: Any) -> Array:
     return x
 
 
-def _log_softmax(x: Array, *, xp: Any) -> Array:
-    """Log-softmax along the last axis; a row of all −inf gives NaN (no distribution)."""
-    return x - logsumexp(x, axis=-1, keepdims=True, xp=xp)
-
-
 def _p_log_ratio(log_p: Array, log_q: Array, *, xp: Any) -> Array:
     """Elementwise :math:`p (\\log p - \\log q)` with 0 where p = 0 (value and gradient)."""
     zero = log_p == -math.inf
@@ -134,26 +131,16 @@ def distill_rows(
     (None otherwise). The formulas are in the module docstring.
     """
     inv_t = 1.0 / temperature
-    log_q = _log_softmax(student * inv_t if inv_t != 1.0 else student, xp=xp)
-    log_p = _log_softmax(teacher * inv_t if inv_t != 1.0 else teacher, xp=xp)
-    if beta == 0.0:  # forward KL(P || Q)
-        loss = xp.sum(_p_log_ratio(log_p, log_q, xp=xp), axis=-1)
-        if not grad:
-            return loss, None
-        return loss, (xp.exp(log_q) - xp.exp(log_p)) * inv_t
-    if beta == 1.0:  # reverse KL(Q || P)
-        log_m, coef = log_p, 1.0
-        loss_q = _p_log_ratio(log_q, log_m, xp=xp)
-        loss = xp.sum(loss_q, axis=-1)
-    else:
-        log_m = xp.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
-        coef = 1.0 - beta
-        loss_q = _p_log_ratio(log_q, log_m, xp=xp)
-        loss = beta * xp.sum(_p_log_ratio(log_p, log_m, xp=xp), axis=-1) + coef * xp.sum(
-            loss_q, axis=-1
-        )
+    log_q = log_softmax(student * inv_t if inv_t != 1.0 else student, axis=-1, xp=xp)
+    log_p = log_softmax(teacher * inv_t if inv_t != 1.0 else teacher, axis=-1, xp=xp)
+    log_m = None if beta in (0.0, 1.0) else log_mixture(log_p, log_q, beta=beta, xp=xp)
+    loss = generalized_jsd_from_log(log_p, log_q, beta=beta, axis=-1, xp=xp, log_m=log_m)
     if not grad:
         return loss, None
+    if beta == 0.0:  # forward KL(P || Q)
+        return loss, (xp.exp(log_q) - xp.exp(log_p)) * inv_t
+    coef = 1.0 if log_m is None else 1.0 - beta
+    loss_q = _p_log_ratio(log_q, log_p if log_m is None else log_m, xp=xp)
     # Q_k (r_k - sum_j Q_j r_j) with Q_k r_k = loss_q (0 where Q_k = 0)
     kl_q = xp.sum(loss_q, axis=-1, keepdims=True)
     return loss, (loss_q - xp.exp(log_q) * kl_q) * (coef * inv_t)
@@ -282,7 +269,11 @@ def distillation_loss(
         \qquad \log M = \operatorname{logaddexp}(\log\beta + \log P,\ \log(1-\beta) + \log Q).
 
     A term with :math:`P_k = 0` (or :math:`Q_k = 0`) contributes 0, so masked
-    (−inf) classes are allowed in both models. This is TRL's
+    (−inf) classes are allowed in both models. Each KL is summed over the
+    non-negative terms :math:`a_k (d_k + \operatorname{expm1}(-d_k))`,
+    :math:`d_k = \log a_k - \log b_k`, as in :func:`crossent.info.kl_divergence`
+    (the same function computes both), so the loss is never negative and two nearly
+    equal models keep their small divergence accurately, even in float32. This is TRL's
     ``generalized_jsd_loss`` (GKD) [1]_ without its :math:`T^2` factor.
 
     References

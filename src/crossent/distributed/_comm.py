@@ -31,8 +31,10 @@ from crossent._lib._checks import (
     check_reduction,
     check_softcap,
     check_unit_interval_scalar,
+    label_index_error,
     values_checked,
 )
+from crossent._lib._xp import is_lazy
 
 __all__ = ["Layout", "Options", "agree", "all_reduce", "check_options", "group_of", "row_reducers"]
 
@@ -154,8 +156,10 @@ def agree(
         header[_NUMEL] = int(torch.Size(batch_shape).numel())
         header[_SHAPE] = _crc(tuple(batch_shape))
         header[_OPTS] = _crc((options, signature))
-        if checked:
-            header[_CHECKED] = 1
+        header[_CHECKED] = int(checked)
+        header[_TMIN] = _NO_LABEL_MIN
+        header[_TMAX] = -1
+        if not is_lazy(target):  # the header is read on the host anyway: no extra sync
             header[_TMIN : _TSUM + 1] = _label_summary(target, options.ignore_index).to(where)
     rows_t = [torch.empty_like(header) for _ in range(world_size)]
     dist.all_gather(rows_t, header, group=group)
@@ -223,9 +227,13 @@ def agree(
             "labels (the whole batch), since only the vocabulary is split."
         )
         raise ValueError(msg)
-    lo = min((row[_TMIN] for row in checked_rows), default=_NO_LABEL_MIN)
-    hi = max((row[_TMAX] for row in checked_rows), default=-1)
+    # The label range is checked even with validation off (as torch's kernels do), from every
+    # rank's labels, so that every rank raises alike even if their targets differ.
+    lo = min(column(_TMIN))
+    hi = max(column(_TMAX))
     if lo != _NO_LABEL_MIN and (lo < 0 or hi >= vocab_size):
+        if not checked_rows:
+            raise label_index_error(vocab_size, f"min={lo}, max={hi}")
         ignore = options.ignore_index if options is not None else None
         msg = (
             f"{caller}: `target` has labels outside the global vocabulary [0, {vocab_size}) "

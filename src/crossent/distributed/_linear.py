@@ -208,6 +208,9 @@ def vocab_parallel_linear_cross_entropy(
     TypeError, ValueError
         On a bad call, on **every** rank, as for :func:`vocab_parallel_cross_entropy`
         (the rank at fault raises its own error, the others name it).
+    IndexError
+        With validation off, a label outside ``[0, V)``, on every rank (as
+        for :func:`vocab_parallel_cross_entropy`).
 
     Notes
     -----
@@ -320,6 +323,9 @@ def vocab_parallel_linear_log_probs(
         If torch.distributed has no initialized process group.
     TypeError, ValueError
         On a bad call, on **every** rank (the rank at fault raises its own error).
+    IndexError
+        With validation off, a label outside ``[0, V)``, on every rank (as
+        for :func:`vocab_parallel_cross_entropy`).
 
     Notes
     -----

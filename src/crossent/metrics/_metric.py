@@ -348,8 +348,9 @@ class Perplexity(CrossEntropy):
     >>> import numpy as np
     >>> from crossent.metrics import Perplexity
     >>> logits = np.zeros((3, 4))  # uniform over 4 tokens
-    >>> Perplexity(input_kind="logits").update(logits, np.array([0, 1, 3])).compute()
-    4.0000000...
+    >>> ppl = Perplexity(input_kind="logits").update(logits, np.array([0, 1, 3])).compute()
+    >>> round(ppl, 6)
+    4.0
     """
 
     def __init__(
@@ -445,8 +446,9 @@ class BrierScore(Metric):
     --------
     >>> import numpy as np
     >>> from crossent.metrics import BrierScore
-    >>> BrierScore(input_kind="probs").update(np.array([[0.8, 0.2]]), np.array([0])).compute()
-    0.08000000...
+    >>> score = BrierScore(input_kind="probs").update(np.array([[0.8, 0.2]]), np.array([0]))
+    >>> round(score.compute(), 6)
+    0.08
     """
 
     def __init__(
@@ -617,7 +619,7 @@ class ClassificationMetrics(Metric):
     >>> _ = m.update(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 0]))
     >>> result = m.compute()
     >>> result["accuracy"], round(result["log_loss_bits"], 4)
-    (0.5, 1.2370)
+    (0.5, 1.237)
     """
 
     def __init__(

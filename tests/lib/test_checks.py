@@ -1,0 +1,62 @@
+"""Value checks read tensors that require grad without autograd's warning (warnings are errors)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from crossent import info
+from crossent._lib import _checks
+from crossent._lib._xp import array_namespace
+
+torch = pytest.importorskip("torch")
+
+
+def _xp(x: Any) -> Any:
+    return array_namespace(x)
+
+
+def _leaf(*values: float) -> Any:
+    return torch.tensor(values, dtype=torch.float64, requires_grad=True)
+
+
+CHECKS: dict[str, tuple[Callable[[Any], object], str]] = {
+    "probabilities": (
+        lambda x: _checks.check_probabilities(x, name="input", xp=_xp(x)),
+        "min=-0.5, max=1.5",
+    ),
+    "probability_rows": (
+        lambda x: _checks.check_probability_rows(x.abs() / 4, axis=0, name="input", xp=_xp(x)),
+        "sums to 0.625",
+    ),
+    "unit_interval": (
+        lambda x: _checks.check_in_unit_interval(x, name="target", xp=_xp(x)),
+        "[-0.5, 1.5]",
+    ),
+    "nonnegative": (
+        lambda x: _checks.check_nonnegative(x, name="weight", xp=_xp(x)),
+        "minimum of -0.5",
+    ),
+    "info_distribution": (lambda x: info.entropy(x), "[-0.5, 1.5]"),
+}
+
+
+@pytest.fixture
+def warn_always() -> Any:
+    """torch warns about a scalar read of a tensor that requires grad once per process by default."""
+    before = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    yield
+    torch.set_warn_always(before)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_value_check_reads_a_tensor_that_requires_grad(name: str, warn_always: Any) -> None:
+    check, reported = CHECKS[name]
+    x = _leaf(-0.5, 1.5, 0.5)
+    with pytest.raises(ValueError, match=re.escape(reported)):
+        check(x)  # filterwarnings = error: autograd's scalar-conversion warning would fail here
+    assert x.grad is None
