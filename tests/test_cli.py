@@ -699,3 +699,12 @@ def test_bench_runs_the_repository_scripts_quick() -> None:
     assert "three-GEMM floor" in out
     assert "== bench_eval.py (quick)" in out
     assert "pyarrow + NumPy" in out
+
+
+def test_eval_of_huge_logits_is_accurate(tmp_path: Path) -> None:
+    # float64 z - lse(z) at 1e15 rounds lse to 1/8: log 2 came out 0.625
+    rows = [["cat", 1e15, 1e15, 0.0], ["dog", -1e15, -1e15 + 3.0, -1e15]]
+    path = write_csv(tmp_path / "big.csv", ["label", *NAMES], rows)
+    out = run_json("eval", str(path), "--input", "logits")
+    want = (math.log(2.0) + math.log(1.0 + 2.0 * math.exp(-3.0))) / 2.0
+    assert out["log_loss"] == pytest.approx(want, rel=1e-12)

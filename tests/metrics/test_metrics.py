@@ -504,3 +504,21 @@ def test_jax_tracers_are_refused() -> None:
 
     with pytest.raises(TypeError, match="jit"):
         jax.jit(step)(jax.numpy.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_large_logits_give_accurate_log_probabilities(xp: Any, dtype: str) -> None:
+    # z - lse(z) rounds lse at the logits' magnitude: float32 [1e4, 1e4] gave 0.693359
+    scale = 1e4 if dtype == "float32" else 1e15
+    z = np.array([[1.0, 1.0], [1.0, 0.0], [0.0, -2.0]]) * scale + scale
+    z[1] = [scale, scale - 1.0]
+    z[2] = [-scale, -scale + 2.0]
+    y = np.array([0, 1, 0])
+    convert = to_xp(xp)
+    x = convert(z.astype(dtype))
+    r = ClassificationMetrics(input_kind="logits").update(x, convert(y)).compute()
+    want = ref.log_loss(np.asarray(z.astype(dtype), dtype=np.float64), y, "logits")
+    assert r["log_loss"] == pytest.approx(want, rel=1e-6)
+    assert r["brier"] == pytest.approx(ref.brier(z.astype(dtype).astype(np.float64), y, "logits"))
+    ce1 = CrossEntropy(input_kind="logits").update(x, convert(y)).compute()
+    assert ce1 == pytest.approx(want, rel=1e-6)

@@ -54,6 +54,7 @@ from crossent._lib._xp import (
     take_along_axis,
     to_numpy,
 )
+from crossent._losses._common import shift_logits
 from crossent.metrics._exact import ExactSum
 
 __all__ = [
@@ -267,8 +268,8 @@ def _row_stats(
     index = xp.expand_dims(y_safe, axis=-1)
 
     if input_kind == "logits":
-        lse = logsumexp(x, axis=-1, keepdims=True, xp=xp)
-        log_p = x - lse
+        shifted, _ = shift_logits(x, xp=xp)  # log p accurate for large logits
+        log_p = shifted - logsumexp(shifted, axis=-1, keepdims=True, xp=xp)
         log_p_y = xp.squeeze(take_along_axis(log_p, index, axis=-1, xp=xp), axis=-1)
         probs = xp.exp(log_p)
         clamped = xp.zeros_like(log_p_y, dtype=xp.bool)
