@@ -207,7 +207,7 @@ def regroup(blocks: Iterator[Any], batch_size: int) -> Iterator[Any]:
     """Record batches of `batch_size` rows from smaller `blocks` (the last one shorter).
 
     The first batch holds at least the whole first block, whose cells set the
-    column types: :func:`~crossent._eval._columns.check_text_columns` looks
+    column types: ``check_text_columns`` (in ``_columns``) looks
     there for the cell that made a class column text.
     """
     pa = need("pyarrow")

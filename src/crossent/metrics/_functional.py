@@ -159,7 +159,7 @@ def _sum_tolerance(dtype: Any, num_classes: int, *, xp: Any) -> float:
     """How far from 1 a row may sum: ``SUM_TOLERANCE`` or the losses' dtype rule if larger.
 
     The floor admits probabilities written to a file with a few digits; the
-    losses' :func:`~crossent._lib._checks.row_sum_tolerance` admits a softmax
+    losses' ``row_sum_tolerance`` (``_lib._checks``) admits a softmax
     of many classes in a low precision (bfloat16, 32768 classes: 0.0117).
     """
     return max(SUM_TOLERANCE, _checks.row_sum_tolerance(dtype, num_classes, xp=xp))
