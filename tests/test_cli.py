@@ -585,14 +585,17 @@ def test_memory_stays_bounded_by_the_batch_size(tmp_path: Path) -> None:
         y = rng.integers(0, 4, rows)
         table = pa.table({"label": y, **{f"c{k}": p[:, k] for k in range(4)}})
         pcsv.write_csv(table, tmp_path / f"{rows}.csv")
-    # JSON Lines is not held to it yet: with 1 MiB blocks the peak still grows with the file
-    # under Arrow's jemalloc and system pools (not under mimalloc); see the issue 11 notes
-    sizes = {"parquet": 200_000, "npy": 200_000, "npz": 200_000, "csv": 100_000}
+        # JSON Lines: its peak grew with the file with 1 MiB blocks (jemalloc, system pools)
+        fmt = '{"label": %d, ' + ", ".join(f'"c{k}": %.17g' for k in range(4)) + "}"
+        np.savetxt(tmp_path / f"{rows}.jsonl", np.column_stack([y, p]), fmt=fmt)
+    sizes = {"parquet": 200_000, "npy": 200_000, "npz": 200_000, "csv": 100_000, "jsonl": 100_000}
     for ext, rows in sizes.items():
         small, large = tmp_path / f"{rows}.{ext}", tmp_path / f"{rows * 10}.{ext}"
         file_growth = (large.stat().st_size - small.stat().st_size) / 2**20  # 40 to 80 MB
         rss_growth = peak(large, rows * 10) - peak(small, rows)
-        assert rss_growth < 0.35 * file_growth, (ext, rss_growth, file_growth)  # was > 1x
+        # was > 1x; JSON Lines in 1 MiB blocks: 18-24 MB (0.2x), in 64 KiB blocks: 2 MB
+        bound = 0.1 if ext == "jsonl" else 0.35  # CSV's peak is noisy here: -8 to +36 MB
+        assert rss_growth < bound * file_growth, (ext, rss_growth, file_growth)
 
 
 def test_eval_does_not_switch_validation_for_other_threads(
@@ -699,3 +702,12 @@ def test_bench_runs_the_repository_scripts_quick() -> None:
     assert "three-GEMM floor" in out
     assert "== bench_eval.py (quick)" in out
     assert "pyarrow + NumPy" in out
+
+
+def test_eval_of_huge_logits_is_accurate(tmp_path: Path) -> None:
+    # float64 z - lse(z) at 1e15 rounds lse to 1/8: log 2 came out 0.625
+    rows = [["cat", 1e15, 1e15, 0.0], ["dog", -1e15, -1e15 + 3.0, -1e15]]
+    path = write_csv(tmp_path / "big.csv", ["label", *NAMES], rows)
+    out = run_json("eval", str(path), "--input", "logits")
+    want = (math.log(2.0) + math.log(1.0 + 2.0 * math.exp(-3.0))) / 2.0
+    assert out["log_loss"] == pytest.approx(want, rel=1e-12)

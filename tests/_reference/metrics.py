@@ -14,8 +14,8 @@ def log_probs(x: np.ndarray, kind: str) -> np.ndarray:
     for i, row in enumerate(x):
         if kind == "logits":
             m = max(row)
-            lse = m + math.log(math.fsum(math.exp(v - m) for v in row))
-            out[i] = [v - lse for v in row]
+            lse = math.log(math.fsum(math.exp(v - m) for v in row))  # of z - m: exact shift
+            out[i] = [(v - m) - lse for v in row]
         elif kind == "log_probs":
             out[i] = row
         else:

@@ -504,3 +504,47 @@ def test_jax_tracers_are_refused() -> None:
 
     with pytest.raises(TypeError, match="jit"):
         jax.jit(step)(jax.numpy.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_large_logits_give_accurate_log_probabilities(xp: Any, dtype: str) -> None:
+    # z - lse(z) rounds lse at the logits' magnitude: float32 [1e4, 1e4] gave 0.693359
+    scale = 1e4 if dtype == "float32" else 1e15
+    z = np.array([[1.0, 1.0], [1.0, 0.0], [0.0, -2.0]]) * scale + scale
+    z[1] = [scale, scale - 1.0]
+    z[2] = [-scale, -scale + 2.0]
+    y = np.array([0, 1, 0])
+    convert = to_xp(xp)
+    x = convert(z.astype(dtype))
+    r = ClassificationMetrics(input_kind="logits").update(x, convert(y)).compute()
+    want = ref.log_loss(np.asarray(z.astype(dtype), dtype=np.float64), y, "logits")
+    assert r["log_loss"] == pytest.approx(want, rel=1e-6)
+    assert r["brier"] == pytest.approx(ref.brier(z.astype(dtype).astype(np.float64), y, "logits"))
+    ce1 = CrossEntropy(input_kind="logits").update(x, convert(y)).compute()
+    assert ce1 == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "classes", "scale"),
+    [("bfloat16", 32768, 6.0), ("float16", 32768, 6.0), ("float32", 262144, 8.0)],
+)
+def test_a_real_low_precision_softmax_of_many_classes_is_a_distribution(
+    dtype: str, classes: int, scale: float
+) -> None:
+    # the sum tolerance is the losses' rule (row_sum_tolerance) with a 1e-3 floor
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, classes, generator=g) * scale
+    p = torch.softmax(z.to(getattr(torch, dtype)), dim=-1)
+    deviation = float((p.double().sum(-1) - 1).abs().max())
+    if dtype == "bfloat16":
+        assert deviation > 1e-3  # what a fixed 1e-3 rejected
+    y = torch.tensor([0, 1, 2, 3])
+    got = CrossEntropy(input_kind="probs").update(p, y).compute()
+    assert got == pytest.approx(ref.log_loss(p.double().numpy(), y.numpy(), "probs"), rel=1e-6)
+    log_p = torch.log(p.float()).to(p.dtype)
+    CrossEntropy(input_kind="log_probs").update(log_p, y).compute()
+    bad = p.clone()
+    bad[2, 0] += 0.05  # beyond any rounding: still a bad row
+    with pytest.raises(BadRowError, match=r"row 2 .*tolerance"):
+        CrossEntropy(input_kind="probs").update(bad, y)

@@ -20,12 +20,14 @@ from typing import Any
 from crossent._eval._errors import CLIError
 from crossent._eval._sources import open_input, open_text
 from crossent._eval._table import (
+    BLOCK_SIZE,
     Table,
     checked_blocks,
     is_numeric,
     is_numeric_list,
     need,
     record_batches,
+    regroup,
     text_table,
 )
 
@@ -160,10 +162,11 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
     """Open a JSON Lines file."""
     pa = need("pyarrow")
     pjson = need("pyarrow.json")
-    # one thread, a block when asked (no parse-ahead), 16 bytes per batch row per block;
-    # the peak still creeps up with the file under Arrow's jemalloc and system pools
-    # (12 -> 56 MB from 0.1M to 2M rows; flat with 64 KiB blocks or mimalloc): not solved
-    read = pjson.ReadOptions(block_size=max(1 << 16, batch_size * 16), use_threads=False)
+    # one thread, a block when asked (no parse-ahead), in 64 KiB blocks: with larger
+    # blocks the peak crept up with the file under Arrow's jemalloc and system pools
+    # (12 -> 56 MB from 0.1M to 2M rows with 1 MiB blocks); :func:`.regroup` makes the
+    # small blocks full batches again
+    read = pjson.ReadOptions(block_size=BLOCK_SIZE, use_threads=False)
     try:
         first = pjson.open_json(open_input(path), read_options=read)
     except pa.ArrowInvalid as exc:
@@ -183,7 +186,9 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
 
     def blocks() -> Iterator[Any]:
         reader = pjson.open_json(open_input(path), read_options=read, parse_options=parse)
-        return checked_blocks(reader, lambda: table, lambda exc: _fail(path, exc))
+        return regroup(
+            checked_blocks(reader, lambda: table, lambda exc: _fail(path, exc)), batch_size
+        )
 
     types = {f.name: f.type for f in widened}
     line_of = functools.partial(_line_of, path)

@@ -19,7 +19,16 @@ from typing import Any
 
 from crossent._eval._errors import CLIError
 
-__all__ = ["Batch", "Table", "is_numeric", "is_numeric_list", "need", "to_numpy"]
+__all__ = [
+    "BLOCK_SIZE",
+    "Batch",
+    "Table",
+    "is_numeric",
+    "is_numeric_list",
+    "need",
+    "regroup",
+    "to_numpy",
+]
 
 
 @dataclass(frozen=True)
@@ -187,6 +196,41 @@ def is_numeric_list(pa: Any, t: Any) -> bool:
     """A list (of any kind) of integers or floats."""
     listy = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
     return bool(listy and is_numeric(pa, t.value_type))
+
+
+#: bytes per block of the text readers: larger blocks let the peak memory creep up with
+#: the file under Arrow's jemalloc and system pools; :func:`regroup` makes full batches
+BLOCK_SIZE = 1 << 16
+
+
+def regroup(blocks: Iterator[Any], batch_size: int) -> Iterator[Any]:
+    """Record batches of `batch_size` rows from smaller `blocks` (the last one shorter).
+
+    The first batch holds at least the whole first block, whose cells set the
+    column types: ``check_text_columns`` (in ``_columns``) looks
+    there for the cell that made a class column text.
+    """
+    pa = need("pyarrow")
+    held: list[Any] = []
+    rows = 0
+    first = True
+    for block in blocks:
+        held.append(block)
+        rows += block.num_rows
+        if rows < batch_size:
+            continue
+        whole = pa.concat_batches(held)
+        start = 0
+        if first:
+            yield whole
+            start, first = whole.num_rows, False
+        while whole.num_rows - start >= batch_size:
+            yield whole.slice(start, batch_size)
+            start += batch_size
+        rest = whole.slice(start)
+        held, rows = ([rest] if rest.num_rows else []), rest.num_rows
+    if rows:
+        yield pa.concat_batches(held)
 
 
 def record_batches(make: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[Batch]]:

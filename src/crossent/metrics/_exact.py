@@ -149,9 +149,9 @@ class ExactSum:
             return
         self._widen(*self._digits(top - 1))
         chunk = _CHUNK
-        if flat_index is not None and size * 8 > _CHUNK:  # a bincount's cost grows with size
+        if flat_index is not None:  # one exact bincount per pass if no element gets too many
             most = int(np.bincount(flat_index, minlength=size).max())
-            chunk = values.size if most <= _CHUNK else _CHUNK  # one exact bincount if it can
+            chunk = values.size if most <= _CHUNK else _CHUNK
         q, rest = _scratch(values.size)
         np.copyto(rest, values)
         grid = max(top - _LEVEL, _MIN_GRID)
@@ -164,8 +164,15 @@ class ExactSum:
             q -= sigma
             rest -= q
             self._add_multiples(q, flat_index, grid, size, chunk=chunk)
-            if grid == _MIN_GRID or not rest.any():
+            if grid == _MIN_GRID:
                 break
+            left = int(np.count_nonzero(rest))
+            if left == 0:
+                break
+            if 2 * left < rest.size:  # the next passes see only what is left
+                live = np.flatnonzero(rest)
+                rest, q = rest[live], q[:left]
+                flat_index = None if flat_index is None else flat_index[live]
             grid = max(grid - _LEVEL, _MIN_GRID)
         self._normalize()
 

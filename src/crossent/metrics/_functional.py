@@ -54,6 +54,7 @@ from crossent._lib._xp import (
     take_along_axis,
     to_numpy,
 )
+from crossent._losses._common import shift_logits
 from crossent.metrics._exact import ExactSum
 
 __all__ = [
@@ -154,30 +155,42 @@ def _first_bad_row(bad: Array) -> int | None:
     return int(hits[0]) if hits.size else None
 
 
+def _sum_tolerance(dtype: Any, num_classes: int, *, xp: Any) -> float:
+    """How far from 1 a row may sum: ``SUM_TOLERANCE`` or the losses' dtype rule if larger.
+
+    The floor admits probabilities written to a file with a few digits; the
+    losses' ``row_sum_tolerance`` (``_lib._checks``) admits a softmax
+    of many classes in a low precision (bfloat16, 32768 classes: 0.0117).
+    """
+    return max(SUM_TOLERANCE, _checks.row_sum_tolerance(dtype, num_classes, xp=xp))
+
+
 def _check_distributions(x: Array, *, input_kind: str, xp: Any) -> None:
     """Rows of probabilities (or log-probabilities) must be distributions.
 
     Values must lie in [0, 1] (log-probabilities in [-inf, 0]) and each row
-    must sum to 1 within ``SUM_TOLERANCE``; NaN passes (it propagates).
-    Raises :class:`BadRowError` naming the first bad row.
+    must sum to 1 within :func:`_sum_tolerance` (summed in float32 or wider);
+    NaN passes (it propagates). Raises :class:`BadRowError` naming the first bad row.
     """
     if input_kind == "logits" or size(x) == 0 or not _checks.values_checked(x):
         return
+    tol = _sum_tolerance(x.dtype, x.shape[-1], xp=xp)
+    wide = xp.astype(x, compute_dtype(x.dtype, xp=xp))
     if input_kind == "probs":
-        outside = xp.any((x < 0) | (x > 1), axis=-1)
-        total = xp.sum(x, axis=-1)
+        outside = xp.any((wide < 0) | (wide > 1), axis=-1)
+        total = xp.sum(wide, axis=-1)
     else:
-        outside = xp.any(x > SUM_TOLERANCE, axis=-1)
-        total = xp.exp(logsumexp(x, axis=-1, xp=xp))
-    off = xp.abs(total - 1) > SUM_TOLERANCE
+        outside = xp.any(wide > tol, axis=-1)
+        total = xp.exp(logsumexp(wide, axis=-1, xp=xp))
+    off = xp.abs(total - 1) > tol
     row = _first_bad_row(outside | off)
     if row is None:
         return
-    _raise_bad_distribution(x, total, outside, row, input_kind=input_kind)
+    _raise_bad_distribution(x, total, outside, row, input_kind=input_kind, tol=tol)
 
 
 def _raise_bad_distribution(
-    x: Array, total: Array, outside: Array, row: int, *, input_kind: str
+    x: Array, total: Array, outside: Array, row: int, *, input_kind: str, tol: float
 ) -> None:
     """Raise the BadRowError of row `row`: a value out of range (`outside`) or a bad sum."""
     values = to_numpy(x[row, ...], dtype=np.float64)
@@ -189,11 +202,9 @@ def _raise_bad_distribution(
         bad = values[(values < 0) | (values > 1)] if input_kind == "probs" else values[values > 0]
         reason = f"has a value {bad[0]:.6g} outside {bound}"
     else:
-        reason = f"sums to {row_sum:.6g}, not 1 (tolerance {SUM_TOLERANCE:g})"
+        reason = f"sums to {row_sum:.6g}, not 1 (tolerance {tol:.3g})"
         if input_kind == "log_probs":
-            reason = (
-                f"has exp(values) summing to {row_sum:.6g}, not 1 (tolerance {SUM_TOLERANCE:g})"
-            )
+            reason = f"has exp(values) summing to {row_sum:.6g}, not 1 (tolerance {tol:.3g})"
     msg = (
         f"`input` row {row} is not a distribution of {kind}: it {reason}. "
         f"Pass input_kind={'logits'!r} if these are {hint}, or normalise the rows."
@@ -250,9 +261,9 @@ def _row_stats(
     fast = input_kind == "probs" and is_numpy_namespace(xp)
     try:
         if fast:  # NumPy probabilities: checked inside, in the same passes
-            out = _numpy_prob_rows(
-                x if x.dtype == dtype else xp.astype(x, dtype), labels, need_probs=need_probs
-            )
+            tol = _sum_tolerance(x.dtype, num_classes, xp=xp)
+            wide = x if x.dtype == dtype else xp.astype(x, dtype)
+            out = _numpy_prob_rows(wide, labels, tol=tol, need_probs=need_probs)
             out["num_classes"] = np.asarray(num_classes)
             return out
         _check_distributions(x, input_kind=input_kind, xp=xp)
@@ -267,8 +278,8 @@ def _row_stats(
     index = xp.expand_dims(y_safe, axis=-1)
 
     if input_kind == "logits":
-        lse = logsumexp(x, axis=-1, keepdims=True, xp=xp)
-        log_p = x - lse
+        shifted, _ = shift_logits(x, xp=xp)  # log p accurate for large logits
+        log_p = shifted - logsumexp(shifted, axis=-1, keepdims=True, xp=xp)
         log_p_y = xp.squeeze(take_along_axis(log_p, index, axis=-1, xp=xp), axis=-1)
         probs = xp.exp(log_p)
         clamped = xp.zeros_like(log_p_y, dtype=xp.bool)
@@ -307,7 +318,7 @@ def _row_stats(
 
 
 def _numpy_prob_rows(
-    x: np.ndarray, labels: np.ndarray, *, need_probs: bool
+    x: np.ndarray, labels: np.ndarray, *, tol: float, need_probs: bool
 ) -> dict[str, np.ndarray]:
     """:func:`_row_stats` of NumPy probabilities: the same numbers, fewer passes over x.
 
@@ -321,9 +332,9 @@ def _numpy_prob_rows(
     total = x.sum(axis=1)
     if _checks.values_checked(x) and n:
         outside = (x.min(axis=1) < 0) | (conf > 1)
-        hits = np.flatnonzero(outside | (np.abs(total - 1) > SUM_TOLERANCE))
+        hits = np.flatnonzero(outside | (np.abs(total - 1) > tol))
         if hits.size:
-            _raise_bad_distribution(x, total, outside, int(hits[0]), input_kind="probs")
+            _raise_bad_distribution(x, total, outside, int(hits[0]), input_kind="probs", tol=tol)
     p_y = x[rows, labels]
     with np.errstate(divide="ignore"):
         log_p_y = np.log(p_y)
