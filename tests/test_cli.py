@@ -558,12 +558,16 @@ def test_memory_stays_bounded_by_the_batch_size(tmp_path: Path) -> None:
     )
 
     def peak(path: Path, rows: int) -> float:
-        done = subprocess.run(
-            [sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True
-        )
-        count, grown = done.stdout.split()
-        assert int(count) == rows
-        return float(grown)
+        """The least growth of three fresh processes: allocator noise only ever adds."""
+        grown = []
+        for _ in range(3):
+            done = subprocess.run(
+                [sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True
+            )
+            count, value = done.stdout.split()
+            assert int(count) == rows
+            grown.append(float(value))
+        return min(grown)
 
     rng = np.random.default_rng(0)
     for rows in (200_000, 2_000_000):
@@ -594,7 +598,7 @@ def test_memory_stays_bounded_by_the_batch_size(tmp_path: Path) -> None:
         file_growth = (large.stat().st_size - small.stat().st_size) / 2**20  # 40 to 80 MB
         rss_growth = peak(large, rows * 10) - peak(small, rows)
         # was > 1x; JSON Lines in 1 MiB blocks: 18-24 MB (0.2x), in 64 KiB blocks: 2 MB
-        bound = 0.1 if ext == "jsonl" else 0.35  # CSV's peak is noisy here: -8 to +36 MB
+        bound = 0.1 if ext == "jsonl" else 0.35  # one CSV run's peak is noisy: -8 to +36 MB
         assert rss_growth < bound * file_growth, (ext, rss_growth, file_growth)
 
 
