@@ -49,8 +49,17 @@ def _title(lines: list[str], header: int) -> str:
     return ""
 
 
+_PIPE_RULE = re.compile(r"^\s*\|[-:| ]+\|\s*$")
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of a Markdown pipe-table row."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def parse_tables(text: str) -> list[dict[str, object]]:
-    """Tables in a script's output: a header line, then rows of equally many tokens, mostly numbers.
+    """Tables in a script's output: Markdown pipe tables, and a header line followed by
+    rows of equally many tokens, mostly numbers.
 
     Columns are the rows' token positions; each header word goes to the column
     it overlaps (or the nearest one), so left- and right-aligned layouts parse alike.
@@ -59,6 +68,15 @@ def parse_tables(text: str) -> list[dict[str, object]]:
     tables: list[dict[str, object]] = []
     i = 1
     while i < len(lines):
+        if _PIPE_RULE.match(lines[i]) and lines[i - 1].lstrip().startswith("|"):
+            j = i + 1
+            while j < len(lines) and lines[j].lstrip().startswith("|"):
+                j += 1
+            title = lines[i - 2].strip() if i >= 2 and not lines[i - 2].startswith("|") else ""
+            tables.append({"title": title.lstrip("# "), "columns": _cells(lines[i - 1]),
+                           "rows": [_cells(line) for line in lines[i + 1 : j]]})  # fmt: skip
+            i = j + 1
+            continue
         row = _spans(lines[i])
         width = len(row)
         if width < 2 or sum(_is_number(t) for *_, t in row) < width / 2:

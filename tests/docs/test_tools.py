@@ -57,6 +57,26 @@ def test_parse_left_aligned_table_with_its_title() -> None:
     assert table["title"].startswith("N=512 d=128 V=4000")
 
 
+PIPE_TABLE = """validation on; 3 interleaved rounds
+PyTorch eager
+| case                              |    torch µs | crossent µs | ratio |
+|-----------------------------------|-------------|-------------|-------|
+| sparse 32x10 float32 fwd eager 1t |         6.4 |        10.5 |  1.65 |
+| binary 32x10 float32 fwd eager 1t |         6.8 |        67.2 |  9.88 |
+
+"""
+
+
+def test_parse_pipe_table_with_spaces_in_cells() -> None:
+    (table,) = collect.parse_tables(PIPE_TABLE)
+    assert table["title"] == "PyTorch eager"
+    assert table["columns"] == ["case", "torch µs", "crossent µs", "ratio"]
+    assert table["rows"] == [
+        ["sparse 32x10 float32 fwd eager 1t", "6.4", "10.5", "1.65"],
+        ["binary 32x10 float32 fwd eager 1t", "6.8", "67.2", "9.88"],
+    ]
+
+
 def test_render_writes_tables_and_a_ratio_figure(tmp_path: Path) -> None:
     results = {
         "benchmarks": {
