@@ -388,3 +388,29 @@ def test_closed_form_equals_torch_autodiff(
         torch.sum(reference(zt, torch.as_tensor(target), **common, **extra)).backward()
         assert zt.grad is not None
         np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_input_and_target_by_keyword_as_in_the_contract() -> None:
+    # API.md spells it value_and_grad(loss, input, target, **options): the keyword form works too
+    logits = np.array([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
+    labels = np.array([0, 2])
+    want = ce.value_and_grad(ce.sparse_categorical_cross_entropy, logits, labels, from_logits=True)
+    for got in (
+        ce.value_and_grad(
+            ce.sparse_categorical_cross_entropy, input=logits, target=labels, from_logits=True
+        ),
+        ce.value_and_grad("sparse_categorical_cross_entropy", logits, target=labels, from_logits=True),
+    ):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_distillation_arrays_must_be_positional() -> None:
+    # its `target=` is the row mask, never the teacher's logits
+    student = np.array([[1.0, 0.0], [0.0, 2.0]])
+    mask = np.array([0, -100])
+    with pytest.raises(TypeError, match="student's and the teacher's logits"):
+        ce.value_and_grad(ce.distillation_loss, student, target=mask)
+    value, grad = ce.value_and_grad(ce.distillation_loss, student, student[::-1], target=mask)
+    assert grad.shape == student.shape
+    assert np.all(grad[1] == 0)

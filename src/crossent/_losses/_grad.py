@@ -96,8 +96,29 @@ def _resolve(loss: object) -> tuple[str, dict[str, Any]]:
     raise ValueError(msg)
 
 
+def _arrays(name: str, arrays: tuple[Array, ...], options: dict[str, Any]) -> tuple[Array, Array]:
+    """`input` and `target`, given positionally or (the contract's spelling) by keyword.
+
+    :func:`crossent.distillation_loss` takes ``target=`` as its row mask, so its
+    two logits arrays must be positional.
+    """
+    keywords = [key for key in ("input", "target") if name != "distillation_loss"]
+    arrays = list(arrays)
+    for key in keywords[len(arrays) :]:
+        if key in options:
+            arrays.append(options.pop(key))
+    if len(arrays) != 2:
+        what = "the student's and the teacher's logits" if not keywords else "`input` and `target`"
+        msg = (
+            f"value_and_grad({name}, ...) takes two arrays, {what}; got {len(arrays)}. "
+            f"Pass them as value_and_grad(loss, input, target, **options)."
+        )
+        raise TypeError(msg)
+    return arrays[0], arrays[1]
+
+
 def value_and_grad(
-    loss: Callable[..., Array] | str, input: Array, target: Array, /, **options: Any
+    loss: Callable[..., Array] | str, /, *arrays: Array, **options: Any
 ) -> tuple[Array, Array]:
     r"""A loss and its gradient with respect to `input`, in closed form.
 
@@ -123,8 +144,9 @@ def value_and_grad(
         The loss's keyword options, exactly as the loss takes them (for example
         ``from_logits=True, label_smoothing=0.1``; for
         :func:`crossent.distillation_loss`, whose second argument is the
-        teacher's logits, ``target=`` is its row mask). `loss`, `input` and
-        `target` are positional-only, so an option may share their names.
+        teacher's logits, ``target=`` is its row mask, so its two arrays must
+        be passed positionally). `input` and `target` may also be passed by
+        keyword for the other losses.
 
     Returns
     -------
@@ -186,6 +208,7 @@ def value_and_grad(
     True
     """
     name, bound = _resolve(loss)
+    input, target = _arrays(name, arrays, options)
     options = {**bound, **options}
     allowed = _options_of(name)
     unknown = [key for key in options if key not in allowed]
