@@ -411,6 +411,6 @@ def test_distillation_arrays_must_be_positional() -> None:
     mask = np.array([0, -100])
     with pytest.raises(TypeError, match="student's and the teacher's logits"):
         ce.value_and_grad(ce.distillation_loss, student, target=mask)
-    value, grad = ce.value_and_grad(ce.distillation_loss, student, student[::-1], target=mask)
+    _, grad = ce.value_and_grad(ce.distillation_loss, student, student[::-1], target=mask)
     assert grad.shape == student.shape
     assert np.all(grad[1] == 0)
