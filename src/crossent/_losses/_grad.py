@@ -103,18 +103,18 @@ def _arrays(name: str, arrays: tuple[Array, ...], options: dict[str, Any]) -> tu
     two logits arrays must be positional.
     """
     keywords = [key for key in ("input", "target") if name != "distillation_loss"]
-    arrays = list(arrays)
-    for key in keywords[len(arrays) :]:
+    given = list(arrays)
+    for key in keywords[len(given) :]:
         if key in options:
-            arrays.append(options.pop(key))
-    if len(arrays) != 2:
+            given.append(options.pop(key))
+    if len(given) != 2:
         what = "the student's and the teacher's logits" if not keywords else "`input` and `target`"
         msg = (
-            f"value_and_grad({name}, ...) takes two arrays, {what}; got {len(arrays)}. "
+            f"value_and_grad({name}, ...) takes two arrays, {what}; got {len(given)}. "
             f"Pass them as value_and_grad(loss, input, target, **options)."
         )
         raise TypeError(msg)
-    return arrays[0], arrays[1]
+    return given[0], given[1]
 
 
 def value_and_grad(
