@@ -18,10 +18,8 @@ import torch
 
 from crossent._lib._checks import (
     check_ignore_index,
-    check_nonnegative,
     check_softcap,
 )
-from crossent._lib._xp import array_namespace
 from crossent._losses._distill import check_temperature
 from crossent.fused._distill import linear_distillation_loss
 from crossent.fused._function import run_linear_ce
@@ -34,6 +32,7 @@ from crossent.fused._inputs import (
     check_head,
     check_labels,
     check_shift,
+    check_values,
     shift_target,
     unshift,
 )
@@ -216,10 +215,7 @@ def linear_cross_entropy(
             hidden.reshape(-1, d), weight, target.reshape(-1), bias, class_weight, opts
         )
     else:
-        xp = array_namespace(hidden, target)
-        if class_weight is not None:
-            check_nonnegative(class_weight, name="class_weight", xp=xp)
-        check_labels(target, n_classes, ignore_index=opts.ignore_index)
+        check_values(target, class_weight, n_classes, ignore_index=opts.ignore_index)
         loss = run_linear_ce(
             hidden.reshape(-1, d), weight, target.reshape(-1), bias, class_weight, opts
         )

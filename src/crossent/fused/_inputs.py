@@ -15,6 +15,7 @@ from crossent._lib._checks import (
     check_ignore_index,
     check_integer_labels,
     check_label_range,
+    check_nonnegative,
     check_nonnegative_scalar,
     check_reduction,
     check_softcap,
@@ -29,6 +30,7 @@ __all__ = [
     "check_head",
     "check_labels",
     "check_shift",
+    "check_values",
     "shift_target",
     "unshift",
 ]
@@ -188,6 +190,19 @@ def check_labels(target: torch.Tensor, num_classes: int, *, ignore_index: int) -
     torch's kernel-level failure (``IndexError`` / device assert) with it off."""
     check_label_range(target, num_classes, ignore_index=ignore_index, xp=array_namespace(target))
     guard_label_range(target, num_classes, ignore_index=ignore_index)
+
+
+def check_values(
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    num_classes: int,
+    *,
+    ignore_index: int,
+) -> None:
+    """The value checks of the fused cross-entropy, eager and inside the compiled op alike."""
+    if class_weight is not None:
+        check_nonnegative(class_weight, name="class_weight", xp=array_namespace(class_weight))
+    check_labels(target, num_classes, ignore_index=ignore_index)
 
 
 def shift_target(target: torch.Tensor, *, shift: bool, ignore_index: int) -> torch.Tensor:

@@ -22,11 +22,9 @@ from typing import Any
 
 import torch
 
-from crossent._lib._checks import check_nonnegative
-from crossent._lib._xp import array_namespace
 from crossent.fused._chunked import result_dtype
 from crossent.fused._function import LinearCEOptions, _core
-from crossent.fused._inputs import check_labels
+from crossent.fused._inputs import check_values
 
 __all__ = ["linear_ce_compiled"]
 
@@ -41,10 +39,7 @@ def _run_core(
     needs: list[bool],
     row_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    xp = array_namespace(hidden, target)
-    check_labels(target, weight.shape[0], ignore_index=opts.ignore_index)
-    if class_weight is not None:
-        check_nonnegative(class_weight, name="class_weight", xp=xp)
+    check_values(target, class_weight, weight.shape[0], ignore_index=opts.ignore_index)
     res = _core(
         hidden,
         weight,
