@@ -388,7 +388,7 @@ def _column_argmax(x: np.ndarray, row_max: np.ndarray, nan: np.ndarray) -> np.nd
     that holds it, found column by column from the last; a NaN row's is its first NaN."""
     pred = np.zeros(x.shape[0], dtype=np.int64)
     hit = np.empty(x.shape[0], dtype=np.bool_)
-    for k in range(x.shape[1] - 1, 0, -1):
+    for k in range(x.shape[1] - 1, -1, -1):  # down to class 0: a tie goes to the first
         np.equal(x[:, k], row_max, out=hit)
         np.putmask(pred, hit, k)
     if nan.any():  # the max of a NaN row is NaN, equal to nothing
