@@ -123,3 +123,68 @@ def test_evaluate_dask_on_a_dataframe(cluster: Any, tmp_path: Path, data: dict[s
     y = (data["y"] == 1).astype(float)
     expected = -np.mean(y * np.log(dog) + (1 - y) * np.log1p(-dog))
     assert binary["log_loss_nats"] == pytest.approx(expected, rel=1e-12)
+
+
+def _one_parquet(path: Path, data: dict[str, Any], row_group_size: int) -> Path:
+    table = pa.table(
+        {
+            "label": [NAMES[t] for t in data["y"]],
+            **{n: data["p"][:, k] for k, n in enumerate(NAMES)},
+        }
+    )
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def test_large_parquet_file_split_by_row_groups(tmp_path: Path, data: dict[str, Any]) -> None:
+    from crossent._eval._evaluate import file_parts
+    from crossent._eval._parquet import row_group_parts
+
+    path = _one_parquet(tmp_path / "one.parquet", data, row_group_size=10)  # 12 row groups
+    assert row_group_parts(path, 25) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    assert row_group_parts(path, 35) == [(0, 4), (4, 8), (8, 12)]
+    assert row_group_parts(path, 50) == [(0, 5), (5, 12)]  # a short tail joins the last run
+    assert row_group_parts(path, 10_000) == [(0, 12)]
+    assert file_parts(path, 8) == [(0, 4), (4, 8), (8, 12)]  # runs of >= 4 batches of 8 rows
+    assert file_parts(path, 65536) == [None]  # small: the whole file is one partition
+    csv = write(tmp_path / "one.csv", csv_text(data))
+    assert file_parts(csv, 8) == [None]
+
+
+def test_cli_dask_engine_splits_one_parquet_file(
+    cluster: Any, tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _one_parquet(tmp_path / "one.parquet", data, row_group_size=10)
+    dask = ("--engine", "dask", "--scheduler", cluster.scheduler_address, "--batch-size", "8")
+    local = run_json("eval", str(path), "--batch-size", "8")
+    remote = run_json("eval", str(path), *dask)
+    assert remote["files"] == 1
+    assert_same_figures(remote, local, rtol=0)
+    # a bad row in the third partition is named by its row in the file, not in the partition
+    bad = data | {"p": data["p"].copy()}
+    bad["p"][97, 0] = -0.25
+    _one_parquet(path, bad, row_group_size=10)
+    err = error(capsys, "eval", str(path), *dask)
+    assert f"{path}: row 98 has a value -0.25 outside [0, 1]" in err
+    assert error(capsys, "eval", str(path), "--batch-size", "8") == err  # as the local engine
+
+
+def test_cli_unreachable_scheduler(
+    tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    import socket
+    import time
+
+    from crossent._eval import _dask
+
+    monkeypatch.setattr(_dask, "CONNECT_TIMEOUT", 1.0)
+    with socket.socket() as s:  # a free port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write(tmp_path / "p.csv", csv_text(data, extra=False))
+    start = time.monotonic()
+    err = error(
+        capsys, "eval", str(path), "--engine", "dask", "--scheduler", f"tcp://127.0.0.1:{port}"
+    )
+    assert time.monotonic() - start < 30
+    assert f"--scheduler tcp://127.0.0.1:{port}: cannot connect to a Dask scheduler there" in err

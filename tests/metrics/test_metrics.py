@@ -548,3 +548,48 @@ def test_a_real_low_precision_softmax_of_many_classes_is_a_distribution(
     bad[2, 0] += 0.05  # beyond any rounding: still a bad row
     with pytest.raises(BadRowError, match=r"row 2 .*tolerance"):
         CrossEntropy(input_kind="probs").update(bad, y)
+
+
+@pytest.mark.parametrize("classes", [2, 7, F.COLUMN_CLASSES + 1])
+def test_numpy_probability_rows_in_either_layout(classes: int) -> None:
+    # up to COLUMN_CLASSES classes the rows are reduced column by column: the same argmax
+    # (ties to the first class, NaN rows to their first NaN), and bit-identical statistics
+    # whatever the memory layout of the input
+    rng = np.random.default_rng(classes)
+    p = rng.dirichlet(np.ones(classes), size=300)
+    p[:40] = 0.0
+    p[:40, :2] = 0.5  # ties
+    p[40:60] = np.roll(p[40:60], 1, axis=1)
+    y = rng.integers(0, classes, 300)
+    y[:20] = 1
+    rows = {}
+    for order in "CF":
+        x = np.asarray(p, order=order)
+        rows[order] = F._numpy_prob_rows(x, y, tol=1e-3, need_probs=True)
+        got = rows[order]
+        np.testing.assert_array_equal(got["pred"], p.argmax(axis=1))
+        np.testing.assert_array_equal(got["conf"], p.max(axis=1))
+        hot = np.eye(classes)[y]
+        np.testing.assert_allclose(got["brier"], ((p - hot) ** 2).sum(axis=1), rtol=1e-15)
+        with np.errstate(divide="ignore"):  # a label of probability 0: clamped at 100 nats
+            nll = np.minimum(-np.log(p[np.arange(300), y]), -F.LOG_P_FLOOR)
+        np.testing.assert_array_equal(got["nll"], nll)
+        np.testing.assert_array_equal(got["clamped"], nll == -F.LOG_P_FLOOR)
+        np.testing.assert_array_equal(got["probs"], p)
+    for key in rows["C"]:
+        np.testing.assert_array_equal(rows["C"][key], rows["F"][key], err_msg=key)
+    c = ClassificationMetrics(input_kind="probs").update(p, y).compute()
+    f = ClassificationMetrics(input_kind="probs").update(np.asfortranarray(p), y).compute()
+    assert repr(c) == repr(f)  # every figure, bit for bit (NaN precision of unpredicted classes)
+    with np.errstate(divide="ignore"):
+        log_p = np.log(p)
+    generic = ClassificationMetrics(input_kind="log_probs").update(log_p, y).compute()
+    for key in ("accuracy", "brier", "ece", "classwise_ece"):  # (log_probs are not clamped)
+        assert c[key] == pytest.approx(generic[key], rel=1e-12, abs=1e-15), key
+    q = p.copy()
+    q[5, 3 % classes] = np.nan
+    q[6, 0] = np.nan
+    with ce.validation(False):
+        nan_rows = F._numpy_prob_rows(q, y, tol=1e-3, need_probs=False)
+    np.testing.assert_array_equal(nan_rows["pred"], q.argmax(axis=1))
+    np.testing.assert_array_equal(np.flatnonzero(nan_rows["nan"]), [5, 6])

@@ -1,6 +1,7 @@
 """The Dask engine of ``crossent eval``: one metric state per partition, merged in a tree.
 
-Each partition (a file of the input, or a partition of a Dask DataFrame)
+Each partition (a file of the input or a run of row groups of a large
+Parquet file, or a partition of a Dask DataFrame)
 is scored on a worker into a :class:`~crossent._eval._groups.GroupedMetrics`,
 the same object the local engine fills batch by batch; the states are then
 merged pairwise in a balanced binary tree (``log2(P)`` levels, each merge
@@ -29,6 +30,10 @@ __all__ = [
     "score_partition",
     "tree_merge",
 ]
+
+
+#: seconds to wait for a --scheduler to answer before giving up (exit 2)
+CONNECT_TIMEOUT = 10.0
 
 
 def _need_dask() -> tuple[Any, Any]:
@@ -82,7 +87,7 @@ def dask_client(scheduler: str | None, *, workers: int | None = None) -> Iterato
     _, distributed = _need_dask()
     if scheduler is not None:
         try:
-            client = distributed.Client(scheduler, timeout="10s")
+            client = distributed.Client(scheduler, timeout=f"{CONNECT_TIMEOUT}s")
         except (OSError, TimeoutError) as exc:
             msg = f"--scheduler {scheduler}: cannot connect to a Dask scheduler there: {exc}"
             raise CLIError(msg) from exc

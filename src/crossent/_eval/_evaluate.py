@@ -4,8 +4,10 @@
 resolves the columns from the first file (every other file must have the
 same ones), and scores every file into one
 :class:`~crossent._eval._groups.GroupedMetrics`: batch after batch in this
-process (``engine="local"``), or one state per file on Dask workers, merged
-in a tree (``engine="dask"``).
+process (``engine="local"``), or one state per partition on Dask workers,
+merged in a tree (``engine="dask"``): a partition is a file, or a run of row
+groups of a large Parquet file (:func:`file_parts`), so that one large file
+is scored in parallel too.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from crossent._eval._columns import Columns, resolve_columns
 from crossent._eval._errors import CLIError
 from crossent._eval._groups import GroupedMetrics
 from crossent._eval._open import FORMATS, open_table, read_batches
+from crossent._eval._parquet import row_group_parts
 from crossent._eval._score import Plan, Selection, score_table
-from crossent._eval._sources import expand_sources, stdin_as_file
+from crossent._eval._sources import data_suffix, expand_sources, stdin_as_file
 from crossent._eval._summary import summarize_state
 from crossent._eval._table import Batch, Table
 
-__all__ = ["evaluate", "open_scored", "score_file"]
+__all__ = ["evaluate", "file_parts", "open_scored", "score_file"]
 
 
 def _progress_bar(total: int | None, *, enabled: bool) -> Any:
@@ -44,13 +47,20 @@ def open_scored(
     selection: Selection,
     batch_size: int,
     like: tuple[Path, Sequence[str]] | None = None,
+    row_groups: tuple[int, int] | None = None,
 ) -> tuple[Table, Columns, Iterator[Batch]]:
     """Open `path`, resolve its columns (its first batch tells a text cell from a
     text column), and return the table, the columns and every batch.
 
     `like` is (first file, its column names): this file must have the same ones.
+    `row_groups` [start, stop) reads only those row groups of a Parquet file.
     """
-    table = open_table(path, batch_size=batch_size, label_column=selection.label_column)
+    table = open_table(
+        path,
+        batch_size=batch_size,
+        label_column=selection.label_column,
+        row_groups=row_groups,
+    )
     if like is not None and set(table.names) != set(like[1]):
         _other_columns(table, *like, "")
     batches = read_batches(table)
@@ -103,10 +113,17 @@ def _other_columns(table: Table, first: Path, names: Sequence[str], why: str) ->
 
 
 def score_file(
-    path: Path, plan: Plan, first: Path, names: Sequence[str], batch_size: int
+    path: Path,
+    plan: Plan,
+    first: Path,
+    names: Sequence[str],
+    batch_size: int,
+    row_groups: tuple[int, int] | None = None,
 ) -> GroupedMetrics:
-    """One file's state (a Dask task: it runs on a worker)."""
-    table, columns, batches = open_scored(path, plan.selection, batch_size, (first, names))
+    """One file's state, or that of its row groups [start, stop) (a Dask task: it runs
+    on a worker)."""
+    like = (first, names)
+    table, columns, batches = open_scored(path, plan.selection, batch_size, like, row_groups)
     check_same_columns(table, columns, plan, first)
     state = plan.new_state()
     score_table(state, table, batches, plan)
@@ -204,8 +221,23 @@ def _dask_state(
 
     with dask_client(scheduler, workers=workers) as client:
         parts = [
-            delayed(score_file)(path.resolve(), plan, first.path, first.names, batch_size)
+            delayed(score_file)(path.resolve(), plan, first.path, first.names, batch_size, part)
             for path in files
+            for part in file_parts(path, batch_size)
         ]
         state: GroupedMetrics = client.compute(tree_merge(parts)).result()
     return state
+
+
+#: a Dask partition of a large Parquet file holds at least this many batches' rows
+PART_BATCHES = 4
+
+
+def file_parts(path: Path, batch_size: int) -> list[tuple[int, int] | None]:
+    """The Dask partitions of one file: runs of row groups of a Parquet file (each of at
+    least ``PART_BATCHES`` batches, so that one large file is scored on several workers),
+    else the whole file (None)."""
+    if FORMATS.get(data_suffix(path)[0]) != "parquet":
+        return [None]
+    parts = row_group_parts(path, PART_BATCHES * batch_size)
+    return [None] if len(parts) == 1 else list(parts)

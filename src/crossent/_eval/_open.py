@@ -63,8 +63,13 @@ def _not_a_file(path: Path) -> str | None:
     return None
 
 
-def open_table(path: Path, *, batch_size: int, label_column: str) -> Table:
-    """Open a predictions file for streaming, by its extension."""
+def open_table(
+    path: Path, *, batch_size: int, label_column: str, row_groups: tuple[int, int] | None = None
+) -> Table:
+    """Open a predictions file for streaming, by its extension.
+
+    `row_groups` [start, stop) opens only those row groups of a Parquet file.
+    """
     problem = _not_a_file(path)
     if problem is not None:
         msg = f"{path}: {problem}"
@@ -81,6 +86,8 @@ def open_table(path: Path, *, batch_size: int, label_column: str) -> Table:
     if compression is not None and suffix not in COMPRESSIBLE:
         open_input(path)  # raises: says which formats may be compressed
     try:
+        if row_groups is not None and fmt == "parquet":
+            return open_parquet(path, batch_size, label_column, row_groups)
         return _OPENERS[fmt](path, batch_size, label_column)
     except CLIError:
         raise

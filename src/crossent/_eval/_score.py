@@ -81,7 +81,6 @@ def _make(plan: Plan) -> Any:  # module level, so GroupedMetrics pickles
 def binary_labels(column: Any, *, name: str) -> np.ndarray:
     """0/1 labels of one Arrow column holding 0/1, 0.0/1.0 or true/false (any case)."""
     pa = need("pyarrow")
-    pc = need("pyarrow.compute")
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if column.null_count:
@@ -99,7 +98,7 @@ def binary_labels(column: Any, *, name: str) -> np.ndarray:
     if pa.types.is_dictionary(t):
         column = column.cast(t.value_type)
     # text: map the few distinct values, not every row
-    encoded = pc.dictionary_encode(column)
+    encoded = need("pyarrow.compute").dictionary_encode(column)
     words = [str(w).strip().lower() for w in encoded.dictionary.to_pylist()]
     mapping = np.array([1 if w in _TRUE else 0 if w in _FALSE else -1 for w in words])
     codes = to_numpy(encoded.indices)

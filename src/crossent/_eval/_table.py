@@ -233,11 +233,14 @@ def regroup(blocks: Iterator[Any], batch_size: int) -> Iterator[Any]:
         yield pa.concat_batches(held)
 
 
-def record_batches(make: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[Batch]]:
-    """Number the record batches that `make()` yields by their first row."""
+def record_batches(
+    make: Callable[[], Iterator[Any]], first_row: int = 0
+) -> Callable[[], Iterator[Batch]]:
+    """Number the record batches that `make()` yields by their first row (the first
+    one's is `first_row`: the rows of the file before them)."""
 
     def batches() -> Iterator[Batch]:
-        start = 0
+        start = first_row
         for data in make():
             yield Batch(data, start)
             start += data.num_rows
