@@ -62,8 +62,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # playwright's sync API holds an event loop while open: not
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    # beyond this module, or asyncio.run() in later tests of the same worker would fail
     if not Path(CHROMIUM).exists():
         msg = f"{CHROMIUM} is missing: apt-get install chromium (the README's test command does)"
         if os.environ.get("CI"):
@@ -95,7 +96,9 @@ class _Page:
         self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
         self.page.on("requestfailed", lambda r: self.failed.append(r.url))
         self.page.on("request", self._request)
-        self.page.on("response", lambda r: r.status >= 400 and self.failed.append(f"{r.status} {r.url}"))
+        self.page.on(
+            "response", lambda r: r.status >= 400 and self.failed.append(f"{r.status} {r.url}")
+        )
         self.page.goto(url, wait_until="load")
 
     def _console(self, message: Any) -> None:
