@@ -16,7 +16,12 @@ F = torch.nn.functional
 
 from crossent.fused import _chunked  # noqa: E402
 from crossent.fused import linear_cross_entropy as _linear_ce  # noqa: E402
-from crossent.fused._chunked import _auto_chunk_size, _chunked_linear_ce  # noqa: E402
+from crossent.fused._chunked import (  # noqa: E402
+    LinearCEOptions,
+    VocabShard,
+    _auto_chunk_size,
+    _chunked_linear_ce,
+)
 from tests._reference.fused import linear_cross_entropy_ref  # noqa: E402
 
 # untyped alias: the bad-input tests pass wrong types on purpose
@@ -431,12 +436,7 @@ def test_vocab_slices_with_hooks_equal_single_process(
     h, w, b, y = data["hidden"], data["weight"] * 3, data["bias"], data["target"]
     kw: dict[str, Any] = {
         "class_weight": data["class_weight"] if cw else None,
-        "ignore_index": -100,
-        "label_smoothing": eps,
-        "z_loss": zeta,
-        "softcap": cap,
-        "reduction": reduction,
-        "chunk_size": chunk,
+        "opts": LinearCEOptions(-100, eps, zeta, cap, reduction, chunk),
         "compute_grad": True,
         "row_scale": data["grad"] if reduction == "none" else None,
     }
@@ -454,10 +454,7 @@ def test_vocab_slices_with_hooks_equal_single_process(
                 w[lo:hi],
                 y,
                 bias=b[lo:hi],
-                vocab_start=lo,
-                vocab_size=20,
-                reduce_max=group.hook(rank, "max"),
-                reduce_sum=group.hook(rank, "sum"),
+                shard=VocabShard(lo, 20, group.hook(rank, "max"), group.hook(rank, "sum")),
                 **kw,
             )
         except BaseException as exc:  # pragma: no cover - reported below

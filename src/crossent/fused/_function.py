@@ -15,43 +15,13 @@ of `hidden`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from crossent.fused._chunked import _chunked_linear_ce
+from crossent.fused._chunked import LinearCEOptions, VocabShard, _chunked_linear_ce
 
 __all__ = ["LinearCEOptions", "VocabShard", "_LinearCrossEntropyFunction", "run_linear_ce"]
-
-
-@dataclass(frozen=True)
-class LinearCEOptions:
-    """Checked, hashable options of one call."""
-
-    ignore_index: int
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    reduction: str
-    chunk_size: int | None
-    use_triton: bool | None = None
-
-
-@dataclass(frozen=True)
-class VocabShard:
-    """This process's rows ``[vocab_start, vocab_start + V_local)`` of a `vocab_size` head.
-
-    `reduce_max` and `reduce_sum` all-reduce a tensor over the processes that
-    hold the other slices (the chunk loop's hooks; `reduce_sum` also sums the
-    gradient of `hidden` in backward).
-    """
-
-    vocab_start: int
-    vocab_size: int
-    reduce_max: Callable[[torch.Tensor], torch.Tensor]
-    reduce_sum: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _core(
@@ -66,14 +36,6 @@ def _core(
     row_scale: torch.Tensor | None = None,
     shard: VocabShard | None = None,
 ) -> Any:
-    sharding: dict[str, Any] = {}
-    if shard is not None:
-        sharding = {
-            "vocab_start": shard.vocab_start,
-            "vocab_size": shard.vocab_size,
-            "reduce_max": shard.reduce_max,
-            "reduce_sum": shard.reduce_sum,
-        }
     with no_autocast(hidden):
         return _chunked_linear_ce(
             hidden,
@@ -81,16 +43,10 @@ def _core(
             target,
             bias=bias,
             class_weight=class_weight,
-            ignore_index=opts.ignore_index,
-            label_smoothing=opts.label_smoothing,
-            z_loss=opts.z_loss,
-            softcap=opts.softcap,
-            reduction=opts.reduction,
-            chunk_size=opts.chunk_size,
+            opts=opts,
             compute_grad=compute_grad,
             row_scale=row_scale,
-            use_triton=opts.use_triton,
-            **sharding,
+            shard=shard,
         )
 
 
