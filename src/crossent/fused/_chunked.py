@@ -159,11 +159,12 @@ class LinearCEOptions:
 
     def row_options(self) -> CEOptions:
         """The options of the row formula (:mod:`crossent._losses._rows`)."""
-        return _row_options(self.label_smoothing, self.z_loss, self.softcap, self.reduction)
+        return row_options(self.label_smoothing, self.z_loss, self.softcap, self.reduction)
 
 
 @functools.lru_cache(maxsize=64)
-def _row_options(eps: float, z_loss: float, softcap: float | None, reduction: str) -> CEOptions:
+def row_options(eps: float, z_loss: float, softcap: float | None, reduction: str) -> CEOptions:
+    """The row formula's options (:class:`~crossent._losses._options.CEOptions`), cached."""
     return CEOptions(
         "logits",
         label_smoothing=eps,
@@ -203,24 +204,35 @@ class VocabShard:
 # -------------------------------------------------------- plan → statistics → loss → gradient
 
 
+class SliceSpec(NamedTuple):
+    """What the statistics, loss and gradient of a slice of the vocabulary need."""
+
+    opts: CEOptions
+    """The row formula's options."""
+    class_weight: torch.Tensor | None
+    """This slice's class weights in the compute dtype."""
+    num_classes: int
+    """The whole vocabulary's size (smoothing's C)."""
+    vocab_start: int
+    """Global index of the slice's first class."""
+    softcap: float | None
+    """Applied in place to the raw logits (None: the logits come capped, or uncapped)."""
+    shard: VocabShard | None
+    """The ranks that hold the other slices (None: a single process)."""
+    triton: Any
+    """The Triton launchers, or None for the PyTorch element-wise passes."""
+
+
 class _Plan(NamedTuple):
     """What every chunk of one call shares (built once by :func:`_plan`)."""
 
-    opts: CEOptions
+    spec: SliceSpec
     rows: torch.Tensor
     """Indices of the counted rows (target not ignored)."""
     labels: torch.Tensor
     """Their global labels (int64)."""
-    class_weight: torch.Tensor | None
-    """This slice's class weights in the compute dtype."""
-    num_classes: int
-    vocab_start: int
     scale: torch.Tensor
     """0-d: the mean's 1 / (sum of w_y) (0 when that is 0), else 1."""
-    softcap: float | None
-    shard: VocabShard | None
-    triton: Any
-    """The Triton launchers, or None for the PyTorch element-wise passes."""
 
 
 def _plan(
@@ -254,18 +266,16 @@ def _plan(
         scale = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
     else:
         scale = torch.ones((), dtype=cdt, device=device)
-    return _Plan(
+    spec = SliceSpec(
         opts.row_options(),
-        rows,
-        labels,
         cw_local,
         num_classes,
         vocab_start,
-        scale,
         opts.softcap,
         shard,
         _triton_ops(weight, opts.use_triton),
     )
+    return _Plan(spec, rows, labels, scale)
 
 
 def softmax_stats_(
@@ -329,46 +339,57 @@ def _softcap_(buf: torch.Tensor, tanh_buf: torch.Tensor | None, softcap: float |
     buf.mul_(softcap)
 
 
+def slice_statistics(
+    buf: torch.Tensor,
+    tanh_buf: torch.Tensor | None,
+    labels: torch.Tensor,
+    spec: SliceSpec,
+) -> _rows.RowStats:
+    """Row statistics of this slice of the vocabulary, from the raw logits in `buf`.
+
+    The Triton statistics kernel leaves `buf` unchanged; the PyTorch path soft-caps
+    it in place (keeping the tanh in `tanh_buf`) and leaves the slice's softmax
+    (:func:`softmax_stats_`).
+    """
+    import torch
+
+    with_wz = spec.opts.label_smoothing != 0
+    cw = spec.class_weight
+    if spec.triton is None:
+        _softcap_(buf, tanh_buf, spec.softcap)
+        return softmax_stats_(buf, labels, cw, offset=spec.vocab_start, with_wz=with_wz)
+    local = labels - spec.vocab_start
+    m, s, wd, z_y = spec.triton.row_stats(
+        buf, local, cw, softcap=spec.softcap, smoothing=with_wz
+    )
+    inside = (local >= 0) & (local < buf.shape[1])
+    wsum: torch.Tensor | float = 0.0
+    if with_wz:
+        wsum = float(buf.shape[1]) if cw is None else cw.sum()
+    return _rows.RowStats(
+        m=m,
+        s=s,
+        wd=wd,
+        wsum=wsum,
+        z_y=torch.where(inside, z_y, 0.0),
+        w_y=None if cw is None else torch.where(inside, cw[torch.where(inside, local, 0)], 0.0),
+    )
+
+
 def chunk_statistics(
     buf: torch.Tensor,
     tanh_buf: torch.Tensor | None,
     labels: torch.Tensor,
-    plan: _Plan,
+    spec: SliceSpec,
 ) -> tuple[_rows.RowStats, _rows.RowStats]:
     """``(local, merged)`` row statistics of one chunk of raw logits in `buf`.
 
-    Local: this slice's (:func:`softmax_stats_`, or the Triton statistics kernel
-    that leaves `buf` unchanged). Merged: over the whole vocabulary, through
-    :func:`crossent._losses._rows.all_reduce` across the ranks (the same object
-    in a single process).
+    Local: this slice's (:func:`slice_statistics`). Merged: over the whole
+    vocabulary, through :func:`crossent._losses._rows.all_reduce` across the
+    ranks (the same object in a single process).
     """
-    import torch
-
-    with_wz = plan.opts.label_smoothing != 0
-    if plan.triton is not None:
-        m, s, wd, z_y = plan.triton.row_stats(
-            buf, labels - plan.vocab_start, plan.class_weight, softcap=plan.softcap,
-            smoothing=with_wz,
-        )  # fmt: skip
-        local = labels - plan.vocab_start
-        inside = (local >= 0) & (local < buf.shape[1])
-        cw = plan.class_weight
-        idx = torch.where(inside, local, 0)
-        stats = _rows.RowStats(
-            m=m,
-            s=s,
-            wd=wd,
-            wsum=(float(buf.shape[1]) if cw is None else cw.sum()) if with_wz else 0.0,
-            z_y=torch.where(inside, z_y, 0.0),
-            w_y=None if cw is None else torch.where(inside, cw[idx], 0.0),
-        )
-    else:
-        _softcap_(buf, tanh_buf, plan.softcap)
-        stats = softmax_stats_(
-            buf, labels, plan.class_weight, offset=plan.vocab_start, with_wz=with_wz
-        )
-    merged = stats if plan.shard is None else plan.shard.merge(stats)
-    return stats, merged
+    local = slice_statistics(buf, tanh_buf, labels, spec)
+    return local, (local if spec.shard is None else spec.shard.merge(local))
 
 
 def _target_weight(stats: _rows.RowStats) -> torch.Tensor:
@@ -377,12 +398,12 @@ def _target_weight(stats: _rows.RowStats) -> torch.Tensor:
     return torch.ones_like(stats.s) if stats.w_y is None else stats.w_y
 
 
-def chunk_losses(merged: _rows.RowStats, plan: _Plan) -> torch.Tensor:
+def chunk_losses(merged: _rows.RowStats, spec: SliceSpec) -> torch.Tensor:
     """Per-row loss of the chunk (:func:`crossent._losses._rows.row_loss`)."""
     import torch
 
     return _rows.row_loss(
-        merged, _target_weight(merged), merged.wsum, plan.num_classes, plan.opts, xp=torch
+        merged, _target_weight(merged), merged.wsum, spec.num_classes, spec.opts, xp=torch
     )
 
 
@@ -393,7 +414,7 @@ def logits_grad_(
     local: _rows.RowStats,
     merged: _rows.RowStats,
     scale: torch.Tensor,
-    plan: _Plan,
+    spec: SliceSpec,
 ) -> None:
     r"""Overwrite `buf` with :math:`\partial L/\partial x` of the chunk, times the row `scale`.
 
@@ -405,25 +426,25 @@ def logits_grad_(
     """
     import torch
 
-    opts = plan.opts
+    opts = spec.opts
     eps, zeta = opts.label_smoothing, opts.z_loss
     big_l = _rows.lse(merged, xp=torch)
     w_y = _target_weight(merged)
-    cw = plan.class_weight
-    if plan.triton is not None:
-        plan.triton.logits_grad_(
-            buf, labels - plan.vocab_start, cw, big_l, w_y, scale, merged.wsum,
-            label_smoothing=eps, num_classes=plan.num_classes, z_loss=zeta, softcap=plan.softcap,
+    cw = spec.class_weight
+    if spec.triton is not None:
+        spec.triton.logits_grad_(
+            buf, labels - spec.vocab_start, cw, big_l, w_y, scale, merged.wsum,
+            label_smoothing=eps, num_classes=spec.num_classes, z_loss=zeta, softcap=spec.softcap,
         )  # fmt: skip
         return
     a, b, e = _rows.coefficients(
-        w_y, big_l, scale, merged.wsum, 1.0 - eps, eps / plan.num_classes, eps != 0,
+        w_y, big_l, scale, merged.wsum, 1.0 - eps, eps / spec.num_classes, eps != 0,
         2.0 * zeta, zeta != 0,
     )  # fmt: skip
     if local is not merged:  # the slice's softmax, rescaled to the whole vocabulary
         a = a * torch.exp(_rows.lse(local, xp=torch) - big_l)
     buf.mul_(a[:, None])
-    local_y = labels - plan.vocab_start
+    local_y = labels - spec.vocab_start
     inside = (local_y >= 0) & (local_y < buf.shape[1])
     idx = torch.arange(buf.shape[0], device=buf.device)
     buf.index_put_((idx, torch.where(inside, local_y, 0)), -(b * inside), accumulate=True)
@@ -513,7 +534,7 @@ def _chunked_linear_ce(
         reduce_max=None if shard is None else shard.reduce_max,
         device=device,
     )
-    keep_tanh = has_softcap and plan.triton is None and any(want)
+    keep_tanh = has_softcap and plan.spec.triton is None and any(want)
     tanh_all = None
     if keep_tanh and n_counted:
         tanh_all = _workspace("tanh", (chunk, v_local), cdt, device)
@@ -522,13 +543,14 @@ def _chunked_linear_ce(
     def body(buf: torch.Tensor, c: _Chunk) -> bool:
         labels = plan.labels[c.start : c.stop]
         tanh_buf = tanh_all[: c.stop - c.start] if tanh_all is not None else None
-        local, merged = chunk_statistics(buf, tanh_buf, labels, plan)
+        local, merged = chunk_statistics(buf, tanh_buf, labels, plan.spec)
         lse_rows[c.rows] = _rows.lse(merged, xp=torch)
-        loss_rows[c.rows] = chunk_losses(merged, plan)
+        loss_rows[c.rows] = chunk_losses(merged, plan.spec)
         if not any(want):
             return False
         scale = plan.scale if row_scale_c is None else plan.scale * row_scale_c[c.rows]
-        logits_grad_(buf, tanh_buf, labels, local, merged, scale.expand(c.stop - c.start), plan)
+        n = c.stop - c.start
+        logits_grad_(buf, tanh_buf, labels, local, merged, scale.expand(n), plan.spec)
         return True
 
     grad_h, grad_w, grad_b = _chunk_loop(
