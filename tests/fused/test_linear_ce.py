@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from typing import Any
 
@@ -14,6 +15,8 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+from crossent._lib._xp import array_namespace  # noqa: E402
+from crossent._losses import _rows  # noqa: E402
 from crossent.fused import _chunked  # noqa: E402
 from crossent.fused import linear_cross_entropy as _linear_ce  # noqa: E402
 from crossent.fused._chunked import (  # noqa: E402
@@ -21,6 +24,7 @@ from crossent.fused._chunked import (  # noqa: E402
     VocabShard,
     _auto_chunk_size,
     _chunked_linear_ce,
+    softmax_stats_,
 )
 from tests._reference.fused import linear_cross_entropy_ref  # noqa: E402
 
@@ -706,3 +710,39 @@ def test_double_backward_raises_instead_of_a_wrong_number(reduction: str) -> Non
     loss = linear_cross_entropy(h, data["weight"], data["target"], reduction=reduction)
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(loss.sum(), [h], create_graph=True)
+
+
+# ----------------------------------------------------------------- the statistics of a slice
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("offset", [0, 4])
+def test_in_place_statistics_are_the_row_statistics(weighted: bool, offset: int) -> None:
+    """softmax_stats_ gives _rows.row_stats' fields (float64) and leaves the slice's softmax."""
+    gen = torch.Generator().manual_seed(5)
+    n, v = 7, 11
+    z = torch.randn(n, v, generator=gen, dtype=torch.float64) * 5
+    z[0, 3] = 1e4  # a huge logit: m - z_y must stay exact
+    z[1, :] = -math.inf  # a row the slice does not hold at all
+    z[2, [0, 5]] = -math.inf  # masked classes
+    labels = torch.randint(0, 20, (n,), generator=gen)  # some outside [offset, offset + v)
+    labels[0] = offset + 3
+    cw = torch.rand(v, generator=gen, dtype=torch.float64) + 0.1 if weighted else None
+    want = _rows.row_stats(z, labels, cw, offset=offset, with_wz=False, xp=array_namespace(z))
+    work = z.clone()
+    got = softmax_stats_(work, labels, cw, offset=offset, with_wz=False)
+    for field in ("m", "s", "z_y", "w_y"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+    soft = torch.softmax(z[2:], dim=1)
+    torch.testing.assert_close(work[2:], soft, rtol=1e-13, atol=1e-300)
+    assert torch.equal(work[1], torch.zeros(v, dtype=torch.float64))  # no 0/0
+    finite = slice(2, None)  # Σ w (m - z) with smoothing: finite rows only (-inf gives +inf)
+    want_wz = _rows.row_stats(z[finite], labels[finite], cw, offset=offset, xp=array_namespace(z))
+    got_wz = softmax_stats_(z[finite].clone(), labels[finite], cw, offset=offset, with_wz=True)
+    assert torch.isinf(got_wz.wd[0])  # a masked class under smoothing: +inf, as row_stats
+    assert torch.isinf(want_wz.wd[0])
+    torch.testing.assert_close(got_wz.wd[1:], want_wz.wd[1:], rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(torch.as_tensor(got_wz.wsum), torch.as_tensor(want_wz.wsum))

@@ -1,15 +1,20 @@
 r"""Pure-PyTorch chunked linear cross-entropy: the CPU path, the fallback, and the shared core.
 
-:func:`_chunked_linear_ce` walks the counted (non-ignored) tokens in chunks. For
-each chunk it computes the logits into one preallocated buffer, reduces each row
-to a few statistics (running max, sum of exponentials, target logit, smoothing
-sum), turns the buffer into :math:`\partial L / \partial z` in place and feeds it
-to two matrix products that fill ``grad_hidden`` and accumulate ``grad_weight``.
-Only one chunk of logits is ever alive.
+:func:`_chunked_linear_ce` walks the counted (non-ignored) tokens in chunks:
+:func:`_plan` (counted rows, labels, the mean's scale), then for each chunk the
+logits in one preallocated buffer (:func:`chunk_logits`), the row statistics of
+:mod:`crossent._losses._rows` (:func:`chunk_statistics`: max, sum of
+exponentials, weighted sum, target logit), the loss (:func:`chunk_losses`,
+``_rows.row_loss``), :math:`\partial L / \partial z` in place
+(:func:`logits_grad_`, ``_rows.coefficients``), and two matrix products that fill
+``grad_hidden`` and accumulate ``grad_weight`` (:func:`_chunk_loop`). Only one
+chunk of logits is ever alive. The formula is written once, in ``_rows``.
 
-The same loop serves the vocabulary-parallel loss (:mod:`crossent.distributed`):
-``weight`` may be a contiguous slice of the vocabulary, and two hooks combine the
-per-row statistics of all slices before the loss and the gradient are formed.
+The same core serves the vocabulary-parallel losses (:mod:`crossent.distributed`):
+``weight`` may be a contiguous slice of the vocabulary (a :class:`VocabShard`),
+whose statistics are merged over the ranks as ``_rows.combine`` merges slices
+(``_rows.all_reduce``), and ``vocab_parallel_cross_entropy`` feeds it a slice of
+logits directly (:class:`SliceSpec`, :func:`slice_statistics`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from crossent._losses import _rows
-from crossent._losses._options import CEOptions
+from crossent._losses._options import CEOptions, Reduction
 
 if TYPE_CHECKING:
     import torch
@@ -170,7 +175,7 @@ def row_options(eps: float, z_loss: float, softcap: float | None, reduction: str
         label_smoothing=eps,
         z_loss=z_loss,
         softcap=softcap,
-        reduction=cast("Any", reduction),
+        reduction=cast("Reduction", reduction),
     )
 
 
@@ -322,7 +327,9 @@ def softmax_stats_(
         wd, wsum = torch.zeros_like(m), 0.0
     torch._softmax(buf, 1, False, out=buf)
     s = buf.amax(dim=1).reciprocal_()
-    if not bool(finite.all()):  # rows of -inf: s = 0 and p = 0 (not 0/0); +inf/NaN propagate
+    # rows of -inf: s = 0 and p = 0 (not 0/0); +inf and NaN propagate. The check is a host
+    # sync, free on CPU; elsewhere the fix-up runs unconditionally instead.
+    if buf.device.type != "cpu" or not bool(finite.all()):
         empty = m == -math.inf
         s = torch.where(empty, 0.0, torch.where(finite, s, math.inf))
         buf.masked_fill_(empty[:, None], 0.0)

@@ -109,14 +109,13 @@ def logits_grad_(
         return t.to(dt).expand(n).contiguous()
 
     eps = float(label_smoothing)
-    params = torch.stack(
-        [
-            torch.tensor(1.0 - eps, dtype=dt, device=buf.device),
-            torch.tensor(eps / num_classes, dtype=dt, device=buf.device),
-            torch.tensor(2.0 * z_loss, dtype=dt, device=buf.device),
-            torch.as_tensor(total_weight, dtype=dt, device=buf.device).reshape(()),
-        ]
+    # 1 - eps, eps / C, 2 z_loss, W: one small copy to the device (and W's, if a tensor)
+    total = total_weight if isinstance(total_weight, float) else 0.0
+    params = torch.tensor(
+        [1.0 - eps, eps / num_classes, 2.0 * z_loss, total], dtype=dt, device=buf.device
     )
+    if isinstance(total_weight, torch.Tensor):
+        params[3] = total_weight
     y_kernel = torch.where((y_loc >= 0) & (y_loc < v), y_loc, -1).contiguous()
     k = _kernels()
     k._logits_grad_kernel[(n, (v + block - 1) // block)](
