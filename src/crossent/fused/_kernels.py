@@ -78,7 +78,7 @@ def _row_stats_kernel(
     CW,
     M_out,
     S_out,
-    WZY_out,
+    WD_out,
     ZY_out,
     V,
     softcap,
@@ -119,7 +119,7 @@ def _row_stats_kernel(
     z_y = softcap * _tanh(x_y / softcap) if HAS_SOFTCAP else x_y
     tl.store(M_out + row, m)
     tl.store(S_out + row, s)
-    tl.store(WZY_out + row, -sm)
+    tl.store(WD_out + row, -sm)
     tl.store(ZY_out + row, z_y)
 
 
