@@ -1,12 +1,16 @@
 r"""The sparse cross-entropy row formula, once: statistics, their combine, the loss, the gradient.
 
 Every executor of the sparse loss from logits — the array-API formula, the
-PyTorch executor's fallback, and (once they adopt it) the chunked fused loss,
-the Triton kernels and the vocabulary-parallel loss — reduces a row of logits
-(or a slice of it: a chunk of classes, a vocabulary tile, a rank's shard) to
-:class:`RowStats`, merges slices with :func:`combine`, and reads the loss and
-the gradient coefficients off the merged statistics with :func:`row_loss` and
-:func:`grad_coefficients`. None of them restates the formula.
+PyTorch executor's fallback, the chunked fused loss
+(:mod:`crossent.fused._chunked`), its Triton kernels and the vocabulary-parallel
+losses — reduces a row of logits (or a slice of it: a chunk of classes, a
+vocabulary tile, a rank's shard) to :class:`RowStats`, merges slices with
+:func:`combine` (ranks with :func:`all_reduce`, the same merge as two
+collectives), and reads the loss and the gradient coefficients off the merged
+statistics with :func:`row_loss` and :func:`grad_coefficients` /
+:func:`coefficients` (the latter written with operators only, so that the
+Triton gradient kernel compiles the very same function). None of them restates
+the formula.
 
 Derivation
 ----------
@@ -60,7 +64,7 @@ executor multiplies :math:`a, b, e` by the upstream gradient and the mean's
 
 An executor therefore needs: a pass producing :class:`RowStats` for its slice
 (max, sum of exponentials, weighted sum, the target logit if the label falls
-in the slice), the combine (a loop, a tree or an all-reduce), and a second
+in the slice, and its weight), the combine (a loop, a tree or an all-reduce), and a second
 pass writing :math:`a\,e^{z_k - L} - b[k=y] - e\,w_k` (times the softcap
 derivative) — or the product of that with the hidden states, for fused losses.
 """
