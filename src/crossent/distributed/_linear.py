@@ -215,7 +215,7 @@ def vocab_parallel_linear_cross_entropy(
     Notes
     -----
     Per chunk of tokens, each rank reduces its slice of the chunk's logits to
-    the row statistics of :mod:`crossent._losses._rows` (its slice's row max
+    the row statistics of ``crossent._losses._rows`` (its slice's row max
     :math:`m_r`, :math:`s_r = \sum_{k \in r} e^{z_k - m_r}`, the smoothing sum
     :math:`\sum_{k \in r} w_k (m_r - z_k)` and, on the rank that owns the label,
     :math:`z_y`); the ranks merge them as ``combine`` merges slices: one

@@ -330,7 +330,7 @@ def vocab_parallel_cross_entropy(
              + \lambda_z \operatorname{lse}(z)^2 .
 
     Each rank reduces its slice to the row statistics of
-    :mod:`crossent._losses._rows` (row max :math:`m_r`,
+    ``crossent._losses._rows`` (row max :math:`m_r`,
     :math:`\sum_k e^{z_k - m_r}`, :math:`\sum_k w_k (m_r - z_k)`, and the target's
     logit and weight on the rank that owns :math:`y`); the ranks merge them as
     ``combine`` merges slices: one all-reduce (MAX) of :math:`m_r` gives
