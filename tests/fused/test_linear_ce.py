@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from crossent.fused._chunked import (  # noqa: E402
     _chunked_linear_ce,
     softmax_stats_,
 )
+from tests._ranks import ThreadRanks  # noqa: E402
 from tests._reference.fused import linear_cross_entropy_ref  # noqa: E402
 
 # untyped alias: the bad-input tests pass wrong types on purpose
@@ -410,25 +410,6 @@ def test_auto_chunk_size_respects_budget() -> None:
 # ----------------------------------------------------------------- vocabulary slices (core API)
 
 
-class _ThreadGroup:
-    """All-reduce over threads: stands in for torch.distributed in the core's hooks."""
-
-    def __init__(self, size: int) -> None:
-        self.barrier = threading.Barrier(size)
-        self.slots: list[Any] = [None] * size
-
-    def hook(self, rank: int, op: str) -> Any:
-        def reduce(x: Any) -> None:
-            self.slots[rank] = x.clone()
-            self.barrier.wait()
-            stacked = torch.stack(self.slots)
-            result = stacked.amax(0) if op == "max" else stacked.sum(0)
-            self.barrier.wait()
-            x.copy_(result)
-
-        return reduce
-
-
 @pytest.mark.parametrize(
     ("cw", "eps", "zeta", "cap", "reduction", "chunk"),
     [
@@ -450,31 +431,23 @@ def test_vocab_slices_with_hooks_equal_single_process(
     }
     full = _chunked_linear_ce(h, w, y, bias=b, **kw)
     splits = [0, 6, 13, 20]  # uneven slices
-    group = _ThreadGroup(3)
+    ranks = ThreadRanks(3)
     outs: list[Any] = [None] * 3
-    errors: list[BaseException] = []
 
     def run(rank: int) -> None:
         lo, hi = splits[rank], splits[rank + 1]
-        try:
-            outs[rank] = _chunked_linear_ce(
-                h,
-                w[lo:hi],
-                y,
-                bias=b[lo:hi],
-                shard=VocabShard(lo, 20, group.hook(rank, "max"), group.hook(rank, "sum")),
-                **kw,
-            )
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-            group.barrier.abort()
+        reduce_max = ranks.reducer(rank, lambda xs: torch.stack(xs).amax(0), in_place=True)
+        reduce_sum = ranks.reducer(rank, lambda xs: torch.stack(xs).sum(0), in_place=True)
+        outs[rank] = _chunked_linear_ce(
+            h,
+            w[lo:hi],
+            y,
+            bias=b[lo:hi],
+            shard=VocabShard(lo, 20, reduce_max, reduce_sum),
+            **kw,
+        )
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    ranks.run(run)
     for o in outs:
         torch.testing.assert_close(o.loss, full.loss)
         torch.testing.assert_close(o.lse, full.lse)

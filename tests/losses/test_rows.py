@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import threading
 from typing import Any
 
 import array_api_compat.numpy as xp
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 
 from crossent._losses import _rows
 from crossent._losses._options import make_options
+from tests._ranks import ThreadRanks
 from tests._reference import categorical as ref
 
 
@@ -128,46 +128,24 @@ def test_gradient_coefficients_give_the_gradient(problem: Any) -> None:
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
 
 
-class _Ranks:
-    """All-reduce over threads, one per slice: stands in for the ranks of a group."""
-
-    def __init__(self, size: int) -> None:
-        self.barrier = threading.Barrier(size)
-        self.slots: list[Any] = [None] * size
-
-    def reducer(self, rank: int, op: Any) -> Any:
-        def reduce(x: Any) -> Any:
-            self.slots[rank] = np.array(x, copy=True)
-            self.barrier.wait()
-            out = op(np.stack(self.slots), axis=0)
-            self.barrier.wait()
-            return out
-
-        return reduce
-
-
 @given(problems())
 def test_all_reduce_over_ranks_is_combine(problem: Any) -> None:
     """Ranks holding the slices merge to what combine gives (max, s, Σw(m−z), z_y, w_y, W)."""
     z, label, weight, cuts, _ = problem
     parts = _slices(z, label, weight, cuts)
     want = functools.reduce(lambda a, b: _rows.combine(a, b, xp=xp), parts)
-    ranks = _Ranks(len(parts))
+    ranks = ThreadRanks(len(parts))
     got: list[Any] = [None] * len(parts)
 
     def run(rank: int) -> None:
         got[rank] = _rows.all_reduce(
             parts[rank],
-            reduce_max=ranks.reducer(rank, np.max),
-            reduce_sum=ranks.reducer(rank, np.sum),
+            reduce_max=ranks.reducer(rank, lambda xs: np.max(xs, axis=0)),
+            reduce_sum=ranks.reducer(rank, lambda xs: np.sum(xs, axis=0)),
             xp=xp,
         )
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(parts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    ranks.run(run)
     for merged in got:
         np.testing.assert_array_equal(merged.m, want.m)
         np.testing.assert_allclose(merged.s, want.s, rtol=1e-13)
