@@ -11,6 +11,7 @@ vocabulary tiles with a ragged last one.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import os
@@ -29,8 +30,14 @@ if "crossent.fused._kernels" in sys.modules:  # decorated without the interprete
 
 import triton.language as tl  # noqa: E402
 
+from crossent._lib._xp import array_namespace  # noqa: E402
+from crossent._losses import _rows  # noqa: E402
 from crossent.fused import _kernels, _launch  # noqa: E402
-from crossent.fused._chunked import _chunked_linear_ce, _row_stats_torch  # noqa: E402
+from crossent.fused._chunked import (  # noqa: E402
+    LinearCEOptions,
+    _chunked_linear_ce,
+    softmax_stats_,
+)
 
 BLOCK = 16
 
@@ -84,7 +91,11 @@ def test_tanh_is_accurate_near_zero_and_saturates(dtype: Any) -> None:
     ("dtype", "cap", "weighted"),
     [(torch.float32, None, False), (torch.float64, 2.0, True), (torch.float32, 5.0, True)],
 )
-def test_row_stats_kernel_matches_torch(dtype: Any, cap: float | None, weighted: bool) -> None:
+def test_row_stats_kernel_gives_the_row_statistics(
+    dtype: Any, cap: float | None, weighted: bool
+) -> None:
+    """The kernel's (m, s, Σ w (m - z), z_y) are the fields of ``_rows.row_stats``, and
+    so are those of the PyTorch path's in-place producer (``softmax_stats_``)."""
     gen = torch.Generator().manual_seed(1)
     n, v = 6, 53
     x = torch.randn(n, v, generator=gen, dtype=dtype) * 4
@@ -94,38 +105,50 @@ def test_row_stats_kernel_matches_torch(dtype: Any, cap: float | None, weighted:
     before = x.clone()
     got = _launch.row_stats(x, y, cw, softcap=cap, smoothing=True)
     assert torch.equal(x, before)  # the statistics kernel only reads
-    work = x.clone()
-    tanh_buf = torch.empty_like(work) if cap is not None else None
-    want = _row_stats_torch(work, tanh_buf, y, cw, softcap=cap, smoothing=True)
-    w_sum = cw.sum() if cw is not None else float(v)
-
-    def invariants(m: Any, s: Any, sm: Any, dy: Any) -> tuple[Any, ...]:
-        # the two paths use different reference points m (max vs lse); these do not
-        log_s = torch.log(s)
-        return m + log_s, dy - log_s, sm - w_sum * log_s
-
-    for g, w in zip(invariants(*got), invariants(*want), strict=True):
+    z = x if cap is None else cap * torch.tanh(x / cap)
+    want = _rows.row_stats(z, y, cw, xp=array_namespace(z))
+    for g, w in zip(got, (want.m, want.s, want.wd, want.z_y), strict=True):
         torch.testing.assert_close(g, w, **_tol(dtype))
+    work = z.clone()
+    eager = softmax_stats_(work, y, cw, offset=0, with_wz=True)
+    for field in ("m", "s", "wd", "z_y", "w_y"):
+        a, b = getattr(eager, field), getattr(want, field)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **_tol(dtype))
+    torch.testing.assert_close(work, torch.softmax(z, dim=1), **_tol(dtype))
 
 
-@pytest.mark.parametrize(("cap", "weighted"), [(None, False), (3.0, True)])
-def test_logits_grad_kernel_matches_formula(cap: float | None, weighted: bool) -> None:
+@pytest.mark.parametrize(
+    ("cap", "weighted", "eps", "zeta"), [(None, False, 0.1, 0.0), (3.0, True, 0.2, 1e-2)]
+)
+def test_logits_grad_kernel_matches_formula(
+    cap: float | None, weighted: bool, eps: float, zeta: float
+) -> None:
     gen = torch.Generator().manual_seed(2)
-    n, v = 5, 37
+    n, v, num_classes = 5, 37, 50  # a slice of a 50-class vocabulary
     x = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
     y = torch.randint(0, v, (n,), generator=gen)
-    owned = torch.tensor([True, False, True, True, False])
+    y[[1, 4]] = torch.tensor([-3, v + 2])  # labels in other slices: no target term
+    owned = (y >= 0) & (y < v)
     cw = torch.rand(v, generator=gen, dtype=torch.float64) if weighted else None
-    a, b, e = (torch.rand(n, generator=gen, dtype=torch.float64) for _ in range(3))
+    w_y, scale = (torch.rand(n, generator=gen, dtype=torch.float64) for _ in range(2))
+    total = 7.5
     z = x if cap is None else cap * torch.tanh(x / cap)
-    lse = torch.logsumexp(z, 1)
+    lse = torch.logsumexp(z, 1) + 0.25  # the whole vocabulary's lse is above the slice's
     p = torch.exp(z - lse[:, None])
-    onehot = torch.nn.functional.one_hot(y, v).double() * owned[:, None]
+    onehot = torch.nn.functional.one_hot(y.clamp(0, v - 1), v).double() * owned[:, None]
     w = cw if cw is not None else torch.ones(v, dtype=torch.float64)
-    want = a[:, None] * p - b[:, None] * onehot - e[:, None] * w
+    b = (1 - eps) * w_y
+    a = b + eps / num_classes * total + 2 * zeta * lse
+    e = eps / num_classes
+    want = (a[:, None] * p - b[:, None] * onehot - e * w) * scale[:, None]
     if cap is not None:
         want = want * (1 - torch.tanh(x / cap) ** 2)
-    _launch.logits_grad_(x, y, owned, cw, lse, a, b, e, softcap=cap, smoothing=True)
+    _launch.logits_grad_(
+        x, y, cw, lse, w_y, scale, total,
+        label_smoothing=eps, num_classes=num_classes, z_loss=zeta, softcap=cap,
+    )  # fmt: skip
     torch.testing.assert_close(x, want, rtol=1e-12, atol=1e-13)
 
 
@@ -151,17 +174,12 @@ def test_chunk_loop_with_triton_equals_pytorch_path(
     kw: dict[str, Any] = {
         "bias": torch.randn(v, generator=gen).to(dtype) if bias else None,
         "class_weight": torch.rand(v, generator=gen).to(dtype) if cw else None,
-        "ignore_index": -100,
-        "label_smoothing": eps,
-        "z_loss": zeta,
-        "softcap": cap,
-        "reduction": reduction,
-        "chunk_size": 8,
         "compute_grad": True,
         "row_scale": torch.randn(n, generator=gen).to(dtype) if reduction == "none" else None,
     }
-    ref = _chunked_linear_ce(h, w, y, use_triton=False, **kw)
-    got = _chunked_linear_ce(h, w, y, use_triton=True, **kw)
+    opts = LinearCEOptions(-100, eps, zeta, cap, reduction, 8)
+    ref = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=False), **kw)
+    got = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=True), **kw)
     tol = _tol(torch.float32 if dtype == torch.bfloat16 else dtype)
     for g, r in itertools.zip_longest(got, ref):
         if r is None:
@@ -183,8 +201,8 @@ def test_triton_path_under_public_function(monkeypatch: pytest.MonkeyPatch) -> N
     seen: list[Any] = []
 
     def forced(*args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs.get("use_triton"))
-        kwargs["use_triton"] = True
+        seen.append(kwargs["opts"].use_triton)
+        kwargs["opts"] = dataclasses.replace(kwargs["opts"], use_triton=True)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fn, "_chunked_linear_ce", forced)

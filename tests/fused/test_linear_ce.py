@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import threading
+import math
 from typing import Any
 
 import numpy as np
@@ -14,9 +14,18 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+from crossent._lib._xp import array_namespace  # noqa: E402
+from crossent._losses import _rows  # noqa: E402
 from crossent.fused import _chunked  # noqa: E402
 from crossent.fused import linear_cross_entropy as _linear_ce  # noqa: E402
-from crossent.fused._chunked import _auto_chunk_size, _chunked_linear_ce  # noqa: E402
+from crossent.fused._chunked import (  # noqa: E402
+    LinearCEOptions,
+    VocabShard,
+    _auto_chunk_size,
+    _chunked_linear_ce,
+    softmax_stats_,
+)
+from tests._ranks import ThreadRanks  # noqa: E402
 from tests._reference.fused import linear_cross_entropy_ref  # noqa: E402
 
 # untyped alias: the bad-input tests pass wrong types on purpose
@@ -401,25 +410,6 @@ def test_auto_chunk_size_respects_budget() -> None:
 # ----------------------------------------------------------------- vocabulary slices (core API)
 
 
-class _ThreadGroup:
-    """All-reduce over threads: stands in for torch.distributed in the core's hooks."""
-
-    def __init__(self, size: int) -> None:
-        self.barrier = threading.Barrier(size)
-        self.slots: list[Any] = [None] * size
-
-    def hook(self, rank: int, op: str) -> Any:
-        def reduce(x: Any) -> None:
-            self.slots[rank] = x.clone()
-            self.barrier.wait()
-            stacked = torch.stack(self.slots)
-            result = stacked.amax(0) if op == "max" else stacked.sum(0)
-            self.barrier.wait()
-            x.copy_(result)
-
-        return reduce
-
-
 @pytest.mark.parametrize(
     ("cw", "eps", "zeta", "cap", "reduction", "chunk"),
     [
@@ -435,45 +425,29 @@ def test_vocab_slices_with_hooks_equal_single_process(
     h, w, b, y = data["hidden"], data["weight"] * 3, data["bias"], data["target"]
     kw: dict[str, Any] = {
         "class_weight": data["class_weight"] if cw else None,
-        "ignore_index": -100,
-        "label_smoothing": eps,
-        "z_loss": zeta,
-        "softcap": cap,
-        "reduction": reduction,
-        "chunk_size": chunk,
+        "opts": LinearCEOptions(-100, eps, zeta, cap, reduction, chunk),
         "compute_grad": True,
         "row_scale": data["grad"] if reduction == "none" else None,
     }
     full = _chunked_linear_ce(h, w, y, bias=b, **kw)
     splits = [0, 6, 13, 20]  # uneven slices
-    group = _ThreadGroup(3)
+    ranks = ThreadRanks(3)
     outs: list[Any] = [None] * 3
-    errors: list[BaseException] = []
 
     def run(rank: int) -> None:
         lo, hi = splits[rank], splits[rank + 1]
-        try:
-            outs[rank] = _chunked_linear_ce(
-                h,
-                w[lo:hi],
-                y,
-                bias=b[lo:hi],
-                vocab_start=lo,
-                vocab_size=20,
-                reduce_max=group.hook(rank, "max"),
-                reduce_sum=group.hook(rank, "sum"),
-                **kw,
-            )
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-            group.barrier.abort()
+        reduce_max = ranks.reducer(rank, lambda xs: torch.stack(xs).amax(0), in_place=True)
+        reduce_sum = ranks.reducer(rank, lambda xs: torch.stack(xs).sum(0), in_place=True)
+        outs[rank] = _chunked_linear_ce(
+            h,
+            w[lo:hi],
+            y,
+            bias=b[lo:hi],
+            shard=VocabShard(lo, 20, reduce_max, reduce_sum),
+            **kw,
+        )
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    ranks.run(run)
     for o in outs:
         torch.testing.assert_close(o.loss, full.loss)
         torch.testing.assert_close(o.lse, full.lse)
@@ -713,3 +687,39 @@ def test_double_backward_raises_instead_of_a_wrong_number(reduction: str) -> Non
     loss = linear_cross_entropy(h, data["weight"], data["target"], reduction=reduction)
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(loss.sum(), [h], create_graph=True)
+
+
+# ----------------------------------------------------------------- the statistics of a slice
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("offset", [0, 4])
+def test_in_place_statistics_are_the_row_statistics(weighted: bool, offset: int) -> None:
+    """softmax_stats_ gives _rows.row_stats' fields (float64) and leaves the slice's softmax."""
+    gen = torch.Generator().manual_seed(5)
+    n, v = 7, 11
+    z = torch.randn(n, v, generator=gen, dtype=torch.float64) * 5
+    z[0, 3] = 1e4  # a huge logit: m - z_y must stay exact
+    z[1, :] = -math.inf  # a row the slice does not hold at all
+    z[2, [0, 5]] = -math.inf  # masked classes
+    labels = torch.randint(0, 20, (n,), generator=gen)  # some outside [offset, offset + v)
+    labels[0] = offset + 3
+    cw = torch.rand(v, generator=gen, dtype=torch.float64) + 0.1 if weighted else None
+    want = _rows.row_stats(z, labels, cw, offset=offset, with_wz=False, xp=array_namespace(z))
+    work = z.clone()
+    got = softmax_stats_(work, labels, cw, offset=offset, with_wz=False)
+    for field in ("m", "s", "z_y", "w_y"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+    soft = torch.softmax(z[2:], dim=1)
+    torch.testing.assert_close(work[2:], soft, rtol=1e-13, atol=1e-300)
+    assert torch.equal(work[1], torch.zeros(v, dtype=torch.float64))  # no 0/0
+    finite = slice(2, None)  # Σ w (m - z) with smoothing: finite rows only (-inf gives +inf)
+    want_wz = _rows.row_stats(z[finite], labels[finite], cw, offset=offset, xp=array_namespace(z))
+    got_wz = softmax_stats_(z[finite].clone(), labels[finite], cw, offset=offset, with_wz=True)
+    assert torch.isinf(got_wz.wd[0])  # a masked class under smoothing: +inf, as row_stats
+    assert torch.isinf(want_wz.wd[0])
+    torch.testing.assert_close(got_wz.wd[1:], want_wz.wd[1:], rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(torch.as_tensor(got_wz.wsum), torch.as_tensor(want_wz.wsum))

@@ -7,6 +7,7 @@ share one formula; the reference is the float64 class-by-class loss of
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from crossent._losses import _rows
 from crossent._losses._options import make_options
+from tests._ranks import ThreadRanks
 from tests._reference import categorical as ref
 
 
@@ -124,6 +126,46 @@ def test_gradient_coefficients_give_the_gradient(problem: Any) -> None:
     grad[label] -= b[0]
     numeric = ref.numerical_grad(lambda v: _reference(v, label, weight, opts), z)
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+@given(problems())
+def test_all_reduce_over_ranks_is_combine(problem: Any) -> None:
+    """Ranks holding the slices merge to what combine gives (max, s, Σw(m−z), z_y, w_y, W)."""
+    z, label, weight, cuts, _ = problem
+    parts = _slices(z, label, weight, cuts)
+    want = functools.reduce(lambda a, b: _rows.combine(a, b, xp=xp), parts)
+    ranks = ThreadRanks(len(parts))
+    got: list[Any] = [None] * len(parts)
+
+    def run(rank: int) -> None:
+        got[rank] = _rows.all_reduce(
+            parts[rank],
+            reduce_max=ranks.reducer(rank, lambda xs: np.max(xs, axis=0)),
+            reduce_sum=ranks.reducer(rank, lambda xs: np.sum(xs, axis=0)),
+            xp=xp,
+        )
+
+    ranks.run(run)
+    for merged in got:
+        np.testing.assert_array_equal(merged.m, want.m)
+        np.testing.assert_allclose(merged.s, want.s, rtol=1e-13)
+        np.testing.assert_allclose(merged.wd, want.wd, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(merged.wsum, want.wsum, rtol=1e-13)
+        np.testing.assert_array_equal(merged.z_y, want.z_y)
+        if weight is None:
+            assert merged.w_y is None
+        else:
+            np.testing.assert_array_equal(merged.w_y, [weight[label]])
+
+
+def test_coefficients_are_the_gradient_formula_with_operators_only() -> None:
+    """The helper Triton compiles: plain floats in, (a·r, b·r, e·r) out."""
+    a, b, e = _rows.coefficients(2.0, 3.0, 0.5, 10.0, 0.9, 0.1 / 7, True, 0.02, True)
+    assert b == pytest.approx(0.9 * 2.0 * 0.5)
+    assert a == pytest.approx((0.9 * 2.0 + 0.1 / 7 * 10.0 + 0.02 * 3.0) * 0.5)
+    assert e == pytest.approx(0.1 / 7 * 0.5)
+    a0, b0, _ = _rows.coefficients(2.0, float("inf"), 1.0, 10.0, 1.0, 0.0, False, 0.0, False)
+    assert (a0, b0) == (2.0, 2.0)  # switched-off terms are not evaluated (no 0 · inf)
 
 
 def test_an_empty_slice_is_the_identity() -> None:

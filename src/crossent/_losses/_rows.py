@@ -1,12 +1,16 @@
 r"""The sparse cross-entropy row formula, once: statistics, their combine, the loss, the gradient.
 
 Every executor of the sparse loss from logits — the array-API formula, the
-PyTorch executor's fallback, and (once they adopt it) the chunked fused loss,
-the Triton kernels and the vocabulary-parallel loss — reduces a row of logits
-(or a slice of it: a chunk of classes, a vocabulary tile, a rank's shard) to
-:class:`RowStats`, merges slices with :func:`combine`, and reads the loss and
-the gradient coefficients off the merged statistics with :func:`row_loss` and
-:func:`grad_coefficients`. None of them restates the formula.
+PyTorch executor's fallback, the chunked fused loss
+(:mod:`crossent.fused._chunked`), its Triton kernels and the vocabulary-parallel
+losses — reduces a row of logits (or a slice of it: a chunk of classes, a
+vocabulary tile, a rank's shard) to :class:`RowStats`, merges slices with
+:func:`combine` (ranks with :func:`all_reduce`, the same merge as two
+collectives), and reads the loss and the gradient coefficients off the merged
+statistics with :func:`row_loss` and :func:`grad_coefficients` /
+:func:`coefficients` (the latter written with operators only, so that the
+Triton gradient kernel compiles the very same function). None of them restates
+the formula.
 
 Derivation
 ----------
@@ -60,26 +64,31 @@ executor multiplies :math:`a, b, e` by the upstream gradient and the mean's
 
 An executor therefore needs: a pass producing :class:`RowStats` for its slice
 (max, sum of exponentials, weighted sum, the target logit if the label falls
-in the slice), the combine (a loop, a tree or an all-reduce), and a second
+in the slice, and its weight), the combine (a loop, a tree or an all-reduce), and a second
 pass writing :math:`a\,e^{z_k - L} - b[k=y] - e\,w_k` (times the softcap
 derivative) — or the product of that with the hidden states, for fused losses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from crossent._lib._xp import Array, stop_gradient, take_along_axis
+from crossent._lib._xp import device as _device
 from crossent._losses._options import CEOptions
 
 __all__ = [
     "RowStats",
+    "all_reduce",
     "applies",
+    "coefficients",
     "combine",
     "grad_coefficients",
     "log_s",
     "lse",
+    "rebase",
     "row_loss",
     "row_stats",
 ]
@@ -100,6 +109,10 @@ class RowStats:
     r""":math:`\sum_k w_k` over the classes seen (their count without weights)."""
     z_y: Array
     """The target logit if the label fell in this slice, else 0."""
+    w_y: Array | None = None
+    """The target's class weight if the label fell in this slice, else 0; None without
+    class weights. (Executors that see the whole weight vector read it themselves; a
+    rank that holds only its slice of the weights gets it from the owner.)"""
 
 
 def applies(opts: CEOptions) -> bool:
@@ -142,32 +155,80 @@ def row_stats(
     idx = xp.where(inside, local, xp.zeros_like(local))
     z_y = xp.squeeze(take_along_axis(z, xp.expand_dims(idx, axis=-1), axis=-1, xp=xp), axis=-1)
     z_y = xp.where(inside, z_y, xp.zeros_like(z_y))
-    return RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y)
+    w_y = None
+    if weight is not None:
+        w_y = xp.reshape(xp.take(weight, xp.reshape(idx, (-1,))), idx.shape)
+        w_y = xp.where(inside, w_y, xp.zeros_like(w_y))
+    return RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y, w_y=w_y)
+
+
+def rebase(st: RowStats, m: Array, *, xp: Any) -> RowStats:
+    r"""The same statistics measured from a reference point `m` at or above ``st.m``.
+
+    :math:`s \leftarrow s\, e^{m_{st} - m}` (0 for a slice with :math:`m_{st} = -\infty`),
+    :math:`\sum w (m - z) \leftarrow \sum w (m_{st} - z) + (m - m_{st}) \sum w`; the
+    target logit and the weight sum do not move. Both parts are non-negative, so nothing
+    cancels. Merging slices is rebasing them to their common maximum and adding
+    (:func:`combine`, :func:`all_reduce`).
+    """
+    finite = xp.isfinite(m)
+    m_safe = xp.where(finite, m, xp.zeros_like(m))
+    empty = st.m == -float("inf")
+    shift = xp.where(empty, xp.zeros_like(m_safe), st.m - m_safe)
+    s = xp.where(empty, xp.zeros_like(st.s), st.s * xp.exp(shift))
+    s = xp.where(finite, s, st.s)
+    m_st = xp.where(xp.isfinite(st.m), st.m, xp.zeros_like(st.m))
+    wd = st.wd + (m_safe - m_st) * st.wsum
+    return RowStats(m=m, s=s, wd=wd, wsum=st.wsum, z_y=st.z_y, w_y=st.w_y)
 
 
 def combine(a: RowStats, b: RowStats, *, xp: Any) -> RowStats:
     r"""The statistics of the union of two disjoint slices (associative, commutative).
 
     :math:`m = \max(m_a, m_b)`, :math:`s = s_a e^{m_a - m} + s_b e^{m_b - m}`
-    (a slice with :math:`m = -\infty` contributes 0), the sums add.
+    (a slice with :math:`m = -\infty` contributes 0), the sums add: both slices
+    are rebased to :math:`m` (:func:`rebase`) and added.
     """
     m = xp.maximum(a.m, b.m)
-    finite = xp.isfinite(m)
-    m_safe = xp.where(finite, m, xp.zeros_like(m))
+    ra, rb = rebase(a, m, xp=xp), rebase(b, m, xp=xp)
+    w_y = None if a.w_y is None or b.w_y is None else a.w_y + b.w_y
+    return RowStats(
+        m=m, s=ra.s + rb.s, wd=ra.wd + rb.wd, wsum=a.wsum + b.wsum, z_y=a.z_y + b.z_y, w_y=w_y
+    )
 
-    def rescale(st: RowStats) -> Array:
-        empty = st.m == -float("inf")
-        shift = xp.where(empty, xp.zeros_like(m_safe), st.m - m_safe)
-        return xp.where(empty, xp.zeros_like(st.s), st.s * xp.exp(shift))
 
-    s = xp.where(finite, rescale(a) + rescale(b), a.s + b.s)
+def all_reduce(
+    st: RowStats,
+    *,
+    reduce_max: Callable[[Array], Array],
+    reduce_sum: Callable[[Array], Array],
+    xp: Any,
+) -> RowStats:
+    r""":func:`combine` over the ranks that hold the other slices of the same rows.
 
-    def moved(st: RowStats) -> Array:  # Σ w (m − z) measured from the merged max
-        m_st = xp.where(xp.isfinite(st.m), st.m, xp.zeros_like(st.m))
-        return st.wd + (m_safe - m_st) * st.wsum
-
-    wd = moved(a) + moved(b)
-    return RowStats(m=m, s=s, wd=wd, wsum=a.wsum + b.wsum, z_y=a.z_y + b.z_y)
+    The same merge as :func:`combine`, as two collectives: `reduce_max` (an
+    all-reduce MAX of a ``(n,)`` array) gives the common maximum, and
+    `reduce_sum` (an all-reduce SUM of one packed ``(3n + 1,)`` array,
+    ``(4n + 1,)`` with class weights) adds the rebased :math:`s`,
+    :math:`\sum w (m - z)`, :math:`z_y` and :math:`w_y` (from the rank that owns
+    the label; the others hold 0) and the weight sums. Every rank calls it with
+    the same number of rows, all with or all without class weights, in the same
+    order. The reducers return their result (they may also work in place).
+    """
+    m = reduce_max(xp.asarray(st.m, copy=True))
+    r = rebase(st, m, xp=xp)
+    n = m.shape[0]
+    wsum = xp.reshape(xp.asarray(st.wsum, dtype=m.dtype, device=_device(m)), (1,))
+    parts = [r.s, r.wd, r.z_y, *([] if st.w_y is None else [st.w_y]), wsum]
+    packed = reduce_sum(xp.concat(parts))
+    return RowStats(
+        m=m,
+        s=packed[:n],
+        wd=packed[n : 2 * n],
+        wsum=packed[-1],
+        z_y=packed[2 * n : 3 * n],
+        w_y=None if st.w_y is None else packed[3 * n : 4 * n],
+    )
 
 
 def lse(stats: RowStats, *, xp: Any) -> Array:
@@ -239,6 +300,37 @@ def row_loss(
     return row
 
 
+def coefficients(  # no annotations: Triton compiles this function too
+    w_y,
+    big_l,
+    scale,
+    total_weight,
+    one_m_eps,
+    eps_c,
+    smoothing,
+    z_loss_2,
+    with_z_loss,
+):
+    r"""``(a·r, b·r, e·r)`` of the loss without focal factor: operators only.
+
+    :math:`b = (1-\varepsilon) w_y`, :math:`a = b + \frac{\varepsilon}{C} W + 2\lambda L`,
+    :math:`e = \varepsilon / C`, each times the row scale `r` (the upstream gradient
+    and the mean's :math:`1/\sum w_y`). `one_m_eps`, `eps_c` and `z_loss_2` are
+    :math:`1-\varepsilon`, :math:`\varepsilon/C` and :math:`2\lambda`; `smoothing`
+    and `with_z_loss` say whether those terms exist (compile-time constants in a
+    kernel). Written with ``+ - *`` only and without annotations, so that the same
+    function serves arrays, Python floats and — through ``triton.jit`` — the
+    Triton gradient kernel (:mod:`crossent.fused._kernels`).
+    """
+    b = one_m_eps * w_y
+    a = b
+    if smoothing:
+        a = a + eps_c * total_weight
+    if with_z_loss:
+        a = a + z_loss_2 * big_l
+    return a * scale, b * scale, eps_c * scale
+
+
 def grad_coefficients(
     stats: RowStats,
     w_y: Array,
@@ -251,18 +343,21 @@ def grad_coefficients(
     r"""(a, b, e): :math:`\partial\ell/\partial z_k = a\,p_k - b\,[k=y] - e\,w_k` (e is a scalar).
 
     Ignored rows must be zeroed by the caller's scale (their `w_y` is 0 but
-    the smoothing and z-loss parts do not depend on it).
+    the smoothing and z-loss parts do not depend on it). Without focal factor
+    this is :func:`coefficients` with scale 1.
     """
     big_l = lse(stats, xp=xp)
     eps, gamma = opts.label_smoothing, opts.gamma
-    if gamma != 0:
-        nll_y = _nll_target(stats, big_l, xp=xp)
-        f, q = _focal(nll_y, gamma, xp=xp)
-        b = w_y * f * (1 + gamma * q)
-        a = b
-    else:
-        b = (1 - eps) * w_y
-        a = b + (eps / num_classes) * total_weight if eps != 0 else b
+    if gamma == 0:
+        a, b, e = coefficients(
+            w_y, big_l, 1.0, total_weight, 1 - eps, eps / num_classes, eps != 0,
+            2 * opts.z_loss, opts.z_loss != 0,
+        )  # fmt: skip
+        return a, b, e
+    nll_y = _nll_target(stats, big_l, xp=xp)
+    f, q = _focal(nll_y, gamma, xp=xp)
+    b = w_y * f * (1 + gamma * q)
+    a = b
     if opts.z_loss != 0:
         a = a + (2 * opts.z_loss) * big_l
     return a, b, eps / num_classes

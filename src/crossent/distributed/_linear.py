@@ -215,12 +215,12 @@ def vocab_parallel_linear_cross_entropy(
     Notes
     -----
     Per chunk of tokens, each rank reduces its slice of the chunk's logits to
-    per-row statistics about its own reference point :math:`m_r` (its slice's
-    row max or log-sum-exp): :math:`s_r = \sum_{k \in r} e^{z_k - m_r}`, the
-    smoothing sum :math:`\sum_{k \in r} w_k (z_k - m_r)` and, on the rank that
-    owns the label, :math:`z_y - m_r`. One all-reduce (MAX) of :math:`m_r` gives
-    :math:`m`, a second (SUM) of the statistics shifted to :math:`m` gives the
-    whole-vocabulary :math:`\operatorname{lse}`, smoothing sum and target logit;
+    the row statistics of ``crossent._losses._rows`` (its slice's row max
+    :math:`m_r`, :math:`s_r = \sum_{k \in r} e^{z_k - m_r}`, the smoothing sum
+    :math:`\sum_{k \in r} w_k (m_r - z_k)` and, on the rank that owns the label,
+    :math:`z_y`); the ranks merge them as ``combine`` merges slices: one
+    all-reduce (MAX) of :math:`m_r` gives :math:`m`, a second (SUM) of the
+    statistics rebased to :math:`m` gives the whole-vocabulary ones;
     every rank then forms the loss and the logits gradient :math:`G` of its
     slice in place, and :math:`G^\top h` (its weight gradient) and :math:`G W_r`
     (its part of `hidden`'s gradient) with no further communication. The

@@ -4,7 +4,8 @@ Rank ``r`` holds the logits of classes ``[s_r, s_r + V_r)``, the slices laid
 end to end in rank order (``V_r`` may differ between ranks). The forward pass
 needs two all-reduces of one value per row, plus a few more packed into the
 second one; the backward pass needs none, since the softmax of the local slice
-is rebuilt from the saved row log-sum-exp.
+is rebuilt from the saved row statistics. It is the chunk core of the fused
+loss (:mod:`crossent.fused._chunked`) fed with a slice of logits.
 """
 
 from __future__ import annotations
@@ -13,11 +14,25 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 
 from crossent._lib._checks import values_checked
 from crossent._losses._logprob import softcap_backward, softcap_logits
-from crossent.distributed._comm import Layout, Options, agree, all_reduce, check_options, group_of
+from crossent.distributed._comm import (
+    Layout,
+    Options,
+    agree,
+    check_options,
+    group_of,
+    row_reducers,
+)
+from crossent.fused._chunked import (
+    SliceSpec,
+    VocabShard,
+    chunk_losses,
+    logits_grad_,
+    row_options,
+    slice_statistics,
+)
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -134,17 +149,32 @@ def setup(
     return layout, opts
 
 
-def _labels(
-    target: torch.Tensor, layout: Layout, ignore_index: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(counted, owned, local label): owned rows have their label in this rank's slice."""
-    if ignore_index is None:
-        counted = torch.ones_like(target, dtype=torch.bool)
-    else:
-        counted = target != ignore_index
-    local = target - layout.vocab_start
-    owned = counted & (local >= 0) & (local < layout.local_vocab)
-    return counted, owned, torch.where(owned, local, torch.zeros_like(local))
+def _slice_spec(
+    layout: Layout, opts: Options, weight: torch.Tensor | None
+) -> tuple[SliceSpec, VocabShard]:
+    """This rank's slice for the chunk core (the soft cap is applied before: -inf stays)."""
+    shard = VocabShard(layout.vocab_start, layout.vocab_size, *row_reducers(layout.group))
+    row_opts = row_options(opts.label_smoothing, opts.z_loss, None, opts.reduction)
+    spec = SliceSpec(row_opts, weight, layout.vocab_size, layout.vocab_start, None, shard, None)
+    return spec, shard
+
+
+def _logits(
+    local_logits: torch.Tensor, layout: Layout, opts: Options, dtype: torch.dtype
+) -> torch.Tensor:
+    """A fresh ``(N, V_r)`` buffer of the (soft-capped) logits in `dtype`, for the core."""
+    x = local_logits.reshape(-1, layout.local_vocab)
+    if opts.softcap is not None:
+        return softcap_logits(x.to(dtype), opts.softcap, xp=torch)
+    return x.to(dtype, copy=True)
+
+
+def _labels(target: torch.Tensor, opts: Options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counted, label): ignored rows get label 0 (their rows are masked by `counted`)."""
+    if opts.ignore_index is None:
+        return torch.ones_like(target, dtype=torch.bool), target
+    counted = target != opts.ignore_index
+    return counted, torch.where(counted, target, torch.zeros_like(target))
 
 
 def _row_scale(
@@ -158,7 +188,14 @@ def _row_scale(
 
 
 class _VocabParallelCE(torch.autograd.Function):
-    """Forward: two all-reduces per call. Backward: local only."""
+    """The chunk core of the fused loss on one slice of logits: two all-reduces, backward local.
+
+    Forward: the slice's row statistics (:func:`crossent.fused._chunked.slice_statistics`),
+    merged over the ranks (:func:`crossent._losses._rows.all_reduce`), the row loss
+    (:func:`crossent.fused._chunked.chunk_losses`). Backward: the slice's statistics
+    again (no communication) and :func:`crossent.fused._chunked.logits_grad_` with the
+    saved whole-vocabulary statistics.
+    """
 
     @staticmethod
     def forward(
@@ -169,45 +206,16 @@ class _VocabParallelCE(torch.autograd.Function):
         layout: Layout,
         opts: Options,
     ) -> torch.Tensor:
-        eps, cap = opts.label_smoothing, opts.softcap
-        n_cls = layout.local_vocab
-        x = local_logits.reshape(-1, n_cls)
         t = target.reshape(-1).to(torch.int64)
-        dtype = compute_dtype(x.dtype)
-        w = local_class_weight(weight, layout, dtype=dtype)
-        z = softcap_logits(x.to(dtype), cap, xp=torch)
-        counted, owned, label = _labels(t, layout, opts.ignore_index)
-
-        # m: the global row max (all-reduce MAX); rows of -inf only keep m = 0 (no inf - inf).
-        m = all_reduce(z.amax(dim=1), dist.ReduceOp.MAX, layout.group)
-        m = torch.where(m == -float("inf"), 0, m)
-        z_y = z.gather(1, label[:, None]).squeeze(1)
-        # Packed all-reduce SUM: Σ_k exp(z_k - m), m - z_y (from the owner), and with class
-        # weights w_y (from the owner); with smoothing Σ_k w_k (m - z_k) (every rank adds its
-        # slice; terms >= 0, no cancellation) and W = Σ_k w_k.
-        parts = [torch.sub(z, m[:, None]).exp_().sum(dim=1), torch.where(owned, m - z_y, 0)]
-        if w is not None:
-            parts.append(torch.where(owned, w[label], 0))
-        if eps > 0:
-            gap = m[:, None] - z
-            parts.append((gap * w).sum(dim=1) if w is not None else gap.sum(dim=1))
-        n = t.shape[0]
-        packed = torch.cat([*parts, w.sum()[None]] if w is not None else parts)
-        packed = all_reduce(packed, dist.ReduceOp.SUM, layout.group)
-        sum_exp, gap_y = packed[:n], packed[n : 2 * n]
-        w_y = packed[2 * n : 3 * n] if w is not None else counted.to(dtype)
-        log_s = torch.log(sum_exp)
-        lse = m + log_s
-        row = (1 - eps) * w_y * (gap_y + log_s)
-        if eps > 0:
-            smooth = packed[(3 if w is not None else 2) * n :][:n]
-            w_total = packed[-1] if w is not None else layout.vocab_size
-            row = row + (eps / layout.vocab_size) * (w_total * log_s + smooth)
-        if opts.z_loss > 0:
-            row = row + opts.z_loss * lse * lse
-        row = torch.where(counted, row, 0)
-
-        denominator = w_y.sum()
+        dtype = compute_dtype(local_logits.dtype)
+        spec, shard = _slice_spec(layout, opts, local_class_weight(weight, layout, dtype=dtype))
+        counted, label = _labels(t, opts)
+        z = _logits(local_logits, layout, opts, dtype)
+        merged = shard.merge(slice_statistics(z, None, label, spec))
+        del z
+        row = torch.where(counted, chunk_losses(merged, spec), 0)
+        w_y = merged.w_y if merged.w_y is not None else torch.ones_like(row)
+        denominator = torch.where(counted, w_y, 0).sum()
         if opts.reduction == "none":
             loss = row.reshape(target.shape)
         elif opts.reduction == "sum":
@@ -216,42 +224,25 @@ class _VocabParallelCE(torch.autograd.Function):
             loss = torch.where(
                 denominator > 0, row.sum() / torch.where(denominator > 0, denominator, 1), 0
             )
-
-        ctx.save_for_backward(
-            local_logits, t, w, packed[-1:] if w is not None else None, lse, w_y, denominator
-        )
-        ctx.layout, ctx.opts = layout, opts
+        ctx.save_for_backward(local_logits, t, denominator)
+        ctx.layout, ctx.opts, ctx.spec, ctx.merged = layout, opts, spec, merged
         return loss.to(local_logits.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
-        local_logits, t, w, w_total, lse, w_y, denominator = ctx.saved_tensors
-        layout, opts = ctx.layout, ctx.opts
-        eps = opts.label_smoothing
-        x = local_logits.reshape(-1, layout.local_vocab)
-        xc = x.to(lse.dtype)
-        z = softcap_logits(xc, opts.softcap, xp=torch)
-        counted, owned, label = _labels(t, layout, opts.ignore_index)
-        g = torch.where(
+        local_logits, t, denominator = ctx.saved_tensors
+        layout, opts, spec, merged = ctx.layout, ctx.opts, ctx.spec, ctx.merged
+        counted, label = _labels(t, opts)
+        scale = torch.where(
             counted, _row_scale(grad_output, opts.reduction, denominator, t.shape[0]), 0
         )
-        # d row / d z_k = p_k [(1-ε) w_y + (ε/V) W + 2 z_loss lse] - (1-ε) w_y [k = y] - (ε/V) w_k
-        coef = (1 - eps) * w_y + 2 * opts.z_loss * lse
-        if eps > 0:
-            coef = coef + (eps / layout.vocab_size) * (layout.vocab_size if w is None else w_total)
-        lse_safe = torch.where(counted, lse, float("inf"))  # ignored rows: softmax row of 0
-        # one (N, V_r) buffer, updated in place
-        grad = torch.sub(z, lse_safe[:, None]).exp_().mul_((g * coef)[:, None])
-        if eps > 0:
-            smooth = (eps / layout.vocab_size) * g
-            if w is not None:
-                grad.addr_(smooth, w, alpha=-1)
-            else:
-                grad.sub_(smooth[:, None])
-        hit = torch.where(owned, -(1 - eps) * w_y * g, 0)
-        grad.scatter_add_(1, label[:, None], hit[:, None])
-        grad = softcap_backward(xc, opts.softcap, grad, xp=torch)
+        grad = _logits(local_logits, layout, opts, denominator.dtype)
+        local = slice_statistics(grad, None, label, spec)
+        logits_grad_(grad, None, label, local, merged, scale, spec)  # in place
+        if opts.softcap is not None:
+            x = local_logits.reshape(-1, layout.local_vocab).to(denominator.dtype)
+            grad = softcap_backward(x, opts.softcap, grad, xp=torch)
         return grad.to(local_logits.dtype).reshape(local_logits.shape), None, None, None, None
 
 
@@ -338,13 +329,16 @@ def vocab_parallel_cross_entropy(
              + \frac{\varepsilon}{V} \sum_{k<V} w_k (\operatorname{lse}(z) - z_k)
              + \lambda_z \operatorname{lse}(z)^2 .
 
-    Each rank computes its slice's row max and all-reduces it (MAX) into
-    :math:`m`; then one packed all-reduce (SUM) gathers
-    :math:`\sum_k e^{z_k - m}`, :math:`m - z_y` from the rank that owns
-    :math:`y`, and, as needed, :math:`w_y`, :math:`\sum_k w_k (m - z_k)` over
-    the whole vocabulary and :math:`\sum_k w_k`. Then
-    :math:`\operatorname{lse} = m + \log \sum_k e^{z_k - m}` and every term is a
-    sum of non-negative parts (no cancellation). The backward pass is local:
+    Each rank reduces its slice to the row statistics of
+    ``crossent._losses._rows`` (row max :math:`m_r`,
+    :math:`\sum_k e^{z_k - m_r}`, :math:`\sum_k w_k (m_r - z_k)`, and the target's
+    logit and weight on the rank that owns :math:`y`); the ranks merge them as
+    ``combine`` merges slices: one all-reduce (MAX) of :math:`m_r` gives
+    :math:`m`, one packed all-reduce (SUM) adds the statistics rebased to
+    :math:`m`. Then :math:`\operatorname{lse} = m + \log \sum_k e^{z_k - m}` and
+    every term is a sum of non-negative parts (no cancellation). The backward
+    pass is local (the chunk core's gradient on the slice, with the saved
+    statistics):
 
     .. math::
 

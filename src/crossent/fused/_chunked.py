@@ -1,27 +1,40 @@
 r"""Pure-PyTorch chunked linear cross-entropy: the CPU path, the fallback, and the shared core.
 
-:func:`_chunked_linear_ce` walks the counted (non-ignored) tokens in chunks. For
-each chunk it computes the logits into one preallocated buffer, reduces each row
-to a few statistics (running max, sum of exponentials, target logit, smoothing
-sum), turns the buffer into :math:`\partial L / \partial z` in place and feeds it
-to two matrix products that fill ``grad_hidden`` and accumulate ``grad_weight``.
-Only one chunk of logits is ever alive.
+:func:`_chunked_linear_ce` walks the counted (non-ignored) tokens in chunks:
+:func:`_plan` (counted rows, labels, the mean's scale), then for each chunk the
+logits in one preallocated buffer (:func:`chunk_logits`), the row statistics of
+:mod:`crossent._losses._rows` (:func:`chunk_statistics`: max, sum of
+exponentials, weighted sum, target logit), the loss (:func:`chunk_losses`,
+``_rows.row_loss``), :math:`\partial L / \partial z` in place
+(:func:`logits_grad_`, ``_rows.coefficients``), and two matrix products that fill
+``grad_hidden`` and accumulate ``grad_weight`` (:func:`_chunk_loop`). Only one
+chunk of logits is ever alive. The formula is written once, in ``_rows``.
 
-The same loop serves the vocabulary-parallel loss (:mod:`crossent.distributed`):
-``weight`` may be a contiguous slice of the vocabulary, and two hooks combine the
-per-row statistics of all slices before the loss and the gradient are formed.
+The same core serves the vocabulary-parallel losses (:mod:`crossent.distributed`):
+``weight`` may be a contiguous slice of the vocabulary (a :class:`VocabShard`),
+whose statistics are merged over the ranks as ``_rows.combine`` merges slices
+(``_rows.all_reduce``), and ``vocab_parallel_cross_entropy`` feeds it a slice of
+logits directly (:class:`SliceSpec`, :func:`slice_statistics`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
+
+from crossent._losses import _rows
+from crossent._losses._options import CEOptions, Reduction
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "LinearCEOptions",
+    "VocabShard",
     "_ChunkedResult",
     "_auto_chunk_size",
     "_chunked_linear_ce",
@@ -149,6 +162,319 @@ def _auto_chunk_size(
     return max(1, min(n_rows, max(rows, MIN_AUTO_CHUNK)))
 
 
+@dataclass(frozen=True)
+class LinearCEOptions:
+    """Checked, hashable options of one fused linear cross-entropy call."""
+
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    reduction: str
+    chunk_size: int | None
+    use_triton: bool | None = None
+
+    def row_options(self) -> CEOptions:
+        """The options of the row formula (:mod:`crossent._losses._rows`)."""
+        return row_options(self.label_smoothing, self.z_loss, self.softcap, self.reduction)
+
+
+@functools.lru_cache(maxsize=64)
+def row_options(eps: float, z_loss: float, softcap: float | None, reduction: str) -> CEOptions:
+    """The row formula's options (:class:`~crossent._losses._options.CEOptions`), cached."""
+    return CEOptions(
+        "logits",
+        label_smoothing=eps,
+        z_loss=z_loss,
+        softcap=softcap,
+        reduction=cast("Reduction", reduction),
+    )
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This process's rows ``[vocab_start, vocab_start + V_local)`` of a `vocab_size` head.
+
+    `reduce_max` and `reduce_sum` all-reduce a tensor over the processes that
+    hold the other slices, in place or by returning the result (the row
+    statistics' :func:`crossent._losses._rows.all_reduce`; `reduce_sum` also sums
+    the gradient of `hidden` in backward).
+    """
+
+    vocab_start: int
+    vocab_size: int
+    reduce_max: Callable[[torch.Tensor], torch.Tensor]
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+
+    def merge(self, stats: _rows.RowStats) -> _rows.RowStats:
+        """The whole-vocabulary statistics of the rows, from every rank's slice."""
+        import torch
+
+        return _rows.all_reduce(
+            stats,
+            reduce_max=functools.partial(_apply_hook, self.reduce_max),
+            reduce_sum=functools.partial(_apply_hook, self.reduce_sum),
+            xp=torch,
+        )
+
+
+# -------------------------------------------------------- plan → statistics → loss → gradient
+
+
+class SliceSpec(NamedTuple):
+    """What the statistics, loss and gradient of a slice of the vocabulary need."""
+
+    opts: CEOptions
+    """The row formula's options."""
+    class_weight: torch.Tensor | None
+    """This slice's class weights in the compute dtype."""
+    num_classes: int
+    """The whole vocabulary's size (smoothing's C)."""
+    vocab_start: int
+    """Global index of the slice's first class."""
+    softcap: float | None
+    """Applied in place to the raw logits (None: the logits come capped, or uncapped)."""
+    shard: VocabShard | None
+    """The ranks that hold the other slices (None: a single process)."""
+    triton: Any
+    """The Triton launchers, or None for the PyTorch element-wise passes."""
+
+
+class _Plan(NamedTuple):
+    """What every chunk of one call shares (built once by :func:`_plan`)."""
+
+    spec: SliceSpec
+    rows: torch.Tensor
+    """Indices of the counted rows (target not ignored)."""
+    labels: torch.Tensor
+    """Their global labels (int64)."""
+    scale: torch.Tensor
+    """0-d: the mean's 1 / (sum of w_y) (0 when that is 0), else 1."""
+
+
+def _plan(
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    opts: LinearCEOptions,
+    shard: VocabShard | None,
+) -> _Plan:
+    """Counted rows, their labels, the mean's scale: everything known before any chunk.
+
+    `weight` is the (local) head in the product dtype. `class_weight` is the
+    GLOBAL vector: the mean's denominator (the sum of w_y) needs no communication.
+    """
+    import torch
+
+    v_local = weight.shape[0]
+    cdt = _compute_dtype(weight.dtype)
+    device = weight.device
+    vocab_start = 0 if shard is None else shard.vocab_start
+    num_classes = v_local if shard is None else shard.vocab_size
+    rows, labels = _counted_rows(target, opts.ignore_index)
+    cw_local = None
+    if class_weight is not None:
+        cw = class_weight.to(cdt)
+        cw_local = cw[vocab_start : vocab_start + v_local]
+        denom = cw[labels].sum()
+    else:
+        denom = torch.tensor(float(rows.numel()), dtype=cdt, device=device)
+    if opts.reduction == "mean":
+        scale = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
+    else:
+        scale = torch.ones((), dtype=cdt, device=device)
+    spec = SliceSpec(
+        opts.row_options(),
+        cw_local,
+        num_classes,
+        vocab_start,
+        opts.softcap,
+        shard,
+        _triton_ops(weight, opts.use_triton),
+    )
+    return _Plan(spec, rows, labels, scale)
+
+
+def softmax_stats_(
+    buf: torch.Tensor,
+    labels: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    *,
+    offset: int,
+    with_wz: bool,
+) -> _rows.RowStats:
+    r"""Row statistics of the logits in `buf`, which it overwrites with their softmax.
+
+    `buf` holds rows of logits of the classes ``offset … offset + V'`` (a chunk
+    of the vocabulary, a rank's slice); it is left holding the softmax over
+    those classes, :math:`e^{z_k - m} / s`, which is what the gradient needs. The
+    statistics (:class:`~crossent._losses._rows.RowStats`) are those of
+    :func:`crossent._losses._rows.row_stats` measured
+    from the slice's maximum :math:`m` — computed here in place, in three fused
+    passes instead of a temporary per step: the maximum, the softmax, and the
+    maximum of the softmax, which is :math:`e^0 / s = 1/s` exactly at the
+    maximum's column. With `with_wz`, :math:`\sum_k w_k (m - z_k)` (all terms
+    :math:`\ge 0`) is read between the shift and the softmax. A slice whose
+    logits are all :math:`-\infty` has :math:`s = 0` and a softmax of 0.
+    """
+    import torch
+
+    n, v = buf.shape
+    local = labels - offset
+    inside = (local >= 0) & (local < v)
+    idx = torch.where(inside, local, 0)
+    z_y = torch.where(inside, buf.gather(1, idx[:, None]).squeeze(1), 0.0)
+    w_y = None if class_weight is None else torch.where(inside, class_weight[idx], 0.0)
+    m = buf.amax(dim=1) if v else torch.full((n,), -math.inf, dtype=buf.dtype, device=buf.device)
+    finite = torch.isfinite(m)
+    wd: torch.Tensor
+    wsum: torch.Tensor | float
+    if with_wz:
+        buf.sub_(torch.where(finite, m, 0.0)[:, None])  # z - m <= 0
+        if class_weight is not None:
+            wd, wsum = torch.mv(buf, class_weight).neg_(), class_weight.sum()
+        else:
+            wd, wsum = buf.sum(dim=1).neg_(), float(v)
+    else:
+        wd, wsum = torch.zeros_like(m), 0.0
+    torch._softmax(buf, 1, False, out=buf)
+    s = buf.amax(dim=1).reciprocal_()
+    # rows of -inf: s = 0 and p = 0 (not 0/0); +inf and NaN propagate. The check is a host
+    # sync, free on CPU; elsewhere the fix-up runs unconditionally instead.
+    if buf.device.type != "cpu" or not bool(finite.all()):
+        empty = m == -math.inf
+        s = torch.where(empty, 0.0, torch.where(finite, s, math.inf))
+        buf.masked_fill_(empty[:, None], 0.0)
+    return _rows.RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y, w_y=w_y)
+
+
+def _softcap_(buf: torch.Tensor, tanh_buf: torch.Tensor | None, softcap: float | None) -> None:
+    r"""Raw logits :math:`x` in `buf` become :math:`c \tanh(x/c)`; `tanh_buf` keeps the tanh."""
+    if softcap is None:
+        return
+    buf.div_(softcap).tanh_()
+    if tanh_buf is not None:
+        tanh_buf.copy_(buf)
+    buf.mul_(softcap)
+
+
+def slice_statistics(
+    buf: torch.Tensor,
+    tanh_buf: torch.Tensor | None,
+    labels: torch.Tensor,
+    spec: SliceSpec,
+) -> _rows.RowStats:
+    """Row statistics of this slice of the vocabulary, from the raw logits in `buf`.
+
+    The Triton statistics kernel leaves `buf` unchanged; the PyTorch path soft-caps
+    it in place (keeping the tanh in `tanh_buf`) and leaves the slice's softmax
+    (:func:`softmax_stats_`).
+    """
+    import torch
+
+    with_wz = spec.opts.label_smoothing != 0
+    cw = spec.class_weight
+    if spec.triton is None:
+        _softcap_(buf, tanh_buf, spec.softcap)
+        return softmax_stats_(buf, labels, cw, offset=spec.vocab_start, with_wz=with_wz)
+    local = labels - spec.vocab_start
+    m, s, wd, z_y = spec.triton.row_stats(buf, local, cw, softcap=spec.softcap, smoothing=with_wz)
+    inside = (local >= 0) & (local < buf.shape[1])
+    wsum: torch.Tensor | float = 0.0
+    if with_wz:
+        wsum = float(buf.shape[1]) if cw is None else cw.sum()
+    return _rows.RowStats(
+        m=m,
+        s=s,
+        wd=wd,
+        wsum=wsum,
+        z_y=torch.where(inside, z_y, 0.0),
+        w_y=None if cw is None else torch.where(inside, cw[torch.where(inside, local, 0)], 0.0),
+    )
+
+
+def chunk_statistics(
+    buf: torch.Tensor,
+    tanh_buf: torch.Tensor | None,
+    labels: torch.Tensor,
+    spec: SliceSpec,
+) -> tuple[_rows.RowStats, _rows.RowStats]:
+    """``(local, merged)`` row statistics of one chunk of raw logits in `buf`.
+
+    Local: this slice's (:func:`slice_statistics`). Merged: over the whole
+    vocabulary, through :func:`crossent._losses._rows.all_reduce` across the
+    ranks (the same object in a single process).
+    """
+    local = slice_statistics(buf, tanh_buf, labels, spec)
+    return local, (local if spec.shard is None else spec.shard.merge(local))
+
+
+def _target_weight(stats: _rows.RowStats) -> torch.Tensor:
+    import torch
+
+    return torch.ones_like(stats.s) if stats.w_y is None else stats.w_y
+
+
+def chunk_losses(merged: _rows.RowStats, spec: SliceSpec) -> torch.Tensor:
+    """Per-row loss of the chunk (:func:`crossent._losses._rows.row_loss`)."""
+    import torch
+
+    return _rows.row_loss(
+        merged, _target_weight(merged), merged.wsum, spec.num_classes, spec.opts, xp=torch
+    )
+
+
+def logits_grad_(
+    buf: torch.Tensor,
+    tanh_buf: torch.Tensor | None,
+    labels: torch.Tensor,
+    local: _rows.RowStats,
+    merged: _rows.RowStats,
+    scale: torch.Tensor,
+    spec: SliceSpec,
+) -> None:
+    r"""Overwrite `buf` with :math:`\partial L/\partial x` of the chunk, times the row `scale`.
+
+    :math:`(a\,p_k - b\,[k=y] - e\,w_k)` with the coefficients of
+    :func:`crossent._losses._rows.coefficients` (times :math:`1 - \tanh^2(x/c)`
+    under a soft cap). `buf` holds what :func:`chunk_statistics` left: the
+    slice's softmax on the PyTorch path (rescaled to the whole vocabulary by
+    :math:`e^{\operatorname{lse}_{slice} - L}`), the raw logits for the Triton kernel.
+    """
+    import torch
+
+    opts = spec.opts
+    eps, zeta = opts.label_smoothing, opts.z_loss
+    big_l = _rows.lse(merged, xp=torch)
+    w_y = _target_weight(merged)
+    cw = spec.class_weight
+    if spec.triton is not None:
+        spec.triton.logits_grad_(
+            buf, labels - spec.vocab_start, cw, big_l, w_y, scale, merged.wsum,
+            label_smoothing=eps, num_classes=spec.num_classes, z_loss=zeta, softcap=spec.softcap,
+        )  # fmt: skip
+        return
+    a, b, e = _rows.coefficients(
+        w_y, big_l, scale, merged.wsum, 1.0 - eps, eps / spec.num_classes, eps != 0,
+        2.0 * zeta, zeta != 0,
+    )  # fmt: skip
+    if local is not merged:  # the slice's softmax, rescaled to the whole vocabulary
+        a = a * torch.exp(_rows.lse(local, xp=torch) - big_l)
+    buf.mul_(a[:, None])
+    local_y = labels - spec.vocab_start
+    inside = (local_y >= 0) & (local_y < buf.shape[1])
+    idx = torch.arange(buf.shape[0], device=buf.device)
+    buf.index_put_((idx, torch.where(inside, local_y, 0)), -(b * inside), accumulate=True)
+    if eps != 0:
+        if cw is not None:
+            buf.addr_(e, cw, alpha=-1.0)
+        else:
+            buf.sub_(e[:, None])
+    if tanh_buf is not None:
+        tanh_buf.square_().neg_().add_(1.0)
+        buf.mul_(tanh_buf)
+
+
 def _chunked_linear_ce(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -156,270 +482,102 @@ def _chunked_linear_ce(
     *,
     bias: torch.Tensor | None,
     class_weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    reduction: str,
-    chunk_size: int | None,
+    opts: LinearCEOptions,
     compute_grad: bool | tuple[bool, bool, bool],
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    reduce_max: Hook | None = None,
-    reduce_sum: Hook | None = None,
     row_scale: torch.Tensor | None = None,
-    use_triton: bool | None = None,
+    shard: VocabShard | None = None,
 ) -> _ChunkedResult:
     r"""Chunked sparse cross-entropy of ``hidden @ weight.T + bias`` and its gradients.
 
     Private core shared by :func:`crossent.fused.linear_cross_entropy` and the
     vocabulary-parallel loss. Arguments are trusted (the public functions check
-    them); nothing the caller owns is written to.
+    them); nothing the caller owns is written to. The work is
+    :func:`_plan` (counted rows, the mean's scale), then per chunk of counted
+    rows: the logits (:func:`chunk_logits`), :func:`chunk_statistics`,
+    :func:`chunk_losses`, :func:`logits_grad_` and the gradient products
+    (:func:`_chunk_loop`). The formula is :mod:`crossent._losses._rows`'.
 
     Parameters
     ----------
     hidden : Tensor, shape (N, d)
         Float16, bfloat16, float32 or float64.
     weight : Tensor, shape (V_local, d)
-        Same dtype as `hidden`. Rows hold the global classes
-        ``[vocab_start, vocab_start + V_local)``.
+        Rows hold the global classes ``[vocab_start, vocab_start + V_local)``
+        (all of them without `shard`).
     target : Tensor of int, shape (N,)
-        GLOBAL class indices in ``[0, vocab_size)`` or `ignore_index`.
+        GLOBAL class indices or ``opts.ignore_index``.
     bias : Tensor, shape (V_local,), or None
-        The local slice of the bias, same dtype as `weight`.
+        The local slice of the bias.
     class_weight : Tensor, shape (vocab_size,), or None
-        The GLOBAL per-class weight vector (every rank passes the whole vector;
-        the core slices ``[vocab_start, vocab_start + V_local)`` itself, and reads
-        ``class_weight[target]`` locally, so the mean's denominator needs no
-        communication).
-    ignore_index, label_smoothing, z_loss, softcap, reduction
+        The GLOBAL per-class weight vector (every rank passes the whole vector).
+    opts : LinearCEOptions
         As in :func:`crossent.fused.linear_cross_entropy`.
-    chunk_size : int or None
-        Counted rows per chunk; None picks one from a memory budget
-        (:func:`_auto_chunk_size`). With hooks, the automatic choice is made the
-        same on every rank (the smallest over ranks, through `reduce_max`).
     compute_grad : bool or (bool, bool, bool)
         Whether to compute the gradients of (hidden, weight, bias); one bool
         applies to all three. False gives the loss with a single matrix product.
-    vocab_start : int
-        Global index of ``weight[0]``.
-    vocab_size : int or None
-        The GLOBAL number of classes C (label smoothing's ε/C and the smoothing
-        sum run over all C classes); None means ``V_local`` (single process).
-    reduce_max, reduce_sum : callable or None
-        All-reduce a small float tensor across the ranks that hold the other
-        vocabulary slices (max, sum), in place or by returning the result.
-        Called once each per chunk, in the same order on every rank; the tensors
-        have shape ``(n,)`` (max) and ``(n, 3)`` (sum) for a chunk of n rows, plus
-        one ``(1,)`` call to `reduce_max` up front when `chunk_size` is None.
-        None means a single process.
     row_scale : Tensor, shape (N,), or None
         Multiplies each row's gradient (the upstream gradient of
         ``reduction="none"``, used by backward's recomputation). None means 1.
-    use_triton : bool or None
-        Use the Triton kernels for the row statistics and the in-place gradient;
-        None means "when the tensors are on CUDA, not float64, and Triton imports".
+    shard : VocabShard or None
+        This process's slice of a vocabulary-parallel head: the statistics of
+        every chunk are merged over the ranks (two all-reduces per chunk, plus one
+        up front to agree on an automatic chunk size). None: a single process.
 
     Returns
     -------
     _ChunkedResult
         ``(loss, grad_hidden, grad_weight, grad_bias, lse)``; see
-        :class:`_ChunkedResult` for shapes and dtypes. Gradients are those of the
-        returned loss (already divided by the mean's denominator, and multiplied
-        by `row_scale`), ready to be scaled by a scalar upstream gradient.
-
-    Notes
-    -----
-    For a counted row with logits :math:`z` (soft-capped, :math:`z = c\tanh(x/c)`),
-    target :math:`y`, class weights :math:`w` (ones when None),
-    :math:`W = \sum_k w_k`, smoothing :math:`\varepsilon` over :math:`C` classes
-    and :math:`\ell = \operatorname{lse}(z) = m + \log s`,
-    :math:`s = \sum_k e^{z_k - m}`:
-
-    .. math::
-
-        L = (1-\varepsilon) w_y (\log s + m - z_y)
-            + \tfrac{\varepsilon}{C}\Big(W \log s - \sum_k w_k (z_k - m)\Big)
-            + \zeta \ell^2
-
-    (every term a sum of non-negative parts: no cancellation), and
-
-    .. math::
-
-        \frac{\partial L}{\partial z_k} = a\,p_k - (1-\varepsilon) w_y [k = y]
-            - \tfrac{\varepsilon}{C} w_k,
-        \qquad a = (1-\varepsilon) w_y + \tfrac{\varepsilon}{C} W + 2\zeta\ell,
-
-    times :math:`1 - \tanh^2(x_k/c)` under a soft cap. ``"mean"`` divides by
-    :math:`D = \sum_i w_{y_i}` over counted rows (0 when :math:`D = 0`).
-
-    Across vocabulary slices each rank reduces its slice to
-    :math:`(m_r, s_r, S_r = \sum_{k\in r} w_k(z_k - m_r), z_y - m_r)` about a
-    per-row reference point :math:`m_r` (the slice's max in the Triton kernel, its
-    log-sum-exp on the PyTorch path, where :math:`s_r = 1`); with
-    :math:`m = \max_r m_r`, :math:`\delta_r = m_r - m \le 0`:
-    :math:`s = \sum_r s_r e^{\delta_r}`, :math:`S = \sum_r (S_r + W_r\delta_r)`
-    (both parts :math:`\le 0`) and the owner's :math:`z_y - m = (z_y - m_r) + \delta_r`.
+        :class:`_ChunkedResult`. Gradients are those of the returned loss
+        (already divided by the mean's denominator, and multiplied by
+        `row_scale`), ready to be scaled by a scalar upstream gradient.
     """
     import torch
 
-    n_total = hidden.shape[0]
-    v_local = weight.shape[0]
-    n_classes = v_local if vocab_size is None else int(vocab_size)
     want = _wanted(compute_grad, bias)
-    any_grad = any(want)
-
     weight, bias = _product_operands(hidden, weight, bias)
-    device = hidden.device
+    plan = _plan(weight, target, class_weight, opts, shard)
+    n_total, v_local, device = hidden.shape[0], weight.shape[0], hidden.device
     cdt = _compute_dtype(weight.dtype)
-    eps = float(label_smoothing)
-    zeta = float(z_loss)
-    has_softcap = softcap is not None
-    distributed = reduce_max is not None or reduce_sum is not None
-
-    # Which rows count, and the mean's denominator (known before any chunk).
-    rows_all, y_all = _counted_rows(target, ignore_index)
-    n_counted = int(rows_all.numel())
-
-    if class_weight is not None:
-        cw_global = class_weight.to(cdt)
-        cw_local = cw_global[vocab_start : vocab_start + v_local]
-        w_sum = cw_global.sum()
-        wy_all = cw_global[y_all]
-        denom = wy_all.sum()
-    else:
-        cw_local = None
-        w_sum = torch.tensor(float(n_classes), dtype=cdt, device=device)
-        wy_all = None
-        denom = torch.tensor(float(n_counted), dtype=cdt, device=device)
-    if reduction == "mean":
-        inv_denom = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
-    else:
-        inv_denom = torch.ones((), dtype=cdt, device=device)
-
-    loss_rows = torch.zeros((n_total,), dtype=cdt, device=device) if reduction == "none" else None
-    loss_total = torch.zeros((), dtype=cdt, device=device)
+    n_counted = int(plan.rows.numel())
+    loss_rows = torch.zeros((n_total,), dtype=cdt, device=device)
     lse_rows = torch.zeros((n_total,), dtype=cdt, device=device)
-
+    has_softcap = opts.softcap is not None
     chunk = _agreed_chunk(
-        chunk_size,
+        opts.chunk_size,
         n_counted,
         v_local,
         buffers=1.0 + (1.0 if has_softcap else 0.0),
         low_precision=cdt != weight.dtype,
-        reduce_max=reduce_max,
+        reduce_max=None if shard is None else shard.reduce_max,
         device=device,
     )
-    triton_ops = _triton_ops(weight, use_triton)
-    tanh_all = (
-        _workspace("tanh", (chunk, v_local), cdt, device)
-        if has_softcap and triton_ops is None and n_counted
-        else None
-    )
+    keep_tanh = has_softcap and plan.spec.triton is None and any(want)
+    tanh_all = None
+    if keep_tanh and n_counted:
+        tanh_all = _workspace("tanh", (chunk, v_local), cdt, device)
+    row_scale_c = None if row_scale is None else row_scale.to(cdt)
 
     def body(buf: torch.Tensor, c: _Chunk) -> bool:
-        nonlocal loss_total
-        n = c.stop - c.start
-        y = y_all[c.start : c.stop]
-        y_loc = y - vocab_start
-        owned = (y_loc >= 0) & (y_loc < v_local)
-        y_loc = torch.where(owned, y_loc, 0)
-
-        # local row statistics relative to the local max
-        if triton_ops is not None:
-            m_loc, s_loc, sm_loc, d_loc = triton_ops.row_stats(
-                buf, y_loc, cw_local, softcap=softcap, smoothing=eps > 0
-            )
-        else:
-            tanh_buf = tanh_all[:n] if tanh_all is not None else None
-            m_loc, s_loc, sm_loc, d_loc = _row_stats_torch(
-                buf, tanh_buf, y_loc, cw_local, softcap=softcap, smoothing=eps > 0
-            )
-        d_loc = torch.where(owned, d_loc, 0.0)
-
-        # combine the slices (single process: nothing to do)
-        if distributed:
-            m = _apply_hook(reduce_max, m_loc.clone())
-            delta = m_loc - m
-            w_loc_sum = cw_local.sum() if cw_local is not None else float(v_local)
-            packed = torch.stack(
-                (
-                    s_loc * torch.exp(delta),
-                    sm_loc + w_loc_sum * delta,
-                    torch.where(owned, d_loc + delta, 0.0),
-                ),
-                dim=1,
-            )
-            packed = _apply_hook(reduce_sum, packed)
-            s, sm, d_y = packed[:, 0], packed[:, 1], packed[:, 2]
-        else:
-            m, delta, s, sm, d_y = m_loc, None, s_loc, sm_loc, d_loc
-
-        log_s = torch.log(s)
-        lse = m + log_s
-        lse_rows[c.rows] = lse
-        wy = wy_all[c.start : c.stop] if wy_all is not None else None
-        ce = log_s - d_y
-        loss = (1.0 - eps) * (ce * wy if wy is not None else ce)
-        if eps > 0:
-            loss = loss + (eps / n_classes) * (w_sum * log_s - sm)
-        if zeta > 0:
-            loss = loss + zeta * lse * lse
-        if loss_rows is not None:
-            loss_rows[c.rows] = loss
-        loss_total += loss.sum()
-
-        if not any_grad:
+        labels = plan.labels[c.start : c.stop]
+        tanh_buf = tanh_all[: c.stop - c.start] if tanh_all is not None else None
+        local, merged = chunk_statistics(buf, tanh_buf, labels, plan.spec)
+        lse_rows[c.rows] = _rows.lse(merged, xp=torch)
+        loss_rows[c.rows] = chunk_losses(merged, plan.spec)
+        if not any(want):
             return False
-
-        # d loss / d z, in place in buf
-        r = inv_denom.expand(n)
-        if row_scale is not None:
-            r = r * row_scale[c.rows].to(cdt)
-        b = (1.0 - eps) * (wy if wy is not None else torch.ones_like(lse))
-        a = b + (eps / n_classes) * w_sum
-        if zeta > 0:
-            a = a + 2.0 * zeta * lse
-        if triton_ops is not None:
-            triton_ops.logits_grad_(
-                buf,
-                y_loc,
-                owned,
-                cw_local,
-                lse,
-                r * a,
-                r * b,
-                r * (eps / n_classes),
-                softcap=softcap,
-                smoothing=eps > 0,
-            )
-            return True
-        buf.exp_()  # slice softmax
-        coef = r * a / s
-        if delta is not None:
-            coef = coef * torch.exp(delta)
-        buf.mul_(coef[:, None])
-        idx = torch.arange(n, device=device)
-        buf.index_put_((idx, y_loc), -(r * b * owned), accumulate=True)
-        if eps > 0:
-            if cw_local is not None:
-                buf.addr_(r, cw_local, alpha=-(eps / n_classes))
-            else:
-                buf.sub_((r * (eps / n_classes))[:, None])
-        if tanh_all is not None:
-            t = tanh_all[:n]
-            t.square_().neg_().add_(1.0)
-            buf.mul_(t)
+        scale = plan.scale if row_scale_c is None else plan.scale * row_scale_c[c.rows]
+        n = c.stop - c.start
+        logits_grad_(buf, tanh_buf, labels, local, merged, scale.expand(n), plan.spec)
         return True
 
     grad_h, grad_w, grad_b = _chunk_loop(
-        hidden, weight, bias, rows_all, chunk=chunk, want=want if any_grad else None, body=body
+        hidden, weight, bias, plan.rows, chunk=chunk, want=want if any(want) else None, body=body
     )
-    if loss_rows is not None:
-        loss_out = loss_rows
+    if opts.reduction == "none":
+        loss = loss_rows
     else:
-        loss_out = loss_total * inv_denom if reduction == "mean" else loss_total
-    return _ChunkedResult(loss_out, grad_h, grad_w, grad_b, lse_rows)
+        loss = loss_rows.sum() * plan.scale if opts.reduction == "mean" else loss_rows.sum()
+    return _ChunkedResult(loss, grad_h, grad_w, grad_b, lse_rows)
 
 
 class _Chunk(NamedTuple):

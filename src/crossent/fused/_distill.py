@@ -29,10 +29,11 @@ from crossent.fused._chunked import (
     chunk_logits,
 )
 from crossent.fused._function import (
+    Grads,
+    fused_backward,
     grad_needs,
     no_autocast,
-    refuse_double_backward,
-    scale_grads_,
+    stash_grads,
 )
 from crossent.fused._inputs import check_chunk_size, check_head, check_shift, unshift
 
@@ -170,34 +171,25 @@ class _LinearDistillFunction(torch.autograd.Function):
             hidden, weight, bias, teacher, counted, opts, compute_grad=needs if eager else False
         )
         ctx.opts, ctx.needs, ctx.teacher = opts, needs, teacher
-        ctx.grads = (res.grad_hidden, res.grad_weight, res.grad_bias) if eager else None
+        stash_grads(ctx, (res.grad_hidden, res.grad_weight, res.grad_bias) if eager else None)
         ctx.save_for_backward(hidden, weight, bias, counted)
         return res.loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
-        refuse_double_backward("linear_distillation_loss")
         hidden, weight, bias, counted = ctx.saved_tensors
-        if ctx.grads is not None:
-            grad_h, grad_w, grad_b = ctx.grads
-            ctx.grads = None  # consumed: a second backward recomputes
-            scale_grads_((grad_h, grad_w, grad_b), grad_loss)
-        else:
-            row_scale = grad_loss.expand(hidden.shape[0]) if grad_loss.ndim == 0 else grad_loss
+
+        def recompute(row_scale: torch.Tensor | None) -> Grads:
             res = _chunked_distill(
-                hidden,
-                weight,
-                bias,
-                ctx.teacher,
-                counted,
-                ctx.opts,
-                compute_grad=ctx.needs,
-                row_scale=row_scale,
-            )
-            grad_h, grad_w, grad_b = res.grad_hidden, res.grad_weight, res.grad_bias
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+                hidden, weight, bias, ctx.teacher, counted, ctx.opts,
+                compute_grad=ctx.needs, row_scale=row_scale,
+            )  # fmt: skip
+            return res.grad_hidden, res.grad_weight, res.grad_bias
+
+        grads = fused_backward(
+            ctx, "linear_distillation_loss", grad_loss, recompute, weight=weight, bias=bias
+        )
+        return *grads, None, None, None
 
 
 def linear_distillation_loss(

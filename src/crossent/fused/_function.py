@@ -16,42 +16,21 @@ of `hidden`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from crossent.fused._chunked import _chunked_linear_ce
+from crossent.fused._chunked import LinearCEOptions, VocabShard, _chunked_linear_ce
 
-__all__ = ["LinearCEOptions", "VocabShard", "_LinearCrossEntropyFunction", "run_linear_ce"]
-
-
-@dataclass(frozen=True)
-class LinearCEOptions:
-    """Checked, hashable options of one call."""
-
-    ignore_index: int
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    reduction: str
-    chunk_size: int | None
-    use_triton: bool | None = None
-
-
-@dataclass(frozen=True)
-class VocabShard:
-    """This process's rows ``[vocab_start, vocab_start + V_local)`` of a `vocab_size` head.
-
-    `reduce_max` and `reduce_sum` all-reduce a tensor over the processes that
-    hold the other slices (the chunk loop's hooks; `reduce_sum` also sums the
-    gradient of `hidden` in backward).
-    """
-
-    vocab_start: int
-    vocab_size: int
-    reduce_max: Callable[[torch.Tensor], torch.Tensor]
-    reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+__all__ = [
+    "Grads",
+    "LinearCEOptions",
+    "VocabShard",
+    "_LinearCrossEntropyFunction",
+    "fused_backward",
+    "run_linear_ce",
+    "stash_grads",
+]
 
 
 def _core(
@@ -66,14 +45,6 @@ def _core(
     row_scale: torch.Tensor | None = None,
     shard: VocabShard | None = None,
 ) -> Any:
-    sharding: dict[str, Any] = {}
-    if shard is not None:
-        sharding = {
-            "vocab_start": shard.vocab_start,
-            "vocab_size": shard.vocab_size,
-            "reduce_max": shard.reduce_max,
-            "reduce_sum": shard.reduce_sum,
-        }
     with no_autocast(hidden):
         return _chunked_linear_ce(
             hidden,
@@ -81,16 +52,10 @@ def _core(
             target,
             bias=bias,
             class_weight=class_weight,
-            ignore_index=opts.ignore_index,
-            label_smoothing=opts.label_smoothing,
-            z_loss=opts.z_loss,
-            softcap=opts.softcap,
-            reduction=opts.reduction,
-            chunk_size=opts.chunk_size,
+            opts=opts,
             compute_grad=compute_grad,
             row_scale=row_scale,
-            use_triton=opts.use_triton,
-            **sharding,
+            shard=shard,
         )
 
 
@@ -129,6 +94,51 @@ def refuse_double_backward(name: str) -> None:
         raise RuntimeError(msg)
 
 
+Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def stash_grads(ctx: Any, grads: Grads | None) -> None:
+    """Keep the gradients formed in forward (``"mean"``/``"sum"``) for backward; None: recompute."""
+    ctx.grads = grads
+
+
+def fused_backward(
+    ctx: Any,
+    name: str,
+    grad_loss: torch.Tensor,
+    recompute: Callable[[torch.Tensor | None], Grads],
+    *,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    shard: VocabShard | None = None,
+) -> Grads:
+    """The backward pass of every fused autograd Function: (hidden, weight, bias) gradients.
+
+    Gradients stashed by forward (:func:`stash_grads`) are consumed and scaled in
+    place by the scalar `grad_loss`; otherwise ``recompute(row_scale)`` forms them
+    again, with each row scaled by its upstream gradient (`grad_loss` expanded to
+    the rows, or None when `recompute` reads the upstream gradients itself). A
+    second backward through the same graph recomputes too. The weight and bias
+    gradients come back in their parameters' dtypes; with a `shard`, the slices'
+    contributions to the gradient of `hidden` are summed over the ranks.
+    """
+    refuse_double_backward(name)
+    stashed = getattr(ctx, "grads", None)
+    if stashed is not None:
+        ctx.grads = None  # consumed: a second backward recomputes
+        scale_grads_(stashed, grad_loss)
+        grad_h, grad_w, grad_b = stashed
+    else:
+        rows = ctx.saved_tensors[0].shape[0]
+        row_scale = grad_loss.expand(rows) if grad_loss.ndim == 0 else grad_loss
+        grad_h, grad_w, grad_b = recompute(row_scale)
+    if shard is not None and grad_h is not None:  # every slice contributes to it
+        grad_h = shard.reduce_sum(grad_h)
+    grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+    grad_b = None if grad_b is None or bias is None else grad_b.to(bias.dtype)
+    return grad_h, grad_w, grad_b
+
+
 def no_autocast(x: torch.Tensor) -> Any:
     """A context in which an enclosing ``torch.autocast`` does not recast the products."""
     return torch.autocast(x.device.type, enabled=False)
@@ -150,52 +160,28 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         needs = grad_needs(ctx, bias)
         eager = opts.reduction != "none"
-        res = _core(
-            hidden,
-            weight,
-            target,
-            bias,
-            class_weight,
-            opts,
-            compute_grad=needs if eager else False,
-            shard=shard,
-        )
-        ctx.opts, ctx.shard = opts, shard
-        ctx.needs = needs
-        ctx.grads = (res.grad_hidden, res.grad_weight, res.grad_bias) if eager else None
+        args = (hidden, weight, target, bias, class_weight, opts)
+        res = _core(*args, compute_grad=needs if eager else False, shard=shard)
+        ctx.opts, ctx.shard, ctx.needs = opts, shard, needs
+        stash_grads(ctx, (res.grad_hidden, res.grad_weight, res.grad_bias) if eager else None)
         ctx.save_for_backward(hidden, weight, bias, target, class_weight)
         loss: torch.Tensor = res.loss
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
-        refuse_double_backward("linear_cross_entropy")
         hidden, weight, bias, target, class_weight = ctx.saved_tensors
-        if ctx.grads is not None:
-            grad_h, grad_w, grad_b = ctx.grads
-            ctx.grads = None  # consumed: a second backward recomputes
-            scale_grads_((grad_h, grad_w, grad_b), grad_loss)
-            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-            grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        else:
-            row_scale = grad_loss.expand(target.shape[0]) if grad_loss.ndim == 0 else grad_loss
-            res = _core(
-                hidden,
-                weight,
-                target,
-                bias,
-                class_weight,
-                ctx.opts,
-                compute_grad=ctx.needs,
-                row_scale=row_scale,
-                shard=ctx.shard,
-            )
-            grad_h = res.grad_hidden
-            grad_w = None if res.grad_weight is None else res.grad_weight.to(weight.dtype)
-            grad_b = None if res.grad_bias is None else res.grad_bias.to(bias.dtype)
-        if ctx.shard is not None and grad_h is not None:  # every slice contributes to it
-            grad_h = ctx.shard.reduce_sum(grad_h)
-        return grad_h, grad_w, grad_b, None, None, None, None
+
+        def recompute(row_scale: torch.Tensor | None) -> Grads:
+            args = (hidden, weight, target, bias, class_weight, ctx.opts)
+            res = _core(*args, compute_grad=ctx.needs, row_scale=row_scale, shard=ctx.shard)
+            return res.grad_hidden, res.grad_weight, res.grad_bias
+
+        grads = fused_backward(
+            ctx, "linear_cross_entropy", grad_loss, recompute,
+            weight=weight, bias=bias, shard=ctx.shard,
+        )  # fmt: skip
+        return *grads, None, None, None, None
 
 
 def run_linear_ce(

@@ -5,14 +5,17 @@ without Triton. Both kernels read a chunk's logits buffer ``X`` (float32 or
 float64, row-major ``(n, V_local)``) in vocabulary tiles of ``BLOCK_V``:
 
 * :func:`_row_stats_kernel` — one program per row, one pass over the row with an
-  online (running-max) log-sum-exp: :math:`m`, :math:`s = \sum_k e^{z_k - m}`,
-  :math:`S = \sum_k w_k (z_k - m)` and :math:`z_y - m`. When the running max grows
+  online (running-max) log-sum-exp, the fields of
+  :class:`crossent._losses._rows.RowStats`: :math:`m`, :math:`s = \sum_k e^{z_k - m}`,
+  :math:`\sum_k w_k (m - z_k)` and :math:`z_y`. Tile by tile it applies
+  :func:`crossent._losses._rows.combine`'s merge: when the running max grows
   from :math:`m` to :math:`m'`, :math:`s \leftarrow s e^{m - m'}` and
-  :math:`S \leftarrow S + (\sum w)(m - m')` — both parts :math:`\le 0`, so no
-  cancellation.
+  :math:`\sum w (m - z) \leftarrow \sum w (m - z) + (\sum w)(m' - m)` — both parts
+  :math:`\ge 0`, so no cancellation.
 * :func:`_logits_grad_kernel` — one program per (row, tile): overwrites the raw
-  logits with :math:`\partial L/\partial x_k = (A e^{z_k - \ell} - B[k = y] - E w_k)(1 - t_k^2)`
-  where :math:`t = \tanh(x/c)` under a soft cap (1 otherwise).
+  logits with :math:`\partial L/\partial x_k = (a e^{z_k - L} - b[k = y] - e w_k)(1 - t_k^2)`
+  where :math:`t = \tanh(x/c)` under a soft cap (1 otherwise), and
+  :math:`(a, b, e)` come from :func:`crossent._losses._rows.coefficients` (jitted).
 
 The soft cap is applied to the raw logits inside both kernels, so no second
 buffer is needed. ``tanh`` is written out (:func:`_tanh`): an odd Taylor
@@ -22,8 +25,30 @@ to a few ulps and available in the interpreter as well as on GPUs.
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
+from typing import Any
+
 import triton
 import triton.language as tl
+
+from crossent._losses._rows import coefficients
+
+
+def _jit_helper(fn: Callable[..., Any]) -> Any:
+    """``triton.jit(fn)`` for a plain-Python helper defined outside this module.
+
+    The same code object, with globals that show ``triton.language`` (which
+    Triton's interpreter looks for in every jitted function it runs; the helper
+    itself uses no global name).
+    """
+    clone = types.FunctionType(fn.__code__, {"tl": tl}, fn.__name__, fn.__defaults__)
+    clone.__qualname__, clone.__doc__, clone.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    return triton.jit(clone)
+
+
+#: The row formula's gradient coefficients: the very function the PyTorch path calls.
+_coefficients = _jit_helper(coefficients)
 
 
 @triton.jit
@@ -53,8 +78,8 @@ def _row_stats_kernel(
     CW,
     M_out,
     S_out,
-    SM_out,
-    D_out,
+    WD_out,
+    ZY_out,
     V,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
@@ -94,8 +119,8 @@ def _row_stats_kernel(
     z_y = softcap * _tanh(x_y / softcap) if HAS_SOFTCAP else x_y
     tl.store(M_out + row, m)
     tl.store(S_out + row, s)
-    tl.store(SM_out + row, sm)
-    tl.store(D_out + row, z_y - m)
+    tl.store(WD_out + row, -sm)
+    tl.store(ZY_out + row, z_y)
 
 
 @triton.jit
@@ -105,14 +130,15 @@ def _logits_grad_kernel(
     Y,
     CW,
     LSE,
-    A,
-    B,
-    E,
+    WY,
+    R,
+    P,
     V,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -127,12 +153,22 @@ def _logits_grad_kernel(
     else:
         z = x
     lse = tl.load(LSE + row)
-    a = tl.load(A + row)
-    b = tl.load(B + row)
     y = tl.load(Y + row)
+    w_y = tl.load(WY + row)
+    # P: 1 - eps, eps / C, 2 z_loss, W (the buffer's dtype)
+    a, b, e = _coefficients(
+        w_y,
+        lse,
+        tl.load(R + row),
+        tl.load(P + 3),
+        tl.load(P),
+        tl.load(P + 1),
+        HAS_SMOOTHING,
+        tl.load(P + 2),
+        HAS_Z_LOSS,
+    )
     g = a * tl.exp(z - lse) - tl.where(offs == y, b, 0.0)
     if HAS_SMOOTHING:
-        e = tl.load(E + row)
         if HAS_WEIGHT:
             w = tl.load(CW + offs, mask=mask, other=0.0).to(z.dtype)
             g = g - e * w

@@ -45,9 +45,11 @@ def row_stats(
     smoothing: bool,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(m, s, S, z_y - m)`` of each row of the raw logits `buf` (see ``_row_stats_kernel``).
+    """``(m, s, Σ w (m - z), z_y)`` of each row of the raw logits `buf` (``_row_stats_kernel``).
 
-    `buf` is left unchanged; `y_loc` holds local column indices in ``[0, V_local)``.
+    The fields of :class:`crossent._losses._rows.RowStats` (the weighted sum is 0
+    unless `smoothing`). `buf` is left unchanged; `y_loc` holds local column
+    indices (the caller masks `z_y` of labels outside ``[0, V_local)``).
     """
     n, v = buf.shape
     if buf.stride(1) != 1:
@@ -58,7 +60,7 @@ def row_stats(
     k._row_stats_kernel[(n,)](
         buf,
         buf.stride(0),
-        y_loc.contiguous(),
+        torch.where((y_loc >= 0) & (y_loc < v), y_loc, 0).contiguous(),
         cw_local if cw_local is not None else buf,
         out[0],
         out[1],
@@ -77,23 +79,25 @@ def row_stats(
 def logits_grad_(
     buf: torch.Tensor,
     y_loc: torch.Tensor,
-    owned: torch.Tensor,
     cw_local: torch.Tensor | None,
     lse: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
-    coef_eps: torch.Tensor,
+    w_y: torch.Tensor,
+    scale: torch.Tensor,
+    total_weight: torch.Tensor | float,
     *,
+    label_smoothing: float,
+    num_classes: int,
+    z_loss: float,
     softcap: float | None,
-    smoothing: bool,
     block_v: int | None = None,
 ) -> None:
-    """Overwrite the raw logits in `buf` with d loss / d logits (see ``_logits_grad_kernel``).
+    """Overwrite the raw logits in `buf` with d loss / d logits (``_logits_grad_kernel``).
 
-    Row i becomes ``(A_i p_ik - B_i [k = y_i] - E_i w_k)·(1 - tanh²(x_ik/c))`` with
-    ``p = exp(z - lse)``; the target term is dropped where `owned` is False (the
-    target lies in another rank's vocabulary slice). `coef_eps` (read only when
-    `smoothing`) is 0-d or per row.
+    Row i becomes ``(a_i p_ik - b_i [k = y_i] - e_i w_k)·(1 - tanh²(x_ik/c))`` with
+    ``p = exp(z - lse)`` and ``(a, b, e)`` of :func:`crossent._losses._rows.coefficients`
+    for the row's target weight `w_y`, scale and the whole vocabulary's
+    `total_weight` over `num_classes` classes. Labels outside ``[0, V_local)`` (the
+    target lies in another rank's slice) have no target term.
     """
     n, v = buf.shape
     if n == 0:
@@ -104,7 +108,15 @@ def logits_grad_(
     def per_row(t: torch.Tensor) -> torch.Tensor:
         return t.to(dt).expand(n).contiguous()
 
-    y_kernel = torch.where(owned, y_loc, -1).contiguous()
+    eps = float(label_smoothing)
+    # 1 - eps, eps / C, 2 z_loss, W: one small copy to the device (and W's, if a tensor)
+    total = total_weight if isinstance(total_weight, float) else 0.0
+    params = torch.tensor(
+        [1.0 - eps, eps / num_classes, 2.0 * z_loss, total], dtype=dt, device=buf.device
+    )
+    if isinstance(total_weight, torch.Tensor):
+        params[3] = total_weight
+    y_kernel = torch.where((y_loc >= 0) & (y_loc < v), y_loc, -1).contiguous()
     k = _kernels()
     k._logits_grad_kernel[(n, (v + block - 1) // block)](
         buf,
@@ -112,13 +124,14 @@ def logits_grad_(
         y_kernel,
         cw_local if cw_local is not None else buf,
         per_row(lse),
-        per_row(coef_a),
-        per_row(coef_b),
-        per_row(coef_eps),
+        per_row(w_y),
+        per_row(scale),
+        params,
         v,
         float(softcap) if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None,
         HAS_WEIGHT=cw_local is not None,
-        HAS_SMOOTHING=smoothing,
+        HAS_SMOOTHING=label_smoothing != 0,
+        HAS_Z_LOSS=z_loss != 0,
         BLOCK_V=block,
     )

@@ -45,10 +45,11 @@ from crossent.fused._chunked import (
     _workspace,
 )
 from crossent.fused._function import (
+    Grads,
     VocabShard,
+    fused_backward,
     grad_needs,
     no_autocast,
-    refuse_double_backward,
 )
 
 __all__ = ["LogProbOptions", "run_log_probs"]
@@ -231,25 +232,19 @@ class _LinearLogProbsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_lp: torch.Tensor, grad_ent: torch.Tensor) -> tuple[Any, ...]:
-        refuse_double_backward("linear_log_probs")
         hidden, weight, bias, target = ctx.saved_tensors
-        res = _chunked_log_probs(
-            hidden,
-            weight,
-            target,
-            bias,
-            ctx.opts,
-            compute_grad=ctx.needs,
-            grad_log_probs=grad_lp,
-            grad_entropy=grad_ent,
-            shard=ctx.shard,
+
+        def recompute(_: torch.Tensor | None) -> Grads:  # reads both upstream gradients
+            res = _chunked_log_probs(
+                hidden, weight, target, bias, ctx.opts, compute_grad=ctx.needs,
+                grad_log_probs=grad_lp, grad_entropy=grad_ent, shard=ctx.shard,
+            )  # fmt: skip
+            return res.grad_hidden, res.grad_weight, res.grad_bias
+
+        grads = fused_backward(
+            ctx, "linear_log_probs", grad_lp, recompute, weight=weight, bias=bias, shard=ctx.shard
         )
-        grad_h = res.grad_hidden
-        if ctx.shard is not None and grad_h is not None:  # every slice contributes to it
-            grad_h = ctx.shard.reduce_sum(grad_h)
-        grad_w = None if res.grad_weight is None else res.grad_weight.to(weight.dtype)
-        grad_b = None if res.grad_bias is None else res.grad_bias.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+        return *grads, None, None, None
 
 
 def run_log_probs(
