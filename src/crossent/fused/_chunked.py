@@ -359,9 +359,7 @@ def slice_statistics(
         _softcap_(buf, tanh_buf, spec.softcap)
         return softmax_stats_(buf, labels, cw, offset=spec.vocab_start, with_wz=with_wz)
     local = labels - spec.vocab_start
-    m, s, wd, z_y = spec.triton.row_stats(
-        buf, local, cw, softcap=spec.softcap, smoothing=with_wz
-    )
+    m, s, wd, z_y = spec.triton.row_stats(buf, local, cw, softcap=spec.softcap, smoothing=with_wz)
     inside = (local >= 0) & (local < buf.shape[1])
     wsum: torch.Tensor | float = 0.0
     if with_wz:

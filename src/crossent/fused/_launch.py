@@ -36,6 +36,11 @@ def _block(v: int, block_v: int | None) -> int:
     return max(16, min(BLOCK_V, 1 << max(0, (v - 1).bit_length())))
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in: float64 for float64 logits, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def row_stats(
     buf: torch.Tensor,
     y_loc: torch.Tensor,
@@ -55,7 +60,7 @@ def row_stats(
     if buf.stride(1) != 1:
         msg = "internal: the logits buffer must be row-major."
         raise RuntimeError(msg)
-    out = torch.empty((4, n), dtype=buf.dtype, device=buf.device)
+    out = torch.empty((4, n), dtype=_wide(buf.dtype), device=buf.device)
     k = _kernels()
     k._row_stats_kernel[(n,)](
         buf,
@@ -90,8 +95,12 @@ def logits_grad_(
     z_loss: float,
     softcap: float | None,
     block_v: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> None:
     """Overwrite the raw logits in `buf` with d loss / d logits (``_logits_grad_kernel``).
+
+    With `out` (row-major, `buf`'s shape), the gradient goes there instead and
+    `buf` is left unchanged.
 
     Row i becomes ``(a_i p_ik - b_i [k = y_i] - e_i w_k)·(1 - tanh²(x_ik/c))`` with
     ``p = exp(z - lse)`` and ``(a, b, e)`` of :func:`crossent._losses._rows.coefficients`
@@ -103,7 +112,11 @@ def logits_grad_(
     if n == 0:
         return
     block = _block(v, block_v)
-    dt = buf.dtype
+    dt = _wide(buf.dtype)
+    dest = buf if out is None else out
+    if dest.stride(1) != 1:
+        msg = "internal: the gradient buffer must be row-major."
+        raise RuntimeError(msg)
 
     def per_row(t: torch.Tensor) -> torch.Tensor:
         return t.to(dt).expand(n).contiguous()
@@ -122,6 +135,8 @@ def logits_grad_(
     k._logits_grad_kernel[(n, (v + block - 1) // block)](
         buf,
         buf.stride(0),
+        dest,
+        dest.stride(0),
         y_kernel,
         cw_local if cw_local is not None else buf,
         per_row(lse),
