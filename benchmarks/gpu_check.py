@@ -13,7 +13,11 @@ Steps:
    ``ignore_index``, smoothing, every label width), the all-ignored mean (0, zero
    gradient), double backward, ``torch.compile(fullgraph=True)`` with
    validation on, autocast dtype, and that no host synchronisation happens in
-   the plain sparse path (``torch.cuda.set_sync_debug_mode("error")``);
+   the plain sparse path (``torch.cuda.set_sync_debug_mode("error")``); the
+   fused ``linear_cross_entropy`` and ``linear_log_probs`` (+ entropy) on the
+   Triton and on the PyTorch chunk path, and ``linear_distillation_loss``,
+   against float64 references on the same rounded inputs (relative error of
+   the values and of every gradient);
 2. the CUDA-capable test files (fused Triton kernels, the torch transforms)
    under pytest;
 3. benchmarks with CUDA events, median of interleaved rounds: sparse CE
@@ -21,7 +25,8 @@ Steps:
    CE (crossent / torch ``F.linear_cross_entropy`` if present / Liger's
    ``LigerFusedLinearCrossEntropyLoss`` / cut-cross-entropy's
    ``linear_cross_entropy``), time and peak memory; contenders that are not
-   installed are reported as such.
+   installed are reported as such; then ``bench_llm``'s CUDA section
+   (``linear_log_probs``, distillation vs Liger's fused JSD and cut-cross-entropy).
 """
 
 from __future__ import annotations
@@ -191,7 +196,128 @@ def correctness(device: str) -> list[str]:
         assert out.dtype == torch.float32, out.dtype
 
     check("autocast returns float32", autocast)
+    for dtype, tol in ((torch.float32, 2e-4), (torch.bfloat16, 2e-2)):
+        for triton in (True, False):
+            label = f"{str(dtype)[6:]}, {'Triton' if triton else 'PyTorch'} chunk path"
+            check(f"fused linear_cross_entropy ({label})", _fused_ce(device, dtype, tol, triton))
+            check(f"fused linear_log_probs + entropy ({label})",
+                  _fused_log_probs(device, dtype, tol, triton))  # fmt: skip
+        check(f"fused linear_distillation_loss ({str(dtype)[6:]})",
+              _fused_distill(device, dtype, tol))  # fmt: skip
     return failures
+
+
+def _fused_inputs(device: str, dtype: Any, seed: int) -> tuple[Any, ...]:
+    """Fresh random float64 hidden/weight/bias/target (with ignored rows), rounded to `dtype`.
+
+    Returns (CUDA leaves in `dtype`, CPU float64 leaves holding the same rounded values, target).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n, d, v = 300, 64, 5003  # an odd vocabulary: partial tiles
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * 2 / d**0.5
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.1
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::11] = -100
+    ours = [t.to(device, dtype).requires_grad_(True) for t in (h, w, b)]
+    ref = [t.detach().cpu().double().requires_grad_(True) for t in ours]
+    return ours, ref, y
+
+
+def _triton_switch(on: bool) -> Any:
+    """A context manager that forces the fused chunk loop onto / off the Triton kernels."""
+    import contextlib
+
+    import crossent.fused._chunked as chunked
+
+    @contextlib.contextmanager
+    def switch() -> Any:
+        before = chunked._triton_ops
+        if not on:
+            chunked._triton_ops = lambda operand, use_triton: None
+        try:
+            yield
+        finally:
+            chunked._triton_ops = before
+
+    return switch()
+
+
+def _compare(ours: Any, ref: Any, tol: float, what: str) -> None:
+    """Relative (Frobenius) error of each pair, as METHOD.md measures it; NaN never passes."""
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        a, b = a.detach().cpu().double(), b.detach().double()
+        err = float((a - b).norm() / b.norm().clamp_min(1e-30))
+        if not err <= tol:
+            raise AssertionError(f"{what}[{i}]: relative error {err:.3g} > {tol:g}")
+
+
+def _fused_ce(device: str, dtype: Any, tol: float, triton: bool) -> Callable[[], None]:
+    def run() -> None:
+        import torch
+
+        import crossent as ce
+        from crossent.fused import linear_cross_entropy
+
+        (h, w, b), (hr, wr, br), y = _fused_inputs(device, dtype, seed=1)
+        opts = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 30.0}
+        with _triton_switch(triton):
+            loss = linear_cross_entropy(h, w, y.to(device), bias=b, chunk_size=128, **opts)
+            grads = torch.autograd.grad(loss, (h, w, b))
+        ref = ce.sparse_categorical_cross_entropy(hr @ wr.T + br, y, from_logits=True, **opts)
+        rgrads = torch.autograd.grad(ref, (hr, wr, br))
+        assert loss.dtype == torch.float32, loss.dtype
+        _compare([loss.reshape(1), *grads], [ref.reshape(1), *rgrads], tol, "loss, grads")
+
+    return run
+
+
+def _fused_log_probs(device: str, dtype: Any, tol: float, triton: bool) -> Callable[[], None]:
+    def run() -> None:
+        import torch
+
+        from crossent.fused import linear_log_probs
+
+        (h, w, b), (hr, wr, br), y = _fused_inputs(device, dtype, seed=2)
+        g = torch.Generator().manual_seed(3)
+        up1, up2 = torch.randn(2, y.numel(), generator=g, dtype=torch.float64)
+        with _triton_switch(triton):
+            lp, ent = linear_log_probs(h, w, y.to(device), bias=b, temperature=0.7,
+                                       return_entropy=True, chunk_size=128)  # fmt: skip
+            out = (lp.double() * up1.to(device)).sum() + (ent.double() * up2.to(device)).sum()
+            grads = torch.autograd.grad(out, (h, w, b))
+        logp = torch.log_softmax((hr @ wr.T + br) / 0.7, -1)
+        keep = y != -100
+        rlp = torch.where(keep, logp.gather(1, y.clamp_min(0)[:, None])[:, 0], 0.0)
+        rent = torch.where(keep, -(logp.exp() * logp).sum(-1), 0.0)
+        rout = (rlp * up1).sum() + (rent * up2).sum()
+        rgrads = torch.autograd.grad(rout, (hr, wr, br))
+        _compare([lp, ent, *grads], [rlp, rent, *rgrads], tol, "log-probs, entropy, grads")
+
+    return run
+
+
+def _fused_distill(device: str, dtype: Any, tol: float) -> Callable[[], None]:
+    def run() -> None:
+        import torch
+
+        import crossent as ce
+        from crossent.fused import linear_distillation_loss
+
+        (h, w, b), (hr, wr, br), y = _fused_inputs(device, dtype, seed=4)
+        (th, tw, tb), (thr, twr, tbr), _ = _fused_inputs(device, dtype, seed=5)
+        loss = linear_distillation_loss(h, w, th.detach(), tw.detach(), y.to(device), bias=b,
+                                        teacher_bias=tb.detach(), beta=0.3, temperature=2.0,
+                                        chunk_size=128)  # fmt: skip
+        grads = torch.autograd.grad(loss, (h, w, b))
+        ref = ce.distillation_loss(hr @ wr.T + br, (thr @ twr.T + tbr).detach(), beta=0.3,
+                                   temperature=2.0, target=y)  # fmt: skip
+        rgrads = torch.autograd.grad(ref, (hr, wr, br))
+        _compare([loss.reshape(1), *grads], [ref.reshape(1), *rgrads], tol, "loss, grads")
+
+    return run
 
 
 # --------------------------------------------------------------------------- 2. tests
@@ -333,17 +459,26 @@ def benchmarks(device: str) -> None:
             print("time limit: remaining benchmarks skipped")
             return
         print(_fused_row(n, d, v, device), flush=True)
+    if _left() < 60:
+        print("time limit: LLM benchmarks skipped")
+        return
+    from benchmarks import bench_llm  # its CUDA section: log-probs, distillation vs Liger / CCE
+
+    bench_llm.cuda_section(argparse.Namespace(quick=False, rounds=5))
 
 
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEADLINE_S
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dry-run", action="store_true", help="print the plan, import, exit")
     parser.add_argument("--quick", action="store_true", help="(crossent bench) same as --dry-run")
     parser.add_argument("--skip-tests", action="store_true", help="no pytest step")
+    parser.add_argument("--deadline", type=float, default=DEADLINE_S, help="seconds for the run")
     args = parser.parse_args(argv)
+    DEADLINE_S = args.deadline
     import torch
 
     contenders = {

@@ -393,6 +393,10 @@ def test_auto_chunk_size_respects_budget() -> None:
     )
     assert _auto_chunk_size(5, 32_000, low_precision=False, softcap=False) == 5
     assert _auto_chunk_size(10_000, 10**9, low_precision=False, softcap=False) == 16
+    # GPUs get the larger budget (small chunks leave them idle); the CPU keeps its own
+    assert _chunked.chunk_budget(torch.device("cpu")) == _chunked.CHUNK_BUDGET_BYTES
+    assert _chunked.chunk_budget(torch.device("cuda")) == _chunked.CUDA_CHUNK_BUDGET_BYTES
+    assert _chunked.CUDA_CHUNK_BUDGET_BYTES > _chunked.CHUNK_BUDGET_BYTES
     data = _inputs(n=50)
     auto = linear_cross_entropy(data["hidden"], data["weight"], data["target"])
     one = linear_cross_entropy(data["hidden"], data["weight"], data["target"], chunk_size=1)

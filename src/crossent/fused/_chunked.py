@@ -44,6 +44,18 @@ Hook = Callable[["torch.Tensor"], "torch.Tensor | None"]
 #: extra memory below torch's chunked ``F.linear_cross_entropy`` (N=2048, d=512, V=32000) and
 #: is no slower on CPU than 256 MiB (benchmarks/fused.py).
 CHUNK_BUDGET_BYTES = 64 * 2**20
+#: The same budget on GPUs. Each chunk costs a few kernel launches per matrix product and
+#: row pass, so small chunks leave an H200 idle: at N=8192, d=4096, V=128256 in bfloat16 a
+#: 64 MiB budget took 554 ms per step against 56 ms for 1 GiB (Liger Kernel: 55 ms);
+#: ``python -m benchmarks.gpu_check`` measures it.
+CUDA_CHUNK_BUDGET_BYTES = 256 * 2**20
+
+
+def chunk_budget(device: torch.device) -> int:
+    """The automatic chunk's buffer budget in bytes on `device` (CPU or GPU)."""
+    return CHUNK_BUDGET_BYTES if device.type == "cpu" else CUDA_CHUNK_BUDGET_BYTES
+
+
 #: Smallest automatic chunk, so the matrix products stay efficient.
 MIN_AUTO_CHUNK = 16
 
@@ -648,7 +660,12 @@ def _agreed_chunk(
     if n_rows == 0:
         return 1
     chunk = _auto_chunk_size(
-        n_rows, v_local, low_precision=low_precision, softcap=False, buffers=buffers
+        n_rows,
+        v_local,
+        low_precision=low_precision,
+        softcap=False,
+        buffers=buffers,
+        budget=chunk_budget(device),
     )
     if reduce_max is not None:
         agreed = torch.tensor([-float(chunk)], dtype=torch.float32, device=device)
@@ -797,26 +814,35 @@ def _accumulate_weight_grad_f32(
 ) -> None:
     """``grad_w += G.T @ h_c`` in float32 for float16/bfloat16 inputs.
 
-    On CUDA: low-precision matrix products with float32 output
-    (``torch.mm(..., out_dtype=torch.float32)``), in vocabulary blocks so the
-    temporary stays small. Elsewhere (no such kernel on CPU): a float32 product of
-    the float32 gradient buffer and the upcast chunk of `hidden`, accumulated in
-    place (`first` overwrites `grad_w` instead). Rounding each chunk's partial sum
-    to the input dtype would make the weight gradient less accurate than
-    PyTorch's unfused one.
+    On CUDA: one low-precision matrix product accumulated in float32 in place
+    (``torch.addmm(..., out_dtype=torch.float32, out=grad_w)``); on a torch
+    without that overload, products with float32 output in vocabulary blocks
+    (`v_block` rows) so the temporary stays small. Elsewhere (no such kernel on
+    CPU): a float32 product of the float32 gradient buffer and the upcast chunk
+    of `hidden`, accumulated in place (`first` overwrites `grad_w` instead).
+    Rounding each chunk's partial sum to the input dtype would make the weight
+    gradient less accurate than PyTorch's unfused one.
     """
     import torch
 
-    if g_lp.device.type == "cuda":
-        if first:
-            grad_w.zero_()
-        try:
-            for v0 in range(0, grad_w.shape[0], v_block):
-                v1 = min(v0 + v_block, grad_w.shape[0])
-                grad_w[v0:v1] += torch.mm(g_lp[:, v0:v1].t(), h_c, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # pragma: no cover - older torch / no kernel
-            pass
-        else:  # pragma: no cover - needs a GPU
+    if g_lp.device.type == "cuda":  # pragma: no cover - needs a GPU
+        try:  # one low-precision product accumulated in float32 in place: no temporary
+            if first:
+                torch.mm(g_lp.t(), h_c, out_dtype=torch.float32, out=grad_w)
+            else:
+                torch.addmm(grad_w, g_lp.t(), h_c, out_dtype=torch.float32, out=grad_w)
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch: blocks
+            if first:
+                grad_w.zero_()
+            try:
+                for v0 in range(0, grad_w.shape[0], v_block):
+                    v1 = min(v0 + v_block, grad_w.shape[0])
+                    grad_w[v0:v1] += torch.mm(g_lp[:, v0:v1].t(), h_c, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):  # no kernel at all
+                pass
+            else:
+                return
+        else:
             return
     h32 = h_c.to(torch.float32)
     if first:

@@ -252,8 +252,9 @@ def linear_distillation_loss(
         Compare positions 0 … T−2 of both models, masked by ``target[..., 1:]``
         (causal LM); ``"none"`` then returns shape ``(..., T - 1)``.
     chunk_size : int, optional
-        Tokens per chunk; None picks one from a 64 MiB budget for both
-        models' chunk buffers and the row formula's temporaries.
+        Tokens per chunk; None picks one from a budget (64 MiB on the CPU,
+        256 MiB on a GPU) for both models' chunk buffers and the row
+        formula's temporaries.
 
     Returns
     -------
