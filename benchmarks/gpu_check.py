@@ -164,6 +164,41 @@ def correctness(device: str) -> list[str]:
 
     check("no host synchronisation (CrossEntropyLoss fwd+bwd)", no_sync)
 
+    def triton_sparse() -> None:
+        from crossent._backends import _triton_sparse
+        from crossent._losses._options import make_options
+
+        x16 = x64.to(device, torch.bfloat16)
+        assert _triton_sparse.usable(x16, make_options(from_logits=True)), "executor not chosen"
+        yy = y.to(device)
+        module = cnn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100)
+        xs = x16.clone().requires_grad_(True)
+        module(xs, yy).backward()  # warm-up: kernels compiled
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            module(xs, yy).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        v = torch.randn(x16.shape, device=device).bfloat16()
+        second = []
+        for on in (True, False):
+            real = _triton_sparse.usable
+            if not on:
+                _triton_sparse.usable = lambda x, opts: False  # type: ignore[assignment]
+            try:
+                xx = x16[:64].clone().requires_grad_(True)
+                loss = ce.sparse_categorical_cross_entropy(
+                    xx, yy[:64], from_logits=True, z_loss=1e-3, ignore_index=-100
+                )
+                (g,) = torch.autograd.grad(loss, xx, create_graph=True)
+                second.append(torch.autograd.grad((g * v[:64]).sum(), xx)[0])
+            finally:
+                _triton_sparse.usable = real  # type: ignore[method-assign]
+        _close(second[0], second[1], 1e-2, "second derivative, Triton vs PyTorch path")
+
+    check("bfloat16 sparse CE on the Triton executor: no sync, exact double backward",
+          triton_sparse)  # fmt: skip
+
     def double_backward() -> None:
         x = x64[:8, :10].to(device).requires_grad_(True)
         yy = torch.where(y[:8] < 0, 0, y[:8]).to(device) % 10

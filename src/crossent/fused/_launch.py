@@ -122,14 +122,13 @@ def logits_grad_(
         return t.to(dt).expand(n).contiguous()
 
     eps = float(label_smoothing)
-    params = torch.stack(
-        [
-            torch.tensor(1.0 - eps, dtype=dt, device=buf.device),
-            torch.tensor(eps / num_classes, dtype=dt, device=buf.device),
-            torch.tensor(2.0 * z_loss, dtype=dt, device=buf.device),
-            torch.as_tensor(total_weight, dtype=dt, device=buf.device).reshape(()),
-        ]
-    )
+    # filled on the device: no host-to-device copy, so no host synchronisation (and W, a
+    # device value under class weights, is never read back)
+    params = torch.empty(4, dtype=dt, device=buf.device)
+    params[0] = 1.0 - eps
+    params[1] = eps / num_classes
+    params[2] = 2.0 * float(z_loss)
+    params[3] = total_weight
     y_kernel = torch.where((y_loc >= 0) & (y_loc < v), y_loc, -1).contiguous()
     k = _kernels()
     k._logits_grad_kernel[(n, (v + block - 1) // block)](
