@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -83,9 +84,11 @@ def correctness(device: str) -> list[str]:
         try:
             fn()
             print(f"  ok    {name}", flush=True)
-        except Exception as exc:  # report and continue
+        except Exception as exc:  # report (with where it happened) and continue
             failures.append(name)
             print(f"  FAIL  {name}: {type(exc).__name__}: {exc}", flush=True)
+            frames = traceback.extract_tb(exc.__traceback__)[-4:]
+            print("".join(traceback.format_list(frames)), flush=True)
 
     g = torch.Generator(device="cpu").manual_seed(0)
     n, c = 512, 1000

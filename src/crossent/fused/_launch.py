@@ -9,6 +9,7 @@ imported here only on first use.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from typing import Any
@@ -39,6 +40,15 @@ def _block(v: int, block_v: int | None) -> int:
 def _wide(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels compute in: float64 for float64 logits, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(
+    one_m_eps: float, eps_c: float, z_loss_2: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``[1 - ε, ε / C, 2λ]`` on `device`, made once per value (a host-to-device copy
+    synchronises with the host; a cached tensor does not, after its first use)."""
+    return torch.tensor([one_m_eps, eps_c, z_loss_2], dtype=dtype, device=device)
 
 
 def row_stats(
@@ -122,13 +132,11 @@ def logits_grad_(
         return t.to(dt).expand(n).contiguous()
 
     eps = float(label_smoothing)
-    # filled on the device: no host-to-device copy, so no host synchronisation (and W, a
-    # device value under class weights, is never read back)
-    params = torch.empty(4, dtype=dt, device=buf.device)
-    params[0] = 1.0 - eps
-    params[1] = eps / num_classes
-    params[2] = 2.0 * float(z_loss)
-    params[3] = total_weight
+    constants = _constants(1.0 - eps, eps / num_classes, 2.0 * float(z_loss), dt, buf.device)
+    if isinstance(total_weight, torch.Tensor):  # a device value: never read back
+        params = torch.cat((constants, total_weight.to(dt).reshape(1)))
+    else:
+        params = torch.cat((constants, constants.new_full((1,), float(total_weight))))
     y_kernel = torch.where((y_loc >= 0) & (y_loc < v), y_loc, -1).contiguous()
     k = _kernels()
     k._logits_grad_kernel[(n, (v + block - 1) // block)](
