@@ -171,32 +171,35 @@ def correctness(device: str) -> list[str]:
         from crossent._backends import _triton_sparse
         from crossent._losses._options import make_options
 
-        x16 = x64.to(device, torch.bfloat16)
-        assert _triton_sparse.usable(x16, make_options(from_logits=True)), "executor not chosen"
-        yy = y.to(device)
+        big = torch.randn(2048, 32768, device=device, dtype=torch.bfloat16)  # 2**26 elements
+        ybig = torch.randint(0, 32768, (2048,), device=device)
+        ybig[::7] = -100
+        assert _triton_sparse.usable(big, make_options(from_logits=True)), "executor not chosen"
         module = cnn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100)
-        xs = x16.clone().requires_grad_(True)
-        module(xs, yy).backward()  # warm-up: kernels compiled
+        xs = big.clone().requires_grad_(True)
+        module(xs, ybig).backward()  # warm-up: kernels compiled, constants cached
         torch.cuda.set_sync_debug_mode("error")
         try:
-            module(xs, yy).backward()
+            module(xs, ybig).backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        ref = F.cross_entropy(big.double(), ybig, ignore_index=-100, label_smoothing=0.1)
+        _close(module(big, ybig), ref, 1e-2, "value")
+        x16 = x64[:64].to(device, torch.bfloat16)
         v = torch.randn(x16.shape, device=device).bfloat16()
         second = []
         for on in (True, False):
-            real = _triton_sparse.usable
-            if not on:
-                _triton_sparse.usable = lambda x, opts: False  # type: ignore[assignment]
+            before = _triton_sparse.MIN_ELEMENTS
+            _triton_sparse.MIN_ELEMENTS = 0 if on else 2**62
             try:
-                xx = x16[:64].clone().requires_grad_(True)
+                xx = x16.clone().requires_grad_(True)
                 loss = ce.sparse_categorical_cross_entropy(
-                    xx, yy[:64], from_logits=True, z_loss=1e-3, ignore_index=-100
+                    xx, y[:64].to(device), from_logits=True, z_loss=1e-3, ignore_index=-100
                 )
                 (g,) = torch.autograd.grad(loss, xx, create_graph=True)
-                second.append(torch.autograd.grad((g * v[:64]).sum(), xx)[0])
+                second.append(torch.autograd.grad((g * v).sum(), xx)[0])
             finally:
-                _triton_sparse.usable = real  # type: ignore[method-assign]
+                _triton_sparse.MIN_ELEMENTS = before
         _close(second[0], second[1], 1e-2, "second derivative, Triton vs PyTorch path")
 
     check("bfloat16 sparse CE on the Triton executor: no sync, exact double backward",

@@ -257,6 +257,7 @@ def test_triton_sparse_matches_float64(
     from crossent._backends import _triton_sparse
 
     monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
+    monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 0)
     calls: list[int] = []
     real_apply = _triton_sparse._SparseRows.apply
     monkeypatch.setattr(
@@ -292,6 +293,7 @@ def test_triton_sparse_double_backward_and_edges(monkeypatch: pytest.MonkeyPatch
     import crossent as ce
     from crossent._backends import _triton_sparse
 
+    monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 0)
     x, y, _ = _sparse_inputs(torch.bfloat16, seed=6)
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x.dtype)
     second = []
@@ -338,6 +340,8 @@ def test_triton_sparse_not_used_for_focal_float32_or_tracing(
     monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
     opts = make_options(from_logits=True)
     x16 = torch.zeros(2, 3, dtype=torch.bfloat16)
+    assert not _triton_sparse.usable(x16, opts)  # small: the PyTorch path is quicker
+    monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 6)
     assert _triton_sparse.usable(x16, opts)
     assert not _triton_sparse.usable(x16.float(), opts)
     assert not _triton_sparse.usable(x16, make_options(from_logits=True, gamma=2.0))
