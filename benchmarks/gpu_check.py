@@ -485,16 +485,16 @@ def _fused_row(n: int, d: int, v: int, device: str) -> str:
 def benchmarks(device: str) -> None:
     import torch
 
-    print("\n== sparse cross-entropy fwd+bwd, CUDA events, median ms (peak MiB)")
-    print("| N x V | dtype | torch | crossent | liger |")
+    print("\n## sparse cross-entropy fwd+bwd, CUDA events, median ms (peak MiB)")
+    print("| N x V | dtype | torch | crossent | liger |\n|---|---|---|---|---|")
     for n, v in ((4096, 32000), (8192, 128256)):
         for dtype in (torch.float32, torch.bfloat16):
             if _left() < 60:
                 print("time limit: remaining benchmarks skipped")
                 return
             print(_sparse_row(n, v, dtype, device), flush=True)
-    print("\n== fused linear cross-entropy fwd+bwd, bfloat16, median ms (peak MiB)")
-    print("| N x d x V | " + " | ".join(FUSED) + " |")
+    print("\n## fused linear cross-entropy fwd+bwd, bfloat16, median ms (peak MiB)")
+    print("| N x d x V | " + " | ".join(FUSED) + " |\n" + "|---" * (len(FUSED) + 1) + "|")
     for n, d, v in ((8192, 2048, 32000), (8192, 4096, 128256)):
         if _left() < 60:
             print("time limit: remaining benchmarks skipped")
