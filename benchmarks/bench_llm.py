@@ -207,8 +207,8 @@ def cuda_section(args: argparse.Namespace) -> None:
         from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
 
         jsd = LigerFusedLinearJSD(jsd_beta=BETA)
-        contenders["liger fused JSD"] = lambda x: jsd(
-            x["hidden"], x["weight"], x["t_hidden"], x["t_weight"]
+        contenders["liger fused JSD"] = lambda x: jsd(  # shift_labels: no label mask
+            x["hidden"], x["weight"], x["t_hidden"], x["t_weight"], None
         )
     except ImportError:
         print("liger-kernel not installed: skipped")

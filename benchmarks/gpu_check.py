@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -83,9 +84,11 @@ def correctness(device: str) -> list[str]:
         try:
             fn()
             print(f"  ok    {name}", flush=True)
-        except Exception as exc:  # report and continue
+        except Exception as exc:  # report (with where it happened) and continue
             failures.append(name)
             print(f"  FAIL  {name}: {type(exc).__name__}: {exc}", flush=True)
+            frames = traceback.extract_tb(exc.__traceback__)[-4:]
+            print("".join(traceback.format_list(frames)), flush=True)
 
     g = torch.Generator(device="cpu").manual_seed(0)
     n, c = 512, 1000
@@ -163,6 +166,44 @@ def correctness(device: str) -> list[str]:
             torch.cuda.set_sync_debug_mode("default")
 
     check("no host synchronisation (CrossEntropyLoss fwd+bwd)", no_sync)
+
+    def triton_sparse() -> None:
+        from crossent._backends import _triton_sparse
+        from crossent._losses._options import make_options
+
+        big = torch.randn(2048, 32768, device=device, dtype=torch.bfloat16)  # 2**26 elements
+        ybig = torch.randint(0, 32768, (2048,), device=device)
+        ybig[::7] = -100
+        assert _triton_sparse.usable(big, make_options(from_logits=True)), "executor not chosen"
+        module = cnn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100)
+        xs = big.clone().requires_grad_(True)
+        module(xs, ybig).backward()  # warm-up: kernels compiled, constants cached
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            module(xs, ybig).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ref = F.cross_entropy(big.double(), ybig, ignore_index=-100, label_smoothing=0.1)
+        _close(module(big, ybig), ref, 1e-2, "value")
+        x16 = x64[:64].to(device, torch.bfloat16)
+        v = torch.randn(x16.shape, device=device).bfloat16()
+        second = []
+        for on in (True, False):
+            before = _triton_sparse.MIN_ELEMENTS
+            _triton_sparse.MIN_ELEMENTS = 0 if on else 2**62
+            try:
+                xx = x16.clone().requires_grad_(True)
+                loss = ce.sparse_categorical_cross_entropy(
+                    xx, y[:64].to(device), from_logits=True, z_loss=1e-3, ignore_index=-100
+                )
+                (g,) = torch.autograd.grad(loss, xx, create_graph=True)
+                second.append(torch.autograd.grad((g * v).sum(), xx)[0])
+            finally:
+                _triton_sparse.MIN_ELEMENTS = before
+        _close(second[0], second[1], 1e-2, "second derivative, Triton vs PyTorch path")
+
+    check("bfloat16 sparse CE on the Triton executor: no sync, exact double backward",
+          triton_sparse)  # fmt: skip
 
     def double_backward() -> None:
         x = x64[:8, :10].to(device).requires_grad_(True)
@@ -444,16 +485,16 @@ def _fused_row(n: int, d: int, v: int, device: str) -> str:
 def benchmarks(device: str) -> None:
     import torch
 
-    print("\n== sparse cross-entropy fwd+bwd, CUDA events, median ms (peak MiB)")
-    print("| N x V | dtype | torch | crossent | liger |")
+    print("\n## sparse cross-entropy fwd+bwd, CUDA events, median ms (peak MiB)")
+    print("| N x V | dtype | torch | crossent | liger |\n|---|---|---|---|---|")
     for n, v in ((4096, 32000), (8192, 128256)):
         for dtype in (torch.float32, torch.bfloat16):
             if _left() < 60:
                 print("time limit: remaining benchmarks skipped")
                 return
             print(_sparse_row(n, v, dtype, device), flush=True)
-    print("\n== fused linear cross-entropy fwd+bwd, bfloat16, median ms (peak MiB)")
-    print("| N x d x V | " + " | ".join(FUSED) + " |")
+    print("\n## fused linear cross-entropy fwd+bwd, bfloat16, median ms (peak MiB)")
+    print("| N x d x V | " + " | ".join(FUSED) + " |\n" + "|---" * (len(FUSED) + 1) + "|")
     for n, d, v in ((8192, 2048, 32000), (8192, 4096, 128256)):
         if _left() < 60:
             print("time limit: remaining benchmarks skipped")

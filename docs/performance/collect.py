@@ -129,18 +129,51 @@ def machine() -> dict[str, object]:
     }
 
 
+def store_log(output: Path, name: str, log: Path, machine_text: str, command: str) -> None:
+    """Store the saved output `log` of benchmark `name`, run elsewhere, in the results file."""
+    results = json.loads(output.read_text()) if output.exists() else {"benchmarks": {}}
+    out = log.read_text()
+    results["benchmarks"][name] = {
+        "command": command or f"python -m benchmarks.{name}",
+        "date": datetime.datetime.fromtimestamp(log.stat().st_mtime, datetime.UTC).strftime(
+            "%Y-%m-%d %H:%M UTC"
+        ),
+        "machine": {"description": machine_text} if machine_text else machine(),
+        "output": out,
+        "tables": parse_tables(out),
+        "external": True,
+    }
+    output.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scripts", nargs="*", help="benchmark names (default: every script)")
     parser.add_argument("--quick", action="store_true", help="pass --quick to each script")
     parser.add_argument("--output", type=Path, default=RESULTS, help="the results file")
+    parser.add_argument(
+        "--log",
+        type=Path,
+        help="store this saved output of the one script named (a run on another machine, "
+        "such as gpu_check on a GPU) instead of running it here",
+    )
+    parser.add_argument("--machine", default="", help="with --log: that machine, in words")
+    parser.add_argument("--command", default="", help="with --log: the command that printed it")
     args = parser.parse_args(argv)
+    if args.log is not None:
+        if len(args.scripts) != 1:
+            parser.error("--log stores the output of exactly one script: name it")
+        store_log(args.output, args.scripts[0], args.log, args.machine, args.command)
+        return
     names = args.scripts or sorted(
         p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_")
     )
     results = json.loads(args.output.read_text()) if args.output.exists() else {"benchmarks": {}}
     failed = []
     for name in names:
+        if results["benchmarks"].get(name, {}).get("external"):
+            print(f"{name}: kept (run on another machine; refresh it with --log)")
+            continue
         cmd = [sys.executable, "-m", f"benchmarks.{name}", *(["--quick"] if args.quick else [])]
         print("+", " ".join(cmd[1:]), flush=True)
         run = subprocess.run(cmd, cwd=REPO, check=False, capture_output=True, text=True)

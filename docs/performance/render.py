@@ -89,8 +89,12 @@ def render(results_path: Path, outdir: Path) -> None:
             "",
             f"Command: `{entry['command']}` (from the repository root), {entry['date']}.",
             "",
-            f"Machine: {m['cpu']}, {m['cores']} cores, {m['os']}; Python {m['python']}, "
-            f"torch {m['torch']} ({m['torch_threads']} threads).",
+            (
+                f"Machine: {m['description']}."
+                if "description" in m
+                else f"Machine: {m['cpu']}, {m['cores']} cores, {m['os']}; "
+                f"Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads)."
+            ),
             "",
         ]
         for k, table in enumerate(entry["tables"]):

@@ -223,3 +223,127 @@ def test_triton_path_under_public_function(monkeypatch: pytest.MonkeyPatch) -> N
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(h.grad, ref_h.grad)
     torch.testing.assert_close(w.grad, ref_w.grad)
+
+
+# ----------------------------------------------------------------- unfused 16-bit loss on CUDA
+
+
+_CASES = [
+    {},
+    {"weight": True},
+    {"label_smoothing": 0.1, "weight": True},
+    {"z_loss": 1e-3, "softcap": 5.0},
+    {"reduction": "none"},
+    {"reduction": "sum", "label_smoothing": 0.2},
+]
+
+
+def _sparse_inputs(dtype: Any, seed: int) -> tuple[Any, Any, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(6, 37, 5, generator=gen, dtype=torch.float64) * 3).to(dtype)  # classes on 1
+    y = torch.randint(0, 37, (6, 5), generator=gen)
+    y[0, :3] = -100
+    w = (torch.rand(37, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    return x, y, w
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", _CASES, ids=lambda c: "-".join(c) or "plain")
+def test_triton_sparse_matches_float64(
+    dtype: Any, case: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16-bit logits read as they are: loss and gradient at the dtype's rounding floor."""
+    import crossent as ce
+    from crossent._backends import _triton_sparse
+
+    monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
+    monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 0)
+    calls: list[int] = []
+    real_apply = _triton_sparse._SparseRows.apply
+    monkeypatch.setattr(
+        _triton_sparse._SparseRows, "apply", lambda *a: calls.append(1) or real_apply(*a)
+    )
+    x, y, w = _sparse_inputs(dtype, seed=5)
+    kw = {k: (w if k == "weight" else v) for k, v in case.items()}
+    x = x.requires_grad_()
+    out = ce.sparse_categorical_cross_entropy(
+        x, y, from_logits=True, axis=1, ignore_index=-100, **kw
+    )
+    xr = x.detach().double().requires_grad_()
+    kw_ref = {k: (v.double() if k == "weight" else v) for k, v in kw.items()}
+    ref = ce.sparse_categorical_cross_entropy(
+        xr, y, from_logits=True, axis=1, ignore_index=-100, **kw_ref
+    )
+    up = (
+        torch.rand(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    )
+    (g,) = torch.autograd.grad(out, x, up.to(out.dtype))
+    (gr,) = torch.autograd.grad(ref, xr, up)
+    assert calls, "the Triton executor did not run"
+    assert out.dtype == dtype
+    assert g.dtype == dtype
+    rounding = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double(), ref, rtol=rounding, atol=0)
+    assert float((g.double() - gr).norm() / gr.norm()) < 2 * rounding
+    assert not g[0, :, :3].any()  # ignored positions: no gradient
+
+
+def test_triton_sparse_double_backward_and_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """create_graph gives the PyTorch formula's second derivative; -inf classes; all ignored."""
+    import crossent as ce
+    from crossent._backends import _triton_sparse
+
+    monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 0)
+    x, y, _ = _sparse_inputs(torch.bfloat16, seed=6)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x.dtype)
+    second = []
+    for on in (True, False):
+        monkeypatch.setattr(_triton_sparse, "ON_CPU", on)
+        xx = x.clone().requires_grad_()
+        loss = ce.sparse_categorical_cross_entropy(
+            xx, y, from_logits=True, axis=1, z_loss=1e-2, ignore_index=-100
+        )
+        (g,) = torch.autograd.grad(loss, xx, create_graph=True)
+        (h,) = torch.autograd.grad((g * v).sum(), xx)
+        second.append(h)
+    torch.testing.assert_close(second[0], second[1])
+    assert second[0].abs().sum() > 0
+
+    monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
+    masked = x.clone()
+    masked[:, 7] = -float("inf")  # a masked class (never a label)
+    yy = torch.where(y == 7, 8, y)
+    xm = masked.requires_grad_()
+    loss = ce.sparse_categorical_cross_entropy(xm, yy, from_logits=True, axis=1, ignore_index=-100)
+    (g,) = torch.autograd.grad(loss, xm)
+    ref = torch.nn.functional.cross_entropy(masked.detach().double(), yy, ignore_index=-100)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=0)
+    assert torch.isfinite(g).all()
+    assert not g[:, 7].any()
+
+    xa = x.clone().requires_grad_()
+    none = torch.full_like(y, -100)
+    loss = ce.sparse_categorical_cross_entropy(
+        xa, none, from_logits=True, axis=1, ignore_index=-100
+    )
+    (g,) = torch.autograd.grad(loss, xa)
+    assert float(loss.detach()) == 0
+    assert not g.any()
+
+
+def test_triton_sparse_not_used_for_focal_float32_or_tracing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from crossent._backends import _triton_sparse
+    from crossent._losses._options import make_options
+
+    monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
+    opts = make_options(from_logits=True)
+    x16 = torch.zeros(2, 3, dtype=torch.bfloat16)
+    assert not _triton_sparse.usable(x16, opts)  # small: the PyTorch path is quicker
+    monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 6)
+    assert _triton_sparse.usable(x16, opts)
+    assert not _triton_sparse.usable(x16.float(), opts)
+    assert not _triton_sparse.usable(x16, make_options(from_logits=True, gamma=2.0))
+    monkeypatch.setattr(_triton_sparse, "torch_tracing", lambda: True)
+    assert not _triton_sparse.usable(x16, opts)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crossent._backends import _triton_sparse
 from crossent._lib._checks import values_checked
 from crossent._lib._xp import array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
@@ -198,13 +199,26 @@ def sparse(
 
     PyTorch's ``F.cross_entropy`` for its own options; crossent's (z-loss,
     softcap, focal without smoothing) through the row statistics of
-    :mod:`crossent._losses._rows`. `axis` is already a valid non-negative
-    class axis; `weight`'s values are checked by the caller.
+    :mod:`crossent._losses._rows`; float16/bfloat16 logits on CUDA through the
+    Triton kernels of :mod:`crossent._backends._triton_sparse`. `axis` is
+    already a valid non-negative class axis; `weight`'s values are checked by
+    the caller.
     """
     if not (opts.kind == "logits" and input.dtype in _FLOATS):
         return None
     if not _sparse_shapes_fit(input, target, weight, axis):
         return None
+    if _triton_sparse.usable(input, opts):
+        return _triton_sparse.sparse(
+            input,
+            target,
+            weight,
+            axis,
+            opts,
+            per_row=_sparse_rows,
+            assert_labels=_assert_labels_async,
+            finish=_finish,
+        )
     if not opts.plain:
         return _sparse_rows(input, target, weight, axis, opts) if _rows.applies(opts) else None
     return _native_indices(

@@ -98,7 +98,7 @@ def linear_cross_entropy(
         Tokens per chunk. None picks the largest chunk whose work buffers
         (a float32 ``(chunk, V)`` logits buffer, plus a second one with `softcap`,
         plus a half-size copy for float16/bfloat16 inputs) fit in 64 MiB on the
-        CPU and 256 MiB on a GPU, at least 16 tokens.
+        CPU and 1 GiB on a GPU, at least 16 tokens.
     class_weight : Tensor, shape (V,), optional
         Non-negative per-class weights (``weight=`` of ``F.cross_entropy``; here
         `weight` is the projection matrix). Treated as a constant (no gradient).
@@ -294,7 +294,7 @@ def linear_log_probs(
         Also return the entropy of each position's softmax.
     chunk_size : int, optional
         Tokens per chunk; None picks one from a budget of 64 MiB on the CPU,
-        256 MiB on a GPU.
+        1 GiB on a GPU.
 
     Returns
     -------

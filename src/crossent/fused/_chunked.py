@@ -49,11 +49,13 @@ Hook = Callable[["torch.Tensor"], "torch.Tensor | None"]
 #: extra memory below torch's chunked ``F.linear_cross_entropy`` (N=2048, d=512, V=32000) and
 #: is no slower on CPU than 256 MiB (benchmarks/fused.py).
 CHUNK_BUDGET_BYTES = 64 * 2**20
-#: The same budget on GPUs. Each chunk costs a few kernel launches per matrix product and
-#: row pass, so small chunks leave an H200 idle: at N=8192, d=4096, V=128256 in bfloat16 a
-#: 64 MiB budget took 554 ms per step against 56 ms for 1 GiB (Liger Kernel: 55 ms);
-#: ``python -m benchmarks.gpu_check`` measures it.
-CUDA_CHUNK_BUDGET_BYTES = 256 * 2**20
+#: The same budget on GPUs. Each chunk costs Python work and kernel launches per matrix
+#: product and row pass, so small chunks leave an H200 idle. Measured there (bfloat16,
+#: fwd+bwd, ``python -m benchmarks.gpu_check``): linear CE at N=8192, d=4096, V=128256
+#: 554 / 84 / 50 ms at 64 MiB / 256 MiB / 1 GiB (Liger Kernel 57 ms, materialized 49 ms);
+#: log-probs + entropy at N=4096, d=1024, V=32000 43 / 16 / 9.6 ms; distillation
+#: 414 / 183 / 48 ms. The extra memory stays far below the materialized logits'.
+CUDA_CHUNK_BUDGET_BYTES = 2**30
 
 
 def chunk_budget(device: torch.device) -> int:

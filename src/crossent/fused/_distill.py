@@ -245,7 +245,7 @@ def linear_distillation_loss(
         (causal LM); ``"none"`` then returns shape ``(..., T - 1)``.
     chunk_size : int, optional
         Tokens per chunk; None picks one from a budget (64 MiB on the CPU,
-        256 MiB on a GPU) for both models' chunk buffers and the row
+        1 GiB on a GPU) for both models' chunk buffers and the row
         formula's temporaries.
 
     Returns

@@ -1,8 +1,10 @@
 r"""Triton kernels of the fused linear cross-entropy (``@triton.jit`` functions only).
 
 Imported only by :mod:`crossent.fused._launch`, on first use, so crossent works
-without Triton. Both kernels read a chunk's logits buffer ``X`` (float32 or
-float64, row-major ``(n, V_local)``) in vocabulary tiles of ``BLOCK_V``:
+without Triton. Both kernels read a logits buffer ``X`` (row-major ``(n, V_local)``:
+a chunk's float32/float64 buffer in the fused loop, or the user's float16/bfloat16
+logits in the unfused CUDA loss of :mod:`crossent._backends._triton_sparse`, widened
+to float32 in registers) in vocabulary tiles of ``BLOCK_V``:
 
 * :func:`_row_stats_kernel` — one program per row, one pass over the row with an
   online (running-max) log-sum-exp, the fields of
@@ -12,8 +14,9 @@ float64, row-major ``(n, V_local)``) in vocabulary tiles of ``BLOCK_V``:
   from :math:`m` to :math:`m'`, :math:`s \leftarrow s e^{m - m'}` and
   :math:`\sum w (m - z) \leftarrow \sum w (m - z) + (\sum w)(m' - m)` — both parts
   :math:`\ge 0`, so no cancellation.
-* :func:`_logits_grad_kernel` — one program per (row, tile): overwrites the raw
-  logits with :math:`\partial L/\partial x_k = (a e^{z_k - L} - b[k = y] - e w_k)(1 - t_k^2)`
+* :func:`_logits_grad_kernel` — one program per (row, tile): writes to ``OUT``
+  (``X`` itself for the chunk loop's in-place gradient, a tensor in the input
+  dtype for the unfused loss) :math:`\partial L/\partial x_k = (a e^{z_k - L} - b[k = y] - e w_k)(1 - t_k^2)`
   where :math:`t = \tanh(x/c)` under a soft cap (1 otherwise), and
   :math:`(a, b, e)` come from :func:`crossent._losses._rows.coefficients` (jitted).
 
@@ -90,8 +93,9 @@ def _row_stats_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     cols = tl.arange(0, BLOCK_V)
-    # running statistics, in the buffer's dtype (float32 or float64)
-    dt = X.dtype.element_ty
+    # running statistics in float32 (float64 for float64 logits): 16-bit logits are read
+    # as they are and widened in registers, so no float32 copy of them is ever stored
+    dt = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     m = tl.full((), -float("inf"), dt)
     s = tl.full((), 0.0, dt)
     sm = tl.full((), 0.0, dt)
@@ -99,23 +103,26 @@ def _row_stats_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        x = tl.load(x_row + offs, mask=mask, other=0.0)
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(dt)
         z = softcap * _tanh(x / softcap) if HAS_SOFTCAP else x
         z_max = tl.max(tl.where(mask, z, -float("inf")), axis=0)
         m_new = tl.maximum(m, z_max)
-        e = tl.where(mask, tl.exp(z - m_new), 0.0)
-        s = s * tl.exp(m - m_new) + tl.sum(e, axis=0)
+        # -inf logits (masked classes) add nothing; no inf - inf while every logit seen is -inf
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        e = tl.where(mask, tl.exp(z - m_ref), 0.0)
+        s = s * tl.exp(m - m_ref) + tl.sum(e, axis=0)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(CW + offs, mask=mask, other=0.0).to(z.dtype)
             else:
                 w = tl.where(mask, 1.0, 0.0).to(z.dtype)
             shift = w_seen * tl.where(w_seen > 0, m - m_new, 0.0)
-            sm = sm + shift + tl.sum(tl.where(mask, w * (z - m_new), 0.0), axis=0)
+            # classes of weight 0 add nothing (also at a -inf logit: no 0 * inf)
+            sm = sm + shift + tl.sum(tl.where(mask & (w != 0), w * (z - m_ref), 0.0), axis=0)
             w_seen = w_seen + tl.sum(w, axis=0)
         m = m_new
     y = tl.load(Y + row)
-    x_y = tl.load(x_row + y)
+    x_y = tl.load(x_row + y).to(dt)
     z_y = softcap * _tanh(x_y / softcap) if HAS_SOFTCAP else x_y
     tl.store(M_out + row, m)
     tl.store(S_out + row, s)
@@ -127,6 +134,8 @@ def _row_stats_kernel(
 def _logits_grad_kernel(
     X,
     stride_x,
+    OUT,
+    stride_out,
     Y,
     CW,
     LSE,
@@ -145,8 +154,8 @@ def _logits_grad_kernel(
     tile = tl.program_id(1)
     offs = tile * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = offs < V
-    x_ptrs = X + row * stride_x + offs
-    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    dt = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(dt)
     if HAS_SOFTCAP:
         t = _tanh(x / softcap)
         z = softcap * t
@@ -176,4 +185,4 @@ def _logits_grad_kernel(
             g = g - e
     if HAS_SOFTCAP:
         g = g * (1.0 - t * t)
-    tl.store(x_ptrs, g.to(x.dtype), mask=mask)
+    tl.store(OUT + row * stride_out + offs, g.to(OUT.dtype.element_ty), mask=mask)

@@ -9,6 +9,7 @@ imported here only on first use.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from typing import Any
@@ -36,6 +37,20 @@ def _block(v: int, block_v: int | None) -> int:
     return max(16, min(BLOCK_V, 1 << max(0, (v - 1).bit_length())))
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in: float64 for float64 logits, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(
+    one_m_eps: float, eps_c: float, z_loss_2: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``[1 - ε, ε / C, 2λ]`` on `device`, made once per value (a host-to-device copy
+    synchronises with the host; a cached tensor does not, after its first use)."""
+    return torch.tensor([one_m_eps, eps_c, z_loss_2], dtype=dtype, device=device)
+
+
 def row_stats(
     buf: torch.Tensor,
     y_loc: torch.Tensor,
@@ -55,7 +70,7 @@ def row_stats(
     if buf.stride(1) != 1:
         msg = "internal: the logits buffer must be row-major."
         raise RuntimeError(msg)
-    out = torch.empty((4, n), dtype=buf.dtype, device=buf.device)
+    out = torch.empty((4, n), dtype=_wide(buf.dtype), device=buf.device)
     k = _kernels()
     k._row_stats_kernel[(n,)](
         buf,
@@ -90,8 +105,12 @@ def logits_grad_(
     z_loss: float,
     softcap: float | None,
     block_v: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> None:
     """Overwrite the raw logits in `buf` with d loss / d logits (``_logits_grad_kernel``).
+
+    With `out` (row-major, `buf`'s shape), the gradient goes there instead and
+    `buf` is left unchanged.
 
     Row i becomes ``(a_i p_ik - b_i [k = y_i] - e_i w_k)·(1 - tanh²(x_ik/c))`` with
     ``p = exp(z - lse)`` and ``(a, b, e)`` of :func:`crossent._losses._rows.coefficients`
@@ -103,24 +122,28 @@ def logits_grad_(
     if n == 0:
         return
     block = _block(v, block_v)
-    dt = buf.dtype
+    dt = _wide(buf.dtype)
+    dest = buf if out is None else out
+    if dest.stride(1) != 1:
+        msg = "internal: the gradient buffer must be row-major."
+        raise RuntimeError(msg)
 
     def per_row(t: torch.Tensor) -> torch.Tensor:
         return t.to(dt).expand(n).contiguous()
 
     eps = float(label_smoothing)
-    # 1 - eps, eps / C, 2 z_loss, W: one small copy to the device (and W's, if a tensor)
-    total = total_weight if isinstance(total_weight, float) else 0.0
-    params = torch.tensor(
-        [1.0 - eps, eps / num_classes, 2.0 * z_loss, total], dtype=dt, device=buf.device
-    )
-    if isinstance(total_weight, torch.Tensor):
-        params[3] = total_weight
+    constants = _constants(1.0 - eps, eps / num_classes, 2.0 * float(z_loss), dt, buf.device)
+    if isinstance(total_weight, torch.Tensor):  # a device value: never read back
+        params = torch.cat((constants, total_weight.to(dt).reshape(1)))
+    else:
+        params = torch.cat((constants, constants.new_full((1,), float(total_weight))))
     y_kernel = torch.where((y_loc >= 0) & (y_loc < v), y_loc, -1).contiguous()
     k = _kernels()
     k._logits_grad_kernel[(n, (v + block - 1) // block)](
         buf,
         buf.stride(0),
+        dest,
+        dest.stride(0),
         y_kernel,
         cw_local if cw_local is not None else buf,
         per_row(lse),

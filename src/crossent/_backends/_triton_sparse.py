@@ -1,0 +1,181 @@
+r"""Sparse cross-entropy of float16/bfloat16 logits on CUDA: two Triton passes, no float32 copy.
+
+PyTorch's own float16/bfloat16 cross-entropy rounds the log-softmax to the
+input dtype (its mean overflows in float16, its gradient is well above the
+rounding floor), and computing it in float32 through PyTorch's kernels needs a
+float32 copy of the logits: 2.7–2.9× PyTorch's time and twice its memory,
+measured on an H200 (``python -m benchmarks.gpu_check``). Here the fused loss's
+kernels (:mod:`crossent.fused._kernels`) read the 16-bit logits as they are and
+widen them to float32 in registers:
+
+* forward, one pass: :func:`crossent.fused._launch.row_stats` gives each row's
+  :class:`crossent._losses._rows.RowStats`, and :func:`crossent._losses._rows.row_loss`
+  reads the loss off them;
+* backward, one pass: :func:`crossent.fused._launch.logits_grad_` writes
+  :math:`\partial\ell/\partial z = a p - b [k = y] - e w` (the coefficients of
+  :func:`crossent._losses._rows.coefficients`, times the upstream gradient) into
+  a new tensor in the input dtype. Only the per-row log-sum-exp is kept between
+  the two.
+
+Double backward (``create_graph=True``) recomputes the gradient with the
+differentiable PyTorch formula, so second derivatives stay exact. Under
+``torch.compile``, ``torch.export`` and ``torch.func`` this executor is not
+used (those trace PyTorch's operations instead), nor for the focal loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crossent._lib._checks import values_checked
+from crossent._lib._xp import torch_tracing
+from crossent._losses import _rows
+from crossent._losses._options import CEOptions
+
+__all__ = ["sparse", "usable"]
+
+#: Run on CPU tensors too (tests, with ``TRITON_INTERPRET=1``).
+ON_CPU = False
+
+#: Smallest logits tensor (elements) this executor takes. Below it both crossent paths are
+#: bound by Python and launch overhead, not by the GPU, and the PyTorch path's is smaller:
+#: on an H200 (bfloat16, fwd+bwd) 256×1000 took 0.53 ms there against 1.8 ms here, while
+#: 4096×32000 (131M elements) took 1.78 ms and 1500 MiB there against 1.54 ms and 250 MiB
+#: here, and 8192×128256 13.7 ms and 12 GiB against 2.9 ms and 2 GiB (PyTorch's own
+#: bfloat16 kernel: 0.28, 0.65 and 4.7 ms).
+MIN_ELEMENTS = 2**26
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def usable(x: Tensor, opts: CEOptions) -> bool:
+    """Whether this executor computes the loss: large 16-bit CUDA logits, eager, no focal."""
+    if x.dtype not in _LOW or not (x.is_cuda or ON_CPU) or x.numel() < MIN_ELEMENTS:
+        return False
+    if opts.kind != "logits" or opts.gamma != 0 or x.ndim == 0 or torch_tracing():
+        return False
+    from crossent.fused import _launch
+
+    return _launch.triton_available()
+
+
+class _SparseRows(torch.autograd.Function):
+    """Per-row loss of ``(n, C)`` row-major 16-bit logits; gradient by the Triton kernel."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        label: Tensor,
+        valid: Tensor | None,
+        weight: Tensor | None,
+        opts: CEOptions,
+        recompute: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        from crossent.fused import _launch
+
+        num_classes = x.shape[1]
+        m, s, wd, z_y = _launch.row_stats(
+            x, label, weight, softcap=opts.softcap, smoothing=opts.label_smoothing != 0
+        )
+        total: Tensor | float = float(num_classes) if weight is None else weight.sum()
+        stats = _rows.RowStats(m=m, s=s, wd=wd, wsum=total, z_y=z_y)
+        w_y = torch.ones_like(s) if weight is None else weight[label]
+        if valid is not None:
+            w_y = torch.where(valid, w_y, 0.0)
+        row = _rows.row_loss(stats, w_y, total, num_classes, opts, xp=torch)
+        if valid is not None:
+            row = torch.where(valid, row, 0.0)
+        ctx.save_for_backward(x, label, valid, weight, _rows.lse(stats, xp=torch), w_y)
+        ctx.opts, ctx.recompute = opts, recompute
+        return row
+
+    @staticmethod
+    def backward(ctx: Any, grad_row: Tensor) -> tuple[Tensor | None, ...]:
+        x, label, valid, weight, big_l, w_y = ctx.saved_tensors
+        opts: CEOptions = ctx.opts
+        none = (None, None, None, None, None)
+        if torch.is_grad_enabled():  # create_graph: a differentiable gradient, exact 2nd order
+            with torch.enable_grad():
+                row = ctx.recompute(x)
+            (grad,) = torch.autograd.grad(row, x, grad_row.to(row.dtype), create_graph=True)
+            return (grad, *none)
+        from crossent.fused import _launch
+
+        scale = grad_row.to(big_l.dtype)
+        if valid is not None:
+            scale = torch.where(valid, scale, 0.0)
+        num_classes = x.shape[1]
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _launch.logits_grad_(
+            x,
+            label,
+            weight,
+            big_l,
+            w_y,
+            scale,
+            float(num_classes) if weight is None else weight.sum(),
+            label_smoothing=opts.label_smoothing,
+            num_classes=num_classes,
+            z_loss=opts.z_loss,
+            softcap=opts.softcap,
+            out=out,
+        )
+        return (out, *none)
+
+
+def sparse(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    axis: int,
+    opts: CEOptions,
+    *,
+    per_row: Callable[[Tensor, Tensor, Tensor | None, int, CEOptions], Tensor],
+    assert_labels: Callable[[Tensor, int, int], None],
+    finish: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """The loss with `opts`' reduction; `x`'s class axis is `axis`.
+
+    `per_row` is the PyTorch executor's differentiable formula (used for double
+    backward), `assert_labels` its device-side label check and `finish` its
+    output-dtype rule: one implementation of each, passed in.
+    """
+    z = x if axis == x.ndim - 1 else x.movedim(axis, -1)
+    num_classes = z.shape[-1]
+    z2 = z.reshape(-1, num_classes)
+    if z2.stride(1) != 1 or z2.stride(0) != num_classes:
+        z2 = z2.contiguous()
+    t = target.reshape(-1)
+    t = t if t.dtype == torch.int64 else t.long()
+    ignore = opts.ignore_index
+    if values_checked(t) and t.numel():
+        assert_labels(t, num_classes, -(2**63) if ignore is None else ignore)
+    valid = None if ignore is None else t != ignore
+    label = t if valid is None else torch.where(valid, t, 0)
+    w = None if weight is None else weight.to(torch.float32).contiguous()
+    rows_opts = dataclasses.replace(opts, reduction="none")
+
+    def recompute(xx: Tensor) -> Tensor:
+        return per_row(xx, t, w, 1, rows_opts)
+
+    row = _SparseRows.apply(z2, label, valid, w, opts, recompute)
+    if opts.reduction == "none":
+        out = row.reshape(z.shape[:-1])
+    elif opts.reduction == "sum":
+        out = row.sum()
+    elif w is None and valid is None:
+        out = row.sum() / max(t.numel(), 1)  # a Python count: nothing read back from the device
+    else:
+        if w is None:
+            den = torch.ones_like(row).sum() if valid is None else valid.sum().to(row.dtype)
+        else:
+            w_y = w[label]
+            den = (torch.where(valid, w_y, 0.0) if valid is not None else w_y).sum()
+        out = row.sum() / torch.where(den == 0, torch.ones_like(den), den)
+    return finish(out, x)
