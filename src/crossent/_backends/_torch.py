@@ -29,7 +29,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from crossent._lib._checks import values_checked
@@ -104,9 +103,7 @@ def _counted_weight(t: Tensor, w: Tensor | None, ignore: int) -> Tensor:
     return torch.where(valid, w[torch.where(valid, t, 0)], 0).sum()
 
 
-def _mean_of(
-    call: Any, x: Tensor, t: Tensor, w: Tensor | None, ignore: int, weighted_or_ignored: bool
-) -> Tensor:
+def _mean_of(call: Any, t: Tensor, w: Tensor | None, ignore: int, eager: bool) -> Tensor:
     """PyTorch's ``"mean"`` with crossent's rule: 0 (and a zero gradient) over no counted target.
 
     Eagerly on CPU one scalar test decides (PyTorch's mean is NaN only for
@@ -115,9 +112,7 @@ def _mean_of(
     """
     if t.numel() == 0:
         return call("sum")
-    if not weighted_or_ignored:
-        return call("mean")
-    if _host_readable(x):
+    if eager:
         out = call("mean")
         if math.isnan(out.item()) and float(_counted_weight(t, w, ignore)) == 0:
             return call("sum")
@@ -146,6 +141,10 @@ def _assert_labels_async(t: Tensor, num_classes: int, ignore: int) -> None:
     torch._assert_async(ok.all(), msg)
 
 
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+"""PyTorch's reduction codes (``torch.nn._reduction.get_enum``) for its ``torch._C._nn`` kernels."""
+
+
 def _native_indices(
     kernel: Any,
     x: Tensor,
@@ -153,31 +152,42 @@ def _native_indices(
     weight: Tensor | None,
     axis: int,
     opts: CEOptions,
-    **extra: Any,
+    *extra: Any,
 ) -> Tensor:
-    """``kernel(x, t, weight, ignore_index, reduction, **extra)`` with crossent's differences."""
-    num_classes = x.shape[axis]
-    xc = _class_last_to_dim1(_compute(x), axis)
-    t = index_target(target)
+    """``kernel(x, t, weight, reduction, ignore_index, *extra)`` with crossent's differences.
+
+    `kernel` is one of PyTorch's ``torch._C._nn`` loss kernels (what ``F.cross_entropy``
+    and ``F.nll_loss`` call after their argument handling, which crossent has done);
+    they honour ``__torch_function__`` and trace under ``torch.compile`` like the wrappers.
+    Written for the smallest inputs, where the Python around the kernel is the cost.
+    """
+    xc = x.float() if x.dtype in _LOW else x
+    if axis != 1 and x.ndim != 1:
+        xc = xc.movedim(axis, 1)
+    t = target if target.dtype is torch.int64 else target.long()
     w = None if weight is None else weight.to(xc.dtype)
     ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index
-    eager = _host_readable(x)
+    eager = x.is_cpu and not torch_tracing()
     if not eager and not x.is_cpu and values_checked(t) and t.numel():
-        _assert_labels_async(t, num_classes, ignore)
+        _assert_labels_async(t, x.shape[axis], ignore)
 
     def call(reduction: str) -> Tensor:
         if not eager:
-            return kernel(xc, t, w, ignore_index=ignore, reduction=reduction, **extra)
+            return kernel(xc, t, w, _REDUCTION_ENUM[reduction], ignore, *extra)
         try:
-            return kernel(xc, t, w, ignore_index=ignore, reduction=reduction, **extra)
+            return kernel(xc, t, w, _REDUCTION_ENUM[reduction], ignore, *extra)
         except (IndexError, RuntimeError) as exc:
-            _label_error(exc, t, num_classes, opts.ignore_index)
+            _label_error(exc, t, x.shape[axis], opts.ignore_index)
             raise  # pragma: no cover - _label_error always raises
 
-    if opts.reduction != "mean":
-        out = call(opts.reduction)
+    if opts.reduction == "mean" and t.numel() and (opts.ignore_index is None and w is None):
+        out = call("mean")
+    elif opts.reduction == "mean":
+        out = _mean_of(call, t, w, ignore, eager)
     else:
-        out = _mean_of(call, x, t, w, ignore, opts.ignore_index is not None or w is not None)
+        out = call(opts.reduction)
+    if out.dtype is x.dtype:  # float32 / float64: autocast leaves them alone
+        return out
     return _finish(out, x)
 
 
@@ -188,6 +198,11 @@ def _sparse_shapes_fit(x: Tensor, target: object, weight: object, axis: int) -> 
         isinstance(weight, Tensor) and weight.dtype in _FLOATS and weight.shape == (x.shape[axis],)
     ):
         return False
+    ndim = x.ndim
+    if target.ndim != ndim - 1:
+        return False
+    if ndim == 2:  # the common case, without building shapes
+        return bool(target.shape[0] == x.shape[1 - axis])
     return target.shape == x.shape[:axis] + x.shape[axis + 1 :]
 
 
@@ -208,7 +223,7 @@ def sparse(
     if not opts.plain:
         return _sparse_rows(input, target, weight, axis, opts) if _rows.applies(opts) else None
     return _native_indices(
-        F.cross_entropy, input, target, weight, axis, opts, label_smoothing=opts.label_smoothing
+        torch._C._nn.cross_entropy_loss, input, target, weight, axis, opts, opts.label_smoothing
     )
 
 
@@ -263,7 +278,7 @@ def nll(
     """PyTorch's ``nll_loss`` on log-probabilities, with crossent's mean rule; None for generic."""
     if input.dtype not in _FLOATS or not _sparse_shapes_fit(input, target, weight, axis):
         return None
-    return _native_indices(F.nll_loss, input, target, weight, axis, opts)
+    return _native_indices(torch._C._nn.nll_loss_nd, input, target, weight, axis, opts)
 
 
 # --------------------------------------------------------------------------- probability targets
@@ -307,3 +322,77 @@ def categorical(
 
 
 # --------------------------------------------------------------------------- binary
+
+
+def _check_unit_interval(t: Tensor) -> None:
+    """Eager CPU: `target` in [0, 1] with one pass (``aminmax``); NaN passes and propagates."""
+    if t.numel() == 0 or not values_checked(t) or not t.is_cpu:
+        return
+    lo, hi = torch.aminmax(t.detach())
+    if lo.item() < 0 or hi.item() > 1:
+        from crossent._lib._checks import check_in_unit_interval
+
+        check_in_unit_interval(t, name="target", xp=array_namespace(t))
+
+
+def binary(
+    input: object,
+    target: object,
+    weight: object,
+    pos_weight: object,
+    label_smoothing: float,
+    opts: CEOptions,
+) -> Tensor | None:
+    r"""Binary cross-entropy from logits, no weights or focal options; None for the generic path.
+
+    PyTorch's ``binary_cross_entropy_with_logits`` computes
+    :math:`(1-t)x - \log\sigma(x)`, which cancels for :math:`x \ll 0`
+    (0 instead of 9.4e-14 at :math:`x = -30`, :math:`t = 0` in float32). crossent computes
+
+    .. math:: -\ell = \operatorname{lerp}(\log\sigma(-x), \log\sigma(x), t)
+              = (1-t)\log(1-p) + t\log p
+
+    with PyTorch's fused ``logsigmoid`` (:math:`\min(x,0) - \operatorname{log1p}(e^{-|x|})`,
+    exact for every finite :math:`x`). PyTorch's ``lerp`` evaluates :math:`a + t(b-a)` for
+    :math:`t < 1/2` and :math:`b - (b-a)(1-t)` otherwise, so a hard target returns one of the
+    logs exactly and a soft one a sum of two terms of one sign, with no cancellation. Five
+    fused kernels, like PyTorch's (the sign flips the reduced scalar). An infinite logit makes
+    ``lerp`` compute 0 · ∞: a NaN result is recomputed by the guarded generic formula (one
+    scalar test, eager only; traced calls take the generic formula). The gradient
+    :math:`(1-t)\sigma(x) - t\sigma(-x)` comes from autograd through the same kernels
+    (so double backward, ``torch.compile`` and ``torch.func`` work).
+    """
+    if not (
+        opts.kind == "logits"
+        and opts.plain
+        and weight is None
+        and pos_weight is None
+        and isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and input.dtype in _FLOATS
+        and target.dtype in _FLOATS
+        and input.shape == target.shape
+    ):
+        return None
+    if not _host_readable(input):
+        return None  # traced: no value test; the generic formula guards infinite logits
+    _check_unit_interval(target)
+    xc = input.float() if input.dtype in _LOW else input
+    t = target if target.dtype is xc.dtype else target.to(xc.dtype)
+    if label_smoothing != 0:
+        t = t * (1 - label_smoothing) + label_smoothing / 2
+    log_p = torch.nn.functional.logsigmoid(xc)
+    log_not_p = torch.nn.functional.logsigmoid(-xc)
+    if torch.is_grad_enabled() and (xc.requires_grad or t.requires_grad):
+        neg_loss = torch.lerp(log_not_p, log_p, t)
+    else:
+        neg_loss = log_not_p.lerp_(log_p, t)
+    if opts.reduction == "none":
+        out = -neg_loss
+        total = out.detach().sum()
+    else:
+        out = -(neg_loss.sum() if opts.reduction == "sum" or not t.numel() else neg_loss.mean())
+        total = out.detach()
+    if math.isnan(total.item()):  # NaN input, or an infinite logit: lerp's 0 · inf
+        return None
+    return out if out.dtype is input.dtype else _finish(out, input)

@@ -46,11 +46,13 @@ from crossent._lib._xp import (
     is_array,
     is_jax_namespace,
     is_torch_namespace,
+    is_torch_tensor,
     log_sigmoid,
     output_dtype,
     size,
 )
 from crossent._losses._common import clamped_log, focal_factor, log_prob, reduce_loss
+from crossent._losses._options import make_options
 
 __all__ = ["binary_cross_entropy"]
 
@@ -440,6 +442,16 @@ def binary_cross_entropy(
     ... ).round(4).tolist()
     [[0.0005, 0.017, 0.13], [0.0001, 0.0, 0.5264]]
     """
+    if is_torch_tensor(input):
+        from crossent._backends import _torch as torch_exec
+
+        opts = make_options(
+            from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
+            reduction=reduction, alpha=alpha,
+        )  # fmt: skip
+        out = torch_exec.binary(input, target, weight, pos_weight, opts.label_smoothing, opts)
+        if out is not None:
+            return out
     b = _prepare(
         input,
         target,
