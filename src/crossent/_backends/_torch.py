@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossent._lib._checks import values_checked
-from crossent._lib._xp import array_namespace, output_dtype, torch_tracing
+from crossent._lib._checks import check_in_unit_interval, values_checked
+from crossent._lib._xp import _torch_namespace, array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions
 
@@ -312,32 +312,45 @@ def categorical(
     if weight is not None and not (isinstance(weight, Tensor) and weight.dtype in _FLOATS):
         return None
     xc = _compute(input)
-    log_p = torch.log_softmax(xc, dim=axis)
-    c = target.to(log_p.dtype)
+    c = target.to(xc.dtype)
     eps = opts.label_smoothing
     if eps:
         c = c * (1 - eps) + eps / input.shape[axis]
     if weight is not None:
         shape = [1] * input.ndim
         shape[axis] = -1
-        c = c * weight.to(log_p.dtype).reshape(shape)
-    product = c * log_p
-    terms = torch.where(c == 0, 0.0, product) if _may_hold_neg_inf(xc) else product
-    return _finish(_reduce(-terms.sum(dim=axis), opts.reduction), input)
+        c = c * weight.to(xc.dtype).reshape(shape)
+    if _host_readable(xc):
+        # unguarded first: a NaN result means 0 · (-inf) at a masked class (or a NaN input),
+        # and only then is the guarded product computed (one scalar test instead of a pass)
+        out = _soft_reduce(_soft_terms(xc, c, axis, guard=False), axis, opts.reduction)
+        check = out.detach().sum() if opts.reduction == "none" else out.detach()
+        if not math.isnan(check.item()):
+            return _finish(out, input)
+    return _finish(_soft_reduce(_soft_terms(xc, c, axis, guard=True), axis, opts.reduction), input)
+
+
+def _soft_terms(xc: Tensor, c: Tensor, axis: int, *, guard: bool) -> Tensor:
+    r""":math:`c_k \log p_k` (:math:`0 \cdot (-\infty) = 0` if `guard`), in place if no autograd."""
+    log_p = torch.log_softmax(xc, dim=axis)
+    if guard:
+        return torch.where(c == 0, 0.0, c * log_p)
+    if torch.is_grad_enabled() and (xc.requires_grad or c.requires_grad):
+        return c * log_p
+    return log_p.mul_(c)
+
+
+def _soft_reduce(terms: Tensor, axis: int, reduction: str) -> Tensor:
+    """Minus the class sum of `terms`, reduced over rows ("mean" divides by the row count)."""
+    if reduction == "none":
+        return -terms.sum(dim=axis)
+    total = -terms.sum()
+    if reduction == "sum" or terms.numel() == 0:
+        return total
+    return total / (terms.numel() // terms.shape[axis])
 
 
 # --------------------------------------------------------------------------- binary
-
-
-def _check_unit_interval(t: Tensor) -> None:
-    """Eager CPU: `target` in [0, 1] with one pass (``aminmax``); NaN passes and propagates."""
-    if t.numel() == 0 or not values_checked(t) or not t.is_cpu:
-        return
-    lo, hi = torch.aminmax(t.detach())
-    if lo.item() < 0 or hi.item() > 1:
-        from crossent._lib._checks import check_in_unit_interval
-
-        check_in_unit_interval(t, name="target", xp=array_namespace(t))
 
 
 def binary(
@@ -381,7 +394,7 @@ def binary(
         return None
     if not _host_readable(input):
         return None  # traced: no value test; the generic formula guards infinite logits
-    _check_unit_interval(target)
+    check_in_unit_interval(target, name="target", xp=_torch_namespace())
     xc = input.float() if input.dtype in _LOW else input
     t = target if target.dtype is xc.dtype else target.to(xc.dtype)
     if label_smoothing != 0:
@@ -443,7 +456,7 @@ class _LowPrecisionCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: Tensor, label: Tensor, valid: Tensor | None, reduction: str
     ) -> Tensor:
         n = x.shape[0]
@@ -475,7 +488,7 @@ class _LowPrecisionCE(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad: Tensor
     ) -> tuple[Tensor | None, None, None, None]:
         x, label, valid, early = ctx.saved_tensors
