@@ -45,8 +45,11 @@ def _mp_bce(x: float, t: float) -> tuple[float, float, float]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_binary_with_logits_is_exact_in_the_tails(dtype: Any) -> None:
-    x, t = _grid(dtype)
+@pytest.mark.parametrize("copies", [1, 700])  # one chunk (autograd) / the chunked closed form
+def test_binary_with_logits_is_exact_in_the_tails(dtype: Any, copies: int) -> None:
+    x1, t1 = _grid(dtype)
+    x, t = x1.repeat(copies), t1.repeat(copies)
+    assert (x.numel() > torch_exec._BINARY_CHUNK) == (copies > 1)
     assert torch_exec.binary(x, t, None, None, 0.0, make_options(from_logits=True)) is not None
     xg = x.clone().requires_grad_(True)
     loss = ce.binary_cross_entropy(xg, t, from_logits=True, reduction="none")
@@ -54,12 +57,16 @@ def test_binary_with_logits_is_exact_in_the_tails(dtype: Any) -> None:
     loss = loss.detach()
     eps = torch.finfo(dtype).eps
     sub = torch.finfo(dtype).tiny * eps  # spacing of subnormals (x = -100 in float32)
-    for i, (xi, ti) in enumerate(zip(x.tolist(), t.tolist(), strict=True)):
-        want, want_g, g_scale = _mp_bce(xi, ti)
-        got = float(loss[i])
-        assert abs(got - want) <= 4 * eps * abs(want) + 4 * sub, (xi, ti, got, want)
-        # the gradient's two terms may cancel (soft targets): error relative to the terms
-        assert abs(float(grad[i]) - want_g) <= 4 * eps * g_scale + 4 * sub, (xi, ti, want_g)
+    refs = [_mp_bce(xi, ti) for xi, ti in zip(x1.tolist(), t1.tolist(), strict=True)] * copies
+    want = torch.tensor([r[0] for r in refs], dtype=torch.float64)
+    want_g = torch.tensor([r[1] for r in refs], dtype=torch.float64)
+    g_scale = torch.tensor([r[2] for r in refs], dtype=torch.float64)
+    err = (loss.double() - want).abs()
+    assert (err <= 4 * eps * want.abs() + 4 * sub).all(), x[err.argmax()]
+    # the gradient's two terms may cancel (soft targets): error relative to the terms;
+    # PyTorch's sigmoid flushes results below the smallest normal number to 0
+    err_g = (grad.double() - want_g).abs()
+    assert (err_g <= 4 * eps * g_scale + torch.finfo(dtype).tiny).all(), x[err_g.argmax()]
 
 
 def test_binary_small_losses_keep_their_value() -> None:
@@ -72,11 +79,14 @@ def test_binary_small_losses_keep_their_value() -> None:
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_binary_with_logits_matches_torch(reduction: str, smoothing: float) -> None:
+@pytest.mark.parametrize("rows", [7, 30000])  # one chunk / several chunks and a partial one
+def test_binary_with_logits_matches_torch(reduction: str, smoothing: float, rows: int) -> None:
     g = torch.Generator().manual_seed(1)
-    x = (torch.randn(7, 5, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
-    t = torch.rand(7, 5, generator=g, dtype=torch.float64)
+    x = (torch.randn(rows, 5, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    t = torch.rand(rows, 5, generator=g, dtype=torch.float64)
     t[0] = (t[0] > 0.5).double()
+    t.requires_grad_(True)
+    up = torch.rand(rows, 5, generator=g, dtype=torch.float64) if reduction == "none" else 0.7
     ours = ce.binary_cross_entropy(
         x, t, from_logits=True, label_smoothing=smoothing, reduction=reduction
     )
@@ -84,9 +94,32 @@ def test_binary_with_logits_matches_torch(reduction: str, smoothing: float) -> N
         x, t * (1 - smoothing) + smoothing / 2, reduction=reduction
     )
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
-    (g_ours,) = torch.autograd.grad(ours.sum(), x)
-    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    g_ours = torch.autograd.grad((ours * up).sum(), (x, t), create_graph=True)
+    g_ref = torch.autograd.grad((ref * up).sum(), (x, t), create_graph=True)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-14)
+    # second derivatives (the backward's differentiable form)
+    v = torch.rand(rows, 5, generator=g, dtype=torch.float64)
+    h_ours = torch.autograd.grad((g_ours[0] * v).sum(), x)
+    h_ref = torch.autograd.grad((g_ref[0] * v).sum(), x)
+    torch.testing.assert_close(h_ours, h_ref, rtol=1e-10, atol=1e-14)
+    plain = torch.autograd.grad(
+        (ce.binary_cross_entropy(x, t, from_logits=True, label_smoothing=smoothing,
+                                 reduction=reduction) * up).sum(), x,
+    )  # fmt: skip
+    torch.testing.assert_close(plain[0], g_ref[0], rtol=1e-12, atol=1e-14)
+
+
+def test_binary_half_precision_is_float64_rounded_once() -> None:
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(300, 300, generator=g) * 4).bfloat16().requires_grad_(True)
+    t = (torch.rand(300, 300, generator=g) > 0.5).bfloat16()
+    loss = ce.binary_cross_entropy(x, t, from_logits=True, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = F.binary_cross_entropy_with_logits(x64, t.double(), reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x64)
+    assert _ulps(loss, ref.to(torch.bfloat16), torch.bfloat16) == 0
+    assert _ulps(grad, ref_grad.to(torch.bfloat16), torch.bfloat16) == 0
 
 
 def test_binary_double_backward() -> None:

@@ -395,25 +395,111 @@ def binary(
     if not _host_readable(input):
         return None  # traced: no value test; the generic formula guards infinite logits
     check_in_unit_interval(target, name="target", xp=_torch_namespace())
-    xc = input.float() if input.dtype in _LOW else input
-    t = target if target.dtype is xc.dtype else target.to(xc.dtype)
-    if label_smoothing != 0:
-        t = t * (1 - label_smoothing) + label_smoothing / 2
+    if input.numel() > _BINARY_CHUNK:
+        out = _BinaryCE.apply(input, target, label_smoothing, opts.reduction)
+    else:  # one chunk: the same kernels with autograd's bookkeeping, less Python
+        out = _binary_small(input, target, label_smoothing, opts.reduction)
+    total = out.detach().sum() if opts.reduction == "none" else out.detach()
+    if math.isnan(total.item()):  # NaN input, or an infinite logit: lerp's 0 · inf
+        return None
+    return out if out.dtype is input.dtype else _finish(out, input)
+
+
+_BINARY_CHUNK = 1 << 16
+"""Elements per chunk of the binary path: its temporaries (256 KiB in float32) stay in cache."""
+
+
+def _binary_chunks(*arrays: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """The same flat chunks of equally shaped `arrays` (``split`` views, one call each)."""
+    return zip(*(a.reshape(-1).split(_BINARY_CHUNK) for a in arrays), strict=True)
+
+
+def _binary_small(x: Tensor, target: Tensor, eps: float, reduction: str) -> Tensor:
+    """:class:`_BinaryCE`'s formula on small inputs, differentiated by autograd."""
+    xc = x.float() if x.dtype in _LOW else x
+    t = _smoothed(target, xc.dtype, eps)
     log_p = torch.nn.functional.logsigmoid(xc)
     log_not_p = torch.nn.functional.logsigmoid(-xc)
     if torch.is_grad_enabled() and (xc.requires_grad or t.requires_grad):
         neg_loss = torch.lerp(log_not_p, log_p, t)
     else:
         neg_loss = log_not_p.lerp_(log_p, t)
-    if opts.reduction == "none":
-        out = -neg_loss
-        total = out.detach().sum()
-    else:
-        out = -(neg_loss.sum() if opts.reduction == "sum" or not t.numel() else neg_loss.mean())
-        total = out.detach()
-    if math.isnan(total.item()):  # NaN input, or an infinite logit: lerp's 0 · inf
-        return None
-    return out if out.dtype is input.dtype else _finish(out, input)
+    if reduction == "none":
+        return -neg_loss
+    return -(neg_loss.sum() if reduction == "sum" or not t.numel() else neg_loss.mean())
+
+
+def _smoothed(t: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
+    t = t if t.dtype is dtype else t.to(dtype)
+    return t if eps == 0 else t * (1 - eps) + eps / 2
+
+
+class _BinaryCE(torch.autograd.Function):
+    r"""Exact binary cross-entropy with logits by flat chunks, closed-form backward.
+
+    Forward per chunk: :math:`-\ell = \operatorname{lerp}(\log\sigma(-x), \log\sigma(x), t)`
+    (see :func:`binary`); nothing is saved but the inputs. Backward per chunk:
+    :math:`\partial\ell/\partial x = \operatorname{lerp}(\sigma(x), -\sigma(-x), t)
+    = (1-t)\sigma(x) - t\sigma(-x)` (exact for hard targets: one of the two terms, each from
+    PyTorch's ``sigmoid``), rounded once to the input dtype; for soft targets
+    :math:`\partial\ell/\partial t = -x` (times :math:`1-\varepsilon` with smoothing). Half
+    precision is computed in float32 chunk by chunk. With ``create_graph=True`` the backward
+    is written in differentiable operations (double backward).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, t: Tensor, eps: float, reduction: str) -> Tensor:
+        cdt = torch.float32 if x.dtype in _LOW else x.dtype
+        if reduction == "none":
+            out = torch.empty_like(x)
+            parts = None
+        else:
+            out = None
+            parts = torch.empty(-(-x.numel() // _BINARY_CHUNK), dtype=cdt, device=x.device)
+        flat_out = out if out is not None else x
+        for i, (x_, t_, o_) in enumerate(_binary_chunks(x, t, flat_out)):
+            xc = x_ if x_.dtype is cdt else x_.to(cdt)
+            neg_loss = torch.nn.functional.logsigmoid(xc.neg()).lerp_(
+                torch.nn.functional.logsigmoid(xc), _smoothed(t_, cdt, eps)
+            )
+            if parts is None:
+                o_.copy_(neg_loss.neg_())
+            else:
+                torch.sum(neg_loss, dim=0, out=parts[i])
+        ctx.save_for_backward(x, t)
+        ctx.eps, ctx.reduction = eps, reduction
+        if out is not None:
+            return out
+        assert parts is not None
+        total = -parts.sum()
+        if reduction == "mean" and x.numel():
+            total = total / x.numel()
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, t = ctx.saved_tensors
+        eps = ctx.eps
+        cdt = torch.float32 if x.dtype in _LOW else x.dtype
+        scale = grad.to(cdt)
+        if ctx.reduction == "mean" and x.numel():
+            scale = scale / x.numel()
+        grad_t = None
+        if ctx.needs_input_grad[1]:
+            grad_t = (-(1 - eps) * x.to(cdt) * scale).to(t.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, grad_t, None, None
+        if torch.is_grad_enabled():  # double backward: differentiable operations
+            xc, tc = x.to(cdt), _smoothed(t, cdt, eps)
+            g = torch.lerp(torch.sigmoid(xc), -torch.sigmoid(-xc), tc) * scale
+            return g.to(x.dtype), grad_t, None, None
+        out = torch.empty_like(x)
+        scales = _binary_chunks(scale) if scale.ndim else None
+        for x_, t_, o_ in _binary_chunks(x, t, out):
+            xc = x_ if x_.dtype is cdt else x_.to(cdt)
+            d = torch.sigmoid(xc).lerp_(xc.neg().sigmoid_().neg_(), _smoothed(t_, cdt, eps))
+            torch.mul(d, scale if scales is None else next(scales)[0], out=o_)
+        return out, grad_t, None, None
 
 
 # --------------------------------------------------------------------------- half precision
@@ -456,9 +542,7 @@ class _LowPrecisionCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, label: Tensor, valid: Tensor | None, reduction: str
-    ) -> Tensor:
+    def forward(ctx: Any, x: Tensor, label: Tensor, valid: Tensor | None, reduction: str) -> Tensor:
         n = x.shape[0]
         den: Tensor | float = 1.0
         if reduction == "mean":
@@ -488,9 +572,7 @@ class _LowPrecisionCE(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(
-        ctx: Any, grad: Tensor
-    ) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         x, label, valid, early = ctx.saved_tensors
         if early is not None and not torch.is_grad_enabled() and grad.item() == 1.0:
             return early, None, None, None
