@@ -260,7 +260,26 @@ def _sparse_rows(
     else:
         valid = t != opts.ignore_index
         label = torch.where(valid, t, 0)
+    if opts.label_smoothing == 0 and _host_readable(z):
+        # fused statistics first; a NaN result means a non-finite logit (or a NaN input),
+        # and only then are the guarded generic statistics computed (one scalar test)
+        out = _rows_reduce(_stats_from_log_softmax(z, label), w, label, valid, num_classes, opts)
+        check = out.detach().sum() if opts.reduction == "none" else out.detach()
+        if not math.isnan(check.item()):
+            return _finish(out, x)
     stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, xp=array_namespace(z))
+    return _finish(_rows_reduce(stats, w, label, valid, num_classes, opts), x)
+
+
+def _rows_reduce(
+    stats: _rows.RowStats,
+    w: Tensor | None,
+    label: Tensor,
+    valid: Tensor | None,
+    num_classes: int,
+    opts: CEOptions,
+) -> Tensor:
+    """The reduced loss from the row statistics (:func:`_rows.row_loss`), ignored rows masked."""
     w_y = torch.ones_like(stats.s) if w is None else w[label]
     total = float(num_classes) if w is None else w.sum()
     row = _rows.row_loss(stats, w_y, total, num_classes, opts, xp=torch)
@@ -268,13 +287,27 @@ def _sparse_rows(
         row = torch.where(valid, row, 0.0)
         w_y = torch.where(valid, w_y, 0.0)
     if opts.reduction == "none":
-        out = row
-    elif opts.reduction == "sum":
-        out = row.sum()
-    else:
-        den = w_y.sum()
-        out = row.sum() / torch.where(den == 0, torch.ones_like(den), den)
-    return _finish(out, x)
+        return row
+    if opts.reduction == "sum":
+        return row.sum()
+    den = w_y.sum()
+    return row.sum() / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def _stats_from_log_softmax(z: Tensor, label: Tensor) -> _rows.RowStats:
+    r""":class:`_rows.RowStats` without smoothing (no weighted sum) from PyTorch's fused kernels.
+
+    ``log_softmax`` is one fused pass where the generic statistics take a subtraction, an
+    exponential and a sum: :math:`\log s = (z_y - m) - \log p_y` with :math:`m = \max_k z_k`
+    (a constant for autodiff, as in :func:`_rows.row_stats`), so that
+    :math:`(m - z_y) + \log s = -\log p_y` and :math:`m + \log s = \operatorname{lse}(z)`
+    to rounding. Finite logits only: a non-finite one gives NaN, which the caller tests.
+    """
+    col = label[..., None]
+    log_p_y = torch.log_softmax(z, dim=-1).gather(-1, col)[..., 0]
+    z_y = z.gather(-1, col)[..., 0]
+    m = z.detach().amax(dim=-1)
+    return _rows.RowStats(m=m, s=torch.exp((z_y - m) - log_p_y), wd=0.0, wsum=0.0, z_y=z_y)
 
 
 def nll(
