@@ -11,16 +11,25 @@ differences, each at the cost of a scalar test:
 - a ``"mean"`` over no counted target is 0 with a zero gradient (PyTorch: NaN);
 - integer targets of any width (PyTorch wants int64);
 - float16 / bfloat16 logits are computed in float32 (PyTorch's float16 mean
-  overflows at 8192 × 32000, its bfloat16 gradient is 3× above rounding);
-- a ``-inf`` logit with target 0 contributes 0 to a probability-target loss;
+  overflows at 8192 × 32000, its bfloat16 gradient is 3× above rounding); eagerly
+  on CPU by row chunks through reused float32 buffers (:class:`_LowPrecisionCE`),
+  so that nothing larger than the input is kept for backward;
+- a ``-inf`` logit with target 0 contributes 0 to a probability-target loss (an
+  unguarded product first, the guarded one only after a NaN result);
 - out-of-range labels raise crossent's message (eagerly: PyTorch's own kernel
   check is turned into it; on accelerators an asynchronous device assert).
 
-Each function returns ``None`` when the generic array-API formula must run
-(probabilities, crossent-only options, binary cross-entropy:
+Binary cross-entropy with logits has its own exact formula (:func:`binary`:
 ``F.binary_cross_entropy_with_logits`` loses all relative accuracy of small
-losses, e.g. 0 instead of 9.4e-14 at x = -30, t = 0 in float32); that path is
-made of differentiable PyTorch operations, so it has the same transforms.
+losses, e.g. 0 instead of 9.4e-14 at x = -30, t = 0 in float32) in as many
+fused kernels as PyTorch's, with a chunked closed-form backward. crossent's own
+options (z-loss, softcap, focal) read the loss off :mod:`crossent._losses._rows`
+statistics made by PyTorch's kernels (:func:`_sparse_rows`).
+
+Each function returns ``None`` when the generic array-API formula must run
+(probabilities, focal loss with smoothing, binary weights or focal options,
+traced binary calls); that path is made of differentiable PyTorch operations,
+so it has the same transforms.
 """
 
 from __future__ import annotations
