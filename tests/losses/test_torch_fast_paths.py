@@ -214,6 +214,28 @@ def test_half_sparse_saves_no_float32_logits() -> None:
     loss.backward()
 
 
+def test_half_sparse_second_backward_after_an_in_place_change_of_grad() -> None:
+    """The gradient computed with the forward is handed out once, never reused."""
+    x, y = _half_case(torch.bfloat16, n=1000)
+    xg = x.clone().requires_grad_(True)
+    loss = ce.sparse_categorical_cross_entropy(xg, y, from_logits=True, ignore_index=-100)
+    loss.backward(retain_graph=True)
+    first = xg.grad.clone()
+    xg.grad.mul_(100.0)  # e.g. in-place clipping or scaling between the two calls
+    xg.grad = None
+    loss.backward()
+    torch.testing.assert_close(xg.grad, first, rtol=0, atol=0)
+
+
+def test_binary_half_precision_under_autocast_is_float32() -> None:
+    x = torch.randn(300, 300).bfloat16()
+    t = (torch.rand(300, 300) > 0.5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ce.binary_cross_entropy(x, t, from_logits=True)
+    assert out.dtype == torch.float32
+    assert ce.binary_cross_entropy(x, t, from_logits=True).dtype == torch.bfloat16
+
+
 def test_half_sparse_double_backward() -> None:
     x, y = _half_case(torch.bfloat16, n=600)
     xg = x.clone().requires_grad_(True)

@@ -436,6 +436,8 @@ def binary(
         return None
     if not _host_readable(input):
         return None  # traced: no value test; the generic formula guards infinite logits
+    if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
+        return None  # the generic formula returns float32 under autocast, as PyTorch does
     check_in_unit_interval(target, name="target", xp=_torch_namespace())
     if input.numel() > _BINARY_CHUNK:
         out = _BinaryCE.apply(input, target, label_smoothing, opts.reduction)
@@ -609,13 +611,17 @@ class _LowPrecisionCE(torch.autograd.Function):
         if valid is not None:
             row = torch.where(valid, row, 0.0)
         out = row if reduction == "none" else row.sum() if reduction == "sum" else row.sum() / den
-        ctx.save_for_backward(x, label, valid, g if early else None)
+        ctx.save_for_backward(x, label, valid)
+        # held outside the saved tensors and dropped once returned: autograd may make it the
+        # leaf's .grad, which the caller may change in place before a second backward
+        ctx.early = g if early else None
         ctx.reduction, ctx.den = reduction, den
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        x, label, valid, early = ctx.saved_tensors
+        x, label, valid = ctx.saved_tensors
+        early, ctx.early = ctx.early, None
         if early is not None and not torch.is_grad_enabled() and grad.item() == 1.0:
             return early, None, None, None
         scale = grad.float()
