@@ -269,9 +269,10 @@ def _sparse_rows(
     else:
         valid = t != opts.ignore_index
         label = torch.where(valid, t, 0)
-    if opts.label_smoothing == 0 and _host_readable(z):
-        # fused statistics first; a NaN result means a non-finite logit (or a NaN input),
-        # and only then are the guarded generic statistics computed (one scalar test)
+    if opts.label_smoothing == 0 and _host_readable(z) and not z.requires_grad:
+        # forward only (its backward would scatter two dense gradients); fused statistics
+        # first: a NaN result means a non-finite logit (or a NaN input), and only then are the
+        # guarded generic statistics computed (one scalar test)
         out = _rows_reduce(_stats_from_log_softmax(z, label), w, label, valid, num_classes, opts)
         check = out.detach().sum() if opts.reduction == "none" else out.detach()
         if not math.isnan(check.item()):
