@@ -11,7 +11,10 @@ medians (crossent / reference; below 1 is faster). Cases:
 - PyTorch: sparse CE (``F.cross_entropy``), categorical CE (``F.cross_entropy``
   with probability targets), binary CE (``F.binary_cross_entropy_with_logits``),
   forward under ``no_grad`` and forward+backward, float32 and bfloat16, 1 and 2
-  threads, eager and (``--compiled``) ``torch.compile``;
+  threads, eager and (``--compiled``) ``torch.compile``; then (unless
+  ``--no-memory``) the peak memory one eager forward+backward allocates, each
+  side (:func:`peak_tensor_bytes`: the CPU allocator's allocation and free events
+  recorded by PyTorch's profiler, summed in time order);
 - crossent-only options (z-loss + softcap, focal) against the same loss
   written in plain torch operations;
 - JAX: ``jit(value_and_grad)`` against an optax-style ``jax.nn.log_softmax`` CE;
@@ -175,6 +178,57 @@ def _torch_row(
         print(_row(case, r, o), flush=True)
 
 
+def peak_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes `fn` holds at once in PyTorch's CPU allocator, over everything it allocates.
+
+    PyTorch's profiler (``profile_memory=True``) records every allocation and free of
+    the allocator, inside kernels too (forward, saved tensors, backward, the gradient);
+    the running sum of those events in time order peaks at the value returned.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        fn()
+    events: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def _torch_memory(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None:
+    """Peak tensor memory of one forward+backward (:func:`peak_tensor_bytes`), eager."""
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    print("\nPyTorch eager fwd+bwd, peak allocated memory (MiB; ratio = crossent / torch)")
+    print(f"| {'case':<46} | {'torch MiB':>11} | {'crossent MiB':>12} | {'ratio':>5} |")
+    print(f"|{'-' * 48}|{'-' * 13}|{'-' * 14}|{'-' * 7}|")
+    for n, c in sizes:
+        for dname in args.dtypes:
+            for name, (x, ours, ref) in _torch_cases(n, c, dtypes[dname]).items():
+                if args.quick and "vs torch ops" in name:
+                    continue
+                peaks = []
+                for fn in (ref, ours):
+                    xg = x.clone().requires_grad_(True)
+                    fn(xg).backward()  # warm-up (caches, lazy initialisation)
+                    xg.grad = None
+                    peaks.append(peak_tensor_bytes(lambda fn=fn, xg=xg: fn(xg).backward()))
+                r, o = (p / 2**20 for p in peaks)
+                ratio = o / r if r else float("nan")
+                case = f"{name} {n}x{c} {dname} fwd+bwd"
+                print(f"| {case:<46} | {r:>11.2f} | {o:>12.2f} | {ratio:>5.2f} |", flush=True)
+
+
 # --------------------------------------------------------------------------- JAX and NumPy
 
 
@@ -258,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=None, help="CPU seconds per batch")
     parser.add_argument("--compiled", action="store_true", help="also torch.compile both sides")
     parser.add_argument("--no-validation", action="store_true", help="crossent value checks off")
+    parser.add_argument("--no-memory", action="store_true", help="skip the torch memory table")
     parser.add_argument(
         "--only", default="torch,jax,numpy", help="backends to run (torch,jax,numpy)"
     )
@@ -275,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     only = args.only.split(",")
     if "torch" in only:
         _torch_sweep(args, sizes)
+        if not args.no_memory:
+            _torch_memory(args, sizes)
     small = sizes[:1] if args.quick else sizes
     if "jax" in only:
         _jax_sweep(args, small)

@@ -11,30 +11,39 @@ differences, each at the cost of a scalar test:
 - a ``"mean"`` over no counted target is 0 with a zero gradient (PyTorch: NaN);
 - integer targets of any width (PyTorch wants int64);
 - float16 / bfloat16 logits are computed in float32 (PyTorch's float16 mean
-  overflows at 8192 × 32000, its bfloat16 gradient is 3× above rounding);
-- a ``-inf`` logit with target 0 contributes 0 to a probability-target loss;
+  overflows at 8192 × 32000, its bfloat16 gradient is 3× above rounding); eagerly
+  on CPU by row chunks through reused float32 buffers (:class:`_LowPrecisionCE`),
+  so that nothing larger than the input is kept for backward;
+- a ``-inf`` logit with target 0 contributes 0 to a probability-target loss (an
+  unguarded product first, the guarded one only after a NaN result);
 - out-of-range labels raise crossent's message (eagerly: PyTorch's own kernel
   check is turned into it; on accelerators an asynchronous device assert).
 
-Each function returns ``None`` when the generic array-API formula must run
-(probabilities, crossent-only options, binary cross-entropy:
+Binary cross-entropy with logits has its own exact formula (:func:`binary`:
 ``F.binary_cross_entropy_with_logits`` loses all relative accuracy of small
-losses, e.g. 0 instead of 9.4e-14 at x = -30, t = 0 in float32); that path is
-made of differentiable PyTorch operations, so it has the same transforms.
+losses, e.g. 0 instead of 9.4e-14 at x = -30, t = 0 in float32) in as many
+fused kernels as PyTorch's, with a chunked closed-form backward. crossent's own
+options (z-loss, softcap, focal) read the loss off :mod:`crossent._losses._rows`
+statistics made by PyTorch's kernels (:func:`_sparse_rows`).
+
+Each function returns ``None`` when the generic array-API formula must run
+(probabilities, focal loss with smoothing, binary weights or focal options,
+traced binary calls); that path is made of differentiable PyTorch operations,
+so it has the same transforms.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from crossent._backends import _triton_sparse
-from crossent._lib._checks import values_checked
-from crossent._lib._xp import array_namespace, output_dtype, torch_tracing
+from crossent._lib._checks import check_in_unit_interval, values_checked
+from crossent._lib._xp import _torch_namespace, array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions
 
@@ -105,9 +114,7 @@ def _counted_weight(t: Tensor, w: Tensor | None, ignore: int) -> Tensor:
     return torch.where(valid, w[torch.where(valid, t, 0)], 0).sum()
 
 
-def _mean_of(
-    call: Any, x: Tensor, t: Tensor, w: Tensor | None, ignore: int, weighted_or_ignored: bool
-) -> Tensor:
+def _mean_of(call: Any, t: Tensor, w: Tensor | None, ignore: int, eager: bool) -> Tensor:
     """PyTorch's ``"mean"`` with crossent's rule: 0 (and a zero gradient) over no counted target.
 
     Eagerly on CPU one scalar test decides (PyTorch's mean is NaN only for
@@ -116,9 +123,7 @@ def _mean_of(
     """
     if t.numel() == 0:
         return call("sum")
-    if not weighted_or_ignored:
-        return call("mean")
-    if _host_readable(x):
+    if eager:
         out = call("mean")
         if math.isnan(out.item()) and float(_counted_weight(t, w, ignore)) == 0:
             return call("sum")
@@ -147,6 +152,10 @@ def _assert_labels_async(t: Tensor, num_classes: int, ignore: int) -> None:
     torch._assert_async(ok.all(), msg)
 
 
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+"""PyTorch's reduction codes (``torch.nn._reduction.get_enum``) for its ``torch._C._nn`` kernels."""
+
+
 def _native_indices(
     kernel: Any,
     x: Tensor,
@@ -154,31 +163,42 @@ def _native_indices(
     weight: Tensor | None,
     axis: int,
     opts: CEOptions,
-    **extra: Any,
+    *extra: Any,
 ) -> Tensor:
-    """``kernel(x, t, weight, ignore_index, reduction, **extra)`` with crossent's differences."""
-    num_classes = x.shape[axis]
-    xc = _class_last_to_dim1(_compute(x), axis)
-    t = index_target(target)
+    """``kernel(x, t, weight, reduction, ignore_index, *extra)`` with crossent's differences.
+
+    `kernel` is one of PyTorch's ``torch._C._nn`` loss kernels (what ``F.cross_entropy``
+    and ``F.nll_loss`` call after their argument handling, which crossent has done);
+    they honour ``__torch_function__`` and trace under ``torch.compile`` like the wrappers.
+    Written for the smallest inputs, where the Python around the kernel is the cost.
+    """
+    xc = x.float() if x.dtype in _LOW else x
+    if axis != 1 and x.ndim != 1:
+        xc = xc.movedim(axis, 1)
+    t = target if target.dtype is torch.int64 else target.long()
     w = None if weight is None else weight.to(xc.dtype)
     ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index
-    eager = _host_readable(x)
+    eager = x.is_cpu and not torch_tracing()
     if not eager and not x.is_cpu and values_checked(t) and t.numel():
-        _assert_labels_async(t, num_classes, ignore)
+        _assert_labels_async(t, x.shape[axis], ignore)
 
     def call(reduction: str) -> Tensor:
         if not eager:
-            return kernel(xc, t, w, ignore_index=ignore, reduction=reduction, **extra)
+            return kernel(xc, t, w, _REDUCTION_ENUM[reduction], ignore, *extra)
         try:
-            return kernel(xc, t, w, ignore_index=ignore, reduction=reduction, **extra)
+            return kernel(xc, t, w, _REDUCTION_ENUM[reduction], ignore, *extra)
         except (IndexError, RuntimeError) as exc:
-            _label_error(exc, t, num_classes, opts.ignore_index)
+            _label_error(exc, t, x.shape[axis], opts.ignore_index)
             raise  # pragma: no cover - _label_error always raises
 
-    if opts.reduction != "mean":
-        out = call(opts.reduction)
+    if opts.reduction == "mean" and t.numel() and (opts.ignore_index is None and w is None):
+        out = call("mean")
+    elif opts.reduction == "mean":
+        out = _mean_of(call, t, w, ignore, eager)
     else:
-        out = _mean_of(call, x, t, w, ignore, opts.ignore_index is not None or w is not None)
+        out = call(opts.reduction)
+    if out.dtype is x.dtype:  # float32 / float64: autocast leaves them alone
+        return out
     return _finish(out, x)
 
 
@@ -189,6 +209,11 @@ def _sparse_shapes_fit(x: Tensor, target: object, weight: object, axis: int) -> 
         isinstance(weight, Tensor) and weight.dtype in _FLOATS and weight.shape == (x.shape[axis],)
     ):
         return False
+    ndim = x.ndim
+    if target.ndim != ndim - 1:
+        return False
+    if ndim == 2:  # the common case, without building shapes
+        return bool(target.shape[0] == x.shape[1 - axis])
     return target.shape == x.shape[:axis] + x.shape[axis + 1 :]
 
 
@@ -221,8 +246,12 @@ def sparse(
         )
     if not opts.plain:
         return _sparse_rows(input, target, weight, axis, opts) if _rows.applies(opts) else None
+    if input.dtype in _LOW and weight is None and opts.label_smoothing == 0 and input.numel():
+        out = _sparse_low(input, target, axis, opts)
+        if out is not None:
+            return out
     return _native_indices(
-        F.cross_entropy, input, target, weight, axis, opts, label_smoothing=opts.label_smoothing
+        torch._C._nn.cross_entropy_loss, input, target, weight, axis, opts, opts.label_smoothing
     )
 
 
@@ -254,7 +283,27 @@ def _sparse_rows(
     else:
         valid = t != opts.ignore_index
         label = torch.where(valid, t, 0)
+    if opts.label_smoothing == 0 and _host_readable(z) and not z.requires_grad:
+        # forward only (its backward would scatter two dense gradients); fused statistics
+        # first: a NaN result means a non-finite logit (or a NaN input), and only then are the
+        # guarded generic statistics computed (one scalar test)
+        out = _rows_reduce(_stats_from_log_softmax(z, label), w, label, valid, num_classes, opts)
+        check = out.detach().sum() if opts.reduction == "none" else out.detach()
+        if not math.isnan(check.item()):
+            return _finish(out, x)
     stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, xp=array_namespace(z))
+    return _finish(_rows_reduce(stats, w, label, valid, num_classes, opts), x)
+
+
+def _rows_reduce(
+    stats: _rows.RowStats,
+    w: Tensor | None,
+    label: Tensor,
+    valid: Tensor | None,
+    num_classes: int,
+    opts: CEOptions,
+) -> Tensor:
+    """The reduced loss from the row statistics (:func:`_rows.row_loss`), ignored rows masked."""
     w_y = torch.ones_like(stats.s) if w is None else w[label]
     total = float(num_classes) if w is None else w.sum()
     row = _rows.row_loss(stats, w_y, total, num_classes, opts, xp=torch)
@@ -262,13 +311,27 @@ def _sparse_rows(
         row = torch.where(valid, row, 0.0)
         w_y = torch.where(valid, w_y, 0.0)
     if opts.reduction == "none":
-        out = row
-    elif opts.reduction == "sum":
-        out = row.sum()
-    else:
-        den = w_y.sum()
-        out = row.sum() / torch.where(den == 0, torch.ones_like(den), den)
-    return _finish(out, x)
+        return row
+    if opts.reduction == "sum":
+        return row.sum()
+    den = w_y.sum()
+    return row.sum() / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def _stats_from_log_softmax(z: Tensor, label: Tensor) -> _rows.RowStats:
+    r""":class:`_rows.RowStats` without smoothing (no weighted sum) from PyTorch's fused kernels.
+
+    ``log_softmax`` is one fused pass where the generic statistics take a subtraction, an
+    exponential and a sum: :math:`\log s = (z_y - m) - \log p_y` with :math:`m = \max_k z_k`
+    (a constant for autodiff, as in :func:`_rows.row_stats`), so that
+    :math:`(m - z_y) + \log s = -\log p_y` and :math:`m + \log s = \operatorname{lse}(z)`
+    to rounding. Finite logits only: a non-finite one gives NaN, which the caller tests.
+    """
+    col = label[..., None]
+    log_p_y = torch.log_softmax(z, dim=-1).gather(-1, col)[..., 0]
+    z_y = z.gather(-1, col)[..., 0]
+    m = z.detach().amax(dim=-1)
+    return _rows.RowStats(m=m, s=torch.exp((z_y - m) - log_p_y), wd=0.0, wsum=0.0, z_y=z_y)
 
 
 def nll(
@@ -277,7 +340,7 @@ def nll(
     """PyTorch's ``nll_loss`` on log-probabilities, with crossent's mean rule; None for generic."""
     if input.dtype not in _FLOATS or not _sparse_shapes_fit(input, target, weight, axis):
         return None
-    return _native_indices(F.nll_loss, input, target, weight, axis, opts)
+    return _native_indices(torch._C._nn.nll_loss_nd, input, target, weight, axis, opts)
 
 
 # --------------------------------------------------------------------------- probability targets
@@ -306,18 +369,323 @@ def categorical(
     if weight is not None and not (isinstance(weight, Tensor) and weight.dtype in _FLOATS):
         return None
     xc = _compute(input)
-    log_p = torch.log_softmax(xc, dim=axis)
-    c = target.to(log_p.dtype)
+    c = target.to(xc.dtype)
     eps = opts.label_smoothing
     if eps:
         c = c * (1 - eps) + eps / input.shape[axis]
     if weight is not None:
         shape = [1] * input.ndim
         shape[axis] = -1
-        c = c * weight.to(log_p.dtype).reshape(shape)
-    product = c * log_p
-    terms = torch.where(c == 0, 0.0, product) if _may_hold_neg_inf(xc) else product
-    return _finish(_reduce(-terms.sum(dim=axis), opts.reduction), input)
+        c = c * weight.to(xc.dtype).reshape(shape)
+    if _host_readable(xc):
+        # unguarded first: a NaN result means 0 · (-inf) at a masked class (or a NaN input),
+        # and only then is the guarded product computed (one scalar test instead of a pass)
+        out = _soft_reduce(_soft_terms(xc, c, axis, guard=False), axis, opts.reduction)
+        check = out.detach().sum() if opts.reduction == "none" else out.detach()
+        if not math.isnan(check.item()):
+            return _finish(out, input)
+    return _finish(_soft_reduce(_soft_terms(xc, c, axis, guard=True), axis, opts.reduction), input)
+
+
+def _soft_terms(xc: Tensor, c: Tensor, axis: int, *, guard: bool) -> Tensor:
+    r""":math:`c_k \log p_k` (:math:`0 \cdot (-\infty) = 0` if `guard`), in place if no autograd."""
+    log_p = torch.log_softmax(xc, dim=axis)
+    if guard:
+        return torch.where(c == 0, 0.0, c * log_p)
+    if torch.is_grad_enabled() and (xc.requires_grad or c.requires_grad):
+        return c * log_p
+    return log_p.mul_(c)
+
+
+def _soft_reduce(terms: Tensor, axis: int, reduction: str) -> Tensor:
+    """Minus the class sum of `terms`, reduced over rows ("mean" divides by the row count)."""
+    if reduction == "none":
+        return -terms.sum(dim=axis)
+    total = -terms.sum()
+    if reduction == "sum" or terms.numel() == 0:
+        return total
+    return total / (terms.numel() // terms.shape[axis])
 
 
 # --------------------------------------------------------------------------- binary
+
+
+def binary(
+    input: object,
+    target: object,
+    weight: object,
+    pos_weight: object,
+    label_smoothing: float,
+    opts: CEOptions,
+) -> Tensor | None:
+    r"""Binary cross-entropy from logits, no weights or focal options; None for the generic path.
+
+    PyTorch's ``binary_cross_entropy_with_logits`` computes
+    :math:`(1-t)x - \log\sigma(x)`, which cancels for :math:`x \ll 0`
+    (0 instead of 9.4e-14 at :math:`x = -30`, :math:`t = 0` in float32). crossent computes
+
+    .. math:: -\ell = \operatorname{lerp}(\log\sigma(-x), \log\sigma(x), t)
+              = (1-t)\log(1-p) + t\log p
+
+    with PyTorch's fused ``logsigmoid`` (:math:`\min(x,0) - \operatorname{log1p}(e^{-|x|})`,
+    exact for every finite :math:`x`). PyTorch's ``lerp`` evaluates :math:`a + t(b-a)` for
+    :math:`t < 1/2` and :math:`b - (b-a)(1-t)` otherwise, so a hard target returns one of the
+    logs exactly and a soft one a sum of two terms of one sign, with no cancellation. Five
+    fused kernels, like PyTorch's (the sign flips the reduced scalar). An infinite logit makes
+    ``lerp`` compute 0 · ∞: a NaN result is recomputed by the guarded generic formula (one
+    scalar test, eager only; traced calls take the generic formula). The gradient
+    :math:`(1-t)\sigma(x) - t\sigma(-x)` comes from autograd through the same kernels
+    (so double backward, ``torch.compile`` and ``torch.func`` work).
+    """
+    if not (
+        opts.kind == "logits"
+        and opts.plain
+        and weight is None
+        and pos_weight is None
+        and isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and input.dtype in _FLOATS
+        and target.dtype in _FLOATS
+        and input.shape == target.shape
+    ):
+        return None
+    if not _host_readable(input):
+        return None  # traced: no value test; the generic formula guards infinite logits
+    if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
+        return None  # the generic formula returns float32 under autocast, as PyTorch does
+    check_in_unit_interval(target, name="target", xp=_torch_namespace())
+    if input.numel() > _BINARY_CHUNK:
+        out = _BinaryCE.apply(input, target, label_smoothing, opts.reduction)
+    else:  # one chunk: the same kernels with autograd's bookkeeping, less Python
+        out = _binary_small(input, target, label_smoothing, opts.reduction)
+    total = out.detach().sum() if opts.reduction == "none" else out.detach()
+    if math.isnan(total.item()):  # NaN input, or an infinite logit: lerp's 0 · inf
+        return None
+    return out if out.dtype is input.dtype else _finish(out, input)
+
+
+_BINARY_CHUNK = 1 << 16
+"""Elements per chunk of the binary path: its temporaries (256 KiB in float32) stay in cache."""
+
+
+def _binary_chunks(*arrays: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """The same flat chunks of equally shaped `arrays` (``split`` views, one call each)."""
+    return zip(*(a.reshape(-1).split(_BINARY_CHUNK) for a in arrays), strict=True)
+
+
+def _binary_small(x: Tensor, target: Tensor, eps: float, reduction: str) -> Tensor:
+    """:class:`_BinaryCE`'s formula on small inputs, differentiated by autograd."""
+    xc = x.float() if x.dtype in _LOW else x
+    t = _smoothed(target, xc.dtype, eps)
+    log_p = torch.nn.functional.logsigmoid(xc)
+    log_not_p = torch.nn.functional.logsigmoid(-xc)
+    if torch.is_grad_enabled() and (xc.requires_grad or t.requires_grad):
+        neg_loss = torch.lerp(log_not_p, log_p, t)
+    else:
+        neg_loss = log_not_p.lerp_(log_p, t)
+    if reduction == "none":
+        return -neg_loss
+    return -(neg_loss.sum() if reduction == "sum" or not t.numel() else neg_loss.mean())
+
+
+def _smoothed(t: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
+    t = t if t.dtype is dtype else t.to(dtype)
+    return t if eps == 0 else t * (1 - eps) + eps / 2
+
+
+class _BinaryCE(torch.autograd.Function):
+    r"""Exact binary cross-entropy with logits by flat chunks, closed-form backward.
+
+    Forward per chunk: :math:`-\ell = \operatorname{lerp}(\log\sigma(-x), \log\sigma(x), t)`
+    (see :func:`binary`); nothing is saved but the inputs. Backward per chunk:
+    :math:`\partial\ell/\partial x = \operatorname{lerp}(\sigma(x), -\sigma(-x), t)
+    = (1-t)\sigma(x) - t\sigma(-x)` (exact for hard targets: one of the two terms, each from
+    PyTorch's ``sigmoid``), rounded once to the input dtype; for soft targets
+    :math:`\partial\ell/\partial t = -x` (times :math:`1-\varepsilon` with smoothing). Half
+    precision is computed in float32 chunk by chunk. With ``create_graph=True`` the backward
+    is written in differentiable operations (double backward).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, t: Tensor, eps: float, reduction: str) -> Tensor:
+        cdt = torch.float32 if x.dtype in _LOW else x.dtype
+        if reduction == "none":
+            out = torch.empty_like(x)
+            parts = None
+        else:
+            out = None
+            parts = torch.empty(-(-x.numel() // _BINARY_CHUNK), dtype=cdt, device=x.device)
+        flat_out = out if out is not None else x
+        for i, (x_, t_, o_) in enumerate(_binary_chunks(x, t, flat_out)):
+            xc = x_ if x_.dtype is cdt else x_.to(cdt)
+            neg_loss = torch.nn.functional.logsigmoid(xc.neg()).lerp_(
+                torch.nn.functional.logsigmoid(xc), _smoothed(t_, cdt, eps)
+            )
+            if parts is None:
+                o_.copy_(neg_loss.neg_())
+            else:
+                torch.sum(neg_loss, dim=0, out=parts[i])
+        ctx.save_for_backward(x, t)
+        ctx.eps, ctx.reduction = eps, reduction
+        if out is not None:
+            return out
+        assert parts is not None
+        total = -parts.sum()
+        if reduction == "mean" and x.numel():
+            total = total / x.numel()
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, t = ctx.saved_tensors
+        eps = ctx.eps
+        cdt = torch.float32 if x.dtype in _LOW else x.dtype
+        scale = grad.to(cdt)
+        if ctx.reduction == "mean" and x.numel():
+            scale = scale / x.numel()
+        grad_t = None
+        if ctx.needs_input_grad[1]:
+            grad_t = (-(1 - eps) * x.to(cdt) * scale).to(t.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, grad_t, None, None
+        if torch.is_grad_enabled():  # double backward: differentiable operations
+            xc, tc = x.to(cdt), _smoothed(t, cdt, eps)
+            g = torch.lerp(torch.sigmoid(xc), -torch.sigmoid(-xc), tc) * scale
+            return g.to(x.dtype), grad_t, None, None
+        out = torch.empty_like(x)
+        scales = _binary_chunks(scale) if scale.ndim else None
+        for x_, t_, o_ in _binary_chunks(x, t, out):
+            xc = x_ if x_.dtype is cdt else x_.to(cdt)
+            d = torch.sigmoid(xc).lerp_(xc.neg().sigmoid_().neg_(), _smoothed(t_, cdt, eps))
+            torch.mul(d, scale if scales is None else next(scales)[0], out=o_)
+        return out, grad_t, None, None
+
+
+# --------------------------------------------------------------------------- half precision
+
+_LOW_CHUNK = 1 << 18
+"""Elements per row chunk of the half-precision path (two float32 scratch buffers of 1 MiB)."""
+
+_LOW_MIN = 1 << 15
+"""Below this many logits the half-precision path is one float32 copy and PyTorch's kernel."""
+
+
+def _low_chunks(x: Tensor, *others: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """(float32 copy of a chunk of rows, scratch of its shape, the same rows of `others`).
+
+    The chunks come from ``split`` (one call, not a slice per chunk per tensor): at
+    2048 × 1000 the loop's Python is a tenth of the time otherwise.
+    """
+    n, c = x.shape
+    rows = max(1, _LOW_CHUNK // max(c, 1))
+    size = (min(rows, n), c)
+    a = torch.empty(size, dtype=torch.float32, device=x.device)
+    b = torch.empty(size, dtype=torch.float32, device=x.device)
+    for chunk, *rest in zip(x.split(rows), *(o.split(rows) for o in others), strict=True):
+        if chunk.shape[0] != size[0]:
+            a, b = a[: chunk.shape[0]], b[: chunk.shape[0]]
+        yield (a.copy_(chunk), b, *rest)
+
+
+class _LowPrecisionCE(torch.autograd.Function):
+    r"""Sparse cross-entropy of float16/bfloat16 logits computed in float32, lean in memory.
+
+    Forward: :math:`\ell_i = -\log p_{i y_i}` from PyTorch's float32 ``log_softmax`` of
+    row chunks converted into one reused float32 buffer (in cache; no float32 copy of the
+    logits, no log-probabilities kept). Saved for backward: the half-precision input (the
+    caller's) and the labels. Backward recomputes :math:`g = \sigma_i(p - [k = y])` chunk by
+    chunk with float32 ``softmax`` and rounds it once to the input dtype (PyTorch's
+    half-precision ``cross_entropy`` rounds the log-probabilities first, so its gradient is
+    off by :math:`|\log p|` units of rounding). With ``create_graph=True`` the backward is
+    written in differentiable operations instead (double backward).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, label: Tensor, valid: Tensor | None, reduction: str) -> Tensor:
+        n = x.shape[0]
+        den: Tensor | float = 1.0
+        if reduction == "mean":
+            den = float(n) if valid is None else valid.sum().clamp_min(1).float()
+        # reduced losses: the gradient for an upstream gradient of 1 is computed now, from the
+        # float32 chunk already in cache, and kept in the input dtype (the size of PyTorch's
+        # saved log-probabilities)
+        early = ctx.needs_input_grad[0] and reduction != "none"
+        scale = torch.full((n, 1), 1.0, dtype=torch.float32, device=x.device) / den
+        if valid is not None:
+            scale = torch.where(valid[:, None], scale, 0.0)
+        g = torch.empty_like(x) if early else x
+        row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
+        minus_one = torch.full((n, 1), -1.0, dtype=torch.float32, device=x.device)
+        col = label[:, None]
+        for xf, scratch, y, row_, g_, m_, s_ in _low_chunks(x, col, row, g, minus_one, scale):
+            torch._log_softmax(xf, 1, False, out=scratch)
+            torch.gather(scratch, 1, y, out=row_)
+            if early:
+                _grad_chunk(xf, scratch, y, m_, s_, g_)
+        row = row[:, 0].neg_()
+        if valid is not None:
+            row = torch.where(valid, row, 0.0)
+        out = row if reduction == "none" else row.sum() if reduction == "sum" else row.sum() / den
+        ctx.save_for_backward(x, label, valid)
+        # held outside the saved tensors and dropped once returned: autograd may make it the
+        # leaf's .grad, which the caller may change in place before a second backward
+        ctx.early = g if early else None
+        ctx.reduction, ctx.den = reduction, den
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        x, label, valid = ctx.saved_tensors
+        early, ctx.early = ctx.early, None
+        if early is not None and not torch.is_grad_enabled() and grad.item() == 1.0:
+            return early, None, None, None
+        scale = grad.float()
+        if ctx.reduction == "mean":
+            scale = scale / ctx.den
+        scale = scale.expand(x.shape[0]) if scale.ndim == 0 else scale
+        if valid is not None:
+            scale = torch.where(valid, scale, 0.0)
+        scale = scale[:, None]
+        if torch.is_grad_enabled():  # double backward: differentiable operations
+            p = torch.softmax(x.float(), 1)
+            one_hot = torch.zeros_like(p).scatter_(1, label[:, None], 1.0)
+            return ((p - one_hot) * scale).to(x.dtype), None, None, None
+        out = torch.empty_like(x)
+        minus_one = torch.full_like(scale, -1.0)
+        for xf, scratch, y, m_, s_, o_ in _low_chunks(x, label[:, None], minus_one, scale, out):
+            _grad_chunk(xf, scratch, y, m_, s_, o_)
+        return out, None, None, None
+
+
+def _grad_chunk(
+    xf: Tensor, scratch: Tensor, label: Tensor, minus_one: Tensor, scale: Tensor, out: Tensor
+) -> None:
+    """``out = scale * (softmax(xf) - one_hot(label))``, rounded once to `out`'s dtype.
+
+    `label` and `minus_one` are columns (rows, 1); `scale` a column of row scales.
+    """
+    torch._softmax(xf, 1, False, out=scratch)
+    scratch.scatter_add_(1, label, minus_one)
+    torch.mul(scratch, scale, out=out)
+
+
+def _sparse_low(x: Tensor, target: Tensor, axis: int, opts: CEOptions) -> Tensor | None:
+    """Eager half-precision logits (N, C) with PyTorch's options and no weight or smoothing."""
+    if x.ndim != 2 or axis != 1 or x.numel() < _LOW_MIN or not x.is_cpu or torch_tracing():
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        return None
+    t = target if target.dtype is torch.int64 else target.long()
+    valid = None
+    label = t
+    if opts.ignore_index is not None:
+        valid = t != opts.ignore_index
+        label = torch.where(valid, t, 0)
+    if t.numel() and values_checked(t):
+        lo, hi = torch.aminmax(label)
+        if lo.item() < 0 or hi.item() >= x.shape[1]:
+            from crossent._lib._checks import check_label_range
+
+            check_label_range(t, x.shape[1], ignore_index=opts.ignore_index, xp=array_namespace(t))
+    out = _LowPrecisionCE.apply(x, label, valid, opts.reduction)
+    return out.to(x.dtype)

@@ -46,11 +46,13 @@ from crossent._lib._xp import (
     is_array,
     is_jax_namespace,
     is_torch_namespace,
+    is_torch_tensor,
     log_sigmoid,
     output_dtype,
     size,
 )
 from crossent._losses._common import clamped_log, focal_factor, log_prob, reduce_loss
+from crossent._losses._options import make_options
 
 __all__ = ["binary_cross_entropy"]
 
@@ -416,6 +418,11 @@ def binary_cross_entropy(
       For hard targets without smoothing this is exactly torchvision's
       ``sigmoid_focal_loss`` and Keras' ``BinaryFocalCrossentropy``; those
       put soft targets inside ``p_t`` instead.
+    * PyTorch logits without `weight`, `pos_weight`, `gamma` or `alpha` take a
+      fused path with the same exactness: :math:`-\ell =
+      \operatorname{lerp}(\log\sigma(-x), \log\sigma(x), t)` (PyTorch's ``lerp``
+      never cancels here) and the gradient :math:`(1-t)\sigma(x) - t\sigma(-x)`
+      in closed form.
     * A target of 0 against :math:`p = 0` (logit :math:`-\infty`) contributes
       0 (:math:`0 \log 0 = 0`), with no NaN in value or gradient. NaN in the
       input or the target propagates.
@@ -440,6 +447,16 @@ def binary_cross_entropy(
     ... ).round(4).tolist()
     [[0.0005, 0.017, 0.13], [0.0001, 0.0, 0.5264]]
     """
+    if is_torch_tensor(input):
+        from crossent._backends import _torch as torch_exec
+
+        opts = make_options(
+            from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
+            reduction=reduction, alpha=alpha,
+        )  # fmt: skip
+        out = torch_exec.binary(input, target, weight, pos_weight, opts.label_smoothing, opts)
+        if out is not None:
+            return out
     b = _prepare(
         input,
         target,

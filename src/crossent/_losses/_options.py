@@ -15,7 +15,7 @@ pays for the checks once.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, cast
 
 from crossent._lib._checks import (
@@ -65,16 +65,18 @@ class CEOptions:
     ignore_index: int | None = None
     reduction: Reduction = "mean"
     alpha: float | None = None
+    plain: bool = field(init=False, repr=False, compare=False)
+    """No crossent-only option (focal, z-loss, softcap, alpha): PyTorch's own kernels apply.
+    Computed once at construction (the hot path reads it on every call)."""
+
+    def __post_init__(self) -> None:
+        plain = self.gamma == 0 and self.z_loss == 0 and self.softcap is None and self.alpha is None
+        object.__setattr__(self, "plain", plain)
 
     @property
     def from_logits(self) -> bool:
         """Whether the input holds logits."""
         return self.kind == "logits"
-
-    @property
-    def plain(self) -> bool:
-        """No crossent-only option (focal, z-loss, softcap): PyTorch's own kernels apply."""
-        return self.gamma == 0 and self.z_loss == 0 and self.softcap is None and self.alpha is None
 
 
 def _check_from_logits_flag(from_logits: object) -> bool:
@@ -154,7 +156,17 @@ def make_options(
     except TypeError:  # an unhashable option (a list): let the checks name it
         return _make(*key)
     # bool and int compare equal (True == 1): a bool option is checked, never a cache hit
-    exact = type(from_logits) is bool and not any(type(a) is bool for a in key[1:])
+    # (spelled out: this runs on every call of every loss)
+    exact = type(from_logits) is bool and not (
+        type(label_smoothing) is bool
+        or type(gamma) is bool
+        or type(z_loss) is bool
+        or type(softcap) is bool
+        or type(ignore_index) is bool
+        or type(reduction) is bool
+        or type(alpha) is bool
+        or type(kind) is bool
+    )
     if opts is not None and exact:
         return opts
     opts = _make(*key)

@@ -1,0 +1,311 @@
+"""The PyTorch executor's own fast paths: exact BCE with logits, half-precision sparse CE,
+categorical CE with its masked-class fallback, the option cache.
+
+References are mpmath (50 digits) or float64 evaluated on the very inputs the fast
+path sees; parity with PyTorch's kernels where they are exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mpmath
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+import crossent as ce  # noqa: E402
+from crossent._backends import _torch as torch_exec  # noqa: E402
+from crossent._losses._options import make_options  # noqa: E402
+
+# --------------------------------------------------------------------------- binary
+
+LOGITS = [-100.0, -40.0, -30.0, -20.0, -5.0, -1.0, -1e-3, -0.0, 0.0, 1e-3, 1.0, 5.0, 20.0, 30.0,
+          40.0, 100.0]  # fmt: skip
+TARGETS = [0.0, 1.0, 0.25, 0.75, 1e-10, 1 - 2.0**-20]
+
+
+def _grid(dtype: Any) -> tuple[Any, Any]:
+    x, t = np.meshgrid(np.array(LOGITS), np.array(TARGETS), indexing="ij")
+    return torch.tensor(x.ravel(), dtype=dtype), torch.tensor(t.ravel(), dtype=dtype)
+
+
+def _mp_bce(x: float, t: float) -> tuple[float, float, float]:
+    """(loss, gradient, scale of the gradient's two terms) at 50 digits."""
+    with mpmath.workdps(50):
+        mx, mt = mpmath.mpf(x), mpmath.mpf(t)
+        sp_pos = mpmath.log1p(mpmath.exp(mx))  # -log(1 - p)
+        sp_neg = mpmath.log1p(mpmath.exp(-mx))  # -log p
+        s_pos, s_neg = 1 / (1 + mpmath.exp(-mx)), 1 / (1 + mpmath.exp(mx))
+        loss = (1 - mt) * sp_pos + mt * sp_neg
+        grad = (1 - mt) * s_pos - mt * s_neg
+        return float(loss), float(grad), float(max((1 - mt) * s_pos, mt * s_neg))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("copies", [1, 700])  # one chunk (autograd) / the chunked closed form
+def test_binary_with_logits_is_exact_in_the_tails(dtype: Any, copies: int) -> None:
+    x1, t1 = _grid(dtype)
+    x, t = x1.repeat(copies), t1.repeat(copies)
+    assert (x.numel() > torch_exec._BINARY_CHUNK) == (copies > 1)
+    assert torch_exec.binary(x, t, None, None, 0.0, make_options(from_logits=True)) is not None
+    xg = x.clone().requires_grad_(True)
+    loss = ce.binary_cross_entropy(xg, t, from_logits=True, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), xg)
+    loss = loss.detach()
+    eps = torch.finfo(dtype).eps
+    sub = torch.finfo(dtype).tiny * eps  # spacing of subnormals (x = -100 in float32)
+    refs = [_mp_bce(xi, ti) for xi, ti in zip(x1.tolist(), t1.tolist(), strict=True)] * copies
+    want = torch.tensor([r[0] for r in refs], dtype=torch.float64)
+    want_g = torch.tensor([r[1] for r in refs], dtype=torch.float64)
+    g_scale = torch.tensor([r[2] for r in refs], dtype=torch.float64)
+    err = (loss.double() - want).abs()
+    assert (err <= 4 * eps * want.abs() + 4 * sub).all(), x[err.argmax()]
+    # the gradient's two terms may cancel (soft targets): error relative to the terms;
+    # PyTorch's sigmoid flushes results below the smallest normal number to 0
+    err_g = (grad.double() - want_g).abs()
+    assert (err_g <= 4 * eps * g_scale + torch.finfo(dtype).tiny).all(), x[err_g.argmax()]
+
+
+def test_binary_small_losses_keep_their_value() -> None:
+    """x = -30, t = 0 in float32: 9.4e-14 (PyTorch's kernel rounds it to 0)."""
+    x, t = torch.tensor([-30.0, 30.0]), torch.tensor([0.0, 1.0])
+    got = ce.binary_cross_entropy(x, t, from_logits=True, reduction="none")
+    np.testing.assert_allclose(got.numpy(), [9.357623e-14, 9.357623e-14], rtol=1e-6)
+    assert float(F.binary_cross_entropy_with_logits(x[:1], t[:1])) == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("rows", [7, 30000])  # one chunk / several chunks and a partial one
+def test_binary_with_logits_matches_torch(reduction: str, smoothing: float, rows: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(rows, 5, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    t = torch.rand(rows, 5, generator=g, dtype=torch.float64)
+    t[0] = (t[0] > 0.5).double()
+    t.requires_grad_(True)
+    up = torch.rand(rows, 5, generator=g, dtype=torch.float64) if reduction == "none" else 0.7
+    ours = ce.binary_cross_entropy(
+        x, t, from_logits=True, label_smoothing=smoothing, reduction=reduction
+    )
+    ref = F.binary_cross_entropy_with_logits(
+        x, t * (1 - smoothing) + smoothing / 2, reduction=reduction
+    )
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+    g_ours = torch.autograd.grad((ours * up).sum(), (x, t), create_graph=True)
+    g_ref = torch.autograd.grad((ref * up).sum(), (x, t), create_graph=True)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-14)
+    # second derivatives (the backward's differentiable form)
+    v = torch.rand(rows, 5, generator=g, dtype=torch.float64)
+    h_ours = torch.autograd.grad((g_ours[0] * v).sum(), x)
+    h_ref = torch.autograd.grad((g_ref[0] * v).sum(), x)
+    torch.testing.assert_close(h_ours, h_ref, rtol=1e-10, atol=1e-14)
+    plain = torch.autograd.grad(
+        (ce.binary_cross_entropy(x, t, from_logits=True, label_smoothing=smoothing,
+                                 reduction=reduction) * up).sum(), x,
+    )  # fmt: skip
+    torch.testing.assert_close(plain[0], g_ref[0], rtol=1e-12, atol=1e-14)
+
+
+def test_binary_half_precision_is_float64_rounded_once() -> None:
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(300, 300, generator=g) * 4).bfloat16().requires_grad_(True)
+    t = (torch.rand(300, 300, generator=g) > 0.5).bfloat16()
+    loss = ce.binary_cross_entropy(x, t, from_logits=True, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = F.binary_cross_entropy_with_logits(x64, t.double(), reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x64)
+    assert _ulps(loss, ref.to(torch.bfloat16), torch.bfloat16) == 0
+    assert _ulps(grad, ref_grad.to(torch.bfloat16), torch.bfloat16) == 0
+
+
+def test_binary_double_backward() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda a, b: ce.binary_cross_entropy(a, b, from_logits=True), (x, t)
+    )
+
+
+def test_binary_infinite_logits_and_nan() -> None:
+    x = torch.tensor([-np.inf, np.inf, -np.inf, 1.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+    loss = ce.binary_cross_entropy(x, t, from_logits=True, reduction="none")
+    assert loss[:2].tolist() == [0.0, 0.0]
+    assert loss[2] == np.inf
+    (grad,) = torch.autograd.grad(loss[:2].sum() + loss[3], x)
+    assert torch.isfinite(grad).all()
+    nan = ce.binary_cross_entropy(torch.tensor([np.nan, 0.0]), torch.tensor([1.0, 0.0]),
+                                  from_logits=True)  # fmt: skip
+    assert torch.isnan(nan)
+
+
+def test_binary_target_check_names_the_argument() -> None:
+    with pytest.raises(ValueError, match="`target` must lie in \\[0, 1\\]"):
+        ce.binary_cross_entropy(torch.zeros(3), torch.tensor([0.0, 1.5, 1.0]), from_logits=True)
+    # NaN targets are not an error: they propagate
+    out = ce.binary_cross_entropy(torch.zeros(2), torch.tensor([np.nan, 1.0]), from_logits=True)
+    assert torch.isnan(out)
+
+
+# --------------------------------------------------------------------------- half precision sparse
+
+
+def _half_case(dtype: Any, n: int = 700, c: int = 64, seed: int = 3) -> tuple[Any, Any]:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g) * 4).to(dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[::9] = -100
+    return x, y
+
+
+def _ulps(a: Any, b: Any, dtype: Any) -> float:
+    """Largest difference in units of `dtype`'s rounding at the reference's magnitude."""
+    a, b = a.detach().double(), b.detach().double()
+    spacing = torch.finfo(dtype).eps * b.abs().clamp_min(torch.finfo(dtype).tiny)
+    return float(((a - b).abs() / spacing).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("upstream", [1.0, 0.3])
+def test_half_sparse_is_float64_rounded_once(dtype: Any, reduction: str, upstream: float) -> None:
+    x, y = _half_case(dtype)
+    assert x.numel() >= torch_exec._LOW_MIN  # the chunked path, several chunks
+    xg = x.clone().requires_grad_(True)
+    loss = ce.sparse_categorical_cross_entropy(
+        xg, y, from_logits=True, ignore_index=-100, reduction=reduction
+    )
+    (grad,) = torch.autograd.grad(loss.sum() * upstream, xg)
+    x64 = x.double().requires_grad_(True)
+    ref = F.cross_entropy(x64, y, ignore_index=-100, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(ref.sum() * upstream, x64)
+    assert loss.dtype == dtype
+    assert grad.dtype == dtype
+    # the loss: float64's value rounded once (half an ulp; ties may round either way)
+    assert _ulps(loss, ref.to(dtype).double(), dtype) == 0
+    # the gradient: within one rounding of float64's (PyTorch's own half-precision kernel is
+    # off by |log p| roundings)
+    assert _ulps(grad, ref_grad, dtype) <= 1.0
+    pt = torch.autograd.grad(F.cross_entropy(xg, y, ignore_index=-100, reduction=reduction).sum()
+                             * upstream, xg)[0]  # fmt: skip
+    assert _ulps(pt, ref_grad, dtype) > 1.0  # the test sees the difference
+
+
+def test_half_sparse_saves_no_float32_logits() -> None:
+    x, y = _half_case(torch.bfloat16, n=2048, c=100)
+    xg = x.clone().requires_grad_(True)
+    saved: list[Any] = []
+
+    def pack(t: Any) -> Any:
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = ce.sparse_categorical_cross_entropy(xg, y, from_logits=True, ignore_index=-100)
+    big = [d for d, n in saved if n >= x.numel()]
+    assert big
+    assert all(d == torch.bfloat16 for d in big), saved
+    assert sum(n for _, n in saved if n >= x.numel()) <= 2 * x.numel()  # input, early grad
+    loss.backward()
+
+
+def test_half_sparse_second_backward_after_an_in_place_change_of_grad() -> None:
+    """The gradient computed with the forward is handed out once, never reused."""
+    x, y = _half_case(torch.bfloat16, n=1000)
+    xg = x.clone().requires_grad_(True)
+    loss = ce.sparse_categorical_cross_entropy(xg, y, from_logits=True, ignore_index=-100)
+    loss.backward(retain_graph=True)
+    first = xg.grad.clone()
+    xg.grad.mul_(100.0)  # e.g. in-place clipping or scaling between the two calls
+    xg.grad = None
+    loss.backward()
+    torch.testing.assert_close(xg.grad, first, rtol=0, atol=0)
+
+
+def test_binary_half_precision_under_autocast_is_float32() -> None:
+    x = torch.randn(300, 300).bfloat16()
+    t = (torch.rand(300, 300) > 0.5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ce.binary_cross_entropy(x, t, from_logits=True)
+    assert out.dtype == torch.float32
+    assert ce.binary_cross_entropy(x, t, from_logits=True).dtype == torch.bfloat16
+
+
+def test_half_sparse_double_backward() -> None:
+    x, y = _half_case(torch.bfloat16, n=600)
+    xg = x.clone().requires_grad_(True)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    loss = ce.sparse_categorical_cross_entropy(xg, y, from_logits=True, ignore_index=-100)
+    (grad,) = torch.autograd.grad(loss, xg, create_graph=True)
+    (hv,) = torch.autograd.grad((grad.float() * v).sum(), xg)
+    x64 = x.double().requires_grad_(True)
+    ref = F.cross_entropy(x64, y, ignore_index=-100)
+    (g64,) = torch.autograd.grad(ref, x64, create_graph=True)
+    (hv64,) = torch.autograd.grad((g64 * v.double()).sum(), x64)
+    torch.testing.assert_close(hv.double(), hv64, rtol=0.02, atol=2e-5)
+
+
+def test_half_sparse_labels_and_empty_mean() -> None:
+    x, y = _half_case(torch.bfloat16)
+    bad = y.clone()
+    bad[5] = 64
+    with pytest.raises(ValueError, match="`target` has labels outside \\[0, 64\\)"):
+        ce.sparse_categorical_cross_entropy(x, bad, from_logits=True, ignore_index=-100)
+    xg = x.clone().requires_grad_(True)
+    none = torch.full_like(y, -100)
+    loss = ce.sparse_categorical_cross_entropy(xg, none, from_logits=True, ignore_index=-100)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert not xg.grad.any()
+    short = ce.sparse_categorical_cross_entropy(x, y.to(torch.int16), from_logits=True,
+                                                ignore_index=-100)  # fmt: skip
+    assert short == ce.sparse_categorical_cross_entropy(x, y, from_logits=True, ignore_index=-100)
+
+
+# --------------------------------------------------------------------------- categorical
+
+
+def test_categorical_masked_class_falls_back_to_the_guarded_product() -> None:
+    x = torch.tensor([[0.0, -np.inf, 1.0], [2.0, 0.5, -1.0]], dtype=torch.float64)
+    t = torch.tensor([[0.3, 0.0, 0.7], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    xg = x.clone().requires_grad_(True)
+    for reduction in ("mean", "sum", "none"):
+        loss = ce.categorical_cross_entropy(xg, t, from_logits=True, reduction=reduction)
+        (grad,) = torch.autograd.grad(loss.sum(), xg)
+        keep = torch.isfinite(x)
+        ref_rows = -(t * torch.where(keep, torch.log_softmax(x, -1), 0.0)).sum(-1)
+        want = {"none": ref_rows, "sum": ref_rows.sum(), "mean": ref_rows.mean()}[reduction]
+        torch.testing.assert_close(loss, want)
+        assert torch.isfinite(grad).all()
+        assert grad[0, 1] == 0
+    nan = ce.categorical_cross_entropy(torch.tensor([[np.nan, 0.0]]), torch.tensor([[0.5, 0.5]]),
+                                       from_logits=True)  # fmt: skip
+    assert torch.isnan(nan)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_categorical_matches_torch(requires_grad: bool) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=requires_grad)
+    t = torch.softmax(torch.randn(9, 6, generator=g, dtype=torch.float64), -1)
+    w = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    for kwargs in ({}, {"label_smoothing": 0.1}, {"weight": w}):
+        ours = ce.categorical_cross_entropy(x, t, from_logits=True, **kwargs)
+        torch.testing.assert_close(ours, F.cross_entropy(x, t, **kwargs))
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_option_cache_does_not_take_a_bool_for_a_number() -> None:
+    make_options(from_logits=True, gamma=1)
+    with pytest.raises(TypeError, match="`gamma`"):
+        make_options(from_logits=True, gamma=True)
+    assert make_options(from_logits=True).plain
+    assert not make_options(from_logits=True, z_loss=1e-4).plain
+    assert not make_options(from_logits=True, gamma=2.0).plain
