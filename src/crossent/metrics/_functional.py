@@ -38,7 +38,7 @@ bins up to that resolution, and the per-bin sums stay exact.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -383,9 +383,28 @@ def _merge(a: State, b: State) -> State:
     return out
 
 
-def _batch_sum(values: np.ndarray) -> ExactSum:
-    """Exact sum of one batch of float64 values."""
-    return ExactSum.zeros().add(values)
+class _Terms(NamedTuple):
+    """Float64 values of one batch to add to an exact sum, to the elements `at` (flat indices).
+
+    `most` bounds how many values go to one element (the largest count of
+    ``np.bincount(at)``; None: all of them may).
+    """
+
+    values: np.ndarray
+    at: np.ndarray | None = None
+    most: int | None = None
+
+
+def _add_batch(state: State, batch: dict[str, Any]) -> State:
+    """`state` plus one batch: int64 counts add, `_Terms` go into copies of the exact sums."""
+    out: State = {}
+    for key, value in state.items():
+        more = batch[key]
+        if isinstance(more, _Terms):
+            out[key] = value.copy().add(more.values, more.at, most=more.most)
+        else:
+            out[key] = value + more
+    return out
 
 
 def _count(values: np.ndarray) -> np.ndarray:
@@ -413,10 +432,10 @@ def _log_loss_init() -> State:
 
 
 def _log_loss_update(state: State, rows: dict[str, np.ndarray]) -> State:
-    return _merge(
+    return _add_batch(
         state,
         {
-            "nll_sum": _batch_sum(rows["nll"]),
+            "nll_sum": _Terms(rows["nll"]),
             "count": np.asarray(rows["nll"].size, dtype=np.int64),
             "clamped": _count(rows["clamped"]),
         },
@@ -445,7 +464,7 @@ def _accuracy_init() -> State:
 
 def _accuracy_update(state: State, rows: dict[str, np.ndarray]) -> State:
     valid = ~rows["nan"]
-    return _merge(
+    return _add_batch(
         state,
         {
             "correct": _count(valid & (rows["pred"] == rows["label"])),
@@ -467,10 +486,10 @@ def _brier_init() -> State:
 
 
 def _brier_update(state: State, rows: dict[str, np.ndarray]) -> State:
-    return _merge(
+    return _add_batch(
         state,
         {
-            "brier_sum": _batch_sum(rows["brier"]),
+            "brier_sum": _Terms(rows["brier"]),
             "count": np.asarray(rows["brier"].size, dtype=np.int64),
         },
     )
@@ -497,11 +516,13 @@ def _per_class_update(state: State, rows: dict[str, np.ndarray]) -> State:
     num_classes = state["class_count"].size
     labels, valid = rows["label"], ~rows["nan"]
     hit = valid & (rows["pred"] == labels)
-    return _merge(
+    count = np.bincount(labels, minlength=num_classes).astype(np.int64, copy=False)
+    most = int(count.max(initial=0))
+    return _add_batch(
         state,
         {
-            "class_nll": ExactSum.zeros((num_classes,)).add(rows["nll"], labels),
-            "class_count": np.bincount(labels, minlength=num_classes).astype(np.int64),
+            "class_nll": _Terms(rows["nll"], labels, most),
+            "class_count": count,
             "class_correct": np.bincount(labels[hit], minlength=num_classes).astype(np.int64),
             "class_predicted": np.bincount(rows["pred"][valid], minlength=num_classes).astype(
                 np.int64
@@ -602,9 +623,11 @@ def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str)
             idx += np.arange(groups, dtype=np.int64) * width
         idx = idx.ravel()
         length, shape = groups * width, (groups, width)
+        count = np.bincount(idx, minlength=length).astype(np.int64, copy=False)
+        most = int(count.max(initial=0))
         return (
-            np.bincount(idx, minlength=length).reshape(shape).astype(np.int64),
-            ExactSum.zeros(shape).add(flat_conf, idx),
+            count.reshape(shape),
+            _Terms(flat_conf, idx, most),
             np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64),
         )
 
@@ -619,7 +642,7 @@ def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str)
     if "fine_count" in state:
         f_count, f_conf, f_hit = hist(_fine_bin(conf), FINE_BINS)
         batch |= {"fine_count": f_count, "fine_conf": f_conf, "fine_hit": f_hit}
-    return _merge(state, batch)
+    return _add_batch(state, batch)
 
 
 def _mass_groups(fine_count: np.ndarray, bins: int) -> np.ndarray:
