@@ -48,7 +48,7 @@ _HEADROOM = 2  # digits above the highest one written, for carries
 _LEVEL = 35  # bits per piece: two pieces hold 70 bits of each value
 _SPAN = 1 << 17  # pieces per element in a float64 partial sum: 2**17 * 2**35 units = 2**52, exact
 _BLOCK = 1 << 17  # values split at a time (work arrays of 1.6 MiB)
-_SLACK = 3  # a block may use partial sums on a grid up to 2**_SLACK coarser than its own
+_SLACK = 3  # a block may use partial sums on a grid up to 2**_SLACK coarser (< _LEVEL)
 _MAX_PARTIALS = 8  # partial sums (one per grid) kept at a time
 _CARRY_EVERY = 1 << 20  # deposits between carries: each adds less than 2**33 to a digit
 _MIN_GRID = -1074  # every float64 is a multiple of 2**-1074
