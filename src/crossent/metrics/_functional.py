@@ -278,8 +278,9 @@ def _row_stats(
     index = xp.expand_dims(y_safe, axis=-1)
 
     if input_kind == "logits":
-        shifted, _ = shift_logits(x, xp=xp)  # log p accurate for large logits
-        log_p = shifted - logsumexp(shifted, axis=-1, keepdims=True, xp=xp)
+        with np.errstate(invalid="ignore"):  # a logit of +inf: inf - inf, a NaN row (below)
+            shifted, _ = shift_logits(x, xp=xp)  # log p accurate for large logits
+            log_p = shifted - logsumexp(shifted, axis=-1, keepdims=True, xp=xp)
         log_p_y = xp.squeeze(take_along_axis(log_p, index, axis=-1, xp=xp), axis=-1)
         probs = xp.exp(log_p)
         clamped = xp.zeros_like(log_p_y, dtype=xp.bool)
@@ -300,7 +301,8 @@ def _row_stats(
     pred = xp.argmax(x, axis=-1)
     hot = one_hot(y_safe, num_classes, dtype=probs.dtype, xp=xp)
     brier = xp.sum((probs - hot) ** 2, axis=-1)
-    nan = xp.any(xp.isnan(x), axis=-1)
+    # NaN in the row, or made from it (a logit of +inf: inf - inf); max propagates NaN
+    nan = xp.any(xp.isnan(x), axis=-1) | xp.isnan(conf)
 
     out = {
         "label": labels,
