@@ -178,6 +178,18 @@ def test_partial_sums_stay_exact_when_every_value_is_near_the_largest() -> None:
     assert got.tolist() == [math.fsum(xs[index == k].tolist()) for k in (0, 1)]
 
 
+@pytest.mark.parametrize("per_element", [1, 3, 40, 5000])
+def test_few_values_per_element_take_wider_pieces(per_element: int) -> None:
+    """`most` values per element: pieces of 52 - log2(most) bits, still exact."""
+    rng = np.random.default_rng(per_element)
+    size = max(20_000 // per_element, 2)
+    index = np.repeat(np.arange(size), per_element)
+    xs = 1.0 - rng.random(index.size) * 2.0**-12  # full pieces: the partial sums at their bound
+    got = ExactSum.zeros((size,)).add(xs, index, most=per_element).value()
+    for k in rng.choice(size, size=min(size, 50), replace=False):
+        assert got[k] == math.fsum(xs[index == k].tolist())
+
+
 def test_non_finite_values_propagate_per_element() -> None:
     xs = np.array([1.0, math.inf, 2.0, math.nan, -math.inf, math.inf, 5.0, -0.0])
     index = np.array([0, 1, 2, 2, 3, 3, 4, 5])

@@ -13,13 +13,14 @@ NaN and ±inf are counted apart and give NaN / ±inf as float summation would.
 
 Adding a batch costs a few passes over it, in blocks that stay in cache:
 each value splits without error into two pieces on the grids :math:`2^{g}`
-and :math:`2^{g-35}` (Rump, Ogita and Oishi's extraction, :math:`g` set by
+and :math:`2^{g-L}` (Rump, Ogita and Oishi's extraction, :math:`g` set by
 the block's largest magnitude), and the pieces go into float64 partial sums
 per element (``np.add.at``), which are exact: each holds at most
-:math:`2^{17}` pieces of at most 35 bits on its grid. The partial sums go
-into the digits as integers at the end of the call (or every :math:`2^{17}`
-values per element); carries are propagated lazily, before the digits are
-read. Values with bits below the second grid (tiny next to the block's
+:math:`2^{52-L}` pieces of at most :math:`L` bits on its grid (:math:`L`
+from 36 up, the fewer values an element gets in the call, the more). The
+partial sums go into the digits as integers at the end of the call (or every
+:math:`2^{52-L}` values per element); carries are propagated lazily, before
+the digits are read. Values with bits below the second grid (tiny next to the block's
 largest) go round again, alone.
 
 Because the state is the exact sum, it does not depend on the order of the
@@ -45,10 +46,10 @@ _BASE = -1138  # exponent of digit 0's lowest bit: below 2**-1126, the lowest ma
 _DIGIT = 32
 _MASK = (1 << _DIGIT) - 1
 _HEADROOM = 2  # digits above the highest one written, for carries
-_LEVEL = 35  # bits per piece: two pieces hold 70 bits of each value
-_SPAN = 1 << 17  # pieces per element in a float64 partial sum: 2**17 * 2**35 units = 2**52, exact
+_MIN_LEVEL = 36  # bits per piece at the least: two pieces hold 72 bits of each value
+_MAX_LEVEL = 51  # at the most (the extraction needs |value| < 2**(grid + 51))
 _BLOCK = 1 << 17  # values split at a time (work arrays of 1.6 MiB)
-_SLACK = 3  # a block may use partial sums on a grid up to 2**_SLACK coarser (< _LEVEL)
+_SLACK = 3  # a block may use partial sums on a grid up to 2**_SLACK coarser (< _MIN_LEVEL)
 _MAX_PARTIALS = 8  # partial sums (one per grid) kept at a time
 _CARRY_EVERY = 1 << 20  # deposits between carries: each adds less than 2**33 to a digit
 _MIN_GRID = -1074  # every float64 is a multiple of 2**-1074
@@ -165,17 +166,17 @@ class ExactSum:
 
         `most`, when given, bounds how many of the values go to any one
         element (the largest count of ``np.bincount(index)``, which the
-        metric updates compute anyway): the partial sums then take up to
-        ``_SPAN`` values per element before they go into the digits. Returns
-        ``self``.
+        metric updates compute anyway): the fewer, the more bits each piece
+        holds (its partial sums stay exact), the fewer values need a second
+        round. Returns ``self``.
         """
         values = np.asarray(values, dtype=np.float64).ravel()
         flat_index = None if index is None else np.asarray(index, dtype=np.int64).ravel()
         if flat_index is not None and flat_index.size != values.size:
             msg = f"`index` has {flat_index.size} entries for {values.size} values."
             raise ValueError(msg)
-        pending = _Pending(self, values.size if most is None else most)
-        while values.size:  # each round adds 70 bits of every value; few have more left
+        pending = _Pending(self, values.size if most is None else min(most, values.size))
+        while values.size:  # each round adds 2L bits of every value; few have more left
             left: list[np.ndarray] = []
             left_index: list[np.ndarray] = []
             for start in range(0, values.size, _BLOCK):
@@ -194,10 +195,10 @@ class ExactSum:
     def _add_block(
         self, values: np.ndarray, where: np.ndarray | None, pending: _Pending
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Add the top 70 bits of each of `values` (at most ``_BLOCK``); return what is left.
+        """Add the top 2L bits of each of `values` (at most ``_BLOCK``); return what is left.
 
         Each value splits error-free into two pieces on the grids 2**g and
-        2**(g − ``_LEVEL``), g set by the block's largest magnitude, and the
+        2**(g − L), L = ``pending.level``, g set by the block's largest magnitude, and the
         pieces go into float64 partial sums, exact on those grids. What is
         left (values with bits below the second grid: tiny next to the
         block's largest) comes back, with its indices, for another round.
@@ -209,23 +210,24 @@ class ExactSum:
         if amax == 0:
             return _EMPTY, None
         top = math.frexp(amax)[1]  # every |value| < 2**top
-        if top - _LEVEL > _MAX_GRID:
+        level = pending.level
+        if top - level > _MAX_GRID:
             flat = np.zeros(values.size, dtype=np.int64) if where is None else where
             self._add_huge(values, flat)
             return _EMPTY, None
-        grid, partial = pending.partial_sums(max(top - _LEVEL, _MIN_GRID), values.size)
-        low_grid = max(grid - _LEVEL, _MIN_GRID)
+        grid, partial = pending.partial_sums(max(top - level, _MIN_GRID), values.size)
+        low_grid = max(grid - level, _MIN_GRID)
         high, low, rest, left = _scratch(values.size)
         # error-free extraction (Rump, Ogita & Oishi's ExtractScalar): sigma + x lies in
         # [2**(g+52), 2**(g+53)), where floats are 2**g apart, so (x + sigma) - sigma is x
-        # rounded to a multiple of 2**g and x minus it is exact; |high| <= 2**(g + _LEVEL)
+        # rounded to a multiple of 2**g and x minus it is exact; |high| <= 2**(g + L)
         sigma = math.ldexp(1.5, grid + 52)
         np.add(values, sigma, out=high)
         high -= sigma
         np.subtract(values, high, out=rest)  # |rest| <= 2**(g-1)
         sigma = math.ldexp(1.5, low_grid + 52)
         np.add(rest, sigma, out=low)
-        low -= sigma  # |low| <= 2**(g-1) = 2**(low_grid + _LEVEL - 1)
+        low -= sigma  # |low| <= 2**(g-1) = 2**(low_grid + L - 1)
         if where is None:  # every partial sum is exact, so the order does not matter
             partial[0] += high.sum()
             partial[1] += low.sum()
@@ -372,16 +374,21 @@ class _Pending:
     """Float64 partial sums of the pieces, one pair per grid, on their way into `target`'s digits.
 
     The partial sums on grid 2**g hold the high pieces (row 0) and the low
-    pieces on 2**(g − ``_LEVEL``) (row 1) of each element. No element gets
-    more than `most` values, so partial sums may take values until
-    ``min(most, values taken)`` would pass ``_SPAN``; then they go into the
-    digits, as int64 integers.
+    pieces on 2**(g − `level`) (row 1) of each element. A partial sum of
+    ``span = 2**(52 − level)`` pieces of at most `level` bits is exact; no
+    element gets more than `most` values, so partial sums may take values
+    until ``min(most, values taken)`` would pass `span`; then they go into
+    the digits, as int64 integers. `level` is as large as `most` and the
+    number of values allow, from ``_MIN_LEVEL`` up.
     """
 
     def __init__(self, target: ExactSum, most: int) -> None:
         self.target = target
         self.size = target.nan.size
         self.most = most
+        fewest_bits = 52 - _MIN_LEVEL
+        self.level = min(52 - (min(most, 1 << fewest_bits) - 1).bit_length(), _MAX_LEVEL)
+        self.span = 1 << (52 - self.level)
         self.sums: dict[int, tuple[np.ndarray, list[int]]] = {}  # grid -> (sums, [taken])
 
     def partial_sums(self, grid: int, count: int) -> tuple[int, np.ndarray]:
@@ -395,7 +402,7 @@ class _Pending:
                 self.deposit_all()
             self.sums[grid] = (np.zeros((2, self.size), dtype=np.float64), [0])
         sums, taken = self.sums[grid]
-        if min(self.most, taken[0] + count) > _SPAN:
+        if min(self.most, taken[0] + count) > self.span:
             self._deposit(grid, sums)
             sums[...] = 0
             taken[0] = 0
@@ -403,7 +410,7 @@ class _Pending:
         return grid, sums
 
     def _deposit(self, grid: int, sums: np.ndarray) -> None:
-        grids = (grid, max(grid - _LEVEL, _MIN_GRID))
+        grids = (grid, max(grid - self.level, _MIN_GRID))
         scale = -np.array(grids)[:, None]
         self.target._deposit(np.ldexp(sums, scale).astype(np.int64), grids)  # |.| <= 2**52
 
@@ -411,7 +418,7 @@ class _Pending:
         if not self.sums:
             return
         grids = sorted(self.sums)  # one widening for all: digits from the lowest grid's up
-        self.target._widen(*_window(max(grids[0] - _LEVEL, _MIN_GRID), grids[-1]))
+        self.target._widen(*_window(max(grids[0] - self.level, _MIN_GRID), grids[-1]))
         for grid in grids:
             self._deposit(grid, self.sums[grid][0])
         self.sums.clear()
