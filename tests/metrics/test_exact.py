@@ -225,22 +225,55 @@ def test_rounding_once_at_the_end(xs: list[float], want: float) -> None:
     assert _reference(xs) == want
 
 
-@given(integer=st.integers(-(2**300), 2**300), width=st.integers(0, 4), lo=st.integers(-1, 70))
-def test_digits_round_like_python_int_division(integer: int, width: int, lo: int) -> None:
-    """value() rounds the digits without Python ints: the same as exact division."""
+def _digits(integer: int, width: int) -> list[int]:
+    """`integer` as `width` base-2**32 digits, the top one signed (ExactSum's layout)."""
     digits = []
-    rest = integer
-    for _ in range((abs(integer).bit_length() + 31) // 32 + width):
-        digits.append(rest & 0xFFFFFFFF)
-        rest >>= 32
-    digits.append(rest)  # the signed top digit
-    s = ExactSum(np.array(digits, dtype=np.int64), lo, *(np.zeros((), np.int64),) * 3)
+    for _ in range(width - 1):
+        digits.append(integer & 0xFFFFFFFF)
+        integer >>= 32
+    return [*digits, integer]
+
+
+ties = st.builds(  # q * 2**k + 2**(k-1) (+ 0, 1 or -1): exactly or nearly half an ulp
+    lambda q, k, d, negative: (-1) ** negative * (q * 2**k + 2 ** (k - 1) + d),
+    st.integers(2**52, 2**53 - 1),
+    st.integers(1, 200),
+    st.sampled_from([0, 0, 1, -1]),
+    st.booleans(),
+)
+
+
+@given(
+    integers=st.lists(st.one_of(st.integers(-(2**300), 2**300), ties), min_size=1, max_size=40),
+    extra=st.integers(0, 3),
+    lo=st.integers(-1, 70),
+)
+def test_digits_round_like_python_int_division(integers: list[int], extra: int, lo: int) -> None:
+    """value() rounds the digits of many sums at once (uint64, round to odd): exact division."""
+    width = max(abs(i).bit_length() for i in integers) // 32 + 1 + extra
+    limbs = np.array([_digits(i, width) for i in integers], dtype=np.int64)
+    zeros = np.zeros(len(integers), dtype=np.int64)
+    got = ExactSum(limbs, lo, zeros, zeros.copy(), zeros.copy()).value()
     scale = -1138 + 32 * lo
-    try:
-        want = float(Fraction(integer) * Fraction(2) ** scale)
-    except OverflowError:
-        want = math.inf if integer > 0 else -math.inf
-    assert float(s) == want
+    for integer, value in zip(integers, got.tolist(), strict=True):
+        try:
+            want = float(Fraction(integer) * Fraction(2) ** scale)
+        except OverflowError:
+            want = math.inf if integer > 0 else -math.inf
+        assert value == want, integer
+
+
+def test_many_sums_round_once_in_the_subnormal_range() -> None:
+    """Rounded to 53 bits first, (2**40 + 1.5 - 2**-60) * 2**-1074 would tie and go up."""
+    near_tie = (2**40 + 1) * 2**64 + 2**63 - 2**4  # times 2**-1138
+    integers = [near_tie, -near_tie, 3, 2**70 + 1, *range(2**64, 2**64 + 20)]
+    width = 4
+    limbs = np.array([_digits(i, width) for i in integers], dtype=np.int64)
+    zeros = np.zeros(len(integers), dtype=np.int64)
+    got = ExactSum(limbs, 0, zeros, zeros.copy(), zeros.copy()).value()
+    want = [float(Fraction(i) * Fraction(2) ** -1138) for i in integers]
+    assert got.tolist() == want
+    assert got[0] == (2**40 + 1) * 5e-324
 
 
 def test_carries_are_propagated_before_any_read(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,6 +54,7 @@ _MAX_PARTIALS = 8  # partial sums (one per grid) kept at a time
 _CARRY_EVERY = 1 << 20  # deposits between carries: each adds less than 2**33 to a digit
 _MIN_GRID = -1074  # every float64 is a multiple of 2**-1074
 _MAX_GRID = 1022 - 52  # the largest grid whose extraction constant 1.5 * 2**(g+52) is finite
+_FEW_ROWS = 16  # value() rounds up to this many sums one by one with Python ints
 _EMPTY = np.empty(0, dtype=np.float64)
 
 
@@ -449,45 +450,49 @@ def _scratch(size: int) -> tuple[np.ndarray, ...]:
 def _round(limbs: np.ndarray, scale: int) -> np.ndarray:
     """Each row of normalized digits, as an integer times 2**`scale`, rounded to float64.
 
-    The top 64 bits of the magnitude, with the lowest one set if any bit
-    below is (rounding to odd), round to 53 bits as the exact integer would
-    (64 >= 53 + 2), so one conversion from uint64 rounds correctly; only
-    results in the subnormal range, where ``ldexp`` would round a second
-    time, take Python's exact int division.
+    Few rows go through Python's correctly rounded int division. Many go
+    at once: the top 64 bits of each magnitude, with the lowest one set if
+    any bit below is (rounding to odd), round to 53 bits as the exact
+    integer would (64 >= 53 + 2), so one conversion from uint64 rounds
+    correctly; only results in the subnormal range, where ``ldexp`` would
+    round a second time, take the int division.
     """
     rows, width = limbs.shape
-    negative = limbs[:, -1] < 0
-    # two zero digits below (every number has three digits from its top) and one above
-    digits = np.zeros((rows, width + 3), dtype=np.int64)
-    digits[:, 2:-1] = limbs
-    digits[negative] *= -1
+    if rows <= _FEW_ROWS:
+        return np.array([_row_to_float(row, scale) for row in limbs], dtype=np.float64)
+    sign = np.where(limbs[:, -1] < 0, -1, 1)
+    # digit j of each row in digits[j]: two zero digits below (every number has three
+    # digits from its top) and one above
+    digits = np.zeros((width + 3, rows), dtype=np.int64)
+    np.multiply(limbs.T, sign, out=digits[2:-1])
     for j in range(width + 2):  # magnitudes: every digit in [0, 2**32)
-        carry = digits[:, j] >> _DIGIT
-        digits[:, j] -= carry << _DIGIT
-        digits[:, j + 1] += carry
+        carry = digits[j] >> _DIGIT
+        digits[j] -= carry << _DIGIT
+        digits[j + 1] += carry
     nonzero = digits != 0
-    found = nonzero.any(axis=1)
-    top = width + 2 - np.argmax(nonzero[:, ::-1], axis=1)  # the highest nonzero digit
-    top = np.where(found, top, 2)
+    found = nonzero.any(axis=0)
+    top = np.where(found, width + 2 - np.argmax(nonzero[::-1], axis=0), 2)  # highest nonzero
     at = np.arange(rows)
-    high = digits[at, top].astype(np.uint64)
+    high = digits[top, at].astype(np.uint64)
     bits = np.frexp(high.astype(np.float64))[1].astype(np.uint64)  # its bit length, 1..32
     bits[~found] = 1
-    middle = digits[at, top - 1].astype(np.uint64)
-    low = digits[at, top - 2].astype(np.uint64)
+    middle = digits[top - 1, at].astype(np.uint64)
+    low = digits[top - 2, at].astype(np.uint64)
     head = (high << (np.uint64(64) - bits)) | (middle << (np.uint64(32) - bits)) | (low >> bits)
-    below = np.arange(width + 3) < (top - 2)[:, None]
-    sticky = ((low & ((np.uint64(1) << bits) - np.uint64(1))) != 0) | (nonzero & below).any(axis=1)
-    head |= sticky.astype(np.uint64)
+    below = (nonzero & (np.arange(width + 3)[:, None] < top - 2)).any(axis=0)
+    head |= (((low & ((np.uint64(1) << bits) - np.uint64(1))) != 0) | below).astype(np.uint64)
     exponent = scale + _DIGIT * (top - 4) + bits.astype(np.int64)
     with np.errstate(over="ignore"):
-        out = np.ldexp(head.astype(np.float64), exponent)
-    out[negative] *= -1
+        out = np.ldexp(head.astype(np.float64), exponent) * sign
     for i in np.flatnonzero(found & (np.abs(out) < 2.0**-1021)):  # subnormal: round once
-        digits_i = limbs[i]
-        low_part = int.from_bytes(digits_i[:-1].astype("<u4").tobytes(), "little")
-        out[i] = _to_float(low_part + (int(digits_i[-1]) << (_DIGIT * (width - 1))), scale)
+        out[i] = _row_to_float(limbs[i], scale)
     return out
+
+
+def _row_to_float(digits: np.ndarray, scale: int) -> float:
+    """One row of normalized digits (integer times 2**`scale`) rounded to float64."""
+    low = int.from_bytes(digits[:-1].astype("<u4").tobytes(), "little")
+    return _to_float(low + (int(digits[-1]) << (_DIGIT * (digits.size - 1))), scale)
 
 
 def _to_float(integer: int, scale: int) -> float:
