@@ -48,7 +48,9 @@ class _FloatSum:
     def ndim(self) -> int:
         return self.total.ndim
 
-    def add(self, values: np.ndarray, index: np.ndarray | None = None) -> _FloatSum:
+    def add(
+        self, values: np.ndarray, index: np.ndarray | None = None, *, most: int | None = None
+    ) -> _FloatSum:
         if index is None:
             self.total = self.total + np.sum(values, dtype=np.float64)
         else:

@@ -100,3 +100,207 @@ def test_many_elements_and_many_values_per_element(crowded: bool) -> None:
     got = s.value()
     for k in (0, 7, 1234, size - 1):
         assert got[k] == math.fsum(xs[index == k].tolist())  # fsum rounds the exact sum once
+
+
+# ---------------------------------------------------------------- adversarial inputs
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).view(np.int64)
+
+
+def _exact_by_element(xs: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
+    return np.array([_reference(xs[index == k].tolist()) for k in range(size)])
+
+
+def _adversarial(kind: str, rng: np.random.Generator) -> np.ndarray:
+    n = 3000
+    if kind == "cancellation":  # huge terms that cancel to the last bit, and tiny ones
+        big = rng.normal(size=n // 3) * 1e300
+        return rng.permutation(np.concatenate([big, -big, rng.normal(size=n // 3) * 1e-300]))
+    if kind == "subnormal":
+        return rng.integers(-(2**40), 2**40, size=n) * 5e-324
+    if kind == "whole_range":  # every exponent: many grids and rounds
+        return rng.normal(size=n) * 2.0 ** rng.integers(-1074, 1000, size=n)
+    if kind == "huge":  # beyond the extraction constant's range
+        return rng.choice([1.7976931348623157e308, -1.7976931348623157e308, 2.0**1020, -3.0], n)
+    # probabilities with full mantissas, from 1 down to 1e-300
+    return rng.random(n) * 10.0 ** rng.integers(-300, 1, size=n)
+
+
+@pytest.mark.parametrize(
+    "kind", ["cancellation", "subnormal", "whole_range", "huge", "probabilities"]
+)
+def test_adversarial_sums_are_exact_and_independent_of_order(kind: str) -> None:
+    rng = np.random.default_rng(len(kind))
+    xs = _adversarial(kind, rng)
+    size = 5
+    index = rng.integers(0, size, size=xs.size)
+    want = _exact_by_element(xs, index, size)
+    got = ExactSum.zeros((size,)).add(xs, index).value()
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+    assert float(ExactSum.zeros().add(xs)) == _reference(xs.tolist())
+    # shards in a random order and merged in a random tree: the same bits
+    cuts = np.sort(rng.integers(0, xs.size, size=6))
+    shards = [
+        ExactSum.zeros((size,)).add(xs[a:b], index[a:b])
+        for a, b in zip([0, *cuts], [*cuts, xs.size], strict=True)
+    ]
+    while len(shards) > 1:
+        i, j = sorted(rng.choice(len(shards), size=2, replace=False))
+        right, left = shards.pop(j), shards.pop(i)
+        shards.append(right.merge(left) if rng.random() < 0.5 else left.merge(right))
+    np.testing.assert_array_equal(_bits(shards[0].value()), _bits(want))
+
+
+def test_many_values_per_element_and_long_inputs_across_partial_sums() -> None:
+    """Over 2**17 values into one element (partial sums go into the digits mid-call)."""
+    rng = np.random.default_rng(3)
+    n = 300_000
+    xs = rng.random(n) * 10.0 ** rng.integers(-20, 3, size=n)
+    index = np.where(rng.random(n) < 0.9, 0, rng.integers(0, 4, size=n))
+    got = ExactSum.zeros((4,)).add(xs, index).value()
+    for k in range(4):
+        assert got[k] == math.fsum(xs[index == k].tolist())
+    counts = np.bincount(index, minlength=4)
+    bounded = ExactSum.zeros((4,)).add(xs, index, most=int(counts.max())).value()
+    np.testing.assert_array_equal(bounded, got)
+    assert float(ExactSum.zeros().add(xs)) == math.fsum(xs.tolist())
+
+
+def test_partial_sums_stay_exact_when_every_value_is_near_the_largest() -> None:
+    """Pieces of the full 35 bits add up to 2**52 units per partial sum, never more."""
+    rng = np.random.default_rng(5)
+    xs = 1.0 - rng.random(300_000) * 2.0**-12  # full mantissas just below 1
+    assert float(ExactSum.zeros().add(xs)) == math.fsum(xs.tolist())
+    index = (rng.random(xs.size) < 0.05).astype(np.int64)  # 95 % into element 0
+    got = ExactSum.zeros((2,)).add(xs, index).value()
+    assert got.tolist() == [math.fsum(xs[index == k].tolist()) for k in (0, 1)]
+
+
+@pytest.mark.parametrize("per_element", [1, 3, 40, 5000])
+def test_few_values_per_element_take_wider_pieces(per_element: int) -> None:
+    """`most` values per element: pieces of 52 - log2(most) bits, still exact."""
+    rng = np.random.default_rng(per_element)
+    size = max(20_000 // per_element, 2)
+    index = np.repeat(np.arange(size), per_element)
+    xs = 1.0 - rng.random(index.size) * 2.0**-12  # full pieces: the partial sums at their bound
+    got = ExactSum.zeros((size,)).add(xs, index, most=per_element).value()
+    for k in rng.choice(size, size=min(size, 50), replace=False):
+        assert got[k] == math.fsum(xs[index == k].tolist())
+
+
+def test_non_finite_values_propagate_per_element() -> None:
+    xs = np.array([1.0, math.inf, 2.0, math.nan, -math.inf, math.inf, 5.0, -0.0])
+    index = np.array([0, 1, 2, 2, 3, 3, 4, 5])
+    got = ExactSum.zeros((6,)).add(xs, index).value()
+    assert got[0] == 1.0
+    assert got[1] == math.inf
+    assert math.isnan(got[2])  # NaN wins
+    assert math.isnan(got[3])  # inf - inf
+    assert got[4] == 5.0
+    assert got[5] == 0.0
+    # merged in either order, the non-finite counts add
+    a = ExactSum.zeros((6,)).add(xs[:3], index[:3])
+    b = ExactSum.zeros((6,)).add(xs[3:], index[3:])
+    for merged in (a.merge(b), b.merge(a)):
+        np.testing.assert_array_equal(_bits(merged.value()), _bits(got))
+
+
+@pytest.mark.parametrize(
+    ("xs", "want"),
+    [
+        ([2.0**53, 1.0], 2.0**53),  # a tie: to even
+        ([2.0**53, 1.0, 2.0**-1074], 2.0**53 + 2),  # just above the tie
+        ([2.0**53 + 2, 1.0], 2.0**53 + 4),  # a tie from an odd mantissa: up
+        ([2.0**-1022, -(2.0**-1074)], 2.0**-1022 - 2.0**-1074),  # a subnormal result
+        ([2.0**-1060, 2.0**-1074, 2.0**-1074], 2.0**-1060 + 2.0**-1073),
+        ([1.7976931348623157e308, 2.0**969], 1.7976931348623157e308),  # below half an ulp
+        ([1.7976931348623157e308, 2.0**970], math.inf),  # a tie past the largest float
+        ([1e308, 1e308, -1e308, -1e308, 1e-300], 1e-300),
+    ],
+)
+def test_rounding_once_at_the_end(xs: list[float], want: float) -> None:
+    assert float(ExactSum.zeros().add(np.array(xs))) == want
+    assert _reference(xs) == want
+
+
+def _digits(integer: int, width: int) -> list[int]:
+    """`integer` as `width` base-2**32 digits, the top one signed (ExactSum's layout)."""
+    digits = []
+    for _ in range(width - 1):
+        digits.append(integer & 0xFFFFFFFF)
+        integer >>= 32
+    return [*digits, integer]
+
+
+ties = st.builds(  # q * 2**k + 2**(k-1) (+ 0, 1 or -1): exactly or nearly half an ulp
+    lambda q, k, d, negative: (-1) ** negative * (q * 2**k + 2 ** (k - 1) + d),
+    st.integers(2**52, 2**53 - 1),
+    st.integers(1, 200),
+    st.sampled_from([0, 0, 1, -1]),
+    st.booleans(),
+)
+
+
+@given(
+    integers=st.lists(st.one_of(st.integers(-(2**300), 2**300), ties), min_size=1, max_size=40),
+    extra=st.integers(0, 3),
+    lo=st.integers(-1, 70),
+)
+def test_digits_round_like_python_int_division(integers: list[int], extra: int, lo: int) -> None:
+    """value() rounds the digits of many sums at once (uint64, round to odd): exact division."""
+    width = max(abs(i).bit_length() for i in integers) // 32 + 1 + extra
+    limbs = np.array([_digits(i, width) for i in integers], dtype=np.int64)
+    zeros = np.zeros(len(integers), dtype=np.int64)
+    got = ExactSum(limbs, lo, zeros, zeros.copy(), zeros.copy()).value()
+    scale = -1138 + 32 * lo
+    for integer, value in zip(integers, got.tolist(), strict=True):
+        try:
+            want = float(Fraction(integer) * Fraction(2) ** scale)
+        except OverflowError:
+            want = math.inf if integer > 0 else -math.inf
+        assert value == want, integer
+
+
+def test_many_sums_round_once_in_the_subnormal_range() -> None:
+    """Rounded to 53 bits first, (2**40 + 1.5 - 2**-60) * 2**-1074 would tie and go up."""
+    near_tie = (2**40 + 1) * 2**64 + 2**63 - 2**4  # times 2**-1138
+    integers = [near_tie, -near_tie, 3, 2**70 + 1, *range(2**64, 2**64 + 20)]
+    width = 4
+    limbs = np.array([_digits(i, width) for i in integers], dtype=np.int64)
+    zeros = np.zeros(len(integers), dtype=np.int64)
+    got = ExactSum(limbs, 0, zeros, zeros.copy(), zeros.copy()).value()
+    want = [float(Fraction(i) * Fraction(2) ** -1138) for i in integers]
+    assert got.tolist() == want
+    assert got[0] == (2**40 + 1) * 5e-324
+
+
+def test_carries_are_propagated_before_any_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deposits pile up in the digits between carries; every reader carries first."""
+    from crossent.metrics import _exact
+
+    rng = np.random.default_rng(4)
+    parts = [rng.random(50) * 10.0 ** rng.integers(-30, 30, size=50) for _ in range(40)]
+    index = [rng.integers(0, 3, size=50) for _ in range(40)]
+    lazy = ExactSum.zeros((3,))
+    for xs, at in zip(parts, index, strict=True):
+        lazy.add(xs, at)
+    assert lazy.uncarried > 0
+    monkeypatch.setattr(_exact, "_CARRY_EVERY", 1)
+    eager = ExactSum.zeros((3,))
+    for xs, at in zip(parts, index, strict=True):
+        eager.add(xs, at)
+    assert eager.uncarried == 0
+    everything, where = np.concatenate(parts), np.concatenate(index)
+    want = _exact_by_element(everything, where, 3)
+    for s in (lazy, eager):
+        np.testing.assert_array_equal(_bits(s.copy().value()), _bits(want))
+        np.testing.assert_array_equal(_bits(s[1:].value()), _bits(want[1:]))
+        np.testing.assert_array_equal(
+            s.regroup(np.array([0, 1, 0]), 2).value(),
+            [_reference(everything[where != 1].tolist()), want[1]],
+        )
+    lazy.pad_to(*lazy.window())  # type: ignore[misc]
+    assert lazy.uncarried == 0
+    assert np.all((lazy.limbs[:, :-1] >= 0) & (lazy.limbs[:, :-1] < 2**32))

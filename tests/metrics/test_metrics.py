@@ -444,6 +444,17 @@ def test_nan_propagates() -> None:
         assert math.isnan(r[key]), key
 
 
+@pytest.mark.parametrize("row", [[math.inf, 0.0], [math.inf, math.inf], [-math.inf, -math.inf]])
+def test_infinite_logits_give_nan_rows_not_a_traceback(xp: Any, row: list[float]) -> None:
+    """inf - inf in the softmax made NaN confidences that crashed the calibration bins."""
+    convert = to_xp(xp)
+    z = convert(np.array([row, [1.0, 0.0]]))
+    r = ClassificationMetrics(input_kind="logits").update(z, convert(np.array([0, 1]))).compute()
+    for key in ("log_loss_nats", "accuracy", "brier", "ece", "ece_equal_mass", "classwise_ece"):
+        assert math.isnan(r[key]), key
+    assert r["rows"] == 2
+
+
 def test_input_kind_must_be_stated() -> None:
     with pytest.raises(TypeError):
         CrossEntropy()  # type: ignore[call-arg]

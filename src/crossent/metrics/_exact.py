@@ -1,4 +1,4 @@
-r"""Exact sums of float64 values: integer fixed-point limbs, one rounding at the end.
+r"""Exact sums of float64 values: integer fixed-point digits, one rounding at the end.
 
 Every finite float64 is an integer times a power of two,
 :math:`x = M\,2^{E}` with :math:`|M| < 2^{53}` and :math:`E \ge -1126`, so a
@@ -6,20 +6,29 @@ sum of float64 values is an integer multiple of :math:`2^{B}`,
 :math:`B = -1138`. :class:`ExactSum` keeps that integer in base
 :math:`2^{32}`: ``limbs[..., j]`` is digit ``lo + j``, worth
 :math:`2^{B + 32(lo + j)}`, in an int64 (so 31 bits of headroom absorb the
-carries of a whole batch). Adding a batch splits each value's mantissa into
-three digits and adds them with ``np.bincount`` (float64 weights below
-:math:`2^{53}`, so every count is exact), then propagates the carries; the
-window ``[lo, lo + L)`` of digits grows only as far as the values seen need
-(a few digits for losses and probabilities; 70 cover the whole float64
-range). NaN and ±inf are counted apart and give NaN / ±inf as float
-summation would.
+carries of many additions before they are propagated). The window
+``[lo, lo + L)`` of digits grows only as far as the values seen need (a few
+digits for losses and probabilities; 70 cover the whole float64 range).
+NaN and ±inf are counted apart and give NaN / ±inf as float summation would.
+
+Adding a batch costs a few passes over it, in blocks that stay in cache:
+each value splits without error into two pieces on the grids :math:`2^{g}`
+and :math:`2^{g-L}` (Rump, Ogita and Oishi's extraction, :math:`g` set by
+the block's largest magnitude), and the pieces go into float64 partial sums
+per element (``np.add.at``), which are exact: each holds at most
+:math:`2^{52-L}` pieces of at most :math:`L` bits on its grid (:math:`L`
+from 36 up, the fewer values an element gets in the call, the more). The
+partial sums go into the digits as integers at the end of the call (or every
+:math:`2^{52-L}` values per element); carries are propagated lazily, before
+the digits are read. Values with bits below the second grid (tiny next to the block's
+largest) go round again, alone.
 
 Because the state is the exact sum, it does not depend on the order of the
 rows, on how they were split into batches or shards, or on the order in
 which shards merge; :meth:`ExactSum.value` rounds it to the nearest float64
-once (ties to even, Python's correctly rounded int division). Merging two
-states, and ``all_reduce(SUM)`` of states padded to a common window (digits
-in [0, 2³²) summed over fewer than 2³¹ ranks), add integers and are exact.
+once (ties to even). Merging two states, and ``all_reduce(SUM)`` of states
+padded to a common window (digits in [0, 2³²) summed over fewer than 2³¹
+ranks), add integers and are exact.
 """
 
 from __future__ import annotations
@@ -37,11 +46,16 @@ _BASE = -1138  # exponent of digit 0's lowest bit: below 2**-1126, the lowest ma
 _DIGIT = 32
 _MASK = (1 << _DIGIT) - 1
 _HEADROOM = 2  # digits above the highest one written, for carries
-_LEVEL = 38  # bits extracted per pass over the values: two passes cover 76 bits
-_CHUNK = 1 << 14  # values per float64 sum: 2**14 multiples of up to 2**38 units stay below 2**53
-_BLOCK = 1 << 17  # values extracted at a time (two 1 MiB work arrays)
+_MIN_LEVEL = 36  # bits per piece at the least: two pieces hold 72 bits of each value
+_MAX_LEVEL = 51  # at the most (the extraction needs |value| < 2**(grid + 51))
+_BLOCK = 1 << 17  # values split at a time (work arrays of 1.6 MiB)
+_SLACK = 3  # a block may use partial sums on a grid up to 2**_SLACK coarser (< _MIN_LEVEL)
+_MAX_PARTIALS = 8  # partial sums (one per grid) kept at a time
+_CARRY_EVERY = 1 << 20  # deposits between carries: each adds less than 2**33 to a digit
 _MIN_GRID = -1074  # every float64 is a multiple of 2**-1074
 _MAX_GRID = 1022 - 52  # the largest grid whose extraction constant 1.5 * 2**(g+52) is finite
+_FEW_ROWS = 16  # value() rounds up to this many sums one by one with Python ints
+_EMPTY = np.empty(0, dtype=np.float64)
 
 
 @dataclass
@@ -49,8 +63,9 @@ class ExactSum:
     """Element-wise exact sums of float64 values over an array of shape `shape`.
 
     ``limbs`` has shape ``shape + (L,)``; after :meth:`_normalize` every digit
-    but the last is in ``[0, 2**32)`` and the last is signed. ``nan``,
-    ``pos_inf`` and ``neg_inf`` count the non-finite values added.
+    but the last is in ``[0, 2**32)`` and the last is signed (``uncarried``
+    counts the deposits since, 0 when normalized). ``nan``, ``pos_inf`` and
+    ``neg_inf`` count the non-finite values added.
     """
 
     limbs: np.ndarray
@@ -58,6 +73,7 @@ class ExactSum:
     nan: np.ndarray
     pos_inf: np.ndarray
     neg_inf: np.ndarray
+    uncarried: int = 0
 
     @classmethod
     def zeros(cls, shape: tuple[int, ...] = ()) -> ExactSum:
@@ -75,11 +91,17 @@ class ExactSum:
 
     def copy(self) -> ExactSum:
         return ExactSum(
-            self.limbs.copy(), self.lo, self.nan.copy(), self.pos_inf.copy(), self.neg_inf.copy()
+            self.limbs.copy(),
+            self.lo,
+            self.nan.copy(),
+            self.pos_inf.copy(),
+            self.neg_inf.copy(),
+            self.uncarried,
         )
 
     def __getitem__(self, key: Any) -> ExactSum:
         """The sums of some elements (indexing the leading axes)."""
+        self._normalize()
         return ExactSum(
             np.asarray(self.limbs[key]),
             self.lo,
@@ -88,7 +110,7 @@ class ExactSum:
             np.asarray(self.neg_inf[key]),
         )
 
-    # ---------------------------------------------------------------- adding
+    # ---------------------------------------------------------------- digits
 
     def _widen(self, lo: int, hi: int) -> None:
         """Make the window cover digits [lo, hi) (it only grows)."""
@@ -100,9 +122,9 @@ class ExactSum:
         new_lo, new_hi = min(lo, self.lo), max(hi, self.lo + size)
         if (new_lo, new_hi) == (self.lo, self.lo + size):
             return
-        pad = [(0, 0)] * self.ndim + [(self.lo - new_lo, new_hi - self.lo - size)]
-        self.limbs = np.pad(self.limbs, pad)
-        self.lo = new_lo
+        limbs = np.zeros((*self.shape, new_hi - new_lo), dtype=np.int64)
+        limbs[..., self.lo - new_lo : self.lo - new_lo + size] = self.limbs
+        self.limbs, self.lo = limbs, new_lo
 
     def _normalize(self) -> None:
         """Carry every digit but the last into [0, 2**32)."""
@@ -111,122 +133,137 @@ class ExactSum:
             carry = limbs[..., j] >> _DIGIT  # floor division: negative digits borrow
             limbs[..., j] -= carry << _DIGIT
             limbs[..., j + 1] += carry
+        self.uncarried = 0
 
-    def add(self, values: np.ndarray, index: np.ndarray | None = None) -> ExactSum:
+    def _deposit(self, units: np.ndarray, grids: tuple[int, ...]) -> None:
+        """Add ``units[r] * 2**grids[r]`` into the digits (int64 `units`, shape (rows, size)).
+
+        Split as u = u0 + 2**32 u1 (u0 in [0, 2**32), |u1| < 2**31) and
+        shifted to the digit boundaries, each row adds less than 2**33 to
+        three digits, so many deposits fit in the int64 digits between carries.
+        """
+        self._widen(*_window(min(grids), max(grids)))
+        if not self.limbs.flags.c_contiguous:
+            self.limbs = np.ascontiguousarray(self.limbs)
+        limbs = self.limbs.reshape(units.shape[1], self.limbs.shape[-1])  # a view
+        position = np.array(grids, dtype=np.int64)[:, None] - _BASE
+        low = (units & _MASK) << (position % _DIGIT)  # < 2**63
+        high = (units >> _DIGIT) << (position % _DIGIT)  # |.| < 2**62
+        parts = (low & _MASK, (low >> _DIGIT) + (high & _MASK), high >> _DIGIT)
+        for row, grid in enumerate(grids):
+            at = (grid - _BASE) // _DIGIT - self.lo
+            for offset, part in enumerate(parts):
+                limbs[:, at + offset] += part[row]
+        self.uncarried += len(grids)
+        if self.uncarried >= _CARRY_EVERY:
+            self._normalize()
+
+    # ---------------------------------------------------------------- adding
+
+    def add(
+        self, values: np.ndarray, index: np.ndarray | None = None, *, most: int | None = None
+    ) -> ExactSum:
         """Add `values` (float64) to the elements `index` (flat indices; element 0 if None).
 
-        Returns ``self``. Long inputs go in blocks of ``_BLOCK`` values, so the
-        work arrays stay small (and in cache).
+        `most`, when given, bounds how many of the values go to any one
+        element (the largest count of ``np.bincount(index)``, which the
+        metric updates compute anyway): the fewer, the more bits each piece
+        holds (its partial sums stay exact), the fewer values need a second
+        round. Returns ``self``.
         """
         values = np.asarray(values, dtype=np.float64).ravel()
         flat_index = None if index is None else np.asarray(index, dtype=np.int64).ravel()
-        for start in range(0, values.size, _BLOCK):
-            part = slice(start, start + _BLOCK)
-            self._add_block(values[part], None if flat_index is None else flat_index[part])
+        if flat_index is not None and flat_index.size != values.size:
+            msg = f"`index` has {flat_index.size} entries for {values.size} values."
+            raise ValueError(msg)
+        pending = _Pending(self, values.size if most is None else min(most, values.size))
+        while values.size:  # each round adds 2L bits of every value; few have more left
+            left: list[np.ndarray] = []
+            left_index: list[np.ndarray] = []
+            for start in range(0, values.size, _BLOCK):
+                part = slice(start, start + _BLOCK)
+                where = None if flat_index is None else flat_index[part]
+                rest, rest_index = self._add_block(values[part], where, pending)
+                if rest.size:
+                    left.append(rest)
+                    if rest_index is not None:
+                        left_index.append(rest_index)
+            values = np.concatenate(left) if left else _EMPTY
+            flat_index = np.concatenate(left_index) if left_index else None
+        pending.deposit_all()
         return self
 
-    def _add_block(self, values: np.ndarray, flat_index: np.ndarray | None) -> None:
-        size = int(np.prod(self.shape, dtype=np.int64))
-        amax = max(float(np.max(values)), -float(np.min(values)))  # NaN or inf if any is
-        if not math.isfinite(amax):
-            where = np.zeros(values.size, dtype=np.int64) if flat_index is None else flat_index
-            for counts, hit in (
-                (self.nan, np.isnan(values)),
-                (self.pos_inf, values == np.inf),
-                (self.neg_inf, values == -np.inf),
-            ):
-                counts += np.bincount(where[hit], minlength=size).reshape(self.shape)
-            finite = np.isfinite(values)
-            values = values[finite]
-            flat_index = None if flat_index is None else flat_index[finite]
-            amax = float(np.max(np.abs(values))) if values.size else 0.0
-        if amax == 0:
-            return
-        top = math.frexp(amax)[1]  # every |value| < 2**top
-        if top - _LEVEL > _MAX_GRID:
-            where = np.zeros(values.size, dtype=np.int64) if flat_index is None else flat_index
-            self._add_split(values, where, size)
-            return
-        self._widen(*self._digits(top - 1))
-        chunk = _CHUNK
-        if flat_index is not None:  # one exact bincount per pass if no element gets too many
-            most = int(np.bincount(flat_index, minlength=size).max())
-            chunk = values.size if most <= _CHUNK else _CHUNK
-        q, rest = _scratch(values.size)
-        np.copyto(rest, values)
-        grid = max(top - _LEVEL, _MIN_GRID)
-        while True:
-            # error-free extraction (Rump, Ogita & Oishi's ExtractScalar): sigma + rest lies in
-            # [2**(g+52), 2**(g+53)), where floats are 2**g apart, so q is rest rounded to a
-            # multiple of 2**g and rest - q is exact; |q| <= 2**(g+38) (|rest| << 2**(g+51))
-            sigma = math.ldexp(1.5, grid + 52)
-            np.add(rest, sigma, out=q)
-            q -= sigma
-            rest -= q
-            self._add_multiples(q, flat_index, grid, size, chunk=chunk)
-            if grid == _MIN_GRID:
-                break
-            left = int(np.count_nonzero(rest))
-            if left == 0:
-                break
-            if 2 * left < rest.size:  # the next passes see only what is left
-                live = np.flatnonzero(rest)
-                rest, q = rest[live], q[:left]
-                flat_index = None if flat_index is None else flat_index[live]
-            grid = max(grid - _LEVEL, _MIN_GRID)
-        self._normalize()
+    def _add_block(
+        self, values: np.ndarray, where: np.ndarray | None, pending: _Pending
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Add the top 2L bits of each of `values` (at most ``_BLOCK``); return what is left.
 
-    @staticmethod
-    def _digits(bit: int) -> tuple[int, int]:
-        """The digit window [lo, hi) that holds a value whose top bit is 2**`bit`, and carries."""
-        digit = (bit - _BASE) // _DIGIT
-        return digit, digit + 1 + _HEADROOM
-
-    def _add_multiples(
-        self,
-        q: np.ndarray,
-        index: np.ndarray | None,
-        grid: int,
-        size: int,
-        *,
-        units: bool = False,
-        chunk: int = _CHUNK,
-    ) -> None:
-        """Add `q` (float64 multiples of 2**`grid`, |q| <= 2**(grid+38)) to elements `index`.
-
-        With `units`, `q` holds the integers q / 2**`grid` instead (for grids
-        below the float64 range).
-
-        Sums of at most ``_CHUNK`` of them per element are exact in float64
-        (below 2**52 units of 2**`grid`, in any order); `chunk` values go in
-        one ``bincount`` (the caller may pass more than ``_CHUNK`` when no
-        element gets more than ``_CHUNK`` of them). Each sum is an integer T,
-        added into the digits as T·2**(grid−B), split at the digit boundaries.
+        Each value splits error-free into two pieces on the grids 2**g and
+        2**(g − L), L = ``pending.level``, g set by the block's largest magnitude, and the
+        pieces go into float64 partial sums, exact on those grids. What is
+        left (values with bits below the second grid: tiny next to the
+        block's largest) comes back, with its indices, for another round.
         """
-        position = grid - _BASE
-        digit, shift = position // _DIGIT, position % _DIGIT
-        self._widen(digit, digit + 3)
-        limbs = self.limbs.reshape(size, self.limbs.shape[-1])  # a view
-        at = digit - self.lo
-        for start in range(0, q.size, chunk):
-            if start:
-                self._normalize()  # room for the next chunk's sums
-            part = slice(start, start + chunk)
-            if index is None:
-                total = np.sum(q[part], keepdims=True)
-            else:
-                total = np.bincount(index[part], weights=q[part], minlength=size)
-            t = (total if units else np.ldexp(total, -grid)).astype(np.int64)  # |t| < 2**52
-            low = (t & _MASK) << shift  # < 2**63
-            high = (t >> _DIGIT) << shift  # |.| < 2**52
-            limbs[:, at] += low & _MASK
-            limbs[:, at + 1] += (low >> _DIGIT) + (high & _MASK)
-            limbs[:, at + 2] += high >> _DIGIT
+        amax = max(float(values.max()), -float(values.min()))  # NaN or inf if any is
+        if not math.isfinite(amax):
+            values, where = self._count_non_finite(values, where)
+            amax = float(np.abs(values).max()) if values.size else 0.0
+        if amax == 0:
+            return _EMPTY, None
+        top = math.frexp(amax)[1]  # every |value| < 2**top
+        level = pending.level
+        if top - level > _MAX_GRID:
+            flat = np.zeros(values.size, dtype=np.int64) if where is None else where
+            self._add_huge(values, flat)
+            return _EMPTY, None
+        grid, partial = pending.partial_sums(max(top - level, _MIN_GRID), values.size)
+        low_grid = max(grid - level, _MIN_GRID)
+        high, low, rest, left = _scratch(values.size)
+        # error-free extraction (Rump, Ogita & Oishi's ExtractScalar): sigma + x lies in
+        # [2**(g+52), 2**(g+53)), where floats are 2**g apart, so (x + sigma) - sigma is x
+        # rounded to a multiple of 2**g and x minus it is exact; |high| <= 2**(g + L)
+        sigma = math.ldexp(1.5, grid + 52)
+        np.add(values, sigma, out=high)
+        high -= sigma
+        np.subtract(values, high, out=rest)  # |rest| <= 2**(g-1)
+        sigma = math.ldexp(1.5, low_grid + 52)
+        np.add(rest, sigma, out=low)
+        low -= sigma  # |low| <= 2**(g-1) = 2**(low_grid + L - 1)
+        if where is None:  # every partial sum is exact, so the order does not matter
+            partial[0] += high.sum()
+            partial[1] += low.sum()
+        else:
+            np.add.at(partial[0], where, high)
+            np.add.at(partial[1], where, low)
+        if low_grid == _MIN_GRID:
+            return _EMPTY, None
+        np.not_equal(rest, low, out=left)  # bits below the low grid
+        if not np.count_nonzero(left):
+            return _EMPTY, None
+        live = np.flatnonzero(left)  # (of a bool mask: much faster than of floats)
+        return rest[live] - low[live], None if where is None else where[live]
 
-    def _add_split(self, values: np.ndarray, flat_index: np.ndarray, size: int) -> None:
+    def _count_non_finite(
+        self, values: np.ndarray, where: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Count the NaN and ±inf of `values` into their elements; return the finite ones."""
+        size = self.nan.size
+        flat = np.zeros(values.size, dtype=np.int64) if where is None else where
+        for counts, hit in (
+            (self.nan, np.isnan(values)),
+            (self.pos_inf, values == np.inf),
+            (self.neg_inf, values == -np.inf),
+        ):
+            counts += np.bincount(flat[hit], minlength=size).reshape(self.shape)
+        finite = np.isfinite(values)
+        return values[finite], None if where is None else where[finite]
+
+    def _add_huge(self, values: np.ndarray, flat_index: np.ndarray) -> None:
         """Add values of any magnitude: each mantissa split into three integer digits.
 
-        The path for values from 2**974 up, whose extraction constant would overflow.
+        The path for blocks with values from 2**1006 up, whose extraction
+        constant would overflow: exact integer arithmetic, one ``np.add.at``
+        per digit.
         """
         nonzero = values != 0
         values, flat_index = values[nonzero], flat_index[nonzero]
@@ -236,22 +273,19 @@ class ExactSum:
         digit = position >> 5
         shift = position & (_DIGIT - 1)
         self._widen(int(digit.min()), int(digit.max()) + 3 + _HEADROOM)
-        sign = np.where(m < 0, -1, 1)
-        a = np.abs(m)
-        low = (a & _MASK) << shift  # < 2**63
-        high = (a >> _DIGIT) << shift  # < 2**52
-        parts = (
-            sign * (low & _MASK),
-            sign * ((low >> _DIGIT) + (high & _MASK)),
-            sign * (high >> _DIGIT),
-        )
-        for offset, part in enumerate(parts):
-            for level in np.unique(digit):
-                chosen = digit == level
-                grid = _BASE + _DIGIT * (int(level) + offset)
-                units = part[chosen].astype(np.float64)  # integers below 2**33
-                self._add_multiples(units, flat_index[chosen], grid, size, units=True)
-        self._normalize()
+        if not self.limbs.flags.c_contiguous:
+            self.limbs = np.ascontiguousarray(self.limbs)
+        width = self.limbs.shape[-1]
+        limbs = self.limbs.reshape(-1)  # a view
+        at = flat_index * width + (digit - self.lo)
+        low = (m & _MASK) << shift  # < 2**63
+        high = (m >> _DIGIT) << shift  # |.| < 2**52
+        np.add.at(limbs, at, low & _MASK)
+        np.add.at(limbs, at + 1, (low >> _DIGIT) + (high & _MASK))
+        np.add.at(limbs, at + 2, high >> _DIGIT)
+        self._normalize()  # each value added less than 2**33 to a digit
+
+    # ---------------------------------------------------------------- combining
 
     def merge(self, other: ExactSum) -> ExactSum:
         """The exact sum of both (a new object)."""
@@ -277,6 +311,7 @@ class ExactSum:
         `groups` has this sum's shape; the result has its shape with the last
         axis of length `count`.
         """
+        self._normalize()
         lead = self.shape[:-1]
         rows = int(np.prod(lead, dtype=np.int64))
         target = (np.arange(rows)[:, None] * count + groups.reshape(rows, -1)).ravel()
@@ -306,16 +341,10 @@ class ExactSum:
     def value(self) -> np.ndarray:
         """The sums rounded once to the nearest float64 (ties to even)."""
         out = np.zeros(self.shape, dtype=np.float64)
-        flat = out.reshape(-1)
         width = self.limbs.shape[-1]
         if width:
-            limbs = self.limbs.reshape(-1, width)
-            scale = _BASE + _DIGIT * self.lo
-            for i in np.flatnonzero(np.any(limbs != 0, axis=-1)):
-                digits = limbs[i]
-                low = int.from_bytes(digits[:-1].astype("<u4").tobytes(), "little")
-                integer = low + (int(digits[-1]) << (_DIGIT * (width - 1)))
-                flat[i] = _to_float(integer, scale)
+            self._normalize()
+            out.reshape(-1)[:] = _round(self.limbs.reshape(-1, width), _BASE + _DIGIT * self.lo)
         nan = (self.nan > 0) | ((self.pos_inf > 0) & (self.neg_inf > 0))
         out[self.pos_inf > 0] = np.inf
         out[self.neg_inf > 0] = -np.inf
@@ -329,6 +358,7 @@ class ExactSum:
 
     def pad_to(self, lo: int, hi: int) -> None:
         """Widen the window to digits [lo, hi) (before an all_reduce of the limbs)."""
+        self._normalize()  # digits in [0, 2**32): their sum over ranks cannot overflow
         if self.limbs.shape[-1] == 0:
             self.lo = lo
             self.limbs = np.zeros((*self.shape, hi - lo), dtype=np.int64)
@@ -341,16 +371,128 @@ class ExactSum:
         return None if width == 0 else (self.lo, self.lo + width)
 
 
+class _Pending:
+    """Float64 partial sums of the pieces, one pair per grid, on their way into `target`'s digits.
+
+    The partial sums on grid 2**g hold the high pieces (row 0) and the low
+    pieces on 2**(g − `level`) (row 1) of each element. A partial sum of
+    ``span = 2**(52 − level)`` pieces of at most `level` bits is exact; no
+    element gets more than `most` values, so partial sums may take values
+    until ``min(most, values taken)`` would pass `span`; then they go into
+    the digits, as int64 integers. `level` is as large as `most` and the
+    number of values allow, from ``_MIN_LEVEL`` up.
+    """
+
+    def __init__(self, target: ExactSum, most: int) -> None:
+        self.target = target
+        self.size = target.nan.size
+        self.most = most
+        fewest_bits = 52 - _MIN_LEVEL
+        self.level = min(52 - (min(most, 1 << fewest_bits) - 1).bit_length(), _MAX_LEVEL)
+        self.span = 1 << (52 - self.level)
+        self.sums: dict[int, tuple[np.ndarray, list[int]]] = {}  # grid -> (sums, [taken])
+
+    def partial_sums(self, grid: int, count: int) -> tuple[int, np.ndarray]:
+        """A grid in [`grid`, `grid` + ``_SLACK``] and its partial sums, room for `count` values."""
+        for coarse in range(grid, grid + _SLACK + 1):
+            if coarse in self.sums:
+                grid = coarse
+                break
+        else:
+            if len(self.sums) >= _MAX_PARTIALS:
+                self.deposit_all()
+            self.sums[grid] = (np.zeros((2, self.size), dtype=np.float64), [0])
+        sums, taken = self.sums[grid]
+        if min(self.most, taken[0] + count) > self.span:
+            self._deposit(grid, sums)
+            sums[...] = 0
+            taken[0] = 0
+        taken[0] += count
+        return grid, sums
+
+    def _deposit(self, grid: int, sums: np.ndarray) -> None:
+        grids = (grid, max(grid - self.level, _MIN_GRID))
+        scale = -np.array(grids)[:, None]
+        self.target._deposit(np.ldexp(sums, scale).astype(np.int64), grids)  # |.| <= 2**52
+
+    def deposit_all(self) -> None:
+        if not self.sums:
+            return
+        grids = sorted(self.sums)  # one widening for all: digits from the lowest grid's up
+        self.target._widen(*_window(max(grids[0] - self.level, _MIN_GRID), grids[-1]))
+        for grid in grids:
+            self._deposit(grid, self.sums[grid][0])
+        self.sums.clear()
+
+
+def _window(low_grid: int, grid: int) -> tuple[int, int]:
+    """Digits [lo, hi) for integers below 2**63 on grids from 2**`low_grid` to 2**`grid`.
+
+    A deposit on grid 2**g writes three digits from the one that holds bit
+    g; ``_HEADROOM`` more above take the carries of many deposits.
+    """
+    return (low_grid - _BASE) // _DIGIT, (grid - _BASE) // _DIGIT + 3 + _HEADROOM
+
+
 _SCRATCH = threading.local()
 
 
-def _scratch(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two float64 work arrays of `size` (at most ``_BLOCK``), reused by the thread."""
-    buffer = getattr(_SCRATCH, "buffer", None)
-    if buffer is None or buffer.shape[1] < size:
-        buffer = np.empty((2, size), dtype=np.float64)
-        _SCRATCH.buffer = buffer
-    return buffer[0, :size], buffer[1, :size]
+def _scratch(size: int) -> tuple[np.ndarray, ...]:
+    """Three float64 and one bool work arrays of `size` (at most ``_BLOCK``), kept per thread."""
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None or buffers[1].shape[1] < size:
+        buffers = (np.empty((3, size), dtype=np.float64), np.empty((1, size), dtype=np.bool_))
+        _SCRATCH.buffers = buffers
+    floats, mask = buffers
+    return floats[0, :size], floats[1, :size], floats[2, :size], mask[0, :size]
+
+
+def _round(limbs: np.ndarray, scale: int) -> np.ndarray:
+    """Each row of normalized digits, as an integer times 2**`scale`, rounded to float64.
+
+    Few rows go through Python's correctly rounded int division. Many go
+    at once: the top 64 bits of each magnitude, with the lowest one set if
+    any bit below is (rounding to odd), round to 53 bits as the exact
+    integer would (64 >= 53 + 2), so one conversion from uint64 rounds
+    correctly; only results in the subnormal range, where ``ldexp`` would
+    round a second time, take the int division.
+    """
+    rows, width = limbs.shape
+    if rows <= _FEW_ROWS:
+        return np.array([_row_to_float(row, scale) for row in limbs], dtype=np.float64)
+    sign = np.where(limbs[:, -1] < 0, -1, 1)
+    # digit j of each row in digits[j]: two zero digits below (every number has three
+    # digits from its top) and one above
+    digits = np.zeros((width + 3, rows), dtype=np.int64)
+    np.multiply(limbs.T, sign, out=digits[2:-1])
+    for j in range(width + 2):  # magnitudes: every digit in [0, 2**32)
+        carry = digits[j] >> _DIGIT
+        digits[j] -= carry << _DIGIT
+        digits[j + 1] += carry
+    nonzero = digits != 0
+    found = nonzero.any(axis=0)
+    top = np.where(found, width + 2 - np.argmax(nonzero[::-1], axis=0), 2)  # highest nonzero
+    at = np.arange(rows)
+    high = digits[top, at].astype(np.uint64)
+    bits = np.frexp(high.astype(np.float64))[1].astype(np.uint64)  # its bit length, 1..32
+    bits[~found] = 1
+    middle = digits[top - 1, at].astype(np.uint64)
+    low = digits[top - 2, at].astype(np.uint64)
+    head = (high << (np.uint64(64) - bits)) | (middle << (np.uint64(32) - bits)) | (low >> bits)
+    below = (nonzero & (np.arange(width + 3)[:, None] < top - 2)).any(axis=0)
+    head |= (((low & ((np.uint64(1) << bits) - np.uint64(1))) != 0) | below).astype(np.uint64)
+    exponent = scale + _DIGIT * (top - 4) + bits.astype(np.int64)
+    with np.errstate(over="ignore"):
+        out = np.ldexp(head.astype(np.float64), exponent) * sign
+    for i in np.flatnonzero(found & (np.abs(out) < 2.0**-1021)):  # subnormal: round once
+        out[i] = _row_to_float(limbs[i], scale)
+    return out
+
+
+def _row_to_float(digits: np.ndarray, scale: int) -> float:
+    """One row of normalized digits (integer times 2**`scale`) rounded to float64."""
+    low = int.from_bytes(digits[:-1].astype("<u4").tobytes(), "little")
+    return _to_float(low + (int(digits[-1]) << (_DIGIT * (digits.size - 1))), scale)
 
 
 def _to_float(integer: int, scale: int) -> float:

@@ -38,7 +38,7 @@ bins up to that resolution, and the per-bin sums stay exact.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -278,8 +278,9 @@ def _row_stats(
     index = xp.expand_dims(y_safe, axis=-1)
 
     if input_kind == "logits":
-        shifted, _ = shift_logits(x, xp=xp)  # log p accurate for large logits
-        log_p = shifted - logsumexp(shifted, axis=-1, keepdims=True, xp=xp)
+        with np.errstate(invalid="ignore"):  # a logit of +inf: inf - inf, a NaN row (below)
+            shifted, _ = shift_logits(x, xp=xp)  # log p accurate for large logits
+            log_p = shifted - logsumexp(shifted, axis=-1, keepdims=True, xp=xp)
         log_p_y = xp.squeeze(take_along_axis(log_p, index, axis=-1, xp=xp), axis=-1)
         probs = xp.exp(log_p)
         clamped = xp.zeros_like(log_p_y, dtype=xp.bool)
@@ -300,7 +301,8 @@ def _row_stats(
     pred = xp.argmax(x, axis=-1)
     hot = one_hot(y_safe, num_classes, dtype=probs.dtype, xp=xp)
     brier = xp.sum((probs - hot) ** 2, axis=-1)
-    nan = xp.any(xp.isnan(x), axis=-1)
+    # NaN in the row, or made from it (a logit of +inf: inf - inf); max propagates NaN
+    nan = xp.any(xp.isnan(x), axis=-1) | xp.isnan(conf)
 
     out = {
         "label": labels,
@@ -421,9 +423,28 @@ def _merge(a: State, b: State) -> State:
     return out
 
 
-def _batch_sum(values: np.ndarray) -> ExactSum:
-    """Exact sum of one batch of float64 values."""
-    return ExactSum.zeros().add(values)
+class _Terms(NamedTuple):
+    """Float64 values of one batch to add to an exact sum, to the elements `at` (flat indices).
+
+    `most` bounds how many values go to one element (the largest count of
+    ``np.bincount(at)``; None: all of them may).
+    """
+
+    values: np.ndarray
+    at: np.ndarray | None = None
+    most: int | None = None
+
+
+def _add_batch(state: State, batch: dict[str, Any]) -> State:
+    """`state` plus one batch: int64 counts add, `_Terms` go into copies of the exact sums."""
+    out: State = {}
+    for key, value in state.items():
+        more = batch[key]
+        if isinstance(more, _Terms):
+            out[key] = value.copy().add(more.values, more.at, most=more.most)
+        else:
+            out[key] = value + more
+    return out
 
 
 def _count(values: np.ndarray) -> np.ndarray:
@@ -451,10 +472,10 @@ def _log_loss_init() -> State:
 
 
 def _log_loss_update(state: State, rows: dict[str, np.ndarray]) -> State:
-    return _merge(
+    return _add_batch(
         state,
         {
-            "nll_sum": _batch_sum(rows["nll"]),
+            "nll_sum": _Terms(rows["nll"]),
             "count": np.asarray(rows["nll"].size, dtype=np.int64),
             "clamped": _count(rows["clamped"]),
         },
@@ -483,7 +504,7 @@ def _accuracy_init() -> State:
 
 def _accuracy_update(state: State, rows: dict[str, np.ndarray]) -> State:
     valid = ~rows["nan"]
-    return _merge(
+    return _add_batch(
         state,
         {
             "correct": _count(valid & (rows["pred"] == rows["label"])),
@@ -505,10 +526,10 @@ def _brier_init() -> State:
 
 
 def _brier_update(state: State, rows: dict[str, np.ndarray]) -> State:
-    return _merge(
+    return _add_batch(
         state,
         {
-            "brier_sum": _batch_sum(rows["brier"]),
+            "brier_sum": _Terms(rows["brier"]),
             "count": np.asarray(rows["brier"].size, dtype=np.int64),
         },
     )
@@ -535,11 +556,13 @@ def _per_class_update(state: State, rows: dict[str, np.ndarray]) -> State:
     num_classes = state["class_count"].size
     labels, valid = rows["label"], ~rows["nan"]
     hit = valid & (rows["pred"] == labels)
-    return _merge(
+    count = np.bincount(labels, minlength=num_classes).astype(np.int64, copy=False)
+    most = int(count.max(initial=0))
+    return _add_batch(
         state,
         {
-            "class_nll": ExactSum.zeros((num_classes,)).add(rows["nll"], labels),
-            "class_count": np.bincount(labels, minlength=num_classes).astype(np.int64),
+            "class_nll": _Terms(rows["nll"], labels, most),
+            "class_count": count,
             "class_correct": np.bincount(labels[hit], minlength=num_classes).astype(np.int64),
             "class_predicted": np.bincount(rows["pred"][valid], minlength=num_classes).astype(
                 np.int64
@@ -648,9 +671,11 @@ def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str)
             idx += np.arange(groups, dtype=np.int64) * width
         idx = idx.ravel(order=order)
         length, shape = groups * width, (groups, width)
+        count = np.bincount(idx, minlength=length).astype(np.int64, copy=False)
+        most = int(count.max(initial=0))
         return (
-            np.bincount(idx, minlength=length).reshape(shape).astype(np.int64),
-            ExactSum.zeros(shape).add(flat_conf, idx),
+            count.reshape(shape),
+            _Terms(flat_conf, idx, most),
             np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64),
         )
 
@@ -665,7 +690,7 @@ def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str)
     if "fine_count" in state:
         f_count, f_conf, f_hit = hist(_fine_bin(conf), FINE_BINS)
         batch |= {"fine_count": f_count, "fine_conf": f_conf, "fine_hit": f_hit}
-    return _merge(state, batch)
+    return _add_batch(state, batch)
 
 
 def _mass_groups(fine_count: np.ndarray, bins: int) -> np.ndarray:
