@@ -65,13 +65,13 @@ def test_in_place_path_equals_the_array_api_path(beta: float, dtype: str) -> Non
     log_p, log_q = _logs(dt)
     xp = array_namespace(log_p)
     want_loss, want_grad = _jsd_generic(log_p, log_q, beta=beta, axis=-1, grad=True, xp=xp)
-    got_loss, got_grad = _jsd_torch(log_p, log_q, beta=beta, axis=-1, grad=True, overwrite=False)
+    got_loss, got_grad = _jsd_torch(log_p, log_q, beta=beta, axis=-1, grad=True)
     # float32: the log-probabilities of the rows with logits near 1000 are off by an ulp of
     # 1000 (6e-5), and the two paths round that differently; the rest agrees to a few ulps
     tol = {"rtol": 2e-5, "atol": 1e-4} if dt == torch.float32 else {"rtol": 1e-13, "atol": 1e-12}
     _assert_same(got_loss, want_loss, **tol)
     _assert_same(got_grad, want_grad, **tol)
-    # the inputs are untouched without `overwrite`
+    # the inputs are untouched without `work`
     torch.testing.assert_close((log_p, log_q), _logs(dt), equal_nan=True, rtol=0, atol=0)
 
 
@@ -104,22 +104,24 @@ def test_values_and_gradients_match_the_float64_reference(beta: float) -> None:
 
 
 @pytest.mark.parametrize("beta", BETAS)
-def test_overwrite_returns_the_gradient_in_log_q_with_a_per_row_scale(beta: float) -> None:
+def test_work_space_returns_the_gradient_in_log_q_with_a_per_row_scale(beta: float) -> None:
     log_p, log_q = _logs(torch.float32)
     xp = array_namespace(log_p)
     scale = torch.linspace(0.5, 2.0, log_p.shape[0])
     want_loss, want_grad = jsd_and_grad_from_log(log_p, log_q, beta=beta, xp=xp, scale=scale)
     p_work, q_work = log_p.clone(), log_q.clone()
-    loss, grad = jsd_and_grad_from_log(
-        p_work, q_work, beta=beta, xp=xp, scale=scale, overwrite=True
-    )
+    work = torch.full((4, *log_p.shape), 7.0)  # stale values must not leak in
+    loss, grad = jsd_and_grad_from_log(p_work, q_work, beta=beta, xp=xp, scale=scale, work=work)
     assert grad.data_ptr() == q_work.data_ptr()
     torch.testing.assert_close(loss, want_loss, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(grad, want_grad, equal_nan=True, rtol=0, atol=0)
     _, unit = jsd_and_grad_from_log(log_p, log_q, beta=beta, xp=xp)
     torch.testing.assert_close(grad, unit * scale[:, None], equal_nan=True, rtol=1e-6, atol=0)
-    loss_only = generalized_jsd_from_log(log_p.clone(), log_q.clone(), beta=beta, axis=-1, xp=xp)
-    torch.testing.assert_close(loss_only, want_loss, equal_nan=True, rtol=0, atol=0)
+    for space in (None, work.fill_(7.0)):
+        loss_only = generalized_jsd_from_log(
+            log_p.clone(), log_q.clone(), beta=beta, axis=-1, xp=xp, work=space
+        )
+        torch.testing.assert_close(loss_only, want_loss, equal_nan=True, rtol=0, atol=0)
 
 
 def test_tracked_tensors_take_the_differentiable_path() -> None:

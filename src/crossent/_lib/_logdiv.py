@@ -125,17 +125,16 @@ def log_mixture(log_p: Array, log_q: Array, *, beta: float = 0.5, xp: Any) -> Ar
 
 
 def generalized_jsd_from_log(
-    log_p: Array, log_q: Array, *, beta: float, axis: int, xp: Any, overwrite: bool = False
+    log_p: Array, log_q: Array, *, beta: float, axis: int, xp: Any, work: Array | None = None
 ) -> Array:
     r""":math:`L_\beta(P, Q)` (the module's formula) summed along `axis`, from log-probabilities.
 
     ``beta=0`` is :math:`\mathrm{KL}(P\|Q)`, ``beta=1`` :math:`\mathrm{KL}(Q\|P)`,
-    ``beta=0.5`` the Jensen–Shannon divergence. `log_p` and `log_q` broadcast;
-    with `overwrite` (untracked PyTorch tensors of one shape, owned by the caller)
-    they serve as work space.
+    ``beta=0.5`` the Jensen–Shannon divergence. `log_p` and `log_q` broadcast.
+    `work`: see :func:`jsd_and_grad_from_log`.
     """
     if _untracked_torch(xp, log_p, log_q):
-        return _jsd_torch(log_p, log_q, beta=beta, axis=axis, grad=False, overwrite=overwrite)[0]
+        return _jsd_torch(log_p, log_q, beta=beta, axis=axis, grad=False, work=work)[0]
     return _jsd_generic(log_p, log_q, beta=beta, axis=axis, grad=False, xp=xp)[0]
 
 
@@ -146,19 +145,19 @@ def jsd_and_grad_from_log(
     beta: float,
     xp: Any,
     scale: float | Array = 1.0,
-    overwrite: bool = False,
+    work: Array | None = None,
 ) -> tuple[Array, Array]:
     r""":math:`L_\beta(P, Q)` along the last axis and `scale` times its gradient for Q's logits.
 
     `log_p` and `log_q` are log-softmaxes of the same shape; `scale` is a
-    number or an array of the rows' shape (each row's gradient times it). With
-    `overwrite` (untracked PyTorch tensors the caller owns) both inputs serve as
-    work space and the gradient is returned in `log_q`'s storage.
+    number or an array of the rows' shape (each row's gradient times it).
+    `work`, for untracked PyTorch tensors the caller owns (the fused chunk
+    loop), is work space of shape ``(4, *log_p.shape)``: then `log_p` and
+    `log_q` are overwritten too, the gradient is returned in `log_q`'s storage,
+    and nothing is allocated per call.
     """
     if _untracked_torch(xp, log_p, log_q):
-        loss, g = _jsd_torch(
-            log_p, log_q, beta=beta, axis=-1, grad=True, overwrite=overwrite, scale=scale
-        )
+        loss, g = _jsd_torch(log_p, log_q, beta=beta, axis=-1, grad=True, work=work, scale=scale)
     else:
         loss, g = _jsd_generic(log_p, log_q, beta=beta, axis=-1, grad=True, xp=xp, scale=scale)
     if g is None:  # pragma: no cover - grad=True always returns it
@@ -255,13 +254,15 @@ def _jsd_torch(
     beta: float,
     axis: int,
     grad: bool,
-    overwrite: bool,
+    work: Any = None,
     scale: float | Array = 1.0,
 ) -> tuple[Any, Any]:
     """:func:`_jsd_generic` for untracked PyTorch tensors: in place, four work arrays.
 
-    With `overwrite`, `log_p` and `log_q` (same shape, owned by the caller) are
-    overwritten by the probabilities, and the gradient is left in `log_q`.
+    With `work` (``(4, *shape)``), `log_p` and `log_q` (same shape, owned by the
+    caller) are overwritten by the probabilities, the gradient is left in
+    `log_q`, and the work arrays are ``work[0]`` … ``work[3]``; without it six
+    arrays are allocated.
     """
     import torch
 
@@ -270,10 +271,13 @@ def _jsd_torch(
     )
     shape, dtype, device = log_p.shape, log_p.dtype, log_p.device
 
-    def empty() -> Any:
-        return torch.empty(shape, dtype=dtype, device=device)
+    given = iter(() if work is None else work.unbind(0))
 
-    if overwrite:
+    def empty() -> Any:
+        buf = next(given, None)
+        return torch.empty(shape, dtype=dtype, device=device) if buf is None else buf
+
+    if work is not None:
         p_buf, q_buf = log_p, log_q
     else:
         p_buf, q_buf = empty(), empty()

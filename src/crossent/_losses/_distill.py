@@ -121,17 +121,19 @@ def distill_rows(
     grad: bool,
     xp: Any,
     scale: float | Array = 1.0,
-    overwrite: bool = False,
+    work: Array | None = None,
 ) -> tuple[Array, Array | None]:
     r"""Per-row generalized JSD and its gradient for the student's logits (last axis).
 
     `student` and `teacher` are ``(..., V)`` logits in the compute dtype; returns
     the loss ``(...)`` and, with `grad`, `scale` (a number or an array of the
     rows' shape) times :math:`\partial L / \partial s` ``(..., V)`` (None
-    otherwise). The formulas are in the module docstring. With `overwrite`
-    (untracked PyTorch work buffers the caller owns: the fused loop) both inputs
-    are overwritten and the gradient is returned in `student`'s storage.
+    otherwise). The formulas are in the module docstring. With `work`
+    (untracked PyTorch buffers the caller owns, the fused loop: work space of
+    shape ``(4, *student.shape)``) both inputs are overwritten and the gradient
+    is returned in `student`'s storage.
     """
+    overwrite = work is not None
     inv_t = 1.0 / temperature
     if inv_t != 1.0:
         if overwrite:
@@ -142,11 +144,11 @@ def distill_rows(
     log_p = log_softmax(teacher, axis=-1, xp=xp, overwrite=overwrite)
     if not grad:
         return (
-            generalized_jsd_from_log(log_p, log_q, beta=beta, axis=-1, xp=xp, overwrite=overwrite),
+            generalized_jsd_from_log(log_p, log_q, beta=beta, axis=-1, xp=xp, work=work),
             None,
         )
     factor = scale * inv_t
-    return jsd_and_grad_from_log(log_p, log_q, beta=beta, xp=xp, scale=factor, overwrite=overwrite)
+    return jsd_and_grad_from_log(log_p, log_q, beta=beta, xp=xp, scale=factor, work=work)
 
 
 def _prepare(

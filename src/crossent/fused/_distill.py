@@ -111,6 +111,10 @@ def _chunked_distill(
     )
     t_w_t = t_weight.t()
     xp = array_namespace(loss_rows)
+    step = max(1, -(-chunk // _SUB_BLOCKS))  # rows per block
+    work_all = (
+        _workspace("distill_rows", (_BLOCK_TEMPS * step, v), cdt, device) if n_counted else None
+    )
 
     def body(buf: torch.Tensor, c: _Chunk) -> bool:
         n = c.stop - c.start
@@ -127,7 +131,7 @@ def _chunked_distill(
         r: float | torch.Tensor = inv_denom  # each row's gradient factor
         if any_grad and row_scale is not None:
             r = row_scale[c.rows].to(cdt) * inv_denom
-        step = max(1, -(-n // _SUB_BLOCKS))
+        assert work_all is not None
         for i in range(0, n, step):
             j = min(i + step, n)
             block = buf[i:j]
@@ -139,7 +143,8 @@ def _chunked_distill(
                 grad=any_grad,
                 xp=xp,
                 scale=r if isinstance(r, float) else r[i:j],
-                overwrite=True,  # the gradient is left in `block` ...
+                work=work_all[: _BLOCK_TEMPS * (j - i)].view(_BLOCK_TEMPS, j - i, v),
+                # the gradient is left in `block` ...
             )
             loss_rows[c.rows[i:j]] = loss
             if g is not None and g.data_ptr() != block.data_ptr():
