@@ -95,9 +95,7 @@ class _Page:
         self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
         self.page.on("requestfailed", lambda r: self.failed.append(r.url))
         self.page.on("request", self._request)
-        self.page.on(
-            "response", lambda r: r.status >= 400 and self.failed.append(f"{r.status} {r.url}")
-        )
+        self.page.on("response", lambda r: r.status >= 400 and self.failed.append(f"{r.status} {r.url}"))
         self.page.goto(url, wait_until="load")
 
     def _console(self, message: Any) -> None:

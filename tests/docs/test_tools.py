@@ -83,14 +83,8 @@ def test_render_writes_tables_and_a_ratio_figure(tmp_path: Path) -> None:
             "bench_x": {
                 "command": "python -m benchmarks.bench_x --quick",
                 "date": "2026-01-01 00:00 UTC",
-                "machine": {
-                    "cpu": "CPU",
-                    "cores": 2,
-                    "os": "Linux",
-                    "python": "3.11",
-                    "torch": "2.13.0",
-                    "torch_threads": 2,
-                },
+                "machine": {"cpu": "CPU", "cores": 2, "os": "Linux", "python": "3.11",
+                            "torch": "2.13.0", "torch_threads": 2},
                 "output": RIGHT_ALIGNED,
                 "tables": collect.parse_tables(RIGHT_ALIGNED),
             }
@@ -111,16 +105,12 @@ def _run_doctests(text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     page.write_text(text)
     app = SimpleNamespace(env=SimpleNamespace(doc2path=lambda name: str(page)))
     warnings: list[str] = []
-    monkeypatch.setattr(
-        crossent_docs.logger, "warning", lambda msg, *a, **k: warnings.append(msg % a)
-    )
+    monkeypatch.setattr(crossent_docs.logger, "warning", lambda msg, *a, **k: warnings.append(msg % a))
     crossent_docs.run_page_doctests(app, "page", [text])  # type: ignore[arg-type]
     return warnings
 
 
-def test_page_doctests_run_pycon_blocks_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_page_doctests_run_pycon_blocks_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     good = "# t\n\n```pycon\n>>> 1 + 1\n2\n```\n\n```python\n>>> 1 + 1\n3\n```\n"
     assert _run_doctests(good, tmp_path, monkeypatch) == []
     bad = "# t\n\n```pycon\n>>> import crossent as ce\n>>> ce.__version__ == 'x'\nTrue\n```\n"

@@ -399,9 +399,7 @@ def test_input_and_target_by_keyword_as_in_the_contract() -> None:
         ce.value_and_grad(
             ce.sparse_categorical_cross_entropy, input=logits, target=labels, from_logits=True
         ),
-        ce.value_and_grad(
-            "sparse_categorical_cross_entropy", logits, target=labels, from_logits=True
-        ),
+        ce.value_and_grad("sparse_categorical_cross_entropy", logits, target=labels, from_logits=True),
     ):
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
