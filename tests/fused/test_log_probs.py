@@ -196,6 +196,40 @@ def test_bfloat16_no_worse_than_torch_same_dtype() -> None:
         assert err_ours <= 1.25 * err_torch + 1e-6 * np.linalg.norm(r), (err_ours, err_torch)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_classes_ruled_out_by_a_minus_inf_bias(dtype: str) -> None:
+    """−inf logits: the same values and gradients as the head without those classes, 0 for them."""
+    data = _inputs(n=11, ignored=False)
+    out = torch.zeros(V, dtype=torch.bool)
+    out[[3, 40, 41, 102]] = True
+    data["target"][data["target"] == 3] = 4
+    data["target"][(data["target"] == 40) | (data["target"] == 41) | (data["target"] == 102)] = 5
+    data["bias"][out] = -torch.inf
+    got = _ours(data, bias=True, upstream="both", dtype=getattr(torch, dtype), chunk_size=4)
+    kept = {**data, "weight": data["weight"][~out], "bias": data["bias"][~out]}
+    remap = torch.cumsum((~out).long(), 0) - 1
+    kept["target"] = remap[data["target"]]
+    want = _ref(kept, bias=True, upstream="both")
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == "float64" else {"rtol": 2e-5, "atol": 2e-5}
+    for g, w in zip(got[:3], want[:3], strict=True):
+        _close(g, w, **tol)
+    _close(got[3][~out], want[3], **tol)
+    _close(got[4][~out], want[4], **tol)
+    assert torch.equal(got[3][out], torch.zeros_like(got[3][out]))
+    assert torch.equal(got[4][out], torch.zeros_like(got[4][out]))
+
+
+def test_changing_the_returned_entropy_does_not_change_the_gradients() -> None:
+    """backward uses the forward's entropy (not recomputed), from its own copy."""
+    data = _inputs()
+    h = data["hidden"].clone().requires_grad_()
+    lp, ent = linear_log_probs(h, data["weight"], data["target"], return_entropy=True)
+    total = (lp * data["g_lp"]).sum() + (ent * data["g_ent"]).sum()
+    ent.mul_(0.0).add_(1e3)  # sum's and mul's backward do not need `ent`
+    (grad,) = torch.autograd.grad(total, [h])
+    _close(grad, _ref(data, bias=False, upstream="both")[2])
+
+
 def test_gradcheck_float64() -> None:
     data = _inputs(n=7, d=3, v=6)
     y = data["target"]

@@ -293,3 +293,117 @@ def test_unpatch_refuses_to_drop_a_later_wrapper() -> None:
         unpatch(model)
     model.forward = patched
     assert unpatch(model) is model
+
+
+# ----------------------------------------------------------------------------
+# Threads
+# ----------------------------------------------------------------------------
+
+
+def _in_threads(*calls: Any) -> list[Any]:
+    """Run each call in its own thread; their results in order (re-raising the first error)."""
+    import threading
+
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as exc:  # re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _meet_inside_the_base_model(model: Any, parties: int) -> Any:
+    """A hook that holds every call in the base model until `parties` calls are inside it."""
+    import threading
+
+    barrier = threading.Barrier(parties, timeout=30)
+
+    def hook(*_: Any) -> None:
+        barrier.wait()
+
+    return model.base_model.register_forward_hook(hook)
+
+
+def test_a_training_call_and_a_plain_call_in_two_threads_do_not_mix() -> None:
+    """While one thread's fused call records the head's input, another thread gets its logits."""
+    model = make_model("llama")
+    ref_model = copy.deepcopy(model)
+    ids, labels = _batch(seed=13)
+    want_loss = _reference_loss(ref_model, ids, labels)
+    want_logits = ref_model(input_ids=ids).logits
+    patch(model)
+    hook = _meet_inside_the_base_model(model, 2)
+    fused, plain = _in_threads(
+        lambda: model(input_ids=ids, labels=labels), lambda: model(input_ids=ids)
+    )
+    hook.remove()
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, want_loss)
+    torch.testing.assert_close(plain.logits, want_logits, rtol=0, atol=0)
+    assert "forward" not in vars(model.lm_head)
+
+
+def test_concurrent_training_calls_give_their_own_losses() -> None:
+    model = make_model("gpt2")
+    ref_model = copy.deepcopy(model)
+    batches = [_batch(seed=s) for s in (14, 15, 16)]
+    want = [_reference_loss(ref_model, ids, labels) for ids, labels in batches]
+    patch(model)
+    hook = _meet_inside_the_base_model(model, len(batches))
+    outs = _in_threads(*(lambda b=b: model(input_ids=b[0], labels=b[1]) for b in batches))
+    hook.remove()
+    for out, ref in zip(outs, want, strict=True):
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, ref)
+    assert "forward" not in vars(model.lm_head)
+
+
+def test_concurrent_patch_and_unpatch_patch_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Racing patch() calls (slowed down inside) wrap the model once; unpatch() undoes it all."""
+    import threading
+    import time
+
+    import crossent.integrations.transformers as integration
+
+    check = integration._check_loss_function
+
+    def slow_check(model: Any) -> None:
+        time.sleep(0.05)
+        check(model)
+
+    monkeypatch.setattr(integration, "_check_loss_function", slow_check)
+    model = make_model("qwen2")
+    start = threading.Barrier(4, timeout=30)
+
+    def patcher() -> Any:
+        start.wait()
+        return patch(model, chunk_size=8)
+
+    assert all(m is model for m in _in_threads(*(patcher for _ in range(4))))
+    wrapped = vars(model)["forward"].__wrapped__  # the model's own forward, not another wrapper
+    assert getattr(wrapped, "__func__", None) is type(model).forward
+    done = threading.Barrier(4, timeout=30)
+
+    def unpatcher() -> str:
+        done.wait()
+        try:
+            unpatch(model)
+        except ValueError:
+            return "refused"
+        return "done"
+
+    assert sorted(_in_threads(*(unpatcher for _ in range(4)))) == ["done"] + ["refused"] * 3
+    assert "forward" not in vars(model)
+    ids, labels = _batch(seed=17)
+    assert model(input_ids=ids, labels=labels).logits is not None

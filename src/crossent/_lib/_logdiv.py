@@ -15,7 +15,25 @@ distillation losses (:func:`crossent.distillation_loss`,
 the non-negative terms of :func:`rel_entr_from_log`, so the result is never
 negative in floating point and nearly equal distributions keep their small
 divergence accurately (a plain :math:`\sum_k p_k (\log p_k - \log q_k)`
-cancels).
+cancels). :func:`jsd_and_grad_from_log` adds the gradient with respect to the
+logits of :math:`Q` (the student's, in distillation): with :math:`r_k = \log Q_k
+- \log M_k` (:math:`\log Q_k - \log P_k` for :math:`\beta = 1`),
+
+.. math::
+
+    \frac{\partial L_\beta}{\partial s_k} = c_\beta\, Q_k \big(r_k - \mathrm{KL}(Q\|M)\big),
+    \quad c_\beta = 1 - \beta \ (1 \text{ at } \beta = 1), \qquad
+    \frac{\partial L_0}{\partial s_k} = Q_k - P_k,
+
+since :math:`\partial L_\beta / \partial Q_k = (1-\beta)(\log Q_k - \log M_k)` (the
+:math:`\log M` terms of the two KL divergences cancel through
+:math:`\sum_k \partial M_k = 0`) and :math:`\sum_j Q_j r_j = \mathrm{KL}(Q\|M)`.
+
+Two implementations of these formulas, one per kind of caller: the array-API
+one (every backend, differentiable by autodiff with finite gradients wherever
+the value is finite) and, for PyTorch tensors that autograd does not track (the
+fused chunk loop, ``value_and_grad``, ``info`` under ``no_grad``), an in-place
+one with a few preallocated temporaries (:func:`_jsd_torch`).
 """
 
 from __future__ import annotations
@@ -23,13 +41,40 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from crossent._lib._xp import Array, logsumexp
+from crossent._lib._xp import Array, is_torch_namespace, logsumexp
 
-__all__ = ["generalized_jsd_from_log", "log_mixture", "log_softmax", "rel_entr_from_log"]
+__all__ = [
+    "generalized_jsd_from_log",
+    "jsd_and_grad_from_log",
+    "log_mixture",
+    "log_softmax",
+    "rel_entr_from_log",
+]
 
 
-def log_softmax(z: Array, *, axis: int, xp: Any) -> Array:
-    r""":math:`\log p = z - \operatorname{lse}(z)` along `axis` (a row of :math:`-\infty`: NaN)."""
+def _untracked_torch(xp: Any, *arrays: Array) -> bool:
+    """Whether `arrays` are PyTorch tensors autograd does not track (the in-place path)."""
+    if not is_torch_namespace(xp):
+        return False
+    import torch
+
+    if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def log_softmax(z: Array, *, axis: int, xp: Any, overwrite: bool = False) -> Array:
+    r""":math:`\log p = z - \operatorname{lse}(z)` along `axis` (a row of :math:`-\infty`: NaN).
+
+    PyTorch uses its fused kernel; with `overwrite` (an untracked tensor the
+    caller owns) the result replaces `z` in place.
+    """
+    if is_torch_namespace(xp):
+        import torch
+
+        if overwrite and _untracked_torch(xp, z):
+            return torch._log_softmax(z, axis, False, out=z)
+        return torch.log_softmax(z, dim=axis)
     return z - logsumexp(z, axis=axis, keepdims=True, xp=xp)
 
 
@@ -80,20 +125,207 @@ def log_mixture(log_p: Array, log_q: Array, *, beta: float = 0.5, xp: Any) -> Ar
 
 
 def generalized_jsd_from_log(
-    log_p: Array, log_q: Array, *, beta: float, axis: int, xp: Any, log_m: Array | None = None
+    log_p: Array, log_q: Array, *, beta: float, axis: int, xp: Any, work: Array | None = None
 ) -> Array:
     r""":math:`L_\beta(P, Q)` (the module's formula) summed along `axis`, from log-probabilities.
 
     ``beta=0`` is :math:`\mathrm{KL}(P\|Q)`, ``beta=1`` :math:`\mathrm{KL}(Q\|P)`,
-    ``beta=0.5`` the Jensen–Shannon divergence. `log_m`, if given, is
-    :func:`log_mixture` of the pair (a caller that also needs it computes it once).
+    ``beta=0.5`` the Jensen–Shannon divergence. `log_p` and `log_q` broadcast.
+    `work`: see :func:`jsd_and_grad_from_log`.
     """
+    if _untracked_torch(xp, log_p, log_q):
+        return _jsd_torch(log_p, log_q, beta=beta, axis=axis, grad=False, work=work)[0]
+    return _jsd_generic(log_p, log_q, beta=beta, axis=axis, grad=False, xp=xp)[0]
+
+
+def jsd_and_grad_from_log(
+    log_p: Array,
+    log_q: Array,
+    *,
+    beta: float,
+    xp: Any,
+    scale: float | Array = 1.0,
+    work: Array | None = None,
+) -> tuple[Array, Array]:
+    r""":math:`L_\beta(P, Q)` along the last axis and `scale` times its gradient for Q's logits.
+
+    `log_p` and `log_q` are log-softmaxes of the same shape; `scale` is a
+    number or an array of the rows' shape (each row's gradient times it).
+    `work`, for untracked PyTorch tensors the caller owns (the fused chunk
+    loop), is work space of shape ``(4, *log_p.shape)``: then `log_p` and
+    `log_q` are overwritten too, the gradient is returned in `log_q`'s storage,
+    and nothing is allocated per call.
+    """
+    if _untracked_torch(xp, log_p, log_q):
+        loss, g = _jsd_torch(log_p, log_q, beta=beta, axis=-1, grad=True, work=work, scale=scale)
+    else:
+        loss, g = _jsd_generic(log_p, log_q, beta=beta, axis=-1, grad=True, xp=xp, scale=scale)
+    if g is None:  # pragma: no cover - grad=True always returns it
+        msg = "internal: the divergence's gradient was not computed."
+        raise RuntimeError(msg)
+    return loss, g
+
+
+# ----------------------------------------------------------------------------
+# The array-API implementation (every backend, autodiff)
+# ----------------------------------------------------------------------------
+
+
+def _p_log_ratio(log_p: Array, log_q: Array, *, xp: Any) -> Array:
+    """Elementwise :math:`p (\\log p - \\log q)` with 0 where p = 0 (value and gradient)."""
+    zero = log_p == -math.inf
+    safe = xp.where(zero, xp.zeros_like(log_p), log_p) - xp.where(zero, xp.zeros_like(log_q), log_q)
+    return xp.where(zero, xp.zeros_like(log_p), xp.exp(log_p) * safe)
+
+
+def _jsd_generic(
+    log_p: Array,
+    log_q: Array,
+    *,
+    beta: float,
+    axis: int,
+    grad: bool,
+    xp: Any,
+    scale: float | Array = 1.0,
+) -> tuple[Array, Array | None]:
+    """The loss along `axis` and, with `grad`, `scale` times its gradient for Q's logits."""
     if beta == 0.0:
-        return xp.sum(rel_entr_from_log(log_p, log_q, xp=xp), axis=axis)
-    if beta == 1.0:
-        return xp.sum(rel_entr_from_log(log_q, log_p, xp=xp), axis=axis)
-    if log_m is None:
-        log_m = log_mixture(log_p, log_q, beta=beta, xp=xp)
-    kl_p = xp.sum(rel_entr_from_log(log_p, log_m, xp=xp), axis=axis)
+        loss = xp.sum(rel_entr_from_log(log_p, log_q, xp=xp), axis=axis)
+        if not grad:
+            return loss, None
+        return loss, (xp.exp(log_q) - xp.exp(log_p)) * _row_factor(scale, axis, xp=xp)
+    log_m = log_p if beta == 1.0 else log_mixture(log_p, log_q, beta=beta, xp=xp)
     kl_q = xp.sum(rel_entr_from_log(log_q, log_m, xp=xp), axis=axis)
-    return beta * kl_p + (1.0 - beta) * kl_q
+    if beta == 1.0:
+        loss = kl_q
+    else:
+        kl_p = xp.sum(rel_entr_from_log(log_p, log_m, xp=xp), axis=axis)
+        loss = beta * kl_p + (1.0 - beta) * kl_q
+    if not grad:
+        return loss, None
+    coef = 1.0 if beta == 1.0 else 1.0 - beta
+    q_r = _p_log_ratio(log_q, log_m, xp=xp)  # Q_k r_k, 0 where Q_k = 0
+    g = q_r - xp.exp(log_q) * xp.expand_dims(kl_q, axis=axis)
+    return loss, g * (coef * _row_factor(scale, axis, xp=xp))
+
+
+def _row_factor(scale: float | Array, axis: int, *, xp: Any) -> float | Array:
+    """`scale` broadcastable against the class axis (a number stays a number)."""
+    if isinstance(scale, int | float):
+        return float(scale)
+    return xp.expand_dims(scale, axis=axis)
+
+
+# ----------------------------------------------------------------------------
+# The in-place PyTorch implementation (tensors autograd does not track)
+# ----------------------------------------------------------------------------
+
+
+def _rel_entr_rows_torch(d: Any, a: Any, b: Any, w: Any, *, b_may_vanish: bool) -> Any:
+    r"""Row sums (last axis) of :func:`rel_entr_from_log`'s terms, in a few in-place passes.
+
+    `d` holds :math:`\log a - \log b` (NaN where both logs are :math:`-\infty`)
+    and becomes the *clean* log ratio: 0 there, :math:`-\infty` (mass 0)
+    replaced by a huge finite negative number, so that :math:`a \cdot d = 0`
+    wherever :math:`a = 0`. `a` and `b` are the probabilities, `w` work space.
+    The term is :math:`a\,(d + \operatorname{expm1}(-\max(d, -1))) + (b - e\,a)^+`:
+    for :math:`d \ge -1` the second part is 0 (:math:`b = a e^{-d} \le e\,a`) and
+    the first is :func:`rel_entr_from_log`'s; below, they add up to
+    :math:`a(d - 1) + b`. NaN inputs reach the sum through `a` or `b`. With
+    `b_may_vanish` (`b` can be 0 where `a` is not: plain KL, not a mixture) such
+    a term is :math:`+\infty` even when `a` underflowed.
+    """
+    import torch
+
+    d.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-0.25 * torch.finfo(d.dtype).max)
+    torch.clamp(d, min=-1.0, out=w)
+    w.neg_().expm1_().add_(d).mul_(a)
+    if b_may_vanish:
+        w.masked_fill_(d == math.inf, math.inf)
+    rows = w.sum(dim=-1)
+    torch.add(b, a, alpha=-math.e, out=w).clamp_min_(0.0)
+    return rows.add_(w.sum(dim=-1))
+
+
+def _jsd_torch(
+    log_p: Any,
+    log_q: Any,
+    *,
+    beta: float,
+    axis: int,
+    grad: bool,
+    work: Any = None,
+    scale: float | Array = 1.0,
+) -> tuple[Any, Any]:
+    """:func:`_jsd_generic` for untracked PyTorch tensors: in place, four work arrays.
+
+    With `work` (``(4, *shape)``), `log_p` and `log_q` (same shape, owned by the
+    caller) are overwritten by the probabilities, the gradient is left in
+    `log_q`, and the work arrays are ``work[0]`` … ``work[3]``; without it six
+    arrays are allocated.
+    """
+    import torch
+
+    log_p, log_q = torch.broadcast_tensors(
+        torch.movedim(log_p, axis, -1), torch.movedim(log_q, axis, -1)
+    )
+    shape, dtype, device = log_p.shape, log_p.dtype, log_p.device
+
+    given = iter(() if work is None else work.unbind(0))
+
+    def empty() -> Any:
+        buf = next(given, None)
+        return torch.empty(shape, dtype=dtype, device=device) if buf is None else buf
+
+    if work is not None:
+        p_buf, q_buf = log_p, log_q
+    else:
+        p_buf, q_buf = empty(), empty()
+    d, w = empty(), empty()
+
+    def factor(coef: float) -> Any:
+        """`coef` times `scale`, broadcastable against the rows (None for 1)."""
+        if isinstance(scale, int | float):
+            return None if coef * scale == 1.0 else coef * float(scale)
+        return (scale * coef)[..., None]
+
+    if beta == 0.0:  # KL(P || Q): a = P, b = Q
+        torch.sub(log_p, log_q, out=d)
+        torch.exp(log_p, out=p_buf)
+        torch.exp(log_q, out=q_buf)
+        loss = _rel_entr_rows_torch(d, p_buf, q_buf, w, b_may_vanish=True)
+        g = None
+        if grad:
+            g = q_buf.sub_(p_buf)
+            if (f := factor(1.0)) is not None:
+                g.mul_(f)
+    else:
+        kl_p = None
+        if beta == 1.0:  # KL(Q || P): a = Q, b = P
+            torch.sub(log_q, log_p, out=d)
+            m_buf = torch.exp(log_p, out=p_buf)
+        else:
+            log_m, m_buf = empty(), empty()
+            if beta == 0.5:
+                torch.logaddexp(log_p, log_q, out=log_m).sub_(math.log(2.0))
+            else:
+                torch.add(log_p, math.log(beta), out=log_m)
+                torch.add(log_q, math.log1p(-beta), out=d)
+                torch.logaddexp(log_m, d, out=log_m)
+            torch.exp(log_m, out=m_buf)
+            torch.sub(log_p, log_m, out=d)
+            torch.exp(log_p, out=p_buf)
+            kl_p = _rel_entr_rows_torch(d, p_buf, m_buf, w, b_may_vanish=False)
+            torch.sub(log_q, log_m, out=d)
+        torch.exp(log_q, out=q_buf)
+        kl_q = _rel_entr_rows_torch(d, q_buf, m_buf, w, b_may_vanish=beta == 1.0)
+        loss = kl_q if kl_p is None else kl_p.mul_(beta).add_(kl_q, alpha=1.0 - beta)
+        g = None
+        if grad:  # c Q (r - KL(Q||M)), with d = r (0 where Q = 0)
+            d.sub_(kl_q[..., None])
+            if (f := factor(1.0 if beta == 1.0 else 1.0 - beta)) is not None:
+                d.mul_(f)
+            g = q_buf.mul_(d)
+    if g is not None:
+        g = torch.movedim(g, -1, axis)
+    return loss, g

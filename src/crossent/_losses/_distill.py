@@ -27,12 +27,16 @@ for :math:`\beta = 1`),
 .. math::
 
     \frac{\partial L_\beta}{\partial s_k}
-        = \frac{c_\beta}{T}\, Q_k \big(r_k - \textstyle\sum_j Q_j r_j\big),
+        = \frac{c_\beta}{T}\, Q_k \big(r_k - \textstyle\sum_j Q_j r_j\big)
+        = \frac{c_\beta}{T}\, Q_k \big(r_k - \mathrm{KL}(Q\|M)\big),
     \quad c_\beta = 1 - \beta \ (1 \text{ at } \beta = 1), \qquad
     \frac{\partial L_0}{\partial s_k} = \frac{Q_k - P_k}{T},
 
 since :math:`\partial L_\beta / \partial Q_k = (1-\beta)(\log Q_k - \log M_k)` (the
 :math:`\log M` terms of the two KL divergences cancel through :math:`\sum_k \partial M_k = 0`).
+The loss and this gradient are computed together by
+``crossent._lib._logdiv.jsd_and_grad_from_log`` (the KL in the gradient is the
+loss's own non-negative sum).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from crossent._lib._checks import (
     check_reduction,
     check_same_shape,
 )
-from crossent._lib._logdiv import generalized_jsd_from_log, log_mixture, log_softmax
+from crossent._lib._logdiv import generalized_jsd_from_log, jsd_and_grad_from_log, log_softmax
 from crossent._lib._xp import (
     Array,
     array_namespace,
@@ -108,13 +112,6 @@ def _constant(x: Array, *, xp: Any) -> Array:
     return x
 
 
-def _p_log_ratio(log_p: Array, log_q: Array, *, xp: Any) -> Array:
-    """Elementwise :math:`p (\\log p - \\log q)` with 0 where p = 0 (value and gradient)."""
-    zero = log_p == -math.inf
-    safe = xp.where(zero, xp.zeros_like(log_p), log_p) - xp.where(zero, xp.zeros_like(log_q), log_q)
-    return xp.where(zero, xp.zeros_like(log_p), xp.exp(log_p) * safe)
-
-
 def distill_rows(
     student: Array,
     teacher: Array,
@@ -123,27 +120,35 @@ def distill_rows(
     temperature: float,
     grad: bool,
     xp: Any,
+    scale: float | Array = 1.0,
+    work: Array | None = None,
 ) -> tuple[Array, Array | None]:
     r"""Per-row generalized JSD and its gradient for the student's logits (last axis).
 
     `student` and `teacher` are ``(..., V)`` logits in the compute dtype; returns
-    the loss ``(...)`` and, with `grad`, :math:`\partial L / \partial s` ``(..., V)``
-    (None otherwise). The formulas are in the module docstring.
+    the loss ``(...)`` and, with `grad`, `scale` (a number or an array of the
+    rows' shape) times :math:`\partial L / \partial s` ``(..., V)`` (None
+    otherwise). The formulas are in the module docstring. With `work`
+    (untracked PyTorch buffers the caller owns, the fused loop: work space of
+    shape ``(4, *student.shape)``) both inputs are overwritten and the gradient
+    is returned in `student`'s storage.
     """
+    overwrite = work is not None
     inv_t = 1.0 / temperature
-    log_q = log_softmax(student * inv_t if inv_t != 1.0 else student, axis=-1, xp=xp)
-    log_p = log_softmax(teacher * inv_t if inv_t != 1.0 else teacher, axis=-1, xp=xp)
-    log_m = None if beta in (0.0, 1.0) else log_mixture(log_p, log_q, beta=beta, xp=xp)
-    loss = generalized_jsd_from_log(log_p, log_q, beta=beta, axis=-1, xp=xp, log_m=log_m)
+    if inv_t != 1.0:
+        if overwrite:
+            student, teacher = student.mul_(inv_t), teacher.mul_(inv_t)
+        else:
+            student, teacher = student * inv_t, teacher * inv_t
+    log_q = log_softmax(student, axis=-1, xp=xp, overwrite=overwrite)
+    log_p = log_softmax(teacher, axis=-1, xp=xp, overwrite=overwrite)
     if not grad:
-        return loss, None
-    if beta == 0.0:  # forward KL(P || Q)
-        return loss, (xp.exp(log_q) - xp.exp(log_p)) * inv_t
-    coef = 1.0 if log_m is None else 1.0 - beta
-    loss_q = _p_log_ratio(log_q, log_p if log_m is None else log_m, xp=xp)
-    # Q_k (r_k - sum_j Q_j r_j) with Q_k r_k = loss_q (0 where Q_k = 0)
-    kl_q = xp.sum(loss_q, axis=-1, keepdims=True)
-    return loss, (loss_q - xp.exp(log_q) * kl_q) * (coef * inv_t)
+        return (
+            generalized_jsd_from_log(log_p, log_q, beta=beta, axis=-1, xp=xp, work=work),
+            None,
+        )
+    factor = scale * inv_t
+    return jsd_and_grad_from_log(log_p, log_q, beta=beta, xp=xp, scale=factor, work=work)
 
 
 def _prepare(

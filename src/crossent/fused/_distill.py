@@ -39,8 +39,10 @@ from crossent.fused._inputs import check_chunk_size, check_head, check_shift, un
 
 __all__ = ["linear_distillation_loss"]
 
-#: Row blocks per chunk for :func:`distill_rows`' temporaries (about ten arrays per block).
+#: Row blocks per chunk for :func:`distill_rows`' temporaries (four arrays per block).
 _SUB_BLOCKS = 16
+#: Work arrays :func:`distill_rows` allocates per row block (it works in place in the chunk).
+_BLOCK_TEMPS = 4
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def _chunked_distill(
         opts.chunk_size,
         n_counted,
         v,
-        buffers=2.0 + (0.5 if t_low else 0.0) + 10.0 / _SUB_BLOCKS,
+        buffers=2.0 + (0.5 if t_low else 0.0) + _BLOCK_TEMPS / _SUB_BLOCKS,
         low_precision=cdt != weight.dtype,
         reduce_max=None,
         device=device,
@@ -110,6 +112,10 @@ def _chunked_distill(
     )
     t_w_t = t_weight.t()
     xp = array_namespace(loss_rows)
+    step = max(1, -(-chunk // _SUB_BLOCKS))  # rows per block
+    work_all = (
+        _workspace("distill_rows", (_BLOCK_TEMPS * step, v), cdt, device) if n_counted else None
+    )
 
     def body(buf: torch.Tensor, c: _Chunk) -> bool:
         n = c.stop - c.start
@@ -123,25 +129,27 @@ def _chunked_distill(
             out=t_buf,
             low=t_low_all[:n] if t_low_all is not None else None,
         )
-        r = None
-        if any_grad:
-            r = torch.full((n,), inv_denom, dtype=cdt, device=device)
-            if row_scale is not None:
-                r = r * row_scale[c.rows].to(cdt)
-        step = max(1, -(-n // _SUB_BLOCKS))
+        r: float | torch.Tensor = inv_denom  # each row's gradient factor
+        if any_grad and row_scale is not None:
+            r = row_scale[c.rows].to(cdt) * inv_denom
+        assert work_all is not None
         for i in range(0, n, step):
             j = min(i + step, n)
+            block = buf[i:j]
             loss, g = distill_rows(
-                buf[i:j],
+                block,
                 t_buf[i:j],
                 beta=opts.beta,
                 temperature=opts.temperature,
                 grad=any_grad,
                 xp=xp,
+                scale=r if isinstance(r, float) else r[i:j],
+                work=work_all[: _BLOCK_TEMPS * (j - i)].view(_BLOCK_TEMPS, j - i, v),
+                # the gradient is left in `block` ...
             )
             loss_rows[c.rows[i:j]] = loss
-            if g is not None and r is not None:
-                torch.mul(g, r[i:j, None], out=buf[i:j])
+            if g is not None and g.data_ptr() != block.data_ptr():
+                block.copy_(g)  # ... unless the array-API path ran (under tracing)
         return any_grad
 
     with no_autocast(hidden):

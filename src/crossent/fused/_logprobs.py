@@ -54,7 +54,7 @@ from crossent.fused._function import (
 
 __all__ = ["LogProbOptions", "run_log_probs"]
 
-#: Row blocks per chunk for the element-wise temporaries (each ≤ 1/8 of the chunk buffer).
+#: Row blocks per chunk for the element-wise passes (one work buffer of one block).
 _SUB_BLOCKS = 8
 
 
@@ -77,21 +77,23 @@ class _LogProbResult(NamedTuple):
     grad_bias: torch.Tensor | None
 
 
-def row_blocks(n: int) -> range:
-    """Starts of the row blocks that bound the element-wise temporaries of a chunk of n rows."""
-    return range(0, n, max(1, -(-n // _SUB_BLOCKS)))
+#: Log-probabilities below this are raised to it before the element-wise products: their
+#: probability is 0 in every float format (float64's smallest is e^-745), so nothing changes
+#: but 0 · (−inf) (a class ruled out with a −inf logit), which becomes 0 instead of NaN.
+_LOG_FLOOR = -1.0e4
 
 
-def _sum_p_log_p(buf: torch.Tensor) -> torch.Tensor:
-    """:math:`\\sum_k e^{b_k} b_k` per row of the log-probabilities `buf` (0 · −inf = 0)."""
-    out = torch.empty(buf.shape[0], dtype=buf.dtype, device=buf.device)
-    step = max(1, -(-buf.shape[0] // _SUB_BLOCKS))
-    for i in row_blocks(buf.shape[0]):
-        b = buf[i : i + step]
-        e = b.exp()
-        e.mul_(b).masked_fill_(torch.isneginf(b), 0.0)
-        torch.sum(e, dim=1, out=out[i : i + step])
-    return out
+def _sum_p_log_p_(buf: torch.Tensor, work: torch.Tensor, out: torch.Tensor) -> None:
+    r"""`out` = :math:`\sum_k e^{b_k} b_k` per row of the log-probabilities `buf` (0 · −inf = 0).
+
+    `buf` is floored at :data:`_LOG_FLOOR` in place; `work` (at least as many rows
+    as a block of `buf`) holds the probabilities.
+    """
+    step = work.shape[0]
+    for i in range(0, buf.shape[0], step):
+        b = buf[i : i + step].clamp_(min=_LOG_FLOOR)
+        w = torch.exp(b, out=work[: b.shape[0]])
+        torch.sum(w.mul_(b), dim=1, out=out[i : i + step])
 
 
 def _chunked_log_probs(
@@ -104,12 +106,15 @@ def _chunked_log_probs(
     compute_grad: bool | tuple[bool, bool, bool],
     grad_log_probs: torch.Tensor | None = None,
     grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
     shard: VocabShard | None = None,
 ) -> _LogProbResult:
     """Log-probabilities (and entropy) of 2-d `hidden`, 1-d `target`; gradients when asked.
 
     The gradients are those of ``Σ_i grad_log_probs_i log p_i + grad_entropy_i H_i``
     (the upstream gradients, shape ``(N,)``; None means 0). Ignored rows give 0.
+    `entropy`, the ``(N,)`` entropy a forward pass returned, spares the backward
+    pass its recomputation (it is then returned as given).
     """
     n_total = hidden.shape[0]
     v_local = weight.shape[0]
@@ -121,7 +126,9 @@ def _chunked_log_probs(
     rows_all, y_all = _counted_rows(target, opts.ignore_index)
     vocab_start = 0 if shard is None else shard.vocab_start
     lp_rows = torch.zeros((n_total,), dtype=cdt, device=device)
-    ent_rows = torch.zeros((n_total,), dtype=cdt, device=device) if opts.entropy else None
+    ent_rows = None
+    if opts.entropy:
+        ent_rows = torch.zeros((n_total,), dtype=cdt, device=device) if entropy is None else entropy
     keep_tanh = opts.softcap is not None and any_grad
     chunk = _agreed_chunk(
         opts.chunk_size,
@@ -137,6 +144,8 @@ def _chunked_log_probs(
         if keep_tanh and rows_all.numel()
         else None
     )
+    step = max(1, -(-chunk // _SUB_BLOCKS))  # rows per block of the element-wise passes
+    work_all = _workspace("log_probs_rows", (step, v_local), cdt, device)
     inv_t = 1.0 / opts.temperature
     g_lp_all = None if grad_log_probs is None else grad_log_probs.to(cdt)
     g_h_all = None if (grad_entropy is None or not opts.entropy) else grad_entropy.to(cdt)
@@ -151,7 +160,10 @@ def _chunked_log_probs(
             buf, tanh_buf, y_loc, None, softcap=opts.softcap, smoothing=False, scale=inv_t
         )
         d_loc = torch.where(owned, d_loc, 0.0)
-        t_loc = _sum_p_log_p(buf) if opts.entropy else None
+        t_loc = None  # sum_k p_k log p_k over the slice (not needed when the entropy is given)
+        if opts.entropy and entropy is None:
+            t_loc = torch.empty_like(lse_loc)
+            _sum_p_log_p_(buf, work_all, t_loc)
         shift = None  # m_r - lse per row (0 in a single process)
         if shard is not None:
             m = shard.reduce_max(lse_loc.clone())
@@ -169,33 +181,33 @@ def _chunked_log_probs(
             log_p_y = d_loc
             ent = -t_loc if t_loc is not None else None
         lp_rows[c.rows] = log_p_y
-        if ent_rows is not None and ent is not None:
+        if ent is not None and ent_rows is not None:
             ent_rows[c.rows] = ent
+        elif ent_rows is not None:
+            ent = ent_rows[c.rows]
         if not any_grad:
             return False
 
-        # d/du of g_y log p_y + g_H H, in place: buf holds u - lse_r
+        # inv_t · d/du of g_y log p_y + g_H H, in place: buf holds u - lse_r
         g_y = g_lp_all[c.rows] if g_lp_all is not None else torch.zeros_like(log_p_y)
         if shift is not None:
             buf.add_(shift[:, None])  # log p
-        step = max(1, -(-n // _SUB_BLOCKS))
         if g_h_all is not None and ent is not None:
+            # -inv_t p (g_y + g_H (log p + H)) = p * (a + b log p), a and b per row
             g_h = g_h_all[c.rows]
-            offset = g_y + g_h * ent
-            for i in row_blocks(n):
-                b = buf[i : i + step]
-                p = b.exp()
-                b.mul_(g_h[i : i + step, None]).add_(offset[i : i + step, None]).mul_(p)
-                b.masked_fill_(p == 0, 0.0).neg_()  # 0 · (−inf) = 0 at masked classes
+            a = (g_y + g_h * ent).mul_(-inv_t)[:, None]
+            b_coef = (g_h * -inv_t)[:, None]
+            for i in range(0, n, step):
+                b = buf[i : i + step].clamp_(min=_LOG_FLOOR)
+                p = torch.exp(b, out=work_all[: b.shape[0]])
+                torch.addcmul(a[i : i + step], b, b_coef[i : i + step], out=b).mul_(p)
         else:
-            buf.exp_().mul_(-g_y[:, None])
+            buf.exp_().mul_((g_y * -inv_t)[:, None])
         idx = torch.arange(n, device=device)
-        buf.index_put_((idx, y_loc), g_y * owned, accumulate=True)
+        buf.index_put_((idx, y_loc), g_y * owned * inv_t, accumulate=True)
         if tanh_buf is not None:
             tanh_buf.square_().neg_().add_(1.0)
             buf.mul_(tanh_buf)
-        if inv_t != 1.0:
-            buf.mul_(inv_t)
         return True
 
     with no_autocast(hidden):
@@ -225,6 +237,8 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         ctx.needs = grad_needs(ctx, bias)
         ctx.save_for_backward(hidden, weight, bias, target)
         ent = res.entropy
+        # a copy: backward then need not recompute it, and the caller may change the output
+        ctx.entropy = None if ent is None else ent.detach().clone()
         if ent is None:
             ent = torch.zeros_like(res.log_probs)
             ctx.mark_non_differentiable(ent)
@@ -237,7 +251,8 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         def recompute(_: torch.Tensor | None) -> Grads:  # reads both upstream gradients
             res = _chunked_log_probs(
                 hidden, weight, target, bias, ctx.opts, compute_grad=ctx.needs,
-                grad_log_probs=grad_lp, grad_entropy=grad_ent, shard=ctx.shard,
+                grad_log_probs=grad_lp, grad_entropy=grad_ent, entropy=ctx.entropy,
+                shard=ctx.shard,
             )  # fmt: skip
             return res.grad_hidden, res.grad_weight, res.grad_bias
 

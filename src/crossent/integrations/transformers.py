@@ -31,6 +31,15 @@ Differences from the unpatched model, all deliberate: in training mode with
 tuple is ``(loss, *rest)``, as ``to_tuple()`` drops None fields), and a batch
 in which every label is ignored has loss 0 with zero gradients (PyTorch's
 mean gives NaN). A call with ``logits_to_keep`` other than 0 runs unpatched.
+
+Threads: :func:`patch` and :func:`unpatch` hold one module lock, so concurrent
+calls patch a model once and never leave it half-patched. A patched model may be
+called from several threads at once (training in one, evaluation or a second
+training call in another): the head records its input only for the thread whose
+fused call installed the recording, and other threads' calls of the head
+compute ordinary logits; the recording is removed when the last such call ends.
+Unpatching a model while one of its calls is running lets that call finish with
+the fused loss.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -51,6 +61,12 @@ _STATE = "_crossent_patch"
 """Attribute of a patched model holding its :class:`_PatchState`."""
 
 _MISSING = object()
+
+_LOCK = threading.RLock()
+"""Serializes :func:`patch`, :func:`unpatch` and the install/removal of the head's recorder."""
+
+_THREAD = threading.local()
+"""Per thread: ``captures``, a dict from ``id(recorder)`` to the stack of active captures."""
 
 ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
@@ -178,6 +194,12 @@ def patch(model: ModelT, *, chunk_size: int | None = None) -> ModelT:
         msg = f"`model` must be a torch.nn.Module (a transformers model); got {type(model)}."
         raise TypeError(msg)
     size = check_chunk_size(chunk_size)
+    with _LOCK:
+        return _patch_locked(model, size)
+
+
+def _patch_locked(model: ModelT, size: int | None) -> ModelT:
+    """:func:`patch` once its arguments are checked, under :data:`_LOCK`."""
     _check_head(model)
     state = model.__dict__.get(_STATE)
     if isinstance(state, _PatchState):
@@ -235,21 +257,23 @@ def unpatch(model: ModelT) -> ModelT:
     >>> "forward" in vars(model)
     False
     """
-    state = model.__dict__.get(_STATE) if isinstance(model, torch.nn.Module) else None
-    if not isinstance(state, _PatchState):
-        msg = "`model` is not patched by patch(); nothing to undo."
-        raise ValueError(msg)
-    if model.__dict__.get("forward") is not state.wrapper:
-        msg = (
-            "`model.forward` was replaced after patch() (by another wrapper, e.g. accelerate's "
-            "autocast); unpatch() would drop that wrapper. Undo it first, then unpatch()."
-        )
-        raise ValueError(msg)
-    del model.__dict__[_STATE]
-    if state.own_forward is _MISSING:
-        del model.__dict__["forward"]
-    else:
-        model.__dict__["forward"] = state.own_forward
+    with _LOCK:
+        state = model.__dict__.get(_STATE) if isinstance(model, torch.nn.Module) else None
+        if not isinstance(state, _PatchState):
+            msg = "`model` is not patched by patch(); nothing to undo."
+            raise ValueError(msg)
+        if model.__dict__.get("forward") is not state.wrapper:
+            msg = (
+                "`model.forward` was replaced after patch() (by another wrapper, e.g. "
+                "accelerate's autocast); unpatch() would drop that wrapper. Undo it first, "
+                "then unpatch()."
+            )
+            raise ValueError(msg)
+        del model.__dict__[_STATE]
+        if state.own_forward is _MISSING:
+            del model.__dict__["forward"]
+        else:
+            model.__dict__["forward"] = state.own_forward
     return model
 
 
@@ -287,34 +311,72 @@ def _forward(
     logits = out.logits if not isinstance(out, tuple) else out[0]
     if softcap not in state.verified_softcap:
         _verify_head_transform(model, capture.probe, logits, softcap)
-        state.verified_softcap.append(softcap)
+        with _LOCK:
+            if softcap not in state.verified_softcap:
+                state.verified_softcap.append(softcap)
     loss = _fused_loss(head, capture.hidden, labels, loss_kwargs, softcap, state.chunk_size)
     if isinstance(out, tuple):
         return (loss, *out[1:])
     return dataclasses.replace(out, loss=loss, logits=None)
 
 
-def _run_with_recording_head(
-    head: torch.nn.Linear, capture: _Capture, call: Callable[[], Any]
-) -> Any:
-    """Run `call` while `head` records its input and returns one position's logits."""
+class _Recorder:
+    """``lm_head.forward`` while fused calls run: records for those calls' threads only.
 
-    def recording_forward(hidden: torch.Tensor) -> torch.Tensor:
+    In a thread with an active :class:`_Capture` for this recorder the head records
+    its input and returns the logits of the first position only; in any other
+    thread it is the head's own forward. `users` counts the running fused calls
+    (changed under :data:`_LOCK`); the last one puts `own` back.
+    """
+
+    def __init__(self, head: torch.nn.Linear, own: Any) -> None:
+        self.head = head
+        self.own = own  # the head's instance ``forward`` before, or _MISSING
+        self.users = 0
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        stack = _thread_captures().get(id(self))
+        if not stack:
+            if self.own is not _MISSING:
+                return self.own(hidden)
+            return type(self.head).forward(self.head, hidden)
+        capture = stack[-1]
         capture.hidden = hidden
         first = hidden.narrow(-2, 0, min(1, hidden.shape[-2])) if hidden.ndim >= 2 else hidden
         with torch.no_grad():
-            capture.probe = torch.nn.functional.linear(first, head.weight, head.bias)
+            capture.probe = torch.nn.functional.linear(first, self.head.weight, self.head.bias)
         return capture.probe
 
-    own = head.__dict__.get("forward", _MISSING)
-    head.__dict__["forward"] = recording_forward
+
+def _thread_captures() -> dict[int, list[_Capture]]:
+    captures: dict[int, list[_Capture]] = _THREAD.__dict__.setdefault("captures", {})
+    return captures
+
+
+def _run_with_recording_head(
+    head: torch.nn.Linear, capture: _Capture, call: Callable[[], Any]
+) -> Any:
+    """Run `call` while `head` records its input into `capture` (this thread only)."""
+    with _LOCK:
+        installed = head.__dict__.get("forward", _MISSING)
+        recorder = installed if isinstance(installed, _Recorder) else _Recorder(head, installed)
+        head.__dict__["forward"] = recorder
+        recorder.users += 1
+    stack = _thread_captures().setdefault(id(recorder), [])
+    stack.append(capture)
     try:
         return call()
     finally:
-        if own is _MISSING:
-            del head.__dict__["forward"]
-        else:
-            head.__dict__["forward"] = own
+        stack.pop()
+        if not stack:
+            del _thread_captures()[id(recorder)]
+        with _LOCK:
+            recorder.users -= 1
+            if recorder.users == 0 and head.__dict__.get("forward") is recorder:
+                if recorder.own is _MISSING:
+                    del head.__dict__["forward"]
+                else:
+                    head.__dict__["forward"] = recorder.own
 
 
 def _verify_head_transform(
