@@ -1,7 +1,7 @@
 """Size sweep: crossent against the reference library of each backend, ratios of median CPU time.
 
 Run: ``python -m benchmarks.bench_sweep [--quick] [--sizes 32x10,1024x1000] [--threads 1,2]
-[--dtypes float32,bfloat16] [--compiled [--skip-eager]] [--no-validation]``.
+[--dtypes float32,bfloat16] [--cases sparse,binary] [--compiled [--skip-eager]] [--no-validation]``.
 
 Contenders run interleaved (A, B, A, B, ...) for ``--rounds`` rounds; each
 round times a batch of calls in *process* CPU time (robust on a shared
@@ -137,7 +137,9 @@ def _torch_sweep(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None
         for n, c in sizes:
             for dname in args.dtypes:
                 for name, (x, ours, ref) in _torch_cases(n, c, dtypes[dname]).items():
-                    if args.quick and "vs torch ops" in name:
+                    if (args.quick and "vs torch ops" in name) or (
+                        args.cases and name not in args.cases
+                    ):
                         continue
                     for mode in modes:
                         f_ours, f_ref = ours, ref
@@ -293,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--budget", type=float, default=None, help="CPU seconds per batch")
     parser.add_argument("--compiled", action="store_true", help="also torch.compile both sides")
+    parser.add_argument(
+        "--cases", type=lambda t: t.split(","), help="PyTorch cases, e.g. sparse,binary"
+    )
     parser.add_argument("--skip-eager", action="store_true", help="with --compiled: compiled only")
     parser.add_argument("--no-validation", action="store_true", help="crossent value checks off")
     parser.add_argument(

@@ -46,7 +46,7 @@ from crossent._lib._xp import (
     is_array,
     is_jax_namespace,
     is_torch_namespace,
-    log_sigmoid,
+    log_sigmoid_pair,
     output_dtype,
     size,
 )
@@ -224,7 +224,7 @@ def _sigmoids(x: Array, *, xp: Any) -> tuple[Array, Array]:
 def _log_probs(x: Array, *, from_logits: bool, xp: Any) -> _LogProbs:
     """log p and log(1 − p): log-sigmoid forms for logits, clamped logs for probabilities."""
     if from_logits:
-        return _LogProbs(log_sigmoid(x, xp=xp), log_sigmoid(-x, xp=xp), x)
+        return _LogProbs(*log_sigmoid_pair(x, xp=xp), x)
     log_p, clamped_p = clamped_log(x, complement=False, xp=xp)
     log_not_p, clamped_not_p = clamped_log(x, complement=True, xp=xp)
     return _LogProbs(log_p, log_not_p, x, clamped_p, clamped_not_p)
