@@ -1,7 +1,7 @@
 """Size sweep: crossent against the reference library of each backend, ratios of median CPU time.
 
 Run: ``python -m benchmarks.bench_sweep [--quick] [--sizes 32x10,1024x1000] [--threads 1,2]
-[--dtypes float32,bfloat16] [--compiled] [--no-validation]``.
+[--dtypes float32,bfloat16] [--cases sparse,binary] [--compiled [--skip-eager]] [--no-validation]``.
 
 Contenders run interleaved (A, B, A, B, ...) for ``--rounds`` rounds; each
 round times a batch of calls in *process* CPU time (robust on a shared
@@ -11,10 +11,14 @@ medians (crossent / reference; below 1 is faster). Cases:
 - PyTorch: sparse CE (``F.cross_entropy``), categorical CE (``F.cross_entropy``
   with probability targets), binary CE (``F.binary_cross_entropy_with_logits``),
   forward under ``no_grad`` and forward+backward, float32 and bfloat16, 1 and 2
-  threads, eager and (``--compiled``) ``torch.compile``; then (unless
-  ``--no-memory``) the peak memory one eager forward+backward allocates, each
-  side (:func:`peak_tensor_bytes`: the CPU allocator's allocation and free events
-  recorded by PyTorch's profiler, summed in time order);
+  threads, eager and (``--compiled``) ``torch.compile``; with ``--compiled``
+  a second table gives each side's compile time (wall seconds of the first
+  call, which traces and compiles, each in a fresh inductor cache; the
+  forward under ``no_grad`` and forward+backward are separate graphs); then
+  (unless ``--no-memory``) the peak memory one eager forward+backward
+  allocates, each side (:func:`peak_tensor_bytes`: the CPU allocator's
+  allocation and free events recorded by PyTorch's profiler, summed in time
+  order);
 - crossent-only options (z-loss + softcap, focal) against the same loss
   written in plain torch operations;
 - JAX: ``jit(value_and_grad)`` against an optax-style ``jax.nn.log_softmax`` CE;
@@ -127,19 +131,51 @@ def _torch_sweep(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None
     import torch
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    _header("PyTorch eager" + (" and compiled" if args.compiled else ""), "torch")
+    modes = ([] if args.skip_eager else ["eager"]) + (["compiled"] if args.compiled else [])
+    _header("PyTorch " + " and ".join(modes), "torch")
+    compile_times: list[tuple[str, float, float]] = []
+    if args.compiled:  # the first compile of a process pays for loading inductor: not timed
+        _first_call_s(lambda: torch.compile(lambda v: v.exp().sum())(torch.ones(2)))
     for threads in args.threads:
         torch.set_num_threads(threads)
         for n, c in sizes:
             for dname in args.dtypes:
                 for name, (x, ours, ref) in _torch_cases(n, c, dtypes[dname]).items():
-                    if args.quick and "vs torch ops" in name:
+                    if (args.quick and "vs torch ops" in name) or (
+                        args.cases and name not in args.cases
+                    ):
                         continue
-                    modes = [("eager", ours, ref)]
-                    if args.compiled:
-                        modes.append(("compiled", torch.compile(ours), torch.compile(ref)))
-                    for mode, f_ours, f_ref in modes:
-                        _torch_row(name, mode, threads, n, c, dname, x, f_ours, f_ref, args)
+                    for mode in modes:
+                        f_ours, f_ref = ours, ref
+                        if mode == "compiled":
+                            # the lambdas share code objects across cases: without a reset,
+                            # dynamo would recompile them with dynamic shapes, then give up
+                            # (recompile limit) and run them eagerly
+                            torch._dynamo.reset()
+                            f_ours, f_ref = torch.compile(ours), torch.compile(ref)
+                        _torch_row(
+                            name, mode, threads, n, c, dname, x, f_ours, f_ref, args, compile_times
+                        )
+    if compile_times:
+        _compile_table(compile_times)
+
+
+def _first_call_s(fn: Callable[[], object]) -> float:
+    """Wall seconds of the first call of a compiled `fn` (trace + compile), in a fresh cache."""
+    from torch._inductor.utils import fresh_cache
+
+    with fresh_cache():
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+
+def _compile_table(rows: list[tuple[str, float, float]]) -> None:
+    print("\nCompile time (wall s of the first call, fresh inductor cache)")
+    print(f"| {'case':<46} | {'torch s':>11} | {'crossent s':>11} | {'ratio':>5} |")
+    print(f"|{'-' * 48}|{'-' * 13}|{'-' * 13}|{'-' * 7}|")
+    for case, ref_s, ours_s in rows:
+        print(f"| {case:<46} | {ref_s:>11.2f} | {ours_s:>11.2f} | {ours_s / ref_s:>5.2f} |")
 
 
 def _torch_row(
@@ -153,6 +189,7 @@ def _torch_row(
     ours: Callable[[Any], Any],
     ref: Callable[[Any], Any],
     args: argparse.Namespace,
+    compile_times: list[tuple[str, float, float]],
 ) -> None:
     import torch
 
@@ -173,8 +210,10 @@ def _torch_row(
         return run
 
     for kind, wrap in (("fwd", forward), ("fwd+bwd", step)):
-        r, o = compare(wrap(ours), wrap(ref), rounds=args.rounds, budget=args.budget)
         case = f"{name} {n}x{c} {dname} {kind} {mode} {threads}t"
+        if mode == "compiled":
+            compile_times.append((case, _first_call_s(wrap(ref)), _first_call_s(wrap(ours))))
+        r, o = compare(wrap(ours), wrap(ref), rounds=args.rounds, budget=args.budget)
         print(_row(case, r, o), flush=True)
 
 
@@ -311,6 +350,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--budget", type=float, default=None, help="CPU seconds per batch")
     parser.add_argument("--compiled", action="store_true", help="also torch.compile both sides")
+    parser.add_argument(
+        "--cases", type=lambda t: t.split(","), help="PyTorch cases, e.g. sparse,binary"
+    )
+    parser.add_argument("--skip-eager", action="store_true", help="with --compiled: compiled only")
     parser.add_argument("--no-validation", action="store_true", help="crossent value checks off")
     parser.add_argument("--no-memory", action="store_true", help="skip the torch memory table")
     parser.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -207,7 +208,10 @@ def test_no_graph_break_with_validation_on(name: str) -> None:
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("name", ["sparse", "sparse-focal", "categorical", "nn-cross-entropy"])
+@pytest.mark.parametrize(
+    "name",
+    ["sparse", "sparse-focal", "categorical", "nn-cross-entropy", "binary", "binary-focal"],
+)
 def test_compiled_equals_eager(name: str) -> None:
     torch._dynamo.reset()
     loss = _losses()[name]
@@ -291,3 +295,32 @@ def test_vmap_grad_of_a_module() -> None:
     per_sample = torch.func.vmap(torch.func.grad(sample_loss))(x, y)
     expected = torch.softmax(x, -1) - F.one_hot(y, C)
     torch.testing.assert_close(per_sample, expected)
+
+
+@pytest.mark.parametrize("options", [{}, {"gamma": 2.0, "weight": "w"}], ids=["plain", "focal"])
+def test_compiled_binary_with_infinite_logits_equals_eager(options: dict[str, Any]) -> None:
+    """±inf logits with the matching hard target: loss 0 and gradient 0 there, compiled
+    (shared log-sigmoid form, masks read off the logits) exactly as eagerly."""
+    torch._dynamo.reset()
+    x = torch.tensor([[-math.inf, math.inf, 0.5], [2.0, -3.0, -math.inf]], dtype=torch.float64)
+    t = torch.tensor([[0.0, 1.0, 0.3], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    kw = {
+        k: (torch.full((3,), 0.5, dtype=torch.float64) if v == "w" else v)
+        for k, v in options.items()
+    }
+
+    def loss(v: Any) -> Any:
+        return ce.binary_cross_entropy(v, t, from_logits=True, reduction="none", **kw)
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+        v = x.clone().requires_grad_(True)
+        out = fn(v)
+        (g,) = torch.autograd.grad(out.sum(), v)
+        results.append((out.detach(), g))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-15, atol=0)
+    value, grad = results[0]
+    assert value[0, 0] == 0
+    assert value[0, 1] == 0
+    assert value[1, 2] == 0
+    assert torch.isfinite(grad).all()

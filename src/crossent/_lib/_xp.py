@@ -31,6 +31,7 @@ __all__ = [
     "is_torch_tensor",
     "known_true",
     "log_sigmoid",
+    "log_sigmoid_pair",
     "logsumexp",
     "one_hot",
     "output_dtype",
@@ -330,6 +331,22 @@ def log_sigmoid(x: Array, *, xp: Any) -> Array:
         return jax.nn.log_sigmoid(x)
     zero = xp.zeros_like(x)
     return xp.minimum(x, zero) - xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def log_sigmoid_pair(x: Array, *, xp: Any) -> tuple[Array, Array]:
+    r"""(log σ(x), log σ(−x)) = min(±x, 0) − log1p(e^{−|x|}), sharing the one transcendental term.
+
+    Exact for any finite `x`; ±inf give 0 and −inf, NaN propagates. Eager
+    PyTorch and JAX call their fused ``logsigmoid`` twice (one pass each, fewer
+    than the shared form's); traced (``torch.compile``, ``torch.func``) and
+    elsewhere the shared form, so the compiler (or NumPy) computes the
+    exponential and the logarithm once per element instead of twice.
+    """
+    if is_jax_namespace(xp) or (is_torch_namespace(xp) and not torch_tracing()):
+        return log_sigmoid(x, xp=xp), log_sigmoid(-x, xp=xp)
+    zero = xp.zeros_like(x)
+    tail = xp.log1p(xp.exp(-xp.abs(x)))
+    return xp.minimum(x, zero) - tail, xp.minimum(-x, zero) - tail
 
 
 def stop_gradient(x: Array, *, xp: Any) -> Array:

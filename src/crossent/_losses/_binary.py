@@ -47,7 +47,7 @@ from crossent._lib._xp import (
     is_jax_namespace,
     is_torch_namespace,
     is_torch_tensor,
-    log_sigmoid,
+    log_sigmoid_pair,
     output_dtype,
     size,
 )
@@ -226,7 +226,7 @@ def _sigmoids(x: Array, *, xp: Any) -> tuple[Array, Array]:
 def _log_probs(x: Array, *, from_logits: bool, xp: Any) -> _LogProbs:
     """log p and log(1 − p): log-sigmoid forms for logits, clamped logs for probabilities."""
     if from_logits:
-        return _LogProbs(log_sigmoid(x, xp=xp), log_sigmoid(-x, xp=xp), x)
+        return _LogProbs(*log_sigmoid_pair(x, xp=xp), x)
     log_p, clamped_p = clamped_log(x, complement=False, xp=xp)
     log_not_p, clamped_not_p = clamped_log(x, complement=True, xp=xp)
     return _LogProbs(log_p, log_not_p, x, clamped_p, clamped_not_p)
@@ -237,18 +237,17 @@ def _log_probs(x: Array, *, from_logits: bool, xp: Any) -> _LogProbs:
 # ----------------------------------------------------------------------------
 
 
-def _times_log(c: Array, log: Array, *, xp: Any) -> Array:
+def _times_log(c: Array, log: Array, pole: Array, *, xp: Any) -> Array:
     """``c · log`` with ``0 · (−inf) = 0`` (0 · log 0), NaN-free in value and gradient.
 
+    `pole` marks where `log` is −inf: for logits, an infinite logit
+    (:math:`\\log\\sigma(x) = -\\infty` only at :math:`x = -\\infty`), read off the
+    input so that a compiled backward need not recompute the log for the mask.
     Only the log is guarded: where the mass `c` is 0 the product is 0 and its
     derivative for `c` is the guarded log, 0 (a soft target may carry a gradient).
     """
-    zero_mass = (c == 0) & (log == -float("inf"))
+    zero_mass = (c == 0) & pole
     return c * xp.where(zero_mass, xp.zeros_like(log), log)
-
-
-def _times(c: Array, log: Array, *, xp: Any) -> Array:
-    return c * log
 
 
 @dataclass(frozen=True)
@@ -275,7 +274,11 @@ def _terms(b: _Binary) -> _Terms:
     if b.weight is not None:
         coef_pos, coef_neg = coef_pos * b.weight, coef_neg * b.weight
     # Only logits reach log p = -inf (an infinite logit); clamped logs are finite.
-    times = _times_log if b.from_logits else _times
+    if b.from_logits:
+        pos = _times_log(coef_pos, logs.log_p, b.input == -float("inf"), xp=xp)
+        neg = _times_log(coef_neg, logs.log_not_p, b.input == float("inf"), xp=xp)
+    else:
+        pos, neg = coef_pos * logs.log_p, coef_neg * logs.log_not_p
     f_pos = f_neg = None
     if b.gamma != 0:
         # The focal factors (1-p)^γ and p^γ come from the exact logs: 0 at p = 1 (or 0),
@@ -289,8 +292,8 @@ def _terms(b: _Binary) -> _Terms:
         logs=logs,
         coef_pos=coef_pos,
         coef_neg=coef_neg,
-        pos=times(coef_pos, logs.log_p, xp=xp),
-        neg=times(coef_neg, logs.log_not_p, xp=xp),
+        pos=pos,
+        neg=neg,
         f_pos=f_pos,
         f_neg=f_neg,
     )

@@ -113,6 +113,9 @@ class RowStats:
     """The target's class weight if the label fell in this slice, else 0; None without
     class weights. (Executors that see the whole weight vector read it themselves; a
     rank that holds only its slice of the weights gets it from the owner.)"""
+    finite: bool = False
+    """Whether every row's ``m`` is known to be finite: an executor that checked it
+    (one test per call) saves the guards for ``-inf`` / ``+inf`` / NaN maxima."""
 
 
 def applies(opts: CEOptions) -> bool:
@@ -193,7 +196,13 @@ def combine(a: RowStats, b: RowStats, *, xp: Any) -> RowStats:
     ra, rb = rebase(a, m, xp=xp), rebase(b, m, xp=xp)
     w_y = None if a.w_y is None or b.w_y is None else a.w_y + b.w_y
     return RowStats(
-        m=m, s=ra.s + rb.s, wd=ra.wd + rb.wd, wsum=a.wsum + b.wsum, z_y=a.z_y + b.z_y, w_y=w_y
+        m=m,
+        s=ra.s + rb.s,
+        wd=ra.wd + rb.wd,
+        wsum=a.wsum + b.wsum,
+        z_y=a.z_y + b.z_y,
+        w_y=w_y,
+        finite=a.finite and b.finite,
     )
 
 
@@ -231,23 +240,44 @@ def all_reduce(
     )
 
 
+def _log_s(stats: RowStats, finite: Array, *, xp: Any) -> Array:
+    """:math:`\\log s` where the max is finite, 0 elsewhere (an all ``-inf`` row has
+    :math:`s = 0`: no log of 0, so NumPy warns about nothing)."""
+    return xp.log(xp.where(finite, stats.s, xp.ones_like(stats.s)))
+
+
 def lse(stats: RowStats, *, xp: Any) -> Array:
     """log-sum-exp of the row, :math:`m + \\log s` (the non-finite maximum where there is one)."""
+    if stats.finite:
+        return stats.m + xp.log(stats.s)
     finite = xp.isfinite(stats.m)
     m_safe = xp.where(finite, stats.m, xp.zeros_like(stats.m))
-    return xp.where(finite, m_safe + xp.log(stats.s), stats.m)
+    return xp.where(finite, m_safe + _log_s(stats, finite, xp=xp), stats.m)
 
 
 def log_s(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
     r""":math:`L - m = \log s` (:math:`L` itself where the max is not finite)."""
-    return xp.where(xp.isfinite(stats.m), xp.log(stats.s), big_l)
+    if stats.finite:
+        return xp.log(stats.s)
+    finite = xp.isfinite(stats.m)
+    return xp.where(finite, _log_s(stats, finite, xp=xp), big_l)
 
 
 def _nll_target(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
-    r""":math:`-\log p_y = (m - z_y) + \log s`: the large parts cancel exactly, first."""
+    r""":math:`-\log p_y = (m - z_y) + \log s`: the large parts cancel exactly, first.
+
+    A row whose max is not finite gives :math:`L - z_y`: NaN for an all ``-inf``
+    row (:math:`-\infty - (-\infty)`, formed without a warning), :math:`+\infty`
+    for a finite target under a :math:`+\infty` logit.
+    """
+    if stats.finite:
+        return (stats.m - stats.z_y) + xp.log(stats.s)
     finite = xp.isfinite(stats.m)
     m_safe = xp.where(finite, stats.m, xp.zeros_like(stats.m))
-    return xp.where(finite, (m_safe - stats.z_y) + xp.log(stats.s), big_l - stats.z_y)
+    same_inf = (stats.z_y == big_l) & ~finite  # inf - inf: NaN
+    other = big_l - xp.where(same_inf, xp.zeros_like(stats.z_y), stats.z_y)
+    other = xp.where(same_inf, xp.full_like(other, float("nan")), other)
+    return xp.where(finite, (m_safe - stats.z_y) + _log_s(stats, finite, xp=xp), other)
 
 
 def _focal(nll_y: Array, gamma: float, *, xp: Any) -> tuple[Array, Array]:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from crossent._backends import _numpy as _numpy_exec
 from crossent._lib._checks import (
     check_axis,
     check_floating,
@@ -399,6 +400,9 @@ def sparse_categorical_cross_entropy(
         out = torch_exec.sparse(input, target, weight, axis_, opts)
         if out is not None:
             return out
+    lean = _numpy_exec.sparse(input, target, weight, axis, opts, with_grad=False)
+    if lean is not None:
+        return lean[0]
     xp = array_namespace(input=input, target=target, weight=weight)
     axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
     return _forward(input, target, weight=weight, axis=axis_, opts=opts, xp=xp)
@@ -554,6 +558,10 @@ def _sparse_value_and_grad(
         from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss,
         softcap=softcap, ignore_index=ignore_index, reduction=reduction,
     )  # fmt: skip
+    if grad_output is None:
+        lean = _numpy_exec.sparse(input, target, weight, axis, opts, with_grad=True)
+        if lean is not None:
+            return lean[0], cast(Array, lean[1])
     if xp is None:
         xp = array_namespace(input=input, target=target, weight=weight)
     axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
