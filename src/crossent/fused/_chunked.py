@@ -51,10 +51,11 @@ Hook = Callable[["torch.Tensor"], "torch.Tensor | None"]
 CHUNK_BUDGET_BYTES = 64 * 2**20
 #: The same budget on GPUs. Each chunk costs Python work and kernel launches per matrix
 #: product and row pass, so small chunks leave an H200 idle. Measured there (bfloat16,
-#: fwd+bwd, ``python -m benchmarks.gpu_check``): linear CE at N=8192, d=4096, V=128256
-#: 554 / 84 / 50 ms at 64 MiB / 256 MiB / 1 GiB (Liger Kernel 57 ms, materialized 49 ms);
-#: log-probs + entropy at N=4096, d=1024, V=32000 43 / 16 / 9.6 ms; distillation
-#: 414 / 183 / 48 ms. The extra memory stays far below the materialized logits'.
+#: fwd+bwd, ``python -m benchmarks.gpu_check``, ranges over the session's runs): linear CE
+#: at N=8192, d=4096, V=128256 554 / 84–122 / 50–56 ms at 64 MiB / 256 MiB / 1 GiB (Liger
+#: Kernel 57 ms, materialized 49 ms); log-probs + entropy at N=4096, d=1024, V=32000
+#: 43 / 12–36 / 9.6 ms; distillation ≈420 / 120–190 / 34–67 ms. The extra memory (1.3 GiB
+#: at V=32000, 3.1 GiB at V=128256) stays far below the materialized logits'.
 CUDA_CHUNK_BUDGET_BYTES = 2**30
 
 
