@@ -259,9 +259,9 @@ def test_triton_sparse_matches_float64(
     monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
     monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 0)
     calls: list[int] = []
-    real_apply = _triton_sparse._SparseRows.apply
+    real_apply = _triton_sparse.SparseRows.apply
     monkeypatch.setattr(
-        _triton_sparse._SparseRows, "apply", lambda *a: calls.append(1) or real_apply(*a)
+        _triton_sparse.SparseRows, "apply", lambda *a: calls.append(1) or real_apply(*a)
     )
     x, y, w = _sparse_inputs(dtype, seed=5)
     kw = {k: (w if k == "weight" else v) for k, v in case.items()}

@@ -34,6 +34,7 @@ so it has the same transforms.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -234,16 +235,7 @@ def sparse(
     if not _sparse_shapes_fit(input, target, weight, axis):
         return None
     if _triton_sparse.usable(input, opts):
-        return _triton_sparse.sparse(
-            input,
-            target,
-            weight,
-            axis,
-            opts,
-            per_row=_sparse_rows,
-            assert_labels=_assert_labels_async,
-            finish=_finish,
-        )
+        return _sparse_triton(input, target, weight, axis, opts)
     if not opts.plain:
         return _sparse_rows(input, target, weight, axis, opts) if _rows.applies(opts) else None
     if input.dtype in _LOW and weight is None and opts.label_smoothing == 0 and input.numel():
@@ -278,11 +270,7 @@ def _sparse_rows(
 
         check_label_range(t, num_classes, ignore_index=opts.ignore_index, xp=array_namespace(t))
     w = None if weight is None else weight.to(z.dtype)
-    if opts.ignore_index is None:
-        valid, label = None, t
-    else:
-        valid = t != opts.ignore_index
-        label = torch.where(valid, t, 0)
+    valid, label = _valid_label(t, opts.ignore_index)
     if opts.label_smoothing == 0 and _host_readable(z) and not z.requires_grad:
         # forward only (its backward would scatter two dense gradients); fused statistics
         # first: a NaN result means a non-finite logit (or a NaN input), and only then are the
@@ -295,6 +283,44 @@ def _sparse_rows(
     return _finish(_rows_reduce(stats, w, label, valid, num_classes, opts), x)
 
 
+def _valid_label(t: Tensor, ignore_index: int | None) -> tuple[Tensor | None, Tensor]:
+    """Which rows count (None: all of them) and their labels, 0 where ignored (gatherable)."""
+    if ignore_index is None:
+        return None, t
+    valid = t != ignore_index
+    return valid, torch.where(valid, t, 0)
+
+
+def _rows_loss(
+    stats: _rows.RowStats,
+    w: Tensor | None,
+    label: Tensor,
+    valid: Tensor | None,
+    num_classes: int,
+    opts: CEOptions,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss from the row statistics (:func:`_rows.row_loss`) and each row's target
+    weight, both 0 at ignored rows."""
+    w_y = torch.ones_like(stats.s) if w is None else w[label]
+    total = float(num_classes) if w is None else w.sum()
+    row = _rows.row_loss(stats, w_y, total, num_classes, opts, xp=torch)
+    if valid is not None:
+        row = torch.where(valid, row, 0.0)
+        w_y = torch.where(valid, w_y, 0.0)
+    return row, w_y
+
+
+def _weighted_reduce(row: Tensor, w_y: Tensor, reduction: str) -> Tensor:
+    """`reduction` of the per-row loss; the mean divides by the counted target weight
+    (0 over no counted target)."""
+    if reduction == "none":
+        return row
+    if reduction == "sum":
+        return row.sum()
+    den = w_y.sum()
+    return row.sum() / torch.where(den == 0, torch.ones_like(den), den)
+
+
 def _rows_reduce(
     stats: _rows.RowStats,
     w: Tensor | None,
@@ -303,19 +329,36 @@ def _rows_reduce(
     num_classes: int,
     opts: CEOptions,
 ) -> Tensor:
-    """The reduced loss from the row statistics (:func:`_rows.row_loss`), ignored rows masked."""
-    w_y = torch.ones_like(stats.s) if w is None else w[label]
-    total = float(num_classes) if w is None else w.sum()
-    row = _rows.row_loss(stats, w_y, total, num_classes, opts, xp=torch)
-    if valid is not None:
-        row = torch.where(valid, row, 0.0)
-        w_y = torch.where(valid, w_y, 0.0)
-    if opts.reduction == "none":
-        return row
-    if opts.reduction == "sum":
-        return row.sum()
-    den = w_y.sum()
-    return row.sum() / torch.where(den == 0, torch.ones_like(den), den)
+    """The reduced loss from the row statistics, ignored rows masked."""
+    return _weighted_reduce(*_rows_loss(stats, w, label, valid, num_classes, opts), opts.reduction)
+
+
+def _sparse_triton(
+    x: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
+) -> Tensor:
+    """Large float16/bfloat16 logits on CUDA: statistics and gradient by the Triton kernels
+    (:class:`._triton_sparse.SparseRows`), the loss by :func:`_rows_loss`."""
+    z = x if axis == x.ndim - 1 else x.movedim(axis, -1)
+    num_classes = z.shape[-1]
+    z2 = z.reshape(-1, num_classes)
+    if z2.stride(1) != 1 or z2.stride(0) != num_classes:
+        z2 = z2.contiguous()
+    t = index_target(target).reshape(-1)
+    if values_checked(t) and t.numel():
+        ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index
+        _assert_labels_async(t, num_classes, ignore)
+    valid, label = _valid_label(t, opts.ignore_index)
+    w = None if weight is None else weight.to(torch.float32).contiguous()
+    per_row = dataclasses.replace(opts, reduction="none")
+
+    def loss_of(stats: _rows.RowStats) -> tuple[Tensor, Tensor]:
+        return _rows_loss(stats, w, label, valid, num_classes, opts)
+
+    def recompute(xx: Tensor) -> Tensor:  # double backward: the differentiable formula
+        return _sparse_rows(xx, t, w, 1, per_row)
+
+    row, w_y = _triton_sparse.SparseRows.apply(z2, label, valid, w, opts, loss_of, recompute)
+    return _finish(_weighted_reduce(row.reshape(z.shape[:-1]), w_y, opts.reduction), x)
 
 
 def _stats_from_log_softmax(z: Tensor, label: Tensor) -> _rows.RowStats:
@@ -675,12 +718,8 @@ def _sparse_low(x: Tensor, target: Tensor, axis: int, opts: CEOptions) -> Tensor
         return None
     if torch.is_autocast_enabled("cpu"):
         return None
-    t = target if target.dtype is torch.int64 else target.long()
-    valid = None
-    label = t
-    if opts.ignore_index is not None:
-        valid = t != opts.ignore_index
-        label = torch.where(valid, t, 0)
+    t = index_target(target)
+    valid, label = _valid_label(t, opts.ignore_index)
     if t.numel() and values_checked(t):
         lo, hi = torch.aminmax(label)
         if lo.item() < 0 or hi.item() >= x.shape[1]:

@@ -25,19 +25,17 @@ used (those trace PyTorch's operations instead), nor for the focal loss.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from crossent._lib._checks import values_checked
 from crossent._lib._xp import torch_tracing
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions
 
-__all__ = ["sparse", "usable"]
+__all__ = ["SparseRows", "usable"]
 
 #: Run on CPU tensors too (tests, with ``TRITON_INTERPRET=1``).
 ON_CPU = False
@@ -64,8 +62,16 @@ def usable(x: Tensor, opts: CEOptions) -> bool:
     return _launch.triton_available()
 
 
-class _SparseRows(torch.autograd.Function):
-    """Per-row loss of ``(n, C)`` row-major 16-bit logits; gradient by the Triton kernel."""
+class SparseRows(torch.autograd.Function):
+    """Per-row loss of ``(n, C)`` row-major 16-bit logits; gradient by the Triton kernel.
+
+    ``apply(x, label, valid, weight, opts, loss_of, recompute)`` returns the
+    per-row loss and each row's target weight (0 at ignored rows; not
+    differentiable). `loss_of` turns the kernel's :class:`~crossent._losses._rows.RowStats`
+    into those two (the PyTorch executor's function, so the masking and the
+    weights are written once); `recompute` is the executor's differentiable
+    per-row loss of `x`, used for double backward.
+    """
 
     @staticmethod
     def forward(
@@ -75,31 +81,27 @@ class _SparseRows(torch.autograd.Function):
         valid: Tensor | None,
         weight: Tensor | None,
         opts: CEOptions,
+        loss_of: Callable[[_rows.RowStats], tuple[Tensor, Tensor]],
         recompute: Callable[[Tensor], Tensor],
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         from crossent.fused import _launch
 
-        num_classes = x.shape[1]
         m, s, wd, z_y = _launch.row_stats(
             x, label, weight, softcap=opts.softcap, smoothing=opts.label_smoothing != 0
         )
-        total: Tensor | float = float(num_classes) if weight is None else weight.sum()
-        stats = _rows.RowStats(m=m, s=s, wd=wd, wsum=total, z_y=z_y)
-        w_y = torch.ones_like(s) if weight is None else weight[label]
-        if valid is not None:
-            w_y = torch.where(valid, w_y, 0.0)
-        row = _rows.row_loss(stats, w_y, total, num_classes, opts, xp=torch)
-        if valid is not None:
-            row = torch.where(valid, row, 0.0)
+        wsum = float(x.shape[1]) if weight is None else weight.sum()
+        stats = _rows.RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y)
+        row, w_y = loss_of(stats)
         ctx.save_for_backward(x, label, valid, weight, _rows.lse(stats, xp=torch), w_y)
-        ctx.opts, ctx.recompute = opts, recompute
-        return row
+        ctx.opts, ctx.recompute, ctx.wsum = opts, recompute, wsum
+        ctx.mark_non_differentiable(w_y)
+        return row, w_y
 
     @staticmethod
-    def backward(ctx: Any, grad_row: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_row: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
         x, label, valid, weight, big_l, w_y = ctx.saved_tensors
         opts: CEOptions = ctx.opts
-        none = (None, None, None, None, None)
+        none = (None, None, None, None, None, None)
         if torch.is_grad_enabled():  # create_graph: a differentiable gradient, exact 2nd order
             with torch.enable_grad():
                 row = ctx.recompute(x)
@@ -110,7 +112,6 @@ class _SparseRows(torch.autograd.Function):
         scale = grad_row.to(big_l.dtype)
         if valid is not None:
             scale = torch.where(valid, scale, 0.0)
-        num_classes = x.shape[1]
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         _launch.logits_grad_(
             x,
@@ -119,63 +120,11 @@ class _SparseRows(torch.autograd.Function):
             big_l,
             w_y,
             scale,
-            float(num_classes) if weight is None else weight.sum(),
+            ctx.wsum,
             label_smoothing=opts.label_smoothing,
-            num_classes=num_classes,
+            num_classes=x.shape[1],
             z_loss=opts.z_loss,
             softcap=opts.softcap,
             out=out,
         )
         return (out, *none)
-
-
-def sparse(
-    x: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    axis: int,
-    opts: CEOptions,
-    *,
-    per_row: Callable[[Tensor, Tensor, Tensor | None, int, CEOptions], Tensor],
-    assert_labels: Callable[[Tensor, int, int], None],
-    finish: Callable[[Tensor, Tensor], Tensor],
-) -> Tensor:
-    """The loss with `opts`' reduction; `x`'s class axis is `axis`.
-
-    `per_row` is the PyTorch executor's differentiable formula (used for double
-    backward), `assert_labels` its device-side label check and `finish` its
-    output-dtype rule: one implementation of each, passed in.
-    """
-    z = x if axis == x.ndim - 1 else x.movedim(axis, -1)
-    num_classes = z.shape[-1]
-    z2 = z.reshape(-1, num_classes)
-    if z2.stride(1) != 1 or z2.stride(0) != num_classes:
-        z2 = z2.contiguous()
-    t = target.reshape(-1)
-    t = t if t.dtype == torch.int64 else t.long()
-    ignore = opts.ignore_index
-    if values_checked(t) and t.numel():
-        assert_labels(t, num_classes, -(2**63) if ignore is None else ignore)
-    valid = None if ignore is None else t != ignore
-    label = t if valid is None else torch.where(valid, t, 0)
-    w = None if weight is None else weight.to(torch.float32).contiguous()
-    rows_opts = dataclasses.replace(opts, reduction="none")
-
-    def recompute(xx: Tensor) -> Tensor:
-        return per_row(xx, t, w, 1, rows_opts)
-
-    row = _SparseRows.apply(z2, label, valid, w, opts, recompute)
-    if opts.reduction == "none":
-        out = row.reshape(z.shape[:-1])
-    elif opts.reduction == "sum":
-        out = row.sum()
-    elif w is None and valid is None:
-        out = row.sum() / max(t.numel(), 1)  # a Python count: nothing read back from the device
-    else:
-        if w is None:
-            den = torch.ones_like(row).sum() if valid is None else valid.sum().to(row.dtype)
-        else:
-            w_y = w[label]
-            den = (torch.where(valid, w_y, 0.0) if valid is not None else w_y).sum()
-        out = row.sum() / torch.where(den == 0, torch.ones_like(den), den)
-    return finish(out, x)
