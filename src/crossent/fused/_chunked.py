@@ -770,8 +770,6 @@ def _chunk_loop(
     buf_all = _workspace("logits", shape, cdt, device)
     lp_all = _workspace("low", shape, mm_dtype, device) if low_precision else None
     w_t = weight.t()
-    # vocabulary block for the float32-accumulated weight gradient of low precision inputs
-    v_block = max(1, min(v_local, (chunk * v_local) // max(4 * d, 1))) if low_precision else 0
 
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)
@@ -809,7 +807,7 @@ def _chunk_loop(
                 else:
                     torch.addmm(grad_w, g.t(), h_c, out=grad_w)
             else:
-                _accumulate_weight_grad_f32(grad_w, buf, g, h_c, v_block=v_block, first=c.first)
+                _accumulate_weight_grad_f32(grad_w, buf, g, h_c, first=c.first)
     return grad_h, grad_w, grad_b
 
 
@@ -819,39 +817,28 @@ def _accumulate_weight_grad_f32(
     g_lp: torch.Tensor,
     h_c: torch.Tensor,
     *,
-    v_block: int,
     first: bool,
 ) -> None:
     """``grad_w += G.T @ h_c`` in float32 for float16/bfloat16 inputs.
 
     On CUDA: one low-precision matrix product accumulated in float32 in place
-    (``torch.addmm(..., out_dtype=torch.float32, out=grad_w)``); on a torch
-    without that overload, products with float32 output in vocabulary blocks
-    (`v_block` rows) so the temporary stays small. Elsewhere (no such kernel on
-    CPU): a float32 product of the float32 gradient buffer and the upcast chunk
-    of `hidden`, accumulated in place (`first` overwrites `grad_w` instead).
-    Rounding each chunk's partial sum to the input dtype would make the weight
-    gradient less accurate than PyTorch's unfused one.
+    (``torch.addmm(..., out_dtype=torch.float32, out=grad_w)``: no temporary).
+    Elsewhere, or on a torch without that overload: a float32 product of the
+    float32 gradient buffer and the upcast chunk of `hidden`, accumulated in
+    place. `first` overwrites `grad_w` instead. Rounding each chunk's partial
+    sum to the input dtype would make the weight gradient less accurate than
+    PyTorch's unfused one.
     """
     import torch
 
     if g_lp.device.type == "cuda":  # pragma: no cover - needs a GPU
-        try:  # one low-precision product accumulated in float32 in place: no temporary
+        try:
             if first:
                 torch.mm(g_lp.t(), h_c, out_dtype=torch.float32, out=grad_w)
             else:
                 torch.addmm(grad_w, g_lp.t(), h_c, out_dtype=torch.float32, out=grad_w)
-        except (TypeError, RuntimeError, NotImplementedError):  # older torch: blocks
-            if first:
-                grad_w.zero_()
-            try:
-                for v0 in range(0, grad_w.shape[0], v_block):
-                    v1 = min(v0 + v_block, grad_w.shape[0])
-                    grad_w[v0:v1] += torch.mm(g_lp[:, v0:v1].t(), h_c, out_dtype=torch.float32)
-            except (TypeError, RuntimeError, NotImplementedError):  # no kernel at all
-                pass
-            else:
-                return
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch: no overload
+            pass  # (it fails on its arguments, before writing anything)
         else:
             return
     h32 = h_c.to(torch.float32)

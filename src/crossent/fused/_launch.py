@@ -43,12 +43,10 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=64)
-def _constants(
-    one_m_eps: float, eps_c: float, z_loss_2: float, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """``[1 - ε, ε / C, 2λ]`` on `device`, made once per value (a host-to-device copy
-    synchronises with the host; a cached tensor does not, after its first use)."""
-    return torch.tensor([one_m_eps, eps_c, z_loss_2], dtype=dtype, device=device)
+def _constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` on `device`, made once per value (a host-to-device copy synchronises with
+    the host; a cached tensor does not, after its first use)."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def row_stats(
@@ -132,11 +130,12 @@ def logits_grad_(
         return t.to(dt).expand(n).contiguous()
 
     eps = float(label_smoothing)
-    constants = _constants(1.0 - eps, eps / num_classes, 2.0 * float(z_loss), dt, buf.device)
-    if isinstance(total_weight, torch.Tensor):  # a device value: never read back
-        params = torch.cat((constants, total_weight.to(dt).reshape(1)))
+    # [1 - ε, ε / C, 2λ, W]; a W computed on the device (class weights) is never read back
+    scalars = (1.0 - eps, eps / num_classes, 2.0 * float(z_loss))
+    if isinstance(total_weight, torch.Tensor):
+        params = torch.cat((_constants(scalars, dt, buf.device), total_weight.to(dt).reshape(1)))
     else:
-        params = torch.cat((constants, constants.new_full((1,), float(total_weight))))
+        params = _constants((*scalars, float(total_weight)), dt, buf.device)
     y_kernel = torch.where((y_loc >= 0) & (y_loc < v), y_loc, -1).contiguous()
     k = _kernels()
     k._logits_grad_kernel[(n, (v + block - 1) // block)](
