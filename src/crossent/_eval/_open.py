@@ -11,6 +11,7 @@ from crossent._eval._errors import CLIError
 from crossent._eval._jsonl import open_jsonl
 from crossent._eval._numpy import open_npy, open_npz
 from crossent._eval._parquet import open_parquet
+from crossent._eval._prefetch import prefetched
 from crossent._eval._sources import COMPRESSIBLE, COMPRESSIONS, data_suffix, open_input
 from crossent._eval._table import Batch, Table
 
@@ -102,10 +103,13 @@ def read_batches(table: Table) -> Iterator[Batch]:
     A parse error half-way through the file becomes a :class:`CLIError`; so
     does a file that was truncated or rewritten while it was read (its size
     or modification time changed, or fewer rows came than its metadata says).
+    The batches are read by a background thread, ahead of the caller
+    (:func:`.prefetched`); the checks at the end run in the caller's thread,
+    after its last batch.
     """
     rows = 0
     try:
-        for batch in table.batches():
+        for batch in prefetched(table.batches):
             rows += batch.data.num_rows
             yield batch
     except CLIError:
