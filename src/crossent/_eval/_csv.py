@@ -13,11 +13,12 @@ from __future__ import annotations
 import csv
 import functools
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from crossent._eval._errors import CLIError
+from crossent._eval._labels import as_int_text
 from crossent._eval._sources import data_suffix, open_input, open_text
 from crossent._eval._table import (
     BLOCK_SIZE,
@@ -153,7 +154,8 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
     schema = first.schema
     first.close()
     # types from the first block can be too narrow for later ones (int, then 0.5):
-    # read every numeric column as float64 and the label as text.
+    # read every numeric column as float64, and the label as text, or as int64 while
+    # its cells are integers (see :func:`_int_labels`)
     column_types = {
         f.name: pa.string() if f.name == label_column else pa.float64()
         for f in schema
@@ -161,18 +163,78 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
     }
     numeric = [name for name, t in column_types.items() if t == pa.float64()]
     convert = pcsv.ConvertOptions(column_types=column_types, null_values=NULL_VALUES)
+    as_int = None
+    if label_column in schema.names and _int_labels(schema, label_column):
+        int_types = {**column_types, label_column: pa.int64()}
+        as_int = pcsv.ConvertOptions(column_types=int_types, null_values=NULL_VALUES)
 
     def explain(exc: Exception) -> CLIError | None:
         found = _diagnose(table, numeric, read, parse)
         return None if found is None else CLIError(f"{path}: {found}.")
 
-    def blocks() -> Iterator[Any]:
-        reader = pcsv.open_csv(
-            open_input(path), read_options=read, parse_options=parse, convert_options=convert
+    def reader(options: Any) -> Any:
+        return pcsv.open_csv(
+            open_input(path), read_options=read, parse_options=parse, convert_options=options
         )
-        return regroup(checked_blocks(reader, lambda: table, explain), batch_size)
+
+    def text_blocks(skip: int) -> Iterator[Any]:
+        return _skip_rows(checked_blocks(reader(convert), lambda: table, explain), skip)
+
+    def blocks() -> Iterator[Any]:
+        if as_int is None:
+            return regroup(text_blocks(0), batch_size)
+        return regroup(_with_int_labels(reader(as_int), label_column, text_blocks), batch_size)
 
     types = {f.name: column_types.get(f.name, f.type) for f in schema}
     line_of = functools.partial(_line_of, path)
     table = text_table(path, "csv", list(schema.names), types, record_batches(blocks), line_of)
     return table
+
+
+def _int_labels(schema: Any, label_column: str) -> bool:
+    """Whether labels may be read as int64 (pyarrow typed the first block's as integers).
+
+    An integer label then means what its text would: ``07`` is 7 (as in a
+    Parquet file), matched to a class name by its integer value, which is
+    ambiguous only when two column names have the same one (``1`` and ``01``):
+    then the label stays text.
+    """
+    pa = need("pyarrow")
+    if not pa.types.is_integer(schema.field(label_column).type):
+        return False
+    values = [v for v in map(as_int_text, schema.names) if v is not None]
+    return len(values) == len(set(values))
+
+
+def _with_int_labels(
+    reader: Any, label_column: str, text_blocks: Callable[[int], Iterator[Any]]
+) -> Iterator[Any]:
+    """The blocks of `reader` (int64 labels) while every label is an integer; from the
+    first block where one is not (or is missing, or any cell fails), the blocks of
+    `text_blocks(rows read so far)`, which read the labels as text and explain a bad cell."""
+    rows = 0
+    try:
+        while True:
+            try:
+                block = reader.read_next_batch()
+            except StopIteration:
+                return
+            except Exception:  # pyarrow.ArrowInvalid: a cell that is not an int64, or worse
+                break
+            if block.column(label_column).null_count:
+                break
+            rows += block.num_rows
+            yield block
+    finally:
+        reader.close()
+    yield from text_blocks(rows)
+
+
+def _skip_rows(blocks: Iterator[Any], rows: int) -> Iterator[Any]:
+    """`blocks` without their first `rows` rows."""
+    for block in blocks:
+        if rows >= block.num_rows:
+            rows -= block.num_rows
+            continue
+        yield block.slice(rows) if rows else block
+        rows = 0

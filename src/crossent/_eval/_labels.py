@@ -10,10 +10,11 @@ from crossent._eval._columns import Columns, first_null
 from crossent._eval._errors import RowError
 from crossent._eval._table import is_numeric, need, to_numpy
 
-__all__ = ["batch_labels"]
+__all__ = ["as_int_text", "batch_labels"]
 
 
-def _as_int_text(text: str) -> int | None:
+def as_int_text(text: str) -> int | None:
+    """The integer `text` holds (``7``, ``07``, ``7.0``), or None."""
     try:
         return int(text)
     except ValueError:
@@ -57,7 +58,7 @@ def batch_labels(batch: Any, columns: Columns, *, mode: str) -> np.ndarray:
     raw = to_numpy(col) if numeric else np.zeros(0)
     names = columns.classes
     lookup = {name: i for i, name in enumerate(names)}
-    names_are_ints = all(_as_int_text(n) is not None for n in names)
+    names_are_ints = all(as_int_text(n) is not None for n in names)
     if numeric and raw.dtype.kind == "f":
         frac = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)))
         if frac.size:
@@ -73,10 +74,10 @@ def batch_labels(batch: Any, columns: Columns, *, mode: str) -> np.ndarray:
     mapped = np.empty(len(uniques), dtype=np.int64)
     for j, text in enumerate(uniques):
         text = str(text).strip()
-        as_int = _as_int_text(text)
+        as_int = as_int_text(text)
         by_name = lookup.get(text)
         if by_name is None and names_are_ints and as_int is not None:
-            by_name = next((i for i, n in enumerate(names) if _as_int_text(n) == as_int), None)
+            by_name = next((i for i, n in enumerate(names) if as_int_text(n) == as_int), None)
         if mode == "name" or (mode == "auto" and (names_are_ints or as_int is None)):
             index = by_name
         else:

@@ -208,13 +208,18 @@ def regroup(blocks: Iterator[Any], batch_size: int) -> Iterator[Any]:
 
     The first batch holds at least the whole first block, whose cells set the
     column types: ``check_text_columns`` (in ``_columns``) looks
-    there for the cell that made a class column text.
+    there for the cell that made a class column text. When the blocks'
+    schema changes (a CSV's labels read as text from some block on), the rows
+    before the change make a batch of their own.
     """
     pa = need("pyarrow")
     held: list[Any] = []
     rows = 0
     first = True
     for block in blocks:
+        if held and block.schema != held[0].schema:
+            yield pa.concat_batches(held)
+            held, rows, first = [], 0, False
         held.append(block)
         rows += block.num_rows
         if rows < batch_size:
