@@ -3,11 +3,18 @@
 Run: ``python -m benchmarks.bench_eval [--quick]``.
 
 1. Throughput on N rows x 10 classes (CSV and Parquet), each contender a fresh
-   process (imports included), interleaved A, B, C over rounds, median of the
-   rounds: ``crossent eval`` (every figure), a plain pyarrow read + NumPy log
-   loss and accuracy (the floor), and pandas + scikit-learn (``log_loss``,
-   ``accuracy_score``; not in ``--quick``). Wall time and process CPU time
-   (all threads).
+   process (imports included), one untimed warm-up round, then interleaved
+   A, B, C over rounds, median of the rounds: ``crossent eval`` (every
+   figure), a plain pyarrow read + NumPy log loss and accuracy (the floor),
+   and pandas + scikit-learn (``log_loss``, ``accuracy_score``; not in
+   ``--quick``); every contender's log loss and accuracy must agree. Wall
+   time and process CPU time (all threads: ``crossent eval`` reads the next
+   batches in a second thread while it scores). The child processes may
+   cache bytecode (in a temporary ``PYTHONPYCACHEPREFIX``) even where
+   ``PYTHONDONTWRITEBYTECODE`` is set, as an installed package has its
+   bytecode: otherwise only the editable source tree's modules were
+   compiled again in every run (40 ms), the site-packages ones never.
+   Then the time of ``crossent --version``.
 2. Peak memory: the resident-set high-water mark of ``crossent eval`` on a
    small and a 10x larger file (it must not grow with the file).
 3. The Dask engine (4 local worker processes) against the local engine on a
@@ -35,12 +42,25 @@ import numpy as np
 from benchmarks._util import REPO
 
 CLASSES = 10
+# the floor: a whole-file read, the columns viewed through their buffers as `crossent
+# eval` views them (pyarrow's to_numpy and pq.read_table import pandas, 0.2 s, when it is
+# installed: no part of a read)
 PYARROW = """
-import sys, numpy as np, pyarrow as pa, pyarrow.csv as pcsv, pyarrow.parquet as pq
+import sys, numpy as np
 path = sys.argv[1]
-t = pq.read_table(path) if path.endswith(".parquet") else pcsv.read_csv(path)
-y = t.column("label").to_numpy()
-p = np.column_stack([t.column(f"c{k}").to_numpy() for k in range(10)])
+if path.endswith(".parquet"):
+    import pyarrow.parquet as pq
+    t = pq.ParquetFile(path).read()
+else:
+    import pyarrow.csv as pcsv
+    t = pcsv.read_csv(path)
+def column(name, dtype):
+    return np.concatenate([
+        np.frombuffer(c.buffers()[1], dtype, len(c), c.offset * np.dtype(dtype).itemsize)
+        for c in t.column(name).chunks
+    ])
+y = column("label", np.int64)
+p = np.column_stack([column(f"c{k}", np.float64) for k in range(10)])
 ll = -np.mean(np.log(np.maximum(p[np.arange(len(y)), y], 1e-300)))
 acc = np.mean(np.argmax(p, axis=1) == y)
 print(ll, acc)
@@ -88,11 +108,18 @@ def _write(folder: Path, name: str, rows: int, *, seed: int = 0, fmt: str = "par
     return path
 
 
+#: the children's environment: bytecode cached under the benchmark's folder (see above)
+_ENV: dict[str, str] = {}
+
+
 def _run(argv: list[str]) -> tuple[float, float, str]:
     """(wall s, CPU s of the child and its threads, stdout) of one fresh process."""
+    env = {**os.environ, **_ENV}
+    if _ENV:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=REPO, env=env)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -116,14 +143,20 @@ def throughput(folder: Path, rows: int, rounds: int, *, quick: bool) -> list[dic
         path = _write(folder, f"through_{rows}", rows, fmt=fmt)
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
         figures: dict[str, str] = {}
+        for argv in contenders.values():  # warm-up: page cache, bytecode
+            _run(argv(path))
         for _ in range(rounds):
             for name, argv in contenders.items():
                 wall, cpu, out = _run(argv(path))
                 times[name].append((wall, cpu))
                 figures[name] = out
-        got = json.loads(figures["crossent eval"])["log_loss_nats"]
-        floor_ll = float(figures["pyarrow + NumPy"].split()[0])
-        assert abs(got - floor_ll) < 1e-9 * max(1.0, floor_ll), (got, floor_ll)
+        ours_figures = json.loads(figures["crossent eval"])
+        for name in contenders:  # every contender computed the same figures
+            if name == "crossent eval":
+                continue
+            ll, acc = map(float, figures[name].split()[:2])
+            assert abs(ours_figures["log_loss_nats"] - ll) < 1e-9 * max(1.0, ll), (name, ll)
+            assert abs(ours_figures["accuracy"] - acc) < 1e-12, (name, acc)
         med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
                for k, v in times.items()}  # fmt: skip
         ours = times["crossent eval"]
@@ -183,6 +216,7 @@ def main() -> None:
     rows = 20_000 if args.quick else 1_000_000
     rounds = args.rounds or (1 if args.quick else 3)
     folder = Path(tempfile.mkdtemp(prefix="bench_eval_"))
+    _ENV["PYTHONPYCACHEPREFIX"] = str(folder / "pycache")
     try:
         print(f"throughput, {rows:,} rows x {CLASSES} classes, median of {rounds} interleaved "
               f"rounds, fresh processes ({os.cpu_count()} CPUs, possibly shared)")  # fmt: skip
@@ -192,6 +226,11 @@ def main() -> None:
             print(f"{r['format']:<8} {r['contender']:<18} {r['wall_s']:>7.3f} {r['cpu_s']:>7.3f} "
                   f"{r['rows_per_s']:>10,.0f} {r['ours_over_it_wall']:>12.2f} "
                   f"{r['ours_over_it_cpu']:>11.2f}")  # fmt: skip
+        version = [sys.executable, "-m", "crossent", "--version"]
+        _run(version)
+        times = [_run(version) for _ in range(rounds)]
+        wall, cpu = (statistics.median(t[i] for t in times) for i in (0, 1))
+        print(f"\ncrossent --version: {wall:.3f} s wall, {cpu:.3f} s CPU (median of {rounds})")
         small = 10_000 if args.quick else 300_000
         print(f"\npeak RSS of crossent eval (VmHWM, MiB): {small:,} vs {10 * small:,} rows")
         for fmt in ("csv",) if args.quick else ("csv", "parquet"):
