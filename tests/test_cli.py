@@ -324,7 +324,8 @@ def test_malformed_files_exit_2_naming_the_problem(
 
     # one class column is binary: P(label = 1), labels 0/1 or true/false
     err = _error(capsys, "eval", str(write_csv(tmp_path / "one.csv", ["label", "cat"], [[2, 1.0]])))
-    assert "row 1 (line 2) has label '2', not 0/1 or true/false" in err
+    # an integer label is read as an integer (text labels: 'maybe' in test_eval_binary)
+    assert "row 1 (line 2) has label 2, not 0 or 1 (a binary label)" in err
 
     err = _error(
         capsys, "eval", str(write_csv(tmp_path / "text.csv", ["label", "note"], [[0, "x"]]))

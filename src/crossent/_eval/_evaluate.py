@@ -23,7 +23,6 @@ from crossent._eval._columns import Columns, resolve_columns
 from crossent._eval._errors import CLIError
 from crossent._eval._groups import GroupedMetrics
 from crossent._eval._open import FORMATS, open_table, read_batches
-from crossent._eval._parquet import row_group_parts
 from crossent._eval._score import Plan, Selection, score_table
 from crossent._eval._sources import data_suffix, expand_sources, stdin_as_file
 from crossent._eval._summary import summarize_state
@@ -239,5 +238,7 @@ def file_parts(path: Path, batch_size: int) -> list[tuple[int, int] | None]:
     else the whole file (None)."""
     if FORMATS.get(data_suffix(path)[0]) != "parquet":
         return [None]
+    from crossent._eval._parquet import row_group_parts
+
     parts = row_group_parts(path, PART_BATCHES * batch_size)
     return [None] if len(parts) == 1 else list(parts)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from crossent._eval._csv import open_csv
 from crossent._eval._errors import CLIError
-from crossent._eval._jsonl import open_jsonl
-from crossent._eval._numpy import open_npy, open_npz
-from crossent._eval._parquet import open_parquet
 from crossent._eval._prefetch import prefetched
 from crossent._eval._sources import COMPRESSIBLE, COMPRESSIONS, data_suffix, open_input
 from crossent._eval._table import Batch, Table
@@ -30,13 +27,22 @@ FORMATS = {
     ".npz": "npz",
 }
 
-_OPENERS: dict[str, Callable[[Path, int, str], Table]] = {
-    "csv": open_csv,
-    "parquet": open_parquet,
-    "jsonl": open_jsonl,
-    "npy": open_npy,
-    "npz": open_npz,
+#: format -> (module, function) of its opener, imported when a file of that format is read
+_OPENERS = {
+    "csv": ("_csv", "open_csv"),
+    "parquet": ("_parquet", "open_parquet"),
+    "jsonl": ("_jsonl", "open_jsonl"),
+    "npy": ("_numpy", "open_npy"),
+    "npz": ("_numpy", "open_npz"),
 }
+
+
+def _opener(fmt: str) -> Callable[..., Table]:
+    module, name = _OPENERS[fmt]
+    opener: Callable[..., Table] = getattr(
+        importlib.import_module(f"crossent._eval.{module}"), name
+    )
+    return opener
 
 
 def _not_a_file(path: Path) -> str | None:
@@ -88,8 +94,8 @@ def open_table(
         open_input(path)  # raises: says which formats may be compressed
     try:
         if row_groups is not None and fmt == "parquet":
-            return open_parquet(path, batch_size, label_column, row_groups)
-        return _OPENERS[fmt](path, batch_size, label_column)
+            return _opener(fmt)(path, batch_size, label_column, row_groups)
+        return _opener(fmt)(path, batch_size, label_column)
     except CLIError:
         raise
     except Exception as exc:  # pyarrow / numpy parse errors: report them as a bad file

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -127,6 +125,9 @@ def expand_sources(files: Sequence[str], *, formats: Sequence[str]) -> list[Path
 @contextlib.contextmanager
 def stdin_as_file(stream: IO[bytes] | None = None) -> Iterator[Path]:
     """Standard input (or `stream`) copied to a temporary ``.csv`` file, removed on exit."""
+    import shutil  # here only: shutil imports bz2 and lzma (ms at every start-up)
+    import tempfile
+
     source = sys.stdin.buffer if stream is None else stream
     with tempfile.TemporaryDirectory(prefix="crossent-stdin-") as folder:
         path = Path(folder) / "stdin.csv"
