@@ -152,6 +152,18 @@ def test_column_names_with_one_integer_value_keep_labels_text() -> None:
     schema = pa.schema([("label", pa.int64()), ("1", pa.float64()), ("2", pa.float64())])
     assert _csv._int_labels(schema, "label")
     assert not _csv._int_labels(pa.schema([("label", pa.string())]), "label")
+    assert not _csv._int_labels(pa.schema([("p", pa.float64())]), "label")
+    repeated = pa.schema([("label", pa.int64()), ("a", pa.float64()), ("label", pa.int64())])
+    assert not _csv._int_labels(repeated, "label")
+
+
+def test_a_repeated_integer_label_column_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path / "p.csv", "label,a,label,b\n1,0.5,1,0.5\n0,0.5,0,0.5\n")
+    assert "has duplicate column names ('label' is columns 1, 3)" in error(
+        capsys, "eval", str(path)
+    )
 
 
 @pytest.mark.parametrize(

@@ -164,7 +164,7 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
     numeric = [name for name, t in column_types.items() if t == pa.float64()]
     convert = pcsv.ConvertOptions(column_types=column_types, null_values=NULL_VALUES)
     as_int = None
-    if label_column in schema.names and _int_labels(schema, label_column):
+    if _int_labels(schema, label_column):
         int_types = {**column_types, label_column: pa.int64()}
         as_int = pcsv.ConvertOptions(column_types=int_types, null_values=NULL_VALUES)
 
@@ -200,6 +200,8 @@ def _int_labels(schema: Any, label_column: str) -> bool:
     then the label stays text.
     """
     pa = need("pyarrow")
+    if schema.names.count(label_column) != 1:  # none, or repeated: the table says so
+        return False
     if not pa.types.is_integer(schema.field(label_column).type):
         return False
     values = [v for v in map(as_int_text, schema.names) if v is not None]
