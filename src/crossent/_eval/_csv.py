@@ -138,10 +138,12 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
     pcsv = need("pyarrow.csv")
     parse = pcsv.ParseOptions(delimiter=_delimiter(path))
     # with threads pyarrow parses blocks ahead of the consumer as fast as it can, so the
-    # peak memory grew with the file (+44 MB at 3M rows): one thread reads a block when
-    # asked (bounded, no slower on the CI's two cores); small blocks (BLOCK_SIZE) keep the
-    # peak flat under jemalloc (1 MiB blocks: +32 MB at 1M rows, now and then), then
-    # :func:`.regroup` makes full batches
+    # peak memory grew with the file (+44 MB at 3M rows), and it still parsed in the
+    # asking thread: one thread reads a block when asked, and the parallelism is the
+    # reader thread's (:func:`.prefetched`, a bounded two batches ahead of the scoring);
+    # small blocks (BLOCK_SIZE) keep the peak flat (1 MiB blocks: +32 MB at 1M rows under
+    # jemalloc; +25 MB from 0.3M to 3M rows under mimalloc), then :func:`.regroup` makes
+    # full batches
     read = pcsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False)
     try:
         first = pcsv.open_csv(open_input(path), read_options=read, parse_options=parse)
