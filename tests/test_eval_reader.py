@@ -91,11 +91,14 @@ def test_closing_early_stops_the_reader_and_closes_its_source() -> None:
         finally:
             closed.set()
 
+    before = set(threading.enumerate())  # another test's reader may wait to be collected
     stream = _prefetch.prefetched(items, depth=2)
     assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    started = [t for t in threading.enumerate() if t not in before]
+    assert [t.name for t in started] == ["crossent-eval-reader"]
     stream.close()  # type: ignore[attr-defined]
     assert closed.is_set()
-    assert not [t for t in threading.enumerate() if t.name == "crossent-eval-reader"]
+    assert not started[0].is_alive()
 
 
 def test_the_reader_stays_at_most_depth_items_ahead() -> None:
