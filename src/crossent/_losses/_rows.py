@@ -84,9 +84,12 @@ __all__ = [
     "all_reduce",
     "applies",
     "coefficients",
+    "coefficients_from",
     "combine",
+    "focal_terms",
     "grad_coefficients",
     "log_s",
+    "loss_from",
     "lse",
     "rebase",
     "row_loss",
@@ -280,24 +283,54 @@ def _nll_target(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
     return xp.where(finite, (m_safe - stats.z_y) + _log_s(stats, finite, xp=xp), other)
 
 
-def _focal(nll_y: Array, gamma: float, *, xp: Any) -> tuple[Array, Array]:
-    r"""(f, q) from :math:`-\log p_y`: :math:`(1-p_y)^\gamma` and :math:`p_y (-\log p_y)/(1-p_y)`.
+def _focal(nll: Array, gamma: float, *, slope: bool, autodiff: bool, xp: Any) -> tuple[Array, Any]:
+    r"""(f, q) from :math:`-\log p`: :math:`(1-p)^\gamma` and :math:`p (-\log p)/(1-p)`.
 
-    Where :math:`p_y = 1` exactly, :math:`f = 0` and :math:`q` is 0 (the term's
-    gradient limit for every :math:`\gamma > 0`).
+    :math:`1 - p = -\operatorname{expm1}(\log p)` to relative precision at every
+    :math:`p` (so is its power: no log of it is formed). Where :math:`p = 1` exactly,
+    :math:`f = 0` and :math:`q` is 0 (the term's gradient limit for every
+    :math:`\gamma > 0`); `autodiff` guards the power there too, so that a
+    framework's derivative of :math:`f` is 0 instead of :math:`\gamma\, 0^{\gamma-1}`
+    (infinite for :math:`\gamma < 1`). `slope` False skips :math:`q` (None).
     """
-    from crossent._losses._common import focal_factor, log1mexp
-
-    log1m = log1mexp(-nll_y, xp=xp)
-    f = focal_factor(log1m, gamma, xp=xp)
-    one_m = xp.exp(log1m)
+    one_m = -xp.expm1(-nll)
+    if not (autodiff or slope):
+        return one_m**gamma, None
     certain = one_m == 0
-    q = xp.where(
-        certain,
-        xp.zeros_like(nll_y),
-        xp.exp(-nll_y) * nll_y / xp.where(certain, xp.ones_like(one_m), one_m),
-    )
+    safe = xp.where(certain, xp.ones_like(one_m), one_m)
+    f = xp.where(certain, xp.zeros_like(one_m), safe**gamma) if autodiff else one_m**gamma
+    if not slope:
+        return f, None
+    q = xp.where(certain, xp.zeros_like(nll), xp.exp(-nll) * nll / safe)
     return f, q
+
+
+def focal_terms(
+    nll: Array, c: Array | float, gamma: float, *, autodiff: bool = True, xp: Any
+) -> tuple[Array, Array]:
+    r"""One focal class term :math:`c\,f\,(-\log p)` and its slope :math:`c\,f\,(1 + \gamma q)`.
+
+    With :math:`f = (1-p)^\gamma` and :math:`q = p(-\log p)/(1-p)` (:func:`_focal`),
+    :math:`\partial\bigl(c f (-\log p)\bigr)/\partial \log p = -c f (1 + \gamma q)`.
+    The target's term gives :math:`b` of :func:`coefficients_from`
+    (:math:`c = (1-\varepsilon) w_y`); with label smoothing every class has one
+    (:math:`c = w_k`, times :math:`\varepsilon / C` by the caller), whose sums are the
+    `smooth` and `smooth_slope` of :func:`loss_from` and :func:`coefficients_from`.
+    `autodiff` as in :func:`_focal`.
+    """
+    f, q = _focal(nll, gamma, slope=True, autodiff=autodiff, xp=xp)
+    cf = f if isinstance(c, float) and c == 1.0 else c * f
+    return cf * nll, cf * (1 + gamma * q)
+
+
+def _times(c: Any, x: Array) -> Array:
+    """``c * x``, without the multiplication where `c` is the float 1."""
+    return x if isinstance(c, float) and c == 1.0 else c * x
+
+
+def _target_coef(eps: float, w_y: Any) -> Any:
+    r""":math:`(1-\varepsilon) w_y` (`w_y` itself without smoothing: no array operation)."""
+    return w_y if eps == 0 else (1 - eps) * w_y
 
 
 def row_loss(
@@ -313,18 +346,51 @@ def row_loss(
 
     `w_y` is the target's weight (1 without weights); `total_weight` is
     :math:`W = \sum_k w_k` (C without weights). Ignored rows are the caller's
-    to mask (their statistics hold no label).
+    to mask (their statistics hold no label). The statistics give
+    :math:`L`, :math:`-\log p_y` and :math:`\sum_k w_k (L - z_k) = \sum w (m - z) + W \log s`;
+    :func:`loss_from` reads the loss off those.
     """
     big_l = lse(stats, xp=xp)
-    eps, gamma = opts.label_smoothing, opts.gamma
     nll_y = _nll_target(stats, big_l, xp=xp)
-    if gamma != 0:
-        f, _ = _focal(nll_y, gamma, xp=xp)
-        row = w_y * f * nll_y
+    smooth = None
+    if opts.label_smoothing != 0:
+        smooth = stats.wd + total_weight * log_s(stats, big_l, xp=xp)
+    return loss_from(big_l, nll_y, smooth, w_y, num_classes, opts, xp=xp)
+
+
+def loss_from(
+    big_l: Array | None,
+    nll_y: Array,
+    smooth: Array | None,
+    w_y: Array | float,
+    num_classes: int,
+    opts: CEOptions,
+    *,
+    autodiff: bool = True,
+    xp: Any,
+) -> Array:
+    r"""The row loss :math:`\ell = (1-\varepsilon) w_y f_y (-\log p_y) + \frac{\varepsilon}{C}\,
+    \mathrm{smooth} + \lambda L^2` from per-row terms.
+
+    `big_l` is :math:`L = \operatorname{lse}(z)` (only read with z-loss), `nll_y`
+    :math:`-\log p_y`, `smooth` :math:`\sum_k w_k f_k (-\log p_k)` (only read with
+    smoothing; :math:`f \equiv 1` without focal factor, where it is
+    :math:`\sum_k w_k (L - z_k)`), `w_y` the target's weight (the float 1 without
+    weights). :func:`row_loss` feeds it from :class:`RowStats`; an executor that has
+    the log-probabilities (PyTorch's ``log_softmax``) feeds it directly. `autodiff`
+    False (an executor that differentiates in closed form) drops the guard that makes
+    a framework's derivative of the focal factor finite at :math:`p_y = 1`.
+    """
+    eps, gamma = opts.label_smoothing, opts.gamma
+    if eps == 1:
+        row = xp.zeros_like(nll_y)
+    elif gamma != 0:
+        f, _ = _focal(nll_y, gamma, slope=False, autodiff=autodiff, xp=xp)
+        row = _times(_target_coef(eps, w_y), f * nll_y)
     else:
-        row = (1 - eps) * w_y * nll_y if eps != 1 else xp.zeros_like(nll_y)
+        row = _times(_target_coef(eps, w_y), nll_y)
     if eps != 0:
-        row = row + (eps / num_classes) * (stats.wd + total_weight * log_s(stats, big_l, xp=xp))
+        row = row + (eps / num_classes) * smooth
     if opts.z_loss != 0:
         row = row + opts.z_loss * (big_l * big_l)
     return row
@@ -374,20 +440,49 @@ def grad_coefficients(
 
     Ignored rows must be zeroed by the caller's scale (their `w_y` is 0 but
     the smoothing and z-loss parts do not depend on it). Without focal factor
-    this is :func:`coefficients` with scale 1.
+    this is :func:`coefficients` with scale 1; :func:`coefficients_from` from the
+    statistics' :math:`L` and :math:`-\log p_y`.
     """
     big_l = lse(stats, xp=xp)
+    nll_y = None if opts.gamma == 0 else _nll_target(stats, big_l, xp=xp)
+    return coefficients_from(big_l, nll_y, w_y, total_weight, num_classes, opts, xp=xp)
+
+
+def coefficients_from(
+    big_l: Array | None,
+    nll_y: Array | None,
+    w_y: Array | float,
+    smooth_slope: Array | float,
+    num_classes: int,
+    opts: CEOptions,
+    *,
+    scale: Any = 1.0,
+    autodiff: bool = True,
+    xp: Any,
+) -> tuple[Any, Any, Any]:
+    r"""(a, b, e) of :func:`loss_from`'s loss from per-row terms.
+
+    :math:`\partial\ell/\partial z_k = a\,p_k - b\,[k=y] - e\,w_k f_k (1 + \gamma q_k)`
+    with :math:`b = (1-\varepsilon) w_y f_y (1 + \gamma q_y)`,
+    :math:`a = b + \frac{\varepsilon}{C}\,\mathrm{smooth\_slope} + 2\lambda L`,
+    :math:`e = \varepsilon / C` (:func:`focal_terms`; :math:`f \equiv 1`, :math:`q \equiv 0`
+    without focal factor). `smooth_slope` is :math:`\sum_k w_k f_k (1 + \gamma q_k)`
+    (:math:`W` without focal factor); `nll_y` is read only with a focal factor,
+    `big_l` only with z-loss; `autodiff` as in :func:`loss_from`. All three are
+    times the row `scale` (the upstream gradient and the mean's :math:`1/\sum w_y`).
+    Without focal factor this is :func:`coefficients`.
+    """
     eps, gamma = opts.label_smoothing, opts.gamma
     if gamma == 0:
         a, b, e = coefficients(
-            w_y, big_l, 1.0, total_weight, 1 - eps, eps / num_classes, eps != 0,
+            w_y, big_l, scale, smooth_slope, 1 - eps, eps / num_classes, eps != 0,
             2 * opts.z_loss, opts.z_loss != 0,
         )  # fmt: skip
         return a, b, e
-    nll_y = _nll_target(stats, big_l, xp=xp)
-    f, q = _focal(nll_y, gamma, xp=xp)
-    b = w_y * f * (1 + gamma * q)
+    _, b = focal_terms(nll_y, _target_coef(eps, w_y), gamma, autodiff=autodiff, xp=xp)
     a = b
+    if eps != 0:
+        a = a + (eps / num_classes) * smooth_slope
     if opts.z_loss != 0:
         a = a + (2 * opts.z_loss) * big_l
-    return a, b, eps / num_classes
+    return _times(scale, a), _times(scale, b), (eps / num_classes) * scale

@@ -1,0 +1,298 @@
+r"""crossent's own options on eager CPU PyTorch: ``log_softmax`` row terms, closed-form gradient.
+
+Sparse cross-entropy from logits with z-loss, softcap and the focal factor
+(with or without label smoothing), which PyTorch's kernels do not have. The
+loss and its gradient coefficients are :func:`crossent._losses._rows.loss_from`
+and :func:`crossent._losses._rows.coefficients_from` (the one statement of the
+formula); this module only feeds them per-row terms made by PyTorch's fused
+kernels, row chunk by row chunk:
+
+- :math:`\log p = \operatorname{log\_softmax}(z)` (one fused kernel), from which
+  :math:`-\log p_y` is a gather, :math:`L = z_y - \log p_y`, and the smoothing
+  sums are :math:`\sum_k w_k f_k (-\log p_k)` (:func:`crossent._losses._rows.focal_terms`,
+  :math:`f \equiv 1` without focal factor);
+- :math:`z = c \tanh(x / c)` for a softcap :math:`c` (``-inf`` logits stay
+  ``-inf``: masked classes), and the chain rule's :math:`1 - \tanh^2(x/c)`;
+- the gradient :math:`a\,p - b\,[k = y] - e\,w_k f_k (1 + \gamma q_k)`, written
+  in place over the chunk's :math:`\log p` (:class:`_OwnRows`).
+
+For a reduced loss the gradient for an upstream gradient of 1 is written during
+the forward pass, while the chunk is in cache (as :class:`._torch._LowPrecisionCE`
+does); backward returns it (scaled by a float32/float64 upstream gradient) or
+recomputes the chunks. Nothing of size N × C but that gradient is kept: the
+reference written in PyTorch operations keeps the log-probabilities and scatters
+a dense gradient of the gather. With ``create_graph=True`` backward differentiates
+the generic statistics of :func:`._torch._sparse_rows_generic` instead (exact
+double backward).
+
+The eager path runs only where values may be read (CPU, no ``torch.compile`` or
+``torch.func``); :func:`own_rows` returns None for the generic path otherwise, and
+for a result that is NaN (a non-finite logit, which ``log_softmax`` does not
+guard, or a NaN input: the generic statistics then give crossent's values).
+Bad labels raise from PyTorch's own gather, turned into crossent's message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crossent._backends._torch import (
+    _LOW,
+    _label_error,
+    _may_hold_neg_inf,
+    _valid_label,
+    index_target,
+)
+from crossent._losses import _rows
+from crossent._losses._options import CEOptions
+
+__all__ = ["own_rows"]
+
+_CHUNK = 1 << 18
+"""Elements per row chunk (1 MiB in float32): the chunk's temporaries stay in cache."""
+
+
+def own_rows(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    axis: int,
+    opts: CEOptions,
+    generic: Callable[[Tensor, Tensor, Tensor | None, CEOptions], Tensor],
+) -> Tensor | None:
+    """The loss in the compute dtype (float32 for half precision), or None for the generic path.
+
+    `generic(z2, t, w, opts)` is the differentiable generic loss of ``(n, C)``
+    logits `z2` (class axis last) and flat labels `t`, for double backward.
+    """
+    if x.numel() == 0 or (weight is not None and weight.requires_grad):
+        return None
+    z = x if axis == x.ndim - 1 else x.movedim(axis, -1)
+    num_classes = z.shape[-1]
+    z2 = z.reshape(-1, num_classes)
+    t = index_target(target).reshape(-1)
+    valid, label = _valid_label(t, opts.ignore_index)
+    cdt = torch.float32 if x.dtype in _LOW else x.dtype
+    w = None if weight is None else weight.to(cdt)
+    mask = opts.softcap is not None and _may_hold_neg_inf(z2)
+    try:
+        w_y: Tensor | None = None
+        if w is not None:
+            w_y = w[label]
+            if valid is not None:
+                w_y = torch.where(valid, w_y, 0.0)
+        den: Tensor | float
+        if opts.reduction != "mean":
+            den = 1.0
+        elif w_y is not None:
+            den = w_y.sum()
+            den = torch.where(den == 0, 1.0, den)
+        elif valid is not None:
+            den = valid.sum().clamp_min_(1).to(cdt)
+        else:
+            den = float(z2.shape[0])
+        if torch.is_grad_enabled() and x.requires_grad:
+
+            def recompute(zz: Tensor) -> Tensor:
+                return generic(zz, t, w, opts)
+
+            out = _OwnRows.apply(z2, label, valid, w, w_y, den, mask, opts, recompute)
+        else:
+            out = _reduce(_pass(z2, label, valid, w, w_y, mask, opts, None)[0], den, opts)
+    except (IndexError, RuntimeError) as exc:
+        _label_error(exc, t, num_classes, opts.ignore_index)
+        raise  # pragma: no cover - _label_error always raises
+    check = out.detach().sum() if opts.reduction == "none" else out.detach()
+    if math.isnan(check.item()):
+        return None
+    return out.reshape(target.shape) if opts.reduction == "none" else out
+
+
+def _reduce(row: Tensor, den: Tensor | float, opts: CEOptions) -> Tensor:
+    """`opts.reduction` of the per-row loss (ignored rows hold 0); the mean divides by `den`."""
+    if opts.reduction == "none":
+        return row
+    total = row.sum()
+    if opts.reduction == "sum":
+        return total
+    return total / den
+
+
+def _row_scale(
+    n: int,
+    valid: Tensor | None,
+    den: Tensor | float,
+    grad: Tensor | float,
+    reduction: str,
+    dtype: torch.dtype,
+) -> Tensor | float:
+    """d(output)/d(row loss) times the upstream gradient: a float or an ``(n, 1)`` column."""
+    if reduction == "none":
+        scale: Tensor | float = grad.to(dtype)[:, None] if isinstance(grad, Tensor) else grad
+    elif isinstance(grad, Tensor):
+        scale = grad.to(dtype) / den
+    else:
+        scale = grad / den
+    if valid is None:
+        return scale
+    col = valid[:, None]
+    if isinstance(scale, Tensor):
+        return torch.where(col, scale, 0.0)
+    return torch.where(col, scale, 0.0).to(dtype)
+
+
+def _pass(
+    z2: Tensor,
+    label: Tensor,
+    valid: Tensor | None,
+    w: Tensor | None,
+    w_y: Tensor | None,
+    mask: bool,
+    opts: CEOptions,
+    scale: Tensor | float | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row loss (0 at ignored rows) and, for a `scale`, the gradient (`z2`'s dtype)."""
+    n, num_classes = z2.shape
+    rows = max(1, _CHUNK // num_classes)
+    col = label[:, None]
+    wy = None if w_y is None else w_y[:, None]
+    if n <= rows:
+        row, g = _chunk(z2, col, w, wy, mask, opts, scale, None)
+    else:
+        g = None if scale is None else torch.empty_like(z2, memory_format=torch.contiguous_format)
+        parts = []
+        splits = [z2.split(rows), col.split(rows)]
+        for extra in (wy, scale, g):
+            per_row = isinstance(extra, Tensor) and extra.ndim
+            splits.append(extra.split(rows) if per_row else [extra] * len(splits[0]))  # type: ignore[union-attr]
+        for z_, c_, wy_, s_, g_ in zip(*splits, strict=True):
+            parts.append(_chunk(z_, c_, w, wy_, mask, opts, s_, g_)[0])
+        row = torch.cat(parts)
+    row = row[:, 0]
+    if valid is not None:
+        row = torch.where(valid, row, 0.0)
+    return row, g
+
+
+def _chunk(
+    x: Tensor,
+    col: Tensor,
+    w: Tensor | None,
+    w_y: Tensor | None,
+    mask: bool,
+    opts: CEOptions,
+    scale: Tensor | float | None,
+    out: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    r"""``(r, 1)`` row losses of a chunk of rows and, for a `scale`, their gradient.
+
+    The gradient goes into `out` if given, else into a new tensor of `x`'s dtype.
+    """
+    z = x.float() if x.dtype in _LOW else x
+    num_classes = z.shape[1]
+    th = None
+    if opts.softcap is not None:
+        cap = opts.softcap
+        th = torch.mul(z, 1.0 / cap).tanh_()
+        capped = th * cap
+        z = torch.where(z == -math.inf, z, capped) if mask else capped
+    lp = torch.log_softmax(z, 1)
+    lp_y = lp.gather(1, col)
+    nll_y = lp_y.neg()
+    big_l = z.gather(1, col).sub_(lp_y) if opts.z_loss != 0 else None
+    eps, gamma = opts.label_smoothing, opts.gamma
+    w_row = None if w is None else w[None, :]
+    smooth: Any = None
+    slope: Any = None
+    slopes = None
+    if eps != 0:
+        if gamma != 0:
+            values, slopes = _rows.focal_terms(
+                lp.neg(), 1.0 if w_row is None else w_row, gamma, autodiff=False, xp=torch
+            )
+            smooth, slope = values.sum(1, keepdim=True), slopes.sum(1, keepdim=True)
+        else:
+            smooth = lp.sum(1, keepdim=True) if w_row is None else (lp * w_row).sum(1, keepdim=True)
+            smooth = smooth.neg_()
+            slope = float(num_classes) if w is None else w.sum()
+    wy: Any = 1.0 if w_y is None else w_y
+    row = _rows.loss_from(big_l, nll_y, smooth, wy, num_classes, opts, autodiff=False, xp=torch)
+    if scale is None:
+        return row, None
+    a, b, e = _rows.coefficients_from(
+        big_l, nll_y, wy, slope, num_classes, opts, scale=scale, autodiff=False, xp=torch
+    )
+    g = lp.exp_().mul_(a)  # a p, in place of log p (read for the last time above)
+    if isinstance(b, Tensor):
+        g.scatter_add_(1, col, b.neg())
+    else:
+        g.scatter_add_(1, col, torch.full(col.shape, -b, dtype=g.dtype, device=g.device))
+    if eps != 0:
+        dense = slopes if slopes is not None else w_row
+        if dense is None:
+            g.sub_(e)
+        elif isinstance(e, Tensor):
+            g.addcmul_(e, dense, value=-1)
+        else:
+            g.add_(dense, alpha=-e)
+    if th is not None:  # the chain rule: dz/dx = 1 - tanh²(x/c) (0 at a masked -inf logit)
+        g.addcmul_(g * th, th, value=-1)
+    if out is not None:
+        out.copy_(g)
+        return row, out
+    return row, g if g.dtype is x.dtype else g.to(x.dtype)
+
+
+class _OwnRows(torch.autograd.Function):
+    """The reduced (or per-row) loss of ``(n, C)`` logits; closed-form backward (see module)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        z2: Tensor,
+        label: Tensor,
+        valid: Tensor | None,
+        w: Tensor | None,
+        w_y: Tensor | None,
+        den: Tensor | float,
+        mask: bool,
+        opts: CEOptions,
+        recompute: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        cdt = torch.float32 if z2.dtype in _LOW else z2.dtype
+        early = opts.reduction != "none" and ctx.needs_input_grad[0]
+        scale = _row_scale(z2.shape[0], valid, den, 1.0, opts.reduction, cdt) if early else None
+        row, g = _pass(z2, label, valid, w, w_y, mask, opts, scale)
+        ctx.save_for_backward(z2, label, valid, w, w_y)
+        # held outside the saved tensors and dropped once returned: autograd may make it the
+        # leaf's .grad, which the caller may change in place before a second backward
+        ctx.early = g
+        ctx.den, ctx.mask, ctx.opts, ctx.recompute = den, mask, opts, recompute
+        return _reduce(row, den, opts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        z2, label, valid, w, w_y = ctx.saved_tensors
+        early, ctx.early = ctx.early, None
+        none = (None,) * 8
+        if torch.is_grad_enabled():  # create_graph: a differentiable gradient, exact 2nd order
+            with torch.enable_grad():
+                out = ctx.recompute(z2)
+            (g,) = torch.autograd.grad(out, z2, grad.to(out.dtype), create_graph=True)
+            return (g, *none)
+        opts: CEOptions = ctx.opts
+        if early is not None:
+            up = grad.item()
+            if up == 1.0:
+                return (early, *none)
+            if early.dtype not in _LOW:  # one more rounding of the float32/float64 gradient
+                return (early.mul_(up), *none)
+        cdt = torch.float32 if z2.dtype in _LOW else z2.dtype
+        scale = _row_scale(z2.shape[0], valid, ctx.den, grad, opts.reduction, cdt)
+        _, g = _pass(z2, label, valid, w, w_y, ctx.mask, opts, scale)
+        return (g, *none)
