@@ -74,8 +74,9 @@ def own_rows(
         return None
     z = x if axis == x.ndim - 1 else x.movedim(axis, -1)
     num_classes = z.shape[-1]
-    z2 = z.reshape(-1, num_classes)
-    t = index_target(target).reshape(-1)
+    z2 = z if z.ndim == 2 else z.reshape(-1, num_classes)
+    t = index_target(target)
+    t = t if t.ndim == 1 else t.reshape(-1)
     valid, label = _valid_label(t, opts.ignore_index)
     cdt = torch.float32 if x.dtype in _LOW else x.dtype
     w = None if weight is None else weight.to(cdt)
@@ -107,20 +108,23 @@ def own_rows(
     except (IndexError, RuntimeError) as exc:
         _label_error(exc, t, num_classes, opts.ignore_index)
         raise  # pragma: no cover - _label_error always raises
-    check = out.detach().sum() if opts.reduction == "none" else out.detach()
-    if math.isnan(check.item()):
+    if opts.reduction != "none":
+        return None if math.isnan(out.item()) else out
+    if math.isnan(out.detach().sum().item()):
         return None
-    return out.reshape(target.shape) if opts.reduction == "none" else out
+    return out if out.shape == target.shape else out.reshape(target.shape)
 
 
 def _reduce(row: Tensor, den: Tensor | float, opts: CEOptions) -> Tensor:
-    """`opts.reduction` of the per-row loss (ignored rows hold 0); the mean divides by `den`."""
+    """`opts.reduction` of the ``(n, 1)`` row losses (ignored rows hold 0); the mean divides
+    by `den` (the row count, a float, where every row counts with weight 1)."""
     if opts.reduction == "none":
-        return row
-    total = row.sum()
+        return row[:, 0]
     if opts.reduction == "sum":
-        return total
-    return total / den
+        return row.sum()
+    if isinstance(den, float):
+        return row.mean()
+    return row.sum() / den
 
 
 def _row_scale(
@@ -156,7 +160,7 @@ def _pass(
     opts: CEOptions,
     scale: Tensor | float | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-row loss (0 at ignored rows) and, for a `scale`, the gradient (`z2`'s dtype)."""
+    """``(n, 1)`` row losses (0 at ignored rows) and, for a `scale`, the gradient (`z2`'s dtype)."""
     n, num_classes = z2.shape
     rows = max(1, _CHUNK // num_classes)
     col = label[:, None]
@@ -173,9 +177,8 @@ def _pass(
         for z_, c_, wy_, s_, g_ in zip(*splits, strict=True):
             parts.append(_chunk(z_, c_, w, wy_, mask, opts, s_, g_)[0])
         row = torch.cat(parts)
-    row = row[:, 0]
     if valid is not None:
-        row = torch.where(valid, row, 0.0)
+        row = torch.where(valid[:, None], row, 0.0)
     return row, g
 
 
@@ -221,12 +224,12 @@ def _chunk(
             smooth = smooth.neg_()
             slope = float(num_classes) if w is None else w.sum()
     wy: Any = 1.0 if w_y is None else w_y
-    row = _rows.loss_from(big_l, nll_y, smooth, wy, num_classes, opts, autodiff=False, xp=torch)
-    if scale is None:
-        return row, None
-    a, b, e = _rows.coefficients_from(
-        big_l, nll_y, wy, slope, num_classes, opts, scale=scale, autodiff=False, xp=torch
+    row, coefs = _rows.loss_and_coefficients(
+        big_l, nll_y, smooth, slope, wy, num_classes, opts, scale=scale, autodiff=False, xp=torch
     )
+    if coefs is None:
+        return row, None
+    a, b, e = coefs
     g = lp.exp_().mul_(a)  # a p, in place of log p (read for the last time above)
     if isinstance(b, Tensor):
         g.scatter_add_(1, col, b.neg())

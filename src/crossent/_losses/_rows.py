@@ -84,12 +84,11 @@ __all__ = [
     "all_reduce",
     "applies",
     "coefficients",
-    "coefficients_from",
     "combine",
     "focal_terms",
     "grad_coefficients",
     "log_s",
-    "loss_from",
+    "loss_and_coefficients",
     "lse",
     "rebase",
     "row_loss",
@@ -284,43 +283,48 @@ def _nll_target(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
 
 
 def _focal(nll: Array, gamma: float, *, slope: bool, autodiff: bool, xp: Any) -> tuple[Array, Any]:
-    r"""(f, q) from :math:`-\log p`: :math:`(1-p)^\gamma` and :math:`p (-\log p)/(1-p)`.
+    r"""(f, s) from :math:`-\log p`: :math:`f = (1-p)^\gamma` and its term's slope
+    :math:`s = f\,(1 + \gamma q)`, :math:`q = p (-\log p)/(1-p)` (None unless `slope`).
 
+    :math:`\partial\bigl(f\,(-\log p)\bigr)/\partial(-\log p) = s`, and
     :math:`1 - p = -\operatorname{expm1}(\log p)` to relative precision at every
-    :math:`p` (so is its power: no log of it is formed). Where :math:`p = 1` exactly,
-    :math:`f = 0` and :math:`q` is 0 (the term's gradient limit for every
-    :math:`\gamma > 0`); `autodiff` guards the power there too, so that a
-    framework's derivative of :math:`f` is 0 instead of :math:`\gamma\, 0^{\gamma-1}`
-    (infinite for :math:`\gamma < 1`). `slope` False skips :math:`q` (None).
+    :math:`p` (so is its power: no log of it is formed). Where :math:`p = 1` exactly
+    :math:`f = 0` and :math:`s = 0` (the term's gradient limit for every
+    :math:`\gamma > 0`). For :math:`\gamma \ge 1` the slope is
+    :math:`(1-p)^{\gamma-1}\bigl((1-p) + \gamma\,p\,(-\log p)\bigr)`, finite without a
+    guard. `autodiff` guards the powers at :math:`p = 1`, so that a framework's
+    derivatives of :math:`f` are 0 there instead of :math:`\gamma\, 0^{\gamma-1}`
+    (infinite for :math:`\gamma < 1`).
     """
-    one_m = -xp.expm1(-nll)
-    if not (autodiff or slope):
-        return one_m**gamma, None
+    minus = -nll
+    one_m = -xp.expm1(minus)
+    if not autodiff and gamma >= 1:
+        if not slope:
+            return one_m**gamma, None
+        f1 = one_m if gamma == 2 else one_m ** (gamma - 1)
+        return f1 * one_m, f1 * (one_m + gamma * (xp.exp(minus) * nll))
     certain = one_m == 0
     safe = xp.where(certain, xp.ones_like(one_m), one_m)
     f = xp.where(certain, xp.zeros_like(one_m), safe**gamma) if autodiff else one_m**gamma
     if not slope:
         return f, None
-    q = xp.where(certain, xp.zeros_like(nll), xp.exp(-nll) * nll / safe)
-    return f, q
+    q = xp.where(certain, xp.zeros_like(nll), xp.exp(minus) * nll / safe)
+    return f, f * (1 + gamma * q)
 
 
 def focal_terms(
     nll: Array, c: Array | float, gamma: float, *, autodiff: bool = True, xp: Any
 ) -> tuple[Array, Array]:
-    r"""One focal class term :math:`c\,f\,(-\log p)` and its slope :math:`c\,f\,(1 + \gamma q)`.
+    r"""Focal class terms :math:`c\,f\,(-\log p)` and their slopes :math:`c\,f\,(1 + \gamma q)`.
 
-    With :math:`f = (1-p)^\gamma` and :math:`q = p(-\log p)/(1-p)` (:func:`_focal`),
-    :math:`\partial\bigl(c f (-\log p)\bigr)/\partial \log p = -c f (1 + \gamma q)`.
-    The target's term gives :math:`b` of :func:`coefficients_from`
+    :math:`\partial\bigl(c f (-\log p)\bigr)/\partial \log p = -c f (1 + \gamma q)`
+    (:func:`_focal`). The target's term gives :math:`b` of :func:`loss_and_coefficients`
     (:math:`c = (1-\varepsilon) w_y`); with label smoothing every class has one
-    (:math:`c = w_k`, times :math:`\varepsilon / C` by the caller), whose sums are the
-    `smooth` and `smooth_slope` of :func:`loss_from` and :func:`coefficients_from`.
-    `autodiff` as in :func:`_focal`.
+    (:math:`c = w_k`; the caller's sums over the classes are the `smooth` and
+    `smooth_slope` of :func:`loss_and_coefficients`). `autodiff` as in :func:`_focal`.
     """
-    f, q = _focal(nll, gamma, slope=True, autodiff=autodiff, xp=xp)
-    cf = f if isinstance(c, float) and c == 1.0 else c * f
-    return cf * nll, cf * (1 + gamma * q)
+    f, s = _focal(nll, gamma, slope=True, autodiff=autodiff, xp=xp)
+    return _times(c, f * nll), _times(c, s)
 
 
 def _times(c: Any, x: Array) -> Array:
@@ -347,53 +351,91 @@ def row_loss(
     `w_y` is the target's weight (1 without weights); `total_weight` is
     :math:`W = \sum_k w_k` (C without weights). Ignored rows are the caller's
     to mask (their statistics hold no label). The statistics give
-    :math:`L`, :math:`-\log p_y` and :math:`\sum_k w_k (L - z_k) = \sum w (m - z) + W \log s`;
-    :func:`loss_from` reads the loss off those.
+    :math:`L`, :math:`-\log p_y` and :math:`\sum_k w_k (L - z_k) = \sum w (m - z) + W \log s`,
+    from which :func:`loss_and_coefficients` reads the loss.
     """
     big_l = lse(stats, xp=xp)
     nll_y = _nll_target(stats, big_l, xp=xp)
     smooth = None
     if opts.label_smoothing != 0:
         smooth = stats.wd + total_weight * log_s(stats, big_l, xp=xp)
-    return loss_from(big_l, nll_y, smooth, w_y, num_classes, opts, xp=xp)
+    row, _ = loss_and_coefficients(big_l, nll_y, smooth, None, w_y, num_classes, opts, xp=xp)
+    return row
 
 
-def loss_from(
+def loss_and_coefficients(
     big_l: Array | None,
-    nll_y: Array,
+    nll_y: Array | None,
     smooth: Array | None,
+    smooth_slope: Array | float | None,
     w_y: Array | float,
     num_classes: int,
     opts: CEOptions,
     *,
+    scale: Any = None,
+    loss: bool = True,
     autodiff: bool = True,
     xp: Any,
-) -> Array:
-    r"""The row loss :math:`\ell = (1-\varepsilon) w_y f_y (-\log p_y) + \frac{\varepsilon}{C}\,
-    \mathrm{smooth} + \lambda L^2` from per-row terms.
+) -> tuple[Any, Any]:
+    r"""The row loss and, for a row `scale`, its gradient coefficients, from per-row terms.
 
-    `big_l` is :math:`L = \operatorname{lse}(z)` (only read with z-loss), `nll_y`
-    :math:`-\log p_y`, `smooth` :math:`\sum_k w_k f_k (-\log p_k)` (only read with
-    smoothing; :math:`f \equiv 1` without focal factor, where it is
-    :math:`\sum_k w_k (L - z_k)`), `w_y` the target's weight (the float 1 without
-    weights). :func:`row_loss` feeds it from :class:`RowStats`; an executor that has
-    the log-probabilities (PyTorch's ``log_softmax``) feeds it directly. `autodiff`
-    False (an executor that differentiates in closed form) drops the guard that makes
-    a framework's derivative of the focal factor finite at :math:`p_y = 1`.
+    .. math::
+        \ell = (1-\varepsilon)\, w_y f_y (-\log p_y) + \frac{\varepsilon}{C}\,\mathrm{smooth}
+             + \lambda L^2, \qquad
+        \frac{\partial \ell}{\partial z_k} = a\,p_k - b\,[k=y] - e\,w_k f_k (1 + \gamma q_k),
+
+    :math:`b = (1-\varepsilon) w_y f_y (1 + \gamma q_y)`,
+    :math:`a = b + \frac{\varepsilon}{C}\,\mathrm{smooth\_slope} + 2\lambda L`,
+    :math:`e = \varepsilon / C`, all three times `scale` (the upstream gradient and the
+    mean's :math:`1/\sum w_y`); :math:`f \equiv 1`, :math:`q \equiv 0` without focal
+    factor (:func:`focal_terms`), where the coefficients are :func:`coefficients`.
+
+    `big_l` is :math:`L = \operatorname{lse}(z)` (read only with z-loss), `nll_y`
+    :math:`-\log p_y` (read for the loss, and for the coefficients with a focal factor),
+    `smooth` :math:`\sum_k w_k f_k (-\log p_k)` (:math:`\sum_k w_k (L - z_k)` without focal
+    factor) and `smooth_slope` :math:`\sum_k w_k f_k (1 + \gamma q_k)` (:math:`W` without
+    focal factor), both read only with smoothing; `w_y` the target's weight (the float 1
+    without weights). :func:`row_loss` and :func:`grad_coefficients` feed it from
+    :class:`RowStats`; an executor that has the log-probabilities (PyTorch's
+    ``log_softmax``) feeds it directly. `loss` False skips the loss (None);
+    `autodiff` False (an executor that differentiates in closed form) drops the guards
+    that make a framework's derivatives of the focal factor finite at :math:`p_y = 1`.
+    Returns ``(loss, (a, b, e))``, None for what was not asked.
     """
     eps, gamma = opts.label_smoothing, opts.gamma
-    if eps == 1:
-        row = xp.zeros_like(nll_y)
-    elif gamma != 0:
-        f, _ = _focal(nll_y, gamma, slope=False, autodiff=autodiff, xp=xp)
-        row = _times(_target_coef(eps, w_y), f * nll_y)
-    else:
-        row = _times(_target_coef(eps, w_y), nll_y)
+    with_grad = scale is not None
+    c_y = _target_coef(eps, w_y)
+    row = b = None
+    if gamma != 0:
+        f, s = _focal(nll_y, gamma, slope=with_grad, autodiff=autodiff, xp=xp)
+        if loss:
+            row = _times(c_y, f * nll_y)
+        b = None if s is None else _times(c_y, s)
+    elif loss:
+        row = _times(c_y, nll_y)
+    if loss:
+        if eps == 1:
+            row = xp.zeros_like(nll_y)
+        if eps != 0:
+            row = row + (eps / num_classes) * smooth
+        if opts.z_loss != 0:
+            row = row + opts.z_loss * (big_l * big_l)
+    if not with_grad:
+        return row, None
+    if gamma == 0:
+        a, b, e = coefficients(
+            w_y, big_l, scale, smooth_slope, 1 - eps, eps / num_classes, eps != 0,
+            2 * opts.z_loss, opts.z_loss != 0,
+        )  # fmt: skip
+        return row, (a, b, e)
+    a = b
     if eps != 0:
-        row = row + (eps / num_classes) * smooth
+        a = a + (eps / num_classes) * smooth_slope
     if opts.z_loss != 0:
-        row = row + opts.z_loss * (big_l * big_l)
-    return row
+        a = a + (2 * opts.z_loss) * big_l
+    b_scaled = _times(scale, b)
+    a_scaled = b_scaled if a is b else _times(scale, a)
+    return row, (a_scaled, b_scaled, (eps / num_classes) * scale)
 
 
 def coefficients(  # no annotations: Triton compiles this function too
@@ -440,49 +482,12 @@ def grad_coefficients(
 
     Ignored rows must be zeroed by the caller's scale (their `w_y` is 0 but
     the smoothing and z-loss parts do not depend on it). Without focal factor
-    this is :func:`coefficients` with scale 1; :func:`coefficients_from` from the
-    statistics' :math:`L` and :math:`-\log p_y`.
+    this is :func:`coefficients` with scale 1; :func:`loss_and_coefficients` from
+    the statistics' :math:`L` and :math:`-\log p_y`.
     """
     big_l = lse(stats, xp=xp)
     nll_y = None if opts.gamma == 0 else _nll_target(stats, big_l, xp=xp)
-    return coefficients_from(big_l, nll_y, w_y, total_weight, num_classes, opts, xp=xp)
-
-
-def coefficients_from(
-    big_l: Array | None,
-    nll_y: Array | None,
-    w_y: Array | float,
-    smooth_slope: Array | float,
-    num_classes: int,
-    opts: CEOptions,
-    *,
-    scale: Any = 1.0,
-    autodiff: bool = True,
-    xp: Any,
-) -> tuple[Any, Any, Any]:
-    r"""(a, b, e) of :func:`loss_from`'s loss from per-row terms.
-
-    :math:`\partial\ell/\partial z_k = a\,p_k - b\,[k=y] - e\,w_k f_k (1 + \gamma q_k)`
-    with :math:`b = (1-\varepsilon) w_y f_y (1 + \gamma q_y)`,
-    :math:`a = b + \frac{\varepsilon}{C}\,\mathrm{smooth\_slope} + 2\lambda L`,
-    :math:`e = \varepsilon / C` (:func:`focal_terms`; :math:`f \equiv 1`, :math:`q \equiv 0`
-    without focal factor). `smooth_slope` is :math:`\sum_k w_k f_k (1 + \gamma q_k)`
-    (:math:`W` without focal factor); `nll_y` is read only with a focal factor,
-    `big_l` only with z-loss; `autodiff` as in :func:`loss_from`. All three are
-    times the row `scale` (the upstream gradient and the mean's :math:`1/\sum w_y`).
-    Without focal factor this is :func:`coefficients`.
-    """
-    eps, gamma = opts.label_smoothing, opts.gamma
-    if gamma == 0:
-        a, b, e = coefficients(
-            w_y, big_l, scale, smooth_slope, 1 - eps, eps / num_classes, eps != 0,
-            2 * opts.z_loss, opts.z_loss != 0,
-        )  # fmt: skip
-        return a, b, e
-    _, b = focal_terms(nll_y, _target_coef(eps, w_y), gamma, autodiff=autodiff, xp=xp)
-    a = b
-    if eps != 0:
-        a = a + (eps / num_classes) * smooth_slope
-    if opts.z_loss != 0:
-        a = a + (2 * opts.z_loss) * big_l
-    return _times(scale, a), _times(scale, b), (eps / num_classes) * scale
+    _, coefs = loss_and_coefficients(
+        big_l, nll_y, None, total_weight, w_y, num_classes, opts, scale=1.0, loss=False, xp=xp
+    )
+    return coefs
