@@ -43,8 +43,8 @@ from torch import Tensor
 
 from crossent._backends._torch import (
     _LOW,
+    _NO_IGNORE,
     _label_error,
-    _may_hold_neg_inf,
     _valid_label,
     index_target,
 )
@@ -53,8 +53,26 @@ from crossent._losses._options import CEOptions
 
 __all__ = ["own_rows"]
 
+_NLL = torch._C._nn.cross_entropy_loss
+"""``F.cross_entropy``'s kernel: ``-log p_y`` per row (``reduction=0``), labels bound-checked."""
+
 _CHUNK = 1 << 18
 """Elements per row chunk (1 MiB in float32): the chunk's temporaries stay in cache."""
+
+
+_SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def _scalar(value: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`value` as a 0-d CPU tensor of `dtype`, made once: PyTorch wraps a Python number into
+    a tensor at every operation (about 1 µs, as long as a small operation itself)."""
+    key = (value, dtype)
+    out = _SCALARS.get(key)
+    if out is None:
+        if len(_SCALARS) > 64:
+            _SCALARS.clear()
+        out = _SCALARS[key] = torch.tensor(value, dtype=dtype)
+    return out
 
 
 def own_rows(
@@ -75,12 +93,15 @@ def own_rows(
     z = x if axis == x.ndim - 1 else x.movedim(axis, -1)
     num_classes = z.shape[-1]
     z2 = z if z.ndim == 2 else z.reshape(-1, num_classes)
-    t = index_target(target)
+    t = target if target.dtype is torch.int64 else index_target(target)
     t = t if t.ndim == 1 else t.reshape(-1)
-    valid, label = _valid_label(t, opts.ignore_index)
+    valid, label = (None, t) if opts.ignore_index is None else _valid_label(t, opts.ignore_index)
     cdt = torch.float32 if x.dtype in _LOW else x.dtype
     w = None if weight is None else weight.to(cdt)
-    mask = opts.softcap is not None and _may_hold_neg_inf(z2)
+    mask = False
+    if opts.softcap is not None:  # masked classes (-inf) stay -inf: one reduction tells
+        low = (z2.detach() if z2.requires_grad else z2).min().item()
+        mask = not low > -math.inf  # NaN: keep the guarded form too
     try:
         w_y: Tensor | None = None
         if w is not None:
@@ -116,15 +137,15 @@ def own_rows(
 
 
 def _reduce(row: Tensor, den: Tensor | float, opts: CEOptions) -> Tensor:
-    """`opts.reduction` of the ``(n, 1)`` row losses (ignored rows hold 0); the mean divides
-    by `den` (the row count, a float, where every row counts with weight 1)."""
+    """`opts.reduction` of the row losses (ignored rows hold 0); the mean divides by `den`
+    (the row count, a float, where every row counts with weight 1: a cached 0-d tensor,
+    which PyTorch divides by faster than by a number or than it takes a mean)."""
     if opts.reduction == "none":
-        return row[:, 0]
+        return row
+    total = row.sum()
     if opts.reduction == "sum":
-        return row.sum()
-    if isinstance(den, float):
-        return row.mean()
-    return row.sum() / den
+        return total
+    return total / (_scalar(den, total.dtype) if isinstance(den, float) else den)
 
 
 def _row_scale(
@@ -160,31 +181,29 @@ def _pass(
     opts: CEOptions,
     scale: Tensor | float | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``(n, 1)`` row losses (0 at ignored rows) and, for a `scale`, the gradient (`z2`'s dtype)."""
+    """Row losses (0 at ignored rows) and, for a `scale`, the gradient (`z2`'s dtype)."""
     n, num_classes = z2.shape
     rows = max(1, _CHUNK // num_classes)
-    col = label[:, None]
-    wy = None if w_y is None else w_y[:, None]
     if n <= rows:
-        row, g = _chunk(z2, col, w, wy, mask, opts, scale, None)
+        row, g = _chunk(z2, label, w, w_y, mask, opts, scale, None)
     else:
         g = None if scale is None else torch.empty_like(z2, memory_format=torch.contiguous_format)
         parts = []
-        splits = [z2.split(rows), col.split(rows)]
-        for extra in (wy, scale, g):
+        splits = [z2.split(rows), label.split(rows)]
+        for extra in (w_y, scale, g):
             per_row = isinstance(extra, Tensor) and extra.ndim
             splits.append(extra.split(rows) if per_row else [extra] * len(splits[0]))  # type: ignore[union-attr]
         for z_, c_, wy_, s_, g_ in zip(*splits, strict=True):
             parts.append(_chunk(z_, c_, w, wy_, mask, opts, s_, g_)[0])
         row = torch.cat(parts)
     if valid is not None:
-        row = torch.where(valid[:, None], row, 0.0)
+        row = torch.where(valid, row, 0.0)
     return row, g
 
 
 def _chunk(
     x: Tensor,
-    col: Tensor,
+    label: Tensor,
     w: Tensor | None,
     w_y: Tensor | None,
     mask: bool,
@@ -192,7 +211,7 @@ def _chunk(
     scale: Tensor | float | None,
     out: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
-    r"""``(r, 1)`` row losses of a chunk of rows and, for a `scale`, their gradient.
+    r"""Row losses of a chunk of rows and, for a `scale` (a number or a column), their gradient.
 
     The gradient goes into `out` if given, else into a new tensor of `x`'s dtype.
     """
@@ -201,14 +220,23 @@ def _chunk(
     th = None
     if opts.softcap is not None:
         cap = opts.softcap
-        th = torch.mul(z, 1.0 / cap).tanh_()
-        capped = th * cap
+        th = torch.mul(z, _scalar(1.0 / cap, z.dtype)).tanh_()
+        capped = th * _scalar(cap, z.dtype)
         z = torch.where(z == -math.inf, z, capped) if mask else capped
+    eps, gamma = opts.label_smoothing, opts.gamma
+    col = label[:, None]
+    if scale is None and eps == 0:  # the loss only: -log p_y from PyTorch's fused kernel
+        nll_y = _NLL(z, label, None, 0, _NO_IGNORE, 0.0)
+        big_l = z.gather(1, col)[:, 0].add_(nll_y) if opts.z_loss != 0 else None
+        wy0: Any = 1.0 if w_y is None else w_y
+        row, _ = _rows.loss_and_coefficients(
+            big_l, nll_y, None, None, wy0, num_classes, opts, autodiff=False, xp=torch
+        )
+        return row, None
     lp = torch.log_softmax(z, 1)
     lp_y = lp.gather(1, col)
     nll_y = lp_y.neg()
     big_l = z.gather(1, col).sub_(lp_y) if opts.z_loss != 0 else None
-    eps, gamma = opts.label_smoothing, opts.gamma
     w_row = None if w is None else w[None, :]
     smooth: Any = None
     slope: Any = None
@@ -223,10 +251,11 @@ def _chunk(
             smooth = lp.sum(1, keepdim=True) if w_row is None else (lp * w_row).sum(1, keepdim=True)
             smooth = smooth.neg_()
             slope = float(num_classes) if w is None else w.sum()
-    wy: Any = 1.0 if w_y is None else w_y
+    wy: Any = 1.0 if w_y is None else w_y[:, None]
     row, coefs = _rows.loss_and_coefficients(
         big_l, nll_y, smooth, slope, wy, num_classes, opts, scale=scale, autodiff=False, xp=torch
     )
+    row = row[:, 0]
     if coefs is None:
         return row, None
     a, b, e = coefs

@@ -297,6 +297,9 @@ def _focal(nll: Array, gamma: float, *, slope: bool, autodiff: bool, xp: Any) ->
     (infinite for :math:`\gamma < 1`).
     """
     minus = -nll
+    if not (autodiff or slope) and gamma == 2:
+        em1 = xp.expm1(minus)  # -(1 - p): its square needs no sign
+        return em1 * em1, None
     one_m = -xp.expm1(minus)
     if not autodiff and gamma >= 1:
         if not slope:
@@ -330,6 +333,15 @@ def focal_terms(
 def _times(c: Any, x: Array) -> Array:
     """``c * x``, without the multiplication where `c` is the float 1."""
     return x if isinstance(c, float) and c == 1.0 else c * x
+
+
+def _plus_product(row: Array, c: float, u: Array, v: Array, *, xp: Any) -> Array:
+    """``row + c * u * v``: one fused operation where the namespace has it (PyTorch's
+    ``addcmul``: a Python number costs PyTorch as much as a small operation)."""
+    addcmul = getattr(xp, "addcmul", None)
+    if addcmul is not None:
+        return addcmul(row, u, v, value=c)
+    return row + c * (u * v)
 
 
 def _target_coef(eps: float, w_y: Any) -> Any:
@@ -419,7 +431,7 @@ def loss_and_coefficients(
         if eps != 0:
             row = row + (eps / num_classes) * smooth
         if opts.z_loss != 0:
-            row = row + opts.z_loss * (big_l * big_l)
+            row = _plus_product(row, opts.z_loss, big_l, big_l, xp=xp)
     if not with_grad:
         return row, None
     if gamma == 0:
