@@ -53,7 +53,7 @@ from crossent._losses._options import CEOptions
 
 __all__ = ["own_rows"]
 
-_NLL = torch._C._nn.cross_entropy_loss
+_NLL: Any = torch._C._nn.cross_entropy_loss
 """``F.cross_entropy``'s kernel: ``-log p_y`` per row (``reduction=0``), labels bound-checked."""
 
 _CHUNK = 1 << 18

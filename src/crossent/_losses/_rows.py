@@ -376,10 +376,10 @@ def row_loss(
 
 
 def loss_and_coefficients(
-    big_l: Array | None,
-    nll_y: Array | None,
-    smooth: Array | None,
-    smooth_slope: Array | float | None,
+    big_l: Any,
+    nll_y: Any,
+    smooth: Any,
+    smooth_slope: Any,
     w_y: Array | float,
     num_classes: int,
     opts: CEOptions,
@@ -417,7 +417,8 @@ def loss_and_coefficients(
     eps, gamma = opts.label_smoothing, opts.gamma
     with_grad = scale is not None
     c_y = _target_coef(eps, w_y)
-    row = b = None
+    row: Any = None
+    b: Any = None
     if gamma != 0:
         f, s = _focal(nll_y, gamma, slope=with_grad, autodiff=autodiff, xp=xp)
         if loss:
