@@ -259,11 +259,7 @@ def _chunk(
     if coefs is None:
         return row, None
     a, b, e = coefs
-    g = lp.exp_().mul_(a)  # a p, in place of log p (read for the last time above)
-    if isinstance(b, Tensor):
-        g.scatter_add_(1, col, b.neg())
-    else:
-        g.scatter_add_(1, col, torch.full(col.shape, -b, dtype=g.dtype, device=g.device))
+    g = _target_part(lp, col, a, b)
     if eps != 0:
         dense = slopes if slopes is not None else w_row
         if dense is None:
@@ -278,6 +274,33 @@ def _chunk(
         out.copy_(g)
         return row, out
     return row, g if g.dtype is x.dtype else g.to(x.dtype)
+
+
+_KERNEL_GRAD = 1 << 14
+"""From this many logits per chunk :func:`_target_part` uses ``log_softmax``'s backward kernel."""
+
+
+def _target_part(lp: Tensor, col: Tensor, a: Any, b: Any) -> Tensor:
+    r""":math:`a\,p - b\,[k = y]` from the log-probabilities `lp` (consumed) and the target
+    columns `col`; `a` and `b` are numbers or columns.
+
+    Large chunks take ``log_softmax``'s backward kernel, :math:`g - p \sum_k g_k` for
+    :math:`g = -a` at the target (one fused pass; PyTorch's ``exp`` of the
+    log-probabilities is a slower one), then add :math:`a - b` at the target; small
+    ones exponentiate in place (fewer operations).
+    """
+    if lp.numel() < _KERNEL_GRAD:
+        g = lp.exp_().mul_(a)  # a p, in place of log p (read for the last time by the caller)
+        if isinstance(b, Tensor):
+            nb = b.neg()
+            return g.scatter_add_(1, col, nb if nb.shape == col.shape else nb.expand(col.shape))
+        return g.scatter_add_(1, col, torch.full(col.shape, -b, dtype=g.dtype))
+    a_col = a if isinstance(a, Tensor) else torch.full(col.shape, a, dtype=lp.dtype)
+    onto = torch.zeros_like(lp).scatter_(1, col, a_col.neg().expand(col.shape))
+    g = torch._log_softmax_backward_data(onto, lp, 1, lp.dtype)
+    if a is not b:
+        g.scatter_add_(1, col, (a_col - b).expand(col.shape))
+    return g
 
 
 class _OwnRows(torch.autograd.Function):
