@@ -24,10 +24,12 @@ Binary cross-entropy with logits has its own exact formula (:func:`binary`:
 losses, e.g. 0 instead of 9.4e-14 at x = -30, t = 0 in float32) in as many
 fused kernels as PyTorch's, with a chunked closed-form backward. crossent's own
 options (z-loss, softcap, focal) read the loss off :mod:`crossent._losses._rows`
-statistics made by PyTorch's kernels (:func:`_sparse_rows`).
+terms made by PyTorch's kernels (:func:`_sparse_rows`): eagerly from
+``log_softmax`` with a closed-form chunked gradient (:mod:`._torch_rows`), traced
+from the differentiable row statistics.
 
 Each function returns ``None`` when the generic array-API formula must run
-(probabilities, focal loss with smoothing, binary weights or focal options,
+(probabilities, traced focal loss with smoothing, binary weights or focal options,
 traced binary calls); that path is made of differentiable PyTorch operations,
 so it has the same transforms.
 """
@@ -224,8 +226,7 @@ def sparse(
     """Sparse cross-entropy from logits; None for the generic path.
 
     PyTorch's ``F.cross_entropy`` for its own options; crossent's (z-loss,
-    softcap, focal without smoothing) through the row statistics of
-    :mod:`crossent._losses._rows`; float16/bfloat16 logits on CUDA through the
+    softcap, focal) through :func:`_sparse_rows`; float16/bfloat16 logits on CUDA through the
     Triton kernels of :mod:`crossent._backends._triton_sparse`. `axis` is
     already a valid non-negative class axis; `weight`'s values are checked by
     the caller.

@@ -55,8 +55,14 @@ With the focal factor on the target term and no smoothing,
 same form holds with :math:`b = w_y f \bigl(1 + \gamma\, p_y (L - z_y)/(1-p_y)\bigr)`
 (0 where :math:`p_y = 1`), :math:`a = b + 2\lambda L`, :math:`e = 0`. (Focal
 loss *with* smoothing puts a factor :math:`(1-p_k)^\gamma` on every class term,
-which no fixed set of statistics carries; that case is computed class by class
-in :mod:`._logprob`.) Softcap enters by the chain rule
+which no fixed set of statistics carries: :func:`loss_and_coefficients` then takes
+the class sums :math:`\sum_k w_k f_k (-\log p_k)` and :math:`\sum_k w_k f_k (1 + \gamma q_k)`
+of :func:`focal_terms` from an executor that has the log-probabilities, PyTorch's
+eager one; the generic path computes it class by class in :mod:`._logprob`.)
+The loss and the coefficients are read off per-row terms — :math:`L`,
+:math:`-\log p_y` and the smoothing sums — by :func:`loss_and_coefficients`:
+:func:`row_loss` and :func:`grad_coefficients` make those terms from
+:class:`RowStats`, PyTorch's eager executor from ``log_softmax``. Softcap enters by the chain rule
 :math:`\partial z/\partial x = 1 - \tanh^2(x/c)`, applied by the executor.
 A row whose label is ignored has loss 0 and :math:`a = b = e = 0`; the
 executor multiplies :math:`a, b, e` by the upstream gradient and the mean's
