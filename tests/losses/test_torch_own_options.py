@@ -121,6 +121,7 @@ def test_chunks_give_the_single_chunk_result(
     results = []
     for chunk, kernel_grad in ((1 << 18, 1 << 14), (4 * 9, 1)):
         monkeypatch.setattr(_torch_rows, "_CHUNK", chunk)
+        monkeypatch.setattr(_torch_rows, "_CHUNK_LOSS", chunk)
         monkeypatch.setattr(_torch_rows, "_KERNEL_GRAD", kernel_grad)
         xx = x.clone().requires_grad_(True)
         out = _loss(xx, y, w, options, reduction)

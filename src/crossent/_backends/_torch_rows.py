@@ -54,10 +54,15 @@ from crossent._losses._options import CEOptions
 __all__ = ["own_rows"]
 
 _NLL: Any = torch._C._nn.cross_entropy_loss
-"""``F.cross_entropy``'s kernel: ``-log p_y`` per row (``reduction=0``), labels bound-checked."""
+"""``F.cross_entropy``'s kernel: ``-log p_y`` per row (``reduction=0``), labels bound-checked
+(on many logits slower than ``log_softmax`` and a gather, which are used there)."""
 
 _CHUNK = 1 << 18
-"""Elements per row chunk (1 MiB in float32): the chunk's temporaries stay in cache."""
+"""Elements per row chunk with a gradient (1 MiB in float32): its temporaries stay in cache."""
+
+_CHUNK_LOSS = 1 << 20
+"""Elements per row chunk of the loss alone: one call per 4 MiB of float32 logits bounds
+the log-probabilities kept at once at little Python per chunk."""
 
 
 _SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
@@ -183,7 +188,7 @@ def _pass(
 ) -> tuple[Tensor, Tensor | None]:
     """Row losses (0 at ignored rows) and, for a `scale`, the gradient (`z2`'s dtype)."""
     n, num_classes = z2.shape
-    rows = max(1, _CHUNK // num_classes)
+    rows = max(1, (_CHUNK if scale is not None else _CHUNK_LOSS) // num_classes)
     if n <= rows:
         row, g = _chunk(z2, label, w, w_y, mask, opts, scale, None)
     else:
@@ -225,7 +230,8 @@ def _chunk(
         z = torch.where(z == -math.inf, z, capped) if mask else capped
     eps, gamma = opts.label_smoothing, opts.gamma
     col = label[:, None]
-    if scale is None and eps == 0:  # the loss only: -log p_y from PyTorch's fused kernel
+    if scale is None and eps == 0 and z.numel() < _KERNEL_GRAD:
+        # the loss only, few logits: -log p_y from F.cross_entropy's kernel (one call)
         nll_y = _NLL(z, label, None, 0, _NO_IGNORE, 0.0)
         big_l = z.gather(1, col)[:, 0].add_(nll_y) if opts.z_loss != 0 else None
         wy0: Any = 1.0 if w_y is None else w_y
