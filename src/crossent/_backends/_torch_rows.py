@@ -161,15 +161,15 @@ def _row_scale(
     reduction: str,
     dtype: torch.dtype,
 ) -> Tensor | float:
-    """d(output)/d(row loss) times the upstream gradient: a float or an ``(n, 1)`` column."""
+    """d(output)/d(row loss) times the upstream gradient: a 0-d tensor or an ``(n, 1)`` column."""
     if reduction == "none":
         scale: Tensor | float = grad.to(dtype)[:, None] if isinstance(grad, Tensor) else grad
     elif isinstance(grad, Tensor):
         scale = grad.to(dtype) / den
     else:
         scale = grad / den
-    if valid is None:
-        return scale
+    if valid is None:  # a number as a cached 0-d tensor: one small operation less per use
+        return _scalar(scale, dtype) if isinstance(scale, float) else scale
     col = valid[:, None]
     if isinstance(scale, Tensor):
         return torch.where(col, scale, 0.0)
