@@ -265,7 +265,8 @@ def _chunk(
     if coefs is None:
         return row, None
     a, b, e = coefs
-    g = _target_part(lp, col, a, b)
+    same = out is not None and out.dtype is lp.dtype
+    g = _target_part(lp, col, a, b, out if same else None)
     if eps != 0:
         dense = slopes if slopes is not None else w_row
         if dense is None:
@@ -277,7 +278,8 @@ def _chunk(
     if th is not None:  # the chain rule: dz/dx = 1 - tanh²(x/c) (0 at a masked -inf logit)
         g.addcmul_(g * th, th, value=-1)
     if out is not None:
-        out.copy_(g)
+        if g.data_ptr() != out.data_ptr():
+            out.copy_(g)
         return row, out
     return row, g if g.dtype is x.dtype else g.to(x.dtype)
 
@@ -286,9 +288,10 @@ _KERNEL_GRAD = 1 << 14
 """From this many logits per chunk :func:`_target_part` uses ``log_softmax``'s backward kernel."""
 
 
-def _target_part(lp: Tensor, col: Tensor, a: Any, b: Any) -> Tensor:
+def _target_part(lp: Tensor, col: Tensor, a: Any, b: Any, out: Tensor | None) -> Tensor:
     r""":math:`a\,p - b\,[k = y]` from the log-probabilities `lp` (consumed) and the target
-    columns `col`; `a` and `b` are numbers or columns.
+    columns `col`; `a` and `b` are numbers or columns. Large chunks write into `out`
+    if given (of `lp`'s dtype).
 
     Large chunks take ``log_softmax``'s backward kernel, :math:`g - p \sum_k g_k` for
     :math:`g = -a` at the target (one fused pass; PyTorch's ``exp`` of the
@@ -303,7 +306,10 @@ def _target_part(lp: Tensor, col: Tensor, a: Any, b: Any) -> Tensor:
         return g.scatter_add_(1, col, torch.full(col.shape, -b, dtype=g.dtype))
     a_col = a if isinstance(a, Tensor) else torch.full(col.shape, a, dtype=lp.dtype)
     onto = torch.zeros_like(lp).scatter_(1, col, a_col.neg().expand(col.shape))
-    g = torch._log_softmax_backward_data(onto, lp, 1, lp.dtype)
+    if out is None:
+        g = torch._log_softmax_backward_data(onto, lp, 1, lp.dtype)
+    else:
+        g = torch._log_softmax_backward_data(onto, lp, 1, lp.dtype, out=out)
     if a is not b:
         g.scatter_add_(1, col, (a_col - b).expand(col.shape))
     return g
