@@ -24,10 +24,12 @@ Binary cross-entropy with logits has its own exact formula (:func:`binary`:
 losses, e.g. 0 instead of 9.4e-14 at x = -30, t = 0 in float32) in as many
 fused kernels as PyTorch's, with a chunked closed-form backward. crossent's own
 options (z-loss, softcap, focal) read the loss off :mod:`crossent._losses._rows`
-statistics made by PyTorch's kernels (:func:`_sparse_rows`).
+terms made by PyTorch's kernels (:func:`_sparse_rows`): eagerly from
+``log_softmax`` with a closed-form chunked gradient (:mod:`._torch_rows`), traced
+from the differentiable row statistics.
 
 Each function returns ``None`` when the generic array-API formula must run
-(probabilities, focal loss with smoothing, binary weights or focal options,
+(probabilities, traced focal loss with smoothing, binary weights or focal options,
 traced binary calls); that path is made of differentiable PyTorch operations,
 so it has the same transforms.
 """
@@ -224,8 +226,7 @@ def sparse(
     """Sparse cross-entropy from logits; None for the generic path.
 
     PyTorch's ``F.cross_entropy`` for its own options; crossent's (z-loss,
-    softcap, focal without smoothing) through the row statistics of
-    :mod:`crossent._losses._rows`; float16/bfloat16 logits on CUDA through the
+    softcap, focal) through :func:`_sparse_rows`; float16/bfloat16 logits on CUDA through the
     Triton kernels of :mod:`crossent._backends._triton_sparse`. `axis` is
     already a valid non-negative class axis; `weight`'s values are checked by
     the caller.
@@ -237,7 +238,7 @@ def sparse(
     if _triton_sparse.usable(input, opts):
         return _sparse_triton(input, target, weight, axis, opts)
     if not opts.plain:
-        return _sparse_rows(input, target, weight, axis, opts) if _rows.applies(opts) else None
+        return _sparse_rows(input, target, weight, axis, opts)
     if input.dtype in _LOW and weight is None and opts.label_smoothing == 0 and input.numel():
         out = _sparse_low(input, target, axis, opts)
         if out is not None:
@@ -249,13 +250,42 @@ def sparse(
 
 def _sparse_rows(
     x: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
+) -> Tensor | None:
+    r"""crossent's own options: eagerly :func:`._torch_rows.own_rows` (``log_softmax`` row
+    terms, closed-form gradient), else :func:`_sparse_rows_generic`; None (the generic
+    array-API path) for focal loss with smoothing, which no row statistics carry."""
+    stats = _rows.applies(opts)
+    if _host_readable(x):
+        from crossent._backends._torch_rows import own_rows
+
+        out = own_rows(x, target, weight, axis, opts, _rows_of_2d if stats else _generic_of_2d)
+        if out is not None:
+            return _finish(out, x)
+    return _finish(_sparse_rows_generic(x, target, weight, axis, opts), x) if stats else None
+
+
+def _rows_of_2d(z2: Tensor, t: Tensor, w: Tensor | None, opts: CEOptions) -> Tensor:
+    """:func:`_sparse_rows_generic` of ``(n, C)`` logits and flat labels (double backward)."""
+    return _sparse_rows_generic(z2, t, w, 1, opts)
+
+
+def _generic_of_2d(z2: Tensor, t: Tensor, w: Tensor | None, opts: CEOptions) -> Tensor:
+    """The generic array-API loss of ``(n, C)`` logits and flat labels (double backward of
+    focal loss with smoothing)."""
+    from crossent._losses._sparse import _forward
+
+    return _forward(z2, t, weight=w, axis=1, opts=opts, xp=array_namespace(z2))
+
+
+def _sparse_rows_generic(
+    x: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
 ) -> Tensor:
-    r"""crossent's own options: statistics by PyTorch kernels, loss by :func:`_rows.row_loss`.
+    r"""The loss (compute dtype) from :func:`_rows.row_stats`, by differentiable PyTorch operations.
 
     The statistics are :func:`_rows.row_stats` (row max, sum of exponentials,
-    a gather for the target logit, the weighted sum for smoothing). Everything
-    is a differentiable PyTorch operation, so double backward,
-    ``torch.compile`` and ``torch.func`` see plain autograd.
+    a gather for the target logit, the weighted sum for smoothing), guarded
+    for non-finite logits. Everything is a differentiable PyTorch operation,
+    so double backward, ``torch.compile`` and ``torch.func`` see plain autograd.
     """
     xc = _compute(x)
     z = xc if axis == x.ndim - 1 else xc.movedim(axis, -1)
@@ -271,16 +301,8 @@ def _sparse_rows(
         check_label_range(t, num_classes, ignore_index=opts.ignore_index, xp=array_namespace(t))
     w = None if weight is None else weight.to(z.dtype)
     valid, label = _valid_label(t, opts.ignore_index)
-    if opts.label_smoothing == 0 and _host_readable(z) and not z.requires_grad:
-        # forward only (its backward would scatter two dense gradients); fused statistics
-        # first: a NaN result means a non-finite logit (or a NaN input), and only then are the
-        # guarded generic statistics computed (one scalar test)
-        out = _rows_reduce(_stats_from_log_softmax(z, label), w, label, valid, num_classes, opts)
-        check = out.detach().sum() if opts.reduction == "none" else out.detach()
-        if not math.isnan(check.item()):
-            return _finish(out, x)
     stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, xp=array_namespace(z))
-    return _finish(_rows_reduce(stats, w, label, valid, num_classes, opts), x)
+    return _rows_reduce(stats, w, label, valid, num_classes, opts)
 
 
 def _valid_label(t: Tensor, ignore_index: int | None) -> tuple[Tensor | None, Tensor]:
@@ -355,26 +377,10 @@ def _sparse_triton(
         return _rows_loss(stats, w, label, valid, num_classes, opts)
 
     def recompute(xx: Tensor) -> Tensor:  # double backward: the differentiable formula
-        return _sparse_rows(xx, t, w, 1, per_row)
+        return _sparse_rows_generic(xx, t, w, 1, per_row)
 
     row, w_y = _triton_sparse.SparseRows.apply(z2, label, valid, w, opts, loss_of, recompute)
     return _finish(_weighted_reduce(row.reshape(z.shape[:-1]), w_y, opts.reduction), x)
-
-
-def _stats_from_log_softmax(z: Tensor, label: Tensor) -> _rows.RowStats:
-    r""":class:`_rows.RowStats` without smoothing (no weighted sum) from PyTorch's fused kernels.
-
-    ``log_softmax`` is one fused pass where the generic statistics take a subtraction, an
-    exponential and a sum: :math:`\log s = (z_y - m) - \log p_y` with :math:`m = \max_k z_k`
-    (a constant for autodiff, as in :func:`_rows.row_stats`), so that
-    :math:`(m - z_y) + \log s = -\log p_y` and :math:`m + \log s = \operatorname{lse}(z)`
-    to rounding. Finite logits only: a non-finite one gives NaN, which the caller tests.
-    """
-    col = label[..., None]
-    log_p_y = torch.log_softmax(z, dim=-1).gather(-1, col)[..., 0]
-    z_y = z.gather(-1, col)[..., 0]
-    m = z.detach().amax(dim=-1)
-    return _rows.RowStats(m=m, s=torch.exp((z_y - m) - log_p_y), wd=0.0, wsum=0.0, z_y=z_y)
 
 
 def nll(

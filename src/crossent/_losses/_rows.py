@@ -55,8 +55,14 @@ With the focal factor on the target term and no smoothing,
 same form holds with :math:`b = w_y f \bigl(1 + \gamma\, p_y (L - z_y)/(1-p_y)\bigr)`
 (0 where :math:`p_y = 1`), :math:`a = b + 2\lambda L`, :math:`e = 0`. (Focal
 loss *with* smoothing puts a factor :math:`(1-p_k)^\gamma` on every class term,
-which no fixed set of statistics carries; that case is computed class by class
-in :mod:`._logprob`.) Softcap enters by the chain rule
+which no fixed set of statistics carries: :func:`loss_and_coefficients` then takes
+the class sums :math:`\sum_k w_k f_k (-\log p_k)` and :math:`\sum_k w_k f_k (1 + \gamma q_k)`
+of :func:`focal_terms` from an executor that has the log-probabilities, PyTorch's
+eager one; the generic path computes it class by class in :mod:`._logprob`.)
+The loss and the coefficients are read off per-row terms — :math:`L`,
+:math:`-\log p_y` and the smoothing sums — by :func:`loss_and_coefficients`:
+:func:`row_loss` and :func:`grad_coefficients` make those terms from
+:class:`RowStats`, PyTorch's eager executor from ``log_softmax``. Softcap enters by the chain rule
 :math:`\partial z/\partial x = 1 - \tanh^2(x/c)`, applied by the executor.
 A row whose label is ignored has loss 0 and :math:`a = b = e = 0`; the
 executor multiplies :math:`a, b, e` by the upstream gradient and the mean's
@@ -85,8 +91,10 @@ __all__ = [
     "applies",
     "coefficients",
     "combine",
+    "focal_terms",
     "grad_coefficients",
     "log_s",
+    "loss_and_coefficients",
     "lse",
     "rebase",
     "row_loss",
@@ -280,24 +288,71 @@ def _nll_target(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
     return xp.where(finite, (m_safe - stats.z_y) + _log_s(stats, finite, xp=xp), other)
 
 
-def _focal(nll_y: Array, gamma: float, *, xp: Any) -> tuple[Array, Array]:
-    r"""(f, q) from :math:`-\log p_y`: :math:`(1-p_y)^\gamma` and :math:`p_y (-\log p_y)/(1-p_y)`.
+def _focal(nll: Array, gamma: float, *, slope: bool, autodiff: bool, xp: Any) -> tuple[Array, Any]:
+    r"""(f, s) from :math:`-\log p`: :math:`f = (1-p)^\gamma` and its term's slope
+    :math:`s = f\,(1 + \gamma q)`, :math:`q = p (-\log p)/(1-p)` (None unless `slope`).
 
-    Where :math:`p_y = 1` exactly, :math:`f = 0` and :math:`q` is 0 (the term's
-    gradient limit for every :math:`\gamma > 0`).
+    :math:`\partial\bigl(f\,(-\log p)\bigr)/\partial(-\log p) = s`, and
+    :math:`1 - p = -\operatorname{expm1}(\log p)` to relative precision at every
+    :math:`p` (so is its power: no log of it is formed). Where :math:`p = 1` exactly
+    :math:`f = 0` and :math:`s = 0` (the term's gradient limit for every
+    :math:`\gamma > 0`). For :math:`\gamma \ge 1` the slope is
+    :math:`(1-p)^{\gamma-1}\bigl((1-p) + \gamma\,p\,(-\log p)\bigr)`, finite without a
+    guard. `autodiff` guards the powers at :math:`p = 1`, so that a framework's
+    derivatives of :math:`f` are 0 there instead of :math:`\gamma\, 0^{\gamma-1}`
+    (infinite for :math:`\gamma < 1`).
     """
-    from crossent._losses._common import focal_factor, log1mexp
-
-    log1m = log1mexp(-nll_y, xp=xp)
-    f = focal_factor(log1m, gamma, xp=xp)
-    one_m = xp.exp(log1m)
+    minus = -nll
+    if not (autodiff or slope) and gamma == 2:
+        em1 = xp.expm1(minus)  # -(1 - p): its square needs no sign
+        return em1 * em1, None
+    one_m = -xp.expm1(minus)
+    if not autodiff and gamma >= 1:
+        if not slope:
+            return one_m**gamma, None
+        f1 = one_m if gamma == 2 else one_m ** (gamma - 1)
+        return f1 * one_m, f1 * (one_m + gamma * (xp.exp(minus) * nll))
     certain = one_m == 0
-    q = xp.where(
-        certain,
-        xp.zeros_like(nll_y),
-        xp.exp(-nll_y) * nll_y / xp.where(certain, xp.ones_like(one_m), one_m),
-    )
-    return f, q
+    safe = xp.where(certain, xp.ones_like(one_m), one_m)
+    f = xp.where(certain, xp.zeros_like(one_m), safe**gamma) if autodiff else one_m**gamma
+    if not slope:
+        return f, None
+    q = xp.where(certain, xp.zeros_like(nll), xp.exp(minus) * nll / safe)
+    return f, f * (1 + gamma * q)
+
+
+def focal_terms(
+    nll: Array, c: Array | float, gamma: float, *, autodiff: bool = True, xp: Any
+) -> tuple[Array, Array]:
+    r"""Focal class terms :math:`c\,f\,(-\log p)` and their slopes :math:`c\,f\,(1 + \gamma q)`.
+
+    :math:`\partial\bigl(c f (-\log p)\bigr)/\partial \log p = -c f (1 + \gamma q)`
+    (:func:`_focal`). The target's term gives :math:`b` of :func:`loss_and_coefficients`
+    (:math:`c = (1-\varepsilon) w_y`); with label smoothing every class has one
+    (:math:`c = w_k`; the caller's sums over the classes are the `smooth` and
+    `smooth_slope` of :func:`loss_and_coefficients`). `autodiff` as in :func:`_focal`.
+    """
+    f, s = _focal(nll, gamma, slope=True, autodiff=autodiff, xp=xp)
+    return _times(c, f * nll), _times(c, s)
+
+
+def _times(c: Any, x: Array) -> Array:
+    """``c * x``, without the multiplication where `c` is the float 1."""
+    return x if isinstance(c, float) and c == 1.0 else c * x
+
+
+def _plus_product(row: Array, c: float, u: Array, v: Array, *, xp: Any) -> Array:
+    """``row + c * u * v``: one fused operation where the namespace has it (PyTorch's
+    ``addcmul``: a Python number costs PyTorch as much as a small operation)."""
+    addcmul = getattr(xp, "addcmul", None)
+    if addcmul is not None:
+        return addcmul(row, u, v, value=c)
+    return row + c * (u * v)
+
+
+def _target_coef(eps: float, w_y: Any) -> Any:
+    r""":math:`(1-\varepsilon) w_y` (`w_y` itself without smoothing: no array operation)."""
+    return w_y if eps == 0 else (1 - eps) * w_y
 
 
 def row_loss(
@@ -313,21 +368,93 @@ def row_loss(
 
     `w_y` is the target's weight (1 without weights); `total_weight` is
     :math:`W = \sum_k w_k` (C without weights). Ignored rows are the caller's
-    to mask (their statistics hold no label).
+    to mask (their statistics hold no label). The statistics give
+    :math:`L`, :math:`-\log p_y` and :math:`\sum_k w_k (L - z_k) = \sum w (m - z) + W \log s`,
+    from which :func:`loss_and_coefficients` reads the loss.
     """
     big_l = lse(stats, xp=xp)
-    eps, gamma = opts.label_smoothing, opts.gamma
     nll_y = _nll_target(stats, big_l, xp=xp)
-    if gamma != 0:
-        f, _ = _focal(nll_y, gamma, xp=xp)
-        row = w_y * f * nll_y
-    else:
-        row = (1 - eps) * w_y * nll_y if eps != 1 else xp.zeros_like(nll_y)
-    if eps != 0:
-        row = row + (eps / num_classes) * (stats.wd + total_weight * log_s(stats, big_l, xp=xp))
-    if opts.z_loss != 0:
-        row = row + opts.z_loss * (big_l * big_l)
+    smooth = None
+    if opts.label_smoothing != 0:
+        smooth = stats.wd + total_weight * log_s(stats, big_l, xp=xp)
+    row, _ = loss_and_coefficients(big_l, nll_y, smooth, None, w_y, num_classes, opts, xp=xp)
     return row
+
+
+def loss_and_coefficients(
+    big_l: Any,
+    nll_y: Any,
+    smooth: Any,
+    smooth_slope: Any,
+    w_y: Array | float,
+    num_classes: int,
+    opts: CEOptions,
+    *,
+    scale: Any = None,
+    loss: bool = True,
+    autodiff: bool = True,
+    xp: Any,
+) -> tuple[Any, Any]:
+    r"""The row loss and, for a row `scale`, its gradient coefficients, from per-row terms.
+
+    .. math::
+        \ell = (1-\varepsilon)\, w_y f_y (-\log p_y) + \frac{\varepsilon}{C}\,\mathrm{smooth}
+             + \lambda L^2, \qquad
+        \frac{\partial \ell}{\partial z_k} = a\,p_k - b\,[k=y] - e\,w_k f_k (1 + \gamma q_k),
+
+    :math:`b = (1-\varepsilon) w_y f_y (1 + \gamma q_y)`,
+    :math:`a = b + \frac{\varepsilon}{C}\,\mathrm{smooth\_slope} + 2\lambda L`,
+    :math:`e = \varepsilon / C`, all three times `scale` (the upstream gradient and the
+    mean's :math:`1/\sum w_y`); :math:`f \equiv 1`, :math:`q \equiv 0` without focal
+    factor (:func:`focal_terms`), where the coefficients are :func:`coefficients`.
+
+    `big_l` is :math:`L = \operatorname{lse}(z)` (read only with z-loss), `nll_y`
+    :math:`-\log p_y` (read for the loss, and for the coefficients with a focal factor),
+    `smooth` :math:`\sum_k w_k f_k (-\log p_k)` (:math:`\sum_k w_k (L - z_k)` without focal
+    factor) and `smooth_slope` :math:`\sum_k w_k f_k (1 + \gamma q_k)` (:math:`W` without
+    focal factor), both read only with smoothing; `w_y` the target's weight (the float 1
+    without weights). :func:`row_loss` and :func:`grad_coefficients` feed it from
+    :class:`RowStats`; an executor that has the log-probabilities (PyTorch's
+    ``log_softmax``) feeds it directly. `loss` False skips the loss (None);
+    `autodiff` False (an executor that differentiates in closed form) drops the guards
+    that make a framework's derivatives of the focal factor finite at :math:`p_y = 1`.
+    Returns ``(loss, (a, b, e))``, None for what was not asked.
+    """
+    eps, gamma = opts.label_smoothing, opts.gamma
+    with_grad = scale is not None
+    c_y = _target_coef(eps, w_y)
+    row: Any = None
+    b: Any = None
+    if gamma != 0:
+        f, s = _focal(nll_y, gamma, slope=with_grad, autodiff=autodiff, xp=xp)
+        if loss:
+            row = _times(c_y, f * nll_y)
+        b = None if s is None else _times(c_y, s)
+    elif loss:
+        row = _times(c_y, nll_y)
+    if loss:
+        if eps == 1:
+            row = xp.zeros_like(nll_y)
+        if eps != 0:
+            row = row + (eps / num_classes) * smooth
+        if opts.z_loss != 0:
+            row = _plus_product(row, opts.z_loss, big_l, big_l, xp=xp)
+    if not with_grad:
+        return row, None
+    if gamma == 0:
+        a, b, e = coefficients(
+            w_y, big_l, scale, smooth_slope, 1 - eps, eps / num_classes, eps != 0,
+            2 * opts.z_loss, opts.z_loss != 0,
+        )  # fmt: skip
+        return row, (a, b, e)
+    a = b
+    if eps != 0:
+        a = a + (eps / num_classes) * smooth_slope
+    if opts.z_loss != 0:
+        a = a + (2 * opts.z_loss) * big_l
+    b_scaled = _times(scale, b)
+    a_scaled = b_scaled if a is b else _times(scale, a)
+    return row, (a_scaled, b_scaled, (eps / num_classes) * scale)
 
 
 def coefficients(  # no annotations: Triton compiles this function too
@@ -374,20 +501,12 @@ def grad_coefficients(
 
     Ignored rows must be zeroed by the caller's scale (their `w_y` is 0 but
     the smoothing and z-loss parts do not depend on it). Without focal factor
-    this is :func:`coefficients` with scale 1.
+    this is :func:`coefficients` with scale 1; :func:`loss_and_coefficients` from
+    the statistics' :math:`L` and :math:`-\log p_y`.
     """
     big_l = lse(stats, xp=xp)
-    eps, gamma = opts.label_smoothing, opts.gamma
-    if gamma == 0:
-        a, b, e = coefficients(
-            w_y, big_l, 1.0, total_weight, 1 - eps, eps / num_classes, eps != 0,
-            2 * opts.z_loss, opts.z_loss != 0,
-        )  # fmt: skip
-        return a, b, e
-    nll_y = _nll_target(stats, big_l, xp=xp)
-    f, q = _focal(nll_y, gamma, xp=xp)
-    b = w_y * f * (1 + gamma * q)
-    a = b
-    if opts.z_loss != 0:
-        a = a + (2 * opts.z_loss) * big_l
-    return a, b, eps / num_classes
+    nll_y = None if opts.gamma == 0 else _nll_target(stats, big_l, xp=xp)
+    _, coefs = loss_and_coefficients(
+        big_l, nll_y, None, total_weight, w_y, num_classes, opts, scale=1.0, loss=False, xp=xp
+    )
+    return coefs

@@ -360,8 +360,9 @@ def sparse_categorical_cross_entropy(
     On PyTorch tensors with ``from_logits=True`` PyTorch's own
     ``F.cross_entropy`` computes the loss where it has the options (float16
     and bfloat16 are computed in float32); crossent's own options go through
-    ``logsumexp`` and a gather. Both are plain autograd, so double backward
-    (``create_graph=True``), ``torch.compile``, ``torch.export`` and
+    ``log_softmax`` and a gather, eagerly with a closed-form gradient
+    (differentiable operations under ``torch.compile`` and ``torch.func``). Double
+    backward (``create_graph=True``), ``torch.compile``, ``torch.export`` and
     ``torch.func`` work, and under ``torch.autocast`` the result is float32.
     Differences from ``torch.nn.functional.cross_entropy``: the class axis
     defaults to -1, and a mean over no counted target is 0 instead of NaN.

@@ -1,0 +1,365 @@
+r"""crossent's own options on eager CPU PyTorch: ``log_softmax`` row terms, closed-form gradient.
+
+Sparse cross-entropy from logits with z-loss, softcap and the focal factor
+(with or without label smoothing), which PyTorch's kernels do not have. The
+loss and its gradient coefficients are :func:`crossent._losses._rows.loss_from`
+and :func:`crossent._losses._rows.coefficients_from` (the one statement of the
+formula); this module only feeds them per-row terms made by PyTorch's fused
+kernels, row chunk by row chunk:
+
+- :math:`\log p = \operatorname{log\_softmax}(z)` (one fused kernel), from which
+  :math:`-\log p_y` is a gather, :math:`L = z_y - \log p_y`, and the smoothing
+  sums are :math:`\sum_k w_k f_k (-\log p_k)` (:func:`crossent._losses._rows.focal_terms`,
+  :math:`f \equiv 1` without focal factor);
+- :math:`z = c \tanh(x / c)` for a softcap :math:`c` (``-inf`` logits stay
+  ``-inf``: masked classes), and the chain rule's :math:`1 - \tanh^2(x/c)`;
+- the gradient :math:`a\,p - b\,[k = y] - e\,w_k f_k (1 + \gamma q_k)`, written
+  in place over the chunk's :math:`\log p` (:class:`_OwnRows`).
+
+For a reduced loss the gradient for an upstream gradient of 1 is written during
+the forward pass, while the chunk is in cache (as :class:`._torch._LowPrecisionCE`
+does); backward returns it (scaled by a float32/float64 upstream gradient) or
+recomputes the chunks. Nothing of size N × C but that gradient is kept: the
+reference written in PyTorch operations keeps the log-probabilities and scatters
+a dense gradient of the gather. With ``create_graph=True`` backward differentiates
+the generic statistics of :func:`._torch._sparse_rows_generic` instead (exact
+double backward).
+
+The eager path runs only where values may be read (CPU, no ``torch.compile`` or
+``torch.func``); :func:`own_rows` returns None for the generic path otherwise, and
+for a result that is NaN (a non-finite logit, which ``log_softmax`` does not
+guard, or a NaN input: the generic statistics then give crossent's values).
+Bad labels raise from PyTorch's own gather, turned into crossent's message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crossent._backends._torch import (
+    _LOW,
+    _NO_IGNORE,
+    _label_error,
+    _valid_label,
+    index_target,
+)
+from crossent._losses import _rows
+from crossent._losses._options import CEOptions
+
+__all__ = ["own_rows"]
+
+_NLL: Any = torch._C._nn.cross_entropy_loss
+"""``F.cross_entropy``'s kernel: ``-log p_y`` per row (``reduction=0``), labels bound-checked
+(on many logits slower than ``log_softmax`` and a gather, which are used there)."""
+
+_CHUNK = 1 << 18
+"""Elements per row chunk with a gradient (1 MiB in float32): its temporaries stay in cache."""
+
+_CHUNK_LOSS = 1 << 20
+"""Elements per row chunk of the loss alone: one call per 4 MiB of float32 logits bounds
+the log-probabilities kept at once at little Python per chunk."""
+
+
+_SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def _scalar(value: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`value` as a 0-d CPU tensor of `dtype`, made once: PyTorch wraps a Python number into
+    a tensor at every operation (about 1 µs, as long as a small operation itself)."""
+    key = (value, dtype)
+    out = _SCALARS.get(key)
+    if out is None:
+        if len(_SCALARS) > 64:
+            _SCALARS.clear()
+        out = _SCALARS[key] = torch.tensor(value, dtype=dtype)
+    return out
+
+
+def own_rows(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    axis: int,
+    opts: CEOptions,
+    generic: Callable[[Tensor, Tensor, Tensor | None, CEOptions], Tensor],
+) -> Tensor | None:
+    """The loss in the compute dtype (float32 for half precision), or None for the generic path.
+
+    `generic(z2, t, w, opts)` is the differentiable generic loss of ``(n, C)``
+    logits `z2` (class axis last) and flat labels `t`, for double backward.
+    """
+    if x.numel() == 0 or (weight is not None and weight.requires_grad):
+        return None
+    z = x if axis == x.ndim - 1 else x.movedim(axis, -1)
+    num_classes = z.shape[-1]
+    z2 = z if z.ndim == 2 else z.reshape(-1, num_classes)
+    t = target if target.dtype is torch.int64 else index_target(target)
+    t = t if t.ndim == 1 else t.reshape(-1)
+    valid, label = (None, t) if opts.ignore_index is None else _valid_label(t, opts.ignore_index)
+    cdt = torch.float32 if x.dtype in _LOW else x.dtype
+    w = None if weight is None else weight.to(cdt)
+    mask = False
+    if opts.softcap is not None:  # masked classes (-inf) stay -inf: one reduction tells
+        low = (z2.detach() if z2.requires_grad else z2).min().item()
+        mask = not low > -math.inf  # NaN: keep the guarded form too
+    try:
+        w_y: Tensor | None = None
+        if w is not None:
+            w_y = w[label]
+            if valid is not None:
+                w_y = torch.where(valid, w_y, 0.0)
+        den: Tensor | float
+        if opts.reduction != "mean":
+            den = 1.0
+        elif w_y is not None:
+            den = w_y.sum()
+            den = torch.where(den == 0, 1.0, den)
+        elif valid is not None:
+            den = valid.sum().clamp_min_(1).to(cdt)
+        else:
+            den = float(z2.shape[0])
+        if torch.is_grad_enabled() and x.requires_grad:
+
+            def recompute(zz: Tensor) -> Tensor:
+                return generic(zz, t, w, opts)
+
+            out = _OwnRows.apply(z2, label, valid, w, w_y, den, mask, opts, recompute)
+        else:
+            out = _reduce(_pass(z2, label, valid, w, w_y, mask, opts, None)[0], den, opts)
+    except (IndexError, RuntimeError) as exc:
+        _label_error(exc, t, num_classes, opts.ignore_index)
+        raise  # pragma: no cover - _label_error always raises
+    if opts.reduction != "none":
+        return None if math.isnan(out.item()) else out
+    if math.isnan(out.detach().sum().item()):
+        return None
+    return out if out.shape == target.shape else out.reshape(target.shape)
+
+
+def _reduce(row: Tensor, den: Tensor | float, opts: CEOptions) -> Tensor:
+    """`opts.reduction` of the row losses (ignored rows hold 0); the mean divides by `den`
+    (the row count, a float, where every row counts with weight 1: a cached 0-d tensor,
+    which PyTorch divides by faster than by a number or than it takes a mean)."""
+    if opts.reduction == "none":
+        return row
+    total = row.sum()
+    if opts.reduction == "sum":
+        return total
+    return total / (_scalar(den, total.dtype) if isinstance(den, float) else den)
+
+
+def _row_scale(
+    n: int,
+    valid: Tensor | None,
+    den: Tensor | float,
+    grad: Tensor | float,
+    reduction: str,
+    dtype: torch.dtype,
+) -> Tensor | float:
+    """d(output)/d(row loss) times the upstream gradient: a 0-d tensor or an ``(n, 1)`` column."""
+    if reduction == "none":
+        scale: Tensor | float = grad.to(dtype)[:, None] if isinstance(grad, Tensor) else grad
+    elif isinstance(grad, Tensor):
+        scale = grad.to(dtype) / den
+    else:
+        scale = grad / den
+    if valid is None:  # a number as a cached 0-d tensor: one small operation less per use
+        return _scalar(scale, dtype) if isinstance(scale, float) else scale
+    col = valid[:, None]
+    if isinstance(scale, Tensor):
+        return torch.where(col, scale, 0.0)
+    return torch.where(col, scale, 0.0).to(dtype)
+
+
+def _pass(
+    z2: Tensor,
+    label: Tensor,
+    valid: Tensor | None,
+    w: Tensor | None,
+    w_y: Tensor | None,
+    mask: bool,
+    opts: CEOptions,
+    scale: Tensor | float | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Row losses (0 at ignored rows) and, for a `scale`, the gradient (`z2`'s dtype)."""
+    n, num_classes = z2.shape
+    rows = max(1, (_CHUNK if scale is not None else _CHUNK_LOSS) // num_classes)
+    if n <= rows:
+        row, g = _chunk(z2, label, w, w_y, mask, opts, scale, None)
+    else:
+        g = None if scale is None else torch.empty_like(z2, memory_format=torch.contiguous_format)
+        parts = []
+        splits = [z2.split(rows), label.split(rows)]
+        for extra in (w_y, scale, g):
+            per_row = isinstance(extra, Tensor) and extra.ndim
+            splits.append(extra.split(rows) if per_row else [extra] * len(splits[0]))  # type: ignore[union-attr]
+        for z_, c_, wy_, s_, g_ in zip(*splits, strict=True):
+            parts.append(_chunk(z_, c_, w, wy_, mask, opts, s_, g_)[0])
+        row = torch.cat(parts)
+    if valid is not None:
+        row = torch.where(valid, row, 0.0)
+    return row, g
+
+
+def _chunk(
+    x: Tensor,
+    label: Tensor,
+    w: Tensor | None,
+    w_y: Tensor | None,
+    mask: bool,
+    opts: CEOptions,
+    scale: Tensor | float | None,
+    out: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    r"""Row losses of a chunk of rows and, for a `scale` (a number or a column), their gradient.
+
+    The gradient goes into `out` if given, else into a new tensor of `x`'s dtype.
+    """
+    z = x.float() if x.dtype in _LOW else x
+    num_classes = z.shape[1]
+    th = None
+    if opts.softcap is not None:
+        cap = opts.softcap
+        th = torch.mul(z, _scalar(1.0 / cap, z.dtype)).tanh_()
+        capped = th * _scalar(cap, z.dtype)
+        z = torch.where(z == -math.inf, z, capped) if mask else capped
+    eps, gamma = opts.label_smoothing, opts.gamma
+    col = label[:, None]
+    if scale is None and eps == 0 and z.numel() < _KERNEL_GRAD:
+        # the loss only, few logits: -log p_y from F.cross_entropy's kernel (one call)
+        nll_y = _NLL(z, label, None, 0, _NO_IGNORE, 0.0)
+        big_l = z.gather(1, col)[:, 0].add_(nll_y) if opts.z_loss != 0 else None
+        wy0: Any = 1.0 if w_y is None else w_y
+        row, _ = _rows.loss_and_coefficients(
+            big_l, nll_y, None, None, wy0, num_classes, opts, autodiff=False, xp=torch
+        )
+        return row, None
+    lp = torch.log_softmax(z, 1)
+    lp_y = lp.gather(1, col)
+    nll_y = lp_y.neg()
+    big_l = z.gather(1, col).sub_(lp_y) if opts.z_loss != 0 else None
+    w_row = None if w is None else w[None, :]
+    smooth: Any = None
+    slope: Any = None
+    slopes = None
+    if eps != 0:
+        if gamma != 0:
+            values, slopes = _rows.focal_terms(
+                lp.neg(), 1.0 if w_row is None else w_row, gamma, autodiff=False, xp=torch
+            )
+            smooth, slope = values.sum(1, keepdim=True), slopes.sum(1, keepdim=True)
+        else:
+            smooth = lp.sum(1, keepdim=True) if w_row is None else (lp * w_row).sum(1, keepdim=True)
+            smooth = smooth.neg_()
+            slope = float(num_classes) if w is None else w.sum()
+    wy: Any = 1.0 if w_y is None else w_y[:, None]
+    row, coefs = _rows.loss_and_coefficients(
+        big_l, nll_y, smooth, slope, wy, num_classes, opts, scale=scale, autodiff=False, xp=torch
+    )
+    row = row[:, 0]
+    if coefs is None:
+        return row, None
+    a, b, e = coefs
+    same = out is not None and out.dtype is lp.dtype
+    g = _target_part(lp, col, a, b, out if same else None)
+    if eps != 0:
+        dense = slopes if slopes is not None else w_row
+        if dense is None:
+            g.sub_(e)
+        elif isinstance(e, Tensor):
+            g.addcmul_(e, dense, value=-1)
+        else:
+            g.add_(dense, alpha=-e)
+    if th is not None:  # the chain rule: dz/dx = 1 - tanh²(x/c) (0 at a masked -inf logit)
+        g.addcmul_(g * th, th, value=-1)
+    if out is not None:
+        if g.data_ptr() != out.data_ptr():
+            out.copy_(g)
+        return row, out
+    return row, g if g.dtype is x.dtype else g.to(x.dtype)
+
+
+_KERNEL_GRAD = 1 << 14
+"""From this many logits per chunk :func:`_target_part` uses ``log_softmax``'s backward kernel."""
+
+
+def _target_part(lp: Tensor, col: Tensor, a: Any, b: Any, out: Tensor | None) -> Tensor:
+    r""":math:`a\,p - b\,[k = y]` from the log-probabilities `lp` (consumed) and the target
+    columns `col`; `a` and `b` are numbers or columns. Large chunks write into `out`
+    if given (of `lp`'s dtype).
+
+    Large chunks take ``log_softmax``'s backward kernel, :math:`g - p \sum_k g_k` for
+    :math:`g = -a` at the target (one fused pass; PyTorch's ``exp`` of the
+    log-probabilities is a slower one), then add :math:`a - b` at the target; small
+    ones exponentiate in place (fewer operations).
+    """
+    if lp.numel() < _KERNEL_GRAD:
+        g = lp.exp_().mul_(a)  # a p, in place of log p (read for the last time by the caller)
+        if isinstance(b, Tensor):
+            nb = b.neg()
+            return g.scatter_add_(1, col, nb if nb.shape == col.shape else nb.expand(col.shape))
+        return g.scatter_add_(1, col, torch.full(col.shape, -b, dtype=g.dtype))
+    a_col = a if isinstance(a, Tensor) else torch.full(col.shape, a, dtype=lp.dtype)
+    onto = torch.zeros_like(lp).scatter_(1, col, a_col.neg().expand(col.shape))
+    if out is None:
+        g = torch._log_softmax_backward_data(onto, lp, 1, lp.dtype)
+    else:
+        g = torch._log_softmax_backward_data(onto, lp, 1, lp.dtype, out=out)
+    if a is not b:
+        g.scatter_add_(1, col, (a_col - b).expand(col.shape))
+    return g
+
+
+class _OwnRows(torch.autograd.Function):
+    """The reduced (or per-row) loss of ``(n, C)`` logits; closed-form backward (see module)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        z2: Tensor,
+        label: Tensor,
+        valid: Tensor | None,
+        w: Tensor | None,
+        w_y: Tensor | None,
+        den: Tensor | float,
+        mask: bool,
+        opts: CEOptions,
+        recompute: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        cdt = torch.float32 if z2.dtype in _LOW else z2.dtype
+        early = opts.reduction != "none" and ctx.needs_input_grad[0]
+        scale = _row_scale(z2.shape[0], valid, den, 1.0, opts.reduction, cdt) if early else None
+        row, g = _pass(z2, label, valid, w, w_y, mask, opts, scale)
+        ctx.save_for_backward(z2, label, valid, w, w_y)
+        # held outside the saved tensors and dropped once returned: autograd may make it the
+        # leaf's .grad, which the caller may change in place before a second backward
+        ctx.early = g
+        ctx.den, ctx.mask, ctx.opts, ctx.recompute = den, mask, opts, recompute
+        return _reduce(row, den, opts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        z2, label, valid, w, w_y = ctx.saved_tensors
+        early, ctx.early = ctx.early, None
+        none = (None,) * 8
+        if torch.is_grad_enabled():  # create_graph: a differentiable gradient, exact 2nd order
+            with torch.enable_grad():
+                out = ctx.recompute(z2)
+            (g,) = torch.autograd.grad(out, z2, grad.to(out.dtype), create_graph=True)
+            return (g, *none)
+        opts: CEOptions = ctx.opts
+        if early is not None:
+            up = grad.item()
+            if up == 1.0:
+                return (early, *none)
+            if early.dtype not in _LOW:  # one more rounding of the float32/float64 gradient
+                return (early.mul_(up), *none)
+        cdt = torch.float32 if z2.dtype in _LOW else z2.dtype
+        scale = _row_scale(z2.shape[0], valid, ctx.den, grad, opts.reduction, cdt)
+        _, g = _pass(z2, label, valid, w, w_y, ctx.mask, opts, scale)
+        return (g, *none)

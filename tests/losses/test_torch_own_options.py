@@ -1,0 +1,249 @@
+"""crossent's own options on eager PyTorch (:mod:`crossent._backends._torch_rows`).
+
+z-loss, softcap and the focal factor (with and without label smoothing) are
+computed from ``log_softmax`` row terms with a closed-form, chunked gradient.
+References: the float64 class-by-class loss of ``tests/_reference`` (values),
+finite differences (``gradcheck`` / ``gradgradcheck``: the closed-form gradient
+and double backward), and the generic differentiable statistics (gradients,
+masked classes, chunking).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import crossent as ce  # noqa: E402
+from crossent._backends import _torch as torch_exec  # noqa: E402
+from crossent._backends import _torch_rows  # noqa: E402
+from crossent._lib._xp import array_namespace  # noqa: E402
+from crossent._losses._options import make_options  # noqa: E402
+from crossent._losses._sparse import _forward  # noqa: E402
+from tests._reference import categorical as ref  # noqa: E402
+
+N, C = 7, 6
+
+OPTIONS = {
+    "zloss-softcap": {"z_loss": 0.05, "softcap": 3.0},
+    "focal": {"gamma": 2.0},
+    "focal-half": {"gamma": 0.5, "z_loss": 0.1},
+    "focal-3-weight-ignore": {"gamma": 3.0, "weight": True, "ignore_index": 1},
+    "zloss-smooth-weight": {"z_loss": 0.1, "label_smoothing": 0.2, "weight": True},
+    "softcap-smooth-ignore": {"softcap": 2.0, "label_smoothing": 0.1, "ignore_index": 0},
+    "focal-smooth": {"gamma": 2.0, "label_smoothing": 0.1},
+    "focal-smooth-all": {
+        "gamma": 1.5, "label_smoothing": 0.3, "z_loss": 0.1, "softcap": 4.0,
+        "weight": True, "ignore_index": 2,
+    },
+}  # fmt: skip
+
+
+def _case(name: str, seed: int = 0, n: int = N, c: int = C) -> tuple[Any, Any, Any, dict[str, Any]]:
+    g = torch.Generator().manual_seed(seed)
+    options = dict(OPTIONS[name])
+    x = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, c, (n,), generator=g)
+    w = (
+        torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+        if options.pop("weight", False)
+        else None
+    )
+    if "ignore_index" in options:
+        y[1] = options["ignore_index"]
+        y[3] = options["ignore_index"]
+    return x, y, w, options
+
+
+def _loss(x: Any, y: Any, w: Any, options: dict[str, Any], reduction: str = "mean") -> Any:
+    return ce.sparse_categorical_cross_entropy(
+        x, y, from_logits=True, weight=w, reduction=reduction, **options
+    )
+
+
+def _generic(x: Any, y: Any, w: Any, options: dict[str, Any], reduction: str = "mean") -> Any:
+    """The generic array-API loss (differentiable by autograd): the gradient reference."""
+    opts = make_options(from_logits=True, reduction=reduction, **options)
+    return _forward(x, y, weight=w, axis=1, opts=opts, xp=array_namespace(x))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_value_matches_the_float64_reference(name: str, reduction: str) -> None:
+    x, y, w, options = _case(name)
+    expected = ref.sparse_ce(
+        x.numpy(), y.numpy(), from_logits=True, axis=1,
+        weight=None if w is None else w.numpy(), reduction=reduction, **options,
+    )  # fmt: skip
+    for grad in (False, True):
+        xx = x.clone().requires_grad_(grad)
+        out = _loss(xx, y, w, options, reduction)
+        assert out.dtype == torch.float64
+        np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_gradient_matches_autodiff_of_the_generic_formula(name: str, reduction: str) -> None:
+    x, y, w, options = _case(name, seed=1)
+    upstream = torch.randn(N, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7)
+    grads = []
+    for fn in (_loss, _generic):
+        xx = x.clone().requires_grad_(True)
+        (fn(xx, y, w, options, reduction) * upstream.double()).sum().backward()
+        grads.append(xx.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["zloss-softcap", "focal-half", "focal-smooth-all"])
+def test_gradcheck_and_gradgradcheck(name: str) -> None:
+    """The closed-form backward and its double backward against finite differences."""
+    x, y, w, options = _case(name, seed=2)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: _loss(v, y, w, options), (x,))
+    assert torch.autograd.gradgradcheck(lambda v: _loss(v, y, w, options), (x,))
+    assert torch.autograd.gradcheck(lambda v: _loss(v, y, w, options, "none"), (x,))
+
+
+@pytest.mark.parametrize(
+    "name", ["zloss-softcap", "focal", "focal-smooth-all", "zloss-smooth-weight"]
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunks_give_the_single_chunk_result(
+    name: str, reduction: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row chunks (and the backward-kernel gradient of large chunks) change nothing."""
+    x, y, w, options = _case(name, seed=3, n=40, c=9)
+    upstream = torch.randn(40, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0)
+    results = []
+    for chunk, kernel_grad in ((1 << 18, 1 << 14), (4 * 9, 1)):
+        monkeypatch.setattr(_torch_rows, "_CHUNK", chunk)
+        monkeypatch.setattr(_torch_rows, "_CHUNK_LOSS", chunk)
+        monkeypatch.setattr(_torch_rows, "_KERNEL_GRAD", kernel_grad)
+        xx = x.clone().requires_grad_(True)
+        out = _loss(xx, y, w, options, reduction)
+        (out * upstream.double()).sum().backward()
+        with torch.no_grad():
+            forward_only = _loss(x, y, w, options, reduction)
+        results.append((out.detach(), forward_only, xx.grad))
+    for a, b in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_upstream_gradient_and_a_second_backward() -> None:
+    """A scalar upstream gradient scales the early gradient; retain_graph recomputes it."""
+    x, y, w, options = _case("focal-3-weight-ignore", seed=4)
+    xx = x.clone().requires_grad_(True)
+    loss = _loss(xx, y, w, options)
+    (g1,) = torch.autograd.grad(loss * 0.25, xx, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, xx)
+    xr = x.clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(_generic(xr, y, w, options), xr)
+    torch.testing.assert_close(g2, gr, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g1, 0.25 * gr, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["zloss-softcap", "focal", "focal-smooth-all"])
+def test_low_precision_is_computed_in_float32(dtype: Any, name: str) -> None:
+    """float32 / bfloat16 logits: the float64 result of the same logits, rounded once-ish."""
+    x, y, w, options = _case(name, seed=5, n=33, c=50)
+    xl = x.to(dtype)
+    wl = None if w is None else w.float()
+    xr = xl.double().requires_grad_(True)
+    exact = _generic(xr, y, None if w is None else wl.double(), options)
+    exact.backward()
+    xx = xl.clone().requires_grad_(True)
+    out = _loss(xx, y, wl, options)
+    out.backward()
+    assert out.dtype == dtype
+    assert xx.grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.double(), exact.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(xx.grad.double(), xr.grad.to(dtype).double(), rtol=tol, atol=tol)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _loss(x.to(torch.bfloat16), y, wl, options).dtype == torch.float32
+
+
+def test_masked_classes_and_softcap() -> None:
+    """A -inf logit stays masked under softcap: probability 0, zero gradient there."""
+    x, y, _, _ = _case("zloss-softcap", seed=6)
+    x[:, 0] = -torch.inf
+    y = torch.where(y == 0, 1, y)
+    options = {"z_loss": 0.05, "softcap": 3.0, "gamma": 1.0}
+    xx = x.clone().requires_grad_(True)
+    out = _loss(xx, y, None, options)
+    out.backward()
+    expected = ref.sparse_ce(x.numpy(), y.numpy(), from_logits=True, axis=1, **options)
+    np.testing.assert_allclose(out.item(), expected, rtol=1e-12)
+    assert torch.all(xx.grad[:, 0] == 0)
+    assert torch.isfinite(xx.grad).all()
+
+
+def test_nan_and_non_finite_logits_take_the_guarded_formula() -> None:
+    x, y, _, options = _case("focal-half", seed=7)
+    x[2, 3] = torch.nan
+    assert torch.isnan(_loss(x, y, None, options, "none")[2])
+    x[2, 3] = torch.inf  # +inf at a class that is not the label: that row's loss is +inf
+    y[2] = 0
+    row = _loss(x, y, None, {"z_loss": 0.1}, "none")
+    assert row[2] == torch.inf
+    assert torch.isfinite(row[[0, 1, 3, 4, 5, 6]]).all()
+
+
+def test_all_ignored_mean_is_zero_with_a_zero_gradient() -> None:
+    x, _, _, _ = _case("focal", seed=8)
+    y = torch.full((N,), -100)
+    for options in ({"gamma": 2.0}, {"z_loss": 0.1, "softcap": 2.0, "label_smoothing": 0.1}):
+        xx = x.clone().requires_grad_(True)
+        out = _loss(xx, y, None, {**options, "ignore_index": -100})
+        out.backward()
+        assert out.item() == 0.0
+        assert torch.all(xx.grad == 0)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("options", [{"gamma": 2.0}, {"z_loss": 0.1, "label_smoothing": 0.1}])
+def test_bad_labels_raise_crossents_message(grad: bool, options: dict[str, Any]) -> None:
+    x = torch.randn(4, 5, requires_grad=grad)
+    for bad in (7, -3):
+        y = torch.tensor([0, 1, bad, 2])
+        with pytest.raises(ValueError, match=r"`target` has labels outside \[0, 5\)"):
+            _loss(x, y, None, options)
+    y = torch.tensor([0, 1, -100, 2])
+    assert torch.isfinite(_loss(x, y, None, {**options, "ignore_index": -100}))
+
+
+def test_class_axis_and_batch_shapes() -> None:
+    """Class axis 1 of (N, C, d) logits: the flat result, reshaped like the target."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (3, 4), generator=g)
+    options = {"gamma": 2.0, "z_loss": 0.1}
+    out = ce.sparse_categorical_cross_entropy(
+        x, y, from_logits=True, axis=1, reduction="none", **options
+    )
+    expected = ref.sparse_ce(
+        x.numpy(), y.numpy(), from_logits=True, axis=1, reduction="none", **options
+    )
+    assert out.shape == y.shape
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12)
+
+
+def test_traced_calls_take_the_differentiable_formula() -> None:
+    """Under torch.func the eager executor stands aside (values cannot be read)."""
+    x, y, w, options = _case("focal-3-weight-ignore", seed=10)
+    per_sample = torch.func.vmap(
+        torch.func.grad(lambda v, t: _loss(v[None], t[None], w, options, "sum"))
+    )(x, y)
+    loop = torch.stack(
+        [
+            torch.func.grad(lambda v, t=t: _loss(v[None], t[None], w, options, "sum"))(v)
+            for v, t in zip(x, y, strict=True)
+        ]
+    )
+    torch.testing.assert_close(per_sample, loop)
+    assert torch_exec._host_readable(x)
