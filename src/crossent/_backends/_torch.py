@@ -602,7 +602,7 @@ def _product(a: Coef, b: Coef) -> Coef:
 
 
 def _unweighted(pos: Coef, neg: Coef) -> bool:
-    return isinstance(pos, float) and isinstance(neg, float) and pos == 1.0 and neg == 1.0
+    return _is_one(pos) and _is_one(neg)
 
 
 _SOFTPLUS_EXACT = 40.0
@@ -638,21 +638,31 @@ def _reduced(loss: Tensor, reduction: str) -> Tensor:
 def _binary_small(
     x: Tensor, target: Tensor, pos: Coef, neg: Coef, eps: float, reduction: str
 ) -> Tensor:
-    r"""Small inputs: :math:`\operatorname{lerp}(\operatorname{sp}(x), \operatorname{sp}(-x), t)`
-    (:math:`P\operatorname{sp}(-x) + N\operatorname{sp}(x)` with weights) in PyTorch's fused
-    kernels, differentiated by autograd (exact: ``softplus``' derivative is
-    :math:`e^x/(1+e^x)`, and the two terms of the gradient are added, not cancelled)."""
+    r"""Small inputs: :math:`\operatorname{lerp}(n\operatorname{sp}(x), p\operatorname{sp}(-x), t)`
+    (`neg`, `pos`; :math:`w\operatorname{lerp}(\operatorname{sp}(x), \operatorname{sp}(-x), t)`
+    with only a `weight`) in PyTorch's fused kernels, differentiated by autograd (exact:
+    ``softplus``' derivative is :math:`e^x/(1+e^x)`, and the two terms of the gradient are
+    added, not cancelled)."""
     xc = x.float() if x.dtype in _LOW else x
     t = _smoothed(target, xc.dtype, eps)
     sp_pos = torch._C._nn.softplus(xc, 1, _SOFTPLUS_EXACT)  # -log(1 - p)
     sp_neg = torch._C._nn.softplus(-xc, 1, _SOFTPLUS_EXACT)  # -log p
     in_place = not (torch.is_grad_enabled() and (xc.requires_grad or t.requires_grad))
-    if _unweighted(pos, neg):
-        loss = sp_pos.lerp_(sp_neg, t) if in_place else torch.lerp(sp_pos, sp_neg, t)
-    else:
-        big_p, big_n = _masses(t, pos, neg)
-        loss = torch.mul(big_p, sp_neg).addcmul_(big_n, sp_pos)
+    common: Coef = 1.0
+    if pos is neg:  # only a weight: one factor after the lerp
+        common, pos, neg = pos, 1.0, 1.0
+    if not _is_one(neg):
+        sp_pos = sp_pos.mul_(neg) if in_place else sp_pos * neg
+    if not _is_one(pos):
+        sp_neg = sp_neg.mul_(pos) if in_place else sp_neg * pos
+    loss = sp_pos.lerp_(sp_neg, t) if in_place else torch.lerp(sp_pos, sp_neg, t)
+    if not _is_one(common):
+        loss = loss.mul_(common) if in_place else loss * common
     return _reduced(loss, reduction)
+
+
+def _is_one(c: Coef) -> bool:
+    return isinstance(c, float) and c == 1.0
 
 
 def _binary_parts(x: Tensor, *others: Any) -> list[tuple[Any, ...]]:
