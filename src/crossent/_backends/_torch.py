@@ -45,6 +45,7 @@ from torch import Tensor
 
 from crossent._backends import _triton_sparse
 from crossent._lib._checks import values_checked
+from crossent._lib._config import get_validation
 from crossent._lib._xp import array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions
@@ -513,11 +514,12 @@ def binary(
     if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
         return None  # the generic formula returns float32 under autocast, as PyTorch does
     cdt = torch.float32 if input.dtype in _LOW else input.dtype
-    coefs = _binary_coefs(input, cdt, weight, pos_weight, opts.alpha)
+    checked = get_validation()  # eager, on the CPU: values can be read
+    coefs = _binary_coefs(input, cdt, weight, pos_weight, opts.alpha, checked=checked)
     if coefs is None:
         return None
     pos, neg = coefs
-    if values_checked(target) and target.numel() and not _in_unit_interval(target):
+    if checked and target.numel() and not _in_unit_interval(target):
         return None  # the generic path raises the error
     if input.numel() <= _BINARY_SMALL:
         out = _binary_small(input, target, pos, neg, label_smoothing, opts.reduction)
@@ -551,7 +553,7 @@ def _in_unit_interval(t: Tensor) -> bool:
     return bool(lo.item() >= 0 and hi.item() <= one)
 
 
-def _binary_coef(w: object, x: Tensor, cdt: torch.dtype) -> Coef | None:
+def _binary_coef(w: object, x: Tensor, cdt: torch.dtype, *, checked: bool) -> Coef | None:
     """`weight` / `pos_weight` as a number or a tensor of dtype `cdt`; None if the generic
     path must check (or differentiate) it."""
     if w is None:
@@ -564,28 +566,36 @@ def _binary_coef(w: object, x: Tensor, cdt: torch.dtype) -> Coef | None:
         w.dtype not in _FLOATS
         or w.device != x.device
         or (w.requires_grad and torch.is_grad_enabled())
-        or not _broadcasts(tuple(w.shape), tuple(x.shape))
+        or not (w.shape == x.shape or _broadcasts(tuple(w.shape), tuple(x.shape)))
     ):
         return None
-    if values_checked(w) and w.numel() and not w.detach().min().item() >= 0:
+    if checked and w.numel() and not w.min().item() >= 0:
         return None  # negative (or NaN): the generic path raises (or propagates)
     return w if w.dtype is cdt else w.to(cdt)
 
 
 def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
     """Whether an array of `shape` broadcasts to `to` without changing it."""
+    if len(shape) == 1 and to:  # the common per-label vector
+        return shape[0] in (1, to[-1])
     if len(shape) > len(to):
         return False
     return all(s in (1, d) for s, d in zip(reversed(shape), reversed(to), strict=False))
 
 
 def _binary_coefs(
-    x: Tensor, cdt: torch.dtype, weight: object, pos_weight: object, alpha: float | None
+    x: Tensor,
+    cdt: torch.dtype,
+    weight: object,
+    pos_weight: object,
+    alpha: float | None,
+    *,
+    checked: bool,
 ) -> tuple[Coef, Coef] | None:
     r"""The coefficients :math:`w\,\alpha\,p_w` of :math:`t` and :math:`w\,(1-\alpha)` of
     :math:`1-t` (numbers where they can be); None for the generic path."""
-    w = _binary_coef(weight, x, cdt)
-    pw = _binary_coef(pos_weight, x, cdt)
+    w = _binary_coef(weight, x, cdt, checked=checked)
+    pw = _binary_coef(pos_weight, x, cdt, checked=checked)
     if w is None or pw is None:
         return None
     a_pos, a_neg = (1.0, 1.0) if alpha is None else (alpha, 1.0 - alpha)
