@@ -21,15 +21,16 @@ differences, each at the cost of a scalar test:
 
 Binary cross-entropy with logits has its own exact formula (:func:`binary`:
 ``F.binary_cross_entropy_with_logits`` loses all relative accuracy of small
-losses, e.g. 0 instead of 9.4e-14 at x = -30, t = 0 in float32) in as many
-fused kernels as PyTorch's, with a chunked closed-form backward. crossent's own
+losses, e.g. 0 instead of 9.4e-14 at x = -30, t = 0 in float32), with `weight`,
+`pos_weight` and `alpha`: one transcendental pass by cache-sized chunks and a
+closed-form gradient, or a few fused kernels on small inputs. crossent's own
 options (z-loss, softcap, focal) read the loss off :mod:`crossent._losses._rows`
 statistics made by PyTorch's kernels (:func:`_sparse_rows`).
 
 Each function returns ``None`` when the generic array-API formula must run
-(probabilities, focal loss with smoothing, binary weights or focal options,
-traced binary calls); that path is made of differentiable PyTorch operations,
-so it has the same transforms.
+(probabilities, focal loss with smoothing, binary focal `gamma`, weights
+that require gradients, traced binary calls); that path is made of
+differentiable PyTorch operations, so it has the same transforms.
 """
 
 from __future__ import annotations
@@ -710,30 +711,31 @@ class _Workspace:
 
     A fresh 256 KiB temporary per chunk costs more in page faults than the kernel that
     writes it; so the chunk loops write into these (``out=`` and in-place kernels).
-    :meth:`views` hands out views of a chunk's shape (made again only when it changes).
+    :meth:`views` hands out views of a chunk's shape, themselves kept (a few shapes).
     """
 
     _local = threading.local()
     COUNT = 10
+    SHAPES = 8
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
-        cache: dict[tuple[torch.dtype, torch.device], list[Tensor]]
+        cache: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], dict[Any, Any]]]
         cache = self._local.__dict__.setdefault("buffers", {})
         key = (dtype, device)
         if key not in cache:
-            cache[key] = [
-                torch.empty(_BINARY_CHUNK, dtype=dtype, device=device) for _ in range(self.COUNT)
-            ]
-        self._buffers = cache[key]
-        self._shape: torch.Size | None = None
-        self._views: list[Tensor] = []
+            buffers = [torch.empty(_BINARY_CHUNK, dtype=dtype, device=device)
+                       for _ in range(self.COUNT)]  # fmt: skip
+            cache[key] = (buffers, {})
+        self._buffers, self._views = cache[key]
 
     def views(self, shape: torch.Size) -> list[Tensor]:
-        if shape != self._shape:
+        views: list[Tensor] | None = self._views.get(shape)
+        if views is None:
+            if len(self._views) >= self.SHAPES:
+                self._views.clear()
             n = math.prod(shape)
-            self._views = [b[:n].view(shape) for b in self._buffers]
-            self._shape = shape
-        return self._views
+            views = self._views[shape] = [b[:n].view(shape) for b in self._buffers]
+        return views
 
 
 def _smoothed_into(t: Tensor, dtype: torch.dtype, eps: float, buf: Tensor) -> Tensor:
@@ -752,6 +754,17 @@ def _masses_into(
     if not (isinstance(neg, float) and neg == 1.0):
         big_n.mul_(neg)
     return big_p, big_n
+
+
+def _derivative_into(
+    sig: Tensor, sig_neg: Tensor, t: Tensor, masses: tuple[Tensor, Tensor] | None
+) -> Tensor:
+    r""":math:`\operatorname{lerp}(\sigma(x), -\sigma(-x), t)`, or :math:`N\sigma(x) - P\sigma(-x)`
+    with the `masses` (P, N), written into `sig` (`sig_neg` is overwritten too)."""
+    if masses is None:
+        return sig.lerp_(sig_neg.neg_(), t)
+    big_p, big_n = masses
+    return sig.mul_(big_n).addcmul_(big_p, sig_neg, value=-1)
 
 
 def _binary_chunked(
@@ -785,16 +798,15 @@ def _binary_chunked(
             neg_s = torch.abs(xc, out=sb).neg_().sigmoid_().neg_().log1p_()
         relu = torch.clamp_min(xc, 0, out=rb)
         relu_neg = torch.sub(relu, xc, out=mb)
-        if plain:
+        masses = None if plain else _masses_into(tc, p_, n_, pb, nb)
+        if masses is None:
             body = relu.lerp_(relu_neg, tc)
-            if early:
-                d = sig.lerp_(sig_neg.neg_(), tc)
         else:
-            big_p, big_n = _masses_into(tc, p_, n_, pb, nb)
+            big_p, big_n = masses
             body = relu.mul_(big_n).addcmul_(big_p, relu_neg)
             neg_s.mul_(torch.add(big_p, big_n, out=qb))
-            if early:
-                d = sig.mul_(big_n).addcmul_(big_p, sig_neg, value=-1)
+        if early:
+            d = _derivative_into(sig, sig_neg, tc, masses)
         if o_ is not None:
             o_.copy_(body.sub_(neg_s))
         else:
@@ -889,13 +901,9 @@ class _BinaryCE(torch.autograd.Function):
             xb, tb, sigb, negb, pb, nb = work.views(x_.shape)[:6]
             xc = x_ if x_.dtype is cdt else xb.copy_(x_)
             tc = _smoothed_into(t_, cdt, eps, tb)
+            masses = None if plain else _masses_into(tc, p_, n_, pb, nb)
             sig = torch.sigmoid(xc, out=sigb)
-            sig_neg = torch.neg(xc, out=negb).sigmoid_()
-            if plain:
-                d = sig.lerp_(sig_neg.neg_(), tc)
-            else:
-                big_p, big_n = _masses_into(tc, p_, n_, pb, nb)
-                d = sig.mul_(big_n).addcmul_(big_p, sig_neg, value=-1)
+            d = _derivative_into(sig, torch.neg(xc, out=negb).sigmoid_(), tc, masses)
             if o_.dtype is cdt:
                 torch.mul(d, s_, out=o_)
             else:
