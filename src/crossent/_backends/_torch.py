@@ -488,10 +488,11 @@ def binary(
     * large inputs (:class:`_BinaryCE`): one transcendental pass. With
       :math:`u = \sigma(-|x|)` and :math:`s = -\operatorname{log1p}(-u) = \operatorname{sp}(-|x|)`,
       :math:`\operatorname{sp}(\pm x) = s + \operatorname{relu}(\pm x)`, so
-      :math:`\ell = (P+N)\,s + P\operatorname{relu}(-x) + N\operatorname{relu}(x)` (without
-      weights :math:`s + \operatorname{lerp}(\operatorname{relu}(x), \operatorname{relu}(-x), t)`,
-      where :math:`\operatorname{relu}(-x) - \operatorname{relu}(x) = -x` exactly), by chunks
-      that stay in cache, with a closed-form gradient.
+      :math:`\ell = \operatorname{lerp}(n\operatorname{sp}(x), p\operatorname{sp}(-x), t)` with
+      the coefficients :math:`n = w(1-\alpha)`, :math:`p = w\alpha p_w` (without them
+      :math:`s + \operatorname{lerp}(\operatorname{relu}(x), \operatorname{relu}(-x), t)`, where
+      :math:`\operatorname{relu}(-x) - \operatorname{relu}(x) = -x` exactly), by chunks that
+      stay in cache, with a closed-form gradient.
 
     `weight`, `pos_weight` (numbers or floating tensors broadcast to the input, not requiring
     gradients) and `alpha` enter through :math:`P` and :math:`N`; focal `gamma` takes the
@@ -715,7 +716,7 @@ class _Workspace:
     """
 
     _local = threading.local()
-    COUNT = 10
+    COUNT = 7
     SHAPES = 8
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -745,26 +746,26 @@ def _smoothed_into(t: Tensor, dtype: torch.dtype, eps: float, buf: Tensor) -> Te
     return buf.copy_(t).mul_(1 - eps).add_(eps / 2)
 
 
-def _masses_into(
-    t: Tensor, pos: Coef, neg: Coef, buf_p: Tensor, buf_n: Tensor
-) -> tuple[Tensor, Tensor]:
-    """:func:`_masses` written into the buffers."""
-    big_p = t if isinstance(pos, float) and pos == 1.0 else torch.mul(t, pos, out=buf_p)
-    big_n = torch.neg(t, out=buf_n).add_(1)
-    if not (isinstance(neg, float) and neg == 1.0):
-        big_n.mul_(neg)
-    return big_p, big_n
+def _factored(pos: Coef, neg: Coef) -> tuple[Coef, Coef, Coef]:
+    """(pos, neg, common): a weight alone (``pos is neg``) becomes one common factor."""
+    if pos is neg and not _is_one(pos):
+        return 1.0, 1.0, pos
+    return pos, neg, 1.0
 
 
 def _derivative_into(
-    sig: Tensor, sig_neg: Tensor, t: Tensor, masses: tuple[Tensor, Tensor] | None
+    sig: Tensor, sig_neg: Tensor, t: Tensor, pos: Coef, neg: Coef, common: Coef
 ) -> Tensor:
-    r""":math:`\operatorname{lerp}(\sigma(x), -\sigma(-x), t)`, or :math:`N\sigma(x) - P\sigma(-x)`
-    with the `masses` (P, N), written into `sig` (`sig_neg` is overwritten too)."""
-    if masses is None:
-        return sig.lerp_(sig_neg.neg_(), t)
-    big_p, big_n = masses
-    return sig.mul_(big_n).addcmul_(big_p, sig_neg, value=-1)
+    r""":math:`c\operatorname{lerp}(n\,\sigma(x), -p\,\sigma(-x), t) = N\sigma(x) - P\sigma(-x)`
+    (`pos`, `neg`, `common`), written into `sig` (`sig_neg` is overwritten too). Each term
+    exact: ``lerp`` between values of opposite signs never cancels in :math:`b - a`."""
+    if not _is_one(neg):
+        sig.mul_(neg)
+    sig_neg.neg_()
+    if not _is_one(pos):
+        sig_neg.mul_(pos)
+    d = sig.lerp_(sig_neg, t)
+    return d if _is_one(common) else d.mul_(common)
 
 
 def _binary_chunked(
@@ -780,14 +781,15 @@ def _binary_chunked(
     """:class:`_BinaryCE`'s forward pass, by chunks: the loss, and with `early` the gradient
     for an upstream gradient of 1."""
     cdt = torch.float32 if x.dtype in _LOW else x.dtype
-    plain = _unweighted(pos, neg)
+    pos, neg, common = _factored(pos, neg)
+    split = _unweighted(pos, neg) and _is_one(common)  # loss = lerp(relus) - (-s): two sums
     scale = 1.0 / x.numel() if reduction == "mean" else 1.0
     out = torch.empty_like(x) if reduction == "none" else None
     g = torch.empty_like(x) if early else None
     work = _Workspace(cdt, x.device)
     sums: list[Tensor] = []
-    for x_, t_, p_, n_, o_, g_ in _binary_parts(x, t, pos, neg, out, g):
-        xb, tb, sb, rb, mb, sigb, negb, pb, nb, qb = work.views(x_.shape)
+    for x_, t_, p_, n_, c_, o_, g_ in _binary_parts(x, t, pos, neg, common, out, g):
+        xb, tb, sb, rb, mb, sigb, negb = work.views(x_.shape)[:7]
         xc = x_ if x_.dtype is cdt else xb.copy_(x_)
         tc = _smoothed_into(t_, cdt, eps, tb)
         if early:
@@ -798,27 +800,31 @@ def _binary_chunked(
             neg_s = torch.abs(xc, out=sb).neg_().sigmoid_().neg_().log1p_()
         relu = torch.clamp_min(xc, 0, out=rb)
         relu_neg = torch.sub(relu, xc, out=mb)
-        masses = None if plain else _masses_into(tc, p_, n_, pb, nb)
-        if masses is None:
+        if _is_one(p_) and _is_one(n_):  # s + lerp(relu(x), relu(-x), t), times a weight
             body = relu.lerp_(relu_neg, tc)
-        else:
-            big_p, big_n = masses
-            body = relu.mul_(big_n).addcmul_(big_p, relu_neg)
-            neg_s.mul_(torch.add(big_p, big_n, out=qb))
-        if early:
-            d = _derivative_into(sig, sig_neg, tc, masses)
+            if not split:
+                body.sub_(neg_s).mul_(c_)
+        else:  # lerp(neg·sp(x), pos·sp(-x), t), sp(±x) = s + relu(±x): no cancellation
+            sp_pos = relu.sub_(neg_s)
+            sp_neg = relu_neg.sub_(neg_s)
+            body = (sp_pos if _is_one(n_) else sp_pos.mul_(n_)).lerp_(
+                sp_neg if _is_one(p_) else sp_neg.mul_(p_), tc
+            )
         if o_ is not None:
-            o_.copy_(body.sub_(neg_s))
+            o_.copy_(body.sub_(neg_s) if split else body)
         else:
-            sums += (body.sum(), neg_s.sum())
+            sums += (body.sum(), neg_s.sum()) if split else (body.sum(),)
         if early:
+            d = _derivative_into(sig, sig_neg, tc, p_, n_, c_)
             if scale != 1.0:
                 d.mul_(scale)
             if d is not g_:
                 g_.copy_(d)
     if out is not None:
         return out, g
-    if len(sums) == 2:
+    if not split:
+        total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    elif len(sums) == 2:
         total = sums[0] - sums[1]
     else:
         both = torch.stack(sums).view(-1, 2).sum(0)
@@ -834,10 +840,11 @@ class _BinaryCE(torch.autograd.Function):
     :math:`s = -\operatorname{log1p}(-u)` and
 
     .. math:: \ell = s + \operatorname{lerp}(\operatorname{relu}(x), \operatorname{relu}(-x), t)
-              \quad\text{or}\quad (P+N)\,s + P\operatorname{relu}(-x) + N\operatorname{relu}(x);
+              \quad\text{or}\quad
+              \operatorname{lerp}(n(s + \operatorname{relu}(x)), p(s + \operatorname{relu}(-x)), t)
 
-    gradient
-    :math:`\operatorname{lerp}(\sigma(x), -\sigma(-x), t)` or :math:`N\sigma(x) - P\sigma(-x)`
+    (a weight alone multiplies the first form); gradient
+    :math:`\operatorname{lerp}(n\,\sigma(x), -p\,\sigma(-x), t) = N\sigma(x) - P\sigma(-x)`
     (each term exact, rounded once to the input dtype); for a reduced loss it is computed
     during the forward pass from the chunk in cache and kept (the size of the gradient that
     backward returns), otherwise recomputed by chunks. For soft targets
@@ -895,15 +902,14 @@ class _BinaryCE(torch.autograd.Function):
             if x.dtype not in _LOW:  # rounded twice either way; half precision recomputes
                 return (early.mul_(up), grad_t, *nones)
         out = torch.empty_like(x)
-        plain = _unweighted(pos, neg)
+        pos, neg, common = _factored(pos, neg)
         work = _Workspace(cdt, x.device)
-        for x_, t_, p_, n_, s_, o_ in _binary_parts(x, t, pos, neg, scale, out):
-            xb, tb, sigb, negb, pb, nb = work.views(x_.shape)[:6]
+        for x_, t_, p_, n_, c_, s_, o_ in _binary_parts(x, t, pos, neg, common, scale, out):
+            xb, tb, sigb, negb = work.views(x_.shape)[:4]
             xc = x_ if x_.dtype is cdt else xb.copy_(x_)
             tc = _smoothed_into(t_, cdt, eps, tb)
-            masses = None if plain else _masses_into(tc, p_, n_, pb, nb)
             sig = torch.sigmoid(xc, out=sigb)
-            d = _derivative_into(sig, torch.neg(xc, out=negb).sigmoid_(), tc, masses)
+            d = _derivative_into(sig, torch.neg(xc, out=negb).sigmoid_(), tc, p_, n_, c_)
             if o_.dtype is cdt:
                 torch.mul(d, s_, out=o_)
             else:
