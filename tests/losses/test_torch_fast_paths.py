@@ -359,6 +359,31 @@ def test_binary_weights_requiring_grad_take_autograd() -> None:
     )
 
 
+def test_binary_workspace_in_and_out_of_inference_mode() -> None:
+    """The chunk buffers made in inference mode serve later calls outside it."""
+    import threading
+
+    x = torch.randn(3 * torch_exec._BINARY_CHUNK // 2 + 7, dtype=torch.float64)
+    t = torch.rand(x.shape, dtype=torch.float64)
+    ref = F.binary_cross_entropy_with_logits(x, t)
+    got = []
+
+    def run() -> None:  # a fresh thread: its first call makes its buffers
+        with torch.inference_mode():
+            got.append(ce.binary_cross_entropy(x, t, from_logits=True))
+        xg = x.clone().requires_grad_(True)
+        loss = ce.binary_cross_entropy(xg, t, from_logits=True, reduction="none")
+        loss.sum().backward()
+        got.append(loss.mean())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert len(got) == 2
+    for value in got:
+        torch.testing.assert_close(value, ref, rtol=1e-13, atol=0)
+
+
 def test_binary_workspace_is_per_thread() -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -724,8 +724,9 @@ class _Workspace:
         cache = self._local.__dict__.setdefault("buffers", {})
         key = (dtype, device)
         if key not in cache:
-            buffers = [torch.empty(_BINARY_CHUNK, dtype=dtype, device=device)
-                       for _ in range(self.COUNT)]  # fmt: skip
+            with torch.inference_mode(False):  # usable in and outside inference mode
+                buffers = [torch.empty(_BINARY_CHUNK, dtype=dtype, device=device)
+                           for _ in range(self.COUNT)]  # fmt: skip
             cache[key] = (buffers, {})
         self._buffers, self._views = cache[key]
 
@@ -735,7 +736,8 @@ class _Workspace:
             if len(self._views) >= self.SHAPES:
                 self._views.clear()
             n = math.prod(shape)
-            views = self._views[shape] = [b[:n].view(shape) for b in self._buffers]
+            with torch.inference_mode(False):
+                views = self._views[shape] = [b[:n].view(shape) for b in self._buffers]
         return views
 
 
