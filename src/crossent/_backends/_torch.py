@@ -606,11 +606,7 @@ def _binary_coefs(
 
 def _product(a: Coef, b: Coef) -> Coef:
     """``a * b``, skipping a factor that is the number 1."""
-    if isinstance(b, float) and b == 1.0:
-        return a
-    if isinstance(a, float) and a == 1.0:
-        return b
-    return a * b
+    return a if _is_one(b) else b if _is_one(a) else a * b
 
 
 def _unweighted(pos: Coef, neg: Coef) -> bool:
@@ -636,9 +632,7 @@ def _smoothed(t: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
 
 def _masses(t: Tensor, pos: Coef, neg: Coef) -> tuple[Tensor, Tensor]:
     r""":math:`P = \mathrm{pos}\cdot t` and :math:`N = \mathrm{neg}\cdot(1-t)`."""
-    big_p = t * pos if not (isinstance(pos, float) and pos == 1.0) else t
-    big_n = (1 - t) * neg if not (isinstance(neg, float) and neg == 1.0) else 1 - t
-    return big_p, big_n
+    return (t if _is_one(pos) else t * pos), (1 - t if _is_one(neg) else (1 - t) * neg)
 
 
 def _reduced(loss: Tensor, reduction: str) -> Tensor:
