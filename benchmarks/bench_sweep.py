@@ -86,6 +86,7 @@ def _torch_cases(n: int, c: int, dtype: Any) -> dict[str, tuple[Callable[..., An
     y = torch.randint(0, c, (n,), generator=g)
     probs = torch.softmax(torch.randn(n, c, generator=g), -1).to(dtype)
     bt = (torch.rand(n, c, generator=g) > 0.5).to(dtype)
+    bw = (torch.rand(c, generator=g) + 0.5).to(dtype)  # per-label weight / pos_weight
 
     def plain_zloss_softcap(v: Any) -> Any:
         z = 30.0 * torch.tanh(v.float() / 30.0)
@@ -111,6 +112,16 @@ def _torch_cases(n: int, c: int, dtype: Any) -> dict[str, tuple[Callable[..., An
             x,
             lambda v: ce.binary_cross_entropy(v, bt, from_logits=True),
             lambda v: F.binary_cross_entropy_with_logits(v, bt),
+        ),
+        "binary weight": (
+            x,
+            lambda v: ce.binary_cross_entropy(v, bt, from_logits=True, weight=bw),
+            lambda v: F.binary_cross_entropy_with_logits(v, bt, weight=bw),
+        ),
+        "binary pos_weight": (
+            x,
+            lambda v: ce.binary_cross_entropy(v, bt, from_logits=True, pos_weight=bw),
+            lambda v: F.binary_cross_entropy_with_logits(v, bt, pos_weight=bw),
         ),
         "sparse z-loss+softcap vs torch ops": (
             x,
@@ -254,7 +265,9 @@ def _torch_memory(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> Non
     for n, c in sizes:
         for dname in args.dtypes:
             for name, (x, ours, ref) in _torch_cases(n, c, dtypes[dname]).items():
-                if args.quick and "vs torch ops" in name:
+                if (args.quick and "vs torch ops" in name) or (
+                    args.cases and name not in args.cases
+                ):
                     continue
                 peaks = []
                 for fn in (ref, ours):

@@ -56,13 +56,15 @@ def test_binary_with_logits_is_exact_in_the_tails(dtype: Any, copies: int) -> No
     (grad,) = torch.autograd.grad(loss.sum(), xg)
     loss = loss.detach()
     eps = torch.finfo(dtype).eps
-    sub = torch.finfo(dtype).tiny * eps  # spacing of subnormals (x = -100 in float32)
+    # below the smallest normal number PyTorch's sigmoid (the chunked path's one
+    # transcendental) flushes to 0: e^-100 in float32
+    tiny = torch.finfo(dtype).tiny
     refs = [_mp_bce(xi, ti) for xi, ti in zip(x1.tolist(), t1.tolist(), strict=True)] * copies
     want = torch.tensor([r[0] for r in refs], dtype=torch.float64)
     want_g = torch.tensor([r[1] for r in refs], dtype=torch.float64)
     g_scale = torch.tensor([r[2] for r in refs], dtype=torch.float64)
     err = (loss.double() - want).abs()
-    assert (err <= 4 * eps * want.abs() + 4 * sub).all(), x[err.argmax()]
+    assert (err <= 4 * eps * want.abs() + tiny).all(), x[err.argmax()]
     # the gradient's two terms may cancel (soft targets): error relative to the terms;
     # PyTorch's sigmoid flushes results below the smallest normal number to 0
     err_g = (grad.double() - want_g).abs()
@@ -150,6 +152,253 @@ def test_binary_target_check_names_the_argument() -> None:
     # NaN targets are not an error: they propagate
     out = ce.binary_cross_entropy(torch.zeros(2), torch.tensor([np.nan, 1.0]), from_logits=True)
     assert torch.isnan(out)
+
+
+# weights, pos_weight and alpha enter the exact paths as the masses P = w·α·pw·t and
+# N = w·(1-α)·(1-t): loss P·sp(-x) + N·sp(x), gradient N·σ(x) - P·σ(-x)
+
+W_COLS = [0.5, 1.0, 2.0, 0.0]
+PW_COLS = [3.0, 0.25, 1.0, 0.0]
+
+
+def _mp_weighted(x: float, t: float, w: float, pw: float, alpha: float | None) -> tuple[float, ...]:
+    """(loss, gradient, scale of the gradient's two terms) at 50 digits."""
+    a_pos, a_neg = (1.0, 1.0) if alpha is None else (alpha, 1 - alpha)
+    with mpmath.workdps(50):
+        mx, mt = mpmath.mpf(x), mpmath.mpf(t)
+        big_p, big_n = w * a_pos * pw * mt, w * a_neg * (1 - mt)
+        sp_pos, sp_neg = mpmath.log1p(mpmath.exp(mx)), mpmath.log1p(mpmath.exp(-mx))
+        s_pos, s_neg = 1 / (1 + mpmath.exp(-mx)), 1 / (1 + mpmath.exp(mx))
+        loss = big_p * sp_neg + big_n * sp_pos
+        grad = big_n * s_pos - big_p * s_neg
+        return float(loss), float(grad), float(max(big_n * s_pos, big_p * s_neg))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("copies", [1, 700])  # autograd of softplus / the chunked closed form
+@pytest.mark.parametrize("alpha", [None, 0.25])
+def test_binary_weighted_is_exact_in_the_tails(dtype: Any, copies: int, alpha: Any) -> None:
+    x1, t1 = _grid(dtype)
+    x1, t1 = x1.reshape(-1, 4), t1.reshape(-1, 4)
+    x, t = x1.repeat(copies, 1), t1.repeat(copies, 1)
+    w, pw = torch.tensor(W_COLS, dtype=dtype), torch.tensor(PW_COLS, dtype=dtype)
+    opts = make_options(from_logits=True, alpha=alpha)
+    assert torch_exec.binary(x, t, w, pw, 0.0, opts) is not None  # no generic fallback
+    xg = x.clone().requires_grad_(True)
+    loss = ce.binary_cross_entropy(
+        xg, t, from_logits=True, weight=w, pos_weight=pw, alpha=alpha, reduction="none"
+    )
+    (grad,) = torch.autograd.grad(loss.sum(), xg)
+    flat = zip(x1.reshape(-1).tolist(), t1.reshape(-1).tolist(), strict=True)
+    refs = [
+        _mp_weighted(xi, ti, W_COLS[j % 4], PW_COLS[j % 4], alpha)
+        for j, (xi, ti) in enumerate(flat)
+    ] * copies
+    want = torch.tensor([r[0] for r in refs], dtype=torch.float64).reshape(x.shape)
+    want_g = torch.tensor([r[1] for r in refs], dtype=torch.float64).reshape(x.shape)
+    g_scale = torch.tensor([r[2] for r in refs], dtype=torch.float64).reshape(x.shape)
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+    err = (loss.detach().double() - want).abs()
+    assert (err <= 8 * eps * want + 4 * tiny).all(), (x[err == err.max()], err.max())
+    err_g = (grad.double() - want_g).abs()
+    assert (err_g <= 8 * eps * g_scale + 4 * tiny).all(), x[err_g == err_g.max()]
+
+
+def test_binary_extreme_logits_with_weights() -> None:
+    """|x| = 1e4 (sp(x) = x exactly), ±inf through the guarded generic formula."""
+    x = torch.tensor([1e4, -1e4, 1e4, -1e4, np.inf, -np.inf, np.inf, -np.inf], requires_grad=True)
+    t = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.25])
+    pw = torch.tensor(2.0)
+    loss = ce.binary_cross_entropy(x, t, from_logits=True, pos_weight=pw, reduction="none")
+    assert loss.tolist() == [1e4, 2e4, 0.0, 0.0, 0.0, 0.0, np.inf, np.inf]
+    (grad,) = torch.autograd.grad(loss[:6].sum(), x)
+    assert grad.tolist() == [1.0, -2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+_WEIGHT_SHAPES = {
+    "per-label": lambda n, c: (torch.rand(c) + 0.5, torch.rand(c) * 3),
+    "per-row": lambda n, c: (torch.rand(n, 1) + 0.5, torch.rand(n, 1) * 3),
+    "full": lambda n, c: (torch.rand(n, c) + 0.5, torch.rand(n, c) * 3),
+    "numbers": lambda n, c: (0.7, 2.5),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", ["per-label", "per-row", "full", "numbers"])
+@pytest.mark.parametrize("rows", [7, 20000])  # softplus + autograd / two chunks, one partial
+def test_binary_weighted_matches_torch(reduction: str, shape: str, rows: int) -> None:
+    torch.manual_seed(4)
+    w, pw = _WEIGHT_SHAPES[shape](rows, 5)
+    w64 = w.double() if isinstance(w, torch.Tensor) else torch.tensor(w, dtype=torch.float64)
+    pw64 = pw.double() if isinstance(pw, torch.Tensor) else torch.tensor(pw, dtype=torch.float64)
+    x = (torch.randn(rows, 5, dtype=torch.float64) * 3).requires_grad_(True)
+    t = torch.rand(rows, 5, dtype=torch.float64)
+    t[0] = (t[0] > 0.5).double()
+    t.requires_grad_(True)
+    up = torch.rand(rows, 5, dtype=torch.float64) if reduction == "none" else 0.7
+    weight = w64 if isinstance(w, torch.Tensor) else w
+    pos_weight = pw64 if isinstance(pw, torch.Tensor) else pw
+    ours = ce.binary_cross_entropy(
+        x, t, from_logits=True, weight=weight, pos_weight=pos_weight, reduction=reduction
+    )
+    ref = F.binary_cross_entropy_with_logits(x, t, weight=w64, pos_weight=pw64, reduction=reduction)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+    g_ours = torch.autograd.grad((ours * up).sum(), (x, t), create_graph=True)
+    g_ref = torch.autograd.grad((ref * up).sum(), (x, t), create_graph=True)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-11, atol=1e-14)
+    v = torch.rand(rows, 5, dtype=torch.float64)
+    h_ours = torch.autograd.grad((g_ours[0] * v).sum(), x)
+    h_ref = torch.autograd.grad((g_ref[0] * v).sum(), x)
+    torch.testing.assert_close(h_ours, h_ref, rtol=1e-10, atol=1e-14)
+    # the first-order backward (the forward's early gradient for reduced losses)
+    plain = ce.binary_cross_entropy(
+        x, t.detach(), from_logits=True, weight=weight, pos_weight=pos_weight,
+        reduction=reduction,
+    )  # fmt: skip
+    (g_plain,) = torch.autograd.grad((plain * up).sum(), x)
+    torch.testing.assert_close(g_plain, g_ref[0], rtol=1e-12, atol=1e-14)
+    # a second backward through the same graph recomputes it
+    plain = ce.binary_cross_entropy(x, t.detach(), from_logits=True, weight=weight,
+                                    pos_weight=pos_weight, reduction=reduction)  # fmt: skip
+    first = torch.autograd.grad((plain * up).sum(), x, retain_graph=True)[0]
+    again = torch.autograd.grad((plain * up).sum() * 2, x)[0]
+    torch.testing.assert_close(again, 2 * first, rtol=1e-12, atol=1e-14)
+
+
+def test_binary_weighted_double_backward() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    pw = torch.rand(3, generator=g, dtype=torch.float64) * 3
+    assert torch.autograd.gradgradcheck(
+        lambda a, b: ce.binary_cross_entropy(
+            a, b, from_logits=True, weight=w, pos_weight=pw, alpha=0.3, label_smoothing=0.1
+        ),
+        (x, t),
+    )
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("n", [40, 300])  # softplus + autograd / the chunked path
+def test_binary_half_precision_weighted_rounded_once(weighted: bool, n: int) -> None:
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(n, 300, generator=g) * 4).bfloat16().requires_grad_(True)
+    t = (torch.rand(n, 300, generator=g) > 0.5).bfloat16()
+    w = (torch.rand(300, generator=g) + 0.5).bfloat16() if weighted else None
+    pw = (torch.rand(300, generator=g) * 3).bfloat16() if weighted else None
+    loss = ce.binary_cross_entropy(x, t, from_logits=True, weight=w, pos_weight=pw,
+                                   reduction="none")  # fmt: skip
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = F.binary_cross_entropy_with_logits(
+        x64, t.double(), reduction="none",
+        weight=None if w is None else w.double(), pos_weight=None if pw is None else pw.double(),
+    )  # fmt: skip
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x64)
+    # float32 arithmetic, one rounding to bfloat16: at most one unit where the float64 value
+    # lies within float32 rounding of a bfloat16 tie (never without weights)
+    limit = 1.0 if weighted else 0.0
+    assert _ulps(loss, ref.to(torch.bfloat16), torch.bfloat16) <= limit
+    assert _ulps(grad, ref_grad.to(torch.bfloat16), torch.bfloat16) <= limit
+    mean = ce.binary_cross_entropy(x, t, from_logits=True, weight=w, pos_weight=pw)
+    assert mean.dtype == torch.bfloat16
+    assert _ulps(mean, ref.mean().to(torch.bfloat16), torch.bfloat16) <= 1.0
+
+
+def test_binary_large_rows_and_broadcast_weights() -> None:
+    """Rows longer than a chunk are split again; weights broadcast from any dimension."""
+    g = torch.Generator().manual_seed(8)
+    c = torch_exec._BINARY_CHUNK + 3000
+    x = (torch.randn(2, 3, c, generator=g, dtype=torch.float64) * 5).requires_grad_(True)
+    t = torch.rand(2, 3, c, generator=g, dtype=torch.float64)
+    w = torch.rand(2, 1, 1, generator=g, dtype=torch.float64) + 0.5
+    pw = torch.rand(3, c, generator=g, dtype=torch.float64) * 2
+    for reduction in ("mean", "none"):
+        ours = ce.binary_cross_entropy(x, t, from_logits=True, weight=w, pos_weight=pw,
+                                       reduction=reduction)  # fmt: skip
+        ref = F.binary_cross_entropy_with_logits(x, t, weight=w, pos_weight=pw,
+                                                 reduction=reduction)  # fmt: skip
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+        up = torch.rand_like(x) if reduction == "none" else 1.0
+        torch.testing.assert_close(
+            torch.autograd.grad((ours * up).sum(), x)[0],
+            torch.autograd.grad((ref * up).sum(), x)[0], rtol=1e-12, atol=1e-15,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [10, 30000])
+def test_binary_target_check_on_every_path(n: int) -> None:
+    x, t = torch.zeros(n, 3), torch.full((n, 3), 0.5)
+    for bad in (1.5, -0.25):
+        t2 = t.clone()
+        t2[n // 2, 1] = bad
+        with pytest.raises(ValueError, match="`target` must lie in \\[0, 1\\]"):
+            ce.binary_cross_entropy(x, t2, from_logits=True, pos_weight=torch.ones(3))
+    # -0.0 is a valid target (the fast check hands it to the generic one); 1.0 too
+    t2 = t.clone()
+    t2[0, 0], t2[0, 1] = -0.0, 1.0
+    ref = F.binary_cross_entropy_with_logits(x, t2)
+    torch.testing.assert_close(ce.binary_cross_entropy(x, t2, from_logits=True), ref)
+    with pytest.raises(ValueError, match="`pos_weight` must be non-negative"):
+        ce.binary_cross_entropy(x, t, from_logits=True, pos_weight=-torch.ones(3))
+    with pytest.raises(ValueError, match="`weight` must be non-negative"):
+        ce.binary_cross_entropy(x, t, from_logits=True, weight=-1.0)
+
+
+def test_binary_weights_requiring_grad_take_autograd() -> None:
+    x = torch.randn(50, 4, dtype=torch.float64)
+    t = torch.rand(50, 4, dtype=torch.float64)
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(True)
+    pw = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(True)
+    ours = ce.binary_cross_entropy(x, t, from_logits=True, weight=w, pos_weight=pw)
+    # PyTorch's kernel does not differentiate its weights: the formula in float64
+    ref = (w * (pw * t * -F.logsigmoid(x) + (1 - t) * -F.logsigmoid(-x))).mean()
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, (w, pw)), torch.autograd.grad(ref, (w, pw)), rtol=1e-12, atol=0
+    )
+
+
+def test_binary_workspace_in_and_out_of_inference_mode() -> None:
+    """The chunk buffers made in inference mode serve later calls outside it."""
+    import threading
+
+    x = torch.randn(3 * torch_exec._BINARY_CHUNK // 2 + 7, dtype=torch.float64)
+    t = torch.rand(x.shape, dtype=torch.float64)
+    ref = F.binary_cross_entropy_with_logits(x, t)
+    got = []
+
+    def run() -> None:  # a fresh thread: its first call makes its buffers
+        with torch.inference_mode():
+            got.append(ce.binary_cross_entropy(x, t, from_logits=True))
+        xg = x.clone().requires_grad_(True)
+        loss = ce.binary_cross_entropy(xg, t, from_logits=True, reduction="none")
+        loss.sum().backward()
+        got.append(loss.mean())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert len(got) == 2
+    for value in got:
+        torch.testing.assert_close(value, ref, rtol=1e-13, atol=0)
+
+
+def test_binary_workspace_is_per_thread() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(9)
+    cases = [(torch.randn(3 * torch_exec._BINARY_CHUNK // 2, generator=g),
+              torch.rand(3 * torch_exec._BINARY_CHUNK // 2, generator=g)) for _ in range(4)]  # fmt: skip
+
+    def run(case: tuple[Any, Any]) -> Any:
+        return ce.binary_cross_entropy(*case, from_logits=True, reduction="none")
+
+    want = [run(c) for c in cases]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            for got, ref in zip(pool.map(run, cases), want, strict=True):
+                torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- half precision sparse

@@ -21,23 +21,25 @@ differences, each at the cost of a scalar test:
 
 Binary cross-entropy with logits has its own exact formula (:func:`binary`:
 ``F.binary_cross_entropy_with_logits`` loses all relative accuracy of small
-losses, e.g. 0 instead of 9.4e-14 at x = -30, t = 0 in float32) in as many
-fused kernels as PyTorch's, with a chunked closed-form backward. crossent's own
+losses, e.g. 0 instead of 9.4e-14 at x = -30, t = 0 in float32), with `weight`,
+`pos_weight` and `alpha`: one transcendental pass by cache-sized chunks and a
+closed-form gradient, or a few fused kernels on small inputs. crossent's own
 options (z-loss, softcap, focal) read the loss off :mod:`crossent._losses._rows`
 terms made by PyTorch's kernels (:func:`_sparse_rows`): eagerly from
 ``log_softmax`` with a closed-form chunked gradient (:mod:`._torch_rows`), traced
 from the differentiable row statistics.
 
 Each function returns ``None`` when the generic array-API formula must run
-(probabilities, traced focal loss with smoothing, binary weights or focal options,
-traced binary calls); that path is made of differentiable PyTorch operations,
-so it has the same transforms.
+(probabilities, traced focal loss with smoothing, binary focal `gamma`, weights
+that require gradients, traced binary calls); that path is made of
+differentiable PyTorch operations, so it has the same transforms.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,8 +47,9 @@ import torch
 from torch import Tensor
 
 from crossent._backends import _triton_sparse
-from crossent._lib._checks import check_in_unit_interval, values_checked
-from crossent._lib._xp import _torch_namespace, array_namespace, output_dtype, torch_tracing
+from crossent._lib._checks import values_checked
+from crossent._lib._config import get_validation
+from crossent._lib._xp import array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions
 
@@ -458,6 +461,9 @@ def _soft_reduce(terms: Tensor, axis: int, reduction: str) -> Tensor:
 
 # --------------------------------------------------------------------------- binary
 
+Coef = float | Tensor
+"""A mass coefficient of :func:`binary`: a number, or a tensor broadcast to the input."""
+
 
 def binary(
     input: object,
@@ -467,30 +473,43 @@ def binary(
     label_smoothing: float,
     opts: CEOptions,
 ) -> Tensor | None:
-    r"""Binary cross-entropy from logits, no weights or focal options; None for the generic path.
+    r"""Binary cross-entropy from logits, exact, PyTorch's speed; None for the generic path.
 
-    PyTorch's ``binary_cross_entropy_with_logits`` computes
-    :math:`(1-t)x - \log\sigma(x)`, which cancels for :math:`x \ll 0`
-    (0 instead of 9.4e-14 at :math:`x = -30`, :math:`t = 0` in float32). crossent computes
+    With the masses :math:`P = w\,\alpha\,p_w\,t` and :math:`N = w\,(1-\alpha)(1-t)`
+    (:math:`t` after smoothing; :math:`\alpha` and :math:`1-\alpha` read as 1 without
+    `alpha`) the loss and its derivative are
 
-    .. math:: -\ell = \operatorname{lerp}(\log\sigma(-x), \log\sigma(x), t)
-              = (1-t)\log(1-p) + t\log p
+    .. math:: \ell = P\,\operatorname{sp}(-x) + N\,\operatorname{sp}(x), \qquad
+              \partial_x\ell = N\,\sigma(x) - P\,\sigma(-x),
 
-    with PyTorch's fused ``logsigmoid`` (:math:`\min(x,0) - \operatorname{log1p}(e^{-|x|})`,
-    exact for every finite :math:`x`). PyTorch's ``lerp`` evaluates :math:`a + t(b-a)` for
-    :math:`t < 1/2` and :math:`b - (b-a)(1-t)` otherwise, so a hard target returns one of the
-    logs exactly and a soft one a sum of two terms of one sign, with no cancellation. Five
-    fused kernels, like PyTorch's (the sign flips the reduced scalar). An infinite logit makes
-    ``lerp`` compute 0 · ∞: a NaN result is recomputed by the guarded generic formula (one
-    scalar test, eager only; traced calls take the generic formula). The gradient
-    :math:`(1-t)\sigma(x) - t\sigma(-x)` comes from autograd through the same kernels
-    (so double backward, ``torch.compile`` and ``torch.func`` work).
+    :math:`\operatorname{sp}(x) = \log(1 + e^x)`. PyTorch's kernel computes
+    :math:`(1-t)x - \log\sigma(x)`, which cancels for :math:`x \ll 0` (0 instead of 9.4e-14
+    at :math:`x = -30`, :math:`t = 0` in float32); here every sum is of terms of one sign:
+
+    * small inputs (:func:`_binary_small`): PyTorch's ``softplus`` of :math:`\pm x` (exact:
+      its threshold is raised to 40, where :math:`e^{-40}/40` is below float64's rounding),
+      combined by ``lerp`` without weights (PyTorch's ``lerp`` computes :math:`a + t(b-a)`
+      for :math:`t < 1/2` and :math:`b - (b-a)(1-t)` otherwise: no cancellation between
+      the two non-negative losses); few kernels, differentiated by autograd;
+    * large inputs (:class:`_BinaryCE`): one transcendental pass. With
+      :math:`u = \sigma(-|x|)` and :math:`s = -\operatorname{log1p}(-u) = \operatorname{sp}(-|x|)`,
+      :math:`\operatorname{sp}(\pm x) = s + \operatorname{relu}(\pm x)`, so
+      :math:`\ell = \operatorname{lerp}(n\operatorname{sp}(x), p\operatorname{sp}(-x), t)` with
+      the coefficients :math:`n = w(1-\alpha)`, :math:`p = w\alpha p_w` (without them
+      :math:`s + \operatorname{lerp}(\operatorname{relu}(x), \operatorname{relu}(-x), t)`, where
+      :math:`\operatorname{relu}(-x) - \operatorname{relu}(x) = -x` exactly), by chunks that
+      stay in cache, with a closed-form gradient.
+
+    `weight`, `pos_weight` (numbers or floating tensors broadcast to the input, not requiring
+    gradients) and `alpha` enter through :math:`P` and :math:`N`; focal `gamma` takes the
+    generic formula. Invalid values (targets outside [0, 1], negative weights) also take the
+    generic path, whose checks raise the error. An infinite logit makes a ``lerp`` or a
+    product compute 0 · ∞: a NaN result is recomputed by the guarded generic formula (one
+    scalar test, eager only; traced calls take the generic formula).
     """
     if not (
         opts.kind == "logits"
-        and opts.plain
-        and weight is None
-        and pos_weight is None
+        and opts.gamma == 0
         and isinstance(input, Tensor)
         and isinstance(target, Tensor)
         and input.dtype in _FLOATS
@@ -502,39 +521,114 @@ def binary(
         return None  # traced: no value test; the generic formula guards infinite logits
     if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
         return None  # the generic formula returns float32 under autocast, as PyTorch does
-    check_in_unit_interval(target, name="target", xp=_torch_namespace())
-    if input.numel() > _BINARY_CHUNK:
-        out = _BinaryCE.apply(input, target, label_smoothing, opts.reduction)
-    else:  # one chunk: the same kernels with autograd's bookkeeping, less Python
-        out = _binary_small(input, target, label_smoothing, opts.reduction)
+    cdt = torch.float32 if input.dtype in _LOW else input.dtype
+    checked = get_validation()  # eager, on the CPU: values can be read
+    coefs = _binary_coefs(input, cdt, weight, pos_weight, opts.alpha, checked=checked)
+    if coefs is None:
+        return None
+    pos, neg = coefs
+    if checked and target.numel() and not _in_unit_interval(target):
+        return None  # the generic path raises the error
+    if input.numel() <= _BINARY_SMALL:
+        out = _binary_small(input, target, pos, neg, label_smoothing, opts.reduction)
+    elif torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
+        out = _BinaryCE.apply(input, target, pos, neg, label_smoothing, opts.reduction)
+    else:
+        out, _ = _binary_chunked(
+            input, target, pos, neg, label_smoothing, opts.reduction, early=False
+        )
     total = out.detach().sum() if opts.reduction == "none" else out.detach()
     if math.isnan(total.item()):  # NaN input, or an infinite logit: lerp's 0 · inf
         return None
-    return out if out.dtype is input.dtype else _finish(out, input)
+    return out if out.dtype is input.dtype else out.to(input.dtype)
 
+
+_ONE_BITS = {
+    torch.float32: (torch.int32, 0x3F800000),
+    torch.float64: (torch.int64, 0x3FF0000000000000),
+    torch.bfloat16: (torch.int16, 0x3F80),
+    torch.float16: (torch.int16, 0x3C00),
+}
+"""Each float dtype's integer view and the bits of 1.0: the non-negative floats up to 1 are
+exactly the bit patterns from 0 to these (integer comparisons, no NaN handling: a faster pass)."""
+
+
+def _in_unit_interval(t: Tensor) -> bool:
+    """Whether every value of `t` lies in [0, 1]; False for NaN and for -0.0 (whose sign bit
+    makes it negative as an integer), which the generic path then checks (and lets through)."""
+    int_dtype, one = _ONE_BITS[t.dtype]
+    lo, hi = torch.aminmax(t.detach().view(int_dtype))
+    return bool(lo.item() >= 0 and hi.item() <= one)
+
+
+def _binary_coef(w: object, x: Tensor, cdt: torch.dtype, *, checked: bool) -> Coef | None:
+    """`weight` / `pos_weight` as a number or a tensor of dtype `cdt`; None if the generic
+    path must check (or differentiate) it."""
+    if w is None:
+        return 1.0
+    if isinstance(w, bool) or not isinstance(w, int | float | Tensor):
+        return None
+    if not isinstance(w, Tensor):
+        return float(w) if w >= 0 else None
+    if (
+        w.dtype not in _FLOATS
+        or w.device != x.device
+        or (w.requires_grad and torch.is_grad_enabled())
+        or not (w.shape == x.shape or _broadcasts(tuple(w.shape), tuple(x.shape)))
+    ):
+        return None
+    if checked and w.numel() and not w.min().item() >= 0:
+        return None  # negative (or NaN): the generic path raises (or propagates)
+    return w if w.dtype is cdt else w.to(cdt)
+
+
+def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
+    """Whether an array of `shape` broadcasts to `to` without changing it."""
+    if len(shape) == 1 and to:  # the common per-label vector
+        return shape[0] in (1, to[-1])
+    if len(shape) > len(to):
+        return False
+    return all(s in (1, d) for s, d in zip(reversed(shape), reversed(to), strict=False))
+
+
+def _binary_coefs(
+    x: Tensor,
+    cdt: torch.dtype,
+    weight: object,
+    pos_weight: object,
+    alpha: float | None,
+    *,
+    checked: bool,
+) -> tuple[Coef, Coef] | None:
+    r"""The coefficients :math:`w\,\alpha\,p_w` of :math:`t` and :math:`w\,(1-\alpha)` of
+    :math:`1-t` (numbers where they can be); None for the generic path."""
+    w = _binary_coef(weight, x, cdt, checked=checked)
+    pw = _binary_coef(pos_weight, x, cdt, checked=checked)
+    if w is None or pw is None:
+        return None
+    a_pos, a_neg = (1.0, 1.0) if alpha is None else (alpha, 1.0 - alpha)
+    return _product(_product(w, pw), a_pos), _product(w, a_neg)
+
+
+def _product(a: Coef, b: Coef) -> Coef:
+    """``a * b``, skipping a factor that is the number 1."""
+    return a if _is_one(b) else b if _is_one(a) else a * b
+
+
+def _unweighted(pos: Coef, neg: Coef) -> bool:
+    return _is_one(pos) and _is_one(neg)
+
+
+_SOFTPLUS_EXACT = 40.0
+"""``softplus``'s threshold, above which it returns x: the neglected :math:`e^{-x}` is below
+float64's rounding of x from 40 on (PyTorch's default, 20, is not, in float64)."""
+
+_BINARY_SMALL = 1 << 13
+"""Up to this many elements, :func:`_binary_small` (fewest kernels); above, :class:`_BinaryCE`
+(one transcendental pass in cache-sized chunks)."""
 
 _BINARY_CHUNK = 1 << 16
-"""Elements per chunk of the binary path: its temporaries (256 KiB in float32) stay in cache."""
-
-
-def _binary_chunks(*arrays: Tensor) -> Iterator[tuple[Tensor, ...]]:
-    """The same flat chunks of equally shaped `arrays` (``split`` views, one call each)."""
-    return zip(*(a.reshape(-1).split(_BINARY_CHUNK) for a in arrays), strict=True)
-
-
-def _binary_small(x: Tensor, target: Tensor, eps: float, reduction: str) -> Tensor:
-    """:class:`_BinaryCE`'s formula on small inputs, differentiated by autograd."""
-    xc = x.float() if x.dtype in _LOW else x
-    t = _smoothed(target, xc.dtype, eps)
-    log_p = torch.nn.functional.logsigmoid(xc)
-    log_not_p = torch.nn.functional.logsigmoid(-xc)
-    if torch.is_grad_enabled() and (xc.requires_grad or t.requires_grad):
-        neg_loss = torch.lerp(log_not_p, log_p, t)
-    else:
-        neg_loss = log_not_p.lerp_(log_p, t)
-    if reduction == "none":
-        return -neg_loss
-    return -(neg_loss.sum() if reduction == "sum" or not t.numel() else neg_loss.mean())
+"""Elements per chunk of :class:`_BinaryCE`: its temporaries (256 KiB in float32) stay in cache."""
 
 
 def _smoothed(t: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
@@ -542,72 +636,305 @@ def _smoothed(t: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
     return t if eps == 0 else t * (1 - eps) + eps / 2
 
 
-class _BinaryCE(torch.autograd.Function):
-    r"""Exact binary cross-entropy with logits by flat chunks, closed-form backward.
+def _masses(t: Tensor, pos: Coef, neg: Coef) -> tuple[Tensor, Tensor]:
+    r""":math:`P = \mathrm{pos}\cdot t` and :math:`N = \mathrm{neg}\cdot(1-t)`."""
+    return (t if _is_one(pos) else t * pos), (1 - t if _is_one(neg) else (1 - t) * neg)
 
-    Forward per chunk: :math:`-\ell = \operatorname{lerp}(\log\sigma(-x), \log\sigma(x), t)`
-    (see :func:`binary`); nothing is saved but the inputs. Backward per chunk:
-    :math:`\partial\ell/\partial x = \operatorname{lerp}(\sigma(x), -\sigma(-x), t)
-    = (1-t)\sigma(x) - t\sigma(-x)` (exact for hard targets: one of the two terms, each from
-    PyTorch's ``sigmoid``), rounded once to the input dtype; for soft targets
-    :math:`\partial\ell/\partial t = -x` (times :math:`1-\varepsilon` with smoothing). Half
-    precision is computed in float32 chunk by chunk. With ``create_graph=True`` the backward
-    is written in differentiable operations (double backward).
+
+def _reduced(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" or not loss.numel() else loss.mean()
+
+
+def _binary_small(
+    x: Tensor, target: Tensor, pos: Coef, neg: Coef, eps: float, reduction: str
+) -> Tensor:
+    r"""Small inputs: :math:`\operatorname{lerp}(n\operatorname{sp}(x), p\operatorname{sp}(-x), t)`
+    (`neg`, `pos`; :math:`w\operatorname{lerp}(\operatorname{sp}(x), \operatorname{sp}(-x), t)`
+    with only a `weight`) in PyTorch's fused kernels, differentiated by autograd (exact:
+    ``softplus``' derivative is :math:`e^x/(1+e^x)`, and the two terms of the gradient are
+    added, not cancelled)."""
+    xc = x.float() if x.dtype in _LOW else x
+    t = _smoothed(target, xc.dtype, eps)
+    sp_pos = torch._C._nn.softplus(xc, 1, _SOFTPLUS_EXACT)  # -log(1 - p)
+    sp_neg = torch._C._nn.softplus(-xc, 1, _SOFTPLUS_EXACT)  # -log p
+    in_place = not (torch.is_grad_enabled() and (xc.requires_grad or t.requires_grad))
+    common: Coef = 1.0
+    if pos is neg:  # only a weight: one factor after the lerp
+        common, pos, neg = pos, 1.0, 1.0
+    if not _is_one(neg):
+        sp_pos = sp_pos.mul_(neg) if in_place else sp_pos * neg
+    if not _is_one(pos):
+        sp_neg = sp_neg.mul_(pos) if in_place else sp_neg * pos
+    loss = sp_pos.lerp_(sp_neg, t) if in_place else torch.lerp(sp_pos, sp_neg, t)
+    if not _is_one(common):
+        loss = loss.mul_(common) if in_place else loss * common
+    return _reduced(loss, reduction)
+
+
+def _is_one(c: Coef) -> bool:
+    return isinstance(c, float) and c == 1.0
+
+
+def _binary_parts(x: Tensor, *others: Any) -> list[tuple[Any, ...]]:
+    """Cache-sized pieces of `x` and the same pieces of `others` (tensors of `x`'s shape, or
+    broadcast to it: a tensor or number that broadcasts is handed to every piece).
+
+    Rows of dim 0 per piece (one ``split`` per tensor); a row larger than a chunk is split
+    again, row by row.
+    """
+    shape = x.shape
+    if x.numel() <= _BINARY_CHUNK:
+        return [(x, *others)]
+    row = math.prod(shape[1:])
+    full = [isinstance(o, Tensor) and o.ndim == x.ndim and o.shape[0] == shape[0] > 1
+            for o in others]  # fmt: skip
+    if row <= _BINARY_CHUNK or x.ndim == 1:
+        rows = max(1, _BINARY_CHUNK // max(row, 1))
+        cols = [o.split(rows) if f else None for o, f in zip(others, full, strict=True)]
+        return [
+            (xs, *(c[i] if c is not None else o for c, o in zip(cols, others, strict=True)))
+            for i, xs in enumerate(x.split(rows))
+        ]
+    pieces = []
+    for i in range(shape[0]):
+        sub = [
+            o[i] if f else o[0] if isinstance(o, Tensor) and o.ndim == x.ndim else o
+            for o, f in zip(others, full, strict=True)
+        ]
+        pieces.extend(_binary_parts(x[i], *sub))
+    return pieces
+
+
+class _Workspace:
+    """Chunk-sized buffers of one dtype, kept per thread and reused by every call.
+
+    A fresh 256 KiB temporary per chunk costs more in page faults than the kernel that
+    writes it; so the chunk loops write into these (``out=`` and in-place kernels).
+    :meth:`views` hands out views of a chunk's shape, themselves kept (a few shapes).
+    """
+
+    _local = threading.local()
+    COUNT = 7
+    SHAPES = 8
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        cache: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], dict[Any, Any]]]
+        cache = self._local.__dict__.setdefault("buffers", {})
+        key = (dtype, device)
+        if key not in cache:
+            with torch.inference_mode(False):  # usable in and outside inference mode
+                buffers = [torch.empty(_BINARY_CHUNK, dtype=dtype, device=device)
+                           for _ in range(self.COUNT)]  # fmt: skip
+            cache[key] = (buffers, {})
+        self._buffers, self._views = cache[key]
+
+    def views(self, shape: torch.Size) -> list[Tensor]:
+        views: list[Tensor] | None = self._views.get(shape)
+        if views is None:
+            if len(self._views) >= self.SHAPES:
+                self._views.clear()
+            n = math.prod(shape)
+            with torch.inference_mode(False):
+                views = self._views[shape] = [b[:n].view(shape) for b in self._buffers]
+        return views
+
+
+def _smoothed_into(t: Tensor, dtype: torch.dtype, eps: float, buf: Tensor) -> Tensor:
+    """:func:`_smoothed` written into `buf` (`t` itself if nothing changes)."""
+    if eps == 0:
+        return t if t.dtype is dtype else buf.copy_(t)
+    return buf.copy_(t).mul_(1 - eps).add_(eps / 2)
+
+
+def _factored(pos: Coef, neg: Coef) -> tuple[Coef, Coef, Coef]:
+    """(pos, neg, common): a weight alone (``pos is neg``) becomes one common factor."""
+    if pos is neg and not _is_one(pos):
+        return 1.0, 1.0, pos
+    return pos, neg, 1.0
+
+
+def _derivative_into(
+    sig: Tensor, sig_neg: Tensor, t: Tensor, pos: Coef, neg: Coef, common: Coef
+) -> Tensor:
+    r""":math:`c\operatorname{lerp}(n\,\sigma(x), -p\,\sigma(-x), t) = N\sigma(x) - P\sigma(-x)`
+    (`pos`, `neg`, `common`), written into `sig` (`sig_neg` is overwritten too). Each term
+    exact: ``lerp`` between values of opposite signs never cancels in :math:`b - a`."""
+    if not _is_one(neg):
+        sig.mul_(neg)
+    sig_neg.neg_()
+    if not _is_one(pos):
+        sig_neg.mul_(pos)
+    d = sig.lerp_(sig_neg, t)
+    return d if _is_one(common) else d.mul_(common)
+
+
+def _binary_chunked(
+    x: Tensor,
+    t: Tensor,
+    pos: Coef,
+    neg: Coef,
+    eps: float,
+    reduction: str,
+    *,
+    early: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:class:`_BinaryCE`'s forward pass, by chunks: the loss, and with `early` the gradient
+    for an upstream gradient of 1."""
+    cdt = torch.float32 if x.dtype in _LOW else x.dtype
+    pos, neg, common = _factored(pos, neg)
+    split = _unweighted(pos, neg) and _is_one(common)  # loss = lerp(relus) - (-s): two sums
+    scale = 1.0 / x.numel() if reduction == "mean" else 1.0
+    out = torch.empty_like(x) if reduction == "none" else None
+    g = torch.empty_like(x) if early else None
+    work = _Workspace(cdt, x.device)
+    sums: list[Tensor] = []
+    for x_, t_, p_, n_, c_, o_, g_ in _binary_parts(x, t, pos, neg, common, out, g):
+        xb, tb, sb, rb, mb, sigb, negb = work.views(x_.shape)[:7]
+        xc = x_ if x_.dtype is cdt else xb.copy_(x_)
+        tc = _smoothed_into(t_, cdt, eps, tb)
+        if early:
+            sig = torch.sigmoid(xc, out=g_ if g_.dtype is cdt else sigb)
+            sig_neg = torch.neg(xc, out=negb).sigmoid_()
+            neg_s = torch.minimum(sig, sig_neg, out=sb).neg_().log1p_()
+        else:
+            neg_s = torch.abs(xc, out=sb).neg_().sigmoid_().neg_().log1p_()
+        relu = torch.clamp_min(xc, 0, out=rb)
+        relu_neg = torch.sub(relu, xc, out=mb)
+        if _is_one(p_) and _is_one(n_):  # s + lerp(relu(x), relu(-x), t), times a weight
+            body = relu.lerp_(relu_neg, tc)
+            if not split:
+                body.sub_(neg_s).mul_(c_)
+        else:  # lerp(neg·sp(x), pos·sp(-x), t), sp(±x) = s + relu(±x): no cancellation
+            sp_pos = relu.sub_(neg_s)
+            sp_neg = relu_neg.sub_(neg_s)
+            body = (sp_pos if _is_one(n_) else sp_pos.mul_(n_)).lerp_(
+                sp_neg if _is_one(p_) else sp_neg.mul_(p_), tc
+            )
+        if o_ is not None:
+            o_.copy_(body.sub_(neg_s) if split else body)
+        else:
+            sums += (body.sum(), neg_s.sum()) if split else (body.sum(),)
+        if early:
+            d = _derivative_into(sig, sig_neg, tc, p_, n_, c_)
+            if scale != 1.0:
+                d.mul_(scale)
+            if d is not g_:
+                g_.copy_(d)
+    if out is not None:
+        return out, g
+    if not split:
+        total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    elif len(sums) == 2:
+        total = sums[0] - sums[1]
+    else:
+        both = torch.stack(sums).view(-1, 2).sum(0)
+        total = both[0] - both[1]
+    return (total.mul_(scale) if reduction == "mean" else total), g
+
+
+class _BinaryCE(torch.autograd.Function):
+    r"""Exact binary cross-entropy with logits by cache-sized chunks, closed-form gradient.
+
+    Forward per chunk (see :func:`binary`): :math:`u = \sigma(-|x|)` (from
+    :math:`\sigma(x)` and :math:`\sigma(-x)` when the gradient is wanted),
+    :math:`s = -\operatorname{log1p}(-u)` and
+
+    .. math:: \ell = s + \operatorname{lerp}(\operatorname{relu}(x), \operatorname{relu}(-x), t)
+              \quad\text{or}\quad
+              \operatorname{lerp}(n(s + \operatorname{relu}(x)), p(s + \operatorname{relu}(-x)), t)
+
+    (a weight alone multiplies the first form); gradient
+    :math:`\operatorname{lerp}(n\,\sigma(x), -p\,\sigma(-x), t) = N\sigma(x) - P\sigma(-x)`
+    (each term exact, rounded once to the input dtype); for a reduced loss it is computed
+    during the forward pass from the chunk in cache and kept (the size of the gradient that
+    backward returns), otherwise recomputed by chunks. For soft targets
+    :math:`\partial\ell/\partial t = (\mathrm{pos}\operatorname{sp}(-x) -
+    \mathrm{neg}\operatorname{sp}(x))(1-\varepsilon)` (:math:`-x(1-\varepsilon)` without
+    weights). With ``create_graph=True`` the backward is written in differentiable operations
+    (double backward). Half precision is computed in float32 chunk by chunk; nothing is saved
+    but the inputs.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, t: Tensor, eps: float, reduction: str) -> Tensor:
-        cdt = torch.float32 if x.dtype in _LOW else x.dtype
-        if reduction == "none":
-            out = torch.empty_like(x)
-            parts = None
-        else:
-            out = None
-            parts = torch.empty(-(-x.numel() // _BINARY_CHUNK), dtype=cdt, device=x.device)
-        flat_out = out if out is not None else x
-        for i, (x_, t_, o_) in enumerate(_binary_chunks(x, t, flat_out)):
-            xc = x_ if x_.dtype is cdt else x_.to(cdt)
-            neg_loss = torch.nn.functional.logsigmoid(xc.neg()).lerp_(
-                torch.nn.functional.logsigmoid(xc), _smoothed(t_, cdt, eps)
-            )
-            if parts is None:
-                o_.copy_(neg_loss.neg_())
-            else:
-                torch.sum(neg_loss, dim=0, out=parts[i])
-        ctx.save_for_backward(x, t)
-        ctx.eps, ctx.reduction = eps, reduction
-        if out is not None:
-            return out
-        assert parts is not None
-        total = -parts.sum()
-        if reduction == "mean" and x.numel():
-            total = total / x.numel()
-        return total
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        t: Tensor,
+        pos: Coef,
+        neg: Coef,
+        eps: float,
+        reduction: str,
+    ) -> Tensor:
+        early = ctx.needs_input_grad[0] and reduction != "none"
+        out, g = _binary_chunked(x, t, pos, neg, eps, reduction, early=early)
+        ctx.save_for_backward(x, t, *(c for c in (pos, neg) if isinstance(c, Tensor)))
+        ctx.coef_is_tensor = (isinstance(pos, Tensor), isinstance(neg, Tensor))
+        ctx.pos = None if isinstance(pos, Tensor) else pos
+        ctx.neg = None if isinstance(neg, Tensor) else neg
+        ctx.eps, ctx.reduction, ctx.early = eps, reduction, g
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        x, t = ctx.saved_tensors
-        eps = ctx.eps
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, t, *coef_tensors = ctx.saved_tensors
+        tensors = iter(coef_tensors)
+        pos = next(tensors) if ctx.coef_is_tensor[0] else ctx.pos
+        neg = next(tensors) if ctx.coef_is_tensor[1] else ctx.neg
+        eps, reduction = ctx.eps, ctx.reduction
+        early, ctx.early = ctx.early, None
+        nones = (None, None, None, None, None)
         cdt = torch.float32 if x.dtype in _LOW else x.dtype
         scale = grad.to(cdt)
-        if ctx.reduction == "mean" and x.numel():
+        if reduction == "mean" and x.numel():
             scale = scale / x.numel()
         grad_t = None
         if ctx.needs_input_grad[1]:
-            grad_t = (-(1 - eps) * x.to(cdt) * scale).to(t.dtype)
+            grad_t = (_target_derivative(x.to(cdt), pos, neg) * ((1 - eps) * scale)).to(t.dtype)
         if not ctx.needs_input_grad[0]:
-            return None, grad_t, None, None
+            return (None, grad_t, *nones)
         if torch.is_grad_enabled():  # double backward: differentiable operations
-            xc, tc = x.to(cdt), _smoothed(t, cdt, eps)
-            g = torch.lerp(torch.sigmoid(xc), -torch.sigmoid(-xc), tc) * scale
-            return g.to(x.dtype), grad_t, None, None
+            g = _logit_derivative(x.to(cdt), _smoothed(t, cdt, eps), pos, neg) * scale
+            return (g.to(x.dtype), grad_t, *nones)
+        if early is not None:
+            up = grad.item()
+            if up == 1.0:
+                return (early, grad_t, *nones)
+            if x.dtype not in _LOW:  # rounded twice either way; half precision recomputes
+                return (early.mul_(up), grad_t, *nones)
         out = torch.empty_like(x)
-        scales = _binary_chunks(scale) if scale.ndim else None
-        for x_, t_, o_ in _binary_chunks(x, t, out):
-            xc = x_ if x_.dtype is cdt else x_.to(cdt)
-            d = torch.sigmoid(xc).lerp_(xc.neg().sigmoid_().neg_(), _smoothed(t_, cdt, eps))
-            torch.mul(d, scale if scales is None else next(scales)[0], out=o_)
-        return out, grad_t, None, None
+        pos, neg, common = _factored(pos, neg)
+        work = _Workspace(cdt, x.device)
+        for x_, t_, p_, n_, c_, s_, o_ in _binary_parts(x, t, pos, neg, common, scale, out):
+            xb, tb, sigb, negb = work.views(x_.shape)[:4]
+            xc = x_ if x_.dtype is cdt else xb.copy_(x_)
+            tc = _smoothed_into(t_, cdt, eps, tb)
+            sig = torch.sigmoid(xc, out=sigb)
+            d = _derivative_into(sig, torch.neg(xc, out=negb).sigmoid_(), tc, p_, n_, c_)
+            if o_.dtype is cdt:
+                torch.mul(d, s_, out=o_)
+            else:
+                o_.copy_(d.mul_(s_))
+        return (out, grad_t, *nones)
+
+
+def _logit_derivative(x: Tensor, t: Tensor, pos: Coef, neg: Coef) -> Tensor:
+    r""":math:`\partial_x\ell = N\sigma(x) - P\sigma(-x)` in differentiable operations."""
+    if _unweighted(pos, neg):
+        return torch.lerp(torch.sigmoid(x), -torch.sigmoid(-x), t)
+    big_p, big_n = _masses(t, pos, neg)
+    return big_n * torch.sigmoid(x) - big_p * torch.sigmoid(-x)
+
+
+def _target_derivative(x: Tensor, pos: Coef, neg: Coef) -> Tensor:
+    r""":math:`\partial_t\ell = p\,\operatorname{sp}(-x) - n\,\operatorname{sp}(x)` (`pos`, `neg`),
+    before smoothing's factor (:math:`-x` without weights), in differentiable operations."""
+    if _unweighted(pos, neg):
+        return -x
+    sp_neg = torch._C._nn.softplus(-x, 1, _SOFTPLUS_EXACT)
+    sp_pos = torch._C._nn.softplus(x, 1, _SOFTPLUS_EXACT)
+    return pos * sp_neg - neg * sp_pos
 
 
 # --------------------------------------------------------------------------- half precision

@@ -421,11 +421,12 @@ def binary_cross_entropy(
       For hard targets without smoothing this is exactly torchvision's
       ``sigmoid_focal_loss`` and Keras' ``BinaryFocalCrossentropy``; those
       put soft targets inside ``p_t`` instead.
-    * PyTorch logits without `weight`, `pos_weight`, `gamma` or `alpha` take a
-      fused path with the same exactness: :math:`-\ell =
-      \operatorname{lerp}(\log\sigma(-x), \log\sigma(x), t)` (PyTorch's ``lerp``
-      never cancels here) and the gradient :math:`(1-t)\sigma(x) - t\sigma(-x)`
-      in closed form.
+    * PyTorch logits without `gamma` (eagerly, on the CPU) take a fast path with
+      the same exactness: with :math:`s = \operatorname{log1p}(e^{-|x|})`,
+      :math:`\ell = (P+N)\,s + P\operatorname{relu}(-x) + N\operatorname{relu}(x)`
+      (one transcendental pass, terms of one sign) and the gradient
+      :math:`N\sigma(x) - P\sigma(-x)` in closed form. Below the smallest
+      normal number a loss may be flushed to 0 there (PyTorch's ``sigmoid``).
     * A target of 0 against :math:`p = 0` (logit :math:`-\infty`) contributes
       0 (:math:`0 \log 0 = 0`), with no NaN in value or gradient. NaN in the
       input or the target propagates.
