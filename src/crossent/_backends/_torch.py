@@ -445,7 +445,7 @@ def categorical(
             return None
         check_class_weight(weight, input.shape[axis], xp=_torch_namespace())
     if target.numel() and values_checked(target):
-        lo, hi = target.detach().aminmax()
+        lo, hi = target.aminmax()  # no gradient: aminmax's outputs are only read
         if not (lo.item() >= 0 and hi.item() <= 1):  # the message (NaN passes and propagates)
             check_in_unit_interval(target, name="target", xp=_torch_namespace())
     low = dtype in _LOW
@@ -463,7 +463,7 @@ def categorical(
         out = _soft_guarded(xc, c, w, opts)
     else:
         out = _CROSS_ENTROPY(xc, c, w, _REDUCTION_ENUM[opts.reduction], -100, opts.label_smoothing)
-        check = out.detach().sum() if opts.reduction == "none" else out.detach()
+        check = out.detach().sum() if opts.reduction == "none" else out
         if math.isnan(check.item()):  # a masked class (0 · -inf), or a NaN input
             out = _soft_guarded(xc, c, w, opts)
     return _to_low(out, input) if low and not autocast else out
@@ -487,13 +487,6 @@ def _soft_guarded(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> T
     if opts.reduction == "sum" or row.numel() == 0:
         return row.sum()
     return row.mean()
-
-
-def _soft_low(
-    x: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
-) -> Tensor | None:
-    """Eager half-precision logits (N, C) and targets above :data:`_LOW_MIN` elements."""
-    return None
 
 
 # --------------------------------------------------------------------------- binary
@@ -774,3 +767,100 @@ def _sparse_low(x: Tensor, target: Tensor, axis: int, opts: CEOptions) -> Tensor
             check_label_range(t, x.shape[1], ignore_index=opts.ignore_index, xp=array_namespace(t))
     out = _LowPrecisionCE.apply(x, label, valid, opts.reduction)
     return out.to(x.dtype)
+
+
+def _soft_low(
+    x: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
+) -> Tensor | None:
+    """Eager half-precision logits (N, C) of at least :data:`_LOW_MIN` elements on CPU, targets
+    and weight without gradients: :class:`_LowPrecisionSoftCE`; None for the float32 copy.
+
+    A NaN result (a masked class, 0 · -inf, or a NaN input) is None too: the caller's
+    guarded form decides.
+    """
+    if x.ndim != 2 or axis != 1 or x.numel() < _LOW_MIN or not x.is_cpu or torch_tracing():
+        return None
+    if target.requires_grad or (weight is not None and weight.requires_grad):
+        return None
+    w = None if weight is None else weight.detach().float()
+    out = _LowPrecisionSoftCE.apply(x, target.detach(), w, opts.label_smoothing, opts.reduction)
+    check = out.detach().sum() if opts.reduction == "none" else out.detach()
+    if math.isnan(check.item()):
+        return None
+    return _to_low(out, x)
+
+
+def _soft_coefficients(c: Tensor, w: Tensor | None, eps: float) -> Tensor:
+    r"""`c` (a float32 copy of the targets) becomes, in place,
+    :math:`w \odot ((1-\varepsilon)t + \varepsilon/C)`."""
+    if eps:
+        c.mul_(1 - eps).add_(eps / c.shape[-1])
+    if w is not None:
+        c.mul_(w)
+    return c
+
+
+class _LowPrecisionSoftCE(torch.autograd.Function):
+    r"""Probability-target cross-entropy of float16/bfloat16 logits in float32, lean in memory.
+
+    :math:`\ell_i = -\sum_k c_{ik} \log p_{ik}`, :math:`c = w \odot ((1-\varepsilon)t +
+    \varepsilon/C)`, by row chunks through reused float32 buffers as
+    :class:`_LowPrecisionCE`: nothing larger than the input is kept (PyTorch's
+    half-precision kernel keeps its rounded log-probabilities and, computed in float32
+    by a copy, three float32 arrays would be). The gradient
+    :math:`g_{ik} = s_i (S_i p_{ik} - c_{ik})`, :math:`S_i = \sum_k c_{ik}`, is computed with
+    the forward for reduced losses (in the input dtype, rounded once) and recomputed by
+    chunks otherwise; with ``create_graph=True`` the backward is written in differentiable
+    operations (double backward). Targets and weight carry no gradient here (the caller
+    routes those to autograd).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, t: Tensor, w: Tensor | None, eps: float, reduction: str
+    ) -> Tensor:
+        n = x.shape[0]
+        den = float(max(n, 1)) if reduction == "mean" else 1.0
+        early = ctx.needs_input_grad[0] and reduction != "none"
+        g = torch.empty_like(x) if early else x
+        scale = torch.full((n, 1), 1.0 / den, dtype=torch.float32, device=x.device)
+        row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
+        d = None
+        for xf, lp, t_, row_, g_, s_ in _low_chunks(x, t, row, g, scale):
+            torch._log_softmax(xf, 1, False, out=lp)
+            c = _soft_coefficients(xf.copy_(t_), w, eps)  # the logits' copy is spent
+            if early:
+                d = torch.empty_like(lp) if d is None or d.shape != lp.shape else d
+                _soft_grad_chunk(torch.exp(lp, out=d), c, s_, g_)
+            torch.sum(lp.mul_(c), 1, keepdim=True, out=row_)
+        row = row[:, 0].neg_()
+        out = row if reduction == "none" else row.sum() / den
+        ctx.save_for_backward(x, t, w)
+        ctx.early = g if early else None  # dropped once returned (see _LowPrecisionCE)
+        ctx.eps, ctx.reduction, ctx.den = eps, reduction, den
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        x, t, w = ctx.saved_tensors
+        early, ctx.early = ctx.early, None
+        if early is not None and not torch.is_grad_enabled() and grad.item() == 1.0:
+            return early, None, None, None, None
+        scale = grad.float() / ctx.den
+        scale = (scale.expand(x.shape[0]) if scale.ndim == 0 else scale)[:, None]
+        if torch.is_grad_enabled():  # double backward: differentiable operations
+            c = _soft_coefficients(t.float(), w, ctx.eps)
+            p = torch.softmax(x.float(), 1)
+            g = (c.sum(1, keepdim=True) * p - c) * scale
+            return g.to(x.dtype), None, None, None, None
+        out = torch.empty_like(x)
+        for xf, p, t_, s_, o_ in _low_chunks(x, t, scale, out):
+            torch._softmax(xf, 1, False, out=p)
+            _soft_grad_chunk(p, _soft_coefficients(xf.copy_(t_), w, ctx.eps), s_, o_)
+        return out, None, None, None, None
+
+
+def _soft_grad_chunk(p: Tensor, c: Tensor, scale: Tensor, out: Tensor) -> None:
+    """``out = scale * (c.sum(1) * p - c)``, rounded once to `out`'s dtype; `p` is overwritten."""
+    p.mul_(c.sum(1, keepdim=True)).sub_(c).mul_(scale)
+    out.copy_(p)
