@@ -703,7 +703,7 @@ class _LowPrecisionCE(torch.autograd.Function):
             torch._log_softmax(xf, 1, False, out=scratch)
             torch.gather(scratch, 1, y, out=row_)
             if early:
-                _grad_chunk(xf, scratch, y, m_, s_, g_)
+                _grad_chunk(scratch, y, m_, s_, g_)
         row = row[:, 0].neg_()
         if valid is not None:
             row = torch.where(valid, row, 0.0)
@@ -735,20 +735,22 @@ class _LowPrecisionCE(torch.autograd.Function):
         out = torch.empty_like(x)
         minus_one = torch.full_like(scale, -1.0)
         for xf, scratch, y, m_, s_, o_ in _low_chunks(x, label[:, None], minus_one, scale, out):
-            _grad_chunk(xf, scratch, y, m_, s_, o_)
+            _grad_chunk(torch._log_softmax(xf, 1, False, out=scratch), y, m_, s_, o_)
         return out, None, None, None
 
 
 def _grad_chunk(
-    xf: Tensor, scratch: Tensor, label: Tensor, minus_one: Tensor, scale: Tensor, out: Tensor
+    log_p: Tensor, label: Tensor, minus_one: Tensor, scale: Tensor, out: Tensor
 ) -> None:
-    """``out = scale * (softmax(xf) - one_hot(label))``, rounded once to `out`'s dtype.
+    """``out = scale * (exp(log_p) - one_hot(label))``, rounded once to `out`'s dtype;
+    `log_p` (float32 log-probabilities) is overwritten.
 
-    `label` and `minus_one` are columns (rows, 1); `scale` a column of row scales.
+    `label` and `minus_one` are columns (rows, 1); `scale` a column of row scales. One
+    ``exp_`` pass over the log-probabilities the forward has made anyway (the fused softmax
+    takes three), and the same in backward, so that both give the same bits.
     """
-    torch._softmax(xf, 1, False, out=scratch)
-    scratch.scatter_add_(1, label, minus_one)
-    torch.mul(scratch, scale, out=out)
+    log_p.exp_().scatter_add_(1, label, minus_one)
+    torch.mul(log_p, scale, out=out)
 
 
 def _sparse_low(x: Tensor, target: Tensor, axis: int, opts: CEOptions) -> Tensor | None:
@@ -855,7 +857,7 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
             return g.to(x.dtype), None, None, None, None
         out = torch.empty_like(x)
         for xf, p, t_, s_, o_ in _low_chunks(x, t, scale, out):
-            torch._softmax(xf, 1, False, out=p)
+            torch._log_softmax(xf, 1, False, out=p).exp_()  # the forward's bits
             _soft_grad_chunk(p, _soft_coefficients(xf.copy_(t_), w, ctx.eps), s_, o_)
         return out, None, None, None, None
 
