@@ -56,6 +56,7 @@ _NO_IGNORE = -(2**63)
 in range, and PyTorch's bound check still rejects it as a label."""
 
 _LOW = (torch.float16, torch.bfloat16)
+_INT64 = torch.int64
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INTEGERS = frozenset(
     d
@@ -194,7 +195,7 @@ def _native_indices(
     xc = x.float() if low else x
     if axis != 1 and x.ndim != 1:
         xc = xc.movedim(axis, 1)
-    t = target if target.dtype is torch.int64 else target.long()
+    t = target if target.dtype is _INT64 else target.long()
     w = weight if weight is None or weight.dtype is xc.dtype else weight.to(xc.dtype)
     ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index
     reduction = opts.reduction
