@@ -1,6 +1,7 @@
 """The PyTorch executor's probability-target path: PyTorch's own kernel for float32/float64
 (crossent's masked-class and empty-mean rules on top), and the chunked float32 computation
-of half-precision logits (:class:`crossent._backends._torch._LowPrecisionSoftCE`).
+of half-precision logits (:class:`crossent._backends._torch._LowPrecisionSoftCE`; what
+it and the sparse :class:`~crossent._backends._torch._LowPrecisionCE` keep for backward).
 
 References are float64 evaluated on the very inputs the fast path sees.
 """
@@ -72,7 +73,10 @@ def test_half_categorical_is_float64_rounded_once(
     assert not bool(((pt.double() - ref_grad).abs() <= bound).all())  # the test sees it
 
 
-def test_half_categorical_saves_no_float32_copy() -> None:
+@pytest.mark.parametrize("kind", ["sparse", "categorical"])
+def test_half_precision_saves_no_float32_copy(kind: str) -> None:
+    """Only half-precision arrays of the input's size are kept for backward (the input, the
+    gradient made with the forward, the targets)."""
     x, t, _ = _case(torch.bfloat16, n=2048, c=100)
     xg = x.clone().requires_grad_(True)
     saved: list[Any] = []
@@ -82,11 +86,16 @@ def test_half_categorical_saves_no_float32_copy() -> None:
         return v
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
-        loss = ce.categorical_cross_entropy(xg, t, from_logits=True)
+        if kind == "sparse":
+            y = t.argmax(-1)
+            y[::9] = -100
+            loss = ce.sparse_categorical_cross_entropy(xg, y, from_logits=True, ignore_index=-100)
+        else:
+            loss = ce.categorical_cross_entropy(xg, t, from_logits=True)
     big = [d for d, n in saved if n >= x.numel()]
     assert big
     assert all(d == torch.bfloat16 for d in big), saved
-    assert sum(n for _, n in saved if n >= x.numel()) <= 2 * x.numel()  # input and target
+    assert sum(n for _, n in saved if n >= x.numel()) <= 2 * x.numel()
     loss.backward()
     assert xg.grad is not None
     assert xg.grad.dtype == torch.bfloat16
