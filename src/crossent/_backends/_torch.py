@@ -44,6 +44,7 @@ from torch import Tensor
 
 from crossent._backends import _triton_sparse
 from crossent._lib._checks import check_in_unit_interval, values_checked
+from crossent._lib._config import get_validation
 from crossent._lib._xp import _torch_namespace, array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
 from crossent._losses._logprob import check_class_weight
@@ -445,7 +446,8 @@ def categorical(
         if not (isinstance(weight, Tensor) and weight.dtype in _FLOATS):
             return None
         check_class_weight(weight, input.shape[axis], xp=_torch_namespace())
-    if target.numel() and values_checked(target):
+    eager = input.is_cpu and not torch_tracing()
+    if target.numel() and (get_validation() if eager else values_checked(target)):
         lo, hi = target.aminmax()  # no gradient: aminmax's outputs are only read
         if not (lo.item() >= 0 and hi.item() <= 1):  # the message (NaN passes and propagates)
             check_in_unit_interval(target, name="target", xp=_torch_namespace())
@@ -460,7 +462,7 @@ def categorical(
     w = weight if weight is None or weight.dtype is xc.dtype else weight.to(xc.dtype)
     if axis != 1 and ndim != 1:
         xc, c = xc.movedim(axis, 1), c.movedim(axis, 1)
-    if not xc.numel() or not _host_readable(xc):
+    if not (eager and xc.numel()):
         out = _soft_guarded(xc, c, w, opts)
     else:
         out = _CROSS_ENTROPY(xc, c, w, _REDUCTION_ENUM[opts.reduction], -100, opts.label_smoothing)
