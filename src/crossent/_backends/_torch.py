@@ -12,10 +12,13 @@ differences, each at the cost of a scalar test:
 - integer targets of any width (PyTorch wants int64);
 - float16 / bfloat16 logits are computed in float32 (PyTorch's float16 mean
   overflows at 8192 × 32000, its bfloat16 gradient is 3× above rounding); eagerly
-  on CPU by row chunks through reused float32 buffers (:class:`_LowPrecisionCE`),
-  so that nothing larger than the input is kept for backward;
-- a ``-inf`` logit with target 0 contributes 0 to a probability-target loss (an
-  unguarded product first, the guarded one only after a NaN result);
+  on CPU, from :data:`_LOW_MIN` logits up, by row chunks through reused float32
+  buffers (:class:`_LowPrecisionCE`, :class:`_LowPrecisionSoftCE` for probability
+  targets), so that nothing larger than the input is kept for backward; below it,
+  one float32 copy and PyTorch's float32 kernel (the chunk loop's Python would
+  cost more than the whole kernel there);
+- a ``-inf`` logit with target 0 contributes 0 to a probability-target loss
+  (PyTorch's kernel first, the guarded product only after a NaN result);
 - out-of-range labels raise crossent's message (eagerly: PyTorch's own kernel
   check is turned into it; on accelerators an asynchronous device assert).
 
