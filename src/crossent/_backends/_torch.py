@@ -833,13 +833,16 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
         g = torch.empty_like(x) if early else x
         scale = torch.full((n, 1), 1.0 / den, dtype=torch.float32, device=x.device)
         row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
+        d = None  # a third buffer, for the gradient only (the log-probabilities stay)
         for xf, lp, t_, row_, g_, s_ in _low_chunks(x, t, row, g, scale):
             torch._log_softmax(xf, 1, False, out=lp)
             c = _soft_coefficients(xf.copy_(t_), w, eps)  # the logits' copy is spent
-            # each row's sum of c log p: a batched dot product, which needs no third buffer
-            torch.bmm(c[:, None, :], lp[:, :, None], out=row_[:, :, None])
-            if early:
-                _soft_grad_chunk(lp.exp_(), c, s_, g_)
+            if not early:
+                torch.sum(lp.mul_(c), 1, keepdim=True, out=row_)
+                continue
+            d = torch.empty_like(lp) if d is None else d[: lp.shape[0]]  # the first is largest
+            torch.sum(torch.mul(lp, c, out=d), 1, keepdim=True, out=row_)
+            _soft_grad_chunk(lp.exp_(), c, s_, g_)
         row = row[:, 0].neg_()
         out = row if reduction == "none" else row.sum() / den
         ctx.save_for_backward(x, t, w)
