@@ -5,3 +5,20 @@ object, same semantics, same errors) with the backend's own kernels where they
 have crossent's semantics, and returns ``None`` where the generic formula must
 run instead.
 """
+
+from __future__ import annotations
+
+from types import ModuleType
+
+_TORCH: ModuleType | None = None
+
+
+def torch_executor() -> ModuleType:
+    """:mod:`crossent._backends._torch`, imported with the first tensor (crossent does not import
+    PyTorch itself), then kept: the hot path pays a call, not an import statement."""
+    global _TORCH
+    if _TORCH is None:
+        from crossent._backends import _torch
+
+        _TORCH = _torch
+    return _TORCH

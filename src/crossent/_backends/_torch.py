@@ -12,10 +12,13 @@ differences, each at the cost of a scalar test:
 - integer targets of any width (PyTorch wants int64);
 - float16 / bfloat16 logits are computed in float32 (PyTorch's float16 mean
   overflows at 8192 × 32000, its bfloat16 gradient is 3× above rounding); eagerly
-  on CPU by row chunks through reused float32 buffers (:class:`_LowPrecisionCE`),
-  so that nothing larger than the input is kept for backward;
-- a ``-inf`` logit with target 0 contributes 0 to a probability-target loss (an
-  unguarded product first, the guarded one only after a NaN result);
+  on CPU, from :data:`_LOW_MIN` logits up, by row chunks through reused float32
+  buffers (:class:`_LowPrecisionCE`, :class:`_LowPrecisionSoftCE` for probability
+  targets), so that nothing larger than the input is kept for backward; below it,
+  one float32 copy and PyTorch's float32 kernel (the chunk loop's Python would
+  cost more than the whole kernel there);
+- a ``-inf`` logit with target 0 contributes 0 to a probability-target loss
+  (PyTorch's kernel first, the guarded product only after a NaN result);
 - out-of-range labels raise crossent's message (eagerly: PyTorch's own kernel
   check is turned into it; on accelerators an asynchronous device assert).
 
@@ -47,10 +50,11 @@ import torch
 from torch import Tensor
 
 from crossent._backends import _triton_sparse
-from crossent._lib._checks import values_checked
+from crossent._lib._checks import check_in_unit_interval, values_checked
 from crossent._lib._config import get_validation
-from crossent._lib._xp import array_namespace, output_dtype, torch_tracing
+from crossent._lib._xp import _torch_namespace, array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
+from crossent._losses._logprob import check_class_weight
 from crossent._losses._options import CEOptions
 
 __all__ = ["categorical", "index_target", "nll", "sparse"]
@@ -60,6 +64,7 @@ _NO_IGNORE = -(2**63)
 in range, and PyTorch's bound check still rejects it as a label."""
 
 _LOW = (torch.float16, torch.bfloat16)
+_INT64 = torch.int64
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INTEGERS = frozenset(
     d
@@ -80,6 +85,12 @@ def index_target(target: Tensor) -> Tensor:
 def _compute(x: Tensor) -> Tensor:
     """`x` in the compute dtype: float16/bfloat16 accumulate in float32."""
     return x.float() if x.dtype in _LOW else x
+
+
+def _to_low(out: Tensor, x: Tensor) -> Tensor:
+    """`out` in `x`'s half-precision dtype (``.bfloat16()`` / ``.half()``: a third cheaper than
+    ``.to(dtype)``'s argument parsing on a 0-d result)."""
+    return out.bfloat16() if x.dtype is torch.bfloat16 else out.half()
 
 
 def _host_readable(x: Tensor) -> bool:
@@ -120,21 +131,25 @@ def _counted_weight(t: Tensor, w: Tensor | None, ignore: int) -> Tensor:
     return torch.where(valid, w[torch.where(valid, t, 0)], 0).sum()
 
 
-def _mean_of(call: Any, t: Tensor, w: Tensor | None, ignore: int, eager: bool) -> Tensor:
+def _mean_of(
+    kernel: Any, args: tuple[Tensor, Tensor, Tensor | None], extra: tuple[Any, ...], ignore: int
+) -> Tensor:
     """PyTorch's ``"mean"`` with crossent's rule: 0 (and a zero gradient) over no counted target.
 
+    ``kernel(*args, reduction, ignore, *extra)``; `args` is (logits, int64 labels, weight).
     Eagerly on CPU one scalar test decides (PyTorch's mean is NaN only for
     0/0 or a NaN input); elsewhere the sum is divided by a denominator that is
     1 where it would be 0, without reading anything back.
     """
+    x, t, w = args
     if t.numel() == 0:
-        return call("sum")
-    if eager:
-        out = call("mean")
+        return kernel(*args, _REDUCTION_ENUM["sum"], ignore, *extra)
+    if x.is_cpu and not torch_tracing():
+        out = kernel(*args, _REDUCTION_ENUM["mean"], ignore, *extra)
         if math.isnan(out.item()) and float(_counted_weight(t, w, ignore)) == 0:
-            return call("sum")
+            return kernel(*args, _REDUCTION_ENUM["sum"], ignore, *extra)
         return out
-    total = call("sum")
+    total = kernel(*args, _REDUCTION_ENUM["sum"], ignore, *extra)
     den = _counted_weight(t, w, ignore)
     return total / torch.where(den == 0, torch.ones_like(den), den)
 
@@ -158,6 +173,10 @@ def _assert_labels_async(t: Tensor, num_classes: int, ignore: int) -> None:
     torch._assert_async(ok.all(), msg)
 
 
+_CROSS_ENTROPY: Any = torch._C._nn.cross_entropy_loss
+_NLL: Any = torch._C._nn.nll_loss_nd
+"""PyTorch's loss kernels, looked up once."""
+
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 """PyTorch's reduction codes (``torch.nn._reduction.get_enum``) for its ``torch._C._nn`` kernels."""
 
@@ -176,36 +195,35 @@ def _native_indices(
     `kernel` is one of PyTorch's ``torch._C._nn`` loss kernels (what ``F.cross_entropy``
     and ``F.nll_loss`` call after their argument handling, which crossent has done);
     they honour ``__torch_function__`` and trace under ``torch.compile`` like the wrappers.
-    Written for the smallest inputs, where the Python around the kernel is the cost.
+    Written for the smallest inputs, where the Python around the kernel is the cost: the
+    common call (a mean without weight or ``ignore_index``) reads no flag and builds no
+    closure, and a bad label costs nothing until PyTorch's own bound check raises.
     """
-    xc = x.float() if x.dtype in _LOW else x
+    low = x.dtype in _LOW
+    xc = x.float() if low else x
     if axis != 1 and x.ndim != 1:
         xc = xc.movedim(axis, 1)
-    t = target if target.dtype is torch.int64 else target.long()
-    w = None if weight is None else weight.to(xc.dtype)
+    t = target if target.dtype is _INT64 else target.long()
+    w = weight if weight is None or weight.dtype is xc.dtype else weight.to(xc.dtype)
     ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index
-    eager = x.is_cpu and not torch_tracing()
-    if not eager and not x.is_cpu and values_checked(t) and t.numel():
+    reduction = opts.reduction
+    if not x.is_cpu and values_checked(t) and t.numel() and not torch_tracing():
         _assert_labels_async(t, x.shape[axis], ignore)
-
-    def call(reduction: str) -> Tensor:
-        if not eager:
-            return kernel(xc, t, w, _REDUCTION_ENUM[reduction], ignore, *extra)
-        try:
-            return kernel(xc, t, w, _REDUCTION_ENUM[reduction], ignore, *extra)
-        except (IndexError, RuntimeError) as exc:
-            _label_error(exc, t, x.shape[axis], opts.ignore_index)
-            raise  # pragma: no cover - _label_error always raises
-
-    if opts.reduction == "mean" and t.numel() and (opts.ignore_index is None and w is None):
-        out = call("mean")
-    elif opts.reduction == "mean":
-        out = _mean_of(call, t, w, ignore, eager)
-    else:
-        out = call(opts.reduction)
-    if out.dtype is x.dtype:  # float32 / float64: autocast leaves them alone
+    try:
+        if reduction == "mean" and (w is not None or ignore != _NO_IGNORE or not t.numel()):
+            out = _mean_of(kernel, (xc, t, w), extra, ignore)
+        else:
+            out = kernel(xc, t, w, _REDUCTION_ENUM[reduction], ignore, *extra)
+    except (IndexError, RuntimeError) as exc:
+        if not x.is_cpu or torch_tracing():
+            raise
+        _label_error(exc, t, x.shape[axis], opts.ignore_index)
+        raise  # pragma: no cover - _label_error always raises
+    if not low:  # float32 / float64: autocast leaves them alone
         return out
-    return _finish(out, x)
+    # half precision: computed in float32, returned in the input dtype (float32 under autocast)
+    autocast = torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
+    return out if autocast else _to_low(out, x)
 
 
 def _sparse_shapes_fit(x: Tensor, target: object, weight: object, axis: int) -> bool:
@@ -234,21 +252,28 @@ def sparse(
     already a valid non-negative class axis; `weight`'s values are checked by
     the caller.
     """
-    if not (opts.kind == "logits" and input.dtype in _FLOATS):
+    dtype = input.dtype
+    if opts.kind != "logits" or dtype not in _FLOATS:
         return None
-    if not _sparse_shapes_fit(input, target, weight, axis):
+    if not (  # the common call without a call; _sparse_shapes_fit for every other
+        weight is None
+        and isinstance(target, Tensor)
+        and target.ndim == 1
+        and input.ndim == 2
+        and target.dtype in _INTEGERS
+        and target.shape[0] == input.shape[1 - axis]
+    ) and not _sparse_shapes_fit(input, target, weight, axis):
         return None
-    if _triton_sparse.usable(input, opts):
-        return _sparse_triton(input, target, weight, axis, opts)
+    if dtype in _LOW:
+        if _triton_sparse.usable(input, opts):
+            return _sparse_triton(input, target, weight, axis, opts)
+        if opts.plain and weight is None and opts.label_smoothing == 0:
+            out = _sparse_low(input, target, axis, opts)
+            if out is not None:
+                return out
     if not opts.plain:
         return _sparse_rows(input, target, weight, axis, opts)
-    if input.dtype in _LOW and weight is None and opts.label_smoothing == 0 and input.numel():
-        out = _sparse_low(input, target, axis, opts)
-        if out is not None:
-            return out
-    return _native_indices(
-        torch._C._nn.cross_entropy_loss, input, target, weight, axis, opts, opts.label_smoothing
-    )
+    return _native_indices(_CROSS_ENTROPY, input, target, weight, axis, opts, opts.label_smoothing)
 
 
 def _sparse_rows(
@@ -392,71 +417,90 @@ def nll(
     """PyTorch's ``nll_loss`` on log-probabilities, with crossent's mean rule; None for generic."""
     if input.dtype not in _FLOATS or not _sparse_shapes_fit(input, target, weight, axis):
         return None
-    return _native_indices(torch._C._nn.nll_loss_nd, input, target, weight, axis, opts)
+    return _native_indices(_NLL, input, target, weight, axis, opts)
 
 
 # --------------------------------------------------------------------------- probability targets
 
 
-def _reduce(row: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return row
-    if reduction == "sum" or row.numel() == 0:
-        return row.sum()
-    return row.mean()
-
-
 def categorical(
-    input: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
+    input: Tensor, target: object, weight: object, axis: object, opts: CEOptions
 ) -> Tensor | None:
-    r"""Probability-target cross-entropy from logits: ``log_softmax`` and one guarded product.
+    r"""Probability-target cross-entropy from logits: PyTorch's kernel and one scalar test.
 
-    :math:`\ell = -\sum_k c_k \log p_k` with :math:`c = w \odot ((1-\varepsilon)t + \varepsilon/C)`;
-    a term with :math:`c_k = 0` is 0 even where :math:`\log p_k = -\infty` (a masked class).
+    :math:`\ell = -\sum_k c_k \log p_k` with :math:`c = w \odot ((1-\varepsilon)t + \varepsilon/C)`,
+    the mean dividing by the number of rows: PyTorch's ``cross_entropy`` for probability
+    targets computes exactly this. crossent's differences: a term with :math:`c_k = 0` is 0
+    even where :math:`\log p_k = -\infty` (a masked class, where PyTorch's product is NaN:
+    a NaN result is recomputed by :func:`_soft_guarded` eagerly; traced calls take the
+    guarded form directly), a mean over no rows is 0, and float16/bfloat16 are computed in
+    float32 (large inputs by row chunks, :class:`_LowPrecisionSoftCE`).
+
+    The arrays are checked here, `axis` too (None for anything unusual: the generic path
+    checks again and raises the message), so that the common call makes no array-API call;
+    the targets' range costs one ``aminmax``.
     """
-    if not (opts.kind == "logits" and opts.plain and input.dtype in _FLOATS):
+    if not (opts.kind == "logits" and opts.plain and isinstance(target, Tensor)):
         return None
-    if not (isinstance(target, Tensor) and target.shape == input.shape):
+    dtype = input.dtype
+    ndim = input.ndim
+    if not (
+        dtype in _FLOATS
+        and target.dtype in _FLOATS
+        and target.shape == input.shape
+        and type(axis) is int
+        and -ndim <= axis < ndim
+    ):
         return None
-    if weight is not None and not (isinstance(weight, Tensor) and weight.dtype in _FLOATS):
-        return None
-    xc = _compute(input)
-    c = target.to(xc.dtype)
+    axis %= ndim
+    if weight is not None:
+        if not (isinstance(weight, Tensor) and weight.dtype in _FLOATS):
+            return None
+        check_class_weight(weight, input.shape[axis], xp=_torch_namespace())
+    eager = input.is_cpu and not torch_tracing()
+    if target.numel() and (get_validation() if eager else values_checked(target)):
+        lo, hi = target.aminmax()  # no gradient: aminmax's outputs are only read
+        if not (lo.item() >= 0 and hi.item() <= 1):  # the message (NaN passes and propagates)
+            check_in_unit_interval(target, name="target", xp=_torch_namespace())
+    low = dtype in _LOW
+    autocast = low and torch.is_autocast_enabled("cpu" if input.is_cpu else input.device.type)
+    if low and not autocast:
+        out = _soft_low(input, target, weight, axis, opts)
+        if out is not None:
+            return out
+    xc = input.float() if low else input
+    c = target if target.dtype is xc.dtype else target.to(xc.dtype)
+    w = weight if weight is None or weight.dtype is xc.dtype else weight.to(xc.dtype)
+    if axis != 1 and ndim != 1:
+        xc, c = xc.movedim(axis, 1), c.movedim(axis, 1)
+    if not (eager and xc.numel()):
+        out = _soft_guarded(xc, c, w, opts)
+    else:
+        out = _CROSS_ENTROPY(xc, c, w, _REDUCTION_ENUM[opts.reduction], -100, opts.label_smoothing)
+        check = out.detach().sum() if opts.reduction == "none" else out
+        if math.isnan(check.item()):  # a masked class (0 · -inf), or a NaN input
+            out = _soft_guarded(xc, c, w, opts)
+    return _to_low(out, input) if low and not autocast else out
+
+
+def _soft_guarded(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> Tensor:
+    r""":math:`-\sum_k c_k \log p_k` with :math:`0 \cdot (-\infty) = 0`, classes on dim 1 (dim 0
+    for one row), reduced; differentiable operations (compile, torch.func, double backward)."""
+    axis = 1 if xc.ndim > 1 else 0
     eps = opts.label_smoothing
     if eps:
-        c = c * (1 - eps) + eps / input.shape[axis]
-    if weight is not None:
-        shape = [1] * input.ndim
+        c = c * (1 - eps) + eps / xc.shape[axis]
+    if w is not None:
+        shape = [1] * xc.ndim
         shape[axis] = -1
-        c = c * weight.to(xc.dtype).reshape(shape)
-    if _host_readable(xc):
-        # unguarded first: a NaN result means 0 · (-inf) at a masked class (or a NaN input),
-        # and only then is the guarded product computed (one scalar test instead of a pass)
-        out = _soft_reduce(_soft_terms(xc, c, axis, guard=False), axis, opts.reduction)
-        check = out.detach().sum() if opts.reduction == "none" else out.detach()
-        if not math.isnan(check.item()):
-            return _finish(out, input)
-    return _finish(_soft_reduce(_soft_terms(xc, c, axis, guard=True), axis, opts.reduction), input)
-
-
-def _soft_terms(xc: Tensor, c: Tensor, axis: int, *, guard: bool) -> Tensor:
-    r""":math:`c_k \log p_k` (:math:`0 \cdot (-\infty) = 0` if `guard`), in place if no autograd."""
+        c = c * w.reshape(shape)
     log_p = torch.log_softmax(xc, dim=axis)
-    if guard:
-        return torch.where(c == 0, 0.0, c * log_p)
-    if torch.is_grad_enabled() and (xc.requires_grad or c.requires_grad):
-        return c * log_p
-    return log_p.mul_(c)
-
-
-def _soft_reduce(terms: Tensor, axis: int, reduction: str) -> Tensor:
-    """Minus the class sum of `terms`, reduced over rows ("mean" divides by the row count)."""
-    if reduction == "none":
-        return -terms.sum(dim=axis)
-    total = -terms.sum()
-    if reduction == "sum" or terms.numel() == 0:
-        return total
-    return total / (terms.numel() // terms.shape[axis])
+    row = -torch.where(c == 0, 0.0, c * log_p).sum(dim=axis)
+    if opts.reduction == "none":
+        return row
+    if opts.reduction == "sum" or row.numel() == 0:
+        return row.sum()
+    return row.mean()
 
 
 # --------------------------------------------------------------------------- binary
@@ -997,7 +1041,7 @@ class _LowPrecisionCE(torch.autograd.Function):
             torch._log_softmax(xf, 1, False, out=scratch)
             torch.gather(scratch, 1, y, out=row_)
             if early:
-                _grad_chunk(xf, scratch, y, m_, s_, g_)
+                _grad_chunk(scratch, y, m_, s_, g_)
         row = row[:, 0].neg_()
         if valid is not None:
             row = torch.where(valid, row, 0.0)
@@ -1029,20 +1073,22 @@ class _LowPrecisionCE(torch.autograd.Function):
         out = torch.empty_like(x)
         minus_one = torch.full_like(scale, -1.0)
         for xf, scratch, y, m_, s_, o_ in _low_chunks(x, label[:, None], minus_one, scale, out):
-            _grad_chunk(xf, scratch, y, m_, s_, o_)
+            _grad_chunk(torch._log_softmax(xf, 1, False, out=scratch), y, m_, s_, o_)
         return out, None, None, None
 
 
 def _grad_chunk(
-    xf: Tensor, scratch: Tensor, label: Tensor, minus_one: Tensor, scale: Tensor, out: Tensor
+    log_p: Tensor, label: Tensor, minus_one: Tensor, scale: Tensor, out: Tensor
 ) -> None:
-    """``out = scale * (softmax(xf) - one_hot(label))``, rounded once to `out`'s dtype.
+    """``out = scale * (exp(log_p) - one_hot(label))``, rounded once to `out`'s dtype;
+    `log_p` (float32 log-probabilities) is overwritten.
 
-    `label` and `minus_one` are columns (rows, 1); `scale` a column of row scales.
+    `label` and `minus_one` are columns (rows, 1); `scale` a column of row scales. One
+    ``exp_`` pass over the log-probabilities the forward has made anyway (the fused softmax
+    takes three), and the same in backward, so that both give the same bits.
     """
-    torch._softmax(xf, 1, False, out=scratch)
-    scratch.scatter_add_(1, label, minus_one)
-    torch.mul(scratch, scale, out=out)
+    log_p.exp_().scatter_add_(1, label, minus_one)
+    torch.mul(log_p, scale, out=out)
 
 
 def _sparse_low(x: Tensor, target: Tensor, axis: int, opts: CEOptions) -> Tensor | None:
@@ -1061,3 +1107,102 @@ def _sparse_low(x: Tensor, target: Tensor, axis: int, opts: CEOptions) -> Tensor
             check_label_range(t, x.shape[1], ignore_index=opts.ignore_index, xp=array_namespace(t))
     out = _LowPrecisionCE.apply(x, label, valid, opts.reduction)
     return out.to(x.dtype)
+
+
+def _soft_low(
+    x: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
+) -> Tensor | None:
+    """Eager half-precision logits (N, C) of at least :data:`_LOW_MIN` elements on CPU, targets
+    and weight without gradients: :class:`_LowPrecisionSoftCE`; None for the float32 copy.
+
+    A NaN result (a masked class, 0 · -inf, or a NaN input) is None too: the caller's
+    guarded form decides.
+    """
+    if x.ndim != 2 or axis != 1 or x.numel() < _LOW_MIN or not x.is_cpu or torch_tracing():
+        return None
+    if target.requires_grad or (weight is not None and weight.requires_grad):
+        return None
+    w = None if weight is None else weight.detach().float()
+    out = _LowPrecisionSoftCE.apply(x, target.detach(), w, opts.label_smoothing, opts.reduction)
+    check = out.detach().sum() if opts.reduction == "none" else out.detach()
+    if math.isnan(check.item()):
+        return None
+    return _to_low(out, x)
+
+
+def _soft_coefficients(c: Tensor, w: Tensor | None, eps: float) -> Tensor:
+    r"""`c` (a float32 copy of the targets) becomes, in place,
+    :math:`w \odot ((1-\varepsilon)t + \varepsilon/C)`."""
+    if eps:
+        c.mul_(1 - eps).add_(eps / c.shape[-1])
+    if w is not None:
+        c.mul_(w)
+    return c
+
+
+class _LowPrecisionSoftCE(torch.autograd.Function):
+    r"""Probability-target cross-entropy of float16/bfloat16 logits in float32, lean in memory.
+
+    :math:`\ell_i = -\sum_k c_{ik} \log p_{ik}`, :math:`c = w \odot ((1-\varepsilon)t +
+    \varepsilon/C)`, by row chunks through reused float32 buffers as
+    :class:`_LowPrecisionCE`: nothing larger than the input is kept (PyTorch's
+    half-precision kernel keeps its rounded log-probabilities and, computed in float32
+    by a copy, three float32 arrays would be). The gradient
+    :math:`g_{ik} = s_i (S_i p_{ik} - c_{ik})`, :math:`S_i = \sum_k c_{ik}`, is computed with
+    the forward for reduced losses (in the input dtype, rounded once) and recomputed by
+    chunks otherwise; with ``create_graph=True`` the backward is written in differentiable
+    operations (double backward). Targets and weight carry no gradient here (the caller
+    routes those to autograd).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, t: Tensor, w: Tensor | None, eps: float, reduction: str
+    ) -> Tensor:
+        n = x.shape[0]
+        den = float(max(n, 1)) if reduction == "mean" else 1.0
+        early = ctx.needs_input_grad[0] and reduction != "none"
+        g = torch.empty_like(x) if early else x
+        scale = torch.full((n, 1), 1.0 / den, dtype=torch.float32, device=x.device)
+        row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
+        d = None  # a third buffer, for the gradient only (the log-probabilities stay)
+        for xf, lp, t_, row_, g_, s_ in _low_chunks(x, t, row, g, scale):
+            torch._log_softmax(xf, 1, False, out=lp)
+            c = _soft_coefficients(xf.copy_(t_), w, eps)  # the logits' copy is spent
+            if not early:
+                torch.sum(lp.mul_(c), 1, keepdim=True, out=row_)
+                continue
+            d = torch.empty_like(lp) if d is None else d[: lp.shape[0]]  # the first is largest
+            torch.sum(torch.mul(lp, c, out=d), 1, keepdim=True, out=row_)
+            _soft_grad_chunk(lp.exp_(), c, s_, g_)
+        row = row[:, 0].neg_()
+        out = row if reduction == "none" else row.sum() / den
+        ctx.save_for_backward(x, t, w)
+        ctx.early = g if early else None  # dropped once returned (see _LowPrecisionCE)
+        ctx.eps, ctx.reduction, ctx.den = eps, reduction, den
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        x, t, w = ctx.saved_tensors
+        early, ctx.early = ctx.early, None
+        if early is not None and not torch.is_grad_enabled() and grad.item() == 1.0:
+            return early, None, None, None, None
+        scale = grad.float() / ctx.den
+        scale = (scale.expand(x.shape[0]) if scale.ndim == 0 else scale)[:, None]
+        if torch.is_grad_enabled():  # double backward: differentiable operations
+            c = _soft_coefficients(t.float(), w, ctx.eps)
+            p = torch.softmax(x.float(), 1)
+            g = (c.sum(1, keepdim=True) * p - c) * scale
+            return g.to(x.dtype), None, None, None, None
+        out = torch.empty_like(x)
+        for xf, p, t_, s_, o_ in _low_chunks(x, t, scale, out):
+            torch._log_softmax(xf, 1, False, out=p).exp_()  # the forward's bits
+            _soft_grad_chunk(p, _soft_coefficients(xf.copy_(t_), w, ctx.eps), s_, o_)
+        return out, None, None, None, None
+
+
+def _soft_grad_chunk(p: Tensor, c: Tensor, scale: Tensor, out: Tensor) -> None:
+    """``out = scale * (c.sum(1) * p - c)``, rounded once to `out`'s dtype; `p` is overwritten."""
+    p.mul_(c.sum(1, keepdim=True)).sub_(c).mul_(scale)
+    out.copy_(p)

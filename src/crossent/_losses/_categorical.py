@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from crossent._backends import torch_executor
 from crossent._lib._checks import (
     check_axis,
     check_floating,
@@ -239,17 +240,19 @@ def categorical_cross_entropy(
     >>> ce.categorical_cross_entropy(probs, np.array([[0.5, 0.5], [1.0, 0.0]]), reduction="none")
     array([0.69314718, 0.10536052])
     """
+    if is_torch_tensor(input):  # checks its arrays itself (None: the checks below name it)
+        opts = make_options(
+            from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
+            reduction=reduction,
+        )  # fmt: skip
+        out = torch_executor().categorical(input, target, weight, axis, opts)
+        if out is not None:
+            return out
     xp = array_namespace(input=input, target=target, weight=weight)
     opts, axis_ = _check(
         input, target, from_logits=from_logits, axis=axis, weight=weight,
         label_smoothing=label_smoothing, gamma=gamma, reduction=reduction, xp=xp,
     )  # fmt: skip
-    if is_torch_tensor(input):
-        from crossent._backends import _torch as torch_exec
-
-        out = torch_exec.categorical(input, target, weight, axis_, opts)
-        if out is not None:
-            return out
     x, c = _coefficients(input, target, weight=weight, opts=opts, axis=axis_, xp=xp)
     loss = _soft_loss(x, c, kind=opts.kind, gamma=opts.gamma, reduction=opts.reduction, xp=xp)
     return astype(loss, output_dtype(input, xp=xp), xp=xp)

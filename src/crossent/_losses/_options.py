@@ -155,18 +155,11 @@ def make_options(
         opts = _CACHE.get(key)
     except TypeError:  # an unhashable option (a list): let the checks name it
         return _make(*key)
-    # bool and int compare equal (True == 1): a bool option is checked, never a cache hit
-    # (spelled out: this runs on every call of every loss)
-    exact = type(from_logits) is bool and not (
-        type(label_smoothing) is bool
-        or type(gamma) is bool
-        or type(z_loss) is bool
-        or type(softcap) is bool
-        or type(ignore_index) is bool
-        or type(reduction) is bool
-        or type(alpha) is bool
-        or type(kind) is bool
-    )
+    # bool and int compare equal (True == 1): a bool option is checked, never a cache hit;
+    # from_logits (first) must be a bool, no other option may be one (one pass in C: this
+    # runs on every call of every loss)
+    types = map(type, key)
+    exact = next(types) is bool and bool not in types
     if opts is not None and exact:
         return opts
     opts = _make(*key)

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any, Literal, cast
 
 from crossent._backends import _numpy as _numpy_exec
+from crossent._backends import torch_executor
 from crossent._lib._checks import (
     check_axis,
     check_floating,
@@ -393,12 +394,12 @@ def sparse_categorical_cross_entropy(
         softcap=softcap, ignore_index=ignore_index, reduction=reduction,
     )  # fmt: skip
     if is_torch_tensor(input):
-        from crossent._backends import _torch as torch_exec
-
-        axis_ = check_axis(axis, input.ndim)
+        ndim = input.ndim
+        # the default class axis without a call (check_axis names a bad one)
+        axis_ = axis + ndim if type(axis) is int and -ndim <= axis < 0 else check_axis(axis, ndim)
         if weight is not None:
             check_class_weight(weight, int(input.shape[axis_]), xp=array_namespace(weight=weight))
-        out = torch_exec.sparse(input, target, weight, axis_, opts)
+        out = torch_executor().sparse(input, target, weight, axis_, opts)
         if out is not None:
             return out
     lean = _numpy_exec.sparse(input, target, weight, axis, opts, with_grad=False)

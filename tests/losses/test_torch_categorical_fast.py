@@ -1,0 +1,182 @@
+"""The PyTorch executor's probability-target path: PyTorch's own kernel for float32/float64
+(crossent's masked-class and empty-mean rules on top), and the chunked float32 computation
+of half-precision logits (:class:`crossent._backends._torch._LowPrecisionSoftCE`; what
+it and the sparse :class:`~crossent._backends._torch._LowPrecisionCE` keep for backward).
+
+References are float64 evaluated on the very inputs the fast path sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+import crossent as ce  # noqa: E402
+from crossent._backends import _torch as torch_exec  # noqa: E402
+
+
+def _case(dtype: Any, n: int = 400, c: int = 100, seed: int = 5) -> tuple[Any, Any, Any]:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g) * 3).to(dtype)
+    t = torch.softmax(torch.randn(n, c, generator=g) * 2, -1).to(dtype)
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    return x, t, w
+
+
+def _ulps(a: Any, b: Any, dtype: Any) -> Any:
+    """Differences in units of `dtype`'s rounding at the reference's magnitude."""
+    a, b = a.detach().double(), b.detach().double()
+    return (a - b).abs() / (torch.finfo(dtype).eps * b.abs().clamp_min(torch.finfo(dtype).tiny))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("eps", "weighted"), [(0.0, False), (0.1, True)])
+@pytest.mark.parametrize("upstream", [1.0, 0.3])
+def test_half_categorical_is_float64_rounded_once(
+    dtype: Any, reduction: str, eps: float, weighted: bool, upstream: float
+) -> None:
+    x, t, w64 = _case(dtype)
+    assert x.numel() >= torch_exec._LOW_MIN  # the chunked path, several chunks
+    w = w64.float() if weighted else None
+    xg = x.clone().requires_grad_(True)
+    loss = ce.categorical_cross_entropy(
+        xg, t, from_logits=True, weight=w, label_smoothing=eps, reduction=reduction
+    )
+    (grad,) = torch.autograd.grad(loss.sum() * upstream, xg)
+    x64 = x.double().requires_grad_(True)
+    ref = F.cross_entropy(
+        x64, t.double(), weight=w64 if weighted else None, label_smoothing=eps,
+        reduction=reduction,
+    )  # fmt: skip
+    (ref_grad,) = torch.autograd.grad(ref.sum() * upstream, x64)
+    assert loss.dtype == dtype
+    assert grad.dtype == dtype
+    # the loss: float64's value rounded once
+    assert float(_ulps(loss, ref.to(dtype).double(), dtype).max()) == 0
+    # the gradient s (S p - c): one rounding of float64's, plus float32's own error of the
+    # difference (a few float32 units of its terms, which are at most s (S + max c))
+    scale = upstream / (x.shape[0] if reduction == "mean" else 1)
+    f32 = 8 * torch.finfo(torch.float32).eps * scale * 3
+    err = (grad.double() - ref_grad).abs()
+    fi = torch.finfo(dtype)
+    bound = fi.eps * ref_grad.abs() + f32 + fi.smallest_normal * fi.eps  # + float16's subnormals
+    assert bool((err <= bound).all())
+    pt = torch.autograd.grad(
+        F.cross_entropy(xg, t, weight=None if w is None else w.to(dtype), label_smoothing=eps,
+                        reduction=reduction).sum() * upstream, xg,
+    )[0]  # fmt: skip
+    assert not bool(((pt.double() - ref_grad).abs() <= bound).all())  # the test sees it
+
+
+@pytest.mark.parametrize("kind", ["sparse", "categorical"])
+def test_half_precision_saves_no_float32_copy(kind: str) -> None:
+    """Only half-precision arrays of the input's size are kept for backward (the input, the
+    gradient made with the forward, the targets)."""
+    x, t, _ = _case(torch.bfloat16, n=2048, c=100)
+    xg = x.clone().requires_grad_(True)
+    saved: list[Any] = []
+
+    def pack(v: Any) -> Any:
+        saved.append((v.dtype, v.numel()))
+        return v
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+        if kind == "sparse":
+            y = t.argmax(-1)
+            y[::9] = -100
+            loss = ce.sparse_categorical_cross_entropy(xg, y, from_logits=True, ignore_index=-100)
+        else:
+            loss = ce.categorical_cross_entropy(xg, t, from_logits=True)
+    big = [d for d, n in saved if n >= x.numel()]
+    assert big
+    assert all(d == torch.bfloat16 for d in big), saved
+    assert sum(n for _, n in saved if n >= x.numel()) <= 2 * x.numel()
+    loss.backward()
+    assert xg.grad is not None
+    assert xg.grad.dtype == torch.bfloat16
+
+
+def test_half_categorical_second_backward_equals_the_first() -> None:
+    """The gradient made with the forward and the recomputed one are the same bits."""
+    x, t, _ = _case(torch.bfloat16)
+    xg = x.clone().requires_grad_(True)
+    loss = ce.categorical_cross_entropy(xg, t, from_logits=True, label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    assert xg.grad is not None
+    first = xg.grad.clone()
+    xg.grad.mul_(100.0)  # the caller may change it in place between the two calls
+    xg.grad = None
+    loss.backward()  # recomputed by chunks
+    torch.testing.assert_close(xg.grad, first, rtol=0, atol=0)
+
+
+def test_half_categorical_masked_class_falls_back_to_the_guarded_form() -> None:
+    x, t, _ = _case(torch.bfloat16)
+    x[:, 3] = -float("inf")
+    t = t.clone()
+    t[:, 3] = 0
+    xg = x.clone().requires_grad_(True)
+    loss = ce.categorical_cross_entropy(xg, t, from_logits=True)
+    loss.backward()
+    keep = torch.arange(x.shape[1]) != 3
+    x64 = x[:, keep].double().requires_grad_(True)
+    ref = F.cross_entropy(x64, t[:, keep].double())
+    ref.backward()
+    assert torch.isfinite(loss)
+    assert float(_ulps(loss, ref.to(torch.bfloat16).double(), torch.bfloat16).max()) == 0
+    assert xg.grad is not None
+    assert bool((xg.grad[:, 3] == 0).all())
+    torch.testing.assert_close(xg.grad[:, keep].double(), x64.grad, rtol=2**-7, atol=1e-7)
+
+
+def test_half_categorical_target_with_grad_and_double_backward() -> None:
+    x, t, _ = _case(torch.bfloat16, n=360, c=100)
+    # a target that needs a gradient goes through autograd (same values)
+    tg = t.clone().requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+    a = ce.categorical_cross_entropy(xg, tg, from_logits=True)
+    b = ce.categorical_cross_entropy(x, t, from_logits=True)
+    assert a.item() == b.item()
+    (gt,) = torch.autograd.grad(a, tg)
+    x64, t64 = x.double(), t.double().requires_grad_(True)
+    (ref_gt,) = torch.autograd.grad(F.cross_entropy(x64, t64), t64)
+    torch.testing.assert_close(gt.double(), ref_gt, rtol=2**-7, atol=1e-9)
+    # double backward (create_graph): the differentiable recomputation, against float64
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(ce.categorical_cross_entropy(xg, t, from_logits=True), xg,
+                               create_graph=True)  # fmt: skip
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+    (hv,) = torch.autograd.grad((g * v).sum(), xg)
+    x64 = x.double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(F.cross_entropy(x64, t.double()), x64, create_graph=True)
+    (hv64,) = torch.autograd.grad((g64 * v.double()).sum(), x64)
+    torch.testing.assert_close(g.double(), g64, rtol=2**-7, atol=1e-7)
+    torch.testing.assert_close(hv.double(), hv64, rtol=2**-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("axis", [1, -1, 0])
+def test_float_categorical_is_pytorch_kernel_with_crossent_rules(dtype: Any, axis: int) -> None:
+    x, t, w = _case(dtype, n=6, c=5)
+    x, t = x.reshape(2, 3, 5), t.reshape(2, 3, 5)
+    xm, tm = x.movedim(-1, axis), t.movedim(-1, axis)
+    for reduction in ("mean", "sum", "none"):
+        out = ce.categorical_cross_entropy(
+            xm, tm, from_logits=True, axis=axis, weight=w.to(dtype), label_smoothing=0.2,
+            reduction=reduction,
+        )  # fmt: skip
+        ref = F.cross_entropy(
+            x.movedim(-1, 1), t.movedim(-1, 1), weight=w.to(dtype), label_smoothing=0.2,
+            reduction=reduction,
+        )  # fmt: skip
+        torch.testing.assert_close(out, ref)
+    # a mean over no rows is 0 (PyTorch: NaN)
+    empty = ce.categorical_cross_entropy(
+        torch.zeros(0, 4, dtype=dtype), torch.zeros(0, 4, dtype=dtype), from_logits=True
+    )
+    assert float(empty) == 0.0
