@@ -492,8 +492,8 @@ def binary(
         and input.shape == target.shape
     ):
         return None
-    if not _host_readable(input):
-        return None  # traced: no value test; the generic formula guards infinite logits
+    if not _host_readable(input):  # traced: no value test (eager accelerators: the generic formula)
+        return _binary_traced(input, target, label_smoothing, opts.reduction) if torch_tracing() else None
     if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
         return None  # the generic formula returns float32 under autocast, as PyTorch does
     check_in_unit_interval(target, name="target", xp=_torch_namespace())
@@ -505,6 +505,32 @@ def binary(
     if math.isnan(total.item()):  # NaN input, or an infinite logit: lerp's 0 · inf
         return None
     return out if out.dtype is input.dtype else _finish(out, input)
+
+
+def _binary_traced(x: Tensor, target: Tensor, eps: float, reduction: str) -> Tensor:
+    r"""Traced binary cross-entropy (``torch.compile``, ``torch.export``, ``torch.func``).
+
+    With :math:`\pi = [x > 0]`, :math:`a = |x|` taken as :math:`x` or :math:`-x` by
+    :math:`\pi` and :math:`c = \pi - t`,
+
+    .. math:: \ell = \operatorname{log1p}(e^{-a}) + c\,x
+              = (1-t)\max(x, 0) + t\max(-x, 0) + \operatorname{log1p}(e^{-|x|}),
+
+    a sum of non-negative terms (no cancellation, one exponential and one ``log1p``
+    per element: one fused kernel under inductor). A term with :math:`c = 0` is 0
+    (``±inf`` logit with the matching hard target), read off the values in the graph.
+    Autograd's gradient is :math:`\sigma(x) - t` everywhere, :math:`x = 0` included
+    (the kink of :math:`|x|` and the jump of :math:`c` are taken on the same side).
+    """
+    xc = _compute(x)
+    t = _smoothed(target, xc.dtype, eps)
+    pos = xc > 0
+    tail = torch.log1p(torch.exp(torch.where(pos, -xc, xc)))
+    c = torch.where(pos, 1 - t, -t)
+    loss = tail + torch.where(c == 0, 0.0, c * xc)
+    if reduction != "none":
+        loss = loss.sum() if reduction == "sum" or not loss.numel() else loss.mean()
+    return _finish(loss, x)
 
 
 _BINARY_CHUNK = 1 << 16
