@@ -492,8 +492,9 @@ def binary(
         and input.shape == target.shape
     ):
         return None
-    if not _host_readable(input):  # traced: no value test (eager accelerators: the generic formula)
-        return _binary_traced(input, target, label_smoothing, opts.reduction) if torch_tracing() else None
+    if not _host_readable(input):  # traced: no value test; eager accelerators: the generic formula
+        traced = torch_tracing()
+        return _binary_traced(input, target, label_smoothing, opts.reduction) if traced else None
     if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
         return None  # the generic formula returns float32 under autocast, as PyTorch does
     check_in_unit_interval(target, name="target", xp=_torch_namespace())
