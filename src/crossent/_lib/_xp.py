@@ -151,6 +151,12 @@ def torch_tracing() -> bool:
     return bool(torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
 
 
+# torch.compile calls it once at trace time and keeps the result, a constant
+# (torch._dynamo.assume_constant_result, without importing torch): traced, it would leave
+# dynamo guards on `sys.modules` and `torch.compiler`, checked before every compiled call
+torch_tracing._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def _torch_namespace() -> Any:
     """array-api-compat's PyTorch namespace (imported once)."""
     import array_api_compat.torch as module

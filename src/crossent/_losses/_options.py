@@ -14,7 +14,6 @@ pays for the checks once.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
@@ -26,6 +25,7 @@ from crossent._lib._checks import (
     check_softcap,
     check_unit_interval_scalar,
 )
+from crossent._lib._xp import torch_tracing
 
 __all__ = ["CEOptions", "Kind", "Reduction", "make_options"]
 
@@ -148,8 +148,7 @@ def make_options(
     key = (
         from_logits, label_smoothing, gamma, z_loss, softcap, ignore_index, reduction, alpha, kind,
     )  # fmt: skip
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.compiler.is_compiling():
+    if torch_tracing():
         # traced once: the checks run as a constant (:func:`_traced_options`); a bad option is
         # checked again, traced, to raise its own error
         opts = _traced_options(*key)
