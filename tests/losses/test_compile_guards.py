@@ -48,7 +48,7 @@ def _guard_count(loss: Callable[[Any], Any], x: Any) -> int:
 
 # before: 100, 109 and 182 guards (torch's own losses: 11); the bounds leave room for a few
 # more, not for the option checks traced again (about 20) or the generic binary formula
-BOUNDS = {"sparse": 88, "categorical": 102, "binary": 78}
+BOUNDS = {"sparse": 72, "categorical": 85, "binary": 58}
 
 
 @pytest.mark.parametrize("name", list(BOUNDS))

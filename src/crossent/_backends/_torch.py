@@ -28,8 +28,11 @@ statistics made by PyTorch's kernels (:func:`_sparse_rows`).
 
 Each function returns ``None`` when the generic array-API formula must run
 (probabilities, focal loss with smoothing, binary weights or focal options,
-traced binary calls); that path is made of differentiable PyTorch operations,
-so it has the same transforms.
+eager binary calls on accelerators); that path is made of differentiable
+PyTorch operations, so it has the same transforms. Traced binary calls
+(``torch.compile``, ``torch.export``, ``torch.func``) have a short formula of
+their own (:func:`_binary_traced`), exact at infinite logits without reading
+values.
 """
 
 from __future__ import annotations
@@ -476,7 +479,7 @@ def binary(
     logs exactly and a soft one a sum of two terms of one sign, with no cancellation. Five
     fused kernels, like PyTorch's (the sign flips the reduced scalar). An infinite logit makes
     ``lerp`` compute 0 · ∞: a NaN result is recomputed by the guarded generic formula (one
-    scalar test, eager only; traced calls take the generic formula). The gradient
+    scalar test, eager only; traced calls: :func:`_binary_traced`). The gradient
     :math:`(1-t)\sigma(x) - t\sigma(-x)` comes from autograd through the same kernels
     (so double backward, ``torch.compile`` and ``torch.func`` work).
     """

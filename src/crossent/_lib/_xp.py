@@ -91,6 +91,17 @@ def array_namespace(*arrays: object, **named: object) -> Any:
         different libraries, or none is an array; the message names the
         argument and the conversion that fixes it.
     """
+    torch = sys.modules.get("torch")
+    if torch is not None:  # the common case first: tensors and None, few names to trace
+        found = False
+        for a in (*arrays, *named.values()):
+            if isinstance(a, torch.Tensor):
+                found = True
+            elif a is not None:
+                break
+        else:
+            if found:
+                return _torch_namespace()
     items = [(f"argument {i + 1}", a) for i, a in enumerate(arrays)] + list(named.items())
     given = [(n, a) for n, a in items if a is not None]
     present = [(n, a) for n, a in given if not isinstance(a, int | float | bool)]

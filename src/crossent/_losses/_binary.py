@@ -451,13 +451,13 @@ def binary_cross_entropy(
     [[0.0005, 0.017, 0.13], [0.0001, 0.0, 0.5264]]
     """
     if is_torch_tensor(input):
-        from crossent._backends import _torch as torch_exec
+        from crossent._backends._torch import binary as torch_binary
 
         opts = make_options(
             from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
             reduction=reduction, alpha=alpha,
         )  # fmt: skip
-        out = torch_exec.binary(input, target, weight, pos_weight, opts.label_smoothing, opts)
+        out = torch_binary(input, target, weight, pos_weight, opts.label_smoothing, opts)
         if out is not None:
             return out
     b = _prepare(

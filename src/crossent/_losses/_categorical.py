@@ -245,9 +245,9 @@ def categorical_cross_entropy(
         label_smoothing=label_smoothing, gamma=gamma, reduction=reduction, xp=xp,
     )  # fmt: skip
     if is_torch_tensor(input):
-        from crossent._backends import _torch as torch_exec
+        from crossent._backends._torch import categorical as torch_categorical
 
-        out = torch_exec.categorical(input, target, weight, axis_, opts)
+        out = torch_categorical(input, target, weight, axis_, opts)
         if out is not None:
             return out
     x, c = _coefficients(input, target, weight=weight, opts=opts, axis=axis_, xp=xp)

@@ -392,12 +392,12 @@ def sparse_categorical_cross_entropy(
         softcap=softcap, ignore_index=ignore_index, reduction=reduction,
     )  # fmt: skip
     if is_torch_tensor(input):
-        from crossent._backends import _torch as torch_exec
+        from crossent._backends._torch import sparse as torch_sparse
 
         axis_ = check_axis(axis, input.ndim)
         if weight is not None:
             check_class_weight(weight, int(input.shape[axis_]), xp=array_namespace(weight=weight))
-        out = torch_exec.sparse(input, target, weight, axis_, opts)
+        out = torch_sparse(input, target, weight, axis_, opts)
         if out is not None:
             return out
     lean = _numpy_exec.sparse(input, target, weight, axis, opts, with_grad=False)
@@ -594,14 +594,14 @@ def _nll_loss(
     """
     opts = make_options(ignore_index=ignore_index, reduction=reduction, kind="log_probs")
     if is_torch_tensor(log_probs):
-        from crossent._backends import _torch as torch_exec
+        from crossent._backends._torch import nll as torch_nll
 
         axis_ = check_axis(axis, log_probs.ndim)
         if weight is not None:
             check_class_weight(
                 weight, int(log_probs.shape[axis_]), xp=array_namespace(weight=weight)
             )
-        out = torch_exec.nll(log_probs, target, weight, axis_, opts)
+        out = torch_nll(log_probs, target, weight, axis_, opts)
         if out is not None:
             return out
     if xp is None:
