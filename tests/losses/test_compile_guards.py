@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 import crossent as ce  # noqa: E402
+from tests._compiled import eager_and_compiled  # noqa: E402
 
 N, C = 8, 5
 
@@ -104,12 +105,7 @@ def test_traced_binary_equals_eager_at_zero_and_infinite_logits(dtype: Any, redu
     def loss(v: Any) -> Any:
         return ce.binary_cross_entropy(v, t, from_logits=True, reduction=reduction)
 
-    results = []
-    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
-        v = x.clone().requires_grad_(True)
-        out = fn(v)
-        (g,) = torch.autograd.grad(out.sum(), v)
-        results.append((out.detach(), g))
+    results = eager_and_compiled(loss, x)
     exact = {"rtol": 2e-15, "atol": 0.0} if dtype == torch.float64 else {}
     torch.testing.assert_close(results[1][0], results[0][0], **exact)
     torch.testing.assert_close(results[1][1], results[0][1], **exact)
