@@ -57,8 +57,10 @@ _NO_IGNORE = -(2**63)
 """``ignore_index`` handed to PyTorch when nothing is ignored: no int64 label equals it
 in range, and PyTorch's bound check still rejects it as a label."""
 
-_LOW = (torch.float16, torch.bfloat16)
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# frozensets: under torch.compile a membership test is two dynamo guards whatever the dtype
+# (a tuple's is its length and one per element compared)
+_LOW = frozenset((torch.float16, torch.bfloat16))
+_FLOATS = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16))
 _INTEGERS = frozenset(
     d
     for d in (

@@ -289,8 +289,7 @@ def output_dtype(x: Array, *, xp: Any) -> Any:
     PyTorch's losses compute in float32 under autocast and return float32; so do crossent's.
     """
     if is_torch_tensor(x):
-        import torch
-
+        torch = sys.modules["torch"]  # the module is_torch_tensor read (one source when traced)
         if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
             return torch.float32
     return x.dtype
