@@ -14,6 +14,7 @@ F = torch.nn.functional
 
 import crossent as ce  # noqa: E402
 import crossent.nn as cnn  # noqa: E402
+from tests._compiled import eager_and_compiled  # noqa: E402
 
 N, C = 6, 5
 
@@ -312,12 +313,7 @@ def test_compiled_binary_with_infinite_logits_equals_eager(options: dict[str, An
     def loss(v: Any) -> Any:
         return ce.binary_cross_entropy(v, t, from_logits=True, reduction="none", **kw)
 
-    results = []
-    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
-        v = x.clone().requires_grad_(True)
-        out = fn(v)
-        (g,) = torch.autograd.grad(out.sum(), v)
-        results.append((out.detach(), g))
+    results = eager_and_compiled(loss, x)
     torch.testing.assert_close(results[1], results[0], rtol=1e-15, atol=0)
     value, grad = results[0]
     assert value[0, 0] == 0

@@ -34,8 +34,11 @@ from the differentiable row statistics.
 
 Each function returns ``None`` when the generic array-API formula must run
 (probabilities, traced focal loss with smoothing, binary focal `gamma`, weights
-that require gradients, traced binary calls); that path is made of
-differentiable PyTorch operations, so it has the same transforms.
+that require gradients, eager binary calls on accelerators); that path is made of
+differentiable PyTorch operations, so it has the same transforms. Traced binary calls
+(``torch.compile``, ``torch.export``, ``torch.func``) have a short formula of
+their own (:func:`_binary_traced`), exact at infinite logits without reading
+values.
 """
 
 from __future__ import annotations
@@ -63,9 +66,11 @@ _NO_IGNORE = -(2**63)
 """``ignore_index`` handed to PyTorch when nothing is ignored: no int64 label equals it
 in range, and PyTorch's bound check still rejects it as a label."""
 
-_LOW = (torch.float16, torch.bfloat16)
+# frozensets: under torch.compile a membership test is two dynamo guards whatever the dtype
+# (a tuple's is its length and one per element compared)
+_LOW = frozenset((torch.float16, torch.bfloat16))
 _INT64 = torch.int64
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FLOATS = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16))
 _INTEGERS = frozenset(
     d
     for d in (
@@ -549,7 +554,7 @@ def binary(
     generic formula. Invalid values (targets outside [0, 1], negative weights) also take the
     generic path, whose checks raise the error. An infinite logit makes a ``lerp`` or a
     product compute 0 · ∞: a NaN result is recomputed by the guarded generic formula (one
-    scalar test, eager only; traced calls take the generic formula).
+    scalar test, eager only; traced calls: :func:`_binary_traced`).
     """
     if not (
         opts.kind == "logits"
@@ -561,8 +566,10 @@ def binary(
         and input.shape == target.shape
     ):
         return None
-    if not _host_readable(input):
-        return None  # traced: no value test; the generic formula guards infinite logits
+    if not _host_readable(input):  # traced: no value test; eager accelerators: the generic formula
+        if torch_tracing() and opts.plain and weight is None and pos_weight is None:
+            return _binary_traced(input, target, label_smoothing, opts.reduction)
+        return None  # weights and alpha: the generic formula (checks and all)
     if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
         return None  # the generic formula returns float32 under autocast, as PyTorch does
     cdt = torch.float32 if input.dtype in _LOW else input.dtype
@@ -670,6 +677,33 @@ float64's rounding of x from 40 on (PyTorch's default, 20, is not, in float64)."
 _BINARY_SMALL = 1 << 13
 """Up to this many elements, :func:`_binary_small` (fewest kernels); above, :class:`_BinaryCE`
 (one transcendental pass in cache-sized chunks)."""
+
+
+def _binary_traced(x: Tensor, target: Tensor, eps: float, reduction: str) -> Tensor:
+    r"""Traced binary cross-entropy (``torch.compile``, ``torch.export``, ``torch.func``).
+
+    With :math:`\pi = [x > 0]`, :math:`a = |x|` taken as :math:`x` or :math:`-x` by
+    :math:`\pi` and :math:`c = \pi - t`,
+
+    .. math:: \ell = \operatorname{log1p}(e^{-a}) + c\,x
+              = (1-t)\max(x, 0) + t\max(-x, 0) + \operatorname{log1p}(e^{-|x|}),
+
+    a sum of non-negative terms (no cancellation, one exponential and one ``log1p``
+    per element: one fused kernel under inductor). A term with :math:`c = 0` is 0
+    (``±inf`` logit with the matching hard target), read off the values in the graph.
+    Autograd's gradient is :math:`\sigma(x) - t` everywhere, :math:`x = 0` included
+    (the kink of :math:`|x|` and the jump of :math:`c` are taken on the same side).
+    """
+    xc = _compute(x)
+    t = _smoothed(target, xc.dtype, eps)
+    pos = xc > 0
+    tail = torch.log1p(torch.exp(torch.where(pos, -xc, xc)))
+    c = torch.where(pos, 1 - t, -t)
+    loss = tail + torch.where(c == 0, 0.0, c * xc)
+    if reduction != "none":
+        loss = loss.sum() if reduction == "sum" or not loss.numel() else loss.mean()
+    return _finish(loss, x)
+
 
 _BINARY_CHUNK = 1 << 16
 """Elements per chunk of :class:`_BinaryCE`: its temporaries (256 KiB in float32) stay in cache."""

@@ -91,6 +91,17 @@ def array_namespace(*arrays: object, **named: object) -> Any:
         different libraries, or none is an array; the message names the
         argument and the conversion that fixes it.
     """
+    torch = sys.modules.get("torch")
+    if torch is not None:  # the common case first: tensors and None, few names to trace
+        found = False
+        for a in (*arrays, *named.values()):
+            if isinstance(a, torch.Tensor):
+                found = True
+            elif a is not None:
+                break
+        else:
+            if found:
+                return _torch_namespace()
     items = [(f"argument {i + 1}", a) for i, a in enumerate(arrays)] + list(named.items())
     given = [(n, a) for n, a in items if a is not None]
     present = [(n, a) for n, a in given if not isinstance(a, int | float | bool)]
@@ -149,6 +160,12 @@ def torch_tracing() -> bool:
     if torch is None:
         return False
     return bool(torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+
+
+# torch.compile calls it once at trace time and keeps the result, a constant
+# (torch._dynamo.assume_constant_result, without importing torch): traced, it would leave
+# dynamo guards on `sys.modules` and `torch.compiler`, checked before every compiled call
+torch_tracing._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _torch_namespace() -> Any:
@@ -272,8 +289,7 @@ def output_dtype(x: Array, *, xp: Any) -> Any:
     PyTorch's losses compute in float32 under autocast and return float32; so do crossent's.
     """
     if is_torch_tensor(x):
-        import torch
-
+        torch = sys.modules["torch"]  # the module is_torch_tensor read (one source when traced)
         if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
             return torch.float32
     return x.dtype

@@ -100,7 +100,9 @@ def _elementwise_weight(
     if w is None:
         return None
     _check_weight_type(w, name=name)
-    arr: Array = w if is_array(w) else xp.asarray(float(w), dtype=dtype, device=device(input))
+    # a number first: array-api-compat's array test breaks a torch.compile graph on a float
+    number = isinstance(w, int | float)
+    arr: Array = xp.asarray(float(w), dtype=dtype, device=device(input)) if number else w
     check_floating(arr, name=name, xp=xp)
     shape, to = tuple(arr.shape), tuple(input.shape)
     if not _broadcastable(shape, to):
@@ -452,13 +454,13 @@ def binary_cross_entropy(
     [[0.0005, 0.017, 0.13], [0.0001, 0.0, 0.5264]]
     """
     if is_torch_tensor(input):
-        from crossent._backends import _torch as torch_exec
+        from crossent._backends._torch import binary as torch_binary
 
         opts = make_options(
             from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
             reduction=reduction, alpha=alpha,
         )  # fmt: skip
-        out = torch_exec.binary(input, target, weight, pos_weight, opts.label_smoothing, opts)
+        out = torch_binary(input, target, weight, pos_weight, opts.label_smoothing, opts)
         if out is not None:
             return out
     b = _prepare(

@@ -596,14 +596,14 @@ def _nll_loss(
     """
     opts = make_options(ignore_index=ignore_index, reduction=reduction, kind="log_probs")
     if is_torch_tensor(log_probs):
-        from crossent._backends import _torch as torch_exec
+        from crossent._backends._torch import nll as torch_nll
 
         axis_ = check_axis(axis, log_probs.ndim)
         if weight is not None:
             check_class_weight(
                 weight, int(log_probs.shape[axis_]), xp=array_namespace(weight=weight)
             )
-        out = torch_exec.nll(log_probs, target, weight, axis_, opts)
+        out = torch_nll(log_probs, target, weight, axis_, opts)
         if out is not None:
             return out
     if xp is None:

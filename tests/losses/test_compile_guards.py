@@ -1,0 +1,138 @@
+"""What a compiled crossent loss costs per call: dynamo guards, and the traced binary formula.
+
+Every guard dynamo installs is checked before each call of the compiled function;
+at 32 × 10 a hundred of them are a tenth of the call. The scalar options are
+checked once at trace time as a constant (no guards on the checks' globals), and
+the traced binary loss is its own short formula instead of the generic one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+import crossent as ce  # noqa: E402
+from tests._compiled import eager_and_compiled  # noqa: E402
+
+N, C = 8, 5
+
+
+def _data() -> tuple[Any, Any, Any, Any]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, generator=g)
+    y = torch.randint(0, C, (N,), generator=g)
+    probs = torch.softmax(torch.randn(N, C, generator=g), -1)
+    bt = (torch.rand(N, C, generator=g) > 0.5).float()
+    return x, y, probs, bt
+
+
+def _guard_count(loss: Callable[[Any], Any], x: Any) -> int:
+    """Guards dynamo installs for one compiled call of `loss` (``backend="eager"``: no inductor)."""
+    torch._dynamo.reset()
+    seen: list[Any] = []
+
+    def keep_all(entries: list[Any]) -> list[bool]:
+        seen.extend(entries)
+        return [True] * len(entries)
+
+    compiled = torch.compile(loss, backend="eager", options={"guard_filter_fn": keep_all})
+    with torch.no_grad():
+        compiled(x)
+    return len(seen)
+
+
+# before: 100, 109 and 182 guards (torch's own losses: 11); the bounds leave room for a few
+# more, not for the option checks traced again (about 20) or the generic binary formula
+BOUNDS = {"sparse": 72, "categorical": 85, "binary": 58}
+
+
+@pytest.mark.parametrize("name", list(BOUNDS))
+def test_compiled_loss_installs_few_guards(name: str) -> None:
+    x, y, probs, bt = _data()
+    loss = {
+        "sparse": lambda v: ce.sparse_categorical_cross_entropy(v, y, from_logits=True),
+        "categorical": lambda v: ce.categorical_cross_entropy(v, probs, from_logits=True),
+        "binary": lambda v: ce.binary_cross_entropy(v, bt, from_logits=True),
+    }[name]
+    reference = _guard_count(lambda v: F.cross_entropy(v, y), x)
+    count = _guard_count(loss, x)
+    assert reference < 20
+    assert count <= BOUNDS[name], count
+
+
+def test_bad_option_under_compile_raises_its_own_error() -> None:
+    """The constant option check gives way to the traced checks, which raise the ValueError."""
+    torch._dynamo.reset()
+    x, y, _, _ = _data()
+    compiled = torch.compile(
+        lambda v: ce.sparse_categorical_cross_entropy(v, y, from_logits=True, reduction="avg"),
+        backend="eager",
+    )
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        compiled(x)
+
+
+def test_compiled_options_are_the_call_s_own() -> None:
+    """Options are constants of one compiled call: other values recompile, never reuse."""
+    torch._dynamo.reset()
+    x, y, _, _ = _data()
+
+    def loss(v: Any, eps: float) -> Any:
+        return ce.sparse_categorical_cross_entropy(v, y, from_logits=True, label_smoothing=eps)
+
+    compiled = torch.compile(loss, backend="eager")
+    for eps in (0.0, 0.2, 0.0):
+        torch.testing.assert_close(compiled(x, eps), F.cross_entropy(x, y, label_smoothing=eps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_traced_binary_equals_eager_at_zero_and_infinite_logits(dtype: Any, reduction: str) -> None:
+    """The traced formula: value and gradient as eagerly (exact there), σ(0) - t at x = 0."""
+    torch._dynamo.reset()
+    x = torch.tensor(
+        [[0.0, 0.0, 0.0, math.inf, -math.inf], [60.0, -60.0, 1e-3, -30.0, 2.5]], dtype=torch.float64
+    ).to(dtype)
+    t = torch.tensor([[0.0, 1.0, 0.3, 1.0, 0.0], [1.0, 0.0, 0.7, 0.0, 0.25]], dtype=torch.float64)
+    t = t.to(dtype)
+
+    def loss(v: Any) -> Any:
+        return ce.binary_cross_entropy(v, t, from_logits=True, reduction=reduction)
+
+    results = eager_and_compiled(loss, x)
+    exact = {"rtol": 2e-15, "atol": 0.0} if dtype == torch.float64 else {}
+    torch.testing.assert_close(results[1][0], results[0][0], **exact)
+    torch.testing.assert_close(results[1][1], results[0][1], **exact)
+    grad = results[1][1].double() * (x.numel() if reduction == "mean" else 1)
+    torch.testing.assert_close(grad[0, :3], 0.5 - t[0, :3].double(), rtol=1e-2, atol=1e-3)
+    # exact small losses where torch's formula cancels (x = -30, t = 0: 9.4e-14 in float32)
+    if reduction == "none" and dtype != torch.bfloat16:
+        expected = math.log1p(math.exp(-30.0))
+        assert results[1][0][1, 3].item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"weight": "w"}, {"pos_weight": "w"}, {"alpha": 0.25}, {"weight": 2.0, "pos_weight": 3.0}],
+    ids=["weight", "pos_weight", "alpha", "numbers"],
+)
+def test_traced_binary_keeps_weights_and_alpha(options: dict[str, Any]) -> None:
+    # the short traced formula has no weights: a weighted call must not take it
+    x, _, _, bt = _data()
+    w = torch.linspace(0.5, 2.0, C)
+    kw = {k: (w if v == "w" else v) for k, v in options.items()}
+    torch._dynamo.reset()
+    (eager, compiled) = eager_and_compiled(
+        lambda v: ce.binary_cross_entropy(v, bt, from_logits=True, **kw), x
+    )
+    torch.testing.assert_close(compiled, eager)
+    torch_kw = {k: torch.as_tensor(v) for k, v in kw.items() if k != "alpha"}
+    if "alpha" not in kw:
+        ref = F.binary_cross_entropy_with_logits(x, bt, **torch_kw)
+        torch.testing.assert_close(eager[0], ref)
