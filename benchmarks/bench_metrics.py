@@ -28,6 +28,8 @@ import numpy as np
 
 from crossent.metrics import ClassificationMetrics, CrossEntropy
 from crossent.metrics import _functional as F
+from crossent.metrics._exact import _BLOCK as BLOCK
+from crossent.metrics._exact import laned, lanes_for
 
 
 class _FloatSum:
@@ -53,10 +55,15 @@ class _FloatSum:
     ) -> _FloatSum:
         if index is None:
             self.total = self.total + np.sum(values, dtype=np.float64)
-        else:
-            size = self.total.size
-            summed = np.bincount(index, weights=values, minlength=size)
-            self.total = self.total + summed.reshape(self.shape)
+            return self
+        # np.add.at (faster than np.bincount in NumPy 2) over the lanes ExactSum uses
+        size = self.total.size
+        lanes = lanes_for(size)
+        summed = np.zeros(lanes * size)
+        for start in range(0, values.size, BLOCK):
+            part = slice(start, start + BLOCK)
+            np.add.at(summed, laned(index[part], size, lanes), values[part])
+        self.total = self.total + summed.reshape(lanes, size).sum(axis=0).reshape(self.shape)
         return self
 
     def merge(self, other: _FloatSum) -> _FloatSum:
