@@ -88,14 +88,21 @@ class _FloatSum:
         return _FloatSum(np.asarray(self.total[key]))
 
 
+def _add_each(values: np.ndarray, targets: list[Any]) -> None:
+    """The float64 counterpart of ``add_to_each``: each target on its own."""
+    for target, index, most in targets:
+        target.add(values, index, most=most)
+
+
 @contextlib.contextmanager
 def _float_sums() -> Iterator[None]:
-    exact = F.ExactSum
-    F.ExactSum = _FloatSum  # type: ignore[misc, assignment]
+    exact, shared = F.ExactSum, F.add_to_each
+    F.ExactSum = _FloatSum  # type: ignore[misc, assignment, unused-ignore]
+    F.add_to_each = _add_each
     try:
         yield
     finally:
-        F.ExactSum = exact  # type: ignore[misc]
+        F.ExactSum, F.add_to_each = exact, shared
 
 
 def _cpu(fn: Callable[[], object]) -> float:

@@ -399,3 +399,40 @@ def test_blocks_near_the_whole_value_bound(span: int, below: bool, sign: float) 
     each.add(-xs[:-3], index[:-3])
     assert float(one) == xs[-1]  # one value each: the sum is representable, every bit shows
     assert each.value().tolist() == xs[-3:].tolist()
+
+
+@pytest.mark.parametrize(
+    "kind", ["cancellation", "subnormal", "whole_range", "huge", "probabilities", "near_largest"]
+)
+def test_one_split_for_many_sums_gives_each_sum_exactly(kind: str) -> None:
+    """add_to_each: the values split once (pieces as narrow as the most crowded sum needs),
+    scattered into every sum by its own indices: the bits of each sum added alone."""
+    from crossent.metrics._exact import add_to_each
+
+    rng = np.random.default_rng(len(kind) + 7)
+    if kind == "near_largest":  # full pieces: the crowded sum's partial sums at their bound
+        xs = 1.0 - rng.random(3000) * 2.0**-12
+    else:
+        xs = _adversarial(kind, rng)
+        xs[rng.choice(xs.size, size=3, replace=False)] = [math.inf, math.nan, -math.inf]
+    crowded = np.where(rng.random(xs.size) < 0.9, 0, rng.integers(0, 3, size=xs.size))
+    spread = rng.integers(0, 4000, size=xs.size)
+    targets = [
+        (ExactSum.zeros(), None, None),
+        (ExactSum.zeros((3,)), crowded, int(np.bincount(crowded).max())),
+        (ExactSum.zeros((4000,)), spread, int(np.bincount(spread).max())),
+    ]
+    add_to_each(xs, targets)
+    for target, index, most in targets:
+        alone = ExactSum.zeros(target.shape).add(xs, index, most=most)
+        np.testing.assert_array_equal(_bits(target.value()), _bits(alone.value()))
+    finite = np.isfinite(xs)
+    one = ExactSum.zeros().add(xs[finite])
+    assert float(one) == _reference(xs[finite].tolist())
+    got = targets[1][0].value()
+    for k in range(3):
+        members = crowded == k
+        if np.all(finite[members]):
+            assert got[k] == _reference(xs[members].tolist())
+        else:
+            assert not math.isfinite(got[k])
