@@ -29,6 +29,8 @@ values (tiny next to the block's largest) may have bits below the second
 grid: when they are few, what is left of them after the first piece goes
 round again, alone, on a finer grid; when they are many, their second piece
 is cut on the grid :math:`2^{g-L}` and only the bits below it go round again.
+:func:`add_to_each` adds the same values to several sums (by their own
+indices) with one split of each block.
 
 Because the state is the exact sum, it does not depend on the order of the
 rows, on how they were split into batches or shards, or on the order in
