@@ -14,13 +14,16 @@ of exactness alone. Rows per second of
 ``crossent eval`` (reading the file included: CSV and Parquet), of
 ``ClassificationMetrics.update`` (every figure ``crossent eval`` reports)
 and of ``CrossEntropy.update`` on in-memory NumPy logits; process CPU time, contenders
-interleaved A, B, A, B over rounds, median ratio reported.
+interleaved A, B, A, B over rounds, median ratio reported, and the median
+ratio of user time alone (system time, mostly page faults of the large
+arrays both contenders allocate, varies most on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import tempfile
 import time
@@ -109,26 +112,42 @@ def _float_sums() -> Iterator[None]:
         F.ExactSum, F.add_to_each = exact, shared
 
 
-def _cpu(fn: Callable[[], object]) -> float:
-    start = time.process_time()
+def _cpu(fn: Callable[[], object]) -> tuple[float, float]:
+    """Process CPU time (user + system) and user time alone of one call."""
+    start, user = time.process_time(), _user_time()
     fn()
-    return time.process_time() - start
+    return time.process_time() - start, _user_time() - user
+
+
+def _user_time() -> float:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows: no user/system split
+        return time.process_time()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
 
 
 def _ab(exact: Callable[[], object], plain: Callable[[], object], rounds: int) -> tuple[float, ...]:
-    """(exact seconds, plain seconds, median ratio exact/plain), interleaved."""
+    """(exact seconds, plain seconds, median ratio exact/plain, median ratio of user time),
+    interleaved."""
     exact()  # warm up both
     with _float_sums():
         plain()
-    a_times, b_times, ratios = [], [], []
+    a_times, b_times, ratios, user_ratios = [], [], [], []
     for _ in range(rounds):
-        a = _cpu(exact)
+        a, a_user = _cpu(exact)
         with _float_sums():
-            b = _cpu(plain)
+            b, b_user = _cpu(plain)
         a_times.append(a)
         b_times.append(b)
         ratios.append(a / b)
-    return statistics.median(a_times), statistics.median(b_times), statistics.median(ratios)
+        user_ratios.append(a_user / b_user if b_user else math.nan)
+    return (
+        statistics.median(a_times),
+        statistics.median(b_times),
+        statistics.median(ratios),
+        statistics.median(user_ratios),
+    )
 
 
 def _logits(n: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -153,8 +172,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes")
     args = parser.parse_args()
     rounds = 3 if args.quick else 15  # the machine may be shared: many rounds, median ratio
-    print("| case | rows | classes | exact rows/s | float rows/s | exact / float time |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| case | rows | classes | exact rows/s | float rows/s | exact / float time "
+        "| exact / float user time |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     sizes = [(20_000, 10)] if args.quick else [(200_000, 10), (200_000, 100), (20_000, 1000)]
     for n, c in sizes:
         z, y = _logits(n, c)
@@ -170,8 +192,10 @@ def main() -> None:
                     metric.update(z[start : start + 65536], y[start : start + 65536])
                 metric.compute()
 
-            a, b, ratio = _ab(update, update, rounds)
-            print(f"| {name} | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} |")
+            a, b, ratio, user = _ab(update, update, rounds)
+            print(
+                f"| {name} | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} | {user:.3f} |"
+            )
     from crossent._eval import evaluate
 
     file_sizes = [(20_000, 10)] if args.quick else [(500_000, 10), (100_000, 100)]
@@ -182,8 +206,11 @@ def main() -> None:
                 def run(path: Path = path) -> None:
                     evaluate(path, input_kind="logits")
 
-                a, b, ratio = _ab(run, run, rounds)
-                print(f"| eval {fmt} | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} |")
+                a, b, ratio, user = _ab(run, run, rounds)
+                print(
+                    f"| eval {fmt} | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} "
+                    f"| {user:.3f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -311,7 +311,7 @@ class ExactSum:
         return None if width == 0 else (self.lo, self.lo + width)
 
 
-Target = tuple[ExactSum, "np.ndarray | None", "int | None"]
+Target = tuple[ExactSum, np.ndarray | None, int | None]  # (sum, flat indices, most)
 
 
 def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
