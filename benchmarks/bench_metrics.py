@@ -170,8 +170,9 @@ def _files(tmp: Path, n: int, c: int) -> dict[str, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--rounds", type=int, help="rounds per case (default 3 quick, 15 full)")
     args = parser.parse_args()
-    rounds = 3 if args.quick else 15  # the machine may be shared: many rounds, median ratio
+    rounds = args.rounds or (3 if args.quick else 15)  # a shared machine: many rounds, median
     print(
         "| case | rows | classes | exact rows/s | float rows/s | exact / float time "
         "| exact / float user time |"
