@@ -5,18 +5,25 @@ Run: ``python -m benchmarks.bench_metrics [--quick]``.
 The metric states keep exact sums (:class:`crossent.metrics._exact.ExactSum`),
 so merged shards give the single-pass figures bit for bit. The reference in
 the same run is the same code with the exact sums swapped for plain float64
-sums (``np.bincount`` / pairwise ``np.sum``, what the states held before),
-so the ratio is the price of exactness alone. Rows per second of
+sums of the same terms: pairwise ``np.sum`` for one sum, and per element
+``np.add.at`` (faster than ``np.bincount`` in NumPy 2) over the same lanes
+as the exact sums (:func:`~crossent.metrics._exact.laned`: runs of values
+into one element, such as a column-major probability column, add in
+independent chains), in blocks of the same size; so the ratio is the price
+of exactness alone. Rows per second of
 ``crossent eval`` (reading the file included: CSV and Parquet), of
 ``ClassificationMetrics.update`` (every figure ``crossent eval`` reports)
 and of ``CrossEntropy.update`` on in-memory NumPy logits; process CPU time, contenders
-interleaved A, B, A, B over rounds, median ratio reported.
+interleaved A, B, A, B over rounds, median ratio reported, and the median
+ratio of user time alone (system time, mostly page faults of the large
+arrays both contenders allocate, varies most on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import tempfile
 import time
@@ -28,6 +35,8 @@ import numpy as np
 
 from crossent.metrics import ClassificationMetrics, CrossEntropy
 from crossent.metrics import _functional as F
+from crossent.metrics._exact import _BLOCK as BLOCK
+from crossent.metrics._exact import laned, lanes_for
 
 
 class _FloatSum:
@@ -53,10 +62,15 @@ class _FloatSum:
     ) -> _FloatSum:
         if index is None:
             self.total = self.total + np.sum(values, dtype=np.float64)
-        else:
-            size = self.total.size
-            summed = np.bincount(index, weights=values, minlength=size)
-            self.total = self.total + summed.reshape(self.shape)
+            return self
+        # np.add.at (faster than np.bincount in NumPy 2) over the lanes ExactSum uses
+        size = self.total.size
+        lanes = lanes_for(size)
+        summed = np.zeros(lanes * size)
+        for start in range(0, values.size, BLOCK):
+            part = slice(start, start + BLOCK)
+            np.add.at(summed, laned(index[part], size, lanes), values[part])
+        self.total = self.total + summed.reshape(lanes, size).sum(axis=0).reshape(self.shape)
         return self
 
     def merge(self, other: _FloatSum) -> _FloatSum:
@@ -81,36 +95,59 @@ class _FloatSum:
         return _FloatSum(np.asarray(self.total[key]))
 
 
+def _add_each(values: np.ndarray, targets: list[Any]) -> None:
+    """The float64 counterpart of ``add_to_each``: each target on its own."""
+    for target, index, most in targets:
+        target.add(values, index, most=most)
+
+
 @contextlib.contextmanager
 def _float_sums() -> Iterator[None]:
-    exact = F.ExactSum
-    F.ExactSum = _FloatSum  # type: ignore[misc, assignment]
+    exact, shared = F.ExactSum, F.add_to_each
+    F.ExactSum = _FloatSum  # type: ignore[misc, assignment, unused-ignore]
+    F.add_to_each = _add_each
     try:
         yield
     finally:
-        F.ExactSum = exact  # type: ignore[misc]
+        F.ExactSum, F.add_to_each = exact, shared
 
 
-def _cpu(fn: Callable[[], object]) -> float:
-    start = time.process_time()
+def _cpu(fn: Callable[[], object]) -> tuple[float, float]:
+    """Process CPU time (user + system) and user time alone of one call."""
+    start, user = time.process_time(), _user_time()
     fn()
-    return time.process_time() - start
+    return time.process_time() - start, _user_time() - user
+
+
+def _user_time() -> float:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows: no user/system split
+        return time.process_time()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
 
 
 def _ab(exact: Callable[[], object], plain: Callable[[], object], rounds: int) -> tuple[float, ...]:
-    """(exact seconds, plain seconds, median ratio exact/plain), interleaved."""
+    """(exact seconds, plain seconds, median ratio exact/plain, median ratio of user time),
+    interleaved."""
     exact()  # warm up both
     with _float_sums():
         plain()
-    a_times, b_times, ratios = [], [], []
+    a_times, b_times, ratios, user_ratios = [], [], [], []
     for _ in range(rounds):
-        a = _cpu(exact)
+        a, a_user = _cpu(exact)
         with _float_sums():
-            b = _cpu(plain)
+            b, b_user = _cpu(plain)
         a_times.append(a)
         b_times.append(b)
         ratios.append(a / b)
-    return statistics.median(a_times), statistics.median(b_times), statistics.median(ratios)
+        user_ratios.append(a_user / b_user if b_user else math.nan)
+    return (
+        statistics.median(a_times),
+        statistics.median(b_times),
+        statistics.median(ratios),
+        statistics.median(user_ratios),
+    )
 
 
 def _logits(n: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -133,10 +170,14 @@ def _files(tmp: Path, n: int, c: int) -> dict[str, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--rounds", type=int, help="rounds per case (default 3 quick, 15 full)")
     args = parser.parse_args()
-    rounds = 3 if args.quick else 7
-    print("| case | rows | classes | exact rows/s | float rows/s | exact / float time |")
-    print("|---|---:|---:|---:|---:|---:|")
+    rounds = args.rounds or (3 if args.quick else 15)  # a shared machine: many rounds, median
+    print(
+        "| case | rows | classes | exact rows/s | float rows/s | exact / float time "
+        "| exact / float user time |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     sizes = [(20_000, 10)] if args.quick else [(200_000, 10), (200_000, 100), (20_000, 1000)]
     for n, c in sizes:
         z, y = _logits(n, c)
@@ -152,8 +193,10 @@ def main() -> None:
                     metric.update(z[start : start + 65536], y[start : start + 65536])
                 metric.compute()
 
-            a, b, ratio = _ab(update, update, rounds)
-            print(f"| {name} | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} |")
+            a, b, ratio, user = _ab(update, update, rounds)
+            print(
+                f"| {name} | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} | {user:.3f} |"
+            )
     from crossent._eval import evaluate
 
     file_sizes = [(20_000, 10)] if args.quick else [(500_000, 10), (100_000, 100)]
@@ -164,8 +207,11 @@ def main() -> None:
                 def run(path: Path = path) -> None:
                     evaluate(path, input_kind="logits")
 
-                a, b, ratio = _ab(run, run, rounds)
-                print(f"| eval {fmt} | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} |")
+                a, b, ratio, user = _ab(run, run, rounds)
+                print(
+                    f"| eval {fmt} | {n:,} | {c} | {n / a:,.0f} | {n / b:,.0f} | {ratio:.3f} "
+                    f"| {user:.3f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -304,3 +304,135 @@ def test_carries_are_propagated_before_any_read(monkeypatch: pytest.MonkeyPatch)
     lazy.pad_to(*lazy.window())  # type: ignore[misc]
     assert lazy.uncarried == 0
     assert np.all((lazy.limbs[:, :-1] >= 0) & (lazy.limbs[:, :-1] < 2**32))
+
+
+# ---------------------------------------------------------------- the fast paths of add()
+
+
+def _tiny_among_large(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Full-mantissa values near 1 with some far below: the rests that go round again."""
+    n = 20_000
+    xs = 1.0 - rng.random(n) * 0.5
+    if kind == "many_equal":  # one value, many times: partial sums at their bound
+        return np.full(n, 1.0 - 2.0**-52)
+    share = 0.5 if kind == "many_tiny" else 0.02
+    tiny = rng.random(n) < share
+    xs[tiny] = rng.random(int(tiny.sum())) * 10.0 ** rng.integers(-320, -5, size=int(tiny.sum()))
+    if kind == "zeros":
+        xs[rng.random(n) < 0.05] = 0.0
+    if kind == "subnormal":
+        sub = rng.random(n) < 0.02
+        xs[sub] = rng.integers(1, 2**40, size=int(sub.sum())) * 5e-324
+    if kind == "negative":
+        xs = -xs
+    if kind == "mixed":
+        xs *= rng.choice([-1.0, 1.0], size=n)
+    if kind == "cancel":  # each value and its negative: the sums cancel to exactly 0
+        xs = np.concatenate([xs, -xs[::-1]])
+    return xs
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["few_tiny", "many_tiny", "zeros", "subnormal", "negative", "mixed", "cancel", "many_equal"],
+)
+@pytest.mark.parametrize("few", [0.0, 1 / 8, 1.0])
+def test_rests_that_go_round_again_are_exact(
+    kind: str, few: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Values below 2**(low grid + 52) may have bits below the low grid: either their rests
+    go round again whole (few of them) or their low pieces are cut on the low grid (many);
+    both exact, for every element count (with lanes and without) and for one sum."""
+    from crossent.metrics import _exact
+
+    monkeypatch.setattr(_exact, "_FEW_SMALL", few)  # 0: always cut; 1: always round again
+    rng = np.random.default_rng(sum(map(ord, kind)))
+    xs = _tiny_among_large(kind, rng)
+    assert float(ExactSum.zeros().add(xs)) == math.fsum(xs.tolist())
+    for size in (3, 5000):  # 8 lanes per element, and one
+        index = rng.integers(0, size, size=xs.size)
+        if kind == "cancel":
+            index[xs.size // 2 :] = index[: xs.size // 2][::-1]
+        got = ExactSum.zeros((size,)).add(xs, index, most=int(np.bincount(index).max()))
+        for k in (0, 1, 2, size - 1):
+            want = math.fsum(xs[index == k].tolist())
+            assert _bits(got.value()[k]) == _bits(want), (size, k)
+        if kind == "cancel":
+            assert not np.any(got.value())
+
+
+def test_lanes_add_runs_into_one_element_exactly() -> None:
+    """A column of probabilities in column-major order: long runs into one element, spread
+    over lanes; the lanes' partial sums, each exact, add exactly at the bound."""
+    rng = np.random.default_rng(8)
+    n = 2**16  # the bound of 36-bit pieces: 2**16 per element
+    xs = 1.0 - rng.random(3 * n) * 2.0**-20
+    index = np.repeat([4, 0, 7], n)  # runs of 2**16 values into one element each
+    got = ExactSum.zeros((2, 5)).add(xs, index, most=n).value().ravel()
+    for k in range(10):
+        assert got[k] == math.fsum(xs[index == k].tolist())
+    shards = [ExactSum.zeros((2, 5)).add(xs[a::5], index[a::5]) for a in range(5)]
+    merged = shards[3].merge(shards[0]).merge(shards[4].merge(shards[1])).merge(shards[2])
+    np.testing.assert_array_equal(_bits(merged.value().ravel()), _bits(got))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("below", [False, True])
+@pytest.mark.parametrize("span", range(16, 36))
+def test_blocks_near_the_whole_value_bound(span: int, below: bool, sign: float) -> None:
+    """Values log-uniform over 2**-span..1: the smallest sits above or below the magnitude
+    from which every value's rest is its low piece (no round again), whichever the level.
+    All but the smallest are taken away again, so a lost bit shows."""
+    rng = np.random.default_rng(span)
+    mantissa, exponent = np.frexp(2.0 ** -(rng.random(4000) * span))
+    xs = np.ldexp(np.round(np.ldexp(mantissa, 30)), exponent - 30)  # 30 bits: low bits clear
+    xs[0] = 1.0 - 2.0**-53
+    odd = np.array([1, 3, 5])  # the lowest bits of all, just above or below a power of 2
+    xs[-3:] = 2.0**-span * (1 - odd * 2.0**-53 if below else 1 + odd * 2.0**-52)
+    xs *= sign
+    index = rng.integers(0, 3, size=xs.size)
+    index[-3:] = [0, 1, 2]
+    one, each = ExactSum.zeros(), ExactSum.zeros((3,))
+    one.add(xs)
+    each.add(xs, index, most=int(np.bincount(index).max()))
+    one.add(-xs[:-1])
+    each.add(-xs[:-3], index[:-3])
+    assert float(one) == xs[-1]  # one value each: the sum is representable, every bit shows
+    assert each.value().tolist() == xs[-3:].tolist()
+
+
+@pytest.mark.parametrize(
+    "kind", ["cancellation", "subnormal", "whole_range", "huge", "probabilities", "near_largest"]
+)
+def test_one_split_for_many_sums_gives_each_sum_exactly(kind: str) -> None:
+    """add_to_each: the values split once (pieces as narrow as the most crowded sum needs),
+    scattered into every sum by its own indices: the bits of each sum added alone."""
+    from crossent.metrics._exact import add_to_each
+
+    rng = np.random.default_rng(len(kind) + 7)
+    if kind == "near_largest":  # full pieces: the crowded sum's partial sums at their bound
+        xs = 1.0 - rng.random(3000) * 2.0**-12
+    else:
+        xs = _adversarial(kind, rng)
+        xs[rng.choice(xs.size, size=3, replace=False)] = [math.inf, math.nan, -math.inf]
+    crowded = np.where(rng.random(xs.size) < 0.9, 0, rng.integers(0, 3, size=xs.size))
+    spread = rng.integers(0, 4000, size=xs.size)
+    targets = [
+        (ExactSum.zeros(), None, None),
+        (ExactSum.zeros((3,)), crowded, int(np.bincount(crowded).max())),
+        (ExactSum.zeros((4000,)), spread, int(np.bincount(spread).max())),
+    ]
+    add_to_each(xs, targets)
+    for target, index, most in targets:
+        alone = ExactSum.zeros(target.shape).add(xs, index, most=most)
+        np.testing.assert_array_equal(_bits(target.value()), _bits(alone.value()))
+    finite = np.isfinite(xs)
+    one = ExactSum.zeros().add(xs[finite])
+    assert float(one) == _reference(xs[finite].tolist())
+    got = targets[1][0].value()
+    for k in range(3):
+        members = crowded == k
+        if np.all(finite[members]):
+            assert got[k] == _reference(xs[members].tolist())
+        else:
+            assert not math.isfinite(got[k])

@@ -15,13 +15,22 @@ Adding a batch costs a few passes over it, in blocks that stay in cache:
 each value splits without error into two pieces on the grids :math:`2^{g}`
 and :math:`2^{g-L}` (Rump, Ogita and Oishi's extraction, :math:`g` set by
 the block's largest magnitude), and the pieces go into float64 partial sums
-per element (``np.add.at``), which are exact: each holds at most
-:math:`2^{52-L}` pieces of at most :math:`L` bits on its grid (:math:`L`
-from 36 up, the fewer values an element gets in the call, the more). The
-partial sums go into the digits as integers at the end of the call (or every
-:math:`2^{52-L}` values per element); carries are propagated lazily, before
-the digits are read. Values with bits below the second grid (tiny next to the block's
-largest) go round again, alone.
+per element (``np.add.at``, over eight lanes per element when there are few
+elements, so that runs of values into one element add in independent
+chains), which are exact: each holds at most :math:`2^{52-L}` pieces of at
+most :math:`L` bits on its grid (:math:`L` from 36 up, the fewer values an
+element gets in the call, the more). The partial sums go into the digits as
+integers at the end of the call (or every :math:`2^{52-L}` values per
+element); carries are propagated lazily, before the digits are read. A value
+of magnitude at least :math:`2^{g-L+52}` is a multiple of :math:`2^{g-L}`:
+what is left of it after the first piece is its second piece, so a block whose
+smallest magnitude is that large costs three passes and two scatters. Smaller
+values (tiny next to the block's largest) may have bits below the second
+grid: when they are few, what is left of them after the first piece goes
+round again, alone, on a finer grid; when they are many, their second piece
+is cut on the grid :math:`2^{g-L}` and only the bits below it go round again.
+:func:`add_to_each` adds the same values to several sums (by their own
+indices) with one split of each block.
 
 Because the state is the exact sum, it does not depend on the order of the
 rows, on how they were split into batches or shards, or on the order in
@@ -40,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ExactSum"]
+__all__ = ["ExactSum", "add_to_each", "laned", "lanes_for"]
 
 _BASE = -1138  # exponent of digit 0's lowest bit: below 2**-1126, the lowest mantissa bit
 _DIGIT = 32
@@ -54,6 +63,10 @@ _MAX_PARTIALS = 8  # partial sums (one per grid) kept at a time
 _CARRY_EVERY = 1 << 20  # deposits between carries: each adds less than 2**33 to a digit
 _MIN_GRID = -1074  # every float64 is a multiple of 2**-1074
 _MAX_GRID = 1022 - 52  # the largest grid whose extraction constant 1.5 * 2**(g+52) is finite
+_LANES = 8  # partial sums per element, each taking every 8th value: independent additions
+_LANE_ELEMENTS = 2048  # up to this many elements (long runs into one element are likely)
+_MAX_OFFSETS = 16  # lane offset arrays kept (one per number of elements)
+_FEW_SMALL = 1 / 8  # fraction of a block whose rests go round again whole (their low piece not cut)
 _FEW_ROWS = 16  # value() rounds up to this many sums one by one with Python ints
 _EMPTY = np.empty(0, dtype=np.float64)
 
@@ -171,82 +184,11 @@ class ExactSum:
         holds (its partial sums stay exact), the fewer values need a second
         round. Returns ``self``.
         """
-        values = np.asarray(values, dtype=np.float64).ravel()
-        flat_index = None if index is None else np.asarray(index, dtype=np.int64).ravel()
-        if flat_index is not None and flat_index.size != values.size:
-            msg = f"`index` has {flat_index.size} entries for {values.size} values."
-            raise ValueError(msg)
-        pending = _Pending(self, values.size if most is None else min(most, values.size))
-        while values.size:  # each round adds 2L bits of every value; few have more left
-            left: list[np.ndarray] = []
-            left_index: list[np.ndarray] = []
-            for start in range(0, values.size, _BLOCK):
-                part = slice(start, start + _BLOCK)
-                where = None if flat_index is None else flat_index[part]
-                rest, rest_index = self._add_block(values[part], where, pending)
-                if rest.size:
-                    left.append(rest)
-                    if rest_index is not None:
-                        left_index.append(rest_index)
-            values = np.concatenate(left) if left else _EMPTY
-            flat_index = np.concatenate(left_index) if left_index else None
-        pending.deposit_all()
+        add_to_each(values, [(self, index, most)])
         return self
 
-    def _add_block(
-        self, values: np.ndarray, where: np.ndarray | None, pending: _Pending
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Add the top 2L bits of each of `values` (at most ``_BLOCK``); return what is left.
-
-        Each value splits error-free into two pieces on the grids 2**g and
-        2**(g − L), L = ``pending.level``, g set by the block's largest magnitude, and the
-        pieces go into float64 partial sums, exact on those grids. What is
-        left (values with bits below the second grid: tiny next to the
-        block's largest) comes back, with its indices, for another round.
-        """
-        amax = max(float(values.max()), -float(values.min()))  # NaN or inf if any is
-        if not math.isfinite(amax):
-            values, where = self._count_non_finite(values, where)
-            amax = float(np.abs(values).max()) if values.size else 0.0
-        if amax == 0:
-            return _EMPTY, None
-        top = math.frexp(amax)[1]  # every |value| < 2**top
-        level = pending.level
-        if top - level > _MAX_GRID:
-            flat = np.zeros(values.size, dtype=np.int64) if where is None else where
-            self._add_huge(values, flat)
-            return _EMPTY, None
-        grid, partial = pending.partial_sums(max(top - level, _MIN_GRID), values.size)
-        low_grid = max(grid - level, _MIN_GRID)
-        high, low, rest, left = _scratch(values.size)
-        # error-free extraction (Rump, Ogita & Oishi's ExtractScalar): sigma + x lies in
-        # [2**(g+52), 2**(g+53)), where floats are 2**g apart, so (x + sigma) - sigma is x
-        # rounded to a multiple of 2**g and x minus it is exact; |high| <= 2**(g + L)
-        sigma = math.ldexp(1.5, grid + 52)
-        np.add(values, sigma, out=high)
-        high -= sigma
-        np.subtract(values, high, out=rest)  # |rest| <= 2**(g-1)
-        sigma = math.ldexp(1.5, low_grid + 52)
-        np.add(rest, sigma, out=low)
-        low -= sigma  # |low| <= 2**(g-1) = 2**(low_grid + L - 1)
-        if where is None:  # every partial sum is exact, so the order does not matter
-            partial[0] += high.sum()
-            partial[1] += low.sum()
-        else:
-            np.add.at(partial[0], where, high)
-            np.add.at(partial[1], where, low)
-        if low_grid == _MIN_GRID:
-            return _EMPTY, None
-        np.not_equal(rest, low, out=left)  # bits below the low grid
-        if not np.count_nonzero(left):
-            return _EMPTY, None
-        live = np.flatnonzero(left)  # (of a bool mask: much faster than of floats)
-        return rest[live] - low[live], None if where is None else where[live]
-
-    def _count_non_finite(
-        self, values: np.ndarray, where: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Count the NaN and ±inf of `values` into their elements; return the finite ones."""
+    def _count_non_finite(self, values: np.ndarray, where: np.ndarray | None) -> None:
+        """Count the NaN and ±inf of `values` into their elements (`where`; element 0 if None)."""
         size = self.nan.size
         flat = np.zeros(values.size, dtype=np.int64) if where is None else where
         for counts, hit in (
@@ -255,8 +197,6 @@ class ExactSum:
             (self.neg_inf, values == -np.inf),
         ):
             counts += np.bincount(flat[hit], minlength=size).reshape(self.shape)
-        finite = np.isfinite(values)
-        return values[finite], None if where is None else where[finite]
 
     def _add_huge(self, values: np.ndarray, flat_index: np.ndarray) -> None:
         """Add values of any magnitude: each mantissa split into three integer digits.
@@ -371,6 +311,137 @@ class ExactSum:
         return None if width == 0 else (self.lo, self.lo + width)
 
 
+Target = tuple[ExactSum, np.ndarray | None, int | None]  # (sum, flat indices, most)
+
+
+def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
+    """Add the same `values` to each of `targets`: (sum, flat indices or None, `most`).
+
+    What :meth:`ExactSum.add` does for one sum, with one split of each
+    block for all of them (the pieces as narrow as the most crowded target
+    needs): each target gets the pieces scattered into its own partial sums,
+    by its own indices.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    wheres: list[np.ndarray | None] = []
+    pendings: list[_Pending] = []
+    for target, index, most in targets:
+        flat_index = None if index is None else np.asarray(index, dtype=np.int64).ravel()
+        if flat_index is not None and flat_index.size != values.size:
+            msg = f"`index` has {flat_index.size} entries for {values.size} values."
+            raise ValueError(msg)
+        wheres.append(flat_index)
+        lanes = 1 if flat_index is None else lanes_for(target.nan.size)
+        bound = values.size if most is None else min(most, values.size)
+        pendings.append(_Pending(target, bound, lanes=lanes))
+    level = min((pending.level for pending in pendings), default=_MAX_LEVEL)
+    for pending in pendings:  # one level for all: the same grids, one split
+        pending.set_level(level)
+    sums = [target for target, _, _ in targets]
+    while values.size:  # each round adds 2L bits of every value; few have more left
+        left: list[np.ndarray] = []
+        left_index: list[list[np.ndarray]] = [[] for _ in targets]
+        for start in range(0, values.size, _BLOCK):
+            part = slice(start, start + _BLOCK)
+            each = [
+                (target, pending, None if where is None else where[part])
+                for target, pending, where in zip(sums, pendings, wheres, strict=True)
+            ]
+            rest, rest_index = _add_block(values[part], each)
+            if rest.size:
+                left.append(rest)
+                for kept, where in zip(left_index, rest_index, strict=True):
+                    if where is not None:
+                        kept.append(where)
+        values = np.concatenate(left) if left else _EMPTY
+        wheres = [np.concatenate(kept) if kept else None for kept in left_index]
+    for pending in pendings:
+        pending.deposit_all()
+
+
+def _add_block(
+    values: np.ndarray, each: list[tuple[ExactSum, _Pending, np.ndarray | None]]
+) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """Add the top bits of each of `values` (at most ``_BLOCK``) to every (sum, pending,
+    indices) of `each`; return what is left, with its indices for each.
+
+    Each value splits error-free into two pieces on the grids 2**g and
+    2**(g − L), L the pendings' level, g set by the block's largest
+    magnitude, and the pieces go into float64 partial sums, exact on those
+    grids. What is left (values with bits below the second grid: tiny next
+    to the block's largest) comes back for another round.
+    """
+    nothing: list[np.ndarray | None] = [None] * len(each)
+    largest, smallest = float(values.max()), float(values.min())  # NaN if any is
+    if not (math.isfinite(largest) and math.isfinite(smallest)):
+        finite = np.isfinite(values)
+        for target, _, where in each:
+            target._count_non_finite(values, where)
+        values = values[finite]
+        each = [(t, p, None if w is None else w[finite]) for t, p, w in each]
+        if not values.size:
+            return _EMPTY, nothing
+        largest, smallest = float(values.max()), float(values.min())
+    amax = max(largest, -smallest)
+    if amax == 0:
+        return _EMPTY, nothing
+    top = math.frexp(amax)[1]  # every |value| < 2**top
+    level = each[0][1].level
+    if top - level > _MAX_GRID:
+        for target, _, where in each:
+            target._add_huge(
+                values, np.zeros(values.size, dtype=np.int64) if where is None else where
+            )
+        return _EMPTY, nothing
+    grid = max(top - level, _MIN_GRID)
+    grid, partial = each[0][1].partial_sums(grid, values.size)
+    chosen = [(grid, partial)] + [
+        p.partial_sums(grid, values.size, slack=0) for _, p, _ in each[1:]
+    ]
+    low_grid = max(grid - level, _MIN_GRID)
+    high, low, rest, left = _scratch(values.size)
+    # error-free extraction (Rump, Ogita & Oishi's ExtractScalar): sigma + x lies in
+    # [2**(g+52), 2**(g+53)), where floats are 2**g apart, so (x + sigma) - sigma is x
+    # rounded to a multiple of 2**g and x minus it is exact; |high| <= 2**(g + L)
+    sigma = math.ldexp(1.5, grid + 52)
+    np.add(values, sigma, out=high)
+    high -= sigma
+    np.subtract(values, high, out=rest)  # |rest| <= 2**(g-1)
+
+    def scatter(low_piece: np.ndarray) -> None:
+        for (_, pending, where), (_, partial) in zip(each, chosen, strict=True):
+            pending.scatter(partial, where, high, low_piece)
+
+    # a value of magnitude >= 2**(low_grid + 52) is a multiple of 2**low_grid, and so is
+    # its rest: that rest is its low piece, nothing is left
+    whole = math.ldexp(1.0, low_grid + 52)
+    if low_grid == _MIN_GRID or smallest >= whole or largest <= -whole:
+        scatter(rest)
+        return _EMPTY, nothing
+    if smallest >= 0:
+        np.less(values, whole, out=left)
+    elif largest <= 0:
+        np.greater(values, -whole, out=left)
+    else:
+        np.less(np.abs(values, out=low), whole, out=left)
+    small = np.flatnonzero(left)  # the values that may have bits below the low grid
+    if small.size <= values.size * _FEW_SMALL:
+        # few: their rests go round again, alone (on a finer grid, set by the largest)
+        tail = rest[small]
+        rest[small] = 0
+        scatter(rest)
+        return tail, [None if where is None else where[small] for _, _, where in each]
+    # many: the rest rounded to the low grid is the low piece; below it goes round again
+    sigma = math.ldexp(1.5, low_grid + 52)
+    np.add(rest, sigma, out=low)
+    low -= sigma  # |low| <= 2**(g-1) = 2**(low_grid + L - 1)
+    scatter(low)
+    tail = rest[small] - low[small]  # exact
+    keep = np.flatnonzero(tail)
+    live = small[keep]
+    return tail[keep], [None if where is None else where[live] for _, _, where in each]
+
+
 class _Pending:
     """Float64 partial sums of the pieces, one pair per grid, on their way into `target`'s digits.
 
@@ -383,25 +454,31 @@ class _Pending:
     number of values allow, from ``_MIN_LEVEL`` up.
     """
 
-    def __init__(self, target: ExactSum, most: int) -> None:
+    def __init__(self, target: ExactSum, most: int, *, lanes: int = 1) -> None:
         self.target = target
         self.size = target.nan.size
         self.most = most
+        self.lanes = lanes
         fewest_bits = 52 - _MIN_LEVEL
         self.level = min(52 - (min(most, 1 << fewest_bits) - 1).bit_length(), _MAX_LEVEL)
         self.span = 1 << (52 - self.level)
         self.sums: dict[int, tuple[np.ndarray, list[int]]] = {}  # grid -> (sums, [taken])
 
-    def partial_sums(self, grid: int, count: int) -> tuple[int, np.ndarray]:
-        """A grid in [`grid`, `grid` + ``_SLACK``] and its partial sums, room for `count` values."""
-        for coarse in range(grid, grid + _SLACK + 1):
+    def set_level(self, level: int) -> None:
+        """Narrower pieces (a lower `level`) than this target needs: still exact."""
+        self.level = min(level, self.level)
+        self.span = 1 << (52 - self.level)
+
+    def partial_sums(self, grid: int, count: int, *, slack: int = _SLACK) -> tuple[int, np.ndarray]:
+        """A grid in [`grid`, `grid` + `slack`] and its partial sums, room for `count` values."""
+        for coarse in range(grid, grid + slack + 1):
             if coarse in self.sums:
                 grid = coarse
                 break
         else:
             if len(self.sums) >= _MAX_PARTIALS:
                 self.deposit_all()
-            self.sums[grid] = (np.zeros((2, self.size), dtype=np.float64), [0])
+            self.sums[grid] = (np.zeros((2, self.lanes * self.size), dtype=np.float64), [0])
         sums, taken = self.sums[grid]
         if min(self.most, taken[0] + count) > self.span:
             self._deposit(grid, sums)
@@ -410,7 +487,27 @@ class _Pending:
         taken[0] += count
         return grid, sums
 
+    def scatter(
+        self, sums: np.ndarray, where: np.ndarray | None, high: np.ndarray, low: np.ndarray
+    ) -> None:
+        """Add the pieces `high` and `low` to the partial sums `sums` of the elements `where`.
+
+        Every partial sum is exact, so the order of the additions does not
+        matter: a value goes to lane ``i % lanes`` of its element, so that
+        runs of values into one element (a column of probabilities, most of
+        them in the first bin) add in independent chains.
+        """
+        if where is None:
+            sums[0, 0] += high.sum()
+            sums[1, 0] += low.sum()
+            return
+        where = laned(where, self.size, self.lanes)
+        np.add.at(sums[0], where, high)
+        np.add.at(sums[1], where, low)
+
     def _deposit(self, grid: int, sums: np.ndarray) -> None:
+        if self.lanes > 1:  # exact: the lanes of an element hold `span` pieces at most in all
+            sums = sums.reshape(2, self.lanes, self.size).sum(axis=1)
         grids = (grid, max(grid - self.level, _MIN_GRID))
         scale = -np.array(grids)[:, None]
         self.target._deposit(np.ldexp(sums, scale).astype(np.int64), grids)  # |.| <= 2**52
@@ -432,6 +529,35 @@ def _window(low_grid: int, grid: int) -> tuple[int, int]:
     g; ``_HEADROOM`` more above take the carries of many deposits.
     """
     return (low_grid - _BASE) // _DIGIT, (grid - _BASE) // _DIGIT + 3 + _HEADROOM
+
+
+def lanes_for(size: int) -> int:
+    """Partial sums per element for a scatter into `size` elements (see :func:`laned`)."""
+    return _LANES if size <= _LANE_ELEMENTS else 1
+
+
+_OFFSETS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def laned(where: np.ndarray, size: int, lanes: int) -> np.ndarray:
+    """Flat indices into ``lanes`` copies of `size` elements: value i goes to copy ``i % lanes``.
+
+    ``np.add.at`` adds the values of one element one after the other, each
+    addition waiting for the one before; a run of values into one element
+    (a column of probabilities, most of them in the first calibration bin)
+    is three times slower than values spread over elements. Spread over
+    lanes, the additions of one element form independent chains. For at
+    most ``_BLOCK`` values.
+    """
+    if lanes == 1:
+        return where
+    offsets = _OFFSETS.get((size, lanes))
+    if offsets is None:
+        if len(_OFFSETS) >= _MAX_OFFSETS:
+            _OFFSETS.clear()
+        offsets = np.arange(_BLOCK, dtype=np.int64) % lanes * size
+        _OFFSETS[size, lanes] = offsets
+    return where + offsets[: where.size]
 
 
 _SCRATCH = threading.local()

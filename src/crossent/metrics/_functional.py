@@ -55,7 +55,7 @@ from crossent._lib._xp import (
     to_numpy,
 )
 from crossent._losses._common import shift_logits
-from crossent.metrics._exact import ExactSum
+from crossent.metrics._exact import ExactSum, Target, add_to_each
 
 __all__ = [
     "FINE_BINS",
@@ -435,16 +435,41 @@ class _Terms(NamedTuple):
     most: int | None = None
 
 
-def _add_batch(state: State, batch: dict[str, Any]) -> State:
-    """`state` plus one batch: int64 counts add, `_Terms` go into copies of the exact sums."""
+Deferred = list[tuple[ExactSum, _Terms]]
+
+
+def _add_batch(state: State, batch: dict[str, Any], defer: Deferred | None = None) -> State:
+    """`state` plus one batch: int64 counts add, `_Terms` go into copies of the exact sums.
+
+    With `defer`, the terms are appended to it instead (with the copies they
+    go into), for :func:`_add_terms` to add together with other parts' terms.
+    """
     out: State = {}
+    adds: Deferred = []
     for key, value in state.items():
         more = batch[key]
         if isinstance(more, _Terms):
-            out[key] = value.copy().add(more.values, more.at, most=more.most)
+            out[key] = value.copy()
+            adds.append((out[key], more))
         else:
             out[key] = value + more
+    if defer is None:
+        _add_terms(adds)
+    else:
+        defer.extend(adds)
     return out
+
+
+def _add_terms(adds: Deferred) -> None:
+    """Add each `_Terms` to its exact sum; terms of the same values array share one split
+    (the per-row losses of the log loss and of the per-class figures, the confidences of
+    the equal-width and the fine calibration bins)."""
+    shared: dict[int, tuple[np.ndarray, list[Target]]] = {}
+    for target, terms in adds:  # alive in `adds`: no id is reused while grouping
+        entry = shared.setdefault(id(terms.values), (terms.values, []))
+        entry[1].append((target, terms.at, terms.most))
+    for values, targets in shared.values():
+        add_to_each(values, targets)
 
 
 def _count(values: np.ndarray) -> np.ndarray:
@@ -471,7 +496,9 @@ def _log_loss_init() -> State:
     return {"nll_sum": _zero_float(), "count": _zero_int(), "clamped": _zero_int()}
 
 
-def _log_loss_update(state: State, rows: dict[str, np.ndarray]) -> State:
+def _log_loss_update(
+    state: State, rows: dict[str, np.ndarray], *, defer: Deferred | None = None
+) -> State:
     return _add_batch(
         state,
         {
@@ -479,6 +506,7 @@ def _log_loss_update(state: State, rows: dict[str, np.ndarray]) -> State:
             "count": np.asarray(rows["nll"].size, dtype=np.int64),
             "clamped": _count(rows["clamped"]),
         },
+        defer,
     )
 
 
@@ -502,7 +530,9 @@ def _accuracy_init() -> State:
     return {"correct": _zero_int(), "count": _zero_int(), "nan": _zero_int()}
 
 
-def _accuracy_update(state: State, rows: dict[str, np.ndarray]) -> State:
+def _accuracy_update(
+    state: State, rows: dict[str, np.ndarray], *, defer: Deferred | None = None
+) -> State:
     valid = ~rows["nan"]
     return _add_batch(
         state,
@@ -511,6 +541,7 @@ def _accuracy_update(state: State, rows: dict[str, np.ndarray]) -> State:
             "count": np.asarray(rows["label"].size, dtype=np.int64),
             "nan": _count(rows["nan"]),
         },
+        defer,
     )
 
 
@@ -525,13 +556,16 @@ def _brier_init() -> State:
     return {"brier_sum": _zero_float(), "count": _zero_int()}
 
 
-def _brier_update(state: State, rows: dict[str, np.ndarray]) -> State:
+def _brier_update(
+    state: State, rows: dict[str, np.ndarray], *, defer: Deferred | None = None
+) -> State:
     return _add_batch(
         state,
         {
             "brier_sum": _Terms(rows["brier"]),
             "count": np.asarray(rows["brier"].size, dtype=np.int64),
         },
+        defer,
     )
 
 
@@ -552,7 +586,9 @@ def _per_class_init(num_classes: int) -> State:
     }
 
 
-def _per_class_update(state: State, rows: dict[str, np.ndarray]) -> State:
+def _per_class_update(
+    state: State, rows: dict[str, np.ndarray], *, defer: Deferred | None = None
+) -> State:
     num_classes = state["class_count"].size
     labels, valid = rows["label"], ~rows["nan"]
     hit = valid & (rows["pred"] == labels)
@@ -568,6 +604,7 @@ def _per_class_update(state: State, rows: dict[str, np.ndarray]) -> State:
                 np.int64
             ),
         },
+        defer,
     )
 
 
@@ -658,7 +695,9 @@ def _calibration_pairs(
     return probs, "C", rows_at * c + labels
 
 
-def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str) -> State:
+def _calibration_update(
+    state: State, rows: dict[str, np.ndarray], *, kind: str, defer: Deferred | None = None
+) -> State:
     groups, bins = state["width_count"].shape
     conf, order, hits = _calibration_pairs(rows, kind)
     flat_conf = conf.ravel(order=order)
@@ -690,7 +729,7 @@ def _calibration_update(state: State, rows: dict[str, np.ndarray], *, kind: str)
     if "fine_count" in state:
         f_count, f_conf, f_hit = hist(_fine_bin(conf), FINE_BINS)
         batch |= {"fine_count": f_count, "fine_conf": f_conf, "fine_hit": f_hit}
-    return _add_batch(state, batch)
+    return _add_batch(state, batch, defer)
 
 
 def _mass_groups(fine_count: np.ndarray, bins: int) -> np.ndarray:

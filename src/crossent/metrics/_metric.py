@@ -49,7 +49,7 @@ class _Part:
     """One group of state arrays: how to create it and how to add a batch to it."""
 
     init: Callable[[int], F.State]
-    update: Callable[[F.State, Rows], F.State]
+    update: Callable[..., F.State]  # (state, rows, *, defer=None) -> state
     needs_probs: bool = False
 
 
@@ -185,9 +185,13 @@ class Metric:
                 f"has {self.num_classes}; use one metric per class set, or reset() it."
             )
             raise ValueError(msg)
-        self._states = {
-            name: part.update(self._states[name], rows) for name, part in self._parts.items()
+        deferred: F.Deferred = []  # every part's exact terms, added together (shared splits)
+        states = {
+            name: part.update(self._states[name], rows, defer=deferred)
+            for name, part in self._parts.items()
         }
+        F._add_terms(deferred)
+        self._states = states
         return self
 
     def merge(self, *others: Metric) -> Self:
