@@ -443,7 +443,7 @@ def categorical(
 
     The arrays are checked here, `axis` too (None for anything unusual: the generic path
     checks again and raises the message), so that the common call makes no array-API call;
-    the targets' range costs one ``aminmax``.
+    the targets' range costs one integer ``aminmax`` (:func:`_in_unit_interval`).
     """
     if not (opts.kind == "logits" and opts.plain and isinstance(target, Tensor)):
         return None
@@ -463,10 +463,9 @@ def categorical(
             return None
         check_class_weight(weight, input.shape[axis], xp=_torch_namespace())
     eager = input.is_cpu and not torch_tracing()
-    if target.numel() and (get_validation() if eager else values_checked(target)):
-        lo, hi = target.aminmax()  # no gradient: aminmax's outputs are only read
-        if not (lo.item() >= 0 and hi.item() <= 1):  # the message (NaN passes and propagates)
-            check_in_unit_interval(target, name="target", xp=_torch_namespace())
+    checked = target.numel() and (get_validation() if eager else values_checked(target))
+    if checked and not _in_unit_interval(target):  # the message (NaN, -0.0 pass: propagate)
+        check_in_unit_interval(target, name="target", xp=_torch_namespace())
     low = dtype in _LOW
     autocast = low and torch.is_autocast_enabled("cpu" if input.is_cpu else input.device.type)
     if low and not autocast:
