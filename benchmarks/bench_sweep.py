@@ -138,6 +138,18 @@ def _torch_cases(n: int, c: int, dtype: Any) -> dict[str, tuple[Callable[..., An
     }
 
 
+def _selected_torch_cases(
+    args: argparse.Namespace, n: int, c: int, dtype: Any
+) -> list[tuple[str, tuple[Callable[..., Any], ...]]]:
+    """:func:`_torch_cases` that the command line asks for (``--cases``; ``--quick`` skips the
+    plain-torch-ops comparisons)."""
+    return [
+        (name, case)
+        for name, case in _torch_cases(n, c, dtype).items()
+        if not ((args.quick and "vs torch ops" in name) or (args.cases and name not in args.cases))
+    ]
+
+
 def _torch_sweep(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None:
     import torch
 
@@ -151,11 +163,7 @@ def _torch_sweep(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None
         torch.set_num_threads(threads)
         for n, c in sizes:
             for dname in args.dtypes:
-                for name, (x, ours, ref) in _torch_cases(n, c, dtypes[dname]).items():
-                    if (args.quick and "vs torch ops" in name) or (
-                        args.cases and name not in args.cases
-                    ):
-                        continue
+                for name, (x, ours, ref) in _selected_torch_cases(args, n, c, dtypes[dname]):
                     for mode in modes:
                         f_ours, f_ref = ours, ref
                         if mode == "compiled":
@@ -264,11 +272,7 @@ def _torch_memory(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> Non
     print(f"|{'-' * 48}|{'-' * 13}|{'-' * 14}|{'-' * 7}|")
     for n, c in sizes:
         for dname in args.dtypes:
-            for name, (x, ours, ref) in _torch_cases(n, c, dtypes[dname]).items():
-                if (args.quick and "vs torch ops" in name) or (
-                    args.cases and name not in args.cases
-                ):
-                    continue
+            for name, (x, ours, ref) in _selected_torch_cases(args, n, c, dtypes[dname]):
                 peaks = []
                 for fn in (ref, ours):
                     xg = x.clone().requires_grad_(True)
