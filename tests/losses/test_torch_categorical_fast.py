@@ -115,6 +115,24 @@ def test_half_categorical_second_backward_equals_the_first() -> None:
     torch.testing.assert_close(xg.grad, first, rtol=0, atol=0)
 
 
+def test_half_categorical_double_backward_leaves_float32_targets_alone() -> None:
+    """float32 targets with half logits: the differentiable backward builds its coefficients
+    out of place (``t.float()`` is `t` itself), the caller's targets are not written."""
+    x, t, w = _case(torch.bfloat16)
+    t = t.float()
+    kept = t.clone()
+    xg = x.clone().requires_grad_(True)
+    loss = ce.categorical_cross_entropy(
+        xg, t, from_logits=True, label_smoothing=0.1, weight=w.float()
+    )
+    (g,) = torch.autograd.grad(loss, xg, create_graph=True)
+    torch.testing.assert_close(t, kept, rtol=0, atol=0)
+    ref = torch.func.grad(
+        lambda v: F.cross_entropy(v, t.double(), weight=w, label_smoothing=0.1)
+    )(x.double())
+    assert _ulps(g, ref, torch.bfloat16).max() <= 2
+
+
 def test_half_categorical_masked_class_falls_back_to_the_guarded_form() -> None:
     x, t, _ = _case(torch.bfloat16)
     x[:, 3] = -float("inf")

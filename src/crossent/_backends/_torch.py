@@ -491,13 +491,7 @@ def _soft_guarded(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> T
     r""":math:`-\sum_k c_k \log p_k` with :math:`0 \cdot (-\infty) = 0`, classes on dim 1 (dim 0
     for one row), reduced; differentiable operations (compile, torch.func, double backward)."""
     axis = 1 if xc.ndim > 1 else 0
-    eps = opts.label_smoothing
-    if eps:
-        c = c * (1 - eps) + eps / xc.shape[axis]
-    if w is not None:
-        shape = [1] * xc.ndim
-        shape[axis] = -1
-        c = c * w.reshape(shape)
+    c = _soft_coefficients(c, w, opts.label_smoothing, axis)
     log_p = torch.log_softmax(xc, dim=axis)
     row = -torch.where(c == 0, 0.0, c * log_p).sum(dim=axis)
     if opts.reduction == "none":
@@ -1163,14 +1157,22 @@ def _soft_low(
     return _to_low(out, x)
 
 
-def _soft_coefficients(c: Tensor, w: Tensor | None, eps: float) -> Tensor:
-    r"""`c` (a float32 copy of the targets) becomes, in place,
-    :math:`w \odot ((1-\varepsilon)t + \varepsilon/C)`."""
+def _soft_coefficients(
+    t: Tensor, w: Tensor | None, eps: float, axis: int, out: Tensor | None = None
+) -> Tensor:
+    r""":math:`c = w \odot ((1-\varepsilon)t + \varepsilon/C)`, classes on `axis`: in `out`
+    (a buffer of `t`'s shape, in place) when given, else by differentiable operations (`t`
+    itself is never written)."""
+    shape = [1] * t.ndim
+    shape[axis] = -1
+    if out is not None:
+        c = out.copy_(t)
+        if eps:
+            c.mul_(1 - eps).add_(eps / c.shape[axis])
+        return c if w is None else c.mul_(w.reshape(shape))
     if eps:
-        c.mul_(1 - eps).add_(eps / c.shape[-1])
-    if w is not None:
-        c.mul_(w)
-    return c
+        t = t * (1 - eps) + eps / t.shape[axis]
+    return t if w is None else t * w.reshape(shape)
 
 
 class _LowPrecisionSoftCE(torch.autograd.Function):
@@ -1201,7 +1203,7 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
         d = None  # a third buffer, for the gradient only (the log-probabilities stay)
         for xf, lp, t_, row_, g_, s_ in _low_chunks(x, t, row, g, scale):
             torch._log_softmax(xf, 1, False, out=lp)
-            c = _soft_coefficients(xf.copy_(t_), w, eps)  # the logits' copy is spent
+            c = _soft_coefficients(t_, w, eps, 1, out=xf)  # the logits' copy is spent
             if not early:
                 torch.sum(lp.mul_(c), 1, keepdim=True, out=row_)
                 continue
@@ -1224,14 +1226,14 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
         scale = grad.float() / ctx.den
         scale = (scale.expand(x.shape[0]) if scale.ndim == 0 else scale)[:, None]
         if torch.is_grad_enabled():  # double backward: differentiable operations
-            c = _soft_coefficients(t.float(), w, ctx.eps)
+            c = _soft_coefficients(t.float(), w, ctx.eps, 1)
             p = torch.softmax(x.float(), 1)
             g = (c.sum(1, keepdim=True) * p - c) * scale
             return g.to(x.dtype), None, None, None, None
         out = torch.empty_like(x)
         for xf, p, t_, s_, o_ in _low_chunks(x, t, scale, out):
             torch._log_softmax(xf, 1, False, out=p).exp_()  # the forward's bits
-            _soft_grad_chunk(p, _soft_coefficients(xf.copy_(t_), w, ctx.eps), s_, o_)
+            _soft_grad_chunk(p, _soft_coefficients(t_, w, ctx.eps, 1, out=xf), s_, o_)
         return out, None, None, None, None
 
 
