@@ -136,6 +136,21 @@ def _counted_weight(t: Tensor, w: Tensor | None, ignore: int) -> Tensor:
     return torch.where(valid, w[torch.where(valid, t, 0)], 0).sum()
 
 
+def _mean_denominator(
+    w_y: Tensor | None, valid: Tensor | None, n: int, dtype: torch.dtype
+) -> Tensor | float:
+    r"""The ``"mean"``'s denominator over `n` rows: the counted target weight :math:`\sum_i w_{y_i}`
+    (`w_y`, 0 at ignored rows), else the count of `valid` rows (in `dtype`), else `n`; 1 where
+    it would be 0, so that a mean over no counted target is 0 with a zero gradient."""
+    if w_y is not None:
+        den = w_y.sum()
+    elif valid is not None:
+        den = valid.sum().to(dtype)
+    else:
+        return float(max(n, 1))
+    return torch.where(den == 0, 1.0, den)
+
+
 def _mean_of(
     kernel: Any, args: tuple[Tensor, Tensor, Tensor | None], extra: tuple[Any, ...], ignore: int
 ) -> Tensor:
@@ -156,7 +171,7 @@ def _mean_of(
         return out
     total = kernel(*args, _REDUCTION_ENUM["sum"], ignore, *extra)
     den = _counted_weight(t, w, ignore)
-    return total / torch.where(den == 0, torch.ones_like(den), den)
+    return total / torch.where(den == 0, 1, den)
 
 
 def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int | None) -> None:
@@ -372,8 +387,7 @@ def _weighted_reduce(row: Tensor, w_y: Tensor, reduction: str) -> Tensor:
         return row
     if reduction == "sum":
         return row.sum()
-    den = w_y.sum()
-    return row.sum() / torch.where(den == 0, torch.ones_like(den), den)
+    return row.sum() / _mean_denominator(w_y, None, row.numel(), row.dtype)
 
 
 def _rows_reduce(
@@ -1050,9 +1064,7 @@ class _LowPrecisionCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, label: Tensor, valid: Tensor | None, reduction: str) -> Tensor:
         n = x.shape[0]
-        den: Tensor | float = 1.0
-        if reduction == "mean":
-            den = float(n) if valid is None else valid.sum().clamp_min(1).float()
+        den = _mean_denominator(None, valid, n, torch.float32) if reduction == "mean" else 1.0
         # reduced losses: the gradient for an upstream gradient of 1 is computed now, from the
         # float32 chunk already in cache, and kept in the input dtype (the size of PyTorch's
         # saved log-probabilities)

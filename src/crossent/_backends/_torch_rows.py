@@ -45,6 +45,7 @@ from crossent._backends._torch import (
     _LOW,
     _NO_IGNORE,
     _label_error,
+    _mean_denominator,
     _valid_label,
     index_target,
 )
@@ -113,16 +114,9 @@ def own_rows(
             w_y = w[label]
             if valid is not None:
                 w_y = torch.where(valid, w_y, 0.0)
-        den: Tensor | float
-        if opts.reduction != "mean":
-            den = 1.0
-        elif w_y is not None:
-            den = w_y.sum()
-            den = torch.where(den == 0, 1.0, den)
-        elif valid is not None:
-            den = valid.sum().clamp_min_(1).to(cdt)
-        else:
-            den = float(z2.shape[0])
+        den: Tensor | float = 1.0
+        if opts.reduction == "mean":
+            den = _mean_denominator(w_y, valid, z2.shape[0], cdt)
         if torch.is_grad_enabled() and x.requires_grad:
 
             def recompute(zz: Tensor) -> Tensor:
