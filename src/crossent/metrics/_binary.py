@@ -188,15 +188,7 @@ class BinaryClassificationMetrics(Metric):
     def update_rows(self, rows: dict[str, np.ndarray]) -> None:
         """Add per-row statistics made by ``_binary_rows`` (the fast path of ``eval``)."""
         positive = {**rows, "pred": np.ones_like(rows["pred"])}  # hit = (label == 1)
-        deferred: F.Deferred = []  # every part's exact terms, added together (shared splits)
-        states = {
-            name: part.update(
-                self._states[name], positive if name == "positive" else rows, defer=deferred
-            )
-            for name, part in self._parts.items()
-        }
-        F._add_terms(deferred)
-        self._states = states
+        self._add_rows(lambda name: positive if name == "positive" else rows)
 
     def compute(self) -> dict[str, Any]:
         """All figures as plain Python numbers.

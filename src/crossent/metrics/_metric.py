@@ -185,14 +185,19 @@ class Metric:
                 f"has {self.num_classes}; use one metric per class set, or reset() it."
             )
             raise ValueError(msg)
-        deferred: F.Deferred = []  # every part's exact terms, added together (shared splits)
+        self._add_rows(lambda name: rows)
+        return self
+
+    def _add_rows(self, rows_of: Callable[[str], Rows]) -> None:
+        """Each part's state plus its rows (``rows_of(part name)``); every part's exact terms
+        are added together, so that terms of the same values share one split."""
+        deferred: F.Deferred = []
         states = {
-            name: part.update(self._states[name], rows, defer=deferred)
+            name: part.update(self._states[name], rows_of(name), defer=deferred)
             for name, part in self._parts.items()
         }
         F._add_terms(deferred)
         self._states = states
-        return self
 
     def merge(self, *others: Metric) -> Self:
         """Add the states of `others` (the same metric, updated on other rows) to this one.
