@@ -1,10 +1,12 @@
 """Language-model heads: fused log-probs + entropy and fused distillation vs materialized logits.
 
-Contenders (forward + backward, the same inputs, one CPU thread):
+Contenders (forward + backward unless said otherwise, the same inputs, one CPU thread):
 
 * ``log-probs``: :func:`crossent.fused.linear_log_probs` with ``return_entropy=True`` in a
   policy-gradient loss ``-(A·log p).mean() - 0.01·H.mean()`` against the materialized
   reference ``log_softmax(h @ W.T) -> gather + entropy`` with autograd.
+* ``log-probs,no_grad``: the same two, forward only under :func:`torch.no_grad`, as RL
+  rollouts score the old and the reference policy.
 * ``distill``: :func:`crossent.fused.linear_distillation_loss` (β = 0.5) against the
   materialized generalized JSD (both models' logits, ``log_softmax``, log-space mixture,
   two KL terms, as TRL's ``generalized_jsd_loss``) with autograd.
@@ -110,22 +112,32 @@ def distill_materialized(x: Inputs) -> torch.Tensor:
     return (BETA * kl_p + (1 - BETA) * kl_q).mean()
 
 
+def no_grad(fn: Case) -> Case:
+    """``fn`` run forward only under :func:`torch.no_grad` (named ``<fn>_no_grad``)."""
+
+    def run(x: Inputs) -> torch.Tensor:
+        with torch.no_grad():
+            return fn(x)
+
+    run.__name__ = f"{fn.__name__}_no_grad"
+    return run
+
+
 PAIRS: dict[str, tuple[Case, Case]] = {
     "log-probs+entropy": (log_probs_fused, log_probs_materialized),
+    "log-probs,no_grad": (no_grad(log_probs_fused), no_grad(log_probs_materialized)),
     "distill (JSD)": (distill_fused, distill_materialized),
 }
-CASES: dict[str, Case] = {
-    "log_probs_fused": log_probs_fused,
-    "log_probs_materialized": log_probs_materialized,
-    "distill_fused": distill_fused,
-    "distill_materialized": distill_materialized,
-}
+CASES: dict[str, Case] = {fn.__name__: fn for pair in PAIRS.values() for fn in pair}
 
 
 def fwd_bwd(fn: Case, x: Inputs) -> None:
+    """One call of ``fn``, and its backward unless it ran under ``no_grad``."""
     x["hidden"].grad = None
     x["weight"].grad = None
-    fn(x).backward()
+    loss = fn(x)
+    if loss.requires_grad:
+        loss.backward()
 
 
 # -------------------------------------------------------------------------------- timing
@@ -162,6 +174,8 @@ def measure_memory(case: str, n: int, d: int, v: int) -> dict[str, int]:
     base = int(reset_peak_rss() * 2**20)
     fwd_bwd(fn, x)
     peak = int(rss_mib("VmHWM") * 2**20)
+    if x["hidden"].grad is None:  # forward only: no gradients to discount
+        grad_bytes = 0
     return {"extra": peak - base - grad_bytes}
 
 
