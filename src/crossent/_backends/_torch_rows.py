@@ -55,8 +55,8 @@ from crossent._losses._options import CEOptions
 __all__ = ["own_rows"]
 
 _NLL: Any = torch._C._nn.cross_entropy_loss
-"""``F.cross_entropy``'s kernel: ``-log p_y`` per row (``reduction=0``), labels bound-checked
-(on many logits slower than ``log_softmax`` and a gather, which are used there)."""
+"""``F.cross_entropy``'s kernel: ``-log p_y`` per row (``reduction=0``), labels bound-checked:
+one call where ``log_softmax``, a gather and a negation are three (as fast at every size)."""
 
 _CHUNK = 1 << 18
 """Elements per row chunk with a gradient (1 MiB in float32): its temporaries stay in cache."""
@@ -118,11 +118,8 @@ def own_rows(
         if opts.reduction == "mean":
             den = _mean_denominator(w_y, valid, z2.shape[0], cdt)
         if torch.is_grad_enabled() and x.requires_grad:
-
-            def recompute(zz: Tensor) -> Tensor:
-                return generic(zz, t, w, opts)
-
-            out = _OwnRows.apply(z2, label, valid, w, w_y, den, mask, opts, recompute)
+            plan = _Plan(label, valid, w, w_y, den, mask, opts, t, generic)
+            out = _OwnRows.apply(z2, plan)
         else:
             out = _reduce(_pass(z2, label, valid, w, w_y, mask, opts, None)[0], den, opts)
     except (IndexError, RuntimeError) as exc:
@@ -148,7 +145,6 @@ def _reduce(row: Tensor, den: Tensor | float, opts: CEOptions) -> Tensor:
 
 
 def _row_scale(
-    n: int,
     valid: Tensor | None,
     den: Tensor | float,
     grad: Tensor | float,
@@ -180,7 +176,8 @@ def _pass(
     opts: CEOptions,
     scale: Tensor | float | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Row losses (0 at ignored rows) and, for a `scale`, the gradient (`z2`'s dtype)."""
+    """Row losses (0 at ignored rows; ``(n,)``, or ``(n, 1)`` for a sum) and, for a `scale`, the
+    gradient (`z2`'s dtype)."""
     n, num_classes = z2.shape
     rows = max(1, (_CHUNK if scale is not None else _CHUNK_LOSS) // num_classes)
     if n <= rows:
@@ -195,6 +192,8 @@ def _pass(
         for z_, c_, wy_, s_, g_ in zip(*splits, strict=True):
             parts.append(_chunk(z_, c_, w, wy_, mask, opts, s_, g_)[0])
         row = torch.cat(parts)
+    if row.ndim == 2 and (valid is not None or opts.reduction == "none"):
+        row = row.view(-1)
     if valid is not None:
         row = torch.where(valid, row, 0.0)
     return row, g
@@ -223,18 +222,17 @@ def _chunk(
         capped = th * _scalar(cap, z.dtype)
         z = torch.where(z == -math.inf, z, capped) if mask else capped
     eps, gamma = opts.label_smoothing, opts.gamma
-    col = label[:, None]
-    if scale is None and eps == 0 and z.numel() < _KERNEL_GRAD:
-        # the loss only, few logits: -log p_y from F.cross_entropy's kernel (one call)
+    if scale is None and eps == 0:  # the loss only: -log p_y from F.cross_entropy's kernel
         nll_y = _NLL(z, label, None, 0, _NO_IGNORE, 0.0)
-        big_l = z.gather(1, col)[:, 0].add_(nll_y) if opts.z_loss != 0 else None
+        big_l = z.gather(1, label[:, None])[:, 0].add_(nll_y) if opts.z_loss != 0 else None
         wy0: Any = 1.0 if w_y is None else w_y
         row, _ = _rows.loss_and_coefficients(
             big_l, nll_y, None, None, wy0, num_classes, opts, autodiff=False, xp=torch
         )
         return row, None
+    col = label[:, None]
     lp = torch.log_softmax(z, 1)
-    lp_y = lp.gather(1, col)
+    lp_y = lp.gather(1, col)  # (n, 1): the columns the gradient is written with
     nll_y = lp_y.neg()
     big_l = z.gather(1, col).sub_(lp_y) if opts.z_loss != 0 else None
     w_row = None if w is None else w[None, :]
@@ -253,9 +251,9 @@ def _chunk(
             slope = float(num_classes) if w is None else w.sum()
     wy: Any = 1.0 if w_y is None else w_y[:, None]
     row, coefs = _rows.loss_and_coefficients(
-        big_l, nll_y, smooth, slope, wy, num_classes, opts, scale=scale, autodiff=False, xp=torch
-    )
-    row = row[:, 0]
+        big_l, nll_y, smooth, slope, wy, num_classes, opts,
+        scale=scale, autodiff=False, log_p_y=lp_y, xp=torch,
+    )  # fmt: skip
     if coefs is None:
         return row, None
     a, b, e = coefs
@@ -292,8 +290,11 @@ def _target_part(lp: Tensor, col: Tensor, a: Any, b: Any, out: Tensor | None) ->
     log-probabilities is a slower one), then add :math:`a - b` at the target; small
     ones exponentiate in place (fewer operations).
     """
-    if lp.numel() < _KERNEL_GRAD:
-        g = lp.exp_().mul_(a)  # a p, in place of log p (read for the last time by the caller)
+    if lp.numel() < _KERNEL_GRAD:  # in place of log p (read for the last time by the caller)
+        if a is b:  # (p - [k = y]) b: no negated copy of b
+            minus_one = _scalar(-1.0, lp.dtype).expand(col.shape)
+            return lp.exp_().scatter_add_(1, col, minus_one).mul_(a)
+        g = lp.exp_().mul_(a)
         if isinstance(b, Tensor):
             nb = b.neg()
             return g.scatter_add_(1, col, nb if nb.shape == col.shape else nb.expand(col.shape))
@@ -309,13 +310,17 @@ def _target_part(lp: Tensor, col: Tensor, a: Any, b: Any, out: Tensor | None) ->
     return g
 
 
-class _OwnRows(torch.autograd.Function):
-    """The reduced (or per-row) loss of ``(n, C)`` logits; closed-form backward (see module)."""
+class _Plan:
+    """What :class:`_OwnRows` needs besides the logits: the labels (0 at ignored rows), the
+    counted rows, the class weights, the target weights, the mean's denominator, whether
+    ``-inf`` logits may be masked, the options, and for double backward the flat labels
+    and the differentiable generic loss. One argument of ``Function.apply``: each
+    argument costs its Python wrapper a pass."""
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        z2: Tensor,
+    __slots__ = ("den", "generic", "label", "mask", "opts", "t", "valid", "w", "w_y")
+
+    def __init__(
+        self,
         label: Tensor,
         valid: Tensor | None,
         w: Tensor | None,
@@ -323,37 +328,49 @@ class _OwnRows(torch.autograd.Function):
         den: Tensor | float,
         mask: bool,
         opts: CEOptions,
-        recompute: Callable[[Tensor], Tensor],
-    ) -> Tensor:
+        t: Tensor,
+        generic: Callable[[Tensor, Tensor, Tensor | None, CEOptions], Tensor],
+    ) -> None:
+        self.label, self.valid, self.w, self.w_y, self.den = label, valid, w, w_y, den
+        self.mask, self.opts, self.t, self.generic = mask, opts, t, generic
+
+
+class _OwnRows(torch.autograd.Function):
+    """The reduced (or per-row) loss of ``(n, C)`` logits; closed-form backward (see module)."""
+
+    @staticmethod
+    def forward(ctx: Any, z2: Tensor, plan: _Plan) -> Tensor:
+        opts = plan.opts
         cdt = torch.float32 if z2.dtype in _LOW else z2.dtype
-        early = opts.reduction != "none" and ctx.needs_input_grad[0]
-        scale = _row_scale(z2.shape[0], valid, den, 1.0, opts.reduction, cdt) if early else None
-        row, g = _pass(z2, label, valid, w, w_y, mask, opts, scale)
-        ctx.save_for_backward(z2, label, valid, w, w_y)
+        scale = None
+        if opts.reduction != "none" and ctx.needs_input_grad[0]:
+            scale = _row_scale(plan.valid, plan.den, 1.0, opts.reduction, cdt)
+        row, g = _pass(z2, plan.label, plan.valid, plan.w, plan.w_y, plan.mask, opts, scale)
+        ctx.save_for_backward(z2)
         # held outside the saved tensors and dropped once returned: autograd may make it the
         # leaf's .grad, which the caller may change in place before a second backward
         ctx.early = g
-        ctx.den, ctx.mask, ctx.opts, ctx.recompute = den, mask, opts, recompute
-        return _reduce(row, den, opts)
+        ctx.plan = plan
+        return _reduce(row, plan.den, opts)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        z2, label, valid, w, w_y = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        (z2,) = ctx.saved_tensors
+        plan: _Plan = ctx.plan
         early, ctx.early = ctx.early, None
-        none = (None,) * 8
         if torch.is_grad_enabled():  # create_graph: a differentiable gradient, exact 2nd order
             with torch.enable_grad():
-                out = ctx.recompute(z2)
+                out = plan.generic(z2, plan.t, plan.w, plan.opts)
             (g,) = torch.autograd.grad(out, z2, grad.to(out.dtype), create_graph=True)
-            return (g, *none)
-        opts: CEOptions = ctx.opts
+            return g, None
+        opts = plan.opts
         if early is not None:
             up = grad.item()
             if up == 1.0:
-                return (early, *none)
+                return early, None
             if early.dtype not in _LOW:  # one more rounding of the float32/float64 gradient
-                return (early.mul_(up), *none)
+                return early.mul_(up), None
         cdt = torch.float32 if z2.dtype in _LOW else z2.dtype
-        scale = _row_scale(z2.shape[0], valid, ctx.den, grad, opts.reduction, cdt)
-        _, g = _pass(z2, label, valid, w, w_y, ctx.mask, opts, scale)
-        return (g, *none)
+        scale = _row_scale(plan.valid, plan.den, grad, opts.reduction, cdt)
+        _, g = _pass(z2, plan.label, plan.valid, plan.w, plan.w_y, plan.mask, opts, scale)
+        return g, None

@@ -288,30 +288,47 @@ def _nll_target(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
     return xp.where(finite, (m_safe - stats.z_y) + _log_s(stats, finite, xp=xp), other)
 
 
-def _focal(nll: Array, gamma: float, *, slope: bool, autodiff: bool, xp: Any) -> tuple[Array, Any]:
+def _focal(
+    nll: Array,
+    gamma: float,
+    *,
+    slope: bool,
+    autodiff: bool,
+    xp: Any,
+    log_p: Array | None = None,
+) -> tuple[Array, Any]:
     r"""(f, s) from :math:`-\log p`: :math:`f = (1-p)^\gamma` and its term's slope
     :math:`s = f\,(1 + \gamma q)`, :math:`q = p (-\log p)/(1-p)` (None unless `slope`).
 
     :math:`\partial\bigl(f\,(-\log p)\bigr)/\partial(-\log p) = s`, and
-    :math:`1 - p = -\operatorname{expm1}(\log p)` to relative precision at every
+    :math:`p - 1 = \operatorname{expm1}(\log p)` to relative precision at every
     :math:`p` (so is its power: no log of it is formed). Where :math:`p = 1` exactly
     :math:`f = 0` and :math:`s = 0` (the term's gradient limit for every
     :math:`\gamma > 0`). For :math:`\gamma \ge 1` the slope is
     :math:`(1-p)^{\gamma-1}\bigl((1-p) + \gamma\,p\,(-\log p)\bigr)`, finite without a
-    guard. `autodiff` guards the powers at :math:`p = 1`, so that a framework's
-    derivatives of :math:`f` are 0 there instead of :math:`\gamma\, 0^{\gamma-1}`
-    (infinite for :math:`\gamma < 1`).
+    guard; for :math:`\gamma = 2` both are products of :math:`p - 1` (no power, no
+    sign change), :math:`s = (p-1)\bigl((p-1) - 2\,p\,(-\log p)\bigr)`: on PyTorch six
+    small operations (a 32-row loss is made of such). :math:`p = e^{\log p}` is
+    exponentiated, not formed as :math:`1 + (p - 1)`, which loses :math:`p` below the
+    rounding of 1 (and :math:`p\,(-\log p)` its relative precision). `log_p` is :math:`\log p` if the
+    caller has it (saves the negation). `autodiff` guards the powers at
+    :math:`p = 1`, so that a framework's derivatives of :math:`f` are 0 there instead
+    of :math:`\gamma\, 0^{\gamma-1}` (infinite for :math:`\gamma < 1`).
     """
-    minus = -nll
-    if not (autodiff or slope) and gamma == 2:
-        em1 = xp.expm1(minus)  # -(1 - p): its square needs no sign
-        return em1 * em1, None
-    one_m = -xp.expm1(minus)
+    minus = -nll if log_p is None else log_p
+    em1 = xp.expm1(minus)  # p - 1
     if not autodiff and gamma >= 1:
+        if gamma == 2:
+            f = em1 * em1
+            if not slope:
+                return f, None
+            return f, em1 * _plus_scaled(em1, -2.0, xp.exp(minus) * nll, xp=xp)
+        one_m = -em1
         if not slope:
             return one_m**gamma, None
-        f1 = one_m if gamma == 2 else one_m ** (gamma - 1)
-        return f1 * one_m, f1 * (one_m + gamma * (xp.exp(minus) * nll))
+        f1 = one_m ** (gamma - 1)
+        return f1 * one_m, f1 * _plus_scaled(one_m, gamma, xp.exp(minus) * nll, xp=xp)
+    one_m = -em1
     certain = one_m == 0
     safe = xp.where(certain, xp.ones_like(one_m), one_m)
     f = xp.where(certain, xp.zeros_like(one_m), safe**gamma) if autodiff else one_m**gamma
@@ -348,6 +365,13 @@ def _plus_product(row: Array, c: float, u: Array, v: Array, *, xp: Any) -> Array
     if addcmul is not None:
         return addcmul(row, u, v, value=c)
     return row + c * (u * v)
+
+
+def _plus_scaled(x: Array, c: float, y: Array, *, xp: Any) -> Array:
+    """``x + c * y``: one operation where the namespace has PyTorch's ``add(..., alpha=c)``."""
+    if hasattr(xp, "addcmul"):
+        return xp.add(x, y, alpha=c)
+    return x + c * y
 
 
 def _target_coef(eps: float, w_y: Any) -> Any:
@@ -393,6 +417,7 @@ def loss_and_coefficients(
     scale: Any = None,
     loss: bool = True,
     autodiff: bool = True,
+    log_p_y: Any = None,
     xp: Any,
 ) -> tuple[Any, Any]:
     r"""The row loss and, for a row `scale`, its gradient coefficients, from per-row terms.
@@ -417,7 +442,8 @@ def loss_and_coefficients(
     :class:`RowStats`; an executor that has the log-probabilities (PyTorch's
     ``log_softmax``) feeds it directly. `loss` False skips the loss (None);
     `autodiff` False (an executor that differentiates in closed form) drops the guards
-    that make a framework's derivatives of the focal factor finite at :math:`p_y = 1`.
+    that make a framework's derivatives of the focal factor finite at :math:`p_y = 1`;
+    `log_p_y` is :math:`\log p_y` where the executor has it (one negation less).
     Returns ``(loss, (a, b, e))``, None for what was not asked.
     """
     eps, gamma = opts.label_smoothing, opts.gamma
@@ -426,7 +452,7 @@ def loss_and_coefficients(
     row: Any = None
     b: Any = None
     if gamma != 0:
-        f, s = _focal(nll_y, gamma, slope=with_grad, autodiff=autodiff, xp=xp)
+        f, s = _focal(nll_y, gamma, slope=with_grad, autodiff=autodiff, xp=xp, log_p=log_p_y)
         if loss:
             row = _times(c_y, f * nll_y)
         b = None if s is None else _times(c_y, s)
@@ -454,7 +480,7 @@ def loss_and_coefficients(
         a = a + (2 * opts.z_loss) * big_l
     b_scaled = _times(scale, b)
     a_scaled = b_scaled if a is b else _times(scale, a)
-    return row, (a_scaled, b_scaled, (eps / num_classes) * scale)
+    return row, (a_scaled, b_scaled, 0.0 if eps == 0 else (eps / num_classes) * scale)
 
 
 def coefficients(  # no annotations: Triton compiles this function too
