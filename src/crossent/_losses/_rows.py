@@ -310,8 +310,8 @@ def _focal(
     sign change), :math:`s = (p-1)\bigl((p-1) - 2\,p\,(-\log p)\bigr)`: on PyTorch six
     small operations (a 32-row loss is made of such). :math:`p = e^{\log p}` is
     exponentiated, not formed as :math:`1 + (p - 1)`, which loses :math:`p` below the
-    rounding of 1 (and :math:`p\,(-\log p)` its relative precision). `log_p` is :math:`\log p` if the
-    caller has it (saves the negation). `autodiff` guards the powers at
+    rounding of 1 (and :math:`p\,(-\log p)` its relative precision). `log_p` is
+    :math:`\log p` if the caller has it (saves the negation). `autodiff` guards the powers at
     :math:`p = 1`, so that a framework's derivatives of :math:`f` are 0 there instead
     of :math:`\gamma\, 0^{\gamma-1}` (infinite for :math:`\gamma < 1`).
     """
