@@ -241,8 +241,9 @@ def _chunk(
     slopes = None
     if eps != 0:
         if gamma != 0:
+            c = 1.0 if w_row is None else w_row
             values, slopes = _rows.focal_terms(
-                lp.neg(), 1.0 if w_row is None else w_row, gamma, autodiff=False, xp=torch
+                lp.neg(), c, gamma, autodiff=False, log_p=lp, xp=torch
             )
             smooth, slope = values.sum(1, keepdim=True), slopes.sum(1, keepdim=True)
         else:

@@ -305,29 +305,30 @@ def _focal(
     :math:`p` (so is its power: no log of it is formed). Where :math:`p = 1` exactly
     :math:`f = 0` and :math:`s = 0` (the term's gradient limit for every
     :math:`\gamma > 0`). For :math:`\gamma \ge 1` the slope is
-    :math:`(1-p)^{\gamma-1}\bigl((1-p) + \gamma\,p\,(-\log p)\bigr)`, finite without a
-    guard; for :math:`\gamma = 2` both are products of :math:`p - 1` (no power, no
-    sign change), :math:`s = (p-1)\bigl((p-1) - 2\,p\,(-\log p)\bigr)`: on PyTorch six
-    small operations (a 32-row loss is made of such). :math:`p = e^{\log p}` is
-    exponentiated, not formed as :math:`1 + (p - 1)`, which loses :math:`p` below the
-    rounding of 1 (and :math:`p\,(-\log p)` its relative precision). `log_p` is
-    :math:`\log p` if the caller has it (saves the negation). `autodiff` guards the powers at
-    :math:`p = 1`, so that a framework's derivatives of :math:`f` are 0 there instead
-    of :math:`\gamma\, 0^{\gamma-1}` (infinite for :math:`\gamma < 1`).
+    :math:`(1-p)^{\gamma-1}\bigl((1-p) - \gamma\,p \log p\bigr)`, finite without a
+    guard, its two terms of one sign (nothing cancels); for :math:`\gamma = 2` both
+    :math:`f` and :math:`s` are products of :math:`p - 1` (no power, no sign change),
+    :math:`s = (p-1)\bigl((p-1) + 2\,p \log p\bigr)`: on PyTorch five small operations
+    (``addcmul`` forms the bracket; a 32-row loss is made of such operations).
+    :math:`p = e^{\log p}` is exponentiated, not formed as :math:`1 + (p - 1)`, which
+    loses :math:`p` below the rounding of 1. `log_p` is :math:`\log p` if the caller
+    has it (saves the negation). `autodiff` guards the powers at :math:`p = 1`, so that
+    a framework's derivatives of :math:`f` are 0 there instead of
+    :math:`\gamma\, 0^{\gamma-1}` (infinite for :math:`\gamma < 1`).
     """
     minus = -nll if log_p is None else log_p
     em1 = xp.expm1(minus)  # p - 1
     if not autodiff and gamma >= 1:
-        if gamma == 2:
+        if gamma == 2:  # (p - 1)((p - 1) + 2 p log p)
             f = em1 * em1
             if not slope:
                 return f, None
-            return f, em1 * _plus_scaled(em1, -2.0, xp.exp(minus) * nll, xp=xp)
+            return f, em1 * _plus_product(em1, 2.0, xp.exp(minus), minus, xp=xp)
         one_m = -em1
         if not slope:
             return one_m**gamma, None
-        f1 = one_m ** (gamma - 1)
-        return f1 * one_m, f1 * _plus_scaled(one_m, gamma, xp.exp(minus) * nll, xp=xp)
+        f1 = one_m ** (gamma - 1)  # (1 - p)^(gamma - 1) ((1 - p) - gamma p log p)
+        return f1 * one_m, f1 * _plus_product(one_m, -gamma, xp.exp(minus), minus, xp=xp)
     one_m = -em1
     certain = one_m == 0
     safe = xp.where(certain, xp.ones_like(one_m), one_m)
@@ -339,7 +340,13 @@ def _focal(
 
 
 def focal_terms(
-    nll: Array, c: Array | float, gamma: float, *, autodiff: bool = True, xp: Any
+    nll: Array,
+    c: Array | float,
+    gamma: float,
+    *,
+    autodiff: bool = True,
+    log_p: Array | None = None,
+    xp: Any,
 ) -> tuple[Array, Array]:
     r"""Focal class terms :math:`c\,f\,(-\log p)` and their slopes :math:`c\,f\,(1 + \gamma q)`.
 
@@ -347,9 +354,9 @@ def focal_terms(
     (:func:`_focal`). The target's term gives :math:`b` of :func:`loss_and_coefficients`
     (:math:`c = (1-\varepsilon) w_y`); with label smoothing every class has one
     (:math:`c = w_k`; the caller's sums over the classes are the `smooth` and
-    `smooth_slope` of :func:`loss_and_coefficients`). `autodiff` as in :func:`_focal`.
+    `smooth_slope` of :func:`loss_and_coefficients`). `autodiff` and `log_p` as in :func:`_focal`.
     """
-    f, s = _focal(nll, gamma, slope=True, autodiff=autodiff, xp=xp)
+    f, s = _focal(nll, gamma, slope=True, autodiff=autodiff, xp=xp, log_p=log_p)
     return _times(c, f * nll), _times(c, s)
 
 
@@ -365,13 +372,6 @@ def _plus_product(row: Array, c: float, u: Array, v: Array, *, xp: Any) -> Array
     if addcmul is not None:
         return addcmul(row, u, v, value=c)
     return row + c * (u * v)
-
-
-def _plus_scaled(x: Array, c: float, y: Array, *, xp: Any) -> Array:
-    """``x + c * y``: one operation where the namespace has PyTorch's ``add(..., alpha=c)``."""
-    if hasattr(xp, "addcmul"):
-        return xp.add(x, y, alpha=c)
-    return x + c * y
 
 
 def _target_coef(eps: float, w_y: Any) -> Any:
