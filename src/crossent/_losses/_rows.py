@@ -83,6 +83,7 @@ from typing import Any
 
 from crossent._lib._xp import Array, stop_gradient, take_along_axis
 from crossent._lib._xp import device as _device
+from crossent._losses._common import focal_factor
 from crossent._losses._options import CEOptions
 
 __all__ = [
@@ -304,7 +305,8 @@ def _focal(
     :math:`p - 1 = \operatorname{expm1}(\log p)` to relative precision at every
     :math:`p` (so is its power: no log of it is formed). Where :math:`p = 1` exactly
     :math:`f = 0` and :math:`s = 0` (the term's gradient limit for every
-    :math:`\gamma > 0`). For :math:`\gamma \ge 1` the slope is
+    :math:`\gamma > 0`; :func:`.focal_factor`, whose guard `autodiff` takes). For
+    :math:`\gamma \ge 1` the slope is
     :math:`(1-p)^{\gamma-1}\bigl((1-p) - \gamma\,p \log p\bigr)`, finite without a
     guard, its two terms of one sign (nothing cancels); for :math:`\gamma = 2` both
     :math:`f` and :math:`s` are products of :math:`p - 1` (no power, no sign change),
@@ -314,7 +316,8 @@ def _focal(
     loses :math:`p` below the rounding of 1. `log_p` is :math:`\log p` if the caller
     has it (saves the negation). `autodiff` guards the powers at :math:`p = 1`, so that
     a framework's derivatives of :math:`f` are 0 there instead of
-    :math:`\gamma\, 0^{\gamma-1}` (infinite for :math:`\gamma < 1`).
+    :math:`\gamma\, 0^{\gamma-1}` (infinite for :math:`\gamma < 1`); a closed-form
+    executor (`autodiff` False) needs no guard: :math:`0^\gamma = 0`.
     """
     minus = -nll if log_p is None else log_p
     em1 = xp.expm1(minus)  # p - 1
@@ -330,11 +333,11 @@ def _focal(
         f1 = one_m ** (gamma - 1)  # (1 - p)^(gamma - 1) ((1 - p) - gamma p log p)
         return f1 * one_m, f1 * _plus_product(one_m, -gamma, xp.exp(minus), minus, xp=xp)
     one_m = -em1
-    certain = one_m == 0
-    safe = xp.where(certain, xp.ones_like(one_m), one_m)
-    f = xp.where(certain, xp.zeros_like(one_m), safe**gamma) if autodiff else one_m**gamma
+    f = focal_factor(one_m, gamma, log=False, xp=xp) if autodiff else one_m**gamma
     if not slope:
         return f, None
+    certain = one_m == 0
+    safe = xp.where(certain, xp.ones_like(one_m), one_m)
     q = xp.where(certain, xp.zeros_like(nll), xp.exp(minus) * nll / safe)
     return f, f * (1 + gamma * q)
 
