@@ -216,4 +216,5 @@ def test_focal_terms_are_accurate_at_every_probability(
         got = np.asarray(got)
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=4e-6, atol=0)
-    assert value[-1] == 0 and slope[-1] == 0
+    assert value[-1] == 0
+    assert slope[-1] == 0
