@@ -166,14 +166,14 @@ def _row_scale(
 ) -> Tensor | float:
     """d(output)/d(row loss) times the upstream gradient: a 0-d tensor or an ``(n, 1)`` column."""
     if reduction == "none":
-        scale: Tensor | float = grad.to(dtype)[:, None] if isinstance(grad, Tensor) else grad
+        scale: Tensor | float = grad.to(dtype).unsqueeze(1) if isinstance(grad, Tensor) else grad
     elif isinstance(grad, Tensor):
         scale = grad.to(dtype) / den
     else:
         scale = grad / den
     if valid is None:  # a number as a cached 0-d tensor: one small operation less per use
         return _scalar(scale, dtype) if isinstance(scale, float) else scale
-    col = valid[:, None]
+    col = valid.unsqueeze(1)
     if isinstance(scale, Tensor):
         return torch.where(col, scale, 0.0)
     return torch.where(col, scale, 0.0).to(dtype)
@@ -237,18 +237,18 @@ def _chunk(
     eps, gamma = opts.label_smoothing, opts.gamma
     if scale is None and eps == 0:  # the loss only: -log p_y from F.cross_entropy's kernel
         nll_y = _NLL(z, label, None, 0, _NO_IGNORE, 0.0)
-        big_l = z.gather(1, label[:, None])[:, 0].add_(nll_y) if opts.z_loss != 0 else None
+        big_l = z.gather(1, label.unsqueeze(1)).view(-1).add_(nll_y) if opts.z_loss != 0 else None
         wy0: Any = 1.0 if w_y is None else w_y
         row, _ = _rows.loss_and_coefficients(
             big_l, nll_y, None, None, wy0, num_classes, opts, autodiff=False, xp=torch
         )
         return row, None
-    col = label[:, None]
+    col = label.unsqueeze(1)
     lp = torch.log_softmax(z, 1)
     lp_y = lp.gather(1, col)  # (n, 1): the columns the gradient is written with
     nll_y = lp_y.neg()
     big_l = z.gather(1, col).sub_(lp_y) if opts.z_loss != 0 else None
-    w_row = None if w is None else w[None, :]
+    w_row = None if w is None else w.unsqueeze(0)
     smooth: Any = None
     slope: Any = None
     slopes = None
@@ -263,7 +263,7 @@ def _chunk(
             smooth = lp.sum(1, keepdim=True) if w_row is None else (lp * w_row).sum(1, keepdim=True)
             smooth = smooth.neg_()
             slope = float(num_classes) if w is None else w.sum()
-    wy: Any = 1.0 if w_y is None else w_y[:, None]
+    wy: Any = 1.0 if w_y is None else w_y.unsqueeze(1)
     row, coefs = _rows.loss_and_coefficients(
         big_l, nll_y, smooth, slope, wy, num_classes, opts,
         scale=scale, autodiff=False, log_p_y=lp_y, xp=torch,

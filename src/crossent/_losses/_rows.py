@@ -501,20 +501,23 @@ def coefficients(  # no annotations: Triton compiles this function too
 
     :math:`b = (1-\varepsilon) w_y`, :math:`a = b + \frac{\varepsilon}{C} W + 2\lambda L`,
     :math:`e = \varepsilon / C`, each times the row scale `r` (the upstream gradient
-    and the mean's :math:`1/\sum w_y`). `one_m_eps`, `eps_c` and `z_loss_2` are
-    :math:`1-\varepsilon`, :math:`\varepsilon/C` and :math:`2\lambda`; `smoothing`
-    and `with_z_loss` say whether those terms exist (compile-time constants in a
-    kernel). Written with ``+ - *`` only and without annotations, so that the same
-    function serves arrays, Python floats and — through ``triton.jit`` — the
-    Triton gradient kernel (:mod:`crossent.fused._kernels`).
+    and the mean's :math:`1/\sum w_y`; without smoothing `e` is `eps_c`, 0, unscaled:
+    an operation less for the executors, which read it only with smoothing).
+    `one_m_eps`, `eps_c` and `z_loss_2` are :math:`1-\varepsilon`, :math:`\varepsilon/C`
+    and :math:`2\lambda`; `smoothing` and `with_z_loss` say whether those terms exist
+    (compile-time constants in a kernel). Written with ``+ - *`` only and without
+    annotations, so that the same function serves arrays, Python floats and — through
+    ``triton.jit`` — the Triton gradient kernel (:mod:`crossent.fused._kernels`).
     """
     b = one_m_eps * w_y
     a = b
+    e = eps_c  # 0 without smoothing, where no executor reads it (no product formed)
     if smoothing:
         a = a + eps_c * total_weight
+        e = e * scale
     if with_z_loss:
         a = a + z_loss_2 * big_l
-    return a * scale, b * scale, eps_c * scale
+    return a * scale, b * scale, e
 
 
 def grad_coefficients(
