@@ -114,9 +114,7 @@ def _finish(out: Tensor, x: Tensor) -> Tensor:
     if out.dtype is x.dtype:  # float32 / float64: autocast leaves them alone
         return out
     dtype = output_dtype(x, xp=torch)
-    if out.dtype == dtype:
-        return out
-    return _to_low(out, x) if dtype is x.dtype and dtype in _LOW else out.to(dtype)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 # --------------------------------------------------------------------------- class indices
