@@ -146,26 +146,34 @@ def test_upstream_gradient_and_a_second_backward() -> None:
     torch.testing.assert_close(g1, 0.25 * gr, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["zloss-softcap", "focal", "focal-smooth-all"])
-def test_low_precision_is_computed_in_float32(dtype: Any, name: str) -> None:
-    """float32 / bfloat16 logits: the float64 result of the same logits, rounded once-ish."""
+def test_low_precision_is_computed_in_float32(dtype: Any, name: str, reduction: str) -> None:
+    """float32 / bfloat16 logits: the float64 result of the same logits, rounded once-ish; the
+    result in the input's dtype (float32 under autocast), the upstream gradient in it too."""
     x, y, w, options = _case(name, seed=5, n=33, c=50)
     xl = x.to(dtype)
     wl = None if w is None else w.float()
+    up = torch.randn(33, generator=torch.Generator().manual_seed(1)).to(dtype)
+    up = up if reduction == "none" else up[0]
     xr = xl.double().requires_grad_(True)
-    exact = _generic(xr, y, None if w is None else wl.double(), options)
-    exact.backward()
+    exact = _generic(xr, y, None if w is None else wl.double(), options, reduction)
+    exact.backward(up.double())
     xx = xl.clone().requires_grad_(True)
-    out = _loss(xx, y, wl, options)
-    out.backward()
+    out = _loss(xx, y, wl, options, reduction)
+    out.backward(up)
     assert out.dtype == dtype
     assert xx.grad.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 8e-3
     torch.testing.assert_close(out.double(), exact.detach(), rtol=tol, atol=tol)
     torch.testing.assert_close(xx.grad.double(), xr.grad.to(dtype).double(), rtol=tol, atol=tol)
+    xa = x.to(torch.bfloat16).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _loss(x.to(torch.bfloat16), y, wl, options).dtype == torch.float32
+        auto = _loss(xa, y, wl, options, reduction)
+    assert auto.dtype == torch.float32
+    auto.backward(up.float())
+    assert xa.grad.dtype == torch.bfloat16
 
 
 def test_masked_classes_and_softcap() -> None:

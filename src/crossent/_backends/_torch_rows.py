@@ -49,14 +49,15 @@ from crossent._backends._torch import (
     _valid_label,
     index_target,
 )
+from crossent._lib._xp import output_dtype
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions
 
 __all__ = ["own_rows"]
 
 _NLL: Any = torch._C._nn.cross_entropy_loss
-"""``F.cross_entropy``'s kernel: ``-log p_y`` per row (``reduction=0``), labels bound-checked
-(on many logits slower than ``log_softmax`` and a gather, which are used there)."""
+"""``F.cross_entropy``'s kernel: ``-log p_y`` per row (``reduction=0``), labels bound-checked:
+one call where ``log_softmax``, a gather and a negation are three (as fast at every size)."""
 
 _CHUNK = 1 << 18
 """Elements per row chunk with a gradient (1 MiB in float32): its temporaries stay in cache."""
@@ -89,7 +90,9 @@ def own_rows(
     opts: CEOptions,
     generic: Callable[[Tensor, Tensor, Tensor | None, CEOptions], Tensor],
 ) -> Tensor | None:
-    """The loss in the compute dtype (float32 for half precision), or None for the generic path.
+    """The loss in the result dtype (the input's; float32 for half precision under autocast),
+    or None for the generic path. Half-precision results are rounded inside the autograd
+    function: a conversion node of its own would cost a small loss a fifth of its time.
 
     `generic(z2, t, w, opts)` is the differentiable generic loss of ``(n, C)``
     logits `z2` (class axis last) and flat labels `t`, for double backward.
@@ -102,7 +105,9 @@ def own_rows(
     t = target if target.dtype is torch.int64 else index_target(target)
     t = t if t.ndim == 1 else t.reshape(-1)
     valid, label = (None, t) if opts.ignore_index is None else _valid_label(t, opts.ignore_index)
-    cdt = torch.float32 if x.dtype in _LOW else x.dtype
+    half = x.dtype in _LOW
+    cdt = torch.float32 if half else x.dtype
+    dtype = output_dtype(x, xp=torch) if half else cdt
     w = None if weight is None else weight.to(cdt)
     mask = False
     if opts.softcap is not None:  # masked classes (-inf) stay -inf: one reduction tells
@@ -118,13 +123,10 @@ def own_rows(
         if opts.reduction == "mean":
             den = _mean_denominator(w_y, valid, z2.shape[0], cdt)
         if torch.is_grad_enabled() and x.requires_grad:
-
-            def recompute(zz: Tensor) -> Tensor:
-                return generic(zz, t, w, opts)
-
-            out = _OwnRows.apply(z2, label, valid, w, w_y, den, mask, opts, recompute)
+            plan = _Plan(label, valid, w, w_y, den, mask, opts, dtype, t, generic)
+            out = _OwnRows.apply(z2, plan)
         else:
-            out = _reduce(_pass(z2, label, valid, w, w_y, mask, opts, None)[0], den, opts)
+            out = _reduce(_pass(z2, label, valid, w, w_y, mask, opts, None)[0], den, opts, dtype)
     except (IndexError, RuntimeError) as exc:
         _label_error(exc, t, num_classes, opts.ignore_index)
         raise  # pragma: no cover - _label_error always raises
@@ -135,20 +137,27 @@ def own_rows(
     return out if out.shape == target.shape else out.reshape(target.shape)
 
 
-def _reduce(row: Tensor, den: Tensor | float, opts: CEOptions) -> Tensor:
-    """`opts.reduction` of the row losses (ignored rows hold 0); the mean divides by `den`
-    (the row count, a float, where every row counts with weight 1: a cached 0-d tensor,
+def _reduce(row: Tensor, den: Tensor | float, opts: CEOptions, dtype: torch.dtype) -> Tensor:
+    """`opts.reduction` of the row losses (ignored rows hold 0) in `dtype`; the mean divides by
+    `den` (the row count, a float, where every row counts with weight 1: a cached 0-d tensor,
     which PyTorch divides by faster than by a number or than it takes a mean)."""
     if opts.reduction == "none":
-        return row
-    total = row.sum()
-    if opts.reduction == "sum":
-        return total
-    return total / (_scalar(den, total.dtype) if isinstance(den, float) else den)
+        out = row
+    elif opts.reduction == "sum":
+        out = row.sum()
+    else:
+        out = row.sum() / (_scalar(den, row.dtype) if isinstance(den, float) else den)
+    return out if out.dtype is dtype else _ROUND[dtype](out)
+
+
+_ROUND: dict[torch.dtype, Callable[[Tensor], Tensor]] = {
+    torch.bfloat16: Tensor.bfloat16,
+    torch.float16: Tensor.half,
+}
+"""Rounding to half precision (a third cheaper than ``.to(dtype)``'s argument parsing)."""
 
 
 def _row_scale(
-    n: int,
     valid: Tensor | None,
     den: Tensor | float,
     grad: Tensor | float,
@@ -157,14 +166,14 @@ def _row_scale(
 ) -> Tensor | float:
     """d(output)/d(row loss) times the upstream gradient: a 0-d tensor or an ``(n, 1)`` column."""
     if reduction == "none":
-        scale: Tensor | float = grad.to(dtype)[:, None] if isinstance(grad, Tensor) else grad
+        scale: Tensor | float = grad.to(dtype).unsqueeze(1) if isinstance(grad, Tensor) else grad
     elif isinstance(grad, Tensor):
         scale = grad.to(dtype) / den
     else:
         scale = grad / den
     if valid is None:  # a number as a cached 0-d tensor: one small operation less per use
         return _scalar(scale, dtype) if isinstance(scale, float) else scale
-    col = valid[:, None]
+    col = valid.unsqueeze(1)
     if isinstance(scale, Tensor):
         return torch.where(col, scale, 0.0)
     return torch.where(col, scale, 0.0).to(dtype)
@@ -180,7 +189,8 @@ def _pass(
     opts: CEOptions,
     scale: Tensor | float | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Row losses (0 at ignored rows) and, for a `scale`, the gradient (`z2`'s dtype)."""
+    """Row losses (0 at ignored rows; ``(n,)``, or ``(n, 1)`` for a sum) and, for a `scale`, the
+    gradient (`z2`'s dtype)."""
     n, num_classes = z2.shape
     rows = max(1, (_CHUNK if scale is not None else _CHUNK_LOSS) // num_classes)
     if n <= rows:
@@ -195,6 +205,8 @@ def _pass(
         for z_, c_, wy_, s_, g_ in zip(*splits, strict=True):
             parts.append(_chunk(z_, c_, w, wy_, mask, opts, s_, g_)[0])
         row = torch.cat(parts)
+    if row.ndim == 2 and (valid is not None or opts.reduction == "none"):
+        row = row.view(-1)
     if valid is not None:
         row = torch.where(valid, row, 0.0)
     return row, g
@@ -223,39 +235,39 @@ def _chunk(
         capped = th * _scalar(cap, z.dtype)
         z = torch.where(z == -math.inf, z, capped) if mask else capped
     eps, gamma = opts.label_smoothing, opts.gamma
-    col = label[:, None]
-    if scale is None and eps == 0 and z.numel() < _KERNEL_GRAD:
-        # the loss only, few logits: -log p_y from F.cross_entropy's kernel (one call)
+    if scale is None and eps == 0:  # the loss only: -log p_y from F.cross_entropy's kernel
         nll_y = _NLL(z, label, None, 0, _NO_IGNORE, 0.0)
-        big_l = z.gather(1, col)[:, 0].add_(nll_y) if opts.z_loss != 0 else None
+        big_l = z.gather(1, label.unsqueeze(1)).view(-1).add_(nll_y) if opts.z_loss != 0 else None
         wy0: Any = 1.0 if w_y is None else w_y
         row, _ = _rows.loss_and_coefficients(
             big_l, nll_y, None, None, wy0, num_classes, opts, autodiff=False, xp=torch
         )
         return row, None
+    col = label.unsqueeze(1)
     lp = torch.log_softmax(z, 1)
-    lp_y = lp.gather(1, col)
+    lp_y = lp.gather(1, col)  # (n, 1): the columns the gradient is written with
     nll_y = lp_y.neg()
     big_l = z.gather(1, col).sub_(lp_y) if opts.z_loss != 0 else None
-    w_row = None if w is None else w[None, :]
+    w_row = None if w is None else w.unsqueeze(0)
     smooth: Any = None
     slope: Any = None
     slopes = None
     if eps != 0:
         if gamma != 0:
+            c = 1.0 if w_row is None else w_row
             values, slopes = _rows.focal_terms(
-                lp.neg(), 1.0 if w_row is None else w_row, gamma, autodiff=False, xp=torch
+                lp.neg(), c, gamma, autodiff=False, log_p=lp, xp=torch
             )
             smooth, slope = values.sum(1, keepdim=True), slopes.sum(1, keepdim=True)
         else:
             smooth = lp.sum(1, keepdim=True) if w_row is None else (lp * w_row).sum(1, keepdim=True)
             smooth = smooth.neg_()
             slope = float(num_classes) if w is None else w.sum()
-    wy: Any = 1.0 if w_y is None else w_y[:, None]
+    wy: Any = 1.0 if w_y is None else w_y.unsqueeze(1)
     row, coefs = _rows.loss_and_coefficients(
-        big_l, nll_y, smooth, slope, wy, num_classes, opts, scale=scale, autodiff=False, xp=torch
-    )
-    row = row[:, 0]
+        big_l, nll_y, smooth, slope, wy, num_classes, opts,
+        scale=scale, autodiff=False, log_p_y=lp_y, xp=torch,
+    )  # fmt: skip
     if coefs is None:
         return row, None
     a, b, e = coefs
@@ -292,8 +304,11 @@ def _target_part(lp: Tensor, col: Tensor, a: Any, b: Any, out: Tensor | None) ->
     log-probabilities is a slower one), then add :math:`a - b` at the target; small
     ones exponentiate in place (fewer operations).
     """
-    if lp.numel() < _KERNEL_GRAD:
-        g = lp.exp_().mul_(a)  # a p, in place of log p (read for the last time by the caller)
+    if lp.numel() < _KERNEL_GRAD:  # in place of log p (read for the last time by the caller)
+        if a is b:  # (p - [k = y]) b: no negated copy of b
+            minus_one = _scalar(-1.0, lp.dtype).expand(col.shape)
+            return lp.exp_().scatter_add_(1, col, minus_one).mul_(a)
+        g = lp.exp_().mul_(a)
         if isinstance(b, Tensor):
             nb = b.neg()
             return g.scatter_add_(1, col, nb if nb.shape == col.shape else nb.expand(col.shape))
@@ -309,13 +324,17 @@ def _target_part(lp: Tensor, col: Tensor, a: Any, b: Any, out: Tensor | None) ->
     return g
 
 
-class _OwnRows(torch.autograd.Function):
-    """The reduced (or per-row) loss of ``(n, C)`` logits; closed-form backward (see module)."""
+class _Plan:
+    """What :class:`_OwnRows` needs besides the logits: the labels (0 at ignored rows), the
+    counted rows, the class weights, the target weights, the mean's denominator, whether
+    ``-inf`` logits may be masked, the options, the result dtype, and for double backward
+    the flat labels and the differentiable generic loss. One argument of
+    ``Function.apply``: each argument costs its Python wrapper a pass."""
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        z2: Tensor,
+    __slots__ = ("den", "dtype", "generic", "label", "mask", "opts", "t", "valid", "w", "w_y")
+
+    def __init__(
+        self,
         label: Tensor,
         valid: Tensor | None,
         w: Tensor | None,
@@ -323,37 +342,50 @@ class _OwnRows(torch.autograd.Function):
         den: Tensor | float,
         mask: bool,
         opts: CEOptions,
-        recompute: Callable[[Tensor], Tensor],
-    ) -> Tensor:
+        dtype: torch.dtype,
+        t: Tensor,
+        generic: Callable[[Tensor, Tensor, Tensor | None, CEOptions], Tensor],
+    ) -> None:
+        self.label, self.valid, self.w, self.w_y, self.den = label, valid, w, w_y, den
+        self.mask, self.opts, self.dtype, self.t, self.generic = mask, opts, dtype, t, generic
+
+
+class _OwnRows(torch.autograd.Function):
+    """The reduced (or per-row) loss of ``(n, C)`` logits; closed-form backward (see module)."""
+
+    @staticmethod
+    def forward(ctx: Any, z2: Tensor, plan: _Plan) -> Tensor:
+        opts = plan.opts
         cdt = torch.float32 if z2.dtype in _LOW else z2.dtype
-        early = opts.reduction != "none" and ctx.needs_input_grad[0]
-        scale = _row_scale(z2.shape[0], valid, den, 1.0, opts.reduction, cdt) if early else None
-        row, g = _pass(z2, label, valid, w, w_y, mask, opts, scale)
-        ctx.save_for_backward(z2, label, valid, w, w_y)
+        scale = None
+        if opts.reduction != "none" and ctx.needs_input_grad[0]:
+            scale = _row_scale(plan.valid, plan.den, 1.0, opts.reduction, cdt)
+        row, g = _pass(z2, plan.label, plan.valid, plan.w, plan.w_y, plan.mask, opts, scale)
+        ctx.save_for_backward(z2)
         # held outside the saved tensors and dropped once returned: autograd may make it the
         # leaf's .grad, which the caller may change in place before a second backward
         ctx.early = g
-        ctx.den, ctx.mask, ctx.opts, ctx.recompute = den, mask, opts, recompute
-        return _reduce(row, den, opts)
+        ctx.plan = plan
+        return _reduce(row, plan.den, opts, plan.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        z2, label, valid, w, w_y = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        (z2,) = ctx.saved_tensors
+        plan: _Plan = ctx.plan
         early, ctx.early = ctx.early, None
-        none = (None,) * 8
         if torch.is_grad_enabled():  # create_graph: a differentiable gradient, exact 2nd order
             with torch.enable_grad():
-                out = ctx.recompute(z2)
+                out = plan.generic(z2, plan.t, plan.w, plan.opts)
             (g,) = torch.autograd.grad(out, z2, grad.to(out.dtype), create_graph=True)
-            return (g, *none)
-        opts: CEOptions = ctx.opts
+            return g, None
+        opts = plan.opts
         if early is not None:
             up = grad.item()
             if up == 1.0:
-                return (early, *none)
+                return early, None
             if early.dtype not in _LOW:  # one more rounding of the float32/float64 gradient
-                return (early.mul_(up), *none)
+                return early.mul_(up), None
         cdt = torch.float32 if z2.dtype in _LOW else z2.dtype
-        scale = _row_scale(z2.shape[0], valid, ctx.den, grad, opts.reduction, cdt)
-        _, g = _pass(z2, label, valid, w, w_y, ctx.mask, opts, scale)
-        return (g, *none)
+        scale = _row_scale(plan.valid, plan.den, grad, opts.reduction, cdt)
+        _, g = _pass(z2, plan.label, plan.valid, plan.w, plan.w_y, plan.mask, opts, scale)
+        return g, None

@@ -290,8 +290,11 @@ def output_dtype(x: Array, *, xp: Any) -> Any:
     """
     if is_torch_tensor(x):
         torch = sys.modules["torch"]  # the module is_torch_tensor read (one source when traced)
-        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-            return torch.float32
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # "cpu" without building a device object: a third of a small loss's rounding
+            device = "cpu" if x.is_cpu else x.device.type
+            if torch.is_autocast_enabled(device):
+                return torch.float32
     return x.dtype
 
 

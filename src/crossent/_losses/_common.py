@@ -57,19 +57,26 @@ def log1mexp(log_p: Array, *, xp: Any) -> Array:
     return xp.where(is_zero, xp.full_like(out, -float("inf")), out)
 
 
-def focal_factor(log_one_minus_p: Array, gamma: float, *, xp: Any) -> Array:
-    r"""The focal modulating factor (1 − p)^γ from log(1 − p).
+def focal_factor(base: Array, gamma: float, *, log: bool = True, xp: Any) -> Array:
+    r"""The focal modulating factor :math:`(1 - p)^\gamma`, from :math:`\log(1-p)` or from
+    :math:`1 - p` (`log` False): the one statement of the factor and of its rule at
+    :math:`p = 1`.
 
-    Computed as :math:`e^{\gamma \log(1-p)}`; where 1 − p is exactly 0 the
-    factor is 0 with a zero gradient, which is the limit of the focal loss
-    term's derivative for every γ > 0 (torchvision gives NaN there for γ < 1).
-    ``gamma=0`` gives ones.
+    Computed as :math:`e^{\gamma \log(1-p)}` (from the log: binary and probability
+    inputs have :math:`\log(1-p)` exactly, and one exponential is cheaper than a
+    power) or as :math:`(1-p)^\gamma` (the row formula of
+    :mod:`crossent._losses._rows` has :math:`1 - p = -\operatorname{expm1}(\log p)`).
+    Where :math:`1 - p` is exactly 0 the factor is 0 with a zero gradient, which is
+    the limit of the focal loss term's derivative for every γ > 0 (torchvision gives
+    NaN there for γ < 1): the pole is replaced before the power, so that autodiff
+    sees no :math:`\gamma\,0^{\gamma-1}`. ``gamma=0`` gives ones.
     """
     if gamma == 0:
-        return xp.ones_like(log_one_minus_p)
-    is_certain = log_one_minus_p == -float("inf")
-    safe = xp.where(is_certain, xp.zeros_like(log_one_minus_p), log_one_minus_p)
-    return xp.where(is_certain, xp.zeros_like(safe), xp.exp(gamma * safe))
+        return xp.ones_like(base)
+    is_certain = base == (-float("inf") if log else 0.0)
+    safe = xp.where(is_certain, xp.zeros_like(base) if log else xp.ones_like(base), base)
+    raised = xp.exp(gamma * safe) if log else safe**gamma
+    return xp.where(is_certain, xp.zeros_like(raised), raised)
 
 
 def log_prob(x: Array, *, complement: bool = False, xp: Any) -> Array:

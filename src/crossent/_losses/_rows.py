@@ -83,6 +83,7 @@ from typing import Any
 
 from crossent._lib._xp import Array, stop_gradient, take_along_axis
 from crossent._lib._xp import device as _device
+from crossent._losses._common import focal_factor
 from crossent._losses._options import CEOptions
 
 __all__ = [
@@ -288,41 +289,67 @@ def _nll_target(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
     return xp.where(finite, (m_safe - stats.z_y) + _log_s(stats, finite, xp=xp), other)
 
 
-def _focal(nll: Array, gamma: float, *, slope: bool, autodiff: bool, xp: Any) -> tuple[Array, Any]:
+def _focal(
+    nll: Array,
+    gamma: float,
+    *,
+    slope: bool,
+    autodiff: bool,
+    xp: Any,
+    log_p: Array | None = None,
+) -> tuple[Array, Any]:
     r"""(f, s) from :math:`-\log p`: :math:`f = (1-p)^\gamma` and its term's slope
     :math:`s = f\,(1 + \gamma q)`, :math:`q = p (-\log p)/(1-p)` (None unless `slope`).
 
     :math:`\partial\bigl(f\,(-\log p)\bigr)/\partial(-\log p) = s`, and
-    :math:`1 - p = -\operatorname{expm1}(\log p)` to relative precision at every
+    :math:`p - 1 = \operatorname{expm1}(\log p)` to relative precision at every
     :math:`p` (so is its power: no log of it is formed). Where :math:`p = 1` exactly
     :math:`f = 0` and :math:`s = 0` (the term's gradient limit for every
-    :math:`\gamma > 0`). For :math:`\gamma \ge 1` the slope is
-    :math:`(1-p)^{\gamma-1}\bigl((1-p) + \gamma\,p\,(-\log p)\bigr)`, finite without a
-    guard. `autodiff` guards the powers at :math:`p = 1`, so that a framework's
-    derivatives of :math:`f` are 0 there instead of :math:`\gamma\, 0^{\gamma-1}`
-    (infinite for :math:`\gamma < 1`).
+    :math:`\gamma > 0`; :func:`.focal_factor`, whose guard `autodiff` takes). For
+    :math:`\gamma \ge 1` the slope is
+    :math:`(1-p)^{\gamma-1}\bigl((1-p) - \gamma\,p \log p\bigr)`, finite without a
+    guard, its two terms of one sign (nothing cancels); for :math:`\gamma = 2` both
+    :math:`f` and :math:`s` are products of :math:`p - 1` (no power, no sign change),
+    :math:`s = (p-1)\bigl((p-1) + 2\,p \log p\bigr)`: on PyTorch five small operations
+    (``addcmul`` forms the bracket; a 32-row loss is made of such operations).
+    :math:`p = e^{\log p}` is exponentiated, not formed as :math:`1 + (p - 1)`, which
+    loses :math:`p` below the rounding of 1. `log_p` is :math:`\log p` if the caller
+    has it (saves the negation). `autodiff` guards the powers at :math:`p = 1`, so that
+    a framework's derivatives of :math:`f` are 0 there instead of
+    :math:`\gamma\, 0^{\gamma-1}` (infinite for :math:`\gamma < 1`); a closed-form
+    executor (`autodiff` False) needs no guard: :math:`0^\gamma = 0`.
     """
-    minus = -nll
-    if not (autodiff or slope) and gamma == 2:
-        em1 = xp.expm1(minus)  # -(1 - p): its square needs no sign
-        return em1 * em1, None
-    one_m = -xp.expm1(minus)
+    minus = -nll if log_p is None else log_p
+    em1 = xp.expm1(minus)  # p - 1
     if not autodiff and gamma >= 1:
+        if gamma == 2:  # (p - 1)((p - 1) + 2 p log p)
+            f = em1 * em1
+            if not slope:
+                return f, None
+            return f, em1 * _plus_product(em1, 2.0, xp.exp(minus), minus, xp=xp)
+        one_m = -em1
         if not slope:
             return one_m**gamma, None
-        f1 = one_m if gamma == 2 else one_m ** (gamma - 1)
-        return f1 * one_m, f1 * (one_m + gamma * (xp.exp(minus) * nll))
-    certain = one_m == 0
-    safe = xp.where(certain, xp.ones_like(one_m), one_m)
-    f = xp.where(certain, xp.zeros_like(one_m), safe**gamma) if autodiff else one_m**gamma
+        f1 = one_m ** (gamma - 1)  # (1 - p)^(gamma - 1) ((1 - p) - gamma p log p)
+        return f1 * one_m, f1 * _plus_product(one_m, -gamma, xp.exp(minus), minus, xp=xp)
+    one_m = -em1
+    f = focal_factor(one_m, gamma, log=False, xp=xp) if autodiff else one_m**gamma
     if not slope:
         return f, None
+    certain = one_m == 0
+    safe = xp.where(certain, xp.ones_like(one_m), one_m)
     q = xp.where(certain, xp.zeros_like(nll), xp.exp(minus) * nll / safe)
     return f, f * (1 + gamma * q)
 
 
 def focal_terms(
-    nll: Array, c: Array | float, gamma: float, *, autodiff: bool = True, xp: Any
+    nll: Array,
+    c: Array | float,
+    gamma: float,
+    *,
+    autodiff: bool = True,
+    log_p: Array | None = None,
+    xp: Any,
 ) -> tuple[Array, Array]:
     r"""Focal class terms :math:`c\,f\,(-\log p)` and their slopes :math:`c\,f\,(1 + \gamma q)`.
 
@@ -330,9 +357,9 @@ def focal_terms(
     (:func:`_focal`). The target's term gives :math:`b` of :func:`loss_and_coefficients`
     (:math:`c = (1-\varepsilon) w_y`); with label smoothing every class has one
     (:math:`c = w_k`; the caller's sums over the classes are the `smooth` and
-    `smooth_slope` of :func:`loss_and_coefficients`). `autodiff` as in :func:`_focal`.
+    `smooth_slope` of :func:`loss_and_coefficients`). `autodiff` and `log_p` as in :func:`_focal`.
     """
-    f, s = _focal(nll, gamma, slope=True, autodiff=autodiff, xp=xp)
+    f, s = _focal(nll, gamma, slope=True, autodiff=autodiff, xp=xp, log_p=log_p)
     return _times(c, f * nll), _times(c, s)
 
 
@@ -393,6 +420,7 @@ def loss_and_coefficients(
     scale: Any = None,
     loss: bool = True,
     autodiff: bool = True,
+    log_p_y: Any = None,
     xp: Any,
 ) -> tuple[Any, Any]:
     r"""The row loss and, for a row `scale`, its gradient coefficients, from per-row terms.
@@ -417,7 +445,8 @@ def loss_and_coefficients(
     :class:`RowStats`; an executor that has the log-probabilities (PyTorch's
     ``log_softmax``) feeds it directly. `loss` False skips the loss (None);
     `autodiff` False (an executor that differentiates in closed form) drops the guards
-    that make a framework's derivatives of the focal factor finite at :math:`p_y = 1`.
+    that make a framework's derivatives of the focal factor finite at :math:`p_y = 1`;
+    `log_p_y` is :math:`\log p_y` where the executor has it (one negation less).
     Returns ``(loss, (a, b, e))``, None for what was not asked.
     """
     eps, gamma = opts.label_smoothing, opts.gamma
@@ -426,7 +455,7 @@ def loss_and_coefficients(
     row: Any = None
     b: Any = None
     if gamma != 0:
-        f, s = _focal(nll_y, gamma, slope=with_grad, autodiff=autodiff, xp=xp)
+        f, s = _focal(nll_y, gamma, slope=with_grad, autodiff=autodiff, xp=xp, log_p=log_p_y)
         if loss:
             row = _times(c_y, f * nll_y)
         b = None if s is None else _times(c_y, s)
@@ -454,7 +483,7 @@ def loss_and_coefficients(
         a = a + (2 * opts.z_loss) * big_l
     b_scaled = _times(scale, b)
     a_scaled = b_scaled if a is b else _times(scale, a)
-    return row, (a_scaled, b_scaled, (eps / num_classes) * scale)
+    return row, (a_scaled, b_scaled, 0.0 if eps == 0 else (eps / num_classes) * scale)
 
 
 def coefficients(  # no annotations: Triton compiles this function too
@@ -472,20 +501,23 @@ def coefficients(  # no annotations: Triton compiles this function too
 
     :math:`b = (1-\varepsilon) w_y`, :math:`a = b + \frac{\varepsilon}{C} W + 2\lambda L`,
     :math:`e = \varepsilon / C`, each times the row scale `r` (the upstream gradient
-    and the mean's :math:`1/\sum w_y`). `one_m_eps`, `eps_c` and `z_loss_2` are
-    :math:`1-\varepsilon`, :math:`\varepsilon/C` and :math:`2\lambda`; `smoothing`
-    and `with_z_loss` say whether those terms exist (compile-time constants in a
-    kernel). Written with ``+ - *`` only and without annotations, so that the same
-    function serves arrays, Python floats and — through ``triton.jit`` — the
-    Triton gradient kernel (:mod:`crossent.fused._kernels`).
+    and the mean's :math:`1/\sum w_y`; without smoothing `e` is `eps_c`, 0, unscaled:
+    an operation less for the executors, which read it only with smoothing).
+    `one_m_eps`, `eps_c` and `z_loss_2` are :math:`1-\varepsilon`, :math:`\varepsilon/C`
+    and :math:`2\lambda`; `smoothing` and `with_z_loss` say whether those terms exist
+    (compile-time constants in a kernel). Written with ``+ - *`` only and without
+    annotations, so that the same function serves arrays, Python floats and — through
+    ``triton.jit`` — the Triton gradient kernel (:mod:`crossent.fused._kernels`).
     """
     b = one_m_eps * w_y
     a = b
+    e = eps_c  # 0 without smoothing, where no executor reads it (no product formed)
     if smoothing:
         a = a + eps_c * total_weight
+        e = e * scale
     if with_z_loss:
         a = a + z_loss_2 * big_l
-    return a * scale, b * scale, eps_c * scale
+    return a * scale, b * scale, e
 
 
 def grad_coefficients(
