@@ -623,3 +623,14 @@ def test_column_argmax_is_numpys_argmax(classes: int) -> None:
         got = F._column_argmax(x, x.max(axis=1), nan)
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, x.argmax(axis=1))
+
+
+@pytest.mark.parametrize("size", [0, 7, 64 * 15 - 1, 64 * 15, 64 * 15 + 5, 10_003])
+def test_bincount_over_lanes_is_numpys(size: int) -> None:
+    # many values per bin go to interleaved counters; the counts are numpy's, whatever
+    # the size (a tail of fewer than COUNT_LANES values, runs of one bin)
+    rng = np.random.default_rng(size)
+    idx = np.where(rng.random(size) < 0.8, 0, rng.integers(0, 15, size))
+    got = F._bincount(idx, 15)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, np.bincount(idx, minlength=15))

@@ -650,6 +650,29 @@ def _calibration_init(groups: int, bins: int, *, fine: bool = True) -> State:
     return state
 
 
+#: interleaved counters of :func:`_bincount`
+COUNT_LANES = 8
+
+
+def _bincount(idx: np.ndarray, length: int) -> np.ndarray:
+    """``np.bincount(idx, minlength=length)`` as int64, for a contiguous `idx`.
+
+    With many values per bin (a column of probabilities, most of them in the
+    first calibration bin), one counter incremented again and again waits on
+    itself; value i is counted in copy ``i % COUNT_LANES`` of the counters,
+    then the copies are added (a third faster at 65536 x 10 into 150 bins).
+    """
+    lanes = COUNT_LANES
+    if idx.size < 64 * length:
+        return np.bincount(idx, minlength=length).astype(np.int64, copy=False)
+    head = idx.size - idx.size % lanes
+    laned = idx[:head].reshape(-1, lanes) + np.arange(0, lanes * length, length)
+    count = np.bincount(laned.ravel(), minlength=lanes * length).reshape(lanes, length)
+    total = count.sum(axis=0, dtype=np.int64)
+    total += np.bincount(idx[head:], minlength=length)
+    return total
+
+
 def _width_bin(conf: np.ndarray, bins: int) -> np.ndarray:
     """Equal-width bin of each confidence: min(floor(conf·B), B−1); 1.0 is in the last bin."""
     t = conf * bins  # laid out as `conf` (row- or column-major), as the result
@@ -719,7 +742,7 @@ def _calibration_update(
             idx += np.arange(groups, dtype=np.int64) * width
         idx = idx.ravel(order=order)
         length, shape = groups * width, (groups, width)
-        count = np.bincount(idx, minlength=length).astype(np.int64, copy=False)
+        count = _bincount(idx, length)
         most = int(count.max(initial=0))
         return (
             count.reshape(shape),
