@@ -436,3 +436,34 @@ def test_one_split_for_many_sums_gives_each_sum_exactly(kind: str) -> None:
             assert got[k] == _reference(xs[members].tolist())
         else:
             assert not math.isfinite(got[k])
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize(("rows", "groups"), [(1000, 50), (20_000, 40), (5, 3000), (300, 600)])
+def test_runs_add_the_most_common_element_as_the_total_less_the_others(
+    order: str, rows: int, groups: int
+) -> None:
+    """Classwise bins of many classes: the values of a class outside its most common bin
+    are scattered, the rest added as the class's total less them; the same bits as every
+    value scattered, and the exact sums (also across blocks that cut a class in two)."""
+    from crossent.metrics._exact import add_to_each
+    from crossent.metrics._functional import _runs, _width_bin
+
+    rng = np.random.default_rng(rows + groups)
+    z = rng.normal(scale=3.0, size=(rows, groups))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[rng.random(p.shape) < 0.01] *= 1e-200  # tiny ones: rests that go round again
+    bins = 15
+    index = (_width_bin(p, bins) + np.arange(groups) * bins).ravel(order=order)  # type: ignore[arg-type]
+    xs = p.ravel(order=order)  # type: ignore[arg-type]
+    count = np.bincount(index, minlength=groups * bins).reshape(groups, bins)
+    runs = _runs(count, order)  # type: ignore[arg-type]
+    assert runs is not None
+    by_runs, scattered = ExactSum.zeros((groups, bins)), ExactSum.zeros((groups, bins))
+    add_to_each(xs, [(by_runs, index, int(count.max()), runs)])
+    add_to_each(xs, [(scattered, index, int(count.max()))])
+    got = by_runs.value().ravel()
+    np.testing.assert_array_equal(_bits(got), _bits(scattered.value().ravel()))
+    for k in {int(runs.mode[0]), int(runs.mode[-1]), 1, groups * bins - 1}:
+        assert got[k] == math.fsum(xs[index == k].tolist())
