@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 from fractions import Fraction
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -441,7 +442,7 @@ def test_one_split_for_many_sums_gives_each_sum_exactly(kind: str) -> None:
 @pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize(("rows", "groups"), [(1000, 50), (20_000, 40), (5, 3000), (300, 600)])
 def test_runs_add_the_most_common_element_as_the_total_less_the_others(
-    order: str, rows: int, groups: int
+    order: Literal["C", "F"], rows: int, groups: int
 ) -> None:
     """Classwise bins of many classes: the values of a class outside its most common bin
     are scattered, the rest added as the class's total less them; the same bits as every
@@ -455,10 +456,10 @@ def test_runs_add_the_most_common_element_as_the_total_less_the_others(
     p /= p.sum(axis=1, keepdims=True)
     p[rng.random(p.shape) < 0.01] *= 1e-200  # tiny ones: rests that go round again
     bins = 15
-    index = (_width_bin(p, bins) + np.arange(groups) * bins).ravel(order=order)  # type: ignore[arg-type]
-    xs = p.ravel(order=order)  # type: ignore[arg-type]
+    index = (_width_bin(p, bins) + np.arange(groups) * bins).ravel(order=order)
+    xs = p.ravel(order=order)
     count = np.bincount(index, minlength=groups * bins).reshape(groups, bins)
-    runs = _runs(count, order)  # type: ignore[arg-type]
+    runs = _runs(count, order)
     assert runs is not None
     by_runs, scattered = ExactSum.zeros((groups, bins)), ExactSum.zeros((groups, bins))
     add_to_each(xs, [(by_runs, index, int(count.max()), runs)])

@@ -72,6 +72,7 @@ _FEW_SMALL = 1 / 8  # fraction of a block whose rests go round again whole (thei
 _FEW_RUNS = 16  # groups in a block up to which runs are compared one by one
 _FEW_ROWS = 16  # value() rounds up to this many sums one by one with Python ints
 _EMPTY = np.empty(0, dtype=np.float64)
+_EMPTY_INDEX = np.empty(0, dtype=np.int64)
 
 
 @dataclass
@@ -164,8 +165,11 @@ class ExactSum:
             limbs[..., j + 1] += carry
         self.uncarried = 0
 
-    def _deposit(self, units: np.ndarray, grids: tuple[int, ...]) -> None:
-        """Add ``units[r] * 2**grids[r]`` into the digits (int64 `units`, shape (rows, size)).
+    def _deposit(
+        self, units: np.ndarray, grids: tuple[int, ...], elements: np.ndarray | None = None
+    ) -> None:
+        """Add ``units[r] * 2**grids[r]`` into the digits (int64 `units`, shape (rows, size)),
+        or into the distinct flat `elements` only (`units` of shape (rows, elements)).
 
         Split as u = u0 + 2**32 u1 (u0 in [0, 2**32), |u1| < 2**31) and
         shifted to the digit boundaries, each row adds less than 2**33 to
@@ -174,7 +178,7 @@ class ExactSum:
         self._widen(*_window(min(grids), max(grids)))
         if not self.limbs.flags.c_contiguous:
             self.limbs = np.ascontiguousarray(self.limbs)
-        limbs = self.limbs.reshape(units.shape[1], self.limbs.shape[-1])  # a view
+        limbs = self.limbs.reshape(-1, self.limbs.shape[-1])  # a view
         position = np.array(grids, dtype=np.int64)[:, None] - _BASE
         low = (units & _MASK) << (position % _DIGIT)  # < 2**63
         high = (units >> _DIGIT) << (position % _DIGIT)  # |.| < 2**62
@@ -182,7 +186,10 @@ class ExactSum:
         for row, grid in enumerate(grids):
             at = (grid - _BASE) // _DIGIT - self.lo
             for offset, part in enumerate(parts):
-                limbs[:, at + offset] += part[row]
+                if elements is None:
+                    limbs[:, at + offset] += part[row]
+                else:
+                    limbs[elements, at + offset] += part[row]
         self.uncarried += len(grids)
         if self.uncarried >= _CARRY_EVERY:
             self._normalize()
@@ -386,7 +393,7 @@ def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
         run = hint[0] if hint and flat_index is not None else None
         if run is not None and (run.rows * run.groups != values.size or run.groups > _BLOCK // 2):
             run = None
-        bound = values.size if most is None or run is not None else min(most, values.size)
+        bound = values.size if most is None else min(most, values.size)
         if run is not None and run.order == "C":  # blocks of whole rows
             block = block // run.groups * run.groups
         pendings.append(_Pending.of(target, bound, lanes=1 if flat_index is None else None))
@@ -398,6 +405,8 @@ def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
     # one split for all: pieces as narrow as the narrowest partial sums take (a pending
     # set of partial sums takes pieces of its level or narrower)
     level = min((pending.level for pending in pendings), default=_MAX_LEVEL)
+    if any(run is not None for run in runs):  # a group's total sums a block of pieces
+        level = min(level, _level(block))
     sums = [target[0] for target in targets]
     while values.size:  # each round adds 2L bits of every value; few have more left
         for pending, bound in zip(pendings, bounds, strict=True):
@@ -462,9 +471,12 @@ def _add_block(
             )
         return _EMPTY, nothing
     grid = max(top - level, _MIN_GRID)
-    grid, partial = each[0][1].partial_sums(each[0][0], grid, values.size)
+    # values each partial sum takes from this block (with runs: the ones scattered)
+    counts = [values.size if p.runs is None or w is None else p.pick(w) for _, p, w in each]
+    grid, partial = each[0][1].partial_sums(each[0][0], grid, counts[0])
     chosen = [(grid, partial)] + [
-        p.partial_sums(t, grid, values.size, slack=0) for t, p, _ in each[1:]
+        p.partial_sums(t, grid, count, slack=0)
+        for (t, p, _), count in zip(each[1:], counts[1:], strict=True)
     ]
     low_grid = max(grid - level, _MIN_GRID)
     high, low, rest, left = _scratch(values.size)
@@ -477,8 +489,10 @@ def _add_block(
     np.subtract(values, high, out=rest)  # |rest| <= 2**(g-1)
 
     def scatter(low_piece: np.ndarray) -> None:
-        for (_, pending, where), (_, partial) in zip(each, chosen, strict=True):
+        for (target, pending, where), (_, partial) in zip(each, chosen, strict=True):
             pending.scatter(partial, where, high, low_piece)
+            if pending.runs is not None:
+                pending.add_modes(target, high, low_piece, (grid, low_grid))
 
     # a value of magnitude >= 2**(low_grid + 52) is a multiple of 2**low_grid, and so is
     # its rest: that rest is its low piece, nothing is left
@@ -538,6 +552,9 @@ class _Pending:
         self.base: dict[int, int] = {}  # grid -> pieces per element before this round
         self.taken: dict[int, int] = {}  # grid -> values taken in this round
         self.runs: tuple[Runs, int] | None = None  # this block's runs and its first position
+        self.picked = _EMPTY_INDEX  # with runs: the positions of the block to scatter
+        self.cuts: np.ndarray | None = None  # with "F" runs: where each group starts
+        self.first = _EMPTY_INDEX  # with "F" runs: the groups in the block
 
     @classmethod
     def of(cls, target: ExactSum, most: int, *, lanes: int | None) -> _Pending:
@@ -604,64 +621,69 @@ class _Pending:
             sums[0, 0] += high.sum()
             sums[1, 0] += low.sum()
             return
-        if self.runs is not None:
-            self._scatter_runs(sums, where, high, low, *self.runs)
-            return
+        if self.runs is not None:  # the values picked from the runs (see `pick`)
+            high, low, where = high[self.picked], low[self.picked], where[self.picked]
         where = laned(where, self.size, self.lanes)
         np.add.at(sums[0], where, high)
         np.add.at(sums[1], where, low)
 
-    def _scatter_runs(
-        self,
-        sums: np.ndarray,
-        where: np.ndarray,
-        high: np.ndarray,
-        low: np.ndarray,
-        runs: Runs,
-        start: int,
-    ) -> None:
-        """:meth:`scatter` of values in runs (this block from position `start`): the values
-        of group g that go to ``runs.mode[g]`` add as the group's total less the others.
+    def pick(self, where: np.ndarray) -> int:
+        """With runs: which values of this block to scatter (those not going to their group's
+        most common element); returns how many (the most any element gets from the block).
 
-        Every sum here is a partial sum of at most a block of pieces, exact in
-        any order (the pieces are as narrow as a block's values into one
-        element need: `most` is the number of values); so the mode element
-        gets exactly its pieces' sum, without a scatter of them.
+        The others are added by :meth:`add_modes`, straight into the digits.
         """
-        mask = _scratch(high.size)[3]  # _add_block's `left`, no longer needed
+        assert self.runs is not None
+        runs, start = self.runs
+        mask = _scratch(where.size)[3]  # _add_block's `left`, not yet in use
         groups, mode = runs.groups, runs.mode
-        others: list[np.ndarray] = []
         if runs.order == "C":  # whole rows: value i of the block is in group i % groups
             np.not_equal(where.reshape(-1, groups), mode, out=mask.reshape(-1, groups))
-            totals = [piece.reshape(-1, groups).sum(axis=0) for piece in (high, low)]
-            chosen = np.flatnonzero(mask)
-            owner = chosen % groups
-            for piece in (high, low):
-                others.append(np.bincount(owner, weights=piece[chosen], minlength=groups))
+            self.picked = np.flatnonzero(mask)
+            self.cuts = None
         else:  # group g holds positions [g rows, (g + 1) rows) of all the values
-            first = np.arange(start // runs.rows, (start + high.size - 1) // runs.rows + 1)
+            first = np.arange(start // runs.rows, (start + where.size - 1) // runs.rows + 1)
             cuts = np.maximum(first * runs.rows - start, 0)
             if first.size <= _FEW_RUNS:
-                ends = [*cuts[1:].tolist(), high.size]
+                ends = [*cuts[1:].tolist(), where.size]
                 for g, a, b in zip(first.tolist(), cuts.tolist(), ends, strict=True):
                     np.not_equal(where[a:b], mode[g], out=mask[a:b])
             else:
-                lengths = np.diff(np.append(cuts, high.size))
+                lengths = np.diff(np.append(cuts, where.size))
                 np.not_equal(where, np.repeat(mode[first], lengths), out=mask)
-            totals = [np.add.reduceat(piece, cuts) for piece in (high, low)]
-            chosen = np.flatnonzero(mask)
-            at = np.searchsorted(chosen, cuts)  # where each group's chosen values start
-            empty = np.diff(np.append(at, chosen.size)) == 0
+            self.picked = np.flatnonzero(mask)
+            self.cuts, self.first = cuts, first
+        return int(self.picked.size)
+
+    def add_modes(
+        self, target: ExactSum, high: np.ndarray, low: np.ndarray, grids: tuple[int, int]
+    ) -> None:
+        """With runs: add to each group's most common element the pieces of its values that
+        were not picked, as the group's total less the picked ones, into the digits.
+
+        Each of these float64 sums holds at most a block of pieces (`most` is the
+        number of values, so the pieces are narrow enough): exact in any order.
+        """
+        assert self.runs is not None
+        runs, _ = self.runs
+        picked, groups = self.picked, runs.groups
+        modes: list[np.ndarray] = []
+        if self.cuts is None:
+            owner = picked % groups
             for piece in (high, low):
-                taken = np.append(piece[chosen], 0.0)  # reduceat reads one past an empty end
-                others.append(np.where(empty, 0.0, np.add.reduceat(taken, at)))
-            mode = mode[first]
-        if chosen.size:
-            lanes = laned(where[chosen], self.size, self.lanes)
-            np.add.at(sums[0], lanes, high[chosen])
-            np.add.at(sums[1], lanes, low[chosen])
-        sums[0, mode] += totals[0] - others[0]  # lane 0; each group has its own mode
-        sums[1, mode] += totals[1] - others[1]
+                total = piece.reshape(-1, groups).sum(axis=0)
+                modes.append(total - np.bincount(owner, weights=piece[picked], minlength=groups))
+            elements = runs.mode
+        else:
+            at = np.searchsorted(picked, self.cuts)  # where each group's picked values start
+            empty = np.diff(np.append(at, picked.size)) == 0
+            for piece in (high, low):
+                taken = np.append(piece[picked], 0.0)  # reduceat reads one past an empty end
+                others = np.where(empty, 0.0, np.add.reduceat(taken, at))
+                modes.append(np.add.reduceat(piece, self.cuts) - others)
+            elements = runs.mode[self.first]
+        scale = -np.array(grids)[:, None]
+        target._deposit(np.ldexp(np.stack(modes), scale).astype(np.int64), grids, elements)
 
     def _deposit(self, target: ExactSum, grid: int, sums: np.ndarray) -> None:
         if self.lanes > 1:  # exact: the lanes of an element hold `span` pieces at most in all
