@@ -742,9 +742,16 @@ RUNS_SHARE = 0.2
 
 def _runs(count: np.ndarray, order: Literal["C", "F"]) -> Runs | None:
     """The most common bin of each group, when all but few values are in one
-    (classwise bins of many classes: nearly every probability is in the first bin)."""
+    (classwise bins of many classes: nearly every probability is in the first bin).
+
+    Only for column-major confidences (``crossent eval``'s layout), where each
+    class's values are one run, mostly into one bin: scattered one by one they
+    add in one dependency chain (the lanes break it up only up to
+    ``_LANE_ELEMENTS`` elements). Row-major confidences spread over the
+    classes and scatter as fast as the runs path would add them (measured).
+    """
     groups, width = count.shape
-    if groups < 2:
+    if groups < 2 or order != "F":
         return None
     mode = count.argmax(axis=1)
     total = int(count.sum())
