@@ -55,7 +55,7 @@ from crossent._lib._xp import (
     to_numpy,
 )
 from crossent._losses._common import shift_logits
-from crossent.metrics._exact import ExactSum, Target, add_to_each
+from crossent.metrics._exact import ExactSum, Runs, Target, add_to_each
 
 __all__ = [
     "FINE_BINS",
@@ -433,12 +433,15 @@ class _Terms(NamedTuple):
     """Float64 values of one batch to add to an exact sum, to the elements `at` (flat indices).
 
     `most` bounds how many values go to one element (the largest count of
-    ``np.bincount(at)``; None: all of them may).
+    ``np.bincount(at)``; None: all of them may); `runs`, when given, says that
+    the values come in groups, each with a most common element (see
+    :class:`~crossent.metrics._exact.Runs`).
     """
 
     values: np.ndarray
     at: np.ndarray | None = None
     most: int | None = None
+    runs: Runs | None = None
 
 
 Deferred = list[tuple[ExactSum, _Terms]]
@@ -473,7 +476,7 @@ def _add_terms(adds: Deferred) -> None:
     shared: dict[int, tuple[np.ndarray, list[Target]]] = {}
     for target, terms in adds:  # alive in `adds`: no id is reused while grouping
         entry = shared.setdefault(id(terms.values), (terms.values, []))
-        entry[1].append((target, terms.at, terms.most))
+        entry[1].append((target, terms.at, terms.most, terms.runs))
     for values, targets in shared.values():
         add_to_each(values, targets)
 
@@ -746,7 +749,7 @@ def _calibration_update(
         most = int(count.max(initial=0))
         return (
             count.reshape(shape),
-            _Terms(flat_conf, idx, most),
+            _Terms(flat_conf, idx, most, _runs(count.reshape(shape), order)),
             np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64),
         )
 
@@ -762,6 +765,31 @@ def _calibration_update(
         f_count, f_conf, f_hit = hist(_fine_bin(conf), FINE_BINS)
         batch |= {"fine_count": f_count, "fine_conf": f_conf, "fine_hit": f_hit}
     return _add_batch(state, batch, defer)
+
+
+#: classwise bins: the values that are not in their class's most common bin are scattered
+#: one by one, the others added as the class's total less them, when they are this few
+RUNS_SHARE = 0.2
+
+
+def _runs(count: np.ndarray, order: Literal["C", "F"]) -> Runs | None:
+    """The most common bin of each group, when all but few values are in one
+    (classwise bins of many classes: nearly every probability is in the first bin).
+
+    Only for column-major confidences (``crossent eval``'s layout), where each
+    class's values are one run, mostly into one bin: scattered one by one they
+    add in one dependency chain (the lanes break it up only up to
+    ``_LANE_ELEMENTS`` elements). Row-major confidences spread over the
+    classes and scatter as fast as the runs path would add them (measured).
+    """
+    groups, width = count.shape
+    if groups < 2 or order != "F":
+        return None
+    mode = count.argmax(axis=1)
+    total = int(count.sum())
+    if total == 0 or total - int(count[np.arange(groups), mode].sum()) > RUNS_SHARE * total:
+        return None
+    return Runs(order, total // groups, np.arange(groups, dtype=np.int64) * width + mode)
 
 
 def _mass_groups(fine_count: np.ndarray, bins: int) -> np.ndarray:
