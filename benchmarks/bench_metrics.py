@@ -96,8 +96,9 @@ class _FloatSum:
 
 
 def _add_each(values: np.ndarray, targets: list[Any]) -> None:
-    """The float64 counterpart of ``add_to_each``: each target on its own."""
-    for target, index, most in targets:
+    """The float64 counterpart of ``add_to_each``: each target on its own (every value
+    scattered: the hint of :class:`~crossent.metrics._exact.Runs` is not used)."""
+    for target, index, most, *_ in targets:
         target.add(values, index, most=most)
 
 

@@ -227,6 +227,28 @@ def test_version_imports_nothing_heavy() -> None:
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
+def test_eval_imports_no_framework(tmp_path: Path) -> None:
+    # scoring a Parquet file needs numpy and pyarrow only: torch, JAX, pandas (which
+    # pyarrow's to_numpy and read_table import when installed: 0.2 s), scikit-learn and
+    # matplotlib stay out
+    import subprocess
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    data = rows()
+    path = tmp_path / "p.parquet"
+    pq.write_table(
+        pa.table({"label": data["y"], **dict(zip(NAMES, data["p"].T, strict=True))}), path
+    )
+    code = (
+        "import io, sys; from crossent.cli import main\n"
+        f"assert main(['eval', {str(path)!r}, '--format', 'json'], out=io.StringIO()) == 0\n"
+        "frameworks = ('torch', 'jax', 'pandas', 'sklearn', 'matplotlib', 'scipy')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in frameworks))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_text_output_of_several_files(tmp_path: Path, data: dict[str, Any]) -> None:
     parts = _shards(tmp_path / "s", data)
     status, text = run("eval", *map(str, parts), "--exclude", "id")

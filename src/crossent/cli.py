@@ -70,8 +70,9 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
     if args.scheduler is not None and args.engine != "dask":
         msg = "--scheduler is for --engine dask; add --engine dask, or drop --scheduler."
         raise CLIError(msg)
-    from crossent._eval import evaluate, format_text, jsonable
+    from crossent._eval import _memory, evaluate, format_text, jsonable
 
+    _memory.reuse_freed_memory()  # this process scores: each batch reuses the memory of the last
     summary, metric = evaluate(
         args.file,
         label_column=args.label_column,

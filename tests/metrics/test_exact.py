@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 from fractions import Fraction
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -436,3 +437,69 @@ def test_one_split_for_many_sums_gives_each_sum_exactly(kind: str) -> None:
             assert got[k] == _reference(xs[members].tolist())
         else:
             assert not math.isfinite(got[k])
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize(("rows", "groups"), [(1000, 50), (20_000, 40), (5, 3000), (300, 600)])
+def test_runs_add_the_most_common_element_as_the_total_less_the_others(
+    order: Literal["C", "F"], rows: int, groups: int
+) -> None:
+    """Classwise bins of many classes: the values of a class outside its most common bin
+    are scattered, the rest added as the class's total less them; the same bits as every
+    value scattered, and the exact sums (also across blocks that cut a class in two)."""
+    from crossent.metrics._exact import Runs, add_to_each
+    from crossent.metrics._functional import _runs, _width_bin
+
+    rng = np.random.default_rng(rows + groups)
+    z = rng.normal(scale=3.0, size=(rows, groups))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[rng.random(p.shape) < 0.01] *= 1e-200  # tiny ones: rests that go round again
+    bins = 15
+    index = (_width_bin(p, bins) + np.arange(groups) * bins).ravel(order=order)
+    xs = p.ravel(order=order)
+    count = np.bincount(index, minlength=groups * bins).reshape(groups, bins)
+    runs = Runs(order, rows, np.arange(groups) * bins + count.argmax(axis=1))
+    assert (_runs(count, order) is not None) == (order == "F")  # the metrics use "F" only
+    by_runs, scattered = ExactSum.zeros((groups, bins)), ExactSum.zeros((groups, bins))
+    add_to_each(xs, [(by_runs, index, int(count.max()), runs)])
+    add_to_each(xs, [(scattered, index, int(count.max()))])
+    got = by_runs.value().ravel()
+    np.testing.assert_array_equal(_bits(got), _bits(scattered.value().ravel()))
+    for k in {int(runs.mode[0]), int(runs.mode[-1]), 1, groups * bins - 1}:
+        assert got[k] == math.fsum(xs[index == k].tolist())
+
+
+def test_partial_sums_wait_in_the_sum_until_it_is_read() -> None:
+    """Batches leave their partial sums pending (no deposit into the digits per batch);
+    every reader (value, copy, pickle, merge, slicing, regrouping, the window of a sync)
+    sees them, a copy's pending sums are its own, and a crowded batch after sparse ones
+    narrows the pieces first."""
+    rng = np.random.default_rng(11)
+    parts = [rng.random(300) * 10.0 ** rng.integers(-8, 3, size=300) for _ in range(30)]
+    index = [rng.integers(0, 4, size=300) for _ in range(30)]
+    parts.append(1.0 - rng.random(70_000) * 2.0**-12)  # 2**16 and more into one element
+    index.append(np.zeros(70_000, dtype=np.int64))
+    lazy = ExactSum.zeros((4,))
+    for i, (xs, at) in enumerate(zip(parts, index, strict=True)):
+        lazy.add(xs, at, most=int(np.bincount(at).max()))
+        if i == 10:
+            frozen = lazy.copy()
+    assert lazy.pending is not None
+    assert lazy.pending.sums  # still pending
+    everything, where = np.concatenate(parts), np.concatenate(index)
+    want = _exact_by_element(everything, where, 4)
+    head = _exact_by_element(np.concatenate(parts[:11]), np.concatenate(index[:11]), 4)
+    np.testing.assert_array_equal(_bits(frozen.value()), _bits(head))  # the copy's own
+    for reader in (
+        lambda s: s.copy().value(),
+        lambda s: pickle.loads(pickle.dumps(s)).value(),
+        lambda s: s.merge(ExactSum.zeros((4,))).value(),
+        lambda s: ExactSum.zeros((4,)).merge(s).value(),
+        lambda s: np.concatenate([s[:2].value(), s[2:].value()]),
+        lambda s: s.regroup(np.arange(4), 4).value(),
+    ):
+        np.testing.assert_array_equal(_bits(reader(lazy.copy())), _bits(want))
+    lazy.pad_to(*lazy.window())  # type: ignore[misc]
+    assert not lazy.pending.sums
+    np.testing.assert_array_equal(_bits(lazy.value()), _bits(want))

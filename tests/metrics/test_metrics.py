@@ -604,3 +604,33 @@ def test_numpy_probability_rows_in_either_layout(classes: int) -> None:
         nan_rows = F._numpy_prob_rows(q, y, tol=1e-3, need_probs=False)
     np.testing.assert_array_equal(nan_rows["pred"], q.argmax(axis=1))
     np.testing.assert_array_equal(np.flatnonzero(nan_rows["nan"]), [5, 6])
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, F.COLUMN_CLASSES])
+def test_column_argmax_is_numpys_argmax(classes: int) -> None:
+    # the first column holding the row max, counted column by column (ties at any two
+    # columns, the max in the last column, -0.0 next to 0.0, NaN rows: their first NaN)
+    rng = np.random.default_rng(classes)
+    x = rng.integers(0, 3, size=(500, classes)).astype(np.float64)
+    x[:5] = 0.0
+    x[5, -1] = 7.0
+    x[6, 0], x[6, -1] = -0.0, 0.0
+    x[7, -1] = np.nan
+    x[8, 0] = np.nan
+    x = np.asfortranarray(x)
+    nan = np.isnan(x).any(axis=1)
+    with np.errstate(invalid="ignore"):
+        got = F._column_argmax(x, x.max(axis=1), nan)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, x.argmax(axis=1))
+
+
+@pytest.mark.parametrize("size", [0, 7, 64 * 15 - 1, 64 * 15, 64 * 15 + 5, 10_003])
+def test_bincount_over_lanes_is_numpys(size: int) -> None:
+    # many values per bin go to interleaved counters; the counts are numpy's, whatever
+    # the size (a tail of fewer than COUNT_LANES values, runs of one bin)
+    rng = np.random.default_rng(size)
+    idx = np.where(rng.random(size) < 0.8, 0, rng.integers(0, 15, size))
+    got = F._bincount(idx, 15)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, np.bincount(idx, minlength=15))

@@ -7,6 +7,8 @@
 - :mod:`._columns` (label and class columns, the score matrix of a batch),
   :mod:`._labels` (class names or indices to indices);
 - :mod:`._evaluate`: stream a table through ``ClassificationMetrics``;
+- :mod:`._prefetch`: the reader thread; :mod:`._memory`: each batch reuses the
+  memory the batch before freed (the command line sets it for its process);
 - :mod:`._text`: the text table and JSON-ready summary.
 
 pyarrow, tqdm and matplotlib are imported only when a file is read.

@@ -42,14 +42,15 @@ ranks), add integers and are exact.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ExactSum", "add_to_each", "laned", "lanes_for"]
+__all__ = ["ExactSum", "Runs", "add_to_each", "laned", "lanes_for"]
 
 _BASE = -1138  # exponent of digit 0's lowest bit: below 2**-1126, the lowest mantissa bit
 _DIGIT = 32
@@ -60,6 +61,7 @@ _MAX_LEVEL = 51  # at the most (the extraction needs |value| < 2**(grid + 51))
 _BLOCK = 1 << 17  # values split at a time (work arrays of 1.6 MiB)
 _SLACK = 3  # a block may use partial sums on a grid up to 2**_SLACK coarser (< _MIN_LEVEL)
 _MAX_PARTIALS = 8  # partial sums (one per grid) kept at a time
+_ROOM = 6  # bits of the pieces given up so that partial sums take 2**6 batches like the first
 _CARRY_EVERY = 1 << 20  # deposits between carries: each adds less than 2**33 to a digit
 _MIN_GRID = -1074  # every float64 is a multiple of 2**-1074
 _MAX_GRID = 1022 - 52  # the largest grid whose extraction constant 1.5 * 2**(g+52) is finite
@@ -67,8 +69,10 @@ _LANES = 8  # partial sums per element, each taking every 8th value: independent
 _LANE_ELEMENTS = 2048  # up to this many elements (long runs into one element are likely)
 _MAX_OFFSETS = 16  # lane offset arrays kept (one per number of elements)
 _FEW_SMALL = 1 / 8  # fraction of a block whose rests go round again whole (their low piece not cut)
+_FEW_RUNS = 16  # groups in a block up to which runs are compared one by one
 _FEW_ROWS = 16  # value() rounds up to this many sums one by one with Python ints
 _EMPTY = np.empty(0, dtype=np.float64)
+_EMPTY_INDEX = np.empty(0, dtype=np.int64)
 
 
 @dataclass
@@ -87,6 +91,7 @@ class ExactSum:
     pos_inf: np.ndarray
     neg_inf: np.ndarray
     uncarried: int = 0
+    pending: _Pending | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def zeros(cls, shape: tuple[int, ...] = ()) -> ExactSum:
@@ -110,10 +115,22 @@ class ExactSum:
             self.pos_inf.copy(),
             self.neg_inf.copy(),
             self.uncarried,
+            None if self.pending is None else self.pending.copy(),
         )
+
+    def _settle(self) -> None:
+        """Move the partial sums still pending into the digits (before the digits are read)."""
+        if self.pending is not None:
+            self.pending.deposit_all(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (and deep-copied) with the partial sums in the digits."""
+        self._settle()
+        return {**self.__dict__, "pending": None}
 
     def __getitem__(self, key: Any) -> ExactSum:
         """The sums of some elements (indexing the leading axes)."""
+        self._settle()
         self._normalize()
         return ExactSum(
             np.asarray(self.limbs[key]),
@@ -148,8 +165,11 @@ class ExactSum:
             limbs[..., j + 1] += carry
         self.uncarried = 0
 
-    def _deposit(self, units: np.ndarray, grids: tuple[int, ...]) -> None:
-        """Add ``units[r] * 2**grids[r]`` into the digits (int64 `units`, shape (rows, size)).
+    def _deposit(
+        self, units: np.ndarray, grids: tuple[int, ...], elements: np.ndarray | None = None
+    ) -> None:
+        """Add ``units[r] * 2**grids[r]`` into the digits (int64 `units`, shape (rows, size)),
+        or into the distinct flat `elements` only (`units` of shape (rows, elements)).
 
         Split as u = u0 + 2**32 u1 (u0 in [0, 2**32), |u1| < 2**31) and
         shifted to the digit boundaries, each row adds less than 2**33 to
@@ -158,7 +178,7 @@ class ExactSum:
         self._widen(*_window(min(grids), max(grids)))
         if not self.limbs.flags.c_contiguous:
             self.limbs = np.ascontiguousarray(self.limbs)
-        limbs = self.limbs.reshape(units.shape[1], self.limbs.shape[-1])  # a view
+        limbs = self.limbs.reshape(-1, self.limbs.shape[-1])  # a view
         position = np.array(grids, dtype=np.int64)[:, None] - _BASE
         low = (units & _MASK) << (position % _DIGIT)  # < 2**63
         high = (units >> _DIGIT) << (position % _DIGIT)  # |.| < 2**62
@@ -166,7 +186,10 @@ class ExactSum:
         for row, grid in enumerate(grids):
             at = (grid - _BASE) // _DIGIT - self.lo
             for offset, part in enumerate(parts):
-                limbs[:, at + offset] += part[row]
+                if elements is None:
+                    limbs[:, at + offset] += part[row]
+                else:
+                    limbs[elements, at + offset] += part[row]
         self.uncarried += len(grids)
         if self.uncarried >= _CARRY_EVERY:
             self._normalize()
@@ -232,6 +255,8 @@ class ExactSum:
         if other.shape != self.shape:
             msg = f"cannot add exact sums of shapes {self.shape} and {other.shape}."
             raise ValueError(msg)
+        self._settle()
+        other._settle()
         out = self.copy()
         out.nan += other.nan
         out.pos_inf += other.pos_inf
@@ -251,6 +276,7 @@ class ExactSum:
         `groups` has this sum's shape; the result has its shape with the last
         axis of length `count`.
         """
+        self._settle()
         self._normalize()
         lead = self.shape[:-1]
         rows = int(np.prod(lead, dtype=np.int64))
@@ -280,6 +306,7 @@ class ExactSum:
 
     def value(self) -> np.ndarray:
         """The sums rounded once to the nearest float64 (ties to even)."""
+        self._settle()
         out = np.zeros(self.shape, dtype=np.float64)
         width = self.limbs.shape[-1]
         if width:
@@ -298,6 +325,7 @@ class ExactSum:
 
     def pad_to(self, lo: int, hi: int) -> None:
         """Widen the window to digits [lo, hi) (before an all_reduce of the limbs)."""
+        self._settle()
         self._normalize()  # digits in [0, 2**32): their sum over ranks cannot overflow
         if self.limbs.shape[-1] == 0:
             self.lo = lo
@@ -307,11 +335,37 @@ class ExactSum:
 
     def window(self) -> tuple[int, int] | None:
         """Digits [lo, hi) in use, None when no finite non-zero value was added."""
+        self._settle()
         width = self.limbs.shape[-1]
         return None if width == 0 else (self.lo, self.lo + width)
 
 
-Target = tuple[ExactSum, np.ndarray | None, int | None]  # (sum, flat indices, most)
+@dataclass(frozen=True)
+class Runs:
+    """How the values of an element-wise sum come in groups, each with a most common element.
+
+    The values are a (rows, groups) matrix, flattened in `order` ("F": each
+    group's `rows` values one after the other; "C": row after row), and
+    ``mode[g]`` is the element that most of group g's values go to. Then
+    :func:`add_to_each` scatters only the values that go elsewhere and adds the
+    rest at once, as the group's total less those: for classwise calibration
+    bins of many classes, where nearly every probability is in the first bin.
+    """
+
+    order: str
+    rows: int
+    mode: np.ndarray  # int64 (groups,): flat element index
+
+    @property
+    def groups(self) -> int:
+        return int(self.mode.size)
+
+
+# (sum, flat indices, most) or (sum, flat indices, most, runs)
+Target = (
+    tuple[ExactSum, np.ndarray | None, int | None]
+    | tuple[ExactSum, np.ndarray | None, int | None, Runs | None]
+)
 
 
 def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
@@ -320,34 +374,54 @@ def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
     What :meth:`ExactSum.add` does for one sum, with one split of each
     block for all of them (the pieces as narrow as the most crowded target
     needs): each target gets the pieces scattered into its own partial sums,
-    by its own indices.
+    by its own indices. The partial sums stay with their sums, pending, until
+    they are full or the sums are read, so that a stream of small batches
+    does not pay a deposit into the digits per batch.
     """
     values = np.asarray(values, dtype=np.float64).ravel()
     wheres: list[np.ndarray | None] = []
     pendings: list[_Pending] = []
-    for target, index, most in targets:
+    bounds: list[int] = []
+    runs: list[Runs | None] = []
+    block = _BLOCK
+    for target, index, most, *hint in targets:
         flat_index = None if index is None else np.asarray(index, dtype=np.int64).ravel()
         if flat_index is not None and flat_index.size != values.size:
             msg = f"`index` has {flat_index.size} entries for {values.size} values."
             raise ValueError(msg)
         wheres.append(flat_index)
-        lanes = 1 if flat_index is None else lanes_for(target.nan.size)
+        run = hint[0] if hint and flat_index is not None else None
+        if run is not None and (run.rows * run.groups != values.size or run.groups > _BLOCK // 2):
+            run = None
         bound = values.size if most is None else min(most, values.size)
-        pendings.append(_Pending(target, bound, lanes=lanes))
+        if run is not None and run.order == "C":  # blocks of whole rows
+            block = block // run.groups * run.groups
+        pendings.append(_Pending.of(target, bound, lanes=1 if flat_index is None else None))
+        bounds.append(bound)
+        runs.append(run)
+    runs = [
+        None if run is None or (run.order == "C" and block % run.groups) else run for run in runs
+    ]
+    # one split for all: pieces as narrow as the narrowest partial sums take (a pending
+    # set of partial sums takes pieces of its level or narrower)
     level = min((pending.level for pending in pendings), default=_MAX_LEVEL)
-    for pending in pendings:  # one level for all: the same grids, one split
-        pending.set_level(level)
-    sums = [target for target, _, _ in targets]
+    if any(run is not None for run in runs):  # a group's total sums a block of pieces
+        level = min(level, _level(block))
+    sums = [target[0] for target in targets]
     while values.size:  # each round adds 2L bits of every value; few have more left
+        for pending, bound in zip(pendings, bounds, strict=True):
+            pending.begin(bound)  # a round may bring each element `bound` more pieces
         left: list[np.ndarray] = []
         left_index: list[list[np.ndarray]] = [[] for _ in targets]
-        for start in range(0, values.size, _BLOCK):
-            part = slice(start, start + _BLOCK)
+        for start in range(0, values.size, block):
+            part = slice(start, start + block)
             each = [
                 (target, pending, None if where is None else where[part])
                 for target, pending, where in zip(sums, pendings, wheres, strict=True)
             ]
-            rest, rest_index = _add_block(values[part], each)
+            for pending, run in zip(pendings, runs, strict=True):
+                pending.runs = None if run is None else (run, start)
+            rest, rest_index = _add_block(values[part], each, level)
             if rest.size:
                 left.append(rest)
                 for kept, where in zip(left_index, rest_index, strict=True):
@@ -355,18 +429,20 @@ def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
                         kept.append(where)
         values = np.concatenate(left) if left else _EMPTY
         wheres = [np.concatenate(kept) if kept else None for kept in left_index]
+        runs = [None] * len(targets)  # what goes round again is no longer in runs
+        block = _BLOCK
     for pending in pendings:
-        pending.deposit_all()
+        pending.runs = None
 
 
 def _add_block(
-    values: np.ndarray, each: list[tuple[ExactSum, _Pending, np.ndarray | None]]
+    values: np.ndarray, each: list[tuple[ExactSum, _Pending, np.ndarray | None]], level: int
 ) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """Add the top bits of each of `values` (at most ``_BLOCK``) to every (sum, pending,
     indices) of `each`; return what is left, with its indices for each.
 
     Each value splits error-free into two pieces on the grids 2**g and
-    2**(g − L), L the pendings' level, g set by the block's largest
+    2**(g − L), L = `level` (at most each pending's), g set by the block's largest
     magnitude, and the pieces go into float64 partial sums, exact on those
     grids. What is left (values with bits below the second grid: tiny next
     to the block's largest) comes back for another round.
@@ -379,6 +455,8 @@ def _add_block(
             target._count_non_finite(values, where)
         values = values[finite]
         each = [(t, p, None if w is None else w[finite]) for t, p, w in each]
+        for _, pending, _ in each:
+            pending.runs = None  # the values moved: add them one by one
         if not values.size:
             return _EMPTY, nothing
         largest, smallest = float(values.max()), float(values.min())
@@ -386,7 +464,6 @@ def _add_block(
     if amax == 0:
         return _EMPTY, nothing
     top = math.frexp(amax)[1]  # every |value| < 2**top
-    level = each[0][1].level
     if top - level > _MAX_GRID:
         for target, _, where in each:
             target._add_huge(
@@ -394,9 +471,12 @@ def _add_block(
             )
         return _EMPTY, nothing
     grid = max(top - level, _MIN_GRID)
-    grid, partial = each[0][1].partial_sums(grid, values.size)
+    # values each partial sum takes from this block (with runs: the ones scattered)
+    counts = [values.size if p.runs is None or w is None else p.pick(w) for _, p, w in each]
+    grid, partial = each[0][1].partial_sums(each[0][0], grid, counts[0])
     chosen = [(grid, partial)] + [
-        p.partial_sums(grid, values.size, slack=0) for _, p, _ in each[1:]
+        p.partial_sums(t, grid, count, slack=0)
+        for (t, p, _), count in zip(each[1:], counts[1:], strict=True)
     ]
     low_grid = max(grid - level, _MIN_GRID)
     high, low, rest, left = _scratch(values.size)
@@ -409,8 +489,10 @@ def _add_block(
     np.subtract(values, high, out=rest)  # |rest| <= 2**(g-1)
 
     def scatter(low_piece: np.ndarray) -> None:
-        for (_, pending, where), (_, partial) in zip(each, chosen, strict=True):
+        for (target, pending, where), (_, partial) in zip(each, chosen, strict=True):
             pending.scatter(partial, where, high, low_piece)
+            if pending.runs is not None:
+                pending.add_modes(target, high, low_piece, (grid, low_grid))
 
     # a value of magnitude >= 2**(low_grid + 52) is a multiple of 2**low_grid, and so is
     # its rest: that rest is its low piece, nothing is left
@@ -443,33 +525,70 @@ def _add_block(
 
 
 class _Pending:
-    """Float64 partial sums of the pieces, one pair per grid, on their way into `target`'s digits.
+    """Float64 partial sums of the pieces, one pair per grid, on their way into a sum's digits.
 
     The partial sums on grid 2**g hold the high pieces (row 0) and the low
-    pieces on 2**(g − `level`) (row 1) of each element. A partial sum of
-    ``span = 2**(52 − level)`` pieces of at most `level` bits is exact; no
-    element gets more than `most` values, so partial sums may take values
-    until ``min(most, values taken)`` would pass `span`; then they go into
-    the digits, as int64 integers. `level` is as large as `most` and the
-    number of values allow, from ``_MIN_LEVEL`` up.
+    pieces on 2**(g − `level`) (row 1) of each element (of each lane of
+    it). A partial sum of ``span = 2**(52 − level)`` pieces of at most
+    `level` bits is exact (of twice as many too: the bound is 2**(53 − level));
+    so are pieces from a split at a lower level (narrower, on coarser grids).
+    `bound[g]` bounds the pieces any element got in the partial sums on grid
+    g: what earlier rounds and calls brought (`base`), plus, in this round,
+    ``min(most, values taken)``. Before a block would pass `span`, the
+    partial sums go into the digits, as int64 integers; the rest wait there,
+    in the sum (:attr:`ExactSum.pending`), until the sum is read, merged,
+    copied to another process or pickled. `level` is as large as the first
+    `most` and the number of values allow, less ``_ROOM`` bits so that many
+    more batches fit before a deposit, from ``_MIN_LEVEL`` up.
     """
 
-    def __init__(self, target: ExactSum, most: int, *, lanes: int = 1) -> None:
-        self.target = target
-        self.size = target.nan.size
-        self.most = most
+    def __init__(self, size: int, most: int, *, lanes: int) -> None:
+        self.size = size
         self.lanes = lanes
-        fewest_bits = 52 - _MIN_LEVEL
-        self.level = min(52 - (min(most, 1 << fewest_bits) - 1).bit_length(), _MAX_LEVEL)
+        self.level = _level(most, room=_ROOM)
         self.span = 1 << (52 - self.level)
-        self.sums: dict[int, tuple[np.ndarray, list[int]]] = {}  # grid -> (sums, [taken])
+        self.most = 0
+        self.sums: dict[int, np.ndarray] = {}  # grid -> partial sums (2, lanes * size)
+        self.base: dict[int, int] = {}  # grid -> pieces per element before this round
+        self.taken: dict[int, int] = {}  # grid -> values taken in this round
+        self.runs: tuple[Runs, int] | None = None  # this block's runs and its first position
+        self.picked = _EMPTY_INDEX  # with runs: the positions of the block to scatter
+        self.cuts: np.ndarray | None = None  # with "F" runs: where each group starts
+        self.first = _EMPTY_INDEX  # with "F" runs: the groups in the block
 
-    def set_level(self, level: int) -> None:
-        """Narrower pieces (a lower `level`) than this target needs: still exact."""
-        self.level = min(level, self.level)
-        self.span = 1 << (52 - self.level)
+    @classmethod
+    def of(cls, target: ExactSum, most: int, *, lanes: int | None) -> _Pending:
+        """`target`'s pending partial sums, ready for pieces for `most` values per element."""
+        size = target.nan.size
+        lanes = lanes_for(size) if lanes is None else lanes
+        pending = target.pending
+        if pending is None or pending.lanes != lanes:
+            if pending is not None:
+                pending.deposit_all(target)
+            pending = target.pending = cls(size, most, lanes=lanes)
+        elif _level(most, room=0) < pending.level:  # wider than this call allows: narrower
+            pending.deposit_all(target)
+            pending.level = _level(most, room=_ROOM)
+            pending.span = 1 << (52 - pending.level)
+        return pending
 
-    def partial_sums(self, grid: int, count: int, *, slack: int = _SLACK) -> tuple[int, np.ndarray]:
+    def copy(self) -> _Pending:
+        out = copy.copy(self)
+        out.sums = {grid: sums.copy() for grid, sums in self.sums.items()}
+        out.base, out.taken = dict(self.base), dict(self.taken)
+        out.runs = None
+        return out
+
+    def begin(self, most: int) -> None:
+        """A new round of values, at most `most` per element."""
+        for grid in self.sums:
+            self.base[grid] += min(self.most, self.taken[grid])
+            self.taken[grid] = 0
+        self.most = most
+
+    def partial_sums(
+        self, target: ExactSum, grid: int, count: int, *, slack: int = _SLACK
+    ) -> tuple[int, np.ndarray]:
         """A grid in [`grid`, `grid` + `slack`] and its partial sums, room for `count` values."""
         for coarse in range(grid, grid + slack + 1):
             if coarse in self.sums:
@@ -477,14 +596,15 @@ class _Pending:
                 break
         else:
             if len(self.sums) >= _MAX_PARTIALS:
-                self.deposit_all()
-            self.sums[grid] = (np.zeros((2, self.lanes * self.size), dtype=np.float64), [0])
-        sums, taken = self.sums[grid]
-        if min(self.most, taken[0] + count) > self.span:
-            self._deposit(grid, sums)
+                self.deposit_all(target)
+            self.sums[grid] = np.zeros((2, self.lanes * self.size), dtype=np.float64)
+            self.base[grid] = self.taken[grid] = 0
+        sums, taken = self.sums[grid], self.taken[grid] + count
+        if self.base[grid] + min(self.most, taken) > self.span:
+            self._deposit(target, grid, sums)
             sums[...] = 0
-            taken[0] = 0
-        taken[0] += count
+            self.base[grid], taken = 0, count
+        self.taken[grid] = taken
         return grid, sums
 
     def scatter(
@@ -501,25 +621,94 @@ class _Pending:
             sums[0, 0] += high.sum()
             sums[1, 0] += low.sum()
             return
+        if self.runs is not None:  # the values picked from the runs (see `pick`)
+            high, low, where = high[self.picked], low[self.picked], where[self.picked]
         where = laned(where, self.size, self.lanes)
         np.add.at(sums[0], where, high)
         np.add.at(sums[1], where, low)
 
-    def _deposit(self, grid: int, sums: np.ndarray) -> None:
+    def pick(self, where: np.ndarray) -> int:
+        """With runs: which values of this block to scatter (those not going to their group's
+        most common element); returns how many (the most any element gets from the block).
+
+        The others are added by :meth:`add_modes`, straight into the digits.
+        """
+        assert self.runs is not None
+        runs, start = self.runs
+        mask = _scratch(where.size)[3]  # _add_block's `left`, not yet in use
+        groups, mode = runs.groups, runs.mode
+        if runs.order == "C":  # whole rows: value i of the block is in group i % groups
+            np.not_equal(where.reshape(-1, groups), mode, out=mask.reshape(-1, groups))
+            self.picked = np.flatnonzero(mask)
+            self.cuts = None
+        else:  # group g holds positions [g rows, (g + 1) rows) of all the values
+            first = np.arange(start // runs.rows, (start + where.size - 1) // runs.rows + 1)
+            cuts = np.maximum(first * runs.rows - start, 0)
+            if first.size <= _FEW_RUNS:
+                ends = [*cuts[1:].tolist(), where.size]
+                for g, a, b in zip(first.tolist(), cuts.tolist(), ends, strict=True):
+                    np.not_equal(where[a:b], mode[g], out=mask[a:b])
+            else:
+                lengths = np.diff(np.append(cuts, where.size))
+                np.not_equal(where, np.repeat(mode[first], lengths), out=mask)
+            self.picked = np.flatnonzero(mask)
+            self.cuts, self.first = cuts, first
+        return int(self.picked.size)
+
+    def add_modes(
+        self, target: ExactSum, high: np.ndarray, low: np.ndarray, grids: tuple[int, int]
+    ) -> None:
+        """With runs: add to each group's most common element the pieces of its values that
+        were not picked, as the group's total less the picked ones, into the digits.
+
+        Each of these float64 sums holds at most a block of pieces (`most` is the
+        number of values, so the pieces are narrow enough): exact in any order.
+        """
+        assert self.runs is not None
+        runs, _ = self.runs
+        picked, groups = self.picked, runs.groups
+        modes: list[np.ndarray] = []
+        if self.cuts is None:
+            owner = picked % groups
+            for piece in (high, low):
+                total = piece.reshape(-1, groups).sum(axis=0)
+                modes.append(total - np.bincount(owner, weights=piece[picked], minlength=groups))
+            elements = runs.mode
+        else:
+            at = np.searchsorted(picked, self.cuts)  # where each group's picked values start
+            empty = np.diff(np.append(at, picked.size)) == 0
+            for piece in (high, low):
+                taken = np.append(piece[picked], 0.0)  # reduceat reads one past an empty end
+                others = np.where(empty, 0.0, np.add.reduceat(taken, at))
+                modes.append(np.add.reduceat(piece, self.cuts) - others)
+            elements = runs.mode[self.first]
+        scale = -np.array(grids)[:, None]
+        target._deposit(np.ldexp(np.stack(modes), scale).astype(np.int64), grids, elements)
+
+    def _deposit(self, target: ExactSum, grid: int, sums: np.ndarray) -> None:
         if self.lanes > 1:  # exact: the lanes of an element hold `span` pieces at most in all
             sums = sums.reshape(2, self.lanes, self.size).sum(axis=1)
         grids = (grid, max(grid - self.level, _MIN_GRID))
         scale = -np.array(grids)[:, None]
-        self.target._deposit(np.ldexp(sums, scale).astype(np.int64), grids)  # |.| <= 2**52
+        target._deposit(np.ldexp(sums, scale).astype(np.int64), grids)  # |.| <= 2**53
 
-    def deposit_all(self) -> None:
+    def deposit_all(self, target: ExactSum) -> None:
         if not self.sums:
             return
         grids = sorted(self.sums)  # one widening for all: digits from the lowest grid's up
-        self.target._widen(*_window(max(grids[0] - self.level, _MIN_GRID), grids[-1]))
+        target._widen(*_window(max(grids[0] - self.level, _MIN_GRID), grids[-1]))
         for grid in grids:
-            self._deposit(grid, self.sums[grid][0])
+            self._deposit(target, grid, self.sums[grid])
         self.sums.clear()
+        self.base.clear()
+        self.taken.clear()
+
+
+def _level(most: int, *, room: int = 0) -> int:
+    """Bits per piece for partial sums of `most` pieces per element (less `room` bits)."""
+    fewest_bits = 52 - _MIN_LEVEL
+    level = 52 - (min(most, 1 << fewest_bits) - 1).bit_length() - room
+    return max(min(level, _MAX_LEVEL), _MIN_LEVEL)
 
 
 def _window(low_grid: int, grid: int) -> tuple[int, int]:

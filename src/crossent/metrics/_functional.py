@@ -55,7 +55,7 @@ from crossent._lib._xp import (
     to_numpy,
 )
 from crossent._losses._common import shift_logits
-from crossent.metrics._exact import ExactSum, Target, add_to_each
+from crossent.metrics._exact import ExactSum, Runs, Target, add_to_each
 
 __all__ = [
     "FINE_BINS",
@@ -386,13 +386,19 @@ def _column_sum(x: np.ndarray) -> np.ndarray:
 
 
 def _column_argmax(x: np.ndarray, row_max: np.ndarray, nan: np.ndarray) -> np.ndarray:
-    """``x.argmax(axis=1)`` of a column-major matrix, from its row max: the first class
-    that holds it, found column by column from the last; a NaN row's is its first NaN."""
-    pred = np.zeros(x.shape[0], dtype=np.int64)
-    hit = np.empty(x.shape[0], dtype=np.bool_)
-    for k in range(x.shape[1] - 1, -1, -1):  # down to class 0: a tie goes to the first
-        np.equal(x[:, k], row_max, out=hit)
-        np.putmask(pred, hit, k)
+    """``x.argmax(axis=1)`` of a column-major matrix (at most 255 columns), from its row
+    max: the first class that holds it (a tie goes to the first) is the number of
+    columns before it, counted column by column in bytes, 5x faster than setting the
+    class under a mask; a NaN row's is its first NaN."""
+    n, c = x.shape
+    before = np.zeros(n, dtype=np.uint8)  # columns passed without meeting the row max
+    looking = np.ones(n, dtype=np.bool_)
+    hit = np.empty(n, dtype=np.bool_)
+    for k in range(c - 1):  # a row whose max is in no earlier column: the last
+        np.not_equal(x[:, k], row_max, out=hit)
+        np.logical_and(looking, hit, out=looking)
+        np.add(before, looking.view(np.uint8), out=before)
+    pred = before.astype(np.int64)
     if nan.any():  # the max of a NaN row is NaN, equal to nothing
         pred[nan] = x[nan].argmax(axis=1)
     return pred
@@ -427,12 +433,15 @@ class _Terms(NamedTuple):
     """Float64 values of one batch to add to an exact sum, to the elements `at` (flat indices).
 
     `most` bounds how many values go to one element (the largest count of
-    ``np.bincount(at)``; None: all of them may).
+    ``np.bincount(at)``; None: all of them may); `runs`, when given, says that
+    the values come in groups, each with a most common element (see
+    :class:`~crossent.metrics._exact.Runs`).
     """
 
     values: np.ndarray
     at: np.ndarray | None = None
     most: int | None = None
+    runs: Runs | None = None
 
 
 Deferred = list[tuple[ExactSum, _Terms]]
@@ -467,7 +476,7 @@ def _add_terms(adds: Deferred) -> None:
     shared: dict[int, tuple[np.ndarray, list[Target]]] = {}
     for target, terms in adds:  # alive in `adds`: no id is reused while grouping
         entry = shared.setdefault(id(terms.values), (terms.values, []))
-        entry[1].append((target, terms.at, terms.most))
+        entry[1].append((target, terms.at, terms.most, terms.runs))
     for values, targets in shared.values():
         add_to_each(values, targets)
 
@@ -599,7 +608,10 @@ def _per_class_update(
         {
             "class_nll": _Terms(rows["nll"], labels, most),
             "class_count": count,
-            "class_correct": np.bincount(labels[hit], minlength=num_classes).astype(np.int64),
+            # np.compress: a boolean subscript of a random mask is 10x slower
+            "class_correct": np.bincount(np.compress(hit, labels), minlength=num_classes).astype(
+                np.int64
+            ),
             "class_predicted": np.bincount(rows["pred"][valid], minlength=num_classes).astype(
                 np.int64
             ),
@@ -639,6 +651,29 @@ def _calibration_init(groups: int, bins: int, *, fine: bool = True) -> State:
         state["fine_conf"] = ExactSum.zeros((groups, FINE_BINS))
         state["fine_hit"] = np.zeros((groups, FINE_BINS), dtype=np.int64)
     return state
+
+
+#: interleaved counters of :func:`_bincount`
+COUNT_LANES = 8
+
+
+def _bincount(idx: np.ndarray, length: int) -> np.ndarray:
+    """``np.bincount(idx, minlength=length)`` as int64, for a contiguous `idx`.
+
+    With many values per bin (a column of probabilities, most of them in the
+    first calibration bin), one counter incremented again and again waits on
+    itself; value i is counted in copy ``i % COUNT_LANES`` of the counters,
+    then the copies are added (a third faster at 65536 x 10 into 150 bins).
+    """
+    lanes = COUNT_LANES
+    if idx.size < 64 * length:
+        return np.bincount(idx, minlength=length).astype(np.int64, copy=False)
+    head = idx.size - idx.size % lanes
+    laned = idx[:head].reshape(-1, lanes) + np.arange(0, lanes * length, length)
+    count = np.bincount(laned.ravel(), minlength=lanes * length).reshape(lanes, length)
+    total = count.sum(axis=0, dtype=np.int64)
+    total += np.bincount(idx[head:], minlength=length)
+    return total
 
 
 def _width_bin(conf: np.ndarray, bins: int) -> np.ndarray:
@@ -710,11 +745,11 @@ def _calibration_update(
             idx += np.arange(groups, dtype=np.int64) * width
         idx = idx.ravel(order=order)
         length, shape = groups * width, (groups, width)
-        count = np.bincount(idx, minlength=length).astype(np.int64, copy=False)
+        count = _bincount(idx, length)
         most = int(count.max(initial=0))
         return (
             count.reshape(shape),
-            _Terms(flat_conf, idx, most),
+            _Terms(flat_conf, idx, most, _runs(count.reshape(shape), order)),
             np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64),
         )
 
@@ -730,6 +765,31 @@ def _calibration_update(
         f_count, f_conf, f_hit = hist(_fine_bin(conf), FINE_BINS)
         batch |= {"fine_count": f_count, "fine_conf": f_conf, "fine_hit": f_hit}
     return _add_batch(state, batch, defer)
+
+
+#: classwise bins: the values that are not in their class's most common bin are scattered
+#: one by one, the others added as the class's total less them, when they are this few
+RUNS_SHARE = 0.2
+
+
+def _runs(count: np.ndarray, order: Literal["C", "F"]) -> Runs | None:
+    """The most common bin of each group, when all but few values are in one
+    (classwise bins of many classes: nearly every probability is in the first bin).
+
+    Only for column-major confidences (``crossent eval``'s layout), where each
+    class's values are one run, mostly into one bin: scattered one by one they
+    add in one dependency chain (the lanes break it up only up to
+    ``_LANE_ELEMENTS`` elements). Row-major confidences spread over the
+    classes and scatter as fast as the runs path would add them (measured).
+    """
+    groups, width = count.shape
+    if groups < 2 or order != "F":
+        return None
+    mode = count.argmax(axis=1)
+    total = int(count.sum())
+    if total == 0 or total - int(count[np.arange(groups), mode].sum()) > RUNS_SHARE * total:
+        return None
+    return Runs(order, total // groups, np.arange(groups, dtype=np.int64) * width + mode)
 
 
 def _mass_groups(fine_count: np.ndarray, bins: int) -> np.ndarray:
