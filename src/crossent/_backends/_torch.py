@@ -69,6 +69,7 @@ in range, and PyTorch's bound check still rejects it as a label."""
 # frozensets: under torch.compile a membership test is two dynamo guards whatever the dtype
 # (a tuple's is its length and one per element compared)
 _LOW = frozenset((torch.float16, torch.bfloat16))
+_HIGH = frozenset((torch.float32, torch.float64))
 _INT64 = torch.int64
 _FLOATS = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16))
 _INTEGERS = frozenset(
@@ -273,6 +274,30 @@ def sparse(
     the caller.
     """
     dtype = input.dtype
+    if (  # the common call: PyTorch's kernel, nothing else (its bound check raises)
+        weight is None
+        and opts.plain
+        and opts.ignore_index is None
+        and opts.kind == "logits"
+        and dtype in _HIGH
+        and input.is_cpu
+        and isinstance(target, Tensor)
+        and target.dtype is _INT64
+        and target.ndim == 1
+        and input.ndim == 2
+        and target.shape[0] == input.shape[1 - axis]
+        and target.shape[0]
+    ):
+        try:
+            return _CROSS_ENTROPY(
+                input if axis == 1 else input.t(), target, None,
+                _REDUCTION_ENUM[opts.reduction], _NO_IGNORE, opts.label_smoothing,
+            )  # fmt: skip
+        except (IndexError, RuntimeError) as exc:
+            if torch_tracing():
+                raise
+            _label_error(exc, target, input.shape[axis], None)
+            raise  # pragma: no cover - _label_error always raises
     if opts.kind != "logits" or dtype not in _FLOATS:
         return None
     if not (  # the common call without a call; _sparse_shapes_fit for every other

@@ -59,6 +59,14 @@ from crossent._losses._options import CEOptions, make_options
 
 __all__ = ["sparse_categorical_cross_entropy"]
 
+_ZERO = 0.0
+"""The options' default 0.0 (the same object as the signatures' defaults: one constant of this
+module's code)."""
+
+_LOGITS_OPTIONS = {r: make_options(from_logits=True, reduction=r) for r in ("mean", "sum", "none")}
+"""The options of a call from logits with every other option at its default, by reduction: what
+:func:`make_options` would return, without building and hashing its key on every call."""
+
 _CHUNK_ELEMENTS = 1 << 20
 """Rows per chunk of the PyTorch fast path: about this many logits (4 MiB in float32)."""
 
@@ -389,10 +397,22 @@ def sparse_categorical_cross_entropy(
     >>> print(float(ce.sparse_categorical_cross_entropy(probs, np.array([0, 1]), reduction="sum")))
     0.10536051565782...
     """
-    opts = make_options(
-        from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss,
-        softcap=softcap, ignore_index=ignore_index, reduction=reduction,
-    )  # fmt: skip
+    if (  # the defaults (the very objects: an explicit 0.0 is checked) with logits
+        from_logits is True
+        and label_smoothing is _ZERO
+        and gamma is _ZERO
+        and z_loss is _ZERO
+        and softcap is None
+        and ignore_index is None
+        and type(reduction) is str
+        and reduction in _LOGITS_OPTIONS
+    ):
+        opts = _LOGITS_OPTIONS[reduction]
+    else:
+        opts = make_options(
+            from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
+            z_loss=z_loss, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
+        )  # fmt: skip
     if is_torch_tensor(input):
         ndim = input.ndim
         # the default class axis without a call (check_axis names a bad one)
