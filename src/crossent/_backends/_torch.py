@@ -482,8 +482,25 @@ def categorical(
 
     The arrays are checked here, `axis` too (None for anything unusual: the generic path
     checks again and raises the message), so that the common call makes no array-API call;
-    the targets' range costs one integer ``aminmax`` (:func:`_in_unit_interval`).
+    the targets' range costs one ``aminmax`` (:func:`_in_unit_interval`).
     """
+    if (  # the common call: 2-d float32/float64 logits and targets on the CPU, eager
+        weight is None
+        and opts.plain
+        and opts.kind == "logits"
+        and isinstance(target, Tensor)
+        and input.dtype in _HIGH
+        and target.dtype is input.dtype
+        and input.ndim == 2
+        and (axis == -1 or axis == 1)
+        and input.is_cpu
+        and target.shape == input.shape
+        and input.numel()
+        and not torch_tracing()
+    ):
+        if get_validation() and not _in_unit_interval(target):
+            check_in_unit_interval(target, name="target", xp=_torch_namespace())
+        return _soft_native(input, target, None, opts)
     if not (opts.kind == "logits" and opts.plain and isinstance(target, Tensor)):
         return None
     dtype = input.dtype
@@ -516,14 +533,19 @@ def categorical(
     w = weight if weight is None or weight.dtype is xc.dtype else weight.to(xc.dtype)
     if axis != 1 and ndim != 1:
         xc, c = xc.movedim(axis, 1), c.movedim(axis, 1)
-    if not (eager and xc.numel()):
-        out = _soft_guarded(xc, c, w, opts)
-    else:
-        out = _CROSS_ENTROPY(xc, c, w, _REDUCTION_ENUM[opts.reduction], -100, opts.label_smoothing)
-        check = out.detach().sum() if opts.reduction == "none" else out
-        if math.isnan(check.item()):  # a masked class (0 · -inf), or a NaN input
-            out = _soft_guarded(xc, c, w, opts)
+    out = _soft_native(xc, c, w, opts) if eager and xc.numel() else _soft_guarded(xc, c, w, opts)
     return _to_low(out, input) if low and not autocast else out
+
+
+def _soft_native(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> Tensor:
+    """PyTorch's probability-target kernel, classes on dim 1 (dim 0 for one row), eager and
+    non-empty; a NaN result (a masked class, 0 · -inf, or a NaN input) is recomputed by
+    :func:`_soft_guarded`."""
+    out = _CROSS_ENTROPY(xc, c, w, _REDUCTION_ENUM[opts.reduction], -100, opts.label_smoothing)
+    check = out.detach().sum() if opts.reduction == "none" else out
+    if math.isnan(check.item()):
+        return _soft_guarded(xc, c, w, opts)
+    return out
 
 
 def _soft_guarded(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> Tensor:
@@ -637,11 +659,23 @@ exactly the bit patterns from 0 to these (integer comparisons, no NaN handling: 
 
 
 def _in_unit_interval(t: Tensor) -> bool:
-    """Whether every value of `t` lies in [0, 1]; False for NaN and for -0.0 (whose sign bit
-    makes it negative as an integer), which the generic path then checks (and lets through)."""
+    """Whether every value of `t` lies in [0, 1]; False for NaN, which the generic path then
+    checks (and lets through), and above :data:`_FLOAT_RANGE_MAX` elements for -0.0 too (its
+    sign bit makes it negative as an integer)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.numel() <= _FLOAT_RANGE_MAX:
+        lo, hi = torch.aminmax(t)
+        return lo.item() >= 0 and hi.item() <= 1
     int_dtype, one = _ONE_BITS[t.dtype]
-    lo, hi = torch.aminmax(t.detach().view(int_dtype))
-    return bool(lo.item() >= 0 and hi.item() <= one)
+    lo, hi = torch.aminmax(t.view(int_dtype))
+    return lo.item() >= 0 and hi.item() <= one
+
+
+_FLOAT_RANGE_MAX = 1 << 12
+"""Up to this many elements :func:`_in_unit_interval` reads the float values' ``aminmax`` (the
+integer view is one more operation, 0.4 µs); above, the integer view's (a faster pass: 3.5
+against 5 µs at 25 600 elements)."""
 
 
 def _binary_coef(w: object, x: Tensor, cdt: torch.dtype, *, checked: bool) -> Coef | None:
