@@ -174,3 +174,54 @@ def test_categorical_common_call_checks_targets(n: int) -> None:
     )
     t2[0, 1] = np.nan
     assert torch.isnan(ce.categorical_cross_entropy(x, t2, from_logits=True))
+
+
+def _ulps(a: Any, b: Any, dtype: Any) -> float:
+    """Largest difference in units of `dtype`'s rounding at the reference's magnitude."""
+    a, b = a.detach().double(), b.detach().double()
+    spacing = torch.finfo(dtype).eps * b.abs().clamp_min(torch.finfo(dtype).tiny)
+    return float(((a - b).abs() / spacing).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["sparse", "categorical"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_small_half_precision_is_float64_rounded_once(
+    dtype: Any, kind: str, reduction: str, eps: float
+) -> None:
+    """Below the chunked path's size: one float32 copy, PyTorch's float32 kernel, one rounding
+    (half-precision targets enter PyTorch's products as they are, exactly promoted; with
+    smoothing, which PyTorch would compute in their dtype, converted first)."""
+    g = torch.Generator().manual_seed(4)
+    n, c = 40, 30
+    assert n * c < torch_exec._LOW_MIN
+    x = (torch.randn(n, c, generator=g) * 4).to(dtype)
+    if kind == "sparse":
+        t: Any = torch.randint(0, c, (n,), generator=g)
+        t64 = t
+        loss_fn = ce.sparse_categorical_cross_entropy
+    else:
+        t = torch.softmax(torch.randn(n, c, generator=g) * 2, -1).to(dtype)
+        t64 = t.double()
+        loss_fn = ce.categorical_cross_entropy
+    xg = x.clone().requires_grad_(True)
+    loss = loss_fn(xg, t, from_logits=True, label_smoothing=eps, reduction=reduction)
+    (grad,) = torch.autograd.grad(loss.sum(), xg)
+    x64 = x.double().requires_grad_(True)
+    ref = F.cross_entropy(x64, t64, label_smoothing=eps, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x64)
+    assert loss.dtype == dtype
+    assert grad.dtype == dtype
+    assert _ulps(loss, ref.to(dtype), dtype) == 0
+    assert _ulps(grad, ref_grad, dtype) <= 1.0
+    with torch.no_grad():
+        assert _ulps(loss_fn(x, t, from_logits=True, label_smoothing=eps, reduction=reduction),
+                     ref.to(dtype), dtype) == 0  # fmt: skip
+    if reduction == "mean" and dtype == torch.bfloat16:
+        pt = F.cross_entropy(xg, t, label_smoothing=eps)  # PyTorch's half-precision kernel
+        assert _ulps(torch.autograd.grad(pt, xg)[0], ref_grad, dtype) > 1.0  # the test sees it
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = loss_fn(xg, t, from_logits=True, label_smoothing=eps)
+        assert auto.dtype == torch.float32
+        torch.testing.assert_close(auto.double(), ref.detach(), rtol=1e-6, atol=0)
