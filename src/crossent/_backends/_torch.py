@@ -535,9 +535,9 @@ def categorical(
     low = dtype in _LOW
     autocast = low and torch.is_autocast_enabled("cpu" if input.is_cpu else input.device.type)
     if low and not autocast:
-        out = _soft_low(input, target, weight, axis, opts)
-        if out is not None:
-            return out
+        chunked = _soft_low(input, target, weight, axis, opts)
+        if chunked is not None:
+            return chunked
     xc = input.float() if low else input
     c = _soft_target(target, xc.dtype, opts)
     w = weight if weight is None or weight.dtype is xc.dtype else weight.to(xc.dtype)
