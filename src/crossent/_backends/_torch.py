@@ -1159,7 +1159,7 @@ class _LowPrecisionCE(torch.autograd.Function):
             torch._log_softmax(xf, 1, False, out=scratch)
             torch.gather(scratch, 1, y, out=row_)
             if early:
-                _grad_chunk(scratch, y, m_, s_, g_)
+                _grad_chunk(xf, scratch, y, m_, s_, g_)
         row = row[:, 0].neg_()
         if valid is not None:
             row = torch.where(valid, row, 0.0)
@@ -1191,22 +1191,24 @@ class _LowPrecisionCE(torch.autograd.Function):
         out = torch.empty_like(x)
         minus_one = torch.full_like(scale, -1.0)
         for xf, scratch, y, m_, s_, o_ in _low_chunks(x, label[:, None], minus_one, scale, out):
-            _grad_chunk(torch._log_softmax(xf, 1, False, out=scratch), y, m_, s_, o_)
+            _grad_chunk(xf, scratch, y, m_, s_, o_)
         return out, None, None, None
 
 
 def _grad_chunk(
-    log_p: Tensor, label: Tensor, minus_one: Tensor, scale: Tensor, out: Tensor
+    z: Tensor, p: Tensor, label: Tensor, minus_one: Tensor, scale: Tensor, out: Tensor
 ) -> None:
-    """``out = scale * (exp(log_p) - one_hot(label))``, rounded once to `out`'s dtype;
-    `log_p` (float32 log-probabilities) is overwritten.
+    """``out = scale * (softmax(z) - one_hot(label))``, rounded once to `out`'s dtype, through
+    the float32 buffer `p`.
 
-    `label` and `minus_one` are columns (rows, 1); `scale` a column of row scales. One
-    ``exp_`` pass over the log-probabilities the forward has made anyway (the fused softmax
-    takes three), and the same in backward, so that both give the same bits.
+    `label` and `minus_one` are columns (rows, 1); `scale` a column of row scales. PyTorch's
+    fused ``softmax`` of the float32 logits (a third faster than ``exp`` of the
+    log-probabilities on this CPU: 106 against 152 µs per 256 × 1000 chunk, its ``exp`` is
+    the faster vectorized one), the same in forward and backward, so that both give the same
+    bits; the backward needs no ``log_softmax``.
     """
-    log_p.exp_().scatter_add_(1, label, minus_one)
-    torch.mul(log_p, scale, out=out)
+    torch._softmax(z, 1, False, out=p).scatter_add_(1, label, minus_one)
+    torch.mul(p, scale, out=out)
 
 
 def _sparse_low(x: Tensor, target: Tensor, axis: int, opts: CEOptions) -> Tensor | None:
@@ -1291,16 +1293,17 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
         g = torch.empty_like(x) if early else x
         scale = torch.full((n, 1), 1.0 / den, dtype=torch.float32, device=x.device)
         row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
-        d = None  # a third buffer, for the gradient only (the log-probabilities stay)
+        d: Tensor | None = None  # a third buffer, for the gradient only: the probabilities
         for xf, lp, t_, row_, g_, s_ in _low_chunks(x, t, row, g, scale):
             torch._log_softmax(xf, 1, False, out=lp)
-            c = _soft_coefficients(t_, w, eps, 1, out=xf)  # the logits' copy is spent
-            if not early:
-                torch.sum(lp.mul_(c), 1, keepdim=True, out=row_)
-                continue
-            d = torch.empty_like(lp) if d is None else d[: lp.shape[0]]  # the first is largest
-            torch.sum(torch.mul(lp, c, out=d), 1, keepdim=True, out=row_)
-            _soft_grad_chunk(lp.exp_(), c, s_, g_)
+            p = None
+            if early:  # the probabilities (see _grad_chunk) before the logits' copy is spent
+                d = torch.empty_like(lp) if d is None else d[: lp.shape[0]]  # the first: largest
+                p = torch._softmax(xf, 1, False, out=d)
+            c = _soft_coefficients(t_, w, eps, 1, out=xf)
+            torch.sum(lp.mul_(c), 1, keepdim=True, out=row_)
+            if p is not None:
+                _soft_grad_chunk(p, c, s_, g_)
         row = row[:, 0].neg_()
         out = row if reduction == "none" else row.sum() / den
         ctx.save_for_backward(x, t, w)
@@ -1323,7 +1326,7 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
             return g.to(x.dtype), None, None, None, None
         out = torch.empty_like(x)
         for xf, p, t_, s_, o_ in _low_chunks(x, t, scale, out):
-            torch._log_softmax(xf, 1, False, out=p).exp_()  # the forward's bits
+            torch._softmax(xf, 1, False, out=p)  # the forward's bits
             _soft_grad_chunk(p, _soft_coefficients(t_, w, ctx.eps, 1, out=xf), s_, o_)
         return out, None, None, None, None
 
