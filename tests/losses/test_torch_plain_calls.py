@@ -225,3 +225,31 @@ def test_small_half_precision_is_float64_rounded_once(
             auto = loss_fn(xg, t, from_logits=True, label_smoothing=eps)
         assert auto.dtype == torch.float32
         torch.testing.assert_close(auto.double(), ref.detach(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_sparse_chunks_log_prob_from_softmax(reduction: str) -> None:
+    """The chunked path reads log p_y off the gradient's softmax, (z_y - max z) + log(max p):
+    masked classes, a shifted row, a confident row and a label on the row's maximum stay
+    float64 rounded once (value) and within one rounding (gradient)."""
+    g = torch.Generator().manual_seed(8)
+    n, c = 300, 128
+    assert n * c >= torch_exec._LOW_MIN
+    x = torch.randn(n, c, generator=g) * 3
+    x[::7, 5] = -np.inf  # masked classes, never a label
+    x[1] += 1000.0  # a shifted row
+    x[2, 0] = 12.0  # a confident row (its label below)
+    y = torch.randint(6, c, (n,), generator=g)
+    y[2] = 0
+    y[3] = int(x[3].argmax())  # the label on the maximum: log(max p) alone
+    x = x.bfloat16()
+    xg = x.clone().requires_grad_(True)
+    loss = ce.sparse_categorical_cross_entropy(xg, y, from_logits=True, reduction=reduction)
+    (grad,) = torch.autograd.grad(loss.sum(), xg)
+    x64 = x.double().requires_grad_(True)
+    ref = F.cross_entropy(x64, y, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x64)
+    assert _ulps(loss, ref.to(torch.bfloat16), torch.bfloat16) == 0
+    assert bool(torch.isfinite(grad).all())
+    assert bool((grad[::7, 5] == 0).all())
+    assert _ulps(grad, ref_grad, torch.bfloat16) <= 1.0

@@ -1132,8 +1132,13 @@ class _LowPrecisionCE(torch.autograd.Function):
 
     Forward: :math:`\ell_i = -\log p_{i y_i}` from PyTorch's float32 ``log_softmax`` of
     row chunks converted into one reused float32 buffer (in cache; no float32 copy of the
-    logits, no log-probabilities kept). Saved for backward: the half-precision input (the
-    caller's) and the labels. Backward recomputes :math:`g = \sigma_i(p - [k = y])` chunk by
+    logits, no log-probabilities kept). A reduced loss that needs a gradient makes it now
+    (see below) from the chunk's ``softmax`` and reads the log-probability off it instead,
+    :math:`\log p_y = (z_y - \max_k z_k) + \log \max_k p_k` (:math:`\max_k p_k =
+    1/\sum_k e^{z_k - \max z}`; two terms of one sign, and ``log_softmax`` computes the same
+    :math:`\log\sum`): one fused pass per chunk instead of two. Saved for backward: the
+    half-precision input (the caller's) and the labels. Backward recomputes
+    :math:`g = \sigma_i(p - [k = y])` chunk by
     chunk with float32 ``softmax`` and rounds it once to the input dtype (PyTorch's
     half-precision ``cross_entropy`` rounds the log-probabilities first, so its gradient is
     off by :math:`|\log p|` units of rounding). With ``create_graph=True`` the backward is
@@ -1156,10 +1161,16 @@ class _LowPrecisionCE(torch.autograd.Function):
         minus_one = torch.full((n, 1), -1.0, dtype=torch.float32, device=x.device)
         col = label[:, None]
         for xf, scratch, y, row_, g_, m_, s_ in _low_chunks(x, col, row, g, minus_one, scale):
-            torch._log_softmax(xf, 1, False, out=scratch)
-            torch.gather(scratch, 1, y, out=row_)
-            if early:
-                _grad_chunk(xf, scratch, y, m_, s_, g_)
+            if not early:
+                torch.gather(torch._log_softmax(xf, 1, False, out=scratch), 1, y, out=row_)
+                continue
+            # log p_y from the softmax the gradient needs (no log_softmax pass):
+            # (z_y - max z) + log(max p), two terms of one sign, max p = 1 / sum exp(z - max z)
+            p = torch._softmax(xf, 1, False, out=scratch)
+            top = torch.amax(xf, 1, keepdim=True)
+            torch.gather(xf, 1, y, out=row_).sub_(top).add_(torch.amax(p, 1, keepdim=True).log_())
+            p.scatter_add_(1, y, m_)
+            torch.mul(p, s_, out=g_)
         row = row[:, 0].neg_()
         if valid is not None:
             row = torch.where(valid, row, 0.0)
