@@ -1288,7 +1288,9 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
     half-precision kernel keeps its rounded log-probabilities and, computed in float32
     by a copy, three float32 arrays would be). The gradient
     :math:`g_{ik} = s_i (S_i p_{ik} - c_{ik})`, :math:`S_i = \sum_k c_{ik}`, is computed with
-    the forward for reduced losses (in the input dtype, rounded once) and recomputed by
+    the forward for reduced losses (in the input dtype, rounded once), the loss then read off
+    its softmax, :math:`\sum_k c_k \log p_k = \sum_k c_k (z_k - \max z) + S \log\max_k p_k`
+    (terms of one sign: no ``log_softmax`` pass), and recomputed by
     chunks otherwise; with ``create_graph=True`` the backward is written in differentiable
     operations (double backward). Targets and weight carry no gradient here (the caller
     routes those to autograd).
@@ -1306,15 +1308,21 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
         row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
         d: Tensor | None = None  # a third buffer, for the gradient only: the probabilities
         for xf, lp, t_, row_, g_, s_ in _low_chunks(x, t, row, g, scale):
-            torch._log_softmax(xf, 1, False, out=lp)
-            p = None
-            if early:  # the probabilities (see _grad_chunk) before the logits' copy is spent
-                d = torch.empty_like(lp) if d is None else d[: lp.shape[0]]  # the first: largest
-                p = torch._softmax(xf, 1, False, out=d)
-            c = _soft_coefficients(t_, w, eps, 1, out=xf)
-            torch.sum(lp.mul_(c), 1, keepdim=True, out=row_)
-            if p is not None:
-                _soft_grad_chunk(p, c, s_, g_)
+            if not early:
+                torch._log_softmax(xf, 1, False, out=lp)
+                c = _soft_coefficients(t_, w, eps, 1, out=xf)  # the logits' copy is spent
+                torch.sum(lp.mul_(c), 1, keepdim=True, out=row_)
+                continue
+            # from the gradient's softmax (see _LowPrecisionCE), no log_softmax pass:
+            # sum_k c_k log p_k = sum_k c_k (z_k - max z) + S log max p, terms of one sign
+            d = torch.empty_like(lp) if d is None else d[: lp.shape[0]]  # the first is largest
+            p = torch._softmax(xf, 1, False, out=d)
+            shifted = xf.sub_(torch.amax(xf, 1, keepdim=True))
+            c = _soft_coefficients(t_, w, eps, 1, out=lp)
+            total = c.sum(1, keepdim=True)
+            torch.sum(shifted.mul_(c), 1, keepdim=True, out=row_)
+            row_.addcmul_(total, torch.amax(p, 1, keepdim=True).log_())
+            _soft_grad_chunk(p, c, total, s_, g_)
         row = row[:, 0].neg_()
         out = row if reduction == "none" else row.sum() / den
         ctx.save_for_backward(x, t, w)
@@ -1338,11 +1346,13 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
         out = torch.empty_like(x)
         for xf, p, t_, s_, o_ in _low_chunks(x, t, scale, out):
             torch._softmax(xf, 1, False, out=p)  # the forward's bits
-            _soft_grad_chunk(p, _soft_coefficients(t_, w, ctx.eps, 1, out=xf), s_, o_)
+            c = _soft_coefficients(t_, w, ctx.eps, 1, out=xf)
+            _soft_grad_chunk(p, c, c.sum(1, keepdim=True), s_, o_)
         return out, None, None, None, None
 
 
-def _soft_grad_chunk(p: Tensor, c: Tensor, scale: Tensor, out: Tensor) -> None:
-    """``out = scale * (c.sum(1) * p - c)``, rounded once to `out`'s dtype; `p` is overwritten."""
-    p.mul_(c.sum(1, keepdim=True)).sub_(c).mul_(scale)
+def _soft_grad_chunk(p: Tensor, c: Tensor, total: Tensor, scale: Tensor, out: Tensor) -> None:
+    """``out = scale * (total * p - c)`` (`total` is ``c.sum(1)``), rounded once to `out`'s
+    dtype; `p` is overwritten."""
+    p.mul_(total).sub_(c).mul_(scale)
     out.copy_(p)
