@@ -253,3 +253,31 @@ def test_half_sparse_chunks_log_prob_from_softmax(reduction: str) -> None:
     assert bool(torch.isfinite(grad).all())
     assert bool((grad[::7, 5] == 0).all())
     assert _ulps(grad, ref_grad, torch.bfloat16) <= 1.0
+
+
+def test_half_categorical_chunks_loss_from_softmax() -> None:
+    """The chunked path reads the loss off the gradient's softmax,
+    sum_k c_k (z_k - max z) + S log max p: a shifted row, a one-hot target on the row's
+    maximum and smoothed, weighted targets stay float64 rounded once."""
+    g = torch.Generator().manual_seed(9)
+    n, c = 300, 128
+    assert n * c >= torch_exec._LOW_MIN
+    x = torch.randn(n, c, generator=g) * 3
+    x[1] += 1000.0
+    t = torch.softmax(torch.randn(n, c, generator=g) * 2, -1)
+    t[3] = 0.0
+    t[3, int(x[3].argmax())] = 1.0
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    x, t = x.bfloat16(), t.bfloat16()
+    for kwargs in ({}, {"label_smoothing": 0.1, "weight": w.float()}):
+        xg = x.clone().requires_grad_(True)
+        loss = ce.categorical_cross_entropy(xg, t, from_logits=True, **kwargs)
+        (grad,) = torch.autograd.grad(loss, xg)
+        x64 = x.double().requires_grad_(True)
+        ref_kwargs = {k: v.double() if k == "weight" else v for k, v in kwargs.items()}
+        ref = F.cross_entropy(x64, t.double(), **ref_kwargs)
+        (ref_grad,) = torch.autograd.grad(ref, x64)
+        assert _ulps(loss, ref.to(torch.bfloat16), torch.bfloat16) == 0
+        err = (grad.double() - ref_grad).abs()
+        bound = torch.finfo(torch.bfloat16).eps * ref_grad.abs() + 1e-9
+        assert bool((err <= bound).all())
