@@ -23,21 +23,19 @@ from crossent._losses import _categorical, _sparse  # noqa: E402
 from crossent._losses._options import make_options  # noqa: E402
 
 
-@pytest.mark.parametrize(
-    ("module", "fn", "names"),
-    [
-        (_sparse, ce.sparse_categorical_cross_entropy, ("label_smoothing", "gamma", "z_loss")),
-        (_categorical, ce.categorical_cross_entropy, ("label_smoothing", "gamma")),
-    ],
-)
-def test_default_options_are_the_shortcut_constant(module: Any, fn: Any, names: Any) -> None:
-    """The shortcut compares the options with the signature's own default objects: if they
-    stopped being the module's constant, every call would silently take the long way."""
-    defaults = fn.__kwdefaults__
-    for name in names:
-        assert defaults[name] is module._ZERO
-    for reduction, opts in _sparse._LOGITS_OPTIONS.items():
-        assert opts == make_options(from_logits=True, reduction=reduction)
+def test_plain_logits_options_only_for_float_zeros() -> None:
+    """The shortcut returns make_options' object for float 0.0 options and None for everything
+    make_options must see (bools, ints, tensors, other values, probabilities, odd reductions)."""
+    plain = _sparse.plain_logits_options
+    for reduction in ("mean", "sum", "none"):
+        want = make_options(from_logits=True, reduction=reduction)
+        assert plain(True, reduction, 0.0, 0.0, -0.0) == want
+        assert plain(True, reduction) == want
+    for args in [(False, "mean", 0.0), (1, "mean", 0.0), (True, "avg", 0.0),
+                 (True, ["mean"], 0.0), (True, "mean", False), (True, "mean", 0),
+                 (True, "mean", 0.1), (True, "mean", float("nan")),
+                 (True, "mean", torch.tensor(0.0)), (True, "mean", None)]:  # fmt: skip
+        assert plain(*args) is None, args
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -59,13 +57,11 @@ def test_default_options_shortcut_equals_the_checked_options(
     fast_sparse = ce.sparse_categorical_cross_entropy(x, y, from_logits=True, reduction=reduction)
     fast_soft = ce.categorical_cross_entropy(x, t, from_logits=True, reduction=reduction)
     assert calls == []  # the shortcut was taken
-    # an explicit 0.0 (another object) takes the checks, with the same result
+    # an int 0 takes the checks, with the same result
     slow_sparse = ce.sparse_categorical_cross_entropy(
-        x, y, from_logits=True, label_smoothing=float("0"), reduction=reduction
+        x, y, from_logits=True, label_smoothing=0, reduction=reduction
     )
-    slow_soft = ce.categorical_cross_entropy(
-        x, t, from_logits=True, gamma=float("0"), reduction=reduction
-    )
+    slow_soft = ce.categorical_cross_entropy(x, t, from_logits=True, gamma=0, reduction=reduction)
     assert len(calls) == 2
     torch.testing.assert_close(fast_sparse, slow_sparse, rtol=0, atol=0)
     torch.testing.assert_close(fast_soft, slow_soft, rtol=0, atol=0)

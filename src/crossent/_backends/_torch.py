@@ -491,7 +491,8 @@ def categorical(
     the targets' range costs one ``aminmax`` (:func:`_in_unit_interval`).
     """
     if (  # the common call: 2-d logits and targets on the CPU, eager, no weight
-        weight is None
+        not torch_tracing()  # first: traced, no condition below leaves a guard
+        and weight is None
         and opts.plain
         and opts.kind == "logits"
         and isinstance(target, Tensor)
@@ -503,7 +504,6 @@ def categorical(
         and target.shape == input.shape
         and input.numel()
         and (input.dtype in _HIGH or input.numel() < _LOW_MIN)  # half: one float32 copy
-        and not torch_tracing()
     ):
         if get_validation() and not _in_unit_interval(target):
             check_in_unit_interval(target, name="target", xp=_torch_namespace())

@@ -40,11 +40,7 @@ from crossent._losses._logprob import (
     term_value,
 )
 from crossent._losses._options import CEOptions, make_options
-from crossent._losses._sparse import _LOGITS_OPTIONS, _no_autograd, _row_scale
-
-_ZERO = 0.0
-"""The options' default 0.0 (the same object as the signature's defaults: one constant of this
-module's code)."""
+from crossent._losses._sparse import _no_autograd, _row_scale, plain_logits_options
 
 __all__ = ["categorical_cross_entropy"]
 
@@ -245,15 +241,8 @@ def categorical_cross_entropy(
     array([0.69314718, 0.10536052])
     """
     if is_torch_tensor(input):  # checks its arrays itself (None: the checks below name it)
-        if (  # the defaults (the very objects: an explicit 0.0 is checked) with logits
-            from_logits is True
-            and label_smoothing is _ZERO
-            and gamma is _ZERO
-            and type(reduction) is str
-            and reduction in _LOGITS_OPTIONS
-        ):
-            opts = _LOGITS_OPTIONS[reduction]
-        else:
+        opts = plain_logits_options(from_logits, reduction, label_smoothing, gamma)
+        if opts is None:
             opts = make_options(
                 from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
                 reduction=reduction,

@@ -59,13 +59,30 @@ from crossent._losses._options import CEOptions, make_options
 
 __all__ = ["sparse_categorical_cross_entropy"]
 
-_ZERO = 0.0
-"""The options' default 0.0 (the same object as the signatures' defaults: one constant of this
-module's code)."""
-
 _LOGITS_OPTIONS = {r: make_options(from_logits=True, reduction=r) for r in ("mean", "sum", "none")}
-"""The options of a call from logits with every other option at its default, by reduction: what
-:func:`make_options` would return, without building and hashing its key on every call."""
+"""The options of a call from logits with every other option at its default, by reduction."""
+
+
+def plain_logits_options(
+    from_logits: object, reduction: object, *zeros: object
+) -> CEOptions | None:
+    """The options of a call from logits whose other options, `zeros`, are the float 0.0 (what
+    :func:`make_options` returns for it, without building and hashing its key: a tenth of a
+    32 × 10 loss); None for any other call (a bool, an int or a tensor option included: those
+    :func:`make_options` checks)."""
+    if from_logits is not True or type(reduction) is not str:
+        return None
+    for value in zeros:
+        if type(value) is not float or value != 0.0:
+            return None
+    return _LOGITS_OPTIONS.get(reduction)
+
+
+# torch.compile calls it once at trace time and keeps the result, a constant (as
+# make_options' _traced_options): the options are constants guarded where the caller passed them,
+# and the tests above would leave a guard each
+plain_logits_options._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
 
 _CHUNK_ELEMENTS = 1 << 20
 """Rows per chunk of the PyTorch fast path: about this many logits (4 MiB in float32)."""
@@ -397,18 +414,10 @@ def sparse_categorical_cross_entropy(
     >>> print(float(ce.sparse_categorical_cross_entropy(probs, np.array([0, 1]), reduction="sum")))
     0.10536051565782...
     """
-    if (  # the defaults (the very objects: an explicit 0.0 is checked) with logits
-        from_logits is True
-        and label_smoothing is _ZERO
-        and gamma is _ZERO
-        and z_loss is _ZERO
-        and softcap is None
-        and ignore_index is None
-        and type(reduction) is str
-        and reduction in _LOGITS_OPTIONS
-    ):
-        opts = _LOGITS_OPTIONS[reduction]
-    else:
+    opts = None
+    if softcap is None and ignore_index is None:
+        opts = plain_logits_options(from_logits, reduction, label_smoothing, gamma, z_loss)
+    if opts is None:
         opts = make_options(
             from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
             z_loss=z_loss, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
