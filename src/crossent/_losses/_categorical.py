@@ -40,7 +40,7 @@ from crossent._losses._logprob import (
     term_value,
 )
 from crossent._losses._options import CEOptions, make_options
-from crossent._losses._sparse import _no_autograd, _row_scale
+from crossent._losses._sparse import _no_autograd, _row_scale, plain_logits_options
 
 __all__ = ["categorical_cross_entropy"]
 
@@ -241,10 +241,12 @@ def categorical_cross_entropy(
     array([0.69314718, 0.10536052])
     """
     if is_torch_tensor(input):  # checks its arrays itself (None: the checks below name it)
-        opts = make_options(
-            from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
-            reduction=reduction,
-        )  # fmt: skip
+        opts = plain_logits_options(from_logits, reduction, label_smoothing, gamma)
+        if opts is None:
+            opts = make_options(
+                from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
+                reduction=reduction,
+            )  # fmt: skip
         out = torch_executor().categorical(input, target, weight, axis, opts)
         if out is not None:
             return out

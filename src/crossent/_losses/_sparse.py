@@ -59,6 +59,31 @@ from crossent._losses._options import CEOptions, make_options
 
 __all__ = ["sparse_categorical_cross_entropy"]
 
+_LOGITS_OPTIONS = {r: make_options(from_logits=True, reduction=r) for r in ("mean", "sum", "none")}
+"""The options of a call from logits with every other option at its default, by reduction."""
+
+
+def plain_logits_options(
+    from_logits: object, reduction: object, *zeros: object
+) -> CEOptions | None:
+    """The options of a call from logits whose other options, `zeros`, are the float 0.0 (what
+    :func:`make_options` returns for it, without building and hashing its key: a tenth of a
+    32 × 10 loss); None for any other call (a bool, an int or a tensor option included: those
+    :func:`make_options` checks)."""
+    if from_logits is not True or type(reduction) is not str:
+        return None
+    for value in zeros:
+        if type(value) is not float or value != 0.0:
+            return None
+    return _LOGITS_OPTIONS.get(reduction)
+
+
+# torch.compile calls it once at trace time and keeps the result, a constant (as
+# make_options' _traced_options): the options are constants guarded where the caller passed them,
+# and the tests above would leave a guard each
+plain_logits_options._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 _CHUNK_ELEMENTS = 1 << 20
 """Rows per chunk of the PyTorch fast path: about this many logits (4 MiB in float32)."""
 
@@ -389,10 +414,14 @@ def sparse_categorical_cross_entropy(
     >>> print(float(ce.sparse_categorical_cross_entropy(probs, np.array([0, 1]), reduction="sum")))
     0.10536051565782...
     """
-    opts = make_options(
-        from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss,
-        softcap=softcap, ignore_index=ignore_index, reduction=reduction,
-    )  # fmt: skip
+    opts = None
+    if softcap is None and ignore_index is None:
+        opts = plain_logits_options(from_logits, reduction, label_smoothing, gamma, z_loss)
+    if opts is None:
+        opts = make_options(
+            from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
+            z_loss=z_loss, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
+        )  # fmt: skip
     if is_torch_tensor(input):
         ndim = input.ndim
         # the default class axis without a call (check_axis names a bad one)
