@@ -95,9 +95,10 @@ class _FloatSum:
         return _FloatSum(np.asarray(self.total[key]))
 
 
-def _add_each(values: np.ndarray, targets: list[Any]) -> None:
+def _add_each(values: np.ndarray, targets: list[Any], *, bounds: Any = None) -> None:
     """The float64 counterpart of ``add_to_each``: each target on its own (every value
-    scattered: the hint of :class:`~crossent.metrics._exact.Runs` is not used)."""
+    scattered: the hints of the exact sums, :class:`~crossent.metrics._exact.Runs` and
+    `bounds`, are of no use to it)."""
     for target, index, most, *_ in targets:
         target.add(values, index, most=most)
 

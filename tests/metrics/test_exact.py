@@ -503,3 +503,23 @@ def test_partial_sums_wait_in_the_sum_until_it_is_read() -> None:
     lazy.pad_to(*lazy.window())  # type: ignore[misc]
     assert not lazy.pending.sums
     np.testing.assert_array_equal(_bits(lazy.value()), _bits(want))
+
+
+@pytest.mark.parametrize("slack", [1.0, 2.0, 1e6])
+def test_bounds_known_to_the_caller_give_the_same_bits(slack: float) -> None:
+    """`bounds` (certain, maybe loose) stand in for each block's min and max: the grids may
+    be coarser, the sums the same bits; the rests that go round again (tiny values) are
+    outside the bounds' sign and get their own."""
+    from crossent.metrics._exact import add_to_each
+
+    rng = np.random.default_rng(int(slack))
+    xs = _tiny_among_large("few_tiny", rng)[:5000] * 0.5
+    xs[:7] = [0.0, 5e-324, 1e-300, 2.0**-1022, 1e-20, 3e-9, 0.49]
+    index = rng.integers(0, 6, size=xs.size)
+    plain, bounded = ExactSum.zeros((6,)), ExactSum.zeros((6,))
+    add_to_each(xs, [(plain, index, None)])
+    add_to_each(xs, [(bounded, index, None)], bounds=(0.0, float(xs.max()) * slack))
+    got = bounded.value()
+    np.testing.assert_array_equal(_bits(got), _bits(plain.value()))
+    for k in range(6):
+        assert got[k] == math.fsum(xs[index == k].tolist())

@@ -19,9 +19,11 @@ per element (``np.add.at``, over eight lanes per element when there are few
 elements, so that runs of values into one element add in independent
 chains), which are exact: each holds at most :math:`2^{52-L}` pieces of at
 most :math:`L` bits on its grid (:math:`L` from 36 up, the fewer values an
-element gets in the call, the more). The partial sums go into the digits as
-integers at the end of the call (or every :math:`2^{52-L}` values per
-element); carries are propagated lazily, before the digits are read. A value
+element gets, the more). The partial sums wait in the sum
+(:attr:`ExactSum.pending`, over many batches) and go into the digits as
+integers when they are full (every :math:`2^{52-L}` values per element) or
+the sum is read, merged, pickled or synced; carries are propagated lazily,
+before the digits are read. A value
 of magnitude at least :math:`2^{g-L+52}` is a multiple of :math:`2^{g-L}`:
 what is left of it after the first piece is its second piece, so a block whose
 smallest magnitude is that large costs three passes and two scatters. Smaller
@@ -30,7 +32,10 @@ grid: when they are few, what is left of them after the first piece goes
 round again, alone, on a finer grid; when they are many, their second piece
 is cut on the grid :math:`2^{g-L}` and only the bits below it go round again.
 :func:`add_to_each` adds the same values to several sums (by their own
-indices) with one split of each block.
+indices) with one split of each block. Values that come in runs, each
+mostly into one element (:class:`Runs`: classwise calibration bins of many
+classes, column by column), are scattered only where they go elsewhere; the
+rest adds as each run's total less those (contiguous sums, no scatter).
 
 Because the state is the exact sum, it does not depend on the order of the
 rows, on how they were split into batches or shards, or on the order in
@@ -82,7 +87,9 @@ class ExactSum:
     ``limbs`` has shape ``shape + (L,)``; after :meth:`_normalize` every digit
     but the last is in ``[0, 2**32)`` and the last is signed (``uncarried``
     counts the deposits since, 0 when normalized). ``nan``, ``pos_inf`` and
-    ``neg_inf`` count the non-finite values added.
+    ``neg_inf`` count the non-finite values added. ``pending`` holds float64
+    partial sums not yet in the digits (exact too); every method that reads
+    or combines the digits moves them in first.
     """
 
     limbs: np.ndarray
@@ -368,8 +375,14 @@ Target = (
 )
 
 
-def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
+def add_to_each(
+    values: np.ndarray, targets: list[Target], *, bounds: tuple[float, float] | None = None
+) -> None:
     """Add the same `values` to each of `targets`: (sum, flat indices or None, `most`).
+
+    `bounds`, when the caller knows them for certain, are finite ``(low, high)``
+    with every value in [low, high] (NaN excluded): the blocks then skip their
+    own min and max.
 
     What :meth:`ExactSum.add` does for one sum, with one split of each
     block for all of them (the pieces as narrow as the most crowded target
@@ -381,7 +394,7 @@ def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
     values = np.asarray(values, dtype=np.float64).ravel()
     wheres: list[np.ndarray | None] = []
     pendings: list[_Pending] = []
-    bounds: list[int] = []
+    mosts: list[int] = []
     runs: list[Runs | None] = []
     block = _BLOCK
     for target, index, most, *hint in targets:
@@ -397,7 +410,7 @@ def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
         if run is not None and run.order == "C":  # blocks of whole rows
             block = block // run.groups * run.groups
         pendings.append(_Pending.of(target, bound, lanes=1 if flat_index is None else None))
-        bounds.append(bound)
+        mosts.append(bound)
         runs.append(run)
     runs = [
         None if run is None or (run.order == "C" and block % run.groups) else run for run in runs
@@ -409,7 +422,7 @@ def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
         level = min(level, _level(block))
     sums = [target[0] for target in targets]
     while values.size:  # each round adds 2L bits of every value; few have more left
-        for pending, bound in zip(pendings, bounds, strict=True):
+        for pending, bound in zip(pendings, mosts, strict=True):
             pending.begin(bound)  # a round may bring each element `bound` more pieces
         left: list[np.ndarray] = []
         left_index: list[list[np.ndarray]] = [[] for _ in targets]
@@ -421,7 +434,7 @@ def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
             ]
             for pending, run in zip(pendings, runs, strict=True):
                 pending.runs = None if run is None else (run, start)
-            rest, rest_index = _add_block(values[part], each, level)
+            rest, rest_index = _add_block(values[part], each, level, bounds)
             if rest.size:
                 left.append(rest)
                 for kept, where in zip(left_index, rest_index, strict=True):
@@ -430,13 +443,17 @@ def add_to_each(values: np.ndarray, targets: list[Target]) -> None:
         values = np.concatenate(left) if left else _EMPTY
         wheres = [np.concatenate(kept) if kept else None for kept in left_index]
         runs = [None] * len(targets)  # what goes round again is no longer in runs
+        bounds = None  # nor within the bounds (rests have either sign)
         block = _BLOCK
     for pending in pendings:
         pending.runs = None
 
 
 def _add_block(
-    values: np.ndarray, each: list[tuple[ExactSum, _Pending, np.ndarray | None]], level: int
+    values: np.ndarray,
+    each: list[tuple[ExactSum, _Pending, np.ndarray | None]],
+    level: int,
+    bounds: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """Add the top bits of each of `values` (at most ``_BLOCK``) to every (sum, pending,
     indices) of `each`; return what is left, with its indices for each.
@@ -448,7 +465,10 @@ def _add_block(
     to the block's largest) comes back for another round.
     """
     nothing: list[np.ndarray | None] = [None] * len(each)
-    largest, smallest = float(values.max()), float(values.min())  # NaN if any is
+    if bounds is not None and math.isfinite(bounds[0]) and math.isfinite(bounds[1]):
+        smallest, largest = bounds  # the block's own are inside: its grid may be coarser
+    else:
+        largest, smallest = float(values.max()), float(values.min())  # NaN if any is
     if not (math.isfinite(largest) and math.isfinite(smallest)):
         finite = np.isfinite(values)
         for target, _, where in each:

@@ -315,6 +315,8 @@ def _row_stats(
     }
     if need_probs:
         out["probs"] = to_numpy(probs, dtype=np.float64)
+        # exp of anything: no probability below 0 (nor above its row's `conf`)
+        out["probs_from_exp"] = np.asarray(input_kind != "probs")
     out["num_classes"] = np.asarray(num_classes)
     return out
 
@@ -442,6 +444,7 @@ class _Terms(NamedTuple):
     at: np.ndarray | None = None
     most: int | None = None
     runs: Runs | None = None
+    bounds: tuple[float, float] | None = None  # certain finite (low, high) of the values
 
 
 Deferred = list[tuple[ExactSum, _Terms]]
@@ -473,12 +476,12 @@ def _add_terms(adds: Deferred) -> None:
     """Add each `_Terms` to its exact sum; terms of the same values array share one split
     (the per-row losses of the log loss and of the per-class figures, the confidences of
     the equal-width and the fine calibration bins)."""
-    shared: dict[int, tuple[np.ndarray, list[Target]]] = {}
+    shared: dict[int, tuple[_Terms, list[Target]]] = {}
     for target, terms in adds:  # alive in `adds`: no id is reused while grouping
-        entry = shared.setdefault(id(terms.values), (terms.values, []))
+        entry = shared.setdefault(id(terms.values), (terms, []))
         entry[1].append((target, terms.at, terms.most, terms.runs))
-    for values, targets in shared.values():
-        add_to_each(values, targets)
+    for terms, targets in shared.values():
+        add_to_each(terms.values, targets, bounds=terms.bounds)
 
 
 def _count(values: np.ndarray) -> np.ndarray:
@@ -736,6 +739,12 @@ def _calibration_update(
     groups, bins = state["width_count"].shape
     conf, order, hits = _calibration_pairs(rows, kind)
     flat_conf = conf.ravel(order=order)
+    bounds = None
+    if kind == "classwise" and bool(rows.get("probs_from_exp", False)) and conf.size:
+        # certain bounds of the probabilities (exp >= 0, each at most its row's max), so
+        # the exact sums skip a min and a max over all of them
+        top = rows["conf"] if bool(np.all(~rows["nan"])) else rows["conf"][~rows["nan"]]
+        bounds = (0.0, float(top.max()))
 
     def hist(bin_of: np.ndarray, width: int) -> tuple[Any, ...]:
         # bin_of: (rows, groups) bin of each confidence, laid out as conf; group g's bins
@@ -749,7 +758,7 @@ def _calibration_update(
         most = int(count.max(initial=0))
         return (
             count.reshape(shape),
-            _Terms(flat_conf, idx, most, _runs(count.reshape(shape), order)),
+            _Terms(flat_conf, idx, most, _runs(count.reshape(shape), order), bounds),
             np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64),
         )
 
