@@ -520,6 +520,9 @@ def _soft_guarded(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> T
 Coef = float | Tensor
 """A mass coefficient of :func:`binary`: a number, or a tensor broadcast to the input."""
 
+_UNIT = 1.0
+"""The coefficient of an unweighted call (:func:`_is_one` tests it by identity first)."""
+
 
 def binary(
     input: object,
@@ -579,23 +582,29 @@ def binary(
         return None  # weights and alpha: the generic formula (checks and all)
     if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
         return None  # the generic formula returns float32 under autocast, as PyTorch does
-    cdt = torch.float32 if input.dtype in _LOW else input.dtype
     checked = get_validation()  # eager, on the CPU: values can be read
-    coefs = _binary_coefs(input, cdt, weight, pos_weight, opts.alpha, checked=checked)
-    if coefs is None:
-        return None
-    pos, neg = coefs
-    if checked and target.numel() and not _in_unit_interval(target):
+    if weight is None and pos_weight is None and opts.alpha is None:
+        pos: Coef = _UNIT
+        neg: Coef = _UNIT
+    else:
+        cdt = torch.float32 if input.dtype in _LOW else input.dtype
+        coefs = _binary_coefs(input, cdt, weight, pos_weight, opts.alpha, checked=checked)
+        if coefs is None:
+            return None
+        pos, neg = coefs
+    n = input.numel()
+    if checked and n and not _in_unit_interval(target):
         return None  # the generic path raises the error
-    if input.numel() <= _BINARY_SMALL:
+    grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
+    if 0 < n <= _BINARY_SMALL and not (grad and target.requires_grad):
         out = _binary_small(input, target, pos, neg, label_smoothing, opts.reduction)
-    elif torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
+    elif grad:
         out = _BinaryCE.apply(input, target, pos, neg, label_smoothing, opts.reduction)
     else:
         out, _ = _binary_chunked(
             input, target, pos, neg, label_smoothing, opts.reduction, early=False
         )
-    total = out.detach().sum() if opts.reduction == "none" else out.detach()
+    total = out.detach().sum() if opts.reduction == "none" else out
     if math.isnan(total.item()):  # NaN input, or an infinite logit: lerp's 0 · inf
         return None
     return out if out.dtype is input.dtype else out.to(input.dtype)
@@ -612,8 +621,12 @@ exactly the bit patterns from 0 to these (integer comparisons, no NaN handling: 
 
 
 def _in_unit_interval(t: Tensor) -> bool:
-    """Whether every value of `t` lies in [0, 1]; False for NaN and for -0.0 (whose sign bit
-    makes it negative as an integer), which the generic path then checks (and lets through)."""
+    """Whether every value of `t` lies in [0, 1]; False for NaN and, above
+    :data:`_BINARY_SMALL` elements, for -0.0 (whose sign bit makes it negative as an integer),
+    which the generic path then checks (and lets through)."""
+    if t.numel() <= _BINARY_SMALL and not t.requires_grad:  # fewest kernels: floats, no view
+        lo, hi = torch.aminmax(t)
+        return bool(lo.item() >= 0 and hi.item() <= 1)  # NaN: False
     int_dtype, one = _ONE_BITS[t.dtype]
     lo, hi = torch.aminmax(t.detach().view(int_dtype))
     return bool(lo.item() >= 0 and hi.item() <= one)
@@ -717,7 +730,7 @@ _BINARY_CHUNK = 1 << 16
 
 
 def _smoothed(t: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
-    t = t if t.dtype is dtype else t.to(dtype)
+    t = t if t.dtype is dtype else t.float() if dtype is torch.float32 else t.to(dtype)
     return t if eps == 0 else t * (1 - eps) + eps / 2
 
 
@@ -732,34 +745,101 @@ def _reduced(loss: Tensor, reduction: str) -> Tensor:
     return loss.sum() if reduction == "sum" or not loss.numel() else loss.mean()
 
 
-def _binary_small(
-    x: Tensor, target: Tensor, pos: Coef, neg: Coef, eps: float, reduction: str
-) -> Tensor:
-    r"""Small inputs: :math:`\operatorname{lerp}(n\operatorname{sp}(x), p\operatorname{sp}(-x), t)`
-    (`neg`, `pos`; :math:`w\operatorname{lerp}(\operatorname{sp}(x), \operatorname{sp}(-x), t)`
-    with only a `weight`) in PyTorch's fused kernels, differentiated by autograd (exact:
-    ``softplus``' derivative is :math:`e^x/(1+e^x)`, and the two terms of the gradient are
-    added, not cancelled)."""
-    xc = x.float() if x.dtype in _LOW else x
-    t = _smoothed(target, xc.dtype, eps)
-    sp_pos = torch._C._nn.softplus(xc, 1, _SOFTPLUS_EXACT)  # -log(1 - p)
-    sp_neg = torch._C._nn.softplus(-xc, 1, _SOFTPLUS_EXACT)  # -log p
-    in_place = not (torch.is_grad_enabled() and (xc.requires_grad or t.requires_grad))
-    common: Coef = 1.0
-    if pos is neg:  # only a weight: one factor after the lerp
-        common, pos, neg = pos, 1.0, 1.0
+_CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+
+def _constant(value: float, like: Tensor) -> Tensor:
+    """A cached 0-d tensor of `value` in `like`'s dtype and device (an in-place ``mul_`` / ``div_``
+    by it costs half of one by a Python number, which PyTorch first wraps in a tensor)."""
+    key = (value, like.dtype, like.device)
+    c = _CONSTANTS.get(key)
+    if c is None:
+        if len(_CONSTANTS) >= 256:
+            _CONSTANTS.clear()
+        with torch.inference_mode(False):
+            c = _CONSTANTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return c
+
+
+def _neg_small_loss(x: Tensor, t: Tensor, pos: Coef, neg: Coef, common: Coef) -> Tensor:
+    r""":math:`-\ell = \operatorname{lerp}(-n\operatorname{sp}(x), -p\operatorname{sp}(-x), t)`
+    (times `common`) per element: two ``softplus`` kernels (:math:`\beta = -1` gives
+    :math:`-\operatorname{sp}(-x)` without negating `x`), one ``lerp``; both ends of one sign,
+    so no cancellation (see :func:`binary`)."""
+    a = torch._C._nn.softplus(x, 1, _SOFTPLUS_EXACT)  # sp(x) = -log(1 - p)
+    b = torch._C._nn.softplus(x, -1, _SOFTPLUS_EXACT)  # -sp(-x) = log p
     if not _is_one(neg):
-        sp_pos = sp_pos.mul_(neg) if in_place else sp_pos * neg
+        a.mul_(neg)
     if not _is_one(pos):
-        sp_neg = sp_neg.mul_(pos) if in_place else sp_neg * pos
-    loss = sp_pos.lerp_(sp_neg, t) if in_place else torch.lerp(sp_pos, sp_neg, t)
-    if not _is_one(common):
-        loss = loss.mul_(common) if in_place else loss * common
-    return _reduced(loss, reduction)
+        b.mul_(pos)
+    loss = a.neg_().lerp_(b, t)
+    return loss if _is_one(common) else loss.mul_(common)
+
+
+def _small_reduced(neg_loss: Tensor, reduction: str) -> Tensor:
+    """The reduction of :func:`_neg_small_loss`'s negated losses, negated back (a 0-d division by
+    :math:`-n` for ``"mean"``, correctly rounded as PyTorch's ``mean``)."""
+    if reduction == "none":
+        return neg_loss.neg_()
+    total = neg_loss.sum()
+    n = neg_loss.numel()
+    return total.neg_() if reduction == "sum" else total.div_(_constant(-float(n), total))
+
+
+def _binary_small(
+    x: Tensor, t: Tensor, pos: Coef, neg: Coef, eps: float, reduction: str
+) -> Tensor:
+    r"""Small inputs without a target gradient: the fewest kernels (:func:`_neg_small_loss`);
+    with a logit gradient one autograd node (:class:`_BinarySmall`), whose backward is
+    :math:`N\sigma(x) - P\sigma(-x)` in five kernels."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SMALL_APPLY(x, t, (pos, neg, eps, reduction))
+    xc = x.float() if x.dtype in _LOW else x
+    tc = t if t.dtype is xc.dtype and eps == 0 else _smoothed(t, xc.dtype, eps)
+    out = _small_reduced(_neg_small_loss(xc, tc, *_factored(pos, neg)), reduction)
+    return out if out.dtype is x.dtype else _to_low(out, x)
+
+
+class _BinarySmall(torch.autograd.Function):
+    r""":func:`_binary_small` with a logit gradient: the same forward kernels, and a backward
+    :math:`\operatorname{lerp}(n\,\sigma(x), -p\,\sigma(-x), t)\cdot c\cdot g` (each term exact,
+    as in :func:`_derivative_into`). Saves the inputs only; half precision is computed in
+    float32 and each result rounded once."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, t: Tensor, options: tuple[Coef, Coef, float, str]) -> Tensor:
+        pos, neg, eps, reduction = options
+        xc = x.float() if x.dtype in _LOW else x
+        tc = _smoothed(t, xc.dtype, eps)
+        out = _small_reduced(_neg_small_loss(xc, tc, *_factored(pos, neg)), reduction)
+        ctx.save_for_backward(x, tc, *(c for c in (pos, neg) if isinstance(c, Tensor)))
+        ctx.coefs, ctx.reduction = (pos, neg), reduction
+        return out if out.dtype is x.dtype else _to_low(out, x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, t, *_ = ctx.saved_tensors  # the tensor coefficients are in ctx.coefs (kept alive)
+        pos, neg = ctx.coefs
+        xc = x.float() if x.dtype in _LOW else x
+        g = grad if grad.dtype is xc.dtype else grad.float()
+        if ctx.reduction == "mean":
+            g = g.div(_constant(float(x.numel()), g))
+        if torch.is_grad_enabled():  # double backward: differentiable operations
+            d = _logit_derivative(xc, t, pos, neg) * g
+        else:
+            sig = torch.sigmoid(xc)
+            d = _derivative_into(sig, torch.neg(xc).sigmoid_(), t, *_factored(pos, neg)).mul_(g)
+        return (d if d.dtype is x.dtype else d.to(x.dtype)), None, None
+
+
+_SMALL_APPLY = super(torch.autograd.Function, _BinarySmall).apply
+"""``_BinarySmall.apply`` without ``Function.apply``'s Python prologue (default-argument binding
+and functorch's dead-wrapper unwrapping, a third of the call): the eager CPU path it serves
+never runs under a functorch transform (:func:`_host_readable`)."""
 
 
 def _is_one(c: Coef) -> bool:
-    return isinstance(c, float) and c == 1.0
+    return c is _UNIT or (isinstance(c, float) and c == 1.0)
 
 
 def _binary_parts(x: Tensor, *others: Any) -> list[tuple[Any, ...]]:
@@ -836,8 +916,8 @@ def _smoothed_into(t: Tensor, dtype: torch.dtype, eps: float, buf: Tensor) -> Te
 def _factored(pos: Coef, neg: Coef) -> tuple[Coef, Coef, Coef]:
     """(pos, neg, common): a weight alone (``pos is neg``) becomes one common factor."""
     if pos is neg and not _is_one(pos):
-        return 1.0, 1.0, pos
-    return pos, neg, 1.0
+        return _UNIT, _UNIT, pos
+    return pos, neg, _UNIT
 
 
 def _derivative_into(
