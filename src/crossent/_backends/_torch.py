@@ -786,9 +786,7 @@ def _small_reduced(neg_loss: Tensor, reduction: str) -> Tensor:
     return total.neg_() if reduction == "sum" else total.div_(_constant(-float(n), total))
 
 
-def _binary_small(
-    x: Tensor, t: Tensor, pos: Coef, neg: Coef, eps: float, reduction: str
-) -> Tensor:
+def _binary_small(x: Tensor, t: Tensor, pos: Coef, neg: Coef, eps: float, reduction: str) -> Tensor:
     r"""Small inputs without a target gradient: the fewest kernels (:func:`_neg_small_loss`);
     with a logit gradient one autograd node (:class:`_BinarySmall`), whose backward is
     :math:`N\sigma(x) - P\sigma(-x)` in five kernels."""
