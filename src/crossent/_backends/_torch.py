@@ -599,7 +599,7 @@ def binary(
     if 0 < n <= _BINARY_SMALL and not (grad and target.requires_grad):
         out = _binary_small(input, target, pos, neg, label_smoothing, opts.reduction)
     elif grad:
-        out = _BinaryCE.apply(input, target, pos, neg, label_smoothing, opts.reduction)
+        out = _CHUNKED_APPLY(input, target, (pos, neg, label_smoothing, opts.reduction))
     else:
         out, _ = _binary_chunked(
             input, target, pos, neg, label_smoothing, opts.reduction, early=False
@@ -982,7 +982,7 @@ def _binary_chunked(
         if early:
             d = _derivative_into(sig, sig_neg, tc, p_, n_, c_)
             if scale != 1.0:
-                d.mul_(scale)
+                d.mul_(_constant(scale, d))
             if d is not g_:
                 g_.copy_(d)
     if out is not None:
@@ -994,7 +994,7 @@ def _binary_chunked(
     else:
         both = torch.stack(sums).view(-1, 2).sum(0)
         total = both[0] - both[1]
-    return (total.mul_(scale) if reduction == "mean" else total), g
+    return (total.div_(_constant(float(x.numel()), total)) if reduction == "mean" else total), g
 
 
 class _BinaryCE(torch.autograd.Function):
@@ -1021,16 +1021,9 @@ class _BinaryCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        t: Tensor,
-        pos: Coef,
-        neg: Coef,
-        eps: float,
-        reduction: str,
-    ) -> Tensor:
-        early = ctx.needs_input_grad[0] and reduction != "none"
+    def forward(ctx: Any, x: Tensor, t: Tensor, options: tuple[Coef, Coef, float, str]) -> Tensor:
+        pos, neg, eps, reduction = options
+        early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and reduction != "none"
         out, g = _binary_chunked(x, t, pos, neg, eps, reduction, early=early)
         ctx.save_for_backward(x, t, *(c for c in (pos, neg) if isinstance(c, Tensor)))
         ctx.coef_is_tensor = (isinstance(pos, Tensor), isinstance(neg, Tensor))
@@ -1047,7 +1040,13 @@ class _BinaryCE(torch.autograd.Function):
         neg = next(tensors) if ctx.coef_is_tensor[1] else ctx.neg
         eps, reduction = ctx.eps, ctx.reduction
         early, ctx.early = ctx.early, None
-        nones = (None, None, None, None, None)
+        nones = (None,)
+        if early is not None and not torch.is_grad_enabled():
+            up = grad.item()  # the gradient for an upstream 1, computed during the forward pass
+            if up == 1.0:
+                return (early, None, *nones)
+            if x.dtype not in _LOW:  # rounded twice either way; half precision recomputes
+                return (early.mul_(up), None, *nones)
         cdt = torch.float32 if x.dtype in _LOW else x.dtype
         scale = grad.to(cdt)
         if reduction == "mean" and x.numel():
@@ -1060,12 +1059,6 @@ class _BinaryCE(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: differentiable operations
             g = _logit_derivative(x.to(cdt), _smoothed(t, cdt, eps), pos, neg) * scale
             return (g.to(x.dtype), grad_t, *nones)
-        if early is not None:
-            up = grad.item()
-            if up == 1.0:
-                return (early, grad_t, *nones)
-            if x.dtype not in _LOW:  # rounded twice either way; half precision recomputes
-                return (early.mul_(up), grad_t, *nones)
         out = torch.empty_like(x)
         pos, neg, common = _factored(pos, neg)
         work = _Workspace(cdt, x.device)
@@ -1080,6 +1073,10 @@ class _BinaryCE(torch.autograd.Function):
             else:
                 o_.copy_(d.mul_(s_))
         return (out, grad_t, *nones)
+
+
+_CHUNKED_APPLY = super(torch.autograd.Function, _BinaryCE).apply
+"""``_BinaryCE.apply`` without the Python prologue (see :data:`_SMALL_APPLY`)."""
 
 
 def _logit_derivative(x: Tensor, t: Tensor, pos: Coef, neg: Coef) -> Tensor:
@@ -1146,7 +1143,7 @@ class _LowPrecisionCE(torch.autograd.Function):
         # reduced losses: the gradient for an upstream gradient of 1 is computed now, from the
         # float32 chunk already in cache, and kept in the input dtype (the size of PyTorch's
         # saved log-probabilities)
-        early = ctx.needs_input_grad[0] and reduction != "none"
+        early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and reduction != "none"
         scale = torch.full((n, 1), 1.0, dtype=torch.float32, device=x.device) / den
         if valid is not None:
             scale = torch.where(valid[:, None], scale, 0.0)
@@ -1286,7 +1283,7 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
     ) -> Tensor:
         n = x.shape[0]
         den = float(max(n, 1)) if reduction == "mean" else 1.0
-        early = ctx.needs_input_grad[0] and reduction != "none"
+        early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and reduction != "none"
         g = torch.empty_like(x) if early else x
         scale = torch.full((n, 1), 1.0 / den, dtype=torch.float32, device=x.device)
         row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
