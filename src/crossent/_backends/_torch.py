@@ -545,11 +545,13 @@ def binary(
     :math:`(1-t)x - \log\sigma(x)`, which cancels for :math:`x \ll 0` (0 instead of 9.4e-14
     at :math:`x = -30`, :math:`t = 0` in float32); here every sum is of terms of one sign:
 
-    * small inputs (:func:`_binary_small`): PyTorch's ``softplus`` of :math:`\pm x` (exact:
-      its threshold is raised to 40, where :math:`e^{-40}/40` is below float64's rounding),
-      combined by ``lerp`` without weights (PyTorch's ``lerp`` computes :math:`a + t(b-a)`
-      for :math:`t < 1/2` and :math:`b - (b-a)(1-t)` otherwise: no cancellation between
-      the two non-negative losses); few kernels, differentiated by autograd;
+    * small inputs (:func:`_binary_small`): PyTorch's ``softplus`` of :math:`x` with
+      :math:`\beta = \pm 1` (:math:`\operatorname{sp}(x)` and :math:`-\operatorname{sp}(-x)`;
+      exact: its threshold is raised to 40, where :math:`e^{-40}/40` is below float64's
+      rounding), combined by ``lerp`` (PyTorch's ``lerp`` computes :math:`a + t(b-a)` for
+      :math:`t < 1/2` and :math:`b - (b-a)(1-t)` otherwise: no cancellation between the
+      two losses of one sign); the fewest kernels, and with a logit gradient one autograd
+      node (:class:`_BinarySmall`) whose backward is the closed form;
     * large inputs (:class:`_BinaryCE`): one transcendental pass. With
       :math:`u = \sigma(-|x|)` and :math:`s = -\operatorname{log1p}(-u) = \operatorname{sp}(-|x|)`,
       :math:`\operatorname{sp}(\pm x) = s + \operatorname{relu}(\pm x)`, so
@@ -694,7 +696,7 @@ _SOFTPLUS_EXACT = 40.0
 """``softplus``'s threshold, above which it returns x: the neglected :math:`e^{-x}` is below
 float64's rounding of x from 40 on (PyTorch's default, 20, is not, in float64)."""
 
-_BINARY_SMALL = 1 << 13
+_BINARY_SMALL = 1 << 12
 """Up to this many elements, :func:`_binary_small` (fewest kernels); above, :class:`_BinaryCE`
 (one transcendental pass in cache-sized chunks)."""
 
@@ -799,35 +801,61 @@ def _binary_small(x: Tensor, t: Tensor, pos: Coef, neg: Coef, eps: float, reduct
 
 
 class _BinarySmall(torch.autograd.Function):
-    r""":func:`_binary_small` with a logit gradient: the same forward kernels, and a backward
-    :math:`\operatorname{lerp}(n\,\sigma(x), -p\,\sigma(-x), t)\cdot c\cdot g` (each term exact,
-    as in :func:`_derivative_into`). Saves the inputs only; half precision is computed in
-    float32 and each result rounded once."""
+    r""":func:`_binary_small` with a logit gradient: the same forward kernels and the closed
+    form :math:`\operatorname{lerp}(n\,\sigma(x), -p\,\sigma(-x), t)\cdot c` (each term exact,
+    as in :func:`_derivative_into`), for a reduced loss computed during the forward pass and
+    kept (:func:`_early_gradient`; the size of the gradient that backward returns), otherwise
+    in backward. Half precision is computed in float32 and each result rounded once."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, t: Tensor, options: tuple[Coef, Coef, float, str]) -> Tensor:
         pos, neg, eps, reduction = options
         xc = x.float() if x.dtype in _LOW else x
         tc = _smoothed(t, xc.dtype, eps)
-        out = _small_reduced(_neg_small_loss(xc, tc, *_factored(pos, neg)), reduction)
-        ctx.save_for_backward(x, tc, *(c for c in (pos, neg) if isinstance(c, Tensor)))
-        ctx.coefs, ctx.reduction = (pos, neg), reduction
+        factored = _factored(pos, neg)
+        out = _small_reduced(_neg_small_loss(xc, tc, *factored), reduction)
+        ctx.save_for_backward(x, tc)  # the tensor coefficients are kept in ctx.coefs
+        ctx.coefs, ctx.reduction, ctx.early = (pos, neg), reduction, None
+        if reduction != "none":
+            d = _derivative_into(torch.sigmoid(xc), torch.neg(xc).sigmoid_(), tc, *factored)
+            if reduction == "mean":
+                d.div_(_constant(float(x.numel()), d))
+            ctx.early = d if d.dtype is x.dtype else d.to(x.dtype)
         return out if out.dtype is x.dtype else _to_low(out, x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, t, *_ = ctx.saved_tensors  # the tensor coefficients are in ctx.coefs (kept alive)
+        x, t = ctx.saved_tensors
+        early = _early_gradient(ctx, grad, x)
+        if early is not None:
+            return early, None, None
         pos, neg = ctx.coefs
         xc = x.float() if x.dtype in _LOW else x
         g = grad if grad.dtype is xc.dtype else grad.float()
-        if ctx.reduction == "mean":
-            g = g.div(_constant(float(x.numel()), g))
+        n = _constant(float(x.numel()), g)
         if torch.is_grad_enabled():  # double backward: differentiable operations
-            d = _logit_derivative(xc, t, pos, neg) * g
-        else:
+            d = _logit_derivative(xc, t, pos, neg)
+            d = (d / n if ctx.reduction == "mean" else d) * g
+        else:  # the forward's early gradient, in the same order of roundings (reentrant)
             sig = torch.sigmoid(xc)
-            d = _derivative_into(sig, torch.neg(xc).sigmoid_(), t, *_factored(pos, neg)).mul_(g)
+            d = _derivative_into(sig, torch.neg(xc).sigmoid_(), t, *_factored(pos, neg))
+            d = (d.div_(n) if ctx.reduction == "mean" else d).mul_(g)
         return (d if d.dtype is x.dtype else d.to(x.dtype)), None, None
+
+
+def _early_gradient(ctx: Any, grad: Tensor, x: Tensor) -> Tensor | None:
+    """The logit gradient the forward pass kept in ``ctx.early`` (for an upstream gradient of 1),
+    times the upstream gradient; None when backward must compute it (none kept, a second
+    backward, a double backward, half precision with an upstream gradient other than 1)."""
+    early, ctx.early = ctx.early, None
+    if early is None or torch.is_grad_enabled():
+        return None
+    up = grad.item()
+    if up == 1.0:
+        return early
+    if x.dtype not in _LOW:  # rounded twice either way; half precision recomputes
+        return early.mul_(up)
+    return None
 
 
 _SMALL_APPLY = super(torch.autograd.Function, _BinarySmall).apply
@@ -1039,14 +1067,10 @@ class _BinaryCE(torch.autograd.Function):
         pos = next(tensors) if ctx.coef_is_tensor[0] else ctx.pos
         neg = next(tensors) if ctx.coef_is_tensor[1] else ctx.neg
         eps, reduction = ctx.eps, ctx.reduction
-        early, ctx.early = ctx.early, None
         nones = (None,)
-        if early is not None and not torch.is_grad_enabled():
-            up = grad.item()  # the gradient for an upstream 1, computed during the forward pass
-            if up == 1.0:
-                return (early, None, *nones)
-            if x.dtype not in _LOW:  # rounded twice either way; half precision recomputes
-                return (early.mul_(up), None, *nones)
+        early = _early_gradient(ctx, grad, x)
+        if early is not None:
+            return (early, None, *nones)
         cdt = torch.float32 if x.dtype in _LOW else x.dtype
         scale = grad.to(cdt)
         if reduction == "mean" and x.numel():
