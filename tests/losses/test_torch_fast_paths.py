@@ -301,6 +301,20 @@ def test_binary_small_path_double_backward(reduction: str, options: dict[str, An
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_binary_empty_input(reduction: str, grad: bool) -> None:
+    """No element: 0 for "mean" and "sum" (no division by zero), an empty "none"."""
+    x = torch.empty(0, 3, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        loss = ce.binary_cross_entropy(x, torch.empty(0, 3), from_logits=True, reduction=reduction)
+    assert loss.shape == ((0, 3) if reduction == "none" else ())
+    assert loss.sum().item() == 0.0
+    if grad:
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        assert g.shape == (0, 3)
+
+
 def test_binary_small_path_accepts_negative_zero_targets() -> None:
     """-0.0 is a target of 0 (the small path's float range check lets it through)."""
     x = torch.tensor([[-3.0, 2.0, 0.5]])

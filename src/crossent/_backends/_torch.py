@@ -595,10 +595,10 @@ def binary(
             return None
         pos, neg = coefs
     n = input.numel()
-    if checked and n and not _in_unit_interval(target):
-        return None  # the generic path raises the error
+    if n == 0 or (checked and not _in_unit_interval(target)):
+        return None  # empty: the generic formula's 0 for a mean; bad targets: its error
     grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
-    if 0 < n <= _BINARY_SMALL and not (grad and target.requires_grad):
+    if n <= _BINARY_SMALL and not (grad and target.requires_grad):
         out = _binary_small(input, target, pos, neg, label_smoothing, opts.reduction)
     elif grad:
         out = _CHUNKED_APPLY(input, target, (pos, neg, label_smoothing, opts.reduction))
