@@ -1167,7 +1167,7 @@ class _LowPrecisionCE(torch.autograd.Function):
         # reduced losses: the gradient for an upstream gradient of 1 is computed now, from the
         # float32 chunk already in cache, and kept in the input dtype (the size of PyTorch's
         # saved log-probabilities)
-        early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and reduction != "none"
+        early = ctx.needs_input_grad[0] and reduction != "none"
         scale = torch.full((n, 1), 1.0, dtype=torch.float32, device=x.device) / den
         if valid is not None:
             scale = torch.where(valid[:, None], scale, 0.0)
@@ -1307,7 +1307,7 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
     ) -> Tensor:
         n = x.shape[0]
         den = float(max(n, 1)) if reduction == "mean" else 1.0
-        early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and reduction != "none"
+        early = ctx.needs_input_grad[0] and reduction != "none"
         g = torch.empty_like(x) if early else x
         scale = torch.full((n, 1), 1.0 / den, dtype=torch.float32, device=x.device)
         row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
