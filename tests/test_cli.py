@@ -702,6 +702,8 @@ def test_bench_runs_the_repository_scripts_quick() -> None:
     pytest.importorskip("torch")
     status, out = run("bench", "--quick")
     assert status == 0, out
+    assert "== bench_binary_floor.py (quick)" in out
+    assert "sum of the pieces" in out
     assert "== bench_sparse.py (quick)" in out
     assert "crossent ms" in out
     assert "three-GEMM floor" in out

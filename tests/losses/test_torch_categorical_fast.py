@@ -127,9 +127,9 @@ def test_half_categorical_double_backward_leaves_float32_targets_alone() -> None
     )
     (g,) = torch.autograd.grad(loss, xg, create_graph=True)
     torch.testing.assert_close(t, kept, rtol=0, atol=0)
-    ref = torch.func.grad(
-        lambda v: F.cross_entropy(v, t.double(), weight=w, label_smoothing=0.1)
-    )(x.double())
+    ref = torch.func.grad(lambda v: F.cross_entropy(v, t.double(), weight=w, label_smoothing=0.1))(
+        x.double()
+    )
     assert _ulps(g, ref, torch.bfloat16).max() <= 2
 
 

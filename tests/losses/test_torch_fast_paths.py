@@ -279,8 +279,54 @@ def test_binary_weighted_double_backward() -> None:
     )
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"weight": 0.7}, {"pos_weight": "tensor"}, {"alpha": 0.3, "label_smoothing": 0.1}],
+)
+def test_binary_small_path_double_backward(reduction: str, options: dict[str, Any]) -> None:
+    """The one-node small path (targets without a gradient): exact second derivatives."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(4, 3, generator=g, dtype=torch.float64)
+    t[0] = (t[0] > 0.5).double()
+    if options.get("pos_weight") == "tensor":
+        options = {"pos_weight": torch.rand(3, generator=g, dtype=torch.float64) * 3}
+    assert x.numel() <= torch_exec._BINARY_SMALL
+    fn = lambda a: ce.binary_cross_entropy(  # noqa: E731
+        a, t, from_logits=True, reduction=reduction, **options
+    )
+    assert type(fn(x).grad_fn).__name__ == "_BinarySmallBackward"
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_binary_empty_input(reduction: str, grad: bool) -> None:
+    """No element: 0 for "mean" and "sum" (no division by zero), an empty "none"."""
+    x = torch.empty(0, 3, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        loss = ce.binary_cross_entropy(x, torch.empty(0, 3), from_logits=True, reduction=reduction)
+    assert loss.shape == ((0, 3) if reduction == "none" else ())
+    assert loss.sum().item() == 0.0
+    if grad:
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        assert g.shape == (0, 3)
+
+
+def test_binary_small_path_accepts_negative_zero_targets() -> None:
+    """-0.0 is a target of 0 (the small path's float range check lets it through)."""
+    x = torch.tensor([[-3.0, 2.0, 0.5]])
+    t = torch.tensor([[-0.0, 1.0, 0.0]])
+    opts = make_options(from_logits=True)
+    got = torch_exec.binary(x, t, None, None, 0.0, opts)
+    assert got is not None
+    assert float(got) == float(ce.binary_cross_entropy(x, t.abs(), from_logits=True))
+
+
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("n", [40, 300])  # softplus + autograd / the chunked path
+@pytest.mark.parametrize("n", [20, 40, 300])  # _BinarySmall / one chunk / several chunks
 def test_binary_half_precision_weighted_rounded_once(weighted: bool, n: int) -> None:
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(n, 300, generator=g) * 4).bfloat16().requires_grad_(True)

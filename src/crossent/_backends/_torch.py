@@ -598,6 +598,9 @@ def _soft_guarded(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> T
 Coef = float | Tensor
 """A mass coefficient of :func:`binary`: a number, or a tensor broadcast to the input."""
 
+_UNIT = 1.0
+"""The coefficient of an unweighted call (:func:`_is_one` tests it by identity first)."""
+
 
 def binary(
     input: object,
@@ -620,11 +623,13 @@ def binary(
     :math:`(1-t)x - \log\sigma(x)`, which cancels for :math:`x \ll 0` (0 instead of 9.4e-14
     at :math:`x = -30`, :math:`t = 0` in float32); here every sum is of terms of one sign:
 
-    * small inputs (:func:`_binary_small`): PyTorch's ``softplus`` of :math:`\pm x` (exact:
-      its threshold is raised to 40, where :math:`e^{-40}/40` is below float64's rounding),
-      combined by ``lerp`` without weights (PyTorch's ``lerp`` computes :math:`a + t(b-a)`
-      for :math:`t < 1/2` and :math:`b - (b-a)(1-t)` otherwise: no cancellation between
-      the two non-negative losses); few kernels, differentiated by autograd;
+    * small inputs (:func:`_binary_small`): PyTorch's ``softplus`` of :math:`x` with
+      :math:`\beta = \pm 1` (:math:`\operatorname{sp}(x)` and :math:`-\operatorname{sp}(-x)`;
+      exact: its threshold is raised to 40, where :math:`e^{-40}/40` is below float64's
+      rounding), combined by ``lerp`` (PyTorch's ``lerp`` computes :math:`a + t(b-a)` for
+      :math:`t < 1/2` and :math:`b - (b-a)(1-t)` otherwise: no cancellation between the
+      two losses of one sign); the fewest kernels, and with a logit gradient one autograd
+      node (:class:`_BinarySmall`) whose backward is the closed form;
     * large inputs (:class:`_BinaryCE`): one transcendental pass. With
       :math:`u = \sigma(-|x|)` and :math:`s = -\operatorname{log1p}(-u) = \operatorname{sp}(-|x|)`,
       :math:`\operatorname{sp}(\pm x) = s + \operatorname{relu}(\pm x)`, so
@@ -657,23 +662,29 @@ def binary(
         return None  # weights and alpha: the generic formula (checks and all)
     if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
         return None  # the generic formula returns float32 under autocast, as PyTorch does
-    cdt = torch.float32 if input.dtype in _LOW else input.dtype
     checked = get_validation()  # eager, on the CPU: values can be read
-    coefs = _binary_coefs(input, cdt, weight, pos_weight, opts.alpha, checked=checked)
-    if coefs is None:
-        return None
-    pos, neg = coefs
-    if checked and target.numel() and not _in_unit_interval(target):
-        return None  # the generic path raises the error
-    if input.numel() <= _BINARY_SMALL:
+    if weight is None and pos_weight is None and opts.alpha is None:
+        pos: Coef = _UNIT
+        neg: Coef = _UNIT
+    else:
+        cdt = torch.float32 if input.dtype in _LOW else input.dtype
+        coefs = _binary_coefs(input, cdt, weight, pos_weight, opts.alpha, checked=checked)
+        if coefs is None:
+            return None
+        pos, neg = coefs
+    n = input.numel()
+    if n == 0 or (checked and not _in_unit_interval(target)):
+        return None  # empty: the generic formula's 0 for a mean; bad targets: its error
+    grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
+    if n <= _BINARY_SMALL and not (grad and target.requires_grad):
         out = _binary_small(input, target, pos, neg, label_smoothing, opts.reduction)
-    elif torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
-        out = _BinaryCE.apply(input, target, pos, neg, label_smoothing, opts.reduction)
+    elif grad:
+        out = _CHUNKED_APPLY(input, target, (pos, neg, label_smoothing, opts.reduction))
     else:
         out, _ = _binary_chunked(
             input, target, pos, neg, label_smoothing, opts.reduction, early=False
         )
-    total = out.detach().sum() if opts.reduction == "none" else out.detach()
+    total = out.detach().sum() if opts.reduction == "none" else out
     if math.isnan(total.item()):  # NaN input, or an infinite logit: lerp's 0 · inf
         return None
     return out if out.dtype is input.dtype else out.to(input.dtype)
@@ -771,7 +782,7 @@ _SOFTPLUS_EXACT = 40.0
 """``softplus``'s threshold, above which it returns x: the neglected :math:`e^{-x}` is below
 float64's rounding of x from 40 on (PyTorch's default, 20, is not, in float64)."""
 
-_BINARY_SMALL = 1 << 13
+_BINARY_SMALL = 1 << 12
 """Up to this many elements, :func:`_binary_small` (fewest kernels); above, :class:`_BinaryCE`
 (one transcendental pass in cache-sized chunks)."""
 
@@ -807,7 +818,7 @@ _BINARY_CHUNK = 1 << 16
 
 
 def _smoothed(t: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
-    t = t if t.dtype is dtype else t.to(dtype)
+    t = t if t.dtype is dtype else t.float() if dtype is torch.float32 else t.to(dtype)
     return t if eps == 0 else t * (1 - eps) + eps / 2
 
 
@@ -822,34 +833,125 @@ def _reduced(loss: Tensor, reduction: str) -> Tensor:
     return loss.sum() if reduction == "sum" or not loss.numel() else loss.mean()
 
 
-def _binary_small(
-    x: Tensor, target: Tensor, pos: Coef, neg: Coef, eps: float, reduction: str
-) -> Tensor:
-    r"""Small inputs: :math:`\operatorname{lerp}(n\operatorname{sp}(x), p\operatorname{sp}(-x), t)`
-    (`neg`, `pos`; :math:`w\operatorname{lerp}(\operatorname{sp}(x), \operatorname{sp}(-x), t)`
-    with only a `weight`) in PyTorch's fused kernels, differentiated by autograd (exact:
-    ``softplus``' derivative is :math:`e^x/(1+e^x)`, and the two terms of the gradient are
-    added, not cancelled)."""
-    xc = x.float() if x.dtype in _LOW else x
-    t = _smoothed(target, xc.dtype, eps)
-    sp_pos = torch._C._nn.softplus(xc, 1, _SOFTPLUS_EXACT)  # -log(1 - p)
-    sp_neg = torch._C._nn.softplus(-xc, 1, _SOFTPLUS_EXACT)  # -log p
-    in_place = not (torch.is_grad_enabled() and (xc.requires_grad or t.requires_grad))
-    common: Coef = 1.0
-    if pos is neg:  # only a weight: one factor after the lerp
-        common, pos, neg = pos, 1.0, 1.0
+_CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+
+def _constant(value: float, like: Tensor) -> Tensor:
+    """A cached 0-d tensor of `value` in `like`'s dtype and device (an in-place ``mul_`` / ``div_``
+    by it costs half of one by a Python number, which PyTorch first wraps in a tensor)."""
+    key = (value, like.dtype, like.device)
+    c = _CONSTANTS.get(key)
+    if c is None:
+        if len(_CONSTANTS) >= 256:
+            _CONSTANTS.clear()
+        with torch.inference_mode(False):
+            c = _CONSTANTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return c
+
+
+def _neg_small_loss(x: Tensor, t: Tensor, pos: Coef, neg: Coef, common: Coef) -> Tensor:
+    r""":math:`-\ell = \operatorname{lerp}(-n\operatorname{sp}(x), -p\operatorname{sp}(-x), t)`
+    (times `common`) per element: two ``softplus`` kernels (:math:`\beta = -1` gives
+    :math:`-\operatorname{sp}(-x)` without negating `x`), one ``lerp``; both ends of one sign,
+    so no cancellation (see :func:`binary`)."""
+    a = torch._C._nn.softplus(x, 1, _SOFTPLUS_EXACT)  # sp(x) = -log(1 - p)
+    b = torch._C._nn.softplus(x, -1, _SOFTPLUS_EXACT)  # -sp(-x) = log p
     if not _is_one(neg):
-        sp_pos = sp_pos.mul_(neg) if in_place else sp_pos * neg
+        a.mul_(neg)
     if not _is_one(pos):
-        sp_neg = sp_neg.mul_(pos) if in_place else sp_neg * pos
-    loss = sp_pos.lerp_(sp_neg, t) if in_place else torch.lerp(sp_pos, sp_neg, t)
-    if not _is_one(common):
-        loss = loss.mul_(common) if in_place else loss * common
-    return _reduced(loss, reduction)
+        b.mul_(pos)
+    loss = a.neg_().lerp_(b, t)
+    return loss if _is_one(common) else loss.mul_(common)
+
+
+def _small_reduced(neg_loss: Tensor, reduction: str) -> Tensor:
+    """The reduction of :func:`_neg_small_loss`'s negated losses, negated back (a 0-d division by
+    :math:`-n` for ``"mean"``, correctly rounded as PyTorch's ``mean``)."""
+    if reduction == "none":
+        return neg_loss.neg_()
+    total = neg_loss.sum()
+    n = neg_loss.numel()
+    return total.neg_() if reduction == "sum" else total.div_(_constant(-float(n), total))
+
+
+def _binary_small(x: Tensor, t: Tensor, pos: Coef, neg: Coef, eps: float, reduction: str) -> Tensor:
+    r"""Small inputs without a target gradient: the fewest kernels (:func:`_neg_small_loss`);
+    with a logit gradient one autograd node (:class:`_BinarySmall`), whose backward is
+    :math:`N\sigma(x) - P\sigma(-x)` in five kernels."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SMALL_APPLY(x, t, (pos, neg, eps, reduction))
+    xc = x.float() if x.dtype in _LOW else x
+    tc = t if t.dtype is xc.dtype and eps == 0 else _smoothed(t, xc.dtype, eps)
+    out = _small_reduced(_neg_small_loss(xc, tc, *_factored(pos, neg)), reduction)
+    return out if out.dtype is x.dtype else _to_low(out, x)
+
+
+class _BinarySmall(torch.autograd.Function):
+    r""":func:`_binary_small` with a logit gradient: the same forward kernels and the closed
+    form :math:`\operatorname{lerp}(n\,\sigma(x), -p\,\sigma(-x), t)\cdot c` (each term exact,
+    as in :func:`_derivative_into`), for a reduced loss computed during the forward pass and
+    kept (:func:`_early_gradient`; the size of the gradient that backward returns), otherwise
+    in backward. Half precision is computed in float32 and each result rounded once."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, t: Tensor, options: tuple[Coef, Coef, float, str]) -> Tensor:
+        pos, neg, eps, reduction = options
+        xc = x.float() if x.dtype in _LOW else x
+        tc = _smoothed(t, xc.dtype, eps)
+        factored = _factored(pos, neg)
+        out = _small_reduced(_neg_small_loss(xc, tc, *factored), reduction)
+        ctx.save_for_backward(x, tc)  # the tensor coefficients are kept in ctx.coefs
+        ctx.coefs, ctx.reduction, ctx.early = (pos, neg), reduction, None
+        if reduction != "none":
+            d = _derivative_into(torch.sigmoid(xc), torch.neg(xc).sigmoid_(), tc, *factored)
+            if reduction == "mean":
+                d.div_(_constant(float(x.numel()), d))
+            ctx.early = d if d.dtype is x.dtype else d.to(x.dtype)
+        return out if out.dtype is x.dtype else _to_low(out, x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, t = ctx.saved_tensors
+        early = _early_gradient(ctx, grad, x)
+        if early is not None:
+            return early, None, None
+        pos, neg = ctx.coefs
+        xc = x.float() if x.dtype in _LOW else x
+        g = grad if grad.dtype is xc.dtype else grad.float()
+        n = _constant(float(x.numel()), g)
+        if torch.is_grad_enabled():  # double backward: differentiable operations
+            d = _logit_derivative(xc, t, pos, neg)
+            d = (d / n if ctx.reduction == "mean" else d) * g
+        else:  # the forward's early gradient, in the same order of roundings (reentrant)
+            sig = torch.sigmoid(xc)
+            d = _derivative_into(sig, torch.neg(xc).sigmoid_(), t, *_factored(pos, neg))
+            d = (d.div_(n) if ctx.reduction == "mean" else d).mul_(g)
+        return (d if d.dtype is x.dtype else d.to(x.dtype)), None, None
+
+
+def _early_gradient(ctx: Any, grad: Tensor, x: Tensor) -> Tensor | None:
+    """The logit gradient the forward pass kept in ``ctx.early`` (for an upstream gradient of 1),
+    times the upstream gradient; None when backward must compute it (none kept, a second
+    backward, a double backward, half precision with an upstream gradient other than 1)."""
+    early, ctx.early = ctx.early, None
+    if early is None or torch.is_grad_enabled():
+        return None
+    up = grad.item()
+    if up == 1.0:
+        return early
+    if x.dtype not in _LOW:  # rounded twice either way; half precision recomputes
+        return early.mul_(up)
+    return None
+
+
+_SMALL_APPLY = super(torch.autograd.Function, _BinarySmall).apply
+"""``_BinarySmall.apply`` without ``Function.apply``'s Python prologue (default-argument binding
+and functorch's dead-wrapper unwrapping, a third of the call): the eager CPU path it serves
+never runs under a functorch transform (:func:`_host_readable`)."""
 
 
 def _is_one(c: Coef) -> bool:
-    return isinstance(c, float) and c == 1.0
+    return c is _UNIT or (isinstance(c, float) and c == 1.0)
 
 
 def _binary_parts(x: Tensor, *others: Any) -> list[tuple[Any, ...]]:
@@ -926,8 +1028,8 @@ def _smoothed_into(t: Tensor, dtype: torch.dtype, eps: float, buf: Tensor) -> Te
 def _factored(pos: Coef, neg: Coef) -> tuple[Coef, Coef, Coef]:
     """(pos, neg, common): a weight alone (``pos is neg``) becomes one common factor."""
     if pos is neg and not _is_one(pos):
-        return 1.0, 1.0, pos
-    return pos, neg, 1.0
+        return _UNIT, _UNIT, pos
+    return pos, neg, _UNIT
 
 
 def _derivative_into(
@@ -994,7 +1096,7 @@ def _binary_chunked(
         if early:
             d = _derivative_into(sig, sig_neg, tc, p_, n_, c_)
             if scale != 1.0:
-                d.mul_(scale)
+                d.mul_(_constant(scale, d))
             if d is not g_:
                 g_.copy_(d)
     if out is not None:
@@ -1006,7 +1108,7 @@ def _binary_chunked(
     else:
         both = torch.stack(sums).view(-1, 2).sum(0)
         total = both[0] - both[1]
-    return (total.mul_(scale) if reduction == "mean" else total), g
+    return (total.div_(_constant(float(x.numel()), total)) if reduction == "mean" else total), g
 
 
 class _BinaryCE(torch.autograd.Function):
@@ -1033,16 +1135,9 @@ class _BinaryCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        t: Tensor,
-        pos: Coef,
-        neg: Coef,
-        eps: float,
-        reduction: str,
-    ) -> Tensor:
-        early = ctx.needs_input_grad[0] and reduction != "none"
+    def forward(ctx: Any, x: Tensor, t: Tensor, options: tuple[Coef, Coef, float, str]) -> Tensor:
+        pos, neg, eps, reduction = options
+        early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and reduction != "none"
         out, g = _binary_chunked(x, t, pos, neg, eps, reduction, early=early)
         ctx.save_for_backward(x, t, *(c for c in (pos, neg) if isinstance(c, Tensor)))
         ctx.coef_is_tensor = (isinstance(pos, Tensor), isinstance(neg, Tensor))
@@ -1058,8 +1153,10 @@ class _BinaryCE(torch.autograd.Function):
         pos = next(tensors) if ctx.coef_is_tensor[0] else ctx.pos
         neg = next(tensors) if ctx.coef_is_tensor[1] else ctx.neg
         eps, reduction = ctx.eps, ctx.reduction
-        early, ctx.early = ctx.early, None
-        nones = (None, None, None, None, None)
+        nones = (None,)
+        early = _early_gradient(ctx, grad, x)
+        if early is not None:
+            return (early, None, *nones)
         cdt = torch.float32 if x.dtype in _LOW else x.dtype
         scale = grad.to(cdt)
         if reduction == "mean" and x.numel():
@@ -1072,12 +1169,6 @@ class _BinaryCE(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: differentiable operations
             g = _logit_derivative(x.to(cdt), _smoothed(t, cdt, eps), pos, neg) * scale
             return (g.to(x.dtype), grad_t, *nones)
-        if early is not None:
-            up = grad.item()
-            if up == 1.0:
-                return (early, grad_t, *nones)
-            if x.dtype not in _LOW:  # rounded twice either way; half precision recomputes
-                return (early.mul_(up), grad_t, *nones)
         out = torch.empty_like(x)
         pos, neg, common = _factored(pos, neg)
         work = _Workspace(cdt, x.device)
@@ -1092,6 +1183,10 @@ class _BinaryCE(torch.autograd.Function):
             else:
                 o_.copy_(d.mul_(s_))
         return (out, grad_t, *nones)
+
+
+_CHUNKED_APPLY = super(torch.autograd.Function, _BinaryCE).apply
+"""``_BinaryCE.apply`` without the Python prologue (see :data:`_SMALL_APPLY`)."""
 
 
 def _logit_derivative(x: Tensor, t: Tensor, pos: Coef, neg: Coef) -> Tensor:

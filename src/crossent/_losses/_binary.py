@@ -328,6 +328,18 @@ def _finish(loss: Array, b: _Binary) -> Array:
 # ----------------------------------------------------------------------------
 
 
+_TORCH_BINARY: list[Any] = []
+"""The PyTorch executor's :func:`~crossent._backends._torch.binary`, imported on first use (an
+import statement on every call would cost a tenth of a small loss)."""
+
+
+def _torch_binary() -> Any:
+    from crossent._backends._torch import binary
+
+    _TORCH_BINARY.append(binary)
+    return binary
+
+
 def binary_cross_entropy(
     input: Array,
     target: Array,
@@ -454,8 +466,7 @@ def binary_cross_entropy(
     [[0.0005, 0.017, 0.13], [0.0001, 0.0, 0.5264]]
     """
     if is_torch_tensor(input):
-        from crossent._backends._torch import binary as torch_binary
-
+        torch_binary = _TORCH_BINARY[0] if _TORCH_BINARY else _torch_binary()
         opts = make_options(
             from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
             reduction=reduction, alpha=alpha,

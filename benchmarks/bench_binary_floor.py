@@ -1,0 +1,108 @@
+"""Small binary CE with logits: what each unavoidable piece costs next to PyTorch's whole call.
+
+Run: ``python -m benchmarks.bench_binary_floor [--quick]``.
+
+crossent does not hand small inputs to ``F.binary_cross_entropy_with_logits``: PyTorch's
+formula :math:`(1-t)x - \\log\\sigma(x)` cancels for confidently right logits (the second
+table: relative error per element against the exact value, float32) and its gradient
+:math:`\\sigma(x) - t` rounds small gradients to 0. The exact formula needs two ``softplus``
+kernels, a ``lerp``, a sum and a 0-d division, and the validation of the targets one
+``aminmax`` and two reads; the first table prints each of them (per-call process CPU time,
+1 thread, median of interleaved rounds), their sum, and PyTorch's call and crossent's
+whole call, each as a ratio to PyTorch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import crossent as ce
+
+
+def _times(fns: dict[str, Callable[[], object]], calls: int, rounds: int) -> dict[str, float]:
+    """Median per-call process CPU time of each function, interleaved round by round."""
+    for fn in fns.values():
+        for _ in range(calls // 10 + 1):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.process_time()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.process_time() - start) / calls)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _pieces(n: int, c: int, calls: int, rounds: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, generator=g)
+    t = (torch.rand(n, c, generator=g) > 0.5).float()
+    sp = torch._C._nn.softplus
+    a, b = sp(x, 1, 40.0), sp(x, -1, 40.0)
+    total, count = a.sum(), torch.tensor(float(-x.numel()))
+    pieces: dict[str, Callable[[], object]] = {
+        "softplus(x, beta=1)": lambda: sp(x, 1, 40.0),
+        "softplus(x, beta=-1)": lambda: sp(x, -1, 40.0),
+        "neg_": lambda: a.neg_(),
+        "lerp_(b, t)": lambda: a.lerp_(b, t),
+        "sum": lambda: a.sum(),
+        "0-d div_": lambda: total.div_(count),
+        "validation: aminmax(t) + 2 item": lambda: [v.item() for v in torch.aminmax(t)],
+        "NaN test of the result: item": lambda: total.item(),
+    }
+    whole: dict[str, Callable[[], object]] = {
+        "F.binary_cross_entropy_with_logits": lambda: F.binary_cross_entropy_with_logits(x, t),
+        "crossent.binary_cross_entropy": lambda: ce.binary_cross_entropy(x, t, from_logits=True),
+    }
+    with torch.no_grad():
+        got = _times({**whole, **pieces}, calls, rounds)
+    ref = got["F.binary_cross_entropy_with_logits"]
+    print(f"\nforward under no_grad, {n}x{c} float32 (ratio = time / PyTorch's whole call)")
+    print(f"| {'piece':<40} | {'µs':>7} | {'ratio':>5} |")
+    print(f"|{'-' * 42}|{'-' * 9}|{'-' * 7}|")
+    kernels = 0.0
+    for name in (*pieces, "sum of the pieces", *whole):
+        if name == "sum of the pieces":
+            value = kernels
+        else:
+            value = got[name]
+            kernels += value if name in pieces else 0.0
+        print(f"| {name:<40} | {value * 1e6:>7.2f} | {value / ref:>5.2f} |")
+
+
+def _accuracy() -> None:
+    print("\nfloat32, confidently right hard targets: relative error against the exact loss")
+    print(f"| {'|x|':>5} | {'exact loss':>10} | {'PyTorch':>9} | {'crossent':>9} |")
+    print(f"|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 11}|")
+    for a in (1.0, 2.0, 5.0, 10.0, 20.0, 50.0):
+        x, t = torch.tensor([-a, a]), torch.tensor([0.0, 1.0])
+        exact = torch.log1p(torch.exp(-x.double().abs()))  # x and t agree: sp(-|x|)
+        errs = []
+        for fn in (F.binary_cross_entropy_with_logits, _crossent_none):
+            got = fn(x, t, reduction="none").double()
+            errs.append(float(((got - exact).abs() / exact).max()))
+        print(f"| {a:>5.0f} | {float(exact[0]):>10.3e} | {errs[0]:>9.1e} | {errs[1]:>9.1e} |")
+
+
+def _crossent_none(x: torch.Tensor, t: torch.Tensor, *, reduction: str) -> torch.Tensor:
+    return ce.binary_cross_entropy(x, t, from_logits=True, reduction=reduction)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer calls and rounds")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    _pieces(32, 10, calls=300 if args.quick else 20000, rounds=3 if args.quick else 7)
+    _accuracy()
+
+
+if __name__ == "__main__":
+    main()
