@@ -183,7 +183,10 @@ def _mean_of(
 
 
 def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int | None) -> None:
-    """Turn PyTorch's bound-check error into crossent's message (re-raise it otherwise)."""
+    """Turn PyTorch's bound-check error into crossent's message (re-raise it otherwise, and
+    always where the labels cannot be read: off the CPU, or traced)."""
+    if not t.is_cpu or torch_tracing():
+        raise exc
     from crossent._lib._checks import check_label_range
 
     with torch.no_grad():
@@ -243,8 +246,6 @@ def _native_indices(
         else:
             out = kernel(xc, t, w, _REDUCTION_ENUM[reduction], ignore, *extra)
     except (IndexError, RuntimeError) as exc:
-        if not x.is_cpu or torch_tracing():
-            raise
         _label_error(exc, t, x.shape[axis], opts.ignore_index)
         raise  # pragma: no cover - _label_error always raises
     return _half_result(out, x) if low else out  # float32 / float64: autocast leaves them alone
@@ -299,8 +300,6 @@ def sparse(
                 _REDUCTION_ENUM[opts.reduction], _NO_IGNORE, opts.label_smoothing,
             )  # fmt: skip
         except (IndexError, RuntimeError) as exc:
-            if torch_tracing():
-                raise
             _label_error(exc, target, input.shape[axis], None)
             raise  # pragma: no cover - _label_error always raises
         return out if dtype in _HIGH else _half_result(out, input)
@@ -585,12 +584,14 @@ def _soft_guarded(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> T
     axis = 1 if xc.ndim > 1 else 0
     c = _soft_coefficients(c, w, opts.label_smoothing, axis)
     log_p = torch.log_softmax(xc, dim=axis)
-    row = -torch.where(c == 0, 0.0, c * log_p).sum(dim=axis)
-    if opts.reduction == "none":
-        return row
-    if opts.reduction == "sum" or row.numel() == 0:
-        return row.sum()
-    return row.mean()
+    return _reduced(-torch.where(c == 0, 0.0, c * log_p).sum(dim=axis), opts.reduction)
+
+
+def _reduced(loss: Tensor, reduction: str) -> Tensor:
+    """`loss` reduced: as it is, summed, or averaged (the sum, 0, for an empty mean)."""
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" or not loss.numel() else loss.mean()
 
 
 # --------------------------------------------------------------------------- binary
@@ -807,10 +808,7 @@ def _binary_traced(x: Tensor, target: Tensor, eps: float, reduction: str) -> Ten
     pos = xc > 0
     tail = torch.log1p(torch.exp(torch.where(pos, -xc, xc)))
     c = torch.where(pos, 1 - t, -t)
-    loss = tail + torch.where(c == 0, 0.0, c * xc)
-    if reduction != "none":
-        loss = loss.sum() if reduction == "sum" or not loss.numel() else loss.mean()
-    return _finish(loss, x)
+    return _finish(_reduced(tail + torch.where(c == 0, 0.0, c * xc), reduction), x)
 
 
 _BINARY_CHUNK = 1 << 16
@@ -825,12 +823,6 @@ def _smoothed(t: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
 def _masses(t: Tensor, pos: Coef, neg: Coef) -> tuple[Tensor, Tensor]:
     r""":math:`P = \mathrm{pos}\cdot t` and :math:`N = \mathrm{neg}\cdot(1-t)`."""
     return (t if _is_one(pos) else t * pos), (1 - t if _is_one(neg) else (1 - t) * neg)
-
-
-def _reduced(loss: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss
-    return loss.sum() if reduction == "sum" or not loss.numel() else loss.mean()
 
 
 _CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
@@ -880,10 +872,28 @@ def _binary_small(x: Tensor, t: Tensor, pos: Coef, neg: Coef, eps: float, reduct
     :math:`N\sigma(x) - P\sigma(-x)` in five kernels."""
     if x.requires_grad and torch.is_grad_enabled():
         return _SMALL_APPLY(x, t, (pos, neg, eps, reduction))
+    return _small_forward(x, t, pos, neg, eps, reduction)[0]
+
+
+def _small_forward(
+    x: Tensor, t: Tensor, pos: Coef, neg: Coef, eps: float, reduction: str
+) -> tuple[Tensor, Tensor, Tensor, tuple[Coef, Coef, Coef]]:
+    """:func:`_binary_small`'s loss in `x`'s dtype, with what its gradient needs: the logits
+    and smoothed targets in the computing dtype, and the factored coefficients."""
     xc = x.float() if x.dtype in _LOW else x
-    tc = t if t.dtype is xc.dtype and eps == 0 else _smoothed(t, xc.dtype, eps)
-    out = _small_reduced(_neg_small_loss(xc, tc, *_factored(pos, neg)), reduction)
-    return out if out.dtype is x.dtype else _to_low(out, x)
+    tc = _smoothed(t, xc.dtype, eps)
+    factored = _factored(pos, neg)
+    out = _small_reduced(_neg_small_loss(xc, tc, *factored), reduction)
+    return (out if out.dtype is x.dtype else _to_low(out, x)), xc, tc, factored
+
+
+def _small_gradient(
+    xc: Tensor, tc: Tensor, factored: tuple[Coef, Coef, Coef], reduction: str
+) -> Tensor:
+    r""":math:`N\sigma(x) - P\sigma(-x)` (:func:`_derivative_into`), over the element count for
+    a mean: the forward's early gradient and the backward's, in one order of roundings."""
+    d = _derivative_into(torch.sigmoid(xc), torch.neg(xc).sigmoid_(), tc, *factored)
+    return d.div_(_constant(float(xc.numel()), d)) if reduction == "mean" else d
 
 
 class _BinarySmall(torch.autograd.Function):
@@ -896,18 +906,13 @@ class _BinarySmall(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, t: Tensor, options: tuple[Coef, Coef, float, str]) -> Tensor:
         pos, neg, eps, reduction = options
-        xc = x.float() if x.dtype in _LOW else x
-        tc = _smoothed(t, xc.dtype, eps)
-        factored = _factored(pos, neg)
-        out = _small_reduced(_neg_small_loss(xc, tc, *factored), reduction)
+        out, xc, tc, factored = _small_forward(x, t, pos, neg, eps, reduction)
         ctx.save_for_backward(x, tc)  # the tensor coefficients are kept in ctx.coefs
         ctx.coefs, ctx.reduction, ctx.early = (pos, neg), reduction, None
         if reduction != "none":
-            d = _derivative_into(torch.sigmoid(xc), torch.neg(xc).sigmoid_(), tc, *factored)
-            if reduction == "mean":
-                d.div_(_constant(float(x.numel()), d))
+            d = _small_gradient(xc, tc, factored, reduction)
             ctx.early = d if d.dtype is x.dtype else d.to(x.dtype)
-        return out if out.dtype is x.dtype else _to_low(out, x)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -918,14 +923,11 @@ class _BinarySmall(torch.autograd.Function):
         pos, neg = ctx.coefs
         xc = x.float() if x.dtype in _LOW else x
         g = grad if grad.dtype is xc.dtype else grad.float()
-        n = _constant(float(x.numel()), g)
         if torch.is_grad_enabled():  # double backward: differentiable operations
             d = _logit_derivative(xc, t, pos, neg)
-            d = (d / n if ctx.reduction == "mean" else d) * g
+            d = (d / _constant(float(x.numel()), g) if ctx.reduction == "mean" else d) * g
         else:  # the forward's early gradient, in the same order of roundings (reentrant)
-            sig = torch.sigmoid(xc)
-            d = _derivative_into(sig, torch.neg(xc).sigmoid_(), t, *_factored(pos, neg))
-            d = (d.div_(n) if ctx.reduction == "mean" else d).mul_(g)
+            d = _small_gradient(xc, t, _factored(pos, neg), ctx.reduction).mul_(g)
         return (d if d.dtype is x.dtype else d.to(x.dtype)), None, None
 
 
