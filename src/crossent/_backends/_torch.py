@@ -517,10 +517,9 @@ def categorical(
     ):
         if get_validation() and not _in_unit_interval(target):
             check_in_unit_interval(target, name="target", xp=_torch_namespace())
-        if input.dtype in _HIGH:
-            return _soft_native(input, _soft_target(target, input.dtype, opts), None, opts)
-        out = _soft_native(input.float(), _soft_target(target, torch.float32, opts), None, opts)
-        return _half_result(out, input)
+        xc = input if input.dtype in _HIGH else input.float()
+        out = _soft_native(xc, _soft_target(target, xc.dtype, opts), None, opts)
+        return out if xc is input else _half_result(out, input)
     if not (opts.kind == "logits" and opts.plain and isinstance(target, Tensor)):
         return None
     dtype = input.dtype
@@ -554,7 +553,7 @@ def categorical(
     if axis != 1 and ndim != 1:
         xc, c = xc.movedim(axis, 1), c.movedim(axis, 1)
     out = _soft_native(xc, c, w, opts) if eager and xc.numel() else _soft_guarded(xc, c, w, opts)
-    return _to_low(out, input) if low and not autocast else out
+    return _half_result(out, input) if low else out
 
 
 def _soft_target(t: Tensor, dtype: torch.dtype, opts: CEOptions) -> Tensor:
@@ -1293,8 +1292,8 @@ class _LowPrecisionCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         x, label, valid = ctx.saved_tensors
-        early, ctx.early = ctx.early, None
-        if early is not None and not torch.is_grad_enabled() and grad.item() == 1.0:
+        early = _early_gradient(ctx, grad, x)
+        if early is not None:
             return early, None, None, None
         scale = grad.float()
         if ctx.reduction == "mean":
@@ -1441,8 +1440,8 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         x, t, w = ctx.saved_tensors
-        early, ctx.early = ctx.early, None
-        if early is not None and not torch.is_grad_enabled() and grad.item() == 1.0:
+        early = _early_gradient(ctx, grad, x)
+        if early is not None:
             return early, None, None, None, None
         scale = grad.float() / ctx.den
         scale = (scale.expand(x.shape[0]) if scale.ndim == 0 else scale)[:, None]

@@ -44,6 +44,7 @@ from torch import Tensor
 from crossent._backends._torch import (
     _LOW,
     _NO_IGNORE,
+    _early_gradient,
     _label_error,
     _mean_denominator,
     _valid_label,
@@ -372,19 +373,15 @@ class _OwnRows(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
         (z2,) = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        early, ctx.early = ctx.early, None
+        early = _early_gradient(ctx, grad, z2)
+        if early is not None:
+            return early, None
         if torch.is_grad_enabled():  # create_graph: a differentiable gradient, exact 2nd order
             with torch.enable_grad():
                 out = plan.generic(z2, plan.t, plan.w, plan.opts)
             (g,) = torch.autograd.grad(out, z2, grad.to(out.dtype), create_graph=True)
             return g, None
         opts = plan.opts
-        if early is not None:
-            up = grad.item()
-            if up == 1.0:
-                return early, None
-            if early.dtype not in _LOW:  # one more rounding of the float32/float64 gradient
-                return early.mul_(up), None
         cdt = torch.float32 if z2.dtype in _LOW else z2.dtype
         scale = _row_scale(plan.valid, plan.den, grad, opts.reduction, cdt)
         _, g = _pass(z2, plan.label, plan.valid, plan.w, plan.w_y, plan.mask, opts, scale)
