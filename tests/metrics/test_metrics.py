@@ -606,10 +606,11 @@ def test_numpy_probability_rows_in_either_layout(classes: int) -> None:
     np.testing.assert_array_equal(np.flatnonzero(nan_rows["nan"]), [5, 6])
 
 
-@pytest.mark.parametrize("classes", [1, 2, 3, F.COLUMN_CLASSES])
+@pytest.mark.parametrize("classes", [1, 2, 3, F.COLUMN_CLASSES, 256, 300])
 def test_column_argmax_is_numpys_argmax(classes: int) -> None:
     # the first column holding the row max, counted column by column (ties at any two
-    # columns, the max in the last column, -0.0 next to 0.0, NaN rows: their first NaN)
+    # columns, the max in the last column, -0.0 next to 0.0, NaN rows: their first NaN;
+    # 300 columns: the counter widens past a byte)
     rng = np.random.default_rng(classes)
     x = rng.integers(0, 3, size=(500, classes)).astype(np.float64)
     x[:5] = 0.0

@@ -388,12 +388,12 @@ def _column_sum(x: np.ndarray) -> np.ndarray:
 
 
 def _column_argmax(x: np.ndarray, row_max: np.ndarray, nan: np.ndarray) -> np.ndarray:
-    """``x.argmax(axis=1)`` of a column-major matrix (at most 255 columns), from its row
-    max: the first class that holds it (a tie goes to the first) is the number of
-    columns before it, counted column by column in bytes, 5x faster than setting the
-    class under a mask; a NaN row's is its first NaN."""
+    """``x.argmax(axis=1)`` of a column-major matrix, from its row max: the first class
+    that holds it (a tie goes to the first) is the number of columns before it, counted
+    column by column in the narrowest unsigned integers that hold it (bytes up to 256
+    columns: 5x faster than setting the class under a mask); a NaN row's is its first NaN."""
     n, c = x.shape
-    before = np.zeros(n, dtype=np.uint8)  # columns passed without meeting the row max
+    before = np.zeros(n, dtype=np.min_scalar_type(max(c - 1, 0)))  # columns passed
     looking = np.ones(n, dtype=np.bool_)
     hit = np.empty(n, dtype=np.bool_)
     for k in range(c - 1):  # a row whose max is in no earlier column: the last
