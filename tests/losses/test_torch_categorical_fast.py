@@ -198,3 +198,30 @@ def test_float_categorical_is_pytorch_kernel_with_crossent_rules(dtype: Any, axi
         torch.zeros(0, 4, dtype=dtype), torch.zeros(0, 4, dtype=dtype), from_logits=True
     )
     assert float(empty) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (7, 10), (300, 129), (3, 40000)])
+def test_in_place_softmax_kernels_give_the_out_of_place_bits(shape: tuple[int, int]) -> None:
+    """The chunked half-precision path runs PyTorch's float32 ``softmax`` and ``log_softmax``
+    in place in its chunk buffer: each row is read before it is written."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(shape, generator=g) * 6
+    z[0, -1] = 60.0
+    if shape[1] > 1:
+        z[-1, 0] = -float("inf")  # a masked class
+    assert torch.equal(torch_exec._softmax_(z.clone()), torch.softmax(z, 1))
+    assert torch.equal(torch_exec._log_softmax_(z.clone()), torch.log_softmax(z, 1))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("bad", [-1, 100])
+def test_half_sparse_chunks_bad_label_message(requires_grad: bool, bad: int) -> None:
+    """On the chunked path a bad label is found by ``gather``'s own bound check and raises
+    crossent's message (several chunks: the bad label in the last one)."""
+    x, t, _ = _case(torch.bfloat16, n=3000, c=100)
+    assert x.numel() > torch_exec._LOW_CHUNK
+    y = t.argmax(-1)
+    y[-1] = bad
+    xg = x.clone().requires_grad_(requires_grad)
+    with pytest.raises(ValueError, match=r"`target` has labels outside \[0, 100\)"):
+        ce.sparse_categorical_cross_entropy(xg, y, from_logits=True)
