@@ -37,11 +37,20 @@ def _ulps(a: Any, b: Any, dtype: Any) -> Any:
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(("eps", "weighted"), [(0.0, False), (0.1, True)])
 @pytest.mark.parametrize("upstream", [1.0, 0.3])
+@pytest.mark.parametrize("scratch", [None, 3 * 100 * 70])  # one chunk / chunks of 70 or 105 rows
 def test_half_categorical_is_float64_rounded_once(
-    dtype: Any, reduction: str, eps: float, weighted: bool, upstream: float
+    dtype: Any,
+    reduction: str,
+    eps: float,
+    weighted: bool,
+    upstream: float,
+    scratch: int | None,
+    monkeypatch: Any,
 ) -> None:
+    if scratch:
+        monkeypatch.setattr(torch_exec, "_LOW_SCRATCH", scratch)
     x, t, w64 = _case(dtype)
-    assert x.numel() >= torch_exec._LOW_MIN  # the chunked path, several chunks
+    assert x.numel() >= torch_exec._LOW_MIN  # the chunked path
     w = w64.float() if weighted else None
     xg = x.clone().requires_grad_(True)
     loss = ce.categorical_cross_entropy(
@@ -218,8 +227,8 @@ def test_in_place_softmax_kernels_give_the_out_of_place_bits(shape: tuple[int, i
 def test_half_sparse_chunks_bad_label_message(requires_grad: bool, bad: int) -> None:
     """On the chunked path a bad label is found by ``gather``'s own bound check and raises
     crossent's message (several chunks: the bad label in the last one)."""
-    x, t, _ = _case(torch.bfloat16, n=3000, c=100)
-    assert x.numel() > torch_exec._LOW_CHUNK
+    x, t, _ = _case(torch.bfloat16, n=12000, c=100)
+    assert x.numel() > torch_exec._LOW_SCRATCH
     y = t.argmax(-1)
     y[-1] = bad
     xg = x.clone().requires_grad_(requires_grad)

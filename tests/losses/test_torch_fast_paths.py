@@ -468,9 +468,14 @@ def _ulps(a: Any, b: Any, dtype: Any) -> float:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("upstream", [1.0, 0.3])
-def test_half_sparse_is_float64_rounded_once(dtype: Any, reduction: str, upstream: float) -> None:
+@pytest.mark.parametrize("scratch", [None, 64 * 90])  # one chunk / 7 of 90 rows and one of 70
+def test_half_sparse_is_float64_rounded_once(
+    dtype: Any, reduction: str, upstream: float, scratch: int | None, monkeypatch: Any
+) -> None:
+    if scratch:
+        monkeypatch.setattr(torch_exec, "_LOW_SCRATCH", scratch)
     x, y = _half_case(dtype)
-    assert x.numel() >= torch_exec._LOW_MIN  # the chunked path, several chunks
+    assert x.numel() >= torch_exec._LOW_MIN  # the chunked path
     xg = x.clone().requires_grad_(True)
     loss = ce.sparse_categorical_cross_entropy(
         xg, y, from_logits=True, ignore_index=-100, reduction=reduction

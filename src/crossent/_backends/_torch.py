@@ -997,14 +997,17 @@ class _Workspace:
     COUNT = 7
     SHAPES = 8
 
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
-        cache: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], dict[Any, Any]]]
+    def __init__(
+        self, dtype: torch.dtype, device: torch.device, size: int = 0, count: int = COUNT
+    ) -> None:
+        """`count` buffers of `size` elements (:data:`_BINARY_CHUNK` for 0)."""
+        cache: dict[tuple[Any, ...], tuple[list[Tensor], dict[Any, Any]]]
         cache = self._local.__dict__.setdefault("buffers", {})
-        key = (dtype, device)
+        key = (dtype, device, size, count)
         if key not in cache:
             with torch.inference_mode(False):  # usable in and outside inference mode
-                buffers = [torch.empty(_BINARY_CHUNK, dtype=dtype, device=device)
-                           for _ in range(self.COUNT)]  # fmt: skip
+                buffers = [torch.empty(size or _BINARY_CHUNK, dtype=dtype, device=device)
+                           for _ in range(count)]  # fmt: skip
             cache[key] = (buffers, {})
         self._buffers, self._views = cache[key]
 
@@ -1210,8 +1213,11 @@ def _target_derivative(x: Tensor, pos: Coef, neg: Coef) -> Tensor:
 
 # --------------------------------------------------------------------------- half precision
 
-_LOW_CHUNK = 1 << 18
-"""Elements per row chunk of the half-precision path (float32 scratch buffers of 1 MiB)."""
+_LOW_SCRATCH = 1 << 20
+"""float32 elements of the half-precision path's chunk buffers, all of them together (4 MiB,
+kept per thread by :class:`_Workspace`): a chunk of rows is this many logits with one
+buffer, a third of it with three. Smaller chunks cost more than their loop: at 256 × 32000
+a quarter of the chunks made the forward 13 % faster."""
 
 _LOW_MIN = 1 << 15
 """Below this many logits the half-precision path is one float32 copy and PyTorch's kernel."""
@@ -1222,23 +1228,30 @@ _SPLIT = torch._C.TensorBase.split
 
 def _low_chunks(x: Tensor, *others: Tensor, scratch: int = 0) -> Iterator[tuple[Tensor, ...]]:
     """(float32 copy of a chunk of rows, `scratch` float32 buffers of its shape, the same rows
-    of `others`); the copy and the buffers are reused from chunk to chunk.
+    of `others`); the copy and the buffers are reused from chunk to chunk, and from call to
+    call (:data:`_LOW_SCRATCH`; fresh buffers cost page faults once another library's large
+    temporaries were freed: a twentieth of a 1024 × 1000 loss).
 
     A 0-d tensor of `others` is handed to every chunk as it is. One chunk is `x`'s rows and
     `others` themselves; several come from ``split`` (one call, not a slice per chunk per
-    tensor: at 2048 × 1000 the loop's Python is a tenth of the time otherwise).
+    tensor).
     """
     n, c = x.shape
-    rows = max(1, _LOW_CHUNK // max(c, 1))
-    size = (min(rows, n), c)
-    bufs = [torch.empty(size, dtype=torch.float32, device=x.device) for _ in range(scratch + 1)]
+    k = scratch + 1
+    rows = max(1, _LOW_SCRATCH // (k * max(c, 1)))
+    size = torch.Size((k, min(rows, n), c))
+    if size.numel() <= _LOW_SCRATCH:
+        block = _Workspace(torch.float32, x.device, _LOW_SCRATCH, 1).views(size)[0]
+    else:  # a row longer than the buffers
+        block = torch.empty(size, dtype=torch.float32, device=x.device)
+    bufs = block.unbind(0)
     if n <= rows:
         yield (bufs[0].copy_(x), *bufs[1:], *others)
         return
     parts = [_SPLIT(o, rows) if o.ndim else [o] * -(-n // rows) for o in others]
     for chunk, *rest in zip(_SPLIT(x, rows), *parts, strict=True):
-        if chunk.shape[0] != bufs[0].shape[0]:
-            bufs = [b[: chunk.shape[0]] for b in bufs]
+        if chunk.shape[0] != size[1]:
+            bufs = tuple(b[: chunk.shape[0]] for b in bufs)
         yield (bufs[0].copy_(chunk), *bufs[1:], *rest)
 
 
@@ -1287,42 +1300,17 @@ class _LowPrecisionCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, label: Tensor, valid: Tensor | None, reduction: str) -> Tensor:
-        n = x.shape[0]
-        den = _mean_denominator(None, valid, n, torch.float32) if reduction == "mean" else 1.0
         # reduced losses: the gradient for an upstream gradient of 1 is computed now, from the
         # float32 chunk already in cache, and kept in the input dtype (the size of PyTorch's
         # saved log-probabilities)
         early = ctx.needs_input_grad[0] and reduction != "none"
-        row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
-        col = label[:, None]
-        if early:
-            g = torch.empty_like(x)
-            scale = _row_scale(torch.ones((), device=x.device), den, valid)
-            minus_one = torch.full((n, 1), -1.0, device=x.device)
-            for z, y, row_, g_, m_, s_ in _low_chunks(x, col, row, g, minus_one, scale):
-                # log p_y from the softmax the gradient needs (no log_softmax pass):
-                # (z_y - max z) + log(max p), two terms of one sign, max p = 1 / sum exp(z - max z)
-                torch.gather(z, 1, y, out=row_).sub_(torch.amax(z, 1, keepdim=True))
-                p = _softmax_(z)
-                row_.add_(torch.amax(p, 1, keepdim=True).log_())
-                _grad_from_softmax(p, y, m_, s_, g_)
-        else:
-            for z, y, row_ in _low_chunks(x, col, row):
-                torch.gather(_log_softmax_(z), 1, y, out=row_)
-        row = row[:, 0]
-        if valid is not None:
-            row = torch.where(valid, row, 0.0)
-        if reduction == "none":
-            out = row.neg_()
-        else:
-            out = row.sum().neg_()
-            out = out / den if reduction == "mean" else out
+        out, g, den = _sparse_low_forward(x, label, valid, reduction, early=early)
         ctx.save_for_backward(x, label, valid)
         # held outside the saved tensors and dropped once returned: autograd may make it the
         # leaf's .grad, which the caller may change in place before a second backward
-        ctx.early = g if early else None
+        ctx.early = g
         ctx.reduction, ctx.den = reduction, den
-        return _to_low(out, x)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
@@ -1340,6 +1328,41 @@ class _LowPrecisionCE(torch.autograd.Function):
         for z, y, m_, s_, o_ in _low_chunks(x, label[:, None], minus_one, scale, out):
             _grad_from_softmax(_softmax_(z), y, m_, s_, o_)
         return out, None, None, None
+
+
+def _sparse_low_forward(
+    x: Tensor, label: Tensor, valid: Tensor | None, reduction: str, *, early: bool
+) -> tuple[Tensor, Tensor | None, Tensor | float]:
+    """(loss of :class:`_LowPrecisionCE` in `x`'s dtype, the early gradient or None, the mean's
+    denominator); the whole computation without a gradient (no autograd node)."""
+    n = x.shape[0]
+    den = _mean_denominator(None, valid, n, torch.float32) if reduction == "mean" else 1.0
+    row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
+    col = label[:, None]
+    g = None
+    if early:
+        g = torch.empty_like(x)
+        scale = _row_scale(torch.ones((), device=x.device), den, valid)
+        minus_one = torch.full((n, 1), -1.0, device=x.device)
+        for z, y, row_, g_, m_, s_ in _low_chunks(x, col, row, g, minus_one, scale):
+            # log p_y from the softmax the gradient needs (no log_softmax pass):
+            # (z_y - max z) + log(max p), two terms of one sign, max p = 1 / sum exp(z - max z)
+            torch.gather(z, 1, y, out=row_).sub_(torch.amax(z, 1, keepdim=True))
+            p = _softmax_(z)
+            row_.add_(torch.amax(p, 1, keepdim=True).log_())
+            _grad_from_softmax(p, y, m_, s_, g_)
+    else:
+        for z, y, row_ in _low_chunks(x, col, row):
+            torch.gather(_log_softmax_(z), 1, y, out=row_)
+    row = row[:, 0]
+    if valid is not None:
+        row = torch.where(valid, row, 0.0)
+    if reduction == "none":
+        out = row.neg_()
+    else:
+        out = row.sum().neg_()
+        out = out / den if reduction == "mean" else out
+    return _to_low(out, x), g, den
 
 
 _LOW_CE_APPLY = super(torch.autograd.Function, _LowPrecisionCE).apply
@@ -1372,7 +1395,10 @@ def _sparse_low(x: Tensor, target: Tensor, axis: int, opts: CEOptions) -> Tensor
     t = index_target(target)
     valid, label = _valid_label(t, opts.ignore_index)
     try:
-        out: Tensor = _LOW_CE_APPLY(x, label, valid, opts.reduction)
+        if x.requires_grad and torch.is_grad_enabled():
+            out: Tensor = _LOW_CE_APPLY(x, label, valid, opts.reduction)
+        else:  # no autograd node
+            out = _sparse_low_forward(x, label, valid, opts.reduction, early=False)[0]
     except (IndexError, RuntimeError) as exc:
         _label_error(exc, t, x.shape[1], opts.ignore_index)
         raise  # pragma: no cover - _label_error always raises
@@ -1393,7 +1419,11 @@ def _soft_low(
     if target.requires_grad or (weight is not None and weight.requires_grad):
         return None
     w = None if weight is None else weight.detach().float()
-    out: Tensor = _SOFT_CE_APPLY(x, target.detach(), w, opts.label_smoothing, opts.reduction)
+    eps, reduction = opts.label_smoothing, opts.reduction
+    if x.requires_grad and torch.is_grad_enabled():
+        out: Tensor = _SOFT_CE_APPLY(x, target.detach(), w, eps, reduction)
+    else:  # no autograd node
+        out = _soft_low_forward(x, target, w, eps, reduction, early=False)[0]
     check = out.detach().sum() if opts.reduction == "none" else out.detach()
     if math.isnan(check.item()):
         return None
@@ -1439,34 +1469,12 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, t: Tensor, w: Tensor | None, eps: float, reduction: str
     ) -> Tensor:
-        n = x.shape[0]
-        den = float(max(n, 1)) if reduction == "mean" else 1.0
         early = ctx.needs_input_grad[0] and reduction != "none"
-        row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
-        if early:
-            g = torch.empty_like(x)
-            scale = _row_scale(torch.ones((), device=x.device), den, None)
-            for z, c, d, t_, row_, g_ in _low_chunks(x, t, row, g, scratch=2):
-                # from the gradient's softmax (see _LowPrecisionCE), no log_softmax pass:
-                # sum_k c_k log p_k = sum_k c_k (z_k - max z) + S log max p, terms of one sign
-                c = _soft_coefficients(t_, w, eps, 1, out=c)
-                total = c.sum(1, keepdim=True)
-                shifted = torch.sub(z, torch.amax(z, 1, keepdim=True), out=d)
-                torch.sum(shifted.mul_(c), 1, keepdim=True, out=row_)
-                p = _softmax_(z)
-                row_.addcmul_(total, torch.amax(p, 1, keepdim=True).log_())
-                _soft_grad_chunk(p, c, total, scale, g_)
-        else:
-            for z, c, t_, row_ in _low_chunks(x, t, row, scratch=1):
-                lp = _log_softmax_(z)
-                torch.sum(lp.mul_(_soft_coefficients(t_, w, eps, 1, out=c)), 1, keepdim=True,
-                          out=row_)  # fmt: skip
-        row = row[:, 0]
-        out = row.neg_() if reduction == "none" else row.sum().neg_() / den
+        out, g, den = _soft_low_forward(x, t, w, eps, reduction, early=early)
         ctx.save_for_backward(x, t, w)
-        ctx.early = g if early else None  # dropped once returned (see _LowPrecisionCE)
+        ctx.early = g  # dropped once returned (see _LowPrecisionCE)
         ctx.eps, ctx.reduction, ctx.den = eps, reduction, den
-        return _to_low(out, x)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
@@ -1485,6 +1493,38 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
             c = _soft_coefficients(t_, w, ctx.eps, 1, out=c)
             _soft_grad_chunk(_softmax_(z), c, c.sum(1, keepdim=True), s_, o_)  # forward's bits
         return out, None, None, None, None
+
+
+def _soft_low_forward(
+    x: Tensor, t: Tensor, w: Tensor | None, eps: float, reduction: str, *, early: bool
+) -> tuple[Tensor, Tensor | None, float]:
+    """(loss of :class:`_LowPrecisionSoftCE` in `x`'s dtype, the early gradient or None, the
+    mean's denominator); the whole computation without a gradient (no autograd node)."""
+    n = x.shape[0]
+    den = float(max(n, 1)) if reduction == "mean" else 1.0
+    row = torch.empty(n, 1, dtype=torch.float32, device=x.device)
+    g = None
+    if early:
+        g = torch.empty_like(x)
+        scale = _row_scale(torch.ones((), device=x.device), den, None)
+        for z, c, d, t_, row_, g_ in _low_chunks(x, t, row, g, scratch=2):
+            # from the gradient's softmax (see _LowPrecisionCE), no log_softmax pass:
+            # sum_k c_k log p_k = sum_k c_k (z_k - max z) + S log max p, terms of one sign
+            c = _soft_coefficients(t_, w, eps, 1, out=c)
+            total = c.sum(1, keepdim=True)
+            shifted = torch.sub(z, torch.amax(z, 1, keepdim=True), out=d)
+            torch.sum(shifted.mul_(c), 1, keepdim=True, out=row_)
+            p = _softmax_(z)
+            row_.addcmul_(total, torch.amax(p, 1, keepdim=True).log_())
+            _soft_grad_chunk(p, c, total, scale, g_)
+    else:
+        for z, c, t_, row_ in _low_chunks(x, t, row, scratch=1):
+            lp = _log_softmax_(z)
+            torch.sum(lp.mul_(_soft_coefficients(t_, w, eps, 1, out=c)), 1, keepdim=True,
+                      out=row_)  # fmt: skip
+    row = row[:, 0]
+    out = row.neg_() if reduction == "none" else row.sum().neg_() / den
+    return _to_low(out, x), g, den
 
 
 _SOFT_CE_APPLY = super(torch.autograd.Function, _LowPrecisionSoftCE).apply
