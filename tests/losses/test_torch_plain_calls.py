@@ -225,19 +225,22 @@ def test_small_half_precision_is_float64_rounded_once(
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_half_sparse_chunks_log_prob_from_softmax(reduction: str) -> None:
-    """The chunked path reads log p_y off the gradient's softmax, (z_y - max z) + log(max p):
-    masked classes, a shifted row, a confident row and a label on the row's maximum stay
-    float64 rounded once (value) and within one rounding (gradient)."""
+    """The chunked path reads log p_y off the gradient's softmax: masked classes, a shifted
+    row, a confident row, a label on the row's maximum and labels whose probability is
+    subnormal or 0 in float32 (recomputed by log_softmax) stay float64 rounded once (value)
+    and within one rounding (gradient)."""
     g = torch.Generator().manual_seed(8)
-    n, c = 300, 128
-    assert n * c >= torch_exec._LOW_MIN
+    n, c = 1100, 128
+    assert n * c >= torch_exec._LOW_MIN_SPARSE
     x = torch.randn(n, c, generator=g) * 3
     x[::7, 5] = -np.inf  # masked classes, never a label
     x[1] += 1000.0  # a shifted row
     x[2, 0] = 12.0  # a confident row (its label below)
     y = torch.randint(6, c, (n,), generator=g)
     y[2] = 0
-    y[3] = int(x[3].argmax())  # the label on the maximum: log(max p) alone
+    y[3] = int(x[3].argmax())  # the label on the maximum: p_y = max p
+    x[4, 0], y[4] = x[4].max() - 95.0, 0  # p_y subnormal in float32 (loss 95)
+    x[5, 0], y[5] = x[5].max() - 300.0, 0  # p_y 0 in float32
     x = x.bfloat16()
     xg = x.clone().requires_grad_(True)
     loss = ce.sparse_categorical_cross_entropy(xg, y, from_logits=True, reduction=reduction)
