@@ -234,3 +234,40 @@ def test_half_sparse_chunks_bad_label_message(requires_grad: bool, bad: int) -> 
     xg = x.clone().requires_grad_(requires_grad)
     with pytest.raises(ValueError, match=r"`target` has labels outside \[0, 100\)"):
         ce.sparse_categorical_cross_entropy(xg, y, from_logits=True)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "categorical"])
+def test_half_chunk_buffers_in_and_out_of_inference_mode(kind: str) -> None:
+    """The per-thread chunk buffers made by a call in inference mode serve later calls outside
+    it, with a gradient (a fresh thread: its first call makes them)."""
+    import threading
+
+    x, t, _ = _case(torch.bfloat16, n=1500, c=100)
+    y = t.argmax(-1)
+
+    def loss(v: Any) -> Any:
+        if kind == "sparse":
+            return ce.sparse_categorical_cross_entropy(v, y, from_logits=True)
+        return ce.categorical_cross_entropy(v, t, from_logits=True)
+
+    want = loss(x)
+    got: list[Any] = []
+
+    def run() -> None:
+        with torch.inference_mode():
+            got.append(loss(x))
+        xg = x.clone().requires_grad_(True)
+        value = loss(xg)
+        value.backward()
+        got.append(value.detach())
+        got.append(xg.grad)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert len(got) == 3
+    assert got[0] == want
+    assert got[1] == want
+    xg = x.clone().requires_grad_(True)
+    loss(xg).backward()
+    torch.testing.assert_close(got[2], xg.grad, rtol=0, atol=0)
