@@ -517,6 +517,8 @@ def categorical(
     ):
         if get_validation() and not _in_unit_interval(target):
             check_in_unit_interval(target, name="target", xp=_torch_namespace())
+        if input.dtype in _LOW and opts.label_smoothing == 0:
+            return _half_result(_soft_half_small(input, target, opts), input)
         xc = input if input.dtype in _HIGH else input.float()
         out = _soft_native(xc, _soft_target(target, xc.dtype, opts), None, opts)
         return out if xc is input else _half_result(out, input)
@@ -574,6 +576,28 @@ def _soft_native(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> Te
     check = out.detach().sum() if opts.reduction == "none" else out
     if math.isnan(check.item()):
         return _soft_guarded(xc, c, w, opts)
+    return out
+
+
+def _soft_half_small(x: Tensor, t: Tensor, opts: CEOptions) -> Tensor:
+    r"""Small half-precision logits (N, C), targets without smoothing or weight:
+    :math:`-\sum_k t_k \log p_k` in float32, reduced as PyTorch's kernel reduces it
+    (``-(log_p * t).sum() / N``, the same bits), from ``log_softmax(x, dtype=float32)`` (the
+    conversion inside it) and the products: fewer operations than a float32 copy and the
+    kernel (a twentieth of a 256 × 100 forward and backward). A NaN result is recomputed by
+    :func:`_soft_guarded`, as :func:`_soft_native` does."""
+    c = t.float() if t.dtype is torch.float64 else t  # half precision: promoted exactly
+    log_p = torch.log_softmax(x, 1, dtype=torch.float32)
+    graph = torch.is_grad_enabled() and (x.requires_grad or c.requires_grad)
+    prod = log_p * c if graph else log_p.mul_(c)
+    reduction = opts.reduction
+    if reduction == "none":
+        out = -prod.sum(1)
+    else:
+        out = -prod.sum() if reduction == "sum" else prod.sum().div(-x.shape[0])
+    check = out.detach().sum() if reduction == "none" else out
+    if math.isnan(check.item()):
+        return _soft_guarded(x.float(), c, None, opts)
     return out
 
 
