@@ -1313,12 +1313,11 @@ class _LowPrecisionCE(torch.autograd.Function):
     r"""Sparse cross-entropy of float16/bfloat16 logits computed in float32, lean in memory.
 
     Forward: :math:`\ell_i = -\log p_{i y_i}` from PyTorch's float32 ``log_softmax`` of
-    row chunks converted into one reused float32 buffer (in cache; no float32 copy of the
+    row chunks converted into one reused float32 buffer, in place (no float32 copy of the
     logits, no log-probabilities kept). A reduced loss that needs a gradient makes it now
-    (see below) from the chunk's ``softmax`` and reads the log-probability off it instead,
-    :math:`\log p_y = (z_y - \max_k z_k) + \log \max_k p_k` (:math:`\max_k p_k =
-    1/\sum_k e^{z_k - \max z}`; two terms of one sign, and ``log_softmax`` computes the same
-    :math:`\log\sum`): one fused pass per chunk instead of two. Saved for backward: the
+    (see below) from the chunk's ``softmax`` and takes the log of its :math:`p_{iy_i}` instead
+    (:func:`_log_of_softmax`: as accurate): one fused pass per chunk instead of two. Saved
+    for backward: the
     half-precision input (the caller's) and the labels. Backward recomputes
     :math:`g = \sigma_i(p - [k = y])` chunk by
     chunk with float32 ``softmax`` and rounds it once to the input dtype (PyTorch's
