@@ -994,7 +994,7 @@ class _Workspace:
     """
 
     _local = threading.local()
-    COUNT = 7
+    COUNT = 6
     SHAPES = 8
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -1095,19 +1095,28 @@ def _binary_chunk(
     """One chunk of :func:`_binary_chunked` in the chunk-sized buffers `bufs`: the sum of its
     losses, or None when they are written into `out`; with `g`, the gradient written into it
     (times `scale`)."""
-    xb, tb, sb, rb, mb, sigb, negb = bufs
+    xb, tb, sb, rb, mb, sigb = bufs[:6]
     cdt = xb.dtype
     xc = x if x.dtype is cdt else xb.copy_(x)
     tc = _smoothed_into(t, cdt, eps, tb)
-    if g is not None:
+    if g is not None:  # the gradient first: its buffers are free for the loss's
         sig = torch.sigmoid(xc, out=g if g.dtype is cdt else sigb)
-        sig_neg = torch.neg(xc, out=negb).sigmoid_()
+        sig_neg = torch.neg(xc, out=rb).sigmoid_()
         neg_s = torch.minimum(sig, sig_neg, out=sb).neg_().log1p_()
+        d = _derivative_into(sig, sig_neg, tc, pos, neg, common)
+        if scale is not None:
+            d.mul_(_constant(scale, d))
+        if d is not g:
+            g.copy_(d)
     else:
         neg_s = torch.abs(xc, out=sb).neg_().sigmoid_().neg_().log1p_()
     relu = torch.clamp_min(xc, 0, out=rb)
+    unit = _is_one(pos) and _is_one(neg)
+    if unit and out is None and _is_one(common):  # the sums of s and of the lerp: one buffer fewer
+        total_s = neg_s.sum()
+        return relu.lerp_(torch.sub(relu, xc, out=sb), tc).sum().sub_(total_s)
     relu_neg = torch.sub(relu, xc, out=mb)
-    if _is_one(pos) and _is_one(neg):  # s + lerp(relu(x), relu(-x), t)
+    if unit:  # s + lerp(relu(x), relu(-x), t)
         loss = relu.lerp_(relu_neg, tc).sub_(neg_s)
     else:  # lerp(neg·sp(x), pos·sp(-x), t), sp(±x) = s + relu(±x): no cancellation
         sp_pos = relu.sub_(neg_s)
@@ -1117,12 +1126,6 @@ def _binary_chunk(
         )
     if not _is_one(common):
         loss.mul_(common)
-    if g is not None:
-        d = _derivative_into(sig, sig_neg, tc, pos, neg, common)
-        if scale is not None:
-            d.mul_(_constant(scale, d))
-        if d is not g:
-            g.copy_(d)
     if out is None:
         return loss.sum()
     out.copy_(loss)
@@ -1157,24 +1160,29 @@ class _BinaryCE(torch.autograd.Function):
         pos, neg, eps, reduction = options
         early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and reduction != "none"
         out, g = _binary_chunked(x, t, pos, neg, eps, reduction, early=early)
-        ctx.save_for_backward(x, t, *(c for c in (pos, neg) if isinstance(c, Tensor)))
-        ctx.coef_is_tensor = (isinstance(pos, Tensor), isinstance(neg, Tensor))
-        ctx.pos = None if isinstance(pos, Tensor) else pos
-        ctx.neg = None if isinstance(neg, Tensor) else neg
+        pos_t, neg_t = isinstance(pos, Tensor), isinstance(neg, Tensor)
+        if pos_t or neg_t:
+            ctx.save_for_backward(x, t, *(c for c in (pos, neg) if isinstance(c, Tensor)))
+        else:
+            ctx.save_for_backward(x, t)
+        ctx.coef_is_tensor = (pos_t, neg_t)
+        ctx.pos = None if pos_t else pos
+        ctx.neg = None if neg_t else neg
         ctx.eps, ctx.reduction, ctx.early = eps, reduction, g
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        nones = (None,)
+        if ctx.early is not None:  # kept with the logits' dtype: the saved tensors stay packed
+            early = _early_gradient(ctx, grad, ctx.early)
+            if early is not None:
+                return (early, None, *nones)
         x, t, *coef_tensors = ctx.saved_tensors
         tensors = iter(coef_tensors)
         pos = next(tensors) if ctx.coef_is_tensor[0] else ctx.pos
         neg = next(tensors) if ctx.coef_is_tensor[1] else ctx.neg
         eps, reduction = ctx.eps, ctx.reduction
-        nones = (None,)
-        early = _early_gradient(ctx, grad, x)
-        if early is not None:
-            return (early, None, *nones)
         cdt = torch.float32 if x.dtype in _LOW else x.dtype
         scale = grad.to(cdt)
         if reduction == "mean" and x.numel():
