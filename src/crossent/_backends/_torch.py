@@ -1103,9 +1103,11 @@ def _binary_chunk(
         sig = torch.sigmoid(xc, out=g if g.dtype is cdt else sigb)
         sig_neg = torch.neg(xc, out=rb).sigmoid_()
         neg_s = torch.minimum(sig, sig_neg, out=sb).neg_().log1p_()
-        d = _derivative_into(sig, sig_neg, tc, pos, neg, common)
+        coef = common  # with the mean's 1/n folded in: one product
         if scale is not None:
-            d.mul_(_constant(scale, d))
+            c_ = _constant(scale, sig)
+            coef = _constant(scale * common, sig) if isinstance(common, float) else common * c_
+        d = _derivative_into(sig, sig_neg, tc, pos, neg, coef)
         if d is not g:
             g.copy_(d)
     else:
