@@ -1104,9 +1104,10 @@ def _binary_chunk(
         sig_neg = torch.neg(xc, out=rb).sigmoid_()
         neg_s = torch.minimum(sig, sig_neg, out=sb).neg_().log1p_()
         coef = common  # with the mean's 1/n folded in: one product
-        if scale is not None:
-            c_ = _constant(scale, sig)
-            coef = _constant(scale * common, sig) if isinstance(common, float) else common * c_
+        if scale is not None and isinstance(common, float):
+            coef = _constant(scale * common, sig)
+        elif scale is not None:
+            coef = common * _constant(scale, sig)
         d = _derivative_into(sig, sig_neg, tc, pos, neg, coef)
         if d is not g:
             g.copy_(d)
