@@ -722,23 +722,23 @@ against 5 µs at 25 600 elements)."""
 
 def _binary_coef(w: object, x: Tensor, cdt: torch.dtype, *, checked: bool) -> Coef | None:
     """`weight` / `pos_weight` as a number or a tensor of dtype `cdt`; None if the generic
-    path must check (or differentiate) it."""
+    path must check (or differentiate) it. `x` is on the CPU (:func:`_host_readable`)."""
     if w is None:
         return 1.0
-    if isinstance(w, bool) or not isinstance(w, int | float | Tensor):
+    if isinstance(w, Tensor):
+        if (
+            w.dtype not in _FLOATS
+            or not w.is_cpu
+            or (w.requires_grad and torch.is_grad_enabled())
+            or not (w.shape == x.shape or _broadcasts(w.shape, x.shape))
+        ):
+            return None
+        if checked and w.numel() and not w.min().item() >= 0:
+            return None  # negative (or NaN): the generic path raises (or propagates)
+        return w if w.dtype is cdt else w.to(cdt)
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
         return None
-    if not isinstance(w, Tensor):
-        return float(w) if w >= 0 else None
-    if (
-        w.dtype not in _FLOATS
-        or w.device != x.device
-        or (w.requires_grad and torch.is_grad_enabled())
-        or not (w.shape == x.shape or _broadcasts(tuple(w.shape), tuple(x.shape)))
-    ):
-        return None
-    if checked and w.numel() and not w.min().item() >= 0:
-        return None  # negative (or NaN): the generic path raises (or propagates)
-    return w if w.dtype is cdt else w.to(cdt)
+    return float(w) if w >= 0 else None
 
 
 def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
@@ -1074,8 +1074,8 @@ def _binary_chunked(
             _binary_chunk(work.views(x_.shape), x_, t_, p_, n_, c_, eps, o_, g_, scale)
             for x_, t_, p_, n_, c_, o_, g_ in _binary_parts(x, t, pos, neg, common, out, g)
         ]
-        total = None if out is not None else torch.stack(sums).sum()
-    if total is None:
+        total = sums[0] if out is not None else torch.stack(sums).sum()
+    if out is not None:
         return out, g
     return (total.div_(_constant(float(n), total)) if reduction == "mean" else total), g
 
@@ -1091,9 +1091,9 @@ def _binary_chunk(
     out: Tensor | None,
     g: Tensor | None,
     scale: float | None,
-) -> Tensor | None:
+) -> Tensor:
     """One chunk of :func:`_binary_chunked` in the chunk-sized buffers `bufs`: the sum of its
-    losses, or None when they are written into `out`; with `g`, the gradient written into it
+    losses, or `out` with the losses written into it; with `g`, the gradient written into it
     (times `scale`)."""
     xb, tb, sb, rb, mb, sigb = bufs[:6]
     cdt = xb.dtype
@@ -1131,8 +1131,7 @@ def _binary_chunk(
         loss.mul_(common)
     if out is None:
         return loss.sum()
-    out.copy_(loss)
-    return None
+    return out.copy_(loss)
 
 
 class _BinaryCE(torch.autograd.Function):
