@@ -1162,29 +1162,24 @@ class _BinaryCE(torch.autograd.Function):
         pos, neg, eps, reduction = options
         early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and reduction != "none"
         out, g = _binary_chunked(x, t, pos, neg, eps, reduction, early=early)
-        pos_t, neg_t = isinstance(pos, Tensor), isinstance(neg, Tensor)
-        if pos_t or neg_t:
-            ctx.save_for_backward(x, t, *(c for c in (pos, neg) if isinstance(c, Tensor)))
-        else:
-            ctx.save_for_backward(x, t)
-        ctx.coef_is_tensor = (pos_t, neg_t)
-        ctx.pos = None if pos_t else pos
-        ctx.neg = None if neg_t else neg
+        ctx.save_for_backward(x, t, *(c for c in (pos, neg) if isinstance(c, Tensor)))
+        ctx.coef_is_tensor = (isinstance(pos, Tensor), isinstance(neg, Tensor))
+        ctx.pos = None if isinstance(pos, Tensor) else pos
+        ctx.neg = None if isinstance(neg, Tensor) else neg
         ctx.eps, ctx.reduction, ctx.early = eps, reduction, g
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        nones = (None,)
-        if ctx.early is not None:  # kept with the logits' dtype: the saved tensors stay packed
-            early = _early_gradient(ctx, grad, ctx.early)
-            if early is not None:
-                return (early, None, *nones)
         x, t, *coef_tensors = ctx.saved_tensors
         tensors = iter(coef_tensors)
         pos = next(tensors) if ctx.coef_is_tensor[0] else ctx.pos
         neg = next(tensors) if ctx.coef_is_tensor[1] else ctx.neg
         eps, reduction = ctx.eps, ctx.reduction
+        nones = (None,)
+        early = _early_gradient(ctx, grad, x)
+        if early is not None:
+            return (early, None, *nones)
         cdt = torch.float32 if x.dtype in _LOW else x.dtype
         scale = grad.to(cdt)
         if reduction == "mean" and x.numel():
