@@ -81,7 +81,7 @@ def test_binary_small_losses_keep_their_value() -> None:
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
-@pytest.mark.parametrize("rows", [7, 30000])  # one chunk / several chunks and a partial one
+@pytest.mark.parametrize("rows", [7, 2000, 30000])  # small path / one chunk / several, one partial
 def test_binary_with_logits_matches_torch(reduction: str, smoothing: float, rows: int) -> None:
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(rows, 5, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
@@ -225,7 +225,7 @@ _WEIGHT_SHAPES = {
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", ["per-label", "per-row", "full", "numbers"])
-@pytest.mark.parametrize("rows", [7, 20000])  # softplus + autograd / two chunks, one partial
+@pytest.mark.parametrize("rows", [7, 2000, 20000])  # small path / one chunk / two, one partial
 def test_binary_weighted_matches_torch(reduction: str, shape: str, rows: int) -> None:
     torch.manual_seed(4)
     w, pw = _WEIGHT_SHAPES[shape](rows, 5)

@@ -53,6 +53,7 @@ from crossent._lib._xp import (
 )
 from crossent._losses._common import clamped_log, focal_factor, log_prob, reduce_loss
 from crossent._losses._options import make_options
+from crossent._losses._sparse import plain_logits_options
 
 __all__ = ["binary_cross_entropy"]
 
@@ -467,10 +468,16 @@ def binary_cross_entropy(
     """
     if is_torch_tensor(input):
         torch_binary = _TORCH_BINARY[0] if _TORCH_BINARY else _torch_binary()
-        opts = make_options(
-            from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
-            reduction=reduction, alpha=alpha,
-        )  # fmt: skip
+        opts = (  # the plain call's options without building their key
+            plain_logits_options(from_logits, reduction, label_smoothing, gamma)
+            if alpha is None
+            else None
+        )
+        if opts is None:
+            opts = make_options(
+                from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
+                reduction=reduction, alpha=alpha,
+            )  # fmt: skip
         out = torch_binary(input, target, weight, pos_weight, opts.label_smoothing, opts)
         if out is not None:
             return out
