@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import pickle
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -626,12 +626,29 @@ def test_column_argmax_is_numpys_argmax(classes: int) -> None:
     np.testing.assert_array_equal(got, x.argmax(axis=1))
 
 
-@pytest.mark.parametrize("size", [0, 7, 64 * 15 - 1, 64 * 15, 64 * 15 + 5, 10_003])
-def test_bincount_over_lanes_is_numpys(size: int) -> None:
-    # many values per bin go to interleaved counters; the counts are numpy's, whatever
-    # the size (a tail of fewer than COUNT_LANES values, runs of one bin)
+@pytest.mark.parametrize("length", [15, 4096])
+@pytest.mark.parametrize("size", [0, 7, 64 * 15 + 5, 10_003, 2 * 131_072 + 3])
+def test_bincount_over_lanes_is_numpys(size: int, length: int) -> None:
+    # many values per bin go to interleaved counters (few bins) or one set (many); the
+    # counts are numpy's, whatever the size (several blocks, runs of one bin)
     rng = np.random.default_rng(size)
-    idx = np.where(rng.random(size) < 0.8, 0, rng.integers(0, 15, size))
-    got = F._bincount(idx, 15)
+    idx = np.where(rng.random(size) < 0.8, 0, rng.integers(0, length, size))
+    got = F._bincount(idx, length)
     assert got.dtype == np.int64
-    np.testing.assert_array_equal(got, np.bincount(idx, minlength=15))
+    np.testing.assert_array_equal(got, np.bincount(idx, minlength=length))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_width_bin_in_work_arrays_is_the_floor_rule(order: Literal["C", "F"]) -> None:
+    # floor(conf * B) up to B - 1, in the layout asked for, the same in a kept work array
+    # (twice: the second call reuses it) as in new arrays; out-of-range values (only with
+    # value checks off) in the end bins
+    rng = np.random.default_rng(3)
+    conf = rng.random((50, 7))
+    conf[0, :3] = [1.0, -0.25, 1.5]
+    want = np.minimum(np.floor(np.clip(conf, 0, None) * 15), 14).astype(np.int64)
+    for work in (None, "test", "test"):
+        got = F._width_bin(conf, 15, order=order, work=work)
+        assert got.dtype == np.int64
+        assert got.flags.f_contiguous if order == "F" else got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
