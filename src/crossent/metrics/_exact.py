@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ExactSum", "Runs", "add_to_each", "laned", "lanes_for"]
+__all__ = ["ExactSum", "Runs", "add_to_each", "lane_scratch", "laned", "lanes_for"]
 
 _BASE = -1138  # exponent of digit 0's lowest bit: below 2**-1126, the lowest mantissa bit
 _DIGIT = 32
@@ -643,7 +643,7 @@ class _Pending:
             return
         if self.runs is not None:  # the values picked from the runs (see `pick`)
             high, low, where = high[self.picked], low[self.picked], where[self.picked]
-        where = laned(where, self.size, self.lanes)
+        where = laned(where, self.size, self.lanes, out=lane_scratch(where.size))
         np.add.at(sums[0], where, high)
         np.add.at(sums[1], where, low)
 
@@ -748,7 +748,7 @@ def lanes_for(size: int) -> int:
 _OFFSETS: dict[tuple[int, int], np.ndarray] = {}
 
 
-def laned(where: np.ndarray, size: int, lanes: int) -> np.ndarray:
+def laned(where: np.ndarray, size: int, lanes: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """Flat indices into ``lanes`` copies of `size` elements: value i goes to copy ``i % lanes``.
 
     ``np.add.at`` adds the values of one element one after the other, each
@@ -756,7 +756,8 @@ def laned(where: np.ndarray, size: int, lanes: int) -> np.ndarray:
     (a column of probabilities, most of them in the first calibration bin)
     is three times slower than values spread over elements. Spread over
     lanes, the additions of one element form independent chains. For at
-    most ``_BLOCK`` values.
+    most ``_BLOCK`` values; written into `out` (int64, as many) when given,
+    such as :func:`lane_scratch`'s.
     """
     if lanes == 1:
         return where
@@ -766,10 +767,19 @@ def laned(where: np.ndarray, size: int, lanes: int) -> np.ndarray:
             _OFFSETS.clear()
         offsets = np.arange(_BLOCK, dtype=np.int64) % lanes * size
         _OFFSETS[size, lanes] = offsets
-    return where + offsets[: where.size]
+    return np.add(where, offsets[: where.size], out=out)
 
 
 _SCRATCH = threading.local()
+
+
+def lane_scratch(size: int) -> np.ndarray:
+    """An int64 work array of `size` (at most ``_BLOCK``) for :func:`laned`, kept per
+    thread: valid until the next call in this thread."""
+    held = getattr(_SCRATCH, "index", None)
+    if held is None:
+        held = _SCRATCH.index = np.empty(_BLOCK, dtype=np.int64)
+    return held[:size]
 
 
 def _scratch(size: int) -> tuple[np.ndarray, ...]:

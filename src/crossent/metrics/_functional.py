@@ -62,6 +62,7 @@ from crossent.metrics._exact import (
     Runs,
     Target,
     add_to_each,
+    lane_scratch,
     laned,
     lanes_for,
 )
@@ -324,8 +325,9 @@ def _row_stats(
     }
     if need_probs:
         out["probs"] = to_numpy(probs, dtype=np.float64)
-        # exp of anything: no probability below 0 (nor above its row's `conf`)
-        out["probs_from_exp"] = np.asarray(input_kind != "probs")
+        # exp of anything, or checked probabilities: none below 0 nor above its row's `conf`
+        bounded = input_kind != "probs" or _checks.values_checked(x)
+        out["probs_bounded"] = np.asarray(bounded)
     out["num_classes"] = np.asarray(num_classes)
     return out
 
@@ -371,9 +373,11 @@ def _numpy_prob_rows(
         log_p_y = np.log(p_y)
     clamped = log_p_y < LOG_P_FLOOR
     log_p_y[clamped] = LOG_P_FLOOR
-    d = x.copy(order=order)
-    d.ravel(order=order)[at] -= 1  # a view: d is contiguous in that order
-    np.square(d, out=d)
+    # (p_k − 1[k = y])²: p² everywhere, then the labels' entries (a view: d is contiguous
+    # in that order)
+    d = _work("brier", (n, c), np.float64, order)
+    np.square(x, out=d)
+    d.ravel(order=order)[at] = np.square(p_y - 1)
     out = {
         "label": labels,
         "nll": np.asarray(-log_p_y, dtype=np.float64),
@@ -385,6 +389,7 @@ def _numpy_prob_rows(
     }
     if need_probs:
         out["probs"] = np.asarray(x, dtype=np.float64, order="K")
+        out["probs_bounded"] = np.asarray(checked)  # checked: each in [0, its row's max]
     return out
 
 
@@ -679,12 +684,13 @@ def _bincount(idx: np.ndarray, length: int) -> np.ndarray:
     lanes = lanes_for(length)
     count = np.zeros(lanes * length, dtype=np.int64)
     for start in range(0, idx.size, LANE_BLOCK):
-        np.add.at(count, laned(idx[start : start + LANE_BLOCK], length, lanes), 1)
+        part = idx[start : start + LANE_BLOCK]
+        np.add.at(count, laned(part, length, lanes, out=lane_scratch(part.size)), 1)
     return count.reshape(lanes, length).sum(axis=0)
 
 
 #: large work arrays of the calibration bins are kept per thread up to this many elements
-WORK_ELEMENTS = 1 << 22
+WORK_ELEMENTS = 1 << 20
 _WORK = threading.local()
 
 
@@ -781,9 +787,9 @@ def _calibration_update(
     conf, order, hits = _calibration_pairs(rows, kind)
     flat_conf = conf.ravel(order=order)
     bounds = None
-    if kind == "classwise" and bool(rows.get("probs_from_exp", False)) and conf.size:
-        # certain bounds of the probabilities (exp >= 0, each at most its row's max), so
-        # the exact sums skip a min and a max over all of them
+    if kind == "classwise" and bool(rows.get("probs_bounded", False)) and conf.size:
+        # certain bounds of the probabilities (each in [0, its row's max]), so the exact
+        # sums skip a min and a max over all of them
         top = rows["conf"] if bool(np.all(~rows["nan"])) else rows["conf"][~rows["nan"]]
         bounds = (0.0, float(top.max()))
 
