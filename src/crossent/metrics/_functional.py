@@ -375,7 +375,7 @@ def _numpy_prob_rows(
     log_p_y[clamped] = LOG_P_FLOOR
     # (p_k − 1[k = y])²: p² everywhere, then the labels' entries (a view: d is contiguous
     # in that order)
-    d = _work("brier", (n, c), np.float64, order)
+    d = _work("floats", (n, c), np.float64, order)  # used up before this returns
     np.square(x, out=d)
     d.ravel(order=order)[at] = np.square(p_y - 1)
     out = {
@@ -617,7 +617,10 @@ def _per_class_update(
 ) -> State:
     num_classes = state["class_count"].size
     labels, valid = rows["label"], ~rows["nan"]
-    hit = valid & (rows["pred"] == labels)
+    every_row = bool(valid.all())
+    hit = rows["pred"] == labels
+    if not every_row:
+        hit &= valid
     count = np.bincount(labels, minlength=num_classes).astype(np.int64, copy=False)
     most = int(count.max(initial=0))
     return _add_batch(
@@ -629,9 +632,10 @@ def _per_class_update(
             "class_correct": np.bincount(np.compress(hit, labels), minlength=num_classes).astype(
                 np.int64
             ),
-            "class_predicted": np.bincount(rows["pred"][valid], minlength=num_classes).astype(
-                np.int64
-            ),
+            "class_predicted": np.bincount(
+                rows["pred"] if every_row else np.compress(valid, rows["pred"]),
+                minlength=num_classes,
+            ).astype(np.int64),
         },
         defer,
     )
@@ -720,13 +724,15 @@ def _width_bin(
 
     A value below 0 (only when value checks are off) is in the first bin, as
     one above 1 is in the last. The result is laid out in `order`; with
-    `work`, it is a work array of that name (see :func:`_work`).
+    `work`, it is a work array of that name (see :func:`_work`), and the
+    products are computed in the thread's float work array "floats" (which
+    holds nothing between calls).
     """
     shape: tuple[int, ...] = np.shape(conf)
     if work is None:
         t, out = np.empty(shape, order=order), np.empty(shape, dtype=np.int64, order=order)
     else:
-        t = _work(work, shape, np.float64, order)
+        t = _work("floats", shape, np.float64, order)  # used up before this returns
         out = _work(work, shape, np.int64, order)
     np.multiply(conf, bins, out=t)
     np.clip(t, 0, bins - 1, out=t)
@@ -735,14 +741,26 @@ def _width_bin(
 
 
 def _fine_bin(conf: np.ndarray) -> np.ndarray:
-    """Fine bin of each confidence, equal-width in log-odds over ±FINE_LOGIT_RANGE."""
-    c = np.clip(conf, 0.0, 1.0)
+    """Fine bin of each confidence, equal-width in log-odds over ±FINE_LOGIT_RANGE.
+
+    ``floor((clip(log c − log1p(−c), ±R) + R) / 2R · FINE_BINS)`` up to
+    ``FINE_BINS − 1``, c = clip(conf, 0, 1), each step in place (the floor is
+    the truncation of a value >= 0).
+    """
+    r = FINE_LOGIT_RANGE
+    t = np.clip(conf, 0.0, 1.0)
+    rest = np.negative(t)
     with np.errstate(divide="ignore"):
-        logit = np.log(c) - np.log1p(-c)
-    t = (np.clip(logit, -FINE_LOGIT_RANGE, FINE_LOGIT_RANGE) + FINE_LOGIT_RANGE) / (
-        2 * FINE_LOGIT_RANGE
-    )
-    return np.minimum(np.floor(t * FINE_BINS).astype(np.int64), FINE_BINS - 1)
+        np.log1p(rest, out=rest)
+        np.log(t, out=t)
+    np.subtract(t, rest, out=t)  # the log-odds
+    np.clip(t, -r, r, out=t)
+    t += r
+    t /= 2 * r
+    t *= FINE_BINS
+    out = t.astype(np.int64)
+    np.minimum(out, FINE_BINS - 1, out=out)
+    return out
 
 
 def _calibration_pairs(
