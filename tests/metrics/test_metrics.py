@@ -652,3 +652,29 @@ def test_width_bin_in_work_arrays_is_the_floor_rule(order: Literal["C", "F"]) ->
         assert got.dtype == np.int64
         assert got.flags.f_contiguous if order == "F" else got.flags.c_contiguous
         np.testing.assert_array_equal(got, want)
+
+
+def test_fine_bin_in_place_is_the_log_odds_rule() -> None:
+    # the in-place steps give the bins of the formula written out, bit for bit: at 0 and 1,
+    # past the log-odds range, beyond [0, 1] (value checks off), and on a log-odds grid
+    r = F.FINE_LOGIT_RANGE
+    rng = np.random.default_rng(5)
+    conf = np.concatenate(
+        [
+            rng.random(20_000),
+            rng.random(2_000) ** 30,
+            1 - rng.random(2_000) ** 30,
+            [0.0, 1.0, 5e-324, 0.5, np.nextafter(1.0, 0.0), -0.1, 1.2],
+            1 / (1 + np.exp(-np.linspace(-20, 20, 20_001))),
+        ]
+    )
+    c = np.clip(conf, 0.0, 1.0)
+    with np.errstate(divide="ignore"):
+        logit = np.log(c) - np.log1p(-c)
+    t = (np.clip(logit, -r, r) + r) / (2 * r)
+    want = np.minimum(np.floor(t * F.FINE_BINS).astype(np.int64), F.FINE_BINS - 1)
+    got = F._fine_bin(conf[:, None])
+    assert got.shape == (conf.size, 1)
+    np.testing.assert_array_equal(got[:, 0], want)
+    assert got.min() == 0
+    assert got.max() == F.FINE_BINS - 1
