@@ -103,6 +103,11 @@ def open_table(
         raise CLIError(msg) from exc
 
 
+def _import_metrics() -> None:
+    """Import the metrics that will score the batches, while the first one is read."""
+    importlib.import_module("crossent.metrics")
+
+
 def read_batches(table: Table) -> Iterator[Batch]:
     """The table's batches, checked: every row read, the file unchanged at the end.
 
@@ -115,7 +120,7 @@ def read_batches(table: Table) -> Iterator[Batch]:
     """
     rows = 0
     try:
-        for batch in prefetched(table.batches):
+        for batch in prefetched(table.batches, meanwhile=_import_metrics):
             rows += batch.data.num_rows
             yield batch
     except CLIError:
