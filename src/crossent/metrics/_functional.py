@@ -62,7 +62,6 @@ from crossent.metrics._exact import (
     Runs,
     Target,
     add_to_each,
-    lane_scratch,
     laned,
     lanes_for,
 )
@@ -459,6 +458,7 @@ class _Terms(NamedTuple):
     most: int | None = None
     runs: Runs | None = None
     bounds: tuple[float, float] | None = None  # certain finite (low, high) of the values
+    spread: np.ndarray | None = None  # `at` over the lanes of the exact sum, if made already
 
 
 Deferred = list[tuple[ExactSum, _Terms]]
@@ -493,7 +493,7 @@ def _add_terms(adds: Deferred) -> None:
     shared: dict[int, tuple[_Terms, list[Target]]] = {}
     for target, terms in adds:  # alive in `adds`: no id is reused while grouping
         entry = shared.setdefault(id(terms.values), (terms, []))
-        entry[1].append((target, terms.at, terms.most, terms.runs))
+        entry[1].append((target, terms.at, terms.most, terms.runs, terms.spread))
     for terms, targets in shared.values():
         add_to_each(terms.values, targets, bounds=terms.bounds)
 
@@ -674,22 +674,41 @@ def _calibration_init(groups: int, bins: int, *, fine: bool = True) -> State:
     return state
 
 
-def _bincount(idx: np.ndarray, length: int) -> np.ndarray:
+def _laned_index(idx: np.ndarray, length: int, *, work: str | None = None) -> np.ndarray:
+    """`idx` (int64, indices in [0, `length`)) spread over ``lanes_for(length)`` copies of
+    the `length` elements: value i goes to copy ``i % lanes``, as
+    :func:`~crossent.metrics._exact.laned` spreads each block of an exact sum (blocks
+    start at multiples of the lanes), so one such index serves the counts and the exact
+    sums of the same values. `idx` itself for one lane; with `work`, a work array of
+    that name (see :func:`_work`).
+    """
+    lanes = lanes_for(length)
+    if lanes == 1:
+        return idx
+    out = _work(work, idx.shape, np.int64, "C") if work else np.empty(idx.size, np.int64)
+    for start in range(0, idx.size, LANE_BLOCK):
+        part = slice(start, start + LANE_BLOCK)
+        laned(idx[part], length, lanes, out=out[part])
+    return out
+
+
+def _bincount(idx: np.ndarray, length: int, *, spread: np.ndarray | None = None) -> np.ndarray:
     """``np.bincount(idx, minlength=length)`` as int64, for indices in [0, `length`).
 
     ``np.add.at`` of ones into int64 counters, in blocks, over ``lanes_for``
-    interleaved copies of the counters (value i of a block is counted in copy
-    ``i % lanes``), then the copies are added: with many values per bin (a
+    interleaved copies of the counters (`spread`: :func:`_laned_index` of `idx`, made
+    here if not given), then the copies are added: with many values per bin (a
     column of probabilities, most of them in the first calibration bin), one
     counter incremented again and again waits on itself. Half the time of
     ``np.bincount`` (which also finds the min and max first) at 65536 x 10
     into 150 bins.
     """
     lanes = lanes_for(length)
+    if spread is None:
+        spread = _laned_index(idx, length)
     count = np.zeros(lanes * length, dtype=np.int64)
-    for start in range(0, idx.size, LANE_BLOCK):
-        part = idx[start : start + LANE_BLOCK]
-        np.add.at(count, laned(part, length, lanes, out=lane_scratch(part.size)), 1)
+    for start in range(0, spread.size, LANE_BLOCK):
+        np.add.at(count, spread[start : start + LANE_BLOCK], 1)
     return count.reshape(lanes, length).sum(axis=0)
 
 
@@ -819,11 +838,13 @@ def _calibration_update(
             idx += np.arange(groups, dtype=np.int64) * width
         idx = idx.ravel(order=order)
         length, shape = groups * width, (groups, width)
-        count = _bincount(idx, length)
+        # one laned index for the counts and the exact sums
+        spread = _laned_index(idx, length, work=f"{kind} {width}")
+        count = _bincount(idx, length, spread=spread)
         most = int(count.max(initial=0))
         return (
             count.reshape(shape),
-            _Terms(flat_conf, idx, most, _runs(count.reshape(shape), order), bounds),
+            _Terms(flat_conf, idx, most, _runs(count.reshape(shape), order), bounds, spread),
             np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64),
         )
 
