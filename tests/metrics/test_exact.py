@@ -552,6 +552,11 @@ def test_indices_laned_by_the_caller_give_the_same_exact_sums(special: bool) -> 
     add_to_each(values, [(plain, index, most)])
     got = laned.value()
     np.testing.assert_array_equal(_bits(got), _bits(plain.value()))
+    # any lane of the element will do: the lanes of an element are added exactly
+    other = ExactSum.zeros((size,))
+    shuffled = index + rng.integers(0, lanes_for(size), n) * size
+    add_to_each(values, [(other, index, most, None, shuffled)])
+    np.testing.assert_array_equal(_bits(other.value()), _bits(got))
     for k in (0, 1, size - 1):
         if not special or k != index[5]:
             assert got[k] == math.fsum(values[index == k].tolist())

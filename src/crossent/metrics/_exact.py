@@ -55,7 +55,7 @@ from typing import Any, cast
 
 import numpy as np
 
-__all__ = ["ExactSum", "Runs", "add_to_each", "lane_scratch", "laned", "lanes_for"]
+__all__ = ["ExactSum", "Runs", "add_to_each", "laned", "lanes_for"]
 
 _BASE = -1138  # exponent of digit 0's lowest bit: below 2**-1126, the lowest mantissa bit
 _DIGIT = 32
@@ -381,7 +381,8 @@ def add_to_each(
 ) -> None:
     """Add the same `values` to each of `targets`: (sum, flat indices or None, `most`),
     optionally followed by :class:`Runs` (or None) and by the indices already spread over
-    the sum's lanes (:func:`laned` of each block, as the caller has them for its counts).
+    the sum's ``lanes_for(size)`` lanes (``index + lane * size``, any lane: the caller's
+    :func:`laned` indices, made for its counts, save making them again).
 
     `bounds`, when the caller knows them for certain, are finite ``(low, high)``
     with every value in [low, high] (NaN excluded): the blocks then skip their
@@ -444,9 +445,7 @@ def add_to_each(
             ]
             for pending, run, spread in zip(pendings, runs, spreads, strict=True):
                 pending.runs = None if run is None else (run, start)
-                # the caller's laned indices hold while blocks start at multiples of the lanes
-                aligned = spread is not None and block % pending.lanes == 0
-                pending.spread = spread[part] if spread is not None and aligned else None
+                pending.spread = None if spread is None else spread[part]
             rest, rest_index = _add_block(values[part], each, level, bounds)
             if rest.size:
                 left.append(rest)
@@ -661,11 +660,11 @@ class _Pending:
             return
         if self.runs is not None:  # the values picked from the runs (see `pick`)
             high, low, where = high[self.picked], low[self.picked], where[self.picked]
-            where = laned(where, self.size, self.lanes, out=lane_scratch(where.size))
+            where = laned(where, self.size, self.lanes, out=_lane_scratch(where.size))
         elif self.spread is not None:  # laned by the caller
             where = self.spread
         else:
-            where = laned(where, self.size, self.lanes, out=lane_scratch(where.size))
+            where = laned(where, self.size, self.lanes, out=_lane_scratch(where.size))
         np.add.at(sums[0], where, high)
         np.add.at(sums[1], where, low)
 
@@ -779,7 +778,7 @@ def laned(where: np.ndarray, size: int, lanes: int, *, out: np.ndarray | None = 
     is three times slower than values spread over elements. Spread over
     lanes, the additions of one element form independent chains. For at
     most ``_BLOCK`` values; written into `out` (int64, as many) when given,
-    such as :func:`lane_scratch`'s.
+    such as :func:`_lane_scratch`'s.
     """
     if lanes == 1:
         return where
@@ -795,7 +794,7 @@ def laned(where: np.ndarray, size: int, lanes: int, *, out: np.ndarray | None = 
 _SCRATCH = threading.local()
 
 
-def lane_scratch(size: int) -> np.ndarray:
+def _lane_scratch(size: int) -> np.ndarray:
     """An int64 work array of `size` (at most ``_BLOCK``) for :func:`laned`, kept per
     thread: valid until the next call in this thread."""
     held = getattr(_SCRATCH, "index", None)

@@ -676,11 +676,10 @@ def _calibration_init(groups: int, bins: int, *, fine: bool = True) -> State:
 
 def _laned_index(idx: np.ndarray, length: int, *, work: str | None = None) -> np.ndarray:
     """`idx` (int64, indices in [0, `length`)) spread over ``lanes_for(length)`` copies of
-    the `length` elements: value i goes to copy ``i % lanes``, as
-    :func:`~crossent.metrics._exact.laned` spreads each block of an exact sum (blocks
-    start at multiples of the lanes), so one such index serves the counts and the exact
-    sums of the same values. `idx` itself for one lane; with `work`, a work array of
-    that name (see :func:`_work`).
+    the `length` elements: value i goes to copy ``i % lanes`` (see
+    :func:`~crossent.metrics._exact.laned`), so one such index serves the counts and the
+    exact sums of the same values. `idx` itself for one lane; with `work`, a work array
+    of that name (see :func:`_work`).
     """
     lanes = lanes_for(length)
     if lanes == 1:
