@@ -678,3 +678,14 @@ def test_fine_bin_in_place_is_the_log_odds_rule() -> None:
     np.testing.assert_array_equal(got[:, 0], want)
     assert got.min() == 0
     assert got.max() == F.FINE_BINS - 1
+
+
+def test_a_negative_probability_is_found_past_a_nan_row() -> None:
+    # a row whose only fault is a value below 0 (its max and sum are fine), after a NaN row
+    # (which propagates): the whole-batch minimum skips NaN, then the row is named
+    p = np.asfortranarray([[np.nan, 0.5, 0.5], [0.2, 0.3, 0.5], [0.6, 0.5, -0.1]])
+    with pytest.raises(BadRowError, match=r"row 2 .*-0\.1 outside \[0, 1\]") as info:
+        ClassificationMetrics(input_kind="probs").update(p, np.array([0, 1, 2]))
+    assert info.value.row == 2
+    ok = ClassificationMetrics(input_kind="probs").update(p[:2], np.array([0, 1])).compute()
+    assert math.isnan(ok["log_loss_nats"])

@@ -359,7 +359,9 @@ def _numpy_prob_rows(
     conf = x.max(axis=1)
     total = _column_sum(x) if columns else x.sum(axis=1)
     if checked and n:
-        outside = (x.min(axis=1) < 0) | (conf > 1)
+        outside = conf > 1
+        if np.fmin.reduce(x.ravel(order=order)) < 0:  # (NaN ignored) then find the rows
+            outside |= x.min(axis=1) < 0
         hits = np.flatnonzero(outside | (np.abs(total - 1) > tol))
         if hits.size:
             _raise_bad_distribution(x, total, outside, int(hits[0]), input_kind="probs", tol=tol)
