@@ -623,12 +623,13 @@ def _per_class_update(
     hit = rows["pred"] == labels
     if not every_row:
         hit &= valid
-    count = np.bincount(labels, minlength=num_classes).astype(np.int64, copy=False)
+    spread = _laned_index(labels, num_classes)  # for the counts and the exact sums
+    count = _bincount(labels, num_classes, spread=spread)
     most = int(count.max(initial=0))
     return _add_batch(
         state,
         {
-            "class_nll": _Terms(rows["nll"], labels, most),
+            "class_nll": _Terms(rows["nll"], labels, most, spread=spread),
             "class_count": count,
             # np.compress: a boolean subscript of a random mask is 10x slower
             "class_correct": np.bincount(np.compress(hit, labels), minlength=num_classes).astype(
