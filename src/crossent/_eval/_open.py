@@ -104,8 +104,10 @@ def open_table(
 
 
 def _import_metrics() -> None:
-    """Import the metrics that will score the batches, while the first one is read."""
+    """Import the metrics that will score the batches and the summary of their figures,
+    while the first batch is read."""
     importlib.import_module("crossent.metrics")
+    importlib.import_module("crossent._report")
 
 
 def read_batches(table: Table) -> Iterator[Batch]:
