@@ -58,18 +58,25 @@ class _FloatSum:
         return self.total.ndim
 
     def add(
-        self, values: np.ndarray, index: np.ndarray | None = None, *, most: int | None = None
+        self,
+        values: np.ndarray,
+        index: np.ndarray | None = None,
+        *,
+        most: int | None = None,
+        spread: np.ndarray | None = None,
     ) -> _FloatSum:
         if index is None:
             self.total = self.total + np.sum(values, dtype=np.float64)
             return self
-        # np.add.at (faster than np.bincount in NumPy 2) over the lanes ExactSum uses
+        # np.add.at (faster than np.bincount in NumPy 2) over the lanes ExactSum uses (the
+        # caller's laned indices when it has them, as ExactSum takes them)
         size = self.total.size
         lanes = lanes_for(size)
         summed = np.zeros(lanes * size)
         for start in range(0, values.size, BLOCK):
             part = slice(start, start + BLOCK)
-            np.add.at(summed, laned(index[part], size, lanes), values[part])
+            where = laned(index[part], size, lanes) if spread is None else spread[part]
+            np.add.at(summed, where, values[part])
         self.total = self.total + summed.reshape(lanes, size).sum(axis=0).reshape(self.shape)
         return self
 
@@ -98,9 +105,10 @@ class _FloatSum:
 def _add_each(values: np.ndarray, targets: list[Any], *, bounds: Any = None) -> None:
     """The float64 counterpart of ``add_to_each``: each target on its own (every value
     scattered: the hints of the exact sums, :class:`~crossent.metrics._exact.Runs` and
-    `bounds`, are of no use to it)."""
-    for target, index, most, *_ in targets:
-        target.add(values, index, most=most)
+    `bounds`, are of no use to it; the indices the caller already laned are)."""
+    for target, index, most, *hint in targets:
+        spread = hint[1] if len(hint) > 1 and lanes_for(target.total.size) > 1 else None
+        target.add(values, index, most=most, spread=spread)
 
 
 @contextlib.contextmanager

@@ -117,6 +117,34 @@ def test_the_reader_stays_at_most_depth_items_ahead() -> None:
     stream.close()  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("depth", [0, 2])
+def test_meanwhile_runs_once_in_the_callers_thread_while_the_first_item_is_read(
+    depth: int,
+) -> None:
+    # with a reader thread, `meanwhile` overlaps the first read (the reader is already
+    # inside it); without one, it runs before the first item is made
+    events: list[tuple[str, str]] = []
+    reading = threading.Event()
+
+    def items() -> Any:
+        events.append(("read", threading.current_thread().name))
+        reading.set()
+        yield from range(3)
+
+    def meanwhile() -> None:
+        if depth:
+            assert reading.wait(5)
+        events.append(("meanwhile", threading.current_thread().name))
+
+    got = list(_prefetch.prefetched(items, depth=depth, meanwhile=meanwhile))
+    assert got == [0, 1, 2]
+    here = threading.current_thread().name
+    if depth:
+        assert events == [("read", "crossent-eval-reader"), ("meanwhile", here)]
+    else:
+        assert events == [("meanwhile", here), ("read", here)]
+
+
 # ------------------------------------------------------------------ same figures, same errors
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import pickle
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -626,12 +626,66 @@ def test_column_argmax_is_numpys_argmax(classes: int) -> None:
     np.testing.assert_array_equal(got, x.argmax(axis=1))
 
 
-@pytest.mark.parametrize("size", [0, 7, 64 * 15 - 1, 64 * 15, 64 * 15 + 5, 10_003])
-def test_bincount_over_lanes_is_numpys(size: int) -> None:
-    # many values per bin go to interleaved counters; the counts are numpy's, whatever
-    # the size (a tail of fewer than COUNT_LANES values, runs of one bin)
+@pytest.mark.parametrize("length", [15, 4096])
+@pytest.mark.parametrize("size", [0, 7, 64 * 15 + 5, 10_003, 2 * 131_072 + 3])
+def test_bincount_over_lanes_is_numpys(size: int, length: int) -> None:
+    # many values per bin go to interleaved counters (few bins) or one set (many); the
+    # counts are numpy's, whatever the size (several blocks, runs of one bin)
     rng = np.random.default_rng(size)
-    idx = np.where(rng.random(size) < 0.8, 0, rng.integers(0, 15, size))
-    got = F._bincount(idx, 15)
+    idx = np.where(rng.random(size) < 0.8, 0, rng.integers(0, length, size))
+    got = F._bincount(idx, length)
     assert got.dtype == np.int64
-    np.testing.assert_array_equal(got, np.bincount(idx, minlength=15))
+    np.testing.assert_array_equal(got, np.bincount(idx, minlength=length))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_width_bin_in_work_arrays_is_the_floor_rule(order: Literal["C", "F"]) -> None:
+    # floor(conf * B) up to B - 1, in the layout asked for, the same in a kept work array
+    # (twice: the second call reuses it) as in new arrays; out-of-range values (only with
+    # value checks off) in the end bins
+    rng = np.random.default_rng(3)
+    conf = rng.random((50, 7))
+    conf[0, :3] = [1.0, -0.25, 1.5]
+    want = np.minimum(np.floor(np.clip(conf, 0, None) * 15), 14).astype(np.int64)
+    for work in (None, "test", "test"):
+        got = F._width_bin(conf, 15, order=order, work=work)
+        assert got.dtype == np.int64
+        assert got.flags.f_contiguous if order == "F" else got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+
+
+def test_fine_bin_in_place_is_the_log_odds_rule() -> None:
+    # the in-place steps give the bins of the formula written out, bit for bit: at 0 and 1,
+    # past the log-odds range, beyond [0, 1] (value checks off), and on a log-odds grid
+    r = F.FINE_LOGIT_RANGE
+    rng = np.random.default_rng(5)
+    conf = np.concatenate(
+        [
+            rng.random(20_000),
+            rng.random(2_000) ** 30,
+            1 - rng.random(2_000) ** 30,
+            [0.0, 1.0, 5e-324, 0.5, np.nextafter(1.0, 0.0), -0.1, 1.2],
+            1 / (1 + np.exp(-np.linspace(-20, 20, 20_001))),
+        ]
+    )
+    c = np.clip(conf, 0.0, 1.0)
+    with np.errstate(divide="ignore"):
+        logit = np.log(c) - np.log1p(-c)
+    t = (np.clip(logit, -r, r) + r) / (2 * r)
+    want = np.minimum(np.floor(t * F.FINE_BINS).astype(np.int64), F.FINE_BINS - 1)
+    got = F._fine_bin(conf[:, None])
+    assert got.shape == (conf.size, 1)
+    np.testing.assert_array_equal(got[:, 0], want)
+    assert got.min() == 0
+    assert got.max() == F.FINE_BINS - 1
+
+
+def test_a_negative_probability_is_found_past_a_nan_row() -> None:
+    # a row whose only fault is a value below 0 (its max and sum are fine), after a NaN row
+    # (which propagates): the whole-batch minimum skips NaN, then the row is named
+    p = np.asfortranarray([[np.nan, 0.5, 0.5], [0.2, 0.3, 0.5], [0.6, 0.5, -0.1]])
+    with pytest.raises(BadRowError, match=r"row 2 .*-0\.1 outside \[0, 1\]") as info:
+        ClassificationMetrics(input_kind="probs").update(p, np.array([0, 1, 2]))
+    assert info.value.row == 2
+    ok = ClassificationMetrics(input_kind="probs").update(p[:2], np.array([0, 1])).compute()
+    assert math.isnan(ok["log_loss_nats"])

@@ -103,6 +103,13 @@ def open_table(
         raise CLIError(msg) from exc
 
 
+def _import_metrics() -> None:
+    """Import the metrics that will score the batches and the summary of their figures,
+    while the first batch is read."""
+    importlib.import_module("crossent.metrics")
+    importlib.import_module("crossent._report")
+
+
 def read_batches(table: Table) -> Iterator[Batch]:
     """The table's batches, checked: every row read, the file unchanged at the end.
 
@@ -115,7 +122,7 @@ def read_batches(table: Table) -> Iterator[Batch]:
     """
     rows = 0
     try:
-        for batch in prefetched(table.batches):
+        for batch in prefetched(table.batches, meanwhile=_import_metrics):
             rows += batch.data.num_rows
             yield batch
     except CLIError:

@@ -36,16 +36,25 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def prefetched(make: Callable[[], Iterator[T]], depth: int | None = None) -> Iterator[T]:
+def prefetched(
+    make: Callable[[], Iterator[T]],
+    depth: int | None = None,
+    *,
+    meanwhile: Callable[[], object] | None = None,
+) -> Iterator[T]:
     """The items of ``make()``, produced by a background thread up to `depth` ahead.
 
     `make` is called in the background thread, so a reader is opened, read
     and closed there. With one CPU (nothing to overlap) or ``depth == 0`` the
     items come from this thread. Closing the returned iterator early stops the
     reader after the item it is reading. `depth` defaults to :data:`DEPTH`.
+    `meanwhile`, if given, is called in this thread while the first item is
+    read (before it, when there is no background thread).
     """
     depth = DEPTH if depth is None else depth
     if depth < 1 or _cpus() < 2:
+        if meanwhile is not None:
+            meanwhile()
         yield from make()
         return
     ready: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=depth)
@@ -71,6 +80,8 @@ def prefetched(make: Callable[[], Iterator[T]], depth: int | None = None) -> Ite
     reader = threading.Thread(target=read, name="crossent-eval-reader", daemon=True)
     reader.start()
     try:
+        if meanwhile is not None:
+            meanwhile()
         while True:
             done, item = ready.get()
             if done:

@@ -51,7 +51,7 @@ import copy
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -368,17 +368,21 @@ class Runs:
         return int(self.mode.size)
 
 
-# (sum, flat indices, most) or (sum, flat indices, most, runs)
+# (sum, flat indices, most), optionally followed by runs and by the laned indices
 Target = (
     tuple[ExactSum, np.ndarray | None, int | None]
     | tuple[ExactSum, np.ndarray | None, int | None, Runs | None]
+    | tuple[ExactSum, np.ndarray | None, int | None, Runs | None, np.ndarray | None]
 )
 
 
 def add_to_each(
     values: np.ndarray, targets: list[Target], *, bounds: tuple[float, float] | None = None
 ) -> None:
-    """Add the same `values` to each of `targets`: (sum, flat indices or None, `most`).
+    """Add the same `values` to each of `targets`: (sum, flat indices or None, `most`),
+    optionally followed by :class:`Runs` (or None) and by the indices already spread over
+    the sum's ``lanes_for(size)`` lanes (``index + lane * size``, any lane: the caller's
+    :func:`laned` indices, made for its counts, save making them again).
 
     `bounds`, when the caller knows them for certain, are finite ``(low, high)``
     with every value in [low, high] (NaN excluded): the blocks then skip their
@@ -396,6 +400,7 @@ def add_to_each(
     pendings: list[_Pending] = []
     mosts: list[int] = []
     runs: list[Runs | None] = []
+    spreads: list[np.ndarray | None] = []
     block = _BLOCK
     for target, index, most, *hint in targets:
         flat_index = None if index is None else np.asarray(index, dtype=np.int64).ravel()
@@ -403,7 +408,7 @@ def add_to_each(
             msg = f"`index` has {flat_index.size} entries for {values.size} values."
             raise ValueError(msg)
         wheres.append(flat_index)
-        run = hint[0] if hint and flat_index is not None else None
+        run = cast("Runs | None", hint[0]) if hint and flat_index is not None else None
         if run is not None and (run.rows * run.groups != values.size or run.groups > _BLOCK // 2):
             run = None
         bound = values.size if most is None else min(most, values.size)
@@ -412,6 +417,12 @@ def add_to_each(
         pendings.append(_Pending.of(target, bound, lanes=1 if flat_index is None else None))
         mosts.append(bound)
         runs.append(run)
+        spread = cast("np.ndarray | None", hint[1]) if len(hint) > 1 else None
+        if flat_index is None or pendings[-1].lanes == 1:  # nothing laned
+            spread = None
+        if spread is not None and spread.size != values.size:
+            spread = None
+        spreads.append(None if spread is None else np.asarray(spread).ravel())
     runs = [
         None if run is None or (run.order == "C" and block % run.groups) else run for run in runs
     ]
@@ -432,8 +443,9 @@ def add_to_each(
                 (target, pending, None if where is None else where[part])
                 for target, pending, where in zip(sums, pendings, wheres, strict=True)
             ]
-            for pending, run in zip(pendings, runs, strict=True):
+            for pending, run, spread in zip(pendings, runs, spreads, strict=True):
                 pending.runs = None if run is None else (run, start)
+                pending.spread = None if spread is None else spread[part]
             rest, rest_index = _add_block(values[part], each, level, bounds)
             if rest.size:
                 left.append(rest)
@@ -443,10 +455,12 @@ def add_to_each(
         values = np.concatenate(left) if left else _EMPTY
         wheres = [np.concatenate(kept) if kept else None for kept in left_index]
         runs = [None] * len(targets)  # what goes round again is no longer in runs
+        spreads = [None] * len(targets)  # nor in its place
         bounds = None  # nor within the bounds (rests have either sign)
         block = _BLOCK
     for pending in pendings:
         pending.runs = None
+        pending.spread = None
 
 
 def _add_block(
@@ -477,6 +491,7 @@ def _add_block(
         each = [(t, p, None if w is None else w[finite]) for t, p, w in each]
         for _, pending, _ in each:
             pending.runs = None  # the values moved: add them one by one
+            pending.spread = None
         if not values.size:
             return _EMPTY, nothing
         largest, smallest = float(values.max()), float(values.min())
@@ -572,6 +587,7 @@ class _Pending:
         self.base: dict[int, int] = {}  # grid -> pieces per element before this round
         self.taken: dict[int, int] = {}  # grid -> values taken in this round
         self.runs: tuple[Runs, int] | None = None  # this block's runs and its first position
+        self.spread: np.ndarray | None = None  # this block's indices already laned, if given
         self.picked = _EMPTY_INDEX  # with runs: the positions of the block to scatter
         self.cuts: np.ndarray | None = None  # with "F" runs: where each group starts
         self.first = _EMPTY_INDEX  # with "F" runs: the groups in the block
@@ -597,6 +613,7 @@ class _Pending:
         out.sums = {grid: sums.copy() for grid, sums in self.sums.items()}
         out.base, out.taken = dict(self.base), dict(self.taken)
         out.runs = None
+        out.spread = None
         return out
 
     def begin(self, most: int) -> None:
@@ -643,7 +660,11 @@ class _Pending:
             return
         if self.runs is not None:  # the values picked from the runs (see `pick`)
             high, low, where = high[self.picked], low[self.picked], where[self.picked]
-        where = laned(where, self.size, self.lanes)
+            where = laned(where, self.size, self.lanes, out=_lane_scratch(where.size))
+        elif self.spread is not None:  # laned by the caller
+            where = self.spread
+        else:
+            where = laned(where, self.size, self.lanes, out=_lane_scratch(where.size))
         np.add.at(sums[0], where, high)
         np.add.at(sums[1], where, low)
 
@@ -748,7 +769,7 @@ def lanes_for(size: int) -> int:
 _OFFSETS: dict[tuple[int, int], np.ndarray] = {}
 
 
-def laned(where: np.ndarray, size: int, lanes: int) -> np.ndarray:
+def laned(where: np.ndarray, size: int, lanes: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """Flat indices into ``lanes`` copies of `size` elements: value i goes to copy ``i % lanes``.
 
     ``np.add.at`` adds the values of one element one after the other, each
@@ -756,7 +777,8 @@ def laned(where: np.ndarray, size: int, lanes: int) -> np.ndarray:
     (a column of probabilities, most of them in the first calibration bin)
     is three times slower than values spread over elements. Spread over
     lanes, the additions of one element form independent chains. For at
-    most ``_BLOCK`` values.
+    most ``_BLOCK`` values; written into `out` (int64, as many) when given,
+    such as :func:`_lane_scratch`'s.
     """
     if lanes == 1:
         return where
@@ -766,10 +788,19 @@ def laned(where: np.ndarray, size: int, lanes: int) -> np.ndarray:
             _OFFSETS.clear()
         offsets = np.arange(_BLOCK, dtype=np.int64) % lanes * size
         _OFFSETS[size, lanes] = offsets
-    return where + offsets[: where.size]
+    return np.add(where, offsets[: where.size], out=out)
 
 
 _SCRATCH = threading.local()
+
+
+def _lane_scratch(size: int) -> np.ndarray:
+    """An int64 work array of `size` (at most ``_BLOCK``) for :func:`laned`, kept per
+    thread: valid until the next call in this thread."""
+    held = getattr(_SCRATCH, "index", None)
+    if held is None:
+        held = _SCRATCH.index = np.empty(_BLOCK, dtype=np.int64)
+    return held[:size]
 
 
 def _scratch(size: int) -> tuple[np.ndarray, ...]:

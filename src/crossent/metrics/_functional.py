@@ -38,6 +38,7 @@ bins up to that resolution, and the per-bin sums stay exact.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -55,7 +56,15 @@ from crossent._lib._xp import (
     to_numpy,
 )
 from crossent._losses._common import shift_logits
-from crossent.metrics._exact import ExactSum, Runs, Target, add_to_each
+from crossent.metrics._exact import _BLOCK as LANE_BLOCK
+from crossent.metrics._exact import (
+    ExactSum,
+    Runs,
+    Target,
+    add_to_each,
+    laned,
+    lanes_for,
+)
 
 __all__ = [
     "FINE_BINS",
@@ -315,8 +324,9 @@ def _row_stats(
     }
     if need_probs:
         out["probs"] = to_numpy(probs, dtype=np.float64)
-        # exp of anything: no probability below 0 (nor above its row's `conf`)
-        out["probs_from_exp"] = np.asarray(input_kind != "probs")
+        # exp of anything, or checked probabilities: none below 0 nor above its row's `conf`
+        bounded = input_kind != "probs" or _checks.values_checked(x)
+        out["probs_bounded"] = np.asarray(bounded)
     out["num_classes"] = np.asarray(num_classes)
     return out
 
@@ -349,7 +359,9 @@ def _numpy_prob_rows(
     conf = x.max(axis=1)
     total = _column_sum(x) if columns else x.sum(axis=1)
     if checked and n:
-        outside = (x.min(axis=1) < 0) | (conf > 1)
+        outside = conf > 1
+        if np.fmin.reduce(x.ravel(order=order)) < 0:  # (NaN ignored) then find the rows
+            outside |= x.min(axis=1) < 0
         hits = np.flatnonzero(outside | (np.abs(total - 1) > tol))
         if hits.size:
             _raise_bad_distribution(x, total, outside, int(hits[0]), input_kind="probs", tol=tol)
@@ -362,9 +374,11 @@ def _numpy_prob_rows(
         log_p_y = np.log(p_y)
     clamped = log_p_y < LOG_P_FLOOR
     log_p_y[clamped] = LOG_P_FLOOR
-    d = x.copy(order=order)
-    d.ravel(order=order)[at] -= 1  # a view: d is contiguous in that order
-    np.square(d, out=d)
+    # (p_k − 1[k = y])²: p² everywhere, then the labels' entries (a view: d is contiguous
+    # in that order)
+    d = _work("floats", (n, c), np.float64, order)  # used up before this returns
+    np.square(x, out=d)
+    d.ravel(order=order)[at] = np.square(p_y - 1)
     out = {
         "label": labels,
         "nll": np.asarray(-log_p_y, dtype=np.float64),
@@ -376,6 +390,7 @@ def _numpy_prob_rows(
     }
     if need_probs:
         out["probs"] = np.asarray(x, dtype=np.float64, order="K")
+        out["probs_bounded"] = np.asarray(checked)  # checked: each in [0, its row's max]
     return out
 
 
@@ -445,6 +460,7 @@ class _Terms(NamedTuple):
     most: int | None = None
     runs: Runs | None = None
     bounds: tuple[float, float] | None = None  # certain finite (low, high) of the values
+    spread: np.ndarray | None = None  # `at` over the lanes of the exact sum, if made already
 
 
 Deferred = list[tuple[ExactSum, _Terms]]
@@ -479,7 +495,7 @@ def _add_terms(adds: Deferred) -> None:
     shared: dict[int, tuple[_Terms, list[Target]]] = {}
     for target, terms in adds:  # alive in `adds`: no id is reused while grouping
         entry = shared.setdefault(id(terms.values), (terms, []))
-        entry[1].append((target, terms.at, terms.most, terms.runs))
+        entry[1].append((target, terms.at, terms.most, terms.runs, terms.spread))
     for terms, targets in shared.values():
         add_to_each(terms.values, targets, bounds=terms.bounds)
 
@@ -603,21 +619,26 @@ def _per_class_update(
 ) -> State:
     num_classes = state["class_count"].size
     labels, valid = rows["label"], ~rows["nan"]
-    hit = valid & (rows["pred"] == labels)
-    count = np.bincount(labels, minlength=num_classes).astype(np.int64, copy=False)
+    every_row = bool(valid.all())
+    hit = rows["pred"] == labels
+    if not every_row:
+        hit &= valid
+    spread = _laned_index(labels, num_classes)  # for the counts and the exact sums
+    count = _bincount(labels, num_classes, spread=spread)
     most = int(count.max(initial=0))
     return _add_batch(
         state,
         {
-            "class_nll": _Terms(rows["nll"], labels, most),
+            "class_nll": _Terms(rows["nll"], labels, most, spread=spread),
             "class_count": count,
             # np.compress: a boolean subscript of a random mask is 10x slower
             "class_correct": np.bincount(np.compress(hit, labels), minlength=num_classes).astype(
                 np.int64
             ),
-            "class_predicted": np.bincount(rows["pred"][valid], minlength=num_classes).astype(
-                np.int64
-            ),
+            "class_predicted": np.bincount(
+                rows["pred"] if every_row else np.compress(valid, rows["pred"]),
+                minlength=num_classes,
+            ).astype(np.int64),
         },
         defer,
     )
@@ -656,46 +677,111 @@ def _calibration_init(groups: int, bins: int, *, fine: bool = True) -> State:
     return state
 
 
-#: interleaved counters of :func:`_bincount`
-COUNT_LANES = 8
-
-
-def _bincount(idx: np.ndarray, length: int) -> np.ndarray:
-    """``np.bincount(idx, minlength=length)`` as int64, for a contiguous `idx`.
-
-    With many values per bin (a column of probabilities, most of them in the
-    first calibration bin), one counter incremented again and again waits on
-    itself; value i is counted in copy ``i % COUNT_LANES`` of the counters,
-    then the copies are added (a third faster at 65536 x 10 into 150 bins).
+def _laned_index(idx: np.ndarray, length: int, *, work: str | None = None) -> np.ndarray:
+    """`idx` (int64, indices in [0, `length`)) spread over ``lanes_for(length)`` copies of
+    the `length` elements: value i goes to copy ``i % lanes`` (see
+    :func:`~crossent.metrics._exact.laned`), so one such index serves the counts and the
+    exact sums of the same values. `idx` itself for one lane; with `work`, a work array
+    of that name (see :func:`_work`).
     """
-    lanes = COUNT_LANES
-    if idx.size < 64 * length:
-        return np.bincount(idx, minlength=length).astype(np.int64, copy=False)
-    head = idx.size - idx.size % lanes
-    laned = idx[:head].reshape(-1, lanes) + np.arange(0, lanes * length, length)
-    count = np.bincount(laned.ravel(), minlength=lanes * length).reshape(lanes, length)
-    total = count.sum(axis=0, dtype=np.int64)
-    total += np.bincount(idx[head:], minlength=length)
-    return total
+    lanes = lanes_for(length)
+    if lanes == 1:
+        return idx
+    out = _work(work, idx.shape, np.int64, "C") if work else np.empty(idx.size, np.int64)
+    for start in range(0, idx.size, LANE_BLOCK):
+        part = slice(start, start + LANE_BLOCK)
+        laned(idx[part], length, lanes, out=out[part])
+    return out
 
 
-def _width_bin(conf: np.ndarray, bins: int) -> np.ndarray:
-    """Equal-width bin of each confidence: min(floor(conf·B), B−1); 1.0 is in the last bin."""
-    t = conf * bins  # laid out as `conf` (row- or column-major), as the result
-    np.floor(t, out=t)
-    np.minimum(t, bins - 1, out=t)
-    return t.astype(np.int64)
+def _bincount(idx: np.ndarray, length: int, *, spread: np.ndarray | None = None) -> np.ndarray:
+    """``np.bincount(idx, minlength=length)`` as int64, for indices in [0, `length`).
+
+    ``np.add.at`` of ones into int64 counters, in blocks, over ``lanes_for``
+    interleaved copies of the counters (`spread`: :func:`_laned_index` of `idx`, made
+    here if not given), then the copies are added: with many values per bin (a
+    column of probabilities, most of them in the first calibration bin), one
+    counter incremented again and again waits on itself. Half the time of
+    ``np.bincount`` (which also finds the min and max first) at 65536 x 10
+    into 150 bins.
+    """
+    lanes = lanes_for(length)
+    if spread is None:
+        spread = _laned_index(idx, length)
+    count = np.zeros(lanes * length, dtype=np.int64)
+    for start in range(0, spread.size, LANE_BLOCK):
+        np.add.at(count, spread[start : start + LANE_BLOCK], 1)
+    return count.reshape(lanes, length).sum(axis=0)
+
+
+#: large work arrays of the calibration bins are kept per thread up to this many elements
+WORK_ELEMENTS = 1 << 20
+_WORK = threading.local()
+
+
+def _work(name: str, shape: tuple[int, ...], dtype: Any, order: Literal["C", "F"]) -> np.ndarray:
+    """An uninitialised work array, kept in this thread for the next call with this name.
+
+    An update allocating its large temporaries again for each batch pays
+    for fresh pages each time the allocator has handed them back to the
+    system; kept, they are touched once. The array is valid until the next
+    call with the same name in this thread: no longer than one update.
+    """
+    size = math.prod(shape)
+    key = (name, np.dtype(dtype).str)
+    held: dict[tuple[str, str], np.ndarray] = _WORK.__dict__.setdefault("arrays", {})
+    flat = held.get(key)
+    if flat is None or flat.size < size:
+        flat = np.empty(size, dtype=dtype)
+        if size <= WORK_ELEMENTS:
+            held[key] = flat
+    return flat[:size].reshape(shape, order=order)
+
+
+def _width_bin(
+    conf: np.ndarray, bins: int, *, order: Literal["C", "F"] = "C", work: str | None = None
+) -> np.ndarray:
+    """Equal-width bin of each confidence: min(floor(conf·B), B−1); 1.0 is in the last bin.
+
+    A value below 0 (only when value checks are off) is in the first bin, as
+    one above 1 is in the last. The result is laid out in `order`; with
+    `work`, it is a work array of that name (see :func:`_work`), and the
+    products are computed in the thread's float work array "floats" (which
+    holds nothing between calls).
+    """
+    shape: tuple[int, ...] = np.shape(conf)
+    if work is None:
+        t, out = np.empty(shape, order=order), np.empty(shape, dtype=np.int64, order=order)
+    else:
+        t = _work("floats", shape, np.float64, order)  # used up before this returns
+        out = _work(work, shape, np.int64, order)
+    np.multiply(conf, bins, out=t)
+    np.clip(t, 0, bins - 1, out=t)
+    np.copyto(out, t, casting="unsafe")  # truncation: floor of values >= 0
+    return out
 
 
 def _fine_bin(conf: np.ndarray) -> np.ndarray:
-    """Fine bin of each confidence, equal-width in log-odds over ±FINE_LOGIT_RANGE."""
-    c = np.clip(conf, 0.0, 1.0)
+    """Fine bin of each confidence, equal-width in log-odds over ±FINE_LOGIT_RANGE.
+
+    ``floor((clip(log c − log1p(−c), ±R) + R) / 2R · FINE_BINS)`` up to
+    ``FINE_BINS − 1``, c = clip(conf, 0, 1), each step in place (the floor is
+    the truncation of a value >= 0).
+    """
+    r = FINE_LOGIT_RANGE
+    t = np.clip(conf, 0.0, 1.0)
+    rest = np.negative(t)
     with np.errstate(divide="ignore"):
-        logit = np.log(c) - np.log1p(-c)
-    t = (np.clip(logit, -FINE_LOGIT_RANGE, FINE_LOGIT_RANGE) + FINE_LOGIT_RANGE) / (
-        2 * FINE_LOGIT_RANGE
-    )
-    return np.minimum(np.floor(t * FINE_BINS).astype(np.int64), FINE_BINS - 1)
+        np.log1p(rest, out=rest)
+        np.log(t, out=t)
+    np.subtract(t, rest, out=t)  # the log-odds
+    np.clip(t, -r, r, out=t)
+    t += r
+    t /= 2 * r
+    t *= FINE_BINS
+    out = t.astype(np.int64)
+    np.minimum(out, FINE_BINS - 1, out=out)
+    return out
 
 
 def _calibration_pairs(
@@ -740,9 +826,9 @@ def _calibration_update(
     conf, order, hits = _calibration_pairs(rows, kind)
     flat_conf = conf.ravel(order=order)
     bounds = None
-    if kind == "classwise" and bool(rows.get("probs_from_exp", False)) and conf.size:
-        # certain bounds of the probabilities (exp >= 0, each at most its row's max), so
-        # the exact sums skip a min and a max over all of them
+    if kind == "classwise" and bool(rows.get("probs_bounded", False)) and conf.size:
+        # certain bounds of the probabilities (each in [0, its row's max]), so the exact
+        # sums skip a min and a max over all of them
         top = rows["conf"] if bool(np.all(~rows["nan"])) else rows["conf"][~rows["nan"]]
         bounds = (0.0, float(top.max()))
 
@@ -754,15 +840,17 @@ def _calibration_update(
             idx += np.arange(groups, dtype=np.int64) * width
         idx = idx.ravel(order=order)
         length, shape = groups * width, (groups, width)
-        count = _bincount(idx, length)
+        # one laned index for the counts and the exact sums
+        spread = _laned_index(idx, length, work=f"{kind} {width}")
+        count = _bincount(idx, length, spread=spread)
         most = int(count.max(initial=0))
         return (
             count.reshape(shape),
-            _Terms(flat_conf, idx, most, _runs(count.reshape(shape), order), bounds),
+            _Terms(flat_conf, idx, most, _runs(count.reshape(shape), order), bounds, spread),
             np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64),
         )
 
-    w_count, w_conf, w_hit = hist(_width_bin(conf, bins), bins)
+    w_count, w_conf, w_hit = hist(_width_bin(conf, bins, order=order, work=kind), bins)
     batch = {
         "width_count": w_count,
         "width_conf": w_conf,
