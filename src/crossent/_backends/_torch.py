@@ -1027,10 +1027,11 @@ class _Workspace:
         """`count` buffers of `size` elements (:data:`_BINARY_CHUNK` for 0)."""
         cache: dict[tuple[Any, ...], tuple[list[Tensor], dict[Any, Any]]]
         cache = self._local.__dict__.setdefault("buffers", {})
+        size = size or _BINARY_CHUNK  # the size read now: keyed by it, never a stale one
         key = (dtype, device, size, count)
         if key not in cache:
             with torch.inference_mode(False):  # usable in and outside inference mode
-                buffers = [torch.empty(size or _BINARY_CHUNK, dtype=dtype, device=device)
+                buffers = [torch.empty(size, dtype=dtype, device=device)
                            for _ in range(count)]  # fmt: skip
             cache[key] = (buffers, {})
         self._buffers, self._views = cache[key]
