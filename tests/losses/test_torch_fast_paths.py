@@ -447,6 +447,41 @@ def test_binary_workspace_is_per_thread() -> None:
                 torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
+def test_binary_many_ragged_chunks_then_the_default_chunk(monkeypatch: Any) -> None:
+    """Chunks of 1000 elements (a ragged last one, weights by rows and columns) against the
+    float64 formula, then the default chunk in the same thread: its workspace is keyed by
+    the chunk size read at the call (a workspace made for small chunks once served the
+    default one: a traceback)."""
+    import threading
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(37, 250, generator=g, dtype=torch.float64) * 8
+    t = torch.rand(37, 250, generator=g, dtype=torch.float64)
+    w = torch.rand(37, 1, generator=g, dtype=torch.float64) + 0.5
+    pw = torch.rand(250, generator=g, dtype=torch.float64) + 0.5
+    sp = torch.nn.functional.softplus
+    ref = (w * (pw * t * -F.logsigmoid(x) + (1 - t) * sp(x, threshold=40))).mean()
+    ref_grad = w * ((1 - t) * torch.sigmoid(x) - pw * t * torch.sigmoid(-x)) / x.numel()
+    big = torch.randn(2 * 65536 + 5, generator=g, dtype=torch.float64)
+    got: list[Any] = []
+
+    def run() -> None:
+        monkeypatch.setattr(torch_exec, "_BINARY_CHUNK", 1000)
+        xg = x.clone().requires_grad_(True)
+        loss = ce.binary_cross_entropy(xg, t, weight=w, pos_weight=pw, from_logits=True)
+        got.extend((loss, torch.autograd.grad(loss, xg)[0]))
+        monkeypatch.undo()
+        got.append(ce.binary_cross_entropy(big, torch.ones_like(big), from_logits=True))
+
+    thread = threading.Thread(target=run)  # a thread of its own: a fresh workspace
+    thread.start()
+    thread.join()
+    assert len(got) == 3
+    torch.testing.assert_close(got[0], ref, rtol=1e-13, atol=0)
+    torch.testing.assert_close(got[1], ref_grad, rtol=1e-12, atol=1e-20)
+    torch.testing.assert_close(got[2], -F.logsigmoid(big).mean(), rtol=1e-13, atol=0)
+
+
 # --------------------------------------------------------------------------- half precision sparse
 
 

@@ -254,6 +254,28 @@ def test_half_sparse_chunks_log_prob_from_softmax(reduction: str) -> None:
     assert _ulps(grad, ref_grad, torch.bfloat16) <= 1.0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_half_sparse_chunks_ignored_nan_row_hides_no_subnormal_label(reduction: str) -> None:
+    """An ignored row of NaN logits (a NaN p_y, the smallest value's test once read NaN as
+    "none is small") leaves the rows whose p_y is subnormal or 0 in float32 recomputed: the
+    loss is float64's rounded once, not inf."""
+    g = torch.Generator().manual_seed(3)
+    n, c = 1100, 128
+    assert n * c >= torch_exec._LOW_MIN_SPARSE
+    x = torch.randn(n, c, generator=g) * 2
+    y = torch.randint(0, c, (n,), generator=g)
+    x[0], y[0] = float("nan"), -100  # ignored
+    x[5, 3], y[5] = x[5].max() - 95.0, 3  # p_y subnormal in float32
+    x[7, 4], y[7] = x[7].max() - 300.0, 4  # p_y 0 in float32
+    x = x.bfloat16()
+    xg = x.clone().requires_grad_(True)
+    loss = ce.sparse_categorical_cross_entropy(
+        xg, y, from_logits=True, ignore_index=-100, reduction=reduction
+    )
+    ref = F.cross_entropy(x.double(), y, ignore_index=-100, reduction=reduction)
+    assert _ulps(loss, ref.to(torch.bfloat16), torch.bfloat16) == 0
+
+
 def test_half_categorical_chunks_loss_from_softmax() -> None:
     """The chunked path reads the loss off the gradient's softmax,
     sum_k c_k (z_k - max z) + S log max p: a shifted row, a one-hot target on the row's

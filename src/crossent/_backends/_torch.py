@@ -1027,10 +1027,11 @@ class _Workspace:
         """`count` buffers of `size` elements (:data:`_BINARY_CHUNK` for 0)."""
         cache: dict[tuple[Any, ...], tuple[list[Tensor], dict[Any, Any]]]
         cache = self._local.__dict__.setdefault("buffers", {})
+        size = size or _BINARY_CHUNK  # the size read now: keyed by it, never a stale one
         key = (dtype, device, size, count)
         if key not in cache:
             with torch.inference_mode(False):  # usable in and outside inference mode
-                buffers = [torch.empty(size or _BINARY_CHUNK, dtype=dtype, device=device)
+                buffers = [torch.empty(size, dtype=dtype, device=device)
                            for _ in range(count)]  # fmt: skip
             cache[key] = (buffers, {})
         self._buffers, self._views = cache[key]
@@ -1424,13 +1425,14 @@ def _log_of_softmax(row: Tensor, x: Tensor, col: Tensor) -> None:
     (2e-6 at 1000 classes, against 2e-6 for ``log_softmax`` and for :math:`(z_y - \max z) +
     \log\max_k p_k`; the exponential's own error is smaller). Below the smallest normal
     number (:math:`z_y` about 87 below the row's maximum; a masked label gives 0), those rows
-    are recomputed by ``log_softmax``: one test of the smallest value when none is.
+    are recomputed by ``log_softmax``: one test of the smallest value when none is. The test
+    counts those rows, not the minimum: a NaN row (ignored, or propagating) must not hide them.
     """
-    low = row.min()
-    if not low.item() < torch.finfo(torch.float32).smallest_normal:  # NaN too: it propagates
+    small = row[:, 0] < torch.finfo(torch.float32).smallest_normal  # NaN: False, it propagates
+    if not small.any().item():
         row.log_()
         return
-    tiny = (row[:, 0] < torch.finfo(torch.float32).smallest_normal).nonzero()[:, 0]
+    tiny = small.nonzero()[:, 0]
     row.log_()
     exact = torch.log_softmax(x[tiny].float(), 1).gather(1, col[tiny])
     row.index_copy_(0, tiny, exact)
