@@ -172,6 +172,18 @@ def test_categorical_common_call_checks_targets(n: int) -> None:
     assert torch.isnan(ce.categorical_cross_entropy(x, t2, from_logits=True))
 
 
+@pytest.mark.parametrize("axis", [1.0, True])
+@pytest.mark.parametrize("kind", ["sparse", "categorical"])
+def test_common_call_rejects_a_non_int_axis(axis: Any, kind: str) -> None:
+    # the common call compares axis == 1, which 1.0 and True pass: the generic path's
+    # TypeError must still come (the categorical common call used to compute)
+    x = torch.zeros(4, 3)
+    target = torch.zeros(4, dtype=torch.int64) if kind == "sparse" else torch.full((4, 3), 1 / 3)
+    loss = ce.sparse_categorical_cross_entropy if kind == "sparse" else ce.categorical_cross_entropy
+    with pytest.raises(TypeError, match="`axis` must be an int"):
+        loss(x, target, from_logits=True, axis=axis)
+
+
 def _ulps(a: Any, b: Any, dtype: Any) -> float:
     """Largest difference in units of `dtype`'s rounding at the reference's magnitude."""
     a, b = a.detach().double(), b.detach().double()

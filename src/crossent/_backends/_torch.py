@@ -509,6 +509,7 @@ def categorical(
         and input.dtype in _FLOATS
         and target.dtype in _FLOATS
         and input.ndim == 2
+        and type(axis) is int
         and (axis == -1 or axis == 1)
         and input.is_cpu
         and target.shape == input.shape
