@@ -6,7 +6,13 @@ Run: ``python -m benchmarks.bench_sweep [--quick] [--sizes 32x10,1024x1000] [--t
 Contenders run interleaved (A, B, A, B, ...) for ``--rounds`` rounds; each
 round times a batch of calls in *process* CPU time (robust on a shared
 machine); the table shows the median per-call time of each and the ratio of
-medians (crossent / reference; below 1 is faster). Cases:
+medians (crossent / reference; below 1 is faster). The process first raises
+glibc malloc's mmap and trim thresholds (``crossent eval``'s
+:func:`~crossent._eval._memory.reuse_freed_memory`), for both contenders
+alike: otherwise a megabyte-sized temporary is either reused or faulted in
+page by page (zeroed by the kernel) depending on what earlier cases left in
+the heap, and the same kernel measured 1.0 or 3.1 ms at 1024 x 1000 from one
+run to the next; ``--default-malloc`` leaves them as they are. Cases:
 
 - PyTorch: sparse CE (``F.cross_entropy``), categorical CE (``F.cross_entropy``
   with probability targets), binary CE (``F.binary_cross_entropy_with_logits``),
@@ -34,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import crossent as ce
+from crossent._eval._memory import reuse_freed_memory
 
 FULL_SIZES = [(32, 10), (256, 100), (1024, 1000), (2048, 1000), (4096, 32000), (8192, 32000)]
 QUICK_SIZES = [(32, 10), (256, 100)]
@@ -374,6 +381,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-validation", action="store_true", help="crossent value checks off")
     parser.add_argument("--no-memory", action="store_true", help="skip the torch memory table")
     parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc thresholds as they are (timings then depend on page faults)",
+    )
+    parser.add_argument(
         "--only", default="torch,jax,numpy", help="backends to run (torch,jax,numpy)"
     )
     args = parser.parse_args(argv)
@@ -383,9 +395,11 @@ def main(argv: list[str] | None = None) -> None:
     args.rounds = args.rounds or (3 if args.quick else 7)
     args.budget = args.budget or (0.01 if args.quick else 0.2)
     ce.set_validation(not args.no_validation)
+    tuned = not args.default_malloc and reuse_freed_memory()
     print(
         f"validation {'off' if args.no_validation else 'on'}; {args.rounds} interleaved rounds; "
-        "median per-call process CPU time; ratio = crossent / reference"
+        "median per-call process CPU time; ratio = crossent / reference; malloc "
+        + ("thresholds raised (freed blocks reused)" if tuned else "as is")
     )
     only = args.only.split(",")
     if "torch" in only:
