@@ -574,10 +574,15 @@ def _soft_native(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> Te
     non-empty; a NaN result (a masked class, 0 · -inf, or a NaN input) is recomputed by
     :func:`_soft_guarded`."""
     out = _CROSS_ENTROPY(xc, c, w, _REDUCTION_ENUM[opts.reduction], -100, opts.label_smoothing)
-    check = out.detach().sum() if opts.reduction == "none" else out
-    if math.isnan(check.item()):
+    if _holds_nan(out, opts.reduction):
         return _soft_guarded(xc, c, w, opts)
     return out
+
+
+def _holds_nan(out: Tensor, reduction: str) -> bool:
+    """Whether the loss `out` holds a NaN, by one host read (of the sum of the row losses for
+    ``"none"``: they are never -inf, so a NaN sum is a NaN row)."""
+    return math.isnan((out.detach().sum() if reduction == "none" else out).item())
 
 
 def _soft_half_small(x: Tensor, t: Tensor, opts: CEOptions) -> Tensor:
@@ -596,8 +601,7 @@ def _soft_half_small(x: Tensor, t: Tensor, opts: CEOptions) -> Tensor:
         out = -prod.sum(1)
     else:
         out = -prod.sum() if reduction == "sum" else prod.sum().div(-x.shape[0])
-    check = out.detach().sum() if reduction == "none" else out
-    if math.isnan(check.item()):
+    if _holds_nan(out, reduction):
         return _soft_guarded(x.float(), c, None, opts)
     return out
 
@@ -850,19 +854,27 @@ def _masses(t: Tensor, pos: Coef, neg: Coef) -> tuple[Tensor, Tensor]:
 
 
 _CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+_CPU = torch.device("cpu")
 
 
-def _constant(value: float, like: Tensor) -> Tensor:
-    """A cached 0-d tensor of `value` in `like`'s dtype and device (an in-place ``mul_`` / ``div_``
-    by it costs half of one by a Python number, which PyTorch first wraps in a tensor)."""
-    key = (value, like.dtype, like.device)
+def _scalar(value: float, dtype: torch.dtype, device: torch.device = _CPU) -> Tensor:
+    """A cached 0-d tensor of `value`: PyTorch wraps a Python number into a tensor at every
+    operation (about 1 µs, as long as a small operation itself; an in-place ``mul_`` /
+    ``div_`` by the cached tensor costs half of one by the number). Made outside inference
+    mode, so that later calls with a gradient can use it."""
+    key = (value, dtype, device)
     c = _CONSTANTS.get(key)
     if c is None:
         if len(_CONSTANTS) >= 256:
             _CONSTANTS.clear()
         with torch.inference_mode(False):
-            c = _CONSTANTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+            c = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
     return c
+
+
+def _constant(value: float, like: Tensor) -> Tensor:
+    """:func:`_scalar` of `value` in `like`'s dtype and device."""
+    return _scalar(value, like.dtype, like.device)
 
 
 def _neg_small_loss(x: Tensor, t: Tensor, pos: Coef, neg: Coef, common: Coef) -> Tensor:
@@ -1320,17 +1332,29 @@ def _log_softmax_(z: Tensor) -> Tensor:
     return torch._log_softmax(z, 1, False, out=z)
 
 
-def _row_scale(up: Tensor, den: Tensor | float, valid: Tensor | None) -> Tensor:
-    """The gradient's row scale for an upstream gradient `up` (0-d for a reduced loss, else
-    one per row): ``up / den``, 0 at the rows `valid` leaves out; 0-d where every row has
-    the same, else a column. The forward's early gradient (``up`` = 1) and the backward
-    call it alike, so that both give the same bits."""
-    scale = up / den if isinstance(den, Tensor) or den != 1.0 else up
-    if scale.ndim:
-        scale = scale[:, None]
-    if valid is not None:
-        scale = torch.where(valid[:, None], scale, 0.0)
-    return scale
+def _row_scale(
+    valid: Tensor | None,
+    den: Tensor | float,
+    grad: Tensor | float,
+    reduction: str,
+    dtype: torch.dtype,
+) -> Tensor:
+    """d(output)/d(row loss) times the upstream gradient `grad` (a number or 0-d for a reduced
+    loss, one per row for ``"none"``), 0 at the rows `valid` leaves out: a 0-d tensor or an
+    ``(n, 1)`` column of `dtype` (CPU). The forward's early gradient (`grad` = 1) and the
+    backward call it alike, so that both give the same bits."""
+    if reduction == "none":
+        scale: Tensor | float = grad.to(dtype).unsqueeze(1) if isinstance(grad, Tensor) else grad
+    elif isinstance(grad, Tensor):
+        scale = grad.to(dtype) / den
+    else:
+        scale = grad / den
+    if valid is None:  # a number as a cached 0-d tensor: one small operation less per use
+        return _scalar(scale, dtype) if isinstance(scale, float) else scale
+    col = valid.unsqueeze(1)
+    if isinstance(scale, Tensor):
+        return torch.where(col, scale, 0.0)
+    return torch.where(col, scale, 0.0).to(dtype)
 
 
 class _LowPrecisionCE(torch.autograd.Function):
@@ -1371,7 +1395,7 @@ class _LowPrecisionCE(torch.autograd.Function):
         early = _early_gradient(ctx, grad, x)
         if early is not None:
             return early, None, None, None
-        scale = _row_scale(grad.float(), ctx.den, valid)
+        scale = _row_scale(valid, ctx.den, grad, ctx.reduction, torch.float32)
         if torch.is_grad_enabled():  # double backward: differentiable operations
             p = torch.softmax(x.float(), 1)
             one_hot = torch.zeros_like(p).scatter_(1, label[:, None], 1.0)
@@ -1395,7 +1419,7 @@ def _sparse_low_forward(
     g = None
     if early:
         g = torch.empty_like(x)
-        scale = _row_scale(torch.ones((), device=x.device), den, valid)
+        scale = _row_scale(valid, den, 1.0, reduction, torch.float32)
         minus_one = torch.full((n, 1), -1.0, device=x.device)
         for z, y, row_, g_, m_, s_ in _low_chunks(x, col, row, g, minus_one, scale):
             # p_y from the softmax the gradient needs (no log_softmax pass), its log below
@@ -1498,10 +1522,7 @@ def _soft_low(
         out: Tensor = _SOFT_CE_APPLY(x, target.detach(), w, eps, reduction)
     else:  # no autograd node
         out = _soft_low_forward(x, target, w, eps, reduction, early=False)[0]
-    check = out.detach().sum() if opts.reduction == "none" else out.detach()
-    if math.isnan(check.item()):
-        return None
-    return out
+    return None if _holds_nan(out, reduction) else out
 
 
 def _soft_coefficients(
@@ -1556,7 +1577,7 @@ class _LowPrecisionSoftCE(torch.autograd.Function):
         early = _early_gradient(ctx, grad, x)
         if early is not None:
             return early, None, None, None, None
-        scale = _row_scale(grad.float(), ctx.den, None)
+        scale = _row_scale(None, ctx.den, grad, ctx.reduction, torch.float32)
         if torch.is_grad_enabled():  # double backward: differentiable operations
             c = _soft_coefficients(t.float(), w, ctx.eps, 1)
             p = torch.softmax(x.float(), 1)
@@ -1580,7 +1601,7 @@ def _soft_low_forward(
     g = None
     if early:
         g = torch.empty_like(x)
-        scale = _row_scale(torch.ones((), device=x.device), den, None)
+        scale = _row_scale(None, den, 1.0, reduction, torch.float32)
         for z, c, d, t_, row_, g_ in _low_chunks(x, t, row, g, scratch=2):
             # from the gradient's softmax (see _LowPrecisionCE), no log_softmax pass:
             # sum_k c_k log p_k = sum_k c_k (z_k - max z) + S log max p, terms of one sign

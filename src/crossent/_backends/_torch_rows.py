@@ -45,8 +45,11 @@ from crossent._backends._torch import (
     _LOW,
     _NO_IGNORE,
     _early_gradient,
+    _holds_nan,
     _label_error,
     _mean_denominator,
+    _row_scale,
+    _scalar,
     _valid_label,
     index_target,
 )
@@ -66,21 +69,6 @@ _CHUNK = 1 << 18
 _CHUNK_LOSS = 1 << 20
 """Elements per row chunk of the loss alone: one call per 4 MiB of float32 logits bounds
 the log-probabilities kept at once at little Python per chunk."""
-
-
-_SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
-
-
-def _scalar(value: float, dtype: torch.dtype = torch.float32) -> Tensor:
-    """`value` as a 0-d CPU tensor of `dtype`, made once: PyTorch wraps a Python number into
-    a tensor at every operation (about 1 µs, as long as a small operation itself)."""
-    key = (value, dtype)
-    out = _SCALARS.get(key)
-    if out is None:
-        if len(_SCALARS) > 64:
-            _SCALARS.clear()
-        out = _SCALARS[key] = torch.tensor(value, dtype=dtype)
-    return out
 
 
 def own_rows(
@@ -131,11 +119,11 @@ def own_rows(
     except (IndexError, RuntimeError) as exc:
         _label_error(exc, t, num_classes, opts.ignore_index)
         raise  # pragma: no cover - _label_error always raises
-    if opts.reduction != "none":
-        return None if math.isnan(out.item()) else out
-    if math.isnan(out.detach().sum().item()):
+    if _holds_nan(out, opts.reduction):
         return None
-    return out if out.shape == target.shape else out.reshape(target.shape)
+    return (
+        out if opts.reduction != "none" or out.shape == target.shape else out.reshape(target.shape)
+    )
 
 
 def _reduce(row: Tensor, den: Tensor | float, opts: CEOptions, dtype: torch.dtype) -> Tensor:
@@ -156,28 +144,6 @@ _ROUND: dict[torch.dtype, Callable[[Tensor], Tensor]] = {
     torch.float16: Tensor.half,
 }
 """Rounding to half precision (a third cheaper than ``.to(dtype)``'s argument parsing)."""
-
-
-def _row_scale(
-    valid: Tensor | None,
-    den: Tensor | float,
-    grad: Tensor | float,
-    reduction: str,
-    dtype: torch.dtype,
-) -> Tensor | float:
-    """d(output)/d(row loss) times the upstream gradient: a 0-d tensor or an ``(n, 1)`` column."""
-    if reduction == "none":
-        scale: Tensor | float = grad.to(dtype).unsqueeze(1) if isinstance(grad, Tensor) else grad
-    elif isinstance(grad, Tensor):
-        scale = grad.to(dtype) / den
-    else:
-        scale = grad / den
-    if valid is None:  # a number as a cached 0-d tensor: one small operation less per use
-        return _scalar(scale, dtype) if isinstance(scale, float) else scale
-    col = valid.unsqueeze(1)
-    if isinstance(scale, Tensor):
-        return torch.where(col, scale, 0.0)
-    return torch.where(col, scale, 0.0).to(dtype)
 
 
 def _pass(
