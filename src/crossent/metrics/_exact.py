@@ -51,11 +51,11 @@ import copy
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 
-__all__ = ["ExactSum", "Runs", "add_to_each", "laned", "lanes_for"]
+__all__ = ["ExactSum", "Runs", "add_to_each", "laned", "lanes_for", "work_array"]
 
 _BASE = -1138  # exponent of digit 0's lowest bit: below 2**-1126, the lowest mantissa bit
 _DIGIT = 32
@@ -660,11 +660,11 @@ class _Pending:
             return
         if self.runs is not None:  # the values picked from the runs (see `pick`)
             high, low, where = high[self.picked], low[self.picked], where[self.picked]
-            where = laned(where, self.size, self.lanes, out=_lane_scratch(where.size))
-        elif self.spread is not None:  # laned by the caller
+        if self.spread is not None and self.runs is None:  # laned by the caller
             where = self.spread
         else:
-            where = laned(where, self.size, self.lanes, out=_lane_scratch(where.size))
+            lanes = work_array("exact lanes", (where.size,), np.int64)
+            where = laned(where, self.size, self.lanes, out=lanes)
         np.add.at(sums[0], where, high)
         np.add.at(sums[1], where, low)
 
@@ -778,7 +778,7 @@ def laned(where: np.ndarray, size: int, lanes: int, *, out: np.ndarray | None = 
     is three times slower than values spread over elements. Spread over
     lanes, the additions of one element form independent chains. For at
     most ``_BLOCK`` values; written into `out` (int64, as many) when given,
-    such as :func:`_lane_scratch`'s.
+    such as a :func:`work_array`.
     """
     if lanes == 1:
         return where
@@ -791,26 +791,37 @@ def laned(where: np.ndarray, size: int, lanes: int, *, out: np.ndarray | None = 
     return np.add(where, offsets[: where.size], out=out)
 
 
-_SCRATCH = threading.local()
+#: work arrays are kept per thread up to this many elements
+WORK_ELEMENTS = 1 << 20
+_WORK = threading.local()
 
 
-def _lane_scratch(size: int) -> np.ndarray:
-    """An int64 work array of `size` (at most ``_BLOCK``) for :func:`laned`, kept per
-    thread: valid until the next call in this thread."""
-    held = getattr(_SCRATCH, "index", None)
-    if held is None:
-        held = _SCRATCH.index = np.empty(_BLOCK, dtype=np.int64)
-    return held[:size]
+def work_array(
+    name: str, shape: tuple[int, ...], dtype: Any, order: Literal["C", "F"] = "C"
+) -> np.ndarray:
+    """An uninitialised work array, kept in this thread for the next call with this name.
+
+    An update allocating its large temporaries again for each batch pays
+    for fresh pages each time the allocator has handed them back to the
+    system; kept, they are touched once. The array is valid until the next
+    call with the same name in this thread: no longer than one update.
+    """
+    size = math.prod(shape)
+    key = (name, np.dtype(dtype).str)
+    held: dict[tuple[str, str], np.ndarray] = _WORK.__dict__.setdefault("arrays", {})
+    flat = held.get(key)
+    if flat is None or flat.size < size:
+        flat = np.empty(size, dtype=dtype)
+        if size <= WORK_ELEMENTS:
+            held[key] = flat
+    return flat[:size].reshape(shape, order=order)
 
 
 def _scratch(size: int) -> tuple[np.ndarray, ...]:
-    """Three float64 and one bool work arrays of `size` (at most ``_BLOCK``), kept per thread."""
-    buffers = getattr(_SCRATCH, "buffers", None)
-    if buffers is None or buffers[1].shape[1] < size:
-        buffers = (np.empty((3, size), dtype=np.float64), np.empty((1, size), dtype=np.bool_))
-        _SCRATCH.buffers = buffers
-    floats, mask = buffers
-    return floats[0, :size], floats[1, :size], floats[2, :size], mask[0, :size]
+    """Three float64 and one bool work arrays of `size` (at most ``_BLOCK``), kept per thread
+    (:func:`work_array`)."""
+    floats = work_array("exact split", (3, size), np.float64)
+    return floats[0], floats[1], floats[2], work_array("exact left", (size,), np.bool_)
 
 
 def _round(limbs: np.ndarray, scale: int) -> np.ndarray:

@@ -38,7 +38,6 @@ bins up to that resolution, and the per-bin sums stay exact.
 from __future__ import annotations
 
 import math
-import threading
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -64,6 +63,7 @@ from crossent.metrics._exact import (
     add_to_each,
     laned,
     lanes_for,
+    work_array,
 )
 
 __all__ = [
@@ -376,7 +376,7 @@ def _numpy_prob_rows(
     log_p_y[clamped] = LOG_P_FLOOR
     # (p_k − 1[k = y])²: p² everywhere, then the labels' entries (a view: d is contiguous
     # in that order)
-    d = _work("floats", (n, c), np.float64, order)  # used up before this returns
+    d = work_array("floats", (n, c), np.float64, order)  # used up before this returns
     np.square(x, out=d)
     d.ravel(order=order)[at] = np.square(p_y - 1)
     out = {
@@ -682,12 +682,12 @@ def _laned_index(idx: np.ndarray, length: int, *, work: str | None = None) -> np
     the `length` elements: value i goes to copy ``i % lanes`` (see
     :func:`~crossent.metrics._exact.laned`), so one such index serves the counts and the
     exact sums of the same values. `idx` itself for one lane; with `work`, a work array
-    of that name (see :func:`_work`).
+    of that name (see :func:`.work_array`).
     """
     lanes = lanes_for(length)
     if lanes == 1:
         return idx
-    out = _work(work, idx.shape, np.int64, "C") if work else np.empty(idx.size, np.int64)
+    out = work_array(work, idx.shape, np.int64, "C") if work else np.empty(idx.size, np.int64)
     for start in range(0, idx.size, LANE_BLOCK):
         part = slice(start, start + LANE_BLOCK)
         laned(idx[part], length, lanes, out=out[part])
@@ -714,30 +714,6 @@ def _bincount(idx: np.ndarray, length: int, *, spread: np.ndarray | None = None)
     return count.reshape(lanes, length).sum(axis=0)
 
 
-#: large work arrays of the calibration bins are kept per thread up to this many elements
-WORK_ELEMENTS = 1 << 20
-_WORK = threading.local()
-
-
-def _work(name: str, shape: tuple[int, ...], dtype: Any, order: Literal["C", "F"]) -> np.ndarray:
-    """An uninitialised work array, kept in this thread for the next call with this name.
-
-    An update allocating its large temporaries again for each batch pays
-    for fresh pages each time the allocator has handed them back to the
-    system; kept, they are touched once. The array is valid until the next
-    call with the same name in this thread: no longer than one update.
-    """
-    size = math.prod(shape)
-    key = (name, np.dtype(dtype).str)
-    held: dict[tuple[str, str], np.ndarray] = _WORK.__dict__.setdefault("arrays", {})
-    flat = held.get(key)
-    if flat is None or flat.size < size:
-        flat = np.empty(size, dtype=dtype)
-        if size <= WORK_ELEMENTS:
-            held[key] = flat
-    return flat[:size].reshape(shape, order=order)
-
-
 def _width_bin(
     conf: np.ndarray, bins: int, *, order: Literal["C", "F"] = "C", work: str | None = None
 ) -> np.ndarray:
@@ -745,7 +721,7 @@ def _width_bin(
 
     A value below 0 (only when value checks are off) is in the first bin, as
     one above 1 is in the last. The result is laid out in `order`; with
-    `work`, it is a work array of that name (see :func:`_work`), and the
+    `work`, it is a work array of that name (see :func:`.work_array`), and the
     products are computed in the thread's float work array "floats" (which
     holds nothing between calls).
     """
@@ -753,8 +729,8 @@ def _width_bin(
     if work is None:
         t, out = np.empty(shape, order=order), np.empty(shape, dtype=np.int64, order=order)
     else:
-        t = _work("floats", shape, np.float64, order)  # used up before this returns
-        out = _work(work, shape, np.int64, order)
+        t = work_array("floats", shape, np.float64, order)  # used up before this returns
+        out = work_array(work, shape, np.int64, order)
     np.multiply(conf, bins, out=t)
     np.clip(t, 0, bins - 1, out=t)
     np.copyto(out, t, casting="unsafe")  # truncation: floor of values >= 0
