@@ -689,3 +689,66 @@ def test_a_negative_probability_is_found_past_a_nan_row() -> None:
     assert info.value.row == 2
     ok = ClassificationMetrics(input_kind="probs").update(p[:2], np.array([0, 1])).compute()
     assert math.isnan(ok["log_loss_nats"])
+
+
+@pytest.mark.parametrize("classes", [3, 8, F.COLUMN_CLASSES, F.COLUMN_CLASSES + 1])
+@pytest.mark.parametrize("kind", ["logits", "log_probs"])
+def test_row_statistics_depend_on_the_row_alone(kind: str, classes: int) -> None:
+    # a contiguous row was summed pairwise and a column-major batch column by column: one
+    # row, a C-ordered, an F-ordered batch and a view gave log-sum-exps an ulp apart
+    d = _data(n=40, c=classes, seed=classes, scale=3.0)
+    x, y = d[kind], d["y"]
+
+    def stats(a: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
+        out = F._row_stats(
+            a, t, input_kind=kind, axis=-1, ignore_index=None, need_probs=True, xp=np
+        )
+        out.pop("num_classes")
+        out.pop("probs_bounded")
+        return out
+
+    one = [stats(x[i : i + 1], y[i : i + 1]) for i in range(40)]
+    rows = {key: np.concatenate([r[key] for r in one]) for key in one[0]}
+    wide = np.zeros((40, 2 * classes))
+    wide[:, ::2] = x
+    layouts = {
+        "C": (np.ascontiguousarray(x), y),
+        "F": (np.asfortranarray(x), y),
+        "strided": (wide[:, ::2], y),
+        "reversed": (x[::-1], y[::-1]),
+        "float32 rows": (x.astype(np.float32), y),
+    }
+    for name, (a, t) in layouts.items():
+        got = stats(a, t)
+        if name == "reversed":
+            got = {key: value[::-1] for key, value in got.items()}
+        if name == "float32 rows":  # the same rule in float32: rows alone still decide
+            single = [stats(a[i : i + 1], t[i : i + 1]) for i in range(40)]
+            want = {key: np.concatenate([r[key] for r in single]) for key in single[0]}
+        else:
+            want = rows
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name} {key}")
+    lse = np.log(np.sum(np.exp(d["logits"]), axis=1))
+    nll = lse - d["logits"][np.arange(40), y]
+    np.testing.assert_allclose(rows["nll"], nll, rtol=1e-13)
+    hot = np.eye(classes)[y]
+    np.testing.assert_allclose(rows["brier"], ((d["probs"] - hot) ** 2).sum(axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_row_statistics_depend_on_the_row_alone(kind: str) -> None:
+    torch = pytest.importorskip("torch")
+    d = _data(n=30, c=16, seed=4, scale=3.0)
+    x = torch.tensor(d[kind])
+    y = torch.tensor(d["y"])
+    one = ClassificationMetrics(input_kind=kind)
+    for i in range(30):
+        one.update(x[i : i + 1], y[i : i + 1])
+    transposed = x.T.contiguous().T  # column-major: torch reduced its rows another way
+    got = ClassificationMetrics(input_kind=kind).update(transposed, y)
+    for part, state in one.state.items():
+        for key, value in state.items():
+            other = got.state[part][key]
+            if isinstance(value, ExactSum):
+                np.testing.assert_array_equal(other.value(), value.value(), err_msg=key)

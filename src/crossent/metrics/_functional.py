@@ -21,7 +21,9 @@ The work is split in two:
   a state into numbers.
 
 The per-row terms are computed row by row, so they do not depend on the
-batching either (for a given backend and dtype).
+batching either (for a given backend and dtype), nor on the memory layout of
+a batch: NumPy sums over the classes in one order whatever the layout
+(:func:`_numpy_row_sum`), and torch gets contiguous rows.
 
 Calibration states keep two histograms of the confidences: ``B`` equal-width
 bins (``bin = min(floor(conf·B), B−1)``, so a confidence of exactly 1.0 lands
@@ -48,6 +50,7 @@ from crossent._lib._xp import (
     compute_dtype,
     device,
     is_numpy_namespace,
+    is_torch_namespace,
     logsumexp,
     one_hot,
     size,
@@ -285,11 +288,18 @@ def _row_stats(
     x = xp.astype(x, dtype) if x.dtype != dtype else x
     y_safe = xp.astype(y, xp.int64) if y.dtype != xp.int64 else y
     index = xp.expand_dims(y_safe, axis=-1)
+    row_sum = None
+    if is_numpy_namespace(xp):  # in the layout that _numpy_row_sum sums without a copy
+        x = np.asarray(x, order="F" if num_classes <= COLUMN_CLASSES else "C")
+        row_sum = _numpy_row_sum
+    elif is_torch_namespace(xp) and not x.is_contiguous():
+        x = x.contiguous()  # torch reduces contiguous rows one by one, other layouts not
 
     if input_kind == "logits":
         with np.errstate(invalid="ignore"):  # a logit of +inf: inf - inf, a NaN row (below)
             shifted, _ = shift_logits(x, xp=xp)  # log p accurate for large logits
-            log_p = shifted - logsumexp(shifted, axis=-1, keepdims=True, xp=xp)
+            lse = logsumexp(shifted, axis=-1, keepdims=True, xp=xp, row_sum=row_sum)
+            log_p = shifted - lse
         log_p_y = xp.squeeze(take_along_axis(log_p, index, axis=-1, xp=xp), axis=-1)
         probs = xp.exp(log_p)
         clamped = xp.zeros_like(log_p_y, dtype=xp.bool)
@@ -308,8 +318,14 @@ def _row_stats(
 
     conf = xp.max(probs, axis=-1)
     pred = xp.argmax(x, axis=-1)
-    hot = one_hot(y_safe, num_classes, dtype=probs.dtype, xp=xp)
-    brier = xp.sum((probs - hot) ** 2, axis=-1)
+    if row_sum is None:
+        hot = one_hot(y_safe, num_classes, dtype=probs.dtype, xp=xp)
+        brier = xp.sum((probs - hot) ** 2, axis=-1)
+    else:  # NumPy: (p_k − 1[k = y])² in the layout of probs, p² but at the labels
+        sq = np.square(probs)
+        at = (np.arange(labels.size), labels)
+        sq[at] = np.square(probs[at] - 1)
+        brier = row_sum(sq)[:, 0]
     # NaN in the row, or made from it (a logit of +inf: inf - inf); max propagates NaN
     nan = xp.any(xp.isnan(x), axis=-1) | xp.isnan(conf)
 
@@ -392,6 +408,24 @@ def _numpy_prob_rows(
         out["probs"] = np.asarray(x, dtype=np.float64, order="K")
         out["probs_bounded"] = np.asarray(checked)  # checked: each in [0, its row's max]
     return out
+
+
+def _numpy_row_sum(x: np.ndarray) -> np.ndarray:
+    """Row sums (rows, 1) of a (rows, classes) matrix that depend on each row alone.
+
+    ``x.sum(axis=1)`` adds a contiguous row pairwise but a column-major matrix
+    column by column, so its bits would depend on the layout of the batch and
+    on its number of rows (one row is contiguous in either layout). The sums
+    are made as :func:`_numpy_prob_rows` makes them: column by column in class
+    order up to ``COLUMN_CLASSES`` classes, else along the rows of a row-major
+    copy.
+    """
+    n, c = x.shape
+    if c > COLUMN_CLASSES:
+        return np.ascontiguousarray(x).sum(axis=1, keepdims=True)
+    if c == 0:
+        return np.zeros((n, 1), dtype=x.dtype)
+    return _column_sum(np.asfortranarray(x))[:, None]
 
 
 def _column_sum(x: np.ndarray) -> np.ndarray:

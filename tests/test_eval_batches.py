@@ -1,0 +1,67 @@
+"""``crossent eval`` gives the same bits whatever the batch size: every per-row term
+depends on its row alone, and the sums are exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossent._eval import _csv as _csv_reader
+from crossent._eval import _jsonl as _jsonl_reader
+from tests._evaldata import run_json
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+CLASSES = 8  # a contiguous row of 8 or more is summed pairwise by NumPy, a column-major
+# matrix column by column: the per-row log-sum-exp and Brier term differed by an ulp
+
+
+def _logits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(scale=3.0, size=(n, CLASSES)), rng.integers(0, CLASSES, n)
+
+
+def _parquet(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    table = {"label": y, **{f"c{k}": x[:, k] for k in range(x.shape[1])}}
+    pq.write_table(pa.table(table), path)
+    return path
+
+
+def _jsonl(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    lines = [
+        json.dumps({"label": int(t), **{f"c{k}": float(v) for k, v in enumerate(row)}})
+        for row, t in zip(x, y, strict=True)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _csv(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    lines = [",".join(["label", *(f"c{k}" for k in range(x.shape[1]))])]
+    lines += [",".join([str(t), *(f"{v:.17g}" for v in row)]) for row, t in zip(x, y, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+WRITERS = {"parquet": _parquet, "jsonl": _jsonl, "csv": _csv}
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_batches_of_one_two_three_rows_give_the_figures_of_one_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    # text readers: blocks of a few rows (else the first batch holds the first 64 KiB)
+    monkeypatch.setattr(_csv_reader, "BLOCK_SIZE", 256)
+    monkeypatch.setattr(_jsonl_reader, "BLOCK_SIZE", 256)
+    x, y = _logits(12, seed=5)
+    path = WRITERS[fmt](tmp_path / f"p.{fmt}", x, y)
+    one = run_json("eval", str(path), "--input", "logits", "--batch-size", "65536")
+    for size in ("1", "2", "3", "5"):
+        many = run_json("eval", str(path), "--input", "logits", "--batch-size", size)
+        assert many == one, (fmt, size)
+    lse = np.log(np.exp(x).sum(axis=1))
+    assert one["log_loss_nats"] == pytest.approx(np.mean(lse - x[np.arange(12), y]), rel=1e-13)
