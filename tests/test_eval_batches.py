@@ -11,7 +11,7 @@ import pytest
 
 from crossent._eval import _csv as _csv_reader
 from crossent._eval import _jsonl as _jsonl_reader
-from tests._evaldata import run_json
+from tests._evaldata import run, run_json
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -65,3 +65,22 @@ def test_batches_of_one_two_three_rows_give_the_figures_of_one_batch(
         assert many == one, (fmt, size)
     lse = np.log(np.exp(x).sum(axis=1))
     assert one["log_loss_nats"] == pytest.approx(np.mean(lse - x[np.arange(12), y]), rel=1e-13)
+
+
+def test_a_nan_group_value_exits_2_naming_the_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # NaN equals nothing: it made a group of its own in every batch (four groups of one
+    # row from batches of 3), exit 0
+    x, y = _logits(12, seed=2)
+    table = {"label": y, **{f"c{k}": x[:, k] for k in range(CLASSES)}}
+    table["version"] = np.array([1.0, np.nan, 2.0] * 4)
+    path = tmp_path / "g.parquet"
+    pq.write_table(pa.table(table), path)
+    for size in ("3", "100"):
+        status, text = run(
+            "eval", str(path), "--input", "logits", "--group-by", "version", "--batch-size", size
+        )
+        err = capsys.readouterr().err
+        assert status == 2, text
+        assert "row 2 has NaN in the --group-by column 'version'" in err
