@@ -86,7 +86,7 @@ def _check_binary(score: np.ndarray, label: np.ndarray, *, input_kind: str) -> N
     bad = np.flatnonzero((label != 0) & (label != 1))
     if bad.size:
         row = int(bad[0])
-        reason = f"has label {int(label[row])}, not 0 or 1"
+        reason = f"has label {label[row]:g}, not 0 or 1"
         msg = f"`target` row {row} {reason}. Binary labels are 0/1 (or false/true)."
         raise F.BadRowError(msg, row=row, reason=reason)
     if input_kind == "logits":
@@ -170,7 +170,9 @@ class BinaryClassificationMetrics(Metric):
         """Add a batch: `input` holds one score per row, `target` the 0/1 labels."""
         array_namespace(input, target)  # a clear TypeError for non-arrays
         score = np.ravel(to_numpy(input, dtype=np.float64))
-        label = np.ravel(to_numpy(target, dtype=np.int64))
+        # as float64 (exact for 0/1 and any label near them): an int64 copy would truncate
+        # 0.5 or 1.2 to a label 0/1
+        label = np.ravel(to_numpy(target, dtype=np.float64))
         if score.shape != label.shape:
             msg = (
                 f"`input` must hold one P(label = 1) per label; got {score.size} scores "
@@ -181,7 +183,7 @@ class BinaryClassificationMetrics(Metric):
             kept = label != self.ignore_index
             score, label = score[kept], label[kept]
         _check_binary(score, label, input_kind=self.input_kind)
-        rows = _binary_rows(score, label, input_kind=self.input_kind)
+        rows = _binary_rows(score, label.astype(np.int64), input_kind=self.input_kind)
         self.update_rows(rows)
         return self
 
