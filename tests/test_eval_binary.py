@@ -166,3 +166,13 @@ def test_binary_labels_that_are_not_0_or_1_are_refused_not_truncated() -> None:
     )
     assert floats["log_loss_nats"] == ints.compute()["log_loss_nats"]
     assert floats["log_loss_nats"] == pytest.approx(-(np.log(0.8) + np.log(0.9)) / 2, rel=1e-15)
+
+
+def test_mean_prediction_is_the_exact_sum_rounded_once() -> None:
+    # the bins' sums were each rounded, then added in float64: 63 of 200 means an ulp off
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        p = rng.random(int(rng.integers(2, 40)))
+        y = rng.integers(0, 2, p.size)
+        got = BinaryClassificationMetrics(input_kind="probs").update(p, y).compute()
+        assert got["mean_prediction"] == math.fsum(p) / p.size

@@ -205,7 +205,8 @@ class BinaryClassificationMetrics(Metric):
         nats = F._log_loss_compute(log_loss)
         per_class = F._per_class_compute(self._states["per_class"], base=self.base)
         count = int(log_loss["count"])
-        conf_sum = float(positive["width_conf"].value().sum())
+        conf = positive["width_conf"]  # the bins' exact sums, added exactly, rounded once
+        conf_sum = float(conf.regroup(np.zeros(conf.shape, dtype=np.int64), 1).value()[0, 0])
         return {
             "rows": count,
             "classes": 2,
