@@ -1,5 +1,5 @@
-"""``crossent eval`` gives the same bits whatever the batch size: every per-row term
-depends on its row alone, and the sums are exact."""
+"""``crossent eval`` gives the same bits whatever the batch size (every per-row term
+depends on its row alone, and the sums are exact), and names a bad value as written."""
 
 from __future__ import annotations
 
@@ -84,3 +84,18 @@ def test_a_nan_group_value_exits_2_naming_the_row(
         err = capsys.readouterr().err
         assert status == 2, text
         assert "row 2 has NaN in the --group-by column 'version'" in err
+
+
+def test_a_float_label_beyond_int64_is_named_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 1e20 was cast to int64 (a RuntimeWarning) and reported as '-9223372036854775808'
+    x, _ = _logits(4, seed=3)
+    path = tmp_path / "l.parquet"
+    table = {"label": [0.0, 1.0, 2.0, 1e20], **{f"c{k}": x[:, k] for k in range(CLASSES)}}
+    pq.write_table(pa.table(table), path)
+    for size in ("1", "100"):
+        status, _ = run("eval", str(path), "--input", "logits", "--batch-size", size)
+        err = capsys.readouterr().err
+        assert status == 2
+        assert "row 4 has label 1e+20, which is not a class index or name" in err, err
