@@ -99,3 +99,52 @@ def test_a_float_label_beyond_int64_is_named_as_written(
         err = capsys.readouterr().err
         assert status == 2
         assert "row 4 has label 1e+20, which is not a class index or name" in err, err
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_rows_longer_than_a_block_are_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    # pyarrow parses whole lines per 64 KiB block: a row of 4000 classes (97 KB) failed
+    # with "straddling object straddles two block boundaries", exit 2
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(3, 4000))
+    x, y = z - np.log(np.exp(z).sum(axis=1, keepdims=True)), rng.integers(0, 4000, 3)
+    path = WRITERS[fmt](tmp_path / f"wide.{fmt}", x, y)
+    for size in ("1", "100"):
+        out = run_json("eval", str(path), "--input", "log_probs", "--batch-size", size)
+        assert out["log_loss_nats"] == pytest.approx(-x[np.arange(3), y].mean(), rel=1e-14)
+    # short rows, then a 200 KB text cell half-way (a note column), then a bad cell: the
+    # reader goes on in larger blocks and still names the bad cell
+    p = np.exp(x[:, :3] - np.log(np.exp(x[:, :3]).sum(axis=1, keepdims=True)))
+    rows: list[dict[str, object]] = [
+        {
+            "label": i % 3,
+            **dict(zip("abc", p[i % 3].tolist(), strict=True)),
+            "note": "x" * 200_000 if i in (5, 2500) else "ok",
+        }
+        for i in range(3000)
+    ]
+
+    def write(bad: bool) -> Path:
+        cells = [dict(r, b="zz") if bad and i == 2800 else r for i, r in enumerate(rows)]
+        late = tmp_path / f"late.{fmt}"
+        if fmt == "jsonl":
+            late.write_text("".join(json.dumps(r) + "\n" for r in cells))
+        else:
+            text = ["label,a,b,c,note"]
+            text += [
+                ",".join(v if isinstance(v, str) else repr(v) for v in r.values()) for r in cells
+            ]
+            late.write_text("\n".join(text) + "\n")
+        return late
+
+    status, _ = run("eval", str(write(bad=True)), "--batch-size", "7")
+    assert status == 2
+    err = capsys.readouterr().err
+    assert (
+        "row 2801 (line 2802) has 'zz' in column 'b'"
+        if fmt == "csv"
+        else "line 2801 has 'zz' (text) in column 'b'"
+    ) in err, err
+    assert run_json("eval", str(write(bad=False)), "--batch-size", "7")["rows"] == 3000
