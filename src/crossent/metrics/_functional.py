@@ -20,10 +20,12 @@ The work is split in two:
   (exact sums, ``np.bincount`` counts), and the ``_*_compute`` functions turn
   a state into numbers.
 
-The per-row terms are computed row by row, so they do not depend on the
-batching either (for a given backend and dtype), nor on the memory layout of
-a batch: NumPy sums over the classes in one order whatever the layout
-(:func:`_numpy_row_sum`), and torch gets contiguous rows.
+The per-row terms are computed row by row, so with NumPy and PyTorch on the
+CPU they do not depend on the batching either (for a given dtype), nor on the
+memory layout of a batch: NumPy sums over the classes in one order whatever
+the layout (:func:`_numpy_row_sum`), and torch gets contiguous rows. JAX
+(XLA) and GPU kernels may pick a reduction order by the batch's shape: their
+per-row terms can be an ulp apart between batchings.
 
 Calibration states keep two histograms of the confidences: ``B`` equal-width
 bins (``bin = min(floor(conf·B), B−1)``, so a confidence of exactly 1.0 lands
