@@ -752,3 +752,13 @@ def test_torch_row_statistics_depend_on_the_row_alone(kind: str) -> None:
             other = got.state[part][key]
             if isinstance(value, ExactSum):
                 np.testing.assert_array_equal(other.value(), value.value(), err_msg=key)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (2, 0)])
+def test_an_input_without_classes_is_named(shape: tuple[int, int]) -> None:
+    # (0, 0) failed inside NumPy: "zero-size array to reduction operation maximum"
+    for kind in KINDS:
+        with pytest.raises(ValueError, match=r"`input` has no classes along axis 1"):
+            ClassificationMetrics(input_kind=kind).update(
+                np.zeros(shape), np.zeros(shape[0], dtype=int)
+            )

@@ -159,6 +159,12 @@ def _flatten(input: Array, target: Array, *, axis: int, xp: Any) -> tuple[Array,
     if axis != input.ndim - 1:
         input = xp.moveaxis(input, axis, -1)
     num_classes = input.shape[-1]
+    if num_classes == 0:
+        msg = (
+            f"`input` has no classes along axis {axis} (shape {tuple(input.shape)}); "
+            "give one prediction per class, or pass the class axis as `axis`."
+        )
+        raise ValueError(msg)
     rows = size(target)
     return xp.reshape(input, (rows, num_classes)), xp.reshape(target, (rows,))
 
