@@ -762,3 +762,20 @@ def test_an_input_without_classes_is_named(shape: tuple[int, int]) -> None:
             ClassificationMetrics(input_kind=kind).update(
                 np.zeros(shape), np.zeros(shape[0], dtype=int)
             )
+
+
+def test_a_nan_row_makes_its_recall_and_every_precision_nan() -> None:
+    # the NaN row counted as a miss: class 0's recall was 0.0 and the precisions numbers,
+    # while the accuracy was NaN
+    z = np.array([[np.nan, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    y = np.array([0, 1, 1, 2])
+    got = PerClassCrossEntropy(input_kind="logits").update(z, y).compute()
+    assert np.isnan(got["recall"][0])
+    np.testing.assert_array_equal(got["recall"][1:], [0.5, 1.0])
+    assert np.isnan(got["precision"]).all()
+    np.testing.assert_array_equal(got["count"], [1, 2, 1])
+    clean = PerClassCrossEntropy(input_kind="logits").update(z[1:], y[1:]).compute()
+    np.testing.assert_array_equal(clean["precision"], [0.0, 1.0, 1.0])
+    merged = PerClassCrossEntropy(input_kind="logits").update(z[1:], y[1:])
+    merged.merge(PerClassCrossEntropy(input_kind="logits").update(z[:1], y[:1]))
+    assert repr(merged.compute()) == repr(got)

@@ -653,6 +653,7 @@ def _per_class_init(num_classes: int) -> State:
         "class_count": np.zeros(num_classes, dtype=np.int64),
         "class_correct": np.zeros(num_classes, dtype=np.int64),
         "class_predicted": np.zeros(num_classes, dtype=np.int64),
+        "class_nan": np.zeros(num_classes, dtype=np.int64),  # rows holding NaN, by label
     }
 
 
@@ -681,21 +682,35 @@ def _per_class_update(
                 rows["pred"] if every_row else np.compress(valid, rows["pred"]),
                 minlength=num_classes,
             ).astype(np.int64),
+            "class_nan": (
+                np.zeros(num_classes, dtype=np.int64)
+                if every_row
+                else np.bincount(np.compress(~valid, labels), minlength=num_classes).astype(
+                    np.int64
+                )
+            ),
         },
         defer,
     )
 
 
 def _per_class_compute(state: State, *, base: float | None = None) -> dict[str, np.ndarray]:
-    """Per-class mean cross-entropy (NaN for unseen classes), counts, recall and precision."""
+    """Per-class mean cross-entropy (NaN for unseen classes), counts, recall and precision.
+
+    A row holding NaN has no prediction: the recall of its class is NaN, and so
+    is every precision (the row may have been predicted as any class), as the
+    accuracy is NaN.
+    """
     count = state["class_count"]
     seen = count > 0
     denom = np.where(seen, count, 1)
     ce = np.where(seen, state["class_nll"].value() / denom, np.nan) / _log_base(base)
-    recall = np.where(seen, state["class_correct"] / denom, np.nan)
+    nan = state["class_nan"]
+    recall = np.where(seen & (nan == 0), state["class_correct"] / denom, np.nan)
     predicted = state["class_predicted"]
+    known = (predicted > 0) & (not nan.any())
     precision = np.where(
-        predicted > 0, state["class_correct"] / np.where(predicted > 0, predicted, 1), np.nan
+        known, state["class_correct"] / np.where(predicted > 0, predicted, 1), np.nan
     )
     return {"cross_entropy": ce, "count": count.copy(), "recall": recall, "precision": precision}
 

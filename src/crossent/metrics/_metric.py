@@ -575,7 +575,8 @@ class PerClassCrossEntropy(Metric):
     :meth:`compute` returns a dict of arrays indexed by class:
     ``cross_entropy`` (mean −log p of that class's rows, in units of `base`;
     NaN for a class with no rows), ``count``, ``recall`` (accuracy on the
-    class's rows) and ``precision``.
+    class's rows) and ``precision``. A row holding NaN has no prediction: the
+    recall of its class and every precision are NaN (as the accuracy is).
 
     Examples
     --------
