@@ -208,7 +208,7 @@ def is_numeric_list(pa: Any, t: Any) -> bool:
 #: the file under Arrow's jemalloc and system pools; :func:`regroup` makes full batches
 BLOCK_SIZE = 1 << 16
 #: the largest block the text readers grow to, for a line longer than ``BLOCK_SIZE``
-MAX_BLOCK_SIZE = 1 << 30
+MAX_BLOCK_SIZE = 1 << 26  # 64 MiB: a row of 3M classes; a broken line stops there
 
 
 def _too_long(exc: BaseException) -> bool:
