@@ -779,3 +779,19 @@ def test_a_nan_row_makes_its_recall_and_every_precision_nan() -> None:
     merged = PerClassCrossEntropy(input_kind="logits").update(z[1:], y[1:])
     merged.merge(PerClassCrossEntropy(input_kind="logits").update(z[:1], y[:1]))
     assert repr(merged.compute()) == repr(got)
+
+
+def test_a_value_just_outside_0_1_is_shown_as_it_is() -> None:
+    # 6 digits showed 1.0000000001 as "a value 1 outside [0, 1]"
+    from crossent.metrics import BinaryClassificationMetrics
+
+    with pytest.raises(BadRowError, match=r"a value 1\.0000000001 outside \[0, 1\]"):
+        CrossEntropy(input_kind="probs").update(np.array([[1.0000000001, 0.0]]), np.array([0]))
+    with pytest.raises(BadRowError, match=r"a value -1e-12 outside \[0, 1\]"):
+        CrossEntropy(input_kind="probs").update(np.array([[-1e-12, 1.0]]), np.array([0]))
+    with pytest.raises(BadRowError, match=r"P\(label = 1\) = -1e-300, outside \[0, 1\]"):
+        BinaryClassificationMetrics(input_kind="probs").update(np.array([-1e-300]), np.array([0]))
+    with pytest.raises(BadRowError, match=r"P\(label = 1\) = 1\.0000000001, outside"):
+        BinaryClassificationMetrics(input_kind="probs").update(
+            np.array([1.0000000001]), np.array([0])
+        )

@@ -96,9 +96,10 @@ def _check_binary(score: np.ndarray, label: np.ndarray, *, input_kind: str) -> N
     if hits.size:
         row = int(hits[0])
         bound = "[0, 1]" if input_kind == "probs" else "[-inf, 0]"
-        reason = f"has P(label = 1) = {score[row]:.6g}, outside {bound}"
+        shown = F._shown(float(score[row]))
+        reason = f"has P(label = 1) = {shown}, outside {bound}"
         if input_kind == "log_probs":
-            reason = f"has log P(label = 1) = {score[row]:.6g}, outside {bound}"
+            reason = f"has log P(label = 1) = {shown}, outside {bound}"
         msg = (
             f"`input` row {row} {reason}. Pass input_kind='logits' if these are logits "
             "(scores before the sigmoid)."

@@ -209,6 +209,13 @@ def _check_distributions(x: Array, *, input_kind: str, xp: Any) -> None:
     _raise_bad_distribution(x, total, outside, row, input_kind=input_kind, tol=tol)
 
 
+def _shown(value: float) -> str:
+    """`value` in 6 significant digits, in full when those would show a value just outside
+    [0, 1] as 0 or 1 ("a value 1 outside [0, 1]" for 1.0000000001)."""
+    short = f"{value:.6g}"
+    return short if float(short) not in (0.0, 1.0) or float(short) == value else repr(value)
+
+
 def _raise_bad_distribution(
     x: Array, total: Array, outside: Array, row: int, *, input_kind: str, tol: float
 ) -> None:
@@ -220,7 +227,7 @@ def _raise_bad_distribution(
     if bool(to_numpy(outside[row], dtype=np.bool_)):
         bound = "[0, 1]" if input_kind == "probs" else "[-inf, 0]"
         bad = values[(values < 0) | (values > 1)] if input_kind == "probs" else values[values > 0]
-        reason = f"has a value {bad[0]:.6g} outside {bound}"
+        reason = f"has a value {_shown(float(bad[0]))} outside {bound}"
     else:
         reason = f"sums to {row_sum:.6g}, not 1 (tolerance {tol:.3g})"
         if input_kind == "log_probs":
