@@ -795,3 +795,45 @@ def test_a_value_just_outside_0_1_is_shown_as_it_is() -> None:
         BinaryClassificationMetrics(input_kind="probs").update(
             np.array([1.0000000001]), np.array([0])
         )
+
+
+def test_two_threads_updating_two_metrics_get_the_serial_bits() -> None:
+    # work arrays are kept per thread: a thread never sees another's bins or lanes
+    import sys
+    import threading
+
+    def batches(c: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        d = _data(n=600, c=c, seed=seed, scale=3.0)
+        p = np.asfortranarray(d["probs"])
+        return [(p[a : a + 37], d["y"][a : a + 37]) for a in range(0, 600, 37)]
+
+    jobs = [
+        (lambda: ClassificationMetrics(input_kind="probs"), batches(5, 1)),
+        (lambda: CalibrationError(input_kind="probs", kind="classwise"), batches(5, 2)),
+        (lambda: ClassificationMetrics(input_kind="probs", bins=7), batches(150, 3)),
+    ]
+
+    def feed(metric: Any, data: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        for x, y in data:
+            metric.update(x, y)
+
+    serial = []
+    for make, data in jobs:
+        metric = make()
+        feed(metric, data)
+        serial.append(repr(metric.compute()))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        metrics = [make() for make, _ in jobs]
+        threads = [
+            threading.Thread(target=feed, args=(m, data))
+            for m, (_, data) in zip(metrics, jobs, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert [repr(m.compute()) for m in metrics] == serial
