@@ -150,3 +150,29 @@ def test_cli_binary_report(tmp_path: Path) -> None:
     page = Path(out["report"]).read_text()
     assert "positive rate" in page
     assert "mean P(label = 1)" in page
+
+
+def test_binary_labels_that_are_not_0_or_1_are_refused_not_truncated() -> None:
+    # an int64 copy of the labels made 0.5 a 0 and 1.2 a 1: two rows scored, exit 0
+    m = BinaryClassificationMetrics(input_kind="probs")
+    for labels, shown in (([0.0, 0.5], "0.5"), ([1.2, 1.0], "1.2"), ([0.0, np.nan], "nan")):
+        row = 1 if shown != "1.2" else 0
+        with pytest.raises(BadRowError, match=rf"`target` row {row} has label {shown}, not 0 or 1"):
+            m.update(np.array([0.2, 0.3]), np.array(labels))
+    assert m.count == 0
+    floats = m.update(np.array([0.2, 0.9]), np.array([0.0, 1.0])).compute()
+    ints = BinaryClassificationMetrics(input_kind="probs").update(
+        np.array([0.2, 0.9]), np.array([False, True])
+    )
+    assert floats["log_loss_nats"] == ints.compute()["log_loss_nats"]
+    assert floats["log_loss_nats"] == pytest.approx(-(np.log(0.8) + np.log(0.9)) / 2, rel=1e-15)
+
+
+def test_mean_prediction_is_the_exact_sum_rounded_once() -> None:
+    # the bins' sums were each rounded, then added in float64: 63 of 200 means an ulp off
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        p = rng.random(int(rng.integers(2, 40)))
+        y = rng.integers(0, 2, p.size)
+        got = BinaryClassificationMetrics(input_kind="probs").update(p, y).compute()
+        assert got["mean_prediction"] == math.fsum(p) / p.size

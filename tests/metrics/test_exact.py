@@ -560,3 +560,48 @@ def test_indices_laned_by_the_caller_give_the_same_exact_sums(special: bool) -> 
     for k in (0, 1, size - 1):
         if not special or k != index[5]:
             assert got[k] == math.fsum(values[index == k].tolist())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_metric_shards_with_every_limit_shrunk_match_one_pass_and_fsum(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of 64 values (classes cut across blocks, runs across blocks), a carry every 2
+    deposits, partial sums full after a few values, one grid at a time, lanes up to 8
+    elements: shards of a classwise-calibrated stream, merged in any order, give the
+    single pass's bits, and each bin's sum is math.fsum's."""
+    import itertools
+    import random
+
+    from crossent.metrics import ClassificationMetrics
+    from crossent.metrics import _exact as E
+    from crossent.metrics import _functional as F
+
+    for name, value in (("_BLOCK", 64), ("_CARRY_EVERY", 2), ("_ROOM", 0), ("_SLACK", 0)):
+        monkeypatch.setattr(E, name, value)
+    monkeypatch.setattr(E, "_MAX_PARTIALS", 1)
+    monkeypatch.setattr(E, "_LANE_ELEMENTS", 8)
+    monkeypatch.setattr(E, "_OFFSETS", {})
+    monkeypatch.setattr(F, "LANE_BLOCK", 64)
+    rng = np.random.default_rng(seed)
+    n, c = 150, (3, 7, 70, 2)[seed]
+    z = rng.normal(scale=4.0, size=(n, c))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[rng.random(p.shape) < 0.05] *= 1e-250  # tiny values: rests that go round again
+    p = np.asfortranarray(p / p.sum(axis=1, keepdims=True))
+    y = rng.integers(0, c, n)
+    one = ClassificationMetrics(input_kind="probs", bins=5).update(p, y)
+    cuts = [0, *sorted(rng.choice(np.arange(1, n), 5, replace=False).tolist()), n]
+    shards = [
+        ClassificationMetrics(input_kind="probs", bins=5, num_classes=c).update(p[a:b], y[a:b])
+        for a, b in itertools.pairwise(cuts)
+    ]
+    random.Random(seed).shuffle(shards)
+    merged = shards[0].merge(*shards[1:])
+    assert repr(merged.compute()) == repr(one.compute())
+    conf = one.state["classwise"]["width_conf"].value()
+    bins = np.minimum(np.floor(p * 5), 4).astype(int)
+    for k in range(c):
+        for b in range(5):
+            assert conf[k, b] == math.fsum(p[:, k][bins[:, k] == b].tolist()), (k, b)

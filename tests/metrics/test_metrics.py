@@ -689,3 +689,151 @@ def test_a_negative_probability_is_found_past_a_nan_row() -> None:
     assert info.value.row == 2
     ok = ClassificationMetrics(input_kind="probs").update(p[:2], np.array([0, 1])).compute()
     assert math.isnan(ok["log_loss_nats"])
+
+
+@pytest.mark.parametrize("classes", [3, 8, F.COLUMN_CLASSES, F.COLUMN_CLASSES + 1])
+@pytest.mark.parametrize("kind", ["logits", "log_probs"])
+def test_row_statistics_depend_on_the_row_alone(kind: str, classes: int) -> None:
+    # a contiguous row was summed pairwise and a column-major batch column by column: one
+    # row, a C-ordered, an F-ordered batch and a view gave log-sum-exps an ulp apart
+    d = _data(n=40, c=classes, seed=classes, scale=3.0)
+    x, y = d[kind], d["y"]
+
+    def stats(a: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
+        out = F._row_stats(
+            a, t, input_kind=kind, axis=-1, ignore_index=None, need_probs=True, xp=np
+        )
+        out.pop("num_classes")
+        out.pop("probs_bounded")
+        return out
+
+    one = [stats(x[i : i + 1], y[i : i + 1]) for i in range(40)]
+    rows = {key: np.concatenate([r[key] for r in one]) for key in one[0]}
+    wide = np.zeros((40, 2 * classes))
+    wide[:, ::2] = x
+    layouts = {
+        "C": (np.ascontiguousarray(x), y),
+        "F": (np.asfortranarray(x), y),
+        "strided": (wide[:, ::2], y),
+        "reversed": (x[::-1], y[::-1]),
+        "float32 rows": (x.astype(np.float32), y),
+    }
+    for name, (a, t) in layouts.items():
+        got = stats(a, t)
+        if name == "reversed":
+            got = {key: value[::-1] for key, value in got.items()}
+        if name == "float32 rows":  # the same rule in float32: rows alone still decide
+            single = [stats(a[i : i + 1], t[i : i + 1]) for i in range(40)]
+            want = {key: np.concatenate([r[key] for r in single]) for key in single[0]}
+        else:
+            want = rows
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name} {key}")
+    lse = np.log(np.sum(np.exp(d["logits"]), axis=1))
+    nll = lse - d["logits"][np.arange(40), y]
+    np.testing.assert_allclose(rows["nll"], nll, rtol=1e-13)
+    hot = np.eye(classes)[y]
+    np.testing.assert_allclose(rows["brier"], ((d["probs"] - hot) ** 2).sum(axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_row_statistics_depend_on_the_row_alone(kind: str) -> None:
+    torch = pytest.importorskip("torch")
+    d = _data(n=30, c=16, seed=4, scale=3.0)
+    x = torch.tensor(d[kind])
+    y = torch.tensor(d["y"])
+    one = ClassificationMetrics(input_kind=kind)
+    for i in range(30):
+        one.update(x[i : i + 1], y[i : i + 1])
+    transposed = x.T.contiguous().T  # column-major: torch reduced its rows another way
+    got = ClassificationMetrics(input_kind=kind).update(transposed, y)
+    for part, state in one.state.items():
+        for key, value in state.items():
+            other = got.state[part][key]
+            if isinstance(value, ExactSum):
+                np.testing.assert_array_equal(other.value(), value.value(), err_msg=key)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (2, 0)])
+def test_an_input_without_classes_is_named(shape: tuple[int, int]) -> None:
+    # (0, 0) failed inside NumPy: "zero-size array to reduction operation maximum"
+    for kind in KINDS:
+        with pytest.raises(ValueError, match=r"`input` has no classes along axis 1"):
+            ClassificationMetrics(input_kind=kind).update(
+                np.zeros(shape), np.zeros(shape[0], dtype=int)
+            )
+
+
+def test_a_nan_row_makes_its_recall_and_every_precision_nan() -> None:
+    # the NaN row counted as a miss: class 0's recall was 0.0 and the precisions numbers,
+    # while the accuracy was NaN
+    z = np.array([[np.nan, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    y = np.array([0, 1, 1, 2])
+    got = PerClassCrossEntropy(input_kind="logits").update(z, y).compute()
+    assert np.isnan(got["recall"][0])
+    np.testing.assert_array_equal(got["recall"][1:], [0.5, 1.0])
+    assert np.isnan(got["precision"]).all()
+    np.testing.assert_array_equal(got["count"], [1, 2, 1])
+    clean = PerClassCrossEntropy(input_kind="logits").update(z[1:], y[1:]).compute()
+    np.testing.assert_array_equal(clean["precision"], [0.0, 1.0, 1.0])
+    merged = PerClassCrossEntropy(input_kind="logits").update(z[1:], y[1:])
+    merged.merge(PerClassCrossEntropy(input_kind="logits").update(z[:1], y[:1]))
+    assert repr(merged.compute()) == repr(got)
+
+
+def test_a_value_just_outside_0_1_is_shown_as_it_is() -> None:
+    # 6 digits showed 1.0000000001 as "a value 1 outside [0, 1]"
+    from crossent.metrics import BinaryClassificationMetrics
+
+    with pytest.raises(BadRowError, match=r"a value 1\.0000000001 outside \[0, 1\]"):
+        CrossEntropy(input_kind="probs").update(np.array([[1.0000000001, 0.0]]), np.array([0]))
+    with pytest.raises(BadRowError, match=r"a value -1e-12 outside \[0, 1\]"):
+        CrossEntropy(input_kind="probs").update(np.array([[-1e-12, 1.0]]), np.array([0]))
+    with pytest.raises(BadRowError, match=r"P\(label = 1\) = -1e-300, outside \[0, 1\]"):
+        BinaryClassificationMetrics(input_kind="probs").update(np.array([-1e-300]), np.array([0]))
+    with pytest.raises(BadRowError, match=r"P\(label = 1\) = 1\.0000000001, outside"):
+        BinaryClassificationMetrics(input_kind="probs").update(
+            np.array([1.0000000001]), np.array([0])
+        )
+
+
+def test_two_threads_updating_two_metrics_get_the_serial_bits() -> None:
+    # work arrays are kept per thread: a thread never sees another's bins or lanes
+    import sys
+    import threading
+
+    def batches(c: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        d = _data(n=600, c=c, seed=seed, scale=3.0)
+        p = np.asfortranarray(d["probs"])
+        return [(p[a : a + 37], d["y"][a : a + 37]) for a in range(0, 600, 37)]
+
+    jobs = [
+        (lambda: ClassificationMetrics(input_kind="probs"), batches(5, 1)),
+        (lambda: CalibrationError(input_kind="probs", kind="classwise"), batches(5, 2)),
+        (lambda: ClassificationMetrics(input_kind="probs", bins=7), batches(150, 3)),
+    ]
+
+    def feed(metric: Any, data: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        for x, y in data:
+            metric.update(x, y)
+
+    serial = []
+    for make, data in jobs:
+        metric = make()
+        feed(metric, data)
+        serial.append(repr(metric.compute()))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        metrics = [make() for make, _ in jobs]
+        threads = [
+            threading.Thread(target=feed, args=(m, data))
+            for m, (_, data) in zip(metrics, jobs, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert [repr(m.compute()) for m in metrics] == serial

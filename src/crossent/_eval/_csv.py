@@ -22,12 +22,16 @@ from crossent._eval._labels import as_int_text
 from crossent._eval._sources import data_suffix, open_input, open_text
 from crossent._eval._table import (
     BLOCK_SIZE,
+    MAX_BLOCK_SIZE,
     Table,
     checked_blocks,
+    growing_blocks,
     is_numeric,
     need,
+    open_growing,
     record_batches,
     regroup,
+    skip_rows,
     text_table,
 )
 
@@ -47,6 +51,9 @@ def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     `line` (from 1) is where the row starts: blank lines are skipped, as
     pyarrow skips them, and a quoted cell may span several lines.
     """
+    # a cell may be as long as a block: above the csv module's default 128 KiB (the
+    # process-wide limit is only ever raised)
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_BLOCK_SIZE))
     with open_text(path) as f:
         reader = csv.reader(f, delimiter=_delimiter(path))
         last = 0
@@ -146,7 +153,9 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
     # full batches
     read = pcsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False)
     try:
-        first = pcsv.open_csv(open_input(path), read_options=read, parse_options=parse)
+        first = open_growing(
+            lambda: pcsv.open_csv(open_input(path), read_options=read, parse_options=parse), read
+        )
     except pa.ArrowInvalid as exc:
         ragged = _ragged_line(path)
         if ragged is None:
@@ -180,12 +189,16 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
         )
 
     def text_blocks(skip: int) -> Iterator[Any]:
-        return _skip_rows(checked_blocks(reader(convert), lambda: table, explain), skip)
+        return skip_rows(checked_blocks(reader(convert), lambda: table, explain), skip)
 
     def blocks() -> Iterator[Any]:
-        if as_int is None:
-            return regroup(text_blocks(0), batch_size)
-        return regroup(_with_int_labels(reader(as_int), label_column, text_blocks), batch_size)
+        first = (
+            text_blocks(0)
+            if as_int is None
+            else _with_int_labels(reader(as_int), label_column, text_blocks)
+        )
+        # a line longer than a block: the rest in larger blocks, labels as text
+        return regroup(growing_blocks(first, text_blocks, read), batch_size)
 
     types = {f.name: column_types.get(f.name, f.type) for f in schema}
     line_of = functools.partial(_line_of, path)
@@ -232,13 +245,3 @@ def _with_int_labels(
     finally:
         reader.close()
     yield from text_blocks(rows)
-
-
-def _skip_rows(blocks: Iterator[Any], rows: int) -> Iterator[Any]:
-    """`blocks` without their first `rows` rows."""
-    for block in blocks:
-        if rows >= block.num_rows:
-            rows -= block.num_rows
-            continue
-        yield block.slice(rows) if rows else block
-        rows = 0

@@ -96,22 +96,25 @@ def group_keys(column: Any, *, name: str) -> tuple[np.ndarray, list[Any]]:
     """Each row's group code and the group value of each code, from an Arrow column.
 
     Hash-based (Arrow's ``dictionary_encode``): only the distinct values become
-    Python objects. Raises ``ValueError`` (with the first null row in
-    ``args[1]``) when a row has no group value: a row that belongs to no group
-    is a bad input, not something to drop silently.
+    Python objects. Raises ``ValueError`` (with the first such row in
+    ``args[1]``) when a row has no group value, null or NaN: a row that belongs
+    to no group is a bad input, not something to drop silently (NaN, equal to
+    nothing, made a group of its own in every batch).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if column.null_count:
-        mask = np.asarray(column.is_null())
-        row = int(np.flatnonzero(mask)[0])
-        msg = f"has no value in the --group-by column {name!r}"
-        raise ValueError(msg, row)
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
+    nan = pc.is_nan(column).fill_null(False) if pa.types.is_floating(column.type) else None
+    if column.null_count or (nan is not None and pc.any(nan).as_py()):
+        missing = column.is_null() if nan is None else pc.or_(column.is_null(), nan)
+        row = int(np.flatnonzero(np.asarray(missing))[0])
+        what = "NaN" if column[row].is_valid else "no value"
+        msg = f"has {what} in the --group-by column {name!r}"
+        raise ValueError(msg, row)
     encoded = pc.dictionary_encode(column)
     codes = to_numpy(encoded.indices).astype(np.int64, copy=False)
     return codes, encoded.dictionary.to_pylist()

@@ -23,11 +23,14 @@ from crossent._eval._table import (
     BLOCK_SIZE,
     Table,
     checked_blocks,
+    growing_blocks,
     is_numeric,
     is_numeric_list,
     need,
+    open_growing,
     record_batches,
     regroup,
+    skip_rows,
     text_table,
 )
 
@@ -168,7 +171,7 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
     # small blocks full batches again
     read = pjson.ReadOptions(block_size=BLOCK_SIZE, use_threads=False)
     try:
-        first = pjson.open_json(open_input(path), read_options=read)
+        first = open_growing(lambda: pjson.open_json(open_input(path), read_options=read), read)
     except pa.ArrowInvalid as exc:
         raise _fail(path, exc) from exc
     schema = first.schema
@@ -184,11 +187,13 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
         widened.append(f)
     parse = pjson.ParseOptions(explicit_schema=pa.schema(widened))
 
-    def blocks() -> Iterator[Any]:
+    def read_from(skip: int) -> Iterator[Any]:
         reader = pjson.open_json(open_input(path), read_options=read, parse_options=parse)
-        return regroup(
-            checked_blocks(reader, lambda: table, lambda exc: _fail(path, exc)), batch_size
-        )
+        return skip_rows(checked_blocks(reader, lambda: table, lambda e: _fail(path, e)), skip)
+
+    def blocks() -> Iterator[Any]:
+        # a line longer than a block: the rest in larger blocks
+        return regroup(growing_blocks(read_from(0), read_from, read), batch_size)
 
     types = {f.name: f.type for f in widened}
     line_of = functools.partial(_line_of, path)

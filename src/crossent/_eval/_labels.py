@@ -60,10 +60,13 @@ def batch_labels(batch: Any, columns: Columns, *, mode: str) -> np.ndarray:
     lookup = {name: i for i, name in enumerate(names)}
     names_are_ints = all(as_int_text(n) is not None for n in names)
     if numeric and raw.dtype.kind == "f":
-        frac = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)))
+        # not an int64 either (1e20 cast to int64 read as -2**63): not a label
+        frac = np.flatnonzero(~(np.abs(raw) < 2.0**63) | (raw != np.round(raw)))
         if frac.size:
             row = int(frac[0])
-            raise RowError(row, f"has label {raw[row]!r}, which is not a class index or name")
+            raise RowError(
+                row, f"has label {raw[row].item()!r}, which is not a class index or name"
+            )
         raw = raw.astype(np.int64)
     index_reading = mode == "index" or (mode == "auto" and not names_are_ints)
     if numeric and index_reading:  # integer indices: no text, no sorting

@@ -21,12 +21,16 @@ from crossent._eval._errors import CLIError
 
 __all__ = [
     "BLOCK_SIZE",
+    "MAX_BLOCK_SIZE",
     "Batch",
     "Table",
+    "growing_blocks",
     "is_numeric",
     "is_numeric_list",
     "need",
+    "open_growing",
     "regroup",
+    "skip_rows",
     "to_numpy",
 ]
 
@@ -128,6 +132,8 @@ def checked_blocks(
             return
         except Exception as exc:  # pyarrow.ArrowInvalid: pyarrow is imported lazily
             table().check_unchanged()
+            if _too_long(exc):  # not a bad row: :func:`growing_blocks` reads on
+                raise
             error = explain(exc)
             if error is None:
                 raise
@@ -201,6 +207,58 @@ def is_numeric_list(pa: Any, t: Any) -> bool:
 #: bytes per block of the text readers: larger blocks let the peak memory creep up with
 #: the file under Arrow's jemalloc and system pools; :func:`regroup` makes full batches
 BLOCK_SIZE = 1 << 16
+#: the largest block the text readers grow to, for a line longer than ``BLOCK_SIZE``
+MAX_BLOCK_SIZE = 1 << 26  # 64 MiB: a row of 3M classes; a broken line stops there
+
+
+def _too_long(exc: BaseException) -> bool:
+    """pyarrow's error for a line longer than a block (a row of thousands of classes)."""
+    return "straddl" in str(exc)  # "straddling object straddles two block boundaries"
+
+
+def _grow(exc: BaseException, read: Any) -> None:
+    """Double `read`'s block size after `exc` if a line did not fit in a block, else raise."""
+    if not _too_long(exc) or read.block_size >= MAX_BLOCK_SIZE:
+        raise exc
+    read.block_size *= 2
+
+
+def open_growing(open_reader: Callable[[], Any], read: Any) -> Any:
+    """``open_reader()`` (a pyarrow streaming reader with the options `read`), its block
+    size doubled until the header and the first row fit in a block."""
+    while True:
+        try:
+            return open_reader()
+        except Exception as exc:  # pyarrow.ArrowInvalid
+            _grow(exc, read)
+
+
+def growing_blocks(
+    first: Iterator[Any], more: Callable[[int], Iterator[Any]], read: Any
+) -> Iterator[Any]:
+    """The blocks of `first`, then, if a line does not fit in a block (pyarrow parses whole
+    lines), those of ``more(rows read so far)`` with blocks twice as large, as often as
+    needed: a file whose rows exceed ``BLOCK_SIZE`` is read, in larger blocks."""
+    rows, blocks = 0, first
+    while True:
+        try:
+            for block in blocks:
+                rows += block.num_rows
+                yield block
+            return
+        except Exception as exc:  # pyarrow.ArrowInvalid
+            _grow(exc, read)
+            blocks = more(rows)
+
+
+def skip_rows(blocks: Iterator[Any], rows: int) -> Iterator[Any]:
+    """`blocks` without their first `rows` rows."""
+    for block in blocks:
+        if rows >= block.num_rows:
+            rows -= block.num_rows
+            continue
+        yield block.slice(rows) if rows else block
+        rows = 0
 
 
 def regroup(blocks: Iterator[Any], batch_size: int) -> Iterator[Any]:

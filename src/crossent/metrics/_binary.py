@@ -86,7 +86,7 @@ def _check_binary(score: np.ndarray, label: np.ndarray, *, input_kind: str) -> N
     bad = np.flatnonzero((label != 0) & (label != 1))
     if bad.size:
         row = int(bad[0])
-        reason = f"has label {int(label[row])}, not 0 or 1"
+        reason = f"has label {label[row]:g}, not 0 or 1"
         msg = f"`target` row {row} {reason}. Binary labels are 0/1 (or false/true)."
         raise F.BadRowError(msg, row=row, reason=reason)
     if input_kind == "logits":
@@ -96,9 +96,10 @@ def _check_binary(score: np.ndarray, label: np.ndarray, *, input_kind: str) -> N
     if hits.size:
         row = int(hits[0])
         bound = "[0, 1]" if input_kind == "probs" else "[-inf, 0]"
-        reason = f"has P(label = 1) = {score[row]:.6g}, outside {bound}"
+        shown = F._shown(float(score[row]))
+        reason = f"has P(label = 1) = {shown}, outside {bound}"
         if input_kind == "log_probs":
-            reason = f"has log P(label = 1) = {score[row]:.6g}, outside {bound}"
+            reason = f"has log P(label = 1) = {shown}, outside {bound}"
         msg = (
             f"`input` row {row} {reason}. Pass input_kind='logits' if these are logits "
             "(scores before the sigmoid)."
@@ -170,7 +171,9 @@ class BinaryClassificationMetrics(Metric):
         """Add a batch: `input` holds one score per row, `target` the 0/1 labels."""
         array_namespace(input, target)  # a clear TypeError for non-arrays
         score = np.ravel(to_numpy(input, dtype=np.float64))
-        label = np.ravel(to_numpy(target, dtype=np.int64))
+        # as float64 (exact for 0/1 and any label near them): an int64 copy would truncate
+        # 0.5 or 1.2 to a label 0/1
+        label = np.ravel(to_numpy(target, dtype=np.float64))
         if score.shape != label.shape:
             msg = (
                 f"`input` must hold one P(label = 1) per label; got {score.size} scores "
@@ -181,7 +184,7 @@ class BinaryClassificationMetrics(Metric):
             kept = label != self.ignore_index
             score, label = score[kept], label[kept]
         _check_binary(score, label, input_kind=self.input_kind)
-        rows = _binary_rows(score, label, input_kind=self.input_kind)
+        rows = _binary_rows(score, label.astype(np.int64), input_kind=self.input_kind)
         self.update_rows(rows)
         return self
 
@@ -203,7 +206,8 @@ class BinaryClassificationMetrics(Metric):
         nats = F._log_loss_compute(log_loss)
         per_class = F._per_class_compute(self._states["per_class"], base=self.base)
         count = int(log_loss["count"])
-        conf_sum = float(positive["width_conf"].value().sum())
+        conf = positive["width_conf"]  # the bins' exact sums, added exactly, rounded once
+        conf_sum = float(conf.regroup(np.zeros(conf.shape, dtype=np.int64), 1).value()[0, 0])
         return {
             "rows": count,
             "classes": 2,

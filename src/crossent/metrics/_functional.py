@@ -20,8 +20,12 @@ The work is split in two:
   (exact sums, ``np.bincount`` counts), and the ``_*_compute`` functions turn
   a state into numbers.
 
-The per-row terms are computed row by row, so they do not depend on the
-batching either (for a given backend and dtype).
+The per-row terms are computed row by row, so with NumPy and PyTorch on the
+CPU they do not depend on the batching either (for a given dtype), nor on the
+memory layout of a batch: NumPy sums over the classes in one order whatever
+the layout (:func:`_numpy_row_sum`), and torch gets contiguous rows. JAX
+(XLA) and GPU kernels may pick a reduction order by the batch's shape: their
+per-row terms can be an ulp apart between batchings.
 
 Calibration states keep two histograms of the confidences: ``B`` equal-width
 bins (``bin = min(floor(conf·B), B−1)``, so a confidence of exactly 1.0 lands
@@ -48,6 +52,7 @@ from crossent._lib._xp import (
     compute_dtype,
     device,
     is_numpy_namespace,
+    is_torch_namespace,
     logsumexp,
     one_hot,
     size,
@@ -154,6 +159,12 @@ def _flatten(input: Array, target: Array, *, axis: int, xp: Any) -> tuple[Array,
     if axis != input.ndim - 1:
         input = xp.moveaxis(input, axis, -1)
     num_classes = input.shape[-1]
+    if num_classes == 0:
+        msg = (
+            f"`input` has no classes along axis {axis} (shape {tuple(input.shape)}); "
+            "give one prediction per class, or pass the class axis as `axis`."
+        )
+        raise ValueError(msg)
     rows = size(target)
     return xp.reshape(input, (rows, num_classes)), xp.reshape(target, (rows,))
 
@@ -198,6 +209,13 @@ def _check_distributions(x: Array, *, input_kind: str, xp: Any) -> None:
     _raise_bad_distribution(x, total, outside, row, input_kind=input_kind, tol=tol)
 
 
+def _shown(value: float) -> str:
+    """`value` in 6 significant digits, in full when those would show a value just outside
+    [0, 1] as 0 or 1 ("a value 1 outside [0, 1]" for 1.0000000001)."""
+    short = f"{value:.6g}"
+    return short if float(short) not in (0.0, 1.0) or float(short) == value else repr(value)
+
+
 def _raise_bad_distribution(
     x: Array, total: Array, outside: Array, row: int, *, input_kind: str, tol: float
 ) -> None:
@@ -209,7 +227,7 @@ def _raise_bad_distribution(
     if bool(to_numpy(outside[row], dtype=np.bool_)):
         bound = "[0, 1]" if input_kind == "probs" else "[-inf, 0]"
         bad = values[(values < 0) | (values > 1)] if input_kind == "probs" else values[values > 0]
-        reason = f"has a value {bad[0]:.6g} outside {bound}"
+        reason = f"has a value {_shown(float(bad[0]))} outside {bound}"
     else:
         reason = f"sums to {row_sum:.6g}, not 1 (tolerance {tol:.3g})"
         if input_kind == "log_probs":
@@ -285,11 +303,18 @@ def _row_stats(
     x = xp.astype(x, dtype) if x.dtype != dtype else x
     y_safe = xp.astype(y, xp.int64) if y.dtype != xp.int64 else y
     index = xp.expand_dims(y_safe, axis=-1)
+    row_sum = None
+    if is_numpy_namespace(xp):  # in the layout that _numpy_row_sum sums without a copy
+        x = np.asarray(x, order="F" if num_classes <= COLUMN_CLASSES else "C")
+        row_sum = _numpy_row_sum
+    elif is_torch_namespace(xp) and not x.is_contiguous():
+        x = x.contiguous()  # torch reduces contiguous rows one by one, other layouts not
 
     if input_kind == "logits":
         with np.errstate(invalid="ignore"):  # a logit of +inf: inf - inf, a NaN row (below)
             shifted, _ = shift_logits(x, xp=xp)  # log p accurate for large logits
-            log_p = shifted - logsumexp(shifted, axis=-1, keepdims=True, xp=xp)
+            lse = logsumexp(shifted, axis=-1, keepdims=True, xp=xp, row_sum=row_sum)
+            log_p = shifted - lse
         log_p_y = xp.squeeze(take_along_axis(log_p, index, axis=-1, xp=xp), axis=-1)
         probs = xp.exp(log_p)
         clamped = xp.zeros_like(log_p_y, dtype=xp.bool)
@@ -308,8 +333,14 @@ def _row_stats(
 
     conf = xp.max(probs, axis=-1)
     pred = xp.argmax(x, axis=-1)
-    hot = one_hot(y_safe, num_classes, dtype=probs.dtype, xp=xp)
-    brier = xp.sum((probs - hot) ** 2, axis=-1)
+    if row_sum is None:
+        hot = one_hot(y_safe, num_classes, dtype=probs.dtype, xp=xp)
+        brier = xp.sum((probs - hot) ** 2, axis=-1)
+    else:  # NumPy: (p_k − 1[k = y])² in the layout of probs, p² but at the labels
+        sq = np.square(probs)
+        at = (np.arange(labels.size), labels)
+        sq[at] = np.square(probs[at] - 1)
+        brier = row_sum(sq)[:, 0]
     # NaN in the row, or made from it (a logit of +inf: inf - inf); max propagates NaN
     nan = xp.any(xp.isnan(x), axis=-1) | xp.isnan(conf)
 
@@ -392,6 +423,24 @@ def _numpy_prob_rows(
         out["probs"] = np.asarray(x, dtype=np.float64, order="K")
         out["probs_bounded"] = np.asarray(checked)  # checked: each in [0, its row's max]
     return out
+
+
+def _numpy_row_sum(x: np.ndarray) -> np.ndarray:
+    """Row sums (rows, 1) of a (rows, classes) matrix that depend on each row alone.
+
+    ``x.sum(axis=1)`` adds a contiguous row pairwise but a column-major matrix
+    column by column, so its bits would depend on the layout of the batch and
+    on its number of rows (one row is contiguous in either layout). The sums
+    are made as :func:`_numpy_prob_rows` makes them: column by column in class
+    order up to ``COLUMN_CLASSES`` classes, else along the rows of a row-major
+    copy.
+    """
+    n, c = x.shape
+    if c > COLUMN_CLASSES:
+        return np.ascontiguousarray(x).sum(axis=1, keepdims=True)
+    if c == 0:
+        return np.zeros((n, 1), dtype=x.dtype)
+    return _column_sum(np.asfortranarray(x))[:, None]
 
 
 def _column_sum(x: np.ndarray) -> np.ndarray:
@@ -611,6 +660,7 @@ def _per_class_init(num_classes: int) -> State:
         "class_count": np.zeros(num_classes, dtype=np.int64),
         "class_correct": np.zeros(num_classes, dtype=np.int64),
         "class_predicted": np.zeros(num_classes, dtype=np.int64),
+        "class_nan": np.zeros(num_classes, dtype=np.int64),  # rows holding NaN, by label
     }
 
 
@@ -639,21 +689,35 @@ def _per_class_update(
                 rows["pred"] if every_row else np.compress(valid, rows["pred"]),
                 minlength=num_classes,
             ).astype(np.int64),
+            "class_nan": (
+                np.zeros(num_classes, dtype=np.int64)
+                if every_row
+                else np.bincount(np.compress(~valid, labels), minlength=num_classes).astype(
+                    np.int64
+                )
+            ),
         },
         defer,
     )
 
 
 def _per_class_compute(state: State, *, base: float | None = None) -> dict[str, np.ndarray]:
-    """Per-class mean cross-entropy (NaN for unseen classes), counts, recall and precision."""
+    """Per-class mean cross-entropy (NaN for unseen classes), counts, recall and precision.
+
+    A row holding NaN has no prediction: the recall of its class is NaN, and so
+    is every precision (the row may have been predicted as any class), as the
+    accuracy is NaN.
+    """
     count = state["class_count"]
     seen = count > 0
     denom = np.where(seen, count, 1)
     ce = np.where(seen, state["class_nll"].value() / denom, np.nan) / _log_base(base)
-    recall = np.where(seen, state["class_correct"] / denom, np.nan)
+    nan = state["class_nan"]
+    recall = np.where(seen & (nan == 0), state["class_correct"] / denom, np.nan)
     predicted = state["class_predicted"]
+    known = (predicted > 0) & (not nan.any())
     precision = np.where(
-        predicted > 0, state["class_correct"] / np.where(predicted > 0, predicted, 1), np.nan
+        known, state["class_correct"] / np.where(predicted > 0, predicted, 1), np.nan
     )
     return {"cross_entropy": ce, "count": count.copy(), "recall": recall, "precision": precision}
 

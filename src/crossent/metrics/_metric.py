@@ -107,7 +107,10 @@ class Metric:
     counts. So 10⁷ float32 predictions accumulate without drift, and
     :meth:`merge` and :meth:`sync` are exact: the figures of merged shards are
     bit-identical to one pass over all the rows, whatever the sharding, the
-    batching and the merge order.
+    batching and the merge order. (With NumPy and PyTorch on the CPU each
+    per-row term depends on its row alone; JAX/XLA, and GPU kernels, may sum a
+    row over the classes in an order chosen by the batch's shape, so their
+    per-row terms, and the figures, can differ by an ulp between batchings.)
 
     Probability inputs: log p of the label is computed exactly and clamped at
     −100 (PyTorch's rule, the same as :func:`crossent.sparse_categorical_cross_entropy`),
@@ -572,7 +575,8 @@ class PerClassCrossEntropy(Metric):
     :meth:`compute` returns a dict of arrays indexed by class:
     ``cross_entropy`` (mean −log p of that class's rows, in units of `base`;
     NaN for a class with no rows), ``count``, ``recall`` (accuracy on the
-    class's rows) and ``precision``.
+    class's rows) and ``precision``. A row holding NaN has no prediction: the
+    recall of its class and every precision are NaN (as the accuracy is).
 
     Examples
     --------
