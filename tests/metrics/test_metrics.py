@@ -837,3 +837,64 @@ def test_two_threads_updating_two_metrics_get_the_serial_bits() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert [repr(m.compute()) for m in metrics] == serial
+
+
+@pytest.mark.parametrize("classes", [1, 2, 7, F.COLUMN_CLASSES, F.COLUMN_CLASSES + 1, 150])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_numpy_logit_rows_are_the_general_paths_bits(
+    classes: int, order: Literal["C", "F"], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the fast NumPy logits path against the general array-API path, key by key, bit for
+    # bit: ties at the maximum, -inf classes, huge and tiny logits, a row of one class
+    rng = np.random.default_rng(classes)
+    z = rng.normal(scale=4.0, size=(200, classes))
+    z[:20] = 1.5  # every class at the maximum
+    z[20:40, : min(2, classes)] = 9.0  # ties at the maximum
+    z[40:60, 1:] = -np.inf  # masked classes (a row of one finite logit)
+    z[60:80] *= 300.0  # far apart: exp underflows to 0
+    z[80:100] += 1e6  # large logits, small differences
+    y = rng.integers(0, classes, 200)
+    y[40:60] = 0
+    x = np.asarray(z, order=order)
+
+    def stats() -> dict[str, np.ndarray]:
+        out = F._row_stats(
+            x, y, input_kind="logits", axis=-1, ignore_index=None, need_probs=True, xp=np
+        )
+        return {key: np.asarray(value) for key, value in out.items()}
+
+    calls: list[int] = []
+    fast = F._numpy_logit_rows
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return fast(*args, **kwargs)
+
+    monkeypatch.setattr(F, "_numpy_logit_rows", counted)
+    got = stats()
+    assert calls  # the fast path ran
+    monkeypatch.setattr(F, "_numpy_logit_rows", lambda *args, **kwargs: None)
+    want = stats()
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        assert got[key].dtype == want[key].dtype, key
+    # and against float64 references of the formulas
+    s = z - z.max(axis=1, keepdims=True)  # shifted first: no rounding at the scale of 1e6
+    nll = np.log(np.sum(np.exp(s), axis=1)) - s[np.arange(200), y]
+    np.testing.assert_allclose(got["nll"], nll, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(got["pred"], z.argmax(axis=1))
+
+
+def test_numpy_logit_rows_leave_non_finite_rows_to_the_general_path() -> None:
+    # a NaN, a +inf or an all -inf row: the general path decides (NaN row, NaN terms)
+    y = np.array([0, 1, 0])
+    for bad in (np.nan, np.inf):
+        z = np.array([[0.0, 1.0], [bad, 0.0], [2.0, -1.0]])
+        assert F._numpy_logit_rows(np.asfortranarray(z), y, need_probs=True) is None
+        rows = F._row_stats(
+            z, y, input_kind="logits", axis=-1, ignore_index=None, need_probs=False, xp=np
+        )
+        np.testing.assert_array_equal(rows["nan"], [False, True, False])
+    z = np.array([[0.0, 1.0], [-np.inf, -np.inf]])
+    assert F._numpy_logit_rows(np.asfortranarray(z), y[:2], need_probs=True) is None

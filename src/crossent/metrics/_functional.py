@@ -310,6 +310,11 @@ def _row_stats(
     elif is_torch_namespace(xp) and not x.is_contiguous():
         x = x.contiguous()  # torch reduces contiguous rows one by one, other layouts not
 
+    if input_kind == "logits" and row_sum is not None:
+        fast_rows = _numpy_logit_rows(x, labels, need_probs=need_probs)
+        if fast_rows is not None:
+            fast_rows["num_classes"] = np.asarray(num_classes)
+            return fast_rows
     if input_kind == "logits":
         with np.errstate(invalid="ignore"):  # a logit of +inf: inf - inf, a NaN row (below)
             shifted, _ = shift_logits(x, xp=xp)  # log p accurate for large logits
@@ -422,6 +427,59 @@ def _numpy_prob_rows(
     if need_probs:
         out["probs"] = np.asarray(x, dtype=np.float64, order="K")
         out["probs_bounded"] = np.asarray(checked)  # checked: each in [0, its row's max]
+    return out
+
+
+def _numpy_logit_rows(
+    x: np.ndarray, labels: np.ndarray, *, need_probs: bool
+) -> dict[str, np.ndarray] | None:
+    r""":func:`_row_stats` of NumPy logits in :func:`_numpy_row_sum`'s layout (column-major
+    up to ``COLUMN_CLASSES`` classes, else row-major), the same bits in fewer passes; None
+    when a row's maximum is not finite (NaN, +inf or all -inf: the general path gives those
+    rows their NaN or infinite terms).
+
+    With :math:`m` the row maximum (finite), the general path's steps reduce to
+    :math:`s_k = z_k - m` (0 exactly at the maximum), :math:`\operatorname{lse} =
+    \log1p(\sum_{s_k \ne 0} e^{s_k} + n_{\max} - 1)`, :math:`\log p_k = s_k -
+    \operatorname{lse}`, :math:`p_k = e^{\log p_k}`: each done once here, in place where
+    the result is not kept, with the sums of :func:`_numpy_row_sum` and, column-major, the
+    argmax of :func:`_column_argmax` (from the row maximum, which no NaN row can hold here).
+    """
+    n, c = x.shape
+    order: Literal["F", "C"] = "F" if c <= COLUMN_CLASSES else "C"
+    if n == 0:
+        return None
+    m = x.max(axis=1)
+    if not np.isfinite(m).all():
+        return None
+    log_p = np.subtract(x, m[:, None], order=order)  # the shifted logits, then log p in place
+    at_max = work_array("logit maxima", (n, c), np.bool_, order)  # used up before this returns
+    np.equal(log_p, 0.0, out=at_max)
+    e = np.exp(log_p, order=order)
+    e[at_max] = 0.0  # the maxima are the log1p's 1 (and n_max − 1 more ones)
+    maxima = np.count_nonzero(at_max, axis=1).astype(np.float64)[:, None]
+    lse = np.log1p(_numpy_row_sum(e) + (maxima - 1))
+    log_p -= lse
+    rows = np.arange(n)
+    log_p_y = log_p[rows, labels]
+    probs = np.exp(log_p, out=e)  # e is used up
+    conf = probs.max(axis=1)
+    nan = np.zeros(n, dtype=np.bool_)
+    sq = work_array("floats", (n, c), np.float64, order)  # used up before this returns
+    np.square(probs, out=sq)
+    sq[rows, labels] = np.square(probs[rows, labels] - 1)
+    out = {
+        "label": labels,
+        "nll": -log_p_y,
+        "clamped": np.zeros(n, dtype=np.bool_),
+        "pred": _column_argmax(x, m, nan) if order == "F" else x.argmax(axis=1),
+        "conf": conf,
+        "brier": _numpy_row_sum(sq)[:, 0],
+        "nan": nan,
+    }
+    if need_probs:
+        out["probs"] = probs
+        out["probs_bounded"] = np.asarray(True)  # exponentials: each in [0, its row's max]
     return out
 
 
