@@ -282,6 +282,8 @@ def linear_distillation_loss(
     ``"mean"``/``"sum"`` do all four products in forward; ``"none"`` does two in
     forward and recomputes in backward. The teacher's tensors are detached.
     Higher-order gradients are not supported (a second differentiation raises).
+    Under ``torch.compile`` (``fullgraph=True`` too) the chunk loop runs as one
+    opaque custom op (``crossent::linear_distill``).
 
     Examples
     --------
@@ -353,8 +355,13 @@ def linear_distillation_loss(
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    if needs_grad:
-        loss: torch.Tensor = _LinearDistillFunction.apply(h2, weight, bias, teacher, counted, opts)
+    loss: torch.Tensor
+    if torch.compiler.is_compiling():  # one opaque op (the chunk loop depends on values)
+        from crossent.fused._ops import linear_distill_compiled
+
+        loss = linear_distill_compiled(h2, weight, bias, teacher, counted, opts)
+    elif needs_grad:
+        loss = _LinearDistillFunction.apply(h2, weight, bias, teacher, counted, opts)
     else:
         with torch.no_grad():
             loss = _chunked_distill(

@@ -1,4 +1,4 @@
-"""The fused linear cross-entropy as a ``torch.library`` custom op, for ``torch.compile``.
+"""The fused functions as ``torch.library`` custom ops, for ``torch.compile``.
 
 Under ``torch.compile`` (``fullgraph=True`` included) the chunk loop must not be
 traced: its row selection (``nonzero``), chunk count and label checks depend on
@@ -16,6 +16,11 @@ the incoming row gradients as `row_scale`. The checked options travel as one
 string (:func:`_encode`, the ``repr`` of a tuple), so the op's schema does not restate them. Value
 checks of the labels run inside the op, on concrete values.
 
+``crossent::linear_log_probs`` (with ``crossent::linear_log_probs_backward``, which
+reads both upstream gradients) and ``crossent::linear_distill`` (built as
+``crossent::linear_ce``) serve :func:`~crossent.fused.linear_log_probs` and
+:func:`~crossent.fused.linear_distillation_loss` the same way.
+
 This module has no ``from __future__ import annotations``: ``custom_op`` reads
 the schema from real annotations.
 """
@@ -26,11 +31,13 @@ from typing import Any
 
 import torch
 
-from crossent.fused._chunked import result_dtype
-from crossent.fused._function import LinearCEOptions, _core
-from crossent.fused._inputs import check_values
+from crossent.fused._chunked import _compute_dtype, product_dtype, result_dtype
+from crossent.fused._distill import DistillOptions, _chunked_distill
+from crossent.fused._function import LinearCEOptions, _core, no_autocast, refuse_double_backward
+from crossent.fused._inputs import check_labels, check_values
+from crossent.fused._logprobs import LogProbOptions, _chunked_log_probs
 
-__all__ = ["linear_ce_compiled"]
+__all__ = ["linear_ce_compiled", "linear_distill_compiled", "linear_log_probs_compiled"]
 
 
 def _encode(opts: LinearCEOptions) -> str:
@@ -149,4 +156,233 @@ def linear_ce_compiled(
         needs = [False, False, False]
     args = (hidden, weight, bias, target, class_weight, None, _encode(opts), needs)
     loss: torch.Tensor = _linear_ce_op(*args)[0]
+    return loss
+
+
+# ----------------------------------------------------------------------------
+# linear_log_probs: forward op (log-probs, entropy) and backward op (the gradients)
+# ----------------------------------------------------------------------------
+
+
+def _encode_log_probs(opts: LogProbOptions) -> str:
+    """The log-probability options as the ``repr`` of a tuple (see :func:`_encode`)."""
+    return repr((opts.ignore_index, opts.temperature, opts.softcap, opts.entropy, opts.chunk_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_log_probs(options: str) -> LogProbOptions:
+    return LogProbOptions(*ast.literal_eval(options))
+
+
+@torch.library.custom_op("crossent::linear_log_probs", mutates_args=())
+def _log_probs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    options: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log_probs, entropy, entropy kept for backward)``; entropy 0 when not asked."""
+    opts = _decode_log_probs(options)
+    check_labels(target, weight.shape[0], ignore_index=opts.ignore_index)
+    with no_autocast(hidden):
+        res = _chunked_log_probs(hidden, weight, target, bias, opts, compute_grad=False)
+    ent = torch.zeros_like(res.log_probs) if res.entropy is None else res.entropy
+    return res.log_probs, ent, ent.clone()  # the caller may change the returned entropy
+
+
+@_log_probs_op.register_fake
+def _(hidden, weight, bias, target, options):
+    out = hidden.new_empty((hidden.shape[0],), dtype=result_dtype(hidden, weight, bias))
+    return out, torch.empty_like(out), torch.empty_like(out)
+
+
+@torch.library.custom_op("crossent::linear_log_probs_backward", mutates_args=())
+def _log_probs_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_log_probs: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    options: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    opts = _decode_log_probs(options)
+    with no_autocast(hidden):
+        res = _chunked_log_probs(
+            hidden, weight, target, bias, opts, compute_grad=(needs[0], needs[1], needs[2]),
+            grad_log_probs=grad_log_probs, grad_entropy=grad_entropy,
+            entropy=entropy if opts.entropy else None,
+        )  # fmt: skip
+    return _grads_out(hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias))
+
+
+@_log_probs_backward_op.register_fake
+def _(hidden, weight, bias, target, entropy, grad_log_probs, grad_entropy, options, needs):
+    return _fake_grads(hidden, weight, bias, needs)
+
+
+def _grads_out(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients in their parameters' dtypes; distinct empty tensors where none is formed."""
+    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    out = [
+        hidden.new_empty(0) if g is None or dt is None else g.to(dt)
+        for g, dt in zip(grads, dtypes, strict=True)
+    ]
+    return out[0], out[1], out[2]
+
+
+def _fake_grads(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, want: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.empty_like(hidden) if want[0] else hidden.new_empty(0),
+        torch.empty_like(weight) if want[1] else hidden.new_empty(0),
+        torch.empty_like(bias) if want[2] and bias is not None else hidden.new_empty(0),
+    )
+
+
+def _log_probs_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    hidden, weight, bias, target, options = inputs
+    ctx.options = options
+    ctx.needs = [
+        bool(ctx.needs_input_grad[0]),
+        bool(ctx.needs_input_grad[1]),
+        bias is not None and bool(ctx.needs_input_grad[2]),
+    ]
+    ctx.save_for_backward(hidden, weight, bias, target, output[2])
+
+
+def _log_probs_backward(ctx: Any, grad_lp: Any, grad_ent: Any, _: Any) -> tuple[Any, ...]:
+    hidden, weight, bias, target, entropy = ctx.saved_tensors
+    refuse_double_backward("linear_log_probs")
+    grad_lp = torch.zeros_like(entropy) if grad_lp is None else grad_lp
+    grad_ent = torch.zeros_like(entropy) if grad_ent is None else grad_ent
+    args = (hidden, weight, bias, target, entropy, grad_lp, grad_ent, ctx.options, ctx.needs)
+    gh, gw, gb = _log_probs_backward_op(*args)
+    needs = ctx.needs
+    return (
+        gh if needs[0] else None,
+        gw if needs[1] else None,
+        gb if needs[2] else None,
+        None,
+        None,
+    )
+
+
+_log_probs_op.register_autograd(_log_probs_backward, setup_context=_log_probs_setup_context)
+
+
+def linear_log_probs_compiled(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogProbOptions,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` through the custom op."""
+    lp, ent, _ = _log_probs_op(hidden, weight, bias, target, _encode_log_probs(opts))
+    return lp, (ent if opts.entropy else None)
+
+
+# ----------------------------------------------------------------------------
+# linear_distillation_loss: one op, as crossent::linear_ce (gradients formed in forward
+# for "mean"/"sum", recomputed with the row gradients for "none")
+# ----------------------------------------------------------------------------
+
+
+def _encode_distill(opts: DistillOptions) -> str:
+    return repr((opts.beta, opts.temperature, opts.reduction, opts.chunk_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_distill(options: str) -> DistillOptions:
+    return DistillOptions(*ast.literal_eval(options))
+
+
+def _distill_wanted(options: str, row_scale: Any, needs: list[bool]) -> list[bool]:
+    if row_scale is None and _decode_distill(options).reduction == "none":
+        return [False, False, False]
+    return needs
+
+
+@torch.library.custom_op("crossent::linear_distill", mutates_args=())
+def _distill_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    counted: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    options: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    want = _distill_wanted(options, row_scale, needs)
+    res = _chunked_distill(
+        hidden, weight, bias, (teacher_hidden, teacher_weight, teacher_bias), counted,
+        _decode_distill(options), compute_grad=(want[0], want[1], want[2]), row_scale=row_scale,
+    )  # fmt: skip
+    grads = _grads_out(hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias))
+    return (res.loss, *grads)
+
+
+@_distill_op.register_fake
+def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, counted, row_scale,
+      options, needs):  # fmt: skip
+    opts = _decode_distill(options)
+    shape = (hidden.shape[0],) if opts.reduction == "none" else ()
+    dtype = _compute_dtype(product_dtype(hidden, weight, bias))
+    want = _distill_wanted(options, row_scale, needs)
+    return (hidden.new_empty(shape, dtype=dtype), *_fake_grads(hidden, weight, bias, want))
+
+
+def _distill_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.inputs_ = inputs[3:7], inputs[8], inputs[9]  # teacher, counted, options, needs
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], *output[1:])
+
+
+def _distill_backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+    hidden, weight, bias, gh, gw, gb = ctx.saved_tensors
+    (t_hidden, t_weight, t_bias, counted), options, needs = ctx.inputs_
+    refuse_double_backward("linear_distillation_loss")
+    if _decode_distill(options).reduction != "none":  # formed in forward: scale (out of place)
+        gh, gw, gb = (g * grad_loss.to(g.dtype) for g in (gh, gw, gb))
+    else:
+        args = (hidden, weight, bias, t_hidden, t_weight, t_bias, counted, grad_loss)
+        _, gh, gw, gb = _distill_op(*args, options, needs)
+    grads = (gh if needs[0] else None, gw if needs[1] else None)
+    return (*grads, gb if needs[2] and ctx.has_bias else None, *(None,) * 7)
+
+
+_distill_op.register_autograd(_distill_backward, setup_context=_distill_setup_context)
+
+
+def linear_distill_compiled(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    counted: torch.Tensor,
+    opts: DistillOptions,
+) -> torch.Tensor:
+    """The distillation loss of 2-d `hidden` through the custom op (traceable)."""
+    needs = [
+        hidden.requires_grad,
+        weight.requires_grad,
+        bias is not None and bias.requires_grad,
+    ]
+    if not torch.is_grad_enabled():
+        needs = [False, False, False]
+    args = (hidden, weight, bias, *teacher, counted, None, _encode_distill(opts), needs)
+    loss: torch.Tensor = _distill_op(*args)[0]
     return loss
