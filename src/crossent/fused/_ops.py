@@ -26,44 +26,96 @@ the schema from real annotations.
 """
 
 import ast
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from crossent.fused._chunked import _compute_dtype, product_dtype, result_dtype
 from crossent.fused._distill import DistillOptions, _chunked_distill
-from crossent.fused._function import LinearCEOptions, _core, no_autocast, refuse_double_backward
+from crossent.fused._function import (
+    LinearCEOptions,
+    _core,
+    grad_needs,
+    no_autocast,
+    refuse_double_backward,
+)
 from crossent.fused._inputs import check_labels, check_values
 from crossent.fused._logprobs import LogProbOptions, _chunked_log_probs
 
 __all__ = ["linear_ce_compiled", "linear_distill_compiled", "linear_log_probs_compiled"]
 
+OptionsT = TypeVar("OptionsT", LinearCEOptions, LogProbOptions, DistillOptions)
 
-def _encode(opts: LinearCEOptions) -> str:
-    """The options as the ``repr`` of a tuple (floats round-trip exactly); Dynamo folds it."""
-    return repr(
-        (
-            opts.ignore_index,
-            opts.label_smoothing,
-            opts.z_loss,
-            opts.softcap,
-            opts.reduction,
-            opts.chunk_size,
-        )
-    )
+
+def _encode(opts: Any) -> str:
+    """Checked options (a frozen dataclass) as the ``repr`` of a tuple (floats round-trip
+    exactly); Dynamo folds it."""
+    return repr(dataclasses.astuple(opts))
 
 
 @functools.lru_cache(maxsize=64)
-def _decode(options: str) -> LinearCEOptions:
-    return LinearCEOptions(*ast.literal_eval(options))
+def _decode(kind: type[OptionsT], options: str) -> OptionsT:
+    return kind(*ast.literal_eval(options))
 
 
-def _wanted(options: str, row_scale: Any, needs: list[bool]) -> list[bool]:
-    """The gradients the op forms: forward's for ``"mean"``/``"sum"``, backward's for ``"none"``."""
-    if row_scale is None and _decode(options).reduction == "none":
+def _wanted(reduction: str, row_scale: Any, needs: list[bool]) -> list[bool]:
+    """The gradients an op forms: forward's for ``"mean"``/``"sum"``, backward's for ``"none"``."""
+    if row_scale is None and reduction == "none":
         return [False, False, False]
     return needs
+
+
+def _needs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list[bool]:
+    """Which of (hidden, weight, bias) need a gradient in this call."""
+    if not torch.is_grad_enabled():
+        return [False, False, False]
+    return [hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
+
+
+def _grads_out(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients in their parameters' dtypes; where none is formed, distinct empty tensors
+    (outputs must not alias each other)."""
+    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    out = [
+        hidden.new_empty(0) if g is None or dt is None else g.to(dt)
+        for g, dt in zip(grads, dtypes, strict=True)
+    ]
+    return out[0], out[1], out[2]
+
+
+def _fake_grads(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, want: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_grads_out`'s shapes and dtypes."""
+    return (
+        torch.empty_like(hidden) if want[0] else hidden.new_empty(0),
+        torch.empty_like(weight) if want[1] else hidden.new_empty(0),
+        torch.empty_like(bias) if want[2] and bias is not None else hidden.new_empty(0),
+    )
+
+
+def _input_grads(needs: list[bool], grads: tuple[Any, Any, Any], n_other: int) -> tuple[Any, ...]:
+    """Backward's result: the wanted (hidden, weight, bias) gradients, None for the rest."""
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)),) + (
+        None,
+    ) * n_other
+
+
+def _scaled(grads: tuple[torch.Tensor, ...], grad_loss: torch.Tensor) -> tuple[Any, ...]:
+    """Gradients formed in forward times the scalar upstream gradient (out of place)."""
+    return tuple(g * grad_loss.to(g.dtype) for g in grads)
+
+
+# ----------------------------------------------------------------------------
+# linear_cross_entropy
+# ----------------------------------------------------------------------------
 
 
 @torch.library.custom_op("crossent::linear_ce", mutates_args=())
@@ -77,9 +129,9 @@ def _linear_ce_op(
     options: str,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    opts = _decode(options)
+    opts = _decode(LinearCEOptions, options)
     check_values(target, class_weight, weight.shape[0], ignore_index=opts.ignore_index)
-    want = _wanted(options, row_scale, needs)
+    want = _wanted(opts.reduction, row_scale, needs)
     res = _core(
         hidden,
         weight,
@@ -90,49 +142,35 @@ def _linear_ce_op(
         compute_grad=(want[0], want[1], want[2]),
         row_scale=row_scale,
     )
-    # distinct empty tensors where no gradient is wanted: outputs must not alias each other
-    grads = (res.grad_hidden, res.grad_weight, res.grad_bias)
-    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    out = [
-        hidden.new_empty(0) if g is None or dt is None else g.to(dt)
-        for g, dt in zip(grads, dtypes, strict=True)
-    ]
-    return res.loss, out[0], out[1], out[2]
+    grads = _grads_out(hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias))
+    return (res.loss, *grads)
 
 
 @_linear_ce_op.register_fake
 def _(hidden, weight, bias, target, class_weight, row_scale, options, needs):
-    want = _wanted(options, row_scale, needs)
-    shape = (hidden.shape[0],) if _decode(options).reduction == "none" else ()
+    reduction = _decode(LinearCEOptions, options).reduction
+    shape = (hidden.shape[0],) if reduction == "none" else ()
+    want = _wanted(reduction, row_scale, needs)
     return (
         hidden.new_empty(shape, dtype=result_dtype(hidden, weight, bias)),
-        torch.empty_like(hidden) if want[0] else hidden.new_empty(0),
-        torch.empty_like(weight) if want[1] else hidden.new_empty(0),
-        torch.empty_like(bias) if want[2] and bias is not None else hidden.new_empty(0),
+        *_fake_grads(hidden, weight, bias, want),
     )
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     hidden, weight, bias, target, class_weight, _, options, needs = inputs
     ctx.options, ctx.needs = options, needs
-    ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, bias, target, class_weight, *output[1:])
 
 
 def _backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     hidden, weight, bias, target, class_weight, gh, gw, gb = ctx.saved_tensors
-    needs = ctx.needs
-    if _decode(ctx.options).reduction != "none":  # formed in forward: scale (out of place)
-        gh, gw, gb = (g * grad_loss.to(g.dtype) for g in (gh, gw, gb))
+    if _decode(LinearCEOptions, ctx.options).reduction != "none":
+        gh, gw, gb = _scaled((gh, gw, gb), grad_loss)
     else:
-        args = (hidden, weight, bias, target, class_weight, grad_loss, ctx.options, needs)
+        args = (hidden, weight, bias, target, class_weight, grad_loss, ctx.options, ctx.needs)
         _, gh, gw, gb = _linear_ce_op(*args)
-    return (
-        gh if needs[0] else None,
-        gw if needs[1] else None,
-        gb if needs[2] and ctx.has_bias else None,
-        None, None, None, None, None,
-    )  # fmt: skip
+    return _input_grads(ctx.needs, (gh, gw, gb), 5)
 
 
 _linear_ce_op.register_autograd(_backward, setup_context=_setup_context)
@@ -147,13 +185,7 @@ def linear_ce_compiled(
     opts: LinearCEOptions,
 ) -> torch.Tensor:
     """The loss of 2-d `hidden`, 1-d `target` through the custom op (traceable)."""
-    needs = [
-        hidden.requires_grad,
-        weight.requires_grad,
-        bias is not None and bias.requires_grad,
-    ]
-    if not torch.is_grad_enabled():
-        needs = [False, False, False]
+    needs = _needs(hidden, weight, bias)
     args = (hidden, weight, bias, target, class_weight, None, _encode(opts), needs)
     loss: torch.Tensor = _linear_ce_op(*args)[0]
     return loss
@@ -162,16 +194,6 @@ def linear_ce_compiled(
 # ----------------------------------------------------------------------------
 # linear_log_probs: forward op (log-probs, entropy) and backward op (the gradients)
 # ----------------------------------------------------------------------------
-
-
-def _encode_log_probs(opts: LogProbOptions) -> str:
-    """The log-probability options as the ``repr`` of a tuple (see :func:`_encode`)."""
-    return repr((opts.ignore_index, opts.temperature, opts.softcap, opts.entropy, opts.chunk_size))
-
-
-@functools.lru_cache(maxsize=64)
-def _decode_log_probs(options: str) -> LogProbOptions:
-    return LogProbOptions(*ast.literal_eval(options))
 
 
 @torch.library.custom_op("crossent::linear_log_probs", mutates_args=())
@@ -183,7 +205,7 @@ def _log_probs_op(
     options: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(log_probs, entropy, entropy kept for backward)``; entropy 0 when not asked."""
-    opts = _decode_log_probs(options)
+    opts = _decode(LogProbOptions, options)
     check_labels(target, weight.shape[0], ignore_index=opts.ignore_index)
     with no_autocast(hidden):
         res = _chunked_log_probs(hidden, weight, target, bias, opts, compute_grad=False)
@@ -209,7 +231,7 @@ def _log_probs_backward_op(
     options: str,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    opts = _decode_log_probs(options)
+    opts = _decode(LogProbOptions, options)
     with no_autocast(hidden):
         res = _chunked_log_probs(
             hidden, weight, target, bias, opts, compute_grad=(needs[0], needs[1], needs[2]),
@@ -224,39 +246,10 @@ def _(hidden, weight, bias, target, entropy, grad_log_probs, grad_entropy, optio
     return _fake_grads(hidden, weight, bias, needs)
 
 
-def _grads_out(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients in their parameters' dtypes; distinct empty tensors where none is formed."""
-    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    out = [
-        hidden.new_empty(0) if g is None or dt is None else g.to(dt)
-        for g, dt in zip(grads, dtypes, strict=True)
-    ]
-    return out[0], out[1], out[2]
-
-
-def _fake_grads(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, want: list[bool]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (
-        torch.empty_like(hidden) if want[0] else hidden.new_empty(0),
-        torch.empty_like(weight) if want[1] else hidden.new_empty(0),
-        torch.empty_like(bias) if want[2] and bias is not None else hidden.new_empty(0),
-    )
-
-
 def _log_probs_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     hidden, weight, bias, target, options = inputs
     ctx.options = options
-    ctx.needs = [
-        bool(ctx.needs_input_grad[0]),
-        bool(ctx.needs_input_grad[1]),
-        bias is not None and bool(ctx.needs_input_grad[2]),
-    ]
+    ctx.needs = list(grad_needs(ctx, bias))
     ctx.save_for_backward(hidden, weight, bias, target, output[2])
 
 
@@ -266,15 +259,7 @@ def _log_probs_backward(ctx: Any, grad_lp: Any, grad_ent: Any, _: Any) -> tuple[
     grad_lp = torch.zeros_like(entropy) if grad_lp is None else grad_lp
     grad_ent = torch.zeros_like(entropy) if grad_ent is None else grad_ent
     args = (hidden, weight, bias, target, entropy, grad_lp, grad_ent, ctx.options, ctx.needs)
-    gh, gw, gb = _log_probs_backward_op(*args)
-    needs = ctx.needs
-    return (
-        gh if needs[0] else None,
-        gw if needs[1] else None,
-        gb if needs[2] else None,
-        None,
-        None,
-    )
+    return _input_grads(ctx.needs, _log_probs_backward_op(*args), 2)
 
 
 _log_probs_op.register_autograd(_log_probs_backward, setup_context=_log_probs_setup_context)
@@ -288,7 +273,7 @@ def linear_log_probs_compiled(
     opts: LogProbOptions,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` through the custom op."""
-    lp, ent, _ = _log_probs_op(hidden, weight, bias, target, _encode_log_probs(opts))
+    lp, ent, _ = _log_probs_op(hidden, weight, bias, target, _encode(opts))
     return lp, (ent if opts.entropy else None)
 
 
@@ -296,21 +281,6 @@ def linear_log_probs_compiled(
 # linear_distillation_loss: one op, as crossent::linear_ce (gradients formed in forward
 # for "mean"/"sum", recomputed with the row gradients for "none")
 # ----------------------------------------------------------------------------
-
-
-def _encode_distill(opts: DistillOptions) -> str:
-    return repr((opts.beta, opts.temperature, opts.reduction, opts.chunk_size))
-
-
-@functools.lru_cache(maxsize=64)
-def _decode_distill(options: str) -> DistillOptions:
-    return DistillOptions(*ast.literal_eval(options))
-
-
-def _distill_wanted(options: str, row_scale: Any, needs: list[bool]) -> list[bool]:
-    if row_scale is None and _decode_distill(options).reduction == "none":
-        return [False, False, False]
-    return needs
 
 
 @torch.library.custom_op("crossent::linear_distill", mutates_args=())
@@ -326,10 +296,11 @@ def _distill_op(
     options: str,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    want = _distill_wanted(options, row_scale, needs)
+    opts = _decode(DistillOptions, options)
+    want = _wanted(opts.reduction, row_scale, needs)
     res = _chunked_distill(
-        hidden, weight, bias, (teacher_hidden, teacher_weight, teacher_bias), counted,
-        _decode_distill(options), compute_grad=(want[0], want[1], want[2]), row_scale=row_scale,
+        hidden, weight, bias, (teacher_hidden, teacher_weight, teacher_bias), counted, opts,
+        compute_grad=(want[0], want[1], want[2]), row_scale=row_scale,
     )  # fmt: skip
     grads = _grads_out(hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias))
     return (res.loss, *grads)
@@ -338,30 +309,27 @@ def _distill_op(
 @_distill_op.register_fake
 def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, counted, row_scale,
       options, needs):  # fmt: skip
-    opts = _decode_distill(options)
-    shape = (hidden.shape[0],) if opts.reduction == "none" else ()
+    reduction = _decode(DistillOptions, options).reduction
+    shape = (hidden.shape[0],) if reduction == "none" else ()
     dtype = _compute_dtype(product_dtype(hidden, weight, bias))
-    want = _distill_wanted(options, row_scale, needs)
+    want = _wanted(reduction, row_scale, needs)
     return (hidden.new_empty(shape, dtype=dtype), *_fake_grads(hidden, weight, bias, want))
 
 
 def _distill_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    ctx.inputs_ = inputs[3:7], inputs[8], inputs[9]  # teacher, counted, options, needs
-    ctx.has_bias = inputs[2] is not None
+    ctx.teacher, ctx.options, ctx.needs = inputs[3:7], inputs[8], inputs[9]  # teacher + counted
     ctx.save_for_backward(inputs[0], inputs[1], inputs[2], *output[1:])
 
 
 def _distill_backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     hidden, weight, bias, gh, gw, gb = ctx.saved_tensors
-    (t_hidden, t_weight, t_bias, counted), options, needs = ctx.inputs_
     refuse_double_backward("linear_distillation_loss")
-    if _decode_distill(options).reduction != "none":  # formed in forward: scale (out of place)
-        gh, gw, gb = (g * grad_loss.to(g.dtype) for g in (gh, gw, gb))
+    if _decode(DistillOptions, ctx.options).reduction != "none":
+        gh, gw, gb = _scaled((gh, gw, gb), grad_loss)
     else:
-        args = (hidden, weight, bias, t_hidden, t_weight, t_bias, counted, grad_loss)
-        _, gh, gw, gb = _distill_op(*args, options, needs)
-    grads = (gh if needs[0] else None, gw if needs[1] else None)
-    return (*grads, gb if needs[2] and ctx.has_bias else None, *(None,) * 7)
+        args = (hidden, weight, bias, *ctx.teacher, grad_loss, ctx.options, ctx.needs)
+        _, gh, gw, gb = _distill_op(*args)
+    return _input_grads(ctx.needs, (gh, gw, gb), 7)
 
 
 _distill_op.register_autograd(_distill_backward, setup_context=_distill_setup_context)
@@ -376,13 +344,7 @@ def linear_distill_compiled(
     opts: DistillOptions,
 ) -> torch.Tensor:
     """The distillation loss of 2-d `hidden` through the custom op (traceable)."""
-    needs = [
-        hidden.requires_grad,
-        weight.requires_grad,
-        bias is not None and bias.requires_grad,
-    ]
-    if not torch.is_grad_enabled():
-        needs = [False, False, False]
-    args = (hidden, weight, bias, *teacher, counted, None, _encode_distill(opts), needs)
+    needs = _needs(hidden, weight, bias)
+    args = (hidden, weight, bias, *teacher, counted, None, _encode(opts), needs)
     loss: torch.Tensor = _distill_op(*args)[0]
     return loss
