@@ -496,6 +496,28 @@ def test_distillation_with_underflowed_student_has_finite_gradients() -> None:
     assert torch.isfinite(h).all()
 
 
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_float32_js_and_distillation_with_huge_gaps_are_accurate(requires_grad: bool) -> None:
+    """Logits 1000 apart in float32, through autograd too (the array-API path).
+
+    A mass that the mixture holds but the distribution does not (log a ≈ -1000) was
+    read back as e^(log a - d) with d = log a - log b rounded at the magnitude of
+    log a (float32 spacing 6e-5 there): JS and the β = 0.3 distillation loss were
+    off by up to 2e-5 relative instead of float32 rounding.
+    """
+    torch = pytest.importorskip("torch")
+    from tests._reference.distill import distill_rows_ref
+
+    zp = torch.tensor(GAP_P, dtype=torch.float32, requires_grad=requires_grad)
+    zq = torch.tensor(GAP_Q, dtype=torch.float32)
+    js = info.js_divergence(zp, zq, from_logits=True).detach().double().numpy()
+    np.testing.assert_allclose(js, ref.js_divergence_from_logits(GAP_P, GAP_Q), rtol=5e-7)
+    for beta in (0.3, 0.5):
+        got = ce.distillation_loss(zp, zq, beta=beta, reduction="none")
+        want = distill_rows_ref(GAP_P, GAP_Q, beta=beta, temperature=1.0)
+        np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=5e-7)
+
+
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
 def test_from_logits_low_precision(dtype_name: str) -> None:
     torch = pytest.importorskip("torch")

@@ -25,11 +25,16 @@ class Case:
     weight: str | None = None  # None, "global" (whole vector) or "local" (this rank's slice)
     dtype: str = "float32"
     ignored: str = "some"  # "none", "some" or "all" targets equal to ignore_index
-    masked: bool = False  # some non-target logits are -inf
+    masked: bool = False  # some non-target logits are -inf (fused: MASKED_CLASSES in the bias)
     hidden: int = 5  # hidden size of the fused cases
     bias: bool = False  # fused cases: a bias vector
     hidden_dtype: str | None = None  # fused cases: hidden in another dtype than the weight
     seed: int = 0
+
+
+#: Classes a fused case with ``masked=True`` (and a bias) rules out: where the even splits
+#: of 11 classes over 2, 3 and 4 ranks start, and the whole first slice of a skewed split.
+MASKED_CLASSES = [0, 3, 4, 6, 8, 9]
 
 
 def split_sizes(vocab: int, world_size: int, kind: str) -> list[int]:
@@ -67,6 +72,8 @@ def problem(case: Case) -> dict[str, Any]:
         logits = logits.masked_fill(mask, -float("inf"))
     class_weight = torch.rand(case.vocab, generator=g, dtype=torch.float64) + 0.25
     bias = torch.randn(case.vocab, generator=g, dtype=torch.float64)
+    if case.masked and case.bias:  # fused cases: classes ruled out by a -inf bias
+        bias[MASKED_CLASSES] = -float("inf")
     reduction = case.options.get("reduction", "mean")
     out_shape = case.batch
     if case.options.get("shift"):
@@ -197,6 +204,19 @@ LOG_PROB_CASES = [
         {"return_entropy": True, "softcap": 3.0, "chunk_size": 4},
         dtype="float64",
         bias=True,
+    ),
+    Case(
+        "log_probs_masked_bias_entropy_temperature",
+        {"return_entropy": True, "temperature": 0.8, "chunk_size": 3},
+        bias=True,
+        masked=True,
+    ),
+    Case(
+        "log_probs_masked_bias_empty_first_slice",
+        {"return_entropy": True},
+        bias=True,
+        masked=True,
+        split="skewed",
     ),
     Case(
         "log_probs_bfloat16_hidden_float32_weight",

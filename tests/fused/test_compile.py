@@ -1,4 +1,4 @@
-"""The fused loss under torch.compile(fullgraph=True): one opaque op, no unrolled chunk loop."""
+"""The fused functions under torch.compile(fullgraph=True): one opaque op, no unrolled chunk loop."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from crossent.fused import linear_cross_entropy  # noqa: E402
+from crossent.fused import (  # noqa: E402
+    linear_cross_entropy,
+    linear_distillation_loss,
+    linear_log_probs,
+)
 from tests._reference.fused import linear_cross_entropy_ref  # noqa: E402
 
 N, D, V = 37, 6, 53
@@ -84,3 +88,72 @@ def test_compiled_bad_labels_still_raise() -> None:
     compiled = torch.compile(linear_cross_entropy, fullgraph=True, backend="eager")
     with pytest.raises(ValueError, match="`target`"):
         compiled(data["hidden"], data["weight"], y)
+
+
+def _one_opaque_op(rec: _Recorder, names: tuple[str, ...]) -> None:
+    """Forward (and backward) graphs hold the ops, no nonzero and no unrolled products."""
+    assert len(rec.graphs) == 1
+    code = rec.graphs[0].code
+    for name in names:
+        assert f"crossent.{name}" in code
+    assert "nonzero" not in code
+    assert "mm" not in code.replace("crossent", "")
+
+
+def _grads_equal(got: tuple[Any, ...], want: tuple[Any, ...]) -> None:
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_fullgraph_compile_of_log_probs_and_entropy_equals_eager() -> None:
+    """Both outputs, any upstream gradients, the entropy changed in place by the caller."""
+    data = _data()
+    opts = {"temperature": 0.7, "softcap": 3.0, "shift": True, "chunk_size": 4}
+    g_lp, g_ent = data["up"][:32].reshape(4, 8), data["up"][5:].reshape(4, 8).flip(0)
+
+    def objective(h: Any, w: Any, b: Any, y: Any) -> Any:
+        lp, ent = linear_log_probs(h, w, y, bias=b, return_entropy=True, **opts)
+        ent.mul_(2.0)  # the saved entropy is a copy: backward is not affected
+        return (lp * g_lp).sum() + (ent * g_ent).sum()
+
+    def run(fn: Any) -> tuple[Any, ...]:
+        hidden = data["hidden"][:36].reshape(4, 9, D)
+        leaves = [x.clone().requires_grad_() for x in (hidden, data["weight"], data["bias"])]
+        out = fn(*leaves, data["target"][:36].reshape(4, 9))
+        out.backward()
+        return (out.detach(), *(x.grad for x in leaves))
+
+    rec = _Recorder()
+    _grads_equal(run(torch.compile(objective, backend=rec, fullgraph=True)), run(objective))
+    _one_opaque_op(rec, ("linear_log_probs",))
+    # a wrong label still gets the clear error inside the op
+    y = data["target"].clone()
+    y[3] = V
+    compiled = torch.compile(linear_log_probs, fullgraph=True, backend="eager")
+    with pytest.raises(ValueError, match="`target`"):
+        compiled(data["hidden"], data["weight"], y)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fullgraph_compile_of_distillation_equals_eager(reduction: str) -> None:
+    data = _data()
+    gen = torch.Generator().manual_seed(1)
+    t_hidden = torch.randn(N, 3, generator=gen, dtype=torch.float64)
+    t_weight = torch.randn(V, 3, generator=gen, dtype=torch.float64)
+
+    def objective(h: Any, w: Any, b: Any, y: Any) -> Any:
+        loss = linear_distillation_loss(
+            h, w, t_hidden, t_weight, y, bias=b, beta=0.3, temperature=1.5,
+            reduction=reduction, chunk_size=4,
+        )  # fmt: skip
+        return (loss * data["up"]).sum() if reduction == "none" else loss
+
+    def run(fn: Any) -> tuple[Any, ...]:
+        leaves = [data[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+        out = fn(*leaves, data["target"])
+        out.backward()
+        return (out.detach(), *(x.grad for x in leaves))
+
+    rec = _Recorder()
+    _grads_equal(run(torch.compile(objective, backend=rec, fullgraph=True)), run(objective))
+    _one_opaque_op(rec, ("linear_distill",))

@@ -170,6 +170,34 @@ def test_float32_and_mixed_precision() -> None:
     torch.testing.assert_close(gw, gw32)
 
 
+@pytest.mark.parametrize(
+    ("student", "teacher"),
+    [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+)
+def test_student_and_teacher_of_different_dtypes(student: Any, teacher: Any) -> None:
+    # The teacher's logits are computed in its own dtype and used in the student's compute
+    # dtype (a float64 teacher with a float32 student used to raise inside torch.mm).
+    data = _inputs()
+    teacher_keys = ("t_hidden", "t_weight", "t_bias")
+    cast = {k: v.to(teacher if k in teacher_keys else student) for k, v in data.items()}
+    cast["target"] = data["target"]
+    exact = {**cast, **{k: cast[k].double() for k in teacher_keys}}  # the teacher as rounded
+    for reduction in ("mean", "none"):
+        up = data["up"] if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+        want = _reference(
+            exact, bias=True, upstream=up, beta=0.3, temperature=1.5, reduction=reduction
+        )
+        got = _run(
+            cast, bias=True, upstream=up.to(student), beta=0.3, temperature=1.5,
+            reduction=reduction, chunk_size=8,
+        )  # fmt: skip
+        assert got[0].dtype == student
+        tol = 1e-5  # float32 rounding of the products
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == student
+            np.testing.assert_allclose(g.numpy(), w, rtol=tol, atol=tol * np.abs(w).max())
+
+
 def test_gradcheck_float64() -> None:
     data = _inputs(n=6)
     t_w, t_b = data["t_weight"][:13], data["t_bias"][:13]

@@ -246,6 +246,27 @@ def test_an_unknown_logit_transform_is_refused() -> None:
         model(input_ids=ids, labels=labels)
 
 
+def test_nan_logits_are_not_taken_for_a_logit_transform() -> None:
+    """A float64 Llama gives NaN logits for a left-padded sequence (eager attention): the
+    check of the head's transform compares the other entries instead of raising
+    (it raised "atol must be greater than or equal to zero, but got -nan")."""
+    ref_model = make_model("llama", dtype=torch.float64)
+    model = patch(copy.deepcopy(ref_model))
+    ids, labels = _batch(seed=13)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding of the first sequence
+    logits = ref_model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isnan(logits[0]).all()  # the case
+    assert torch.isfinite(logits[1:]).all()
+    got = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.isnan(got)  # NaN propagates, as in the model's own loss
+    labels[0] = -100  # that sequence ignored: the loss of the others
+    z, y = logits[1:, :-1].reshape(-1, VOCAB), labels[1:, 1:].reshape(-1)
+    want = F.cross_entropy(z, y, ignore_index=-100)
+    got = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_all_ignored_batch_gives_zero_loss_and_gradient() -> None:
     """Documented difference: PyTorch's mean over no token is NaN; the patched loss is 0."""
     model = patch(make_model("mistral"))

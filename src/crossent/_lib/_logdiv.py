@@ -95,13 +95,15 @@ def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
     b_zero = log_b == -math.inf
     zero = xp.zeros_like(log_a)
     log_a = xp.where(a_zero, zero, log_a)
-    d = log_a - xp.where(a_zero | b_zero, zero, log_b)  # finite unless NaN
+    log_b_finite = xp.where(a_zero | b_zero, zero, log_b)
+    d = log_a - log_b_finite  # finite unless NaN
     a = xp.exp(log_a)
     low = d < -1.0
     d_hi = xp.where(low, zero, d)
     d_lo = xp.where(low, d, zero - 2.0)
     hi = a * (d_hi + xp.expm1(-d_hi))
-    lo = a * (d_lo - 1.0) + xp.exp(log_a - d_lo)
+    # b from its own log, not as e^(log a - d): d is rounded at the magnitude of log a
+    lo = a * (d_lo - 1.0) + xp.exp(xp.where(low, log_b_finite, zero))
     out = xp.where(b_zero, xp.full_like(hi, math.inf), xp.where(low, lo, hi))
     return xp.where(a_zero, xp.exp(log_b), out)
 

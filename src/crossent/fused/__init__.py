@@ -328,7 +328,9 @@ def linear_log_probs(
     the unfused ``log_softmax`` + ``gather`` with autograd, at a fraction of
     its memory). Extra memory: one ``(chunk, V)`` float32 buffer, a second with
     `softcap` in backward, and row-blocked temporaries of 1/8 of it. Higher-order
-    gradients are not supported (a second differentiation raises).
+    gradients are not supported (a second differentiation raises). Under
+    ``torch.compile`` (``fullgraph=True`` too) the chunk loop runs as one opaque
+    custom op (``crossent::linear_log_probs`` and its backward).
 
     Examples
     --------
@@ -357,9 +359,15 @@ def linear_log_probs(
     )
     n_classes = check_head(hidden, weight, target, bias, shift=shift)
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
-    check_labels(target, n_classes, ignore_index=opts.ignore_index)
     d = hidden.shape[-1]
-    lp, ent = run_log_probs(hidden.reshape(-1, d), weight, target.reshape(-1), bias, opts)
+    args = (hidden.reshape(-1, d), weight, target.reshape(-1), bias, opts)
+    if torch.compiler.is_compiling():  # one opaque op; the label check runs inside it
+        from crossent.fused._ops import linear_log_probs_compiled
+
+        lp, ent = linear_log_probs_compiled(*args)
+    else:
+        check_labels(target, n_classes, ignore_index=opts.ignore_index)
+        lp, ent = run_log_probs(*args)
     return _log_prob_outputs(lp, ent, target.shape, shift=shift)
 
 

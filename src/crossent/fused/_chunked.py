@@ -857,15 +857,21 @@ def _row_stats_torch(
     softcap: float | None,
     smoothing: bool,
     scale: float = 1.0,
+    need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Local row statistics; leaves the slice's log-softmax ``z - lse_loc`` in `buf`.
+    r"""Local row statistics; leaves the slice's log-softmax ``z - lse_loc`` in `buf`.
 
     The reference point of the statistics is the slice's own log-sum-exp
     ``lse_loc`` (one fused, cache-friendly ``log_softmax`` pass), so it returns
     ``(lse_loc, 1, S_loc, z_y - lse_loc)`` with ``S_loc = Σ_k w_k (z_k - lse_loc)``
     (≤ 0; 0 when not `smoothing`). ``lse_loc = z_j - (z_j - lse_loc)`` is recovered
     at the target column (any column would do; the caller masks targets owned by
-    other slices). The logits are ``z = scale · softcap · tanh(x / softcap)``
+    other slices) — at the row's maximum instead where that column's logit is
+    :math:`-\infty` (a masked class: :math:`-\infty - (-\infty)` is NaN). A row of
+    the slice whose logits are all :math:`-\infty` gets ``lse_loc`` = −inf and
+    log-probabilities −inf (not NaN). Without `need_lse` (a caller that reads only
+    the log-softmax and ``z_y - lse_loc``) neither fix-up runs, and such rows give
+    NaN ``lse_loc``. The logits are ``z = scale · softcap · tanh(x / softcap)``
     (``scale`` is 1 / temperature); with `tanh_buf`, tanh(x/c) is kept there for
     the chain rule.
     """
@@ -880,9 +886,20 @@ def _row_stats_torch(
         buf.mul_(scale)
     col = y_loc[:, None]
     z_y = buf.gather(1, col).squeeze(1)
+    # -inf at the column read (only without a soft cap, which bounds the logits). The check
+    # is a host sync, free on CPU; elsewhere the fix-up runs unconditionally instead.
+    fix = need_lse and softcap is None
+    fix = fix and (buf.device.type != "cpu" or bool((z_y == -math.inf).any()))
+    m = buf.amax(dim=1) if fix else None
     torch._log_softmax(buf, 1, False, out=buf)
     d_loc = buf.gather(1, col).squeeze(1)
     lse_loc = z_y - d_loc
+    if m is not None:
+        empty = m == -math.inf
+        buf.masked_fill_(empty[:, None], -math.inf)  # log_softmax gave NaN there
+        d_loc = torch.where(empty, -math.inf, d_loc)
+        at_max = torch.where(empty, -math.inf, m - buf.amax(dim=1))
+        lse_loc = torch.where(z_y == -math.inf, at_max, lse_loc)
     if smoothing:
         sm_loc = torch.mv(buf, cw_local) if cw_local is not None else buf.sum(dim=1)
     else:

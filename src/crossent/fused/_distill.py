@@ -87,7 +87,9 @@ def _chunked_distill(
     t_hidden, t_weight, t_bias = teacher
     t_weight, t_bias = _product_operands(t_hidden, t_weight, t_bias)
     cdt = _compute_dtype(weight.dtype)
-    t_low = _compute_dtype(t_weight.dtype) != t_weight.dtype
+    # the teacher's product runs in its own dtype; its logits are copied to the student's
+    # compute dtype when they differ (bfloat16 teacher, or a float64 one and a float32 student)
+    t_low = t_weight.dtype != cdt
     device = hidden.device
     rows_all = torch.nonzero(counted).reshape(-1)
     n_counted = int(rows_all.numel())
@@ -99,7 +101,7 @@ def _chunked_distill(
         opts.chunk_size,
         n_counted,
         v,
-        buffers=2.0 + (0.5 if t_low else 0.0) + _BLOCK_TEMPS / _SUB_BLOCKS,
+        buffers=2.0 + (t_weight.itemsize / 4 if t_low else 0.0) + _BLOCK_TEMPS / _SUB_BLOCKS,
         low_precision=cdt != weight.dtype,
         reduce_max=None,
         device=device,
@@ -234,7 +236,9 @@ def linear_distillation_loss(
     teacher_hidden : Tensor, shape (..., d_t)
         The teacher's hidden states for the same positions (its hidden size may differ).
     teacher_weight : Tensor, shape (V, d_t)
-        The teacher's output projection, over the same vocabulary.
+        The teacher's output projection, over the same vocabulary. The teacher's
+        dtypes may differ from the student's: its products run in its own dtype,
+        the loss in the student's compute dtype.
     target : Tensor of int, shape (...), optional
         Only a mask: positions equal to `ignore_index` add nothing and do not
         count in the mean. None counts every position.
@@ -278,6 +282,8 @@ def linear_distillation_loss(
     ``"mean"``/``"sum"`` do all four products in forward; ``"none"`` does two in
     forward and recomputes in backward. The teacher's tensors are detached.
     Higher-order gradients are not supported (a second differentiation raises).
+    Under ``torch.compile`` (``fullgraph=True`` too) the chunk loop runs as one
+    opaque custom op (``crossent::linear_distill``).
 
     Examples
     --------
@@ -349,8 +355,13 @@ def linear_distillation_loss(
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    if needs_grad:
-        loss: torch.Tensor = _LinearDistillFunction.apply(h2, weight, bias, teacher, counted, opts)
+    loss: torch.Tensor
+    if torch.compiler.is_compiling():  # one opaque op (the chunk loop depends on values)
+        from crossent.fused._ops import linear_distill_compiled
+
+        loss = linear_distill_compiled(h2, weight, bias, teacher, counted, opts)
+    elif needs_grad:
+        loss = _LinearDistillFunction.apply(h2, weight, bias, teacher, counted, opts)
     else:
         with torch.no_grad():
             loss = _chunked_distill(

@@ -157,8 +157,9 @@ def _chunked_log_probs(
         y_loc = torch.where(owned, y_loc, 0)
         tanh_buf = tanh_all[:n] if tanh_all is not None else None
         lse_loc, _, _, d_loc = _row_stats_torch(
-            buf, tanh_buf, y_loc, None, softcap=opts.softcap, smoothing=False, scale=inv_t
-        )
+            buf, tanh_buf, y_loc, None, softcap=opts.softcap, smoothing=False, scale=inv_t,
+            need_lse=shard is not None,
+        )  # fmt: skip
         d_loc = torch.where(owned, d_loc, 0.0)
         t_loc = None  # sum_k p_k log p_k over the slice (not needed when the entropy is given)
         if opts.entropy and entropy is None:
@@ -170,8 +171,8 @@ def _chunked_log_probs(
             delta = lse_loc - m
             e = torch.exp(delta)
             cols = [e, torch.where(owned, d_loc + delta, 0.0)]
-            if t_loc is not None:
-                cols.append(e * (t_loc + delta))
+            if t_loc is not None:  # 0 for a slice of -inf logits (e = 0, delta = -inf)
+                cols.append(torch.where(e > 0, e * (t_loc + delta), 0.0))
             packed = shard.reduce_sum(torch.stack(cols, dim=1))
             log_s = torch.log(packed[:, 0])
             log_p_y = packed[:, 1] - log_s

@@ -1,4 +1,4 @@
-"""The fused linear cross-entropy as a ``torch.library`` custom op, for ``torch.compile``.
+"""The fused functions as ``torch.library`` custom ops, for ``torch.compile``.
 
 Under ``torch.compile`` (``fullgraph=True`` included) the chunk loop must not be
 traced: its row selection (``nonzero``), chunk count and label checks depend on
@@ -16,47 +16,106 @@ the incoming row gradients as `row_scale`. The checked options travel as one
 string (:func:`_encode`, the ``repr`` of a tuple), so the op's schema does not restate them. Value
 checks of the labels run inside the op, on concrete values.
 
+``crossent::linear_log_probs`` (with ``crossent::linear_log_probs_backward``, which
+reads both upstream gradients) and ``crossent::linear_distill`` (built as
+``crossent::linear_ce``) serve :func:`~crossent.fused.linear_log_probs` and
+:func:`~crossent.fused.linear_distillation_loss` the same way.
+
 This module has no ``from __future__ import annotations``: ``custom_op`` reads
 the schema from real annotations.
 """
 
 import ast
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from crossent.fused._chunked import result_dtype
-from crossent.fused._function import LinearCEOptions, _core
-from crossent.fused._inputs import check_values
+from crossent.fused._chunked import _compute_dtype, product_dtype, result_dtype
+from crossent.fused._distill import DistillOptions, _chunked_distill
+from crossent.fused._function import (
+    LinearCEOptions,
+    _core,
+    grad_needs,
+    no_autocast,
+    refuse_double_backward,
+)
+from crossent.fused._inputs import check_labels, check_values
+from crossent.fused._logprobs import LogProbOptions, _chunked_log_probs
 
-__all__ = ["linear_ce_compiled"]
+__all__ = ["linear_ce_compiled", "linear_distill_compiled", "linear_log_probs_compiled"]
+
+OptionsT = TypeVar("OptionsT", LinearCEOptions, LogProbOptions, DistillOptions)
 
 
-def _encode(opts: LinearCEOptions) -> str:
-    """The options as the ``repr`` of a tuple (floats round-trip exactly); Dynamo folds it."""
-    return repr(
-        (
-            opts.ignore_index,
-            opts.label_smoothing,
-            opts.z_loss,
-            opts.softcap,
-            opts.reduction,
-            opts.chunk_size,
-        )
-    )
+def _encode(opts: Any) -> str:
+    """Checked options (a frozen dataclass) as the ``repr`` of a tuple (floats round-trip
+    exactly); Dynamo folds it."""
+    return repr(dataclasses.astuple(opts))
 
 
 @functools.lru_cache(maxsize=64)
-def _decode(options: str) -> LinearCEOptions:
-    return LinearCEOptions(*ast.literal_eval(options))
+def _decode(kind: type[OptionsT], options: str) -> OptionsT:
+    return kind(*ast.literal_eval(options))
 
 
-def _wanted(options: str, row_scale: Any, needs: list[bool]) -> list[bool]:
-    """The gradients the op forms: forward's for ``"mean"``/``"sum"``, backward's for ``"none"``."""
-    if row_scale is None and _decode(options).reduction == "none":
+def _wanted(reduction: str, row_scale: Any, needs: list[bool]) -> list[bool]:
+    """The gradients an op forms: forward's for ``"mean"``/``"sum"``, backward's for ``"none"``."""
+    if row_scale is None and reduction == "none":
         return [False, False, False]
     return needs
+
+
+def _needs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list[bool]:
+    """Which of (hidden, weight, bias) need a gradient in this call."""
+    if not torch.is_grad_enabled():
+        return [False, False, False]
+    return [hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
+
+
+def _grads_out(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients in their parameters' dtypes; where none is formed, distinct empty tensors
+    (outputs must not alias each other)."""
+    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    out = [
+        hidden.new_empty(0) if g is None or dt is None else g.to(dt)
+        for g, dt in zip(grads, dtypes, strict=True)
+    ]
+    return out[0], out[1], out[2]
+
+
+def _fake_grads(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, want: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_grads_out`'s shapes and dtypes."""
+    return (
+        torch.empty_like(hidden) if want[0] else hidden.new_empty(0),
+        torch.empty_like(weight) if want[1] else hidden.new_empty(0),
+        torch.empty_like(bias) if want[2] and bias is not None else hidden.new_empty(0),
+    )
+
+
+def _input_grads(needs: list[bool], grads: tuple[Any, Any, Any], n_other: int) -> tuple[Any, ...]:
+    """Backward's result: the wanted (hidden, weight, bias) gradients, None for the rest."""
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)),) + (
+        None,
+    ) * n_other
+
+
+def _scaled(grads: tuple[torch.Tensor, ...], grad_loss: torch.Tensor) -> tuple[Any, ...]:
+    """Gradients formed in forward times the scalar upstream gradient (out of place)."""
+    return tuple(g * grad_loss.to(g.dtype) for g in grads)
+
+
+# ----------------------------------------------------------------------------
+# linear_cross_entropy
+# ----------------------------------------------------------------------------
 
 
 @torch.library.custom_op("crossent::linear_ce", mutates_args=())
@@ -70,9 +129,9 @@ def _linear_ce_op(
     options: str,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    opts = _decode(options)
+    opts = _decode(LinearCEOptions, options)
     check_values(target, class_weight, weight.shape[0], ignore_index=opts.ignore_index)
-    want = _wanted(options, row_scale, needs)
+    want = _wanted(opts.reduction, row_scale, needs)
     res = _core(
         hidden,
         weight,
@@ -83,49 +142,35 @@ def _linear_ce_op(
         compute_grad=(want[0], want[1], want[2]),
         row_scale=row_scale,
     )
-    # distinct empty tensors where no gradient is wanted: outputs must not alias each other
-    grads = (res.grad_hidden, res.grad_weight, res.grad_bias)
-    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    out = [
-        hidden.new_empty(0) if g is None or dt is None else g.to(dt)
-        for g, dt in zip(grads, dtypes, strict=True)
-    ]
-    return res.loss, out[0], out[1], out[2]
+    grads = _grads_out(hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias))
+    return (res.loss, *grads)
 
 
 @_linear_ce_op.register_fake
 def _(hidden, weight, bias, target, class_weight, row_scale, options, needs):
-    want = _wanted(options, row_scale, needs)
-    shape = (hidden.shape[0],) if _decode(options).reduction == "none" else ()
+    reduction = _decode(LinearCEOptions, options).reduction
+    shape = (hidden.shape[0],) if reduction == "none" else ()
+    want = _wanted(reduction, row_scale, needs)
     return (
         hidden.new_empty(shape, dtype=result_dtype(hidden, weight, bias)),
-        torch.empty_like(hidden) if want[0] else hidden.new_empty(0),
-        torch.empty_like(weight) if want[1] else hidden.new_empty(0),
-        torch.empty_like(bias) if want[2] and bias is not None else hidden.new_empty(0),
+        *_fake_grads(hidden, weight, bias, want),
     )
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     hidden, weight, bias, target, class_weight, _, options, needs = inputs
     ctx.options, ctx.needs = options, needs
-    ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, bias, target, class_weight, *output[1:])
 
 
 def _backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     hidden, weight, bias, target, class_weight, gh, gw, gb = ctx.saved_tensors
-    needs = ctx.needs
-    if _decode(ctx.options).reduction != "none":  # formed in forward: scale (out of place)
-        gh, gw, gb = (g * grad_loss.to(g.dtype) for g in (gh, gw, gb))
+    if _decode(LinearCEOptions, ctx.options).reduction != "none":
+        gh, gw, gb = _scaled((gh, gw, gb), grad_loss)
     else:
-        args = (hidden, weight, bias, target, class_weight, grad_loss, ctx.options, needs)
+        args = (hidden, weight, bias, target, class_weight, grad_loss, ctx.options, ctx.needs)
         _, gh, gw, gb = _linear_ce_op(*args)
-    return (
-        gh if needs[0] else None,
-        gw if needs[1] else None,
-        gb if needs[2] and ctx.has_bias else None,
-        None, None, None, None, None,
-    )  # fmt: skip
+    return _input_grads(ctx.needs, (gh, gw, gb), 5)
 
 
 _linear_ce_op.register_autograd(_backward, setup_context=_setup_context)
@@ -140,13 +185,166 @@ def linear_ce_compiled(
     opts: LinearCEOptions,
 ) -> torch.Tensor:
     """The loss of 2-d `hidden`, 1-d `target` through the custom op (traceable)."""
-    needs = [
-        hidden.requires_grad,
-        weight.requires_grad,
-        bias is not None and bias.requires_grad,
-    ]
-    if not torch.is_grad_enabled():
-        needs = [False, False, False]
+    needs = _needs(hidden, weight, bias)
     args = (hidden, weight, bias, target, class_weight, None, _encode(opts), needs)
     loss: torch.Tensor = _linear_ce_op(*args)[0]
+    return loss
+
+
+# ----------------------------------------------------------------------------
+# linear_log_probs: forward op (log-probs, entropy) and backward op (the gradients)
+# ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("crossent::linear_log_probs", mutates_args=())
+def _log_probs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    options: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log_probs, entropy, entropy kept for backward)``; entropy 0 when not asked."""
+    opts = _decode(LogProbOptions, options)
+    check_labels(target, weight.shape[0], ignore_index=opts.ignore_index)
+    with no_autocast(hidden):
+        res = _chunked_log_probs(hidden, weight, target, bias, opts, compute_grad=False)
+    ent = torch.zeros_like(res.log_probs) if res.entropy is None else res.entropy
+    return res.log_probs, ent, ent.clone()  # the caller may change the returned entropy
+
+
+@_log_probs_op.register_fake
+def _(hidden, weight, bias, target, options):
+    out = hidden.new_empty((hidden.shape[0],), dtype=result_dtype(hidden, weight, bias))
+    return out, torch.empty_like(out), torch.empty_like(out)
+
+
+@torch.library.custom_op("crossent::linear_log_probs_backward", mutates_args=())
+def _log_probs_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_log_probs: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    options: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    opts = _decode(LogProbOptions, options)
+    with no_autocast(hidden):
+        res = _chunked_log_probs(
+            hidden, weight, target, bias, opts, compute_grad=(needs[0], needs[1], needs[2]),
+            grad_log_probs=grad_log_probs, grad_entropy=grad_entropy,
+            entropy=entropy if opts.entropy else None,
+        )  # fmt: skip
+    return _grads_out(hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias))
+
+
+@_log_probs_backward_op.register_fake
+def _(hidden, weight, bias, target, entropy, grad_log_probs, grad_entropy, options, needs):
+    return _fake_grads(hidden, weight, bias, needs)
+
+
+def _log_probs_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    hidden, weight, bias, target, options = inputs
+    ctx.options = options
+    ctx.needs = list(grad_needs(ctx, bias))
+    ctx.save_for_backward(hidden, weight, bias, target, output[2])
+
+
+def _log_probs_backward(ctx: Any, grad_lp: Any, grad_ent: Any, _: Any) -> tuple[Any, ...]:
+    hidden, weight, bias, target, entropy = ctx.saved_tensors
+    refuse_double_backward("linear_log_probs")
+    grad_lp = torch.zeros_like(entropy) if grad_lp is None else grad_lp
+    grad_ent = torch.zeros_like(entropy) if grad_ent is None else grad_ent
+    args = (hidden, weight, bias, target, entropy, grad_lp, grad_ent, ctx.options, ctx.needs)
+    return _input_grads(ctx.needs, _log_probs_backward_op(*args), 2)
+
+
+_log_probs_op.register_autograd(_log_probs_backward, setup_context=_log_probs_setup_context)
+
+
+def linear_log_probs_compiled(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogProbOptions,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` through the custom op."""
+    lp, ent, _ = _log_probs_op(hidden, weight, bias, target, _encode(opts))
+    return lp, (ent if opts.entropy else None)
+
+
+# ----------------------------------------------------------------------------
+# linear_distillation_loss: one op, as crossent::linear_ce (gradients formed in forward
+# for "mean"/"sum", recomputed with the row gradients for "none")
+# ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("crossent::linear_distill", mutates_args=())
+def _distill_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    counted: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    options: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    opts = _decode(DistillOptions, options)
+    want = _wanted(opts.reduction, row_scale, needs)
+    res = _chunked_distill(
+        hidden, weight, bias, (teacher_hidden, teacher_weight, teacher_bias), counted, opts,
+        compute_grad=(want[0], want[1], want[2]), row_scale=row_scale,
+    )  # fmt: skip
+    grads = _grads_out(hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias))
+    return (res.loss, *grads)
+
+
+@_distill_op.register_fake
+def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, counted, row_scale,
+      options, needs):  # fmt: skip
+    reduction = _decode(DistillOptions, options).reduction
+    shape = (hidden.shape[0],) if reduction == "none" else ()
+    dtype = _compute_dtype(product_dtype(hidden, weight, bias))
+    want = _wanted(reduction, row_scale, needs)
+    return (hidden.new_empty(shape, dtype=dtype), *_fake_grads(hidden, weight, bias, want))
+
+
+def _distill_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.teacher, ctx.options, ctx.needs = inputs[3:7], inputs[8], inputs[9]  # teacher + counted
+    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], *output[1:])
+
+
+def _distill_backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+    hidden, weight, bias, gh, gw, gb = ctx.saved_tensors
+    refuse_double_backward("linear_distillation_loss")
+    if _decode(DistillOptions, ctx.options).reduction != "none":
+        gh, gw, gb = _scaled((gh, gw, gb), grad_loss)
+    else:
+        args = (hidden, weight, bias, *ctx.teacher, grad_loss, ctx.options, ctx.needs)
+        _, gh, gw, gb = _distill_op(*args)
+    return _input_grads(ctx.needs, (gh, gw, gb), 7)
+
+
+_distill_op.register_autograd(_distill_backward, setup_context=_distill_setup_context)
+
+
+def linear_distill_compiled(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    counted: torch.Tensor,
+    opts: DistillOptions,
+) -> torch.Tensor:
+    """The distillation loss of 2-d `hidden` through the custom op (traceable)."""
+    needs = _needs(hidden, weight, bias)
+    args = (hidden, weight, bias, *teacher, counted, None, _encode(opts), needs)
+    loss: torch.Tensor = _distill_op(*args)[0]
     return loss

@@ -309,8 +309,9 @@ def _forward(
         raise RuntimeError(msg)
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     logits = out.logits if not isinstance(out, tuple) else out[0]
-    if softcap not in state.verified_softcap:
-        _verify_head_transform(model, capture.probe, logits, softcap)
+    if softcap not in state.verified_softcap and _verify_head_transform(
+        model, capture.probe, logits, softcap
+    ):
         with _LOCK:
             if softcap not in state.verified_softcap:
                 state.verified_softcap.append(softcap)
@@ -381,16 +382,25 @@ def _run_with_recording_head(
 
 def _verify_head_transform(
     model: torch.nn.Module, probe: torch.Tensor, logits: Any, softcap: float | None
-) -> None:
-    """The model's logits must be the head's output, soft-capped by `softcap` if set."""
+) -> bool:
+    """The model's logits must be the head's output, soft-capped by `softcap` if set.
+
+    NaN in the head's output (hidden states of a fully masked position, as a float64
+    model with left padding gives) must be NaN in the logits too; the other entries
+    are compared. Returns whether the check was conclusive (some entry finite).
+    """
     want = probe if softcap is None else softcap * torch.tanh(probe / softcap)
     ok = isinstance(logits, torch.Tensor) and logits.shape == want.shape
+    conclusive = False
     if ok:
         dtype = torch.promote_types(torch.promote_types(want.dtype, logits.dtype), torch.float32)
         eps = 16 * max(torch.finfo(want.dtype).eps, torch.finfo(logits.dtype).eps)
-        scale = float(want.abs().max()) if want.numel() else 0.0
+        want = want.to(dtype)
+        finite = torch.isfinite(want)
+        conclusive = bool(finite.any())
+        scale = float(want[finite].abs().max()) if conclusive else 0.0
         got = logits.detach().to(dtype)
-        ok = bool(torch.allclose(got, want.to(dtype), rtol=eps, atol=eps * scale))
+        ok = bool(torch.allclose(got, want, rtol=eps, atol=eps * scale, equal_nan=True))
     if not ok:
         msg = (
             f"{type(model).__name__} transforms the output of `lm_head` before its loss in a way "
@@ -398,6 +408,7 @@ def _verify_head_transform(
             "its fused loss would differ from the model's own. unpatch() this model."
         )
         raise RuntimeError(msg)
+    return conclusive
 
 
 def _fused_loss(
