@@ -176,3 +176,36 @@ def test_mean_prediction_is_the_exact_sum_rounded_once() -> None:
         y = rng.integers(0, 2, p.size)
         got = BinaryClassificationMetrics(input_kind="probs").update(p, y).compute()
         assert got["mean_prediction"] == math.fsum(p) / p.size
+
+
+def test_cli_binary_infinite_logits_and_log_zero_are_predictions(tmp_path: Path) -> None:
+    # a logit of ±inf is P(label = 1) = 1 or 0, a log-probability of -inf is P = 0: the
+    # figures of the metric on the same values (NaN and a log of +inf are still refused)
+    z = np.array([np.inf, -np.inf, 0.3, -2.0, np.inf])
+    y = np.array([1, 0, 1, 0, 1])
+    text = "label,z\n" + "".join(f"{t},{v}\n" for v, t in zip(z, y, strict=True))
+    out = run_json("eval", str(write(tmp_path / "z.csv", text)), "--input", "logits")
+    want = BinaryClassificationMetrics(input_kind="logits").update(z, y).compute()
+    for key in ("log_loss_nats", "brier", "ece", "accuracy", "mean_prediction"):
+        assert out[key] == want[key], key
+    assert out["log_loss_nats"] == pytest.approx(
+        math.fsum([0.0, 0.0, math.log1p(math.exp(-0.3)), math.log1p(math.exp(-2.0)), 0.0]) / 5,
+        rel=1e-15,
+    )
+    with np.errstate(divide="ignore"):
+        log_p = np.log(np.array([1.0, 0.0, 0.7, 0.2]))
+    y = y[:4]
+    text = "label,lp\n" + "".join(f"{t},{v}\n" for v, t in zip(log_p, y, strict=True))
+    out = run_json("eval", str(write(tmp_path / "l.csv", text)), "--input", "log_probs")
+    want = BinaryClassificationMetrics(input_kind="log_probs").update(log_p, y).compute()
+    for key in ("log_loss_nats", "brier", "ece", "accuracy"):
+        assert out[key] == want[key], key
+
+
+def test_cli_binary_nan_and_a_log_of_inf_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path / "n.csv", "label,z\n1,0.5\n0,nan\n")
+    assert "row 2 (line 3) holds NaN" in error(capsys, "eval", str(path), "--input", "logits")
+    path = write(tmp_path / "i.csv", "label,lp\n1,-0.5\n0,inf\n")
+    assert "row 2 (line 3) holds +inf" in error(capsys, "eval", str(path), "--input", "log_probs")

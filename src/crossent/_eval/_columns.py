@@ -165,15 +165,20 @@ def batch_scores(batch: Any, columns: Columns) -> np.ndarray:
     return flat.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(col), width)
 
 
-def check_finite(scores: np.ndarray, kind: str) -> None:
-    """A file must not hold NaN or +inf (logits and log-probabilities may hold −inf)."""
+def check_finite(scores: np.ndarray, kind: str, *, binary: bool = False) -> None:
+    """A file must not hold NaN or +inf (logits and log-probabilities may hold −inf).
+
+    One `binary` column holds P(label = 1), or its logit or log: a logit of ±inf
+    (P = 1 or 0) and a log of −inf (P = 0) are predictions like any other.
+    """
     if np.isfinite(scores.sum(axis=1)).all():  # one pass: no NaN, no inf in any row
         return
     bad_nan = np.asarray(np.isnan(scores).any(axis=1))
-    bad_inf = np.asarray(np.isposinf(scores).any(axis=1))
+    none = np.zeros(len(scores), dtype=np.bool_)
+    bad_inf = none if binary and kind == "logits" else np.asarray(np.isposinf(scores).any(axis=1))
     bad_all = np.asarray(np.isneginf(scores).all(axis=1))
-    if kind == "probs":
-        bad_all = np.zeros(len(scores), dtype=np.bool_)
+    if kind == "probs" or binary:  # (a probability of -inf is outside [0, 1]: said there)
+        bad_all = none
     bad = np.flatnonzero(bad_nan | bad_inf | bad_all)
     if bad.size:
         row = int(bad[0])

@@ -125,7 +125,7 @@ def score_batch(state: GroupedMetrics, data: Any, plan: Plan) -> None:
         target = binary_labels(data.column(columns.label), name=columns.label)
     else:
         target = batch_labels(data, columns, mode=plan.labels)
-    check_finite(scores, plan.input_kind)
+    check_finite(scores, plan.input_kind, binary=plan.binary)
     keys = None
     if plan.group_by is not None:
         try:
