@@ -898,3 +898,23 @@ def test_numpy_logit_rows_leave_non_finite_rows_to_the_general_path() -> None:
         np.testing.assert_array_equal(rows["nan"], [False, True, False])
     z = np.array([[0.0, 1.0], [-np.inf, -np.inf]])
     assert F._numpy_logit_rows(np.asfortranarray(z), y[:2], need_probs=True) is None
+
+
+def test_reliability_counts_the_nan_rows_it_leaves_out() -> None:
+    # a NaN row is in no bin: the diagram says how many, the calibration error is NaN
+    d = _data(n=50, c=3, seed=4, scale=2.0)
+    probs = d["probs"].copy()
+    probs[[3, 17]] = np.nan
+    with ce.validation(False):
+        for metric in (
+            CalibrationError(input_kind="probs", bins=5),
+            ClassificationMetrics(input_kind="probs", bins=5),
+        ):
+            diagram = metric.update(probs, d["y"]).reliability()
+            assert int(diagram["nan"]) == 2
+            assert int(diagram["count"].sum()) == 48
+            figures = metric.compute()
+            ece = figures if isinstance(figures, float) else figures["ece"]
+            assert math.isnan(ece)
+    clean = CalibrationError(input_kind="probs", bins=5).update(d["probs"], d["y"])
+    assert int(clean.reliability()["nan"]) == 0

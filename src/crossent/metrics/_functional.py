@@ -1039,7 +1039,8 @@ def _calibration_compute(state: State, *, binning: str = "width", norm: str = "l
 
 
 def _reliability(state: State, *, binning: str = "width") -> dict[str, np.ndarray]:
-    """Per-bin count, mean confidence and accuracy of group 0 (NaN for empty bins)."""
+    """Per-bin count, mean confidence and accuracy of group 0 (NaN for empty bins), and
+    ``nan``: the rows holding NaN, which no bin holds (the calibration error is NaN then)."""
     count, conf, hit = (a[0] for a in _calibration_bins(state, binning=binning))
     nonempty = count > 0
     denom = np.where(nonempty, count, 1)
@@ -1047,4 +1048,5 @@ def _reliability(state: State, *, binning: str = "width") -> dict[str, np.ndarra
         "count": np.asarray(count, dtype=np.int64),
         "confidence": np.where(nonempty, conf / denom, np.nan),
         "accuracy": np.where(nonempty, hit / denom, np.nan),
+        "nan": np.asarray(state["nan"], dtype=np.int64),
     }

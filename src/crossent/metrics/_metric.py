@@ -562,7 +562,9 @@ class CalibrationError(Metric):
         )
 
     def reliability(self) -> dict[str, np.ndarray]:
-        """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (NaN for empty bins).
+        """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (NaN for empty bins), and
+        ``nan``, the number of rows left out of the bins because they hold NaN (with any,
+        :meth:`compute` is NaN).
 
         For ``kind="classwise"`` this is class 0's diagram.
         """
@@ -696,7 +698,8 @@ class ClassificationMetrics(Metric):
         }
 
     def reliability(self, *, binning: str = "width") -> dict[str, np.ndarray]:
-        """Top-label per-bin ``count``, mean ``confidence`` and ``accuracy``."""
+        """Top-label per-bin ``count``, mean ``confidence`` and ``accuracy``, and ``nan``, the
+        rows left out of the bins because they hold NaN."""
         F._check_choice(binning, F.BINNINGS, name="binning")
         return F._reliability(self._part_state("top_label"), binning=binning)
 
