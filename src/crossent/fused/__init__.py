@@ -111,8 +111,9 @@ def linear_cross_entropy(
     Returns
     -------
     Tensor
-        float32 (float64 when an operand is float64, as Hugging Face's loss):
-        0-d for ``"mean"`` and ``"sum"``, the shape of `target` for ``"none"``.
+        float32, as Hugging Face's loss, or float64 when an operand is float64
+        (Hugging Face's loss rounds that one to float32): 0-d for ``"mean"`` and
+        ``"sum"``, the shape of `target` for ``"none"``.
         Gradients come back in each parameter's own dtype.
 
     Raises
