@@ -20,6 +20,7 @@ from crossent._lib._checks import (
     check_ignore_index,
     check_softcap,
 )
+from crossent._lib._xp import torch_tracing
 from crossent._losses._distill import check_temperature
 from crossent.fused._distill import linear_distillation_loss
 from crossent.fused._function import run_linear_ce
@@ -208,7 +209,7 @@ def linear_cross_entropy(
         _check_devices(hidden, {"class_weight": class_weight})
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     d = hidden.shape[-1]
-    if torch.compiler.is_compiling():  # value checks run inside the op, on concrete values
+    if torch_tracing():  # compile or torch.func: value checks run inside the op, on concrete values
         from crossent.fused._ops import linear_ce_compiled
 
         loss = linear_ce_compiled(
@@ -361,7 +362,7 @@ def linear_log_probs(
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     d = hidden.shape[-1]
     args = (hidden.reshape(-1, d), weight, target.reshape(-1), bias, opts)
-    if torch.compiler.is_compiling():  # one opaque op; the label check runs inside it
+    if torch_tracing():  # one opaque op; the label check runs inside it
         from crossent.fused._ops import linear_log_probs_compiled
 
         lp, ent = linear_log_probs_compiled(*args)

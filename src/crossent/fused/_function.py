@@ -85,13 +85,18 @@ def refuse_double_backward(name: str) -> None:
     wrong, so it is an error instead.
     """
     if torch.is_grad_enabled():
-        msg = (
-            f"crossent.fused.{name} has no second derivative: its backward pass forms the "
-            "gradient chunk by chunk outside autograd. Differentiate it once (no "
-            "create_graph=True / double backward), or use the unfused loss on materialized "
-            "logits for higher-order gradients."
-        )
-        raise RuntimeError(msg)
+        raise no_second_derivative(name)
+
+
+def no_second_derivative(name: str) -> RuntimeError:
+    """The error of a second differentiation of ``crossent.fused.<name>``."""
+    msg = (
+        f"crossent.fused.{name} has no second derivative: its backward pass forms the "
+        "gradient chunk by chunk outside autograd. Differentiate it once (no "
+        "create_graph=True / double backward, no nested torch.func.grad / jacrev of a "
+        "gradient), or use the unfused loss on materialized logits for higher-order gradients."
+    )
+    return RuntimeError(msg)
 
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]

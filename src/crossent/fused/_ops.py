@@ -39,6 +39,7 @@ from crossent.fused._function import (
     _core,
     grad_needs,
     no_autocast,
+    no_second_derivative,
     refuse_double_backward,
 )
 from crossent.fused._inputs import check_labels, check_values
@@ -185,6 +186,8 @@ def linear_ce_compiled(
     opts: LinearCEOptions,
 ) -> torch.Tensor:
     """The loss of 2-d `hidden`, 1-d `target` through the custom op (traceable)."""
+    if _under_func():
+        return _FuncLinearCE.apply(hidden, weight, bias, target, class_weight, _encode(opts))
     needs = _needs(hidden, weight, bias)
     args = (hidden, weight, bias, target, class_weight, None, _encode(opts), needs)
     loss: torch.Tensor = _linear_ce_op(*args)[0]
@@ -273,7 +276,10 @@ def linear_log_probs_compiled(
     opts: LogProbOptions,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` through the custom op."""
-    lp, ent, _ = _log_probs_op(hidden, weight, bias, target, _encode(opts))
+    if _under_func():
+        lp, ent, _ = _FuncLogProbs.apply(hidden, weight, bias, target, _encode(opts))
+    else:
+        lp, ent, _ = _log_probs_op(hidden, weight, bias, target, _encode(opts))
     return lp, (ent if opts.entropy else None)
 
 
@@ -344,7 +350,153 @@ def linear_distill_compiled(
     opts: DistillOptions,
 ) -> torch.Tensor:
     """The distillation loss of 2-d `hidden` through the custom op (traceable)."""
+    if _under_func():
+        return _FuncDistill.apply(hidden, weight, bias, *teacher, counted, _encode(opts))
     needs = _needs(hidden, weight, bias)
     args = (hidden, weight, bias, *teacher, counted, None, _encode(opts), needs)
     loss: torch.Tensor = _distill_op(*args)[0]
     return loss
+
+
+# ----------------------------------------------------------------------------
+# torch.func (grad, vmap, jacrev): autograd Functions with setup_context over the same ops
+# ----------------------------------------------------------------------------
+#
+# The ops' own autograd (register_autograd) is not usable under torch.func transforms
+# (its generated Function has no setup_context). Under a transform the three functions
+# go through the Functions below instead: forward asks the op for the loss alone (the
+# gradients cannot be chosen in forward, which has no ctx there), backward asks it for
+# the wanted gradients with each row scaled by its upstream gradient — the recompute
+# path of "none", exact for every reduction. The ops batch by looping over the vmapped
+# dimension (_loop_vmap), so vmap(grad(...)) gives per-sample gradients, and backward
+# forms its gradients in _FirstOrderGrads, whose own backward raises: a second
+# derivative (grad of grad, jacrev of grad) is an error, never a wrong number.
+
+
+def _under_func() -> bool:
+    """Whether a ``torch.func`` transform is active (and not under ``torch.compile``)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def _loop_vmap(op: Any) -> None:
+    """Batch `op` by calling it once per index of the vmapped dimension (exact, like a loop)."""
+
+    def rule(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Any, Any]:
+        def sample(i: int) -> Any:
+            return op(*(
+                a.select(d, i) if isinstance(a, torch.Tensor) and isinstance(d, int) else a
+                for a, d in zip(args, in_dims, strict=True)
+            ))  # fmt: skip
+
+        outs = [sample(i) for i in range(info.batch_size)]
+        stacked = tuple(torch.stack(col) for col in zip(*outs, strict=True))
+        return stacked, (0,) * len(stacked)
+
+    torch.library.register_vmap(op, rule)
+
+
+for _op in (_linear_ce_op, _log_probs_op, _log_probs_backward_op, _distill_op):
+    _loop_vmap(_op)
+
+
+class _FirstOrderGrads(torch.autograd.Function):
+    """``(hidden, weight, bias)`` gradients from one of the ops (its last three outputs).
+
+    Differentiating them raises :func:`no_second_derivative`'s error.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(name: str, op: Any, *args: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(op(*args)[-3:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.name = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *_: Any) -> Any:
+        raise no_second_derivative(ctx.name)
+
+
+def _row_scale(grad_loss: torch.Tensor, rows: int) -> torch.Tensor:
+    """The upstream gradient per row (a scalar one expanded)."""
+    return grad_loss.expand(rows) if grad_loss.ndim == 0 else grad_loss
+
+
+class _FuncLinearCE(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(hidden: Any, weight: Any, bias: Any, target: Any, class_weight: Any,
+                options: str) -> torch.Tensor:  # fmt: skip
+        loss: torch.Tensor = _linear_ce_op(
+            hidden, weight, bias, target, class_weight, None, options, [False] * 3
+        )[0]
+        return loss
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.options = inputs[5]
+        ctx.save_for_backward(*inputs[:5])
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        hidden, weight, bias, target, class_weight = ctx.saved_tensors
+        needs = list(grad_needs(ctx, bias))
+        args = (hidden, weight, bias, target, class_weight,
+                _row_scale(grad_loss, hidden.shape[0]), ctx.options, needs)  # fmt: skip
+        grads = _FirstOrderGrads.apply("linear_cross_entropy", _linear_ce_op, *args)
+        return _input_grads(needs, grads, 3)
+
+
+class _FuncLogProbs(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(hidden: Any, weight: Any, bias: Any, target: Any,
+                options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        lp, ent, kept = _log_probs_op(hidden, weight, bias, target, options)
+        return lp, ent, kept
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.options = inputs[4]
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(*inputs[:4], output[2])
+
+    @staticmethod
+    def backward(ctx: Any, grad_lp: Any, grad_ent: Any, _: Any) -> tuple[Any, ...]:
+        hidden, weight, bias, target, entropy = ctx.saved_tensors
+        needs = list(grad_needs(ctx, bias))
+        args = (hidden, weight, bias, target, entropy, grad_lp, grad_ent, ctx.options, needs)
+        grads = _FirstOrderGrads.apply("linear_log_probs", _log_probs_backward_op, *args)
+        return _input_grads(needs, grads, 2)
+
+
+class _FuncDistill(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(hidden: Any, weight: Any, bias: Any, teacher_hidden: Any, teacher_weight: Any,
+                teacher_bias: Any, counted: Any, options: str) -> torch.Tensor:  # fmt: skip
+        loss: torch.Tensor = _distill_op(
+            hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, counted,
+            None, options, [False] * 3,
+        )[0]  # fmt: skip
+        return loss
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.options = inputs[7]
+        ctx.save_for_backward(*inputs[:7])
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        hidden, weight, bias, *teacher_counted = ctx.saved_tensors
+        needs = list(grad_needs(ctx, bias))
+        args = (hidden, weight, bias, *teacher_counted,
+                _row_scale(grad_loss, hidden.shape[0]), ctx.options, needs)  # fmt: skip
+        grads = _FirstOrderGrads.apply("linear_distillation_loss", _distill_op, *args)
+        return _input_grads(needs, grads, 5)
