@@ -156,3 +156,45 @@ def test_second_derivative_under_torch_func_raises(case: str) -> None:
         func.grad(grad_norm)(*args, *rest)
     with pytest.raises(RuntimeError, match="no second derivative"):
         func.jacrev(func.grad(loss, argnums=2), argnums=2)(*args, *rest)
+
+
+# torch's forward-mode AD loads its decompositions with torch.jit.script once (deprecated)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("case", ["ce", "log-probs-temperature-entropy", "distill"])
+def test_forward_mode_raises(case: str) -> None:
+    loss, data = CASES[case], _data()
+    args = (data["weight"], data["bias"], data["hidden"][0], data["target"][0])
+    rest = (data["t_hidden"][0], data)
+    with pytest.raises(RuntimeError, match="has no forward-mode derivative"):
+        func.jacfwd(loss, argnums=2)(*args, *rest)
+    with pytest.raises(RuntimeError, match=r"crossent\.fused\.linear_\w+ has no"):
+        func.hessian(loss, argnums=2)(*args, *rest)
+
+
+def test_parameters_per_sample_then_backward_raises() -> None:
+    """A weight that requires grad (an nn.Parameter): exact per-sample gradients, no second."""
+    data = _data(3)
+    w = torch.nn.Parameter(data["weight"].clone())
+    h, y = data["hidden"], data["target"]
+    per_sample = func.vmap(
+        func.grad(lambda w, h, y: linear_cross_entropy(h, w, y)), in_dims=(None, 0, 0)
+    )(w, h, y)
+    loop = [torch.autograd.grad(linear_cross_entropy(h[i], w, y[i]), w)[0] for i in range(B)]
+    torch.testing.assert_close(per_sample.detach(), torch.stack(loop), rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        per_sample.square().sum().backward()
+
+
+def test_vmap_without_grad_equals_a_loop() -> None:
+    data = _data(4)
+    w, h, y = data["weight"], data["hidden"], data["target"]
+    lp, ent = func.vmap(
+        lambda h, y: linear_log_probs(h, w, y, temperature=1.5, return_entropy=True),
+        in_dims=(1, 1),
+    )(h, y)
+    for j in range(N):
+        want_lp, want_ent = linear_log_probs(
+            h[:, j], w, y[:, j], temperature=1.5, return_entropy=True
+        )
+        torch.testing.assert_close(lp[j], want_lp, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(ent[j], want_ent, rtol=1e-12, atol=1e-14)

@@ -419,15 +419,32 @@ class _FirstOrderGrads(torch.autograd.Function):
     def backward(ctx: Any, *_: Any) -> Any:
         raise no_second_derivative(ctx.name)
 
+    @staticmethod
+    def jvp(ctx: Any, *_: Any) -> Any:
+        raise no_second_derivative(ctx.name)
+
+
+class _FuncFunction(torch.autograd.Function):
+    """Base of the three Functions below: vmap by the ops' rules, no forward mode."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def jvp(ctx: Any, *_: Any) -> Any:
+        msg = (
+            f"crossent.fused.{ctx.name} has no forward-mode derivative (torch.func.jvp, "
+            "jacfwd, hessian): use reverse mode (torch.func.grad, vjp, jacrev), or the "
+            "unfused loss on materialized logits."
+        )
+        raise RuntimeError(msg)
+
 
 def _row_scale(grad_loss: torch.Tensor, rows: int) -> torch.Tensor:
     """The upstream gradient per row (a scalar one expanded)."""
     return grad_loss.expand(rows) if grad_loss.ndim == 0 else grad_loss
 
 
-class _FuncLinearCE(torch.autograd.Function):
-    generate_vmap_rule = True
-
+class _FuncLinearCE(_FuncFunction):
     @staticmethod
     def forward(hidden: Any, weight: Any, bias: Any, target: Any, class_weight: Any,
                 options: str) -> torch.Tensor:  # fmt: skip
@@ -438,7 +455,7 @@ class _FuncLinearCE(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.options = inputs[5]
+        ctx.name, ctx.options = "linear_cross_entropy", inputs[5]
         ctx.save_for_backward(*inputs[:5])
 
     @staticmethod
@@ -451,9 +468,7 @@ class _FuncLinearCE(torch.autograd.Function):
         return _input_grads(needs, grads, 3)
 
 
-class _FuncLogProbs(torch.autograd.Function):
-    generate_vmap_rule = True
-
+class _FuncLogProbs(_FuncFunction):
     @staticmethod
     def forward(hidden: Any, weight: Any, bias: Any, target: Any,
                 options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -462,7 +477,7 @@ class _FuncLogProbs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.options = inputs[4]
+        ctx.name, ctx.options = "linear_log_probs", inputs[4]
         ctx.mark_non_differentiable(output[2])
         ctx.save_for_backward(*inputs[:4], output[2])
 
@@ -475,9 +490,7 @@ class _FuncLogProbs(torch.autograd.Function):
         return _input_grads(needs, grads, 2)
 
 
-class _FuncDistill(torch.autograd.Function):
-    generate_vmap_rule = True
-
+class _FuncDistill(_FuncFunction):
     @staticmethod
     def forward(hidden: Any, weight: Any, bias: Any, teacher_hidden: Any, teacher_weight: Any,
                 teacher_bias: Any, counted: Any, options: str) -> torch.Tensor:  # fmt: skip
@@ -489,7 +502,7 @@ class _FuncDistill(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.options = inputs[7]
+        ctx.name, ctx.options = "linear_distillation_loss", inputs[7]
         ctx.save_for_backward(*inputs[:7])
 
     @staticmethod
