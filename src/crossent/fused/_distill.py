@@ -282,6 +282,8 @@ def linear_distillation_loss(
     ``"mean"``/``"sum"`` do all four products in forward; ``"none"`` does two in
     forward and recomputes in backward. The teacher's tensors are detached.
     Higher-order gradients are not supported (a second differentiation raises).
+    Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``) the gradients
+    are recomputed in backward, and ``vmap`` runs one chunked call per sample.
     Under ``torch.compile`` (``fullgraph=True`` too) the chunk loop runs as one
     opaque custom op (``crossent::linear_distill``).
 

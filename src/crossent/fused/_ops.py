@@ -21,6 +21,11 @@ reads both upstream gradients) and ``crossent::linear_distill`` (built as
 ``crossent::linear_ce``) serve :func:`~crossent.fused.linear_log_probs` and
 :func:`~crossent.fused.linear_distillation_loss` the same way.
 
+Under ``torch.func`` transforms the three functions go through autograd
+Functions with ``setup_context`` over the same ops (the ops' own autograd is not
+usable there), and the ops batch under ``vmap`` by looping over the vmapped
+dimension; see the section at the end.
+
 This module has no ``from __future__ import annotations``: ``custom_op`` reads
 the schema from real annotations.
 """
