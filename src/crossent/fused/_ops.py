@@ -192,7 +192,8 @@ def linear_ce_compiled(
 ) -> torch.Tensor:
     """The loss of 2-d `hidden`, 1-d `target` through the custom op (traceable)."""
     if _under_func():
-        return _FuncLinearCE.apply(hidden, weight, bias, target, class_weight, _encode(opts))
+        rest = (target, class_weight, _encode(opts), "linear_cross_entropy", _linear_ce_op)
+        return _FuncLoss.apply(hidden, weight, bias, *rest)
     needs = _needs(hidden, weight, bias)
     args = (hidden, weight, bias, target, class_weight, None, _encode(opts), needs)
     loss: torch.Tensor = _linear_ce_op(*args)[0]
@@ -356,7 +357,8 @@ def linear_distill_compiled(
 ) -> torch.Tensor:
     """The distillation loss of 2-d `hidden` through the custom op (traceable)."""
     if _under_func():
-        return _FuncDistill.apply(hidden, weight, bias, *teacher, counted, _encode(opts))
+        rest = (*teacher, counted, _encode(opts), "linear_distillation_loss", _distill_op)
+        return _FuncLoss.apply(hidden, weight, bias, *rest)
     needs = _needs(hidden, weight, bias)
     args = (hidden, weight, bias, *teacher, counted, None, _encode(opts), needs)
     loss: torch.Tensor = _distill_op(*args)[0]
@@ -430,7 +432,7 @@ class _FirstOrderGrads(torch.autograd.Function):
 
 
 class _FuncFunction(torch.autograd.Function):
-    """Base of the three Functions below: vmap by the ops' rules, no forward mode."""
+    """Base of the two Functions below: vmap by the ops' rules, no forward mode."""
 
     generate_vmap_rule = True
 
@@ -449,28 +451,32 @@ def _row_scale(grad_loss: torch.Tensor, rows: int) -> torch.Tensor:
     return grad_loss.expand(rows) if grad_loss.ndim == 0 else grad_loss
 
 
-class _FuncLinearCE(_FuncFunction):
+class _FuncLoss(_FuncFunction):
+    """The loss of ``crossent::linear_ce`` or ``crossent::linear_distill`` (`op`).
+
+    Inputs: ``hidden, weight, bias, *constants, options, name, op`` — the op's
+    arguments before its ``row_scale``, then the public function's name.
+    """
+
     @staticmethod
-    def forward(hidden: Any, weight: Any, bias: Any, target: Any, class_weight: Any,
-                options: str) -> torch.Tensor:  # fmt: skip
-        loss: torch.Tensor = _linear_ce_op(
-            hidden, weight, bias, target, class_weight, None, options, [False] * 3
-        )[0]
+    def forward(hidden: Any, weight: Any, bias: Any, *rest: Any) -> torch.Tensor:
+        *constants, options, _, op = rest
+        loss: torch.Tensor = op(hidden, weight, bias, *constants, None, options, [False] * 3)[0]
         return loss
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.name, ctx.options = "linear_cross_entropy", inputs[5]
-        ctx.save_for_backward(*inputs[:5])
+        ctx.options, ctx.name, ctx.op = inputs[-3:]
+        ctx.save_for_backward(*inputs[:-3])
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
-        hidden, weight, bias, target, class_weight = ctx.saved_tensors
+        hidden, weight, bias, *constants = ctx.saved_tensors
         needs = list(grad_needs(ctx, bias))
-        args = (hidden, weight, bias, target, class_weight,
+        args = (hidden, weight, bias, *constants,
                 _row_scale(grad_loss, hidden.shape[0]), ctx.options, needs)  # fmt: skip
-        grads = _FirstOrderGrads.apply("linear_cross_entropy", _linear_ce_op, *args)
-        return _input_grads(needs, grads, 3)
+        grads = _FirstOrderGrads.apply(ctx.name, ctx.op, *args)
+        return _input_grads(needs, grads, len(constants) + 3)
 
 
 class _FuncLogProbs(_FuncFunction):
@@ -493,28 +499,3 @@ class _FuncLogProbs(_FuncFunction):
         args = (hidden, weight, bias, target, entropy, grad_lp, grad_ent, ctx.options, needs)
         grads = _FirstOrderGrads.apply("linear_log_probs", _log_probs_backward_op, *args)
         return _input_grads(needs, grads, 2)
-
-
-class _FuncDistill(_FuncFunction):
-    @staticmethod
-    def forward(hidden: Any, weight: Any, bias: Any, teacher_hidden: Any, teacher_weight: Any,
-                teacher_bias: Any, counted: Any, options: str) -> torch.Tensor:  # fmt: skip
-        loss: torch.Tensor = _distill_op(
-            hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, counted,
-            None, options, [False] * 3,
-        )[0]  # fmt: skip
-        return loss
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.name, ctx.options = "linear_distillation_loss", inputs[7]
-        ctx.save_for_backward(*inputs[:7])
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
-        hidden, weight, bias, *teacher_counted = ctx.saved_tensors
-        needs = list(grad_needs(ctx, bias))
-        args = (hidden, weight, bias, *teacher_counted,
-                _row_scale(grad_loss, hidden.shape[0]), ctx.options, needs)  # fmt: skip
-        grads = _FirstOrderGrads.apply("linear_distillation_loss", _distill_op, *args)
-        return _input_grads(needs, grads, 5)
