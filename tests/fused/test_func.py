@@ -198,3 +198,24 @@ def test_vmap_without_grad_equals_a_loop() -> None:
         )
         torch.testing.assert_close(lp[j], want_lp, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(ent[j], want_ent, rtol=1e-12, atol=1e-14)
+
+
+def test_vocabulary_slices_refuse_torch_func() -> None:
+    """The vocabulary-parallel paths (a VocabShard; one process here) raise a clear error."""
+    from crossent.fused._chunked import LinearCEOptions, VocabShard
+    from crossent.fused._function import run_linear_ce
+    from crossent.fused._logprobs import LogProbOptions, run_log_probs
+
+    data = _data()
+    w, h, y = data["weight"], data["hidden"][0], data["target"][0]
+    shard = VocabShard(0, V, lambda t: t, lambda t: t)
+    ce_opts = LinearCEOptions(-100, 0.0, 0.0, None, "mean", None)
+    lp_opts = LogProbOptions(-100, 1.0, None, False, None)
+    assert float(run_linear_ce(h, w, y, None, None, ce_opts, shard)) > 0  # eagerly: works
+    calls = [
+        lambda w: run_linear_ce(h, w, y, None, None, ce_opts, shard),
+        lambda w: run_log_probs(h, w, y, None, lp_opts, shard)[0].sum(),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=r"do not support torch\.func transforms"):
+            func.grad(call)(w)

@@ -88,6 +88,18 @@ def refuse_double_backward(name: str) -> None:
         raise no_second_derivative(name)
 
 
+def refuse_func_shard(shard: VocabShard | None) -> None:
+    """Raise under a ``torch.func`` transform with a vocabulary slice: not supported there."""
+    if shard is not None and torch._C._are_functorch_transforms_active():
+        msg = (
+            "The vocabulary-parallel fused losses (crossent.distributed."
+            "vocab_parallel_linear_cross_entropy / vocab_parallel_linear_log_probs) do not "
+            "support torch.func transforms (grad, vmap, jacrev): differentiate them with "
+            "autograd (loss.backward()), or use crossent.fused on the whole projection."
+        )
+        raise RuntimeError(msg)
+
+
 def no_second_derivative(name: str) -> RuntimeError:
     """The error of a second differentiation of ``crossent.fused.<name>``."""
     msg = (
@@ -203,6 +215,7 @@ def run_linear_ce(
     Under ``torch.no_grad()`` or with no input requiring a gradient, only the
     loss is computed (one matrix product per chunk, no gradient buffers).
     """
+    refuse_func_shard(shard)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
