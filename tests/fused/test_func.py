@@ -131,14 +131,27 @@ def test_grad_equals_autograd(case: str) -> None:
     torch.testing.assert_close(g_h, want_h, rtol=1e-12, atol=1e-14)
 
 
-def test_jacrev_of_per_row_losses_equals_autograd_rows() -> None:
+ROWS: dict[str, Callable[..., Any]] = {
+    "ce": lambda h, w, y, th, tw: linear_cross_entropy(h, w, y, reduction="none", z_loss=0.1),
+    "log-probs": lambda h, w, y, th, tw: torch.stack(
+        linear_log_probs(h, w, y, temperature=0.8, return_entropy=True)
+    ),
+    "distill": lambda h, w, y, th, tw: linear_distillation_loss(
+        h, w, th, tw, y, beta=0.4, reduction="none"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROWS))
+def test_jacrev_of_per_row_losses_equals_autograd_rows(case: str) -> None:
     data = _data(2)
-    w, h, y = data["weight"], data["hidden"][1], data["target"][1]
-    jac = func.jacrev(lambda h: linear_cross_entropy(h, w, y, reduction="none", z_loss=0.1))(h)
+    w, h, y = data["weight"], data["hidden"][0], data["target"][0]
+    const = (y, data["t_hidden"][0], data["t_weight"])
+    jac = func.jacrev(lambda h: ROWS[case](h, w, *const))(h)
     hr = h.clone().requires_grad_()
-    rows = linear_cross_entropy(hr, w, y, reduction="none", z_loss=0.1)
-    want = torch.stack([torch.autograd.grad(rows[r], hr, retain_graph=True)[0] for r in range(N)])
-    torch.testing.assert_close(jac, want, rtol=1e-12, atol=1e-14)
+    rows = ROWS[case](hr, w, *const).reshape(-1)
+    want = [torch.autograd.grad(rows[r], hr, retain_graph=True)[0] for r in range(rows.numel())]
+    torch.testing.assert_close(jac.reshape(-1, N, D), torch.stack(want), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize(
