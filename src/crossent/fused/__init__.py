@@ -20,6 +20,7 @@ from crossent._lib._checks import (
     check_ignore_index,
     check_softcap,
 )
+from crossent._lib._xp import torch_tracing
 from crossent._losses._distill import check_temperature
 from crossent.fused._distill import linear_distillation_loss
 from crossent.fused._function import run_linear_ce
@@ -161,7 +162,10 @@ def linear_cross_entropy(
     recomputes the logits (four matrix products in all), so any upstream gradient
     is handled exactly; a second backward through the same graph also recomputes.
     The caller's tensors are never written to. Higher-order gradients are not
-    supported. On CPU the chunk's work buffers are kept per thread between calls
+    supported (a second differentiation raises). Under ``torch.func`` transforms
+    (``grad``, ``vmap`` for per-sample gradients, ``jacrev``) the gradients are
+    recomputed in backward, as for ``"none"``, and ``vmap`` runs one chunked
+    call per sample. On CPU the chunk's work buffers are kept per thread between calls
     (fresh ones cost page faults); ``crossent.fused._chunked.clear_workspace()``
     releases them.
 
@@ -209,7 +213,7 @@ def linear_cross_entropy(
         _check_devices(hidden, {"class_weight": class_weight})
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     d = hidden.shape[-1]
-    if torch.compiler.is_compiling():  # value checks run inside the op, on concrete values
+    if torch_tracing():  # compile or torch.func: value checks run inside the op, on concrete values
         from crossent.fused._ops import linear_ce_compiled
 
         loss = linear_ce_compiled(
@@ -329,8 +333,9 @@ def linear_log_probs(
     the unfused ``log_softmax`` + ``gather`` with autograd, at a fraction of
     its memory). Extra memory: one ``(chunk, V)`` float32 buffer, a second with
     `softcap` in backward, and row-blocked temporaries of 1/8 of it. Higher-order
-    gradients are not supported (a second differentiation raises). Under
-    ``torch.compile`` (``fullgraph=True`` too) the chunk loop runs as one opaque
+    gradients are not supported (a second differentiation raises); ``torch.func``
+    transforms (``grad``, ``vmap``, ``jacrev``) are, ``vmap`` with one chunked call
+    per sample. Under ``torch.compile`` (``fullgraph=True`` too) the chunk loop runs as one opaque
     custom op (``crossent::linear_log_probs`` and its backward).
 
     Examples
@@ -362,7 +367,7 @@ def linear_log_probs(
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     d = hidden.shape[-1]
     args = (hidden.reshape(-1, d), weight, target.reshape(-1), bias, opts)
-    if torch.compiler.is_compiling():  # one opaque op; the label check runs inside it
+    if torch_tracing():  # one opaque op; the label check runs inside it
         from crossent.fused._ops import linear_log_probs_compiled
 
         lp, ent = linear_log_probs_compiled(*args)

@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from crossent._lib._checks import check_ignore_index, check_reduction
-from crossent._lib._xp import array_namespace
+from crossent._lib._xp import array_namespace, torch_tracing
 from crossent._losses._distill import check_beta, check_temperature, distill_rows
 from crossent.fused._chunked import (
     _agreed_chunk,
@@ -282,6 +282,8 @@ def linear_distillation_loss(
     ``"mean"``/``"sum"`` do all four products in forward; ``"none"`` does two in
     forward and recomputes in backward. The teacher's tensors are detached.
     Higher-order gradients are not supported (a second differentiation raises).
+    Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``) the gradients
+    are recomputed in backward, and ``vmap`` runs one chunked call per sample.
     Under ``torch.compile`` (``fullgraph=True`` too) the chunk loop runs as one
     opaque custom op (``crossent::linear_distill``).
 
@@ -356,7 +358,7 @@ def linear_distillation_loss(
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     loss: torch.Tensor
-    if torch.compiler.is_compiling():  # one opaque op (the chunk loop depends on values)
+    if torch_tracing():  # one opaque op (the chunk loop depends on values)
         from crossent.fused._ops import linear_distill_compiled
 
         loss = linear_distill_compiled(h2, weight, bias, teacher, counted, opts)

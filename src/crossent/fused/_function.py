@@ -85,13 +85,30 @@ def refuse_double_backward(name: str) -> None:
     wrong, so it is an error instead.
     """
     if torch.is_grad_enabled():
+        raise no_second_derivative(name)
+
+
+def refuse_func_shard(shard: VocabShard | None) -> None:
+    """Raise under a ``torch.func`` transform with a vocabulary slice: not supported there."""
+    if shard is not None and torch._C._are_functorch_transforms_active():
         msg = (
-            f"crossent.fused.{name} has no second derivative: its backward pass forms the "
-            "gradient chunk by chunk outside autograd. Differentiate it once (no "
-            "create_graph=True / double backward), or use the unfused loss on materialized "
-            "logits for higher-order gradients."
+            "The vocabulary-parallel fused losses (crossent.distributed."
+            "vocab_parallel_linear_cross_entropy / vocab_parallel_linear_log_probs) do not "
+            "support torch.func transforms (grad, vmap, jacrev): differentiate them with "
+            "autograd (loss.backward()), or use crossent.fused on the whole projection."
         )
         raise RuntimeError(msg)
+
+
+def no_second_derivative(name: str) -> RuntimeError:
+    """The error of a second differentiation of ``crossent.fused.<name>``."""
+    msg = (
+        f"crossent.fused.{name} has no second derivative: its backward pass forms the "
+        "gradient chunk by chunk outside autograd. Differentiate it once (no "
+        "create_graph=True / double backward, no nested torch.func.grad / jacrev of a "
+        "gradient), or use the unfused loss on materialized logits for higher-order gradients."
+    )
+    return RuntimeError(msg)
 
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
@@ -198,6 +215,7 @@ def run_linear_ce(
     Under ``torch.no_grad()`` or with no input requiring a gradient, only the
     loss is computed (one matrix product per chunk, no gradient buffers).
     """
+    refuse_func_shard(shard)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )

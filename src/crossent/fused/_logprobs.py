@@ -50,6 +50,7 @@ from crossent.fused._function import (
     fused_backward,
     grad_needs,
     no_autocast,
+    refuse_func_shard,
 )
 
 __all__ = ["LogProbOptions", "run_log_probs"]
@@ -272,6 +273,7 @@ def run_log_probs(
     shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` (autograd when needed)."""
+    refuse_func_shard(shard)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )

@@ -21,6 +21,11 @@ reads both upstream gradients) and ``crossent::linear_distill`` (built as
 ``crossent::linear_ce``) serve :func:`~crossent.fused.linear_log_probs` and
 :func:`~crossent.fused.linear_distillation_loss` the same way.
 
+Under ``torch.func`` transforms the three functions go through autograd
+Functions with ``setup_context`` over the same ops (the ops' own autograd is not
+usable there), and the ops batch under ``vmap`` by looping over the vmapped
+dimension; see the section at the end.
+
 This module has no ``from __future__ import annotations``: ``custom_op`` reads
 the schema from real annotations.
 """
@@ -39,6 +44,7 @@ from crossent.fused._function import (
     _core,
     grad_needs,
     no_autocast,
+    no_second_derivative,
     refuse_double_backward,
 )
 from crossent.fused._inputs import check_labels, check_values
@@ -185,6 +191,9 @@ def linear_ce_compiled(
     opts: LinearCEOptions,
 ) -> torch.Tensor:
     """The loss of 2-d `hidden`, 1-d `target` through the custom op (traceable)."""
+    if _under_func():
+        rest = (target, class_weight, _encode(opts), "linear_cross_entropy", _linear_ce_op)
+        return _FuncLoss.apply(hidden, weight, bias, *rest)
     needs = _needs(hidden, weight, bias)
     args = (hidden, weight, bias, target, class_weight, None, _encode(opts), needs)
     loss: torch.Tensor = _linear_ce_op(*args)[0]
@@ -273,7 +282,10 @@ def linear_log_probs_compiled(
     opts: LogProbOptions,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` through the custom op."""
-    lp, ent, _ = _log_probs_op(hidden, weight, bias, target, _encode(opts))
+    if _under_func():
+        lp, ent, _ = _FuncLogProbs.apply(hidden, weight, bias, target, _encode(opts))
+    else:
+        lp, ent, _ = _log_probs_op(hidden, weight, bias, target, _encode(opts))
     return lp, (ent if opts.entropy else None)
 
 
@@ -344,7 +356,146 @@ def linear_distill_compiled(
     opts: DistillOptions,
 ) -> torch.Tensor:
     """The distillation loss of 2-d `hidden` through the custom op (traceable)."""
+    if _under_func():
+        rest = (*teacher, counted, _encode(opts), "linear_distillation_loss", _distill_op)
+        return _FuncLoss.apply(hidden, weight, bias, *rest)
     needs = _needs(hidden, weight, bias)
     args = (hidden, weight, bias, *teacher, counted, None, _encode(opts), needs)
     loss: torch.Tensor = _distill_op(*args)[0]
     return loss
+
+
+# ----------------------------------------------------------------------------
+# torch.func (grad, vmap, jacrev): autograd Functions with setup_context over the same ops
+# ----------------------------------------------------------------------------
+#
+# The ops' own autograd (register_autograd) is not usable under torch.func transforms
+# (its generated Function has no setup_context). Under a transform the three functions
+# go through the Functions below instead: forward asks the op for the loss alone (the
+# gradients cannot be chosen in forward, which has no ctx there), backward asks it for
+# the wanted gradients with each row scaled by its upstream gradient — the recompute
+# path of "none", exact for every reduction. The ops batch by looping over the vmapped
+# dimension (_loop_vmap), so vmap(grad(...)) gives per-sample gradients, and backward
+# forms its gradients in _FirstOrderGrads, whose own backward raises: a second
+# derivative (grad of grad, jacrev of grad) is an error, never a wrong number.
+
+
+def _under_func() -> bool:
+    """Whether a ``torch.func`` transform is active (and not under ``torch.compile``)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def _loop_vmap(op: Any) -> None:
+    """Batch `op` by calling it once per index of the vmapped dimension (exact, like a loop)."""
+
+    def rule(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Any, Any]:
+        def sample(i: int) -> Any:
+            return op(*(
+                a.select(d, i) if isinstance(a, torch.Tensor) and isinstance(d, int) else a
+                for a, d in zip(args, in_dims, strict=True)
+            ))  # fmt: skip
+
+        outs = [sample(i) for i in range(info.batch_size)]
+        stacked = tuple(torch.stack(col) for col in zip(*outs, strict=True))
+        return stacked, (0,) * len(stacked)
+
+    torch.library.register_vmap(op, rule)
+
+
+for _op in (_linear_ce_op, _log_probs_op, _log_probs_backward_op, _distill_op):
+    _loop_vmap(_op)
+
+
+class _FirstOrderGrads(torch.autograd.Function):
+    """``(hidden, weight, bias)`` gradients from one of the ops (its last three outputs).
+
+    Differentiating them raises :func:`no_second_derivative`'s error.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(name: str, op: Any, *args: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(op(*args)[-3:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.name = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *_: Any) -> Any:
+        raise no_second_derivative(ctx.name)
+
+    @staticmethod
+    def jvp(ctx: Any, *_: Any) -> Any:
+        raise no_second_derivative(ctx.name)
+
+
+class _FuncFunction(torch.autograd.Function):
+    """Base of the two Functions below: vmap by the ops' rules, no forward mode."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def jvp(ctx: Any, *_: Any) -> Any:
+        msg = (
+            f"crossent.fused.{ctx.name} has no forward-mode derivative (torch.func.jvp, "
+            "jacfwd, hessian): use reverse mode (torch.func.grad, vjp, jacrev), or the "
+            "unfused loss on materialized logits."
+        )
+        raise RuntimeError(msg)
+
+
+def _row_scale(grad_loss: torch.Tensor, rows: int) -> torch.Tensor:
+    """The upstream gradient per row (a scalar one expanded)."""
+    return grad_loss.expand(rows) if grad_loss.ndim == 0 else grad_loss
+
+
+class _FuncLoss(_FuncFunction):
+    """The loss of ``crossent::linear_ce`` or ``crossent::linear_distill`` (`op`).
+
+    Inputs: ``hidden, weight, bias, *constants, options, name, op`` — the op's
+    arguments before its ``row_scale``, then the public function's name.
+    """
+
+    @staticmethod
+    def forward(hidden: Any, weight: Any, bias: Any, *rest: Any) -> torch.Tensor:
+        *constants, options, _, op = rest
+        loss: torch.Tensor = op(hidden, weight, bias, *constants, None, options, [False] * 3)[0]
+        return loss
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.options, ctx.name, ctx.op = inputs[-3:]
+        ctx.save_for_backward(*inputs[:-3])
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        hidden, weight, bias, *constants = ctx.saved_tensors
+        needs = list(grad_needs(ctx, bias))
+        args = (hidden, weight, bias, *constants,
+                _row_scale(grad_loss, hidden.shape[0]), ctx.options, needs)  # fmt: skip
+        grads = _FirstOrderGrads.apply(ctx.name, ctx.op, *args)
+        return _input_grads(needs, grads, len(constants) + 3)
+
+
+class _FuncLogProbs(_FuncFunction):
+    @staticmethod
+    def forward(hidden: Any, weight: Any, bias: Any, target: Any,
+                options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        lp, ent, kept = _log_probs_op(hidden, weight, bias, target, options)
+        return lp, ent, kept
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.name, ctx.options = "linear_log_probs", inputs[4]
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(*inputs[:4], output[2])
+
+    @staticmethod
+    def backward(ctx: Any, grad_lp: Any, grad_ent: Any, _: Any) -> tuple[Any, ...]:
+        hidden, weight, bias, target, entropy = ctx.saved_tensors
+        needs = list(grad_needs(ctx, bias))
+        args = (hidden, weight, bias, target, entropy, grad_lp, grad_ent, ctx.options, needs)
+        grads = _FirstOrderGrads.apply("linear_log_probs", _log_probs_backward_op, *args)
+        return _input_grads(needs, grads, 2)
