@@ -33,6 +33,7 @@ the schema from real annotations.
 import ast
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -169,14 +170,40 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(hidden, weight, bias, target, class_weight, *output[1:])
 
 
-def _backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
-    hidden, weight, bias, target, class_weight, gh, gw, gb = ctx.saved_tensors
-    if _decode(LinearCEOptions, ctx.options).reduction != "none":
-        gh, gw, gb = _scaled((gh, gw, gb), grad_loss)
+def _loss_backward(
+    ctx: Any,
+    grad_loss: torch.Tensor,
+    formed: tuple[torch.Tensor, ...],
+    rerun: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    *,
+    name: str,
+    kind: type,
+    n_other: int,
+) -> tuple[Any, ...]:
+    """Backward of a loss op (``crossent::linear_ce``, ``crossent::linear_distill``): the
+    gradients `formed` in forward times the scalar upstream gradient (``"mean"``, ``"sum"``),
+    or the op run again with the row gradients (``"none"``: ``rerun(grad_loss)``). No second
+    derivative: a backward that builds a graph raises."""
+    refuse_double_backward(name)
+    if _decode(kind, ctx.options).reduction != "none":
+        grads = _scaled(formed, grad_loss)
     else:
-        args = (hidden, weight, bias, target, class_weight, grad_loss, ctx.options, ctx.needs)
-        _, gh, gw, gb = _linear_ce_op(*args)
-    return _input_grads(ctx.needs, (gh, gw, gb), 5)
+        grads = rerun(grad_loss)[1:]
+    return _input_grads(ctx.needs, (grads[0], grads[1], grads[2]), n_other)
+
+
+def _backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+    hidden, weight, bias, target, class_weight, *formed = ctx.saved_tensors
+
+    def rerun(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _linear_ce_op(
+            hidden, weight, bias, target, class_weight, rows, ctx.options, ctx.needs
+        )
+
+    return _loss_backward(
+        ctx, grad_loss, tuple(formed), rerun, name="linear_cross_entropy",
+        kind=LinearCEOptions, n_other=5,
+    )  # fmt: skip
 
 
 _linear_ce_op.register_autograd(_backward, setup_context=_setup_context)
@@ -334,14 +361,15 @@ def _distill_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> No
 
 
 def _distill_backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
-    hidden, weight, bias, gh, gw, gb = ctx.saved_tensors
-    refuse_double_backward("linear_distillation_loss")
-    if _decode(DistillOptions, ctx.options).reduction != "none":
-        gh, gw, gb = _scaled((gh, gw, gb), grad_loss)
-    else:
-        args = (hidden, weight, bias, *ctx.teacher, grad_loss, ctx.options, ctx.needs)
-        _, gh, gw, gb = _distill_op(*args)
-    return _input_grads(ctx.needs, (gh, gw, gb), 7)
+    hidden, weight, bias, *formed = ctx.saved_tensors
+
+    def rerun(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _distill_op(hidden, weight, bias, *ctx.teacher, rows, ctx.options, ctx.needs)
+
+    return _loss_backward(
+        ctx, grad_loss, tuple(formed), rerun, name="linear_distillation_loss",
+        kind=DistillOptions, n_other=7,
+    )  # fmt: skip
 
 
 _distill_op.register_autograd(_distill_backward, setup_context=_distill_setup_context)
