@@ -314,6 +314,8 @@ def sparse(
         and target.shape[0] == input.shape[1 - axis]
     ) and not _sparse_shapes_fit(input, target, weight, axis):
         return None
+    if opts.plain and _weight_needs_grad(weight):
+        return None  # PyTorch's kernels (and the Triton ones) give no weight gradient
     if dtype in _LOW:
         if _triton_sparse.usable(input, opts):
             return _sparse_triton(input, target, weight, axis, opts)
@@ -477,7 +479,15 @@ def nll(
     """PyTorch's ``nll_loss`` on log-probabilities, with crossent's mean rule; None for generic."""
     if input.dtype not in _FLOATS or not _sparse_shapes_fit(input, target, weight, axis):
         return None
+    if _weight_needs_grad(weight):
+        return None  # PyTorch's nll_loss gives no weight gradient: the generic formula does
     return _native_indices(_NLL, input, target, weight, axis, opts)
+
+
+def _weight_needs_grad(weight: Tensor | None) -> bool:
+    """Whether a class weight takes part in autograd: PyTorch's ``nll_loss`` kernel raises for
+    it, the Triton kernels would drop its gradient; the generic formula differentiates it."""
+    return weight is not None and weight.requires_grad and torch.is_grad_enabled()
 
 
 # --------------------------------------------------------------------------- probability targets
