@@ -548,3 +548,45 @@ def test_class_weights_requiring_grad_get_their_gradient(dtype: Any, options: An
         wn = w.clone().requires_grad_(True)
         (w_grad,) = torch.autograd.grad(ce.nn.NLLLoss(weight=wn)(log_p, t), [wn])
         assert w_grad.abs().sum() > 0
+
+
+def _masked_batch() -> tuple[Any, Any]:
+    """Row 0 plain, row 1 with a masked class (target 0 there), row 2 NaN with no target mass."""
+    x = torch.tensor([[0.5, 1.0, -1.0], [0.2, -math.inf, 0.3], [math.nan, 1.0, 2.0]],
+                     dtype=torch.float64)  # fmt: skip
+    t = torch.tensor([[0.2, 0.8, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    return x, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("traced", [False, True])
+def test_categorical_guarded_form_keeps_nan_and_zero_target_gradients(
+    dtype: Any, traced: bool
+) -> None:
+    """The guarded product (after a NaN result, and under torch.func) zeroes only 0 · (-inf):
+    a NaN row with no target mass stays NaN (as NumPy, JAX and PyTorch give), and a class
+    with target (or weight) 0 keeps the derivative -log p of the loss for it."""
+    x, t = _masked_batch()
+    got = ce.categorical_cross_entropy(x.to(dtype), t, from_logits=True, reduction="none")
+    assert got[:2].isfinite().all()
+    assert got[2].isnan()
+    assert np.isnan(ce.categorical_cross_entropy(x.numpy(), t.numpy(), from_logits=True,
+                                                 reduction="none")[2])  # fmt: skip
+    xs, ts = x[:2].to(dtype), t[:2].clone()
+    w = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+
+    def loss(tt: Any, ww: Any) -> Any:
+        return ce.categorical_cross_entropy(xs, tt, from_logits=True, weight=ww, reduction="sum")
+
+    if traced:
+        g_t, g_w = torch.func.grad(loss, argnums=(0, 1))(ts, w)
+    else:
+        tg, wg = ts.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        g_t, g_w = torch.autograd.grad(loss(tg, wg), [tg, wg])
+    nll = -torch.log_softmax(xs.double(), 1)  # the float64 value of the rounded logits
+    tol = 1e-6 if dtype != torch.float64 else 1e-13
+    # d/dt_ik = -w_k log p_ik (a masked class: 0, the guarded log); d/dw_k = -sum_i t_ik log p_ik
+    want_t = torch.where(nll.isinf(), 0.0, w * nll)
+    torch.testing.assert_close(g_t, want_t, rtol=tol, atol=0)
+    want_w = torch.where(nll.isinf(), 0.0, ts * nll).sum(0)
+    torch.testing.assert_close(g_w, want_w, rtol=tol, atol=0)

@@ -57,6 +57,7 @@ from crossent._lib._checks import check_in_unit_interval, values_checked
 from crossent._lib._config import get_validation
 from crossent._lib._xp import _torch_namespace, array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
+from crossent._losses._common import times_log
 from crossent._losses._logprob import check_class_weight
 from crossent._losses._options import CEOptions
 
@@ -622,7 +623,8 @@ def _soft_guarded(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> T
     axis = 1 if xc.ndim > 1 else 0
     c = _soft_coefficients(c, w, opts.label_smoothing, axis)
     log_p = torch.log_softmax(xc, dim=axis)
-    return _reduced(-torch.where(c == 0, 0.0, c * log_p).sum(dim=axis), opts.reduction)
+    terms = times_log(c, log_p, log_p == -math.inf, xp=torch)  # a NaN row stays NaN
+    return _reduced(-terms.sum(dim=axis), opts.reduction)
 
 
 def _reduced(loss: Tensor, reduction: str) -> Tensor:
