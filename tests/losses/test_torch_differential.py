@@ -590,3 +590,22 @@ def test_categorical_guarded_form_keeps_nan_and_zero_target_gradients(
     torch.testing.assert_close(g_t, want_t, rtol=tol, atol=0)
     want_w = torch.where(nll.isinf(), 0.0, ts * nll).sum(0)
     torch.testing.assert_close(g_w, want_w, rtol=tol, atol=0)
+
+
+def test_binary_traced_target_gradient_at_hard_targets() -> None:
+    """torch.func (the traced form): d loss / d t = -x also where a hard target agrees with the
+    logit's sign (it was 0 there), 0 at an infinite logit; as the eager paths give."""
+    x = torch.tensor([2.0, -3.0, 0.5, -0.5, 0.0, math.inf, -math.inf], dtype=torch.float64)
+    t = torch.tensor([1.0, 0.0, 0.3, 1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+
+    def loss(tt: Any) -> Any:
+        return ce.binary_cross_entropy(x, tt, from_logits=True, reduction="sum")
+
+    traced = torch.func.grad(loss)(t)
+    tg = t.clone().requires_grad_(True)
+    (eager,) = torch.autograd.grad(loss(tg), [tg])
+    want = torch.where(x.isinf(), 0.0, -x)
+    torch.testing.assert_close(traced, want, rtol=0, atol=0)
+    torch.testing.assert_close(eager, want, rtol=0, atol=0)
+    assert float(loss(t)) == pytest.approx(float(_binary_ref(x, t, None, None, {
+        "label_smoothing": 0.0, "gamma": 0.0, "alpha": None, "reduction": "sum"})[0]))  # fmt: skip

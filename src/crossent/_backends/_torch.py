@@ -838,8 +838,10 @@ def _binary_traced(x: Tensor, target: Tensor, eps: float, reduction: str) -> Ten
               = (1-t)\max(x, 0) + t\max(-x, 0) + \operatorname{log1p}(e^{-|x|}),
 
     a sum of non-negative terms (no cancellation, one exponential and one ``log1p``
-    per element: one fused kernel under inductor). A term with :math:`c = 0` is 0
-    (``±inf`` logit with the matching hard target), read off the values in the graph.
+    per element: one fused kernel under inductor). A term with :math:`c = 0` at a ``±inf``
+    logit (the matching hard target) is 0, read off the values in the graph
+    (:func:`~crossent._losses._common.times_log`); a finite one keeps its target
+    derivative :math:`-x`.
     Autograd's gradient is :math:`\sigma(x) - t` everywhere, :math:`x = 0` included
     (the kink of :math:`|x|` and the jump of :math:`c` are taken on the same side).
     """
@@ -848,7 +850,7 @@ def _binary_traced(x: Tensor, target: Tensor, eps: float, reduction: str) -> Ten
     pos = xc > 0
     tail = torch.log1p(torch.exp(torch.where(pos, -xc, xc)))
     c = torch.where(pos, 1 - t, -t)
-    return _finish(_reduced(tail + torch.where(c == 0, 0.0, c * xc), reduction), x)
+    return _finish(_reduced(tail + times_log(c, xc, xc.isinf(), xp=torch), reduction), x)
 
 
 _BINARY_CHUNK = 1 << 16
