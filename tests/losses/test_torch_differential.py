@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -609,3 +610,72 @@ def test_binary_traced_target_gradient_at_hard_targets() -> None:
     torch.testing.assert_close(eager, want, rtol=0, atol=0)
     assert float(loss(t)) == pytest.approx(float(_binary_ref(x, t, None, None, {
         "label_smoothing": 0.0, "gamma": 0.0, "alpha": None, "reduction": "sum"})[0]))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- workspace reuse
+
+
+def _workspace_cases() -> list[Callable[[], list[Any]]]:
+    """Calls through every path with a reused buffer (shrunk thresholds: chunked), each
+    returning its loss and gradient."""
+    g = torch.Generator().manual_seed(5)
+    cases: list[Callable[[], list[Any]]] = []
+    for dtype, shape, red in [
+        (torch.bfloat16, (37, 11), "mean"), (torch.float16, (9, 50), "none"),
+        (torch.float32, (40, 7), "sum"), (torch.bfloat16, (5, 300), "sum"),
+    ]:  # fmt: skip
+        x = (torch.randn(shape, generator=g) * 3).to(dtype)
+        y = torch.randint(0, shape[1], (shape[0],), generator=g).to(torch.int32)
+        soft = torch.softmax(torch.randn(shape, generator=g), 1).to(dtype)
+        bt = torch.rand(shape, generator=g)
+        pw = torch.rand(shape[1], generator=g) * 2
+
+        def run(x: Any = x, y: Any = y, soft: Any = soft, bt: Any = bt, pw: Any = pw,
+                red: str = red) -> list[Any]:  # fmt: skip
+            out = []
+            for fn, target, kw in [
+                (ce.sparse_categorical_cross_entropy, y, {"ignore_index": 0}),
+                (ce.sparse_categorical_cross_entropy, y, {"z_loss": 1e-3}),
+                (ce.categorical_cross_entropy, soft, {"label_smoothing": 0.1}),
+                (ce.binary_cross_entropy, bt, {"pos_weight": pw}),
+            ]:
+                xg = x.clone().requires_grad_(True)
+                loss = fn(xg, target, from_logits=True, reduction=red, **kw)
+                (grad,) = torch.autograd.grad(loss.sum(), [xg])
+                with torch.no_grad():
+                    out += [
+                        loss.detach(),
+                        grad,
+                        fn(x, target, from_logits=True, reduction=red, **kw),
+                    ]
+            return out
+
+        cases.append(run)
+    return cases
+
+
+def test_workspace_reuse_never_leaks_between_calls() -> None:
+    """Calls of different shapes, dtypes and options one after another, in one thread and in
+    two at once, give the bits each gives alone: the per-thread buffers carry nothing over."""
+    with _thresholds(True):
+        cases = _workspace_cases()
+        alone = [case() for case in cases]
+        for order in (list(range(len(cases))), list(reversed(range(len(cases))))):
+            for i in order:
+                for got, want in zip(cases[i](), alone[i], strict=True):
+                    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        results: dict[int, list[Any]] = {}
+
+        def worker(k: int) -> None:
+            order = range(len(cases)) if k % 2 else reversed(range(len(cases)))
+            results[k] = [(i, cases[i]()) for _ in range(3) for i in order]
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    for k in range(2):
+        for i, got_all in results[k]:
+            for got, want in zip(got_all, alone[i], strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
