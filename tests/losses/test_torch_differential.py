@@ -269,21 +269,25 @@ def _gradients(call: Callable[[Any], Any], x: Any, extra: list[Any], up: Any, mo
     return out, list(torch.autograd.grad(out, xs, up.to(out.dtype)))
 
 
+def _class_case(data: Any) -> tuple[tuple[int, ...], Any, int, Any, int]:
+    """(shape, dtype, class axis, float64 logits, seed) of a class-axis loss."""
+    shape = data.draw(st.sampled_from(SHAPES))
+    dtype = data.draw(st.sampled_from(FLOATS))
+    axis = data.draw(st.sampled_from([1, -1])) if len(shape) > 1 else -1
+    return shape, dtype, axis, data.draw(_logits(shape)), data.draw(st.integers(0, 2**16))
+
+
 # --------------------------------------------------------------------------- sparse
 
 
 @CASES
 @given(data=st.data())
 def test_sparse_fast_paths_match_the_float64_formula(data: Any) -> None:
-    shape = data.draw(st.sampled_from(SHAPES))
-    dtype = data.draw(st.sampled_from(FLOATS))
-    axis = data.draw(st.sampled_from([1, -1])) if len(shape) > 1 else -1
+    shape, dtype, axis, x64, seed = _class_case(data)
     ax = axis % len(shape)
     c = shape[ax]
-    x64 = data.draw(_logits(shape))
-    t_dtype = data.draw(st.sampled_from(INTS))
-    seed = data.draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
+    t_dtype = data.draw(st.sampled_from(INTS))
     t = torch.randint(0, c, shape[:ax] + shape[ax + 1 :], generator=g)
     ignore = data.draw(st.sampled_from([None, None, -100, 0, "all"]))
     if ignore == "all":
@@ -346,13 +350,9 @@ def test_sparse_fast_paths_match_the_float64_formula(data: Any) -> None:
 @CASES
 @given(data=st.data())
 def test_categorical_fast_paths_match_the_float64_formula(data: Any) -> None:
-    shape = data.draw(st.sampled_from(SHAPES))
-    dtype = data.draw(st.sampled_from(FLOATS))
-    axis = data.draw(st.sampled_from([1, -1])) if len(shape) > 1 else -1
+    shape, dtype, axis, x64, seed = _class_case(data)
     ax = axis % len(shape)
     c = shape[ax]
-    x64 = data.draw(_logits(shape))
-    seed = data.draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
     kind = data.draw(st.sampled_from(["one_hot", "soft", "unnormalized", "zero"]))
     if kind == "one_hot":
