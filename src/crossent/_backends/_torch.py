@@ -315,7 +315,7 @@ def sparse(
         and target.shape[0] == input.shape[1 - axis]
     ) and not _sparse_shapes_fit(input, target, weight, axis):
         return None
-    if opts.plain and _weight_needs_grad(weight):
+    if weight is not None and opts.plain and _weight_needs_grad(weight):
         return None  # PyTorch's kernels (and the Triton ones) give no weight gradient
     if dtype in _LOW:
         if _triton_sparse.usable(input, opts):
