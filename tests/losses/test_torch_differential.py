@@ -273,7 +273,8 @@ def _class_case(data: Any) -> tuple[tuple[int, ...], Any, int, Any, int]:
     """(shape, dtype, class axis, float64 logits, seed) of a class-axis loss."""
     shape = data.draw(st.sampled_from(SHAPES))
     dtype = data.draw(st.sampled_from(FLOATS))
-    axis = data.draw(st.sampled_from([1, -1])) if len(shape) > 1 else -1
+    axis = data.draw(st.sampled_from([1, -1, 0, -len(shape)]))
+    axis = -1 if len(shape) == 1 else axis  # PyTorch's 1 and NumPy's -1 mostly, else the first
     return shape, dtype, axis, data.draw(_logits(shape)), data.draw(st.integers(0, 2**16))
 
 
