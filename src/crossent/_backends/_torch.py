@@ -57,6 +57,7 @@ from crossent._lib._checks import check_in_unit_interval, values_checked
 from crossent._lib._config import get_validation
 from crossent._lib._xp import _torch_namespace, array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
+from crossent._losses._common import times_log
 from crossent._losses._logprob import check_class_weight
 from crossent._losses._options import CEOptions
 
@@ -314,6 +315,8 @@ def sparse(
         and target.shape[0] == input.shape[1 - axis]
     ) and not _sparse_shapes_fit(input, target, weight, axis):
         return None
+    if weight is not None and opts.plain and _weight_needs_grad(weight):
+        return None  # PyTorch's kernels (and the Triton ones) give no weight gradient
     if dtype in _LOW:
         if _triton_sparse.usable(input, opts):
             return _sparse_triton(input, target, weight, axis, opts)
@@ -477,7 +480,15 @@ def nll(
     """PyTorch's ``nll_loss`` on log-probabilities, with crossent's mean rule; None for generic."""
     if input.dtype not in _FLOATS or not _sparse_shapes_fit(input, target, weight, axis):
         return None
+    if _weight_needs_grad(weight):
+        return None  # PyTorch's nll_loss gives no weight gradient: the generic formula does
     return _native_indices(_NLL, input, target, weight, axis, opts)
+
+
+def _weight_needs_grad(weight: Tensor | None) -> bool:
+    """Whether a class weight takes part in autograd: PyTorch's ``nll_loss`` kernel raises for
+    it, the Triton kernels would drop its gradient; the generic formula differentiates it."""
+    return weight is not None and weight.requires_grad and torch.is_grad_enabled()
 
 
 # --------------------------------------------------------------------------- probability targets
@@ -612,7 +623,8 @@ def _soft_guarded(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> T
     axis = 1 if xc.ndim > 1 else 0
     c = _soft_coefficients(c, w, opts.label_smoothing, axis)
     log_p = torch.log_softmax(xc, dim=axis)
-    return _reduced(-torch.where(c == 0, 0.0, c * log_p).sum(dim=axis), opts.reduction)
+    terms = times_log(c, log_p, log_p == -math.inf, xp=torch)  # a NaN row stays NaN
+    return _reduced(-terms.sum(dim=axis), opts.reduction)
 
 
 def _reduced(loss: Tensor, reduction: str) -> Tensor:
@@ -826,8 +838,10 @@ def _binary_traced(x: Tensor, target: Tensor, eps: float, reduction: str) -> Ten
               = (1-t)\max(x, 0) + t\max(-x, 0) + \operatorname{log1p}(e^{-|x|}),
 
     a sum of non-negative terms (no cancellation, one exponential and one ``log1p``
-    per element: one fused kernel under inductor). A term with :math:`c = 0` is 0
-    (``±inf`` logit with the matching hard target), read off the values in the graph.
+    per element: one fused kernel under inductor). A term with :math:`c = 0` at a ``±inf``
+    logit (the matching hard target) is 0, read off the values in the graph
+    (:func:`~crossent._losses._common.times_log`); a finite one keeps its target
+    derivative :math:`-x`.
     Autograd's gradient is :math:`\sigma(x) - t` everywhere, :math:`x = 0` included
     (the kink of :math:`|x|` and the jump of :math:`c` are taken on the same side).
     """
@@ -836,7 +850,7 @@ def _binary_traced(x: Tensor, target: Tensor, eps: float, reduction: str) -> Ten
     pos = xc > 0
     tail = torch.log1p(torch.exp(torch.where(pos, -xc, xc)))
     c = torch.where(pos, 1 - t, -t)
-    return _finish(_reduced(tail + torch.where(c == 0, 0.0, c * xc), reduction), x)
+    return _finish(_reduced(tail + times_log(c, xc, xc.isinf(), xp=torch), reduction), x)
 
 
 _BINARY_CHUNK = 1 << 16

@@ -51,7 +51,7 @@ from crossent._lib._xp import (
     output_dtype,
     size,
 )
-from crossent._losses._common import clamped_log, focal_factor, log_prob, reduce_loss
+from crossent._losses._common import clamped_log, focal_factor, log_prob, reduce_loss, times_log
 from crossent._losses._options import make_options
 from crossent._losses._sparse import plain_logits_options
 
@@ -240,19 +240,6 @@ def _log_probs(x: Array, *, from_logits: bool, xp: Any) -> _LogProbs:
 # ----------------------------------------------------------------------------
 
 
-def _times_log(c: Array, log: Array, pole: Array, *, xp: Any) -> Array:
-    """``c · log`` with ``0 · (−inf) = 0`` (0 · log 0), NaN-free in value and gradient.
-
-    `pole` marks where `log` is −inf: for logits, an infinite logit
-    (:math:`\\log\\sigma(x) = -\\infty` only at :math:`x = -\\infty`), read off the
-    input so that a compiled backward need not recompute the log for the mask.
-    Only the log is guarded: where the mass `c` is 0 the product is 0 and its
-    derivative for `c` is the guarded log, 0 (a soft target may carry a gradient).
-    """
-    zero_mass = (c == 0) & pole
-    return c * xp.where(zero_mass, xp.zeros_like(log), log)
-
-
 @dataclass(frozen=True)
 class _Terms:
     """The pieces named in the module notes (``f_pos``/``f_neg`` are None without focal)."""
@@ -278,8 +265,8 @@ def _terms(b: _Binary) -> _Terms:
         coef_pos, coef_neg = coef_pos * b.weight, coef_neg * b.weight
     # Only logits reach log p = -inf (an infinite logit); clamped logs are finite.
     if b.from_logits:
-        pos = _times_log(coef_pos, logs.log_p, b.input == -float("inf"), xp=xp)
-        neg = _times_log(coef_neg, logs.log_not_p, b.input == float("inf"), xp=xp)
+        pos = times_log(coef_pos, logs.log_p, b.input == -float("inf"), xp=xp)
+        neg = times_log(coef_neg, logs.log_not_p, b.input == float("inf"), xp=xp)
     else:
         pos, neg = coef_pos * logs.log_p, coef_neg * logs.log_not_p
     f_pos = f_neg = None

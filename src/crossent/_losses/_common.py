@@ -14,6 +14,7 @@ __all__ = [
     "log_prob",
     "reduce_loss",
     "shift_logits",
+    "times_log",
 ]
 
 LOG_CLAMP = -100.0
@@ -122,3 +123,16 @@ def shift_logits(z: Array, *, xp: Any) -> tuple[Array, Array]:
     m = xp.max(z, axis=-1, keepdims=True)
     m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
     return z - m, xp.squeeze(m, axis=-1)
+
+
+def times_log(c: Array, log: Array, pole: Array, *, xp: Any) -> Array:
+    """``c · log`` with ``0 · (−inf) = 0`` (0 · log 0), NaN-free in value and gradient.
+
+    `pole` marks where `log` may be −inf (for logits read off the input, so that a
+    compiled backward need not recompute the log for the mask). Only the log is
+    guarded, and only there: where the mass `c` is 0 the product is 0 and its
+    derivative for `c` is the log (a soft target or a weight may carry a gradient),
+    0 at a pole; a NaN log stays NaN.
+    """
+    zero_mass = (c == 0) & pole
+    return c * xp.where(zero_mass, xp.zeros_like(log), log)
