@@ -188,3 +188,22 @@ def test_cli_unreachable_scheduler(
     )
     assert time.monotonic() - start < 30
     assert f"--scheduler tcp://127.0.0.1:{port}: cannot connect to a Dask scheduler there" in err
+
+
+def test_cli_dask_engine_file_given_twice(
+    cluster: Any, tmp_path: Path, data: dict[str, Any]
+) -> None:
+    # a file named twice is one Dask task, whose state two merges read: merging in place
+    # into it counted the files merged into it twice (170 rows read as 240)
+    paths = [
+        str(write(tmp_path / f"p{i}.csv", csv_text(data, 40 * i, 40 * (i + 1)))) for i in range(3)
+    ]
+    for files in ([paths[0], paths[1], paths[0]], [*paths, paths[0], paths[1]]):
+        args = ("eval", *files, "--exclude", "id", "--group-by", "day")
+        local = run_json(*args)
+        remote = run_json(*args, "--engine", "dask", "--scheduler", cluster.scheduler_address)
+        assert local["rows"] == 40 * len(files)
+        assert_same_figures(remote, local, rtol=0)
+        assert [g["rows"] for g in remote["groups"]] == [g["rows"] for g in local["groups"]]
+        for a, b in zip(remote["groups"], local["groups"], strict=True):
+            assert_same_figures(a, b, rtol=0)

@@ -51,8 +51,14 @@ def _need_dask() -> tuple[Any, Any]:
 
 
 def merge_pair(a: Any, b: Any) -> Any:
-    """Merge two partition states (the tree's inner node)."""
-    return a.merge(b)
+    """Merge two partition states (the tree's inner node) into a new one.
+
+    Neither input is changed: a task's result may be read by several tasks
+    (a file given twice is one task), which may run at the same time.
+    """
+    import copy
+
+    return copy.deepcopy(a).merge(copy.deepcopy(b))
 
 
 def tree_merge(parts: Sequence[Any], combine: Callable[[Any, Any], Any] = merge_pair) -> Any:
