@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,38 @@ def test_order_of_groups() -> None:
     assert order_groups(["1.10", "1.9", "1.2.1"]) == (["1.2.1", "1.9", "1.10"], True)
     assert order_groups(["2024-05-10", "2024-05-02"]) == (["2024-05-02", "2024-05-10"], True)
     assert order_groups([True, False]) == ([False, True], False)
+    # a file of days beside one of timestamps (a TypeError when compared)
+    day, noon = dt.date(2024, 5, 2), dt.datetime(2024, 5, 1, 12)
+    assert order_groups([day, noon]) == ([noon, day], True)
+
+
+def test_a_csv_group_is_its_cell_as_written_in_every_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # each file's column typed apart: 2024-05-03 a day in one file, a timestamp in the
+    # other (two groups, then a TypeError); 1 a number in one, text beside v3 in the other
+    days, versions = tmp_path / "days", tmp_path / "versions"
+    days.mkdir(), versions.mkdir()
+    write(days / "a.csv", "label,p,day\n1,0.9,2024-05-01\n0,0.2,2024-05-03\n")
+    write(days / "b.csv", "label,p,day\n1,0.7,2024-05-02 10:00:00\n0,0.4, 2024-05-03\n")
+    out = run_json("eval", str(days), "--group-by", "day")
+    assert [g["group"] for g in out["groups"]] == [
+        "2024-05-01",
+        "2024-05-02 10:00:00",
+        "2024-05-03",
+    ]
+    assert [g["rows"] for g in out["groups"]] == [1, 1, 2]
+    assert out["groups_ordered"] is True
+    write(versions / "a.csv", "label,p,v\n1,0.9,1\n0,0.2,2\n")
+    write(versions / "b.csv", "label,p,v\n1,0.7,1\n0,0.4,v3\n")
+    out = run_json("eval", str(versions), "--group-by", "v")
+    assert [(g["group"], g["rows"]) for g in out["groups"]] == [("1", 2), ("2", 1), ("v3", 1)]
+    expected = -math.fsum([math.log(0.9), math.log(0.7)]) / 2
+    assert out["groups"][0]["log_loss_nats"] == pytest.approx(expected, rel=1e-15)
+    # a text group cell that is empty is a row of no group, as an empty day is
+    write(versions / "b.csv", "label,p,v\n1,0.7,web\n0,0.4,\n")
+    err = error(capsys, "eval", str(versions), "--group-by", "v")
+    assert f"{versions / 'b.csv'}: row 2 (line 3) has no value in the --group-by column 'v'" in err
 
 
 def test_text_and_report_show_the_groups(tmp_path: Path, data: dict[str, Any]) -> None:

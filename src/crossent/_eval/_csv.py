@@ -139,8 +139,14 @@ def _cast_ok(pa: Any, pc: Any, column: Any) -> bool:
     return True
 
 
-def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
-    """Open a CSV (TSV for a ``.tsv`` name) file with a header line."""
+def open_csv(path: Path, batch_size: int, label_column: str, group_by: str | None = None) -> Table:
+    """Open a CSV (TSV for a ``.tsv`` name) file with a header line.
+
+    The `group_by` column is read as text (each cell trimmed; an empty or
+    ``NA`` cell is missing): a group is the cell as written, whatever type
+    pyarrow would guess for the column of this file (``1`` read as a number
+    in one file and as text in another, beside ``v2``, made two groups).
+    """
     pa = need("pyarrow")
     pcsv = need("pyarrow.csv")
     parse = pcsv.ParseOptions(delimiter=_delimiter(path))
@@ -172,6 +178,9 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
         for f in schema
         if f.name == label_column or is_numeric(pa, f.type)
     }
+    group = group_by if group_by in schema.names and group_by != label_column else None
+    if group is not None:
+        column_types[group] = pa.string()
     numeric = [name for name, t in column_types.items() if t == pa.float64()]
     convert = pcsv.ConvertOptions(column_types=column_types, null_values=NULL_VALUES)
     as_int = None
@@ -198,12 +207,25 @@ def open_csv(path: Path, batch_size: int, label_column: str) -> Table:
             else _with_int_labels(reader(as_int), label_column, text_blocks)
         )
         # a line longer than a block: the rest in larger blocks, labels as text
-        return regroup(growing_blocks(first, text_blocks, read), batch_size)
+        batches = regroup(growing_blocks(first, text_blocks, read), batch_size)
+        return batches if group is None else _group_text(batches, group)
 
     types = {f.name: column_types.get(f.name, f.type) for f in schema}
     line_of = functools.partial(_line_of, path)
     table = text_table(path, "csv", list(schema.names), types, record_batches(blocks), line_of)
     return table
+
+
+def _group_text(batches: Iterator[Any], name: str) -> Iterator[Any]:
+    """`batches` with the text column `name` trimmed, its ``NULL_VALUES`` cells missing."""
+    pa = need("pyarrow")
+    pc = need("pyarrow.compute")
+    missing = pa.array(NULL_VALUES)
+    for batch in batches:
+        i = batch.schema.get_field_index(name)
+        text = pc.utf8_trim_whitespace(batch.column(i))
+        text = pc.if_else(pc.is_in(text, value_set=missing), None, text)
+        yield batch.set_column(i, name, text)
 
 
 def _int_labels(schema: Any, label_column: str) -> bool:

@@ -59,6 +59,7 @@ def open_scored(
         batch_size=batch_size,
         label_column=selection.label_column,
         row_groups=row_groups,
+        group_by=selection.group_by,
     )
     if like is not None and set(table.names) != set(like[1]):
         _other_columns(table, *like, "")

@@ -133,7 +133,10 @@ def order_groups(keys: list[Any]) -> tuple[list[Any], bool]:
     if all(isinstance(k, int | float | np.integer | np.floating) for k in keys):
         return sorted(keys), True
     if all(isinstance(k, _dt.date | _dt.datetime | _dt.time | _dt.timedelta) for k in keys):
-        return sorted(keys), True
+        try:
+            return sorted(keys), True
+        except TypeError:  # days beside timestamps (files typed apart), naive beside aware
+            pass  # their ISO text sorts in time order
     text = [str(k) for k in keys]
     if all(_DATE.match(t) for t in text):
         return [k for _, k in sorted(zip(text, keys, strict=True))], True

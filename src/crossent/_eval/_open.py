@@ -71,11 +71,17 @@ def _not_a_file(path: Path) -> str | None:
 
 
 def open_table(
-    path: Path, *, batch_size: int, label_column: str, row_groups: tuple[int, int] | None = None
+    path: Path,
+    *,
+    batch_size: int,
+    label_column: str,
+    row_groups: tuple[int, int] | None = None,
+    group_by: str | None = None,
 ) -> Table:
     """Open a predictions file for streaming, by its extension.
 
-    `row_groups` [start, stop) opens only those row groups of a Parquet file.
+    `row_groups` [start, stop) opens only those row groups of a Parquet file;
+    the `group_by` column of a CSV file is read as text.
     """
     problem = _not_a_file(path)
     if problem is not None:
@@ -95,6 +101,8 @@ def open_table(
     try:
         if row_groups is not None and fmt == "parquet":
             return _opener(fmt)(path, batch_size, label_column, row_groups)
+        if group_by is not None and fmt == "csv":
+            return _opener(fmt)(path, batch_size, label_column, group_by)
         return _opener(fmt)(path, batch_size, label_column)
     except CLIError:
         raise
