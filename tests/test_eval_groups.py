@@ -146,3 +146,29 @@ def test_a_group_column_with_nulls_exits_2(
     path = write(tmp_path / "nulls.csv", "\n".join(text) + "\n")
     err = error(capsys, "eval", str(path), "--exclude", "id", "--group-by", "day")
     assert "row 5 (line 6) has no value in the --group-by column 'day'" in err
+
+
+def test_one_group_value_typed_apart_by_each_format_is_one_group(tmp_path: Path) -> None:
+    import json
+
+    rows = {"csv": [(1, 0.9, "2"), (0, 0.2, "10")], "jsonl": [(1, 0.7, 2.0), (0, 0.4, 1.0)]}
+    rows["parquet"] = [(1, 0.6, 10), (0, 0.3, 2)]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    lines = [f"{y},{p},{g}" for y, p, g in rows["csv"]]
+    write(folder / "a.csv", "label,p,g\n" + "\n".join(lines) + "\n")
+    lines = [json.dumps({"label": y, "p": p, "g": g}) for y, p, g in rows["jsonl"]]
+    write(folder / "b.jsonl", "\n".join(lines) + "\n")
+    columns = list(zip(*rows["parquet"], strict=True))
+    pq.write_table(pa.table(dict(zip(["label", "p", "g"], columns, strict=True))), folder / "c.pq")
+    out = run_json("eval", str(folder), "--group-by", "g")
+    assert [(g["group"], g["rows"]) for g in out["groups"]] == [("1", 1), ("2", 3), ("10", 2)]
+    assert out["groups_ordered"] is True
+    every = [r for rs in rows.values() for r in rs]
+    for group in out["groups"]:
+        mine = [(y, p) for y, p, g in every if str(int(float(g))) == group["group"]]
+        loss = -math.fsum(math.log(p if y else 1 - p) for y, p in mine) / len(mine)
+        assert group["log_loss_nats"] == pytest.approx(loss, rel=1e-15)
+    # values of one kind keep their type and order
+    alone = run_json("eval", str(folder / "c.pq"), "--group-by", "g")
+    assert [g["group"] for g in alone["groups"]] == [2, 10]

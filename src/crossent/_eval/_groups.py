@@ -20,7 +20,7 @@ import numpy as np
 
 from crossent._eval._table import to_numpy
 
-__all__ = ["GroupedMetrics", "group_keys", "order_groups"]
+__all__ = ["GroupedMetrics", "group_keys", "group_name", "order_groups"]
 
 _VERSION = re.compile(r"^[vV]?\d+([._-]\d+)*$")
 _DATE = re.compile(r"^\d{4}-\d{2}(-\d{2})?([ T].*)?$")
@@ -42,7 +42,8 @@ class GroupedMetrics:
         self.make = make
         self.grouped = grouped
         self.overall = make()
-        self.groups: dict[Any, Any] = {}
+        self.groups: dict[str, Any] = {}  # group name (:func:`group_name`) -> metric
+        self.values: dict[str, Any] = {}  # group name -> the first value read of that group
         self.warnings: list[str] = []  # about the files read (they travel from Dask workers)
 
     def update(
@@ -64,14 +65,16 @@ class GroupedMetrics:
         ends = np.cumsum(np.bincount(codes, minlength=len(values)))
         start = 0
         with ce.validation(False):  # the overall update checked these rows
-            for key, end in zip(values, ends.tolist(), strict=True):
+            for value, end in zip(values, ends.tolist(), strict=True):
                 rows = order[start:end]
                 start = end
                 if rows.size == 0:
                     continue
+                key = group_name(value)
                 metric = self.groups.get(key)
                 if metric is None:
                     metric = self.groups[key] = self.make()
+                    self.values[key] = value
                 metric.update(scores[rows], target[rows])
 
     def merge(self, other: GroupedMetrics) -> GroupedMetrics:
@@ -82,6 +85,7 @@ class GroupedMetrics:
             mine = self.groups.get(key)
             if mine is None:
                 self.groups[key] = metric
+                self.values[key] = other.values[key]
             else:
                 mine.merge(metric)
         return self
@@ -90,6 +94,55 @@ class GroupedMetrics:
     def count(self) -> int:
         """Rows added so far."""
         return int(self.overall.count)
+
+    def ordered(self) -> tuple[list[tuple[Any, str]], bool]:
+        """(value shown, group name) of every group in natural order, and whether that
+        order means something (:func:`order_groups`).
+
+        Values of one kind (numbers, days and times, booleans) keep their type and
+        order; mixed kinds (a file's ``7`` read as text, another's as a number) are
+        shown and ordered by their names.
+        """
+        kinds = {_kind(v) for v in self.values.values()}
+        if len(kinds) == 1 and kinds != {"text"}:
+            by_value = {id(v): k for k, v in self.values.items()}
+            values, ordered = order_groups(list(self.values.values()))
+            return [(v, by_value[id(v)]) for v in values], ordered
+        names, ordered = order_groups(list(self.groups))
+        return [(name, name) for name in names], ordered
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool | np.bool_):
+        return "bool"
+    if isinstance(value, int | float | np.integer | np.floating):
+        return "number"
+    if isinstance(value, _dt.date | _dt.datetime | _dt.time | _dt.timedelta):
+        return "time"
+    return "text"
+
+
+def group_name(value: Any) -> str:
+    """The group a value belongs to, as text, whatever type its file gave it.
+
+    A value is named as a CSV cell would write it (``7`` for 7 and 7.0, ``2024-05-01``,
+    ``2024-05-01 10:00:00``, ``true``), so that files that typed one column apart
+    (a Parquet integer, a CSV cell read as text, a JSON float) put the same value
+    in the same group.
+    """
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, _dt.datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, _dt.date | _dt.time):
+        return value.isoformat()
+    if isinstance(value, str):
+        return value.strip()
+    return str(value)
 
 
 def group_keys(column: Any, *, name: str) -> tuple[np.ndarray, list[Any]]:
@@ -139,10 +192,15 @@ def order_groups(keys: list[Any]) -> tuple[list[Any], bool]:
             pass  # their ISO text sorts in time order
     text = [str(k) for k in keys]
     if all(_DATE.match(t) for t in text):
-        return [k for _, k in sorted(zip(text, keys, strict=True))], True
+        return _sorted_by(text, keys), True
     if all(_VERSION.match(t) for t in text):
-        return [k for _, k in sorted(zip(map(_version_key, text), keys, strict=True))], True
-    return [k for _, k in sorted(zip(text, keys, strict=True))], False
+        return _sorted_by(list(map(_version_key, text)), keys), True
+    return _sorted_by(text, keys), False
+
+
+def _sorted_by(order: list[Any], keys: list[Any]) -> list[Any]:
+    """`keys` sorted by `order` alone (equal orders never compare the keys: 1 and "1")."""
+    return [keys[i] for i in sorted(range(len(keys)), key=order.__getitem__)]
 
 
 def jsonable_key(key: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from crossent._eval._groups import GroupedMetrics, jsonable_key, order_groups
+from crossent._eval._groups import GroupedMetrics, jsonable_key
 from crossent._eval._score import Plan
 
 __all__ = ["summarize_state"]
@@ -46,14 +46,14 @@ def summarize_state(
         summary["binary"] = True
         summary["score_column"] = plan.columns.classes[0]
     if plan.group_by is not None:
-        keys, ordered = order_groups(list(state.groups))
+        groups, ordered = state.ordered()
         summary["group_by"] = plan.group_by
         summary["groups_ordered"] = ordered
         summary["groups"] = [
             {
-                "group": jsonable_key(key),
+                "group": jsonable_key(value),
                 **{k: v for k, v in figures(state.groups[key]).items() if k not in _INPUT_FIELDS},
             }
-            for key in keys
+            for value, key in groups
         ]
     return summary
