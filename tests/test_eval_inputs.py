@@ -70,6 +70,31 @@ def test_several_files_a_directory_and_a_glob_are_one_table(
     )
 
 
+def test_files_without_rows_among_others(
+    tmp_path: Path, data: dict[str, Any], single: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a CSV file of a header only has no column types (pyarrow: null): it made every
+    # evaluation it was part of exit 2 ("no prediction columns"), first or not
+    parts = _shards(tmp_path / "shards", data)
+    header = csv_text(data, 0, 0)
+    empty = [write(tmp_path / "shards" / f"{name}.csv", header) for name in ("a-empty", "z-empty")]
+    for args in ([str(tmp_path / "shards")], [str(empty[0]), str(parts[0]), str(empty[1])]):
+        out = run_json("eval", *args, "--exclude", "id", "--group-by", "day")
+        assert out["files"] == (5 if len(args) == 1 else 3)
+        if len(args) == 1:
+            assert_same_figures(out, single)
+        else:
+            alone = run_json("eval", str(parts[0]), "--exclude", "id", "--group-by", "day")
+            assert_same_figures(out, alone)
+            assert out["groups"] == alone["groups"]
+    # still the same columns in each, and no rows at all is still an error (as for one file)
+    write(empty[1], header.replace("label,", "truth,"))
+    err = error(capsys, "eval", str(tmp_path / "shards"), "--exclude", "id")
+    assert f"{empty[1]}: has other columns than {parts[0]} (it lacks label; it also" in err
+    err = error(capsys, "eval", str(empty[0]), str(empty[0]), "--exclude", "id")
+    assert err == error(capsys, "eval", str(empty[0]), "--exclude", "id")
+
+
 def _compress(path: Path, suffix: str) -> Path:
     data = path.read_bytes()
     target = path.with_name(path.name + suffix)

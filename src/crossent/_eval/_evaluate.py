@@ -47,12 +47,16 @@ def open_scored(
     batch_size: int,
     like: tuple[Path, Sequence[str]] | None = None,
     row_groups: tuple[int, int] | None = None,
-) -> tuple[Table, Columns, Iterator[Batch]]:
+    *,
+    rows_or_none: bool = False,
+) -> tuple[Table, Columns | None, Iterator[Batch]]:
     """Open `path`, resolve its columns (its first batch tells a text cell from a
     text column), and return the table, the columns and every batch.
 
     `like` is (first file, its column names): this file must have the same ones.
     `row_groups` [start, stop) reads only those row groups of a Parquet file.
+    The columns are None for a file without rows when `like` is given or
+    `rows_or_none` is set: a CSV file with a header only has no column types.
     """
     table = open_table(
         path,
@@ -65,6 +69,8 @@ def open_scored(
         _other_columns(table, *like, "")
     batches = read_batches(table)
     head = next(batches, None)
+    if head is None and (like is not None or rows_or_none):
+        return table, None, iter(())
     columns = resolve_columns(
         table,
         selection.label_column,
@@ -124,9 +130,10 @@ def score_file(
     on a worker)."""
     like = (first, names)
     table, columns, batches = open_scored(path, plan.selection, batch_size, like, row_groups)
-    check_same_columns(table, columns, plan, first)
     state = plan.new_state()
-    score_table(state, table, batches, plan)
+    if columns is not None:  # else no rows
+        check_same_columns(table, columns, plan, first)
+        score_table(state, table, batches, plan)
     return state
 
 
@@ -162,7 +169,7 @@ def evaluate(
             stack.enter_context(_renamed(spooled, "<stdin>"))
             sources = [spooled]
         files = [Path(s) for s in sources]
-        first, resolved, batches = open_scored(files[0], selection, batch_size)
+        files, (first, resolved, batches) = _open_first(files, selection, batch_size)
         plan = Plan(resolved, input_kind, labels, bins, base, selection)
         if engine == "dask":
             state = _dask_state(files, plan, first, batch_size, scheduler, workers)
@@ -185,6 +192,21 @@ def evaluate(
     return summary, state.overall
 
 
+def _open_first(
+    files: list[Path], selection: Selection, batch_size: int
+) -> tuple[list[Path], tuple[Table, Columns, Iterator[Batch]]]:
+    """The first file with rows, opened and its columns resolved, and `files` with it
+    first (files without rows, such as a CSV file of a header only, have no column
+    types to resolve; the last file is resolved whatever it holds)."""
+    for i, path in enumerate(files[:-1]):
+        table, columns, batches = open_scored(path, selection, batch_size, rows_or_none=True)
+        if columns is not None:
+            return [path, *files[:i], *files[i + 1 :]], (table, columns, batches)
+    table, columns, batches = open_scored(files[-1], selection, batch_size)
+    assert columns is not None  # resolved (or raised) without rows_or_none
+    return [files[-1], *files[:-1]], (table, columns, batches)
+
+
 def _local_state(
     files: list[Path],
     plan: Plan,
@@ -201,8 +223,9 @@ def _local_state(
         for path in files[1:]:
             like = (first.path, first.names)
             table, columns, more = open_scored(path, plan.selection, batch_size, like)
-            check_same_columns(table, columns, plan, first.path)
-            score_table(state, table, more, plan, bar)
+            if columns is not None:  # else no rows
+                check_same_columns(table, columns, plan, first.path)
+                score_table(state, table, more, plan, bar)
     finally:
         if bar is not None:
             bar.close()
