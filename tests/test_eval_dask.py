@@ -208,3 +208,30 @@ def test_cli_dask_engine_file_given_twice(
         assert [g["rows"] for g in remote["groups"]] == [g["rows"] for g in local["groups"]]
         for a, b in zip(remote["groups"], local["groups"], strict=True):
             assert_same_figures(a, b, rtol=0)
+
+
+def test_cli_dask_engine_errors_are_the_local_ones(
+    cluster: Any,
+    tmp_path: Path,
+    data: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a damaged Parquet file after the first: a pyarrow traceback (its row groups were
+    # read on the client to split it); files named as given, not by their absolute path
+    monkeypatch.chdir(tmp_path)
+    _parquet_shards(tmp_path / "shards", data, shards=2)
+    write(tmp_path / "shards" / "part-2.parquet", "not a parquet file\n")
+    dask = ("--engine", "dask", "--scheduler", cluster.scheduler_address)
+    err = error(capsys, "eval", "shards", "--group-by", "day")
+    assert err.startswith("crossent eval: error: shards/part-2.parquet: cannot read it as parquet")
+    assert error(capsys, "eval", "shards", "--group-by", "day", *dask) == err
+    (tmp_path / "shards" / "part-2.parquet").unlink()
+    lines = [line.split(",") for line in csv_text(data, 0, 30).splitlines()]
+    lines[2][1] = "-" + lines[2][1]  # row 2 (line 3): a negative probability
+    write(
+        tmp_path / "shards" / "part-3.csv", "".join(",".join(c[:4] + c[5:]) + "\n" for c in lines)
+    )
+    err = error(capsys, "eval", "shards", "--group-by", "day")
+    assert err.startswith("crossent eval: error: shards/part-3.csv: row 2 (line 3) has a value -")
+    assert error(capsys, "eval", "shards", "--group-by", "day", *dask) == err

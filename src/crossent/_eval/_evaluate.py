@@ -248,7 +248,13 @@ def _dask_state(
             for path in files
             for part in file_parts(path, batch_size)
         ]
-        state: GroupedMetrics = client.compute(tree_merge(parts)).result()
+        try:
+            state: GroupedMetrics = client.compute(tree_merge(parts)).result()
+        except CLIError as exc:  # workers read absolute paths: name the files as given
+            msg = str(exc)
+            for path in files:
+                msg = msg.replace(f"{path.resolve()}:", f"{path}:")
+            raise CLIError(msg) from exc.__cause__
     return state
 
 
@@ -260,9 +266,13 @@ def file_parts(path: Path, batch_size: int) -> list[tuple[int, int] | None]:
     """The Dask partitions of one file: runs of row groups of a Parquet file (each of at
     least ``PART_BATCHES`` batches, so that one large file is scored on several workers),
     else the whole file (None)."""
-    if FORMATS.get(data_suffix(path)[0]) != "parquet":
+    fmt, compression = data_suffix(path)
+    if FORMATS.get(fmt) != "parquet" or compression is not None:
         return [None]
     from crossent._eval._parquet import row_group_parts
 
-    parts = row_group_parts(path, PART_BATCHES * batch_size)
+    try:
+        parts = row_group_parts(path, PART_BATCHES * batch_size)
+    except (OSError, ValueError):  # pyarrow's errors: its task says why, as the local engine does
+        return [None]
     return [None] if len(parts) == 1 else list(parts)
