@@ -235,3 +235,28 @@ def test_cli_dask_engine_errors_are_the_local_ones(
     err = error(capsys, "eval", "shards", "--group-by", "day")
     assert err.startswith("crossent eval: error: shards/part-3.csv: row 2 (line 3) has a value -")
     assert error(capsys, "eval", "shards", "--group-by", "day", *dask) == err
+
+
+def test_evaluate_dask_on_repartitioned_text_columns(data: dict[str, Any]) -> None:
+    # a pyarrow-backed string column made of several chunks (concatenated partitions)
+    # is no RecordBatch column: a TypeError traceback
+    import dask
+
+    from crossent.metrics import evaluate_dask
+
+    frame = pd.DataFrame(
+        {
+            "label": pd.array([NAMES[t] for t in data["y"]], dtype="string[pyarrow]"),
+            **{n: data["p"][:, k] for k, n in enumerate(NAMES)},
+            "day": pd.array(data["day"], dtype="string[pyarrow]"),
+        }
+    )
+    parts = dd.from_pandas(frame, npartitions=6)
+    with dask.config.set(scheduler="sync"):
+        whole = evaluate_dask(parts.repartition(npartitions=2), group_by="day")
+        split = evaluate_dask(parts, group_by="day")
+    assert whole["rows"] == len(frame)
+    assert_same_figures(whole, split, rtol=0)
+    for a, b in zip(whole["groups"], split["groups"], strict=True):
+        assert a["group"] == b["group"]
+        assert_same_figures(a, b, rtol=0)

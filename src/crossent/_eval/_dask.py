@@ -126,7 +126,12 @@ def score_partition(frame: Any, plan: Any, index: int) -> Any:
     from crossent._eval._score import score_table
     from crossent._eval._table import Batch, Table
 
-    data = pa.RecordBatch.from_pandas(frame, preserve_index=False)
+    # via a Table: a pyarrow-backed column of several chunks (a repartitioned string
+    # column) is no RecordBatch column (a TypeError); one chunk each
+    whole = pa.Table.from_pandas(frame, preserve_index=False)
+    data = pa.RecordBatch.from_arrays(
+        [column.combine_chunks() for column in whole.columns], schema=whole.schema
+    )
     table = Table(
         Path(f"partition {index}"),  # the "path" of its messages
         "dask",
