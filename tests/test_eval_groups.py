@@ -86,13 +86,15 @@ def test_a_csv_group_is_its_cell_as_written_in_every_file(
     days.mkdir(), versions.mkdir()
     write(days / "a.csv", "label,p,day\n1,0.9,2024-05-01\n0,0.2,2024-05-03\n")
     write(days / "b.csv", "label,p,day\n1,0.7,2024-05-02 10:00:00\n0,0.4, 2024-05-03\n")
+    # and a JSON string "2024-05-01" (a timestamp at midnight to pyarrow) is that day
+    write(days / "c.jsonl", '{"label": 1, "p": 0.8, "day": "2024-05-01"}\n')
     out = run_json("eval", str(days), "--group-by", "day")
     assert [g["group"] for g in out["groups"]] == [
         "2024-05-01",
         "2024-05-02 10:00:00",
         "2024-05-03",
     ]
-    assert [g["rows"] for g in out["groups"]] == [1, 1, 2]
+    assert [g["rows"] for g in out["groups"]] == [2, 1, 2]
     assert out["groups_ordered"] is True
     write(versions / "a.csv", "label,p,v\n1,0.9,1\n0,0.2,2\n")
     write(versions / "b.csv", "label,p,v\n1,0.7,1\n0,0.4,v3\n")

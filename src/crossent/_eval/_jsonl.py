@@ -161,8 +161,14 @@ def _fail(path: Path, exc: Exception) -> CLIError:
     return CLIError(msg)
 
 
-def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
-    """Open a JSON Lines file."""
+def open_jsonl(
+    path: Path, batch_size: int, label_column: str, group_by: str | None = None
+) -> Table:
+    """Open a JSON Lines file.
+
+    A `group_by` column of JSON strings stays text: pyarrow would read
+    ``"2024-05-01"`` as a timestamp (midnight), not the day a CSV file has.
+    """
     pa = need("pyarrow")
     pjson = need("pyarrow.json")
     # one thread, a block when asked (no parse-ahead), in 64 KiB blocks: with larger
@@ -184,6 +190,8 @@ def open_jsonl(path: Path, batch_size: int, label_column: str) -> Table:
             f = pa.field(f.name, pa.float64())
         elif f.name != label_column and is_numeric_list(pa, f.type):
             f = pa.field(f.name, pa.list_(pa.float64()))
+        elif f.name == group_by and pa.types.is_timestamp(f.type):  # strings in the file
+            f = pa.field(f.name, pa.string())
         widened.append(f)
     parse = pjson.ParseOptions(explicit_schema=pa.schema(widened))
 

@@ -81,7 +81,7 @@ def open_table(
     """Open a predictions file for streaming, by its extension.
 
     `row_groups` [start, stop) opens only those row groups of a Parquet file;
-    the `group_by` column of a CSV file is read as text.
+    the `group_by` column of a CSV file (of JSON strings in a JSONL file) is read as text.
     """
     problem = _not_a_file(path)
     if problem is not None:
@@ -101,7 +101,7 @@ def open_table(
     try:
         if row_groups is not None and fmt == "parquet":
             return _opener(fmt)(path, batch_size, label_column, row_groups)
-        if group_by is not None and fmt == "csv":
+        if group_by is not None and fmt in ("csv", "jsonl"):
             return _opener(fmt)(path, batch_size, label_column, group_by)
         return _opener(fmt)(path, batch_size, label_column)
     except CLIError:
