@@ -184,6 +184,8 @@ def test_columns_and_exclude_choose_the_class_columns(
         (["--columns", "cat,,dog"], "--columns takes column names separated by commas"),
         (["--group-by", "month"], "--group-by names 'month', not a column"),
         (["--scheduler", "tcp://127.0.0.1:1"], "--scheduler is for --engine dask"),
+        (["--workers", "4"], "--workers sizes the local Dask cluster"),  # was ignored
+        (["--engine", "dask", "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "--workers"),
     ],
 )
 def test_bad_column_choices_exit_2(

@@ -70,6 +70,12 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
     if args.scheduler is not None and args.engine != "dask":
         msg = "--scheduler is for --engine dask; add --engine dask, or drop --scheduler."
         raise CLIError(msg)
+    if args.workers is not None and (args.engine != "dask" or args.scheduler is not None):
+        msg = (
+            "--workers sizes the local Dask cluster of --engine dask (a --scheduler's "
+            "cluster has its own workers); add --engine dask, or drop --workers."
+        )
+        raise CLIError(msg)
     from crossent._eval import _memory, evaluate, format_text, jsonable
 
     _memory.reuse_freed_memory()  # this process scores: each batch reuses the memory of the last
