@@ -111,6 +111,8 @@ def sparse(
         m=m, s=buf.sum(axis=-1), wd=wd, wsum=float(num_classes) if w is None else w.sum(),
         z_y=z[rows, label], finite=True,
     )  # fmt: skip
+    if valid is not None:
+        stats = _rows.stand_in_ignored(stats, valid, xp=np)
     if w is None:
         w_y: Any = 1.0 if valid is None else valid.astype(dtype)
     else:

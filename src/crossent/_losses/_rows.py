@@ -77,6 +77,7 @@ derivative) — or the product of that with the hidden states, for fused losses.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,7 @@ __all__ = [
     "rebase",
     "row_loss",
     "row_stats",
+    "stand_in_ignored",
 ]
 
 
@@ -172,6 +174,17 @@ def row_stats(
         w_y = xp.reshape(xp.take(weight, xp.reshape(idx, (-1,))), idx.shape)
         w_y = xp.where(inside, w_y, xp.zeros_like(w_y))
     return RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y, w_y=w_y)
+
+
+def stand_in_ignored(stats: RowStats, counted: Array, *, xp: Any) -> RowStats:
+    r"""`stats` with the row max as the target logit of the rows not `counted` (ignored).
+
+    An ignored row reads a stand-in label (0) whose logit may be ``-inf`` (a masked class):
+    its :math:`-\log p_y = \infty` times its target weight 0 is NaN, masked afterwards but
+    with a NumPy warning on the way. The row max gives the finite :math:`\log s` instead.
+    """
+    z_y = xp.where(counted, stats.z_y, stats.m)
+    return dataclasses.replace(stats, z_y=z_y)
 
 
 def rebase(st: RowStats, m: Array, *, xp: Any) -> RowStats:
