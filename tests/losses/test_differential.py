@@ -53,3 +53,57 @@ def test_an_ignored_row_on_a_masked_class_gives_no_warning(
     np.testing.assert_allclose(got_value, ref_value, rtol=1e-12)
     np.testing.assert_array_equal(g[[0, 2]], 0.0)
     np.testing.assert_allclose(g[1:2], ref_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 3.0])
+def test_focal_gradient_of_an_ignored_row_on_a_masked_class_is_zero_under_autograd(
+    gamma: float,
+) -> None:
+    """PyTorch's executor reads -log p_y from ``log_softmax`` (inf at a masked stand-in label):
+    the focal slope's p log p was 0 * -inf = NaN, a NaN gradient row for an ignored row."""
+    torch = pytest.importorskip("torch")
+    x = torch.tensor([[-_INF, 1.0, 2.0], [0.0, 1.0, 2.0]], dtype=torch.float64)
+    t = torch.tensor([-100, 2])
+    opts = {"from_logits": True, "ignore_index": -100, "gamma": gamma}
+    leaf = x.clone().requires_grad_(True)
+    ce.sparse_categorical_cross_entropy(leaf, t, **opts).backward()
+    _, ref_grad = ce.value_and_grad(
+        ce.sparse_categorical_cross_entropy, x[1:].numpy(), t[1:].numpy(), **opts
+    )
+    assert leaf.grad is not None
+    g = leaf.grad.numpy()
+    np.testing.assert_array_equal(g[0], 0.0)
+    np.testing.assert_allclose(g[1:], ref_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 3.0])
+def test_focal_slope_at_a_zero_probability_is_its_limit(gamma: float) -> None:
+    """The slope f (1 + γ q), q = p (-log p) / (1 - p), at p = 0 is 1 (0 · log 0 = 0), not NaN."""
+    from crossent._losses._rows import focal_terms
+
+    nll = np.array([np.inf, 800.0, np.nan])
+    for autodiff in (True, False):
+        _, slope = focal_terms(nll, 1.0, gamma, autodiff=autodiff, xp=np)
+        np.testing.assert_array_equal(slope, [1.0, 1.0, np.nan])
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_focal_gradient_of_an_ignored_row_on_a_masked_class_is_zero(
+    xp: Any, gamma: float, z_loss: float
+) -> None:
+    """An ignored row reads its stand-in label 0; with that class masked (-inf), p = 0 and the
+    focal slope's p log p was 0 * -inf = NaN: a NaN gradient row from a row that is ignored."""
+    conv = to_xp(xp)
+    x = np.array([[-_INF, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    t = np.array([-100, 2])
+    opts = {"from_logits": True, "ignore_index": -100, "gamma": gamma, "z_loss": z_loss}
+    loss, grad = ce.value_and_grad(ce.sparse_categorical_cross_entropy, conv(x), conv(t), **opts)
+    # the counted row alone gives the same loss and gradient
+    ref_loss, ref_grad = ce.value_and_grad(
+        ce.sparse_categorical_cross_entropy, x[1:], t[1:], **opts
+    )
+    g = to_numpy(grad)
+    np.testing.assert_array_equal(g[0], 0.0)
+    np.testing.assert_allclose(g[1:], ref_grad, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(float(to_numpy(loss)), float(ref_loss), rtol=1e-12)

@@ -339,20 +339,34 @@ def _focal(
             f = em1 * em1
             if not slope:
                 return f, None
-            return f, em1 * _plus_product(em1, 2.0, xp.exp(minus), minus, xp=xp)
+            p, log_p_safe = _p_and_log_p(minus, xp=xp)
+            return f, em1 * _plus_product(em1, 2.0, p, log_p_safe, xp=xp)
         one_m = -em1
         if not slope:
             return one_m**gamma, None
         f1 = one_m ** (gamma - 1)  # (1 - p)^(gamma - 1) ((1 - p) - gamma p log p)
-        return f1 * one_m, f1 * _plus_product(one_m, -gamma, xp.exp(minus), minus, xp=xp)
+        p, log_p_safe = _p_and_log_p(minus, xp=xp)
+        return f1 * one_m, f1 * _plus_product(one_m, -gamma, p, log_p_safe, xp=xp)
     one_m = -em1
     f = focal_factor(one_m, gamma, log=False, xp=xp) if autodiff else one_m**gamma
     if not slope:
         return f, None
     certain = one_m == 0
     safe = xp.where(certain, xp.ones_like(one_m), one_m)
-    q = xp.where(certain, xp.zeros_like(nll), xp.exp(minus) * nll / safe)
+    p, log_p_safe = _p_and_log_p(minus, xp=xp)
+    q = xp.where(certain, xp.zeros_like(nll), p * -log_p_safe / safe)
     return f, f * (1 + gamma * q)
+
+
+def _p_and_log_p(log_p: Array, *, xp: Any) -> tuple[Array, Array]:
+    r"""(:math:`p`, :math:`\log p` where :math:`p > 0` and 0 where :math:`p = 0`).
+
+    Their product is :math:`p \log p` with its limit :math:`0 \cdot \log 0 = 0`: a target
+    with a ``-inf`` logit (an ignored row's stand-in label on a masked class) gets the
+    finite focal slope instead of ``0 * -inf = NaN``. NaN stays NaN.
+    """
+    p = xp.exp(log_p)
+    return p, xp.where(p == 0, xp.zeros_like(log_p), log_p)
 
 
 def focal_terms(
