@@ -40,6 +40,7 @@ from crossent._lib._xp import (
     is_torch_tensor,
     logsumexp,
     output_dtype,
+    representable,
     safe_divide,
     take_along_axis,
 )
@@ -136,7 +137,7 @@ def _check_labels(
 
 def _labels(target: Array, ignore_index: int | None, *, xp: Any) -> tuple[Array, Array]:
     """(counted, safe label): ignored labels become 0 so that gathers stay in range."""
-    if ignore_index is None:
+    if ignore_index is None or not representable(ignore_index, target.dtype, xp=xp):
         return xp.ones(target.shape, dtype=xp.bool, device=device(target)), target
     valid = target != ignore_index
     return valid, xp.where(valid, target, xp.zeros_like(target))
