@@ -8,8 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import crossent as ce
+from tests._reference import binary as RB
+from tests._reference import categorical as R
+from tests._reference import info as RI
 from tests.conftest import to_numpy, to_xp
 
 _INF = float("inf")
@@ -146,3 +151,263 @@ def test_labels_of_every_integer_width_on_every_backend(
         ce.sparse_categorical_cross_entropy(
             conv(x), conv(np.array([0, 5, 1]), getattr(xp, dtype)), **opts
         )
+
+
+# --------------------------------------------------------------------------- the harness
+# Cheap differential property tests: NumPy (its lean executor where it applies), the generic
+# formula on array-api-strict and on JAX, value_and_grad's closed forms and jax.grad, against
+# the float64 references of tests._reference, on extreme data (±1e4, -inf masked classes,
+# subnormals, exact 0/1 probabilities), with NumPy's warnings as errors.
+
+_EXTREME = st.sampled_from([1.0, 5.0, 1e4, 1e-310])
+
+
+@st.composite
+def _logits(draw: Any, *, masked: bool = True) -> tuple[np.ndarray, int]:
+    """Logits of 1 to 3 dimensions, a class axis (possibly negative), some classes masked."""
+    shape = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3)))
+    axis = draw(st.integers(-len(shape), len(shape) - 1))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape) * draw(_EXTREME)
+    if masked and draw(st.booleans()):  # mask classes, never a whole row
+        top = x == x.max(axis=axis, keepdims=True)
+        x = np.where((rng.random(shape) < 0.4) & ~top, -np.inf, x)
+    return x, axis
+
+
+def _softmax(x: np.ndarray, axis: int, *, certain: bool) -> np.ndarray:
+    z = np.moveaxis(x, axis, -1)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p = p / p.sum(axis=-1, keepdims=True)
+    if certain:  # exact 0 / 1 probabilities
+        p = (p == p.max(axis=-1, keepdims=True)).astype(np.float64)
+        p = p / p.sum(axis=-1, keepdims=True)
+    return np.moveaxis(p, -1, axis)
+
+
+def _backends() -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    strict = pytest.importorskip("array_api_strict")
+    out.append(("array_api_strict", strict))
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    out.append(("jax", jax.numpy))
+    return out
+
+
+def _agree(loss: Any, x: np.ndarray, t: np.ndarray, opts: dict[str, Any], ref: Any) -> None:
+    """NumPy value and closed-form gradient equal the reference; the other backends equal NumPy;
+    jax.grad of the loss equals the closed form wherever the loss is finite."""
+    value = loss(x, t, **opts)
+    v2, grad = ce.value_and_grad(loss, x, t, **opts)
+    np.testing.assert_allclose(value, ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(v2, value, rtol=1e-12, atol=1e-15)
+    assert grad.shape == x.shape
+    assert grad.dtype == x.dtype
+    for name, xp in _backends():
+        conv = to_xp(xp)
+        o = {k: conv(v) if isinstance(v, np.ndarray) else v for k, v in opts.items()}
+        got, (got_v, got_g) = (
+            loss(conv(x), conv(t), **o),
+            ce.value_and_grad(loss, conv(x), conv(t), **o),
+        )
+        np.testing.assert_allclose(to_numpy(got), value, rtol=1e-12, atol=1e-15, err_msg=name)
+        np.testing.assert_allclose(to_numpy(got_v), value, rtol=1e-12, atol=1e-15, err_msg=name)
+        np.testing.assert_allclose(to_numpy(got_g), grad, rtol=1e-9, atol=1e-12, err_msg=name)
+        if name == "jax" and np.all(np.isfinite(value)):
+            import jax
+
+            auto = jax.grad(lambda a: xp.sum(loss(a, conv(t), **o)))(conv(x))  # noqa: B023
+            np.testing.assert_allclose(np.asarray(auto), grad, rtol=1e-7, atol=1e-10)
+
+
+@settings(max_examples=8)
+@given(
+    data=_logits(),
+    from_logits=st.booleans(),
+    certain=st.booleans(),
+    label_dtype=st.sampled_from(["int8", "uint8", "int32", "int64"]),
+    ignore=st.sampled_from([None, "some", "all"]),
+    weight=st.booleans(),
+    label_smoothing=st.sampled_from([0.0, 0.1, 1.0]),
+    gamma=st.sampled_from([0.0, 0.5, 2.0]),
+    z_loss=st.sampled_from([0.0, 1e-3]),
+    softcap=st.sampled_from([None, 5.0]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_sparse_agrees_everywhere(
+    data: tuple[np.ndarray, int],
+    from_logits: bool,
+    certain: bool,
+    label_dtype: str,
+    ignore: str | None,
+    weight: bool,
+    label_smoothing: float,
+    gamma: float,
+    z_loss: float,
+    softcap: float | None,
+    reduction: str,
+    seed: int,
+) -> None:
+    x, axis = data
+    rng = np.random.default_rng(seed)
+    num = x.shape[axis]
+    t = rng.integers(0, num, size=x.shape[: axis % x.ndim] + x.shape[axis % x.ndim + 1 :])
+    opts: dict[str, Any] = {"from_logits": from_logits, "axis": axis, "reduction": reduction}
+    if from_logits:
+        opts |= {"z_loss": z_loss, "softcap": softcap}
+    else:
+        x = _softmax(x, axis, certain=certain)
+    if ignore is not None:
+        index = 255 if label_dtype == "uint8" else -100
+        drop = rng.random(t.shape) < 0.5 if ignore == "some" else np.ones(t.shape, bool)
+        t = np.where(drop, index, t)
+        opts["ignore_index"] = index
+    if weight:
+        opts["weight"] = rng.choice([0.0, 0.5, 2.0], size=num)
+    opts |= {"label_smoothing": label_smoothing, "gamma": gamma}
+    t = t.astype(label_dtype)
+    ref = R.sparse_ce(x, t, **opts)
+    if not np.all(np.isfinite(ref)):  # a masked class under smoothing: +inf, checked elsewhere
+        return
+    _agree(ce.sparse_categorical_cross_entropy, x, t, opts, ref)
+
+
+@settings(max_examples=8)
+@given(
+    data=_logits(),
+    from_logits=st.booleans(),
+    certain=st.booleans(),
+    weight=st.booleans(),
+    label_smoothing=st.sampled_from([0.0, 0.1]),
+    gamma=st.sampled_from([0.0, 0.5, 2.0]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_categorical_agrees_everywhere(
+    data: tuple[np.ndarray, int],
+    from_logits: bool,
+    certain: bool,
+    weight: bool,
+    label_smoothing: float,
+    gamma: float,
+    reduction: str,
+    seed: int,
+) -> None:
+    x, axis = data
+    rng = np.random.default_rng(seed)
+    # soft targets with 0 exactly on masked classes (0 · log 0 = 0), sometimes one-hot
+    t = _softmax(np.where(np.isinf(x), -np.inf, rng.normal(size=x.shape)), axis, certain=certain)
+    if not from_logits:
+        x = _softmax(x, axis, certain=certain)
+    opts: dict[str, Any] = {"from_logits": from_logits, "axis": axis, "reduction": reduction}
+    if weight:
+        opts["weight"] = rng.choice([0.0, 0.5, 2.0], size=x.shape[axis])
+    opts |= {"label_smoothing": label_smoothing, "gamma": gamma}
+    ref = R.categorical_ce(x, t, **opts)
+    if not np.all(np.isfinite(ref)):
+        return
+    _agree(ce.categorical_cross_entropy, x, t, opts, ref)
+
+
+@settings(max_examples=12)
+@given(
+    data=_logits(masked=False),
+    from_logits=st.booleans(),
+    weight=st.booleans(),
+    pos_weight=st.booleans(),
+    label_smoothing=st.sampled_from([0.0, 0.1]),
+    gamma=st.sampled_from([0.0, 0.5, 2.0]),
+    alpha=st.sampled_from([None, 0.25]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_binary_agrees_everywhere(
+    data: tuple[np.ndarray, int],
+    from_logits: bool,
+    weight: bool,
+    pos_weight: bool,
+    label_smoothing: float,
+    gamma: float,
+    alpha: float | None,
+    reduction: str,
+    seed: int,
+) -> None:
+    x, _ = data
+    rng = np.random.default_rng(seed)
+    if not from_logits:  # exact 0 / 1 among them
+        x = np.where(rng.random(x.shape) < 0.3, x > 0, 0.5 * (1 + np.tanh(x / 2)))
+        x = x.astype(np.float64)
+    t = rng.choice([0.0, 1.0, 0.3], size=x.shape)
+    opts: dict[str, Any] = {"from_logits": from_logits, "reduction": reduction, "alpha": alpha}
+    if weight:
+        opts["weight"] = rng.choice([0.0, 0.5, 2.0], size=x.shape[-1:])
+    if pos_weight:
+        opts["pos_weight"] = rng.choice([0.0, 3.0], size=x.shape[-1:])
+    opts |= {"label_smoothing": label_smoothing, "gamma": gamma}
+    _agree(ce.binary_cross_entropy, x, t, opts, RB.binary_cross_entropy(x, t, **opts))
+
+
+_MEASURES = ["entropy", "cross_entropy", "kl_divergence", "js_divergence"]
+
+
+@settings(max_examples=15)
+@given(
+    p_data=_logits(),
+    seed=st.integers(0, 2**16),
+    from_logits=st.booleans(),
+    certain=st.booleans(),
+    base=st.sampled_from([None, 2, 10, 0.5]),
+)
+def test_information_measures_agree_everywhere(
+    p_data: tuple[np.ndarray, int], seed: int, from_logits: bool, certain: bool, base: Any
+) -> None:
+    """Every measure: NumPy equals the reference, strict and JAX equal NumPy; from logits
+    jax.grad is finite wherever the value is; the laws H(p, q) >= H(p), KL >= 0 and JS >= 0
+    (in a base above 1) and shift invariance of logits hold on the extremes."""
+    zp, axis = p_data
+    rng = np.random.default_rng(seed)
+    zq = np.where(np.isinf(zp), -np.inf, rng.normal(size=zp.shape) * 30)
+    p, q = (
+        (zp, zq)
+        if from_logits
+        else (
+            _softmax(zp, axis, certain=certain),
+            _softmax(zq, axis, certain=False),
+        )
+    )
+    refs = RI if not from_logits else None
+    out = {}
+    for name in _MEASURES:
+        fn = getattr(ce.info, name)
+        args = (p,) if name == "entropy" else (p, q)
+        kw = {"axis": axis, "base": base, "from_logits": from_logits}
+        value = fn(*args, **kw)
+        out[name] = value
+        if refs is not None:
+            ref = getattr(RI, name)(*args, axis, base)
+        else:
+            ref = getattr(RI, f"{name}_from_logits")(*args, axis, base)
+        np.testing.assert_allclose(value, ref, rtol=1e-9, atol=1e-12, err_msg=name)
+        if from_logits:
+            shifted = fn(*(a + 3.0 for a in args), **kw)
+            np.testing.assert_allclose(shifted, value, rtol=1e-9, atol=1e-9, err_msg=name)
+        for xp_name, xp in _backends():
+            conv = to_xp(xp)
+            got = fn(*(conv(a) for a in args), **kw)
+            np.testing.assert_allclose(
+                to_numpy(got), value, rtol=1e-12, atol=1e-15, err_msg=f"{name} {xp_name}"
+            )
+            if xp_name == "jax" and from_logits and np.all(np.isfinite(value)):
+                import jax
+
+                rest = [conv(a) for a in args[1:]]
+                g = jax.grad(lambda a: xp.sum(fn(a, *rest, **kw)))(conv(args[0]))  # noqa: B023
+                assert np.all(np.isfinite(np.asarray(g))), name
+    if base is None or base > 1:
+        tol = 1e-9 * (1 + np.abs(out["entropy"]))
+        assert np.all(out["cross_entropy"] >= out["entropy"] - tol)
+        assert np.all(out["kl_divergence"] >= -1e-12)
+        assert np.all(out["js_divergence"] >= -1e-12)
