@@ -160,7 +160,8 @@ def row_stats(
             wd = xp.sum(d, axis=-1)
             wsum: Array | float = float(num)
         else:
-            wd = xp.sum(xp.where(weight == 0, xp.zeros_like(d), weight * d), axis=-1)
+            # 0 where w_k = 0, before the product: a masked class has m - z_k = inf
+            wd = xp.sum(weight * xp.where(weight == 0, xp.zeros_like(d), d), axis=-1)
             wsum = xp.sum(weight)
     else:
         wd, wsum = xp.zeros_like(m), 0.0
