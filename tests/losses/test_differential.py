@@ -443,3 +443,24 @@ def test_smoothing_over_a_zero_weight_masked_class_gives_no_warning(
     assert np.all(np.isfinite(g))
     np.testing.assert_array_equal(g[0, 0], 0.0)
     np.testing.assert_array_equal(g[1, 2], 0.0)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_autodiff_of_an_ignored_row_with_a_masked_class_under_focal_smoothing(gamma: float) -> None:
+    """Focal loss with smoothing goes class by class: an ignored row's smoothing term on a
+    masked class is inf, dropped by a ``where`` whose zero cotangent met the infinite
+    derivative: jax.grad gave a NaN gradient row for an ignored row."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    jnp = jax.numpy
+    x = np.array([[0.5, -_INF, 1.0], [0.0, 1.0, 2.0]])
+    t = np.array([-100, 2])
+    opts = {"from_logits": True, "ignore_index": -100, "label_smoothing": 0.1, "gamma": gamma}
+
+    def loss(a: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(a, jnp.asarray(t), **opts)
+
+    g = np.asarray(jax.grad(loss)(jnp.asarray(x)))
+    _, ref = ce.value_and_grad(ce.sparse_categorical_cross_entropy, x, t, **opts)
+    np.testing.assert_array_equal(g[0], 0.0)
+    np.testing.assert_allclose(g, ref, rtol=1e-10, atol=1e-14)

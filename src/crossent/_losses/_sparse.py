@@ -189,6 +189,12 @@ def _sparse_rows(
     eps = label_smoothing
     valid, label = _labels(target, ignore_index, xp=xp)
     w_y = _target_weight(weight, label, valid, dtype=z.dtype, xp=xp)
+    if kind == "logits" and ignore_index is not None:
+        # ignored rows read zeros: their terms are dropped below, and autodiff's zero cotangent
+        # must not meet the infinite term of a masked class (0 * inf = NaN in jax.grad)
+        z = xp.where(xp.expand_dims(valid, axis=-1), z, xp.zeros_like(z))
+        lse = xp.where(valid, lse, xp.zeros_like(lse))
+        lse_shift = None if lse_shift is None else xp.where(valid, lse_shift, xp.zeros_like(lse))
     terms_y = class_terms(_gather(z, label, xp=xp), lse, kind=kind, gamma=gamma, xp=xp)
     row = term_value((1 - eps) * w_y, terms_y, gamma, xp=xp)
     if eps > 0:
