@@ -105,12 +105,14 @@ def sparse(
     elif w is None:
         wd = -buf.sum(axis=-1)
     else:
-        wd = np.sum(np.where(w == 0, 0, w * -buf), axis=-1)
+        wd = np.sum(w * np.where(w == 0, 0, -buf), axis=-1)  # as _rows.row_stats: no 0 * inf
     np.exp(buf, out=buf)
     stats = _rows.RowStats(
         m=m, s=buf.sum(axis=-1), wd=wd, wsum=float(num_classes) if w is None else w.sum(),
         z_y=z[rows, label], finite=True,
     )  # fmt: skip
+    if valid is not None:
+        stats = _rows.stand_in_ignored(stats, valid, xp=np)
     if w is None:
         w_y: Any = 1.0 if valid is None else valid.astype(dtype)
     else:

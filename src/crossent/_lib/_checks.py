@@ -19,6 +19,7 @@ from crossent._lib._xp import (
     is_lazy,
     is_torch_tensor,
     known_true,
+    representable,
     size,
     stop_gradient,
 )
@@ -278,8 +279,13 @@ def check_label_range(
     """Labels must lie in [0, num_classes) unless they equal `ignore_index`."""
     if size(target) == 0 or not values_checked(target):
         return
-    bad = (target < 0) | (target >= num_classes)
-    if ignore_index is not None:
+    # no comparison with an int the dtype cannot hold (array-api-strict refuses it)
+    bad = target >= num_classes if representable(num_classes, target.dtype, xp=xp) else None
+    if xp.iinfo(target.dtype).min < 0:
+        bad = target < 0 if bad is None else (target < 0) | bad
+    if bad is None:
+        return
+    if ignore_index is not None and representable(ignore_index, target.dtype, xp=xp):
         bad = bad & (target != ignore_index)
     if known_true(xp.any(bad)):
         bad_values = target[bad]

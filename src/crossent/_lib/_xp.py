@@ -36,6 +36,7 @@ __all__ = [
     "logsumexp",
     "one_hot",
     "output_dtype",
+    "representable",
     "safe_divide",
     "size",
     "stop_gradient",
@@ -426,12 +427,24 @@ def take_along_axis(x: Array, indices: Array, *, axis: int, xp: Any) -> Array:
     return xp.sum(mask * x, axis=axis, keepdims=True)
 
 
+def representable(value: int, dtype: Any, *, xp: Any) -> bool:
+    """Whether the Python int `value` fits the integer `dtype`.
+
+    No element of such an array equals a `value` that does not fit (``-100`` and
+    ``uint8`` labels), and array-api-strict refuses to compare with one.
+    """
+    info = xp.iinfo(dtype)
+    return bool(info.min <= value <= info.max)
+
+
 def one_hot(labels: Array, num_classes: int, *, dtype: Any, axis: int = -1, xp: Any) -> Array:
     """One-hot encoding of integer `labels` with classes inserted at `axis`.
 
     Labels outside ``[0, num_classes)`` give an all-zero row.
     """
     classes = xp.arange(num_classes, device=device(labels))
+    if labels.dtype == xp.uint64:  # no integer type holds both uint64 and int64
+        labels = xp.astype(labels, classes.dtype)
     expanded = xp.expand_dims(labels, axis=-1) == classes
     out = xp.astype(expanded, dtype)
     ndim = out.ndim

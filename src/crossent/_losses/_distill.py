@@ -61,6 +61,7 @@ from crossent._lib._xp import (
     device,
     is_jax_namespace,
     is_torch_namespace,
+    representable,
 )
 from crossent._losses._common import reduce_loss
 
@@ -195,7 +196,7 @@ def _prepare(
                 f"got {tuple(target.shape)}. It only masks rows equal to `ignore_index`."
             )
             raise ValueError(msg)
-        if index is not None:
+        if index is not None and representable(index, target.dtype, xp=xp):
             counted = target != index
     return xp, s, t, counted, {**opts, "axis": ax}
 

@@ -77,6 +77,7 @@ derivative) — or the product of that with the hidden states, for fused losses.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,7 @@ __all__ = [
     "rebase",
     "row_loss",
     "row_stats",
+    "stand_in_ignored",
 ]
 
 
@@ -158,7 +160,8 @@ def row_stats(
             wd = xp.sum(d, axis=-1)
             wsum: Array | float = float(num)
         else:
-            wd = xp.sum(xp.where(weight == 0, xp.zeros_like(d), weight * d), axis=-1)
+            # 0 where w_k = 0, before the product: a masked class has m - z_k = inf
+            wd = xp.sum(weight * xp.where(weight == 0, xp.zeros_like(d), d), axis=-1)
             wsum = xp.sum(weight)
     else:
         wd, wsum = xp.zeros_like(m), 0.0
@@ -172,6 +175,17 @@ def row_stats(
         w_y = xp.reshape(xp.take(weight, xp.reshape(idx, (-1,))), idx.shape)
         w_y = xp.where(inside, w_y, xp.zeros_like(w_y))
     return RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y, w_y=w_y)
+
+
+def stand_in_ignored(stats: RowStats, counted: Array, *, xp: Any) -> RowStats:
+    r"""`stats` with the row max as the target logit of the rows not `counted` (ignored).
+
+    An ignored row reads a stand-in label (0) whose logit may be ``-inf`` (a masked class):
+    its :math:`-\log p_y = \infty` times its target weight 0 is NaN, masked afterwards but
+    with a NumPy warning on the way. The row max gives the finite :math:`\log s` instead.
+    """
+    z_y = xp.where(counted, stats.z_y, stats.m)
+    return dataclasses.replace(stats, z_y=z_y)
 
 
 def rebase(st: RowStats, m: Array, *, xp: Any) -> RowStats:
@@ -326,20 +340,34 @@ def _focal(
             f = em1 * em1
             if not slope:
                 return f, None
-            return f, em1 * _plus_product(em1, 2.0, xp.exp(minus), minus, xp=xp)
+            p, log_p_safe = _p_and_log_p(minus, xp=xp)
+            return f, em1 * _plus_product(em1, 2.0, p, log_p_safe, xp=xp)
         one_m = -em1
         if not slope:
             return one_m**gamma, None
         f1 = one_m ** (gamma - 1)  # (1 - p)^(gamma - 1) ((1 - p) - gamma p log p)
-        return f1 * one_m, f1 * _plus_product(one_m, -gamma, xp.exp(minus), minus, xp=xp)
+        p, log_p_safe = _p_and_log_p(minus, xp=xp)
+        return f1 * one_m, f1 * _plus_product(one_m, -gamma, p, log_p_safe, xp=xp)
     one_m = -em1
     f = focal_factor(one_m, gamma, log=False, xp=xp) if autodiff else one_m**gamma
     if not slope:
         return f, None
     certain = one_m == 0
     safe = xp.where(certain, xp.ones_like(one_m), one_m)
-    q = xp.where(certain, xp.zeros_like(nll), xp.exp(minus) * nll / safe)
+    p, log_p_safe = _p_and_log_p(minus, xp=xp)
+    q = xp.where(certain, xp.zeros_like(nll), p * -log_p_safe / safe)
     return f, f * (1 + gamma * q)
+
+
+def _p_and_log_p(log_p: Array, *, xp: Any) -> tuple[Array, Array]:
+    r"""(:math:`p`, :math:`\log p` where :math:`p > 0` and 0 where :math:`p = 0`).
+
+    Their product is :math:`p \log p` with its limit :math:`0 \cdot \log 0 = 0`: a target
+    with a ``-inf`` logit (an ignored row's stand-in label on a masked class) gets the
+    finite focal slope instead of ``0 * -inf = NaN``. NaN stays NaN.
+    """
+    p = xp.exp(log_p)
+    return p, xp.where(p == 0, xp.zeros_like(log_p), log_p)
 
 
 def focal_terms(

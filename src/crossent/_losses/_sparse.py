@@ -40,6 +40,7 @@ from crossent._lib._xp import (
     is_torch_tensor,
     logsumexp,
     output_dtype,
+    representable,
     safe_divide,
     take_along_axis,
 )
@@ -136,7 +137,7 @@ def _check_labels(
 
 def _labels(target: Array, ignore_index: int | None, *, xp: Any) -> tuple[Array, Array]:
     """(counted, safe label): ignored labels become 0 so that gathers stay in range."""
-    if ignore_index is None:
+    if ignore_index is None or not representable(ignore_index, target.dtype, xp=xp):
         return xp.ones(target.shape, dtype=xp.bool, device=device(target)), target
     valid = target != ignore_index
     return valid, xp.where(valid, target, xp.zeros_like(target))
@@ -188,6 +189,12 @@ def _sparse_rows(
     eps = label_smoothing
     valid, label = _labels(target, ignore_index, xp=xp)
     w_y = _target_weight(weight, label, valid, dtype=z.dtype, xp=xp)
+    if kind == "logits" and ignore_index is not None:
+        # ignored rows read zeros: their terms are dropped below, and autodiff's zero cotangent
+        # must not meet the infinite term of a masked class (0 * inf = NaN in jax.grad)
+        z = xp.where(xp.expand_dims(valid, axis=-1), z, xp.zeros_like(z))
+        lse = xp.where(valid, lse, xp.zeros_like(lse))
+        lse_shift = None if lse_shift is None else xp.where(valid, lse_shift, xp.zeros_like(lse))
     terms_y = class_terms(_gather(z, label, xp=xp), lse, kind=kind, gamma=gamma, xp=xp)
     row = term_value((1 - eps) * w_y, terms_y, gamma, xp=xp)
     if eps > 0:
@@ -491,6 +498,8 @@ def _statistics(
     valid, label = _labels(target, opts.ignore_index, xp=xp)
     w_y = _target_weight(w, label, valid, dtype=z.dtype, xp=xp)
     stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, xp=xp)
+    if opts.ignore_index is not None:
+        stats = _rows.stand_in_ignored(stats, valid, xp=xp)
     total = float(z.shape[-1]) if w is None else xp.sum(w)
     return stats, valid, w_y, total
 
