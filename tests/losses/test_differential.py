@@ -60,16 +60,19 @@ def test_an_ignored_row_on_a_masked_class_gives_no_warning(
     np.testing.assert_allclose(g[1:2], ref_grad, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize(
+    ("gamma", "z_loss"), [(0.5, 0.0), (1.0, 0.0), (2.0, 0.0), (3.0, 0.0), (0.0, 0.1), (2.0, 0.1)]
+)
 def test_focal_gradient_of_an_ignored_row_on_a_masked_class_is_zero_under_autograd(
-    gamma: float,
+    gamma: float, z_loss: float
 ) -> None:
     """PyTorch's executor reads -log p_y from ``log_softmax`` (inf at a masked stand-in label):
-    the focal slope's p log p was 0 * -inf = NaN, a NaN gradient row for an ignored row."""
+    the focal slope's p log p was 0 * -inf = NaN, and the z-loss's log-sum-exp z_y - log p_y
+    was -inf - (-inf) = NaN: a NaN gradient row for an ignored row."""
     torch = pytest.importorskip("torch")
     x = torch.tensor([[-_INF, 1.0, 2.0], [0.0, 1.0, 2.0]], dtype=torch.float64)
     t = torch.tensor([-100, 2])
-    opts = {"from_logits": True, "ignore_index": -100, "gamma": gamma}
+    opts = {"from_logits": True, "ignore_index": -100, "gamma": gamma, "z_loss": z_loss}
     leaf = x.clone().requires_grad_(True)
     ce.sparse_categorical_cross_entropy(leaf, t, **opts).backward()
     _, ref_grad = ce.value_and_grad(

@@ -179,6 +179,19 @@ def _pass(
     return row, g
 
 
+def _lse(z: Tensor, col: Tensor, nll_y: Tensor) -> Tensor:
+    """The rows' log-sum-exp ``(n, 1)`` (the z-loss's L) as z_y + (−log p_y), the log-sum-exp
+    itself where the column read is a masked class (z_y = −inf: an ignored row's stand-in
+    label, whose −inf − (−inf) made the row's gradient NaN). On the CPU only rows that need
+    it pay for it (one host read of a column); elsewhere every row, without a sync."""
+    z_y = z.gather(1, col)
+    out = z_y + nll_y
+    masked = z_y == -math.inf
+    if not z.is_cpu or bool(masked.any()):
+        out = torch.where(masked, torch.logsumexp(z, 1, keepdim=True), out)
+    return out
+
+
 def _chunk(
     x: Tensor,
     label: Tensor,
@@ -204,7 +217,7 @@ def _chunk(
     eps, gamma = opts.label_smoothing, opts.gamma
     if scale is None and eps == 0:  # the loss only: -log p_y from F.cross_entropy's kernel
         nll_y = _NLL(z, label, None, 0, _NO_IGNORE, 0.0)
-        big_l = z.gather(1, label.unsqueeze(1)).view(-1).add_(nll_y) if opts.z_loss != 0 else None
+        big_l = _lse(z, label.unsqueeze(1), nll_y.unsqueeze(1)).view(-1) if opts.z_loss else None
         wy0: Any = 1.0 if w_y is None else w_y
         row, _ = _rows.loss_and_coefficients(
             big_l, nll_y, None, None, wy0, num_classes, opts, autodiff=False, xp=torch
@@ -214,7 +227,7 @@ def _chunk(
     lp = torch.log_softmax(z, 1)
     lp_y = lp.gather(1, col)  # (n, 1): the columns the gradient is written with
     nll_y = lp_y.neg()
-    big_l = z.gather(1, col).sub_(lp_y) if opts.z_loss != 0 else None
+    big_l = _lse(z, col, nll_y) if opts.z_loss != 0 else None
     w_row = None if w is None else w.unsqueeze(0)
     smooth: Any = None
     slope: Any = None
