@@ -180,16 +180,17 @@ def _pass(
 
 
 def _lse(z: Tensor, col: Tensor, nll_y: Tensor) -> Tensor:
-    """The rows' log-sum-exp ``(n, 1)`` (the z-loss's L) as z_y + (−log p_y), the log-sum-exp
-    itself where the column read is a masked class (z_y = −inf: an ignored row's stand-in
-    label, whose −inf − (−inf) made the row's gradient NaN). On the CPU only rows that need
-    it pay for it (one host read of a column); elsewhere every row, without a sync."""
-    z_y = z.gather(1, col)
-    out = z_y + nll_y
-    masked = z_y == -math.inf
-    if not z.is_cpu or bool(masked.any()):
-        out = torch.where(masked, torch.logsumexp(z, 1, keepdim=True), out)
-    return out
+    """The rows' log-sum-exp ``(n, 1)`` (the z-loss's L) as z_y + (−log p_y), 0 where that
+    is NaN.
+
+    z_y + (−log p_y) is −inf + inf = NaN where the column read is a masked class: an
+    ignored row's stand-in label (its coefficients are 0, so any finite L serves, and the
+    NaN made the row's gradient NaN), or a counted label on a masked class (its loss is
+    +inf through −log p_y whatever L is). A row holding NaN has −log p_y NaN: its loss and
+    gradient stay NaN through the log-probability terms. One operation, no host read.
+    """
+    out = z.gather(1, col).add_(nll_y)
+    return torch.nan_to_num_(out, nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 def _chunk(
