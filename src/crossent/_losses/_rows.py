@@ -367,7 +367,9 @@ def _p_and_log_p(log_p: Array, *, xp: Any) -> tuple[Array, Array]:
     finite focal slope instead of ``0 * -inf = NaN``. NaN stays NaN.
     """
     p = xp.exp(log_p)
-    return p, xp.where(p == 0, xp.zeros_like(log_p), log_p)
+    # -inf raised to the most negative finite number: p times it is 0 where p = 0 (one
+    # operation; clip keeps NaN)
+    return p, xp.clip(log_p, min=float(xp.finfo(log_p.dtype).min))
 
 
 def focal_terms(
