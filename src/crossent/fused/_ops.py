@@ -218,12 +218,26 @@ def linear_ce_compiled(
     opts: LinearCEOptions,
 ) -> torch.Tensor:
     """The loss of 2-d `hidden`, 1-d `target` through the custom op (traceable)."""
+    middle = (target, class_weight)
+    return _loss_through(_linear_ce_op, "linear_cross_entropy", hidden, weight, bias, middle, opts)
+
+
+def _loss_through(
+    op: Any,
+    name: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    middle: tuple[Any, ...],
+    opts: Any,
+) -> torch.Tensor:
+    """The loss from a loss op (``op(hidden, weight, bias, *middle, row_scale, options,
+    needs)``): under a ``torch.func`` transform through :class:`_FuncLoss`, else the op with
+    its gradients formed for what requires them."""
     if _under_func():
-        rest = (target, class_weight, _encode(opts), "linear_cross_entropy", _linear_ce_op)
-        return _FuncLoss.apply(hidden, weight, bias, *rest)
+        return _FuncLoss.apply(hidden, weight, bias, *middle, _encode(opts), name, op)
     needs = _needs(hidden, weight, bias)
-    args = (hidden, weight, bias, target, class_weight, None, _encode(opts), needs)
-    loss: torch.Tensor = _linear_ce_op(*args)[0]
+    loss: torch.Tensor = op(hidden, weight, bias, *middle, None, _encode(opts), needs)[0]
     return loss
 
 
@@ -384,13 +398,9 @@ def linear_distill_compiled(
     opts: DistillOptions,
 ) -> torch.Tensor:
     """The distillation loss of 2-d `hidden` through the custom op (traceable)."""
-    if _under_func():
-        rest = (*teacher, counted, _encode(opts), "linear_distillation_loss", _distill_op)
-        return _FuncLoss.apply(hidden, weight, bias, *rest)
-    needs = _needs(hidden, weight, bias)
-    args = (hidden, weight, bias, *teacher, counted, None, _encode(opts), needs)
-    loss: torch.Tensor = _distill_op(*args)[0]
-    return loss
+    middle = (*teacher, counted)
+    name = "linear_distillation_loss"
+    return _loss_through(_distill_op, name, hidden, weight, bias, middle, opts)
 
 
 # ----------------------------------------------------------------------------
