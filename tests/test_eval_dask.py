@@ -260,3 +260,16 @@ def test_evaluate_dask_on_repartitioned_text_columns(data: dict[str, Any]) -> No
     for a, b in zip(whole["groups"], split["groups"], strict=True):
         assert a["group"] == b["group"]
         assert_same_figures(a, b, rtol=0)
+
+
+def test_evaluate_dask_on_a_frame_without_rows_raises(data: dict[str, Any]) -> None:
+    # NaN figures came back where the command line exits 2 ("has no rows")
+    import dask
+
+    from crossent.metrics import evaluate_dask
+
+    frame = pd.DataFrame({"label": data["y"], **{n: data["p"][:, k] for k, n in enumerate(NAMES)}})
+    empty = dd.from_pandas(frame, npartitions=2)
+    empty = empty[empty["label"] < 0]
+    with dask.config.set(scheduler="sync"), pytest.raises(ValueError, match="`frame` has no rows"):
+        evaluate_dask(empty)

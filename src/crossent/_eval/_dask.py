@@ -198,8 +198,8 @@ def evaluate_dask(
     Raises
     ------
     ValueError
-        For a column that is missing or of the wrong kind, or a bad row (the
-        message names the partition and the row).
+        For a column that is missing or of the wrong kind, a bad row (the
+        message names the partition and the row), or a frame without rows.
 
     Notes
     -----
@@ -248,6 +248,9 @@ def evaluate_dask(
         (state,) = dask.compute(tree_merge(parts))
     except CLIError as exc:
         raise ValueError(str(exc)) from None
+    if state.count == 0:  # as `crossent eval` exits 2 on a table without rows
+        msg = "`frame` has no rows: there is nothing to score. Check the filter that made it."
+        raise ValueError(msg)
     if not plan.columns.classes:
         plan.columns.classes = [str(k) for k in range(state.overall.num_classes or 0)]
     return summarize_state(state, plan, file=None, format="dask")
