@@ -341,11 +341,8 @@ def _row_stats(
     if row_sum is None:
         hot = one_hot(y_safe, num_classes, dtype=probs.dtype, xp=xp)
         brier = xp.sum((probs - hot) ** 2, axis=-1)
-    else:  # NumPy: (p_k − 1[k = y])² in the layout of probs, p² but at the labels
-        sq = np.square(probs)
-        at = (np.arange(labels.size), labels)
-        sq[at] = np.square(probs[at] - 1)
-        brier = row_sum(sq)[:, 0]
+    else:
+        brier = _numpy_brier(probs, labels)
     # NaN in the row, or made from it (a logit of +inf: inf - inf); max propagates NaN
     nan = xp.any(xp.isnan(x), axis=-1) | xp.isnan(conf)
 
@@ -410,18 +407,13 @@ def _numpy_prob_rows(
         log_p_y = np.log(p_y)
     clamped = log_p_y < LOG_P_FLOOR
     log_p_y[clamped] = LOG_P_FLOOR
-    # (p_k − 1[k = y])²: p² everywhere, then the labels' entries (a view: d is contiguous
-    # in that order)
-    d = work_array("floats", (n, c), np.float64, order)  # used up before this returns
-    np.square(x, out=d)
-    d.ravel(order=order)[at] = np.square(p_y - 1)
     out = {
         "label": labels,
         "nll": np.asarray(-log_p_y, dtype=np.float64),
         "clamped": clamped,
         "pred": _column_argmax(x, conf, nan) if columns else x.argmax(axis=1).astype(np.int64),
         "conf": np.asarray(conf, dtype=np.float64),
-        "brier": np.asarray(_column_sum(d) if columns else d.sum(axis=1), dtype=np.float64),
+        "brier": _numpy_brier(x, labels, p_y),
         "nan": nan,
     }
     if need_probs:
@@ -465,22 +457,34 @@ def _numpy_logit_rows(
     probs = np.exp(log_p, out=e)  # e is used up
     conf = probs.max(axis=1)
     nan = np.zeros(n, dtype=np.bool_)
-    sq = work_array("floats", (n, c), np.float64, order)  # used up before this returns
-    np.square(probs, out=sq)
-    sq[rows, labels] = np.square(probs[rows, labels] - 1)
     out = {
         "label": labels,
         "nll": -log_p_y,
         "clamped": np.zeros(n, dtype=np.bool_),
         "pred": _column_argmax(x, m, nan) if order == "F" else x.argmax(axis=1),
         "conf": conf,
-        "brier": _numpy_row_sum(sq)[:, 0],
+        "brier": _numpy_brier(probs, labels),
         "nan": nan,
     }
     if need_probs:
         out["probs"] = probs
         out["probs_bounded"] = np.asarray(True)  # exponentials: each in [0, its row's max]
     return out
+
+
+def _numpy_brier(
+    probs: np.ndarray, labels: np.ndarray, p_y: np.ndarray | None = None
+) -> np.ndarray:
+    """Brier terms Σ_k (p_k − 1[k = y])² of NumPy rows in :func:`_numpy_row_sum`'s layout:
+    p² into the thread's work array "floats" (used up before this returns), the labels'
+    entries (`p_y`, when given, holds them) replaced, rows summed by :func:`_numpy_row_sum`."""
+    n, c = probs.shape
+    order: Literal["F", "C"] = "F" if c <= COLUMN_CLASSES else "C"
+    sq = work_array("floats", (n, c), probs.dtype, order)
+    np.square(probs, out=sq)
+    rows = np.arange(n)
+    sq[rows, labels] = np.square((probs[rows, labels] if p_y is None else p_y) - 1)
+    return _numpy_row_sum(sq)[:, 0]
 
 
 def _numpy_row_sum(x: np.ndarray) -> np.ndarray:
