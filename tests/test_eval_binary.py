@@ -150,6 +150,9 @@ def test_cli_binary_report(tmp_path: Path) -> None:
     page = Path(out["report"]).read_text()
     assert "positive rate" in page
     assert "mean P(label = 1)" in page
+    # the figures bin P(label = 1): their captions said "top-label confidence"
+    assert "top-label" not in page
+    assert "Histogram of P(label = 1)" in page
 
 
 def test_binary_labels_that_are_not_0_or_1_are_refused_not_truncated() -> None:

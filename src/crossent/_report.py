@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FIGURES", "summarize", "write_report"]
+__all__ = ["BINARY_FIGURES", "FIGURES", "summarize", "write_report"]
 
 #: file name -> caption of every figure the report writes
 FIGURES = {
@@ -27,6 +27,12 @@ FIGURES = {
     "confidence.png": "Histogram of top-label confidence",
     "per_class.png": "Cross-entropy per true class (bits)",
     "groups.png": "Log loss per group, in the groups' order (bits)",
+}
+
+#: the captions that differ for binary predictions (the figures bin P(label = 1))
+BINARY_FIGURES = {
+    "reliability.png": "Reliability diagram (P(label = 1), equal-width bins)",
+    "confidence.png": "Histogram of P(label = 1)",
 }
 
 
@@ -130,7 +136,8 @@ def _reliability_png(reliability: dict[str, np.ndarray], summary: dict[str, Any]
     ax.plot(
         [0, 1], [0, 1], linestyle="--", color="#333333", linewidth=1, label="perfect calibration"
     )
-    ax.plot(conf[seen], acc[seen], "o", color="#1f1f1f", markersize=3, label="bin mean confidence")
+    mean_name = "bin mean P(label = 1)" if summary.get("binary") else "bin mean confidence"
+    ax.plot(conf[seen], acc[seen], "o", color="#1f1f1f", markersize=3, label=mean_name)
     for x, n in zip(centers[seen], count[seen], strict=True):
         ax.annotate(
             f"{n:,}",
@@ -171,15 +178,19 @@ def _confidence_png(reliability: dict[str, np.ndarray], summary: dict[str, Any])
     mean_conf = (
         float(np.sum(reliability["confidence"][seen] * count[seen]) / total) if total else math.nan
     )
-    accuracy = summary.get("accuracy")
-    ax.axvline(mean_conf, color="#C44E52", linestyle="--", label=f"mean confidence {mean_conf:.3f}")
-    if isinstance(accuracy, float) and math.isfinite(accuracy):
-        ax.axvline(accuracy, color="#333333", linestyle=":", label=f"accuracy {accuracy:.3f}")
-    ax.set_xlim(0, 1)
     binary = bool(summary.get("binary"))
+    # binary: P(label = 1) against the share of label 1; otherwise confidence against accuracy
+    mean_name, observed_name = ("mean P(label = 1)", "positive rate") if binary else (
+        "mean confidence", "accuracy")  # fmt: skip
+    observed = summary.get("positive_rate" if binary else "accuracy")
+    ax.axvline(mean_conf, color="#C44E52", linestyle="--", label=f"{mean_name} {mean_conf:.3f}")
+    if isinstance(observed, float) and math.isfinite(observed):
+        label = f"{observed_name} {observed:.3f}"
+        ax.axvline(observed, color="#333333", linestyle=":", label=label)
+    ax.set_xlim(0, 1)
     ax.set_xlabel("P(label = 1)" if binary else "confidence (top-label probability)")
     ax.set_ylabel("share of predictions")
-    ax.set_title("Confidence histogram")
+    ax.set_title("Histogram of P(label = 1)" if binary else "Confidence histogram")
     ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.grid(alpha=0.25, axis="y")
     return _png(fig)
@@ -299,10 +310,11 @@ def write_report(
     for name, data in images.items():
         (directory / name).write_bytes(data)
 
+    captions = FIGURES | (BINARY_FIGURES if summary.get("binary") else {})
     figures = "\n".join(
-        f'<figure><img alt="{html.escape(FIGURES[name])}" '
+        f'<figure><img alt="{html.escape(captions[name])}" '
         f'src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
-        f"<figcaption>{html.escape(FIGURES[name])} &middot; PNG file: "
+        f"<figcaption>{html.escape(captions[name])} &middot; PNG file: "
         f'<a href="{name}">{name}</a></figcaption></figure>'
         for name, data in images.items()
     )
