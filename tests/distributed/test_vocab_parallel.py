@@ -150,3 +150,25 @@ def test_gradcheck_on_a_group_of_one(reduction: str, one_rank_group: Any) -> Non
         ),
         (hidden, proj, bias),
     )
+
+
+@pytest.mark.parametrize("options", [{}, {"softcap": 2.0, "label_smoothing": 0.1}])
+def test_strided_local_logits(options: dict[str, Any], one_rank_group: Any) -> None:
+    """A transposed (column-major) slice of logits: the in-place softmax of the core read
+    values it had already overwritten (loss 1.36 off, gradient rows not summing to 0)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, generator=g, dtype=torch.float64).T.requires_grad_(True)
+    assert not logits.is_contiguous()
+    target = torch.tensor([0, 3, 1, 2, 2])
+    got = vocab_parallel_cross_entropy(logits, target, reduction="none", **options)
+    want = ce.sparse_categorical_cross_entropy(
+        logits.detach().contiguous(), target, from_logits=True, reduction="none", **options
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    (grad,) = torch.autograd.grad((got * torch.arange(5.0, dtype=torch.float64)).sum(), logits)
+    x = logits.detach().contiguous().requires_grad_(True)
+    loss = ce.sparse_categorical_cross_entropy(
+        x, target, from_logits=True, reduction="none", **options
+    )
+    (want_grad,) = torch.autograd.grad((loss * torch.arange(5.0, dtype=torch.float64)).sum(), x)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-13)

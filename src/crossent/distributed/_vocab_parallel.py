@@ -162,11 +162,13 @@ def _slice_spec(
 def _logits(
     local_logits: torch.Tensor, layout: Layout, opts: Options, dtype: torch.dtype
 ) -> torch.Tensor:
-    """A fresh ``(N, V_r)`` buffer of the (soft-capped) logits in `dtype`, for the core."""
+    """A fresh contiguous ``(N, V_r)`` buffer of the (soft-capped) logits in `dtype`, for the
+    core (whose in-place passes assume the layout of its own buffers), whatever the strides
+    of `local_logits` (a transposed or sliced view)."""
     x = local_logits.reshape(-1, layout.local_vocab)
     if opts.softcap is not None:
-        return softcap_logits(x.to(dtype), opts.softcap, xp=torch)
-    return x.to(dtype, copy=True)
+        return softcap_logits(x.to(dtype).contiguous(), opts.softcap, xp=torch)
+    return x.to(dtype, copy=True, memory_format=torch.contiguous_format)
 
 
 def _labels(target: torch.Tensor, opts: Options) -> tuple[torch.Tensor, torch.Tensor]:
