@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -171,4 +172,41 @@ def test_strided_local_logits(options: dict[str, Any], one_rank_group: Any) -> N
         x, target, from_logits=True, reduction="none", **options
     )
     (want_grad,) = torch.autograd.grad((loss * torch.arange(5.0, dtype=torch.float64)).sum(), x)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-13)
+
+
+def test_transforms_give_a_clear_error(one_rank_group: Any) -> None:
+    """torch.func raised "must override the setup_context staticmethod" (the unfused loss),
+    torch.compile(fullgraph=True) "does not know how to trace the builtin zlib.crc32"."""
+    from crossent.distributed import vocab_parallel_linear_cross_entropy
+
+    logits = torch.randn(3, 4, dtype=torch.float64)
+    target = torch.tensor([0, 3, -100])
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(x, target, label_smoothing=0.1)
+
+    for transform in (torch.func.grad, torch.func.vmap):
+        with pytest.raises(RuntimeError, match="vocab_parallel_cross_entropy does not support"):
+            transform(loss)(logits[None] if transform is torch.func.vmap else logits)
+    with pytest.raises(RuntimeError, match=r"linear_cross_entropy does not support torch\.func"):
+        torch.func.grad(lambda h: vocab_parallel_linear_cross_entropy(h, logits, target))(
+            torch.randn(3, 3, dtype=torch.float64)
+        )
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"cannot be traced by torch\.compile") as info:
+        torch.compile(loss, fullgraph=True, backend="eager")(logits)
+    assert "zlib" not in str(info.value)
+    # without fullgraph: graph breaks (Dynamo warns about what it cannot trace), the call
+    # runs eagerly, the numbers are right
+    x = logits.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torch.compile(loss, backend="eager")(x)
+    (grad,) = torch.autograd.grad(got, x)
+    want = ce.sparse_categorical_cross_entropy(
+        x, target, from_logits=True, label_smoothing=0.1, ignore_index=-100
+    )
+    (want_grad,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-13)

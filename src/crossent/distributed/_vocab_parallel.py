@@ -111,6 +111,32 @@ def local_class_weight(
     return weight.to(dtype)
 
 
+def refuse_transforms(caller: str) -> None:
+    """Raise a clear error under ``torch.compile`` / ``torch.export`` and ``torch.func``.
+
+    The call exchanges a header with ``all_gather`` and reads it on the host, and its
+    autograd Functions have no ``setup_context``: neither traces. Without this, Dynamo
+    reported "does not know how to trace the builtin zlib.crc32" (``fullgraph=True``) and
+    ``torch.func.grad`` "must override the setup_context staticmethod". Without
+    ``fullgraph=True`` the error is a graph break: the call then runs eagerly, correctly.
+    """
+    if torch.compiler.is_compiling():
+        msg = (
+            f"{caller} cannot be traced by torch.compile(fullgraph=True) or torch.export: it "
+            "exchanges a header between the ranks and checks it on the host. Call it outside "
+            "the compiled function, or compile without fullgraph=True (it then runs eagerly "
+            "at a graph break)."
+        )
+        raise RuntimeError(msg)
+    if torch._C._are_functorch_transforms_active():
+        msg = (
+            f"{caller} does not support torch.func transforms (grad, vmap, jacrev): "
+            "differentiate it with autograd (loss.backward()), or use the single-process "
+            "loss on the whole vocabulary."
+        )
+        raise RuntimeError(msg)
+
+
 def setup(
     *,
     caller: str,
@@ -127,6 +153,7 @@ def setup(
     A local error does not raise at once: it travels in the handshake, so that
     every rank stops (see :func:`crossent.distributed._comm.agree`).
     """
+    refuse_transforms(caller)
     group = group_of(group, caller=caller)
     error: Exception | None = None
     opts: Any = None
