@@ -210,3 +210,20 @@ def test_transforms_give_a_clear_error(one_rank_group: Any) -> None:
     (want_grad,) = torch.autograd.grad(want, x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-13)
+
+
+def test_autocast_returns_float32(one_rank_group: Any) -> None:
+    """Under torch.autocast a bfloat16 loss came back in bfloat16 (2.4375 where the
+    single-process loss and F.cross_entropy give float32 2.44043)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5, generator=g).to(torch.bfloat16).requires_grad_(True)
+    target = torch.tensor([0, 1, 2, 3, 4, -100])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vocab_parallel_cross_entropy(logits, target)
+        want = torch.nn.functional.cross_entropy(logits, target)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad(got, logits)
+    assert grad.dtype == torch.bfloat16
+    (want_grad,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(grad, want_grad)

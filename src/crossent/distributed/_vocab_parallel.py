@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from crossent._lib._checks import values_checked
+from crossent._lib._xp import output_dtype
 from crossent._losses._logprob import softcap_backward, softcap_logits
 from crossent.distributed._comm import (
     Layout,
@@ -234,6 +235,7 @@ class _VocabParallelCE(torch.autograd.Function):
         weight: torch.Tensor | None,
         layout: Layout,
         opts: Options,
+        out_dtype: torch.dtype,
     ) -> torch.Tensor:
         t = target.reshape(-1).to(torch.int64)
         dtype = compute_dtype(local_logits.dtype)
@@ -255,7 +257,7 @@ class _VocabParallelCE(torch.autograd.Function):
             )
         ctx.save_for_backward(local_logits, t, denominator)
         ctx.layout, ctx.opts, ctx.spec, ctx.merged = layout, opts, spec, merged
-        return loss.to(local_logits.dtype)
+        return loss.to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -272,7 +274,8 @@ class _VocabParallelCE(torch.autograd.Function):
         if opts.softcap is not None:
             x = local_logits.reshape(-1, layout.local_vocab).to(denominator.dtype)
             grad = softcap_backward(x, opts.softcap, grad, xp=torch)
-        return grad.to(local_logits.dtype).reshape(local_logits.shape), None, None, None, None
+        grad = grad.to(local_logits.dtype).reshape(local_logits.shape)
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -327,7 +330,8 @@ def vocab_parallel_cross_entropy(
     -------
     torch.Tensor
         The loss in the dtype of `local_logits` (float16/bfloat16 are computed in
-        float32): 0-d for ``"mean"`` and ``"sum"``, the shape of `target` for
+        float32, and returned in float32 under :func:`torch.autocast`, as the
+        single-process loss): 0-d for ``"mean"`` and ``"sum"``, the shape of `target` for
         ``"none"``; identical on every rank.
 
     Raises
@@ -428,5 +432,9 @@ def vocab_parallel_cross_entropy(
         checks=checks,
         signature=(str(local_logits.dtype) if isinstance(local_logits, torch.Tensor) else None,),
     )
-    out: torch.Tensor = _VocabParallelCE.apply(local_logits, target, weight, layout, opts)
+    # float32 for float16/bfloat16 under torch.autocast, as the single-process loss
+    out_dtype = output_dtype(local_logits, xp=torch)
+    out: torch.Tensor = _VocabParallelCE.apply(
+        local_logits, target, weight, layout, opts, out_dtype
+    )
     return out
