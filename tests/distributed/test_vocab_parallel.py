@@ -227,3 +227,14 @@ def test_autocast_returns_float32(one_rank_group: Any) -> None:
     assert grad.dtype == torch.bfloat16
     (want_grad,) = torch.autograd.grad(want, logits)
     torch.testing.assert_close(grad, want_grad)
+
+
+def test_double_backward_raises(one_rank_group: Any) -> None:
+    """create_graph=True gave a gradient without a graph: (g * x).sum().backward() then
+    returned g alone as d/dx, a wrong second-order term (-0.144 where the single-process
+    loss gives -0.033), instead of an error."""
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, 1])
+    loss = vocab_parallel_cross_entropy(x, target, label_smoothing=0.1)
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        torch.autograd.grad(loss, x, create_graph=True)

@@ -260,8 +260,15 @@ class _VocabParallelCE(torch.autograd.Function):
         return loss.to(out_dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
+        if torch.is_grad_enabled():  # create_graph=True: the gradient below is not traced
+            msg = (
+                f"{_CALLER} has no second derivative: its backward pass forms the gradient "
+                "from saved row statistics, outside autograd. Differentiate it once (no "
+                "create_graph=True / double backward), or use the single-process loss on the "
+                "whole logits for higher-order gradients."
+            )
+            raise RuntimeError(msg)
         local_logits, t, denominator = ctx.saved_tensors
         layout, opts, spec, merged = ctx.layout, ctx.opts, ctx.spec, ctx.merged
         counted, label = _labels(t, opts)
@@ -337,7 +344,10 @@ def vocab_parallel_cross_entropy(
     Raises
     ------
     RuntimeError
-        If torch.distributed has no initialized process group.
+        If torch.distributed has no initialized process group; under
+        ``torch.func`` transforms and ``torch.compile(fullgraph=True)`` (without
+        ``fullgraph`` the call runs eagerly at a graph break); on a second
+        differentiation (``create_graph=True``): the gradient is formed outside autograd.
     TypeError, ValueError
         On a bad call, raised on **every** rank (no rank is left waiting in a
         collective): the rank whose arguments are wrong raises its own error,
