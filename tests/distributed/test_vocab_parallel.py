@@ -238,3 +238,15 @@ def test_double_backward_raises(one_rank_group: Any) -> None:
     loss = vocab_parallel_cross_entropy(x, target, label_smoothing=0.1)
     with pytest.raises(RuntimeError, match="has no second derivative"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_nan_class_weight_propagates_to_the_mean(one_rank_group: Any) -> None:
+    """A NaN class weight of a counted target gave a mean of 0 (NaN > 0 is False, the
+    'no counted target' branch), where the single-process loss and F.cross_entropy give NaN."""
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    target = torch.tensor([0, 4, 2, -100])
+    weight = torch.tensor([float("nan"), 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    loss = vocab_parallel_cross_entropy(logits, target, weight=weight)
+    want = torch.nn.functional.cross_entropy(logits, target, weight=weight)
+    assert torch.isnan(want)
+    assert torch.isnan(loss)

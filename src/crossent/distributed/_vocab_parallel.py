@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from crossent._lib._checks import values_checked
-from crossent._lib._xp import output_dtype
+from crossent._lib._xp import output_dtype, safe_divide
 from crossent._losses._logprob import softcap_backward, softcap_logits
 from crossent.distributed._comm import (
     Layout,
@@ -213,7 +213,7 @@ def _row_scale(
     """d(reduced loss)/d(row loss) times the upstream gradient, one value per row."""
     g = grad_output.to(denominator.dtype)
     if reduction == "mean":
-        g = torch.where(denominator > 0, g / torch.where(denominator > 0, denominator, 1), 0)
+        g = safe_divide(g, denominator, xp=torch)  # NaN weights propagate; 0 only at 0
     return g.reshape(-1).expand(n) if reduction != "none" else g.reshape(-1)
 
 
@@ -252,9 +252,7 @@ class _VocabParallelCE(torch.autograd.Function):
         elif opts.reduction == "sum":
             loss = row.sum()
         else:
-            loss = torch.where(
-                denominator > 0, row.sum() / torch.where(denominator > 0, denominator, 1), 0
-            )
+            loss = safe_divide(row.sum(), denominator, xp=torch)
         ctx.save_for_backward(local_logits, t, denominator)
         ctx.layout, ctx.opts, ctx.spec, ctx.merged = layout, opts, spec, merged
         return loss.to(out_dtype)
