@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -150,3 +151,102 @@ def test_gradcheck_on_a_group_of_one(reduction: str, one_rank_group: Any) -> Non
         ),
         (hidden, proj, bias),
     )
+
+
+@pytest.mark.parametrize("options", [{}, {"softcap": 2.0, "label_smoothing": 0.1}])
+def test_strided_local_logits(options: dict[str, Any], one_rank_group: Any) -> None:
+    """A transposed (column-major) slice of logits: the in-place softmax of the core read
+    values it had already overwritten (loss 1.36 off, gradient rows not summing to 0)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, generator=g, dtype=torch.float64).T.requires_grad_(True)
+    assert not logits.is_contiguous()
+    target = torch.tensor([0, 3, 1, 2, 2])
+    got = vocab_parallel_cross_entropy(logits, target, reduction="none", **options)
+    want = ce.sparse_categorical_cross_entropy(
+        logits.detach().contiguous(), target, from_logits=True, reduction="none", **options
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    (grad,) = torch.autograd.grad((got * torch.arange(5.0, dtype=torch.float64)).sum(), logits)
+    x = logits.detach().contiguous().requires_grad_(True)
+    loss = ce.sparse_categorical_cross_entropy(
+        x, target, from_logits=True, reduction="none", **options
+    )
+    (want_grad,) = torch.autograd.grad((loss * torch.arange(5.0, dtype=torch.float64)).sum(), x)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-13)
+
+
+def test_transforms_give_a_clear_error(one_rank_group: Any) -> None:
+    """torch.func raised "must override the setup_context staticmethod" (the unfused loss),
+    torch.compile(fullgraph=True) "does not know how to trace the builtin zlib.crc32"."""
+    from crossent.distributed import vocab_parallel_linear_cross_entropy
+
+    logits = torch.randn(3, 4, dtype=torch.float64)
+    target = torch.tensor([0, 3, -100])
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(x, target, label_smoothing=0.1)
+
+    for transform in (torch.func.grad, torch.func.vmap):
+        with pytest.raises(RuntimeError, match="vocab_parallel_cross_entropy does not support"):
+            transform(loss)(logits[None] if transform is torch.func.vmap else logits)
+    with pytest.raises(RuntimeError, match=r"linear_cross_entropy does not support torch\.func"):
+        torch.func.grad(lambda h: vocab_parallel_linear_cross_entropy(h, logits, target))(
+            torch.randn(3, 3, dtype=torch.float64)
+        )
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"cannot be traced by torch\.compile") as info:
+        torch.compile(loss, fullgraph=True, backend="eager")(logits)
+    assert "zlib" not in str(info.value)
+    # without fullgraph: graph breaks (Dynamo warns about what it cannot trace), the call
+    # runs eagerly, the numbers are right
+    x = logits.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torch.compile(loss, backend="eager")(x)
+    (grad,) = torch.autograd.grad(got, x)
+    want = ce.sparse_categorical_cross_entropy(
+        x, target, from_logits=True, label_smoothing=0.1, ignore_index=-100
+    )
+    (want_grad,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-13)
+
+
+def test_autocast_returns_float32(one_rank_group: Any) -> None:
+    """Under torch.autocast a bfloat16 loss came back in bfloat16 (2.4375 where the
+    single-process loss and F.cross_entropy give float32 2.44043)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5, generator=g).to(torch.bfloat16).requires_grad_(True)
+    target = torch.tensor([0, 1, 2, 3, 4, -100])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vocab_parallel_cross_entropy(logits, target)
+        want = torch.nn.functional.cross_entropy(logits, target)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad(got, logits)
+    assert grad.dtype == torch.bfloat16
+    (want_grad,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_double_backward_raises(one_rank_group: Any) -> None:
+    """create_graph=True gave a gradient without a graph: (g * x).sum().backward() then
+    returned g alone as d/dx, a wrong second-order term (-0.144 where the single-process
+    loss gives -0.033), instead of an error."""
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, 1])
+    loss = vocab_parallel_cross_entropy(x, target, label_smoothing=0.1)
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_nan_class_weight_propagates_to_the_mean(one_rank_group: Any) -> None:
+    """A NaN class weight of a counted target gave a mean of 0 (NaN > 0 is False, the
+    'no counted target' branch), where the single-process loss and F.cross_entropy give NaN."""
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    target = torch.tensor([0, 4, 2, -100])
+    weight = torch.tensor([float("nan"), 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    loss = vocab_parallel_cross_entropy(logits, target, weight=weight)
+    want = torch.nn.functional.cross_entropy(logits, target, weight=weight)
+    assert torch.isnan(want)
+    assert torch.isnan(loss)

@@ -80,3 +80,48 @@ def test_sync_sums_the_states_of_all_ranks() -> None:
         assert brier == want["brier"]
         assert mass == want["ece_equal_mass"]
         assert ce2 == want["per_class"][2]["cross_entropy"]
+
+
+def _mismatch_worker(rank: int, world: int, payload: object) -> dict[str, object]:
+    """Each bad sync, then a good one (the group must still work)."""
+    from crossent.metrics import CalibrationError, CrossEntropy
+
+    def attempt(make: object) -> str | None:
+        try:
+            make().sync()  # type: ignore[operator]
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    logits, labels = torch.zeros(2, 3 + rank), torch.tensor([0, 1])
+    out: dict[str, object] = {
+        # rank 1 saw no batch: it raised alone, rank 0 waited in the all_reduce
+        "no_batch_on_rank_1": attempt(
+            lambda: (
+                CrossEntropy(input_kind="logits").update(logits[:, :3], labels)
+                if rank == 0
+                else CrossEntropy(input_kind="logits")
+            )
+        ),
+        # 3 and 4 classes: silently summed (merge() refuses it)
+        "classes_differ": attempt(lambda: CrossEntropy(input_kind="logits").update(logits, labels)),
+        # states of different sizes: gloo aborted the processes (SIGABRT)
+        "bins_differ": attempt(
+            lambda: CalibrationError(input_kind="logits", bins=10 + rank, num_classes=3)
+        ),
+    }
+    good = CrossEntropy(input_kind="logits").update(logits[:, :3], labels).sync()
+    out["after"] = good.count
+    return out
+
+
+def test_sync_mismatch_raises_on_every_rank() -> None:
+    from tests.distributed._harness import run_ranks
+
+    results = run_ranks(_mismatch_worker, 2, timeout=120)
+    for rank, res in enumerate(results):
+        assert res["after"] == 4
+        assert "rank(s) [1] have seen no batch" in str(res["no_batch_on_rank_1"])
+        for name in ("classes_differ", "bins_differ"):
+            assert "different metrics, settings or numbers of classes" in str(res[name]), rank
+        assert "[3, 4]" in str(res["classes_differ"])

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from crossent._lib._checks import values_checked
+from crossent._lib._xp import output_dtype, safe_divide
 from crossent._losses._logprob import softcap_backward, softcap_logits
 from crossent.distributed._comm import (
     Layout,
@@ -111,6 +112,32 @@ def local_class_weight(
     return weight.to(dtype)
 
 
+def refuse_transforms(caller: str) -> None:
+    """Raise a clear error under ``torch.compile`` / ``torch.export`` and ``torch.func``.
+
+    The call exchanges a header with ``all_gather`` and reads it on the host, and its
+    autograd Functions have no ``setup_context``: neither traces. Without this, Dynamo
+    reported "does not know how to trace the builtin zlib.crc32" (``fullgraph=True``) and
+    ``torch.func.grad`` "must override the setup_context staticmethod". Without
+    ``fullgraph=True`` the error is a graph break: the call then runs eagerly, correctly.
+    """
+    if torch.compiler.is_compiling():
+        msg = (
+            f"{caller} cannot be traced by torch.compile(fullgraph=True) or torch.export: it "
+            "exchanges a header between the ranks and checks it on the host. Call it outside "
+            "the compiled function, or compile without fullgraph=True (it then runs eagerly "
+            "at a graph break)."
+        )
+        raise RuntimeError(msg)
+    if torch._C._are_functorch_transforms_active():
+        msg = (
+            f"{caller} does not support torch.func transforms (grad, vmap, jacrev): "
+            "differentiate it with autograd (loss.backward()), or use the single-process "
+            "loss on the whole vocabulary."
+        )
+        raise RuntimeError(msg)
+
+
 def setup(
     *,
     caller: str,
@@ -127,6 +154,7 @@ def setup(
     A local error does not raise at once: it travels in the handshake, so that
     every rank stops (see :func:`crossent.distributed._comm.agree`).
     """
+    refuse_transforms(caller)
     group = group_of(group, caller=caller)
     error: Exception | None = None
     opts: Any = None
@@ -162,11 +190,13 @@ def _slice_spec(
 def _logits(
     local_logits: torch.Tensor, layout: Layout, opts: Options, dtype: torch.dtype
 ) -> torch.Tensor:
-    """A fresh ``(N, V_r)`` buffer of the (soft-capped) logits in `dtype`, for the core."""
+    """A fresh contiguous ``(N, V_r)`` buffer of the (soft-capped) logits in `dtype`, for the
+    core (whose in-place passes assume the layout of its own buffers), whatever the strides
+    of `local_logits` (a transposed or sliced view)."""
     x = local_logits.reshape(-1, layout.local_vocab)
     if opts.softcap is not None:
-        return softcap_logits(x.to(dtype), opts.softcap, xp=torch)
-    return x.to(dtype, copy=True)
+        return softcap_logits(x.to(dtype).contiguous(), opts.softcap, xp=torch)
+    return x.to(dtype, copy=True, memory_format=torch.contiguous_format)
 
 
 def _labels(target: torch.Tensor, opts: Options) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +213,7 @@ def _row_scale(
     """d(reduced loss)/d(row loss) times the upstream gradient, one value per row."""
     g = grad_output.to(denominator.dtype)
     if reduction == "mean":
-        g = torch.where(denominator > 0, g / torch.where(denominator > 0, denominator, 1), 0)
+        g = safe_divide(g, denominator, xp=torch)  # NaN weights propagate; 0 only at 0
     return g.reshape(-1).expand(n) if reduction != "none" else g.reshape(-1)
 
 
@@ -205,6 +235,7 @@ class _VocabParallelCE(torch.autograd.Function):
         weight: torch.Tensor | None,
         layout: Layout,
         opts: Options,
+        out_dtype: torch.dtype,
     ) -> torch.Tensor:
         t = target.reshape(-1).to(torch.int64)
         dtype = compute_dtype(local_logits.dtype)
@@ -221,16 +252,21 @@ class _VocabParallelCE(torch.autograd.Function):
         elif opts.reduction == "sum":
             loss = row.sum()
         else:
-            loss = torch.where(
-                denominator > 0, row.sum() / torch.where(denominator > 0, denominator, 1), 0
-            )
+            loss = safe_divide(row.sum(), denominator, xp=torch)
         ctx.save_for_backward(local_logits, t, denominator)
         ctx.layout, ctx.opts, ctx.spec, ctx.merged = layout, opts, spec, merged
-        return loss.to(local_logits.dtype)
+        return loss.to(out_dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
+        if torch.is_grad_enabled():  # create_graph=True: the gradient below is not traced
+            msg = (
+                f"{_CALLER} has no second derivative: its backward pass forms the gradient "
+                "from saved row statistics, outside autograd. Differentiate it once (no "
+                "create_graph=True / double backward), or use the single-process loss on the "
+                "whole logits for higher-order gradients."
+            )
+            raise RuntimeError(msg)
         local_logits, t, denominator = ctx.saved_tensors
         layout, opts, spec, merged = ctx.layout, ctx.opts, ctx.spec, ctx.merged
         counted, label = _labels(t, opts)
@@ -243,7 +279,8 @@ class _VocabParallelCE(torch.autograd.Function):
         if opts.softcap is not None:
             x = local_logits.reshape(-1, layout.local_vocab).to(denominator.dtype)
             grad = softcap_backward(x, opts.softcap, grad, xp=torch)
-        return grad.to(local_logits.dtype).reshape(local_logits.shape), None, None, None, None
+        grad = grad.to(local_logits.dtype).reshape(local_logits.shape)
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -298,13 +335,17 @@ def vocab_parallel_cross_entropy(
     -------
     torch.Tensor
         The loss in the dtype of `local_logits` (float16/bfloat16 are computed in
-        float32): 0-d for ``"mean"`` and ``"sum"``, the shape of `target` for
+        float32, and returned in float32 under :func:`torch.autocast`, as the
+        single-process loss): 0-d for ``"mean"`` and ``"sum"``, the shape of `target` for
         ``"none"``; identical on every rank.
 
     Raises
     ------
     RuntimeError
-        If torch.distributed has no initialized process group.
+        If torch.distributed has no initialized process group; under
+        ``torch.func`` transforms and ``torch.compile(fullgraph=True)`` (without
+        ``fullgraph`` the call runs eagerly at a graph break); on a second
+        differentiation (``create_graph=True``): the gradient is formed outside autograd.
     TypeError, ValueError
         On a bad call, raised on **every** rank (no rank is left waiting in a
         collective): the rank whose arguments are wrong raises its own error,
@@ -399,5 +440,9 @@ def vocab_parallel_cross_entropy(
         checks=checks,
         signature=(str(local_logits.dtype) if isinstance(local_logits, torch.Tensor) else None,),
     )
-    out: torch.Tensor = _VocabParallelCE.apply(local_logits, target, weight, layout, opts)
+    # float32 for float16/bfloat16 under torch.autocast, as the single-process loss
+    out_dtype = output_dtype(local_logits, xp=torch)
+    out: torch.Tensor = _VocabParallelCE.apply(
+        local_logits, target, weight, layout, opts, out_dtype
+    )
     return out

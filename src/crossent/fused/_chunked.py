@@ -340,7 +340,7 @@ def softmax_stats_(
             wd, wsum = buf.sum(dim=1).neg_(), float(v)
     else:
         wd, wsum = torch.zeros_like(m), 0.0
-    torch._softmax(buf, 1, False, out=buf)
+    softmax_(buf, log=False)
     s = buf.amax(dim=1).reciprocal_()
     # rows of -inf: s = 0 and p = 0 (not 0/0); +inf and NaN propagate. The check is a host
     # sync, free on CPU; elsewhere the fix-up runs unconditionally instead.
@@ -349,6 +349,22 @@ def softmax_stats_(
         s = torch.where(empty, 0.0, torch.where(finite, s, math.inf))
         buf.masked_fill_(empty[:, None], 0.0)
     return _rows.RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y, w_y=w_y)
+
+
+def softmax_(buf: torch.Tensor, *, log: bool) -> None:
+    """(log-)softmax of the rows of `buf` (dim 1), in place.
+
+    PyTorch's kernel with ``out=buf`` is right only on a contiguous buffer: on a
+    strided one (a transposed slice of logits) it reads elements it has already
+    written. Those get the out-of-place kernel and a copy back.
+    """
+    import torch
+
+    kernel = torch._log_softmax if log else torch._softmax
+    if buf.is_contiguous():
+        kernel(buf, 1, False, out=buf)
+    else:
+        buf.copy_(kernel(buf, 1, False))
 
 
 def _softcap_(buf: torch.Tensor, tanh_buf: torch.Tensor | None, softcap: float | None) -> None:
@@ -891,7 +907,7 @@ def _row_stats_torch(
     fix = need_lse and softcap is None
     fix = fix and (buf.device.type != "cpu" or bool((z_y == -math.inf).any()))
     m = buf.amax(dim=1) if fix else None
-    torch._log_softmax(buf, 1, False, out=buf)
+    softmax_(buf, log=True)
     d_loc = buf.gather(1, col).squeeze(1)
     lse_loc = z_y - d_loc
     if m is not None:

@@ -19,6 +19,7 @@ import copy
 import functools
 import math
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
@@ -261,7 +262,10 @@ class Metric:
         the exact sums need, then one int64 SUM, which is exact), and is a
         plain copy otherwise. The metric itself is left as it is, so calling
         :meth:`sync` twice never counts a row twice. Every rank must call it
-        (a collective).
+        (a collective). Before the sums, the ranks exchange a small header:
+        a rank that has seen no batch (without `num_classes`), or ranks
+        holding different metrics, settings or numbers of classes (which
+        :meth:`merge` refuses too), raise a ``ValueError`` on every rank.
 
         Parameters
         ----------
@@ -272,12 +276,7 @@ class Metric:
         dist = sys.modules.get("torch.distributed")  # never imports torch itself
         if dist is None or not dist.is_available() or not dist.is_initialized():
             return synced
-        if not synced._states:
-            msg = (
-                f"{type(self).__name__}.sync() needs the number of classes on every rank, "
-                "but this rank has seen no batch; pass num_classes=... to the constructor."
-            )
-            raise ValueError(msg)
+        _agree(synced, dist=dist, group=group)
         _all_reduce_states(synced._states, dist=dist, group=group)
         return synced
 
@@ -718,6 +717,63 @@ def _per_class_list(per_class: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     ]
 
 
+def _agree(metric: Metric, *, dist: Any, group: Any) -> None:
+    """Check, on every rank alike, that the ranks' states can be summed; raise otherwise.
+
+    One ``all_gather`` of a small int64 header per rank (whether it has states, the
+    number of classes, checksums of the settings and of the state's layout): a rank
+    that has seen no batch, or ranks with different metrics, settings or numbers of
+    classes, raise a ``ValueError`` on every rank, instead of leaving the others
+    waiting in the all_reduce, crashing gloo ("collective mismatch", SIGABRT) or
+    silently adding states that :meth:`Metric.merge` refuses.
+    """
+    import torch
+
+    states = metric._states
+    layout = [
+        (n, k, v.shape if isinstance(v, ExactSum) else np.shape(v))
+        for n in sorted(states)
+        for k, v in sorted(states[n].items())
+    ]
+    header = [
+        int(bool(states)),
+        metric.num_classes or 0,
+        zlib.crc32(repr(metric._config()).encode()),
+        zlib.crc32(repr(layout).encode()),
+    ]
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    local = torch.tensor(header, dtype=torch.int64, device=_collective_device(dist, group))
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    rows = torch.stack(gathered).cpu().tolist()
+    name = f"{type(metric).__name__}.sync()"
+    empty = [r for r, row in enumerate(rows) if not row[0]]
+    if empty:
+        msg = (
+            f"{name} needs the number of classes on every rank, but rank(s) {empty} have seen "
+            "no batch; pass num_classes=... to the constructor on every rank."
+        )
+        if rank not in empty:
+            msg += f" (This is rank {rank}; every rank stops, so that none waits forever.)"
+        raise ValueError(msg)
+    if len({tuple(row[1:]) for row in rows}) > 1:
+        msg = (
+            f"{name}: the ranks hold different metrics, settings or numbers of classes "
+            f"(classes per rank: {[row[1] for row in rows]}); every rank must sync the same "
+            "metric with the same settings over the same classes."
+        )
+        raise ValueError(msg)
+
+
+def _collective_device(dist: Any, group: Any) -> Any:
+    """Where the tensors of a collective must live: CUDA for NCCL, else the CPU."""
+    import torch
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce_states(states: dict[str, F.State], *, dist: Any, group: Any) -> None:
     """Sum `states` over the ranks of `group`, in place, exactly.
 
@@ -729,8 +785,7 @@ def _all_reduce_states(states: dict[str, F.State], *, dist: Any, group: Any) -> 
     """
     import torch
 
-    backend = dist.get_backend(group)
-    on = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    on = _collective_device(dist, group)
     keys = [(name, key) for name in sorted(states) for key in sorted(states[name])]
     exact = [(n, k) for n, k in keys if isinstance(states[n][k], ExactSum)]
     if exact:
