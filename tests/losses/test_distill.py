@@ -195,6 +195,12 @@ def test_bad_input_messages() -> None:
         (lambda: bad(s, t, target=np.zeros(3)), TypeError, "`target`"),
         (lambda: bad(s, t, reduction="avg"), ValueError, "`reduction`"),
         (lambda: bad(s, t, axis=3), ValueError, "`axis`"),
+        # None, Python scalars, lists and another library's target: a TypeError naming
+        # the argument (they raised AttributeError or NumPy's dtype TypeError before)
+        (lambda: bad(None, t), TypeError, "`student_logits`"),
+        (lambda: bad(s, 1.0), TypeError, "`teacher_logits`"),
+        (lambda: bad(s.tolist(), t), TypeError, "`student_logits`"),
+        (lambda: bad(s, t, target=[0, 1, 2]), TypeError, "`target`"),
     ]
     for call, exc, name in cases:
         with pytest.raises(exc, match=name):
@@ -221,3 +227,11 @@ def test_nearly_equal_models_keep_their_small_divergence_in_float32(xp: Any, bet
     assert got.dtype == np.float32
     assert np.all(got >= 0)
     np.testing.assert_allclose(got, want, rtol=1e-3)
+
+
+def test_target_from_another_library_is_named() -> None:
+    """A torch `target` beside NumPy logits: TypeError naming `target`, not NumPy's dtype error."""
+    torch = pytest.importorskip("torch")
+    s, t = _logits((3, 4))
+    with pytest.raises(TypeError, match="`target`"):
+        ce.distillation_loss(s, t, target=torch.zeros(3, dtype=torch.int64))

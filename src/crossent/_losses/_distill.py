@@ -168,7 +168,12 @@ def _prepare(
     The defaults are :func:`distillation_loss`'s (``value_and_grad`` passes only
     the options it is given).
     """
-    xp = array_namespace(student_logits, teacher_logits)
+    if not hasattr(student_logits, "shape") or not hasattr(teacher_logits, "shape"):
+        msg = "`student_logits` and `teacher_logits` must be arrays (NumPy, PyTorch, JAX, ...)."
+        raise TypeError(msg)
+    xp = array_namespace(
+        student_logits=student_logits, teacher_logits=teacher_logits, target=target
+    )
     check_floating(student_logits, name="student_logits", xp=xp)
     check_floating(teacher_logits, name="teacher_logits", xp=xp)
     check_same_shape(student_logits, teacher_logits, names=("student_logits", "teacher_logits"))
