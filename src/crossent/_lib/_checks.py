@@ -16,6 +16,7 @@ from crossent._lib._xp import (
     Array,
     compute_dtype,
     host_float,
+    is_array,
     is_lazy,
     is_torch_tensor,
     known_true,
@@ -26,6 +27,7 @@ from crossent._lib._xp import (
 
 __all__ = [
     "ProbabilityRangeError",
+    "check_array",
     "check_axis",
     "check_base",
     "check_floating",
@@ -93,6 +95,13 @@ def check_base(base: object) -> float | None:
         msg = f"`base` must be positive and not 1 (None means nats, 2 bits); got {base!r}."
         raise ValueError(msg)
     return float(base)
+
+
+def check_array(x: object, *, name: str) -> None:
+    """`x` is an array (NumPy, PyTorch, JAX, ...): not None, a Python number or a list."""
+    if not is_array(x):
+        msg = f"`{name}` must be an array (NumPy, PyTorch, JAX, ...); got {type(x).__name__}."
+        raise TypeError(msg)
 
 
 def check_floating(x: Array, *, name: str, xp: Any, hint: str = "") -> None:
