@@ -161,6 +161,21 @@ def test_low_precision_computes_in_float32() -> None:
     assert abs(float(got) - float(want)) < 0.05
 
 
+def test_autocast_returns_float32_as_every_loss() -> None:
+    """Under torch.autocast half-precision logits give a float32 loss (API.md section 2);
+    it returned bfloat16 (3 significant digits of the float32 value)."""
+    torch = pytest.importorskip("torch")
+    s, t = (torch.from_numpy(a).bfloat16() for a in _logits((8, 50), seed=4))
+    want = ce.distillation_loss(s.float(), t.float(), beta=0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ce.distillation_loss(s, t, beta=0.2)
+        value, grad = ce.value_and_grad(ce.distillation_loss, s, t, beta=0.2)
+    assert got.dtype == value.dtype == torch.float32
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(value, want, rtol=1e-6, atol=0.0)
+
+
 @given(
     beta=st.floats(0.0, 1.0),
     temperature=st.floats(0.25, 4.0),

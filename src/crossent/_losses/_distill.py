@@ -61,6 +61,7 @@ from crossent._lib._xp import (
     device,
     is_jax_namespace,
     is_torch_namespace,
+    output_dtype,
     representable,
 )
 from crossent._losses._common import reduce_loss
@@ -329,7 +330,10 @@ def _distill(
         s, t, beta=opts["beta"], temperature=opts["temperature"], grad=grad, xp=xp
     )
     value, denom = _finish(rows, counted, opts["reduction"], xp=xp)
-    out_dtype = xp.result_type(student_logits.dtype, teacher_logits.dtype)
+    # float32 under torch.autocast for half-precision logits, as every loss (API.md section 2)
+    out_dtype = xp.result_type(
+        output_dtype(student_logits, xp=xp), output_dtype(teacher_logits, xp=xp)
+    )
     value = astype(value, out_dtype, xp=xp)
     if g is None:
         return value, None
