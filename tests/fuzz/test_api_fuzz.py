@@ -438,3 +438,63 @@ def test_nan_in_the_input_propagates(call: Call, data: st.DataObject) -> None:
     flat_row = index // call.x.shape[-1]
     value = got.reshape(-1)[flat_row] if call.loss != "binary" else got.reshape(-1)[index]
     assert math.isnan(value), (call, got)
+
+
+# --------------------------------------------------------------------------- not arrays
+
+
+def _public_calls() -> list[tuple[str, Callable[[Any, Any], Any], tuple[str, str], Any, Any]]:
+    """(label, call(first, second), the two argument names, a valid first, a valid second)."""
+    import crossent.metrics as metrics
+    import crossent.nn as cnn
+    from crossent import fused
+
+    z, y, p = np.zeros((2, 3)), np.array([0, 1]), np.full((2, 3), 1 / 3)
+    zt, yt, w = torch.zeros(2, 3), torch.tensor([0, 1]), torch.zeros(3, 3)
+    io, pq = ("input", "target"), ("p", "q")
+    sparse = ce.sparse_categorical_cross_entropy
+    calls: list[tuple[str, Callable[[Any, Any], Any], tuple[str, str], Any, Any]] = [
+        ("sparse", lambda a, b: sparse(a, b, from_logits=True), io, z, y),
+        ("categorical", lambda a, b: ce.categorical_cross_entropy(a, b), io, p, p),
+        ("binary", lambda a, b: ce.binary_cross_entropy(a, b), io, p, p),
+        ("listnet", ce.listnet_loss, ("scores", "relevance"), z, p),
+        ("distill", ce.distillation_loss, ("student_logits", "teacher_logits"), z, z),
+        ("value_and_grad", lambda a, b: ce.value_and_grad(sparse, a, b), io, p, y),
+        ("info.cross_entropy", ce.info.cross_entropy, pq, p, p),
+        ("info.kl_divergence", ce.info.kl_divergence, pq, p, p),
+        ("info.js_divergence", ce.info.js_divergence, pq, p, p),
+        ("info.entropy", lambda a, _b: ce.info.entropy(a), pq, p, p),
+        ("info.surprisal", lambda a, _b: ce.info.surprisal(a), pq, p, p),
+        ("nn.CrossEntropyLoss", cnn.CrossEntropyLoss(), io, zt, yt),
+        ("nn.NLLLoss", cnn.NLLLoss(), io, zt, yt),
+        ("nn.FocalLoss", cnn.FocalLoss(), io, zt, yt),
+        ("nn.BCEWithLogitsLoss", cnn.BCEWithLogitsLoss(), io, zt, zt),
+        ("nn.BinaryFocalLoss", cnn.BinaryFocalLoss(), io, zt, zt),
+        ("fused.linear_cross_entropy", lambda a, b: fused.linear_cross_entropy(a, w, b), ("hidden", "target"), zt, yt),
+        ("fused.linear_log_probs", lambda a, b: fused.linear_log_probs(a, w, b), ("hidden", "target"), zt, yt),
+        ("metrics.CrossEntropy", lambda a, b: metrics.CrossEntropy(input_kind="probs").update(a, b), io, p, y),
+        ("metrics.ClassificationMetrics", lambda a, b: metrics.ClassificationMetrics(input_kind="probs").update(a, b), io, p, y),
+        ("metrics.BinaryClassificationMetrics", lambda a, b: metrics.BinaryClassificationMetrics(input_kind="probs").update(a, b), io, p[:, 0], y),
+    ]  # fmt: skip
+    return calls
+
+
+@pytest.mark.parametrize(
+    "bad", [None, 0.5, "abc", [[0.5, 0.5]]], ids=["None", "float", "str", "list"]
+)
+@pytest.mark.parametrize("which", [0, 1])
+def test_every_public_function_names_an_argument_that_is_not_an_array(which: int, bad: Any) -> None:
+    """None, a Python number, a string or a list in place of an array: a TypeError naming
+    the argument, from every public function (distillation_loss, the nn modules' forward
+    and the metrics' update leaked AttributeError before)."""
+    for label, call, names, first, second in _public_calls():
+        if which == 1 and label in ("info.entropy", "info.surprisal"):
+            continue
+        args = [first, second]
+        args[which] = bad
+        with pytest.raises(TypeError) as info:
+            call(*args)
+        message = str(info.value)
+        assert "`" in message, (label, message)
+        named = f"`{names[which]}`" in message or all(f"`{n}`" in message for n in names)
+        assert named, (label, message)

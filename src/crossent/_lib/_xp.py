@@ -107,11 +107,12 @@ def array_namespace(*arrays: object, **named: object) -> Any:
     items = [(f"argument {i + 1}", a) for i, a in enumerate(arrays)] + list(named.items())
     given = [(n, a) for n, a in items if a is not None]
     present = [(n, a) for n, a in given if not isinstance(a, int | float | bool)]
-    if not present:
-        names = ", ".join(f"`{n}`" for n, _ in given) or "the arguments"
+    if not present:  # only None and Python numbers: name them all (`p`, not "the arguments")
+        names = ", ".join(f"`{n}`" for n, _ in items) or "the arguments"
+        got = ", ".join(type(a).__name__ for _, a in items) or "nothing"
         msg = (
-            f"{names}: expected at least one array (NumPy, PyTorch, JAX, ...); got only "
-            "Python scalars. Pass an array, e.g. np.asarray(...)."
+            f"{names}: expected at least one array (NumPy, PyTorch, JAX, ...); got {got}. "
+            "Pass an array, e.g. np.asarray(...)."
         )
         raise TypeError(msg)
     if all(is_torch_tensor(a) for _, a in present):  # the common case, cheap and traceable
