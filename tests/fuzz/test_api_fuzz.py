@@ -498,3 +498,68 @@ def test_every_public_function_names_an_argument_that_is_not_an_array(which: int
         assert "`" in message, (label, message)
         named = f"`{names[which]}`" in message or all(f"`{n}`" in message for n in names)
         assert named, (label, message)
+
+
+# --------------------------------------------------------------------------- bad option values
+
+
+def _option_calls() -> dict[str, Callable[..., Any]]:
+    """One valid call per public function, taking the option under test as keywords."""
+    import crossent.metrics as metrics
+    import crossent.nn as cnn
+    from crossent import fused
+
+    z, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    h, w = torch.zeros(2, 3), torch.eye(3)
+    return {
+        "distillation_loss": lambda **o: ce.distillation_loss(z, z, **o),
+        "linear_cross_entropy": lambda **o: fused.linear_cross_entropy(h, w, y, **o),
+        "linear_log_probs": lambda **o: fused.linear_log_probs(h, w, y, **o),
+        "linear_distillation_loss": lambda **o: fused.linear_distillation_loss(h, w, h, w, y, **o),
+        "CrossEntropyLoss": lambda **o: cnn.CrossEntropyLoss(**o)(z, y),
+        "NLLLoss": lambda **o: cnn.NLLLoss(**o)(z, y),
+        "BCEWithLogitsLoss": lambda **o: cnn.BCEWithLogitsLoss(**o)(z, z),
+        "FocalLoss": lambda **o: cnn.FocalLoss(**o)(z, y),
+        "BinaryFocalLoss": lambda **o: cnn.BinaryFocalLoss(**o)(z, z),
+        "LinearCrossEntropyLoss": lambda **o: cnn.LinearCrossEntropyLoss(**o)(h, w, y),
+        "CrossEntropy": lambda **o: metrics.CrossEntropy(input_kind="logits", **o).update(z, y),
+        "CalibrationError": lambda **o: metrics.CalibrationError(input_kind="logits", **o),
+    }
+
+
+BAD_OPTIONS: list[tuple[str, str, Any]] = [
+    (fn, "reduction", value)
+    for fn in ("distillation_loss", "linear_cross_entropy", "linear_distillation_loss",
+               "CrossEntropyLoss", "NLLLoss", "BCEWithLogitsLoss", "FocalLoss",
+               "BinaryFocalLoss", "LinearCrossEntropyLoss")
+    for value in ("avg", None, 1)
+] + [
+    ("distillation_loss", "beta", 1.5), ("distillation_loss", "beta", math.nan),
+    ("distillation_loss", "temperature", 0.0), ("distillation_loss", "temperature", math.inf),
+    ("distillation_loss", "axis", 2), ("distillation_loss", "ignore_index", 1.5),
+    ("linear_cross_entropy", "label_smoothing", -0.1), ("linear_cross_entropy", "z_loss", math.nan),
+    ("linear_cross_entropy", "softcap", 0.0), ("linear_cross_entropy", "chunk_size", 0),
+    ("linear_cross_entropy", "chunk_size", 2.0), ("linear_cross_entropy", "shift", "yes"),
+    ("linear_cross_entropy", "ignore_index", None),
+    ("linear_log_probs", "temperature", -1.0), ("linear_log_probs", "softcap", math.inf),
+    ("linear_log_probs", "return_entropy", 1),
+    ("linear_distillation_loss", "beta", -0.5), ("linear_distillation_loss", "temperature", 0.0),
+    ("CrossEntropyLoss", "label_smoothing", 1.5), ("CrossEntropyLoss", "ignore_index", 1.5),
+    ("CrossEntropyLoss", "z_loss", -1.0), ("CrossEntropyLoss", "softcap", -2.0),
+    ("FocalLoss", "gamma", -1.0), ("FocalLoss", "gamma", "2"),
+    ("BinaryFocalLoss", "alpha", 2.0), ("BinaryFocalLoss", "gamma", math.inf),
+    ("LinearCrossEntropyLoss", "chunk_size", -3),
+    ("CrossEntropy", "base", 1.0), ("CrossEntropy", "base", math.inf),
+    ("CrossEntropy", "ignore_index", 0.5), ("CrossEntropy", "axis", "1"),
+    ("CalibrationError", "bins", 0), ("CalibrationError", "binning", "quantile"),
+    ("CalibrationError", "norm", "l3"), ("CalibrationError", "kind", "any"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fn", "option", "value"), BAD_OPTIONS)
+def test_bad_option_values_raise_naming_the_option(fn: str, option: str, value: Any) -> None:
+    """Wrong keyword values of the fused functions, the modules, distillation and the
+    metrics: a ValueError/TypeError whose message names the option in backticks."""
+    with pytest.raises((ValueError, TypeError)) as info:
+        _option_calls()[fn](**{option: value})
+    assert f"`{option}`" in str(info.value), str(info.value)
