@@ -342,6 +342,21 @@ def test_malformed_files_exit_2_naming_the_problem(
     assert "--bins must be at least 1" in _error(capsys, "eval", str(path), "--bins", "0")
 
 
+def test_a_report_folder_that_cannot_be_written_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--report under a file, or on a file: exit 2 naming --report, before the scoring
+    (it was an uncaught NotADirectoryError / FileExistsError traceback, exit 1)."""
+    path = tmp_path / "p.csv"
+    path.write_text("label,a,b\n0,0.7,0.3\n1,0.4,0.6\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for folder in (blocker / "sub", blocker):
+        err = _error(capsys, "eval", str(path), "--report", str(folder))
+        assert f"--report {folder}: cannot write the report there" in err
+    assert blocker.read_text() == ""
+
+
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         main(["eval", "x.csv", "--input", "probabilities"])
