@@ -142,6 +142,8 @@ def _report_folder(folder: str) -> None:
 def _cmd_demo(args: argparse.Namespace, out: IO[str]) -> int:
     from crossent._demo import run_demo
 
+    if not args.no_report:
+        _report_folder(args.report)
     try:
         run_demo(
             fast=args.fast,
