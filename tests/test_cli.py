@@ -418,6 +418,17 @@ def test_a_text_cell_in_a_class_column_is_an_error_naming_line_and_column(
     assert run_json("eval", str(path))["ignored_columns"] == ["id"]
 
 
+def test_a_class_column_of_numbers_written_as_text_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """JSON numbers quoted as strings in every row: exit 2 naming the cell (it was an
+    IndexError traceback from the search for a non-numeric cell, exit 1)."""
+    path = tmp_path / "quoted.jsonl"
+    path.write_text('{"label": 0, "a": "0.7", "b": 0.3}\n{"label": 1, "a": "0.2", "b": 0.8}\n')
+    err = _error(capsys, "eval", str(path))
+    assert "has '0.7' in column 'a': numbers written as text" in err
+
+
 def test_duplicate_column_names_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "dup.csv"
     path.write_text("label,a,a,b\n0,0.2,0.3,0.5\n")
