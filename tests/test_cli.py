@@ -418,6 +418,27 @@ def test_a_text_cell_in_a_class_column_is_an_error_naming_line_and_column(
     assert run_json("eval", str(path))["ignored_columns"] == ["id"]
 
 
+def test_a_decimal_column_is_not_dropped_silently(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Parquet decimal class column was left out of the classes (listed only in
+    ignored_columns): with --input logits over columns a (decimal), b, c the log loss was
+    that of a 2-class softmax over b and c, a silently wrong figure. Now exit 2 naming it."""
+    import decimal
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "dec.parquet"
+    a = pa.array([decimal.Decimal("2.0"), decimal.Decimal("0.1")])
+    pq.write_table(pa.table({"label": [0, 1], "a": a, "b": [0.5, 1.5], "c": [0.1, -1.0]}), path)
+    err = _error(capsys, "eval", str(path), "--input", "logits")
+    assert "column 'a' holds decimals (decimal128(2, 1))" in err
+    assert run_json("eval", str(path), "--input", "logits", "--exclude", "a")["classes"] == [
+        "b",
+        "c",
+    ]
+
+
 def test_a_class_column_of_numbers_written_as_text_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -92,6 +92,12 @@ def resolve_columns(
             classes.append(name)
         elif is_numeric_list(pa, t):
             lists.append(name)
+        elif pa.types.is_decimal(t):  # a number, but not one crossent reads: never drop a class
+            msg = (
+                f"{table.path}: column {name!r} holds decimals ({t}), which are not read as "
+                "predictions; store it as float64, or --exclude it if it is not a class."
+            )
+            raise CLIError(msg)
         else:
             ignored.append(name)
     if first is not None:
