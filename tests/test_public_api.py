@@ -139,25 +139,6 @@ def test_info_signatures() -> None:
     assert inspect.signature(ce.info.surprisal).parameters["base"].default is None
 
 
-def test_fused_signature() -> None:
-    pytest.importorskip("torch")
-    from crossent.fused import linear_cross_entropy
-
-    params = inspect.signature(linear_cross_entropy).parameters
-    assert list(params)[:3] == ["hidden", "weight", "target"]
-    expected = {
-        "bias": None,
-        "ignore_index": -100,
-        "label_smoothing": 0.0,
-        "z_loss": 0.0,
-        "softcap": None,
-        "reduction": "mean",
-        "chunk_size": None,
-    }
-    for option, default in expected.items():
-        assert params[option].default == default, option
-
-
 def _check_options(fn: Any, expected: dict[str, Any], *, keyword_only: bool = True) -> None:
     params = inspect.signature(fn).parameters
     for option, default in expected.items():
@@ -167,12 +148,26 @@ def _check_options(fn: Any, expected: dict[str, Any], *, keyword_only: bool = Tr
             assert params[option].kind is params[option].KEYWORD_ONLY, f"`{option}` positional"
 
 
-def test_fused_options_beyond_the_first_list() -> None:
-    """API.md section 4: `class_weight` and `shift`, keyword-only, on linear_cross_entropy."""
-    pytest.importorskip("torch")
-    from crossent import fused
+#: linear_cross_entropy's options (API.md section 4), LinearCrossEntropyLoss's too
+FUSED_CE_OPTIONS: dict[str, Any] = {
+    "bias": None,
+    "ignore_index": -100,
+    "label_smoothing": 0.0,
+    "z_loss": 0.0,
+    "softcap": None,
+    "reduction": "mean",
+    "chunk_size": None,
+}
 
-    _check_options(fused.linear_cross_entropy, {"class_weight": None, "shift": False})
+
+def test_fused_signature() -> None:
+    """API.md section 4, `class_weight` and `shift` included, all keyword-only."""
+    pytest.importorskip("torch")
+    from crossent.fused import linear_cross_entropy
+
+    params = inspect.signature(linear_cross_entropy).parameters
+    assert list(params)[:3] == ["hidden", "weight", "target"]
+    _check_options(linear_cross_entropy, {**FUSED_CE_OPTIONS, "class_weight": None, "shift": False})
 
 
 LOG_PROBS_OPTIONS: dict[str, Any] = {
@@ -268,17 +263,8 @@ def test_focal_modules_default_gamma_and_linear_module_options() -> None:
     for name in ("FocalLoss", "BinaryFocalLoss"):
         gamma = inspect.signature(getattr(crossent.nn, name).__init__).parameters["gamma"]
         assert gamma.default == 2.0, name
-    _check_options(
-        crossent.nn.LinearCrossEntropyLoss.__init__,
-        {
-            "ignore_index": -100,
-            "label_smoothing": 0.0,
-            "z_loss": 0.0,
-            "softcap": None,
-            "reduction": "mean",
-            "chunk_size": None,
-        },
-    )
+    options = {k: v for k, v in FUSED_CE_OPTIONS.items() if k != "bias"}  # bias: forward's
+    _check_options(crossent.nn.LinearCrossEntropyLoss.__init__, options)
 
 
 def test_transformers_patch_signature() -> None:
