@@ -34,6 +34,7 @@ __all__ = [
     "log_sigmoid",
     "log_sigmoid_pair",
     "logsumexp",
+    "moveaxis",
     "one_hot",
     "output_dtype",
     "representable",
@@ -438,6 +439,21 @@ def representable(value: int, dtype: Any, *, xp: Any) -> bool:
     return bool(info.min <= value <= info.max)
 
 
+def moveaxis(x: Array, source: int, destination: int, *, xp: Any) -> Array:
+    """``xp.moveaxis``: `x` itself when the axis stays (no call); ``movedim`` for tensors.
+
+    ``torch.func.vmap`` has a batching rule for ``movedim`` and none for
+    ``moveaxis`` (which array-api-compat's namespace calls): a probability loss
+    under ``vmap`` failed with "Batching rule not implemented for aten::moveaxis.int".
+    """
+    ndim = x.ndim
+    if ndim and source % ndim == destination % ndim:
+        return x
+    if is_torch_tensor(x):
+        return x.movedim(source, destination)
+    return xp.moveaxis(x, source, destination)
+
+
 def one_hot(labels: Array, num_classes: int, *, dtype: Any, axis: int = -1, xp: Any) -> Array:
     """One-hot encoding of integer `labels` with classes inserted at `axis`.
 
@@ -452,7 +468,7 @@ def one_hot(labels: Array, num_classes: int, *, dtype: Any, axis: int = -1, xp: 
     if axis < 0:
         axis += ndim
     if axis != ndim - 1:
-        out = xp.moveaxis(out, -1, axis)
+        out = moveaxis(out, -1, axis, xp=xp)
     return out
 
 
