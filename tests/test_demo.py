@@ -67,3 +67,6 @@ def test_demo_report_folder_that_cannot_be_made_exits_2(
     blocker.write_text("")
     assert main(["demo", "--fast", "--report", str(blocker / "sub")]) == 2
     assert "--report" in capsys.readouterr().err
+    # a negative seed: NumPy's ValueError traceback, exit 1, before
+    assert main(["demo", "--fast", "--no-report", "--seed", "-1"]) == 2
+    assert "--seed must be a non-negative integer; got -1" in capsys.readouterr().err

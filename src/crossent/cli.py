@@ -142,6 +142,9 @@ def _report_folder(folder: str) -> None:
 def _cmd_demo(args: argparse.Namespace, out: IO[str]) -> int:
     from crossent._demo import run_demo
 
+    if args.seed < 0:
+        msg = f"--seed must be a non-negative integer; got {args.seed}."
+        raise CLIError(msg)
     if not args.no_report:
         _report_folder(args.report)
     try:
