@@ -109,9 +109,9 @@ def array_namespace(*arrays: object, **named: object) -> Any:
     given = [(n, a) for n, a in items if a is not None]
     present = [(n, a) for n, a in given if not isinstance(a, int | float | bool)]
     if not present:  # only None and Python numbers: name them all (`p`, not "the arguments")
-        named = given or items  # the numbers given, or (only None given) every argument
-        names = ", ".join(f"`{n}`" for n, _ in named) or "the arguments"
-        got = ", ".join(type(a).__name__ for _, a in named) or "nothing"
+        shown = given or items  # the numbers given, or (only None given) every argument
+        names = ", ".join(f"`{n}`" for n, _ in shown) or "the arguments"
+        got = ", ".join(type(a).__name__ for _, a in shown) or "nothing"
         msg = (
             f"{names}: expected at least one array (NumPy, PyTorch, JAX, ...); got {got}. "
             "Pass an array, e.g. np.asarray(...)."
