@@ -342,6 +342,21 @@ def test_malformed_files_exit_2_naming_the_problem(
     assert "--bins must be at least 1" in _error(capsys, "eval", str(path), "--bins", "0")
 
 
+def test_a_report_folder_that_cannot_be_written_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--report under a file, or on a file: exit 2 naming --report, before the scoring
+    (it was an uncaught NotADirectoryError / FileExistsError traceback, exit 1)."""
+    path = tmp_path / "p.csv"
+    path.write_text("label,a,b\n0,0.7,0.3\n1,0.4,0.6\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for folder in (blocker / "sub", blocker):
+        err = _error(capsys, "eval", str(path), "--report", str(folder))
+        assert f"--report {folder}: cannot write the report there" in err
+    assert blocker.read_text() == ""
+
+
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         main(["eval", "x.csv", "--input", "probabilities"])
@@ -401,6 +416,38 @@ def test_a_text_cell_in_a_class_column_is_an_error_naming_line_and_column(
         [["r1", 0, 0.5, 0.5], ["r2", 1, 0.25, 0.75], ["7", 1, 0.5, 0.5]],
     )
     assert run_json("eval", str(path))["ignored_columns"] == ["id"]
+
+
+def test_a_decimal_column_is_not_dropped_silently(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Parquet decimal class column was left out of the classes (listed only in
+    ignored_columns): with --input logits over columns a (decimal), b, c the log loss was
+    that of a 2-class softmax over b and c, a silently wrong figure. Now exit 2 naming it."""
+    import decimal
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "dec.parquet"
+    a = pa.array([decimal.Decimal("2.0"), decimal.Decimal("0.1")])
+    pq.write_table(pa.table({"label": [0, 1], "a": a, "b": [0.5, 1.5], "c": [0.1, -1.0]}), path)
+    err = _error(capsys, "eval", str(path), "--input", "logits")
+    assert "column 'a' holds decimals (decimal128(2, 1))" in err
+    assert run_json("eval", str(path), "--input", "logits", "--exclude", "a")["classes"] == [
+        "b",
+        "c",
+    ]
+
+
+def test_a_class_column_of_numbers_written_as_text_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """JSON numbers quoted as strings in every row: exit 2 naming the cell (it was an
+    IndexError traceback from the search for a non-numeric cell, exit 1)."""
+    path = tmp_path / "quoted.jsonl"
+    path.write_text('{"label": 0, "a": "0.7", "b": 0.3}\n{"label": 1, "a": "0.2", "b": 0.8}\n')
+    err = _error(capsys, "eval", str(path))
+    assert "has '0.7' in column 'a': numbers written as text" in err
 
 
 def test_duplicate_column_names_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

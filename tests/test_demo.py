@@ -56,3 +56,17 @@ def test_demo_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert main(["demo", "--fast"], out=out) == 0
     assert (tmp_path / "crossent-report" / "index.html").is_file()
     assert "report: crossent-report/index.html" in out.getvalue()
+
+
+def test_demo_report_folder_that_cannot_be_made_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `crossent eval --report`: exit 2 naming --report before training (was a
+    NotADirectoryError traceback, exit 1, after training)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["demo", "--fast", "--report", str(blocker / "sub")]) == 2
+    assert "--report" in capsys.readouterr().err
+    # a negative seed: NumPy's ValueError traceback, exit 1, before
+    assert main(["demo", "--fast", "--no-report", "--seed", "-1"]) == 2
+    assert "--seed must be a non-negative integer; got -1" in capsys.readouterr().err

@@ -76,6 +76,8 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
             "cluster has its own workers); add --engine dask, or drop --workers."
         )
         raise CLIError(msg)
+    if args.report is not None:  # before scoring: a big file is not read to fail at the end
+        _report_folder(args.report)
     from crossent._eval import _memory, evaluate, format_text, jsonable
 
     _memory.reuse_freed_memory()  # this process scores: each batch reuses the memory of the last
@@ -107,6 +109,8 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
             )
         except ImportError as exc:
             raise CLIError(str(exc)) from exc
+        except OSError as exc:
+            raise CLIError(_report_error(args.report, exc)) from exc
         summary["report"] = str(html)
     if args.format == "json":
         json.dump(jsonable(summary), out, indent=2, allow_nan=False)
@@ -118,12 +122,31 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
     return 0
 
 
+def _report_error(folder: str, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != folder else ""
+    return f"--report {folder}: cannot write the report there: {reason}{where}. Pick another."
+
+
+def _report_folder(folder: str) -> None:
+    """Create the --report folder (a CLIError, exit 2, where that is impossible)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(_report_error(folder, exc)) from exc
+
+
 # =================================================================== demo and bench
 
 
 def _cmd_demo(args: argparse.Namespace, out: IO[str]) -> int:
     from crossent._demo import run_demo
 
+    if args.seed < 0:
+        msg = f"--seed must be a non-negative integer; got {args.seed}."
+        raise CLIError(msg)
+    if not args.no_report:
+        _report_folder(args.report)
     try:
         run_demo(
             fast=args.fast,

@@ -34,7 +34,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from crossent._lib._checks import check_axis, check_base, check_floating, values_checked
+from crossent._lib._checks import (
+    check_array,
+    check_axis,
+    check_base,
+    check_floating,
+    values_checked,
+)
 from crossent._lib._logdiv import generalized_jsd_from_log, log_softmax
 from crossent._lib._xp import (
     Array,
@@ -42,7 +48,6 @@ from crossent._lib._xp import (
     astype,
     compute_dtype,
     host_float,
-    is_array,
     known_true,
     size,
     xlogy,
@@ -65,9 +70,7 @@ def _check_from_logits(from_logits: object) -> bool:
 
 def _check_distribution(x: Array, *, name: str, logits: bool = False, xp: Any) -> None:
     """`x` is a floating array of probabilities in [0, 1] (any real values if `logits`)."""
-    if not is_array(x):
-        msg = f"`{name}` must be an array (NumPy, PyTorch, JAX, ...); got {type(x).__name__}."
-        raise TypeError(msg)
+    check_array(x, name=name)
     check_floating(x, name=name, xp=xp)
     if logits or size(x) == 0 or not values_checked(x):
         return

@@ -438,3 +438,128 @@ def test_nan_in_the_input_propagates(call: Call, data: st.DataObject) -> None:
     flat_row = index // call.x.shape[-1]
     value = got.reshape(-1)[flat_row] if call.loss != "binary" else got.reshape(-1)[index]
     assert math.isnan(value), (call, got)
+
+
+# --------------------------------------------------------------------------- not arrays
+
+
+def _public_calls() -> list[tuple[str, Callable[[Any, Any], Any], tuple[str, str], Any, Any]]:
+    """(label, call(first, second), the two argument names, a valid first, a valid second)."""
+    import crossent.metrics as metrics
+    import crossent.nn as cnn
+    from crossent import fused
+
+    z, y, p = np.zeros((2, 3)), np.array([0, 1]), np.full((2, 3), 1 / 3)
+    zt, yt, w = torch.zeros(2, 3), torch.tensor([0, 1]), torch.zeros(3, 3)
+    io, pq = ("input", "target"), ("p", "q")
+    sparse = ce.sparse_categorical_cross_entropy
+    calls: list[tuple[str, Callable[[Any, Any], Any], tuple[str, str], Any, Any]] = [
+        ("sparse", lambda a, b: sparse(a, b, from_logits=True), io, z, y),
+        ("categorical", lambda a, b: ce.categorical_cross_entropy(a, b), io, p, p),
+        ("binary", lambda a, b: ce.binary_cross_entropy(a, b), io, p, p),
+        ("listnet", ce.listnet_loss, ("scores", "relevance"), z, p),
+        ("distill", ce.distillation_loss, ("student_logits", "teacher_logits"), z, z),
+        ("value_and_grad", lambda a, b: ce.value_and_grad(sparse, a, b), io, p, y),
+        ("info.cross_entropy", ce.info.cross_entropy, pq, p, p),
+        ("info.kl_divergence", ce.info.kl_divergence, pq, p, p),
+        ("info.js_divergence", ce.info.js_divergence, pq, p, p),
+        ("info.entropy", lambda a, _b: ce.info.entropy(a), pq, p, p),
+        ("info.surprisal", lambda a, _b: ce.info.surprisal(a), pq, p, p),
+        ("nn.CrossEntropyLoss", cnn.CrossEntropyLoss(), io, zt, yt),
+        ("nn.NLLLoss", cnn.NLLLoss(), io, zt, yt),
+        ("nn.FocalLoss", cnn.FocalLoss(), io, zt, yt),
+        ("nn.BCEWithLogitsLoss", cnn.BCEWithLogitsLoss(), io, zt, zt),
+        ("nn.BinaryFocalLoss", cnn.BinaryFocalLoss(), io, zt, zt),
+        ("fused.linear_cross_entropy", lambda a, b: fused.linear_cross_entropy(a, w, b), ("hidden", "target"), zt, yt),
+        ("fused.linear_log_probs", lambda a, b: fused.linear_log_probs(a, w, b), ("hidden", "target"), zt, yt),
+        ("metrics.CrossEntropy", lambda a, b: metrics.CrossEntropy(input_kind="probs").update(a, b), io, p, y),
+        ("metrics.ClassificationMetrics", lambda a, b: metrics.ClassificationMetrics(input_kind="probs").update(a, b), io, p, y),
+        ("metrics.BinaryClassificationMetrics", lambda a, b: metrics.BinaryClassificationMetrics(input_kind="probs").update(a, b), io, p[:, 0], y),
+    ]  # fmt: skip
+    return calls
+
+
+@pytest.mark.parametrize(
+    "bad", [None, 0.5, "abc", [[0.5, 0.5]]], ids=["None", "float", "str", "list"]
+)
+@pytest.mark.parametrize("which", [0, 1])
+def test_every_public_function_names_an_argument_that_is_not_an_array(which: int, bad: Any) -> None:
+    """None, a Python number, a string or a list in place of an array: a TypeError naming
+    the argument, from every public function (distillation_loss, the nn modules' forward
+    and the metrics' update leaked AttributeError before)."""
+    for label, call, names, first, second in _public_calls():
+        if which == 1 and label in ("info.entropy", "info.surprisal"):
+            continue
+        args = [first, second]
+        args[which] = bad
+        with pytest.raises(TypeError) as info:
+            call(*args)
+        message = str(info.value)
+        assert "`" in message, (label, message)
+        named = f"`{names[which]}`" in message or all(f"`{n}`" in message for n in names)
+        assert named, (label, message)
+
+
+# --------------------------------------------------------------------------- bad option values
+
+
+def _option_calls() -> dict[str, Callable[..., Any]]:
+    """One valid call per public function, taking the option under test as keywords."""
+    import crossent.metrics as metrics
+    import crossent.nn as cnn
+    from crossent import fused
+
+    z, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    h, w = torch.zeros(2, 3), torch.eye(3)
+    return {
+        "distillation_loss": lambda **o: ce.distillation_loss(z, z, **o),
+        "linear_cross_entropy": lambda **o: fused.linear_cross_entropy(h, w, y, **o),
+        "linear_log_probs": lambda **o: fused.linear_log_probs(h, w, y, **o),
+        "linear_distillation_loss": lambda **o: fused.linear_distillation_loss(h, w, h, w, y, **o),
+        "CrossEntropyLoss": lambda **o: cnn.CrossEntropyLoss(**o)(z, y),
+        "NLLLoss": lambda **o: cnn.NLLLoss(**o)(z, y),
+        "BCEWithLogitsLoss": lambda **o: cnn.BCEWithLogitsLoss(**o)(z, z),
+        "FocalLoss": lambda **o: cnn.FocalLoss(**o)(z, y),
+        "BinaryFocalLoss": lambda **o: cnn.BinaryFocalLoss(**o)(z, z),
+        "LinearCrossEntropyLoss": lambda **o: cnn.LinearCrossEntropyLoss(**o)(h, w, y),
+        "CrossEntropy": lambda **o: metrics.CrossEntropy(input_kind="logits", **o).update(z, y),
+        "CalibrationError": lambda **o: metrics.CalibrationError(input_kind="logits", **o),
+    }
+
+
+BAD_OPTIONS: list[tuple[str, str, Any]] = [
+    (fn, "reduction", value)
+    for fn in ("distillation_loss", "linear_cross_entropy", "linear_distillation_loss",
+               "CrossEntropyLoss", "NLLLoss", "BCEWithLogitsLoss", "FocalLoss",
+               "BinaryFocalLoss", "LinearCrossEntropyLoss")
+    for value in ("avg", None, 1)
+] + [
+    ("distillation_loss", "beta", 1.5), ("distillation_loss", "beta", math.nan),
+    ("distillation_loss", "temperature", 0.0), ("distillation_loss", "temperature", math.inf),
+    ("distillation_loss", "axis", 2), ("distillation_loss", "ignore_index", 1.5),
+    ("linear_cross_entropy", "label_smoothing", -0.1), ("linear_cross_entropy", "z_loss", math.nan),
+    ("linear_cross_entropy", "softcap", 0.0), ("linear_cross_entropy", "chunk_size", 0),
+    ("linear_cross_entropy", "chunk_size", 2.0), ("linear_cross_entropy", "shift", "yes"),
+    ("linear_cross_entropy", "ignore_index", None),
+    ("linear_log_probs", "temperature", -1.0), ("linear_log_probs", "softcap", math.inf),
+    ("linear_log_probs", "return_entropy", 1),
+    ("linear_distillation_loss", "beta", -0.5), ("linear_distillation_loss", "temperature", 0.0),
+    ("CrossEntropyLoss", "label_smoothing", 1.5), ("CrossEntropyLoss", "ignore_index", 1.5),
+    ("CrossEntropyLoss", "z_loss", -1.0), ("CrossEntropyLoss", "softcap", -2.0),
+    ("FocalLoss", "gamma", -1.0), ("FocalLoss", "gamma", "2"),
+    ("BinaryFocalLoss", "alpha", 2.0), ("BinaryFocalLoss", "gamma", math.inf),
+    ("LinearCrossEntropyLoss", "chunk_size", -3),
+    ("CrossEntropy", "base", 1.0), ("CrossEntropy", "base", math.inf),
+    ("CrossEntropy", "ignore_index", 0.5), ("CrossEntropy", "axis", "1"),
+    ("CalibrationError", "bins", 0), ("CalibrationError", "binning", "quantile"),
+    ("CalibrationError", "norm", "l3"), ("CalibrationError", "kind", "any"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fn", "option", "value"), BAD_OPTIONS)
+def test_bad_option_values_raise_naming_the_option(fn: str, option: str, value: Any) -> None:
+    """Wrong keyword values of the fused functions, the modules, distillation and the
+    metrics: a ValueError/TypeError whose message names the option in backticks."""
+    with pytest.raises((ValueError, TypeError)) as info:
+        _option_calls()[fn](**{option: value})
+    assert f"`{option}`" in str(info.value), str(info.value)

@@ -161,6 +161,21 @@ def test_low_precision_computes_in_float32() -> None:
     assert abs(float(got) - float(want)) < 0.05
 
 
+def test_autocast_returns_float32_as_every_loss() -> None:
+    """Under torch.autocast half-precision logits give a float32 loss (API.md section 2);
+    it returned bfloat16 (3 significant digits of the float32 value)."""
+    torch = pytest.importorskip("torch")
+    s, t = (torch.from_numpy(a).bfloat16() for a in _logits((8, 50), seed=4))
+    want = ce.distillation_loss(s.float(), t.float(), beta=0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ce.distillation_loss(s, t, beta=0.2)
+        value, grad = ce.value_and_grad(ce.distillation_loss, s, t, beta=0.2)
+    assert got.dtype == value.dtype == torch.float32
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(value, want, rtol=1e-6, atol=0.0)
+
+
 @given(
     beta=st.floats(0.0, 1.0),
     temperature=st.floats(0.25, 4.0),
@@ -195,6 +210,12 @@ def test_bad_input_messages() -> None:
         (lambda: bad(s, t, target=np.zeros(3)), TypeError, "`target`"),
         (lambda: bad(s, t, reduction="avg"), ValueError, "`reduction`"),
         (lambda: bad(s, t, axis=3), ValueError, "`axis`"),
+        # None, Python scalars, lists and another library's target: a TypeError naming
+        # the argument (they raised AttributeError or NumPy's dtype TypeError before)
+        (lambda: bad(None, t), TypeError, "`student_logits`"),
+        (lambda: bad(s, 1.0), TypeError, "`teacher_logits`"),
+        (lambda: bad(s.tolist(), t), TypeError, "`student_logits`"),
+        (lambda: bad(s, t, target=[0, 1, 2]), TypeError, "`target`"),
     ]
     for call, exc, name in cases:
         with pytest.raises(exc, match=name):
@@ -221,3 +242,11 @@ def test_nearly_equal_models_keep_their_small_divergence_in_float32(xp: Any, bet
     assert got.dtype == np.float32
     assert np.all(got >= 0)
     np.testing.assert_allclose(got, want, rtol=1e-3)
+
+
+def test_target_from_another_library_is_named() -> None:
+    """A torch `target` beside NumPy logits: TypeError naming `target`, not NumPy's dtype error."""
+    torch = pytest.importorskip("torch")
+    s, t = _logits((3, 4))
+    with pytest.raises(TypeError, match="`target`"):
+        ce.distillation_loss(s, t, target=torch.zeros(3, dtype=torch.int64))

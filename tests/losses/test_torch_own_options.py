@@ -255,3 +255,27 @@ def test_traced_calls_take_the_differentiable_formula() -> None:
     )
     torch.testing.assert_close(per_sample, loop)
     assert torch_exec._host_readable(x)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"z_loss": 1e-3}, {"softcap": 5.0}, {"gamma": 2.0}, {"z_loss": 1e-3, "ignore_index": -1}],
+)
+def test_compiled_own_options_refuse_a_label_outside_the_classes(options: dict[str, Any]) -> None:
+    """Compiled, crossent's own options (z-loss, softcap, focal) gave a number for a label
+    of C (1.2251 for 4 x 5 logits and labels 0, 1, 2, 9), although the loss is never a number
+    for such a label, eagerly or with validation off: the traced row statistics skipped the
+    check and gathered no logit. Now a device-side assertion fails, as torch's own kernels'."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 5, generator=gen)
+    fn = torch.compile(
+        lambda z, y: ce.sparse_categorical_cross_entropy(z, y, from_logits=True, **options),
+        fullgraph=True,
+        backend="eager",
+    )
+    good = torch.tensor([0, 1, -1 if "ignore_index" in options else 2, 3])
+    torch.testing.assert_close(
+        fn(z, good), ce.sparse_categorical_cross_entropy(z, good, from_logits=True, **options)
+    )
+    with pytest.raises(RuntimeError, match=r"`target` has a label outside \[0, C\)"):
+        fn(z, torch.tensor([0, 1, 2, 9]))

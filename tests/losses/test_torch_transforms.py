@@ -320,3 +320,40 @@ def test_compiled_binary_with_infinite_logits_equals_eager(options: dict[str, An
     assert value[0, 1] == 0
     assert value[1, 2] == 0
     assert torch.isfinite(grad).all()
+
+
+_VMAPPED_ROWS: dict[str, Callable[[Any, Any], Any]] = {
+    # probabilities: array-api-compat's moveaxis has no vmap batching rule (movedim has)
+    "sparse probs": lambda p, q: ce.sparse_categorical_cross_entropy(p, torch.argmax(q)),
+    "sparse probs, axis 0": lambda p, q: ce.sparse_categorical_cross_entropy(
+        p[:, None], torch.argmax(q)[None], axis=0
+    ),
+    "categorical probs": lambda p, q: ce.categorical_cross_entropy(p, q),
+    "categorical probs, axis 0": lambda p, q: ce.categorical_cross_entropy(
+        p[:, None], q[:, None], axis=0
+    ),
+    "listnet, axis 0": lambda p, q: ce.listnet_loss(p[:, None], q[:, None], axis=0),
+    # the untracked in-place divergence path used out= operations, which have no rule either
+    **{
+        f"distillation beta={b}": functools.partial(
+            lambda p, q, b: ce.distillation_loss(p.log(), q.log(), beta=b), b=b
+        )
+        for b in (0.0, 0.3, 0.5, 1.0)
+    },
+    "js_divergence from logits": lambda p, q: ce.info.js_divergence(
+        p.log(), q.log(), from_logits=True
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_VMAPPED_ROWS))
+def test_vmap_without_grad_gives_each_row_s_own_value(name: str) -> None:
+    """torch.func.vmap (no grad) over rows equals the loss of each row; it raised
+    "Batching rule not implemented for aten::moveaxis.int / aten::logaddexp.out"."""
+    gen = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(4, 5, generator=gen, dtype=torch.float64), dim=-1)
+    q = torch.softmax(torch.randn(4, 5, generator=gen, dtype=torch.float64), dim=-1)
+    fn = _VMAPPED_ROWS[name]
+    got = torch.func.vmap(fn)(p, q)
+    want = torch.stack([fn(p[i], q[i]) for i in range(4)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)

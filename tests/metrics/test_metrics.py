@@ -16,6 +16,7 @@ import crossent as ce
 from crossent.metrics import (
     Accuracy,
     BadRowError,
+    BinaryClassificationMetrics,
     BitsPerToken,
     BrierScore,
     CalibrationError,
@@ -500,9 +501,27 @@ def test_bad_settings_and_mismatched_merges() -> None:
         a.merge(CrossEntropy(input_kind="probs"))
     with pytest.raises(ValueError, match="same settings"):
         a.merge(Accuracy(input_kind="probs"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`others` must be CrossEntropy metrics"):
+        a.merge(3)  # type: ignore[arg-type]
     a.update(np.full((1, 2), 0.5), np.array([0]))
     with pytest.raises(ValueError, match="classes"):
         a.update(np.full((1, 3), 1 / 3), np.array([0]))
+    with pytest.raises(ValueError, match="`others`: cannot merge metrics over 2 and 3 classes"):
+        a.merge(
+            CrossEntropy(input_kind="probs", base=2).update(np.full((1, 3), 1 / 3), np.array([0]))
+        )
+
+
+@pytest.mark.parametrize("metric", [CrossEntropy, Accuracy, BinaryClassificationMetrics])
+def test_none_numbers_and_lists_are_type_errors_naming_the_argument(metric: Any) -> None:
+    """update(None, y) and update(x, None) leaked AttributeError ('... has no attribute
+    \'ndim\''); the binary metric named "the arguments" and "Python scalars" for None."""
+    x, y = np.full((2, 2), 0.5), np.array([0, 1])
+    if metric is BinaryClassificationMetrics:
+        x = np.array([0.5, 0.5])
+    for bad_x, bad_y, name in ((None, y, "input"), (x, None, "target"), (0.5, y, "input")):
+        with pytest.raises(TypeError, match=f"`{name}` must be an array"):
+            metric(input_kind="probs").update(bad_x, bad_y)
 
 
 def test_jax_tracers_are_refused() -> None:

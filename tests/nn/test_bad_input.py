@@ -29,3 +29,12 @@ def test_ignore_index_with_probability_targets_raises_as_torch(
             ours(x, t)
     else:
         torch.testing.assert_close(ours(x, t), reference(x, t), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("module", ["CrossEntropyLoss", "NLLLoss", "FocalLoss"])
+@pytest.mark.parametrize("given", [None, 1.0, [[0.0, 1.0]]])
+def test_input_that_is_not_an_array_is_a_type_error_naming_it(module: str, given: object) -> None:
+    """None, a number or a list as `input`: a TypeError naming `input` (AttributeError before)."""
+    loss = getattr(crossent.nn, module)()
+    with pytest.raises(TypeError, match="`input` must be a tensor"):
+        loss(given, torch.tensor([0]))

@@ -387,10 +387,14 @@ def _sparse_rows_generic(
         capped = cap * torch.tanh(z / cap)
         z = torch.where(z == -math.inf, z, capped) if _may_hold_neg_inf(z) else capped
     t = index_target(target)
-    if values_checked(t):
-        from crossent._lib._checks import check_label_range
+    from crossent._lib._checks import check_label_range, guard_label_range
 
+    if values_checked(t):
         check_label_range(t, num_classes, ignore_index=opts.ignore_index, xp=array_namespace(t))
+    elif torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        # compiled, on an accelerator, or validation off: row_stats's gather would not fail
+        # (not under torch.func: no vmap rule for the assertion, no readable labels)
+        guard_label_range(t, num_classes, ignore_index=opts.ignore_index)
     w = None if weight is None else weight.to(z.dtype)
     valid, label = _valid_label(t, opts.ignore_index)
     stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, xp=array_namespace(z))

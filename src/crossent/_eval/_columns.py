@@ -92,6 +92,12 @@ def resolve_columns(
             classes.append(name)
         elif is_numeric_list(pa, t):
             lists.append(name)
+        elif pa.types.is_decimal(t):  # a number, but not one crossent reads: never drop a class
+            msg = (
+                f"{table.path}: column {name!r} holds decimals ({t}), which are not read as "
+                "predictions; store it as float64, or --exclude it if it is not a class."
+            )
+            raise CLIError(msg)
         else:
             ignored.append(name)
     if first is not None:
@@ -207,7 +213,16 @@ def check_text_columns(batch: Any, names: list[str]) -> None:
         if numbers == 0 or 2 * numbers < filled:
             continue
         text = pc.and_(pc.invert(numeric), pc.invert(blank)).fill_null(False)
-        row = int(np.flatnonzero(text.to_numpy(zero_copy_only=False))[0])
+        rows = np.flatnonzero(text.to_numpy(zero_copy_only=False))
+        if rows.size == 0:  # every cell a number written as text (JSON "0.7"): say so
+            row = int(np.flatnonzero(numeric.fill_null(False).to_numpy(zero_copy_only=False))[0])
+            reason = (
+                f"has {column[row].as_py()!r} in column {name!r}: numbers written as text "
+                "(quoted in JSON); write them as numbers, or --exclude the column if it is "
+                "not a class"
+            )
+            raise RowError(row, reason)
+        row = int(rows[0])
         reason = (
             f"has {column[row].as_py()!r} in column {name!r}, which is not a number, while "
             f"{numbers} of the column's {filled} cells in this block are: fix the cell (an "

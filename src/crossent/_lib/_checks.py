@@ -8,6 +8,7 @@ checks (which read data back from the device) run only while
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal, overload
 
@@ -16,6 +17,7 @@ from crossent._lib._xp import (
     Array,
     compute_dtype,
     host_float,
+    is_array,
     is_lazy,
     is_torch_tensor,
     known_true,
@@ -26,6 +28,7 @@ from crossent._lib._xp import (
 
 __all__ = [
     "ProbabilityRangeError",
+    "check_array",
     "check_axis",
     "check_base",
     "check_floating",
@@ -83,16 +86,23 @@ def check_axis(axis: object, ndim: int, *, name: str = "input") -> int:
 
 
 def check_base(base: object) -> float | None:
-    """`base` is None (nats) or a positive number other than 1."""
+    """`base` is None (nats) or a positive, finite number other than 1."""
     if base is None:
         return None
     if isinstance(base, bool) or not isinstance(base, int | float):
         msg = f"`base` must be None (nats) or a positive number such as 2; got {base!r}."
         raise TypeError(msg)
-    if not base > 0 or base == 1:
-        msg = f"`base` must be positive and not 1 (None means nats, 2 bits); got {base!r}."
+    if not 0 < base < math.inf or base == 1:  # base inf would turn every value into 0
+        msg = f"`base` must be positive, finite and not 1 (None means nats, 2 bits); got {base!r}."
         raise ValueError(msg)
     return float(base)
+
+
+def check_array(x: object, *, name: str) -> None:
+    """`x` is an array (NumPy, PyTorch, JAX, ...): not None, a Python number or a list."""
+    if not is_array(x):
+        msg = f"`{name}` must be an array (NumPy, PyTorch, JAX, ...); got {type(x).__name__}."
+        raise TypeError(msg)
 
 
 def check_floating(x: Array, *, name: str, xp: Any, hint: str = "") -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from crossent._lib._xp import Array, is_torch_namespace, logsumexp
+from crossent._lib._xp import Array, is_torch_namespace, logsumexp, torch_tracing
 
 __all__ = [
     "generalized_jsd_from_log",
@@ -53,14 +53,18 @@ __all__ = [
 
 
 def _untracked_torch(xp: Any, *arrays: Array) -> bool:
-    """Whether `arrays` are PyTorch tensors autograd does not track (the in-place path)."""
+    """Whether `arrays` are PyTorch tensors autograd does not track (the in-place path).
+
+    Not while traced: ``torch.compile``, nor ``torch.func`` (``vmap`` has no batching rule
+    for the ``out=`` operations of the in-place path).
+    """
     if not is_torch_namespace(xp):
         return False
     import torch
 
     if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
         return False
-    return not torch.compiler.is_compiling()
+    return not torch_tracing()
 
 
 def log_softmax(z: Array, *, axis: int, xp: Any, overwrite: bool = False) -> Array:

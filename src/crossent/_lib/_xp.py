@@ -34,6 +34,7 @@ __all__ = [
     "log_sigmoid",
     "log_sigmoid_pair",
     "logsumexp",
+    "moveaxis",
     "one_hot",
     "output_dtype",
     "representable",
@@ -107,11 +108,13 @@ def array_namespace(*arrays: object, **named: object) -> Any:
     items = [(f"argument {i + 1}", a) for i, a in enumerate(arrays)] + list(named.items())
     given = [(n, a) for n, a in items if a is not None]
     present = [(n, a) for n, a in given if not isinstance(a, int | float | bool)]
-    if not present:
-        names = ", ".join(f"`{n}`" for n, _ in given) or "the arguments"
+    if not present:  # only None and Python numbers: name them all (`p`, not "the arguments")
+        shown = given or items  # the numbers given, or (only None given) every argument
+        names = ", ".join(f"`{n}`" for n, _ in shown) or "the arguments"
+        got = ", ".join(type(a).__name__ for _, a in shown) or "nothing"
         msg = (
-            f"{names}: expected at least one array (NumPy, PyTorch, JAX, ...); got only "
-            "Python scalars. Pass an array, e.g. np.asarray(...)."
+            f"{names}: expected at least one array (NumPy, PyTorch, JAX, ...); got {got}. "
+            "Pass an array, e.g. np.asarray(...)."
         )
         raise TypeError(msg)
     if all(is_torch_tensor(a) for _, a in present):  # the common case, cheap and traceable
@@ -437,6 +440,21 @@ def representable(value: int, dtype: Any, *, xp: Any) -> bool:
     return bool(info.min <= value <= info.max)
 
 
+def moveaxis(x: Array, source: int, destination: int, *, xp: Any) -> Array:
+    """``xp.moveaxis``: `x` itself when the axis stays (no call); ``movedim`` for tensors.
+
+    ``torch.func.vmap`` has a batching rule for ``movedim`` and none for
+    ``moveaxis`` (which array-api-compat's namespace calls): a probability loss
+    under ``vmap`` failed with "Batching rule not implemented for aten::moveaxis.int".
+    """
+    ndim = x.ndim
+    if ndim and source % ndim == destination % ndim:
+        return x
+    if is_torch_tensor(x):
+        return x.movedim(source, destination)
+    return xp.moveaxis(x, source, destination)
+
+
 def one_hot(labels: Array, num_classes: int, *, dtype: Any, axis: int = -1, xp: Any) -> Array:
     """One-hot encoding of integer `labels` with classes inserted at `axis`.
 
@@ -451,7 +469,7 @@ def one_hot(labels: Array, num_classes: int, *, dtype: Any, axis: int = -1, xp: 
     if axis < 0:
         axis += ndim
     if axis != ndim - 1:
-        out = xp.moveaxis(out, -1, axis)
+        out = moveaxis(out, -1, axis, xp=xp)
     return out
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from crossent._lib._checks import (
+    check_array,
     check_floating,
     check_in_unit_interval,
     check_nonnegative,
@@ -142,9 +143,7 @@ def _prepare(
     label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
     alpha = None if alpha is None else check_unit_interval_scalar(alpha, name="alpha")
     for arr, name in ((input, "input"), (target, "target")):
-        if not is_array(arr):
-            msg = f"`{name}` must be an array (NumPy, PyTorch, JAX, ...); got {type(arr).__name__}."
-            raise TypeError(msg)
+        check_array(arr, name=name)
         check_floating(arr, name=name, xp=xp)
     check_same_shape(input, target)
     dtype = compute_dtype(input.dtype, xp=xp)

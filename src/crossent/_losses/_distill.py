@@ -61,6 +61,8 @@ from crossent._lib._xp import (
     device,
     is_jax_namespace,
     is_torch_namespace,
+    moveaxis,
+    output_dtype,
     representable,
 )
 from crossent._losses._common import reduce_loss
@@ -168,7 +170,12 @@ def _prepare(
     The defaults are :func:`distillation_loss`'s (``value_and_grad`` passes only
     the options it is given).
     """
-    xp = array_namespace(student_logits, teacher_logits)
+    if not hasattr(student_logits, "shape") or not hasattr(teacher_logits, "shape"):
+        msg = "`student_logits` and `teacher_logits` must be arrays (NumPy, PyTorch, JAX, ...)."
+        raise TypeError(msg)
+    xp = array_namespace(
+        student_logits=student_logits, teacher_logits=teacher_logits, target=target
+    )
     check_floating(student_logits, name="student_logits", xp=xp)
     check_floating(teacher_logits, name="teacher_logits", xp=xp)
     check_same_shape(student_logits, teacher_logits, names=("student_logits", "teacher_logits"))
@@ -184,8 +191,8 @@ def _prepare(
     ax = check_axis(axis, ndim, name="student_logits")
     index = check_ignore_index(ignore_index, allow_none=True)
     dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype, xp=xp)
-    s = xp.moveaxis(astype(student_logits, dtype, xp=xp), ax, -1)
-    t = xp.moveaxis(astype(_constant(teacher_logits, xp=xp), dtype, xp=xp), ax, -1)
+    s = moveaxis(astype(student_logits, dtype, xp=xp), ax, -1, xp=xp)
+    t = moveaxis(astype(_constant(teacher_logits, xp=xp), dtype, xp=xp), ax, -1, xp=xp)
     counted = None
     if target is not None:
         check_integer_labels(target, xp=xp)
@@ -324,7 +331,10 @@ def _distill(
         s, t, beta=opts["beta"], temperature=opts["temperature"], grad=grad, xp=xp
     )
     value, denom = _finish(rows, counted, opts["reduction"], xp=xp)
-    out_dtype = xp.result_type(student_logits.dtype, teacher_logits.dtype)
+    # float32 under torch.autocast for half-precision logits, as every loss (API.md section 2)
+    out_dtype = xp.result_type(
+        output_dtype(student_logits, xp=xp), output_dtype(teacher_logits, xp=xp)
+    )
     value = astype(value, out_dtype, xp=xp)
     if g is None:
         return value, None
@@ -337,7 +347,7 @@ def _distill(
             else xp.asarray(float(math.prod(rows.shape)), dtype=g.dtype, device=device(g))
         )
         g = g / xp.where(n > 0, n, xp.ones_like(n))
-    g = xp.moveaxis(g, -1, opts["axis"])
+    g = moveaxis(g, -1, opts["axis"], xp=xp)
     return value, astype(g, student_logits.dtype, xp=xp)
 
 

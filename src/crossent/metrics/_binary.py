@@ -20,6 +20,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from crossent._lib._checks import check_array
 from crossent._lib._xp import Array, array_namespace, to_numpy
 from crossent.metrics import _functional as F
 from crossent.metrics._metric import (
@@ -169,7 +170,9 @@ class BinaryClassificationMetrics(Metric):
 
     def update(self, input: Array, target: Array) -> Self:
         """Add a batch: `input` holds one score per row, `target` the 0/1 labels."""
-        array_namespace(input, target)  # a clear TypeError for non-arrays
+        check_array(input, name="input")  # a clear TypeError for None, numbers, lists
+        check_array(target, name="target")
+        array_namespace(input=input, target=target)  # ... and for arrays of two libraries
         score = np.ravel(to_numpy(input, dtype=np.float64))
         # as float64 (exact for 0/1 and any label near them): an int64 copy would truncate
         # 0.5 or 1.2 to a label 0/1

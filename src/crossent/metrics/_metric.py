@@ -26,6 +26,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from crossent._lib._checks import check_array
 from crossent._lib._xp import Array, array_namespace
 from crossent.metrics import _functional as F
 from crossent.metrics._exact import ExactSum
@@ -169,6 +170,8 @@ class Metric:
 
         Returns the metric itself, so calls chain: ``metric.update(x, y).compute()``.
         """
+        check_array(input, name="input")
+        check_array(target, name="target")
         xp = array_namespace(input=input, target=target)
         need_probs = any(part.needs_probs for part in self._parts.values())
         rows = F._row_stats(
@@ -208,18 +211,22 @@ class Metric:
 
         The result equals one metric updated with all the rows; returns ``self``.
         """
+        name = type(self).__name__
         for other in others:
+            if not isinstance(other, Metric):
+                msg = f"`others` must be {name} metrics to merge; got {type(other).__name__}."
+                raise TypeError(msg)
             if type(other) is not type(self) or other._config() != self._config():
                 msg = (
-                    f"can only merge a {type(self).__name__} with one of the same settings; "
-                    f"got {type(other).__name__} with settings "
-                    f"{getattr(other, '_config', lambda: None)()}, not {self._config()}."
+                    f"`others`: can only merge a {name} with one of the same settings; got "
+                    f"{type(other).__name__} with settings {other._config()}, not "
+                    f"{self._config()}. Build every shard's metric with the same arguments."
                 )
                 raise ValueError(msg)
             if other._states and self._states and other.num_classes != self.num_classes:
                 msg = (
-                    f"cannot merge metrics over {self.num_classes} and {other.num_classes} "
-                    "classes; use one metric per class set."
+                    f"`others`: cannot merge metrics over {self.num_classes} and "
+                    f"{other.num_classes} classes; use one metric per class set."
                 )
                 raise ValueError(msg)
             if not other._states:

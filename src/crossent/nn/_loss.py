@@ -140,7 +140,14 @@ def _check_chunk_size(chunk_size: object) -> int | None:
 
 def _class_axis(input: Tensor) -> int:
     """PyTorch's class dimension: 1, or 0 for one unbatched example of shape (C,)."""
-    return 1 if input.ndim > 1 else 0
+    try:
+        return 1 if input.ndim > 1 else 0
+    except AttributeError:  # None, a list, a Python number: no `ndim`
+        msg = (
+            f"`input` must be a tensor (or another array) with classes on dim 1; got "
+            f"{type(input).__name__}. Convert it first, e.g. `torch.as_tensor(input)`."
+        )
+        raise TypeError(msg) from None
 
 
 def _cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, opts: CEOptions) -> Tensor:
