@@ -111,15 +111,34 @@ def _add_each(values: np.ndarray, targets: list[Any], *, bounds: Any = None) -> 
         target.add(values, index, most=most, spread=spread)
 
 
+def _add_counted(
+    values: np.ndarray,
+    index: np.ndarray,
+    target: _FloatSum,
+    counts: np.ndarray,
+    *,
+    runs: Any = None,
+    bounds: Any = None,
+) -> None:
+    """The float64 counterpart of ``add_counted``: the counts as the other bins count them
+    (``np.add.at`` of ones over laned indices), then every value scattered over the same
+    laned indices."""
+    size = target.total.size
+    spread = F._laned_index(index, size)
+    counts += F._bincount(index, size, spread=spread).reshape(counts.shape)
+    target.add(values, index, spread=spread if lanes_for(size) > 1 else None)
+
+
 @contextlib.contextmanager
 def _float_sums() -> Iterator[None]:
-    exact, shared = F.ExactSum, F.add_to_each
+    exact, shared, counted = F.ExactSum, F.add_to_each, F.add_counted
     F.ExactSum = _FloatSum  # type: ignore[misc, assignment, unused-ignore]
     F.add_to_each = _add_each
+    F.add_counted = _add_counted  # type: ignore[assignment]
     try:
         yield
     finally:
-        F.ExactSum, F.add_to_each = exact, shared
+        F.ExactSum, F.add_to_each, F.add_counted = exact, shared, counted
 
 
 def _cpu(fn: Callable[[], object]) -> tuple[float, float]:

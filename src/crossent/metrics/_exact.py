@@ -55,7 +55,16 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
-__all__ = ["ExactSum", "Runs", "add_to_each", "laned", "lanes_for", "work_array"]
+__all__ = [
+    "ExactSum",
+    "Runs",
+    "add_counted",
+    "add_to_each",
+    "counted_lanes",
+    "laned",
+    "lanes_for",
+    "work_array",
+]
 
 _BASE = -1138  # exponent of digit 0's lowest bit: below 2**-1126, the lowest mantissa bit
 _DIGIT = 32
@@ -880,3 +889,294 @@ def _to_float(integer: int, scale: int) -> float:
         return integer / (1 << -scale)  # Python's int division rounds correctly
     except OverflowError:
         return float("inf") if integer > 0 else float("-inf")
+
+
+# ---------------------------------------------------------------- counted adds
+
+_COUNT_BITS = 13  # a counted add recovers each element's count modulo 2**13
+_MOST_COUNTED = (1 << _COUNT_BITS) - 1  # values per element (of a lane) between decodes
+_FIRST_BITS = 37  # |first piece| <= 2**37 units of its grid
+_SECOND_STEP = 46  # the second grid is 2**46 finer: |second piece| <= 2**45 units of it
+_COUNTED_CELLS = 4096  # lanes * elements of the int64 sums at most
+_COUNTED_LANES = 16
+
+
+@dataclass(frozen=True)
+class _Grids:
+    """The two grids of a counted add, 2**`grid` and 2**`fine`."""
+
+    grid: int
+    fine: int
+
+    @property
+    def sigmas(self) -> tuple[float, float]:
+        """The extraction constants 1.5 * 2**(grid + 52) and 1.5 * 2**(fine + 52)."""
+        return math.ldexp(1.5, self.grid + 52), math.ldexp(1.5, self.fine + 52)
+
+    def bits(self) -> tuple[int, int, int]:
+        """The constants' bits as int64, and the inverse modulo 2**13 of the first's odd
+        part (the bits of 1.5 * 2**e are 2**51 times an odd number)."""
+        first, second = (int(np.float64(s).view(np.int64)) for s in self.sigmas)
+        return first, second, pow(first >> 51, -1, 1 << _COUNT_BITS)
+
+    def deposit(self) -> tuple[int, int, int, int]:
+        """The grids of the counted totals: high and low halves of each piece's sums."""
+        return self.grid + _DIGIT, self.grid, self.fine + _DIGIT, self.fine
+
+
+def counted_lanes(size: int) -> int:
+    """Lanes of the int64 sums of :func:`add_counted` into `size` elements (0: too many
+    elements to decode them every block, unless with runs)."""
+    return min(_COUNTED_LANES, _COUNTED_CELLS // max(size, 1))
+
+
+def add_counted(
+    values: np.ndarray,
+    index: np.ndarray,
+    target: ExactSum,
+    counts: np.ndarray,
+    *,
+    runs: Runs | None = None,
+    bounds: tuple[float, float] | None = None,
+) -> None:
+    r"""Add `values` to the elements `index` of `target` and count them into `counts`, in
+    two int64 scatters: as many as a count and a plain float64 sum take.
+
+    `counts` (int64, ``target``'s shape) is incremented in place by
+    ``np.bincount(index)``. With :math:`|v| < 2^{t}` for every value, the
+    grids :math:`2^{g}`, :math:`g = t - 37`, and :math:`2^{f}`, :math:`f = g -
+    46`, and the extraction constants :math:`\sigma_g = 1.5 \cdot 2^{g+52}`
+    and :math:`\sigma_f`: :math:`\tau = v + \sigma_g` rounds v to the grid
+    :math:`2^g`, :math:`\tau = \sigma_g + c\,2^g`, :math:`|c| \le 2^{37}`, and
+    within the binade of :math:`\sigma_g` the bits of :math:`\tau` read as an
+    integer are :math:`S_g + c`; the rest :math:`r = v - c\,2^g` (exact) gives
+    likewise the bits :math:`S_f + d` of :math:`r + \sigma_f`, :math:`d` the
+    rest rounded to the grid :math:`2^f`, :math:`|d| \le 2^{45}`. Each element
+    sums those bits modulo :math:`2^{64}`: :math:`A = n S_g + \sum c`,
+    :math:`B = n S_f + \sum d`. :math:`S_g` is :math:`2^{51}` times an odd
+    number, so :math:`A` holds n times it modulo :math:`2^{13}` above
+    :math:`\sum c` (:math:`|\sum c| < 2^{50}` for :math:`n < 2^{13}`): the count
+    n comes out, then :math:`\sum c` and :math:`\sum d`, exactly, as long as
+    no element (of a lane) gets :math:`2^{13}` values between two decodes
+    (every block). A value below :math:`2^{f+52}` in magnitude may have bits
+    below the grid :math:`2^f`: what is left of it goes through
+    :func:`add_to_each`.
+
+    With `runs` (the values a (rows, groups) matrix in `runs.order`, the
+    elements laid out group after group, ``target.size / groups`` each, and
+    ``runs.mode[g]`` an element of group g, the likelier the better), only the
+    values not going to their group's mode are scattered; the mode gets the
+    group's dense total less those. `bounds`, when certain, spare a min and a
+    max. Non-finite values, and magnitudes from :math:`2^{1007}` up, take
+    ``np.bincount`` and :func:`add_to_each`.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    index = np.asarray(index, dtype=np.int64).ravel()
+    size = target.nan.size
+    if values.size == 0:
+        return
+    if bounds is None or not (math.isfinite(bounds[0]) and math.isfinite(bounds[1])):
+        bounds = (float(values.min()), float(values.max()))  # NaN if any is
+    low, high = bounds
+    if runs is not None and (
+        runs.rows * runs.groups != values.size or size % runs.groups or runs.groups > _BLOCK
+    ):
+        runs = None
+    lanes = counted_lanes(size)
+    finite = math.isfinite(low) and math.isfinite(high)
+    top = math.frexp(max(high, -low))[1] if finite else 0
+    if not finite or top - _FIRST_BITS > _MAX_GRID or (runs is None and lanes < 4):
+        counts.reshape(-1)[:] += np.bincount(index, minlength=size)
+        add_to_each(values, [(target, index, None)], bounds=bounds)
+        return
+    grid = max(top - _FIRST_BITS, _MIN_GRID)
+    adder = _Counted(size, max(lanes, 1), _Grids(grid, max(grid - _SECOND_STEP, _MIN_GRID)))
+    if runs is None:
+        step = adder.capacity
+    elif runs.order == "C":  # blocks of whole rows
+        step = max(_BLOCK // runs.groups, 1) * runs.groups
+    else:
+        step = _BLOCK
+    for start in range(0, values.size, step):
+        part = slice(start, start + step)
+        adder.block(values[part], index[part], runs, start, bounds)
+    counts.reshape(-1)[:] += adder.count
+    target._deposit(adder.totals, adder.grids.deposit())
+    if adder.tails:
+        rests = np.concatenate([rest for rest, _ in adder.tails])
+        where = np.concatenate([at for _, at in adder.tails])
+        add_to_each(rests, [(target, where, None)])
+
+
+class _Counted:
+    """The int64 sums of one :func:`add_counted`, decoded every block into exact totals.
+
+    `sums` (2, lanes * size) takes the bits of the two pieces of each value
+    (the i-th value of a scatter in lane ``i % lanes``). Decoded, they give
+    each element's count, added to `count`, and the sums of its pieces, split
+    into 32-bit halves (a block adds less than 2**32 to a low half) and added
+    to `totals`: high and low halves of the first pieces' sums, then of the
+    second's, on the grids of :meth:`_Grids.deposit`.
+    """
+
+    def __init__(self, size: int, lanes: int, grids: _Grids) -> None:
+        self.size, self.lanes, self.grids = size, lanes, grids
+        self.capacity = min(lanes * _MOST_COUNTED, _BLOCK)  # `laned` takes _BLOCK at most
+        self.sums = np.zeros((2, lanes * size), dtype=np.int64)
+        self.count = np.zeros(size, dtype=np.int64)
+        self.totals = np.zeros((4, size), dtype=np.int64)
+        self.first, self.second, self.inverse = grids.bits()
+        self.tails: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def block(
+        self,
+        values: np.ndarray,
+        where: np.ndarray,
+        runs: Runs | None,
+        start: int,
+        bounds: tuple[float, float],
+    ) -> None:
+        """Add a block: at most `capacity` values without runs, else at most ``_BLOCK``
+        (whole rows with "C" runs) starting at position `start` of the runs' values."""
+        sigma, sigma_fine = self.grids.sigmas
+        t = work_array("exact split", (values.size,), np.float64)
+        bits = t.view(np.int64)
+        np.add(values, sigma, out=t)  # bits: S_g + c
+        if runs is None:
+            spread = laned(
+                where, self.size, self.lanes, out=work_array("exact lanes", where.shape, np.int64)
+            )
+            np.add.at(self.sums[0], spread, bits)
+        else:
+            picked, groups, cuts, lengths = _picks(where, runs, start)
+            dense = [_group_sums(bits, runs, cuts)]
+            taken = [bits[picked]]
+        t -= sigma  # the first pieces, exact
+        np.subtract(values, t, out=t)  # the rests, exact
+        t += sigma_fine  # bits: S_f + d
+        if runs is None:
+            np.add.at(self.sums[1], spread, bits)
+            self._take(*self._decode())
+        else:
+            dense.append(_group_sums(bits, runs, cuts))
+            taken.append(bits[picked])
+            self._take(*self._modes(where[picked], taken, dense, runs, groups, lengths))
+        self._tails(values, where, bounds)
+
+    def _modes(
+        self,
+        where: np.ndarray,
+        taken: list[np.ndarray],
+        dense: list[np.ndarray],
+        runs: Runs,
+        groups: np.ndarray,
+        length: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A block's totals with runs: the picked values scattered, and each group's mode
+        given the group's dense total less them (modulo 2**64: every total is below 2**63)."""
+        n, first, second = self._picked(where, taken[0], taken[1])
+        mode = runs.mode[groups]
+        width = self.size // runs.groups
+        for total, sums, constant in (
+            (first, dense[0], self.first),
+            (second, dense[1], self.second),
+        ):
+            others = total.reshape(runs.groups, width).sum(axis=1)[groups]
+            total[mode] += sums - length * np.int64(constant) - others
+        n[mode] += length - n.reshape(runs.groups, width).sum(axis=1)[groups]
+        return n, first, second
+
+    def _picked(
+        self, where: np.ndarray, first: np.ndarray, second: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scatter the picked values' bits in chunks of `capacity`, decoding each."""
+        out = [np.zeros(self.size, dtype=np.int64) for _ in range(3)]
+        for start in range(0, where.size, self.capacity):
+            part = slice(start, start + self.capacity)
+            spread = laned(where[part], self.size, self.lanes)
+            np.add.at(self.sums[0], spread, first[part])
+            np.add.at(self.sums[1], spread, second[part])
+            for total, more in zip(out, self._decode(), strict=True):
+                total += more
+        return out[0], out[1], out[2]
+
+    def _decode(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each element's count and sums of its two pieces (integers); the int64 sums are
+        emptied."""
+        a, b = self.sums
+        q = (a.view(np.uint64) + np.uint64(1 << 50)) >> np.uint64(51)  # n * odd mod 2**13
+        n = ((q * np.uint64(self.inverse)) & np.uint64(_MOST_COUNTED)).view(np.int64)
+        first = a - (q << np.uint64(51)).view(np.int64)  # |.| < 2**50
+        second = b - n * np.int64(self.second)  # modulo 2**64; |.| < 2**58
+        self.sums[...] = 0
+        if self.lanes == 1:
+            return n, first, second
+        shape = (self.lanes, self.size)
+        return (
+            n.reshape(shape).sum(axis=0),
+            first.reshape(shape).sum(axis=0),
+            second.reshape(shape).sum(axis=0),
+        )
+
+    def _take(self, n: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
+        """Add a block's counts and sums (each sum below 2**63 in magnitude)."""
+        self.count += n
+        for row, total in ((0, first), (2, second)):
+            self.totals[row] += total >> _DIGIT
+            self.totals[row + 1] += total & _MASK
+
+    def _tails(self, values: np.ndarray, where: np.ndarray, bounds: tuple[float, float]) -> None:
+        """Keep what is left below the fine grid of the values under 2**(fine + 52)."""
+        fine = self.grids.fine
+        if fine == _MIN_GRID:  # every float64 is a multiple of 2**-1074
+            return
+        whole = math.ldexp(1.0, fine + 52)
+        low, high = bounds
+        if low >= 0:
+            if float(values.min()) >= whole:
+                return
+            small = np.flatnonzero(values < whole)
+        elif high <= 0:
+            if float(values.max()) <= -whole:
+                return
+            small = np.flatnonzero(values > -whole)
+        else:
+            small = np.flatnonzero(np.abs(values) < whole)
+        sigma, sigma_fine = self.grids.sigmas
+        v = values[small]
+        rest = v - ((v + sigma) - sigma)
+        rest -= (rest + sigma_fine) - sigma_fine
+        keep = np.flatnonzero(rest)
+        if keep.size:
+            self.tails.append((rest[keep], where[small[keep]]))
+
+
+def _picks(
+    where: np.ndarray, runs: Runs, start: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The positions of a block (from position `start` of the runs' values) whose element is
+    not their group's mode; the groups in the block, where each starts and how many values
+    it has there."""
+    groups = runs.groups
+    mask = work_array("exact left", where.shape, np.bool_)
+    if runs.order == "C":  # whole rows: value i of the block is in group i % groups
+        rows = where.size // groups
+        np.not_equal(where.reshape(rows, groups), runs.mode, out=mask.reshape(rows, groups))
+        every = np.arange(groups)
+        return np.flatnonzero(mask), every, every * 0, np.full(groups, rows, dtype=np.int64)
+    first = np.arange(start // runs.rows, (start + where.size - 1) // runs.rows + 1)
+    cuts = np.maximum(first * runs.rows - start, 0)
+    lengths = np.diff(np.append(cuts, where.size))
+    if first.size <= _FEW_RUNS:
+        for g, a, b in zip(first.tolist(), cuts.tolist(), (cuts + lengths).tolist(), strict=True):
+            np.not_equal(where[a:b], runs.mode[g], out=mask[a:b])
+    else:
+        np.not_equal(where, np.repeat(runs.mode[first], lengths), out=mask)
+    return np.flatnonzero(mask), first, cuts, lengths
+
+
+def _group_sums(bits: np.ndarray, runs: Runs, cuts: np.ndarray) -> np.ndarray:
+    """The int64 sums (modulo 2**64) of a block's bits by group (see :func:`_picks`)."""
+    if runs.order == "C":
+        return bits.reshape(-1, runs.groups).sum(axis=0)
+    return np.add.reduceat(bits, cuts)

@@ -65,7 +65,9 @@ from crossent.metrics._exact import (
     ExactSum,
     Runs,
     Target,
+    add_counted,
     add_to_each,
+    counted_lanes,
     laned,
     lanes_for,
     work_array,
@@ -563,7 +565,10 @@ class _Terms(NamedTuple):
     `most` bounds how many values go to one element (the largest count of
     ``np.bincount(at)``; None: all of them may); `runs`, when given, says that
     the values come in groups, each with a most common element (see
-    :class:`~crossent.metrics._exact.Runs`).
+    :class:`~crossent.metrics._exact.Runs`). `counts`, when given, names the
+    batch's int64 counts that this add gives (``np.bincount(at)``, by
+    :func:`~crossent.metrics._exact.add_counted`): the batch holds None under
+    that name, and :func:`_add_batch` replaces the name by the new state's array.
     """
 
     values: np.ndarray
@@ -572,6 +577,7 @@ class _Terms(NamedTuple):
     runs: Runs | None = None
     bounds: tuple[float, float] | None = None  # certain finite (low, high) of the values
     spread: np.ndarray | None = None  # `at` over the lanes of the exact sum, if made already
+    counts: str | np.ndarray | None = None  # the counts this add gives (see above)
 
 
 Deferred = list[tuple[ExactSum, _Terms]]
@@ -590,8 +596,16 @@ def _add_batch(state: State, batch: dict[str, Any], defer: Deferred | None = Non
         if isinstance(more, _Terms):
             out[key] = value.copy()
             adds.append((out[key], more))
+        elif more is None:  # counted by the add of a `_Terms` (its `counts`)
+            out[key] = value.copy()
         else:
             out[key] = value + more
+    adds = [
+        (target, terms._replace(counts=out[terms.counts]))
+        if isinstance(terms.counts, str)
+        else (target, terms)
+        for target, terms in adds
+    ]
     if defer is None:
         _add_terms(adds)
     else:
@@ -605,6 +619,16 @@ def _add_terms(adds: Deferred) -> None:
     the equal-width and the fine calibration bins)."""
     shared: dict[int, tuple[_Terms, list[Target]]] = {}
     for target, terms in adds:  # alive in `adds`: no id is reused while grouping
+        if isinstance(terms.counts, np.ndarray) and terms.at is not None:  # its own values
+            add_counted(
+                terms.values,
+                terms.at,
+                target,
+                terms.counts,
+                runs=terms.runs,
+                bounds=terms.bounds,
+            )
+            continue
         entry = shared.setdefault(id(terms.values), (terms, []))
         entry[1].append((target, terms.at, terms.most, terms.runs, terms.spread))
     for terms, targets in shared.values():
@@ -942,6 +966,10 @@ def _calibration_update(
             idx += np.arange(groups, dtype=np.int64) * width
         idx = idx.ravel(order=order)
         length, shape = groups * width, (groups, width)
+        hit = np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64)
+        if kind == "classwise":  # its own values: counted by the exact add
+            runs = _counted_runs(state["width_count"], conf.shape[0], order)
+            return None, _Terms(flat_conf, idx, None, runs, bounds, counts="width_count"), hit
         # one laned index for the counts and the exact sums
         spread = _laned_index(idx, length, work=f"{kind} {width}")
         count = _bincount(idx, length, spread=spread)
@@ -949,7 +977,7 @@ def _calibration_update(
         return (
             count.reshape(shape),
             _Terms(flat_conf, idx, most, _runs(count.reshape(shape), order), bounds, spread),
-            np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64),
+            hit,
         )
 
     w_count, w_conf, w_hit = hist(_width_bin(conf, bins, order=order, work=kind), bins)
@@ -989,6 +1017,26 @@ def _runs(count: np.ndarray, order: Literal["C", "F"]) -> Runs | None:
     if total == 0 or total - int(count[np.arange(groups), mode].sum()) > RUNS_SHARE * total:
         return None
     return Runs(order, total // groups, np.arange(groups, dtype=np.int64) * width + mode)
+
+
+#: classwise bins, counted (see :func:`~crossent.metrics._exact.add_counted`): the runs
+#: path when at most this share of the values seen so far left their class's most common bin
+COUNTED_RUNS_SHARE = 0.1
+
+
+def _counted_runs(seen: np.ndarray, rows: int, order: Literal["C", "F"]) -> Runs | None:
+    """The runs of a counted classwise add, from the counts `seen` (groups, bins) so far:
+    each class's most common bin (bin 0 before any), when the values that left it were few
+    or the bins too many to scatter every value (with lanes; see
+    :func:`~crossent.metrics._exact.counted_lanes`)."""
+    groups, width = seen.shape
+    mode = seen.argmax(axis=1)
+    total = int(seen.sum())
+    others = total - int(seen[np.arange(groups), mode].sum())
+    few = total > 0 and others <= COUNTED_RUNS_SHARE * total
+    if groups < 2 or not (few or counted_lanes(seen.size) < 4):
+        return None
+    return Runs(order, rows, np.arange(groups, dtype=np.int64) * width + mode)
 
 
 def _mass_groups(fine_count: np.ndarray, bins: int) -> np.ndarray:
