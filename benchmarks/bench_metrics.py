@@ -119,14 +119,17 @@ def _add_counted(
     *,
     runs: Any = None,
     bounds: Any = None,
+    totals: tuple[_FloatSum, ...] = (),
 ) -> None:
     """The float64 counterpart of ``add_counted``: the counts as the other bins count them
     (``np.add.at`` of ones over laned indices), then every value scattered over the same
-    laned indices."""
+    laned indices, and the pairwise sum of all of them added to each of `totals`."""
     size = target.total.size
     spread = F._laned_index(index, size)
     counts += F._bincount(index, size, spread=spread).reshape(counts.shape)
     target.add(values, index, spread=spread if lanes_for(size) > 1 else None)
+    for total in totals:
+        total.add(values)
 
 
 @contextlib.contextmanager

@@ -938,9 +938,11 @@ def add_counted(
     *,
     runs: Runs | None = None,
     bounds: tuple[float, float] | None = None,
+    totals: tuple[ExactSum, ...] = (),
 ) -> None:
     r"""Add `values` to the elements `index` of `target` and count them into `counts`, in
-    two int64 scatters: as many as a count and a plain float64 sum take.
+    two int64 scatters: as many as a count and a plain float64 sum take; and add their
+    total to each sum of `totals` (of one element: the log loss beside the per-class sums).
 
     `counts` (int64, ``target``'s shape) is incremented in place by
     ``np.bincount(index)``. With :math:`|v| < 2^{t}` for every value, the
@@ -986,8 +988,10 @@ def add_counted(
     finite = math.isfinite(low) and math.isfinite(high)
     top = math.frexp(max(high, -low))[1] if finite else 0
     if not finite or top - _FIRST_BITS > _MAX_GRID or (runs is None and lanes < 4):
-        counts.reshape(-1)[:] += np.bincount(index, minlength=size)
-        add_to_each(values, [(target, index, None)], bounds=bounds)
+        count = np.bincount(index, minlength=size)
+        counts.reshape(-1)[:] += count
+        each: list[Target] = [(total, None, None) for total in totals]
+        add_to_each(values, [(target, index, int(count.max())), *each], bounds=bounds)
         return
     grid = max(top - _FIRST_BITS, _MIN_GRID)
     adder = _Counted(size, max(lanes, 1), _Grids(grid, max(grid - _SECOND_STEP, _MIN_GRID)))
@@ -1002,10 +1006,12 @@ def add_counted(
         adder.block(values[part], index[part], runs, start, bounds)
     counts.reshape(-1)[:] += adder.count
     target._deposit(adder.totals, adder.grids.deposit())
+    for total in totals:  # every element's: exact integers (each below 2**32 * blocks)
+        total._deposit(adder.totals.sum(axis=1, keepdims=True), adder.grids.deposit())
     if adder.tails:
         rests = np.concatenate([rest for rest, _ in adder.tails])
         where = np.concatenate([at for _, at in adder.tails])
-        add_to_each(rests, [(target, where, None)])
+        add_to_each(rests, [(target, where, None), *((total, None, None) for total in totals)])
 
 
 class _Counted:

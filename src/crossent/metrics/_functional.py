@@ -616,23 +616,40 @@ def _add_batch(state: State, batch: dict[str, Any], defer: Deferred | None = Non
 def _add_terms(adds: Deferred) -> None:
     """Add each `_Terms` to its exact sum; terms of the same values array share one split
     (the per-row losses of the log loss and of the per-class figures, the confidences of
-    the equal-width and the fine calibration bins)."""
-    shared: dict[int, tuple[_Terms, list[Target]]] = {}
+    the equal-width and the fine calibration bins). Counted terms (see `_Terms`) take
+    :func:`~crossent.metrics._exact.add_counted`, with the sums of one element that share
+    their values; beside other element-wise sums, their counts are made first."""
+    shared: dict[int, list[tuple[ExactSum, _Terms]]] = {}
     for target, terms in adds:  # alive in `adds`: no id is reused while grouping
-        if isinstance(terms.counts, np.ndarray) and terms.at is not None:  # its own values
+        shared.setdefault(id(terms.values), []).append((target, terms))
+    for group in shared.values():
+        counted = [
+            (target, terms, terms.at, terms.counts)
+            for target, terms in group
+            if isinstance(terms.counts, np.ndarray) and terms.at is not None
+        ]
+        scalars = tuple(target for target, terms in group if terms.at is None)
+        if len(counted) == 1 and len(scalars) == len(group) - 1:
+            target, terms, at, counts = counted[0]
             add_counted(
                 terms.values,
-                terms.at,
+                at,
                 target,
-                terms.counts,
+                counts,
                 runs=terms.runs,
                 bounds=terms.bounds,
+                totals=scalars,
             )
             continue
-        entry = shared.setdefault(id(terms.values), (terms, []))
-        entry[1].append((target, terms.at, terms.most, terms.runs, terms.spread))
-    for terms, targets in shared.values():
-        add_to_each(terms.values, targets, bounds=terms.bounds)
+        targets: list[Target] = []
+        for target, terms in group:
+            most = terms.most
+            if isinstance(terms.counts, np.ndarray) and terms.at is not None:
+                count = np.bincount(terms.at, minlength=terms.counts.size)
+                terms.counts.reshape(-1)[:] += count
+                most = int(count.max(initial=0))
+            targets.append((target, terms.at, most, terms.runs, terms.spread))
+        add_to_each(group[0][1].values, targets, bounds=group[0][1].bounds)
 
 
 def _count(values: np.ndarray) -> np.ndarray:
@@ -759,14 +776,11 @@ def _per_class_update(
     hit = rows["pred"] == labels
     if not every_row:
         hit &= valid
-    spread = _laned_index(labels, num_classes)  # for the counts and the exact sums
-    count = _bincount(labels, num_classes, spread=spread)
-    most = int(count.max(initial=0))
     return _add_batch(
         state,
         {
-            "class_nll": _Terms(rows["nll"], labels, most, spread=spread),
-            "class_count": count,
+            "class_nll": _Terms(rows["nll"], labels, counts="class_count"),
+            "class_count": None,  # counted by the exact sum
             # np.compress: a boolean subscript of a random mask is 10x slower
             "class_correct": np.bincount(np.compress(hit, labels), minlength=num_classes).astype(
                 np.int64
