@@ -951,8 +951,9 @@ def add_counted(
     and :math:`\sigma_f`: :math:`\tau = v + \sigma_g` rounds v to the grid
     :math:`2^g`, :math:`\tau = \sigma_g + c\,2^g`, :math:`|c| \le 2^{37}`, and
     within the binade of :math:`\sigma_g` the bits of :math:`\tau` read as an
-    integer are :math:`S_g + c`; the rest :math:`r = v - c\,2^g` (exact) gives
-    likewise the bits :math:`S_f + d` of :math:`r + \sigma_f`, :math:`d` the
+    integer are :math:`S_g + c`; the rest :math:`r = v - c\,2^g` gives likewise
+    the bits :math:`S_f + d` of :math:`r + \sigma_f` (one rounding of
+    :math:`v + (\sigma_f + \sigma_g - \tau)`, whose bracket is exact), :math:`d` the
     rest rounded to the grid :math:`2^f`, :math:`|d| \le 2^{45}`. Each element
     sums those bits modulo :math:`2^{64}`: :math:`A = n S_g + \sum c`,
     :math:`B = n S_f + \sum d`. :math:`S_g` is :math:`2^{51}` times an odd
@@ -1057,9 +1058,10 @@ class _Counted:
             picked, groups, cuts, lengths = _picks(where, runs, start)
             dense = [_group_sums(bits, runs, cuts)]
             taken = [bits[picked]]
-        t -= sigma  # the first pieces, exact
-        np.subtract(values, t, out=t)  # the rests, exact
-        t += sigma_fine  # bits: S_f + d
+        # r + sigma_f in one rounding, as v + (sigma_f - c 2**g): sigma_f + sigma (a multiple
+        # of 2**(g+5) below 2**(g+53)) less tau is sigma_f - c 2**g, exact (|.| < 2**(g+39))
+        np.subtract(sigma + sigma_fine, t, out=t)
+        t += values  # bits: S_f + d
         if runs is None:
             np.add.at(self.sums[1], spread, bits)
             self._take(*self._decode())
