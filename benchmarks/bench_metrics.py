@@ -104,10 +104,10 @@ class _FloatSum:
 
 def _add_each(values: np.ndarray, targets: list[Any], *, bounds: Any = None) -> None:
     """The float64 counterpart of ``add_to_each``: each target on its own (every value
-    scattered: the hints of the exact sums, :class:`~crossent.metrics._exact.Runs` and
-    `bounds`, are of no use to it; the indices the caller already laned are)."""
+    scattered: the exact sums' `bounds` are of no use to it; the indices the caller
+    already laned are)."""
     for target, index, most, *hint in targets:
-        spread = hint[1] if len(hint) > 1 and lanes_for(target.total.size) > 1 else None
+        spread = hint[0] if hint and lanes_for(target.total.size) > 1 else None
         target.add(values, index, most=most, spread=spread)
 
 

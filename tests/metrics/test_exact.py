@@ -445,10 +445,11 @@ def test_runs_add_the_most_common_element_as_the_total_less_the_others(
     order: Literal["C", "F"], rows: int, groups: int
 ) -> None:
     """Classwise bins of many classes: the values of a class outside its most common bin
-    are scattered, the rest added as the class's total less them; the same bits as every
-    value scattered, and the exact sums (also across blocks that cut a class in two)."""
-    from crossent.metrics._exact import Runs, add_to_each
-    from crossent.metrics._functional import _runs, _width_bin
+    are scattered, the rest added as the class's dense total less them; the same bits and
+    counts as every value scattered, and the exact sums (also across blocks that cut a
+    class in two)."""
+    from crossent.metrics._exact import Runs, add_counted, add_to_each
+    from crossent.metrics._functional import _width_bin
 
     rng = np.random.default_rng(rows + groups)
     z = rng.normal(scale=3.0, size=(rows, groups))
@@ -460,10 +461,11 @@ def test_runs_add_the_most_common_element_as_the_total_less_the_others(
     xs = p.ravel(order=order)
     count = np.bincount(index, minlength=groups * bins).reshape(groups, bins)
     runs = Runs(order, rows, np.arange(groups) * bins + count.argmax(axis=1))
-    assert (_runs(count, order) is not None) == (order == "F")  # the metrics use "F" only
     by_runs, scattered = ExactSum.zeros((groups, bins)), ExactSum.zeros((groups, bins))
-    add_to_each(xs, [(by_runs, index, int(count.max()), runs)])
+    counted = np.zeros((groups, bins), dtype=np.int64)
+    add_counted(xs, index, by_runs, counted, runs=runs, bounds=(0.0, 1.0))
     add_to_each(xs, [(scattered, index, int(count.max()))])
+    np.testing.assert_array_equal(counted, count)
     got = by_runs.value().ravel()
     np.testing.assert_array_equal(_bits(got), _bits(scattered.value().ravel()))
     for k in {int(runs.mode[0]), int(runs.mode[-1]), 1, groups * bins - 1}:
@@ -548,14 +550,14 @@ def test_indices_laned_by_the_caller_give_the_same_exact_sums(special: bool) -> 
     np.testing.assert_array_equal(_bincount(index, size, spread=spread), np.bincount(index))
     most = int(np.bincount(index).max())
     laned, plain = ExactSum.zeros((size,)), ExactSum.zeros((size,))
-    add_to_each(values, [(laned, index, most, None, spread)])
+    add_to_each(values, [(laned, index, most, spread)])
     add_to_each(values, [(plain, index, most)])
     got = laned.value()
     np.testing.assert_array_equal(_bits(got), _bits(plain.value()))
     # any lane of the element will do: the lanes of an element are added exactly
     other = ExactSum.zeros((size,))
     shuffled = index + rng.integers(0, lanes_for(size), n) * size
-    add_to_each(values, [(other, index, most, None, shuffled)])
+    add_to_each(values, [(other, index, most, shuffled)])
     np.testing.assert_array_equal(_bits(other.value()), _bits(got))
     for k in (0, 1, size - 1):
         if not special or k != index[5]:

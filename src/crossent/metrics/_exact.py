@@ -32,10 +32,15 @@ grid: when they are few, what is left of them after the first piece goes
 round again, alone, on a finer grid; when they are many, their second piece
 is cut on the grid :math:`2^{g-L}` and only the bits below it go round again.
 :func:`add_to_each` adds the same values to several sums (by their own
-indices) with one split of each block. Values that come in runs, each
-mostly into one element (:class:`Runs`: classwise calibration bins of many
-classes, column by column), are scattered only where they go elsewhere; the
-rest adds as each run's total less those (contiguous sums, no scatter).
+indices) with one split of each block.
+
+Sums whose values are also counted per element (calibration bins, per-class
+sums) take :func:`add_counted`: each value's two pieces go as the bits of
+two float64 numbers, read as int64, into two int64 scatters that give the
+count with the sums, so the exact sum costs no scatter more than a count and
+a float64 sum. Values that come in runs, each mostly into one element
+(:class:`Runs`: classwise bins of many classes), are scattered only where
+they go elsewhere; the rest adds as each run's dense total less those.
 
 Because the state is the exact sum, it does not depend on the order of the
 rows, on how they were split into batches or shards, or on the order in
@@ -86,7 +91,6 @@ _FEW_SMALL = 1 / 8  # fraction of a block whose rests go round again whole (thei
 _FEW_RUNS = 16  # groups in a block up to which runs are compared one by one
 _FEW_ROWS = 16  # value() rounds up to this many sums one by one with Python ints
 _EMPTY = np.empty(0, dtype=np.float64)
-_EMPTY_INDEX = np.empty(0, dtype=np.int64)
 
 
 @dataclass
@@ -362,10 +366,11 @@ class Runs:
 
     The values are a (rows, groups) matrix, flattened in `order` ("F": each
     group's `rows` values one after the other; "C": row after row), and
-    ``mode[g]`` is the element that most of group g's values go to. Then
-    :func:`add_to_each` scatters only the values that go elsewhere and adds the
-    rest at once, as the group's total less those: for classwise calibration
-    bins of many classes, where nearly every probability is in the first bin.
+    ``mode[g]`` is the element that most of group g's values go to (likely:
+    any element of the group gives the same sums). Then :func:`add_counted`
+    scatters only the values that go elsewhere and adds the rest at once, as
+    the group's total less those: for classwise calibration bins of many
+    classes, where nearly every probability is in the first bin.
     """
 
     order: str
@@ -377,11 +382,10 @@ class Runs:
         return int(self.mode.size)
 
 
-# (sum, flat indices, most), optionally followed by runs and by the laned indices
+# (sum, flat indices, most), optionally followed by the laned indices
 Target = (
     tuple[ExactSum, np.ndarray | None, int | None]
-    | tuple[ExactSum, np.ndarray | None, int | None, Runs | None]
-    | tuple[ExactSum, np.ndarray | None, int | None, Runs | None, np.ndarray | None]
+    | tuple[ExactSum, np.ndarray | None, int | None, np.ndarray | None]
 )
 
 
@@ -389,7 +393,7 @@ def add_to_each(
     values: np.ndarray, targets: list[Target], *, bounds: tuple[float, float] | None = None
 ) -> None:
     """Add the same `values` to each of `targets`: (sum, flat indices or None, `most`),
-    optionally followed by :class:`Runs` (or None) and by the indices already spread over
+    optionally followed by the indices already spread over
     the sum's ``lanes_for(size)`` lanes (``index + lane * size``, any lane: the caller's
     :func:`laned` indices, made for its counts, save making them again).
 
@@ -408,7 +412,6 @@ def add_to_each(
     wheres: list[np.ndarray | None] = []
     pendings: list[_Pending] = []
     mosts: list[int] = []
-    runs: list[Runs | None] = []
     spreads: list[np.ndarray | None] = []
     block = _BLOCK
     for target, index, most, *hint in targets:
@@ -417,29 +420,18 @@ def add_to_each(
             msg = f"`index` has {flat_index.size} entries for {values.size} values."
             raise ValueError(msg)
         wheres.append(flat_index)
-        run = cast("Runs | None", hint[0]) if hint and flat_index is not None else None
-        if run is not None and (run.rows * run.groups != values.size or run.groups > _BLOCK // 2):
-            run = None
         bound = values.size if most is None else min(most, values.size)
-        if run is not None and run.order == "C":  # blocks of whole rows
-            block = block // run.groups * run.groups
         pendings.append(_Pending.of(target, bound, lanes=1 if flat_index is None else None))
         mosts.append(bound)
-        runs.append(run)
-        spread = cast("np.ndarray | None", hint[1]) if len(hint) > 1 else None
+        spread = cast("np.ndarray | None", hint[0]) if hint else None
         if flat_index is None or pendings[-1].lanes == 1:  # nothing laned
             spread = None
         if spread is not None and spread.size != values.size:
             spread = None
         spreads.append(None if spread is None else np.asarray(spread).ravel())
-    runs = [
-        None if run is None or (run.order == "C" and block % run.groups) else run for run in runs
-    ]
     # one split for all: pieces as narrow as the narrowest partial sums take (a pending
     # set of partial sums takes pieces of its level or narrower)
     level = min((pending.level for pending in pendings), default=_MAX_LEVEL)
-    if any(run is not None for run in runs):  # a group's total sums a block of pieces
-        level = min(level, _level(block))
     sums = [target[0] for target in targets]
     while values.size:  # each round adds 2L bits of every value; few have more left
         for pending, bound in zip(pendings, mosts, strict=True):
@@ -452,8 +444,7 @@ def add_to_each(
                 (target, pending, None if where is None else where[part])
                 for target, pending, where in zip(sums, pendings, wheres, strict=True)
             ]
-            for pending, run, spread in zip(pendings, runs, spreads, strict=True):
-                pending.runs = None if run is None else (run, start)
+            for pending, spread in zip(pendings, spreads, strict=True):
                 pending.spread = None if spread is None else spread[part]
             rest, rest_index = _add_block(values[part], each, level, bounds)
             if rest.size:
@@ -463,12 +454,9 @@ def add_to_each(
                         kept.append(where)
         values = np.concatenate(left) if left else _EMPTY
         wheres = [np.concatenate(kept) if kept else None for kept in left_index]
-        runs = [None] * len(targets)  # what goes round again is no longer in runs
-        spreads = [None] * len(targets)  # nor in its place
+        spreads = [None] * len(targets)  # what goes round again is no longer in its place
         bounds = None  # nor within the bounds (rests have either sign)
-        block = _BLOCK
     for pending in pendings:
-        pending.runs = None
         pending.spread = None
 
 
@@ -499,8 +487,7 @@ def _add_block(
         values = values[finite]
         each = [(t, p, None if w is None else w[finite]) for t, p, w in each]
         for _, pending, _ in each:
-            pending.runs = None  # the values moved: add them one by one
-            pending.spread = None
+            pending.spread = None  # the values moved: their laned indices are of no use
         if not values.size:
             return _EMPTY, nothing
         largest, smallest = float(values.max()), float(values.min())
@@ -515,12 +502,9 @@ def _add_block(
             )
         return _EMPTY, nothing
     grid = max(top - level, _MIN_GRID)
-    # values each partial sum takes from this block (with runs: the ones scattered)
-    counts = [values.size if p.runs is None or w is None else p.pick(w) for _, p, w in each]
-    grid, partial = each[0][1].partial_sums(each[0][0], grid, counts[0])
+    grid, partial = each[0][1].partial_sums(each[0][0], grid, values.size)
     chosen = [(grid, partial)] + [
-        p.partial_sums(t, grid, count, slack=0)
-        for (t, p, _), count in zip(each[1:], counts[1:], strict=True)
+        p.partial_sums(t, grid, values.size, slack=0) for t, p, _ in each[1:]
     ]
     low_grid = max(grid - level, _MIN_GRID)
     high, low, rest, left = _scratch(values.size)
@@ -533,10 +517,8 @@ def _add_block(
     np.subtract(values, high, out=rest)  # |rest| <= 2**(g-1)
 
     def scatter(low_piece: np.ndarray) -> None:
-        for (target, pending, where), (_, partial) in zip(each, chosen, strict=True):
+        for (_, pending, where), (_, partial) in zip(each, chosen, strict=True):
             pending.scatter(partial, where, high, low_piece)
-            if pending.runs is not None:
-                pending.add_modes(target, high, low_piece, (grid, low_grid))
 
     # a value of magnitude >= 2**(low_grid + 52) is a multiple of 2**low_grid, and so is
     # its rest: that rest is its low piece, nothing is left
@@ -595,11 +577,7 @@ class _Pending:
         self.sums: dict[int, np.ndarray] = {}  # grid -> partial sums (2, lanes * size)
         self.base: dict[int, int] = {}  # grid -> pieces per element before this round
         self.taken: dict[int, int] = {}  # grid -> values taken in this round
-        self.runs: tuple[Runs, int] | None = None  # this block's runs and its first position
         self.spread: np.ndarray | None = None  # this block's indices already laned, if given
-        self.picked = _EMPTY_INDEX  # with runs: the positions of the block to scatter
-        self.cuts: np.ndarray | None = None  # with "F" runs: where each group starts
-        self.first = _EMPTY_INDEX  # with "F" runs: the groups in the block
 
     @classmethod
     def of(cls, target: ExactSum, most: int, *, lanes: int | None) -> _Pending:
@@ -621,7 +599,6 @@ class _Pending:
         out = copy.copy(self)
         out.sums = {grid: sums.copy() for grid, sums in self.sums.items()}
         out.base, out.taken = dict(self.base), dict(self.taken)
-        out.runs = None
         out.spread = None
         return out
 
@@ -667,73 +644,13 @@ class _Pending:
             sums[0, 0] += high.sum()
             sums[1, 0] += low.sum()
             return
-        if self.runs is not None:  # the values picked from the runs (see `pick`)
-            high, low, where = high[self.picked], low[self.picked], where[self.picked]
-        if self.spread is not None and self.runs is None:  # laned by the caller
+        if self.spread is not None:  # laned by the caller
             where = self.spread
         else:
             lanes = work_array("exact lanes", (where.size,), np.int64)
             where = laned(where, self.size, self.lanes, out=lanes)
         np.add.at(sums[0], where, high)
         np.add.at(sums[1], where, low)
-
-    def pick(self, where: np.ndarray) -> int:
-        """With runs: which values of this block to scatter (those not going to their group's
-        most common element); returns how many (the most any element gets from the block).
-
-        The others are added by :meth:`add_modes`, straight into the digits.
-        """
-        assert self.runs is not None
-        runs, start = self.runs
-        mask = _scratch(where.size)[3]  # _add_block's `left`, not yet in use
-        groups, mode = runs.groups, runs.mode
-        if runs.order == "C":  # whole rows: value i of the block is in group i % groups
-            np.not_equal(where.reshape(-1, groups), mode, out=mask.reshape(-1, groups))
-            self.picked = np.flatnonzero(mask)
-            self.cuts = None
-        else:  # group g holds positions [g rows, (g + 1) rows) of all the values
-            first = np.arange(start // runs.rows, (start + where.size - 1) // runs.rows + 1)
-            cuts = np.maximum(first * runs.rows - start, 0)
-            if first.size <= _FEW_RUNS:
-                ends = [*cuts[1:].tolist(), where.size]
-                for g, a, b in zip(first.tolist(), cuts.tolist(), ends, strict=True):
-                    np.not_equal(where[a:b], mode[g], out=mask[a:b])
-            else:
-                lengths = np.diff(np.append(cuts, where.size))
-                np.not_equal(where, np.repeat(mode[first], lengths), out=mask)
-            self.picked = np.flatnonzero(mask)
-            self.cuts, self.first = cuts, first
-        return int(self.picked.size)
-
-    def add_modes(
-        self, target: ExactSum, high: np.ndarray, low: np.ndarray, grids: tuple[int, int]
-    ) -> None:
-        """With runs: add to each group's most common element the pieces of its values that
-        were not picked, as the group's total less the picked ones, into the digits.
-
-        Each of these float64 sums holds at most a block of pieces (`most` is the
-        number of values, so the pieces are narrow enough): exact in any order.
-        """
-        assert self.runs is not None
-        runs, _ = self.runs
-        picked, groups = self.picked, runs.groups
-        modes: list[np.ndarray] = []
-        if self.cuts is None:
-            owner = picked % groups
-            for piece in (high, low):
-                total = piece.reshape(-1, groups).sum(axis=0)
-                modes.append(total - np.bincount(owner, weights=piece[picked], minlength=groups))
-            elements = runs.mode
-        else:
-            at = np.searchsorted(picked, self.cuts)  # where each group's picked values start
-            empty = np.diff(np.append(at, picked.size)) == 0
-            for piece in (high, low):
-                taken = np.append(piece[picked], 0.0)  # reduceat reads one past an empty end
-                others = np.where(empty, 0.0, np.add.reduceat(taken, at))
-                modes.append(np.add.reduceat(piece, self.cuts) - others)
-            elements = runs.mode[self.first]
-        scale = -np.array(grids)[:, None]
-        target._deposit(np.ldexp(np.stack(modes), scale).astype(np.int64), grids, elements)
 
     def _deposit(self, target: ExactSum, grid: int, sums: np.ndarray) -> None:
         if self.lanes > 1:  # exact: the lanes of an element hold `span` pieces at most in all
@@ -899,6 +816,7 @@ _FIRST_BITS = 37  # |first piece| <= 2**37 units of its grid
 _SECOND_STEP = 46  # the second grid is 2**46 finer: |second piece| <= 2**45 units of it
 _COUNTED_CELLS = 4096  # lanes * elements of the int64 sums at most
 _COUNTED_LANES = 16
+_COUNTED_ELEMENTS = 1 << 14  # elements at most (each block decodes every element)
 
 
 @dataclass(frozen=True)
@@ -970,8 +888,9 @@ def add_counted(
     ``runs.mode[g]`` an element of group g, the likelier the better), only the
     values not going to their group's mode are scattered; the mode gets the
     group's dense total less those. `bounds`, when certain, spare a min and a
-    max. Non-finite values, and magnitudes from :math:`2^{1007}` up, take
-    ``np.bincount`` and :func:`add_to_each`.
+    max. Non-finite values, magnitudes from :math:`2^{1007}` up, and many
+    elements (over 1024 without runs, over 16384 with them: each block decodes
+    every element) take ``np.bincount`` and :func:`add_to_each`.
     """
     values = np.asarray(values, dtype=np.float64).ravel()
     index = np.asarray(index, dtype=np.int64).ravel()
@@ -988,7 +907,8 @@ def add_counted(
     lanes = counted_lanes(size)
     finite = math.isfinite(low) and math.isfinite(high)
     top = math.frexp(max(high, -low))[1] if finite else 0
-    if not finite or top - _FIRST_BITS > _MAX_GRID or (runs is None and lanes < 4):
+    few = lanes >= 4 or (runs is not None and size <= _COUNTED_ELEMENTS)
+    if not finite or top - _FIRST_BITS > _MAX_GRID or not few:
         count = np.bincount(index, minlength=size)
         counts.reshape(-1)[:] += count
         each: list[Target] = [(total, None, None) for total in totals]

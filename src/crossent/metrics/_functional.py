@@ -648,7 +648,7 @@ def _add_terms(adds: Deferred) -> None:
                 count = np.bincount(terms.at, minlength=terms.counts.size)
                 terms.counts.reshape(-1)[:] += count
                 most = int(count.max(initial=0))
-            targets.append((target, terms.at, most, terms.runs, terms.spread))
+            targets.append((target, terms.at, most, terms.spread))
         add_to_each(group[0][1].values, targets, bounds=group[0][1].bounds)
 
 
@@ -990,7 +990,7 @@ def _calibration_update(
         most = int(count.max(initial=0))
         return (
             count.reshape(shape),
-            _Terms(flat_conf, idx, most, _runs(count.reshape(shape), order), bounds, spread),
+            _Terms(flat_conf, idx, most, None, bounds, spread),
             hit,
         )
 
@@ -1006,31 +1006,6 @@ def _calibration_update(
         f_count, f_conf, f_hit = hist(_fine_bin(conf), FINE_BINS)
         batch |= {"fine_count": f_count, "fine_conf": f_conf, "fine_hit": f_hit}
     return _add_batch(state, batch, defer)
-
-
-#: classwise bins: the values that are not in their class's most common bin are scattered
-#: one by one, the others added as the class's total less them, when they are this few
-RUNS_SHARE = 0.2
-
-
-def _runs(count: np.ndarray, order: Literal["C", "F"]) -> Runs | None:
-    """The most common bin of each group, when all but few values are in one
-    (classwise bins of many classes: nearly every probability is in the first bin).
-
-    Only for column-major confidences (``crossent eval``'s layout), where each
-    class's values are one run, mostly into one bin: scattered one by one they
-    add in one dependency chain (the lanes break it up only up to
-    ``_LANE_ELEMENTS`` elements). Row-major confidences spread over the
-    classes and scatter as fast as the runs path would add them (measured).
-    """
-    groups, width = count.shape
-    if groups < 2 or order != "F":
-        return None
-    mode = count.argmax(axis=1)
-    total = int(count.sum())
-    if total == 0 or total - int(count[np.arange(groups), mode].sum()) > RUNS_SHARE * total:
-        return None
-    return Runs(order, total // groups, np.arange(groups, dtype=np.int64) * width + mode)
 
 
 #: classwise bins, counted (see :func:`~crossent.metrics._exact.add_counted`): the runs
