@@ -1091,7 +1091,7 @@ def _picks(
         rows = where.size // groups
         np.not_equal(where.reshape(rows, groups), runs.mode, out=mask.reshape(rows, groups))
         every = np.arange(groups)
-        return np.flatnonzero(mask), every, every * 0, np.full(groups, rows, dtype=np.int64)
+        return np.flatnonzero(mask), every, np.zeros_like(every), np.full(groups, rows)
     first = np.arange(start // runs.rows, (start + where.size - 1) // runs.rows + 1)
     cuts = np.maximum(first * runs.rows - start, 0)
     lengths = np.diff(np.append(cuts, where.size))
