@@ -705,11 +705,13 @@ def test_counted_adversarial_sums_with_and_without_runs(kind: str, runs: str | N
 @pytest.mark.parametrize("runs", [False, True])
 def test_counted_sums_decode_before_any_lane_holds_two_to_the_13_values(runs: bool) -> None:
     """Every value into one element (the count is read modulo 2**13 per lane and block):
-    the count and the sum stay exact across many blocks, near the bound and past it."""
-    from crossent.metrics._exact import _COUNTED_LANES, _MOST_COUNTED, Runs
+    the count and the sum stay exact across many blocks, each lane near the bound."""
+    from crossent.metrics._exact import _BLOCK, _COUNTED_LANES, _MOST_COUNTED, Runs
+
+    assert _BLOCK / _COUNTED_LANES > _MOST_COUNTED - 500  # a lane of a block: near 2**13
 
     rng = np.random.default_rng(3)
-    n = 2 * _COUNTED_LANES * _MOST_COUNTED + 17
+    n = 3 * _BLOCK + 17
     xs = 1.0 - rng.random(n) * 2.0**-30  # full pieces: every sum at its widest
     index = np.zeros(n, dtype=np.int64)
     hint = Runs("F", n, np.array([1])) if runs else None  # a wrong mode: all picked

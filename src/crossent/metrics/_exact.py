@@ -815,7 +815,7 @@ _MOST_COUNTED = (1 << _COUNT_BITS) - 1  # values per element (of a lane) between
 _FIRST_BITS = 37  # |first piece| <= 2**37 units of its grid
 _SECOND_STEP = 46  # the second grid is 2**46 finer: |second piece| <= 2**45 units of it
 _COUNTED_CELLS = 4096  # lanes * elements of the int64 sums at most
-_COUNTED_LANES = 16
+_COUNTED_LANES = -(-_BLOCK // _MOST_COUNTED)  # the fewest lanes that take a whole block (17)
 _COUNTED_ELEMENTS = 1 << 14  # elements at most (each block decodes every element)
 
 
