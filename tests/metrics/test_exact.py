@@ -766,3 +766,28 @@ def test_counted_runs_dense_totals_at_their_widest() -> None:
     assert counts.tolist() == [n, 0]
     assert float(target[0]) == float(Fraction(v) * n)
     assert float(total) == float(Fraction(v) * n)
+
+
+def test_top_label_bins_match_fsum_and_bincount() -> None:
+    """Top-label calibration: the equal-width and the fine bins (one split for both), over
+    batches: each bin's count and confidence sum are np.bincount's and math.fsum's."""
+    from crossent.metrics import ClassificationMetrics
+    from crossent.metrics._functional import FINE_BINS, _fine_bin, _width_bin
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(scale=3.0, size=(3000, 7))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    m = ClassificationMetrics(input_kind="probs", bins=15)
+    for start in range(0, 3000, 1000):
+        m.update(p[start : start + 1000], rng.integers(0, 7, 1000))
+    state = m.state["top_label"]
+    conf = p.max(axis=1)
+    for name, size, bins in (
+        ("width", 15, _width_bin(conf[:, None], 15)[:, 0]),
+        ("fine", FINE_BINS, _fine_bin(conf)),
+    ):
+        np.testing.assert_array_equal(state[f"{name}_count"][0], np.bincount(bins, minlength=size))
+        sums = state[f"{name}_conf"].value()[0]
+        for b in np.unique(bins):
+            assert sums[b] == math.fsum(conf[bins == b].tolist()), (name, b)
