@@ -104,22 +104,44 @@ class _FloatSum:
 
 def _add_each(values: np.ndarray, targets: list[Any], *, bounds: Any = None) -> None:
     """The float64 counterpart of ``add_to_each``: each target on its own (every value
-    scattered: the hints of the exact sums, :class:`~crossent.metrics._exact.Runs` and
-    `bounds`, are of no use to it; the indices the caller already laned are)."""
+    scattered: the exact sums' `bounds` are of no use to it; the indices the caller
+    already laned are)."""
     for target, index, most, *hint in targets:
-        spread = hint[1] if len(hint) > 1 and lanes_for(target.total.size) > 1 else None
+        spread = hint[0] if hint and lanes_for(target.total.size) > 1 else None
         target.add(values, index, most=most, spread=spread)
+
+
+def _add_counted(
+    values: np.ndarray,
+    index: np.ndarray,
+    target: _FloatSum,
+    counts: np.ndarray,
+    *,
+    runs: Any = None,
+    bounds: Any = None,
+    totals: tuple[_FloatSum, ...] = (),
+) -> None:
+    """The float64 counterpart of ``add_counted``: the counts as the other bins count them
+    (``np.add.at`` of ones over laned indices), then every value scattered over the same
+    laned indices, and the pairwise sum of all of them added to each of `totals`."""
+    size = target.total.size
+    spread = F._laned_index(index, size)
+    counts += F._bincount(index, size, spread=spread).reshape(counts.shape)
+    target.add(values, index, spread=spread if lanes_for(size) > 1 else None)
+    for total in totals:
+        total.add(values)
 
 
 @contextlib.contextmanager
 def _float_sums() -> Iterator[None]:
-    exact, shared = F.ExactSum, F.add_to_each
+    exact, shared, counted = F.ExactSum, F.add_to_each, F.add_counted
     F.ExactSum = _FloatSum  # type: ignore[misc, assignment, unused-ignore]
     F.add_to_each = _add_each
+    F.add_counted = _add_counted  # type: ignore[assignment]
     try:
         yield
     finally:
-        F.ExactSum, F.add_to_each = exact, shared
+        F.ExactSum, F.add_to_each, F.add_counted = exact, shared, counted
 
 
 def _cpu(fn: Callable[[], object]) -> tuple[float, float]:

@@ -445,10 +445,11 @@ def test_runs_add_the_most_common_element_as_the_total_less_the_others(
     order: Literal["C", "F"], rows: int, groups: int
 ) -> None:
     """Classwise bins of many classes: the values of a class outside its most common bin
-    are scattered, the rest added as the class's total less them; the same bits as every
-    value scattered, and the exact sums (also across blocks that cut a class in two)."""
-    from crossent.metrics._exact import Runs, add_to_each
-    from crossent.metrics._functional import _runs, _width_bin
+    are scattered, the rest added as the class's dense total less them; the same bits and
+    counts as every value scattered, and the exact sums (also across blocks that cut a
+    class in two)."""
+    from crossent.metrics._exact import Runs, add_counted, add_to_each
+    from crossent.metrics._functional import _width_bin
 
     rng = np.random.default_rng(rows + groups)
     z = rng.normal(scale=3.0, size=(rows, groups))
@@ -460,10 +461,11 @@ def test_runs_add_the_most_common_element_as_the_total_less_the_others(
     xs = p.ravel(order=order)
     count = np.bincount(index, minlength=groups * bins).reshape(groups, bins)
     runs = Runs(order, rows, np.arange(groups) * bins + count.argmax(axis=1))
-    assert (_runs(count, order) is not None) == (order == "F")  # the metrics use "F" only
     by_runs, scattered = ExactSum.zeros((groups, bins)), ExactSum.zeros((groups, bins))
-    add_to_each(xs, [(by_runs, index, int(count.max()), runs)])
+    counted = np.zeros((groups, bins), dtype=np.int64)
+    add_counted(xs, index, by_runs, counted, runs=runs, bounds=(0.0, 1.0))
     add_to_each(xs, [(scattered, index, int(count.max()))])
+    np.testing.assert_array_equal(counted, count)
     got = by_runs.value().ravel()
     np.testing.assert_array_equal(_bits(got), _bits(scattered.value().ravel()))
     for k in {int(runs.mode[0]), int(runs.mode[-1]), 1, groups * bins - 1}:
@@ -548,14 +550,14 @@ def test_indices_laned_by_the_caller_give_the_same_exact_sums(special: bool) -> 
     np.testing.assert_array_equal(_bincount(index, size, spread=spread), np.bincount(index))
     most = int(np.bincount(index).max())
     laned, plain = ExactSum.zeros((size,)), ExactSum.zeros((size,))
-    add_to_each(values, [(laned, index, most, None, spread)])
+    add_to_each(values, [(laned, index, most, spread)])
     add_to_each(values, [(plain, index, most)])
     got = laned.value()
     np.testing.assert_array_equal(_bits(got), _bits(plain.value()))
     # any lane of the element will do: the lanes of an element are added exactly
     other = ExactSum.zeros((size,))
     shuffled = index + rng.integers(0, lanes_for(size), n) * size
-    add_to_each(values, [(other, index, most, None, shuffled)])
+    add_to_each(values, [(other, index, most, shuffled)])
     np.testing.assert_array_equal(_bits(other.value()), _bits(got))
     for k in (0, 1, size - 1):
         if not special or k != index[5]:
@@ -605,3 +607,187 @@ def test_metric_shards_with_every_limit_shrunk_match_one_pass_and_fsum(
     for k in range(c):
         for b in range(5):
             assert conf[k, b] == math.fsum(p[:, k][bins[:, k] == b].tolist()), (k, b)
+
+
+# ---------------------------------------------------------------- counted adds
+
+special = st.sampled_from(
+    [0.0, -0.0, 5e-324, -5e-324, 2.0**-1022, 1.0, 0.5, 1.5, 2.0**-53, 1e300, -1e300, 2.0**1006]
+)
+counted_values = st.lists(
+    st.one_of(finite, special, st.floats(min_value=-1e-300, max_value=1e-300)), max_size=60
+)
+
+
+def _counted(
+    xs: np.ndarray,
+    index: np.ndarray,
+    size: int,
+    *,
+    runs: object = None,
+    bounds: tuple[float, float] | None = None,
+) -> tuple[ExactSum, ExactSum, np.ndarray]:
+    from crossent.metrics._exact import add_counted
+
+    target, total = ExactSum.zeros((size,)), ExactSum.zeros()
+    counts = np.zeros(size, dtype=np.int64)
+    add_counted(xs, index, target, counts, runs=runs, bounds=bounds, totals=(total,))  # type: ignore[arg-type]
+    return target, total, counts
+
+
+@given(xs=counted_values, seed=st.integers(0, 2**32 - 1), size=st.integers(1, 20))
+def test_counted_sums_are_exact_and_count_like_bincount(
+    xs: list[float], seed: int, size: int
+) -> None:
+    """add_counted: each element's sum is the exact sum rounded once (the bits of the
+    scatter-everything path), its count is np.bincount's, the total's the whole sum;
+    split in batches and merged either way, the same bits."""
+    rng = np.random.default_rng(seed)
+    values = np.array(xs, dtype=np.float64)
+    index = rng.integers(0, size, size=values.size)
+    target, total, counts = _counted(values, index, size)
+    np.testing.assert_array_equal(counts, np.bincount(index, minlength=size))
+    np.testing.assert_array_equal(
+        _bits(target.value()), _bits(_exact_by_element(values, index, size))
+    )
+    assert _bits(total.value()) == _bits(np.float64(_reference(xs)))
+    cut = int(rng.integers(0, values.size + 1))
+    a, ta, ca = _counted(values[:cut], index[:cut], size)
+    b, tb, cb = _counted(values[cut:], index[cut:], size)
+    np.testing.assert_array_equal(_bits(b.merge(a).value()), _bits(target.value()))
+    np.testing.assert_array_equal(ca + cb, counts)
+    assert _bits(ta.merge(tb).value()) == _bits(total.value())
+
+
+def test_counted_sums_propagate_non_finite_values() -> None:
+    xs = np.array([1.0, math.nan, math.inf, -math.inf, math.inf, 2.0, -0.0])
+    index = np.array([0, 1, 2, 3, 4, 4, 5])
+    target, total, counts = _counted(xs, index, 6)
+    got = target.value()
+    assert got[[0, 2, 3, 4]].tolist() == [1.0, math.inf, -math.inf, math.inf]
+    assert math.isnan(got[1])
+    assert _bits(got[5]) == _bits(np.float64(0.0))  # -0.0 + nothing: +0.0 as np.sum gives
+    assert math.isnan(float(total))
+    np.testing.assert_array_equal(counts, [1, 1, 1, 1, 2, 1])
+
+
+@pytest.mark.parametrize(
+    "kind", ["cancellation", "subnormal", "whole_range", "huge", "probabilities"]
+)
+@pytest.mark.parametrize("runs", [None, "C", "F"])
+def test_counted_adversarial_sums_with_and_without_runs(kind: str, runs: str | None) -> None:
+    """Counted sums of adversarial values, scattered one by one or as runs (a group's
+    dense total less the values that leave its mode, any mode), are exact."""
+    from crossent.metrics._exact import Runs
+
+    rng = np.random.default_rng(len(kind) + 100)
+    xs = _adversarial(kind, rng)
+    groups, width = 5, 3
+    index = (rng.integers(0, width, size=xs.size) * (rng.random(xs.size) < 0.3)).reshape(-1, groups)
+    index += np.arange(groups) * width
+    order = "C" if runs is None else runs
+    flat = index.ravel(order=order)
+    hint = (
+        None
+        if runs is None
+        else Runs(
+            runs, xs.size // groups, np.arange(groups) * width + rng.integers(0, width, groups)
+        )
+    )
+    target, total, counts = _counted(xs, flat, groups * width, runs=hint)
+    np.testing.assert_array_equal(counts, np.bincount(flat, minlength=groups * width))
+    np.testing.assert_array_equal(
+        _bits(target.value()), _bits(_exact_by_element(xs, flat, groups * width))
+    )
+    assert float(total) == _reference(xs.tolist())
+
+
+@pytest.mark.parametrize("runs", [False, True])
+def test_counted_sums_decode_before_any_lane_holds_two_to_the_13_values(runs: bool) -> None:
+    """Every value into one element (the count is read modulo 2**13 per lane and block):
+    the count and the sum stay exact across many blocks, each lane near the bound."""
+    from crossent.metrics._exact import _BLOCK, _COUNTED_LANES, _MOST_COUNTED, Runs
+
+    assert _BLOCK / _COUNTED_LANES > _MOST_COUNTED - 500  # a lane of a block: near 2**13
+
+    rng = np.random.default_rng(3)
+    n = 3 * _BLOCK + 17
+    xs = 1.0 - rng.random(n) * 2.0**-30  # full pieces: every sum at its widest
+    index = np.zeros(n, dtype=np.int64)
+    hint = Runs("F", n, np.array([1])) if runs else None  # a wrong mode: all picked
+    target, _, counts = _counted(xs, index, 4, runs=hint, bounds=(0.0, 1.0))
+    assert counts.tolist() == [n, 0, 0, 0]
+    assert float(target[0]) == math.fsum(xs.tolist())
+
+
+@pytest.mark.parametrize(
+    ("rows", "groups", "order"), [(3000, 10, "F"), (700, 100, "C"), (2, 3, "F")]
+)
+def test_classwise_calibration_counted_matches_fsum_and_bincount(
+    rows: int, groups: int, order: Literal["C", "F"]
+) -> None:
+    """The classwise bins of a metric (counted sums, runs after the first batch): each
+    bin's count and confidence sum, over batches, are np.bincount's and math.fsum's."""
+    from crossent.metrics import ClassificationMetrics
+
+    rng = np.random.default_rng(rows)
+    z = rng.normal(scale=4.0, size=(rows, groups))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p[rng.random(p.shape) < 0.05] *= 1e-250  # tiny ones: rests below the fine grid
+    p /= p.sum(axis=1, keepdims=True)
+    p = np.asarray(p, order=order)
+    y = rng.integers(0, groups, rows)
+    m = ClassificationMetrics(input_kind="probs", bins=15, num_classes=groups)
+    for start in range(0, rows, max(rows // 3, 1)):
+        m.update(p[start : start + max(rows // 3, 1)], y[start : start + max(rows // 3, 1)])
+    state = m.state["classwise"]
+    bins = np.minimum(np.floor(p * 15), 14).astype(int)
+    conf = state["width_conf"].value()
+    for k in range(groups):
+        np.testing.assert_array_equal(
+            state["width_count"][k], np.bincount(bins[:, k], minlength=15)
+        )
+        for b in range(15):
+            assert conf[k, b] == math.fsum(p[:, k][bins[:, k] == b].tolist()), (k, b)
+    per_class = m.state["per_class"]
+    np.testing.assert_array_equal(per_class["class_count"], np.bincount(y, minlength=groups))
+
+
+def test_counted_runs_dense_totals_at_their_widest() -> None:
+    """A block of values whose second pieces are all near their bound (2**45 units), all
+    in the mode: the group's dense total of their bits stays exact."""
+    from crossent.metrics._exact import _BLOCK, Runs
+
+    v = 0.75 + 2.0**-38 - 2.0**-53  # grid 2**-37: rounds down, the rest near 2**(g - 1)
+    n = 2 * _BLOCK + 5
+    xs = np.full(n, v)
+    index = np.zeros(n, dtype=np.int64)
+    target, total, counts = _counted(xs, index, 2, runs=Runs("F", n, np.array([0])))
+    assert counts.tolist() == [n, 0]
+    assert float(target[0]) == float(Fraction(v) * n)
+    assert float(total) == float(Fraction(v) * n)
+
+
+def test_top_label_bins_match_fsum_and_bincount() -> None:
+    """Top-label calibration: the equal-width and the fine bins (one split for both), over
+    batches: each bin's count and confidence sum are np.bincount's and math.fsum's."""
+    from crossent.metrics import ClassificationMetrics
+    from crossent.metrics._functional import FINE_BINS, _fine_bin, _width_bin
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(scale=3.0, size=(3000, 7))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    m = ClassificationMetrics(input_kind="probs", bins=15)
+    for start in range(0, 3000, 1000):
+        m.update(p[start : start + 1000], rng.integers(0, 7, 1000))
+    state = m.state["top_label"]
+    conf = p.max(axis=1)
+    for name, size, bins in (
+        ("width", 15, _width_bin(conf[:, None], 15)[:, 0]),
+        ("fine", FINE_BINS, _fine_bin(conf)),
+    ):
+        np.testing.assert_array_equal(state[f"{name}_count"][0], np.bincount(bins, minlength=size))
+        sums = state[f"{name}_conf"].value()[0]
+        for b in np.unique(bins):
+            assert sums[b] == math.fsum(conf[bins == b].tolist()), (name, b)

@@ -32,10 +32,15 @@ grid: when they are few, what is left of them after the first piece goes
 round again, alone, on a finer grid; when they are many, their second piece
 is cut on the grid :math:`2^{g-L}` and only the bits below it go round again.
 :func:`add_to_each` adds the same values to several sums (by their own
-indices) with one split of each block. Values that come in runs, each
-mostly into one element (:class:`Runs`: classwise calibration bins of many
-classes, column by column), are scattered only where they go elsewhere; the
-rest adds as each run's total less those (contiguous sums, no scatter).
+indices) with one split of each block.
+
+Sums whose values are also counted per element (calibration bins, per-class
+sums) take :func:`add_counted`: each value's two pieces go as the bits of
+two float64 numbers, read as int64, into two int64 scatters that give the
+count with the sums, so the exact sum costs no scatter more than a count and
+a float64 sum. Values that come in runs, each mostly into one element
+(:class:`Runs`: classwise bins of many classes), are scattered only where
+they go elsewhere; the rest adds as each run's dense total less those.
 
 Because the state is the exact sum, it does not depend on the order of the
 rows, on how they were split into batches or shards, or on the order in
@@ -55,7 +60,16 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
-__all__ = ["ExactSum", "Runs", "add_to_each", "laned", "lanes_for", "work_array"]
+__all__ = [
+    "ExactSum",
+    "Runs",
+    "add_counted",
+    "add_to_each",
+    "counted_lanes",
+    "laned",
+    "lanes_for",
+    "work_array",
+]
 
 _BASE = -1138  # exponent of digit 0's lowest bit: below 2**-1126, the lowest mantissa bit
 _DIGIT = 32
@@ -77,7 +91,6 @@ _FEW_SMALL = 1 / 8  # fraction of a block whose rests go round again whole (thei
 _FEW_RUNS = 16  # groups in a block up to which runs are compared one by one
 _FEW_ROWS = 16  # value() rounds up to this many sums one by one with Python ints
 _EMPTY = np.empty(0, dtype=np.float64)
-_EMPTY_INDEX = np.empty(0, dtype=np.int64)
 
 
 @dataclass
@@ -353,10 +366,11 @@ class Runs:
 
     The values are a (rows, groups) matrix, flattened in `order` ("F": each
     group's `rows` values one after the other; "C": row after row), and
-    ``mode[g]`` is the element that most of group g's values go to. Then
-    :func:`add_to_each` scatters only the values that go elsewhere and adds the
-    rest at once, as the group's total less those: for classwise calibration
-    bins of many classes, where nearly every probability is in the first bin.
+    ``mode[g]`` is the element that most of group g's values go to (likely:
+    any element of the group gives the same sums). Then :func:`add_counted`
+    scatters only the values that go elsewhere and adds the rest at once, as
+    the group's total less those: for classwise calibration bins of many
+    classes, where nearly every probability is in the first bin.
     """
 
     order: str
@@ -368,11 +382,10 @@ class Runs:
         return int(self.mode.size)
 
 
-# (sum, flat indices, most), optionally followed by runs and by the laned indices
+# (sum, flat indices, most), optionally followed by the laned indices
 Target = (
     tuple[ExactSum, np.ndarray | None, int | None]
-    | tuple[ExactSum, np.ndarray | None, int | None, Runs | None]
-    | tuple[ExactSum, np.ndarray | None, int | None, Runs | None, np.ndarray | None]
+    | tuple[ExactSum, np.ndarray | None, int | None, np.ndarray | None]
 )
 
 
@@ -380,7 +393,7 @@ def add_to_each(
     values: np.ndarray, targets: list[Target], *, bounds: tuple[float, float] | None = None
 ) -> None:
     """Add the same `values` to each of `targets`: (sum, flat indices or None, `most`),
-    optionally followed by :class:`Runs` (or None) and by the indices already spread over
+    optionally followed by the indices already spread over
     the sum's ``lanes_for(size)`` lanes (``index + lane * size``, any lane: the caller's
     :func:`laned` indices, made for its counts, save making them again).
 
@@ -399,7 +412,6 @@ def add_to_each(
     wheres: list[np.ndarray | None] = []
     pendings: list[_Pending] = []
     mosts: list[int] = []
-    runs: list[Runs | None] = []
     spreads: list[np.ndarray | None] = []
     block = _BLOCK
     for target, index, most, *hint in targets:
@@ -408,29 +420,18 @@ def add_to_each(
             msg = f"`index` has {flat_index.size} entries for {values.size} values."
             raise ValueError(msg)
         wheres.append(flat_index)
-        run = cast("Runs | None", hint[0]) if hint and flat_index is not None else None
-        if run is not None and (run.rows * run.groups != values.size or run.groups > _BLOCK // 2):
-            run = None
         bound = values.size if most is None else min(most, values.size)
-        if run is not None and run.order == "C":  # blocks of whole rows
-            block = block // run.groups * run.groups
         pendings.append(_Pending.of(target, bound, lanes=1 if flat_index is None else None))
         mosts.append(bound)
-        runs.append(run)
-        spread = cast("np.ndarray | None", hint[1]) if len(hint) > 1 else None
+        spread = cast("np.ndarray | None", hint[0]) if hint else None
         if flat_index is None or pendings[-1].lanes == 1:  # nothing laned
             spread = None
         if spread is not None and spread.size != values.size:
             spread = None
         spreads.append(None if spread is None else np.asarray(spread).ravel())
-    runs = [
-        None if run is None or (run.order == "C" and block % run.groups) else run for run in runs
-    ]
     # one split for all: pieces as narrow as the narrowest partial sums take (a pending
     # set of partial sums takes pieces of its level or narrower)
     level = min((pending.level for pending in pendings), default=_MAX_LEVEL)
-    if any(run is not None for run in runs):  # a group's total sums a block of pieces
-        level = min(level, _level(block))
     sums = [target[0] for target in targets]
     while values.size:  # each round adds 2L bits of every value; few have more left
         for pending, bound in zip(pendings, mosts, strict=True):
@@ -443,8 +444,7 @@ def add_to_each(
                 (target, pending, None if where is None else where[part])
                 for target, pending, where in zip(sums, pendings, wheres, strict=True)
             ]
-            for pending, run, spread in zip(pendings, runs, spreads, strict=True):
-                pending.runs = None if run is None else (run, start)
+            for pending, spread in zip(pendings, spreads, strict=True):
                 pending.spread = None if spread is None else spread[part]
             rest, rest_index = _add_block(values[part], each, level, bounds)
             if rest.size:
@@ -454,12 +454,9 @@ def add_to_each(
                         kept.append(where)
         values = np.concatenate(left) if left else _EMPTY
         wheres = [np.concatenate(kept) if kept else None for kept in left_index]
-        runs = [None] * len(targets)  # what goes round again is no longer in runs
-        spreads = [None] * len(targets)  # nor in its place
+        spreads = [None] * len(targets)  # what goes round again is no longer in its place
         bounds = None  # nor within the bounds (rests have either sign)
-        block = _BLOCK
     for pending in pendings:
-        pending.runs = None
         pending.spread = None
 
 
@@ -490,8 +487,7 @@ def _add_block(
         values = values[finite]
         each = [(t, p, None if w is None else w[finite]) for t, p, w in each]
         for _, pending, _ in each:
-            pending.runs = None  # the values moved: add them one by one
-            pending.spread = None
+            pending.spread = None  # the values moved: their laned indices are of no use
         if not values.size:
             return _EMPTY, nothing
         largest, smallest = float(values.max()), float(values.min())
@@ -506,12 +502,9 @@ def _add_block(
             )
         return _EMPTY, nothing
     grid = max(top - level, _MIN_GRID)
-    # values each partial sum takes from this block (with runs: the ones scattered)
-    counts = [values.size if p.runs is None or w is None else p.pick(w) for _, p, w in each]
-    grid, partial = each[0][1].partial_sums(each[0][0], grid, counts[0])
+    grid, partial = each[0][1].partial_sums(each[0][0], grid, values.size)
     chosen = [(grid, partial)] + [
-        p.partial_sums(t, grid, count, slack=0)
-        for (t, p, _), count in zip(each[1:], counts[1:], strict=True)
+        p.partial_sums(t, grid, values.size, slack=0) for t, p, _ in each[1:]
     ]
     low_grid = max(grid - level, _MIN_GRID)
     high, low, rest, left = _scratch(values.size)
@@ -524,10 +517,8 @@ def _add_block(
     np.subtract(values, high, out=rest)  # |rest| <= 2**(g-1)
 
     def scatter(low_piece: np.ndarray) -> None:
-        for (target, pending, where), (_, partial) in zip(each, chosen, strict=True):
+        for (_, pending, where), (_, partial) in zip(each, chosen, strict=True):
             pending.scatter(partial, where, high, low_piece)
-            if pending.runs is not None:
-                pending.add_modes(target, high, low_piece, (grid, low_grid))
 
     # a value of magnitude >= 2**(low_grid + 52) is a multiple of 2**low_grid, and so is
     # its rest: that rest is its low piece, nothing is left
@@ -586,11 +577,7 @@ class _Pending:
         self.sums: dict[int, np.ndarray] = {}  # grid -> partial sums (2, lanes * size)
         self.base: dict[int, int] = {}  # grid -> pieces per element before this round
         self.taken: dict[int, int] = {}  # grid -> values taken in this round
-        self.runs: tuple[Runs, int] | None = None  # this block's runs and its first position
         self.spread: np.ndarray | None = None  # this block's indices already laned, if given
-        self.picked = _EMPTY_INDEX  # with runs: the positions of the block to scatter
-        self.cuts: np.ndarray | None = None  # with "F" runs: where each group starts
-        self.first = _EMPTY_INDEX  # with "F" runs: the groups in the block
 
     @classmethod
     def of(cls, target: ExactSum, most: int, *, lanes: int | None) -> _Pending:
@@ -612,7 +599,6 @@ class _Pending:
         out = copy.copy(self)
         out.sums = {grid: sums.copy() for grid, sums in self.sums.items()}
         out.base, out.taken = dict(self.base), dict(self.taken)
-        out.runs = None
         out.spread = None
         return out
 
@@ -658,73 +644,13 @@ class _Pending:
             sums[0, 0] += high.sum()
             sums[1, 0] += low.sum()
             return
-        if self.runs is not None:  # the values picked from the runs (see `pick`)
-            high, low, where = high[self.picked], low[self.picked], where[self.picked]
-        if self.spread is not None and self.runs is None:  # laned by the caller
+        if self.spread is not None:  # laned by the caller
             where = self.spread
         else:
             lanes = work_array("exact lanes", (where.size,), np.int64)
             where = laned(where, self.size, self.lanes, out=lanes)
         np.add.at(sums[0], where, high)
         np.add.at(sums[1], where, low)
-
-    def pick(self, where: np.ndarray) -> int:
-        """With runs: which values of this block to scatter (those not going to their group's
-        most common element); returns how many (the most any element gets from the block).
-
-        The others are added by :meth:`add_modes`, straight into the digits.
-        """
-        assert self.runs is not None
-        runs, start = self.runs
-        mask = _scratch(where.size)[3]  # _add_block's `left`, not yet in use
-        groups, mode = runs.groups, runs.mode
-        if runs.order == "C":  # whole rows: value i of the block is in group i % groups
-            np.not_equal(where.reshape(-1, groups), mode, out=mask.reshape(-1, groups))
-            self.picked = np.flatnonzero(mask)
-            self.cuts = None
-        else:  # group g holds positions [g rows, (g + 1) rows) of all the values
-            first = np.arange(start // runs.rows, (start + where.size - 1) // runs.rows + 1)
-            cuts = np.maximum(first * runs.rows - start, 0)
-            if first.size <= _FEW_RUNS:
-                ends = [*cuts[1:].tolist(), where.size]
-                for g, a, b in zip(first.tolist(), cuts.tolist(), ends, strict=True):
-                    np.not_equal(where[a:b], mode[g], out=mask[a:b])
-            else:
-                lengths = np.diff(np.append(cuts, where.size))
-                np.not_equal(where, np.repeat(mode[first], lengths), out=mask)
-            self.picked = np.flatnonzero(mask)
-            self.cuts, self.first = cuts, first
-        return int(self.picked.size)
-
-    def add_modes(
-        self, target: ExactSum, high: np.ndarray, low: np.ndarray, grids: tuple[int, int]
-    ) -> None:
-        """With runs: add to each group's most common element the pieces of its values that
-        were not picked, as the group's total less the picked ones, into the digits.
-
-        Each of these float64 sums holds at most a block of pieces (`most` is the
-        number of values, so the pieces are narrow enough): exact in any order.
-        """
-        assert self.runs is not None
-        runs, _ = self.runs
-        picked, groups = self.picked, runs.groups
-        modes: list[np.ndarray] = []
-        if self.cuts is None:
-            owner = picked % groups
-            for piece in (high, low):
-                total = piece.reshape(-1, groups).sum(axis=0)
-                modes.append(total - np.bincount(owner, weights=piece[picked], minlength=groups))
-            elements = runs.mode
-        else:
-            at = np.searchsorted(picked, self.cuts)  # where each group's picked values start
-            empty = np.diff(np.append(at, picked.size)) == 0
-            for piece in (high, low):
-                taken = np.append(piece[picked], 0.0)  # reduceat reads one past an empty end
-                others = np.where(empty, 0.0, np.add.reduceat(taken, at))
-                modes.append(np.add.reduceat(piece, self.cuts) - others)
-            elements = runs.mode[self.first]
-        scale = -np.array(grids)[:, None]
-        target._deposit(np.ldexp(np.stack(modes), scale).astype(np.int64), grids, elements)
 
     def _deposit(self, target: ExactSum, grid: int, sums: np.ndarray) -> None:
         if self.lanes > 1:  # exact: the lanes of an element hold `span` pieces at most in all
@@ -880,3 +806,305 @@ def _to_float(integer: int, scale: int) -> float:
         return integer / (1 << -scale)  # Python's int division rounds correctly
     except OverflowError:
         return float("inf") if integer > 0 else float("-inf")
+
+
+# ---------------------------------------------------------------- counted adds
+
+_COUNT_BITS = 13  # a counted add recovers each element's count modulo 2**13
+_MOST_COUNTED = (1 << _COUNT_BITS) - 1  # values per element (of a lane) between decodes
+_FIRST_BITS = 37  # |first piece| <= 2**37 units of its grid
+_SECOND_STEP = 46  # the second grid is 2**46 finer: |second piece| <= 2**45 units of it
+_COUNTED_CELLS = 4096  # lanes * elements of the int64 sums at most
+_COUNTED_LANES = -(-_BLOCK // _MOST_COUNTED)  # the fewest lanes that take a whole block (17)
+_COUNTED_ELEMENTS = 1 << 14  # elements at most (each block decodes every element)
+
+
+@dataclass(frozen=True)
+class _Grids:
+    """The two grids of a counted add, 2**`grid` and 2**`fine`."""
+
+    grid: int
+    fine: int
+
+    @property
+    def sigmas(self) -> tuple[float, float]:
+        """The extraction constants 1.5 * 2**(grid + 52) and 1.5 * 2**(fine + 52)."""
+        return math.ldexp(1.5, self.grid + 52), math.ldexp(1.5, self.fine + 52)
+
+    def bits(self) -> tuple[int, int, int]:
+        """The constants' bits as int64, and the inverse modulo 2**13 of the first's odd
+        part (the bits of 1.5 * 2**e are 2**51 times an odd number)."""
+        first, second = (int(np.float64(s).view(np.int64)) for s in self.sigmas)
+        return first, second, pow(first >> 51, -1, 1 << _COUNT_BITS)
+
+    def deposit(self) -> tuple[int, int, int, int]:
+        """The grids of the counted totals: high and low halves of each piece's sums."""
+        return self.grid + _DIGIT, self.grid, self.fine + _DIGIT, self.fine
+
+
+def counted_lanes(size: int) -> int:
+    """Lanes of the int64 sums of :func:`add_counted` into `size` elements (0: too many
+    elements to decode them every block, unless with runs)."""
+    return min(_COUNTED_LANES, _COUNTED_CELLS // max(size, 1))
+
+
+def add_counted(
+    values: np.ndarray,
+    index: np.ndarray,
+    target: ExactSum,
+    counts: np.ndarray,
+    *,
+    runs: Runs | None = None,
+    bounds: tuple[float, float] | None = None,
+    totals: tuple[ExactSum, ...] = (),
+) -> None:
+    r"""Add `values` to the elements `index` of `target` and count them into `counts`, in
+    two int64 scatters: as many as a count and a plain float64 sum take; and add their
+    total to each sum of `totals` (of one element: the log loss beside the per-class sums).
+
+    `counts` (int64, ``target``'s shape) is incremented in place by
+    ``np.bincount(index)``. With :math:`|v| < 2^{t}` for every value, the
+    grids :math:`2^{g}`, :math:`g = t - 37`, and :math:`2^{f}`, :math:`f = g -
+    46`, and the extraction constants :math:`\sigma_g = 1.5 \cdot 2^{g+52}`
+    and :math:`\sigma_f`: :math:`\tau = v + \sigma_g` rounds v to the grid
+    :math:`2^g`, :math:`\tau = \sigma_g + c\,2^g`, :math:`|c| \le 2^{37}`, and
+    within the binade of :math:`\sigma_g` the bits of :math:`\tau` read as an
+    integer are :math:`S_g + c`; the rest :math:`r = v - c\,2^g` gives likewise
+    the bits :math:`S_f + d` of :math:`r + \sigma_f` (one rounding of
+    :math:`v + (\sigma_f + \sigma_g - \tau)`, whose bracket is exact), :math:`d` the
+    rest rounded to the grid :math:`2^f`, :math:`|d| \le 2^{45}`. Each element
+    sums those bits modulo :math:`2^{64}`: :math:`A = n S_g + \sum c`,
+    :math:`B = n S_f + \sum d`. :math:`S_g` is :math:`2^{51}` times an odd
+    number, so :math:`A` holds n times it modulo :math:`2^{13}` above
+    :math:`\sum c` (:math:`|\sum c| < 2^{50}` for :math:`n < 2^{13}`): the count
+    n comes out, then :math:`\sum c` and :math:`\sum d`, exactly, as long as
+    no element (of a lane) gets :math:`2^{13}` values between two decodes
+    (every block). A value below :math:`2^{f+52}` in magnitude may have bits
+    below the grid :math:`2^f`: what is left of it goes through
+    :func:`add_to_each`.
+
+    With `runs` (the values a (rows, groups) matrix in `runs.order`, the
+    elements laid out group after group, ``target.size / groups`` each, and
+    ``runs.mode[g]`` an element of group g, the likelier the better), only the
+    values not going to their group's mode are scattered; the mode gets the
+    group's dense total less those. `bounds`, when certain, spare a min and a
+    max. Non-finite values, magnitudes from :math:`2^{1007}` up, and many
+    elements (over 1024 without runs, over 16384 with them: each block decodes
+    every element) take ``np.bincount`` and :func:`add_to_each`.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    index = np.asarray(index, dtype=np.int64).ravel()
+    size = target.nan.size
+    if values.size == 0:
+        return
+    if bounds is None or not (math.isfinite(bounds[0]) and math.isfinite(bounds[1])):
+        bounds = (float(values.min()), float(values.max()))  # NaN if any is
+    low, high = bounds
+    if runs is not None and (
+        runs.rows * runs.groups != values.size or size % runs.groups or runs.groups > _BLOCK
+    ):
+        runs = None
+    lanes = counted_lanes(size)
+    finite = math.isfinite(low) and math.isfinite(high)
+    top = math.frexp(max(high, -low))[1] if finite else 0
+    few = lanes >= 4 or (runs is not None and size <= _COUNTED_ELEMENTS)
+    if not finite or top - _FIRST_BITS > _MAX_GRID or not few:
+        count = np.bincount(index, minlength=size)
+        counts.reshape(-1)[:] += count
+        each: list[Target] = [(total, None, None) for total in totals]
+        add_to_each(values, [(target, index, int(count.max())), *each], bounds=bounds)
+        return
+    grid = max(top - _FIRST_BITS, _MIN_GRID)
+    adder = _Counted(size, max(lanes, 1), _Grids(grid, max(grid - _SECOND_STEP, _MIN_GRID)))
+    if runs is None:
+        step = adder.capacity
+    elif runs.order == "C":  # blocks of whole rows
+        step = max(_BLOCK // runs.groups, 1) * runs.groups
+    else:
+        step = _BLOCK
+    for start in range(0, values.size, step):
+        part = slice(start, start + step)
+        adder.block(values[part], index[part], runs, start, bounds)
+    counts.reshape(-1)[:] += adder.count
+    target._deposit(adder.totals, adder.grids.deposit())
+    for total in totals:  # every element's: exact integers (each below 2**32 * blocks)
+        total._deposit(adder.totals.sum(axis=1, keepdims=True), adder.grids.deposit())
+    if adder.tails:
+        rests = np.concatenate([rest for rest, _ in adder.tails])
+        where = np.concatenate([at for _, at in adder.tails])
+        add_to_each(rests, [(target, where, None), *((total, None, None) for total in totals)])
+
+
+class _Counted:
+    """The int64 sums of one :func:`add_counted`, decoded every block into exact totals.
+
+    `sums` (2, lanes * size) takes the bits of the two pieces of each value
+    (the i-th value of a scatter in lane ``i % lanes``). Decoded, they give
+    each element's count, added to `count`, and the sums of its pieces, split
+    into 32-bit halves (a block adds less than 2**32 to a low half) and added
+    to `totals`: high and low halves of the first pieces' sums, then of the
+    second's, on the grids of :meth:`_Grids.deposit`.
+    """
+
+    def __init__(self, size: int, lanes: int, grids: _Grids) -> None:
+        self.size, self.lanes, self.grids = size, lanes, grids
+        self.capacity = min(lanes * _MOST_COUNTED, _BLOCK)  # `laned` takes _BLOCK at most
+        self.sums = np.zeros((2, lanes * size), dtype=np.int64)
+        self.count = np.zeros(size, dtype=np.int64)
+        self.totals = np.zeros((4, size), dtype=np.int64)
+        self.first, self.second, self.inverse = grids.bits()
+        self.tails: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def block(
+        self,
+        values: np.ndarray,
+        where: np.ndarray,
+        runs: Runs | None,
+        start: int,
+        bounds: tuple[float, float],
+    ) -> None:
+        """Add a block: at most `capacity` values without runs, else at most ``_BLOCK``
+        (whole rows with "C" runs) starting at position `start` of the runs' values."""
+        sigma, sigma_fine = self.grids.sigmas
+        t = work_array("exact split", (values.size,), np.float64)
+        bits = t.view(np.int64)
+        np.add(values, sigma, out=t)  # bits: S_g + c
+        if runs is None:
+            spread = laned(
+                where, self.size, self.lanes, out=work_array("exact lanes", where.shape, np.int64)
+            )
+            np.add.at(self.sums[0], spread, bits)
+        else:
+            picked, groups, cuts, lengths = _picks(where, runs, start)
+            dense = [_group_sums(bits, runs, cuts)]
+            taken = [bits[picked]]
+        # r + sigma_f in one rounding, as v + (sigma_f - c 2**g): sigma_f + sigma (a multiple
+        # of 2**(g+5) below 2**(g+53)) less tau is sigma_f - c 2**g, exact (|.| < 2**(g+39))
+        np.subtract(sigma + sigma_fine, t, out=t)
+        t += values  # bits: S_f + d
+        if runs is None:
+            np.add.at(self.sums[1], spread, bits)
+            self._take(*self._decode())
+        else:
+            dense.append(_group_sums(bits, runs, cuts))
+            taken.append(bits[picked])
+            self._take(*self._modes(where[picked], taken, dense, runs, groups, lengths))
+        self._tails(values, where, bounds)
+
+    def _modes(
+        self,
+        where: np.ndarray,
+        taken: list[np.ndarray],
+        dense: list[np.ndarray],
+        runs: Runs,
+        groups: np.ndarray,
+        length: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A block's totals with runs: the picked values scattered, and each group's mode
+        given the group's dense total less them (modulo 2**64: every total is below 2**63)."""
+        n, first, second = self._picked(where, taken[0], taken[1])
+        mode = runs.mode[groups]
+        width = self.size // runs.groups
+        for total, sums, constant in (
+            (first, dense[0], self.first),
+            (second, dense[1], self.second),
+        ):
+            others = total.reshape(runs.groups, width).sum(axis=1)[groups]
+            total[mode] += sums - length * np.int64(constant) - others
+        n[mode] += length - n.reshape(runs.groups, width).sum(axis=1)[groups]
+        return n, first, second
+
+    def _picked(
+        self, where: np.ndarray, first: np.ndarray, second: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scatter the picked values' bits in chunks of `capacity`, decoding each."""
+        out = [np.zeros(self.size, dtype=np.int64) for _ in range(3)]
+        for start in range(0, where.size, self.capacity):
+            part = slice(start, start + self.capacity)
+            spread = laned(where[part], self.size, self.lanes)
+            np.add.at(self.sums[0], spread, first[part])
+            np.add.at(self.sums[1], spread, second[part])
+            for total, more in zip(out, self._decode(), strict=True):
+                total += more
+        return out[0], out[1], out[2]
+
+    def _decode(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each element's count and sums of its two pieces (integers); the int64 sums are
+        emptied."""
+        a, b = self.sums
+        q = (a.view(np.uint64) + np.uint64(1 << 50)) >> np.uint64(51)  # n * odd mod 2**13
+        n = ((q * np.uint64(self.inverse)) & np.uint64(_MOST_COUNTED)).view(np.int64)
+        first = a - (q << np.uint64(51)).view(np.int64)  # |.| < 2**50
+        second = b - n * np.int64(self.second)  # modulo 2**64; |.| < 2**58
+        self.sums[...] = 0
+        if self.lanes == 1:
+            return n, first, second
+        shape = (self.lanes, self.size)
+        return (
+            n.reshape(shape).sum(axis=0),
+            first.reshape(shape).sum(axis=0),
+            second.reshape(shape).sum(axis=0),
+        )
+
+    def _take(self, n: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
+        """Add a block's counts and sums (each sum below 2**63 in magnitude)."""
+        self.count += n
+        for row, total in ((0, first), (2, second)):
+            self.totals[row] += total >> _DIGIT
+            self.totals[row + 1] += total & _MASK
+
+    def _tails(self, values: np.ndarray, where: np.ndarray, bounds: tuple[float, float]) -> None:
+        """Keep what is left below the fine grid of the values under 2**(fine + 52)."""
+        fine = self.grids.fine
+        if fine == _MIN_GRID:  # every float64 is a multiple of 2**-1074
+            return
+        whole = math.ldexp(1.0, fine + 52)
+        low, high = bounds
+        if low >= 0:
+            if float(values.min()) >= whole:
+                return
+            small = np.flatnonzero(values < whole)
+        elif high <= 0:
+            if float(values.max()) <= -whole:
+                return
+            small = np.flatnonzero(values > -whole)
+        else:
+            small = np.flatnonzero(np.abs(values) < whole)
+        sigma, sigma_fine = self.grids.sigmas
+        v = values[small]
+        rest = v - ((v + sigma) - sigma)
+        rest -= (rest + sigma_fine) - sigma_fine
+        keep = np.flatnonzero(rest)
+        if keep.size:
+            self.tails.append((rest[keep], where[small[keep]]))
+
+
+def _picks(
+    where: np.ndarray, runs: Runs, start: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The positions of a block (from position `start` of the runs' values) whose element is
+    not their group's mode; the groups in the block, where each starts and how many values
+    it has there."""
+    groups = runs.groups
+    mask = work_array("exact left", where.shape, np.bool_)
+    if runs.order == "C":  # whole rows: value i of the block is in group i % groups
+        rows = where.size // groups
+        np.not_equal(where.reshape(rows, groups), runs.mode, out=mask.reshape(rows, groups))
+        every = np.arange(groups)
+        return np.flatnonzero(mask), every, np.zeros_like(every), np.full(groups, rows)
+    first = np.arange(start // runs.rows, (start + where.size - 1) // runs.rows + 1)
+    cuts = np.maximum(first * runs.rows - start, 0)
+    lengths = np.diff(np.append(cuts, where.size))
+    if first.size <= _FEW_RUNS:
+        for g, a, b in zip(first.tolist(), cuts.tolist(), (cuts + lengths).tolist(), strict=True):
+            np.not_equal(where[a:b], runs.mode[g], out=mask[a:b])
+    else:
+        np.not_equal(where, np.repeat(runs.mode[first], lengths), out=mask)
+    return np.flatnonzero(mask), first, cuts, lengths
+
+
+def _group_sums(bits: np.ndarray, runs: Runs, cuts: np.ndarray) -> np.ndarray:
+    """The int64 sums (modulo 2**64) of a block's bits by group (see :func:`_picks`)."""
+    if runs.order == "C":
+        return bits.reshape(-1, runs.groups).sum(axis=0)
+    return np.add.reduceat(bits, cuts)

@@ -66,7 +66,9 @@ from crossent.metrics._exact import (
     ExactSum,
     Runs,
     Target,
+    add_counted,
     add_to_each,
+    counted_lanes,
     laned,
     lanes_for,
     work_array,
@@ -564,7 +566,10 @@ class _Terms(NamedTuple):
     `most` bounds how many values go to one element (the largest count of
     ``np.bincount(at)``; None: all of them may); `runs`, when given, says that
     the values come in groups, each with a most common element (see
-    :class:`~crossent.metrics._exact.Runs`).
+    :class:`~crossent.metrics._exact.Runs`). `counts`, when given, names the
+    batch's int64 counts that this add gives (``np.bincount(at)``, by
+    :func:`~crossent.metrics._exact.add_counted`): the batch holds None under
+    that name, and :func:`_add_batch` replaces the name by the new state's array.
     """
 
     values: np.ndarray
@@ -573,6 +578,7 @@ class _Terms(NamedTuple):
     runs: Runs | None = None
     bounds: tuple[float, float] | None = None  # certain finite (low, high) of the values
     spread: np.ndarray | None = None  # `at` over the lanes of the exact sum, if made already
+    counts: str | np.ndarray | None = None  # the counts this add gives (see above)
 
 
 Deferred = list[tuple[ExactSum, _Terms]]
@@ -591,8 +597,16 @@ def _add_batch(state: State, batch: dict[str, Any], defer: Deferred | None = Non
         if isinstance(more, _Terms):
             out[key] = value.copy()
             adds.append((out[key], more))
+        elif more is None:  # counted by the add of a `_Terms` (its `counts`)
+            out[key] = value.copy()
         else:
             out[key] = value + more
+    adds = [
+        (target, terms._replace(counts=out[terms.counts]))
+        if isinstance(terms.counts, str)
+        else (target, terms)
+        for target, terms in adds
+    ]
     if defer is None:
         _add_terms(adds)
     else:
@@ -603,13 +617,40 @@ def _add_batch(state: State, batch: dict[str, Any], defer: Deferred | None = Non
 def _add_terms(adds: Deferred) -> None:
     """Add each `_Terms` to its exact sum; terms of the same values array share one split
     (the per-row losses of the log loss and of the per-class figures, the confidences of
-    the equal-width and the fine calibration bins)."""
-    shared: dict[int, tuple[_Terms, list[Target]]] = {}
+    the equal-width and the fine calibration bins). Counted terms (see `_Terms`) take
+    :func:`~crossent.metrics._exact.add_counted`, with the sums of one element that share
+    their values; beside other element-wise sums, their counts are made first."""
+    shared: dict[int, list[tuple[ExactSum, _Terms]]] = {}
     for target, terms in adds:  # alive in `adds`: no id is reused while grouping
-        entry = shared.setdefault(id(terms.values), (terms, []))
-        entry[1].append((target, terms.at, terms.most, terms.runs, terms.spread))
-    for terms, targets in shared.values():
-        add_to_each(terms.values, targets, bounds=terms.bounds)
+        shared.setdefault(id(terms.values), []).append((target, terms))
+    for group in shared.values():
+        counted = [
+            (target, terms, terms.at, terms.counts)
+            for target, terms in group
+            if isinstance(terms.counts, np.ndarray) and terms.at is not None
+        ]
+        scalars = tuple(target for target, terms in group if terms.at is None)
+        if len(counted) == 1 and len(scalars) == len(group) - 1:
+            target, terms, at, counts = counted[0]
+            add_counted(
+                terms.values,
+                at,
+                target,
+                counts,
+                runs=terms.runs,
+                bounds=terms.bounds,
+                totals=scalars,
+            )
+            continue
+        targets: list[Target] = []
+        for target, terms in group:
+            most = terms.most
+            if isinstance(terms.counts, np.ndarray) and terms.at is not None:
+                count = np.bincount(terms.at, minlength=terms.counts.size)
+                terms.counts.reshape(-1)[:] += count
+                most = int(count.max(initial=0))
+            targets.append((target, terms.at, most, terms.spread))
+        add_to_each(group[0][1].values, targets, bounds=group[0][1].bounds)
 
 
 def _count(values: np.ndarray) -> np.ndarray:
@@ -736,14 +777,11 @@ def _per_class_update(
     hit = rows["pred"] == labels
     if not every_row:
         hit &= valid
-    spread = _laned_index(labels, num_classes)  # for the counts and the exact sums
-    count = _bincount(labels, num_classes, spread=spread)
-    most = int(count.max(initial=0))
     return _add_batch(
         state,
         {
-            "class_nll": _Terms(rows["nll"], labels, most, spread=spread),
-            "class_count": count,
+            "class_nll": _Terms(rows["nll"], labels, counts="class_count"),
+            "class_count": None,  # counted by the exact sum
             # np.compress: a boolean subscript of a random mask is 10x slower
             "class_correct": np.bincount(np.compress(hit, labels), minlength=num_classes).astype(
                 np.int64
@@ -943,14 +981,18 @@ def _calibration_update(
             idx += np.arange(groups, dtype=np.int64) * width
         idx = idx.ravel(order=order)
         length, shape = groups * width, (groups, width)
+        hit = np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64)
+        if kind == "classwise":  # its own values: counted by the exact add
+            runs = _counted_runs(state["width_count"], conf.shape[0], order)
+            return None, _Terms(flat_conf, idx, None, runs, bounds, counts="width_count"), hit
         # one laned index for the counts and the exact sums
         spread = _laned_index(idx, length, work=f"{kind} {width}")
         count = _bincount(idx, length, spread=spread)
         most = int(count.max(initial=0))
         return (
             count.reshape(shape),
-            _Terms(flat_conf, idx, most, _runs(count.reshape(shape), order), bounds, spread),
-            np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64),
+            _Terms(flat_conf, idx, most, None, bounds, spread),
+            hit,
         )
 
     w_count, w_conf, w_hit = hist(_width_bin(conf, bins, order=order, work=kind), bins)
@@ -967,29 +1009,24 @@ def _calibration_update(
     return _add_batch(state, batch, defer)
 
 
-#: classwise bins: the values that are not in their class's most common bin are scattered
-#: one by one, the others added as the class's total less them, when they are this few
-RUNS_SHARE = 0.2
+#: classwise bins, counted (see :func:`~crossent.metrics._exact.add_counted`): the runs
+#: path when at most this share of the values seen so far left their class's most common bin
+COUNTED_RUNS_SHARE = 0.1
 
 
-def _runs(count: np.ndarray, order: Literal["C", "F"]) -> Runs | None:
-    """The most common bin of each group, when all but few values are in one
-    (classwise bins of many classes: nearly every probability is in the first bin).
-
-    Only for column-major confidences (``crossent eval``'s layout), where each
-    class's values are one run, mostly into one bin: scattered one by one they
-    add in one dependency chain (the lanes break it up only up to
-    ``_LANE_ELEMENTS`` elements). Row-major confidences spread over the
-    classes and scatter as fast as the runs path would add them (measured).
-    """
-    groups, width = count.shape
-    if groups < 2 or order != "F":
+def _counted_runs(seen: np.ndarray, rows: int, order: Literal["C", "F"]) -> Runs | None:
+    """The runs of a counted classwise add, from the counts `seen` (groups, bins) so far:
+    each class's most common bin (bin 0 before any), when the values that left it were few
+    or the bins too many to scatter every value (with lanes; see
+    :func:`~crossent.metrics._exact.counted_lanes`)."""
+    groups, width = seen.shape
+    mode = seen.argmax(axis=1)
+    total = int(seen.sum())
+    others = total - int(seen[np.arange(groups), mode].sum())
+    few = total > 0 and others <= COUNTED_RUNS_SHARE * total
+    if groups < 2 or not (few or counted_lanes(seen.size) < 4):
         return None
-    mode = count.argmax(axis=1)
-    total = int(count.sum())
-    if total == 0 or total - int(count[np.arange(groups), mode].sum()) > RUNS_SHARE * total:
-        return None
-    return Runs(order, total // groups, np.arange(groups, dtype=np.int64) * width + mode)
+    return Runs(order, rows, np.arange(groups, dtype=np.int64) * width + mode)
 
 
 def _mass_groups(fine_count: np.ndarray, bins: int) -> np.ndarray:
