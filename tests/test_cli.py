@@ -439,6 +439,24 @@ def test_a_decimal_column_is_not_dropped_silently(
     ]
 
 
+def test_an_empty_column_is_not_dropped_silently(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A column whose every cell is empty (Arrow's null type) went into ignored_columns: with
+    --input logits over a, b (empty), c the figures were those of a 2-class softmax over a and
+    c, exit 0. Now exit 2 naming it, in every format; --exclude drops it on purpose."""
+    csv = tmp_path / "empty.csv"
+    csv.write_text("label,a,b,c\n0,2.0,,0.1\n1,0.5,,3.0\n")
+    jsonl = tmp_path / "empty.jsonl"
+    jsonl.write_text('{"label": 0, "a": 2.0, "b": null, "c": 0.1}\n'
+                     '{"label": 1, "a": 0.5, "b": null, "c": 3.0}\n')  # fmt: skip
+    for path in (csv, jsonl):
+        err = _error(capsys, "eval", str(path), "--input", "logits")
+        assert "column 'b' has no values" in err
+        out = run_json("eval", str(path), "--input", "logits", "--exclude", "b")
+        assert out["classes"] == ["a", "c"]
+
+
 def test_a_class_column_of_numbers_written_as_text_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -98,6 +98,13 @@ def resolve_columns(
                 "predictions; store it as float64, or --exclude it if it is not a class."
             )
             raise CLIError(msg)
+        elif pa.types.is_null(t):  # every cell empty so far: a class without values, or junk
+            msg = (
+                f"{table.path}: column {name!r} has no values (every cell read so far is "
+                "empty), so it is neither a class nor an ignored column; fill it, or "
+                "--exclude it if it is not a class."
+            )
+            raise CLIError(msg)
         else:
             ignored.append(name)
     if first is not None:
