@@ -240,6 +240,26 @@ def test_double_backward_raises(one_rank_group: Any) -> None:
         torch.autograd.grad(loss, x, create_graph=True)
 
 
+def test_double_backward_of_the_linear_functions_names_them(one_rank_group: Any) -> None:
+    """Their second-derivative error named crossent.fused.linear_cross_entropy /
+    linear_log_probs, functions the caller never called."""
+    from crossent.distributed import (
+        vocab_parallel_linear_cross_entropy,
+        vocab_parallel_linear_log_probs,
+    )
+
+    h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64)
+    target = torch.tensor([0, 4, 1])
+    for fn, name in (
+        (vocab_parallel_linear_cross_entropy, "vocab_parallel_linear_cross_entropy"),
+        (vocab_parallel_linear_log_probs, "vocab_parallel_linear_log_probs"),
+    ):
+        out = fn(h, w, target, reduction="none") if "cross" in name else fn(h, w, target)
+        with pytest.raises(RuntimeError, match=rf"^crossent\.distributed\.{name} has no second"):
+            torch.autograd.grad(out.sum(), h, create_graph=True)
+
+
 def test_nan_class_weight_propagates_to_the_mean(one_rank_group: Any) -> None:
     """A NaN class weight of a counted target gave a mean of 0 (NaN > 0 is False, the
     'no counted target' branch), where the single-process loss and F.cross_entropy give NaN."""

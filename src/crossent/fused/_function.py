@@ -101,9 +101,11 @@ def refuse_func_shard(shard: VocabShard | None) -> None:
 
 
 def no_second_derivative(name: str) -> RuntimeError:
-    """The error of a second differentiation of ``crossent.fused.<name>``."""
+    """The error of a second differentiation of ``crossent.fused.<name>`` (or of `name` itself
+    when it is a dotted path)."""
+    where = name if "." in name else f"crossent.fused.{name}"
     msg = (
-        f"crossent.fused.{name} has no second derivative: its backward pass forms the "
+        f"{where} has no second derivative: its backward pass forms the "
         "gradient chunk by chunk outside autograd. Differentiate it once (no "
         "create_graph=True / double backward, no nested torch.func.grad / jacrev of a "
         "gradient), or use the unfused loss on materialized logits for higher-order gradients."
@@ -139,7 +141,8 @@ def fused_backward(
     gradients come back in their parameters' dtypes; with a `shard`, the slices'
     contributions to the gradient of `hidden` are summed over the ranks.
     """
-    refuse_double_backward(name)
+    # a vocabulary slice: the function called was crossent.distributed.vocab_parallel_<name>
+    refuse_double_backward(name if shard is None else f"crossent.distributed.vocab_parallel_{name}")
     stashed = getattr(ctx, "grads", None)
     if stashed is not None:
         ctx.grads = None  # consumed: a second backward recomputes
