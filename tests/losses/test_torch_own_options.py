@@ -213,6 +213,42 @@ def test_all_ignored_mean_is_zero_with_a_zero_gradient() -> None:
         assert torch.all(xx.grad == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_mean_over_counted_targets_of_weight_zero_is_zero(dtype: Any, compiled: bool) -> None:
+    """Counted targets whose class weights are all 0: the weighted mean's denominator is 0
+    while smoothing and the z-loss make the numerator nonzero. The PyTorch executor returned
+    the sum (0.0822 with label_smoothing=0.1, 0.0777 with z_loss=0.01) where NumPy, JAX and
+    the fused and vocabulary-parallel losses give 0 with a zero gradient."""
+    x = torch.tensor([[1.0, 2.0, 0.5], [0.3, 0.2, 0.1]], dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    w = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    for options in (
+        {"label_smoothing": 0.1},
+        {"z_loss": 0.01},
+        {"softcap": 3.0, "label_smoothing": 0.1},
+        {"gamma": 2.0, "label_smoothing": 0.1},
+        {"ignore_index": 1, "label_smoothing": 0.1},
+    ):
+        want = ce.sparse_categorical_cross_entropy(
+            x.numpy(), y.numpy(), from_logits=True, weight=w.numpy(), **options
+        )
+        assert float(want) == 0.0
+        xx = x.to(dtype, copy=True).requires_grad_(True)
+
+        def loss(z: Any, options: dict[str, Any] = options) -> Any:
+            return ce.sparse_categorical_cross_entropy(
+                z, y, from_logits=True, weight=w.to(dtype), **options
+            )
+
+        if compiled:
+            torch._dynamo.reset()  # one compilation per option set, not recompilations
+        out = (torch.compile(loss, backend="eager", fullgraph=True) if compiled else loss)(xx)
+        (grad,) = torch.autograd.grad(out, xx)
+        assert out.detach().item() == 0.0, options
+        assert torch.all(grad == 0), options
+
+
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("options", [{"gamma": 2.0}, {"z_loss": 0.1, "label_smoothing": 0.1}])
 def test_bad_labels_raise_crossents_message(grad: bool, options: dict[str, Any]) -> None:

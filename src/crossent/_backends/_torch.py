@@ -149,26 +149,30 @@ def _mean_denominator(
     w_y: Tensor | None, valid: Tensor | None, n: int, dtype: torch.dtype
 ) -> Tensor | float:
     r"""The ``"mean"``'s denominator over `n` rows: the counted target weight :math:`\sum_i w_{y_i}`
-    (`w_y`, 0 at ignored rows), else the count of `valid` rows (in `dtype`), else `n`; 1 where
-    it would be 0, so that a mean over no counted target is 0 with a zero gradient."""
+    (`w_y`, 0 at ignored rows), else the count of `valid` rows (in `dtype`), else `n`; +inf
+    where it would be 0, so that a mean over no counted target, or over counted targets of
+    weight 0, is 0 with a zero gradient (the generic formulas' safe division) even where the
+    numerator is not 0 (label smoothing and the z-loss count other classes' weights)."""
     if w_y is not None:
         den = w_y.sum()
     elif valid is not None:
         den = valid.sum().to(dtype)
     else:
         return float(max(n, 1))
-    return torch.where(den == 0, 1.0, den)
+    return torch.where(den == 0, math.inf, den)
 
 
 def _mean_of(
     kernel: Any, args: tuple[Tensor, Tensor, Tensor | None], extra: tuple[Any, ...], ignore: int
 ) -> Tensor:
-    """PyTorch's ``"mean"`` with crossent's rule: 0 (and a zero gradient) over no counted target.
+    """PyTorch's ``"mean"`` with crossent's rule: 0 (and a zero gradient) over no counted target
+    or counted targets of weight 0 (whose smoothing terms make the sum nonzero).
 
     ``kernel(*args, reduction, ignore, *extra)``; `args` is (logits, int64 labels, weight).
     Eagerly on CPU one scalar test decides (PyTorch's mean is NaN only for
     0/0 or a NaN input); elsewhere the sum is divided by a denominator that is
-    1 where it would be 0, without reading anything back.
+    +inf where it would be 0 (a finite sum gives 0, a NaN stays NaN), without
+    reading anything back.
     """
     x, t, w = args
     if t.numel() == 0:
@@ -176,11 +180,11 @@ def _mean_of(
     if x.is_cpu and not torch_tracing():
         out = kernel(*args, _REDUCTION_ENUM["mean"], ignore, *extra)
         if math.isnan(out.item()) and float(_counted_weight(t, w, ignore)) == 0:
-            return kernel(*args, _REDUCTION_ENUM["sum"], ignore, *extra)
+            return kernel(*args, _REDUCTION_ENUM["sum"], ignore, *extra) / math.inf
         return out
     total = kernel(*args, _REDUCTION_ENUM["sum"], ignore, *extra)
     den = _counted_weight(t, w, ignore)
-    return total / torch.where(den == 0, 1, den)
+    return total / torch.where(den == 0, math.inf, den)
 
 
 def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int | None) -> None:
