@@ -19,6 +19,7 @@ from crossent._lib._xp import (
     is_lazy,
     is_torch_tensor,
     known_true,
+    not_ignored,
     representable,
     size,
     stop_gradient,
@@ -312,9 +313,8 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
         return
     import torch
 
-    bad = (target < 0) | (target >= num_classes)
-    if ignore_index is not None:
-        bad = bad & (target != ignore_index)
+    target = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
+    bad = ((target < 0) | (target >= num_classes)) & not_ignored(target, ignore_index, xp=torch)
     if target.device.type != "cpu" or torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), "crossent: `target` has a label outside [0, C)")
         return

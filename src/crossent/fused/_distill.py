@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from crossent._lib._checks import check_ignore_index, check_reduction
-from crossent._lib._xp import array_namespace, torch_tracing
+from crossent._lib._xp import array_namespace, not_ignored, torch_tracing
 from crossent._losses._distill import check_beta, check_temperature, distill_rows
 from crossent.fused._chunked import (
     _agreed_chunk,
@@ -343,7 +343,7 @@ def linear_distillation_loss(
     mask = (
         torch.ones(batch, dtype=torch.bool, device=hidden.device)
         if target is None
-        else target != index
+        else not_ignored(target, index, xp=torch)
     )
     if shift:
         mask = torch.cat((mask[..., 1:], torch.zeros_like(mask[..., :1])), dim=-1)
