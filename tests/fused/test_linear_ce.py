@@ -537,6 +537,30 @@ def test_single_token_and_empty_batch(reduction: str) -> None:
     assert empty.grad.shape == (0, D)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_zero_hidden_size_scores_the_bias(reduction: str) -> None:
+    """d = 0: the logits are the bias (reshape(-1, 0) used to raise "ambiguous")."""
+    data = _inputs(n=6, d=1, v=5)
+    data["hidden"], data["weight"] = data["hidden"][:, :0], data["weight"][:, :0]
+    up = data["grad"] if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+    opts = {"bias": True, "class_weight": True, "label_smoothing": 0.1}
+    ours = _ours(data, upstream=up, reduction=reduction, **opts)
+    want = _ref(data, upstream=up, reduction=reduction, **opts)
+    _assert_close(ours[0], want[0], rtol=1e-12, atol=1e-12)
+    _assert_close(ours[3], want[3], rtol=1e-12, atol=1e-12)
+    assert ours[1].shape == (6, 0)
+    assert ours[2].shape == (5, 0)
+    batched = linear_cross_entropy(
+        data["hidden"].reshape(2, 3, 0), data["weight"], data["target"].reshape(2, 3),
+        reduction="none",
+    )  # fmt: skip
+    torch.testing.assert_close(
+        batched,
+        torch.full((2, 3), math.log(5), dtype=torch.float64)
+        * (data["target"].reshape(2, 3) != -100),
+    )
+
+
 def test_only_weight_requires_grad() -> None:
     data = _inputs(n=30)
     w = data["weight"].clone().requires_grad_()

@@ -35,7 +35,7 @@ from crossent.fused._function import (
     no_autocast,
     stash_grads,
 )
-from crossent.fused._inputs import check_chunk_size, check_head, check_shift, unshift
+from crossent.fused._inputs import check_chunk_size, check_head, check_shift, flat, rows_2d, unshift
 
 __all__ = ["linear_distillation_loss"]
 
@@ -347,10 +347,10 @@ def linear_distillation_loss(
     )
     if shift:
         mask = torch.cat((mask[..., 1:], torch.zeros_like(mask[..., :1])), dim=-1)
-    counted = mask.reshape(-1)
-    h2 = hidden.reshape(-1, hidden.shape[-1])
+    counted = flat(mask)
+    h2 = rows_2d(hidden)
     teacher = (
-        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+        rows_2d(teacher_hidden.detach()),
         teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
     )

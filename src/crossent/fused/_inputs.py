@@ -7,6 +7,7 @@ matrix products run in their promoted dtype (:func:`crossent.fused._chunked.prod
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ __all__ = [
     "check_labels",
     "check_shift",
     "check_values",
+    "flat",
+    "rows_2d",
     "shift_target",
     "unshift",
 ]
@@ -215,6 +218,20 @@ def shift_target(target: torch.Tensor, *, shift: bool, ignore_index: int) -> tor
         return target
     pad = torch.full_like(target[..., :1], ignore_index, dtype=torch.int64)
     return torch.cat((target[..., 1:].to(torch.int64), pad), dim=-1)
+
+
+def rows_2d(x: torch.Tensor) -> torch.Tensor:
+    """``(..., d)`` as ``(rows, d)``, the rows counted explicitly.
+
+    ``reshape(-1, d)`` is ambiguous for zero elements (``d = 0``, or an empty batch
+    under ``vmap``, where torch reshapes ``(0, ..., d)``), and raises.
+    """
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """`x` as 1-d, its length given explicitly (see :func:`rows_2d`)."""
+    return x.reshape(math.prod(x.shape))
 
 
 def unshift(out: torch.Tensor, *, shift: bool) -> torch.Tensor:
