@@ -662,6 +662,7 @@ BAD_ARGUMENTS = [
     (cnn.BinaryFocalLoss, {"alpha": -0.1}, ValueError, "`alpha`"),
     (cnn.BinaryFocalLoss, {"label_smoothing": 2.0}, ValueError, "`label_smoothing`"),
     (cnn.LinearCrossEntropyLoss, {"chunk_size": 0}, ValueError, "`chunk_size`"),
+    (cnn.LinearCrossEntropyLoss, {"chunk_size": 1.5}, TypeError, "`chunk_size`"),
     (cnn.LinearCrossEntropyLoss, {"reduction": None}, ValueError, "`reduction`"),
 ]
 

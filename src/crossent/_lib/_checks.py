@@ -29,6 +29,7 @@ __all__ = [
     "ProbabilityRangeError",
     "check_axis",
     "check_base",
+    "check_chunk_size",
     "check_floating",
     "check_from_logits",
     "check_ignore_index",
@@ -329,6 +330,19 @@ def label_index_error(num_classes: int, found: str) -> IndexError:
         f"{found} (checked even with validation off, as torch's kernels do)."
     )
     return IndexError(msg)
+
+
+def check_chunk_size(chunk_size: object) -> int | None:
+    """`chunk_size` of the fused losses: None (chosen from memory) or a positive int."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        msg = f"`chunk_size` must be None or a positive int; got {chunk_size!r}."
+        raise TypeError(msg)
+    if chunk_size < 1:
+        msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {chunk_size}."
+        raise ValueError(msg)
+    return chunk_size
 
 
 def check_softcap(softcap: object) -> float | None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from crossent._lib._checks import (
+    check_chunk_size,
     check_ignore_index,
     check_integer_labels,
     check_label_range,
@@ -82,19 +83,6 @@ class _TorchDtypes:
         if kind != "integral":  # pragma: no cover - only "integral" is asked
             raise NotImplementedError(kind)
         return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
-
-
-def check_chunk_size(chunk_size: object) -> int | None:
-    """None or a positive int."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        msg = f"`chunk_size` must be None or a positive int; got {chunk_size!r}."
-        raise TypeError(msg)
-    if chunk_size < 1:
-        msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {chunk_size}."
-        raise ValueError(msg)
-    return chunk_size
 
 
 def check_shift(shift: object) -> bool:

@@ -19,6 +19,7 @@ from torch import Tensor
 from crossent._backends import _torch as torch_exec
 from crossent._lib._checks import (
     ProbabilityRangeError,
+    check_chunk_size,
     check_nonnegative,
     check_nonnegative_scalar,
     check_reduction,
@@ -127,15 +128,6 @@ def _check_softcap(softcap: object) -> float | None:
 
 def _check_alpha(alpha: object) -> float | None:
     return None if alpha is None else check_unit_interval_scalar(alpha, name="alpha")
-
-
-def _check_chunk_size(chunk_size: object) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        msg = f"`chunk_size` must be None (automatic) or a positive int; got {chunk_size!r}."
-        raise ValueError(msg)
-    return chunk_size
 
 
 def _class_axis(input: Tensor) -> int:
@@ -870,7 +862,7 @@ class LinearCrossEntropyLoss(_Loss):
         self.label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
         self.z_loss = check_nonnegative_scalar(z_loss, name="z_loss")
         self.softcap = _check_softcap(softcap)
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         if not isinstance(shift, bool):
             msg = f"`shift` must be True or False; got {shift!r}."
             raise TypeError(msg)
