@@ -811,6 +811,11 @@ class LinearCrossEntropyLoss(_Loss):
     shift : bool, keyword-only, default False
         Next-token prediction: position t is scored against ``target[..., t + 1]``
         and the last position is dropped (Hugging Face's causal-LM loss).
+    class_weight : Tensor, shape (V,), optional, keyword-only
+        Non-negative per-class weights (``CrossEntropyLoss``'s `weight`; here the
+        projection is the `weight` of ``forward``), kept as a buffer (it moves with
+        ``.to()`` and is saved in the ``state_dict``); ``"mean"`` then divides by the
+        summed weight of the counted targets.
 
     Notes
     -----
@@ -836,6 +841,7 @@ class LinearCrossEntropyLoss(_Loss):
     True
     """
 
+    class_weight: Tensor | None
     _repr_fields = (
         ("ignore_index", -100),
         ("label_smoothing", 0.0),
@@ -856,8 +862,11 @@ class LinearCrossEntropyLoss(_Loss):
         reduction: str = "mean",
         chunk_size: int | None = None,
         shift: bool = False,
+        class_weight: Tensor | None = None,
     ) -> None:
         super().__init__(None, None, reduction)
+        cw = _check_tensor(class_weight, name="class_weight", per_class=True)
+        self.register_buffer("class_weight", cw)
         self.ignore_index = _check_ignore_index(ignore_index)
         self.label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
         self.z_loss = check_nonnegative_scalar(z_loss, name="z_loss")
@@ -885,5 +894,6 @@ class LinearCrossEntropyLoss(_Loss):
             softcap=self.softcap,
             reduction=self.reduction,
             chunk_size=self.chunk_size,
+            class_weight=self.class_weight,
             shift=self.shift,
         )
