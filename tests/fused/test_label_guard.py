@@ -107,3 +107,23 @@ def test_distillation_mask_keeps_uint8_label_equal_to_wrapped_ignore_index() -> 
     want = fused.linear_distillation_loss(hidden, weight, teacher, weight, reduction="none")
     assert want.min() > 0
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "uint64"])
+@pytest.mark.parametrize("validate", [True, False])
+def test_wide_unsigned_labels_are_accepted(dtype: str, validate: bool) -> None:
+    """Labels of any integer width: with validation on, uint16/32/64 raised torch's
+    NotImplementedError ('"ge_cpu" not implemented for 'UInt16'') from the range check."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    weight = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 4])
+    wide = target.to(getattr(torch, dtype))
+    with ce.validation(validate):
+        got = fused.linear_cross_entropy(hidden, weight, wide, reduction="none")
+        lp = fused.linear_log_probs(hidden, weight, wide)
+        with pytest.raises((ValueError, IndexError), match=re.escape("outside [0, 5)")):
+            fused.linear_cross_entropy(hidden[:2], weight, torch.tensor([0, 9]).to(wide.dtype))
+    want = fused.linear_cross_entropy(hidden, weight, target, reduction="none")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(lp, -want, rtol=1e-12, atol=1e-12)

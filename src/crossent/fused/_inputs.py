@@ -197,13 +197,15 @@ def check_values(
 
 
 def shift_target(target: torch.Tensor, *, shift: bool, ignore_index: int) -> torch.Tensor:
-    """The label of each position: with `shift`, position t gets ``target[..., t + 1]``.
+    """The int64 label of each position: with `shift`, position t gets ``target[..., t + 1]``.
 
     The last position gets `ignore_index`, so it costs nothing and gets no
-    gradient; `hidden` itself is never sliced or copied.
+    gradient; `hidden` itself is never sliced or copied. Labels of every integer
+    width become int64 (torch compares uint16/32/64 with nothing, and narrow ones
+    with a wrapped `ignore_index` or V).
     """
     if not shift:
-        return target
+        return target.long()
     pad = torch.full_like(target[..., :1], ignore_index, dtype=torch.int64)
     return torch.cat((target[..., 1:].to(torch.int64), pad), dim=-1)
 
