@@ -16,7 +16,11 @@ F = torch.nn.functional
 
 from crossent._lib._xp import array_namespace  # noqa: E402
 from crossent._losses import _rows  # noqa: E402
-from crossent.fused import _chunked  # noqa: E402
+from crossent.fused import (  # noqa: E402
+    _chunked,
+    linear_distillation_loss,
+    linear_log_probs,
+)
 from crossent.fused import linear_cross_entropy as _linear_ce  # noqa: E402
 from crossent.fused._chunked import (  # noqa: E402
     LinearCEOptions,
@@ -492,6 +496,23 @@ def test_bad_input_messages() -> None:
         (lambda: linear_cross_entropy(h, w, y, chunk_size=0), ValueError, "`chunk_size`"),
         (lambda: linear_cross_entropy(h, w, y, chunk_size=2.0), TypeError, "`chunk_size`"),
         (lambda: linear_cross_entropy(h, w, y, ignore_index=None), TypeError, "`ignore_index`"),
+        # an ignore_index no int64 label can equal (with shift=True it raised a bare
+        # OverflowError, "int too big to convert")
+        (
+            lambda: linear_cross_entropy(h[None], w, y[None], ignore_index=2**63, shift=True),
+            ValueError,
+            "`ignore_index` must fit in int64",
+        ),
+        (
+            lambda: linear_log_probs(h[None], w, y[None], ignore_index=-(2**63) - 1, shift=True),
+            ValueError,
+            "`ignore_index` must fit in int64",
+        ),
+        (
+            lambda: linear_distillation_loss(h, w, h, w, y, ignore_index=2**70),
+            ValueError,
+            "`ignore_index` must fit in int64",
+        ),
     ]
     for call, exc, name in cases:
         with pytest.raises(exc, match=name):

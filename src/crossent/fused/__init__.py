@@ -16,10 +16,7 @@ from typing import Literal
 
 import torch
 
-from crossent._lib._checks import (
-    check_ignore_index,
-    check_softcap,
-)
+from crossent._lib._checks import check_softcap
 from crossent._lib._xp import torch_tracing
 from crossent._losses._distill import check_temperature
 from crossent.fused._distill import linear_distillation_loss
@@ -30,6 +27,7 @@ from crossent.fused._inputs import (
     _check_options,
     _check_tensor,
     check_chunk_size,
+    check_fused_ignore_index,
     check_head,
     check_labels,
     check_shift,
@@ -240,7 +238,7 @@ def _log_prob_options(
         msg = f"`return_entropy` must be True or False; got {return_entropy!r}."
         raise TypeError(msg)
     opts = LogProbOptions(
-        ignore_index=check_ignore_index(ignore_index, allow_none=False),
+        ignore_index=check_fused_ignore_index(ignore_index),
         temperature=check_temperature(temperature),
         softcap=check_softcap(softcap),
         entropy=return_entropy,

@@ -29,6 +29,7 @@ from crossent.fused._function import LinearCEOptions
 
 __all__ = [
     "check_chunk_size",
+    "check_fused_ignore_index",
     "check_head",
     "check_labels",
     "check_shift",
@@ -85,6 +86,15 @@ class _TorchDtypes:
         return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
+def check_fused_ignore_index(ignore_index: object) -> int:
+    """`ignore_index` of the fused functions: an int that an int64 label can equal."""
+    index = check_ignore_index(ignore_index, allow_none=False)
+    if not -(2**63) <= index < 2**63:
+        msg = f"`ignore_index` must fit in int64 (the labels' dtype), e.g. -100; got {index}."
+        raise ValueError(msg)
+    return index
+
+
 def check_shift(shift: object) -> bool:
     """`shift` is a bool."""
     if not isinstance(shift, bool):
@@ -102,7 +112,7 @@ def _check_options(
     reduction: object,
     chunk_size: object,
 ) -> LinearCEOptions:
-    index = check_ignore_index(ignore_index, allow_none=False)
+    index = check_fused_ignore_index(ignore_index)
     eps = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
     zeta = check_nonnegative_scalar(z_loss, name="z_loss")
     cap = check_softcap(softcap)
