@@ -19,7 +19,6 @@ from crossent._lib._xp import (
     is_lazy,
     is_torch_tensor,
     known_true,
-    not_ignored,
     representable,
     size,
     stop_gradient,
@@ -46,6 +45,7 @@ __all__ = [
     "check_unit_interval_scalar",
     "guard_label_range",
     "label_index_error",
+    "not_ignored",
     "row_sum_tolerance",
     "values_checked",
 ]
@@ -321,6 +321,18 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
         return
     if bool(bad.any()):
         raise label_index_error(num_classes, str(int(target[bad].reshape(-1)[0])))
+
+
+def not_ignored(target: Array, ignore_index: int | None, *, xp: Any) -> Array:
+    """Boolean mask of the labels that count: those not equal to `ignore_index`.
+
+    All of them when `ignore_index` is None or does not fit the labels' dtype:
+    comparing with it would wrap it (PyTorch compares ``uint8`` labels with ``-100``
+    as with ``156``) and silently drop real labels.
+    """
+    if ignore_index is None or not representable(ignore_index, target.dtype, xp=xp):
+        return xp.ones_like(target, dtype=xp.bool)
+    return target != ignore_index
 
 
 def label_index_error(num_classes: int, found: str) -> IndexError:

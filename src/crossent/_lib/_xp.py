@@ -34,7 +34,6 @@ __all__ = [
     "log_sigmoid",
     "log_sigmoid_pair",
     "logsumexp",
-    "not_ignored",
     "one_hot",
     "output_dtype",
     "representable",
@@ -436,18 +435,6 @@ def representable(value: int, dtype: Any, *, xp: Any) -> bool:
     """
     info = xp.iinfo(dtype)
     return bool(info.min <= value <= info.max)
-
-
-def not_ignored(target: Array, ignore_index: int | None, *, xp: Any) -> Array:
-    """Boolean mask of the labels that count: those not equal to `ignore_index`.
-
-    All of them when `ignore_index` is None or does not fit the labels' dtype:
-    comparing with it would wrap it (PyTorch compares ``uint8`` labels with ``-100``
-    as with ``156``) and silently drop real labels.
-    """
-    if ignore_index is None or not representable(ignore_index, target.dtype, xp=xp):
-        return xp.ones_like(target, dtype=xp.bool)
-    return target != ignore_index
 
 
 def one_hot(labels: Array, num_classes: int, *, dtype: Any, axis: int = -1, xp: Any) -> Array:

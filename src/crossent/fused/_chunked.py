@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from crossent._lib._xp import not_ignored
+from crossent._lib._checks import not_ignored
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions, Reduction
 

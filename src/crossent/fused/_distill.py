@@ -15,8 +15,8 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from crossent._lib._checks import check_reduction
-from crossent._lib._xp import array_namespace, not_ignored, torch_tracing
+from crossent._lib._checks import check_reduction, not_ignored
+from crossent._lib._xp import array_namespace, torch_tracing
 from crossent._losses._distill import check_beta, check_temperature, distill_rows
 from crossent.fused._chunked import (
     _agreed_chunk,
