@@ -232,3 +232,24 @@ def test_vocabulary_slices_refuse_torch_func() -> None:
     for call in calls:
         with pytest.raises(RuntimeError, match=r"do not support torch\.func transforms"):
             func.grad(call)(w)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_vmap_grad_over_no_samples_gives_empty_per_sample_results(case: str) -> None:
+    """A batch of 0 samples gives empty per-sample values and gradients (it raised
+    torch's "cannot reshape tensor of 0 elements into shape [0, -1, 5]")."""
+    loss, data = CASES[case], _data()
+    (g_w, g_b, g_h), value = func.vmap(
+        func.grad_and_value(loss, argnums=(0, 1, 2)), in_dims=(None, None, 0, 0, 0, None)
+    )(
+        data["weight"],
+        data["bias"],
+        data["hidden"][:0],
+        data["target"][:0],
+        data["t_hidden"][:0],
+        data,
+    )
+    assert value.shape == (0,)
+    assert g_w.shape == (0, V, D)
+    assert g_b.shape == (0, V)
+    assert g_h.shape == (0, N, D)

@@ -193,6 +193,25 @@ def test_chunk_loop_with_triton_equals_pytorch_path(
             torch.testing.assert_close(g, r, **tol)
 
 
+def test_triton_path_reads_a_strided_class_weight() -> None:
+    """A non-contiguous `class_weight` (every other entry of a vector): the kernels read
+    it with unit stride, so they used the wrong classes' weights (loss 11.34 vs 11.39)."""
+    gen = torch.Generator().manual_seed(5)
+    n, d, v = 7, 5, 37
+    h = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64) * 2
+    y = torch.randint(0, v, (n,), generator=gen)
+    cw = torch.rand(2 * v, generator=gen, dtype=torch.float64)[::2]
+    opts = LinearCEOptions(-100, 0.1, 1e-3, None, "mean", 3)
+    kw: dict[str, Any] = {"bias": None, "class_weight": cw, "compute_grad": True}
+    got = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=True), **kw)
+    kw["class_weight"] = cw.contiguous()
+    ref = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=False), **kw)
+    for g, r in zip(got, ref, strict=True):
+        if r is not None:
+            torch.testing.assert_close(g, r, **_tol(torch.float64))
+
+
 def test_triton_path_under_public_function(monkeypatch: pytest.MonkeyPatch) -> None:
     """The autograd Function passes use_triton through (forced here on CPU)."""
     import crossent.fused._function as fn

@@ -16,7 +16,11 @@ F = torch.nn.functional
 
 from crossent._lib._xp import array_namespace  # noqa: E402
 from crossent._losses import _rows  # noqa: E402
-from crossent.fused import _chunked  # noqa: E402
+from crossent.fused import (  # noqa: E402
+    _chunked,
+    linear_distillation_loss,
+    linear_log_probs,
+)
 from crossent.fused import linear_cross_entropy as _linear_ce  # noqa: E402
 from crossent.fused._chunked import (  # noqa: E402
     LinearCEOptions,
@@ -492,6 +496,23 @@ def test_bad_input_messages() -> None:
         (lambda: linear_cross_entropy(h, w, y, chunk_size=0), ValueError, "`chunk_size`"),
         (lambda: linear_cross_entropy(h, w, y, chunk_size=2.0), TypeError, "`chunk_size`"),
         (lambda: linear_cross_entropy(h, w, y, ignore_index=None), TypeError, "`ignore_index`"),
+        # an ignore_index no int64 label can equal (with shift=True it raised a bare
+        # OverflowError, "int too big to convert")
+        (
+            lambda: linear_cross_entropy(h[None], w, y[None], ignore_index=2**63, shift=True),
+            ValueError,
+            "`ignore_index` must fit in int64",
+        ),
+        (
+            lambda: linear_log_probs(h[None], w, y[None], ignore_index=-(2**63) - 1, shift=True),
+            ValueError,
+            "`ignore_index` must fit in int64",
+        ),
+        (
+            lambda: linear_distillation_loss(h, w, h, w, y, ignore_index=2**70),
+            ValueError,
+            "`ignore_index` must fit in int64",
+        ),
     ]
     for call, exc, name in cases:
         with pytest.raises(exc, match=name):
@@ -535,6 +556,30 @@ def test_single_token_and_empty_batch(reduction: str) -> None:
     out.sum().backward()
     assert empty.grad is not None
     assert empty.grad.shape == (0, D)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_zero_hidden_size_scores_the_bias(reduction: str) -> None:
+    """d = 0: the logits are the bias (reshape(-1, 0) used to raise "ambiguous")."""
+    data = _inputs(n=6, d=1, v=5)
+    data["hidden"], data["weight"] = data["hidden"][:, :0], data["weight"][:, :0]
+    up = data["grad"] if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+    opts = {"bias": True, "class_weight": True, "label_smoothing": 0.1}
+    ours = _ours(data, upstream=up, reduction=reduction, **opts)
+    want = _ref(data, upstream=up, reduction=reduction, **opts)
+    _assert_close(ours[0], want[0], rtol=1e-12, atol=1e-12)
+    _assert_close(ours[3], want[3], rtol=1e-12, atol=1e-12)
+    assert ours[1].shape == (6, 0)
+    assert ours[2].shape == (5, 0)
+    batched = linear_cross_entropy(
+        data["hidden"].reshape(2, 3, 0), data["weight"], data["target"].reshape(2, 3),
+        reduction="none",
+    )  # fmt: skip
+    torch.testing.assert_close(
+        batched,
+        torch.full((2, 3), math.log(5), dtype=torch.float64)
+        * (data["target"].reshape(2, 3) != -100),
+    )
 
 
 def test_only_weight_requires_grad() -> None:

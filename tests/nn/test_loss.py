@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import pickle
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -485,6 +487,36 @@ def test_linear_cross_entropy_z_loss_softcap_match_written_out() -> None:
 
 @needs_fused
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_class_weight_is_a_buffer_like_torchs_weight(reduction: str) -> None:
+    """`class_weight` (``linear_cross_entropy``'s option, API section 4): F.cross_entropy's
+    `weight`, held as a buffer that follows .to(), the state_dict, pickle and deepcopy."""
+    hidden = torch.randn(6, 4, generator=_gen(40), dtype=torch.float64)
+    weight = torch.randn(9, 4, generator=_gen(41), dtype=torch.float64)
+    cw = (torch.rand(9, generator=_gen(42)) + 0.1).double()  # exact in float32
+    target = torch.tensor([0, 8, -100, 3, 4, 4])
+    module = cnn.LinearCrossEntropyLoss(class_weight=cw.float(), label_smoothing=0.1)
+    module = module.to(torch.float64)
+    assert module.class_weight is not None
+    assert module.class_weight.dtype == torch.float64
+    assert list(module.state_dict()) == ["class_weight"]
+    assert list(cnn.LinearCrossEntropyLoss().state_dict()) == []
+    module.reduction = reduction
+    _check_parity(
+        module,
+        lambda h, w, t: F.cross_entropy(
+            F.linear(h, w), t, weight=cw, label_smoothing=0.1, reduction=reduction
+        ),
+        [hidden, weight],
+        target,
+        dtype=torch.float64,
+        tol={"rtol": 1e-7, "atol": 1e-9},
+    )
+    for copied in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        torch.testing.assert_close(copied(hidden, weight, target), module(hidden, weight, target))
+
+
+@needs_fused
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_linear_cross_entropy_takes_batch_by_sequence_hidden(reduction: str) -> None:
     hidden = torch.randn(2, 5, 4, generator=_gen(38), dtype=torch.float64)
     weight = torch.randn(9, 4, generator=_gen(39), dtype=torch.float64)
@@ -662,6 +694,10 @@ BAD_ARGUMENTS = [
     (cnn.BinaryFocalLoss, {"alpha": -0.1}, ValueError, "`alpha`"),
     (cnn.BinaryFocalLoss, {"label_smoothing": 2.0}, ValueError, "`label_smoothing`"),
     (cnn.LinearCrossEntropyLoss, {"chunk_size": 0}, ValueError, "`chunk_size`"),
+    (cnn.LinearCrossEntropyLoss, {"chunk_size": 1.5}, TypeError, "`chunk_size`"),
+    (cnn.LinearCrossEntropyLoss, {"class_weight": torch.ones(2, 2)}, ValueError, "1-D"),
+    (cnn.LinearCrossEntropyLoss, {"class_weight": -torch.ones(3)}, ValueError, "non-negative"),
+    (cnn.LinearCrossEntropyLoss, {"class_weight": [1.0]}, TypeError, "`class_weight`"),
     (cnn.LinearCrossEntropyLoss, {"reduction": None}, ValueError, "`reduction`"),
 ]
 

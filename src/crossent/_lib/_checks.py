@@ -31,6 +31,7 @@ __all__ = [
     "check_array",
     "check_axis",
     "check_base",
+    "check_chunk_size",
     "check_floating",
     "check_from_logits",
     "check_ignore_index",
@@ -47,6 +48,7 @@ __all__ = [
     "check_unit_interval_scalar",
     "guard_label_range",
     "label_index_error",
+    "not_ignored",
     "row_sum_tolerance",
     "values_checked",
 ]
@@ -322,14 +324,25 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
         return
     import torch
 
-    bad = (target < 0) | (target >= num_classes)
-    if ignore_index is not None:
-        bad = bad & (target != ignore_index)
+    target = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
+    bad = ((target < 0) | (target >= num_classes)) & not_ignored(target, ignore_index, xp=torch)
     if target.device.type != "cpu" or torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), "crossent: `target` has a label outside [0, C)")
         return
     if bool(bad.any()):
         raise label_index_error(num_classes, str(int(target[bad].reshape(-1)[0])))
+
+
+def not_ignored(target: Array, ignore_index: int | None, *, xp: Any) -> Array:
+    """Boolean mask of the labels that count: those not equal to `ignore_index`.
+
+    All of them when `ignore_index` is None or does not fit the labels' dtype:
+    comparing with it would wrap it (PyTorch compares ``uint8`` labels with ``-100``
+    as with ``156``) and silently drop real labels.
+    """
+    if ignore_index is None or not representable(ignore_index, target.dtype, xp=xp):
+        return xp.ones_like(target, dtype=xp.bool)
+    return target != ignore_index
 
 
 def label_index_error(num_classes: int, found: str) -> IndexError:
@@ -339,6 +352,19 @@ def label_index_error(num_classes: int, found: str) -> IndexError:
         f"{found} (checked even with validation off, as torch's kernels do)."
     )
     return IndexError(msg)
+
+
+def check_chunk_size(chunk_size: object) -> int | None:
+    """`chunk_size` of the fused losses: None (chosen from memory) or a positive int."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        msg = f"`chunk_size` must be None or a positive int; got {chunk_size!r}."
+        raise TypeError(msg)
+    if chunk_size < 1:
+        msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {chunk_size}."
+        raise ValueError(msg)
+    return chunk_size
 
 
 def check_softcap(softcap: object) -> float | None:

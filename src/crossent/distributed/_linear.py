@@ -27,6 +27,7 @@ from crossent.fused._inputs import (
     _check_options,
     _check_tensor,
     check_shift,
+    rows_2d,
     shift_target,
     unshift,
 )
@@ -142,7 +143,7 @@ def _prepare(
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     reduce_max, reduce_sum = row_reducers(layout.group)
     shard = VocabShard(layout.vocab_start, layout.vocab_size, reduce_max, reduce_sum)
-    return opts, shard, hidden.reshape(-1, hidden.shape[-1]), target
+    return opts, shard, rows_2d(hidden), target
 
 
 def vocab_parallel_linear_cross_entropy(

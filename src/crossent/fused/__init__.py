@@ -16,10 +16,7 @@ from typing import Literal
 
 import torch
 
-from crossent._lib._checks import (
-    check_ignore_index,
-    check_softcap,
-)
+from crossent._lib._checks import check_softcap
 from crossent._lib._xp import torch_tracing
 from crossent._losses._distill import check_temperature
 from crossent.fused._distill import linear_distillation_loss
@@ -30,10 +27,13 @@ from crossent.fused._inputs import (
     _check_options,
     _check_tensor,
     check_chunk_size,
+    check_fused_ignore_index,
     check_head,
     check_labels,
     check_shift,
     check_values,
+    flat,
+    rows_2d,
     shift_target,
     unshift,
 )
@@ -212,18 +212,13 @@ def linear_cross_entropy(
             raise ValueError(msg)
         _check_devices(hidden, {"class_weight": class_weight})
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
-    d = hidden.shape[-1]
     if torch_tracing():  # compile or torch.func: value checks run inside the op, on concrete values
         from crossent.fused._ops import linear_ce_compiled
 
-        loss = linear_ce_compiled(
-            hidden.reshape(-1, d), weight, target.reshape(-1), bias, class_weight, opts
-        )
+        loss = linear_ce_compiled(rows_2d(hidden), weight, flat(target), bias, class_weight, opts)
     else:
         check_values(target, class_weight, n_classes, ignore_index=opts.ignore_index)
-        loss = run_linear_ce(
-            hidden.reshape(-1, d), weight, target.reshape(-1), bias, class_weight, opts
-        )
+        loss = run_linear_ce(rows_2d(hidden), weight, flat(target), bias, class_weight, opts)
     if opts.reduction == "none":
         loss = unshift(loss.reshape(target.shape), shift=shift)
     return loss
@@ -243,7 +238,7 @@ def _log_prob_options(
         msg = f"`return_entropy` must be True or False; got {return_entropy!r}."
         raise TypeError(msg)
     opts = LogProbOptions(
-        ignore_index=check_ignore_index(ignore_index, allow_none=False),
+        ignore_index=check_fused_ignore_index(ignore_index),
         temperature=check_temperature(temperature),
         softcap=check_softcap(softcap),
         entropy=return_entropy,
@@ -365,8 +360,7 @@ def linear_log_probs(
     )
     n_classes = check_head(hidden, weight, target, bias, shift=shift)
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
-    d = hidden.shape[-1]
-    args = (hidden.reshape(-1, d), weight, target.reshape(-1), bias, opts)
+    args = (rows_2d(hidden), weight, flat(target), bias, opts)
     if torch_tracing():  # one opaque op; the label check runs inside it
         from crossent.fused._ops import linear_log_probs_compiled
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
+from crossent._lib._checks import not_ignored
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions, Reduction
 
@@ -664,7 +665,7 @@ def _counted_rows(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor
     import torch
 
     target = target.reshape(-1)
-    rows = torch.nonzero(target != ignore_index).reshape(-1)
+    rows = torch.nonzero(not_ignored(target, ignore_index, xp=torch)).reshape(-1)
     return rows, target[rows].long()
 
 

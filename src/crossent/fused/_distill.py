@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from crossent._lib._checks import check_ignore_index, check_reduction
+from crossent._lib._checks import check_reduction, not_ignored
 from crossent._lib._xp import array_namespace, torch_tracing
 from crossent._losses._distill import check_beta, check_temperature, distill_rows
 from crossent.fused._chunked import (
@@ -35,7 +35,15 @@ from crossent.fused._function import (
     no_autocast,
     stash_grads,
 )
-from crossent.fused._inputs import check_chunk_size, check_head, check_shift, unshift
+from crossent.fused._inputs import (
+    check_chunk_size,
+    check_fused_ignore_index,
+    check_head,
+    check_shift,
+    flat,
+    rows_2d,
+    unshift,
+)
 
 __all__ = ["linear_distillation_loss"]
 
@@ -309,7 +317,7 @@ def linear_distillation_loss(
         reduction=check_reduction(reduction),
         chunk_size=check_chunk_size(chunk_size),
     )
-    index = check_ignore_index(ignore_index, allow_none=False)
+    index = check_fused_ignore_index(ignore_index)
     shift = check_shift(shift)
     n_classes = check_head(hidden, weight, target, bias, shift=shift, target_optional=True)
     t_classes = check_head(
@@ -343,14 +351,14 @@ def linear_distillation_loss(
     mask = (
         torch.ones(batch, dtype=torch.bool, device=hidden.device)
         if target is None
-        else target != index
+        else not_ignored(target, index, xp=torch)
     )
     if shift:
         mask = torch.cat((mask[..., 1:], torch.zeros_like(mask[..., :1])), dim=-1)
-    counted = mask.reshape(-1)
-    h2 = hidden.reshape(-1, hidden.shape[-1])
+    counted = flat(mask)
+    h2 = rows_2d(hidden)
     teacher = (
-        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+        rows_2d(teacher_hidden.detach()),
         teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
     )

@@ -7,11 +7,13 @@ matrix products run in their promoted dtype (:func:`crossent.fused._chunked.prod
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from crossent._lib._checks import (
+    check_chunk_size,
     check_ignore_index,
     check_integer_labels,
     check_label_range,
@@ -27,10 +29,13 @@ from crossent.fused._function import LinearCEOptions
 
 __all__ = [
     "check_chunk_size",
+    "check_fused_ignore_index",
     "check_head",
     "check_labels",
     "check_shift",
     "check_values",
+    "flat",
+    "rows_2d",
     "shift_target",
     "unshift",
 ]
@@ -81,17 +86,13 @@ class _TorchDtypes:
         return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
-def check_chunk_size(chunk_size: object) -> int | None:
-    """None or a positive int."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        msg = f"`chunk_size` must be None or a positive int; got {chunk_size!r}."
-        raise TypeError(msg)
-    if chunk_size < 1:
-        msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {chunk_size}."
+def check_fused_ignore_index(ignore_index: object) -> int:
+    """`ignore_index` of the fused functions: an int that an int64 label can equal."""
+    index = check_ignore_index(ignore_index, allow_none=False)
+    if not -(2**63) <= index < 2**63:
+        msg = f"`ignore_index` must fit in int64 (the labels' dtype), e.g. -100; got {index}."
         raise ValueError(msg)
-    return chunk_size
+    return index
 
 
 def check_shift(shift: object) -> bool:
@@ -111,7 +112,7 @@ def _check_options(
     reduction: object,
     chunk_size: object,
 ) -> LinearCEOptions:
-    index = check_ignore_index(ignore_index, allow_none=False)
+    index = check_fused_ignore_index(ignore_index)
     eps = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
     zeta = check_nonnegative_scalar(z_loss, name="z_loss")
     cap = check_softcap(softcap)
@@ -206,15 +207,31 @@ def check_values(
 
 
 def shift_target(target: torch.Tensor, *, shift: bool, ignore_index: int) -> torch.Tensor:
-    """The label of each position: with `shift`, position t gets ``target[..., t + 1]``.
+    """The int64 label of each position: with `shift`, position t gets ``target[..., t + 1]``.
 
     The last position gets `ignore_index`, so it costs nothing and gets no
-    gradient; `hidden` itself is never sliced or copied.
+    gradient; `hidden` itself is never sliced or copied. Labels of every integer
+    width become int64 (torch compares uint16/32/64 with nothing, and narrow ones
+    with a wrapped `ignore_index` or V).
     """
     if not shift:
-        return target
+        return target.long()
     pad = torch.full_like(target[..., :1], ignore_index, dtype=torch.int64)
     return torch.cat((target[..., 1:].to(torch.int64), pad), dim=-1)
+
+
+def rows_2d(x: torch.Tensor) -> torch.Tensor:
+    """``(..., d)`` as ``(rows, d)``, the rows counted explicitly.
+
+    ``reshape(-1, d)`` is ambiguous for zero elements (``d = 0``, or an empty batch
+    under ``vmap``, where torch reshapes ``(0, ..., d)``), and raises.
+    """
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """`x` as 1-d, its length given explicitly (see :func:`rows_2d`)."""
+    return x.reshape(math.prod(x.shape))
 
 
 def unshift(out: torch.Tensor, *, shift: bool) -> torch.Tensor:

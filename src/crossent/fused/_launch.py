@@ -74,7 +74,7 @@ def row_stats(
         buf,
         buf.stride(0),
         torch.where((y_loc >= 0) & (y_loc < v), y_loc, 0).contiguous(),
-        cw_local if cw_local is not None else buf,
+        cw_local.contiguous() if cw_local is not None else buf,  # read as CW + offs
         out[0],
         out[1],
         out[2],
@@ -144,7 +144,7 @@ def logits_grad_(
         dest,
         dest.stride(0),
         y_kernel,
-        cw_local if cw_local is not None else buf,
+        cw_local.contiguous() if cw_local is not None else buf,  # read as CW + offs
         per_row(lse),
         per_row(w_y),
         per_row(scale),

@@ -433,6 +433,8 @@ def _loop_vmap(op: Any) -> None:
                 for a, d in zip(args, in_dims, strict=True)
             ))  # fmt: skip
 
+        if info.batch_size == 0:
+            return _no_samples(op, args, in_dims)
         outs = [sample(i) for i in range(info.batch_size)]
         stacked = tuple(torch.stack(col) for col in zip(*outs, strict=True))
         return stacked, (0,) * len(stacked)
@@ -442,6 +444,24 @@ def _loop_vmap(op: Any) -> None:
 
 for _op in (_linear_ce_op, _log_probs_op, _log_probs_backward_op, _distill_op):
     _loop_vmap(_op)
+
+
+def _no_samples(op: Any, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> tuple[Any, Any]:
+    """`op` vmapped over 0 samples: empty outputs, their per-sample shapes and dtypes from
+    the op's fake implementation (run on meta tensors: no sample to run it on)."""
+
+    def meta(a: Any, d: Any) -> Any:
+        if not isinstance(a, torch.Tensor):
+            return a
+        if not isinstance(d, int):
+            return a.to("meta")
+        shape = a.shape[:d] + a.shape[d + 1 :]
+        return torch.empty(shape, dtype=a.dtype, device="meta")
+
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    outs = op(*(meta(a, d) for a, d in zip(args, in_dims, strict=True)))
+    empty = tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in outs)
+    return empty, (0,) * len(empty)
 
 
 class _FirstOrderGrads(torch.autograd.Function):

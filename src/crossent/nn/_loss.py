@@ -19,6 +19,7 @@ from torch import Tensor
 from crossent._backends import _torch as torch_exec
 from crossent._lib._checks import (
     ProbabilityRangeError,
+    check_chunk_size,
     check_nonnegative,
     check_nonnegative_scalar,
     check_reduction,
@@ -127,15 +128,6 @@ def _check_softcap(softcap: object) -> float | None:
 
 def _check_alpha(alpha: object) -> float | None:
     return None if alpha is None else check_unit_interval_scalar(alpha, name="alpha")
-
-
-def _check_chunk_size(chunk_size: object) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        msg = f"`chunk_size` must be None (automatic) or a positive int; got {chunk_size!r}."
-        raise ValueError(msg)
-    return chunk_size
 
 
 def _class_axis(input: Tensor) -> int:
@@ -826,6 +818,11 @@ class LinearCrossEntropyLoss(_Loss):
     shift : bool, keyword-only, default False
         Next-token prediction: position t is scored against ``target[..., t + 1]``
         and the last position is dropped (Hugging Face's causal-LM loss).
+    class_weight : Tensor, shape (V,), optional, keyword-only
+        Non-negative per-class weights (``CrossEntropyLoss``'s `weight`; here the
+        projection is the `weight` of ``forward``), kept as a buffer (it moves with
+        ``.to()`` and is saved in the ``state_dict``); ``"mean"`` then divides by the
+        summed weight of the counted targets.
 
     Notes
     -----
@@ -851,6 +848,7 @@ class LinearCrossEntropyLoss(_Loss):
     True
     """
 
+    class_weight: Tensor | None
     _repr_fields = (
         ("ignore_index", -100),
         ("label_smoothing", 0.0),
@@ -871,13 +869,16 @@ class LinearCrossEntropyLoss(_Loss):
         reduction: str = "mean",
         chunk_size: int | None = None,
         shift: bool = False,
+        class_weight: Tensor | None = None,
     ) -> None:
         super().__init__(None, None, reduction)
+        cw = _check_tensor(class_weight, name="class_weight", per_class=True)
+        self.register_buffer("class_weight", cw)
         self.ignore_index = _check_ignore_index(ignore_index)
         self.label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
         self.z_loss = check_nonnegative_scalar(z_loss, name="z_loss")
         self.softcap = _check_softcap(softcap)
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         if not isinstance(shift, bool):
             msg = f"`shift` must be True or False; got {shift!r}."
             raise TypeError(msg)
@@ -900,5 +901,6 @@ class LinearCrossEntropyLoss(_Loss):
             softcap=self.softcap,
             reduction=self.reduction,
             chunk_size=self.chunk_size,
+            class_weight=self.class_weight,
             shift=self.shift,
         )
