@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import itertools
+import math
 import os
 import sys
 from typing import Any
@@ -30,6 +31,7 @@ if "crossent.fused._kernels" in sys.modules:  # decorated without the interprete
 
 import triton.language as tl  # noqa: E402
 
+import crossent as ce  # noqa: E402
 from crossent._lib._xp import array_namespace  # noqa: E402
 from crossent._losses import _rows  # noqa: E402
 from crossent.fused import _kernels, _launch  # noqa: E402
@@ -191,6 +193,34 @@ def test_chunk_loop_with_triton_equals_pytorch_path(
             torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-3)
         else:
             torch.testing.assert_close(g, r, **tol)
+
+
+def test_triton_softcap_keeps_masked_classes_masked() -> None:
+    """The kernels soft-capped a logit of -inf to -c (unmasking the class); the PyTorch path
+    and the unfused loss keep it -inf: losses, and gradients of the finite rows, agree."""
+    gen = torch.Generator().manual_seed(7)
+    n, d, v = 6, 5, 37
+    h = torch.randn(n, d, generator=gen, dtype=torch.float64) * 3
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64)
+    bias = torch.randn(v, generator=gen, dtype=torch.float64)
+    bias[[2, 20, 36]] = -math.inf
+    y = torch.tensor([0, 5, 19, 21, 35, 1])
+    for eps, zeta in ((0.0, 0.0), (0.0, 1e-2)):
+        opts = LinearCEOptions(-100, eps, zeta, 2.0, "none", 4)
+        kw: dict[str, Any] = {
+            "bias": bias, "class_weight": None, "compute_grad": True,
+            "row_scale": torch.randn(n, generator=gen, dtype=torch.float64),
+        }  # fmt: skip
+        got = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=True), **kw)
+        ref = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=False), **kw)
+        z = h @ w.T + bias
+        want = ce.sparse_categorical_cross_entropy(
+            z, y, from_logits=True, softcap=2.0, z_loss=zeta, reduction="none"
+        )
+        torch.testing.assert_close(got[0], want, **_tol(torch.float64))
+        for g, r in zip(got, ref, strict=True):
+            if r is not None:
+                torch.testing.assert_close(g, r, **_tol(torch.float64))
 
 
 def test_triton_path_reads_a_strided_class_weight() -> None:

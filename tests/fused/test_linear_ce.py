@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+import crossent as ce  # noqa: E402
 from crossent._lib._xp import array_namespace  # noqa: E402
 from crossent._losses import _rows  # noqa: E402
 from crossent.fused import (  # noqa: E402
@@ -768,3 +769,43 @@ def test_in_place_statistics_are_the_row_statistics(weighted: bool, offset: int)
     assert torch.isinf(want_wz.wd[0])
     torch.testing.assert_close(got_wz.wd[1:], want_wz.wd[1:], rtol=1e-13, atol=1e-12)
     torch.testing.assert_close(torch.as_tensor(got_wz.wsum), torch.as_tensor(want_wz.wsum))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_softcap_keeps_masked_classes_masked(chunk_size: int | None) -> None:
+    """A class masked by a bias of -inf stays masked under a soft cap, as in the unfused loss;
+    c·tanh(-inf/c) = -c unmasked it: losses [0.4939, 0.8620, 2.2555] where
+    sparse_categorical_cross_entropy gives [0.3832, 0.6931, inf] (also linear_log_probs)."""
+    gen = torch.Generator().manual_seed(11)
+    n, d, v = 7, 4, 6
+    h = torch.randn(n, d, generator=gen, dtype=torch.float64) * 3
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64)
+    bias = torch.randn(v, generator=gen, dtype=torch.float64)
+    bias[[1, 4]] = -math.inf
+    y = torch.tensor([0, 2, 3, 5, 0, 2, 1])  # the last one on a masked class: +inf
+    for options in ({}, {"z_loss": 1e-2}, {"label_smoothing": 0.1, "reduction": "sum"}):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        got = linear_cross_entropy(
+            hh, ww, y, bias=bias, softcap=2.0, chunk_size=chunk_size,
+            **{"reduction": "none", **options},
+        )  # fmt: skip
+        h2, w2 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        want = ce.sparse_categorical_cross_entropy(
+            h2 @ w2.T + bias, y, from_logits=True, softcap=2.0, **{"reduction": "none", **options}
+        )
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        keep = torch.arange(n) < n - 1  # the +inf row aside: gradients of the finite rows
+        if got.ndim:
+            g1 = torch.autograd.grad(got[keep].sum(), (hh, ww))
+            g2 = torch.autograd.grad(want[keep].sum(), (h2, w2))
+            for a, b in zip(g1, g2, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    lp, ent = linear_log_probs(
+        h, w, y, bias=bias, softcap=2.0, chunk_size=chunk_size, return_entropy=True
+    )
+    z = 2.0 * torch.tanh((h @ w.T + bias) / 2.0)
+    z[:, [1, 4]] = -math.inf
+    logp = torch.log_softmax(z, dim=-1)
+    torch.testing.assert_close(lp, logp.gather(1, y[:, None]).squeeze(1), rtol=1e-12, atol=0)
+    p_logp = torch.where(logp > -math.inf, logp.exp() * logp, 0.0)
+    torch.testing.assert_close(ent, -p_logp.sum(1), rtol=1e-12, atol=1e-14)

@@ -368,14 +368,32 @@ def softmax_(buf: torch.Tensor, *, log: bool) -> None:
         buf.copy_(kernel(buf, 1, False))
 
 
-def _softcap_(buf: torch.Tensor, tanh_buf: torch.Tensor | None, softcap: float | None) -> None:
-    r"""Raw logits :math:`x` in `buf` become :math:`c \tanh(x/c)`; `tanh_buf` keeps the tanh."""
+def _softcap_(
+    buf: torch.Tensor, tanh_buf: torch.Tensor | None, softcap: float | None, scale: float = 1.0
+) -> None:
+    r"""Raw logits :math:`x` in `buf` become :math:`\mathrm{scale} \cdot c \tanh(x/c)`;
+    `tanh_buf` keeps the tanh.
+
+    A logit of :math:`-\infty` (a masked class, e.g. from a bias of −inf) stays
+    :math:`-\infty`, as in the unfused losses: :math:`c \tanh(-\infty / c) = -c` would
+    unmask it. On the CPU one reduction tells whether the chunk has any (a host read, free
+    there); elsewhere they are looked for unconditionally.
+    """
+    import torch
+
     if softcap is None:
+        if scale != 1.0:
+            buf.mul_(scale)
         return
+    masked = None
+    if buf.numel() and (buf.device.type != "cpu" or not bool(buf.amin() > -math.inf)):
+        masked = torch.isneginf(buf)
     buf.div_(softcap).tanh_()
     if tanh_buf is not None:
         tanh_buf.copy_(buf)
-    buf.mul_(softcap)
+    buf.mul_(softcap * scale)
+    if masked is not None:
+        buf.masked_fill_(masked, -math.inf)
 
 
 def slice_statistics(
@@ -894,19 +912,12 @@ def _row_stats_torch(
     """
     import torch
 
-    if softcap is not None:
-        buf.div_(softcap).tanh_()
-        if tanh_buf is not None:
-            tanh_buf.copy_(buf)
-        buf.mul_(softcap * scale)
-    elif scale != 1.0:
-        buf.mul_(scale)
+    _softcap_(buf, tanh_buf, softcap, scale)
     col = y_loc[:, None]
     z_y = buf.gather(1, col).squeeze(1)
-    # -inf at the column read (only without a soft cap, which bounds the logits). The check
-    # is a host sync, free on CPU; elsewhere the fix-up runs unconditionally instead.
-    fix = need_lse and softcap is None
-    fix = fix and (buf.device.type != "cpu" or bool((z_y == -math.inf).any()))
+    # -inf at the column read (a masked class; the soft cap keeps it -inf). The check is a
+    # host sync, free on CPU; elsewhere the fix-up runs unconditionally instead.
+    fix = need_lse and (buf.device.type != "cpu" or bool((z_y == -math.inf).any()))
     m = buf.amax(dim=1) if fix else None
     softmax_(buf, log=True)
     d_loc = buf.gather(1, col).squeeze(1)

@@ -74,6 +74,12 @@ def _tanh(u):
 
 
 @triton.jit
+def _cap(x, softcap):
+    # c tanh(x / c), with -inf (a masked class) kept -inf as in the unfused losses
+    return tl.where(x == -float("inf"), x, softcap * _tanh(x / softcap))
+
+
+@triton.jit
 def _row_stats_kernel(
     X,
     stride_x,
@@ -104,7 +110,7 @@ def _row_stats_kernel(
         offs = start + cols
         mask = offs < V
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(dt)
-        z = softcap * _tanh(x / softcap) if HAS_SOFTCAP else x
+        z = _cap(x, softcap) if HAS_SOFTCAP else x
         z_max = tl.max(tl.where(mask, z, -float("inf")), axis=0)
         m_new = tl.maximum(m, z_max)
         # -inf logits (masked classes) add nothing; no inf - inf while every logit seen is -inf
@@ -123,7 +129,7 @@ def _row_stats_kernel(
         m = m_new
     y = tl.load(Y + row)
     x_y = tl.load(x_row + y).to(dt)
-    z_y = softcap * _tanh(x_y / softcap) if HAS_SOFTCAP else x_y
+    z_y = _cap(x_y, softcap) if HAS_SOFTCAP else x_y
     tl.store(M_out + row, m)
     tl.store(S_out + row, s)
     tl.store(WD_out + row, -sm)
@@ -157,8 +163,8 @@ def _logits_grad_kernel(
     dt = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(dt)
     if HAS_SOFTCAP:
-        t = _tanh(x / softcap)
-        z = softcap * t
+        t = _tanh(x / softcap)  # -1 at -inf: the chain rule's 1 - t^2 is 0 there
+        z = tl.where(x == -float("inf"), x, softcap * t)
     else:
         z = x
     lse = tl.load(LSE + row)
