@@ -44,6 +44,7 @@ from crossent._lib._xp import (
     host_float,
     is_array,
     known_true,
+    result_type,
     size,
     xlogy,
 )
@@ -138,7 +139,7 @@ def _pair(p: Array, q: Array, axis: object, base: object, from_logits: object) -
     _check_distribution(q, name="q", logits=logits, xp=xp)
     ax = _broadcast_axis(p, q, axis)
     checked_base = check_base(base)
-    out_dtype = xp.result_type(p.dtype, q.dtype)
+    out_dtype = result_type(p.dtype, q.dtype, xp=xp)
     dtype = compute_dtype(out_dtype, xp=xp)
     x, y = astype(p, dtype, xp=xp), astype(q, dtype, xp=xp)
     if not logits:

@@ -320,3 +320,32 @@ def test_compiled_binary_with_infinite_logits_equals_eager(options: dict[str, An
     assert value[0, 1] == 0
     assert value[1, 2] == 0
     assert torch.isfinite(grad).all()
+
+
+# --------------------------------------------------------------------------- two-array losses
+
+
+def _two_array_losses(dtype: Any) -> dict[str, Callable[[Any], Any]]:
+    """name -> loss of logits `v` with a second array of `dtype` (teacher, q, targets)."""
+    x, y, probs, _ = _data(seed=1)
+    teacher, probs = x.flip(0).to(dtype), probs.to(dtype)
+    return {
+        "distillation": lambda v: ce.distillation_loss(v, teacher, beta=0.3, target=y),
+        "distillation-kl": lambda v: ce.distillation_loss(v, teacher, beta=0.0, temperature=2.0),
+        "info-kl": lambda v: ce.info.kl_divergence(probs, torch.softmax(v, -1)),
+        "info-js-logits": lambda v: ce.info.js_divergence(v, teacher, from_logits=True),
+        "info-cross-entropy": lambda v: ce.info.cross_entropy(teacher, v, from_logits=True),
+        "info-entropy": lambda v: ce.info.entropy(v, from_logits=True),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["distillation", "info-kl", "info-js-logits"])
+def test_compiled_half_precision_pair_equals_eager(name: str, dtype: Any) -> None:
+    """bfloat16 pairs compile with fullgraph (before: array-api-compat's result_type called
+    torch.result_type on empty tensors, "Unsupported torch.* op returned non-Tensor")."""
+    torch._dynamo.reset()
+    loss = _two_array_losses(dtype)[name]
+    results = eager_and_compiled(loss, _data(seed=1)[0].to(dtype))
+    assert results[1][0].dtype == dtype
+    torch.testing.assert_close(results[1], results[0])

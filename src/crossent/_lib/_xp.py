@@ -37,6 +37,7 @@ __all__ = [
     "one_hot",
     "output_dtype",
     "representable",
+    "result_type",
     "safe_divide",
     "size",
     "stop_gradient",
@@ -272,10 +273,22 @@ def compute_dtype(*dtypes: Any, xp: Any) -> Any:
     floats = [d for d in dtypes if d is not None and xp.isdtype(d, "real floating")]
     if not floats:
         return xp.asarray(0.0).dtype
-    result = floats[0]
-    for d in floats[1:]:
-        result = xp.result_type(result, d)
+    result = result_type(*floats, xp=xp)
     return xp.float32 if _is_low_precision(result, xp=xp) else result
+
+
+def result_type(*dtypes: Any, xp: Any) -> Any:
+    """The promoted dtype of `dtypes` (at least one).
+
+    On PyTorch ``torch.promote_types``: array-api-compat's ``result_type`` looks
+    bfloat16 up in the standard's table, misses, and calls ``torch.result_type``
+    on two empty tensors, which ``torch.compile(fullgraph=True)`` cannot trace.
+    """
+    promote = sys.modules["torch"].promote_types if is_torch_namespace(xp) else xp.result_type
+    result = dtypes[0]
+    for d in dtypes[1:]:
+        result = promote(result, d)
+    return result
 
 
 def astype(x: Array, dtype: Any, *, xp: Any) -> Array:

@@ -62,6 +62,7 @@ from crossent._lib._xp import (
     is_jax_namespace,
     is_torch_namespace,
     representable,
+    result_type,
 )
 from crossent._losses._common import reduce_loss
 
@@ -324,7 +325,7 @@ def _distill(
         s, t, beta=opts["beta"], temperature=opts["temperature"], grad=grad, xp=xp
     )
     value, denom = _finish(rows, counted, opts["reduction"], xp=xp)
-    out_dtype = xp.result_type(student_logits.dtype, teacher_logits.dtype)
+    out_dtype = result_type(student_logits.dtype, teacher_logits.dtype, xp=xp)
     value = astype(value, out_dtype, xp=xp)
     if g is None:
         return value, None
