@@ -349,3 +349,16 @@ def test_compiled_half_precision_pair_equals_eager(name: str, dtype: Any) -> Non
     results = eager_and_compiled(loss, _data(seed=1)[0].to(dtype))
     assert results[1][0].dtype == dtype
     torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(_two_array_losses(torch.float64)))
+def test_autocast_distillation_and_measures_return_float32(name: str, dtype: Any) -> None:
+    """Under autocast half-precision inputs give float32, as PyTorch's losses (and kl_div)."""
+    loss = _two_array_losses(dtype)[name]
+    x = _data(seed=1)[0].to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        out = loss(x)
+    assert out.dtype == torch.float32  # before: the input's half-precision dtype
+    assert loss(x).dtype == dtype  # outside autocast: the inputs' dtype
+    torch.testing.assert_close(out, loss(x).float(), atol=1e-2, rtol=1e-2)

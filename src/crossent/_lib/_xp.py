@@ -298,19 +298,21 @@ def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
     return xp.astype(x, dtype)
 
 
-def output_dtype(x: Array, *, xp: Any) -> Any:
-    """The dtype of a loss of `x`: its own, or float32 for half precision under ``torch.autocast``.
+def output_dtype(x: Array, *others: Array, xp: Any) -> Any:
+    """The dtype of a loss of `x` (and `others`, promoted with it): their own, or float32 for
+    half precision under ``torch.autocast``.
 
     PyTorch's losses compute in float32 under autocast and return float32; so do crossent's.
     """
+    dtype = x.dtype if not others else result_type(x.dtype, *(o.dtype for o in others), xp=xp)
     if is_torch_tensor(x):
         torch = sys.modules["torch"]  # the module is_torch_tensor read (one source when traced)
-        if x.dtype in (torch.float16, torch.bfloat16):
+        if dtype in (torch.float16, torch.bfloat16):
             # "cpu" without building a device object: a third of a small loss's rounding
             device = "cpu" if x.is_cpu else x.device.type
             if torch.is_autocast_enabled(device):
                 return torch.float32
-    return x.dtype
+    return dtype
 
 
 def logsumexp(

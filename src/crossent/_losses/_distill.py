@@ -61,8 +61,8 @@ from crossent._lib._xp import (
     device,
     is_jax_namespace,
     is_torch_namespace,
+    output_dtype,
     representable,
-    result_type,
 )
 from crossent._losses._common import reduce_loss
 
@@ -258,7 +258,7 @@ def distillation_loss(
     array
         0-d for ``"mean"``/``"sum"``, the logits' shape without `axis` for
         ``"none"``; in the logits' (promoted) dtype, computed in float32 or
-        better.
+        better (float32 under ``torch.autocast``, as PyTorch's losses).
 
     Raises
     ------
@@ -325,7 +325,7 @@ def _distill(
         s, t, beta=opts["beta"], temperature=opts["temperature"], grad=grad, xp=xp
     )
     value, denom = _finish(rows, counted, opts["reduction"], xp=xp)
-    out_dtype = result_type(student_logits.dtype, teacher_logits.dtype, xp=xp)
+    out_dtype = output_dtype(student_logits, teacher_logits, xp=xp)
     value = astype(value, out_dtype, xp=xp)
     if g is None:
         return value, None
