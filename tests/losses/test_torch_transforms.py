@@ -362,3 +362,35 @@ def test_autocast_distillation_and_measures_return_float32(name: str, dtype: Any
     assert out.dtype == torch.float32  # before: the input's half-precision dtype
     assert loss(x).dtype == dtype  # outside autocast: the inputs' dtype
     torch.testing.assert_close(out, loss(x).float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sparse-focal-smooth",
+        "sparse-probs",
+        "categorical-focal",
+        "binary-focal",
+        "listnet",
+        "nn-focal",
+        "distillation",
+        "info-js-logits",
+    ],
+)
+def test_vmap_grad_of_the_generic_path_equals_a_loop(name: str) -> None:
+    """Per-sample gradients through the array-API formula (before: torch.moveaxis has no
+    batching rule, and the in-place divergence wrote with out= into batched tensors)."""
+    loss = {**_losses(), **_two_array_losses(torch.float64)}[name]
+    xs = torch.stack([_data(seed=s)[0] for s in range(3)])
+
+    def total(v: Any) -> Any:
+        return loss(v).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(total))(xs)
+    values = torch.func.vmap(total)(xs)
+    for i in range(3):
+        xi = xs[i].clone().requires_grad_(True)
+        value = total(xi)
+        (g,) = torch.autograd.grad(value, xi)
+        torch.testing.assert_close(per_sample[i], g, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(values[i], value.detach(), rtol=1e-12, atol=1e-14)

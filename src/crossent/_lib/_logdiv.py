@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from crossent._lib._xp import Array, is_torch_namespace, logsumexp
+from crossent._lib._xp import Array, is_torch_namespace, logsumexp, torch_tracing
 
 __all__ = [
     "generalized_jsd_from_log",
@@ -60,7 +60,7 @@ def _untracked_torch(xp: Any, *arrays: Array) -> bool:
 
     if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
         return False
-    return not torch.compiler.is_compiling()
+    return not torch_tracing()  # compiled, exported or a torch.func transform (vmap: no out=)
 
 
 def log_softmax(z: Array, *, axis: int, xp: Any, overwrite: bool = False) -> Array:

@@ -34,6 +34,7 @@ __all__ = [
     "log_sigmoid",
     "log_sigmoid_pair",
     "logsumexp",
+    "moveaxis",
     "one_hot",
     "output_dtype",
     "representable",
@@ -291,6 +292,18 @@ def result_type(*dtypes: Any, xp: Any) -> Any:
     return result
 
 
+def moveaxis(x: Array, source: int, destination: int, *, xp: Any) -> Array:
+    """`x` with axis `source` moved to `destination` (``xp.moveaxis``).
+
+    PyTorch's ``movedim`` for tensors: ``torch.moveaxis`` has no batching rule
+    under ``torch.func.vmap`` ("Batching rule not implemented for
+    aten::moveaxis.int"), which would make per-sample gradients impossible.
+    """
+    if is_torch_namespace(xp):
+        return x.movedim(source, destination)
+    return xp.moveaxis(x, source, destination)
+
+
 def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
     """`x` as `dtype`, without a copy when it already has it."""
     if x.dtype == dtype:
@@ -466,7 +479,7 @@ def one_hot(labels: Array, num_classes: int, *, dtype: Any, axis: int = -1, xp: 
     if axis < 0:
         axis += ndim
     if axis != ndim - 1:
-        out = xp.moveaxis(out, -1, axis)
+        out = moveaxis(out, -1, axis, xp=xp)
     return out
 
 

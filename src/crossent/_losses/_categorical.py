@@ -28,6 +28,7 @@ from crossent._lib._xp import (
     device,
     is_torch_tensor,
     logsumexp,
+    moveaxis,
     output_dtype,
     size,
 )
@@ -143,8 +144,8 @@ def _coefficients(
     eps = opts.label_smoothing
     num_classes = int(input.shape[axis])
     cdt = compute_dtype(input.dtype, xp=xp)
-    x = xp.moveaxis(astype(input, cdt, xp=xp), axis, -1)
-    t = xp.moveaxis(astype(target, cdt, xp=xp), axis, -1)
+    x = moveaxis(astype(input, cdt, xp=xp), axis, -1, xp=xp)
+    t = moveaxis(astype(target, cdt, xp=xp), axis, -1, xp=xp)
     c = t if eps == 0 else (1 - eps) * t + eps / num_classes
     if weight is not None:
         c = c * astype(weight, cdt, xp=xp)
@@ -290,5 +291,5 @@ def _categorical_value_and_grad(
             x, c, kind=opts.kind, gamma=opts.gamma, reduction=opts.reduction,
             grad_output=grad_output, xp=xp,
         )  # fmt: skip
-        grad = xp.moveaxis(grad, -1, axis_)
+        grad = moveaxis(grad, -1, axis_, xp=xp)
     return astype(loss, input.dtype, xp=xp), astype(grad, input.dtype, xp=xp)

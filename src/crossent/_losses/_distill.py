@@ -61,6 +61,7 @@ from crossent._lib._xp import (
     device,
     is_jax_namespace,
     is_torch_namespace,
+    moveaxis,
     output_dtype,
     representable,
 )
@@ -185,8 +186,8 @@ def _prepare(
     ax = check_axis(axis, ndim, name="student_logits")
     index = check_ignore_index(ignore_index, allow_none=True)
     dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype, xp=xp)
-    s = xp.moveaxis(astype(student_logits, dtype, xp=xp), ax, -1)
-    t = xp.moveaxis(astype(_constant(teacher_logits, xp=xp), dtype, xp=xp), ax, -1)
+    s = moveaxis(astype(student_logits, dtype, xp=xp), ax, -1, xp=xp)
+    t = moveaxis(astype(_constant(teacher_logits, xp=xp), dtype, xp=xp), ax, -1, xp=xp)
     counted = None
     if target is not None:
         check_integer_labels(target, xp=xp)
@@ -338,7 +339,7 @@ def _distill(
             else xp.asarray(float(math.prod(rows.shape)), dtype=g.dtype, device=device(g))
         )
         g = g / xp.where(n > 0, n, xp.ones_like(n))
-    g = xp.moveaxis(g, -1, opts["axis"])
+    g = moveaxis(g, -1, opts["axis"], xp=xp)
     return value, astype(g, student_logits.dtype, xp=xp)
 
 

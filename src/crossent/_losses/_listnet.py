@@ -10,6 +10,7 @@ from crossent._lib._xp import (
     astype,
     compute_dtype,
     logsumexp,
+    moveaxis,
     output_dtype,
 )
 from crossent._losses._categorical import _check_soft, _soft_loss, _soft_value_and_grad
@@ -29,8 +30,8 @@ def _prepare(
         scores, relevance, axis=axis, reduction=reduction, xp=xp, names=_NAMES
     )
     cdt = compute_dtype(scores.dtype, xp=xp)
-    s = xp.moveaxis(astype(scores, cdt, xp=xp), axis, -1)
-    r = xp.moveaxis(astype(relevance, cdt, xp=xp), axis, -1)
+    s = moveaxis(astype(scores, cdt, xp=xp), axis, -1, xp=xp)
+    r = moveaxis(astype(relevance, cdt, xp=xp), axis, -1, xp=xp)
     r, _ = shift_logits(r, xp=xp)  # softmax(r) accurate for large grades
     q = xp.exp(r - logsumexp(r, axis=-1, keepdims=True, xp=xp))
     return s, q, reduction, axis
@@ -120,5 +121,5 @@ def _listnet_value_and_grad(
         loss, grad = _soft_value_and_grad(
             s, q, kind="logits", gamma=0.0, reduction=reduction_, grad_output=grad_output, xp=xp
         )
-        grad = xp.moveaxis(grad, -1, axis_)
+        grad = moveaxis(grad, -1, axis_, xp=xp)
     return astype(loss, scores.dtype, xp=xp), astype(grad, scores.dtype, xp=xp)

@@ -39,6 +39,7 @@ from crossent._lib._xp import (
     is_torch_namespace,
     is_torch_tensor,
     logsumexp,
+    moveaxis,
     output_dtype,
     representable,
     safe_divide,
@@ -482,7 +483,7 @@ def _prepare(
     """
     cdt = compute_dtype(input.dtype, xp=xp)
     w = None if weight is None else astype(weight, cdt, xp=xp)
-    x = xp.moveaxis(astype(input, cdt, xp=xp), axis, -1)
+    x = moveaxis(astype(input, cdt, xp=xp), axis, -1, xp=xp)
     z = softcap_logits(x, opts.softcap, xp=xp)
     if opts.kind != "logits" or _rows.applies(opts):
         return x, z, None, w, None
@@ -613,7 +614,7 @@ def _sparse_value_and_grad(
         scale = _row_scale(grad_output, opts.reduction, denominator, tuple(row.shape), xp=xp)
         g = _row_grads(z, target, lse, w, scale, opts, statistics, m, xp=xp)
         g = softcap_backward(x, opts.softcap, g, xp=xp)
-        grad = xp.moveaxis(g, -1, axis_)
+        grad = moveaxis(g, -1, axis_, xp=xp)
     return astype(loss, input.dtype, xp=xp), astype(grad, input.dtype, xp=xp)
 
 

@@ -54,6 +54,7 @@ from crossent._lib._xp import (
     is_numpy_namespace,
     is_torch_namespace,
     logsumexp,
+    moveaxis,
     one_hot,
     size,
     take_along_axis,
@@ -157,7 +158,7 @@ def _flatten(input: Array, target: Array, *, axis: int, xp: Any) -> tuple[Array,
         )
         raise ValueError(msg)
     if axis != input.ndim - 1:
-        input = xp.moveaxis(input, axis, -1)
+        input = moveaxis(input, axis, -1, xp=xp)
     num_classes = input.shape[-1]
     if num_classes == 0:
         msg = (
