@@ -394,3 +394,23 @@ def test_vmap_grad_of_the_generic_path_equals_a_loop(name: str) -> None:
         (g,) = torch.autograd.grad(value, xi)
         torch.testing.assert_close(per_sample[i], g, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(values[i], value.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64], ids=str)
+def test_wide_unsigned_labels_on_the_array_api_path(dtype: Any) -> None:
+    """Probabilities and value_and_grad check labels by comparisons PyTorch lacks for
+    uint16/32/64 (before: NotImplementedError '"ge_cpu" not implemented for UInt16')."""
+    x, y, _, w = _data()
+    y = torch.where(y < 0, 3, y)
+    probs = torch.softmax(x, 1)
+    expected = ce.sparse_categorical_cross_entropy(probs, y, weight=w)
+    torch.testing.assert_close(
+        ce.sparse_categorical_cross_entropy(probs, y.to(dtype), weight=w), expected
+    )
+    got = ce.value_and_grad(ce.sparse_categorical_cross_entropy, x, y.to(dtype), from_logits=True)
+    ref = ce.value_and_grad(ce.sparse_categorical_cross_entropy, x, y, from_logits=True)
+    torch.testing.assert_close(got, ref)
+    bad = y.clone()
+    bad[1] = 7
+    with pytest.raises(ValueError, match=r"labels outside \[0, 5\).*max=7"):
+        ce.sparse_categorical_cross_entropy(probs, bad.to(dtype))
