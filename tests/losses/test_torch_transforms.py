@@ -414,3 +414,33 @@ def test_wide_unsigned_labels_on_the_array_api_path(dtype: Any) -> None:
     bad[1] = 7
     with pytest.raises(ValueError, match=r"labels outside \[0, 5\).*max=7"):
         ce.sparse_categorical_cross_entropy(probs, bad.to(dtype))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"gamma": 2.0}, {"z_loss": 0.1}, {"softcap": 3.0, "weight": "w"}],
+    ids=["focal", "zloss", "softcap-weight"],
+)
+@pytest.mark.parametrize("label", [7, -3])
+def test_bad_labels_raise_when_traced(options: dict[str, Any], label: int) -> None:
+    """Where crossent's label check cannot run (compile, torch.func) PyTorch's gather check
+    raises; before, crossent's own options read a target logit of 0 for a label outside
+    [0, C) and returned a finite wrong loss (focal: 1.0929 for labels 7 and -3 alike)."""
+    x, _, _, w = _data()
+    y = torch.tensor([0, 1, label, 2, 3, 4])
+    kw = {k: (w if v == "w" else v) for k, v in options.items()}
+
+    def loss(v: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(v, y, from_logits=True, **kw)
+
+    def per_sample(v: Any, t: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(v[None], t[None], from_logits=True, **kw)
+
+    torch._dynamo.reset()
+    bound = r"out of bounds|outside"
+    with pytest.raises((IndexError, RuntimeError), match=bound):
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(x)
+    with pytest.raises((IndexError, RuntimeError), match=bound):
+        torch.func.grad(loss)(x)
+    with pytest.raises((IndexError, RuntimeError), match=bound):
+        torch.func.vmap(torch.func.grad(per_sample))(x, y)

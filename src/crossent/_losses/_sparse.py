@@ -498,7 +498,7 @@ def _statistics(
     the target weights (0 where ignored) and the total class weight."""
     valid, label = _labels(target, opts.ignore_index, xp=xp)
     w_y = _target_weight(w, label, valid, dtype=z.dtype, xp=xp)
-    stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, xp=xp)
+    stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, whole=True, xp=xp)
     if opts.ignore_index is not None:
         stats = _rows.stand_in_ignored(stats, valid, xp=xp)
     total = float(z.shape[-1]) if w is None else xp.sum(w)
