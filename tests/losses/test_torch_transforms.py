@@ -444,3 +444,17 @@ def test_bad_labels_raise_when_traced(options: dict[str, Any], label: int) -> No
         torch.func.grad(loss)(x)
     with pytest.raises((IndexError, RuntimeError), match=bound):
         torch.func.vmap(torch.func.grad(per_sample))(x, y)
+
+
+@pytest.mark.parametrize(
+    "name", ["sparse", "sparse-zloss-softcap", "categorical", "binary", "binary-focal", "nn-focal"]
+)
+def test_compile_with_dynamic_shapes(name: str) -> None:
+    """``torch.compile(dynamic=True)`` makes float defaults and ``partial`` ints symbolic;
+    before, every loss with such an option failed with fullgraph ('Cannot convert argument
+    of type LazyConstantVariable to a Python constant for function plain_logits_options')."""
+    torch._dynamo.reset()
+    loss = _losses()[name]
+    compiled = torch.compile(loss, fullgraph=True, backend="eager", dynamic=True)
+    x = _data()[0]
+    torch.testing.assert_close(compiled(x), loss(x), rtol=1e-12, atol=1e-14)
