@@ -151,7 +151,7 @@ def make_options(
     if torch_tracing():
         # traced once: the checks run as a constant (:func:`_traced_options`); a bad option is
         # checked again, traced, to raise its own error
-        opts = _traced_options(*map(_specialized, key))
+        opts = _traced_options(*key)
         return _make(*key) if opts is None else opts
     try:
         opts = _CACHE.get(key)
@@ -168,21 +168,6 @@ def make_options(
     if exact and len(_CACHE) < _CACHE_SIZE:
         _CACHE[key] = opts
     return opts
-
-
-def _specialized(value: object) -> object:
-    """A number option as a Python constant while traced: ``torch.compile(dynamic=True)``
-    makes a float or int with a source (a default, an attribute, a ``partial``'s keyword)
-    symbolic, which a constant function cannot take; ``float.hex`` reads its value (dynamo
-    guards it), an int's in two halves that a float holds exactly."""
-    if type(value) is float:
-        return float.fromhex(value.hex())
-    if type(value) is int:
-        high, low = value // (1 << 32), value % (1 << 32)
-        return int(float.fromhex(float(high).hex())) * (1 << 32) + int(
-            float.fromhex(float(low).hex())
-        )
-    return value
 
 
 def _traced_options(*key: object) -> CEOptions | None:
