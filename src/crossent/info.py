@@ -3,8 +3,9 @@ r"""Information measures of discrete distributions: surprisal, entropy, cross-en
 Distributions lie along `axis` (default the last). Every function takes any
 array-API array (NumPy, PyTorch, JAX, ...) and returns the same kind of array
 on the same device; float16 and bfloat16 are computed in float32 and returned
-in their own dtype. ``base=None`` gives nats, ``base=2`` bits, any positive
-base other than 1 its own unit: the value in nats divided by :math:`\ln b`.
+in their own dtype (float32 under ``torch.autocast``, as PyTorch's losses).
+``base=None`` gives nats, ``base=2`` bits, any positive base other than 1 its
+own unit: the value in nats divided by :math:`\ln b`.
 
 Conventions, the same everywhere:
 
@@ -49,6 +50,7 @@ from crossent._lib._xp import (
     compute_dtype,
     host_float,
     known_true,
+    output_dtype,
     size,
     xlogy,
 )
@@ -141,7 +143,7 @@ def _pair(p: Array, q: Array, axis: object, base: object, from_logits: object) -
     _check_distribution(q, name="q", logits=logits, xp=xp)
     ax = _broadcast_axis(p, q, axis)
     checked_base = check_base(base)
-    out_dtype = xp.result_type(p.dtype, q.dtype)
+    out_dtype = output_dtype(p, q, xp=xp)
     dtype = compute_dtype(out_dtype, xp=xp)
     x, y = astype(p, dtype, xp=xp), astype(q, dtype, xp=xp)
     if not logits:
@@ -257,7 +259,7 @@ def surprisal(p: Array, *, base: float | None = None) -> Array:
     is_zero = x == 0
     out = 0.0 - xp.log(xp.where(is_zero, xp.ones_like(x), x))  # 0 - 0 = +0, not -0
     out = xp.where(is_zero, xp.full_like(out, float("inf")), out)
-    return astype(_in_base(out, base), p.dtype, xp=xp)
+    return astype(_in_base(out, base), output_dtype(p, xp=xp), xp=xp)
 
 
 def entropy(
@@ -328,7 +330,7 @@ def entropy(
     else:
         terms = xlogy(x, x, xp=xp)
     out = 0.0 - xp.sum(terms, axis=ax)  # a certain outcome gives +0, not -0
-    return astype(_in_base(out, base), p.dtype, xp=xp)
+    return astype(_in_base(out, base), output_dtype(p, xp=xp), xp=xp)
 
 
 def cross_entropy(

@@ -357,3 +357,148 @@ def test_vmap_without_grad_gives_each_row_s_own_value(name: str) -> None:
     got = torch.func.vmap(fn)(p, q)
     want = torch.stack([fn(p[i], q[i]) for i in range(4)])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+
+
+# --------------------------------------------------------------------------- two-array losses
+
+
+def _two_array_losses(dtype: Any) -> dict[str, Callable[[Any], Any]]:
+    """name -> loss of logits `v` with a second array of `dtype` (teacher, q, targets)."""
+    x, y, probs, _ = _data(seed=1)
+    teacher, probs = x.flip(0).to(dtype), probs.to(dtype)
+    return {
+        "distillation": lambda v: ce.distillation_loss(v, teacher, beta=0.3, target=y),
+        "distillation-kl": lambda v: ce.distillation_loss(v, teacher, beta=0.0, temperature=2.0),
+        "info-kl": lambda v: ce.info.kl_divergence(probs, torch.softmax(v, -1)),
+        "info-js-logits": lambda v: ce.info.js_divergence(v, teacher, from_logits=True),
+        "info-cross-entropy": lambda v: ce.info.cross_entropy(teacher, v, from_logits=True),
+        "info-entropy": lambda v: ce.info.entropy(v, from_logits=True),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["distillation", "info-kl", "info-js-logits"])
+def test_compiled_half_precision_pair_equals_eager(name: str, dtype: Any) -> None:
+    """bfloat16 pairs compile with fullgraph (before: array-api-compat's result_type called
+    torch.result_type on empty tensors, "Unsupported torch.* op returned non-Tensor")."""
+    torch._dynamo.reset()
+    loss = _two_array_losses(dtype)[name]
+    results = eager_and_compiled(loss, _data(seed=1)[0].to(dtype))
+    assert results[1][0].dtype == dtype
+    torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(_two_array_losses(torch.float64)))
+def test_autocast_distillation_and_measures_return_float32(name: str, dtype: Any) -> None:
+    """Under autocast half-precision inputs give float32, as PyTorch's losses (and kl_div)."""
+    loss = _two_array_losses(dtype)[name]
+    x = _data(seed=1)[0].to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        out = loss(x)
+    assert out.dtype == torch.float32  # before: the input's half-precision dtype
+    assert loss(x).dtype == dtype  # outside autocast: the inputs' dtype
+    torch.testing.assert_close(out, loss(x).float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sparse-focal-smooth",
+        "sparse-probs",
+        "categorical-focal",
+        "binary-focal",
+        "listnet",
+        "nn-focal",
+        "distillation",
+        "info-js-logits",
+    ],
+)
+def test_vmap_grad_of_the_generic_path_equals_a_loop(name: str) -> None:
+    """Per-sample gradients through the array-API formula (before: torch.moveaxis has no
+    batching rule, and the in-place divergence wrote with out= into batched tensors)."""
+    loss = {**_losses(), **_two_array_losses(torch.float64)}[name]
+    xs = torch.stack([_data(seed=s)[0] for s in range(3)])
+
+    def total(v: Any) -> Any:
+        return loss(v).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(total))(xs)
+    values = torch.func.vmap(total)(xs)
+    for i in range(3):
+        xi = xs[i].clone().requires_grad_(True)
+        value = total(xi)
+        (g,) = torch.autograd.grad(value, xi)
+        torch.testing.assert_close(per_sample[i], g, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(values[i], value.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64], ids=str)
+def test_wide_unsigned_labels_on_the_array_api_path(dtype: Any) -> None:
+    """Probabilities and value_and_grad check labels by comparisons PyTorch lacks for
+    uint16/32/64 (before: NotImplementedError '"ge_cpu" not implemented for UInt16')."""
+    x, y, _, w = _data()
+    y = torch.where(y < 0, 3, y)
+    probs = torch.softmax(x, 1)
+    expected = ce.sparse_categorical_cross_entropy(probs, y, weight=w)
+    torch.testing.assert_close(
+        ce.sparse_categorical_cross_entropy(probs, y.to(dtype), weight=w), expected
+    )
+    got = ce.value_and_grad(ce.sparse_categorical_cross_entropy, x, y.to(dtype), from_logits=True)
+    ref = ce.value_and_grad(ce.sparse_categorical_cross_entropy, x, y, from_logits=True)
+    torch.testing.assert_close(got, ref)
+    bad = y.clone()
+    bad[1] = 7
+    with pytest.raises(ValueError, match=r"labels outside \[0, 5\).*max=7"):
+        ce.sparse_categorical_cross_entropy(probs, bad.to(dtype))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"gamma": 2.0}, {"z_loss": 0.1}, {"softcap": 3.0, "weight": "w"}],
+    ids=["focal", "zloss", "softcap-weight"],
+)
+@pytest.mark.parametrize("label", [7, -3])
+def test_bad_labels_raise_when_traced(options: dict[str, Any], label: int) -> None:
+    """Where crossent's label check cannot run (compile, torch.func) PyTorch's gather check
+    raises; before, crossent's own options read a target logit of 0 for a label outside
+    [0, C) and returned a finite wrong loss (focal: 1.0929 for labels 7 and -3 alike)."""
+    x, _, _, w = _data()
+    y = torch.tensor([0, 1, label, 2, 3, 4])
+    kw = {k: (w if v == "w" else v) for k, v in options.items()}
+
+    def loss(v: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(v, y, from_logits=True, **kw)
+
+    def per_sample(v: Any, t: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(v[None], t[None], from_logits=True, **kw)
+
+    torch._dynamo.reset()
+    bound = r"out of bounds|outside"
+    with pytest.raises((IndexError, RuntimeError), match=bound):
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(x)
+    with pytest.raises((IndexError, RuntimeError), match=bound):
+        torch.func.grad(loss)(x)
+    with pytest.raises((IndexError, RuntimeError), match=bound):
+        torch.func.vmap(torch.func.grad(per_sample))(x, y)
+
+
+@pytest.mark.parametrize(
+    "name", ["sparse-plain", "categorical-plain", "binary", "nn-bce-with-logits"]
+)
+def test_compile_with_dynamic_shapes(name: str) -> None:
+    """``torch.compile(dynamic=True)`` makes float defaults symbolic; before, a call with
+    default options failed with fullgraph ('Cannot convert argument of type
+    LazyConstantVariable to a Python constant for function plain_logits_options')."""
+    torch._dynamo.reset()
+    _x, y, probs, _ = _data()
+    plain = {
+        "sparse-plain": lambda v: ce.sparse_categorical_cross_entropy(
+            v, y.abs() % C, from_logits=True
+        ),
+        "categorical-plain": lambda v: ce.categorical_cross_entropy(v, probs, from_logits=True),
+    }
+    loss = {**_losses(), **plain}[name]
+    compiled = torch.compile(loss, fullgraph=True, backend="eager", dynamic=True)
+    x = _data()[0]
+    torch.testing.assert_close(compiled(x), loss(x), rtol=1e-12, atol=1e-14)

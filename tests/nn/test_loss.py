@@ -718,3 +718,24 @@ def test_weight_values_are_not_checked_when_validation_is_off() -> None:
     with ce.validation(False):
         module = cnn.CrossEntropyLoss(weight=torch.tensor([1.0, -2.0]))
     assert module.weight is not None
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize(
+    "name", [*TORCH_PAIRS, "FocalLoss", "BinaryFocalLoss", "LinearCrossEntropyLoss"]
+)
+def test_torchscript_gets_a_clear_error(name: str) -> None:
+    """TorchScript cannot compile the Python forward; the error says so and names the way out
+    (before: 'Unknown type annotation: Tensor | None' or a failed inspect.getsource)."""
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(3, 3)
+            self.loss = getattr(cnn, name)()
+
+    for target in (getattr(cnn, name)(), Model()):
+        with pytest.raises(
+            TypeError, match=rf"`{name}` cannot be compiled by TorchScript.*torch\.compile"
+        ):
+            torch.jit.script(target)

@@ -401,7 +401,8 @@ def _sparse_rows_generic(
         guard_label_range(t, num_classes, ignore_index=opts.ignore_index)
     w = None if weight is None else weight.to(z.dtype)
     valid, label = _valid_label(t, opts.ignore_index)
-    stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, xp=array_namespace(z))
+    smooth = opts.label_smoothing != 0
+    stats = _rows.row_stats(z, label, w, with_wz=smooth, whole=True, xp=array_namespace(z))
     return _rows_reduce(stats, w, label, valid, num_classes, opts)
 
 

@@ -291,6 +291,8 @@ def check_label_range(
     """Labels must lie in [0, num_classes) unless they equal `ignore_index`."""
     if size(target) == 0 or not values_checked(target):
         return
+    if is_torch_tensor(target) and not target.dtype.is_signed and target.dtype.itemsize > 1:
+        target = target.long()  # PyTorch has no comparisons for uint16/32/64 ("ge_cpu")
     # no comparison with an int the dtype cannot hold (array-api-strict refuses it)
     bad = target >= num_classes if representable(num_classes, target.dtype, xp=xp) else None
     if xp.iinfo(target.dtype).min < 0:

@@ -64,7 +64,7 @@ def _untracked_torch(xp: Any, *arrays: Array) -> bool:
 
     if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
         return False
-    return not torch_tracing()
+    return not torch_tracing()  # compiled, exported or a torch.func transform (vmap: no out=)
 
 
 def log_softmax(z: Array, *, axis: int, xp: Any, overwrite: bool = False) -> Array:

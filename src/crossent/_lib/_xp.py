@@ -38,6 +38,7 @@ __all__ = [
     "one_hot",
     "output_dtype",
     "representable",
+    "result_type",
     "safe_divide",
     "size",
     "stop_gradient",
@@ -275,10 +276,22 @@ def compute_dtype(*dtypes: Any, xp: Any) -> Any:
     floats = [d for d in dtypes if d is not None and xp.isdtype(d, "real floating")]
     if not floats:
         return xp.asarray(0.0).dtype
-    result = floats[0]
-    for d in floats[1:]:
-        result = xp.result_type(result, d)
+    result = result_type(*floats, xp=xp)
     return xp.float32 if _is_low_precision(result, xp=xp) else result
+
+
+def result_type(*dtypes: Any, xp: Any) -> Any:
+    """The promoted dtype of `dtypes` (at least one).
+
+    On PyTorch ``torch.promote_types``: array-api-compat's ``result_type`` looks
+    bfloat16 up in the standard's table, misses, and calls ``torch.result_type``
+    on two empty tensors, which ``torch.compile(fullgraph=True)`` cannot trace.
+    """
+    promote = sys.modules["torch"].promote_types if is_torch_namespace(xp) else xp.result_type
+    result = dtypes[0]
+    for d in dtypes[1:]:
+        result = promote(result, d)
+    return result
 
 
 def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
@@ -288,19 +301,21 @@ def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
     return xp.astype(x, dtype)
 
 
-def output_dtype(x: Array, *, xp: Any) -> Any:
-    """The dtype of a loss of `x`: its own, or float32 for half precision under ``torch.autocast``.
+def output_dtype(x: Array, *others: Array, xp: Any) -> Any:
+    """The dtype of a loss of `x` (and `others`, promoted with it): their own, or float32 for
+    half precision under ``torch.autocast``.
 
     PyTorch's losses compute in float32 under autocast and return float32; so do crossent's.
     """
+    dtype = x.dtype if not others else result_type(x.dtype, *(o.dtype for o in others), xp=xp)
     if is_torch_tensor(x):
         torch = sys.modules["torch"]  # the module is_torch_tensor read (one source when traced)
-        if x.dtype in (torch.float16, torch.bfloat16):
+        if dtype in (torch.float16, torch.bfloat16):
             # "cpu" without building a device object: a third of a small loss's rounding
             device = "cpu" if x.is_cpu else x.device.type
             if torch.is_autocast_enabled(device):
                 return torch.float32
-    return x.dtype
+    return dtype
 
 
 def logsumexp(

@@ -264,7 +264,7 @@ def distillation_loss(
     array
         0-d for ``"mean"``/``"sum"``, the logits' shape without `axis` for
         ``"none"``; in the logits' (promoted) dtype, computed in float32 or
-        better.
+        better (float32 under ``torch.autocast``, as PyTorch's losses).
 
     Raises
     ------
@@ -331,10 +331,7 @@ def _distill(
         s, t, beta=opts["beta"], temperature=opts["temperature"], grad=grad, xp=xp
     )
     value, denom = _finish(rows, counted, opts["reduction"], xp=xp)
-    # float32 under torch.autocast for half-precision logits, as every loss (API.md section 2)
-    out_dtype = xp.result_type(
-        output_dtype(student_logits, xp=xp), output_dtype(teacher_logits, xp=xp)
-    )
+    out_dtype = output_dtype(student_logits, teacher_logits, xp=xp)
     value = astype(value, out_dtype, xp=xp)
     if g is None:
         return value, None

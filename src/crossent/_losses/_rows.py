@@ -141,13 +141,18 @@ def row_stats(
     *,
     offset: int = 0,
     with_wz: bool = True,
+    whole: bool = False,
     xp: Any,
 ) -> RowStats:
     """:class:`RowStats` of logits `z` (class axis last) holding classes ``offset … offset + C'``.
 
     `label` is the (non-ignored, in-range) label of each row; `weight` the
     slice of the class weights; `with_wz` False skips the weighted sum (no
-    smoothing needs it).
+    smoothing needs it). A label outside the slice reads a target logit and
+    weight of 0 (another slice holds it), unless `whole` (`z` holds every
+    class): then every label is gathered as given, so that the library's own
+    bound check raises for a bad one where crossent's check does not run
+    (``torch.compile``, ``torch.export``, ``torch.func``).
     """
     num = z.shape[-1]
     m = stop_gradient(xp.max(z, axis=-1), xp=xp)  # the shift cancels in L = m + log s
@@ -166,14 +171,16 @@ def row_stats(
     else:
         wd, wsum = xp.zeros_like(m), 0.0
     local = label - offset
-    inside = (local >= 0) & (local < num)
-    idx = xp.where(inside, local, xp.zeros_like(local))
+    inside = None if whole else (local >= 0) & (local < num)
+    idx = local if inside is None else xp.where(inside, local, xp.zeros_like(local))
     z_y = xp.squeeze(take_along_axis(z, xp.expand_dims(idx, axis=-1), axis=-1, xp=xp), axis=-1)
-    z_y = xp.where(inside, z_y, xp.zeros_like(z_y))
+    if inside is not None:
+        z_y = xp.where(inside, z_y, xp.zeros_like(z_y))
     w_y = None
     if weight is not None:
         w_y = xp.reshape(xp.take(weight, xp.reshape(idx, (-1,))), idx.shape)
-        w_y = xp.where(inside, w_y, xp.zeros_like(w_y))
+        if inside is not None:
+            w_y = xp.where(inside, w_y, xp.zeros_like(w_y))
     return RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y, w_y=w_y)
 
 

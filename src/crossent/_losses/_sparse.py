@@ -72,18 +72,23 @@ def plain_logits_options(
     :func:`make_options` returns for it, without building and hashing its key: a tenth of a
     32 × 10 loss); None for any other call (a bool, an int or a tensor option included: those
     :func:`make_options` checks)."""
+    for value in zeros:  # traced, not a constant's argument: torch.compile(dynamic=True)
+        if type(value) is not float or value != 0.0:  # makes float defaults symbolic
+            return None
+    return _plain_options(from_logits, reduction)
+
+
+def _plain_options(from_logits: object, reduction: object) -> CEOptions | None:
+    """:func:`plain_logits_options` once its float options are known to be 0."""
     if from_logits is not True or type(reduction) is not str:
         return None
-    for value in zeros:
-        if type(value) is not float or value != 0.0:
-            return None
     return _LOGITS_OPTIONS.get(reduction)
 
 
 # torch.compile calls it once at trace time and keeps the result, a constant (as
 # make_options' _traced_options): the options are constants guarded where the caller passed them,
 # and the tests above would leave a guard each
-plain_logits_options._dynamo_marked_constant = True  # type: ignore[attr-defined]
+_plain_options._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 _CHUNK_ELEMENTS = 1 << 20
@@ -498,7 +503,7 @@ def _statistics(
     the target weights (0 where ignored) and the total class weight."""
     valid, label = _labels(target, opts.ignore_index, xp=xp)
     w_y = _target_weight(w, label, valid, dtype=z.dtype, xp=xp)
-    stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, xp=xp)
+    stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, whole=True, xp=xp)
     if opts.ignore_index is not None:
         stats = _rows.stand_in_ignored(stats, valid, xp=xp)
     total = float(z.shape[-1]) if w is None else xp.sum(w)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Literal, cast
+from typing import Any, Literal, NoReturn, cast
 
 import torch
 from torch import Tensor
@@ -247,6 +247,17 @@ class _Loss(torch.nn.Module):
         if size_average is not None or reduce is not None:
             reduction = _legacy_reduction(size_average, reduce)
         self.reduction = cast(Reduction, check_reduction(reduction))
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        """``torch.jit.script`` calls this first (on every submodule): a clear error instead of
+        TorchScript's failure deep inside crossent's Python."""
+        msg = (
+            f"`{type(self).__name__}` cannot be compiled by TorchScript (`torch.jit.script`, "
+            "deprecated by PyTorch): its forward is Python code that TorchScript does not "
+            "support. Use `torch.compile(model)` or `torch.export.export(model, args)`, or "
+            "script the model without the loss and apply the loss outside it."
+        )
+        raise TypeError(msg)
 
     def extra_repr(self) -> str:
         shown = []
