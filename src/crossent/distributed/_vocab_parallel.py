@@ -34,6 +34,7 @@ from crossent.fused._chunked import (
     row_options,
     slice_statistics,
 )
+from crossent.fused._function import refuse_double_backward
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -259,14 +260,8 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
-        if torch.is_grad_enabled():  # create_graph=True: the gradient below is not traced
-            msg = (
-                f"{_CALLER} has no second derivative: its backward pass forms the gradient "
-                "from saved row statistics, outside autograd. Differentiate it once (no "
-                "create_graph=True / double backward), or use the single-process loss on the "
-                "whole logits for higher-order gradients."
-            )
-            raise RuntimeError(msg)
+        # create_graph=True: the gradient below is not traced
+        refuse_double_backward(f"crossent.distributed.{_CALLER}")
         local_logits, t, denominator = ctx.saved_tensors
         layout, opts, spec, merged = ctx.layout, ctx.opts, ctx.spec, ctx.merged
         counted, label = _labels(t, opts)

@@ -106,9 +106,10 @@ def no_second_derivative(name: str) -> RuntimeError:
     where = name if "." in name else f"crossent.fused.{name}"
     msg = (
         f"{where} has no second derivative: its backward pass forms the "
-        "gradient chunk by chunk outside autograd. Differentiate it once (no "
-        "create_graph=True / double backward, no nested torch.func.grad / jacrev of a "
-        "gradient), or use the unfused loss on materialized logits for higher-order gradients."
+        "gradient outside autograd (chunk by chunk, or from saved row statistics). "
+        "Differentiate it once (no create_graph=True / double backward, no nested "
+        "torch.func.grad / jacrev of a gradient), or use the unfused, single-process loss on "
+        "materialized logits for higher-order gradients."
     )
     return RuntimeError(msg)
 
