@@ -45,6 +45,7 @@ import math
 from typing import Any, Literal
 
 from crossent._lib._checks import (
+    check_array,
     check_axis,
     check_floating,
     check_ignore_index,
@@ -170,9 +171,8 @@ def _prepare(
     The defaults are :func:`distillation_loss`'s (``value_and_grad`` passes only
     the options it is given).
     """
-    if not hasattr(student_logits, "shape") or not hasattr(teacher_logits, "shape"):
-        msg = "`student_logits` and `teacher_logits` must be arrays (NumPy, PyTorch, JAX, ...)."
-        raise TypeError(msg)
+    check_array(student_logits, name="student_logits")
+    check_array(teacher_logits, name="teacher_logits")
     xp = array_namespace(
         student_logits=student_logits, teacher_logits=teacher_logits, target=target
     )
