@@ -20,12 +20,12 @@ from typing import Any, Self
 
 import numpy as np
 
-from crossent._lib._checks import check_array
-from crossent._lib._xp import Array, array_namespace, to_numpy
+from crossent._lib._xp import Array, to_numpy
 from crossent.metrics import _functional as F
 from crossent.metrics._metric import (
     _SUMMARY_PARTS,
     Metric,
+    _batch_namespace,
     _calibration_part,
     _per_class_list,
 )
@@ -170,9 +170,7 @@ class BinaryClassificationMetrics(Metric):
 
     def update(self, input: Array, target: Array) -> Self:
         """Add a batch: `input` holds one score per row, `target` the 0/1 labels."""
-        check_array(input, name="input")  # a clear TypeError for None, numbers, lists
-        check_array(target, name="target")
-        array_namespace(input=input, target=target)  # ... and for arrays of two libraries
+        _batch_namespace(input, target)  # a clear TypeError for non-arrays or two libraries
         score = np.ravel(to_numpy(input, dtype=np.float64))
         # as float64 (exact for 0/1 and any label near them): an int64 copy would truncate
         # 0.5 or 1.2 to a label 0/1

@@ -55,6 +55,14 @@ class _Part:
     needs_probs: bool = False
 
 
+def _batch_namespace(input: object, target: object) -> Any:
+    """The array namespace of an update's batch; a TypeError naming `input` or `target` for
+    None, a number or a list, and for arrays of two libraries."""
+    check_array(input, name="input")
+    check_array(target, name="target")
+    return array_namespace(input=input, target=target)
+
+
 def _calibration_init(num_classes: int, *, kind: str, bins: int, fine: bool) -> F.State:
     return F._calibration_init(num_classes if kind == "classwise" else 1, bins, fine=fine)
 
@@ -170,9 +178,7 @@ class Metric:
 
         Returns the metric itself, so calls chain: ``metric.update(x, y).compute()``.
         """
-        check_array(input, name="input")
-        check_array(target, name="target")
-        xp = array_namespace(input=input, target=target)
+        xp = _batch_namespace(input, target)
         need_probs = any(part.needs_probs for part in self._parts.values())
         rows = F._row_stats(
             input,
