@@ -62,6 +62,7 @@ def _optional(name: str) -> Any | None:
 def _close(a: Any, b: Any, tol: float, what: str) -> None:
     import torch
 
+    a, b = a.detach(), b.detach()
     err = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
     scale = float(b.double().abs().max()) if b.numel() else 1.0
     if not err <= tol * max(scale, 1.0):
