@@ -396,3 +396,76 @@ def test_triton_sparse_not_used_for_focal_float32_or_tracing(
     assert not _triton_sparse.usable(x16, make_options(from_logits=True, gamma=2.0))
     monkeypatch.setattr(_triton_sparse, "torch_tracing", lambda: True)
     assert not _triton_sparse.usable(x16, opts)
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_triton_sparse_bad_label_raises_with_validation_off(
+    check: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernels read the target logit unclamped: a label outside [0, C) is a device-side
+    assertion with or without validation (as PyTorch's own kernels), never a number."""
+    import crossent as ce
+    from crossent._backends import _triton_sparse
+
+    monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
+    monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 0)
+    x, y, _ = _sparse_inputs(torch.bfloat16, seed=8)
+    for bad in (37, -1):
+        yy = y.clone()
+        yy[0, 1] = bad
+        with ce.validation(check), pytest.raises(RuntimeError, match=r"labels outside \[0, 37\)"):
+            ce.sparse_categorical_cross_entropy(x, yy, from_logits=True, axis=1, ignore_index=-100)
+
+
+def test_triton_sparse_launches_few_operations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an accelerator every PyTorch operation is a kernel launch, which costs more host
+    time than the work of a per-row operation: forward and backward around the two Triton
+    kernels stay within a small, fixed number of operations (the row formula's guards for
+    non-finite maxima are not re-formed for each term)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import crossent as ce
+    from crossent._backends import _triton_sparse
+    from crossent.fused import _launch
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):  # type: ignore[no-untyped-def]
+            if torch.Tag.view_copy not in func.tags and not func._schema.is_mutable:
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
+    monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 0)
+    x = torch.randn(8, 50, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 50, (8,))
+    y[3] = -100
+    launches: list[str] = []
+    real = _launch._kernels
+
+    class Kernels:  # the kernels themselves run outside the count
+        def __getattr__(self, name: str) -> Any:
+            kernel = getattr(real(), name)
+
+            class Grid:
+                def __getitem__(self, grid: Any) -> Any:
+                    def run(*args: Any, **kwargs: Any) -> Any:
+                        launches.append(name)
+                        with torch.utils._python_dispatch._disable_current_modes():
+                            return kernel[grid](*args, **kwargs)
+
+                    return run
+
+            return Grid()
+
+    monkeypatch.setattr(_launch, "_kernels", Kernels)
+    with Count() as mode:
+        loss = ce.sparse_categorical_cross_entropy(x, y, from_logits=True, ignore_index=-100)
+        loss.backward()
+    assert launches == ["_row_stats_kernel", "_logits_grad_kernel"]
+    host_only = ("view", "select", "expand", "detach", "empty", "scalar_tensor", "lift_fresh")
+    launched = [op for op in mode.ops if not any(name in op for name in host_only)]
+    assert len(launched) <= 28, launched  # 70 before the row formula shared its guards

@@ -330,7 +330,7 @@ def softmax_stats_(
     z_y = torch.where(inside, buf.gather(1, idx[:, None]).squeeze(1), 0.0)
     w_y = None if class_weight is None else torch.where(inside, class_weight[idx], 0.0)
     m = buf.amax(dim=1) if v else torch.full((n,), -math.inf, dtype=buf.dtype, device=buf.device)
-    finite = torch.isfinite(m)
+    finite = m.abs() < math.inf  # torch.isfinite takes four operations
     wd: torch.Tensor
     wsum: torch.Tensor | float
     if with_wz:
@@ -453,8 +453,9 @@ def _target_weight(stats: _rows.RowStats) -> torch.Tensor:
     return torch.ones_like(stats.s) if stats.w_y is None else stats.w_y
 
 
-def chunk_losses(merged: _rows.RowStats, spec: SliceSpec) -> torch.Tensor:
-    """Per-row loss of the chunk (:func:`crossent._losses._rows.row_loss`)."""
+def chunk_losses(merged: _rows.RowStats, spec: SliceSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss of the chunk and the rows' log-sum-exp
+    (:func:`crossent._losses._rows.row_loss`)."""
     import torch
 
     return _rows.row_loss(
@@ -470,6 +471,7 @@ def logits_grad_(
     merged: _rows.RowStats,
     scale: torch.Tensor,
     spec: SliceSpec,
+    big_l: torch.Tensor | None = None,
 ) -> None:
     r"""Overwrite `buf` with :math:`\partial L/\partial x` of the chunk, times the row `scale`.
 
@@ -478,12 +480,14 @@ def logits_grad_(
     under a soft cap). `buf` holds what :func:`chunk_statistics` left: the
     slice's softmax on the PyTorch path (rescaled to the whole vocabulary by
     :math:`e^{\operatorname{lse}_{slice} - L}`), the raw logits for the Triton kernel.
+    `big_l` is the rows' log-sum-exp :math:`L` if the caller has it (:func:`chunk_losses`).
     """
     import torch
 
     opts = spec.opts
     eps, zeta = opts.label_smoothing, opts.z_loss
-    big_l = _rows.lse(merged, xp=torch)
+    if big_l is None:
+        big_l = _rows.lse(merged, xp=torch)
     w_y = _target_weight(merged)
     cw = spec.class_weight
     if spec.triton is not None:
@@ -599,13 +603,13 @@ def _chunked_linear_ce(
         labels = plan.labels[c.start : c.stop]
         tanh_buf = tanh_all[: c.stop - c.start] if tanh_all is not None else None
         local, merged = chunk_statistics(buf, tanh_buf, labels, plan.spec)
-        lse_rows[c.rows] = _rows.lse(merged, xp=torch)
-        loss_rows[c.rows] = chunk_losses(merged, plan.spec)
+        row, big_l = chunk_losses(merged, plan.spec)
+        loss_rows[c.rows], lse_rows[c.rows] = row, big_l
         if not any(want):
             return False
         scale = plan.scale if row_scale_c is None else plan.scale * row_scale_c[c.rows]
         n = c.stop - c.start
-        logits_grad_(buf, tanh_buf, labels, local, merged, scale.expand(n), plan.spec)
+        logits_grad_(buf, tanh_buf, labels, local, merged, scale.expand(n), plan.spec, big_l)
         return True
 
     grad_h, grad_w, grad_b = _chunk_loop(

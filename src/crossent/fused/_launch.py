@@ -57,12 +57,14 @@ def row_stats(
     softcap: float | None,
     smoothing: bool,
     block_v: int | None = None,
+    inside: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(m, s, Σ w (m - z), z_y)`` of each row of the raw logits `buf` (``_row_stats_kernel``).
 
     The fields of :class:`crossent._losses._rows.RowStats` (the weighted sum is 0
     unless `smoothing`). `buf` is left unchanged; `y_loc` holds local column
-    indices (the caller masks `z_y` of labels outside ``[0, V_local)``).
+    indices (the caller masks `z_y` of labels outside ``[0, V_local)``), or with
+    `inside` only labels in ``[0, V_local)`` (checked by the caller: nothing is clamped).
     """
     n, v = buf.shape
     if buf.stride(1) != 1:
@@ -73,7 +75,7 @@ def row_stats(
     k._row_stats_kernel[(n,)](
         buf,
         buf.stride(0),
-        torch.where((y_loc >= 0) & (y_loc < v), y_loc, 0).contiguous(),
+        y_loc.contiguous() if inside else torch.where((y_loc >= 0) & (y_loc < v), y_loc, 0),
         cw_local.contiguous() if cw_local is not None else buf,  # read as CW + offs
         out[0],
         out[1],
@@ -104,6 +106,7 @@ def logits_grad_(
     softcap: float | None,
     block_v: int | None = None,
     out: torch.Tensor | None = None,
+    inside: bool = False,
 ) -> None:
     """Overwrite the raw logits in `buf` with d loss / d logits (``_logits_grad_kernel``).
 
@@ -114,7 +117,8 @@ def logits_grad_(
     ``p = exp(z - lse)`` and ``(a, b, e)`` of :func:`crossent._losses._rows.coefficients`
     for the row's target weight `w_y`, scale and the whole vocabulary's
     `total_weight` over `num_classes` classes. Labels outside ``[0, V_local)`` (the
-    target lies in another rank's slice) have no target term.
+    target lies in another rank's slice) have no target term; `inside` says there are
+    none (as in :func:`row_stats`).
     """
     n, v = buf.shape
     if n == 0:
@@ -136,7 +140,7 @@ def logits_grad_(
         params = torch.cat((_constants(scalars, dt, buf.device), total_weight.to(dt).reshape(1)))
     else:
         params = _constants((*scalars, float(total_weight)), dt, buf.device)
-    y_kernel = torch.where((y_loc >= 0) & (y_loc < v), y_loc, -1).contiguous()
+    y_kernel = y_loc.contiguous() if inside else torch.where((y_loc >= 0) & (y_loc < v), y_loc, -1)
     k = _kernels()
     k._logits_grad_kernel[(n, (v + block - 1) // block)](
         buf,
