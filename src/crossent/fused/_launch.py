@@ -130,8 +130,11 @@ def logits_grad_(
         msg = "internal: the gradient buffer must be row-major."
         raise RuntimeError(msg)
 
-    def per_row(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dt).expand(n).contiguous()
+    def per_row(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        # a value per row, read at row * stride: a broadcast scalar (the mean's upstream
+        # gradient, a weight of 1) has stride 0, so nothing is copied to a row vector
+        t = t.to(dt).expand(n)
+        return t, t.stride(0)
 
     eps = float(label_smoothing)
     # [1 - ε, ε / C, 2λ, W]; a W computed on the device (class weights) is never read back
@@ -149,9 +152,9 @@ def logits_grad_(
         dest.stride(0),
         y_kernel,
         cw_local.contiguous() if cw_local is not None else buf,  # read as CW + offs
-        per_row(lse),
-        per_row(w_y),
-        per_row(scale),
+        *per_row(lse),
+        *per_row(w_y),
+        *per_row(scale),
         params,
         v,
         float(softcap) if softcap is not None else 1.0,
