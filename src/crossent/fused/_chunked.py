@@ -613,8 +613,9 @@ def _chunked_linear_ce(
         return True
 
     grad_h, grad_w, grad_b = _chunk_loop(
-        hidden, weight, bias, plan.rows, chunk=chunk, want=want if any(want) else None, body=body
-    )
+        hidden, weight, bias, plan.rows, chunk=chunk, want=want if any(want) else None, body=body,
+        low_in_place=plan.spec.triton is not None,
+    )  # fmt: skip
     if opts.reduction == "none":
         loss = loss_rows
     else:
@@ -761,6 +762,7 @@ def _chunk_loop(
     chunk: int,
     want: tuple[bool, bool, bool] | None,
     body: Callable[[torch.Tensor, _Chunk], bool],
+    low_in_place: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     r"""The one chunk loop of every fused function: logits in, gradient products out.
 
@@ -778,6 +780,13 @@ def _chunk_loop(
     Returns them: `grad_hidden` ``(N, d)`` in `hidden`'s dtype (zero at rows not
     in `rows_all`), `grad_weight` and `grad_bias` float32 for low-precision
     products (accumulated in float32), else in the product dtype.
+
+    `low_in_place` (float16/bfloat16 products, no bias gradient): `body` reads the
+    product-dtype logits and writes :math:`G` over them itself (the Triton kernels,
+    which widen to float32 in registers and round :math:`G` once), so the loop keeps no
+    float32 copy: two conversion passes and the float32 buffer less per chunk, the same
+    numbers (the float32 buffer held the rounded product, and :math:`G` was rounded to
+    the product dtype for the products anyway).
     """
     import torch
 
@@ -806,8 +815,12 @@ def _chunk_loop(
         return grad_h, grad_w, grad_b
 
     shape = (chunk, v_local)
-    buf_all = _workspace("logits", shape, cdt, device)
-    lp_all = _workspace("low", shape, mm_dtype, device) if low_precision else None
+    in_place = low_in_place and low_precision and not want_b
+    if in_place:  # the product-dtype logits are the only buffer
+        buf_all, lp_all = _workspace("low", shape, mm_dtype, device), None
+    else:
+        buf_all = _workspace("logits", shape, cdt, device)
+        lp_all = _workspace("low", shape, mm_dtype, device) if low_precision else None
     w_t = weight.t()
 
     for start in range(0, n_rows, chunk):
@@ -840,19 +853,21 @@ def _chunk_loop(
             else:
                 torch.mm(g, weight, out=grad_h[start:stop])
         if grad_w is not None:
-            if lp is None:
+            if not low_precision:
                 if c.first:
                     torch.mm(g.t(), h_c, out=grad_w)
                 else:
                     torch.addmm(grad_w, g.t(), h_c, out=grad_w)
             else:
-                _accumulate_weight_grad_f32(grad_w, buf, g, h_c, first=c.first)
+                _accumulate_weight_grad_f32(
+                    grad_w, None if in_place else buf, g, h_c, first=c.first
+                )
     return grad_h, grad_w, grad_b
 
 
 def _accumulate_weight_grad_f32(
     grad_w: torch.Tensor,
-    g32: torch.Tensor,
+    g32: torch.Tensor | None,
     g_lp: torch.Tensor,
     h_c: torch.Tensor,
     *,
@@ -866,7 +881,7 @@ def _accumulate_weight_grad_f32(
     float32 gradient buffer and the upcast chunk of `hidden`, accumulated in
     place. `first` overwrites `grad_w` instead. Rounding each chunk's partial
     sum to the input dtype would make the weight gradient less accurate than
-    PyTorch's unfused one.
+    PyTorch's unfused one. `g32` None: the float32 gradient is `g_lp` upcast.
     """
     import torch
 
@@ -881,6 +896,8 @@ def _accumulate_weight_grad_f32(
         else:
             return
     h32 = h_c.to(torch.float32)
+    if g32 is None:
+        g32 = g_lp.to(torch.float32)
     if first:
         torch.mm(g32.t(), h32, out=grad_w)
     else:
