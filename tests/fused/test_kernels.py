@@ -518,13 +518,9 @@ def test_triton_chunk_loop_keeps_no_float32_copy_of_bfloat16_logits(
     y = torch.randint(0, 61, (23,), generator=gen)
     opts = LinearCEOptions(-100, 0.1, 1e-3, 4.0, "mean", 8)
     kw: dict[str, Any] = {"bias": None, "class_weight": None, "compute_grad": True}
-    got = _chunked_linear_ce(
-        h, w, y, opts=dataclasses.replace(opts, use_triton=True), **kw
-    )
+    got = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=True), **kw)
     assert allocated == [("low", torch.bfloat16)]
-    ref = _chunked_linear_ce(
-        h, w, y, opts=dataclasses.replace(opts, use_triton=False), **kw
-    )
+    ref = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=False), **kw)
     assert ("logits", torch.float32) in allocated[1:]
     torch.testing.assert_close(got.loss, ref.loss, rtol=2e-6, atol=0)
     for g, r in zip(got[1:3], ref[1:3], strict=True):
