@@ -41,11 +41,13 @@ __all__ = ["SparseRows", "usable"]
 ON_CPU = False
 
 #: Smallest logits tensor (elements) this executor takes. Below it both crossent paths are
-#: bound by Python and launch overhead, not by the GPU, and the PyTorch path's is smaller:
-#: on an H200 (bfloat16, fwd+bwd) 256×1000 took 0.53 ms there against 1.8 ms here, while
-#: 4096×32000 (131M elements) took 1.78 ms and 1500 MiB there against 1.54 ms and 250 MiB
-#: here, and 8192×128256 13.7 ms and 12 GiB against 2.9 ms and 2 GiB (PyTorch's own
-#: bfloat16 kernel: 0.28, 0.65 and 4.7 ms).
+#: bound by host time (Python, kernel launches), not by the GPU, and the PyTorch path's
+#: (a float32 copy, PyTorch's kernels) is smaller. On an H200 (bfloat16, fwd+bwd, CUDA
+#: events; ``python -m benchmarks.gpu_check`` and a size sweep, 2026-11-30) 2048×32000 took
+#: 0.90 ms there against 1.09 ms here, 4096×32000 (131M elements) 1.71 ms and 1500 MiB
+#: there against 0.75–1.20 ms (two machines) and 250 MiB here, 8192×128256 13.6 ms and
+#: 12 GiB there against 1.9 ms and 2 GiB here (PyTorch's own, less exact bfloat16 kernel:
+#: 0.34, 0.63 and 4.6 ms).
 MIN_ELEMENTS = 2**26
 
 _LOW = (torch.float16, torch.bfloat16)
