@@ -483,7 +483,6 @@ def _sparse_triton(
     if t.numel():  # also with validation off: the kernels read the target logit unchecked
         _assert_labels_inside(label, num_classes)
     w = None if weight is None else weight.to(torch.float32).contiguous()
-    per_row = dataclasses.replace(opts, reduction="none")
 
     target_weight: list[Tensor | None] = []
 
@@ -493,7 +492,7 @@ def _sparse_triton(
         return out
 
     def recompute(xx: Tensor) -> Tensor:  # double backward: the differentiable formula
-        return _sparse_rows_generic(xx, t, w, 1, per_row)
+        return _sparse_rows_generic(xx, t, w, 1, dataclasses.replace(opts, reduction="none"))
 
     row = _triton_sparse.SparseRows.apply(z2, label, valid, w, opts, loss_of, recompute)
     row = row.reshape(z.shape[:-1])

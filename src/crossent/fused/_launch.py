@@ -31,6 +31,7 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
 def _kernels() -> Any:
     return importlib.import_module("crossent.fused._kernels")
 
