@@ -282,7 +282,9 @@ def _plan(
         cw_local = cw[vocab_start : vocab_start + v_local]
         denom = cw[labels].sum()
     else:
-        denom = torch.tensor(float(rows.numel()), dtype=cdt, device=device)
+        # a fill on the device: torch.tensor(...) would copy from pageable host memory,
+        # which synchronises the device with the host
+        denom = torch.full((), float(rows.numel()), dtype=cdt, device=device)
     if opts.reduction == "mean":
         scale = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
     else:
