@@ -113,21 +113,20 @@ def _add_each(values: np.ndarray, targets: list[Any], *, bounds: Any = None) -> 
 
 def _add_counted(
     values: np.ndarray,
-    index: np.ndarray,
-    target: _FloatSum,
-    counts: np.ndarray,
+    targets: list[tuple[_FloatSum, np.ndarray, np.ndarray, Any]],
     *,
-    runs: Any = None,
     bounds: Any = None,
     totals: tuple[_FloatSum, ...] = (),
 ) -> None:
-    """The float64 counterpart of ``add_counted``: the counts as the other bins count them
-    (``np.add.at`` of ones over laned indices), then every value scattered over the same
-    laned indices, and the pairwise sum of all of them added to each of `totals`."""
-    size = target.total.size
-    spread = F._laned_index(index, size)
-    counts += F._bincount(index, size, spread=spread).reshape(counts.shape)
-    target.add(values, index, spread=spread if lanes_for(size) > 1 else None)
+    """The float64 counterpart of ``add_counted``: for each target, the counts as the
+    other bins count them (``np.add.at`` of ones over laned indices), then every value
+    scattered over the same laned indices; and the pairwise sum of all of them added to
+    each of `totals`."""
+    for target, index, counts, _ in targets:
+        size = target.total.size
+        spread = F._laned_index(index, size)
+        counts += F._bincount(index, size, spread=spread).reshape(counts.shape)
+        target.add(values, index, spread=spread if lanes_for(size) > 1 else None)
     for total in totals:
         total.add(values)
 

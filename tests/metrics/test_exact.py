@@ -463,7 +463,7 @@ def test_runs_add_the_most_common_element_as_the_total_less_the_others(
     runs = Runs(order, rows, np.arange(groups) * bins + count.argmax(axis=1))
     by_runs, scattered = ExactSum.zeros((groups, bins)), ExactSum.zeros((groups, bins))
     counted = np.zeros((groups, bins), dtype=np.int64)
-    add_counted(xs, index, by_runs, counted, runs=runs, bounds=(0.0, 1.0))
+    add_counted(xs, [(by_runs, index, counted, runs)], bounds=(0.0, 1.0))
     add_to_each(xs, [(scattered, index, int(count.max()))])
     np.testing.assert_array_equal(counted, count)
     got = by_runs.value().ravel()
@@ -631,7 +631,7 @@ def _counted(
 
     target, total = ExactSum.zeros((size,)), ExactSum.zeros()
     counts = np.zeros(size, dtype=np.int64)
-    add_counted(xs, index, target, counts, runs=runs, bounds=bounds, totals=(total,))  # type: ignore[arg-type]
+    add_counted(xs, [(target, index, counts, runs)], bounds=bounds, totals=(total,))  # type: ignore[list-item]
     return target, total, counts
 
 
@@ -791,3 +791,85 @@ def test_top_label_bins_match_fsum_and_bincount() -> None:
         sums = state[f"{name}_conf"].value()[0]
         for b in np.unique(bins):
             assert sums[b] == math.fsum(conf[bins == b].tolist()), (name, b)
+
+
+@given(
+    xs=counted_values,
+    seed=st.integers(0, 2**32 - 1),
+    sizes=st.tuples(st.integers(1, 20), st.sampled_from([1025, 4096, 5000])),
+)
+def test_counted_targets_share_one_split_and_many_elements_are_checked(
+    xs: list[float], seed: int, sizes: tuple[int, int]
+) -> None:
+    """Two counted sums of the same values, by their own indices (the equal-width and the
+    fine calibration bins), one of them with over 1024 elements (few lanes: whole blocks
+    checked): each the exact sums and np.bincount's counts, the total the whole sum."""
+    from crossent.metrics._exact import add_counted
+
+    rng = np.random.default_rng(seed)
+    values = np.array(xs, dtype=np.float64)
+    indices = [rng.integers(0, size, size=values.size) for size in sizes]
+    targets = [ExactSum.zeros((size,)) for size in sizes]
+    counts = [np.zeros(size, dtype=np.int64) for size in sizes]
+    total = ExactSum.zeros()
+    add_counted(
+        values,
+        [(t, i, c, None) for t, i, c in zip(targets, indices, counts, strict=True)],
+        totals=(total,),
+    )
+    for target, index, count, size in zip(targets, indices, counts, sizes, strict=True):
+        np.testing.assert_array_equal(count, np.bincount(index, minlength=size))
+        want = _exact_by_element(values, index, size)
+        np.testing.assert_array_equal(_bits(target.value()), _bits(want))
+    assert _bits(total.value()) == _bits(np.float64(_reference(xs)))
+
+
+@pytest.mark.parametrize("crowd", [0, 8192, 9000, 3 * 65536])
+def test_checked_blocks_that_overfill_an_element_go_again_in_chunks(crowd: int) -> None:
+    """4096 elements (one lane, whole blocks scattered and checked, each decoded once): an
+    element that gets 2**13 values or more in a block decodes wrong, the check sees it and
+    the block goes again in chunks; counts and sums stay exact, in the same and in later
+    blocks."""
+    from crossent.metrics._exact import _BLOCK, add_counted
+
+    rng = np.random.default_rng(crowd)
+    n = 2 * _BLOCK + 123
+    xs = 1.0 - rng.random(n) * 2.0**-30  # full pieces: every sum at its widest
+    index = rng.integers(0, 4096, size=n)
+    index[rng.permutation(min(n, _BLOCK) if crowd < _BLOCK else n)[:crowd]] = 7  # 1st block
+    target, counts = ExactSum.zeros((4096,)), np.zeros(4096, dtype=np.int64)
+    add_counted(xs, [(target, index, counts, None)])
+    if not crowd:  # no element overfilled: three blocks, each decoded once
+        assert [terms for _, terms in target.held.values()] == [3]
+    np.testing.assert_array_equal(counts, np.bincount(index, minlength=4096))
+    got = target.value()
+    for k in (7, int(index[0]), int(index[-1])):
+        assert got[k] == math.fsum(xs[index == k].tolist()), k
+
+
+def test_held_totals_go_into_the_digits_before_any_read_and_pickle_as_before() -> None:
+    """Counted totals wait in the sum (held) over many adds: copies are independent, the
+    pickle has the fields of a sum without held totals, and one written without them loads."""
+    from crossent.metrics._exact import add_counted
+
+    rng = np.random.default_rng(11)
+    s, counts = ExactSum.zeros((3,)), np.zeros(3, dtype=np.int64)
+    xs = rng.random(3000)
+    index = rng.integers(0, 3, size=3000)
+    for part in np.array_split(np.arange(3000), 7):
+        add_counted(xs[part], [(s, index[part], counts, None)])
+    assert s.held  # not yet in the digits
+    twin = s.copy()
+    add_counted(np.array([1.0]), [(twin, np.array([0]), counts.copy(), None)])
+    want = [math.fsum(xs[index == k].tolist()) for k in range(3)]
+    state = s.__getstate__()
+    assert "held" not in state
+    assert not s.held  # pickling settled them
+    loaded = pickle.loads(pickle.dumps(s))
+    assert loaded.held == {}
+    np.testing.assert_array_equal(loaded.value(), want)
+    np.testing.assert_array_equal(s.value(), want)
+    assert twin.value()[0] == math.fsum([*xs[index == 0].tolist(), 1.0])
+    old = ExactSum.__new__(ExactSum)
+    old.__setstate__({k: v for k, v in state.items() if k != "held"})  # an older pickle
+    np.testing.assert_array_equal(old.value(), want)

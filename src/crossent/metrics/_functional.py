@@ -63,6 +63,7 @@ from crossent._lib._xp import (
 from crossent._losses._common import shift_logits
 from crossent.metrics._exact import _BLOCK as LANE_BLOCK
 from crossent.metrics._exact import (
+    Counted,
     ExactSum,
     Runs,
     Target,
@@ -624,23 +625,14 @@ def _add_terms(adds: Deferred) -> None:
     for target, terms in adds:  # alive in `adds`: no id is reused while grouping
         shared.setdefault(id(terms.values), []).append((target, terms))
     for group in shared.values():
-        counted = [
-            (target, terms, terms.at, terms.counts)
+        counted: list[Counted] = [
+            (target, terms.at, terms.counts, terms.runs)
             for target, terms in group
             if isinstance(terms.counts, np.ndarray) and terms.at is not None
         ]
         scalars = tuple(target for target, terms in group if terms.at is None)
-        if len(counted) == 1 and len(scalars) == len(group) - 1:
-            target, terms, at, counts = counted[0]
-            add_counted(
-                terms.values,
-                at,
-                target,
-                counts,
-                runs=terms.runs,
-                bounds=terms.bounds,
-                totals=scalars,
-            )
+        if counted and len(counted) + len(scalars) == len(group):
+            add_counted(group[0][1].values, counted, bounds=group[0][1].bounds, totals=scalars)
             continue
         targets: list[Target] = []
         for target, terms in group:
@@ -973,29 +965,24 @@ def _calibration_update(
         top = rows["conf"] if bool(np.all(~rows["nan"])) else rows["conf"][~rows["nan"]]
         bounds = (0.0, float(top.max()))
 
-    def hist(bin_of: np.ndarray, width: int) -> tuple[Any, ...]:
+    def hist(bin_of: np.ndarray, name: str) -> tuple[Any, ...]:
         # bin_of: (rows, groups) bin of each confidence, laid out as conf; group g's bins
-        # are g*width + bin
+        # are g*width + bin. The confidences' sums are counted by the exact add.
+        width = state[f"{name}_count"].shape[1]
         idx = bin_of
         if groups > 1:
             idx += np.arange(groups, dtype=np.int64) * width
         idx = idx.ravel(order=order)
         length, shape = groups * width, (groups, width)
         hit = np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64)
-        if kind == "classwise":  # its own values: counted by the exact add
-            runs = _counted_runs(state["width_count"], conf.shape[0], order)
-            return None, _Terms(flat_conf, idx, None, runs, bounds, counts="width_count"), hit
-        # one laned index for the counts and the exact sums
-        spread = _laned_index(idx, length, work=f"{kind} {width}")
-        count = _bincount(idx, length, spread=spread)
-        most = int(count.max(initial=0))
-        return (
-            count.reshape(shape),
-            _Terms(flat_conf, idx, most, None, bounds, spread),
-            hit,
+        runs = (  # classwise: runs of each class's values
+            _counted_runs(state[f"{name}_count"], conf.shape[0], order)
+            if kind == "classwise"
+            else None
         )
+        return None, _Terms(flat_conf, idx, None, runs, bounds, counts=f"{name}_count"), hit
 
-    w_count, w_conf, w_hit = hist(_width_bin(conf, bins, order=order, work=kind), bins)
+    w_count, w_conf, w_hit = hist(_width_bin(conf, bins, order=order, work=kind), "width")
     batch = {
         "width_count": w_count,
         "width_conf": w_conf,
@@ -1004,7 +991,7 @@ def _calibration_update(
         "nan": _count(rows["nan"]),
     }
     if "fine_count" in state:
-        f_count, f_conf, f_hit = hist(_fine_bin(conf), FINE_BINS)
+        f_count, f_conf, f_hit = hist(_fine_bin(conf), "fine")
         batch |= {"fine_count": f_count, "fine_conf": f_conf, "fine_hit": f_hit}
     return _add_batch(state, batch, defer)
 
