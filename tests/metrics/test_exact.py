@@ -873,3 +873,48 @@ def test_held_totals_go_into_the_digits_before_any_read_and_pickle_as_before() -
     old = ExactSum.__new__(ExactSum)
     old.__setstate__({k: v for k, v in state.items() if k != "held"})  # an older pickle
     np.testing.assert_array_equal(old.value(), want)
+
+
+@given(
+    xs=st.lists(
+        st.one_of(finite, special, st.floats(min_value=-1e-300, max_value=1e-300), st.just(0.3)),
+        max_size=60,
+    ),
+    cuts=st.lists(st.integers(0, 60), max_size=4),
+    bad=st.sampled_from([None, math.nan, math.inf, -math.inf]),
+)
+def test_counted_sums_of_one_element_alone_are_exact(
+    xs: list[float], cuts: list[int], bad: float | None
+) -> None:
+    """add_counted with no counted sum, only `totals` (a Brier or log-loss total): the
+    exact sum rounded once, NaN and ±inf as float summation gives them, whatever the
+    batches."""
+    from crossent.metrics._exact import add_counted
+
+    if bad is not None:
+        xs = [*xs, bad]
+    total = ExactSum.zeros()
+    for part in np.split(np.array(xs, dtype=np.float64), sorted(c for c in cuts if c < len(xs))):
+        add_counted(part, [], totals=(total,))
+    want = _reference(xs) if bad is None else bad  # the finite values' exact sum is finite
+    got = float(total)
+    if math.isnan(want):
+        assert math.isnan(got)
+    else:
+        assert _bits(np.float64(got)) == _bits(np.float64(want))
+
+
+def test_counted_sums_of_one_element_at_their_widest() -> None:
+    """Whole blocks of values whose pieces are near their bounds (2**37 and 2**45 units),
+    of either sign: the sums of their bits modulo 2**64 stay exact."""
+    from crossent.metrics._exact import _BLOCK, add_counted
+
+    v = 0.75 + 2.0**-38 - 2.0**-53  # grid 2**-37: rounds down, the rest near 2**(g - 1)
+    for xs in (
+        np.full(2 * _BLOCK + 5, v),
+        np.full(_BLOCK, -v),
+        np.full(_BLOCK + 1, 1.0 - 2.0**-53),
+    ):
+        total = ExactSum.zeros()
+        add_counted(xs, [], totals=(total,))
+        assert float(total) == float(Fraction(xs[0]) * xs.size)

@@ -952,7 +952,7 @@ def add_counted(
     low, high = bounds
     finite = math.isfinite(low) and math.isfinite(high)
     top = math.frexp(max(high, -low))[1] if finite else 0
-    many = max(target.nan.size for target, *_ in targets) > _COUNTED_ELEMENTS
+    many = max((target.nan.size for target, *_ in targets), default=0) > _COUNTED_ELEMENTS
     if not finite or top - _FIRST_BITS > _MAX_GRID or many:
         each: list[Target] = []
         for target, index, counts, _ in targets:
@@ -964,17 +964,17 @@ def add_counted(
     grid = max(top - _FIRST_BITS, _MIN_GRID)
     grids = _Grids(grid, max(grid - _SECOND_STEP, _MIN_GRID))
     one = len(targets) == 1
-    adders = [
+    adders: list[_Counted | _Total] = [
         _Counted(target.nan.size, grids, _usable(runs, values.size, target) if one else None, i)
         for i, (target, _, _, runs) in enumerate(targets)
-    ]
+    ] or [_Total(grids)]
     step = min(adder.step for adder in adders)
     sigma, sigma_fine = grids.sigmas
     tails: list[tuple[np.ndarray, list[np.ndarray]]] = []
     for start in range(0, values.size, step):
         part = slice(start, start + step)
         v = values[part]
-        wheres = [index[part] for _, index, _, _ in targets]
+        wheres = [index[part] for _, index, _, _ in targets] or [_NO_POSITIONS]
         t = work_array("exact split", (v.size,), np.float64)
         bits = t.view(np.int64)
         np.add(v, sigma, out=t)  # bits: S_g + c
@@ -988,9 +988,9 @@ def add_counted(
             adder.second(bits, where, v)
         rest, small = _tails(v, grids, bounds)
         if rest.size:
-            tails.append((rest, [where[small] for where in wheres]))
-    for adder, (target, _, counts, _) in zip(adders, targets, strict=True):
-        counts.reshape(-1)[:] += adder.count
+            tails.append((rest, [index[part][small] for _, index, _, _ in targets]))
+    for adder, (target, _, counts, _) in zip(adders, targets, strict=False):
+        counts.reshape(-1)[:] += cast("_Counted", adder).count
         target._hold(adder.totals, grids.deposit(), adder.takes)
     first = adders[0]
     for total in totals:  # every element's: exact integers
@@ -1050,6 +1050,36 @@ def _tails(
 
 
 _NO_POSITIONS = np.empty(0, dtype=np.int64)
+
+
+class _Total:
+    """The int64 sums of :func:`add_counted` without counted targets (a sum of one element,
+    `totals` alone): the bits of each block's pieces are summed (modulo 2**64), less the
+    block's size times the constants' bits; with the interface of :class:`_Counted`."""
+
+    size = 1
+    step = _BLOCK
+
+    def __init__(self, grids: _Grids) -> None:
+        self.first_bits, self.second_bits, _ = grids.bits()
+        self.totals = np.zeros((4, 1), dtype=np.int64)
+        self.takes = 0  # numbers below 2**32 in magnitude summed into each of `totals`
+        self.first_sum = 0  # the block's first pieces' bits, summed modulo 2**64
+
+    def first(self, bits: np.ndarray, where: np.ndarray, start: int) -> None:
+        self.first_sum = int(np.add.reduce(bits))
+
+    def second(self, bits: np.ndarray, where: np.ndarray, values: np.ndarray) -> None:
+        n = bits.size  # |sum of c| <= 2**(17 + 37), |sum of d| <= 2**(17 + 45)
+        sums = (
+            self.first_sum - n * self.first_bits,
+            int(np.add.reduce(bits)) - n * self.second_bits,
+        )
+        self.takes += 1
+        for row, total in enumerate(sums):
+            total = (total + (1 << 63)) % (1 << 64) - (1 << 63)  # the sum modulo 2**64, signed
+            self.totals[2 * row, 0] += total >> _DIGIT
+            self.totals[2 * row + 1, 0] += total & _MASK
 
 
 class _Counted:

@@ -631,7 +631,7 @@ def _add_terms(adds: Deferred) -> None:
             if isinstance(terms.counts, np.ndarray) and terms.at is not None
         ]
         scalars = tuple(target for target, terms in group if terms.at is None)
-        if counted and len(counted) + len(scalars) == len(group):
+        if len(counted) + len(scalars) == len(group):  # counted, or sums of one element
             add_counted(group[0][1].values, counted, bounds=group[0][1].bounds, totals=scalars)
             continue
         targets: list[Target] = []
