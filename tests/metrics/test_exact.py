@@ -527,43 +527,6 @@ def test_bounds_known_to_the_caller_give_the_same_bits(slack: float) -> None:
         assert got[k] == math.fsum(xs[index == k].tolist())
 
 
-@pytest.mark.parametrize("special", [False, True])
-def test_indices_laned_by_the_caller_give_the_same_exact_sums(special: bool) -> None:
-    """The calibration bins hand the exact sums the laned indices they counted with (one
-    index for both); the sums are those of the plain indices, bit for bit, and exact, also
-    when NaN/inf move the values (the laned indices are dropped there) and when tiny
-    values go round again."""
-    from crossent.metrics._exact import add_to_each, lanes_for
-    from crossent.metrics._functional import _bincount, _laned_index
-
-    rng = np.random.default_rng(7)
-    size, n = 150, 300_007  # several blocks and a short last one
-    index = np.where(rng.random(n) < 0.7, 0, rng.integers(0, size, n))
-    values = rng.random(n)
-    values[rng.random(n) < 0.01] *= 1e-200  # rests that go round again
-    if special:
-        values[[5, 200_000]] = [np.nan, np.inf]
-    spread = _laned_index(index, size)
-    assert lanes_for(size) > 1
-    np.testing.assert_array_equal(spread % size, index)
-    np.testing.assert_array_equal(spread // size, np.arange(n) % 131_072 % lanes_for(size))
-    np.testing.assert_array_equal(_bincount(index, size, spread=spread), np.bincount(index))
-    most = int(np.bincount(index).max())
-    laned, plain = ExactSum.zeros((size,)), ExactSum.zeros((size,))
-    add_to_each(values, [(laned, index, most, spread)])
-    add_to_each(values, [(plain, index, most)])
-    got = laned.value()
-    np.testing.assert_array_equal(_bits(got), _bits(plain.value()))
-    # any lane of the element will do: the lanes of an element are added exactly
-    other = ExactSum.zeros((size,))
-    shuffled = index + rng.integers(0, lanes_for(size), n) * size
-    add_to_each(values, [(other, index, most, shuffled)])
-    np.testing.assert_array_equal(_bits(other.value()), _bits(got))
-    for k in (0, 1, size - 1):
-        if not special or k != index[5]:
-            assert got[k] == math.fsum(values[index == k].tolist())
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_metric_shards_with_every_limit_shrunk_match_one_pass_and_fsum(
     seed: int, monkeypatch: pytest.MonkeyPatch
@@ -577,14 +540,12 @@ def test_metric_shards_with_every_limit_shrunk_match_one_pass_and_fsum(
 
     from crossent.metrics import ClassificationMetrics
     from crossent.metrics import _exact as E
-    from crossent.metrics import _functional as F
 
     for name, value in (("_BLOCK", 64), ("_CARRY_EVERY", 2), ("_ROOM", 0), ("_SLACK", 0)):
         monkeypatch.setattr(E, name, value)
     monkeypatch.setattr(E, "_MAX_PARTIALS", 1)
     monkeypatch.setattr(E, "_LANE_ELEMENTS", 8)
     monkeypatch.setattr(E, "_OFFSETS", {})
-    monkeypatch.setattr(F, "LANE_BLOCK", 64)
     rng = np.random.default_rng(seed)
     n, c = 150, (3, 7, 70, 2)[seed]
     z = rng.normal(scale=4.0, size=(n, c))

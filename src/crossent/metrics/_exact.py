@@ -419,20 +419,13 @@ class Runs:
         return int(self.mode.size)
 
 
-# (sum, flat indices, most), optionally followed by the laned indices
-Target = (
-    tuple[ExactSum, np.ndarray | None, int | None]
-    | tuple[ExactSum, np.ndarray | None, int | None, np.ndarray | None]
-)
+Target = tuple[ExactSum, np.ndarray | None, int | None]  # (sum, flat indices, most)
 
 
 def add_to_each(
     values: np.ndarray, targets: list[Target], *, bounds: tuple[float, float] | None = None
 ) -> None:
-    """Add the same `values` to each of `targets`: (sum, flat indices or None, `most`),
-    optionally followed by the indices already spread over
-    the sum's ``lanes_for(size)`` lanes (``index + lane * size``, any lane: the caller's
-    :func:`laned` indices, made for its counts, save making them again).
+    """Add the same `values` to each of `targets`: (sum, flat indices or None, `most`).
 
     `bounds`, when the caller knows them for certain, are finite ``(low, high)``
     with every value in [low, high] (NaN excluded): the blocks then skip their
@@ -449,9 +442,8 @@ def add_to_each(
     wheres: list[np.ndarray | None] = []
     pendings: list[_Pending] = []
     mosts: list[int] = []
-    spreads: list[np.ndarray | None] = []
     block = _BLOCK
-    for target, index, most, *hint in targets:
+    for target, index, most in targets:
         flat_index = None if index is None else np.asarray(index, dtype=np.int64).ravel()
         if flat_index is not None and flat_index.size != values.size:
             msg = f"`index` has {flat_index.size} entries for {values.size} values."
@@ -460,12 +452,6 @@ def add_to_each(
         bound = values.size if most is None else min(most, values.size)
         pendings.append(_Pending.of(target, bound, lanes=1 if flat_index is None else None))
         mosts.append(bound)
-        spread = cast("np.ndarray | None", hint[0]) if hint else None
-        if flat_index is None or pendings[-1].lanes == 1:  # nothing laned
-            spread = None
-        if spread is not None and spread.size != values.size:
-            spread = None
-        spreads.append(None if spread is None else np.asarray(spread).ravel())
     # one split for all: pieces as narrow as the narrowest partial sums take (a pending
     # set of partial sums takes pieces of its level or narrower)
     level = min((pending.level for pending in pendings), default=_MAX_LEVEL)
@@ -481,8 +467,6 @@ def add_to_each(
                 (target, pending, None if where is None else where[part])
                 for target, pending, where in zip(sums, pendings, wheres, strict=True)
             ]
-            for pending, spread in zip(pendings, spreads, strict=True):
-                pending.spread = None if spread is None else spread[part]
             rest, rest_index = _add_block(values[part], each, level, bounds)
             if rest.size:
                 left.append(rest)
@@ -491,10 +475,7 @@ def add_to_each(
                         kept.append(where)
         values = np.concatenate(left) if left else _EMPTY
         wheres = [np.concatenate(kept) if kept else None for kept in left_index]
-        spreads = [None] * len(targets)  # what goes round again is no longer in its place
-        bounds = None  # nor within the bounds (rests have either sign)
-    for pending in pendings:
-        pending.spread = None
+        bounds = None  # what goes round again is not within the bounds (either sign)
 
 
 def _add_block(
@@ -523,8 +504,6 @@ def _add_block(
             target._count_non_finite(values, where)
         values = values[finite]
         each = [(t, p, None if w is None else w[finite]) for t, p, w in each]
-        for _, pending, _ in each:
-            pending.spread = None  # the values moved: their laned indices are of no use
         if not values.size:
             return _EMPTY, nothing
         largest, smallest = float(values.max()), float(values.min())
@@ -614,7 +593,6 @@ class _Pending:
         self.sums: dict[int, np.ndarray] = {}  # grid -> partial sums (2, lanes * size)
         self.base: dict[int, int] = {}  # grid -> pieces per element before this round
         self.taken: dict[int, int] = {}  # grid -> values taken in this round
-        self.spread: np.ndarray | None = None  # this block's indices already laned, if given
 
     @classmethod
     def of(cls, target: ExactSum, most: int, *, lanes: int | None) -> _Pending:
@@ -636,7 +614,6 @@ class _Pending:
         out = copy.copy(self)
         out.sums = {grid: sums.copy() for grid, sums in self.sums.items()}
         out.base, out.taken = dict(self.base), dict(self.taken)
-        out.spread = None
         return out
 
     def begin(self, most: int) -> None:
@@ -681,11 +658,8 @@ class _Pending:
             sums[0, 0] += high.sum()
             sums[1, 0] += low.sum()
             return
-        if self.spread is not None:  # laned by the caller
-            where = self.spread
-        else:
-            lanes = work_array("exact lanes", (where.size,), np.int64)
-            where = laned(where, self.size, self.lanes, out=lanes)
+        lanes = work_array("exact lanes", (where.size,), np.int64)
+        where = laned(where, self.size, self.lanes, out=lanes)
         np.add.at(sums[0], where, high)
         np.add.at(sums[1], where, low)
 
@@ -1058,13 +1032,18 @@ class _Total:
     block's size times the constants' bits; with the interface of :class:`_Counted`."""
 
     size = 1
-    step = _BLOCK
 
     def __init__(self, grids: _Grids) -> None:
         self.first_bits, self.second_bits, _ = grids.bits()
         self.totals = np.zeros((4, 1), dtype=np.int64)
         self.takes = 0  # numbers below 2**32 in magnitude summed into each of `totals`
         self.first_sum = 0  # the block's first pieces' bits, summed modulo 2**64
+
+    @property
+    def step(self) -> int:
+        """Values per block: at most 2**17, so that the sums of their pieces stay below
+        2**63 in magnitude."""
+        return min(_BLOCK, 1 << 17)
 
     def first(self, bits: np.ndarray, where: np.ndarray, start: int) -> None:
         self.first_sum = int(np.add.reduce(bits))
