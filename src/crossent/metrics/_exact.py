@@ -34,13 +34,16 @@ is cut on the grid :math:`2^{g-L}` and only the bits below it go round again.
 :func:`add_to_each` adds the same values to several sums (by their own
 indices) with one split of each block.
 
-Sums whose values are also counted per element (calibration bins, per-class
-sums) take :func:`add_counted`: each value's two pieces go as the bits of
-two float64 numbers, read as int64, into two int64 scatters that give the
-count with the sums, so the exact sum costs no scatter more than a count and
-a float64 sum. Values that come in runs, each mostly into one element
-(:class:`Runs`: classwise bins of many classes), are scattered only where
-they go elsewhere; the rest adds as each run's dense total less those.
+The metrics' sums take :func:`add_counted`: sums whose values are also
+counted per element (calibration bins, per-class sums; several of them may
+share the values' split) get each value's two pieces as the bits of two
+float64 numbers, read as int64, in two int64 scatters that give the count with
+the sums, so the exact sum costs no scatter more than a count and a float64
+sum; sums of one element (the log loss, the Brier score) get the bits summed.
+The integer totals wait in the sum (:attr:`ExactSum.held`) until it is read.
+Values that come in runs, each mostly into one element (:class:`Runs`:
+classwise bins of many classes), are scattered only where they go elsewhere;
+the rest adds as each run's dense total less those.
 
 Because the state is the exact sum, it does not depend on the order of the
 rows, on how they were split into batches or shards, or on the order in
@@ -901,8 +904,11 @@ def add_counted(
     :math:`[0, 2^{13})`, below n, and no element decodes above its n, so the
     decoded counts sum to the block's size only when every one is right;
     otherwise the block goes again in chunks that no element can fill (and so
-    do the later blocks). A value below :math:`2^{f+52}` in magnitude may have
-    bits below the grid :math:`2^f`: what is left of it goes through
+    do the later blocks). Without targets, the `totals` get the bits of each
+    block's pieces summed modulo :math:`2^{64}`, less the block's size times
+    :math:`S_g` and :math:`S_f`. The totals wait in the sums
+    (:meth:`ExactSum._hold`). A value below :math:`2^{f+52}` in magnitude may
+    have bits below the grid :math:`2^f`: what is left of it goes through
     :func:`add_to_each`.
 
     With `runs` (the values a (rows, groups) matrix in `runs.order`, the
