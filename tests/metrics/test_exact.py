@@ -758,16 +758,20 @@ def test_top_label_bins_match_fsum_and_bincount() -> None:
     xs=counted_values,
     seed=st.integers(0, 2**32 - 1),
     sizes=st.tuples(st.integers(1, 20), st.sampled_from([1025, 4096, 5000])),
+    bad=st.sampled_from([None, math.nan, math.inf, -math.inf]),
 )
 def test_counted_targets_share_one_split_and_many_elements_are_checked(
-    xs: list[float], seed: int, sizes: tuple[int, int]
+    xs: list[float], seed: int, sizes: tuple[int, int], bad: float | None
 ) -> None:
     """Two counted sums of the same values, by their own indices (the equal-width and the
     fine calibration bins), one of them with over 1024 elements (few lanes: whole blocks
-    checked): each the exact sums and np.bincount's counts, the total the whole sum."""
+    checked): each the exact sums (NaN and ±inf where they went) and np.bincount's
+    counts, the total the whole sum."""
     from crossent.metrics._exact import add_counted
 
     rng = np.random.default_rng(seed)
+    if bad is not None:
+        xs = [*xs, bad]
     values = np.array(xs, dtype=np.float64)
     indices = [rng.integers(0, size, size=values.size) for size in sizes]
     targets = [ExactSum.zeros((size,)) for size in sizes]
@@ -778,11 +782,15 @@ def test_counted_targets_share_one_split_and_many_elements_are_checked(
         [(t, i, c, None) for t, i, c in zip(targets, indices, counts, strict=True)],
         totals=(total,),
     )
+    finite = values if bad is None else values[:-1]
     for target, index, count, size in zip(targets, indices, counts, sizes, strict=True):
         np.testing.assert_array_equal(count, np.bincount(index, minlength=size))
-        want = _exact_by_element(values, index, size)
+        want = _exact_by_element(finite, index[: finite.size], size)
+        if bad is not None:
+            want[index[-1]] = bad  # the finite values' exact sum is finite
         np.testing.assert_array_equal(_bits(target.value()), _bits(want))
-    assert _bits(total.value()) == _bits(np.float64(_reference(xs)))
+    want_total = _reference(xs) if bad is None else bad
+    assert _bits(total.value()) == _bits(np.float64(want_total))
 
 
 @pytest.mark.parametrize("crowd", [0, 8192, 9000, 3 * 65536])
@@ -879,3 +887,27 @@ def test_counted_sums_of_one_element_at_their_widest() -> None:
         total = ExactSum.zeros()
         add_counted(xs, [], totals=(total,))
         assert float(total) == float(Fraction(xs[0]) * xs.size)
+
+
+def test_top_label_bins_with_a_crowded_fine_bin_match_fsum_and_bincount() -> None:
+    """Half of a batch's rows with the same confidence: one fine bin gets 2**15 values in a
+    block (its decoded count fails the check: the block goes again in chunks), the next
+    batch too; every bin's count and confidence sum are still np.bincount's and fsum's."""
+    from crossent.metrics import ClassificationMetrics
+    from crossent.metrics._functional import FINE_BINS, _fine_bin
+
+    rng = np.random.default_rng(8)
+    n = 65536
+    p = rng.dirichlet([1.0, 1.0, 1.0], size=2 * n)
+    p[rng.random(2 * n) < 0.5] = [0.9, 0.05, 0.05]  # ties: one confidence, one fine bin
+    y = rng.integers(0, 3, 2 * n)
+    m = ClassificationMetrics(input_kind="probs", bins=15)
+    m.update(p[:n], y[:n]).update(p[n:], y[n:])
+    state = m.state["top_label"]
+    conf = p.max(axis=1)
+    bins = _fine_bin(conf)
+    assert np.bincount(bins[:n]).max() > 2**13
+    np.testing.assert_array_equal(state["fine_count"][0], np.bincount(bins, minlength=FINE_BINS))
+    sums = state["fine_conf"].value()[0]
+    for b in np.unique(bins):
+        assert sums[b] == math.fsum(conf[bins == b].tolist()), b
