@@ -59,7 +59,7 @@ import copy
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 
@@ -944,10 +944,11 @@ def add_counted(
     grid = max(top - _FIRST_BITS, _MIN_GRID)
     grids = _Grids(grid, max(grid - _SECOND_STEP, _MIN_GRID))
     one = len(targets) == 1
-    adders: list[_Counted | _Total] = [
+    counters = [
         _Counted(target.nan.size, grids, _usable(runs, values.size, target) if one else None, i)
         for i, (target, _, _, runs) in enumerate(targets)
-    ] or [_Total(grids)]
+    ]
+    adders: list[_Counted | _Total] = [*counters] or [_Total(grids)]  # no target: totals alone
     step = min(adder.step for adder in adders)
     sigma, sigma_fine = grids.sigmas
     tails: list[tuple[np.ndarray, list[np.ndarray]]] = []
@@ -969,9 +970,9 @@ def add_counted(
         rest, small = _tails(v, grids, bounds)
         if rest.size:
             tails.append((rest, [index[part][small] for _, index, _, _ in targets]))
-    for adder, (target, _, counts, _) in zip(adders, targets, strict=False):
-        counts.reshape(-1)[:] += cast("_Counted", adder).count
-        target._hold(adder.totals, grids.deposit(), adder.takes)
+    for counter, (target, _, counts, _) in zip(counters, targets, strict=True):
+        counts.reshape(-1)[:] += counter.count
+        target._hold(counter.totals, grids.deposit(), counter.takes)
     first = adders[0]
     for total in totals:  # every element's: exact integers
         total._hold(
