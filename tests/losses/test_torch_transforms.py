@@ -484,12 +484,19 @@ def test_bad_labels_raise_when_traced(options: dict[str, Any], label: int) -> No
 
 
 @pytest.mark.parametrize(
-    "name", ["sparse-plain", "categorical-plain", "binary", "nn-bce-with-logits"]
-)
+    "name",
+    [
+        "sparse-plain", "categorical-plain", "binary", "nn-bce-with-logits", "sparse",
+        "sparse-focal-smooth", "sparse-zloss-softcap", "categorical-focal", "binary-focal",
+        "nn-focal", "nn-binary-focal",
+    ],
+)  # fmt: skip
 def test_compile_with_dynamic_shapes(name: str) -> None:
-    """``torch.compile(dynamic=True)`` makes float defaults symbolic; before, a call with
-    default options failed with fullgraph ('Cannot convert argument of type
-    LazyConstantVariable to a Python constant for function plain_logits_options')."""
+    """``torch.compile(dynamic=True)`` makes float defaults and options symbolic; before, a
+    call failed with fullgraph ('Cannot convert argument of type LazyConstantVariable to a
+    Python constant for function plain_logits_options', and for every loss with
+    label_smoothing, z_loss, softcap, gamma or alpha: 'assume_constant_result argument
+    conversion failed' in make_options)."""
     torch._dynamo.reset()
     _x, y, probs, _ = _data()
     plain = {
@@ -499,6 +506,34 @@ def test_compile_with_dynamic_shapes(name: str) -> None:
         "categorical-plain": lambda v: ce.categorical_cross_entropy(v, probs, from_logits=True),
     }
     loss = {**_losses(), **plain}[name]
-    compiled = torch.compile(loss, fullgraph=True, backend="eager", dynamic=True)
-    x = _data()[0]
-    torch.testing.assert_close(compiled(x), loss(x), rtol=1e-12, atol=1e-14)
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="eager", dynamic=True)):
+        x = _data()[0].requires_grad_(True)
+        value = fn(x)
+        (grad,) = torch.autograd.grad(value.sum(), x)
+        results.append((value, grad))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-14)
+
+
+def test_dynamic_compile_recompiles_for_other_option_values() -> None:
+    """Options passed as arguments are symbolic under ``dynamic=True`` (and after a second
+    value under automatic dynamic): each set of values must give its own loss, never the
+    first one's."""
+    x, y, _, _ = _data()
+    y, t = y.abs() % C, torch.sigmoid(x)
+
+    def loss(v: Any, eps: float, gamma: float, z: float, cap: float, ignore: int) -> Any:
+        sparse = ce.sparse_categorical_cross_entropy(
+            v, y, from_logits=True, label_smoothing=eps, gamma=gamma, z_loss=z, softcap=cap,
+            ignore_index=ignore,
+        )  # fmt: skip
+        binary = ce.binary_cross_entropy(
+            v, t, from_logits=True, label_smoothing=eps, gamma=gamma, alpha=z
+        )
+        return sparse + binary
+
+    for dynamic in (True, None):
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, fullgraph=True, backend="eager", dynamic=dynamic)
+        for args in [(0.1, 2.0, 0.1, 3.0, -100), (0.3, 0.5, 0.2, 5.0, 1), (0.0, 0.0, 0.7, 2.0, 4)]:
+            torch.testing.assert_close(compiled(x, *args), loss(x, *args), rtol=1e-12, atol=0)
