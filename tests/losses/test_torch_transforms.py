@@ -537,3 +537,31 @@ def test_dynamic_compile_recompiles_for_other_option_values() -> None:
         compiled = torch.compile(loss, fullgraph=True, backend="eager", dynamic=dynamic)
         for args in [(0.1, 2.0, 0.1, 3.0, -100), (0.3, 0.5, 0.2, 5.0, 1), (0.0, 0.0, 0.7, 2.0, 4)]:
             torch.testing.assert_close(compiled(x, *args), loss(x, *args), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["bce-with-logits", "bce", "focal-smooth", "binary-focal-weight", "cross-entropy"]
+)
+def test_modules_compile_with_dynamic_shapes(name: str) -> None:
+    """A module compiled with ``dynamic=True``: its weights' sizes and the input's are
+    symbolic. Before, BCEWithLogitsLoss(pos_weight=w) and BCELoss(weight=w) raised
+    '`pos_weight` of shape (5,) does not broadcast to `input` of shape (s31, 5)' (dynamo
+    answers ``5 in (1, s)`` False) with fullgraph, and broke the graph without."""
+    x, y, probs, w = _data()
+    t = (probs > 0.2).double()
+    module, target, probabilities = {
+        "bce-with-logits": (cnn.BCEWithLogitsLoss(pos_weight=w), t, False),
+        "bce": (cnn.BCELoss(weight=w), t, True),
+        "focal-smooth": (cnn.FocalLoss(label_smoothing=0.1), y, False),
+        "binary-focal-weight": (cnn.BinaryFocalLoss(weight=w, alpha=0.25), t, False),
+        "cross-entropy": (cnn.CrossEntropyLoss(weight=w, label_smoothing=0.1), y, False),
+    }[name]
+    x = torch.sigmoid(x) if probabilities else x
+    torch._dynamo.reset()
+    results = []
+    for fn in (module, torch.compile(module, fullgraph=True, backend="eager", dynamic=True)):
+        v = x.clone().requires_grad_(True)
+        value = fn(v, target)
+        (grad,) = torch.autograd.grad(value, v)
+        results.append((value, grad))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-14)

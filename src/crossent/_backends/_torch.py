@@ -57,7 +57,7 @@ from crossent._lib._checks import check_in_unit_interval, values_checked
 from crossent._lib._config import get_validation
 from crossent._lib._xp import _torch_namespace, array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
-from crossent._losses._common import times_log
+from crossent._losses._common import broadcastable, times_log
 from crossent._losses._logprob import check_class_weight
 from crossent._losses._options import CEOptions
 
@@ -780,7 +780,7 @@ def _binary_coef(w: object, x: Tensor, cdt: torch.dtype, *, checked: bool) -> Co
             w.dtype not in _FLOATS
             or not w.is_cpu
             or (w.requires_grad and torch.is_grad_enabled())
-            or not (w.shape == x.shape or _broadcasts(w.shape, x.shape))
+            or not (w.shape == x.shape or broadcastable(w.shape, x.shape))
         ):
             return None
         if checked and w.numel() and not w.min().item() >= 0:
@@ -789,15 +789,6 @@ def _binary_coef(w: object, x: Tensor, cdt: torch.dtype, *, checked: bool) -> Co
     if isinstance(w, bool) or not isinstance(w, (int, float)):
         return None
     return float(w) if w >= 0 else None
-
-
-def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
-    """Whether an array of `shape` broadcasts to `to` without changing it."""
-    if len(shape) == 1 and to:  # the common per-label vector
-        return shape[0] in (1, to[-1])
-    if len(shape) > len(to):
-        return False
-    return all(s in (1, d) for s, d in zip(reversed(shape), reversed(to), strict=False))
 
 
 def _binary_coefs(
