@@ -565,3 +565,37 @@ def test_modules_compile_with_dynamic_shapes(name: str) -> None:
         (grad,) = torch.autograd.grad(value, v)
         results.append((value, grad))
     torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-14)
+
+
+def test_torch_tracing_is_true_while_dynamo_traces_without_the_compile_session_flag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch < 2.13 (2.11 on a GPU machine) does not hold ``torch.compiler.is_compiling()``
+    true during a compile (no ``_compile_session_context``), and ``torch_tracing``, which
+    dynamo calls for real at trace time, returned False: the value checks then read the
+    validation switch and fullgraph failed ('Dynamo does not know how to trace method `get`
+    of class `ContextVar`'). Simulated here by making that context a no-op."""
+    import contextlib
+
+    from crossent._lib._xp import torch_tracing
+
+    monkeypatch.setattr(torch.compiler, "_compile_session_context", contextlib.nullcontext)
+    torch._dynamo.reset()
+    seen = []
+
+    def probe(v: Any) -> Any:
+        seen.append(torch_tracing())
+        return v * 2
+
+    torch.compile(probe, fullgraph=True, backend="eager")(torch.ones(2))
+    assert seen == [True]
+    assert not torch_tracing()
+    x, y, probs, w = _data()
+    for loss in (
+        lambda v: cnn.CrossEntropyLoss(weight=w, label_smoothing=0.1)(v, y),
+        lambda v: ce.sparse_categorical_cross_entropy(torch.softmax(v, -1), y.abs() % C),
+        lambda v: ce.binary_cross_entropy(torch.sigmoid(v), probs, weight=w),
+    ):
+        torch._dynamo.reset()
+        got = torch.compile(loss, fullgraph=True, backend="eager")(x)
+        torch.testing.assert_close(got, loss(x), rtol=1e-12, atol=0)
