@@ -53,7 +53,13 @@ import torch
 from torch import Tensor
 
 from crossent._backends import _triton_sparse
-from crossent._lib._checks import check_in_unit_interval, values_checked
+from crossent._lib._checks import (
+    assert_on_device,
+    check_in_unit_interval,
+    label_range_message,
+    unit_interval_message,
+    values_checked,
+)
 from crossent._lib._config import get_validation
 from crossent._lib._xp import _torch_namespace, array_namespace, output_dtype, torch_tracing
 from crossent._losses import _rows
@@ -202,10 +208,7 @@ def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int 
 def _assert_labels_async(t: Tensor, num_classes: int, ignore: int) -> None:
     """On accelerators: an asynchronous device-side check, no host synchronisation."""
     ok = ((t >= 0) & (t < num_classes)) | (t == ignore)
-    msg = (
-        f"`target` has labels outside [0, {num_classes}) that are not `ignore_index`; "
-        "check the number of classes, or set `ignore_index`."
-    )
+    msg = label_range_message(num_classes, None if ignore == _NO_IGNORE else ignore)
     torch._assert_async(ok.all(), msg)
 
 
@@ -560,10 +563,12 @@ def categorical(
         if not (isinstance(weight, Tensor) and weight.dtype in _FLOATS):
             return None
         check_class_weight(weight, input.shape[axis], xp=_torch_namespace())
-    eager = input.is_cpu and not torch_tracing()
-    checked = target.numel() and (get_validation() if eager else values_checked(target))
-    if checked and not _in_unit_interval(target):  # the message (NaN, -0.0 pass: propagate)
-        check_in_unit_interval(target, name="target", xp=_torch_namespace())
+    traced = torch_tracing()
+    eager = input.is_cpu and not traced
+    if traced:
+        _assert_unit_interval(target)
+    elif target.numel() and get_validation() and not _in_unit_interval(target):
+        check_in_unit_interval(target, name="target", xp=_torch_namespace())  # the message
     low = dtype in _LOW
     autocast = low and torch.is_autocast_enabled("cpu" if input.is_cpu else input.device.type)
     if low and not autocast:
@@ -708,6 +713,7 @@ def binary(
         return None
     if not _host_readable(input):  # traced: no value test; eager accelerators: the generic formula
         if torch_tracing() and opts.plain and weight is None and pos_weight is None:
+            _assert_unit_interval(target)
             return _binary_traced(input, target, label_smoothing, opts.reduction)
         return None  # weights and alpha: the generic formula (checks and all)
     if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
@@ -738,6 +744,17 @@ def binary(
     if math.isnan(total.item()):  # NaN input, or an infinite logit: lerp's 0 · inf
         return None
     return out if out.dtype is input.dtype else out.to(input.dtype)
+
+
+def _assert_unit_interval(t: Tensor) -> None:
+    """Traced targets: :func:`check_in_unit_interval`'s device-side assertion under compile and
+    export with validation on, in fewer calls (each global a traced function reads is a dynamo
+    guard, checked before every call of the compiled function)."""
+    if torch.compiler.is_compiling() and get_validation():
+        assert_on_device((t < 0) | (t > 1), _TARGET_RANGE)
+
+
+_TARGET_RANGE = unit_interval_message("target", "")
 
 
 _ONE_BITS = {

@@ -160,7 +160,9 @@ def torch_tracing() -> bool:
     """Whether PyTorch is tracing (``torch.compile``/``export``, or a ``torch.func`` transform).
 
     Values do not exist then (or reading them would break the graph), so value
-    checks are skipped; eagerly they run as everywhere else.
+    checks do not read them: under compile and export they are device-side assertions
+    (:func:`crossent._lib._checks.checked_on_device`), under ``torch.func`` skipped;
+    eagerly they run as everywhere else.
 
     Dynamo calls it for real at trace time (below). PyTorch 2.13 holds
     ``torch.compiler.is_compiling()`` true for the whole compile; earlier versions (2.11)
