@@ -56,6 +56,7 @@ from crossent._backends import _triton_sparse
 from crossent._lib._checks import (
     assert_on_device,
     check_in_unit_interval,
+    device_assertions,
     label_range_message,
     unit_interval_message,
     values_checked,
@@ -750,7 +751,7 @@ def _assert_unit_interval(t: Tensor) -> None:
     """Traced targets: :func:`check_in_unit_interval`'s device-side assertion under compile and
     export with validation on, in fewer calls (each global a traced function reads is a dynamo
     guard, checked before every call of the compiled function)."""
-    if torch.compiler.is_compiling() and get_validation():
+    if device_assertions() and get_validation():
         assert_on_device((t < 0) | (t > 1), _TARGET_RANGE)
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "check_softcap",
     "check_unit_interval_scalar",
     "checked_on_device",
+    "device_assertions",
     "guard_label_range",
     "label_index_error",
     "label_range_message",
@@ -81,11 +82,16 @@ def checked_on_device(x: Array) -> bool:
     and fails under ``vmap(grad)`` would be worse than none); there, as on JAX tracers,
     values are not checked.
     """
-    if not is_torch_tensor(x):
-        return False
+    return is_torch_tensor(x) and device_assertions() and _config.get_validation()
+
+
+def device_assertions() -> bool:
+    """Whether a device-side assertion can be traced now: under ``torch.compile`` or
+    ``torch.export``, outside ``torch.func`` transforms (compiled ``vmap`` too: the assertion
+    has no batching rule)."""
     import torch
 
-    return torch.compiler.is_compiling() and _config.get_validation()
+    return torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
 def assert_on_device(bad: Array, msg: str) -> None:
@@ -407,7 +413,8 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
     import torch
 
     if target.device.type != "cpu" or torch.compiler.is_compiling():
-        _assert_labels_on_device(target, num_classes, ignore_index)
+        if device_assertions() or not torch.compiler.is_compiling():  # not compiled vmap
+            _assert_labels_on_device(target, num_classes, ignore_index)
         return
     target = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
     bad = ((target < 0) | (target >= num_classes)) & not_ignored(target, ignore_index, xp=torch)
