@@ -213,3 +213,22 @@ def test_compiled_vmap_grad_leaves_the_device_checks_out(name: str) -> None:
     torch._dynamo.reset()
     got = torch.compile(per_sample, fullgraph=True, backend="aot_eager")(x, target)
     torch.testing.assert_close(got, per_sample(x, target), rtol=1e-12, atol=1e-14)
+
+
+def test_row_sum_check_with_dynamic_shapes() -> None:
+    """``dynamic=True``: the class count, so the row-sum tolerance, is symbolic; before, the
+    check's message formatted it ('Unknown format code 'g' for object of type 'str'')."""
+    g = torch.Generator().manual_seed(4)
+
+    def loss(p: Any, y: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(p, y)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n, c in [(6, 5), (4, 7)]:
+        p = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), 1)
+        y = torch.randint(0, c, (n,), generator=g)
+        torch.testing.assert_close(compiled(p, y), loss(p, y), rtol=1e-12, atol=0)
+        p[0] *= 0.9
+        with pytest.raises(RuntimeError, match=r"rows must sum to 1 along axis 1"):
+            compiled(p, y)
