@@ -45,11 +45,7 @@ root_doc = "index"
 templates_path = ["_templates"]
 # the guide gallery's own index page is replaced by guides/index.md, which lists its examples
 exclude_patterns = [
-    "_build",
-    "gallery",
-    "**/README.md",
-    "_generated/*.md",
-    "guides/examples/index.rst",
+    "_build", "gallery", "**/README.md", "_generated/*.md", "guides/examples/index.rst"
 ]
 nitpicky = True
 # Names in signatures and docstrings that live outside this project (no intersphinx: offline).

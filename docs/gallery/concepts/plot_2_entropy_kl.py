@@ -59,12 +59,8 @@ axes[0].set_ylabel("probability")
 axes[0].legend()
 axes[1].bar(["H(p)", "H(p, q)"], [h_p, h_p], color="C0", label="entropy H(p)")
 axes[1].bar(["H(p, q)"], [kl], bottom=[h_p], color="C3", label="D(p‖q): wasted")
-axes[1].bar(
-    ["D(q‖p)"],
-    [float(ce.info.kl_divergence(q, p, base=2))],
-    color="C2",
-    label="D(q‖p): not symmetric",
-)
+axes[1].bar(["D(q‖p)"], [float(ce.info.kl_divergence(q, p, base=2))], color="C2",
+            label="D(q‖p): not symmetric")
 axes[1].set_ylabel("bits per day")
 axes[1].legend()
 fig.tight_layout()

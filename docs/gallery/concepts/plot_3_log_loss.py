@@ -32,10 +32,8 @@ predictions = {"confident wrong": 0.01, "hesitant": 0.40, "right": 0.95}
 truth = np.array([1.0])
 for name, prob in predictions.items():
     nats = float(ce.binary_cross_entropy(np.array([prob]), truth))
-    print(
-        f"{name:>16}: P(malignant) = {prob:.2f} -> loss {nats:.3f} nats "
-        f"= {nats / np.log(2):.2f} bits"
-    )
+    print(f"{name:>16}: P(malignant) = {prob:.2f} -> loss {nats:.3f} nats "
+          f"= {nats / np.log(2):.2f} bits")
 
 # %%
 # The hesitant model's mistake costs 0.92 nats; the confident one's 4.6 nats,
@@ -63,18 +61,10 @@ print(np.round(per_patient, 3))
 # is benign, with the three models marked.
 grid = np.linspace(0.001, 0.999, 500)
 fig, ax = plt.subplots(figsize=(7, 4))
-ax.plot(
-    grid,
-    ce.binary_cross_entropy(grid, np.ones_like(grid), reduction="none"),
-    lw=2,
-    label="truth malignant: $-\\log p$",
-)
-ax.plot(
-    grid,
-    ce.binary_cross_entropy(grid, np.zeros_like(grid), reduction="none"),
-    lw=2,
-    label="truth benign: $-\\log(1-p)$",
-)
+ax.plot(grid, ce.binary_cross_entropy(grid, np.ones_like(grid), reduction="none"),
+        lw=2, label="truth malignant: $-\\log p$")
+ax.plot(grid, ce.binary_cross_entropy(grid, np.zeros_like(grid), reduction="none"),
+        lw=2, label="truth benign: $-\\log(1-p)$")
 for name, prob in predictions.items():
     loss = float(ce.binary_cross_entropy(np.array([prob]), truth))
     ax.plot(prob, loss, "o", color="C3")

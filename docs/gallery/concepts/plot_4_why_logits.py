@@ -83,19 +83,11 @@ axes[0].set_ylabel("loss (nats)")
 axes[0].set_ylim(0, 105)
 axes[0].legend()
 with np.errstate(invalid="ignore"):
-    for values, name, style in (
-        (naive, "-log(sigmoid(x))", "-"),
-        (clipped, "clipped", "--"),
-        (ours, "crossent", ":"),
-    ):
+    for values, name, style in ((naive, "-log(sigmoid(x))", "-"), (clipped, "clipped", "--"),
+                                (ours, "crossent", ":")):
         err = rel_error(np.asarray(values))
-        axes[1].semilogy(
-            x,
-            np.clip(np.nan_to_num(err, nan=1.0, posinf=1.0), 1e-12, 1.0),
-            style,
-            lw=1.5,
-            label=name,
-        )
+        axes[1].semilogy(x, np.clip(np.nan_to_num(err, nan=1.0, posinf=1.0), 1e-12, 1.0),
+                         style, lw=1.5, label=name)
 axes[1].axhline(np.finfo(np.float32).eps, color="gray", lw=1, label="float32 eps")
 axes[1].set_xlabel("logit x (label 1)")
 axes[1].set_ylabel("relative error (capped at 1; 1e-12 = exact)")
@@ -118,12 +110,7 @@ print(f"crossent float32 max relative error over [-100, 60]: {max_err:.1e}")
 # The gradient of the loss with respect to the logit is
 # :math:`\sigma(x) - y`: bounded, never NaN. With clipping it is 0 wherever
 # the clip is active, so a confidently wrong model stops learning.
-loss, grad = ce.value_and_grad(
-    ce.binary_cross_entropy,
-    np.array([-50.0, 0.0, 50.0]),
-    np.ones(3),
-    from_logits=True,
-    reduction="none",
-)
+loss, grad = ce.value_and_grad(ce.binary_cross_entropy, np.array([-50.0, 0.0, 50.0]),
+                               np.ones(3), from_logits=True, reduction="none")
 print("loss:", loss)
 print("grad:", grad)

@@ -82,12 +82,6 @@ print("sum of the row's gradient:", (p[0] - one_hot[0]).sum())
 # With smoothing :math:`\varepsilon` the target becomes
 # :math:`(1-\varepsilon) y + \varepsilon / C`, and the gradient is still
 # :math:`p` minus it:
-_, g_smooth = ce.value_and_grad(
-    ce.sparse_categorical_cross_entropy,
-    z,
-    y,
-    from_logits=True,
-    label_smoothing=0.1,
-    reduction="sum",
-)
+_, g_smooth = ce.value_and_grad(ce.sparse_categorical_cross_entropy, z, y, from_logits=True,
+                                label_smoothing=0.1, reduction="sum")
 print("max |grad - (p - smoothed y)|:", np.abs(g_smooth - (p - (0.9 * one_hot + 0.1 / 5))).max())

@@ -38,9 +38,8 @@ b = np.zeros(n_classes)
 learning_rate, history = 0.5, []
 for _step in range(300):
     logits = X_train @ W + b
-    loss, G = ce.value_and_grad(
-        ce.sparse_categorical_cross_entropy, logits, y_train, from_logits=True, label_smoothing=0.05
-    )
+    loss, G = ce.value_and_grad(ce.sparse_categorical_cross_entropy, logits, y_train,
+                                from_logits=True, label_smoothing=0.05)
     W -= learning_rate * (X_train.T @ G)
     b -= learning_rate * G.sum(axis=0)
     test_loss = ce.sparse_categorical_cross_entropy(X_test @ W + b, y_test, from_logits=True)

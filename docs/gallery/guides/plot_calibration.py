@@ -38,13 +38,8 @@ X_train, X_test, y_train, y_test = train_test_split(X / 8.0, y, train_size=300, 
 def train(label_smoothing: float, steps: int = 600, lr: float = 0.3) -> tuple[np.ndarray, ...]:
     W, b = np.zeros((X.shape[1], 10)), np.zeros(10)
     for _ in range(steps):
-        _, G = ce.value_and_grad(
-            ce.sparse_categorical_cross_entropy,
-            X_train @ W + b,
-            y_train,
-            from_logits=True,
-            label_smoothing=label_smoothing,
-        )
+        _, G = ce.value_and_grad(ce.sparse_categorical_cross_entropy, X_train @ W + b, y_train,
+                                 from_logits=True, label_smoothing=label_smoothing)
         W -= lr * X_train.T @ G
         b -= lr * G.sum(axis=0)
     return W, b
@@ -59,10 +54,8 @@ for eps in (0.0, 0.1, 0.3):
     nll = CrossEntropy(input_kind="logits").update(logits, y_test).compute()
     acc = Accuracy(input_kind="logits").update(logits, y_test).compute()
     results[eps] = ece.reliability()
-    print(
-        f"label_smoothing={eps:.1f}: accuracy {acc:.3f}, test log loss {nll:.3f} nats, "
-        f"ECE {ece.compute():.3f}"
-    )
+    print(f"label_smoothing={eps:.1f}: accuracy {acc:.3f}, test log loss {nll:.3f} nats, "
+          f"ECE {ece.compute():.3f}")
 
 # %%
 # Reliability diagrams
@@ -72,15 +65,8 @@ for eps in (0.0, 0.1, 0.3):
 fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharey=True)
 for ax, (eps, rel) in zip(axes, results.items(), strict=True):
     edges = np.linspace(0, 1, 11)
-    ax.bar(
-        edges[:-1],
-        np.nan_to_num(rel["accuracy"]),
-        width=0.1,
-        align="edge",
-        edgecolor="black",
-        alpha=0.7,
-        label="accuracy",
-    )
+    ax.bar(edges[:-1], np.nan_to_num(rel["accuracy"]), width=0.1, align="edge",
+           edgecolor="black", alpha=0.7, label="accuracy")
     ax.plot(rel["confidence"], rel["accuracy"], "o", color="C3", label="(confidence, accuracy)")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set_title(f"label_smoothing = {eps}")

@@ -49,10 +49,8 @@ for (name, divergence), style in zip(fits.items(), ("-", "--", ":"), strict=True
     i, j = np.unravel_index(np.argmin(divergence), divergence.shape)
     best = students[i, j]
     ax.plot(k, best, style, lw=2.5, label=f"{name}: μ={mu[i, 0, 0]:.1f}, σ={sigma[0, j, 0]:.1f}")
-    print(
-        f"{name}: minimum {divergence[i, j]:.3f} nats at mu={mu[i, 0, 0]:.2f}, "
-        f"sigma={sigma[0, j, 0]:.2f}"
-    )
+    print(f"{name}: minimum {divergence[i, j]:.3f} nats at mu={mu[i, 0, 0]:.2f}, "
+          f"sigma={sigma[0, j, 0]:.2f}")
 ax.set_xlabel("class")
 ax.set_ylabel("probability")
 ax.legend(fontsize=8, loc="upper center")
