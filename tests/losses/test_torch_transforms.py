@@ -599,3 +599,46 @@ def test_torch_tracing_is_true_while_dynamo_traces_without_the_compile_session_f
         torch._dynamo.reset()
         got = torch.compile(loss, fullgraph=True, backend="eager")(x)
         torch.testing.assert_close(got, loss(x), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["focal", "binary-focal", "bce-pos-weight", "categorical-focal"])
+def test_a_new_batch_size_does_not_specialise_the_graph(name: str) -> None:
+    """``size()`` returned ``int(numel)`` and the generic mean divided by ``float(size)``:
+    traced with a dynamic batch, both specialised it, so ``torch.export`` with a dynamic
+    batch failed ('You marked n as dynamic but your code specialized it to be a constant
+    (6)') for FocalLoss, BinaryFocalLoss and BCEWithLogitsLoss(pos_weight=w), and
+    ``torch.compile`` recompiled for every batch size (fullgraph then fails at the
+    recompile limit)."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    module = {
+        "focal": cnn.FocalLoss(gamma=1.0),
+        "binary-focal": cnn.BinaryFocalLoss(alpha=0.3),
+        "bce-pos-weight": cnn.BCEWithLogitsLoss(pos_weight=w),
+        "categorical-focal": cnn.FocalLoss(gamma=2.0),
+    }[name]
+
+    def data(n: int) -> tuple[Any, Any]:
+        x = torch.randn(n, C, generator=g, dtype=torch.float64)
+        if name == "focal":
+            return x, torch.randint(0, C, (n,), generator=g)
+        if name == "categorical-focal":
+            return x, torch.softmax(torch.randn(n, C, generator=g, dtype=torch.float64), 1)
+        return x, torch.rand(n, C, generator=g, dtype=torch.float64)
+
+    batch = torch.export.Dim("batch", min=2)
+    program = torch.export.export(module, data(6), dynamic_shapes=({0: batch}, {0: batch}))
+    graphs = []
+
+    def counting(gm: Any, _inputs: Any) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=counting)
+    for n in (3, 4, 7, 9, 11):
+        x, t = data(n)
+        expected = module(x, t)
+        torch.testing.assert_close(program.module()(x, t), expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(compiled(x, t), expected, rtol=1e-12, atol=0)
+    assert len(graphs) <= 2  # the first shape, then one dynamic graph

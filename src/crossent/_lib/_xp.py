@@ -41,6 +41,7 @@ __all__ = [
     "result_type",
     "safe_divide",
     "size",
+    "size_array",
     "stop_gradient",
     "take_along_axis",
     "to_numpy",
@@ -256,10 +257,26 @@ def device(x: Array) -> Any:
     return array_api_compat.device(x)
 
 
-def size(x: Array) -> int:
-    """Number of elements of `x` (0 for an empty array)."""
+def size_array(x: Array, *, dtype: Any, xp: Any) -> Array:
+    """The number of elements of `x` as a 0-d array of `dtype` on `x`'s device (a mean's
+    denominator); symbolic while PyTorch traces dynamic shapes, where ``float(size(x))``
+    would specialise it."""
     if is_torch_tensor(x):
-        return int(x.numel())
+        import torch
+
+        return torch.scalar_tensor(x.numel(), dtype=dtype, device=x.device)
+    return xp.asarray(float(size(x)), dtype=dtype, device=device(x))
+
+
+def size(x: Array) -> int:
+    """Number of elements of `x` (0 for an empty array).
+
+    A PyTorch size is returned as it is: traced with dynamic shapes it is symbolic, and
+    ``int()`` would specialise it (a ``torch.export`` with a dynamic batch failed, and
+    ``torch.compile`` recompiled for every batch size).
+    """
+    if is_torch_tensor(x):
+        return x.numel()
     n = array_api_compat.size(x)
     return 0 if n is None else int(n)
 

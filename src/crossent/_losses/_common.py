@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from crossent._lib._xp import Array, device, safe_divide, size
+from crossent._lib._xp import Array, safe_divide, size_array
 
 __all__ = [
     "LOG_CLAMP",
@@ -47,7 +47,7 @@ def reduce_loss(loss: Array, reduction: str, *, denominator: Array | None = None
     if reduction == "sum":
         return total
     if denominator is None:
-        denominator = xp.asarray(float(size(loss)), dtype=loss.dtype, device=device(loss))
+        denominator = size_array(loss, dtype=loss.dtype, xp=xp)
     return safe_divide(total, denominator, xp=xp)
 
 
