@@ -642,3 +642,37 @@ def test_a_new_batch_size_does_not_specialise_the_graph(name: str) -> None:
         torch.testing.assert_close(program.module()(x, t), expected, rtol=1e-12, atol=0)
         torch.testing.assert_close(compiled(x, t), expected, rtol=1e-12, atol=0)
     assert len(graphs) <= 2  # the first shape, then one dynamic graph
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize(
+    "name", ["binary-large", "categorical-bfloat16-large", "distillation", "kl", "js"]
+)
+def test_forward_mode_ad_equals_the_directional_derivative(name: str) -> None:
+    """``torch.autograd.forward_ad``: dual tensors need no ``requires_grad``, and the paths
+    chosen for "no gradient wanted" ran ``out=`` operations, which have no forward
+    derivative ('NotImplementedError: Trying to use forward AD with abs_out', with
+    ``_log_softmax_out``, ``logaddexp_out``, ``sub_out``)."""
+    import torch.autograd.forward_ad as fwad
+
+    g = torch.Generator().manual_seed(6)
+    n, c = 3000, 40
+    x = torch.randn(n, c, generator=g)
+    other = torch.randn(n, c, generator=g)
+    t = torch.rand(n, c, generator=g)
+    loss = {
+        "binary-large": lambda v: ce.binary_cross_entropy(v, t, from_logits=True),
+        "categorical-bfloat16-large": lambda v: ce.categorical_cross_entropy(
+            v.bfloat16(), torch.softmax(other, 1).bfloat16(), from_logits=True
+        ),
+        "distillation": lambda v: ce.distillation_loss(v, other, beta=0.3),
+        "kl": lambda v: ce.info.kl_divergence(other, v, from_logits=True).sum(),
+        "js": lambda v: ce.info.js_divergence(other, v, from_logits=True).sum(),
+    }[name]
+    tangent = torch.randn(n, c, generator=g)
+    with fwad.dual_level():
+        got = fwad.unpack_dual(loss(fwad.make_dual(x, tangent))).tangent
+    v = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(v), v)
+    expected = (grad.double() * tangent.double()).sum()
+    torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=1e-4)

@@ -62,7 +62,13 @@ from crossent._lib._checks import (
     values_checked,
 )
 from crossent._lib._config import get_validation
-from crossent._lib._xp import _torch_namespace, array_namespace, output_dtype, torch_tracing
+from crossent._lib._xp import (
+    _torch_namespace,
+    array_namespace,
+    forward_ad_active,
+    output_dtype,
+    torch_tracing,
+)
 from crossent._losses import _rows
 from crossent._losses._common import broadcastable, times_log
 from crossent._losses._logprob import check_class_weight
@@ -737,6 +743,8 @@ def binary(
         out = _binary_small(input, target, pos, neg, label_smoothing, opts.reduction)
     elif grad:
         out = _CHUNKED_APPLY(input, target, (pos, neg, label_smoothing, opts.reduction))
+    elif forward_ad_active():  # dual tensors: no out= operations
+        return None
     else:
         out, _ = _binary_chunked(
             input, target, pos, neg, label_smoothing, opts.reduction, early=False
@@ -1552,6 +1560,8 @@ def _soft_low(
     eps, reduction = opts.label_smoothing, opts.reduction
     if x.requires_grad and torch.is_grad_enabled():
         out: Tensor = _SOFT_CE_APPLY(x, target.detach(), w, eps, reduction)
+    elif forward_ad_active():  # dual tensors: no out= operations
+        return None
     else:  # no autograd node
         out = _soft_low_forward(x, target, w, eps, reduction, early=False)[0]
     return None if _holds_nan(out, reduction) else out

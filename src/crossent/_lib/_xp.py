@@ -23,6 +23,7 @@ __all__ = [
     "astype",
     "compute_dtype",
     "device",
+    "forward_ad_active",
     "host_float",
     "is_array",
     "is_jax_namespace",
@@ -181,6 +182,17 @@ def torch_tracing() -> bool:
         or functorch_active()
         or guards_tls.__dict__.get("tracing_context") is not None
     )
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``).
+
+    Dual tensors need no ``requires_grad``, so a path chosen for "no gradient wanted"
+    would run ``out=`` operations, which have no forward derivative ('Trying to use forward
+    AD with abs_out that does not support it').
+    """
+    forward_ad = sys.modules.get("torch.autograd.forward_ad")
+    return forward_ad is not None and forward_ad._current_level >= 0
 
 
 _TORCH_STATE: list[Any] = []
