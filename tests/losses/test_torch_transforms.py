@@ -676,3 +676,21 @@ def test_forward_mode_ad_equals_the_directional_derivative(name: str) -> None:
     (grad,) = torch.autograd.grad(loss(v), v)
     expected = (grad.double() * tangent.double()).sum()
     torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=1e-4)
+
+
+def test_compiled_value_and_grad_equals_eager() -> None:
+    """``value_and_grad`` under ``torch.compile``: its option lookup was ``functools.cache``d,
+    and dynamo warns about every call of an ``lru_cache``-wrapped function ('Dynamo detected
+    a call to a functools.lru_cache-wrapped function'), an error where warnings are errors."""
+    x, y, probs, _ = _data()
+    y = y.abs() % C
+
+    def both(v: Any) -> Any:
+        sparse = ce.value_and_grad(
+            ce.sparse_categorical_cross_entropy, v, y, from_logits=True, gamma=2.0
+        )
+        return sparse, ce.value_and_grad(ce.categorical_cross_entropy, v, probs, from_logits=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), both(x), rtol=1e-12, atol=1e-14)
