@@ -36,10 +36,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from crossent._lib._checks import (
+    assert_on_device,
     check_array,
     check_axis,
     check_base,
     check_floating,
+    checked_on_device,
     values_checked,
 )
 from crossent._lib._logdiv import generalized_jsd_from_log, log_softmax
@@ -74,16 +76,23 @@ def _check_distribution(x: Array, *, name: str, logits: bool = False, xp: Any) -
     """`x` is a floating array of probabilities in [0, 1] (any real values if `logits`)."""
     check_array(x, name=name)
     check_floating(x, name=name, xp=xp)
-    if logits or size(x) == 0 or not values_checked(x):
+    if logits or size(x) == 0:
+        return
+    if not values_checked(x):
+        if checked_on_device(x):  # torch.compile / torch.export
+            assert_on_device((x < 0) | (x > 1), _distribution_message(name, ""))
         return
     if known_true(xp.any((x < 0) | (x > 1))):
         lo, hi = host_float(xp.min(x)), host_float(xp.max(x))
-        msg = (
-            f"`{name}` must hold probabilities in [0, 1]; got values in [{lo:.6g}, {hi:.6g}]. "
-            "Pass probabilities (e.g. a softmax of logits), or pass from_logits=True if "
-            "these are logits."
-        )
+        msg = _distribution_message(name, f"; got values in [{lo:.6g}, {hi:.6g}]")
         raise ValueError(msg)
+
+
+def _distribution_message(name: str, got: str) -> str:
+    return (
+        f"`{name}` must hold probabilities in [0, 1]{got}. Pass probabilities (e.g. a softmax "
+        "of logits), or pass from_logits=True if these are logits."
+    )
 
 
 def _broadcast_axis(p: Array, q: Array, axis: object) -> int:

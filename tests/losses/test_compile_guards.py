@@ -48,8 +48,10 @@ def _guard_count(loss: Callable[[Any], Any], x: Any) -> int:
 
 
 # before: 100, 109 and 182 guards (torch's own losses: 11); the bounds leave room for a few
-# more, not for the option checks traced again (about 20) or the generic binary formula
-BOUNDS = {"sparse": 72, "categorical": 85, "binary": 58}
+# more, not for the option checks traced again (about 20) or the generic binary formula.
+# The targets' device-side check of categorical and binary CE adds 14 (the validation
+# switch, read again before each call, and the assertion)
+BOUNDS = {"sparse": 72, "categorical": 95, "binary": 72}
 
 
 @pytest.mark.parametrize("name", list(BOUNDS))

@@ -53,11 +53,24 @@ import torch
 from torch import Tensor
 
 from crossent._backends import _triton_sparse
-from crossent._lib._checks import check_in_unit_interval, values_checked
+from crossent._lib._checks import (
+    assert_on_device,
+    check_in_unit_interval,
+    device_assertions,
+    label_range_message,
+    unit_interval_message,
+    values_checked,
+)
 from crossent._lib._config import get_validation
-from crossent._lib._xp import _torch_namespace, array_namespace, output_dtype, torch_tracing
+from crossent._lib._xp import (
+    _torch_namespace,
+    array_namespace,
+    forward_ad_active,
+    output_dtype,
+    torch_tracing,
+)
 from crossent._losses import _rows
-from crossent._losses._common import times_log
+from crossent._losses._common import broadcastable, times_log
 from crossent._losses._logprob import check_class_weight
 from crossent._losses._options import CEOptions
 
@@ -202,17 +215,14 @@ def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int 
 def _assert_labels_async(t: Tensor, num_classes: int, ignore: int) -> None:
     """On accelerators: an asynchronous device-side check, no host synchronisation."""
     label = t if ignore == _NO_IGNORE else torch.where(t == ignore, 0, t)
-    _assert_labels_inside(label, num_classes)
+    _assert_labels_inside(label, num_classes, None if ignore == _NO_IGNORE else ignore)
 
 
-def _assert_labels_inside(label: Tensor, num_classes: int) -> None:
+def _assert_labels_inside(label: Tensor, num_classes: int, ignore_index: int | None) -> None:
     """Device-side check that every label (ignored ones already replaced by 0) lies in
     ``[0, num_classes)``: ``label // num_classes`` is 0 exactly there (four operations, each a
     kernel launch on an accelerator; no host synchronisation)."""
-    msg = (
-        f"`target` has labels outside [0, {num_classes}) that are not `ignore_index`; "
-        "check the number of classes, or set `ignore_index`."
-    )
+    msg = label_range_message(num_classes, ignore_index)
     torch._assert_async((label.div(num_classes, rounding_mode="floor") == 0).all(), msg)
 
 
@@ -481,7 +491,7 @@ def _sparse_triton(
     t = index_target(target).reshape(-1)
     valid, label = _valid_label(t, opts.ignore_index)
     if t.numel():  # also with validation off: the kernels read the target logit unchecked
-        _assert_labels_inside(label, num_classes)
+        _assert_labels_inside(label, num_classes, opts.ignore_index)
     w = None if weight is None else weight.to(torch.float32).contiguous()
 
     target_weight: list[Tensor | None] = []
@@ -576,10 +586,12 @@ def categorical(
         if not (isinstance(weight, Tensor) and weight.dtype in _FLOATS):
             return None
         check_class_weight(weight, input.shape[axis], xp=_torch_namespace())
-    eager = input.is_cpu and not torch_tracing()
-    checked = target.numel() and (get_validation() if eager else values_checked(target))
-    if checked and not _in_unit_interval(target):  # the message (NaN, -0.0 pass: propagate)
-        check_in_unit_interval(target, name="target", xp=_torch_namespace())
+    traced = torch_tracing()
+    eager = input.is_cpu and not traced
+    if traced:
+        _assert_unit_interval(target)
+    elif target.numel() and get_validation() and not _in_unit_interval(target):
+        check_in_unit_interval(target, name="target", xp=_torch_namespace())  # the message
     low = dtype in _LOW
     autocast = low and torch.is_autocast_enabled("cpu" if input.is_cpu else input.device.type)
     if low and not autocast:
@@ -724,6 +736,7 @@ def binary(
         return None
     if not _host_readable(input):  # traced: no value test; eager accelerators: the generic formula
         if torch_tracing() and opts.plain and weight is None and pos_weight is None:
+            _assert_unit_interval(target)
             return _binary_traced(input, target, label_smoothing, opts.reduction)
         return None  # weights and alpha: the generic formula (checks and all)
     if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
@@ -746,6 +759,8 @@ def binary(
         out = _binary_small(input, target, pos, neg, label_smoothing, opts.reduction)
     elif grad:
         out = _CHUNKED_APPLY(input, target, (pos, neg, label_smoothing, opts.reduction))
+    elif forward_ad_active():  # dual tensors: no out= operations
+        return None
     else:
         out, _ = _binary_chunked(
             input, target, pos, neg, label_smoothing, opts.reduction, early=False
@@ -754,6 +769,17 @@ def binary(
     if math.isnan(total.item()):  # NaN input, or an infinite logit: lerp's 0 · inf
         return None
     return out if out.dtype is input.dtype else out.to(input.dtype)
+
+
+def _assert_unit_interval(t: Tensor) -> None:
+    """Traced targets: :func:`check_in_unit_interval`'s device-side assertion under compile and
+    export with validation on, in fewer calls (each global a traced function reads is a dynamo
+    guard, checked before every call of the compiled function)."""
+    if device_assertions() and get_validation():
+        assert_on_device((t < 0) | (t > 1), _TARGET_RANGE)
+
+
+_TARGET_RANGE = unit_interval_message("target", "")
 
 
 _ONE_BITS = {
@@ -796,7 +822,7 @@ def _binary_coef(w: object, x: Tensor, cdt: torch.dtype, *, checked: bool) -> Co
             w.dtype not in _FLOATS
             or not w.is_cpu
             or (w.requires_grad and torch.is_grad_enabled())
-            or not (w.shape == x.shape or _broadcasts(w.shape, x.shape))
+            or not (w.shape == x.shape or broadcastable(w.shape, x.shape))
         ):
             return None
         if checked and w.numel() and not w.min().item() >= 0:
@@ -805,15 +831,6 @@ def _binary_coef(w: object, x: Tensor, cdt: torch.dtype, *, checked: bool) -> Co
     if isinstance(w, bool) or not isinstance(w, (int, float)):
         return None
     return float(w) if w >= 0 else None
-
-
-def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
-    """Whether an array of `shape` broadcasts to `to` without changing it."""
-    if len(shape) == 1 and to:  # the common per-label vector
-        return shape[0] in (1, to[-1])
-    if len(shape) > len(to):
-        return False
-    return all(s in (1, d) for s, d in zip(reversed(shape), reversed(to), strict=False))
 
 
 def _binary_coefs(
@@ -1559,6 +1576,8 @@ def _soft_low(
     eps, reduction = opts.label_smoothing, opts.reduction
     if x.requires_grad and torch.is_grad_enabled():
         out: Tensor = _SOFT_CE_APPLY(x, target.detach(), w, eps, reduction)
+    elif forward_ad_active():  # dual tensors: no out= operations
+        return None
     else:  # no autograd node
         out = _soft_low_forward(x, target, w, eps, reduction, early=False)[0]
     return None if _holds_nan(out, reduction) else out

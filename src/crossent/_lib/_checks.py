@@ -4,6 +4,10 @@ Every message names the argument in backticks, says what was expected and what
 was given, and suggests the fix. Shape and dtype checks always run; value
 checks (which read data back from the device) run only while
 :func:`crossent.get_validation` is true and never on lazy arrays (JAX tracers).
+Under ``torch.compile`` and ``torch.export`` they run as asynchronous device-side
+assertions (:func:`checked_on_device`): no host synchronisation, no graph break, the
+same message without the offending values; under ``torch.func`` transforms
+(``grad``, ``vmap``) they are skipped, as on JAX tracers.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from crossent._lib._xp import (
 
 __all__ = [
     "ProbabilityRangeError",
+    "assert_on_device",
     "check_array",
     "check_axis",
     "check_base",
@@ -46,10 +51,14 @@ __all__ = [
     "check_same_shape",
     "check_softcap",
     "check_unit_interval_scalar",
+    "checked_on_device",
+    "device_assertions",
     "guard_label_range",
     "label_index_error",
+    "label_range_message",
     "not_ignored",
     "row_sum_tolerance",
+    "unit_interval_message",
     "values_checked",
 ]
 
@@ -57,9 +66,41 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def values_checked(*arrays: Array) -> bool:
-    """Whether value checks should run on `arrays` now (validation on, none lazy)."""
-    # lazy first: while torch traces, the context variable holding the switch is not read
+    """Whether value checks should read `arrays` now (validation on, none lazy)."""
+    # lazy first: the common eager call reads the switch once
     return not any(a is not None and is_lazy(a) for a in arrays) and _config.get_validation()
+
+
+def checked_on_device(x: Array) -> bool:
+    """Whether the value checks of `x` run as device-side assertions (:func:`assert_on_device`):
+    a PyTorch tensor under ``torch.compile`` or ``torch.export``, validation on.
+
+    Called where :func:`values_checked` is false. The switch is read in the traced code:
+    dynamo guards it (:mod:`crossent._lib._config`), so turning validation off or on
+    recompiles. Not under ``torch.func`` transforms run eagerly: ``vmap`` has no rule for
+    the assertion (``grad`` alone would allow it, but a check that runs under ``grad``
+    and fails under ``vmap(grad)`` would be worse than none); there, as on JAX tracers,
+    values are not checked.
+    """
+    return is_torch_tensor(x) and device_assertions() and _config.get_validation()
+
+
+def device_assertions() -> bool:
+    """Whether a device-side assertion can be traced now: under ``torch.compile`` or
+    ``torch.export``, outside ``torch.func`` transforms (compiled ``vmap`` too: the assertion
+    has no batching rule)."""
+    import torch
+
+    return torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
+def assert_on_device(bad: Array, msg: str) -> None:
+    """Fail with `msg` where the boolean tensor `bad` holds a True, asynchronously (no host
+    synchronisation): ``torch._assert_async``, a ``RuntimeError`` when the compiled or
+    exported program runs (a device-side assertion on CUDA)."""
+    import torch
+
+    torch._assert_async(torch.logical_not(bad.any()), msg)
 
 
 def check_reduction(reduction: object) -> str:
@@ -184,6 +225,14 @@ class ProbabilityRangeError(ValueError):
         self.name, self.lo, self.hi = name, lo, hi
         super().__init__(f"`{name}` has values outside [0, 1] (min={lo:.6g}, max={hi:.6g}); {fix}.")
 
+    @staticmethod
+    def deferred_message(name: str) -> str:
+        """The message of a device-side check, which cannot read the values."""
+        return (
+            f"`{name}` has values outside [0, 1]; pass from_logits=True (BCEWithLogitsLoss "
+            "for BCELoss) if these are logits."
+        )
+
     def with_fix(self, fix: str) -> ProbabilityRangeError:
         """The same error with another suggested fix."""
         return ProbabilityRangeError(self.name, self.lo, self.hi, fix)
@@ -191,7 +240,11 @@ class ProbabilityRangeError(ValueError):
 
 def check_probabilities(x: Array, *, name: str = "input", xp: Any) -> None:
     """Values of `x` must lie in [0, 1] (NaN passes and propagates)."""
-    if size(x) == 0 or not values_checked(x):
+    if size(x) == 0:
+        return
+    if not values_checked(x):
+        if checked_on_device(x):
+            assert_on_device((x < 0) | (x > 1), ProbabilityRangeError.deferred_message(name))
         return
     if known_true(xp.any((x < 0) | (x > 1))):
         raise ProbabilityRangeError(name, host_float(xp.min(x)), host_float(xp.max(x)))
@@ -221,12 +274,22 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
     softmax, logits) is a bad input, never renormalized silently.
     """
     check_probabilities(x, name=name, xp=xp)
-    if size(x) == 0 or not values_checked(x):
+    if size(x) == 0:
+        return
+    checked = values_checked(x)
+    if not checked and not checked_on_device(x):
         return
     num_classes = int(x.shape[axis])
     tol = row_sum_tolerance(x.dtype, num_classes, xp=xp)
     sums = xp.sum(xp.astype(stop_gradient(x, xp=xp), compute_dtype(x.dtype, xp=xp)), axis=axis)
     bad = xp.abs(sums - 1) > tol
+    if not checked:
+        msg = (  # no numbers: under dynamic shapes the class count and tolerance are symbolic
+            f"`{name}` holds probabilities whose rows must sum to 1 along axis {axis} (up to "
+            f"the rounding of {x.dtype}); a row does not. {_ROW_SUM_FIX}"
+        )
+        assert_on_device(bad, msg)
+        return
     if not known_true(xp.any(bad)):
         return
     flat = xp.reshape(bad, (-1,))
@@ -240,15 +303,24 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
     msg = (
         f"`{name}` holds probabilities whose rows must sum to 1 along axis {axis}; {where} "
         f"sums to {total:.6g} (tolerance {tol:.2g} for {num_classes} classes in {x.dtype}). "
-        "Apply softmax first, or pass from_logits=True if these are logits "
-        "(for independent per-class probabilities use binary_cross_entropy)."
+        f"{_ROW_SUM_FIX}"
     )
     raise ValueError(msg)
 
 
+_ROW_SUM_FIX = (
+    "Apply softmax first, or pass from_logits=True if these are logits "
+    "(for independent per-class probabilities use binary_cross_entropy)."
+)
+
+
 def check_in_unit_interval(x: Array, *, name: str, xp: Any) -> None:
     """Targets such as binary labels must lie in [0, 1]."""
-    if size(x) == 0 or not values_checked(x):
+    if size(x) == 0:
+        return
+    if not values_checked(x):
+        if checked_on_device(x):
+            assert_on_device((x < 0) | (x > 1), unit_interval_message(name, ""))
         return
     if is_torch_tensor(x) and x.is_cpu:  # one pass (aminmax) where all are in range
         import torch
@@ -258,16 +330,25 @@ def check_in_unit_interval(x: Array, *, name: str, xp: Any) -> None:
             return
     if known_true(xp.any((x < 0) | (x > 1))):
         lo, hi = host_float(xp.min(x)), host_float(xp.max(x))
-        msg = (
-            f"`{name}` must lie in [0, 1]; got values in [{lo:.6g}, {hi:.6g}]. "
-            "Rescale the targets, or use sparse_categorical_cross_entropy for class indices."
-        )
+        msg = unit_interval_message(name, f"; got values in [{lo:.6g}, {hi:.6g}]")
         raise ValueError(msg)
+
+
+def unit_interval_message(name: str, got: str) -> str:
+    """The message for targets outside [0, 1] (`got`: what they hold, if known)."""
+    return (
+        f"`{name}` must lie in [0, 1]{got}. "
+        "Rescale the targets, or use sparse_categorical_cross_entropy for class indices."
+    )
 
 
 def check_nonnegative(x: Array, *, name: str, xp: Any) -> None:
     """Weights must be >= 0 (NaN passes and propagates)."""
-    if size(x) == 0 or not values_checked(x):
+    if size(x) == 0:
+        return
+    if not values_checked(x):
+        if checked_on_device(x):
+            assert_on_device(x < 0, f"`{name}` must be non-negative; it holds a negative value.")
         return
     if known_true(xp.any(x < 0)):
         msg = f"`{name}` must be non-negative; got a minimum of {host_float(xp.min(x)):.6g}."
@@ -289,7 +370,11 @@ def check_label_range(
     target: Array, num_classes: int, *, ignore_index: int | None, name: str = "target", xp: Any
 ) -> None:
     """Labels must lie in [0, num_classes) unless they equal `ignore_index`."""
-    if size(target) == 0 or not values_checked(target):
+    if size(target) == 0:
+        return
+    if not values_checked(target):
+        if checked_on_device(target):
+            _assert_labels_on_device(target, num_classes, ignore_index)
         return
     if is_torch_tensor(target) and not target.dtype.is_signed and target.dtype.itemsize > 1:
         target = target.long()  # PyTorch has no comparisons for uint16/32/64 ("ge_cpu")
@@ -326,13 +411,33 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
         return
     import torch
 
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        if device_assertions() or not torch.compiler.is_compiling():  # not compiled vmap
+            _assert_labels_on_device(target, num_classes, ignore_index)
+        return
     target = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
     bad = ((target < 0) | (target >= num_classes)) & not_ignored(target, ignore_index, xp=torch)
-    if target.device.type != "cpu" or torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), "crossent: `target` has a label outside [0, C)")
-        return
     if bool(bad.any()):
         raise label_index_error(num_classes, str(int(target[bad].reshape(-1)[0])))
+
+
+def _assert_labels_on_device(target: Array, num_classes: int, ignore_index: int | None) -> None:
+    """:func:`assert_on_device` for PyTorch labels outside ``[0, num_classes)`` that are not
+    `ignore_index`."""
+    import torch
+
+    target = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
+    bad = ((target < 0) | (target >= num_classes)) & not_ignored(target, ignore_index, xp=torch)
+    assert_on_device(bad, label_range_message(num_classes, ignore_index))
+
+
+def label_range_message(num_classes: int, ignore_index: int | None) -> str:
+    """The message of a device-side label check, which cannot read the labels."""
+    hint = "" if ignore_index is None else f" (ignore_index={ignore_index})"
+    return (
+        f"`target` has labels outside [0, {num_classes}) that are not `ignore_index`{hint}; "
+        "check the number of classes, or set `ignore_index`."
+    )
 
 
 def not_ignored(target: Array, ignore_index: int | None, *, xp: Any) -> Array:

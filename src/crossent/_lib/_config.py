@@ -28,10 +28,25 @@ def _from_env() -> bool:
 _DEFAULT = _from_env()
 """The process-wide default, set by :func:`set_validation`."""
 
-_LOCAL: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
-    "crossent_validation", default=None
-)
-"""The override of the current thread / asyncio task (None: use the default)."""
+_LOCAL: contextvars.ContextVar[bool] = contextvars.ContextVar("crossent_validation")
+"""The override of the current thread / asyncio task (unset: use the default)."""
+
+
+class _Switch:
+    """Reads the override through a property whose getter is ``_LOCAL.get`` itself.
+
+    ``torch.compile`` cannot trace ``ContextVar.get``, but it evaluates a property whose
+    getter is a C function and guards its value: ``_SWITCH.local`` is read again before
+    every call of a compiled function, in the caller's thread and task, and a change of the
+    switch (or of :data:`_DEFAULT`, a guarded global) recompiles. Unset, the getter returns
+    its argument, ``_SWITCH`` itself (``ContextVar.get(default)``).
+    """
+
+    __slots__ = ()
+    local = property(_LOCAL.get)
+
+
+_SWITCH = _Switch()
 
 
 def _check_flag(enabled: object) -> bool:
@@ -68,6 +83,11 @@ def set_validation(enabled: bool) -> None:
     still fail as they do in torch's own kernels (``torch.gather`` and the
     fused loss raise on CPU; a device-side assertion on CUDA): never a number.
 
+    Under ``torch.compile`` and ``torch.export`` the value checks are device-side
+    assertions in the graph; the switch is read while tracing and guarded, so a
+    change recompiles (an exported program keeps the checks it was exported with).
+    Under ``torch.func`` transforms values are not checked.
+
     Examples
     --------
     >>> import crossent as ce
@@ -89,8 +109,8 @@ def get_validation() -> bool:
     >>> ce.get_validation()
     True
     """
-    local = _LOCAL.get()
-    return _DEFAULT if local is None else local
+    local = _SWITCH.local
+    return local if type(local) is bool else _DEFAULT
 
 
 @contextlib.contextmanager

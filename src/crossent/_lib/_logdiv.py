@@ -41,7 +41,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from crossent._lib._xp import Array, is_torch_namespace, logsumexp, torch_tracing
+from crossent._lib._xp import (
+    Array,
+    forward_ad_active,
+    is_torch_namespace,
+    logsumexp,
+    torch_tracing,
+)
 
 __all__ = [
     "generalized_jsd_from_log",
@@ -64,7 +70,8 @@ def _untracked_torch(xp: Any, *arrays: Array) -> bool:
 
     if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
         return False
-    return not torch_tracing()  # compiled, exported or a torch.func transform (vmap: no out=)
+    # compiled, exported or a torch.func transform (vmap: no out=), or forward-mode AD
+    return not torch_tracing() and not forward_ad_active()
 
 
 def log_softmax(z: Array, *, axis: int, xp: Any, overwrite: bool = False) -> Array:

@@ -24,6 +24,7 @@ __all__ = [
     "astype",
     "compute_dtype",
     "device",
+    "forward_ad_active",
     "host_float",
     "is_array",
     "is_jax_namespace",
@@ -44,6 +45,7 @@ __all__ = [
     "result_type",
     "safe_divide",
     "size",
+    "size_array",
     "stop_gradient",
     "take_along_axis",
     "to_numpy",
@@ -163,12 +165,55 @@ def torch_tracing() -> bool:
     """Whether PyTorch is tracing (``torch.compile``/``export``, or a ``torch.func`` transform).
 
     Values do not exist then (or reading them would break the graph), so value
-    checks are skipped; eagerly they run as everywhere else.
+    checks do not read them: under compile and export they are device-side assertions
+    (:func:`crossent._lib._checks.checked_on_device`), under ``torch.func`` skipped;
+    eagerly they run as everywhere else.
+
+    Dynamo calls it for real at trace time (below). PyTorch 2.13 holds
+    ``torch.compiler.is_compiling()`` true for the whole compile; earlier versions (2.11)
+    only inside traced code, where dynamo replaces the call by True, so dynamo's tracing
+    context (``torch._guards.TracingContext``, set on both while it traces) is read too:
+    its thread-local dictionary directly (``TracingContext.try_get`` raises and catches an
+    ``AttributeError`` when unset, 0.4 µs on every eager call).
     """
+    state = _TORCH_STATE or _torch_state()
+    if not state:
+        return False
+    is_compiling, functorch_active, guards_tls = state
+    return bool(
+        is_compiling()
+        or functorch_active()
+        or guards_tls.__dict__.get("tracing_context") is not None
+    )
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``).
+
+    Dual tensors need no ``requires_grad``, so a path chosen for "no gradient wanted"
+    would run ``out=`` operations, which have no forward derivative ('Trying to use forward
+    AD with abs_out that does not support it').
+    """
+    forward_ad = sys.modules.get("torch.autograd.forward_ad")
+    return forward_ad is not None and forward_ad._current_level >= 0
+
+
+_TORCH_STATE: list[Any] = []
+"""What :func:`torch_tracing` reads, looked up once PyTorch is imported."""
+
+
+def _torch_state() -> list[Any]:
     torch = sys.modules.get("torch")
     if torch is None:
-        return False
-    return bool(torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+        return []
+    import torch._guards
+
+    _TORCH_STATE[:] = [
+        torch.compiler.is_compiling,
+        torch._C._are_functorch_transforms_active,
+        torch._guards._TLS,
+    ]
+    return _TORCH_STATE
 
 
 # torch.compile calls it once at trace time and keeps the result, a constant
@@ -227,10 +272,26 @@ def device(x: Array) -> Any:
     return array_api_compat.device(x)
 
 
-def size(x: Array) -> int:
-    """Number of elements of `x` (0 for an empty array)."""
+def size_array(x: Array, *, dtype: Any, xp: Any) -> Array:
+    """The number of elements of `x` as a 0-d array of `dtype` on `x`'s device (a mean's
+    denominator); symbolic while PyTorch traces dynamic shapes, where ``float(size(x))``
+    would specialise it."""
     if is_torch_tensor(x):
-        return int(x.numel())
+        import torch
+
+        return torch.scalar_tensor(x.numel(), dtype=dtype, device=x.device)
+    return xp.asarray(float(size(x)), dtype=dtype, device=device(x))
+
+
+def size(x: Array) -> int:
+    """Number of elements of `x` (0 for an empty array).
+
+    A PyTorch size is returned as it is: traced with dynamic shapes it is symbolic, and
+    ``int()`` would specialise it (a ``torch.export`` with a dynamic batch failed, and
+    ``torch.compile`` recompiled for every batch size).
+    """
+    if is_torch_tensor(x):
+        return x.numel()
     n = array_api_compat.size(x)
     return 0 if n is None else int(n)
 

@@ -52,7 +52,14 @@ from crossent._lib._xp import (
     output_dtype,
     size,
 )
-from crossent._losses._common import clamped_log, focal_factor, log_prob, reduce_loss, times_log
+from crossent._losses._common import (
+    broadcastable,
+    clamped_log,
+    focal_factor,
+    log_prob,
+    reduce_loss,
+    times_log,
+)
 from crossent._losses._options import make_options
 from crossent._losses._sparse import plain_logits_options
 
@@ -82,13 +89,6 @@ class _Binary:
     out_dtype: Any
 
 
-def _broadcastable(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
-    """Whether an array of `shape` broadcasts to `to` without changing it."""
-    if len(shape) > len(to):
-        return False
-    return all(s in (1, d) for s, d in zip(reversed(shape), reversed(to), strict=False))
-
-
 def _check_weight_type(w: object, *, name: str) -> None:
     if w is not None and (isinstance(w, bool) or not (isinstance(w, int | float) or is_array(w))):
         msg = f"`{name}` must be None, a number or an array; got {type(w).__name__}."
@@ -107,7 +107,7 @@ def _elementwise_weight(
     arr: Array = xp.asarray(float(w), dtype=dtype, device=device(input)) if number else w
     check_floating(arr, name=name, xp=xp)
     shape, to = tuple(arr.shape), tuple(input.shape)
-    if not _broadcastable(shape, to):
+    if not broadcastable(shape, to):
         msg = (
             f"`{name}` of shape {shape} does not broadcast to `input` of shape {to}; give it "
             f"the shape of `input` or of its trailing dimensions (e.g. ({to[-1] if to else 1},))."

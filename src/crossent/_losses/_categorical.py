@@ -25,12 +25,11 @@ from crossent._lib._xp import (
     array_namespace,
     astype,
     compute_dtype,
-    device,
     is_torch_tensor,
     logsumexp,
     moveaxis,
     output_dtype,
-    size,
+    size_array,
 )
 from crossent._losses._common import reduce_loss, shift_logits
 from crossent._losses._logprob import (
@@ -77,7 +76,7 @@ def _soft_value_and_grad(
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
     row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)
     loss = reduce_loss(row, reduction, xp=xp)
-    count = xp.asarray(float(size(row)), dtype=row.dtype, device=device(row))
+    count = size_array(row, dtype=row.dtype, xp=xp)
     scale = xp.expand_dims(
         _row_scale(grad_output, reduction, count, tuple(row.shape), xp=xp), axis=-1
     )

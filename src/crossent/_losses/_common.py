@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from crossent._lib._xp import Array, device, safe_divide, size
+from crossent._lib._xp import Array, safe_divide, size_array
 
 __all__ = [
     "LOG_CLAMP",
+    "broadcastable",
     "clamped_log",
     "focal_factor",
     "log1mexp",
@@ -19,6 +20,19 @@ __all__ = [
 
 LOG_CLAMP = -100.0
 """Lower bound of log p for probability inputs (PyTorch's BCE / NLL rule)."""
+
+
+def broadcastable(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
+    """Whether an array of `shape` broadcasts to `to` without changing it.
+
+    Each size is compared with ``==``: under ``torch.compile(dynamic=True)`` sizes are
+    symbolic and dynamo answers ``s in (1, d)`` False for equal symbolic sizes.
+    """
+    if len(shape) == 1 and to:  # the common per-label vector
+        return shape[0] == 1 or shape[0] == to[-1]
+    if len(shape) > len(to):
+        return False
+    return all(s == 1 or s == d for s, d in zip(reversed(shape), reversed(to), strict=False))
 
 
 def reduce_loss(loss: Array, reduction: str, *, denominator: Array | None = None, xp: Any) -> Array:
@@ -33,7 +47,7 @@ def reduce_loss(loss: Array, reduction: str, *, denominator: Array | None = None
     if reduction == "sum":
         return total
     if denominator is None:
-        denominator = xp.asarray(float(size(loss)), dtype=loss.dtype, device=device(loss))
+        denominator = size_array(loss, dtype=loss.dtype, xp=xp)
     return safe_divide(total, denominator, xp=xp)
 
 

@@ -44,11 +44,23 @@ def _closed_form(name: str) -> Callable[..., tuple[Array, Array]]:
     return _FAMILIES[name][1]
 
 
-@functools.cache
 def _options_of(name: str) -> tuple[str, ...]:
     """The keyword-only options of the public loss `name`, in signature order."""
-    params = inspect.signature(_public(name)).parameters.values()
-    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    options = _OPTIONS.get(name)
+    if options is None:
+        params = inspect.signature(_public(name)).parameters.values()
+        options = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        _OPTIONS[name] = options
+    return options
+
+
+_OPTIONS: dict[str, tuple[str, ...]] = {}
+""":func:`_options_of`'s results. Not ``functools.cache``: under ``torch.compile`` dynamo warns
+about a call to an ``lru_cache``-wrapped function (an error where warnings are errors)."""
+
+# torch.compile calls it at trace time and keeps the result (torch._dynamo.assume_constant_result,
+# without importing torch): the options of a loss are a constant
+_options_of._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _valid_losses() -> str:

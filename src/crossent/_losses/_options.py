@@ -151,7 +151,7 @@ def make_options(
     if torch_tracing():
         # traced once: the checks run as a constant (:func:`_traced_options`); a bad option is
         # checked again, traced, to raise its own error
-        opts = _traced_options(*key)
+        opts = _traced_options(*map(_specialized, key))
         return _make(*key) if opts is None else opts
     try:
         opts = _CACHE.get(key)
@@ -168,6 +168,26 @@ def make_options(
     if exact and len(_CACHE) < _CACHE_SIZE:
         _CACHE[key] = opts
     return opts
+
+
+def _specialized(value: object) -> object:
+    """A number option as a Python constant while traced.
+
+    ``torch.compile(dynamic=True)`` (and automatic dynamic, after a second value) makes a
+    float or int with a source (a default, an argument, an attribute, a ``partial``'s
+    keyword) symbolic, which the constant :func:`_traced_options` cannot take (dynamo:
+    'assume_constant_result argument conversion failed'). ``float.hex`` reads its value,
+    which specialises it: dynamo guards the value and recompiles for another one. An int is
+    read in two halves that a float holds exactly.
+    """
+    if type(value) is float:
+        return float.fromhex(value.hex())
+    if type(value) is int:
+        high, low = value // (1 << 32), value % (1 << 32)
+        return int(float.fromhex(float(high).hex())) * (1 << 32) + int(
+            float.fromhex(float(low).hex())
+        )
+    return value
 
 
 def _traced_options(*key: object) -> CEOptions | None:

@@ -1,0 +1,234 @@
+"""Value checks under torch.compile and torch.export: device-side assertions, the switch honoured.
+
+Eagerly a bad value raises crossent's ValueError. Compiled or exported, the values do not
+exist at trace time; with validation on the checks become ``torch._assert_async`` with
+crossent's message (a RuntimeError when the program runs; no graph break, no host
+synchronisation), and ``crossent.validation(False)`` / ``set_validation(False)`` recompile
+without them. Before, every value check was skipped under compile: a compiled loss returned
+a number for inputs that raise eagerly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import crossent as ce  # noqa: E402
+import crossent.nn as cnn  # noqa: E402
+
+N, C = 6, 5
+
+
+def _bad_cases() -> dict[str, tuple[Callable[[], Any], str]]:
+    """name -> (a loss of one bad argument, the message compiled calls give)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    p = torch.softmax(x, 1)
+    t = torch.rand(N, C, generator=g, dtype=torch.float64)
+    w = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    above = p.clone()
+    above[1, 1] = 1.5
+    half_row = p.clone()
+    half_row[2] *= 0.5
+    bad_t = t.clone()
+    bad_t[0, 0] = 1.5
+    neg_w = w.clone()
+    neg_w[0] = -1.0
+    range_ = r"`input` has values outside \[0, 1\]"
+    rows = r"`input` holds probabilities whose rows must sum to 1"
+    target = r"`target` must lie in \[0, 1\]"
+    weight = r"`weight` must be non-negative"
+    sparse = ce.sparse_categorical_cross_entropy
+    return {
+        "sparse-probs-range": (lambda: sparse(above, y), range_),
+        "sparse-probs-rows": (lambda: sparse(half_row, y), rows),
+        "sparse-weight": (lambda: sparse(x, y, from_logits=True, weight=neg_w), weight),
+        "sparse-focal-weight": (
+            lambda: sparse(x, y, from_logits=True, weight=neg_w, gamma=2.0),
+            weight,
+        ),
+        "categorical-target": (
+            lambda: ce.categorical_cross_entropy(x, bad_t, from_logits=True),
+            target,
+        ),
+        "categorical-rows": (lambda: ce.categorical_cross_entropy(half_row, p), rows),
+        "binary-target": (lambda: ce.binary_cross_entropy(x, bad_t, from_logits=True), target),
+        "binary-probs": (lambda: ce.binary_cross_entropy(above, t), range_),
+        "binary-weight": (
+            lambda: ce.binary_cross_entropy(x, t, from_logits=True, weight=neg_w),
+            weight,
+        ),
+        "nn-bce": (lambda: cnn.BCELoss()(above, t), range_),
+        "info-entropy": (lambda: ce.info.entropy(above), r"`p` must hold probabilities"),
+    }
+
+
+CASES = list(_bad_cases())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_compiled_bad_values_fail_on_the_device(name: str) -> None:
+    loss, message = _bad_cases()[name]
+    with pytest.raises(ValueError, match=message.split("`")[1]):  # eagerly: with the values
+        loss()
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=message):
+        torch.compile(loss, fullgraph=True, backend="aot_eager")()
+
+
+@pytest.mark.parametrize("name", ["sparse-probs-rows", "binary-target", "sparse-weight"])
+def test_compiled_checks_follow_the_switch(name: str) -> None:
+    """One compiled function: the switch is guarded, so turning validation off (for the
+    block, or process-wide) and on again recompiles with and without the assertion."""
+    loss, message = _bad_cases()[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=message):
+        compiled()
+    with ce.validation(False):
+        expected = loss()
+        torch.testing.assert_close(compiled(), expected)
+        with ce.validation(True), pytest.raises(RuntimeError, match=message):
+            compiled()
+    ce.set_validation(False)
+    try:
+        torch.testing.assert_close(compiled(), expected)
+    finally:
+        ce.set_validation(True)
+    with pytest.raises(RuntimeError, match=message):
+        compiled()
+
+
+def test_compiled_checks_follow_each_thread_and_task() -> None:
+    """The switch is a context variable: another thread or asyncio task with validation off
+    runs the same compiled function without the check, this one with it."""
+    loss, message = _bad_cases()["binary-target"]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    with ce.validation(False):
+        expected = loss()
+    results: list[Any] = []
+
+    def unchecked() -> None:
+        with ce.validation(False):
+            results.append(compiled())
+
+    thread = threading.Thread(target=unchecked)
+    thread.start()
+    thread.join()
+    torch.testing.assert_close(results[0], expected)
+
+    async def task(flag: bool) -> Any:
+        with ce.validation(flag):
+            await asyncio.sleep(0)
+            try:
+                return compiled()
+            except RuntimeError as exc:
+                return exc
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(task(False), task(True), task(False))
+
+    off, on, off_again = asyncio.run(both())
+    torch.testing.assert_close(off, expected)
+    torch.testing.assert_close(off_again, expected)
+    assert isinstance(on, RuntimeError)
+    assert re.search(message, str(on))
+    assert ce.get_validation()
+
+
+@pytest.mark.parametrize("name", ["sparse-probs-rows", "categorical-target", "binary-probs"])
+def test_no_graph_break_and_eager_values_for_valid_inputs(name: str) -> None:
+    """Valid inputs: the checks are in the one graph and the values equal eager."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    p, t = torch.softmax(x, 1), torch.rand(N, C, generator=g, dtype=torch.float64)
+    loss = {
+        "sparse-probs-rows": lambda: ce.sparse_categorical_cross_entropy(p, y),
+        "categorical-target": lambda: ce.categorical_cross_entropy(x, t, from_logits=True),
+        "binary-probs": lambda: ce.binary_cross_entropy(torch.sigmoid(x), t),
+    }[name]
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(loss)()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert any(
+        "_assert_async" in str(node.target) for gm in explanation.graphs for node in gm.graph.nodes
+    )
+    torch._dynamo.reset()
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")()
+    torch.testing.assert_close(got, loss(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_exported_module_checks_values_as_exported(validate: bool) -> None:
+    """torch.export keeps the assertion when exported with validation on, and leaves it out
+    when exported with validation off (the program is what was traced)."""
+    module = cnn.BCELoss()
+    g = torch.Generator().manual_seed(2)
+    p = torch.rand(N, C, generator=g, dtype=torch.float64)
+    t = torch.rand(N, C, generator=g, dtype=torch.float64)
+    with ce.validation(validate):
+        program = torch.export.export(module, (p, t))
+    torch.testing.assert_close(program.module()(p, t), module(p, t))
+    above = p.clone()
+    above[0, 0] = 2.0
+    if validate:
+        with pytest.raises(RuntimeError, match=r"`input` has values outside \[0, 1\]"):
+            program.module()(above, t)
+    else:  # what the eager loss gives with validation off (undefined: NaN here)
+        with ce.validation(False):
+            expected = module(above, t)
+        torch.testing.assert_close(program.module()(above, t), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["sparse-probs", "sparse-focal", "categorical", "binary"])
+def test_compiled_vmap_grad_leaves_the_device_checks_out(name: str) -> None:
+    """``torch.compile(vmap(grad(loss)))``: the assertion has no batching rule, so the traced
+    checks stay out of a vmapped function ('RuntimeError when making fake tensor call';
+    focal loss's label guard failed so before the value checks were traced)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    t = (torch.rand(N, C, generator=g, dtype=torch.float64) > 0.5).double()
+    sparse = ce.sparse_categorical_cross_entropy
+    loss, target = {
+        "sparse-probs": (lambda v, k: sparse(torch.softmax(v, -1)[None], k[None]), y),
+        "sparse-focal": (lambda v, k: sparse(v[None], k[None], from_logits=True, gamma=2.0), y),
+        "categorical": (
+            lambda v, k: ce.categorical_cross_entropy(v[None], k[None], from_logits=True),
+            t,
+        ),
+        "binary": (lambda v, k: ce.binary_cross_entropy(v, k, from_logits=True), t),
+    }[name]
+    per_sample = torch.func.vmap(torch.func.grad(loss))
+    torch._dynamo.reset()
+    got = torch.compile(per_sample, fullgraph=True, backend="aot_eager")(x, target)
+    torch.testing.assert_close(got, per_sample(x, target), rtol=1e-12, atol=1e-14)
+
+
+def test_row_sum_check_with_dynamic_shapes() -> None:
+    """``dynamic=True``: the class count, so the row-sum tolerance, is symbolic; before, the
+    check's message formatted it ('Unknown format code 'g' for object of type 'str'')."""
+    g = torch.Generator().manual_seed(4)
+
+    def loss(p: Any, y: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(p, y)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n, c in [(6, 5), (4, 7)]:
+        p = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), 1)
+        y = torch.randint(0, c, (n,), generator=g)
+        torch.testing.assert_close(compiled(p, y), loss(p, y), rtol=1e-12, atol=0)
+        p[0] *= 0.9
+        with pytest.raises(RuntimeError, match=r"rows must sum to 1 along axis 1"):
+            compiled(p, y)
