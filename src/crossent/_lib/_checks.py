@@ -9,8 +9,9 @@ checks (which read data back from the device) run only while
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeGuard, overload
 
 from crossent._lib import _config
 from crossent._lib._xp import (
@@ -47,6 +48,8 @@ __all__ = [
     "check_softcap",
     "check_unit_interval_scalar",
     "guard_label_range",
+    "is_integer_scalar",
+    "is_real_scalar",
     "label_index_error",
     "not_ignored",
     "row_sum_tolerance",
@@ -62,6 +65,27 @@ def values_checked(*arrays: Array) -> bool:
     return not any(a is not None and is_lazy(a) for a in arrays) and _config.get_validation()
 
 
+def is_real_scalar(value: object) -> TypeGuard[numbers.Real]:
+    """Whether `value` is a real number, Python's or NumPy's (``numbers.Real``), not a bool.
+
+    crossent's one rule for scalar options: a NumPy scalar of the right kind
+    (``np.float32(0.1)`` for a float, ``np.int64(3)`` for an int) is accepted
+    wherever a Python number is, as Python's own ``numbers`` ABCs do; a bool
+    (``True``, ``np.True_``) is refused where a number is expected.
+    """
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, without the ABC look-up
+        return True
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer_scalar(value: object) -> TypeGuard[numbers.Integral]:
+    """Whether `value` is an integer, Python's or NumPy's (``numbers.Integral``), not a bool."""
+    if type(value) is int:
+        return True
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_reduction(reduction: object) -> str:
     """`reduction` must be "mean", "sum" or "none"."""
     if reduction not in REDUCTIONS:
@@ -72,9 +96,11 @@ def check_reduction(reduction: object) -> str:
 
 def check_axis(axis: object, ndim: int, *, name: str = "input") -> int:
     """`axis` as a non-negative int valid for a `ndim`-d array."""
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        msg = f"`axis` must be an int; got {type(axis).__name__}."
-        raise TypeError(msg)
+    if type(axis) is not int:
+        if not is_integer_scalar(axis):
+            msg = f"`axis` must be an int; got {type(axis).__name__}."
+            raise TypeError(msg)
+        return check_axis(int(axis), ndim, name=name)
     if ndim == 0:
         msg = f"`{name}` must have at least one dimension (the class axis); got a 0-d array."
         raise ValueError(msg)
@@ -91,13 +117,14 @@ def check_base(base: object) -> float | None:
     """`base` is None (nats) or a positive, finite number other than 1."""
     if base is None:
         return None
-    if isinstance(base, bool) or not isinstance(base, int | float):
+    if not is_real_scalar(base):
         msg = f"`base` must be None (nats) or a positive number such as 2; got {base!r}."
         raise TypeError(msg)
+    base = float(base)
     if not 0 < base < math.inf or base == 1:  # base inf would turn every value into 0
         msg = f"`base` must be positive, finite and not 1 (None means nats, 2 bits); got {base!r}."
         raise ValueError(msg)
-    return float(base)
+    return base
 
 
 def check_array(x: object, *, name: str) -> None:
@@ -149,13 +176,14 @@ def check_from_logits(from_logits: bool, **options: object) -> None:
 
 def check_nonnegative_scalar(value: object, *, name: str) -> float:
     """A finite, non-negative Python number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_real_scalar(value):
         msg = f"`{name}` must be a number; got {type(value).__name__}."
         raise TypeError(msg)
-    if not value >= 0 or value == float("inf"):
+    number = float(value)
+    if not number >= 0 or number == math.inf:
         msg = f"`{name}` must be finite and >= 0; got {value!r}."
         raise ValueError(msg)
-    return float(value)
+    return number
 
 
 def check_unit_interval_scalar(value: object, *, name: str) -> float:
@@ -360,26 +388,28 @@ def check_chunk_size(chunk_size: object) -> int | None:
     """`chunk_size` of the fused losses: None (chosen from memory) or a positive int."""
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+    if not is_integer_scalar(chunk_size):
         msg = f"`chunk_size` must be None or a positive int; got {chunk_size!r}."
         raise TypeError(msg)
-    if chunk_size < 1:
-        msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {chunk_size}."
+    size = int(chunk_size)
+    if size < 1:
+        msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {size}."
         raise ValueError(msg)
-    return chunk_size
+    return size
 
 
 def check_softcap(softcap: object) -> float | None:
     """`softcap` is None (no capping) or a positive, finite number."""
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, int | float):
+    if not is_real_scalar(softcap):
         msg = f"`softcap` must be None or a positive number such as 30.0; got {softcap!r}."
         raise TypeError(msg)
-    if not 0 < softcap < float("inf"):
+    cap = float(softcap)
+    if not 0 < cap < math.inf:
         msg = f"`softcap` must be positive and finite (or None for no capping); got {softcap!r}."
         raise ValueError(msg)
-    return float(softcap)
+    return cap
 
 
 @overload
@@ -390,8 +420,8 @@ def check_ignore_index(ignore_index: object, *, allow_none: bool) -> int | None:
     """`ignore_index` is an int (or None where no label is ignored by default)."""
     if ignore_index is None and allow_none:
         return None
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if not is_integer_scalar(ignore_index):
         expected = "None or an int" if allow_none else "an int"
         msg = f"`ignore_index` must be {expected} such as -100; got {ignore_index!r}."
         raise TypeError(msg)
-    return ignore_index
+    return int(ignore_index)

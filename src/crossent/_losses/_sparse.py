@@ -26,6 +26,7 @@ from crossent._backends import torch_executor
 from crossent._lib._checks import (
     check_axis,
     check_floating,
+    check_ignore_index,
     check_integer_labels,
     check_label_range,
     check_probability_rows,
@@ -114,11 +115,7 @@ def _check_labels(
     axis = check_axis(axis, input.ndim)
     check_floating(input, name="input", xp=xp)
     check_integer_labels(target, xp=xp)
-    if ignore_index is not None and (
-        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
-    ):
-        msg = f"`ignore_index` must be None or an int such as -100; got {ignore_index!r}."
-        raise TypeError(msg)
+    ignore_index = check_ignore_index(ignore_index, allow_none=True)
     num_classes = int(input.shape[axis])
     expected = tuple(input.shape[:axis]) + tuple(input.shape[axis + 1 :])
     if tuple(target.shape) != expected:

@@ -121,13 +121,14 @@ def _check_input_kind(input_kind: object) -> str:
 
 
 def _check_positive_int(value: object, *, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    if not _checks.is_integer_scalar(value):
         msg = f"`{name}` must be a positive int; got {type(value).__name__}."
         raise TypeError(msg)
-    if value < 1:
-        msg = f"`{name}` must be at least 1; got {value}."
+    number = int(value)
+    if number < 1:
+        msg = f"`{name}` must be at least 1; got {number}."
         raise ValueError(msg)
-    return int(value)
+    return number
 
 
 def _check_choice(value: object, choices: tuple[str, ...], *, name: str) -> str:
