@@ -53,6 +53,7 @@ __all__ = [
     "label_index_error",
     "not_ignored",
     "row_sum_tolerance",
+    "shown_value",
     "values_checked",
 ]
 
@@ -241,6 +242,14 @@ def row_sum_tolerance(dtype: Any, num_classes: int, *, xp: Any) -> float:
     return eps_in + max(num_classes, 1) * eps_sum
 
 
+def shown_value(value: float) -> str:
+    """`value` in 6 significant digits, in full when those would show a value just outside
+    [0, 1] as 0 or 1: "a value 1 outside [0, 1]" for 1.0000000001, "sums to 1" for a row that
+    fails by 1e-6 (the messages of bad probabilities and of bad row sums)."""
+    short = f"{value:.6g}"
+    return short if float(short) not in (0.0, 1.0) or float(short) == value else repr(value)
+
+
 def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any) -> None:
     """Probability predictions: values in [0, 1] and every row summing to 1 along `axis`.
 
@@ -266,8 +275,8 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
         index.insert(0, i)
     where = f"row {index[0]}" if len(index) == 1 else f"row {tuple(index)}"
     msg = (
-        f"`{name}` holds probabilities whose rows must sum to 1 along axis {axis}; {where} "
-        f"sums to {total:.6g} (tolerance {tol:.2g} for {num_classes} classes in {x.dtype}). "
+        f"`{name}` holds probabilities whose rows must sum to 1 along axis {axis}; {where} sums "
+        f"to {shown_value(total)} (tolerance {tol:.2g} for {num_classes} classes in {x.dtype}). "
         "Apply softmax first, or pass from_logits=True if these are logits "
         "(for independent per-class probabilities use binary_cross_entropy)."
     )
