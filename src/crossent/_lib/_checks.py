@@ -74,17 +74,17 @@ def is_real_scalar(value: object) -> TypeGuard[numbers.Real]:
     wherever a Python number is, as Python's own ``numbers`` ABCs do; a bool
     (``True``, ``np.True_``) is refused where a number is expected.
     """
-    kind = type(value)
-    if kind is float or kind is int:  # the common case, without the ABC look-up
-        return True
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    # Python's numbers first, without the ABC look-up (and as torch.compile traces them)
+    return isinstance(value, int | float) or isinstance(value, numbers.Real)
 
 
 def is_integer_scalar(value: object) -> TypeGuard[numbers.Integral]:
     """Whether `value` is an integer, Python's or NumPy's (``numbers.Integral``), not a bool."""
-    if type(value) is int:
-        return True
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or isinstance(value, numbers.Integral)
 
 
 def check_reduction(reduction: object) -> str:
@@ -97,7 +97,7 @@ def check_reduction(reduction: object) -> str:
 
 def check_axis(axis: object, ndim: int, *, name: str = "input") -> int:
     """`axis` as a non-negative int valid for a `ndim`-d array."""
-    if type(axis) is not int:
+    if isinstance(axis, bool) or not isinstance(axis, int):
         if not is_integer_scalar(axis):
             msg = f"`axis` must be an int; got {type(axis).__name__}."
             raise TypeError(msg)
