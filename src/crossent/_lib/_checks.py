@@ -76,15 +76,18 @@ def is_real_scalar(value: object) -> TypeGuard[numbers.Real]:
     """
     if isinstance(value, bool):
         return False
-    # Python's numbers first, without the ABC look-up (and as torch.compile traces them)
-    return isinstance(value, int | float) or isinstance(value, numbers.Real)
+    if isinstance(value, int | float):  # without the ABC look-up (and as torch.compile traces)
+        return True
+    return isinstance(value, numbers.Real)
 
 
 def is_integer_scalar(value: object) -> TypeGuard[numbers.Integral]:
     """Whether `value` is an integer, Python's or NumPy's (``numbers.Integral``), not a bool."""
     if isinstance(value, bool):
         return False
-    return isinstance(value, int) or isinstance(value, numbers.Integral)
+    if isinstance(value, int):
+        return True
+    return isinstance(value, numbers.Integral)
 
 
 def check_reduction(reduction: object) -> str:
