@@ -53,8 +53,13 @@ def log1mexp(log_p: Array, *, xp: Any) -> Array:
     near_zero = (log_p > -0.6931471805599453) & ~is_zero
     minus_one = xp.full_like(log_p, -1.0)
     u_hi = xp.where(near_zero, log_p, minus_one)
-    u_lo = xp.where(near_zero | is_zero, minus_one, log_p)
+    # u = -inf (p = 0, a masked class) is read as a constant 0, whose derivative, 0, is the
+    # limit: autodiff would multiply e^u = 0 by an infinite upstream gradient (the focal
+    # term of a masked class has -log p = inf), NaN instead of the closed form's 0
+    outside = near_zero | is_zero | (log_p == -float("inf"))
+    u_lo = xp.where(outside, minus_one, log_p)
     out = xp.where(near_zero, xp.log(-xp.expm1(u_hi)), xp.log1p(-xp.exp(u_lo)))
+    out = xp.where(log_p == -float("inf"), xp.zeros_like(out), out)
     return xp.where(is_zero, xp.full_like(out, -float("inf")), out)
 
 

@@ -356,6 +356,8 @@ def _focal(
         p, log_p_safe = _p_and_log_p(minus, xp=xp)
         return f1 * one_m, f1 * _plus_product(one_m, -gamma, p, log_p_safe, xp=xp)
     one_m = -em1
+    if autodiff:  # p = 0 (a label on a masked class): 1 - p = 1, a constant (see log1mexp)
+        one_m = xp.where(minus == -float("inf"), xp.ones_like(one_m), one_m)
     f = focal_factor(one_m, gamma, log=False, xp=xp) if autodiff else one_m**gamma
     if not slope:
         return f, None
