@@ -75,3 +75,31 @@ def test_nan_row_with_large_logits_warns_about_nothing() -> None:
         got = ce.listnet_loss(x, np.zeros((2, 2)), reduction="none")
     assert np.isnan(got[0])
     assert np.isfinite(got[1])
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.1}, {"z_loss": 0.01}, {"gamma": 2.0}, {"softcap": 3.0}]
+)
+def test_nan_logits_of_counted_targets_of_weight_0_make_the_mean_nan(
+    xp: Any, options: dict[str, float]
+) -> None:
+    """Every counted target has weight 0 (the mean's denominator is 0) and a row holds NaN: the
+    mean is NaN on every backend, as PyTorch's kernels give; the generic formula's mean was 0
+    (its safe division hid the NaN). Without the NaN the mean is 0 (crossent's rule)."""
+    conv = to_xp(xp)
+    x = np.array([[np.nan, 1.0, 0.0], [0.5, -1.0, 0.0]])
+    y, w = np.array([0, 0]), np.array([0.0, 1.0, 1.0])
+
+    def mean(logits: np.ndarray) -> float:
+        out = ce.sparse_categorical_cross_entropy(
+            conv(logits), conv(y), weight=conv(w), from_logits=True, **options
+        )
+        return float(to_numpy(out))
+
+    assert math.isnan(mean(x))
+    assert mean(np.nan_to_num(x)) == 0.0
+    value, _ = ce.value_and_grad(
+        ce.sparse_categorical_cross_entropy, conv(x), conv(y), weight=conv(w), from_logits=True,
+        **options,
+    )  # fmt: skip
+    assert math.isnan(float(to_numpy(value)))

@@ -426,10 +426,15 @@ def xlogy(x: Array, y: Array, *, xp: Any) -> Array:
 
 
 def safe_divide(num: Array, den: Array, *, xp: Any) -> Array:
-    """`num` / `den`, with 0 (and a zero gradient) where `den` is 0."""
+    """`num` / `den`, with 0 (and a zero gradient) where `den` is 0 and `num` is finite.
+
+    Where `den` is 0 the quotient is ``num / inf``: 0 for a finite `num`, NaN for a NaN
+    (NaN propagates: a NaN logit in a row of weight 0 makes the mean NaN, as in
+    PyTorch's kernels, whose mean crossent divides by +inf there, not 0).
+    """
     den_zero = den == 0
-    den_safe = xp.where(den_zero, xp.ones_like(den), den)
-    return xp.where(den_zero, xp.zeros_like(num / den_safe), num / den_safe)
+    q = num / xp.where(den_zero, xp.full_like(den, float("inf")), den)
+    return xp.where(den_zero, q, q)  # an array, also where NumPy's division gives a scalar
 
 
 def take_along_axis(x: Array, indices: Array, *, axis: int, xp: Any) -> Array:
