@@ -21,6 +21,7 @@ __all__ = [
     "Array",
     "array_namespace",
     "astype",
+    "check_same_device",
     "compute_dtype",
     "device",
     "host_float",
@@ -97,14 +98,20 @@ def array_namespace(*arrays: object, **named: object) -> Any:
     """
     torch = sys.modules.get("torch")
     if torch is not None:  # the common case first: tensors and None, few names to trace
-        found = False
+        found = None
+        mixed = False
         for a in (*arrays, *named.values()):
             if isinstance(a, torch.Tensor):
-                found = True
+                if found is None:
+                    found = a
+                elif not mixed and a.device != found.device:
+                    mixed = True
             elif a is not None:
                 break
         else:
-            if found:
+            if found is not None:
+                if mixed:
+                    check_same_device(*arrays, **named)
                 return _torch_namespace()
     items = [(f"argument {i + 1}", a) for i, a in enumerate(arrays)] + list(named.items())
     given = [(n, a) for n, a in items if a is not None]
@@ -119,6 +126,7 @@ def array_namespace(*arrays: object, **named: object) -> Any:
         )
         raise TypeError(msg)
     if all(is_torch_tensor(a) for _, a in present):  # the common case, cheap and traceable
+        check_same_device(*arrays, **named)
         return _torch_namespace()
     numpy = sys.modules.get("numpy")
     if numpy is not None and all(type(a) is numpy.ndarray for _, a in present):
@@ -423,6 +431,28 @@ def xlogy(x: Array, y: Array, *, xp: Any) -> Array:
     is_zero = x == 0
     y_safe = xp.where(is_zero, xp.ones_like(y), y)
     return xp.where(is_zero, xp.zeros_like(x * y_safe), x * xp.log(y_safe))
+
+
+def check_same_device(*arrays: object, **named: object) -> None:
+    """The PyTorch tensors among the arguments (by keyword, so that the error names them) must
+    share the first one's device; a ``ValueError`` naming the two arguments otherwise.
+
+    Called where PyTorch's own error would come first ("Expected all tensors to be on the
+    same device", or a meta tensor read by a value check): by :func:`array_namespace`, and
+    by the executors' callers when a kernel raises (free on the hot path).
+    """
+    items = [(f"argument {i + 1}", a) for i, a in enumerate(arrays)] + list(named.items())
+    tensors: list[tuple[str, Any]] = [(n, a) for n, a in items if is_torch_tensor(a)]
+    if not tensors:
+        return
+    first, ref = tensors[0]
+    for name, a in tensors[1:]:
+        if a.device != ref.device:
+            msg = (
+                f"`{name}` is on {a.device} but `{first}` is on {ref.device}; move it with "
+                f"`{name}.to({first}.device)`."
+            )
+            raise ValueError(msg)
 
 
 def safe_divide(num: Array, den: Array, *, xp: Any) -> Array:

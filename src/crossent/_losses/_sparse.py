@@ -35,6 +35,7 @@ from crossent._lib._xp import (
     Array,
     array_namespace,
     astype,
+    check_same_device,
     compute_dtype,
     device,
     is_torch_namespace,
@@ -438,7 +439,11 @@ def sparse_categorical_cross_entropy(
         axis_ = axis + ndim if type(axis) is int and -ndim <= axis < 0 else check_axis(axis, ndim)
         if weight is not None:
             check_class_weight(weight, int(input.shape[axis_]), xp=array_namespace(weight=weight))
-        out = torch_executor().sparse(input, target, weight, axis_, opts)
+        try:
+            out = torch_executor().sparse(input, target, weight, axis_, opts)
+        except RuntimeError:  # PyTorch's device error: crossent's, naming the argument
+            check_same_device(input=input, target=target, weight=weight)
+            raise
         if out is not None:
             return out
     lean = _numpy_exec.sparse(input, target, weight, axis, opts, with_grad=False)
@@ -644,7 +649,11 @@ def _nll_loss(
             check_class_weight(
                 weight, int(log_probs.shape[axis_]), xp=array_namespace(weight=weight)
             )
-        out = torch_nll(log_probs, target, weight, axis_, opts)
+        try:
+            out = torch_nll(log_probs, target, weight, axis_, opts)
+        except RuntimeError:  # PyTorch's device error: crossent's, naming the argument
+            check_same_device(input=log_probs, target=target, weight=weight)
+            raise
         if out is not None:
             return out
     if xp is None:

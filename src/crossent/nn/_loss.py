@@ -26,7 +26,7 @@ from crossent._lib._checks import (
     check_reduction,
     check_unit_interval_scalar,
 )
-from crossent._lib._xp import array_namespace
+from crossent._lib._xp import array_namespace, check_same_device
 from crossent._losses._binary import binary_cross_entropy
 from crossent._losses._categorical import categorical_cross_entropy
 from crossent._losses._options import CEOptions, make_options
@@ -145,7 +145,11 @@ def _cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, opts: C
     axis = _class_axis(input)
     if not isinstance(target, Tensor) or not target.is_floating_point():
         if isinstance(input, Tensor):
-            out = torch_exec.sparse(input, target, weight, axis, opts)
+            try:
+                out = torch_exec.sparse(input, target, weight, axis, opts)
+            except RuntimeError:  # PyTorch's device error: crossent's, naming the argument
+                check_same_device(input=input, target=target, weight=weight)
+                raise
             if out is not None:
                 return out
         return sparse_categorical_cross_entropy(
