@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from crossent._lib._xp import Array, is_torch_namespace, logsumexp, torch_tracing
+from crossent._lib._xp import Array, difference, is_torch_namespace, logsumexp, torch_tracing
 
 __all__ = [
     "generalized_jsd_from_log",
@@ -79,7 +79,8 @@ def log_softmax(z: Array, *, axis: int, xp: Any, overwrite: bool = False) -> Arr
         if overwrite and _untracked_torch(xp, z):
             return torch._log_softmax(z, axis, False, out=z)
         return torch.log_softmax(z, dim=axis)
-    return z - logsumexp(z, axis=axis, keepdims=True, xp=xp)
+    # beyond the largest float log p is rightly -inf (p = 0), without NumPy's warning
+    return difference(z, logsumexp(z, axis=axis, keepdims=True, xp=xp), xp=xp)
 
 
 def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:

@@ -24,6 +24,7 @@ __all__ = [
     "check_same_device",
     "compute_dtype",
     "device",
+    "difference",
     "host_float",
     "is_array",
     "is_jax_namespace",
@@ -309,6 +310,20 @@ def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
     return xp.astype(x, dtype)
 
 
+def difference(a: Array, b: Array, *, xp: Any) -> Array:
+    """``a - b`` for log-space shifts (``z - m``, ``m - z``), where a difference beyond the
+    largest float is rightly ±inf (its exponential is 0 or inf): without NumPy's "overflow
+    encountered in subtract" warning for logits spanning more than ~1.8e308 (3.4e38 in
+    float32). PyTorch and JAX do not warn; their subtraction is left as it is (traceable).
+    """
+    if is_torch_namespace(xp) or is_jax_namespace(xp):
+        return a - b
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        return a - b
+
+
 def output_dtype(x: Array, *others: Array, xp: Any) -> Any:
     """The dtype of a loss of `x` (and `others`, promoted with it): their own, or float32 for
     half precision under ``torch.autocast``.
@@ -365,7 +380,7 @@ def logsumexp(
     m_safe = xp.where(finite_max, m, xp.zeros_like(m))
     is_max = x == m
     # rows whose max is NaN or ±inf exponentiate nothing (exp(710 - 0) would overflow)
-    shifted = xp.where(finite_max, x - m_safe, xp.zeros_like(x))
+    shifted = xp.where(finite_max, difference(x, m_safe, xp=xp), xp.zeros_like(x))
     e = xp.where(is_max, xp.zeros_like(x), xp.exp(shifted))
     n_max = xp.sum(xp.astype(is_max, x.dtype), axis=axis, keepdims=True)
     s = (xp.sum(e, axis=axis, keepdims=True) if row_sum is None else row_sum(e)) + (n_max - 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from crossent._lib._xp import Array, device, safe_divide, size
+from crossent._lib._xp import Array, device, difference, safe_divide, size
 
 __all__ = [
     "LOG_CLAMP",
@@ -127,7 +127,7 @@ def shift_logits(z: Array, *, xp: Any) -> tuple[Array, Array]:
     """
     m = xp.max(z, axis=-1, keepdims=True)
     m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
-    return z - m, xp.squeeze(m, axis=-1)
+    return difference(z, m, xp=xp), xp.squeeze(m, axis=-1)
 
 
 def times_log(c: Array, log: Array, pole: Array, *, xp: Any) -> Array:

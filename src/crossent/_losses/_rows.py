@@ -82,7 +82,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from crossent._lib._xp import Array, stop_gradient, take_along_axis
+from crossent._lib._xp import Array, difference, stop_gradient, take_along_axis
 from crossent._lib._xp import device as _device
 from crossent._losses._common import focal_factor
 from crossent._losses._options import CEOptions
@@ -158,9 +158,10 @@ def row_stats(
     m = stop_gradient(xp.max(z, axis=-1), xp=xp)  # the shift cancels in L = m + log s
     finite = xp.isfinite(m)
     m_safe = xp.where(finite, m, xp.zeros_like(m))
-    s = xp.sum(xp.exp(z - xp.expand_dims(m_safe, axis=-1)), axis=-1)
+    m_col = xp.expand_dims(m_safe, axis=-1)
+    s = xp.sum(xp.exp(difference(z, m_col, xp=xp)), axis=-1)
     if with_wz:
-        d = xp.expand_dims(m_safe, axis=-1) - z
+        d = difference(m_col, z, xp=xp)
         if weight is None:
             wd = xp.sum(d, axis=-1)
             wsum: Array | float = float(num)

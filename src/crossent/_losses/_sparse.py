@@ -38,6 +38,7 @@ from crossent._lib._xp import (
     check_same_device,
     compute_dtype,
     device,
+    difference,
     is_torch_namespace,
     is_torch_tensor,
     logsumexp,
@@ -562,7 +563,7 @@ def _row_grads(
     m_safe = xp.where(xp.isfinite(stats.m), stats.m, xp.zeros_like(stats.m))
     log_s = _rows.log_s(stats, _rows.lse(stats, xp=xp), xp=xp)
     shift = xp.where(valid, log_s, xp.full_like(s, float("inf")))
-    z_m = z - xp.expand_dims(m_safe, axis=-1)
+    z_m = difference(z, xp.expand_dims(m_safe, axis=-1), xp=xp)
     g = xp.expand_dims(a * s, axis=-1) * xp.exp(z_m - xp.expand_dims(shift, axis=-1))
     if e != 0:
         w_row = xp.ones_like(z[..., :1]) if w is None else w
