@@ -411,14 +411,15 @@ def test_smoothing_over_a_zero_weight_masked_class_triton_and_pytorch_agree() ->
     cw = torch.rand(v, generator=gen, dtype=torch.float64) + 0.5
     cw[[2, 20]] = 0.0
     y = torch.tensor([0, 5, 19, 21, 35, 1])
+    scale = torch.randn(n, generator=gen, dtype=torch.float64)
     for zeta, cap in ((0.0, None), (1e-2, None), (0.0, 2.0)):
-        opts = LinearCEOptions(-100, 0.1, zeta, cap, "none", 4)
-        kw: dict[str, Any] = {
-            "bias": bias, "class_weight": cw, "compute_grad": True,
-            "row_scale": torch.randn(n, generator=gen, dtype=torch.float64),
-        }  # fmt: skip
-        got = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=True), **kw)
-        ref = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=False), **kw)
+        got, ref = (
+            _chunked_linear_ce(
+                h, w, y, bias=bias, class_weight=cw, compute_grad=True, row_scale=scale,
+                opts=LinearCEOptions(-100, 0.1, zeta, cap, "none", 4, use_triton=triton),
+            )
+            for triton in (True, False)
+        )  # fmt: skip
         z = (h @ w.T + bias).numpy()
         want = ce.sparse_categorical_cross_entropy(
             z, y.numpy(), weight=cw.numpy(), from_logits=True, label_smoothing=0.1,
