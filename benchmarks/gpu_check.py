@@ -20,7 +20,8 @@ Steps:
    the values and of every gradient);
 2. the CUDA-capable test files (fused Triton kernels, the torch transforms)
    under pytest;
-3. benchmarks with CUDA events, median of interleaved rounds: sparse CE
+3. benchmarks with CUDA events, median of interleaved rounds: a sparse CE size
+   sweep (crossent / torch, float32 and bfloat16, 256 x 1000 to 8192 x 32000), sparse CE
    (crossent / torch / Liger Kernel's ``LigerCrossEntropyLoss``), fused linear
    CE (crossent / torch ``F.linear_cross_entropy`` if present / Liger's
    ``LigerFusedLinearCrossEntropyLoss`` / cut-cross-entropy's
@@ -62,6 +63,7 @@ def _optional(name: str) -> Any | None:
 def _close(a: Any, b: Any, tol: float, what: str) -> None:
     import torch
 
+    a, b = a.detach(), b.detach()
     err = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
     scale = float(b.double().abs().max()) if b.numel() else 1.0
     if not err <= tol * max(scale, 1.0):
@@ -149,7 +151,7 @@ def correctness(device: str) -> list[str]:
         x = x64.to(device, torch.float32).requires_grad_(True)
         loss = cnn.CrossEntropyLoss()(x, torch.full((n,), -100, device=device))
         (grad,) = torch.autograd.grad(loss, x)
-        assert float(loss) == 0
+        assert float(loss.detach()) == 0
         assert not grad.any()
 
     check("all-ignored mean is 0 with zero gradient", all_ignored)
@@ -482,9 +484,47 @@ def _fused_row(n: int, d: int, v: int, device: str) -> str:
     return f"| {n} x {d} x {v} | " + _cells(contenders, FUSED)
 
 
+SWEEP = ((256, 1000), (2048, 1000), (1024, 32000), (2048, 32000), (4096, 32000), (8192, 32000))
+
+
+def _sweep(device: str) -> None:
+    """Sparse CE fwd+bwd from 256 x 1000 up: crossent / torch, the size sweep of issue 9's goal
+    (at small sizes both are bound by host time: Python and kernel launches)."""
+    import torch
+    import torch.nn.functional as F
+
+    import crossent as ce
+
+    print("\n## sparse cross-entropy fwd+bwd size sweep, CUDA events, median ms")
+    print("| N x V | dtype | torch | crossent | crossent / torch |\n|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, v in SWEEP:
+            if _left() < 90:
+                print("time limit: rest of the sweep skipped")
+                return
+            x = torch.randn(n, v, device=device, dtype=dtype, requires_grad=True)
+            y = torch.randint(0, v, (n,), device=device)
+
+            def step(loss: Any, x: Any = x) -> None:
+                loss.backward()
+                x.grad = None
+
+            times: dict[str, list[float]] = {}
+            for _ in range(2):  # interleaved: torch, crossent, torch, crossent
+                for name, fn in (
+                    ("torch", lambda x=x, y=y: step(F.cross_entropy(x, y))),
+                    ("crossent", lambda x=x, y=y: step(
+                        ce.sparse_categorical_cross_entropy(x, y, from_logits=True))),
+                ):  # fmt: skip
+                    times.setdefault(name, []).append(_cuda_time(fn, rounds=5, calls=10))
+            t, c = min(times["torch"]), min(times["crossent"])
+            print(f"| {n} x {v} | {str(dtype)[6:]} | {t:.3f} | {c:.3f} | {c / t:.2f} |", flush=True)
+
+
 def benchmarks(device: str) -> None:
     import torch
 
+    _sweep(device)
     print("\n## sparse cross-entropy fwd+bwd, CUDA events, median ms (peak MiB)")
     print("| N x V | dtype | torch | crossent | liger |\n|---|---|---|---|---|")
     for n, v in ((4096, 32000), (8192, 128256)):

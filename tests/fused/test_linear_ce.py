@@ -809,3 +809,19 @@ def test_softcap_keeps_masked_classes_masked(chunk_size: int | None) -> None:
     torch.testing.assert_close(lp, logp.gather(1, y[:, None]).squeeze(1), rtol=1e-12, atol=0)
     p_logp = torch.where(logp > -math.inf, logp.exp() * logp, 0.0)
     torch.testing.assert_close(ent, -p_logp.sum(1), rtol=1e-12, atol=1e-14)
+
+
+def test_backward_scaling_reads_no_device_value() -> None:
+    """The upstream gradient of a fused loss on an accelerator is not read back (a host
+    synchronisation that left the GPU idle between steps); its products run instead, times 1
+    for ``loss.backward()``: the same numbers. A meta tensor stands for a device tensor
+    (reading its value raises)."""
+    from crossent.fused._function import scale_grads_
+
+    g = torch.ones(3, 2, device="meta")
+    scale_grads_((g, None), torch.ones((), device="meta"))  # bool() of it would raise
+    cpu = torch.full((3, 2), 2.5)
+    scale_grads_((cpu,), torch.tensor(1.0))
+    assert torch.equal(cpu, torch.full((3, 2), 2.5))
+    scale_grads_((cpu,), torch.tensor(2.0))
+    assert torch.equal(cpu, torch.full((3, 2), 5.0))

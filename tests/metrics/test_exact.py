@@ -463,7 +463,7 @@ def test_runs_add_the_most_common_element_as_the_total_less_the_others(
     runs = Runs(order, rows, np.arange(groups) * bins + count.argmax(axis=1))
     by_runs, scattered = ExactSum.zeros((groups, bins)), ExactSum.zeros((groups, bins))
     counted = np.zeros((groups, bins), dtype=np.int64)
-    add_counted(xs, index, by_runs, counted, runs=runs, bounds=(0.0, 1.0))
+    add_counted(xs, [(by_runs, index, counted, runs)], bounds=(0.0, 1.0))
     add_to_each(xs, [(scattered, index, int(count.max()))])
     np.testing.assert_array_equal(counted, count)
     got = by_runs.value().ravel()
@@ -527,43 +527,6 @@ def test_bounds_known_to_the_caller_give_the_same_bits(slack: float) -> None:
         assert got[k] == math.fsum(xs[index == k].tolist())
 
 
-@pytest.mark.parametrize("special", [False, True])
-def test_indices_laned_by_the_caller_give_the_same_exact_sums(special: bool) -> None:
-    """The calibration bins hand the exact sums the laned indices they counted with (one
-    index for both); the sums are those of the plain indices, bit for bit, and exact, also
-    when NaN/inf move the values (the laned indices are dropped there) and when tiny
-    values go round again."""
-    from crossent.metrics._exact import add_to_each, lanes_for
-    from crossent.metrics._functional import _bincount, _laned_index
-
-    rng = np.random.default_rng(7)
-    size, n = 150, 300_007  # several blocks and a short last one
-    index = np.where(rng.random(n) < 0.7, 0, rng.integers(0, size, n))
-    values = rng.random(n)
-    values[rng.random(n) < 0.01] *= 1e-200  # rests that go round again
-    if special:
-        values[[5, 200_000]] = [np.nan, np.inf]
-    spread = _laned_index(index, size)
-    assert lanes_for(size) > 1
-    np.testing.assert_array_equal(spread % size, index)
-    np.testing.assert_array_equal(spread // size, np.arange(n) % 131_072 % lanes_for(size))
-    np.testing.assert_array_equal(_bincount(index, size, spread=spread), np.bincount(index))
-    most = int(np.bincount(index).max())
-    laned, plain = ExactSum.zeros((size,)), ExactSum.zeros((size,))
-    add_to_each(values, [(laned, index, most, spread)])
-    add_to_each(values, [(plain, index, most)])
-    got = laned.value()
-    np.testing.assert_array_equal(_bits(got), _bits(plain.value()))
-    # any lane of the element will do: the lanes of an element are added exactly
-    other = ExactSum.zeros((size,))
-    shuffled = index + rng.integers(0, lanes_for(size), n) * size
-    add_to_each(values, [(other, index, most, shuffled)])
-    np.testing.assert_array_equal(_bits(other.value()), _bits(got))
-    for k in (0, 1, size - 1):
-        if not special or k != index[5]:
-            assert got[k] == math.fsum(values[index == k].tolist())
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_metric_shards_with_every_limit_shrunk_match_one_pass_and_fsum(
     seed: int, monkeypatch: pytest.MonkeyPatch
@@ -577,14 +540,12 @@ def test_metric_shards_with_every_limit_shrunk_match_one_pass_and_fsum(
 
     from crossent.metrics import ClassificationMetrics
     from crossent.metrics import _exact as E
-    from crossent.metrics import _functional as F
 
     for name, value in (("_BLOCK", 64), ("_CARRY_EVERY", 2), ("_ROOM", 0), ("_SLACK", 0)):
         monkeypatch.setattr(E, name, value)
     monkeypatch.setattr(E, "_MAX_PARTIALS", 1)
     monkeypatch.setattr(E, "_LANE_ELEMENTS", 8)
     monkeypatch.setattr(E, "_OFFSETS", {})
-    monkeypatch.setattr(F, "LANE_BLOCK", 64)
     rng = np.random.default_rng(seed)
     n, c = 150, (3, 7, 70, 2)[seed]
     z = rng.normal(scale=4.0, size=(n, c))
@@ -631,7 +592,7 @@ def _counted(
 
     target, total = ExactSum.zeros((size,)), ExactSum.zeros()
     counts = np.zeros(size, dtype=np.int64)
-    add_counted(xs, index, target, counts, runs=runs, bounds=bounds, totals=(total,))  # type: ignore[arg-type]
+    add_counted(xs, [(target, index, counts, runs)], bounds=bounds, totals=(total,))  # type: ignore[list-item]
     return target, total, counts
 
 
@@ -791,3 +752,162 @@ def test_top_label_bins_match_fsum_and_bincount() -> None:
         sums = state[f"{name}_conf"].value()[0]
         for b in np.unique(bins):
             assert sums[b] == math.fsum(conf[bins == b].tolist()), (name, b)
+
+
+@given(
+    xs=counted_values,
+    seed=st.integers(0, 2**32 - 1),
+    sizes=st.tuples(st.integers(1, 20), st.sampled_from([1025, 4096, 5000])),
+    bad=st.sampled_from([None, math.nan, math.inf, -math.inf]),
+)
+def test_counted_targets_share_one_split_and_many_elements_are_checked(
+    xs: list[float], seed: int, sizes: tuple[int, int], bad: float | None
+) -> None:
+    """Two counted sums of the same values, by their own indices (the equal-width and the
+    fine calibration bins), one of them with over 1024 elements (few lanes: whole blocks
+    checked): each the exact sums (NaN and ±inf where they went) and np.bincount's
+    counts, the total the whole sum."""
+    from crossent.metrics._exact import add_counted
+
+    rng = np.random.default_rng(seed)
+    if bad is not None:
+        xs = [*xs, bad]
+    values = np.array(xs, dtype=np.float64)
+    indices = [rng.integers(0, size, size=values.size) for size in sizes]
+    targets = [ExactSum.zeros((size,)) for size in sizes]
+    counts = [np.zeros(size, dtype=np.int64) for size in sizes]
+    total = ExactSum.zeros()
+    add_counted(
+        values,
+        [(t, i, c, None) for t, i, c in zip(targets, indices, counts, strict=True)],
+        totals=(total,),
+    )
+    finite = values if bad is None else values[:-1]
+    for target, index, count, size in zip(targets, indices, counts, sizes, strict=True):
+        np.testing.assert_array_equal(count, np.bincount(index, minlength=size))
+        want = _exact_by_element(finite, index[: finite.size], size)
+        if bad is not None:
+            want[index[-1]] = bad  # the finite values' exact sum is finite
+        np.testing.assert_array_equal(_bits(target.value()), _bits(want))
+    want_total = _reference(xs) if bad is None else bad
+    assert _bits(total.value()) == _bits(np.float64(want_total))
+
+
+@pytest.mark.parametrize("crowd", [0, 8192, 9000, 3 * 65536])
+def test_checked_blocks_that_overfill_an_element_go_again_in_chunks(crowd: int) -> None:
+    """4096 elements (one lane, whole blocks scattered and checked, each decoded once): an
+    element that gets 2**13 values or more in a block decodes wrong, the check sees it and
+    the block goes again in chunks; counts and sums stay exact, in the same and in later
+    blocks."""
+    from crossent.metrics._exact import _BLOCK, add_counted
+
+    rng = np.random.default_rng(crowd)
+    n = 2 * _BLOCK + 123
+    xs = 1.0 - rng.random(n) * 2.0**-30  # full pieces: every sum at its widest
+    index = rng.integers(0, 4096, size=n)
+    index[rng.permutation(min(n, _BLOCK) if crowd < _BLOCK else n)[:crowd]] = 7  # 1st block
+    target, counts = ExactSum.zeros((4096,)), np.zeros(4096, dtype=np.int64)
+    add_counted(xs, [(target, index, counts, None)])
+    if not crowd:  # no element overfilled: three blocks, each decoded once
+        assert [terms for _, terms in target.held.values()] == [3]
+    np.testing.assert_array_equal(counts, np.bincount(index, minlength=4096))
+    got = target.value()
+    for k in (7, int(index[0]), int(index[-1])):
+        assert got[k] == math.fsum(xs[index == k].tolist()), k
+
+
+def test_held_totals_go_into_the_digits_before_any_read_and_pickle_as_before() -> None:
+    """Counted totals wait in the sum (held) over many adds: copies are independent, the
+    pickle has the fields of a sum without held totals, and one written without them loads."""
+    from crossent.metrics._exact import add_counted
+
+    rng = np.random.default_rng(11)
+    s, counts = ExactSum.zeros((3,)), np.zeros(3, dtype=np.int64)
+    xs = rng.random(3000)
+    index = rng.integers(0, 3, size=3000)
+    for part in np.array_split(np.arange(3000), 7):
+        add_counted(xs[part], [(s, index[part], counts, None)])
+    assert s.held  # not yet in the digits
+    twin = s.copy()
+    add_counted(np.array([1.0]), [(twin, np.array([0]), counts.copy(), None)])
+    want = [math.fsum(xs[index == k].tolist()) for k in range(3)]
+    state = s.__getstate__()
+    assert "held" not in state
+    assert not s.held  # pickling settled them
+    loaded = pickle.loads(pickle.dumps(s))
+    assert loaded.held == {}
+    np.testing.assert_array_equal(loaded.value(), want)
+    np.testing.assert_array_equal(s.value(), want)
+    assert twin.value()[0] == math.fsum([*xs[index == 0].tolist(), 1.0])
+    old = ExactSum.__new__(ExactSum)
+    old.__setstate__({k: v for k, v in state.items() if k != "held"})  # an older pickle
+    np.testing.assert_array_equal(old.value(), want)
+
+
+@given(
+    xs=st.lists(
+        st.one_of(finite, special, st.floats(min_value=-1e-300, max_value=1e-300), st.just(0.3)),
+        max_size=60,
+    ),
+    cuts=st.lists(st.integers(0, 60), max_size=4),
+    bad=st.sampled_from([None, math.nan, math.inf, -math.inf]),
+)
+def test_counted_sums_of_one_element_alone_are_exact(
+    xs: list[float], cuts: list[int], bad: float | None
+) -> None:
+    """add_counted with no counted sum, only `totals` (a Brier or log-loss total): the
+    exact sum rounded once, NaN and ±inf as float summation gives them, whatever the
+    batches."""
+    from crossent.metrics._exact import add_counted
+
+    if bad is not None:
+        xs = [*xs, bad]
+    total = ExactSum.zeros()
+    for part in np.split(np.array(xs, dtype=np.float64), sorted(c for c in cuts if c < len(xs))):
+        add_counted(part, [], totals=(total,))
+    want = _reference(xs) if bad is None else bad  # the finite values' exact sum is finite
+    got = float(total)
+    if math.isnan(want):
+        assert math.isnan(got)
+    else:
+        assert _bits(np.float64(got)) == _bits(np.float64(want))
+
+
+def test_counted_sums_of_one_element_at_their_widest() -> None:
+    """Whole blocks of values whose pieces are near their bounds (2**37 and 2**45 units),
+    of either sign: the sums of their bits modulo 2**64 stay exact."""
+    from crossent.metrics._exact import _BLOCK, add_counted
+
+    v = 0.75 + 2.0**-38 - 2.0**-53  # grid 2**-37: rounds down, the rest near 2**(g - 1)
+    for xs in (
+        np.full(2 * _BLOCK + 5, v),
+        np.full(_BLOCK, -v),
+        np.full(_BLOCK + 1, 1.0 - 2.0**-53),
+    ):
+        total = ExactSum.zeros()
+        add_counted(xs, [], totals=(total,))
+        assert float(total) == float(Fraction(xs[0]) * xs.size)
+
+
+def test_top_label_bins_with_a_crowded_fine_bin_match_fsum_and_bincount() -> None:
+    """Half of a batch's rows with the same confidence: one fine bin gets 2**15 values in a
+    block (its decoded count fails the check: the block goes again in chunks), the next
+    batch too; every bin's count and confidence sum are still np.bincount's and fsum's."""
+    from crossent.metrics import ClassificationMetrics
+    from crossent.metrics._functional import FINE_BINS, _fine_bin
+
+    rng = np.random.default_rng(8)
+    n = 65536
+    p = rng.dirichlet([1.0, 1.0, 1.0], size=2 * n)
+    p[rng.random(2 * n) < 0.5] = [0.9, 0.05, 0.05]  # ties: one confidence, one fine bin
+    y = rng.integers(0, 3, 2 * n)
+    m = ClassificationMetrics(input_kind="probs", bins=15)
+    m.update(p[:n], y[:n]).update(p[n:], y[n:])
+    state = m.state["top_label"]
+    conf = p.max(axis=1)
+    bins = _fine_bin(conf)
+    assert np.bincount(bins[:n]).max() > 2**13
+    np.testing.assert_array_equal(state["fine_count"][0], np.bincount(bins, minlength=FINE_BINS))
+    sums = state["fine_conf"].value()[0]
+    for b in np.unique(bins):
+        assert sums[b] == math.fsum(conf[bins == b].tolist()), b

@@ -645,18 +645,6 @@ def test_column_argmax_is_numpys_argmax(classes: int) -> None:
     np.testing.assert_array_equal(got, x.argmax(axis=1))
 
 
-@pytest.mark.parametrize("length", [15, 4096])
-@pytest.mark.parametrize("size", [0, 7, 64 * 15 + 5, 10_003, 2 * 131_072 + 3])
-def test_bincount_over_lanes_is_numpys(size: int, length: int) -> None:
-    # many values per bin go to interleaved counters (few bins) or one set (many); the
-    # counts are numpy's, whatever the size (several blocks, runs of one bin)
-    rng = np.random.default_rng(size)
-    idx = np.where(rng.random(size) < 0.8, 0, rng.integers(0, length, size))
-    got = F._bincount(idx, length)
-    assert got.dtype == np.int64
-    np.testing.assert_array_equal(got, np.bincount(idx, minlength=length))
-
-
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_width_bin_in_work_arrays_is_the_floor_rule(order: Literal["C", "F"]) -> None:
     # floor(conf * B) up to B - 1, in the layout asked for, the same in a kept work array

@@ -122,7 +122,7 @@ def sparse(
         w_y: Any = 1.0 if valid is None else valid.astype(dtype)
     else:
         w_y = w[label] if valid is None else np.where(valid, w[label], 0)
-    row = _rows.row_loss(stats, w_y, stats.wsum, num_classes, opts, xp=np)
+    row, _ = _rows.row_loss(stats, w_y, stats.wsum, num_classes, opts, xp=np)
     if valid is not None:
         row = np.where(valid, row, 0)
     if opts.reduction == "none":

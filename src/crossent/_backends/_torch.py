@@ -201,12 +201,19 @@ def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int 
 
 def _assert_labels_async(t: Tensor, num_classes: int, ignore: int) -> None:
     """On accelerators: an asynchronous device-side check, no host synchronisation."""
-    ok = ((t >= 0) & (t < num_classes)) | (t == ignore)
+    label = t if ignore == _NO_IGNORE else torch.where(t == ignore, 0, t)
+    _assert_labels_inside(label, num_classes)
+
+
+def _assert_labels_inside(label: Tensor, num_classes: int) -> None:
+    """Device-side check that every label (ignored ones already replaced by 0) lies in
+    ``[0, num_classes)``: ``label // num_classes`` is 0 exactly there (four operations, each a
+    kernel launch on an accelerator; no host synchronisation)."""
     msg = (
         f"`target` has labels outside [0, {num_classes}) that are not `ignore_index`; "
         "check the number of classes, or set `ignore_index`."
     )
-    torch._assert_async(ok.all(), msg)
+    torch._assert_async((label.div(num_classes, rounding_mode="floor") == 0).all(), msg)
 
 
 _CROSS_ENTROPY: Any = torch._C._nn.cross_entropy_loss
@@ -422,26 +429,31 @@ def _rows_loss(
     valid: Tensor | None,
     num_classes: int,
     opts: CEOptions,
-) -> tuple[Tensor, Tensor]:
-    """Per-row loss from the row statistics (:func:`_rows.row_loss`) and each row's target
-    weight, both 0 at ignored rows."""
-    w_y = torch.ones_like(stats.s) if w is None else w[label]
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Per-row loss from the row statistics (:func:`_rows.row_loss`), each row's target
+    weight (None without class weights: 1 at counted rows), both 0 at ignored rows, and the
+    rows' log-sum-exp."""
+    w_y = None if w is None else w[label]
     total = float(num_classes) if w is None else w.sum()
-    row = _rows.row_loss(stats, w_y, total, num_classes, opts, xp=torch)
+    row, big_l = _rows.row_loss(stats, 1.0 if w_y is None else w_y, total, num_classes, opts,
+                                xp=torch)  # fmt: skip
     if valid is not None:
         row = torch.where(valid, row, 0.0)
-        w_y = torch.where(valid, w_y, 0.0)
-    return row, w_y
+        w_y = None if w_y is None else torch.where(valid, w_y, 0.0)
+    return row, w_y, big_l
 
 
-def _weighted_reduce(row: Tensor, w_y: Tensor, reduction: str) -> Tensor:
+def _weighted_reduce(
+    row: Tensor, w_y: Tensor | None, valid: Tensor | None, reduction: str
+) -> Tensor:
     """`reduction` of the per-row loss; the mean divides by the counted target weight
-    (0 over no counted target)."""
+    `w_y` (without class weights: the count of `valid` rows, else of all rows), and is 0
+    over no counted target."""
     if reduction == "none":
         return row
     if reduction == "sum":
         return row.sum()
-    return row.sum() / _mean_denominator(w_y, None, row.numel(), row.dtype)
+    return row.sum() / _mean_denominator(w_y, valid, row.numel(), row.dtype)
 
 
 def _rows_reduce(
@@ -453,7 +465,8 @@ def _rows_reduce(
     opts: CEOptions,
 ) -> Tensor:
     """The reduced loss from the row statistics, ignored rows masked."""
-    return _weighted_reduce(*_rows_loss(stats, w, label, valid, num_classes, opts), opts.reduction)
+    row, w_y, _ = _rows_loss(stats, w, label, valid, num_classes, opts)
+    return _weighted_reduce(row, w_y, valid, opts.reduction)
 
 
 def _sparse_triton(
@@ -467,21 +480,24 @@ def _sparse_triton(
     if z2.stride(1) != 1 or z2.stride(0) != num_classes:
         z2 = z2.contiguous()
     t = index_target(target).reshape(-1)
-    if values_checked(t) and t.numel():
-        ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index
-        _assert_labels_async(t, num_classes, ignore)
     valid, label = _valid_label(t, opts.ignore_index)
+    if t.numel():  # also with validation off: the kernels read the target logit unchecked
+        _assert_labels_inside(label, num_classes)
     w = None if weight is None else weight.to(torch.float32).contiguous()
-    per_row = dataclasses.replace(opts, reduction="none")
 
-    def loss_of(stats: _rows.RowStats) -> tuple[Tensor, Tensor]:
-        return _rows_loss(stats, w, label, valid, num_classes, opts)
+    target_weight: list[Tensor | None] = []
+
+    def loss_of(stats: _rows.RowStats) -> tuple[Tensor, Tensor | None, Tensor]:
+        out = _rows_loss(stats, w, label, valid, num_classes, opts)
+        target_weight.append(out[1])
+        return out
 
     def recompute(xx: Tensor) -> Tensor:  # double backward: the differentiable formula
-        return _sparse_rows_generic(xx, t, w, 1, per_row)
+        return _sparse_rows_generic(xx, t, w, 1, dataclasses.replace(opts, reduction="none"))
 
-    row, w_y = _triton_sparse.SparseRows.apply(z2, label, valid, w, opts, loss_of, recompute)
-    return _finish(_weighted_reduce(row.reshape(z.shape[:-1]), w_y, opts.reduction), x)
+    row = _triton_sparse.SparseRows.apply(z2, label, valid, w, opts, loss_of, recompute)
+    row = row.reshape(z.shape[:-1])
+    return _finish(_weighted_reduce(row, target_weight[0], valid, opts.reduction), x)
 
 
 def nll(

@@ -41,11 +41,13 @@ __all__ = ["SparseRows", "usable"]
 ON_CPU = False
 
 #: Smallest logits tensor (elements) this executor takes. Below it both crossent paths are
-#: bound by Python and launch overhead, not by the GPU, and the PyTorch path's is smaller:
-#: on an H200 (bfloat16, fwd+bwd) 256×1000 took 0.53 ms there against 1.8 ms here, while
-#: 4096×32000 (131M elements) took 1.78 ms and 1500 MiB there against 1.54 ms and 250 MiB
-#: here, and 8192×128256 13.7 ms and 12 GiB against 2.9 ms and 2 GiB (PyTorch's own
-#: bfloat16 kernel: 0.28, 0.65 and 4.7 ms).
+#: bound by host time (Python, kernel launches), not by the GPU, and the PyTorch path's
+#: (a float32 copy, PyTorch's kernels) is smaller. On an H200 (bfloat16, fwd+bwd, CUDA
+#: events; ``python -m benchmarks.gpu_check`` and a size sweep, 2026-11-30) 2048×32000 took
+#: 0.90 ms there against 1.09 ms here, 4096×32000 (131M elements) 1.71 ms and 1500 MiB
+#: there against 0.75–1.20 ms (two machines) and 250 MiB here, 8192×128256 13.6 ms and
+#: 12 GiB there against 1.9 ms and 2 GiB here (PyTorch's own, less exact bfloat16 kernel:
+#: 0.34, 0.63 and 4.6 ms).
 MIN_ELEMENTS = 2**26
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -66,11 +68,13 @@ class SparseRows(torch.autograd.Function):
     """Per-row loss of ``(n, C)`` row-major 16-bit logits; gradient by the Triton kernel.
 
     ``apply(x, label, valid, weight, opts, loss_of, recompute)`` returns the
-    per-row loss and each row's target weight (0 at ignored rows; not
-    differentiable). `loss_of` turns the kernel's :class:`~crossent._losses._rows.RowStats`
-    into those two (the PyTorch executor's function, so the masking and the
-    weights are written once); `recompute` is the executor's differentiable
-    per-row loss of `x`, used for double backward.
+    per-row loss; every `label` lies in ``[0, C)`` (ignored rows hold 0; the caller
+    checks on the device, the kernels read the target logit unclamped). `loss_of` turns
+    the kernel's :class:`~crossent._losses._rows.RowStats` into it, each row's target
+    weight (0 at ignored rows; None without class weights) and the rows' log-sum-exp
+    (the PyTorch executor's function, so the masking and the weights are written
+    once); `recompute` is the executor's differentiable per-row loss of `x`, used for
+    double backward.
     """
 
     @staticmethod
@@ -81,24 +85,28 @@ class SparseRows(torch.autograd.Function):
         valid: Tensor | None,
         weight: Tensor | None,
         opts: CEOptions,
-        loss_of: Callable[[_rows.RowStats], tuple[Tensor, Tensor]],
+        loss_of: Callable[[_rows.RowStats], tuple[Tensor, Tensor | None, Tensor]],
         recompute: Callable[[Tensor], Tensor],
-    ) -> tuple[Tensor, Tensor]:
+    ) -> Tensor:
         from crossent.fused import _launch
 
         m, s, wd, z_y = _launch.row_stats(
-            x, label, weight, softcap=opts.softcap, smoothing=opts.label_smoothing != 0
+            x,
+            label,
+            weight,
+            softcap=opts.softcap,
+            smoothing=opts.label_smoothing != 0,
+            inside=True,
         )
         wsum = float(x.shape[1]) if weight is None else weight.sum()
         stats = _rows.RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y)
-        row, w_y = loss_of(stats)
-        ctx.save_for_backward(x, label, valid, weight, _rows.lse(stats, xp=torch), w_y)
+        row, w_y, big_l = loss_of(stats)
+        ctx.save_for_backward(x, label, valid, weight, big_l, w_y)
         ctx.opts, ctx.recompute, ctx.wsum = opts, recompute, wsum
-        ctx.mark_non_differentiable(w_y)
-        return row, w_y
+        return row
 
     @staticmethod
-    def backward(ctx: Any, grad_row: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_row: Tensor) -> tuple[Tensor | None, ...]:
         x, label, valid, weight, big_l, w_y = ctx.saved_tensors
         opts: CEOptions = ctx.opts
         none = (None, None, None, None, None, None)
@@ -109,6 +117,8 @@ class SparseRows(torch.autograd.Function):
             return (grad, *none)
         from crossent.fused import _launch
 
+        if w_y is None:  # no class weights: 1 for every row (a cached tensor, broadcast)
+            w_y = _launch._constants((1.0,), big_l.dtype, big_l.device)
         scale = grad_row.to(big_l.dtype)
         if valid is not None:
             scale = torch.where(valid, scale, 0.0)
@@ -126,5 +136,6 @@ class SparseRows(torch.autograd.Function):
             z_loss=opts.z_loss,
             softcap=opts.softcap,
             out=out,
+            inside=True,
         )
         return (out, *none)

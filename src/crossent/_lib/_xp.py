@@ -10,6 +10,7 @@ the helper uses it; otherwise it falls back to a portable formula.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "is_numpy_namespace",
     "is_torch_namespace",
     "is_torch_tensor",
+    "isfinite",
     "known_true",
     "log_sigmoid",
     "log_sigmoid_pair",
@@ -39,6 +41,7 @@ __all__ = [
     "moveaxis",
     "one_hot",
     "output_dtype",
+    "quiet_invalid",
     "representable",
     "result_type",
     "safe_divide",
@@ -314,9 +317,10 @@ def difference(a: Array, b: Array, *, xp: Any) -> Array:
     """``a - b`` for log-space shifts (``z - m``, ``m - z``), where a difference beyond the
     largest float is rightly ±inf (its exponential is 0 or inf): without NumPy's "overflow
     encountered in subtract" warning for logits spanning more than ~1.8e308 (3.4e38 in
-    float32). PyTorch and JAX do not warn; their subtraction is left as it is (traceable).
+    float32). PyTorch, JAX and CuPy do not warn; their subtraction is left as it is
+    (traceable), as in :func:`quiet_invalid`.
     """
-    if is_torch_namespace(xp) or is_jax_namespace(xp):
+    if getattr(xp, "__name__", "") not in _WARNS_INVALID:  # only NumPy warns
         return a - b
     import numpy as np
 
@@ -468,6 +472,32 @@ def check_same_device(*arrays: object, **named: object) -> None:
                 f"`{name}.to({first}.device)`."
             )
             raise ValueError(msg)
+
+
+def isfinite(x: Array, *, xp: Any) -> Array:
+    """``xp.isfinite(x)`` in the fewest operations: PyTorch composes its ``isfinite`` of four
+    (each a kernel launch on an accelerator), ``abs(x) < inf`` is two (NaN compares False)."""
+    if is_torch_tensor(x):
+        return x.abs() < float("inf")
+    return xp.isfinite(x)
+
+
+_WARNS_INVALID = ("numpy", "array_api_compat.numpy", "array_api_strict")
+"""The namespaces that compute with NumPy, which warns about invalid operations and overflow."""
+
+
+def quiet_invalid(xp: Any) -> contextlib.AbstractContextManager[Any]:
+    """A context in which `xp` forms NaN from ``inf - inf`` without a warning.
+
+    Only NumPy (and array-api-strict, which computes with NumPy) warns there;
+    PyTorch, JAX and CuPy are silent, so the formula needs no guard operations
+    (each a kernel launch on an accelerator) to stay quiet.
+    """
+    if getattr(xp, "__name__", "") in _WARNS_INVALID:
+        import numpy as np
+
+        return np.errstate(invalid="ignore")
+    return contextlib.nullcontext()
 
 
 def safe_divide(num: Array, den: Array, *, xp: Any) -> Array:

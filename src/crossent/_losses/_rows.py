@@ -82,7 +82,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from crossent._lib._xp import Array, difference, stop_gradient, take_along_axis
+from crossent._lib._xp import (
+    Array,
+    difference,
+    isfinite,
+    quiet_invalid,
+    stop_gradient,
+    take_along_axis,
+)
 from crossent._lib._xp import device as _device
 from crossent._losses._common import focal_factor
 from crossent._losses._options import CEOptions
@@ -96,6 +103,7 @@ __all__ = [
     "focal_terms",
     "grad_coefficients",
     "log_s",
+    "log_terms",
     "loss_and_coefficients",
     "lse",
     "rebase",
@@ -156,7 +164,7 @@ def row_stats(
     """
     num = z.shape[-1]
     m = stop_gradient(xp.max(z, axis=-1), xp=xp)  # the shift cancels in L = m + log s
-    finite = xp.isfinite(m)
+    finite = isfinite(m, xp=xp)
     m_safe = xp.where(finite, m, xp.zeros_like(m))
     m_col = xp.expand_dims(m_safe, axis=-1)
     s = xp.sum(xp.exp(difference(z, m_col, xp=xp)), axis=-1)
@@ -205,13 +213,13 @@ def rebase(st: RowStats, m: Array, *, xp: Any) -> RowStats:
     cancels. Merging slices is rebasing them to their common maximum and adding
     (:func:`combine`, :func:`all_reduce`).
     """
-    finite = xp.isfinite(m)
+    finite = isfinite(m, xp=xp)
     m_safe = xp.where(finite, m, xp.zeros_like(m))
     empty = st.m == -float("inf")
     shift = xp.where(empty, xp.zeros_like(m_safe), st.m - m_safe)
     s = xp.where(empty, xp.zeros_like(st.s), st.s * xp.exp(shift))
     s = xp.where(finite, s, st.s)
-    m_st = xp.where(xp.isfinite(st.m), st.m, xp.zeros_like(st.m))
+    m_st = xp.where(isfinite(st.m, xp=xp), st.m, xp.zeros_like(st.m))
     wd = st.wd + (m_safe - m_st) * st.wsum
     return RowStats(m=m, s=s, wd=wd, wsum=st.wsum, z_y=st.z_y, w_y=st.w_y)
 
@@ -271,44 +279,47 @@ def all_reduce(
     )
 
 
-def _log_s(stats: RowStats, finite: Array, *, xp: Any) -> Array:
-    """:math:`\\log s` where the max is finite, 0 elsewhere (an all ``-inf`` row has
-    :math:`s = 0`: no log of 0, so NumPy warns about nothing)."""
-    return xp.log(xp.where(finite, stats.s, xp.ones_like(stats.s)))
+def log_terms(stats: RowStats, *, xp: Any) -> tuple[Array, Array, Array | None]:
+    r"""``(L, λ, finite)``: the log-sum-exp :math:`L = m + λ` of each row, with
+    :math:`λ = \log s` where the max :math:`m` is finite and 0 where it is not (so that
+    :math:`L = m` there: ``±inf`` or NaN), and the mask of finite maxima (None when
+    ``stats.finite`` says every one is).
+
+    A finite max has :math:`s \ge 1` (its own term is :math:`e^0`), so no log of 0 is
+    formed. Four operations besides the log on PyTorch (each a kernel launch on an
+    accelerator);
+    :func:`lse`, :func:`log_s` and the target's :math:`-\log p_y` are read off them.
+    """
+    if stats.finite:
+        lam = xp.log(stats.s)
+        return stats.m + lam, lam, None
+    finite = isfinite(stats.m, xp=xp)
+    lam = xp.log(xp.where(finite, stats.s, 1.0))
+    return stats.m + lam, lam, finite
 
 
 def lse(stats: RowStats, *, xp: Any) -> Array:
-    """log-sum-exp of the row, :math:`m + \\log s` (the non-finite maximum where there is one)."""
-    if stats.finite:
-        return stats.m + xp.log(stats.s)
-    finite = xp.isfinite(stats.m)
-    m_safe = xp.where(finite, stats.m, xp.zeros_like(stats.m))
-    return xp.where(finite, m_safe + _log_s(stats, finite, xp=xp), stats.m)
+    r"""log-sum-exp of the row, :math:`m + \log s` (the non-finite maximum where there is one)."""
+    return log_terms(stats, xp=xp)[0]
 
 
-def log_s(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
-    r""":math:`L - m = \log s` (:math:`L` itself where the max is not finite)."""
-    if stats.finite:
-        return xp.log(stats.s)
-    finite = xp.isfinite(stats.m)
-    return xp.where(finite, _log_s(stats, finite, xp=xp), big_l)
+def log_s(stats: RowStats, terms: tuple[Array, Array, Array | None], *, xp: Any) -> Array:
+    r""":math:`L - m = \log s` (:math:`L` itself where the max is not finite), from
+    :func:`log_terms`."""
+    _, lam, finite = terms
+    return lam if finite is None else xp.where(finite, lam, stats.m)
 
 
-def _nll_target(stats: RowStats, big_l: Array, *, xp: Any) -> Array:
+def _nll_target(stats: RowStats, terms: tuple[Array, Array, Array | None], *, xp: Any) -> Array:
     r""":math:`-\log p_y = (m - z_y) + \log s`: the large parts cancel exactly, first.
 
-    A row whose max is not finite gives :math:`L - z_y`: NaN for an all ``-inf``
-    row (:math:`-\infty - (-\infty)`, formed without a warning), :math:`+\infty`
-    for a finite target under a :math:`+\infty` logit.
+    From :func:`log_terms`. A row whose max is not finite gives :math:`m - z_y = L - z_y`:
+    NaN for an all ``-inf`` row (:math:`-\infty - (-\infty)`), :math:`+\infty` for a
+    finite target under a :math:`+\infty` logit; formed without a warning
+    (:func:`~crossent._lib._xp.quiet_invalid`).
     """
-    if stats.finite:
-        return (stats.m - stats.z_y) + xp.log(stats.s)
-    finite = xp.isfinite(stats.m)
-    m_safe = xp.where(finite, stats.m, xp.zeros_like(stats.m))
-    same_inf = (stats.z_y == big_l) & ~finite  # inf - inf: NaN
-    other = big_l - xp.where(same_inf, xp.zeros_like(stats.z_y), stats.z_y)
-    other = xp.where(same_inf, xp.full_like(other, float("nan")), other)
-    return xp.where(finite, (m_safe - stats.z_y) + _log_s(stats, finite, xp=xp), other)
+    with quiet_invalid(xp):
+        return (stats.m - stats.z_y) + terms[1]
 
 
 def _focal(
@@ -430,8 +441,9 @@ def row_loss(
     opts: CEOptions,
     *,
     xp: Any,
-) -> Array:
-    r"""Per-row loss from the merged statistics (the module's formula for :math:`\ell`).
+) -> tuple[Array, Array]:
+    r"""Per-row loss from the merged statistics (the module's formula for :math:`\ell`), and
+    the rows' log-sum-exp :math:`L` (which the gradient needs: no second computation).
 
     `w_y` is the target's weight (1 without weights); `total_weight` is
     :math:`W = \sum_k w_k` (C without weights). Ignored rows are the caller's
@@ -439,13 +451,15 @@ def row_loss(
     :math:`L`, :math:`-\log p_y` and :math:`\sum_k w_k (L - z_k) = \sum w (m - z) + W \log s`,
     from which :func:`loss_and_coefficients` reads the loss.
     """
-    big_l = lse(stats, xp=xp)
-    nll_y = _nll_target(stats, big_l, xp=xp)
+    terms = log_terms(stats, xp=xp)
+    big_l = terms[0]
+    nll_y = _nll_target(stats, terms, xp=xp)
     smooth = None
     if opts.label_smoothing != 0:
-        smooth = stats.wd + total_weight * log_s(stats, big_l, xp=xp)
+        with quiet_invalid(xp):  # a +inf logit: inf - inf, a NaN row (as PyTorch's)
+            smooth = stats.wd + total_weight * log_s(stats, terms, xp=xp)
     row, _ = loss_and_coefficients(big_l, nll_y, smooth, None, w_y, num_classes, opts, xp=xp)
-    return row
+    return row, big_l
 
 
 def loss_and_coefficients(
@@ -576,8 +590,9 @@ def grad_coefficients(
     this is :func:`coefficients` with scale 1; :func:`loss_and_coefficients` from
     the statistics' :math:`L` and :math:`-\log p_y`.
     """
-    big_l = lse(stats, xp=xp)
-    nll_y = None if opts.gamma == 0 else _nll_target(stats, big_l, xp=xp)
+    terms = log_terms(stats, xp=xp)
+    big_l = terms[0]
+    nll_y = None if opts.gamma == 0 else _nll_target(stats, terms, xp=xp)
     _, coefs = loss_and_coefficients(
         big_l, nll_y, None, total_weight, w_y, num_classes, opts, scale=1.0, loss=False, xp=xp
     )

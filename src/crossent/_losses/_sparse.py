@@ -534,7 +534,7 @@ def _row_losses(
         return row, w_y, None
     statistics = _statistics(z, target, w, opts, xp=xp)
     stats, valid, w_y, total = statistics
-    row = _rows.row_loss(stats, w_y, total, z.shape[-1], opts, xp=xp)
+    row, _ = _rows.row_loss(stats, w_y, total, z.shape[-1], opts, xp=xp)
     return xp.where(valid, row, xp.zeros_like(row)), w_y, statistics
 
 
@@ -561,7 +561,7 @@ def _row_grads(
     s = xp.where(valid, scale, xp.zeros_like(scale))
     # p = exp((z - m) - log s): the large parts cancel first (ignored rows: p = 0)
     m_safe = xp.where(xp.isfinite(stats.m), stats.m, xp.zeros_like(stats.m))
-    log_s = _rows.log_s(stats, _rows.lse(stats, xp=xp), xp=xp)
+    log_s = _rows.log_s(stats, _rows.log_terms(stats, xp=xp), xp=xp)
     shift = xp.where(valid, log_s, xp.full_like(s, float("inf")))
     z_m = difference(z, xp.expand_dims(m_safe, axis=-1), xp=xp)
     g = xp.expand_dims(a * s, axis=-1) * xp.exp(z_m - xp.expand_dims(shift, axis=-1))

@@ -246,7 +246,7 @@ class _VocabParallelCE(torch.autograd.Function):
         z = _logits(local_logits, layout, opts, dtype)
         merged = shard.merge(slice_statistics(z, None, label, spec))
         del z
-        row = torch.where(counted, chunk_losses(merged, spec), 0)
+        row = torch.where(counted, chunk_losses(merged, spec)[0], 0)
         w_y = merged.w_y if merged.w_y is not None else torch.ones_like(row)
         denominator = torch.where(counted, w_y, 0).sum()
         if opts.reduction == "none":

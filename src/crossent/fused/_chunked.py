@@ -282,7 +282,9 @@ def _plan(
         cw_local = cw[vocab_start : vocab_start + v_local]
         denom = cw[labels].sum()
     else:
-        denom = torch.tensor(float(rows.numel()), dtype=cdt, device=device)
+        # a fill on the device: torch.tensor(...) would copy from pageable host memory,
+        # which synchronises the device with the host
+        denom = torch.full((), float(rows.numel()), dtype=cdt, device=device)
     if opts.reduction == "mean":
         scale = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
     else:
@@ -330,7 +332,7 @@ def softmax_stats_(
     z_y = torch.where(inside, buf.gather(1, idx[:, None]).squeeze(1), 0.0)
     w_y = None if class_weight is None else torch.where(inside, class_weight[idx], 0.0)
     m = buf.amax(dim=1) if v else torch.full((n,), -math.inf, dtype=buf.dtype, device=buf.device)
-    finite = torch.isfinite(m)
+    finite = m.abs() < math.inf  # torch.isfinite takes four operations
     wd: torch.Tensor
     wsum: torch.Tensor | float
     if with_wz:
@@ -475,8 +477,9 @@ def _target_weight(stats: _rows.RowStats) -> torch.Tensor:
     return torch.ones_like(stats.s) if stats.w_y is None else stats.w_y
 
 
-def chunk_losses(merged: _rows.RowStats, spec: SliceSpec) -> torch.Tensor:
-    """Per-row loss of the chunk (:func:`crossent._losses._rows.row_loss`)."""
+def chunk_losses(merged: _rows.RowStats, spec: SliceSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss of the chunk and the rows' log-sum-exp
+    (:func:`crossent._losses._rows.row_loss`)."""
     import torch
 
     return _rows.row_loss(
@@ -492,6 +495,7 @@ def logits_grad_(
     merged: _rows.RowStats,
     scale: torch.Tensor,
     spec: SliceSpec,
+    big_l: torch.Tensor | None = None,
 ) -> None:
     r"""Overwrite `buf` with :math:`\partial L/\partial x` of the chunk, times the row `scale`.
 
@@ -500,12 +504,14 @@ def logits_grad_(
     under a soft cap). `buf` holds what :func:`chunk_statistics` left: the
     slice's softmax on the PyTorch path (rescaled to the whole vocabulary by
     :math:`e^{\operatorname{lse}_{slice} - L}`), the raw logits for the Triton kernel.
+    `big_l` is the rows' log-sum-exp :math:`L` if the caller has it (:func:`chunk_losses`).
     """
     import torch
 
     opts = spec.opts
     eps, zeta = opts.label_smoothing, opts.z_loss
-    big_l = _rows.lse(merged, xp=torch)
+    if big_l is None:
+        big_l = _rows.lse(merged, xp=torch)
     w_y = _target_weight(merged)
     cw = spec.class_weight
     if spec.triton is not None:
@@ -621,18 +627,19 @@ def _chunked_linear_ce(
         labels = plan.labels[c.start : c.stop]
         tanh_buf = tanh_all[: c.stop - c.start] if tanh_all is not None else None
         local, merged = chunk_statistics(buf, tanh_buf, labels, plan.spec)
-        lse_rows[c.rows] = _rows.lse(merged, xp=torch)
-        loss_rows[c.rows] = chunk_losses(merged, plan.spec)
+        row, big_l = chunk_losses(merged, plan.spec)
+        loss_rows[c.rows], lse_rows[c.rows] = row, big_l
         if not any(want):
             return False
         scale = plan.scale if row_scale_c is None else plan.scale * row_scale_c[c.rows]
         n = c.stop - c.start
-        logits_grad_(buf, tanh_buf, labels, local, merged, scale.expand(n), plan.spec)
+        logits_grad_(buf, tanh_buf, labels, local, merged, scale.expand(n), plan.spec, big_l)
         return True
 
     grad_h, grad_w, grad_b = _chunk_loop(
-        hidden, weight, bias, plan.rows, chunk=chunk, want=want if any(want) else None, body=body
-    )
+        hidden, weight, bias, plan.rows, chunk=chunk, want=want if any(want) else None, body=body,
+        low_in_place=plan.spec.triton is not None,
+    )  # fmt: skip
     if opts.reduction == "none":
         loss = loss_rows
     else:
@@ -779,6 +786,7 @@ def _chunk_loop(
     chunk: int,
     want: tuple[bool, bool, bool] | None,
     body: Callable[[torch.Tensor, _Chunk], bool],
+    low_in_place: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     r"""The one chunk loop of every fused function: logits in, gradient products out.
 
@@ -796,6 +804,13 @@ def _chunk_loop(
     Returns them: `grad_hidden` ``(N, d)`` in `hidden`'s dtype (zero at rows not
     in `rows_all`), `grad_weight` and `grad_bias` float32 for low-precision
     products (accumulated in float32), else in the product dtype.
+
+    `low_in_place` (float16/bfloat16 products, no bias gradient): `body` reads the
+    product-dtype logits and writes :math:`G` over them itself (the Triton kernels,
+    which widen to float32 in registers and round :math:`G` once), so the loop keeps no
+    float32 copy: two conversion passes and the float32 buffer less per chunk, the same
+    numbers (the float32 buffer held the rounded product, and :math:`G` was rounded to
+    the product dtype for the products anyway).
     """
     import torch
 
@@ -824,8 +839,12 @@ def _chunk_loop(
         return grad_h, grad_w, grad_b
 
     shape = (chunk, v_local)
-    buf_all = _workspace("logits", shape, cdt, device)
-    lp_all = _workspace("low", shape, mm_dtype, device) if low_precision else None
+    in_place = low_in_place and low_precision and not want_b
+    if in_place:  # the product-dtype logits are the only buffer
+        buf_all, lp_all = _workspace("low", shape, mm_dtype, device), None
+    else:
+        buf_all = _workspace("logits", shape, cdt, device)
+        lp_all = _workspace("low", shape, mm_dtype, device) if low_precision else None
     w_t = weight.t()
 
     for start in range(0, n_rows, chunk):
@@ -858,19 +877,21 @@ def _chunk_loop(
             else:
                 torch.mm(g, weight, out=grad_h[start:stop])
         if grad_w is not None:
-            if lp is None:
+            if not low_precision:
                 if c.first:
                     torch.mm(g.t(), h_c, out=grad_w)
                 else:
                     torch.addmm(grad_w, g.t(), h_c, out=grad_w)
             else:
-                _accumulate_weight_grad_f32(grad_w, buf, g, h_c, first=c.first)
+                _accumulate_weight_grad_f32(
+                    grad_w, None if in_place else buf, g, h_c, first=c.first
+                )
     return grad_h, grad_w, grad_b
 
 
 def _accumulate_weight_grad_f32(
     grad_w: torch.Tensor,
-    g32: torch.Tensor,
+    g32: torch.Tensor | None,
     g_lp: torch.Tensor,
     h_c: torch.Tensor,
     *,
@@ -884,7 +905,7 @@ def _accumulate_weight_grad_f32(
     float32 gradient buffer and the upcast chunk of `hidden`, accumulated in
     place. `first` overwrites `grad_w` instead. Rounding each chunk's partial
     sum to the input dtype would make the weight gradient less accurate than
-    PyTorch's unfused one.
+    PyTorch's unfused one. `g32` None: the float32 gradient is `g_lp` upcast.
     """
     import torch
 
@@ -899,6 +920,8 @@ def _accumulate_weight_grad_f32(
         else:
             return
     h32 = h_c.to(torch.float32)
+    if g32 is None:
+        g32 = g_lp.to(torch.float32)
     if first:
         torch.mm(g32.t(), h32, out=grad_w)
     else:

@@ -69,8 +69,12 @@ def grad_needs(ctx: Any, bias: torch.Tensor | None) -> tuple[bool, bool, bool]:
 
 
 def scale_grads_(grads: tuple[torch.Tensor | None, ...], grad_loss: torch.Tensor) -> None:
-    """Scale gradients formed in forward by the scalar upstream gradient, in place."""
-    if bool(grad_loss == 1):  # loss.backward() passes 1: nothing to scale
+    """Scale gradients formed in forward by the scalar upstream gradient, in place.
+
+    On the CPU a gradient of 1 (``loss.backward()``) skips the products; elsewhere reading
+    it would synchronise with the device (the host would wait for the whole forward), so the
+    products run (times 1: the same numbers)."""
+    if grad_loss.is_cpu and bool(grad_loss == 1):
         return
     for g in grads:
         if g is not None:

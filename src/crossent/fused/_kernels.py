@@ -147,8 +147,11 @@ def _logits_grad_kernel(
     Y,
     CW,
     LSE,
+    stride_lse,
     WY,
+    stride_wy,
     R,
+    stride_r,
     P,
     V,
     softcap,
@@ -169,14 +172,14 @@ def _logits_grad_kernel(
         z = tl.where(x == -float("inf"), x, softcap * t)
     else:
         z = x
-    lse = tl.load(LSE + row)
+    lse = tl.load(LSE + row * stride_lse)
     y = tl.load(Y + row)
-    w_y = tl.load(WY + row)
+    w_y = tl.load(WY + row * stride_wy)
     # P: 1 - eps, eps / C, 2 z_loss, W (the buffer's dtype)
     a, b, e = _coefficients(
         w_y,
         lse,
-        tl.load(R + row),
+        tl.load(R + row * stride_r),
         tl.load(P + 3),
         tl.load(P),
         tl.load(P + 1),

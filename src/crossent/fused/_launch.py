@@ -22,11 +22,16 @@ __all__ = ["logits_grad_", "row_stats", "triton_available"]
 BLOCK_V = 1024
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether Triton can be imported (it is optional: ``pip install crossent[triton]``)."""
+    """Whether Triton can be imported (it is optional: ``pip install crossent[triton]``).
+
+    Looked up once: the search stats the file system (about 80 µs, on every loss call).
+    """
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
 def _kernels() -> Any:
     return importlib.import_module("crossent.fused._kernels")
 
@@ -57,12 +62,14 @@ def row_stats(
     softcap: float | None,
     smoothing: bool,
     block_v: int | None = None,
+    inside: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(m, s, Σ w (m - z), z_y)`` of each row of the raw logits `buf` (``_row_stats_kernel``).
 
     The fields of :class:`crossent._losses._rows.RowStats` (the weighted sum is 0
     unless `smoothing`). `buf` is left unchanged; `y_loc` holds local column
-    indices (the caller masks `z_y` of labels outside ``[0, V_local)``).
+    indices (the caller masks `z_y` of labels outside ``[0, V_local)``), or with
+    `inside` only labels in ``[0, V_local)`` (checked by the caller: nothing is clamped).
     """
     n, v = buf.shape
     if buf.stride(1) != 1:
@@ -73,7 +80,7 @@ def row_stats(
     k._row_stats_kernel[(n,)](
         buf,
         buf.stride(0),
-        torch.where((y_loc >= 0) & (y_loc < v), y_loc, 0).contiguous(),
+        y_loc.contiguous() if inside else torch.where((y_loc >= 0) & (y_loc < v), y_loc, 0),
         cw_local.contiguous() if cw_local is not None else buf,  # read as CW + offs
         out[0],
         out[1],
@@ -104,6 +111,7 @@ def logits_grad_(
     softcap: float | None,
     block_v: int | None = None,
     out: torch.Tensor | None = None,
+    inside: bool = False,
 ) -> None:
     """Overwrite the raw logits in `buf` with d loss / d logits (``_logits_grad_kernel``).
 
@@ -114,7 +122,8 @@ def logits_grad_(
     ``p = exp(z - lse)`` and ``(a, b, e)`` of :func:`crossent._losses._rows.coefficients`
     for the row's target weight `w_y`, scale and the whole vocabulary's
     `total_weight` over `num_classes` classes. Labels outside ``[0, V_local)`` (the
-    target lies in another rank's slice) have no target term.
+    target lies in another rank's slice) have no target term; `inside` says there are
+    none (as in :func:`row_stats`).
     """
     n, v = buf.shape
     if n == 0:
@@ -126,8 +135,11 @@ def logits_grad_(
         msg = "internal: the gradient buffer must be row-major."
         raise RuntimeError(msg)
 
-    def per_row(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dt).expand(n).contiguous()
+    def per_row(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        # a value per row, read at row * stride: a broadcast scalar (the mean's upstream
+        # gradient, a weight of 1) has stride 0, so nothing is copied to a row vector
+        t = t.to(dt).expand(n)
+        return t, t.stride(0)
 
     eps = float(label_smoothing)
     # [1 - ε, ε / C, 2λ, W]; a W computed on the device (class weights) is never read back
@@ -136,7 +148,7 @@ def logits_grad_(
         params = torch.cat((_constants(scalars, dt, buf.device), total_weight.to(dt).reshape(1)))
     else:
         params = _constants((*scalars, float(total_weight)), dt, buf.device)
-    y_kernel = torch.where((y_loc >= 0) & (y_loc < v), y_loc, -1).contiguous()
+    y_kernel = y_loc.contiguous() if inside else torch.where((y_loc >= 0) & (y_loc < v), y_loc, -1)
     k = _kernels()
     k._logits_grad_kernel[(n, (v + block - 1) // block)](
         buf,
@@ -145,9 +157,9 @@ def logits_grad_(
         dest.stride(0),
         y_kernel,
         cw_local.contiguous() if cw_local is not None else buf,  # read as CW + offs
-        per_row(lse),
-        per_row(w_y),
-        per_row(scale),
+        *per_row(lse),
+        *per_row(w_y),
+        *per_row(scale),
         params,
         v,
         float(softcap) if softcap is not None else 1.0,

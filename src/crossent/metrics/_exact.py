@@ -34,13 +34,16 @@ is cut on the grid :math:`2^{g-L}` and only the bits below it go round again.
 :func:`add_to_each` adds the same values to several sums (by their own
 indices) with one split of each block.
 
-Sums whose values are also counted per element (calibration bins, per-class
-sums) take :func:`add_counted`: each value's two pieces go as the bits of
-two float64 numbers, read as int64, into two int64 scatters that give the
-count with the sums, so the exact sum costs no scatter more than a count and
-a float64 sum. Values that come in runs, each mostly into one element
-(:class:`Runs`: classwise bins of many classes), are scattered only where
-they go elsewhere; the rest adds as each run's dense total less those.
+The metrics' sums take :func:`add_counted`: sums whose values are also
+counted per element (calibration bins, per-class sums; several of them may
+share the values' split) get each value's two pieces as the bits of two
+float64 numbers, read as int64, in two int64 scatters that give the count with
+the sums, so the exact sum costs no scatter more than a count and a float64
+sum; sums of one element (the log loss, the Brier score) get the bits summed.
+The integer totals wait in the sum (:attr:`ExactSum.held`) until it is read.
+Values that come in runs, each mostly into one element (:class:`Runs`:
+classwise bins of many classes), are scattered only where they go elsewhere;
+the rest adds as each run's dense total less those.
 
 Because the state is the exact sum, it does not depend on the order of the
 rows, on how they were split into batches or shards, or on the order in
@@ -56,7 +59,7 @@ import copy
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 
@@ -91,6 +94,8 @@ _FEW_SMALL = 1 / 8  # fraction of a block whose rests go round again whole (thei
 _FEW_RUNS = 16  # groups in a block up to which runs are compared one by one
 _FEW_ROWS = 16  # value() rounds up to this many sums one by one with Python ints
 _EMPTY = np.empty(0, dtype=np.float64)
+_HELD_TERMS = 1 << 30  # numbers below 2**32 summed into held digits' units before a deposit
+_MAX_HELD = 4  # sets of held units (one per set of grids) kept at a time
 
 
 @dataclass
@@ -101,8 +106,11 @@ class ExactSum:
     but the last is in ``[0, 2**32)`` and the last is signed (``uncarried``
     counts the deposits since, 0 when normalized). ``nan``, ``pos_inf`` and
     ``neg_inf`` count the non-finite values added. ``pending`` holds float64
-    partial sums not yet in the digits (exact too); every method that reads
-    or combines the digits moves them in first.
+    partial sums not yet in the digits (exact too), ``held`` the int64 totals
+    of counted adds (:func:`add_counted`) not yet in them, by their grids
+    (as :meth:`_deposit` takes them), each with how many numbers below
+    2**32 in magnitude its entries sum at most; every method that reads or
+    combines the digits moves both in first.
     """
 
     limbs: np.ndarray
@@ -112,6 +120,9 @@ class ExactSum:
     neg_inf: np.ndarray
     uncarried: int = 0
     pending: _Pending | None = field(default=None, repr=False, compare=False)
+    held: dict[tuple[int, ...], tuple[np.ndarray, int]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def zeros(cls, shape: tuple[int, ...] = ()) -> ExactSum:
@@ -136,17 +147,46 @@ class ExactSum:
             self.neg_inf.copy(),
             self.uncarried,
             None if self.pending is None else self.pending.copy(),
+            {grids: (units.copy(), terms) for grids, (units, terms) in self.held.items()},
         )
 
     def _settle(self) -> None:
-        """Move the partial sums still pending into the digits (before the digits are read)."""
+        """Move the partial sums still pending and the held totals into the digits (before
+        the digits are read)."""
         if self.pending is not None:
             self.pending.deposit_all(self)
+        held, self.held = self.held, {}
+        for grids, (units, _) in held.items():
+            self._deposit(units, grids)
+
+    def _hold(self, units: np.ndarray, grids: tuple[int, ...], terms: int) -> None:
+        """Add int64 `units` (rows, size) on `grids`, as :meth:`_deposit` takes them, each
+        entry the sum of at most `terms` numbers below 2**32 in magnitude, to the held
+        totals (`units` is taken, not copied): into the digits when the sum is read, or
+        sooner when there are too many."""
+        kept, before = self.held.pop(grids, (None, 0))
+        if kept is not None and before + terms > _HELD_TERMS:
+            self._deposit(kept, grids)
+            kept, before = None, 0
+        if kept is None and len(self.held) >= _MAX_HELD:
+            self._settle()
+        if kept is None:
+            kept = units
+        else:
+            kept += units
+        self.held[grids] = (kept, before + terms)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled (and deep-copied) with the partial sums in the digits."""
+        """Pickled (and deep-copied) with the partial sums and held totals in the digits
+        (the pickle's fields are those of a sum without held totals)."""
         self._settle()
-        return {**self.__dict__, "pending": None}
+        state = {**self.__dict__, "pending": None}
+        del state["held"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.held = {}
 
     def __getitem__(self, key: Any) -> ExactSum:
         """The sums of some elements (indexing the leading axes)."""
@@ -382,20 +422,13 @@ class Runs:
         return int(self.mode.size)
 
 
-# (sum, flat indices, most), optionally followed by the laned indices
-Target = (
-    tuple[ExactSum, np.ndarray | None, int | None]
-    | tuple[ExactSum, np.ndarray | None, int | None, np.ndarray | None]
-)
+Target = tuple[ExactSum, np.ndarray | None, int | None]  # (sum, flat indices, most)
 
 
 def add_to_each(
     values: np.ndarray, targets: list[Target], *, bounds: tuple[float, float] | None = None
 ) -> None:
-    """Add the same `values` to each of `targets`: (sum, flat indices or None, `most`),
-    optionally followed by the indices already spread over
-    the sum's ``lanes_for(size)`` lanes (``index + lane * size``, any lane: the caller's
-    :func:`laned` indices, made for its counts, save making them again).
+    """Add the same `values` to each of `targets`: (sum, flat indices or None, `most`).
 
     `bounds`, when the caller knows them for certain, are finite ``(low, high)``
     with every value in [low, high] (NaN excluded): the blocks then skip their
@@ -412,9 +445,8 @@ def add_to_each(
     wheres: list[np.ndarray | None] = []
     pendings: list[_Pending] = []
     mosts: list[int] = []
-    spreads: list[np.ndarray | None] = []
     block = _BLOCK
-    for target, index, most, *hint in targets:
+    for target, index, most in targets:
         flat_index = None if index is None else np.asarray(index, dtype=np.int64).ravel()
         if flat_index is not None and flat_index.size != values.size:
             msg = f"`index` has {flat_index.size} entries for {values.size} values."
@@ -423,12 +455,6 @@ def add_to_each(
         bound = values.size if most is None else min(most, values.size)
         pendings.append(_Pending.of(target, bound, lanes=1 if flat_index is None else None))
         mosts.append(bound)
-        spread = cast("np.ndarray | None", hint[0]) if hint else None
-        if flat_index is None or pendings[-1].lanes == 1:  # nothing laned
-            spread = None
-        if spread is not None and spread.size != values.size:
-            spread = None
-        spreads.append(None if spread is None else np.asarray(spread).ravel())
     # one split for all: pieces as narrow as the narrowest partial sums take (a pending
     # set of partial sums takes pieces of its level or narrower)
     level = min((pending.level for pending in pendings), default=_MAX_LEVEL)
@@ -444,8 +470,6 @@ def add_to_each(
                 (target, pending, None if where is None else where[part])
                 for target, pending, where in zip(sums, pendings, wheres, strict=True)
             ]
-            for pending, spread in zip(pendings, spreads, strict=True):
-                pending.spread = None if spread is None else spread[part]
             rest, rest_index = _add_block(values[part], each, level, bounds)
             if rest.size:
                 left.append(rest)
@@ -454,10 +478,7 @@ def add_to_each(
                         kept.append(where)
         values = np.concatenate(left) if left else _EMPTY
         wheres = [np.concatenate(kept) if kept else None for kept in left_index]
-        spreads = [None] * len(targets)  # what goes round again is no longer in its place
-        bounds = None  # nor within the bounds (rests have either sign)
-    for pending in pendings:
-        pending.spread = None
+        bounds = None  # what goes round again is not within the bounds (either sign)
 
 
 def _add_block(
@@ -486,8 +507,6 @@ def _add_block(
             target._count_non_finite(values, where)
         values = values[finite]
         each = [(t, p, None if w is None else w[finite]) for t, p, w in each]
-        for _, pending, _ in each:
-            pending.spread = None  # the values moved: their laned indices are of no use
         if not values.size:
             return _EMPTY, nothing
         largest, smallest = float(values.max()), float(values.min())
@@ -577,7 +596,6 @@ class _Pending:
         self.sums: dict[int, np.ndarray] = {}  # grid -> partial sums (2, lanes * size)
         self.base: dict[int, int] = {}  # grid -> pieces per element before this round
         self.taken: dict[int, int] = {}  # grid -> values taken in this round
-        self.spread: np.ndarray | None = None  # this block's indices already laned, if given
 
     @classmethod
     def of(cls, target: ExactSum, most: int, *, lanes: int | None) -> _Pending:
@@ -599,7 +617,6 @@ class _Pending:
         out = copy.copy(self)
         out.sums = {grid: sums.copy() for grid, sums in self.sums.items()}
         out.base, out.taken = dict(self.base), dict(self.taken)
-        out.spread = None
         return out
 
     def begin(self, most: int) -> None:
@@ -644,11 +661,8 @@ class _Pending:
             sums[0, 0] += high.sum()
             sums[1, 0] += low.sum()
             return
-        if self.spread is not None:  # laned by the caller
-            where = self.spread
-        else:
-            lanes = work_array("exact lanes", (where.size,), np.int64)
-            where = laned(where, self.size, self.lanes, out=lanes)
+        lanes = work_array("exact lanes", (where.size,), np.int64)
+        where = laned(where, self.size, self.lanes, out=lanes)
         np.add.at(sums[0], where, high)
         np.add.at(sums[1], where, low)
 
@@ -817,6 +831,10 @@ _SECOND_STEP = 46  # the second grid is 2**46 finer: |second piece| <= 2**45 uni
 _COUNTED_CELLS = 4096  # lanes * elements of the int64 sums at most
 _COUNTED_LANES = -(-_BLOCK // _MOST_COUNTED)  # the fewest lanes that take a whole block (17)
 _COUNTED_ELEMENTS = 1 << 14  # elements at most (each block decodes every element)
+_CHECKED_LANES = 4  # with fewer lanes, a whole block is scattered at once and checked
+
+#: a counted sum: (sum, flat indices of the values, its counts to increment, runs or None)
+Counted = tuple[ExactSum, np.ndarray, np.ndarray, Runs | None]
 
 
 @dataclass(frozen=True)
@@ -843,153 +861,324 @@ class _Grids:
 
 
 def counted_lanes(size: int) -> int:
-    """Lanes of the int64 sums of :func:`add_counted` into `size` elements (0: too many
-    elements to decode them every block, unless with runs)."""
+    """Lanes of the int64 sums of :func:`add_counted` into `size` elements (0 when a
+    lane of every element does not fit in its int64 sums, from 4097 elements)."""
     return min(_COUNTED_LANES, _COUNTED_CELLS // max(size, 1))
 
 
 def add_counted(
     values: np.ndarray,
-    index: np.ndarray,
-    target: ExactSum,
-    counts: np.ndarray,
+    targets: list[Counted],
     *,
-    runs: Runs | None = None,
     bounds: tuple[float, float] | None = None,
     totals: tuple[ExactSum, ...] = (),
 ) -> None:
-    r"""Add `values` to the elements `index` of `target` and count them into `counts`, in
-    two int64 scatters: as many as a count and a plain float64 sum take; and add their
-    total to each sum of `totals` (of one element: the log loss beside the per-class sums).
+    r"""Add `values` to the elements `index` of each `target` and count them into its
+    `counts`, in two int64 scatters per target: as many as a count and a plain float64
+    sum take; and add their total to each sum of `totals` (of one element: the log loss
+    beside the per-class sums).
 
+    `targets` holds ``(target, index, counts, runs)`` (see :data:`Counted`):
     `counts` (int64, ``target``'s shape) is incremented in place by
-    ``np.bincount(index)``. With :math:`|v| < 2^{t}` for every value, the
-    grids :math:`2^{g}`, :math:`g = t - 37`, and :math:`2^{f}`, :math:`f = g -
-    46`, and the extraction constants :math:`\sigma_g = 1.5 \cdot 2^{g+52}`
-    and :math:`\sigma_f`: :math:`\tau = v + \sigma_g` rounds v to the grid
-    :math:`2^g`, :math:`\tau = \sigma_g + c\,2^g`, :math:`|c| \le 2^{37}`, and
-    within the binade of :math:`\sigma_g` the bits of :math:`\tau` read as an
-    integer are :math:`S_g + c`; the rest :math:`r = v - c\,2^g` gives likewise
-    the bits :math:`S_f + d` of :math:`r + \sigma_f` (one rounding of
-    :math:`v + (\sigma_f + \sigma_g - \tau)`, whose bracket is exact), :math:`d` the
-    rest rounded to the grid :math:`2^f`, :math:`|d| \le 2^{45}`. Each element
-    sums those bits modulo :math:`2^{64}`: :math:`A = n S_g + \sum c`,
-    :math:`B = n S_f + \sum d`. :math:`S_g` is :math:`2^{51}` times an odd
-    number, so :math:`A` holds n times it modulo :math:`2^{13}` above
+    ``np.bincount(index)``. The values are split once for every target (the
+    equal-width and the fine calibration bins of the same confidences). With
+    :math:`|v| < 2^{t}` for every value, the grids :math:`2^{g}`, :math:`g = t
+    - 37`, and :math:`2^{f}`, :math:`f = g - 46`, and the extraction constants
+    :math:`\sigma_g = 1.5 \cdot 2^{g+52}` and :math:`\sigma_f`: :math:`\tau = v +
+    \sigma_g` rounds v to the grid :math:`2^g`, :math:`\tau = \sigma_g + c\,2^g`,
+    :math:`|c| \le 2^{37}`, and within the binade of :math:`\sigma_g` the bits of
+    :math:`\tau` read as an integer are :math:`S_g + c`; the rest :math:`r = v -
+    c\,2^g` gives likewise the bits :math:`S_f + d` of :math:`r + \sigma_f` (one
+    rounding of :math:`v + (\sigma_f + \sigma_g - \tau)`, whose bracket is
+    exact), :math:`d` the rest rounded to the grid :math:`2^f`, :math:`|d| \le
+    2^{45}`. Each element sums those bits modulo :math:`2^{64}`: :math:`A = n S_g
+    + \sum c`, :math:`B = n S_f + \sum d`. :math:`S_g` is :math:`2^{51}` times an
+    odd number, so :math:`A` holds n times it modulo :math:`2^{13}` above
     :math:`\sum c` (:math:`|\sum c| < 2^{50}` for :math:`n < 2^{13}`): the count
-    n comes out, then :math:`\sum c` and :math:`\sum d`, exactly, as long as
-    no element (of a lane) gets :math:`2^{13}` values between two decodes
-    (every block). A value below :math:`2^{f+52}` in magnitude may have bits
-    below the grid :math:`2^f`: what is left of it goes through
+    n comes out, then :math:`\sum c` and :math:`\sum d`, exactly, as long as no
+    element (of a lane) gets :math:`2^{13}` values between two decodes. With
+    four lanes or more per element, the values are decoded in chunks that no
+    element can fill; with fewer (over 1024 elements: the 4096 fine calibration
+    bins), a whole block is scattered and decoded at once, and checked: an
+    element that got :math:`n \ge 2^{13}` values decodes to a count in
+    :math:`[0, 2^{13})`, below n, and no element decodes above its n, so the
+    decoded counts sum to the block's size only when every one is right;
+    otherwise the block goes again in chunks that no element can fill (and so
+    do the later blocks). Without targets, the `totals` get the bits of each
+    block's pieces summed modulo :math:`2^{64}`, less the block's size times
+    :math:`S_g` and :math:`S_f`. The totals wait in the sums
+    (:meth:`ExactSum._hold`). A value below :math:`2^{f+52}` in magnitude may
+    have bits below the grid :math:`2^f`: what is left of it goes through
     :func:`add_to_each`.
 
     With `runs` (the values a (rows, groups) matrix in `runs.order`, the
     elements laid out group after group, ``target.size / groups`` each, and
     ``runs.mode[g]`` an element of group g, the likelier the better), only the
     values not going to their group's mode are scattered; the mode gets the
-    group's dense total less those. `bounds`, when certain, spare a min and a
-    max. Non-finite values, magnitudes from :math:`2^{1007}` up, and many
-    elements (over 1024 without runs, over 16384 with them: each block decodes
-    every element) take ``np.bincount`` and :func:`add_to_each`.
+    group's dense total less those (with one target only; others ignore their
+    runs). `bounds`, when certain, spare a min and a max. Non-finite values,
+    magnitudes from :math:`2^{1007}` up, and more than 16384 elements take
+    ``np.bincount`` and :func:`add_to_each`.
     """
     values = np.asarray(values, dtype=np.float64).ravel()
-    index = np.asarray(index, dtype=np.int64).ravel()
-    size = target.nan.size
     if values.size == 0:
         return
+    targets = [
+        (target, np.asarray(index, dtype=np.int64).ravel(), counts, runs)
+        for target, index, counts, runs in targets
+    ]
     if bounds is None or not (math.isfinite(bounds[0]) and math.isfinite(bounds[1])):
         bounds = (float(values.min()), float(values.max()))  # NaN if any is
     low, high = bounds
-    if runs is not None and (
-        runs.rows * runs.groups != values.size or size % runs.groups or runs.groups > _BLOCK
-    ):
-        runs = None
-    lanes = counted_lanes(size)
     finite = math.isfinite(low) and math.isfinite(high)
     top = math.frexp(max(high, -low))[1] if finite else 0
-    few = lanes >= 4 or (runs is not None and size <= _COUNTED_ELEMENTS)
-    if not finite or top - _FIRST_BITS > _MAX_GRID or not few:
-        count = np.bincount(index, minlength=size)
-        counts.reshape(-1)[:] += count
-        each: list[Target] = [(total, None, None) for total in totals]
-        add_to_each(values, [(target, index, int(count.max())), *each], bounds=bounds)
+    many = max((target.nan.size for target, *_ in targets), default=0) > _COUNTED_ELEMENTS
+    if not finite or top - _FIRST_BITS > _MAX_GRID or many:
+        each: list[Target] = []
+        for target, index, counts, _ in targets:
+            count = np.bincount(index, minlength=target.nan.size)
+            counts.reshape(-1)[:] += count
+            each.append((target, index, int(count.max())))
+        add_to_each(values, [*each, *((total, None, None) for total in totals)], bounds=bounds)
         return
     grid = max(top - _FIRST_BITS, _MIN_GRID)
-    adder = _Counted(size, max(lanes, 1), _Grids(grid, max(grid - _SECOND_STEP, _MIN_GRID)))
-    if runs is None:
-        step = adder.capacity
-    elif runs.order == "C":  # blocks of whole rows
-        step = max(_BLOCK // runs.groups, 1) * runs.groups
-    else:
-        step = _BLOCK
+    grids = _Grids(grid, max(grid - _SECOND_STEP, _MIN_GRID))
+    one = len(targets) == 1
+    counters = [
+        _Counted(target.nan.size, grids, _usable(runs, values.size, target) if one else None, i)
+        for i, (target, _, _, runs) in enumerate(targets)
+    ]
+    adders: list[_Counted | _Total] = [*counters] or [_Total(grids)]  # no target: totals alone
+    step = min(adder.step for adder in adders)
+    sigma, sigma_fine = grids.sigmas
+    tails: list[tuple[np.ndarray, list[np.ndarray]]] = []
     for start in range(0, values.size, step):
         part = slice(start, start + step)
-        adder.block(values[part], index[part], runs, start, bounds)
-    counts.reshape(-1)[:] += adder.count
-    target._deposit(adder.totals, adder.grids.deposit())
-    for total in totals:  # every element's: exact integers (each below 2**32 * blocks)
-        total._deposit(adder.totals.sum(axis=1, keepdims=True), adder.grids.deposit())
-    if adder.tails:
-        rests = np.concatenate([rest for rest, _ in adder.tails])
-        where = np.concatenate([at for _, at in adder.tails])
-        add_to_each(rests, [(target, where, None), *((total, None, None) for total in totals)])
+        v = values[part]
+        wheres = [index[part] for _, index, _, _ in targets] or [_NO_POSITIONS]
+        t = work_array("exact split", (v.size,), np.float64)
+        bits = t.view(np.int64)
+        np.add(v, sigma, out=t)  # bits: S_g + c
+        for adder, where in zip(adders, wheres, strict=True):
+            adder.first(bits, where, start)
+        # r + sigma_f in one rounding, as v + (sigma_f - c 2**g): sigma_f + sigma (a multiple
+        # of 2**(g+5) below 2**(g+53)) less tau is sigma_f - c 2**g, exact (|.| < 2**(g+39))
+        np.subtract(sigma + sigma_fine, t, out=t)
+        t += v  # bits: S_f + d
+        for adder, where in zip(adders, wheres, strict=True):
+            adder.second(bits, where, v)
+        rest, small = _tails(v, grids, bounds)
+        if rest.size:
+            tails.append((rest, [index[part][small] for _, index, _, _ in targets]))
+    for counter, (target, _, counts, _) in zip(counters, targets, strict=True):
+        counts.reshape(-1)[:] += counter.count
+        target._hold(counter.totals, grids.deposit(), counter.takes)
+    first = adders[0]
+    for total in totals:  # every element's: exact integers
+        total._hold(
+            first.totals.sum(axis=1, keepdims=True), grids.deposit(), first.takes * first.size
+        )
+    if tails:
+        rests = np.concatenate([rest for rest, _ in tails])
+        wheres = [np.concatenate([at[i] for _, at in tails]) for i in range(len(targets))]
+        add_to_each(
+            rests,
+            [
+                *(
+                    (target, where, None)
+                    for (target, *_), where in zip(targets, wheres, strict=True)
+                ),
+                *((total, None, None) for total in totals),
+            ],
+        )
+
+
+def _usable(runs: Runs | None, size: int, target: ExactSum) -> Runs | None:
+    """`runs` if they fit `size` values into `target`'s elements (see :class:`Runs`)."""
+    if runs is None or runs.rows * runs.groups != size or target.nan.size % runs.groups:
+        return None
+    return None if runs.groups > _BLOCK else runs
+
+
+def _tails(
+    values: np.ndarray, grids: _Grids, bounds: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """What is left below the fine grid of the values under 2**(fine + 52) (non-zero
+    only), and their positions."""
+    fine = grids.fine
+    if fine == _MIN_GRID:  # every float64 is a multiple of 2**-1074
+        return _EMPTY, _NO_POSITIONS
+    whole = math.ldexp(1.0, fine + 52)
+    low, high = bounds
+    if low >= whole or high <= -whole:
+        return _EMPTY, _NO_POSITIONS
+    if low >= 0:
+        if float(values.min()) >= whole:
+            return _EMPTY, _NO_POSITIONS
+        small = np.flatnonzero(values < whole)
+    elif high <= 0:
+        if float(values.max()) <= -whole:
+            return _EMPTY, _NO_POSITIONS
+        small = np.flatnonzero(values > -whole)
+    else:
+        small = np.flatnonzero(np.abs(values) < whole)
+    sigma, sigma_fine = grids.sigmas
+    v = values[small]
+    rest = v - ((v + sigma) - sigma)
+    rest -= (rest + sigma_fine) - sigma_fine
+    keep = np.flatnonzero(rest)
+    return rest[keep], small[keep]
+
+
+_NO_POSITIONS = np.empty(0, dtype=np.int64)
+
+
+class _Total:
+    """The int64 sums of :func:`add_counted` without counted targets (a sum of one element,
+    `totals` alone): the bits of each block's pieces are summed (modulo 2**64), less the
+    block's size times the constants' bits; with the interface of :class:`_Counted`."""
+
+    size = 1
+
+    def __init__(self, grids: _Grids) -> None:
+        self.first_bits, self.second_bits, _ = grids.bits()
+        self.totals = np.zeros((4, 1), dtype=np.int64)
+        self.takes = 0  # numbers below 2**32 in magnitude summed into each of `totals`
+        self.first_sum = 0  # the block's first pieces' bits, summed modulo 2**64
+
+    @property
+    def step(self) -> int:
+        """Values per block: at most 2**17, so that the sums of their pieces stay below
+        2**63 in magnitude."""
+        return min(_BLOCK, 1 << 17)
+
+    def first(self, bits: np.ndarray, where: np.ndarray, start: int) -> None:
+        self.first_sum = int(np.add.reduce(bits))
+
+    def second(self, bits: np.ndarray, where: np.ndarray, values: np.ndarray) -> None:
+        n = bits.size  # |sum of c| <= 2**(17 + 37), |sum of d| <= 2**(17 + 45)
+        sums = (
+            self.first_sum - n * self.first_bits,
+            int(np.add.reduce(bits)) - n * self.second_bits,
+        )
+        self.takes += 1
+        for row, total in enumerate(sums):
+            total = (total + (1 << 63)) % (1 << 64) - (1 << 63)  # the sum modulo 2**64, signed
+            self.totals[2 * row, 0] += total >> _DIGIT
+            self.totals[2 * row + 1, 0] += total & _MASK
 
 
 class _Counted:
-    """The int64 sums of one :func:`add_counted`, decoded every block into exact totals.
+    """The int64 sums of one counted target of :func:`add_counted`, decoded into exact
+    totals.
 
     `sums` (2, lanes * size) takes the bits of the two pieces of each value
     (the i-th value of a scatter in lane ``i % lanes``). Decoded, they give
     each element's count, added to `count`, and the sums of its pieces, split
-    into 32-bit halves (a block adds less than 2**32 to a low half) and added
+    into 32-bit halves (a decode adds less than 2**32 to a low half) and added
     to `totals`: high and low halves of the first pieces' sums, then of the
-    second's, on the grids of :meth:`_Grids.deposit`.
+    second's, on the grids of :meth:`_Grids.deposit`. A block's first pieces
+    come (:meth:`first`) before its second (:meth:`second`), which reuse their
+    lanes; with fewer than four lanes (many elements), whole blocks are
+    scattered and checked (`checked`) until one fails the check. The
+    `position` of the target names its work array of laned indices.
     """
 
-    def __init__(self, size: int, lanes: int, grids: _Grids) -> None:
-        self.size, self.lanes, self.grids = size, lanes, grids
+    def __init__(self, size: int, grids: _Grids, runs: Runs | None, position: int) -> None:
+        lanes = max(counted_lanes(size), 1)
+        self.size, self.lanes, self.grids, self.runs = size, lanes, grids, runs
+        self.checked = lanes < _CHECKED_LANES
         self.capacity = min(lanes * _MOST_COUNTED, _BLOCK)  # `laned` takes _BLOCK at most
+        self.work = f"exact lanes {position}"
         self.sums = np.zeros((2, lanes * size), dtype=np.int64)
         self.count = np.zeros(size, dtype=np.int64)
         self.totals = np.zeros((4, size), dtype=np.int64)
-        self.first, self.second, self.inverse = grids.bits()
-        self.tails: list[tuple[np.ndarray, np.ndarray]] = []
+        self.takes = 0  # numbers below 2**32 in magnitude summed into each of `totals`
+        self.first_bits, self.second_bits, self.inverse = grids.bits()
+        self.spread = _NO_POSITIONS  # the block's laned indices, between its two pieces
+        self.saved: np.ndarray | None = None  # or its first pieces, to go in chunks
+        self.picks: tuple[np.ndarray, ...] = ()  # with runs: the block's picks, its first
+        # pieces' dense sums by group and the picked values' first pieces
 
-    def block(
-        self,
-        values: np.ndarray,
-        where: np.ndarray,
-        runs: Runs | None,
-        start: int,
-        bounds: tuple[float, float],
-    ) -> None:
-        """Add a block: at most `capacity` values without runs, else at most ``_BLOCK``
-        (whole rows with "C" runs) starting at position `start` of the runs' values."""
-        sigma, sigma_fine = self.grids.sigmas
-        t = work_array("exact split", (values.size,), np.float64)
-        bits = t.view(np.int64)
-        np.add(values, sigma, out=t)  # bits: S_g + c
-        if runs is None:
-            spread = laned(
-                where, self.size, self.lanes, out=work_array("exact lanes", where.shape, np.int64)
-            )
-            np.add.at(self.sums[0], spread, bits)
-        else:
+    @property
+    def step(self) -> int:
+        """Values per block: whole rows with "C" runs, a chunk that no element can fill
+        without a check, else ``_BLOCK``."""
+        runs = self.runs
+        if runs is not None:
+            return max(_BLOCK // runs.groups, 1) * runs.groups if runs.order == "C" else _BLOCK
+        return _BLOCK if self.checked else self.capacity
+
+    def first(self, bits: np.ndarray, where: np.ndarray, start: int) -> None:
+        """The bits of a block's first pieces (a block from position `start` of the values),
+        to go with its second pieces."""
+        runs = self.runs
+        if runs is not None:
             picked, groups, cuts, lengths = _picks(where, runs, start)
-            dense = [_group_sums(bits, runs, cuts)]
-            taken = [bits[picked]]
-        # r + sigma_f in one rounding, as v + (sigma_f - c 2**g): sigma_f + sigma (a multiple
-        # of 2**(g+5) below 2**(g+53)) less tau is sigma_f - c 2**g, exact (|.| < 2**(g+39))
-        np.subtract(sigma + sigma_fine, t, out=t)
-        t += values  # bits: S_f + d
-        if runs is None:
-            np.add.at(self.sums[1], spread, bits)
+            self.picks = (
+                picked,
+                groups,
+                cuts,
+                lengths,
+                _group_sums(bits, runs, cuts),
+                bits[picked],
+            )
+            return
+        if not self.checked and where.size > self.capacity:  # a check failed: chunks
+            self.saved = bits.copy()
+            return
+        self.spread = laned(
+            where, self.size, self.lanes, out=work_array(self.work, where.shape, np.int64)
+        )
+        np.add.at(self.sums[0], self.spread, bits)
+
+    def second(self, bits: np.ndarray, where: np.ndarray, values: np.ndarray) -> None:
+        """The bits of the block's second pieces: its totals are taken (`values`: the block's
+        values, should a checked block go again in chunks)."""
+        runs = self.runs
+        if runs is not None:
+            picked, groups, cuts, lengths, dense, taken = self.picks
+            self.picks = ()
+            self._take(
+                *self._modes(
+                    where[picked],
+                    [taken, bits[picked]],
+                    [dense, _group_sums(bits, runs, cuts)],
+                    runs,
+                    groups,
+                    lengths,
+                )
+            )
+            return
+        if self.saved is not None:
+            self._chunks(where, self.saved, bits)
+            self.saved = None
+            return
+        np.add.at(self.sums[1], self.spread, bits)
+        n, sums = self._decode()
+        if self.checked and int(n.sum()) != where.size:
+            # an element got 2**13 values or more: the block again, and later ones, in chunks
+            self.checked = False
+            first = work_array("exact again", values.shape, np.float64)
+            np.add(values, self.grids.sigmas[0], out=first)  # the first pieces again
+            self._chunks(where, first.view(np.int64), bits)
+            return
+        self._take(n, sums)
+
+    def _chunks(self, where: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
+        """Scatter and take the pieces' bits in chunks of `capacity`."""
+        for start in range(0, where.size, self.capacity):
+            part = slice(start, start + self.capacity)
+            self._chunk(where[part], first[part], second[part])
             self._take(*self._decode())
-        else:
-            dense.append(_group_sums(bits, runs, cuts))
-            taken.append(bits[picked])
-            self._take(*self._modes(where[picked], taken, dense, runs, groups, lengths))
-        self._tails(values, where, bounds)
+
+    def _chunk(self, where: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
+        """np.add.at of both pieces' bits over the lanes of the elements `where`."""
+        spread = laned(
+            where, self.size, self.lanes, out=work_array(self.work, where.shape, np.int64)
+        )
+        np.add.at(self.sums[0], spread, first)
+        np.add.at(self.sums[1], spread, second)
 
     def _modes(
         self,
@@ -999,84 +1188,58 @@ class _Counted:
         runs: Runs,
         groups: np.ndarray,
         length: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray]:
         """A block's totals with runs: the picked values scattered, and each group's mode
         given the group's dense total less them (modulo 2**64: every total is below 2**63)."""
-        n, first, second = self._picked(where, taken[0], taken[1])
+        n, sums = self._picked(where, taken[0], taken[1])
         mode = runs.mode[groups]
         width = self.size // runs.groups
-        for total, sums, constant in (
-            (first, dense[0], self.first),
-            (second, dense[1], self.second),
+        for total, group_sums, constant in (
+            (sums[0], dense[0], self.first_bits),
+            (sums[1], dense[1], self.second_bits),
         ):
             others = total.reshape(runs.groups, width).sum(axis=1)[groups]
-            total[mode] += sums - length * np.int64(constant) - others
+            total[mode] += group_sums - length * np.int64(constant) - others
         n[mode] += length - n.reshape(runs.groups, width).sum(axis=1)[groups]
-        return n, first, second
+        return n, sums
 
     def _picked(
         self, where: np.ndarray, first: np.ndarray, second: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Scatter the picked values' bits in chunks of `capacity`, decoding each."""
-        out = [np.zeros(self.size, dtype=np.int64) for _ in range(3)]
+        n, sums = np.zeros(self.size, dtype=np.int64), np.zeros((2, self.size), dtype=np.int64)
         for start in range(0, where.size, self.capacity):
             part = slice(start, start + self.capacity)
-            spread = laned(where[part], self.size, self.lanes)
-            np.add.at(self.sums[0], spread, first[part])
-            np.add.at(self.sums[1], spread, second[part])
-            for total, more in zip(out, self._decode(), strict=True):
-                total += more
-        return out[0], out[1], out[2]
+            self._chunk(where[part], first[part], second[part])
+            more, more_sums = self._decode()
+            n += more
+            sums += more_sums
+        return n, sums
 
-    def _decode(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each element's count and sums of its two pieces (integers); the int64 sums are
-        emptied."""
+    def _decode(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each element's count, and the sums of its first and of its second pieces
+        (integers, shape (2, size)); the int64 sums are emptied."""
         a, b = self.sums
         q = (a.view(np.uint64) + np.uint64(1 << 50)) >> np.uint64(51)  # n * odd mod 2**13
         n = ((q * np.uint64(self.inverse)) & np.uint64(_MOST_COUNTED)).view(np.int64)
-        first = a - (q << np.uint64(51)).view(np.int64)  # |.| < 2**50
-        second = b - n * np.int64(self.second)  # modulo 2**64; |.| < 2**58
-        self.sums[...] = 0
+        a -= (q << np.uint64(51)).view(np.int64)  # the first pieces' sums: |.| < 2**50
+        b -= n * np.int64(self.second_bits)  # the second's, modulo 2**64: |.| < 2**58
         if self.lanes == 1:
-            return n, first, second
-        shape = (self.lanes, self.size)
-        return (
-            n.reshape(shape).sum(axis=0),
-            first.reshape(shape).sum(axis=0),
-            second.reshape(shape).sum(axis=0),
-        )
-
-    def _take(self, n: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
-        """Add a block's counts and sums (each sum below 2**63 in magnitude)."""
-        self.count += n
-        for row, total in ((0, first), (2, second)):
-            self.totals[row] += total >> _DIGIT
-            self.totals[row + 1] += total & _MASK
-
-    def _tails(self, values: np.ndarray, where: np.ndarray, bounds: tuple[float, float]) -> None:
-        """Keep what is left below the fine grid of the values under 2**(fine + 52)."""
-        fine = self.grids.fine
-        if fine == _MIN_GRID:  # every float64 is a multiple of 2**-1074
-            return
-        whole = math.ldexp(1.0, fine + 52)
-        low, high = bounds
-        if low >= 0:
-            if float(values.min()) >= whole:
-                return
-            small = np.flatnonzero(values < whole)
-        elif high <= 0:
-            if float(values.max()) <= -whole:
-                return
-            small = np.flatnonzero(values > -whole)
+            sums = self.sums.copy()
         else:
-            small = np.flatnonzero(np.abs(values) < whole)
-        sigma, sigma_fine = self.grids.sigmas
-        v = values[small]
-        rest = v - ((v + sigma) - sigma)
-        rest -= (rest + sigma_fine) - sigma_fine
-        keep = np.flatnonzero(rest)
-        if keep.size:
-            self.tails.append((rest[keep], where[small[keep]]))
+            n = n.reshape(self.lanes, self.size).sum(axis=0)
+            sums = self.sums.reshape(2, self.lanes, self.size).sum(axis=1)
+        self.sums[...] = 0
+        return n, sums
+
+    def _take(self, n: np.ndarray, sums: np.ndarray) -> None:
+        """Add a block's counts and sums of pieces (each below 2**63 in magnitude): the high
+        and low halves of both into the rows of `totals`."""
+        self.takes += 1
+        self.count += n
+        halves = self.totals.reshape(2, 2, self.size)  # (piece, half, element): a view
+        halves[:, 0] += sums >> _DIGIT
+        halves[:, 1] += sums & _MASK
 
 
 def _picks(

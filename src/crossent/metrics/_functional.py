@@ -42,7 +42,7 @@ bins up to that resolution, and the per-bin sums stay exact.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 
@@ -61,16 +61,12 @@ from crossent._lib._xp import (
     to_numpy,
 )
 from crossent._losses._common import shift_logits
-from crossent.metrics._exact import _BLOCK as LANE_BLOCK
 from crossent.metrics._exact import (
+    Counted,
     ExactSum,
     Runs,
-    Target,
     add_counted,
-    add_to_each,
     counted_lanes,
-    laned,
-    lanes_for,
     work_array,
 )
 
@@ -556,24 +552,22 @@ def _merge(a: State, b: State) -> State:
 
 
 class _Terms(NamedTuple):
-    """Float64 values of one batch to add to an exact sum, to the elements `at` (flat indices).
+    """Float64 values of one batch to add to an exact sum: to its one element, or to the
+    elements `at` (flat indices), counted.
 
-    `most` bounds how many values go to one element (the largest count of
-    ``np.bincount(at)``; None: all of them may); `runs`, when given, says that
-    the values come in groups, each with a most common element (see
-    :class:`~crossent.metrics._exact.Runs`). `counts`, when given, names the
-    batch's int64 counts that this add gives (``np.bincount(at)``, by
-    :func:`~crossent.metrics._exact.add_counted`): the batch holds None under
-    that name, and :func:`_add_batch` replaces the name by the new state's array.
+    `counts` names the batch's int64 counts that an add to elements gives
+    (``np.bincount(at)``, by :func:`~crossent.metrics._exact.add_counted`): the
+    batch holds None under that name, and :func:`_add_batch` replaces the name by
+    the new state's array. `runs`, when given, says that the values come in
+    groups, each with a most common element (see
+    :class:`~crossent.metrics._exact.Runs`).
     """
 
     values: np.ndarray
     at: np.ndarray | None = None
-    most: int | None = None
+    counts: str | np.ndarray | None = None  # the counts this add gives (see above)
     runs: Runs | None = None
     bounds: tuple[float, float] | None = None  # certain finite (low, high) of the values
-    spread: np.ndarray | None = None  # `at` over the lanes of the exact sum, if made already
-    counts: str | np.ndarray | None = None  # the counts this add gives (see above)
 
 
 Deferred = list[tuple[ExactSum, _Terms]]
@@ -610,42 +604,21 @@ def _add_batch(state: State, batch: dict[str, Any], defer: Deferred | None = Non
 
 
 def _add_terms(adds: Deferred) -> None:
-    """Add each `_Terms` to its exact sum; terms of the same values array share one split
-    (the per-row losses of the log loss and of the per-class figures, the confidences of
-    the equal-width and the fine calibration bins). Counted terms (see `_Terms`) take
-    :func:`~crossent.metrics._exact.add_counted`, with the sums of one element that share
-    their values; beside other element-wise sums, their counts are made first."""
+    """Add each `_Terms` to its exact sum with
+    :func:`~crossent.metrics._exact.add_counted`; terms of the same values array share
+    one split (the per-row losses of the log loss and of the per-class figures, the
+    confidences of the equal-width and the fine calibration bins)."""
     shared: dict[int, list[tuple[ExactSum, _Terms]]] = {}
     for target, terms in adds:  # alive in `adds`: no id is reused while grouping
         shared.setdefault(id(terms.values), []).append((target, terms))
     for group in shared.values():
-        counted = [
-            (target, terms, terms.at, terms.counts)
+        counted: list[Counted] = [
+            (target, terms.at, cast("np.ndarray", terms.counts), terms.runs)
             for target, terms in group
-            if isinstance(terms.counts, np.ndarray) and terms.at is not None
+            if terms.at is not None
         ]
         scalars = tuple(target for target, terms in group if terms.at is None)
-        if len(counted) == 1 and len(scalars) == len(group) - 1:
-            target, terms, at, counts = counted[0]
-            add_counted(
-                terms.values,
-                at,
-                target,
-                counts,
-                runs=terms.runs,
-                bounds=terms.bounds,
-                totals=scalars,
-            )
-            continue
-        targets: list[Target] = []
-        for target, terms in group:
-            most = terms.most
-            if isinstance(terms.counts, np.ndarray) and terms.at is not None:
-                count = np.bincount(terms.at, minlength=terms.counts.size)
-                terms.counts.reshape(-1)[:] += count
-                most = int(count.max(initial=0))
-            targets.append((target, terms.at, most, terms.spread))
-        add_to_each(group[0][1].values, targets, bounds=group[0][1].bounds)
+        add_counted(group[0][1].values, counted, bounds=group[0][1].bounds, totals=scalars)
 
 
 def _count(values: np.ndarray) -> np.ndarray:
@@ -775,7 +748,7 @@ def _per_class_update(
     return _add_batch(
         state,
         {
-            "class_nll": _Terms(rows["nll"], labels, counts="class_count"),
+            "class_nll": _Terms(rows["nll"], labels, "class_count"),
             "class_count": None,  # counted by the exact sum
             # np.compress: a boolean subscript of a random mask is 10x slower
             "class_correct": np.bincount(np.compress(hit, labels), minlength=num_classes).astype(
@@ -835,43 +808,6 @@ def _calibration_init(groups: int, bins: int, *, fine: bool = True) -> State:
         state["fine_conf"] = ExactSum.zeros((groups, FINE_BINS))
         state["fine_hit"] = np.zeros((groups, FINE_BINS), dtype=np.int64)
     return state
-
-
-def _laned_index(idx: np.ndarray, length: int, *, work: str | None = None) -> np.ndarray:
-    """`idx` (int64, indices in [0, `length`)) spread over ``lanes_for(length)`` copies of
-    the `length` elements: value i goes to copy ``i % lanes`` (see
-    :func:`~crossent.metrics._exact.laned`), so one such index serves the counts and the
-    exact sums of the same values. `idx` itself for one lane; with `work`, a work array
-    of that name (see :func:`.work_array`).
-    """
-    lanes = lanes_for(length)
-    if lanes == 1:
-        return idx
-    out = work_array(work, idx.shape, np.int64, "C") if work else np.empty(idx.size, np.int64)
-    for start in range(0, idx.size, LANE_BLOCK):
-        part = slice(start, start + LANE_BLOCK)
-        laned(idx[part], length, lanes, out=out[part])
-    return out
-
-
-def _bincount(idx: np.ndarray, length: int, *, spread: np.ndarray | None = None) -> np.ndarray:
-    """``np.bincount(idx, minlength=length)`` as int64, for indices in [0, `length`).
-
-    ``np.add.at`` of ones into int64 counters, in blocks, over ``lanes_for``
-    interleaved copies of the counters (`spread`: :func:`_laned_index` of `idx`, made
-    here if not given), then the copies are added: with many values per bin (a
-    column of probabilities, most of them in the first calibration bin), one
-    counter incremented again and again waits on itself. Half the time of
-    ``np.bincount`` (which also finds the min and max first) at 65536 x 10
-    into 150 bins.
-    """
-    lanes = lanes_for(length)
-    if spread is None:
-        spread = _laned_index(idx, length)
-    count = np.zeros(lanes * length, dtype=np.int64)
-    for start in range(0, spread.size, LANE_BLOCK):
-        np.add.at(count, spread[start : start + LANE_BLOCK], 1)
-    return count.reshape(lanes, length).sum(axis=0)
 
 
 def _width_bin(
@@ -968,29 +904,24 @@ def _calibration_update(
         top = rows["conf"] if bool(np.all(~rows["nan"])) else rows["conf"][~rows["nan"]]
         bounds = (0.0, float(top.max()))
 
-    def hist(bin_of: np.ndarray, width: int) -> tuple[Any, ...]:
+    def hist(bin_of: np.ndarray, name: str) -> tuple[Any, ...]:
         # bin_of: (rows, groups) bin of each confidence, laid out as conf; group g's bins
-        # are g*width + bin
+        # are g*width + bin. The confidences' sums are counted by the exact add.
+        width = state[f"{name}_count"].shape[1]
         idx = bin_of
         if groups > 1:
             idx += np.arange(groups, dtype=np.int64) * width
         idx = idx.ravel(order=order)
         length, shape = groups * width, (groups, width)
         hit = np.bincount(idx[hits], minlength=length).reshape(shape).astype(np.int64)
-        if kind == "classwise":  # its own values: counted by the exact add
-            runs = _counted_runs(state["width_count"], conf.shape[0], order)
-            return None, _Terms(flat_conf, idx, None, runs, bounds, counts="width_count"), hit
-        # one laned index for the counts and the exact sums
-        spread = _laned_index(idx, length, work=f"{kind} {width}")
-        count = _bincount(idx, length, spread=spread)
-        most = int(count.max(initial=0))
-        return (
-            count.reshape(shape),
-            _Terms(flat_conf, idx, most, None, bounds, spread),
-            hit,
+        runs = (  # classwise: runs of each class's values
+            _counted_runs(state[f"{name}_count"], conf.shape[0], order)
+            if kind == "classwise"
+            else None
         )
+        return None, _Terms(flat_conf, idx, f"{name}_count", runs, bounds), hit
 
-    w_count, w_conf, w_hit = hist(_width_bin(conf, bins, order=order, work=kind), bins)
+    w_count, w_conf, w_hit = hist(_width_bin(conf, bins, order=order, work=kind), "width")
     batch = {
         "width_count": w_count,
         "width_conf": w_conf,
@@ -999,7 +930,7 @@ def _calibration_update(
         "nan": _count(rows["nan"]),
     }
     if "fine_count" in state:
-        f_count, f_conf, f_hit = hist(_fine_bin(conf), FINE_BINS)
+        f_count, f_conf, f_hit = hist(_fine_bin(conf), "fine")
         batch |= {"fine_count": f_count, "fine_conf": f_conf, "fine_hit": f_hit}
     return _add_batch(state, batch, defer)
 
