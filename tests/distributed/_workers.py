@@ -109,6 +109,13 @@ def _(rank: int, world_size: int) -> dict[str, Any]:
     return {**_good_args(rank, world_size), "weight": torch.ones(12)}
 
 
+@_bad("weights_differ")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    weight = torch.ones(11)
+    weight[3] = 2.0 if rank == 1 else 1.0  # the whole vector, one value off on rank 1
+    return {**_good_args(rank, world_size), "weight": weight}
+
+
 # Labels outside [0, V) fail even with validation off (as torch's kernels do), on every rank.
 UNCHECKED = "_validation_off"
 """Bad calls whose name ends with this run inside ``crossent.validation(False)``."""
@@ -199,8 +206,15 @@ def _linear_local_class_weight(rank: int, world_size: int) -> dict[str, Any]:
     return {**args, "class_weight": torch.ones(args["local_weight"].shape[0])}
 
 
+def _linear_class_weights_differ(rank: int, world_size: int) -> dict[str, Any]:
+    weight = torch.ones(11)
+    weight[7] = 0.5 if rank == world_size - 1 else 1.0
+    return {**_linear_args(rank, world_size), "class_weight": weight}
+
+
 LINEAR_BAD_CALLS.update(
     {
+        "linear_class_weights_differ": _linear_class_weights_differ,
         "linear_hidden_size_differs_on_rank_1": _linear_bad_d,
         "linear_requires_grad_differs": _linear_grad_differs,
         "linear_label_above_global_vocab": _linear_label_out_of_range,

@@ -66,6 +66,7 @@ EXPECTED_ERRORS = {
     "linear_requires_grad_differs": (None, "ValueError", "different options"),
     "linear_label_above_global_vocab": (None, "ValueError", "outside the global vocabulary"),
     "linear_class_weight_slice": (None, "ValueError", "`class_weight` must hold the whole"),
+    "linear_class_weights_differ": (None, "ValueError", "different `class_weight` values"),
     "linear_label_above_global_vocab_validation_off": (None, "IndexError", "outside [0, 11)"),
     "linear_negative_label_on_rank_1_validation_off": (None, "IndexError", "min=-7"),
 }

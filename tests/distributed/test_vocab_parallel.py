@@ -79,6 +79,7 @@ EXPECTED_ERRORS = {
     "targets_differ": (None, "ValueError", "different `target` tensors"),
     "weight_on_rank_0_only": (None, "ValueError", "given on some ranks but not on others"),
     "weight_wrong_length": (None, "ValueError", "either the whole vocabulary (11 classes)"),
+    "weights_differ": (None, "ValueError", "the ranks hold different `weight` values"),
     # with validation off: torch's IndexError, still on every rank
     "label_above_global_vocab_validation_off": (None, "IndexError", "outside [0, 11)"),
     "negative_label_validation_off": (None, "IndexError", "min=-7"),

@@ -400,6 +400,40 @@ def test_triton_sparse_not_used_for_focal_float32_or_tracing(
     assert not _triton_sparse.usable(x16, opts)
 
 
+def test_smoothing_over_a_zero_weight_masked_class_triton_and_pytorch_agree() -> None:
+    """A class of weight 0 masked by a bias of -inf, under label smoothing: the Triton kernels
+    give the exact value (the class adds nothing); the PyTorch chunk path gave NaN (its
+    Σ w_k (z_k - m) formed 0 · -inf), losses and gradients. Both now equal the float64 formula."""
+    gen = torch.Generator().manual_seed(7)
+    n, d, v = 6, 5, 37
+    h = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64)
+    bias = torch.randn(v, generator=gen, dtype=torch.float64)
+    bias[[2, 20]] = -math.inf
+    cw = torch.rand(v, generator=gen, dtype=torch.float64) + 0.5
+    cw[[2, 20]] = 0.0
+    y = torch.tensor([0, 5, 19, 21, 35, 1])
+    scale = torch.randn(n, generator=gen, dtype=torch.float64)
+    for zeta, cap in ((0.0, None), (1e-2, None), (0.0, 2.0)):
+        got, ref = (
+            _chunked_linear_ce(
+                h, w, y, bias=bias, class_weight=cw, compute_grad=True, row_scale=scale,
+                opts=LinearCEOptions(-100, 0.1, zeta, cap, "none", 4, use_triton=triton),
+            )
+            for triton in (True, False)
+        )  # fmt: skip
+        z = (h @ w.T + bias).numpy()
+        want = ce.sparse_categorical_cross_entropy(
+            z, y.numpy(), weight=cw.numpy(), from_logits=True, label_smoothing=0.1,
+            z_loss=zeta, softcap=cap, reduction="none",
+        )  # fmt: skip
+        torch.testing.assert_close(ref[0], torch.from_numpy(want), **_tol(torch.float64))
+        for g, r in zip(got, ref, strict=True):
+            if r is not None:
+                assert not r.isnan().any()
+                torch.testing.assert_close(g, r, **_tol(torch.float64))
+
+
 @pytest.mark.parametrize("check", [True, False])
 def test_triton_sparse_bad_label_raises_with_validation_off(
     check: bool, monkeypatch: pytest.MonkeyPatch

@@ -77,6 +77,64 @@ def test_nan_row_with_large_logits_warns_about_nothing() -> None:
     assert np.isfinite(got[1])
 
 
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.1}, {"z_loss": 0.01}, {"gamma": 2.0}, {"softcap": 3.0}]
+)
+def test_nan_logits_of_counted_targets_of_weight_0_make_the_mean_nan(
+    xp: Any, options: dict[str, float]
+) -> None:
+    """Every counted target has weight 0 (the mean's denominator is 0) and a row holds NaN: the
+    mean is NaN on every backend, as PyTorch's kernels give; the generic formula's mean was 0
+    (its safe division hid the NaN). Without the NaN the mean is 0 (crossent's rule)."""
+    conv = to_xp(xp)
+    x = np.array([[np.nan, 1.0, 0.0], [0.5, -1.0, 0.0]])
+    y, w = np.array([0, 0]), np.array([0.0, 1.0, 1.0])
+
+    def mean(logits: np.ndarray) -> float:
+        out = ce.sparse_categorical_cross_entropy(
+            conv(logits), conv(y), weight=conv(w), from_logits=True, **options
+        )
+        return float(to_numpy(out))
+
+    assert math.isnan(mean(x))
+    assert mean(np.nan_to_num(x)) == 0.0
+    value, _ = ce.value_and_grad(
+        ce.sparse_categorical_cross_entropy, conv(x), conv(y), weight=conv(w), from_logits=True,
+        **options,
+    )  # fmt: skip
+    assert math.isnan(float(to_numpy(value)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_logits_spanning_more_than_the_largest_float_warn_about_nothing(
+    xp: Any, dtype: str
+) -> None:
+    """z - max(z) beyond the largest float is -inf, whose exponential is the right 0: NumPy
+    warned "overflow encountered in subtract" (an error under -W error) in the NumPy executor,
+    the generic log-sum-exp, log-softmax and row statistics. The values are the float64
+    formula's: the row max's class has p = 1."""
+    big = float(np.finfo(dtype).max) * 0.6  # z - m = -1.2 max: overflows
+    conv = to_xp(xp)
+    z = conv(np.array([[big, -big, 0.0], [1.0, 2.0, 0.5]], dtype=dtype))
+    y = conv(np.array([0, 1]))
+    p_row0 = conv(np.array([[0.0, 1.0, 0.0], [0.2, 0.5, 0.3]], dtype=dtype))
+    sparse = ce.sparse_categorical_cross_entropy(z, y, from_logits=True, reduction="none")
+    want = [0.0, float(np.log(np.exp([1.0, 2.0, 0.5]).sum()) - 2.0)]
+    np.testing.assert_allclose(to_numpy(sparse).astype(float), want, rtol=1e-6, atol=0)
+    _, grad = ce.value_and_grad(ce.sparse_categorical_cross_entropy, z, y, from_logits=True)
+    assert to_numpy(grad)[0].tolist() == [0.0, 0.0, 0.0]
+    smooth = ce.categorical_cross_entropy(z, p_row0, from_logits=True, reduction="none")
+    assert float(to_numpy(smooth)[0]) == np.inf  # mass on p = 0: +inf, no warning
+    entropy = ce.info.entropy(z, from_logits=True)
+    assert float(to_numpy(entropy)[0]) == 0.0
+    kl = ce.info.kl_divergence(z, z, from_logits=True)
+    assert to_numpy(kl).tolist() == [0.0, 0.0]
+    assert math.isfinite(float(to_numpy(ce.distillation_loss(z, z))))
+    # log p of the smallest logit is -inf here although p log p is finite (about 1e308):
+    # ListNet and soft targets then give +inf (as PyTorch's log_softmax); without a warning
+    ce.listnet_loss(z, p_row0 + 0.1)
+
+
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"z_loss": 0.1}])
 def test_non_finite_row_maxima_warn_about_nothing(xp: Any, options: dict[str, Any]) -> None:
     """A +inf logit and an all -inf row: NaN where inf - inf is formed, +inf for a finite target

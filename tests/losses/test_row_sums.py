@@ -139,3 +139,12 @@ def test_nan_in_a_non_target_class_propagates(xp: Any, loss: Any) -> None:
     np.testing.assert_allclose(got[1], -np.log(0.5), rtol=1e-13)
     value, _ = ce.value_and_grad(loss, p, t)
     assert np.isnan(float(to_numpy(value)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_row_that_fails_by_a_little_shows_why(dtype: Any) -> None:
+    """The sum is printed with the digits that show it is not 1 ("sums to 1" at 6 digits)."""
+    p = np.array([[0.5, 0.5 + 3e-6]], dtype=dtype)
+    total = float(np.sum(p.astype(np.float64)))
+    with pytest.raises(ValueError, match=re.escape(f"row 0 sums to {total!r} (tolerance")):
+        ce.sparse_categorical_cross_entropy(p, np.array([0]))

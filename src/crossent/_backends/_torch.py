@@ -406,7 +406,8 @@ def _sparse_rows_generic(
     if opts.softcap is not None:
         cap = opts.softcap
         capped = cap * torch.tanh(z / cap)
-        z = torch.where(z == -math.inf, z, capped) if _may_hold_neg_inf(z) else capped
+        # -inf stays -inf, a constant (no gradient: _logprob.softcap_logits)
+        z = torch.where(z == -math.inf, -math.inf, capped) if _may_hold_neg_inf(z) else capped
     t = index_target(target)
     from crossent._lib._checks import check_label_range, guard_label_range
 
@@ -627,10 +628,11 @@ def _soft_native(xc: Tensor, c: Tensor, w: Tensor | None, opts: CEOptions) -> Te
     return out
 
 
-def _holds_nan(out: Tensor, reduction: str) -> bool:
-    """Whether the loss `out` holds a NaN, by one host read (of the sum of the row losses for
-    ``"none"``: they are never -inf, so a NaN sum is a NaN row)."""
-    return math.isnan((out.detach().sum() if reduction == "none" else out).item())
+def _holds_nan(out: Tensor, reduction: str, *, inf: bool = False) -> bool:
+    """Whether the loss `out` holds a NaN (or, with `inf`, is +inf), by one host read (of the
+    sum of the row losses for ``"none"``: they are never -inf, so a NaN sum is a NaN row)."""
+    value = (out.detach().sum() if reduction == "none" else out).item()
+    return math.isnan(value) or (inf and value == math.inf)
 
 
 def _soft_half_small(x: Tensor, t: Tensor, opts: CEOptions) -> Tensor:

@@ -28,7 +28,9 @@ double backward).
 The eager path runs only where values may be read (CPU, no ``torch.compile`` or
 ``torch.func``); :func:`own_rows` returns None for the generic path otherwise, and
 for a result that is NaN (a non-finite logit, which ``log_softmax`` does not
-guard, or a NaN input: the generic statistics then give crossent's values).
+guard, or a NaN input: the generic statistics then give crossent's values), or
++inf with z-loss (a label on a masked class, whose gradient needs the row's
+log-sum-exp, which ``z_y - log p_y`` does not give there).
 Bad labels raise from PyTorch's own gather, turned into crossent's message.
 """
 
@@ -119,7 +121,7 @@ def own_rows(
     except (IndexError, RuntimeError) as exc:
         _label_error(exc, t, num_classes, opts.ignore_index)
         raise  # pragma: no cover - _label_error always raises
-    if _holds_nan(out, opts.reduction):
+    if _holds_nan(out, opts.reduction, inf=opts.z_loss != 0):
         return None
     return (
         out if opts.reduction != "none" or out.shape == target.shape else out.reshape(target.shape)
@@ -185,9 +187,11 @@ def _lse(z: Tensor, col: Tensor, nll_y: Tensor) -> Tensor:
 
     z_y + (−log p_y) is −inf + inf = NaN where the column read is a masked class: an
     ignored row's stand-in label (its coefficients are 0, so any finite L serves, and the
-    NaN made the row's gradient NaN), or a counted label on a masked class (its loss is
-    +inf through −log p_y whatever L is). A row holding NaN has −log p_y NaN: its loss and
-    gradient stay NaN through the log-probability terms. One operation, no host read.
+    NaN made the row's gradient NaN), or a counted label on a masked class: its loss is
+    +inf whatever L is, but its gradient a p - b [k=y] needs L (a holds 2 λ L), so
+    :func:`own_rows` leaves a loss of +inf with z-loss to the generic statistics. A row
+    holding NaN has −log p_y NaN: its loss and gradient stay NaN through the
+    log-probability terms. One operation, no host read.
     """
     out = z.gather(1, col).add_(nll_y)
     return torch.nan_to_num_(out, nan=0.0, posinf=math.inf, neginf=-math.inf)

@@ -13,8 +13,9 @@ same message without the offending values; under ``torch.func`` transforms
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeGuard, overload
 
 from crossent._lib import _config
 from crossent._lib._xp import (
@@ -54,10 +55,13 @@ __all__ = [
     "checked_on_device",
     "device_assertions",
     "guard_label_range",
+    "is_integer_scalar",
+    "is_real_scalar",
     "label_index_error",
     "label_range_message",
     "not_ignored",
     "row_sum_tolerance",
+    "shown_value",
     "unit_interval_message",
     "values_checked",
 ]
@@ -103,6 +107,30 @@ def assert_on_device(bad: Array, msg: str) -> None:
     torch._assert_async(torch.logical_not(bad.any()), msg)
 
 
+def is_real_scalar(value: object) -> TypeGuard[numbers.Real]:
+    """Whether `value` is a real number, Python's or NumPy's (``numbers.Real``), not a bool.
+
+    crossent's one rule for scalar options: a NumPy scalar of the right kind
+    (``np.float32(0.1)`` for a float, ``np.int64(3)`` for an int) is accepted
+    wherever a Python number is, as Python's own ``numbers`` ABCs do; a bool
+    (``True``, ``np.True_``) is refused where a number is expected.
+    """
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):  # without the ABC look-up (and as torch.compile traces)
+        return True
+    return isinstance(value, numbers.Real)
+
+
+def is_integer_scalar(value: object) -> TypeGuard[numbers.Integral]:
+    """Whether `value` is an integer, Python's or NumPy's (``numbers.Integral``), not a bool."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, numbers.Integral)
+
+
 def check_reduction(reduction: object) -> str:
     """`reduction` must be "mean", "sum" or "none"."""
     if reduction not in REDUCTIONS:
@@ -114,8 +142,10 @@ def check_reduction(reduction: object) -> str:
 def check_axis(axis: object, ndim: int, *, name: str = "input") -> int:
     """`axis` as a non-negative int valid for a `ndim`-d array."""
     if isinstance(axis, bool) or not isinstance(axis, int):
-        msg = f"`axis` must be an int; got {type(axis).__name__}."
-        raise TypeError(msg)
+        if not is_integer_scalar(axis):
+            msg = f"`axis` must be an int; got {type(axis).__name__}."
+            raise TypeError(msg)
+        return check_axis(int(axis), ndim, name=name)
     if ndim == 0:
         msg = f"`{name}` must have at least one dimension (the class axis); got a 0-d array."
         raise ValueError(msg)
@@ -132,13 +162,14 @@ def check_base(base: object) -> float | None:
     """`base` is None (nats) or a positive, finite number other than 1."""
     if base is None:
         return None
-    if isinstance(base, bool) or not isinstance(base, int | float):
+    if not is_real_scalar(base):
         msg = f"`base` must be None (nats) or a positive number such as 2; got {base!r}."
         raise TypeError(msg)
+    base = float(base)
     if not 0 < base < math.inf or base == 1:  # base inf would turn every value into 0
         msg = f"`base` must be positive, finite and not 1 (None means nats, 2 bits); got {base!r}."
         raise ValueError(msg)
-    return float(base)
+    return base
 
 
 def check_array(x: object, *, name: str) -> None:
@@ -190,13 +221,14 @@ def check_from_logits(from_logits: bool, **options: object) -> None:
 
 def check_nonnegative_scalar(value: object, *, name: str) -> float:
     """A finite, non-negative Python number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_real_scalar(value):
         msg = f"`{name}` must be a number; got {type(value).__name__}."
         raise TypeError(msg)
-    if not value >= 0 or value == float("inf"):
+    number = float(value)
+    if not number >= 0 or number == math.inf:
         msg = f"`{name}` must be finite and >= 0; got {value!r}."
         raise ValueError(msg)
-    return float(value)
+    return number
 
 
 def check_unit_interval_scalar(value: object, *, name: str) -> float:
@@ -266,6 +298,14 @@ def row_sum_tolerance(dtype: Any, num_classes: int, *, xp: Any) -> float:
     return eps_in + max(num_classes, 1) * eps_sum
 
 
+def shown_value(value: float) -> str:
+    """`value` in 6 significant digits, in full when those would show a value just outside
+    [0, 1] as 0 or 1: "a value 1 outside [0, 1]" for 1.0000000001, "sums to 1" for a row that
+    fails by 1e-6 (the messages of bad probabilities and of bad row sums)."""
+    short = f"{value:.6g}"
+    return short if float(short) not in (0.0, 1.0) or float(short) == value else repr(value)
+
+
 def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any) -> None:
     """Probability predictions: values in [0, 1] and every row summing to 1 along `axis`.
 
@@ -301,8 +341,8 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
         index.insert(0, i)
     where = f"row {index[0]}" if len(index) == 1 else f"row {tuple(index)}"
     msg = (
-        f"`{name}` holds probabilities whose rows must sum to 1 along axis {axis}; {where} "
-        f"sums to {total:.6g} (tolerance {tol:.2g} for {num_classes} classes in {x.dtype}). "
+        f"`{name}` holds probabilities whose rows must sum to 1 along axis {axis}; {where} sums "
+        f"to {shown_value(total)} (tolerance {tol:.2g} for {num_classes} classes in {x.dtype}). "
         f"{_ROW_SUM_FIX}"
     )
     raise ValueError(msg)
@@ -465,26 +505,28 @@ def check_chunk_size(chunk_size: object) -> int | None:
     """`chunk_size` of the fused losses: None (chosen from memory) or a positive int."""
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+    if not is_integer_scalar(chunk_size):
         msg = f"`chunk_size` must be None or a positive int; got {chunk_size!r}."
         raise TypeError(msg)
-    if chunk_size < 1:
-        msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {chunk_size}."
+    size = int(chunk_size)
+    if size < 1:
+        msg = f"`chunk_size` must be >= 1 (or None to pick one from memory); got {size}."
         raise ValueError(msg)
-    return chunk_size
+    return size
 
 
 def check_softcap(softcap: object) -> float | None:
     """`softcap` is None (no capping) or a positive, finite number."""
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, int | float):
+    if not is_real_scalar(softcap):
         msg = f"`softcap` must be None or a positive number such as 30.0; got {softcap!r}."
         raise TypeError(msg)
-    if not 0 < softcap < float("inf"):
+    cap = float(softcap)
+    if not 0 < cap < math.inf:
         msg = f"`softcap` must be positive and finite (or None for no capping); got {softcap!r}."
         raise ValueError(msg)
-    return float(softcap)
+    return cap
 
 
 @overload
@@ -495,8 +537,8 @@ def check_ignore_index(ignore_index: object, *, allow_none: bool) -> int | None:
     """`ignore_index` is an int (or None where no label is ignored by default)."""
     if ignore_index is None and allow_none:
         return None
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if not is_integer_scalar(ignore_index):
         expected = "None or an int" if allow_none else "an int"
         msg = f"`ignore_index` must be {expected} such as -100; got {ignore_index!r}."
         raise TypeError(msg)
-    return ignore_index
+    return int(ignore_index)

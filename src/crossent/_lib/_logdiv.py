@@ -43,6 +43,7 @@ from typing import Any
 
 from crossent._lib._xp import (
     Array,
+    difference,
     forward_ad_active,
     is_torch_namespace,
     logsumexp,
@@ -86,7 +87,8 @@ def log_softmax(z: Array, *, axis: int, xp: Any, overwrite: bool = False) -> Arr
         if overwrite and _untracked_torch(xp, z):
             return torch._log_softmax(z, axis, False, out=z)
         return torch.log_softmax(z, dim=axis)
-    return z - logsumexp(z, axis=axis, keepdims=True, xp=xp)
+    # beyond the largest float log p is rightly -inf (p = 0), without NumPy's warning
+    return difference(z, logsumexp(z, axis=axis, keepdims=True, xp=xp), xp=xp)
 
 
 def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:

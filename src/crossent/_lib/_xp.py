@@ -22,8 +22,10 @@ __all__ = [
     "Array",
     "array_namespace",
     "astype",
+    "check_same_device",
     "compute_dtype",
     "device",
+    "difference",
     "forward_ad_active",
     "host_float",
     "is_array",
@@ -102,14 +104,20 @@ def array_namespace(*arrays: object, **named: object) -> Any:
     """
     torch = sys.modules.get("torch")
     if torch is not None:  # the common case first: tensors and None, few names to trace
-        found = False
+        found = None
+        mixed = False
         for a in (*arrays, *named.values()):
             if isinstance(a, torch.Tensor):
-                found = True
+                if found is None:
+                    found = a
+                elif not mixed and a.device != found.device:
+                    mixed = True
             elif a is not None:
                 break
         else:
-            if found:
+            if found is not None:
+                if mixed:
+                    check_same_device(*arrays, **named)
                 return _torch_namespace()
     items = [(f"argument {i + 1}", a) for i, a in enumerate(arrays)] + list(named.items())
     given = [(n, a) for n, a in items if a is not None]
@@ -124,6 +132,7 @@ def array_namespace(*arrays: object, **named: object) -> Any:
         )
         raise TypeError(msg)
     if all(is_torch_tensor(a) for _, a in present):  # the common case, cheap and traceable
+        check_same_device(*arrays, **named)
         return _torch_namespace()
     numpy = sys.modules.get("numpy")
     if numpy is not None and all(type(a) is numpy.ndarray for _, a in present):
@@ -365,6 +374,21 @@ def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
     return xp.astype(x, dtype)
 
 
+def difference(a: Array, b: Array, *, xp: Any) -> Array:
+    """``a - b`` for log-space shifts (``z - m``, ``m - z``), where a difference beyond the
+    largest float is rightly ±inf (its exponential is 0 or inf): without NumPy's "overflow
+    encountered in subtract" warning for logits spanning more than ~1.8e308 (3.4e38 in
+    float32). PyTorch, JAX and CuPy do not warn; their subtraction is left as it is
+    (traceable), as in :func:`quiet_invalid`.
+    """
+    if getattr(xp, "__name__", "") not in _WARNS_INVALID:  # only NumPy warns
+        return a - b
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        return a - b
+
+
 def output_dtype(x: Array, *others: Array, xp: Any) -> Any:
     """The dtype of a loss of `x` (and `others`, promoted with it): their own, or float32 for
     half precision under ``torch.autocast``.
@@ -421,7 +445,7 @@ def logsumexp(
     m_safe = xp.where(finite_max, m, xp.zeros_like(m))
     is_max = x == m
     # rows whose max is NaN or ±inf exponentiate nothing (exp(710 - 0) would overflow)
-    shifted = xp.where(finite_max, x - m_safe, xp.zeros_like(x))
+    shifted = xp.where(finite_max, difference(x, m_safe, xp=xp), xp.zeros_like(x))
     e = xp.where(is_max, xp.zeros_like(x), xp.exp(shifted))
     n_max = xp.sum(xp.astype(is_max, x.dtype), axis=axis, keepdims=True)
     s = (xp.sum(e, axis=axis, keepdims=True) if row_sum is None else row_sum(e)) + (n_max - 1)
@@ -489,6 +513,28 @@ def xlogy(x: Array, y: Array, *, xp: Any) -> Array:
     return xp.where(is_zero, xp.zeros_like(x * y_safe), x * xp.log(y_safe))
 
 
+def check_same_device(*arrays: object, **named: object) -> None:
+    """The PyTorch tensors among the arguments (by keyword, so that the error names them) must
+    share the first one's device; a ``ValueError`` naming the two arguments otherwise.
+
+    Called where PyTorch's own error would come first ("Expected all tensors to be on the
+    same device", or a meta tensor read by a value check): by :func:`array_namespace`, and
+    by the executors' callers when a kernel raises (free on the hot path).
+    """
+    items = [(f"argument {i + 1}", a) for i, a in enumerate(arrays)] + list(named.items())
+    tensors: list[tuple[str, Any]] = [(n, a) for n, a in items if is_torch_tensor(a)]
+    if not tensors:
+        return
+    first, ref = tensors[0]
+    for name, a in tensors[1:]:
+        if a.device != ref.device:
+            msg = (
+                f"`{name}` is on {a.device} but `{first}` is on {ref.device}; move it with "
+                f"`{name}.to({first}.device)`."
+            )
+            raise ValueError(msg)
+
+
 def isfinite(x: Array, *, xp: Any) -> Array:
     """``xp.isfinite(x)`` in the fewest operations: PyTorch composes its ``isfinite`` of four
     (each a kernel launch on an accelerator), ``abs(x) < inf`` is two (NaN compares False)."""
@@ -498,7 +544,7 @@ def isfinite(x: Array, *, xp: Any) -> Array:
 
 
 _WARNS_INVALID = ("numpy", "array_api_compat.numpy", "array_api_strict")
-"""The namespaces that compute with NumPy, which warns about invalid operations."""
+"""The namespaces that compute with NumPy, which warns about invalid operations and overflow."""
 
 
 def quiet_invalid(xp: Any) -> contextlib.AbstractContextManager[Any]:
@@ -516,10 +562,15 @@ def quiet_invalid(xp: Any) -> contextlib.AbstractContextManager[Any]:
 
 
 def safe_divide(num: Array, den: Array, *, xp: Any) -> Array:
-    """`num` / `den`, with 0 (and a zero gradient) where `den` is 0."""
+    """`num` / `den`, with 0 (and a zero gradient) where `den` is 0 and `num` is finite.
+
+    Where `den` is 0 the quotient is ``num / inf``: 0 for a finite `num`, NaN for a NaN
+    (NaN propagates: a NaN logit in a row of weight 0 makes the mean NaN, as in
+    PyTorch's kernels, whose mean crossent divides by +inf there, not 0).
+    """
     den_zero = den == 0
-    den_safe = xp.where(den_zero, xp.ones_like(den), den)
-    return xp.where(den_zero, xp.zeros_like(num / den_safe), num / den_safe)
+    q = num / xp.where(den_zero, xp.full_like(den, float("inf")), den)
+    return xp.where(den_zero, q, q)  # an array, also where NumPy's division gives a scalar
 
 
 def take_along_axis(x: Array, indices: Array, *, axis: int, xp: Any) -> Array:

@@ -42,6 +42,7 @@ from crossent._lib._xp import (
     Array,
     array_namespace,
     astype,
+    check_same_device,
     compute_dtype,
     device,
     is_array,
@@ -464,7 +465,11 @@ def binary_cross_entropy(
                 from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
                 reduction=reduction, alpha=alpha,
             )  # fmt: skip
-        out = torch_binary(input, target, weight, pos_weight, opts.label_smoothing, opts)
+        try:
+            out = torch_binary(input, target, weight, pos_weight, opts.label_smoothing, opts)
+        except RuntimeError:  # PyTorch's device error: crossent's, naming the argument
+            check_same_device(input=input, target=target, weight=weight, pos_weight=pos_weight)
+            raise
         if out is not None:
             return out
     b = _prepare(

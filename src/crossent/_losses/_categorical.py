@@ -24,6 +24,7 @@ from crossent._lib._xp import (
     Array,
     array_namespace,
     astype,
+    check_same_device,
     compute_dtype,
     is_torch_tensor,
     logsumexp,
@@ -247,7 +248,11 @@ def categorical_cross_entropy(
                 from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
                 reduction=reduction,
             )  # fmt: skip
-        out = torch_executor().categorical(input, target, weight, axis, opts)
+        try:
+            out = torch_executor().categorical(input, target, weight, axis, opts)
+        except RuntimeError:  # PyTorch's device error: crossent's, naming the argument
+            check_same_device(input=input, target=target, weight=weight)
+            raise
         if out is not None:
             return out
     xp = array_namespace(input=input, target=target, weight=weight)

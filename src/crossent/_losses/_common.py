@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from crossent._lib._xp import Array, safe_divide, size_array
+from crossent._lib._xp import Array, difference, safe_divide, size_array
 
 __all__ = [
     "LOG_CLAMP",
@@ -67,8 +67,13 @@ def log1mexp(log_p: Array, *, xp: Any) -> Array:
     near_zero = (log_p > -0.6931471805599453) & ~is_zero
     minus_one = xp.full_like(log_p, -1.0)
     u_hi = xp.where(near_zero, log_p, minus_one)
-    u_lo = xp.where(near_zero | is_zero, minus_one, log_p)
+    # u = -inf (p = 0, a masked class) is read as a constant 0, whose derivative, 0, is the
+    # limit: autodiff would multiply e^u = 0 by an infinite upstream gradient (the focal
+    # term of a masked class has -log p = inf), NaN instead of the closed form's 0
+    outside = near_zero | is_zero | (log_p == -float("inf"))
+    u_lo = xp.where(outside, minus_one, log_p)
     out = xp.where(near_zero, xp.log(-xp.expm1(u_hi)), xp.log1p(-xp.exp(u_lo)))
+    out = xp.where(log_p == -float("inf"), xp.zeros_like(out), out)
     return xp.where(is_zero, xp.full_like(out, -float("inf")), out)
 
 
@@ -136,7 +141,7 @@ def shift_logits(z: Array, *, xp: Any) -> tuple[Array, Array]:
     """
     m = xp.max(z, axis=-1, keepdims=True)
     m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
-    return z - m, xp.squeeze(m, axis=-1)
+    return difference(z, m, xp=xp), xp.squeeze(m, axis=-1)
 
 
 def times_log(c: Array, log: Array, pole: Array, *, xp: Any) -> Array:

@@ -52,6 +52,7 @@ from crossent._lib._checks import (
     check_integer_labels,
     check_reduction,
     check_same_shape,
+    is_real_scalar,
 )
 from crossent._lib._logdiv import generalized_jsd_from_log, jsd_and_grad_from_log, log_softmax
 from crossent._lib._xp import (
@@ -78,31 +79,33 @@ __all__ = [
 
 def check_beta(beta: object) -> float:
     """`beta` is a number in [0, 1]."""
-    if isinstance(beta, bool) or not isinstance(beta, int | float):
+    if not is_real_scalar(beta):
         msg = f"`beta` must be a number in [0, 1] such as 0.5; got {type(beta).__name__}."
         raise TypeError(msg)
+    beta = float(beta)
     if not 0.0 <= beta <= 1.0:
         msg = (
             f"`beta` must lie in [0, 1] (0: forward KL(teacher||student), 1: reverse "
             f"KL(student||teacher), in between: the generalized JSD); got {beta!r}."
         )
         raise ValueError(msg)
-    return float(beta)
+    return beta
 
 
 def check_temperature(temperature: object) -> float:
     """`temperature` is a positive, finite number."""
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+    if not is_real_scalar(temperature):
         kind = type(temperature).__name__
         msg = f"`temperature` must be a positive number such as 1.0; got {kind}."
         raise TypeError(msg)
+    temperature = float(temperature)
     if not 0.0 < temperature < math.inf:
         msg = (
             f"`temperature` must be positive and finite (the logits are divided by it); "
             f"got {temperature!r}. Use 1.0 for the plain softmax."
         )
         raise ValueError(msg)
-    return float(temperature)
+    return temperature
 
 
 def _constant(x: Array, *, xp: Any) -> Array:

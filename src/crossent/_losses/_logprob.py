@@ -78,20 +78,21 @@ def check_class_weight(weight: Array | None, num_classes: int, *, xp: Any) -> No
 
 
 def softcap_logits(x: Array, cap: float | None, *, xp: Any) -> Array:
-    r"""Gemma-2 soft-capping :math:`z = c \tanh(x / c)`; ``-inf`` stays ``-inf`` (masking)."""
+    r"""Gemma-2 soft-capping :math:`z = c \tanh(x / c)`; ``-inf`` stays ``-inf`` (masking), a
+    constant: its derivative is :math:`1 - \tanh^2(-\infty) = 0`, as in the fused and Triton
+    kernels and PyTorch's eager executor (a label on a masked class gets no gradient there)."""
     if cap is None:
         return x
     capped = cap * xp.tanh(x / cap)
-    return xp.where(x == -float("inf"), x, capped)
+    return xp.where(x == -float("inf"), xp.full_like(x, -float("inf")), capped)
 
 
 def softcap_backward(x: Array, cap: float | None, grad_z: Array, *, xp: Any) -> Array:
-    r"""Chain rule through :func:`softcap_logits`: :math:`dz/dx = 1 - \tanh^2(x/c)`, 1 at -inf."""
+    r"""Chain rule through :func:`softcap_logits`: :math:`dz/dx = 1 - \tanh^2(x/c)`, 0 at -inf."""
     if cap is None:
         return grad_z
     t = xp.tanh(x / cap)
-    dz = xp.where(x == -float("inf"), xp.ones_like(t), 1 - t * t)
-    return grad_z * dz
+    return grad_z * (1 - t * t)
 
 
 @dataclass

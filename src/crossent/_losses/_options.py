@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
+import numpy as np
+
 from crossent._lib._checks import (
     check_from_logits,
     check_ignore_index,
@@ -120,6 +122,7 @@ def _make(
 
 
 _CACHE: dict[tuple[object, ...], CEOptions] = {}
+_BOOLS = frozenset((bool, np.bool_))
 _CACHE_SIZE = 1024
 
 
@@ -157,11 +160,11 @@ def make_options(
         opts = _CACHE.get(key)
     except TypeError:  # an unhashable option (a list): let the checks name it
         return _make(*key)
-    # bool and int compare equal (True == 1): a bool option is checked, never a cache hit;
-    # from_logits (first) must be a bool, no other option may be one (one pass in C: this
-    # runs on every call of every loss)
+    # bool and int compare equal (True == 1, np.True_ == 1): a bool option is checked, never a
+    # cache hit; from_logits (first) must be a bool, no other option may be one (one pass in C:
+    # this runs on every call of every loss)
     types = map(type, key)
-    exact = next(types) is bool and bool not in types
+    exact = next(types) is bool and _BOOLS.isdisjoint(types)
     if opts is not None and exact:
         return opts
     opts = _make(*key)

@@ -82,7 +82,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from crossent._lib._xp import Array, isfinite, quiet_invalid, stop_gradient, take_along_axis
+from crossent._lib._xp import (
+    Array,
+    difference,
+    isfinite,
+    quiet_invalid,
+    stop_gradient,
+    take_along_axis,
+)
 from crossent._lib._xp import device as _device
 from crossent._losses._common import focal_factor
 from crossent._losses._options import CEOptions
@@ -159,9 +166,10 @@ def row_stats(
     m = stop_gradient(xp.max(z, axis=-1), xp=xp)  # the shift cancels in L = m + log s
     finite = isfinite(m, xp=xp)
     m_safe = xp.where(finite, m, xp.zeros_like(m))
-    s = xp.sum(xp.exp(z - xp.expand_dims(m_safe, axis=-1)), axis=-1)
+    m_col = xp.expand_dims(m_safe, axis=-1)
+    s = xp.sum(xp.exp(difference(z, m_col, xp=xp)), axis=-1)
     if with_wz:
-        d = xp.expand_dims(m_safe, axis=-1) - z
+        d = difference(m_col, z, xp=xp)
         if weight is None:
             wd = xp.sum(d, axis=-1)
             wsum: Array | float = float(num)
@@ -360,6 +368,8 @@ def _focal(
         p, log_p_safe = _p_and_log_p(minus, xp=xp)
         return f1 * one_m, f1 * _plus_product(one_m, -gamma, p, log_p_safe, xp=xp)
     one_m = -em1
+    if autodiff:  # p = 0 (a label on a masked class): 1 - p = 1, a constant (see log1mexp)
+        one_m = xp.where(minus == -float("inf"), xp.ones_like(one_m), one_m)
     f = focal_factor(one_m, gamma, log=False, xp=xp) if autodiff else one_m**gamma
     if not slope:
         return f, None

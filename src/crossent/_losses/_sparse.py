@@ -26,6 +26,7 @@ from crossent._backends import torch_executor
 from crossent._lib._checks import (
     check_axis,
     check_floating,
+    check_ignore_index,
     check_integer_labels,
     check_label_range,
     check_probability_rows,
@@ -34,8 +35,10 @@ from crossent._lib._xp import (
     Array,
     array_namespace,
     astype,
+    check_same_device,
     compute_dtype,
     device,
+    difference,
     is_torch_namespace,
     is_torch_tensor,
     logsumexp,
@@ -114,11 +117,7 @@ def _check_labels(
     axis = check_axis(axis, input.ndim)
     check_floating(input, name="input", xp=xp)
     check_integer_labels(target, xp=xp)
-    if ignore_index is not None and (
-        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
-    ):
-        msg = f"`ignore_index` must be None or an int such as -100; got {ignore_index!r}."
-        raise TypeError(msg)
+    ignore_index = check_ignore_index(ignore_index, allow_none=True)
     num_classes = int(input.shape[axis])
     expected = tuple(input.shape[:axis]) + tuple(input.shape[axis + 1 :])
     if tuple(target.shape) != expected:
@@ -441,7 +440,11 @@ def sparse_categorical_cross_entropy(
         axis_ = axis + ndim if type(axis) is int and -ndim <= axis < 0 else check_axis(axis, ndim)
         if weight is not None:
             check_class_weight(weight, int(input.shape[axis_]), xp=array_namespace(weight=weight))
-        out = torch_executor().sparse(input, target, weight, axis_, opts)
+        try:
+            out = torch_executor().sparse(input, target, weight, axis_, opts)
+        except RuntimeError:  # PyTorch's device error: crossent's, naming the argument
+            check_same_device(input=input, target=target, weight=weight)
+            raise
         if out is not None:
             return out
     lean = _numpy_exec.sparse(input, target, weight, axis, opts, with_grad=False)
@@ -560,7 +563,7 @@ def _row_grads(
     m_safe = xp.where(xp.isfinite(stats.m), stats.m, xp.zeros_like(stats.m))
     log_s = _rows.log_s(stats, _rows.log_terms(stats, xp=xp), xp=xp)
     shift = xp.where(valid, log_s, xp.full_like(s, float("inf")))
-    z_m = z - xp.expand_dims(m_safe, axis=-1)
+    z_m = difference(z, xp.expand_dims(m_safe, axis=-1), xp=xp)
     g = xp.expand_dims(a * s, axis=-1) * xp.exp(z_m - xp.expand_dims(shift, axis=-1))
     if e != 0:
         w_row = xp.ones_like(z[..., :1]) if w is None else w
@@ -647,7 +650,11 @@ def _nll_loss(
             check_class_weight(
                 weight, int(log_probs.shape[axis_]), xp=array_namespace(weight=weight)
             )
-        out = torch_nll(log_probs, target, weight, axis_, opts)
+        try:
+            out = torch_nll(log_probs, target, weight, axis_, opts)
+        except RuntimeError:  # PyTorch's device error: crossent's, naming the argument
+            check_same_device(input=log_probs, target=target, weight=weight)
+            raise
         if out is not None:
             return out
     if xp is None:

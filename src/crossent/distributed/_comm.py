@@ -42,8 +42,10 @@ _FINGERPRINT_PERIOD = 1009
 """Position weights of the target fingerprint cycle through 1..1009 (catches permutations)."""
 
 # Header fields (int64), one row per rank after the all_gather.
-_ERROR, _VLOCAL, _WLEN, _NDIM, _NUMEL, _SHAPE, _OPTS, _CHECKED, _TMIN, _TMAX, _TSUM = range(11)
-_HEADER = 11
+_ERROR, _VLOCAL, _WLEN, _NDIM, _NUMEL, _SHAPE, _OPTS, _CHECKED, _TMIN, _TMAX, _TSUM, _WSUM = range(
+    12
+)
+_HEADER = 12
 _NO_LABEL_MIN = 2**62
 """Sentinel minimum when a rank has no counted label (every target ignored)."""
 
@@ -118,6 +120,19 @@ def _label_summary(target: torch.Tensor, ignore_index: int | None) -> torch.Tens
     return torch.stack([lo, hi, fingerprint])
 
 
+def _weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """An exact fingerprint of the class weights' bits, computed on their device: the sum of
+    their bit patterns (as integers) times position weights, wrapping in int64, so it does
+    not depend on the order of the reduction (the same values give the same number on every
+    rank and device) and a change in any one weight, or a permutation, changes it."""
+    w = weight.detach().reshape(-1).contiguous()
+    bits = w.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[w.element_size()]).to(
+        torch.int64
+    )
+    position = torch.arange(w.numel(), device=w.device, dtype=torch.int64) % _FINGERPRINT_PERIOD
+    return ((position + 1) * bits).sum()
+
+
 def _header_device(group: Any) -> torch.device:
     """Where the header must live for the group's backend (NCCL only moves CUDA tensors)."""
     if dist.get_backend(group) == "nccl":
@@ -137,6 +152,7 @@ def agree(
     options: Any,
     signature: object,
     weight_global_only: bool = False,
+    weight: torch.Tensor | None = None,
 ) -> Layout:
     """Exchange the headers; return this rank's :class:`Layout`, or raise on every rank alike.
 
@@ -161,6 +177,8 @@ def agree(
         header[_TMAX] = -1
         if not is_lazy(target):  # the header is read on the host anyway: no extra sync
             header[_TMIN : _TSUM + 1] = _label_summary(target, options.ignore_index).to(where)
+        if checked and weight is not None and not is_lazy(weight):
+            header[_WSUM] = _weight_fingerprint(weight).to(where)
     rows_t = [torch.empty_like(header) for _ in range(world_size)]
     dist.all_gather(rows_t, header, group=group)
     rows: list[list[int]] = torch.stack(rows_t).tolist()
@@ -221,6 +239,14 @@ def agree(
         )
         raise ValueError(msg)
     checked_rows = [row for row in rows if row[_CHECKED]]
+    # class weights of the whole vocabulary must be the same on every rank (slices differ)
+    whole = [r for r, row in enumerate(rows) if row[_CHECKED] and row[_WLEN] == vocab_size]
+    if len({rows[r][_WSUM] for r in whole}) > 1:
+        msg = (
+            f"{caller}: the ranks hold different `{wname}` values (ranks {whole} pass the whole "
+            f"vocabulary's {vocab_size} class weights); every rank must pass the same vector."
+        )
+        raise ValueError(msg)
     if len({row[_TSUM] for row in checked_rows}) > 1:
         msg = (
             f"{caller}: the ranks hold different `target` tensors; every rank must pass the same "

@@ -17,12 +17,11 @@ from typing import Any, Literal
 import torch
 
 from crossent._lib._checks import check_integer_labels, check_nonnegative
-from crossent._lib._xp import array_namespace
+from crossent._lib._xp import array_namespace, check_same_device
 from crossent.distributed._comm import row_reducers
 from crossent.distributed._vocab_parallel import setup
 from crossent.fused._function import VocabShard, run_linear_ce
 from crossent.fused._inputs import (
-    _check_devices,
     _check_float,
     _check_options,
     _check_tensor,
@@ -86,7 +85,7 @@ def _check_tensors(
             raise ValueError(msg)
         check_nonnegative(class_weight, name="class_weight", xp=xp)
         tensors["class_weight"] = class_weight
-    _check_devices(hidden, tensors)
+    check_same_device(hidden=hidden, **tensors)
 
 
 def _prepare(

@@ -174,6 +174,7 @@ def setup(
         options=opts,
         signature=signature,
         weight_global_only=weight_global_only,
+        weight=weight if error is None else None,
     )
     return layout, opts
 

@@ -17,12 +17,11 @@ from typing import Literal
 import torch
 
 from crossent._lib._checks import check_softcap
-from crossent._lib._xp import torch_tracing
+from crossent._lib._xp import check_same_device, torch_tracing
 from crossent._losses._distill import check_temperature
 from crossent.fused._distill import linear_distillation_loss
 from crossent.fused._function import run_linear_ce
 from crossent.fused._inputs import (
-    _check_devices,
     _check_float,
     _check_options,
     _check_tensor,
@@ -210,7 +209,7 @@ def linear_cross_entropy(
                 f"got {tuple(class_weight.shape)}."
             )
             raise ValueError(msg)
-        _check_devices(hidden, {"class_weight": class_weight})
+        check_same_device(hidden=hidden, class_weight=class_weight)
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     if torch_tracing():  # compile or torch.func: value checks run inside the op, on concrete values
         from crossent.fused._ops import linear_ce_compiled

@@ -338,7 +338,7 @@ def softmax_stats_(
     if with_wz:
         buf.sub_(torch.where(finite, m, 0.0)[:, None])  # z - m <= 0
         if class_weight is not None:
-            wd, wsum = torch.mv(buf, class_weight).neg_(), class_weight.sum()
+            wd, wsum = _weighted_sum(buf, class_weight).neg_(), class_weight.sum()
         else:
             wd, wsum = buf.sum(dim=1).neg_(), float(v)
     else:
@@ -352,6 +352,28 @@ def softmax_stats_(
         s = torch.where(empty, 0.0, torch.where(finite, s, math.inf))
         buf.masked_fill_(empty[:, None], 0.0)
     return _rows.RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y, w_y=w_y)
+
+
+def _weighted_sum(d: torch.Tensor, class_weight: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_k w_k d_k` per row, with :math:`0 \cdot (-\infty) = 0`: a class of weight 0
+    masked by a logit of :math:`-\infty` adds nothing (:func:`crossent._losses._rows.row_stats`,
+    the Triton kernel), where the product gave NaN and the loss NaN under label smoothing.
+
+    One matrix-vector product; the guarded one (a temporary the size of `d`) only for the
+    rows that came out NaN, after a host check that is free on CPU, and unconditionally
+    elsewhere (the Triton kernels serve CUDA; this is the float64 path there).
+    """
+    import torch
+
+    out = torch.mv(d, class_weight)
+    if d.device.type == "cpu":
+        bad = out.isnan()
+        if not bool(bad.any()):
+            return out
+        rows = bad.nonzero().squeeze(1)
+        out[rows] = torch.mv(torch.where(class_weight == 0, 0.0, d[rows]), class_weight)
+        return out
+    return torch.mv(torch.where(class_weight == 0, 0.0, d), class_weight)
 
 
 def softmax_(buf: torch.Tensor, *, log: bool) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from crossent._lib._checks import check_reduction, not_ignored
-from crossent._lib._xp import array_namespace, torch_tracing
+from crossent._lib._xp import array_namespace, check_same_device, torch_tracing
 from crossent._losses._distill import check_beta, check_temperature, distill_rows
 from crossent.fused._chunked import (
     _agreed_chunk,
@@ -342,12 +342,7 @@ def linear_distillation_loss(
             f"got {tuple(teacher_hidden.shape)}."
         )
         raise ValueError(msg)
-    if teacher_hidden.device != hidden.device:
-        msg = (
-            f"`teacher_hidden` is on {teacher_hidden.device} but `hidden` is on "
-            f"{hidden.device}; move it with .to()."
-        )
-        raise ValueError(msg)
+    check_same_device(hidden=hidden, teacher_hidden=teacher_hidden)
     mask = (
         torch.ones(batch, dtype=torch.bool, device=hidden.device)
         if target is None

@@ -24,7 +24,7 @@ from crossent._lib._checks import (
     check_unit_interval_scalar,
     guard_label_range,
 )
-from crossent._lib._xp import array_namespace
+from crossent._lib._xp import array_namespace, check_same_device
 from crossent.fused._function import LinearCEOptions
 
 __all__ = [
@@ -46,16 +46,6 @@ def _check_tensor(x: object, *, name: str) -> torch.Tensor:
         msg = f"`{name}` must be a torch.Tensor; got {type(x).__name__}. Use torch.as_tensor first."
         raise TypeError(msg)
     return x
-
-
-def _check_devices(hidden: torch.Tensor, tensors: dict[str, Any]) -> None:
-    """Every tensor in `tensors` must be on `hidden`'s device."""
-    for name, t in tensors.items():
-        if t.device != hidden.device:
-            msg = (
-                f"`{name}` is on {t.device} but `hidden` is on {hidden.device}; move it with .to()."
-            )
-            raise ValueError(msg)
 
 
 def _check_float(x: torch.Tensor, *, name: str, dtype: torch.dtype | None = None) -> None:
@@ -182,7 +172,8 @@ def check_head(
             msg = f"`{b_name}` must have shape (V,) = ({n_classes},); got {tuple(bias.shape)}."
             raise ValueError(msg)
         tensors[b_name] = bias
-    _check_devices(hidden, tensors)
+    # the head's own name for `hidden`: the teacher's tensors name `teacher_hidden`
+    check_same_device(**{h_name: hidden}, **tensors)
     return n_classes
 
 

@@ -123,8 +123,10 @@ def _row_stats_kernel(
             else:
                 w = tl.where(mask, 1.0, 0.0).to(z.dtype)
             shift = w_seen * tl.where(w_seen > 0, m - m_new, 0.0)
-            # classes of weight 0 add nothing (also at a -inf logit: no 0 * inf)
-            sm = sm + shift + tl.sum(tl.where(mask & (w != 0), w * (z - m_ref), 0.0), axis=0)
+            # classes of weight 0 add nothing (also at a -inf logit: no 0 * inf is formed,
+            # which Triton's interpreter, NumPy, would warn about)
+            d = tl.where(mask & (w != 0), z - m_ref, 0.0)
+            sm = sm + shift + tl.sum(w * d, axis=0)
             w_seen = w_seen + tl.sum(w, axis=0)
         m = m_new
     y = tl.load(Y + row)

@@ -20,6 +20,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from crossent._lib import _checks
 from crossent._lib._xp import Array, to_numpy
 from crossent.metrics import _functional as F
 from crossent.metrics._metric import (
@@ -97,7 +98,7 @@ def _check_binary(score: np.ndarray, label: np.ndarray, *, input_kind: str) -> N
     if hits.size:
         row = int(hits[0])
         bound = "[0, 1]" if input_kind == "probs" else "[-inf, 0]"
-        shown = F._shown(float(score[row]))
+        shown = _checks.shown_value(float(score[row]))
         reason = f"has P(label = 1) = {shown}, outside {bound}"
         if input_kind == "log_probs":
             reason = f"has log P(label = 1) = {shown}, outside {bound}"

@@ -117,13 +117,14 @@ def _check_input_kind(input_kind: object) -> str:
 
 
 def _check_positive_int(value: object, *, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    if not _checks.is_integer_scalar(value):
         msg = f"`{name}` must be a positive int; got {type(value).__name__}."
         raise TypeError(msg)
-    if value < 1:
-        msg = f"`{name}` must be at least 1; got {value}."
+    number = int(value)
+    if number < 1:
+        msg = f"`{name}` must be at least 1; got {number}."
         raise ValueError(msg)
-    return int(value)
+    return number
 
 
 def _check_choice(value: object, choices: tuple[str, ...], *, name: str) -> str:
@@ -208,13 +209,6 @@ def _check_distributions(x: Array, *, input_kind: str, xp: Any) -> None:
     _raise_bad_distribution(x, total, outside, row, input_kind=input_kind, tol=tol)
 
 
-def _shown(value: float) -> str:
-    """`value` in 6 significant digits, in full when those would show a value just outside
-    [0, 1] as 0 or 1 ("a value 1 outside [0, 1]" for 1.0000000001)."""
-    short = f"{value:.6g}"
-    return short if float(short) not in (0.0, 1.0) or float(short) == value else repr(value)
-
-
 def _raise_bad_distribution(
     x: Array, total: Array, outside: Array, row: int, *, input_kind: str, tol: float
 ) -> None:
@@ -226,11 +220,12 @@ def _raise_bad_distribution(
     if bool(to_numpy(outside[row], dtype=np.bool_)):
         bound = "[0, 1]" if input_kind == "probs" else "[-inf, 0]"
         bad = values[(values < 0) | (values > 1)] if input_kind == "probs" else values[values > 0]
-        reason = f"has a value {_shown(float(bad[0]))} outside {bound}"
+        reason = f"has a value {_checks.shown_value(float(bad[0]))} outside {bound}"
     else:
-        reason = f"sums to {row_sum:.6g}, not 1 (tolerance {tol:.3g})"
+        shown = _checks.shown_value(row_sum)
+        reason = f"sums to {shown}, not 1 (tolerance {tol:.3g})"
         if input_kind == "log_probs":
-            reason = f"has exp(values) summing to {row_sum:.6g}, not 1 (tolerance {tol:.3g})"
+            reason = f"has exp(values) summing to {shown}, not 1 (tolerance {tol:.3g})"
     msg = (
         f"`input` row {row} is not a distribution of {kind}: it {reason}. "
         f"Pass input_kind={'logits'!r} if these are {hint}, or normalise the rows."

@@ -26,7 +26,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from crossent._lib._checks import check_array
+from crossent._lib._checks import check_array, check_ignore_index, is_integer_scalar
 from crossent._lib._xp import Array, array_namespace
 from crossent.metrics import _functional as F
 from crossent.metrics._exact import ExactSum
@@ -145,16 +145,11 @@ class Metric:
         num_classes: int | None = None,
     ) -> None:
         self.input_kind = F._check_input_kind(input_kind)
-        if isinstance(axis, bool) or not isinstance(axis, int):
+        if not is_integer_scalar(axis):
             msg = f"`axis` must be an int; got {type(axis).__name__}."
             raise TypeError(msg)
-        self.axis = axis
-        if ignore_index is not None and (
-            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
-        ):
-            msg = f"`ignore_index` must be an int or None; got {ignore_index!r}."
-            raise TypeError(msg)
-        self.ignore_index = ignore_index
+        self.axis = int(axis)
+        self.ignore_index = check_ignore_index(ignore_index, allow_none=True)
         if num_classes is not None:
             num_classes = F._check_positive_int(num_classes, name="num_classes")
         self.num_classes = num_classes

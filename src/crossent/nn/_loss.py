@@ -20,12 +20,13 @@ from crossent._backends import _torch as torch_exec
 from crossent._lib._checks import (
     ProbabilityRangeError,
     check_chunk_size,
+    check_ignore_index,
     check_nonnegative,
     check_nonnegative_scalar,
     check_reduction,
     check_unit_interval_scalar,
 )
-from crossent._lib._xp import array_namespace
+from crossent._lib._xp import array_namespace, check_same_device
 from crossent._losses._binary import binary_cross_entropy
 from crossent._losses._categorical import categorical_cross_entropy
 from crossent._losses._options import CEOptions, make_options
@@ -109,13 +110,6 @@ def _check_tensor(weight: object, *, name: str, per_class: bool) -> Tensor | Non
     return weight
 
 
-def _check_ignore_index(ignore_index: object) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        msg = f"`ignore_index` must be an int (PyTorch's default is -100); got {ignore_index!r}."
-        raise TypeError(msg)
-    return ignore_index
-
-
 def _check_softcap(softcap: object) -> float | None:
     if softcap is None:
         return None
@@ -151,7 +145,11 @@ def _cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, opts: C
     axis = _class_axis(input)
     if not isinstance(target, Tensor) or not target.is_floating_point():
         if isinstance(input, Tensor):
-            out = torch_exec.sparse(input, target, weight, axis, opts)
+            try:
+                out = torch_exec.sparse(input, target, weight, axis, opts)
+            except RuntimeError:  # PyTorch's device error: crossent's, naming the argument
+                check_same_device(input=input, target=target, weight=weight)
+                raise
             if out is not None:
                 return out
         return sparse_categorical_cross_entropy(
@@ -422,7 +420,7 @@ class CrossEntropyLoss(_OptionsCache, _WeightedLoss):
         softcap: float | None = None,
     ) -> None:
         super().__init__(weight, size_average, reduce, reduction, per_class=True)
-        self.ignore_index = _check_ignore_index(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index, allow_none=False)
         self.label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
         self.gamma = check_nonnegative_scalar(gamma, name="gamma")
         self.z_loss = check_nonnegative_scalar(z_loss, name="z_loss")
@@ -484,7 +482,7 @@ class NLLLoss(_WeightedLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(weight, size_average, reduce, reduction, per_class=True)
-        self.ignore_index = _check_ignore_index(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index, allow_none=False)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The loss of log-probabilities `input` (classes on dim 1) against class indices."""
@@ -707,7 +705,7 @@ class FocalLoss(_OptionsCache, _WeightedLoss):
     ) -> None:
         super().__init__(weight, None, None, reduction, per_class=True)
         self.gamma = check_nonnegative_scalar(gamma, name="gamma")
-        self.ignore_index = _check_ignore_index(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index, allow_none=False)
         self.label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
         self._options()
 
@@ -885,7 +883,7 @@ class LinearCrossEntropyLoss(_Loss):
         super().__init__(None, None, reduction)
         cw = _check_tensor(class_weight, name="class_weight", per_class=True)
         self.register_buffer("class_weight", cw)
-        self.ignore_index = _check_ignore_index(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index, allow_none=False)
         self.label_smoothing = check_unit_interval_scalar(label_smoothing, name="label_smoothing")
         self.z_loss = check_nonnegative_scalar(z_loss, name="z_loss")
         self.softcap = _check_softcap(softcap)

@@ -1,0 +1,102 @@
+"""A label on a masked class (logit -inf): the loss is +inf and every executor gives the same
+finite gradient, the closed form's ``a p - b [k=y] - e w`` (a holds z-loss's 2 λ L, the
+logsumexp of the row; a soft-capped masked logit is a constant, derivative 0)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import crossent as ce
+
+torch = pytest.importorskip("torch")
+
+Z = np.array([[1.0, 2.0, -np.inf, 0.5], [0.5, -1.0, 0.0, 2.0]])
+Y = np.array([2, 0])
+
+OPTIONS = {
+    "z_loss": {"z_loss": 0.1},
+    "z_loss-smooth": {"z_loss": 0.1, "label_smoothing": 0.1},
+    "focal": {"gamma": 2.0},
+    "focal-half": {"gamma": 0.5},
+    "focal-smooth": {"gamma": 2.0, "label_smoothing": 0.1},
+    "focal-z_loss": {"gamma": 2.0, "z_loss": 0.1},
+    "softcap": {"softcap": 3.0},
+    "softcap-z_loss-smooth": {"softcap": 3.0, "z_loss": 0.1, "label_smoothing": 0.1},
+}
+
+
+def _reference(opts: dict[str, float]) -> np.ndarray:
+    """The gradient of the summed loss in float64, written out: row 0's label is masked."""
+    eps, lam, gamma, cap = (
+        opts.get(k, 0.0) for k in ("label_smoothing", "z_loss", "gamma", "softcap")
+    )
+    grads = []
+    for x, y in zip(Z, Y, strict=True):
+        z = np.where(np.isinf(x), x, cap * np.tanh(x / cap)) if cap else x
+        m = z.max()
+        big_l = m + np.log(np.exp(z - m).sum())
+        p = np.exp(z - big_l)
+        num = z.size
+        # no smoothing: focal b = f (1 + gamma p_y (L - z_y) / (1 - p_y)), 1 where p_y = 0
+        p_y = p[y]
+        nll = big_l - z[y]
+        f = (1 - p_y) ** gamma
+        b = (1 - eps) * (f * (1 + gamma * p_y * nll / (1 - p_y)) if p_y > 0 else 1.0)
+        if gamma and eps:  # focal with smoothing: every class's term, by autodiff-free sums
+            pytest.skip("focal with smoothing: compared between executors only")
+        a = b + eps + 2 * lam * big_l
+        g = a * p - eps / num
+        g[y] -= b
+        dz = np.where(np.isinf(x), 0.0, 1 - np.tanh(x / cap) ** 2) if cap else 1.0
+        grads.append(g * dz)
+    return np.array(grads)
+
+
+def _executors(opts: dict[str, float]) -> dict[str, np.ndarray]:
+    y_t = torch.tensor(Y)
+
+    def loss(x: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(
+            x, y_t, from_logits=True, reduction="sum", **opts
+        )
+
+    out = {}
+    out["numpy"] = ce.value_and_grad(
+        ce.sparse_categorical_cross_entropy, Z, Y, from_logits=True, reduction="sum", **opts
+    )[1]
+    x = torch.tensor(Z, requires_grad=True)
+    value = loss(x)
+    assert value.item() == np.inf
+    value.backward()
+    out["torch eager"] = x.grad.numpy()
+    x = torch.tensor(Z, requires_grad=True)
+    (g,) = torch.autograd.grad(loss(x), x, create_graph=True)
+    out["torch create_graph"] = g.detach().numpy()
+    out["torch.func.grad"] = torch.func.grad(loss)(torch.tensor(Z)).numpy()
+    try:
+        import jax
+    except ImportError:  # pragma: no cover - jax is a dev dependency
+        return out
+    jax.config.update("jax_enable_x64", True)
+    y_j = jax.numpy.asarray(Y)
+    out["jax.grad"] = np.asarray(
+        jax.grad(
+            lambda x: ce.sparse_categorical_cross_entropy(
+                x, y_j, from_logits=True, reduction="sum", **opts
+            )
+        )(jax.numpy.asarray(Z))
+    )
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_gradient_of_a_label_on_a_masked_class(name: str) -> None:
+    opts = OPTIONS[name]
+    got = _executors(opts)
+    expected = got["numpy"] if "gamma" in opts and "label_smoothing" in opts else _reference(opts)
+    assert np.all(np.isfinite(expected))
+    for executor, grad in got.items():
+        np.testing.assert_allclose(grad, expected, rtol=1e-12, atol=1e-15, err_msg=executor)
