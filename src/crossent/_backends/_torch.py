@@ -54,10 +54,11 @@ from torch import Tensor
 
 from crossent._backends import _triton_sparse
 from crossent._lib._checks import (
+    assert_labels_inside,
+    assert_labels_on_device,
     assert_on_device,
     check_in_unit_interval,
     device_assertions,
-    label_range_message,
     unit_interval_message,
     values_checked,
 )
@@ -212,20 +213,6 @@ def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int 
     raise exc
 
 
-def _assert_labels_async(t: Tensor, num_classes: int, ignore: int) -> None:
-    """On accelerators: an asynchronous device-side check, no host synchronisation."""
-    label = t if ignore == _NO_IGNORE else torch.where(t == ignore, 0, t)
-    _assert_labels_inside(label, num_classes, None if ignore == _NO_IGNORE else ignore)
-
-
-def _assert_labels_inside(label: Tensor, num_classes: int, ignore_index: int | None) -> None:
-    """Device-side check that every label (ignored ones already replaced by 0) lies in
-    ``[0, num_classes)``: ``label // num_classes`` is 0 exactly there (four operations, each a
-    kernel launch on an accelerator; no host synchronisation)."""
-    msg = label_range_message(num_classes, ignore_index)
-    torch._assert_async((label.div(num_classes, rounding_mode="floor") == 0).all(), msg)
-
-
 _CROSS_ENTROPY: Any = torch._C._nn.cross_entropy_loss
 _NLL: Any = torch._C._nn.nll_loss_nd
 """PyTorch's loss kernels, looked up once."""
@@ -261,7 +248,7 @@ def _native_indices(
     ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index
     reduction = opts.reduction
     if not x.is_cpu and values_checked(t) and t.numel() and not torch_tracing():
-        _assert_labels_async(t, x.shape[axis], ignore)
+        assert_labels_on_device(t, x.shape[axis], opts.ignore_index)
     try:
         if reduction == "mean" and (w is not None or ignore != _NO_IGNORE or not t.numel()):
             out = _mean_of(kernel, (xc, t, w), extra, ignore)
@@ -492,7 +479,7 @@ def _sparse_triton(
     t = index_target(target).reshape(-1)
     valid, label = _valid_label(t, opts.ignore_index)
     if t.numel():  # also with validation off: the kernels read the target logit unchecked
-        _assert_labels_inside(label, num_classes, opts.ignore_index)
+        assert_labels_inside(label, num_classes, opts.ignore_index)
     w = None if weight is None else weight.to(torch.float32).contiguous()
 
     target_weight: list[Tensor | None] = []

@@ -55,7 +55,7 @@ _LOW = (torch.float16, torch.bfloat16)
 
 def usable(x: Tensor, opts: CEOptions) -> bool:
     """Whether this executor computes the loss: large 16-bit CUDA logits, eager, no focal."""
-    if x.dtype not in _LOW or not (x.is_cuda or ON_CPU) or x.numel() < MIN_ELEMENTS:
+    if x.dtype not in _LOW or not (x.is_cuda or ON_CPU) or x.numel() < max(MIN_ELEMENTS, 1):
         return False
     if opts.kind != "logits" or opts.gamma != 0 or x.ndim == 0 or torch_tracing():
         return False

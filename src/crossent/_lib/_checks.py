@@ -33,6 +33,8 @@ from crossent._lib._xp import (
 
 __all__ = [
     "ProbabilityRangeError",
+    "assert_labels_inside",
+    "assert_labels_on_device",
     "assert_on_device",
     "check_array",
     "check_axis",
@@ -414,7 +416,7 @@ def check_label_range(
         return
     if not values_checked(target):
         if checked_on_device(target):
-            _assert_labels_on_device(target, num_classes, ignore_index)
+            assert_labels_on_device(target, num_classes, ignore_index)
         return
     if is_torch_tensor(target) and not target.dtype.is_signed and target.dtype.itemsize > 1:
         target = target.long()  # PyTorch has no comparisons for uint16/32/64 ("ge_cpu")
@@ -453,7 +455,7 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
 
     if target.device.type != "cpu" or torch.compiler.is_compiling():
         if device_assertions() or not torch.compiler.is_compiling():  # not compiled vmap
-            _assert_labels_on_device(target, num_classes, ignore_index)
+            assert_labels_on_device(target, num_classes, ignore_index)
         return
     target = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
     bad = ((target < 0) | (target >= num_classes)) & not_ignored(target, ignore_index, xp=torch)
@@ -461,14 +463,32 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
         raise label_index_error(num_classes, str(int(target[bad].reshape(-1)[0])))
 
 
-def _assert_labels_on_device(target: Array, num_classes: int, ignore_index: int | None) -> None:
+def assert_labels_on_device(target: Array, num_classes: int, ignore_index: int | None) -> None:
     """:func:`assert_on_device` for PyTorch labels outside ``[0, num_classes)`` that are not
-    `ignore_index`."""
+    `ignore_index`: the ignored ones replaced by 0, then :func:`assert_labels_inside`."""
     import torch
 
     target = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
-    bad = ((target < 0) | (target >= num_classes)) & not_ignored(target, ignore_index, xp=torch)
-    assert_on_device(bad, label_range_message(num_classes, ignore_index))
+    if num_classes < 1:  # no class: every counted label is outside
+        assert_on_device(
+            not_ignored(target, ignore_index, xp=torch),
+            label_range_message(num_classes, ignore_index),
+        )
+        return
+    if ignore_index is not None:
+        target = torch.where(not_ignored(target, ignore_index, xp=torch), target, 0)
+    assert_labels_inside(target, num_classes, ignore_index)
+
+
+def assert_labels_inside(label: Array, num_classes: int, ignore_index: int | None) -> None:
+    """Device-side check that every int64 label (ignored ones already replaced by 0) lies in
+    ``[0, num_classes)``, ``num_classes >= 1``: ``label // num_classes`` is 0 exactly there
+    (four operations, each a kernel launch on an accelerator; no host synchronisation).
+    `ignore_index` only completes the message."""
+    import torch
+
+    msg = label_range_message(num_classes, ignore_index)
+    torch._assert_async((label.div(num_classes, rounding_mode="floor") == 0).all(), msg)
 
 
 def label_range_message(num_classes: int, ignore_index: int | None) -> str:
