@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from crossent._lib._checks import not_ignored
+from crossent._lib._xp import isfinite
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions, Reduction
 
@@ -332,7 +333,7 @@ def softmax_stats_(
     z_y = torch.where(inside, buf.gather(1, idx[:, None]).squeeze(1), 0.0)
     w_y = None if class_weight is None else torch.where(inside, class_weight[idx], 0.0)
     m = buf.amax(dim=1) if v else torch.full((n,), -math.inf, dtype=buf.dtype, device=buf.device)
-    finite = m.abs() < math.inf  # torch.isfinite takes four operations
+    finite = isfinite(m, xp=torch)
     wd: torch.Tensor
     wsum: torch.Tensor | float
     if with_wz:
