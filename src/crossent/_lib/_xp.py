@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import array_api_compat
 from array_api_compat import is_jax_namespace, is_numpy_namespace
@@ -42,7 +42,7 @@ __all__ = [
     "moveaxis",
     "one_hot",
     "output_dtype",
-    "quiet_invalid",
+    "quiet",
     "representable",
     "result_type",
     "safe_divide",
@@ -378,14 +378,9 @@ def difference(a: Array, b: Array, *, xp: Any) -> Array:
     """``a - b`` for log-space shifts (``z - m``, ``m - z``), where a difference beyond the
     largest float is rightly ±inf (its exponential is 0 or inf): without NumPy's "overflow
     encountered in subtract" warning for logits spanning more than ~1.8e308 (3.4e38 in
-    float32). PyTorch, JAX and CuPy do not warn; their subtraction is left as it is
-    (traceable), as in :func:`quiet_invalid`.
+    float32) (:func:`quiet`).
     """
-    if getattr(xp, "__name__", "") not in _WARNS_INVALID:  # only NumPy warns
-        return a - b
-    import numpy as np
-
-    with np.errstate(over="ignore"):
+    with quiet(xp, "over"):
         return a - b
 
 
@@ -543,21 +538,25 @@ def isfinite(x: Array, *, xp: Any) -> Array:
     return xp.isfinite(x)
 
 
-_WARNS_INVALID = ("numpy", "array_api_compat.numpy", "array_api_strict")
+_NUMPY_NAMESPACES = ("numpy", "array_api_compat.numpy", "array_api_strict")
 """The namespaces that compute with NumPy, which warns about invalid operations and overflow."""
 
 
-def quiet_invalid(xp: Any) -> contextlib.AbstractContextManager[Any]:
-    """A context in which `xp` forms NaN from ``inf - inf`` without a warning.
+def quiet(xp: Any, *kinds: Literal["invalid", "over"]) -> contextlib.AbstractContextManager[Any]:
+    """A context in which `xp` warns of none of `kinds` (``np.errstate`` names: "invalid" for
+    NaN formed from ``inf - inf``, "over" for a difference beyond the largest float).
 
     Only NumPy (and array-api-strict, which computes with NumPy) warns there;
     PyTorch, JAX and CuPy are silent, so the formula needs no guard operations
     (each a kernel launch on an accelerator) to stay quiet.
     """
-    if getattr(xp, "__name__", "") in _WARNS_INVALID:
+    if getattr(xp, "__name__", "") in _NUMPY_NAMESPACES:
         import numpy as np
 
-        return np.errstate(invalid="ignore")
+        return np.errstate(
+            invalid="ignore" if "invalid" in kinds else None,  # None: left as it is
+            over="ignore" if "over" in kinds else None,
+        )
     return contextlib.nullcontext()
 
 

@@ -86,7 +86,7 @@ from crossent._lib._xp import (
     Array,
     difference,
     isfinite,
-    quiet_invalid,
+    quiet,
     stop_gradient,
     take_along_axis,
 )
@@ -287,8 +287,8 @@ def log_terms(stats: RowStats, *, xp: Any) -> tuple[Array, Array, Array | None]:
 
     A finite max has :math:`s \ge 1` (its own term is :math:`e^0`), so no log of 0 is
     formed. Four operations besides the log on PyTorch (each a kernel launch on an
-    accelerator);
-    :func:`lse`, :func:`log_s` and the target's :math:`-\log p_y` are read off them.
+    accelerator); :func:`lse`, :func:`log_s` and the target's :math:`-\log p_y` are read
+    off them.
     """
     if stats.finite:
         lam = xp.log(stats.s)
@@ -316,9 +316,9 @@ def _nll_target(stats: RowStats, terms: tuple[Array, Array, Array | None], *, xp
     From :func:`log_terms`. A row whose max is not finite gives :math:`m - z_y = L - z_y`:
     NaN for an all ``-inf`` row (:math:`-\infty - (-\infty)`), :math:`+\infty` for a
     finite target under a :math:`+\infty` logit; formed without a warning
-    (:func:`~crossent._lib._xp.quiet_invalid`).
+    (:func:`~crossent._lib._xp.quiet`).
     """
-    with quiet_invalid(xp):
+    with quiet(xp, "invalid"):
         return (stats.m - stats.z_y) + terms[1]
 
 
@@ -456,7 +456,7 @@ def row_loss(
     nll_y = _nll_target(stats, terms, xp=xp)
     smooth = None
     if opts.label_smoothing != 0:
-        with quiet_invalid(xp):  # a +inf logit: inf - inf, a NaN row (as PyTorch's)
+        with quiet(xp, "invalid"):  # a +inf logit: inf - inf, a NaN row (as PyTorch's)
             smooth = stats.wd + total_weight * log_s(stats, terms, xp=xp)
     row, _ = loss_and_coefficients(big_l, nll_y, smooth, None, w_y, num_classes, opts, xp=xp)
     return row, big_l
