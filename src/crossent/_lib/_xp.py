@@ -542,15 +542,18 @@ _NUMPY_NAMESPACES = ("numpy", "array_api_compat.numpy", "array_api_strict")
 """The namespaces that compute with NumPy, which warns about invalid operations and overflow."""
 
 
-def quiet(xp: Any, *kinds: Literal["invalid", "over"]) -> contextlib.AbstractContextManager[Any]:
+def quiet(
+    xp: Any, *kinds: Literal["invalid", "over"], when: bool = True
+) -> contextlib.AbstractContextManager[Any]:
     """A context in which `xp` warns of none of `kinds` (``np.errstate`` names: "invalid" for
     NaN formed from ``inf - inf``, "over" for a difference beyond the largest float).
+    `when` False: nothing to quiet (no ``np.errstate``, 0.7 µs, on NumPy's hot path).
 
     Only NumPy (and array-api-strict, which computes with NumPy) warns there;
     PyTorch, JAX and CuPy are silent, so the formula needs no guard operations
     (each a kernel launch on an accelerator) to stay quiet.
     """
-    if getattr(xp, "__name__", "") in _NUMPY_NAMESPACES:
+    if when and getattr(xp, "__name__", "") in _NUMPY_NAMESPACES:
         import numpy as np
 
         return np.errstate(

@@ -318,7 +318,7 @@ def _nll_target(stats: RowStats, terms: tuple[Array, Array, Array | None], *, xp
     finite target under a :math:`+\infty` logit; formed without a warning
     (:func:`~crossent._lib._xp.quiet`).
     """
-    with quiet(xp, "invalid"):
+    with quiet(xp, "invalid", when=terms[2] is not None):  # finite maxima: no inf - inf
         return (stats.m - stats.z_y) + terms[1]
 
 
@@ -456,7 +456,8 @@ def row_loss(
     nll_y = _nll_target(stats, terms, xp=xp)
     smooth = None
     if opts.label_smoothing != 0:
-        with quiet(xp, "invalid"):  # a +inf logit: inf - inf, a NaN row (as PyTorch's)
+        # a +inf logit: inf - inf, a NaN row (as PyTorch's)
+        with quiet(xp, "invalid", when=terms[2] is not None):
             smooth = stats.wd + total_weight * log_s(stats, terms, xp=xp)
     row, _ = loss_and_coefficients(big_l, nll_y, smooth, None, w_y, num_classes, opts, xp=xp)
     return row, big_l
