@@ -68,6 +68,7 @@ from crossent._lib._xp import (
     array_namespace,
     forward_ad_active,
     output_dtype,
+    torch_autocast,
     torch_tracing,
 )
 from crossent._losses import _rows
@@ -117,7 +118,7 @@ def _to_low(out: Tensor, x: Tensor) -> Tensor:
 def _half_result(out: Tensor, x: Tensor) -> Tensor:
     """A loss of half-precision `x` computed in float32: rounded once to `x`'s dtype, or kept
     in float32 under autocast (PyTorch's rule)."""
-    autocast = torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
+    autocast = torch_autocast(x)
     return out if autocast else _to_low(out, x)
 
 
@@ -578,10 +579,11 @@ def categorical(
     eager = input.is_cpu and not traced
     if traced:
         _assert_unit_interval(target)
-    elif target.numel() and get_validation() and not _in_unit_interval(target):
-        check_in_unit_interval(target, name="target", xp=_torch_namespace())  # the message
+    elif target.numel() and get_validation() and not (eager and _in_unit_interval(target)):
+        # the message; on other devices one device read (none on ``meta``: no values)
+        check_in_unit_interval(target, name="target", xp=_torch_namespace())
     low = dtype in _LOW
-    autocast = low and torch.is_autocast_enabled("cpu" if input.is_cpu else input.device.type)
+    autocast = low and torch_autocast(input)
     if low and not autocast:
         chunked = _soft_low(input, target, weight, axis, opts)
         if chunked is not None:
@@ -728,7 +730,7 @@ def binary(
             _assert_unit_interval(target)
             return _binary_traced(input, target, label_smoothing, opts.reduction)
         return None  # weights and alpha: the generic formula (checks and all)
-    if input.dtype in _LOW and torch.is_autocast_enabled(input.device.type):
+    if input.dtype in _LOW and torch_autocast(input):
         return None  # the generic formula returns float32 under autocast, as PyTorch does
     checked = get_validation()  # eager, on the CPU: values can be read
     if weight is None and pos_weight is None and opts.alpha is None:

@@ -207,6 +207,20 @@ def forward_ad_active() -> bool:
     return forward_ad is not None and forward_ad._current_level >= 0
 
 
+def torch_autocast(x: Any) -> bool:
+    """Whether ``torch.autocast`` is on for the device of torch tensor `x`.
+
+    False on a device without autocast (``meta``, where ``torch.is_autocast_enabled`` raises
+    "unknown device type"); "cpu" is named without building a device object (a third of a
+    small loss's rounding).
+    """
+    torch = sys.modules["torch"]
+    if x.is_cpu:
+        return bool(torch.is_autocast_enabled("cpu"))
+    device = x.device.type
+    return bool(torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
+
+
 _TORCH_STATE: list[Any] = []
 """What :func:`torch_tracing` reads, looked up once PyTorch is imported."""
 
@@ -393,11 +407,8 @@ def output_dtype(x: Array, *others: Array, xp: Any) -> Any:
     dtype = x.dtype if not others else result_type(x.dtype, *(o.dtype for o in others), xp=xp)
     if is_torch_tensor(x):
         torch = sys.modules["torch"]  # the module is_torch_tensor read (one source when traced)
-        if dtype in (torch.float16, torch.bfloat16):
-            # "cpu" without building a device object: a third of a small loss's rounding
-            device = "cpu" if x.is_cpu else x.device.type
-            if torch.is_autocast_enabled(device):
-                return torch.float32
+        if dtype in (torch.float16, torch.bfloat16) and torch_autocast(x):
+            return torch.float32
     return dtype
 
 

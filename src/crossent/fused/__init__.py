@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from crossent._lib._checks import check_softcap
-from crossent._lib._xp import check_same_device, torch_tracing
+from crossent._lib._xp import check_same_device
 from crossent._losses._distill import check_temperature
 from crossent.fused._distill import linear_distillation_loss
 from crossent.fused._function import run_linear_ce
@@ -25,6 +25,7 @@ from crossent.fused._inputs import (
     _check_float,
     _check_options,
     _check_tensor,
+    as_one_op,
     check_chunk_size,
     check_fused_ignore_index,
     check_head,
@@ -211,7 +212,7 @@ def linear_cross_entropy(
             raise ValueError(msg)
         check_same_device(hidden=hidden, class_weight=class_weight)
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
-    if torch_tracing():  # compile or torch.func: value checks run inside the op, on concrete values
+    if as_one_op(hidden):  # traced or meta: value checks run inside the op, on concrete values
         from crossent.fused._ops import linear_ce_compiled
 
         loss = linear_ce_compiled(rows_2d(hidden), weight, flat(target), bias, class_weight, opts)
@@ -360,7 +361,7 @@ def linear_log_probs(
     n_classes = check_head(hidden, weight, target, bias, shift=shift)
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     args = (rows_2d(hidden), weight, flat(target), bias, opts)
-    if torch_tracing():  # one opaque op; the label check runs inside it
+    if as_one_op(hidden):  # one opaque op; the label check runs inside it
         from crossent.fused._ops import linear_log_probs_compiled
 
         lp, ent = linear_log_probs_compiled(*args)

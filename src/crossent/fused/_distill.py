@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from crossent._lib._checks import check_reduction, not_ignored
-from crossent._lib._xp import array_namespace, check_same_device, torch_tracing
+from crossent._lib._xp import array_namespace, check_same_device
 from crossent._losses._distill import check_beta, check_temperature, distill_rows
 from crossent.fused._chunked import (
     _agreed_chunk,
@@ -36,6 +36,7 @@ from crossent.fused._function import (
     stash_grads,
 )
 from crossent.fused._inputs import (
+    as_one_op,
     check_chunk_size,
     check_fused_ignore_index,
     check_head,
@@ -361,7 +362,7 @@ def linear_distillation_loss(
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     loss: torch.Tensor
-    if torch_tracing():  # one opaque op (the chunk loop depends on values)
+    if as_one_op(hidden):  # one opaque op (the chunk loop depends on values)
         from crossent.fused._ops import linear_distill_compiled
 
         loss = linear_distill_compiled(h2, weight, bias, teacher, counted, opts)

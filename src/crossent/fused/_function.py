@@ -15,6 +15,7 @@ of `hidden`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -165,8 +166,12 @@ def fused_backward(
 
 
 def no_autocast(x: torch.Tensor) -> Any:
-    """A context in which an enclosing ``torch.autocast`` does not recast the products."""
-    return torch.autocast(x.device.type, enabled=False)
+    """A context in which an enclosing ``torch.autocast`` does not recast the products (none on
+    a device without autocast, such as ``meta``)."""
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False)
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):

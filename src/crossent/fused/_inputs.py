@@ -24,7 +24,7 @@ from crossent._lib._checks import (
     check_unit_interval_scalar,
     guard_label_range,
 )
-from crossent._lib._xp import array_namespace, check_same_device
+from crossent._lib._xp import array_namespace, check_same_device, torch_tracing
 from crossent.fused._function import LinearCEOptions
 
 __all__ = [
@@ -209,6 +209,14 @@ def shift_target(target: torch.Tensor, *, shift: bool, ignore_index: int) -> tor
         return target.long()
     pad = torch.full_like(target[..., :1], ignore_index, dtype=torch.int64)
     return torch.cat((target[..., 1:].to(torch.int64), pad), dim=-1)
+
+
+def as_one_op(hidden: torch.Tensor) -> bool:
+    """Whether the fused function runs as its one opaque custom op (:mod:`crossent.fused._ops`):
+    traced (``torch.compile``, ``torch.export``, ``torch.func``), or on ``meta`` tensors, which
+    have no values for the chunk plan (which rows count) and take the op's fake kernel (shape
+    inference, ``FlopCounterMode``, a model built on the ``meta`` device)."""
+    return torch_tracing() or hidden.is_meta
 
 
 def rows_2d(x: torch.Tensor) -> torch.Tensor:
