@@ -106,7 +106,22 @@ def assert_on_device(bad: Array, msg: str) -> None:
     exported program runs (a device-side assertion on CUDA)."""
     import torch
 
-    torch._assert_async(torch.logical_not(bad.any()), msg)
+    torch._assert_async(torch.logical_not(bad.any()), device_message(msg))
+
+
+DEVICE_MESSAGE_MAX = 254
+"""The longest message, in bytes, that a device-side assertion carries: PyTorch's CUDA
+``_assert_async`` copies it into a 256-byte buffer and raises "Message length must be smaller
+than 255" for a longer one (on every call, valid input or not)."""
+
+
+def device_message(msg: str) -> str:
+    """`msg` cut to :data:`DEVICE_MESSAGE_MAX` bytes of UTF-8 (crossent's own messages fit; a
+    long argument name could make one longer)."""
+    data = msg.encode()
+    if len(data) <= DEVICE_MESSAGE_MAX:
+        return msg
+    return data[: DEVICE_MESSAGE_MAX - 3].decode(errors="ignore") + "..."
 
 
 def is_real_scalar(value: object) -> TypeGuard[numbers.Real]:
@@ -328,7 +343,7 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
     if not checked:
         msg = (  # no numbers: under dynamic shapes the class count and tolerance are symbolic
             f"`{name}` holds probabilities whose rows must sum to 1 along axis {axis} (up to "
-            f"the rounding of {x.dtype}); a row does not. {_ROW_SUM_FIX}"
+            f"{str(x.dtype).removeprefix('torch.')} rounding); a row does not. {_ROW_SUM_FIX}"
         )
         assert_on_device(bad, msg)
         return
@@ -487,7 +502,7 @@ def assert_labels_inside(label: Array, num_classes: int, ignore_index: int | Non
     `ignore_index` only completes the message."""
     import torch
 
-    msg = label_range_message(num_classes, ignore_index)
+    msg = device_message(label_range_message(num_classes, ignore_index))
     torch._assert_async((label.div(num_classes, rounding_mode="floor") == 0).all(), msg)
 
 
