@@ -57,6 +57,18 @@ def _thresholds(shrunk: bool) -> Iterator[None]:
             setattr(m, k, v)
 
 
+@contextlib.contextmanager
+def _accelerator(on: bool) -> Iterator[None]:
+    """CPU tensors through the executor's accelerator path (no scalar read back), if `on`."""
+    saved = torch_exec._host_readable
+    try:
+        if on:
+            torch_exec._host_readable = lambda x: False  # type: ignore[assignment]
+        yield
+    finally:
+        torch_exec._host_readable = saved
+
+
 # --------------------------------------------------------------------------- references
 
 
@@ -474,7 +486,9 @@ def test_binary_fast_paths_match_the_float64_formula(data: Any) -> None:
     w_dtype = data.draw(st.sampled_from([dtype, torch.float64]))
     wt = w.to(w_dtype) if isinstance(w, torch.Tensor) else w
     pwt = pw.to(w_dtype) if isinstance(pw, torch.Tensor) else pw
-    mode = data.draw(st.sampled_from(MODES))
+    mode = data.draw(st.sampled_from([*MODES, "device"]))
+    device = mode == "device"  # an accelerator's eager path: no scalar read back
+    mode = "grad" if device else mode
     t_grad = mode in ("grad", "func") and data.draw(st.booleans())
     x = _layout(x64.to(dtype), data.draw(st.sampled_from(LAYOUTS)))
     shrunk = data.draw(st.booleans())
@@ -491,7 +505,8 @@ def test_binary_fast_paths_match_the_float64_formula(data: Any) -> None:
         return ce.binary_cross_entropy(xx, tt, from_logits=True, weight=wt, pos_weight=pwt, **o)
 
     what = f"{dtype} {tuple(x.shape)} {x.stride()} {kind} {t_dtype} w={w!r:.20} pw={pw!r:.20} {o} {mode}"
-    with _thresholds(shrunk):
+    what += " device" if device else ""
+    with _thresholds(shrunk), _accelerator(device):
         if mode in ("no_grad", "inference"):
             _assert_value(_call(lambda: call(x), mode), ref, mag, dtype, what)
             return
