@@ -138,3 +138,32 @@ def test_traced_binary_keeps_weights_and_alpha(options: dict[str, Any]) -> None:
     if "alpha" not in kw:
         ref = F.binary_cross_entropy_with_logits(x, bt, **torch_kw)
         torch.testing.assert_close(eager[0], ref)
+
+
+def test_first_compiled_call_compiles_once() -> None:
+    """A fresh interpreter whose first crossent call is compiled: one graph per loss. The lazily
+    imported PyTorch executor used to be assigned inside the trace, which failed dynamo's
+    guard on it at the next call: every loss compiled twice (twice the compile time)."""
+    code = """
+import torch
+import crossent as ce
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+x, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
+t = torch.rand(4, 3)
+losses = [
+    lambda: ce.sparse_categorical_cross_entropy(x, y, from_logits=True),
+    lambda: ce.categorical_cross_entropy(x, torch.softmax(t, 1), from_logits=True),
+    lambda: ce.binary_cross_entropy(x, t, from_logits=True),
+]
+for loss in losses:
+    compiled = torch.compile(loss, backend="eager", fullgraph=True)
+    for _ in range(3):
+        compiled()
+    print(len(_debug_get_cache_entry_list(loss.__code__)))
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1", "1", "1"], done.stdout + done.stderr

@@ -8,6 +8,7 @@ run instead.
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 
 _TORCH: ModuleType | None = None
@@ -22,3 +23,9 @@ def torch_executor() -> ModuleType:
 
         _TORCH = _torch
     return _TORCH
+
+
+if "torch" in sys.modules:  # PyTorch is loaded already: the executor now, outside any traced
+    # call (imported inside one, the assignment above would fail dynamo's guard on ``_TORCH``
+    # once and recompile the caller's graph: twice the compile time of a first compiled call)
+    torch_executor()

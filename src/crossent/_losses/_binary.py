@@ -24,6 +24,7 @@ the derivative of exactly the function the forward pass computes.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -326,6 +327,10 @@ def _torch_binary() -> Any:
 
     _TORCH_BINARY.append(binary)
     return binary
+
+
+if "torch" in sys.modules:  # loaded now, outside any traced call (see crossent._backends)
+    _torch_binary()
 
 
 def binary_cross_entropy(
