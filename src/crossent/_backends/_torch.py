@@ -58,6 +58,7 @@ from crossent._lib._checks import (
     assert_labels_on_device,
     assert_on_device,
     check_in_unit_interval,
+    check_nonnegative,
     device_assertions,
     unit_interval_message,
     values_checked,
@@ -726,13 +727,7 @@ def binary(
     ):
         return None
     if not _host_readable(input):  # traced, or an accelerator: no scalar test of the result
-        if not (opts.plain and weight is None and pos_weight is None):
-            return None  # weights and alpha: the generic formula (checks and all)
-        if torch_tracing():
-            _assert_unit_interval(target)
-        elif target.numel() and get_validation():  # one device read (none on meta)
-            check_in_unit_interval(target, name="target", xp=_torch_namespace())
-        return _binary_traced(input, target, label_smoothing, opts.reduction)
+        return _binary_unread(input, target, weight, pos_weight, label_smoothing, opts)
     if input.dtype in _LOW and torch_autocast(input):
         return None  # the generic formula returns float32 under autocast, as PyTorch does
     checked = get_validation()  # eager, on the CPU: values can be read
@@ -763,6 +758,36 @@ def binary(
     if math.isnan(total.item()):  # NaN input, or an infinite logit: lerp's 0 · inf
         return None
     return out if out.dtype is input.dtype else out.to(input.dtype)
+
+
+def _binary_unread(
+    x: Tensor,
+    target: Tensor,
+    weight: object,
+    pos_weight: object,
+    label_smoothing: float,
+    opts: CEOptions,
+) -> Tensor | None:
+    """:func:`binary` where no value is read back (traced, accelerators): the checks as
+    device-side assertions (under ``torch.compile`` / ``torch.export``) or one device read
+    each (eager accelerators, none on ``meta``), then :func:`_binary_traced`; None (the generic
+    formula) for weights it does not take."""
+    coefs = None
+    if not (opts.plain and weight is None and pos_weight is None):
+        cdt = torch.float32 if x.dtype in _LOW else x.dtype
+        coefs = _binary_coefs(x, cdt, weight, pos_weight, opts.alpha, checked=False, traced=True)
+        if coefs is None:
+            return None
+    # the checks' reductions need no array-API wrapper: PyTorch's own any / min / max
+    if torch_tracing():
+        _assert_unit_interval(target)
+    elif get_validation():  # one device read (none on meta)
+        check_in_unit_interval(target, name="target", xp=torch)
+    if coefs is not None:
+        for name, w in (("weight", weight), ("pos_weight", pos_weight)):
+            if isinstance(w, Tensor):  # traced: a device-side assertion; else one device read
+                check_nonnegative(w, name=name, xp=torch)
+    return _binary_traced(x, target, label_smoothing, opts.reduction, coefs)
 
 
 def _assert_unit_interval(t: Tensor) -> None:
@@ -806,17 +831,21 @@ integer view is one more operation, 0.4 µs); above, the integer view's (a faste
 against 5 µs at 25 600 elements)."""
 
 
-def _binary_coef(w: object, x: Tensor, cdt: torch.dtype, *, checked: bool) -> Coef | None:
+def _binary_coef(
+    w: object, x: Tensor, cdt: torch.dtype, *, checked: bool, traced: bool = False
+) -> Coef | None:
     """`weight` / `pos_weight` as a number or a tensor of dtype `cdt`; None if the generic
-    path must check (or differentiate) it. `x` is on the CPU (:func:`_host_readable`)."""
+    path must check (or differentiate) it: `x` on the CPU, or with `traced` (differentiable
+    operations, :func:`_binary_traced`) anywhere, a weight on its device."""
     if w is None:
         return 1.0
     if isinstance(w, Tensor):
         if (
             w.dtype not in _FLOATS
-            or not w.is_cpu
-            or (w.requires_grad and torch.is_grad_enabled())
-            or not (w.shape == x.shape or broadcastable(w.shape, x.shape))
+            or w.device != x.device
+            or (w.requires_grad and torch.is_grad_enabled() and not traced)
+            # traced, a size comparison of unequal ranks guards a dynamic batch size
+            or not ((not traced and w.shape == x.shape) or broadcastable(w.shape, x.shape))
         ):
             return None
         if checked and w.numel() and not w.min().item() >= 0:
@@ -835,11 +864,12 @@ def _binary_coefs(
     alpha: float | None,
     *,
     checked: bool,
+    traced: bool = False,
 ) -> tuple[Coef, Coef] | None:
     r"""The coefficients :math:`w\,\alpha\,p_w` of :math:`t` and :math:`w\,(1-\alpha)` of
     :math:`1-t` (numbers where they can be); None for the generic path."""
-    w = _binary_coef(weight, x, cdt, checked=checked)
-    pw = _binary_coef(pos_weight, x, cdt, checked=checked)
+    w = _binary_coef(weight, x, cdt, checked=checked, traced=traced)
+    pw = _binary_coef(pos_weight, x, cdt, checked=checked, traced=traced)
     if w is None or pw is None:
         return None
     a_pos, a_neg = (1.0, 1.0) if alpha is None else (alpha, 1.0 - alpha)
@@ -864,7 +894,9 @@ _BINARY_SMALL = 1 << 12
 (one transcendental pass in cache-sized chunks)."""
 
 
-def _binary_traced(x: Tensor, target: Tensor, eps: float, reduction: str) -> Tensor:
+def _binary_traced(
+    x: Tensor, target: Tensor, eps: float, reduction: str, coefs: tuple[Coef, Coef] | None = None
+) -> Tensor:
     r"""Binary cross-entropy where no scalar can be read back: traced (``torch.compile``,
     ``torch.export``, ``torch.func``) and on accelerators (about 30 kernels for a
     forward+backward, against the generic formula's 45).
@@ -882,12 +914,26 @@ def _binary_traced(x: Tensor, target: Tensor, eps: float, reduction: str) -> Ten
     derivative :math:`-x`.
     Autograd's gradient is :math:`\sigma(x) - t` everywhere, :math:`x = 0` included
     (the kink of :math:`|x|` and the jump of :math:`c` are taken on the same side).
+
+    With `coefs` (:func:`_binary_coefs`: weights, ``pos_weight``, ``alpha``) and the masses
+    :math:`P = p\,t`, :math:`N = n\,(1-t)` of :func:`binary`, the same split of
+    :math:`\operatorname{sp}(\pm x)` gives
+
+    .. math:: \ell = (P + N)\operatorname{log1p}(e^{-|x|}) + c\,x, \qquad
+              c = [x > 0]\,N - [x \le 0]\,P,
+
+    again terms of one sign, the weights differentiable (their gradients too).
     """
     xc = _compute(x)
     t = _smoothed(target, xc.dtype, eps)
-    pos = xc > 0
-    tail = torch.log1p(torch.exp(torch.where(pos, -xc, xc)))
-    c = torch.where(pos, 1 - t, -t)
+    right = xc > 0
+    tail = torch.log1p(torch.exp(torch.where(right, -xc, xc)))
+    if coefs is None:
+        c = torch.where(right, 1 - t, -t)
+    else:  # (P + N) sp(-|x|) + [x > 0] N x - [x <= 0] P x
+        big_p, big_n = _masses(t, *coefs)
+        tail = (big_p + big_n) * tail
+        c = torch.where(right, big_n, -big_p)
     return _finish(_reduced(tail + times_log(c, xc, xc.isinf(), xp=torch), reduction), x)
 
 
