@@ -842,7 +842,7 @@ def _binary_coef(
     if isinstance(w, Tensor):
         if (
             w.dtype not in _FLOATS
-            or w.device != x.device
+            or (w.device != x.device if traced else not w.is_cpu)  # eager: x is on the CPU
             or (w.requires_grad and torch.is_grad_enabled() and not traced)
             # traced, a size comparison of unequal ranks guards a dynamic batch size
             or not ((not traced and w.shape == x.shape) or broadcastable(w.shape, x.shape))
