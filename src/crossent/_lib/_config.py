@@ -60,7 +60,7 @@ _SWITCH: _Switch | _Fixed = _Switch()
 _TRACED_SWITCH = {True: _Fixed(True), False: _Fixed(False)}
 
 
-def _dynamo_tracing() -> bool:
+def dynamo_tracing() -> bool:
     """Whether dynamo traces this code (``torch.compile``, strict ``torch.export``).
 
     Dynamo replaces ``is_dynamo_compiling()`` by True; it is False everywhere else (eager
@@ -165,7 +165,7 @@ def validation(enabled: bool) -> Iterator[None]:
     True
     """
     flag = _check_flag(enabled)
-    if _dynamo_tracing():
+    if dynamo_tracing():
         global _SWITCH
         outer = _SWITCH
         _SWITCH = _TRACED_SWITCH[flag]
