@@ -44,6 +44,7 @@ from crossent._lib._xp import (
     logsumexp,
     moveaxis,
     output_dtype,
+    quiet,
     representable,
     safe_divide,
     take_along_axis,
@@ -534,7 +535,8 @@ def _row_losses(
         return row, w_y, None
     statistics = _statistics(z, target, w, opts, xp=xp)
     stats, valid, w_y, total = statistics
-    row, _ = _rows.row_loss(stats, w_y, total, z.shape[-1], opts, xp=xp)
+    with quiet(xp, "invalid"):  # 0 * inf: a target of weight 0 on a masked class (NaN)
+        row, _ = _rows.row_loss(stats, w_y, total, z.shape[-1], opts, xp=xp)
     return xp.where(valid, row, xp.zeros_like(row)), w_y, statistics
 
 
@@ -557,7 +559,8 @@ def _row_grads(
             lse_shift=shift, xp=xp,
         )  # fmt: skip
     stats, valid, w_y, total = statistics
-    a, b, e = _rows.grad_coefficients(stats, w_y, total, z.shape[-1], opts, xp=xp)
+    with quiet(xp, "invalid"):
+        a, b, e = _rows.grad_coefficients(stats, w_y, total, z.shape[-1], opts, xp=xp)
     s = xp.where(valid, scale, xp.zeros_like(scale))
     # p = exp((z - m) - log s): the large parts cancel first (ignored rows: p = 0)
     m_safe = xp.where(xp.isfinite(stats.m), stats.m, xp.zeros_like(stats.m))
