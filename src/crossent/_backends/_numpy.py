@@ -58,6 +58,7 @@ def _fits(input: object, target: object, weight: object, opts: CEOptions) -> boo
         return False
     return opts.kind == "logits" and _rows.applies(opts)
 
+
 _NO_CONTEXT = contextlib.nullcontext()
 
 
