@@ -388,7 +388,11 @@ def sparse_categorical_cross_entropy(
     z-loss term is not weighted. ``lse`` is computed as
     :math:`m + \log\sum_k e^{z_k - m}`, :math:`m = \max_k z_k` [2]_, so no
     finite logit overflows. float16/bfloat16 inputs are computed in float32
-    and the result is cast back.
+    and the result is cast back. One limit, shared with PyTorch: the smoothing
+    sum :math:`\sum_k w_k (\operatorname{lse}(z) - z_k)` is formed in that
+    dtype, so a row whose logits span more than about its largest value over
+    :math:`C` (float32: :math:`|z| \gtrsim 10^{38}/C`) gives ``+inf`` where the
+    smoothed loss is finite (see the differences page).
 
     A class with a ``-inf`` logit (or probability 0) and target 0 contributes
     exactly 0 to the value and the gradient. With label smoothing every class
