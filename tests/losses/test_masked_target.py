@@ -141,3 +141,33 @@ def test_zero_target_coefficient_on_a_masked_class_does_not_warn(
         np.testing.assert_allclose(row[1], expected.item(), rtol=1e-12)
     np.testing.assert_array_equal(np.asarray(value), row)
     assert np.isfinite(np.asarray(grad)[1]).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"z_loss": 0.1}, {"gamma": 2.0}, {"label_smoothing": 0.1, "z_loss": 0.1}],
+    ids=["plain", "z_loss", "focal", "smooth-z_loss"],
+)
+def test_closed_form_gradient_of_an_ignored_fully_masked_row_is_zero(
+    xp: Any, options: dict[str, Any]
+) -> None:
+    """An ignored row whose logits are all -inf (a masked padding position): it contributes
+    nothing, so its gradient is 0. value_and_grad gave NaN there with z_loss or a focal
+    factor (its statistics had no finite max: the coefficients were NaN, times the row's zero
+    scale), on NumPy, array-api-strict and PyTorch; now 0 as JAX's autodiff gives. The other
+    rows are those of the batch without it."""
+    from tests.conftest import to_numpy, to_xp
+
+    conv = to_xp(xp)
+    z = np.array([[-np.inf] * 4, [0.5, 1.0, -1.0, 2.0], [0.0, -np.inf, 3.0, 1.0]])
+    y = np.array([-100, 1, 2])
+    loss = ce.sparse_categorical_cross_entropy
+    value, grad = ce.value_and_grad(
+        loss, conv(z), conv(y), from_logits=True, ignore_index=-100, **options
+    )
+    expected_value, expected_grad = ce.value_and_grad(
+        loss, z[1:], y[1:], from_logits=True, ignore_index=-100, **options
+    )
+    np.testing.assert_allclose(to_numpy(value), expected_value, rtol=1e-12)
+    np.testing.assert_array_equal(to_numpy(grad)[0], np.zeros(4))
+    np.testing.assert_allclose(to_numpy(grad)[1:], expected_grad, rtol=1e-12, atol=1e-15)
