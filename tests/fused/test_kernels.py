@@ -339,6 +339,31 @@ def test_triton_sparse_matches_float64(
     assert not g[0, :, :3].any()  # ignored positions: no gradient
 
 
+def test_triton_sparse_rows_return_the_target_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SparseRows.apply`` returns each row's target weight beside the row loss (0 at ignored
+    rows, not differentiable), for the weighted mean: a plain output, where the weights went
+    from ``loss_of`` to the mean through a one-element list the caller read afterwards."""
+    from crossent._backends import _torch as torch_executor
+    from crossent._backends import _triton_sparse
+    from crossent._losses._options import make_options
+
+    monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
+    x, y, w = _sparse_inputs(torch.bfloat16, seed=7)
+    z = x.movedim(1, -1).reshape(-1, 37).contiguous().requires_grad_()
+    t = y.reshape(-1)
+    valid, label = t != -100, torch.where(t != -100, t, 0)
+    opts = make_options(from_logits=True, ignore_index=-100)
+    w32 = w.float()
+
+    def loss_of(stats: Any) -> Any:
+        return torch_executor._rows_loss(stats, w32, label, valid, 37, opts)
+
+    row, w_y = _triton_sparse.SparseRows.apply(z, label, valid, w32, opts, loss_of, None)
+    torch.testing.assert_close(w_y, torch.where(valid, w32[label], 0.0), rtol=0, atol=0)
+    assert not w_y.requires_grad
+    assert row.requires_grad
+
+
 def test_triton_sparse_double_backward_and_edges(monkeypatch: pytest.MonkeyPatch) -> None:
     """create_graph gives the PyTorch formula's second derivative; -inf classes; all ignored."""
     import crossent as ce

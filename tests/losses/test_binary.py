@@ -459,6 +459,50 @@ def test_saturated_focal_gradients_are_finite(xp: Any, dtype: str) -> None:
     assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"gamma": 2.0}, {"gamma": 0.5, "label_smoothing": 0.1}, {"gamma": 1.0, "alpha": 0.7}],
+    ids=["focal", "focal-smooth", "focal-alpha"],
+)
+def test_focal_gradient_at_an_infinite_logit_is_the_limit(xp: Any, options: dict[str, Any]) -> None:
+    """A positive target at a logit of -inf (a negative one at +inf): the loss is +inf, the
+    gradient the finite limit -c_pos (c_neg at +inf). The focal factor's derivative there,
+    -γ f p, met the infinite log p (0 · inf): NaN from value_and_grad and from autodiff
+    (PyTorch, JAX, torch.func) for every γ > 0, where plain BCE gives the limit."""
+    xs = np.array([-np.inf, np.inf, -np.inf, np.inf, 0.5])
+    ts = np.array([1.0, 0.0, 0.0, 1.0, 1.0])
+    eps, gamma = options.get("label_smoothing", 0.0), options["gamma"]
+    t_eps = ts * (1 - eps) + eps / 2
+    alpha = options.get("alpha")
+    c_pos = t_eps if alpha is None else alpha * t_eps
+    c_neg = 1 - t_eps if alpha is None else (1 - alpha) * (1 - t_eps)
+    p = 1 / (1 + np.exp(-xs[4]))
+    fp, fn = (1 - p) ** gamma, p**gamma
+    expected = np.array(
+        [
+            -c_pos[0],
+            c_neg[1],
+            -c_pos[2],
+            c_neg[3],
+            -c_pos[4] * (fp * (1 - p) - gamma * fp * p * np.log(p))
+            + c_neg[4] * (fn * p - gamma * fn * (1 - p) * np.log1p(-p)),
+        ]
+    )
+    conv = to_xp(xp)
+    x, t = conv(xs), conv(ts)
+    value, grad = _binary_value_and_grad(x, t, from_logits=True, reduction="none", **options)
+    losses = to_numpy(value)
+    assert np.isinf(losses[:2]).all()
+    np.testing.assert_allclose(to_numpy(grad), expected, rtol=1e-12, atol=1e-15)
+    torch = pytest.importorskip("torch")
+    xt = torch.tensor(xs, requires_grad=True)
+    loss = ce.binary_cross_entropy(
+        xt, torch.tensor(ts), from_logits=True, reduction="sum", **options
+    )
+    (g,) = torch.autograd.grad(loss, xt)
+    np.testing.assert_allclose(g.numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
 def test_nan_propagates(xp: Any) -> None:
     conv = to_xp(xp)
     x = conv(np.array([0.5, np.nan, 0.25]))

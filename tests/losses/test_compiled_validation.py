@@ -232,3 +232,46 @@ def test_row_sum_check_with_dynamic_shapes() -> None:
         p[0] *= 0.9
         with pytest.raises(RuntimeError, match=r"rows must sum to 1 along axis 1"):
             compiled(p, y)
+
+
+def test_validation_block_inside_a_compiled_function() -> None:
+    """``with crossent.validation(flag):`` written inside the compiled function: one graph
+    (fullgraph, 0 breaks), the losses inside the block traced with or without their checks,
+    those after it with the caller's setting. Before, dynamo stopped at ``ContextVar.set``
+    ('Dynamo does not know how to trace method `set` of class `ContextVar`')."""
+    from crossent._lib import _config
+
+    _, message = _bad_cases()["binary-target"]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64)
+    bad = torch.full((N, C), 1.5, dtype=torch.float64)
+
+    def off(v: Any) -> Any:
+        with ce.validation(False):
+            return ce.binary_cross_entropy(v, bad, from_logits=True)
+
+    def off_then_on(v: Any) -> Any:
+        with ce.validation(False):
+            inner = ce.binary_cross_entropy(v, bad, from_logits=True)
+        return inner + ce.binary_cross_entropy(v, bad, from_logits=True)
+
+    def nested_on(v: Any) -> Any:
+        with ce.validation(False), ce.validation(True):
+            return ce.binary_cross_entropy(v, bad, from_logits=True)
+
+    expected = off(x)  # eagerly: the context variable
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(off)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    got = torch.compile(off, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    for checked in (off_then_on, nested_on):
+        with pytest.raises(RuntimeError, match=message):
+            torch.compile(checked, fullgraph=True, backend="aot_eager")(x)
+    assert type(_config._SWITCH) is _config._Switch  # the module's switch is back
+    assert ce.get_validation()
+    with ce.validation(False):  # the caller's setting still reaches the code after a block
+        torch._dynamo.reset()
+        got = torch.compile(off_then_on, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, 2 * expected, rtol=1e-12, atol=0)

@@ -100,3 +100,74 @@ def test_gradient_of_a_label_on_a_masked_class(name: str) -> None:
     assert np.all(np.isfinite(expected))
     for executor, grad in got.items():
         np.testing.assert_allclose(grad, expected, rtol=1e-12, atol=1e-15, err_msg=executor)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "array_api_strict"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"weight": [1.0, 1.0, 0.0, 1.0]},
+        {"weight": [1.0, 1.0, 0.0, 1.0], "gamma": 2.0, "z_loss": 0.1},
+        {"label_smoothing": 1.0},
+    ],
+    ids=["weight", "weight-focal-z_loss", "smoothing-1"],
+)
+def test_zero_target_coefficient_on_a_masked_class_does_not_warn(
+    backend: str, options: dict[str, Any]
+) -> None:
+    """A counted label of weight 0 on a masked class is 0 * inf: the documented NaN (as
+    PyTorch's). NumPy formed it with 'invalid value encountered in multiply' (the test suite,
+    like any program run with warnings as errors, died of it); label_smoothing=1 multiplied
+    the masked label's infinite term by 0 before dropping it, with the same warning."""
+    xp = np if backend == "numpy" else pytest.importorskip("array_api_strict")
+    opts = {k: xp.asarray(v) if k == "weight" else v for k, v in options.items()}
+    x, y = xp.asarray(Z), xp.asarray(Y)
+    loss = ce.sparse_categorical_cross_entropy
+    row = np.asarray(loss(x, y, from_logits=True, reduction="none", **opts))
+    value, grad = ce.value_and_grad(loss, x, y, from_logits=True, reduction="none", **opts)
+    expected = torch.nn.functional.cross_entropy(
+        torch.tensor(Z[1:]),
+        torch.tensor(Y[1:]),
+        weight=torch.tensor(options["weight"], dtype=torch.float64)
+        if "weight" in options
+        else None,
+        label_smoothing=options.get("label_smoothing", 0.0),
+    )
+    if "weight" in options:
+        assert np.isnan(row[0])  # 0 * inf, as PyTorch's
+    else:
+        assert row[0] == np.inf  # the smoothing term of the masked class
+    if len(options) == 1:  # the second row as PyTorch
+        np.testing.assert_allclose(row[1], expected.item(), rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(value), row)
+    assert np.isfinite(np.asarray(grad)[1]).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"z_loss": 0.1}, {"gamma": 2.0}, {"label_smoothing": 0.1, "z_loss": 0.1}],
+    ids=["plain", "z_loss", "focal", "smooth-z_loss"],
+)
+def test_closed_form_gradient_of_an_ignored_fully_masked_row_is_zero(
+    xp: Any, options: dict[str, Any]
+) -> None:
+    """An ignored row whose logits are all -inf (a masked padding position): it contributes
+    nothing, so its gradient is 0. value_and_grad gave NaN there with z_loss or a focal
+    factor (its statistics had no finite max: the coefficients were NaN, times the row's zero
+    scale), on NumPy, array-api-strict and PyTorch; now 0 as JAX's autodiff gives. The other
+    rows are those of the batch without it."""
+    from tests.conftest import to_numpy, to_xp
+
+    conv = to_xp(xp)
+    z = np.array([[-np.inf] * 4, [0.5, 1.0, -1.0, 2.0], [0.0, -np.inf, 3.0, 1.0]])
+    y = np.array([-100, 1, 2])
+    loss = ce.sparse_categorical_cross_entropy
+    value, grad = ce.value_and_grad(
+        loss, conv(z), conv(y), from_logits=True, ignore_index=-100, **options
+    )
+    expected_value, expected_grad = ce.value_and_grad(
+        loss, z[1:], y[1:], from_logits=True, ignore_index=-100, **options
+    )
+    np.testing.assert_allclose(to_numpy(value), expected_value, rtol=1e-12)
+    np.testing.assert_array_equal(to_numpy(grad)[0], np.zeros(4))
+    np.testing.assert_allclose(to_numpy(grad)[1:], expected_grad, rtol=1e-12, atol=1e-15)

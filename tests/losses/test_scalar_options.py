@@ -112,3 +112,51 @@ def test_bool_is_not_a_number(option: str, value: object) -> None:
     make_options(from_logits=True, gamma=1, label_smoothing=0, ignore_index=1, softcap=1)
     with pytest.raises(TypeError, match=f"`{option}`"):
         make_options(from_logits=True, **{option: value})
+
+
+# option -> a torch loss of that one option (the option is a closure variable of it)
+COMPILED: dict[str, Callable[[Any], Any]] = {
+    "label_smoothing": lambda v: ce.sparse_categorical_cross_entropy(
+        _T, _TY, from_logits=True, label_smoothing=v
+    ),
+    "ignore_index": lambda v: ce.sparse_categorical_cross_entropy(
+        _T, _TY, from_logits=True, ignore_index=v
+    ),
+    "gamma": lambda v: ce.categorical_cross_entropy(_T, _EYE[_TY], from_logits=True, gamma=v),
+    "z_loss": lambda v: ce.sparse_categorical_cross_entropy(_T, _TY, from_logits=True, z_loss=v),
+    "softcap": lambda v: ce.sparse_categorical_cross_entropy(_T, _TY, from_logits=True, softcap=v),
+    "axis": lambda v: ce.sparse_categorical_cross_entropy(_T.T, _TY, from_logits=True, axis=v),
+    "alpha": lambda v: ce.binary_cross_entropy(_T, (_T > 0) * 1.0, from_logits=True, alpha=v),
+    "beta": lambda v: ce.distillation_loss(_T, _T.flip(0), beta=v),
+    "temperature": lambda v: ce.fused.linear_log_probs(_T, _EYE, _TY, temperature=v),
+    "chunk_size": lambda v: ce.fused.linear_cross_entropy(_T, _EYE, _TY, chunk_size=v),
+    "base": lambda v: info.entropy(torch.softmax(_T, 1), base=v),
+}
+_INTEGER = {"ignore_index", "axis", "chunk_size"}
+
+
+@pytest.mark.parametrize("option", sorted(COMPILED))
+def test_numpy_scalar_option_under_fullgraph_compile_says_what_to_pass(option: str) -> None:
+    """Dynamo traces a NumPy scalar option as a 0-d array whose value is unknown while tracing,
+    so no check or branch can read it: with fullgraph=True the error names the option and the
+    fix (before: "`label_smoothing` must be a number; got ndarray", or "repr() on tensor" for
+    `ignore_index` and `softcap`, whose messages formatted the value). Eagerly, and compiled
+    without fullgraph (dynamo falls back to eager there), it is its Python number."""
+    loss = COMPILED[option]
+    number = {"axis": 0, "ignore_index": 2, "chunk_size": 3}.get(option, 0.5)
+    scalar = np.int64(number) if option in _INTEGER else np.float32(number)
+    kind = "int" if option in _INTEGER else "float"
+
+    def compiled_call(v: Any) -> Any:
+        return loss(v)
+
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=rf"`{option}` is a NumPy scalar.*`{option}={kind}\("):
+        torch.compile(lambda: compiled_call(scalar), fullgraph=True, backend="aot_eager")()
+    expected = _float64(loss(number))
+    np.testing.assert_array_equal(_float64(loss(scalar)), expected)
+    if option in {"temperature", "chunk_size"}:  # the fused losses: dynamo warns at lru_cache
+        return
+    torch._dynamo.reset()
+    got = torch.compile(lambda: compiled_call(scalar), backend="aot_eager")()
+    np.testing.assert_allclose(_float64(got), expected, rtol=1e-12)

@@ -30,6 +30,7 @@ errors and handles every corner.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,9 @@ def _fits(input: object, target: object, weight: object, opts: CEOptions) -> boo
     if weight is not None and not (type(weight) is np.ndarray and weight.dtype.kind == "f"):
         return False
     return opts.kind == "logits" and _rows.applies(opts)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _labels(
@@ -122,7 +126,12 @@ def sparse(
         w_y: Any = 1.0 if valid is None else valid.astype(dtype)
     else:
         w_y = w[label] if valid is None else np.where(valid, w[label], 0)
-    row, _ = _rows.row_loss(stats, w_y, stats.wsum, num_classes, opts, xp=np)
+    # a counted label of weight 0 on a masked class gives 0 * inf: the documented NaN (as
+    # PyTorch's), formed without NumPy's "invalid value" warning (which a program that
+    # turns warnings into errors dies of); so does label_smoothing=1 (no target term)
+    zero_coef = opts.label_smoothing == 1 or (w is not None and not w.all())
+    with np.errstate(invalid="ignore") if zero_coef else _NO_CONTEXT:
+        row, _ = _rows.row_loss(stats, w_y, stats.wsum, num_classes, opts, xp=np)
     if valid is not None:
         row = np.where(valid, row, 0)
     if opts.reduction == "none":
@@ -138,7 +147,8 @@ def sparse(
         return loss, None
     if valid is not None:
         scale = np.where(valid, scale, 0).astype(dtype)
-    a, b, e = _rows.grad_coefficients(stats, w_y, stats.wsum, num_classes, opts, xp=np)
+    with np.errstate(invalid="ignore") if zero_coef else _NO_CONTEXT:
+        a, b, e = _rows.grad_coefficients(stats, w_y, stats.wsum, num_classes, opts, xp=np)
     buf *= ((a * scale) / stats.s)[:, None]  # a p, with p = exp(z - m) / s
     buf[rows, label] -= b * scale
     if e != 0:

@@ -484,19 +484,15 @@ def _sparse_triton(
         assert_labels_inside(label, num_classes, opts.ignore_index)
     w = None if weight is None else weight.to(torch.float32).contiguous()
 
-    target_weight: list[Tensor | None] = []
-
     def loss_of(stats: _rows.RowStats) -> tuple[Tensor, Tensor | None, Tensor]:
-        out = _rows_loss(stats, w, label, valid, num_classes, opts)
-        target_weight.append(out[1])
-        return out
+        return _rows_loss(stats, w, label, valid, num_classes, opts)
 
     def recompute(xx: Tensor) -> Tensor:  # double backward: the differentiable formula
         return _sparse_rows_generic(xx, t, w, 1, dataclasses.replace(opts, reduction="none"))
 
-    row = _triton_sparse.SparseRows.apply(z2, label, valid, w, opts, loss_of, recompute)
+    row, w_y = _triton_sparse.SparseRows.apply(z2, label, valid, w, opts, loss_of, recompute)
     row = row.reshape(z.shape[:-1])
-    return _finish(_weighted_reduce(row, target_weight[0], valid, opts.reduction), x)
+    return _finish(_weighted_reduce(row, w_y, valid, opts.reduction), x)
 
 
 def nll(

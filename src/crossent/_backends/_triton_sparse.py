@@ -68,8 +68,10 @@ class SparseRows(torch.autograd.Function):
     """Per-row loss of ``(n, C)`` row-major 16-bit logits; gradient by the Triton kernel.
 
     ``apply(x, label, valid, weight, opts, loss_of, recompute)`` returns the
-    per-row loss; every `label` lies in ``[0, C)`` (ignored rows hold 0; the caller
-    checks on the device, the kernels read the target logit unclamped). `loss_of` turns
+    per-row loss and each row's target weight (0 at ignored rows; None without class
+    weights; not differentiable), which the mean divides by; every `label` lies in
+    ``[0, C)`` (ignored rows hold 0; the caller checks on the device, the kernels read the
+    target logit unclamped). `loss_of` turns
     the kernel's :class:`~crossent._losses._rows.RowStats` into it, each row's target
     weight (0 at ignored rows; None without class weights) and the rows' log-sum-exp
     (the PyTorch executor's function, so the masking and the weights are written
@@ -87,7 +89,7 @@ class SparseRows(torch.autograd.Function):
         opts: CEOptions,
         loss_of: Callable[[_rows.RowStats], tuple[Tensor, Tensor | None, Tensor]],
         recompute: Callable[[Tensor], Tensor],
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor | None]:
         from crossent.fused import _launch
 
         m, s, wd, z_y = _launch.row_stats(
@@ -103,10 +105,12 @@ class SparseRows(torch.autograd.Function):
         row, w_y, big_l = loss_of(stats)
         ctx.save_for_backward(x, label, valid, weight, big_l, w_y)
         ctx.opts, ctx.recompute, ctx.wsum = opts, recompute, wsum
-        return row
+        if w_y is not None:
+            ctx.mark_non_differentiable(w_y)
+        return row, w_y
 
     @staticmethod
-    def backward(ctx: Any, grad_row: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_row: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
         x, label, valid, weight, big_l, w_y = ctx.saved_tensors
         opts: CEOptions = ctx.opts
         none = (None, None, None, None, None, None)

@@ -17,6 +17,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, Literal, TypeGuard, overload
 
+import numpy as np
+
 from crossent._lib import _config
 from crossent._lib._xp import (
     Array,
@@ -62,6 +64,7 @@ __all__ = [
     "label_index_error",
     "label_range_message",
     "not_ignored",
+    "refuse_traced_numpy_scalar",
     "row_sum_tolerance",
     "shown_value",
     "unit_interval_message",
@@ -117,6 +120,25 @@ fit for every argument name it checks (a test holds them to it; cutting them her
 guards on every compiled call)."""
 
 
+def refuse_traced_numpy_scalar(value: object, *, name: str, integer: bool = False) -> None:
+    """Raise a TypeError that says what to pass if `value` is a NumPy scalar traced by dynamo.
+
+    Eagerly a NumPy scalar option (``np.float32(0.1)``) is a number like any other
+    (:func:`is_real_scalar`). ``torch.compile`` traces one that comes from an argument, a
+    closure or an attribute as a 0-d array, a graph input whose value is unknown while
+    tracing, so the option's checks and the branches it selects cannot read it. Called by
+    each scalar check before it formats its own message (which would read the value).
+    """
+    if isinstance(value, np.ndarray) and _config.dynamo_tracing():
+        number = "int" if integer else "float"
+        msg = (
+            f"`{name}` is a NumPy scalar, which torch.compile traces as a tensor whose "
+            f"value is unknown while tracing; pass a Python {number} instead: "
+            f"`{name}={number}({name})`."
+        )
+        raise TypeError(msg)
+
+
 def is_real_scalar(value: object) -> TypeGuard[numbers.Real]:
     """Whether `value` is a real number, Python's or NumPy's (``numbers.Real``), not a bool.
 
@@ -153,6 +175,7 @@ def check_axis(axis: object, ndim: int, *, name: str = "input") -> int:
     """`axis` as a non-negative int valid for a `ndim`-d array."""
     if isinstance(axis, bool) or not isinstance(axis, int):
         if not is_integer_scalar(axis):
+            refuse_traced_numpy_scalar(axis, name="axis", integer=True)
             msg = f"`axis` must be an int; got {type(axis).__name__}."
             raise TypeError(msg)
         return check_axis(int(axis), ndim, name=name)
@@ -173,6 +196,7 @@ def check_base(base: object) -> float | None:
     if base is None:
         return None
     if not is_real_scalar(base):
+        refuse_traced_numpy_scalar(base, name="base")
         msg = f"`base` must be None (nats) or a positive number such as 2; got {base!r}."
         raise TypeError(msg)
     base = float(base)
@@ -232,6 +256,7 @@ def check_from_logits(from_logits: bool, **options: object) -> None:
 def check_nonnegative_scalar(value: object, *, name: str) -> float:
     """A finite, non-negative Python number."""
     if not is_real_scalar(value):
+        refuse_traced_numpy_scalar(value, name=name)
         msg = f"`{name}` must be a number; got {type(value).__name__}."
         raise TypeError(msg)
     number = float(value)
@@ -534,6 +559,7 @@ def check_chunk_size(chunk_size: object) -> int | None:
     if chunk_size is None:
         return None
     if not is_integer_scalar(chunk_size):
+        refuse_traced_numpy_scalar(chunk_size, name="chunk_size", integer=True)
         msg = f"`chunk_size` must be None or a positive int; got {chunk_size!r}."
         raise TypeError(msg)
     size = int(chunk_size)
@@ -548,6 +574,7 @@ def check_softcap(softcap: object) -> float | None:
     if softcap is None:
         return None
     if not is_real_scalar(softcap):
+        refuse_traced_numpy_scalar(softcap, name="softcap")
         msg = f"`softcap` must be None or a positive number such as 30.0; got {softcap!r}."
         raise TypeError(msg)
     cap = float(softcap)
@@ -566,6 +593,7 @@ def check_ignore_index(ignore_index: object, *, allow_none: bool) -> int | None:
     if ignore_index is None and allow_none:
         return None
     if not is_integer_scalar(ignore_index):
+        refuse_traced_numpy_scalar(ignore_index, name="ignore_index", integer=True)
         expected = "None or an int" if allow_none else "an int"
         msg = f"`ignore_index` must be {expected} such as -100; got {ignore_index!r}."
         raise TypeError(msg)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import sys
 from collections.abc import Iterator
 
 __all__ = ["get_validation", "set_validation", "validation"]
@@ -46,7 +47,28 @@ class _Switch:
     local = property(_LOCAL.get)
 
 
-_SWITCH = _Switch()
+class _Fixed:
+    """A switch whose override is fixed: what :func:`validation` installs while dynamo traces."""
+
+    __slots__ = ("local",)
+
+    def __init__(self, local: bool) -> None:
+        self.local = local
+
+
+_SWITCH: _Switch | _Fixed = _Switch()
+_TRACED_SWITCH = {True: _Fixed(True), False: _Fixed(False)}
+
+
+def dynamo_tracing() -> bool:
+    """Whether dynamo traces this code (``torch.compile``, strict ``torch.export``).
+
+    Dynamo replaces ``is_dynamo_compiling()`` by True; it is False everywhere else (eager
+    code, ``torch.func`` transforms, the AOT tracing after dynamo), where the context
+    variable works.
+    """
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.compiler.is_dynamo_compiling())
 
 
 def _check_flag(enabled: object) -> bool:
@@ -125,6 +147,14 @@ def validation(enabled: bool) -> Iterator[None]:
     asyncio task starts with a copy of its creator's setting. See
     :func:`set_validation` for what validation off means.
 
+    Inside a function compiled by ``torch.compile`` (``fullgraph=True`` included) the
+    block works too, without a graph break: dynamo cannot trace
+    :meth:`contextvars.ContextVar.set`, so while it traces, the block swaps the
+    module's switch for a fixed one and back instead, and the losses traced inside the
+    block are compiled with or without their device-side checks. The choice is part of
+    the compiled code, as if written in it: it does not depend on the caller's thread or
+    task, and it ends with the block.
+
     Examples
     --------
     >>> import crossent as ce
@@ -134,7 +164,17 @@ def validation(enabled: bool) -> Iterator[None]:
     >>> ce.get_validation()
     True
     """
-    token = _LOCAL.set(_check_flag(enabled))
+    flag = _check_flag(enabled)
+    if dynamo_tracing():
+        global _SWITCH
+        outer = _SWITCH
+        _SWITCH = _TRACED_SWITCH[flag]
+        try:
+            yield
+        finally:
+            _SWITCH = outer
+        return
+    token = _LOCAL.set(flag)
     try:
         yield
     finally:

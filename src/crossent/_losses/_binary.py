@@ -53,6 +53,7 @@ from crossent._lib._xp import (
     log_sigmoid_pair,
     output_dtype,
     size,
+    stop_gradient,
 )
 from crossent._losses._common import (
     broadcastable,
@@ -252,6 +253,8 @@ class _Terms:
     neg: Array
     f_pos: Array | None
     f_neg: Array | None
+    infinite: tuple[Array, Array] | None = None
+    """Logits with a focal factor: where the logit is -inf and where it is +inf."""
 
 
 def _terms(b: _Binary) -> _Terms:
@@ -266,11 +269,13 @@ def _terms(b: _Binary) -> _Terms:
         coef_pos, coef_neg = coef_pos * b.weight, coef_neg * b.weight
     # Only logits reach log p = -inf (an infinite logit); clamped logs are finite.
     if b.from_logits:
-        pos = times_log(coef_pos, logs.log_p, b.input == -float("inf"), xp=xp)
-        neg = times_log(coef_neg, logs.log_not_p, b.input == float("inf"), xp=xp)
+        at_neg_inf, at_pos_inf = b.input == -float("inf"), b.input == float("inf")
+        pos = times_log(coef_pos, logs.log_p, at_neg_inf, xp=xp)
+        neg = times_log(coef_neg, logs.log_not_p, at_pos_inf, xp=xp)
     else:
         pos, neg = coef_pos * logs.log_p, coef_neg * logs.log_not_p
     f_pos = f_neg = None
+    infinite = None
     if b.gamma != 0:
         # The focal factors (1-p)^γ and p^γ come from the exact logs: 0 at p = 1 (or 0),
         # not e^(-100γ) from the clamped ones.
@@ -279,6 +284,13 @@ def _terms(b: _Binary) -> _Terms:
         log_p = logs.log_p if exact else log_prob(b.input, xp=xp)
         f_pos = focal_factor(log_not_p, b.gamma, xp=xp)
         f_neg = focal_factor(log_p, b.gamma, xp=xp)
+        if b.from_logits:
+            # a logit of -inf: log p = -inf (an infinite loss for a positive target), f_pos = 1
+            # and f_pos' = -γ f_pos p = 0, so f_pos' log p is the limit of p log p, 0, not
+            # autodiff's 0 · inf = NaN: the factor is a constant there (+inf: f_neg alike)
+            f_pos = xp.where(at_neg_inf, stop_gradient(f_pos, xp=xp), f_pos)
+            f_neg = xp.where(at_pos_inf, stop_gradient(f_neg, xp=xp), f_neg)
+            infinite = (at_neg_inf, at_pos_inf)
     return _Terms(
         logs=logs,
         coef_pos=coef_pos,
@@ -287,6 +299,7 @@ def _terms(b: _Binary) -> _Terms:
         neg=neg,
         f_pos=f_pos,
         f_neg=f_neg,
+        infinite=infinite,
     )
 
 
@@ -300,8 +313,13 @@ def _elementwise_grad(terms: _Terms, gamma: float, *, xp: Any) -> Array:
     if terms.f_pos is None or terms.f_neg is None:
         c_p, c_not_p = terms.coef_pos, terms.coef_neg
     else:
-        c_p = terms.coef_pos * terms.f_pos + gamma * terms.f_neg * terms.neg
-        c_not_p = terms.coef_neg * terms.f_neg + gamma * terms.f_pos * terms.pos
+        pos, neg = terms.pos, terms.neg
+        if terms.infinite is not None:  # γ f log p times p (0 at p = 0): 0, not 0 · inf
+            at_neg_inf, at_pos_inf = terms.infinite
+            pos = xp.where(at_neg_inf, xp.zeros_like(pos), pos)
+            neg = xp.where(at_pos_inf, xp.zeros_like(neg), neg)
+        c_p = terms.coef_pos * terms.f_pos + gamma * terms.f_neg * neg
+        c_not_p = terms.coef_neg * terms.f_neg + gamma * terms.f_pos * pos
     return terms.logs.neg_chain(c_p, c_not_p, xp=xp)
 
 

@@ -53,6 +53,7 @@ from crossent._lib._checks import (
     check_reduction,
     check_same_shape,
     is_real_scalar,
+    refuse_traced_numpy_scalar,
 )
 from crossent._lib._logdiv import generalized_jsd_from_log, jsd_and_grad_from_log, log_softmax
 from crossent._lib._xp import (
@@ -80,6 +81,7 @@ __all__ = [
 def check_beta(beta: object) -> float:
     """`beta` is a number in [0, 1]."""
     if not is_real_scalar(beta):
+        refuse_traced_numpy_scalar(beta, name="beta")
         msg = f"`beta` must be a number in [0, 1] such as 0.5; got {type(beta).__name__}."
         raise TypeError(msg)
     beta = float(beta)
@@ -95,6 +97,7 @@ def check_beta(beta: object) -> float:
 def check_temperature(temperature: object) -> float:
     """`temperature` is a positive, finite number."""
     if not is_real_scalar(temperature):
+        refuse_traced_numpy_scalar(temperature, name="temperature")
         kind = type(temperature).__name__
         msg = f"`temperature` must be a positive number such as 1.0; got {kind}."
         raise TypeError(msg)

@@ -199,9 +199,26 @@ def stand_in_ignored(stats: RowStats, counted: Array, *, xp: Any) -> RowStats:
     An ignored row reads a stand-in label (0) whose logit may be ``-inf`` (a masked class):
     its :math:`-\log p_y = \infty` times its target weight 0 is NaN, masked afterwards but
     with a NumPy warning on the way. The row max gives the finite :math:`\log s` instead.
+
+    An ignored row without a finite max (every logit ``-inf``: a masked padding position;
+    or ``+inf``, NaN) has no finite statistics at all: its gradient coefficients were NaN,
+    and NaN times the row's zero scale made its gradient NaN where it is 0. Where
+    ``stats.finite`` does not promise finite maxima, such a row reads the statistics of a
+    row of zeros (:math:`m = z_y = 0`, :math:`s = 1`).
     """
     z_y = xp.where(counted, stats.z_y, stats.m)
-    return dataclasses.replace(stats, z_y=z_y)
+    if stats.finite:
+        return dataclasses.replace(stats, z_y=z_y)
+    real = counted | isfinite(stats.m, xp=xp)
+    zero = xp.zeros_like(stats.m)
+    wd = stats.wd if isinstance(stats.wd, float) else xp.where(real, stats.wd, zero)
+    return dataclasses.replace(
+        stats,
+        m=xp.where(real, stats.m, zero),
+        s=xp.where(real, stats.s, xp.ones_like(stats.s)),
+        wd=wd,
+        z_y=xp.where(real, z_y, zero),
+    )
 
 
 def rebase(st: RowStats, m: Array, *, xp: Any) -> RowStats:

@@ -44,6 +44,7 @@ from crossent._lib._xp import (
     logsumexp,
     moveaxis,
     output_dtype,
+    quiet,
     representable,
     safe_divide,
     take_along_axis,
@@ -387,7 +388,11 @@ def sparse_categorical_cross_entropy(
     z-loss term is not weighted. ``lse`` is computed as
     :math:`m + \log\sum_k e^{z_k - m}`, :math:`m = \max_k z_k` [2]_, so no
     finite logit overflows. float16/bfloat16 inputs are computed in float32
-    and the result is cast back.
+    and the result is cast back. One limit, shared with PyTorch: the smoothing
+    sum :math:`\sum_k w_k (\operatorname{lse}(z) - z_k)` is formed in that
+    dtype, so a row whose logits span more than about its largest value over
+    :math:`C` (float32: :math:`|z| \gtrsim 10^{38}/C`) gives ``+inf`` where the
+    smoothed loss is finite (see the differences page).
 
     A class with a ``-inf`` logit (or probability 0) and target 0 contributes
     exactly 0 to the value and the gradient. With label smoothing every class
@@ -534,7 +539,8 @@ def _row_losses(
         return row, w_y, None
     statistics = _statistics(z, target, w, opts, xp=xp)
     stats, valid, w_y, total = statistics
-    row, _ = _rows.row_loss(stats, w_y, total, z.shape[-1], opts, xp=xp)
+    with quiet(xp, "invalid"):  # 0 * inf: a target of weight 0 on a masked class (NaN)
+        row, _ = _rows.row_loss(stats, w_y, total, z.shape[-1], opts, xp=xp)
     return xp.where(valid, row, xp.zeros_like(row)), w_y, statistics
 
 
@@ -557,7 +563,8 @@ def _row_grads(
             lse_shift=shift, xp=xp,
         )  # fmt: skip
     stats, valid, w_y, total = statistics
-    a, b, e = _rows.grad_coefficients(stats, w_y, total, z.shape[-1], opts, xp=xp)
+    with quiet(xp, "invalid"):
+        a, b, e = _rows.grad_coefficients(stats, w_y, total, z.shape[-1], opts, xp=xp)
     s = xp.where(valid, scale, xp.zeros_like(scale))
     # p = exp((z - m) - log s): the large parts cancel first (ignored rows: p = 0)
     m_safe = xp.where(xp.isfinite(stats.m), stats.m, xp.zeros_like(stats.m))
