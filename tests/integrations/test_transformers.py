@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from typing import Any
 
 import pytest
@@ -184,6 +185,31 @@ def test_only_that_instance_is_patched_and_unpatch_restores_it() -> None:
     torch.testing.assert_close(out.loss, copy.deepcopy(model)(input_ids=ids, labels=labels).loss)
     with pytest.raises(ValueError, match=r"`model` is not patched"):
         unpatch(model)
+
+
+def test_a_deep_copy_or_pickle_of_a_patched_model_trains_itself() -> None:
+    """A copy (a reference or EMA model) is patched and runs its own weights, not the original's."""
+    pristine = make_model("llama", dtype=torch.float64)
+    model = patch(copy.deepcopy(pristine))
+    ids, labels = _batch(seed=12)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        ref_model = copy.deepcopy(pristine)
+        with torch.no_grad():
+            for p, q in zip(clone.parameters(), ref_model.parameters(), strict=True):
+                p.mul_(0.5)
+                q.mul_(0.5)
+        want = _reference_loss(ref_model, ids, labels)
+        want.backward()
+        out = clone(input_ids=ids, labels=labels)
+        assert out.logits is None
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=0)
+        assert all(p.grad is None for p in model.parameters())
+        for (n, g), w in zip(_grads(clone).items(), _grads(ref_model).values(), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=n)
+        assert unpatch(clone) is clone
+        assert "forward" not in vars(clone)
+        assert clone(input_ids=ids, labels=labels).logits is not None
 
 
 def test_unpatch_restores_an_instance_forward_wrapper() -> None:
