@@ -107,8 +107,9 @@ class _PatchedForward:
     :func:`functools.wraps` would.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, state: _PatchState) -> None:
         self.model = model
+        self.state = state  # copies and pickles keep it the object of the model's _STATE
         own = type(model).forward
         self.__name__ = own.__name__
         self.__qualname__ = own.__qualname__
@@ -117,19 +118,14 @@ class _PatchedForward:
 
     @property
     def __signature__(self) -> inspect.Signature:
-        return _state(self.model).signature
+        return self.state.signature
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:
-        return _state(self.model).original(self.model)
+        return self.state.original(self.model)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _forward(self.model, _state(self.model), args, kwargs)
-
-
-def _state(model: torch.nn.Module) -> _PatchState:
-    state: _PatchState = model.__dict__[_STATE]
-    return state
+        return _forward(self.model, self.state, args, kwargs)
 
 
 @dataclasses.dataclass
@@ -265,7 +261,8 @@ def _patch_locked(model: ModelT, size: int | None) -> ModelT:
         raise ValueError(msg)
     _check_loss_function(model)
     own = model.__dict__.get("forward", _MISSING)
-    state = _PatchState(size, own, signature, _PatchedForward(model))
+    state = _PatchState(size, own, signature)
+    state.wrapper = _PatchedForward(model, state)
     model.__dict__[_STATE] = state
     model.__dict__["forward"] = state.wrapper
     return model
