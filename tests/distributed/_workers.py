@@ -294,9 +294,14 @@ def _log_prob_options_differ(rank: int, world_size: int) -> dict[str, Any]:
     return {**_linear_args(rank, world_size), "return_entropy": rank == 0}
 
 
+def _log_prob_temperature_differs(rank: int, world_size: int) -> dict[str, Any]:
+    return {**_linear_args(rank, world_size), "temperature": 1.0 + rank}
+
+
 LOG_PROB_BAD_CALLS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "log_probs_temperature_zero_on_last_rank": _log_prob_bad_temperature,
     "log_probs_options_differ": _log_prob_options_differ,
+    "log_probs_temperature_differs": _log_prob_temperature_differs,
     "log_probs_label_above_global_vocab": _linear_label_out_of_range,
     "log_probs_label_above_global_vocab" + UNCHECKED: _linear_label_out_of_range,
     "log_probs_negative_label_on_rank_1" + UNCHECKED: _linear_negative_label_on_rank_1,

@@ -45,7 +45,9 @@ def test_log_probs_entropy_and_grads_equal_single_process(case: Case, ranks: Any
 
 EXPECTED_ERRORS = {
     "log_probs_temperature_zero_on_last_rank": (-1, "ValueError", "`temperature`"),
-    "log_probs_options_differ": (None, "ValueError", "different options"),
+    # the message names the log-probability keywords (it listed the loss's: label_smoothing, ...)
+    "log_probs_options_differ": (None, "ValueError", "different options or dtypes (`ignore_index`"),
+    "log_probs_temperature_differs": (None, "ValueError", "`temperature`, `softcap`, `return_"),
     "log_probs_label_above_global_vocab": (None, "ValueError", "outside the global vocabulary"),
     "log_probs_label_above_global_vocab_validation_off": (None, "IndexError", "outside [0, 11)"),
     "log_probs_negative_label_on_rank_1_validation_off": (None, "IndexError", "min=-7"),

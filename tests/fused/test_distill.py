@@ -234,6 +234,26 @@ def test_double_backward_raises() -> None:
         torch.autograd.grad(loss, [h], create_graph=True)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_a_teacher_changed_in_place_before_backward_is_an_error(reduction: str) -> None:
+    """Backward recomputes from the teacher ("none", or a second backward of "mean"): it
+    read a teacher changed since forward and gave another gradient (-0.0059 instead of
+    -0.0176 for a zeroed teacher weight), where a changed student tensor raises."""
+    data = _inputs(n=5)
+    h = data["hidden"].clone().requires_grad_()
+    for name in ("t_hidden", "t_weight", "t_bias"):
+        teacher = {k: data[k].clone() for k in ("t_hidden", "t_weight", "t_bias")}
+        loss = fused(
+            h, data["weight"], teacher["t_hidden"], teacher["t_weight"],
+            teacher_bias=teacher["t_bias"], reduction=reduction,
+        )  # fmt: skip
+        torch.autograd.grad(loss.sum(), [h], retain_graph=True)
+        with torch.no_grad():
+            teacher[name].mul_(0.5)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(loss.sum(), [h])
+
+
 def test_bad_input_messages() -> None:
     data = _inputs(n=4)
     h, w, th, tw, y = (data[k] for k in ("hidden", "weight", "t_hidden", "t_weight", "target"))

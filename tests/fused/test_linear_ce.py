@@ -825,3 +825,31 @@ def test_backward_scaling_reads_no_device_value() -> None:
     assert torch.equal(cpu, torch.full((3, 2), 2.5))
     scale_grads_((cpu,), torch.tensor(2.0))
     assert torch.equal(cpu, torch.full((3, 2), 5.0))
+
+
+def test_a_call_under_inference_mode_does_not_break_later_calls() -> None:
+    """The CPU work buffers are cached per thread: one first made under inference mode was an
+    inference tensor, and every later call with a gradient (linear_cross_entropy,
+    linear_log_probs, linear_distillation_loss, in any dtype) raised 'Inplace update to
+    inference tensor outside InferenceMode is not allowed' until a larger buffer replaced it."""
+    gen = torch.Generator().manual_seed(31)
+    h = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    w = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 9, (6,), generator=gen)
+    t_h, t_w = torch.randn(6, 5, generator=gen), torch.randn(9, 5, generator=gen)
+    calls = {
+        "ce": lambda h: _linear_ce(h, w, y),
+        "ce_bf16": lambda h: _linear_ce(h.bfloat16(), w.float(), y),
+        "log_probs": lambda h: linear_log_probs(h, w, y, return_entropy=True)[1].sum(),
+        "distill": lambda h: linear_distillation_loss(h.float(), w.float(), t_h, t_w),
+    }
+    for name, call in calls.items():
+        _chunked.clear_workspace()
+        with torch.inference_mode():
+            call(h)
+        leaf = h.clone().requires_grad_()
+        (got,) = torch.autograd.grad(call(leaf), [leaf])
+        _chunked.clear_workspace()
+        leaf = h.clone().requires_grad_()
+        (want,) = torch.autograd.grad(call(leaf), [leaf])
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from typing import Any
 
 import pytest
@@ -47,20 +48,26 @@ def test_loss_and_every_gradient_equal_the_unpatched_model(name: str) -> None:
     ref_model = make_model(name, dtype=torch.float64)
     model = patch(copy.deepcopy(ref_model))
     ids, labels = _batch()
+    loss = _assert_trains_like(model, ref_model, ids, labels)
+    # HF's own loss (it upcasts logits to float32, so float32 agreement only)
+    hf = ref_model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(loss.float(), hf, rtol=1e-6, atol=0)
+    assert set(_grads(model)) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_trains_like(model: Any, ref_model: Any, ids: Any, labels: Any) -> Any:
+    """float64: patched `model`'s loss and gradients equal unpatched `ref_model`'s; the loss."""
     want = _reference_loss(ref_model, ids, labels)
     want.backward()
     out = model(input_ids=ids, labels=labels)
     assert out.logits is None
     out.loss.backward()
     torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=0)
-    # HF's own loss (it upcasts logits to float32, so float32 agreement only)
-    hf = ref_model(input_ids=ids, labels=labels).loss
-    torch.testing.assert_close(out.loss.float(), hf, rtol=1e-6, atol=0)
     want_grads, got_grads = _grads(ref_model), _grads(model)
-    assert set(got_grads) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(got_grads) == set(want_grads)
     for n, g in got_grads.items():
         torch.testing.assert_close(g, want_grads[n], rtol=1e-10, atol=1e-13, msg=n)
+    return out.loss
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
@@ -184,6 +191,26 @@ def test_only_that_instance_is_patched_and_unpatch_restores_it() -> None:
     torch.testing.assert_close(out.loss, copy.deepcopy(model)(input_ids=ids, labels=labels).loss)
     with pytest.raises(ValueError, match=r"`model` is not patched"):
         unpatch(model)
+
+
+def test_a_deep_copy_or_pickle_of_a_patched_model_trains_itself() -> None:
+    """A copy (a reference or EMA model) is patched and runs its own weights, not the original's."""
+    pristine = make_model("llama", dtype=torch.float64)
+    model = patch(copy.deepcopy(pristine))
+    ids, labels = _batch(seed=12)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        ref_model = copy.deepcopy(pristine)
+        with torch.no_grad():
+            for p, q in zip(clone.parameters(), ref_model.parameters(), strict=True):
+                p.mul_(0.5)
+                q.mul_(0.5)
+        _assert_trains_like(clone, ref_model, ids, labels)
+        assert all(p.grad is None for p in model.parameters())
+        kept = clone.forward
+        assert unpatch(clone) is clone
+        assert "forward" not in vars(clone)
+        assert clone(input_ids=ids, labels=labels).logits is not None
+        assert kept(input_ids=ids, labels=labels).logits is None  # a kept wrapper still runs
 
 
 def test_unpatch_restores_an_instance_forward_wrapper() -> None:

@@ -626,3 +626,19 @@ def test_option_cache_does_not_take_a_bool_for_a_number() -> None:
     assert make_options(from_logits=True).plain
     assert not make_options(from_logits=True, z_loss=1e-4).plain
     assert not make_options(from_logits=True, gamma=2.0).plain
+
+
+@pytest.mark.parametrize("changed", ["weight", "pos_weight"])
+def test_binary_weights_changed_in_place_before_backward_are_an_error(changed: str) -> None:
+    """The small BCE path kept the weight / pos_weight tensors outside the saved tensors and
+    backward of "none" recomputes from them: one changed since forward gave another gradient;
+    F.binary_cross_entropy_with_logits raises, as a changed input does."""
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(4, 5, generator=g, dtype=torch.float64)
+    coef = {changed: torch.rand(5, generator=g, dtype=torch.float64) + 0.5}
+    loss = ce.binary_cross_entropy(x, t, from_logits=True, reduction="none", **coef)
+    with torch.no_grad():
+        coef[changed].mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss.sum(), [x])

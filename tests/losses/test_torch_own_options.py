@@ -315,3 +315,24 @@ def test_compiled_own_options_refuse_a_label_outside_the_classes(options: dict[s
     )
     with pytest.raises(RuntimeError, match=r"`target` has labels outside \[0, 5\)"):
         fn(z, torch.tensor([0, 1, 2, 9]))
+
+
+@pytest.mark.parametrize("changed", ["target", "weight"])
+@pytest.mark.parametrize("name", ["zloss-softcap", "focal", "focal-smooth-all"])
+def test_a_target_or_weight_changed_in_place_before_backward_is_an_error(
+    name: str, changed: str
+) -> None:
+    """Backward of "none" recomputes the row terms from the labels and class weights: it read
+    a target changed since forward (z-loss: d/dz[0] = [0.0132, ..., -0.4814] instead of
+    [-0.5988, ..., 0.1306]); PyTorch's own losses raise, as a changed input does."""
+    x, y, w, options = _case(name)
+    w = torch.rand(C, dtype=torch.float64) + 0.5 if w is None else w
+    x.requires_grad_(True)
+    loss = _loss(x, y, w, options, reduction="none")
+    with torch.no_grad():
+        if changed == "target":
+            y[0] = (y[0] + 1) % C
+        else:
+            w.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss.sum(), [x])

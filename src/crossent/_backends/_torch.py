@@ -1037,7 +1037,10 @@ class _BinarySmall(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, t: Tensor, options: tuple[Coef, Coef, float, str]) -> Tensor:
         pos, neg, eps, reduction = options
         out, xc, tc, factored = _small_forward(x, t, pos, neg, eps, reduction)
-        ctx.save_for_backward(x, tc)  # the tensor coefficients are kept in ctx.coefs
+        # the tensor coefficients (the caller's weight / pos_weight) are saved too, so that one
+        # changed in place before backward is an error, not another gradient; ctx.coefs keeps
+        # which is which
+        ctx.save_for_backward(x, tc, *(c for c in (pos, neg) if isinstance(c, Tensor)))
         ctx.coefs, ctx.reduction, ctx.early = (pos, neg), reduction, None
         if reduction != "none":
             d = _small_gradient(xc, tc, factored, reduction)
@@ -1046,7 +1049,7 @@ class _BinarySmall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, t = ctx.saved_tensors
+        x, t, *_ = ctx.saved_tensors
         early = _early_gradient(ctx, grad, x)
         if early is not None:
             return early, None, None

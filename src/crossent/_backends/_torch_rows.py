@@ -346,7 +346,9 @@ class _OwnRows(torch.autograd.Function):
         if opts.reduction != "none" and ctx.needs_input_grad[0]:
             scale = _row_scale(plan.valid, plan.den, 1.0, opts.reduction, cdt)
         row, g = _pass(z2, plan.label, plan.valid, plan.w, plan.w_y, plan.mask, opts, scale)
-        ctx.save_for_backward(z2)
+        # the labels and class weights too (the caller's tensors, or views of them): backward
+        # reads them again, and one changed in place since must be an error, not another gradient
+        ctx.save_for_backward(z2, plan.label, plan.t, plan.w)
         # held outside the saved tensors and dropped once returned: autograd may make it the
         # leaf's .grad, which the caller may change in place before a second backward
         ctx.early = g
@@ -355,7 +357,7 @@ class _OwnRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
-        (z2,) = ctx.saved_tensors
+        z2, *_ = ctx.saved_tensors
         plan: _Plan = ctx.plan
         early = _early_gradient(ctx, grad, z2)
         if early is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 import torch
@@ -140,6 +140,18 @@ def _header_device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
+#: Fields of the options dataclasses under another name in the public signatures (None: none).
+_PUBLIC_NAMES: dict[str, str | None] = {"entropy": "return_entropy", "use_triton": None}
+
+
+def _option_names(options: Any) -> str:
+    """The keywords whose values `options` (a dataclass of one call's options) holds."""
+    if not is_dataclass(options):
+        return "the options"
+    names = (_PUBLIC_NAMES.get(f.name, f.name) for f in fields(options))
+    return ", ".join(f"`{n}`" for n in names if n is not None)
+
+
 def agree(
     *,
     caller: str,
@@ -207,9 +219,10 @@ def agree(
         raise ValueError(msg)
     if len(set(column(_OPTS))) > 1:
         msg = (
-            f"{caller}: the ranks were called with different options or dtypes (ignore_index, "
-            "label_smoothing, z_loss, softcap, reduction, the input dtype, the hidden size, "
-            "the presence of a bias / class weight); pass the same ones on every rank."
+            f"{caller}: the ranks were called with different options or dtypes "
+            f"({_option_names(options)}, the input dtypes, the hidden size, the presence of a "
+            "bias / class weight, `shift`, whether a gradient is taken); pass the same ones on "
+            "every rank."
         )
         raise ValueError(msg)
     wlens = column(_WLEN)

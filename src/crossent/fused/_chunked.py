@@ -116,7 +116,9 @@ def _workspace(
     new pages from the OS, whose first-touch faults and release cost as much as
     several element-wise passes. The per-thread buffers are released by
     :func:`clear_workspace`. On other devices PyTorch's caching allocator already
-    reuses memory, so a plain ``torch.empty`` is used.
+    reuses memory, so a plain ``torch.empty`` is used. A cached buffer is made outside
+    inference mode: one made by a call under ``torch.inference_mode()`` would be an
+    inference tensor, which no later call outside it may write to.
     """
     import torch
 
@@ -127,7 +129,8 @@ def _workspace(
     buf = cache.get((slot, dtype))
     if buf is None or buf.numel() < numel:
         cache.pop((slot, dtype), None)  # free the old one first
-        buf = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, dtype=dtype, device=device)
         cache[(slot, dtype)] = buf
     return buf[:numel].view(shape)
 

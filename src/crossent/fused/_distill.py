@@ -189,18 +189,20 @@ class _LinearDistillFunction(torch.autograd.Function):
         res = _chunked_distill(
             hidden, weight, bias, teacher, counted, opts, compute_grad=needs if eager else False
         )
-        ctx.opts, ctx.needs, ctx.teacher = opts, needs, teacher
+        ctx.opts, ctx.needs = opts, needs
         stash_grads(ctx, (res.grad_hidden, res.grad_weight, res.grad_bias) if eager else None)
-        ctx.save_for_backward(hidden, weight, bias, counted)
+        # the teacher too: backward may recompute with it, and a teacher changed in place
+        # since (an EMA update, a reused buffer) must be an error, not another gradient
+        ctx.save_for_backward(hidden, weight, bias, counted, *teacher)
         return res.loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
-        hidden, weight, bias, counted = ctx.saved_tensors
+        hidden, weight, bias, counted, t_hidden, t_weight, t_bias = ctx.saved_tensors
 
         def recompute(row_scale: torch.Tensor | None) -> Grads:
             res = _chunked_distill(
-                hidden, weight, bias, ctx.teacher, counted, ctx.opts,
+                hidden, weight, bias, (t_hidden, t_weight, t_bias), counted, ctx.opts,
                 compute_grad=ctx.needs, row_scale=row_scale,
             )  # fmt: skip
             return res.grad_hidden, res.grad_weight, res.grad_bias

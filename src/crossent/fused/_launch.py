@@ -50,8 +50,10 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 @functools.lru_cache(maxsize=64)
 def _constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`values` on `device`, made once per value (a host-to-device copy synchronises with
-    the host; a cached tensor does not, after its first use)."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    the host; a cached tensor does not, after its first use). Made outside inference mode,
+    so that calls with a gradient can use one cached by a call under inference mode."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def row_stats(

@@ -370,15 +370,17 @@ def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, counte
 
 
 def _distill_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    ctx.teacher, ctx.options, ctx.needs = inputs[3:7], inputs[8], inputs[9]  # teacher + counted
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], *output[1:])
+    ctx.options, ctx.needs = inputs[8], inputs[9]
+    ctx.save_for_backward(*inputs[:7], *output[1:])  # student, teacher, counted, gradients
 
 
 def _distill_backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
-    hidden, weight, bias, *formed = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    hidden, weight, bias, *teacher_counted = saved[:7]
+    formed = saved[7:]
 
     def rerun(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return _distill_op(hidden, weight, bias, *ctx.teacher, rows, ctx.options, ctx.needs)
+        return _distill_op(hidden, weight, bias, *teacher_counted, rows, ctx.options, ctx.needs)
 
     return _loss_backward(
         ctx, grad_loss, tuple(formed), rerun, name="linear_distillation_loss",

@@ -45,7 +45,6 @@ the fused loss.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import threading
 from collections.abc import Callable
@@ -60,7 +59,15 @@ __all__ = ["patch", "unpatch"]
 _STATE = "_crossent_patch"
 """Attribute of a patched model holding its :class:`_PatchState`."""
 
-_MISSING = object()
+
+class _Missing:
+    """The marker for "no instance attribute": one object, kept by deep copies and pickles."""
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+
+_MISSING: Any = _Missing()
 
 _LOCK = threading.RLock()
 """Serializes :func:`patch`, :func:`unpatch` and the install/removal of the head's recorder."""
@@ -77,10 +84,48 @@ class _PatchState:
 
     chunk_size: int | None
     own_forward: Any  # the instance's ``forward`` attribute before patching, or _MISSING
-    original: Callable[..., Any]  # the forward that ran before patching (bound)
     signature: inspect.Signature
-    wrapper: Callable[..., Any] | None = None  # the patched forward installed on the instance
+    wrapper: _PatchedForward | None = None  # the patched forward installed on the instance
     verified_softcap: list[float | None] = dataclasses.field(default_factory=list)
+
+    def original(self, model: torch.nn.Module) -> Callable[..., Any]:
+        """The forward that ran before patching, bound to `model`."""
+        if self.own_forward is _MISSING:
+            forward: Callable[..., Any] = type(model).forward.__get__(model)
+            return forward
+        return self.own_forward
+
+
+class _PatchedForward:
+    """The ``forward`` that :func:`patch` installs on one model instance.
+
+    An object holding its model, not a closure over it: a deep copy of the model
+    (a reference model, an EMA copy) or a pickle round trip gets a wrapper that
+    runs the copy, whereas a closure would keep training the original. It keeps
+    the original's signature (``__signature__``), which ``generate()`` and the
+    ``Trainer`` inspect, its name and docstring, and ``__wrapped__`` as
+    :func:`functools.wraps` would.
+    """
+
+    def __init__(self, model: torch.nn.Module, state: _PatchState) -> None:
+        self.model = model
+        self.state = state  # copies and pickles keep it the object of the model's _STATE
+        own = type(model).forward
+        self.__name__ = own.__name__
+        self.__qualname__ = own.__qualname__
+        self.__doc__ = own.__doc__
+        self.__module__ = own.__module__
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self.state.signature
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        return self.state.original(self.model)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _forward(self.model, self.state, args, kwargs)
 
 
 @dataclasses.dataclass
@@ -216,15 +261,10 @@ def _patch_locked(model: ModelT, size: int | None) -> ModelT:
         raise ValueError(msg)
     _check_loss_function(model)
     own = model.__dict__.get("forward", _MISSING)
-    state = _PatchState(size, own, model.forward, signature)
-
-    @functools.wraps(state.original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return _forward(model, state, args, kwargs)
-
-    state.wrapper = forward
+    state = _PatchState(size, own, signature)
+    state.wrapper = _PatchedForward(model, state)
     model.__dict__[_STATE] = state
-    model.__dict__["forward"] = forward
+    model.__dict__["forward"] = state.wrapper
     return model
 
 
@@ -288,8 +328,9 @@ def _forward(
     bound = state.signature.bind(*args, **kwargs)
     labels = bound.arguments.get("labels")
     keep = bound.arguments.get("logits_to_keep", 0)
+    original = state.original(model)
     if labels is None or not model.training or not (isinstance(keep, int) and keep == 0):
-        return state.original(*args, **kwargs)
+        return original(*args, **kwargs)
     _check_loss_function(model)
     head = _check_head(model)
     var_kw = next(
@@ -298,9 +339,7 @@ def _forward(
     loss_kwargs = dict(bound.arguments.get(var_kw, {})) if var_kw else {}
     bound.arguments["labels"] = None
     capture = _Capture()
-    out = _run_with_recording_head(
-        head, capture, lambda: state.original(*bound.args, **bound.kwargs)
-    )
+    out = _run_with_recording_head(head, capture, lambda: original(*bound.args, **bound.kwargs))
     if capture.hidden is None or capture.probe is None:
         msg = (
             f"{type(model).__name__}.forward did not call `lm_head`; patch() supports models "
