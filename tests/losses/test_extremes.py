@@ -135,6 +135,32 @@ def test_logits_spanning_more_than_the_largest_float_warn_about_nothing(
     ce.listnet_loss(z, p_row0 + 0.1)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_target_at_the_low_end_of_a_row_spanning_more_than_the_largest_float(
+    xp: Any, dtype: str
+) -> None:
+    """The sibling of the test above with the label on the smallest logit: -log p_y = m - z_y
+    is beyond the largest float, +inf (as PyTorch's), but NumPy and array-api-strict warned
+    "overflow encountered in subtract" (an error under -W error) in the row formula's target
+    term, for the loss and value_and_grad; the gradient is p - e_y as for any row."""
+    big = float(np.finfo(dtype).max)
+    conv = to_xp(xp)
+    z = np.array([[big, -big, 0.0], [1.0, 2.0, 0.5]], dtype=dtype)
+    y = np.array([1, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = ce.sparse_categorical_cross_entropy(
+            conv(z), conv(y), from_logits=True, reduction="none"
+        )
+        _, grad = ce.value_and_grad(
+            ce.sparse_categorical_cross_entropy, conv(z), conv(y), from_logits=True
+        )
+    got = to_numpy(loss).astype(float)
+    assert got[0] == np.inf
+    assert got[1] == pytest.approx(float(np.log(np.exp([1.0, 2.0, 0.5]).sum()) - 2.0), rel=1e-6)
+    assert to_numpy(grad)[0].tolist() == [0.5, -0.5, 0.0]
+
+
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"z_loss": 0.1}])
 def test_non_finite_row_maxima_warn_about_nothing(xp: Any, options: dict[str, Any]) -> None:
     """A +inf logit and an all -inf row: NaN where inf - inf is formed, +inf for a finite target
