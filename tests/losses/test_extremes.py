@@ -135,6 +135,32 @@ def test_logits_spanning_more_than_the_largest_float_warn_about_nothing(
     ce.listnet_loss(z, p_row0 + 0.1)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_target_at_the_low_end_of_a_row_spanning_more_than_the_largest_float(
+    xp: Any, dtype: str
+) -> None:
+    """The sibling of the test above with the label on the smallest logit: -log p_y = m - z_y
+    is beyond the largest float, +inf (as PyTorch's), but NumPy and array-api-strict warned
+    "overflow encountered in subtract" (an error under -W error) in the row formula's target
+    term, for the loss and value_and_grad; the gradient is p - e_y as for any row."""
+    big = float(np.finfo(dtype).max)
+    conv = to_xp(xp)
+    z = np.array([[big, -big, 0.0], [1.0, 2.0, 0.5]], dtype=dtype)
+    y = np.array([1, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = ce.sparse_categorical_cross_entropy(
+            conv(z), conv(y), from_logits=True, reduction="none"
+        )
+        _, grad = ce.value_and_grad(
+            ce.sparse_categorical_cross_entropy, conv(z), conv(y), from_logits=True
+        )
+    got = to_numpy(loss).astype(float)
+    assert got[0] == np.inf
+    assert got[1] == pytest.approx(float(np.log(np.exp([1.0, 2.0, 0.5]).sum()) - 2.0), rel=1e-6)
+    assert to_numpy(grad)[0].tolist() == [0.5, -0.5, 0.0]
+
+
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"z_loss": 0.1}])
 def test_non_finite_row_maxima_warn_about_nothing(xp: Any, options: dict[str, Any]) -> None:
     """A +inf logit and an all -inf row: NaN where inf - inf is formed, +inf for a finite target
@@ -157,3 +183,45 @@ def test_non_finite_row_maxima_warn_about_nothing(xp: Any, options: dict[str, An
     eps, zeta = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0)
     want = (1 - eps) * (lse - 2.0) + eps / 2 * ((lse - 1.0) + (lse - 2.0)) + zeta * lse**2
     assert got[3] == pytest.approx(want, rel=1e-12)
+
+
+_NONE = {"reduction": "none"}
+_SOFT_CALLS = {
+    "categorical": lambda x, t: ce.categorical_cross_entropy(x, t, from_logits=True, **_NONE),
+    "categorical-focal": lambda x, t: ce.categorical_cross_entropy(
+        x, t, from_logits=True, gamma=2.0, **_NONE
+    ),
+    "categorical-grad": lambda x, t: ce.value_and_grad(
+        ce.categorical_cross_entropy, x, t, from_logits=True, **_NONE
+    )[1],
+    "listnet-scores": lambda x, t: ce.listnet_loss(x, t, **_NONE),
+    "listnet-relevance": lambda x, t: ce.listnet_loss(t, x, **_NONE),
+    "listnet-grad": lambda x, t: ce.value_and_grad(ce.listnet_loss, x, t, **_NONE)[1],
+    "distillation-student": lambda x, t: ce.distillation_loss(x, t, **_NONE),
+    "distillation-teacher": lambda x, t: ce.distillation_loss(t, x, **_NONE),
+    "distillation-grad": lambda x, t: ce.value_and_grad(ce.distillation_loss, x, t, **_NONE)[1],
+    "entropy": lambda x, t: ce.info.entropy(x, from_logits=True),
+    "kl": lambda x, t: ce.info.kl_divergence(t, x, from_logits=True),
+    "js": lambda x, t: ce.info.js_divergence(x, t, from_logits=True),
+}
+
+
+@pytest.mark.parametrize("call", list(_SOFT_CALLS.values()), ids=list(_SOFT_CALLS))
+def test_non_finite_row_maxima_of_soft_targets_and_measures_warn_about_nothing(
+    xp: Any, call: Any
+) -> None:
+    """The sibling of the sparse test above: log p = z - lse of a +inf logit or an all -inf
+    row is inf - inf, NaN, as on PyTorch and JAX; NumPy and array-api-strict warned "invalid
+    value encountered in subtract" (an error under -W error) in the soft-target losses and
+    their closed-form gradients, ListNet, distillation and ``crossent.info`` from logits.
+    Those rows hold NaN; the finite row is the same as on its own."""
+    conv = to_xp(xp)
+    x = np.array([[np.inf, 0.0], [-np.inf, -np.inf], [np.inf, np.inf], [1.0, 2.0]])
+    t = np.array([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0], [0.3, 0.7]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        per_row = to_numpy(call(conv(x), conv(t))).reshape(4, -1)
+        alone = to_numpy(call(conv(x[3:]), conv(t[3:]))).reshape(1, -1)
+    assert np.isnan(per_row[:3]).any(axis=-1).all()
+    assert np.all(np.isfinite(alone))
+    np.testing.assert_allclose(per_row[3:], alone, rtol=1e-12)

@@ -47,6 +47,7 @@ from crossent._lib._xp import (
     forward_ad_active,
     is_torch_namespace,
     logsumexp,
+    stop_gradient,
     torch_tracing,
 )
 
@@ -87,8 +88,13 @@ def log_softmax(z: Array, *, axis: int, xp: Any, overwrite: bool = False) -> Arr
         if overwrite and _untracked_torch(xp, z):
             return torch._log_softmax(z, axis, False, out=z)
         return torch.log_softmax(z, dim=axis)
-    # beyond the largest float log p is rightly -inf (p = 0), without NumPy's warning
-    return difference(z, logsumexp(z, axis=axis, keepdims=True, xp=xp), xp=xp)
+    # log p = (z - m) - lse(z - m): the shifted row's log-sum-exp is log1p of the other terms,
+    # exact near 0, where z - lse(z) rounds lse at the magnitude of the logits (float32 logits
+    # [300, 288, 200]: log p_0 = 0 instead of -6.1e-6). Beyond the largest float log p is
+    # rightly -inf (p = 0), without NumPy's warning
+    m = stop_gradient(xp.max(z, axis=axis, keepdims=True), xp=xp)
+    shifted = difference(z, xp.where(xp.isfinite(m), m, xp.zeros_like(m)), xp=xp)
+    return difference(shifted, logsumexp(shifted, axis=axis, keepdims=True, xp=xp), xp=xp)
 
 
 def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:

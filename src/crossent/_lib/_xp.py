@@ -389,12 +389,13 @@ def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
 
 
 def difference(a: Array, b: Array, *, xp: Any) -> Array:
-    """``a - b`` for log-space shifts (``z - m``, ``m - z``), where a difference beyond the
-    largest float is rightly ±inf (its exponential is 0 or inf): without NumPy's "overflow
-    encountered in subtract" warning for logits spanning more than ~1.8e308 (3.4e38 in
-    float32) (:func:`quiet`).
+    """``a - b`` for log-space shifts (``z - m``, ``m - z``, ``z - lse``), where a difference
+    beyond the largest float is rightly ±inf (its exponential is 0 or inf) and ``inf - inf``
+    rightly NaN (a ``+inf`` logit, or a row of ``-inf``, has no log-softmax): without NumPy's
+    "overflow encountered in subtract" warning for logits spanning more than ~1.8e308 (3.4e38
+    in float32), nor its "invalid value encountered in subtract" (:func:`quiet`).
     """
-    with quiet(xp, "over"):
+    with quiet(xp, "invalid", "over"):
         return a - b
 
 

@@ -86,7 +86,8 @@ def _soft_value_and_grad(
         return loss, scale * h
     h = h + xp.zeros_like(x)  # full shape (h may be c itself)
     total = xp.sum(h, axis=-1, keepdims=True)
-    return loss, scale * (total * xp.exp(x - lse) - h)
+    p = terms.p if terms.p is not None else xp.exp(-terms.nlp)  # exp(x - lse), formed once
+    return loss, scale * (total * p - h)
 
 
 def _check_soft(

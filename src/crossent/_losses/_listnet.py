@@ -9,6 +9,7 @@ from crossent._lib._xp import (
     array_namespace,
     astype,
     compute_dtype,
+    difference,
     logsumexp,
     moveaxis,
     output_dtype,
@@ -33,7 +34,7 @@ def _prepare(
     s = moveaxis(astype(scores, cdt, xp=xp), axis, -1, xp=xp)
     r = moveaxis(astype(relevance, cdt, xp=xp), axis, -1, xp=xp)
     r, _ = shift_logits(r, xp=xp)  # softmax(r) accurate for large grades
-    q = xp.exp(r - logsumexp(r, axis=-1, keepdims=True, xp=xp))
+    q = xp.exp(difference(r, logsumexp(r, axis=-1, keepdims=True, xp=xp), xp=xp))
     return s, q, reduction, axis
 
 

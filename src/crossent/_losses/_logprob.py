@@ -42,6 +42,7 @@ from typing import Any
 from crossent._lib._checks import check_floating, check_nonnegative
 from crossent._lib._xp import (
     Array,
+    difference,
     is_jax_namespace,
     is_numpy_namespace,
     is_torch_namespace,
@@ -112,7 +113,7 @@ class ClassTerms:
 def class_terms(x: Array, lse: Array | None, *, kind: str, gamma: float, xp: Any) -> ClassTerms:
     """The :class:`ClassTerms` of `x` (`lse` broadcast against `x` for logits)."""
     if kind == "logits":
-        log_p = x - lse
+        log_p = difference(x, lse, xp=xp)  # a non-finite row max: NaN, without a warning
         if gamma == 0:
             return ClassTerms(nlp=-log_p)
         return ClassTerms(nlp=-log_p, p=xp.exp(log_p), log1m_p=log1mexp(log_p, xp=xp))

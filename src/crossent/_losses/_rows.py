@@ -332,10 +332,12 @@ def _nll_target(stats: RowStats, terms: tuple[Array, Array, Array | None], *, xp
 
     From :func:`log_terms`. A row whose max is not finite gives :math:`m - z_y = L - z_y`:
     NaN for an all ``-inf`` row (:math:`-\infty - (-\infty)`), :math:`+\infty` for a
-    finite target under a :math:`+\infty` logit; formed without a warning
-    (:func:`~crossent._lib._xp.quiet`).
+    finite target under a :math:`+\infty` logit; a row spanning more than the largest
+    float gives :math:`+\infty` for a target at its low end (the loss is beyond it); each
+    formed without a warning (:func:`~crossent._lib._xp.quiet`). Statistics with finite
+    maxima (the NumPy executor's) have row maxima small enough that neither happens.
     """
-    with quiet(xp, "invalid", when=terms[2] is not None):  # finite maxima: no inf - inf
+    with quiet(xp, "invalid", "over", when=terms[2] is not None):
         return (stats.m - stats.z_y) + terms[1]
 
 
