@@ -23,10 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import crossent as ce
+from benchmarks.bench_sweep import torch_cases
 
 
 class _Count(TorchDispatchMode):
@@ -53,40 +52,6 @@ def count(loss: Callable[[Any], Any], x: Any, *, backward: bool) -> int:
     return mode.ops
 
 
-def cases(
-    n: int, c: int, dtype: Any
-) -> dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]]:
-    """Case -> (crossent's loss of the logits, PyTorch's)."""
-    meta = torch.device("meta")
-    label = torch.zeros(n, dtype=torch.int64, device=meta)
-    probs = torch.empty(n, c, dtype=dtype, device=meta)
-    weight = torch.empty(n, c, dtype=dtype, device=meta)
-    pos_weight = torch.empty(c, dtype=dtype, device=meta)
-    sparse = ce.sparse_categorical_cross_entropy
-    return {
-        "sparse": (
-            lambda x: sparse(x, label, from_logits=True),
-            lambda x: F.cross_entropy(x, label),
-        ),
-        "categorical": (
-            lambda x: ce.categorical_cross_entropy(x, probs, from_logits=True),
-            lambda x: F.cross_entropy(x, probs),
-        ),
-        "binary": (
-            lambda x: ce.binary_cross_entropy(x, probs, from_logits=True),
-            lambda x: F.binary_cross_entropy_with_logits(x, probs),
-        ),
-        "binary weight": (
-            lambda x: ce.binary_cross_entropy(x, probs, from_logits=True, weight=weight),
-            lambda x: F.binary_cross_entropy_with_logits(x, probs, weight=weight),
-        ),
-        "binary pos_weight": (
-            lambda x: ce.binary_cross_entropy(x, probs, from_logits=True, pos_weight=pos_weight),
-            lambda x: F.binary_cross_entropy_with_logits(x, probs, pos_weight=pos_weight),
-        ),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="float32 only")
@@ -94,17 +59,16 @@ def main(argv: list[str] | None = None) -> None:
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     n, c = 256, 1000  # the counts do not depend on the size below the Triton executor's
     print("Operations dispatched per call on the meta device (an accelerator's eager path)")
-    print(f"| {'case':<34} | {'torch':>5} | {'crossent':>8} | {'ratio':>5} |")
-    print(f"|{'-' * 36}|{'-' * 7}|{'-' * 10}|{'-' * 7}|")
+    print(f"| {'case':<50} | {'torch':>5} | {'crossent':>8} | {'ratio':>5} |")
+    print(f"|{'-' * 52}|{'-' * 7}|{'-' * 10}|{'-' * 7}|")
     for dtype in dtypes:
-        x = torch.empty(n, c, dtype=dtype, device="meta")
-        for name, (ours, ref) in cases(n, c, dtype).items():
+        for name, (x, ours, ref) in torch_cases(n, c, dtype, device="meta").items():
             for backward in (False, True):
                 mine, theirs = count(ours, x, backward=backward), count(ref, x, backward=backward)
                 what = (
                     f"{name} {str(dtype).removeprefix('torch.')} {'fwd+bwd' if backward else 'fwd'}"
                 )
-                print(f"| {what:<34} | {theirs:>5} | {mine:>8} | {mine / theirs:>5.2f} |")
+                print(f"| {what:<50} | {theirs:>5} | {mine:>8} | {mine / theirs:>5.2f} |")
 
 
 if __name__ == "__main__":

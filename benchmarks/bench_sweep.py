@@ -83,17 +83,19 @@ def _header(title: str, ref: str) -> None:
 # --------------------------------------------------------------------------- PyTorch
 
 
-def _torch_cases(n: int, c: int, dtype: Any) -> dict[str, tuple[Callable[..., Any], ...]]:
-    """name -> (inputs builder, crossent loss, reference loss) for one size and dtype."""
+def torch_cases(
+    n: int, c: int, dtype: Any, device: str = "cpu"
+) -> dict[str, tuple[Callable[..., Any], ...]]:
+    """name -> (logits, crossent loss, reference loss) for one size, dtype and device."""
     import torch
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, c, generator=g).to(dtype)
-    y = torch.randint(0, c, (n,), generator=g)
-    probs = torch.softmax(torch.randn(n, c, generator=g), -1).to(dtype)
-    bt = (torch.rand(n, c, generator=g) > 0.5).to(dtype)
-    bw = (torch.rand(c, generator=g) + 0.5).to(dtype)  # per-label weight / pos_weight
+    x = torch.randn(n, c, generator=g).to(device, dtype)
+    y = torch.randint(0, c, (n,), generator=g).to(device)
+    probs = torch.softmax(torch.randn(n, c, generator=g), -1).to(device, dtype)
+    bt = (torch.rand(n, c, generator=g) > 0.5).to(device, dtype)
+    bw = (torch.rand(c, generator=g) + 0.5).to(device, dtype)  # per-label weight / pos_weight
 
     def plain_zloss_softcap(v: Any) -> Any:
         z = 30.0 * torch.tanh(v.float() / 30.0)
@@ -148,11 +150,11 @@ def _torch_cases(n: int, c: int, dtype: Any) -> dict[str, tuple[Callable[..., An
 def _selected_torch_cases(
     args: argparse.Namespace, n: int, c: int, dtype: Any
 ) -> list[tuple[str, tuple[Callable[..., Any], ...]]]:
-    """:func:`_torch_cases` that the command line asks for (``--cases``; ``--quick`` skips the
+    """:func:`torch_cases` that the command line asks for (``--cases``; ``--quick`` skips the
     plain-torch-ops comparisons)."""
     return [
         (name, case)
-        for name, case in _torch_cases(n, c, dtype).items()
+        for name, case in torch_cases(n, c, dtype).items()
         if not ((args.quick and "vs torch ops" in name) or (args.cases and name not in args.cases))
     ]
 

@@ -125,12 +125,12 @@ def test_accelerator_path_dispatches_torchs_operations_for_the_common_call() -> 
     """The host-time proxy of a small CUDA loss (``benchmarks/bench_launches.py``): the common
     sparse call dispatches exactly PyTorch's operations; binary CE its own short formula
     (35 for a forward+backward, against 45 through the generic formula)."""
-    from benchmarks.bench_launches import cases, count
+    from benchmarks.bench_launches import count
+    from benchmarks.bench_sweep import torch_cases
 
-    x = torch.empty(16, 7, device="meta")
-    table = cases(16, 7, torch.float32)
+    table = torch_cases(16, 7, torch.float32, device="meta")
+    x, ours, ref = table["sparse"]
     for backward in (False, True):
-        ours, ref = table["sparse"]
         assert count(ours, x, backward=backward) == count(ref, x, backward=backward)
-    assert count(table["binary"][0], x, backward=True) <= 35
-    assert count(table["binary weight"][0], x, backward=True) <= 40
+    assert count(table["binary"][1], x, backward=True) <= 35
+    assert count(table["binary weight"][1], x, backward=True) <= 40
