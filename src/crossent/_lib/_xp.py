@@ -572,7 +572,12 @@ def quiet(
             invalid="ignore" if "invalid" in kinds else None,  # None: left as it is
             over="ignore" if "over" in kinds else None,
         )
-    return contextlib.nullcontext()
+    return _NOTHING
+
+
+_NOTHING = contextlib.nullcontext()
+"""What :func:`quiet` returns where there is nothing to quiet (one object: a null context is
+reusable and reentrant, and building one costs a tenth of a microsecond per call)."""
 
 
 def safe_divide(num: Array, den: Array, *, xp: Any) -> Array:
