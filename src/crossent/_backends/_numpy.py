@@ -30,12 +30,12 @@ errors and handles every corner.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
 
 from crossent._lib._checks import check_axis, check_label_range, values_checked
+from crossent._lib._xp import quiet
 from crossent._losses import _rows
 from crossent._losses._logprob import check_class_weight, softcap_backward, softcap_logits
 from crossent._losses._options import CEOptions
@@ -57,9 +57,6 @@ def _fits(input: object, target: object, weight: object, opts: CEOptions) -> boo
     if weight is not None and not (type(weight) is np.ndarray and weight.dtype.kind == "f"):
         return False
     return opts.kind == "logits" and _rows.applies(opts)
-
-
-_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _labels(
@@ -130,7 +127,7 @@ def sparse(
     # PyTorch's), formed without NumPy's "invalid value" warning (which a program that
     # turns warnings into errors dies of); so does label_smoothing=1 (no target term)
     zero_coef = opts.label_smoothing == 1 or (w is not None and not w.all())
-    with np.errstate(invalid="ignore") if zero_coef else _NO_CONTEXT:
+    with quiet(np, "invalid", when=zero_coef):
         row, _ = _rows.row_loss(stats, w_y, stats.wsum, num_classes, opts, xp=np)
     if valid is not None:
         row = np.where(valid, row, 0)
@@ -147,7 +144,7 @@ def sparse(
         return loss, None
     if valid is not None:
         scale = np.where(valid, scale, 0).astype(dtype)
-    with np.errstate(invalid="ignore") if zero_coef else _NO_CONTEXT:
+    with quiet(np, "invalid", when=zero_coef):
         a, b, e = _rows.grad_coefficients(stats, w_y, stats.wsum, num_classes, opts, xp=np)
     buf *= ((a * scale) / stats.s)[:, None]  # a p, with p = exp(z - m) / s
     buf[rows, label] -= b * scale
