@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from crossent._backends._node import graph_node, in_graph, torch_operands
 from crossent._lib._checks import (
     check_array,
     check_floating,
@@ -39,6 +40,7 @@ from crossent._lib._checks import (
     check_same_shape,
     check_unit_interval_scalar,
 )
+from crossent._lib._config import dynamo_tracing, get_validation
 from crossent._lib._xp import (
     Array,
     array_namespace,
@@ -487,6 +489,13 @@ def binary_cross_entropy(
             opts = make_options(
                 from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
                 reduction=reduction, alpha=alpha,
+            )  # fmt: skip
+        if dynamo_tracing() and in_graph() and torch_operands(target, weight, pos_weight):
+            return graph_node(  # one opaque node: few guards (crossent._backends._node)
+                "binary_cross_entropy", input, target, checked=get_validation(),
+                from_logits=from_logits, weight=weight, pos_weight=pos_weight,
+                label_smoothing=opts.label_smoothing, gamma=opts.gamma, alpha=opts.alpha,
+                reduction=opts.reduction,
             )  # fmt: skip
         try:
             out = torch_binary(input, target, weight, pos_weight, opts.label_smoothing, opts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from crossent._backends import torch_executor
+from crossent._backends._node import graph_node, in_graph, torch_operands
 from crossent._lib._checks import (
     check_axis,
     check_floating,
@@ -20,6 +21,7 @@ from crossent._lib._checks import (
     check_reduction,
     check_same_shape,
 )
+from crossent._lib._config import dynamo_tracing, get_validation
 from crossent._lib._xp import (
     Array,
     array_namespace,
@@ -248,6 +250,12 @@ def categorical_cross_entropy(
             opts = make_options(
                 from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
                 reduction=reduction,
+            )  # fmt: skip
+        if dynamo_tracing() and in_graph() and torch_operands(target, weight, axis=axis):
+            return graph_node(  # one opaque node: few guards (crossent._backends._node)
+                "categorical_cross_entropy", input, target, checked=get_validation(),
+                from_logits=from_logits, axis=axis, weight=weight,
+                label_smoothing=opts.label_smoothing, gamma=opts.gamma, reduction=opts.reduction,
             )  # fmt: skip
         try:
             out = torch_executor().categorical(input, target, weight, axis, opts)

@@ -23,6 +23,7 @@ from typing import Any, Literal, cast
 
 from crossent._backends import _numpy as _numpy_exec
 from crossent._backends import torch_executor
+from crossent._backends._node import graph_node, in_graph, torch_operands
 from crossent._lib._checks import (
     check_axis,
     check_floating,
@@ -31,6 +32,7 @@ from crossent._lib._checks import (
     check_label_range,
     check_probability_rows,
 )
+from crossent._lib._config import dynamo_tracing, get_validation
 from crossent._lib._xp import (
     Array,
     array_namespace,
@@ -440,6 +442,13 @@ def sparse_categorical_cross_entropy(
             z_loss=z_loss, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
         )  # fmt: skip
     if is_torch_tensor(input):
+        if dynamo_tracing() and in_graph() and torch_operands(target, weight, axis=axis):
+            return graph_node(  # one opaque node: few guards (crossent._backends._node)
+                "sparse_categorical_cross_entropy", input, target, checked=get_validation(),
+                from_logits=from_logits, axis=axis, weight=weight, ignore_index=opts.ignore_index,
+                label_smoothing=opts.label_smoothing, gamma=opts.gamma, z_loss=opts.z_loss,
+                softcap=opts.softcap, reduction=opts.reduction,
+            )  # fmt: skip
         ndim = input.ndim
         # the default class axis without a call (check_axis names a bad one)
         axis_ = axis + ndim if type(axis) is int and -ndim <= axis < 0 else check_axis(axis, ndim)
