@@ -65,7 +65,7 @@ def in_graph() -> bool:
 in_graph._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def torch_operands(target: object, *optional: object, axis: object = -1) -> bool:
+def torch_operands(axis: object, target: object, *optional: object) -> bool:
     """Whether a call's other operands can enter :func:`graph_node`: `target` a tensor, the
     `optional` ones (weights) None, tensors or numbers, `axis` an int; anything else is traced
     as it is, and its checks raise. A number that dynamo made dynamic (it changed between

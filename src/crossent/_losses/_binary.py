@@ -479,7 +479,6 @@ def binary_cross_entropy(
     [[0.0005, 0.017, 0.13], [0.0001, 0.0, 0.5264]]
     """
     if is_torch_tensor(input):
-        torch_binary = _TORCH_BINARY[0] if _TORCH_BINARY else _torch_binary()
         opts = (  # the plain call's options without building their key
             plain_logits_options(from_logits, reduction, label_smoothing, gamma)
             if alpha is None
@@ -490,13 +489,14 @@ def binary_cross_entropy(
                 from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
                 reduction=reduction, alpha=alpha,
             )  # fmt: skip
-        if dynamo_tracing() and in_graph() and torch_operands(target, weight, pos_weight):
+        if dynamo_tracing() and in_graph() and torch_operands(-1, target, weight, pos_weight):
             return graph_node(  # one opaque node: few guards (crossent._backends._node)
                 "binary_cross_entropy", input, target, checked=get_validation(),
                 from_logits=from_logits, weight=weight, pos_weight=pos_weight,
                 label_smoothing=opts.label_smoothing, gamma=opts.gamma, alpha=opts.alpha,
                 reduction=opts.reduction,
             )  # fmt: skip
+        torch_binary = _TORCH_BINARY[0] if _TORCH_BINARY else _torch_binary()
         try:
             out = torch_binary(input, target, weight, pos_weight, opts.label_smoothing, opts)
         except RuntimeError:  # PyTorch's device error: crossent's, naming the argument

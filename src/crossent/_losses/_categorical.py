@@ -251,7 +251,7 @@ def categorical_cross_entropy(
                 from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma,
                 reduction=reduction,
             )  # fmt: skip
-        if dynamo_tracing() and in_graph() and torch_operands(target, weight, axis=axis):
+        if dynamo_tracing() and in_graph() and torch_operands(axis, target, weight):
             return graph_node(  # one opaque node: few guards (crossent._backends._node)
                 "categorical_cross_entropy", input, target, checked=get_validation(),
                 from_logits=from_logits, axis=axis, weight=weight,

@@ -442,7 +442,7 @@ def sparse_categorical_cross_entropy(
             z_loss=z_loss, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
         )  # fmt: skip
     if is_torch_tensor(input):
-        if dynamo_tracing() and in_graph() and torch_operands(target, weight, axis=axis):
+        if dynamo_tracing() and in_graph() and torch_operands(axis, target, weight):
             return graph_node(  # one opaque node: few guards (crossent._backends._node)
                 "sparse_categorical_cross_entropy", input, target, checked=get_validation(),
                 from_logits=from_logits, axis=axis, weight=weight, ignore_index=opts.ignore_index,
