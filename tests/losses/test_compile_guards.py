@@ -50,7 +50,8 @@ def _guard_count(loss: Callable[[Any], Any], x: Any) -> int:
 # Each loss is one node of dynamo's graph (crossent._backends._node): dynamo guards the call's
 # prologue (options, validation switch, the node), not the executor's dispatch and formula.
 # Traced through, they installed 64, 94, 72 and 106 guards, and 204 and 202 for crossent's own
-# options (z-loss + softcap, focal); torch's own losses: 11. The bounds leave room for a few more,
+# options (z-loss + softcap, focal), 228 for distillation_loss and 156 for listnet_loss; torch's
+# own losses: 11. The bounds leave room for a few more,
 # not for the dispatch traced again.
 BOUNDS = {
     "sparse": 60,
@@ -59,6 +60,8 @@ BOUNDS = {
     "binary weight": 60,
     "z-loss + softcap": 70,
     "focal": 70,
+    "distillation": 65,
+    "listnet": 55,
 }
 
 
@@ -76,6 +79,8 @@ def test_compiled_loss_installs_few_guards(name: str) -> None:
             v, y, from_logits=True, z_loss=1e-4, softcap=30.0
         ),
         "focal": lambda v: ce.sparse_categorical_cross_entropy(v, y, from_logits=True, gamma=2.0),
+        "distillation": lambda v: ce.distillation_loss(v, probs, beta=0.3, temperature=2.0),
+        "listnet": lambda v: ce.listnet_loss(v, probs),
     }[name]
     reference = _guard_count(lambda v: F.cross_entropy(v, y), x)
     count = _guard_count(loss, x)
@@ -245,3 +250,24 @@ def test_compiled_numbers_that_dynamo_makes_dynamic() -> None:
     for axis in (1, -2, 1):
         v = x[:, :, None] if axis in (1, -2) else x
         torch.testing.assert_close(compiled(v, axis), sparse(v, axis))
+
+
+@pytest.mark.parametrize("name", ["distillation", "listnet", "binary"])
+def test_node_losses_equal_eager(name: str) -> None:
+    """The other losses that enter the graph as one node: compiled values and gradients equal
+    eager (inductor, through the node's ATen trace)."""
+    torch._dynamo.reset()
+    x, y, probs, bt = _data()
+    y = torch.where(y == 0, -100, y)
+    loss = {
+        "distillation": lambda v: ce.distillation_loss(
+            v, probs * 3, beta=0.3, temperature=2.0, target=y, reduction="sum"
+        ),
+        "listnet": lambda v: ce.listnet_loss(v, probs, reduction="none"),
+        "binary": lambda v: ce.binary_cross_entropy(
+            v, bt, from_logits=True, weight=probs, pos_weight=2.0, label_smoothing=0.1
+        ),
+    }[name]
+    (eager, compiled) = eager_and_compiled(loss, x.double())
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-12, atol=1e-15)

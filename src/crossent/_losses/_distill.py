@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+from crossent._backends._node import graph_node, in_graph, torch_operands
 from crossent._lib._checks import (
     check_array,
     check_axis,
@@ -55,6 +56,7 @@ from crossent._lib._checks import (
     is_real_scalar,
     refuse_traced_numpy_scalar,
 )
+from crossent._lib._config import dynamo_tracing, get_validation
 from crossent._lib._logdiv import generalized_jsd_from_log, jsd_and_grad_from_log, log_softmax
 from crossent._lib._xp import (
     Array,
@@ -64,6 +66,7 @@ from crossent._lib._xp import (
     device,
     is_jax_namespace,
     is_torch_namespace,
+    is_torch_tensor,
     moveaxis,
     output_dtype,
     representable,
@@ -314,6 +317,17 @@ def distillation_loss(
     >>> print(f"{float(ce.distillation_loss(s, t, beta=0.5, temperature=2.0)):.6f}")
     0.030295
     """
+    if (
+        is_torch_tensor(student_logits)
+        and dynamo_tracing()
+        and in_graph()
+        and torch_operands(axis, teacher_logits, target)
+    ):
+        return graph_node(  # one opaque node: few guards (crossent._backends._node)
+            "distillation_loss", student_logits, teacher_logits, checked=get_validation(),
+            beta=check_beta(beta), temperature=check_temperature(temperature), axis=axis,
+            target=target, ignore_index=ignore_index, reduction=check_reduction(reduction),
+        )  # fmt: skip
     value, _ = _distill(
         student_logits,
         teacher_logits,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from crossent._backends._node import graph_node, in_graph, torch_operands
+from crossent._lib._checks import check_reduction
+from crossent._lib._config import dynamo_tracing, get_validation
 from crossent._lib._xp import (
     Array,
     array_namespace,
     astype,
     compute_dtype,
     difference,
+    is_torch_tensor,
     logsumexp,
     moveaxis,
     output_dtype,
@@ -99,6 +103,16 @@ def listnet_loss(
     >>> print(float(ce.listnet_loss(scores, np.array([[0.0, 1.0, 2.0]]))))
     1.98281634...
     """
+    if (
+        is_torch_tensor(scores)
+        and dynamo_tracing()
+        and in_graph()
+        and torch_operands(axis, relevance)
+    ):
+        return graph_node(  # one opaque node: few guards (crossent._backends._node)
+            "listnet_loss", scores, relevance, checked=get_validation(), axis=axis,
+            reduction=check_reduction(reduction),
+        )  # fmt: skip
     xp = array_namespace(scores=scores, relevance=relevance)
     s, q, reduction_, _ = _prepare(scores, relevance, axis=axis, reduction=reduction, xp=xp)
     loss = _soft_loss(s, q, kind="logits", gamma=0.0, reduction=reduction_, xp=xp)
