@@ -67,6 +67,7 @@ def _bad_cases() -> dict[str, tuple[Callable[[], Any], str]]:
             weight,
         ),
         "nn-bce": (lambda: cnn.BCELoss()(above, t), range_),
+        "nn-ce-probs-target": (lambda: cnn.CrossEntropyLoss()(x, bad_t), target),
         "info-entropy": (lambda: ce.info.entropy(above), r"`p` must hold probabilities"),
     }
 
@@ -145,9 +146,15 @@ def test_compiled_checks_follow_each_thread_and_task() -> None:
     assert ce.get_validation()
 
 
-@pytest.mark.parametrize("name", ["sparse-probs-rows", "categorical-target", "binary-probs"])
+@pytest.mark.parametrize(
+    "name", ["sparse-probs-rows", "categorical-target", "binary-probs", "nn-ce-probs-target"]
+)
 def test_no_graph_break_and_eager_values_for_valid_inputs(name: str) -> None:
-    """Valid inputs: the checks are in the one graph and the values equal eager."""
+    """Valid inputs: the checks are in the one graph and the values equal eager.
+
+    ``nn.CrossEntropyLoss`` with probability targets failed to trace at all
+    (InternalTorchDynamoError: NotImplementedError): its options come from a trace-time
+    constant, and ``type(option) is float`` asked dynamo for a guard on a constant's type."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, C, generator=g, dtype=torch.float64)
     y = torch.randint(0, C, (N,), generator=g)
@@ -156,6 +163,7 @@ def test_no_graph_break_and_eager_values_for_valid_inputs(name: str) -> None:
         "sparse-probs-rows": lambda: ce.sparse_categorical_cross_entropy(p, y),
         "categorical-target": lambda: ce.categorical_cross_entropy(x, t, from_logits=True),
         "binary-probs": lambda: ce.binary_cross_entropy(torch.sigmoid(x), t),
+        "nn-ce-probs-target": lambda: cnn.CrossEntropyLoss(label_smoothing=0.1)(x, t),
     }[name]
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(loss)()
