@@ -531,9 +531,8 @@ def check_same_device(*arrays: object, **named: object) -> None:
     device, as in PyTorch's own operations.
     """
     items = [(f"argument {i + 1}", a) for i, a in enumerate(arrays)] + list(named.items())
-    tensors: list[tuple[str, Any]] = [
-        (n, a) for n, a in items if is_torch_tensor(a) and not (a.ndim == 0 and a.is_cpu)
-    ]
+    tensors: list[tuple[str, Any]] = [(n, a) for n, a in items if is_torch_tensor(a)]
+    tensors = [(n, a) for n, a in tensors if not (a.ndim == 0 and a.is_cpu)]
     if not tensors:
         return
     first, ref = tensors[0]
