@@ -63,7 +63,11 @@ def test_group_still_usable_after_bad_calls(ranks: Any) -> None:
 
 EXPECTED_ERRORS = {
     "linear_hidden_size_differs_on_rank_1": (1, "ValueError", "`local_weight` must have shape"),
-    "linear_requires_grad_differs": (None, "ValueError", "different options"),
+    "linear_requires_grad_differs": (
+        None,
+        "ValueError",
+        "`shift`, whether a gradient is taken, and for `hidden`); pass",
+    ),
     "linear_label_above_global_vocab": (None, "ValueError", "outside the global vocabulary"),
     "linear_class_weight_slice": (None, "ValueError", "`class_weight` must hold the whole"),
     "linear_class_weights_differ": (None, "ValueError", "different `class_weight` values"),

@@ -74,7 +74,14 @@ EXPECTED_ERRORS = {
     "negative_label": (None, "ValueError", "min=-7"),
     "float_target_on_rank_0": (0, "TypeError", "integer class indices"),
     "target_shape_mismatch_on_rank_1": (1, "ValueError", "without its last (vocabulary) axis"),
-    "options_differ": (None, "ValueError", "different options"),
+    # the options and dtypes vocab_parallel_cross_entropy compares, none it does not take
+    # (the message listed the hidden size, a bias and `shift`, the fused functions')
+    "options_differ": (
+        None,
+        "ValueError",
+        "(`ignore_index`, `label_smoothing`, `z_loss`, `softcap`, `reduction`, the dtype of "
+        "`local_logits`); pass",
+    ),
     "bad_option_on_last_rank": (-1, "ValueError", "`reduction`"),
     "targets_differ": (None, "ValueError", "different `target` tensors"),
     "weight_on_rank_0_only": (None, "ValueError", "given on some ranks but not on others"),

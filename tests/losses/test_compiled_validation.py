@@ -69,6 +69,7 @@ def _bad_cases() -> dict[str, tuple[Callable[[], Any], str]]:
             weight,
         ),
         "nn-bce": (lambda: cnn.BCELoss()(above, t), range_),
+        "nn-ce-probs-target": (lambda: cnn.CrossEntropyLoss()(x, bad_t), target),
         "info-entropy": (lambda: ce.info.entropy(above), r"`p` must hold probabilities"),
     }
 
@@ -147,9 +148,15 @@ def test_compiled_checks_follow_each_thread_and_task() -> None:
     assert ce.get_validation()
 
 
-@pytest.mark.parametrize("name", ["sparse-probs-rows", "categorical-target", "binary-probs"])
+@pytest.mark.parametrize(
+    "name", ["sparse-probs-rows", "categorical-target", "binary-probs", "nn-ce-probs-target"]
+)
 def test_no_graph_break_and_eager_values_for_valid_inputs(name: str) -> None:
-    """Valid inputs: the checks are in the one graph and the values equal eager."""
+    """Valid inputs: the checks are in the one graph and the values equal eager.
+
+    ``nn.CrossEntropyLoss`` with probability targets failed to trace at all
+    (InternalTorchDynamoError: NotImplementedError): its options come from a trace-time
+    constant, and ``type(option) is float`` asked dynamo for a guard on a constant's type."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, C, generator=g, dtype=torch.float64)
     y = torch.randint(0, C, (N,), generator=g)
@@ -158,6 +165,7 @@ def test_no_graph_break_and_eager_values_for_valid_inputs(name: str) -> None:
         "sparse-probs-rows": lambda: ce.sparse_categorical_cross_entropy(p, y),
         "categorical-target": lambda: ce.categorical_cross_entropy(x, t, from_logits=True),
         "binary-probs": lambda: ce.binary_cross_entropy(torch.sigmoid(x), t),
+        "nn-ce-probs-target": lambda: cnn.CrossEntropyLoss(label_smoothing=0.1)(x, t),
     }[name]
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(loss)()
@@ -283,3 +291,32 @@ def test_validation_block_inside_a_compiled_function() -> None:
         torch._dynamo.reset()
         got = torch.compile(off_then_on, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(got, 2 * expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "options", [{"z_loss": 0.1}, {"gamma": 2.0}, {"softcap": 5.0}, {}], ids=str
+)
+def test_label_check_does_not_specialise_the_class_count(options: dict[str, Any]) -> None:
+    """The device-side label check's message wrote the class count in: traced with dynamic
+    shapes that specialised the graph to it, so sparse CE with z-loss, focal, softcap or
+    probability inputs recompiled for every class count and ``fullgraph=True`` failed at the
+    recompile limit (8) where the plain loss compiles twice. Traced, the message names C."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def loss(x: Any, y: Any) -> Any:
+        if not options:  # probabilities: the same label check
+            return ce.sparse_categorical_cross_entropy(torch.softmax(x, -1), y)
+        return ce.sparse_categorical_cross_entropy(x, y, from_logits=True, **options)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss, fullgraph=True, backend=counter)
+    g = torch.Generator().manual_seed(6)
+    for c in range(5, 15):
+        x = torch.randn(N, c, generator=g, dtype=torch.float64)
+        y = torch.randint(0, c, (N,), generator=g)
+        torch.testing.assert_close(compiled(x, y), loss(x, y), rtol=1e-12, atol=1e-14)
+    assert counter.frame_count <= 2
+    y[0] = c
+    with pytest.raises(RuntimeError, match=r"`target` has labels outside \[0, C\), C the size"):
+        compiled(x, y)

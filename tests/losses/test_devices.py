@@ -87,3 +87,27 @@ def test_a_tensor_on_another_device_is_named(name: str) -> None:
     call, argument = CASES[name]
     with pytest.raises(ValueError, match=rf"`{argument}` is on meta but `\w+` is on cpu"):
         call()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"pos_weight": "s"}, {"weight": "s"}, {"weight": "s", "pos_weight": "s", "alpha": 0.3}],
+    ids=["pos_weight", "weight", "both-alpha"],
+)
+def test_a_zero_d_cpu_weight_goes_with_any_device(options: dict[str, Any]) -> None:
+    """PyTorch's operations take a 0-d CPU tensor beside tensors on any device
+    (``F.binary_cross_entropy_with_logits(x_cuda, t_cuda, pos_weight=torch.tensor(2.0))``);
+    the same-device check refused it ('`pos_weight` is on cpu but `input` is on meta')."""
+    x, t, s = _meta(_X), _meta(_T), torch.tensor(2.0, dtype=torch.float64)
+    kw = {k: (s if v == "s" else v) for k, v in options.items()}
+    for call in (
+        lambda: ce.binary_cross_entropy(x, t, from_logits=True, **kw),
+        lambda: ce.binary_cross_entropy(torch.sigmoid(x), t, weight=s),
+        lambda: ce.value_and_grad(ce.binary_cross_entropy, x, t, from_logits=True, **kw)[1],
+    ):
+        out = call()
+        assert out.is_meta
+    torch_out = torch.nn.functional.binary_cross_entropy_with_logits(x, t, pos_weight=s)
+    assert ce.nn.BCEWithLogitsLoss(pos_weight=s)(x, t).shape == torch_out.shape
+    with pytest.raises(ValueError, match=r"`pos_weight` is on cpu but `input` is on meta"):
+        ce.binary_cross_entropy(x, t, from_logits=True, pos_weight=s[None])

@@ -525,10 +525,20 @@ def assert_labels_inside(label: Array, num_classes: int, ignore_index: int | Non
 
 
 def label_range_message(num_classes: int, ignore_index: int | None) -> str:
-    """The message of a device-side label check, which cannot read the labels."""
+    """The message of a device-side label check, which cannot read the labels.
+
+    Traced (``torch.compile``, ``torch.export``) the class count is not written in: with
+    dynamic shapes it is symbolic, and formatting it would specialise the graph to it (a
+    recompile for every vocabulary size, ``fullgraph=True`` failing at the recompile limit),
+    and dynamo shows a symbolic size as a plain int, so the two cannot be told apart there.
+    """
+    import torch
+
+    traced = torch.compiler.is_compiling() or type(num_classes) is not int
+    bound = "C), C the size of the class axis," if traced else f"{num_classes})"
     hint = "" if ignore_index is None else f" (ignore_index={ignore_index})"
     return (
-        f"`target` has labels outside [0, {num_classes}) that are not `ignore_index`{hint}; "
+        f"`target` has labels outside [0, {bound} that are not `ignore_index`{hint}; "
         "check the number of classes, or set `ignore_index`."
     )
 

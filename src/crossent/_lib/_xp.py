@@ -526,10 +526,13 @@ def check_same_device(*arrays: object, **named: object) -> None:
 
     Called where PyTorch's own error would come first ("Expected all tensors to be on the
     same device", or a meta tensor read by a value check): by :func:`array_namespace`, and
-    by the executors' callers when a kernel raises (free on the hot path).
+    by the executors' callers when a kernel raises (free on the hot path). A 0-d CPU tensor
+    (a ``weight`` or ``pos_weight`` of ``torch.tensor(2.0)``) goes with tensors on any
+    device, as in PyTorch's own operations.
     """
     items = [(f"argument {i + 1}", a) for i, a in enumerate(arrays)] + list(named.items())
     tensors: list[tuple[str, Any]] = [(n, a) for n, a in items if is_torch_tensor(a)]
+    tensors = [(n, a) for n, a in tensors if not (a.ndim == 0 and a.is_cpu)]
     if not tensors:
         return
     first, ref = tensors[0]

@@ -181,11 +181,13 @@ def _specialized(value: object) -> object:
     keyword) symbolic, which the constant :func:`_traced_options` cannot take (dynamo:
     'assume_constant_result argument conversion failed'). ``float.hex`` reads its value,
     which specialises it: dynamo guards the value and recompiles for another one. An int is
-    read in two halves that a float holds exactly.
+    read in two halves that a float holds exactly. The types are asked by ``isinstance``: on a
+    value from a trace-time constant (an ``nn`` module's options) ``type(value) is float``
+    fails in dynamo (a guard on a constant's type: InternalTorchDynamoError).
     """
-    if type(value) is float:
+    if isinstance(value, float):
         return float.fromhex(value.hex())
-    if type(value) is int:
+    if isinstance(value, int) and not isinstance(value, bool):
         high, low = value // (1 << 32), value % (1 << 32)
         return int(float.fromhex(float(high).hex())) * (1 << 32) + int(
             float.fromhex(float(low).hex())

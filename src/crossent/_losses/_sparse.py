@@ -78,8 +78,11 @@ def plain_logits_options(
     :func:`make_options` returns for it, without building and hashing its key: a tenth of a
     32 × 10 loss); None for any other call (a bool, an int or a tensor option included: those
     :func:`make_options` checks)."""
-    for value in zeros:  # traced, not a constant's argument: torch.compile(dynamic=True)
-        if type(value) is not float or value != 0.0:  # makes float defaults symbolic
+    # traced, not a constant's argument: torch.compile(dynamic=True) makes float defaults
+    # symbolic; ``__class__``, not ``type()``: dynamo cannot guard the type of a value from a
+    # trace-time constant (an nn module's options: InternalTorchDynamoError)
+    for value in zeros:
+        if value.__class__ is not float or value != 0.0:
             return None
     return _plain_options(from_logits, reduction)
 

@@ -162,14 +162,15 @@ def agree(
     weight_len: int,
     target: torch.Tensor | None,
     options: Any,
-    signature: object,
+    signature: dict[str, object],
     weight_global_only: bool = False,
     weight: torch.Tensor | None = None,
 ) -> Layout:
     """Exchange the headers; return this rank's :class:`Layout`, or raise on every rank alike.
 
-    `signature` is anything whose ``repr`` must match on every rank (dtypes,
-    the hidden size, whether a bias is present, ...).
+    `signature` maps what else must match on every rank, in words (dtypes, the hidden size,
+    whether a bias is present, ...), to its value on this rank (compared by ``repr``); the
+    words complete the options' names in the error.
     """
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     where = _header_device(group)
@@ -220,8 +221,7 @@ def agree(
     if len(set(column(_OPTS))) > 1:
         msg = (
             f"{caller}: the ranks were called with different options or dtypes "
-            f"({_option_names(options)}, the input dtypes, the hidden size, the presence of a "
-            "bias / class weight, `shift`, whether a gradient is taken); pass the same ones on "
+            f"({', '.join([_option_names(options), *signature])}); pass the same ones on "
             "every rank."
         )
         raise ValueError(msg)

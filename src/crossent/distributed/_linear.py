@@ -128,15 +128,19 @@ def _prepare(
         checks=checks,
         # What decides the collectives must agree: dtypes, d, bias, shift, hidden's gradient
         # (backward's all-reduce), whether a gradient is taken at all.
-        signature=(
-            str(getattr(hidden, "dtype", None)),
-            str(getattr(local_weight, "dtype", None)),
-            str(getattr(bias, "dtype", None)),
-            shift,
-            tuple(getattr(hidden, "shape", ()))[-1:],
-            needs_grad,
-            hidden_grad,
-        ),
+        signature={
+            "the dtypes of `hidden`, `local_weight` and `bias` (or its absence)": (
+                str(getattr(hidden, "dtype", None)),
+                str(getattr(local_weight, "dtype", None)),
+                str(getattr(bias, "dtype", None)),
+            ),
+            "the hidden size": tuple(getattr(hidden, "shape", ()))[-1:],
+            "`shift`": shift,
+            "whether a gradient is taken, and for `hidden`": (
+                needs_grad,
+                hidden_grad,
+            ),
+        },
         weight_global_only=True,
     )
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)

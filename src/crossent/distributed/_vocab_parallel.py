@@ -147,7 +147,7 @@ def setup(
     target: Any,
     weight: Any,
     checks: Callable[[], Any],
-    signature: object,
+    signature: dict[str, object],
     weight_global_only: bool = False,
 ) -> tuple[Layout, Any]:
     """Local checks (`checks()` raises on bad arguments, returns the options), then the handshake.
@@ -434,7 +434,9 @@ def vocab_parallel_cross_entropy(
         target=target,
         weight=weight,
         checks=checks,
-        signature=(str(local_logits.dtype) if isinstance(local_logits, torch.Tensor) else None,),
+        signature={
+            "the dtype of `local_logits`": str(getattr(local_logits, "dtype", None)),
+        },
     )
     # float32 for float16/bfloat16 under torch.autocast, as the single-process loss
     out_dtype = output_dtype(local_logits, xp=torch)
