@@ -271,3 +271,39 @@ def test_node_losses_equal_eager(name: str) -> None:
     (eager, compiled) = eager_and_compiled(loss, x.double())
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-12, atol=1e-15)
+
+
+_DYNAMIC = {
+    "sparse weight": lambda x, y, p, w: ce.sparse_categorical_cross_entropy(
+        x, y, from_logits=True, weight=w
+    ),
+    "sparse z-loss": lambda x, y, p, w: ce.sparse_categorical_cross_entropy(
+        x, y, from_logits=True, z_loss=0.1
+    ),
+    "categorical probs": lambda x, y, p, w: ce.categorical_cross_entropy(torch.softmax(x, -1), p),
+    "categorical focal": lambda x, y, p, w: ce.categorical_cross_entropy(
+        x, p, from_logits=True, gamma=1.5
+    ),
+    "distillation target": lambda x, y, p, w: ce.distillation_loss(x, 2 * p, target=y),
+}
+
+
+@pytest.mark.parametrize("name", list(_DYNAMIC))
+def test_node_keeps_sizes_symbolic(name: str) -> None:
+    """Inside the node, ``int()`` / ``float()`` of a symbolic size specializes the graph (dynamo
+    kept them symbolic while it traced the loss): sizes are taken as they are, so a loss called
+    with new batch and class counts compiles twice (static, then dynamic), not once per size."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    loss = _DYNAMIC[name]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss, backend=counter)
+    g = torch.Generator().manual_seed(3)
+    for n, c in ((4, 5), (6, 7), (8, 9), (10, 11)):
+        x = torch.randn(n, c, generator=g, dtype=torch.float64)
+        y = torch.randint(0, c, (n,), generator=g)
+        p = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), -1)
+        w = torch.rand(c, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(compiled(x, y, p, w), loss(x, y, p, w), rtol=1e-10, atol=1e-12)
+    assert counter.frame_count == 2, counter.frame_count

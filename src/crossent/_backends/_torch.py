@@ -174,7 +174,7 @@ def _mean_denominator(
     elif valid is not None:
         den = valid.sum().to(dtype)
     else:
-        return float(max(n, 1))
+        return max(n, 1) * 1.0  # float(): a symbolic size would be specialized
     return torch.where(den == 0, math.inf, den)
 
 
@@ -433,7 +433,7 @@ def _rows_loss(
     weight (None without class weights: 1 at counted rows), both 0 at ignored rows, and the
     rows' log-sum-exp."""
     w_y = None if w is None else w[label]
-    total = float(num_classes) if w is None else w.sum()
+    total = num_classes * 1.0 if w is None else w.sum()  # a symbolic size stays symbolic
     row, big_l = _rows.row_loss(stats, 1.0 if w_y is None else w_y, total, num_classes, opts,
                                 xp=torch)  # fmt: skip
     if valid is not None:

@@ -247,7 +247,7 @@ def _chunk(
         else:
             smooth = lp.sum(1, keepdim=True) if w_row is None else (lp * w_row).sum(1, keepdim=True)
             smooth = smooth.neg_()
-            slope = float(num_classes) if w is None else w.sum()
+            slope = num_classes * 1.0 if w is None else w.sum()  # symbolic stays symbolic
     wy: Any = 1.0 if w_y is None else w_y.unsqueeze(1)
     row, coefs = _rows.loss_and_coefficients(
         big_l, nll_y, smooth, slope, wy, num_classes, opts,

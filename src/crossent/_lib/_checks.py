@@ -23,6 +23,7 @@ from crossent._lib import _config
 from crossent._lib._xp import (
     Array,
     compute_dtype,
+    dim_size,
     host_float,
     is_array,
     is_lazy,
@@ -354,7 +355,7 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
     checked = values_checked(x)
     if not checked and not checked_on_device(x):
         return
-    num_classes = int(x.shape[axis])
+    num_classes = dim_size(x.shape[axis])
     tol = row_sum_tolerance(x.dtype, num_classes, xp=xp)
     sums = xp.sum(xp.astype(stop_gradient(x, xp=xp), compute_dtype(x.dtype, xp=xp)), axis=axis)
     bad = xp.abs(sums - 1) > tol

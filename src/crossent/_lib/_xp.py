@@ -26,6 +26,7 @@ __all__ = [
     "compute_dtype",
     "device",
     "difference",
+    "dim_size",
     "forward_ad_active",
     "host_float",
     "is_array",
@@ -162,6 +163,16 @@ def array_namespace(*arrays: object, **named: object) -> Any:
             f"e.g. `{_conversion(first, other[0])}`."
         )
         raise TypeError(msg) from exc
+
+
+def dim_size(n: Any) -> Any:
+    """A dimension's size as an int; a PyTorch symbolic size (``torch.compile`` with dynamic
+    shapes, traced by AOTAutograd inside a loss's graph node) as it is: ``int()`` would
+    specialize the graph to the size it was traced with (a recompile for every class count)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(n, torch.SymInt):
+        return n
+    return int(n)
 
 
 def is_torch_tensor(x: object) -> bool:

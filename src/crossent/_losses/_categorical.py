@@ -28,6 +28,7 @@ from crossent._lib._xp import (
     astype,
     check_same_device,
     compute_dtype,
+    dim_size,
     is_torch_tensor,
     logsumexp,
     moveaxis,
@@ -130,7 +131,7 @@ def _check(
         from_logits=from_logits, label_smoothing=label_smoothing, gamma=gamma, reduction=reduction
     )
     axis_, _ = _check_soft(input, target, axis=axis, reduction=opts.reduction, xp=xp)
-    check_class_weight(weight, int(input.shape[axis_]), xp=xp)
+    check_class_weight(weight, dim_size(input.shape[axis_]), xp=xp)
     check_in_unit_interval(target, name="target", xp=xp)
     if opts.kind == "probs":
         check_probability_rows(input, axis=axis_, xp=xp)
@@ -145,7 +146,7 @@ def _coefficients(
     :math:`c = w \odot ((1-\varepsilon)t + \varepsilon/C)`.
     """
     eps = opts.label_smoothing
-    num_classes = int(input.shape[axis])
+    num_classes = dim_size(input.shape[axis])
     cdt = compute_dtype(input.dtype, xp=xp)
     x = moveaxis(astype(input, cdt, xp=xp), axis, -1, xp=xp)
     t = moveaxis(astype(target, cdt, xp=xp), axis, -1, xp=xp)

@@ -41,6 +41,7 @@ from crossent._lib._xp import (
     compute_dtype,
     device,
     difference,
+    dim_size,
     is_torch_namespace,
     is_torch_tensor,
     logsumexp,
@@ -124,7 +125,7 @@ def _check_labels(
     check_floating(input, name="input", xp=xp)
     check_integer_labels(target, xp=xp)
     ignore_index = check_ignore_index(ignore_index, allow_none=True)
-    num_classes = int(input.shape[axis])
+    num_classes = dim_size(input.shape[axis])
     expected = tuple(input.shape[:axis]) + tuple(input.shape[axis + 1 :])
     if tuple(target.shape) != expected:
         squeeze = (
@@ -456,7 +457,9 @@ def sparse_categorical_cross_entropy(
         # the default class axis without a call (check_axis names a bad one)
         axis_ = axis + ndim if type(axis) is int and -ndim <= axis < 0 else check_axis(axis, ndim)
         if weight is not None:
-            check_class_weight(weight, int(input.shape[axis_]), xp=array_namespace(weight=weight))
+            check_class_weight(
+                weight, dim_size(input.shape[axis_]), xp=array_namespace(weight=weight)
+            )
         try:
             out = torch_executor().sparse(input, target, weight, axis_, opts)
         except RuntimeError:  # PyTorch's device error: crossent's, naming the argument
@@ -526,7 +529,7 @@ def _statistics(
     stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, whole=True, xp=xp)
     if opts.ignore_index is not None:
         stats = _rows.stand_in_ignored(stats, valid, xp=xp)
-    total = float(z.shape[-1]) if w is None else xp.sum(w)
+    total = z.shape[-1] * 1.0 if w is None else xp.sum(w)  # a symbolic size stays symbolic
     return stats, valid, w_y, total
 
 
@@ -667,7 +670,7 @@ def _nll_loss(
         axis_ = check_axis(axis, log_probs.ndim)
         if weight is not None:
             check_class_weight(
-                weight, int(log_probs.shape[axis_]), xp=array_namespace(weight=weight)
+                weight, dim_size(log_probs.shape[axis_]), xp=array_namespace(weight=weight)
             )
         try:
             out = torch_nll(log_probs, target, weight, axis_, opts)
