@@ -457,6 +457,10 @@ def sparse_categorical_cross_entropy(
         return lean[0]
     xp = array_namespace(input=input, target=target, weight=weight)
     axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
+    if is_torch_tensor(input) and opts.kind == "logits":  # autograd: no NaN from ignored rows
+        input = torch_executor().mask_ignored_rows(
+            input, target, opts.ignore_index, axis_, accelerator=True
+        )
     return _forward(input, target, weight=weight, axis=axis_, opts=opts, xp=xp)
 
 
