@@ -40,6 +40,13 @@ fused call installed the recording, and other threads' calls of the head
 compute ordinary logits; the recording is removed when the last such call ends.
 Unpatching a model while one of its calls is running lets that call finish with
 the fused loss.
+
+Copies: a deep copy or a pickle round trip of a patched model is patched and runs
+itself; a shallow copy (``copy.copy``) and the replicas ``nn.DataParallel`` builds
+share the original's patched forward (they copy its ``__dict__``), which runs the
+module being called, found by a forward pre-hook that :func:`patch` registers (a
+direct call of ``model.forward(...)``, bypassing the hooks, runs the patched
+instance itself).
 """
 
 from __future__ import annotations
@@ -125,7 +132,27 @@ class _PatchedForward:
         return self.state.original(self.model)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _forward(self.model, self.state, args, kwargs)
+        return _forward(_called_module(self.state) or self.model, self.state, args, kwargs)
+
+
+def _remember_called(module: torch.nn.Module, args: Any) -> None:
+    """The forward pre-hook of a patched model: which module this thread is calling.
+
+    A shallow copy (``copy.copy``) or an ``nn.DataParallel`` replica copies the instance's
+    ``__dict__``, so it shares the patched forward with the original; the module being
+    called is known only here (``Module.__call__`` passes it to its hooks, whose dict the
+    copies share too). The patched forward then runs that module, its own head and body.
+    """
+    _THREAD.called = module
+
+
+def _called_module(state: _PatchState) -> torch.nn.Module | None:
+    """The module :func:`_remember_called` saw last in this thread if it is patched by
+    `state` (the original or a copy of it); None for a direct call of ``forward``."""
+    module = _THREAD.__dict__.pop("called", None)
+    if module is None or module.__dict__.get(_STATE) is not state:
+        return None
+    return module
 
 
 @dataclasses.dataclass
@@ -265,6 +292,7 @@ def _patch_locked(model: ModelT, size: int | None) -> ModelT:
     state.wrapper = _PatchedForward(model, state)
     model.__dict__[_STATE] = state
     model.__dict__["forward"] = state.wrapper
+    model.register_forward_pre_hook(_remember_called)
     return model
 
 
@@ -310,6 +338,9 @@ def unpatch(model: ModelT) -> ModelT:
             )
             raise ValueError(msg)
         del model.__dict__[_STATE]
+        hooks = model._forward_pre_hooks
+        for key in [k for k, hook in hooks.items() if hook is _remember_called]:
+            del hooks[key]
         if state.own_forward is _MISSING:
             del model.__dict__["forward"]
         else:
