@@ -313,6 +313,35 @@ def test_an_unknown_logit_transform_is_refused() -> None:
         model(input_ids=ids, labels=labels)
 
 
+def test_compiled_patched_model_has_no_graph_break_and_still_checks_the_head() -> None:
+    """torch.compile(fullgraph=True) of a patched model's training step: no graph break (4:
+    Signature.bind, the head check's two .item() reads and allclose, then the lock of the
+    head's recording), loss and gradients equal to the eager patched model's; the head check
+    is a device-side assertion there, so a model that scales its logits still fails."""
+    model = patch(make_model("llama", dtype=torch.float64))
+    eager = copy.deepcopy(model)
+    ids, labels = _batch(seed=14)
+
+    def step(m: Any, i: Any, y: Any) -> Any:
+        return m(input_ids=i, labels=y).loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # a break: an error
+    got = compiled(model, ids, labels)
+    got.backward()
+    want = step(eager, ids, labels)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for (n, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=n)
+
+    scaled = make_model("llama")
+    scaled.lm_head.register_forward_hook(lambda mod, args, out: out * 0.5)
+    patch(scaled)
+    with pytest.raises(RuntimeError, match=r"transforms the output of `lm_head`"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(scaled, ids, labels)
+
+
 def test_nan_logits_are_not_taken_for_a_logit_transform() -> None:
     """A float64 Llama gives NaN logits for a left-padded sequence (eager attention): the
     check of the head's transform compares the other entries instead of raising
