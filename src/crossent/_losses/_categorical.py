@@ -32,7 +32,7 @@ from crossent._lib._xp import (
     output_dtype,
     size_array,
 )
-from crossent._losses._common import reduce_loss, shift_logits
+from crossent._losses._common import nan_rows, reduce_loss, shift_logits
 from crossent._losses._logprob import (
     check_class_weight,
     class_terms,
@@ -78,9 +78,8 @@ def _soft_value_and_grad(
     row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)
     loss = reduce_loss(row, reduction, xp=xp)
     count = size_array(row, dtype=row.dtype, xp=xp)
-    scale = xp.expand_dims(
-        _row_scale(grad_output, reduction, count, tuple(row.shape), xp=xp), axis=-1
-    )
+    scale = _row_scale(grad_output, reduction, count, tuple(row.shape), xp=xp)
+    scale = xp.expand_dims(nan_rows(scale, xp.isnan(row), xp=xp), axis=-1)
     h = term_grad(c, terms, gamma, kind=kind, xp=xp)
     if kind != "logits":
         return loss, scale * h

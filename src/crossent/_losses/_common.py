@@ -13,6 +13,7 @@ __all__ = [
     "focal_factor",
     "log1mexp",
     "log_prob",
+    "nan_rows",
     "reduce_loss",
     "shift_logits",
     "times_log",
@@ -49,6 +50,19 @@ def reduce_loss(loss: Array, reduction: str, *, denominator: Array | None = None
     if denominator is None:
         denominator = size_array(loss, dtype=loss.dtype, xp=xp)
     return safe_divide(total, denominator, xp=xp)
+
+
+def nan_rows(scale: Array, bad: Array, *, xp: Any) -> Array:
+    """The per-row gradient scale `scale`, NaN in the rows `bad` (a NaN loss row, or a
+    row of logits with NaN or ``+inf``, whose autodiff gradient is NaN throughout).
+
+    A closed-form gradient is a sum of terms, some of which read only part of a row (the
+    target class, a probability), so such a row gave a gradient that is NaN in some
+    entries only (categorical CE of logits ``[+inf, 0]`` and target ``[0, 1]``: loss NaN,
+    gradient ``[NaN, -1]``) where autodiff and PyTorch give a NaN row. Scaling the row's
+    gradient by NaN makes the whole row NaN: NaN propagates, one operation per row.
+    """
+    return xp.where(bad, xp.full_like(scale, float("nan")), scale)
 
 
 def log1mexp(log_p: Array, *, xp: Any) -> Array:

@@ -341,8 +341,12 @@ def _distill(
     value = astype(value, out_dtype, xp=xp)
     if g is None:
         return value, None
-    if counted is not None:
-        g = xp.where(counted[..., None], g, xp.zeros_like(g))
+    # ignored rows: 0; a NaN loss row (a NaN or +inf logit): NaN throughout, as autodiff's
+    # (the closed form reads the teacher's probabilities too, finite in part of such a row)
+    bad = xp.isnan(rows)
+    keep = ~bad if counted is None else counted & ~bad
+    fill = xp.where(bad, xp.full_like(rows, float("nan")), xp.zeros_like(rows))
+    g = xp.where(keep[..., None], g, xp.astype(fill, g.dtype)[..., None])
     if opts["reduction"] == "mean":
         n = (
             denom

@@ -50,7 +50,7 @@ from crossent._lib._xp import (
     take_along_axis,
 )
 from crossent._losses import _rows
-from crossent._losses._common import reduce_loss, shift_logits
+from crossent._losses._common import nan_rows, reduce_loss, shift_logits
 from crossent._losses._logprob import (
     add_at_index,
     check_class_weight,
@@ -631,6 +631,11 @@ def _sparse_value_and_grad(
         denominator = xp.sum(w_y)
         loss = reduce_loss(row, opts.reduction, denominator=denominator, xp=xp)
         scale = _row_scale(grad_output, opts.reduction, denominator, tuple(row.shape), xp=xp)
+        # a row holding NaN or +inf: NaN throughout, as autodiff's (the row max, or the
+        # log-sum-exp of the class-by-class form, is NaN or +inf there; -inf rows are masked)
+        top = lse if statistics is None else statistics[0].m
+        if top is not None:  # logits
+            scale = nan_rows(scale, ~(top < float("inf")), xp=xp)
         g = _row_grads(z, target, lse, w, scale, opts, statistics, m, xp=xp)
         g = softcap_backward(x, opts.softcap, g, xp=xp)
         grad = moveaxis(g, -1, axis_, xp=xp)
