@@ -382,10 +382,16 @@ def result_type(*dtypes: Any, xp: Any) -> Any:
 
 
 def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
-    """`x` as `dtype`, without a copy when it already has it."""
+    """`x` as `dtype`, without a copy when it already has it.
+
+    A value beyond the largest float of a narrower `dtype` (a float32 loss above 65504 as
+    float16) rounds to ±inf, which is its value in that dtype (PyTorch's too): without
+    NumPy's "overflow encountered in cast" warning (:func:`quiet`).
+    """
     if x.dtype == dtype:
         return x
-    return xp.astype(x, dtype)
+    with quiet(xp, "over"):
+        return xp.astype(x, dtype)
 
 
 def difference(a: Array, b: Array, *, xp: Any) -> Array:

@@ -575,7 +575,9 @@ def _row_grads(
     log_s = _rows.log_s(stats, _rows.log_terms(stats, xp=xp), xp=xp)
     shift = xp.where(valid, log_s, xp.full_like(s, float("inf")))
     z_m = difference(z, xp.expand_dims(m_safe, axis=-1), xp=xp)
-    g = xp.expand_dims(a * s, axis=-1) * xp.exp(z_m - xp.expand_dims(shift, axis=-1))
+    g = xp.expand_dims(a * s, axis=-1) * xp.exp(
+        difference(z_m, xp.expand_dims(shift, axis=-1), xp=xp)  # a +inf row: NaN (nan_rows)
+    )
     if e != 0:
         w_row = xp.ones_like(z[..., :1]) if w is None else w
         g = g - (e * xp.expand_dims(s, axis=-1)) * w_row
