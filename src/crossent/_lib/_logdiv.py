@@ -47,7 +47,7 @@ from crossent._lib._xp import (
     forward_ad_active,
     is_torch_namespace,
     logsumexp,
-    stop_gradient,
+    shift_by_max,
     torch_tracing,
 )
 
@@ -89,11 +89,8 @@ def log_softmax(z: Array, *, axis: int, xp: Any, overwrite: bool = False) -> Arr
             return torch._log_softmax(z, axis, False, out=z)
         return torch.log_softmax(z, dim=axis)
     # log p = (z - m) - lse(z - m): the shifted row's log-sum-exp is log1p of the other terms,
-    # exact near 0, where z - lse(z) rounds lse at the magnitude of the logits (float32 logits
-    # [300, 288, 200]: log p_0 = 0 instead of -6.1e-6). Beyond the largest float log p is
-    # rightly -inf (p = 0), without NumPy's warning
-    m = stop_gradient(xp.max(z, axis=axis, keepdims=True), xp=xp)
-    shifted = difference(z, xp.where(xp.isfinite(m), m, xp.zeros_like(m)), xp=xp)
+    # exact near 0 (shift_by_max)
+    shifted, _ = shift_by_max(z, axis=axis, xp=xp)
     return difference(shifted, logsumexp(shifted, axis=axis, keepdims=True, xp=xp), xp=xp)
 
 

@@ -30,9 +30,10 @@ from crossent._lib._xp import (
     logsumexp,
     moveaxis,
     output_dtype,
+    shift_by_max,
     size_array,
 )
-from crossent._losses._common import nan_rows, reduce_loss, shift_logits
+from crossent._losses._common import nan_rows, reduce_loss
 from crossent._losses._logprob import (
     check_class_weight,
     class_terms,
@@ -49,7 +50,7 @@ __all__ = ["categorical_cross_entropy"]
 def _soft_loss(x: Array, c: Array, *, kind: str, gamma: float, reduction: str, xp: Any) -> Array:
     """Reduced loss (compute dtype), class axis last; "mean" divides by the number of rows."""
     if kind == "logits":
-        x, _ = shift_logits(x, xp=xp)  # accurate log p for large logits
+        x, _ = shift_by_max(x, xp=xp)  # accurate log p for large logits
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
     row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)
@@ -72,7 +73,7 @@ def _soft_value_and_grad(
     probabilities: :math:`g = s\, \partial\ell/\partial p`.
     """
     if kind == "logits":
-        x, _ = shift_logits(x, xp=xp)  # accurate log p for large logits
+        x, _ = shift_by_max(x, xp=xp)  # accurate log p for large logits
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
     row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)

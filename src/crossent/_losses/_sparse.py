@@ -47,10 +47,11 @@ from crossent._lib._xp import (
     quiet,
     representable,
     safe_divide,
+    shift_by_max,
     take_along_axis,
 )
 from crossent._losses import _rows
-from crossent._losses._common import nan_rows, reduce_loss, shift_logits
+from crossent._losses._common import nan_rows, reduce_loss
 from crossent._losses._logprob import (
     add_at_index,
     check_class_weight,
@@ -189,7 +190,7 @@ def _sparse_rows(
     r"""Per-row loss and target weight w_y (0 where ignored); class axis last.
 
     loss = (1-ε) w_y f_y (-log p_y) + (ε/C) Σ_k w_k f_k (-log p_k) + z_loss · lse².
-    `z` may be shifted by its row max `lse_shift` (:func:`.shift_logits`),
+    `z` may be shifted by its row max `lse_shift` (:func:`~crossent._lib._xp.shift_by_max`),
     `lse` being then that of the shifted logits; the z-loss adds it back.
     """
     eps = label_smoothing
@@ -496,7 +497,7 @@ def _prepare(
 
     ``lse`` is computed only for the class-by-class formula (the row statistics
     carry their own); there `z` is shifted by its row max `m`
-    (:func:`.shift_logits`), so that log p = (z - m) - lse(z - m) stays accurate.
+    (:func:`~crossent._lib._xp.shift_by_max`), so that log p = (z - m) - lse(z - m) stays accurate.
     """
     cdt = compute_dtype(input.dtype, xp=xp)
     w = None if weight is None else astype(weight, cdt, xp=xp)
@@ -504,7 +505,7 @@ def _prepare(
     z = softcap_logits(x, opts.softcap, xp=xp)
     if opts.kind != "logits" or _rows.applies(opts):
         return x, z, None, w, None
-    z, m = shift_logits(z, xp=xp)
+    z, m = shift_by_max(z, xp=xp)
     return x, z, logsumexp(z, axis=-1, xp=xp), w, m
 
 
