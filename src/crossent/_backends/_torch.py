@@ -382,14 +382,13 @@ def sparse(
         return None
     if weight is not None and opts.plain and _weight_needs_grad(weight):
         return None  # PyTorch's kernels (and the Triton ones) give no weight gradient
+    if dtype in _LOW and _triton_sparse.usable(input, opts):  # an accelerator's
+        return _sparse_triton(input, target, weight, axis, opts)
     input = mask_ignored_rows(input, target, opts.ignore_index, axis)
-    if dtype in _LOW:
-        if _triton_sparse.usable(input, opts):
-            return _sparse_triton(input, target, weight, axis, opts)
-        if opts.plain and weight is None and opts.label_smoothing == 0:
-            out = _sparse_low(input, target, axis, opts)
-            if out is not None:
-                return out
+    if dtype in _LOW and opts.plain and weight is None and opts.label_smoothing == 0:
+        out = _sparse_low(input, target, axis, opts)
+        if out is not None:
+            return out
     if not opts.plain:
         return _sparse_rows(input, target, weight, axis, opts)
     return _native_indices(_CROSS_ENTROPY, input, target, weight, axis, opts, opts.label_smoothing)
