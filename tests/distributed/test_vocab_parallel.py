@@ -278,3 +278,24 @@ def test_nan_class_weight_propagates_to_the_mean(one_rank_group: Any) -> None:
     want = torch.nn.functional.cross_entropy(logits, target, weight=weight)
     assert torch.isnan(want)
     assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"z_loss": 0.1}])
+def test_an_ignored_row_of_masked_logits_gets_a_zero_gradient(
+    options: dict[str, Any], one_rank_group: Any
+) -> None:
+    """An ignored row whose logits are all -inf (a masked padding position) contributes
+    nothing: its gradient was NaN NaN NaN NaN (the merged row max -inf made p NaN, times the
+    row's zero scale), as the single-process losses' was; now 0, the other rows unchanged."""
+    inf = float("inf")
+    logits = torch.tensor(
+        [[-inf] * 4, [0.5, 1.0, -1.0, 2.0], [0.0, -inf, 3.0, 1.0]], dtype=torch.float64
+    )
+    target = torch.tensor([-100, 1, 2])
+    grads = []
+    for rows in (slice(None), slice(1, None)):
+        x = logits[rows].clone().requires_grad_(True)
+        vocab_parallel_cross_entropy(x, target[rows], **options).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0][0], torch.zeros(4, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1:], grads[1], rtol=1e-12, atol=1e-15)

@@ -213,6 +213,46 @@ def test_a_deep_copy_or_pickle_of_a_patched_model_trains_itself() -> None:
         assert kept(input_ids=ids, labels=labels).logits is None  # a kept wrapper still runs
 
 
+def _replicate(module: Any, scale: float) -> Any:
+    """A replica of `module` as ``nn.DataParallel`` builds one (``torch.nn.parallel.replicate``,
+    here on the CPU): ``_replicate_for_data_parallel`` of every submodule, each parameter a
+    differentiable copy of the original's (times `scale`, so that the replica's own weights
+    show in its loss)."""
+    replicas = {m: m._replicate_for_data_parallel() for m in module.modules()}
+    for m, r in replicas.items():
+        for key, child in m._modules.items():
+            r._modules[key] = None if child is None else replicas[child]
+        for key, p in m._parameters.items():
+            setattr(r, key, None if p is None else p * scale)
+    return replicas[module]
+
+
+def test_a_shallow_copy_or_data_parallel_replica_runs_itself() -> None:
+    """copy.copy and nn.DataParallel's replicas copy the instance's __dict__, the patched forward
+    with it: a replica ran the original module (its weights, its device; on one device the
+    same numbers), and a shallow copy put in evaluation mode still gave the original's training
+    result (logits None, the fused loss). Each now runs its own module."""
+    pristine = make_model("llama", dtype=torch.float64)
+    model = patch(copy.deepcopy(pristine))
+    ids, labels = _batch(seed=13)
+
+    replica = _replicate(model, 0.5)
+    ref_model = _replicate(pristine, 0.5)
+    _assert_trains_like(replica, ref_model, ids, labels)
+    for p, q in zip(model.parameters(), pristine.parameters(), strict=True):
+        assert p.grad is not None  # through the replica's copies, as DataParallel's
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13)
+
+    shallow = copy.copy(model)
+    shallow.training = False  # the copy's own flag (its submodules are the original's)
+    out = shallow(input_ids=ids, labels=labels)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, pristine(input_ids=ids, labels=labels).loss)
+    assert model(input_ids=ids, labels=labels).logits is None  # the original still fused
+    unpatch(shallow)
+    assert model(input_ids=ids, labels=labels).logits is None
+
+
 def test_unpatch_restores_an_instance_forward_wrapper() -> None:
     """A forward already wrapped on the instance (as accelerate's hooks do) comes back as it was."""
     model = make_model("llama")
@@ -271,6 +311,35 @@ def test_an_unknown_logit_transform_is_refused() -> None:
     ids, labels = _batch(seed=10)
     with pytest.raises(RuntimeError, match=r"transforms the output of `lm_head`"):
         model(input_ids=ids, labels=labels)
+
+
+def test_compiled_patched_model_has_no_graph_break_and_still_checks_the_head() -> None:
+    """torch.compile(fullgraph=True) of a patched model's training step: no graph break (4:
+    Signature.bind, the head check's two .item() reads and allclose, then the lock of the
+    head's recording), loss and gradients equal to the eager patched model's; the head check
+    is a device-side assertion there, so a model that scales its logits still fails."""
+    model = patch(make_model("llama", dtype=torch.float64))
+    eager = copy.deepcopy(model)
+    ids, labels = _batch(seed=14)
+
+    def step(m: Any, i: Any, y: Any) -> Any:
+        return m(input_ids=i, labels=y).loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # a break: an error
+    got = compiled(model, ids, labels)
+    got.backward()
+    want = step(eager, ids, labels)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for (n, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=n)
+
+    scaled = make_model("llama")
+    scaled.lm_head.register_forward_hook(lambda mod, args, out: out * 0.5)
+    patch(scaled)
+    with pytest.raises(RuntimeError, match=r"transforms the output of `lm_head`"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(scaled, ids, labels)
 
 
 def test_nan_logits_are_not_taken_for_a_logit_transform() -> None:

@@ -208,3 +208,16 @@ def test_log_sigmoid_pair_traced_equals_eager() -> None:
         (g,) = torch.autograd.grad(out[:, :-2].sum() + (out[:, -2:] * 0.5).sum(), v)
         results.append((out.detach(), g))
     torch.testing.assert_close(results[1], results[0], rtol=4e-16, atol=0)
+
+
+def test_shift_by_max_along_any_axis(xp: Any) -> None:
+    """``(z - m, m)`` with the max along `axis`, 0 for a row without a finite max (one function
+    for the losses' shift and log_softmax's, which each wrote it)."""
+    conv = to_xp(xp)
+    z = np.array([[1.0, -np.inf, 3.0], [-np.inf, -np.inf, -np.inf], [2.0, 0.5, 7.0]])
+    for axis in (-1, 0):
+        shifted, m = _xp.shift_by_max(conv(z.T if axis == 0 else z), axis=axis, xp=xp)
+        want_m = np.array([3.0, 0.0, 7.0])
+        np.testing.assert_array_equal(to_numpy(m), want_m)
+        want = z - want_m[:, None]
+        np.testing.assert_array_equal(to_numpy(shifted), want.T if axis == 0 else want)

@@ -225,3 +225,32 @@ def test_non_finite_row_maxima_of_soft_targets_and_measures_warn_about_nothing(
     assert np.isnan(per_row[:3]).any(axis=-1).all()
     assert np.all(np.isfinite(alone))
     np.testing.assert_allclose(per_row[3:], alone, rtol=1e-12)
+
+
+def test_numpy_overflow_to_a_right_infinity_gives_no_warning() -> None:
+    """NumPy warned "overflow encountered in cast" for a float32 loss above float16's largest
+    number (its float16 value is inf, as PyTorch rounds it), "overflow encountered in exp" for
+    a row holding +inf next to large logits (its log-sum-exp is +inf whatever the sum) and
+    "invalid value encountered in subtract" in value_and_grad's gradient of such a row (NaN
+    throughout): each an error where warnings are errors (as in this suite). The values are
+    the float64 formulas' rounded to the input's dtype."""
+    z16 = np.array([[6e4, 0.0, -6e4, 1.0], [0.5, 1.0, -1.0, 2.0]], dtype=np.float16)
+    y = np.array([1, 3])
+    got = ce.sparse_categorical_cross_entropy(
+        z16, y, from_logits=True, z_loss=0.1, reduction="none"
+    )
+    z = z16.astype(np.float64)
+    lse = z.max(-1) + np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1))
+    with np.errstate(over="ignore"):  # the reference rounds to inf as well
+        want = (lse - z[[0, 1], y] + 0.1 * lse**2).astype(np.float16)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, want)  # [inf, 0.74 + 0.1 * 2.6^2]
+    assert np.isinf(got[0])
+    for dtype in (np.float16, np.float32):
+        z = np.array([[0.0, np.inf, 100.0, 3.0], [0.5, 1.0, -1.0, 2.0]], dtype=dtype)
+        row = ce.sparse_categorical_cross_entropy(z, y - 1, from_logits=True, reduction="none")
+        assert row[0] == np.inf
+        assert np.isfinite(row[1])
+        _, grad = ce.value_and_grad(ce.sparse_categorical_cross_entropy, z, y - 1, from_logits=True)
+        assert np.isnan(grad[0]).all()
+        assert np.isfinite(grad[1]).all()

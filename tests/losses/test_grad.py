@@ -416,3 +416,44 @@ def test_distillation_arrays_must_be_positional() -> None:
     _, grad = ce.value_and_grad(ce.distillation_loss, student, student[::-1], target=mask)
     assert grad.shape == student.shape
     assert np.all(grad[1] == 0)
+
+
+_INF = np.inf
+_NAN_ROW_CASES = [
+    # (loss, logits, target, options): row 0's loss is NaN (an infinite or NaN logit); row 1
+    # is finite. The closed forms gave gradients finite in part of row 0 (shown)
+    ("categorical_cross_entropy", [[_INF, 0.0], [0.5, -1.0]], [[0.0, 1.0], [0.3, 0.7]], {}),  # nan -1
+    ("listnet_loss", [[_INF, 0.2], [0.5, -1.0]], [[1.0, 0.0], [2.0, 1.0]], {}),  # nan -0.27
+    ("sparse_categorical_cross_entropy", [[1.0, _INF, -_INF], [0.5, -1.0, 0.2]], [1, 2], {}),  # 0 nan 0
+    (
+        "sparse_categorical_cross_entropy",
+        [[_INF, 0.2, -4.0], [0.5, -1.0, 0.2]],
+        [2, 0],
+        {"label_smoothing": 0.1},
+    ),  # nan -0.03 -0.93
+    ("distillation_loss", [[0.3, -1.6, 1.1], [0.5, -1.0, 0.2]], [[_INF, -0.3, 1.6], [0.0] * 3],
+     {"beta": 0.0}),  # nan 0.04 0.65
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "logits", "target", "options"), _NAN_ROW_CASES)
+def test_a_nan_loss_row_has_a_nan_gradient_row(
+    xp: Any, name: str, logits: Any, target: Any, options: dict[str, Any]
+) -> None:
+    """value_and_grad: a row whose loss is NaN (from an infinite or NaN logit) has a gradient
+    that is NaN throughout, as autodiff and PyTorch give (NaN propagates), on every backend;
+    the other rows are those of the batch without it."""
+    import warnings
+
+    conv = to_xp(xp)
+    loss = getattr(ce, name)
+    if name != "listnet_loss" and name != "distillation_loss":
+        options = {**options, "from_logits": True}
+    z, t = np.asarray(logits), np.asarray(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's inf - inf
+        value, grad = ce.value_and_grad(loss, conv(z), conv(t), reduction="none", **options)
+    _, want = ce.value_and_grad(loss, z[1:], t[1:], reduction="none", **options)
+    assert np.isnan(to_numpy(value)[0])
+    assert np.isnan(to_numpy(grad)[0]).all(), to_numpy(grad)[0]
+    np.testing.assert_allclose(to_numpy(grad)[1:], want, rtol=1e-12, atol=1e-15)

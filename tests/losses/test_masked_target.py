@@ -171,3 +171,71 @@ def test_closed_form_gradient_of_an_ignored_fully_masked_row_is_zero(
     np.testing.assert_allclose(to_numpy(value), expected_value, rtol=1e-12)
     np.testing.assert_array_equal(to_numpy(grad)[0], np.zeros(4))
     np.testing.assert_allclose(to_numpy(grad)[1:], expected_grad, rtol=1e-12, atol=1e-15)
+
+
+_PYTORCH_OPTIONS = {
+    "plain": {},
+    "smooth": {"label_smoothing": 0.1},
+    "weight": {"weight": [1.0, 2.0, 0.5, 3.0]},
+    "z_loss": {"z_loss": 0.1},
+    "focal": {"gamma": 2.0},
+    "softcap": {"softcap": 3.0},
+    "focal-smooth": {"gamma": 2.0, "label_smoothing": 0.1},
+}
+
+
+@pytest.mark.parametrize(
+    ("mode", "reduction", "options"),
+    [
+        pytest.param(mode, reduction, options, id=f"{mode}-{reduction}-{name}")
+        for mode in ["eager", "bfloat16", "accelerator", "compiled", "func"]
+        for reduction in ["mean", "none"]
+        for name, options in _PYTORCH_OPTIONS.items()
+        # compiling is slow: one reduction of the three kinds of executor
+        if mode != "compiled"
+        or (reduction == "mean" and name in {"plain", "z_loss", "focal-smooth"})
+    ],
+)
+def test_autograd_gradient_of_an_ignored_fully_masked_row_is_zero(
+    mode: str, reduction: str, options: dict[str, Any]
+) -> None:
+    """An ignored row whose logits are all -inf under PyTorch's autograd: its gradient is 0,
+    as value_and_grad's and JAX's. It was NaN NaN NaN NaN on every path (F.cross_entropy's
+    log_softmax of the row is NaN, times its zero upstream gradient), and NaN 0 0 0 for the
+    focal loss on an accelerator. An accelerator's native kernels (no option of crossent's
+    own) keep F.cross_entropy's NaN (no pass over the logits for it: documented)."""
+    from tests.losses.test_torch_differential import _accelerator
+
+    z = torch.tensor([[-np.inf] * 4, [0.5, 1.0, -1.0, 2.0], [0.0, -np.inf, 3.0, 1.0]])
+    y = torch.tensor([-100, 1, 2])
+    opts = {k: torch.tensor(v) if isinstance(v, list) else v for k, v in options.items()}
+    dtype = torch.bfloat16 if mode == "bfloat16" else torch.float64
+
+    def loss(v: Any) -> Any:
+        out = ce.sparse_categorical_cross_entropy(
+            v, y[-v.shape[0] :], from_logits=True, ignore_index=-100, reduction=reduction, **opts
+        )
+        return out.sum()
+
+    def grad_of(v: Any) -> Any:
+        if mode == "func":
+            return torch.func.grad(loss)(v)
+        fn = (
+            torch.compile(loss, fullgraph=True, backend="aot_eager") if mode == "compiled" else loss
+        )
+        v = v.clone().requires_grad_(True)
+        with _accelerator(mode == "accelerator"):
+            (g,) = torch.autograd.grad(fn(v), v)
+        return g
+
+    if "weight" in opts:
+        opts["weight"] = opts["weight"].to(torch.float32 if mode == "bfloat16" else dtype)
+    if mode == "compiled":
+        torch._dynamo.reset()  # one code object, compiled for every parameter
+    grad = grad_of(z.to(dtype)).double()
+    expected = grad_of(z[1:].to(dtype)).double()
+    if mode == "accelerator" and set(options) <= {"label_smoothing", "weight"}:
+        assert grad[0].isnan().all()  # F.cross_entropy's, documented
+    else:
+        torch.testing.assert_close(grad[0], torch.zeros(4, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(grad[1:], expected, rtol=1e-12, atol=1e-15)

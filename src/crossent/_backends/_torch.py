@@ -135,6 +135,61 @@ def _may_hold_neg_inf(x: Tensor) -> bool:
     return not x.detach().min().item() > -math.inf  # NaN: keep the guarded form too
 
 
+_PROBE_WHOLE = 4096
+"""Up to this many logits :func:`mask_ignored_rows` reads the smallest of them all (as fast
+as a strided view of one class, which costs its own microsecond)."""
+
+
+def mask_ignored_rows(
+    x: Tensor, target: Tensor, ignore_index: int | None, axis: int, *, accelerator: bool = False
+) -> Tensor:
+    r"""`x` (logits, classes on `axis`) with zeros in the rows whose target is `ignore_index`
+    and whose logits are all ``-inf``.
+
+    An ignored row contributes nothing, so its gradient is 0. A row of ``-inf`` only (a
+    masked padding position) has a NaN ``log_softmax`` (no finite maximum to shift by), and
+    its zero upstream gradient times that NaN made the row's gradient NaN (as
+    ``F.cross_entropy`` does). Zeros there change no loss (the row is masked) and give the
+    row a zero gradient through ``where``, as the closed forms of ``value_and_grad`` and
+    JAX's autodiff have it. A NaN or ``+inf`` logit in an ignored row keeps its NaN gradient
+    there as everywhere (NaN propagates).
+
+    Eagerly on CPU scalar reads decide, without a pass over the logits: the smallest label
+    (a negative `ignore_index`, the usual -100) or a comparison (a non-negative one) tells
+    whether a row is ignored, the smallest logit of class 0 (of all, for a small input)
+    whether any row may be all
+    ``-inf``; only then the maxima of the ignored rows are read, and only a masked ignored
+    row costs the copy. Traced (``torch.compile``, export, ``torch.func``) the mask is
+    computed on the device (the compiler fuses it with the loss's own row maximum). Eagerly
+    on an accelerator nothing is read back: the rows are masked with `accelerator` (the
+    generic formulas, several passes already), and otherwise not: PyTorch's kernels there
+    keep ``F.cross_entropy``'s NaN gradient for such a row (documented), rather than pay a
+    pass over the logits on every call with ``ignore_index``.
+    """
+    if ignore_index is None or x.numel() == 0:
+        return x
+    if _host_readable(x):
+        if not (x.requires_grad and torch.is_grad_enabled()):  # no gradient: nothing to mask
+            return x
+        if ignore_index < 0:
+            if not target.min().item() < 0:  # uint8 labels: never ignored
+                return x
+        elif not (target == ignore_index).any().item():
+            return x
+        probe = x.detach()  # class 0 of every row; a small input whole (one operation less)
+        probe = probe if probe.numel() <= _PROBE_WHOLE else probe.select(axis, 0)
+        if probe.min().item() > -math.inf:  # no row of -inf only
+            return x
+        ignored = target == ignore_index
+        rows = x.detach().movedim(axis, -1)[ignored]
+        if rows.numel() == 0 or not (rows.amax(-1) == -math.inf).any().item():
+            return x
+    elif not (accelerator or torch_tracing()):
+        return x
+    masked = (target == ignore_index) & (x.detach().amax(axis) == -math.inf)
+    return torch.where(masked.unsqueeze(axis), 0.0, x)
+
+
 def _finish(out: Tensor, x: Tensor) -> Tensor:
     if out.dtype is x.dtype:  # float32 / float64: autocast leaves them alone
         return out
@@ -327,13 +382,13 @@ def sparse(
         return None
     if weight is not None and opts.plain and _weight_needs_grad(weight):
         return None  # PyTorch's kernels (and the Triton ones) give no weight gradient
-    if dtype in _LOW:
-        if _triton_sparse.usable(input, opts):
-            return _sparse_triton(input, target, weight, axis, opts)
-        if opts.plain and weight is None and opts.label_smoothing == 0:
-            out = _sparse_low(input, target, axis, opts)
-            if out is not None:
-                return out
+    if dtype in _LOW and _triton_sparse.usable(input, opts):  # an accelerator's
+        return _sparse_triton(input, target, weight, axis, opts)
+    input = mask_ignored_rows(input, target, opts.ignore_index, axis)
+    if dtype in _LOW and opts.plain and weight is None and opts.label_smoothing == 0:
+        out = _sparse_low(input, target, axis, opts)
+        if out is not None:
+            return out
     if not opts.plain:
         return _sparse_rows(input, target, weight, axis, opts)
     return _native_indices(_CROSS_ENTROPY, input, target, weight, axis, opts, opts.label_smoothing)
@@ -392,12 +447,13 @@ def _sparse_rows_generic(
     xc = _compute(x)
     z = xc if axis == x.ndim - 1 else xc.movedim(axis, -1)
     num_classes = z.shape[-1]
+    t = index_target(target)
+    z = mask_ignored_rows(z, t, opts.ignore_index, z.ndim - 1, accelerator=True)
     if opts.softcap is not None:
         cap = opts.softcap
         capped = cap * torch.tanh(z / cap)
         # -inf stays -inf, a constant (no gradient: _logprob.softcap_logits)
         z = torch.where(z == -math.inf, -math.inf, capped) if _may_hold_neg_inf(z) else capped
-    t = index_target(target)
     from crossent._lib._checks import check_label_range, guard_label_range
 
     if values_checked(t):

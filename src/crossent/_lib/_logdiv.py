@@ -29,6 +29,15 @@ since :math:`\partial L_\beta / \partial Q_k = (1-\beta)(\log Q_k - \log M_k)` (
 :math:`\log M` terms of the two KL divergences cancel through
 :math:`\sum_k \partial M_k = 0`) and :math:`\sum_j Q_j r_j = \mathrm{KL}(Q\|M)`.
 
+The gradient is formed from :math:`r` shifted by its value at the student's most
+probable class :math:`*`, :math:`r' = r - r_*`: :math:`r_k - \mathrm{KL} = r'_k - \sum_j
+Q_j r'_j`. Unshifted, a peaked student (:math:`Q_* \to 1`) far from the teacher
+cancels: :math:`r_* - \mathrm{KL}` is a difference of two numbers of the size of the
+KL, rounded at it, whose exact value is :math:`(1 - Q_*)` times smaller (float32
+gradients were off by up to 48 % of the row's norm, PyTorch's own autograd of the
+formula similarly). Shifted, :math:`r'_* = 0` and :math:`\sum_j Q_j r'_j` is a sum of
+terms of weight :math:`Q_j`, :math:`j \ne *`: accurate to float32 rounding (2e-6).
+
 Two implementations of these formulas, one per kind of caller: the array-API
 one (every backend, differentiable by autodiff with finite gradients wherever
 the value is finite) and, for PyTorch tensors that autograd does not track (the
@@ -47,7 +56,8 @@ from crossent._lib._xp import (
     forward_ad_active,
     is_torch_namespace,
     logsumexp,
-    stop_gradient,
+    shift_by_max,
+    take_along_axis,
     torch_tracing,
 )
 
@@ -89,11 +99,8 @@ def log_softmax(z: Array, *, axis: int, xp: Any, overwrite: bool = False) -> Arr
             return torch._log_softmax(z, axis, False, out=z)
         return torch.log_softmax(z, dim=axis)
     # log p = (z - m) - lse(z - m): the shifted row's log-sum-exp is log1p of the other terms,
-    # exact near 0, where z - lse(z) rounds lse at the magnitude of the logits (float32 logits
-    # [300, 288, 200]: log p_0 = 0 instead of -6.1e-6). Beyond the largest float log p is
-    # rightly -inf (p = 0), without NumPy's warning
-    m = stop_gradient(xp.max(z, axis=axis, keepdims=True), xp=xp)
-    shifted = difference(z, xp.where(xp.isfinite(m), m, xp.zeros_like(m)), xp=xp)
+    # exact near 0 (shift_by_max)
+    shifted, _ = shift_by_max(z, axis=axis, xp=xp)
     return difference(shifted, logsumexp(shifted, axis=axis, keepdims=True, xp=xp), xp=xp)
 
 
@@ -192,13 +199,6 @@ def jsd_and_grad_from_log(
 # ----------------------------------------------------------------------------
 
 
-def _p_log_ratio(log_p: Array, log_q: Array, *, xp: Any) -> Array:
-    """Elementwise :math:`p (\\log p - \\log q)` with 0 where p = 0 (value and gradient)."""
-    zero = log_p == -math.inf
-    safe = xp.where(zero, xp.zeros_like(log_p), log_p) - xp.where(zero, xp.zeros_like(log_q), log_q)
-    return xp.where(zero, xp.zeros_like(log_p), xp.exp(log_p) * safe)
-
-
 def _jsd_generic(
     log_p: Array,
     log_q: Array,
@@ -225,8 +225,12 @@ def _jsd_generic(
     if not grad:
         return loss, None
     coef = 1.0 if beta == 1.0 else 1.0 - beta
-    q_r = _p_log_ratio(log_q, log_m, xp=xp)  # Q_k r_k, 0 where Q_k = 0
-    g = q_r - xp.exp(log_q) * xp.expand_dims(kl_q, axis=axis)
+    zero = log_q == -math.inf  # r = 0 where Q = 0: Q r = 0 there
+    r = xp.where(zero, xp.zeros_like(log_q), log_q - xp.where(zero, xp.zeros_like(log_m), log_m))
+    star = xp.argmax(log_q, axis=axis, keepdims=True)
+    r = r - take_along_axis(r, star, axis=axis, xp=xp)  # r' = r - r_* (module docstring)
+    q = xp.exp(log_q)
+    g = q * (r - xp.sum(q * r, axis=axis, keepdims=True))
     return loss, g * (coef * _row_factor(scale, axis, xp=xp))
 
 
@@ -342,8 +346,10 @@ def _jsd_torch(
         kl_q = _rel_entr_rows_torch(d, q_buf, m_buf, w, b_may_vanish=beta == 1.0)
         loss = kl_q if kl_p is None else kl_p.mul_(beta).add_(kl_q, alpha=1.0 - beta)
         g = None
-        if grad:  # c Q (r - KL(Q||M)), with d = r (0 where Q = 0)
-            d.sub_(kl_q[..., None])
+        if grad:  # c Q (r' - sum Q r'), r' = r - r_* (0 where Q = 0; module docstring)
+            d.sub_(d.gather(-1, log_q.argmax(-1, keepdim=True)))
+            torch.mul(q_buf, d, out=w)
+            d.sub_(w.sum(-1, keepdim=True))
             if (f := factor(1.0 if beta == 1.0 else 1.0 - beta)) is not None:
                 d.mul_(f)
             g = q_buf.mul_(d)

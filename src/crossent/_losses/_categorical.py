@@ -33,9 +33,10 @@ from crossent._lib._xp import (
     logsumexp,
     moveaxis,
     output_dtype,
+    shift_by_max,
     size_array,
 )
-from crossent._losses._common import reduce_loss, shift_logits
+from crossent._losses._common import nan_rows, reduce_loss
 from crossent._losses._logprob import (
     check_class_weight,
     class_terms,
@@ -52,7 +53,7 @@ __all__ = ["categorical_cross_entropy"]
 def _soft_loss(x: Array, c: Array, *, kind: str, gamma: float, reduction: str, xp: Any) -> Array:
     """Reduced loss (compute dtype), class axis last; "mean" divides by the number of rows."""
     if kind == "logits":
-        x, _ = shift_logits(x, xp=xp)  # accurate log p for large logits
+        x, _ = shift_by_max(x, xp=xp)  # accurate log p for large logits
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
     row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)
@@ -75,15 +76,14 @@ def _soft_value_and_grad(
     probabilities: :math:`g = s\, \partial\ell/\partial p`.
     """
     if kind == "logits":
-        x, _ = shift_logits(x, xp=xp)  # accurate log p for large logits
+        x, _ = shift_by_max(x, xp=xp)  # accurate log p for large logits
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
     row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)
     loss = reduce_loss(row, reduction, xp=xp)
     count = size_array(row, dtype=row.dtype, xp=xp)
-    scale = xp.expand_dims(
-        _row_scale(grad_output, reduction, count, tuple(row.shape), xp=xp), axis=-1
-    )
+    scale = _row_scale(grad_output, reduction, count, tuple(row.shape), xp=xp)
+    scale = xp.expand_dims(nan_rows(scale, xp.isnan(row), xp=xp), axis=-1)
     h = term_grad(c, terms, gamma, kind=kind, xp=xp)
     if kind != "logits":
         return loss, scale * h

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from crossent._lib._xp import Array, difference, safe_divide, size_array
+from crossent._lib._xp import Array, safe_divide, size_array
 
 __all__ = [
     "LOG_CLAMP",
@@ -13,8 +13,8 @@ __all__ = [
     "focal_factor",
     "log1mexp",
     "log_prob",
+    "nan_rows",
     "reduce_loss",
-    "shift_logits",
     "times_log",
 ]
 
@@ -49,6 +49,19 @@ def reduce_loss(loss: Array, reduction: str, *, denominator: Array | None = None
     if denominator is None:
         denominator = size_array(loss, dtype=loss.dtype, xp=xp)
     return safe_divide(total, denominator, xp=xp)
+
+
+def nan_rows(scale: Array, bad: Array, *, xp: Any) -> Array:
+    """The per-row gradient scale `scale`, NaN in the rows `bad` (a NaN loss row, or a
+    row of logits with NaN or ``+inf``, whose autodiff gradient is NaN throughout).
+
+    A closed-form gradient is a sum of terms, some of which read only part of a row (the
+    target class, a probability), so such a row gave a gradient that is NaN in some
+    entries only (categorical CE of logits ``[+inf, 0]`` and target ``[0, 1]``: loss NaN,
+    gradient ``[NaN, -1]``) where autodiff and PyTorch give a NaN row. Scaling the row's
+    gradient by NaN makes the whole row NaN: NaN propagates, one operation per row.
+    """
+    return xp.where(bad, xp.full_like(scale, float("nan")), scale)
 
 
 def log1mexp(log_p: Array, *, xp: Any) -> Array:
@@ -125,23 +138,6 @@ def clamped_log(x: Array, *, complement: bool = False, xp: Any) -> tuple[Array, 
     raw = log_prob(x, complement=complement, xp=xp)
     clamped = raw < LOG_CLAMP
     return xp.where(clamped, xp.full_like(raw, LOG_CLAMP), raw), clamped
-
-
-def shift_logits(z: Array, *, xp: Any) -> tuple[Array, Array]:
-    r"""``(z - m, m)`` with :math:`m = \max_k z_k` over the last axis (0 where it is not finite).
-
-    Softmax is shift invariant, so the losses work on :math:`z - m`, whose
-    log-sum-exp lies in :math:`[0, \log C]`: then :math:`\log p_k = (z_k - m)
-    - \operatorname{lse}(z - m)` is accurate to a few ulps of the result. The
-    unshifted form :math:`z_k - \operatorname{lse}(z)` rounds
-    :math:`\operatorname{lse}(z)` at the magnitude of the logits and loses
-    :math:`\log_2 |z|` bits (float32 logits of 1e4: log 2 came out as 0.69336).
-    `m` is returned with the last axis dropped, for terms that need the
-    unshifted :math:`\operatorname{lse}(z) = m + \operatorname{lse}(z - m)`.
-    """
-    m = xp.max(z, axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
-    return difference(z, m, xp=xp), xp.squeeze(m, axis=-1)
 
 
 def times_log(c: Array, log: Array, pole: Array, *, xp: Any) -> Array:

@@ -17,9 +17,9 @@ from crossent._lib._xp import (
     logsumexp,
     moveaxis,
     output_dtype,
+    shift_by_max,
 )
 from crossent._losses._categorical import _check_soft, _soft_loss, _soft_value_and_grad
-from crossent._losses._common import shift_logits
 from crossent._losses._sparse import _no_autograd
 
 __all__ = ["listnet_loss"]
@@ -37,7 +37,7 @@ def _prepare(
     cdt = compute_dtype(scores.dtype, xp=xp)
     s = moveaxis(astype(scores, cdt, xp=xp), axis, -1, xp=xp)
     r = moveaxis(astype(relevance, cdt, xp=xp), axis, -1, xp=xp)
-    r, _ = shift_logits(r, xp=xp)  # softmax(r) accurate for large grades
+    r, _ = shift_by_max(r, xp=xp)  # softmax(r) accurate for large grades
     q = xp.exp(difference(r, logsumexp(r, axis=-1, keepdims=True, xp=xp), xp=xp))
     return s, q, reduction, axis
 

@@ -167,7 +167,10 @@ def row_stats(
     finite = isfinite(m, xp=xp)
     m_safe = xp.where(finite, m, xp.zeros_like(m))
     m_col = xp.expand_dims(m_safe, axis=-1)
-    s = xp.sum(xp.exp(difference(z, m_col, xp=xp)), axis=-1)
+    # a row without a finite max (shifted by 0) may overflow: its log-sum-exp is +inf (or
+    # NaN) whatever s is; every other row has z - m <= 0
+    with quiet(xp, "over"):
+        s = xp.sum(xp.exp(difference(z, m_col, xp=xp)), axis=-1)
     if with_wz:
         d = difference(m_col, z, xp=xp)
         if weight is None:

@@ -50,10 +50,11 @@ from crossent._lib._xp import (
     quiet,
     representable,
     safe_divide,
+    shift_by_max,
     take_along_axis,
 )
 from crossent._losses import _rows
-from crossent._losses._common import reduce_loss, shift_logits
+from crossent._losses._common import nan_rows, reduce_loss
 from crossent._losses._logprob import (
     add_at_index,
     check_class_weight,
@@ -195,7 +196,7 @@ def _sparse_rows(
     r"""Per-row loss and target weight w_y (0 where ignored); class axis last.
 
     loss = (1-ε) w_y f_y (-log p_y) + (ε/C) Σ_k w_k f_k (-log p_k) + z_loss · lse².
-    `z` may be shifted by its row max `lse_shift` (:func:`.shift_logits`),
+    `z` may be shifted by its row max `lse_shift` (:func:`~crossent._lib._xp.shift_by_max`),
     `lse` being then that of the shifted logits; the z-loss adds it back.
     """
     eps = label_smoothing
@@ -472,6 +473,10 @@ def sparse_categorical_cross_entropy(
         return lean[0]
     xp = array_namespace(input=input, target=target, weight=weight)
     axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
+    if is_torch_tensor(input) and opts.kind == "logits":  # autograd: no NaN from ignored rows
+        input = torch_executor().mask_ignored_rows(
+            input, target, opts.ignore_index, axis_, accelerator=True
+        )
     return _forward(input, target, weight=weight, axis=axis_, opts=opts, xp=xp)
 
 
@@ -507,7 +512,7 @@ def _prepare(
 
     ``lse`` is computed only for the class-by-class formula (the row statistics
     carry their own); there `z` is shifted by its row max `m`
-    (:func:`.shift_logits`), so that log p = (z - m) - lse(z - m) stays accurate.
+    (:func:`~crossent._lib._xp.shift_by_max`), so that log p = (z - m) - lse(z - m) stays accurate.
     """
     cdt = compute_dtype(input.dtype, xp=xp)
     w = None if weight is None else astype(weight, cdt, xp=xp)
@@ -515,7 +520,7 @@ def _prepare(
     z = softcap_logits(x, opts.softcap, xp=xp)
     if opts.kind != "logits" or _rows.applies(opts):
         return x, z, None, w, None
-    z, m = shift_logits(z, xp=xp)
+    z, m = shift_by_max(z, xp=xp)
     return x, z, logsumexp(z, axis=-1, xp=xp), w, m
 
 
@@ -586,7 +591,9 @@ def _row_grads(
     log_s = _rows.log_s(stats, _rows.log_terms(stats, xp=xp), xp=xp)
     shift = xp.where(valid, log_s, xp.full_like(s, float("inf")))
     z_m = difference(z, xp.expand_dims(m_safe, axis=-1), xp=xp)
-    g = xp.expand_dims(a * s, axis=-1) * xp.exp(z_m - xp.expand_dims(shift, axis=-1))
+    g = xp.expand_dims(a * s, axis=-1) * xp.exp(
+        difference(z_m, xp.expand_dims(shift, axis=-1), xp=xp)  # a +inf row: NaN (nan_rows)
+    )
     if e != 0:
         w_row = xp.ones_like(z[..., :1]) if w is None else w
         g = g - (e * xp.expand_dims(s, axis=-1)) * w_row
@@ -642,6 +649,11 @@ def _sparse_value_and_grad(
         denominator = xp.sum(w_y)
         loss = reduce_loss(row, opts.reduction, denominator=denominator, xp=xp)
         scale = _row_scale(grad_output, opts.reduction, denominator, tuple(row.shape), xp=xp)
+        # a row holding NaN or +inf: NaN throughout, as autodiff's (the row max, or the
+        # log-sum-exp of the class-by-class form, is NaN or +inf there; -inf rows are masked)
+        top = lse if statistics is None else statistics[0].m
+        if top is not None:  # logits
+            scale = nan_rows(scale, ~(top < float("inf")), xp=xp)
         g = _row_grads(z, target, lse, w, scale, opts, statistics, m, xp=xp)
         g = softcap_backward(x, opts.softcap, g, xp=xp)
         grad = moveaxis(g, -1, axis_, xp=xp)

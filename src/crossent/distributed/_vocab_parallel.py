@@ -17,6 +17,7 @@ import torch
 
 from crossent._lib._checks import values_checked
 from crossent._lib._xp import output_dtype, safe_divide
+from crossent._losses import _rows
 from crossent._losses._logprob import softcap_backward, softcap_logits
 from crossent.distributed._comm import (
     Layout,
@@ -246,6 +247,8 @@ class _VocabParallelCE(torch.autograd.Function):
         z = _logits(local_logits, layout, opts, dtype)
         merged = shard.merge(slice_statistics(z, None, label, spec))
         del z
+        if opts.ignore_index is not None:  # an ignored row of -inf only: a zero gradient
+            merged = _rows.stand_in_ignored(merged, counted, xp=torch)
         row = torch.where(counted, chunk_losses(merged, spec)[0], 0)
         w_y = merged.w_y if merged.w_y is not None else torch.ones_like(row)
         denominator = torch.where(counted, w_y, 0).sum()

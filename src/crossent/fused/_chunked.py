@@ -187,16 +187,30 @@ class LinearCEOptions:
         return row_options(self.label_smoothing, self.z_loss, self.softcap, self.reduction)
 
 
-@functools.lru_cache(maxsize=64)
 def row_options(eps: float, z_loss: float, softcap: float | None, reduction: str) -> CEOptions:
     """The row formula's options (:class:`~crossent._losses._options.CEOptions`), cached."""
-    return CEOptions(
-        "logits",
-        label_smoothing=eps,
-        z_loss=z_loss,
-        softcap=softcap,
-        reduction=cast("Reduction", reduction),
-    )
+    key = (eps, z_loss, softcap, reduction)
+    opts = _ROW_OPTIONS.get(key)
+    if opts is None:
+        if len(_ROW_OPTIONS) >= 64:
+            _ROW_OPTIONS.clear()
+        opts = CEOptions(
+            "logits",
+            label_smoothing=eps,
+            z_loss=z_loss,
+            softcap=softcap,
+            reduction=cast("Reduction", reduction),
+        )
+        _ROW_OPTIONS[key] = opts
+    return opts
+
+
+_ROW_OPTIONS: dict[tuple[float, float, float | None, str], CEOptions] = {}
+""":func:`row_options`'s results (at most 64). Not ``functools.lru_cache``: the chunk loop runs
+under ``torch.compile`` where the fused op is not used (compiled without ``fullgraph`` with a
+NumPy scalar option), and dynamo warns about every call of an ``lru_cache``-wrapped function
+('Dynamo detected a call to a functools.lru_cache-wrapped function'), an error where warnings
+are errors."""
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,18 @@ fused call installed the recording, and other threads' calls of the head
 compute ordinary logits; the recording is removed when the last such call ends.
 Unpatching a model while one of its calls is running lets that call finish with
 the fused loss.
+
+Copies: a deep copy or a pickle round trip of a patched model is patched and runs
+itself; a shallow copy (``copy.copy``) and the replicas ``nn.DataParallel`` builds
+share the original's patched forward (they copy its ``__dict__``), which runs the
+module being called, found by a forward pre-hook that :func:`patch` registers (a
+direct call of ``model.forward(...)``, bypassing the hooks, runs the patched
+instance itself).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import threading
@@ -87,6 +95,24 @@ class _PatchState:
     signature: inspect.Signature
     wrapper: _PatchedForward | None = None  # the patched forward installed on the instance
     verified_softcap: list[float | None] = dataclasses.field(default_factory=list)
+    # the signature read once, for a call that torch.compile traces (Signature.bind does not)
+    positions: dict[str, int] = dataclasses.field(init=False)  # positional parameters' indices
+    named: frozenset[str] = dataclasses.field(init=False)  # every parameter's name
+    var_kw: str | None = dataclasses.field(init=False)  # the **kwargs parameter, if any
+
+    def __post_init__(self) -> None:
+        params = list(self.signature.parameters.values())
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.positions = {p.name: i for i, p in enumerate(params) if p.kind in positional}
+        self.named = frozenset(p.name for p in params if p.kind is not p.VAR_KEYWORD)
+        self.var_kw = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+
+    def argument(self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
+        """The value of parameter `name` in a call ``forward(*args, **kwargs)``, else None."""
+        if name in kwargs:
+            return kwargs[name]
+        i = self.positions.get(name)
+        return args[i] if i is not None and i < len(args) else None
 
     def original(self, model: torch.nn.Module) -> Callable[..., Any]:
         """The forward that ran before patching, bound to `model`."""
@@ -125,7 +151,27 @@ class _PatchedForward:
         return self.state.original(self.model)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _forward(self.model, self.state, args, kwargs)
+        return _forward(_called_module(self.state) or self.model, self.state, args, kwargs)
+
+
+def _remember_called(module: torch.nn.Module, args: Any) -> None:
+    """The forward pre-hook of a patched model: which module this thread is calling.
+
+    A shallow copy (``copy.copy``) or an ``nn.DataParallel`` replica copies the instance's
+    ``__dict__``, so it shares the patched forward with the original; the module being
+    called is known only here (``Module.__call__`` passes it to its hooks, whose dict the
+    copies share too). The patched forward then runs that module, its own head and body.
+    """
+    _THREAD.called = module
+
+
+def _called_module(state: _PatchState) -> torch.nn.Module | None:
+    """The module :func:`_remember_called` saw last in this thread if it is patched by
+    `state` (the original or a copy of it); None for a direct call of ``forward``."""
+    module = _THREAD.__dict__.pop("called", None)
+    if module is None or module.__dict__.get(_STATE) is not state:
+        return None
+    return module
 
 
 @dataclasses.dataclass
@@ -265,6 +311,7 @@ def _patch_locked(model: ModelT, size: int | None) -> ModelT:
     state.wrapper = _PatchedForward(model, state)
     model.__dict__[_STATE] = state
     model.__dict__["forward"] = state.wrapper
+    model.register_forward_pre_hook(_remember_called)
     return model
 
 
@@ -310,6 +357,9 @@ def unpatch(model: ModelT) -> ModelT:
             )
             raise ValueError(msg)
         del model.__dict__[_STATE]
+        hooks = model._forward_pre_hooks
+        for key in [k for k, hook in hooks.items() if hook is _remember_called]:
+            del hooks[key]
         if state.own_forward is _MISSING:
             del model.__dict__["forward"]
         else:
@@ -325,21 +375,23 @@ def unpatch(model: ModelT) -> ModelT:
 def _forward(
     model: torch.nn.Module, state: _PatchState, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    bound = state.signature.bind(*args, **kwargs)
-    labels = bound.arguments.get("labels")
-    keep = bound.arguments.get("logits_to_keep", 0)
+    labels = state.argument(args, kwargs, "labels")
+    keep = state.argument(args, kwargs, "logits_to_keep")
+    keep = 0 if keep is None else keep
     original = state.original(model)
     if labels is None or not model.training or not (isinstance(keep, int) and keep == 0):
         return original(*args, **kwargs)
     _check_loss_function(model)
     head = _check_head(model)
-    var_kw = next(
-        (p.name for p in state.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
-    )
-    loss_kwargs = dict(bound.arguments.get(var_kw, {})) if var_kw else {}
-    bound.arguments["labels"] = None
+    named = state.named
+    loss_kwargs = {k: v for k, v in kwargs.items() if k not in named} if state.var_kw else {}
+    if "labels" in kwargs:
+        kwargs = {**kwargs, "labels": None}
+    else:
+        i = state.positions["labels"]
+        args = (*args[:i], None, *args[i + 1 :])
     capture = _Capture()
-    out = _run_with_recording_head(head, capture, lambda: original(*bound.args, **bound.kwargs))
+    out = _run_with_recording_head(head, capture, lambda: original(*args, **kwargs))
     if capture.hidden is None or capture.probe is None:
         msg = (
             f"{type(model).__name__}.forward did not call `lm_head`; patch() supports models "
@@ -388,6 +440,12 @@ class _Recorder:
         return capture.probe
 
 
+def _lock() -> Any:
+    """:data:`_LOCK`, or no lock while ``torch.compile`` traces the call (dynamo cannot enter
+    a lock; the traced program runs the recording's Python once, at trace time)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _LOCK
+
+
 def _thread_captures() -> dict[int, list[_Capture]]:
     captures: dict[int, list[_Capture]] = _THREAD.__dict__.setdefault("captures", {})
     return captures
@@ -397,7 +455,7 @@ def _run_with_recording_head(
     head: torch.nn.Linear, capture: _Capture, call: Callable[[], Any]
 ) -> Any:
     """Run `call` while `head` records its input into `capture` (this thread only)."""
-    with _LOCK:
+    with _lock():
         installed = head.__dict__.get("forward", _MISSING)
         recorder = installed if isinstance(installed, _Recorder) else _Recorder(head, installed)
         head.__dict__["forward"] = recorder
@@ -410,7 +468,7 @@ def _run_with_recording_head(
         stack.pop()
         if not stack:
             del _thread_captures()[id(recorder)]
-        with _LOCK:
+        with _lock():
             recorder.users -= 1
             if recorder.users == 0 and head.__dict__.get("forward") is recorder:
                 if recorder.own is _MISSING:
@@ -427,27 +485,39 @@ def _verify_head_transform(
     NaN in the head's output (hidden states of a fully masked position, as a float64
     model with left padding gives) must be NaN in the logits too; the other entries
     are compared. Returns whether the check was conclusive (some entry finite).
+
+    Under ``torch.compile`` nothing is read back: the comparison is a device-side
+    assertion (no graph break; it raises when the compiled program runs) and the check
+    counts as inconclusive, so that it runs again on the next traced or eager call.
     """
     want = probe if softcap is None else softcap * torch.tanh(probe / softcap)
-    ok = isinstance(logits, torch.Tensor) and logits.shape == want.shape
-    conclusive = False
-    if ok:
-        dtype = torch.promote_types(torch.promote_types(want.dtype, logits.dtype), torch.float32)
-        eps = 16 * max(torch.finfo(want.dtype).eps, torch.finfo(logits.dtype).eps)
-        want = want.to(dtype)
-        finite = torch.isfinite(want)
-        conclusive = bool(finite.any())
-        scale = float(want[finite].abs().max()) if conclusive else 0.0
-        got = logits.detach().to(dtype)
-        ok = bool(torch.allclose(got, want, rtol=eps, atol=eps * scale, equal_nan=True))
-    if not ok:
-        msg = (
-            f"{type(model).__name__} transforms the output of `lm_head` before its loss in a way "
-            "patch() does not reproduce (only `config.final_logit_softcapping` is supported); "
-            "its fused loss would differ from the model's own. unpatch() this model."
-        )
-        raise RuntimeError(msg)
-    return conclusive
+    if not isinstance(logits, torch.Tensor) or logits.shape != want.shape:
+        raise RuntimeError(_transform_message(type(model).__name__))
+    dtype = torch.promote_types(torch.promote_types(want.dtype, logits.dtype), torch.float32)
+    eps = 16 * max(torch.finfo(want.dtype).eps, torch.finfo(logits.dtype).eps)
+    want = want.to(dtype)
+    got = logits.detach().to(dtype)
+    finite = torch.isfinite(want)
+    scale = torch.where(finite, want.abs(), 0.0).amax()
+    # torch.allclose(got, want, rtol=eps, atol=eps * scale, equal_nan=True), elementwise
+    close = ((got - want).abs() <= eps * (scale + want.abs())) | (got == want)
+    bad = ~(close | (got.isnan() & want.isnan()))
+    if torch.compiler.is_compiling():
+        from crossent._lib._checks import assert_on_device
+
+        assert_on_device(bad, _transform_message("the model"))
+        return False
+    if bool(bad.any()):
+        raise RuntimeError(_transform_message(type(model).__name__))
+    return bool(finite.any())
+
+
+def _transform_message(name: str) -> str:
+    return (
+        f"{name} transforms the output of `lm_head` before its loss in a way patch() does not "
+        "reproduce (only `config.final_logit_softcapping`); its fused loss would differ from "
+        "its own. unpatch() it."
+    )
 
 
 def _fused_loss(

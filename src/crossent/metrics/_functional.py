@@ -56,11 +56,11 @@ from crossent._lib._xp import (
     logsumexp,
     moveaxis,
     one_hot,
+    shift_by_max,
     size,
     take_along_axis,
     to_numpy,
 )
-from crossent._losses._common import shift_logits
 from crossent.metrics._exact import (
     Counted,
     ExactSum,
@@ -311,7 +311,7 @@ def _row_stats(
             return fast_rows
     if input_kind == "logits":
         with np.errstate(invalid="ignore"):  # a logit of +inf: inf - inf, a NaN row (below)
-            shifted, _ = shift_logits(x, xp=xp)  # log p accurate for large logits
+            shifted, _ = shift_by_max(x, xp=xp)  # log p accurate for large logits
             lse = logsumexp(shifted, axis=-1, keepdims=True, xp=xp, row_sum=row_sum)
             log_p = shifted - lse
         log_p_y = xp.squeeze(take_along_axis(log_p, index, axis=-1, xp=xp), axis=-1)
