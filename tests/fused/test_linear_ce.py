@@ -695,6 +695,37 @@ def test_low_precision_hidden_with_float32_weight(low: str, reduction: str) -> N
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fn", ["linear_cross_entropy", "linear_distillation_loss"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_low_precision_hidden_gradient_rounded_once(fn: str, reduction: str) -> None:
+    """bfloat16 hidden + float32 weight, upstream gradient 0.37: the hidden gradient is the
+    float32 one times 0.37, rounded once to bfloat16 (it was rounded to bfloat16 in forward,
+    then again after the scaling: 1.2 units of bfloat16 rounding against PyTorch's 0.5-0.7)."""
+    import crossent.fused as fused
+
+    data = _inputs(n=40, dtype=torch.float32)
+    y = data["target"][:40].clone()
+    y[::5] = -100  # ignored rows: the gradient's rows are scattered
+    teacher = (data["hidden"][:40].flip(0), data["weight"] * 0.5)
+
+    def loss(h: Any) -> Any:
+        if fn == "linear_cross_entropy":
+            return fused.linear_cross_entropy(
+                h, data["weight"], y, bias=data["bias"], reduction=reduction, chunk_size=16
+            )
+        return fused.linear_distillation_loss(
+            h, data["weight"], *teacher, y, reduction=reduction, chunk_size=16
+        )
+
+    h = data["hidden"][:40].to(torch.bfloat16).requires_grad_()
+    h32 = h.detach().float().requires_grad_()
+    up = torch.tensor(0.37)
+    (got,) = torch.autograd.grad(loss(h), [h], up)
+    (want,) = torch.autograd.grad(loss(h32), [h32], up)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want.to(torch.bfloat16))
+
+
 def test_autocast_does_not_change_the_products() -> None:
     """Under CPU autocast (bfloat16) the fused loss keeps its float32 products and dtypes."""
     data = _inputs(n=30, dtype=torch.float32)
