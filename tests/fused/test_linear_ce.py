@@ -695,6 +695,48 @@ def test_low_precision_hidden_with_float32_weight(low: str, reduction: str) -> N
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("fn", ["linear_cross_entropy", "linear_distillation_loss"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_low_precision_gradients_rounded_once(fn: str, reduction: str, compiled: bool) -> None:
+    """bfloat16 hidden + float32 weight, upstream gradient 0.37: the hidden gradient is the
+    float32 one times 0.37, rounded once to bfloat16 (it was rounded to bfloat16 in forward,
+    then again after the scaling: 1.2 units of bfloat16 rounding against PyTorch's 0.5-0.7;
+    compiled 1.7). Compiled, a bfloat16 weight's gradient too is rounded once, as eagerly."""
+    import crossent.fused as fused
+
+    data = _inputs(n=40, dtype=torch.float32)
+    y = data["target"][:40].clone()
+    y[::5] = -100  # ignored rows: the gradient's rows are scattered
+    teacher = (data["hidden"][:40].flip(0), data["weight"] * 0.5)
+
+    def loss(h: Any) -> Any:
+        if fn == "linear_cross_entropy":
+            return fused.linear_cross_entropy(
+                h, data["weight"], y, bias=data["bias"], reduction=reduction, chunk_size=16
+            )
+        return fused.linear_distillation_loss(
+            h, data["weight"], *teacher, y, reduction=reduction, chunk_size=16
+        )
+
+    h = data["hidden"][:40].to(torch.bfloat16).requires_grad_()
+    h32 = h.detach().float().requires_grad_()
+    up = torch.tensor(0.37)
+    run = torch.compile(loss, fullgraph=True, backend="aot_eager") if compiled else loss
+    (got,) = torch.autograd.grad(run(h), [h], up)
+    (want,) = torch.autograd.grad(loss(h32), [h32], up)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want.to(torch.bfloat16))
+    if compiled:  # a bfloat16 head: its gradient (accumulated in float32) as eagerly
+        w16 = data["weight"].to(torch.bfloat16).requires_grad_()
+        grads = [
+            torch.autograd.grad(f(h.detach(), w16, y, reduction=reduction, chunk_size=16), [w16], up)
+            for f in (torch.compile(fused.linear_cross_entropy, fullgraph=True, backend="aot_eager"),
+                      fused.linear_cross_entropy)
+        ]  # fmt: skip
+        assert torch.equal(grads[0][0], grads[1][0])
+
+
 def test_autocast_does_not_change_the_products() -> None:
     """Under CPU autocast (bfloat16) the fused loss keeps its float32 products and dtypes."""
     data = _inputs(n=30, dtype=torch.float32)

@@ -254,3 +254,34 @@ def test_numpy_overflow_to_a_right_infinity_gives_no_warning() -> None:
         _, grad = ce.value_and_grad(ce.sparse_categorical_cross_entropy, z, y - 1, from_logits=True)
         assert np.isnan(grad[0]).all()
         assert np.isfinite(grad[1]).all()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_float16_mean_whose_sum_exceeds_float16_range(backend: str) -> None:
+    """20000 x 3 float16 losses: their sum (about 7e4, 11e4 for the binary elements) is above
+    float16's largest number (65504), the mean is not; every loss accumulates in float32 and
+    gives the float64 mean to float16 rounding (a sum kept in float16 would be inf)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((20000, 3)) * 4).astype(np.float16)
+    y = rng.integers(0, 3, 20000)
+    soft = rng.random((20000, 3))
+    soft = (soft / soft.sum(1, keepdims=True)).astype(np.float16)
+    unit = rng.random((20000, 3)).astype(np.float16)
+    calls = [
+        (ce.sparse_categorical_cross_entropy, y, {"from_logits": True}),
+        (ce.sparse_categorical_cross_entropy, y, {"from_logits": True, "z_loss": 1e-3}),
+        (ce.sparse_categorical_cross_entropy, y, {"from_logits": True, "label_smoothing": 0.1}),
+        (ce.categorical_cross_entropy, soft, {"from_logits": True}),
+        (ce.binary_cross_entropy, unit, {"from_logits": True}),
+        (ce.listnet_loss, unit, {}),
+    ]
+    conv = (lambda a: a) if backend == "numpy" else torch.from_numpy
+    for loss, target, opts in calls:
+        got = loss(conv(x), conv(target), **opts)
+        want = loss(
+            x.astype(np.float64),
+            target.astype(np.float64) if target.dtype != y.dtype else y,
+            **opts,
+        )
+        value = float(got)
+        assert abs(value - float(want)) <= 2**-10 * abs(float(want)), (loss.__name__, opts)

@@ -77,7 +77,9 @@ class _ChunkedResult(NamedTuple):
         Compute dtype (float32 for float16/bfloat16 inputs, else the input dtype):
         0-d for ``"mean"``/``"sum"``, shape ``(N,)`` for ``"none"`` (0 at ignored rows).
     grad_hidden
-        ``(N, d)`` in ``hidden.dtype``, or None. On a vocabulary slice this is the
+        ``(N, d)`` in the product dtype (``hidden.dtype``, or float32 for float16/bfloat16
+        hidden states with a float32 weight: the caller scales it by the upstream gradient,
+        then rounds it once to ``hidden.dtype``), or None. On a vocabulary slice this is the
         slice's contribution only; the caller sums it over ranks.
     grad_weight
         ``(V_local, d)``: float32 when ``weight`` is float16/bfloat16 (accumulated in
@@ -819,9 +821,11 @@ def _chunk_loop(
     `weight` and `bias` must already be in the product dtype
     (:func:`_product_operands`); rows of `hidden` are cast to it chunk by chunk.
     `want` gives the (hidden, weight, bias) gradients to form (None: none).
-    Returns them: `grad_hidden` ``(N, d)`` in `hidden`'s dtype (zero at rows not
-    in `rows_all`), `grad_weight` and `grad_bias` float32 for low-precision
-    products (accumulated in float32), else in the product dtype.
+    Returns them: `grad_hidden` ``(N, d)`` in the product dtype (zero at rows not
+    in `rows_all`; float32 for half-precision `hidden` with a float32 `weight`, rounded to
+    `hidden`'s dtype by the caller after the upstream gradient's scaling, so once),
+    `grad_weight` and `grad_bias` float32 for low-precision products (accumulated in
+    float32), else in the product dtype.
 
     `low_in_place` (float16/bfloat16 products, no bias gradient): `body` reads the
     product-dtype logits and writes :math:`G` over them itself (the Triton kernels,
@@ -847,7 +851,7 @@ def _chunk_loop(
     grad_h = None
     if want_h:
         grad_h = (torch.zeros if compact else torch.empty)(
-            (n_total, d), dtype=hidden.dtype, device=device
+            (n_total, d), dtype=mm_dtype, device=device
         )
     # zeros only for an empty batch: otherwise the first chunk overwrites them (no fill pass)
     alloc = torch.zeros if n_rows == 0 else torch.empty
@@ -886,12 +890,8 @@ def _chunk_loop(
             lp.copy_(buf)
             g = lp
         if grad_h is not None:
-            if compact or grad_h.dtype != mm_dtype:
-                gh = torch.mm(g, weight)
-                if compact:
-                    grad_h.index_copy_(0, c.rows, gh.to(grad_h.dtype))
-                else:
-                    grad_h[start:stop].copy_(gh)
+            if compact:
+                grad_h.index_copy_(0, c.rows, torch.mm(g, weight))
             else:
                 torch.mm(g, weight, out=grad_h[start:stop])
         if grad_w is not None:

@@ -144,8 +144,10 @@ def fused_backward(
     again, with each row scaled by its upstream gradient (`grad_loss` expanded to
     the rows, or None when `recompute` reads the upstream gradients itself). A
     second backward through the same graph recomputes too. The weight and bias
-    gradients come back in their parameters' dtypes; with a `shard`, the slices'
-    contributions to the gradient of `hidden` are summed over the ranks.
+    gradients come back in their parameters' dtypes, `hidden`'s too (formed in float32 for
+    half-precision `hidden` with a float32 `weight`: rounded once, after the scaling); with
+    a `shard`, the slices' contributions to the gradient of `hidden` are summed over the
+    ranks first.
     """
     # a vocabulary slice: the function called was crossent.distributed.vocab_parallel_<name>
     refuse_double_backward(name if shard is None else f"crossent.distributed.vocab_parallel_{name}")
@@ -160,6 +162,8 @@ def fused_backward(
         grad_h, grad_w, grad_b = recompute(row_scale)
     if shard is not None and grad_h is not None:  # every slice contributes to it
         grad_h = shard.reduce_sum(grad_h)
+    if grad_h is not None:
+        grad_h = grad_h.to(ctx.saved_tensors[0].dtype)  # hidden's
     grad_w = None if grad_w is None else grad_w.to(weight.dtype)
     grad_b = None if grad_b is None or bias is None else grad_b.to(bias.dtype)
     return grad_h, grad_w, grad_b

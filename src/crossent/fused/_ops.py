@@ -81,15 +81,31 @@ def _needs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return [hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
 
 
+def _grad_dtypes(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, formed: bool
+) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
+    """The (hidden, weight, bias) gradients' dtypes: the parameters', or with `formed` (formed
+    in forward, to be scaled by the upstream gradient in backward) the dtypes the chunk loop
+    forms them in (the product dtype for `hidden`, float32 for half-precision products'
+    weight and bias), so that :func:`_scaled` rounds each to its parameter's dtype once."""
+    if not formed:
+        return hidden.dtype, weight.dtype, None if bias is None else bias.dtype
+    wide = product_dtype(hidden, weight, bias)
+    acc = _compute_dtype(wide)
+    return wide, acc, None if bias is None else acc
+
+
 def _grads_out(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    *,
+    formed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients in their parameters' dtypes; where none is formed, distinct empty tensors
+    """Gradients in :func:`_grad_dtypes`; where none is formed, distinct empty tensors
     (outputs must not alias each other)."""
-    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    dtypes = _grad_dtypes(hidden, weight, bias, formed=formed)
     out = [
         hidden.new_empty(0) if g is None or dt is None else g.to(dt)
         for g, dt in zip(grads, dtypes, strict=True)
@@ -98,13 +114,19 @@ def _grads_out(
 
 
 def _fake_grads(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, want: list[bool]
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    want: list[bool],
+    *,
+    formed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_grads_out`'s shapes and dtypes."""
+    dh, dw, db = _grad_dtypes(hidden, weight, bias, formed=formed)
     return (
-        torch.empty_like(hidden) if want[0] else hidden.new_empty(0),
-        torch.empty_like(weight) if want[1] else hidden.new_empty(0),
-        torch.empty_like(bias) if want[2] and bias is not None else hidden.new_empty(0),
+        torch.empty_like(hidden, dtype=dh) if want[0] else hidden.new_empty(0),
+        torch.empty_like(weight, dtype=dw) if want[1] else hidden.new_empty(0),
+        torch.empty_like(bias, dtype=db) if want[2] and bias is not None else hidden.new_empty(0),
     )
 
 
@@ -115,9 +137,15 @@ def _input_grads(needs: list[bool], grads: tuple[Any, Any, Any], n_other: int) -
     ) * n_other
 
 
-def _scaled(grads: tuple[torch.Tensor, ...], grad_loss: torch.Tensor) -> tuple[Any, ...]:
-    """Gradients formed in forward times the scalar upstream gradient (out of place)."""
-    return tuple(g * grad_loss.to(g.dtype) for g in grads)
+def _scaled(
+    grads: tuple[torch.Tensor, ...], grad_loss: torch.Tensor, params: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """Gradients formed in forward times the scalar upstream gradient (out of place), then
+    rounded to their parameters' dtypes (once: they were formed wider, :func:`_grad_dtypes`)."""
+    return tuple(
+        g if p is None else (g * grad_loss.to(g.dtype)).to(p.dtype)
+        for g, p in zip(grads, params, strict=True)
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -149,7 +177,10 @@ def _linear_ce_op(
         compute_grad=(want[0], want[1], want[2]),
         row_scale=row_scale,
     )
-    grads = _grads_out(hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias))
+    grads = _grads_out(
+        hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias),
+        formed=row_scale is None,
+    )  # fmt: skip
     return (res.loss, *grads)
 
 
@@ -160,7 +191,7 @@ def _(hidden, weight, bias, target, class_weight, row_scale, options, needs):
     want = _wanted(reduction, row_scale, needs)
     return (
         hidden.new_empty(shape, dtype=result_dtype(hidden, weight, bias)),
-        *_fake_grads(hidden, weight, bias, want),
+        *_fake_grads(hidden, weight, bias, want, formed=row_scale is None),
     )
 
 
@@ -176,17 +207,19 @@ def _loss_backward(
     formed: tuple[torch.Tensor, ...],
     rerun: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
     *,
+    params: tuple[Any, ...],
     name: str,
     kind: type,
     n_other: int,
 ) -> tuple[Any, ...]:
     """Backward of a loss op (``crossent::linear_ce``, ``crossent::linear_distill``): the
-    gradients `formed` in forward times the scalar upstream gradient (``"mean"``, ``"sum"``),
+    gradients `formed` in forward times the scalar upstream gradient (``"mean"``, ``"sum"``;
+    then rounded to the dtypes of `params`, the (hidden, weight, bias) of the call),
     or the op run again with the row gradients (``"none"``: ``rerun(grad_loss)``). No second
     derivative: a backward that builds a graph raises."""
     refuse_double_backward(name)
     if _decode(kind, ctx.options).reduction != "none":
-        grads = _scaled(formed, grad_loss)
+        grads = _scaled(formed, grad_loss, params)
     else:
         grads = rerun(grad_loss)[1:]
     return _input_grads(ctx.needs, (grads[0], grads[1], grads[2]), n_other)
@@ -201,8 +234,8 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
         )
 
     return _loss_backward(
-        ctx, grad_loss, tuple(formed), rerun, name="linear_cross_entropy",
-        kind=LinearCEOptions, n_other=5,
+        ctx, grad_loss, tuple(formed), rerun, params=(hidden, weight, bias),
+        name="linear_cross_entropy", kind=LinearCEOptions, n_other=5,
     )  # fmt: skip
 
 
@@ -355,7 +388,10 @@ def _distill_op(
         hidden, weight, bias, (teacher_hidden, teacher_weight, teacher_bias), counted, opts,
         compute_grad=(want[0], want[1], want[2]), row_scale=row_scale,
     )  # fmt: skip
-    grads = _grads_out(hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias))
+    grads = _grads_out(
+        hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias),
+        formed=row_scale is None,
+    )  # fmt: skip
     return (res.loss, *grads)
 
 
@@ -366,7 +402,8 @@ def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, counte
     shape = (hidden.shape[0],) if reduction == "none" else ()
     dtype = _compute_dtype(product_dtype(hidden, weight, bias))
     want = _wanted(reduction, row_scale, needs)
-    return (hidden.new_empty(shape, dtype=dtype), *_fake_grads(hidden, weight, bias, want))
+    fakes = _fake_grads(hidden, weight, bias, want, formed=row_scale is None)
+    return (hidden.new_empty(shape, dtype=dtype), *fakes)
 
 
 def _distill_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -383,8 +420,8 @@ def _distill_backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, 
         return _distill_op(hidden, weight, bias, *teacher_counted, rows, ctx.options, ctx.needs)
 
     return _loss_backward(
-        ctx, grad_loss, tuple(formed), rerun, name="linear_distillation_loss",
-        kind=DistillOptions, n_other=7,
+        ctx, grad_loss, tuple(formed), rerun, params=(hidden, weight, bias),
+        name="linear_distillation_loss", kind=DistillOptions, n_other=7,
     )  # fmt: skip
 
 
