@@ -158,3 +158,18 @@ def test_numpy_scalar_option_under_fullgraph_compile_says_what_to_pass(option: s
     torch._dynamo.reset()
     got = torch.compile(lambda: compiled_call(scalar), backend="aot_eager")()
     np.testing.assert_allclose(_float64(got), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("scalar", [np.float32(2.0), np.int64(2), np.float16(2.0)], ids=repr)
+def test_numpy_scalar_weights_are_numbers(backend: str, scalar: Any) -> None:
+    """A NumPy scalar `weight` / `pos_weight` is the number it holds on every backend: on the
+    torch path np.float32(2.0) was refused as an array of another library ('all arrays must come
+    from one array library'), while np.float64 (a float subclass) and 2.0 passed."""
+    xp = pytest.importorskip(backend)
+    g = np.random.default_rng(4)
+    x, t = g.normal(size=(5, 3)), g.uniform(size=(5, 3))
+    x, t = xp.asarray(x), xp.asarray(t)
+    got = ce.binary_cross_entropy(x, t, from_logits=True, weight=scalar, pos_weight=scalar)
+    want = ce.binary_cross_entropy(x, t, from_logits=True, weight=2.0, pos_weight=2.0)
+    assert float(got) == float(want)

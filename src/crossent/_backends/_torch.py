@@ -60,6 +60,7 @@ from crossent._lib._checks import (
     check_in_unit_interval,
     check_nonnegative,
     device_assertions,
+    is_real_scalar,
     unit_interval_message,
     values_checked,
 )
@@ -903,9 +904,10 @@ def _binary_coef(
         if checked and w.numel() and not w.min().item() >= 0:
             return None  # negative (or NaN): the generic path raises (or propagates)
         return w if w.dtype is cdt else w.to(cdt)
-    if isinstance(w, bool) or not isinstance(w, (int, float)):
-        return None
-    return float(w) if w >= 0 else None
+    if (isinstance(w, bool) or not isinstance(w, (int, float))) and not is_real_scalar(w):
+        return None  # (a NumPy scalar is the number it holds)
+    number = float(w)
+    return number if number >= 0 else None
 
 
 def _binary_coefs(

@@ -39,6 +39,7 @@ from crossent._lib._checks import (
     check_reduction,
     check_same_shape,
     check_unit_interval_scalar,
+    is_real_scalar,
 )
 from crossent._lib._config import dynamo_tracing, get_validation
 from crossent._lib._xp import (
@@ -94,6 +95,14 @@ class _Binary:
     out_dtype: Any
 
 
+def _as_number(w: Any) -> Any:
+    """A NumPy scalar `weight` / `pos_weight` (``np.float32(2.0)``, ``np.int64(2)``) as the Python
+    number it is, crossent's one rule for scalars; anything else as it is. (On the torch path a
+    NumPy scalar was taken for an array of another library and refused; ``np.float64``, a float
+    subclass, passed.)"""
+    return float(w) if not isinstance(w, int | float) and is_real_scalar(w) else w
+
+
 def _check_weight_type(w: object, *, name: str) -> None:
     if w is not None and (isinstance(w, bool) or not (isinstance(w, int | float) or is_array(w))):
         msg = f"`{name}` must be None, a number or an array; got {type(w).__name__}."
@@ -136,6 +145,7 @@ def _prepare(
     xp: Any,
 ) -> _Binary:
     """Check every argument once, for the loss and its closed-form gradient alike."""
+    weight, pos_weight = _as_number(weight), _as_number(pos_weight)
     _check_weight_type(weight, name="weight")
     _check_weight_type(pos_weight, name="pos_weight")
     if xp is None:
