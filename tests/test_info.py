@@ -634,3 +634,13 @@ def test_from_logits_of_large_magnitude_keep_the_digits_of_log_p_near_0(
     got_kl = float(to_numpy(ce.info.kl_divergence(zp, zq, from_logits=True))[0])
     assert got_h == pytest.approx(float(h), rel=rtol)
     assert got_kl == pytest.approx(float(kl), rel=rtol)
+
+
+def test_base_conversion_overflow_to_a_right_infinity_gives_no_warning() -> None:
+    """Bits of 2.97e38 nats in float32 are rightly +inf; NumPy warned 'overflow encountered in
+    divide' (an error where warnings are errors, as in this suite)."""
+    log_p = np.log(np.array([[0.1, 0.9]], dtype=np.float32))
+    z = np.array([[0.0, -3.3e38]], dtype=np.float32)
+    for measure in (ce.info.cross_entropy, ce.info.kl_divergence):
+        assert np.isfinite(measure(log_p, z, from_logits=True))
+        assert measure(log_p, z, from_logits=True, base=2) == np.inf

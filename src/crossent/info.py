@@ -53,6 +53,7 @@ from crossent._lib._xp import (
     host_float,
     known_true,
     output_dtype,
+    quiet,
     size,
     xlogy,
 )
@@ -116,8 +117,13 @@ def _broadcast_axis(p: Array, q: Array, axis: object) -> int:
     return ax
 
 
-def _in_base(x: Array, base: float | None) -> Array:
-    return x if base is None else x / math.log(base)
+def _in_base(x: Array, base: float | None, *, xp: Any) -> Array:
+    """Nats in `base`: a value beyond the largest float after the division is rightly
+    infinite (bits of 2.97e38 nats in float32), without NumPy's overflow warning."""
+    if base is None:
+        return x
+    with quiet(xp, "over"):
+        return x / math.log(base)
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,7 @@ class _Pair:
 
     def finish(self, nats: Array) -> Array:
         """The result in the requested base and the output dtype."""
-        return astype(_in_base(nats, self.base), self.out_dtype, xp=self.xp)
+        return astype(_in_base(nats, self.base, xp=self.xp), self.out_dtype, xp=self.xp)
 
 
 def _pair(p: Array, q: Array, axis: object, base: object, from_logits: object) -> _Pair:
@@ -268,7 +274,7 @@ def surprisal(p: Array, *, base: float | None = None) -> Array:
     is_zero = x == 0
     out = 0.0 - xp.log(xp.where(is_zero, xp.ones_like(x), x))  # 0 - 0 = +0, not -0
     out = xp.where(is_zero, xp.full_like(out, float("inf")), out)
-    return astype(_in_base(out, base), output_dtype(p, xp=xp), xp=xp)
+    return astype(_in_base(out, base, xp=xp), output_dtype(p, xp=xp), xp=xp)
 
 
 def entropy(
@@ -339,7 +345,7 @@ def entropy(
     else:
         terms = xlogy(x, x, xp=xp)
     out = 0.0 - xp.sum(terms, axis=ax)  # a certain outcome gives +0, not -0
-    return astype(_in_base(out, base), output_dtype(p, xp=xp), xp=xp)
+    return astype(_in_base(out, base, xp=xp), output_dtype(p, xp=xp), xp=xp)
 
 
 def cross_entropy(
