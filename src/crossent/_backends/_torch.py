@@ -385,13 +385,13 @@ def sparse(
         return None  # PyTorch's kernels (and the Triton ones) give no weight gradient
     if dtype in _LOW and _triton_sparse.usable(input, opts):  # an accelerator's
         return _sparse_triton(input, target, weight, axis, opts)
+    if not opts.plain:
+        return _sparse_rows(input, target, weight, axis, opts)
     input = mask_ignored_rows(input, target, opts.ignore_index, axis)
-    if dtype in _LOW and opts.plain and weight is None and opts.label_smoothing == 0:
+    if dtype in _LOW and weight is None and opts.label_smoothing == 0:
         out = _sparse_low(input, target, axis, opts)
         if out is not None:
             return out
-    if not opts.plain:
-        return _sparse_rows(input, target, weight, axis, opts)
     return _native_indices(_CROSS_ENTROPY, input, target, weight, axis, opts, opts.label_smoothing)
 
 
@@ -402,9 +402,10 @@ def _sparse_rows(
     terms, closed-form gradient), else :func:`_sparse_rows_generic`; None (the generic
     array-API path) for focal loss with smoothing, which no row statistics carry."""
     stats = _rows.applies(opts)
-    if _host_readable(x):
+    if _host_readable(x):  # (_sparse_rows_generic masks its ignored rows itself)
         own_rows = _OWN_ROWS[0] if _OWN_ROWS else _load_own_rows()
-        out = own_rows(x, target, weight, axis, opts, _rows_of_2d if stats else _generic_of_2d)
+        masked = mask_ignored_rows(x, target, opts.ignore_index, axis)
+        out = own_rows(masked, target, weight, axis, opts, _rows_of_2d if stats else _generic_of_2d)
         if out is not None:
             return _finish(out, x)
     return _finish(_sparse_rows_generic(x, target, weight, axis, opts), x) if stats else None
