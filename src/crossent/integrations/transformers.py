@@ -20,7 +20,11 @@ decoder-only models of ``transformers``:
 3. The loss is :func:`~crossent.fused.linear_cross_entropy` of those hidden
    states, the head's weight (tied to the input embeddings or not) and bias,
    with the causal shift, ``ignore_index``, ``shift_labels``, the soft cap and
-   ``num_items_in_batch`` handled as ``ForCausalLMLoss`` does.
+   ``num_items_in_batch`` handled as ``ForCausalLMLoss`` does. It is computed
+   inside the head's call, and its gradient goes back through the head's output
+   (:class:`_Carry`): hooks on the head module see the loss as the head's own
+   work (FSDP2 with ``fully_shard(model.lm_head)`` gathers the weight for it and
+   reduce-scatters its gradient).
 4. On the first such call the logits the model returned for that one position
    are compared with the head's own output (soft-capped when configured): a
    model that transforms its logits in another way (a logit scale, say) is
@@ -176,10 +180,50 @@ def _called_module(state: _PatchState) -> torch.nn.Module | None:
 
 @dataclasses.dataclass
 class _Capture:
-    """The head's input and its one-position logits, recorded during a fused call."""
+    """A fused call's recording: the loss to compute from the head's input (`compute`), and
+    what the head's call gave: that input, its one-position logits and the output carrying
+    the loss (:class:`_Carry`)."""
 
-    hidden: torch.Tensor | None = None
-    probe: torch.Tensor | None = None
+    def __init__(self, compute: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.compute = compute
+        self.hidden: torch.Tensor | None = None
+        self.probe: torch.Tensor | None = None
+        self.carrier: torch.Tensor | None = None
+        self.loss: torch.Tensor | None = None
+
+
+class _Carry(torch.autograd.Function):
+    """The head's output during a fused call: the values of its one-position logits, and
+    the loss's way back into the head.
+
+    The loss is computed inside the head's call, where the hooks of its module have run
+    (FSDP's all-gather of a head sharded on its own); its gradient comes back through this
+    output (:class:`_Delivered`), so that the hooks the module put on its output (FSDP's
+    all-gather before the head's backward) run before the loss's backward, and the
+    gradient of the head's input (FSDP's reduce-scatter after it) comes from the loss.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, probe: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return probe.to(loss.dtype, copy=True)  # the loss's dtype: its gradient exactly
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        # the loss's upstream gradient, which _Delivered spread over the output
+        return None, grad[(0,) * grad.ndim] if grad.numel() else grad.sum()
+
+
+class _Delivered(torch.autograd.Function):
+    """The loss handed to the caller, its gradient going back through the head's output."""
+
+    @staticmethod
+    def forward(ctx: Any, carrier: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.shape = carrier.shape
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.expand(ctx.shape), None
 
 
 def _causal_lm_loss() -> Callable[..., Any]:
@@ -390,15 +434,18 @@ def _forward(
     else:
         i = state.positions["labels"]
         args = (*args[:i], None, *args[i + 1 :])
-    capture = _Capture()
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    chunk_size = state.chunk_size
+    capture = _Capture(
+        lambda hidden: _fused_loss(head, hidden, labels, loss_kwargs, softcap, chunk_size)
+    )
     out = _run_with_recording_head(head, capture, lambda: original(*args, **kwargs))
-    if capture.hidden is None or capture.probe is None:
+    if capture.carrier is None or capture.probe is None or capture.loss is None:
         msg = (
             f"{type(model).__name__}.forward did not call `lm_head`; patch() supports models "
             "whose forward computes the logits with `self.lm_head`. unpatch() this model."
         )
         raise RuntimeError(msg)
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     logits = out.logits if not isinstance(out, tuple) else out[0]
     if softcap not in state.verified_softcap and _verify_head_transform(
         model, capture.probe, logits, softcap
@@ -406,7 +453,11 @@ def _forward(
         with _LOCK:
             if softcap not in state.verified_softcap:
                 state.verified_softcap.append(softcap)
-    loss = _fused_loss(head, capture.hidden, labels, loss_kwargs, softcap, state.chunk_size)
+    loss = (
+        capture.loss
+        if capture.carrier is capture.probe
+        else _Delivered.apply(capture.carrier, capture.loss.detach())
+    )
     if isinstance(out, tuple):
         return (loss, *out[1:])
     return dataclasses.replace(out, loss=loss, logits=None)
@@ -437,7 +488,15 @@ class _Recorder:
         first = hidden.narrow(-2, 0, min(1, hidden.shape[-2])) if hidden.ndim >= 2 else hidden
         with torch.no_grad():
             capture.probe = torch.nn.functional.linear(first, self.head.weight, self.head.bias)
-        return capture.probe
+        # the loss, while the head's module is in its call (see _Carry); traced by
+        # torch.compile, the head's output is the logits (dynamo warns tracing _Carry)
+        capture.loss = capture.compute(hidden)
+        capture.carrier = (
+            capture.probe
+            if torch.compiler.is_compiling()
+            else _Carry.apply(capture.probe, capture.loss)
+        )
+        return capture.carrier
 
 
 def _lock() -> Any:
