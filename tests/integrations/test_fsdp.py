@@ -45,7 +45,20 @@ def _train_step(rank: int, world_size: int, mode: str, *, patched: bool) -> dict
     loss = model(input_ids=ids[mine], labels=labels[mine]).loss
     loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
-    return {"loss": loss.detach(), "grads": grads, "params": len(list(model.parameters()))}
+    refused = ""
+    if mode == "head_on_its_own":  # the sharded weight outside the head's call: a clear error
+        from crossent.fused import linear_cross_entropy
+
+        try:
+            linear_cross_entropy(torch.randn(3, 32), model.lm_head.weight, labels[mine, 0])
+        except TypeError as exc:
+            refused = str(exc)
+    return {
+        "loss": loss.detach(),
+        "grads": grads,
+        "params": len(list(model.parameters())),
+        "refused": refused,
+    }
 
 
 def _worker(rank: int, world_size: int, payload: Any) -> dict[Any, Any]:
@@ -76,3 +89,10 @@ def test_patched_fsdp_model_trains_as_the_unpatched_one(ranks: Any, mode: str) -
         assert len(got["grads"]) == want["params"]  # the head's gradient included
         for name, g in want["grads"].items():
             torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_sharded_weight_is_refused_with_a_clear_error(ranks: Any) -> None:
+    for result in ranks:
+        refused = result["head_on_its_own", True]["refused"]
+        assert "`weight` is a DTensor" in refused
+        assert "to_local()" in refused

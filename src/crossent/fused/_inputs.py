@@ -8,6 +8,7 @@ matrix products run in their promoted dtype (:func:`crossent.fused._chunked.prod
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -44,6 +45,16 @@ __all__ = [
 def _check_tensor(x: object, *, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         msg = f"`{name}` must be a torch.Tensor; got {type(x).__name__}. Use torch.as_tensor first."
+        raise TypeError(msg)
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
+    if dtensor is not None and isinstance(x, dtensor.DTensor):
+        msg = (
+            f"`{name}` is a DTensor (sharded by FSDP2 or tensor parallelism, placements "
+            f"{tuple(x.placements)}); the fused functions take plain tensors. Call them where "
+            "the module's weight is gathered (inside its forward, as "
+            "crossent.integrations.transformers.patch does), or give a vocabulary shard to "
+            f"the vocab_parallel_ functions as `{name}.to_local()`."
+        )
         raise TypeError(msg)
     return x
 
