@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from tests.distributed._harness import run_ranks  # noqa: E402
 
-MODES = ("root", "layers_and_root", "head_on_its_own")
+MODES = ("root", "layers_and_root", "head_on_its_own", "fsdp1_root")
 
 
 def _train_step(rank: int, world_size: int, mode: str, *, patched: bool) -> dict[str, Any]:
@@ -27,16 +27,21 @@ def _train_step(rank: int, world_size: int, mode: str, *, patched: bool) -> dict
     from crossent.integrations.transformers import patch
     from tests.integrations._models import make_model
 
-    mesh = init_device_mesh("cpu", (world_size,))
     model = make_model("llama")
     if patched:
         patch(model)
-    if mode != "root":
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-    if mode == "head_on_its_own":
-        fully_shard(model.lm_head, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if mode == "fsdp1_root":  # FullyShardedDataParallel, as accelerate's FSDP v1
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    else:
+        mesh = init_device_mesh("cpu", (world_size,))
+        if mode != "root":
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+        if mode == "head_on_its_own":
+            fully_shard(model.lm_head, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     generator = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 160, (2 * world_size, 9), generator=generator)
     labels = ids.clone()
@@ -44,7 +49,11 @@ def _train_step(rank: int, world_size: int, mode: str, *, patched: bool) -> dict
     mine = slice(2 * rank, 2 * rank + 2)
     loss = model(input_ids=ids[mine], labels=labels[mine]).loss
     loss.backward()
-    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    if mode == "fsdp1_root":
+        with type(model).summon_full_params(model, with_grads=True):
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    else:
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
     refused = ""
     if mode == "head_on_its_own":  # the sharded weight outside the head's call: a clear error
         from crossent.fused import linear_cross_entropy
@@ -70,7 +79,27 @@ def _worker(rank: int, world_size: int, payload: Any) -> dict[Any, Any]:
                 results[mode, patched] = _train_step(rank, world_size, mode, patched=patched)
             except Exception as exc:  # both ranks fail alike: no collective is left waiting
                 results[mode, patched] = f"{type(exc).__name__}: {exc}"
+    results["fsdp1_head"] = _fsdp1_head_refused()
     return results
+
+
+def _fsdp1_head_refused() -> str:
+    """The message of a patched model whose head FullyShardedDataParallel wraps on its own."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from crossent.integrations.transformers import patch
+    from tests.integrations._models import make_model
+
+    model = patch(make_model("llama"))
+    policy = ModuleWrapPolicy({torch.nn.Linear})
+    model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), auto_wrap_policy=policy)
+    ids = torch.zeros((1, 4), dtype=torch.int64)
+    try:
+        model(input_ids=ids, labels=ids)
+    except TypeError as exc:
+        return str(exc)
+    return ""
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +125,8 @@ def test_a_sharded_weight_is_refused_with_a_clear_error(ranks: Any) -> None:
         refused = result["head_on_its_own", True]["refused"]
         assert "`weight` is a DTensor" in refused
         assert "to_local()" in refused
+
+
+def test_a_head_fsdp1_wraps_on_its_own_is_refused_with_a_clear_error(ranks: Any) -> None:
+    for result in ranks:
+        assert "wrapped by FullyShardedDataParallel on its own" in result["fsdp1_head"]

@@ -242,6 +242,14 @@ def _check_head(model: torch.nn.Module) -> torch.nn.Linear:
             "LlamaForCausalLM, GPT2LMHeadModel), not a base model such as LlamaModel."
         )
         raise ValueError(msg)
+    if isinstance(getattr(head, "_fsdp_wrapped_module", None), torch.nn.Linear):
+        msg = (
+            "`model.lm_head` is wrapped by FullyShardedDataParallel on its own; patch() needs "
+            "the torch.nn.Linear itself. Leave lm_head in the root's FSDP unit (e.g. an "
+            "auto_wrap_policy of the decoder layers only), or shard it with FSDP2's "
+            "fully_shard(model.lm_head), which patch() supports."
+        )
+        raise TypeError(msg)
     if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
         msg = (
             f"`model.lm_head` must be a torch.nn.Linear; got {type(head).__name__}. "
