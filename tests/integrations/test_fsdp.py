@@ -1,4 +1,5 @@
-"""A patched model under FSDP2 (``fully_shard``) on 2 gloo ranks trains as the unpatched one.
+"""A patched model under FSDP2 (``fully_shard``), FSDP1 and DDP on 2 gloo ranks trains as the
+unpatched one.
 
 The head sharded on its own is the case that needs the loss inside the head's call: outside it
 the head's weight is the sharded ``DTensor`` ("aten.mm.out got mixed torch.Tensor and DTensor").
@@ -17,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 from tests.distributed._harness import run_ranks  # noqa: E402
 
-MODES = ("root", "layers_and_root", "head_on_its_own", "fsdp1_root")
+MODES = ("root", "layers_and_root", "head_on_its_own", "fsdp1_root", "ddp_checkpointing")
 
 
 def _train_step(rank: int, world_size: int, mode: str, *, patched: bool) -> dict[str, Any]:
@@ -30,7 +31,12 @@ def _train_step(rank: int, world_size: int, mode: str, *, patched: bool) -> dict
     model = make_model("llama")
     if patched:
         patch(model)
-    if mode == "fsdp1_root":  # FullyShardedDataParallel, as accelerate's FSDP v1
+    if mode == "ddp_checkpointing":  # DistributedDataParallel, activation checkpointing
+        from torch.nn.parallel import DistributedDataParallel
+
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = DistributedDataParallel(model)
+    elif mode == "fsdp1_root":  # FullyShardedDataParallel, as accelerate's FSDP v1
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
@@ -49,7 +55,9 @@ def _train_step(rank: int, world_size: int, mode: str, *, patched: bool) -> dict
     mine = slice(2 * rank, 2 * rank + 2)
     loss = model(input_ids=ids[mine], labels=labels[mine]).loss
     loss.backward()
-    if mode == "fsdp1_root":
+    if mode == "ddp_checkpointing":
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    elif mode == "fsdp1_root":
         with type(model).summon_full_params(model, with_grads=True):
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     else:
