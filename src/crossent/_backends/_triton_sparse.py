@@ -25,14 +25,13 @@ used (those trace PyTorch's operations instead), nor for the focal loss.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from crossent._lib._xp import torch_tracing
+from crossent._lib._xp import nan_shift, torch_tracing
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions
 
@@ -104,10 +103,11 @@ class SparseRows(torch.autograd.Function):
         wsum = float(x.shape[1]) if weight is None else weight.sum()
         stats = _rows.RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y)
         row, w_y, big_l = loss_of(stats)
-        if valid is not None:  # an ignored row of -inf only: L = 0 (p = 0, a zero gradient),
-            # not -inf (p = exp(-inf + inf) NaN times its zero scale); NaN stays NaN
-            safe = big_l.nan_to_num(nan=math.nan, posinf=math.inf, neginf=0.0)
-            big_l = torch.where(valid, big_l, safe)
+        # the L the gradient kernel reads p = exp(z - L) with: an ignored row of -inf only gets
+        # L = 0 (p = 0, a zero gradient), not -inf (p = exp(-inf + inf) NaN times its zero
+        # scale); any other row without a finite L (NaN, +inf, a counted row of -inf) gets NaN,
+        # so that its gradient is NaN throughout (p was 0 at its finite logits under a +inf)
+        big_l = nan_shift(big_l, zero=False if valid is None else ~valid, xp=torch)
         ctx.save_for_backward(x, label, valid, weight, big_l, w_y)
         ctx.opts, ctx.recompute, ctx.wsum = opts, recompute, wsum
         if w_y is not None:

@@ -270,7 +270,7 @@ def _sparse_rows_grad(
             total = total + xp.sum(h_dense, axis=-1)
     if z_loss > 0:
         total = total + (2 * z_loss) * xp.where(valid, full, xp.zeros_like(full))
-    g = xp.expand_dims(total * s, axis=-1) * xp.exp(z - lse_col)
+    g = xp.expand_dims(total * s, axis=-1) * xp.exp(difference(z, lse_col, xp=xp))  # -inf rows: NaN
     if h_dense is not None:
         g = g - s_col * h_dense
     return add_at_index(g, label, -s * h_y, xp=xp)
@@ -520,7 +520,9 @@ def _prepare(
     z = softcap_logits(x, opts.softcap, xp=xp)
     if opts.kind != "logits" or _rows.applies(opts):
         return x, z, None, w, None
-    z, m = shift_by_max(z, xp=xp)
+    # focal loss with smoothing, whose every class term reads log p: a row holding NaN or
+    # +inf has a NaN loss, and a NaN gradient throughout (ignored rows too, as PyTorch's)
+    z, m = shift_by_max(z, nan_rows=True, xp=xp)
     return x, z, logsumexp(z, axis=-1, xp=xp), w, m
 
 
@@ -531,7 +533,10 @@ def _statistics(
     the target weights (0 where ignored) and the total class weight."""
     valid, label = _labels(target, opts.ignore_index, xp=xp)
     w_y = _target_weight(w, label, valid, dtype=z.dtype, xp=xp)
-    stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, whole=True, xp=xp)
+    counted = None if opts.ignore_index is None else valid
+    stats = _rows.row_stats(
+        z, label, w, with_wz=opts.label_smoothing != 0, whole=True, counted=counted, xp=xp
+    )
     if opts.ignore_index is not None:
         stats = _rows.stand_in_ignored(stats, valid, xp=xp)
     total = z.shape[-1] * 1.0 if w is None else xp.sum(w)  # a symbolic size stays symbolic
