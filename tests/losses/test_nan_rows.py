@@ -150,6 +150,19 @@ def _check(path: str, bad: str, options: dict[str, Any], label: int) -> None:
         assert not np.isfinite(value)
 
 
+@pytest.mark.parametrize(("path", "bad", "name", "options"), _cases(counted=False))
+def test_an_ignored_row_holding_nan_or_inf_has_a_nan_gradient_throughout(
+    path: str, bad: str, name: str, options: dict[str, Any]
+) -> None:
+    """An ignored row holding NaN or +inf: loss out of the value, gradient NaN throughout, as
+    ``F.cross_entropy``'s. value_and_grad (NumPy, array-api-strict, JAX, PyTorch) gave NaN
+    only at the NaN entry and 0 elsewhere ([nan, 0, 0, 0]: its statistics were replaced by
+    a row of zeros'), and so did PyTorch's autograd with z-loss, focal or softcap under
+    torch.compile, torch.func and on an accelerator, while the eager kernels gave NaN
+    throughout."""
+    _check(path, bad, options, -100)
+
+
 @pytest.mark.parametrize(("path", "bad", "name", "options"), _cases(counted=True))
 def test_a_counted_row_without_a_finite_max_has_a_nan_gradient_throughout(
     path: str, bad: str, name: str, options: dict[str, Any]

@@ -207,16 +207,17 @@ def stand_in_ignored(stats: RowStats, counted: Array, *, xp: Any) -> RowStats:
     its :math:`-\log p_y = \infty` times its target weight 0 is NaN, masked afterwards but
     with a NumPy warning on the way. The row max gives the finite :math:`\log s` instead.
 
-    An ignored row without a finite max (every logit ``-inf``: a masked padding position;
-    or ``+inf``, NaN) has no finite statistics at all: its gradient coefficients were NaN,
-    and NaN times the row's zero scale made its gradient NaN where it is 0. Where
-    ``stats.finite`` does not promise finite maxima, such a row reads the statistics of a
-    row of zeros (:math:`m = z_y = 0`, :math:`s = 1`).
+    An ignored row of ``-inf`` only (a masked padding position) has no finite statistics
+    at all: its gradient coefficients were NaN, and NaN times the row's zero scale made its
+    gradient NaN where it is 0. Where ``stats.finite`` does not promise finite maxima, such
+    a row reads the statistics of a row of zeros (:math:`m = z_y = 0`, :math:`s = 1`). An
+    ignored row holding NaN or ``+inf`` keeps its statistics: its loss is masked, its
+    gradient NaN throughout (as ``F.cross_entropy``'s; NaN propagates).
     """
     z_y = xp.where(counted, stats.z_y, stats.m)
     if stats.finite:
         return dataclasses.replace(stats, z_y=z_y)
-    real = counted | isfinite(stats.m, xp=xp)
+    real = counted | (stats.m != -float("inf"))
     zero = xp.zeros_like(stats.m)
     wd = stats.wd if isinstance(stats.wd, float) else xp.where(real, stats.wd, zero)
     return dataclasses.replace(

@@ -204,9 +204,12 @@ def _sparse_rows(
     w_y = _target_weight(weight, label, valid, dtype=z.dtype, xp=xp)
     if kind == "logits" and ignore_index is not None:
         # ignored rows read zeros: their terms are dropped below, and autodiff's zero cotangent
-        # must not meet the infinite term of a masked class (0 * inf = NaN in jax.grad)
-        z = xp.where(xp.expand_dims(valid, axis=-1), z, xp.zeros_like(z))
-        lse = xp.where(valid, lse, xp.zeros_like(lse))
+        # must not meet the infinite term of a masked class (0 * inf = NaN in jax.grad); but
+        # a row shifted by NaN (holding NaN or +inf: shift_by_max) keeps its NaN, so that its
+        # gradient is NaN throughout, as PyTorch's (not the 0 that where would give)
+        keep = valid if lse_shift is None else valid | xp.isnan(lse_shift)
+        z = xp.where(xp.expand_dims(keep, axis=-1), z, xp.zeros_like(z))
+        lse = xp.where(keep, lse, xp.zeros_like(lse))
         lse_shift = None if lse_shift is None else xp.where(valid, lse_shift, xp.zeros_like(lse))
     terms_y = class_terms(_gather(z, label, xp=xp), lse, kind=kind, gamma=gamma, xp=xp)
     row = term_value((1 - eps) * w_y, terms_y, gamma, xp=xp)
@@ -590,7 +593,9 @@ def _row_grads(
     stats, valid, w_y, total = statistics
     with quiet(xp, "invalid"):
         a, b, e = _rows.grad_coefficients(stats, w_y, total, z.shape[-1], opts, xp=xp)
-    s = xp.where(valid, scale, xp.zeros_like(scale))
+    # ignored rows scale by 0, except that a row holding NaN or +inf (its max, which
+    # stand_in_ignored keeps) scales by NaN, counted or not: NaN throughout, as autodiff's
+    s = nan_rows(xp.where(valid, scale, xp.zeros_like(scale)), ~(stats.m < float("inf")), xp=xp)
     # p = exp((z - m) - log s): the large parts cancel first (ignored rows: p = 0)
     m_safe = xp.where(xp.isfinite(stats.m), stats.m, xp.zeros_like(stats.m))
     log_s = _rows.log_s(stats, _rows.log_terms(stats, xp=xp), xp=xp)
@@ -654,11 +659,10 @@ def _sparse_value_and_grad(
         denominator = xp.sum(w_y)
         loss = reduce_loss(row, opts.reduction, denominator=denominator, xp=xp)
         scale = _row_scale(grad_output, opts.reduction, denominator, tuple(row.shape), xp=xp)
-        # a row holding NaN or +inf: NaN throughout, as autodiff's (the row max, or the
-        # log-sum-exp of the class-by-class form, is NaN or +inf there; -inf rows are masked)
-        top = lse if statistics is None else statistics[0].m
-        if top is not None:  # logits
-            scale = nan_rows(scale, ~(top < float("inf")), xp=xp)
+        # a row holding NaN or +inf: NaN throughout, as autodiff's (the log-sum-exp of the
+        # class-by-class form is NaN or +inf there; _row_grads reads the statistics' max)
+        if lse is not None:
+            scale = nan_rows(scale, ~(lse < float("inf")), xp=xp)
         g = _row_grads(z, target, lse, w, scale, opts, statistics, m, xp=xp)
         g = softcap_backward(x, opts.softcap, g, xp=xp)
         grad = moveaxis(g, -1, axis_, xp=xp)
