@@ -555,8 +555,9 @@ def test_triton_sparse_launches_few_operations(monkeypatch: pytest.MonkeyPatch) 
     host_only = ("view", "select", "expand", "detach", "empty", "scalar_tensor", "lift_fresh")
     launched = [op for op in mode.ops if not any(name in op for name in host_only)]
     # 70 before the row formula shared its guards; 28 before an ignored row's log-sum-exp
-    # was made finite where it is -inf (2 operations of the rows, not the logits)
-    assert len(launched) <= 30, launched
+    # was made finite where it is -inf (2 operations of the rows, not the logits); 30 before
+    # a counted row's without a finite max was made NaN (1 operation of the rows)
+    assert len(launched) <= 31, launched
 
 
 def test_triton_lookup_happens_once(monkeypatch: pytest.MonkeyPatch) -> None:

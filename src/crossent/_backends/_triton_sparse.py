@@ -25,13 +25,14 @@ used (those trace PyTorch's operations instead), nor for the focal loss.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from crossent._lib._xp import nan_shift, torch_tracing
+from crossent._lib._xp import torch_tracing
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions
 
@@ -107,7 +108,12 @@ class SparseRows(torch.autograd.Function):
         # L = 0 (p = 0, a zero gradient), not -inf (p = exp(-inf + inf) NaN times its zero
         # scale); any other row without a finite L (NaN, +inf, a counted row of -inf) gets NaN,
         # so that its gradient is NaN throughout (p was 0 at its finite logits under a +inf)
-        big_l = nan_shift(big_l, zero=False if valid is None else ~valid, xp=torch)
+        nan = math.nan
+        counted = big_l.nan_to_num(nan=nan, posinf=nan, neginf=nan)  # one operation
+        if valid is not None:
+            big_l = torch.where(valid, counted, big_l.nan_to_num(nan=nan, posinf=nan, neginf=0.0))
+        else:
+            big_l = counted
         ctx.save_for_backward(x, label, valid, weight, big_l, w_y)
         ctx.opts, ctx.recompute, ctx.wsum = opts, recompute, wsum
         if w_y is not None:
