@@ -173,3 +173,57 @@ def test_a_counted_row_without_a_finite_max_has_a_nan_gradient_throughout(
     z-loss of [nan, .5, 1, -1], [0, 0, 0, 0] with softcap of a row of -inf): the generic
     formula shifted the row by 0 where its max was not finite, and a where stopped the NaN."""
     _check(path, bad, options, 0)
+
+
+@pytest.mark.parametrize("path", ["numpy-vg", "torch-vg", "jax-vg", "jax-grad", "jax-jit", "eager"])
+@pytest.mark.parametrize("bad", list(BAD_ROWS))
+@pytest.mark.parametrize(
+    ("loss", "options"),
+    [
+        ("categorical", {"from_logits": True}),
+        ("categorical", {"from_logits": True, "gamma": 2.0}),
+        ("categorical", {"from_logits": True, "label_smoothing": 0.1}),
+        ("listnet", {}),
+    ],
+    ids=["categorical", "categorical-focal", "categorical-smooth", "listnet"],
+)
+def test_soft_target_row_without_a_finite_max_has_a_nan_gradient_throughout(
+    path: str, bad: str, loss: str, options: dict[str, Any]
+) -> None:
+    """categorical_cross_entropy and listnet_loss from logits, a row holding NaN or +inf or
+    of -inf only: loss NaN, gradient NaN throughout, as value_and_grad's and PyTorch's. JAX's
+    autodiff gave a finite gradient for the NaN loss ([0.25, -0.3, -0.5] for logits
+    [+inf, 1, 0]: the max's own derivative; under jax.jit also for a NaN row), PyTorch's
+    autograd of listnet [nan, 0, 0] for a row holding +inf."""
+    fn = ce.categorical_cross_entropy if loss == "categorical" else ce.listnet_loss
+    z = np.concatenate([np.array([BAD_ROWS[bad]]), REST])
+    t = np.array([[0.2, 0.3, 0.5, 0.0], [0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 1.0, 0.0]])
+    if loss == "listnet":
+        t = np.array([[2.0, 1.0, 0.0, 3.0], [1.0, 0.0, 2.0, 3.0], [0.0, -INF, 2.0, 1.0]])
+
+    def grad(z: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        kw = {"reduction": "sum", **options}
+        if path.endswith("-vg"):
+            conv: Any = {"numpy-vg": np.asarray, "torch-vg": torch.asarray}.get(path)
+            conv = conv or _jnp().asarray
+            value, g = ce.value_and_grad(fn, conv(z), conv(t), **kw)
+            return _np(value), _np(g)
+        if path == "eager":
+            x = torch.asarray(z).requires_grad_(True)
+            value = fn(x, torch.asarray(t), **kw)
+            (g,) = torch.autograd.grad(value, x)
+            return _np(value), _np(g)
+        jax = pytest.importorskip("jax")
+        jnp = _jnp()
+
+        def f(v: Any) -> Any:
+            return fn(v, jnp.asarray(t), **kw)
+
+        g_fn = jax.jit(jax.grad(f)) if path == "jax-jit" else jax.grad(f)
+        return _np(f(jnp.asarray(z))), _np(g_fn(jnp.asarray(z)))
+
+    value, g = grad(z, t)
+    _, expected = grad(z[1:], t[1:])
+    assert np.isnan(value)
+    assert np.isnan(g[0]).all(), g[0]
+    np.testing.assert_allclose(g[1:], expected, rtol=1e-12, atol=1e-15)

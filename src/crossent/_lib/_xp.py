@@ -469,9 +469,10 @@ def logsumexp(
     finite_max = xp.isfinite(m)
     m_safe = xp.where(finite_max, m, xp.zeros_like(m))
     is_max = x == m
-    # rows whose max is NaN or ±inf exponentiate nothing (exp(710 - 0) would overflow)
-    shifted = xp.where(finite_max, difference(x, m_safe, xp=xp), xp.zeros_like(x))
-    e = xp.where(is_max, xp.zeros_like(x), xp.exp(shifted))
+    # rows whose max is NaN or +inf are shifted by NaN (nan_shift): nothing overflows, the
+    # value is m there, and autodiff's gradient is NaN throughout (every exp(x - NaN) has
+    # a NaN derivative), not the max's own; rows of -inf by 0 (exp(-inf) = 0)
+    e = xp.where(is_max, xp.zeros_like(x), xp.exp(difference(x, nan_shift(m, xp=xp), xp=xp)))
     n_max = xp.sum(xp.astype(is_max, x.dtype), axis=axis, keepdims=True)
     s = (xp.sum(e, axis=axis, keepdims=True) if row_sum is None else row_sum(e)) + (n_max - 1)
     # A non-finite max decides the result on its own: -inf (all masked), +inf or NaN.
@@ -551,7 +552,7 @@ def nan_shift(m: Array, *, zero: Array | bool = True, xp: Any) -> Array:
 
 
 def shift_by_max(
-    z: Array, *, axis: int = -1, nan_rows: bool = False, xp: Any
+    z: Array, *, axis: int = -1, nan_rows: bool = False, masked_zero: bool = True, xp: Any
 ) -> tuple[Array, Array]:
     r"""``(z - m, m)`` with :math:`m = \max_k z_k` along `axis` (0 where it is not finite; `m`
     without `axis`), a constant for autodiff (:func:`stop_gradient`).
@@ -568,10 +569,13 @@ def shift_by_max(
     (softmax) with `m` constant, and autodiff skips the maximum's own (argmax) derivative.
     A difference beyond the largest float is rightly -inf (:func:`difference`). `nan_rows`:
     a row holding NaN or ``+inf`` is shifted by NaN (:func:`nan_shift`; its values are then
-    NaN throughout, and so is its gradient).
+    NaN throughout, and so is its gradient), a row of ``-inf`` only too unless `masked_zero`.
     """
     m = stop_gradient(xp.max(z, axis=axis, keepdims=True), xp=xp)
-    m = nan_shift(m, xp=xp) if nan_rows else xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    if nan_rows:
+        m = nan_shift(m, zero=masked_zero, xp=xp)
+    else:
+        m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
     return difference(z, m, xp=xp), xp.squeeze(m, axis=axis)
 
 
