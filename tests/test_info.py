@@ -644,3 +644,21 @@ def test_base_conversion_overflow_to_a_right_infinity_gives_no_warning() -> None
     for measure in (ce.info.cross_entropy, ce.info.kl_divergence):
         assert np.isfinite(measure(log_p, z, from_logits=True))
         assert measure(log_p, z, from_logits=True, base=2) == np.inf
+
+
+def test_logits_spanning_more_than_the_float_range_documented_limit() -> None:
+    """float32 logits [-3e38, 3e38]: log q_0 = -6e38 is beyond float32, so cross_entropy and
+    kl_divergence from p of logits [0, 0] give +inf where the value is about 3e38 (documented
+    in their Notes and on the differences page); the bounded entropy and JS divergence are
+    exact (float64 references: 0 and (log(4/3) + (log 2 + log(2/3)) / 2) / 2)."""
+    import math
+
+    z = np.array([-3e38, 3e38], dtype=np.float32)
+    p = np.zeros(2, dtype=np.float32)
+    assert float(info.cross_entropy(p, z, from_logits=True)) == math.inf
+    assert float(info.kl_divergence(p, z, from_logits=True)) == math.inf
+    assert float(info.entropy(z, from_logits=True)) == 0.0
+    js = (math.log(4 / 3) + (math.log(2) + math.log(2 / 3)) / 2) / 2
+    np.testing.assert_allclose(float(info.js_divergence(p, z, from_logits=True)), js, rtol=1e-6)
+    # the direction that does not read the overflowed log-probability is exact
+    np.testing.assert_allclose(float(info.cross_entropy(z, p, from_logits=True)), math.log(2))

@@ -400,6 +400,15 @@ def cross_entropy(
     gives the large finite value it should, not :math:`+\infty`, and the
     gradient :math:`\partial H / \partial z^q = q - p` stays finite.
 
+    One limit: a log-probability beyond the dtype's range is :math:`-\infty`.
+    Logits of `q` spanning more than the largest float (float32 or bfloat16:
+    ``[-3e38, 3e38]``, whose :math:`\log q_0 \approx -6 \cdot 10^{38}`) give
+    :math:`+\infty` wherever `p` puts mass on such a class, also where the
+    value is finite (``p`` of logits ``[0, 0]``: about :math:`3 \cdot 10^{38}`
+    in float32). Log-probabilities at half scale would hold it, at the cost of
+    more operations on every call (and PyTorch's fused ``log_softmax``) for
+    logits no model produces. Float64 logits span up to :math:`1.8 \cdot 10^{308}`.
+
     Examples
     --------
     >>> import numpy as np
@@ -473,7 +482,12 @@ def kl_divergence(
     floating point; :math:`p_k (d_k - 1) + q_k` is used for :math:`d_k < -1`,
     where :math:`e^{-d_k}` could overflow. An underflowed :math:`q_k` (a student's
     probability in distillation, say) leaves the value and its gradient
-    :math:`\partial D / \partial z^q = q - p` finite.
+    :math:`\partial D / \partial z^q = q - p` finite. As for :func:`cross_entropy`,
+    logits of `q` spanning more than the largest float (float32: ``[-3e38, 3e38]``)
+    give :math:`+\infty` where `p` puts mass on the class whose log-probability
+    overflows, also where the divergence is finite (about :math:`3 \cdot 10^{38}`
+    from ``p`` of logits ``[0, 0]``). The bounded measures, :func:`entropy` and
+    :func:`js_divergence`, are exact there.
 
     Examples
     --------

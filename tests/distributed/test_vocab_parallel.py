@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -299,3 +300,30 @@ def test_an_ignored_row_of_masked_logits_gets_a_zero_gradient(
         grads.append(x.grad)
     torch.testing.assert_close(grads[0][0], torch.zeros(4, dtype=torch.float64), rtol=0, atol=0)
     torch.testing.assert_close(grads[0][1:], grads[1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("label", [-100, 0], ids=["ignored", "counted"])
+@pytest.mark.parametrize("bad", ["nan", "+inf"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"z_loss": 0.1}])
+def test_a_row_holding_nan_or_inf_gets_a_nan_gradient_throughout(
+    options: dict[str, Any], bad: str, label: int, one_rank_group: Any
+) -> None:
+    """A row holding NaN or +inf, counted or ignored: a NaN gradient throughout, as
+    F.cross_entropy's and the single-process losses' (an ignored row's loss stays out of
+    the value); the other rows unchanged."""
+    row = [math.nan if bad == "nan" else math.inf, 0.5, 1.0, -1.0]
+    logits = torch.tensor(
+        [row, [0.5, 1.0, -1.0, 2.0], [0.0, -math.inf, 3.0, 1.0]], dtype=torch.float64
+    )
+    target = torch.tensor([label, 1, 2])
+    grads, losses = [], []
+    for rows in (slice(None), slice(1, None)):
+        x = logits[rows].clone().requires_grad_(True)
+        loss = vocab_parallel_cross_entropy(x, target[rows], reduction="sum", **options)
+        loss.backward()
+        grads.append(x.grad)
+        losses.append(loss.detach())
+    assert grads[0][0].isnan().all(), grads[0][0]
+    torch.testing.assert_close(grads[0][1:], grads[1], rtol=1e-12, atol=1e-15)
+    if label == -100:
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)

@@ -555,8 +555,9 @@ def test_triton_sparse_launches_few_operations(monkeypatch: pytest.MonkeyPatch) 
     host_only = ("view", "select", "expand", "detach", "empty", "scalar_tensor", "lift_fresh")
     launched = [op for op in mode.ops if not any(name in op for name in host_only)]
     # 70 before the row formula shared its guards; 28 before an ignored row's log-sum-exp
-    # was made finite where it is -inf (2 operations of the rows, not the logits)
-    assert len(launched) <= 30, launched
+    # was made finite where it is -inf (2 operations of the rows, not the logits); 30 before
+    # a counted row's without a finite max was made NaN (1 operation of the rows)
+    assert len(launched) <= 31, launched
 
 
 def test_triton_lookup_happens_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -611,3 +612,84 @@ def test_triton_chunk_loop_keeps_no_float32_copy_of_bfloat16_logits(
     torch.testing.assert_close(got.loss, ref.loss, rtol=2e-6, atol=0)
     for g, r in zip(got[1:3], ref[1:3], strict=True):
         torch.testing.assert_close(g.float(), r.float(), rtol=1e-2, atol=1e-3)
+
+
+_BAD_ROWS = {
+    "nan": [math.nan, 0.5, 1.0, -1.0],
+    "+inf": [math.inf, 0.5, 1.0, -1.0],
+    "-inf": [-math.inf] * 4,
+}
+
+
+# the interpreter runs the kernels in NumPy, which warns of inf - inf (a +inf logit minus its
+# row max +inf, rightly NaN); a GPU does not
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("label", [-100, 0], ids=["ignored", "counted"])
+@pytest.mark.parametrize("bad", list(_BAD_ROWS))
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.1}, {"z_loss": 0.1}, {"weight": [1.0, 2.0, 0.5, 3.0]}],
+    ids=["plain", "smooth", "z_loss", "weight"],
+)
+def test_triton_sparse_row_without_a_finite_max_has_a_nan_gradient_throughout(
+    monkeypatch: pytest.MonkeyPatch, label: int, bad: str, options: dict[str, Any]
+) -> None:
+    """The Triton sparse path (half precision on CUDA, here through the interpreter): a row
+    holding +inf got [nan, 0, 0, 0] ([nan, 0.55, 0, 0] counted: the kernel's p = exp(z - L)
+    with L = +inf is 0 at every finite logit), where F.cross_entropy and every other path
+    give NaN throughout; an ignored row of -inf only keeps its zero gradient. The other rows
+    are those of the batch without it."""
+    from crossent._backends import _triton_sparse
+
+    monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
+    monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 0)
+    z = torch.tensor([_BAD_ROWS[bad], [0.5, 1.0, -1.0, 2.0], [0.0, -math.inf, 3.0, 1.0]])
+    y = torch.tensor([label, 1, 2])
+    opts = {k: torch.tensor(v) if isinstance(v, list) else v for k, v in options.items()}
+    grads = []
+    for rows in (slice(None), slice(1, None)):
+        x = z[rows].bfloat16().requires_grad_(True)
+        loss = ce.sparse_categorical_cross_entropy(
+            x, y[rows], from_logits=True, ignore_index=-100, reduction="sum", **opts
+        )
+        loss.backward()
+        grads.append(x.grad.float())
+    if bad == "-inf" and label == -100:
+        torch.testing.assert_close(grads[0][0], torch.zeros(4), rtol=0, atol=0)
+    else:
+        assert grads[0][0].isnan().all(), grads[0][0]
+    torch.testing.assert_close(grads[0][1:], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # as above
+@pytest.mark.parametrize("triton", [False, True], ids=["pytorch", "triton"])
+@pytest.mark.parametrize("bad", list(_BAD_ROWS))
+@pytest.mark.parametrize(
+    "options",
+    [(0.0, 0.0, None), (0.1, 0.0, None), (0.0, 0.1, None), (0.0, 0.0, 3.0)],
+    ids=["plain", "smooth", "z_loss", "softcap"],
+)
+def test_fused_counted_row_without_a_finite_max_has_nan_gradients(
+    triton: bool, bad: str, options: tuple[float, float, float | None]
+) -> None:
+    """The fused loss, a counted row whose logits (here its bias) are all -inf: its loss is
+    NaN, and its gradients were finite ([0, 0.97] for the hidden state, [0, 1, 0, 0] for the
+    bias: p = 0 everywhere; [0.1, 0.9, ...] with smoothing), where the unfused loss and
+    F.cross_entropy give NaN throughout (and so NaN for the weight and the bias). A row
+    holding NaN or +inf already was NaN throughout (a soft cap makes +inf finite)."""
+    eps, zeta, cap = options
+    h = torch.tensor([[0.0, 0.0], [0.3, -0.2]], dtype=torch.float64)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, -1.0]], dtype=torch.float64)
+    bias = torch.tensor(_BAD_ROWS[bad], dtype=torch.float64)
+    y = torch.tensor([1, -100])
+    opts = LinearCEOptions(-100, eps, zeta, cap, "sum", 1, use_triton=triton)
+    kw: dict[str, Any] = {"bias": bias, "class_weight": None, "compute_grad": True}
+    loss, grad_h, grad_w, grad_b, _ = _chunked_linear_ce(h, w, y, opts=opts, **kw)
+    if cap is not None and bad == "+inf":
+        assert torch.isfinite(grad_h).all()
+        return
+    assert not torch.isfinite(loss)
+    assert grad_h[0].isnan().all(), grad_h
+    assert grad_w.isnan().all(), grad_w
+    assert grad_b.isnan().all(), grad_b
+    assert (grad_h[1] == 0).all()  # ignored: never computed

@@ -454,8 +454,9 @@ def _sparse_rows_generic(
     if opts.softcap is not None:
         cap = opts.softcap
         capped = cap * torch.tanh(z / cap)
-        # -inf stays -inf, a constant (no gradient: _logprob.softcap_logits)
-        z = torch.where(z == -math.inf, -math.inf, capped) if _may_hold_neg_inf(z) else capped
+        if _may_hold_neg_inf(z):  # -inf stays -inf, derivative 0 (_logprob.softcap_logits)
+            capped = capped + torch.where(z == -math.inf, -math.inf, capped.new_zeros(()))
+        z = capped
     from crossent._lib._checks import check_label_range, guard_label_range
 
     if values_checked(t):
@@ -467,6 +468,8 @@ def _sparse_rows_generic(
     w = None if weight is None else weight.to(z.dtype)
     valid, label = _valid_label(t, opts.ignore_index)
     smooth = opts.label_smoothing != 0
+    # every row counts for the shift (a NaN gradient without a finite max): the ignored rows
+    # of -inf only, whose gradient is 0, read zeros (mask_ignored_rows above)
     stats = _rows.row_stats(z, label, w, with_wz=smooth, whole=True, xp=array_namespace(z))
     return _rows_reduce(stats, w, label, valid, num_classes, opts)
 

@@ -104,10 +104,16 @@ class SparseRows(torch.autograd.Function):
         wsum = float(x.shape[1]) if weight is None else weight.sum()
         stats = _rows.RowStats(m=m, s=s, wd=wd, wsum=wsum, z_y=z_y)
         row, w_y, big_l = loss_of(stats)
-        if valid is not None:  # an ignored row of -inf only: L = 0 (p = 0, a zero gradient),
-            # not -inf (p = exp(-inf + inf) NaN times its zero scale); NaN stays NaN
-            safe = big_l.nan_to_num(nan=math.nan, posinf=math.inf, neginf=0.0)
-            big_l = torch.where(valid, big_l, safe)
+        # the L the gradient kernel reads p = exp(z - L) with: an ignored row of -inf only gets
+        # L = 0 (p = 0, a zero gradient), not -inf (p = exp(-inf + inf) NaN times its zero
+        # scale); any other row without a finite L (NaN, +inf, a counted row of -inf) gets NaN,
+        # so that its gradient is NaN throughout (p was 0 at its finite logits under a +inf)
+        nan = math.nan
+        counted = big_l.nan_to_num(nan=nan, posinf=nan, neginf=nan)  # one operation
+        if valid is not None:
+            big_l = torch.where(valid, counted, big_l.nan_to_num(nan=nan, posinf=nan, neginf=0.0))
+        else:
+            big_l = counted
         ctx.save_for_backward(x, label, valid, weight, big_l, w_y)
         ctx.opts, ctx.recompute, ctx.wsum = opts, recompute, wsum
         if w_y is not None:

@@ -41,6 +41,7 @@ __all__ = [
     "log_sigmoid_pair",
     "logsumexp",
     "moveaxis",
+    "nan_shift",
     "one_hot",
     "output_dtype",
     "quiet",
@@ -468,9 +469,10 @@ def logsumexp(
     finite_max = xp.isfinite(m)
     m_safe = xp.where(finite_max, m, xp.zeros_like(m))
     is_max = x == m
-    # rows whose max is NaN or ±inf exponentiate nothing (exp(710 - 0) would overflow)
-    shifted = xp.where(finite_max, difference(x, m_safe, xp=xp), xp.zeros_like(x))
-    e = xp.where(is_max, xp.zeros_like(x), xp.exp(shifted))
+    # rows whose max is NaN or +inf are shifted by NaN (nan_shift): nothing overflows, the
+    # value is m there, and autodiff's gradient is NaN throughout (every exp(x - NaN) has
+    # a NaN derivative), not the max's own; rows of -inf by 0 (exp(-inf) = 0)
+    e = xp.where(is_max, xp.zeros_like(x), xp.exp(difference(x, nan_shift(m, xp=xp), xp=xp)))
     n_max = xp.sum(xp.astype(is_max, x.dtype), axis=axis, keepdims=True)
     s = (xp.sum(e, axis=axis, keepdims=True) if row_sum is None else row_sum(e)) + (n_max - 1)
     # A non-finite max decides the result on its own: -inf (all masked), +inf or NaN.
@@ -526,7 +528,32 @@ def stop_gradient(x: Array, *, xp: Any) -> Array:
     return x
 
 
-def shift_by_max(z: Array, *, axis: int = -1, xp: Any) -> tuple[Array, Array]:
+def nan_shift(m: Array, *, zero: Array | bool = True, xp: Any) -> Array:
+    r"""A log-sum-exp shift from row maxima `m`: `m` where it is finite, NaN where it is not,
+    except 0 for a row of ``-inf`` only where `zero` (True: every such row; an array: those
+    rows; False: none).
+
+    For formulas whose values read :math:`L = m` where the max is not finite (so that the
+    shift cancels in every value) and which autodiff differentiates. A row without a finite
+    max has no softmax: every local derivative :math:`e^{z_k - \mathrm{NaN}}` is NaN, so the
+    gradient is NaN throughout the row (times any cotangent, 0 included), as PyTorch's
+    ``F.cross_entropy`` and the closed forms give it, not NaN at a NaN entry and 0 elsewhere.
+    The exception, `zero`, is a row of ``-inf`` only that is ignored (a masked padding
+    position: :math:`e^{z_k - 0} = 0`, a zero gradient) or a slice of a row (a vocabulary
+    chunk whose classes are all masked, merged with the others). :math:`m + (m - m)` is `m`
+    for a finite max and NaN for any other: two small operations per row.
+    """
+    with quiet(xp, "invalid"):
+        shifted = m + (m - m)
+    if zero is False:
+        return shifted
+    neg = m == -float("inf")
+    return xp.where(neg if zero is True else neg & zero, xp.zeros_like(m), shifted)
+
+
+def shift_by_max(
+    z: Array, *, axis: int = -1, nan_rows: bool = False, masked_zero: bool = True, xp: Any
+) -> tuple[Array, Array]:
     r"""``(z - m, m)`` with :math:`m = \max_k z_k` along `axis` (0 where it is not finite; `m`
     without `axis`), a constant for autodiff (:func:`stop_gradient`).
 
@@ -540,10 +567,15 @@ def shift_by_max(z: Array, *, axis: int = -1, xp: Any) -> tuple[Array, Array]:
     logit ``-inf``, a ``+inf``, NaN) is not shifted: its log-softmax is NaN. The unshifted
     :math:`\operatorname{lse}(z) = m + \operatorname{lse}(z - m)` has the right derivative
     (softmax) with `m` constant, and autodiff skips the maximum's own (argmax) derivative.
-    A difference beyond the largest float is rightly -inf (:func:`difference`).
+    A difference beyond the largest float is rightly -inf (:func:`difference`). `nan_rows`:
+    a row holding NaN or ``+inf`` is shifted by NaN (:func:`nan_shift`; its values are then
+    NaN throughout, and so is its gradient), a row of ``-inf`` only too unless `masked_zero`.
     """
     m = stop_gradient(xp.max(z, axis=axis, keepdims=True), xp=xp)
-    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    if nan_rows:
+        m = nan_shift(m, zero=masked_zero, xp=xp)
+    else:
+        m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
     return difference(z, m, xp=xp), xp.squeeze(m, axis=axis)
 
 

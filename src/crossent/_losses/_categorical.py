@@ -52,8 +52,9 @@ __all__ = ["categorical_cross_entropy"]
 
 def _soft_loss(x: Array, c: Array, *, kind: str, gamma: float, reduction: str, xp: Any) -> Array:
     """Reduced loss (compute dtype), class axis last; "mean" divides by the number of rows."""
-    if kind == "logits":
-        x, _ = shift_by_max(x, xp=xp)  # accurate log p for large logits
+    if kind == "logits":  # accurate log p for large logits; a row without a finite max has a
+        # NaN loss, and NaN-shifted, a NaN gradient throughout (autodiff too)
+        x, _ = shift_by_max(x, nan_rows=True, masked_zero=False, xp=xp)
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
     row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)
@@ -75,8 +76,9 @@ def _soft_value_and_grad(
     Logits: :math:`g = s\,(H p - h)` with :math:`H = \sum_k h_k`;
     probabilities: :math:`g = s\, \partial\ell/\partial p`.
     """
-    if kind == "logits":
-        x, _ = shift_by_max(x, xp=xp)  # accurate log p for large logits
+    if kind == "logits":  # accurate log p for large logits; a row without a finite max has a
+        # NaN loss, and NaN-shifted, a NaN gradient throughout (autodiff too)
+        x, _ = shift_by_max(x, nan_rows=True, masked_zero=False, xp=xp)
     lse = logsumexp(x, axis=-1, keepdims=True, xp=xp) if kind == "logits" else None
     terms = class_terms(x, lse, kind=kind, gamma=gamma, xp=xp)
     row = propagate_nan(xp.sum(term_value(c, terms, gamma, xp=xp), axis=-1), x, kind=kind, xp=xp)

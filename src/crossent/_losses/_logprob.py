@@ -79,13 +79,17 @@ def check_class_weight(weight: Array | None, num_classes: int, *, xp: Any) -> No
 
 
 def softcap_logits(x: Array, cap: float | None, *, xp: Any) -> Array:
-    r"""Gemma-2 soft-capping :math:`z = c \tanh(x / c)`; ``-inf`` stays ``-inf`` (masking), a
-    constant: its derivative is :math:`1 - \tanh^2(-\infty) = 0`, as in the fused and Triton
-    kernels and PyTorch's eager executor (a label on a masked class gets no gradient there)."""
+    r"""Gemma-2 soft-capping :math:`z = c \tanh(x / c)`; ``-inf`` stays ``-inf`` (masking): its
+    derivative is :math:`1 - \tanh^2(-\infty) = 0`, as in the fused and Triton kernels and
+    PyTorch's eager executor (a label on a masked class gets no gradient there).
+
+    ``-inf`` is added to the capped :math:`-c` rather than selected: autodiff then multiplies
+    the gradient by that 0 as the closed forms do, so a NaN gradient (a row holding NaN)
+    stays NaN there instead of being replaced by 0."""
     if cap is None:
         return x
     capped = cap * xp.tanh(x / cap)
-    return xp.where(x == -float("inf"), xp.full_like(x, -float("inf")), capped)
+    return capped + xp.where(x == -float("inf"), xp.full_like(x, -float("inf")), xp.zeros_like(x))
 
 
 def softcap_backward(x: Array, cap: float | None, grad_z: Array, *, xp: Any) -> Array:

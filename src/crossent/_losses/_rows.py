@@ -86,6 +86,7 @@ from crossent._lib._xp import (
     Array,
     difference,
     isfinite,
+    nan_shift,
     quiet,
     stop_gradient,
     take_along_axis,
@@ -150,6 +151,7 @@ def row_stats(
     offset: int = 0,
     with_wz: bool = True,
     whole: bool = False,
+    counted: Array | None = None,
     xp: Any,
 ) -> RowStats:
     """:class:`RowStats` of logits `z` (class axis last) holding classes ``offset … offset + C'``.
@@ -161,16 +163,18 @@ def row_stats(
     class): then every label is gathered as given, so that the library's own
     bound check raises for a bad one where crossent's check does not run
     (``torch.compile``, ``torch.export``, ``torch.func``).
+
+    The logits are shifted by their row max, which cancels in every value; for autodiff
+    a row without a finite max is shifted by NaN (:func:`~crossent._lib._xp.nan_shift`),
+    so that its gradient is NaN throughout, except a row of ``-inf`` only that is not
+    `counted` (an ignored row; None: every row counts) or a slice (not `whole`), whose
+    gradient is 0.
     """
     num = z.shape[-1]
     m = stop_gradient(xp.max(z, axis=-1), xp=xp)  # the shift cancels in L = m + log s
-    finite = isfinite(m, xp=xp)
-    m_safe = xp.where(finite, m, xp.zeros_like(m))
-    m_col = xp.expand_dims(m_safe, axis=-1)
-    # a row without a finite max (shifted by 0) may overflow: its log-sum-exp is +inf (or
-    # NaN) whatever s is; every other row has z - m <= 0
-    with quiet(xp, "over"):
-        s = xp.sum(xp.exp(difference(z, m_col, xp=xp)), axis=-1)
+    zero: Array | bool = True if not whole else False if counted is None else ~counted
+    m_col = xp.expand_dims(nan_shift(m, zero=zero, xp=xp), axis=-1)
+    s = xp.sum(xp.exp(difference(z, m_col, xp=xp)), axis=-1)
     if with_wz:
         d = difference(m_col, z, xp=xp)
         if weight is None:
@@ -203,16 +207,17 @@ def stand_in_ignored(stats: RowStats, counted: Array, *, xp: Any) -> RowStats:
     its :math:`-\log p_y = \infty` times its target weight 0 is NaN, masked afterwards but
     with a NumPy warning on the way. The row max gives the finite :math:`\log s` instead.
 
-    An ignored row without a finite max (every logit ``-inf``: a masked padding position;
-    or ``+inf``, NaN) has no finite statistics at all: its gradient coefficients were NaN,
-    and NaN times the row's zero scale made its gradient NaN where it is 0. Where
-    ``stats.finite`` does not promise finite maxima, such a row reads the statistics of a
-    row of zeros (:math:`m = z_y = 0`, :math:`s = 1`).
+    An ignored row of ``-inf`` only (a masked padding position) has no finite statistics
+    at all: its gradient coefficients were NaN, and NaN times the row's zero scale made its
+    gradient NaN where it is 0. Where ``stats.finite`` does not promise finite maxima, such
+    a row reads the statistics of a row of zeros (:math:`m = z_y = 0`, :math:`s = 1`). An
+    ignored row holding NaN or ``+inf`` keeps its statistics: its loss is masked, its
+    gradient NaN throughout (as ``F.cross_entropy``'s; NaN propagates).
     """
     z_y = xp.where(counted, stats.z_y, stats.m)
     if stats.finite:
         return dataclasses.replace(stats, z_y=z_y)
-    real = counted | isfinite(stats.m, xp=xp)
+    real = counted | (stats.m != -float("inf"))
     zero = xp.zeros_like(stats.m)
     wd = stats.wd if isinstance(stats.wd, float) else xp.where(real, stats.wd, zero)
     return dataclasses.replace(

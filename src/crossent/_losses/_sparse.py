@@ -204,9 +204,12 @@ def _sparse_rows(
     w_y = _target_weight(weight, label, valid, dtype=z.dtype, xp=xp)
     if kind == "logits" and ignore_index is not None:
         # ignored rows read zeros: their terms are dropped below, and autodiff's zero cotangent
-        # must not meet the infinite term of a masked class (0 * inf = NaN in jax.grad)
-        z = xp.where(xp.expand_dims(valid, axis=-1), z, xp.zeros_like(z))
-        lse = xp.where(valid, lse, xp.zeros_like(lse))
+        # must not meet the infinite term of a masked class (0 * inf = NaN in jax.grad); but
+        # a row shifted by NaN (holding NaN or +inf: shift_by_max) keeps its NaN, so that its
+        # gradient is NaN throughout, as PyTorch's (not the 0 that where would give)
+        keep = valid if lse_shift is None else valid | xp.isnan(lse_shift)
+        z = xp.where(xp.expand_dims(keep, axis=-1), z, xp.zeros_like(z))
+        lse = xp.where(keep, lse, xp.zeros_like(lse))
         lse_shift = None if lse_shift is None else xp.where(valid, lse_shift, xp.zeros_like(lse))
     terms_y = class_terms(_gather(z, label, xp=xp), lse, kind=kind, gamma=gamma, xp=xp)
     row = term_value((1 - eps) * w_y, terms_y, gamma, xp=xp)
@@ -270,7 +273,7 @@ def _sparse_rows_grad(
             total = total + xp.sum(h_dense, axis=-1)
     if z_loss > 0:
         total = total + (2 * z_loss) * xp.where(valid, full, xp.zeros_like(full))
-    g = xp.expand_dims(total * s, axis=-1) * xp.exp(z - lse_col)
+    g = xp.expand_dims(total * s, axis=-1) * xp.exp(difference(z, lse_col, xp=xp))  # -inf rows: NaN
     if h_dense is not None:
         g = g - s_col * h_dense
     return add_at_index(g, label, -s * h_y, xp=xp)
@@ -520,7 +523,9 @@ def _prepare(
     z = softcap_logits(x, opts.softcap, xp=xp)
     if opts.kind != "logits" or _rows.applies(opts):
         return x, z, None, w, None
-    z, m = shift_by_max(z, xp=xp)
+    # focal loss with smoothing, whose every class term reads log p: a row holding NaN or
+    # +inf has a NaN loss, and a NaN gradient throughout (ignored rows too, as PyTorch's)
+    z, m = shift_by_max(z, nan_rows=True, xp=xp)
     return x, z, logsumexp(z, axis=-1, xp=xp), w, m
 
 
@@ -531,7 +536,10 @@ def _statistics(
     the target weights (0 where ignored) and the total class weight."""
     valid, label = _labels(target, opts.ignore_index, xp=xp)
     w_y = _target_weight(w, label, valid, dtype=z.dtype, xp=xp)
-    stats = _rows.row_stats(z, label, w, with_wz=opts.label_smoothing != 0, whole=True, xp=xp)
+    counted = None if opts.ignore_index is None else valid
+    stats = _rows.row_stats(
+        z, label, w, with_wz=opts.label_smoothing != 0, whole=True, counted=counted, xp=xp
+    )
     if opts.ignore_index is not None:
         stats = _rows.stand_in_ignored(stats, valid, xp=xp)
     total = z.shape[-1] * 1.0 if w is None else xp.sum(w)  # a symbolic size stays symbolic
@@ -585,7 +593,9 @@ def _row_grads(
     stats, valid, w_y, total = statistics
     with quiet(xp, "invalid"):
         a, b, e = _rows.grad_coefficients(stats, w_y, total, z.shape[-1], opts, xp=xp)
-    s = xp.where(valid, scale, xp.zeros_like(scale))
+    # ignored rows scale by 0, except that a row holding NaN or +inf (its max, which
+    # stand_in_ignored keeps) scales by NaN, counted or not: NaN throughout, as autodiff's
+    s = nan_rows(xp.where(valid, scale, xp.zeros_like(scale)), ~(stats.m < float("inf")), xp=xp)
     # p = exp((z - m) - log s): the large parts cancel first (ignored rows: p = 0)
     m_safe = xp.where(xp.isfinite(stats.m), stats.m, xp.zeros_like(stats.m))
     log_s = _rows.log_s(stats, _rows.log_terms(stats, xp=xp), xp=xp)
@@ -649,11 +659,10 @@ def _sparse_value_and_grad(
         denominator = xp.sum(w_y)
         loss = reduce_loss(row, opts.reduction, denominator=denominator, xp=xp)
         scale = _row_scale(grad_output, opts.reduction, denominator, tuple(row.shape), xp=xp)
-        # a row holding NaN or +inf: NaN throughout, as autodiff's (the row max, or the
-        # log-sum-exp of the class-by-class form, is NaN or +inf there; -inf rows are masked)
-        top = lse if statistics is None else statistics[0].m
-        if top is not None:  # logits
-            scale = nan_rows(scale, ~(top < float("inf")), xp=xp)
+        # a row holding NaN or +inf: NaN throughout, as autodiff's (the log-sum-exp of the
+        # class-by-class form is NaN or +inf there; _row_grads reads the statistics' max)
+        if lse is not None:
+            scale = nan_rows(scale, ~(lse < float("inf")), xp=xp)
         g = _row_grads(z, target, lse, w, scale, opts, statistics, m, xp=xp)
         g = softcap_backward(x, opts.softcap, g, xp=xp)
         grad = moveaxis(g, -1, axis_, xp=xp)

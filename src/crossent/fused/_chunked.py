@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from crossent._lib._checks import not_ignored
 from crossent._lib._xp import isfinite
 from crossent._losses import _rows
+from crossent._losses._common import nan_rows
 from crossent._losses._options import CEOptions, Reduction
 
 if TYPE_CHECKING:
@@ -653,7 +654,10 @@ def _chunked_linear_ce(
             return False
         scale = plan.scale if row_scale_c is None else plan.scale * row_scale_c[c.rows]
         n = c.stop - c.start
-        logits_grad_(buf, tanh_buf, labels, local, merged, scale.expand(n), plan.spec, big_l)
+        # a row without a finite max (NaN, +inf, or -inf throughout: no softmax) has a NaN
+        # gradient throughout, as the unfused losses' (p = 0 gave a finite one at -inf)
+        scale = nan_rows(scale.expand(n), ~isfinite(merged.m, xp=torch), xp=torch)
+        logits_grad_(buf, tanh_buf, labels, local, merged, scale, plan.spec, big_l)
         return True
 
     grad_h, grad_w, grad_b = _chunk_loop(
