@@ -490,7 +490,9 @@ def _rows_loss(
     """Per-row loss from the row statistics (:func:`_rows.row_loss`), each row's target
     weight (None without class weights: 1 at counted rows), both 0 at ignored rows, and the
     rows' log-sum-exp."""
-    w_y = None if w is None else w[label]
+    # a 1-d index: w[label] of a 0-d label reads it on the host (.item()), which compiled
+    # graphs and vmap refuse
+    w_y = None if w is None else w[label.reshape(-1)].reshape(label.shape)
     total = num_classes * 1.0 if w is None else w.sum()  # a symbolic size stays symbolic
     row, big_l = _rows.row_loss(stats, 1.0 if w_y is None else w_y, total, num_classes, opts,
                                 xp=torch)  # fmt: skip

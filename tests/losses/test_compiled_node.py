@@ -1,0 +1,45 @@
+"""Adversarial checks of the losses as one graph node under torch.compile (crossent._backends._node):
+the shapes, options and transforms where the node (or the traced code inside it) differed from
+eager crossent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import crossent as ce  # noqa: E402
+
+C = 3
+
+
+def test_unbatched_focal_weighted_sparse_compiles_and_vmaps() -> None:
+    """One example of shape (C,) with a 0-d label, class weights and focal gamma: ``w[label]``
+    with a 0-d label tensor reads the label on the host (``.item()``), which dynamo's AOT trace
+    refused ('data-dependent expression', even without fullgraph: inside the node) and
+    ``vmap(grad)`` of per-example losses refused too."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, C, generator=g, dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    w = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+
+    def loss(v: Any, t: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(v, t, from_logits=True, gamma=2.0, weight=w)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    eager_grads = []
+    for i in range(2):
+        v = x[i].clone().requires_grad_(True)
+        want = loss(v, y[i])
+        (want_grad,) = torch.autograd.grad(want, v)
+        eager_grads.append(want_grad)
+        v = x[i].clone().requires_grad_(True)
+        got = compiled(v, y[i])
+        (got_grad,) = torch.autograd.grad(got, v)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-15)
+    per_example = torch.func.vmap(torch.func.grad(loss))(x, y)
+    torch.testing.assert_close(per_example, torch.stack(eager_grads), rtol=1e-12, atol=1e-15)
