@@ -43,3 +43,38 @@ def test_unbatched_focal_weighted_sparse_compiles_and_vmaps() -> None:
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-15)
     per_example = torch.func.vmap(torch.func.grad(loss))(x, y)
     torch.testing.assert_close(per_example, torch.stack(eager_grads), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_compiled_mean_over_ignored_rows_keeps_float32_under_a_float64_default(
+    label_smoothing: float,
+) -> None:
+    """The traced mean with `ignore_index` divides by the count of counted rows: an int64 count
+    made +inf-safe by ``torch.where(count == 0, inf, count)`` became a tensor of the *default*
+    dtype, so with ``torch.set_default_dtype(torch.float64)`` float32 logits gave a float64
+    loss compiled (float32 eagerly), and bfloat16 logits under autocast a float64 one."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, C, generator=g)
+    y = torch.tensor([0, 2, -100, 1])
+
+    def loss(v: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(
+            v, y, from_logits=True, ignore_index=-100, label_smoothing=label_smoothing
+        )
+
+    def autocast_loss(v: Any) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss(v.bfloat16())
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for fn in (loss, autocast_loss):
+            torch._dynamo.reset()
+            want = fn(x)
+            got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x)
+            assert want.dtype == torch.float32
+            assert got.dtype == torch.float32, got.dtype
+            torch.testing.assert_close(got, want)
+    finally:
+        torch.set_default_dtype(default)

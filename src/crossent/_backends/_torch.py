@@ -255,7 +255,7 @@ def _mean_of(
             return kernel(*args, _REDUCTION_ENUM["sum"], ignore, *extra) / math.inf
         return out
     total = kernel(*args, _REDUCTION_ENUM["sum"], ignore, *extra)
-    den = _counted_weight(t, w, ignore)
+    den = _counted_weight(t, w, ignore).to(total.dtype)  # a count: not the default dtype
     return total / torch.where(den == 0, math.inf, den)
 
 
