@@ -78,3 +78,36 @@ def test_compiled_mean_over_ignored_rows_keeps_float32_under_a_float64_default(
             torch.testing.assert_close(got, want)
     finally:
         torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize("options", [{}, {"z_loss": 0.1}], ids=["plain", "z-loss"])
+def test_inference_mode_inside_compiled_loss_with_ignore_index(options: dict[str, Any]) -> None:
+    """``with torch.inference_mode():`` inside the compiled function, `ignore_index` set: the
+    traced mask of ignored rows of -inf detached the logits, and AOTAutograd's trace of the
+    node failed ('Cannot set version_counter for inference tensor'; F.cross_entropy compiles).
+    Without grad mode the mask reads the logits without a detach; with it, an ignored row of
+    -inf still has a zero gradient compiled."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, C, generator=g, dtype=torch.float64)
+    x[0] = -torch.inf
+    y = torch.tensor([-100, 2, 1, 0])
+
+    def loss(v: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(
+            v, y, from_logits=True, ignore_index=-100, **options
+        )
+
+    def inference(v: Any) -> Any:
+        with torch.inference_mode():
+            return loss(v)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = loss(x)
+    torch.testing.assert_close(
+        torch.compile(inference, backend="aot_eager", fullgraph=True)(x), want
+    )
+    v = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(v), v)
+    assert grad[0].eq(0).all(), grad
+    assert grad.isfinite().all(), grad

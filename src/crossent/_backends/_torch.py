@@ -187,7 +187,9 @@ def mask_ignored_rows(
             return x
     elif not (accelerator or torch_tracing()):
         return x
-    masked = (target == ignore_index) & (x.detach().amax(axis) == -math.inf)
+    # no detach without grad mode: inference_mode tensors have no version counter for it
+    probe = x.detach() if torch.is_grad_enabled() else x
+    masked = (target == ignore_index) & (probe.amax(axis) == -math.inf)
     return torch.where(masked.unsqueeze(axis), 0.0, x)
 
 
