@@ -111,3 +111,49 @@ def test_inference_mode_inside_compiled_loss_with_ignore_index(options: dict[str
     (grad,) = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(v), v)
     assert grad[0].eq(0).all(), grad
     assert grad.isfinite().all(), grad
+
+
+@pytest.mark.parametrize("name", ["CrossEntropyLoss", "z-loss + softcap", "FocalLoss"])
+def test_nn_class_index_losses_are_one_graph_node(name: str) -> None:
+    """crossent.nn's cross-entropy modules with class-index targets called the PyTorch executor
+    directly, so dynamo traced crossent's dispatch and formula: 99 guards for
+    ``CrossEntropyLoss()``, 240 with z-loss and softcap, 235 for ``FocalLoss()`` (the
+    functional loss: about 55), each checked before every compiled call. Traced, they hand
+    the call to the functional loss and its graph node; values and gradients as eagerly."""
+    import crossent.nn as cnn
+
+    module = {
+        "CrossEntropyLoss": lambda: cnn.CrossEntropyLoss(ignore_index=-100),
+        "z-loss + softcap": lambda: cnn.CrossEntropyLoss(z_loss=1e-3, softcap=30.0),
+        "FocalLoss": lambda: cnn.FocalLoss(gamma=2.0, label_smoothing=0.1),
+    }[name]()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (8,), generator=g)
+    y[1] = -100
+    graphs: list[Any] = []
+    guards: list[Any] = []
+
+    def keep(gm: Any, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return gm
+
+    def keep_guards(entries: list[Any]) -> list[bool]:
+        guards.extend(entries)
+        return [True] * len(entries)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        module, backend=keep, fullgraph=True, options={"guard_filter_fn": keep_guards}
+    )
+    v = x.clone().requires_grad_(True)
+    got = compiled(v, y)
+    (got_grad,) = torch.autograd.grad(got, v)
+    w = x.clone().requires_grad_(True)
+    want = module(w, y)
+    (want_grad,) = torch.autograd.grad(want, w)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-15)
+    calls = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert [getattr(c, "__name__", "") for c in calls] == ["graph_node"], calls
+    assert len(guards) <= 90, len(guards)
