@@ -216,6 +216,10 @@ def test_bad_input_messages() -> None:
         (lambda: bad(s, 1.0), TypeError, "`teacher_logits`"),
         (lambda: bad(s.tolist(), t), TypeError, "`student_logits`"),
         (lambda: bad(s, t, target=[0, 1, 2]), TypeError, "`target`"),
+        # a Python number as `target` (it raised AttributeError: 'int' object has no
+        # attribute 'dtype')
+        (lambda: bad(s, t, target=3), TypeError, "`target` must be an array"),
+        (lambda: bad(s, t, target=-100.0), TypeError, "`target` must be an array"),
     ]
     for call, exc, name in cases:
         with pytest.raises(exc, match=name):

@@ -187,7 +187,9 @@ def mask_ignored_rows(
             return x
     elif not (accelerator or torch_tracing()):
         return x
-    masked = (target == ignore_index) & (x.detach().amax(axis) == -math.inf)
+    # no detach without grad mode: inference_mode tensors have no version counter for it
+    probe = x.detach() if torch.is_grad_enabled() else x
+    masked = (target == ignore_index) & (probe.amax(axis) == -math.inf)
     return torch.where(masked.unsqueeze(axis), 0.0, x)
 
 
@@ -255,7 +257,7 @@ def _mean_of(
             return kernel(*args, _REDUCTION_ENUM["sum"], ignore, *extra) / math.inf
         return out
     total = kernel(*args, _REDUCTION_ENUM["sum"], ignore, *extra)
-    den = _counted_weight(t, w, ignore)
+    den = _counted_weight(t, w, ignore).to(total.dtype)  # a count: not the default dtype
     return total / torch.where(den == 0, math.inf, den)
 
 
@@ -493,7 +495,9 @@ def _rows_loss(
     """Per-row loss from the row statistics (:func:`_rows.row_loss`), each row's target
     weight (None without class weights: 1 at counted rows), both 0 at ignored rows, and the
     rows' log-sum-exp."""
-    w_y = None if w is None else w[label]
+    # a 1-d index: w[label] of a 0-d label reads it on the host (.item()), which compiled
+    # graphs and vmap refuse
+    w_y = None if w is None else w[label.reshape(-1)].reshape(label.shape)
     total = num_classes * 1.0 if w is None else w.sum()  # a symbolic size stays symbolic
     row, big_l = _rows.row_loss(stats, 1.0 if w_y is None else w_y, total, num_classes, opts,
                                 xp=torch)  # fmt: skip

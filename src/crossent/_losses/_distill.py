@@ -204,6 +204,7 @@ def _prepare(
     t = moveaxis(astype(_constant(teacher_logits, xp=xp), dtype, xp=xp), ax, -1, xp=xp)
     counted = None
     if target is not None:
+        check_array(target, name="target")  # a number: array_namespace skipped it
         check_integer_labels(target, xp=xp)
         batch = tuple(s.shape[:-1])
         if tuple(target.shape) != batch:

@@ -26,6 +26,7 @@ from crossent._lib._checks import (
     check_reduction,
     check_unit_interval_scalar,
 )
+from crossent._lib._config import dynamo_tracing
 from crossent._lib._xp import array_namespace, check_same_device
 from crossent._losses._binary import binary_cross_entropy
 from crossent._losses._categorical import categorical_cross_entropy
@@ -144,7 +145,7 @@ def _cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, opts: C
     """
     axis = _class_axis(input)
     if not isinstance(target, Tensor) or not target.is_floating_point():
-        if isinstance(input, Tensor):
+        if isinstance(input, Tensor) and not dynamo_tracing():  # traced: the loss's graph node
             try:
                 out = torch_exec.sparse(input, target, weight, axis, opts)
             except RuntimeError:  # PyTorch's device error: crossent's, naming the argument
