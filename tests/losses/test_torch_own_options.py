@@ -337,3 +337,23 @@ def test_a_target_or_weight_changed_in_place_before_backward_is_an_error(
             w.mul_(0.5)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(loss.sum(), [x])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"gamma": 2.0}])
+def test_z_loss_of_a_label_far_below_the_row_max(dtype: Any, options: dict[str, Any]) -> None:
+    """z-loss with a label on a class masked by -1e9 (eager CPU executor): the row's L was
+    formed as z_y + (-log p_y) = -1e9 + (1e9 + 2.24), which cancels: float32 L came out 0,
+    the gradient [0.818, 0.182, -1] against [0.854, 0.190, -1] (4 % off, silently). Now
+    torch.logsumexp; value and gradient as value_and_grad's in float64."""
+    z = torch.tensor([[2.0, 0.5, -1e9], [1.0, 0.0, -3.0]], dtype=dtype, requires_grad=True)
+    y = torch.tensor([2, 0])
+    kw = {"from_logits": True, "z_loss": 0.01, "reduction": "sum", **options}
+    loss = ce.sparse_categorical_cross_entropy(z, y, **kw)
+    loss.backward()
+    value, grad = ce.value_and_grad(
+        ce.sparse_categorical_cross_entropy, z.detach().double().numpy(), y.numpy(), **kw
+    )
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 0}
+    np.testing.assert_allclose(loss.item(), value, rtol=1e-6 if dtype == torch.float32 else 1e-12)
+    np.testing.assert_allclose(z.grad.double().numpy(), grad, **tol)
