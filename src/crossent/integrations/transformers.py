@@ -22,7 +22,7 @@ decoder-only models of ``transformers``:
    with the causal shift, ``ignore_index``, ``shift_labels``, the soft cap and
    ``num_items_in_batch`` handled as ``ForCausalLMLoss`` does. It is computed
    inside the head's call, and its gradient goes back through the head's output
-   (:class:`_Carry`): hooks on the head module see the loss as the head's own
+   (``_Carry``): hooks on the head module see the loss as the head's own
    work (FSDP2 with ``fully_shard(model.lm_head)`` gathers the weight for it and
    reduce-scatters its gradient).
 4. On the first such call the logits the model returned for that one position
