@@ -695,14 +695,23 @@ def test_low_precision_hidden_with_float32_weight(low: str, reduction: str) -> N
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
 
 
+def _normwise(got: Any, want: Any) -> float:
+    return float((got.double() - want).norm() / want.norm())
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("fn", ["linear_cross_entropy", "linear_distillation_loss"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_low_precision_gradients_rounded_once(fn: str, reduction: str, compiled: bool) -> None:
-    """bfloat16 hidden + float32 weight, upstream gradient 0.37: the hidden gradient is the
-    float32 one times 0.37, rounded once to bfloat16 (it was rounded to bfloat16 in forward,
-    then again after the scaling: 1.2 units of bfloat16 rounding against PyTorch's 0.5-0.7;
-    compiled 1.7). Compiled, a bfloat16 weight's gradient too is rounded once, as eagerly."""
+def test_low_precision_hidden_gradient_kept_in_its_dtype(
+    fn: str, reduction: str, compiled: bool
+) -> None:
+    """bfloat16 hidden + float32 weight, "mean"/"sum": the hidden gradient is formed in float32
+    in forward and kept in bfloat16 (each row times a power of two) until backward scales it
+    by the upstream gradient, so the stash is no larger than the gradient (it was held in
+    float32: N x d x 4 bytes, 2.2 chunks of logits at N=4096, d=4096, V=32000). An upstream
+    gradient of 1 or a power of two gives the float32 gradient rounded once, bit for bit;
+    0.37 rounds once more: within 2**-7 of the exact value elementwise, normwise no worse
+    than PyTorch's own bfloat16 logits (autocast's F.linear); compiled == eager."""
     import crossent.fused as fused
 
     data = _inputs(n=40, dtype=torch.float32)
@@ -710,24 +719,35 @@ def test_low_precision_gradients_rounded_once(fn: str, reduction: str, compiled:
     y[::5] = -100  # ignored rows: the gradient's rows are scattered
     teacher = (data["hidden"][:40].flip(0), data["weight"] * 0.5)
 
-    def loss(h: Any) -> Any:
+    def loss(h: Any, w: Any = data["weight"]) -> Any:
         if fn == "linear_cross_entropy":
             return fused.linear_cross_entropy(
-                h, data["weight"], y, bias=data["bias"], reduction=reduction, chunk_size=16
+                h, w, y, bias=data["bias"].to(w.dtype), reduction=reduction, chunk_size=16
             )
-        return fused.linear_distillation_loss(
-            h, data["weight"], *teacher, y, reduction=reduction, chunk_size=16
-        )
+        return fused.linear_distillation_loss(h, w, *teacher, y, reduction=reduction, chunk_size=16)
 
     h = data["hidden"][:40].to(torch.bfloat16).requires_grad_()
     h32 = h.detach().float().requires_grad_()
+    (g32,) = torch.autograd.grad(loss(h32), [h32])
+    for up in (1.0, 0.25, 4.0):
+        (got,) = torch.autograd.grad(loss(h), [h], torch.tensor(up))
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, (g32 * up).to(torch.bfloat16)), up
     up = torch.tensor(0.37)
-    run = torch.compile(loss, fullgraph=True, backend="aot_eager") if compiled else loss
-    (got,) = torch.autograd.grad(run(h), [h], up)
-    (want,) = torch.autograd.grad(loss(h32), [h32], up)
-    assert got.dtype == torch.bfloat16
-    assert torch.equal(got, want.to(torch.bfloat16))
-    if compiled:  # a bfloat16 head: its gradient (accumulated in float32) as eagerly
+    (got,) = torch.autograd.grad(loss(h), [h], up)
+    exact = g32.double() * 0.37
+    assert bool(((got.double() - exact).abs() <= 2.0**-7 * exact.abs()).all())
+    if fn == "linear_cross_entropy":  # PyTorch's own: bfloat16 logits (autocast's F.linear)
+        h2 = h.detach().clone().requires_grad_()
+        logits = F.linear(h2, data["weight"].bfloat16(), data["bias"].bfloat16())
+        theirs = F.cross_entropy(logits, y, reduction=reduction)
+        (g_theirs,) = torch.autograd.grad(theirs, [h2], up)
+        assert _normwise(got, exact) <= _normwise(g_theirs, exact)
+    if compiled:
+        run = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        (got_c,) = torch.autograd.grad(run(h), [h], up)
+        assert torch.equal(got_c, got)
+        # a bfloat16 head: its gradient (accumulated in float32) rounded once, as eagerly
         w16 = data["weight"].to(torch.bfloat16).requires_grad_()
         grads = [
             torch.autograd.grad(f(h.detach(), w16, y, reduction=reduction, chunk_size=16), [w16], up)
@@ -735,6 +755,38 @@ def test_low_precision_gradients_rounded_once(fn: str, reduction: str, compiled:
                       fused.linear_cross_entropy)
         ]  # fmt: skip
         assert torch.equal(grads[0][0], grads[1][0])
+
+
+@pytest.mark.parametrize("fn", ["linear_cross_entropy", "linear_distillation_loss"])
+def test_float16_hidden_gradient_survives_a_loss_scale(fn: str) -> None:
+    """float16 hidden + float32 weight, "mean", a loss scale of 2**16 * 0.37 (AMP's GradScaler):
+    the unscaled hidden gradient is subnormal in float16 here, so a stash rounded to float16
+    before the scale would lose its digits; kept row-scaled by powers of two it keeps them,
+    as a bfloat16 one (within twice float16's rounding elementwise, one rounding normwise)."""
+    import crossent.fused as fused
+
+    data = _inputs(n=40, dtype=torch.float32)
+    # a small head: gradients below float16's normal range, normal once scaled
+    w = data["weight"] * (1e-3 if fn == "linear_cross_entropy" else 1e-2)
+    y = data["target"][:40]
+
+    def loss(h: Any, weight: Any = w) -> Any:
+        if fn == "linear_cross_entropy":
+            return fused.linear_cross_entropy(h, weight, y, chunk_size=16)
+        return fused.linear_distillation_loss(
+            h, weight, data["hidden"][:40].flip(0), weight * 0.5, y, chunk_size=16
+        )
+
+    h = data["hidden"][:40].to(torch.float16).requires_grad_()
+    h64 = h.detach().double().requires_grad_()
+    up = torch.tensor(2.0**16 * 0.37)
+    (got,) = torch.autograd.grad(loss(h), [h], up)
+    (exact,) = torch.autograd.grad(loss(h64, w.double()), [h64], up.double())
+    assert float(exact.abs().max()) / float(up) < 2.0**-14  # subnormal before the scale
+    assert got.dtype == torch.float16
+    # twice float16's rounding (2**-11, as for bfloat16 above) and its subnormal spacing
+    assert bool(((got.double() - exact).abs() <= 2.0**-10 * exact.abs() + 2.0**-24).all())
+    assert _normwise(got, exact) < 2.0**-11
 
 
 def test_autocast_does_not_change_the_products() -> None:

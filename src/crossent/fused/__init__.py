@@ -156,7 +156,13 @@ def linear_cross_entropy(
     (on CPU, where no low-precision product with float32 output exists, the weight
     gradient product itself runs in float32 — accurate, but slower than a
     bfloat16 product) and returned in the parameter's dtype. An enclosing
-    ``torch.autocast`` region does not change the products' dtypes.
+    ``torch.autocast`` region does not change the products' dtypes. float16/bfloat16
+    `hidden` with a float32 `weight`: :math:`\nabla_h` is formed in float32 and kept
+    in `hidden`'s dtype (no float32 copy of it is held), each row times a power of
+    two, so that float16 keeps the digits an upstream loss scale brings back. An
+    upstream gradient of 1 or a power of two gives it rounded once; another one
+    (``loss * 0.37``) rounds it once more, within one unit in the last place
+    (PyTorch's own bfloat16 logits are further off).
 
     With ``reduction="none"`` the forward pass computes only the loss and backward
     recomputes the logits (four matrix products in all), so any upstream gradient

@@ -24,7 +24,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 from crossent._lib._checks import not_ignored
 from crossent._lib._xp import isfinite
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LinearCEOptions",
+    "RowScaled",
     "VocabShard",
     "_ChunkedResult",
     "_auto_chunk_size",
@@ -71,6 +72,82 @@ def chunk_budget(device: torch.device) -> int:
 MIN_AUTO_CHUNK = 16
 
 
+#: What :func:`_chunk_loop` makes of a half-precision hidden gradient formed in wider products.
+HiddenGrad = Literal["round", "stash"]
+
+#: Where a stashed half-precision hidden gradient row's largest entry is put (times a power of
+#: two): :math:`[2^{14}, 2^{15})`, so that float16 keeps ~2^28 of the row's range normal.
+_ROW_TOP_EXPONENT = 15
+
+
+class RowScaled(NamedTuple):
+    """A float16/bfloat16 hidden gradient formed in forward, to be scaled by the upstream gradient.
+
+    Formed wider (float32 products: a half-precision `hidden` with a float32 head), it is kept
+    in `hidden`'s dtype, so the stash is no larger than the gradient itself, with each row
+    multiplied by a power of two that puts its largest entry in ``[2**14, 2**15)``: the mean's
+    ``1 / N`` cannot push a float16 row into subnormals before an upstream loss scale (AMP's
+    ``GradScaler``) lifts it. `unscale` ``(N,)`` (the product dtype) holds the powers of two that
+    undo it. :meth:`scaled` rounds once more: an upstream gradient of 1 or any power of two
+    gives the wide gradient rounded once, another one at most one unit in the last place
+    (PyTorch's own half-precision paths round more, see ``tests/fused``). On a vocabulary
+    slice it is the slice's contribution: :meth:`scaled` sums them over the ranks first."""
+
+    values: torch.Tensor
+    unscale: torch.Tensor
+    block: int
+    """Rows per block of :meth:`scaled` (the chunk's)."""
+
+    def scaled(self, factor: torch.Tensor | None, reduce_sum: Hook | None = None) -> torch.Tensor:
+        """``values * unscale * factor`` (None: 1) in `hidden`'s dtype, in place in `values`:
+        block by block in the product dtype (in the chunk loop's buffer), rounded once.
+        `reduce_sum` (a vocabulary slice's) sums each unscaled block over the ranks before
+        the scaling: one all-reduce per block, every rank has the same blocks."""
+
+        values, wide = self.values, self.unscale.dtype
+        f = self.unscale if factor is None or reduce_sum is not None else factor * self.unscale
+        f = f.to(wide)[:, None]  # exact: unscale holds powers of two
+        n, d = values.shape
+        buf = _workspace("hidden", (min(self.block, n), d), wide, values.device)
+        for i in range(0, n, self.block):
+            rows = values[i : i + self.block]
+            # widened by copy_ (a mixed-dtype product would widen `rows` into a temporary)
+            out = buf[: rows.shape[0]].copy_(rows).mul_(f[i : i + self.block])
+            if reduce_sum is not None:
+                out = _apply_hook(reduce_sum, out)
+                if factor is not None:
+                    out.mul_(factor.to(wide))
+            rows.copy_(out)
+        return values
+
+    def wide(self) -> torch.Tensor:
+        """The gradient in the product dtype (exact: powers of two)."""
+        return self.values.to(self.unscale.dtype).mul_(self.unscale[:, None])
+
+
+def _pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2.0**k`` exactly (`k` integer, within the normal exponents of float32 `dtype` or
+    float64), built from the exponent bits: no ``pow``/``exp2`` rounding."""
+    import torch
+
+    if dtype == torch.float64:
+        return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((k.to(torch.int32) + 127) << 23).view(torch.float32).to(dtype)
+
+
+def _normalise_rows_(gh: torch.Tensor) -> torch.Tensor:
+    """Multiply each row of `gh` (product dtype) by the power of two that puts its largest
+    entry in ``[2**14, 2**15)`` (:data:`_ROW_TOP_EXPONENT`); return the powers that undo it.
+    A row of zeros, inf or NaN keeps its values (its exponent is clamped to a safe range)."""
+    import torch
+
+    lo, hi = torch.aminmax(gh, dim=1)  # one pass, no |gh| temporary
+    amax = torch.maximum(hi, lo.neg())
+    e = torch.frexp(amax).exponent.clamp_(-100, 100)  # amax = m 2^e, m in [0.5, 1)
+    gh.mul_(_pow2(_ROW_TOP_EXPONENT - e, gh.dtype)[:, None])
+    return _pow2(e - _ROW_TOP_EXPONENT, gh.dtype)
+
+
 class _ChunkedResult(NamedTuple):
     """What :func:`_chunked_linear_ce` returns.
 
@@ -78,10 +155,10 @@ class _ChunkedResult(NamedTuple):
         Compute dtype (float32 for float16/bfloat16 inputs, else the input dtype):
         0-d for ``"mean"``/``"sum"``, shape ``(N,)`` for ``"none"`` (0 at ignored rows).
     grad_hidden
-        ``(N, d)`` in the product dtype (``hidden.dtype``, or float32 for float16/bfloat16
-        hidden states with a float32 weight: the caller scales it by the upstream gradient,
-        then rounds it once to ``hidden.dtype``), or None. On a vocabulary slice this is the
-        slice's contribution only; the caller sums it over ranks.
+        ``(N, d)`` in ``hidden.dtype``; a :class:`RowScaled` for float16/bfloat16 hidden
+        states with a wider weight when it is formed for a later scaling (``row_scale`` None,
+        ``"mean"``/``"sum"``) or on a vocabulary slice; or None. On a vocabulary slice it is
+        the slice's contribution only: the caller sums it over ranks.
     grad_weight
         ``(V_local, d)``: float32 when ``weight`` is float16/bfloat16 (accumulated in
         float32), else ``weight.dtype``; or None.
@@ -93,7 +170,7 @@ class _ChunkedResult(NamedTuple):
     """
 
     loss: torch.Tensor
-    grad_hidden: torch.Tensor | None
+    grad_hidden: torch.Tensor | RowScaled | None
     grad_weight: torch.Tensor | None
     grad_bias: torch.Tensor | None
     lse: torch.Tensor
@@ -663,6 +740,7 @@ def _chunked_linear_ce(
     grad_h, grad_w, grad_b = _chunk_loop(
         hidden, weight, bias, plan.rows, chunk=chunk, want=want if any(want) else None, body=body,
         low_in_place=plan.spec.triton is not None,
+        hidden_grad="round" if row_scale is not None and shard is None else "stash",
     )  # fmt: skip
     if opts.reduction == "none":
         loss = loss_rows
@@ -779,18 +857,20 @@ def chunk_logits(
     *,
     out: torch.Tensor,
     low: torch.Tensor | None,
+    wide: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The chunk's logits ``h_c @ w_t + bias`` into `out` (compute dtype); returns ``h_c``.
 
     ``h_c`` (the chunk's rows of `hidden`, in `w_t`'s dtype) is returned for the
-    weight gradient. For float16/bfloat16 products the product goes to `low`
-    (the product dtype) and is then copied to `out`.
+    weight gradient; when `hidden` is narrower it is copied into `wide` (a work buffer of
+    the chunk's shape in `w_t`'s dtype), or a new tensor. For float16/bfloat16 products the
+    product goes to `low` (the product dtype) and is then copied to `out`.
     """
     import torch
 
     h_c = c.take(hidden)
     if h_c.dtype != w_t.dtype:
-        h_c = h_c.to(w_t.dtype)
+        h_c = h_c.to(w_t.dtype) if wide is None else wide.copy_(h_c)
     dest = low if low is not None else out
     if bias is not None:
         torch.addmm(bias, h_c, w_t, out=dest)
@@ -811,7 +891,8 @@ def _chunk_loop(
     want: tuple[bool, bool, bool] | None,
     body: Callable[[torch.Tensor, _Chunk], bool],
     low_in_place: bool = False,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    hidden_grad: HiddenGrad = "round",
+) -> tuple[torch.Tensor | RowScaled | None, torch.Tensor | None, torch.Tensor | None]:
     r"""The one chunk loop of every fused function: logits in, gradient products out.
 
     For each chunk of the counted rows `rows_all` it computes the logits
@@ -825,11 +906,15 @@ def _chunk_loop(
     `weight` and `bias` must already be in the product dtype
     (:func:`_product_operands`); rows of `hidden` are cast to it chunk by chunk.
     `want` gives the (hidden, weight, bias) gradients to form (None: none).
-    Returns them: `grad_hidden` ``(N, d)`` in the product dtype (zero at rows not
-    in `rows_all`; float32 for half-precision `hidden` with a float32 `weight`, rounded to
-    `hidden`'s dtype by the caller after the upstream gradient's scaling, so once),
+    Returns them: `grad_hidden` ``(N, d)`` (zero at rows not in `rows_all`),
     `grad_weight` and `grad_bias` float32 for low-precision products (accumulated in
     float32), else in the product dtype.
+
+    `hidden_grad` says what `grad_hidden` is when `hidden` is float16/bfloat16 and the
+    products are wider (a float32 head): ``"round"`` (already scaled: each chunk's product
+    rounded to `hidden`'s dtype, once) or ``"stash"`` (to be scaled by the upstream gradient,
+    or summed over the ranks of a vocabulary slice, later: a :class:`RowScaled` in `hidden`'s
+    dtype, no larger than the gradient). Otherwise it is in the product dtype, `hidden`'s.
 
     `low_in_place` (float16/bfloat16 products, no bias gradient): `body` reads the
     product-dtype logits and writes :math:`G` over them itself (the Triton kernels,
@@ -852,17 +937,21 @@ def _chunk_loop(
     want_b = want_b and bias is not None
 
     acc_dtype = torch.float32 if low_precision else mm_dtype
-    grad_h = None
+    # a half-precision hidden with a wider product: rounded chunk by chunk (not held wide)
+    narrow = hidden.dtype != mm_dtype
+    grad_h = unscale = None
     if want_h:
         grad_h = (torch.zeros if compact else torch.empty)(
-            (n_total, d), dtype=mm_dtype, device=device
+            (n_total, d), dtype=hidden.dtype if narrow else mm_dtype, device=device
         )
+        if narrow and hidden_grad == "stash":
+            unscale = torch.ones((n_total,), dtype=mm_dtype, device=device)
     # zeros only for an empty batch: otherwise the first chunk overwrites them (no fill pass)
     alloc = torch.zeros if n_rows == 0 else torch.empty
     grad_w = alloc((v_local, d), dtype=acc_dtype, device=device) if want_w else None
     grad_b = alloc((v_local,), dtype=acc_dtype, device=device) if want_b else None
     if n_rows == 0:
-        return grad_h, grad_w, grad_b
+        return _hidden_grad(grad_h, unscale, chunk), grad_w, grad_b
 
     shape = (chunk, v_local)
     in_place = low_in_place and low_precision and not want_b
@@ -872,6 +961,8 @@ def _chunk_loop(
         buf_all = _workspace("logits", shape, cdt, device)
         lp_all = _workspace("low", shape, mm_dtype, device) if low_precision else None
     w_t = weight.t()
+    # the chunk's rows of a narrower hidden, in the product dtype; then its gradient's rows
+    wide_all = _workspace("hidden", (chunk, d), mm_dtype, device) if narrow else None
 
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)
@@ -879,7 +970,8 @@ def _chunk_loop(
         c = _Chunk(start, stop, rows_all[start:stop], compact, start == 0)
         buf = buf_all[:n]
         lp = lp_all[:n] if lp_all is not None else None
-        h_c = chunk_logits(hidden, w_t, bias, c, out=buf, low=lp)
+        wide = wide_all[:n] if wide_all is not None else None
+        h_c = chunk_logits(hidden, w_t, bias, c, out=buf, low=lp, wide=wide)
 
         if not body(buf, c) or want is None:
             continue
@@ -893,11 +985,6 @@ def _chunk_loop(
         if lp is not None:
             lp.copy_(buf)
             g = lp
-        if grad_h is not None:
-            if compact:
-                grad_h.index_copy_(0, c.rows, torch.mm(g, weight))
-            else:
-                torch.mm(g, weight, out=grad_h[start:stop])
         if grad_w is not None:
             if not low_precision:
                 if c.first:
@@ -908,7 +995,27 @@ def _chunk_loop(
                 _accumulate_weight_grad_f32(
                     grad_w, None if in_place else buf, g, h_c, first=c.first
                 )
-    return grad_h, grad_w, grad_b
+        if grad_h is not None and narrow:  # formed wide, rounded once
+            # over the chunk's wide copy of hidden, read by the weight gradient above
+            gh = torch.mm(g, weight, out=h_c)
+            if unscale is not None:
+                unscale[c.rows] = _normalise_rows_(gh)
+            if compact:
+                grad_h.index_copy_(0, c.rows, gh.to(grad_h.dtype))
+            else:
+                grad_h[start:stop].copy_(gh)
+        elif grad_h is not None:
+            if compact:
+                grad_h.index_copy_(0, c.rows, torch.mm(g, weight))
+            else:
+                torch.mm(g, weight, out=grad_h[start:stop])
+    return _hidden_grad(grad_h, unscale, chunk), grad_w, grad_b
+
+
+def _hidden_grad(
+    grad_h: torch.Tensor | None, unscale: torch.Tensor | None, chunk: int
+) -> torch.Tensor | RowScaled | None:
+    return grad_h if grad_h is None or unscale is None else RowScaled(grad_h, unscale, chunk)
 
 
 def _accumulate_weight_grad_f32(

@@ -19,6 +19,7 @@ from crossent._lib._checks import check_reduction, not_ignored
 from crossent._lib._xp import array_namespace, check_same_device
 from crossent._losses._distill import check_beta, check_temperature, distill_rows
 from crossent.fused._chunked import (
+    RowScaled,
     _agreed_chunk,
     _Chunk,
     _chunk_loop,
@@ -29,7 +30,7 @@ from crossent.fused._chunked import (
     chunk_logits,
 )
 from crossent.fused._function import (
-    Grads,
+    Formed,
     fused_backward,
     grad_needs,
     no_autocast,
@@ -66,7 +67,7 @@ class DistillOptions:
 
 class _DistillResult(NamedTuple):
     loss: torch.Tensor
-    grad_hidden: torch.Tensor | None
+    grad_hidden: torch.Tensor | RowScaled | None
     grad_weight: torch.Tensor | None
     grad_bias: torch.Tensor | None
 
@@ -165,8 +166,9 @@ def _chunked_distill(
 
     with no_autocast(hidden):
         grad_h, grad_w, grad_b = _chunk_loop(
-            hidden, weight, bias, rows_all, chunk=chunk, want=want if any_grad else None, body=body
-        )
+            hidden, weight, bias, rows_all, chunk=chunk, want=want if any_grad else None,
+            body=body, hidden_grad="round" if row_scale is not None else "stash",
+        )  # fmt: skip
     loss = loss_rows if opts.reduction == "none" else loss_rows.sum() * inv_denom
     return _DistillResult(loss, grad_h, grad_w, grad_b)
 
@@ -200,7 +202,7 @@ class _LinearDistillFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
         hidden, weight, bias, counted, t_hidden, t_weight, t_bias = ctx.saved_tensors
 
-        def recompute(row_scale: torch.Tensor | None) -> Grads:
+        def recompute(row_scale: torch.Tensor | None) -> Formed:
             res = _chunked_distill(
                 hidden, weight, bias, (t_hidden, t_weight, t_bias), counted, ctx.opts,
                 compute_grad=ctx.needs, row_scale=row_scale,

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from crossent.fused._chunked import LinearCEOptions, VocabShard, _chunked_linear_ce
+from crossent.fused._chunked import LinearCEOptions, RowScaled, VocabShard, _chunked_linear_ce
 
 __all__ = [
+    "Formed",
     "Grads",
     "LinearCEOptions",
     "VocabShard",
@@ -120,9 +121,11 @@ def no_second_derivative(name: str) -> RuntimeError:
 
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+#: Gradients formed in forward: the hidden one may be kept row-scaled (``RowScaled``).
+Formed = tuple[torch.Tensor | RowScaled | None, torch.Tensor | None, torch.Tensor | None]
 
 
-def stash_grads(ctx: Any, grads: Grads | None) -> None:
+def stash_grads(ctx: Any, grads: Formed | None) -> None:
     """Keep the gradients formed in forward (``"mean"``/``"sum"``) for backward; None: recompute."""
     ctx.grads = grads
 
@@ -131,7 +134,7 @@ def fused_backward(
     ctx: Any,
     name: str,
     grad_loss: torch.Tensor,
-    recompute: Callable[[torch.Tensor | None], Grads],
+    recompute: Callable[[torch.Tensor | None], Formed],
     *,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -143,26 +146,33 @@ def fused_backward(
     place by the scalar `grad_loss`; otherwise ``recompute(row_scale)`` forms them
     again, with each row scaled by its upstream gradient (`grad_loss` expanded to
     the rows, or None when `recompute` reads the upstream gradients itself). A
-    second backward through the same graph recomputes too. The weight and bias
-    gradients come back in their parameters' dtypes, `hidden`'s too (formed in float32 for
-    half-precision `hidden` with a float32 `weight`: rounded once, after the scaling); with
-    a `shard`, the slices' contributions to the gradient of `hidden` are summed over the
-    ranks first.
+    second backward through the same graph recomputes too. The gradients
+    come back in their parameters' dtypes (half-precision `hidden` with a float32 `weight`:
+    recomputed, `hidden`'s is rounded once, after the scaling; stashed, it was kept in
+    `hidden`'s dtype, :class:`~crossent.fused._chunked.RowScaled`); with a `shard`, the
+    slices' contributions to the gradient of `hidden` are summed over the ranks, then rounded.
     """
     # a vocabulary slice: the function called was crossent.distributed.vocab_parallel_<name>
     refuse_double_backward(name if shard is None else f"crossent.distributed.vocab_parallel_{name}")
     stashed = getattr(ctx, "grads", None)
+    reduce_sum = None if shard is None else shard.reduce_sum  # every slice contributes
+    factor = None  # recomputed gradients are scaled already
     if stashed is not None:
         ctx.grads = None  # consumed: a second backward recomputes
-        scale_grads_(stashed, grad_loss)
         grad_h, grad_w, grad_b = stashed
+        factor = grad_loss
+        scale_grads_((grad_w, grad_b), grad_loss)
     else:
         rows = ctx.saved_tensors[0].shape[0]
         row_scale = grad_loss.expand(rows) if grad_loss.ndim == 0 else grad_loss
         grad_h, grad_w, grad_b = recompute(row_scale)
-    if shard is not None and grad_h is not None:  # every slice contributes to it
-        grad_h = shard.reduce_sum(grad_h)
-    if grad_h is not None:
+    if isinstance(grad_h, RowScaled):  # rounded to hidden's dtype once more, block by block
+        grad_h = grad_h.scaled(factor, reduce_sum)
+    elif grad_h is not None:
+        if factor is not None:
+            scale_grads_((grad_h,), factor)
+        if reduce_sum is not None:
+            grad_h = reduce_sum(grad_h)
         grad_h = grad_h.to(ctx.saved_tensors[0].dtype)  # hidden's
     grad_w = None if grad_w is None else grad_w.to(weight.dtype)
     grad_b = None if grad_b is None or bias is None else grad_b.to(bias.dtype)
@@ -206,7 +216,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
         hidden, weight, bias, target, class_weight = ctx.saved_tensors
 
-        def recompute(row_scale: torch.Tensor | None) -> Grads:
+        def recompute(row_scale: torch.Tensor | None) -> Formed:
             args = (hidden, weight, target, bias, class_weight, ctx.opts)
             res = _core(*args, compute_grad=ctx.needs, row_scale=row_scale, shard=ctx.shard)
             return res.grad_hidden, res.grad_weight, res.grad_bias

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import torch
 
 from crossent.fused._chunked import (
+    RowScaled,
     _agreed_chunk,
     _Chunk,
     _chunk_loop,
@@ -45,7 +46,7 @@ from crossent.fused._chunked import (
     _workspace,
 )
 from crossent.fused._function import (
-    Grads,
+    Formed,
     VocabShard,
     fused_backward,
     grad_needs,
@@ -73,7 +74,7 @@ class LogProbOptions:
 class _LogProbResult(NamedTuple):
     log_probs: torch.Tensor
     entropy: torch.Tensor | None
-    grad_hidden: torch.Tensor | None
+    grad_hidden: torch.Tensor | RowScaled | None
     grad_weight: torch.Tensor | None
     grad_bias: torch.Tensor | None
 
@@ -214,8 +215,9 @@ def _chunked_log_probs(
 
     with no_autocast(hidden):
         grad_h, grad_w, grad_b = _chunk_loop(
-            hidden, weight, bias, rows_all, chunk=chunk, want=want if any_grad else None, body=body
-        )
+            hidden, weight, bias, rows_all, chunk=chunk, want=want if any_grad else None,
+            body=body, hidden_grad="round" if shard is None else "stash",
+        )  # fmt: skip
     return _LogProbResult(lp_rows, ent_rows, grad_h, grad_w, grad_b)
 
 
@@ -250,7 +252,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_lp: torch.Tensor, grad_ent: torch.Tensor) -> tuple[Any, ...]:
         hidden, weight, bias, target = ctx.saved_tensors
 
-        def recompute(_: torch.Tensor | None) -> Grads:  # reads both upstream gradients
+        def recompute(_: torch.Tensor | None) -> Formed:  # reads both upstream gradients
             res = _chunked_log_probs(
                 hidden, weight, target, bias, ctx.opts, compute_grad=ctx.needs,
                 grad_log_probs=grad_lp, grad_entropy=grad_ent, entropy=ctx.entropy,

@@ -1,0 +1,216 @@
+"""Extra peak memory of every fused function, in chunks of logits, per dtype configuration.
+
+Issue 10's goal: the extra memory of one forward+backward of every fused function is at
+most 1.2 chunks of logits. Functions: ``linear_cross_entropy`` (``"mean"``; also
+``"none"`` with per-row upstream gradients), ``crossent.nn.LinearCrossEntropyLoss``,
+``linear_log_probs`` (log-probs and entropy in a policy-gradient loss),
+``linear_distillation_loss`` and the vocabulary-parallel forms (a gloo group of one
+process). Dtypes: ``float32``, ``mixed`` (bfloat16 hidden states with a float32 head: a
+float32 master weight) and ``bfloat16`` (both).
+
+Each case runs in a fresh process (one thread): the extra memory is the resident-set
+high-water mark during forward+backward (VmHWM after resetting it) above the resident set
+after the inputs are built, minus the gradients' own bytes (each in its parameter's dtype).
+A chunk is ``chunk × V × 4`` bytes, ``chunk`` being the automatic chunk crossent picks for
+the shape and product dtype (as in ``benchmarks/fused.py`` and ``bench_llm.py``).
+
+Usage::
+
+    python -m benchmarks.fused_memory                          # N=4096, d=1024, V=32000
+    python -m benchmarks.fused_memory --shapes 8192x4096x32000 --dtypes mixed --cases ce
+    python -m benchmarks.fused_memory --upstream 0.37          # loss * 0.37: a scaled backward
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks._util import REPO, reset_peak_rss, rss_mib
+from crossent.fused._chunked import _auto_chunk_size
+
+Inputs = dict[str, Any]
+
+DTYPES = {  # hidden dtype, weight dtype
+    "float32": (torch.float32, torch.float32),
+    "mixed": (torch.bfloat16, torch.float32),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+}
+
+
+def make_inputs(n: int, d: int, v: int, dtype: str, chunk_size: int | None = None) -> Inputs:
+    h_dt, w_dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "chunk_size": chunk_size,
+        "hidden": torch.randn(n, d, generator=gen).to(h_dt).requires_grad_(),
+        "weight": (torch.randn(v, d, generator=gen) / d**0.5).to(w_dt).requires_grad_(),
+        "target": torch.randint(0, v, (n,), generator=gen),
+        "row_grad": torch.rand(n, generator=gen),
+        "t_hidden": torch.randn(n, d, generator=gen).to(h_dt),
+        "t_weight": (torch.randn(v, d, generator=gen) * 1.5 / d**0.5).to(w_dt),
+    }
+
+
+def _group() -> Any:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "gloo", init_method=f"file://{os.path.join(REPO, '.fused_memory_store')}",
+            rank=0, world_size=1,
+        )  # fmt: skip
+    return dist.group.WORLD
+
+
+def _ce(x: Inputs) -> torch.Tensor:
+    from crossent.fused import linear_cross_entropy
+
+    return linear_cross_entropy(x["hidden"], x["weight"], x["target"], chunk_size=x["chunk_size"])
+
+
+def _ce_none(x: Inputs) -> torch.Tensor:
+    from crossent.fused import linear_cross_entropy
+
+    loss = linear_cross_entropy(
+        x["hidden"], x["weight"], x["target"], reduction="none", chunk_size=x["chunk_size"]
+    )
+    return (loss * x["row_grad"]).sum()
+
+
+def _nn(x: Inputs) -> torch.Tensor:
+    from crossent.nn import LinearCrossEntropyLoss
+
+    loss = LinearCrossEntropyLoss(chunk_size=x["chunk_size"])
+    out: torch.Tensor = loss(x["hidden"], x["weight"], x["target"])
+    return out
+
+
+def _log_probs(x: Inputs) -> torch.Tensor:
+    from crossent.fused import linear_log_probs
+
+    lp, ent = linear_log_probs(
+        x["hidden"], x["weight"], x["target"], return_entropy=True, chunk_size=x["chunk_size"]
+    )
+    return -(x["row_grad"] * lp).mean() - 0.01 * ent.mean()
+
+
+def _distill(x: Inputs) -> torch.Tensor:
+    from crossent.fused import linear_distillation_loss
+
+    return linear_distillation_loss(
+        x["hidden"], x["weight"], x["t_hidden"], x["t_weight"], chunk_size=x["chunk_size"]
+    )
+
+
+def _vp_ce(x: Inputs) -> torch.Tensor:
+    from crossent.distributed import vocab_parallel_linear_cross_entropy
+
+    return vocab_parallel_linear_cross_entropy(
+        x["hidden"], x["weight"], x["target"], group=_group(), chunk_size=x["chunk_size"]
+    )
+
+
+def _vp_log_probs(x: Inputs) -> torch.Tensor:
+    from crossent.distributed import vocab_parallel_linear_log_probs
+
+    lp, ent = vocab_parallel_linear_log_probs(
+        x["hidden"], x["weight"], x["target"], group=_group(), return_entropy=True,
+        chunk_size=x["chunk_size"],
+    )  # fmt: skip
+    return -(x["row_grad"] * lp).mean() - 0.01 * ent.mean()
+
+
+CASES: dict[str, Callable[[Inputs], torch.Tensor]] = {
+    "ce": _ce,
+    "ce_none": _ce_none,
+    "nn": _nn,
+    "log_probs": _log_probs,
+    "distill": _distill,
+    "vp_ce": _vp_ce,
+    "vp_log_probs": _vp_log_probs,
+}
+
+
+def fwd_bwd(fn: Callable[[Inputs], torch.Tensor], x: Inputs, upstream: float) -> None:
+    x["hidden"].grad = None
+    x["weight"].grad = None
+    loss = fn(x)
+    (loss * upstream if upstream != 1 else loss).backward()
+
+
+def chunk_bytes(n: int, d: int, v: int, dtype: str) -> int:
+    """One chunk of float32 logits, ``chunk × V × 4`` B, at crossent's automatic chunk."""
+    h_dt, w_dt = DTYPES[dtype]
+    low = torch.promote_types(h_dt, w_dt) != torch.float32
+    return _auto_chunk_size(n, v, low_precision=low) * v * 4
+
+
+def measure(
+    case: str, n: int, d: int, v: int, dtype: str, upstream: float, chunk_size: int | None = None
+) -> dict[str, int]:
+    """In this (fresh) process: extra peak RSS of one forward+backward, gradients discounted."""
+    torch.set_num_threads(1)
+    fn = CASES[case]
+    fwd_bwd(fn, make_inputs(8, d, min(v, 64), dtype), upstream)  # lazy initialisation
+    x = make_inputs(n, d, v, dtype, chunk_size)
+    grads = sum(x[k].numel() * x[k].element_size() for k in ("hidden", "weight"))
+    base = int(reset_peak_rss() * 2**20)
+    fwd_bwd(fn, x, upstream)
+    peak = int(rss_mib("VmHWM") * 2**20)
+    return {"extra": peak - base - grads}
+
+
+def in_subprocess(
+    case: str,
+    n: int,
+    d: int,
+    v: int,
+    dtype: str,
+    upstream: float = 1.0,
+    chunk_size: int | None = None,
+) -> int | None:
+    """:func:`measure` in a fresh process (bytes; None if it failed, its error on stderr)."""
+    arg = json.dumps([case, n, d, v, dtype, upstream, chunk_size])
+    cmd = [sys.executable, "-m", "benchmarks.fused_memory", "--_measure", arg]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO, env=env)
+    if res.returncode != 0:
+        print(res.stderr[-2000:], file=sys.stderr)
+        return None
+    return int(json.loads(res.stdout.strip().splitlines()[-1])["extra"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="4096x1024x32000", help="NxdxV,NxdxV,...")
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--upstream", type=float, default=1.0, help="upstream gradient")
+    parser.add_argument("--_measure", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._measure:
+        print(json.dumps(measure(*json.loads(args._measure))))
+        return
+    print(f"torch {torch.__version__}; upstream gradient {args.upstream}; goal <= 1.2 chunks")
+    print(f"{'N x d x V':<18} {'dtype':<9} {'case':<13} {'chunk MiB':>9} {'extra MiB':>9} "
+          f"{'chunks':>7}")  # fmt: skip
+    for shape in args.shapes.split(","):
+        n, d, v = (int(s) for s in shape.split("x"))
+        for dtype in args.dtypes.split(","):
+            unit = chunk_bytes(n, d, v, dtype)
+            for case in args.cases.split(","):
+                extra = in_subprocess(case, n, d, v, dtype, args.upstream)
+                shown = "n/a" if extra is None else f"{extra / 2**20:9.0f} {extra / unit:7.2f}"
+                print(f"{shape:<18} {dtype:<9} {case:<13} {unit / 2**20:9.1f} {shown}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
