@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import crossent as ce
+from tests.losses.test_masked_target import _PYTORCH_OPTIONS
 
 torch = pytest.importorskip("torch")
 
@@ -31,15 +32,7 @@ BAD_ROWS = {
 REST = np.array([[0.5, 1.0, -1.0, 2.0], [0.0, -INF, 3.0, 1.0]])
 REST_Y = np.array([1, 2])
 
-OPTIONS = {
-    "plain": {},
-    "smooth": {"label_smoothing": 0.1},
-    "weight": {"weight": [1.0, 2.0, 0.5, 3.0]},
-    "z_loss": {"z_loss": 0.1},
-    "focal": {"gamma": 2.0},
-    "softcap": {"softcap": 3.0},
-    "focal-smooth": {"gamma": 2.0, "label_smoothing": 0.1},
-}
+OPTIONS = _PYTORCH_OPTIONS  # every option of the sparse loss, for 4 classes
 
 PATHS = [
     "numpy-vg",
