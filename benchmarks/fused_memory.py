@@ -19,6 +19,7 @@ Usage::
     python -m benchmarks.fused_memory                          # N=4096, d=1024, V=32000
     python -m benchmarks.fused_memory --shapes 8192x4096x32000 --dtypes mixed --cases ce
     python -m benchmarks.fused_memory --upstream 0.37          # loss * 0.37: a scaled backward
+    python -m benchmarks.fused_memory --quick                  # a smoke run (crossent bench)
 """
 
 from __future__ import annotations
@@ -194,11 +195,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--upstream", type=float, default=1.0, help="upstream gradient")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 256x64x2000, mixed, ce and log_probs"
+    )
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._measure:
         print(json.dumps(measure(*json.loads(args._measure))))
         return
+    if args.quick:
+        args.shapes, args.dtypes, args.cases = "256x64x2000", "mixed", "ce,log_probs"
     print(f"torch {torch.__version__}; upstream gradient {args.upstream}; goal <= 1.2 chunks")
     print(f"{'N x d x V':<18} {'dtype':<9} {'case':<13} {'chunk MiB':>9} {'extra MiB':>9} "
           f"{'chunks':>7}")  # fmt: skip
