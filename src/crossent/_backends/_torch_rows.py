@@ -193,6 +193,26 @@ def _lse(z: Tensor) -> Tensor:
     return torch.logsumexp(z, 1, keepdim=True)
 
 
+def _lse_of_nll(z: Tensor, label: Tensor, nll_y: Tensor) -> Tensor:
+    """:func:`_lse` ``(n,)`` from the rows' ``-log p_y`` as ``z_y + (-log p_y)`` (a gather and
+    an add) where that is exact: ``-log p_y`` at most 4 (1 + |L|), so that its rounding is a
+    few ulps of L. Else (a label far below the row max, where the sum cancels, or NaN) one
+    host read sends the chunk to ``torch.logsumexp``."""
+    fast = z.gather(1, label.unsqueeze(1)).view(-1).add_(nll_y)
+    bound = fast.abs().add_(1).mul_(4)
+    if bool((nll_y <= bound).all()):  # False for NaN
+        return fast
+    return _lse(z).view(-1)
+
+
+def _lse_of(z: Tensor, lp: Tensor) -> Tensor:
+    """:func:`_lse` from the rows' log-softmax `lp` too: ``max z - max lp`` (two ``amax``
+    passes, a third of ``torch.logsumexp``'s kernels). At the row max the log-softmax is
+    ``-log Σ_k exp(z_k - max z)``, in [-log C, 0], so the difference does not cancel; a row
+    holding NaN, or without a finite max, gives NaN (its gradient is NaN throughout)."""
+    return z.amax(1, keepdim=True).sub_(lp.amax(1, keepdim=True))
+
+
 def _chunk(
     x: Tensor,
     label: Tensor,
@@ -218,7 +238,7 @@ def _chunk(
     eps, gamma = opts.label_smoothing, opts.gamma
     if scale is None and eps == 0:  # the loss only: -log p_y from F.cross_entropy's kernel
         nll_y = _NLL(z, label, None, 0, _NO_IGNORE, 0.0)
-        big_l = _lse(z).view(-1) if opts.z_loss else None
+        big_l = _lse_of_nll(z, label, nll_y) if opts.z_loss else None
         wy0: Any = 1.0 if w_y is None else w_y
         row, _ = _rows.loss_and_coefficients(
             big_l, nll_y, None, None, wy0, num_classes, opts, autodiff=False, xp=torch
@@ -228,7 +248,7 @@ def _chunk(
     lp = torch.log_softmax(z, 1)
     lp_y = lp.gather(1, col)  # (n, 1): the columns the gradient is written with
     nll_y = lp_y.neg()
-    big_l = _lse(z) if opts.z_loss != 0 else None
+    big_l = _lse_of(z, lp) if opts.z_loss != 0 else None
     w_row = None if w is None else w.unsqueeze(0)
     smooth: Any = None
     slope: Any = None
