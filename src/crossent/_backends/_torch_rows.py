@@ -182,7 +182,8 @@ def _pass(
 
 
 def _lse(z: Tensor) -> Tensor:
-    """The rows' log-sum-exp ``(n, 1)`` (the z-loss's L): ``torch.logsumexp``, one pass.
+    """The rows' log-sum-exp ``(n, 1)`` (the z-loss's L): ``torch.logsumexp`` (several
+    kernels on the CPU: :func:`_lse_of` and :func:`_lse_of_nll` avoid it where they can).
 
     Not z_y + (−log p_y), which cancels where the target logit lies far below the row max
     (a label on a class masked by -1e9: float32 logits [2, 0.5, -1e9] gave L = 0 instead of
@@ -207,7 +208,7 @@ def _lse_of_nll(z: Tensor, label: Tensor, nll_y: Tensor) -> Tensor:
 
 def _lse_of(z: Tensor, lp: Tensor) -> Tensor:
     """:func:`_lse` from the rows' log-softmax `lp` too: ``max z - max lp`` (two ``amax``
-    passes, a third of ``torch.logsumexp``'s kernels). At the row max the log-softmax is
+    passes and a subtraction). At the row max the log-softmax is
     ``-log Σ_k exp(z_k - max z)``, in [-log C, 0], so the difference does not cancel; a row
     holding NaN, or without a finite max, gives NaN (its gradient is NaN throughout)."""
     return z.amax(1, keepdim=True).sub_(lp.amax(1, keepdim=True))
