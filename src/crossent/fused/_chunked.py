@@ -1073,35 +1073,32 @@ def _row_stats_torch(
     The reference point of the statistics is the slice's own log-sum-exp
     ``lse_loc`` (one fused, cache-friendly ``log_softmax`` pass), so it returns
     ``(lse_loc, 1, S_loc, z_y - lse_loc)`` with ``S_loc = Σ_k w_k (z_k - lse_loc)``
-    (≤ 0; 0 when not `smoothing`). ``lse_loc = z_j - (z_j - lse_loc)`` is recovered
-    at the target column (any column would do; the caller masks targets owned by
-    other slices) — at the row's maximum instead where that column's logit is
-    :math:`-\infty` (a masked class: :math:`-\infty - (-\infty)` is NaN). A row of
-    the slice whose logits are all :math:`-\infty` gets ``lse_loc`` = −inf and
-    log-probabilities −inf (not NaN). Without `need_lse` (a caller that reads only
-    the log-softmax and ``z_y - lse_loc``) neither fix-up runs, and such rows give
-    NaN ``lse_loc``. The logits are ``z = scale · softcap · tanh(x / softcap)``
-    (``scale`` is 1 / temperature); with `tanh_buf`, tanh(x/c) is kept there for
-    the chain rule.
+    (≤ 0; 0 when not `smoothing`). ``lse_loc = max_k z_k - max_k (z_k - lse_loc)``
+    is recovered at the row's maximum, where the log-softmax lies in
+    :math:`[-\log V, 0]`: no cancellation. (Recovering it at the target column,
+    ``z_y - (z_y - lse_loc)``, cancels when :math:`z_y` lies far below the
+    maximum: a target 1e4 below it cost the combined log-probabilities' gradient
+    and entropy 1e-4 relative error in float32.) A row of the slice whose logits
+    are all :math:`-\infty` gets ``lse_loc`` = −inf and log-probabilities −inf
+    (not NaN). Without `need_lse` (a caller that reads only the log-softmax and
+    ``z_y - lse_loc``) ``lse_loc`` is not formed: NaN stands in its place. The
+    logits are ``z = scale · softcap · tanh(x / softcap)`` (``scale`` is
+    1 / temperature); with `tanh_buf`, tanh(x/c) is kept there for the chain rule.
     """
     import torch
 
     _softcap_(buf, tanh_buf, softcap, scale)
     col = y_loc[:, None]
-    z_y = buf.gather(1, col).squeeze(1)
-    # -inf at the column read (a masked class; the soft cap keeps it -inf). The check is a
-    # host sync, free on CPU; elsewhere the fix-up runs unconditionally instead.
-    fix = need_lse and (buf.device.type != "cpu" or bool((z_y == -math.inf).any()))
-    m = buf.amax(dim=1) if fix else None
+    m = buf.amax(dim=1) if need_lse else None
     softmax_(buf, log=True)
     d_loc = buf.gather(1, col).squeeze(1)
-    lse_loc = z_y - d_loc
-    if m is not None:
+    if m is None:
+        lse_loc = torch.full_like(d_loc, math.nan)
+    else:
         empty = m == -math.inf
         buf.masked_fill_(empty[:, None], -math.inf)  # log_softmax gave NaN there
         d_loc = torch.where(empty, -math.inf, d_loc)
-        at_max = torch.where(empty, -math.inf, m - buf.amax(dim=1))
-        lse_loc = torch.where(z_y == -math.inf, at_max, lse_loc)
+        lse_loc = torch.where(empty, -math.inf, m - buf.amax(dim=1))
     if smoothing:
         sm_loc = torch.mv(buf, cw_local) if cw_local is not None else buf.sum(dim=1)
     else:
