@@ -320,3 +320,47 @@ def test_label_check_does_not_specialise_the_class_count(options: dict[str, Any]
     y[0] = c
     with pytest.raises(RuntimeError, match=r"`target` has labels outside \[0, C\), C the size"):
         compiled(x, y)
+
+
+def _label_losses() -> dict[str, Callable[[Any, Any], Any]]:
+    """Sparse losses on every path a label takes: PyTorch's kernel (plain, ``ignore_index``
+    with a weight, smoothing), crossent's rows (z-loss, focal), probabilities, the modules."""
+    sparse = ce.sparse_categorical_cross_entropy
+    w = torch.rand(C, dtype=torch.float64) + 0.5
+    return {
+        "plain": lambda x, y: sparse(x, y, from_logits=True),
+        "weight-ignore-none": lambda x, y: sparse(
+            x, y, from_logits=True, weight=w, ignore_index=-100, reduction="none"
+        ),
+        "smoothing": lambda x, y: sparse(x, y, from_logits=True, label_smoothing=0.1),
+        "z-loss": lambda x, y: sparse(x, y, from_logits=True, z_loss=0.1),
+        "focal": lambda x, y: sparse(x, y, from_logits=True, gamma=2.0),
+        "probs": lambda x, y: sparse(torch.softmax(x, -1), y),
+        "nn-ce": lambda x, y: cnn.CrossEntropyLoss()(x, y),
+        "nn-nll": lambda x, y: cnn.NLLLoss()(torch.log_softmax(x, -1), y),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", list(_label_losses()))
+def test_compiled_bad_label_raises_crossents_message_with_inductor(name: str) -> None:
+    """A label outside [0, C) under the default backend gave inductor's own bound check,
+    ``RuntimeError: kernel, /tmp/torchinductor_root/.../c....main.cpp:69, index out of
+    bounds: 0 <= tmp21 < 5L``, on every path (with ``aot_eager``: ``nll_loss``'s ``IndexError:
+    Target 7 is out of bounds`` for PyTorch's kernel, ``NLLLoss`` not a graph node): the
+    assertion ran after the kernels that index. The refused labels are now replaced by 0
+    before any kernel reads them, so crossent's assertion is what fails. Valid labels: the
+    eager values (the replacement changes nothing)."""
+    loss = _label_losses()[name]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    y[0] = -100 if name in {"weight-ignore-none", "nn-ce", "nn-nll"} else y[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    torch.testing.assert_close(compiled(x, y), loss(x, y), rtol=1e-12, atol=1e-15)
+    for bad in (C, -3):
+        y_bad = y.clone()
+        y_bad[2] = bad
+        with pytest.raises(RuntimeError, match=r"`target` has labels outside \[0, C\)"):
+            compiled(x, y_bad)

@@ -33,15 +33,17 @@ __all__ = ["graph_node", "in_graph", "torch_operands"]
 
 def graph_node(loss: str, /, *args: Any, checked: bool, **kwargs: Any) -> Any:
     """``crossent.<loss>(*args, **kwargs)`` with validation `checked`: the loss as dynamo's
-    graph sees it (one opaque call; :func:`in_graph` registers it)."""
+    graph sees it (one opaque call; :func:`in_graph` registers it). A dotted `loss`
+    (``"module.function"``) names a function of an imported module instead."""
     torch = sys.modules["torch"]
     for name, value in kwargs.items():  # a number dynamo made dynamic: specialized (a guard)
         if isinstance(value, torch.SymInt):
             kwargs[name] = int(value)
         elif isinstance(value, torch.SymFloat):
             kwargs[name] = float(value)
+    module, _, name = loss.rpartition(".")
     with validation(checked):
-        return getattr(sys.modules["crossent"], loss)(*args, **kwargs)
+        return getattr(sys.modules[module or "crossent"], name)(*args, **kwargs)
 
 
 _REGISTERED: list[bool] = []

@@ -59,6 +59,7 @@ from crossent._lib._checks import (
     assert_on_device,
     check_in_unit_interval,
     check_nonnegative,
+    checked_on_device,
     device_assertions,
     is_real_scalar,
     unit_interval_message,
@@ -320,6 +321,24 @@ def _native_indices(
     return _half_result(out, x) if low else out  # float32 / float64: autocast leaves them alone
 
 
+def traced_labels(x: Tensor, target: object, axis: int, ignore_index: int | None) -> Any:
+    """Under ``torch.compile`` / ``torch.export`` with validation on: the device-side label
+    check, and the labels with every one it refuses replaced by 0
+    (:func:`crossent._lib._checks.assert_labels_on_device`), so that the assertion with
+    crossent's message is what fails, not a kernel's own bound check (inductor's
+    ``index out of bounds: 0 <= tmp21 < 5L``, ``nll_loss``'s ``Target 7 is out of
+    bounds``). `target` otherwise (eagerly, with validation off, not a tensor)."""
+    if (
+        isinstance(target, Tensor)
+        and target.dtype in _INTEGERS
+        and target.numel()
+        and checked_on_device(target)
+        and 0 <= axis < x.ndim
+    ):
+        return assert_labels_on_device(target, x.shape[axis], ignore_index)
+    return target
+
+
 def _sparse_shapes_fit(x: Tensor, target: object, weight: object, axis: int) -> bool:
     if not isinstance(target, Tensor) or target.dtype not in _INTEGERS:
         return False
@@ -346,6 +365,8 @@ def sparse(
     already a valid non-negative class axis; `weight`'s values are checked by
     the caller.
     """
+    if type(target) is not Tensor:  # a tracer's tensor (compile, export) or not a tensor
+        target = traced_labels(input, target, axis, opts.ignore_index)
     dtype = input.dtype
     if (  # the common call: PyTorch's kernel, nothing else (its bound check raises)
         weight is None
@@ -568,6 +589,8 @@ def nll(
         return None
     if _weight_needs_grad(weight):
         return None  # PyTorch's nll_loss gives no weight gradient: the generic formula does
+    if type(target) is not Tensor:  # a tracer's tensor
+        target = traced_labels(input, target, axis, opts.ignore_index)
     return _native_indices(_NLL, input, target, weight, axis, opts)
 
 

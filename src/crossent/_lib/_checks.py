@@ -444,26 +444,32 @@ def check_integer_labels(target: Array, *, name: str = "target", xp: Any) -> Non
 
 def check_label_range(
     target: Array, num_classes: int, *, ignore_index: int | None, name: str = "target", xp: Any
-) -> None:
-    """Labels must lie in [0, num_classes) unless they equal `ignore_index`."""
+) -> Array:
+    """Labels must lie in [0, num_classes) unless they equal `ignore_index`.
+
+    Returns the labels to index with: `target`, or where the check is a device-side
+    assertion, `target` with the labels it refuses replaced by 0
+    (:func:`assert_labels_on_device`).
+    """
     if size(target) == 0:
-        return
+        return target
     if not values_checked(target):
         if checked_on_device(target):
-            assert_labels_on_device(target, num_classes, ignore_index)
-        return
-    if is_torch_tensor(target) and not target.dtype.is_signed and target.dtype.itemsize > 1:
-        target = target.long()  # PyTorch has no comparisons for uint16/32/64 ("ge_cpu")
+            return assert_labels_on_device(target, num_classes, ignore_index)
+        return target
+    label = target
+    if is_torch_tensor(label) and not label.dtype.is_signed and label.dtype.itemsize > 1:
+        label = label.long()  # PyTorch has no comparisons for uint16/32/64 ("ge_cpu")
     # no comparison with an int the dtype cannot hold (array-api-strict refuses it)
-    bad = target >= num_classes if representable(num_classes, target.dtype, xp=xp) else None
-    if xp.iinfo(target.dtype).min < 0:
-        bad = target < 0 if bad is None else (target < 0) | bad
+    bad = label >= num_classes if representable(num_classes, label.dtype, xp=xp) else None
+    if xp.iinfo(label.dtype).min < 0:
+        bad = label < 0 if bad is None else (label < 0) | bad
     if bad is None:
-        return
-    if ignore_index is not None and representable(ignore_index, target.dtype, xp=xp):
-        bad = bad & (target != ignore_index)
+        return target
+    if ignore_index is not None and representable(ignore_index, label.dtype, xp=xp):
+        bad = bad & (label != ignore_index)
     if known_true(xp.any(bad)):
-        bad_values = target[bad]
+        bad_values = label[bad]
         lo, hi = int(xp.min(bad_values)), int(xp.max(bad_values))
         hint = "" if ignore_index is None else f" (ignore_index={ignore_index})"
         msg = (
@@ -471,6 +477,7 @@ def check_label_range(
             f"{hint}: min={lo}, max={hi}. Check the number of classes, or set `ignore_index`."
         )
         raise ValueError(msg)
+    return target
 
 
 def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | None) -> None:
@@ -497,32 +504,40 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
         raise label_index_error(num_classes, str(int(target[bad].reshape(-1)[0])))
 
 
-def assert_labels_on_device(target: Array, num_classes: int, ignore_index: int | None) -> None:
+def assert_labels_on_device(target: Array, num_classes: int, ignore_index: int | None) -> Array:
     """:func:`assert_on_device` for PyTorch labels outside ``[0, num_classes)`` that are not
-    `ignore_index`: the ignored ones replaced by 0, then :func:`assert_labels_inside`."""
+    `ignore_index` (the ignored ones replaced by 0, then :func:`assert_labels_inside`); returns
+    the labels to index with: `target` with each label the assertion refuses replaced by 0.
+
+    Inductor bound-checks every index it loads with (``index out of bounds: 0 <= tmp21 <
+    5L``, naming its generated C++ file) and ``nll_loss`` raises ``Target 7 is out of
+    bounds``, and either ran before the assertion: a compiled sparse loss gave those errors,
+    not crossent's message. Indexing with the returned labels, only the assertion can fail.
+    """
     import torch
 
-    target = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
+    wide = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
     if num_classes < 1:  # no class: every counted label is outside
-        assert_on_device(
-            not_ignored(target, ignore_index, xp=torch),
-            label_range_message(num_classes, ignore_index),
-        )
-        return
+        counted = not_ignored(wide, ignore_index, xp=torch)
+        assert_on_device(counted, label_range_message(num_classes, ignore_index))
+        return torch.where(counted, 0, target)
     if ignore_index is not None:
-        target = torch.where(not_ignored(target, ignore_index, xp=torch), target, 0)
-    assert_labels_inside(target, num_classes, ignore_index)
+        wide = torch.where(not_ignored(wide, ignore_index, xp=torch), wide, 0)
+    inside = assert_labels_inside(wide, num_classes, ignore_index)
+    return torch.where(inside, target, 0)
 
 
-def assert_labels_inside(label: Array, num_classes: int, ignore_index: int | None) -> None:
+def assert_labels_inside(label: Array, num_classes: int, ignore_index: int | None) -> Array:
     """Device-side check that every int64 label (ignored ones already replaced by 0) lies in
     ``[0, num_classes)``, ``num_classes >= 1``: ``label // num_classes`` is 0 exactly there
     (four operations, each a kernel launch on an accelerator; no host synchronisation).
-    `ignore_index` only completes the message."""
+    `ignore_index` only completes the message. Returns the mask of the labels inside."""
     import torch
 
     msg = label_range_message(num_classes, ignore_index)
-    torch._assert_async((label.div(num_classes, rounding_mode="floor") == 0).all(), msg)
+    inside = label.div(num_classes, rounding_mode="floor") == 0
+    torch._assert_async(inside.all(), msg)
+    return inside
 
 
 def label_range_message(num_classes: int, ignore_index: int | None) -> str:

@@ -117,8 +117,9 @@ def _check_labels(
     weight: Array | None,
     ignore_index: object,
     xp: Any,
-) -> int:
-    """Shapes, dtypes and values of `input`, `target`, `weight`; returns the class axis."""
+) -> tuple[int, Array]:
+    """Shapes, dtypes and values of `input`, `target`, `weight`; returns the class axis and
+    the labels to index with (:func:`check_label_range`)."""
     if not hasattr(input, "shape") or not hasattr(target, "shape"):
         msg = "`input` and `target` must be arrays (NumPy, PyTorch, JAX, ...)."
         raise TypeError(msg)
@@ -141,8 +142,7 @@ def _check_labels(
         )
         raise ValueError(msg)
     check_class_weight(weight, num_classes, xp=xp)
-    check_label_range(target, num_classes, ignore_index=ignore_index, xp=xp)
-    return axis
+    return axis, check_label_range(target, num_classes, ignore_index=ignore_index, xp=xp)
 
 
 # --------------------------------------------------------------------------- the row core
@@ -487,7 +487,7 @@ def _check_arrays(
     input: Array, target: Array, *, weight: Array | None, axis: object, opts: CEOptions, xp: Any
 ) -> tuple[int, Array]:
     """Shapes, dtypes and values of the arrays; returns class axis and target to index with."""
-    axis_ = _check_labels(
+    axis_, target = _check_labels(
         input, target, axis=axis, weight=weight, ignore_index=opts.ignore_index, xp=xp
     )
     if opts.kind == "probs":
@@ -686,6 +686,11 @@ def _nll_loss(
     """
     opts = make_options(ignore_index=ignore_index, reduction=reduction, kind="log_probs")
     if is_torch_tensor(log_probs):
+        if dynamo_tracing() and in_graph() and torch_operands(axis, target, weight):
+            return graph_node(  # one opaque node, as the public losses (crossent._backends._node)
+                f"{__name__}._nll_loss", log_probs, target, checked=get_validation(), axis=axis,
+                weight=weight, ignore_index=opts.ignore_index, reduction=opts.reduction,
+            )  # fmt: skip
         from crossent._backends._torch import nll as torch_nll
 
         axis_ = check_axis(axis, log_probs.ndim)
