@@ -141,6 +141,37 @@ def test_masked_classes_peaked_rows_and_all_ignored() -> None:
     assert not grad.any()
 
 
+def test_forward_kl_with_a_masked_student_class_has_the_limit_gradient_on_every_path() -> None:
+    """The student rules out (−inf) a class the teacher gives mass: the forward KL (β = 0) is
+    +inf and its gradient is the limit Q − P, as ``value_and_grad`` and PyTorch's
+    ``kl_div`` give. Torch autograd and ``jax.grad`` gave about 0 for the row (the +inf term
+    was a constant); the other rows are unchanged."""
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    s = np.array([[0.0, -np.inf, 1.0], [0.5, 0.2, -0.3]])
+    t = np.array([[0.0, 1.0, 1.0], [0.1, 0.2, 0.3]])
+    q, p = (np.exp(a - a.max(1, keepdims=True)) for a in (s, t))
+    want = q / q.sum(1, keepdims=True) - p / p.sum(1, keepdims=True)
+    value, grad = ce.value_and_grad(ce.distillation_loss, s, t, beta=0.0, reduction="sum")
+    assert value == np.inf
+    np.testing.assert_allclose(grad, want, rtol=1e-12)
+    s_t = torch.tensor(s, requires_grad=True)
+    ce.distillation_loss(s_t, torch.tensor(t), beta=0.0, reduction="sum").backward()
+    np.testing.assert_allclose(s_t.grad.numpy(), want, rtol=1e-12)
+    t_j = jax.numpy.asarray(t)
+    g_j = jax.grad(lambda x: ce.distillation_loss(x, t_j, beta=0.0, reduction="sum"))(s)
+    np.testing.assert_allclose(np.asarray(g_j), want, rtol=1e-12)
+    # crossent.info.kl_divergence(P, Q) from logits: the gradients of PyTorch's kl_div
+    p_t, q_t = torch.tensor(t, requires_grad=True), torch.tensor(s, requires_grad=True)
+    ce.info.kl_divergence(p_t, q_t, from_logits=True).sum().backward()
+    p_r, q_r = torch.tensor(t, requires_grad=True), torch.tensor(s, requires_grad=True)
+    torch.nn.functional.kl_div(
+        torch.log_softmax(q_r, -1), torch.log_softmax(p_r, -1), log_target=True, reduction="sum"
+    ).backward()
+    torch.testing.assert_close(q_t.grad, q_r.grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(p_t.grad, p_r.grad, rtol=1e-12, atol=1e-15, equal_nan=True)
+
+
 def test_nan_propagates() -> None:
     s, t = _logits((3, 4))
     s[1, 2] = np.nan

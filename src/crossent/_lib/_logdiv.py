@@ -116,9 +116,18 @@ def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
     :math:`a = 0` (:math:`\log a = -\infty`) gives :math:`b`, and mass on
     :math:`b = 0` gives :math:`+\infty`; an underflowed :math:`a` or :math:`b`
     with finite logs keeps the value and the gradient finite. NaN propagates.
+
+    The :math:`+\infty` term is :math:`\max(a, \text{tiny}) (\log a - \log b)`, so
+    that autodiff gives its derivatives, :math:`-a` for :math:`\log b` (the limit as
+    :math:`b \to 0`; after the softmax of :math:`\log b`'s logits the gradient of
+    :math:`D(a\|b)` is :math:`b - a`, as the closed form and PyTorch's ``kl_div``
+    give) and :math:`+\infty` for :math:`\log a`. (A constant :math:`+\infty` gave both
+    0: a forward KL with a student's masked class gave the student a gradient of about 0
+    where ``value_and_grad`` and ``kl_div`` give :math:`Q - P`.)
     """
     a_zero = log_a == -math.inf
     b_zero = log_b == -math.inf
+    on_zero = b_zero & ~a_zero  # mass on an impossible class: +inf
     zero = xp.zeros_like(log_a)
     log_a = xp.where(a_zero, zero, log_a)
     log_b_finite = xp.where(a_zero | b_zero, zero, log_b)
@@ -130,7 +139,10 @@ def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
     hi = a * (d_hi + xp.expm1(-d_hi))
     # b from its own log, not as e^(log a - d): d is rounded at the magnitude of log a
     lo = a * (d_lo - 1.0) + xp.exp(xp.where(low, log_b_finite, zero))
-    out = xp.where(b_zero, xp.full_like(hi, math.inf), xp.where(low, lo, hi))
+    # +inf where on_zero (a kept above 0: an underflowed a times inf would be NaN), 0 elsewhere
+    a_on = xp.where(on_zero, xp.maximum(a, xp.finfo(a.dtype).smallest_normal), zero)
+    at_zero = a_on * (log_a - xp.where(on_zero, log_b, zero))
+    out = xp.where(b_zero, at_zero, xp.where(low, lo, hi))
     return xp.where(a_zero, xp.exp(log_b), out)
 
 
