@@ -140,7 +140,8 @@ def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
     # b from its own log, not as e^(log a - d): d is rounded at the magnitude of log a
     lo = a * (d_lo - 1.0) + xp.exp(xp.where(low, log_b_finite, zero))
     # +inf where on_zero (a kept above 0: an underflowed a times inf would be NaN), 0 elsewhere
-    a_on = xp.where(on_zero, xp.maximum(a, xp.finfo(a.dtype).smallest_normal), zero)
+    tiny = xp.full_like(a, xp.finfo(a.dtype).smallest_normal)
+    a_on = xp.where(on_zero, xp.maximum(a, tiny), zero)
     at_zero = a_on * (log_a - xp.where(on_zero, log_b, zero))
     out = xp.where(b_zero, at_zero, xp.where(low, lo, hi))
     return xp.where(a_zero, xp.exp(log_b), out)
