@@ -220,3 +220,35 @@ def test_soft_target_row_without_a_finite_max_has_a_nan_gradient_throughout(
     assert np.isnan(value)
     assert np.isnan(g[0]).all(), g[0]
     np.testing.assert_allclose(g[1:], expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("label", [-1, 9])
+@pytest.mark.parametrize("name", ["plain", "weight", "z_loss", "focal-smooth"])
+@pytest.mark.parametrize("path", ["jax-vg", "jax-jit"])
+def test_a_jax_traced_label_outside_the_classes_gives_a_nan_row(
+    path: str, name: str, label: int
+) -> None:
+    """On JAX tracers no label check can raise. JAX's gather wrapped label -1 to the last
+    class (a finite, silently wrong loss and gradient) and filled a label past the end with
+    NaN but dropped its gradient (a finite gradient row). The row is now NaN in the loss and
+    holds NaN in the gradient, as a NaN input's; the other rows are unchanged. (Eagerly the
+    check raises; the ValueError is tested with the other bad inputs.)"""
+    jax = pytest.importorskip("jax")
+    jnp = _jnp()
+    z = np.concatenate([np.array([[0.3, -0.2, 1.1, 0.4]]), REST])
+    y = np.concatenate([[label], REST_Y])
+    kw = {"from_logits": True, "ignore_index": -100, "reduction": "sum"}
+    opts = _options(OPTIONS[name], jnp.asarray)
+
+    @jax.jit  # the labels are a tracer too
+    def value_and_grad(v: Any, t: Any) -> Any:
+        loss = ce.sparse_categorical_cross_entropy
+        if path == "jax-vg":
+            return ce.value_and_grad(loss, v, t, **kw, **opts)
+        return jax.value_and_grad(lambda w: loss(w, t, **kw, **opts))(v)
+
+    value, grad = (_np(a) for a in value_and_grad(jnp.asarray(z), jnp.asarray(y)))
+    _, expected = (_np(a) for a in value_and_grad(jnp.asarray(REST), jnp.asarray(REST_Y)))
+    assert np.isnan(value)
+    assert np.isnan(grad[0]).any(), grad[0]
+    np.testing.assert_allclose(grad[1:], expected, rtol=1e-12, atol=1e-15)

@@ -457,17 +457,9 @@ def check_label_range(
         if checked_on_device(target):
             return assert_labels_on_device(target, num_classes, ignore_index)
         return target
-    label = target
-    if is_torch_tensor(label) and not label.dtype.is_signed and label.dtype.itemsize > 1:
-        label = label.long()  # PyTorch has no comparisons for uint16/32/64 ("ge_cpu")
-    # no comparison with an int the dtype cannot hold (array-api-strict refuses it)
-    bad = label >= num_classes if representable(num_classes, label.dtype, xp=xp) else None
-    if xp.iinfo(label.dtype).min < 0:
-        bad = label < 0 if bad is None else (label < 0) | bad
+    label, bad = _outside(target, num_classes, ignore_index, xp=xp)
     if bad is None:
         return target
-    if ignore_index is not None and representable(ignore_index, label.dtype, xp=xp):
-        bad = bad & (label != ignore_index)
     if known_true(xp.any(bad)):
         bad_values = label[bad]
         lo, hi = int(xp.min(bad_values)), int(xp.max(bad_values))
@@ -478,6 +470,54 @@ def check_label_range(
         )
         raise ValueError(msg)
     return target
+
+
+def _outside(
+    target: Array, num_classes: int, ignore_index: int | None, *, xp: Any
+) -> tuple[Array, Array | None]:
+    """(labels as compared, mask of the labels outside [0, num_classes) that are not
+    `ignore_index`); the mask is None where no label of the dtype can be outside."""
+    label = target
+    if is_torch_tensor(label) and not label.dtype.is_signed and label.dtype.itemsize > 1:
+        label = label.long()  # PyTorch has no comparisons for uint16/32/64 ("ge_cpu")
+    # no comparison with an int the dtype cannot hold (array-api-strict refuses it)
+    bad = label >= num_classes if representable(num_classes, label.dtype, xp=xp) else None
+    if xp.iinfo(label.dtype).min < 0:
+        bad = label < 0 if bad is None else (label < 0) | bad
+    if (
+        bad is not None
+        and ignore_index is not None
+        and representable(ignore_index, label.dtype, xp=xp)
+    ):
+        bad = bad & (label != ignore_index)
+    return label, bad
+
+
+def poison_unread_labels(
+    target: Array, num_classes: int, *, ignore_index: int | None, xp: Any
+) -> Array:
+    """Where labels cannot be read (JAX tracers: ``jit``, ``grad``, ``vmap``) and validation
+    is on: `target` with each label outside ``[0, C)`` that is not `ignore_index` replaced by
+    a label past the end (C, or C + 1 where `ignore_index` is C), in an index dtype that
+    holds it; `target` itself otherwise.
+
+    No check can raise there, and JAX's gather wrapped a negative label to a class counted
+    from the end (label −1 gave the last class's loss: a silently wrong number). Past the
+    end, :func:`~crossent._lib._xp.take_along_axis` gives NaN with a NaN gradient (JAX's own
+    gather fills NaN and drops the gradient: a NaN loss with a finite gradient), and
+    ``take`` of a class weight NaN: the row's loss and gradient are NaN, as a NaN input's
+    (NaN propagates). A few operations on the labels; none on the logits.
+    """
+    if not (is_lazy(target) and not is_torch_tensor(target) and _config.get_validation()):
+        return target
+    label, bad = _outside(target, num_classes, ignore_index, xp=xp)
+    if bad is None:
+        return target
+    past = num_classes + 1 if ignore_index == num_classes else num_classes
+    index_dtype = xp.asarray(0).dtype  # JAX: int32, or int64 with x64 on
+    if not representable(past, index_dtype, xp=xp):
+        index_dtype = xp.int64
+    return xp.where(bad, xp.asarray(past, dtype=index_dtype), xp.astype(label, index_dtype))
 
 
 def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | None) -> None:

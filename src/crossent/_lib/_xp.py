@@ -666,11 +666,21 @@ def safe_divide(num: Array, den: Array, *, xp: Any) -> Array:
 
 
 def take_along_axis(x: Array, indices: Array, *, axis: int, xp: Any) -> Array:
-    """``x[..., indices, ...]`` along `axis`; `indices` has `x`'s shape with size 1 on `axis`."""
+    """``x[..., indices, ...]`` along `axis`; `indices` has `x`'s shape with size 1 on `axis`.
+
+    JAX: an index past the end gives NaN whose gradient is NaN (at the first entry), not
+    JAX's NaN fill whose gradient is dropped (``crossent._lib._checks.poison_unread_labels``
+    moves a bad label there where it cannot raise).
+    """
     if is_torch_namespace(xp):
         import torch
 
         return torch.gather(x, axis, indices)
+    if is_jax_namespace(xp):
+        past = indices >= x.shape[axis]
+        got = xp.take_along_axis(x, xp.where(past, xp.zeros_like(indices), indices), axis=axis)
+        one = xp.asarray(1.0, dtype=got.dtype)
+        return got * xp.where(past, xp.asarray(float("nan"), dtype=got.dtype), one)
     native = getattr(xp, "take_along_axis", None)
     if native is not None:
         return native(x, indices, axis=axis)

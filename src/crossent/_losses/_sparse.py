@@ -31,6 +31,7 @@ from crossent._lib._checks import (
     check_integer_labels,
     check_label_range,
     check_probability_rows,
+    poison_unread_labels,
 )
 from crossent._lib._config import dynamo_tracing, get_validation
 from crossent._lib._xp import (
@@ -142,7 +143,8 @@ def _check_labels(
         )
         raise ValueError(msg)
     check_class_weight(weight, num_classes, xp=xp)
-    return axis, check_label_range(target, num_classes, ignore_index=ignore_index, xp=xp)
+    target = check_label_range(target, num_classes, ignore_index=ignore_index, xp=xp)
+    return axis, poison_unread_labels(target, num_classes, ignore_index=ignore_index, xp=xp)
 
 
 # --------------------------------------------------------------------------- the row core
@@ -663,6 +665,9 @@ def _sparse_value_and_grad(
         # class-by-class form is NaN or +inf there; _row_grads reads the statistics' max)
         if lse is not None:
             scale = nan_rows(scale, ~(lse < float("inf")), xp=xp)
+        # a NaN loss row whose logits are not NaN (a label past the end on a JAX tracer,
+        # crossent._lib._checks.poison_unread_labels): NaN too, as a NaN loss row's gradient
+        scale = nan_rows(scale, xp.isnan(row), xp=xp)
         g = _row_grads(z, target, lse, w, scale, opts, statistics, m, xp=xp)
         g = softcap_backward(x, opts.softcap, g, xp=xp)
         grad = moveaxis(g, -1, axis_, xp=xp)
