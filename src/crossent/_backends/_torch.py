@@ -1049,33 +1049,37 @@ def _constant(value: float, like: Tensor) -> Tensor:
     return _scalar(value, like.dtype, like.device)
 
 
-def _neg_small_loss(x: Tensor, t: Tensor, pos: Coef, neg: Coef, common: Coef) -> Tensor:
-    r""":math:`-\ell = \operatorname{lerp}(-n\operatorname{sp}(x), -p\operatorname{sp}(-x), t)`
-    (times `common`) per element: two ``softplus`` kernels (:math:`\beta = -1` gives
-    :math:`-\operatorname{sp}(-x)` without negating `x`), one ``lerp``; both ends of one sign,
-    so no cancellation (see :func:`binary`)."""
-    a = torch._C._nn.softplus(x, 1, _SOFTPLUS_EXACT)  # sp(x) = -log(1 - p)
-    b = torch._C._nn.softplus(x, -1, _SOFTPLUS_EXACT)  # -sp(-x) = log p
+_SOFTPLUS: Any = torch._C._nn.softplus
+
+
+def _small_loss(x: Tensor, nx: Tensor, t: Tensor, pos: Coef, neg: Coef, common: Coef) -> Tensor:
+    r""":math:`\ell = \operatorname{lerp}(n\operatorname{sp}(x), p\operatorname{sp}(-x), t)`
+    (times `common`) per element: ``softplus`` of `x` and of `nx` :math:`= -x` (the negation
+    the gradient's :math:`\sigma(-x)` shares), one ``lerp``; both ends non-negative, so no
+    cancellation (see :func:`binary`)."""
+    a = _SOFTPLUS(x, 1, _SOFTPLUS_EXACT)  # sp(x) = -log(1 - p)
+    b = _SOFTPLUS(nx, 1, _SOFTPLUS_EXACT)  # sp(-x) = -log p
+    if pos is _UNIT and neg is _UNIT and common is _UNIT:  # the unweighted call
+        return a.lerp_(b, t)
     if not _is_one(neg):
         a.mul_(neg)
     if not _is_one(pos):
         b.mul_(pos)
-    loss = a.neg_().lerp_(b, t)
+    loss = a.lerp_(b, t)
     return loss if _is_one(common) else loss.mul_(common)
 
 
-def _small_reduced(neg_loss: Tensor, reduction: str) -> Tensor:
-    """The reduction of :func:`_neg_small_loss`'s negated losses, negated back (a 0-d division by
-    :math:`-n` for ``"mean"``, correctly rounded as PyTorch's ``mean``)."""
+def _small_reduced(loss: Tensor, reduction: str) -> Tensor:
+    """:func:`_small_loss`'s losses reduced (a 0-d division by :math:`n` for ``"mean"``,
+    correctly rounded as PyTorch's ``mean``; by a cached 0-d tensor: these run on the CPU)."""
     if reduction == "none":
-        return neg_loss.neg_()
-    total = neg_loss.sum()
-    n = neg_loss.numel()
-    return total.neg_() if reduction == "sum" else total.div_(_constant(-float(n), total))
+        return loss
+    total = loss.sum()
+    return total if reduction == "sum" else total.div_(_scalar(float(loss.numel()), total.dtype))
 
 
 def _binary_small(x: Tensor, t: Tensor, pos: Coef, neg: Coef, eps: float, reduction: str) -> Tensor:
-    r"""Small inputs without a target gradient: the fewest kernels (:func:`_neg_small_loss`);
+    r"""Small inputs without a target gradient: the fewest kernels (:func:`_small_loss`);
     with a logit gradient one autograd node (:class:`_BinarySmall`), whose backward is
     :math:`N\sigma(x) - P\sigma(-x)` in five kernels."""
     if x.requires_grad and torch.is_grad_enabled():
@@ -1085,23 +1089,30 @@ def _binary_small(x: Tensor, t: Tensor, pos: Coef, neg: Coef, eps: float, reduct
 
 def _small_forward(
     x: Tensor, t: Tensor, pos: Coef, neg: Coef, eps: float, reduction: str
-) -> tuple[Tensor, Tensor, Tensor, tuple[Coef, Coef, Coef]]:
-    """:func:`_binary_small`'s loss in `x`'s dtype, with what its gradient needs: the logits
-    and smoothed targets in the computing dtype, and the factored coefficients."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Coef, Coef, Coef]]:
+    """:func:`_binary_small`'s loss in `x`'s dtype, with what its gradient needs: the logits,
+    their negation and the smoothed targets in the computing dtype, and the factored
+    coefficients."""
     xc = x.float() if x.dtype in _LOW else x
-    tc = _smoothed(t, xc.dtype, eps)
-    factored = _factored(pos, neg)
-    out = _small_reduced(_neg_small_loss(xc, tc, *factored), reduction)
-    return (out if out.dtype is x.dtype else _to_low(out, x)), xc, tc, factored
+    tc = t if eps == 0 and t.dtype is xc.dtype else _smoothed(t, xc.dtype, eps)
+    factored = _PLAIN_FACTORS if pos is _UNIT and neg is _UNIT else _factored(pos, neg)
+    nx = torch.neg(xc)
+    out = _small_reduced(_small_loss(xc, nx, tc, *factored), reduction)
+    return (out if out.dtype is x.dtype else _to_low(out, x)), xc, nx, tc, factored
+
+
+_PLAIN_FACTORS = (_UNIT, _UNIT, _UNIT)
+""":func:`_factored` of an unweighted call."""
 
 
 def _small_gradient(
-    xc: Tensor, tc: Tensor, factored: tuple[Coef, Coef, Coef], reduction: str
+    xc: Tensor, nx: Tensor, tc: Tensor, factored: tuple[Coef, Coef, Coef], reduction: str
 ) -> Tensor:
-    r""":math:`N\sigma(x) - P\sigma(-x)` (:func:`_derivative_into`), over the element count for
-    a mean: the forward's early gradient and the backward's, in one order of roundings."""
-    d = _derivative_into(torch.sigmoid(xc), torch.neg(xc).sigmoid_(), tc, *factored)
-    return d.div_(_constant(float(xc.numel()), d)) if reduction == "mean" else d
+    r""":math:`N\sigma(x) - P\sigma(-x)` (:func:`_derivative_into`; `nx` is :math:`-x`), over the
+    element count for a mean: the forward's early gradient and the backward's, in one order of
+    roundings."""
+    d = _derivative_into(torch.sigmoid(xc), torch.sigmoid(nx), tc, *factored)
+    return d.div_(_scalar(float(xc.numel()), d.dtype)) if reduction == "mean" else d
 
 
 class _BinarySmall(torch.autograd.Function):
@@ -1114,14 +1125,14 @@ class _BinarySmall(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, t: Tensor, options: tuple[Coef, Coef, float, str]) -> Tensor:
         pos, neg, eps, reduction = options
-        out, xc, tc, factored = _small_forward(x, t, pos, neg, eps, reduction)
+        out, xc, nx, tc, factored = _small_forward(x, t, pos, neg, eps, reduction)
         # the tensor coefficients (the caller's weight / pos_weight) are saved too, so that one
         # changed in place before backward is an error, not another gradient; ctx.coefs keeps
         # which is which
         ctx.save_for_backward(x, tc, *(c for c in (pos, neg) if isinstance(c, Tensor)))
         ctx.coefs, ctx.reduction, ctx.early = (pos, neg), reduction, None
         if reduction != "none":
-            d = _small_gradient(xc, tc, factored, reduction)
+            d = _small_gradient(xc, nx, tc, factored, reduction)
             ctx.early = d if d.dtype is x.dtype else d.to(x.dtype)
         return out
 
@@ -1138,7 +1149,8 @@ class _BinarySmall(torch.autograd.Function):
             d = _logit_derivative(xc, t, pos, neg)
             d = (d / _constant(float(x.numel()), g) if ctx.reduction == "mean" else d) * g
         else:  # the forward's early gradient, in the same order of roundings (reentrant)
-            d = _small_gradient(xc, t, _factored(pos, neg), ctx.reduction).mul_(g)
+            factored = _factored(pos, neg)
+            d = _small_gradient(xc, torch.neg(xc), t, factored, ctx.reduction).mul_(g)
         return (d if d.dtype is x.dtype else d.to(x.dtype)), None, None
 
 
