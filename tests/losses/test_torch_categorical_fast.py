@@ -209,6 +209,74 @@ def test_float_categorical_is_pytorch_kernel_with_crossent_rules(dtype: Any, axi
     assert float(empty) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed target", "float64 target"])
+def test_float_categorical_unsmoothed_is_pytorch_kernel_bits(
+    dtype: Any, reduction: str, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without smoothing or weight the common call computes PyTorch's probability-target
+    kernel's operations itself (log-softmax, product, sum, division by -N, no negation): the
+    same bits as the kernel, values and gradients of the logits and of the targets, with or
+    without a gradient (the product in place then), for any upstream gradient."""
+    x, t, _ = _case(dtype, n=37, c=29)
+    if layout == "transposed target":
+        t = t.T.contiguous().T
+    elif layout == "float64 target":
+        t = t.double()
+    cast = t.to(dtype)  # what PyTorch's kernel is given (crossent converts a wider target)
+    want = {r: F.cross_entropy(x, cast, reduction=r) for r in ("mean", "sum", "none")}
+    xg, tg = x.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    xr, tr = x.clone().requires_grad_(True), cast.detach().clone().requires_grad_(True)
+    up = torch.rand(want["none"].shape, dtype=dtype) if reduction == "none" else 0.37
+    ref = F.cross_entropy(xr, tr, reduction=reduction)
+    ref_gx, ref_gt = torch.autograd.grad((ref * up).sum(), (xr, tr))
+    monkeypatch.setattr(torch_exec, "_CROSS_ENTROPY", None)  # PyTorch's kernel is not called
+    with torch.no_grad():
+        out = ce.categorical_cross_entropy(x, t, from_logits=True, reduction=reduction)
+    assert out.dtype == dtype
+    assert torch.equal(out, want[reduction])
+    loss = ce.categorical_cross_entropy(xg, tg, from_logits=True, reduction=reduction)
+    assert torch.equal(loss.detach(), want[reduction])
+    gx, gt = torch.autograd.grad((loss * up).sum(), (xg, tg))
+    assert torch.equal(gx, ref_gx)
+    assert torch.equal(gt, ref_gt.to(gt.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("target_grad", [False, True])
+def test_half_categorical_small_graph_converts_the_target_once(
+    dtype: Any, target_grad: bool
+) -> None:
+    """Small half-precision logits and targets with a gradient: the target is converted to
+    float32 once (exact), so the product and its backward are float32 kernels, not
+    mixed-dtype ones; the same bits as the mixed-dtype product (values, logit and target
+    gradients)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, t, _ = _case(dtype, n=40, c=30)
+    xg, tg = x.clone().requires_grad_(True), t.clone().requires_grad_(target_grad)
+    muls: list[Any] = []
+
+    class Muls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket is torch.ops.aten.mul:
+                muls.append({a.dtype for a in args if isinstance(a, torch.Tensor) and a.ndim})
+            return func(*args, **(kwargs or {}))
+
+    with Muls():
+        loss = ce.categorical_cross_entropy(xg, tg, from_logits=True)
+        grads = torch.autograd.grad(loss, (xg, tg) if target_grad else (xg,))
+    assert muls
+    assert all(m == {torch.float32} for m in muls), muls
+    xr, tr = x.clone().requires_grad_(True), t.clone().requires_grad_(target_grad)
+    ref = (torch.log_softmax(xr, 1, dtype=torch.float32) * tr).sum() / -x.shape[0]
+    ref_grads = torch.autograd.grad(ref.to(dtype), (xr, tr) if target_grad else (xr,))
+    assert torch.equal(loss, ref.to(dtype))
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (5, 3), (7, 10), (300, 129), (3, 40000)])
 def test_in_place_softmax_kernels_give_the_out_of_place_bits(shape: tuple[int, int]) -> None:
     """The chunked half-precision path runs PyTorch's float32 ``softmax`` and ``log_softmax``
