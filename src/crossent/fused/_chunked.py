@@ -164,12 +164,22 @@ class WideBlocks(NamedTuple):
 
     def rounded(self, factor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """``gradient * factor`` (None: 1) rounded once to `dtype`; consumes the blocks."""
+        return self._gather(dtype, factor)
+
+    def wide(self) -> torch.Tensor:
+        """The float32 gradient in one tensor; consumes the blocks (a single block is returned
+        as it is; otherwise the peak is the gradient plus one block, not twice the gradient
+        as ``torch.cat`` would hold)."""
         import torch
 
-        v = sum(b.shape[0] for b in self.blocks)
-        first = self.blocks[0]
-        out = torch.empty((v, first.shape[1]), dtype=dtype, device=first.device)
-        del first
+        return self.blocks.pop() if len(self.blocks) == 1 else self._gather(torch.float32, None)
+
+    def _gather(self, dtype: torch.dtype, factor: torch.Tensor | None) -> torch.Tensor:
+        """The blocks times `factor` in one `dtype` tensor, each block freed once copied."""
+        import torch
+
+        shape = (sum(b.shape[0] for b in self.blocks), self.blocks[0].shape[1])
+        out = torch.empty(shape, dtype=dtype, device=self.blocks[0].device)
         i = 0
         while self.blocks:
             block = self.blocks.pop(0)
@@ -177,14 +187,8 @@ class WideBlocks(NamedTuple):
                 block.mul_(factor.to(block.dtype))
             out[i : i + block.shape[0]].copy_(block)
             i += block.shape[0]
-            del block  # freed before the next block is rounded
+            del block  # freed before the next one is copied
         return out
-
-    def wide(self) -> torch.Tensor:
-        """The float32 gradient (a new tensor)."""
-        import torch
-
-        return torch.cat(self.blocks)
 
 
 def _pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
