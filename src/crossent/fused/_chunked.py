@@ -130,7 +130,7 @@ class RowScaled(NamedTuple):
 #: this many bytes, less a row: glibc maps every allocation above 32 MiB (its largest dynamic
 #: mmap threshold) on its own, so each block goes back to the system as soon as it is rounded.
 #: Smaller blocks come from the heap, which keeps them: measured, 4 MiB blocks left the peak
-#: of a bfloat16 call at 4.3 chunks of logits (N=4096, d=1024, V=32000), 32 MiB ones 3.4.
+#: of a bfloat16 call at 4.3 chunks of logits (N=4096, d=1024, V=32000), these (3 of them) 3.4.
 WIDE_BLOCK_BYTES = 36 * 2**20
 #: At most this many blocks.
 MAX_WIDE_BLOCKS = 16
@@ -139,7 +139,7 @@ MAX_WIDE_BLOCKS = 16
 class WideBlocks(NamedTuple):
     r"""The float32 weight gradient of a float16/bfloat16 head, in blocks of vocabulary rows.
 
-    The chunk loop accumulates :math:`\nabla_W` in float32 (:func:`_accumulate_wide_`): a
+    The chunk loop accumulates :math:`\nabla_W` in float32 (``_accumulate_wide_``): a
     bfloat16 gradient rounded chunk by chunk would be less accurate than PyTorch's unfused
     one, more so the more chunks (``benchmarks/bf16_weight_grad.py``). :meth:`rounded` scales
     the blocks by the upstream gradient and rounds them once into the gradient in the head's
