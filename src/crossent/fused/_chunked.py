@@ -146,7 +146,9 @@ class WideBlocks(NamedTuple):
     dtype, freeing each block as soon as it is copied: the float32 blocks and the rounded
     gradient are never both whole, so the peak is the float32 gradient plus one block, where a
     whole float32 accumulator and its rounded copy took 4 bytes more than the gradient per
-    weight (2 + 2 / blocks now).
+    weight (2 + 2 / blocks now). That is on the CPU, where the rounded gradient's pages are
+    committed as they are written; a caching GPU allocator reserves it whole at once, so
+    there the peak stays the float32 gradient and its rounded copy, as before.
     """
 
     blocks: list[torch.Tensor]
