@@ -39,6 +39,7 @@ __all__ = [
     "LinearCEOptions",
     "RowScaled",
     "VocabShard",
+    "WideBlocks",
     "_ChunkedResult",
     "_auto_chunk_size",
     "_chunked_linear_ce",
@@ -125,6 +126,73 @@ class RowScaled(NamedTuple):
         return self.values.to(self.unscale.dtype).mul_(self.unscale[:, None])
 
 
+#: The float32 weight gradient of a float16/bfloat16 head is held in blocks of rows of at least
+#: this many bytes, less a row: glibc maps every allocation above 32 MiB (its largest dynamic
+#: mmap threshold) on its own, so each block goes back to the system as soon as it is rounded.
+#: Smaller blocks come from the heap, which keeps them: measured, 4 MiB blocks left the peak
+#: of a bfloat16 call at 4.3 chunks of logits (N=4096, d=1024, V=32000), these (3 of them) 3.4.
+WIDE_BLOCK_BYTES = 36 * 2**20
+#: At most this many blocks.
+MAX_WIDE_BLOCKS = 16
+
+
+class WideBlocks(NamedTuple):
+    r"""The float32 weight gradient of a float16/bfloat16 head, in blocks of vocabulary rows.
+
+    The chunk loop accumulates :math:`\nabla_W` in float32 (``_accumulate_wide_``): a
+    bfloat16 gradient rounded chunk by chunk would be less accurate than PyTorch's unfused
+    one, more so the more chunks (``benchmarks/bf16_weight_grad.py``). :meth:`rounded` scales
+    the blocks by the upstream gradient and rounds them once into the gradient in the head's
+    dtype, freeing each block as soon as it is copied: the float32 blocks and the rounded
+    gradient are never both whole, so the peak is the float32 gradient plus one block, where a
+    whole float32 accumulator and its rounded copy took 4 bytes more than the gradient per
+    weight (2 + 2 / blocks now). That is on the CPU, where the rounded gradient's pages are
+    committed as they are written; a caching GPU allocator reserves it whole at once, so
+    there the peak stays the float32 gradient and its rounded copy, as before.
+    """
+
+    blocks: list[torch.Tensor]
+    """``(rows_j, d)`` float32, in vocabulary order; emptied by :meth:`rounded`."""
+
+    @staticmethod
+    def zeros(v: int, d: int, device: torch.device, *, fill: bool) -> WideBlocks:
+        """Uninitialised (`fill` False: the first chunk overwrites them) or zero blocks."""
+        import torch
+
+        k = max(1, min(MAX_WIDE_BLOCKS, v, v * d * 4 // WIDE_BLOCK_BYTES))
+        alloc = torch.zeros if fill else torch.empty
+        # as even as can be: every block holds at least WIDE_BLOCK_BYTES less one row
+        return WideBlocks([alloc((v // k + (j < v % k), d), device=device) for j in range(k)])
+
+    def rounded(self, factor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """``gradient * factor`` (None: 1) rounded once to `dtype`; consumes the blocks."""
+        return self._gather(dtype, factor)
+
+    def wide(self) -> torch.Tensor:
+        """The float32 gradient in one tensor; consumes the blocks (a single block is returned
+        as it is; otherwise the peak is the gradient plus one block, not twice the gradient
+        as ``torch.cat`` would hold)."""
+        import torch
+
+        return self.blocks.pop() if len(self.blocks) == 1 else self._gather(torch.float32, None)
+
+    def _gather(self, dtype: torch.dtype, factor: torch.Tensor | None) -> torch.Tensor:
+        """The blocks times `factor` in one `dtype` tensor, each block freed once copied."""
+        import torch
+
+        shape = (sum(b.shape[0] for b in self.blocks), self.blocks[0].shape[1])
+        out = torch.empty(shape, dtype=dtype, device=self.blocks[0].device)
+        i = 0
+        while self.blocks:
+            block = self.blocks.pop(0)
+            if factor is not None:
+                block.mul_(factor.to(block.dtype))
+            out[i : i + block.shape[0]].copy_(block)
+            i += block.shape[0]
+            del block  # freed before the next one is copied
+        return out
+
+
 def _pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``2.0**k`` exactly (`k` integer, within the normal exponents of float32 `dtype` or
     float64), built from the exponent bits: no ``pow``/``exp2`` rounding."""
@@ -160,8 +228,9 @@ class _ChunkedResult(NamedTuple):
         ``"mean"``/``"sum"``) or on a vocabulary slice; or None. On a vocabulary slice it is
         the slice's contribution only: the caller sums it over ranks.
     grad_weight
-        ``(V_local, d)``: float32 when ``weight`` is float16/bfloat16 (accumulated in
-        float32), else ``weight.dtype``; or None.
+        ``(V_local, d)``: when ``weight`` is float16/bfloat16, accumulated in float32 and
+        held as a :class:`WideBlocks` (blocks of rows, rounded to ``weight.dtype`` in
+        backward); else ``weight.dtype``; or None.
     grad_bias
         ``(V_local,)`` with the same dtype rule, or None.
     lse
@@ -171,7 +240,7 @@ class _ChunkedResult(NamedTuple):
 
     loss: torch.Tensor
     grad_hidden: torch.Tensor | RowScaled | None
-    grad_weight: torch.Tensor | None
+    grad_weight: torch.Tensor | WideBlocks | None
     grad_bias: torch.Tensor | None
     lse: torch.Tensor
 
@@ -892,7 +961,7 @@ def _chunk_loop(
     body: Callable[[torch.Tensor, _Chunk], bool],
     low_in_place: bool = False,
     hidden_grad: HiddenGrad = "round",
-) -> tuple[torch.Tensor | RowScaled | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor | RowScaled | None, torch.Tensor | WideBlocks | None, torch.Tensor | None]:
     r"""The one chunk loop of every fused function: logits in, gradient products out.
 
     For each chunk of the counted rows `rows_all` it computes the logits
@@ -907,8 +976,8 @@ def _chunk_loop(
     (:func:`_product_operands`); rows of `hidden` are cast to it chunk by chunk.
     `want` gives the (hidden, weight, bias) gradients to form (None: none).
     Returns them: `grad_hidden` ``(N, d)`` (zero at rows not in `rows_all`),
-    `grad_weight` and `grad_bias` float32 for low-precision products (accumulated in
-    float32), else in the product dtype.
+    `grad_weight` and `grad_bias` accumulated in float32 for low-precision products (the
+    weight's in blocks of rows, a :class:`WideBlocks`), else in the product dtype.
 
     `hidden_grad` says what `grad_hidden` is when `hidden` is float16/bfloat16 and the
     products are wider (a float32 head): ``"round"`` (already scaled: each chunk's product
@@ -948,7 +1017,11 @@ def _chunk_loop(
             unscale = torch.ones((n_total,), dtype=mm_dtype, device=device)
     # zeros only for an empty batch: otherwise the first chunk overwrites them (no fill pass)
     alloc = torch.zeros if n_rows == 0 else torch.empty
-    grad_w = alloc((v_local, d), dtype=acc_dtype, device=device) if want_w else None
+    grad_w: torch.Tensor | WideBlocks | None = None
+    if want_w and low_precision:  # float32, in blocks of rows
+        grad_w = WideBlocks.zeros(v_local, d, device, fill=n_rows == 0)
+    elif want_w:
+        grad_w = alloc((v_local, d), dtype=acc_dtype, device=device)
     grad_b = alloc((v_local,), dtype=acc_dtype, device=device) if want_b else None
     if n_rows == 0:
         return _hidden_grad(grad_h, unscale, chunk), grad_w, grad_b
@@ -985,16 +1058,13 @@ def _chunk_loop(
         if lp is not None:
             lp.copy_(buf)
             g = lp
-        if grad_w is not None:
-            if not low_precision:
-                if c.first:
-                    torch.mm(g.t(), h_c, out=grad_w)
-                else:
-                    torch.addmm(grad_w, g.t(), h_c, out=grad_w)
+        if isinstance(grad_w, WideBlocks):
+            _accumulate_wide_(grad_w, None if in_place else buf, g, h_c, first=c.first)
+        elif grad_w is not None:
+            if c.first:
+                torch.mm(g.t(), h_c, out=grad_w)
             else:
-                _accumulate_weight_grad_f32(
-                    grad_w, None if in_place else buf, g, h_c, first=c.first
-                )
+                torch.addmm(grad_w, g.t(), h_c, out=grad_w)
         if grad_h is not None and narrow:  # formed wide, rounded once
             # over the chunk's wide copy of hidden, read by the weight gradient above
             gh = torch.mm(g, weight, out=h_c)
@@ -1018,43 +1088,66 @@ def _hidden_grad(
     return grad_h if grad_h is None or unscale is None else RowScaled(grad_h, unscale, chunk)
 
 
-def _accumulate_weight_grad_f32(
-    grad_w: torch.Tensor,
+def _accumulate_wide_(
+    grad_w: WideBlocks,
     g32: torch.Tensor | None,
     g_lp: torch.Tensor,
     h_c: torch.Tensor,
     *,
     first: bool,
 ) -> None:
-    """``grad_w += G.T @ h_c`` in float32 for float16/bfloat16 inputs.
+    """``grad_w += G.T @ h_c`` in float32 for float16/bfloat16 inputs, block by block.
 
-    On CUDA: one low-precision matrix product accumulated in float32 in place
-    (``torch.addmm(..., out_dtype=torch.float32, out=grad_w)``: no temporary).
-    Elsewhere, or on a torch without that overload: a float32 product of the
-    float32 gradient buffer and the upcast chunk of `hidden`, accumulated in
-    place. `first` overwrites `grad_w` instead. Rounding each chunk's partial
-    sum to the input dtype would make the weight gradient less accurate than
-    PyTorch's unfused one. `g32` None: the float32 gradient is `g_lp` upcast.
+    On CUDA: the low-precision operands accumulated in float32 in place
+    (``torch.addmm(..., out_dtype=torch.float32, out=block)``: no temporary). Elsewhere, or
+    on a torch without that overload: the float32 gradient `g32` (None: `g_lp` upcast) and
+    the chunk of `hidden` upcast once. `first` overwrites the blocks instead.
     """
     import torch
 
-    if g_lp.device.type == "cuda":  # pragma: no cover - needs a GPU
-        try:
-            if first:
-                torch.mm(g_lp.t(), h_c, out_dtype=torch.float32, out=grad_w)
-            else:
-                torch.addmm(grad_w, g_lp.t(), h_c, out_dtype=torch.float32, out=grad_w)
-        except (TypeError, RuntimeError, NotImplementedError):  # older torch: no overload
-            pass  # (it fails on its arguments, before writing anything)
-        else:
-            return
-    h32 = h_c.to(torch.float32)
-    if g32 is None:
-        g32 = g_lp.to(torch.float32)
-    if first:
-        torch.mm(g32.t(), h32, out=grad_w)
+    if _mm_out_dtype(g_lp):  # pragma: no cover - needs a GPU
+        g, h = g_lp, h_c
     else:
-        torch.addmm(grad_w, g32.t(), h32, out=grad_w)
+        g, h = (g_lp.to(torch.float32) if g32 is None else g32), h_c.to(torch.float32)
+    i = 0
+    for block in grad_w.blocks:
+        g_t = g[:, i : i + block.shape[0]].t()
+        i += block.shape[0]
+        if g.dtype != torch.float32:  # pragma: no cover - needs a GPU
+            if first:
+                torch.mm(g_t, h, out_dtype=torch.float32, out=block)
+            else:
+                torch.addmm(block, g_t, h, out_dtype=torch.float32, out=block)
+        elif first:
+            torch.mm(g_t, h, out=block)
+        else:
+            torch.addmm(block, g_t, h, out=block)
+
+
+_OUT_DTYPE_MM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _mm_out_dtype(x: torch.Tensor) -> bool:
+    """Whether a product of `x`'s dtype accumulated and written in float32
+    (``torch.mm(..., out_dtype=torch.float32)``) runs on `x`'s device: tried once per device
+    type and dtype, CUDA only (on CPU the float32 product of upcast operands is used)."""
+    import torch
+
+    device = x.device
+    if device.type != "cuda":
+        return False
+    ok = _OUT_DTYPE_MM.get((device.type, x.dtype))
+    if ok is None:  # pragma: no cover - needs a GPU
+        a = torch.ones((2, 2), dtype=x.dtype, device=device)
+        try:
+            out = torch.empty((2, 2), dtype=torch.float32, device=device)
+            torch.mm(a, a, out_dtype=torch.float32, out=out)
+            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+            ok = True
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch: no overload
+            ok = False
+        _OUT_DTYPE_MM[device.type, x.dtype] = ok
+    return ok
 
 
 def _row_stats_torch(

@@ -20,6 +20,7 @@ from crossent._lib._xp import array_namespace, check_same_device
 from crossent._losses._distill import check_beta, check_temperature, distill_rows
 from crossent.fused._chunked import (
     RowScaled,
+    WideBlocks,
     _agreed_chunk,
     _Chunk,
     _chunk_loop,
@@ -68,7 +69,7 @@ class DistillOptions:
 class _DistillResult(NamedTuple):
     loss: torch.Tensor
     grad_hidden: torch.Tensor | RowScaled | None
-    grad_weight: torch.Tensor | None
+    grad_weight: torch.Tensor | WideBlocks | None
     grad_bias: torch.Tensor | None
 
 

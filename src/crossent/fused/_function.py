@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from crossent.fused._chunked import LinearCEOptions, RowScaled, VocabShard, _chunked_linear_ce
+from crossent.fused._chunked import (
+    LinearCEOptions,
+    RowScaled,
+    VocabShard,
+    WideBlocks,
+    _chunked_linear_ce,
+)
 
 __all__ = [
     "Formed",
@@ -83,6 +89,13 @@ def scale_grads_(grads: tuple[torch.Tensor | None, ...], grad_loss: torch.Tensor
             g.mul_(grad_loss)  # 0-d: keeps g.dtype
 
 
+def _unit_skipped(factor: torch.Tensor | None) -> torch.Tensor | None:
+    """`factor`, or None where it is a gradient of 1 on the CPU (as :func:`scale_grads_`)."""
+    if factor is None or (factor.is_cpu and bool(factor == 1)):
+        return None
+    return factor
+
+
 def refuse_double_backward(name: str) -> None:
     """Raise when backward runs with ``create_graph=True``: no exact second derivative here.
 
@@ -121,8 +134,11 @@ def no_second_derivative(name: str) -> RuntimeError:
 
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
-#: Gradients formed in forward: the hidden one may be kept row-scaled (``RowScaled``).
-Formed = tuple[torch.Tensor | RowScaled | None, torch.Tensor | None, torch.Tensor | None]
+#: Gradients formed in forward: the hidden one may be kept row-scaled (``RowScaled``), a
+#: half-precision head's in float32 blocks of rows (``WideBlocks``).
+Formed = tuple[
+    torch.Tensor | RowScaled | None, torch.Tensor | WideBlocks | None, torch.Tensor | None
+]
 
 
 def stash_grads(ctx: Any, grads: Formed | None) -> None:
@@ -151,6 +167,8 @@ def fused_backward(
     recomputed, `hidden`'s is rounded once, after the scaling; stashed, it was kept in
     `hidden`'s dtype, :class:`~crossent.fused._chunked.RowScaled`); with a `shard`, the
     slices' contributions to the gradient of `hidden` are summed over the ranks, then rounded.
+    A half-precision head's gradient, accumulated in float32 in blocks of rows
+    (:class:`~crossent.fused._chunked.WideBlocks`), is scaled and rounded once, block by block.
     """
     # a vocabulary slice: the function called was crossent.distributed.vocab_parallel_<name>
     refuse_double_backward(name if shard is None else f"crossent.distributed.vocab_parallel_{name}")
@@ -161,7 +179,7 @@ def fused_backward(
         ctx.grads = None  # consumed: a second backward recomputes
         grad_h, grad_w, grad_b = stashed
         factor = grad_loss
-        scale_grads_((grad_w, grad_b), grad_loss)
+        scale_grads_((None if isinstance(grad_w, WideBlocks) else grad_w, grad_b), grad_loss)
     else:
         rows = ctx.saved_tensors[0].shape[0]
         row_scale = grad_loss.expand(rows) if grad_loss.ndim == 0 else grad_loss
@@ -174,7 +192,10 @@ def fused_backward(
         if reduce_sum is not None:
             grad_h = reduce_sum(grad_h)
         grad_h = grad_h.to(ctx.saved_tensors[0].dtype)  # hidden's
-    grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+    if isinstance(grad_w, WideBlocks):  # float32 blocks: scaled, rounded once, each freed
+        grad_w = grad_w.rounded(_unit_skipped(factor), weight.dtype)
+    elif grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
     grad_b = None if grad_b is None or bias is None else grad_b.to(bias.dtype)
     return grad_h, grad_w, grad_b
 

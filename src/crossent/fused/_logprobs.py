@@ -35,6 +35,7 @@ import torch
 
 from crossent.fused._chunked import (
     RowScaled,
+    WideBlocks,
     _agreed_chunk,
     _Chunk,
     _chunk_loop,
@@ -75,7 +76,7 @@ class _LogProbResult(NamedTuple):
     log_probs: torch.Tensor
     entropy: torch.Tensor | None
     grad_hidden: torch.Tensor | RowScaled | None
-    grad_weight: torch.Tensor | None
+    grad_weight: torch.Tensor | WideBlocks | None
     grad_bias: torch.Tensor | None
 
 

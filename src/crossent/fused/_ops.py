@@ -38,7 +38,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from crossent.fused._chunked import RowScaled, _compute_dtype, product_dtype, result_dtype
+from crossent.fused._chunked import (
+    RowScaled,
+    WideBlocks,
+    _compute_dtype,
+    product_dtype,
+    result_dtype,
+)
 from crossent.fused._distill import DistillOptions, _chunked_distill
 from crossent.fused._function import (
     LinearCEOptions,
@@ -99,18 +105,21 @@ def _grads_out(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    grads: tuple[torch.Tensor | RowScaled | None, torch.Tensor | None, torch.Tensor | None],
+    grads: tuple[
+        torch.Tensor | RowScaled | None, torch.Tensor | WideBlocks | None, torch.Tensor | None
+    ],
     *,
     formed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients in :func:`_grad_dtypes`; where none is formed, distinct empty tensors
-    (outputs must not alias each other). A row-scaled hidden gradient comes out wide (exact):
-    scaled and rounded in backward, it is the eager one bit for bit."""
+    (outputs must not alias each other). A row-scaled hidden gradient and a blocked float32
+    weight gradient come out wide (exact): scaled and rounded in backward, they are the eager
+    ones bit for bit."""
     dtypes = _grad_dtypes(hidden, weight, bias, formed=formed)
     out = [
         hidden.new_empty(0)
         if g is None or dt is None
-        else (g.wide() if isinstance(g, RowScaled) else g).to(dt)
+        else (g.wide() if isinstance(g, (RowScaled, WideBlocks)) else g).to(dt)
         for g, dt in zip(grads, dtypes, strict=True)
     ]
     return out[0], out[1], out[2]
