@@ -181,8 +181,9 @@ class _ChunkedResult(NamedTuple):
         0-d for ``"mean"``/``"sum"``, shape ``(N,)`` for ``"none"`` (0 at ignored rows).
     grad_hidden
         ``(N, d)`` in ``hidden.dtype``; a :class:`RowScaled` for float16/bfloat16 hidden
-        states with a wider weight when it is formed for a later scaling (``row_scale`` None,
-        ``"mean"``/``"sum"``) or on a vocabulary slice; or None. On a vocabulary slice it is
+        states with a wider weight, or float16 hidden states and weight, when it is formed for
+        a later scaling (``row_scale`` None, ``"mean"``/``"sum"``) or on a vocabulary slice;
+        or None. On a vocabulary slice it is
         the slice's contribution only: the caller sums it over ranks.
     grad_weight
         ``(V_local, d)``: float32 when ``weight`` is float16/bfloat16 (accumulated in
