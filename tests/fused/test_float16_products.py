@@ -124,9 +124,9 @@ def test_float16_hidden_gradient_under_small_upstream_gradients(
 
 
 def test_float16_lifted_rows_do_not_overflow() -> None:
-    """The lift is bounded by the largest weight: a head with entries up to ~100 (products of
-    a lifted row up to 2**15 * 100 had the lift used the row's largest entry alone) and a
-    large gradient stay finite, and no less accurate than PyTorch's float16 path (the float16
+    """The lift is bounded through the head's column norms: a head with entries up to
+    ~100 (a lift bounded by the row of G alone overflows its products to inf here) and large
+    gradients stay finite, and no less accurate than PyTorch's float16 path (the float16
     logits of such a head carry most of the error)."""
     data = _data()
     h = data["hidden"][:64]
