@@ -162,3 +162,48 @@ def test_float16_products_compiled_equal_eager() -> None:
     compiled = _grads(torch.compile(loss, fullgraph=True, backend="aot_eager"), h, w, up)
     assert torch.equal(compiled[0], eager[0])
     assert torch.equal(compiled[1], eager[1])
+
+
+def test_float16_vocabulary_slices_keep_the_lifted_rows() -> None:
+    """On a vocabulary split over ranks (threads standing in for torch.distributed) each slice's
+    contribution is formed lifted and kept so (a ``RowScaled``): widened, summed over the ranks
+    and scaled before its one rounding. It was a float16 tensor scaled and summed in float16:
+    10.3 units against float64 here ("mean", 2**16 / N), now within one of the reference's
+    own rounding."""
+    from crossent.fused._chunked import LinearCEOptions, RowScaled, VocabShard, _chunked_linear_ce
+    from tests._ranks import ThreadRanks
+
+    data = _data()
+    h, w, y = data["hidden"], data["weight"], data["target"]
+    opts = LinearCEOptions(-100, 0.0, 0.0, None, "mean", 300)
+    splits = (0, 3000, V)
+    up = torch.tensor(2.0**16 / N)
+    ranks = ThreadRanks(2)
+    outs: list[Any] = [None, None]
+
+    def run(rank: int) -> None:
+        lo, hi = splits[rank], splits[rank + 1]
+        reduce_max = ranks.reducer(rank, lambda xs: torch.stack(xs).amax(0), in_place=True)
+        reduce_sum = ranks.reducer(rank, lambda xs: torch.stack(xs).sum(0), in_place=True)
+        shard = VocabShard(lo, V, reduce_max, reduce_sum)
+        res = _chunked_linear_ce(
+            h, w[lo:hi], y, bias=None, class_weight=None, opts=opts,
+            compute_grad=(True, False, False), shard=shard,
+        )  # fmt: skip
+        g = res.grad_hidden
+        # as crossent.fused._function.fused_backward does with either form
+        if isinstance(g, RowScaled):
+            outs[rank] = g.scaled(up, reduce_sum)
+        else:
+            assert g is not None
+            g.mul_(up)
+            reduce_sum(g)
+            outs[rank] = g
+
+    ranks.run(run)
+    h64 = h.double().requires_grad_()
+    F.cross_entropy(h64 @ w.double().T, y).backward(up.double())
+    exact = h64.grad
+    assert torch.equal(outs[0], outs[1])
+    assert outs[0].dtype == torch.float16
+    assert _units(outs[0], exact) <= _units(exact.half(), exact) + 1.0
