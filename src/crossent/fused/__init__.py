@@ -162,7 +162,11 @@ def linear_cross_entropy(
     two, so that float16 keeps the digits an upstream loss scale brings back. An
     upstream gradient of 1 or a power of two gives it rounded once; another one
     (``loss * 0.37``) rounds it once more, within one unit in the last place
-    (PyTorch's own bfloat16 logits are further off).
+    (PyTorch's own bfloat16 logits are further off). float16 `hidden` and `weight`: each
+    row of :math:`G` is multiplied by a power of two before it is rounded to float16 for
+    :math:`G W` (the largest its product row can reach stays below :math:`2^{15}`), and
+    divided out after, so the mean's :math:`1/N`, a small upstream gradient or a loss scale
+    applied later does not lose the gradient to float16's subnormals.
 
     With ``reduction="none"`` the forward pass computes only the loss and backward
     recomputes the logits (four matrix products in all), so any upstream gradient

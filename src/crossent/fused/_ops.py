@@ -93,12 +93,14 @@ def _grad_dtypes(
     """The (hidden, weight, bias) gradients' dtypes: the parameters', or with `formed` (formed
     in forward, to be scaled by the upstream gradient in backward) the dtypes the chunk loop
     forms them in (the product dtype for `hidden`, float32 for half-precision products'
-    weight and bias), so that :func:`_scaled` rounds each to its parameter's dtype once."""
+    weight and bias), so that :func:`_scaled` rounds each to its parameter's dtype once. The
+    hidden gradient of float16 products is float32 too: formed with lifted rows (a
+    ``RowScaled``), it would lose them to float16's subnormals before the upstream scaling."""
     if not formed:
         return hidden.dtype, weight.dtype, None if bias is None else bias.dtype
     wide = product_dtype(hidden, weight, bias)
     acc = _compute_dtype(wide)
-    return wide, acc, None if bias is None else acc
+    return (acc if wide == torch.float16 else wide), acc, None if bias is None else acc
 
 
 def _grads_out(
