@@ -120,10 +120,6 @@ class RowScaled(NamedTuple):
             rows.copy_(out)
         return values
 
-    def wide(self) -> torch.Tensor:
-        """The gradient in the product dtype (exact: powers of two)."""
-        return self.values.to(self.unscale.dtype).mul_(self.unscale[:, None])
-
 
 def _pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``2.0**k`` exactly (`k` integer, within the normal exponents of float32 `dtype` or
