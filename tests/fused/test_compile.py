@@ -265,3 +265,40 @@ def test_compiled_gradients_kept_for_backward_are_freed_with_the_graph() -> None
         (twice,) = torch.autograd.grad(loss, h)
     torch.testing.assert_close(once, 0.75 * first, rtol=1e-14, atol=0)
     torch.testing.assert_close(twice, once, rtol=1e-14, atol=1e-16)
+
+
+@pytest.mark.parametrize("case", ["ce", "ce_none", "nn", "log_probs", "distill"])
+def test_dynamic_compile_traces_one_graph_for_every_batch(case: str) -> None:
+    """``torch.compile(dynamic=True, fullgraph=True)``: one graph for two batch sizes, equal
+    to eager. Before, the options' numbers (symbolic under dynamic=True: defaults and
+    arguments) reached the op's option string, whose ``repr`` Dynamo cannot trace: an error
+    with fullgraph, and without it a graph break that compiled the first call twice."""
+    data = _data()
+
+    def fn(h: Any, w: Any, y: Any, th: Any) -> tuple[Any, ...]:
+        return _fused_outputs(case, h, w, y, (th, data["weight"][:, :3]))
+
+    rec = _Recorder()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=rec)
+    for rows in (N, 23):
+        h, y = data["hidden"][:rows].clone(), data["target"][:rows].clone()
+        args = (h, data["weight"], y, h[:, :3] * 2)
+        for got, want in zip(compiled(*args), fn(*args), strict=True):
+            assert torch.equal(got, want)
+    assert len(rec.graphs) == 1
+
+
+def test_dynamic_compile_recompiles_for_another_option_value() -> None:
+    """An option passed as an argument is symbolic under ``dynamic=True``: specialised for the
+    op, each value gets its own graph (a guard on the value), never another value's loss."""
+    data = _data()
+
+    def fn(h: Any, w: Any, y: Any, smoothing: float, z: float) -> Any:
+        return linear_cross_entropy(h, w, y, label_smoothing=smoothing, z_loss=z, chunk_size=4)
+
+    rec = _Recorder()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=rec)
+    args = (data["hidden"], data["weight"], data["target"])
+    for options in ((0.1, 1e-3), (0.2, 1e-3), (0.2, 0.0), (0.1, 1e-3)):
+        assert torch.equal(compiled(*args, *options), fn(*args, *options))
+    assert len(rec.graphs) == 3

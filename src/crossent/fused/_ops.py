@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from crossent._losses._options import _specialized
 from crossent.fused._chunked import result_dtype
 from crossent.fused._distill import DistillOptions, _chunked_distill
 from crossent.fused._function import (
@@ -64,8 +65,11 @@ OptionsT = TypeVar("OptionsT", LinearCEOptions, LogProbOptions, DistillOptions)
 
 def _encode(opts: Any) -> str:
     """Checked options (a frozen dataclass) as the ``repr`` of a tuple (floats round-trip
-    exactly); Dynamo folds it."""
-    return repr(dataclasses.astuple(opts))
+    exactly); Dynamo folds it. Numbers are specialised first: ``torch.compile(dynamic=True)``
+    makes an option given as a default or an argument symbolic, which Dynamo cannot write
+    (``repr``: a graph break, an error with ``fullgraph=True``); specialised, it guards the
+    value and recompiles for another one."""
+    return repr(tuple(map(_specialized, dataclasses.astuple(opts))))
 
 
 @functools.lru_cache(maxsize=64)
