@@ -20,6 +20,8 @@ Usage::
     python -m benchmarks.fused_memory --shapes 8192x4096x32000 --dtypes mixed --cases ce
     python -m benchmarks.fused_memory --upstream 0.37          # loss * 0.37: a scaled backward
     python -m benchmarks.fused_memory --quick                  # a smoke run (crossent bench)
+    python -m benchmarks.fused_memory --backend inductor       # torch.compile(fullgraph=True)
+    python -m benchmarks.fused_memory --full-warmup            # eager, warmed as compiled is
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 
 from benchmarks._util import REPO, reset_peak_rss, rss_mib
-from crossent.fused._chunked import _auto_chunk_size
+from crossent.fused._chunked import _auto_chunk_size, clear_workspace
 
 Inputs = dict[str, Any]
 
@@ -155,12 +157,33 @@ def chunk_bytes(n: int, d: int, v: int, dtype: str) -> int:
 
 
 def measure(
-    case: str, n: int, d: int, v: int, dtype: str, upstream: float, chunk_size: int | None = None
+    case: str,
+    n: int,
+    d: int,
+    v: int,
+    dtype: str,
+    upstream: float,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+    full_warmup: bool = False,
 ) -> dict[str, int]:
-    """In this (fresh) process: extra peak RSS of one forward+backward, gradients discounted."""
+    """In this (fresh) process: extra peak RSS of one forward+backward, gradients discounted.
+
+    Before it, a forward+backward at a small shape initialises what is lazy. With a
+    `backend`, the case runs under ``torch.compile(fullgraph=True, backend=backend)``, and
+    the first call is one of the same shape (so that the measured call runs the compiled
+    graphs only), as with `full_warmup`; that call's cached work buffers are then released
+    (:func:`in_subprocess` fixes glibc's mmap threshold for these runs). Compare a compiled
+    case with an eager one measured with `full_warmup`."""
     torch.set_num_threads(1)
     fn = CASES[case]
-    fwd_bwd(fn, make_inputs(8, d, min(v, 64), dtype), upstream)  # lazy initialisation
+    if backend is not None:
+        fn = torch.compile(fn, fullgraph=True, backend=backend)
+    if backend is None and not full_warmup:
+        fwd_bwd(fn, make_inputs(8, d, min(v, 64), dtype), upstream)  # lazy initialisation
+    else:
+        fwd_bwd(fn, make_inputs(n, d, v, dtype, chunk_size), upstream)  # compiles, if compiled
+        clear_workspace()  # the measured call allocates its own work buffers
     x = make_inputs(n, d, v, dtype, chunk_size)
     grads = sum(x[k].numel() * x[k].element_size() for k in ("hidden", "weight"))
     base = int(reset_peak_rss() * 2**20)
@@ -177,11 +200,19 @@ def in_subprocess(
     dtype: str,
     upstream: float = 1.0,
     chunk_size: int | None = None,
+    backend: str | None = None,
+    full_warmup: bool = False,
 ) -> int | None:
     """:func:`measure` in a fresh process (bytes; None if it failed, its error on stderr)."""
-    arg = json.dumps([case, n, d, v, dtype, upstream, chunk_size])
+    arg = json.dumps([case, n, d, v, dtype, upstream, chunk_size, backend, full_warmup])
     cmd = [sys.executable, "-m", "benchmarks.fused_memory", "--_measure", arg]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if backend is not None or full_warmup:
+        # glibc raises its mmap threshold to the size of a freed mmapped block (up to 32 MiB):
+        # the warm-up's buffers would stay in the heap, counted in the base, and the measured
+        # call would reuse them without raising the high-water mark (32 MiB less at
+        # N=8192, d=2048, V=4000 mixed). A fixed threshold keeps every large block mmapped.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO, env=env)
     if res.returncode != 0:
         print(res.stderr[-2000:], file=sys.stderr)
@@ -196,6 +227,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--upstream", type=float, default=1.0, help="upstream gradient")
     parser.add_argument(
+        "--backend", help="run each case under torch.compile(fullgraph=True, backend=BACKEND)"
+    )
+    parser.add_argument(
+        "--full-warmup",
+        action="store_true",
+        help="first call at the measured shape (as compiled cases have): compare with --backend",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 256x64x2000, mixed, ce and log_probs"
     )
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
@@ -205,7 +244,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.shapes, args.dtypes, args.cases = "256x64x2000", "mixed", "ce,log_probs"
-    print(f"torch {torch.__version__}; upstream gradient {args.upstream}; goal <= 1.2 chunks")
+    mode = "eager" if args.backend is None else f"compiled ({args.backend}, fullgraph)"
+    mode += ", warmed at the measured shape" if args.full_warmup or args.backend else ""
+    print(
+        f"torch {torch.__version__}; {mode}; upstream gradient {args.upstream}; goal <= 1.2 chunks"
+    )
     print(f"{'N x d x V':<18} {'dtype':<9} {'case':<13} {'chunk MiB':>9} {'extra MiB':>9} "
           f"{'chunks':>7}")  # fmt: skip
     for shape in args.shapes.split(","):
@@ -213,7 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in args.dtypes.split(","):
             unit = chunk_bytes(n, d, v, dtype)
             for case in args.cases.split(","):
-                extra = in_subprocess(case, n, d, v, dtype, args.upstream)
+                extra = in_subprocess(
+                    case, n, d, v, dtype, args.upstream, backend=args.backend,
+                    full_warmup=args.full_warmup,
+                )  # fmt: skip
                 shown = "n/a" if extra is None else f"{extra / 2**20:9.0f} {extra / unit:7.2f}"
                 print(f"{shape:<18} {dtype:<9} {case:<13} {unit / 2**20:9.1f} {shown}", flush=True)
 

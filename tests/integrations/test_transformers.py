@@ -342,6 +342,36 @@ def test_compiled_patched_model_has_no_graph_break_and_still_checks_the_head() -
         torch.compile(step, fullgraph=True, backend="aot_eager")(scaled, ids, labels)
 
 
+def test_dynamic_compile_of_a_patched_model_traces_one_graph_for_two_lengths() -> None:
+    """torch.compile(dynamic=True, fullgraph=True) of a patched model's training step: one
+    graph for two sequence lengths, loss and gradients equal to the eager patched model's.
+    Before, the fused loss's options were symbolic there and its op's option string could not
+    be traced: an error with fullgraph, a RecursionError without."""
+    model = patch(make_model("llama", dtype=torch.float64))
+    eager = copy.deepcopy(model)
+    graphs: list[Any] = []
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    def step(m: Any, i: Any, y: Any) -> Any:
+        return m(input_ids=i, labels=y).loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=backend)
+    for length in (11, 8):
+        ids, labels = _batch(seed=15, length=length)
+        got = compiled(model, ids, labels)
+        got.backward()
+        want = step(eager, ids, labels)
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        for (n, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=n)
+    assert len(graphs) == 1
+
+
 def test_nan_logits_are_not_taken_for_a_logit_transform() -> None:
     """A float64 Llama gives NaN logits for a left-padded sequence (eager attention): the
     check of the head's transform compares the other entries instead of raising

@@ -125,10 +125,6 @@ class RowScaled(NamedTuple):
             rows.copy_(out)
         return values
 
-    def wide(self) -> torch.Tensor:
-        """The gradient in the product dtype (exact: powers of two)."""
-        return self.values.to(self.unscale.dtype).mul_(self.unscale[:, None])
-
 
 #: The float32 weight gradient of a float16/bfloat16 head is held in blocks of rows of at least
 #: this many bytes, less a row: glibc maps every allocation above 32 MiB (its largest dynamic

@@ -2,23 +2,24 @@
 
 Under ``torch.compile`` (``fullgraph=True`` included) the chunk loop must not be
 traced: its row selection (``nonzero``), chunk count and label checks depend on
-values. The op below is opaque to the compiler — its fake implementation gives
+values. The ops below are opaque to the compiler — their fake implementations give
 only shapes and dtypes — so the loop runs eagerly inside the compiled graph,
 once per call, and is never unrolled into it. Eager calls keep using the
-autograd Function of :mod:`crossent.fused._function` (the same core, with
-in-place gradient scaling).
+autograd Functions of :mod:`crossent.fused._function`; the ops' backward is theirs
+(``fused_backward``), so compiled and eager give the same numbers and hold the same memory.
 
-``crossent::linear_ce`` is the chunk core itself: it returns the loss and the
-gradients it was asked for (empty tensors where none is wanted). The forward
-call asks, for ``"mean"``/``"sum"``, for the gradients formed in the same pass,
-and backward scales them; for ``"none"`` backward calls the same op again with
-the incoming row gradients as `row_scale`. The checked options travel as one
-string (:func:`_encode`, the ``repr`` of a tuple), so the op's schema does not restate them. Value
-checks of the labels run inside the op, on concrete values.
+``crossent::linear_ce`` runs the chunk core and returns the loss and a token: for
+``"mean"``/``"sum"`` the gradients formed in the same pass are kept under it, not
+returned (see "Gradients formed in forward"). ``crossent::linear_ce_backward`` takes
+them back and scales them in place, or, with none kept (``"none"``, a second backward,
+``torch.func``), recomputes them with the incoming row gradients. The checked options
+travel as one string (:func:`_encode`, the ``repr`` of a tuple), so the ops' schemas do
+not restate them. Value checks of the labels run inside the op, on concrete values.
 
 ``crossent::linear_log_probs`` (with ``crossent::linear_log_probs_backward``, which
-reads both upstream gradients) and ``crossent::linear_distill`` (built as
-``crossent::linear_ce``) serve :func:`~crossent.fused.linear_log_probs` and
+reads both upstream gradients) and ``crossent::linear_distill`` with
+``crossent::linear_distill_backward`` (built as ``crossent::linear_ce``) serve
+:func:`~crossent.fused.linear_log_probs` and
 :func:`~crossent.fused.linear_distillation_loss` the same way.
 
 Under ``torch.func`` transforms the three functions go through autograd
@@ -33,22 +34,22 @@ the schema from real annotations.
 import ast
 import dataclasses
 import functools
+import itertools
+import types
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
-from crossent.fused._chunked import (
-    RowScaled,
-    WideBlocks,
-    _compute_dtype,
-    product_dtype,
-    result_dtype,
-)
+from crossent._losses._options import _specialized
+from crossent.fused._chunked import result_dtype
 from crossent.fused._distill import DistillOptions, _chunked_distill
 from crossent.fused._function import (
+    Formed,
     LinearCEOptions,
     _core,
+    fused_backward,
     grad_needs,
     no_autocast,
     no_second_derivative,
@@ -64,20 +65,16 @@ OptionsT = TypeVar("OptionsT", LinearCEOptions, LogProbOptions, DistillOptions)
 
 def _encode(opts: Any) -> str:
     """Checked options (a frozen dataclass) as the ``repr`` of a tuple (floats round-trip
-    exactly); Dynamo folds it."""
-    return repr(dataclasses.astuple(opts))
+    exactly); Dynamo folds it. Numbers are specialised first: ``torch.compile(dynamic=True)``
+    makes an option given as a default or an argument symbolic, which Dynamo cannot write
+    (``repr``: a graph break, an error with ``fullgraph=True``); specialised, it guards the
+    value and recompiles for another one."""
+    return repr(tuple(map(_specialized, dataclasses.astuple(opts))))
 
 
 @functools.lru_cache(maxsize=64)
 def _decode(kind: type[OptionsT], options: str) -> OptionsT:
     return kind(*ast.literal_eval(options))
-
-
-def _wanted(reduction: str, row_scale: Any, needs: list[bool]) -> list[bool]:
-    """The gradients an op forms: forward's for ``"mean"``/``"sum"``, backward's for ``"none"``."""
-    if row_scale is None and reduction == "none":
-        return [False, False, False]
-    return needs
 
 
 def _needs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list[bool]:
@@ -87,79 +84,104 @@ def _needs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return [hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
 
 
-def _grad_dtypes(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, formed: bool
-) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
-    """The (hidden, weight, bias) gradients' dtypes: the parameters', or with `formed` (formed
-    in forward, to be scaled by the upstream gradient in backward) the dtypes the chunk loop
-    forms them in (the product dtype for `hidden`, float32 for half-precision products'
-    weight and bias), so that :func:`_scaled` rounds each to its parameter's dtype once. The
-    hidden gradient of float16 products is float32 too: formed with lifted rows (a
-    ``RowScaled``), it would lose them to float16's subnormals before the upstream scaling."""
-    if not formed:
-        return hidden.dtype, weight.dtype, None if bias is None else bias.dtype
-    wide = product_dtype(hidden, weight, bias)
-    acc = _compute_dtype(wide)
-    return (acc if wide == torch.float16 else wide), acc, None if bias is None else acc
+# ----------------------------------------------------------------------------
+# Gradients formed in forward, kept for backward under a token
+# ----------------------------------------------------------------------------
+#
+# A loss op forms its gradients in forward for "mean"/"sum", as the eager autograd Functions
+# do, but does not return them: an output of the op is a tensor of the traced graph, which
+# backward could only scale out of place — a second copy of every gradient, and for
+# half-precision hidden states with a float32 head a float32 hidden gradient (N x d x 4
+# bytes), where the chunk loop keeps it in hidden's dtype (``RowScaled``). The op keeps them
+# here and returns a token, a one-element int64 CPU tensor holding their key (0: none kept);
+# its backward op takes them back and runs the eager backward, ``fused_backward``: scaled in
+# place and rounded to the parameters' dtypes, the same numbers and the same memory as eager.
+# The entry lives as long as the token: a graph freed without a backward frees the
+# gradients. Without an entry (consumed by a first backward through a retained graph; no
+# gradient formed in forward: "none", torch.func) the backward op recomputes, as eager does.
+
+_KEPT: dict[int, Formed] = {}
+_KEYS = itertools.count(1)
 
 
-def _grads_out(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    grads: tuple[
-        torch.Tensor | RowScaled | None, torch.Tensor | WideBlocks | None, torch.Tensor | None
-    ],
-    *,
-    formed: bool = False,
+def _keep(grads: Formed) -> torch.Tensor:
+    """A token for `grads` (none kept when no gradient was formed)."""
+    if all(g is None for g in grads):
+        return _no_token()
+    key = next(_KEYS)
+    _KEPT[key] = grads
+    token = torch.tensor([key], dtype=torch.int64)
+    weakref.finalize(token, _KEPT.pop, key, None).atexit = False
+    return token
+
+
+def _no_token() -> torch.Tensor:
+    """The token of no kept gradients."""
+    return torch.zeros(1, dtype=torch.int64)
+
+
+def _fake_token() -> torch.Tensor:
+    return torch.empty(1, dtype=torch.int64, device="cpu")
+
+
+def _backward_grads(
+    token: torch.Tensor,
+    name: str,
+    grad_loss: torch.Tensor,
+    recompute: Callable[[torch.Tensor | None], Formed],
+    params: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients in :func:`_grad_dtypes`; where none is formed, distinct empty tensors
-    (outputs must not alias each other). A row-scaled hidden gradient and a blocked float32
-    weight gradient come out wide (exact): scaled and rounded in backward, they are the eager
-    ones bit for bit."""
-    dtypes = _grad_dtypes(hidden, weight, bias, formed=formed)
-    out = [
-        hidden.new_empty(0)
-        if g is None or dt is None
-        else (g.wide() if isinstance(g, (RowScaled, WideBlocks)) else g).to(dt)
-        for g, dt in zip(grads, dtypes, strict=True)
-    ]
-    return out[0], out[1], out[2]
+    """The (hidden, weight, bias) gradients of a backward op, by the eager autograd
+    Functions' backward (``fused_backward``): the gradients kept under `token` scaled by
+    `grad_loss`, or ``recompute(row_scale)``; distinct empty tensors where none is wanted
+    (outputs are tensors and must not alias each other)."""
+    hidden, weight, bias = params
+    kept = _KEPT.pop(int(token.item()), None)
+    ctx = types.SimpleNamespace(grads=kept, saved_tensors=(hidden,))
+    with torch.no_grad():
+        grads = fused_backward(ctx, name, grad_loss, recompute, weight=weight, bias=bias)
+    gh, gw, gb = (hidden.new_empty(0) if g is None else g for g in grads)
+    return gh, gw, gb
 
 
 def _fake_grads(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    want: list[bool],
-    *,
-    formed: bool = False,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: list[bool]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_grads_out`'s shapes and dtypes."""
-    dh, dw, db = _grad_dtypes(hidden, weight, bias, formed=formed)
+    """:func:`_backward_grads`'s shapes and dtypes (the parameters')."""
     return (
-        torch.empty_like(hidden, dtype=dh) if want[0] else hidden.new_empty(0),
-        torch.empty_like(weight, dtype=dw) if want[1] else hidden.new_empty(0),
-        torch.empty_like(bias, dtype=db) if want[2] and bias is not None else hidden.new_empty(0),
+        torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
+        torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
+        torch.empty_like(bias) if needs[2] and bias is not None else hidden.new_empty(0),
     )
 
 
-def _input_grads(needs: list[bool], grads: tuple[Any, Any, Any], n_other: int) -> tuple[Any, ...]:
+def _input_grads(needs: list[bool], grads: tuple[Any, ...], n_other: int) -> tuple[Any, ...]:
     """Backward's result: the wanted (hidden, weight, bias) gradients, None for the rest."""
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)),) + (
         None,
     ) * n_other
 
 
-def _scaled(
-    grads: tuple[torch.Tensor, ...], grad_loss: torch.Tensor, params: tuple[Any, ...]
-) -> tuple[Any, ...]:
-    """Gradients formed in forward times the scalar upstream gradient (out of place), then
-    rounded to their parameters' dtypes (once: they were formed wider, :func:`_grad_dtypes`)."""
-    return tuple(
-        g if p is None else (g * grad_loss.to(g.dtype)).to(p.dtype)
-        for g, p in zip(grads, params, strict=True)
-    )
+def _loss_shape(hidden: torch.Tensor, reduction: str) -> tuple[int, ...]:
+    return (hidden.shape[0],) if reduction == "none" else ()
+
+
+def _loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    """A loss op's ``(hidden, weight, bias, *middle, options, needs)`` and its token."""
+    *tensors, ctx.options, ctx.needs = inputs
+    ctx.save_for_backward(*tensors, output[1])
+
+
+def _loss_autograd(backward_op: Any, name: str) -> Callable[..., tuple[Any, ...]]:
+    """The registered backward of a loss op: `backward_op` on the saved inputs and token."""
+
+    def backward(ctx: Any, grad_loss: torch.Tensor, _: Any) -> tuple[Any, ...]:
+        refuse_double_backward(name)  # a backward that builds a graph raises
+        *tensors, token = ctx.saved_tensors
+        grads = backward_op(token, grad_loss, *tensors, ctx.options, ctx.needs)
+        return _input_grads(ctx.needs, grads, len(tensors) - 1)
+
+    return backward
 
 
 # ----------------------------------------------------------------------------
@@ -174,86 +196,57 @@ def _linear_ce_op(
     bias: torch.Tensor | None,
     target: torch.Tensor,
     class_weight: torch.Tensor | None,
-    row_scale: torch.Tensor | None,
     options: str,
     needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, token)``: for ``"mean"``/``"sum"`` the `needs` gradients are formed and kept."""
     opts = _decode(LinearCEOptions, options)
     check_values(target, class_weight, weight.shape[0], ignore_index=opts.ignore_index)
-    want = _wanted(opts.reduction, row_scale, needs)
-    res = _core(
-        hidden,
-        weight,
-        target,
-        bias,
-        class_weight,
-        opts,
-        compute_grad=(want[0], want[1], want[2]),
-        row_scale=row_scale,
-    )
-    grads = _grads_out(
-        hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias),
-        formed=row_scale is None,
-    )  # fmt: skip
-    return (res.loss, *grads)
+    formed = opts.reduction != "none" and any(needs)
+    grad = (needs[0], needs[1], needs[2]) if formed else False
+    res = _core(hidden, weight, target, bias, class_weight, opts, compute_grad=grad)
+    token = _keep((res.grad_hidden, res.grad_weight, res.grad_bias))
+    return res.loss, token
 
 
 @_linear_ce_op.register_fake
-def _(hidden, weight, bias, target, class_weight, row_scale, options, needs):
-    reduction = _decode(LinearCEOptions, options).reduction
-    shape = (hidden.shape[0],) if reduction == "none" else ()
-    want = _wanted(reduction, row_scale, needs)
-    return (
-        hidden.new_empty(shape, dtype=result_dtype(hidden, weight, bias)),
-        *_fake_grads(hidden, weight, bias, want, formed=row_scale is None),
-    )
+def _(hidden, weight, bias, target, class_weight, options, needs):
+    shape = _loss_shape(hidden, _decode(LinearCEOptions, options).reduction)
+    return hidden.new_empty(shape, dtype=result_dtype(hidden, weight, bias)), _fake_token()
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    hidden, weight, bias, target, class_weight, _, options, needs = inputs
-    ctx.options, ctx.needs = options, needs
-    ctx.save_for_backward(hidden, weight, bias, target, class_weight, *output[1:])
-
-
-def _loss_backward(
-    ctx: Any,
+@torch.library.custom_op("crossent::linear_ce_backward", mutates_args=())
+def _linear_ce_backward_op(
+    token: torch.Tensor,
     grad_loss: torch.Tensor,
-    formed: tuple[torch.Tensor, ...],
-    rerun: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
-    *,
-    params: tuple[Any, ...],
-    name: str,
-    kind: type,
-    n_other: int,
-) -> tuple[Any, ...]:
-    """Backward of a loss op (``crossent::linear_ce``, ``crossent::linear_distill``): the
-    gradients `formed` in forward times the scalar upstream gradient (``"mean"``, ``"sum"``;
-    then rounded to the dtypes of `params`, the (hidden, weight, bias) of the call),
-    or the op run again with the row gradients (``"none"``: ``rerun(grad_loss)``). No second
-    derivative: a backward that builds a graph raises."""
-    refuse_double_backward(name)
-    if _decode(kind, ctx.options).reduction != "none":
-        grads = _scaled(formed, grad_loss, params)
-    else:
-        grads = rerun(grad_loss)[1:]
-    return _input_grads(ctx.needs, (grads[0], grads[1], grads[2]), n_other)
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    options: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    opts = _decode(LinearCEOptions, options)
+
+    def recompute(row_scale: torch.Tensor | None) -> Formed:
+        args = (hidden, weight, target, bias, class_weight, opts)
+        res = _core(*args, compute_grad=(needs[0], needs[1], needs[2]), row_scale=row_scale)
+        return res.grad_hidden, res.grad_weight, res.grad_bias
+
+    name = "linear_cross_entropy"
+    return _backward_grads(token, name, grad_loss, recompute, (hidden, weight, bias))
 
 
-def _backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
-    hidden, weight, bias, target, class_weight, *formed = ctx.saved_tensors
-
-    def rerun(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return _linear_ce_op(
-            hidden, weight, bias, target, class_weight, rows, ctx.options, ctx.needs
-        )
-
-    return _loss_backward(
-        ctx, grad_loss, tuple(formed), rerun, params=(hidden, weight, bias),
-        name="linear_cross_entropy", kind=LinearCEOptions, n_other=5,
-    )  # fmt: skip
+@_linear_ce_backward_op.register_fake
+def _(token, grad_loss, hidden, weight, bias, target, class_weight, options, needs):
+    return _fake_grads(hidden, weight, bias, needs)
 
 
-_linear_ce_op.register_autograd(_backward, setup_context=_setup_context)
+_linear_ce_op.register_autograd(
+    _loss_autograd(_linear_ce_backward_op, "linear_cross_entropy"),
+    setup_context=_loss_setup_context,
+)
 
 
 def linear_ce_compiled(
@@ -266,11 +259,12 @@ def linear_ce_compiled(
 ) -> torch.Tensor:
     """The loss of 2-d `hidden`, 1-d `target` through the custom op (traceable)."""
     middle = (target, class_weight)
-    return _loss_through(_linear_ce_op, "linear_cross_entropy", hidden, weight, bias, middle, opts)
+    ops = (_linear_ce_op, _linear_ce_backward_op)
+    return _loss_through(ops, "linear_cross_entropy", hidden, weight, bias, middle, opts)
 
 
 def _loss_through(
-    op: Any,
+    ops: tuple[Any, Any],
     name: str,
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -278,13 +272,13 @@ def _loss_through(
     middle: tuple[Any, ...],
     opts: Any,
 ) -> torch.Tensor:
-    """The loss from a loss op (``op(hidden, weight, bias, *middle, row_scale, options,
-    needs)``): under a ``torch.func`` transform through :class:`_FuncLoss`, else the op with
-    its gradients formed for what requires them."""
+    """The loss from a loss op and its backward op (`ops`; ``op(hidden, weight, bias,
+    *middle, options, needs)``): under a ``torch.func`` transform through :class:`_FuncLoss`,
+    else the op with its gradients formed for what requires them."""
     if _under_func():
-        return _FuncLoss.apply(hidden, weight, bias, *middle, _encode(opts), name, op)
+        return _FuncLoss.apply(hidden, weight, bias, *middle, _encode(opts), name, ops)
     needs = _needs(hidden, weight, bias)
-    loss: torch.Tensor = op(hidden, weight, bias, *middle, None, _encode(opts), needs)[0]
+    loss: torch.Tensor = ops[0](hidden, weight, bias, *middle, _encode(opts), needs)[0]
     return loss
 
 
@@ -329,13 +323,18 @@ def _log_probs_backward_op(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     opts = _decode(LogProbOptions, options)
-    with no_autocast(hidden):
-        res = _chunked_log_probs(
-            hidden, weight, target, bias, opts, compute_grad=(needs[0], needs[1], needs[2]),
-            grad_log_probs=grad_log_probs, grad_entropy=grad_entropy,
-            entropy=entropy if opts.entropy else None,
-        )  # fmt: skip
-    return _grads_out(hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias))
+
+    def recompute(_: torch.Tensor | None) -> Formed:  # reads both upstream gradients
+        with no_autocast(hidden):
+            res = _chunked_log_probs(
+                hidden, weight, target, bias, opts, compute_grad=(needs[0], needs[1], needs[2]),
+                grad_log_probs=grad_log_probs, grad_entropy=grad_entropy,
+                entropy=entropy if opts.entropy else None,
+            )  # fmt: skip
+        return res.grad_hidden, res.grad_weight, res.grad_bias
+
+    name = "linear_log_probs"
+    return _backward_grads(_no_token(), name, grad_log_probs, recompute, (hidden, weight, bias))
 
 
 @_log_probs_backward_op.register_fake
@@ -378,8 +377,7 @@ def linear_log_probs_compiled(
 
 
 # ----------------------------------------------------------------------------
-# linear_distillation_loss: one op, as crossent::linear_ce (gradients formed in forward
-# for "mean"/"sum", recomputed with the row gradients for "none")
+# linear_distillation_loss: a loss op and its backward op, as crossent::linear_ce
 # ----------------------------------------------------------------------------
 
 
@@ -392,54 +390,64 @@ def _distill_op(
     teacher_weight: torch.Tensor,
     teacher_bias: torch.Tensor | None,
     counted: torch.Tensor,
-    row_scale: torch.Tensor | None,
     options: str,
     needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, token)``, as ``crossent::linear_ce``."""
     opts = _decode(DistillOptions, options)
-    want = _wanted(opts.reduction, row_scale, needs)
+    formed = opts.reduction != "none" and any(needs)
     res = _chunked_distill(
         hidden, weight, bias, (teacher_hidden, teacher_weight, teacher_bias), counted, opts,
-        compute_grad=(want[0], want[1], want[2]), row_scale=row_scale,
+        compute_grad=(needs[0], needs[1], needs[2]) if formed else False,
     )  # fmt: skip
-    grads = _grads_out(
-        hidden, weight, bias, (res.grad_hidden, res.grad_weight, res.grad_bias),
-        formed=row_scale is None,
-    )  # fmt: skip
-    return (res.loss, *grads)
+    return res.loss, _keep((res.grad_hidden, res.grad_weight, res.grad_bias))
 
 
 @_distill_op.register_fake
-def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, counted, row_scale,
-      options, needs):  # fmt: skip
-    reduction = _decode(DistillOptions, options).reduction
-    shape = (hidden.shape[0],) if reduction == "none" else ()
-    dtype = _compute_dtype(product_dtype(hidden, weight, bias))
-    want = _wanted(reduction, row_scale, needs)
-    fakes = _fake_grads(hidden, weight, bias, want, formed=row_scale is None)
-    return (hidden.new_empty(shape, dtype=dtype), *fakes)
+def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, counted, options,
+      needs):  # fmt: skip
+    shape = _loss_shape(hidden, _decode(DistillOptions, options).reduction)
+    return hidden.new_empty(shape, dtype=result_dtype(hidden, weight, bias)), _fake_token()
 
 
-def _distill_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    ctx.options, ctx.needs = inputs[8], inputs[9]
-    ctx.save_for_backward(*inputs[:7], *output[1:])  # student, teacher, counted, gradients
+@torch.library.custom_op("crossent::linear_distill_backward", mutates_args=())
+def _distill_backward_op(
+    token: torch.Tensor,
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    counted: torch.Tensor,
+    options: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    opts = _decode(DistillOptions, options)
+    teacher = (teacher_hidden, teacher_weight, teacher_bias)
+
+    def recompute(row_scale: torch.Tensor | None) -> Formed:
+        res = _chunked_distill(
+            hidden, weight, bias, teacher, counted, opts,
+            compute_grad=(needs[0], needs[1], needs[2]), row_scale=row_scale,
+        )  # fmt: skip
+        return res.grad_hidden, res.grad_weight, res.grad_bias
+
+    name = "linear_distillation_loss"
+    return _backward_grads(token, name, grad_loss, recompute, (hidden, weight, bias))
 
 
-def _distill_backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
-    saved = ctx.saved_tensors
-    hidden, weight, bias, *teacher_counted = saved[:7]
-    formed = saved[7:]
-
-    def rerun(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return _distill_op(hidden, weight, bias, *teacher_counted, rows, ctx.options, ctx.needs)
-
-    return _loss_backward(
-        ctx, grad_loss, tuple(formed), rerun, params=(hidden, weight, bias),
-        name="linear_distillation_loss", kind=DistillOptions, n_other=7,
-    )  # fmt: skip
+@_distill_backward_op.register_fake
+def _(token, grad_loss, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+      counted, options, needs):  # fmt: skip
+    return _fake_grads(hidden, weight, bias, needs)
 
 
-_distill_op.register_autograd(_distill_backward, setup_context=_distill_setup_context)
+_distill_op.register_autograd(
+    _loss_autograd(_distill_backward_op, "linear_distillation_loss"),
+    setup_context=_loss_setup_context,
+)
 
 
 def linear_distill_compiled(
@@ -452,8 +460,8 @@ def linear_distill_compiled(
 ) -> torch.Tensor:
     """The distillation loss of 2-d `hidden` through the custom op (traceable)."""
     middle = (*teacher, counted)
-    name = "linear_distillation_loss"
-    return _loss_through(_distill_op, name, hidden, weight, bias, middle, opts)
+    ops = (_distill_op, _distill_backward_op)
+    return _loss_through(ops, "linear_distillation_loss", hidden, weight, bias, middle, opts)
 
 
 # ----------------------------------------------------------------------------
@@ -462,13 +470,14 @@ def linear_distill_compiled(
 #
 # The ops' own autograd (register_autograd) is not usable under torch.func transforms
 # (its generated Function has no setup_context). Under a transform the three functions
-# go through the Functions below instead: forward asks the op for the loss alone (the
-# gradients cannot be chosen in forward, which has no ctx there), backward asks it for
-# the wanted gradients with each row scaled by its upstream gradient — the recompute
-# path of "none", exact for every reduction. The ops batch by looping over the vmapped
-# dimension (_loop_vmap), so vmap(grad(...)) gives per-sample gradients, and backward
-# forms its gradients in _FirstOrderGrads, whose own backward raises: a second
-# derivative (grad of grad, jacrev of grad) is an error, never a wrong number.
+# go through the Functions below instead: forward asks the loss op for the loss alone (the
+# gradients cannot be chosen in forward, which has no ctx there), backward asks the backward
+# op, with no kept gradients, for the wanted gradients recomputed with each row scaled by its
+# upstream gradient — the path of "none", exact for every reduction. The ops batch by
+# looping over the vmapped dimension (_loop_vmap), so vmap(grad(...)) gives per-sample
+# gradients, and backward forms its gradients in _FirstOrderGrads, whose own backward
+# raises: a second derivative (grad of grad, jacrev of grad) is an error, never a wrong
+# number.
 
 
 def _under_func() -> bool:
@@ -495,7 +504,14 @@ def _loop_vmap(op: Any) -> None:
     torch.library.register_vmap(op, rule)
 
 
-for _op in (_linear_ce_op, _log_probs_op, _log_probs_backward_op, _distill_op):
+for _op in (
+    _linear_ce_op,
+    _linear_ce_backward_op,
+    _log_probs_op,
+    _log_probs_backward_op,
+    _distill_op,
+    _distill_backward_op,
+):
     _loop_vmap(_op)
 
 
@@ -557,37 +573,32 @@ class _FuncFunction(torch.autograd.Function):
         raise RuntimeError(msg)
 
 
-def _row_scale(grad_loss: torch.Tensor, rows: int) -> torch.Tensor:
-    """The upstream gradient per row (a scalar one expanded)."""
-    return grad_loss.expand(rows) if grad_loss.ndim == 0 else grad_loss
-
-
 class _FuncLoss(_FuncFunction):
-    """The loss of ``crossent::linear_ce`` or ``crossent::linear_distill`` (`op`).
+    """The loss of ``crossent::linear_ce`` or ``crossent::linear_distill``.
 
-    Inputs: ``hidden, weight, bias, *constants, options, name, op`` — the op's
-    arguments before its ``row_scale``, then the public function's name.
+    Inputs: ``hidden, weight, bias, *constants, options, name, ops`` — the loss op's
+    arguments before its `needs`, the public function's name, then ``(loss op, its
+    backward op)``.
     """
 
     @staticmethod
     def forward(hidden: Any, weight: Any, bias: Any, *rest: Any) -> torch.Tensor:
-        *constants, options, _, op = rest
-        loss: torch.Tensor = op(hidden, weight, bias, *constants, None, options, [False] * 3)[0]
+        *constants, options, _, ops = rest
+        loss: torch.Tensor = ops[0](hidden, weight, bias, *constants, options, [False] * 3)[0]
         return loss
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.options, ctx.name, ctx.op = inputs[-3:]
+        ctx.options, ctx.name, ctx.ops = inputs[-3:]
         ctx.save_for_backward(*inputs[:-3])
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
-        hidden, weight, bias, *constants = ctx.saved_tensors
-        needs = list(grad_needs(ctx, bias))
-        args = (hidden, weight, bias, *constants,
-                _row_scale(grad_loss, hidden.shape[0]), ctx.options, needs)  # fmt: skip
-        grads = _FirstOrderGrads.apply(ctx.name, ctx.op, *args)
-        return _input_grads(needs, grads, len(constants) + 3)
+        tensors = ctx.saved_tensors
+        needs = list(grad_needs(ctx, tensors[2]))
+        args = (_no_token(), grad_loss, *tensors, ctx.options, needs)  # nothing kept: recompute
+        grads = _FirstOrderGrads.apply(ctx.name, ctx.ops[1], *args)
+        return _input_grads(needs, grads, len(tensors))
 
 
 class _FuncLogProbs(_FuncFunction):
