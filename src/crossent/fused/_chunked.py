@@ -168,14 +168,6 @@ class WideBlocks(NamedTuple):
         """``gradient * factor`` (None: 1) rounded once to `dtype`; consumes the blocks."""
         return self._gather(dtype, factor)
 
-    def wide(self) -> torch.Tensor:
-        """The float32 gradient in one tensor; consumes the blocks (a single block is returned
-        as it is; otherwise the peak is the gradient plus one block, not twice the gradient
-        as ``torch.cat`` would hold)."""
-        import torch
-
-        return self.blocks.pop() if len(self.blocks) == 1 else self._gather(torch.float32, None)
-
     def _gather(self, dtype: torch.dtype, factor: torch.Tensor | None) -> torch.Tensor:
         """The blocks times `factor` in one `dtype` tensor, each block freed once copied."""
         import torch
