@@ -1007,10 +1007,10 @@ def _binary_traced(
               = (1-t)\max(x, 0) + t\max(-x, 0) + \operatorname{log1p}(e^{-|x|}),
 
     a sum of non-negative terms (no cancellation, one exponential and one ``log1p``
-    per element: one fused kernel under inductor). A term with :math:`c = 0` at a ``±inf``
-    logit (the matching hard target) is 0, read off the values in the graph
-    (:func:`~crossent._losses._common.times_log`); a finite one keeps its target
-    derivative :math:`-x`.
+    per element: one fused kernel under inductor, about as fast as PyTorch's). A term
+    with :math:`c = 0` at a ``±inf`` logit (the matching hard target) is 0, read off the
+    values in the graph (:func:`~crossent._losses._common.times_log`); a finite one keeps
+    its target derivative :math:`-x`.
     Autograd's gradient is :math:`\sigma(x) - t` everywhere, :math:`x = 0` included
     (the kink of :math:`|x|` and the jump of :math:`c` are taken on the same side).
 
@@ -1026,14 +1026,20 @@ def _binary_traced(
     xc = _compute(x)
     t = _smoothed(target, xc.dtype, eps)
     right = xc > 0
-    tail = torch.log1p(torch.exp(torch.where(right, -xc, xc)))
+    # sp(-|x|) from exp(-|x|): inductor's CPU kernel of exp(where(x > 0, -x, x)), the same
+    # values, ran at half the speed (2.2x compiled PyTorch at 256 x 100 and 1024 x 1000). At
+    # x = 0, where |x| has no derivative, an exact 0 carries sp(-|x|)'s one-sided first and
+    # second derivatives (1/2 and 1/4: the x <= 0 side, as c's jump below).
+    # (x is masked before the product: a product at x = inf would give where's backward 0 * inf)
+    x0 = torch.where(xc == 0, xc, 0.0)
+    tail = torch.log1p(torch.exp(-xc.abs())) + x0 * (0.5 + 0.125 * x0)
     if coefs is None:
         c = torch.where(right, 1 - t, -t)
     else:  # (P + N) sp(-|x|) + [x > 0] N x - [x <= 0] P x
         big_p, big_n = _masses(t, *coefs)
         tail = (big_p + big_n) * tail
         c = torch.where(right, big_n, -big_p)
-    return _finish(_reduced(tail + times_log(c, xc, xc.isinf(), xp=torch), reduction), x)
+    return _finish(_reduced(tail + times_log(c, xc, xc.abs() == math.inf, xp=torch), reduction), x)
 
 
 _BINARY_CHUNK = 1 << 16
