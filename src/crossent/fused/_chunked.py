@@ -1062,7 +1062,7 @@ def _chunk_loop(
         lo, hi = torch.aminmax(weight)  # no |W| temporary
         w_norm = torch.maximum(hi, lo.neg()).to(cdt) * math.sqrt(v_local)
     # G rounded to the product dtype before the weight gradient (which reads the float32 G
-    # except on CUDA, _accumulate_weight_grad_f32), and lifted G rounded after it
+    # except on CUDA: _accumulate_wide_), and lifted G rounded after it
     round_first = low_precision and (not lift or (want_w and device.type == "cuda"))
     if in_place:  # the product-dtype logits are the only buffer
         buf_all, lp_all = _workspace("low", shape, mm_dtype, device), None
