@@ -156,6 +156,25 @@ def chunk_bytes(n: int, d: int, v: int, dtype: str) -> int:
     return _auto_chunk_size(n, v, low_precision=low) * v * 4
 
 
+def warm_blas(n: int, d: int, v: int, dtype: str, chunk_size: int | None = None) -> None:
+    """Plain ``torch.mm`` products of one chunk's shapes in the product dtype, then freed.
+
+    The BLAS library allocates work memory of its own on its first product of a large shape
+    and keeps it for the life of the process (16 MiB for a float32 512 x 1024 x 32000 product,
+    3 MiB at 256 x 1024 x 64000, with one thread): a cost of the process, paid once by any
+    code that multiplies at that size (the materialized reference as well), not extra memory
+    of a forward+backward. Without this warm-up a cold measurement counts it (float32 ce at
+    N=4096, d=1024, V=32000: 1.24 chunks cold, 1.00 warm)."""
+    h_dt, w_dt = DTYPES[dtype]
+    mm_dt = torch.promote_types(h_dt, w_dt)
+    chunk = chunk_size or _auto_chunk_size(n, v, low_precision=mm_dt != torch.float32)
+    h = torch.ones(chunk, d, dtype=mm_dt)
+    w = torch.ones(v, d, dtype=mm_dt)
+    g = h @ w.t()  # the logits
+    _ = g @ w, g.t() @ h  # the hidden and the weight gradients
+    del h, w, g, _
+
+
 def measure(
     case: str,
     n: int,
@@ -169,7 +188,8 @@ def measure(
 ) -> dict[str, int]:
     """In this (fresh) process: extra peak RSS of one forward+backward, gradients discounted.
 
-    Before it, a forward+backward at a small shape initialises what is lazy. With a
+    Before it, a forward+backward at a small shape initialises what is lazy, and
+    :func:`warm_blas` the BLAS library's own work memory. With a
     `backend`, the case runs under ``torch.compile(fullgraph=True, backend=backend)``, and
     the first call is one of the same shape (so that the measured call runs the compiled
     graphs only), as with `full_warmup`; that call's cached work buffers are then released
@@ -181,6 +201,7 @@ def measure(
         fn = torch.compile(fn, fullgraph=True, backend=backend)
     if backend is None and not full_warmup:
         fwd_bwd(fn, make_inputs(8, d, min(v, 64), dtype), upstream)  # lazy initialisation
+        warm_blas(n, d, v, dtype, chunk_size)
     else:
         fwd_bwd(fn, make_inputs(n, d, v, dtype, chunk_size), upstream)  # compiles, if compiled
         clear_workspace()  # the measured call allocates its own work buffers
@@ -212,6 +233,8 @@ def in_subprocess(
         # the warm-up's buffers would stay in the heap, counted in the base, and the measured
         # call would reuse them without raising the high-water mark (32 MiB less at
         # N=8192, d=2048, V=4000 mixed). A fixed threshold keeps every large block mmapped.
+        # (warm_blas's large blocks are above 32 MiB; its small ones, a chunk of rows by d,
+        # are below a MiB.)
         env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO, env=env)
     if res.returncode != 0:

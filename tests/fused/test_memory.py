@@ -48,7 +48,7 @@ def test_bfloat16_head_keeps_its_float32_gradient_and_a_rounded_copy_apart(case:
     4 bytes) and rounded to bfloat16 at the end. It was one float32 tensor and its rounded
     copy, both whole at the end: 4 bytes per weight on top of the gradient (4.4 chunks of
     logits at N=4096, d=1024, V=32000). Held in blocks of rows, each freed once rounded, it is
-    2 + 2 / blocks bytes (3.4 chunks there): here 2.67, 72 of the 108 MiB."""
+    2 + 2 / blocks bytes (3.0-3.4 chunks there): here 2.67, 72 of the 108 MiB."""
     from benchmarks.fused_memory import in_subprocess
 
     extra = in_subprocess(case, N_W, D_W, V_W, "bfloat16", chunk_size=CHUNK_W)
