@@ -356,6 +356,43 @@ def test_retain_graph_second_backward_recomputes() -> None:
         torch.testing.assert_close(2 * a, b)
 
 
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["ce", "ce-none", "log-probs-entropy", "distill", "distill-none"])
+def test_non_reentrant_activation_checkpoint(case: str, hidden_dtype: Any) -> None:
+    """Under ``torch.utils.checkpoint(..., use_reentrant=False)`` (activation checkpointing
+    of a block that ends in the loss) the gradients equal those without it. Backward
+    unpacked the saved `hidden` twice, which the checkpoint refuses (CheckpointError)."""
+    from torch.utils.checkpoint import checkpoint
+
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(9, 6, generator=gen)
+    a0 = torch.randn(6, 6, generator=gen)
+    w0 = torch.randn(13, 6, generator=gen)
+    y = torch.randint(0, 13, (9,), generator=gen)
+    y[::4] = -100
+
+    def block(x: Any, a: Any, w: Any) -> Any:
+        h = torch.tanh(x @ a).to(hidden_dtype)  # the block's own work, then the loss
+        if case.startswith("ce"):
+            reduction = "none" if case == "ce-none" else "mean"
+            return linear_cross_entropy(h, w, y, reduction=reduction, chunk_size=4).sum()
+        if case == "log-probs-entropy":
+            lp, ent = linear_log_probs(h, w, y, return_entropy=True, chunk_size=4)
+            return (lp + 0.1 * ent).sum()
+        reduction = "none" if case == "distill-none" else "mean"
+        t = (x @ a).detach().to(hidden_dtype)
+        out = linear_distillation_loss(h, w, t, w.detach(), y, reduction=reduction, chunk_size=4)
+        return out.sum()
+
+    grads = []
+    for checkpointed in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x0, a0, w0)]
+        loss = checkpoint(block, *leaves, use_reentrant=False) if checkpointed else block(*leaves)
+        grads.append(torch.autograd.grad(loss, leaves))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_non_contiguous_inputs() -> None:
     data = _inputs(n=30)
     h = data["hidden"].t().contiguous().t()  # column-major storage

@@ -211,7 +211,13 @@ class _LinearDistillFunction(torch.autograd.Function):
             return res.grad_hidden, res.grad_weight, res.grad_bias
 
         grads = fused_backward(
-            ctx, "linear_distillation_loss", grad_loss, recompute, weight=weight, bias=bias
+            ctx,
+            "linear_distillation_loss",
+            grad_loss,
+            recompute,
+            hidden=hidden,
+            weight=weight,
+            bias=bias,
         )
         return *grads, None, None, None
 

@@ -152,6 +152,7 @@ def fused_backward(
     grad_loss: torch.Tensor,
     recompute: Callable[[torch.Tensor | None], Formed],
     *,
+    hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     shard: VocabShard | None = None,
@@ -169,6 +170,9 @@ def fused_backward(
     slices' contributions to the gradient of `hidden` are summed over the ranks, then rounded.
     A half-precision head's gradient, accumulated in float32 in blocks of rows
     (:class:`~crossent.fused._chunked.WideBlocks`), is scaled and rounded once, block by block.
+    `hidden`, `weight` and `bias` are the tensors the caller unpacked from
+    ``ctx.saved_tensors``: unpacking them again here would fail under non-reentrant
+    activation checkpointing, which allows one unpack per saved tensor.
     """
     # a vocabulary slice: the function called was crossent.distributed.vocab_parallel_<name>
     refuse_double_backward(name if shard is None else f"crossent.distributed.vocab_parallel_{name}")
@@ -181,7 +185,7 @@ def fused_backward(
         factor = grad_loss
         scale_grads_((None if isinstance(grad_w, WideBlocks) else grad_w, grad_b), grad_loss)
     else:
-        rows = ctx.saved_tensors[0].shape[0]
+        rows = hidden.shape[0]
         row_scale = grad_loss.expand(rows) if grad_loss.ndim == 0 else grad_loss
         grad_h, grad_w, grad_b = recompute(row_scale)
     if isinstance(grad_h, RowScaled):  # rounded to hidden's dtype once more, block by block
@@ -191,7 +195,7 @@ def fused_backward(
             scale_grads_((grad_h,), factor)
         if reduce_sum is not None:
             grad_h = reduce_sum(grad_h)
-        grad_h = grad_h.to(ctx.saved_tensors[0].dtype)  # hidden's
+        grad_h = grad_h.to(hidden.dtype)
     if isinstance(grad_w, WideBlocks):  # float32 blocks: scaled, rounded once, each freed
         grad_w = grad_w.rounded(_unit_skipped(factor), weight.dtype)
     elif grad_w is not None:
@@ -244,7 +248,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
         grads = fused_backward(
             ctx, "linear_cross_entropy", grad_loss, recompute,
-            weight=weight, bias=bias, shard=ctx.shard,
+            hidden=hidden, weight=weight, bias=bias, shard=ctx.shard,
         )  # fmt: skip
         return *grads, None, None, None, None
 

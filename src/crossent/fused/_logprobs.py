@@ -262,7 +262,14 @@ class _LinearLogProbsFunction(torch.autograd.Function):
             return res.grad_hidden, res.grad_weight, res.grad_bias
 
         grads = fused_backward(
-            ctx, "linear_log_probs", grad_lp, recompute, weight=weight, bias=bias, shard=ctx.shard
+            ctx,
+            "linear_log_probs",
+            grad_lp,
+            recompute,
+            hidden=hidden,
+            weight=weight,
+            bias=bias,
+            shard=ctx.shard,
         )
         return *grads, None, None, None
 

@@ -137,9 +137,11 @@ def _backward_grads(
     (outputs are tensors and must not alias each other)."""
     hidden, weight, bias = params
     kept = _KEPT.pop(int(token.item()), None)
-    ctx = types.SimpleNamespace(grads=kept, saved_tensors=(hidden,))
+    ctx = types.SimpleNamespace(grads=kept)
     with torch.no_grad():
-        grads = fused_backward(ctx, name, grad_loss, recompute, weight=weight, bias=bias)
+        grads = fused_backward(
+            ctx, name, grad_loss, recompute, hidden=hidden, weight=weight, bias=bias
+        )
     gh, gw, gb = (hidden.new_empty(0) if g is None else g for g in grads)
     return gh, gw, gb
 
