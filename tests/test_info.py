@@ -187,6 +187,40 @@ def test_zero_mass_gradients_are_finite() -> None:
     torch.testing.assert_close(gq, want)
 
 
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_cross_entropy_gradient_for_p_is_minus_log_q_also_at_zero_mass(backend: str) -> None:
+    """H(p, q) = -sum p log q is linear in p: dH/dp_k = -log q_k wherever q_k > 0, also where
+    p_k = 0 (a one-hot or sparse `p`); only q_k = 0 (an infinite derivative) gives the
+    convention 0. (It was 0 wherever p_k = 0: 0 instead of 0.916 for q_k = 0.4.)"""
+    p = np.array([[0.0, 1.0, 0.0], [0.0, 0.25, 0.75]])
+    q = np.array([[0.4, 0.6, 0.0], [0.1, 0.2, 0.7]])
+    want = np.where(q == 0, 0.0, -np.log(np.where(q == 0, 1.0, q))) / LN2
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        tp = torch.tensor(p, requires_grad=True)
+        (got,) = torch.autograd.grad(info.cross_entropy(tp, torch.tensor(q), base=2).sum(), tp)
+        got = got.numpy()
+    else:
+        jax = pytest.importorskip("jax")
+        import jax.numpy as jnp
+
+        qj = jnp.asarray(q, dtype=jnp.float32)
+        fn = lambda a: info.cross_entropy(a, qj, base=2).sum()  # noqa: E731
+        got = np.asarray(jax.grad(fn)(jnp.asarray(p, dtype=jnp.float32)), dtype=np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-12 if backend == "torch" else 1e-6, atol=0.0)
+
+
+def test_nan_in_q_propagates_also_where_p_is_zero(xp: Any) -> None:
+    """0 · log NaN is NaN: a NaN prediction is never hidden by zero mass (it gave 0.693...)."""
+    x = to_xp(xp)
+    p = np.array([[1.0, 0.0], [1.0, 0.0]])
+    q = np.array([[0.5, np.nan], [0.5, 0.5]])
+    for fn in (info.cross_entropy, info.kl_divergence, info.js_divergence):
+        values = to_numpy(fn(x(p), x(q)))
+        assert np.isnan(values[0]), fn.__name__
+        assert np.isfinite(values[1]), fn.__name__
+
+
 def test_nan_propagates(xp: Any) -> None:
     p = np.array([[0.5, np.nan], [0.5, 0.5]])
     q = np.array([[0.0, 1.0], [0.5, 0.5]])

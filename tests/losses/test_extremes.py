@@ -285,3 +285,22 @@ def test_float16_mean_whose_sum_exceeds_float16_range(backend: str) -> None:
         )
         value = float(got)
         assert abs(value - float(want)) <= 2**-10 * abs(float(want)), (loss.__name__, opts)
+
+
+@pytest.mark.parametrize("cap", [1e36, 1e38])
+def test_a_huge_softcap_is_the_identity_to_rounding(xp: Any, cap: float) -> None:
+    """c tanh(x / c) = x where x / c is below sqrt(eps): with c = 1e38 in float32 x / c is
+    subnormal, which XLA on CPU flushes to 0, so JAX scored every logit as 0 (log 5 = 1.609
+    instead of 4.041); the other backends kept x / c's few subnormal digits."""
+    conv = to_xp(xp)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 5)) * 3).astype(np.float32)
+    x[0, 0] = 1e-3  # x / 1e38 = 1e-41: three digits as a subnormal
+    y = np.array([0, 4, 2, 1])
+    plain = ce.sparse_categorical_cross_entropy(
+        conv(x), conv(y), from_logits=True, reduction="none"
+    )
+    capped = ce.sparse_categorical_cross_entropy(
+        conv(x), conv(y), from_logits=True, softcap=cap, reduction="none"
+    )
+    np.testing.assert_allclose(to_numpy(capped), to_numpy(plain), rtol=1e-6, atol=0.0)

@@ -580,14 +580,18 @@ def shift_by_max(
 
 
 def xlogy(x: Array, y: Array, *, xp: Any) -> Array:
-    r"""x · log y with 0 · log y = 0 (so 0 · log 0 = 0), NaN-free in value and gradient.
+    r"""x · log y with 0 · log 0 = 0 (and 0 · log ∞ = 0), NaN-free in value and gradient.
 
-    The double ``where`` keeps autodiff from evaluating ``0 / 0`` in the
-    untaken branch. NaN in `x` or `y` propagates.
+    Only ``x = 0`` at a pole of the log (``y = 0`` or ``+inf``) is replaced, so the
+    derivative in `x` is :math:`\log y` wherever that is finite, also at ``x = 0`` (the
+    derivative of the cross-entropy :math:`-\sum_k p_k \log q_k` in a zero-mass
+    :math:`p_k` is :math:`-\log q_k`, not 0); at the pole it is 0 by convention. The double
+    ``where`` keeps autodiff from evaluating ``0 / 0`` in the untaken branch. NaN in `x` or
+    `y` propagates, also ``0 · log NaN``.
     """
-    is_zero = x == 0
-    y_safe = xp.where(is_zero, xp.ones_like(y), y)
-    return xp.where(is_zero, xp.zeros_like(x * y_safe), x * xp.log(y_safe))
+    is_pole = (x == 0) & ((y == 0) | (y == float("inf")))
+    y_safe = xp.where(is_pole, xp.ones_like(y), y)
+    return xp.where(is_pole, xp.zeros_like(x * y_safe), x * xp.log(y_safe))
 
 
 def check_same_device(*arrays: object, **named: object) -> None:

@@ -36,6 +36,7 @@ closed forms and for autodiff through these functions alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,11 @@ def softcap_logits(x: Array, cap: float | None, *, xp: Any) -> Array:
     stays NaN there instead of being replaced by 0."""
     if cap is None:
         return x
-    capped = cap * xp.tanh(x / cap)
+    u = x / cap
+    # where tanh(u) = u to rounding, z = x itself: a huge cap (1e38 in float32) makes u
+    # subnormal, which XLA on CPU flushes to 0 (every logit 0: log C instead of the loss)
+    small = xp.abs(u) < math.sqrt(xp.finfo(x.dtype).eps)
+    capped = xp.where(small, x, cap * xp.tanh(u))
     return capped + xp.where(x == -float("inf"), xp.full_like(x, -float("inf")), xp.zeros_like(x))
 
 
