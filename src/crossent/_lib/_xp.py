@@ -770,8 +770,13 @@ def host_float(x: Array) -> float:
     """The value of the 0-d array `x` as a Python float, read outside autodiff.
 
     For the numbers in error messages: a tensor that requires grad is read
-    without autograd's scalar-conversion warning (an error under ``-W error``).
+    without autograd's scalar-conversion warning (an error under ``-W error``). A PyTorch
+    tensor is read directly: the checks also read the values beneath ``torch.func``
+    transforms (:func:`crossent._lib._checks.values_beneath`), where :func:`to_numpy`
+    would call every tensor lazy.
     """
+    if is_torch_tensor(x):
+        return float(x.detach().item())
     return float(to_numpy(x, dtype=float))
 
 
