@@ -372,10 +372,10 @@ def sparse(
     softcap, focal) through :func:`_sparse_rows`; float16/bfloat16 logits on CUDA through the
     Triton kernels of :mod:`crossent._backends._triton_sparse`. `axis` is
     already a valid non-negative class axis; `weight`'s values are checked by
-    the caller.
+    the caller. Traced, the labels are checked once, by the path taken: PyTorch's kernels
+    after :func:`traced_labels`, the others by their own label check (before, the executor's
+    check ran first and the rows path and the generic path traced a second one).
     """
-    if type(target) is not Tensor:  # a tracer's tensor (compile, export) or not a tensor
-        target = traced_labels(input, target, axis, opts.ignore_index)
     dtype = input.dtype
     if (  # the common call: PyTorch's kernel, nothing else (its bound check raises)
         weight is None
@@ -393,6 +393,8 @@ def sparse(
         and (dtype in _HIGH or input.numel() < _LOW_MIN_SPARSE)  # half: one float32 copy
     ):
         x = input if axis == 1 else input.t()
+        if type(target) is not Tensor:  # a tracer's tensor (compile, export)
+            target = traced_labels(input, target, axis, None)
         try:
             out = _CROSS_ENTROPY(
                 x if dtype in _HIGH else x.float(), target, None,
@@ -419,6 +421,8 @@ def sparse(
         return _sparse_triton(input, target, weight, axis, opts)
     if not opts.plain:
         return _sparse_rows(input, target, weight, axis, opts)
+    if type(target) is not Tensor:  # a tracer's tensor (compile, export)
+        target = traced_labels(input, target, axis, opts.ignore_index)
     input = mask_ignored_rows(input, target, opts.ignore_index, axis)
     if dtype in _LOW and weight is None and opts.label_smoothing == 0:
         out = _sparse_low(input, target, axis, opts)
