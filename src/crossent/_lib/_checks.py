@@ -695,10 +695,11 @@ def _guard_read(target: Array, num_classes: int, ignore_index: int | None) -> No
     if target.device.type != "cpu":
         assert_labels_on_device(target, num_classes, ignore_index)
         return
-    target = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
-    bad = ((target < 0) | (target >= num_classes)) & not_ignored(target, ignore_index, xp=torch)
-    if bool(bad.any()):
-        raise label_index_error(num_classes, str(int(target[bad].reshape(-1)[0])))
+    # the mask of check_label_range: no comparison with a class count or an ignore_index the
+    # dtype cannot hold (uint8 156 is not -100; no uint8 label reaches 300 classes)
+    label, bad = _outside(target, num_classes, ignore_index, xp=torch)
+    if bad is not None and bool(bad.any()):
+        raise label_index_error(num_classes, str(int(label[bad].reshape(-1)[0])))
 
 
 def assert_labels_on_device(target: Array, num_classes: int, ignore_index: int | None) -> Array:
