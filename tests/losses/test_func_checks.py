@@ -89,6 +89,8 @@ TRANSFORMS: dict[str, Callable[[Loss, Any, Any], Any]] = {
     "jacrev": lambda loss, x, y: torch.func.jacrev(loss)(x, y),
     "vmap": lambda loss, x, y: torch.func.vmap(_per_sample(loss))(x, y),
     "vmap-grad": lambda loss, x, y: torch.func.vmap(torch.func.grad(_per_sample(loss)))(x, y),
+    "jacfwd": lambda loss, x, y: torch.func.jacfwd(loss)(x, y),
+    "functionalize": lambda loss, x, y: torch.func.functionalize(loss)(x, y),
 }
 
 
@@ -98,6 +100,7 @@ def _eager_error(loss: Loss, x: Any, y: Any) -> BaseException:
     return info.value
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
 @pytest.mark.parametrize("name", list(_label_losses()))
 def test_bad_label_under_torch_func_gives_the_eager_message(name: str, transform: str) -> None:
@@ -106,6 +109,8 @@ def test_bad_label_under_torch_func_gives_the_eager_message(name: str, transform
     bounds`` / ``index 7 is out of bounds for dimension 2 with size 5`` / ``index 7 is out of
     bounds for dimension 1 with size 5`` on every unfused loss (the fused ones, custom ops
     that run per sample, already raised the eager message)."""
+    if transform == "functionalize" and (name.startswith("fused") or "linear" in name):
+        pytest.skip("functionalize has no rule for the fused losses' autograd.Function (NYI)")
     loss, ignore_index = _label_losses()[name]
     x, y, _, _ = _data()
     bad_labels = [C, -3] if ignore_index is None else [C, -3, ignore_index - 1, ignore_index + 1]
