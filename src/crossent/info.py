@@ -32,18 +32,22 @@ Conventions, the same everywhere:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from crossent._lib._checks import (
     assert_on_device,
+    beneath_transforms,
     check_array,
     check_axis,
     check_base,
     check_floating,
     checked_on_device,
+    values_beneath,
     values_checked,
 )
+from crossent._lib._config import get_validation
 from crossent._lib._logdiv import generalized_jsd_from_log, log_softmax
 from crossent._lib._xp import (
     Array,
@@ -82,8 +86,19 @@ def _check_distribution(x: Array, *, name: str, logits: bool = False, xp: Any) -
     if not values_checked(x):
         if checked_on_device(x):  # torch.compile / torch.export
             assert_on_device((x < 0) | (x > 1), _distribution_message(name, ""))
+        elif get_validation() and (beneath := values_beneath(x)) is not None:  # torch.func
+            with beneath_transforms():
+                _distribution_read(beneath[0], name=name, xp=xp, known=bool)
         return
-    if known_true(xp.any((x < 0) | (x > 1))):
+    _distribution_read(x, name=name, xp=xp)
+
+
+def _distribution_read(
+    x: Array, *, name: str, xp: Any, known: Callable[[Array], bool] = known_true
+) -> None:
+    """:func:`_check_distribution` of readable values (`known`: :func:`known_true`, or ``bool``
+    beneath ``torch.func`` transforms, where every tensor counts as lazy)."""
+    if known(xp.any((x < 0) | (x > 1))):
         lo, hi = host_float(xp.min(x)), host_float(xp.max(x))
         msg = _distribution_message(name, f"; got values in [{lo:.6g}, {hi:.6g}]")
         raise ValueError(msg)

@@ -84,3 +84,42 @@ def test_device_side_messages_fit_cudas_assert_buffer(monkeypatch: pytest.Monkey
     _checks.assert_labels_on_device(torch.tensor([0, 5]), 128256, -100)
     assert len(seen) == 3 * 4 + 1  # range and row sums, unit interval, sign; per name
     assert seen[1].startswith("`predictions` holds probabilities whose rows must sum to 1 along")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "label", "num_classes", "ignore_index", "refused"),
+    [
+        ("uint8", 156, 5, -100, True),  # -100 does not fit uint8: 156 is not ignored
+        ("uint8", 200, 5, 200, False),  # ignore_index fits: ignored
+        ("uint8", 255, 300, None, False),  # no uint8 label reaches 300 classes
+        ("uint8", 5, 5, None, True),
+        ("int8", -100, 5, -100, False),
+        ("int8", -56, 5, 200, True),  # 200 does not fit int8: -56 is not ignored
+        ("int8", 127, 200, None, False),  # 200 does not fit int8, no label reaches it
+        ("int16", -3, 5, None, True),
+        ("uint16", 40000, 5, -100, True),  # wide unsigned: compared as int64
+        ("int64", -100, 5, -100, False),
+        ("int64", -99, 5, -100, True),
+    ],
+)
+def test_guard_label_range_refuses_what_check_label_range_refuses(
+    dtype: str, label: int, num_classes: int, ignore_index: int | None, refused: bool
+) -> None:
+    """Validation off, the guard (the fused and traced paths' kernel-level check) refuses
+    exactly the labels the validation check refuses, in every integer width: both use
+    ``_outside``, which never compares with a class count or an `ignore_index` the dtype
+    cannot hold (PyTorch would wrap -100 to 156 in uint8 and ignore a real label)."""
+    import crossent as ce
+
+    torch = pytest.importorskip("torch")
+    target = torch.tensor([0, label, 1], dtype=getattr(torch, dtype))
+    xp = array_namespace(target)
+    if refused:
+        with pytest.raises(ValueError, match=rf"min={label}, max={label}"):
+            _checks.check_label_range(target, num_classes, ignore_index=ignore_index, xp=xp)
+        with ce.validation(False), pytest.raises(IndexError, match=rf": {label} \(checked"):
+            _checks.guard_label_range(target, num_classes, ignore_index=ignore_index)
+    else:
+        _checks.check_label_range(target, num_classes, ignore_index=ignore_index, xp=xp)
+        with ce.validation(False):
+            _checks.guard_label_range(target, num_classes, ignore_index=ignore_index)

@@ -364,3 +364,58 @@ def test_compiled_bad_label_raises_crossents_message_with_inductor(name: str) ->
         y_bad[2] = bad
         with pytest.raises(RuntimeError, match=r"`target` has labels outside \[0, C\)"):
             compiled(x, y_bad)
+
+
+def _every_label_path() -> dict[str, Callable[[Any, Any], Any]]:
+    """:func:`_label_losses` and the other paths a compiled label takes: softcap, focal with
+    smoothing (the generic formula), a class weight that requires grad (the generic formula:
+    PyTorch's kernel gives it no gradient), ``FocalLoss``."""
+    sparse = ce.sparse_categorical_cross_entropy
+    w_grad = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
+    return {
+        **_label_losses(),
+        "softcap-ignore": lambda x, y: sparse(
+            x, y, from_logits=True, softcap=3.0, ignore_index=-100
+        ),
+        "focal-smoothing": lambda x, y: sparse(
+            x, y, from_logits=True, gamma=2.0, label_smoothing=0.1
+        ),
+        "weight-with-grad": lambda x, y: sparse(x, y, from_logits=True, weight=w_grad),
+        "nn-focal": lambda x, y: cnn.FocalLoss(gamma=2.0)(x, y),
+    }
+
+
+@pytest.mark.parametrize("name", list(_every_label_path()))
+def test_one_label_check_per_compiled_call(name: str) -> None:
+    """One device-side label check in the traced graph, whichever path the labels take.
+
+    The executor's check (``traced_labels``) ran before it chose a path, and the paths it then
+    took checked again: z-loss, focal, softcap, focal with smoothing, probabilities, a weight
+    with a gradient and ``FocalLoss`` traced two ``_assert_async`` of the label message per
+    call. Each path now checks once; a bad label still fails with crossent's message."""
+    from functorch.compile import make_boxed_func
+
+    loss = _every_label_path()[name]
+    graphs: list[Any] = []
+
+    def keep(gm: Any, _: Any) -> Any:
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, C, (N,), generator=g)
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    compiled = torch.compile(loss, fullgraph=True, backend=backend)
+    compiled(x, y).sum().backward()
+    checks = [
+        node
+        for gm in graphs
+        for node in gm.graph.nodes
+        if "_assert" in str(node.target) and "`target` has labels" in str(node.args)
+    ]
+    assert len(checks) == 1, [str(node.args) for node in checks]
+    y[2] = C
+    with pytest.raises(RuntimeError, match=r"`target` has labels outside \[0, C\)"):
+        compiled(x, y)

@@ -500,9 +500,11 @@ def test_wide_unsigned_labels_on_the_array_api_path(dtype: Any) -> None:
 )
 @pytest.mark.parametrize("label", [7, -3])
 def test_bad_labels_raise_when_traced(options: dict[str, Any], label: int) -> None:
-    """Where crossent's label check cannot run (compile, torch.func) PyTorch's gather check
-    raises; before, crossent's own options read a target logit of 0 for a label outside
-    [0, C) and returned a finite wrong loss (focal: 1.0929 for labels 7 and -3 alike)."""
+    """Compiled, crossent's device-side assertion (or PyTorch's gather check) raises; under
+    torch.func crossent's eager check, which reads the labels beneath the transforms
+    (tests/losses/test_func_checks.py). Before, crossent's own options read a target logit
+    of 0 for a label outside [0, C) and returned a finite wrong loss (focal: 1.0929 for
+    labels 7 and -3 alike)."""
     x, _, _, w = _data()
     y = torch.tensor([0, 1, label, 2, 3, 4])
     kw = {k: (w if v == "w" else v) for k, v in options.items()}
@@ -517,9 +519,10 @@ def test_bad_labels_raise_when_traced(options: dict[str, Any], label: int) -> No
     bound = r"out of bounds|outside"
     with pytest.raises((IndexError, RuntimeError), match=bound):
         torch.compile(loss, fullgraph=True, backend="aot_eager")(x)
-    with pytest.raises((IndexError, RuntimeError), match=bound):
+    eager = r"`target` has labels outside \[0, 5\)"
+    with pytest.raises(ValueError, match=eager):
         torch.func.grad(loss)(x)
-    with pytest.raises((IndexError, RuntimeError), match=bound):
+    with pytest.raises(ValueError, match=eager):
         torch.func.vmap(torch.func.grad(per_sample))(x, y)
 
 

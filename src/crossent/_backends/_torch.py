@@ -58,9 +58,12 @@ from crossent._lib._checks import (
     assert_labels_on_device,
     assert_on_device,
     check_in_unit_interval,
+    check_label_range,
     check_nonnegative,
     checked_on_device,
     device_assertions,
+    eager_transforms,
+    guard_label_range,
     is_real_scalar,
     unit_interval_message,
     values_checked,
@@ -264,11 +267,12 @@ def _mean_of(
 
 def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int | None) -> None:
     """Turn PyTorch's bound-check error into crossent's message (re-raise it otherwise, and
-    always where the labels cannot be read: off the CPU, or traced)."""
-    if not t.is_cpu or torch_tracing():
+    always where the labels cannot be read: off the CPU, or compiled). Under ``torch.func``
+    transforms run eagerly :func:`~crossent._lib._checks.check_label_range` reads the labels
+    beneath them: ``vmap``'s gather had raised "index 7 is out of bounds for dimension 2 with
+    size 5", ``grad``'s kernel "Target 7 is out of bounds"."""
+    if not (eager_transforms() if torch_tracing() else t.is_cpu):
         raise exc
-    from crossent._lib._checks import check_label_range
-
     with torch.no_grad():
         check_label_range(t, num_classes, ignore_index=ignore_index, xp=array_namespace(t))
     raise exc
@@ -308,8 +312,13 @@ def _native_indices(
     w = weight if weight is None or weight.dtype is xc.dtype else weight.to(xc.dtype)
     ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index
     reduction = opts.reduction
-    if not x.is_cpu and values_checked(t) and t.numel() and not torch_tracing():
-        assert_labels_on_device(t, x.shape[axis], opts.ignore_index)
+    if not x.is_cpu and t.numel():  # the kernel's failure is a device assertion there
+        if values_checked(t):
+            assert_labels_on_device(t, x.shape[axis], opts.ignore_index)
+        elif eager_transforms():  # read beneath the torch.func transforms, as on the CPU
+            check_label_range(
+                t, x.shape[axis], ignore_index=opts.ignore_index, xp=array_namespace(t)
+            )
     try:
         if reduction == "mean" and (w is not None or ignore != _NO_IGNORE or not t.numel()):
             out = _mean_of(kernel, (xc, t, w), extra, ignore)
@@ -363,10 +372,10 @@ def sparse(
     softcap, focal) through :func:`_sparse_rows`; float16/bfloat16 logits on CUDA through the
     Triton kernels of :mod:`crossent._backends._triton_sparse`. `axis` is
     already a valid non-negative class axis; `weight`'s values are checked by
-    the caller.
+    the caller. Traced, the labels are checked once, by the path taken: PyTorch's kernels
+    after :func:`traced_labels`, the others by their own label check (before, the executor's
+    check ran first and the rows path and the generic path traced a second one).
     """
-    if type(target) is not Tensor:  # a tracer's tensor (compile, export) or not a tensor
-        target = traced_labels(input, target, axis, opts.ignore_index)
     dtype = input.dtype
     if (  # the common call: PyTorch's kernel, nothing else (its bound check raises)
         weight is None
@@ -384,6 +393,8 @@ def sparse(
         and (dtype in _HIGH or input.numel() < _LOW_MIN_SPARSE)  # half: one float32 copy
     ):
         x = input if axis == 1 else input.t()
+        if type(target) is not Tensor:  # a tracer's tensor (compile, export)
+            target = traced_labels(input, target, axis, None)
         try:
             out = _CROSS_ENTROPY(
                 x if dtype in _HIGH else x.float(), target, None,
@@ -410,6 +421,8 @@ def sparse(
         return _sparse_triton(input, target, weight, axis, opts)
     if not opts.plain:
         return _sparse_rows(input, target, weight, axis, opts)
+    if type(target) is not Tensor:  # a tracer's tensor (compile, export)
+        target = traced_labels(input, target, axis, opts.ignore_index)
     input = mask_ignored_rows(input, target, opts.ignore_index, axis)
     if dtype in _LOW and weight is None and opts.label_smoothing == 0:
         out = _sparse_low(input, target, axis, opts)
@@ -480,14 +493,11 @@ def _sparse_rows_generic(
         if _may_hold_neg_inf(z):  # -inf stays -inf, derivative 0 (_logprob.softcap_logits)
             capped = capped + torch.where(z == -math.inf, -math.inf, capped.new_zeros(()))
         z = capped
-    from crossent._lib._checks import check_label_range, guard_label_range
-
-    if values_checked(t):
-        check_label_range(t, num_classes, ignore_index=opts.ignore_index, xp=array_namespace(t))
-    elif torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
-        # compiled, on an accelerator, or validation off: row_stats's gather would not fail
-        # (not under torch.func: no vmap rule for the assertion, no readable labels)
-        guard_label_range(t, num_classes, ignore_index=opts.ignore_index)
+    # eagerly read; compiled the assertion, and the labels it refuses replaced by 0 (indexed
+    # with, only the assertion fails); under torch.func read beneath the transforms
+    t = check_label_range(t, num_classes, ignore_index=opts.ignore_index, xp=array_namespace(t))
+    # validation off, compiled or on an accelerator: row_stats's gather would not fail
+    guard_label_range(t, num_classes, ignore_index=opts.ignore_index)
     w = None if weight is None else weight.to(z.dtype)
     valid, label = _valid_label(t, opts.ignore_index)
     smooth = opts.label_smoothing != 0
@@ -891,9 +901,13 @@ def _binary_unread(
 def _assert_unit_interval(t: Tensor) -> None:
     """Traced targets: :func:`check_in_unit_interval`'s device-side assertion under compile and
     export with validation on, in fewer calls (each global a traced function reads is a dynamo
-    guard, checked before every call of the compiled function)."""
-    if device_assertions() and get_validation():
-        assert_on_device((t < 0) | (t > 1), _TARGET_RANGE)
+    guard, checked before every call of the compiled function). Under ``torch.func`` transforms
+    run eagerly the values are read beneath them, with the eager message (before, unchecked)."""
+    if device_assertions():
+        if get_validation():
+            assert_on_device((t < 0) | (t > 1), _TARGET_RANGE)
+    elif eager_transforms():
+        check_in_unit_interval(t, name="target", xp=_torch_namespace())
 
 
 _TARGET_RANGE = unit_interval_message("target", "")

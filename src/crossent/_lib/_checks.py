@@ -6,15 +6,16 @@ checks (which read data back from the device) run only while
 :func:`crossent.get_validation` is true and never on lazy arrays (JAX tracers).
 Under ``torch.compile`` and ``torch.export`` they run as asynchronous device-side
 assertions (:func:`checked_on_device`): no host synchronisation, no graph break, the
-same message without the offending values; under ``torch.func`` transforms
-(``grad``, ``vmap``) they are skipped, as on JAX tracers.
+same message without the offending values. Under ``torch.func`` transforms run eagerly
+(``grad``, ``vmap``, ``vjp``, ``jacrev``) they read the values beneath the transforms'
+wrappers (:func:`values_beneath`), as eagerly, with the same messages.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeGuard, overload
 
 import numpy as np
@@ -39,6 +40,7 @@ __all__ = [
     "assert_labels_inside",
     "assert_labels_on_device",
     "assert_on_device",
+    "beneath_transforms",
     "check_array",
     "check_axis",
     "check_base",
@@ -59,6 +61,7 @@ __all__ = [
     "check_unit_interval_scalar",
     "checked_on_device",
     "device_assertions",
+    "eager_transforms",
     "guard_label_range",
     "is_integer_scalar",
     "is_real_scalar",
@@ -69,6 +72,7 @@ __all__ = [
     "row_sum_tolerance",
     "shown_value",
     "unit_interval_message",
+    "values_beneath",
     "values_checked",
 ]
 
@@ -87,10 +91,10 @@ def checked_on_device(x: Array) -> bool:
 
     Called where :func:`values_checked` is false. The switch is read in the traced code:
     dynamo guards it (:mod:`crossent._lib._config`), so turning validation off or on
-    recompiles. Not under ``torch.func`` transforms run eagerly: ``vmap`` has no rule for
-    the assertion (``grad`` alone would allow it, but a check that runs under ``grad``
-    and fails under ``vmap(grad)`` would be worse than none); there, as on JAX tracers,
-    values are not checked.
+    recompiles. Not under ``torch.func`` transforms: ``vmap`` has no rule for the assertion
+    (``grad`` alone would allow it, but a check that runs under ``grad`` and fails under
+    ``vmap(grad)`` would be worse than none); run eagerly, the values are read beneath the
+    transforms instead (:func:`values_beneath`); compiled, they are not checked.
     """
     return is_torch_tensor(x) and device_assertions() and _config.get_validation()
 
@@ -102,6 +106,62 @@ def device_assertions() -> bool:
     import torch
 
     return torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
+def eager_transforms() -> bool:
+    """Whether ``torch.func`` transforms (``grad``, ``vmap``, ...) are active, run eagerly
+    (not traced by ``torch.compile``): where :func:`values_beneath` finds the values."""
+    import torch
+
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def values_beneath(x: Array) -> tuple[Array, int] | None:
+    """Under ``torch.func`` transforms run eagerly (not compiled): the values of the PyTorch
+    tensor `x` as a plain, detached tensor, and how many vmapped dimensions lead it; None
+    elsewhere (no transform, ``torch.compile``, not a tensor, ``meta`` values).
+
+    Labels and targets are never differentiated, and their values exist beneath the
+    transforms' wrappers (``vmap``'s batched tensor, ``grad``'s and ``jvp``'s gradient
+    tracking tensor, ``functionalize``'s functional tensor): peeled off, they are the eager
+    tensor, every sample of every ``vmap`` level in one, whose values the eager checks read
+    (inside :func:`beneath_transforms`) with the eager messages. Before, every value check was
+    skipped there: a bad label gave PyTorch's own index error, a bad weight a silently wrong
+    loss. Each ``vmap`` level's dimension is moved to the front, so the tensor's own axis
+    ``a`` is ``a + count`` there. Called only where :func:`values_checked` is false.
+    """
+    if not is_torch_tensor(x) or not eager_transforms():
+        return None
+    import torch
+
+    functorch = torch._C._functorch
+    real, dims, batch = x, list(range(x.ndim)), list[int]()
+    while functorch.is_functorch_wrapped_tensor(real) or torch._is_functional_tensor(real):
+        if functorch.is_batchedtensor(real):  # a dimension of this level at `bdim`
+            bdim = functorch.maybe_get_bdim(real)
+            dims = [d + (d >= bdim) for d in dims]
+            batch = [b + (b >= bdim) for b in batch] + [bdim]
+            real = functorch.get_unwrapped(real)
+        elif torch._is_functional_tensor(real):
+            torch._sync(real)  # apply the pending in-place updates first
+            real = torch._from_functional_tensor(real)
+        else:  # grad's and jvp's wrapper: the same shape
+            real = functorch.get_unwrapped(real)
+    if real.device.type == "meta":
+        return None
+    with beneath_transforms():
+        real = real.detach()
+        if batch:
+            real = real.permute(batch + dims)
+    return real, len(batch)
+
+
+def beneath_transforms() -> Any:
+    """A context in which operations on the tensors of :func:`values_beneath` run as eager
+    PyTorch, past the ``torch.func`` transforms (``torch._C._DisableFuncTorch``)."""
+    import torch
+
+    return torch._C._DisableFuncTorch()
 
 
 def assert_on_device(bad: Array, msg: str) -> None:
@@ -313,8 +373,25 @@ def check_probabilities(x: Array, *, name: str = "input", xp: Any) -> None:
     if not values_checked(x):
         if checked_on_device(x):
             assert_on_device((x < 0) | (x > 1), ProbabilityRangeError.deferred_message(name))
+        elif (beneath := _validated_beneath(x)) is not None:
+            with beneath_transforms():
+                _probabilities_read(beneath[0], name=name, xp=xp, known=bool)
         return
-    if known_true(xp.any((x < 0) | (x > 1))):
+    _probabilities_read(x, name=name, xp=xp)
+
+
+def _validated_beneath(x: Array) -> tuple[Array, int] | None:
+    """:func:`values_beneath` where validation is on."""
+    return values_beneath(x) if _config.get_validation() else None
+
+
+def _probabilities_read(
+    x: Array, *, name: str, xp: Any, known: Callable[[Array], bool] = known_true
+) -> None:
+    """:func:`check_probabilities` of readable values (`known`: how a 0-d boolean is read,
+    :func:`known_true`, or ``bool`` beneath ``torch.func`` transforms, where
+    :func:`known_true` would call every tensor lazy)."""
+    if known(xp.any((x < 0) | (x > 1))):
         raise ProbabilityRangeError(name, host_float(xp.min(x)), host_float(xp.max(x)))
 
 
@@ -352,22 +429,47 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
     check_probabilities(x, name=name, xp=xp)
     if size(x) == 0:
         return
-    checked = values_checked(x)
-    if not checked and not checked_on_device(x):
-        return
-    num_classes = dim_size(x.shape[axis])
-    tol = row_sum_tolerance(x.dtype, num_classes, xp=xp)
-    sums = xp.sum(xp.astype(stop_gradient(x, xp=xp), compute_dtype(x.dtype, xp=xp)), axis=axis)
-    bad = xp.abs(sums - 1) > tol
-    if not checked:
+    if values_checked(x):
+        _row_sums_read(x, axis=axis, name=name, shown=axis, xp=xp)
+    elif checked_on_device(x):
+        _, bad = _row_sums(x, axis=axis, xp=xp)
         msg = (  # no numbers: under dynamic shapes the class count and tolerance are symbolic
             f"`{name}` holds probabilities whose rows must sum to 1 along axis {axis} (up to "
             f"{str(x.dtype).removeprefix('torch.')} rounding); a row does not. {_ROW_SUM_FIX}"
         )
         assert_on_device(bad, msg)
+    elif (beneath := _validated_beneath(x)) is not None:
+        real, leading = beneath
+        with beneath_transforms():
+            _row_sums_read(
+                real, axis=axis % x.ndim + leading, name=name, shown=axis, xp=xp, known=bool
+            )
+
+
+def _row_sums(x: Array, *, axis: int, xp: Any) -> tuple[Array, Array]:
+    """(the sums of `x` along `axis`, the mask of those off 1 by more than the tolerance)."""
+    tol = row_sum_tolerance(x.dtype, dim_size(x.shape[axis]), xp=xp)
+    sums = xp.sum(xp.astype(stop_gradient(x, xp=xp), compute_dtype(x.dtype, xp=xp)), axis=axis)
+    return sums, xp.abs(sums - 1) > tol
+
+
+def _row_sums_read(
+    x: Array,
+    *,
+    axis: int,
+    name: str,
+    shown: int,
+    xp: Any,
+    known: Callable[[Array], bool] = known_true,
+) -> None:
+    """The row-sum check of :func:`check_probability_rows` on readable values (`shown`: the
+    axis the message names, the caller's; the row index counts ``vmap``'s samples first;
+    `known` as for ``_probabilities_read``)."""
+    sums, bad = _row_sums(x, axis=axis, xp=xp)
+    if not known(xp.any(bad)):
         return
-    if not known_true(xp.any(bad)):
-        return
+    num_classes = dim_size(x.shape[axis])
+    tol = row_sum_tolerance(x.dtype, num_classes, xp=xp)
     flat = xp.reshape(bad, (-1,))
     first = int(xp.argmax(xp.astype(flat, xp.int32)))
     total = host_float(xp.reshape(sums, (-1,))[first])
@@ -377,7 +479,7 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
         index.insert(0, i)
     where = f"row {index[0]}" if len(index) == 1 else f"row {tuple(index)}"
     msg = (
-        f"`{name}` holds probabilities whose rows must sum to 1 along axis {axis}; {where} sums "
+        f"`{name}` holds probabilities whose rows must sum to 1 along axis {shown}; {where} sums "
         f"to {shown_value(total)} (tolerance {tol:.2g} for {num_classes} classes in {x.dtype}). "
         f"{_ROW_SUM_FIX}"
     )
@@ -397,14 +499,25 @@ def check_in_unit_interval(x: Array, *, name: str, xp: Any) -> None:
     if not values_checked(x):
         if checked_on_device(x):
             assert_on_device((x < 0) | (x > 1), unit_interval_message(name, ""))
+        elif (beneath := _validated_beneath(x)) is not None:
+            with beneath_transforms():
+                _unit_interval_read(beneath[0], name=name, xp=xp, known=bool)
         return
+    _unit_interval_read(x, name=name, xp=xp)
+
+
+def _unit_interval_read(
+    x: Array, *, name: str, xp: Any, known: Callable[[Array], bool] = known_true
+) -> None:
+    """:func:`check_in_unit_interval` of readable values (`known` as for
+    ``_probabilities_read``)."""
     if is_torch_tensor(x) and x.is_cpu:  # one pass (aminmax) where all are in range
         import torch
 
         lo_, hi_ = torch.aminmax(x.detach())
         if lo_.item() >= 0 and hi_.item() <= 1:
             return
-    if known_true(xp.any((x < 0) | (x > 1))):
+    if known(xp.any((x < 0) | (x > 1))):
         lo, hi = host_float(xp.min(x)), host_float(xp.max(x))
         msg = unit_interval_message(name, f"; got values in [{lo:.6g}, {hi:.6g}]")
         raise ValueError(msg)
@@ -425,8 +538,18 @@ def check_nonnegative(x: Array, *, name: str, xp: Any) -> None:
     if not values_checked(x):
         if checked_on_device(x):
             assert_on_device(x < 0, f"`{name}` must be non-negative; it holds a negative value.")
+        elif (beneath := _validated_beneath(x)) is not None:
+            with beneath_transforms():
+                _nonnegative_read(beneath[0], name=name, xp=xp, known=bool)
         return
-    if known_true(xp.any(x < 0)):
+    _nonnegative_read(x, name=name, xp=xp)
+
+
+def _nonnegative_read(
+    x: Array, *, name: str, xp: Any, known: Callable[[Array], bool] = known_true
+) -> None:
+    """:func:`check_nonnegative` of readable values (`known` as for ``_probabilities_read``)."""
+    if known(xp.any(x < 0)):
         msg = f"`{name}` must be non-negative; got a minimum of {host_float(xp.min(x)):.6g}."
         raise ValueError(msg)
 
@@ -456,11 +579,28 @@ def check_label_range(
     if not values_checked(target):
         if checked_on_device(target):
             return assert_labels_on_device(target, num_classes, ignore_index)
+        if (beneath := _validated_beneath(target)) is not None:
+            with beneath_transforms():
+                _labels_read(beneath[0], num_classes, ignore_index, name=name, xp=xp, known=bool)
         return target
+    _labels_read(target, num_classes, ignore_index, name=name, xp=xp)
+    return target
+
+
+def _labels_read(
+    target: Array,
+    num_classes: int,
+    ignore_index: int | None,
+    *,
+    name: str,
+    xp: Any,
+    known: Callable[[Array], bool] = known_true,
+) -> None:
+    """:func:`check_label_range` of readable labels (`known` as for ``_probabilities_read``)."""
     label, bad = _outside(target, num_classes, ignore_index, xp=xp)
     if bad is None:
-        return target
-    if known_true(xp.any(bad)):
+        return
+    if known(xp.any(bad)):
         bad_values = label[bad]
         lo, hi = int(xp.min(bad_values)), int(xp.max(bad_values))
         hint = "" if ignore_index is None else f" (ignore_index={ignore_index})"
@@ -469,7 +609,6 @@ def check_label_range(
             f"{hint}: min={lo}, max={hi}. Check the number of classes, or set `ignore_index`."
         )
         raise ValueError(msg)
-    return target
 
 
 def _outside(
@@ -527,21 +666,40 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
     kernels mask or clamp them, where ``torch.gather`` / ``nll_loss`` would
     fail): on CPU an ``IndexError`` like ``nll_loss``'s, on an accelerator
     or under ``torch.compile`` a device-side assertion (``torch._assert_async``,
-    no host synchronisation), like torch's CUDA kernels. With validation on,
-    :func:`check_label_range` has already run and this does nothing.
+    no host synchronisation), like torch's CUDA kernels; under ``torch.func``
+    transforms run eagerly, either on the labels beneath them (:func:`values_beneath`).
+    Called after :func:`check_label_range`: with validation on that has checked the labels
+    (eagerly, by its traced assertion, or beneath the transforms) and this does nothing
+    (under ``torch.compile`` a second assertion in the graph would check them again).
     """
-    if size(target) == 0 or values_checked(target):
+    if size(target) == 0 or _config.get_validation():
         return
     import torch
 
-    if target.device.type != "cpu" or torch.compiler.is_compiling():
-        if device_assertions() or not torch.compiler.is_compiling():  # not compiled vmap
+    if torch.compiler.is_compiling():
+        if device_assertions():  # not compiled vmap: no batching rule for the assertion
             assert_labels_on_device(target, num_classes, ignore_index)
         return
-    target = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
-    bad = ((target < 0) | (target >= num_classes)) & not_ignored(target, ignore_index, xp=torch)
-    if bool(bad.any()):
-        raise label_index_error(num_classes, str(int(target[bad].reshape(-1)[0])))
+    beneath = values_beneath(target)
+    if beneath is None:
+        _guard_read(target, num_classes, ignore_index)
+        return
+    with beneath_transforms():
+        _guard_read(beneath[0], num_classes, ignore_index)
+
+
+def _guard_read(target: Array, num_classes: int, ignore_index: int | None) -> None:
+    """:func:`guard_label_range` of eager labels."""
+    import torch
+
+    if target.device.type != "cpu":
+        assert_labels_on_device(target, num_classes, ignore_index)
+        return
+    # the mask of check_label_range: no comparison with a class count or an ignore_index the
+    # dtype cannot hold (uint8 156 is not -100; no uint8 label reaches 300 classes)
+    label, bad = _outside(target, num_classes, ignore_index, xp=torch)
+    if bad is not None and bool(bad.any()):
+        raise label_index_error(num_classes, str(int(label[bad].reshape(-1)[0])))
 
 
 def assert_labels_on_device(target: Array, num_classes: int, ignore_index: int | None) -> Array:

@@ -187,8 +187,9 @@ def torch_tracing() -> bool:
 
     Values do not exist then (or reading them would break the graph), so value
     checks do not read them: under compile and export they are device-side assertions
-    (:func:`crossent._lib._checks.checked_on_device`), under ``torch.func`` skipped;
-    eagerly they run as everywhere else.
+    (:func:`crossent._lib._checks.checked_on_device`), under ``torch.func`` run eagerly they
+    read the values beneath the transforms' wrappers
+    (:func:`crossent._lib._checks.values_beneath`); eagerly they run as everywhere else.
 
     Dynamo calls it for real at trace time (below). PyTorch 2.13 holds
     ``torch.compiler.is_compiling()`` true for the whole compile; earlier versions (2.11)
@@ -774,8 +775,13 @@ def host_float(x: Array) -> float:
     """The value of the 0-d array `x` as a Python float, read outside autodiff.
 
     For the numbers in error messages: a tensor that requires grad is read
-    without autograd's scalar-conversion warning (an error under ``-W error``).
+    without autograd's scalar-conversion warning (an error under ``-W error``). A PyTorch
+    tensor is read directly: the checks also read the values beneath ``torch.func``
+    transforms (:func:`crossent._lib._checks.values_beneath`), where :func:`to_numpy`
+    would call every tensor lazy.
     """
+    if is_torch_tensor(x):
+        return float(x.detach().item())
     return float(to_numpy(x, dtype=float))
 
 

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from crossent._lib._checks import eager_transforms
 from crossent._losses._options import _specialized
 from crossent.fused._chunked import result_dtype
 from crossent.fused._distill import DistillOptions, _chunked_distill
@@ -277,7 +278,7 @@ def _loss_through(
     """The loss from a loss op and its backward op (`ops`; ``op(hidden, weight, bias,
     *middle, options, needs)``): under a ``torch.func`` transform through :class:`_FuncLoss`,
     else the op with its gradients formed for what requires them."""
-    if _under_func():
+    if eager_transforms():
         return _FuncLoss.apply(hidden, weight, bias, *middle, _encode(opts), name, ops)
     needs = _needs(hidden, weight, bias)
     loss: torch.Tensor = ops[0](hidden, weight, bias, *middle, _encode(opts), needs)[0]
@@ -371,7 +372,7 @@ def linear_log_probs_compiled(
     opts: LogProbOptions,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` through the custom op."""
-    if _under_func():
+    if eager_transforms():
         lp, ent, _ = _FuncLogProbs.apply(hidden, weight, bias, target, _encode(opts))
     else:
         lp, ent, _ = _log_probs_op(hidden, weight, bias, target, _encode(opts))
@@ -480,11 +481,6 @@ def linear_distill_compiled(
 # gradients, and backward forms its gradients in _FirstOrderGrads, whose own backward
 # raises: a second derivative (grad of grad, jacrev of grad) is an error, never a wrong
 # number.
-
-
-def _under_func() -> bool:
-    """Whether a ``torch.func`` transform is active (and not under ``torch.compile``)."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 def _loop_vmap(op: Any) -> None:
