@@ -122,7 +122,11 @@ def _make(
 
 
 _CACHE: dict[tuple[object, ...], CEOptions] = {}
-_BOOLS = frozenset((bool, np.bool_))
+_FLOATS = frozenset((float, np.float16, np.float32, np.float64))
+_CACHED_TYPES = _FLOATS | {int, str, type(None), np.int8, np.int16, np.int32, np.int64}
+"""The types of options :func:`make_options` caches: each is accepted by its checks (a float
+for a number, an integer for `ignore_index`, a string for `reduction` and `kind`); a bool, a
+complex number or a Decimal equal to a cached value is checked (and refused) instead."""
 _CACHE_SIZE = 1024
 
 
@@ -160,11 +164,15 @@ def make_options(
         opts = _CACHE.get(key)
     except TypeError:  # an unhashable option (a list): let the checks name it
         return _make(*key)
-    # bool and int compare equal (True == 1, np.True_ == 1): a bool option is checked, never a
-    # cache hit; from_logits (first) must be a bool, no other option may be one (one pass in C:
-    # this runs on every call of every loss)
+    # equal values of other types hash alike (True == 1, -1.0 == -1, 0.5 + 0j == 0.5,
+    # Decimal("0.5") == 0.5): only options of the types the checks accept are cache hits, the
+    # others are checked (from_logits, first, must be a bool; ignore_index an integer)
     types = map(type, key)
-    exact = next(types) is bool and _BOOLS.isdisjoint(types)
+    exact = (
+        next(types) is bool
+        and _CACHED_TYPES.issuperset(types)
+        and type(ignore_index) not in _FLOATS
+    )
     if opts is not None and exact:
         return opts
     opts = _make(*key)
