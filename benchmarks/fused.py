@@ -21,7 +21,7 @@ Usage::
 
     python benchmarks/fused.py                      # the two CPU shapes, float32
     python benchmarks/fused.py --dtype bfloat16
-    python benchmarks/fused.py --small              # a quick smoke run
+    python benchmarks/fused.py --small              # a quick smoke run (one timed call)
 """
 
 from __future__ import annotations
@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--repeat", type=int, help="timed calls per provider, median (default 3; 1 with --quick)"
+    )
     parser.add_argument(
         "--quick", "--small", dest="small", action="store_true", help="small shapes (smoke test)"
     )
@@ -225,8 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure_memory(*json.loads(args._memory))))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    # --quick is a smoke run (crossent bench --quick, in CI): one timed call after the warm-up
+    repeat = args.repeat if args.repeat is not None else 1 if args.small else 3
     for n, d, v in SMALL_SHAPES if args.small else SHAPES:
-        bench_shape(n, d, v, dtype=args.dtype, device=args.device, repeat=args.repeat)
+        bench_shape(n, d, v, dtype=args.dtype, device=args.device, repeat=repeat)
 
 
 if __name__ == "__main__":

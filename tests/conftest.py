@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
+
+# Under pytest-xdist each of the N workers gets cores // N threads (OpenMP: torch's intra-op
+# pool, BLAS; subprocesses of tests inherit it), not every core each: at -n 2 on 2 cores the
+# 4 threads spin-waited on each other and tests/fused/test_linear_ce.py, test_func.py and
+# tests/losses/test_torch_fast_paths.py took 3.4x the time and CPU of one thread per worker.
+# An OMP_NUM_THREADS given by the caller is kept.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _threads = max(1, (_cores or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    if "torch" in sys.modules:  # imported before this file (a plugin): its pool is sized
+        sys.modules["torch"].set_num_threads(_threads)
 
 import numpy as np
 import pytest

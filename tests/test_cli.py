@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from crossent.cli import main
+from crossent.cli import benchmarks_dir, main
 from tests._reference import metrics as ref
 
 pa = pytest.importorskip("pyarrow")
@@ -600,8 +600,9 @@ def test_a_truncated_file_is_an_error(
         assert "is truncated: its header says 500 rows" in err
 
 
-def test_memory_stays_bounded_by_the_batch_size(tmp_path: Path) -> None:
-    """Peak RSS while reading files of every format, small and 10x larger, in fresh processes.
+@pytest.mark.parametrize("ext", ["parquet", "npy", "npz", "csv", "jsonl"])
+def test_memory_stays_bounded_by_the_batch_size(tmp_path: Path, ext: str) -> None:
+    """Peak RSS while reading files of each format, small and 10x larger, in fresh processes.
 
     The growth of the peak from the small file to the large one must be a small
     fraction of the growth of the file: pyarrow's default Parquet reader
@@ -635,37 +636,38 @@ def test_memory_stays_bounded_by_the_batch_size(tmp_path: Path) -> None:
             grown.append(float(value))
         return min(grown)
 
+    # one case per format (xdist spreads them), each writing its own two files only
+    rows = 100_000 if ext in ("csv", "jsonl") else 200_000
     rng = np.random.default_rng(0)
-    for rows in (200_000, 2_000_000):
-        p = rng.random((rows, 4))
-        y = rng.integers(0, 4, rows)
-        pq.write_table(
-            pa.table({"label": y, **{f"c{k}": p[:, k] for k in range(4)}}),
-            tmp_path / f"{rows}.parquet",
-            row_group_size=rows,
-        )
-        structured = np.zeros(rows, dtype=[("label", "i8"), ("p", "f8", (4,))])
-        structured["label"], structured["p"] = y, p
-        np.save(tmp_path / f"{rows}.npy", structured)
-        np.savez(tmp_path / f"{rows}.npz", label=y, probs=p)
-    del p, y, structured
-    pcsv = pytest.importorskip("pyarrow.csv")
-    for rows in (100_000, 1_000_000):  # CSV: pyarrow's threaded read-ahead
-        p = rng.random((rows, 4))
-        y = rng.integers(0, 4, rows)
-        table = pa.table({"label": y, **{f"c{k}": p[:, k] for k in range(4)}})
-        pcsv.write_csv(table, tmp_path / f"{rows}.csv")
-        # JSON Lines: its peak grew with the file with 1 MiB blocks (jemalloc, system pools)
-        fmt = '{"label": %d, ' + ", ".join(f'"c{k}": %.17g' for k in range(4)) + "}"
-        np.savetxt(tmp_path / f"{rows}.jsonl", np.column_stack([y, p]), fmt=fmt)
-    sizes = {"parquet": 200_000, "npy": 200_000, "npz": 200_000, "csv": 100_000, "jsonl": 100_000}
-    for ext, rows in sizes.items():
-        small, large = tmp_path / f"{rows}.{ext}", tmp_path / f"{rows * 10}.{ext}"
-        file_growth = (large.stat().st_size - small.stat().st_size) / 2**20  # 40 to 80 MB
-        rss_growth = peak(large, rows * 10) - peak(small, rows)
-        # was > 1x; JSON Lines in 1 MiB blocks: 18-24 MB (0.2x), in 64 KiB blocks: 2 MB
-        bound = 0.1 if ext == "jsonl" else 0.35  # one CSV run's peak is noisy: -8 to +36 MB
-        assert rss_growth < bound * file_growth, (ext, rss_growth, file_growth)
+    for n in (rows, rows * 10):
+        p = rng.random((n, 4))
+        y = rng.integers(0, 4, n)
+        path = tmp_path / f"{n}.{ext}"
+        if ext == "parquet":
+            pq.write_table(
+                pa.table({"label": y, **{f"c{k}": p[:, k] for k in range(4)}}),
+                path,
+                row_group_size=n,
+            )
+        elif ext == "npy":
+            structured = np.zeros(n, dtype=[("label", "i8"), ("p", "f8", (4,))])
+            structured["label"], structured["p"] = y, p
+            np.save(path, structured)
+        elif ext == "npz":
+            np.savez(path, label=y, probs=p)
+        elif ext == "csv":  # pyarrow's threaded read-ahead
+            pcsv = pytest.importorskip("pyarrow.csv")
+            pcsv.write_csv(pa.table({"label": y, **{f"c{k}": p[:, k] for k in range(4)}}), path)
+        else:  # JSON Lines: its peak grew with the file with 1 MiB blocks (jemalloc, system pools)
+            fmt = '{"label": %d, ' + ", ".join(f'"c{k}": %.17g' for k in range(4)) + "}"
+            np.savetxt(path, np.column_stack([y, p]), fmt=fmt)
+        del p, y
+    small, large = tmp_path / f"{rows}.{ext}", tmp_path / f"{rows * 10}.{ext}"
+    file_growth = (large.stat().st_size - small.stat().st_size) / 2**20  # 40 to 80 MB
+    rss_growth = peak(large, rows * 10) - peak(small, rows)
+    # was > 1x; JSON Lines in 1 MiB blocks: 18-24 MB (0.2x), in 64 KiB blocks: 2 MB
+    bound = 0.1 if ext == "jsonl" else 0.35  # one CSV run's peak is noisy: -8 to +36 MB
+    assert rss_growth < bound * file_growth, (ext, rss_growth, file_growth)
 
 
 def test_eval_does_not_switch_validation_for_other_threads(
@@ -762,20 +764,36 @@ def test_bench_without_the_benchmarks_folder(
     assert "source" in err
 
 
-def test_bench_runs_the_repository_scripts_quick() -> None:
+# The repository's benchmark scripts; `bench --only NAME` runs those whose name holds NAME, so
+# one case per name that holds no other (fused also runs fused_memory): each runs once, and
+# xdist spreads the cases (one test of them all ran 1.5 minutes on one worker).
+_SCRIPTS = sorted(p.stem for p in benchmarks_dir().glob("*.py") if not p.name.startswith("_"))
+_BENCH_CASES = [s for s in _SCRIPTS if not any(o != s and o in s for o in _SCRIPTS)]
+# what some of them print
+_BENCH_PRINTS = {
+    "bench_binary_floor": ["sum of the pieces"],
+    "bench_sparse": ["crossent ms"],
+    "fused": ["three-GEMM floor"],
+    "bench_eval": ["pyarrow + NumPy"],
+    "bench_launches": ["| sparse float32 fwd+bwd"],
+}
+
+
+def test_bench_cases_cover_the_scripts() -> None:
+    assert set(_BENCH_PRINTS) <= set(_BENCH_CASES)
+    assert sorted(s for c in _BENCH_CASES for s in _SCRIPTS if c in s) == _SCRIPTS
+
+
+@pytest.mark.parametrize("name", _BENCH_CASES)
+def test_bench_runs_the_repository_scripts_quick(name: str) -> None:
     """The real benchmark scripts run through `crossent bench --quick` and print their tables."""
     pytest.importorskip("torch")
-    status, out = run("bench", "--quick")
+    status, out = run("bench", "--quick", "--only", name)
     assert status == 0, out
-    assert "== bench_binary_floor.py (quick)" in out
-    assert "sum of the pieces" in out
-    assert "== bench_sparse.py (quick)" in out
-    assert "crossent ms" in out
-    assert "three-GEMM floor" in out
-    assert "== bench_eval.py (quick)" in out
-    assert "pyarrow + NumPy" in out
-    assert "== bench_launches.py (quick)" in out
-    assert "| sparse float32 fwd+bwd" in out
+    for script in _SCRIPTS:
+        assert (f"== {script}.py (quick)" in out) == (name in script), out
+    for text in _BENCH_PRINTS.get(name, []):
+        assert text in out, out
 
 
 def test_eval_of_huge_logits_is_accurate(tmp_path: Path) -> None:
