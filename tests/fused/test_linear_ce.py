@@ -948,14 +948,17 @@ def test_backward_scaling_reads_no_device_value() -> None:
     synchronisation that left the GPU idle between steps); its products run instead, times 1
     for ``loss.backward()``: the same numbers. A meta tensor stands for a device tensor
     (reading its value raises)."""
-    from crossent.fused._function import scale_grads_
+    from crossent.fused._function import _unit_skipped, scale_grads_
+
+    def scale(grads: tuple[torch.Tensor | None, ...], grad_loss: torch.Tensor) -> None:
+        scale_grads_(grads, _unit_skipped(grad_loss))  # as fused_backward does
 
     g = torch.ones(3, 2, device="meta")
-    scale_grads_((g, None), torch.ones((), device="meta"))  # bool() of it would raise
+    scale((g, None), torch.ones((), device="meta"))  # bool() of it would raise
     cpu = torch.full((3, 2), 2.5)
-    scale_grads_((cpu,), torch.tensor(1.0))
+    scale((cpu,), torch.tensor(1.0))
     assert torch.equal(cpu, torch.full((3, 2), 2.5))
-    scale_grads_((cpu,), torch.tensor(2.0))
+    scale((cpu,), torch.tensor(2.0))
     assert torch.equal(cpu, torch.full((3, 2), 5.0))
 
 

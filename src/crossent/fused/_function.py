@@ -76,24 +76,23 @@ def grad_needs(ctx: Any, bias: torch.Tensor | None) -> tuple[bool, bool, bool]:
     )
 
 
-def scale_grads_(grads: tuple[torch.Tensor | None, ...], grad_loss: torch.Tensor) -> None:
-    """Scale gradients formed in forward by the scalar upstream gradient, in place.
-
-    On the CPU a gradient of 1 (``loss.backward()``) skips the products; elsewhere reading
-    it would synchronise with the device (the host would wait for the whole forward), so the
-    products run (times 1: the same numbers)."""
-    if grad_loss.is_cpu and bool(grad_loss == 1):
+def scale_grads_(grads: tuple[torch.Tensor | None, ...], factor: torch.Tensor | None) -> None:
+    """Scale gradients formed in forward by the scalar upstream gradient `factor` (None: 1),
+    in place."""
+    if factor is None:
         return
     for g in grads:
         if g is not None:
-            g.mul_(grad_loss)  # 0-d: keeps g.dtype
+            g.mul_(factor)  # 0-d: keeps g.dtype
 
 
-def _unit_skipped(factor: torch.Tensor | None) -> torch.Tensor | None:
-    """`factor`, or None where it is a gradient of 1 on the CPU (as :func:`scale_grads_`)."""
-    if factor is None or (factor.is_cpu and bool(factor == 1)):
+def _unit_skipped(grad_loss: torch.Tensor) -> torch.Tensor | None:
+    """The scalar upstream gradient, or None (no products) where it is 1 on the CPU
+    (``loss.backward()``); elsewhere reading it would synchronise with the device (the host
+    would wait for the whole forward), so the products run (times 1: the same numbers)."""
+    if grad_loss.is_cpu and bool(grad_loss == 1):
         return None
-    return factor
+    return grad_loss
 
 
 def refuse_double_backward(name: str) -> None:
@@ -182,8 +181,8 @@ def fused_backward(
     if stashed is not None:
         ctx.grads = None  # consumed: a second backward recomputes
         grad_h, grad_w, grad_b = stashed
-        factor = grad_loss
-        scale_grads_((None if isinstance(grad_w, WideBlocks) else grad_w, grad_b), grad_loss)
+        factor = _unit_skipped(grad_loss)  # read once
+        scale_grads_((None if isinstance(grad_w, WideBlocks) else grad_w, grad_b), factor)
     else:
         rows = hidden.shape[0]
         row_scale = grad_loss.expand(rows) if grad_loss.ndim == 0 else grad_loss
@@ -191,13 +190,12 @@ def fused_backward(
     if isinstance(grad_h, RowScaled):  # rounded to hidden's dtype once more, block by block
         grad_h = grad_h.scaled(factor, reduce_sum)
     elif grad_h is not None:
-        if factor is not None:
-            scale_grads_((grad_h,), factor)
+        scale_grads_((grad_h,), factor)
         if reduce_sum is not None:
             grad_h = reduce_sum(grad_h)
         grad_h = grad_h.to(hidden.dtype)
     if isinstance(grad_w, WideBlocks):  # float32 blocks: scaled, rounded once, each freed
-        grad_w = grad_w.rounded(_unit_skipped(factor), weight.dtype)
+        grad_w = grad_w.rounded(factor, weight.dtype)
     elif grad_w is not None:
         grad_w = grad_w.to(weight.dtype)
     grad_b = None if grad_b is None or bias is None else grad_b.to(bias.dtype)
