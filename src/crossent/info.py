@@ -38,16 +38,14 @@ from typing import Any
 
 from crossent._lib._checks import (
     assert_on_device,
-    beneath_transforms,
     check_array,
     check_axis,
     check_base,
     check_floating,
     checked_on_device,
-    values_beneath,
+    read_beneath,
     values_checked,
 )
-from crossent._lib._config import get_validation
 from crossent._lib._logdiv import generalized_jsd_from_log, log_softmax
 from crossent._lib._xp import (
     Array,
@@ -86,9 +84,8 @@ def _check_distribution(x: Array, *, name: str, logits: bool = False, xp: Any) -
     if not values_checked(x):
         if checked_on_device(x):  # torch.compile / torch.export
             assert_on_device((x < 0) | (x > 1), _distribution_message(name, ""))
-        elif get_validation() and (beneath := values_beneath(x)) is not None:  # torch.func
-            with beneath_transforms():
-                _distribution_read(beneath[0], name=name, xp=xp, known=bool)
+        else:  # torch.func transforms run eagerly
+            read_beneath(x, _distribution_read, name=name, xp=xp)
         return
     _distribution_read(x, name=name, xp=xp)
 

@@ -68,6 +68,7 @@ __all__ = [
     "label_index_error",
     "label_range_message",
     "not_ignored",
+    "read_beneath",
     "refuse_traced_numpy_scalar",
     "row_sum_tolerance",
     "shown_value",
@@ -373,9 +374,8 @@ def check_probabilities(x: Array, *, name: str = "input", xp: Any) -> None:
     if not values_checked(x):
         if checked_on_device(x):
             assert_on_device((x < 0) | (x > 1), ProbabilityRangeError.deferred_message(name))
-        elif (beneath := _validated_beneath(x)) is not None:
-            with beneath_transforms():
-                _probabilities_read(beneath[0], name=name, xp=xp, known=bool)
+        else:
+            read_beneath(x, _probabilities_read, name=name, xp=xp)
         return
     _probabilities_read(x, name=name, xp=xp)
 
@@ -383,6 +383,17 @@ def check_probabilities(x: Array, *, name: str = "input", xp: Any) -> None:
 def _validated_beneath(x: Array) -> tuple[Array, int] | None:
     """:func:`values_beneath` where validation is on."""
     return values_beneath(x) if _config.get_validation() else None
+
+
+def read_beneath(x: Array, read: Callable[..., None], /, **kwargs: Any) -> None:
+    """Under ``torch.func`` transforms run eagerly, with validation on: a check's eager body
+    ``read(values, known=bool, **kwargs)`` on the values beneath the transforms
+    (:func:`values_beneath`; ``bool`` reads a 0-d boolean there, where ``known_true`` would
+    call every tensor lazy). Nothing elsewhere."""
+    beneath = _validated_beneath(x)
+    if beneath is not None:
+        with beneath_transforms():
+            read(beneath[0], known=bool, **kwargs)
 
 
 def _probabilities_read(
@@ -432,7 +443,7 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
     if values_checked(x):
         _row_sums_read(x, axis=axis, name=name, shown=axis, xp=xp)
     elif checked_on_device(x):
-        _, bad = _row_sums(x, axis=axis, xp=xp)
+        _, bad, _ = _row_sums(x, axis=axis, xp=xp)
         msg = (  # no numbers: under dynamic shapes the class count and tolerance are symbolic
             f"`{name}` holds probabilities whose rows must sum to 1 along axis {axis} (up to "
             f"{str(x.dtype).removeprefix('torch.')} rounding); a row does not. {_ROW_SUM_FIX}"
@@ -446,11 +457,12 @@ def check_probability_rows(x: Array, *, axis: int, name: str = "input", xp: Any)
             )
 
 
-def _row_sums(x: Array, *, axis: int, xp: Any) -> tuple[Array, Array]:
-    """(the sums of `x` along `axis`, the mask of those off 1 by more than the tolerance)."""
+def _row_sums(x: Array, *, axis: int, xp: Any) -> tuple[Array, Array, float]:
+    """(the sums of `x` along `axis`, the mask of those off 1 by more than the tolerance, the
+    tolerance)."""
     tol = row_sum_tolerance(x.dtype, dim_size(x.shape[axis]), xp=xp)
     sums = xp.sum(xp.astype(stop_gradient(x, xp=xp), compute_dtype(x.dtype, xp=xp)), axis=axis)
-    return sums, xp.abs(sums - 1) > tol
+    return sums, xp.abs(sums - 1) > tol, tol
 
 
 def _row_sums_read(
@@ -465,11 +477,10 @@ def _row_sums_read(
     """The row-sum check of :func:`check_probability_rows` on readable values (`shown`: the
     axis the message names, the caller's; the row index counts ``vmap``'s samples first;
     `known` as for ``_probabilities_read``)."""
-    sums, bad = _row_sums(x, axis=axis, xp=xp)
+    sums, bad, tol = _row_sums(x, axis=axis, xp=xp)
     if not known(xp.any(bad)):
         return
     num_classes = dim_size(x.shape[axis])
-    tol = row_sum_tolerance(x.dtype, num_classes, xp=xp)
     flat = xp.reshape(bad, (-1,))
     first = int(xp.argmax(xp.astype(flat, xp.int32)))
     total = host_float(xp.reshape(sums, (-1,))[first])
@@ -499,9 +510,8 @@ def check_in_unit_interval(x: Array, *, name: str, xp: Any) -> None:
     if not values_checked(x):
         if checked_on_device(x):
             assert_on_device((x < 0) | (x > 1), unit_interval_message(name, ""))
-        elif (beneath := _validated_beneath(x)) is not None:
-            with beneath_transforms():
-                _unit_interval_read(beneath[0], name=name, xp=xp, known=bool)
+        else:
+            read_beneath(x, _unit_interval_read, name=name, xp=xp)
         return
     _unit_interval_read(x, name=name, xp=xp)
 
@@ -538,9 +548,8 @@ def check_nonnegative(x: Array, *, name: str, xp: Any) -> None:
     if not values_checked(x):
         if checked_on_device(x):
             assert_on_device(x < 0, f"`{name}` must be non-negative; it holds a negative value.")
-        elif (beneath := _validated_beneath(x)) is not None:
-            with beneath_transforms():
-                _nonnegative_read(beneath[0], name=name, xp=xp, known=bool)
+        else:
+            read_beneath(x, _nonnegative_read, name=name, xp=xp)
         return
     _nonnegative_read(x, name=name, xp=xp)
 
@@ -579,9 +588,10 @@ def check_label_range(
     if not values_checked(target):
         if checked_on_device(target):
             return assert_labels_on_device(target, num_classes, ignore_index)
-        if (beneath := _validated_beneath(target)) is not None:
-            with beneath_transforms():
-                _labels_read(beneath[0], num_classes, ignore_index, name=name, xp=xp, known=bool)
+        read_beneath(
+            target, _labels_read, num_classes=num_classes, ignore_index=ignore_index,
+            name=name, xp=xp,
+        )  # fmt: skip
         return target
     _labels_read(target, num_classes, ignore_index, name=name, xp=xp)
     return target
