@@ -165,11 +165,8 @@ class WideBlocks(NamedTuple):
         return WideBlocks([alloc((v // k + (j < v % k), d), device=device) for j in range(k)])
 
     def rounded(self, factor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """``gradient * factor`` (None: 1) rounded once to `dtype`; consumes the blocks."""
-        return self._gather(dtype, factor)
-
-    def _gather(self, dtype: torch.dtype, factor: torch.Tensor | None) -> torch.Tensor:
-        """The blocks times `factor` in one `dtype` tensor, each block freed once copied."""
+        """``gradient * factor`` (None: 1) rounded once to `dtype`, in one tensor; consumes the
+        blocks, each freed once copied."""
         import torch
 
         shape = (sum(b.shape[0] for b in self.blocks), self.blocks[0].shape[1])
