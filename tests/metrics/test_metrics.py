@@ -445,6 +445,27 @@ def test_nan_propagates() -> None:
         assert math.isnan(r[key]), key
 
 
+@pytest.mark.parametrize("kind", ["probs", "log_probs", "logits"])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_nan_in_another_column_makes_the_log_loss_nan(
+    xp: Any, kind: str, order: Literal["C", "F"]
+) -> None:
+    """A NaN anywhere in a row propagates to its −log p, whatever the input kind: the log
+    loss of probabilities used to read the label's column only and stay finite (0.5249
+    here) while the accuracy, the Brier score and the logits' log loss were NaN."""
+    convert = to_xp(xp)
+    p = np.array([[np.nan, 0.5], [0.3, 0.7]], order=order)
+    x = {"probs": p, "log_probs": np.log(p), "logits": np.log(p)}[kind]
+    y = np.array([1, 1])
+    r = ClassificationMetrics(input_kind=kind).update(convert(x), convert(y)).compute()
+    for key in ("log_loss_nats", "log_loss_bits", "perplexity", "accuracy", "brier"):
+        assert math.isnan(r[key]), key
+    assert r["clamped_rows"] == 0
+    per_class = PerClassCrossEntropy(input_kind=kind).update(convert(x), convert(y)).compute()
+    assert math.isnan(per_class["cross_entropy"][1])
+    assert math.isnan(CrossEntropy(input_kind=kind).update(convert(x), convert(y)).compute())
+
+
 @pytest.mark.parametrize("row", [[math.inf, 0.0], [math.inf, math.inf], [-math.inf, -math.inf]])
 def test_infinite_logits_give_nan_rows_not_a_traceback(xp: Any, row: list[float]) -> None:
     """inf - inf in the softmax made NaN confidences that crashed the calibration bins."""

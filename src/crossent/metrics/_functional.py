@@ -339,15 +339,23 @@ def _row_stats(
         brier = _numpy_brier(probs, labels)
     # NaN in the row, or made from it (a logit of +inf: inf - inf); max propagates NaN
     nan = xp.any(xp.isnan(x), axis=-1) | xp.isnan(conf)
+    # its -log p is NaN too (logits get that from the lse; probabilities and
+    # log-probabilities read the label's column only)
+    nan_host = to_numpy(nan, dtype=np.bool_)
+    nll = to_numpy(-log_p_y, dtype=np.float64)
+    clamped_host = to_numpy(clamped, dtype=np.bool_)
+    if nan_host.any():  # (new arrays: the host copies of JAX arrays are read-only)
+        nll = np.where(nan_host, np.nan, nll)
+        clamped_host = clamped_host & ~nan_host
 
     out = {
         "label": labels,
-        "nll": to_numpy(-log_p_y, dtype=np.float64),
-        "clamped": to_numpy(clamped, dtype=np.bool_),
+        "nll": nll,
+        "clamped": clamped_host,
         "pred": to_numpy(pred, dtype=np.int64),
         "conf": to_numpy(conf, dtype=np.float64),
         "brier": to_numpy(brier, dtype=np.float64),
-        "nan": to_numpy(nan, dtype=np.bool_),
+        "nan": nan_host,
     }
     if need_probs:
         out["probs"] = to_numpy(probs, dtype=np.float64)
@@ -399,6 +407,8 @@ def _numpy_prob_rows(
     p_y = x.ravel(order=order)[at]
     with np.errstate(divide="ignore"):
         log_p_y = np.log(p_y)
+    if nan.any():  # a NaN anywhere in the row, not only at the label, propagates
+        log_p_y[nan] = np.nan
     clamped = log_p_y < LOG_P_FLOOR
     log_p_y[clamped] = LOG_P_FLOOR
     out = {
