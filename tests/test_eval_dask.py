@@ -5,6 +5,7 @@ One cluster serves the whole module (starting one takes seconds) and is shut dow
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,28 @@ def test_evaluate_dask_on_a_frame_without_rows_raises(data: dict[str, Any]) -> N
     empty = empty[empty["label"] < 0]
     with dask.config.set(scheduler="sync"), pytest.raises(ValueError, match="`frame` has no rows"):
         evaluate_dask(empty)
+
+
+def test_evaluate_dask_takes_the_base_as_a_number_and_checks_its_settings(
+    data: dict[str, Any],
+) -> None:
+    # base=2 (as CrossEntropy(base=2) takes it) and base="3" scored every partition, then
+    # failed with a bare KeyError; labels="indices" read the labels as indices silently
+    import dask
+
+    from crossent.metrics import evaluate_dask
+
+    frame = pd.DataFrame({"label": data["y"], **{n: data["p"][:, k] for k, n in enumerate(NAMES)}})
+    parts = dd.from_pandas(frame, npartitions=2)
+    with dask.config.set(scheduler="sync"):
+        nats = evaluate_dask(parts)
+        for base, unit in ((2, "2"), (10, "10"), (math.e, "e"), ("2", "2")):
+            figures = evaluate_dask(parts, base=base)
+            assert figures["base"] == unit
+            expected = nats["log_loss_nats"] / math.log(float(base) if unit != "e" else math.e)
+            assert figures["log_loss"] == pytest.approx(expected, rel=1e-15)
+        for bad in ("3", 3, None, True, "bits"):
+            with pytest.raises(ValueError, match=r"`base` must be one of 'e', '2', '10'"):
+                evaluate_dask(parts, base=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"`labels` must be one of 'auto', 'index', 'name'"):
+            evaluate_dask(parts, labels="indices")

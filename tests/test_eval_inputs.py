@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import lzma
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -281,3 +282,25 @@ def test_text_output_of_several_files(tmp_path: Path, data: dict[str, Any]) -> N
     status, text = run("eval", *map(str, parts), "--exclude", "id")
     assert status == 0
     assert text.startswith(f"{parts[0]} {parts[1]} {parts[2]}: 60 rows, 3 classes")
+
+
+def test_evaluate_checks_its_settings_before_scoring(tmp_path: Path, data: dict[str, Any]) -> None:
+    # crossent.cli.evaluate (the command line checks these itself): batch_size=0 looped
+    # forever, engine="dsak" scored with the local engine, base=2 or "3" failed with a bare
+    # KeyError after every row was read, labels="indices" read labels as indices silently
+    from crossent.cli import evaluate
+
+    path = write(tmp_path / "all.csv", csv_text(data))
+    nats, _ = evaluate(path, exclude=["id"])
+    bits, _ = evaluate(path, exclude=["id"], base=2)
+    assert bits["base"] == "2"
+    assert bits["log_loss"] == nats["log_loss_nats"] / math.log(2)
+    cases = [
+        ({"batch_size": 0}, r"`batch_size` must be at least 1; got 0"),
+        ({"engine": "dsak"}, r"`engine` must be 'local' or 'dask'; got 'dsak'"),
+        ({"base": "3"}, r"`base` must be one of 'e', '2', '10'"),
+        ({"labels": "indices"}, r"`labels` must be one of 'auto', 'index', 'name'"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ValueError, match=message):
+            evaluate(path, exclude=["id"], **settings)

@@ -153,7 +153,7 @@ def evaluate_dask(
     exclude: Sequence[str] = (),
     input_kind: str = "probs",
     bins: int = 15,
-    base: str = "e",
+    base: str | float = "e",
     labels: str = "auto",
     group_by: str | None = None,
 ) -> dict[str, Any]:
@@ -181,7 +181,7 @@ def evaluate_dask(
         What the class columns hold.
     bins : int, default 15
         Calibration bins.
-    base : {"e", "2", "10"}, default "e"
+    base : {"e", "2", "10"} or {2, 10, math.e}, default "e"
         Unit of ``log_loss`` (``log_loss_nats`` and ``log_loss_bits`` are always there).
     labels : {"auto", "index", "name"}, default "auto"
         How to read labels, as ``crossent eval --labels``.
@@ -199,7 +199,9 @@ def evaluate_dask(
     ------
     ValueError
         For a column that is missing or of the wrong kind, a bad row (the
-        message names the partition and the row), or a frame without rows.
+        message names the partition and the row), a frame without rows, or
+        a bad `input_kind`, `bins`, `base` or `labels` (before any partition
+        is scored).
 
     Notes
     -----
@@ -220,7 +222,7 @@ def evaluate_dask(
     import pyarrow as pa
 
     from crossent._eval._columns import resolve_columns
-    from crossent._eval._score import Plan, Selection
+    from crossent._eval._score import Plan, Selection, base_name
     from crossent._eval._summary import summarize_state
     from crossent._eval._table import Table
 
@@ -240,7 +242,7 @@ def evaluate_dask(
         selection = Selection(
             label_column, None if columns is None else tuple(columns), tuple(exclude), group_by
         )
-        plan = Plan(resolved, input_kind, labels, bins, base, selection)
+        plan = Plan(resolved, input_kind, labels, bins, base_name(base), selection)
         plan.make_metric()  # checks input_kind and bins here, not on every worker
         parts = [
             delayed(score_partition)(part, plan, i) for i, part in enumerate(frame.to_delayed())

@@ -23,7 +23,7 @@ from crossent._eval._columns import Columns, resolve_columns
 from crossent._eval._errors import CLIError
 from crossent._eval._groups import GroupedMetrics
 from crossent._eval._open import FORMATS, open_table, read_batches
-from crossent._eval._score import Plan, Selection, score_table
+from crossent._eval._score import Plan, Selection, base_name, score_table
 from crossent._eval._sources import data_suffix, expand_sources, stdin_as_file
 from crossent._eval._summary import summarize_state
 from crossent._eval._table import Batch, Table
@@ -143,7 +143,7 @@ def evaluate(
     label_column: str = "label",
     input_kind: str = "probs",
     bins: int = 15,
-    base: str = "e",
+    base: str | float = "e",
     labels: str = "auto",
     batch_size: int = 65536,
     progress: bool = False,
@@ -154,7 +154,12 @@ def evaluate(
     scheduler: str | None = None,
     workers: int | None = None,
 ) -> tuple[dict[str, Any], Any]:
-    """Score the predictions in `paths` as one table; returns (summary, overall metric)."""
+    """Score the predictions in `paths` as one table; returns (summary, overall metric).
+
+    `base` is ``"e"``, ``"2"`` or ``"10"`` (or the number); a bad setting is a
+    ValueError before any file is read.
+    """
+    _check_settings(engine=engine, batch_size=batch_size, base=base, labels=labels)
     args = [str(paths)] if isinstance(paths, str | Path) else [str(p) for p in paths]
     sources = expand_sources(args, formats=tuple(FORMATS))
     selection = Selection(
@@ -170,7 +175,7 @@ def evaluate(
             sources = [spooled]
         files = [Path(s) for s in sources]
         files, (first, resolved, batches) = _open_first(files, selection, batch_size)
-        plan = Plan(resolved, input_kind, labels, bins, base, selection)
+        plan = Plan(resolved, input_kind, labels, bins, base_name(base), selection)
         if engine == "dask":
             state = _dask_state(files, plan, first, batch_size, scheduler, workers)
         else:
@@ -190,6 +195,18 @@ def evaluate(
     )
     summary["files"] = len(files)
     return summary, state.overall
+
+
+def _check_settings(*, engine: str, batch_size: int, base: object, labels: str) -> None:
+    """ValueErrors for the settings the command line's parser checks (`engine`, `base`,
+    `labels`) or ``_cmd_eval`` does (`batch_size`), for callers of :func:`evaluate`."""
+    if engine not in ("local", "dask"):
+        msg = f"`engine` must be 'local' or 'dask'; got {engine!r}."
+        raise ValueError(msg)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        msg = f"`batch_size` must be at least 1; got {batch_size!r}."
+        raise ValueError(msg)
+    Plan.check(base=base, labels=labels)
 
 
 def _open_first(

@@ -13,6 +13,8 @@ Plans pickle, so the Dask engine ships them to its workers.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +27,20 @@ from crossent._eval._groups import GroupedMetrics, group_keys
 from crossent._eval._labels import batch_labels
 from crossent._eval._table import Batch, Table, need, to_numpy
 
-__all__ = ["Plan", "Selection", "binary_labels", "input_hint", "score_batch", "score_table"]
+__all__ = [
+    "Plan",
+    "Selection",
+    "base_name",
+    "binary_labels",
+    "input_hint",
+    "score_batch",
+    "score_table",
+]
 
+#: the units of a summary's ``log_loss``, and the numbers that name them
+_BASES = {"e": math.e, "2": 2.0, "10": 10.0}
+#: how labels are read (``crossent eval --labels``)
+LABEL_MODES = ("auto", "index", "name")
 _TRUE = ("1", "1.0", "true", "t", "yes")
 _FALSE = ("0", "0.0", "false", "f", "no")
 
@@ -52,6 +66,18 @@ class Plan:
     base: str = "e"  # of the summary's `log_loss`: "e", "2" or "10"
     selection: Selection = Selection()
 
+    def __post_init__(self) -> None:
+        self.base = self.check(base=self.base, labels=self.labels)
+
+    @staticmethod
+    def check(*, base: object, labels: object) -> str:
+        """The unit name of `base` (:func:`base_name`); a ValueError for a bad `labels`."""
+        if labels not in LABEL_MODES:
+            modes = ", ".join(repr(m) for m in LABEL_MODES)
+            msg = f"`labels` must be one of {modes}; got {labels!r}."
+            raise ValueError(msg)
+        return base_name(base)
+
     @property
     def group_by(self) -> str | None:
         """The group column, if any."""
@@ -72,6 +98,20 @@ class Plan:
     def new_state(self) -> GroupedMetrics:
         """An empty (grouped when `group_by` is set) state."""
         return GroupedMetrics(functools.partial(_make, self), grouped=self.group_by is not None)
+
+
+def base_name(base: object) -> str:
+    """The unit of a summary's ``log_loss``, ``"e"``, ``"2"`` or ``"10"``, from that name or
+    from the number (2, 10, ``math.e``); a ValueError for anything else."""
+    if isinstance(base, str) and base in _BASES:
+        return base
+    if isinstance(base, numbers.Real) and not isinstance(base, bool):
+        for name, number in _BASES.items():
+            if float(base) == number:
+                return name
+    names = ", ".join(repr(name) for name in _BASES)
+    msg = f"`base` must be one of {names} (or the number 2, 10 or math.e); got {base!r}."
+    raise ValueError(msg)
 
 
 def _make(plan: Plan) -> Any:  # module level, so GroupedMetrics pickles
