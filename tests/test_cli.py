@@ -342,6 +342,20 @@ def test_malformed_files_exit_2_naming_the_problem(
     assert "--bins must be at least 1" in _error(capsys, "eval", str(path), "--bins", "0")
 
 
+def test_too_many_bins_exit_2_before_the_state_fills_memory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--bins 100000000 on a 2-row file held ~6.5 GB per 10**7 bins (a calibration state
+    per class) and was killed for memory (SIGKILL, no message); now exit 2 naming --bins."""
+    from crossent.cli import evaluate
+
+    path = write_csv(tmp_path / "p.csv", ["a", "b", "label"], [[0.2, 0.8, 1], [0.6, 0.4, 0]])
+    assert "--bins must be at most 10000" in _error(capsys, "eval", str(path), "--bins", "10001")
+    assert run_json("eval", str(path), "--bins", "10000")["bins"] == 10000
+    with pytest.raises(ValueError, match=r"`bins` must be at most 10000; got 100000000"):
+        evaluate(path, bins=100_000_000)
+
+
 def test_a_report_folder_that_cannot_be_written_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from crossent._eval._errors import CLIError
+from crossent._eval._errors import MAX_BINS, CLIError
 
 if TYPE_CHECKING:
     from crossent._eval import evaluate, open_table
@@ -59,6 +59,12 @@ def _names(text: str | None, option: str) -> list[str] | None:
 def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
     if args.bins < 1:
         msg = f"--bins must be at least 1; got {args.bins}."
+        raise CLIError(msg)
+    if args.bins > MAX_BINS:
+        msg = (
+            f"--bins must be at most {MAX_BINS}; got {args.bins} (every bin of every class "
+            "is kept in memory, and so many bins leave too few rows in each)."
+        )
         raise CLIError(msg)
     if args.batch_size < 1:
         msg = f"--batch-size must be at least 1; got {args.batch_size}."
@@ -262,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="e",
         help="log base of `log_loss` (nats and bits are always reported too; default: e)",
     )
-    ev.add_argument("--bins", type=int, default=15, help="calibration bins (default: 15)")
+    ev.add_argument(
+        "--bins", type=int, default=15, help="calibration bins (default: 15; at most 10000)"
+    )
     ev.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     ev.add_argument("--report", metavar="DIR", help="write an HTML report (and its PNGs) into DIR")
     ev.add_argument(

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["CLIError", "RowError"]
+__all__ = ["MAX_BINS", "CLIError", "RowError"]
+
+#: the most calibration bins ``crossent eval`` takes: the state holds every bin of every
+#: class (and group), about 200 bytes each; more bins than this leave too few rows in each
+#: for an accuracy, and 10**7 of them took 6.5 GB for a file of two rows
+MAX_BINS = 10_000
 
 
 class CLIError(Exception):

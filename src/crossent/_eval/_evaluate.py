@@ -159,7 +159,7 @@ def evaluate(
     `base` is ``"e"``, ``"2"`` or ``"10"`` (or the number); a bad setting is a
     ValueError before any file is read.
     """
-    _check_settings(engine=engine, batch_size=batch_size, base=base, labels=labels)
+    _check_settings(engine=engine, batch_size=batch_size, base=base, labels=labels, bins=bins)
     args = [str(paths)] if isinstance(paths, str | Path) else [str(p) for p in paths]
     sources = expand_sources(args, formats=tuple(FORMATS))
     selection = Selection(
@@ -197,16 +197,16 @@ def evaluate(
     return summary, state.overall
 
 
-def _check_settings(*, engine: str, batch_size: int, base: object, labels: str) -> None:
+def _check_settings(*, engine: str, batch_size: int, base: object, labels: str, bins: int) -> None:
     """ValueErrors for the settings the command line's parser checks (`engine`, `base`,
-    `labels`) or ``_cmd_eval`` does (`batch_size`), for callers of :func:`evaluate`."""
+    `labels`) or ``_cmd_eval`` does (`batch_size`, `bins`), for callers of :func:`evaluate`."""
     if engine not in ("local", "dask"):
         msg = f"`engine` must be 'local' or 'dask'; got {engine!r}."
         raise ValueError(msg)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         msg = f"`batch_size` must be at least 1; got {batch_size!r}."
         raise ValueError(msg)
-    Plan.check(base=base, labels=labels)
+    Plan.check(base=base, labels=labels, bins=bins)
 
 
 def _open_first(
