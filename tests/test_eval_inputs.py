@@ -71,6 +71,25 @@ def test_several_files_a_directory_and_a_glob_are_one_table(
     )
 
 
+def test_a_directory_skips_everything_under_hidden_and_underscore_folders(
+    tmp_path: Path, data: dict[str, Any], single: dict[str, Any]
+) -> None:
+    """Only a file's own folder was checked, so the rows under Spark's
+    ``_temporary/0/_temporary/attempt_*/`` (left by a job that failed or still runs), or
+    under ``.cache/sub/``, were scored with the others: 4 copies of the rows, exit 0."""
+    folder = tmp_path / "shards"
+    _shards(folder, data)
+    whole = csv_text(data)
+    for nested in ("_temporary/0/_temporary/attempt_1", "_temporary/0", ".cache/sub", "_x/y/z"):
+        (folder / nested).mkdir(parents=True, exist_ok=True)
+        write(folder / nested / "part-9.csv", whole)
+    out = run_json("eval", str(folder), "--exclude", "id")
+    assert out["files"] == 3
+    assert_same_figures(out, single)
+    # a hidden or underscore folder named on the command line is read: it was asked for
+    assert run_json("eval", str(folder / "_x"), "--exclude", "id")["files"] == 1
+
+
 def test_files_without_rows_among_others(
     tmp_path: Path, data: dict[str, Any], single: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

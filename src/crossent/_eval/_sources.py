@@ -3,7 +3,8 @@
 :func:`expand_sources` turns ``crossent eval``'s FILE arguments into a list
 of files, in a stable order (each directory and glob sorted by path): a
 directory contributes every predictions file under it (hidden files and
-names starting with ``_``, such as Spark's ``_SUCCESS``, are skipped), a glob
+names starting with ``_``, such as Spark's ``_SUCCESS``, are skipped, and so
+is everything under such a folder, such as Spark's ``_temporary``), a glob
 every file it matches. ``-`` is CSV on standard input, spooled to a
 temporary file (pyarrow reads a CSV twice: once for its columns, once for
 its rows).
@@ -86,7 +87,13 @@ def _known(path: Path, formats: Sequence[str]) -> bool:
 
 def _directory(folder: Path, formats: Sequence[str]) -> list[Path]:
     found = sorted(p for p in folder.rglob("*") if p.is_file() and _known(p, formats))
-    found = [p for p in found if not any(part.startswith((".", "_")) for part in p.parts[-2:-1])]
+    # nothing under a hidden or underscore folder at any depth below `folder` (Spark's
+    # _temporary/0/_temporary/attempt_*/part-*, .cache/...); `folder` itself was asked for
+    found = [
+        p
+        for p in found
+        if not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts[:-1])
+    ]
     if not found:
         shown = ", ".join(sorted(formats))
         msg = f"{folder}: a directory with no predictions files ({shown}, optionally compressed)."
