@@ -18,9 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from crossent._eval._errors import CLIError
 from crossent._eval._table import to_numpy
 
-__all__ = ["GroupedMetrics", "group_keys", "group_name", "order_groups"]
+__all__ = ["MAX_GROUPS", "GroupedMetrics", "group_keys", "group_name", "order_groups"]
+
+#: the most groups of one ``--group-by``: each holds a whole metric (its calibration
+#: histograms: about 0.5 MB over a few classes), so a column of row ids filled the memory
+MAX_GROUPS = 2000
 
 _VERSION = re.compile(r"^[vV]?\d+([._-]\d+)*$")
 _DATE = re.compile(r"^\d{4}-\d{2}(-\d{2})?([ T].*)?$")
@@ -34,13 +39,15 @@ class GroupedMetrics:
     make : callable
         Returns a new, empty metric (a picklable ``functools.partial`` when
         the object travels to Dask workers).
-    grouped : bool
-        Whether rows come with group keys.
+    column : str, optional
+        The group column, when rows come with group keys; at most
+        ``MAX_GROUPS`` of its values make groups (a :class:`CLIError` beyond).
     """
 
-    def __init__(self, make: Callable[[], Any], *, grouped: bool) -> None:
+    def __init__(self, make: Callable[[], Any], *, column: str | None = None) -> None:
         self.make = make
-        self.grouped = grouped
+        self.column = column
+        self.grouped = column is not None
         self.overall = make()
         self.groups: dict[str, Any] = {}  # group name (:func:`group_name`) -> metric
         self.values: dict[str, Any] = {}  # group name -> the first value read of that group
@@ -73,12 +80,14 @@ class GroupedMetrics:
                 key = group_name(value)
                 metric = self.groups.get(key)
                 if metric is None:
+                    self._check_room(1)
                     metric = self.groups[key] = self.make()
                     self.values[key] = value
                 metric.update(scores[rows], target[rows])
 
     def merge(self, other: GroupedMetrics) -> GroupedMetrics:
         """Add `other`'s rows (overall and per group) to this one; returns ``self``."""
+        self._check_room(len(other.groups.keys() - self.groups.keys()))
         self.overall.merge(other.overall)
         self.warnings += other.warnings
         for key, metric in other.groups.items():
@@ -89,6 +98,16 @@ class GroupedMetrics:
             else:
                 mine.merge(metric)
         return self
+
+    def _check_room(self, more: int) -> None:
+        """A CLIError when `more` new groups would make more than ``MAX_GROUPS``."""
+        if len(self.groups) + more > MAX_GROUPS:
+            msg = (
+                f"the --group-by column {self.column!r} has more than {MAX_GROUPS} distinct "
+                "values; each group keeps every figure's state in memory, so group by a "
+                "coarser column (a model, a day, a segment), not an id."
+            )
+            raise CLIError(msg)
 
     @property
     def count(self) -> int:

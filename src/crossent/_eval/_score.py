@@ -104,7 +104,7 @@ class Plan:
 
     def new_state(self) -> GroupedMetrics:
         """An empty (grouped when `group_by` is set) state."""
-        return GroupedMetrics(functools.partial(_make, self), grouped=self.group_by is not None)
+        return GroupedMetrics(functools.partial(_make, self), column=self.group_by)
 
 
 def base_name(base: object) -> str:
