@@ -817,3 +817,21 @@ def test_eval_of_huge_logits_is_accurate(tmp_path: Path) -> None:
     out = run_json("eval", str(path), "--input", "logits")
     want = (math.log(2.0) + math.log(1.0 + 2.0 * math.exp(-3.0))) / 2.0
     assert out["log_loss"] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("nested", ["list", "struct"])
+def test_a_nested_label_or_group_column_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nested: str
+) -> None:
+    """A list or struct label or --group-by column (Parquet, JSON lines) crashed with
+    pyarrow's ArrowNotImplementedError traceback (dictionary_encode), exit 1."""
+    values = [[1], [0], [0]] if nested == "list" else [{"k": 1}, {"k": 0}, {"k": 0}]
+    probs = {"a": [0.2, 0.6, 0.3], "b": [0.8, 0.4, 0.7]}
+    pq.write_table(pa.table({**probs, "label": values}), tmp_path / "label.parquet")
+    pq.write_table(pa.table({"p": probs["a"], "label": values}), tmp_path / "binary.parquet")
+    for name in ("label", "binary"):
+        err = _error(capsys, "eval", str(tmp_path / f"{name}.parquet"))
+        assert f"the label column 'label' holds {nested}" in err
+    pq.write_table(pa.table({**probs, "label": [1, 0, 0], "g": values}), tmp_path / "g.parquet")
+    err = _error(capsys, "eval", str(tmp_path / "g.parquet"), "--group-by", "g")
+    assert f"the --group-by column 'g' holds {nested}" in err

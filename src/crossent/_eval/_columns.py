@@ -42,6 +42,18 @@ def _named(table: Table, names: Sequence[str], option: str) -> None:
         raise CLIError(msg)
 
 
+def _flat(table: Table, name: str, what: str, expected: str) -> None:
+    """A CLIError when column `name` holds lists, structs or maps (no label, no group)."""
+    t = table.types[name]
+    if need("pyarrow").types.is_nested(t):
+        kind = str(t).split("<", 1)[0]
+        msg = (
+            f"{table.path}: {what} {name!r} holds {kind} values ({t}); it must hold "
+            f"{expected}. Flatten the column, or name another one."
+        )
+        raise CLIError(msg)
+
+
 def resolve_columns(
     table: Table,
     label_column: str,
@@ -68,8 +80,10 @@ def resolve_columns(
         )
         raise CLIError(msg)
     _named(table, exclude, "--exclude")
+    _flat(table, label_column, "the label column", "a class name or index per row")
     if group_by is not None:
         _named(table, [group_by], "--group-by")
+        _flat(table, group_by, "the --group-by column", "a number, text, a date or a boolean")
     if columns is not None:
         _named(table, columns, "--columns")
         chosen = [label_column, group_by, *exclude]
