@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from crossent._eval._errors import MAX_BINS, CLIError
+from crossent._eval._errors import CLIError, too_many_bins
 
 if TYPE_CHECKING:
     from crossent._eval import evaluate, open_table
@@ -60,12 +60,9 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
     if args.bins < 1:
         msg = f"--bins must be at least 1; got {args.bins}."
         raise CLIError(msg)
-    if args.bins > MAX_BINS:
-        msg = (
-            f"--bins must be at most {MAX_BINS}; got {args.bins} (every bin of every class "
-            "is kept in memory, and so many bins leave too few rows in each)."
-        )
-        raise CLIError(msg)
+    too_many = too_many_bins(args.bins, "--bins")
+    if too_many is not None:
+        raise CLIError(too_many)
     if args.batch_size < 1:
         msg = f"--batch-size must be at least 1; got {args.batch_size}."
         raise CLIError(msg)

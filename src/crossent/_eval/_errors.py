@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MAX_BINS", "CLIError", "RowError"]
+__all__ = ["MAX_BINS", "CLIError", "RowError", "too_many_bins"]
 
 #: the most calibration bins ``crossent eval`` takes: the state holds every bin of every
 #: class (and group), about 200 bytes each; more bins than this leave too few rows in each
@@ -21,3 +21,14 @@ class RowError(Exception):
         super().__init__(reason)
         self.row = row
         self.reason = reason
+
+
+def too_many_bins(bins: int, name: str) -> str | None:
+    """The message for more than ``MAX_BINS`` calibration `bins` (the option or argument
+    `name` gave them), or None when they are few enough."""
+    if bins <= MAX_BINS:
+        return None
+    return (
+        f"{name} must be at most {MAX_BINS}; got {bins} (every bin of every class is kept "
+        "in memory, and so many bins leave too few rows in each)."
+    )

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from crossent._eval._columns import Columns, batch_scores, check_finite, first_null
-from crossent._eval._errors import MAX_BINS, RowError
+from crossent._eval._errors import RowError, too_many_bins
 from crossent._eval._groups import GroupedMetrics, group_keys
 from crossent._eval._labels import batch_labels
 from crossent._eval._table import Batch, Table, need, to_numpy
@@ -72,13 +72,10 @@ class Plan:
     @staticmethod
     def check(*, base: object, labels: object, bins: object) -> str:
         """The unit name of `base` (:func:`base_name`); a ValueError for a bad `labels`, or
-        for more than ``MAX_BINS`` `bins` (the metrics check the rest of `bins`)."""
-        if isinstance(bins, int) and bins > MAX_BINS:
-            msg = (
-                f"`bins` must be at most {MAX_BINS}; got {bins} (every bin of every class "
-                "is kept in memory, and so many bins leave too few rows in each)."
-            )
-            raise ValueError(msg)
+        for too many `bins` (``too_many_bins``; the metrics check the rest of `bins`)."""
+        too_many = too_many_bins(bins, "`bins`") if isinstance(bins, int) else None
+        if too_many is not None:
+            raise ValueError(too_many)
         if labels not in LABEL_MODES:
             modes = ", ".join(repr(m) for m in LABEL_MODES)
             msg = f"`labels` must be one of {modes}; got {labels!r}."
