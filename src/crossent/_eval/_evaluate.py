@@ -199,7 +199,7 @@ def evaluate(
 
 def _check_settings(*, engine: str, batch_size: int, base: object, labels: str, bins: int) -> None:
     """ValueErrors for the settings the command line's parser checks (`engine`, `base`,
-    `labels`) or ``_cmd_eval`` does (`batch_size`, `bins`), for callers of :func:`evaluate`."""
+    `labels`) or ``_cmd_eval`` does (`batch_size`, `bins`), for callers of ``evaluate``."""
     if engine not in ("local", "dask"):
         msg = f"`engine` must be 'local' or 'dask'; got {engine!r}."
         raise ValueError(msg)

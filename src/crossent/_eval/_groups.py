@@ -41,7 +41,7 @@ class GroupedMetrics:
         the object travels to Dask workers).
     column : str, optional
         The group column, when rows come with group keys; at most
-        ``MAX_GROUPS`` of its values make groups (a :class:`CLIError` beyond).
+        ``MAX_GROUPS`` of its values make groups (a ``CLIError`` beyond).
     """
 
     def __init__(self, make: Callable[[], Any], *, column: str | None = None) -> None:

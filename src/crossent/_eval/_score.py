@@ -71,7 +71,7 @@ class Plan:
 
     @staticmethod
     def check(*, base: object, labels: object, bins: object) -> str:
-        """The unit name of `base` (:func:`base_name`); a ValueError for a bad `labels`, or
+        """The unit name of `base` (``base_name``); a ValueError for a bad `labels`, or
         for too many `bins` (``too_many_bins``; the metrics check the rest of `bins`)."""
         too_many = too_many_bins(bins, "`bins`") if isinstance(bins, int) else None
         if too_many is not None:
