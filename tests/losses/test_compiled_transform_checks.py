@@ -33,6 +33,7 @@ WEIGHT = r"`weight` must be non-negative"
 TARGET = r"`target` must lie in \[0, 1\]"
 RANGE = r"`input` has values outside \[0, 1\]"
 ROWS = r"`input` holds probabilities whose rows must sum to 1"
+INFO = r"`p` must hold probabilities in \[0, 1\]"
 
 
 def _data() -> dict[str, Any]:
@@ -106,6 +107,7 @@ def _cases() -> dict[str, Case]:
             lambda v, k: cnn.FocalLoss(gamma=2.0)(v, k), "x", "y", LABEL, "label"
         ),
         "nn-bce": (lambda v, k: cnn.BCELoss()(v, k), "p", "t", RANGE, "above"),
+        "info-entropy": (lambda v, k: ce.info.entropy(v).sum(), "p", "t", INFO, "above"),
     }  # fmt: skip
 
 
@@ -136,7 +138,7 @@ def _inputs(name: str, *, bad: bool) -> tuple[Loss, Any, Any, str]:
     if bad and what == "label":
         k[BAD_ROW] = C
     elif bad and what == "above":
-        (v if message == RANGE else k)[BAD_ROW, 1] = 1.5
+        (v if message in (RANGE, INFO) else k)[BAD_ROW, 1] = 1.5
     elif bad and what == "half-row":
         v[BAD_ROW] *= 0.5
     return loss, v, k, message
@@ -211,3 +213,18 @@ def test_the_assertion_is_traced_once_per_check_under_vmap() -> None:
     assert len(messages) == 2, messages
     assert any("`weight`" in m for m in messages)
     assert any("`target` has labels" in m for m in messages)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_inductor_keeps_the_assertion_under_vmap_grad() -> None:
+    """The op has no output: Inductor would drop it but for its side-effect mark. A negative
+    weight under the default backend raises crossent's message; a valid one gives eager's
+    per-sample gradients."""
+    loss, v, k, message = _inputs("sparse-weight", bad=True)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=message):
+        torch.compile(_transformed("vmap-grad", loss), fullgraph=True)(v, k)
+    loss, v, k, _ = _inputs("sparse-weight-smoothing-label", bad=False)
+    torch._dynamo.reset()
+    got = torch.compile(_transformed("vmap-grad", loss), fullgraph=True)(v, k)
+    torch.testing.assert_close(got, _transformed("vmap-grad", loss)(v, k), rtol=1e-12, atol=1e-14)
