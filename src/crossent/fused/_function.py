@@ -111,7 +111,7 @@ def refuse_func_shard(shard: VocabShard | None) -> None:
     """Raise under a ``torch.func`` transform with a vocabulary slice: not supported there."""
     if shard is not None:
         refuse_func_transforms(
-            "The vocabulary-parallel fused losses (crossent.distributed."
+            "A vocabulary-parallel fused loss (crossent.distributed."
             "vocab_parallel_linear_cross_entropy / vocab_parallel_linear_log_probs)"
         )
 
