@@ -184,6 +184,7 @@ def test_strided_local_logits(options: dict[str, Any], one_rank_group: Any) -> N
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_transforms_give_a_clear_error(one_rank_group: Any) -> None:
     """torch.func raised "must override the setup_context staticmethod" (the unfused loss),
     torch.compile(fullgraph=True) "does not know how to trace the builtin zlib.crc32"."""
@@ -195,9 +196,23 @@ def test_transforms_give_a_clear_error(one_rank_group: Any) -> None:
     def loss(x: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(x, target, label_smoothing=0.1)
 
-    for transform in (torch.func.grad, torch.func.vmap):
-        with pytest.raises(RuntimeError, match="vocab_parallel_cross_entropy does not support"):
-            transform(loss)(logits[None] if transform is torch.func.vmap else logits)
+    transforms = [  # (the name in the message, the call); vjp and jacrev push grad's level
+        ("grad", lambda: torch.func.grad(loss)(logits)),
+        ("vmap", lambda: torch.func.vmap(loss)(logits[None])),
+        ("grad", lambda: torch.func.vjp(loss, logits)),
+        ("jvp", lambda: torch.func.jacfwd(loss)(logits)),
+    ]
+    for name, call in transforms:
+        with pytest.raises(
+            RuntimeError, match="vocab_parallel_cross_entropy does not support"
+        ) as info:
+            call()
+        # the transform is named, and the per-sample fix given (before: "torch.func
+        # transforms (grad, vmap, jacrev)" whichever ran, no word on per-sample gradients)
+        assert f"does not support torch.func.{name} (nor any" in str(info.value)
+        assert "for per-sample gradients (vmap(grad(...))) use the single-process" in str(
+            info.value
+        )
     with pytest.raises(RuntimeError, match=r"linear_cross_entropy does not support torch\.func"):
         torch.func.grad(lambda h: vocab_parallel_linear_cross_entropy(h, logits, target))(
             torch.randn(3, 3, dtype=torch.float64)

@@ -230,8 +230,10 @@ def test_vocabulary_slices_refuse_torch_func() -> None:
         lambda w: run_log_probs(h, w, y, None, lp_opts, shard)[0].sum(),
     ]
     for call in calls:
-        with pytest.raises(RuntimeError, match=r"do not support torch\.func transforms"):
+        with pytest.raises(RuntimeError, match=r"does not support torch\.func\.grad \(nor any"):
             func.grad(call)(w)
+        with pytest.raises(RuntimeError, match=r"does not support torch\.func\.vmap \(nor any"):
+            func.vmap(call)(w[None])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -206,31 +206,6 @@ def test_exported_module_checks_values_as_exported(validate: bool) -> None:
         torch.testing.assert_close(program.module()(above, t), expected, equal_nan=True)
 
 
-@pytest.mark.parametrize("name", ["sparse-probs", "sparse-focal", "categorical", "binary"])
-def test_compiled_vmap_grad_leaves_the_device_checks_out(name: str) -> None:
-    """``torch.compile(vmap(grad(loss)))``: the assertion has no batching rule, so the traced
-    checks stay out of a vmapped function ('RuntimeError when making fake tensor call';
-    focal loss's label guard failed so before the value checks were traced)."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(N, C, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C, (N,), generator=g)
-    t = (torch.rand(N, C, generator=g, dtype=torch.float64) > 0.5).double()
-    sparse = ce.sparse_categorical_cross_entropy
-    loss, target = {
-        "sparse-probs": (lambda v, k: sparse(torch.softmax(v, -1)[None], k[None]), y),
-        "sparse-focal": (lambda v, k: sparse(v[None], k[None], from_logits=True, gamma=2.0), y),
-        "categorical": (
-            lambda v, k: ce.categorical_cross_entropy(v[None], k[None], from_logits=True),
-            t,
-        ),
-        "binary": (lambda v, k: ce.binary_cross_entropy(v, k, from_logits=True), t),
-    }[name]
-    per_sample = torch.func.vmap(torch.func.grad(loss))
-    torch._dynamo.reset()
-    got = torch.compile(per_sample, fullgraph=True, backend="aot_eager")(x, target)
-    torch.testing.assert_close(got, per_sample(x, target), rtol=1e-12, atol=1e-14)
-
-
 def test_row_sum_check_with_dynamic_shapes() -> None:
     """``dynamic=True``: the class count, so the row-sum tolerance, is symbolic; before, the
     check's message formatted it ('Unknown format code 'g' for object of type 'str'')."""

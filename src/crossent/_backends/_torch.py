@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from crossent._backends import _triton_sparse
+from crossent._lib import _assert_op  # noqa: F401 - the op registered before any tracing
 from crossent._lib._checks import (
     assert_labels_inside,
     assert_labels_on_device,
@@ -330,6 +331,18 @@ def _native_indices(
     return _half_result(out, x) if low else out  # float32 / float64: autocast leaves them alone
 
 
+_FUNCTORCH_ACTIVE = torch._C._are_functorch_transforms_active
+
+
+def _maybe_traced(target: object) -> bool:
+    """Whether `target` may be a traced tensor, whose labels :func:`traced_labels` checks: a
+    tracer's tensor subclass (compile, export), or any tensor under ``torch.func`` transforms
+    (their wrappers are plain ``torch.Tensor`` objects; ``torch.compile(vmap(loss))`` traced
+    none: PyTorch's ``index 5 is out of bounds for dimension 2 with size 5``, not crossent's
+    message). Two checks of 25 ns on the eager hot path."""
+    return type(target) is not Tensor or _FUNCTORCH_ACTIVE()
+
+
 def traced_labels(x: Tensor, target: object, axis: int, ignore_index: int | None) -> Any:
     """Under ``torch.compile`` / ``torch.export`` with validation on: the device-side label
     check, and the labels with every one it refuses replaced by 0
@@ -393,7 +406,7 @@ def sparse(
         and (dtype in _HIGH or input.numel() < _LOW_MIN_SPARSE)  # half: one float32 copy
     ):
         x = input if axis == 1 else input.t()
-        if type(target) is not Tensor:  # a tracer's tensor (compile, export)
+        if _maybe_traced(target):
             target = traced_labels(input, target, axis, None)
         try:
             out = _CROSS_ENTROPY(
@@ -421,7 +434,7 @@ def sparse(
         return _sparse_triton(input, target, weight, axis, opts)
     if not opts.plain:
         return _sparse_rows(input, target, weight, axis, opts)
-    if type(target) is not Tensor:  # a tracer's tensor (compile, export)
+    if _maybe_traced(target):
         target = traced_labels(input, target, axis, opts.ignore_index)
     input = mask_ignored_rows(input, target, opts.ignore_index, axis)
     if dtype in _LOW and weight is None and opts.label_smoothing == 0:
@@ -599,7 +612,7 @@ def nll(
         return None
     if _weight_needs_grad(weight):
         return None  # PyTorch's nll_loss gives no weight gradient: the generic formula does
-    if type(target) is not Tensor:  # a tracer's tensor
+    if _maybe_traced(target):
         target = traced_labels(input, target, axis, opts.ignore_index)
     return _native_indices(_NLL, input, target, weight, axis, opts)
 

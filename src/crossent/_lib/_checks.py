@@ -6,7 +6,8 @@ checks (which read data back from the device) run only while
 :func:`crossent.get_validation` is true and never on lazy arrays (JAX tracers).
 Under ``torch.compile`` and ``torch.export`` they run as asynchronous device-side
 assertions (:func:`checked_on_device`): no host synchronisation, no graph break, the
-same message without the offending values. Under ``torch.func`` transforms run eagerly
+same message without the offending values (``torch.func`` transforms traced by the compiler
+included: :mod:`crossent._lib._assert_op`). Under ``torch.func`` transforms run eagerly
 (``grad``, ``vmap``, ``vjp``, ``jacrev``) they read the values beneath the transforms'
 wrappers (:func:`values_beneath`), as eagerly, with the same messages.
 """
@@ -92,21 +93,20 @@ def checked_on_device(x: Array) -> bool:
 
     Called where :func:`values_checked` is false. The switch is read in the traced code:
     dynamo guards it (:mod:`crossent._lib._config`), so turning validation off or on
-    recompiles. Not under ``torch.func`` transforms: ``vmap`` has no rule for the assertion
-    (``grad`` alone would allow it, but a check that runs under ``grad`` and fails under
-    ``vmap(grad)`` would be worse than none); run eagerly, the values are read beneath the
-    transforms instead (:func:`values_beneath`); compiled, they are not checked.
+    recompiles. Compiled ``torch.func`` transforms included (``torch.compile(vmap(grad(f)))``):
+    there the assertion is an op with a ``vmap`` rule (:mod:`crossent._lib._assert_op`); run
+    eagerly, the transforms' values are read beneath them instead (:func:`values_beneath`).
     """
     return is_torch_tensor(x) and device_assertions() and _config.get_validation()
 
 
 def device_assertions() -> bool:
-    """Whether a device-side assertion can be traced now: under ``torch.compile`` or
-    ``torch.export``, outside ``torch.func`` transforms (compiled ``vmap`` too: the assertion
-    has no batching rule)."""
+    """Whether a device-side assertion is traced now: under ``torch.compile`` or
+    ``torch.export``, ``torch.func`` transforms traced by them included
+    (:func:`assert_on_device`)."""
     import torch
 
-    return torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+    return torch.compiler.is_compiling()
 
 
 def eager_transforms() -> bool:
@@ -168,10 +168,13 @@ def beneath_transforms() -> Any:
 def assert_on_device(bad: Array, msg: str) -> None:
     """Fail with `msg` where the boolean tensor `bad` holds a True, asynchronously (no host
     synchronisation): ``torch._assert_async``, a ``RuntimeError`` when the compiled or
-    exported program runs (a device-side assertion on CUDA)."""
+    exported program runs (a device-side assertion on CUDA); under ``torch.func`` transforms
+    an op that ``vmap`` batches (:mod:`crossent._lib._assert_op`)."""
     import torch
 
-    torch._assert_async(torch.logical_not(bad.any()), msg)
+    from crossent._lib._assert_op import assert_true
+
+    assert_true(torch.logical_not(bad.any()), msg)
 
 
 DEVICE_MESSAGE_MAX = 254
@@ -687,8 +690,7 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
     import torch
 
     if torch.compiler.is_compiling():
-        if device_assertions():  # not compiled vmap: no batching rule for the assertion
-            assert_labels_on_device(target, num_classes, ignore_index)
+        assert_labels_on_device(target, num_classes, ignore_index)
         return
     beneath = values_beneath(target)
     if beneath is None:
@@ -740,11 +742,11 @@ def assert_labels_inside(label: Array, num_classes: int, ignore_index: int | Non
     ``[0, num_classes)``, ``num_classes >= 1``: ``label // num_classes`` is 0 exactly there
     (four operations, each a kernel launch on an accelerator; no host synchronisation).
     `ignore_index` only completes the message. Returns the mask of the labels inside."""
-    import torch
+    from crossent._lib._assert_op import assert_true
 
     msg = label_range_message(num_classes, ignore_index)
     inside = label.div(num_classes, rounding_mode="floor") == 0
-    torch._assert_async(inside.all(), msg)
+    assert_true(inside.all(), msg)
     return inside
 
 

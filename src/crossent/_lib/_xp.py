@@ -209,6 +209,24 @@ def torch_tracing() -> bool:
     )
 
 
+def torch_transform_name() -> str | None:
+    """The innermost active ``torch.func`` transform, as its users write it ("vmap", "grad",
+    "jvp", "functionalize"), or None where none is active; for error messages."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch._C._are_functorch_transforms_active():
+        return None
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is None:  # pragma: no cover - active transforms have an interpreter
+        return "a torch.func transform"
+    key = str(interpreter.key()).rsplit(".", 1)[-1]
+    return _TRANSFORM_NAMES.get(key, key.lower())
+
+
+_TRANSFORM_NAMES = {"Vmap": "vmap", "Grad": "grad", "Jvp": "jvp", "Functionalize": "functionalize"}
+"""``torch._C._functorch.TransformType`` names -> the ``torch.func`` functions that push them
+(``vjp``, ``jacrev`` and ``grad`` push Grad; ``jacfwd`` pushes Jvp)."""
+
+
 def forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``).
 

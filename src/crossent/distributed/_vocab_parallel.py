@@ -35,7 +35,7 @@ from crossent.fused._chunked import (
     row_options,
     slice_statistics,
 )
-from crossent.fused._function import refuse_double_backward
+from crossent.fused._function import refuse_double_backward, refuse_func_transforms
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -131,13 +131,7 @@ def refuse_transforms(caller: str) -> None:
             "at a graph break)."
         )
         raise RuntimeError(msg)
-    if torch._C._are_functorch_transforms_active():
-        msg = (
-            f"{caller} does not support torch.func transforms (grad, vmap, jacrev): "
-            "differentiate it with autograd (loss.backward()), or use the single-process "
-            "loss on the whole vocabulary."
-        )
-        raise RuntimeError(msg)
+    refuse_func_transforms(caller)
 
 
 def setup(

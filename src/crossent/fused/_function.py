@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from crossent._lib._xp import torch_transform_name
 from crossent.fused._chunked import (
     LinearCEOptions,
     RowScaled,
@@ -108,14 +109,33 @@ def refuse_double_backward(name: str) -> None:
 
 def refuse_func_shard(shard: VocabShard | None) -> None:
     """Raise under a ``torch.func`` transform with a vocabulary slice: not supported there."""
-    if shard is not None and torch._C._are_functorch_transforms_active():
-        msg = (
-            "The vocabulary-parallel fused losses (crossent.distributed."
-            "vocab_parallel_linear_cross_entropy / vocab_parallel_linear_log_probs) do not "
-            "support torch.func transforms (grad, vmap, jacrev): differentiate them with "
-            "autograd (loss.backward()), or use crossent.fused on the whole projection."
+    if shard is not None:
+        refuse_func_transforms(
+            "A vocabulary-parallel fused loss (crossent.distributed."
+            "vocab_parallel_linear_cross_entropy / vocab_parallel_linear_log_probs)"
         )
-        raise RuntimeError(msg)
+
+
+def refuse_func_transforms(caller: str) -> None:
+    """Raise a RuntimeError naming the active ``torch.func`` transform (none: nothing) for a
+    vocabulary-parallel loss, `caller`, and the fixes: autograd, or the single-process loss
+    for per-sample gradients.
+
+    Making ``grad`` alone work would need the rank header exchange and its host check to run
+    beneath the transform, and ``vmap`` a collective per sample; an error names what to do.
+    """
+    name = torch_transform_name()
+    if name is None:
+        return
+    msg = (
+        f"{caller} does not support torch.func.{name} (nor any torch.func transform): the "
+        "ranks exchange and check a header on the host, which a transform cannot trace. "
+        "Differentiate it with autograd (loss.backward() or torch.autograd.grad); for "
+        "per-sample gradients (vmap(grad(...))) use the single-process loss on the whole "
+        "vocabulary (crossent.sparse_categorical_cross_entropy, "
+        "crossent.fused.linear_cross_entropy)."
+    )
+    raise RuntimeError(msg)
 
 
 def no_second_derivative(name: str) -> RuntimeError:

@@ -16,7 +16,7 @@ histograms), so it merges, pickles and all-reduces the same way.
 from __future__ import annotations
 
 import math
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import numpy as np
 
@@ -29,6 +29,8 @@ from crossent.metrics._metric import (
     _batch_namespace,
     _calibration_part,
     _per_class_list,
+    _traced,
+    _update_eagerly,
 )
 
 __all__ = ["BinaryClassificationMetrics"]
@@ -171,6 +173,8 @@ class BinaryClassificationMetrics(Metric):
 
     def update(self, input: Array, target: Array) -> Self:
         """Add a batch: `input` holds one score per row, `target` the 0/1 labels."""
+        if _traced(input):  # torch.compile: eagerly, at a graph break
+            return cast(Self, _update_eagerly(self, input, target))
         _batch_namespace(input, target)  # a clear TypeError for non-arrays or two libraries
         score = np.ravel(to_numpy(input, dtype=np.float64))
         # as float64 (exact for 0/1 and any label near them): an int64 copy would truncate

@@ -22,12 +22,13 @@ import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import numpy as np
 
+from crossent._lib import _config
 from crossent._lib._checks import check_array, check_ignore_index, is_integer_scalar
-from crossent._lib._xp import Array, array_namespace
+from crossent._lib._xp import Array, array_namespace, is_torch_tensor, torch_transform_name
 from crossent.metrics import _functional as F
 from crossent.metrics._exact import ExactSum
 
@@ -60,7 +61,61 @@ def _batch_namespace(input: object, target: object) -> Any:
     None, a number or a list, and for arrays of two libraries."""
     check_array(input, name="input")
     check_array(target, name="target")
+    refuse_traced_update(input, target)
     return array_namespace(input=input, target=target)
+
+
+def refuse_traced_update(*arrays: object) -> None:
+    """A TypeError that names the transform and the fix for an update under a ``torch.func``
+    transform (``vmap``, ``grad``, ..., eager or compiled).
+
+    A metric's state is exact sums and counts on the host: an update reads the batch's
+    values, which there are the transform's wrappers. Before, ``vmap`` gave "cannot read the
+    values of a lazy array (a JAX tracer inside `jit`)", which named the wrong library (no
+    figure was ever computed from unchecked values there).
+    """
+    if not any(is_torch_tensor(a) for a in arrays):
+        return
+    name = torch_transform_name()
+    if name is not None:
+        msg = (
+            f"crossent.metrics cannot update under torch.func.{name}: a metric adds the "
+            "batch's values to exact sums on the host, and under a transform they are not "
+            "readable. Update the metric outside the transformed function, with its outputs "
+            "(`metric.update(logits.detach(), target)`)."
+        )
+        raise TypeError(msg)
+
+
+def _traced(input: object) -> bool:
+    """Whether `input` is a tensor traced by ``torch.compile`` (dynamo): see
+    :func:`_update_eagerly`."""
+    return is_torch_tensor(input) and _config.dynamo_tracing()
+
+
+def _update_eagerly(metric: Any, input: Any, target: Any) -> Any:
+    """``metric.update(input, target)`` run eagerly under ``torch.compile``: at a graph break
+    (``torch.compiler.disable``), its values read, checked and added to the host state as in
+    an eager call.
+
+    Traced, the update crashed: dynamo traced its host copy into NumPy ("RuntimeError when
+    making fake tensor call" for valid input; bad rows gave the eager error only because the
+    check's read broke the graph first). Dynamo does not inline this function (its
+    ``_torchdynamo_disable`` mark, set without importing PyTorch): without ``fullgraph=True``
+    it breaks the graph here; with it, it fails with the reason below.
+    """
+    import torch
+
+    return torch.compiler.disable(type(metric).update)(metric, input, target)
+
+
+_update_eagerly._torchdynamo_disable = True  # type: ignore[attr-defined]
+_update_eagerly._torchdynamo_disable_msg = (  # type: ignore[attr-defined]
+    "crossent.metrics adds a batch's values to exact sums on the host, so an update cannot be "
+    "part of a graph: compile without fullgraph=True (the update then runs eagerly at a graph "
+    "break), or update the metric outside the compiled function, with its outputs "
+    "(`metric.update(logits.detach(), target)`)"
+)
 
 
 def _calibration_init(num_classes: int, *, kind: str, bins: int, fine: bool) -> F.State:
@@ -173,6 +228,8 @@ class Metric:
 
         Returns the metric itself, so calls chain: ``metric.update(x, y).compute()``.
         """
+        if _traced(input):  # torch.compile: eagerly, at a graph break
+            return cast(Self, _update_eagerly(self, input, target))
         xp = _batch_namespace(input, target)
         need_probs = any(part.needs_probs for part in self._parts.values())
         rows = F._row_stats(
