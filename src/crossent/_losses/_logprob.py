@@ -256,10 +256,10 @@ def propagate_nan(row: Array, x: Array, *, kind: str, xp: Any) -> Array:
     return xp.where(has_nan, xp.full_like(row, float("nan")), row)
 
 
-def _focal(terms: ClassTerms, gamma: float, *, xp: Any) -> Array | None:
+def _focal(terms: ClassTerms, gamma: float, *, nll: Array | None = None, xp: Any) -> Array | None:
     if gamma == 0:
         return None
-    return focal_factor(terms.log1m_p, gamma, xp=xp)
+    return focal_factor(terms.log1m_p, gamma, nll=nll, xp=xp)
 
 
 def term_value(c: Array, terms: ClassTerms, gamma: float, *, xp: Any) -> Array:
@@ -269,7 +269,8 @@ def term_value(c: Array, terms: ClassTerms, gamma: float, *, xp: Any) -> Array:
     stays NaN, so NaN logits propagate also through a zero class weight.
     """
     nlp = xp.where((c == 0) & (terms.nlp == float("inf")), xp.zeros_like(terms.nlp), terms.nlp)
-    f = _focal(terms, gamma, xp=xp)
+    # logits and log-probabilities: the factor's derivative holds p (probabilities: not)
+    f = _focal(terms, gamma, nll=terms.nlp if terms.mask is None else None, xp=xp)
     return c * nlp if f is None else c * f * nlp
 
 
