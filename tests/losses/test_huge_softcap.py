@@ -193,3 +193,53 @@ def test_linear_log_probs_equal_the_float64_reference(cap: float, dtype: Any) ->
     _close(got_lp.detach().double(), want_lp.detach().numpy(), dtype, f"log p, cap {cap}")
     _close(got_ent.detach().double(), want_ent.detach().numpy(), dtype, f"entropy, cap {cap}")
     _close(g.double(), want_g.numpy(), dtype, f"gradient, cap {cap}")
+
+
+@pytest.mark.parametrize("cap", [2.0, 1e39])
+def test_a_masked_class_stays_masked_under_softcap_on_every_backend(xp: Any, cap: float) -> None:
+    """A logit of -inf under softcap c is a masked class, not -c: the loss equals the loss
+    without that class (its column deleted), and its gradient is 0 (documented in every
+    public docstring taking `softcap`)."""
+    conv = to_xp(xp)
+    x = np.array([[0.5, -math.inf, 1.5, -1.0], [2.0, 0.1, -math.inf, 0.3]], dtype=np.float32)
+    y = np.array([2, 0])
+    kept = [np.delete(row, np.flatnonzero(np.isinf(row))) for row in x]
+    want = [
+        float(
+            ce.sparse_categorical_cross_entropy(
+                k[None].astype(np.float64), np.array([int(t) - int(t > np.argmin(r))]),
+                from_logits=True, softcap=cap,
+            )
+        )
+        for k, t, r in zip(kept, y, x, strict=True)
+    ]  # fmt: skip
+    got = ce.sparse_categorical_cross_entropy(
+        conv(x), conv(y), from_logits=True, softcap=cap, reduction="none"
+    )
+    np.testing.assert_allclose(to_numpy(got), want, rtol=2e-6)
+    _, g = ce.value_and_grad(
+        "sparse_categorical_cross_entropy", x, y, from_logits=True, softcap=cap, reduction="sum"
+    )
+    assert g[0, 1] == 0.0
+    assert g[1, 2] == 0.0
+    if xp.__name__.endswith("torch"):
+        from crossent.fused import linear_cross_entropy
+
+        v = torch.tensor(x, requires_grad=True)
+        (gt,) = torch.autograd.grad(
+            ce.sparse_categorical_cross_entropy(
+                v, torch.as_tensor(y), from_logits=True, softcap=cap, reduction="sum"
+            ),
+            v,
+        )
+        assert gt[0, 1] == 0.0
+        assert gt[1, 2] == 0.0
+        bias = torch.tensor([0.0, -math.inf, 0.0, 0.0])  # masks class 1 in both rows
+        h = torch.tensor(np.where(np.isinf(x), 0.0, x), dtype=torch.float32)
+        fused = linear_cross_entropy(
+            h, torch.eye(4), torch.as_tensor(y), bias=bias, softcap=cap, reduction="none"
+        )
+        ref = ce.sparse_categorical_cross_entropy(
+            h + bias, torch.as_tensor(y), from_logits=True, softcap=cap, reduction="none"
+        )
+        torch.testing.assert_close(fused, ref, rtol=2e-6, atol=2e-6)
