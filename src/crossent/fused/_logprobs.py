@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from crossent._losses._distill import check_temperature_range
 from crossent.fused._chunked import (
     RowScaled,
     WideBlocks,
@@ -125,6 +126,7 @@ def _chunked_log_probs(
     any_grad = any(want)
     weight, bias = _product_operands(hidden, weight, bias)
     cdt = _compute_dtype(weight.dtype)
+    check_temperature_range(opts.temperature, cdt, xp=torch)
     device = hidden.device
     rows_all, y_all = _counted_rows(target, opts.ignore_index)
     vocab_start = 0 if shard is None else shard.vocab_start
