@@ -36,7 +36,6 @@ closed forms and for autodiff through these functions alike.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -114,7 +113,6 @@ class SoftcapForm:
     """Whether the plain :math:`c \tanh(x / c)` may lose a logit's digits (see above)."""
 
 
-@functools.lru_cache(maxsize=256)
 def _softcap_form(cap: float, eps: float, tiny: float, big: float) -> SoftcapForm | None:
     below = cap * math.sqrt(eps)
     if below > big:  # every finite x is below: the cap is the identity to rounding
@@ -131,7 +129,8 @@ def softcap_form(cap: float | None, dtype: Any, *, xp: Any) -> SoftcapForm | Non
     there the loss is the loss without cap (``-inf`` stays ``-inf``, NaN stays NaN).
 
     The one rule every executor (array API, PyTorch, fused chunks, Triton, vocabulary
-    parallel) reads, a Python computation cached per (cap, dtype): no pass over the logits."""
+    parallel) reads, a Python computation (no cache: dynamo traces it as constants): no pass
+    over the logits."""
     if cap is None:
         return None
     fi = xp.finfo(dtype)
