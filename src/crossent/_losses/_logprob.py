@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crossent._lib._checks import check_floating, check_nonnegative
+from crossent._lib._config import dynamo_tracing
 from crossent._lib._xp import (
     Array,
     difference,
@@ -129,12 +130,23 @@ def softcap_form(cap: float | None, dtype: Any, *, xp: Any) -> SoftcapForm | Non
     there the loss is the loss without cap (``-inf`` stays ``-inf``, NaN stays NaN).
 
     The one rule every executor (array API, PyTorch, fused chunks, Triton, vocabulary
-    parallel) reads, a Python computation (no cache: dynamo traces it as constants): no pass
-    over the logits."""
+    parallel) reads, a Python computation (cached per cap and dtype): no pass over the logits."""
     if cap is None:
         return None
+    key = (cap, type(dtype), dtype)  # the type first: no == across libraries' dtypes
+    if key in _FORMS:
+        return _FORMS[key]
     fi = xp.finfo(dtype)
-    return _softcap_form(float(cap), float(fi.eps), float(fi.smallest_normal), float(fi.max))
+    form = _softcap_form(float(cap), float(fi.eps), float(fi.smallest_normal), float(fi.max))
+    if not dynamo_tracing():  # (a traced call computes it: constants to dynamo)
+        if len(_FORMS) >= 256:
+            _FORMS.clear()
+        _FORMS[key] = form
+    return form
+
+
+_FORMS: dict[tuple[float, type, Any], SoftcapForm | None] = {}
+"""The forms made, per (cap, dtype): a look-up is 0.1 µs, making one 1.4 µs."""
 
 
 def softcap_ratio(x: Array, form: SoftcapForm, *, xp: Any) -> Array:
