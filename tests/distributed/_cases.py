@@ -107,6 +107,8 @@ CASES = [
     Case("z_loss_mean", {"z_loss": 1e-2}),
     Case("z_loss_none", {"z_loss": 1e-1, "reduction": "none"}, split="skewed"),
     Case("softcap_sum", {"softcap": 2.5, "reduction": "sum"}),
+    # beyond float32's range: the cap overflowed to inf, inf * tanh(x / inf) was NaN
+    Case("softcap_beyond_float32_masked", {"softcap": 1e39, "reduction": "none"}, masked=True),
     Case("weight_global_mean", {"label_smoothing": 0.1}, weight="global"),
     Case("weight_local_none", {"reduction": "none", "z_loss": 1e-2}, weight="local"),
     Case(
@@ -150,6 +152,12 @@ LINEAR_CASES = [
         {"label_smoothing": 0.1, "chunk_size": 2},
         weight="global",
         vocab=13,
+    ),
+    Case(
+        "linear_softcap_beyond_float32_masked",
+        {"softcap": 1e39, "chunk_size": 3, "reduction": "none"},
+        bias=True,
+        masked=True,
     ),
     Case("linear_other_ignore_index_sum", {"ignore_index": 4, "reduction": "sum"}),
     Case("linear_all_ignored_mean", ignored="all"),
@@ -202,6 +210,12 @@ LOG_PROB_CASES = [
         batch=(2, 5),
     ),
     Case("log_probs_all_ignored", {"return_entropy": True}, ignored="all"),
+    Case(
+        "log_probs_softcap_beyond_float32_masked",
+        {"return_entropy": True, "softcap": 1e39},
+        bias=True,
+        masked=True,
+    ),
     Case(
         "log_probs_float64_entropy",
         {"return_entropy": True, "softcap": 3.0, "chunk_size": 4},

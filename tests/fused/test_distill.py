@@ -276,3 +276,24 @@ def test_bad_input_messages() -> None:
     for call, exc, name in cases:
         with pytest.raises(exc, match=name):
             call()
+
+
+@pytest.mark.parametrize(
+    ("beta", "temperature"), [(0.0, 1e-20), (0.0, 1e-30), (0.5, 1e-20), (0.5, 1e-30), (1.0, 1e-10)]
+)
+def test_a_tiny_temperature_gives_the_float64_gradient(temperature: float, beta: float) -> None:
+    """float32, T = 1e-20: the in-place divergence kept -max/4 for log(Q/M) where Q = 0 and
+    multiplied it by 1/T before by Q, so 0 * -inf made the gradient NaN (the loss and the
+    unfused loss's gradient, about 7e18, were right). (Cases whose float64 gradient fits
+    in float32.)"""
+    x = torch.tensor([[1.0, 2.0, -1.0, 0.25], [0.5, 0.5, 0.0, -3.0]])
+    t = torch.tensor([[2.0, 1.0, 0.0, 0.5], [0.0, 3.0, 0.0, 1.0]])
+    eye = torch.eye(4)
+    ref_x = x.double().requires_grad_(True)
+    want = ce.distillation_loss(ref_x, t.double(), beta=beta, temperature=temperature)
+    (want_g,) = torch.autograd.grad(want, ref_x)
+    h = x.clone().requires_grad_(True)
+    got = _fused(h, eye, t, eye, beta=beta, temperature=temperature)
+    (g,) = torch.autograd.grad(got, h)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g.double(), want_g, rtol=1e-5, atol=1e-6 * float(want_g.abs().max()))

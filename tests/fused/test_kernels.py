@@ -700,3 +700,39 @@ def test_fused_counted_row_without_a_finite_max_has_nan_gradients(
     assert grad_w.isnan().all(), grad_w
     assert grad_b.isnan().all(), grad_b
     assert (grad_h[1] == 0).all()  # ignored: never computed
+
+
+# ------------------------------------------------------------------ a cap the dtype cannot hold
+
+
+@pytest.mark.parametrize("cap", [30.0, 1e36, 3.5e38, 1e39, 1e42])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_huge_softcap_equals_the_float64_reference(
+    cap: float, dtype: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernels took the cap as a float32 argument: 1e39 became inf and every loss NaN
+    (inf · tanh(x / inf) = inf · 0); 1e36 divided a logit of 1e-3 into a subnormal. Fused
+    loop (forced onto the kernels) and unfused 16-bit loss, values and gradients."""
+    import crossent.fused._function as fn
+    from crossent._backends import _triton_sparse
+    from tests.losses import test_huge_softcap as huge
+
+    real = fn._chunked_linear_ce
+
+    def forced(*args: Any, **kwargs: Any) -> Any:
+        kwargs["opts"] = dataclasses.replace(kwargs["opts"], use_triton=True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fn, "_chunked_linear_ce", forced)
+    huge.test_fused_linear_cross_entropy_equals_the_float64_reference(cap, dtype)
+    if dtype == torch.float32:
+        return
+    monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
+    monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 0)
+    calls: list[int] = []
+    real_apply = _triton_sparse.SparseRows.apply
+    monkeypatch.setattr(
+        _triton_sparse.SparseRows, "apply", lambda *a: calls.append(1) or real_apply(*a)
+    )
+    huge.test_torch_unfused_losses_equal_the_float64_reference(cap, dtype, grad=True)
+    assert calls, "the Triton executor did not run"

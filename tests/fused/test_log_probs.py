@@ -283,3 +283,26 @@ def test_bad_input_messages() -> None:
     for call, exc, name in cases:
         with pytest.raises(exc, match=name):
             call()
+
+
+@pytest.mark.parametrize("temperature", [1e-9, 1e-11, 1e-36])
+def test_entropy_gradient_at_a_tiny_temperature_equals_float64(temperature: float) -> None:
+    """float32, T = 1e-36: the entropy's gradient p (a + b log p) floored log p at -1e4 and
+    multiplied it by g_H / T (inf) before by p = 0: NaN for every hidden state, where the
+    float64 gradient is finite (5e35 for a tied row)."""
+    x = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.5, 0.0]])
+    y = torch.tensor([1, 0])
+    v = x.double().requires_grad_(True)
+    lp = torch.log_softmax(v / temperature, -1)
+    want_lp = lp.gather(1, y[:, None]).squeeze(1)
+    want_ent = -(lp.exp() * lp).nan_to_num().sum(-1)
+    (want_g,) = torch.autograd.grad((want_lp + 0.5 * want_ent).sum(), v)
+    h = x.clone().requires_grad_(True)
+    got_lp, got_ent = linear_log_probs(
+        h, torch.eye(3), y, temperature=temperature, return_entropy=True
+    )
+    (g,) = torch.autograd.grad((got_lp + 0.5 * got_ent).sum(), h)
+    torch.testing.assert_close(got_lp.double(), want_lp.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_ent.double(), want_ent.detach(), rtol=1e-6, atol=1e-6)
+    scale = float(want_g.abs().max())
+    torch.testing.assert_close(g.double(), want_g, rtol=1e-5, atol=1e-6 * scale)

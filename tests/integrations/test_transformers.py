@@ -556,3 +556,24 @@ def test_concurrent_patch_and_unpatch_patch_once(monkeypatch: pytest.MonkeyPatch
     assert "forward" not in vars(model)
     ids, labels = _batch(seed=17)
     assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def test_gemma2_softcapping_beyond_float32_is_the_uncapped_loss() -> None:
+    """`final_logit_softcapping` = 1e39 in float32: the fused loss took the cap as inf and
+    made every loss NaN (inf · tanh(x / inf)); the cap is the identity to rounding for
+    these logits, so the patched loss and gradients are those of the uncapped model (the
+    unpatched model's own float32 logits are NaN: it divides by the cap cast to inf)."""
+    ref_model = make_model("gemma2")
+    ref_model.config.final_logit_softcapping = None
+    model = copy.deepcopy(ref_model)
+    model.config.final_logit_softcapping = 1e39
+    model = patch(model, chunk_size=7)
+    ids, labels = _batch(seed=2)
+    want = ref_model(input_ids=ids, labels=labels).loss
+    want.backward()
+    got = model(input_ids=ids, labels=labels).loss
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    want_grads = _grads(ref_model)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, want_grads[n], rtol=1e-4, atol=2e-6, msg=n)

@@ -310,3 +310,32 @@ def test_float32_gradient_of_a_peaked_student_far_from_the_teacher(xp: Any, beta
     _, want = ce.value_and_grad(ce.distillation_loss, s32, t32, beta=beta, reduction="sum")
     err = np.linalg.norm(to_numpy(got) - want, axis=1) / np.linalg.norm(want, axis=1)
     assert err.max() < 2e-5, err
+
+
+def test_a_temperature_whose_reciprocal_overflows_the_compute_dtype_is_refused() -> None:
+    """temperature = 1e-40 with float32 logits: 1 / T overflows float32 and every loss,
+    log-probability and gradient was NaN (distillation_loss on every backend,
+    value_and_grad, linear_log_probs, linear_distillation_loss), where float64 gives the
+    finite one-hot answer. Now a ValueError naming `temperature`; float64 computes it."""
+    import torch
+
+    from crossent.fused import linear_distillation_loss, linear_log_probs
+
+    x = np.array([[1.0, 2.0, -1.0], [0.5, 0.5, 0.0]], dtype=np.float32)
+    xt, eye, y = torch.tensor(x), torch.eye(3), torch.tensor([1, 0])
+    calls = [
+        lambda: ce.distillation_loss(x, x[::-1].copy(), temperature=1e-40),
+        lambda: ce.distillation_loss(xt, xt.flip(0), temperature=1e-40),
+        lambda: ce.value_and_grad("distillation_loss", x, x[::-1].copy(), temperature=1e-40),
+        lambda: linear_log_probs(xt, eye, y, temperature=1e-40),
+        lambda: linear_distillation_loss(xt, eye, xt.flip(0), eye, temperature=1e-40),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"`temperature` must be at least .*float64"):
+            call()
+    # float64 holds 1 / 1e-40: the softmax is the argmax one-hot (a tie splits it)
+    lp = linear_log_probs(xt.double(), eye.double(), y, temperature=1e-40)
+    np.testing.assert_allclose(lp.numpy(), [0.0, -np.log(2.0)], rtol=1e-15)
+    # 1 / T finite in float32, logits / T too: computed
+    ok = ce.distillation_loss(xt, xt.flip(0), temperature=1e-38, reduction="none")
+    assert torch.isfinite(ok).all()

@@ -304,3 +304,60 @@ def test_a_huge_softcap_is_the_identity_to_rounding(xp: Any, cap: float) -> None
         conv(x), conv(y), from_logits=True, softcap=cap, reduction="none"
     )
     np.testing.assert_allclose(to_numpy(capped), to_numpy(plain), rtol=1e-6, atol=0.0)
+
+
+def _focal_reference(kind: str, x: np.ndarray, gamma: float) -> tuple[float, np.ndarray]:
+    """Summed focal loss and its gradient in float64 (PyTorch autograd of the formula)."""
+    v = torch.tensor(x.astype(np.float64), requires_grad=True)
+    if kind == "binary":
+        t = torch.tensor(_FOCAL_BINARY_TARGET)
+        log_p, log_q = torch.nn.functional.logsigmoid(v), torch.nn.functional.logsigmoid(-v)
+        # (1 - p)^γ = e^(γ log(1 - p)): no 0^γ (an infinite derivative for γ < 1) formed
+        loss = -(t * (gamma * log_q).exp() * log_p + (1 - t) * (gamma * log_p).exp() * log_q)
+        loss = loss.sum()
+    else:
+        lp = torch.log_softmax(v, -1).gather(1, torch.tensor(_FOCAL_LABELS)[:, None])
+        loss = -((gamma * torch.log1p(-lp.exp())).exp() * lp).sum()
+    (g,) = torch.autograd.grad(loss, v)
+    return float(loss.detach()), g.numpy()
+
+
+_FOCAL_LABELS = np.array([1, 0])
+_FOCAL_BINARY_TARGET = np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize("kind", ["sparse", "categorical", "binary"])
+@pytest.mark.parametrize("gamma", [0.5, 2.0, 4.0])
+def test_focal_gradient_of_finite_logits_beyond_max_over_gamma(kind: str, gamma: float) -> None:
+    """A logit of 1e38 with γ = 4 (float32): autodiff multiplied the loss term's -log p = 1e38
+    by γ (inf) before by p = 0, so JAX's gradient was NaN where the loss (1e38) and the
+    gradient (±1) are finite; value_and_grad and PyTorch's closed forms were right."""
+    x = np.array([[1e38, 0.0, -1e37], [0.5, 1.0, -1.0]], dtype=np.float32)
+    want, want_g = _focal_reference(kind, x, gamma)
+    assert math.isfinite(want)
+
+    def loss(a: Any, xp: Any) -> Any:
+        if kind == "binary":
+            t = xp.asarray(_FOCAL_BINARY_TARGET.astype(np.float32))
+            return ce.binary_cross_entropy(a, t, from_logits=True, gamma=gamma, reduction="sum")
+        if kind == "categorical":
+            t = xp.asarray(np.eye(3, dtype=np.float32)[_FOCAL_LABELS])
+            return ce.categorical_cross_entropy(
+                a, t, from_logits=True, gamma=gamma, reduction="sum"
+            )
+        y = xp.asarray(_FOCAL_LABELS)
+        return ce.sparse_categorical_cross_entropy(
+            a, y, from_logits=True, gamma=gamma, reduction="sum"
+        )
+
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    results = {"jax": jax.value_and_grad(lambda a: loss(a, jax.numpy))(jax.numpy.asarray(x))}
+    jitted = jax.jit(jax.value_and_grad(lambda a: loss(a, jax.numpy)))
+    results["jax-jit"] = jitted(jax.numpy.asarray(x))
+    t = torch.tensor(x, requires_grad=True)
+    value = loss(t, torch)
+    results["torch"] = (value.detach(), torch.autograd.grad(value, t)[0])
+    for name, (value, g) in results.items():
+        assert float(value) == pytest.approx(want, rel=1e-6), name
+        np.testing.assert_allclose(np.asarray(g), want_g, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -80,7 +80,7 @@ from crossent._lib._xp import (
 )
 from crossent._losses import _rows
 from crossent._losses._common import broadcastable, times_log
-from crossent._losses._logprob import check_class_weight
+from crossent._losses._logprob import check_class_weight, softcap_form, softcap_logits
 from crossent._losses._options import CEOptions
 
 __all__ = ["categorical", "index_target", "nll", "sparse"]
@@ -500,8 +500,11 @@ def _sparse_rows_generic(
     num_classes = z.shape[-1]
     t = index_target(target)
     z = mask_ignored_rows(z, t, opts.ignore_index, z.ndim - 1, accelerator=True)
-    if opts.softcap is not None:
-        cap = opts.softcap
+    form = softcap_form(opts.softcap, z.dtype, xp=torch)
+    if form is not None and form.guarded:  # a huge cap (float32: > 1e31): x where x/c is tiny
+        z = softcap_logits(z, opts.softcap, xp=torch)
+    elif form is not None:
+        cap = form.cap
         capped = cap * torch.tanh(z / cap)
         if _may_hold_neg_inf(z):  # -inf stays -inf, derivative 0 (_logprob.softcap_logits)
             capped = capped + torch.where(z == -math.inf, -math.inf, capped.new_zeros(()))

@@ -57,6 +57,7 @@ from crossent._backends._torch import (
 )
 from crossent._lib._xp import output_dtype
 from crossent._losses import _rows
+from crossent._losses._logprob import softcap_form, softcap_guarded
 from crossent._losses._options import CEOptions
 
 __all__ = ["own_rows"]
@@ -231,8 +232,11 @@ def _chunk(
     z = x.float() if x.dtype in _LOW else x
     num_classes = z.shape[1]
     th = None
-    if opts.softcap is not None:
-        cap = opts.softcap
+    form = softcap_form(opts.softcap, z.dtype, xp=torch)
+    if form is not None and form.guarded:  # a huge cap (float32: > 1e31): x where x/c is tiny
+        z, th = softcap_guarded(z, form, xp=torch)
+    elif form is not None:
+        cap = form.cap
         th = torch.mul(z, _scalar(1.0 / cap, z.dtype)).tanh_()
         capped = th * _scalar(cap, z.dtype)
         z = torch.where(z == -math.inf, z, capped) if mask else capped

@@ -363,8 +363,10 @@ def _jsd_torch(
             d.sub_(d.gather(-1, log_q.argmax(-1, keepdim=True)))
             torch.mul(q_buf, d, out=w)
             d.sub_(w.sum(-1, keepdim=True))
+            # Q times the factor first: d holds -max/4 where Q = 0, which a factor of 1 / T
+            # (1e20 at T = 1e-20) took to -inf, and 0 * -inf made the gradient NaN
             if (f := factor(1.0 if beta == 1.0 else 1.0 - beta)) is not None:
-                d.mul_(f)
+                q_buf.mul_(f)
             g = q_buf.mul_(d)
     if g is not None:
         g = torch.movedim(g, -1, axis)

@@ -294,8 +294,10 @@ def _terms(b: _Binary) -> _Terms:
         exact = b.from_logits
         log_not_p = logs.log_not_p if exact else log_prob(b.input, complement=True, xp=xp)
         log_p = logs.log_p if exact else log_prob(b.input, xp=xp)
-        f_pos = focal_factor(log_not_p, b.gamma, xp=xp)
-        f_neg = focal_factor(log_p, b.gamma, xp=xp)
+        # from logits the factor's derivative holds p (1 - p): constant where that is 0
+        # (probabilities: d/dp of (1 - p)^γ is not 0 at p = 0, and the logs are clamped)
+        f_pos = focal_factor(log_not_p, b.gamma, nll=-log_p if exact else None, xp=xp)
+        f_neg = focal_factor(log_p, b.gamma, nll=-log_not_p if exact else None, xp=xp)
         if b.from_logits:
             # a logit of -inf: log p = -inf (an infinite loss for a positive target), f_pos = 1
             # and f_pos' = -γ f_pos p = 0, so f_pos' log p is the limit of p log p, 0, not

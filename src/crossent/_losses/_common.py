@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from crossent._lib._xp import Array, safe_divide, size_array
+from crossent._lib._xp import (
+    Array,
+    is_jax_namespace,
+    is_torch_namespace,
+    safe_divide,
+    size_array,
+    stop_gradient,
+)
 
 __all__ = [
     "LOG_CLAMP",
@@ -90,7 +98,9 @@ def log1mexp(log_p: Array, *, xp: Any) -> Array:
     return xp.where(is_zero, xp.full_like(out, -float("inf")), out)
 
 
-def focal_factor(base: Array, gamma: float, *, log: bool = True, xp: Any) -> Array:
+def focal_factor(
+    base: Array, gamma: float, *, log: bool = True, nll: Array | None = None, xp: Any
+) -> Array:
     r"""The focal modulating factor :math:`(1 - p)^\gamma`, from :math:`\log(1-p)` or from
     :math:`1 - p` (`log` False): the one statement of the factor and of its rule at
     :math:`p = 1`.
@@ -103,13 +113,26 @@ def focal_factor(base: Array, gamma: float, *, log: bool = True, xp: Any) -> Arr
     the limit of the focal loss term's derivative for every γ > 0 (torchvision gives
     NaN there for γ < 1): the pole is replaced before the power, so that autodiff
     sees no :math:`\gamma\,0^{\gamma-1}`. ``gamma=0`` gives ones.
+
+    `nll` is the :math:`-\log p` the factor multiplies in the loss (for autodiff
+    backends). Where :math:`p = e^{-\mathrm{nll}}` is 0 in the dtype the factor's
+    derivative :math:`-\gamma\,p\,(1-p)^{\gamma-1}` (per :math:`\log p`) is exactly 0,
+    but autodiff forms :math:`(\mathrm{nll} \cdot \gamma) \cdot p`: a finite logit beyond
+    about :math:`1.7 \cdot 10^{38} / \gamma` in float32 made :math:`\mathrm{nll} \cdot \gamma`
+    inf and the gradient :math:`\infty \cdot 0` = NaN. There the factor is held constant
+    (its derivative 0, exactly what it is to rounding).
     """
     if gamma == 0:
         return xp.ones_like(base)
     is_certain = base == (-float("inf") if log else 0.0)
     safe = xp.where(is_certain, xp.zeros_like(base) if log else xp.ones_like(base), base)
     raised = xp.exp(gamma * safe) if log else safe**gamma
-    return xp.where(is_certain, xp.zeros_like(raised), raised)
+    out = xp.where(is_certain, xp.zeros_like(raised), raised)
+    if nll is not None and (is_jax_namespace(xp) or is_torch_namespace(xp)):
+        fi = xp.finfo(nll.dtype)
+        vanished = nll > -math.log(float(fi.smallest_normal) * float(fi.eps))  # e^-nll = 0
+        out = xp.where(vanished, stop_gradient(out, xp=xp), out)
+    return out
 
 
 def log_prob(x: Array, *, complement: bool = False, xp: Any) -> Array:

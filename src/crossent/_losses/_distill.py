@@ -114,6 +114,23 @@ def check_temperature(temperature: object) -> float:
     return temperature
 
 
+def check_temperature_range(temperature: float, dtype: Any, *, xp: Any) -> None:
+    """``1 / temperature`` must be finite in the compute `dtype`.
+
+    Below that (float32: ``temperature < 2.9e-39``) the logits times ``1 / temperature``
+    were inf and every loss, log-probability and gradient NaN, where the value is finite
+    (the softmax is the argmax's one-hot) but not computable in that dtype.
+    """
+    big = float(xp.finfo(dtype).max)
+    if 1.0 / temperature > big:
+        msg = (
+            f"`temperature` must be at least 1 / (the largest {dtype} value) = {1.0 / big:.3g} "
+            f"for logits computed in {dtype} (the logits are divided by it); got "
+            f"{temperature!r}. Use a larger temperature, or float64 logits (or weights)."
+        )
+        raise ValueError(msg)
+
+
 def _constant(x: Array, *, xp: Any) -> Array:
     """`x` cut from autodiff (the teacher gets no gradient) on the backends that have one."""
     if is_torch_namespace(xp):
@@ -188,9 +205,10 @@ def _prepare(
     check_floating(student_logits, name="student_logits", xp=xp)
     check_floating(teacher_logits, name="teacher_logits", xp=xp)
     check_same_shape(student_logits, teacher_logits, names=("student_logits", "teacher_logits"))
+    checked_temperature = check_temperature(temperature)
     opts = {
         "beta": check_beta(beta),
-        "temperature": check_temperature(temperature),
+        "temperature": checked_temperature,
         "reduction": check_reduction(reduction),
     }
     ndim = len(student_logits.shape)
@@ -200,6 +218,7 @@ def _prepare(
     ax = check_axis(axis, ndim, name="student_logits")
     index = check_ignore_index(ignore_index, allow_none=True)
     dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype, xp=xp)
+    check_temperature_range(checked_temperature, dtype, xp=xp)
     s = moveaxis(astype(student_logits, dtype, xp=xp), ax, -1, xp=xp)
     t = moveaxis(astype(_constant(teacher_logits, xp=xp), dtype, xp=xp), ax, -1, xp=xp)
     counted = None

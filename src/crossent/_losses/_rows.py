@@ -397,7 +397,7 @@ def _focal(
     one_m = -em1
     if autodiff:  # p = 0 (a label on a masked class): 1 - p = 1, a constant (see log1mexp)
         one_m = xp.where(minus == -float("inf"), xp.ones_like(one_m), one_m)
-    f = focal_factor(one_m, gamma, log=False, xp=xp) if autodiff else one_m**gamma
+    f = focal_factor(one_m, gamma, log=False, nll=-minus, xp=xp) if autodiff else one_m**gamma
     if not slope:
         return f, None
     certain = one_m == 0

@@ -359,7 +359,11 @@ def sparse_categorical_cross_entropy(
         Adds ``z_loss * lse(logits)**2`` per counted target (PaLM). Needs logits.
     softcap : float, optional
         Replaces logits by ``softcap * tanh(logits / softcap)`` first (Gemma 2).
-        ``-inf`` logits stay ``-inf``. Needs logits.
+        Needs logits.
+        A logit of ``-inf`` (a masked class) stays ``-inf``, with gradient 0, rather than
+        becoming ``-softcap``. A positive, finite number (None: no cap); a cap so large
+        that ``logits / softcap`` is below the dtype's rounding leaves the logits as they
+        are.
     reduction : {"mean", "sum", "none"}, default "mean"
         ``"mean"`` divides by the summed weight :math:`\sum_i w_{y_i}` of the
         counted targets (the count without weights); a mean over no counted

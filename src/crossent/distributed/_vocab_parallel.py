@@ -320,6 +320,10 @@ def vocab_parallel_cross_entropy(
         Adds ``z_loss * lse**2`` per counted target (PaLM), unweighted.
     softcap : float, optional
         Logits ``x`` become ``softcap * tanh(x / softcap)`` first (Gemma 2).
+        A logit of ``-inf`` (a masked class) stays ``-inf``, with gradient 0, rather than
+        becoming ``-softcap``. A positive, finite number (None: no cap); a cap so large
+        that ``logits / softcap`` is below the dtype's rounding leaves the logits as they
+        are.
     reduction : {"mean", "sum", "none"}, default "mean"
         ``"mean"`` divides by the summed weight of the counted targets (their
         number without class weights); a mean over no counted target is 0.

@@ -90,6 +90,10 @@ def linear_cross_entropy(
         Adds ``z_loss · lse(logits)²`` per counted token (PaLM), unweighted by `class_weight`.
     softcap : float, optional
         Replaces the logits by ``softcap · tanh(logits / softcap)`` first (Gemma 2).
+        A logit of ``-inf`` (a masked class: a bias entry of ``-inf``) stays ``-inf``, with
+        gradient 0, rather than becoming ``-softcap``. A positive, finite number (None:
+        no cap); a cap so large that ``logits / softcap`` is below the dtype's rounding
+        leaves the logits as they are.
     reduction : {"mean", "sum", "none"}, default "mean"
         ``"mean"`` divides by the summed class weight of the counted tokens (their
         number without `class_weight`); a mean over no counted token is 0 with a
@@ -295,6 +299,10 @@ def linear_log_probs(
         The logits are divided by it (after the soft cap); positive.
     softcap : float, optional
         Replaces the logits by ``softcap · tanh(logits / softcap)`` first (Gemma 2).
+        A logit of ``-inf`` (a masked class: a bias entry of ``-inf``) stays ``-inf``, with
+        gradient 0, rather than becoming ``-softcap``. A positive, finite number (None:
+        no cap); a cap so large that ``logits / softcap`` is below the dtype's rounding
+        leaves the logits as they are.
     ignore_index : int, default -100
         Positions with this target give 0 in both outputs and no gradient.
     shift : bool, default False

@@ -30,6 +30,7 @@ from crossent._lib._checks import not_ignored
 from crossent._lib._xp import isfinite
 from crossent._losses import _rows
 from crossent._losses._common import nan_rows
+from crossent._losses._logprob import softcap_form, softcap_guarded
 from crossent._losses._options import CEOptions, Reduction
 
 if TYPE_CHECKING:
@@ -587,17 +588,28 @@ def _softcap_(
     """
     import torch
 
-    if softcap is None:
+    form = softcap_form(softcap, buf.dtype, xp=torch)
+    if form is None:  # no cap, or one above float32's range times 1/sqrt(eps): the identity
+        if tanh_buf is not None:
+            tanh_buf.zero_()  # the chain rule's 1 - tanh^2 is 1
+        if scale != 1.0:
+            buf.mul_(scale)
+        return
+    if form.guarded:  # a huge cap (float32: > 1e31): x where x/c is tiny, c divided in two
+        z, t = softcap_guarded(buf, form, xp=torch)
+        buf.copy_(z)
+        if tanh_buf is not None:
+            tanh_buf.copy_(t)
         if scale != 1.0:
             buf.mul_(scale)
         return
     masked = None
     if buf.numel() and (buf.device.type != "cpu" or not bool(buf.amin() > -math.inf)):
         masked = torch.isneginf(buf)
-    buf.div_(softcap).tanh_()
+    buf.div_(form.cap).tanh_()
     if tanh_buf is not None:
         tanh_buf.copy_(buf)
-    buf.mul_(softcap * scale)
+    buf.mul_(form.cap * scale)
     if masked is not None:
         buf.masked_fill_(masked, -math.inf)
 

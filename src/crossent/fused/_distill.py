@@ -17,7 +17,12 @@ import torch
 
 from crossent._lib._checks import check_reduction, not_ignored
 from crossent._lib._xp import array_namespace, check_same_device
-from crossent._losses._distill import check_beta, check_temperature, distill_rows
+from crossent._losses._distill import (
+    check_beta,
+    check_temperature,
+    check_temperature_range,
+    distill_rows,
+)
 from crossent.fused._chunked import (
     RowScaled,
     WideBlocks,
@@ -98,6 +103,7 @@ def _chunked_distill(
     t_hidden, t_weight, t_bias = teacher
     t_weight, t_bias = _product_operands(t_hidden, t_weight, t_bias)
     cdt = _compute_dtype(weight.dtype)
+    check_temperature_range(opts.temperature, cdt, xp=torch)
     # the teacher's product runs in its own dtype; its logits are copied to the student's
     # compute dtype when they differ (bfloat16 teacher, or a float64 one and a float32 student)
     t_low = t_weight.dtype != cdt

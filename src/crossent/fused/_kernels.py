@@ -74,9 +74,26 @@ def _tanh(u):
 
 
 @triton.jit
-def _cap(x, softcap):
-    # c tanh(x / c), with -inf (a masked class) kept -inf as in the unfused losses
-    return tl.where(x == -float("inf"), x, softcap * _tanh(x / softcap))
+def _cap_tanh(x, softcap, cap_scale, cap_below, CAP_GUARD: tl.constexpr):
+    # (c tanh(x / c), tanh(x / c)), with -inf (a masked class) kept -inf as in the unfused
+    # losses; guarded (a huge cap: _logprob.SoftcapForm) x itself below cap_below and
+    # c = cap_scale * softcap divided in two steps
+    if CAP_GUARD:
+        t = _tanh(x / cap_scale / softcap)
+        infinite = tl.abs(x) == float("inf")
+        z = tl.where(tl.abs(x) < cap_below, x, (softcap * tl.where(infinite, 0.0, t)) * cap_scale)
+        # c tanh(+inf / c) = c, inf when c is beyond the range (cap_scale not 1)
+        z = tl.where(x == float("inf"), tl.where(cap_scale == 1.0, softcap, x), z)
+    else:
+        t = _tanh(x / softcap)
+        z = softcap * t
+    return tl.where(x == -float("inf"), x, z), t
+
+
+@triton.jit
+def _cap(x, softcap, cap_scale, cap_below, CAP_GUARD: tl.constexpr):
+    z, _ = _cap_tanh(x, softcap, cap_scale, cap_below, CAP_GUARD)
+    return z
 
 
 @triton.jit
@@ -91,7 +108,10 @@ def _row_stats_kernel(
     ZY_out,
     V,
     softcap,
+    cap_scale,
+    cap_below,
     HAS_SOFTCAP: tl.constexpr,
+    CAP_GUARD: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -110,7 +130,7 @@ def _row_stats_kernel(
         offs = start + cols
         mask = offs < V
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(dt)
-        z = _cap(x, softcap) if HAS_SOFTCAP else x
+        z = _cap(x, softcap, cap_scale, cap_below, CAP_GUARD) if HAS_SOFTCAP else x
         z_max = tl.max(tl.where(mask, z, -float("inf")), axis=0)
         m_new = tl.maximum(m, z_max)
         # -inf logits (masked classes) add nothing; no inf - inf while every logit seen is -inf
@@ -131,7 +151,7 @@ def _row_stats_kernel(
         m = m_new
     y = tl.load(Y + row)
     x_y = tl.load(x_row + y).to(dt)
-    z_y = _cap(x_y, softcap) if HAS_SOFTCAP else x_y
+    z_y = _cap(x_y, softcap, cap_scale, cap_below, CAP_GUARD) if HAS_SOFTCAP else x_y
     tl.store(M_out + row, m)
     tl.store(S_out + row, s)
     tl.store(WD_out + row, -sm)
@@ -155,7 +175,10 @@ def _logits_grad_kernel(
     P,
     V,
     softcap,
+    cap_scale,
+    cap_below,
     HAS_SOFTCAP: tl.constexpr,
+    CAP_GUARD: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
@@ -168,8 +191,8 @@ def _logits_grad_kernel(
     dt = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(dt)
     if HAS_SOFTCAP:
-        t = _tanh(x / softcap)  # -1 at -inf: the chain rule's 1 - t^2 is 0 there
-        z = tl.where(x == -float("inf"), x, softcap * t)
+        # t = -1 at -inf: the chain rule's 1 - t^2 is 0 there
+        z, t = _cap_tanh(x, softcap, cap_scale, cap_below, CAP_GUARD)
     else:
         z = x
     lse = tl.load(LSE + row * stride_lse)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from crossent._losses._logprob import SoftcapForm, softcap_form
+
 __all__ = ["logits_grad_", "row_stats", "triton_available"]
 
 #: Vocabulary tile of the kernels (a power of two).
@@ -56,6 +58,12 @@ def _constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.devi
         return torch.tensor(values, dtype=dtype, device=device)
 
 
+def _cap_args(form: SoftcapForm | None) -> tuple[float, float, float]:
+    """The kernels' `softcap`, `cap_scale` and `cap_below` (:class:`SoftcapForm`; unused
+    without a cap)."""
+    return (1.0, 1.0, 0.0) if form is None else (form.cap, form.scale, form.below)
+
+
 def row_stats(
     buf: torch.Tensor,
     y_loc: torch.Tensor,
@@ -78,6 +86,7 @@ def row_stats(
         msg = "internal: the logits buffer must be row-major."
         raise RuntimeError(msg)
     out = torch.empty((4, n), dtype=_wide(buf.dtype), device=buf.device)
+    form = softcap_form(softcap, out.dtype, xp=torch)
     k = _kernels()
     k._row_stats_kernel[(n,)](
         buf,
@@ -89,8 +98,9 @@ def row_stats(
         out[2],
         out[3],
         v,
-        float(softcap) if softcap is not None else 1.0,
-        HAS_SOFTCAP=softcap is not None,
+        *_cap_args(form),
+        HAS_SOFTCAP=form is not None,
+        CAP_GUARD=form is not None and form.guarded,
         HAS_WEIGHT=cw_local is not None,
         HAS_SMOOTHING=smoothing,
         BLOCK_V=_block(v, block_v),
@@ -132,6 +142,7 @@ def logits_grad_(
         return
     block = _block(v, block_v)
     dt = _wide(buf.dtype)
+    form = softcap_form(softcap, dt, xp=torch)
     dest = buf if out is None else out
     if dest.stride(1) != 1:
         msg = "internal: the gradient buffer must be row-major."
@@ -164,8 +175,9 @@ def logits_grad_(
         *per_row(scale),
         params,
         v,
-        float(softcap) if softcap is not None else 1.0,
-        HAS_SOFTCAP=softcap is not None,
+        *_cap_args(form),
+        HAS_SOFTCAP=form is not None,
+        CAP_GUARD=form is not None and form.guarded,
         HAS_WEIGHT=cw_local is not None,
         HAS_SMOOTHING=label_smoothing != 0,
         HAS_Z_LOSS=z_loss != 0,

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from crossent._losses._distill import check_temperature_range
 from crossent.fused._chunked import (
     RowScaled,
     WideBlocks,
@@ -85,6 +86,12 @@ class _LogProbResult(NamedTuple):
 #: but 0 · (−inf) (a class ruled out with a −inf logit), which becomes 0 instead of NaN.
 _LOG_FLOOR = -1.0e4
 
+_HUGE_INV_T = 1e10
+"""Above this 1 / temperature the entropy's gradient forms p log p before scaling it: the
+floor -1e4 times g_H / T overflowed for T below about 3e-35 (float32), and times p = 0 it
+was NaN (the true term is 0). Below it, that takes an upstream entropy gradient above
+3e24."""
+
 
 def _sum_p_log_p_(buf: torch.Tensor, work: torch.Tensor, out: torch.Tensor) -> None:
     r"""`out` = :math:`\sum_k e^{b_k} b_k` per row of the log-probabilities `buf` (0 · −inf = 0).
@@ -125,6 +132,7 @@ def _chunked_log_probs(
     any_grad = any(want)
     weight, bias = _product_operands(hidden, weight, bias)
     cdt = _compute_dtype(weight.dtype)
+    check_temperature_range(opts.temperature, cdt, xp=torch)
     device = hidden.device
     rows_all, y_all = _counted_rows(target, opts.ignore_index)
     vocab_start = 0 if shard is None else shard.vocab_start
@@ -204,7 +212,10 @@ def _chunked_log_probs(
             for i in range(0, n, step):
                 b = buf[i : i + step].clamp_(min=_LOG_FLOOR)
                 p = torch.exp(b, out=work_all[: b.shape[0]])
-                torch.addcmul(a[i : i + step], b, b_coef[i : i + step], out=b).mul_(p)
+                if inv_t > _HUGE_INV_T:  # p log p first (one pass more; see _HUGE_INV_T)
+                    b.mul_(p).mul_(b_coef[i : i + step]).addcmul_(a[i : i + step], p)
+                else:
+                    torch.addcmul(a[i : i + step], b, b_coef[i : i + step], out=b).mul_(p)
         else:
             buf.exp_().mul_((g_y * -inv_t)[:, None])
         idx = torch.arange(n, device=device)

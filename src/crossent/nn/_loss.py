@@ -369,6 +369,10 @@ class CrossEntropyLoss(_OptionsCache, _WeightedLoss):
     softcap : float, optional, keyword-only
         Replaces the logits by ``softcap * tanh(logits / softcap)`` first
         (class indices only).
+        A logit of ``-inf`` (a masked class) stays ``-inf``, with gradient 0, rather than
+        becoming ``-softcap``. A positive, finite number (None: no cap); a cap so large
+        that ``logits / softcap`` is below the dtype's rounding leaves the logits as they
+        are.
 
     Notes
     -----
@@ -821,6 +825,10 @@ class LinearCrossEntropyLoss(_Loss):
         Adds ``z_loss * logsumexp(logits)**2`` per counted token (PaLM).
     softcap : float, optional, keyword-only
         Gemma 2's final-logit soft-capping ``softcap * tanh(logits / softcap)``.
+        A logit of ``-inf`` (a masked class: a bias entry of ``-inf``) stays ``-inf``, with
+        gradient 0, rather than becoming ``-softcap``. A positive, finite number (None:
+        no cap); a cap so large that ``logits / softcap`` is below the dtype's rounding
+        leaves the logits as they are.
     reduction : {"mean", "sum", "none"}, keyword-only, default "mean"
         ``"mean"`` divides by the number of counted tokens.
     chunk_size : int, optional, keyword-only
