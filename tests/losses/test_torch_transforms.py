@@ -737,3 +737,69 @@ def test_compiled_value_and_grad_equals_eager() -> None:
     torch._dynamo.reset()
     compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), both(x), rtol=1e-12, atol=1e-14)
+
+
+_DUAL_SHAPES = {"small": (6, 5), "large": (3000, 60)}
+
+
+def _dual_losses(n: int, c: int) -> dict[str, Callable[[Any], Any]]:
+    """name -> loss of logits (n, c), one per eager path with an autograd Function of its own."""
+    g = torch.Generator().manual_seed(7)
+    y = torch.randint(0, c, (n,), generator=g)
+    t = torch.rand(n, c, generator=g)
+    p = torch.softmax(torch.randn(n, c, generator=g), 1)
+    w = torch.rand(c, generator=g) + 0.5
+    sparse = functools.partial(ce.sparse_categorical_cross_entropy, target=y, from_logits=True)
+    return {
+        "sparse-focal": lambda v: sparse(v, gamma=2.0),
+        "sparse-focal-smoothing": lambda v: sparse(v, gamma=2.0, label_smoothing=0.1),
+        "sparse-zloss-softcap": lambda v: sparse(v, z_loss=0.1, softcap=3.0, weight=w),
+        "sparse-bfloat16": lambda v: sparse(v.bfloat16()),
+        "categorical-bfloat16": lambda v: ce.categorical_cross_entropy(
+            v.bfloat16(), p.bfloat16(), from_logits=True
+        ),
+        "binary": lambda v: ce.binary_cross_entropy(v, t, from_logits=True),
+        "binary-pos-weight-alpha": lambda v: ce.binary_cross_entropy(
+            v, t, from_logits=True, pos_weight=w, alpha=0.3
+        ),
+        "binary-bfloat16": lambda v: ce.binary_cross_entropy(
+            v.bfloat16(), t.bfloat16(), from_logits=True
+        ),
+        "nn-focal": lambda v: cnn.FocalLoss()(v, y),
+        "nn-bce-with-logits": lambda v: cnn.BCEWithLogitsLoss(pos_weight=w)(v, t),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("size", list(_DUAL_SHAPES))
+@pytest.mark.parametrize("name", list(_dual_losses(2, 2)))
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_dual_tensors_that_require_grad(name: str, size: str, requires_grad: bool) -> None:
+    """``torch.autograd.forward_ad`` on logits that also require a gradient (a model's output:
+    its parameters require one): the eager paths' own autograd Functions have no ``jvp``
+    ('You must implement the jvp function for custom autograd.Function'), and the
+    half-precision sparse path's no-gradient form ran ``_log_softmax_out``. The tangent is
+    the directional derivative, and forward-over-reverse (the tangent of the gradient) the
+    Hessian-vector product of double backward."""
+    import torch.autograd.forward_ad as fwad
+
+    n, c = _DUAL_SHAPES[size]
+    loss = _dual_losses(n, c)[name]
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(n, c, generator=g)
+    tangent = torch.randn(n, c, generator=g)
+    v = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(v), v, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * tangent).sum(), v)
+    with fwad.dual_level():
+        primal = x.clone().requires_grad_(requires_grad)
+        out = loss(fwad.make_dual(primal, tangent))
+        got = fwad.unpack_dual(out).tangent
+        if requires_grad:
+            (dual_grad,) = torch.autograd.grad(out, primal)
+            got_hvp = fwad.unpack_dual(dual_grad).tangent
+    expected = (grad.double() * tangent.double()).sum()
+    rtol = 1e-2 if "bfloat16" in name else 2e-3  # a bfloat16 loss has a bfloat16 tangent
+    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=1e-4)
+    if requires_grad:
+        torch.testing.assert_close(got_hvp, hvp, rtol=rtol, atol=1e-5)
