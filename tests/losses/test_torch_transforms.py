@@ -803,3 +803,44 @@ def test_dual_tensors_that_require_grad(name: str, size: str, requires_grad: boo
     torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=1e-4)
     if requires_grad:
         torch.testing.assert_close(got_hvp, hvp, rtol=rtol, atol=1e-5)
+
+
+def _class_weight_losses() -> dict[str, Callable[[Any], Any]]:
+    """name -> loss of a class weight `w` (float64, fixed logits and labels)."""
+    x, y, _, _ = _data(seed=3)
+    sparse = functools.partial(
+        ce.sparse_categorical_cross_entropy, x, y, from_logits=True, ignore_index=-100
+    )
+    return {
+        "sparse-sum": lambda w: sparse(weight=w, reduction="sum"),
+        "sparse-mean": lambda w: sparse(weight=w),
+        "sparse-none": lambda w: sparse(weight=w, reduction="none"),
+        "sparse-smoothing": lambda w: sparse(weight=w, label_smoothing=0.2),
+        "nn-cross-entropy": lambda w: cnn.CrossEntropyLoss(weight=w)(x, y),
+        "nn-nll": lambda w: cnn.NLLLoss(weight=w, reduction="sum")(torch.log_softmax(x, 1), y),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", list(_class_weight_losses()))
+@pytest.mark.parametrize("mode", ["dual", "jvp", "jacfwd"])
+def test_forward_mode_derivative_in_the_class_weight(name: str, mode: str) -> None:
+    """A tangent on the class weight: PyTorch's ``nll_loss`` has no derivative formula for its
+    weight and drops the tangent silently (0, or the mean's denominator alone: 13x off), so a
+    weight that carries one takes the generic formula, as one that requires a gradient does.
+    The reference is reverse mode (that weight gradient was already exact)."""
+    import torch.autograd.forward_ad as fwad
+
+    loss = _class_weight_losses()[name]
+    _, _, _, w = _data(seed=3)
+    tangent = torch.randn(C, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    expected = torch.func.jacrev(loss)(w) @ tangent
+    if mode == "dual":
+        with fwad.dual_level():
+            got = fwad.unpack_dual(loss(fwad.make_dual(w, tangent))).tangent
+    elif mode == "jvp":
+        got = torch.func.jvp(loss, (w,), (tangent,))[1]
+    else:
+        got = torch.func.jacfwd(loss)(w) @ tangent
+    assert got is not None
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

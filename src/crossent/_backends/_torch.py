@@ -614,9 +614,31 @@ def nll(
 
 
 def _weight_needs_grad(weight: Tensor | None) -> bool:
-    """Whether a class weight takes part in autograd: PyTorch's ``nll_loss`` kernel raises for
-    it, the Triton kernels would drop its gradient; the generic formula differentiates it."""
-    return weight is not None and weight.requires_grad and torch.is_grad_enabled()
+    """Whether a class weight takes part in differentiation, so that the generic formula, which
+    differentiates it, must serve: it requires a gradient (PyTorch's ``nll_loss`` kernel raises
+    for it, the Triton kernels would drop it), or it carries a forward-mode tangent, as a dual
+    tensor (``torch.autograd.forward_ad``) or an input of an eager ``torch.func`` transform
+    (``jvp``, ``jacfwd``, ``hessian``), which ``nll_loss`` drops silently (its weight has no
+    derivative formula: the tangent came back 0)."""
+    if weight is None:
+        return False
+    if weight.requires_grad and torch.is_grad_enabled():
+        return True
+    if forward_ad_active() and _unpack_dual(weight).tangent is not None:
+        return True
+    return eager_transforms() and _is_wrapped(weight)
+
+
+def _unpack_dual(x: Tensor) -> Any:
+    from torch.autograd.forward_ad import unpack_dual
+
+    return unpack_dual(x)
+
+
+def _is_wrapped(x: Tensor) -> bool:
+    """Whether `x` is a ``torch.func`` transform's tensor (an input of the transformed function,
+    not a tensor it closes over)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 # --------------------------------------------------------------------------- probability targets
