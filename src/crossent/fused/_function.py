@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from crossent._lib._xp import forward_ad_active
 from crossent.fused._chunked import (
     LinearCEOptions,
     RowScaled,
@@ -130,6 +131,31 @@ def no_second_derivative(name: str) -> RuntimeError:
         "materialized logits for higher-order gradients."
     )
     return RuntimeError(msg)
+
+
+def no_forward_derivative(name: str) -> RuntimeError:
+    """The error of a forward-mode differentiation of ``crossent.fused.<name>``."""
+    msg = (
+        f"crossent.fused.{name} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+        "hessian, torch.autograd.forward_ad dual tensors): use reverse mode "
+        "(torch.func.grad, vjp, jacrev, backward), or the unfused loss on materialized logits."
+    )
+    return RuntimeError(msg)
+
+
+def refuse_dual(name: str, *tensors: torch.Tensor | None) -> None:
+    """Raise for a dual tensor of ``torch.autograd.forward_ad`` among `tensors`, eagerly.
+
+    The chunk loop's ``out=`` products have no forward derivative ('Trying to use forward AD
+    with mm_out') and its autograd Functions no ``jvp``; under ``torch.func`` the ops' own
+    ``jvp`` raises the same error.
+    """
+    if not forward_ad_active():
+        return
+    from torch.autograd.forward_ad import unpack_dual
+
+    if any(t is not None and unpack_dual(t).tangent is not None for t in tensors):
+        raise no_forward_derivative(name)
 
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
@@ -266,6 +292,7 @@ def run_linear_ce(
     loss is computed (one matrix product per chunk, no gradient buffers).
     """
     refuse_func_shard(shard)
+    refuse_dual("linear_cross_entropy", hidden, weight, bias, class_weight)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
