@@ -212,9 +212,14 @@ def _linear_class_weights_differ(rank: int, world_size: int) -> dict[str, Any]:
     return {**_linear_args(rank, world_size), "class_weight": weight}
 
 
+def _linear_class_weight_requires_grad(rank: int, world_size: int) -> dict[str, Any]:
+    return {**_linear_args(rank, world_size), "class_weight": torch.ones(11, requires_grad=True)}
+
+
 LINEAR_BAD_CALLS.update(
     {
         "linear_class_weights_differ": _linear_class_weights_differ,
+        "linear_class_weight_requires_grad": _linear_class_weight_requires_grad,
         "linear_hidden_size_differs_on_rank_1": _linear_bad_d,
         "linear_requires_grad_differs": _linear_grad_differs,
         "linear_label_above_global_vocab": _linear_label_out_of_range,

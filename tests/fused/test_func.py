@@ -293,3 +293,23 @@ def test_a_forward_mode_level_alone_changes_nothing() -> None:
     expected = linear_cross_entropy(h, w, y)
     with fwad.dual_level():
         torch.testing.assert_close(linear_cross_entropy(h, w, y), expected, rtol=0, atol=0)
+
+
+def test_a_class_weight_that_requires_grad_is_refused() -> None:
+    """`class_weight` is a constant of the fused loss: one that requires a gradient got none,
+    silently (``.grad`` stayed None; ``torch.func.grad`` over it returned zeros). PyTorch's
+    ``F.cross_entropy`` raises for such a weight; so does the fused loss now, eagerly, under
+    torch.func and for every reduction."""
+    data = _data()
+    h, w, y = data["hidden"][0], data["weight"], data["target"][0]
+    cw = data["class_weight"].clone().requires_grad_(True)
+    for reduction in ("mean", "sum", "none"):
+        with pytest.raises(RuntimeError, match="`class_weight` requires a gradient"):
+            linear_cross_entropy(h, w, y, class_weight=cw, reduction=reduction)
+    with pytest.raises(RuntimeError, match="`class_weight` requires a gradient"):
+        func.grad(lambda c: linear_cross_entropy(h, w, y, class_weight=c))(cw.detach())
+    with torch.no_grad():  # no gradient taken: the weight is only a value
+        expected = linear_cross_entropy(h, w, y, class_weight=cw.detach())
+        torch.testing.assert_close(
+            linear_cross_entropy(h, w, y, class_weight=cw), expected, rtol=0, atol=0
+        )
