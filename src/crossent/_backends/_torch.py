@@ -610,6 +610,8 @@ def nll(
         return None  # PyTorch's nll_loss gives no weight gradient: the generic formula does
     if type(target) is not Tensor:  # a tracer's tensor
         target = traced_labels(input, target, axis, opts.ignore_index)
+    if input.ndim == 4:  # nll_loss2d's backward: 'grad_input must be contiguous' (channels-last)
+        input, axis = input.movedim(axis, 1).contiguous(), 1
     return _native_indices(_NLL, input, target, weight, axis, opts)
 
 
