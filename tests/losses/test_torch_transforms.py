@@ -844,3 +844,28 @@ def test_forward_mode_derivative_in_the_class_weight(name: str, mode: str) -> No
         got = torch.func.jacfwd(loss)(w) @ tangent
     assert got is not None
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _unbatched_losses() -> dict[str, Callable[[Any], Any]]:
+    """name -> loss of one unbatched example, logits (C,) and a 0-d label, with class weights."""
+    _, _, _, w = _data()
+    y = torch.tensor(3, dtype=torch.int8)
+    return {
+        "sparse": lambda v: ce.sparse_categorical_cross_entropy(v, y, from_logits=True, weight=w),
+        "sparse-ignore-index": lambda v: ce.sparse_categorical_cross_entropy(
+            v, y, from_logits=True, weight=w, ignore_index=-100, label_smoothing=0.3
+        ),
+        "nn-cross-entropy": lambda v: cnn.CrossEntropyLoss(weight=w)(v, y),
+        "nn-nll": lambda v: cnn.NLLLoss(weight=w, ignore_index=1)(torch.log_softmax(v, 0), y),
+    }
+
+
+@pytest.mark.parametrize("name", list(_unbatched_losses()))
+def test_compiled_unbatched_mean_with_class_weight(name: str) -> None:
+    """A 0-d label indexing the class weight for the mean's denominator (``w[label]``) is read
+    on the host: ``torch.compile(fullgraph=True)`` failed with 'Could not extract specialized
+    integer from data-dependent expression u0' (PyTorch's own loss compiles)."""
+    torch._dynamo.reset()
+    x = _data()[0][0]
+    eager, compiled = eager_and_compiled(_unbatched_losses()[name], x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)

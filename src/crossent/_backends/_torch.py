@@ -229,7 +229,10 @@ def _counted_weight(t: Tensor, w: Tensor | None, ignore: int) -> Tensor:
     valid = t != ignore
     if w is None:
         return valid.sum()
-    return torch.where(valid, w[torch.where(valid, t, 0)], 0).sum()
+    # a 1-d index, as in _rows_loss: w[label] of a 0-d label reads it on the host (compiled:
+    # 'Could not extract specialized integer from data-dependent expression')
+    flat = valid.reshape(-1)
+    return torch.where(flat, w[torch.where(flat, t.reshape(-1), 0)], 0).sum()
 
 
 def _mean_denominator(
