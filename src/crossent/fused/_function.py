@@ -107,6 +107,12 @@ def refuse_double_backward(name: str) -> None:
         raise no_second_derivative(name)
 
 
+def sharded_name(name: str, shard: VocabShard | None) -> str:
+    """The public name of fused function `name` in error messages: its vocabulary-parallel
+    twin's with a vocabulary slice."""
+    return name if shard is None else f"crossent.distributed.vocab_parallel_{name}"
+
+
 def refuse_func_shard(shard: VocabShard | None) -> None:
     """Raise under a ``torch.func`` transform with a vocabulary slice: not supported there."""
     if shard is not None and torch._C._are_functorch_transforms_active():
@@ -134,9 +140,11 @@ def no_second_derivative(name: str) -> RuntimeError:
 
 
 def no_forward_derivative(name: str) -> RuntimeError:
-    """The error of a forward-mode differentiation of ``crossent.fused.<name>``."""
+    """The error of a forward-mode differentiation of ``crossent.fused.<name>`` (or of `name`
+    itself when it is a dotted path)."""
+    where = name if "." in name else f"crossent.fused.{name}"
     msg = (
-        f"crossent.fused.{name} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+        f"{where} has no forward-mode derivative (torch.func.jvp, jacfwd, "
         "hessian, torch.autograd.forward_ad dual tensors): use reverse mode "
         "(torch.func.grad, vjp, jacrev, backward), or the unfused loss on materialized logits."
     )
@@ -200,7 +208,7 @@ def fused_backward(
     activation checkpointing, which allows one unpack per saved tensor.
     """
     # a vocabulary slice: the function called was crossent.distributed.vocab_parallel_<name>
-    refuse_double_backward(name if shard is None else f"crossent.distributed.vocab_parallel_{name}")
+    refuse_double_backward(sharded_name(name, shard))
     stashed = getattr(ctx, "grads", None)
     reduce_sum = None if shard is None else shard.reduce_sum  # every slice contributes
     factor = None  # recomputed gradients are scaled already
@@ -292,7 +300,7 @@ def run_linear_ce(
     loss is computed (one matrix product per chunk, no gradient buffers).
     """
     refuse_func_shard(shard)
-    refuse_dual("linear_cross_entropy", hidden, weight, bias, class_weight)
+    refuse_dual(sharded_name("linear_cross_entropy", shard), hidden, weight, bias, class_weight)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )

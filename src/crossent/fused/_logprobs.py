@@ -54,6 +54,7 @@ from crossent.fused._function import (
     no_autocast,
     refuse_dual,
     refuse_func_shard,
+    sharded_name,
 )
 
 __all__ = ["LogProbOptions", "run_log_probs"]
@@ -285,7 +286,7 @@ def run_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` (autograd when needed)."""
     refuse_func_shard(shard)
-    refuse_dual("linear_log_probs", hidden, weight, bias)
+    refuse_dual(sharded_name("linear_log_probs", shard), hidden, weight, bias)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
