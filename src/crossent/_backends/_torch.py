@@ -139,7 +139,7 @@ def _own_eager(x: Tensor) -> bool:
     no ``jvp`` ('You must implement the jvp function', for dual logits that also require a
     gradient: a model's output) and their no-gradient forms run ``out=`` operations, which have
     no forward derivative; under forward mode the differentiable operations serve instead."""
-    return x.is_cpu and not torch_tracing() and not forward_ad_active()
+    return _host_readable(x) and not forward_ad_active()
 
 
 def _may_hold_neg_inf(x: Tensor) -> bool:
