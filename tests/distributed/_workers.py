@@ -37,6 +37,16 @@ def _good_args(rank: int, world_size: int) -> dict[str, Any]:
     return {"local_logits": p["logits"][..., lo:hi], "target": p["target"].clone()}
 
 
+DUAL = "_dual"
+"""Key of a bad call's arguments naming those given as forward-mode dual tensors (see
+:func:`call`)."""
+
+
+@_bad("dual_logits")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    return {**_good_args(rank, world_size), DUAL: ("local_logits",)}
+
+
 @_bad("batch_shape_differs")
 def _(rank: int, world_size: int) -> dict[str, Any]:
     args = _good_args(rank, world_size)
@@ -212,9 +222,19 @@ def _linear_class_weights_differ(rank: int, world_size: int) -> dict[str, Any]:
     return {**_linear_args(rank, world_size), "class_weight": weight}
 
 
+def _linear_class_weight_requires_grad(rank: int, world_size: int) -> dict[str, Any]:
+    return {**_linear_args(rank, world_size), "class_weight": torch.ones(11, requires_grad=True)}
+
+
+def _linear_dual_hidden(rank: int, world_size: int) -> dict[str, Any]:
+    return {**_linear_args(rank, world_size), DUAL: ("hidden",)}
+
+
 LINEAR_BAD_CALLS.update(
     {
+        "linear_dual_hidden": _linear_dual_hidden,
         "linear_class_weights_differ": _linear_class_weights_differ,
+        "linear_class_weight_requires_grad": _linear_class_weight_requires_grad,
         "linear_hidden_size_differs_on_rank_1": _linear_bad_d,
         "linear_requires_grad_differs": _linear_grad_differs,
         "linear_label_above_global_vocab": _linear_label_out_of_range,
@@ -223,6 +243,20 @@ LINEAR_BAD_CALLS.update(
         "linear_negative_label_on_rank_1" + UNCHECKED: _linear_negative_label_on_rank_1,
     }
 )
+
+
+def call(fn: Callable[..., Any], args: dict[str, Any]) -> Any:
+    """``fn(**args)``; the arguments named under :data:`DUAL` as dual tensors of
+    ``torch.autograd.forward_ad`` (tangent 1), inside a dual level."""
+    dual = args.pop(DUAL, ())
+    if not dual:
+        return fn(**args)
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        for k in dual:
+            args[k] = fwad.make_dual(args[k], torch.ones_like(args[k]))
+        return fn(**args)
 
 
 def capture(fn: Callable[[], Any], name: str = "") -> tuple[str, str] | None:
@@ -243,7 +277,7 @@ def vocab_parallel_worker(rank: int, world_size: int, payload: Any) -> dict[str,
     for case in CASES:
         out["cases"][case.name] = run_case(loss_fn, case, rank, world_size)
     for name, make in BAD_CALLS.items():
-        out["errors"][name] = capture(lambda make=make: loss_fn(**make(rank, world_size)), name)
+        out["errors"][name] = capture(lambda make=make: call(loss_fn, make(rank, world_size)), name)
     # The group still works after all those errors.
     out["after_errors"] = run_case(loss_fn, CASES[0], rank, world_size)
     return out
@@ -256,7 +290,7 @@ def linear_worker(rank: int, world_size: int, payload: Any) -> dict[str, Any]:
     for case in LINEAR_CASES:
         out["cases"][case.name] = run_linear_case(loss_fn, case, rank, world_size)
     for name, make in LINEAR_BAD_CALLS.items():
-        out["errors"][name] = capture(lambda make=make: loss_fn(**make(rank, world_size)), name)
+        out["errors"][name] = capture(lambda make=make: call(loss_fn, make(rank, world_size)), name)
     out["after_errors"] = run_linear_case(loss_fn, LINEAR_CASES[0], rank, world_size)
     return out
 
@@ -299,6 +333,7 @@ def _log_prob_temperature_differs(rank: int, world_size: int) -> dict[str, Any]:
 
 
 LOG_PROB_BAD_CALLS: dict[str, Callable[[int, int], dict[str, Any]]] = {
+    "log_probs_dual_hidden": _linear_dual_hidden,
     "log_probs_temperature_zero_on_last_rank": _log_prob_bad_temperature,
     "log_probs_options_differ": _log_prob_options_differ,
     "log_probs_temperature_differs": _log_prob_temperature_differs,
@@ -315,7 +350,7 @@ def log_prob_worker(rank: int, world_size: int, payload: Any) -> dict[str, Any]:
     for case in LOG_PROB_CASES:
         out["cases"][case.name] = run_log_prob_case(fn, case, rank, world_size)
     for name, make in LOG_PROB_BAD_CALLS.items():
-        out["errors"][name] = capture(lambda make=make: fn(**make(rank, world_size)), name)
+        out["errors"][name] = capture(lambda make=make: call(fn, make(rank, world_size)), name)
     return out
 
 

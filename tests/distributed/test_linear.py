@@ -62,6 +62,12 @@ def test_group_still_usable_after_bad_calls(ranks: Any) -> None:
 
 
 EXPECTED_ERRORS = {
+    # named crossent.fused.linear_cross_entropy before
+    "linear_dual_hidden": (
+        None,
+        "RuntimeError",
+        "crossent.distributed.vocab_parallel_linear_cross_entropy has no forward-mode",
+    ),
     "linear_hidden_size_differs_on_rank_1": (1, "ValueError", "`local_weight` must have shape"),
     "linear_requires_grad_differs": (
         None,
@@ -71,6 +77,12 @@ EXPECTED_ERRORS = {
     "linear_label_above_global_vocab": (None, "ValueError", "outside the global vocabulary"),
     "linear_class_weight_slice": (None, "ValueError", "`class_weight` must hold the whole"),
     "linear_class_weights_differ": (None, "ValueError", "different `class_weight` values"),
+    # a constant there: a gradient silently left out would be a wrong number
+    "linear_class_weight_requires_grad": (
+        None,
+        "RuntimeError",
+        "`class_weight` requires a gradient, which crossent.distributed.vocab_parallel_linear",
+    ),
     "linear_label_above_global_vocab_validation_off": (None, "IndexError", "outside [0, 11)"),
     "linear_negative_label_on_rank_1_validation_off": (None, "IndexError", "min=-7"),
 }

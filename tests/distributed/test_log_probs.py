@@ -44,6 +44,12 @@ def test_log_probs_entropy_and_grads_equal_single_process(case: Case, ranks: Any
 
 
 EXPECTED_ERRORS = {
+    # named crossent.fused.linear_log_probs before
+    "log_probs_dual_hidden": (
+        None,
+        "RuntimeError",
+        "crossent.distributed.vocab_parallel_linear_log_probs has no forward-mode",
+    ),
     "log_probs_temperature_zero_on_last_rank": (-1, "ValueError", "`temperature`"),
     # the message names the log-probability keywords (it listed the loss's: label_smoothing, ...)
     "log_probs_options_differ": (None, "ValueError", "different options or dtypes (`ignore_index`"),

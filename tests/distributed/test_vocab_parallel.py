@@ -70,6 +70,12 @@ def test_group_still_usable_after_bad_calls(ranks: Any) -> None:
 
 # name: (rank(s) whose own arguments are wrong, the error they raise, words in every message)
 EXPECTED_ERRORS = {
+    # no jvp: was 'You must implement the jvp function for custom autograd.Function'
+    "dual_logits": (
+        None,
+        "RuntimeError",
+        "crossent.distributed.vocab_parallel_cross_entropy has no forward-mode derivative",
+    ),
     "batch_shape_differs": (None, "ValueError", "same shape on every rank"),
     "label_above_global_vocab": (None, "ValueError", "outside the global vocabulary [0, 11)"),
     "negative_label": (None, "ValueError", "min=-7"),

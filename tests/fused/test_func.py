@@ -255,3 +255,63 @@ def test_vmap_grad_over_no_samples_gives_empty_per_sample_results(case: str) -> 
     assert g_w.shape == (0, V, D)
     assert g_b.shape == (0, V)
     assert g_h.shape == (0, N, D)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize(
+    "case", ["ce", "ce-sum-softcap-class-weight", "log-probs-temperature-entropy", "distill"]
+)
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("dual", ["hidden", "weight", "bias"])
+def test_dual_tensors_raise_the_forward_mode_error(
+    case: str, requires_grad: bool, dual: str
+) -> None:
+    """``torch.autograd.forward_ad`` dual tensors, eagerly: the chunk loop's ``out=`` products
+    have no forward derivative ('Trying to use forward AD with mm_out that does not support
+    it because it is an out= function'), and with a gradient wanted the autograd Function has
+    no jvp ('You must implement the jvp function'); now torch.func's message, naming the
+    function."""
+    import torch.autograd.forward_ad as fwad
+
+    loss, data = CASES[case], _data()
+    with fwad.dual_level():
+        tensors = {
+            "weight": data["weight"].clone().requires_grad_(requires_grad),
+            "bias": data["bias"].clone().requires_grad_(requires_grad),
+            "hidden": data["hidden"][0].clone().requires_grad_(requires_grad),
+        }
+        tensors[dual] = fwad.make_dual(tensors[dual], torch.ones_like(tensors[dual]))
+        args = (tensors["weight"], tensors["bias"], tensors["hidden"], data["target"][0])
+        with pytest.raises(RuntimeError, match=r"crossent\.fused\.linear_\w+ has no forward-mode"):
+            loss(*args, data["t_hidden"][0], data)
+
+
+def test_a_forward_mode_level_alone_changes_nothing() -> None:
+    """Inside ``dual_level`` but on plain tensors the fused loss runs as everywhere."""
+    import torch.autograd.forward_ad as fwad
+
+    data = _data()
+    h, w, y = data["hidden"][0], data["weight"], data["target"][0]
+    expected = linear_cross_entropy(h, w, y)
+    with fwad.dual_level():
+        torch.testing.assert_close(linear_cross_entropy(h, w, y), expected, rtol=0, atol=0)
+
+
+def test_a_class_weight_that_requires_grad_is_refused() -> None:
+    """`class_weight` is a constant of the fused loss: one that requires a gradient got none,
+    silently (``.grad`` stayed None; ``torch.func.grad`` over it returned zeros). PyTorch's
+    ``F.cross_entropy`` raises for such a weight; so does the fused loss now, eagerly, under
+    torch.func and for every reduction."""
+    data = _data()
+    h, w, y = data["hidden"][0], data["weight"], data["target"][0]
+    cw = data["class_weight"].clone().requires_grad_(True)
+    for reduction in ("mean", "sum", "none"):
+        with pytest.raises(RuntimeError, match="`class_weight` requires a gradient"):
+            linear_cross_entropy(h, w, y, class_weight=cw, reduction=reduction)
+    with pytest.raises(RuntimeError, match="`class_weight` requires a gradient"):
+        func.grad(lambda c: linear_cross_entropy(h, w, y, class_weight=c))(cw.detach())
+    with torch.no_grad():  # no gradient taken: the weight is only a value
+        expected = linear_cross_entropy(h, w, y, class_weight=cw.detach())
+        torch.testing.assert_close(
+            linear_cross_entropy(h, w, y, class_weight=cw), expected, rtol=0, atol=0
+        )

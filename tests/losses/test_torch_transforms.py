@@ -737,3 +737,135 @@ def test_compiled_value_and_grad_equals_eager() -> None:
     torch._dynamo.reset()
     compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), both(x), rtol=1e-12, atol=1e-14)
+
+
+_DUAL_SHAPES = {"small": (6, 5), "large": (3000, 60)}
+
+
+def _dual_losses(n: int, c: int) -> dict[str, Callable[[Any], Any]]:
+    """name -> loss of logits (n, c), one per eager path with an autograd Function of its own."""
+    g = torch.Generator().manual_seed(7)
+    y = torch.randint(0, c, (n,), generator=g)
+    t = torch.rand(n, c, generator=g)
+    p = torch.softmax(torch.randn(n, c, generator=g), 1)
+    w = torch.rand(c, generator=g) + 0.5
+    sparse = functools.partial(ce.sparse_categorical_cross_entropy, target=y, from_logits=True)
+    return {
+        "sparse-focal": lambda v: sparse(v, gamma=2.0),
+        "sparse-focal-smoothing": lambda v: sparse(v, gamma=2.0, label_smoothing=0.1),
+        "sparse-zloss-softcap": lambda v: sparse(v, z_loss=0.1, softcap=3.0, weight=w),
+        "sparse-bfloat16": lambda v: sparse(v.bfloat16()),
+        "categorical-bfloat16": lambda v: ce.categorical_cross_entropy(
+            v.bfloat16(), p.bfloat16(), from_logits=True
+        ),
+        "binary": lambda v: ce.binary_cross_entropy(v, t, from_logits=True),
+        "binary-pos-weight-alpha": lambda v: ce.binary_cross_entropy(
+            v, t, from_logits=True, pos_weight=w, alpha=0.3
+        ),
+        "binary-bfloat16": lambda v: ce.binary_cross_entropy(
+            v.bfloat16(), t.bfloat16(), from_logits=True
+        ),
+        "nn-focal": lambda v: cnn.FocalLoss()(v, y),
+        "nn-bce-with-logits": lambda v: cnn.BCEWithLogitsLoss(pos_weight=w)(v, t),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("size", list(_DUAL_SHAPES))
+@pytest.mark.parametrize("name", list(_dual_losses(2, 2)))
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_dual_tensors_that_require_grad(name: str, size: str, requires_grad: bool) -> None:
+    """``torch.autograd.forward_ad`` on logits that also require a gradient (a model's output:
+    its parameters require one): the eager paths' own autograd Functions have no ``jvp``
+    ('You must implement the jvp function for custom autograd.Function'), and the
+    half-precision sparse path's no-gradient form ran ``_log_softmax_out``. The tangent is
+    the directional derivative, and forward-over-reverse (the tangent of the gradient) the
+    Hessian-vector product of double backward."""
+    import torch.autograd.forward_ad as fwad
+
+    n, c = _DUAL_SHAPES[size]
+    loss = _dual_losses(n, c)[name]
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(n, c, generator=g)
+    tangent = torch.randn(n, c, generator=g)
+    v = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(v), v, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * tangent).sum(), v)
+    with fwad.dual_level():
+        primal = x.clone().requires_grad_(requires_grad)
+        out = loss(fwad.make_dual(primal, tangent))
+        got = fwad.unpack_dual(out).tangent
+        if requires_grad:
+            (dual_grad,) = torch.autograd.grad(out, primal)
+            got_hvp = fwad.unpack_dual(dual_grad).tangent
+    expected = (grad.double() * tangent.double()).sum()
+    rtol = 1e-2 if "bfloat16" in name else 2e-3  # a bfloat16 loss has a bfloat16 tangent
+    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=1e-4)
+    if requires_grad:
+        torch.testing.assert_close(got_hvp, hvp, rtol=rtol, atol=1e-5)
+
+
+def _class_weight_losses() -> dict[str, Callable[[Any], Any]]:
+    """name -> loss of a class weight `w` (float64, fixed logits and labels)."""
+    x, y, _, _ = _data(seed=3)
+    sparse = functools.partial(
+        ce.sparse_categorical_cross_entropy, x, y, from_logits=True, ignore_index=-100
+    )
+    return {
+        "sparse-sum": lambda w: sparse(weight=w, reduction="sum"),
+        "sparse-mean": lambda w: sparse(weight=w),
+        "sparse-none": lambda w: sparse(weight=w, reduction="none"),
+        "sparse-smoothing": lambda w: sparse(weight=w, label_smoothing=0.2),
+        "nn-cross-entropy": lambda w: cnn.CrossEntropyLoss(weight=w)(x, y),
+        "nn-nll": lambda w: cnn.NLLLoss(weight=w, reduction="sum")(torch.log_softmax(x, 1), y),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", list(_class_weight_losses()))
+@pytest.mark.parametrize("mode", ["dual", "jvp", "jacfwd"])
+def test_forward_mode_derivative_in_the_class_weight(name: str, mode: str) -> None:
+    """A tangent on the class weight: PyTorch's ``nll_loss`` has no derivative formula for its
+    weight and drops the tangent silently (0, or the mean's denominator alone: 13x off), so a
+    weight that carries one takes the generic formula, as one that requires a gradient does.
+    The reference is reverse mode (that weight gradient was already exact)."""
+    import torch.autograd.forward_ad as fwad
+
+    loss = _class_weight_losses()[name]
+    _, _, _, w = _data(seed=3)
+    tangent = torch.randn(C, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    expected = torch.func.jacrev(loss)(w) @ tangent
+    if mode == "dual":
+        with fwad.dual_level():
+            got = fwad.unpack_dual(loss(fwad.make_dual(w, tangent))).tangent
+    elif mode == "jvp":
+        got = torch.func.jvp(loss, (w,), (tangent,))[1]
+    else:
+        got = torch.func.jacfwd(loss)(w) @ tangent
+    assert got is not None
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _unbatched_losses() -> dict[str, Callable[[Any], Any]]:
+    """name -> loss of one unbatched example, logits (C,) and a 0-d label, with class weights."""
+    _, _, _, w = _data()
+    y = torch.tensor(3, dtype=torch.int8)
+    return {
+        "sparse": lambda v: ce.sparse_categorical_cross_entropy(v, y, from_logits=True, weight=w),
+        "sparse-ignore-index": lambda v: ce.sparse_categorical_cross_entropy(
+            v, y, from_logits=True, weight=w, ignore_index=-100, label_smoothing=0.3
+        ),
+        "nn-cross-entropy": lambda v: cnn.CrossEntropyLoss(weight=w)(v, y),
+        "nn-nll": lambda v: cnn.NLLLoss(weight=w, ignore_index=1)(torch.log_softmax(v, 0), y),
+    }
+
+
+@pytest.mark.parametrize("name", list(_unbatched_losses()))
+def test_compiled_unbatched_mean_with_class_weight(name: str) -> None:
+    """A 0-d label indexing the class weight for the mean's denominator (``w[label]``) is read
+    on the host: ``torch.compile(fullgraph=True)`` failed with 'Could not extract specialized
+    integer from data-dependent expression u0' (PyTorch's own loss compiles)."""
+    torch._dynamo.reset()
+    x = _data()[0][0]
+    eager, compiled = eager_and_compiled(_unbatched_losses()[name], x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)

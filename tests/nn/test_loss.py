@@ -739,3 +739,27 @@ def test_torchscript_gets_a_clear_error(name: str) -> None:
             TypeError, match=rf"`{name}` cannot be compiled by TorchScript.*torch\.compile"
         ):
             torch.jit.script(target)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_nll_loss_of_channels_last_log_probs_backward(reduction: str, weighted: bool) -> None:
+    """(N, C, H, W) log-probabilities in a channels-last layout (a conv net's, or a permuted
+    (N, H, W, C) tensor): PyTorch's ``nll_loss2d`` backward raised 'grad_input must be
+    contiguous' (``F.nll_loss`` itself too). Values and gradients equal the contiguous ones."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)  # (N, H, W, C)
+    y = torch.randint(0, 5, (2, 3, 4), generator=g)
+    y[0, 0, 0] = -100
+    weight = torch.rand(5, generator=g, dtype=torch.float64) + 0.5 if weighted else None
+    loss = cnn.NLLLoss(weight=weight, reduction=reduction)
+    results = []
+    for layout in ("contiguous", "channels_last"):
+        leaf = z.clone().requires_grad_(True)
+        log_probs = torch.log_softmax(leaf, -1).permute(0, 3, 1, 2)  # strides of channels_last
+        if layout == "contiguous":
+            log_probs = log_probs.contiguous()
+        out = loss(log_probs, y)
+        (grad,) = torch.autograd.grad(out.sum(), leaf)
+        results.append((out, grad))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-14, atol=1e-15)

@@ -134,6 +134,15 @@ def _host_readable(x: Tensor) -> bool:
     return x.is_cpu and not torch_tracing()
 
 
+def _own_eager(x: Tensor) -> bool:
+    """Whether crossent's own eager CPU forms may serve `x`: :func:`_host_readable` and no
+    forward-mode AD level open (``torch.autograd.forward_ad``). Their autograd Functions have
+    no ``jvp`` ('You must implement the jvp function', for dual logits that also require a
+    gradient: a model's output) and their no-gradient forms run ``out=`` operations, which have
+    no forward derivative; under forward mode the differentiable operations serve instead."""
+    return _host_readable(x) and not forward_ad_active()
+
+
 def _may_hold_neg_inf(x: Tensor) -> bool:
     """Whether `x` may hold ``-inf`` (masked classes): one reduction eagerly, else assumed."""
     if not _host_readable(x) or x.numel() == 0:
@@ -221,7 +230,10 @@ def _counted_weight(t: Tensor, w: Tensor | None, ignore: int) -> Tensor:
     valid = t != ignore
     if w is None:
         return valid.sum()
-    return torch.where(valid, w[torch.where(valid, t, 0)], 0).sum()
+    # a 1-d index, as in _rows_loss: w[label] of a 0-d label reads it on the host (compiled:
+    # 'Could not extract specialized integer from data-dependent expression')
+    flat = valid.reshape(-1)
+    return torch.where(flat, w[torch.where(flat, t.reshape(-1), 0)], 0).sum()
 
 
 def _mean_denominator(
@@ -451,7 +463,7 @@ def _sparse_rows(
     terms, closed-form gradient), else :func:`_sparse_rows_generic`; None (the generic
     array-API path) for focal loss with smoothing, which no row statistics carry."""
     stats = _rows.applies(opts)
-    if _host_readable(x):  # (_sparse_rows_generic masks its ignored rows itself)
+    if _own_eager(x):  # (_sparse_rows_generic masks its ignored rows itself)
         own_rows = _OWN_ROWS[0] if _OWN_ROWS else _load_own_rows()
         masked = mask_ignored_rows(x, target, opts.ignore_index, axis)
         out = own_rows(masked, target, weight, axis, opts, _rows_of_2d if stats else _generic_of_2d)
@@ -617,13 +629,42 @@ def nll(
         return None  # PyTorch's nll_loss gives no weight gradient: the generic formula does
     if _maybe_traced(target):
         target = traced_labels(input, target, axis, opts.ignore_index)
+    if input.ndim == 4:  # nll_loss2d's backward: 'grad_input must be contiguous' (channels-last)
+        input, axis = input.movedim(axis, 1).contiguous(), 1
     return _native_indices(_NLL, input, target, weight, axis, opts)
 
 
 def _weight_needs_grad(weight: Tensor | None) -> bool:
-    """Whether a class weight takes part in autograd: PyTorch's ``nll_loss`` kernel raises for
-    it, the Triton kernels would drop its gradient; the generic formula differentiates it."""
-    return weight is not None and weight.requires_grad and torch.is_grad_enabled()
+    """Whether a class weight takes part in differentiation, so that the generic formula, which
+    differentiates it, must serve: it requires a gradient (PyTorch's ``nll_loss`` kernel raises
+    for it, the Triton kernels would drop it), or it carries a forward-mode tangent, as a dual
+    tensor (``torch.autograd.forward_ad``) or an input of an eager ``torch.func`` transform
+    (``jvp``, ``jacfwd``, ``hessian``), which ``nll_loss`` drops silently (its weight has no
+    derivative formula: the tangent came back 0)."""
+    if weight is None:
+        return False
+    if weight.requires_grad and torch.is_grad_enabled():
+        return True
+    if forward_ad_active() and _unpack_dual(weight).tangent is not None:
+        return True
+    return _FUNCTORCH_ACTIVE() and eager_transforms() and _is_wrapped(weight)
+
+
+_FUNCTORCH_ACTIVE = torch._C._are_functorch_transforms_active
+"""Whether a ``torch.func`` transform is active (the C function: a tenth of
+:func:`crossent._lib._checks.eager_transforms`'s cost, asked first)."""
+
+
+def _unpack_dual(x: Tensor) -> Any:
+    from torch.autograd.forward_ad import unpack_dual
+
+    return unpack_dual(x)
+
+
+def _is_wrapped(x: Tensor) -> bool:
+    """Whether `x` is a ``torch.func`` transform's tensor (an input of the transformed function,
+    not a tensor it closes over)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 # --------------------------------------------------------------------------- probability targets
@@ -850,7 +891,7 @@ def binary(
         and input.shape == target.shape
     ):
         return None
-    if not _host_readable(input):  # traced, or an accelerator: no scalar test of the result
+    if not _own_eager(input):  # traced, an accelerator, dual tensors: no scalar test of it
         return _binary_unread(input, target, weight, pos_weight, label_smoothing, opts)
     if input.dtype in _LOW and torch_autocast(input):
         return None  # the generic formula returns float32 under autocast, as PyTorch does
@@ -872,8 +913,6 @@ def binary(
         out = _binary_small(input, target, pos, neg, label_smoothing, opts.reduction)
     elif grad:
         out = _CHUNKED_APPLY(input, target, (pos, neg, label_smoothing, opts.reduction))
-    elif forward_ad_active():  # dual tensors: no out= operations
-        return None
     else:
         out, _ = _binary_chunked(
             input, target, pos, neg, label_smoothing, opts.reduction, early=False
@@ -1238,7 +1277,7 @@ def _early_gradient(ctx: Any, grad: Tensor, x: Tensor) -> Tensor | None:
 _SMALL_APPLY = super(torch.autograd.Function, _BinarySmall).apply
 """``_BinarySmall.apply`` without ``Function.apply``'s Python prologue (default-argument binding
 and functorch's dead-wrapper unwrapping, a third of the call): the eager CPU path it serves
-never runs under a functorch transform (:func:`_host_readable`)."""
+never runs under a functorch transform (:func:`_own_eager`)."""
 
 
 def _is_one(c: Coef) -> bool:
@@ -1739,9 +1778,9 @@ def _grad_from_softmax(
 def _sparse_low(x: Tensor, target: Tensor, axis: int, opts: CEOptions) -> Tensor | None:
     """Eager half-precision logits (N, C) with PyTorch's options and no weight or smoothing;
     a bad label raises crossent's message from ``gather``'s own bound check."""
-    if x.ndim != 2 or axis != 1 or x.numel() < _LOW_MIN_SPARSE or not x.is_cpu:
+    if x.ndim != 2 or axis != 1 or x.numel() < _LOW_MIN_SPARSE or not _own_eager(x):
         return None
-    if torch_tracing() or torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu"):
         return None
     t = index_target(target)
     valid, label = _valid_label(t, opts.ignore_index)
@@ -1765,7 +1804,7 @@ def _soft_low(
     A NaN result (a masked class, 0 · -inf, or a NaN input) is None too: the caller's
     guarded form decides.
     """
-    if x.ndim != 2 or axis != 1 or x.numel() < _LOW_MIN or not x.is_cpu or torch_tracing():
+    if x.ndim != 2 or axis != 1 or x.numel() < _LOW_MIN or not _own_eager(x):
         return None
     if target.requires_grad or (weight is not None and weight.requires_grad):
         return None
@@ -1773,8 +1812,6 @@ def _soft_low(
     eps, reduction = opts.label_smoothing, opts.reduction
     if x.requires_grad and torch.is_grad_enabled():
         out: Tensor = _SOFT_CE_APPLY(x, target.detach(), w, eps, reduction)
-    elif forward_ad_active():  # dual tensors: no out= operations
-        return None
     else:  # no autograd node
         out = _soft_low_forward(x, target, w, eps, reduction, early=False)[0]
     return None if _holds_nan(out, reduction) else out

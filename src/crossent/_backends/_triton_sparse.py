@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossent._lib._xp import torch_tracing
+from crossent._lib._xp import forward_ad_active, torch_tracing
 from crossent._losses import _rows
 from crossent._losses._options import CEOptions
 
@@ -59,6 +59,8 @@ def usable(x: Tensor, opts: CEOptions) -> bool:
     if x.dtype not in _LOW or not (x.is_cuda or ON_CPU) or x.numel() < max(MIN_ELEMENTS, 1):
         return False
     if opts.kind != "logits" or opts.gamma != 0 or x.ndim == 0 or torch_tracing():
+        return False
+    if forward_ad_active():  # SparseRows has no jvp: dual tensors take PyTorch's operations
         return False
     from crossent.fused import _launch
 

@@ -25,6 +25,7 @@ from crossent.fused._inputs import (
     _check_float,
     _check_options,
     _check_tensor,
+    check_constant_class_weight,
     check_shift,
     rows_2d,
     shift_target,
@@ -84,6 +85,9 @@ def _check_tensors(
             )
             raise ValueError(msg)
         check_nonnegative(class_weight, name="class_weight", xp=xp)
+        check_constant_class_weight(
+            class_weight, caller="crossent.distributed.vocab_parallel_linear_cross_entropy"
+        )
         tensors["class_weight"] = class_weight
     check_same_device(hidden=hidden, **tensors)
 

@@ -35,7 +35,11 @@ from crossent.fused._chunked import (
     row_options,
     slice_statistics,
 )
-from crossent.fused._function import refuse_double_backward, refuse_func_transforms
+from crossent.fused._function import (
+    refuse_double_backward,
+    refuse_dual,
+    refuse_func_transforms,
+)
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -426,6 +430,8 @@ def vocab_parallel_cross_entropy(
         _check_tensors(local_logits, target, weight)
         return opts
 
+    if isinstance(local_logits, torch.Tensor):  # no jvp: the error, before the handshake
+        refuse_dual(f"crossent.distributed.{_CALLER}", local_logits, weight)
     layout, opts = setup(
         caller=_CALLER,
         group=group,

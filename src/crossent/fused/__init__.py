@@ -27,6 +27,7 @@ from crossent.fused._inputs import (
     _check_tensor,
     as_one_op,
     check_chunk_size,
+    check_constant_class_weight,
     check_fused_ignore_index,
     check_head,
     check_labels,
@@ -106,7 +107,8 @@ def linear_cross_entropy(
         CPU and 1 GiB on a GPU, at least 16 tokens.
     class_weight : Tensor, shape (V,), optional
         Non-negative per-class weights (``weight=`` of ``F.cross_entropy``; here
-        `weight` is the projection matrix). Treated as a constant (no gradient).
+        `weight` is the projection matrix). A constant: one that requires a gradient
+        raises a RuntimeError, as in PyTorch (detach it).
     shift : bool, default False
         Causal-LM convention (Hugging Face's): `hidden` is ``(..., T, d)``, the
         logits at position t are scored against ``target[..., t + 1]`` and the
@@ -225,6 +227,7 @@ def linear_cross_entropy(
             )
             raise ValueError(msg)
         check_same_device(hidden=hidden, class_weight=class_weight)
+        check_constant_class_weight(class_weight, caller="crossent.fused.linear_cross_entropy")
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     if as_one_op(hidden):  # traced or meta: value checks run inside the op, on concrete values
         from crossent.fused._ops import linear_ce_compiled

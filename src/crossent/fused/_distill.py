@@ -40,6 +40,7 @@ from crossent.fused._function import (
     fused_backward,
     grad_needs,
     no_autocast,
+    refuse_dual,
     stash_grads,
 )
 from crossent.fused._inputs import (
@@ -383,13 +384,15 @@ def linear_distillation_loss(
         from crossent.fused._ops import linear_distill_compiled
 
         loss = linear_distill_compiled(h2, weight, bias, teacher, counted, opts)
-    elif needs_grad:
-        loss = _LinearDistillFunction.apply(h2, weight, bias, teacher, counted, opts)
     else:
-        with torch.no_grad():
-            loss = _chunked_distill(
-                h2, weight, bias, teacher, counted, opts, compute_grad=False
-            ).loss
+        refuse_dual("linear_distillation_loss", h2, weight, bias)
+        if needs_grad:
+            loss = _LinearDistillFunction.apply(h2, weight, bias, teacher, counted, opts)
+        else:
+            with torch.no_grad():
+                loss = _chunked_distill(
+                    h2, weight, bias, teacher, counted, opts, compute_grad=False
+                ).loss
     if opts.reduction == "none":
         loss = unshift(loss.reshape(batch), shift=shift)
     return loss

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from crossent._lib._xp import torch_transform_name
+from crossent._lib._xp import forward_ad_active, torch_transform_name
 from crossent.fused._chunked import (
     LinearCEOptions,
     RowScaled,
@@ -107,6 +107,12 @@ def refuse_double_backward(name: str) -> None:
         raise no_second_derivative(name)
 
 
+def sharded_name(name: str, shard: VocabShard | None) -> str:
+    """The public name of fused function `name` in error messages: its vocabulary-parallel
+    twin's with a vocabulary slice."""
+    return name if shard is None else f"crossent.distributed.vocab_parallel_{name}"
+
+
 def refuse_func_shard(shard: VocabShard | None) -> None:
     """Raise under a ``torch.func`` transform with a vocabulary slice: not supported there."""
     if shard is not None:
@@ -152,6 +158,33 @@ def no_second_derivative(name: str) -> RuntimeError:
     return RuntimeError(msg)
 
 
+def no_forward_derivative(name: str) -> RuntimeError:
+    """The error of a forward-mode differentiation of ``crossent.fused.<name>`` (or of `name`
+    itself when it is a dotted path)."""
+    where = name if "." in name else f"crossent.fused.{name}"
+    msg = (
+        f"{where} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+        "hessian, torch.autograd.forward_ad dual tensors): use reverse mode "
+        "(torch.func.grad, vjp, jacrev, backward), or the unfused loss on materialized logits."
+    )
+    return RuntimeError(msg)
+
+
+def refuse_dual(name: str, *tensors: torch.Tensor | None) -> None:
+    """Raise for a dual tensor of ``torch.autograd.forward_ad`` among `tensors`, eagerly.
+
+    The chunk loop's ``out=`` products have no forward derivative ('Trying to use forward AD
+    with mm_out') and its autograd Functions no ``jvp``; under ``torch.func`` the ops' own
+    ``jvp`` raises the same error.
+    """
+    if not forward_ad_active():
+        return
+    from torch.autograd.forward_ad import unpack_dual
+
+    if any(t is not None and unpack_dual(t).tangent is not None for t in tensors):
+        raise no_forward_derivative(name)
+
+
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 #: Gradients formed in forward: the hidden one may be kept row-scaled (``RowScaled``), a
 #: half-precision head's in float32 blocks of rows (``WideBlocks``).
@@ -194,7 +227,7 @@ def fused_backward(
     activation checkpointing, which allows one unpack per saved tensor.
     """
     # a vocabulary slice: the function called was crossent.distributed.vocab_parallel_<name>
-    refuse_double_backward(name if shard is None else f"crossent.distributed.vocab_parallel_{name}")
+    refuse_double_backward(sharded_name(name, shard))
     stashed = getattr(ctx, "grads", None)
     reduce_sum = None if shard is None else shard.reduce_sum  # every slice contributes
     factor = None  # recomputed gradients are scaled already
@@ -286,6 +319,7 @@ def run_linear_ce(
     loss is computed (one matrix product per chunk, no gradient buffers).
     """
     refuse_func_shard(shard)
+    refuse_dual(sharded_name("linear_cross_entropy", shard), hidden, weight, bias, class_weight)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )

@@ -30,6 +30,7 @@ from crossent.fused._function import LinearCEOptions
 
 __all__ = [
     "check_chunk_size",
+    "check_constant_class_weight",
     "check_fused_ignore_index",
     "check_head",
     "check_labels",
@@ -57,6 +58,21 @@ def _check_tensor(x: object, *, name: str) -> torch.Tensor:
         )
         raise TypeError(msg)
     return x
+
+
+def check_constant_class_weight(class_weight: torch.Tensor, *, caller: str) -> None:
+    """Raise for a `class_weight` that requires a gradient: the fused losses treat it as a
+    constant, and a gradient silently left out (``.grad`` None, zeros under ``torch.func.grad``)
+    would be a wrong number. PyTorch's ``F.cross_entropy`` raises for such a weight too."""
+    if class_weight.requires_grad and torch.is_grad_enabled():
+        msg = (
+            f"`class_weight` requires a gradient, which {caller} does not compute (the class "
+            "weights are a constant there). Pass `class_weight.detach()`, or, for a gradient "
+            "in the class weights, the unfused crossent.sparse_categorical_cross_entropy("
+            "hidden @ weight.T, target, from_logits=True, weight=class_weight) (or "
+            "crossent.nn.CrossEntropyLoss), which differentiates them."
+        )
+        raise RuntimeError(msg)
 
 
 def _check_float(x: torch.Tensor, *, name: str, dtype: torch.dtype | None = None) -> None:

@@ -53,7 +53,9 @@ from crossent.fused._function import (
     fused_backward,
     grad_needs,
     no_autocast,
+    refuse_dual,
     refuse_func_shard,
+    sharded_name,
 )
 
 __all__ = ["LogProbOptions", "run_log_probs"]
@@ -295,6 +297,7 @@ def run_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` (autograd when needed)."""
     refuse_func_shard(shard)
+    refuse_dual(sharded_name("linear_log_probs", shard), hidden, weight, bias)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )

@@ -53,6 +53,7 @@ from crossent.fused._function import (
     fused_backward,
     grad_needs,
     no_autocast,
+    no_forward_derivative,
     no_second_derivative,
     refuse_double_backward,
 )
@@ -563,12 +564,7 @@ class _FuncFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *_: Any) -> Any:
-        msg = (
-            f"crossent.fused.{ctx.name} has no forward-mode derivative (torch.func.jvp, "
-            "jacfwd, hessian): use reverse mode (torch.func.grad, vjp, jacrev), or the "
-            "unfused loss on materialized logits."
-        )
-        raise RuntimeError(msg)
+        raise no_forward_derivative(ctx.name)
 
 
 class _FuncLoss(_FuncFunction):
