@@ -431,6 +431,7 @@ def vocab_parallel_cross_entropy(
         return opts
 
     if isinstance(local_logits, torch.Tensor):  # no jvp: the error, before the handshake
+        refuse_transforms(_CALLER)  # torch.func's jvp / jacfwd: that error names the transform
         refuse_dual(f"crossent.distributed.{_CALLER}", local_logits, weight)
     layout, opts = setup(
         caller=_CALLER,
