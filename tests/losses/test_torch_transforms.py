@@ -823,12 +823,14 @@ def _class_weight_losses() -> dict[str, Callable[[Any], Any]]:
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("name", list(_class_weight_losses()))
-@pytest.mark.parametrize("mode", ["dual", "jvp", "jacfwd"])
+@pytest.mark.parametrize("mode", ["dual", "jvp", "jacfwd", "compiled-jvp"])
 def test_forward_mode_derivative_in_the_class_weight(name: str, mode: str) -> None:
     """A tangent on the class weight: PyTorch's ``nll_loss`` has no derivative formula for its
     weight and drops the tangent silently (0, or the mean's denominator alone: 13x off), so a
     weight that carries one takes the generic formula, as one that requires a gradient does.
-    The reference is reverse mode (that weight gradient was already exact)."""
+    The reference is reverse mode (that weight gradient was already exact). Under
+    ``torch.compile`` too (``fullgraph=True``): the check once skipped the traced transform,
+    and the compiled tangent was a wrong number (1.28 where it is -0.079)."""
     import torch.autograd.forward_ad as fwad
 
     loss = _class_weight_losses()[name]
@@ -840,6 +842,12 @@ def test_forward_mode_derivative_in_the_class_weight(name: str, mode: str) -> No
             got = fwad.unpack_dual(loss(fwad.make_dual(w, tangent))).tangent
     elif mode == "jvp":
         got = torch.func.jvp(loss, (w,), (tangent,))[1]
+    elif mode == "compiled-jvp":
+        torch._dynamo.reset()
+        jvp = torch.compile(
+            lambda w, t: torch.func.jvp(loss, (w,), (t,))[1], backend="aot_eager", fullgraph=True
+        )
+        got = jvp(w, tangent)
     else:
         got = torch.func.jacfwd(loss)(w) @ tangent
     assert got is not None

@@ -638,8 +638,9 @@ def _weight_needs_grad(weight: Tensor | None) -> bool:
     """Whether a class weight takes part in differentiation, so that the generic formula, which
     differentiates it, must serve: it requires a gradient (PyTorch's ``nll_loss`` kernel raises
     for it, the Triton kernels would drop it), or it carries a forward-mode tangent, as a dual
-    tensor (``torch.autograd.forward_ad``) or an input of an eager ``torch.func`` transform
-    (``jvp``, ``jacfwd``, ``hessian``), which ``nll_loss`` drops silently (its weight has no
+    tensor (``torch.autograd.forward_ad``) or an input of a ``torch.func`` transform
+    (``jvp``, ``jacfwd``, ``hessian``; eager, or traced by ``torch.compile``, where the
+    tangent came back 1.28 for -0.079), which ``nll_loss`` drops silently (its weight has no
     derivative formula: the tangent came back 0)."""
     if weight is None:
         return False
@@ -647,7 +648,7 @@ def _weight_needs_grad(weight: Tensor | None) -> bool:
         return True
     if forward_ad_active() and _unpack_dual(weight).tangent is not None:
         return True
-    return _FUNCTORCH_ACTIVE() and eager_transforms() and _is_wrapped(weight)
+    return _FUNCTORCH_ACTIVE() and _is_wrapped(weight)
 
 
 _FUNCTORCH_ACTIVE = torch._C._are_functorch_transforms_active
