@@ -305,13 +305,9 @@ def _sparse_inputs(dtype: Any, seed: int) -> tuple[Any, Any, Any]:
     return x, y, w
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", _CASES, ids=lambda c: "-".join(c) or "plain")
-def test_triton_sparse_matches_float64(
-    dtype: Any, case: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """16-bit logits read as they are: loss and gradient at the dtype's rounding floor."""
-    import crossent as ce
+def _force_triton_sparse(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Send every 16-bit sparse loss to the Triton executor on the CPU (the interpreter); the
+    returned list gets an item per call of it."""
     from crossent._backends import _triton_sparse
 
     monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
@@ -321,6 +317,18 @@ def test_triton_sparse_matches_float64(
     monkeypatch.setattr(
         _triton_sparse.SparseRows, "apply", lambda *a: calls.append(1) or real_apply(*a)
     )
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", _CASES, ids=lambda c: "-".join(c) or "plain")
+def test_triton_sparse_matches_float64(
+    dtype: Any, case: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16-bit logits read as they are: loss and gradient at the dtype's rounding floor."""
+    import crossent as ce
+
+    calls = _force_triton_sparse(monkeypatch)
     x, y, w = _sparse_inputs(dtype, seed=5)
     kw = {k: (w if k == "weight" else v) for k, v in case.items()}
     x = x.requires_grad_()
@@ -714,7 +722,6 @@ def test_triton_huge_softcap_equals_the_float64_reference(
     (inf · tanh(x / inf) = inf · 0); 1e36 divided a logit of 1e-3 into a subnormal. Fused
     loop (forced onto the kernels) and unfused 16-bit loss, values and gradients."""
     import crossent.fused._function as fn
-    from crossent._backends import _triton_sparse
     from tests.losses import test_huge_softcap as huge
 
     real = fn._chunked_linear_ce
@@ -727,12 +734,6 @@ def test_triton_huge_softcap_equals_the_float64_reference(
     huge.test_fused_linear_cross_entropy_equals_the_float64_reference(cap, dtype)
     if dtype == torch.float32:
         return
-    monkeypatch.setattr(_triton_sparse, "ON_CPU", True)
-    monkeypatch.setattr(_triton_sparse, "MIN_ELEMENTS", 0)
-    calls: list[int] = []
-    real_apply = _triton_sparse.SparseRows.apply
-    monkeypatch.setattr(
-        _triton_sparse.SparseRows, "apply", lambda *a: calls.append(1) or real_apply(*a)
-    )
+    calls = _force_triton_sparse(monkeypatch)
     huge.test_torch_unfused_losses_equal_the_float64_reference(cap, dtype, grad=True)
     assert calls, "the Triton executor did not run"
