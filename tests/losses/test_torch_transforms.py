@@ -493,6 +493,41 @@ def test_wide_unsigned_labels_on_the_array_api_path(dtype: Any) -> None:
         ce.sparse_categorical_cross_entropy(probs, bad.to(dtype))
 
 
+def _huge_uint64_label_calls() -> dict[str, Callable[[Any], Any]]:
+    """name -> a loss of (3,) uint64 labels over 4 classes, every entry point that takes them."""
+    import crossent.fused as cf
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    h = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    head = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    sparse = functools.partial(ce.sparse_categorical_cross_entropy, x, from_logits=True)
+    return {
+        "native": lambda y: sparse(y, ignore_index=-100),
+        "no-ignore": lambda y: sparse(y),
+        "z-loss": lambda y: sparse(y, ignore_index=-100, z_loss=0.1),
+        "nn": lambda y: cnn.CrossEntropyLoss()(x, y),
+        "nll": lambda y: cnn.NLLLoss()(torch.log_softmax(x, 1), y),
+        "fused": lambda y: cf.linear_cross_entropy(h, head, y),
+        "log-probs": lambda y: cf.linear_log_probs(h, head, y),
+        "shift": lambda y: cf.linear_cross_entropy(h[None], head, y[None], shift=True),
+    }
+
+
+@pytest.mark.parametrize("name", list(_huge_uint64_label_calls()))
+@pytest.mark.parametrize("label", [2**64 - 100, 2**63], ids=["wraps-to-ignore-index", "2**63"])
+def test_uint64_labels_beyond_int64_are_refused(name: str, label: int) -> None:
+    """uint64 labels of 2**63 and more wrapped to negative int64 values: 2**64 - 100 became
+    -100, the default `ignore_index`, and 2**63 the sentinel of none, so the row scored 0
+    silently (every torch entry point). Now they are labels outside [0, C)."""
+    call = _huge_uint64_label_calls()[name]
+    y = torch.tensor([1, label, 2], dtype=torch.uint64)
+    with pytest.raises(ValueError, match=r"labels outside \[0, 4\)"):
+        call(y)
+    fine = call(torch.tensor([1, 3, 2], dtype=torch.uint64))  # valid uint64 labels still score
+    torch.testing.assert_close(fine, call(torch.tensor([1, 3, 2])))
+
+
 @pytest.mark.parametrize(
     "options",
     [{"gamma": 2.0}, {"z_loss": 0.1}, {"softcap": 3.0, "weight": "w"}],

@@ -74,6 +74,7 @@ from crossent._lib._xp import (
     _torch_namespace,
     array_namespace,
     forward_ad_active,
+    int64_labels,
     output_dtype,
     torch_autocast,
     torch_tracing,
@@ -108,7 +109,7 @@ _INTEGERS = frozenset(
 
 def index_target(target: Tensor) -> Tensor:
     """Integer labels of any width as int64 (what gathers and PyTorch's kernels index with)."""
-    return target if target.dtype == torch.int64 else target.long()
+    return int64_labels(target)
 
 
 def _compute(x: Tensor) -> Tensor:
@@ -321,7 +322,7 @@ def _native_indices(
     xc = x.float() if low else x
     if axis != 1 and x.ndim != 1:
         xc = xc.movedim(axis, 1)
-    t = target if target.dtype is _INT64 else target.long()
+    t = int64_labels(target)
     w = weight if weight is None or weight.dtype is xc.dtype else weight.to(xc.dtype)
     ignore = _NO_IGNORE if opts.ignore_index is None else opts.ignore_index
     reduction = opts.reduction

@@ -27,6 +27,7 @@ from crossent._lib._xp import (
     compute_dtype,
     dim_size,
     host_float,
+    int64_labels,
     is_array,
     is_lazy,
     is_torch_tensor,
@@ -631,7 +632,7 @@ def _outside(
     `ignore_index`); the mask is None where no label of the dtype can be outside."""
     label = target
     if is_torch_tensor(label) and not label.dtype.is_signed and label.dtype.itemsize > 1:
-        label = label.long()  # PyTorch has no comparisons for uint16/32/64 ("ge_cpu")
+        label = int64_labels(label)  # PyTorch has no comparisons for uint16/32/64 ("ge_cpu")
     # no comparison with an int the dtype cannot hold (array-api-strict refuses it)
     bad = label >= num_classes if representable(num_classes, label.dtype, xp=xp) else None
     if xp.iinfo(label.dtype).min < 0:
@@ -726,7 +727,7 @@ def assert_labels_on_device(target: Array, num_classes: int, ignore_index: int |
     """
     import torch
 
-    wide = target.long()  # compared in a narrow dtype, V and ignore_index would wrap
+    wide = int64_labels(target)  # compared in a narrow dtype, V and ignore_index would wrap
     if num_classes < 1:  # no class: every counted label is outside
         counted = not_ignored(wide, ignore_index, xp=torch)
         assert_on_device(counted, label_range_message(num_classes, ignore_index))

@@ -227,6 +227,23 @@ _TRANSFORM_NAMES = {"Vmap": "vmap", "Grad": "grad", "Jvp": "jvp", "Functionalize
 (``vjp``, ``jacrev`` and ``grad`` push Grad; ``jacfwd`` pushes Jvp)."""
 
 
+def int64_labels(target: Any) -> Any:
+    """PyTorch integer labels of any width as int64, what PyTorch's kernels index with.
+
+    uint64 labels of :math:`2^{63}` and more wrap to negative int64 values, which an
+    `ignore_index` of -100 (or the sentinel standing for none) then skipped silently: the row
+    scored 0. They become int64's largest value instead, outside every class range, so the
+    label checks refuse them (PyTorch has no comparison for uint64 to find them first)."""
+    import torch
+
+    if target.dtype == torch.int64:
+        return target
+    wide = target.long()
+    if target.dtype == getattr(torch, "uint64", None):
+        wide = torch.where(wide < 0, torch.iinfo(torch.int64).max, wide)
+    return wide
+
+
 def forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``).
 

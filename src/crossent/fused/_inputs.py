@@ -25,7 +25,7 @@ from crossent._lib._checks import (
     check_unit_interval_scalar,
     guard_label_range,
 )
-from crossent._lib._xp import array_namespace, check_same_device, torch_tracing
+from crossent._lib._xp import array_namespace, check_same_device, int64_labels, torch_tracing
 from crossent.fused._function import LinearCEOptions
 
 __all__ = [
@@ -233,9 +233,9 @@ def shift_target(target: torch.Tensor, *, shift: bool, ignore_index: int) -> tor
     with a wrapped `ignore_index` or V).
     """
     if not shift:
-        return target.long()
+        return int64_labels(target)
     pad = torch.full_like(target[..., :1], ignore_index, dtype=torch.int64)
-    return torch.cat((target[..., 1:].to(torch.int64), pad), dim=-1)
+    return torch.cat((int64_labels(target[..., 1:]), pad), dim=-1)
 
 
 def as_one_op(hidden: torch.Tensor) -> bool:
