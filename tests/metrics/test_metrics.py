@@ -506,6 +506,31 @@ def test_labels_out_of_range_name_the_row() -> None:
         Accuracy(input_kind="logits").update(np.zeros((3, 3)), np.zeros(4, dtype=int))
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("ignore_index", [-100, None])
+def test_uint64_labels_beyond_int64_are_refused(library: str, ignore_index: int | None) -> None:
+    """uint64 labels of 2**63 and more wrapped to negative int64 values: 2**64 - 100 became an
+    ignore_index of -100 and its row was dropped silently (NumPy; PyTorch raised
+    NotImplementedError '"index_select" not implemented for UInt64'). Now a bad row; valid
+    uint64 labels (PyTorch's too) score as int64 ones."""
+    p = np.full((3, 4), 0.25)
+    labels = [1, 2, 2**64 - 100]
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        p, y, ok = (
+            torch.tensor(p),
+            torch.tensor(labels, dtype=torch.uint64),
+            torch.tensor([1, 2, 3], dtype=torch.uint64),
+        )
+    else:
+        y, ok = np.array(labels, dtype=np.uint64), np.array([1, 2, 3], dtype=np.uint64)
+    metric = CrossEntropy(input_kind="probs", ignore_index=ignore_index)
+    with pytest.raises(ValueError, match=r"`target` row 2 has label \d+, outside \[0, 4\)"):
+        metric.update(p, y)
+    got = CrossEntropy(input_kind="probs", ignore_index=ignore_index).update(p, ok).compute()
+    assert got == pytest.approx(math.log(4), rel=1e-15)
+
+
 def test_bad_settings_and_mismatched_merges() -> None:
     with pytest.raises(ValueError, match="binning"):
         CalibrationError(input_kind="probs", binning="quantile")
