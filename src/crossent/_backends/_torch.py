@@ -345,6 +345,8 @@ def _native_indices(
 
 
 _FUNCTORCH_ACTIVE = torch._C._are_functorch_transforms_active
+"""Whether a ``torch.func`` transform is active (the C function: a tenth of
+:func:`crossent._lib._checks.eager_transforms`'s cost, asked first)."""
 
 
 def _maybe_traced(target: object) -> bool:
@@ -650,11 +652,6 @@ def _weight_needs_grad(weight: Tensor | None) -> bool:
     if forward_ad_active() and _unpack_dual(weight).tangent is not None:
         return True
     return _FUNCTORCH_ACTIVE() and _is_wrapped(weight)
-
-
-_FUNCTORCH_ACTIVE = torch._C._are_functorch_transforms_active
-"""Whether a ``torch.func`` transform is active (the C function: a tenth of
-:func:`crossent._lib._checks.eager_transforms`'s cost, asked first)."""
 
 
 def _unpack_dual(x: Tensor) -> Any:
