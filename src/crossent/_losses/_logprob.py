@@ -202,8 +202,9 @@ def softcap_logits(x: Array, cap: float | None, *, xp: Any) -> Array:
     the gradient by that 0 as the closed forms do, so a NaN gradient (a row holding NaN)
     stays NaN there instead of being replaced by 0.
 
-    Where :math:`\tanh(x/c) = x/c` to rounding, :math:`z = x` itself, and a cap whose
-    reciprocal is subnormal is divided in two steps (:class:`SoftcapForm`): a huge cap
+    A huge cap is guarded (:class:`SoftcapForm`: :math:`z = x` where
+    :math:`\tanh(x/c) = x/c` to rounding, a cap whose reciprocal is subnormal divided in two
+    steps), the identity beyond the dtype's range; others take the plain form. A huge cap
     (1e38 in float32) made :math:`x/c` subnormal, which XLA on CPU flushes to 0 (every logit
     0: log C instead of the loss), and a cap above float32's range became
     :math:`\infty \cdot 0` = NaN."""
