@@ -207,3 +207,54 @@ def test_float16_vocabulary_slices_keep_the_lifted_rows() -> None:
     assert torch.equal(outs[0], outs[1])
     assert outs[0].dtype == torch.float16
     assert _units(outs[0], exact) <= _units(exact.half(), exact) + 1.0
+
+
+@pytest.fixture
+def cuda_weight_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's weight-gradient product, emulated on the CPU: float16 operands accumulated and
+    written in float32 (``torch.mm(..., out_dtype=torch.float32)``, which the CPU lacks) by the
+    float32 product of the upcast operands; the chunk loop then reads the logits gradient in
+    float16 for the weight gradient, as it does on a GPU."""
+    from crossent.fused import _chunked
+
+    mm, addmm = torch.mm, torch.addmm
+
+    def mm_(a: Any, b: Any, *, out_dtype: Any = None, out: Any = None) -> Any:
+        if out_dtype is not None:
+            a, b = a.to(out_dtype), b.to(out_dtype)
+        return mm(a, b) if out is None else mm(a, b, out=out)
+
+    def addmm_(c: Any, a: Any, b: Any, *, out_dtype: Any = None, out: Any = None, **kw: Any) -> Any:
+        if out_dtype is not None:
+            a, b = a.to(out_dtype), b.to(out_dtype)
+        return addmm(c, a, b, **kw) if out is None else addmm(c, a, b, out=out, **kw)
+
+    monkeypatch.setattr(torch, "mm", mm_)
+    monkeypatch.setattr(torch, "addmm", addmm_)
+    monkeypatch.setattr(_chunked, "_mm_out_dtype", lambda x: x.dtype == torch.float16)
+
+
+@pytest.mark.usefixtures("cuda_weight_product")
+@pytest.mark.parametrize(("fn", "reduction", "up"), CASES)
+@pytest.mark.parametrize("hidden_grad", [True, False])
+def test_float16_weight_gradient_of_the_float16_product(
+    fn: str, reduction: str, up: float, hidden_grad: bool
+) -> None:
+    """Where the weight gradient is a float16 product accumulated in float32 (CUDA), the
+    logits gradient it reads was rounded to float16 as it was: the mean's 1/N or a small
+    upstream gradient put most of its entries among float16's subnormals or at 0 (95 % of
+    them here). It is scaled by a power of two per chunk first, and the product by its
+    inverse. Also with the head alone requiring a gradient (no hidden gradient, no lift)."""
+    data = _data()
+    h, w = data["hidden"], data["weight"]
+    _, exact_w = _grads(_loss(fn, reduction, data, fused=False), h.double(), w.double(), up)
+    _, theirs_w = _grads(_loss(fn, reduction, data, fused=False), h, w, up)
+    w_ = w.detach().clone().requires_grad_(True)
+    h_ = h.detach().clone().requires_grad_(hidden_grad)
+    out = _loss(fn, reduction, data, fused=True)(h_, w_)
+    out.backward(torch.full_like(out, up))
+    assert w_.grad is not None
+    assert w_.grad.dtype == torch.float16
+    ours, floor = _units(w_.grad, exact_w), _units(exact_w.half(), exact_w)
+    assert ours <= _units(theirs_w, exact_w), (ours, floor)
+    assert ours <= floor + 1.0, (ours, floor)

@@ -218,6 +218,26 @@ def _lift_rows_(g: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor:
     return _pow2(e - _ROW_TOP_EXPONENT, g.dtype)
 
 
+def _chunk_lift(g: torch.Tensor) -> int:
+    r"""The exponent :math:`k` that puts the largest entry of the float32 logits gradient `g`
+    (a chunk's) in :math:`[2^{14}, 2^{15})` once multiplied by :math:`2^k`; 0 for a chunk of
+    zeros, or one holding inf or NaN (they propagate).
+
+    For the weight gradient on CUDA, a float16 product accumulated in float32, :math:`G` is
+    rounded to float16 first: the mean's :math:`1/N` or a small upstream gradient would put
+    most of its entries among float16's subnormals or at 0 (95 % of them at N=2048, V=8000).
+    One power of two per chunk, not per row: the product sums the rows. The host reads it
+    (one synchronisation per chunk, on this path only): the product's `alpha`, which undoes
+    it exactly, is a number."""
+    import torch
+
+    lo, hi = torch.aminmax(g)  # one pass, no |g| temporary
+    amax = max(float(hi), -float(lo))
+    if amax == 0.0 or not math.isfinite(amax):
+        return 0
+    return min(max(_ROW_TOP_EXPONENT - math.frexp(amax)[1], -100), 100)
+
+
 def _normalise_rows_(gh: torch.Tensor) -> torch.Tensor:
     """Multiply each row of `gh` (product dtype) by the power of two that puts its largest
     entry in ``[2**14, 2**15)`` (:data:`_ROW_TOP_EXPONENT`); return the powers that undo it.
@@ -1065,14 +1085,16 @@ def _chunk_loop(
         return _hidden_grad(grad_h, unscale, chunk), grad_w, grad_b
 
     shape = (chunk, v_local)
-    in_place = low_in_place and low_precision and not want_b and not lift
+    # the weight gradient a float16 product (CUDA): G scaled into float16's range first
+    scale_w = want_w and mm_dtype == torch.float16 and _mm_out_dtype(weight)
+    in_place = low_in_place and low_precision and not want_b and not lift and not scale_w
     w_norm = None  # bounds the head's column norms, and so the lifted products
     if lift:
         lo, hi = torch.aminmax(weight)  # no |W| temporary
         w_norm = torch.maximum(hi, lo.neg()).to(cdt) * math.sqrt(v_local)
     # G rounded to the product dtype before the weight gradient (which reads the float32 G
     # except on CUDA: _accumulate_wide_), and lifted G rounded after it
-    round_first = low_precision and (not lift or (want_w and device.type == "cuda"))
+    round_first = low_precision and (not lift or (want_w and _mm_out_dtype(weight)))
     if in_place:  # the product-dtype logits are the only buffer
         buf_all, lp_all = _workspace("low", shape, mm_dtype, device), None
     else:
@@ -1100,11 +1122,16 @@ def _chunk_loop(
             else:
                 grad_b += buf.sum(0)
         g = buf
+        alpha = 1.0
         if lp is not None and round_first:
-            lp.copy_(buf)
-            g = lp
+            if scale_w:  # G times 2**k rounded, the product times 2**-k (powers of two: exact)
+                k = _chunk_lift(buf)
+                g, alpha = torch.mul(buf, 2.0**k, out=lp), 2.0**-k
+            else:
+                g = lp.copy_(buf)
         if isinstance(grad_w, WideBlocks):
-            _accumulate_wide_(grad_w, None if in_place else buf, g, h_c, first=c.first)
+            wide_g32 = None if in_place else buf
+            _accumulate_wide_(grad_w, wide_g32, g, h_c, first=c.first, alpha=alpha)
         elif grad_w is not None:
             if c.first:
                 torch.mm(g.t(), h_c, out=grad_w)
@@ -1148,13 +1175,15 @@ def _accumulate_wide_(
     h_c: torch.Tensor,
     *,
     first: bool,
+    alpha: float = 1.0,
 ) -> None:
-    """``grad_w += G.T @ h_c`` in float32 for float16/bfloat16 inputs, block by block.
+    """``grad_w += alpha * G.T @ h_c`` in float32 for float16/bfloat16 inputs, block by block.
 
     On CUDA: the low-precision operands accumulated in float32 in place
-    (``torch.addmm(..., out_dtype=torch.float32, out=block)``: no temporary). Elsewhere, or
-    on a torch without that overload: the float32 gradient `g32` (None: `g_lp` upcast) and
-    the chunk of `hidden` upcast once. `first` overwrites the blocks instead.
+    (``torch.addmm(..., out_dtype=torch.float32, out=block)``: no temporary); `g_lp` may be
+    :math:`G` scaled by ``1 / alpha`` (:func:`_chunk_lift`). Elsewhere, or on a torch without
+    that overload: the float32 gradient `g32` (None: `g_lp` upcast) and the chunk of `hidden`
+    upcast once (`alpha` is 1 there). `first` overwrites the blocks instead.
     """
     import torch
 
@@ -1169,8 +1198,10 @@ def _accumulate_wide_(
         if g.dtype != torch.float32:  # pragma: no cover - needs a GPU
             if first:
                 torch.mm(g_t, h, out_dtype=torch.float32, out=block)
+                if alpha != 1.0:
+                    block.mul_(alpha)
             else:
-                torch.addmm(block, g_t, h, out_dtype=torch.float32, out=block)
+                torch.addmm(block, g_t, h, out_dtype=torch.float32, alpha=alpha, out=block)
         elif first:
             torch.mm(g_t, h, out=block)
         else:
@@ -1195,7 +1226,7 @@ def _mm_out_dtype(x: torch.Tensor) -> bool:
         try:
             out = torch.empty((2, 2), dtype=torch.float32, device=device)
             torch.mm(a, a, out_dtype=torch.float32, out=out)
-            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+            torch.addmm(out, a, a, out_dtype=torch.float32, alpha=0.5, out=out)
             ok = True
         except (TypeError, RuntimeError, NotImplementedError):  # older torch: no overload
             ok = False
