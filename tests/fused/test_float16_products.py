@@ -258,3 +258,16 @@ def test_float16_weight_gradient_of_the_float16_product(
     ours, floor = _units(w_.grad, exact_w), _units(exact_w.half(), exact_w)
     assert ours <= _units(theirs_w, exact_w), (ours, floor)
     assert ours <= floor + 1.0, (ours, floor)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("fn", "reduction", "up"), CASES[:4])
+def test_float16_weight_gradient_on_cuda(fn: str, reduction: str, up: float) -> None:
+    """The emulated cases above on a GPU, where the weight gradient is the float16 product
+    accumulated in float32 itself (``benchmarks/gpu_check.py`` runs this file)."""
+    data = {k: v.cuda() for k, v in _data().items()}
+    h, w = data["hidden"], data["weight"]
+    _, exact_w = _grads(_loss(fn, reduction, data, fused=False), h.double(), w.double(), up)
+    _, got_w = _grads(_loss(fn, reduction, data, fused=True), h, w, up)
+    assert got_w.dtype == torch.float16
+    assert _units(got_w, exact_w) <= _units(exact_w.half(), exact_w) + 1.0
