@@ -407,7 +407,7 @@ def _jsd_torch(
                 q_buf.mul_(f)
             g = q_buf.mul_(d)
             if off is not None:
-                g = _infinite_limit(g, off, zero, axis=-1, xp=torch, factor=f)
+                g.copy_(_infinite_limit(g, off, zero, axis=-1, xp=torch, factor=f))  # in q_buf
     if g is not None:
         g = torch.movedim(g, -1, axis)
     return loss, g
