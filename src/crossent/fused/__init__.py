@@ -228,13 +228,13 @@ def linear_cross_entropy(
             raise ValueError(msg)
         check_same_device(hidden=hidden, class_weight=class_weight)
         check_constant_class_weight(class_weight, caller="crossent.fused.linear_cross_entropy")
-    scored = target[..., 1:] if shift else target  # checked as given: uint64 by its values
-    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
+    given, target = target, shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     if as_one_op(hidden):  # traced or meta: value checks run inside the op, on concrete values
         from crossent.fused._ops import linear_ce_compiled
 
         loss = linear_ce_compiled(rows_2d(hidden), weight, flat(target), bias, class_weight, opts)
-    else:
+    else:  # the labels as given are checked (uint64 ones named by their value)
+        scored = given[..., 1:] if shift else given
         check_values(scored, class_weight, n_classes, ignore_index=opts.ignore_index)
         loss = run_linear_ce(rows_2d(hidden), weight, flat(target), bias, class_weight, opts)
     if opts.reduction == "none":
@@ -381,15 +381,14 @@ def linear_log_probs(
         chunk_size=chunk_size,
     )
     n_classes = check_head(hidden, weight, target, bias, shift=shift)
-    scored = target[..., 1:] if shift else target  # checked as given: uint64 by its values
-    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
+    given, target = target, shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     args = (rows_2d(hidden), weight, flat(target), bias, opts)
     if as_one_op(hidden):  # one opaque op; the label check runs inside it
         from crossent.fused._ops import linear_log_probs_compiled
 
         lp, ent = linear_log_probs_compiled(*args)
-    else:
-        check_labels(scored, n_classes, ignore_index=opts.ignore_index)
+    else:  # the labels as given are checked (uint64 ones named by their value)
+        check_labels(given[..., 1:] if shift else given, n_classes, ignore_index=opts.ignore_index)
         lp, ent = run_log_probs(*args)
     return _log_prob_outputs(lp, ent, target.shape, shift=shift)
 
