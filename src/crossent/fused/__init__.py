@@ -113,7 +113,11 @@ def linear_cross_entropy(
         Causal-LM convention (Hugging Face's): `hidden` is ``(..., T, d)``, the
         logits at position t are scored against ``target[..., t + 1]`` and the
         last position is dropped; ``"none"`` returns shape ``(..., T - 1)``.
-        Nothing is copied: the last position is simply not counted.
+        Nothing is copied: the last position is simply not counted. Under
+        ``torch.export`` with a dynamic T, ``"mean"`` and ``"sum"`` export from
+        ``Dim("T", min=2)``; ``"none"`` needs ``min=3``, as PyTorch's own
+        ``x[..., :-1]`` does (export specializes a size T - 1 of 1). T = 1 has
+        no position to score: 0 for ``"mean"`` and ``"sum"``, as an all-ignored batch.
 
     Returns
     -------
@@ -311,7 +315,9 @@ def linear_log_probs(
         Positions with this target give 0 in both outputs and no gradient.
     shift : bool, default False
         Position t is scored against ``target[..., t + 1]``; the last position
-        is dropped, so the outputs have shape ``(..., T - 1)``.
+        is dropped, so the outputs have shape ``(..., T - 1)`` (under
+        ``torch.export`` with a dynamic T: ``Dim("T", min=3)``, as for
+        PyTorch's own ``x[..., :-1]``).
     return_entropy : bool, default False
         Also return the entropy of each position's softmax.
     chunk_size : int, optional
