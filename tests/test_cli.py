@@ -192,14 +192,34 @@ def test_types_widen_after_the_first_block(tmp_path: Path) -> None:
     assert out["log_loss_nats"] == pytest.approx(math.log(2) / 40001, rel=1e-12)
 
 
-def test_infinite_figures_are_null_in_json(tmp_path: Path) -> None:
+def test_infinite_figures_are_the_json_number_1e999_and_undefined_ones_null(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """+inf (the log loss of a label given probability 0) is written 1e999: a standard JSON
+    number that Python and JavaScript read back as infinity. It was null, which reads as
+    "missing", the same as an undefined figure (NaN: precision of a class never predicted)."""
     rows = [[0, "-inf", 0.0, 1.0], [1, 0.0, 2.0, -1.0]]  # label 0 has logit -inf: loss +inf
     path = write_csv(tmp_path / "inf.csv", ["label", *NAMES], rows)
-    out = run_json("eval", str(path), "--input", "logits", "--progress")
-    assert out["log_loss_nats"] is None
-    assert out["perplexity"] is None
+    capsys.readouterr()
+    assert main(["eval", str(path), "--input", "logits", "--format", "json"]) == 0
+    text = capsys.readouterr().out
+    assert '"log_loss_nats": 1e999,' in text
+    assert "Infinity" not in text
+    assert "NaN" not in text
+    out = json.loads(text)
+    assert out == json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard {c}"))
+    assert out["log_loss_nats"] == out["log_loss_bits"] == out["perplexity"] == math.inf
     assert out["accuracy"] == 0.5
-    assert out["per_class"][0]["cross_entropy_nats"] is None
+    assert out["per_class"][0]["cross_entropy_nats"] == math.inf
+    assert out["per_class"][0]["precision"] is None  # never predicted: 0 / 0
+    out = run_json("eval", str(path), "--input", "logits", "--progress")
+    assert out["log_loss_nats"] == math.inf
+    # the tokens are replaced outside strings only
+    from crossent._eval import to_json
+
+    summary = {"Infinity": ['"-Infinity"', -math.inf, math.nan, 1.5], "x\\": "\\Infinity"}
+    back = json.loads(to_json(summary))
+    assert back == {"Infinity": ['"-Infinity"', -math.inf, None, 1.5], "x\\": "\\Infinity"}
     assert out["per_class"][1]["cross_entropy_nats"] == pytest.approx(
         ref.log_loss(np.array([[0.0, 2.0, -1.0]]), np.array([1]), "logits")
     )

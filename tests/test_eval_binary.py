@@ -212,3 +212,22 @@ def test_cli_binary_nan_and_a_log_of_inf_are_refused(
     assert "row 2 (line 3) holds NaN" in error(capsys, "eval", str(path), "--input", "logits")
     path = write(tmp_path / "i.csv", "label,lp\n1,-0.5\n0,inf\n")
     assert "row 2 (line 3) holds +inf" in error(capsys, "eval", str(path), "--input", "log_probs")
+
+
+def test_two_columns_per_label_are_refused_not_flattened() -> None:
+    """Scores of shape (N, 2) (both classes' probabilities) with N labels, or (1, 2) with two:
+    an error naming `input` and the fix. (1, 2) beside 2 labels was flattened silently
+    into two binary predictions. Equal shapes (multi-label) and a (N, 1) column still score."""
+    m = BinaryClassificationMetrics(input_kind="probs")
+    both = np.array([[0.3, 0.7], [0.9, 0.1]])
+    for scores, labels in ((both[:1], np.array([1, 0])), (both, np.array([1, 0]))):
+        with pytest.raises(ValueError, match=r"`input` has shape \(\d, 2\).*input\[\.\.\., 1\]"):
+            m.update(scores, labels)
+    with pytest.raises(ValueError, match=r"`input` of shape \(4,\) and `target` of shape \(2, 2\)"):
+        m.update(np.array([0.3, 0.7, 0.9, 0.1]), np.array([[1, 0], [0, 1]]))
+    assert m.count == 0
+    column = m.update(both[:, 1:], np.array([1, 0])).compute()["log_loss_nats"]
+    want = -(math.log(0.7) + math.log(0.9)) / 2
+    assert column == pytest.approx(want, rel=1e-15)
+    multi = BinaryClassificationMetrics(input_kind="probs").update(both, np.array([[0, 1], [1, 0]]))
+    assert multi.count == 4

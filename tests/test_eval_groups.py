@@ -204,3 +204,23 @@ def test_too_many_groups_exit_2_before_the_states_fill_memory(
         halves.append(state)
     with pytest.raises(_groups.CLIError, match="column 'id' has more than 5 distinct values"):
         halves[0].merge(halves[1])
+
+
+def test_an_integral_number_written_with_a_fraction_is_the_integer_group(tmp_path: Path) -> None:
+    """A CSV float column writes 7 as ``7.0`` (pandas) while a Parquet file holds the int 7:
+    one group, "7". It was two, "7" and "7.0". Versions and other decimals stay as written
+    (``1.10`` is not ``1.1``)."""
+    folder = tmp_path / "typed"
+    folder.mkdir()
+    write(folder / "a.csv", "label,p,g\n1,0.9,7.0\n0,0.2,-3.00\n1,0.6,1e2\n0,0.3,1.10\n")
+    table = pa.table({"label": [1, 0, 1, 0], "p": [0.7, 0.4, 0.8, 0.1], "g": [7, -3, 100, 8]})
+    pq.write_table(table, folder / "b.parquet")
+    write(folder / "c.csv", "label,p,g\n1,0.5,7\n0,0.45,1.1\n")
+    out = run_json("eval", str(folder), "--group-by", "g")
+    groups = {g["group"]: g["rows"] for g in out["groups"]}
+    assert groups == {"-3": 2, "7": 3, "8": 1, "100": 2, "1.1": 1, "1.10": 1}
+    sevens = [(1, 0.9), (1, 0.7), (1, 0.5)]
+    loss = -math.fsum(math.log(p) for _, p in sevens) / 3
+    assert next(g for g in out["groups"] if g["group"] == "7")["log_loss_nats"] == pytest.approx(
+        loss, rel=1e-15
+    )

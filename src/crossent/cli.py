@@ -18,7 +18,6 @@ subcommands that need them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,7 +80,7 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
         raise CLIError(msg)
     if args.report is not None:  # before scoring: a big file is not read to fail at the end
         _report_folder(args.report)
-    from crossent._eval import _memory, evaluate, format_text, jsonable
+    from crossent._eval import _memory, evaluate, format_text, to_json
 
     _memory.reuse_freed_memory()  # this process scores: each batch reuses the memory of the last
     summary, metric = evaluate(
@@ -116,8 +115,7 @@ def _cmd_eval(args: argparse.Namespace, out: IO[str]) -> int:
             raise CLIError(_report_error(args.report, exc)) from exc
         summary["report"] = str(html)
     if args.format == "json":
-        json.dump(jsonable(summary), out, indent=2, allow_nan=False)
-        out.write("\n")
+        out.write(to_json(summary) + "\n")
     else:
         out.write(format_text(summary) + "\n")
         if args.report is not None:

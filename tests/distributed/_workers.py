@@ -133,6 +133,20 @@ BAD_CALLS["label_above_global_vocab" + UNCHECKED] = BAD_CALLS["label_above_globa
 BAD_CALLS["negative_label" + UNCHECKED] = BAD_CALLS["negative_label"]
 
 
+@_bad("uint64_label_wrapping_to_ignore_index")
+def _(rank: int, world_size: int) -> dict[str, Any]:
+    # 2**64 - 100 wrapped to -100, the ignore_index, in the int64 label summary: dropped
+    args = _good_args(rank, world_size)
+    target = args["target"].to(torch.uint64)
+    target[1] = torch.tensor(2**64 - 100, dtype=torch.uint64)
+    return {**args, "target": target}
+
+
+BAD_CALLS["uint64_label_wrapping_to_ignore_index" + UNCHECKED] = BAD_CALLS[
+    "uint64_label_wrapping_to_ignore_index"
+]
+
+
 @_bad("label_above_global_vocab_on_rank_1_only" + UNCHECKED)
 def _(rank: int, world_size: int) -> dict[str, Any]:
     args = _good_args(rank, world_size)

@@ -98,6 +98,13 @@ EXPECTED_ERRORS = {
     "label_above_global_vocab_validation_off": (None, "IndexError", "outside [0, 11)"),
     "negative_label_validation_off": (None, "IndexError", "min=-7"),
     "label_above_global_vocab_on_rank_1_only_validation_off": (None, "IndexError", "max=11"),
+    # a uint64 label of 2**63 or more, named by its value; it was dropped silently
+    "uint64_label_wrapping_to_ignore_index": (None, "ValueError", "max=18446744073709551516."),
+    "uint64_label_wrapping_to_ignore_index_validation_off": (
+        None,
+        "IndexError",
+        "max=18446744073709551516",
+    ),
 }
 
 

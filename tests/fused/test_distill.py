@@ -297,3 +297,25 @@ def test_a_tiny_temperature_gives_the_float64_gradient(temperature: float, beta:
     (g,) = torch.autograd.grad(got, h)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g.double(), want_g, rtol=1e-5, atol=1e-6 * float(want_g.abs().max()))
+
+
+def test_infinite_reverse_kl_gives_the_limit_gradient_for_the_logits() -> None:
+    """β = 1, the student gives mass to a class the teacher's bias rules out (−inf): the loss
+    is +inf and the logits' gradient (here the bias's, one row) the limit ±inf of
+    ``value_and_grad``, never NaN; it was NaN for every class."""
+    gen = torch.Generator().manual_seed(3)
+    h, th = torch.randn(1, 3, generator=gen), torch.randn(1, 3, generator=gen)
+    w, tw = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    bias = torch.tensor([0.0, 0.5, -torch.inf, 0.0, 0.0], requires_grad=True)
+    for t_bias in ([0.0, -torch.inf, 0.0, 0.0, 0.0], [-torch.inf, -torch.inf, 0.0, 0.0, 0.0]):
+        tb = torch.tensor(t_bias)
+        bias.grad = None
+        loss = fused(h, w, th, tw, bias=bias, teacher_bias=tb, beta=1.0, reduction="sum")
+        loss.backward()
+        _, want = ce.value_and_grad(
+            ce.distillation_loss, h @ w.T + bias.detach(), th @ tw.T + tb, beta=1.0,
+            reduction="sum",
+        )  # fmt: skip
+        assert loss.item() == torch.inf
+        assert not bias.grad.isnan().any()
+        torch.testing.assert_close(bias.grad, want[0], rtol=1e-5, atol=1e-7)

@@ -1045,3 +1045,40 @@ def test_blocked_float32_weight_gradient_is_rounded_once_block_by_block() -> Non
     parts = WideBlocks([full[:5].clone(), full[5:].clone()])
     assert torch.equal(parts.rounded(factor, torch.bfloat16), (full * factor).bfloat16())
     assert parts.blocks == []
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("which", ["module", "log_probs"])
+def test_export_with_shift_and_a_dynamic_sequence_of_two_or_more(which: str, reduction: str):
+    """torch.export of shift=True with a dynamic T: shift_target's slice of T - 1 label
+    columns made export guard T - 1 != 1 ("Not all values of T ... satisfy the generated guard
+    ((-1) + L['h'].size()[1]) != 1"), so Dim("T", min=2) failed for every reduction. A loss
+    (mean, sum) now exports from min=2 (T = 2 scores one position). A per-position result of
+    shape (..., T - 1) ("none", linear_log_probs) needs min=3, as PyTorch's own x[:, :-1]
+    does: export guards every size T - 1 against 1 (its 0/1 specialization)."""
+    gen = torch.Generator().manual_seed(11)
+    head = torch.randn(13, 6, generator=gen, dtype=torch.float64)
+    loss = ce.nn.LinearCrossEntropyLoss(shift=True, reduction=reduction)
+
+    class Model(torch.nn.Module):
+        def forward(self, h: Any, y: Any) -> Any:
+            if which == "log_probs":
+                return ce.fused.linear_log_probs(h, head, y, shift=True)
+            return loss(h, head, y)
+
+    def data(t: int) -> tuple[Any, Any]:
+        h = torch.randn(2, t, 6, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 13, (2, t), generator=gen)
+        y[0, -1] = -100
+        return h, y
+
+    per_position = reduction == "none" or which == "log_probs"
+    steps = torch.export.Dim("T", min=3 if per_position else 2, max=64)
+    model = Model()
+    program = torch.export.export(model, data(5), dynamic_shapes=({1: steps}, {1: steps}))
+    for t in (3, 8) if per_position else (2, 3, 8):
+        h, y = data(t)
+        got, want = program.module()(h, y), model(h, y)
+        if per_position:
+            assert got.shape == (2, t - 1)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

@@ -339,3 +339,34 @@ def test_a_temperature_whose_reciprocal_overflows_the_compute_dtype_is_refused()
     # 1 / T finite in float32, logits / T too: computed
     ok = ce.distillation_loss(xt, xt.flip(0), temperature=1e-38, reduction="none")
     assert torch.isfinite(ok).all()
+
+
+def _reverse_kl_limit(s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """d KL(Q||P) / d s as the teacher's zeros P_k = e^c vanish (c -> -inf), in float64."""
+    q = np.exp(s - s.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    off = (t == -np.inf) & (q > 0)
+    inside = ((q > 0) & ~off).any(1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        log_q = np.where(q > 0, np.log(q), 0.0)
+    finite = q * (log_q - (q * log_q).sum(1, keepdims=True))  # disjoint supports: c cancels
+    signed = np.where(off, np.inf, np.where(q > 0, -np.inf, 0.0))
+    return np.where(inside & off.any(1, keepdims=True), signed, finite)
+
+
+def test_infinite_reverse_kl_has_the_limit_gradient_not_nan(xp: Any) -> None:
+    """β = 1 and the student gives mass to a class the teacher rules out (−inf): the loss is
+    +inf and its gradient the limit as that teacher probability vanishes: +inf on the class,
+    −inf on the student's other classes, 0 where the student is −inf; with disjoint supports
+    the finite limit. The closed form gave NaN for the whole row (∞ − ∞ in r − KL)."""
+    s = np.array([[0.0, 1.0, 2.0, -np.inf], [0.0, -np.inf, 1.0, 0.5], [0.5, 1.0, -1.0, 0.0]])
+    t = np.array([[0.0, 1.0, -np.inf, 0.0], [-np.inf, 0.0, -np.inf, -np.inf], [0.1, 0.2, 0.3, 0.4]])
+    want = _reverse_kl_limit(s, t)
+    want[2] = distill_grad_ref(s[2:], t[2:], beta=1.0)[0]
+    value, grad = ce.value_and_grad(
+        ce.distillation_loss, to_xp(xp)(s), to_xp(xp)(t), beta=1.0, reduction="none"
+    )
+    value, grad = to_numpy(value), to_numpy(grad)
+    assert value[0] == value[1] == np.inf
+    assert not np.isnan(grad).any()
+    np.testing.assert_allclose(grad, want, rtol=1e-12, atol=1e-15)

@@ -519,11 +519,16 @@ def _huge_uint64_label_calls() -> dict[str, Callable[[Any], Any]]:
 def test_uint64_labels_beyond_int64_are_refused(name: str, label: int) -> None:
     """uint64 labels of 2**63 and more wrapped to negative int64 values: 2**64 - 100 became
     -100, the default `ignore_index`, and 2**63 the sentinel of none, so the row scored 0
-    silently (every torch entry point). Now they are labels outside [0, C)."""
+    silently (every torch entry point). Now they are labels outside [0, C), named by their
+    own value (the message named int64's largest, 9223372036854775807, for both)."""
     call = _huge_uint64_label_calls()[name]
     y = torch.tensor([1, label, 2], dtype=torch.uint64)
-    with pytest.raises(ValueError, match=r"labels outside \[0, 4\)"):
+    with pytest.raises(ValueError, match=rf"labels outside \[0, 4\).*min={label}, max={label}\."):
         call(y)
+    with ce.validation(False), pytest.raises((IndexError, ValueError, RuntimeError)) as caught:
+        call(y)  # off, the label still fails as in torch's kernels: named if crossent's check
+    if "validation off" in str(caught.value):
+        assert f": {label} (checked" in str(caught.value)
     fine = call(torch.tensor([1, 3, 2], dtype=torch.uint64))  # valid uint64 labels still score
     torch.testing.assert_close(fine, call(torch.tensor([1, 3, 2])))
 

@@ -339,7 +339,7 @@ def _native_indices(
         else:
             out = kernel(xc, t, w, _REDUCTION_ENUM[reduction], ignore, *extra)
     except (IndexError, RuntimeError) as exc:
-        _label_error(exc, t, x.shape[axis], opts.ignore_index)
+        _label_error(exc, target, x.shape[axis], opts.ignore_index)  # uint64: its values
         raise  # pragma: no cover - _label_error always raises
     return _half_result(out, x) if low else out  # float32 / float64: autocast leaves them alone
 
@@ -1792,7 +1792,7 @@ def _sparse_low(x: Tensor, target: Tensor, axis: int, opts: CEOptions) -> Tensor
         else:  # no autograd node
             out = _sparse_low_forward(x, label, valid, opts.reduction, early=False)[0]
     except (IndexError, RuntimeError) as exc:
-        _label_error(exc, t, x.shape[1], opts.ignore_index)
+        _label_error(exc, target, x.shape[1], opts.ignore_index)  # uint64: its values
         raise  # pragma: no cover - _label_error always raises
     return out
 

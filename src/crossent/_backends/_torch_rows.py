@@ -120,7 +120,7 @@ def own_rows(
         else:
             out = _reduce(_pass(z2, label, valid, w, w_y, mask, opts, None)[0], den, opts, dtype)
     except (IndexError, RuntimeError) as exc:
-        _label_error(exc, t, num_classes, opts.ignore_index)
+        _label_error(exc, target, num_classes, opts.ignore_index)  # uint64: its values
         raise  # pragma: no cover - _label_error always raises
     if _holds_nan(out, opts.reduction, inf=opts.z_loss != 0):
         return None

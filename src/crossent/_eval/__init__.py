@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # imported on first use, so `crossent --version` imports noth
     from crossent._eval._labels import batch_labels
     from crossent._eval._open import FORMATS, open_table, read_batches
     from crossent._eval._table import Batch, Table
-    from crossent._eval._text import format_text, jsonable
+    from crossent._eval._text import format_text, jsonable, to_json
 
 _LAZY = {
     "Columns": "_columns",
@@ -43,6 +43,7 @@ _LAZY = {
     "Table": "_table",
     "format_text": "_text",
     "jsonable": "_text",
+    "to_json": "_text",
 }
 
 
@@ -69,4 +70,5 @@ __all__ = [
     "open_table",
     "read_batches",
     "resolve_columns",
+    "to_json",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,8 @@ __all__ = ["MAX_GROUPS", "GroupedMetrics", "group_keys", "group_name", "order_gr
 MAX_GROUPS = 2000
 
 _VERSION = re.compile(r"^[vV]?\d+([._-]\d+)*$")
+#: a number written with a fraction of zeros or an exponent: ``7.0``, ``-3.00``, ``1e2``
+_INTEGRAL_TEXT = re.compile(r"^[+-]?\d+(\.0*)?([eE][+-]?\d{1,3})?$")
 _DATE = re.compile(r"^\d{4}-\d{2}(-\d{2})?([ T].*)?$")
 
 
@@ -160,8 +163,25 @@ def group_name(value: Any) -> str:
     if isinstance(value, _dt.date | _dt.time):
         return value.isoformat()
     if isinstance(value, str):
-        return value.strip()
+        text = value.strip()
+        return _integral_text(text) if ("." in text or "e" in text.lower()) else text
     return str(value)
+
+
+def _integral_text(text: str) -> str:
+    """``7`` for a cell that writes an integral number with a fraction or an exponent.
+
+    ``7.0``, ``7.00``, ``-3.0`` and ``1e2`` (a float column written by pandas or a
+    spreadsheet) are the integers a Parquet or JSON file holds as 7, -3 and 100, so
+    they are one group. Other decimals stay as written (``1.10`` is a version, not
+    ``1.1``); integers too (``07`` is an id).
+    """
+    if not _INTEGRAL_TEXT.match(text):
+        return text
+    number = Decimal(text)
+    if number != number.to_integral_value():
+        return text
+    return str(int(number))
 
 
 def group_keys(column: Any, *, name: str) -> tuple[np.ndarray, list[Any]]:

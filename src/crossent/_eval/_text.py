@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any
 
-__all__ = ["format_text", "jsonable"]
+__all__ = ["format_text", "jsonable", "to_json"]
+
+#: a JSON string (kept as it is) or the token Python writes for +-inf
+_INFINITY = re.compile(r'"(?:[^"\\]|\\.)*"|-?Infinity')
 
 
 def _finite(value: Any) -> Any:
-    """JSON has no inf or NaN: those become null."""
-    if isinstance(value, float) and not math.isfinite(value):
+    """NaN (a figure not defined: 0 / 0) becomes null; +-inf stays."""
+    if isinstance(value, float) and math.isnan(value):
         return None
     return value
 
 
 def jsonable(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary with inf and NaN as None (JSON has neither), at every depth."""
+    """The summary with NaN as None (an undefined figure), at every depth; inf stays."""
 
     def clean(value: Any) -> Any:
         if isinstance(value, dict):
@@ -27,6 +32,18 @@ def jsonable(summary: dict[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = clean(summary)
     return out
+
+
+def to_json(summary: dict[str, Any]) -> str:
+    """The summary as standard JSON: +-inf as the numbers ``1e999`` / ``-1e999``, NaN as null.
+
+    JSON has no infinity; ``1e999`` is a number of its grammar beyond every float, which
+    Python's ``json`` and JavaScript's ``JSON.parse`` read back as infinity (jq as the
+    largest double). null stays what it means elsewhere: not defined (NaN, a 0 / 0 such as
+    the precision of a class never predicted). Python's own ``Infinity`` token is not JSON.
+    """
+    text = json.dumps(jsonable(summary), indent=2, allow_nan=True)
+    return _INFINITY.sub(lambda m: m[0] if m[0][0] == '"' else m[0][:-8] + "1e999", text)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

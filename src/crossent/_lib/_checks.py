@@ -32,9 +32,11 @@ from crossent._lib._xp import (
     is_lazy,
     is_torch_tensor,
     known_true,
+    label_extremes,
     representable,
     size,
     stop_gradient,
+    uint64_label,
 )
 
 __all__ = [
@@ -615,8 +617,11 @@ def _labels_read(
     if bad is None:
         return
     if known(xp.any(bad)):
-        bad_values = label[bad]
-        lo, hi = int(xp.min(bad_values)), int(xp.max(bad_values))
+        if label is not target:  # PyTorch uint16/32/64, widened: uint64 ones by their value
+            lo, hi = label_extremes(target, bad)
+        else:
+            bad_values = label[bad]
+            lo, hi = int(xp.min(bad_values)), int(xp.max(bad_values))
         hint = "" if ignore_index is None else f" (ignore_index={ignore_index})"
         msg = (
             f"`{name}` has labels outside [0, {num_classes}) that are not `ignore_index`"
@@ -710,9 +715,10 @@ def _guard_read(target: Array, num_classes: int, ignore_index: int | None) -> No
         return
     # the mask of check_label_range: no comparison with a class count or an ignore_index the
     # dtype cannot hold (uint8 156 is not -100; no uint8 label reaches 300 classes)
-    label, bad = _outside(target, num_classes, ignore_index, xp=torch)
+    _, bad = _outside(target, num_classes, ignore_index, xp=torch)
     if bad is not None and bool(bad.any()):
-        raise label_index_error(num_classes, str(int(label[bad].reshape(-1)[0])))
+        first = int(target.long()[bad].reshape(-1)[0])  # uint64 ones by their value
+        raise label_index_error(num_classes, str(uint64_label(first, target.dtype)))
 
 
 def assert_labels_on_device(target: Array, num_classes: int, ignore_index: int | None) -> Array:

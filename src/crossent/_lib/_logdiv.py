@@ -239,12 +239,42 @@ def _jsd_generic(
         return loss, None
     coef = 1.0 if beta == 1.0 else 1.0 - beta
     zero = log_q == -math.inf  # r = 0 where Q = 0: Q r = 0 there
-    r = xp.where(zero, xp.zeros_like(log_q), log_q - xp.where(zero, xp.zeros_like(log_m), log_m))
+    # beta = 1: log M = log P, -inf on a class the teacher rules out (the only -inf of M)
+    off = (log_m == -math.inf) & ~zero if beta == 1.0 else None
+    cut = zero if off is None else zero | off  # r_k = log Q_k there: P_k = e^c, c = 0
+    r = xp.where(zero, xp.zeros_like(log_q), log_q - xp.where(cut, xp.zeros_like(log_m), log_m))
     star = xp.argmax(log_q, axis=axis, keepdims=True)
     r = r - take_along_axis(r, star, axis=axis, xp=xp)  # r' = r - r_* (module docstring)
     q = xp.exp(log_q)
     g = q * (r - xp.sum(q * r, axis=axis, keepdims=True))
+    if off is not None:
+        g = _infinite_limit(g, off, zero, axis=axis, xp=xp)
     return loss, g * (coef * _row_factor(scale, axis, xp=xp))
+
+
+def _infinite_limit(
+    g: Array, off: Array, zero: Array, *, axis: int, xp: Any, factor: Any = None
+) -> Array:
+    r"""The gradient of a reverse KL that is :math:`+\infty` (`off`: :math:`Q_k > 0 = P_k`).
+
+    It is the limit as the teacher's zeros :math:`P_k = e^c` (:math:`c \to -\infty`, the
+    same for each) vanish: :math:`Q_k (r_k - \sum_j Q_j r_j)` has the term
+    :math:`-c\,Q_k([k \in Z] - Q_Z)`, :math:`Z` the classes in `off`. Where the student
+    also has mass on classes the teacher allows (:math:`Q_Z < 1`) it is :math:`+\infty`
+    on :math:`Z`, :math:`-\infty` on the others with :math:`Q_k > 0` and 0 where
+    :math:`Q_k = 0` — the direction that lowers the loss; where it has not (disjoint
+    supports) the :math:`c` terms cancel and `g`, formed with :math:`\log P_k = 0` on
+    :math:`Z`, is the finite limit. (PyTorch's autograd of ``kl_div`` gives
+    :math:`\infty - \infty =` NaN on :math:`Z`.) `factor`, when given, multiplies the
+    infinities (`g` already has it).
+    """
+    inside = xp.any(~off & ~zero, axis=axis, keepdims=True)  # Q_Z < 1
+    mixed = inside & xp.any(off, axis=axis, keepdims=True)
+    inf = xp.full_like(g, math.inf)
+    signed = xp.where(off, inf, xp.where(zero, xp.zeros_like(g), -inf))
+    if factor is not None:
+        signed = signed * factor
+    return xp.where(mixed, signed, g)
 
 
 def _row_factor(scale: float | Array, axis: int, *, xp: Any) -> float | Array:
@@ -338,9 +368,15 @@ def _jsd_torch(
             if (f := factor(1.0)) is not None:
                 g.mul_(f)
     else:
-        kl_p = None
+        kl_p = off = zero = log_q_off = None
         if beta == 1.0:  # KL(Q || P): a = Q, b = P
             torch.sub(log_q, log_p, out=d)
+            # Q_k > 0 = P_k (an infinite loss) and Q_k = 0: _infinite_limit; on the CPU only
+            # where the teacher rules a class out (one pass; as _chunked, no sync elsewhere)
+            if grad and (log_p.device.type != "cpu" or not bool(log_p.amin() > -math.inf)):
+                zero = log_q == -math.inf
+                off = (log_p == -math.inf) & ~zero
+                log_q_off = torch.where(off, log_q, 0.0)  # log_q is overwritten below
             m_buf = torch.exp(log_p, out=p_buf)
         else:
             log_m, m_buf = empty(), empty()
@@ -359,6 +395,8 @@ def _jsd_torch(
         kl_q = _rel_entr_rows_torch(d, q_buf, m_buf, w, b_may_vanish=beta == 1.0)
         loss = kl_q if kl_p is None else kl_p.mul_(beta).add_(kl_q, alpha=1.0 - beta)
         g = None
+        if off is not None and log_q_off is not None:
+            torch.where(off, log_q_off, d, out=d)  # r_k = log Q_k where P_k = 0 (c = 0)
         if grad:  # c Q (r' - sum Q r'), r' = r - r_* (0 where Q = 0; module docstring)
             d.sub_(d.gather(-1, log_q.argmax(-1, keepdim=True)))
             torch.mul(q_buf, d, out=w)
@@ -368,6 +406,8 @@ def _jsd_torch(
             if (f := factor(1.0 if beta == 1.0 else 1.0 - beta)) is not None:
                 q_buf.mul_(f)
             g = q_buf.mul_(d)
+            if off is not None:
+                g.copy_(_infinite_limit(g, off, zero, axis=-1, xp=torch, factor=f))  # in q_buf
     if g is not None:
         g = torch.movedim(g, -1, axis)
     return loss, g

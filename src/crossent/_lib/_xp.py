@@ -244,6 +244,33 @@ def int64_labels(target: Any) -> Any:
     return wide
 
 
+def uint64_label(value: int, dtype: Any) -> int:
+    """A label `value` read from an int64 copy (wrapped) as its own `dtype` holds it.
+
+    uint64 labels of :math:`2^{63}` and more are negative in an int64 copy (and int64's
+    largest after :func:`int64_labels`); error messages name them by this, their value.
+    """
+    return value % 2**64 if str(dtype).endswith("uint64") else value
+
+
+def label_extremes(target: Any, bad: Any) -> tuple[int, int]:
+    """The smallest and largest of PyTorch labels ``target[bad]``, as their dtype holds them.
+
+    For error messages (a slow path): uint64 labels of :math:`2^{63}` and more, which
+    :func:`int64_labels` shows as int64's largest, by their own value.
+    """
+    wrapped = target.long()[bad]
+    if not str(target.dtype).endswith("uint64"):
+        return int(wrapped.min()), int(wrapped.max())
+    high = wrapped < 0  # 2**63 and more
+    low = wrapped[~high]
+    lo = int(low.min()) if low.numel() else uint64_label(int(wrapped[high].min()), target.dtype)
+    hi = (
+        uint64_label(int(wrapped[high].max()), target.dtype) if bool(high.any()) else int(low.max())
+    )
+    return lo, hi
+
+
 def forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``).
 

@@ -329,6 +329,16 @@ def distillation_loss(
     :math:`Q_* \approx 1 - 10^{-4}` and a KL near 20 were off by 17 % of their norm). Use
     ``value_and_grad`` or the fused loss where such rows matter.
 
+    A row whose loss is :math:`+\infty` has a gradient too. ``beta=0`` with a student
+    class of −inf the teacher gives mass: the limit :math:`(Q - P)/T`, on every path (as
+    PyTorch's ``kl_div``). ``beta=1`` with a teacher class of −inf the student gives mass
+    (:math:`Q_k > 0 = P_k`, underflowed :math:`Q_k` included): the limit as those teacher
+    probabilities vanish alike, from ``value_and_grad`` and the fused loss: :math:`+\infty`
+    on those classes, :math:`-\infty` on the student's other classes, 0 where
+    :math:`Q_k = 0`; finite if the student has no mass where the teacher has. Autodiff of
+    this function gives what PyTorch's autograd of ``kl_div`` gives, NaN on those classes.
+    Through a matrix product (the fused loss's `hidden`) the infinities can meet as NaN.
+
     References
     ----------
     .. [1] Agarwal et al., "On-Policy Distillation of Language Models: Learning from

@@ -32,9 +32,10 @@ from crossent._lib._checks import (
     check_softcap,
     check_unit_interval_scalar,
     label_index_error,
+    not_ignored,
     values_checked,
 )
-from crossent._lib._xp import is_lazy
+from crossent._lib._xp import int64_labels, is_lazy, label_extremes
 
 __all__ = ["Layout", "Options", "agree", "all_reduce", "check_options", "group_of", "row_reducers"]
 
@@ -106,7 +107,9 @@ def _crc(value: object) -> int:
 
 def _label_summary(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
     """[min, max, fingerprint] of the counted labels, computed on the target's device."""
-    t = target.reshape(-1).to(torch.int64)
+    # uint64 labels of 2**63 and more wrapped to negative int64 (2**64 - 100 to an
+    # ignore_index of -100: dropped silently); int64_labels makes them int64's largest
+    t = int64_labels(target.reshape(-1))
     counted = (
         t != ignore_index if ignore_index is not None else torch.ones_like(t, dtype=torch.bool)
     )
@@ -271,6 +274,11 @@ def agree(
     lo = min(column(_TMIN))
     hi = max(column(_TMAX))
     if lo != _NO_LABEL_MIN and (lo < 0 or hi >= vocab_size):
+        if target is not None and not is_lazy(target) and str(target.dtype).endswith("uint64"):
+            # the same labels on every rank (the fingerprints agree): named by their value
+            wide = int64_labels(target)
+            ignore = options.ignore_index if options is not None else None
+            lo, hi = label_extremes(target, not_ignored(wide, ignore, xp=torch))
         if not checked_rows:
             raise label_index_error(vocab_size, f"min={lo}, max={hi}")
         ignore = options.ignore_index if options is not None else None

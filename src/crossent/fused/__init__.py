@@ -113,7 +113,11 @@ def linear_cross_entropy(
         Causal-LM convention (Hugging Face's): `hidden` is ``(..., T, d)``, the
         logits at position t are scored against ``target[..., t + 1]`` and the
         last position is dropped; ``"none"`` returns shape ``(..., T - 1)``.
-        Nothing is copied: the last position is simply not counted.
+        Nothing is copied: the last position is simply not counted. Under
+        ``torch.export`` with a dynamic T, ``"mean"`` and ``"sum"`` export from
+        ``Dim("T", min=2)``; ``"none"`` needs ``min=3``, as PyTorch's own
+        ``x[..., :-1]`` does (export specializes a size T - 1 of 1). T = 1 has
+        no position to score: 0 for ``"mean"`` and ``"sum"``, as an all-ignored batch.
 
     Returns
     -------
@@ -228,13 +232,14 @@ def linear_cross_entropy(
             raise ValueError(msg)
         check_same_device(hidden=hidden, class_weight=class_weight)
         check_constant_class_weight(class_weight, caller="crossent.fused.linear_cross_entropy")
-    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
+    given, target = target, shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     if as_one_op(hidden):  # traced or meta: value checks run inside the op, on concrete values
         from crossent.fused._ops import linear_ce_compiled
 
         loss = linear_ce_compiled(rows_2d(hidden), weight, flat(target), bias, class_weight, opts)
-    else:
-        check_values(target, class_weight, n_classes, ignore_index=opts.ignore_index)
+    else:  # the labels as given are checked (uint64 ones named by their value)
+        scored = given[..., 1:] if shift else given
+        check_values(scored, class_weight, n_classes, ignore_index=opts.ignore_index)
         loss = run_linear_ce(rows_2d(hidden), weight, flat(target), bias, class_weight, opts)
     if opts.reduction == "none":
         loss = unshift(loss.reshape(target.shape), shift=shift)
@@ -310,7 +315,9 @@ def linear_log_probs(
         Positions with this target give 0 in both outputs and no gradient.
     shift : bool, default False
         Position t is scored against ``target[..., t + 1]``; the last position
-        is dropped, so the outputs have shape ``(..., T - 1)``.
+        is dropped, so the outputs have shape ``(..., T - 1)`` (under
+        ``torch.export`` with a dynamic T: ``Dim("T", min=3)``, as for
+        PyTorch's own ``x[..., :-1]``).
     return_entropy : bool, default False
         Also return the entropy of each position's softmax.
     chunk_size : int, optional
@@ -380,14 +387,14 @@ def linear_log_probs(
         chunk_size=chunk_size,
     )
     n_classes = check_head(hidden, weight, target, bias, shift=shift)
-    target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
+    given, target = target, shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     args = (rows_2d(hidden), weight, flat(target), bias, opts)
     if as_one_op(hidden):  # one opaque op; the label check runs inside it
         from crossent.fused._ops import linear_log_probs_compiled
 
         lp, ent = linear_log_probs_compiled(*args)
-    else:
-        check_labels(target, n_classes, ignore_index=opts.ignore_index)
+    else:  # the labels as given are checked (uint64 ones named by their value)
+        check_labels(given[..., 1:] if shift else given, n_classes, ignore_index=opts.ignore_index)
         lp, ent = run_log_probs(*args)
     return _log_prob_outputs(lp, ent, target.shape, shift=shift)
 

@@ -234,8 +234,14 @@ def shift_target(target: torch.Tensor, *, shift: bool, ignore_index: int) -> tor
     """
     if not shift:
         return int64_labels(target)
-    pad = torch.full_like(target[..., :1], ignore_index, dtype=torch.int64)
-    return torch.cat((int64_labels(target[..., 1:]), pad), dim=-1)
+    # a gather of t + 1 (the last position reads itself, then gets `ignore_index`), not
+    # cat(target[..., 1:], pad): traced with a dynamic T, the slice of T - 1 columns made
+    # torch.export guard T - 1 != 1 (its contiguity check), refusing Dim("T", min=2)
+    steps = target.shape[-1]
+    position = torch.arange(steps, device=target.device)
+    after = torch.clamp(position + 1, max=steps - 1).expand(target.shape)
+    wide = int64_labels(target).gather(-1, after)
+    return torch.where(position == steps - 1, ignore_index, wide)
 
 
 def as_one_op(hidden: torch.Tensor) -> bool:

@@ -111,6 +111,37 @@ def _check_binary(score: np.ndarray, label: np.ndarray, *, input_kind: str) -> N
         raise F.BadRowError(msg, row=row, reason=reason)
 
 
+def _check_shapes(score: tuple[int, ...], label: tuple[int, ...]) -> None:
+    """One score per label: equal shapes (multi-label too), or a column of one per label.
+
+    Shapes that merely hold as many numbers, such as scores ``(1, 2)`` beside two labels,
+    were flattened into that many binary predictions; two columns per label are the
+    probabilities (or logits) of both classes, not P(label = 1).
+    """
+
+    def trimmed(shape: tuple[int, ...]) -> tuple[int, ...]:
+        while shape and shape[-1] == 1:
+            shape = shape[:-1]
+        return shape
+
+    if trimmed(score) == trimmed(label):
+        return
+    if len(score) >= 2 and score[-1] == 2:  # (N, 2) beside N labels, or (1, 2) beside 2
+        msg = (
+            f"`input` has shape {score}: two columns beside `target` of shape {label}, the "
+            "scores of both classes, where BinaryClassificationMetrics "
+            "takes one P(label = 1) per label. Pass input[..., 1] (probabilities or "
+            "log-probabilities; for two logits input[..., 1] - input[..., 0]), or score both "
+            "columns with ClassificationMetrics."
+        )
+        raise ValueError(msg)
+    msg = (
+        f"`input` of shape {score} and `target` of shape {label} must have the same shape: "
+        "one P(label = 1) per label (a multi-label target: one per label and class)."
+    )
+    raise ValueError(msg)
+
+
 class BinaryClassificationMetrics(Metric):
     r"""Binary figures of one P(label = 1) column in one streaming pass.
 
@@ -172,20 +203,21 @@ class BinaryClassificationMetrics(Metric):
         return (*super()._config(), self.bins, self.base)
 
     def update(self, input: Array, target: Array) -> Self:
-        """Add a batch: `input` holds one score per row, `target` the 0/1 labels."""
+        """Add a batch: `input` holds one score per label, `target` the 0/1 labels.
+
+        `input` has `target`'s shape (a multi-label target: one score per label and
+        class), or that shape with a trailing axis of 1 (a column). Two columns per
+        label (both classes' scores) are refused, not flattened: pass ``input[..., 1]``.
+        """
         if _traced(input):  # torch.compile: eagerly, at a graph break
             return cast(Self, _update_eagerly(self, input, target))
         _batch_namespace(input, target)  # a clear TypeError for non-arrays or two libraries
-        score = np.ravel(to_numpy(input, dtype=np.float64))
+        score = to_numpy(input, dtype=np.float64)
         # as float64 (exact for 0/1 and any label near them): an int64 copy would truncate
         # 0.5 or 1.2 to a label 0/1
-        label = np.ravel(to_numpy(target, dtype=np.float64))
-        if score.shape != label.shape:
-            msg = (
-                f"`input` must hold one P(label = 1) per label; got {score.size} scores "
-                f"for {label.size} labels."
-            )
-            raise ValueError(msg)
+        label = to_numpy(target, dtype=np.float64)
+        _check_shapes(score.shape, label.shape)
+        score, label = np.ravel(score), np.ravel(label)
         if self.ignore_index is not None:
             kept = label != self.ignore_index
             score, label = score[kept], label[kept]

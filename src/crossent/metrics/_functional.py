@@ -273,8 +273,9 @@ def _row_stats(
     labels = to_numpy(y, dtype=np.int64)
     if str(y.dtype).endswith("uint64"):
         # labels of 2**63 and more wrapped to negative int64 values (2**64 - 100 to an
-        # ignore_index of -100: the row was dropped silently); int64's largest value is
-        # outside every class range, so the check refuses them
+        # ignore_index of -100: the row was dropped silently): checked as uint64 (named by
+        # their value), then int64's largest value, outside every class range
+        _check_labels(labels.view(np.uint64), num_classes, ignore_index=ignore_index)
         labels[labels < 0] = np.iinfo(np.int64).max
         y = xp.astype(y, xp.int64)  # (PyTorch cannot index with, or take rows of, uint64)
     _check_labels(labels, num_classes, ignore_index=ignore_index)
