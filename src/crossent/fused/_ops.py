@@ -25,7 +25,8 @@ reads both upstream gradients) and ``crossent::linear_distill`` with
 Under ``torch.func`` transforms the three functions go through autograd
 Functions with ``setup_context`` over the same ops (the ops' own autograd is not
 usable there), and the ops batch under ``vmap`` by looping over the vmapped
-dimension; see the section at the end.
+dimension; see the section at the end. Inside ``torch.compile`` those Functions run
+eagerly, at a graph break (:func:`_eagerly`).
 
 This module has no ``from __future__ import annotations``: ``custom_op`` reads
 the schema from real annotations.
@@ -42,7 +43,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from crossent._lib._checks import eager_transforms
 from crossent._losses._options import _specialized
 from crossent.fused._chunked import result_dtype
 from crossent.fused._distill import DistillOptions, _chunked_distill
@@ -277,10 +277,13 @@ def _loss_through(
     opts: Any,
 ) -> torch.Tensor:
     """The loss from a loss op and its backward op (`ops`; ``op(hidden, weight, bias,
-    *middle, options, needs)``): under a ``torch.func`` transform through :class:`_FuncLoss`,
-    else the op with its gradients formed for what requires them."""
-    if eager_transforms():
-        return _FuncLoss.apply(hidden, weight, bias, *middle, _encode(opts), name, ops)
+    *middle, options, needs)``): under a ``torch.func`` transform through :class:`_FuncLoss`
+    (eager or compiled: the op called on the transforms' wrappers while Dynamo traced
+    ``torch.compile(vmap(grad(loss)))`` raised a fake-tensor error), else the op with its
+    gradients formed for what requires them."""
+    if torch._C._are_functorch_transforms_active():
+        options = _encode(opts)
+        return _eagerly(_FuncLoss, hidden, weight, bias, *middle, options, name, ops)
     needs = _needs(hidden, weight, bias)
     loss: torch.Tensor = ops[0](hidden, weight, bias, *middle, _encode(opts), needs)[0]
     return loss
@@ -373,8 +376,8 @@ def linear_log_probs_compiled(
     opts: LogProbOptions,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` through the custom op."""
-    if eager_transforms():
-        lp, ent, _ = _FuncLogProbs.apply(hidden, weight, bias, target, _encode(opts))
+    if torch._C._are_functorch_transforms_active():
+        lp, ent, _ = _eagerly(_FuncLogProbs, hidden, weight, bias, target, _encode(opts))
     else:
         lp, ent, _ = _log_probs_op(hidden, weight, bias, target, _encode(opts))
     return lp, (ent if opts.entropy else None)
@@ -530,6 +533,28 @@ def _no_samples(op: Any, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> tup
     outs = op(*(meta(a, d) for a, d in zip(args, in_dims, strict=True)))
     empty = tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in outs)
     return empty, (0,) * len(empty)
+
+
+_EAGER_UNDER_TRANSFORMS = (
+    "crossent's fused losses (crossent.fused.linear_cross_entropy, linear_log_probs, "
+    "linear_distillation_loss, crossent.nn.LinearCrossEntropyLoss) under a torch.func "
+    "transform (grad, vmap, jacrev, ...) run eagerly inside torch.compile, at a graph break: "
+    "PyTorch 2.13 cannot trace them there (a custom op's autograd has no torch.func "
+    "support; Dynamo traces no autograd.Function with a jvp rule, and gives one it traces no "
+    "vmap rule). Compile without fullgraph=True, or apply the transform outside the "
+    "compiled function."
+)
+"""Why the fused functions run eagerly under ``torch.func`` transforms inside
+``torch.compile``; Dynamo's error with ``fullgraph=True`` quotes it."""
+
+
+@torch.compiler.disable(reason=_EAGER_UNDER_TRANSFORMS)
+def _eagerly(function: Any, *args: Any) -> Any:
+    """``function.apply(*args)`` under ``torch.func`` transforms, run eagerly even inside
+    ``torch.compile``: the eager transform's values, per-sample gradients and errors (forward
+    mode, a second derivative, bad labels), at a graph break; with ``fullgraph=True``
+    Dynamo's error, which quotes ``_EAGER_UNDER_TRANSFORMS``."""
+    return function.apply(*args)
 
 
 class _FirstOrderGrads(torch.autograd.Function):
