@@ -167,3 +167,25 @@ def test_compiled_vmap_grad_bad_label_gives_crossents_message() -> None:
     compiled = torch.compile(_transformed("vmap-grad", CASES["ce"]), backend="aot_eager")
     with pytest.raises(ValueError, match=r"`target` has labels outside \[0, 11\)"):
         compiled(*args)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+@pytest.mark.parametrize("mode", ["grad-of-grad", "jacrev-of-grad", "hessian"])
+@pytest.mark.parametrize("case", ["ce", "log-probs-temperature-entropy", "distill"])
+def test_compiled_second_derivative_raises_the_eager_error(case: str, mode: str) -> None:
+    """Never a silently wrong (zero) second derivative under compile: the eager errors."""
+    loss, data = CASES[case], _data()
+    w, b, h, y, th, extra = _args(data, batched=False)
+
+    def first(h: Any) -> Any:
+        return loss(w, b, h, y, th, extra)
+
+    fn = {
+        "grad-of-grad": func.grad(lambda h: func.grad(first)(h).square().sum()),
+        "jacrev-of-grad": func.jacrev(func.grad(first)),
+        "hessian": func.hessian(first),
+    }[mode]
+    match = "has no forward-mode" if mode == "hessian" else "has no second derivative"
+    with pytest.raises(RuntimeError, match=rf"crossent\.fused\.linear_\w+ {match}"):
+        torch.compile(fn, backend="aot_eager")(h)
