@@ -4,10 +4,11 @@
 crossent.linear_ce.default(GradTrackingTensor(BatchedTensor(FakeTensor ...)))``: while
 Dynamo traced the transform, the fused functions called their custom op directly on the
 transforms' wrappers (the ``torch.func`` route was taken only when not compiling), and a
-custom op's autograd has no ``torch.func`` support. Now they take the eager ``torch.func``
-route there too, run eagerly at a graph break: the eager transform's values and per-sample
-gradients, and its errors (forward mode, bad labels). With ``fullgraph=True`` Dynamo's error
-quotes the reason and the fix. Each case is checked against the eager transform, which
+custom op's autograd has no ``torch.func`` support. Now, under a differentiating transform,
+they take the eager ``torch.func`` route there too, run eagerly at a graph break: the eager
+transform's values and per-sample gradients, and its errors (forward mode, a second
+derivative, bad labels). With ``fullgraph=True`` Dynamo's error quotes the reason and the
+fix. ``vmap`` alone still traces the op, in one graph. Each case is checked against the eager transform, which
 ``tests/fused/test_func.py`` checks against eager autograd and a loop over the samples.
 """
 
@@ -136,7 +137,7 @@ def test_fullgraph_names_the_reason_and_the_fix(case: str, mode: str) -> None:
     """With ``fullgraph=True`` the graph break is Dynamo's error, which quotes the reason."""
     loss, data = CASES[case], _data()
     compiled = torch.compile(_transformed(mode, loss), backend="aot_eager", fullgraph=True)
-    match = r"under a torch\.func transform .* Compile without fullgraph=True"
+    match = r"under a differentiating torch\.func transform .* Compile without fullgraph=True"
     with pytest.raises(torch._dynamo.exc.Unsupported, match=match):
         compiled(*_args(data, batched=mode == "vmap-grad"))
 
@@ -189,3 +190,20 @@ def test_compiled_second_derivative_raises_the_eager_error(case: str, mode: str)
     match = "has no forward-mode" if mode == "hessian" else "has no second derivative"
     with pytest.raises(RuntimeError, match=rf"crossent\.fused\.linear_\w+ {match}"):
         torch.compile(fn, backend="aot_eager")(h)
+
+
+@pytest.mark.parametrize(
+    "case", ["ce", "ce-none-shift", "log-probs-softcap-shift-entropy", "distill-none"]
+)
+def test_compiled_vmap_alone_stays_one_graph(case: str) -> None:
+    """``vmap`` without differentiation traces the op (its vmap rule loops over the samples):
+    ``fullgraph=True`` equals the eager ``vmap``, which equals a loop (``test_func.py``)."""
+    loss, data = CASES[case], _data(3)
+
+    def per_sample(h: Any, y: Any, th: Any) -> Any:
+        return loss(data["weight"], data["bias"], h, y, th, data)
+
+    batched = func.vmap(per_sample)
+    args = (data["hidden"], data["target"], data["t_hidden"])
+    got = torch.compile(batched, backend="aot_eager", fullgraph=True)(*args)
+    _assert_same(got, batched(*args))
