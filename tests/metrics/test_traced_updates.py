@@ -104,3 +104,86 @@ def test_update_under_a_transform_names_it(transform: str) -> None:
     with pytest.raises(TypeError, match=rf"cannot update under torch\.func\.{transform}: "):
         fn(p, y)
     assert metric.num_classes is None  # nothing was added
+
+
+EVERY_METRIC: dict[str, Callable[[], Any]] = {
+    "cross-entropy": lambda: M.CrossEntropy(input_kind="probs", base=2),
+    "perplexity": lambda: M.Perplexity(input_kind="probs"),
+    "bits-per-token": lambda: M.BitsPerToken(input_kind="probs"),
+    "accuracy": lambda: M.Accuracy(input_kind="probs"),
+    "brier": lambda: M.BrierScore(input_kind="probs"),
+    "calibration": lambda: M.CalibrationError(input_kind="probs"),
+    "per-class": lambda: M.PerClassCrossEntropy(input_kind="probs"),
+    "summary": lambda: M.ClassificationMetrics(input_kind="probs"),
+    "binary": lambda: M.BinaryClassificationMetrics(input_kind="probs"),
+}
+
+
+def _updated(name: str) -> Any:
+    p, y = _batch()
+    metric = EVERY_METRIC[name]()
+    if name == "binary":
+        return metric.update(p[:, 0], (y > 2).long())
+    return metric.update(p, y)
+
+
+def _same(got: Any, expected: Any) -> None:
+    """Equal figures, bit for bit (``repr`` of floats and of NumPy arrays, NaN included)."""
+    assert type(got) is type(expected)
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert repr(got[key]) == repr(expected[key]), key
+    else:
+        assert repr(got) == repr(expected)
+
+
+@pytest.mark.parametrize("name", list(EVERY_METRIC))
+def test_compiled_compute_runs_eagerly_with_the_eager_figures(name: str) -> None:
+    """``compute()`` inside a compiled function: dynamo traced its host arithmetic ("RuntimeError
+    when making fake tensor call" for a valid state; the accuracy's ratio only by luck, at a
+    backend failure); now it runs eagerly at a graph break, as ``update`` does."""
+    metric = _updated(name)
+    expected = metric.compute()
+
+    def step(x: Any) -> Any:
+        return x * 2, metric.compute()
+
+    torch._dynamo.reset()
+    x = torch.arange(3.0)
+    out, got = torch.compile(step, backend="aot_eager")(x)
+    torch.testing.assert_close(out, x * 2)
+    _same(got, expected)
+
+
+def test_compiled_update_then_compute_equals_eager() -> None:
+    """One compiled step that updates and computes: the eager figures, batch after batch."""
+    p, y = _batch()
+    eager, traced = (
+        M.ClassificationMetrics(input_kind="probs"),
+        M.ClassificationMetrics(input_kind="probs"),
+    )
+
+    def step(a: Any, b: Any) -> Any:
+        traced.update(a, b)
+        return traced.compute()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager")
+    for lo, hi in ((0, 4), (4, 6)):
+        _same(compiled(p[lo:hi], y[lo:hi]), eager.update(p[lo:hi], y[lo:hi]).compute())
+
+
+@pytest.mark.parametrize("name", ["cross-entropy", "per-class", "binary"])
+def test_fullgraph_compute_names_the_fix(name: str) -> None:
+    """``fullgraph=True``: dynamo's error carries crossent's reason (before: "Data-dependent
+    branching" or a fake-tensor error, with no word about metrics)."""
+    metric = _updated(name)
+
+    def step(x: Any) -> Any:
+        return x * 2, metric.compute()
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="compile without fullgraph=True") as info:
+        torch.compile(step, backend="aot_eager", fullgraph=True)(torch.arange(3.0))
+    assert "crossent.metrics computes its figures from exact sums on the host" in str(info.value)

@@ -25,7 +25,9 @@ reads both upstream gradients) and ``crossent::linear_distill`` with
 Under ``torch.func`` transforms the three functions go through autograd
 Functions with ``setup_context`` over the same ops (the ops' own autograd is not
 usable there), and the ops batch under ``vmap`` by looping over the vmapped
-dimension; see the section at the end.
+dimension; see the section at the end. Inside ``torch.compile`` a differentiating
+transform runs those Functions eagerly, at a graph break (:func:`_through_func`); ``vmap``
+alone traces the op.
 
 This module has no ``from __future__ import annotations``: ``custom_op`` reads
 the schema from real annotations.
@@ -277,10 +279,11 @@ def _loss_through(
     opts: Any,
 ) -> torch.Tensor:
     """The loss from a loss op and its backward op (`ops`; ``op(hidden, weight, bias,
-    *middle, options, needs)``): under a ``torch.func`` transform through :class:`_FuncLoss`,
-    else the op with its gradients formed for what requires them."""
-    if eager_transforms():
-        return _FuncLoss.apply(hidden, weight, bias, *middle, _encode(opts), name, ops)
+    *middle, options, needs)``): through :class:`_FuncLoss` where :func:`_through_func`
+    says so, else the op with its gradients formed for what requires them."""
+    if _through_func():
+        options = _encode(opts)
+        return _apply(_FuncLoss, hidden, weight, bias, *middle, options, name, ops)
     needs = _needs(hidden, weight, bias)
     loss: torch.Tensor = ops[0](hidden, weight, bias, *middle, _encode(opts), needs)[0]
     return loss
@@ -373,8 +376,8 @@ def linear_log_probs_compiled(
     opts: LogProbOptions,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log_probs, entropy or None)`` of 2-d `hidden`, 1-d `target` through the custom op."""
-    if eager_transforms():
-        lp, ent, _ = _FuncLogProbs.apply(hidden, weight, bias, target, _encode(opts))
+    if _through_func():
+        lp, ent, _ = _apply(_FuncLogProbs, hidden, weight, bias, target, _encode(opts))
     else:
         lp, ent, _ = _log_probs_op(hidden, weight, bias, target, _encode(opts))
     return lp, (ent if opts.entropy else None)
@@ -530,6 +533,61 @@ def _no_samples(op: Any, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> tup
     outs = op(*(meta(a, d) for a, d in zip(args, in_dims, strict=True)))
     empty = tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in outs)
     return empty, (0,) * len(empty)
+
+
+_EAGER_UNDER_TRANSFORMS = (
+    "crossent's fused losses (crossent.fused.linear_cross_entropy, linear_log_probs, "
+    "linear_distillation_loss, crossent.nn.LinearCrossEntropyLoss) under a differentiating "
+    "torch.func transform (grad, vjp, jacrev, jvp, jacfwd; vmap of one of them) run eagerly "
+    "inside torch.compile, at a graph break: "
+    "PyTorch 2.13 cannot trace them there (a custom op's autograd has no torch.func "
+    "support; Dynamo traces no autograd.Function with a jvp rule, and gives one it traces no "
+    "vmap rule). Compile without fullgraph=True, or apply the transform outside the "
+    "compiled function."
+)
+"""Why the fused functions run eagerly under ``torch.func`` transforms inside
+``torch.compile``; Dynamo's error with ``fullgraph=True`` quotes it."""
+
+
+def _through_func() -> bool:
+    """Whether the fused functions go through the ``torch.func`` Functions (:class:`_FuncLoss`,
+    :class:`_FuncLogProbs`): under any transform run eagerly, and under a differentiating one
+    traced by ``torch.compile``; there the op called on the transforms' wrappers raised
+    Dynamo's fake-tensor error, and ``jacfwd`` of ``linear_log_probs`` gave a zero Jacobian.
+    ``vmap`` alone, compiled, keeps the op (its vmap rule loops over the samples; traced,
+    ``fullgraph=True`` included)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    return eager_transforms() or _differentiating()
+
+
+def _differentiating() -> bool:
+    """Whether a differentiating ``torch.func`` transform is active: ``grad``, ``vjp``,
+    ``jacrev`` (``Grad``) or ``jvp``, ``jacfwd`` (``Jvp``), at any level."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    kinds = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    return any(level.key() in kinds for level in stack)
+
+
+# torch.compile calls it at trace time, where Dynamo's transforms are on the stack, and keeps
+# the result (torch._dynamo.assume_constant_result)
+_differentiating._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _apply(function: Any, *args: Any) -> Any:
+    """``function.apply(*args)``: eagerly as it is, inside ``torch.compile`` at a graph break."""
+    if eager_transforms():
+        return function.apply(*args)
+    return _eagerly(function, *args)
+
+
+@torch.compiler.disable(reason=_EAGER_UNDER_TRANSFORMS)
+def _eagerly(function: Any, *args: Any) -> Any:
+    """``function.apply(*args)`` under ``torch.func`` transforms, run eagerly even inside
+    ``torch.compile``: the eager transform's values, per-sample gradients and errors (forward
+    mode, a second derivative, bad labels), at a graph break; with ``fullgraph=True``
+    Dynamo's error, which quotes ``_EAGER_UNDER_TRANSFORMS``."""
+    return function.apply(*args)
 
 
 class _FirstOrderGrads(torch.autograd.Function):

@@ -118,6 +118,46 @@ _update_eagerly._torchdynamo_disable_msg = (  # type: ignore[attr-defined]
 )
 
 
+_COMPUTE_OUTSIDE_GRAPHS = (
+    "crossent.metrics computes its figures from exact sums on the host, so compute() cannot "
+    "be part of a graph: compile without fullgraph=True (compute() then runs eagerly at a "
+    "graph break), or call compute() outside the compiled function"
+)
+
+
+def _eager_under_dynamo(compute: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A metric's `compute`, never traced by dynamo: under ``torch.compile`` it runs eagerly at
+    a graph break, as an update does (``_update_eagerly``), with the eager figures.
+
+    Traced, dynamo turned the host arithmetic on exact sums (Python integers, NumPy arrays)
+    into a graph: "RuntimeError when making fake tensor call" for a valid state, "Data-dependent
+    branching" with ``fullgraph=True``. Dynamo does not inline the wrapper (its
+    ``_torchdynamo_disable`` mark, set without importing PyTorch), so the graph breaks at the
+    caller's ``metric.compute()``; with ``fullgraph=True`` its error quotes
+    ``_COMPUTE_OUTSIDE_GRAPHS``. The wrapper runs `compute` with dynamo off
+    (``torch.compiler.disable``), else dynamo would compile the frames it calls.
+    """
+
+    @functools.wraps(compute)
+    def wrapper(self: Any) -> Any:
+        if "torch" not in sys.modules:  # no torch.compile without PyTorch
+            return compute(self)
+        return _without_dynamo(compute)(self)
+
+    wrapper._torchdynamo_disable = True  # type: ignore[attr-defined]
+    wrapper._torchdynamo_disable_msg = _COMPUTE_OUTSIDE_GRAPHS  # type: ignore[attr-defined]
+    return wrapper
+
+
+@functools.cache
+def _without_dynamo(compute: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`compute` wrapped by ``torch.compiler.disable`` (once per metric class)."""
+    import torch
+
+    disabled: Callable[[Any], Any] = torch.compiler.disable(compute)
+    return disabled
+
+
 def _calibration_init(num_classes: int, *, kind: str, bins: int, fine: bool) -> F.State:
     return F._calibration_init(num_classes if kind == "classwise" else 1, bins, fine=fine)
 
@@ -190,6 +230,13 @@ class Metric:
     """
 
     _parts: dict[str, _Part] = {}  # noqa: RUF012 - each subclass sets its own in __init__
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each subclass's own ``compute`` runs eagerly under ``torch.compile``
+        (``_eager_under_dynamo``), as ``update`` does."""
+        super().__init_subclass__(**kwargs)
+        if "compute" in cls.__dict__:
+            setattr(cls, "compute", _eager_under_dynamo(cls.__dict__["compute"]))  # noqa: B010
 
     def __init__(
         self,
