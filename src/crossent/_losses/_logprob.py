@@ -341,4 +341,6 @@ def add_at_index(g: Array, index: Array, values: Array, *, xp: Any) -> Array:
             rows[at] += flat  # in place on the caller's fresh array (a view when contiguous)
             return xp.reshape(rows, g.shape)
         return xp.reshape(rows.at[at].add(flat), g.shape)
-    return g + one_hot(index, g.shape[-1], dtype=g.dtype, xp=xp) * xp.expand_dims(values, axis=-1)
+    # where, not a product with a one-hot: 0 · NaN (or 0 · inf) would reach every class
+    hot = one_hot(index, num, dtype=xp.bool, xp=xp)
+    return g + xp.where(hot, xp.expand_dims(values, axis=-1), xp.zeros_like(g))
