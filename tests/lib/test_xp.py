@@ -221,3 +221,21 @@ def test_shift_by_max_along_any_axis(xp: Any) -> None:
         np.testing.assert_array_equal(to_numpy(m), want_m)
         want = z - want_m[:, None]
         np.testing.assert_array_equal(to_numpy(shifted), want.T if axis == 0 else want)
+
+
+def test_take_along_axis_without_a_native_one_ignores_the_other_entries() -> None:
+    """A namespace without ``take_along_axis`` gathers through a one-hot mask: another
+    entry's NaN or -inf (a masked class) made the gathered value NaN (0 · -inf)."""
+    import array_api_strict as strict
+
+    class _NoTakeAlongAxis:
+        def __getattr__(self, name: str) -> Any:
+            if name == "take_along_axis":
+                raise AttributeError(name)
+            return getattr(strict, name)
+
+    xp = _NoTakeAlongAxis()
+    x = strict.asarray([[-np.inf, 2.0, np.nan], [1.0, -np.inf, 3.0]])
+    idx = strict.asarray([[1], [2]])
+    got = _xp.take_along_axis(x, idx, axis=1, xp=xp)
+    np.testing.assert_array_equal(np.asarray(got), [[2.0], [3.0]])

@@ -121,3 +121,30 @@ def test_listnet(xp: Any) -> None:
     np.testing.assert_allclose(to_numpy(g), p - q, rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="same shape"):
         ce.listnet_loss(conv(s), conv(r[:, :4]))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_subnormal_probability_gradient_is_c_over_p(xp: Any, gamma: float) -> None:
+    """The closed-form probability gradient is c/p, not c · (1/p): for a float32 subnormal
+    p = 1e-40, 1/p overflows, so a class with target 0 got 0 · inf = NaN (autograd: 0), and
+    a smoothed target c = ε/C got -inf where c/p = -3.3e38 fits float32. (JAX on CPU
+    flushes subnormals to 0, a clamped class: gradient 0, loss 100·c.)"""
+    conv = to_xp(xp)
+    tiny = 1e-40
+    p = np.array([[tiny, 1 - tiny, 0.0]], dtype=np.float32)
+    y = np.array([1])
+    _, grad = ce.value_and_grad(
+        ce.categorical_cross_entropy, conv(p), conv(np.eye(3, dtype=np.float32)[y]), gamma=gamma
+    )
+    g = to_numpy(grad)
+    assert np.all(np.isfinite(g)), g
+    np.testing.assert_array_equal(g[0, 0], 0.0)
+    if gamma == 0:
+        np.testing.assert_allclose(g[0, 1], -1.0, rtol=1e-6)
+    _, grad = ce.value_and_grad(
+        ce.sparse_categorical_cross_entropy, conv(p), conv(y), label_smoothing=0.1
+    )
+    g = to_numpy(grad)
+    flushed = g[0, 0] == 0  # JAX's CPU backend: p = 0, clamped
+    want = -0.1 / 3 / np.float64(np.float32(tiny))
+    assert flushed or g[0, 0] == pytest.approx(want, rel=1e-5), g

@@ -185,3 +185,21 @@ def test_masked_and_nan_rows_still_give_the_generic_results() -> None:
     np.testing.assert_array_equal(loss, np.asarray(want))
     assert np.isnan(loss[4])
     assert np.isfinite(np.delete(loss, [2, 4])).all()
+
+
+def test_mean_over_zero_weight_keeps_a_nan_sum() -> None:
+    """The mean over a counted weight of 0 is the sum over +inf (``safe_divide``'s rule): 0 for a
+    finite sum, NaN for a NaN one. The lean path returned 0 for a NaN sum (a label of weight 0
+    on a -inf class: 0 · inf), hiding it where the generic path and PyTorch give NaN."""
+    x = np.array([[-np.inf, -3.4, 0.7, 3.1], [0.5, 1.0, -1.0, 2.0]])
+    w = np.array([0.0, 0.5, 0.0, 2.0])
+    for y, want_nan in ((np.array([0, 2]), True), (np.array([2, 2]), False)):
+        for smoothing in (0.0, 0.1):
+            opts = {"from_logits": True, "weight": w, "label_smoothing": smoothing}
+            loss = ce.sparse_categorical_cross_entropy(x, y, **opts)
+            generic = ce.sparse_categorical_cross_entropy(
+                strict.asarray(x), strict.asarray(y), **{**opts, "weight": strict.asarray(w)}
+            )
+            assert bool(np.isnan(loss)) == want_nan == bool(np.isnan(np.asarray(generic)))
+            if not want_nan:
+                assert loss == 0.0

@@ -583,3 +583,22 @@ def test_function_low_precision(dtype: Any) -> None:
     np.testing.assert_allclose(x.grad.double().numpy(), g_expected, rtol=rtol, atol=rtol / 40 / 16)
     with torch.no_grad():
         assert ce.sparse_categorical_cross_entropy(x, torch.tensor(y_np), **options).dtype == dtype
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_a_nan_label_term_leaves_the_other_classes_gradient_zero(xp: Any, gamma: float) -> None:
+    """The target's gradient term is added at its class only: a NaN (or infinite) term there
+    left NaN in every class of the row on backends without a scatter (array-api-strict:
+    ``g + one_hot * value`` forms 0 · NaN), where autodiff and NumPy give 0."""
+    conv = to_xp(xp)
+    p = np.array([[np.nan, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    y = np.array([0, 1])
+    _, grad = ce.value_and_grad(
+        ce.sparse_categorical_cross_entropy, conv(p), conv(y), gamma=gamma, reduction="none"
+    )
+    g = to_numpy(grad)
+    assert np.isnan(g[0, 0])
+    np.testing.assert_array_equal(g[0, 1:], 0.0)
+    q = 0.3
+    want = -((1 - q) ** gamma) / q + gamma * (1 - q) ** (gamma - 1) * np.log(q)  # d/dq
+    np.testing.assert_allclose(g[1], [0.0, want, 0.0], rtol=1e-12)

@@ -138,7 +138,11 @@ def sparse(
         loss, scale = np.asarray(row.sum(), dtype=dtype), 1.0
     else:  # the mean over the counted weight; 0 (and a zero gradient) over none
         den = row.shape[0] if isinstance(w_y, float) else w_y.sum()
-        loss = np.asarray(row.sum() / den if den != 0 else 0.0, dtype=dtype)
+        total = row.sum()
+        if den == 0:  # the sum over +inf, as safe_divide: 0, but a NaN sum stays NaN
+            with quiet(np, "invalid"):
+                total = total / np.inf
+        loss = np.asarray(total / den if den != 0 else total, dtype=dtype)
         scale = 1.0 / den if den != 0 else 0.0
     if not with_grad:
         return loss, None

@@ -751,8 +751,9 @@ def take_along_axis(x: Array, indices: Array, *, axis: int, xp: Any) -> Array:
     native = getattr(xp, "take_along_axis", None)
     if native is not None:
         return native(x, indices, axis=axis)
-    mask = one_hot(xp.squeeze(indices, axis=axis), x.shape[axis], dtype=x.dtype, axis=axis, xp=xp)
-    return xp.sum(mask * x, axis=axis, keepdims=True)
+    mask = one_hot(xp.squeeze(indices, axis=axis), x.shape[axis], dtype=xp.bool, axis=axis, xp=xp)
+    # where, not a product: another entry's NaN or -inf (a masked class) times 0 is NaN
+    return xp.sum(xp.where(mask, x, xp.zeros_like(x)), axis=axis, keepdims=True)
 
 
 def representable(value: int, dtype: Any, *, xp: Any) -> bool:

@@ -314,15 +314,18 @@ def term_grad(c: Array, terms: ClassTerms, gamma: float, *, kind: str, xp: Any) 
         return c * f * (1 + gamma * q)
     p = terms.p
     mask = terms.mask
-    inv_p = xp.where(mask, 1 / xp.where(mask, p, xp.ones_like(p)), xp.zeros_like(p))
+    # c / p, not c · (1/p): 1/p overflows for a subnormal p (float32 1e-40), and 0 · inf is
+    # NaN where the coefficient is 0; the clamped classes get 0 (c · 0: a NaN c stays NaN)
+    p_safe = xp.where(mask, p, xp.ones_like(p))
+    clamped = -c * xp.zeros_like(p)
     if f is None:
-        return -c * inv_p
+        return xp.where(mask, -c / p_safe, clamped)
     one_m = xp.exp(terms.log1m_p)
     certain = f == 0
     focal_part = xp.where(
         certain, xp.zeros_like(f), f * terms.nlp / xp.where(certain, xp.ones_like(one_m), one_m)
     )
-    return -c * (f * inv_p + gamma * focal_part)
+    return xp.where(mask, -(c * f) / p_safe, clamped) - c * (gamma * focal_part)
 
 
 def add_at_index(g: Array, index: Array, values: Array, *, xp: Any) -> Array:
@@ -341,4 +344,6 @@ def add_at_index(g: Array, index: Array, values: Array, *, xp: Any) -> Array:
             rows[at] += flat  # in place on the caller's fresh array (a view when contiguous)
             return xp.reshape(rows, g.shape)
         return xp.reshape(rows.at[at].add(flat), g.shape)
-    return g + one_hot(index, g.shape[-1], dtype=g.dtype, xp=xp) * xp.expand_dims(values, axis=-1)
+    # where, not a product with a one-hot: 0 · NaN (or 0 · inf) would reach every class
+    hot = one_hot(index, num, dtype=xp.bool, xp=xp)
+    return g + xp.where(hot, xp.expand_dims(values, axis=-1), xp.zeros_like(g))
