@@ -447,7 +447,7 @@ def sparse(
         return None  # PyTorch's kernels (and the Triton ones) give no weight gradient
     if dtype in _LOW and _triton_sparse.usable(input, opts):  # an accelerator's
         return _sparse_triton(input, target, weight, axis, opts)
-    if not opts.plain or _smoothing_may_meet_masked_zero_weight(input, weight, opts):
+    if not opts.plain:
         return _sparse_rows(input, target, weight, axis, opts)
     if _maybe_traced(target):
         target = traced_labels(input, target, axis, opts.ignore_index)
@@ -457,21 +457,6 @@ def sparse(
         if out is not None:
             return out
     return _native_indices(_CROSS_ENTROPY, input, target, weight, axis, opts, opts.label_smoothing)
-
-
-def _smoothing_may_meet_masked_zero_weight(
-    x: Tensor, weight: Tensor | None, opts: CEOptions
-) -> bool:
-    r"""Whether ``F.cross_entropy``'s smoothing sum :math:`\sum_k w_k \log p_k` may meet
-    :math:`0 \cdot (-\infty)`, a NaN where crossent's class of weight 0 contributes 0: label
-    smoothing, a class weight of 0 and a ``-inf`` logit. Eagerly on the CPU one test of the
-    (short) weight and, only if it holds a 0, one reduction of the logits decide; elsewhere
-    it is assumed, and the row form (:func:`_sparse_rows`) serves."""
-    if weight is None or opts.label_smoothing == 0:
-        return False
-    if _host_readable(weight) and bool(weight.detach().all()):  # no zero weight (NaN: nonzero)
-        return False
-    return _may_hold_neg_inf(x)
 
 
 def _sparse_rows(
