@@ -55,6 +55,7 @@ from crossent._lib._xp import (
     is_torch_tensor,
     log_sigmoid_pair,
     output_dtype,
+    quiet,
     size,
     stop_gradient,
 )
@@ -213,8 +214,9 @@ class _LogProbs:
             return c_not_p * sig - c_p * sig_neg
         cp, cn = self.clamped_p, self.clamped_not_p
         zero = xp.zeros_like(x)
-        d_p = xp.where(cp, zero, c_p / xp.where(cp, xp.ones_like(x), x))
-        d_not_p = xp.where(cn, zero, c_not_p / (1 - xp.where(cn, zero, x)))
+        with quiet(xp, "over"):  # 1/p beyond the dtype (a subnormal p): -inf, as it is
+            d_p = xp.where(cp, zero, c_p / xp.where(cp, xp.ones_like(x), x))
+            d_not_p = xp.where(cn, zero, c_not_p / (1 - xp.where(cn, zero, x)))
         return d_not_p - d_p
 
 

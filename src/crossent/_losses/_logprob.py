@@ -49,6 +49,7 @@ from crossent._lib._xp import (
     is_numpy_namespace,
     is_torch_namespace,
     one_hot,
+    quiet,
     stop_gradient,
 )
 from crossent._losses._common import LOG_CLAMP, clamped_log, focal_factor, log1mexp, log_prob
@@ -318,14 +319,17 @@ def term_grad(c: Array, terms: ClassTerms, gamma: float, *, kind: str, xp: Any) 
     # NaN where the coefficient is 0; the clamped classes get 0 (c · 0: a NaN c stays NaN)
     p_safe = xp.where(mask, p, xp.ones_like(p))
     clamped = -c * xp.zeros_like(p)
-    if f is None:
-        return xp.where(mask, -c / p_safe, clamped)
-    one_m = xp.exp(terms.log1m_p)
-    certain = f == 0
-    focal_part = xp.where(
-        certain, xp.zeros_like(f), f * terms.nlp / xp.where(certain, xp.ones_like(one_m), one_m)
-    )
-    return xp.where(mask, -(c * f) / p_safe, clamped) - c * (gamma * focal_part)
+    with quiet(xp, "over"):  # c / p beyond the dtype (a subnormal p): -inf, as it is
+        if f is None:
+            return xp.where(mask, -c / p_safe, clamped)
+        one_m = xp.exp(terms.log1m_p)
+        certain = f == 0
+        focal_part = xp.where(
+            certain,
+            xp.zeros_like(f),
+            f * terms.nlp / xp.where(certain, xp.ones_like(one_m), one_m),
+        )
+        return xp.where(mask, -(c * f) / p_safe, clamped) - c * (gamma * focal_part)
 
 
 def add_at_index(g: Array, index: Array, values: Array, *, xp: Any) -> Array:

@@ -452,7 +452,8 @@ def _plus_product(row: Array, c: float, u: Array, v: Array, *, xp: Any) -> Array
     addcmul = getattr(xp, "addcmul", None)
     if addcmul is not None:
         return addcmul(row, u, v, value=c)
-    return row + c * (u * v)
+    with quiet(xp, "over"):  # a product beyond the dtype (z-loss of lse 1e300): inf, as it is
+        return row + c * (u * v)
 
 
 def _target_coef(eps: float, w_y: Any) -> Any:
