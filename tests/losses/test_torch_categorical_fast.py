@@ -18,6 +18,8 @@ F = torch.nn.functional
 import crossent as ce  # noqa: E402
 from crossent._backends import _torch as torch_exec  # noqa: E402
 
+EPS32 = torch.finfo(torch.float32).eps
+
 
 def _case(dtype: Any, n: int = 400, c: int = 100, seed: int = 5) -> tuple[Any, Any, Any]:
     g = torch.Generator().manual_seed(seed)
@@ -340,3 +342,39 @@ def test_half_chunk_buffers_in_and_out_of_inference_mode(kind: str) -> None:
     xg = x.clone().requires_grad_(True)
     loss(xg).backward()
     torch.testing.assert_close(got[2], xg.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("eps", "weighted"), [(0.0, False), (0.1, True)])
+@pytest.mark.parametrize("upstream", [1.0, 0.3])
+def test_large_float32_with_a_gradient_takes_the_chunks(
+    reduction: str, eps: float, weighted: bool, upstream: float, monkeypatch: Any
+) -> None:
+    """float32 logits that make a gradient take the chunked path from
+    ``_FLOAT32_CHUNKED`` elements (its gradient formed with the forward: fewer passes than
+    autograd through PyTorch's kernels): float32 rounding of float64's loss and gradient,
+    as PyTorch's own float32 computation; several chunks (a smaller buffer)."""
+    monkeypatch.setattr(torch_exec, "_FLOAT32_CHUNKED", 1 << 14)
+    monkeypatch.setattr(torch_exec, "_LOW_SCRATCH", 3 * 100 * 70)
+    x, t, w64 = _case(torch.float32, n=300, c=100)
+    t = t.float()
+    w = w64.float() if weighted else None
+    xg = x.clone().requires_grad_(True)
+    loss = ce.categorical_cross_entropy(
+        xg, t, from_logits=True, weight=w, label_smoothing=eps, reduction=reduction
+    )
+    assert type(loss.grad_fn).__name__ == "_LowPrecisionSoftCEBackward"
+    (grad,) = torch.autograd.grad(loss.sum() * upstream, xg)
+    x64 = x.double().requires_grad_(True)
+    ref = F.cross_entropy(
+        x64, t.double(), weight=w64 if weighted else None, label_smoothing=eps,
+        reduction=reduction,
+    )  # fmt: skip
+    (ref_grad,) = torch.autograd.grad(ref.sum() * upstream, x64)
+    assert (loss.dtype, grad.dtype) == (torch.float32, torch.float32)
+    torch.testing.assert_close(loss.double(), ref, rtol=4e-6, atol=0.0)
+    scale = upstream / (x.shape[0] if reduction == "mean" else 1)
+    err = (grad.double() - ref_grad).abs()
+    assert bool((err <= 8 * EPS32 * (ref_grad.abs() + 3 * scale)).all())
+    with torch.no_grad():  # without a gradient: PyTorch's kernels
+        assert ce.categorical_cross_entropy(x, t, from_logits=True).grad_fn is None

@@ -36,7 +36,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 SHRUNK = {
     torch_exec: {
-        "_LOW_MIN": 1, "_LOW_MIN_FORWARD": 1, "_LOW_MIN_SPARSE": 1, "_LOW_SCRATCH": 300, "_BINARY_SMALL": 16,
+        "_LOW_MIN": 1, "_LOW_MIN_FORWARD": 1, "_FLOAT32_CHUNKED": 1, "_LOW_MIN_SPARSE": 1, "_LOW_SCRATCH": 300, "_BINARY_SMALL": 16,
         "_BINARY_CHUNK": 64, "_FLOAT_RANGE_MAX": 16,
     },
     _torch_rows: {"_CHUNK": 64, "_CHUNK_LOSS": 64, "_KERNEL_GRAD": 32},

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -700,7 +701,7 @@ def categorical(
         and input.is_cpu
         and target.shape == input.shape
         and input.numel()
-        and (input.dtype in _HIGH or input.numel() < _low_min(input))  # half: one float32 copy
+        and input.numel() < _soft_chunked_from(input)  # half: one float32 copy
     ):
         if get_validation() and not _in_unit_interval(target):
             check_in_unit_interval(target, name="target", xp=_torch_namespace())
@@ -735,8 +736,7 @@ def categorical(
         # the message; on other devices one device read (none on ``meta``: no values)
         check_in_unit_interval(target, name="target", xp=_torch_namespace())
     low = dtype in _LOW
-    autocast = low and torch_autocast(input)
-    if low and not autocast:
+    if (low or dtype is torch.float32) and not torch_autocast(input):
         chunked = _soft_low(input, target, weight, axis, opts)
         if chunked is not None:
             return chunked
@@ -1590,6 +1590,30 @@ def _low_min(x: Tensor) -> int:
     return _LOW_MIN if x.requires_grad and torch.is_grad_enabled() else _LOW_MIN_FORWARD
 
 
+_FLOAT32_CHUNKED = 3 << 18
+"""float32 logits that make a gradient take the probability-target chunked path
+(:class:`_LowPrecisionSoftCE`, its gradient formed with the forward pass) from this many
+elements, instead of autograd through PyTorch's kernels (``log_softmax``, product, sum, and
+backward through each). Measured (one thread, forward and backward, crossent / torch,
+autograd against chunks): 1.14 / 1.37 at 256 × 1000, 1.13 / 1.23 at 512 × 1000, 1.18 / 1.11
+at 1024 × 1000, 1.18 / 1.08 at 2048 × 1000, 1.13 / 0.85 at 1024 × 8000, 1.09 / 0.80 at
+64 × 32000, 1.10 / 0.85 at 256 × 32000 (``benchmarks.bench_sweep``: 1.20–1.27 → 1.14 at
+1024 × 1000, 1.17 → 0.95 at 2048 × 1000, 1.08–1.16 → 0.76–0.81 at 256 × 32000). Without
+a gradient autograd's kernels serve."""
+
+
+def _soft_chunked_from(x: Tensor) -> int:
+    """The size from which the probability-target loss of `x` takes the chunked path
+    (:func:`_soft_low`): :func:`_low_min` for half precision, :data:`_FLOAT32_CHUNKED` for
+    float32 with a gradient, never otherwise."""
+    dtype = x.dtype
+    if dtype in _LOW:
+        return _low_min(x)
+    if dtype is torch.float32 and x.requires_grad and torch.is_grad_enabled():
+        return _FLOAT32_CHUNKED
+    return sys.maxsize
+
+
 _LOW_MIN_SPARSE = 1 << 17
 """:data:`_LOW_MIN` of the sparse path, whose float32 copy and PyTorch kernel stay faster
 longer (forward and backward: 0.78 of the chunked path's time at 64 × 1000, 1.0 at 128 × 1000,
@@ -1813,13 +1837,15 @@ def _sparse_low(x: Tensor, target: Tensor, axis: int, opts: CEOptions) -> Tensor
 def _soft_low(
     x: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
 ) -> Tensor | None:
-    """Eager half-precision logits (N, C) of at least :data:`_LOW_MIN` elements on CPU, targets
-    and weight without gradients: :class:`_LowPrecisionSoftCE`; None for the float32 copy.
+    """Eager half-precision logits (N, C) of at least :data:`_LOW_MIN` elements on CPU (float32
+    ones with a gradient from :data:`_FLOAT32_CHUNKED`: :func:`_soft_chunked_from`), targets
+    and weight without gradients: :class:`_LowPrecisionSoftCE`; None for the float32 copy
+    (float32: PyTorch's kernels and autograd).
 
     A NaN result (a masked class, 0 · -inf, or a NaN input) is None too: the caller's
     guarded form decides.
     """
-    if x.ndim != 2 or axis != 1 or x.numel() < _low_min(x) or not _own_eager(x):
+    if x.ndim != 2 or axis != 1 or x.numel() < _soft_chunked_from(x) or not _own_eager(x):
         return None
     if target.requires_grad or (weight is not None and weight.requires_grad):
         return None
@@ -1851,7 +1877,9 @@ def _soft_coefficients(
 
 
 class _LowPrecisionSoftCE(torch.autograd.Function):
-    r"""Probability-target cross-entropy of float16/bfloat16 logits in float32, lean in memory.
+    r"""Probability-target cross-entropy of float16/bfloat16 logits in float32, lean in memory
+    (and of large float32 logits with a gradient, :data:`_FLOAT32_CHUNKED`: its gradient
+    formed with the forward pass takes fewer passes than autograd's).
 
     :math:`\ell_i = -\sum_k c_{ik} \log p_{ik}`, :math:`c = w \odot ((1-\varepsilon)t +
     \varepsilon/C)`, by row chunks through reused float32 buffers as
@@ -1926,7 +1954,7 @@ def _soft_low_forward(
                       out=row_)  # fmt: skip
     row = row[:, 0]
     out = row.neg_() if reduction == "none" else row.sum().neg_() / den
-    return _to_low(out, x), g, den
+    return (out if out.dtype is x.dtype else _to_low(out, x)), g, den
 
 
 _SOFT_CE_APPLY = super(torch.autograd.Function, _LowPrecisionSoftCE).apply
