@@ -29,6 +29,25 @@ def _case(dtype: Any, n: int = 400, c: int = 100, seed: int = 5) -> tuple[Any, A
     return x, t, w
 
 
+def _ours(x: Any, t: Any, w: Any, eps: float, reduction: str, upstream: float) -> Any:
+    """(logits requiring a gradient, crossent's loss, the gradient of its sum times
+    `upstream`)."""
+    xg = x.clone().requires_grad_(True)
+    loss = ce.categorical_cross_entropy(
+        xg, t, from_logits=True, weight=w, label_smoothing=eps, reduction=reduction
+    )
+    (grad,) = torch.autograd.grad(loss.sum() * upstream, xg, retain_graph=True)
+    return xg, loss, grad
+
+
+def _float64(x: Any, t: Any, w64: Any, eps: float, reduction: str, upstream: float) -> Any:
+    """PyTorch's loss of the same inputs in float64, and its gradient as :func:`_ours`'."""
+    x64 = x.double().requires_grad_(True)
+    ref = F.cross_entropy(x64, t.double(), weight=w64, label_smoothing=eps, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(ref.sum() * upstream, x64)
+    return ref, ref_grad
+
+
 def _ulps(a: Any, b: Any, dtype: Any) -> Any:
     """Differences in units of `dtype`'s rounding at the reference's magnitude."""
     a, b = a.detach().double(), b.detach().double()
@@ -55,17 +74,8 @@ def test_half_categorical_is_float64_rounded_once(
     x, t, w64 = _case(dtype)
     assert x.numel() >= torch_exec._LOW_MIN
     w = w64.float() if weighted else None
-    xg = x.clone().requires_grad_(True)
-    loss = ce.categorical_cross_entropy(
-        xg, t, from_logits=True, weight=w, label_smoothing=eps, reduction=reduction
-    )
-    (grad,) = torch.autograd.grad(loss.sum() * upstream, xg)
-    x64 = x.double().requires_grad_(True)
-    ref = F.cross_entropy(
-        x64, t.double(), weight=w64 if weighted else None, label_smoothing=eps,
-        reduction=reduction,
-    )  # fmt: skip
-    (ref_grad,) = torch.autograd.grad(ref.sum() * upstream, x64)
+    xg, loss, grad = _ours(x, t, w, eps, reduction, upstream)
+    ref, ref_grad = _float64(x, t, w64 if weighted else None, eps, reduction, upstream)
     assert loss.dtype == dtype
     assert grad.dtype == dtype
     # the loss: float64's value rounded once
@@ -359,18 +369,9 @@ def test_large_float32_with_a_gradient_takes_the_chunks(
     x, t, w64 = _case(torch.float32, n=300, c=100)
     t = t.float()
     w = w64.float() if weighted else None
-    xg = x.clone().requires_grad_(True)
-    loss = ce.categorical_cross_entropy(
-        xg, t, from_logits=True, weight=w, label_smoothing=eps, reduction=reduction
-    )
+    _, loss, grad = _ours(x, t, w, eps, reduction, upstream)
     assert type(loss.grad_fn).__name__ == "_LowPrecisionSoftCEBackward"
-    (grad,) = torch.autograd.grad(loss.sum() * upstream, xg)
-    x64 = x.double().requires_grad_(True)
-    ref = F.cross_entropy(
-        x64, t.double(), weight=w64 if weighted else None, label_smoothing=eps,
-        reduction=reduction,
-    )  # fmt: skip
-    (ref_grad,) = torch.autograd.grad(ref.sum() * upstream, x64)
+    ref, ref_grad = _float64(x, t, w64 if weighted else None, eps, reduction, upstream)
     assert (loss.dtype, grad.dtype) == (torch.float32, torch.float32)
     torch.testing.assert_close(loss.double(), ref, rtol=4e-6, atol=0.0)
     scale = upstream / (x.shape[0] if reduction == "mean" else 1)
