@@ -35,6 +35,7 @@ from crossent.fused._inputs import (
     check_values,
     flat,
     rows_2d,
+    scored_labels,
     shift_target,
     unshift,
 )
@@ -238,7 +239,7 @@ def linear_cross_entropy(
 
         loss = linear_ce_compiled(rows_2d(hidden), weight, flat(target), bias, class_weight, opts)
     else:  # the labels as given are checked (uint64 ones named by their value)
-        scored = given[..., 1:] if shift else given
+        scored = scored_labels(given, shift=shift)
         check_values(scored, class_weight, n_classes, ignore_index=opts.ignore_index)
         loss = run_linear_ce(rows_2d(hidden), weight, flat(target), bias, class_weight, opts)
     if opts.reduction == "none":
@@ -394,7 +395,8 @@ def linear_log_probs(
 
         lp, ent = linear_log_probs_compiled(*args)
     else:  # the labels as given are checked (uint64 ones named by their value)
-        check_labels(given[..., 1:] if shift else given, n_classes, ignore_index=opts.ignore_index)
+        scored = scored_labels(given, shift=shift)
+        check_labels(scored, n_classes, ignore_index=opts.ignore_index)
         lp, ent = run_log_probs(*args)
     return _log_prob_outputs(lp, ent, target.shape, shift=shift)
 

@@ -1085,8 +1085,10 @@ def _chunk_loop(
         return _hidden_grad(grad_h, unscale, chunk), grad_w, grad_b
 
     shape = (chunk, v_local)
-    # the weight gradient a float16 product (CUDA): G scaled into float16's range first
-    scale_w = want_w and mm_dtype == torch.float16 and _mm_out_dtype(weight)
+    # the weight gradient a low-precision product accumulated in float32 (CUDA), reading G
+    # rounded to the product dtype: for float16, G scaled into its range first
+    low_w = want_w and _mm_out_dtype(weight)
+    scale_w = low_w and mm_dtype == torch.float16
     in_place = low_in_place and low_precision and not want_b and not lift and not scale_w
     w_norm = None  # bounds the head's column norms, and so the lifted products
     if lift:
@@ -1094,7 +1096,7 @@ def _chunk_loop(
         w_norm = torch.maximum(hi, lo.neg()).to(cdt) * math.sqrt(v_local)
     # G rounded to the product dtype before the weight gradient (which reads the float32 G
     # except on CUDA: _accumulate_wide_), and lifted G rounded after it
-    round_first = low_precision and (not lift or (want_w and _mm_out_dtype(weight)))
+    round_first = low_precision and (not lift or low_w)
     if in_place:  # the product-dtype logits are the only buffer
         buf_all, lp_all = _workspace("low", shape, mm_dtype, device), None
     else:

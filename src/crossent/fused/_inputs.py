@@ -38,6 +38,7 @@ __all__ = [
     "check_values",
     "flat",
     "rows_2d",
+    "scored_labels",
     "shift_target",
     "unshift",
 ]
@@ -242,6 +243,13 @@ def shift_target(target: torch.Tensor, *, shift: bool, ignore_index: int) -> tor
     after = torch.clamp(position + 1, max=steps - 1).expand(target.shape)
     wide = int64_labels(target).gather(-1, after)
     return torch.where(position == steps - 1, ignore_index, wide)
+
+
+def scored_labels(target: torch.Tensor, *, shift: bool) -> torch.Tensor:
+    """The labels the positions are scored against, as the caller gave them (``target[...,
+    1:]`` with `shift`): what the eager label check reads, so that a uint64 label is named by
+    its own value, not the int64 one :func:`shift_target` holds."""
+    return target[..., 1:] if shift else target
 
 
 def as_one_op(hidden: torch.Tensor) -> bool:
