@@ -22,7 +22,11 @@ import pytest
 torch = pytest.importorskip("torch")
 func = torch.func
 
-from crossent.fused import linear_cross_entropy  # noqa: E402
+from crossent.fused import (  # noqa: E402
+    linear_cross_entropy,
+    linear_distillation_loss,
+    linear_log_probs,
+)
 from crossent.nn import LinearCrossEntropyLoss  # noqa: E402
 from tests.fused.test_func import CASES, _data  # noqa: E402
 
@@ -31,10 +35,10 @@ from tests.fused.test_func import CASES, _data  # noqa: E402
 def _fresh_dynamo() -> Iterator[None]:
     """Each test compiles afresh, and leaves nothing behind: Dynamo marks the frames it met
     eagerly under a transform, at the graph break ("Calling torch.func.vmap(compiled_fn)
-    function from eager mode is not supported"), as never to be compiled, so that a later
-    ``torch.compile(linear_cross_entropy, fullgraph=True)`` ran the chunk loop through Dynamo
-    (another test's data-dependent error); PyTorch's fake tensor cache kept a forward-mode
-    view from one compiled ``jvp`` for the next (an internal assertion, ``has_fw_view()``)."""
+    function from eager mode is not supported"), as never to be compiled (crossent's fused
+    functions clear their own mark: ``test_fullgraph_compile_after_a_compiled_transform``;
+    the tests' closures keep theirs); PyTorch's fake tensor cache kept a forward-mode view
+    from one compiled ``jvp`` for the next (an internal assertion, ``has_fw_view()``)."""
     torch._dynamo.reset()
     torch._subclasses.fake_tensor.FakeTensorMode.cache_clear()
     yield
@@ -207,3 +211,50 @@ def test_compiled_vmap_alone_stays_one_graph(case: str) -> None:
     args = (data["hidden"], data["target"], data["t_hidden"])
     got = torch.compile(batched, backend="aot_eager", fullgraph=True)(*args)
     _assert_same(got, batched(*args))
+
+
+_DIRECT: dict[str, tuple[Callable[..., Any], Callable[[dict[str, Any]], tuple[Any, ...]]]] = {
+    "ce": (linear_cross_entropy, lambda d: (d["hidden"][0], d["weight"], d["target"][0])),
+    "log-probs": (linear_log_probs, lambda d: (d["hidden"][0], d["weight"], d["target"][0])),
+    "distill": (
+        linear_distillation_loss,
+        lambda d: (d["hidden"][0], d["weight"], d["t_hidden"][0], d["t_weight"], d["target"][0]),
+    ),
+    "module": (
+        LinearCrossEntropyLoss(label_smoothing=0.1),
+        lambda d: (d["hidden"][0], d["weight"], d["target"][0]),
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+@pytest.mark.parametrize("case", sorted(_DIRECT))
+def test_fullgraph_compile_after_a_compiled_transform(case: str) -> None:
+    """A compiled differentiating transform leaves Dynamo's "skip" mark on the code of the
+    frames it met eagerly under the transform (at the graph break), the fused function's
+    among them. A later ``torch.compile(fn, fullgraph=True)`` of that function ran its frame
+    eagerly but compiled the inner frames one by one, the chunk loop's too: ``Could not
+    guard on data-dependent expression Eq(u0, 0)``. Now the skipped frame runs eagerly as a
+    whole: the eager values and gradients."""
+    fn, make_args = _DIRECT[case]
+    data = _data(4)
+
+    def per_sample(h: Any, y: Any, th: Any) -> Any:
+        d = {**data, "hidden": h[None], "target": y[None], "t_hidden": th[None]}
+        out = fn(*make_args(d))
+        return sum(o.sum() for o in torch.utils._pytree.tree_leaves(out))
+
+    transform = func.vmap(func.grad(per_sample))
+    torch.compile(transform, backend="aot_eager")(data["hidden"], data["target"], data["t_hidden"])
+    leaves = {k: data[k].clone().requires_grad_() for k in ("hidden", "weight")}
+    args = make_args({**data, **leaves})
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(*args)
+    want = fn(*args)
+    _assert_same(got, want)
+    grads = [
+        torch.autograd.grad(
+            sum(o.sum() for o in torch.utils._pytree.tree_leaves(out)), list(leaves.values())
+        )
+        for out in (got, want)
+    ]
+    _assert_same(*grads)

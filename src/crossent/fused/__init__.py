@@ -38,12 +38,14 @@ from crossent.fused._inputs import (
     scored_labels,
     shift_target,
     unshift,
+    whole_when_skipped,
 )
 from crossent.fused._logprobs import LogProbOptions, run_log_probs
 
 __all__ = ["linear_cross_entropy", "linear_distillation_loss", "linear_log_probs"]
 
 
+@whole_when_skipped
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -270,6 +272,7 @@ def _log_prob_options(
     return opts, check_shift(shift)
 
 
+@whole_when_skipped
 def linear_log_probs(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -52,6 +52,7 @@ from crossent.fused._inputs import (
     flat,
     rows_2d,
     unshift,
+    whole_when_skipped,
 )
 
 __all__ = ["linear_distillation_loss"]
@@ -229,6 +230,7 @@ class _LinearDistillFunction(torch.autograd.Function):
         return *grads, None, None, None
 
 
+@whole_when_skipped
 def linear_distillation_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

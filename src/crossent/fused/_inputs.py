@@ -7,11 +7,15 @@ matrix products run in their promoted dtype (:func:`crossent.fused._chunked.prod
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from typing import Any
+import types
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar, cast
 
 import torch
+from torch._C._dynamo.eval_frame import get_eval_frame_callback as _dynamo_callback
 
 from crossent._lib._checks import (
     check_chunk_size,
@@ -41,7 +45,48 @@ __all__ = [
     "scored_labels",
     "shift_target",
     "unshift",
+    "whole_when_skipped",
 ]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _unskip(*codes: Any) -> None:
+    """Clear Dynamo's "skip" mark from `codes` (the default strategy: compile when called)."""
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # pragma: no cover - another PyTorch's internals: the mark stays
+        return
+    for code in codes:
+        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))
+
+
+def whole_when_skipped(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn`, which clears the "skip" mark a compiled ``torch.func`` transform leaves on it.
+
+    A compiled transform that breaks its graph (the fused functions break it under a
+    differentiating one) runs the transform eagerly with Dynamo's frame callback set; each
+    frame it meets under the transform, `fn`'s included, is refused and marked "skip" for
+    good. ``torch.compile(linear_cross_entropy, fullgraph=True)`` in the same process then
+    ran the function eagerly and compiled the frames it calls one by one, the chunk loop's
+    too (``Could not guard on data-dependent expression``). The mark is cleared where it is
+    made (Dynamo's callback set, not tracing, a transform active), so a later compile traces
+    `fn` again. Traced, the test is never reached: ``torch.compiler.is_compiling()`` is True.
+    """
+
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        if (
+            not torch.compiler.is_compiling()
+            and _dynamo_callback() is not None
+            and torch._C._are_functorch_transforms_active()
+        ):
+            _unskip(*codes)
+        return fn(*args, **kwargs)
+
+    codes = (call.__code__, cast(types.FunctionType, fn).__code__)
+    return functools.wraps(fn)(call)
 
 
 def _check_tensor(x: object, *, name: str) -> torch.Tensor:
