@@ -52,6 +52,7 @@ from crossent._lib._xp import (
     representable,
     safe_divide,
     shift_by_max,
+    size,
     take_along_axis,
 )
 from crossent._losses import _rows
@@ -496,13 +497,29 @@ def _check_arrays(
     axis_, target = _check_labels(
         input, target, axis=axis, weight=weight, ignore_index=opts.ignore_index, xp=xp
     )
-    if opts.kind == "probs":
-        check_probability_rows(input, axis=axis_, xp=xp)
     if is_torch_namespace(xp):
         from crossent._backends._torch import index_target
 
         target = index_target(target)
+    if opts.kind == "probs":
+        check_probability_rows(_counted_rows(input, target, axis_, opts, xp=xp), axis=axis_, xp=xp)
     return axis_, target
+
+
+def _counted_rows(input: Array, target: Array, axis: int, opts: CEOptions, *, xp: Any) -> Array:
+    """`input` with every row whose label is ``ignore_index`` replaced by the one-hot row of
+    class 0, for the probability checks: an ignored row is not read (PyTorch's ``nll_loss``
+    reads no input there), so padding rows of zeros, or of anything else, are not checked
+    for [0, 1] or a row sum of 1. NaN there passes either way (the checks let NaN through);
+    its gradient stays NaN, as that of NaN in an ignored row of logits."""
+    if opts.ignore_index is None or size(input) == 0 or not get_validation():
+        return input
+    valid, _ = _labels(target, opts.ignore_index, xp=xp)
+    classes = xp.arange(dim_size(input.shape[axis]), device=device(input))
+    shape = [1] * input.ndim
+    shape[axis] = -1
+    one_hot = xp.astype(xp.reshape(classes == 0, tuple(shape)), input.dtype)
+    return xp.where(xp.expand_dims(valid, axis=axis), input, one_hot)
 
 
 def _rows_options(opts: CEOptions) -> dict[str, Any]:
