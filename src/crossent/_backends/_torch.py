@@ -66,6 +66,7 @@ from crossent._lib._checks import (
     device_assertions,
     eager_transforms,
     guard_label_range,
+    guard_uint64_labels,
     is_real_scalar,
     unit_interval_message,
     values_checked,
@@ -290,6 +291,7 @@ def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int 
         raise exc
     with torch.no_grad():
         check_label_range(t, num_classes, ignore_index=ignore_index, xp=array_namespace(t))
+        guard_uint64_labels(t, num_classes, ignore_index=ignore_index)  # validation off
     raise exc
 
 

@@ -31,6 +31,7 @@ from crossent._lib._checks import (
     check_integer_labels,
     check_label_range,
     check_probability_rows,
+    guard_uint64_labels,
     poison_unread_labels,
 )
 from crossent._lib._config import dynamo_tracing, get_validation
@@ -499,6 +500,10 @@ def _check_arrays(
     )
     if is_torch_namespace(xp):
         from crossent._backends._torch import index_target
+
+        # validation off: a uint64 label of 2**63 or more by its value, not by the int64
+        # largest that index_target makes of it (which PyTorch's gathers then named)
+        guard_uint64_labels(target, dim_size(input.shape[axis_]), ignore_index=opts.ignore_index)
 
         target = index_target(target)
     if opts.kind == "probs":
