@@ -68,6 +68,7 @@ from crossent._lib._xp import (
     is_torch_namespace,
     is_torch_tensor,
     moveaxis,
+    numpy_array,
     output_dtype,
     representable,
 )
@@ -380,7 +381,7 @@ def distillation_loss(
         ignore_index=ignore_index,
         reduction=reduction,
     )
-    return value
+    return numpy_array(value)
 
 
 def _distill(

@@ -48,6 +48,7 @@ from crossent._lib._xp import (
     is_torch_tensor,
     logsumexp,
     moveaxis,
+    numpy_array,
     output_dtype,
     quiet,
     representable,
@@ -481,14 +482,14 @@ def sparse_categorical_cross_entropy(
             return out
     lean = _numpy_exec.sparse(input, target, weight, axis, opts, with_grad=False)
     if lean is not None:
-        return lean[0]
+        return numpy_array(lean[0])
     xp = array_namespace(input=input, target=target, weight=weight)
     axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
     if is_torch_tensor(input) and opts.kind == "logits":  # autograd: no NaN from ignored rows
         input = torch_executor().mask_ignored_rows(
             input, target, opts.ignore_index, axis_, accelerator=True
         )
-    return _forward(input, target, weight=weight, axis=axis_, opts=opts, xp=xp)
+    return numpy_array(_forward(input, target, weight=weight, axis=axis_, opts=opts, xp=xp))
 
 
 def _check_arrays(
