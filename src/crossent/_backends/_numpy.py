@@ -37,6 +37,7 @@ import numpy as np
 from crossent._lib._checks import check_axis, check_label_range, values_checked
 from crossent._lib._xp import quiet
 from crossent._losses import _rows
+from crossent._losses._common import mean_class_weight
 from crossent._losses._logprob import check_class_weight, softcap_backward, softcap_logits
 from crossent._losses._options import CEOptions
 
@@ -96,7 +97,7 @@ def sparse(
     w = None
     if weight is not None:
         check_class_weight(weight, num_classes, xp=np)
-        w = weight.astype(dtype, copy=False)
+        w = mean_class_weight(weight.astype(dtype, copy=False), opts.reduction, opts.z_loss, xp=np)
     label, valid = _labels(target.reshape(-1), num_classes, opts)
     z = softcap_logits(x, opts.softcap, xp=np)
     m = z.max(axis=-1)

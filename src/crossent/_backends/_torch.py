@@ -82,7 +82,7 @@ from crossent._lib._xp import (
     torch_tracing,
 )
 from crossent._losses import _rows
-from crossent._losses._common import broadcastable, times_log
+from crossent._losses._common import broadcastable, mean_class_weight, times_log
 from crossent._losses._logprob import check_class_weight, softcap_form, softcap_logits
 from crossent._losses._options import CEOptions
 
@@ -468,6 +468,7 @@ def _sparse_rows(
     r"""crossent's own options: eagerly :func:`._torch_rows.own_rows` (``log_softmax`` row
     terms, closed-form gradient), else :func:`_sparse_rows_generic`; None (the generic
     array-API path) for focal loss with smoothing, which no row statistics carry."""
+    weight = mean_class_weight(weight, opts.reduction, opts.z_loss, xp=torch)  # huge weights
     stats = _rows.applies(opts)
     if _own_eager(x):  # (_sparse_rows_generic masks its ignored rows itself)
         own_rows = _OWN_ROWS[0] if _OWN_ROWS else _load_own_rows()

@@ -58,7 +58,7 @@ from crossent._lib._xp import (
     take_along_axis,
 )
 from crossent._losses import _rows
-from crossent._losses._common import nan_rows, reduce_loss
+from crossent._losses._common import mean_class_weight, nan_rows, reduce_loss
 from crossent._losses._logprob import (
     add_at_index,
     check_class_weight,
@@ -548,6 +548,7 @@ def _prepare(
     """
     cdt = compute_dtype(input.dtype, xp=xp)
     w = None if weight is None else astype(weight, cdt, xp=xp)
+    w = mean_class_weight(w, opts.reduction, opts.z_loss, xp=xp)  # no overflow of the sums
     x = moveaxis(astype(input, cdt, xp=xp), axis, -1, xp=xp)
     z = softcap_logits(x, opts.softcap, xp=xp)
     if opts.kind != "logits" or _rows.applies(opts):
