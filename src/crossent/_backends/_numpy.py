@@ -124,9 +124,9 @@ def sparse(
         w_y: Any = 1.0 if valid is None else valid.astype(dtype)
     else:
         w_y = w[label] if valid is None else np.where(valid, w[label], 0)
-    # a counted label of weight 0 on a masked class gives 0 * inf: the documented NaN (as
-    # PyTorch's), formed without NumPy's "invalid value" warning (which a program that
-    # turns warnings into errors dies of); so does label_smoothing=1 (no target term)
+    # a counted label of weight 0 on a masked class meets 0 * inf (its term is 0: _rows'
+    # _target_term), without NumPy's "invalid value" warning (which a program that turns
+    # warnings into errors dies of); so does label_smoothing=1 (no target term)
     zero_coef = opts.label_smoothing == 1 or (w is not None and not w.all())
     with quiet(np, "invalid", when=zero_coef):
         row, _ = _rows.row_loss(stats, w_y, stats.wsum, num_classes, opts, xp=np)

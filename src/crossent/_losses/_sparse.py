@@ -597,7 +597,7 @@ def _row_losses(
         return row, w_y, None
     statistics = _statistics(z, target, w, opts, xp=xp)
     stats, valid, w_y, total = statistics
-    with quiet(xp, "invalid"):  # 0 * inf: a target of weight 0 on a masked class (NaN)
+    with quiet(xp, "invalid"):  # 0 * inf: a target of weight 0 on a masked class (its term: 0)
         row, _ = _rows.row_loss(stats, w_y, total, z.shape[-1], opts, xp=xp)
     return xp.where(valid, row, xp.zeros_like(row)), w_y, statistics
 
