@@ -708,8 +708,8 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
 
 
 def guard_uint64_labels(target: Array, num_classes: int, *, ignore_index: int | None) -> None:
-    """:func:`guard_label_range` for PyTorch uint64 labels only, before (or instead of) an
-    error of PyTorch's own: their int64 copy (:func:`~crossent._lib._xp.int64_labels`) shows a
+    """``guard_label_range`` for PyTorch uint64 labels only, before (or instead of) an
+    error of PyTorch's own: their int64 copy (``int64_labels``) shows a
     label of :math:`2^{63}` or more as int64's largest value, which PyTorch's bound checks
     then named ("Target 9223372036854775807 is out of bounds" for 2**63 + 5) with
     validation off. This names the label by its own value; other dtypes keep PyTorch's

@@ -34,7 +34,7 @@ LOG_CLAMP = -100.0
 
 HUGE_WEIGHT = 2.0**64
 """Class weights above this are scaled by its reciprocal for a weighted mean
-(:func:`mean_class_weight`)."""
+(``mean_class_weight``)."""
 
 
 def mean_class_weight(w: Array | None, reduction: str, z_loss: float, *, xp: Any) -> Array | None:

@@ -136,7 +136,7 @@ def check_temperature_range(temperature: float, dtype: Any, *, xp: Any) -> None:
 
 HUGE_INV_TEMPERATURE = 2.0**64
 """Above this 1 / temperature the logits are shifted by their row max before the scaling
-(:func:`tempered`)."""
+(``tempered``)."""
 
 
 def tempered(x: Array, inv_t: float, *, xp: Any, overwrite: bool = False) -> Array:

@@ -468,7 +468,7 @@ def _target_term(c_y: Any, nll: Array, *, xp: Any) -> Array:
     masked class (a logit of ``-inf``) adds nothing, as a weight of 0 removes its class
     (``0 * inf`` made the row NaN, and with it the mean and ``value_and_grad``'s gradient
     row). ``0 * NaN`` stays NaN (NaN propagates), as in
-    :func:`~crossent._losses._logprob.term_value`. Without class weights (`c_y` a float,
+    ``_logprob.term_value``. Without class weights (`c_y` a float,
     0 only at ``label_smoothing=1``, whose caller drops the term) the plain product.
     """
     if isinstance(c_y, float):

@@ -1265,7 +1265,7 @@ def _row_stats_torch(
     logits are ``z = scale · softcap · tanh(x / softcap)`` (``scale`` is
     1 / temperature); with `tanh_buf`, tanh(x/c) is kept there for the chain rule. Without
     `need_lse` a huge ``scale`` (a tiny temperature) is applied after the row max is
-    subtracted (:func:`~crossent._losses._distill.tempered`): the plain product overflowed.
+    subtracted (``_distill.tempered``): the plain product overflowed.
     """
     import torch
 
