@@ -392,3 +392,57 @@ def test_float32_gradient_of_a_small_beta(xp: Any, beta: float) -> None:
     want = distill_grad_ref(s32.astype(np.float64), t32.astype(np.float64), beta=beta)
     err = np.linalg.norm(to_numpy(got) - want) / np.linalg.norm(want)
     assert err < 1e-6, err
+
+
+def test_tiny_temperature_is_not_an_overflow() -> None:
+    """A float32 temperature of 3e-39 (allowed: 1 / T is finite) divided ordinary logits
+    into inf (2 / 3e-39 = 6.7e38): distillation_loss was NaN (NumPy, PyTorch and its
+    gradient) and linear_log_probs NaN with a NaN gradient, where the values are finite
+    (float64: KL 3.33e38, log-probabilities 0 and -1 / T). The row max is subtracted
+    before the division for such temperatures."""
+    import torch
+
+    import crossent.fused as cf
+
+    T = 3e-39
+    s = np.array([[2.0, 1.0, 0.5], [0.1, 0.3, -1.0]])
+    t = np.array([[1.0, 2.0, 0.5], [0.1, 0.3, -1.0]])
+    for beta in (0.0, 0.5, 1.0):
+        want = ce.distillation_loss(s, t, temperature=T, beta=beta, reduction="none")
+        assert np.isfinite(want).all()
+        got = ce.distillation_loss(
+            s.astype(np.float32), t.astype(np.float32), temperature=T, beta=beta, reduction="none"
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        st = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+        out = ce.distillation_loss(
+            st, torch.tensor(t, dtype=torch.float32), temperature=T, beta=beta
+        )
+        np.testing.assert_allclose(out.item(), want.mean(), rtol=1e-6)
+        out.backward()
+        assert torch.isfinite(st.grad).all()
+        for conv in (np.float32, torch.float32):
+            args = [np.asarray(a, dtype=np.float32) for a in (s, t)]
+            if conv is torch.float32:
+                args = [torch.tensor(a) for a in args]
+            value, grad = ce.value_and_grad(ce.distillation_loss, *args, temperature=T, beta=beta)
+            np.testing.assert_allclose(float(value), want.mean(), rtol=1e-6)
+            assert np.isfinite(np.asarray(grad)).all()  # reverse KL: NaN (0 * -inf) before
+    h = torch.eye(3)[:2].clone().requires_grad_()
+    head = torch.cat([torch.tensor(s, dtype=torch.float32), torch.zeros(1, 3)]).T.contiguous()
+    y = torch.tensor([0, 0])  # row 1's label lies 0.2 below its max: log p = -0.2 / T
+    lp, ent = cf.linear_log_probs(h, head, y, temperature=T, return_entropy=True)
+    torch.testing.assert_close(lp, torch.tensor([0.0, -0.2 / T]), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(ent, torch.zeros(2), rtol=0.0, atol=0.0)
+    (lp[0] + ent.sum()).backward()
+    assert torch.isfinite(h.grad).all()
+    teacher = torch.cat([torch.tensor(t, dtype=torch.float32), torch.zeros(1, 3)]).T.contiguous()
+    for beta in (0.0, 1.0):
+        h.grad = None
+        want = ce.distillation_loss(s, t, temperature=T, beta=beta)
+        got = cf.linear_distillation_loss(
+            h, head, torch.eye(3)[:2], teacher, temperature=T, beta=beta
+        )
+        np.testing.assert_allclose(got.item(), want, rtol=1e-6)
+        got.backward()
+        assert torch.isfinite(h.grad).all()

@@ -434,3 +434,65 @@ def test_an_infinite_true_value_or_gradient_gives_inf_without_a_warning(xp: Any,
     else:
         assert np.isfinite(value)
         assert np.isneginf(to_numpy(grad).ravel()[0])
+
+
+_HUGE_OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.1},
+    "ignore": {"ignore_index": 1},
+    "focal": {"gamma": 2.0},
+    "softcap": {"softcap": 5.0},
+}
+
+
+@pytest.mark.parametrize("name", list(_HUGE_OPTIONS))
+def test_weighted_mean_of_huge_float32_class_weights(xp: Any, name: str) -> None:
+    """float32 class weights near 3e38: the weighted mean sum(w_y l) / sum(w_y) is about 1.3,
+    but both sums overflowed to inf and the mean was NaN (with a zero gradient) on NumPy, JAX,
+    array-api-strict and crossent's own PyTorch options (PyTorch's own kernel, which
+    the plain PyTorch losses run, still gives NaN: documented). The weights of a mean are scaled by
+    2**-64 where they exceed 2**64 (exactly: the mean does not change). Value and gradient
+    against float64."""
+    conv = to_xp(xp)
+    opts = _HUGE_OPTIONS[name]
+    z = np.array([[1.0, 2.0, 0.5], [0.5, 0.1, 0.3], [0.2, 0.3, 0.1], [0.0, -1.0, 4.0]])
+    y = np.array([0, 1, 2, 2])
+    w = np.array([3e38, 1e38, 3e38])
+    loss = ce.sparse_categorical_cross_entropy
+    kwargs = {"from_logits": True, **opts}
+    want, want_grad = ce.value_and_grad(loss, z, y, weight=w, **kwargs)
+    z32, w32 = conv(z, dtype=xp.float32), conv(w, dtype=xp.float32)
+    got = to_numpy(loss(z32, conv(y), weight=w32, **kwargs))
+    value, grad = ce.value_and_grad(loss, z32, conv(y), weight=w32, **kwargs)
+    if "torch" in xp.__name__ and name in ("plain", "smoothing", "ignore"):
+        assert np.isnan(got)  # F.cross_entropy's kernel: NaN, as torch's (docs/differences.md)
+    else:
+        np.testing.assert_allclose(got, want, rtol=2e-6)
+    np.testing.assert_allclose(to_numpy(value), want, rtol=2e-6)
+    np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=2e-5, atol=1e-7)
+
+
+def test_fused_weighted_mean_of_huge_float32_class_weights() -> None:
+    """The same for crossent.fused.linear_cross_entropy's class_weight (NaN before) and
+    PyTorch autograd of crossent's own options."""
+    torch = pytest.importorskip("torch")
+    import crossent.fused as cf
+
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    head = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 4, 2, 3, 4])
+    w = torch.tensor([3e38, 1e38, 3e38, 2e38, 3e38], dtype=torch.float64)
+    want = torch.nn.functional.cross_entropy(h @ head.T, y, weight=w)
+    h32 = h.float().requires_grad_()
+    got = cf.linear_cross_entropy(h32, head.float(), y, class_weight=w.float())
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+    got.backward()
+    assert torch.isfinite(h32.grad).all()
+    z = (h @ head.T).float().requires_grad_()
+    own = ce.sparse_categorical_cross_entropy(z, y, from_logits=True, weight=w.float(), gamma=2.0)
+    ref = ce.sparse_categorical_cross_entropy(h @ head.T, y, from_logits=True, weight=w, gamma=2.0)
+    torch.testing.assert_close(own.double(), ref, rtol=2e-6, atol=0)
+    own.backward()
+    assert torch.isfinite(z.grad).all()
+    assert z.grad.abs().sum() > 0

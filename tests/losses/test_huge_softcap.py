@@ -13,6 +13,7 @@ the identity for every logit would fail too.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -243,3 +244,20 @@ def test_a_masked_class_stays_masked_under_softcap_on_every_backend(xp: Any, cap
             h + bias, torch.as_tensor(y), from_logits=True, softcap=cap, reduction="none"
         )
         torch.testing.assert_close(fused, ref, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("cap", [3e-39, 1e-30])
+def test_tiny_softcap_is_finite_without_a_warning(cap: float) -> None:
+    """A cap below the logits' scale divides them into inf (float32: 2 / 3e-39): the capped
+    logits are +-c, the loss log C, as in float64; NumPy warned 'overflow encountered in
+    divide' on the way (a program run with warnings as errors died of it)."""
+    z = np.array([[2.0, 1.0, 0.5], [0.1, -0.3, 0.4]], dtype=np.float32)
+    y = np.array([0, 1])
+    loss = ce.sparse_categorical_cross_entropy
+    want = loss(z.astype(np.float64), y, from_logits=True, softcap=cap, reduction="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = loss(z, y, from_logits=True, softcap=cap, reduction="none")
+        _, grad = ce.value_and_grad(loss, z, y, from_logits=True, softcap=cap)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.isfinite(grad).all()

@@ -115,10 +115,11 @@ def test_gradient_of_a_label_on_a_masked_class(name: str) -> None:
 def test_zero_target_coefficient_on_a_masked_class_does_not_warn(
     backend: str, options: dict[str, Any]
 ) -> None:
-    """A counted label of weight 0 on a masked class is 0 * inf: the documented NaN (as
-    PyTorch's). NumPy formed it with 'invalid value encountered in multiply' (the test suite,
-    like any program run with warnings as errors, died of it); label_smoothing=1 multiplied
-    the masked label's infinite term by 0 before dropping it, with the same warning."""
+    """A counted label of weight 0 on a masked class adds nothing (its 0 * inf was NaN, as
+    PyTorch's kernel still gives: test_zero_weight_label_on_a_masked_class). NumPy formed it
+    with 'invalid value encountered in multiply' (the test suite, like any program run with
+    warnings as errors, died of it); label_smoothing=1 multiplied the masked label's
+    infinite term by 0 before dropping it, with the same warning."""
     xp = np if backend == "numpy" else pytest.importorskip("array_api_strict")
     opts = {k: xp.asarray(v) if k == "weight" else v for k, v in options.items()}
     x, y = xp.asarray(Z), xp.asarray(Y)
@@ -134,7 +135,9 @@ def test_zero_target_coefficient_on_a_masked_class_does_not_warn(
         label_smoothing=options.get("label_smoothing", 0.0),
     )
     if "weight" in options:
-        assert np.isnan(row[0])  # 0 * inf, as PyTorch's
+        # the target term is 0 (weight 0); z-loss (unweighted) stays: 0.1 * lse(row 0)^2
+        lse = np.log(np.exp(Z[0][np.isfinite(Z[0])]).sum())
+        np.testing.assert_allclose(row[0], options.get("z_loss", 0.0) * lse**2, rtol=1e-12)
     else:
         assert row[0] == np.inf  # the smoothing term of the masked class
     if len(options) == 1:  # the second row as PyTorch
@@ -239,3 +242,71 @@ def test_autograd_gradient_of_an_ignored_fully_masked_row_is_zero(
     else:
         torch.testing.assert_close(grad[0], torch.zeros(4, dtype=torch.float64), rtol=0, atol=0)
     torch.testing.assert_close(grad[1:], expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.1}, {"gamma": 2.0}, {"gamma": 2.0, "label_smoothing": 0.1},
+     {"z_loss": 0.1}, {"ignore_index": 1}],
+    ids=["plain", "smooth", "focal", "focal-smooth", "z_loss", "ignore"],
+)  # fmt: skip
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_zero_weight_label_on_a_masked_class(
+    xp: Any, options: dict[str, Any], reduction: str
+) -> None:
+    """A counted label whose class has weight 0 and a logit of -inf: the row adds nothing
+    but its smoothing and z-loss terms (a weight of 0 removes the class). The loss was
+    NaN (0 * inf) on every backend and path, and JAX's value_and_grad gave the row a NaN
+    gradient where the others gave 0. Now the value is that of the other rows plus those
+    terms, the gradient that of the row without its target term, on NumPy, JAX,
+    array-api-strict, value_and_grad and PyTorch's own options; the plain PyTorch losses
+    (F.cross_entropy's kernel) keep its NaN value (docs/differences.md), gradient 0."""
+    from tests.conftest import to_numpy, to_xp
+
+    conv = to_xp(xp)
+    z = np.array([[1.0, 2.0, -np.inf], [0.5, 0.1, 0.3], [0.2, -0.4, 1.0]])
+    y = np.array([2, 0, 2])
+    w = np.array([1.0, 0.5, 0.0])
+    kw = {"from_logits": True, "reduction": reduction, **options}
+    loss = ce.sparse_categorical_cross_entropy
+    # the reference: the masked logit as -1e300, a finite -log p_y of 1e300 times weight 0
+    # (the same probabilities, exactly 0 on that class, and the same smoothing sum)
+    z_ref = np.where(np.isinf(z), -1e300, z)
+    ref_value, ref_grad = ce.value_and_grad(loss, z_ref, y, weight=w, **kw)
+    value, grad = ce.value_and_grad(loss, conv(z), conv(y), weight=conv(w), **kw)
+    np.testing.assert_allclose(to_numpy(value), ref_value, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(grad), ref_grad, rtol=1e-12, atol=1e-15)
+    got = to_numpy(loss(conv(z), conv(y), weight=conv(w), **kw))
+    native = "torch" in xp.__name__ and not {"gamma", "z_loss"} & set(options)
+    if native:  # F.cross_entropy's kernel: 0 * inf, NaN as torch's
+        assert np.isnan(got).any()
+    else:
+        np.testing.assert_allclose(got, ref_value, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.1}, {"z_loss": 0.1}, {"softcap": 3.0}],
+    ids=["plain", "smooth", "z_loss", "softcap"],
+)  # fmt: skip
+def test_fused_zero_weight_label_on_a_masked_class(options: dict[str, Any]) -> None:
+    """The fused loss with a class_weight of 0 on a class masked by a bias of -inf, a
+    label on it: the value and the hidden gradient of value_and_grad on the logits."""
+    import crossent.fused as cf
+
+    h = torch.tensor(
+        [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.3, 0.2, 1.0]], dtype=torch.float64
+    ).requires_grad_()
+    head = torch.tensor([[1.0, 0.5, 0.0], [2.0, 0.1, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    bias = torch.tensor([0.0, 0.0, -np.inf], dtype=torch.float64)
+    y = torch.tensor([2, 0, 1])
+    w = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    value = cf.linear_cross_entropy(h, head, y, bias=bias, class_weight=w, **options)
+    value.backward()
+    z = (h @ head.T + bias).detach().numpy()
+    want, grad = ce.value_and_grad(
+        ce.sparse_categorical_cross_entropy, z, y.numpy(), from_logits=True, weight=w.numpy(),
+        **options,
+    )  # fmt: skip
+    assert np.isfinite(want)
+    np.testing.assert_allclose(value.item(), want, rtol=1e-12)
+    np.testing.assert_allclose(h.grad.numpy(), grad @ head.numpy(), rtol=1e-12, atol=1e-15)

@@ -148,3 +148,52 @@ def test_a_row_that_fails_by_a_little_shows_why(dtype: Any) -> None:
     total = float(np.sum(p.astype(np.float64)))
     with pytest.raises(ValueError, match=re.escape(f"row 0 sums to {total!r} (tolerance")):
         ce.sparse_categorical_cross_entropy(p, np.array([0]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_ignored_rows_are_not_checked(xp: Any, reduction: str) -> None:
+    """A row whose label is ``ignore_index`` is not read, so it is not checked either: a
+    padding row of zeros (or of values outside [0, 1]) was rejected ("row 1 sums to 0").
+    The result is that of the counted rows alone, its gradient 0 on the ignored rows, NaN
+    at a NaN entry of one (NaN propagates, as in an ignored row of logits). A counted bad
+    row is still rejected, by its index in the batch."""
+    conv = to_xp(xp)
+    p = np.array([[0.2, 0.8], [0.0, 0.0], [3.0, -1.0], [np.nan, 0.5], [0.6, 0.4]])
+    y = np.array([1, -100, -100, -100, 0])
+    loss = ce.sparse_categorical_cross_entropy
+    kwargs = {"ignore_index": -100, "reduction": reduction}
+    value, grad = ce.value_and_grad(loss, conv(p), conv(y), **kwargs)
+    counted = [0, 4]
+    expected = to_numpy(loss(conv(p[counted]), conv(y[counted]), **kwargs))
+    got = to_numpy(loss(conv(p), conv(y), **kwargs))
+    np.testing.assert_allclose(got if reduction == "mean" else got[counted], expected, rtol=1e-12)
+    if reduction == "none":
+        np.testing.assert_array_equal(got[1:4], 0.0)
+    np.testing.assert_allclose(to_numpy(value), got, rtol=1e-12)
+    g = to_numpy(grad)
+    np.testing.assert_array_equal(g[1:3], 0.0)
+    assert np.isnan(g[3, 0])
+    assert g[3, 1] == 0.0
+    bad = p.copy()
+    bad[4] = [0.6, 0.6]
+    with pytest.raises(ValueError, match=re.escape("row 4 sums to 1.2")):
+        loss(conv(bad), conv(y), **kwargs)
+
+
+def test_ignored_rows_are_not_checked_under_autodiff() -> None:
+    """The same through PyTorch's autograd and ``jax.grad``: the gradient of the ignored
+    rows is 0 (NaN at a NaN entry)."""
+    torch = pytest.importorskip("torch")
+    p = np.array([[0.2, 0.8], [0.0, 0.0], [np.nan, 0.5]])
+    y = np.array([1, -100, -100])
+    pt = torch.tensor(p, requires_grad=True)
+    ce.sparse_categorical_cross_entropy(pt, torch.tensor(y), ignore_index=-100).backward()
+    expected = np.array([[0.0, -1.25], [0.0, 0.0], [np.nan, 0.0]])
+    np.testing.assert_allclose(pt.grad.numpy(), expected, rtol=1e-12)
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+
+    def f(a: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(a, jnp.asarray(y), ignore_index=-100)
+
+    np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.asarray(p))), expected, rtol=1e-6)

@@ -37,6 +37,7 @@ import numpy as np
 from crossent._lib._checks import check_axis, check_label_range, values_checked
 from crossent._lib._xp import quiet
 from crossent._losses import _rows
+from crossent._losses._common import mean_class_weight
 from crossent._losses._logprob import check_class_weight, softcap_backward, softcap_logits
 from crossent._losses._options import CEOptions
 
@@ -96,7 +97,7 @@ def sparse(
     w = None
     if weight is not None:
         check_class_weight(weight, num_classes, xp=np)
-        w = weight.astype(dtype, copy=False)
+        w = mean_class_weight(weight.astype(dtype, copy=False), opts.reduction, opts.z_loss, xp=np)
     label, valid = _labels(target.reshape(-1), num_classes, opts)
     z = softcap_logits(x, opts.softcap, xp=np)
     m = z.max(axis=-1)
@@ -123,9 +124,9 @@ def sparse(
         w_y: Any = 1.0 if valid is None else valid.astype(dtype)
     else:
         w_y = w[label] if valid is None else np.where(valid, w[label], 0)
-    # a counted label of weight 0 on a masked class gives 0 * inf: the documented NaN (as
-    # PyTorch's), formed without NumPy's "invalid value" warning (which a program that
-    # turns warnings into errors dies of); so does label_smoothing=1 (no target term)
+    # a counted label of weight 0 on a masked class meets 0 * inf (its term is 0: _rows'
+    # _target_term), without NumPy's "invalid value" warning (which a program that turns
+    # warnings into errors dies of); so does label_smoothing=1 (no target term)
     zero_coef = opts.label_smoothing == 1 or (w is not None and not w.all())
     with quiet(np, "invalid", when=zero_coef):
         row, _ = _rows.row_loss(stats, w_y, stats.wsum, num_classes, opts, xp=np)

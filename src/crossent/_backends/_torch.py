@@ -66,6 +66,7 @@ from crossent._lib._checks import (
     device_assertions,
     eager_transforms,
     guard_label_range,
+    guard_uint64_labels,
     is_real_scalar,
     unit_interval_message,
     values_checked,
@@ -81,7 +82,7 @@ from crossent._lib._xp import (
     torch_tracing,
 )
 from crossent._losses import _rows
-from crossent._losses._common import broadcastable, times_log
+from crossent._losses._common import broadcastable, mean_class_weight, times_log
 from crossent._losses._logprob import check_class_weight, softcap_form, softcap_logits
 from crossent._losses._options import CEOptions
 
@@ -290,6 +291,7 @@ def _label_error(exc: Exception, t: Tensor, num_classes: int, ignore_index: int 
         raise exc
     with torch.no_grad():
         check_label_range(t, num_classes, ignore_index=ignore_index, xp=array_namespace(t))
+        guard_uint64_labels(t, num_classes, ignore_index=ignore_index)  # validation off
     raise exc
 
 
@@ -466,6 +468,7 @@ def _sparse_rows(
     r"""crossent's own options: eagerly :func:`._torch_rows.own_rows` (``log_softmax`` row
     terms, closed-form gradient), else :func:`_sparse_rows_generic`; None (the generic
     array-API path) for focal loss with smoothing, which no row statistics carry."""
+    weight = mean_class_weight(weight, opts.reduction, opts.z_loss, xp=torch)  # huge weights
     stats = _rows.applies(opts)
     if _own_eager(x):  # (_sparse_rows_generic masks its ignored rows itself)
         own_rows = _OWN_ROWS[0] if _OWN_ROWS else _load_own_rows()

@@ -67,6 +67,7 @@ __all__ = [
     "device_assertions",
     "eager_transforms",
     "guard_label_range",
+    "guard_uint64_labels",
     "is_integer_scalar",
     "is_real_scalar",
     "label_index_error",
@@ -704,6 +705,17 @@ def guard_label_range(target: Array, num_classes: int, *, ignore_index: int | No
         return
     with beneath_transforms():
         _guard_read(beneath[0], num_classes, ignore_index)
+
+
+def guard_uint64_labels(target: Array, num_classes: int, *, ignore_index: int | None) -> None:
+    """``guard_label_range`` for PyTorch uint64 labels only, before (or instead of) an
+    error of PyTorch's own: their int64 copy (``int64_labels``) shows a
+    label of :math:`2^{63}` or more as int64's largest value, which PyTorch's bound checks
+    then named ("Target 9223372036854775807 is out of bounds" for 2**63 + 5) with
+    validation off. This names the label by its own value; other dtypes keep PyTorch's
+    message, which names theirs."""
+    if is_torch_tensor(target) and str(target.dtype) == "torch.uint64":
+        guard_label_range(target, num_classes, ignore_index=ignore_index)
 
 
 def _guard_read(target: Array, num_classes: int, ignore_index: int | None) -> None:

@@ -197,6 +197,7 @@ def jsd_and_grad_from_log(
     xp: Any,
     scale: float | Array = 1.0,
     work: Array | None = None,
+    wide: bool = False,
 ) -> tuple[Array, Array]:
     r""":math:`L_\beta(P, Q)` along the last axis and `scale` times its gradient for Q's logits.
 
@@ -205,10 +206,15 @@ def jsd_and_grad_from_log(
     `work`, for untracked PyTorch tensors the caller owns (the fused chunk
     loop), is work space of shape ``(4, *log_p.shape)``: then `log_p` and
     `log_q` are overwritten too, the gradient is returned in `log_q`'s storage,
-    and nothing is allocated per call.
+    and nothing is allocated per call. `wide`: the log-probabilities may span more than the
+    dtype's largest value (logits divided by a tiny temperature), so that
+    :math:`r_k - r_*` can overflow where :math:`Q_k = 0` (0 · −inf made the reverse KL's
+    gradient NaN); it is then clamped to the dtype's range (one pass; NaN stays NaN).
     """
     if _untracked_torch(xp, log_p, log_q):
-        loss, g = _jsd_torch(log_p, log_q, beta=beta, axis=-1, grad=True, work=work, scale=scale)
+        loss, g = _jsd_torch(
+            log_p, log_q, beta=beta, axis=-1, grad=True, work=work, scale=scale, wide=wide
+        )
     else:
         loss, g = _jsd_generic(log_p, log_q, beta=beta, axis=-1, grad=True, xp=xp, scale=scale)
     if g is None:  # pragma: no cover - grad=True always returns it
@@ -251,7 +257,9 @@ def _jsd_generic(
     q = xp.exp(log_q)
     off = None
     if beta == 1.0:
-        zero = log_q == -math.inf  # r = 0 where Q = 0: Q r = 0 there
+        # r = 0 where Q = 0 (Q r = 0 there), also where Q underflowed from a finite log Q
+        # (a tiny temperature): r - r_* overflowed there, and 0 * -inf made the gradient NaN
+        zero = q == 0
         # log M = log P, -inf on a class the teacher rules out (the only -inf of M)
         off = (log_m == -math.inf) & ~zero
         cut = zero | off  # r_k = log Q_k there: P_k = e^c, c = 0
@@ -343,6 +351,7 @@ def _jsd_torch(
     grad: bool,
     work: Any = None,
     scale: float | Array = 1.0,
+    wide: bool = False,
 ) -> tuple[Any, Any]:
     """:func:`_jsd_generic` for untracked PyTorch tensors: in place, four work arrays.
 
@@ -422,6 +431,8 @@ def _jsd_torch(
                 torch.addcdiv(d.new_full((), -beta), p_buf, q_buf, value=beta, out=d)
                 d.nan_to_num_(nan=0.0, posinf=torch.finfo(dtype).max).log1p_().neg_()
             d.sub_(d.gather(-1, log_q.argmax(-1, keepdim=True)))
+            if wide:  # r_k - r_* beyond the range where Q_k = 0 (jsd_and_grad_from_log)
+                d.clamp_(min=torch.finfo(dtype).min)
             torch.mul(q_buf, d, out=w)
             d.sub_(w.sum(-1, keepdim=True))
             # Q times the factor first: d holds -max/4 where Q = 0 (beta = 1), which a factor

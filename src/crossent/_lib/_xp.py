@@ -469,6 +469,21 @@ def astype(x: Array, dtype: Any, *, xp: Any) -> Array:
         return xp.astype(x, dtype)
 
 
+def numpy_array(x: Array) -> Array:
+    """`x`, a NumPy scalar (``np.float64``) as the 0-d ndarray it stands for.
+
+    NumPy's ufuncs and whole-array reductions return scalars for 0-d results, so the same
+    loss came back as an ``ndarray`` from one reduction or path and as ``np.float64`` from
+    another (``binary_cross_entropy`` of 0-d arrays: ``"mean"`` an ndarray, ``"sum"`` and
+    ``"none"`` scalars). The losses return arrays (API section 2: the caller's kind of
+    array), 0-d for a reduction; every other array is returned as it is.
+    """
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(x, numpy.generic):
+        return numpy.asarray(x)
+    return x
+
+
 def difference(a: Array, b: Array, *, xp: Any) -> Array:
     """``a - b`` for log-space shifts (``z - m``, ``m - z``, ``z - lse``), where a difference
     beyond the largest float is rightly ±inf (its exponential is 0 or inf) and ``inf - inf``

@@ -54,6 +54,7 @@ from crossent._lib._xp import (
     is_torch_namespace,
     is_torch_tensor,
     log_sigmoid_pair,
+    numpy_array,
     output_dtype,
     quiet,
     size,
@@ -530,7 +531,7 @@ def binary_cross_entropy(
         reduction=reduction,
         xp=None,
     )
-    return _finish(_elementwise_loss(_terms(b)), b)
+    return numpy_array(_finish(_elementwise_loss(_terms(b)), b))
 
 
 def _binary_value_and_grad(

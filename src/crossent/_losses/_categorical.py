@@ -32,6 +32,7 @@ from crossent._lib._xp import (
     is_torch_tensor,
     logsumexp,
     moveaxis,
+    numpy_array,
     output_dtype,
     shift_by_max,
     size_array,
@@ -274,7 +275,7 @@ def categorical_cross_entropy(
     )  # fmt: skip
     x, c = _coefficients(input, target, weight=weight, opts=opts, axis=axis_, xp=xp)
     loss = _soft_loss(x, c, kind=opts.kind, gamma=opts.gamma, reduction=opts.reduction, xp=xp)
-    return astype(loss, output_dtype(input, xp=xp), xp=xp)
+    return numpy_array(astype(loss, output_dtype(input, xp=xp), xp=xp))
 
 
 def _categorical_value_and_grad(

@@ -7,6 +7,7 @@ from typing import Any
 
 from crossent._lib._xp import (
     Array,
+    device,
     is_jax_namespace,
     is_torch_namespace,
     safe_divide,
@@ -21,6 +22,7 @@ __all__ = [
     "focal_factor",
     "log1mexp",
     "log_prob",
+    "mean_class_weight",
     "nan_rows",
     "reduce_loss",
     "times_log",
@@ -28,6 +30,33 @@ __all__ = [
 
 LOG_CLAMP = -100.0
 """Lower bound of log p for probability inputs (PyTorch's BCE / NLL rule)."""
+
+
+HUGE_WEIGHT = 2.0**64
+"""Class weights above this are scaled by its reciprocal for a weighted mean
+(``mean_class_weight``)."""
+
+
+def mean_class_weight(w: Array | None, reduction: str, z_loss: float, *, xp: Any) -> Array | None:
+    r"""Class weights `w` for a ``"mean"``: scaled by :math:`2^{-64}` if any exceeds
+    :math:`2^{64}`, `w` itself otherwise.
+
+    The weighted mean :math:`\sum_i w_{y_i} \ell_i / \sum_i w_{y_i}` does not change when
+    every weight is multiplied by the same power of two (every product and sum is scaled
+    exactly), but its two sums overflow for huge weights: float32 weights of 3e38 made both
+    inf and the mean NaN where it is about 1.3. No weight anyone trains with reaches
+    :math:`2^{64}`, so the common call is unchanged bit for bit: on NumPy one host ``max``
+    decides, elsewhere a factor of exactly 1 (:math:`O(C)`, no pass over the logits, no
+    host read). Not for ``"sum"``/``"none"``, whose values scale with the weights, nor with
+    a z-loss, which the weights do not multiply but the mean divides by their sum.
+    """
+    if w is None or reduction != "mean" or z_loss != 0 or w.shape[0] == 0:
+        return w
+    if type(w).__module__ == "numpy":
+        return w * (1 / HUGE_WEIGHT) if w.max() > HUGE_WEIGHT else w
+    huge = xp.max(w) > HUGE_WEIGHT
+    one, small = (xp.asarray(v, dtype=w.dtype, device=device(w)) for v in (1.0, 1 / HUGE_WEIGHT))
+    return w * xp.where(huge, small, one)
 
 
 def broadcastable(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:

@@ -64,11 +64,14 @@ from crossent._lib._xp import (
     astype,
     compute_dtype,
     device,
+    difference,
     is_jax_namespace,
     is_torch_namespace,
     is_torch_tensor,
     moveaxis,
+    numpy_array,
     output_dtype,
+    quiet,
     representable,
 )
 from crossent._losses._common import reduce_loss
@@ -131,6 +134,35 @@ def check_temperature_range(temperature: float, dtype: Any, *, xp: Any) -> None:
         raise ValueError(msg)
 
 
+HUGE_INV_TEMPERATURE = 2.0**64
+"""Above this 1 / temperature the logits are shifted by their row max before the scaling
+(``tempered``)."""
+
+
+def tempered(x: Array, inv_t: float, *, xp: Any, overwrite: bool = False) -> Array:
+    r"""Logits `x` (classes last) divided by the temperature, as ``x * inv_t``.
+
+    For a tiny temperature (``inv_t`` above :math:`2^{64}`; the check allows float32's down
+    to 2.9e-39) ``x * inv_t`` overflowed for ordinary logits (2 / 3e-39 = 6.7e38 > float32's
+    largest): the row max was inf and every value and gradient NaN where they are finite
+    (KL of such rows about 3.3e38 in float32). There the row max :math:`m` (a finite one;
+    0 otherwise) is subtracted first: :math:`(x - m) / T` is at most 0 and the softmax is
+    unchanged; a class far below the max gets :math:`-\infty`, its probability 0. Ordinary
+    temperatures take the plain product, unchanged bit for bit. `overwrite`: PyTorch
+    tensors the caller owns (the fused loop), changed in place.
+    """
+    if inv_t <= HUGE_INV_TEMPERATURE:
+        if inv_t == 1.0:
+            return x
+        return x.mul_(inv_t) if overwrite else x * inv_t
+    m = _constant(xp.max(x, axis=-1, keepdims=True), xp=xp)
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    if overwrite:
+        return x.sub_(m).mul_(inv_t)
+    with quiet(xp, "over"):  # a class far below the max: -inf, rightly (probability 0)
+        return difference(x, m, xp=xp) * inv_t
+
+
 def _constant(x: Array, *, xp: Any) -> Array:
     """`x` cut from autodiff (the teacher gets no gradient) on the backends that have one."""
     if is_torch_namespace(xp):
@@ -165,11 +197,8 @@ def distill_rows(
     """
     overwrite = work is not None
     inv_t = 1.0 / temperature
-    if inv_t != 1.0:
-        if overwrite:
-            student, teacher = student.mul_(inv_t), teacher.mul_(inv_t)
-        else:
-            student, teacher = student * inv_t, teacher * inv_t
+    student = tempered(student, inv_t, xp=xp, overwrite=overwrite)
+    teacher = tempered(teacher, inv_t, xp=xp, overwrite=overwrite)
     log_q = log_softmax(student, axis=-1, xp=xp, overwrite=overwrite)
     log_p = log_softmax(teacher, axis=-1, xp=xp, overwrite=overwrite)
     if not grad:
@@ -178,7 +207,9 @@ def distill_rows(
             None,
         )
     factor = scale * inv_t
-    return jsd_and_grad_from_log(log_p, log_q, beta=beta, xp=xp, scale=factor, work=work)
+    return jsd_and_grad_from_log(
+        log_p, log_q, beta=beta, xp=xp, scale=factor, work=work, wide=inv_t > HUGE_INV_TEMPERATURE
+    )
 
 
 def _prepare(
@@ -380,7 +411,7 @@ def distillation_loss(
         ignore_index=ignore_index,
         reduction=reduction,
     )
-    return value
+    return numpy_array(value)
 
 
 def _distill(

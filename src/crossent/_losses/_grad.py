@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from crossent._lib._xp import Array
+from crossent._lib._xp import Array, numpy_array
 from crossent._losses._binary import _binary_value_and_grad, binary_cross_entropy
 from crossent._losses._categorical import _categorical_value_and_grad, categorical_cross_entropy
 from crossent._losses._distill import _distill_value_and_grad, distillation_loss
@@ -237,4 +237,5 @@ def value_and_grad(
             f"{', '.join(allowed)}.{hint}"
         )
         raise TypeError(msg)
-    return _closed_form(name)(input, target, **options)
+    value, grad = _closed_form(name)(input, target, **options)
+    return numpy_array(value), numpy_array(grad)

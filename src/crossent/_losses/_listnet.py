@@ -16,6 +16,7 @@ from crossent._lib._xp import (
     is_torch_tensor,
     logsumexp,
     moveaxis,
+    numpy_array,
     output_dtype,
     shift_by_max,
 )
@@ -116,7 +117,7 @@ def listnet_loss(
     xp = array_namespace(scores=scores, relevance=relevance)
     s, q, reduction_, _ = _prepare(scores, relevance, axis=axis, reduction=reduction, xp=xp)
     loss = _soft_loss(s, q, kind="logits", gamma=0.0, reduction=reduction_, xp=xp)
-    return astype(loss, output_dtype(scores, xp=xp), xp=xp)
+    return numpy_array(astype(loss, output_dtype(scores, xp=xp), xp=xp))
 
 
 def _listnet_value_and_grad(

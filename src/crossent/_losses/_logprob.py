@@ -154,7 +154,8 @@ def softcap_ratio(x: Array, form: SoftcapForm, *, xp: Any) -> Array:
     r""":math:`u = x / c` by the divisions of :class:`SoftcapForm` (each by a number with a normal
     reciprocal; under JAX a barrier keeps XLA from folding the two into one by :math:`c`)."""
     if form.scale == 1.0:
-        return x / form.cap
+        with quiet(xp, "over"):  # a tiny cap: x / c is +-inf, tanh(x / c) = +-1 (no warning)
+            return x / form.cap
     scaled = x / form.scale
     if is_jax_namespace(xp):
         from jax.lax import optimization_barrier
@@ -217,7 +218,8 @@ def softcap_logits(x: Array, cap: float | None, *, xp: Any) -> Array:
     # the plain form, as every executor's: x / c is subnormal only where |x| < c ·
     # smallest_normal <= eps (else the form is guarded), and its second derivative is exact
     # (a branch z = x below c sqrt(eps) made it 0: float32 Hessians 3.5e-4 off)
-    capped = form.cap * xp.tanh(x / form.cap)
+    with quiet(xp, "over"):  # a tiny cap: x / c is +-inf, tanh(x / c) = +-1 (no warning)
+        capped = form.cap * xp.tanh(x / form.cap)
     return capped + xp.where(x == -float("inf"), xp.full_like(x, -float("inf")), xp.zeros_like(x))
 
 

@@ -85,6 +85,7 @@ from typing import Any
 from crossent._lib._xp import (
     Array,
     difference,
+    is_torch_namespace,
     isfinite,
     nan_shift,
     quiet,
@@ -461,6 +462,25 @@ def _target_coef(eps: float, w_y: Any) -> Any:
     return w_y if eps == 0 else (1 - eps) * w_y
 
 
+def _target_term(c_y: Any, nll: Array, *, xp: Any) -> Array:
+    r""":math:`c_y \cdot (-\log p_y)` (times the focal factor), exactly 0 where
+    :math:`c_y = 0` and :math:`-\log p_y = +\infty`: a counted label of class weight 0 on a
+    masked class (a logit of ``-inf``) adds nothing, as a weight of 0 removes its class
+    (``0 * inf`` made the row NaN, and with it the mean and ``value_and_grad``'s gradient
+    row). ``0 * NaN`` stays NaN (NaN propagates), as in
+    ``_logprob.term_value``. Without class weights (`c_y` a float,
+    0 only at ``label_smoothing=1``, whose caller drops the term) the plain product.
+    """
+    if isinstance(c_y, float):
+        return _times(c_y, nll)
+    with quiet(xp, "invalid"):
+        product = c_y * nll
+    removed = (c_y == 0) & (nll == float("inf"))
+    if is_torch_namespace(xp):  # a number, not a tensor of zeros: one operation less
+        return xp.where(removed, 0.0, product)
+    return xp.where(removed, xp.zeros_like(product), product)
+
+
 def row_loss(
     stats: RowStats,
     w_y: Array,
@@ -540,10 +560,10 @@ def loss_and_coefficients(
     if gamma != 0:
         f, s = _focal(nll_y, gamma, slope=with_grad, autodiff=autodiff, xp=xp, log_p=log_p_y)
         if loss:
-            row = _times(c_y, f * nll_y)
+            row = _target_term(c_y, f * nll_y, xp=xp)
         b = None if s is None else _times(c_y, s)
     elif loss:
-        row = _times(c_y, nll_y)
+        row = _target_term(c_y, nll_y, xp=xp)
     if loss:
         if eps == 1:
             row = xp.zeros_like(nll_y)

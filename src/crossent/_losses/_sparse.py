@@ -31,6 +31,7 @@ from crossent._lib._checks import (
     check_integer_labels,
     check_label_range,
     check_probability_rows,
+    guard_uint64_labels,
     poison_unread_labels,
 )
 from crossent._lib._config import dynamo_tracing, get_validation
@@ -47,15 +48,17 @@ from crossent._lib._xp import (
     is_torch_tensor,
     logsumexp,
     moveaxis,
+    numpy_array,
     output_dtype,
     quiet,
     representable,
     safe_divide,
     shift_by_max,
+    size,
     take_along_axis,
 )
 from crossent._losses import _rows
-from crossent._losses._common import nan_rows, reduce_loss
+from crossent._losses._common import mean_class_weight, nan_rows, reduce_loss
 from crossent._losses._logprob import (
     add_at_index,
     check_class_weight,
@@ -479,14 +482,14 @@ def sparse_categorical_cross_entropy(
             return out
     lean = _numpy_exec.sparse(input, target, weight, axis, opts, with_grad=False)
     if lean is not None:
-        return lean[0]
+        return numpy_array(lean[0])
     xp = array_namespace(input=input, target=target, weight=weight)
     axis_, target = _check_arrays(input, target, weight=weight, axis=axis, opts=opts, xp=xp)
     if is_torch_tensor(input) and opts.kind == "logits":  # autograd: no NaN from ignored rows
         input = torch_executor().mask_ignored_rows(
             input, target, opts.ignore_index, axis_, accelerator=True
         )
-    return _forward(input, target, weight=weight, axis=axis_, opts=opts, xp=xp)
+    return numpy_array(_forward(input, target, weight=weight, axis=axis_, opts=opts, xp=xp))
 
 
 def _check_arrays(
@@ -496,13 +499,33 @@ def _check_arrays(
     axis_, target = _check_labels(
         input, target, axis=axis, weight=weight, ignore_index=opts.ignore_index, xp=xp
     )
-    if opts.kind == "probs":
-        check_probability_rows(input, axis=axis_, xp=xp)
     if is_torch_namespace(xp):
         from crossent._backends._torch import index_target
 
+        # validation off: a uint64 label of 2**63 or more by its value, not by the int64
+        # largest that index_target makes of it (which PyTorch's gathers then named)
+        guard_uint64_labels(target, dim_size(input.shape[axis_]), ignore_index=opts.ignore_index)
+
         target = index_target(target)
+    if opts.kind == "probs":
+        check_probability_rows(_counted_rows(input, target, axis_, opts, xp=xp), axis=axis_, xp=xp)
     return axis_, target
+
+
+def _counted_rows(input: Array, target: Array, axis: int, opts: CEOptions, *, xp: Any) -> Array:
+    """`input` with every row whose label is ``ignore_index`` replaced by the one-hot row of
+    class 0, for the probability checks: an ignored row is not read (PyTorch's ``nll_loss``
+    reads no input there), so padding rows of zeros, or of anything else, are not checked
+    for [0, 1] or a row sum of 1. NaN there passes either way (the checks let NaN through);
+    its gradient stays NaN, as that of NaN in an ignored row of logits."""
+    if opts.ignore_index is None or size(input) == 0 or not get_validation():
+        return input
+    valid, _ = _labels(target, opts.ignore_index, xp=xp)
+    classes = xp.arange(dim_size(input.shape[axis]), device=device(input))
+    shape = [1] * input.ndim
+    shape[axis] = -1
+    one_hot = xp.astype(xp.reshape(classes == 0, tuple(shape)), input.dtype)
+    return xp.where(xp.expand_dims(valid, axis=axis), input, one_hot)
 
 
 def _rows_options(opts: CEOptions) -> dict[str, Any]:
@@ -525,6 +548,7 @@ def _prepare(
     """
     cdt = compute_dtype(input.dtype, xp=xp)
     w = None if weight is None else astype(weight, cdt, xp=xp)
+    w = mean_class_weight(w, opts.reduction, opts.z_loss, xp=xp)  # no overflow of the sums
     x = moveaxis(astype(input, cdt, xp=xp), axis, -1, xp=xp)
     z = softcap_logits(x, opts.softcap, xp=xp)
     if opts.kind != "logits" or _rows.applies(opts):
@@ -573,7 +597,7 @@ def _row_losses(
         return row, w_y, None
     statistics = _statistics(z, target, w, opts, xp=xp)
     stats, valid, w_y, total = statistics
-    with quiet(xp, "invalid"):  # 0 * inf: a target of weight 0 on a masked class (NaN)
+    with quiet(xp, "invalid"):  # 0 * inf: a target of weight 0 on a masked class (its term: 0)
         row, _ = _rows.row_loss(stats, w_y, total, z.shape[-1], opts, xp=xp)
     return xp.where(valid, row, xp.zeros_like(row)), w_y, statistics
 

@@ -18,6 +18,7 @@ import torch
 
 from crossent._lib._checks import check_softcap
 from crossent._lib._xp import check_same_device
+from crossent._losses._common import mean_class_weight
 from crossent._losses._distill import check_temperature
 from crossent.fused._distill import linear_distillation_loss
 from crossent.fused._function import run_linear_ce
@@ -235,6 +236,8 @@ def linear_cross_entropy(
             raise ValueError(msg)
         check_same_device(hidden=hidden, class_weight=class_weight)
         check_constant_class_weight(class_weight, caller="crossent.fused.linear_cross_entropy")
+        # a weighted mean of huge weights: scaled, so that its sums do not overflow
+        class_weight = mean_class_weight(class_weight, opts.reduction, opts.z_loss, xp=torch)
     given, target = target, shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     if as_one_op(hidden):  # traced or meta: value checks run inside the op, on concrete values
         from crossent.fused._ops import linear_ce_compiled

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 from crossent._lib._checks import not_ignored
-from crossent._lib._xp import isfinite
+from crossent._lib._xp import array_namespace, isfinite
 from crossent._losses import _rows
 from crossent._losses._common import nan_rows
+from crossent._losses._distill import HUGE_INV_TEMPERATURE, tempered
 from crossent._losses._logprob import softcap_form, softcap_guarded
 from crossent._losses._options import CEOptions, Reduction
 
@@ -1262,11 +1263,17 @@ def _row_stats_torch(
     (not NaN). Without `need_lse` (a caller that reads only the log-softmax and
     ``z_y - lse_loc``) ``lse_loc`` is not formed: NaN stands in its place. The
     logits are ``z = scale · softcap · tanh(x / softcap)`` (``scale`` is
-    1 / temperature); with `tanh_buf`, tanh(x/c) is kept there for the chain rule.
+    1 / temperature); with `tanh_buf`, tanh(x/c) is kept there for the chain rule. Without
+    `need_lse` a huge ``scale`` (a tiny temperature) is applied after the row max is
+    subtracted (``_distill.tempered``): the plain product overflowed.
     """
     import torch
 
-    _softcap_(buf, tanh_buf, softcap, scale)
+    if need_lse or scale <= HUGE_INV_TEMPERATURE:
+        _softcap_(buf, tanh_buf, softcap, scale)
+    else:
+        _softcap_(buf, tanh_buf, softcap)
+        tempered(buf, scale, xp=array_namespace(buf), overwrite=True)
     col = y_loc[:, None]
     m = buf.amax(dim=1) if need_lse else None
     softmax_(buf, log=True)
