@@ -627,6 +627,34 @@ def test_a_real_low_precision_softmax_of_many_classes_is_a_distribution(
         CrossEntropy(input_kind="probs").update(bad, y)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "classes"),
+    [("bfloat16", 100), ("bfloat16", 1000), ("bfloat16", 32000), ("float16", 1000)],
+)
+def test_a_low_precision_log_softmax_is_a_distribution(dtype: str, classes: int) -> None:
+    # a log-probability rounded to a low precision is off by up to u·|log p| (u the unit
+    # roundoff), not u: torch.log_softmax of bfloat16 logits summed to 1 ± 0.01-0.018 here,
+    # beyond the probabilities' tolerance (0.0078 for 1000 classes), and was a BadRowError
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(64, classes, generator=g).to(getattr(torch, dtype))
+    log_p = torch.log_softmax(z, dim=-1)
+    deviation = float((log_p.double().exp().sum(-1) - 1).abs().max())
+    assert deviation > F._sum_tolerance(log_p.dtype, classes, xp=ce._lib._xp.array_namespace(z))
+    y = torch.arange(64) % classes
+    got = CrossEntropy(input_kind="log_probs").update(log_p, y).compute()
+    assert got == pytest.approx(ref.log_loss(log_p.double().numpy(), y.numpy(), "log_probs"))
+    # the uniform distribution over 700 classes: -log 700 = -6.551 is -6.5625 in bfloat16,
+    # every probability 1.2 % too small, all in the same direction
+    uniform = torch.full((1, 700), -math.log(700)).to(torch.bfloat16)
+    CrossEntropy(input_kind="log_probs").update(uniform, torch.tensor([3])).compute()
+    # beyond any rounding: still a bad row (probabilities 1.65 times too large)
+    bad = log_p.clone()
+    bad[5] += 0.5
+    with pytest.raises(BadRowError, match=r"row 5 .*exp\(values\) summing to .*tolerance"):
+        CrossEntropy(input_kind="log_probs").update(bad, y)
+
+
 @pytest.mark.parametrize("classes", [2, 7, F.COLUMN_CLASSES + 1])
 def test_numpy_probability_rows_in_either_layout(classes: int) -> None:
     # up to COLUMN_CLASSES classes the rows are reduced column by column: the same argmax
