@@ -203,7 +203,7 @@ class BinaryClassificationMetrics(Metric):
         return (*super()._config(), self.bins, self.base)
 
     def update(self, input: Array, target: Array) -> Self:
-        """Add a batch: `input` holds one score per label, `target` the 0/1 labels.
+        """Add a batch: `input` holds one floating score per label, `target` the 0/1 labels.
 
         `input` has `target`'s shape (a multi-label target: one score per label and
         class), or that shape with a trailing axis of 1 (a column). Two columns per
@@ -211,7 +211,9 @@ class BinaryClassificationMetrics(Metric):
         """
         if _traced(input):  # torch.compile: eagerly, at a graph break
             return cast(Self, _update_eagerly(self, input, target))
-        _batch_namespace(input, target)  # a clear TypeError for non-arrays or two libraries
+        xp = _batch_namespace(input, target)  # a clear TypeError for non-arrays or two libraries
+        # integer or boolean scores (hard 0/1 decisions?) are not read as probabilities 0 and 1
+        _checks.check_floating(input, name="input", xp=xp, hint=" (P(label = 1), not a class)")
         score = to_numpy(input, dtype=np.float64)
         # as float64 (exact for 0/1 and any label near them): an int64 copy would truncate
         # 0.5 or 1.2 to a label 0/1
