@@ -655,6 +655,23 @@ def test_a_low_precision_log_softmax_is_a_distribution(dtype: str, classes: int)
         CrossEntropy(input_kind="log_probs").update(bad, y)
 
 
+@pytest.mark.parametrize("classes", [3, F.COLUMN_CLASSES + 6])
+@pytest.mark.parametrize("bad", [-1.0, 5.0, np.inf])
+def test_a_probability_outside_0_1_beside_a_nan_is_a_bad_row_on_every_backend(
+    xp: Any, classes: int, bad: float
+) -> None:
+    # NumPy's checks read the row's max and min, which a NaN makes NaN: the row passed
+    # (its figures NaN) where PyTorch, JAX and array-api-strict raise
+    p = np.full((3, classes), 1.0 / classes)
+    p[1, 0], p[1, 1] = np.nan, bad
+    with pytest.raises(BadRowError, match=r"row 1 .* has a value .* outside \[0, 1\]") as info:
+        CrossEntropy(input_kind="probs").update(to_xp(xp)(p), to_xp(xp)(np.array([0, 2, 1])))
+    assert info.value.row == 1
+    p[1, 1] = 0.5  # NaN alone passes and propagates
+    got = CrossEntropy(input_kind="probs").update(to_xp(xp)(p), to_xp(xp)(np.array([0, 2, 1])))
+    assert math.isnan(got.compute())
+
+
 @pytest.mark.parametrize("classes", [2, 7, F.COLUMN_CLASSES + 1])
 def test_numpy_probability_rows_in_either_layout(classes: int) -> None:
     # up to COLUMN_CLASSES classes the rows are reduced column by column: the same argmax

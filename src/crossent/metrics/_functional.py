@@ -443,6 +443,10 @@ def _numpy_prob_rows(
         outside = conf > 1
         if np.fmin.reduce(x.ravel(order=order)) < 0:  # (NaN ignored) then find the rows
             outside |= x.min(axis=1) < 0
+        holes = np.flatnonzero(np.isnan(total))
+        if holes.size:  # a NaN made their max and min NaN: read them without it
+            rows = x[holes]
+            outside[holes] = (np.fmax.reduce(rows, axis=1) > 1) | (np.fmin.reduce(rows, axis=1) < 0)
         hits = np.flatnonzero(outside | (np.abs(total - 1) > tol))
         if hits.size:
             _raise_bad_distribution(x, total, outside, int(hits[0]), input_kind="probs", tol=tol)
