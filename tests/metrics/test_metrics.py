@@ -391,6 +391,20 @@ def test_reset_and_empty_metrics_give_nan() -> None:
     assert Perplexity(input_kind="logits").update(huge, np.array([0])).compute() == math.inf
 
 
+def test_another_number_of_classes_names_the_fix_that_works() -> None:
+    # reset() keeps the number of classes seen (sync() needs it on every rank): the error
+    # said "use one metric per class set, or reset() it", and after reset() it came again
+    metric = CrossEntropy(input_kind="logits").update(np.zeros((2, 3)), np.array([0, 1]))
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"has 4 classes .* has 3") as info:
+            metric.update(np.zeros((2, 4)), np.array([0, 3]))
+        assert "reset() it" not in str(info.value)
+        assert "reset() keeps" in str(info.value)
+        metric.reset()
+    fresh = CrossEntropy(input_kind="logits").update(np.zeros((2, 4)), np.array([0, 3]))
+    assert fresh.compute() == pytest.approx(math.log(4))
+
+
 def test_sync_without_distributed_is_a_copy() -> None:
     d = _data(n=30, c=3, seed=21)
     metric = Accuracy(input_kind="logits").update(d["logits"], d["y"])

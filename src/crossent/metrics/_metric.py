@@ -298,7 +298,8 @@ class Metric:
         elif num_classes != self.num_classes:
             msg = (
                 f"`input` has {num_classes} classes along axis {self.axis}, but this metric "
-                f"has {self.num_classes}; use one metric per class set, or reset() it."
+                f"has {self.num_classes} (reset() keeps that number); use one metric per class "
+                f"set: a new {type(self).__name__} for these."
             )
             raise ValueError(msg)
         self._add_rows(lambda name: rows)
