@@ -24,7 +24,7 @@ from crossent._eval._errors import CLIError, RowError
 from crossent._eval._groups import GroupedMetrics
 from crossent._eval._open import FORMATS, open_table, read_batches
 from crossent._eval._score import Plan, Selection, base_name, score_table
-from crossent._eval._sources import data_suffix, expand_sources, stdin_as_file
+from crossent._eval._sources import data_suffix, expand_sources, is_blank_text, stdin_as_file
 from crossent._eval._summary import summarize_state
 from crossent._eval._table import Batch, Table
 
@@ -56,8 +56,12 @@ def open_scored(
     `like` is (first file, its column names): this file must have the same ones.
     `row_groups` [start, stop) reads only those row groups of a Parquet file.
     The columns are None for a file without rows when `like` is given or
-    `rows_or_none` is set: a CSV file with a header only has no column types.
+    `rows_or_none` is set: a CSV file with a header only has no column types, a blank
+    one (``is_blank_text``) no columns either.
     """
+    if (like is not None or rows_or_none) and is_blank_text(path):
+        fmt = FORMATS[data_suffix(path)[0]]
+        return Table(path, fmt, [], {}, lambda: iter(()), 0), None, iter(())
     table = open_table(
         path,
         batch_size=batch_size,
