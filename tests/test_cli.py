@@ -192,6 +192,29 @@ def test_types_widen_after_the_first_block(tmp_path: Path) -> None:
     assert out["log_loss_nats"] == pytest.approx(math.log(2) / 40001, rel=1e-12)
 
 
+def test_integer_labels_written_as_floats_after_the_first_block(tmp_path: Path) -> None:
+    # the first block's labels are JSON integers, a later one is 1.0 (a label column with a
+    # missing value written by pandas is float): the label is 1, as it is in a file of float
+    # labels only, in the CSV file and in the binary one. It was exit 2: "cannot read it
+    # as jsonl: Failed to convert JSON to int64, couldn't parse:1.0"
+    records = [{"label": i % 2, "x": 0.75, "y": 0.25} for i in range(4000)]
+    records.append({"label": 1.0, "x": 0.5, "y": 0.5})
+    want = (2000 * math.log(0.75) + 2000 * math.log(0.25) + math.log(0.5)) / -4001
+    binary = [{"label": r["label"], "p": r["y"]} for r in records]
+    for name, rows in (("columns", records), ("binary", binary)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = run_json("eval", str(path))
+        assert out["rows"] == 4001
+        assert out["log_loss_nats"] == pytest.approx(want, rel=1e-12)
+        assert out["per_class"][1]["count"] == 2001
+    path = write_csv(
+        tmp_path / "floats.csv", ["label", "x", "y"], [list(r.values()) for r in records]
+    )
+    out = run_json("eval", str(path))
+    assert out["log_loss_nats"] == pytest.approx(want, rel=1e-12)
+
+
 def test_infinite_figures_are_the_json_number_1e999_and_undefined_ones_null(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

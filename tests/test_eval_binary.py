@@ -51,6 +51,23 @@ def test_binary_metrics_match_scikit_learn() -> None:
     assert r["log_loss_bits"] == pytest.approx(r["log_loss_nats"] / math.log(2))
 
 
+def test_scores_on_bin_edges_are_in_the_bin_above_unlike_scikit_learn() -> None:
+    # docs/differences.md: bins [k/B, (k+1)/B); scikit-learn's calibration_curve closes
+    # them on the right, so 0.5 and 0.55 share a bin here and not there (ECE 0.025 / 0.475)
+    calibration = pytest.importorskip("sklearn.calibration")
+    p, y = np.array([0.5, 0.55, 0.5, 0.55]), np.array([0, 1, 0, 1])
+    m = BinaryClassificationMetrics(input_kind="probs", bins=10).update(p, y)
+    assert m.reliability()["count"].tolist() == [0, 0, 0, 0, 0, 4, 0, 0, 0, 0]
+    assert m.compute()["ece"] == pytest.approx(abs(2 - 2.1) / 4, rel=1e-12)
+    assert m.compute()["ece"] == pytest.approx(_ece_reference(p, y, 10), rel=1e-12)
+    accuracy, confidence = calibration.calibration_curve(y, p, n_bins=10)
+    assert accuracy.tolist() == [0.0, 1.0]  # two bins: (0.4, 0.5] and (0.5, 0.6]
+    assert confidence.tolist() == pytest.approx([0.5, 0.55])
+    edges = BinaryClassificationMetrics(input_kind="probs", bins=10)
+    edges.update(np.arange(11) / 10, np.ones(11, dtype=np.int64))
+    assert edges.reliability()["count"].tolist() == [1] * 9 + [2]  # 0.9 and 1.0 in the last
+
+
 def test_logits_and_log_probs_give_the_same_figures() -> None:
     p, y = _data()
     ref = BinaryClassificationMetrics(input_kind="probs").update(p, y).compute()

@@ -211,6 +211,28 @@ def test_cli_dask_engine_file_given_twice(
             assert_same_figures(a, b, rtol=0)
 
 
+def test_cli_dask_engine_list_columns_of_other_lengths_are_the_local_error(
+    cluster: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # each task numbered the classes of its own list column: the merge of 3 and 4 classes
+    # raised a ValueError traceback (exit 1) where the local engine names the file and row
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    pq.write_table(
+        pa.table({"label": [0, 1], "p": [[0.5, 0.25, 0.25], [0.2, 0.6, 0.2]]}), folder / "a.parquet"
+    )
+    pq.write_table(
+        pa.table({"label": [0, 3], "p": [[0.5, 0.3, 0.1, 0.1]] * 2}), folder / "b.parquet"
+    )
+    local = error(capsys, "eval", str(folder))
+    assert "b.parquet: row 1 has 4 predictions" in local
+    dask = ("--engine", "dask", "--scheduler", cluster.scheduler_address)
+    assert "b.parquet: row 1 has 4 predictions" in error(capsys, "eval", str(folder), *dask)
+    (folder / "b.parquet").unlink()
+    pq.write_table(pa.table({"label": [2, 0], "p": [[0.1, 0.1, 0.8]] * 2}), folder / "b.parquet")
+    assert_same_figures(run_json("eval", str(folder), *dask), run_json("eval", str(folder)))
+
+
 def test_cli_dask_engine_errors_are_the_local_ones(
     cluster: Any,
     tmp_path: Path,

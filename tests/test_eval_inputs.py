@@ -115,6 +115,37 @@ def test_files_without_rows_among_others(
     assert err == error(capsys, "eval", str(empty[0]), "--exclude", "id")
 
 
+def test_blank_files_among_others_have_no_rows(
+    tmp_path: Path, data: dict[str, Any], single: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # pandas and Dask write an empty partition as JSON lines as one line break (a filtered
+    # frame: dd.to_json(..., lines=True)), Spark as 0 bytes: files without rows, as a CSV
+    # file of a header only; they were exit 2 ("cannot read it as jsonl: Empty JSON
+    # stream", "is empty (0 bytes)"). Alone, or all of them, they are still an error.
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    for i in range(3):
+        records = [
+            {"label": NAMES[data["y"][j]], **dict(zip(NAMES, data["p"][j].tolist(), strict=True))}
+            for j in range(20 * i, 20 * (i + 1))
+        ]
+        write(folder / f"part-{i}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write(folder / "part-1a.jsonl", "\n")
+    write(folder / "part-1b.jsonl", "")
+    write(folder / "part-3.jsonl.gz", "")
+    (folder / "part-4.jsonl.gz").write_bytes(gzip.compress(b" \n\n"))
+    out = run_json("eval", str(folder))
+    assert out["files"] == 7
+    assert_same_figures(out, single)
+    csv_parts = _shards(tmp_path / "csv", data)
+    write(tmp_path / "csv" / "part-0a.csv", "")
+    out = run_json("eval", str(tmp_path / "csv"), str(csv_parts[0]), "--exclude", "id,day")
+    assert out["rows"] == 80
+    blank = [str(folder / "part-1a.jsonl"), str(folder / "part-1b.jsonl")]
+    assert "Empty JSON stream" in error(capsys, "eval", blank[0])
+    assert "is empty (0 bytes)" in error(capsys, "eval", *blank)
+
+
 def _compress(path: Path, suffix: str) -> Path:
     data = path.read_bytes()
     target = path.with_name(path.name + suffix)

@@ -70,6 +70,32 @@ CASES: list[tuple[str, str, Callable[[Callable[[np.ndarray], Any], Any], Any]]] 
     ("info-cross_entropy-p", "p", lambda c, v: ce.info.cross_entropy(c(ONEHOT), v(P))),
     ("info-entropy-p", "p", lambda c, v: ce.info.entropy(c(ONEHOT))),
     ("info-kl-q", "q", lambda c, v: ce.info.kl_divergence(v(P), c(np.ones((2, 3), dtype=int)))),
+    (
+        "metrics-input",
+        "input",
+        lambda c, v: (
+            ce.metrics.CrossEntropy(input_kind="probs").update(c(ONEHOT), v(LABELS)).compute()
+        ),
+    ),
+    (
+        # integer predictions (hard 0/1 decisions) were read as probabilities 0 and 1
+        "metrics-binary-input",
+        "input",
+        lambda c, v: (
+            ce.metrics.BinaryClassificationMetrics(input_kind="probs")
+            .update(c(BINARY_T[:, 1]), v(BINARY_T[:, 1]))
+            .compute()["log_loss_nats"]
+        ),
+    ),
+    (
+        "metrics-binary-bool-input",
+        "input",
+        lambda c, v: (
+            ce.metrics.BinaryClassificationMetrics(input_kind="logits")
+            .update(c(BINARY_T[:, 0].astype(bool)), v(BINARY_T[:, 1]))
+            .compute()["log_loss_nats"]
+        ),
+    ),
 ]
 
 

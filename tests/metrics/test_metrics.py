@@ -391,6 +391,20 @@ def test_reset_and_empty_metrics_give_nan() -> None:
     assert Perplexity(input_kind="logits").update(huge, np.array([0])).compute() == math.inf
 
 
+def test_another_number_of_classes_names_the_fix_that_works() -> None:
+    # reset() keeps the number of classes seen (sync() needs it on every rank): the error
+    # said "use one metric per class set, or reset() it", and after reset() it came again
+    metric = CrossEntropy(input_kind="logits").update(np.zeros((2, 3)), np.array([0, 1]))
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"has 4 classes .* has 3") as info:
+            metric.update(np.zeros((2, 4)), np.array([0, 3]))
+        assert "reset() it" not in str(info.value)
+        assert "reset() keeps" in str(info.value)
+        metric.reset()
+    fresh = CrossEntropy(input_kind="logits").update(np.zeros((2, 4)), np.array([0, 3]))
+    assert fresh.compute() == pytest.approx(math.log(4))
+
+
 def test_sync_without_distributed_is_a_copy() -> None:
     d = _data(n=30, c=3, seed=21)
     metric = Accuracy(input_kind="logits").update(d["logits"], d["y"])
@@ -625,6 +639,51 @@ def test_a_real_low_precision_softmax_of_many_classes_is_a_distribution(
     bad[2, 0] += 0.05  # beyond any rounding: still a bad row
     with pytest.raises(BadRowError, match=r"row 2 .*tolerance"):
         CrossEntropy(input_kind="probs").update(bad, y)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "classes"),
+    [("bfloat16", 100), ("bfloat16", 1000), ("bfloat16", 32000), ("float16", 1000)],
+)
+def test_a_low_precision_log_softmax_is_a_distribution(dtype: str, classes: int) -> None:
+    # a log-probability rounded to a low precision is off by up to u·|log p| (u the unit
+    # roundoff), not u: torch.log_softmax of bfloat16 logits summed to 1 ± 0.01-0.018 here,
+    # beyond the probabilities' tolerance (0.0078 for 1000 classes), and was a BadRowError
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(64, classes, generator=g).to(getattr(torch, dtype))
+    log_p = torch.log_softmax(z, dim=-1)
+    deviation = float((log_p.double().exp().sum(-1) - 1).abs().max())
+    assert deviation > F._sum_tolerance(log_p.dtype, classes, xp=ce._lib._xp.array_namespace(z))
+    y = torch.arange(64) % classes
+    got = CrossEntropy(input_kind="log_probs").update(log_p, y).compute()
+    assert got == pytest.approx(ref.log_loss(log_p.double().numpy(), y.numpy(), "log_probs"))
+    # the uniform distribution over 700 classes: -log 700 = -6.551 is -6.5625 in bfloat16,
+    # every probability 1.2 % too small, all in the same direction
+    uniform = torch.full((1, 700), -math.log(700)).to(torch.bfloat16)
+    CrossEntropy(input_kind="log_probs").update(uniform, torch.tensor([3])).compute()
+    # beyond any rounding: still a bad row (probabilities 1.65 times too large)
+    bad = log_p.clone()
+    bad[5] += 0.5
+    with pytest.raises(BadRowError, match=r"row 5 .*exp\(values\) summing to .*tolerance"):
+        CrossEntropy(input_kind="log_probs").update(bad, y)
+
+
+@pytest.mark.parametrize("classes", [3, F.COLUMN_CLASSES + 6])
+@pytest.mark.parametrize("bad", [-1.0, 5.0, np.inf])
+def test_a_probability_outside_0_1_beside_a_nan_is_a_bad_row_on_every_backend(
+    xp: Any, classes: int, bad: float
+) -> None:
+    # NumPy's checks read the row's max and min, which a NaN makes NaN: the row passed
+    # (its figures NaN) where PyTorch, JAX and array-api-strict raise
+    p = np.full((3, classes), 1.0 / classes)
+    p[1, 0], p[1, 1] = np.nan, bad
+    with pytest.raises(BadRowError, match=r"row 1 .* has a value .* outside \[0, 1\]") as info:
+        CrossEntropy(input_kind="probs").update(to_xp(xp)(p), to_xp(xp)(np.array([0, 2, 1])))
+    assert info.value.row == 1
+    p[1, 1] = 0.5  # NaN alone passes and propagates
+    got = CrossEntropy(input_kind="probs").update(to_xp(xp)(p), to_xp(xp)(np.array([0, 2, 1])))
+    assert math.isnan(got.compute())
 
 
 @pytest.mark.parametrize("classes", [2, 7, F.COLUMN_CLASSES + 1])

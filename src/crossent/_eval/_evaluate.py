@@ -19,12 +19,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from crossent._eval._columns import Columns, resolve_columns
-from crossent._eval._errors import CLIError
+from crossent._eval._columns import Columns, batch_scores, resolve_columns
+from crossent._eval._errors import CLIError, RowError
 from crossent._eval._groups import GroupedMetrics
 from crossent._eval._open import FORMATS, open_table, read_batches
 from crossent._eval._score import Plan, Selection, base_name, score_table
-from crossent._eval._sources import data_suffix, expand_sources, stdin_as_file
+from crossent._eval._sources import data_suffix, expand_sources, is_blank_text, stdin_as_file
 from crossent._eval._summary import summarize_state
 from crossent._eval._table import Batch, Table
 
@@ -56,8 +56,12 @@ def open_scored(
     `like` is (first file, its column names): this file must have the same ones.
     `row_groups` [start, stop) reads only those row groups of a Parquet file.
     The columns are None for a file without rows when `like` is given or
-    `rows_or_none` is set: a CSV file with a header only has no column types.
+    `rows_or_none` is set: a CSV file with a header only has no column types, a blank
+    one (``is_blank_text``) no columns either.
     """
+    if (like is not None or rows_or_none) and is_blank_text(path):
+        fmt = FORMATS[data_suffix(path)[0]]
+        return Table(path, fmt, [], {}, lambda: iter(()), 0), None, iter(())
     table = open_table(
         path,
         batch_size=batch_size,
@@ -177,6 +181,7 @@ def evaluate(
         files, (first, resolved, batches) = _open_first(files, selection, batch_size)
         plan = Plan(resolved, input_kind, labels, bins, base_name(base), selection)
         if engine == "dask":
+            _number_list_classes(plan, batches)
             state = _dask_state(files, plan, first, batch_size, scheduler, workers)
         else:
             state = _local_state(files, plan, first, batches, batch_size, progress)
@@ -195,6 +200,25 @@ def evaluate(
     )
     summary["files"] = len(files)
     return summary, state.overall
+
+
+def _number_list_classes(plan: Plan, batches: Iterator[Batch]) -> None:
+    """Number the classes of a list column from the first batch's first row, as the local
+    engine's first batch does, before the plan goes to the Dask workers: each task then
+    checks its rows against that number and names the file and row of a longer or shorter
+    list. (Each task numbered its own: files of 3 and of 4 predictions per row failed in
+    the merge of their states, a ValueError traceback.) A bad first row is left to the
+    task that reads it, which names it."""
+    if plan.columns.list_column is None or plan.columns.classes:
+        return
+    head = next(batches, None)
+    if head is None:
+        return
+    try:
+        width = batch_scores(head.data, plan.columns).shape[1]
+    except RowError:
+        return
+    plan.columns.classes = [str(k) for k in range(width)]
 
 
 def _check_settings(*, engine: str, batch_size: int, base: object, labels: str, bins: int) -> None:

@@ -183,10 +183,12 @@ def open_jsonl(
     schema = first.schema
     first.close()
     # types from the first block can be too narrow for later ones (1, then 0.5): widen
-    # every numeric column, and every numeric list column, to float64
+    # every numeric column, and every numeric list column, to float64; integer labels too
+    # (1, then 1.0: a label column with a missing value, written by pandas), which are
+    # read as integers from float64 (a fraction is still a bad label)
     widened = []
     for f in schema:
-        if f.name != label_column and is_numeric(pa, f.type):
+        if is_numeric(pa, f.type):
             f = pa.field(f.name, pa.float64())
         elif f.name != label_column and is_numeric_list(pa, f.type):
             f = pa.field(f.name, pa.list_(pa.float64()))

@@ -30,6 +30,7 @@ __all__ = [
     "COMPRESSIONS",
     "data_suffix",
     "expand_sources",
+    "is_blank_text",
     "open_input",
     "open_text",
     "stdin_as_file",
@@ -78,6 +79,27 @@ def open_text(path: Path) -> IO[str]:
     import io
 
     return io.TextIOWrapper(open_input(path), encoding="utf-8", errors="replace", newline="")
+
+
+def is_blank_text(path: Path) -> bool:
+    """Whether `path` is a text file (CSV, TSV, JSONL; compressed or not) of white space
+    only: 0 bytes, or line breaks (what pandas and Dask write for an empty partition as
+    JSON lines, what Spark writes as 0 bytes): a file without rows, like a CSV file of a
+    header only. False for anything else, and for a file that cannot be read (its opener
+    says why)."""
+    fmt, _ = data_suffix(path)
+    if fmt not in COMPRESSIBLE:
+        return False
+    try:
+        if path.stat().st_size == 0:
+            return True
+        with open_text(path) as f:  # stops at the first block with a character
+            while chunk := f.read(1 << 16):
+                if not chunk.isspace():
+                    return False
+    except Exception:  # OSError, a damaged compressed stream: not blank (the opener says)
+        return False
+    return True
 
 
 def _known(path: Path, formats: Sequence[str]) -> bool:

@@ -6,7 +6,8 @@ of the positive class (or its logit, or its log), and labels 0/1.
 streaming, mergeable pass: log loss, the Brier score as scikit-learn defines
 it (mean of (p − y)², half the two-column multiclass Brier score), accuracy
 at the 0.5 threshold, and the calibration error of P(label = 1) (the
-reliability diagram of scikit-learn's ``calibration_curve``).
+reliability diagram of scikit-learn's ``calibration_curve``, with the bins
+closed on the left: a score on an edge is in the bin above it).
 
 Its state has the same parts as :class:`~crossent.metrics.ClassificationMetrics`
 over two classes (log-loss sums, accuracy counts, per-class sums, calibration
@@ -172,7 +173,10 @@ class BinaryClassificationMetrics(Metric):
     Accuracy predicts class 1 when p > 0.5. ``ece`` is the calibration error
     of p against the positive rate, Σ_b (n_b/N)|mean y_b − mean p_b| over
     equal-width bins of p (the reliability diagram of scikit-learn's
-    ``calibration_curve``); ``ece_equal_mass`` uses bins of equal counts.
+    ``calibration_curve``, but with bins [k/B, (k+1)/B), as
+    :class:`~crossent.metrics.CalibrationError`: a score of exactly 0.5 is in
+    [0.5, 0.6) with 10 bins, where scikit-learn has it in (0.4, 0.5]);
+    ``ece_equal_mass`` uses bins of equal counts.
 
     Examples
     --------
@@ -203,7 +207,7 @@ class BinaryClassificationMetrics(Metric):
         return (*super()._config(), self.bins, self.base)
 
     def update(self, input: Array, target: Array) -> Self:
-        """Add a batch: `input` holds one score per label, `target` the 0/1 labels.
+        """Add a batch: `input` holds one floating score per label, `target` the 0/1 labels.
 
         `input` has `target`'s shape (a multi-label target: one score per label and
         class), or that shape with a trailing axis of 1 (a column). Two columns per
@@ -211,7 +215,9 @@ class BinaryClassificationMetrics(Metric):
         """
         if _traced(input):  # torch.compile: eagerly, at a graph break
             return cast(Self, _update_eagerly(self, input, target))
-        _batch_namespace(input, target)  # a clear TypeError for non-arrays or two libraries
+        xp = _batch_namespace(input, target)  # a clear TypeError for non-arrays or two libraries
+        # integer or boolean scores (hard 0/1 decisions?) are not read as probabilities 0 and 1
+        _checks.check_floating(input, name="input", xp=xp, hint=" (P(label = 1), not a class)")
         score = to_numpy(input, dtype=np.float64)
         # as float64 (exact for 0/1 and any label near them): an int64 copy would truncate
         # 0.5 or 1.2 to a label 0/1
