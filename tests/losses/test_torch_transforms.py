@@ -917,3 +917,36 @@ def test_compiled_unbatched_mean_with_class_weight(name: str) -> None:
     x = _data()[0][0]
     eager, compiled = eager_and_compiled(_unbatched_losses()[name], x)
     torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64], ids=str)
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_wide_unsigned_labels_with_a_gradient(dtype: Any, ignore_index: int) -> None:
+    """uint16/32/64 labels with logits that need a gradient and an ignore_index (the default
+    -100 of CrossEntropyLoss): the check for ignored rows of -inf only took the labels'
+    minimum, which PyTorch lacks for these dtypes (before: NotImplementedError '"min_all"
+    not implemented for UInt16')."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 2, 4, 1, 2, 3])
+    ref = torch.nn.functional.cross_entropy(x, y, ignore_index=ignore_index)
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    calls = {
+        "nn": lambda t: cnn.CrossEntropyLoss(ignore_index=ignore_index)(x, t),
+        "function": lambda t: ce.sparse_categorical_cross_entropy(
+            x, t, from_logits=True, ignore_index=ignore_index
+        ),
+        "z-loss": lambda t: ce.sparse_categorical_cross_entropy(
+            x, t, from_logits=True, ignore_index=ignore_index, z_loss=0.0, gamma=0.5
+        ),
+    }
+    for name, call in calls.items():
+        got = call(y.to(dtype))
+        (grad,) = torch.autograd.grad(got, x)
+        want = call(y)
+        (want_grad,) = torch.autograd.grad(want, x)
+        torch.testing.assert_close(got, want, msg=name)
+        torch.testing.assert_close(grad, want_grad, msg=name)
+        if name != "z-loss":
+            torch.testing.assert_close(got, ref, msg=name)
+            torch.testing.assert_close(grad, ref_grad, msg=name)

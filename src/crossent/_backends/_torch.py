@@ -189,7 +189,8 @@ def mask_ignored_rows(
         if not (x.requires_grad and torch.is_grad_enabled()):  # no gradient: nothing to mask
             return x
         if ignore_index < 0:
-            if not target.min().item() < 0:  # uint8 labels: never ignored
+            # unsigned labels are never negative (and uint16/32/64 have no ``min``)
+            if not target.dtype.is_signed or not target.min().item() < 0:
                 return x
         elif not (target == ignore_index).any().item():
             return x
