@@ -923,3 +923,68 @@ def test_compiled_unbatched_mean_with_class_weight(name: str) -> None:
     x = _data()[0][0]
     eager, compiled = eager_and_compiled(_unbatched_losses()[name], x)
     torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64], ids=str)
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_wide_unsigned_labels_with_a_gradient(dtype: Any, ignore_index: int) -> None:
+    """uint16/32/64 labels with logits that need a gradient and an ignore_index (the default
+    -100 of CrossEntropyLoss): the check for ignored rows of -inf only took the labels'
+    minimum, which PyTorch lacks for these dtypes (before: NotImplementedError '"min_all"
+    not implemented for UInt16')."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 2, 4, 1, 2, 3])
+    ref = torch.nn.functional.cross_entropy(x, y, ignore_index=ignore_index)
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    calls = {
+        "nn": lambda t: cnn.CrossEntropyLoss(ignore_index=ignore_index)(x, t),
+        "function": lambda t: ce.sparse_categorical_cross_entropy(
+            x, t, from_logits=True, ignore_index=ignore_index
+        ),
+        "z-loss": lambda t: ce.sparse_categorical_cross_entropy(
+            x, t, from_logits=True, ignore_index=ignore_index, z_loss=0.0, gamma=0.5
+        ),
+    }
+    for name, call in calls.items():
+        got = call(y.to(dtype))
+        (grad,) = torch.autograd.grad(got, x)
+        want = call(y)
+        (want_grad,) = torch.autograd.grad(want, x)
+        torch.testing.assert_close(got, want, msg=name)
+        torch.testing.assert_close(grad, want_grad, msg=name)
+        if name != "z-loss":
+            torch.testing.assert_close(got, ref, msg=name)
+            torch.testing.assert_close(grad, ref_grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "label", "ignore_index"),
+    [(torch.uint8, 156, -100), (torch.uint8, 44, 300), (torch.int8, 44, 300)],
+    ids=["uint8-156-vs--100", "uint8-44-vs-300", "int8-44-vs-300"],
+)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_counted_row_of_minus_inf_is_not_masked_by_a_wrapped_ignore_index(
+    dtype: Any, label: int, ignore_index: int, compiled: bool
+) -> None:
+    """A row of -inf only whose label counts keeps its NaN (NaN propagates), whatever the labels'
+    width. The check for ignored rows of -inf compared the labels with `ignore_index` in their
+    own dtype, which wraps one that does not fit (PyTorch compares uint8 156 equal to -100, and
+    44 equal to 300): the counted row was taken for an ignored one and zeroed, a finite loss
+    (log C = 5.2983 for C = 200) and gradient where F.cross_entropy gives NaN."""
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x[0] = -math.inf
+    x.requires_grad_(True)
+    y = torch.tensor([label, 3, 7])
+    expected = torch.nn.functional.cross_entropy(x, y, ignore_index=ignore_index, reduction="none")
+    assert expected[0].isnan()
+
+    def loss(v: Any, t: Any) -> Any:
+        return cnn.CrossEntropyLoss(ignore_index=ignore_index, reduction="none")(v, t)
+
+    call = torch.compile(loss, backend="aot_eager") if compiled else loss
+    got = call(x, y.to(dtype))
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    assert grad[0].isnan().all()
+    assert grad[1:].isfinite().all()

@@ -78,6 +78,7 @@ from crossent._lib._xp import (
     forward_ad_active,
     int64_labels,
     output_dtype,
+    representable,
     torch_autocast,
     torch_tracing,
 )
@@ -186,11 +187,13 @@ def mask_ignored_rows(
     """
     if ignore_index is None or x.numel() == 0:
         return x
+    if not representable(ignore_index, target.dtype, xp=torch):
+        return x  # no label equals it; compared in the labels' dtype it would wrap (uint8: 156)
     if _host_readable(x):
         if not (x.requires_grad and torch.is_grad_enabled()):  # no gradient: nothing to mask
             return x
         if ignore_index < 0:
-            if not target.min().item() < 0:  # uint8 labels: never ignored
+            if not target.min().item() < 0:  # signed labels here (unsigned: not representable)
                 return x
         elif not (target == ignore_index).any().item():
             return x
