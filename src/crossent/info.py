@@ -51,7 +51,7 @@ from crossent._lib._checks import (
     read_beneath,
     values_checked,
 )
-from crossent._lib._logdiv import generalized_jsd_from_log, log_softmax
+from crossent._lib._logdiv import generalized_jsd_from_log, log_softmax, rel_entr_terms
 from crossent._lib._xp import (
     Array,
     array_namespace,
@@ -219,6 +219,22 @@ def _xlog(x: Array, a: Array, b: Array | None = None, *, xp: Any) -> Array:
     out = xlogy(x, xp.where(pole, xp.ones_like(a), a) / den, xp=xp)
     shift = xp.where(subnormal, x * (_SUBNORMAL_SCALE_LOG2 * math.log(2.0)), xp.zeros_like(x))
     return xp.where(pole & (x > 0), xp.full_like(out, float("inf")), out + shift)
+
+
+def _rel_entr(a: Array, b: Array, skip: Array, *, xp: Any) -> Array:
+    r""":math:`a \log(a/b) - a + b` of positive `a`, `b` (garbage where `skip`, kept finite).
+
+    :math:`d = \log(a/b)` is :math:`\operatorname{log1p}((a - b)/b)` where
+    :math:`|a - b| \le b/2` (:math:`a - b` exact there, so :math:`d` is accurate to a few
+    ulps however close :math:`a` and :math:`b`), ``_xlog``'s ratio elsewhere (a
+    subnormal `b` scaled, no overflow); the term is from ``rel_entr_terms``.
+    """
+    one = xp.ones_like(a)
+    a, b = xp.where(skip, one, a), xp.where(skip, one, b)
+    near = xp.abs(a - b) <= b / 2
+    t = xp.where(near, a - b, xp.zeros_like(a)) / xp.where(near, b, one)
+    far = _xlog(one, xp.where(near, one, a), xp.where(near, one, b), xp=xp)
+    return rel_entr_terms(a, b, xp.where(near, xp.log1p(t), far), xp=xp)
 
 
 # ----------------------------------------------------------------------------
@@ -494,17 +510,29 @@ def kl_divergence(
     -----
     .. math:: D(p \,\|\, q) = \sum_k p_k \log_b \frac{p_k}{q_k}
 
-    Each term is computed as :math:`p_k \log(p_k / q_k)` (SciPy's
-    ``rel_entr``), not as a difference of logs, so nearly equal
-    distributions keep their small divergence accurately and
-    :math:`D(p \,\|\, p)` is exactly 0.
+    With :math:`d_k = \log(p_k / q_k)` it is summed as
 
-    From logits, with :math:`d_k = \log p_k - \log q_k` in log space, the sum
-    is taken over the terms :math:`p_k d_k - p_k + q_k =
-    p_k\,(d_k + \operatorname{expm1}(-d_k))`, each :math:`\ge 0` (the added
-    :math:`q_k - p_k` sum to 0), so the result is never negative, even in
-    floating point; :math:`p_k (d_k - 1) + q_k` is used for :math:`d_k < -1`,
-    where :math:`e^{-d_k}` could overflow. An underflowed :math:`q_k` (a student's
+    .. math:: D(p \,\|\, q) = \sum_k p_k\,\psi(d_k) + \sum_k (p_k - q_k), \qquad
+              \psi(d) = e^{-d} - 1 + d \ge 0,
+
+    the second sum 0 for distributions (it is kept: the inputs are taken as
+    given). :math:`p_k \psi(d_k) = p_k d_k - p_k + q_k` is second order in
+    :math:`p_k - q_k`; it is formed without cancellation (the series of
+    :math:`\psi` for :math:`|d| < 1/2`, :math:`p_k (d_k - 1) + q_k` for
+    :math:`d_k < -1`), and :math:`d_k = \operatorname{log1p}((p_k - q_k)/q_k)`
+    where :math:`|p_k - q_k| \le q_k / 2` (the difference is exact there), so
+    nearly equal distributions keep their small divergence to a few ulps (as a
+    plain :math:`\sum_k p_k \log(p_k/q_k)`, SciPy's ``rel_entr``, does not:
+    float32 rows a few ulps apart came out 2.6e2 relative off, 1e-4 apart 5e1)
+    and :math:`D(p \,\|\, p)` is exactly 0.
+
+    From logits, :math:`d_k = \log p_k - \log q_k` in log space and the sum is
+    taken over the terms :math:`p_k \psi(d_k)` alone (the added :math:`q_k -
+    p_k` sum to 0), each :math:`\ge 0`, so the result is never negative, even in
+    floating point. :math:`d_k` is rounded at the magnitude of :math:`\log p_k`,
+    so nearly equal rows have a relative error of about :math:`2\epsilon|\log
+    p| / |d|` (float32, :math:`|d| \approx 10^{-6}`: 0.4), the change an ulp of
+    the logits makes. An underflowed :math:`q_k` (a student's
     probability in distillation, say) leaves the value and its gradient
     :math:`\partial D / \partial z^q = q - p` finite. As for :func:`cross_entropy`,
     logits of `q` spanning more than the largest float (float32: ``[-3e38, 3e38]``)
@@ -528,7 +556,15 @@ def kl_divergence(
     d = _pair(p, q, axis, base, from_logits)
     if d.logs:
         return d.finish(generalized_jsd_from_log(d.p, d.q, beta=0.0, axis=d.axis, xp=d.xp))
-    return d.finish(d.xp.sum(_xlog(d.p, d.p, d.q, xp=d.xp), axis=d.axis))
+    xp = d.xp
+    a, b = d.p, d.q
+    no_mass = a == 0
+    pole = (b == 0) & (a > 0)
+    terms = xp.where(no_mass, b, _rel_entr(a, b, no_mass | (b == 0), xp=xp))
+    terms = xp.where(pole, xp.full_like(terms, math.inf), terms)
+    # + sum (p - q): the inputs as given (0 for distributions); -q where p = 0 (derivative 0)
+    excess = xp.where(no_mass, xp.zeros_like(a) - b, a - b)
+    return d.finish(xp.sum(terms, axis=d.axis) + xp.sum(excess, axis=d.axis))
 
 
 def js_divergence(
@@ -575,14 +611,21 @@ def js_divergence(
     .. math:: \mathrm{JS}(p, q) = \tfrac12 D(p \,\|\, m) + \tfrac12 D(q \,\|\, m),
               \qquad m = \tfrac12 (p + q)
 
-    The ratios are computed as :math:`p_k / m_k = 2 p_k / (p_k + q_k)`, so a
-    tiny (even subnormal) :math:`p_k` never meets an underflowed
+    It is summed as :math:`\tfrac12 \sum_k (p_k \psi(r_k) + q_k \psi(s_k))`
+    with :math:`\psi(d) = e^{-d} - 1 + d` (see :func:`kl_divergence`; the
+    :math:`m_k - p_k` and :math:`m_k - q_k` it adds cancel in each term) and the
+    log ratios :math:`r_k = \log(p_k / m_k) = \operatorname{log1p}(v_k)`,
+    :math:`s_k = \operatorname{log1p}(-v_k)`, :math:`v_k = (p_k - q_k)/(p_k + q_k)`:
+    accurate to a few ulps for nearly equal distributions (a float32 sum of
+    :math:`p_k \log(p_k/m_k)` was off by up to 6e6 relative for rows a few ulps
+    apart), and a tiny (even subnormal) :math:`p_k` never meets an underflowed
     :math:`m_k = 0`. ``scipy.spatial.distance.jensenshannon`` returns the
     square root of this value (a metric) and renormalizes its inputs.
 
     From logits, :math:`\log m_k = \max(\log p_k, \log q_k) + \operatorname{log1p}(
     e^{-|\log p_k - \log q_k|}) - \ln 2`, exact for any logit gap, and both
-    halves are summed as non-negative terms as in :func:`kl_divergence`.
+    halves are summed as non-negative terms as in :func:`kl_divergence` (with
+    the same limit for nearly equal rows: the log ratios are differences of logs).
 
     Examples
     --------
@@ -600,6 +643,15 @@ def js_divergence(
     d = _pair(p, q, axis, base, from_logits)
     if d.logs:
         return d.finish(generalized_jsd_from_log(d.p, d.q, beta=0.5, axis=d.axis, xp=d.xp))
+    xp = d.xp
     s = d.p + d.q
-    terms = _xlog(d.p, 2 * d.p, s, xp=d.xp) + _xlog(d.q, 2 * d.q, s, xp=d.xp)
-    return d.finish(d.xp.sum(terms, axis=d.axis) / 2)
+    none = s == 0
+    # v = (p - q) / (p + q): log(2p / (p + q)) = log1p(v), log(2q / (p + q)) = log1p(-v)
+    v = (d.p - d.q) / xp.where(none, xp.ones_like(s), s)
+    m = s / 2
+    terms = xp.zeros_like(s)
+    for a, sign in ((d.p, 1.0), (d.q, -1.0)):
+        no_mass = a == 0  # the term is m (rel_entr_terms' limit), log1p(-1) kept out
+        r = xp.log1p(xp.where(no_mass | none, xp.zeros_like(v), sign * v))
+        terms = terms + xp.where(no_mass, m, rel_entr_terms(a, m, r, xp=xp))
+    return d.finish(xp.sum(terms, axis=d.axis) / 2)

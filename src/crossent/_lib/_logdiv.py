@@ -71,11 +71,13 @@ from crossent._lib._xp import (
 )
 
 __all__ = [
+    "expm1_plus",
     "generalized_jsd_from_log",
     "jsd_and_grad_from_log",
     "log_mixture",
     "log_softmax",
     "rel_entr_from_log",
+    "rel_entr_terms",
 ]
 
 
@@ -170,7 +172,12 @@ def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
     non-negative in floating point too (a plain :math:`\sum a \log(a/b)` is
     not). With :math:`d = \log a - \log b` the term is
     :math:`a\,(d + \operatorname{expm1}(-d))` for :math:`d \ge -1` and
-    :math:`a(d - 1) + b` below, where :math:`e^{-d}` could overflow.
+    :math:`a(d - 1) + b` below, where :math:`e^{-d}` could overflow
+    (:func:`rel_entr_terms`). `d` is rounded at the magnitude of the logs, so a term of
+    nearly equal :math:`a` and :math:`b` (:math:`a d^2/2`) has a relative error of about
+    :math:`2\epsilon |\log a| / |d|`, what a change of the logits by an ulp makes; the
+    cancellation of the direct form adds about :math:`4\epsilon / |d|`, so its series
+    (:func:`expm1_plus`, 1.4 to 4 times the time of these measures) is not used here.
     :math:`a = 0` (:math:`\log a = -\infty`) gives :math:`b`, and mass on
     :math:`b = 0` gives :math:`+\infty`; an underflowed :math:`a` or :math:`b`
     with finite logs keeps the value and the gradient finite. NaN propagates.
@@ -191,18 +198,59 @@ def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
     log_b_finite = xp.where(a_zero | b_zero, zero, log_b)
     d = log_a - log_b_finite  # finite unless NaN
     a = xp.exp(log_a)
-    low = d < -1.0
-    d_hi = xp.where(low, zero, d)
-    d_lo = xp.where(low, d, zero - 2.0)
-    hi = a * (d_hi + xp.expm1(-d_hi))
     # b from its own log, not as e^(log a - d): d is rounded at the magnitude of log a
-    lo = a * (d_lo - 1.0) + xp.exp(xp.where(low, log_b_finite, zero))
+    b = xp.exp(xp.where(d < -1.0, log_b_finite, zero))
+    out_finite = rel_entr_terms(a, b, d, series=False, xp=xp)  # d's rounding dominates
     # +inf where on_zero (a kept above 0: an underflowed a times inf would be NaN), 0 elsewhere
     tiny = xp.full_like(a, xp.finfo(a.dtype).smallest_normal)
     a_on = xp.where(on_zero, xp.maximum(a, tiny), zero)
     at_zero = a_on * (log_a - xp.where(on_zero, log_b, zero))
-    out = xp.where(b_zero, at_zero, xp.where(low, lo, hi))
+    out = xp.where(b_zero, at_zero, out_finite)
     return xp.where(a_zero, xp.exp(log_b), out)
+
+
+def rel_entr_terms(a: Array, b: Array, d: Array, *, series: bool = True, xp: Any) -> Array:
+    r""":math:`a \log(a/b) - a + b` from :math:`a`, :math:`b` and a finite :math:`d = \log(a/b)`.
+
+    :math:`a\,\psi(d)` with :math:`\psi(d) = d + \operatorname{expm1}(-d)` for :math:`d \ge
+    -1` and :math:`a(d - 1) + b` below, where :math:`e^{-d}` could overflow (`b` is read
+    only there). Each term is :math:`\ge 0`. With `series` :math:`\psi` is
+    :func:`expm1_plus`, so the term keeps the relative accuracy of `d` also where
+    :math:`a \approx b` (it is then :math:`a d^2 / 2`, second order in :math:`d`); without,
+    the direct form (relative error about :math:`4\epsilon/|d|`), for callers whose `d`
+    is no more accurate than that (a difference of logs) and which are hot paths.
+    """
+    zero = xp.zeros_like(d)
+    low = d < -1.0
+    d_hi = xp.where(low, zero, d)
+    hi = a * (expm1_plus(d_hi, xp=xp) if series else d_hi + xp.expm1(-d_hi))
+    lo = a * (xp.where(low, d, zero - 2.0) - 1.0) + b
+    return xp.where(low, lo, hi)
+
+
+_PSI_SMALL = 0.5
+"""Below this :math:`|d|`, :func:`expm1_plus` sums its Taylor series."""
+
+
+def expm1_plus(d: Array, *, xp: Any) -> Array:
+    r""":math:`\psi(d) = e^{-d} - 1 + d \ge 0` to a few units of the dtype's epsilon, relative.
+
+    Formed as :math:`d + \operatorname{expm1}(-d)` the two first-order terms cancel, leaving
+    :math:`d^2/2` with a relative error of about :math:`4\epsilon / |d|` (float32 KL
+    divergences of nearly equal distributions, :math:`d \approx 10^{-6}`, were 40 % off).
+    For :math:`|d| < 1/2` the series :math:`\sum_{n \ge 2} (-d)^n / n!` is summed instead
+    (Horner; to :math:`n = 9` in float32, 16 in float64: the first omitted term is below
+    :math:`\epsilon\,\psi(d)`); above, the direct form's error is at most :math:`8\epsilon`.
+    Measured against mpmath: 2.2 (float32) and 1.6 (float64) units of epsilon.
+    """
+    small = xp.abs(d) < _PSI_SMALL
+    x = xp.where(small, -d, xp.zeros_like(d))
+    top = 9 if xp.finfo(d.dtype).eps > 1e-10 else 16
+    series = xp.full_like(d, 1.0 / math.factorial(top))
+    for n in range(top - 1, 1, -1):
+        series = series * x + 1.0 / math.factorial(n)
+    direct = d + xp.expm1(-xp.where(small, xp.zeros_like(d), d))
+    return xp.where(small, series * (x * x), direct)
 
 
 def log_mixture(log_p: Array, log_q: Array, *, beta: float = 0.5, xp: Any) -> Array:
