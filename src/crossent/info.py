@@ -51,12 +51,21 @@ from crossent._lib._checks import (
     read_beneath,
     values_checked,
 )
-from crossent._lib._logdiv import generalized_jsd_from_log, log_softmax, rel_entr_terms
+from crossent._lib._logdiv import (
+    log_mixture,
+    log_ratio_from_logits,
+    log_softmax,
+    mixture_log_ratios,
+    rel_entr_from_log,
+    rel_entr_terms,
+    value_from,
+)
 from crossent._lib._xp import (
     Array,
     array_namespace,
     astype,
     compute_dtype,
+    difference,
     host_float,
     known_true,
     output_dtype,
@@ -147,7 +156,8 @@ def _in_base(x: Array, base: float | None, *, xp: Any) -> Array:
 class _Pair:
     """Checked `p`, `q` in the compute dtype, with what the measures need around them.
 
-    With `logs`, `p` and `q` hold log-probabilities (``from_logits=True``).
+    With `logs`, `p` and `q` hold log-probabilities (``from_logits=True``) and
+    `logits` the logits they come from (the same number of dimensions).
     """
 
     p: Array
@@ -157,6 +167,16 @@ class _Pair:
     base: float | None
     out_dtype: Any
     xp: Any
+    logits: tuple[Array, Array] | None = None
+
+    def log_ratio(self) -> Array:
+        """:math:`\\log p - \\log q` (``from_logits=True``), accurate for close rows."""
+        if self.logits is None:  # pragma: no cover - only called with logits
+            msg = "internal: log_ratio needs the logits."
+            raise RuntimeError(msg)
+        zp, zq = self.xp.broadcast_arrays(*self.logits)
+        log_p, log_q = self.xp.broadcast_arrays(self.p, self.q)
+        return log_ratio_from_logits(zp, zq, log_p, log_q, axis=self.axis, xp=self.xp)
 
     def finish(self, nats: Array) -> Array:
         """The result in the requested base and the output dtype."""
@@ -185,7 +205,7 @@ def _pair(p: Array, q: Array, axis: object, base: object, from_logits: object) -
     y = xp.reshape(y, (1,) * (ndim - y.ndim) + tuple(y.shape))
     log_p = log_softmax(x, axis=ax, xp=xp, exact_peak=True)
     log_q = log_softmax(y, axis=ax, xp=xp, exact_peak=True)
-    return _Pair(log_p, log_q, True, ax, checked_base, out_dtype, xp)
+    return _Pair(log_p, log_q, True, ax, checked_base, out_dtype, xp, (x, y))
 
 
 # ----------------------------------------------------------------------------
@@ -526,13 +546,16 @@ def kl_divergence(
     float32 rows a few ulps apart came out 2.6e2 relative off, 1e-4 apart 5e1)
     and :math:`D(p \,\|\, p)` is exactly 0.
 
-    From logits, :math:`d_k = \log p_k - \log q_k` in log space and the sum is
-    taken over the terms :math:`p_k \psi(d_k)` alone (the added :math:`q_k -
-    p_k` sum to 0), each :math:`\ge 0`, so the result is never negative, even in
-    floating point. :math:`d_k` is rounded at the magnitude of :math:`\log p_k`,
-    so nearly equal rows have a relative error of about :math:`2\epsilon|\log
-    p| / |d|` (float32, :math:`|d| \approx 10^{-6}`: 0.4), the change an ulp of
-    the logits makes. An underflowed :math:`q_k` (a student's
+    From logits the sum is taken over the terms :math:`p_k \psi(d_k)` alone (the
+    added :math:`q_k - p_k` sum to 0), each :math:`\ge 0`, so the result is never
+    negative, even in floating point. A difference of log-softmaxes is rounded at
+    :math:`\epsilon |\log p_k|`, too coarse for close rows (float32 logits
+    :math:`10^{-6}` apart gave 0.42 relative error); there :math:`d_k = \delta'_k -
+    \operatorname{log1p}(\sum_j q_j \operatorname{expm1}(\delta'_j))`, with
+    :math:`\delta = z^p - z^q` held exactly (a sum of two floats) and
+    :math:`\delta' = \delta - \delta_*` at :math:`q`'s most probable class, which
+    keeps a few ulps also for logits shifted by a constant (autodiff takes the
+    derivatives of :math:`\log p - \log q`). An underflowed :math:`q_k` (a student's
     probability in distillation, say) leaves the value and its gradient
     :math:`\partial D / \partial z^q = q - p` finite. As for :func:`cross_entropy`,
     logits of `q` spanning more than the largest float (float32: ``[-3e38, 3e38]``)
@@ -554,9 +577,10 @@ def kl_divergence(
     np.float64(499.30685281944...)
     """
     d = _pair(p, q, axis, base, from_logits)
-    if d.logs:
-        return d.finish(generalized_jsd_from_log(d.p, d.q, beta=0.0, axis=d.axis, xp=d.xp))
     xp = d.xp
+    if d.logs:
+        terms = rel_entr_from_log(d.p, d.q, d=d.log_ratio(), xp=xp)
+        return d.finish(xp.sum(terms, axis=d.axis))
     a, b = d.p, d.q
     no_mass = a == 0
     pole = (b == 0) & (a > 0)
@@ -615,7 +639,8 @@ def js_divergence(
     with :math:`\psi(d) = e^{-d} - 1 + d` (see :func:`kl_divergence`; the
     :math:`m_k - p_k` and :math:`m_k - q_k` it adds cancel in each term) and the
     log ratios :math:`r_k = \log(p_k / m_k) = \operatorname{log1p}(v_k)`,
-    :math:`s_k = \operatorname{log1p}(-v_k)`, :math:`v_k = (p_k - q_k)/(p_k + q_k)`:
+    :math:`s_k = \operatorname{log1p}(-v_k)`, :math:`v_k = (p_k - q_k)/(p_k + q_k)`
+    (for :math:`|v_k| \le 1/2`; :math:`\log(2 p_k / (p_k + q_k))` beyond):
     accurate to a few ulps for nearly equal distributions (a float32 sum of
     :math:`p_k \log(p_k/m_k)` was off by up to 6e6 relative for rows a few ulps
     apart), and a tiny (even subnormal) :math:`p_k` never meets an underflowed
@@ -624,8 +649,10 @@ def js_divergence(
 
     From logits, :math:`\log m_k = \max(\log p_k, \log q_k) + \operatorname{log1p}(
     e^{-|\log p_k - \log q_k|}) - \ln 2`, exact for any logit gap, and both
-    halves are summed as non-negative terms as in :func:`kl_divergence` (with
-    the same limit for nearly equal rows: the log ratios are differences of logs).
+    halves are summed as non-negative terms as in :func:`kl_divergence`, with
+    :math:`\log(p_k/m_k) = \min(d_k, 0) - \operatorname{log1p}(\operatorname{expm1}
+    (-|d_k|)/2)` from :func:`kl_divergence`'s :math:`d_k = \log(p_k / q_k)`, so close
+    rows keep a few ulps (float32 logits :math:`10^{-6}` apart were 0.5 relative off).
 
     Examples
     --------
@@ -641,17 +668,32 @@ def js_divergence(
     array([1., 1.])
     """
     d = _pair(p, q, axis, base, from_logits)
-    if d.logs:
-        return d.finish(generalized_jsd_from_log(d.p, d.q, beta=0.5, axis=d.axis, xp=d.xp))
     xp = d.xp
+    if d.logs:
+        r, s = mixture_log_ratios(d.log_ratio(), xp=xp)
+        log_m = log_mixture(d.p, d.q, xp=xp)
+        # the values of r, s; the derivatives of log p - log m, log q - log m, whose
+        # terms in log m cancel (sum dM = 0), as in a peaked row's gradient
+        lp, lq, lm = xp.broadcast_arrays(d.p, d.q, log_m)
+        r = value_from(r, difference(lp, lm, xp=xp), xp=xp)
+        s = value_from(s, difference(lq, lm, xp=xp), xp=xp)
+        terms = rel_entr_from_log(d.p, log_m, d=r, xp=xp) + rel_entr_from_log(
+            d.q, log_m, d=s, xp=xp
+        )
+        return d.finish(xp.sum(terms, axis=d.axis) / 2)
     s = d.p + d.q
     none = s == 0
     # v = (p - q) / (p + q): log(2p / (p + q)) = log1p(v), log(2q / (p + q)) = log1p(-v)
-    v = (d.p - d.q) / xp.where(none, xp.ones_like(s), s)
+    one = xp.ones_like(s)
+    v = (d.p - d.q) / xp.where(none, one, s)
+    near = xp.abs(v) <= 0.5  # else log1p(-v) rounds: p / q below eps gives v = -1 exactly
     m = s / 2
     terms = xp.zeros_like(s)
     for a, sign in ((d.p, 1.0), (d.q, -1.0)):
-        no_mass = a == 0  # the term is m (rel_entr_terms' limit), log1p(-1) kept out
-        r = xp.log1p(xp.where(no_mass | none, xp.zeros_like(v), sign * v))
+        no_mass = a == 0  # the term is m (rel_entr_terms' limit)
+        skip = no_mass | none
+        ratio = xp.where(skip | near, one, 2 * a / xp.where(none, one, s))  # in (0, 2]
+        r_near = xp.log1p(xp.where(near & ~skip, sign * v, xp.zeros_like(v)))
+        r = xp.where(near, r_near, xp.log(ratio))
         terms = terms + xp.where(no_mass, m, rel_entr_terms(a, m, r, xp=xp))
     return d.finish(xp.sum(terms, axis=d.axis) / 2)

@@ -66,6 +66,8 @@ from crossent._lib._xp import (
     difference,
     forward_ad_active,
     is_torch_namespace,
+    quiet,
+    stop_gradient,
     take_along_axis,
     torch_tracing,
 )
@@ -75,9 +77,12 @@ __all__ = [
     "generalized_jsd_from_log",
     "jsd_and_grad_from_log",
     "log_mixture",
+    "log_ratio_from_logits",
     "log_softmax",
+    "mixture_log_ratios",
     "rel_entr_from_log",
     "rel_entr_terms",
+    "value_from",
 ]
 
 
@@ -164,7 +169,7 @@ def _is_index(index: Array, n: int, *, axis: int, xp: Any) -> Array:
     return classes == index
 
 
-def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
+def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any, d: Array | None = None) -> Array:
     r"""The terms :math:`a \log(a/b) - a + b` from :math:`\log a` and :math:`\log b`.
 
     Summed over a pair of distributions (:math:`\sum a = \sum b = 1`) they
@@ -175,9 +180,9 @@ def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
     :math:`a(d - 1) + b` below, where :math:`e^{-d}` could overflow
     (:func:`rel_entr_terms`). `d` is rounded at the magnitude of the logs, so a term of
     nearly equal :math:`a` and :math:`b` (:math:`a d^2/2`) has a relative error of about
-    :math:`2\epsilon |\log a| / |d|`, what a change of the logits by an ulp makes; the
-    cancellation of the direct form adds about :math:`4\epsilon / |d|`, so its series
-    (:func:`expm1_plus`, 1.4 to 4 times the time of these measures) is not used here.
+    :math:`2\epsilon |\log a| / |d|`; the cancellation of the direct form adds about
+    :math:`4\epsilon / |d|`, so its series (:func:`expm1_plus`, slower) is used only with
+    a more accurate `d` given.
     :math:`a = 0` (:math:`\log a = -\infty`) gives :math:`b`, and mass on
     :math:`b = 0` gives :math:`+\infty`; an underflowed :math:`a` or :math:`b`
     with finite logs keeps the value and the gradient finite. NaN propagates.
@@ -189,6 +194,10 @@ def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
     give) and :math:`+\infty` for :math:`\log a`. (A constant :math:`+\infty` gave both
     0: a forward KL with a student's masked class gave the student a gradient of about 0
     where ``value_and_grad`` and ``kl_div`` give :math:`Q - P`.)
+
+    `d`, when given, is :math:`\log a - \log b` formed more accurately by the caller
+    (:func:`log_ratio_from_logits`; read where both logs are finite): then :math:`\psi` is
+    summed by its series, and nearly equal :math:`a`, :math:`b` keep a few ulps.
     """
     a_zero = log_a == -math.inf
     b_zero = log_b == -math.inf
@@ -196,17 +205,94 @@ def rel_entr_from_log(log_a: Array, log_b: Array, *, xp: Any) -> Array:
     zero = xp.zeros_like(log_a)
     log_a = xp.where(a_zero, zero, log_a)
     log_b_finite = xp.where(a_zero | b_zero, zero, log_b)
-    d = log_a - log_b_finite  # finite unless NaN
+    given = d is not None
+    d = log_a - log_b_finite if d is None else xp.where(a_zero | b_zero, zero, d)
     a = xp.exp(log_a)
     # b from its own log, not as e^(log a - d): d is rounded at the magnitude of log a
     b = xp.exp(xp.where(d < -1.0, log_b_finite, zero))
-    out_finite = rel_entr_terms(a, b, d, series=False, xp=xp)  # d's rounding dominates
+    out_finite = rel_entr_terms(a, b, d, series=given, xp=xp)  # else d's rounding dominates
     # +inf where on_zero (a kept above 0: an underflowed a times inf would be NaN), 0 elsewhere
     tiny = xp.full_like(a, xp.finfo(a.dtype).smallest_normal)
     a_on = xp.where(on_zero, xp.maximum(a, tiny), zero)
     at_zero = a_on * (log_a - xp.where(on_zero, log_b, zero))
     out = xp.where(b_zero, at_zero, out_finite)
     return xp.where(a_zero, xp.exp(log_b), out)
+
+
+_NEAR_ROWS = 0.5
+r""":func:`log_ratio_from_logits` forms `d` from the logits' differences where
+:math:`|\sum_k q_k \operatorname{expm1}(\delta'_k)| \le` this (rows close to each other)."""
+
+
+def log_ratio_from_logits(
+    z_a: Array, z_b: Array, log_a: Array, log_b: Array, *, axis: int, xp: Any
+) -> Array:
+    r""":math:`d = \log a - \log b` of two log-softmaxes, to a few ulps of `d` where the rows
+    are close (same shape; `z_a`, `z_b` their logits).
+
+    A difference of the logs is rounded at their magnitude, :math:`\epsilon|\log a|`: the
+    relative error of a divergence of nearly equal rows (second order in `d`) is then about
+    :math:`2\epsilon|\log a|/|d|` (float32 KL from logits :math:`10^{-6}` apart: 0.4).
+    With :math:`\delta = z_a - z_b` (held exactly as a sum of two floats, TwoSum) and
+    :math:`\delta' = \delta - \delta_*` at `b`'s most probable class,
+
+    .. math:: d_k = \delta'_k - \operatorname{log1p}\Bigl(\sum_j b_j
+              \operatorname{expm1}(\delta'_j)\Bigr),
+
+    since :math:`\operatorname{lse}(z_a) - \operatorname{lse}(z_b) = \log \sum_j b_j
+    e^{\delta_j}` (the rounding of :math:`b_j` only weighs small terms). Used where that sum
+    lies in :math:`[-1/2, 1/2]` and no :math:`\delta'_j` exceeds 30 (with no NaN and no
+    mass of `a` where `b` has none); elsewhere, and on rows far apart, the difference of
+    the logs. Classes that both rule out count as :math:`\delta = 0`. The value is this
+    `d`, the derivatives those of :math:`\log a - \log b` (:func:`value_from`).
+    """
+    plain = difference(log_a, log_b, xp=xp)
+    zero = xp.zeros_like(plain)
+    both_out = (z_a == -math.inf) & (z_b == -math.inf)
+    hi = xp.where(both_out, zero, difference(z_a, z_b, xp=xp))
+    # the rounding error of z_a - z_b, exactly (Knuth's TwoSum): logits of equal rows
+    # shifted by a constant differ by more than a factor 2, so hi alone is rounded
+    with quiet(xp, "invalid", "over"):  # inf - inf where a logit is infinite: lo is 0
+        back = hi - z_a
+        lo = (z_a - (hi - back)) - (z_b + back)
+    lo = xp.where(xp.isfinite(lo), lo, zero)
+    star = xp.argmax(log_b, axis=axis, keepdims=True)
+    at = lambda x: take_along_axis(x, star, axis=axis, xp=xp)  # noqa: E731
+    # hi_k - hi_* is exact for close values (Sterbenz), the lo part is tiny
+    delta = difference(hi, at(hi), xp=xp) + (lo - at(lo))
+    usable = delta <= 30.0  # False for NaN and +inf (mass of a where b has none)
+    delta = xp.where(usable, delta, zero)
+    s = xp.sum(xp.exp(log_b) * xp.expm1(delta), axis=axis, keepdims=True)
+    near = xp.all(usable, axis=axis, keepdims=True) & (xp.abs(s) <= _NEAR_ROWS)
+    better = xp.where(near, delta - xp.log1p(xp.where(near, s, xp.zeros_like(s))), plain)
+    return value_from(better, plain, xp=xp)
+
+
+def value_from(better: Array, plain: Array, *, xp: Any) -> Array:
+    """`better`'s value with `plain`'s derivatives: ``plain + stop_gradient(better - plain)``
+    where both are finite (`plain` elsewhere).
+
+    For values formed more accurately than the formula whose derivatives autodiff should
+    take (:func:`log_ratio_from_logits`: the gradient of a peaked row keeps its structure,
+    :func:`log_softmax`).
+    """
+    both = xp.isfinite(better) & xp.isfinite(plain)
+    zero = xp.zeros_like(plain)
+    step = xp.where(both, better - xp.where(both, plain, zero), zero)
+    return plain + stop_gradient(step, xp=xp)
+
+
+def mixture_log_ratios(d: Array, *, xp: Any) -> tuple[Array, Array]:
+    r""":math:`(\log(a/m), \log(b/m))`, :math:`m = (a + b)/2`, from :math:`d = \log(a/b)`.
+
+    :math:`\log(a/m) = \min(d, 0) - g(|d|)` and :math:`\log(b/m) = \min(-d, 0) - g(|d|)`,
+    :math:`g(x) = \operatorname{log1p}(\operatorname{expm1}(-x)/2)`: accurate to a few ulps
+    of the result for any `d` (:math:`\approx \mp d/2` near 0), no overflow;
+    :math:`\pm\infty` give :math:`\ln 2` and :math:`-\infty`.
+    """
+    zero = xp.zeros_like(d)
+    g = xp.log1p(xp.expm1(-xp.abs(d)) / 2)
+    return xp.minimum(d, zero) - g, xp.minimum(-d, zero) - g
 
 
 def rel_entr_terms(a: Array, b: Array, d: Array, *, series: bool = True, xp: Any) -> Array:
