@@ -466,8 +466,8 @@ def cross_entropy(
     :math:`+\infty` wherever `p` puts mass on such a class, also where the
     value is finite (``p`` of logits ``[0, 0]``: about :math:`3 \cdot 10^{38}`
     in float32). Log-probabilities at half scale would hold it, at the cost of
-    more operations on every call (and PyTorch's fused ``log_softmax``) for
-    logits no model produces. Float64 logits span up to :math:`1.8 \cdot 10^{308}`.
+    more operations on every call, for logits no model produces. Float64 logits
+    span up to :math:`1.8 \cdot 10^{308}`.
 
     Examples
     --------

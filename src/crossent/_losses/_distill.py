@@ -170,7 +170,9 @@ def distill_rows(
             student, teacher = student.mul_(inv_t), teacher.mul_(inv_t)
         else:
             student, teacher = student * inv_t, teacher * inv_t
-    log_q = log_softmax(student, axis=-1, xp=xp, overwrite=overwrite)
+    # the student's log Q relative to its top class: autodiff's gradient of a peaked student
+    # (log_softmax); the fused loop (overwrite) forms its gradient in closed form
+    log_q = log_softmax(student, axis=-1, xp=xp, overwrite=overwrite, exact_peak=not overwrite)
     log_p = log_softmax(teacher, axis=-1, xp=xp, overwrite=overwrite)
     if not grad:
         return (
