@@ -199,7 +199,9 @@ def distill_rows(
     inv_t = 1.0 / temperature
     student = tempered(student, inv_t, xp=xp, overwrite=overwrite)
     teacher = tempered(teacher, inv_t, xp=xp, overwrite=overwrite)
-    log_q = log_softmax(student, axis=-1, xp=xp, overwrite=overwrite)
+    # the student's log Q relative to its top class: autodiff's gradient of a peaked student
+    # (log_softmax); the fused loop (overwrite) forms its gradient in closed form
+    log_q = log_softmax(student, axis=-1, xp=xp, overwrite=overwrite, exact_peak=not overwrite)
     log_p = log_softmax(teacher, axis=-1, xp=xp, overwrite=overwrite)
     if not grad:
         return (
