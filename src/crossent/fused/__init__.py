@@ -186,7 +186,7 @@ def linear_cross_entropy(
     recomputes the logits (four matrix products in all), so any upstream gradient
     is handled exactly; a second backward through the same graph also recomputes.
     The caller's tensors are never written to. Higher-order gradients are not
-    supported (a second differentiation raises). Under ``torch.func`` transforms
+    supported: a backward with ``create_graph=True`` raises. Under ``torch.func`` transforms
     (``grad``, ``vmap`` for per-sample gradients, ``jacrev``) the gradients are
     recomputed in backward, as for ``"none"``, and ``vmap`` runs one chunked
     call per sample. On CPU the chunk's work buffers are kept per thread between calls
@@ -363,7 +363,7 @@ def linear_log_probs(
     the unfused ``log_softmax`` + ``gather`` with autograd, at a fraction of
     its memory). Extra memory: one ``(chunk, V)`` float32 buffer, a second with
     `softcap` in backward, and row-blocked temporaries of 1/8 of it. Higher-order
-    gradients are not supported (a second differentiation raises); ``torch.func``
+    gradients are not supported (a backward with ``create_graph=True`` raises); ``torch.func``
     transforms (``grad``, ``vmap``, ``jacrev``) are, ``vmap`` with one chunked call
     per sample. Under ``torch.compile`` (``fullgraph=True`` too) the chunk loop runs as one opaque
     custom op (``crossent::linear_log_probs`` and its backward).

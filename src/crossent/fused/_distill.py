@@ -310,7 +310,7 @@ def linear_distillation_loss(
     formula, then :math:`\nabla_h = G W` and :math:`\nabla_W \mathrel{+}= G^\top h`.
     ``"mean"``/``"sum"`` do all four products in forward; ``"none"`` does two in
     forward and recomputes in backward. The teacher's tensors are detached.
-    Higher-order gradients are not supported (a second differentiation raises).
+    Higher-order gradients are not supported: a backward with ``create_graph=True`` raises.
     Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``) the gradients
     are recomputed in backward, and ``vmap`` runs one chunked call per sample.
     Under ``torch.compile`` (``fullgraph=True`` too) the chunk loop runs as one
