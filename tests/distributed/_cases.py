@@ -289,6 +289,18 @@ LOG_PROB_CASES = [
         {"return_entropy": True},
         hidden_dtype="bfloat16",
     ),
+    Case(  # 1/T = 1e38: the slices' unshifted log-sum-exp overflowed (logits above 3.4)
+        "log_probs_tiny_temperature_entropy",
+        {"return_entropy": True, "temperature": 1e-38, "chunk_size": 3},
+        bias=True,
+    ),
+    Case(  # and with a class masked by -inf in one slice
+        "log_probs_tiny_temperature_masked",
+        {"temperature": 3e-39},
+        bias=True,
+        masked=True,
+        split="skewed",
+    ),
 ]
 
 
@@ -298,7 +310,10 @@ def log_prob_upstream(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     if case.options.get("shift"):
         shape = (*case.batch[:-1], case.batch[-1] - 1)
     g = torch.Generator().manual_seed(case.seed + 1)
+    # a tiny temperature's gradients are about g / T, beyond float32 for g ~ 1 (the hidden
+    # gradient's matmul then meets inf - inf, in a single process too): g ~ 1e-30 there
+    scale = 1e-30 if case.options.get("temperature", 1.0) < 1e-30 else 1.0
     return (
-        torch.randn(shape, generator=g, dtype=torch.float64),
-        torch.randn(shape, generator=g, dtype=torch.float64),
+        scale * torch.randn(shape, generator=g, dtype=torch.float64),
+        scale * torch.randn(shape, generator=g, dtype=torch.float64),
     )
