@@ -30,12 +30,23 @@ class Case:
     bias: bool = False  # fused cases: a bias vector
     hidden_dtype: str | None = None  # fused cases: hidden in another dtype than the weight
     far_target: float = 0.0  # fused cases with a bias: row 1's target class lowered this much
+    # class weights of the upper classes (>= HIGH_CLASSES) times this: none on rank 0's slice
+    # of 2, 3 or 4 ranks, so that a scale decided from a rank's own slice would differ
+    weight_scale: float = 1.0
+    # row 1's label is ZERO_WEIGHT_CLASS, of class weight 0 and logit -inf (fused: bias -inf)
+    zero_weight_masked: bool = False
     seed: int = 0
 
 
 #: Classes a fused case with ``masked=True`` (and a bias) rules out: where the even splits
 #: of 11 classes over 2, 3 and 4 ranks start, and the whole first slice of a skewed split.
 MASKED_CLASSES = [0, 3, 4, 6, 8, 9]
+
+#: First class scaled by ``Case.weight_scale`` (11 classes: rank 0 holds 0..5, 0..3 or 0..2).
+HIGH_CLASSES = 6
+
+#: The class of ``Case.zero_weight_masked``: on rank 1 of 2 or 3 ranks, on rank 2 of 4.
+ZERO_WEIGHT_CLASS = 7
 
 
 def split_sizes(vocab: int, world_size: int, kind: str) -> list[int]:
@@ -72,9 +83,15 @@ def problem(case: Case) -> dict[str, Any]:
         mask.view(-1, case.vocab)[torch.arange(n), target.view(-1).clamp(0, case.vocab - 1)] = False
         logits = logits.masked_fill(mask, -float("inf"))
     class_weight = torch.rand(case.vocab, generator=g, dtype=torch.float64) + 0.25
+    class_weight[HIGH_CLASSES:] *= case.weight_scale
     bias = torch.randn(case.vocab, generator=g, dtype=torch.float64)
     if case.masked and case.bias:  # fused cases: classes ruled out by a -inf bias
         bias[MASKED_CLASSES] = -float("inf")
+    if case.zero_weight_masked:
+        target.view(-1)[1] = ZERO_WEIGHT_CLASS
+        class_weight[ZERO_WEIGHT_CLASS] = 0.0
+        logits[..., ZERO_WEIGHT_CLASS] = -float("inf")
+        bias[ZERO_WEIGHT_CLASS] = -float("inf")
     if case.far_target:
         bias[target.view(-1)[1]] -= case.far_target
     reduction = case.options.get("reduction", "mean")
@@ -131,6 +148,19 @@ CASES = [
         dtype="float64",
     ),
     Case("bfloat16_mean", {"label_smoothing": 0.1}, dtype="bfloat16"),
+    # float32 class weights near its largest: both sums of the weighted mean overflowed (NaN)
+    Case("huge_weight_local_mean", {"label_smoothing": 0.1}, weight="local", weight_scale=2.5e38),
+    Case("huge_weight_global_mean", weight="global", weight_scale=2.5e38, split="skewed"),
+    # above the scaling threshold (2**64) on some ranks' slices only: one decision for all ranks
+    Case("large_weight_local_mean", weight="local", weight_scale=2.0**66),
+    # a counted label of class weight 0 on a -inf logit: its term is 0, not 0 * inf = NaN
+    Case("zero_weight_label_on_masked_class_mean", weight="global", zero_weight_masked=True),
+    Case(
+        "zero_weight_label_on_masked_class_smoothing_none",
+        {"label_smoothing": 0.1, "reduction": "none"},
+        weight="local",
+        zero_weight_masked=True,
+    ),
 ]
 
 # The fused path: `options` may add chunk_size; `weight` can only be "global" (the core's rule).
@@ -186,6 +216,19 @@ LINEAR_CASES = [
         {"label_smoothing": 0.1, "chunk_size": 4},
         bias=True,
         hidden_dtype="bfloat16",
+    ),
+    Case(  # float32 class weights near its largest: the weighted mean's sums overflowed
+        "linear_huge_class_weight_mean",
+        {"label_smoothing": 0.1, "chunk_size": 3},
+        weight="global",
+        weight_scale=2.5e38,
+    ),
+    Case(  # a counted label of class weight 0 on a class masked by a -inf bias
+        "linear_zero_weight_label_on_masked_bias",
+        {"label_smoothing": 0.1, "chunk_size": 3},
+        weight="global",
+        bias=True,
+        zero_weight_masked=True,
     ),
     Case(
         "linear_bfloat16_sum_bias",
@@ -246,6 +289,18 @@ LOG_PROB_CASES = [
         {"return_entropy": True},
         hidden_dtype="bfloat16",
     ),
+    Case(  # 1/T = 1e38: the slices' unshifted log-sum-exp overflowed (logits above 3.4)
+        "log_probs_tiny_temperature_entropy",
+        {"return_entropy": True, "temperature": 1e-38, "chunk_size": 3},
+        bias=True,
+    ),
+    Case(  # and with a class masked by -inf in one slice
+        "log_probs_tiny_temperature_masked",
+        {"temperature": 3e-39},
+        bias=True,
+        masked=True,
+        split="skewed",
+    ),
 ]
 
 
@@ -255,7 +310,10 @@ def log_prob_upstream(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     if case.options.get("shift"):
         shape = (*case.batch[:-1], case.batch[-1] - 1)
     g = torch.Generator().manual_seed(case.seed + 1)
+    # a tiny temperature's gradients are about g / T, beyond float32 for g ~ 1 (the hidden
+    # gradient's matmul then meets inf - inf, in a single process too): g ~ 1e-30 there
+    scale = 1e-30 if case.options.get("temperature", 1.0) < 1e-30 else 1.0
     return (
-        torch.randn(shape, generator=g, dtype=torch.float64),
-        torch.randn(shape, generator=g, dtype=torch.float64),
+        scale * torch.randn(shape, generator=g, dtype=torch.float64),
+        scale * torch.randn(shape, generator=g, dtype=torch.float64),
     )

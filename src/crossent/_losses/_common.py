@@ -37,7 +37,9 @@ HUGE_WEIGHT = 2.0**64
 (``mean_class_weight``)."""
 
 
-def mean_class_weight(w: Array | None, reduction: str, z_loss: float, *, xp: Any) -> Array | None:
+def mean_class_weight(
+    w: Array | None, reduction: str, z_loss: float, *, xp: Any, huge: bool | None = None
+) -> Array | None:
     r"""Class weights `w` for a ``"mean"``: scaled by :math:`2^{-64}` if any exceeds
     :math:`2^{64}`, `w` itself otherwise.
 
@@ -49,9 +51,15 @@ def mean_class_weight(w: Array | None, reduction: str, z_loss: float, *, xp: Any
     decides, elsewhere a factor of exactly 1 (:math:`O(C)`, no pass over the logits, no
     host read). Not for ``"sum"``/``"none"``, whose values scale with the weights, nor with
     a z-loss, which the weights do not multiply but the mean divides by their sum.
+
+    `huge`, when given, is whether any weight of the whole vector exceeds :math:`2^{64}`,
+    decided by the caller: the vocabulary-parallel losses, whose `w` may be one rank's slice
+    while every rank must scale alike (they learn it from their handshake).
     """
     if w is None or reduction != "mean" or z_loss != 0 or w.shape[0] == 0:
         return w
+    if huge is not None:
+        return w * (1 / HUGE_WEIGHT) if huge else w
     if type(w).__module__ == "numpy":
         return w * (1 / HUGE_WEIGHT) if w.max() > HUGE_WEIGHT else w
     huge = xp.max(w) > HUGE_WEIGHT

@@ -139,7 +139,9 @@ HUGE_INV_TEMPERATURE = 2.0**64
 (``tempered``)."""
 
 
-def tempered(x: Array, inv_t: float, *, xp: Any, overwrite: bool = False) -> Array:
+def tempered(
+    x: Array, inv_t: float, *, xp: Any, overwrite: bool = False, shift: Array | None = None
+) -> Array:
     r"""Logits `x` (classes last) divided by the temperature, as ``x * inv_t``.
 
     For a tiny temperature (``inv_t`` above :math:`2^{64}`; the check allows float32's down
@@ -149,18 +151,25 @@ def tempered(x: Array, inv_t: float, *, xp: Any, overwrite: bool = False) -> Arr
     0 otherwise) is subtracted first: :math:`(x - m) / T` is at most 0 and the softmax is
     unchanged; a class far below the max gets :math:`-\infty`, its probability 0. Ordinary
     temperatures take the plain product, unchanged bit for bit. `overwrite`: PyTorch
-    tensors the caller owns (the fused loop), changed in place.
+    tensors the caller owns (the fused loop), changed in place. `shift`: that row max as
+    ``tempered_shift(x)`` gave it (a caller that needs it too), else computed here.
     """
     if inv_t <= HUGE_INV_TEMPERATURE:
         if inv_t == 1.0:
             return x
         return x.mul_(inv_t) if overwrite else x * inv_t
-    m = _constant(xp.max(x, axis=-1, keepdims=True), xp=xp)
-    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    m = tempered_shift(x, xp=xp) if shift is None else shift
     if overwrite:
         return x.sub_(m).mul_(inv_t)
     with quiet(xp, "over"):  # a class far below the max: -inf, rightly (probability 0)
         return difference(x, m, xp=xp) * inv_t
+
+
+def tempered_shift(x: Array, *, xp: Any) -> Array:
+    """The row max that ``tempered`` subtracts for a tiny temperature (a finite one; 0 where
+    the max is infinite or NaN), keepdims, cut from autodiff."""
+    m = _constant(xp.max(x, axis=-1, keepdims=True), xp=xp)
+    return xp.where(xp.isfinite(m), m, xp.zeros_like(m))
 
 
 def _constant(x: Array, *, xp: Any) -> Array:

@@ -36,6 +36,7 @@ from crossent._lib._checks import (
     values_checked,
 )
 from crossent._lib._xp import int64_labels, is_lazy, label_extremes
+from crossent._losses._common import HUGE_WEIGHT
 
 __all__ = ["Layout", "Options", "agree", "all_reduce", "check_options", "group_of", "row_reducers"]
 
@@ -43,10 +44,22 @@ _FINGERPRINT_PERIOD = 1009
 """Position weights of the target fingerprint cycle through 1..1009 (catches permutations)."""
 
 # Header fields (int64), one row per rank after the all_gather.
-_ERROR, _VLOCAL, _WLEN, _NDIM, _NUMEL, _SHAPE, _OPTS, _CHECKED, _TMIN, _TMAX, _TSUM, _WSUM = range(
-    12
-)
-_HEADER = 12
+(
+    _ERROR,
+    _VLOCAL,
+    _WLEN,
+    _NDIM,
+    _NUMEL,
+    _SHAPE,
+    _OPTS,
+    _CHECKED,
+    _TMIN,
+    _TMAX,
+    _TSUM,
+    _WSUM,
+    _WHUGE,
+) = range(13)
+_HEADER = 13
 _NO_LABEL_MIN = 2**62
 """Sentinel minimum when a rank has no counted label (every target ignored)."""
 
@@ -72,6 +85,8 @@ class Layout:
     vocab_start: int
     local_vocab: int
     vocab_size: int
+    huge_weight: bool = False
+    """Whether a class weight of any rank exceeds ``HUGE_WEIGHT`` (``mean_class_weight``)."""
 
 
 def group_of(group: Any, *, caller: str) -> Any:
@@ -195,6 +210,9 @@ def agree(
             header[_TMIN : _TSUM + 1] = _label_summary(target, options.ignore_index).to(where)
         if checked and weight is not None and not is_lazy(weight):
             header[_WSUM] = _weight_fingerprint(weight).to(where)
+        if weight is not None and weight.numel() and not is_lazy(weight):
+            # one decision for every rank: whether a weighted mean scales the weights
+            header[_WHUGE] = (weight.detach().amax() > HUGE_WEIGHT).to(where)
     rows_t = [torch.empty_like(header) for _ in range(world_size)]
     dist.all_gather(rows_t, header, group=group)
     rows: list[list[int]] = torch.stack(rows_t).tolist()
@@ -295,6 +313,7 @@ def agree(
         vocab_start=sum(sizes[:rank]),
         local_vocab=sizes[rank],
         vocab_size=vocab_size,
+        huge_weight=any(column(_WHUGE)),
     )
 
 

@@ -18,6 +18,7 @@ import torch
 
 from crossent._lib._checks import check_integer_labels, check_nonnegative
 from crossent._lib._xp import array_namespace, check_same_device
+from crossent._losses._common import mean_class_weight
 from crossent.distributed._comm import row_reducers
 from crossent.distributed._vocab_parallel import setup
 from crossent.fused._function import VocabShard, run_linear_ce
@@ -99,12 +100,14 @@ def _prepare(
     tensors: tuple[Any, Any, Any, Any, Any],
     shift: bool,
     options: Callable[[], Any],
-) -> tuple[Any, VocabShard, torch.Tensor, torch.Tensor]:
-    """Checks and handshake of a fused vocab-parallel call; ``(opts, shard, hidden_2d, target)``.
+) -> tuple[Any, VocabShard, torch.Tensor, torch.Tensor, bool]:
+    """Checks and handshake of a fused vocab-parallel call;
+    ``(opts, shard, hidden_2d, target, huge_weight)``.
 
     `tensors` is ``(hidden, local_weight, target, bias, class_weight)``; `options()`
     checks and returns the call's options. The returned target is shifted
-    (when `shift`), with `hidden`'s batch shape.
+    (when `shift`), with `hidden`'s batch shape; `huge_weight` is the handshake's
+    ``Layout.huge_weight`` (a class weight above ``HUGE_WEIGHT``, the same on every rank).
     """
     hidden, local_weight, target, bias, class_weight = tensors
 
@@ -150,7 +153,7 @@ def _prepare(
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     reduce_max, reduce_sum = row_reducers(layout.group)
     shard = VocabShard(layout.vocab_start, layout.vocab_size, reduce_max, reduce_sum)
-    return opts, shard, rows_2d(hidden), target
+    return opts, shard, rows_2d(hidden), target, layout.huge_weight
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -259,7 +262,7 @@ def vocab_parallel_linear_cross_entropy(
     >>> dist.destroy_process_group()
     """
 
-    opts, shard, h2, target = _prepare(
+    opts, shard, h2, target, huge_weight = _prepare(
         caller=_CALLER,
         group=group,
         tensors=(hidden, local_weight, target, bias, class_weight),
@@ -274,6 +277,10 @@ def vocab_parallel_linear_cross_entropy(
         ),
     )
     t1 = target.reshape(-1)
+    # a weighted mean of huge class weights (float32 near 3e38): scaled on every rank alike
+    class_weight = mean_class_weight(
+        class_weight, opts.reduction, opts.z_loss, xp=torch, huge=huge_weight
+    )
     loss = run_linear_ce(h2, local_weight, t1, bias, class_weight, opts, shard)
     if opts.reduction == "none":
         return unshift(loss.reshape(target.shape), shift=shift)
@@ -365,7 +372,7 @@ def vocab_parallel_linear_log_probs(
     """
     from crossent.fused import _log_prob_options, _log_prob_outputs
 
-    opts, shard, h2, target = _prepare(
+    opts, shard, h2, target, _ = _prepare(
         caller="vocab_parallel_linear_log_probs",
         group=group,
         tensors=(hidden, local_weight, target, bias, None),

@@ -18,6 +18,7 @@ import torch
 from crossent._lib._checks import values_checked
 from crossent._lib._xp import output_dtype, safe_divide
 from crossent._losses import _rows
+from crossent._losses._common import mean_class_weight
 from crossent._losses._logprob import softcap_backward, softcap_logits
 from crossent.distributed._comm import (
     Layout,
@@ -240,7 +241,10 @@ class _VocabParallelCE(torch.autograd.Function):
     ) -> torch.Tensor:
         t = target.reshape(-1).to(torch.int64)
         dtype = compute_dtype(local_logits.dtype)
-        spec, shard = _slice_spec(layout, opts, local_class_weight(weight, layout, dtype=dtype))
+        w = local_class_weight(weight, layout, dtype=dtype)
+        # a weighted mean of huge weights (float32 near 3e38): scaled on every rank alike
+        w = mean_class_weight(w, opts.reduction, opts.z_loss, xp=torch, huge=layout.huge_weight)
+        spec, shard = _slice_spec(layout, opts, w)
         counted, label = _labels(t, opts)
         z = _logits(local_logits, layout, opts, dtype)
         merged = shard.merge(slice_statistics(z, None, label, spec))

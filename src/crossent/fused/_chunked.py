@@ -30,7 +30,7 @@ from crossent._lib._checks import not_ignored
 from crossent._lib._xp import array_namespace, isfinite
 from crossent._losses import _rows
 from crossent._losses._common import nan_rows
-from crossent._losses._distill import HUGE_INV_TEMPERATURE, tempered
+from crossent._losses._distill import HUGE_INV_TEMPERATURE, tempered, tempered_shift
 from crossent._losses._logprob import softcap_form, softcap_guarded
 from crossent._losses._options import CEOptions, Reduction
 
@@ -1247,12 +1247,12 @@ def _row_stats_torch(
     smoothing: bool,
     scale: float = 1.0,
     need_lse: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     r"""Local row statistics; leaves the slice's log-softmax ``z - lse_loc`` in `buf`.
 
     The reference point of the statistics is the slice's own log-sum-exp
     ``lse_loc`` (one fused, cache-friendly ``log_softmax`` pass), so it returns
-    ``(lse_loc, 1, S_loc, z_y - lse_loc)`` with ``S_loc = Σ_k w_k (z_k - lse_loc)``
+    ``(lse_loc, ref, S_loc, z_y - lse_loc)`` with ``S_loc = Σ_k w_k (z_k - lse_loc)``
     (≤ 0; 0 when not `smoothing`). ``lse_loc = max_k z_k - max_k (z_k - lse_loc)``
     is recovered at the row's maximum, where the log-softmax lies in
     :math:`[-\log V, 0]`: no cancellation. (Recovering it at the target column,
@@ -1263,17 +1263,24 @@ def _row_stats_torch(
     (not NaN). Without `need_lse` (a caller that reads only the log-softmax and
     ``z_y - lse_loc``) ``lse_loc`` is not formed: NaN stands in its place. The
     logits are ``z = scale · softcap · tanh(x / softcap)`` (``scale`` is
-    1 / temperature); with `tanh_buf`, tanh(x/c) is kept there for the chain rule. Without
-    `need_lse` a huge ``scale`` (a tiny temperature) is applied after the row max is
-    subtracted (``_distill.tempered``): the plain product overflowed.
+    1 / temperature); with `tanh_buf`, tanh(x/c) is kept there for the chain rule. A huge
+    ``scale`` (a tiny temperature) is applied after the row max ``ref`` of the soft-capped
+    logits is subtracted (``_distill.tempered``): the plain product overflowed. Then
+    ``lse_loc`` is that of the shifted logits, the slice's true one being
+    ``scale · ref + lse_loc`` (which may overflow: slices are combined with ``ref`` apart,
+    ``_logprobs``); ``ref`` is None for ordinary scales.
     """
     import torch
 
-    if need_lse or scale <= HUGE_INV_TEMPERATURE:
+    ref = None
+    if scale <= HUGE_INV_TEMPERATURE:
         _softcap_(buf, tanh_buf, softcap, scale)
     else:
         _softcap_(buf, tanh_buf, softcap)
-        tempered(buf, scale, xp=array_namespace(buf), overwrite=True)
+        xp = array_namespace(buf)
+        shift = tempered_shift(buf, xp=xp)
+        tempered(buf, scale, xp=xp, overwrite=True, shift=shift)
+        ref = shift[:, 0]
     col = y_loc[:, None]
     m = buf.amax(dim=1) if need_lse else None
     softmax_(buf, log=True)
@@ -1289,7 +1296,7 @@ def _row_stats_torch(
         sm_loc = torch.mv(buf, cw_local) if cw_local is not None else buf.sum(dim=1)
     else:
         sm_loc = torch.zeros_like(lse_loc)
-    return lse_loc, torch.ones_like(lse_loc), sm_loc, d_loc
+    return lse_loc, ref, sm_loc, d_loc
 
 
 def _triton_ops(operand: torch.Tensor, use_triton: bool | None) -> Any:

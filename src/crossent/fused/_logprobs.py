@@ -169,7 +169,7 @@ def _chunked_log_probs(
         owned = (y_loc >= 0) & (y_loc < v_local)
         y_loc = torch.where(owned, y_loc, 0)
         tanh_buf = tanh_all[:n] if tanh_all is not None else None
-        lse_loc, _, _, d_loc = _row_stats_torch(
+        lse_loc, ref, _, d_loc = _row_stats_torch(
             buf, tanh_buf, y_loc, None, softcap=opts.softcap, smoothing=False, scale=inv_t,
             need_lse=shard is not None,
         )  # fmt: skip
@@ -180,8 +180,10 @@ def _chunked_log_probs(
             _sum_p_log_p_(buf, work_all, t_loc)
         shift = None  # m_r - lse per row (0 in a single process)
         if shard is not None:
-            m = shard.reduce_max(lse_loc.clone())
-            delta = lse_loc - m
+            if ref is None:
+                delta = lse_loc - shard.reduce_max(lse_loc.clone())
+            else:  # tiny T: lse_r = ref_r / T + lse_loc overflows; relative to max_r ref_r / T
+                delta = (ref - shard.reduce_max(ref.clone())).mul_(inv_t).add_(lse_loc)
             e = torch.exp(delta)
             cols = [e, torch.where(owned, d_loc + delta, 0.0)]
             if t_loc is not None:  # 0 for a slice of -inf logits (e = 0, delta = -inf)
