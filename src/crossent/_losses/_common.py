@@ -9,6 +9,7 @@ from crossent._lib._xp import (
     Array,
     device,
     is_jax_namespace,
+    is_numpy_namespace,
     is_torch_namespace,
     safe_divide,
     size_array,
@@ -60,7 +61,7 @@ def mean_class_weight(
         return w
     if huge is not None:
         return w * (1 / HUGE_WEIGHT) if huge else w
-    if type(w).__module__ == "numpy":
+    if is_numpy_namespace(xp):
         return w * (1 / HUGE_WEIGHT) if w.max() > HUGE_WEIGHT else w
     huge = xp.max(w) > HUGE_WEIGHT
     one, small = (xp.asarray(v, dtype=w.dtype, device=device(w)) for v in (1.0, 1 / HUGE_WEIGHT))

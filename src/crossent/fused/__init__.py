@@ -34,19 +34,19 @@ from crossent.fused._inputs import (
     check_labels,
     check_shift,
     check_values,
+    clears_skip_mark,
     flat,
     rows_2d,
     scored_labels,
     shift_target,
     unshift,
-    whole_when_skipped,
 )
 from crossent.fused._logprobs import LogProbOptions, run_log_probs
 
 __all__ = ["linear_cross_entropy", "linear_distillation_loss", "linear_log_probs"]
 
 
-@whole_when_skipped
+@clears_skip_mark
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -275,7 +275,7 @@ def _log_prob_options(
     return opts, check_shift(shift)
 
 
-@whole_when_skipped
+@clears_skip_mark
 def linear_log_probs(
     hidden: torch.Tensor,
     weight: torch.Tensor,

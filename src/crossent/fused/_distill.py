@@ -49,10 +49,10 @@ from crossent.fused._inputs import (
     check_fused_ignore_index,
     check_head,
     check_shift,
+    clears_skip_mark,
     flat,
     rows_2d,
     unshift,
-    whole_when_skipped,
 )
 
 __all__ = ["linear_distillation_loss"]
@@ -230,7 +230,7 @@ class _LinearDistillFunction(torch.autograd.Function):
         return *grads, None, None, None
 
 
-@whole_when_skipped
+@clears_skip_mark
 def linear_distillation_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

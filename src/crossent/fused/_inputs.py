@@ -40,12 +40,12 @@ __all__ = [
     "check_labels",
     "check_shift",
     "check_values",
+    "clears_skip_mark",
     "flat",
     "rows_2d",
     "scored_labels",
     "shift_target",
     "unshift",
-    "whole_when_skipped",
 ]
 
 P = ParamSpec("P")
@@ -63,7 +63,7 @@ def _unskip(*codes: Any) -> None:
         set_code_exec_strategy(code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))
 
 
-def whole_when_skipped(fn: Callable[P, R]) -> Callable[P, R]:
+def clears_skip_mark(fn: Callable[P, R]) -> Callable[P, R]:
     """`fn`, which clears the "skip" mark a compiled ``torch.func`` transform leaves on it.
 
     A compiled transform that breaks its graph (the fused functions break it under a
