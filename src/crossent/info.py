@@ -52,6 +52,7 @@ from crossent._lib._checks import (
     values_checked,
 )
 from crossent._lib._logdiv import (
+    jsd_in_float64,
     log_mixture,
     log_ratio_from_logits,
     log_softmax,
@@ -157,7 +158,8 @@ class _Pair:
     """Checked `p`, `q` in the compute dtype, with what the measures need around them.
 
     With `logs`, `p` and `q` hold log-probabilities (``from_logits=True``) and
-    `logits` the logits they come from (the same number of dimensions).
+    `logits` the logits they come from (the same number of dimensions). `wide` is the
+    measure itself where :func:`~crossent._lib._logdiv.jsd_in_float64` computed it.
     """
 
     p: Array
@@ -168,6 +170,7 @@ class _Pair:
     out_dtype: Any
     xp: Any
     logits: tuple[Array, Array] | None = None
+    wide: Array | None = None
 
     def log_ratio(self) -> Array:
         """:math:`\\log p - \\log q` (``from_logits=True``), accurate for close rows."""
@@ -183,11 +186,20 @@ class _Pair:
         return astype(_in_base(nats, self.base, xp=self.xp), self.out_dtype, xp=self.xp)
 
 
-def _pair(p: Array, q: Array, axis: object, base: object, from_logits: object) -> _Pair:
+def _pair(
+    p: Array,
+    q: Array,
+    axis: object,
+    base: object,
+    from_logits: object,
+    *,
+    beta: float | None = None,
+) -> _Pair:
     """Check `p`, `q`, `axis` and `base` (shared by every two-distribution measure).
 
     With `from_logits` the pair holds log-probabilities, each normalized along
-    `axis` before `p` and `q` broadcast.
+    `axis` before `p` and `q` broadcast. With `beta` (a divergence :math:`L_\beta`) the
+    measure is computed here where :func:`~crossent._lib._logdiv.jsd_in_float64` can.
     """
     xp = array_namespace(p=p, q=q)
     logits = _check_from_logits(from_logits)
@@ -198,11 +210,15 @@ def _pair(p: Array, q: Array, axis: object, base: object, from_logits: object) -
     out_dtype = output_dtype(p, q, xp=xp)
     dtype = compute_dtype(out_dtype, xp=xp)
     x, y = astype(p, dtype, xp=xp), astype(q, dtype, xp=xp)
-    if not logits:
+    if not logits and beta is None:
         return _Pair(x, y, False, ax, checked_base, out_dtype, xp)
     ndim = max(x.ndim, y.ndim)
     x = xp.reshape(x, (1,) * (ndim - x.ndim) + tuple(x.shape))
     y = xp.reshape(y, (1,) * (ndim - y.ndim) + tuple(y.shape))
+    if beta is not None:
+        wide = jsd_in_float64(x, y, beta=beta, axis=ax, logits=logits)
+        if wide is not None or not logits:
+            return _Pair(x, y, False, ax, checked_base, out_dtype, xp, wide=wide)
     log_p = log_softmax(x, axis=ax, xp=xp, exact_peak=True)
     log_q = log_softmax(y, axis=ax, xp=xp, exact_peak=True)
     return _Pair(log_p, log_q, True, ax, checked_base, out_dtype, xp, (x, y))
@@ -576,8 +592,10 @@ def kl_divergence(
     >>> info.kl_divergence(np.array([0.0, 0.0]), np.array([0.0, -1000.0]), from_logits=True)
     np.float64(499.30685281944...)
     """
-    d = _pair(p, q, axis, base, from_logits)
+    d = _pair(p, q, axis, base, from_logits, beta=0.0)
     xp = d.xp
+    if d.wide is not None:
+        return d.finish(d.wide)
     if d.logs:
         terms = rel_entr_from_log(d.p, d.q, d=d.log_ratio(), xp=xp)
         return d.finish(xp.sum(terms, axis=d.axis))
@@ -667,8 +685,10 @@ def js_divergence(
     >>> info.js_divergence(z, z[::-1], base=2, from_logits=True)
     array([1., 1.])
     """
-    d = _pair(p, q, axis, base, from_logits)
+    d = _pair(p, q, axis, base, from_logits, beta=0.5)
     xp = d.xp
+    if d.wide is not None:
+        return d.finish(d.wide)
     if d.logs:
         r, s = mixture_log_ratios(d.log_ratio(), xp=xp)
         log_m = log_mixture(d.p, d.q, xp=xp)

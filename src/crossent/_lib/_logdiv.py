@@ -52,7 +52,8 @@ Two implementations of these formulas, one per kind of caller: the array-API
 one (every backend, differentiable by autodiff with finite gradients wherever
 the value is finite) and, for PyTorch tensors that autograd does not track (the
 fused chunk loop, ``value_and_grad``, ``info`` under ``no_grad``), an in-place
-one with a few preallocated temporaries (:func:`_jsd_torch`).
+one with a few preallocated temporaries (:func:`_jsd_torch`; for ``info``'s float32
+and narrower inputs on the CPU evaluated in float64, :func:`jsd_in_float64`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ __all__ = [
     "expm1_plus",
     "generalized_jsd_from_log",
     "jsd_and_grad_from_log",
+    "jsd_in_float64",
     "log_mixture",
     "log_ratio_from_logits",
     "log_softmax",
@@ -403,6 +405,45 @@ def jsd_and_grad_from_log(
         msg = "internal: the divergence's gradient was not computed."
         raise RuntimeError(msg)
     return loss, g
+
+
+def jsd_in_float64(p: Array, q: Array, *, beta: float, axis: int, logits: bool) -> Array | None:
+    r""":math:`L_\beta(P, Q)` along `axis` of untracked, eager float32-or-narrower PyTorch
+    tensors on the CPU, by the in-place form evaluated in float64; None for other inputs.
+
+    `p` and `q` are logits (`logits`) or probabilities; they broadcast. From probabilities
+    the terms are those of :func:`rel_entr_from_log` (which add :math:`\sum (b - a)`, 0 for
+    distributions, as ``info`` keeps for inputs taken as given). The result is float64.
+
+    In float64 the direct forms are accurate enough for a float32 result: the log ratio
+    :math:`d` is rounded at :math:`\epsilon_{64}|\log p|` and :math:`\psi(d)` formed
+    directly at :math:`4\epsilon_{64}/|d|`, so rows :math:`10^{-6}` apart (a KL of
+    :math:`10^{-12}`) keep about :math:`10^{-9}` relative, and a peaked row's
+    :math:`\log p_* \approx -(1 - p_*)` keeps its digits below float32's. It replaces the
+    float32 array-API formulas (the series of :math:`\psi`, the logits' difference held as
+    two floats, the top-class log-softmax: 12x the time of this form for KL from logits at
+    1024 x 1000) where no derivative is needed.
+    """
+    import torch
+
+    if not (
+        isinstance(p, torch.Tensor)
+        and isinstance(q, torch.Tensor)
+        and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and p.is_cpu
+        and q.is_cpu
+        and _untracked_torch(torch, p, q)
+    ):
+        return None
+    x, y = p.to(torch.float64), q.to(torch.float64)
+    if logits:
+        log_p, log_q = x.log_softmax(axis), y.log_softmax(axis)
+        return _jsd_torch(log_p, log_q, beta=beta, axis=axis, grad=False)[0]
+    out = _jsd_torch(x.log(), y.log(), beta=beta, axis=axis, grad=False)[0]
+    if beta == 0.0:  # + sum (p - q) (kl_divergence's inputs as given)
+        out = out + (x - y).sum(dim=axis)
+    return out
 
 
 # ----------------------------------------------------------------------------
