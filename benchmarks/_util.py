@@ -9,6 +9,7 @@ high-water mark again; the difference is the case's extra peak memory.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -16,6 +17,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]  # benchmarks run as modules from the repository root
+
+
+def interleaved_cpu_times(
+    fns: dict[str, Callable[[], object]], calls: int, rounds: int
+) -> dict[str, float]:
+    """Median per-call process CPU time of each function (seconds), the contenders
+    interleaved round by round (A, B, A, B, ...) after a warm-up of a tenth of the calls."""
+    for fn in fns.values():
+        for _ in range(calls // 10 + 1):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.process_time()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.process_time() - start) / calls)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def best_time(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1) -> float:

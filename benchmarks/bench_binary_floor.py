@@ -18,8 +18,6 @@ pass: two ``sigmoid``, one ``log1p`` and the cheap kernels around them, the vali
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -27,21 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import crossent as ce
-
-
-def _times(fns: dict[str, Callable[[], object]], calls: int, rounds: int) -> dict[str, float]:
-    """Median per-call process CPU time of each function, interleaved round by round."""
-    for fn in fns.values():
-        for _ in range(calls // 10 + 1):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.process_time()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.process_time() - start) / calls)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+from benchmarks._util import interleaved_cpu_times
 
 
 def _pieces(n: int, c: int, calls: int, rounds: int) -> None:
@@ -66,7 +50,7 @@ def _pieces(n: int, c: int, calls: int, rounds: int) -> None:
         "crossent.binary_cross_entropy": lambda: ce.binary_cross_entropy(x, t, from_logits=True),
     }
     with torch.no_grad():
-        got = _times({**whole, **pieces}, calls, rounds)
+        got = interleaved_cpu_times({**whole, **pieces}, calls, rounds)
     _table(f"forward under no_grad, {n}x{c} float32", got, pieces, whole)
 
 
@@ -127,8 +111,8 @@ def _chunk_pieces(n: int, c: int, calls: int, rounds: int) -> None:
             lambda: ce.binary_cross_entropy(xg, t, from_logits=True)
         ),
     }
-    _table(f"forward+backward, {n}x{c} float32", _times({**whole, **pieces}, calls, rounds),
-           pieces, whole)  # fmt: skip
+    got = interleaved_cpu_times({**whole, **pieces}, calls, rounds)
+    _table(f"forward+backward, {n}x{c} float32", got, pieces, whole)
 
 
 def _table(
