@@ -10,9 +10,11 @@ accurate where these cancel: the last table gives the relative error of each on 
 :math:`10^{-6}` apart against float64 (mpmath-grade: the float64 form of crossent's formula).
 
 Per-call process CPU time, 1 thread, contenders interleaved round by round, median of the
-rounds; ratio = crossent / reference. ``no_grad``: the value alone (crossent evaluates float32
-divergences in float64 there, ``_logdiv.jsd_in_float64``); ``fwd+bwd``: the value and the
-gradient with respect to both inputs (autograd through crossent's array-API formulas).
+rounds; ratio = crossent / reference; glibc's malloc thresholds raised for both (freed blocks
+reused, as ``bench_sweep`` does: no page faults on every large temporary). ``no_grad``: the
+value alone (crossent evaluates float32 divergences in float64 there,
+``_logdiv.jsd_in_float64``); ``fwd+bwd``: the value and the gradient with respect to both
+inputs (autograd through crossent's array-API formulas).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from benchmarks._util import interleaved_cpu_times
 from crossent import info
+from crossent._eval._memory import reuse_freed_memory
 
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, fewer rounds")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    reuse_freed_memory()
     sizes = [(32, 10), (256, 100)] if args.quick else [(32, 10), (256, 100), (1024, 1000)]
     _speed(sizes, calls=20 if args.quick else 400, rounds=3 if args.quick else 5)
     _accuracy()
