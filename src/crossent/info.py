@@ -580,6 +580,13 @@ def kl_divergence(
     from ``p`` of logits ``[0, 0]``). The bounded measures, :func:`entropy` and
     :func:`js_divergence`, are exact there.
 
+    PyTorch tensors of float32 or narrower on the CPU, eager, are evaluated in float64,
+    where the plain :math:`d_k` is accurate enough for a float32 result (5x faster here and
+    for :func:`js_divergence`); finite logits that require a gradient get it in closed
+    form, :math:`p \odot (d - D)` and :math:`q - p`, in float64 by differentiable
+    operations (second derivatives exact), the most probable class's entry formed as minus
+    the sum of the others (4x–5x faster than autodiff of the formulas above at 1024 × 1000).
+
     Examples
     --------
     >>> import numpy as np

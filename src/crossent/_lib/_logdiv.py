@@ -58,6 +58,7 @@ and narrower inputs on the CPU evaluated in float64, :func:`jsd_in_float64`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -408,8 +409,8 @@ def jsd_and_grad_from_log(
 
 
 def jsd_in_float64(p: Array, q: Array, *, beta: float, axis: int, logits: bool) -> Array | None:
-    r""":math:`L_\beta(P, Q)` along `axis` of untracked, eager float32-or-narrower PyTorch
-    tensors on the CPU, by the in-place form evaluated in float64; None for other inputs.
+    r""":math:`L_\beta(P, Q)` along `axis` of eager float32-or-narrower PyTorch tensors on the
+    CPU, evaluated in float64; None for other inputs (the array-API formulas serve them).
 
     `p` and `q` are logits (`logits`) or probabilities; they broadcast. From probabilities
     :math:`\beta = 0` adds :math:`\sum (p - q)` to the terms (0 for distributions), so that
@@ -423,20 +424,34 @@ def jsd_in_float64(p: Array, q: Array, *, beta: float, axis: int, logits: bool) 
     :math:`\log p_* \approx -(1 - p_*)` keeps its digits below float32's. It replaces the
     float32 array-API formulas (the series of :math:`\psi`, the logits' difference held as
     two floats, the top-class log-softmax: 5x the time of this form for KL from logits at
-    1024 x 1000) where no derivative is needed.
+    1024 x 1000) without a gradient (the in-place form, :func:`_jsd_torch`), and with one
+    for KL (:math:`\beta = 0`) and JS (:math:`\beta = 1/2`) of finite logits
+    (:func:`_wide_divergence`: the closed-form gradient in float64, 4x-5x faster at 1024 x
+    1000; itself differentiable, so second derivatives are exact).
     """
     import torch
 
+    narrow = (torch.float32, torch.float16, torch.bfloat16)
     if not (
         isinstance(p, torch.Tensor)
         and isinstance(q, torch.Tensor)
-        and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and p.dtype in narrow
+        and q.dtype in narrow
         and p.is_cpu
         and q.is_cpu
-        and _untracked_torch(torch, p, q)
     ):
         return None
+    if not _untracked_torch(torch, p, q):
+        if not (
+            logits
+            and beta in (0.0, 0.5)
+            and not torch_tracing()
+            and not forward_ad_active()
+            and bool(torch.isfinite(p).all() & torch.isfinite(q).all())
+        ):
+            return None
+        out: Array = _wide_divergence().apply(p, q, beta, axis)
+        return out
     x, y = p.to(torch.float64), q.to(torch.float64)
     if logits:
         log_p, log_q = x.log_softmax(axis), y.log_softmax(axis)
@@ -445,6 +460,84 @@ def jsd_in_float64(p: Array, q: Array, *, beta: float, axis: int, logits: bool) 
     if beta == 0.0:  # + sum (p - q) (kl_divergence's inputs as given)
         out = out + (x - y).sum(dim=axis)
     return out
+
+
+def _wide_gradients(x: Any, y: Any, beta: float, axis: int, g: Any) -> tuple[Any, Any]:
+    r"""`g` times the gradients of :math:`L_\beta` (:math:`\beta` 0 or 1/2) for the logits
+    `x` (of P) and `y` (of Q), in float64, by differentiable operations.
+
+    With :math:`d = \log P - \log Q`: :math:`\partial \mathrm{KL} / \partial x = P (d -
+    \mathrm{KL})`, :math:`\partial \mathrm{KL} / \partial y = Q - P`; with :math:`r_P =
+    \log P - \log M`, :math:`r_Q = \log Q - \log M`: :math:`\partial \mathrm{JS} /
+    \partial x = \tfrac12 P (r_P - \sum P r_P)` and the same for `y` with Q (the terms in
+    :math:`\log M` cancel, :math:`\sum \partial M = 0`).
+    """
+    import torch
+
+    lp = x.to(torch.float64).log_softmax(axis)
+    lq = y.to(torch.float64).log_softmax(axis)
+    lp, lq = torch.broadcast_tensors(lp, lq)
+    p, q = lp.exp(), lq.exp()
+    col = g.unsqueeze(axis)
+    if beta == 0.0:
+        d = lp - lq
+        gx = p * (d - (p * d).sum(axis, keepdim=True))
+        gy = q - p
+    else:
+        lm = torch.logaddexp(lp, lq) - math.log(2.0)
+        # the values of log(P/M), log(Q/M) from d (lm is rounded at log 2), the derivatives
+        # of the smooth lp - lm, lq - lm (mixture_log_ratios has kinks at d = 0)
+        better = mixture_log_ratios(lp - lq, xp=torch)
+        rp = value_from(better[0], lp - lm, xp=torch)
+        rq = value_from(better[1], lq - lm, xp=torch)
+        gx = 0.5 * p * (rp - (p * rp).sum(axis, keepdim=True))
+        gy = 0.5 * q * (rq - (q * rq).sum(axis, keepdim=True))
+    gx, gy = col * _balanced(gx, lp, axis), col * _balanced(gy, lq, axis)
+    return gx.sum_to_size(x.shape), gy.sum_to_size(y.shape)
+
+
+def _balanced(g: Any, log_p: Any, axis: int) -> Any:
+    r"""`g`, whose rows sum to 0, with its entry at `log_p`'s most probable class :math:`*`
+    replaced by minus the sum of the others.
+
+    Formed directly, that entry is a difference of numbers of the size of the measure,
+    :math:`P_* (d_* - \mathrm{KL})`, rounded at them even in float64 when :math:`1 - P_*`
+    is below :math:`10^{-16}` (float32 logits 50 apart: the gradient for :math:`z_*`
+    came out 0 where it is :math:`-5 \cdot 10^{-20}`, 0.9 of the row's norm); the sum of the
+    other entries has their accuracy (each weighted by its own :math:`P_k`). Differentiable.
+    """
+    star = log_p.argmax(axis, keepdim=True)
+    others = g.scatter(axis, star, 0.0)
+    return others.scatter(axis, star, -others.sum(axis, keepdim=True))
+
+
+@functools.cache
+def _wide_divergence() -> Any:
+    """The ``autograd.Function`` of :func:`jsd_in_float64`'s tracked path (defined once, on
+    first use: this module imports without PyTorch)."""
+    import torch
+
+    class WideDivergence(torch.autograd.Function):
+        """KL / JS of finite float32-or-narrower logits: the value by :func:`_jsd_torch` in
+        float64, the gradient by :func:`_wide_gradients` (recorded under ``create_graph``)."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, y: Any, beta: float, axis: int) -> Any:
+            ctx.save_for_backward(x, y)
+            ctx.beta, ctx.axis = beta, axis
+            log_p = x.detach().to(torch.float64).log_softmax(axis)
+            log_q = y.detach().to(torch.float64).log_softmax(axis)
+            return _jsd_torch(log_p, log_q, beta=beta, axis=axis, grad=False)[0]
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> tuple[Any, ...]:
+            x, y = ctx.saved_tensors
+            gx, gy = _wide_gradients(x, y, ctx.beta, ctx.axis, g)
+            need_x, need_y = ctx.needs_input_grad[:2]
+            gx = gx.to(x.dtype) if need_x else None
+            return gx, gy.to(y.dtype) if need_y else None, None, None
+
+    return WideDivergence
 
 
 # ----------------------------------------------------------------------------
