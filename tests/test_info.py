@@ -923,3 +923,20 @@ def test_tracked_divergence_with_one_input_requiring_a_gradient() -> None:
     want = torch.softmax(student.detach().double(), -1) - torch.softmax(teacher.double(), -1)
     np.testing.assert_allclose(grad.double().numpy(), want.numpy(), rtol=1e-6, atol=1e-7)
     assert teacher.grad is None
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_distributions_over_no_outcomes_measure_zero(xp: Any, from_logits: bool) -> None:
+    """Rows of zero outcomes: every measure is 0 (an empty sum). KL and JS from logits raised
+    ``argmax`` IndexErrors on every backend (the log ratio's refinement looked for a most
+    probable class), and PyTorch's closed-form gradient likewise."""
+    empty = to_xp(xp)(np.zeros((4, 0)))
+    for name in MEASURES:
+        got = to_numpy(_call(name, empty, empty, from_logits=from_logits))
+        np.testing.assert_array_equal(got, np.zeros(4))
+    torch = pytest.importorskip("torch")
+    x = torch.zeros(4, 0, requires_grad=True)
+    for name in ("kl_divergence", "js_divergence"):
+        getattr(info, name)(x, x.detach(), from_logits=from_logits).sum().backward()
+        assert x.grad is not None
+        assert x.grad.shape == (4, 0)

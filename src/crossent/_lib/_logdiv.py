@@ -250,6 +250,8 @@ def log_ratio_from_logits(
     `d`, the derivatives those of :math:`\log a - \log b` (:func:`value_from`).
     """
     plain = difference(log_a, log_b, xp=xp)
+    if plain.shape[axis] == 0:  # no outcomes: nothing to refine (argmax has no maximum)
+        return plain
     zero = xp.zeros_like(plain)
     both_out = (z_a == -math.inf) & (z_b == -math.inf)
     hi = xp.where(both_out, zero, difference(z_a, z_b, xp=xp))
@@ -506,6 +508,8 @@ def _balanced(g: Any, log_p: Any, axis: int) -> Any:
     came out 0 where it is :math:`-5 \cdot 10^{-20}`, 0.9 of the row's norm); the sum of the
     other entries has their accuracy (each weighted by its own :math:`P_k`). Differentiable.
     """
+    if g.shape[axis] == 0:  # no outcomes
+        return g
     star = log_p.argmax(axis, keepdim=True)
     others = g.scatter(axis, star, 0.0)
     return others.scatter(axis, star, -others.sum(axis, keepdim=True))
