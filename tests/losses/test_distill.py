@@ -479,3 +479,14 @@ def test_float32_autodiff_gradient_of_a_peaked_student(backend: str, beta: float
         got = np.asarray(jax.grad(fn)(jnp.asarray(s32)), dtype=np.float64)
     err = np.abs(got - want).max(axis=1) / np.linalg.norm(want, axis=1)
     assert err.max() < 2e-5, err.max()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_value_and_grad_over_no_classes_is_zero(xp: Any, beta: float) -> None:
+    """Logits with no classes: a loss of 0 and an empty gradient. For beta > 0 the closed
+    form's gradient looked for the student's most probable class (an argmax error on an
+    empty axis), where the loss alone and autodiff already gave 0."""
+    empty = to_xp(xp)(np.zeros((4, 0)))
+    value, grad = ce.value_and_grad(ce.distillation_loss, empty, empty, beta=beta)
+    assert float(to_numpy(value)) == 0.0
+    assert tuple(grad.shape) == (4, 0)

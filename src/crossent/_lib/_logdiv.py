@@ -398,6 +398,9 @@ def jsd_and_grad_from_log(
     :math:`r_k - r_*` can overflow where :math:`Q_k = 0` (0 · −inf made the reverse KL's
     gradient NaN); it is then clamped to the dtype's range (one pass; NaN stays NaN).
     """
+    if log_q.shape[-1] == 0:  # no outcomes: a loss of 0 (an empty sum), an empty gradient
+        loss = generalized_jsd_from_log(log_p, log_q, beta=beta, axis=-1, xp=xp)
+        return loss, xp.zeros_like(log_q)
     if _untracked_torch(xp, log_p, log_q):
         loss, g = _jsd_torch(
             log_p, log_q, beta=beta, axis=-1, grad=True, work=work, scale=scale, wide=wide
