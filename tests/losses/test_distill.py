@@ -490,3 +490,22 @@ def test_value_and_grad_over_no_classes_is_zero(xp: Any, beta: float) -> None:
     value, grad = ce.value_and_grad(ce.distillation_loss, empty, empty, beta=beta)
     assert float(to_numpy(value)) == 0.0
     assert tuple(grad.shape) == (4, 0)
+
+
+def test_float32_closed_form_gradient_of_rows_peaked_on_the_same_class(xp: Any) -> None:
+    """beta = 0: the gradient Q - P of rows that both put 1 - 6e-6 on the same class. At that
+    class it is a difference of two numbers near 1, rounded at 1 in float32 (6e-8) where its
+    exact value is about 1e-7: 0.12 to 0.89 of the row's norm off (by backend). It is now
+    minus the sum of the other entries, each accurate to its own size: 2e-5, the rounding of
+    float32 log-probabilities. float64 reference."""
+    rng = np.random.default_rng(19)
+    teacher = rng.standard_normal((16, 8))
+    teacher[:, 0] = 14.0
+    student = teacher + 0.05 * rng.standard_normal((16, 8))
+    teacher, student = teacher.astype(np.float32), student.astype(np.float32)
+    x = to_xp(xp)
+    _, grad = ce.value_and_grad(ce.distillation_loss, x(student), x(teacher), beta=0.0)
+    got = to_numpy(grad).astype(np.float64)
+    want = distill_grad_ref(student, teacher, beta=0.0) / 16  # the mean over 16 rows
+    err = np.abs(got - want).max(axis=-1) / np.linalg.norm(want, axis=-1)
+    assert err.max() < 1e-4
