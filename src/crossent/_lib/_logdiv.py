@@ -458,19 +458,31 @@ def jsd_in_float64(p: Array, q: Array, *, beta: float, axis: int, logits: bool) 
             return None
         out: Array = _wide_divergence().apply(p, q, beta, axis)
         return out
-    x, y = p.to(torch.float64), q.to(torch.float64)
     if logits:
-        log_p, log_q = x.log_softmax(axis), y.log_softmax(axis)
-        return _jsd_torch(log_p, log_q, beta=beta, axis=axis, grad=False)[0]
+        return _logits_value64(p, q, beta, axis)
+    x, y = p.to(torch.float64), q.to(torch.float64)
     out = _jsd_torch(x.log(), y.log(), beta=beta, axis=axis, grad=False)[0]
     if beta == 0.0:  # + sum (p - q) (kl_divergence's inputs as given)
         out = out + (x - y).sum(dim=axis)
     return out
 
 
-def _wide_gradients(x: Any, y: Any, beta: float, axis: int, g: Any) -> tuple[Any, Any]:
+def _logits_value64(x: Any, y: Any, beta: float, axis: int) -> Any:
+    r""":math:`L_\beta` of the logits `x`, `y` (untracked values) by :func:`_jsd_torch` in
+    float64."""
+    import torch
+
+    log_p = x.detach().to(torch.float64).log_softmax(axis)
+    log_q = y.detach().to(torch.float64).log_softmax(axis)
+    return _jsd_torch(log_p, log_q, beta=beta, axis=axis, grad=False)[0]
+
+
+def _wide_gradients(
+    x: Any, y: Any, beta: float, axis: int, g: Any, need: tuple[bool, bool]
+) -> tuple[Any, Any]:
     r"""`g` times the gradients of :math:`L_\beta` (:math:`\beta` 0 or 1/2) for the logits
-    `x` (of P) and `y` (of Q), in float64, by differentiable operations.
+    `x` (of P) and `y` (of Q), in float64, by differentiable operations; each only where
+    `need` asks for it (None otherwise: a teacher's logits need none).
 
     Both are the closed form of :func:`_jsd_generic` for the second distribution's logits:
     for `y` directly, for `x` with the roles swapped (:math:`\mathrm{KL}(P\|Q) = L_1(Q,
@@ -484,17 +496,22 @@ def _wide_gradients(x: Any, y: Any, beta: float, axis: int, g: Any) -> tuple[Any
 
     lp = x.to(torch.float64).log_softmax(axis)
     lq = y.to(torch.float64).log_softmax(axis)
-    if lp.shape[axis] == 0:  # no outcomes
-        return torch.zeros_like(x), torch.zeros_like(y)
     lp, lq = (torch.movedim(t, axis, -1) for t in torch.broadcast_tensors(lp, lq))
     xp = array_namespace(lp)
-    gy = _jsd_generic(lp, lq, beta=beta, axis=-1, grad=True, xp=xp, scale=g)[1]
-    gx = _jsd_generic(lq, lp, beta=1.0 - beta, axis=-1, grad=True, xp=xp, scale=g)[1]
-    if gx is None or gy is None:  # pragma: no cover - grad=True always returns it
-        msg = "internal: the divergence's gradient was not computed."
-        raise RuntimeError(msg)
-    gx, gy = torch.movedim(gx, -1, axis), torch.movedim(gy, -1, axis)
-    return gx.sum_to_size(x.shape), gy.sum_to_size(y.shape)
+
+    def grad_of(student: Any, teacher: Any, b: float, like: Any) -> Any:
+        """The gradient for `student`'s logits, summed to `like`'s shape."""
+        if student.shape[-1] == 0:  # no outcomes (argmax has no maximum)
+            return torch.zeros_like(like)
+        out = _jsd_generic(teacher, student, beta=b, axis=-1, grad=True, xp=xp, scale=g)[1]
+        if out is None:  # pragma: no cover - grad=True always returns it
+            msg = "internal: the divergence's gradient was not computed."
+            raise RuntimeError(msg)
+        return torch.movedim(out, -1, axis).sum_to_size(like.shape)
+
+    gx = grad_of(lp, lq, 1.0 - beta, x) if need[0] else None
+    gy = grad_of(lq, lp, beta, y) if need[1] else None
+    return gx, gy
 
 
 @functools.cache
@@ -511,17 +528,15 @@ def _wide_divergence() -> Any:
         def forward(ctx: Any, x: Any, y: Any, beta: float, axis: int) -> Any:
             ctx.save_for_backward(x, y)
             ctx.beta, ctx.axis = beta, axis
-            log_p = x.detach().to(torch.float64).log_softmax(axis)
-            log_q = y.detach().to(torch.float64).log_softmax(axis)
-            return _jsd_torch(log_p, log_q, beta=beta, axis=axis, grad=False)[0]
+            return _logits_value64(x, y, beta, axis)
 
         @staticmethod
         def backward(ctx: Any, g: Any) -> tuple[Any, ...]:
             x, y = ctx.saved_tensors
-            gx, gy = _wide_gradients(x, y, ctx.beta, ctx.axis, g)
-            need_x, need_y = ctx.needs_input_grad[:2]
-            gx = gx.to(x.dtype) if need_x else None
-            return gx, gy.to(y.dtype) if need_y else None, None, None
+            need = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            gx, gy = _wide_gradients(x, y, ctx.beta, ctx.axis, g, need)
+            gx = None if gx is None else gx.to(x.dtype)
+            return gx, None if gy is None else gy.to(y.dtype), None, None
 
     return WideDivergence
 
