@@ -43,7 +43,7 @@ from crossent.fused import linear_cross_entropy
 from crossent.fused._chunked import _auto_chunk_size
 
 SHAPES = [(4096, 1024, 32000), (2048, 512, 32000), (2048, 512, 128000)]
-SMALL_SHAPES = [(512, 128, 4000), (256, 64, 16000)]
+SMALL_SHAPES = [(512, 128, 4000)]  # a smoke run (each provider measured in its own process)
 
 
 def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: str) -> dict[str, Any]:
