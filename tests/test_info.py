@@ -940,3 +940,67 @@ def test_distributions_over_no_outcomes_measure_zero(xp: Any, from_logits: bool)
         getattr(info, name)(x, x.detach(), from_logits=from_logits).sum().backward()
         assert x.grad is not None
         assert x.grad.shape == (4, 0)
+
+
+@pytest.mark.parametrize("name", MEASURES)
+def test_log_softmax_node_equals_autograd_through_its_formula(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tracked PyTorch logits take the peak-relative log-softmax as one autograd node with a
+    closed-form backward (``_logdiv._peak_log_softmax``: 3 passes where autograd through the
+    formula's operations made 12). Values, first and second derivatives equal autograd through
+    the formula (a peaked row, rows 1e-6 apart, masked classes; a class Q rules out where P has
+    mass gives the same infinite value and the same NaN gradients); gradgradcheck passes."""
+    torch = pytest.importorskip("torch")
+    from crossent._lib import _logdiv
+
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(6, 7, generator=g, dtype=torch.float64) * 3
+    b = torch.randn(6, 7, generator=g, dtype=torch.float64) * 3
+    a[0, 0] = 40.0  # 1 - P_* = 1e-17
+    b[0] = a[0] * 0.9  # peaked on the same class
+    b[1] = a[1] + 1e-6 * torch.randn(7, generator=g, dtype=torch.float64)
+    fn = getattr(info, name)
+
+    def measure(x: Any, y: Any) -> Any:
+        return fn(x, from_logits=True) if name == "entropy" else fn(x, y, from_logits=True)
+
+    w = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64)
+
+    def derivatives(x0: Any, y0: Any) -> list[Any]:
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        value = measure(x, y)
+        gx, gy = torch.autograd.grad(
+            (value * w).sum(), (x, y), create_graph=True, allow_unused=True
+        )
+        gy = torch.zeros_like(y) if gy is None else gy
+        if not bool(torch.isfinite(gx).all()):
+            return [value.detach(), gx.detach(), gy.detach()]
+        hx, hy = torch.autograd.grad((gx * gx).sum() + gy.sum(), (x, y), allow_unused=True)
+        hy = torch.zeros_like(y) if hy is None else hy
+        return [t.detach() for t in (value, gx, gy, hx, hy)]
+
+    masked_a, masked_b = a.clone(), b.clone()
+    masked_a[2, 3] = masked_b[2, 3] = -math.inf  # ruled out by both
+    masked_a[3, 1] = -math.inf  # P gives no mass where Q does
+    ruled_b = b.clone()
+    ruled_b[4, int(a[4].argmax())] = -math.inf  # Q rules out P's most probable class: +inf
+    cases = [(a, b), (masked_a, masked_b)] + ([] if name == "entropy" else [(a, ruled_b)])
+    for x0, y0 in cases:
+        node = derivatives(x0, y0)
+        with monkeypatch.context() as m:  # autograd through the formula's operations
+            m.setattr(_logdiv, "_peak_log_softmax", lambda: None)
+            m.setattr(
+                _logdiv,
+                "_log_softmax_torch",
+                lambda z, axis: _logdiv._log_softmax_in_place(z, axis)[0],
+            )
+            ops = derivatives(x0, y0)
+        assert len(node) == len(ops)
+        for got, want in zip(node, ops, strict=True):
+            scale = float(want[torch.isfinite(want)].abs().max()) if want.numel() else 0.0
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * scale, equal_nan=True)
+        # the peaked row's gradient, ~1e-17, row by row (its top entry is the others' sum)
+        assert _worst_relative_to_norm(node[1][:1].numpy(), ops[1][:1].numpy()) < 1e-10
+    x, y = a[2:].clone().requires_grad_(), b[2:].clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(measure, (x, y))

@@ -68,10 +68,12 @@ from crossent._lib._xp import (
     compute_dtype,
     difference,
     host_float,
+    is_torch_namespace,
     known_true,
     output_dtype,
     quiet,
     size,
+    torch_tracing,
     xlogy,
 )
 
@@ -284,7 +286,22 @@ def _xlog_from_log(log_x: Array, log_y: Array, *, xp: Any) -> Array:
     No mass (:math:`\log x = -\infty`) gives 0 in value and gradient; mass on
     :math:`\log y = -\infty` gives :math:`-\infty`, even when :math:`x` itself
     underflowed to 0 (its log says it is positive).
+
+    Eager PyTorch on the CPU forms :math:`e^{\log x} \log y` and corrects the
+    entries only where :math:`\log y = -\infty` occurs (one test of the array): elsewhere
+    no mass already gives :math:`0 \cdot \log y = 0`, and its derivatives 0 (the
+    four ``where`` over the array were 60 % of a 1024 x 1000 cross-entropy).
     """
+    if is_torch_namespace(xp) and log_y.is_cpu and not torch_tracing():
+        ruled_out = log_y == -math.inf
+        out = xp.exp(log_x) * log_y
+        if not bool(ruled_out.any()):
+            return out
+        import torch
+
+        # pole (mass on a ruled-out outcome): -inf; no mass there: 0; both constant
+        fix = torch.where(log_x == -math.inf, 0.0, -math.inf).to(out.dtype)
+        return torch.where(ruled_out, fix, out)
     no_mass = log_x == -math.inf
     pole = (log_y == -math.inf) & ~no_mass
     zero = xp.zeros_like(log_y)

@@ -156,13 +156,66 @@ def log_softmax(
 def _log_softmax_torch(z: Any, axis: int) -> Any:
     """:func:`log_softmax`'s formula in PyTorch's own operations (eager): the max and its
     index in one pass, the top class's entries set by index (a write per row, not a
-    ``where`` over the array)."""
+    ``where`` over the array). Tracked (not under forward-mode AD), one autograd node,
+    :func:`_peak_log_softmax`, with the same derivatives in closed form."""
+    import torch
+
+    if torch.is_grad_enabled() and z.requires_grad and not forward_ad_active():
+        return _peak_log_softmax().apply(z, axis)
+    return _log_softmax_in_place(z, axis)[0]
+
+
+def _log_softmax_in_place(z: Any, axis: int) -> tuple[Any, Any]:
+    """:func:`_log_softmax_torch`'s operations (recorded by autograd where `z` is tracked) and
+    the index of each row's most probable class."""
     z_top, star = z.max(dim=axis, keepdim=True)
     u = (z - z_top).scatter_(axis, star, 0.0)  # z - z_top keeps no tensor for autograd
     e = u.exp()
     e = e.scatter(axis, star, 0.0) if e.requires_grad else e.scatter_(axis, star, 0.0)
     lse = e.sum(dim=axis, keepdim=True).log1p_() + (z_top - z_top)
-    return u - lse if u.requires_grad else u.sub_(lse)
+    return (u - lse if u.requires_grad else u.sub_(lse)), star
+
+
+@functools.cache
+def _peak_log_softmax() -> Any:
+    r"""The ``autograd.Function`` of :func:`_log_softmax_torch` for a tracked `z` (defined on
+    first use: this module imports without PyTorch).
+
+    The value by the untracked operations; the gradient
+    :math:`\bar z_k = g_k - p_k \sum_j g_j` for :math:`k \ne *` and
+    :math:`\bar z_* = -\sum_{k \ne *} \bar z_k`, the derivatives that autograd forms
+    through :func:`log_softmax`'s formula (there :math:`z_*` enters only through
+    :math:`u_k = z_k - z_*`), in three passes over the array instead of autograd's twelve
+    (scatter, max and exp backward: 2.6x the time of an entropy's backward at 1024 x
+    1000). The backward is recorded under ``create_graph`` (its :math:`p` read from the
+    saved output), so second derivatives are those of the formula.
+    """
+    import torch
+
+    class PeakLogSoftmax(torch.autograd.Function):
+        """Log-softmax relative to the row's most probable class."""
+
+        @staticmethod
+        def forward(ctx: Any, z: Any, axis: int) -> Any:
+            out, star = _log_softmax_in_place(z.detach(), axis)
+            ctx.save_for_backward(out, star)
+            ctx.axis = axis
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> tuple[Any, None]:
+            log_p, star = ctx.saved_tensors
+            axis = ctx.axis
+            total = g.sum(dim=axis, keepdim=True)
+            grad = g - log_p.exp() * total
+            # the top class: minus the others (its own g_* - p_* sum g is rounded at 1); plus
+            # (sum g - sum g), as the formula's z_* - z_* gives it: NaN for an infinite sum
+            # (an infinite measure's gradient, NaN as PyTorch's log_softmax gives it there)
+            others = grad.scatter(axis, star, 0.0)
+            top = (total - total).sub_(others.sum(dim=axis, keepdim=True))
+            return others.scatter(axis, star, top), None
+
+    return PeakLogSoftmax
 
 
 def _is_index(index: Array, n: int, *, axis: int, xp: Any) -> Array:
