@@ -55,6 +55,20 @@ def _plain(grads: Any) -> list[Any]:
 def _interpreter_and_small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton reads it again at launch
     monkeypatch.setattr(_launch, "BLOCK_V", BLOCK)
+    # Triton decorates its own language functions (tl.max, tl.sum, ...) when it is first
+    # imported: imported before this module set the variable (torch's compile stack does,
+    # e.g. tests/losses/test_compiled_validation.py first in the same process), they are
+    # compiled-kernel functions the interpreter cannot call ("Cannot call @triton.jit'd
+    # outside of the scope of a kernel": 79 failures). The interpreter's own, for the test.
+    for name, member in vars(tl).items():
+        if isinstance(member, triton.runtime.JITFunction):
+            monkeypatch.setattr(tl, name, _interpreted(member.fn))
+
+
+def _interpreted(fn: Any) -> Any:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(fn)
 
 
 def _tol(dtype: Any) -> dict[str, float]:
