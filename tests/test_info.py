@@ -880,7 +880,7 @@ def test_tracked_float32_divergences_from_logits_take_exact_float64_derivatives(
     """Finite float32 / bfloat16 logits that require a gradient: KL and JS are one node whose
     value comes from the float64 in-place form and whose closed-form gradient, P (d - KL) and
     Q - P (KL), 1/2 P (r - sum P r) (JS), is formed in float64 by differentiable operations
-    (4x-5x faster than autograd through the array-API formulas at 1024 x 1000). Values, first
+    (2x-2.5x faster than autograd through the array-API formulas at 1024 x 1000). Values, first
     and second derivatives (a peaked row, rows 1e-6 apart, broadcast inputs, axis 0) equal
     autograd of the float64 array-API formulas on the same inputs."""
     torch = pytest.importorskip("torch")
