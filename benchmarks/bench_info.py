@@ -14,8 +14,9 @@ rounds; ratio = crossent / reference; glibc's malloc thresholds raised for both 
 reused, as ``bench_sweep`` does: no page faults on every large temporary). ``no_grad``: the
 value alone (crossent evaluates float32 divergences in float64 there,
 ``_logdiv.jsd_in_float64``); ``fwd+bwd``: the value and the gradient with respect to both
-inputs (KL and JS: one autograd node, the closed-form gradient in float64; entropy and
-cross-entropy: the peak-relative log-softmax's node, ``_logdiv._peak_log_softmax``).
+inputs (KL and JS: one autograd node, the closed-form gradient in float64; cross-entropy:
+one node, ``_logdiv.cross_entropy_of_logits``; entropy: the peak-relative log-softmax's node,
+``_logdiv._peak_log_softmax``).
 """
 
 from __future__ import annotations

@@ -913,6 +913,86 @@ def test_tracked_float32_divergences_from_logits_take_exact_float64_derivatives(
             assert _worst_relative_to_norm(got.numpy()[rows], want.numpy()[rows]) < rtol  # 0.9
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    ("shapes", "axis"), [(((6, 7), (6, 7)), -1), (((2, 1, 7), (3, 7)), -1), (((7, 4), (7, 1)), 0)]
+)
+def test_cross_entropy_of_torch_logits_equals_the_array_api_formulas(
+    monkeypatch: pytest.MonkeyPatch, dtype: str, shapes: tuple[tuple[int, ...], ...], axis: int
+) -> None:
+    """Eager PyTorch logits on the CPU: H(P, Q) = log1p(sum_{j != *} e^{u_j}) - sum P u
+    (u = z^q - z^q_*) and one node with the closed-form gradients Q - P and -P (u - sum P u),
+    each row's entry at its most probable class formed from the others. Values, first and
+    second derivatives (a peaked pair, rows 1e-6 apart, a class P rules out, broadcast inputs,
+    axis 0) equal autograd of the float64 array-API formulas; untracked values equal tracked
+    ones."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(19)
+    a, b = torch.randn(*shapes[0], generator=g) * 3, torch.randn(*shapes[1], generator=g) * 3
+    if shapes[0] == shapes[1]:
+        a[0, 0] = b[0, 0] = 20.0  # a peaked pair: H = 5e-8, its gradient about 2e-8
+        b[1] = a[1] + 1e-6 * torch.randn(shapes[0][1], generator=g)  # nearly equal rows
+        a[2, 3] = -math.inf  # P rules a class out: its terms and derivatives are 0
+    tdtype = getattr(torch, dtype)
+    results = []
+    for node in (True, False):
+        if not node:  # the array-API formulas, in float64
+            monkeypatch.setattr(info, "cross_entropy_of_logits", lambda *a, **k: None)
+        x = a.to(tdtype if node else torch.float64).requires_grad_()
+        y = b.to(tdtype if node else torch.float64).requires_grad_()
+        value = info.cross_entropy(x, y, axis=axis, from_logits=True)
+        assert ("CrossEntropyOfLogitsBackward" in _grad_fns(value)) == node
+        if node:
+            with torch.no_grad():
+                untracked = info.cross_entropy(x, y, axis=axis, from_logits=True)
+            torch.testing.assert_close(untracked, value.detach(), rtol=0, atol=0)
+        w = torch.linspace(-1.0, 2.0, value.numel()).reshape(value.shape).to(value.dtype)
+        # a first backward (in place from the forward's parts), then a recorded one
+        fx, fy = torch.autograd.grad((value * w).sum(), (x, y), retain_graph=True)
+        gx, gy = torch.autograd.grad((value * w).sum(), (x, y), create_graph=True)
+        assert gx.dtype == gy.dtype == x.dtype
+        hx, hy = torch.autograd.grad((gx * gx).sum() + (gy * gy).sum(), (x, y))
+        results.append([t.detach().double() for t in (value, fx, fy, gx, gy, hx, hy)])
+    rtol = 4e-6 if dtype == "float32" else 1e-12
+    for got, want in zip(*results, strict=True):
+        scale = float(want.abs().max())
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=rtol, atol=rtol * scale)
+    if shapes[0] == shapes[1]:  # row by row: the peaked pair's value and gradients are small
+        np.testing.assert_allclose(results[0][0].numpy(), results[1][0].numpy(), rtol=rtol)
+        # but Q - P of rows 1e-6 apart: each softmax is rounded at eps Q, about 1e6 eps of the
+        # difference's norm (0.1 in float32; so are the array-API formulas' own derivatives)
+        rows = [0, 2, 3, 4, 5]
+        for got, want in zip(results[0][1:5], results[1][1:5], strict=True):
+            assert _worst_relative_to_norm(got.numpy()[rows], want.numpy()[rows]) < rtol
+
+
+def test_cross_entropy_of_torch_logits_leaves_infinite_and_nan_rows_to_the_formulas() -> None:
+    """A class Q rules out (+inf where P has mass, 0 where it has none), a NaN and +inf logits:
+    the node's value is not finite, so the array-API formulas give the value and gradient
+    (equal to their float64 values: the value is formed in the input's dtype)."""
+    torch = pytest.importorskip("torch")
+    zp = torch.tensor([[0.0, 1.0, 2.0], [0.0, -math.inf, 2.0], [0.0, math.nan, 1.0], [1.0, 2, 3]])
+    zq = torch.tensor(
+        [[0.0, -math.inf, 2.0], [0.0, -math.inf, 2.0], [0.0, 1.0, 1.0], [0, 0, math.inf]]
+    )
+    x, y = zp.clone().requires_grad_(), zq.clone().requires_grad_()
+    value = info.cross_entropy(x, y, from_logits=True)
+    assert "CrossEntropyOfLogitsBackward" not in _grad_fns(value)
+    want = [math.inf, None, math.nan, math.nan]
+    want[1] = float(
+        ref.cross_entropy_from_logits(zp[1:2].double().numpy(), zq[1:2].double().numpy())[0]
+    )
+    np.testing.assert_allclose(value.detach().numpy(), want, rtol=1e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            info.cross_entropy(zp, zq, from_logits=True).numpy(), want, rtol=1e-6
+        )
+    (gy,) = torch.autograd.grad(value[1], y)
+    p = torch.softmax(zp[1].double(), -1)
+    want_gy = torch.softmax(zq[1].double(), -1) - p
+    np.testing.assert_allclose(gy[1].double().numpy(), want_gy.numpy(), rtol=1e-6, atol=1e-7)
+
+
 def test_tracked_divergence_with_one_input_requiring_a_gradient() -> None:
     """Only the student's logits require a gradient (distillation): the teacher's gets none."""
     torch = pytest.importorskip("torch")

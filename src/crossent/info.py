@@ -52,6 +52,7 @@ from crossent._lib._checks import (
     values_checked,
 )
 from crossent._lib._logdiv import (
+    cross_entropy_of_logits,
     jsd_in_float64,
     log_mixture,
     log_ratio_from_logits,
@@ -161,7 +162,8 @@ class _Pair:
 
     With `logs`, `p` and `q` hold log-probabilities (``from_logits=True``) and
     `logits` the logits they come from (the same number of dimensions). `wide` is the
-    measure itself where :func:`~crossent._lib._logdiv.jsd_in_float64` computed it.
+    measure itself where :func:`~crossent._lib._logdiv.jsd_in_float64` (or, for the
+    cross-entropy, :func:`~crossent._lib._logdiv.cross_entropy_of_logits`) computed it.
     """
 
     p: Array
@@ -196,12 +198,15 @@ def _pair(
     from_logits: object,
     *,
     beta: float | None = None,
+    cross: bool = False,
 ) -> _Pair:
     """Check `p`, `q`, `axis` and `base` (shared by every two-distribution measure).
 
     With `from_logits` the pair holds log-probabilities, each normalized along
     `axis` before `p` and `q` broadcast. With `beta` (a divergence :math:`L_\beta`) the
-    measure is computed here where :func:`~crossent._lib._logdiv.jsd_in_float64` can.
+    measure is computed here where :func:`~crossent._lib._logdiv.jsd_in_float64` can; with
+    `cross` (the cross-entropy) where
+    :func:`~crossent._lib._logdiv.cross_entropy_of_logits` can.
     """
     xp = array_namespace(p=p, q=q)
     logits = _check_from_logits(from_logits)
@@ -217,6 +222,10 @@ def _pair(
     ndim = max(x.ndim, y.ndim)
     x = xp.reshape(x, (1,) * (ndim - x.ndim) + tuple(x.shape))
     y = xp.reshape(y, (1,) * (ndim - y.ndim) + tuple(y.shape))
+    if cross and logits:
+        wide = cross_entropy_of_logits(x, y, axis=ax)
+        if wide is not None:
+            return _Pair(x, y, False, ax, checked_base, out_dtype, xp, wide=wide)
     if beta is not None:
         wide = jsd_in_float64(x, y, beta=beta, axis=ax, logits=logits)
         if wide is not None or not logits:
@@ -491,7 +500,13 @@ def cross_entropy(
     :math:`\log q_k = z^q_k - \operatorname{lse}(z^q)` is used as is, so a
     predicted probability that underflows (a logit far below the others)
     gives the large finite value it should, not :math:`+\infty`, and the
-    gradient :math:`\partial H / \partial z^q = q - p` stays finite.
+    gradient :math:`\partial H / \partial z^q = q - p` stays finite. PyTorch tensors on
+    the CPU (eager) take the same value as
+    :math:`\operatorname{log1p}(\sum_{j \ne *} e^{u_j}) - \sum_k p_k u_k`,
+    :math:`u = z^q - z^q_*` relative to :math:`q`'s most probable outcome (two terms
+    :math:`\ge 0`), with the gradients :math:`q - p` and :math:`-p \odot (u - \sum_k p_k
+    u_k)` in closed form (second derivatives through them); rows that are not finite there
+    take the general formulas.
 
     One limit: a log-probability beyond the dtype's range is :math:`-\infty`.
     Logits of `q` spanning more than the largest float (float32 or bfloat16:
@@ -513,7 +528,9 @@ def cross_entropy(
     >>> info.cross_entropy(np.array([0.0, -np.inf]), np.array([-1000.0, 0.0]), from_logits=True)
     np.float64(1000.0)
     """
-    d = _pair(p, q, axis, base, from_logits)
+    d = _pair(p, q, axis, base, from_logits, cross=True)
+    if d.wide is not None:
+        return d.finish(d.wide)
     terms = _xlog_from_log(d.p, d.q, xp=d.xp) if d.logs else _xlog(d.p, d.q, xp=d.xp)
     return d.finish(0.0 - d.xp.sum(terms, axis=d.axis))
 

@@ -76,6 +76,7 @@ from crossent._lib._xp import (
 )
 
 __all__ = [
+    "cross_entropy_of_logits",
     "expm1_plus",
     "generalized_jsd_from_log",
     "jsd_and_grad_from_log",
@@ -168,12 +169,21 @@ def _log_softmax_torch(z: Any, axis: int) -> Any:
 def _log_softmax_in_place(z: Any, axis: int) -> tuple[Any, Any]:
     """:func:`_log_softmax_torch`'s operations (recorded by autograd where `z` is tracked) and
     the index of each row's most probable class."""
+    z_top, u, log_s, star = _peak_statistics(z, axis)
+    lse = log_s + (z_top - z_top)
+    return (u - lse if u.requires_grad else u.sub_(lse)), star
+
+
+def _peak_statistics(z: Any, axis: int) -> tuple[Any, Any, Any, Any]:
+    r"""Of PyTorch logits `z` along `axis`: each row's maximum :math:`z_*`, :math:`u = z - z_*`
+    (:math:`u_* = 0` set), :math:`\log S = \operatorname{log1p}(\sum_{j \ne *} e^{u_j})` and the
+    index :math:`*` (recorded by autograd where `z` is tracked), so that :math:`\log p = u -
+    \log S` (:func:`log_softmax`)."""
     z_top, star = z.max(dim=axis, keepdim=True)
     u = (z - z_top).scatter_(axis, star, 0.0)  # z - z_top keeps no tensor for autograd
     e = u.exp()
     e = e.scatter(axis, star, 0.0) if e.requires_grad else e.scatter_(axis, star, 0.0)
-    lse = e.sum(dim=axis, keepdim=True).log1p_() + (z_top - z_top)
-    return (u - lse if u.requires_grad else u.sub_(lse)), star
+    return z_top, u, e.sum(dim=axis, keepdim=True).log1p_(), star
 
 
 @functools.cache
@@ -211,9 +221,7 @@ def _peak_log_softmax() -> Any:
             # the top class: minus the others (its own g_* - p_* sum g is rounded at 1); plus
             # (sum g - sum g), as the formula's z_* - z_* gives it: NaN for an infinite sum
             # (an infinite measure's gradient, NaN as PyTorch's log_softmax gives it there)
-            others = grad.scatter(axis, star, 0.0)
-            top = (total - total).sub_(others.sum(dim=axis, keepdim=True))
-            return others.scatter(axis, star, top), None
+            return _top_balanced(grad, star, axis, plus=total - total), None
 
     return PeakLogSoftmax
 
@@ -591,6 +599,154 @@ def _wide_divergence() -> Any:
     return WideDivergence
 
 
+def cross_entropy_of_logits(x: Array, y: Array, *, axis: int) -> Array | None:
+    r""":math:`H(P, Q) = -\sum_k P_k \log Q_k` of the PyTorch logits `x` (of P) and `y` (of
+    Q) along `axis`, eager on the CPU; None for other inputs and where the result is not
+    finite (a class Q rules out, a NaN: the array-API formulas give those their values).
+
+    With :math:`u = y - y_*` relative to Q's most probable class (:math:`u_* = 0`, the
+    others negative),
+
+    .. math:: H(P, Q) = \operatorname{log1p}\Bigl(\sum_{j \ne *} e^{u_j}\Bigr)
+              - \sum_k P_k u_k,
+
+    a sum of two non-negative terms (no cancellation: a peaked pair keeps its small
+    cross-entropy), from one exponential pass per distribution and an unnormalized
+    :math:`\sum_k e^{x_k - x_\star} u_k` divided per row, where the array-API formulas form
+    two log-softmaxes, :math:`e^{\log P}` and a product with its ``where`` corrections.
+    Tracked inputs get one autograd node (:func:`_cross_entropy_node`) with the gradients in
+    closed form. At 1024 x 1000 (1 thread): 1.5x PyTorch's
+    ``-(softmax(x) * log_softmax(y)).sum(-1)`` without a gradient, 1.3x with both (3.0x and
+    3.2x through the formulas).
+    """
+    import torch
+
+    if not (
+        isinstance(x, torch.Tensor)
+        and isinstance(y, torch.Tensor)
+        and x.is_cpu
+        and y.is_cpu
+        and x.shape[axis] > 0
+        and not torch_tracing()
+        and not forward_ad_active()
+    ):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        out = _cross_entropy_node().apply(x, y, axis)
+    else:
+        out = _cross_entropy_value(x, y, axis)[0]
+    # one sum read back: finite unless an entry is not (or the sum overflows: the formulas)
+    return out if math.isfinite(out.detach().sum().item()) else None
+
+
+def _cross_entropy_value(x: Any, y: Any, axis: int, *, keep: bool = False) -> Any:
+    """:func:`cross_entropy_of_logits`' value, untracked (in place on its own temporaries);
+    with `keep` also what :func:`_cross_entropy_backward` reads (logits of one shape)."""
+    import torch
+
+    x, y = x.detach(), y.detach()
+    _, u, log_s, star_q = _peak_statistics(y, axis)
+    if keep:  # the max with its index: 2.5x amax, still a third of argmax
+        x_top, star_p = x.max(dim=axis, keepdim=True)
+    else:
+        x_top, star_p = x.amax(dim=axis, keepdim=True), None
+    v = (x - x_top).exp_()  # P times its row's normalizer, `mass`
+    mass = v.sum(dim=axis, keepdim=True)
+    pu = torch.mul(v, u) if keep or v.shape != u.shape else v.mul_(u)
+    mean_u = pu.sum(dim=axis, keepdim=True).div_(mass)  # sum_k P_k u_k
+    value = (log_s - mean_u).squeeze(axis)
+    return value, ((u, v, mass, log_s, mean_u, star_q, star_p) if keep else None)
+
+
+def _cross_entropy_backward(parts: tuple[Any, ...], g: Any, axis: int) -> tuple[Any, Any]:
+    r"""`g` times both gradients of :func:`cross_entropy_of_logits` from the forward's saved
+    parts, in place (a first backward; :func:`_cross_entropy_gradients` is the differentiable
+    form): :math:`Q - P = e^{u - \log S} - v / m` and :math:`P (\bar u - u)`, with
+    :math:`v = e^{x - x_*}`, :math:`m = \sum v`, :math:`S = \sum e^u`, :math:`\bar u = \sum P u`,
+    each row's entry at its most probable class from the others (:func:`_top_balanced`)."""
+    u, v, mass, log_s, mean_u, star_q, star_p = parts
+    up = g.unsqueeze(axis)
+    per_p = up / mass
+    gy = u.exp().mul_(up * (-log_s).exp_()).addcmul_(v, per_p, value=-1.0)
+    gx = (mean_u - u).mul_(v).mul_(per_p)
+    return _top_balanced(gx, star_p, axis, out=True), _top_balanced(gy, star_q, axis, out=True)
+
+
+def _top_balanced(g: Any, star: Any, axis: int, *, out: bool = False, plus: Any = None) -> Any:
+    """`g` with its entry at `star` (one per row) replaced by minus the sum of the row's other
+    entries (`plus` that): the exact value of a gradient whose rows sum to 0, where that entry's
+    own formula is a difference of numbers near 1. PyTorch's differentiable operations; with
+    `out`, in place. The array-API twin is in :func:`_jsd_gradient`."""
+    shape = list(g.shape)
+    shape[axis] = 1
+    if list(star.shape) != shape:  # `g` broadcast beyond the distribution `star` indexes
+        star = star.expand(shape)
+    others = g.scatter_(axis, star, 0.0) if out else g.scatter(axis, star, 0.0)
+    top = others.sum(dim=axis, keepdim=True).neg_()
+    top = top if plus is None else plus + top
+    return others.scatter_(axis, star, top) if out else others.scatter(axis, star, top)
+
+
+def _cross_entropy_gradients(
+    x: Any, y: Any, axis: int, g: Any, need: tuple[bool, bool]
+) -> tuple[Any, Any]:
+    r"""`g` times the gradients of :func:`cross_entropy_of_logits` for `x` and `y` (where
+    `need` asks), by differentiable operations (recorded under ``create_graph``: second
+    derivatives of the closed form):
+
+    .. math:: \frac{\partial H}{\partial y} = Q - P, \qquad
+              \frac{\partial H}{\partial x_k} = -P_k \Bigl(u_k - \sum_j P_j u_j\Bigr),
+
+    each row's entry at its distribution's most probable class formed as minus the sum of
+    the others (:func:`_top_balanced`; the rows sum to 0)."""
+    import torch
+
+    up = g.unsqueeze(axis)
+    p = torch.softmax(x, dim=axis)
+    gx = gy = None
+    if need[1]:
+        d = torch.softmax(y, dim=axis) - p
+        star = y.argmax(dim=axis, keepdim=True)
+        gy = (_top_balanced(d, star, axis) * up).sum_to_size(y.shape)
+    if need[0]:
+        u = y - y.amax(dim=axis, keepdim=True)
+        centred = u - (p * u).sum(dim=axis, keepdim=True)
+        star = x.argmax(dim=axis, keepdim=True)
+        gx = (_top_balanced(-(p * centred), star, axis) * up).sum_to_size(x.shape)
+    return gx, gy
+
+
+@functools.cache
+def _cross_entropy_node() -> Any:
+    """The ``autograd.Function`` of :func:`cross_entropy_of_logits` for tracked logits
+    (defined once, on first use: this module imports without PyTorch)."""
+    import torch
+
+    class CrossEntropyOfLogits(torch.autograd.Function):
+        """H(P, Q) of logits: the value untracked, the gradients by
+        :func:`_cross_entropy_gradients`."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, y: Any, axis: int) -> Any:
+            keep = x.shape == y.shape
+            value, parts = _cross_entropy_value(x, y, axis, keep=keep)
+            ctx.save_for_backward(x, y, *(parts or ()))
+            ctx.axis = axis
+            return value
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> tuple[Any, ...]:
+            x, y, *parts = ctx.saved_tensors
+            need = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            if parts and not torch.is_grad_enabled():  # a first backward: in place
+                gx, gy = _cross_entropy_backward(tuple(parts), g, ctx.axis)
+                return (gx if need[0] else None), (gy if need[1] else None), None
+            gx, gy = _cross_entropy_gradients(x, y, ctx.axis, g, need)
+            return gx, gy, None
+
+    return CrossEntropyOfLogits
+
+
 # ----------------------------------------------------------------------------
 # The array-API implementation (every backend, autodiff)
 # ----------------------------------------------------------------------------
@@ -789,8 +945,7 @@ def _jsd_torch(
         g = None
         if grad:  # Q - P, at Q's most probable class minus the others' sum (_jsd_generic)
             star = q_buf.argmax(-1, keepdim=True)
-            g = q_buf.sub_(p_buf).scatter_(-1, star, 0.0)
-            g.scatter_(-1, star, g.sum(-1, keepdim=True).neg_())
+            g = _top_balanced(q_buf.sub_(p_buf), star, -1, out=True)
             if (f := factor(1.0)) is not None:
                 g.mul_(f)
     else:
