@@ -993,6 +993,84 @@ def test_cross_entropy_of_torch_logits_leaves_infinite_and_nan_rows_to_the_formu
     np.testing.assert_allclose(gy[1].double().numpy(), want_gy.numpy(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("shapes", "axis"), [(((6, 7), (6, 7)), -1), (((2, 1, 7), (3, 7)), -1), (((7, 4), (7, 1)), 0)]
+)
+def test_kl_of_torch_probabilities_equals_the_array_api_formulas(
+    monkeypatch: pytest.MonkeyPatch, dtype: str, shapes: tuple[tuple[int, ...], ...], axis: int
+) -> None:
+    """Eager PyTorch probabilities on the CPU: KL = sum (p d - r) + sum r in float64 (r = p - q,
+    d = sign(r) log1p(|r| / min(p, q))), one node whose gradients are d + 1 and -p / q (0 where
+    p = 0). Values, first derivatives (kept from the forward), recorded ones and second
+    derivatives (rows 1e-6 apart, ratios of 1e-30, no mass, zeros in both, broadcast inputs,
+    axis 0) equal autograd of the float64 array-API formulas; untracked values equal tracked
+    ones."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(20)
+    a, b = torch.rand(*shapes[0], generator=g), torch.rand(*shapes[1], generator=g) * 0.9 + 0.1
+    if shapes[0] == shapes[1]:
+        b[1] = a[1] * (1 + 1e-6 * torch.randn(shapes[0][1], generator=g))  # nearly equal rows
+        a[2, :2] = torch.tensor([1e-30, 3e-31])  # far below q: d = -69, -70
+        a[3, 1] = 0.0  # no mass: the term is q, its derivatives 0
+        a[4, 2] = b[4, 2] = 0.0  # zero in both
+    tdtype = getattr(torch, dtype)
+    a, b = a.to(tdtype), b.to(tdtype)  # probabilities as given: KL is sum p log(p / q)
+    results = []
+    for node in (True, False):
+        if not node:  # the array-API formulas, in float64
+            monkeypatch.setattr(info, "jsd_in_float64", lambda *a, **k: None)
+        x = (a if node else a.double()).clone().requires_grad_()
+        y = (b if node else b.double()).clone().requires_grad_()
+        value = info.kl_divergence(x, y, axis=axis)
+        assert ("ProbabilityKLBackward" in _grad_fns(value)) == node
+        if node:
+            with torch.no_grad():
+                untracked = info.kl_divergence(x, y, axis=axis)
+            torch.testing.assert_close(untracked, value.detach(), rtol=0, atol=0)
+        w = torch.linspace(-1.0, 2.0, value.numel()).reshape(value.shape).to(value.dtype)
+        fx, fy = torch.autograd.grad((value * w).sum(), (x, y), retain_graph=True)
+        gx, gy = torch.autograd.grad((value * w).sum(), (x, y), create_graph=True)
+        assert fx.dtype == fy.dtype == gx.dtype == gy.dtype == x.dtype
+        hx, hy = torch.autograd.grad((gx * gx).sum() + (gy * gy).sum(), (x, y))
+        results.append([t.detach().double() for t in (value, fx, fy, gx, gy, hx, hy)])
+    rtol = 2e-6 if dtype == "float32" else 8e-3
+    for got, want in zip(*results, strict=True):
+        scale = float(want.abs().max())
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=rtol, atol=rtol * scale)
+    # entry by entry against the closed form (the formulas' derivative for q is -p/q + 1 - 1,
+    # rounded at 1: 0 where p = 1e-30)
+    p, q = torch.broadcast_tensors(a.double(), b.double())
+    w = torch.linspace(-1.0, 2.0, results[0][0].numel()).reshape(results[0][0].shape)
+    w = w.to(tdtype).double().unsqueeze(axis)
+    want_x = torch.where(p > 0, (p / q).log() + 1, 0.0) * w
+    want_y = torch.where(p > 0, -p / q, 0.0) * w
+    for got, want in ((results[0][1], want_x), (results[0][2], want_y)):
+        np.testing.assert_allclose(got.numpy(), want.sum_to_size(got.shape).numpy(), rtol=rtol)
+
+
+def test_kl_of_torch_probabilities_leaves_poles_and_nan_to_the_formulas() -> None:
+    """Mass where q is 0 (+inf) and a NaN: the node's value is not finite, so the array-API
+    formulas give the value and gradient; rows that are finite equal the node's."""
+    torch = pytest.importorskip("torch")
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.5, math.nan, 0.5]])
+    q = torch.tensor([[0.5, 0.0, 0.5], [0.3, 0.3, 0.4], [0.2, 0.3, 0.5]])
+    x, y = p.clone().requires_grad_(), q.clone().requires_grad_()
+    value = info.kl_divergence(x, y)
+    assert "ProbabilityKLBackward" not in _grad_fns(value)
+    with torch.no_grad():
+        untracked = info.kl_divergence(p, q)
+    np.testing.assert_array_equal(untracked.numpy(), value.detach().numpy())
+    got = value.detach()
+    assert got[0] == math.inf and math.isnan(got[2])
+    (gx,) = torch.autograd.grad(value[1], x)
+    want = (p[1].double() / q[1].double()).log() + 1
+    np.testing.assert_allclose(gx[1].double().numpy(), want.numpy(), rtol=1e-6)
+    alone = info.kl_divergence(p[1].requires_grad_(), q[1])
+    assert "ProbabilityKLBackward" in _grad_fns(alone)
+    assert float(alone.detach()) == pytest.approx(float(got[1]), rel=1e-7)
+
+
 def test_tracked_divergence_with_one_input_requiring_a_gradient() -> None:
     """Only the student's logits require a gradient (distillation): the teacher's gets none."""
     torch = pytest.importorskip("torch")

@@ -48,6 +48,7 @@ from crossent._lib._checks import (
     check_base,
     check_floating,
     checked_on_device,
+    outside_unit_interval,
     read_beneath,
     values_checked,
 )
@@ -68,7 +69,6 @@ from crossent._lib._xp import (
     astype,
     compute_dtype,
     difference,
-    host_float,
     is_torch_namespace,
     known_true,
     output_dtype,
@@ -113,9 +113,9 @@ def _distribution_read(
 ) -> None:
     """:func:`_check_distribution` of readable values (`known`: :func:`known_true`, or ``bool``
     beneath ``torch.func`` transforms, where every tensor counts as lazy)."""
-    if known(xp.any((x < 0) | (x > 1))):
-        lo, hi = host_float(xp.min(x)), host_float(xp.max(x))
-        msg = _distribution_message(name, f"; got values in [{lo:.6g}, {hi:.6g}]")
+    got = outside_unit_interval(x, xp=xp, known=known)
+    if got is not None:
+        msg = _distribution_message(name, f"; got values in [{got[0]:.6g}, {got[1]:.6g}]")
         raise ValueError(msg)
 
 

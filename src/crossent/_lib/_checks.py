@@ -73,6 +73,7 @@ __all__ = [
     "label_index_error",
     "label_range_message",
     "not_ignored",
+    "outside_unit_interval",
     "read_beneath",
     "refuse_traced_numpy_scalar",
     "row_sum_tolerance",
@@ -403,14 +404,37 @@ def read_beneath(x: Array, read: Callable[..., None], /, **kwargs: Any) -> None:
             read(beneath[0], known=bool, **kwargs)
 
 
+def outside_unit_interval(
+    x: Array, *, xp: Any, known: Callable[[Array], bool] = known_true
+) -> tuple[float, float] | None:
+    """The smallest and largest value of readable `x` when one lies outside [0, 1] (NaN does
+    not), else None: the read behind every range check of probabilities and targets.
+
+    PyTorch tensors on the CPU: one ``aminmax`` pass where all values are in range (the
+    comparisons, their union and ``any`` were four: 5.8 ms of a 15 ms ``info.kl_divergence``
+    of two 1024 x 1000 float32 arrays). `known`: how a 0-d boolean is read,
+    :func:`known_true`, or ``bool`` beneath ``torch.func`` transforms, where
+    :func:`known_true` would call every tensor lazy.
+    """
+    if is_torch_tensor(x) and x.is_cpu:
+        import torch
+
+        lo_, hi_ = torch.aminmax(x.detach())
+        if lo_.item() >= 0 and hi_.item() <= 1:
+            return None
+    if known(xp.any((x < 0) | (x > 1))):
+        return host_float(xp.min(x)), host_float(xp.max(x))
+    return None
+
+
 def _probabilities_read(
     x: Array, *, name: str, xp: Any, known: Callable[[Array], bool] = known_true
 ) -> None:
-    """:func:`check_probabilities` of readable values (`known`: how a 0-d boolean is read,
-    :func:`known_true`, or ``bool`` beneath ``torch.func`` transforms, where
-    :func:`known_true` would call every tensor lazy)."""
-    if known(xp.any((x < 0) | (x > 1))):
-        raise ProbabilityRangeError(name, host_float(xp.min(x)), host_float(xp.max(x)))
+    """:func:`check_probabilities` of readable values (`known`: as for
+    :func:`outside_unit_interval`)."""
+    got = outside_unit_interval(x, xp=xp, known=known)
+    if got is not None:
+        raise ProbabilityRangeError(name, *got)
 
 
 def row_sum_tolerance(dtype: Any, num_classes: int, *, xp: Any) -> float:
@@ -527,16 +551,10 @@ def _unit_interval_read(
     x: Array, *, name: str, xp: Any, known: Callable[[Array], bool] = known_true
 ) -> None:
     """:func:`check_in_unit_interval` of readable values (`known` as for
-    ``_probabilities_read``)."""
-    if is_torch_tensor(x) and x.is_cpu:  # one pass (aminmax) where all are in range
-        import torch
-
-        lo_, hi_ = torch.aminmax(x.detach())
-        if lo_.item() >= 0 and hi_.item() <= 1:
-            return
-    if known(xp.any((x < 0) | (x > 1))):
-        lo, hi = host_float(xp.min(x)), host_float(xp.max(x))
-        msg = unit_interval_message(name, f"; got values in [{lo:.6g}, {hi:.6g}]")
+    :func:`outside_unit_interval`)."""
+    got = outside_unit_interval(x, xp=xp, known=known)
+    if got is not None:
+        msg = unit_interval_message(name, f"; got values in [{got[0]:.6g}, {got[1]:.6g}]")
         raise ValueError(msg)
 
 
