@@ -618,8 +618,12 @@ def kl_divergence(
     where the plain :math:`d_k` is accurate enough for a float32 result (5x faster here and
     for :func:`js_divergence`); finite logits that require a gradient get it in closed
     form, :math:`p \odot (d - D)` and :math:`q - p`, in float64 by differentiable
-    operations (second derivatives exact), the most probable class's entry formed as minus
-    the sum of the others (2x–2.5x faster than autodiff of the formulas above at 1024 × 1000).
+    operations (second derivatives exact; a first backward in place), the most probable
+    class's entry formed from the others' terms (value and gradient 3.7x faster than autodiff
+    of the formulas above at 1024 × 1000). Probabilities there: :math:`d_k =
+    \operatorname{sign}(r_k)\operatorname{log1p}(|r_k| / \min(p_k, q_k))` with
+    :math:`r = p - q` in float64 and :math:`D = \sum_k (p_k d_k - r_k) + \sum_k r_k`, the
+    gradients :math:`d + 1` and :math:`-p/q` (0 where :math:`p_k = 0`) in closed form.
 
     Examples
     --------
