@@ -1167,3 +1167,18 @@ def test_log_softmax_node_equals_autograd_through_its_formula(
         assert _worst_relative_to_norm(node[1][:1].numpy(), ops[1][:1].numpy()) < 1e-10
     x, y = a[2:].clone().requires_grad_(), b[2:].clone().requires_grad_()
     assert torch.autograd.gradgradcheck(measure, (x, y))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_numpy_measures_return_arrays_never_numpy_scalars(dtype: Any, from_logits: bool) -> None:
+    """One distribution (a 0-d result) and 0-d surprisal: a 0-d ``np.ndarray`` of the input's
+    dtype, as the losses return (NumPy's whole-array reductions give ``np.float64`` / ``np.float32``
+    scalars: ``info`` returned those)."""
+    p, q = np.array([0.25, 0.75], dtype=dtype), np.array([0.5, 0.5], dtype=dtype)
+    results = [_call(name, p, q, from_logits=from_logits, base=2) for name in MEASURES]
+    results.append(info.surprisal(np.asarray(0.5, dtype=dtype)))
+    for got in results:
+        assert type(got) is np.ndarray
+        assert got.shape == ()
+        assert got.dtype == dtype
