@@ -739,6 +739,39 @@ def test_from_logits_gradients_of_a_peaked_p_are_accurate_in_float32(
     assert _worst_relative_to_norm(got[0], want[0]) < 2e-5  # it was 0.27 (torch, cross-entropy)
 
 
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("name", MEASURES)
+def test_from_logits_gradients_with_masked_classes_are_finite_and_exact(
+    backend: str, name: str
+) -> None:
+    """Classes masked by -inf logits (in P, and in Q where P rules them out too, so that every
+    measure is finite): the gradients equal the float64 closed forms, 0 at the masked classes.
+    PyTorch's entropy gave a whole NaN row (the product e^{log p} log p met 0 * -inf in its
+    derivative, behind the ``where`` that fixed its value)."""
+    rng = np.random.default_rng(21)
+    zp, zq = rng.standard_normal((5, 6)) * 2, rng.standard_normal((5, 6)) * 2
+    zp[0, 1] = zp[1, [0, 4]] = zp[3, 2] = -np.inf  # P rules classes out
+    zq[1, 4] = zq[3, 2] = zp[4, 5] = zq[4, 5] = -np.inf  # Q too, where P does
+    want = ref.grads_from_logits(name, zp, zq)
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        tp, tq = torch.tensor(zp, requires_grad=True), torch.tensor(zq, requires_grad=True)
+        value = _call(name, tp, tq, from_logits=True)
+        got = torch.autograd.grad(value.sum(), (tp, tq), allow_unused=True)
+        got = [None if g is None else g.numpy() for g in got]
+    else:
+        jax = pytest.importorskip("jax")
+        import jax.numpy as jnp
+
+        fn = lambda a, b: _call(name, a, b, from_logits=True).sum()  # noqa: E731
+        got = [
+            np.asarray(g) for g in jax.grad(fn, argnums=(0, 1))(jnp.asarray(zp), jnp.asarray(zq))
+        ]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-15)
+    if want[1] is not None:
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("name", MEASURES)
 def test_from_logits_of_a_peaked_p_keep_log_p_of_the_top_class_in_float32(
     xp: Any, name: str
@@ -971,18 +1004,29 @@ def test_cross_entropy_of_torch_logits_equals_the_array_api_formulas(
 
 
 def test_cross_entropy_of_torch_logits_leaves_infinite_and_nan_rows_to_the_formulas() -> None:
-    """A class Q rules out (+inf where P has mass, 0 where it has none), a NaN and +inf logits:
-    the node's value is not finite, so the array-API formulas give the value and gradient
-    (equal to their float64 values: the value is formed in the input's dtype)."""
+    """A class Q rules out (+inf where P has mass, 0 where it has none), a NaN, +inf logits
+    and rows of -inf (no distribution: NaN; Q's gave 0 from a fuzz against NumPy, its maximum's
+    u = 0 set by index): the node's value is not finite, so the array-API formulas give the
+    value and gradient (equal to their float64 values)."""
     torch = pytest.importorskip("torch")
-    zp = torch.tensor([[0.0, 1.0, 2.0], [0.0, -math.inf, 2.0], [0.0, math.nan, 1.0], [1.0, 2, 3]])
+    inf = math.inf
+    zp = torch.tensor(
+        [
+            [0.0, 1.0, 2.0],
+            [0.0, -inf, 2.0],
+            [0.0, math.nan, 1.0],
+            [1.0, 2, 3],
+            [1, 2, 3],
+            [-inf] * 3,
+        ]
+    )
     zq = torch.tensor(
-        [[0.0, -math.inf, 2.0], [0.0, -math.inf, 2.0], [0.0, 1.0, 1.0], [0, 0, math.inf]]
+        [[0.0, -inf, 2.0], [0.0, -inf, 2.0], [0.0, 1.0, 1.0], [0, 0, inf], [-inf] * 3, [1, 2, 3]]
     )
     x, y = zp.clone().requires_grad_(), zq.clone().requires_grad_()
     value = info.cross_entropy(x, y, from_logits=True)
     assert "CrossEntropyOfLogitsBackward" not in _grad_fns(value)
-    want = [math.inf, None, math.nan, math.nan]
+    want = [math.inf, None, math.nan, math.nan, math.nan, math.nan]  # no Q, no P: NaN
     want[1] = float(
         ref.cross_entropy_from_logits(zp[1:2].double().numpy(), zq[1:2].double().numpy())[0]
     )
@@ -991,6 +1035,15 @@ def test_cross_entropy_of_torch_logits_leaves_infinite_and_nan_rows_to_the_formu
         np.testing.assert_allclose(
             info.cross_entropy(zp, zq, from_logits=True).numpy(), want, rtol=1e-6
         )
+    # one class: Q of a -inf logit is no distribution (NaN), a finite one certain (0)
+    for one_p, one_q, want_one in (
+        ([0.5, 0.5], [-inf, 2.0], [math.nan, 0.0]),
+        ([-inf], [2.0], [math.nan]),
+    ):
+        for tracked in (False, True):
+            zp1 = torch.tensor(one_p)[:, None].requires_grad_(tracked)
+            got = info.cross_entropy(zp1, torch.tensor(one_q)[:, None], from_logits=True)
+            np.testing.assert_array_equal(got.detach().numpy(), want_one)
     (gy,) = torch.autograd.grad(value[1], y)
     p = torch.softmax(zp[1].double(), -1)
     want_gy = torch.softmax(zq[1].double(), -1) - p

@@ -306,12 +306,14 @@ def _xlog_from_log(log_x: Array, log_y: Array, *, xp: Any) -> Array:
     """
     if is_torch_namespace(xp) and log_y.is_cpu and not torch_tracing():
         ruled_out = log_y == -math.inf
-        out = xp.exp(log_x) * log_y
         if not bool(ruled_out.any()):
-            return out
+            return xp.exp(log_x) * log_y
         import torch
 
-        # pole (mass on a ruled-out outcome): -inf; no mass there: 0; both constant
+        # log y = 0 there before the product, so that no 0 * -inf reaches its derivatives
+        # (an entropy with a masked class had a NaN gradient row); pole (mass on a ruled-out
+        # outcome): -inf; no mass there: 0; both constant
+        out = xp.exp(log_x) * torch.where(ruled_out, 0.0, log_y)
         fix = torch.where(log_x == -math.inf, 0.0, -math.inf).to(out.dtype)
         return torch.where(ruled_out, fix, out)
     no_mass = log_x == -math.inf

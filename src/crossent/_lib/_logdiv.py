@@ -791,7 +791,8 @@ def _cross_entropy_value(x: Any, y: Any, axis: int, *, keep: bool = False) -> An
     import torch
 
     x, y = x.detach(), y.detach()
-    _, u, log_s, star_q = _peak_statistics(y, axis)
+    y_top, u, log_s, star_q = _peak_statistics(y, axis)
+    log_s += y_top - y_top  # NaN where Q is no distribution (a row of -inf, or +inf)
     if keep:  # the max with its index: 2.5x amax, still a third of argmax
         x_top, star_p = x.max(dim=axis, keepdim=True)
     else:
