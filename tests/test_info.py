@@ -891,6 +891,26 @@ def test_untracked_torch_divergences_equal_the_differentiable_ones(
         np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-12)
 
 
+def _value_and_derivatives(value: Any, x: Any, y: Any) -> list[Any]:
+    """`value` of the inputs `x`, `y`, and the derivatives of ``sum(w * value)`` (fixed weights
+    `w`): first by a first backward (in place where a node has one) and by a recorded one,
+    second of ``sum(gx**2) + sum(gy**2)`` through the recorded ones; float64 copies."""
+    import torch
+
+    w = torch.linspace(-1.0, 2.0, value.numel()).reshape(value.shape).to(value.dtype)
+    fx, fy = torch.autograd.grad((value * w).sum(), (x, y), retain_graph=True)
+    gx, gy = torch.autograd.grad((value * w).sum(), (x, y), create_graph=True)
+    assert fx.dtype == fy.dtype == gx.dtype == gy.dtype == x.dtype
+    hx, hy = torch.autograd.grad((gx * gx).sum() + (gy * gy).sum(), (x, y))
+    return [t.detach().double() for t in (value, fx, fy, gx, gy, hx, hy)]
+
+
+_NODE_SHAPES = pytest.mark.parametrize(
+    ("shapes", "axis"), [(((6, 7), (6, 7)), -1), (((2, 1, 7), (3, 7)), -1), (((7, 4), (7, 1)), 0)]
+)
+"""Same shapes, broadcast logits and axis 0: the cases of each PyTorch node's tests."""
+
+
 def _grad_fns(t: Any) -> set[str]:
     """The names of the autograd nodes that `t`'s graph reaches."""
     seen, todo = set(), [t.grad_fn]
@@ -904,9 +924,7 @@ def _grad_fns(t: Any) -> set[str]:
 
 @pytest.mark.parametrize("name", ["kl_divergence", "js_divergence"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(
-    ("shapes", "axis"), [(((6, 7), (6, 7)), -1), (((2, 1, 7), (3, 7)), -1), (((7, 4), (7, 1)), 0)]
-)
+@_NODE_SHAPES
 def test_tracked_float32_divergences_from_logits_take_exact_float64_derivatives(
     name: str, dtype: str, shapes: tuple[tuple[int, ...], ...], axis: int
 ) -> None:
@@ -933,13 +951,7 @@ def test_tracked_float32_divergences_from_logits_take_exact_float64_derivatives(
         y = (b if wide else b.double()).to(tdtype if wide else torch.float64).requires_grad_()
         value = fn(x, y, axis=axis, from_logits=True)
         assert ("WideDivergenceBackward" in _grad_fns(value)) == wide
-        w = torch.linspace(-1.0, 2.0, value.numel()).reshape(value.shape).to(value.dtype)
-        # a first backward (KL of logits of one shape: in place), then a recorded one
-        fx, fy = torch.autograd.grad((value * w).sum(), (x, y), retain_graph=True)
-        gx, gy = torch.autograd.grad((value * w).sum(), (x, y), create_graph=True)
-        assert fx.dtype == fy.dtype == gx.dtype == gy.dtype == x.dtype
-        hx, hy = torch.autograd.grad(gx.sum() + (gy * gy).sum(), (x, y))
-        results.append([t.detach().double() for t in (value, fx, fy, gx, gy, hx, hy)])
+        results.append(_value_and_derivatives(value, x, y))
     rtol = 2e-6 if dtype == "float32" else 8e-3
     for got, want in zip(*results, strict=True):
         scale = float(want.abs().max())
@@ -951,9 +963,7 @@ def test_tracked_float32_divergences_from_logits_take_exact_float64_derivatives(
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize(
-    ("shapes", "axis"), [(((6, 7), (6, 7)), -1), (((2, 1, 7), (3, 7)), -1), (((7, 4), (7, 1)), 0)]
-)
+@_NODE_SHAPES
 def test_cross_entropy_of_torch_logits_equals_the_array_api_formulas(
     monkeypatch: pytest.MonkeyPatch, dtype: str, shapes: tuple[tuple[int, ...], ...], axis: int
 ) -> None:
@@ -983,13 +993,7 @@ def test_cross_entropy_of_torch_logits_equals_the_array_api_formulas(
             with torch.no_grad():
                 untracked = info.cross_entropy(x, y, axis=axis, from_logits=True)
             torch.testing.assert_close(untracked, value.detach(), rtol=0, atol=0)
-        w = torch.linspace(-1.0, 2.0, value.numel()).reshape(value.shape).to(value.dtype)
-        # a first backward (in place from the forward's parts), then a recorded one
-        fx, fy = torch.autograd.grad((value * w).sum(), (x, y), retain_graph=True)
-        gx, gy = torch.autograd.grad((value * w).sum(), (x, y), create_graph=True)
-        assert gx.dtype == gy.dtype == x.dtype
-        hx, hy = torch.autograd.grad((gx * gx).sum() + (gy * gy).sum(), (x, y))
-        results.append([t.detach().double() for t in (value, fx, fy, gx, gy, hx, hy)])
+        results.append(_value_and_derivatives(value, x, y))
     rtol = 4e-6 if dtype == "float32" else 1e-12
     for got, want in zip(*results, strict=True):
         scale = float(want.abs().max())
@@ -1051,9 +1055,7 @@ def test_cross_entropy_of_torch_logits_leaves_infinite_and_nan_rows_to_the_formu
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(
-    ("shapes", "axis"), [(((6, 7), (6, 7)), -1), (((2, 1, 7), (3, 7)), -1), (((7, 4), (7, 1)), 0)]
-)
+@_NODE_SHAPES
 def test_kl_of_torch_probabilities_equals_the_array_api_formulas(
     monkeypatch: pytest.MonkeyPatch, dtype: str, shapes: tuple[tuple[int, ...], ...], axis: int
 ) -> None:
@@ -1085,12 +1087,7 @@ def test_kl_of_torch_probabilities_equals_the_array_api_formulas(
             with torch.no_grad():
                 untracked = info.kl_divergence(x, y, axis=axis)
             torch.testing.assert_close(untracked, value.detach(), rtol=0, atol=0)
-        w = torch.linspace(-1.0, 2.0, value.numel()).reshape(value.shape).to(value.dtype)
-        fx, fy = torch.autograd.grad((value * w).sum(), (x, y), retain_graph=True)
-        gx, gy = torch.autograd.grad((value * w).sum(), (x, y), create_graph=True)
-        assert fx.dtype == fy.dtype == gx.dtype == gy.dtype == x.dtype
-        hx, hy = torch.autograd.grad((gx * gx).sum() + (gy * gy).sum(), (x, y))
-        results.append([t.detach().double() for t in (value, fx, fy, gx, gy, hx, hy)])
+        results.append(_value_and_derivatives(value, x, y))
     rtol = 2e-6 if dtype == "float32" else 8e-3
     for got, want in zip(*results, strict=True):
         scale = float(want.abs().max())
