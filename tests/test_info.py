@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -891,18 +892,31 @@ def test_untracked_torch_divergences_equal_the_differentiable_ones(
         np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-12)
 
 
-def _value_and_derivatives(value: Any, x: Any, y: Any) -> list[Any]:
-    """`value` of the inputs `x`, `y`, and the derivatives of ``sum(w * value)`` (fixed weights
-    `w`): first by a first backward (in place where a node has one) and by a recorded one,
-    second of ``sum(gx**2) + sum(gy**2)`` through the recorded ones; float64 copies."""
+def _value_and_derivatives(value_of: Any, x: Any, y: Any, node: str | None) -> list[Any]:
+    """``value_of(x, y)`` and the derivatives of ``sum(w * value)`` (fixed weights `w`): first
+    by a first backward (in place where a node has one) and by a recorded one, second of
+    ``sum(gx**2) + sum(gy**2)`` through the recorded ones; float64 copies. With `node` (the
+    autograd node's name) the value goes through it, and equals the untracked value."""
     import torch
 
+    value = value_of(x, y)
+    assert (node is not None and node in _grad_fns(value)) == (node is not None)
+    if node is not None:
+        with torch.no_grad():
+            torch.testing.assert_close(value_of(x, y), value.detach(), rtol=0, atol=0)
     w = torch.linspace(-1.0, 2.0, value.numel()).reshape(value.shape).to(value.dtype)
     fx, fy = torch.autograd.grad((value * w).sum(), (x, y), retain_graph=True)
     gx, gy = torch.autograd.grad((value * w).sum(), (x, y), create_graph=True)
     assert fx.dtype == fy.dtype == gx.dtype == gy.dtype == x.dtype
     hx, hy = torch.autograd.grad((gx * gx).sum() + (gy * gy).sum(), (x, y))
     return [t.detach().double() for t in (value, fx, fy, gx, gy, hx, hy)]
+
+
+def _assert_close_to_scale(got: list[Any], want: list[Any], rtol: float) -> None:
+    """Each of `got` equals `want`'s to `rtol`, relative to the largest entry of `want`'s."""
+    for a, b in zip(got, want, strict=True):
+        scale = float(b.abs().max())
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=rtol * scale)
 
 
 _NODE_SHAPES = pytest.mark.parametrize(
@@ -949,13 +963,11 @@ def test_tracked_float32_divergences_from_logits_take_exact_float64_derivatives(
     for wide in (True, False):
         x = (a if wide else a.double()).to(tdtype if wide else torch.float64).requires_grad_()
         y = (b if wide else b.double()).to(tdtype if wide else torch.float64).requires_grad_()
-        value = fn(x, y, axis=axis, from_logits=True)
-        assert ("WideDivergenceBackward" in _grad_fns(value)) == wide
-        results.append(_value_and_derivatives(value, x, y))
+        measure = functools.partial(fn, axis=axis, from_logits=True)
+        node = "WideDivergenceBackward" if wide else None
+        results.append(_value_and_derivatives(measure, x, y, node))
     rtol = 2e-6 if dtype == "float32" else 8e-3
-    for got, want in zip(*results, strict=True):
-        scale = float(want.abs().max())
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=rtol, atol=rtol * scale)
+    _assert_close_to_scale(*results, rtol)
     if shapes[0] == shapes[1]:  # row by row: the peaked row's gradient is about 5e-20
         for got, want in zip(results[0][1:5], results[1][1:5], strict=True):
             rows = np.linalg.norm(want.numpy(), axis=-1) > 0  # bfloat16: row 1 is equal
@@ -987,17 +999,11 @@ def test_cross_entropy_of_torch_logits_equals_the_array_api_formulas(
             monkeypatch.setattr(info, "cross_entropy_of_logits", lambda *a, **k: None)
         x = a.to(tdtype if node else torch.float64).requires_grad_()
         y = b.to(tdtype if node else torch.float64).requires_grad_()
-        value = info.cross_entropy(x, y, axis=axis, from_logits=True)
-        assert ("CrossEntropyOfLogitsBackward" in _grad_fns(value)) == node
-        if node:
-            with torch.no_grad():
-                untracked = info.cross_entropy(x, y, axis=axis, from_logits=True)
-            torch.testing.assert_close(untracked, value.detach(), rtol=0, atol=0)
-        results.append(_value_and_derivatives(value, x, y))
+        measure = functools.partial(info.cross_entropy, axis=axis, from_logits=True)
+        name = "CrossEntropyOfLogitsBackward" if node else None
+        results.append(_value_and_derivatives(measure, x, y, name))
     rtol = 4e-6 if dtype == "float32" else 1e-12
-    for got, want in zip(*results, strict=True):
-        scale = float(want.abs().max())
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=rtol, atol=rtol * scale)
+    _assert_close_to_scale(*results, rtol)
     if shapes[0] == shapes[1]:  # row by row: the peaked pair's value and gradients are small
         np.testing.assert_allclose(results[0][0].numpy(), results[1][0].numpy(), rtol=rtol)
         # but Q - P of rows 1e-6 apart: each softmax is rounded at eps Q, about 1e6 eps of the
@@ -1081,17 +1087,11 @@ def test_kl_of_torch_probabilities_equals_the_array_api_formulas(
             monkeypatch.setattr(info, "jsd_in_float64", lambda *a, **k: None)
         x = (a if node else a.double()).clone().requires_grad_()
         y = (b if node else b.double()).clone().requires_grad_()
-        value = info.kl_divergence(x, y, axis=axis)
-        assert ("ProbabilityKLBackward" in _grad_fns(value)) == node
-        if node:
-            with torch.no_grad():
-                untracked = info.kl_divergence(x, y, axis=axis)
-            torch.testing.assert_close(untracked, value.detach(), rtol=0, atol=0)
-        results.append(_value_and_derivatives(value, x, y))
+        measure = functools.partial(info.kl_divergence, axis=axis)
+        name = "ProbabilityKLBackward" if node else None
+        results.append(_value_and_derivatives(measure, x, y, name))
     rtol = 2e-6 if dtype == "float32" else 8e-3
-    for got, want in zip(*results, strict=True):
-        scale = float(want.abs().max())
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=rtol, atol=rtol * scale)
+    _assert_close_to_scale(*results, rtol)
     # entry by entry against the closed form (the formulas' derivative for q is -p/q + 1 - 1,
     # rounded at 1: 0 where p = 1e-30)
     p, q = torch.broadcast_tensors(a.double(), b.double())
