@@ -5,7 +5,8 @@ Run: ``python -m benchmarks.bench_info [--quick]``.
 The references are what a PyTorch user writes: ``F.kl_div`` of two ``log_softmax`` (KL),
 the two halves of the Jensen–Shannon divergence against ``logaddexp(log p, log q) - log 2``,
 ``-(softmax · log_softmax).sum()`` (cross-entropy), ``Categorical(logits=z).entropy()``, and
-from probabilities ``F.kl_div(q.log(), p)``. crossent keeps nearly equal rows and peaked rows
+from probabilities ``F.kl_div(q.log(), p)``, the two halves of JS against ``((p + q)/2).log()``
+and ``-torch.xlogy`` (cross-entropy, entropy). crossent keeps nearly equal rows and peaked rows
 accurate where these cancel: the last table gives the relative error of each on float32 logits
 :math:`10^{-6}` apart against float64 (mpmath-grade: the float64 form of crossent's formula).
 
@@ -59,6 +60,20 @@ def _kl_probs(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return F.kl_div(q.log(), p, reduction="none").sum(-1)
 
 
+def _js_probs(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    lm = ((p + q) / 2).log()
+    kl = lambda x: F.kl_div(lm, x, reduction="none").sum(-1)  # noqa: E731
+    return (kl(p) + kl(q)) / 2
+
+
+def _ce_probs(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return -torch.xlogy(p, q).sum(-1)
+
+
+def _entropy_probs(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return -torch.xlogy(p, p).sum(-1)
+
+
 CASES: dict[str, tuple[Fn, Fn, bool]] = {
     "kl_divergence, logits": (
         lambda a, b: info.kl_divergence(a, b, from_logits=True), _kl_logits, True,
@@ -73,6 +88,9 @@ CASES: dict[str, tuple[Fn, Fn, bool]] = {
         lambda a, b: info.entropy(a, from_logits=True), _entropy_logits, True,
     ),
     "kl_divergence, probabilities": (info.kl_divergence, _kl_probs, False),
+    "js_divergence, probabilities": (info.js_divergence, _js_probs, False),
+    "cross_entropy, probabilities": (info.cross_entropy, _ce_probs, False),
+    "entropy, probabilities": (lambda a, b: info.entropy(a), _entropy_probs, False),
 }  # fmt: skip
 
 

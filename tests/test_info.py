@@ -908,7 +908,8 @@ def _value_and_derivatives(value_of: Any, x: Any, y: Any, node: str | None) -> l
     fx, fy = torch.autograd.grad((value * w).sum(), (x, y), retain_graph=True)
     gx, gy = torch.autograd.grad((value * w).sum(), (x, y), create_graph=True)
     assert fx.dtype == fy.dtype == gx.dtype == gy.dtype == x.dtype
-    hx, hy = torch.autograd.grad((gx * gx).sum() + (gy * gy).sum(), (x, y))
+    hessian = (gx * gx).sum() + (gy * gy).sum()
+    hx, hy = torch.autograd.grad(hessian, (x, y), allow_unused=True, materialize_grads=True)
     return [t.detach().double() for t in (value, fx, fy, gx, gy, hx, hy)]
 
 
@@ -1062,15 +1063,21 @@ def test_cross_entropy_of_torch_logits_leaves_infinite_and_nan_rows_to_the_formu
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @_NODE_SHAPES
-def test_kl_of_torch_probabilities_equals_the_array_api_formulas(
-    monkeypatch: pytest.MonkeyPatch, dtype: str, shapes: tuple[tuple[int, ...], ...], axis: int
+@pytest.mark.parametrize("measure_name", ["kl_divergence", "js_divergence"])
+def test_divergences_of_torch_probabilities_equal_the_array_api_formulas(
+    monkeypatch: pytest.MonkeyPatch,
+    measure_name: str,
+    dtype: str,
+    shapes: tuple[tuple[int, ...], ...],
+    axis: int,
 ) -> None:
     """Eager PyTorch probabilities on the CPU: KL = sum (p d - r) + sum r in float64 (r = p - q,
-    d = sign(r) log1p(|r| / min(p, q))), one node whose gradients are d + 1 and -p / q (0 where
-    p = 0). Values, first derivatives (kept from the forward), recorded ones and second
-    derivatives (rows 1e-6 apart, ratios of 1e-30, no mass, zeros in both, broadcast inputs,
-    axis 0) equal autograd of the float64 array-API formulas; untracked values equal tracked
-    ones."""
+    d = sign(r) log1p(|r| / min(p, q))), JS by the float64 in-place form; one node whose
+    gradients are d + 1 and -p / q (KL), 1/2 log1p(+-(p - q)/(p + q)) (JS), 0 where the
+    distribution's own mass is 0. Values, first derivatives (kept from the forward), recorded
+    ones and second derivatives (rows 1e-6 apart, ratios of 1e-30, no mass, zeros in both,
+    broadcast inputs, axis 0) equal autograd of the float64 array-API formulas; untracked
+    values equal tracked ones."""
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(20)
     a, b = torch.rand(*shapes[0], generator=g), torch.rand(*shapes[1], generator=g) * 0.9 + 0.1
@@ -1087,8 +1094,8 @@ def test_kl_of_torch_probabilities_equals_the_array_api_formulas(
             monkeypatch.setattr(info, "jsd_in_float64", lambda *a, **k: None)
         x = (a if node else a.double()).clone().requires_grad_()
         y = (b if node else b.double()).clone().requires_grad_()
-        measure = functools.partial(info.kl_divergence, axis=axis)
-        name = "ProbabilityKLBackward" if node else None
+        measure = functools.partial(getattr(info, measure_name), axis=axis)
+        name = "ProbabilityDivergenceBackward" if node else None
         results.append(_value_and_derivatives(measure, x, y, name))
     rtol = 2e-6 if dtype == "float32" else 8e-3
     _assert_close_to_scale(*results, rtol)
@@ -1097,10 +1104,44 @@ def test_kl_of_torch_probabilities_equals_the_array_api_formulas(
     p, q = torch.broadcast_tensors(a.double(), b.double())
     w = torch.linspace(-1.0, 2.0, results[0][0].numel()).reshape(results[0][0].shape)
     w = w.to(tdtype).double().unsqueeze(axis)
-    want_x = torch.where(p > 0, (p / q).log() + 1, 0.0) * w
-    want_y = torch.where(p > 0, -p / q, 0.0) * w
+    if measure_name == "kl_divergence":
+        want_x = torch.where(p > 0, (p / q).log() + 1, 0.0) * w
+        want_y = torch.where(p > 0, -p / q, 0.0) * w
+    else:  # 1/2 log(p / m), 1/2 log(q / m)
+        want_x = torch.where(p > 0, 0.5 * (2 * p / (p + q)).log(), 0.0) * w
+        want_y = torch.where(q > 0, 0.5 * (2 * q / (p + q)).log(), 0.0) * w
     for got, want in ((results[0][1], want_x), (results[0][2], want_y)):
         np.testing.assert_allclose(got.numpy(), want.sum_to_size(got.shape).numpy(), rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_js_gradient_is_zero_where_a_distribution_has_no_mass(backend: str) -> None:
+    """JS of probabilities: the derivative for p_k is 1/2 log(p_k / m_k), taken as 0 where
+    p_k = 0, also where q_k = 0 too (the formulas gave 1/2 there: their terms' limit m had a
+    derivative), on every backend and path."""
+    p = np.array([[0.5, 0.5, 0.0], [0.2, 0.0, 0.8]])
+    q = np.array([[0.25, 0.25, 0.5], [0.2, 0.0, 0.8]])
+    m = (p + q) / 2
+    want = [
+        np.where(a == 0, 0.0, 0.5 * np.log(np.where(a == 0, 1.0, a / np.where(m == 0, 1.0, m))))
+        for a in (p, q)
+    ]
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        for dtype in (torch.float32, torch.float64):  # the node; the formulas
+            x = torch.tensor(p, dtype=dtype, requires_grad=True)
+            y = torch.tensor(q, dtype=dtype, requires_grad=True)
+            got = torch.autograd.grad(info.js_divergence(x, y).sum(), (x, y))
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(g.double().numpy(), w, rtol=1e-6, atol=0)
+    else:
+        jax = pytest.importorskip("jax")
+        import jax.numpy as jnp
+
+        fn = lambda a, b: info.js_divergence(a, b).sum()  # noqa: E731
+        got = jax.grad(fn, argnums=(0, 1))(jnp.asarray(p), jnp.asarray(q))
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), w, rtol=1e-12, atol=0)
 
 
 def test_kl_of_torch_probabilities_leaves_poles_and_nan_to_the_formulas() -> None:
@@ -1111,7 +1152,7 @@ def test_kl_of_torch_probabilities_leaves_poles_and_nan_to_the_formulas() -> Non
     q = torch.tensor([[0.5, 0.0, 0.5], [0.3, 0.3, 0.4], [0.2, 0.3, 0.5]])
     x, y = p.clone().requires_grad_(), q.clone().requires_grad_()
     value = info.kl_divergence(x, y)
-    assert "ProbabilityKLBackward" not in _grad_fns(value)
+    assert "ProbabilityDivergenceBackward" not in _grad_fns(value)
     with torch.no_grad():
         untracked = info.kl_divergence(p, q)
     np.testing.assert_array_equal(untracked.numpy(), value.detach().numpy())
@@ -1122,8 +1163,50 @@ def test_kl_of_torch_probabilities_leaves_poles_and_nan_to_the_formulas() -> Non
     want = (p[1].double() / q[1].double()).log() + 1
     np.testing.assert_allclose(gx[1].double().numpy(), want.numpy(), rtol=1e-6)
     alone = info.kl_divergence(p[1].requires_grad_(), q[1])
-    assert "ProbabilityKLBackward" in _grad_fns(alone)
+    assert "ProbabilityDivergenceBackward" in _grad_fns(alone)
     assert float(alone.detach()) == pytest.approx(float(got[1]), rel=1e-7)
+
+
+@pytest.mark.parametrize("name", ["entropy", "cross_entropy"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_probabilities_take_pytorchs_xlogy_with_the_formulas_derivatives(
+    monkeypatch: pytest.MonkeyPatch, name: str, dtype: str
+) -> None:
+    """Entropy and cross-entropy of checked PyTorch probabilities: PyTorch's ``xlogy`` kernel
+    (one node with a gradient): values, first derivatives, recorded ones and second derivatives
+    equal the array-API formulas' in float64, zeros in p and q included, q broadcast; mass on
+    an outcome q rules out: +inf, the derivatives for p as the formulas' (log q, 0 there)."""
+    torch = pytest.importorskip("torch")
+    import crossent.info as module
+
+    rng = np.random.default_rng(22)
+    a, b = _dists(rng, (5, 6)), _dists(rng, (1, 6))
+    a[1, 2], b[0, 3], a[:, 3] = 0.0, 0.0, 0.0  # no mass; an impossible outcome, unused
+    tdtype = getattr(torch, dtype)
+
+    def value_of(x: Any, y: Any) -> Any:
+        if name == "entropy":  # y enters with a zero derivative
+            return info.entropy(x) + 0.0 * y.sum()
+        return info.cross_entropy(x, y)
+
+    results, poles = [], []
+    for node in (True, False):
+        if not node:
+            monkeypatch.setattr(module, "xlogy_of_probabilities", lambda *a, **k: None)
+        dt = tdtype if node else torch.float64
+        x, y = torch.tensor(a).to(dt).requires_grad_(), torch.tensor(b).to(dt).requires_grad_()
+        results.append(_value_and_derivatives(value_of, x, y, "XLogYBackward" if node else None))
+        # mass on q's zero: +inf, and p's derivatives
+        p = torch.tensor(_dists(rng, (1, 6)) + 0.01 if node else poles[0][0].numpy(), dtype=dt)
+        p = p.requires_grad_()
+        value = info.cross_entropy(p, y)
+        gp, gq = torch.autograd.grad(value.sum(), (p, y))
+        poles.append((p.detach().double(), value.detach(), gp.double(), gq.double()))
+    rtol = 2e-6 if dtype == "float32" else 1e-12
+    _assert_close_to_scale(*results, rtol)
+    assert poles[0][1] == poles[1][1] == math.inf
+    np.testing.assert_allclose(poles[0][2], poles[1][2], rtol=rtol)
+    np.testing.assert_allclose(poles[0][3], poles[1][3], rtol=rtol)  # 0 at q's zero
 
 
 def test_tracked_divergence_with_one_input_requiring_a_gradient() -> None:

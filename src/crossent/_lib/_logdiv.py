@@ -88,6 +88,7 @@ __all__ = [
     "rel_entr_from_log",
     "rel_entr_terms",
     "value_from",
+    "xlogy_of_probabilities",
 ]
 
 
@@ -496,8 +497,8 @@ def jsd_in_float64(p: Array, q: Array, *, beta: float, axis: int, logits: bool) 
     (:func:`_wide_divergence`: the closed-form gradient in float64, in place for a first
     backward of logits of one shape, by differentiable operations under ``create_graph``, so
     second derivatives are exact; forward and backward 50 ms for KL and 77 ms for JS at 1024 x
-    1000, against 186 ms and 355 ms through the array-API formulas). Probabilities: KL by
-    :func:`_kl_of_probabilities`, JS without a gradient by :func:`_jsd_torch`.
+    1000, against 186 ms and 355 ms through the array-API formulas). Probabilities:
+    :func:`_of_probabilities` (KL's value its own, JS's by :func:`_jsd_torch`).
     """
     import torch
 
@@ -512,8 +513,8 @@ def jsd_in_float64(p: Array, q: Array, *, beta: float, axis: int, logits: bool) 
     ):
         return None
     untracked = _untracked_torch(torch, p, q)
-    if not logits and beta == 0.0:
-        return _kl_of_probabilities(p, q, axis, untracked=untracked)
+    if not logits and (beta == 0.0 or not untracked):
+        return _of_probabilities(p, q, beta, axis, untracked=untracked)
     if not untracked:
         if not (
             logits
@@ -531,18 +532,57 @@ def jsd_in_float64(p: Array, q: Array, *, beta: float, axis: int, logits: bool) 
     return _jsd_torch(x.log(), y.log(), beta=beta, axis=axis, grad=False)[0]
 
 
-def _kl_of_probabilities(x: Any, y: Any, axis: int, *, untracked: bool) -> Any:
-    r""":func:`jsd_in_float64` of probabilities for :math:`\beta = 0`: the value by
-    :func:`_kl_value64`, tracked inputs (eager, not under forward-mode AD) through one node
-    (:func:`_kl_node`); None where that value is not finite (a pole, a NaN: the array-API
-    formulas give those their values and derivatives) or the call is traced."""
+def _of_probabilities(x: Any, y: Any, beta: float, axis: int, *, untracked: bool) -> Any:
+    r""":func:`jsd_in_float64` of probabilities: KL (:math:`\beta = 0`) by :func:`_kl_value64`,
+    JS (:math:`\beta = 1/2`) by :func:`_jsd_torch` (whose terms need the logs), both in float64;
+    tracked inputs (eager, not under forward-mode AD) through one node
+    (:func:`_probability_node`) with the closed-form gradients; None where the value is not
+    finite (a pole, a NaN: the array-API formulas give those their values and derivatives),
+    for other :math:`\beta` with a gradient, or where the call is traced."""
     if untracked:
-        out = _kl_value64(x, y, axis)[0]
-    elif torch_tracing() or forward_ad_active():
+        out = _probability_value64(x, y, beta, axis)[0]
+    elif beta not in (0.0, 0.5) or torch_tracing() or forward_ad_active():
         return None
     else:
-        out = _kl_node().apply(x, y, axis)
+        out = _probability_node().apply(x, y, beta, axis)
     return out if math.isfinite(out.detach().sum().item()) else None
+
+
+def _probability_value64(
+    x: Any, y: Any, beta: float, axis: int, need: tuple[bool, bool] = (False, False)
+) -> Any:
+    """:math:`L_\beta` of the probabilities `x`, `y` in float64 and the factors of its
+    gradients that `need` asks for (:func:`_kl_value64`, :func:`_js_factors`)."""
+    if beta == 0.0:
+        return _kl_value64(x, y, axis, need)
+    import torch
+
+    p, q = x.detach().to(torch.float64), y.detach().to(torch.float64)
+    value = _jsd_torch(p.log(), q.log(), beta=beta, axis=axis, grad=False)[0]
+    return value, _js_factors(p, q, need, x.dtype)
+
+
+def _js_factors(p: Any, q: Any, need: tuple[bool, bool], dtype: Any) -> tuple[Any, Any]:
+    r"""JS's gradient factors of float64 probabilities, in `dtype`: :math:`\tfrac12 \log(p/m)`
+    and :math:`\tfrac12 \log(q/m)`, :math:`m = (p + q)/2`, each 0 where the distribution's
+    own mass is 0 (the formulas' convention). :math:`\log(a/m) = \operatorname{sign}(a - b)
+    \operatorname{log1p}(|a - b| / (2 \min(a, m)))` (:math:`b` the other one): exact however
+    close or far (a plain :math:`\operatorname{log1p}((a - b)/(a + b))` is -inf where
+    :math:`a/b` is below :math:`\epsilon_{64}`)."""
+    import torch
+
+    if not (need[0] or need[1]):
+        return None, None
+    m = (p + q).mul_(0.5)
+    out = []
+    for own, other, needed in ((p, q, need[0]), (q, p, need[1])):
+        f = None
+        if needed:
+            diff = own - other
+            t = diff.abs().div_(torch.minimum(own, m).mul_(2.0)).log1p_().copysign_(diff)
+            f = t.mul_(0.5).masked_fill_(own == 0, 0.0).to(dtype)
+        out.append(f)
+    return out[0], out[1]
 
 
 def _kl_value64(x: Any, y: Any, axis: int, need: tuple[bool, bool] = (False, False)) -> Any:
@@ -574,20 +614,21 @@ def _kl_value64(x: Any, y: Any, axis: int, need: tuple[bool, bool] = (False, Fal
 
 
 @functools.cache
-def _kl_node() -> Any:
-    """The ``autograd.Function`` of :func:`_kl_of_probabilities` for tracked probabilities."""
+def _probability_node() -> Any:
+    """The ``autograd.Function`` of :func:`_of_probabilities` for tracked probabilities."""
     import torch
 
-    class ProbabilityKL(torch.autograd.Function):
-        """KL of probabilities: the value and the gradient factors by :func:`_kl_value64`
-        (kept for a first backward), second derivatives by :func:`_kl_gradients`."""
+    class ProbabilityDivergence(torch.autograd.Function):
+        """KL / JS of probabilities: the value and the gradient factors by
+        :func:`_probability_value64` (kept for a first backward), second derivatives by
+        :func:`_probability_gradients`."""
 
         @staticmethod
-        def forward(ctx: Any, x: Any, y: Any, axis: int) -> Any:
+        def forward(ctx: Any, x: Any, y: Any, beta: float, axis: int) -> Any:
             need = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            value, (gp, gq) = _kl_value64(x, y, axis, need)
+            value, (gp, gq) = _probability_value64(x, y, beta, axis, need)
             ctx.save_for_backward(x, y)
-            ctx.axis, ctx.factors = axis, (gp, gq)
+            ctx.beta, ctx.axis, ctx.factors = beta, axis, (gp, gq)
             return value
 
         @staticmethod
@@ -595,7 +636,7 @@ def _kl_node() -> Any:
             x, y = ctx.saved_tensors
             up = g.unsqueeze(ctx.axis)
             if torch.is_grad_enabled():  # double backward: differentiable operations
-                gp, gq = _kl_gradients(x, y)
+                gp, gq = _probability_gradients(x, y, ctx.beta)
                 up = up.to(gp.dtype)
             else:
                 gp, gq = ctx.factors
@@ -605,21 +646,34 @@ def _kl_node() -> Any:
                 (gp * up).sum_to_size(x.shape).to(x.dtype) if need[0] else None,
                 (gq * up).sum_to_size(y.shape).to(y.dtype) if need[1] else None,
                 None,
+                None,
             )
 
-    return ProbabilityKL
+    return ProbabilityDivergence
 
 
-def _kl_gradients(x: Any, y: Any) -> tuple[Any, Any]:
-    r""":func:`_kl_value64`'s gradient factors :math:`\log(p/q) + 1` and :math:`-p/q` (0 where
-    :math:`p = 0`) by differentiable float64 operations (no NaN reaches the branch not taken)."""
+def _probability_gradients(x: Any, y: Any, beta: float) -> tuple[Any, Any]:
+    r"""The gradient factors of :func:`_probability_value64` by differentiable float64
+    operations (no NaN reaches a branch not taken): KL :math:`\log(p/q) + 1` and :math:`-p/q`,
+    0 where :math:`p = 0`; JS :math:`\tfrac12 \log(p/m)` and :math:`\tfrac12 \log(q/m)`, each 0
+    where its own mass is 0."""
     import torch
 
     p, q = torch.broadcast_tensors(x.to(torch.float64), y.to(torch.float64))
-    mass = p > 0
-    ps, qs = torch.where(mass, p, 1.0), torch.where(mass, q, 1.0)
     zero = torch.zeros_like(p)
-    return torch.where(mass, ps.log() - qs.log() + 1.0, zero), torch.where(mass, -ps / qs, zero)
+    if beta == 0.0:
+        mass = p > 0
+        ps, qs = torch.where(mass, p, 1.0), torch.where(mass, q, 1.0)
+        return torch.where(mass, ps.log() - qs.log() + 1.0, zero), torch.where(mass, -ps / qs, zero)
+    # the smooth form (its derivatives, for a double backward); m > 0 where own > 0, and
+    # both are replaced where own = 0 (no 0 / 0 behind the where)
+    m = (p + q) / 2
+    half = []
+    for own in (p, q):
+        none = own == 0
+        ratio = torch.where(none, 1.0, own) / torch.where(none, 1.0, m)
+        half.append(torch.where(none, zero, 0.5 * ratio.log()))
+    return half[0], half[1]
 
 
 def _logits_value64(x: Any, y: Any, beta: float, axis: int) -> Any:
@@ -892,6 +946,61 @@ def _cross_entropy_node() -> Any:
             return gx, gy, None
 
     return CrossEntropyOfLogits
+
+
+def xlogy_of_probabilities(x: Array, a: Array) -> Array | None:
+    r""":math:`x \log a` of checked probabilities (both in [0, 1]: the caller's value checks
+    ran) as PyTorch tensors, eager: PyTorch's ``xlogy`` kernel (0 where :math:`x = 0`,
+    :math:`-\infty` where only :math:`a = 0`, NaN propagating: the values of the array-API
+    ``xlogy`` and ``info._xlog`` on such inputs, in one pass instead of about ten), with a
+    gradient through one node (:func:`_xlogy_node`): :math:`\log a` and :math:`x / a`, both 0
+    where :math:`a = 0` (those formulas' conventions there: a mass on an impossible outcome
+    has an infinite, constant term; no mass has a zero one). None for other inputs (traced,
+    forward-mode AD, not tensors). `x` and `a` may be one tensor (an entropy) or broadcast.
+    """
+    import torch
+
+    if not (
+        isinstance(x, torch.Tensor)
+        and isinstance(a, torch.Tensor)
+        and not torch_tracing()
+        and not forward_ad_active()
+    ):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
+        out: Array = _xlogy_node().apply(x, a)
+        return out
+    return torch.xlogy(x, a)
+
+
+@functools.cache
+def _xlogy_node() -> Any:
+    """The ``autograd.Function`` of :func:`xlogy_of_probabilities` (defined on first use)."""
+    import torch
+
+    class XLogY(torch.autograd.Function):
+        """x log a: PyTorch's kernel for the value, the derivatives of the formulas."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, a: Any) -> Any:
+            ctx.save_for_backward(x, a)
+            return torch.xlogy(x, a)
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> tuple[Any, Any]:
+            x, a = ctx.saved_tensors
+            # a = 0 replaced before the log and the division (also for a double backward:
+            # no 0 / 0 behind the where); NaN propagates
+            zero = a == 0
+            safe = torch.where(zero, 1.0, a)
+            gx = gy = None
+            if ctx.needs_input_grad[0]:  # log 1 = 0 where a = 0
+                gx = (g * safe.log()).sum_to_size(x.shape)
+            if ctx.needs_input_grad[1]:
+                gy = (g * torch.where(zero, 0.0, x / safe)).sum_to_size(a.shape)
+            return gx, gy
+
+    return XLogY
 
 
 # ----------------------------------------------------------------------------
