@@ -432,7 +432,8 @@ def entropy(
     .. math:: H(p) = -\sum_k p_k \log_b p_k, \qquad 0 \log 0 = 0
 
     Value and gradient are finite at :math:`p_k = 0` (the gradient of the
-    term is taken as 0 there). From logits, :math:`H = -\sum_k p_k \log p_k`
+    term is taken as 0 there; PyTorch tensors whose values were checked take PyTorch's
+    ``xlogy`` kernel, with these derivatives). From logits, :math:`H = -\sum_k p_k \log p_k`
     with :math:`\log p_k = u_k - \operatorname{log1p}(\sum_{j \ne *} e^{u_j})`,
     :math:`u = z - z_*` relative to the most probable outcome :math:`*`; an outcome
     whose probability underflows contributes 0 and a finite gradient. For a peaked
@@ -738,6 +739,12 @@ def js_divergence(
     :math:`\log(p_k/m_k) = \min(d_k, 0) - \operatorname{log1p}(\operatorname{expm1}
     (-|d_k|)/2)` from :func:`kl_divergence`'s :math:`d_k = \log(p_k / q_k)`, so close
     rows keep a few ulps (float32 logits :math:`10^{-6}` apart were 0.5 relative off).
+
+    The gradient for :math:`p_k` is :math:`\tfrac12 \log(p_k / m_k)`, taken as 0 where
+    :math:`p_k = 0` (also where :math:`q_k = 0` too), likewise for :math:`q_k`. PyTorch
+    tensors of float32 or narrower on the CPU, eager, are evaluated in float64 as for
+    :func:`kl_divergence`, with the gradient in closed form (one autograd node; second
+    derivatives exact).
 
     Examples
     --------
