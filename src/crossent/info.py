@@ -204,7 +204,7 @@ def _pair(
     beta: float | None = None,
     cross: bool = False,
 ) -> _Pair:
-    """Check `p`, `q`, `axis` and `base` (shared by every two-distribution measure).
+    r"""Check `p`, `q`, `axis` and `base` (shared by every two-distribution measure).
 
     With `from_logits` the pair holds log-probabilities, each normalized along
     `axis` before `p` and `q` broadcast. With `beta` (a divergence :math:`L_\beta`) the

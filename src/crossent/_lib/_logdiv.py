@@ -545,13 +545,13 @@ def _of_probabilities(x: Any, y: Any, beta: float, axis: int, *, untracked: bool
         return None
     else:
         out = _probability_node().apply(x, y, beta, axis)
-    return out if math.isfinite(out.detach().sum().item()) else None
+    return _finite_or_none(out)
 
 
 def _probability_value64(
     x: Any, y: Any, beta: float, axis: int, need: tuple[bool, bool] = (False, False)
 ) -> Any:
-    """:math:`L_\beta` of the probabilities `x`, `y` in float64 and the factors of its
+    r""":math:`L_\beta` of the probabilities `x`, `y` in float64 and the factors of its
     gradients that `need` asks for (:func:`_kl_value64`, :func:`_js_factors`)."""
     if beta == 0.0:
         return _kl_value64(x, y, axis, need)
@@ -565,34 +565,39 @@ def _probability_value64(
 def _js_factors(p: Any, q: Any, need: tuple[bool, bool], dtype: Any) -> tuple[Any, Any]:
     r"""JS's gradient factors of float64 probabilities, in `dtype`: :math:`\tfrac12 \log(p/m)`
     and :math:`\tfrac12 \log(q/m)`, :math:`m = (p + q)/2`, each 0 where the distribution's
-    own mass is 0 (the formulas' convention). :math:`\log(a/m) = \operatorname{sign}(a - b)
-    \operatorname{log1p}(|a - b| / (2 \min(a, m)))` (:math:`b` the other one): exact however
-    close or far (a plain :math:`\operatorname{log1p}((a - b)/(a + b))` is -inf where
-    :math:`a/b` is below :math:`\epsilon_{64}`)."""
-    import torch
-
+    own mass is 0 (the formulas' convention), by :func:`_log_ratio64` of :math:`a` and
+    :math:`m` (:math:`a - m` is exact where they are close)."""
     if not (need[0] or need[1]):
         return None, None
     m = (p + q).mul_(0.5)
     out = []
-    for own, other, needed in ((p, q, need[0]), (q, p, need[1])):
+    for own, needed in ((p, need[0]), (q, need[1])):
         f = None
         if needed:
-            diff = own - other
-            t = diff.abs().div_(torch.minimum(own, m).mul_(2.0)).log1p_().copysign_(diff)
-            f = t.mul_(0.5).masked_fill_(own == 0, 0.0).to(dtype)
+            f = _log_ratio64(own, m)[0].mul_(0.5).masked_fill_(own == 0, 0.0).to(dtype)
         out.append(f)
     return out[0], out[1]
+
+
+def _log_ratio64(a: Any, b: Any) -> tuple[Any, Any]:
+    r""":math:`\log(a/b)` of non-negative float64 tensors as :math:`\operatorname{sign}(a - b)
+    \operatorname{log1p}(|a - b| / \min(a, b))` (:math:`-\log(b/a)` for :math:`a < b`): a few
+    ulps however close or far (:math:`a - b` is exact for float32 inputs within
+    :math:`2^{29}` of each other; a plain :math:`\operatorname{log1p}((a - b)/b)` is
+    :math:`-\infty` where :math:`a/b` is below :math:`\epsilon_{64}`), and the difference
+    :math:`a - b`. :math:`a = 0` gives :math:`-\infty`, :math:`b = 0 < a` :math:`+\infty`."""
+    import torch
+
+    diff = a - b
+    return diff.abs().div_(torch.minimum(a, b)).log1p_().copysign_(diff), diff
 
 
 def _kl_value64(x: Any, y: Any, axis: int, need: tuple[bool, bool] = (False, False)) -> Any:
     r""":math:`\mathrm{KL}(p\|q) = \sum_k p_k d_k` of the probabilities `x`, `y` (as given) in
     float64, with the factors of its gradients that `need` asks for, in the inputs' dtype.
 
-    With :math:`r = p - q` (exact in float64 for float32 inputs within :math:`2^{29}` of each
-    other) and :math:`d = \operatorname{sign}(r) \operatorname{log1p}(|r| / \min(p, q))`
-    (:math:`\log(p/q)`, and :math:`-\log(q/p)` for :math:`p < q`: accurate to a few ulps
-    however close or far), the sum is taken as :math:`\sum_k (p_k d_k - r_k) + \sum_k r_k`,
+    With :math:`r = p - q` and :math:`d = \log(p/q)` (:func:`_log_ratio64`: a few ulps however
+    close or far), the sum is taken as :math:`\sum_k (p_k d_k - r_k) + \sum_k r_k`,
     whose terms :math:`p\,\psi(d) \ge 0` have relative error :math:`\approx 2\epsilon_{64}/|d|`
     (rows :math:`10^{-6}` apart keep about :math:`10^{-10}`). No mass (:math:`p_k = 0`) gives
     the term :math:`q_k`, and :math:`q_k = 0 < p_k` :math:`+\infty` (0 · ∞ read as 0 only where
@@ -603,8 +608,7 @@ def _kl_value64(x: Any, y: Any, axis: int, need: tuple[bool, bool] = (False, Fal
     import torch
 
     p, q = x.detach().to(torch.float64), y.detach().to(torch.float64)
-    r = p - q
-    d = r.abs().div_(torch.minimum(p, q)).log1p_().copysign_(r)
+    d, r = _log_ratio64(p, q)
     grads = (
         (d + 1.0).nan_to_num_(nan=0.0, neginf=0.0).to(x.dtype) if need[0] else None,
         torch.div(x, y).nan_to_num_(nan=0.0).neg_() if need[1] else None,
@@ -835,7 +839,12 @@ def cross_entropy_of_logits(x: Array, y: Array, *, axis: int) -> Array | None:
         out = _cross_entropy_node().apply(x, y, axis)
     else:
         out = _cross_entropy_value(x, y, axis)[0]
-    # one sum read back: finite unless an entry is not (or the sum overflows: the formulas)
+    return _finite_or_none(out)
+
+
+def _finite_or_none(out: Any) -> Any:
+    """`out`, or None where an entry is not finite (the array-API formulas then give the
+    values and derivatives); one sum read back (a sum that overflows: the formulas too)."""
     return out if math.isfinite(out.detach().sum().item()) else None
 
 
