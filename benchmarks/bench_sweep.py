@@ -15,7 +15,9 @@ the heap, and the same kernel measured 1.0 or 3.1 ms at 1024 x 1000 from one
 run to the next; ``--default-malloc`` leaves them as they are. Cases:
 
 - PyTorch: sparse CE (``F.cross_entropy``), categorical CE (``F.cross_entropy``
-  with probability targets), binary CE (``F.binary_cross_entropy_with_logits``),
+  with probability targets), binary CE (``F.binary_cross_entropy_with_logits``);
+  the same three from probabilities (``F.nll_loss`` and a sum of the log clamped at
+  -100, PyTorch's rule, and ``F.binary_cross_entropy``),
   forward under ``no_grad`` and forward+backward, float32 and bfloat16, 1 and 2
   threads, eager and (``--compiled``) ``torch.compile``; with ``--compiled``
   a second table gives each side's compile time (wall seconds of the first
@@ -96,6 +98,12 @@ def torch_cases(
     probs = torch.softmax(torch.randn(n, c, generator=g), -1).to(device, dtype)
     bt = (torch.rand(n, c, generator=g) > 0.5).to(device, dtype)
     bw = (torch.rand(c, generator=g) + 0.5).to(device, dtype)  # per-label weight / pos_weight
+    # probability inputs: a softmax (categorical) and a sigmoid (binary) of the logits
+    px = torch.softmax(x.float(), -1).to(dtype)
+    sx = torch.sigmoid(x.float()).to(dtype)
+
+    def clamped_log(v: Any) -> Any:  # PyTorch's own rule for probabilities (F.binary_cross_entropy)
+        return v.log().clamp_min(-100)
 
     def plain_zloss_softcap(v: Any) -> Any:
         z = 30.0 * torch.tanh(v.float() / 30.0)
@@ -131,6 +139,21 @@ def torch_cases(
             x,
             lambda v: ce.binary_cross_entropy(v, bt, from_logits=True, pos_weight=bw),
             lambda v: F.binary_cross_entropy_with_logits(v, bt, pos_weight=bw),
+        ),
+        "sparse probs": (
+            px,
+            lambda v: ce.sparse_categorical_cross_entropy(v, y),
+            lambda v: F.nll_loss(clamped_log(v), y),
+        ),
+        "categorical probs": (
+            px,
+            lambda v: ce.categorical_cross_entropy(v, probs),
+            lambda v: -(probs * clamped_log(v)).sum(-1).mean(),
+        ),
+        "binary probs": (
+            sx,
+            lambda v: ce.binary_cross_entropy(v, bt),
+            lambda v: F.binary_cross_entropy(v, bt),
         ),
         "sparse z-loss+softcap vs torch ops": (
             x,

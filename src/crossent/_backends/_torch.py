@@ -32,9 +32,14 @@ terms made by PyTorch's kernels (:func:`_sparse_rows`): eagerly from
 ``log_softmax`` with a closed-form chunked gradient (:mod:`._torch_rows`), traced
 from the differentiable row statistics.
 
+Losses from probabilities (PyTorch's rule: the log clamped at -100) run eagerly on the
+CPU through :mod:`._torch_probs`: the sparse loss reads only the target class's
+probability, the categorical and binary losses one vectorized log pass per term, each
+with a closed-form gradient that is 0 where the clamp is on.
+
 Each function returns ``None`` when the generic array-API formula must run
-(probabilities, traced focal loss with smoothing, binary focal `gamma`, weights
-that require gradients, eager binary calls on accelerators); that path is made of
+(probabilities off the CPU or traced, traced focal loss with smoothing, binary focal
+`gamma`, weights that require gradients, eager binary calls on accelerators); that path is made of
 differentiable PyTorch operations, so it has the same transforms. Traced binary calls
 (``torch.compile``, ``torch.export``, ``torch.func``) have a short formula of
 their own (:func:`_binary_traced`), exact at infinite logits without reading
@@ -438,6 +443,14 @@ def sparse(
             _label_error(exc, target, input.shape[axis], None)
             raise  # pragma: no cover - _label_error always raises
         return out if dtype in _HIGH else _half_result(out, input)
+    if opts.kind == "probs":  # eagerly on the CPU: the clamped log of the target class only
+        if (
+            dtype in _FLOATS
+            and _own_eager(input)
+            and _sparse_shapes_fit(input, target, weight, axis)
+        ):
+            return _probabilities().sparse(input, target, weight, axis, opts)
+        return None
     if opts.kind != "logits" or dtype not in _FLOATS:
         return None
     if not (  # the common call without a call; _sparse_shapes_fit for every other
@@ -480,6 +493,14 @@ def _sparse_rows(
         if out is not None:
             return _finish(out, x)
     return _finish(_sparse_rows_generic(x, target, weight, axis, opts), x) if stats else None
+
+
+def _probabilities() -> Any:
+    """:mod:`._torch_probs` (losses from probabilities), imported on first use (it imports
+    this module)."""
+    from crossent._backends import _torch_probs
+
+    return _torch_probs
 
 
 _OWN_ROWS: list[Any] = []
@@ -717,7 +738,7 @@ def categorical(
         xc = input if input.dtype in _HIGH else input.float()
         out = _soft_native(xc, _soft_target(target, xc.dtype, opts), None, opts)
         return out if xc is input else _half_result(out, input)
-    if not (opts.kind == "logits" and opts.plain and isinstance(target, Tensor)):
+    if not (opts.kind != "log_probs" and opts.plain and isinstance(target, Tensor)):
         return None
     dtype = input.dtype
     ndim = input.ndim
@@ -734,6 +755,12 @@ def categorical(
         if not (isinstance(weight, Tensor) and weight.dtype in _FLOATS):
             return None
         check_class_weight(weight, input.shape[axis], xp=_torch_namespace())
+    if opts.kind == "probs":  # eagerly on the CPU: one log pass, the gradient in closed form
+        return (
+            _probabilities().categorical(input, target, weight, axis, opts)
+            if _own_eager(input)
+            else None
+        )
     traced = torch_tracing()
     eager = input.is_cpu and not traced
     if traced:
@@ -886,6 +913,8 @@ def binary(
     product compute 0 · ∞: a NaN result is recomputed by the guarded generic formula (one
     scalar test, eager only; traced calls: :func:`_binary_traced`).
     """
+    if opts.kind == "probs":  # eagerly on the CPU: vectorized clamped logs
+        return _probabilities().binary(input, target, weight, pos_weight, label_smoothing, opts)
     if not (
         opts.kind == "logits"
         and opts.gamma == 0

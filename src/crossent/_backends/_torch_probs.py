@@ -1,0 +1,373 @@
+r"""Losses from probabilities on eager CPU PyTorch: the clamped log, taken where it counts.
+
+A loss from probabilities :math:`p` is a sum of terms
+:math:`-c_k \max(\log p_k, -100)` (PyTorch's clamp, crossent's documented rule: a
+probability of exactly 0 costs 100, not infinity), whose derivative is
+:math:`-c_k / p_k` where the clamp is off and 0 where it is on. This module computes
+them with PyTorch's kernels, each term read once:
+
+- **sparse** (:func:`sparse`): only the target class has :math:`c_k \ne 0`, so one
+  gather of :math:`p_y`, :math:`n` logs, and a gradient that is one scatter into zeros.
+  PyTorch's reference, ``F.nll_loss(p.log().clamp_min(-100), y)``, takes the log of every
+  probability and its backward divides every one (and is NaN at :math:`p = 0`: the
+  clamp's zero times the log's infinite derivative);
+- **categorical** (:func:`categorical`): every class, one log pass written in place, the
+  gradient :math:`-c / p` (0 where clamped) in one expression.
+
+:func:`clamped_log` and :func:`log_derivative` (its
+derivative times a coefficient) are the one statement of the rule here; the array-API
+formulas (:func:`crossent._losses._common.clamped_log`) state it for every other
+backend, and the tests hold the two equal. The clamp is on where :math:`\log p < -100`,
+that is below :func:`clamp_floor`, the smallest probability of the dtype whose log is
+not below -100 (a comparison instead of a second log pass in backward).
+
+The checks read values (eager CPU only): with validation on, every probability in
+[0, 1] (one ``aminmax``) and every row summing to 1 within
+:func:`~crossent._lib._checks.row_sum_tolerance` (one sum, one ``amax``); NaN anywhere
+(with validation off one sum finds it) returns None, as does anything the checks
+refuse: the generic array-API path then raises crossent's message, skips ignored rows
+(which it does not check: padding rows of zeros), or propagates the NaN of a row's
+other classes. Each Function's backward is made of differentiable operations, so
+``create_graph=True`` gives exact second derivatives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crossent._backends._torch import (
+    _FLOATS,
+    _LOW,
+    _binary_coefs,
+    _half_result,
+    _in_unit_interval,
+    _label_error,
+    _masses,
+    _mean_denominator,
+    _own_eager,
+    _smoothed,
+    _soft_coefficients,
+    _valid_label,
+    _weight_needs_grad,
+    index_target,
+)
+from crossent._lib._checks import row_sum_tolerance
+from crossent._lib._config import get_validation
+from crossent._lib._xp import _torch_namespace, torch_autocast
+from crossent._losses._common import LOG_CLAMP, mean_class_weight
+from crossent._losses._options import CEOptions
+
+__all__ = ["binary", "categorical", "clamp_floor", "clamped_log", "log_derivative", "sparse"]
+
+
+_FLOORS: dict[torch.dtype, float] = {}
+
+
+def clamp_floor(dtype: torch.dtype) -> float:
+    r"""The smallest `dtype` value :math:`p` with :math:`\log p \ge -100` (PyTorch's ``log``):
+    the clamp is on exactly below it. float32: a subnormal near :math:`e^{-100} \approx
+    3.7 \cdot 10^{-44}`, where neighbouring logs lie 0.04 apart, so no rounding of the log
+    decides it."""
+    floor = _FLOORS.get(dtype)
+    if floor is None:
+        v = torch.tensor(math.exp(LOG_CLAMP), dtype=dtype)
+        zero, one = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
+        while torch.log(v) >= LOG_CLAMP:  # down to the largest value clamped
+            v = torch.nextafter(v, zero)
+        while torch.log(v) < LOG_CLAMP:  # up to the smallest value not clamped
+            v = torch.nextafter(v, one)
+        floor = _FLOORS[dtype] = v.item()
+    return floor
+
+
+def clamped_log(p: Tensor) -> Tensor:
+    r""":math:`\max(\log p, -100)`, a new tensor (NaN stays NaN)."""
+    return p.log().clamp_min_(LOG_CLAMP)
+
+
+def log_derivative(p: Tensor, c: Tensor) -> Tensor:
+    r""":math:`\partial_p\,(c \max(\log p, -100)) = c/p` where :math:`p` is at least
+    :func:`clamp_floor`, 0 below (NaN stays NaN; three passes); differentiable operations."""
+    return torch.where(p < clamp_floor(p.dtype), 0.0, c / p)
+
+
+def _tolerance(dtype: torch.dtype, sum_dtype: torch.dtype, num_classes: int) -> float:
+    """:func:`row_sum_tolerance` rounded to the sums' dtype, as the generic check compares."""
+    key = (dtype, sum_dtype, num_classes)
+    tol = _TOLERANCES.get(key)
+    if tol is None:
+        if len(_TOLERANCES) >= 256:
+            _TOLERANCES.clear()
+        exact = row_sum_tolerance(dtype, num_classes, xp=_torch_namespace())
+        tol = _TOLERANCES[key] = torch.tensor(exact, dtype=sum_dtype).item()
+    return tol
+
+
+_TOLERANCES: dict[tuple[torch.dtype, torch.dtype, int], float] = {}
+
+
+def _rows_fit(x: Tensor, axis: int) -> bool:
+    """Whether this module may serve `x` (probabilities, classes on `axis`): with validation on,
+    all in [0, 1] and every row summing to 1 (the generic check's tolerance); no NaN."""
+    x = x.detach()
+    if not get_validation():
+        return not math.isnan(x.sum().item())
+    if not _in_unit_interval(x):  # NaN too
+        return False
+    sums = x.sum(axis, dtype=torch.float32) if x.dtype in _LOW else x.sum(axis)
+    lo, hi = torch.aminmax(sums)
+    tol = _tolerance(x.dtype, sums.dtype, x.shape[axis])
+    # 1 - lo and hi - 1 are exact (Sterbenz) where they could pass: the generic |s - 1| > tol
+    return 1 - lo.item() <= tol and hi.item() - 1 <= tol
+
+
+def _elsewhere(x: Tensor, *others: Tensor | None) -> bool:
+    """Whether one of `others` lies on another device than `x` (the generic path names it:
+    a gather of CPU probabilities by labels on ``meta`` raised nothing)."""
+    return any(o is not None and o.device != x.device for o in others)
+
+
+def _need_grad(*others: Tensor | None) -> bool:
+    """Whether one of `others` (targets, weights) needs a gradient, which the closed forms
+    do not give."""
+    return torch.is_grad_enabled() and any(o is not None and o.requires_grad for o in others)
+
+
+# --------------------------------------------------------------------------- sparse
+
+
+def sparse(
+    x: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
+) -> Tensor | None:
+    r"""Sparse cross-entropy of probabilities, :math:`\ell_i = -w_{y_i} \max(\log p_{i y_i}, -100)`,
+    reduced with crossent's mean (over the counted target weight; 0 over none); None for the
+    generic path (label smoothing and focal loss, which read every class; see the module
+    notes for the rest). The caller has checked `axis`, the shapes and `weight`'s values."""
+    if (
+        opts.label_smoothing != 0
+        or opts.gamma != 0
+        or x.numel() == 0
+        or _elsewhere(x, target, weight)
+        or _weight_needs_grad(weight)
+        or not _rows_fit(x, axis)
+    ):
+        return None
+    t = index_target(target)
+    valid, label = _valid_label(t, opts.ignore_index)
+    index = label.unsqueeze(axis)
+    try:
+        p = x.detach().gather(axis, index).squeeze(axis)
+    except RuntimeError as exc:  # a label outside [0, C): crossent's message
+        _label_error(exc, target, x.shape[axis], opts.ignore_index)
+        raise  # pragma: no cover - _label_error always raises
+    dtype = torch.float32 if x.dtype in _LOW else x.dtype
+    w = None if weight is None else weight.detach().to(dtype)
+    w = mean_class_weight(w, opts.reduction, 0.0, xp=torch)  # no overflow of huge weights
+    w_y = None if w is None else w[label]
+    if valid is not None:
+        w_y = valid.to(dtype) if w_y is None else torch.where(valid, w_y, 0.0)
+    den = _mean_denominator(w_y, None, t.numel(), dtype) if opts.reduction == "mean" else 1.0
+    if x.requires_grad and torch.is_grad_enabled():
+        out = _SparseProbs.apply(x, index, w_y, valid, den, (axis, opts.reduction))
+    else:
+        out = _sparse_value(p, w_y, valid, den, opts.reduction)
+    return _half_result(out, x) if x.dtype in _LOW else out
+
+
+def _sparse_value(
+    p: Tensor, w_y: Tensor | None, valid: Tensor | None, den: Tensor | float, reduction: str
+) -> Tensor:
+    """The reduced loss of the gathered target probabilities `p` (compute dtype: float32 for
+    half precision)."""
+    row = clamped_log(p.float() if p.dtype in _LOW else p).neg_()
+    if w_y is not None:
+        row = row.mul_(w_y)
+    if valid is not None:  # an ignored row reads class 0, which may be anything (-0.5: NaN)
+        row = torch.where(valid, row, 0.0)
+    if reduction == "none":
+        return row
+    total = row.sum()
+    return total if reduction == "sum" else total / den
+
+
+class _SparseProbs(torch.autograd.Function):
+    r""":func:`sparse` with a gradient: :math:`\partial\ell_i/\partial p_{i y_i} =
+    -s_i w_{y_i} / p_{i y_i}` (0 where clamped; :math:`s_i` the upstream gradient, over the
+    mean's denominator), scattered into zeros; nothing of the input's size is kept."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        index: Tensor,
+        w_y: Tensor | None,
+        valid: Tensor | None,
+        den: Tensor | float,
+        options: tuple[int, str],
+    ) -> Tensor:
+        axis, reduction = options
+        ctx.save_for_backward(x, index, w_y)
+        ctx.axis, ctx.den, ctx.reduction = axis, den, reduction
+        p = x.gather(axis, index).squeeze(axis)
+        return _sparse_value(p, w_y, valid, den, reduction)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        # an ignored row's coefficient is 0 (w_y): its -0 / p is 0, or 0 below the floor
+        x, index, w_y = ctx.saved_tensors
+        axis = ctx.axis
+        p = x.gather(axis, index).squeeze(axis)  # differentiable: double backward
+        pc = p.float() if p.dtype in _LOW else p
+        s = -grad.to(pc.dtype)  # the loss is -w_y log p_y
+        if ctx.reduction == "mean":
+            s = s / ctx.den
+        d = log_derivative(pc, s if w_y is None else s * w_y)
+        gx = torch.zeros_like(x).scatter(axis, index, d.unsqueeze(axis).to(x.dtype))
+        return gx, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- categorical
+
+
+def categorical(
+    x: Tensor, target: Tensor, weight: Tensor | None, axis: int, opts: CEOptions
+) -> Tensor | None:
+    r"""Categorical cross-entropy of probabilities, :math:`\ell_i = -\sum_k c_{ik}
+    \max(\log p_{ik}, -100)` with :math:`c = w \odot ((1-\varepsilon)t + \varepsilon/C)`, the
+    mean over rows; None for the generic path (focal loss; targets or weights that need a
+    gradient; see the module notes for the rest). The caller has checked `axis` and the
+    shapes and `weight`; the targets' range is checked here."""
+    if (
+        opts.gamma != 0
+        or x.numel() == 0
+        or _elsewhere(x, target, weight)
+        or _need_grad(target, weight)
+        or not _rows_fit(x, axis)
+        or (get_validation() and not _in_unit_interval(target))
+    ):
+        return None
+    dtype = torch.float32 if x.dtype in _LOW else x.dtype
+    t = target if target.dtype is dtype else target.to(dtype)
+    w = None if weight is None else weight.to(dtype)
+    c = _soft_coefficients(t, w, opts.label_smoothing, axis)
+    rows = x.numel() // x.shape[axis]
+    if x.requires_grad and torch.is_grad_enabled():
+        out = _CategoricalProbs.apply(x, c, axis, rows, opts.reduction)
+    else:
+        out = _categorical_value(x, c, axis, rows, opts.reduction)
+    return _half_result(out, x) if x.dtype in _LOW else out
+
+
+def _categorical_value(x: Tensor, c: Tensor, axis: int, rows: int, reduction: str) -> Tensor:
+    """The reduced loss: the clamped logs in place, times `c`, summed along `axis`."""
+    terms = clamped_log(x.float() if x.dtype in _LOW else x)
+    row = terms.mul_(c).sum(axis).neg_()  # -(sum c log p): the same bits as sum c (-log p)
+    if reduction == "none":
+        return row
+    total = row.sum()
+    return total if reduction == "sum" else total / rows
+
+
+class _CategoricalProbs(torch.autograd.Function):
+    r""":func:`categorical` with a gradient: :math:`-s\,c/p` (0 where clamped), in one
+    expression of differentiable operations (double backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, c: Tensor, axis: int, rows: int, reduction: str) -> Tensor:
+        ctx.save_for_backward(x, c)
+        ctx.axis, ctx.rows, ctx.reduction = axis, rows, reduction
+        return _categorical_value(x, c, axis, rows, reduction)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, c = ctx.saved_tensors
+        xc = x.float() if x.dtype in _LOW else x
+        s = -grad.to(xc.dtype)  # the loss is -sum c log p
+        if ctx.reduction == "none":
+            s = s.unsqueeze(ctx.axis)
+        elif ctx.reduction == "mean":
+            s = s / ctx.rows
+        gx = log_derivative(xc, c * s)
+        return gx.to(x.dtype), None, None, None, None
+
+
+# --------------------------------------------------------------------------- binary
+
+
+def binary(
+    x: object, target: object, weight: object, pos_weight: object, eps: float, opts: CEOptions
+) -> Tensor | None:
+    r"""Binary cross-entropy of probabilities,
+
+    .. math:: \ell = -\bigl(P \max(\log p, -100) + N \max(\log(1-p), -100)\bigr),
+
+    :math:`P = w\,\alpha\,p_w\,t` and :math:`N = w\,(1-\alpha)(1-t)` (:math:`t` after
+    smoothing), :math:`\log(1-p)` as ``log1p(-p)``; None for the generic path (focal loss,
+    targets or weights that need a gradient, values the checks refuse, traced calls).
+    PyTorch's ``F.binary_cross_entropy`` computes the same value element by element in
+    scalar code (13 ms for a million float32 elements, 1 thread); here a few vectorized
+    passes, and a gradient that is 0 where a log is clamped (PyTorch's divides by
+    :math:`\max(p(1-p), 10^{-12})`: -1e12 for :math:`p = 0`, :math:`t = 1`)."""
+    if not (
+        opts.gamma == 0
+        and isinstance(x, Tensor)
+        and isinstance(target, Tensor)
+        and x.dtype in _FLOATS
+        and target.dtype in _FLOATS
+        and x.shape == target.shape
+        and x.numel()
+        and _own_eager(x)
+        and target.device == x.device
+        and not _need_grad(target)
+        and not (x.dtype in _LOW and torch_autocast(x))  # the generic formula: float32 there
+    ):
+        return None
+    checked = get_validation()
+    cdt = torch.float32 if x.dtype in _LOW else x.dtype
+    coefs = _binary_coefs(x, cdt, weight, pos_weight, opts.alpha, checked=checked)
+    if coefs is None or (checked and not (_in_unit_interval(x) and _in_unit_interval(target))):
+        return None  # the generic path's message (NaN: its propagation)
+    pos, neg = _masses(_smoothed(target.detach(), cdt, eps), *coefs)
+    if x.requires_grad and torch.is_grad_enabled():
+        out = _BinaryProbs.apply(x, pos, neg, opts.reduction)
+    else:
+        out = _binary_value(x, pos, neg, opts.reduction)
+    return out if out.dtype is x.dtype else out.to(x.dtype)
+
+
+def _binary_value(x: Tensor, pos: Tensor, neg: Tensor, reduction: str) -> Tensor:
+    """The reduced loss: the two clamped logs, each times its mass, in place."""
+    p = x.float() if x.dtype in _LOW else x
+    log_not_p = torch.neg(p).log1p_().clamp_min_(LOG_CLAMP)
+    loss = clamped_log(p).mul_(pos).add_(log_not_p.mul_(neg)).neg_()
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total if reduction == "sum" else total / loss.numel()
+
+
+class _BinaryProbs(torch.autograd.Function):
+    r""":func:`binary` with a gradient: :math:`\partial_p\ell = N/(1-p) - P/p`, each term 0
+    where its log is clamped (:math:`p = 1`; below :func:`clamp_floor`), by differentiable
+    operations (double backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, pos: Tensor, neg: Tensor, reduction: str) -> Tensor:
+        ctx.save_for_backward(x, pos, neg)
+        ctx.reduction = reduction
+        return _binary_value(x, pos, neg, reduction)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, pos, neg = ctx.saved_tensors
+        p = x.float() if x.dtype in _LOW else x
+        s = grad.to(p.dtype)
+        if ctx.reduction == "mean":
+            s = s / x.numel()
+        d_not_p = torch.where(p == 1, 0.0, neg / (1 - p))
+        d = (d_not_p - log_derivative(p, pos)) * s
+        return d.to(x.dtype), None, None, None

@@ -1,0 +1,386 @@
+"""The PyTorch executor's losses from probabilities (:mod:`crossent._backends._torch_probs`).
+
+Each is held to a float64 reference written here from the documented formula (the log
+clamped at -100, its derivative 0 where clamped), to the generic array-API formulas the
+executor replaces (the same call with the executor's module switched off), and to
+PyTorch's own loss where it has the option.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+import crossent as ce  # noqa: E402
+from crossent._backends import _torch as torch_exec  # noqa: E402
+from crossent._backends import _torch_probs  # noqa: E402
+
+NODES = {
+    "sparse": "_SparseProbsBackward",
+    "categorical": "_CategoricalProbsBackward",
+    "binary": "_BinaryProbsBackward",
+}
+
+
+class _Off:
+    """The executor's module for probabilities with every loss returning None."""
+
+    sparse = categorical = binary = staticmethod(lambda *args, **kwargs: None)
+
+
+@contextlib.contextmanager
+def _generic() -> Iterator[None]:
+    """Losses from probabilities through the generic array-API formulas."""
+    saved = torch_exec._probabilities
+    torch_exec._probabilities = lambda: _Off  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch_exec._probabilities = saved
+
+
+def _probabilities(rows: int, classes: int, seed: int, *, zeros: bool) -> np.ndarray:
+    """Softmax rows in float64; with `zeros`, some classes exactly 0 and one row one-hot."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(rows, classes)) * 3
+    if zeros:
+        z[rng.random((rows, classes)) < 0.3] = -np.inf
+        z[:, 0] = np.maximum(z[:, 0], 0.0)  # every row keeps a finite class
+        z[0] = -np.inf
+        z[0, -1] = 0.0
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _clamped_log(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.maximum(np.log(p), -100.0)
+
+
+def _log_derivative(p: np.ndarray) -> np.ndarray:
+    """d max(log p, -100) / dp: 1/p where log p >= -100, else 0."""
+    with np.errstate(divide="ignore"):
+        return np.where(np.log(p) < -100, 0.0, 1 / np.where(p == 0, 1.0, p))
+
+
+def _reduce(row: np.ndarray, reduction: str, den: float) -> np.ndarray:
+    if reduction == "none":
+        return row
+    return np.asarray(row.sum() / (den if reduction == "mean" else 1.0))
+
+
+def _value_and_grad(loss: Any, x: Any, reduction: str, seed: int) -> tuple[Any, Any]:
+    """The loss and the gradient of its weighted sum (random upstream weights for "none")."""
+    xg = x.detach().clone().requires_grad_(True)
+    out = loss(xg)
+    up = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    (grad,) = torch.autograd.grad((out * (up if reduction == "none" else 1)).sum(), xg)
+    return out.detach(), grad, up
+
+
+# --------------------------------------------------------------------------- sparse
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    classes=st.integers(1, 7),
+    seed=st.integers(0, 2**16),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    weighted=st.booleans(),
+    ignore=st.booleans(),
+    zeros=st.booleans(),
+)
+def test_sparse_equals_the_reference_and_the_generic_formulas(
+    rows: int, classes: int, seed: int, reduction: str, weighted: bool, ignore: bool, zeros: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    p = _probabilities(rows, classes, seed, zeros=zeros)
+    y = rng.integers(0, classes, rows)
+    w = rng.random(classes) + 0.25 if weighted else np.ones(classes)
+    counted = np.ones(rows, bool)
+    if ignore:
+        counted = rng.random(rows) < 0.6
+        y = np.where(counted, y, -100)
+    label = np.where(counted, y, 0)
+    p_y = p[np.arange(rows), label]
+    w_y = np.where(counted, w[label], 0.0)
+    den = w_y.sum() if w_y.sum() > 0 else math.inf
+    ref = _reduce(-w_y * _clamped_log(p_y), reduction, den)
+    kwargs: dict[str, Any] = {"reduction": reduction}
+    if weighted:
+        kwargs["weight"] = torch.tensor(w)
+    if ignore:
+        kwargs["ignore_index"] = -100
+
+    def loss(v: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(v, torch.tensor(y), **kwargs)
+
+    x = torch.tensor(p)
+    out, grad, up = _value_and_grad(loss, x, reduction, seed)
+    with _generic():
+        out_g, grad_g, _ = _value_and_grad(loss, x, reduction, seed)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-13, atol=0)
+    s = up.numpy() if reduction == "none" else np.full(rows, 1 / den if reduction == "mean" else 1)
+    ref_grad = np.zeros_like(p)
+    ref_grad[np.arange(rows), label] = -s * w_y * _log_derivative(p_y)
+    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-13, atol=0)
+    torch.testing.assert_close(out, out_g, rtol=1e-14, atol=0)
+    torch.testing.assert_close(grad, grad_g, rtol=1e-14, atol=0)
+    xg = x.clone().requires_grad_(True)
+    assert type(loss(xg).grad_fn).__name__ == NODES["sparse"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ignore_index", [None, -100])
+def test_sparse_matches_torch_nll_of_the_clamped_log(dtype: Any, ignore_index: Any) -> None:
+    """PyTorch's own way, ``F.nll_loss(p.log().clamp_min(-100), y)``: the same value and
+    gradient where no probability is 0 (half precision: computed in float32, rounded once)."""
+    p = torch.softmax(torch.randn(64, 33, generator=torch.Generator().manual_seed(1)), -1)
+    y = torch.randint(0, 33, (64,), generator=torch.Generator().manual_seed(2))
+    w = torch.rand(33, generator=torch.Generator().manual_seed(3)) + 0.5
+    kwargs: dict[str, Any] = {"weight": w}
+    if ignore_index is not None:
+        y[::5] = ignore_index
+        kwargs["ignore_index"] = ignore_index
+    x = p.to(dtype).requires_grad_(True)
+    out = ce.sparse_categorical_cross_entropy(x, y, **kwargs)
+    (grad,) = torch.autograd.grad(out, x)
+    x32 = x.detach().float().requires_grad_(True)
+    ref = F.nll_loss(x32.log().clamp_min(-100), y, **kwargs)
+    (ref_grad,) = torch.autograd.grad(ref, x32)
+    assert out.dtype == dtype and grad.dtype == dtype
+    torch.testing.assert_close(out, ref.to(dtype), rtol=1e-6 if dtype is torch.float32 else 0, atol=0)
+    torch.testing.assert_close(grad, ref_grad.to(dtype), rtol=1e-6, atol=1e-12)
+
+
+def test_sparse_at_probability_zero_has_a_zero_gradient() -> None:
+    """A target probability of exactly 0 costs 100 with derivative 0 (the clamp's); PyTorch's
+    ``nll_loss(p.log().clamp_min(-100))`` gives NaN there (0 times the log's 1/0)."""
+    x = torch.tensor([[0.0, 1.0], [0.25, 0.75]], requires_grad=True)
+    out = ce.sparse_categorical_cross_entropy(x, torch.tensor([0, 0]), reduction="none")
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), torch.tensor([100.0, math.log(4)]))
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 0.0], [-4.0, 0.0]]))
+    x2 = x.detach().clone().requires_grad_(True)
+    F.nll_loss(x2.log().clamp_min(-100), torch.tensor([0, 0])).backward()
+    assert torch.isnan(x2.grad[0, 0])
+
+
+def test_sparse_falls_back_where_the_generic_formulas_decide() -> None:
+    """NaN in another class propagates (the gather alone would not see it); padding rows of
+    zeros under ``ignore_index`` pass (the generic checks skip them); a bad row and a bad
+    label raise crossent's messages."""
+    x = torch.tensor([[0.5, 0.5, float("nan")], [0.2, 0.3, 0.5]])
+    out = ce.sparse_categorical_cross_entropy(x, torch.tensor([0, 1]), reduction="none")
+    assert math.isnan(out[0]) and out[1] == pytest.approx(-math.log(0.3))
+    padded = torch.tensor([[0.2, 0.8], [0.0, 0.0]], requires_grad=True)
+    out = ce.sparse_categorical_cross_entropy(padded, torch.tensor([1, -100]), ignore_index=-100)
+    out.backward()
+    assert out.item() == pytest.approx(-math.log(0.8))
+    torch.testing.assert_close(padded.grad, torch.tensor([[0.0, -1 / 0.8], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="sum to 1"):
+        ce.sparse_categorical_cross_entropy(torch.tensor([[0.5, 0.6]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        ce.sparse_categorical_cross_entropy(torch.tensor([[1.5, -0.5]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="target"):
+        ce.sparse_categorical_cross_entropy(torch.tensor([[0.5, 0.5]]), torch.tensor([2]))
+    with ce.validation(False), pytest.raises((ValueError, IndexError, RuntimeError)):
+        ce.sparse_categorical_cross_entropy(torch.tensor([[0.5, 0.5]]), torch.tensor([2]))
+
+
+def test_sparse_other_axis_int8_labels_and_double_backward() -> None:
+    x = torch.softmax(torch.randn(3, 4, 5, dtype=torch.float64), 1).requires_grad_(True)
+    y = torch.randint(0, 4, (3, 5), dtype=torch.int8)
+    w = torch.rand(4, dtype=torch.float64) + 0.5
+
+    def loss(v: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(v, y, axis=1, weight=w, reduction="sum")
+
+    assert type(loss(x).grad_fn).__name__ == NODES["sparse"]
+    ref = -(w[y.long()] * x.gather(1, y.long().unsqueeze(1)).squeeze(1).log()).sum()
+    torch.testing.assert_close(loss(x), ref, rtol=1e-14, atol=0)
+    with ce.validation(False):  # gradcheck's perturbed rows do not sum to 1
+        assert torch.autograd.gradgradcheck(loss, (x,))
+
+
+# --------------------------------------------------------------------------- categorical
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    classes=st.integers(1, 7),
+    seed=st.integers(0, 2**16),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    weighted=st.booleans(),
+    smoothing=st.sampled_from([0.0, 0.2]),
+    zeros=st.booleans(),
+)
+def test_categorical_equals_the_reference_and_the_generic_formulas(
+    rows: int,
+    classes: int,
+    seed: int,
+    reduction: str,
+    weighted: bool,
+    smoothing: float,
+    zeros: bool,
+) -> None:
+    rng = np.random.default_rng(seed)
+    p = _probabilities(rows, classes, seed, zeros=zeros)
+    t = _probabilities(rows, classes, seed + 1, zeros=True)
+    w = rng.random(classes) + 0.25 if weighted else np.ones(classes)
+    c = w * ((1 - smoothing) * t + smoothing / classes)
+    ref = _reduce(-(c * _clamped_log(p)).sum(axis=1), reduction, rows)
+    kwargs: dict[str, Any] = {"reduction": reduction, "label_smoothing": smoothing}
+    if weighted:
+        kwargs["weight"] = torch.tensor(w)
+
+    def loss(v: Any) -> Any:
+        return ce.categorical_cross_entropy(v, torch.tensor(t), **kwargs)
+
+    x = torch.tensor(p)
+    out, grad, up = _value_and_grad(loss, x, reduction, seed)
+    with _generic():
+        out_g, grad_g, _ = _value_and_grad(loss, x, reduction, seed)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-13, atol=1e-300)
+    s = up.numpy() if reduction == "none" else np.full(rows, 1 / rows if reduction == "mean" else 1)
+    np.testing.assert_allclose(grad.numpy(), -s[:, None] * c * _log_derivative(p), rtol=1e-13)
+    torch.testing.assert_close(out, out_g, rtol=1e-14, atol=0)
+    torch.testing.assert_close(grad, grad_g, rtol=1e-14, atol=0)
+    xg = x.clone().requires_grad_(True)
+    assert type(loss(xg).grad_fn).__name__ == NODES["categorical"]
+
+
+def test_categorical_half_precision_other_axis_and_double_backward() -> None:
+    p = torch.softmax(torch.randn(5, 6, 3, generator=torch.Generator().manual_seed(4)), 1)
+    t = torch.softmax(torch.randn(5, 6, 3, generator=torch.Generator().manual_seed(5)), 1)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = p.to(dtype).requires_grad_(True)
+        out = ce.categorical_cross_entropy(x, t, axis=1)
+        (grad,) = torch.autograd.grad(out, x)
+        x32 = x.detach().float()
+        ref = -(t * x32.log()).sum(1).mean()
+        assert out.dtype == dtype and grad.dtype == dtype
+        torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
+        torch.testing.assert_close(grad, (-t / x32 / 15).to(dtype), rtol=0, atol=0)
+    x = p.double().requires_grad_(True)
+    with ce.validation(False):
+        assert torch.autograd.gradgradcheck(
+            lambda v: ce.categorical_cross_entropy(v, t.double(), axis=1, reduction="none"), (x,)
+        )
+
+
+def test_categorical_targets_needing_a_gradient_take_the_generic_formulas() -> None:
+    p = torch.softmax(torch.randn(4, 3, dtype=torch.float64), -1).requires_grad_(True)
+    t = torch.softmax(torch.randn(4, 3, dtype=torch.float64), -1).requires_grad_(True)
+    out = ce.categorical_cross_entropy(p, t)
+    assert type(out.grad_fn).__name__ != NODES["categorical"]
+    gp, gt = torch.autograd.grad(out, (p, t))
+    torch.testing.assert_close(gt, -p.detach().log() / 4)
+    torch.testing.assert_close(gp, -t.detach() / p.detach() / 4)
+
+
+# --------------------------------------------------------------------------- binary
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.sampled_from([(7,), (3, 4), (2, 3, 2)]),
+    seed=st.integers(0, 2**16),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    weighted=st.sampled_from(["none", "weight", "pos_weight", "both"]),
+    smoothing=st.sampled_from([0.0, 0.1]),
+    alpha=st.sampled_from([None, 0.25]),
+)
+def test_binary_equals_the_reference_and_the_generic_formulas(
+    shape: tuple[int, ...],
+    seed: int,
+    reduction: str,
+    weighted: str,
+    smoothing: float,
+    alpha: Any,
+) -> None:
+    rng = np.random.default_rng(seed)
+    p = rng.random(shape)
+    p.flat[:: max(1, p.size // 3)] = rng.choice([0.0, 1.0, 1e-300, 1 - 1e-16])
+    t = rng.random(shape)
+    w = rng.random(shape[-1]) + 0.25
+    ts = t * (1 - smoothing) + smoothing / 2
+    a_pos, a_neg = (1.0, 1.0) if alpha is None else (alpha, 1 - alpha)
+    w_ = w if weighted in ("weight", "both") else 1.0
+    pw = w[::-1].copy() if weighted in ("pos_weight", "both") else 1.0
+    pos, neg = w_ * a_pos * pw * ts, w_ * a_neg * (1 - ts)
+    with np.errstate(divide="ignore"):
+        log_not_p = np.maximum(np.log1p(-p), -100.0)
+        d_not_p = np.where(p == 1, 0.0, neg / np.where(p == 1, 0.5, 1 - p))
+    ref = _reduce(-(pos * _clamped_log(p) + neg * log_not_p), reduction, p.size)
+    kwargs: dict[str, Any] = {"reduction": reduction, "label_smoothing": smoothing, "alpha": alpha}
+    if weighted in ("weight", "both"):
+        kwargs["weight"] = torch.tensor(w)
+    if weighted in ("pos_weight", "both"):
+        kwargs["pos_weight"] = torch.tensor(pw)
+
+    def loss(v: Any) -> Any:
+        return ce.binary_cross_entropy(v, torch.tensor(t), **kwargs)
+
+    x = torch.tensor(p)
+    out, grad, up = _value_and_grad(loss, x, reduction, seed)
+    with _generic():
+        out_g, grad_g, _ = _value_and_grad(loss, x, reduction, seed)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-13)
+    s = up.numpy() if reduction == "none" else 1 / p.size if reduction == "mean" else 1.0
+    ref_grad = s * (d_not_p - pos * _log_derivative(p))
+    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-13)
+    torch.testing.assert_close(out, out_g, rtol=1e-14, atol=0)
+    torch.testing.assert_close(grad, grad_g, rtol=1e-14, atol=0)
+    xg = x.clone().requires_grad_(True)
+    assert type(loss(xg).grad_fn).__name__ == NODES["binary"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_binary_matches_torch_where_no_log_is_clamped(dtype: Any) -> None:
+    g = torch.Generator().manual_seed(6)
+    x = (torch.rand(50, 7, generator=g) * 0.98 + 0.01).to(dtype).requires_grad_(True)
+    t = torch.rand(50, 7, generator=g).to(dtype)
+    w = (torch.rand(7, generator=g) + 0.5).to(dtype)
+    out = ce.binary_cross_entropy(x, t, weight=w)
+    (grad,) = torch.autograd.grad(out, x)
+    x32 = x.detach().float().requires_grad_(True)
+    ref = F.binary_cross_entropy(x32, t.float(), weight=w.float().expand(50, 7))
+    (ref_grad,) = torch.autograd.grad(ref, x32)
+    assert out.dtype == dtype and grad.dtype == dtype
+    tol = {"rtol": 1e-5, "atol": 1e-9} if dtype is not torch.bfloat16 else {}
+    torch.testing.assert_close(out, ref.to(dtype), **tol)
+    torch.testing.assert_close(grad, ref_grad.to(dtype), **tol)
+    assert type(out.grad_fn).__name__ in (NODES["binary"], "ToCopyBackward0")
+
+
+def test_binary_checks_and_nan() -> None:
+    with pytest.raises(ValueError, match="input"):
+        ce.binary_cross_entropy(torch.tensor([1.5]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="target"):
+        ce.binary_cross_entropy(torch.tensor([0.5]), torch.tensor([2.0]))
+    out = ce.binary_cross_entropy(torch.tensor([0.5, float("nan")]), torch.tensor([1.0, 0.0]))
+    assert math.isnan(out)
+
+
+# --------------------------------------------------------------------------- the clamp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clamp_floor_is_where_the_log_reaches_minus_100(dtype: Any) -> None:
+    floor = torch.tensor(_torch_probs.clamp_floor(dtype), dtype=dtype)
+    below = torch.nextafter(floor, torch.zeros((), dtype=dtype))
+    assert torch.log(floor) >= -100 > torch.log(below)
+    assert floor.item() == pytest.approx(math.exp(-100), rel=0.05)
