@@ -73,13 +73,13 @@ def compare(
 
 
 def _row(case: str, ref_s: float, ours_s: float) -> str:
-    return f"| {case:<46} | {ref_s * 1e6:>11.1f} | {ours_s * 1e6:>11.1f} | {ours_s / ref_s:>5.2f} |"
+    return f"| {case:<54} | {ref_s * 1e6:>11.1f} | {ours_s * 1e6:>11.1f} | {ours_s / ref_s:>5.2f} |"
 
 
 def _header(title: str, ref: str) -> None:
     print(f"\n{title}")
-    print(f"| {'case':<46} | {ref + ' µs':>11} | {'crossent µs':>11} | {'ratio':>5} |")
-    print(f"|{'-' * 48}|{'-' * 13}|{'-' * 13}|{'-' * 7}|")
+    print(f"| {'case':<54} | {ref + ' µs':>11} | {'crossent µs':>11} | {'ratio':>5} |")
+    print(f"|{'-' * 56}|{'-' * 13}|{'-' * 13}|{'-' * 7}|")
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -223,10 +223,10 @@ def _first_call_s(fn: Callable[[], object]) -> float:
 
 def _compile_table(rows: list[tuple[str, float, float]]) -> None:
     print("\nCompile time (wall s of the first call, fresh inductor cache)")
-    print(f"| {'case':<46} | {'torch s':>11} | {'crossent s':>11} | {'ratio':>5} |")
-    print(f"|{'-' * 48}|{'-' * 13}|{'-' * 13}|{'-' * 7}|")
+    print(f"| {'case':<54} | {'torch s':>11} | {'crossent s':>11} | {'ratio':>5} |")
+    print(f"|{'-' * 56}|{'-' * 13}|{'-' * 13}|{'-' * 7}|")
     for case, ref_s, ours_s in rows:
-        print(f"| {case:<46} | {ref_s:>11.2f} | {ours_s:>11.2f} | {ours_s / ref_s:>5.2f} |")
+        print(f"| {case:<54} | {ref_s:>11.2f} | {ours_s:>11.2f} | {ours_s / ref_s:>5.2f} |")
 
 
 def _torch_row(
@@ -300,8 +300,8 @@ def _torch_memory(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> Non
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     print("\nPyTorch eager fwd+bwd, peak allocated memory (MiB; ratio = crossent / torch)")
-    print(f"| {'case':<46} | {'torch MiB':>11} | {'crossent MiB':>12} | {'ratio':>5} |")
-    print(f"|{'-' * 48}|{'-' * 13}|{'-' * 14}|{'-' * 7}|")
+    print(f"| {'case':<54} | {'torch MiB':>11} | {'crossent MiB':>12} | {'ratio':>5} |")
+    print(f"|{'-' * 56}|{'-' * 13}|{'-' * 14}|{'-' * 7}|")
     for n, c in sizes:
         for dname in args.dtypes:
             for name, (x, ours, ref) in _selected_torch_cases(args, n, c, dtypes[dname]):
@@ -314,7 +314,7 @@ def _torch_memory(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> Non
                 r, o = (p / 2**20 for p in peaks)
                 ratio = o / r if r else float("nan")
                 case = f"{name} {n}x{c} {dname} fwd+bwd"
-                print(f"| {case:<46} | {r:>11.2f} | {o:>12.2f} | {ratio:>5.2f} |", flush=True)
+                print(f"| {case:<54} | {r:>11.2f} | {o:>12.2f} | {ratio:>5.2f} |", flush=True)
 
 
 # --------------------------------------------------------------------------- JAX and NumPy

@@ -159,8 +159,11 @@ def test_sparse_matches_torch_nll_of_the_clamped_log(dtype: Any, ignore_index: A
     x32 = x.detach().float().requires_grad_(True)
     ref = F.nll_loss(x32.log().clamp_min(-100), y, **kwargs)
     (ref_grad,) = torch.autograd.grad(ref, x32)
-    assert out.dtype == dtype and grad.dtype == dtype
-    torch.testing.assert_close(out, ref.to(dtype), rtol=1e-6 if dtype is torch.float32 else 0, atol=0)
+    assert out.dtype == dtype
+    assert grad.dtype == dtype
+    torch.testing.assert_close(
+        out, ref.to(dtype), rtol=1e-6 if dtype is torch.float32 else 0, atol=0
+    )
     torch.testing.assert_close(grad, ref_grad.to(dtype), rtol=1e-6, atol=1e-12)
 
 
@@ -183,7 +186,8 @@ def test_sparse_falls_back_where_the_generic_formulas_decide() -> None:
     label raise crossent's messages."""
     x = torch.tensor([[0.5, 0.5, float("nan")], [0.2, 0.3, 0.5]])
     out = ce.sparse_categorical_cross_entropy(x, torch.tensor([0, 1]), reduction="none")
-    assert math.isnan(out[0]) and out[1] == pytest.approx(-math.log(0.3))
+    assert math.isnan(out[0])
+    assert out[1] == pytest.approx(-math.log(0.3))
     padded = torch.tensor([[0.2, 0.8], [0.0, 0.0]], requires_grad=True)
     out = ce.sparse_categorical_cross_entropy(padded, torch.tensor([1, -100]), ignore_index=-100)
     out.backward()
@@ -271,7 +275,8 @@ def test_categorical_half_precision_other_axis_and_double_backward() -> None:
         (grad,) = torch.autograd.grad(out, x)
         x32 = x.detach().float()
         ref = -(t * x32.log()).sum(1).mean()
-        assert out.dtype == dtype and grad.dtype == dtype
+        assert out.dtype == dtype
+        assert grad.dtype == dtype
         torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
         torch.testing.assert_close(grad, (-t / x32 / 15).to(dtype), rtol=0, atol=0)
     x = p.double().requires_grad_(True)
@@ -359,7 +364,8 @@ def test_binary_matches_torch_where_no_log_is_clamped(dtype: Any) -> None:
     x32 = x.detach().float().requires_grad_(True)
     ref = F.binary_cross_entropy(x32, t.float(), weight=w.float().expand(50, 7))
     (ref_grad,) = torch.autograd.grad(ref, x32)
-    assert out.dtype == dtype and grad.dtype == dtype
+    assert out.dtype == dtype
+    assert grad.dtype == dtype
     tol = {"rtol": 1e-5, "atol": 1e-9} if dtype is not torch.bfloat16 else {}
     torch.testing.assert_close(out, ref.to(dtype), **tol)
     torch.testing.assert_close(grad, ref_grad.to(dtype), **tol)
@@ -384,3 +390,30 @@ def test_clamp_floor_is_where_the_log_reaches_minus_100(dtype: Any) -> None:
     below = torch.nextafter(floor, torch.zeros((), dtype=dtype))
     assert torch.log(floor) >= -100 > torch.log(below)
     assert floor.item() == pytest.approx(math.exp(-100), rel=0.05)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+@pytest.mark.parametrize("up", [1.0, 0.37])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(NODES))
+def test_a_second_backward_gives_the_same_bits(name: str, dtype: Any, up: float) -> None:
+    """The first backward returns the gradient the forward formed; a second one (retained
+    graph) recomputes it in the same order of roundings (gradcheck's reentrancy)."""
+    g = torch.Generator().manual_seed(7)
+    p = torch.softmax(torch.randn(6, 5, generator=g).to(dtype), -1).requires_grad_(True)
+    t = torch.softmax(torch.randn(6, 5, generator=g).to(dtype), -1)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    losses = {
+        "sparse": lambda v: ce.sparse_categorical_cross_entropy(v, y),
+        "categorical": lambda v: ce.categorical_cross_entropy(v, t),
+        "binary": lambda v: ce.binary_cross_entropy(v, t),
+    }
+    out = losses[name](p)
+    assert type(out.grad_fn).__name__ in (NODES[name], "ToCopyBackward0")
+    upstream = torch.tensor(up, dtype=out.dtype)
+    (first,) = torch.autograd.grad(out, p, upstream, retain_graph=True)
+    (second,) = torch.autograd.grad(out, p, upstream)
+    assert torch.equal(first, second)
+    assert first.abs().sum() > 0

@@ -43,12 +43,14 @@ from crossent._backends._torch import (
     _FLOATS,
     _LOW,
     _binary_coefs,
+    _early_gradient,
     _half_result,
     _in_unit_interval,
     _label_error,
     _masses,
     _mean_denominator,
     _own_eager,
+    _scalar,
     _smoothed,
     _soft_coefficients,
     _valid_label,
@@ -89,7 +91,7 @@ def clamped_log(p: Tensor) -> Tensor:
     return p.log().clamp_min_(LOG_CLAMP)
 
 
-def log_derivative(p: Tensor, c: Tensor) -> Tensor:
+def log_derivative(p: Tensor, c: Tensor | float) -> Tensor:
     r""":math:`\partial_p\,(c \max(\log p, -100)) = c/p` where :math:`p` is at least
     :func:`clamp_floor`, 0 below (NaN stays NaN; three passes); differentiable operations."""
     return torch.where(p < clamp_floor(p.dtype), 0.0, c / p)
@@ -159,22 +161,23 @@ def sparse(
     t = index_target(target)
     valid, label = _valid_label(t, opts.ignore_index)
     index = label.unsqueeze(axis)
+    dtype = torch.float32 if x.dtype in _LOW else x.dtype
     try:
-        p = x.detach().gather(axis, index).squeeze(axis)
-    except RuntimeError as exc:  # a label outside [0, C): crossent's message
+        w_y: Tensor | None = None
+        if weight is not None:  # (huge weights scaled: no overflow of the mean's sums)
+            w = mean_class_weight(weight.detach().to(dtype), opts.reduction, 0.0, xp=torch)
+            w_y = None if w is None else w[label]
+        if valid is not None:
+            w_y = valid.to(dtype) if w_y is None else torch.where(valid, w_y, 0.0)
+        reduction = opts.reduction
+        den = _mean_denominator(w_y, None, t.numel(), dtype) if reduction == "mean" else 1.0
+        if x.requires_grad and torch.is_grad_enabled():
+            out = _SPARSE_APPLY(x, index, w_y, valid, den, (axis, reduction))
+        else:
+            out = _sparse_value(x.gather(axis, index).squeeze(axis), w_y, valid, den, reduction)
+    except (IndexError, RuntimeError) as exc:  # a label outside [0, C): crossent's message
         _label_error(exc, target, x.shape[axis], opts.ignore_index)
         raise  # pragma: no cover - _label_error always raises
-    dtype = torch.float32 if x.dtype in _LOW else x.dtype
-    w = None if weight is None else weight.detach().to(dtype)
-    w = mean_class_weight(w, opts.reduction, 0.0, xp=torch)  # no overflow of huge weights
-    w_y = None if w is None else w[label]
-    if valid is not None:
-        w_y = valid.to(dtype) if w_y is None else torch.where(valid, w_y, 0.0)
-    den = _mean_denominator(w_y, None, t.numel(), dtype) if opts.reduction == "mean" else 1.0
-    if x.requires_grad and torch.is_grad_enabled():
-        out = _SparseProbs.apply(x, index, w_y, valid, den, (axis, opts.reduction))
-    else:
-        out = _sparse_value(p, w_y, valid, den, opts.reduction)
     return _half_result(out, x) if x.dtype in _LOW else out
 
 
@@ -182,22 +185,69 @@ def _sparse_value(
     p: Tensor, w_y: Tensor | None, valid: Tensor | None, den: Tensor | float, reduction: str
 ) -> Tensor:
     """The reduced loss of the gathered target probabilities `p` (compute dtype: float32 for
-    half precision)."""
-    row = clamped_log(p.float() if p.dtype in _LOW else p).neg_()
+    half precision). A reduced loss negates the sum of the logs, not each (the same bits)."""
+    row = clamped_log(p.float() if p.dtype in _LOW else p)
     if w_y is not None:
         row = row.mul_(w_y)
+    if reduction == "none":
+        row = row.neg_()
     if valid is not None:  # an ignored row reads class 0, which may be anything (-0.5: NaN)
         row = torch.where(valid, row, 0.0)
     if reduction == "none":
         return row
     total = row.sum()
-    return total if reduction == "sum" else total / den
+    if reduction == "sum":
+        return total.neg_()
+    if isinstance(den, Tensor):
+        return total.div_(den).neg_()
+    return total.div_(_scalar(-den, total.dtype))
+
+
+def _sparse_gradient(
+    x: Tensor, index: Tensor, p: Tensor, w_y: Tensor | None, s: Tensor | float, axis: int
+) -> Tensor:
+    r""":math:`\partial/\partial x` of :math:`\sum_i s_i \ell_i` (`s` one number or one per row;
+    `p` the gathered target probabilities): :math:`-s_i w_{y_i} / p_{i y_i}` at the targets (0
+    where clamped, and at ignored rows, whose :math:`w_{y_i}` is 0), 0 elsewhere. Made of
+    differentiable operations (`p` gathered from `x` for a double backward)."""
+    pc = p.float() if p.dtype in _LOW else p
+    c = -s if w_y is None else w_y * -s
+    d = log_derivative(pc, c)
+    return torch.zeros_like(x).scatter_(axis, index, d.unsqueeze(axis).to(x.dtype))
+
+
+def _start(ctx: Any, reduction: str, den: Tensor | float, gradient: Any) -> None:
+    """Keep in `ctx` what :func:`_backward` needs; for a reduced loss, the gradient for an
+    upstream gradient of 1 (``ctx.early``), formed now, while the input is in cache."""
+    ctx.reduction, ctx.den, ctx.early = reduction, den, None
+    ctx.one = 1.0 if reduction != "mean" else 1 / den
+    if reduction != "none":
+        ctx.early = gradient(ctx.one)
+
+
+def _backward(ctx: Any, grad: Tensor, x: Tensor, gradient: Any) -> Tensor:
+    """The input's gradient: ``gradient(s)`` for the upstream gradient `s` (over the mean's
+    denominator). The forward's early gradient where it serves (``_early_gradient``);
+    otherwise, for a reduced loss outside a double backward, formed as the early one is and
+    then scaled, so that a second backward gives the same bits (reentrant); else (``"none"``,
+    ``create_graph=True``, half precision scaled) with the upstream gradient inside, by
+    differentiable operations."""
+    early = _early_gradient(ctx, grad, x)
+    if early is not None:
+        return early
+    if ctx.reduction != "none" and not torch.is_grad_enabled():
+        up = grad.item()
+        if up == 1.0:
+            return gradient(ctx.one)
+        if x.dtype not in _LOW:
+            return gradient(ctx.one).mul_(up)
+    s = grad.to(torch.float32 if x.dtype in _LOW else x.dtype)
+    return gradient(s / ctx.den if ctx.reduction == "mean" else s)
 
 
 class _SparseProbs(torch.autograd.Function):
-    r""":func:`sparse` with a gradient: :math:`\partial\ell_i/\partial p_{i y_i} =
-    -s_i w_{y_i} / p_{i y_i}` (0 where clamped; :math:`s_i` the upstream gradient, over the
-    mean's denominator), scattered into zeros; nothing of the input's size is kept."""
+    r""":func:`sparse` with a gradient (:func:`_sparse_gradient`; :func:`_start`,
+    :func:`_backward`)."""
 
     @staticmethod
     def forward(
@@ -211,23 +261,25 @@ class _SparseProbs(torch.autograd.Function):
     ) -> Tensor:
         axis, reduction = options
         ctx.save_for_backward(x, index, w_y)
-        ctx.axis, ctx.den, ctx.reduction = axis, den, reduction
+        ctx.axis = axis
         p = x.gather(axis, index).squeeze(axis)
+        _start(ctx, reduction, den, lambda s: _sparse_gradient(x, index, p, w_y, s, axis))
         return _sparse_value(p, w_y, valid, den, reduction)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        # an ignored row's coefficient is 0 (w_y): its -0 / p is 0, or 0 below the floor
         x, index, w_y = ctx.saved_tensors
         axis = ctx.axis
-        p = x.gather(axis, index).squeeze(axis)  # differentiable: double backward
-        pc = p.float() if p.dtype in _LOW else p
-        s = -grad.to(pc.dtype)  # the loss is -w_y log p_y
-        if ctx.reduction == "mean":
-            s = s / ctx.den
-        d = log_derivative(pc, s if w_y is None else s * w_y)
-        gx = torch.zeros_like(x).scatter(axis, index, d.unsqueeze(axis).to(x.dtype))
-        return gx, None, None, None, None, None
+
+        def gradient(s: Tensor | float) -> Tensor:  # p gathered again: differentiable
+            return _sparse_gradient(x, index, x.gather(axis, index).squeeze(axis), w_y, s, axis)
+
+        return _backward(ctx, grad, x, gradient), None, None, None, None, None
+
+
+_SPARSE_APPLY = super(torch.autograd.Function, _SparseProbs).apply
+"""``_SparseProbs.apply`` without ``Function.apply``'s Python prologue (as ``._torch``'s
+``_SMALL_APPLY``): the eager CPU path it serves runs under no ``torch.func`` transform."""
 
 
 # --------------------------------------------------------------------------- categorical
@@ -256,7 +308,7 @@ def categorical(
     c = _soft_coefficients(t, w, opts.label_smoothing, axis)
     rows = x.numel() // x.shape[axis]
     if x.requires_grad and torch.is_grad_enabled():
-        out = _CategoricalProbs.apply(x, c, axis, rows, opts.reduction)
+        out = _CATEGORICAL_APPLY(x, c, axis, rows, opts.reduction)
     else:
         out = _categorical_value(x, c, axis, rows, opts.reduction)
     return _half_result(out, x) if x.dtype in _LOW else out
@@ -273,26 +325,36 @@ def _categorical_value(x: Tensor, c: Tensor, axis: int, rows: int, reduction: st
 
 
 class _CategoricalProbs(torch.autograd.Function):
-    r""":func:`categorical` with a gradient: :math:`-s\,c/p` (0 where clamped), in one
-    expression of differentiable operations (double backward)."""
+    r""":func:`categorical` with a gradient (:func:`_categorical_gradient`; :func:`_start`,
+    :func:`_backward`)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, c: Tensor, axis: int, rows: int, reduction: str) -> Tensor:
         ctx.save_for_backward(x, c)
-        ctx.axis, ctx.rows, ctx.reduction = axis, rows, reduction
+        ctx.axis = axis
+        _start(ctx, reduction, rows, lambda s: _categorical_gradient(x, c, s, axis))
         return _categorical_value(x, c, axis, rows, reduction)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, c = ctx.saved_tensors
-        xc = x.float() if x.dtype in _LOW else x
-        s = -grad.to(xc.dtype)  # the loss is -sum c log p
-        if ctx.reduction == "none":
-            s = s.unsqueeze(ctx.axis)
-        elif ctx.reduction == "mean":
-            s = s / ctx.rows
-        gx = log_derivative(xc, c * s)
-        return gx.to(x.dtype), None, None, None, None
+        axis = ctx.axis
+        gx = _backward(ctx, grad, x, lambda s: _categorical_gradient(x, c, s, axis))
+        return gx, None, None, None, None
+
+
+def _categorical_gradient(x: Tensor, c: Tensor, s: Tensor | float, axis: int) -> Tensor:
+    r""":math:`-s\,c/p` (0 where clamped) in `x`'s dtype: the gradient of
+    :math:`\sum_i s_i \ell_i` (`s` one number, or one per row)."""
+    xc = x.float() if x.dtype in _LOW else x
+    if isinstance(s, Tensor) and s.ndim:
+        s = s.unsqueeze(axis)
+    d = log_derivative(xc, c * -s)
+    return d if d.dtype is x.dtype else d.to(x.dtype)
+
+
+_CATEGORICAL_APPLY = super(torch.autograd.Function, _CategoricalProbs).apply
+""":data:`_SPARSE_APPLY`'s shortcut for :class:`_CategoricalProbs`."""
 
 
 # --------------------------------------------------------------------------- binary
@@ -333,7 +395,7 @@ def binary(
         return None  # the generic path's message (NaN: its propagation)
     pos, neg = _masses(_smoothed(target.detach(), cdt, eps), *coefs)
     if x.requires_grad and torch.is_grad_enabled():
-        out = _BinaryProbs.apply(x, pos, neg, opts.reduction)
+        out = _BINARY_APPLY(x, pos, neg, opts.reduction)
     else:
         out = _binary_value(x, pos, neg, opts.reduction)
     return out if out.dtype is x.dtype else out.to(x.dtype)
@@ -351,23 +413,29 @@ def _binary_value(x: Tensor, pos: Tensor, neg: Tensor, reduction: str) -> Tensor
 
 
 class _BinaryProbs(torch.autograd.Function):
-    r""":func:`binary` with a gradient: :math:`\partial_p\ell = N/(1-p) - P/p`, each term 0
-    where its log is clamped (:math:`p = 1`; below :func:`clamp_floor`), by differentiable
-    operations (double backward)."""
+    r""":func:`binary` with a gradient (:func:`_binary_gradient`; :func:`_start`,
+    :func:`_backward`)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, pos: Tensor, neg: Tensor, reduction: str) -> Tensor:
         ctx.save_for_backward(x, pos, neg)
-        ctx.reduction = reduction
+        _start(ctx, reduction, x.numel(), lambda s: _binary_gradient(x, pos, neg, s))
         return _binary_value(x, pos, neg, reduction)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, pos, neg = ctx.saved_tensors
-        p = x.float() if x.dtype in _LOW else x
-        s = grad.to(p.dtype)
-        if ctx.reduction == "mean":
-            s = s / x.numel()
-        d_not_p = torch.where(p == 1, 0.0, neg / (1 - p))
-        d = (d_not_p - log_derivative(p, pos)) * s
-        return d.to(x.dtype), None, None, None
+        return _backward(ctx, grad, x, lambda s: _binary_gradient(x, pos, neg, s)), None, None, None
+
+
+def _binary_gradient(x: Tensor, pos: Tensor, neg: Tensor, s: Tensor | float) -> Tensor:
+    r""":math:`s\,(N/(1-p) - P/p)` in `x`'s dtype, each term 0 where its log is clamped
+    (:math:`p = 1`; below :func:`clamp_floor`)."""
+    p = x.float() if x.dtype in _LOW else x
+    d_not_p = torch.where(p == 1, 0.0, neg / (1 - p))
+    d = (d_not_p - log_derivative(p, pos)) * s
+    return d if d.dtype is x.dtype else d.to(x.dtype)
+
+
+_BINARY_APPLY = super(torch.autograd.Function, _BinaryProbs).apply
+""":data:`_SPARSE_APPLY`'s shortcut for :class:`_BinaryProbs`."""
