@@ -182,19 +182,24 @@ def test_sparse_at_probability_zero_has_a_zero_gradient() -> None:
 
 def test_sparse_falls_back_where_the_generic_formulas_decide() -> None:
     """NaN in another class propagates (the gather alone would not see it); padding rows of
-    zeros under ``ignore_index`` pass (the generic checks skip them); a bad row and a bad
-    label raise crossent's messages."""
+    zeros under ``ignore_index`` pass (neither path checks them); a bad row and a bad label
+    raise crossent's messages."""
     x = torch.tensor([[0.5, 0.5, float("nan")], [0.2, 0.3, 0.5]])
     out = ce.sparse_categorical_cross_entropy(x, torch.tensor([0, 1]), reduction="none")
     assert math.isnan(out[0])
     assert out[1] == pytest.approx(-math.log(0.3))
     padded = torch.tensor([[0.2, 0.8], [0.0, 0.0]], requires_grad=True)
     out = ce.sparse_categorical_cross_entropy(padded, torch.tensor([1, -100]), ignore_index=-100)
+    assert type(out.grad_fn).__name__ == NODES["sparse"]  # the padding's sum is not checked
     out.backward()
     assert out.item() == pytest.approx(-math.log(0.8))
     torch.testing.assert_close(padded.grad, torch.tensor([[0.0, -1 / 0.8], [0.0, 0.0]]))
     with pytest.raises(ValueError, match="sum to 1"):
         ce.sparse_categorical_cross_entropy(torch.tensor([[0.5, 0.6]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="row 1 sums to"):
+        ce.sparse_categorical_cross_entropy(
+            torch.tensor([[0.0, 0.0], [0.5, 0.6]]), torch.tensor([-100, 0]), ignore_index=-100
+        )
     with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
         ce.sparse_categorical_cross_entropy(torch.tensor([[1.5, -0.5]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="target"):
