@@ -422,3 +422,23 @@ def test_a_second_backward_gives_the_same_bits(name: str, dtype: Any, up: float)
     (second,) = torch.autograd.grad(out, p, upstream)
     assert torch.equal(first, second)
     assert first.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["categorical", "binary"])
+def test_a_gradient_that_overflows_only_for_an_upstream_gradient_of_one(name: str) -> None:
+    """A subnormal probability's :math:`-c/p` overflows float32 for an upstream gradient of 1
+    (the gradient the forward forms), not at 0.07: the scaled gradient is the finite value,
+    and an upstream gradient of 0 gives zeros, not NaN (0 times -inf)."""
+    tiny = 9.687e-41
+    x = torch.tensor([[tiny, 1 - tiny]], dtype=torch.float32, requires_grad=True)
+    t = torch.tensor([[0.455, 0.545]])
+    if name == "categorical":
+        out = ce.categorical_cross_entropy(x, t)
+    else:
+        out = ce.binary_cross_entropy(x[:, :1], t[:, :1])
+    (grad,) = torch.autograd.grad(out, x, torch.tensor(0.07), retain_graph=True)
+    expected = -0.455 * 0.07 / x.detach()[0, 0].double()
+    assert torch.isfinite(grad[0, 0])
+    assert grad[0, 0].item() == pytest.approx(expected.item(), rel=1e-6)
+    (zero,) = torch.autograd.grad(out, x, torch.tensor(0.0))
+    assert torch.equal(zero, torch.zeros_like(zero))

@@ -49,7 +49,6 @@ from crossent._backends._torch import (
     _FLOATS,
     _LOW,
     _binary_coefs,
-    _early_gradient,
     _half_result,
     _in_unit_interval,
     _label_error,
@@ -237,20 +236,26 @@ def _start(ctx: Any, reduction: str, den: Tensor | float, gradient: Any) -> None
 
 def _backward(ctx: Any, grad: Tensor, x: Tensor, gradient: Any) -> Tensor:
     """The input's gradient: ``gradient(s)`` for the upstream gradient `s` (over the mean's
-    denominator). The forward's early gradient where it serves (``_early_gradient``);
-    otherwise, for a reduced loss outside a double backward, formed as the early one is and
-    then scaled, so that a second backward gives the same bits (reentrant); else (``"none"``,
-    ``create_graph=True``, half precision scaled) with the upstream gradient inside, by
-    differentiable operations."""
-    early = _early_gradient(ctx, grad, x)
-    if early is not None:
-        return early
+    denominator).
+
+    A reduced loss outside a double backward starts from the gradient for an upstream
+    gradient of 1: the forward's (``ctx.early``, once), or formed again as the forward formed
+    it, so that a second backward gives the same bits (reentrant); scaled by any other
+    upstream gradient, except in half precision (rounded once, below) and where it holds an
+    infinity: a subnormal probability's :math:`c/p` may overflow at 1 and not at the actual
+    scale (-inf against -3.3e38 for 0.455 / 9.7e-41 times 0.07), nor does 0 times it give
+    the 0 it should. Otherwise (``"none"``, ``create_graph=True``, those) the upstream
+    gradient enters the formula, by differentiable operations.
+    """
+    early, ctx.early = ctx.early, None
     if ctx.reduction != "none" and not torch.is_grad_enabled():
         up = grad.item()
         if up == 1.0:
-            return gradient(ctx.one)
+            return early if early is not None else gradient(ctx.one)
         if x.dtype not in _LOW:
-            return gradient(ctx.one).mul_(up)
+            unit = early if early is not None else gradient(ctx.one)
+            if not unit.isinf().any().item():
+                return unit.mul_(up)
     s = grad.to(torch.float32 if x.dtype in _LOW else x.dtype)
     return gradient(s / ctx.den if ctx.reduction == "mean" else s)
 
@@ -440,10 +445,13 @@ class _BinaryProbs(torch.autograd.Function):
 
 def _binary_gradient(x: Tensor, pos: Tensor, neg: Tensor, s: Tensor | float) -> Tensor:
     r""":math:`s\,(N/(1-p) - P/p)` in `x`'s dtype, each term 0 where its log is clamped
-    (:math:`p = 1`; below :func:`clamp_floor`)."""
+    (:math:`p = 1`; below :func:`clamp_floor`); `s` multiplies the masses before the
+    division (as autodiff's order: :math:`sP/p` of a subnormal :math:`p` is finite where
+    :math:`P/p` overflows)."""
     p = x.float() if x.dtype in _LOW else x
-    d_not_p = torch.where(p == 1, 0.0, neg / (1 - p))
-    d = (d_not_p - log_derivative(p, pos)) * s
+    if not (isinstance(s, float) and s == 1.0):
+        pos, neg = pos * s, neg * s
+    d = torch.where(p == 1, 0.0, neg / (1 - p)).sub_(log_derivative(p, pos))
     return d if d.dtype is x.dtype else d.to(x.dtype)
 
 
