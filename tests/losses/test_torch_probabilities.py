@@ -442,3 +442,54 @@ def test_a_gradient_that_overflows_only_for_an_upstream_gradient_of_one(name: st
     assert grad[0, 0].item() == pytest.approx(expected.item(), rel=1e-6)
     (zero,) = torch.autograd.grad(out, x, torch.tensor(0.0))
     assert torch.equal(zero, torch.zeros_like(zero))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_categorical_by_row_chunks_gives_the_unchunked_bits(
+    monkeypatch: Any, dtype: Any, reduction: str, grad: bool
+) -> None:
+    """Large 2-d inputs go by row chunks through float32 buffers (thresholds shrunk here so
+    that 13 rows make 5 chunks, the last one short): the same value and gradient, bit for
+    bit, as the whole-array path, also for a second backward and an upstream gradient
+    other than 1."""
+    g = torch.Generator().manual_seed(8)
+    p = torch.softmax(torch.randn(13, 7, generator=g) * 3, -1)
+    p[0, :3] = 0.0
+    p[0] /= p[0].sum()
+    x = p.to(dtype)
+    t = torch.softmax(torch.randn(13, 7, generator=g), -1).to(dtype)
+    w = torch.rand(7, generator=g) + 0.5
+    up = torch.rand(13, generator=g) if reduction == "none" else torch.tensor(0.3)
+
+    def run() -> tuple[Any, Any, Any]:
+        xg = x.clone().requires_grad_(grad)
+        out = ce.categorical_cross_entropy(
+            xg, t, weight=w, label_smoothing=0.1, reduction=reduction
+        )
+        if not grad:
+            return out, None, None
+        (first,) = torch.autograd.grad(out, xg, up.to(out.dtype), retain_graph=True)
+        (second,) = torch.autograd.grad(out, xg, up.to(out.dtype))
+        return out.detach(), first, second
+
+    whole = run()
+    monkeypatch.setattr(torch_exec, "_LOW_MIN", 1)
+    monkeypatch.setattr(torch_exec, "_LOW_MIN_FORWARD", 1)
+    monkeypatch.setattr(torch_exec, "_FLOAT32_CHUNKED", 1)
+    monkeypatch.setattr(torch_exec, "_LOW_SCRATCH", 2 * 3 * 7)
+    monkeypatch.setattr(_torch_probs, "_soft_chunked_from", torch_exec._soft_chunked_from)
+    chunks = run()
+    if grad or dtype is not torch.float32:  # float32 without a gradient is never chunked
+        assert chunks[0].dtype == dtype
+    for a, b in zip(whole, chunks, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    if grad:
+        assert torch.equal(chunks[1], chunks[2])
+        ref = -(w * (0.9 * t.double() + 0.1 / 7)) / x.double()
+        ref[0, :3] = 0.0  # the clamp
+        ref = ref * (up.double()[:, None] if reduction == "none" else up.double())
+        ref = ref / 13 if reduction == "mean" else ref
+        tol = {"rtol": 1e-6, "atol": 0} if dtype is torch.float32 else {}
+        torch.testing.assert_close(chunks[1], ref.to(dtype), **tol)

@@ -52,11 +52,13 @@ from crossent._backends._torch import (
     _half_result,
     _in_unit_interval,
     _label_error,
+    _low_chunks,
     _masses,
     _mean_denominator,
     _own_eager,
     _scalar,
     _smoothed,
+    _soft_chunked_from,
     _soft_coefficients,
     _valid_label,
     _weight_needs_grad,
@@ -91,15 +93,23 @@ def clamp_floor(dtype: torch.dtype) -> float:
     return floor
 
 
-def clamped_log(p: Tensor) -> Tensor:
-    r""":math:`\max(\log p, -100)`, a new tensor (NaN stays NaN)."""
-    return p.log().clamp_min_(LOG_CLAMP)
+def clamped_log(p: Tensor, *, out: Tensor | None = None) -> Tensor:
+    r""":math:`\max(\log p, -100)` (NaN stays NaN): a new tensor, or written into `out`."""
+    return (
+        torch.log(p, out=out).clamp_min_(LOG_CLAMP)
+        if out is not None
+        else p.log().clamp_min_(LOG_CLAMP)
+    )
 
 
-def log_derivative(p: Tensor, c: Tensor | float) -> Tensor:
+def log_derivative(p: Tensor, c: Tensor | float, *, out: Tensor | None = None) -> Tensor:
     r""":math:`\partial_p\,(c \max(\log p, -100)) = c/p` where :math:`p` is at least
-    :func:`clamp_floor`, 0 below (NaN stays NaN; three passes); differentiable operations."""
-    return torch.where(p < clamp_floor(p.dtype), 0.0, c / p)
+    :func:`clamp_floor`, 0 below (NaN stays NaN; three passes): differentiable operations,
+    or with `out` (which may be `c`) written there."""
+    floor = clamp_floor(p.dtype)
+    if out is not None:
+        return torch.div(c, p, out=out).masked_fill_(p < floor, 0.0)
+    return torch.where(p < floor, 0.0, c / p)
 
 
 def _tolerance(dtype: torch.dtype, sum_dtype: torch.dtype, num_classes: int) -> float:
@@ -307,7 +317,9 @@ def categorical(
     \max(\log p_{ik}, -100)` with :math:`c = w \odot ((1-\varepsilon)t + \varepsilon/C)`, the
     mean over rows; None for the generic path (focal loss; targets or weights that need a
     gradient; see the module notes for the rest). The caller has checked `axis` and the
-    shapes and `weight`; the targets' range is checked here."""
+    shapes and `weight`; the targets' range is checked here. Large 2-d inputs (half
+    precision; float32 with a gradient: ``._torch._soft_chunked_from``) go by row chunks
+    through reused float32 buffers (:func:`_categorical_chunks`)."""
     if (
         opts.gamma != 0
         or x.numel() == 0
@@ -318,44 +330,100 @@ def categorical(
     ):
         return None
     dtype = torch.float32 if x.dtype in _LOW else x.dtype
-    t = target if target.dtype is dtype else target.to(dtype)
-    w = None if weight is None else weight.to(dtype)
-    c = _soft_coefficients(t, w, opts.label_smoothing, axis)
-    rows = x.numel() // x.shape[axis]
+    t = target.detach()
+    w = None if weight is None else weight.detach().to(dtype)
+    chunked = x.ndim == 2 and axis == 1 and x.numel() >= _soft_chunked_from(x)
+    if not chunked and t.dtype is not dtype:
+        t = t.to(dtype)
+    options = (axis, x.numel() // x.shape[axis], opts.label_smoothing, opts.reduction, chunked)
     if x.requires_grad and torch.is_grad_enabled():
-        out = _CATEGORICAL_APPLY(x, c, axis, rows, opts.reduction)
+        out = _CATEGORICAL_APPLY(x, t, w, options)
+    elif chunked:
+        out = _reduced_rows(_categorical_chunks(x, t, w, opts.label_smoothing), options)
     else:
-        out = _categorical_value(x, c, axis, rows, opts.reduction)
+        c = _soft_coefficients(t, w, opts.label_smoothing, axis)
+        out = _reduced_rows(_categorical_rows(x, c, axis), options)
     return _half_result(out, x) if x.dtype in _LOW else out
 
 
-def _categorical_value(x: Tensor, c: Tensor, axis: int, rows: int, reduction: str) -> Tensor:
-    """The reduced loss: the clamped logs in place, times `c`, summed along `axis`."""
-    terms = clamped_log(x.float() if x.dtype in _LOW else x)
-    row = terms.mul_(c).sum(axis).neg_()  # -(sum c log p): the same bits as sum c (-log p)
+_CategoricalOptions = tuple[int, int, float, str, bool]
+"""(class axis, number of rows, label smoothing, reduction, by row chunks)."""
+
+
+def _categorical_rows(x: Tensor, c: Tensor, axis: int) -> Tensor:
+    r"""Each row's :math:`\sum_k c_k \max(\log p_k, -100)`: the clamped logs in place, times
+    `c`, summed along `axis`."""
+    return clamped_log(x.float() if x.dtype in _LOW else x).mul_(c).sum(axis)
+
+
+def _reduced_rows(rows: Tensor, options: _CategoricalOptions) -> Tensor:
+    """The loss from :func:`_categorical_rows`: negated, reduced (a sum's negation: the same
+    bits as the sum of the negations)."""
+    _, count, _, reduction, _ = options
     if reduction == "none":
-        return row
-    total = row.sum()
-    return total if reduction == "sum" else total / rows
+        return rows.neg_()
+    total = rows.sum().neg_()
+    return total if reduction == "sum" else total / count
+
+
+def _categorical_chunks(
+    x: Tensor,
+    t: Tensor,
+    w: Tensor | None,
+    eps: float,
+    *,
+    s: Tensor | float | None = None,
+) -> Tensor:
+    """:func:`_categorical_rows` of 2-d `x` by row chunks (``._torch._low_chunks``: each chunk
+    of probabilities converted into a reused float32 buffer, the coefficients formed in
+    another); with `s` (a number, or one per row), :func:`_categorical_gradient`
+    for it instead, rounded once to `x`'s dtype."""
+    n = x.shape[0]
+    if s is None:
+        rows = torch.empty(n, 1, dtype=torch.float32, device=x.device)
+        for z, c, t_, rows_ in _low_chunks(x, t, rows, scratch=1):
+            c = _soft_coefficients(t_, w, eps, 1, out=c)
+            torch.sum(clamped_log(z, out=z).mul_(c), 1, keepdim=True, out=rows_)
+        return rows[:, 0]
+    g = torch.empty_like(x)
+    column = s.reshape(n, 1) if isinstance(s, Tensor) and s.ndim else None
+    parts = (t, g) if column is None else (t, g, column)
+    for z, c, t_, g_, *s_ in _low_chunks(x, *parts, scratch=1):
+        c = _soft_coefficients(t_, w, eps, 1, out=c)
+        g_.copy_(log_derivative(z, c.mul_(s_[0] if s_ else s).neg_(), out=c))
+    return g
 
 
 class _CategoricalProbs(torch.autograd.Function):
-    r""":func:`categorical` with a gradient (:func:`_categorical_gradient`; :func:`_start`,
-    :func:`_backward`)."""
+    r""":func:`categorical` with a gradient (:func:`_categorical_gradient`, or by chunks
+    :func:`_categorical_chunks`; :func:`_start`, :func:`_backward`)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, c: Tensor, axis: int, rows: int, reduction: str) -> Tensor:
-        ctx.save_for_backward(x, c)
-        ctx.axis = axis
-        _start(ctx, reduction, rows, lambda s: _categorical_gradient(x, c, s, axis))
-        return _categorical_value(x, c, axis, rows, reduction)
+    def forward(
+        ctx: Any, x: Tensor, t: Tensor, w: Tensor | None, options: _CategoricalOptions
+    ) -> Tensor:
+        axis, count, eps, reduction, chunked = options
+        ctx.save_for_backward(x, t, w)
+        ctx.options = options
+        if chunked:
+            _start(ctx, reduction, count, lambda s: _categorical_chunks(x, t, w, eps, s=s))
+            return _reduced_rows(_categorical_chunks(x, t, w, eps), options)
+        c = _soft_coefficients(t, w, eps, axis)
+        _start(ctx, reduction, count, lambda s: _categorical_gradient(x, c, s, axis))
+        return _reduced_rows(_categorical_rows(x, c, axis), options)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, c = ctx.saved_tensors
-        axis = ctx.axis
-        gx = _backward(ctx, grad, x, lambda s: _categorical_gradient(x, c, s, axis))
-        return gx, None, None, None, None
+        x, t, w = ctx.saved_tensors
+        axis, _, eps, _, chunked = ctx.options
+
+        def gradient(s: Tensor | float) -> Tensor:
+            if chunked and not torch.is_grad_enabled():  # the forward's bits
+                return _categorical_chunks(x, t, w, eps, s=s)
+            c = _soft_coefficients(t if x.dtype not in _LOW else t.float(), w, eps, axis)
+            return _categorical_gradient(x, c, s, axis)  # (recorded: a double backward)
+
+        return _backward(ctx, grad, x, gradient), None, None, None
 
 
 def _categorical_gradient(x: Tensor, c: Tensor, s: Tensor | float, axis: int) -> Tensor:
