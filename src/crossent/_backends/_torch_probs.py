@@ -22,8 +22,8 @@ the rule for these PyTorch kernels; the array-API formulas
 (:func:`crossent._losses._common.clamped_log`, its mask, ``where`` at the pole) state it
 for every other backend and for traced calls; the tests hold the two equal to float64
 rounding. The clamp is on where :math:`\log p < -100`, that is below
-:func:`clamp_floor`, the smallest probability of the dtype whose log is not below -100 (a
-comparison instead of a second log pass for the gradient).
+:func:`~crossent._losses._common.clamp_floor`, the smallest probability of the dtype whose
+log is not below -100 (a comparison instead of a second log pass for the gradient).
 
 The checks read values (eager CPU only): with validation on, every probability in
 [0, 1] (one ``aminmax``) and every row summing to 1 within
@@ -67,30 +67,10 @@ from crossent._backends._torch import (
 from crossent._lib._checks import row_sum_tolerance
 from crossent._lib._config import get_validation
 from crossent._lib._xp import _torch_namespace, torch_autocast
-from crossent._losses._common import LOG_CLAMP, mean_class_weight
+from crossent._losses._common import LOG_CLAMP, clamp_floor, mean_class_weight
 from crossent._losses._options import CEOptions
 
-__all__ = ["binary", "categorical", "clamp_floor", "clamped_log", "log_derivative", "sparse"]
-
-
-_FLOORS: dict[torch.dtype, float] = {}
-
-
-def clamp_floor(dtype: torch.dtype) -> float:
-    r"""The smallest `dtype` value :math:`p` with :math:`\log p \ge -100` (PyTorch's ``log``):
-    the clamp is on exactly below it. float32: a subnormal near :math:`e^{-100} \approx
-    3.7 \cdot 10^{-44}`, where neighbouring logs lie 0.04 apart, so no rounding of the log
-    decides it."""
-    floor = _FLOORS.get(dtype)
-    if floor is None:
-        v = torch.tensor(math.exp(LOG_CLAMP), dtype=dtype)
-        zero, one = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
-        while torch.log(v) >= LOG_CLAMP:  # down to the largest value clamped
-            v = torch.nextafter(v, zero)
-        while torch.log(v) < LOG_CLAMP:  # up to the smallest value not clamped
-            v = torch.nextafter(v, one)
-        floor = _FLOORS[dtype] = v.item()
-    return floor
+__all__ = ["binary", "categorical", "clamped_log", "log_derivative", "sparse"]
 
 
 def clamped_log(p: Tensor, *, out: Tensor | None = None) -> Tensor:
@@ -104,9 +84,9 @@ def clamped_log(p: Tensor, *, out: Tensor | None = None) -> Tensor:
 
 def log_derivative(p: Tensor, c: Tensor | float, *, out: Tensor | None = None) -> Tensor:
     r""":math:`\partial_p\,(c \max(\log p, -100)) = c/p` where :math:`p` is at least
-    :func:`clamp_floor`, 0 below (NaN stays NaN; three passes): differentiable operations,
-    or with `out` (which may be `c`) written there."""
-    floor = clamp_floor(p.dtype)
+    :func:`~crossent._losses._common.clamp_floor`, 0 below (NaN stays NaN; three passes):
+    differentiable operations, or with `out` (which may be `c`) written there."""
+    floor = clamp_floor(p.dtype, xp=torch)
     if out is not None:
         return torch.div(c, p, out=out).masked_fill_(p < floor, 0.0)
     return torch.where(p < floor, 0.0, c / p)
@@ -513,9 +493,9 @@ class _BinaryProbs(torch.autograd.Function):
 
 def _binary_gradient(x: Tensor, pos: Tensor, neg: Tensor, s: Tensor | float) -> Tensor:
     r""":math:`s\,(N/(1-p) - P/p)` in `x`'s dtype, each term 0 where its log is clamped
-    (:math:`p = 1`; below :func:`clamp_floor`); `s` multiplies the masses before the
-    division (as autodiff's order: :math:`sP/p` of a subnormal :math:`p` is finite where
-    :math:`P/p` overflows)."""
+    (:math:`p = 1`; below :func:`~crossent._losses._common.clamp_floor`); `s` multiplies the
+    masses before the division (as autodiff's order: :math:`sP/p` of a subnormal :math:`p`
+    is finite where :math:`P/p` overflows)."""
     p = x.float() if x.dtype in _LOW else x
     if not (isinstance(s, float) and s == 1.0):
         pos, neg = pos * s, neg * s

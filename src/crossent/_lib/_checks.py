@@ -24,6 +24,7 @@ import numpy as np
 from crossent._lib import _config
 from crossent._lib._xp import (
     Array,
+    astype,
     compute_dtype,
     dim_size,
     host_float,
@@ -412,7 +413,8 @@ def outside_unit_interval(
 
     PyTorch tensors on the CPU: one ``aminmax`` pass where all values are in range (the
     comparisons, their union and ``any`` were four: 5.8 ms of a 15 ms ``info.kl_divergence``
-    of two 1024 x 1000 float32 arrays). `known`: how a 0-d boolean is read,
+    of two 1024 x 1000 float32 arrays); NumPy arrays: ``min`` and ``max`` (0.5 ms of a 1.8 ms
+    sparse loss from 1024 x 1000 float32 probabilities). `known`: how a 0-d boolean is read,
     :func:`known_true`, or ``bool`` beneath ``torch.func`` transforms, where
     :func:`known_true` would call every tensor lazy.
     """
@@ -422,6 +424,10 @@ def outside_unit_interval(
         lo_, hi_ = torch.aminmax(x.detach())
         if lo_.item() >= 0 and hi_.item() <= 1:
             return None
+    elif (  # NumPy: two passes, no masks (NaN: the comparisons below decide)
+        type(x) is np.ndarray and x.dtype.kind == "f" and x.size and x.min() >= 0 and x.max() <= 1
+    ):
+        return None
     if known(xp.any((x < 0) | (x > 1))):
         return host_float(xp.min(x)), host_float(xp.max(x))
     return None
@@ -492,7 +498,7 @@ def _row_sums(x: Array, *, axis: int, xp: Any) -> tuple[Array, Array, float]:
     """(the sums of `x` along `axis`, the mask of those off 1 by more than the tolerance, the
     tolerance)."""
     tol = row_sum_tolerance(x.dtype, dim_size(x.shape[axis]), xp=xp)
-    sums = xp.sum(xp.astype(stop_gradient(x, xp=xp), compute_dtype(x.dtype, xp=xp)), axis=axis)
+    sums = xp.sum(astype(stop_gradient(x, xp=xp), compute_dtype(x.dtype, xp=xp), xp=xp), axis=axis)
     return sums, xp.abs(sums - 1) > tol, tol
 
 

@@ -19,6 +19,7 @@ from crossent._lib._xp import (
 __all__ = [
     "LOG_CLAMP",
     "broadcastable",
+    "clamp_floor",
     "clamped_log",
     "focal_factor",
     "log1mexp",
@@ -171,6 +172,28 @@ def focal_factor(
         vanished = nll > -math.log(float(fi.smallest_normal) * float(fi.eps))  # e^-nll = 0
         out = xp.where(vanished, stop_gradient(out, xp=xp), out)
     return out
+
+
+_FLOORS: dict[tuple[str, Any], float] = {}
+
+
+def clamp_floor(dtype: Any, *, xp: Any) -> float:
+    r"""The smallest `dtype` value :math:`p` with :math:`\log p \ge -100` by `xp`'s ``log`` (a
+    module with ``asarray``, ``log`` and ``nextafter``: NumPy's, PyTorch's): the clamp of
+    :func:`clamped_log` is on exactly below it, so that a comparison with it replaces a log
+    pass. float32: a subnormal near :math:`e^{-100} \approx 3.7 \cdot 10^{-44}`, where
+    neighbouring logs lie 0.04 apart, so no rounding of the log decides it."""
+    key = (xp.__name__, dtype)
+    floor = _FLOORS.get(key)
+    if floor is None:
+        v = xp.asarray(math.exp(LOG_CLAMP), dtype=dtype)
+        zero, one = xp.asarray(0.0, dtype=dtype), xp.asarray(1.0, dtype=dtype)
+        while float(xp.log(v)) >= LOG_CLAMP:  # down to the largest value clamped
+            v = xp.nextafter(v, zero)
+        while float(xp.log(v)) < LOG_CLAMP:  # up to the smallest value not clamped
+            v = xp.nextafter(v, one)
+        floor = _FLOORS[key] = float(v)
+    return floor
 
 
 def log_prob(x: Array, *, complement: bool = False, xp: Any) -> Array:
