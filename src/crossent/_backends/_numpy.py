@@ -34,14 +34,19 @@ from typing import Any
 
 import numpy as np
 
-from crossent._lib._checks import check_axis, check_label_range, values_checked
+from crossent._lib._checks import check_axis, check_label_range, row_sum_tolerance, values_checked
 from crossent._lib._xp import quiet
 from crossent._losses import _rows
-from crossent._losses._common import mean_class_weight
+from crossent._losses._common import LOG_CLAMP, clamp_floor, mean_class_weight
 from crossent._losses._logprob import check_class_weight, softcap_backward, softcap_logits
 from crossent._losses._options import CEOptions
 
-__all__ = ["sparse"]
+__all__ = [
+    "binary_probabilities",
+    "categorical_probabilities",
+    "sparse",
+    "sparse_probabilities",
+]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _SPAN = {dt: float(np.finfo(dt).max * np.finfo(dt).eps / 8) for dt in _FLOATS}
@@ -85,6 +90,10 @@ def sparse(
     The gradient is that of the reduced loss (``"none"``: of the sum of the
     row losses). Same values, dtypes and errors as the generic path.
     """
+    if opts.kind == "probs" and type(input) is np.ndarray and input.dtype in _FLOATS:
+        if input.size == 0 or not (weight is None or type(weight) is np.ndarray):
+            return None
+        return sparse_probabilities(input, target, weight, axis, opts, with_grad=with_grad)
     if not _fits(input, target, weight, opts):
         return None
     axis_ = check_axis(axis, input.ndim)
@@ -162,3 +171,211 @@ def sparse(
     if axis_ != input.ndim - 1:
         grad = np.moveaxis(grad, -1, axis_)
     return loss, grad.astype(dtype, copy=False)
+
+
+# --------------------------------------------------------------------------- probabilities
+
+
+def _probability_rows_fit(x: np.ndarray, counted: np.ndarray | None) -> bool:
+    """Whether the probabilities `x` (``(n, C)``) may take the lean path: with validation on,
+    all in [0, 1] and every row that counts summing to 1 (the generic check's tolerance, in
+    the sums' dtype); no NaN. Anything else returns to the generic path, which raises its
+    message (or lets a NaN through, propagated)."""
+    if not values_checked(x):
+        with quiet(np, "invalid"):
+            return not np.isnan(x.sum())
+    if not (x.min() >= 0 and x.max() <= 1):  # NaN too
+        return False
+    sums = x.sum(axis=-1)
+    if counted is not None:  # ignored rows (padding) are not checked
+        sums = np.where(counted, sums, 1)
+    tol = sums.dtype.type(row_sum_tolerance(x.dtype, x.shape[-1], xp=np))
+    # 1 - min and max - 1 are exact (Sterbenz) where they could pass: the generic |s - 1| > tol
+    return bool(1 - sums.min() <= tol and sums.max() - 1 <= tol)
+
+
+def _clamped_log(p: np.ndarray) -> np.ndarray:
+    r""":math:`\max(\log p, -100)`, a new array (the rule of
+    :func:`crossent._losses._common.clamped_log`, without its masks)."""
+    with quiet(np, "divide"):
+        out = np.log(p)
+    return np.maximum(out, LOG_CLAMP, out=out)
+
+
+def _log_derivative(p: np.ndarray, c: Any) -> np.ndarray:
+    """``c / p`` where `p` is at least :func:`~crossent._losses._common.clamp_floor`, else 0."""
+    with quiet(np, "divide", "invalid", "over"):
+        d = np.divide(c, p)
+    d[p < clamp_floor(p.dtype, xp=np)] = 0
+    return d
+
+
+def sparse_probabilities(
+    input: np.ndarray,
+    target: Any,
+    weight: Any,
+    axis: object,
+    opts: CEOptions,
+    *,
+    with_grad: bool,
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    r"""(loss, gradient or None) of the sparse loss from probabilities,
+    :math:`\ell_i = -w_{y_i} \max(\log p_{i y_i}, -100)`: one gather, :math:`n` logs, the
+    gradient one scattered row of :math:`-s\,w_{y_i} / p_{i y_i}`; None for the generic path
+    (smoothing and focal loss, which read every class, and what :func:`_probability_rows_fit`
+    refuses)."""
+    if opts.label_smoothing != 0 or opts.gamma != 0 or type(target) is not np.ndarray:
+        return None
+    if target.dtype.kind not in "iu":
+        return None
+    axis_ = check_axis(axis, input.ndim)
+    num_classes = input.shape[axis_]
+    if target.shape != input.shape[:axis_] + input.shape[axis_ + 1 :]:
+        return None  # the generic path names the shapes
+    dtype = input.dtype
+    x = input if axis_ == input.ndim - 1 else np.moveaxis(input, axis_, -1)
+    x = x.reshape(-1, num_classes)
+    w = None
+    if weight is not None:
+        check_class_weight(weight, num_classes, xp=np)
+        w = mean_class_weight(weight.astype(dtype, copy=False), opts.reduction, 0.0, xp=np)
+    label, valid = _labels(target.reshape(-1), num_classes, opts)
+    if label.size and (label.min() < 0 or label.max() >= num_classes):
+        return None  # validation off: the generic path's guard names them
+    if not _probability_rows_fit(x, valid):
+        return None
+    rows = np.arange(x.shape[0])
+    p = x[rows, label]
+    w_y: Any = None if w is None else w[label]
+    if valid is not None:
+        w_y = valid.astype(dtype) if w_y is None else np.where(valid, w_y, 0).astype(dtype)
+    log_p = _clamped_log(p)
+    row = -log_p if w_y is None else -(log_p * w_y)
+    if valid is not None:  # an ignored row reads class 0, which may be anything
+        row = np.where(valid, row, 0).astype(dtype, copy=False)
+    scale: Any = 1.0
+    if opts.reduction == "none":
+        loss = row.reshape(target.shape)
+    elif opts.reduction == "sum":
+        loss = np.asarray(row.sum(), dtype=dtype)
+    else:  # the mean over the counted weight; 0 (and a zero gradient) over none
+        den = row.shape[0] if w_y is None else w_y.sum()
+        loss = np.asarray(row.sum() / den if den != 0 else 0.0 * row.sum(), dtype=dtype)
+        scale = 1.0 / den if den != 0 else 0.0
+    if not with_grad:
+        return loss, None
+    coef = -scale if w_y is None else w_y * -scale
+    grad = np.zeros_like(x)
+    grad[rows, label] = _log_derivative(p, coef)
+    grad = grad.reshape(input.shape[:axis_] + input.shape[axis_ + 1 :] + (num_classes,))
+    if axis_ != input.ndim - 1:
+        grad = np.moveaxis(grad, -1, axis_)
+    return loss, grad
+
+
+def categorical_probabilities(
+    input: Any, target: Any, weight: Any, axis: object, opts: CEOptions
+) -> np.ndarray | None:
+    r"""The categorical loss of probabilities, :math:`\ell_i = -\sum_k c_{ik} \max(\log p_{ik},
+    -100)`, :math:`c = w \odot ((1-\varepsilon)t + \varepsilon/C)`, the mean over rows: one
+    log pass into a new array, the products and sums in place; None for the generic path
+    (focal loss, other array types, what the checks refuse)."""
+    if not (
+        type(input) is np.ndarray
+        and type(target) is np.ndarray
+        and input.dtype in _FLOATS
+        and target.dtype == input.dtype
+        and input.shape == target.shape
+        and input.size
+        and opts.kind == "probs"
+        and opts.gamma == 0
+        and (weight is None or (type(weight) is np.ndarray and weight.dtype.kind == "f"))
+    ):
+        return None
+    axis_ = check_axis(axis, input.ndim)
+    num_classes = input.shape[axis_]
+    if weight is not None:
+        check_class_weight(weight, num_classes, xp=np)
+    x = np.moveaxis(input, axis_, -1)
+    t = np.moveaxis(target, axis_, -1)
+    if values_checked(t) and not (t.min() >= 0 and t.max() <= 1):
+        return None  # the generic check's message (NaN: its propagation)
+    if not _probability_rows_fit(x.reshape(-1, num_classes), None):
+        return None
+    eps = opts.label_smoothing
+    c = t if eps == 0 else (1 - eps) * t + eps / num_classes
+    if weight is not None:
+        c = c * weight.astype(input.dtype, copy=False)
+    terms = _clamped_log(x)
+    terms *= c
+    row = -terms.sum(axis=-1)
+    if opts.reduction == "none":
+        return row
+    total = row.sum()
+    return np.asarray(total if opts.reduction == "sum" else total / row.size, dtype=input.dtype)
+
+
+def _binary_mass(w: Any, x: np.ndarray) -> Any:
+    """`weight` / `pos_weight` as a number or an array of `x`'s dtype; None for the generic
+    path (another type, a shape that does not broadcast to `x`'s, a negative or NaN value
+    with validation on: its message or its propagation)."""
+    if w is None:
+        return 1.0
+    if type(w) is np.ndarray:
+        if w.dtype.kind != "f" or w.ndim > x.ndim:
+            return None
+        if any(a not in (1, b) for a, b in zip(w.shape[::-1], x.shape[::-1], strict=False)):
+            return None  # the generic path names the shapes
+        if values_checked(w) and w.size and not w.min() >= 0:
+            return None
+        return w.astype(x.dtype, copy=False)
+    if isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0:
+        return float(w)
+    return None
+
+
+def binary_probabilities(
+    input: Any, target: Any, weight: Any, pos_weight: Any, opts: CEOptions
+) -> np.ndarray | None:
+    r"""Binary cross-entropy of probabilities, :math:`\ell = -(P \max(\log p, -100) + N
+    \max(\log(1-p), -100))` with :math:`P = w\,\alpha\,p_w\,t` and :math:`N =
+    w\,(1-\alpha)(1-t)` (:math:`t` after smoothing), formed as the generic formulas form them;
+    None for the generic path (focal loss, other types, what the checks refuse)."""
+    if not (
+        type(input) is np.ndarray
+        and type(target) is np.ndarray
+        and input.dtype in _FLOATS
+        and target.dtype == input.dtype
+        and input.shape == target.shape
+        and input.ndim  # (0-d: NumPy scalars, which out= refuses)
+        and input.size
+        and opts.kind == "probs"
+        and opts.gamma == 0
+    ):
+        return None
+    w, pw = _binary_mass(weight, input), _binary_mass(pos_weight, input)
+    if w is None or pw is None:
+        return None
+    if values_checked(input) and not (
+        input.min() >= 0 and input.max() <= 1 and target.min() >= 0 and target.max() <= 1
+    ):
+        return None  # the generic checks' messages (NaN: their propagation)
+    eps = opts.label_smoothing
+    t = target if eps == 0 else target * (1 - eps) + eps / 2
+    pos, neg = t, 1 - t
+    if opts.alpha is not None:
+        pos, neg = opts.alpha * pos, (1 - opts.alpha) * neg
+    if not (isinstance(pw, float) and pw == 1.0):
+        pos = pos * pw
+    if not (isinstance(w, float) and w == 1.0):
+        pos, neg = pos * w, neg * w
+    with quiet(np, "divide"):
+        log_not_p = np.log1p(-input)
+    np.maximum(log_not_p, LOG_CLAMP, out=log_not_p)
+    loss = pos * _clamped_log(input)
+    loss += neg * log_not_p
+    np.negative(loss, out=loss)
+    if opts.reduction == "none":
+        return loss
+    total = loss.sum()
+    return np.asarray(total if opts.reduction == "sum" else total / loss.size, dtype=input.dtype)

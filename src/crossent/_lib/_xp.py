@@ -710,10 +710,11 @@ _NUMPY_NAMESPACES = ("numpy", "array_api_compat.numpy", "array_api_strict")
 
 
 def quiet(
-    xp: Any, *kinds: Literal["invalid", "over"], when: bool = True
+    xp: Any, *kinds: Literal["invalid", "over", "divide"], when: bool = True
 ) -> contextlib.AbstractContextManager[Any]:
     """A context in which `xp` warns of none of `kinds` (``np.errstate`` names: "invalid" for
-    NaN formed from ``inf - inf``, "over" for a difference beyond the largest float).
+    NaN formed from ``inf - inf``, "over" for a difference beyond the largest float, "divide"
+    for the log of 0).
     `when` False: nothing to quiet (no ``np.errstate``, 0.7 µs, on NumPy's hot path).
 
     Only NumPy (and array-api-strict, which computes with NumPy) warns there;
@@ -726,6 +727,7 @@ def quiet(
         return np.errstate(
             invalid="ignore" if "invalid" in kinds else None,  # None: left as it is
             over="ignore" if "over" in kinds else None,
+            divide="ignore" if "divide" in kinds else None,
         )
     return _NOTHING
 

@@ -28,6 +28,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
+from crossent._backends import _numpy as _numpy_exec
 from crossent._backends._node import graph_node, in_graph, torch_operands
 from crossent._lib._checks import (
     check_array,
@@ -519,6 +522,14 @@ def binary_cross_entropy(
             raise
         if out is not None:
             return out
+    elif type(input) is np.ndarray and from_logits is False:  # NumPy: the logs vectorized
+        opts = make_options(
+            from_logits=False, label_smoothing=label_smoothing, gamma=gamma,
+            reduction=reduction, alpha=alpha,
+        )  # fmt: skip
+        lean = _numpy_exec.binary_probabilities(input, target, weight, pos_weight, opts)
+        if lean is not None:
+            return numpy_array(lean)
     b = _prepare(
         input,
         target,

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
+
+from crossent._backends import _numpy as _numpy_exec
 from crossent._backends import torch_executor
 from crossent._backends._node import graph_node, in_graph, torch_operands
 from crossent._lib._checks import (
@@ -268,6 +271,13 @@ def categorical_cross_entropy(
             raise
         if out is not None:
             return out
+    elif type(input) is np.ndarray and from_logits is False:  # NumPy: one log pass
+        opts = make_options(
+            from_logits=False, label_smoothing=label_smoothing, gamma=gamma, reduction=reduction
+        )
+        lean = _numpy_exec.categorical_probabilities(input, target, weight, axis, opts)
+        if lean is not None:
+            return numpy_array(lean)
     xp = array_namespace(input=input, target=target, weight=weight)
     opts, axis_ = _check(
         input, target, from_logits=from_logits, axis=axis, weight=weight,
