@@ -30,7 +30,8 @@ run to the next; ``--default-malloc`` leaves them as they are. Cases:
 - crossent-only options (z-loss + softcap, focal) against the same loss
   written in plain torch operations;
 - JAX: ``jit(value_and_grad)`` against an optax-style ``jax.nn.log_softmax`` CE;
-- NumPy: ``value_and_grad`` against a ``scipy.special.log_softmax`` CE.
+- NumPy: ``value_and_grad`` against a ``scipy.special.log_softmax`` CE, and the losses
+  from probabilities against the same formulas in plain NumPy.
 """
 
 from __future__ import annotations
@@ -377,6 +378,61 @@ def _numpy_sweep(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None
 
         r, o = compare(ours, reference, rounds=args.rounds, budget=args.budget)
         print(_row(f"sparse {n}x{c} value_and_grad", r, o), flush=True)
+    _header("NumPy losses from probabilities, float32 (the log clamped at -100)", "numpy")
+    for n, c in sizes:
+        for name, (ours_p, reference_p) in _numpy_probability_cases(n, c).items():
+            r, o = compare(ours_p, reference_p, rounds=args.rounds, budget=args.budget)
+            print(_row(f"{name} {n}x{c}", r, o), flush=True)
+
+
+def _numpy_probability_cases(n: int, c: int) -> dict[str, tuple[Callable[[], Any], ...]]:
+    """name -> (crossent, plain NumPy) for losses from float32 probabilities: a softmax
+    (sparse, categorical) and a sigmoid (binary) of random logits."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((n, c))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+    t = p[::-1].copy()
+    s = (1 / (1 + np.exp(-z))).astype(np.float32)
+    b = (rng.random((n, c)) > 0.5).astype(np.float32)
+    y = rng.integers(0, c, n)
+    rows = np.arange(n)
+
+    def clamped_log(v: Any) -> Any:
+        with np.errstate(divide="ignore"):
+            return np.maximum(np.log(v), -100)
+
+    def binary_reference() -> Any:
+        with np.errstate(divide="ignore"):
+            log_not_p = np.maximum(np.log1p(-s), -100)
+        return -(b * clamped_log(s) + (1 - b) * log_not_p).mean()
+
+    return {
+        "sparse probs": (
+            lambda: ce.sparse_categorical_cross_entropy(p, y),
+            lambda: -clamped_log(p[rows, y]).mean(),
+        ),
+        "sparse probs value_and_grad": (
+            lambda: ce.value_and_grad(ce.sparse_categorical_cross_entropy, p, y),
+            lambda: _sparse_probability_reference(p, y, rows, clamped_log),
+        ),
+        "categorical probs": (
+            lambda: ce.categorical_cross_entropy(p, t),
+            lambda: -(t * clamped_log(p)).sum(axis=1).mean(),
+        ),
+        "binary probs": (lambda: ce.binary_cross_entropy(s, b), binary_reference),
+    }
+
+
+def _sparse_probability_reference(p: Any, y: Any, rows: Any, clamped_log: Any) -> Any:
+    import numpy as np
+
+    p_y = p[rows, y]
+    grad = np.zeros_like(p)
+    grad[rows, y] = -1 / (p_y * len(y))
+    return -clamped_log(p_y).mean(), grad
 
 
 # --------------------------------------------------------------------------- main
