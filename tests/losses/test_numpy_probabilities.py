@@ -16,13 +16,20 @@ from hypothesis import strategies as st
 
 import crossent as ce
 from crossent._backends import _numpy as numpy_exec
+from tests._reference.probabilities import (
+    BINARY_DRAWS,
+    binary_loss,
+    binary_masses,
+    clamped_log,
+    reduce,
+)
 
 
 @contextlib.contextmanager
 def _generic(monkeypatch: Any) -> Iterator[None]:
     """The same calls through the generic array-API formulas."""
     with monkeypatch.context() as m:
-        m.setattr(numpy_exec, "sparse_probabilities", lambda *a, **k: None)
+        m.setattr(numpy_exec, "_sparse_probabilities", lambda *a, **k: None)
         m.setattr(numpy_exec, "categorical_probabilities", lambda *a, **k: None)
         m.setattr(numpy_exec, "binary_probabilities", lambda *a, **k: None)
         yield
@@ -39,23 +46,17 @@ def _probabilities(shape: tuple[int, ...], axis: int, seed: int, dtype: Any) -> 
     return np.moveaxis(e / e.sum(axis=-1, keepdims=True), -1, axis).astype(dtype)
 
 
-def _clamped_log(p: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.maximum(np.log(p.astype(np.float64)), -100.0)
-
-
 SHAPES = st.sampled_from([((6, 4), -1), ((6, 4), 0), ((2, 3, 4), 1), ((5,), 0)])
+DRAWS = {
+    "seed": st.integers(0, 2**16),
+    "dtype": st.sampled_from([np.float64, np.float32]),
+    "reduction": st.sampled_from(["mean", "sum", "none"]),
+}
+"""What every test below draws, besides its own options."""
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    case=SHAPES,
-    seed=st.integers(0, 2**16),
-    dtype=st.sampled_from([np.float64, np.float32]),
-    reduction=st.sampled_from(["mean", "sum", "none"]),
-    weighted=st.booleans(),
-    ignore=st.booleans(),
-)
+@given(case=SHAPES, weighted=st.booleans(), ignore=st.booleans(), **DRAWS)
 def test_sparse_equals_the_reference_and_the_generic_formulas(
     case: Any, seed: int, dtype: Any, reduction: str, weighted: bool, ignore: bool
 ) -> None:
@@ -78,11 +79,9 @@ def test_sparse_equals_the_reference_and_the_generic_formulas(
     label = np.where(counted, y, 0)
     p_y = np.squeeze(np.take_along_axis(p, np.expand_dims(label, axis), axis), axis)
     w_y = np.where(counted, w.astype(dtype).astype(np.float64)[label], 0.0)
-    row = -w_y * _clamped_log(p_y)
+    row = -w_y * clamped_log(p_y)
     den = w_y.sum()
-    ref = row if reduction == "none" else row.sum() / (den if reduction == "mean" and den else 1)
-    if reduction == "mean" and not den:
-        ref = 0.0
+    ref = reduce(row, reduction, den)
     loss, grad = ce.value_and_grad(ce.sparse_categorical_cross_entropy, p, y, **kwargs)
     value = ce.sparse_categorical_cross_entropy(p, y, **kwargs)
     tol = 1e-12 if dtype is np.float64 else 1e-5
@@ -104,14 +103,7 @@ def test_sparse_equals_the_reference_and_the_generic_formulas(
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    case=SHAPES,
-    seed=st.integers(0, 2**16),
-    dtype=st.sampled_from([np.float64, np.float32]),
-    reduction=st.sampled_from(["mean", "sum", "none"]),
-    weighted=st.booleans(),
-    smoothing=st.sampled_from([0.0, 0.2]),
-)
+@given(case=SHAPES, weighted=st.booleans(), smoothing=st.sampled_from([0.0, 0.2]), **DRAWS)
 def test_categorical_equals_the_reference_and_the_generic_formulas(
     case: Any, seed: int, dtype: Any, reduction: str, weighted: bool, smoothing: float
 ) -> None:
@@ -128,8 +120,8 @@ def test_categorical_equals_the_reference_and_the_generic_formulas(
     wshape = [1] * len(shape)
     wshape[axis] = -1
     c = w.reshape(wshape) * ((1 - smoothing) * t.astype(np.float64) + smoothing / classes)
-    row = -(c * _clamped_log(p)).sum(axis=axis)
-    ref = row if reduction == "none" else row.sum() / (row.size if reduction == "mean" else 1)
+    row = -(c * clamped_log(p)).sum(axis=axis)
+    ref = reduce(row, reduction, row.size)
     value = ce.categorical_cross_entropy(p, t, **kwargs)
     tol = 1e-12 if dtype is np.float64 else 2e-5
     np.testing.assert_allclose(value, ref, rtol=tol, atol=0)
@@ -141,13 +133,9 @@ def test_categorical_equals_the_reference_and_the_generic_formulas(
 
 @settings(max_examples=60, deadline=None)
 @given(
-    shape=st.sampled_from([(7,), (3, 4), (2, 3, 2)]),
-    seed=st.integers(0, 2**16),
-    dtype=st.sampled_from([np.float64, np.float32]),
-    reduction=st.sampled_from(["mean", "sum", "none"]),
     weighted=st.sampled_from(["none", "weight", "pos_weight", "both", "numbers"]),
-    smoothing=st.sampled_from([0.0, 0.1]),
-    alpha=st.sampled_from([None, 0.25]),
+    dtype=DRAWS["dtype"],
+    **BINARY_DRAWS,
 )
 def test_binary_equals_the_reference_and_the_generic_formulas(
     shape: tuple[int, ...],
@@ -171,14 +159,8 @@ def test_binary_equals_the_reference_and_the_generic_formulas(
         pw = kwargs["pos_weight"] = (rng.random(shape[-1]) + 0.25).astype(dtype)
     if weighted == "numbers":
         w, pw = kwargs["weight"], kwargs["pos_weight"] = 0.5, 3
-    ts = t.astype(np.float64) * (1 - smoothing) + smoothing / 2
-    a_pos, a_neg = (1.0, 1.0) if alpha is None else (alpha, 1 - alpha)
-    pos = np.asarray(w, np.float64) * a_pos * np.asarray(pw, np.float64) * ts
-    neg = np.asarray(w, np.float64) * a_neg * (1 - ts)
-    with np.errstate(divide="ignore"):
-        log_not_p = np.maximum(np.log1p(-p.astype(np.float64)), -100.0)
-    row = -(pos * _clamped_log(p) + neg * log_not_p)
-    ref = row if reduction == "none" else row.sum() / (row.size if reduction == "mean" else 1)
+    pos, neg = binary_masses(t, w, pw, smoothing, alpha)
+    ref = reduce(binary_loss(p, pos, neg), reduction, p.size)
     value = ce.binary_cross_entropy(p, t, **kwargs)
     tol = 1e-12 if dtype is np.float64 else 2e-5
     np.testing.assert_allclose(value, ref, rtol=tol, atol=1e-300)

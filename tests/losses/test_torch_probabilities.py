@@ -25,6 +25,15 @@ import crossent as ce  # noqa: E402
 from crossent._backends import _torch as torch_exec  # noqa: E402
 from crossent._backends import _torch_probs  # noqa: E402
 from crossent._losses._common import clamp_floor  # noqa: E402
+from tests._reference.probabilities import (  # noqa: E402
+    BINARY_DRAWS,
+    binary_gradient,
+    binary_loss,
+    binary_masses,
+    clamped_log,
+    log_derivative,
+    reduce,
+)
 
 NODES = {
     "sparse": "_SparseProbsBackward",
@@ -63,24 +72,7 @@ def _probabilities(rows: int, classes: int, seed: int, *, zeros: bool) -> np.nda
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _clamped_log(p: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.maximum(np.log(p), -100.0)
-
-
-def _log_derivative(p: np.ndarray) -> np.ndarray:
-    """d max(log p, -100) / dp: 1/p where log p >= -100, else 0."""
-    with np.errstate(divide="ignore"):
-        return np.where(np.log(p) < -100, 0.0, 1 / np.where(p == 0, 1.0, p))
-
-
-def _reduce(row: np.ndarray, reduction: str, den: float) -> np.ndarray:
-    if reduction == "none":
-        return row
-    return np.asarray(row.sum() / (den if reduction == "mean" else 1.0))
-
-
-def _value_and_grad(loss: Any, x: Any, reduction: str, seed: int) -> tuple[Any, Any]:
+def _value_and_grad(loss: Any, x: Any, reduction: str, seed: int) -> tuple[Any, Any, Any]:
     """The loss and the gradient of its weighted sum (random upstream weights for "none")."""
     xg = x.detach().clone().requires_grad_(True)
     out = loss(xg)
@@ -89,19 +81,36 @@ def _value_and_grad(loss: Any, x: Any, reduction: str, seed: int) -> tuple[Any, 
     return out.detach(), grad, up
 
 
+def _check(loss: Any, x: Any, reduction: str, seed: int, ref: Any, ref_grad: Any) -> None:
+    """`loss` of `x` and its gradient (`ref_grad`: of the upstream gradients, one per row for
+    ``"none"``) equal the float64 reference and the generic formulas', through the node."""
+    out, grad, up = _value_and_grad(loss, x, reduction, seed)
+    with _generic():
+        out_g, grad_g, _ = _value_and_grad(loss, x, reduction, seed)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-13, atol=1e-300)
+    np.testing.assert_allclose(grad.numpy(), ref_grad(up.numpy()), rtol=1e-13, atol=0)
+    torch.testing.assert_close(out, out_g, rtol=1e-14, atol=0)
+    torch.testing.assert_close(grad, grad_g, rtol=1e-14, atol=0)
+    name = type(loss(x.clone().requires_grad_(True)).grad_fn).__name__
+    assert name in NODES.values()
+
+
+ROWS = {
+    "rows": st.integers(1, 9),
+    "classes": st.integers(1, 7),
+    "seed": st.integers(0, 2**16),
+    "reduction": st.sampled_from(["mean", "sum", "none"]),
+    "weighted": st.booleans(),
+    "zeros": st.booleans(),
+}
+"""The sparse and categorical tests' draws (hypothesis), besides their own option."""
+
+
 # --------------------------------------------------------------------------- sparse
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    rows=st.integers(1, 9),
-    classes=st.integers(1, 7),
-    seed=st.integers(0, 2**16),
-    reduction=st.sampled_from(["mean", "sum", "none"]),
-    weighted=st.booleans(),
-    ignore=st.booleans(),
-    zeros=st.booleans(),
-)
+@given(ignore=st.booleans(), **ROWS)
 def test_sparse_equals_the_reference_and_the_generic_formulas(
     rows: int, classes: int, seed: int, reduction: str, weighted: bool, ignore: bool, zeros: bool
 ) -> None:
@@ -117,7 +126,7 @@ def test_sparse_equals_the_reference_and_the_generic_formulas(
     p_y = p[np.arange(rows), label]
     w_y = np.where(counted, w[label], 0.0)
     den = w_y.sum() if w_y.sum() > 0 else math.inf
-    ref = _reduce(-w_y * _clamped_log(p_y), reduction, den)
+    ref = reduce(-w_y * clamped_log(p_y), reduction, den)
     kwargs: dict[str, Any] = {"reduction": reduction}
     if weighted:
         kwargs["weight"] = torch.tensor(w)
@@ -127,24 +136,18 @@ def test_sparse_equals_the_reference_and_the_generic_formulas(
     def loss(v: Any) -> Any:
         return ce.sparse_categorical_cross_entropy(v, torch.tensor(y), **kwargs)
 
-    x = torch.tensor(p)
-    out, grad, up = _value_and_grad(loss, x, reduction, seed)
-    with _generic():
-        out_g, grad_g, _ = _value_and_grad(loss, x, reduction, seed)
-    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-13, atol=0)
-    s = up.numpy() if reduction == "none" else np.full(rows, 1 / den if reduction == "mean" else 1)
-    ref_grad = np.zeros_like(p)
-    ref_grad[np.arange(rows), label] = -s * w_y * _log_derivative(p_y)
-    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-13, atol=0)
-    torch.testing.assert_close(out, out_g, rtol=1e-14, atol=0)
-    torch.testing.assert_close(grad, grad_g, rtol=1e-14, atol=0)
-    xg = x.clone().requires_grad_(True)
-    assert type(loss(xg).grad_fn).__name__ == NODES["sparse"]
+    def ref_grad(up: np.ndarray) -> np.ndarray:
+        s = up if reduction == "none" else np.full(rows, 1 / den if reduction == "mean" else 1)
+        g = np.zeros_like(p)
+        g[np.arange(rows), label] = -s * w_y * log_derivative(p_y)
+        return g
+
+    _check(loss, torch.tensor(p), reduction, seed, ref, ref_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ignore_index", [None, -100])
-def test_sparse_matches_torch_nll_of_the_clamped_log(dtype: Any, ignore_index: Any) -> None:
+def test_sparse_matches_torch_nll_of_theclamped_log(dtype: Any, ignore_index: Any) -> None:
     """PyTorch's own way, ``F.nll_loss(p.log().clamp_min(-100), y)``: the same value and
     gradient where no probability is 0 (half precision: computed in float32, rounded once)."""
     p = torch.softmax(torch.randn(64, 33, generator=torch.Generator().manual_seed(1)), -1)
@@ -228,15 +231,7 @@ def test_sparse_other_axis_int8_labels_and_double_backward() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    rows=st.integers(1, 9),
-    classes=st.integers(1, 7),
-    seed=st.integers(0, 2**16),
-    reduction=st.sampled_from(["mean", "sum", "none"]),
-    weighted=st.booleans(),
-    smoothing=st.sampled_from([0.0, 0.2]),
-    zeros=st.booleans(),
-)
+@given(smoothing=st.sampled_from([0.0, 0.2]), **ROWS)
 def test_categorical_equals_the_reference_and_the_generic_formulas(
     rows: int,
     classes: int,
@@ -251,7 +246,7 @@ def test_categorical_equals_the_reference_and_the_generic_formulas(
     t = _probabilities(rows, classes, seed + 1, zeros=True)
     w = rng.random(classes) + 0.25 if weighted else np.ones(classes)
     c = w * ((1 - smoothing) * t + smoothing / classes)
-    ref = _reduce(-(c * _clamped_log(p)).sum(axis=1), reduction, rows)
+    ref = reduce(-(c * clamped_log(p)).sum(axis=1), reduction, rows)
     kwargs: dict[str, Any] = {"reduction": reduction, "label_smoothing": smoothing}
     if weighted:
         kwargs["weight"] = torch.tensor(w)
@@ -259,17 +254,11 @@ def test_categorical_equals_the_reference_and_the_generic_formulas(
     def loss(v: Any) -> Any:
         return ce.categorical_cross_entropy(v, torch.tensor(t), **kwargs)
 
-    x = torch.tensor(p)
-    out, grad, up = _value_and_grad(loss, x, reduction, seed)
-    with _generic():
-        out_g, grad_g, _ = _value_and_grad(loss, x, reduction, seed)
-    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-13, atol=1e-300)
-    s = up.numpy() if reduction == "none" else np.full(rows, 1 / rows if reduction == "mean" else 1)
-    np.testing.assert_allclose(grad.numpy(), -s[:, None] * c * _log_derivative(p), rtol=1e-13)
-    torch.testing.assert_close(out, out_g, rtol=1e-14, atol=0)
-    torch.testing.assert_close(grad, grad_g, rtol=1e-14, atol=0)
-    xg = x.clone().requires_grad_(True)
-    assert type(loss(xg).grad_fn).__name__ == NODES["categorical"]
+    def ref_grad(up: np.ndarray) -> np.ndarray:
+        s = up if reduction == "none" else np.full(rows, 1 / rows if reduction == "mean" else 1)
+        return -s[:, None] * c * log_derivative(p)
+
+    _check(loss, torch.tensor(p), reduction, seed, ref, ref_grad)
 
 
 def test_categorical_half_precision_other_axis_and_double_backward() -> None:
@@ -306,14 +295,7 @@ def test_categorical_targets_needing_a_gradient_take_the_generic_formulas() -> N
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    shape=st.sampled_from([(7,), (3, 4), (2, 3, 2)]),
-    seed=st.integers(0, 2**16),
-    reduction=st.sampled_from(["mean", "sum", "none"]),
-    weighted=st.sampled_from(["none", "weight", "pos_weight", "both"]),
-    smoothing=st.sampled_from([0.0, 0.1]),
-    alpha=st.sampled_from([None, 0.25]),
-)
+@given(weighted=st.sampled_from(["none", "weight", "pos_weight", "both"]), **BINARY_DRAWS)
 def test_binary_equals_the_reference_and_the_generic_formulas(
     shape: tuple[int, ...],
     seed: int,
@@ -327,15 +309,10 @@ def test_binary_equals_the_reference_and_the_generic_formulas(
     p.flat[:: max(1, p.size // 3)] = rng.choice([0.0, 1.0, 1e-300, 1 - 1e-16])
     t = rng.random(shape)
     w = rng.random(shape[-1]) + 0.25
-    ts = t * (1 - smoothing) + smoothing / 2
-    a_pos, a_neg = (1.0, 1.0) if alpha is None else (alpha, 1 - alpha)
     w_ = w if weighted in ("weight", "both") else 1.0
     pw = w[::-1].copy() if weighted in ("pos_weight", "both") else 1.0
-    pos, neg = w_ * a_pos * pw * ts, w_ * a_neg * (1 - ts)
-    with np.errstate(divide="ignore"):
-        log_not_p = np.maximum(np.log1p(-p), -100.0)
-        d_not_p = np.where(p == 1, 0.0, neg / np.where(p == 1, 0.5, 1 - p))
-    ref = _reduce(-(pos * _clamped_log(p) + neg * log_not_p), reduction, p.size)
+    pos, neg = binary_masses(t, w_, pw, smoothing, alpha)
+    ref = reduce(binary_loss(p, pos, neg), reduction, p.size)
     kwargs: dict[str, Any] = {"reduction": reduction, "label_smoothing": smoothing, "alpha": alpha}
     if weighted in ("weight", "both"):
         kwargs["weight"] = torch.tensor(w)
@@ -345,18 +322,11 @@ def test_binary_equals_the_reference_and_the_generic_formulas(
     def loss(v: Any) -> Any:
         return ce.binary_cross_entropy(v, torch.tensor(t), **kwargs)
 
-    x = torch.tensor(p)
-    out, grad, up = _value_and_grad(loss, x, reduction, seed)
-    with _generic():
-        out_g, grad_g, _ = _value_and_grad(loss, x, reduction, seed)
-    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-13)
-    s = up.numpy() if reduction == "none" else 1 / p.size if reduction == "mean" else 1.0
-    ref_grad = s * (d_not_p - pos * _log_derivative(p))
-    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-13)
-    torch.testing.assert_close(out, out_g, rtol=1e-14, atol=0)
-    torch.testing.assert_close(grad, grad_g, rtol=1e-14, atol=0)
-    xg = x.clone().requires_grad_(True)
-    assert type(loss(xg).grad_fn).__name__ == NODES["binary"]
+    def ref_grad(up: np.ndarray) -> np.ndarray:
+        s = up if reduction == "none" else 1 / p.size if reduction == "mean" else 1.0
+        return s * binary_gradient(p, pos, neg)
+
+    _check(loss, torch.tensor(p), reduction, seed, ref, ref_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -23,9 +23,16 @@ Validation stays on and cheap: shapes and dtypes are compared directly, the
 labels' range is one ``min`` and one ``max`` (crossent's full check and its
 message run only when they fail), class weights get the shared check. Inputs
 outside this lean case — another array type or dtype, a non-finite row
-maximum, an empty batch, probabilities, focal loss with smoothing, an upstream
+maximum, an empty batch, focal loss with smoothing, an upstream
 gradient — return ``None`` and take the generic path, which raises crossent's
 errors and handles every corner.
+
+Losses from probabilities (the log clamped at -100) have lean forms too: the sparse
+loss gathers the target probabilities and takes :math:`n` logs (its gradient one
+scattered row), the categorical and binary losses one vectorized log pass per term
+(:func:`categorical_probabilities`, :func:`binary_probabilities`); their checks are
+``min``, ``max`` and the row sums, and NaN, bad values and the options that read
+every class (smoothing and focal loss of the sparse loss) take the generic path.
 """
 
 from __future__ import annotations
@@ -45,7 +52,6 @@ __all__ = [
     "binary_probabilities",
     "categorical_probabilities",
     "sparse",
-    "sparse_probabilities",
 ]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -62,6 +68,8 @@ def _fits(input: object, target: object, weight: object, opts: CEOptions) -> boo
         return False
     if weight is not None and not (type(weight) is np.ndarray and weight.dtype.kind == "f"):
         return False
+    if opts.kind == "probs":  # smoothing and focal loss read every class: the generic path
+        return opts.label_smoothing == 0 and opts.gamma == 0
     return opts.kind == "logits" and _rows.applies(opts)
 
 
@@ -90,24 +98,15 @@ def sparse(
     The gradient is that of the reduced loss (``"none"``: of the sum of the
     row losses). Same values, dtypes and errors as the generic path.
     """
-    if opts.kind == "probs" and type(input) is np.ndarray and input.dtype in _FLOATS:
-        if input.size == 0 or not (weight is None or type(weight) is np.ndarray):
-            return None
-        return sparse_probabilities(input, target, weight, axis, opts, with_grad=with_grad)
     if not _fits(input, target, weight, opts):
         return None
-    axis_ = check_axis(axis, input.ndim)
-    num_classes = input.shape[axis_]
-    if target.shape != input.shape[:axis_] + input.shape[axis_ + 1 :]:
-        return None  # the generic path names the shapes
+    setup = _setup(input, target, weight, axis, opts)
+    if setup is None:
+        return None
+    if opts.kind == "probs":
+        return _sparse_probabilities(input, target.shape, setup, opts, with_grad=with_grad)
+    axis_, num_classes, x, w, label, valid = setup
     dtype = input.dtype
-    x = input if axis_ == input.ndim - 1 else np.moveaxis(input, axis_, -1)
-    x = x.reshape(-1, num_classes)
-    w = None
-    if weight is not None:
-        check_class_weight(weight, num_classes, xp=np)
-        w = mean_class_weight(weight.astype(dtype, copy=False), opts.reduction, opts.z_loss, xp=np)
-    label, valid = _labels(target.reshape(-1), num_classes, opts)
     z = softcap_logits(x, opts.softcap, xp=np)
     m = z.max(axis=-1)
     if not np.abs(m).max() < _SPAN[dtype]:  # as cheap as isfinite(m).all()
@@ -141,19 +140,7 @@ def sparse(
         row, _ = _rows.row_loss(stats, w_y, stats.wsum, num_classes, opts, xp=np)
     if valid is not None:
         row = np.where(valid, row, 0)
-    if opts.reduction == "none":
-        loss = row.reshape(target.shape).astype(dtype, copy=False)
-        scale: Any = 1.0
-    elif opts.reduction == "sum":
-        loss, scale = np.asarray(row.sum(), dtype=dtype), 1.0
-    else:  # the mean over the counted weight; 0 (and a zero gradient) over none
-        den = row.shape[0] if isinstance(w_y, float) else w_y.sum()
-        total = row.sum()
-        if den == 0:  # the sum over +inf, as safe_divide: 0, but a NaN sum stays NaN
-            with quiet(np, "invalid"):
-                total = total / np.inf
-        loss = np.asarray(total / den if den != 0 else total, dtype=dtype)
-        scale = 1.0 / den if den != 0 else 0.0
+    loss, scale = _reduced(row, w_y, target.shape, dtype, opts.reduction)
     if not with_grad:
         return loss, None
     if valid is not None:
@@ -165,12 +152,57 @@ def sparse(
     if e != 0:
         col = np.reshape(e * scale, (-1, 1))
         buf -= col if w is None else col * w
-    grad = softcap_backward(x, opts.softcap, buf, xp=np).reshape(
-        input.shape[:axis_] + input.shape[axis_ + 1 :] + (num_classes,)
-    )
-    if axis_ != input.ndim - 1:
-        grad = np.moveaxis(grad, -1, axis_)
-    return loss, grad.astype(dtype, copy=False)
+    grad = softcap_backward(x, opts.softcap, buf, xp=np)
+    return loss, _input_layout(grad, input.shape, axis_).astype(dtype, copy=False)
+
+
+_Setup = tuple[int, int, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]
+"""(class axis, C, the input as ``(n, C)``, class weights, labels, counted rows)."""
+
+
+def _setup(
+    input: np.ndarray, target: np.ndarray, weight: Any, axis: object, opts: CEOptions
+) -> _Setup | None:
+    """(class axis, C, `input` as ``(n, C)``, the class weights (checked; scaled for a mean
+    if huge), the labels (ignored ones read as 0), the counted rows or None); None where the
+    shapes differ (the generic path names them)."""
+    axis_ = check_axis(axis, input.ndim)
+    num_classes = input.shape[axis_]
+    if target.shape != input.shape[:axis_] + input.shape[axis_ + 1 :]:
+        return None
+    x = input if axis_ == input.ndim - 1 else np.moveaxis(input, axis_, -1)
+    x = x.reshape(-1, num_classes)
+    w = None
+    if weight is not None:
+        check_class_weight(weight, num_classes, xp=np)
+        w = weight.astype(input.dtype, copy=False)
+        w = mean_class_weight(w, opts.reduction, opts.z_loss, xp=np)
+    label, valid = _labels(target.reshape(-1), num_classes, opts)
+    return axis_, num_classes, x, w, label, valid
+
+
+def _reduced(
+    row: np.ndarray, w_y: Any, shape: tuple[int, ...], dtype: Any, reduction: str
+) -> tuple[np.ndarray, Any]:
+    """(the loss of the per-row losses `row`, d(loss)/d(row)): the mean over the counted
+    weight `w_y` (None or a number: the row count); 0, with a zero gradient, over none (the
+    sum over +inf, as ``safe_divide``: a NaN sum stays NaN)."""
+    if reduction == "none":
+        return row.reshape(shape).astype(dtype, copy=False), 1.0
+    total = row.sum()
+    if reduction == "sum":
+        return np.asarray(total, dtype=dtype), 1.0
+    den = row.shape[0] if w_y is None or isinstance(w_y, float) else w_y.sum()
+    if den == 0:
+        with quiet(np, "invalid"):
+            return np.asarray(total / np.inf, dtype=dtype), 0.0
+    return np.asarray(total / den, dtype=dtype), 1.0 / den
+
+
+def _input_layout(grad: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """A gradient of ``(n, C)`` in the input's `shape` (classes back on `axis`)."""
+    grad = grad.reshape(shape[:axis] + shape[axis + 1 :] + (shape[axis],))
+    return grad if axis == len(shape) - 1 else np.moveaxis(grad, -1, axis)
 
 
 # --------------------------------------------------------------------------- probabilities
@@ -210,36 +242,20 @@ def _log_derivative(p: np.ndarray, c: Any) -> np.ndarray:
     return d
 
 
-def sparse_probabilities(
+def _sparse_probabilities(
     input: np.ndarray,
-    target: Any,
-    weight: Any,
-    axis: object,
+    shape: tuple[int, ...],
+    setup: _Setup,
     opts: CEOptions,
     *,
     with_grad: bool,
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
-    r"""(loss, gradient or None) of the sparse loss from probabilities,
+    r""":func:`sparse` of probabilities (`shape`: the labels'; `setup`: :func:`_setup`'s),
     :math:`\ell_i = -w_{y_i} \max(\log p_{i y_i}, -100)`: one gather, :math:`n` logs, the
     gradient one scattered row of :math:`-s\,w_{y_i} / p_{i y_i}`; None for the generic path
-    (smoothing and focal loss, which read every class, and what :func:`_probability_rows_fit`
-    refuses)."""
-    if opts.label_smoothing != 0 or opts.gamma != 0 or type(target) is not np.ndarray:
-        return None
-    if target.dtype.kind not in "iu":
-        return None
-    axis_ = check_axis(axis, input.ndim)
-    num_classes = input.shape[axis_]
-    if target.shape != input.shape[:axis_] + input.shape[axis_ + 1 :]:
-        return None  # the generic path names the shapes
+    (what :func:`_probability_rows_fit` refuses, labels out of range with validation off)."""
+    axis_, num_classes, x, w, label, valid = setup
     dtype = input.dtype
-    x = input if axis_ == input.ndim - 1 else np.moveaxis(input, axis_, -1)
-    x = x.reshape(-1, num_classes)
-    w = None
-    if weight is not None:
-        check_class_weight(weight, num_classes, xp=np)
-        w = mean_class_weight(weight.astype(dtype, copy=False), opts.reduction, 0.0, xp=np)
-    label, valid = _labels(target.reshape(-1), num_classes, opts)
     if label.size and (label.min() < 0 or label.max() >= num_classes):
         return None  # validation off: the generic path's guard names them
     if not _probability_rows_fit(x, valid):
@@ -253,24 +269,28 @@ def sparse_probabilities(
     row = -log_p if w_y is None else -(log_p * w_y)
     if valid is not None:  # an ignored row reads class 0, which may be anything
         row = np.where(valid, row, 0).astype(dtype, copy=False)
-    scale: Any = 1.0
-    if opts.reduction == "none":
-        loss = row.reshape(target.shape)
-    elif opts.reduction == "sum":
-        loss = np.asarray(row.sum(), dtype=dtype)
-    else:  # the mean over the counted weight; 0 (and a zero gradient) over none
-        den = row.shape[0] if w_y is None else w_y.sum()
-        loss = np.asarray(row.sum() / den if den != 0 else 0.0 * row.sum(), dtype=dtype)
-        scale = 1.0 / den if den != 0 else 0.0
+    loss, scale = _reduced(row, w_y, shape, dtype, opts.reduction)
     if not with_grad:
         return loss, None
     coef = -scale if w_y is None else w_y * -scale
     grad = np.zeros_like(x)
     grad[rows, label] = _log_derivative(p, coef)
-    grad = grad.reshape(input.shape[:axis_] + input.shape[axis_ + 1 :] + (num_classes,))
-    if axis_ != input.ndim - 1:
-        grad = np.moveaxis(grad, -1, axis_)
-    return loss, grad
+    return loss, _input_layout(grad, input.shape, axis_)
+
+
+def _same_shape_probabilities(input: Any, target: Any, opts: CEOptions) -> bool:
+    """Whether the categorical or binary lean path may serve: NumPy arrays of one floating
+    dtype and shape, not empty, probabilities, no focal factor."""
+    return (
+        type(input) is np.ndarray
+        and type(target) is np.ndarray
+        and input.dtype in _FLOATS
+        and target.dtype == input.dtype
+        and input.shape == target.shape
+        and input.size > 0
+        and opts.kind == "probs"
+        and opts.gamma == 0
+    )
 
 
 def categorical_probabilities(
@@ -281,14 +301,7 @@ def categorical_probabilities(
     log pass into a new array, the products and sums in place; None for the generic path
     (focal loss, other array types, what the checks refuse)."""
     if not (
-        type(input) is np.ndarray
-        and type(target) is np.ndarray
-        and input.dtype in _FLOATS
-        and target.dtype == input.dtype
-        and input.shape == target.shape
-        and input.size
-        and opts.kind == "probs"
-        and opts.gamma == 0
+        _same_shape_probabilities(input, target, opts)
         and (weight is None or (type(weight) is np.ndarray and weight.dtype.kind == "f"))
     ):
         return None
@@ -341,17 +354,7 @@ def binary_probabilities(
     \max(\log(1-p), -100))` with :math:`P = w\,\alpha\,p_w\,t` and :math:`N =
     w\,(1-\alpha)(1-t)` (:math:`t` after smoothing), formed as the generic formulas form them;
     None for the generic path (focal loss, other types, what the checks refuse)."""
-    if not (
-        type(input) is np.ndarray
-        and type(target) is np.ndarray
-        and input.dtype in _FLOATS
-        and target.dtype == input.dtype
-        and input.shape == target.shape
-        and input.ndim  # (0-d: NumPy scalars, which out= refuses)
-        and input.size
-        and opts.kind == "probs"
-        and opts.gamma == 0
-    ):
+    if not (_same_shape_probabilities(input, target, opts) and input.ndim):  # (0-d: scalars)
         return None
     w, pw = _binary_mass(weight, input), _binary_mass(pos_weight, input)
     if w is None or pw is None:
