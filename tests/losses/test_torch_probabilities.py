@@ -452,7 +452,7 @@ def test_categorical_by_row_chunks_gives_the_unchunked_bits(
     monkeypatch.setattr(torch_exec, "_LOW_MIN_FORWARD", 1)
     monkeypatch.setattr(torch_exec, "_FLOAT32_CHUNKED", 1)
     monkeypatch.setattr(torch_exec, "_LOW_SCRATCH", 2 * 3 * 7)
-    monkeypatch.setattr(_torch_probs, "_soft_chunked_from", torch_exec._soft_chunked_from)
+    monkeypatch.setattr(_torch_probs, "_FLOAT32_CHUNKED", 1)
     chunks = run()
     if grad or dtype is not torch.float32:  # float32 without a gradient is never chunked
         assert chunks[0].dtype == dtype
