@@ -509,11 +509,18 @@ def _binary_gradient(x: Tensor, pos: Tensor, neg: Tensor, s: Tensor | float) -> 
     r""":math:`s\,(N/(1-p) - P/p)` in `x`'s dtype, each term 0 where its log is clamped
     (:math:`p = 1`; below :func:`~crossent._losses._common.clamp_floor`); `s` multiplies the
     masses before the division (as autodiff's order: :math:`sP/p` of a subnormal :math:`p`
-    is finite where :math:`P/p` overflows)."""
+    is finite where :math:`P/p` overflows). Recorded (a double backward) by differentiable
+    operations; otherwise in two buffers of the input's size, written in place."""
     p = x.float() if x.dtype in _LOW else x
-    if not (isinstance(s, float) and s == 1.0):
-        pos, neg = pos * s, neg * s
-    d = torch.where(p == 1, 0.0, neg / (1 - p)).sub_(log_derivative(p, pos))
+    if torch.is_grad_enabled():
+        if not (isinstance(s, float) and s == 1.0):
+            pos, neg = pos * s, neg * s
+        d = torch.where(p == 1, 0.0, neg / (1 - p)) - log_derivative(p, pos)
+    else:
+        d = torch.mul(neg, s)
+        buf = torch.rsub(p, 1)
+        d.div_(buf).masked_fill_(p == 1, 0.0)
+        d.sub_(log_derivative(p, torch.mul(pos, s, out=buf), out=buf))
     return d if d.dtype is x.dtype else d.to(x.dtype)
 
 
