@@ -517,8 +517,10 @@ def _binary_gradient(x: Tensor, pos: Tensor, neg: Tensor, s: Tensor | float) -> 
             pos, neg = pos * s, neg * s
         d = torch.where(p == 1, 0.0, neg / (1 - p)) - log_derivative(p, pos)
     else:
+        if isinstance(s, float):  # a cached 0-d tensor: wrapping the number costs more
+            s = _scalar(s, p.dtype)
         d = torch.mul(neg, s)
-        buf = torch.rsub(p, 1)
+        buf = torch.neg(p).add_(1)  # 1 - p
         d.div_(buf).masked_fill_(p == 1, 0.0)
         d.sub_(log_derivative(p, torch.mul(pos, s, out=buf), out=buf))
     return d if d.dtype is x.dtype else d.to(x.dtype)
