@@ -653,6 +653,14 @@ def test_option_and_shape_errors(xp: Any, fn: Any) -> None:
             {"pos_weight": conv(np.ones((1, 3, 4)))},
         ),
         (TypeError, r"`weight` must be None, a number or an array", x, t, {"weight": "1"}),
+        (  # one binary problem: the fix is a number, not the (1,) it was given
+            ValueError,
+            r"`weight` of shape \(1,\) does not broadcast to `input` of shape \(\); give it "
+            r"a number or a 0-d array",
+            conv(np.asarray(0.5)),
+            conv(np.asarray(1.0)),
+            {"weight": conv(np.ones(1))},
+        ),
     ]
     for exc, pattern, a, b, opts in cases:
         with pytest.raises(exc, match=pattern):

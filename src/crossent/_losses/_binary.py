@@ -127,9 +127,13 @@ def _elementwise_weight(
     check_floating(arr, name=name, xp=xp)
     shape, to = tuple(arr.shape), tuple(input.shape)
     if not broadcastable(shape, to):
+        fix = (  # a 0-d input (one binary problem) takes a number or a 0-d array only
+            f"the shape of `input` or of its trailing dimensions (e.g. ({to[-1]},))"
+            if to
+            else "a number or a 0-d array (`input` is one binary problem)"
+        )
         msg = (
-            f"`{name}` of shape {shape} does not broadcast to `input` of shape {to}; give it "
-            f"the shape of `input` or of its trailing dimensions (e.g. ({to[-1] if to else 1},))."
+            f"`{name}` of shape {shape} does not broadcast to `input` of shape {to}; give it {fix}."
         )
         raise ValueError(msg)
     check_nonnegative(arr, name=name, xp=xp)
