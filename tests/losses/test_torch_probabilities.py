@@ -556,3 +556,45 @@ def test_every_path_equals_the_generic_formulas(seed: int) -> None:
         torch.testing.assert_close(
             a.double(), b.double(), rtol=tol[dtype], atol=tol[dtype] * 1e-3, equal_nan=True
         )
+
+
+@pytest.mark.parametrize("weighted", ["none", "weight", "both"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_binary_by_pieces_gives_the_whole_array_bits(
+    monkeypatch: Any, dtype: Any, reduction: str, weighted: str
+) -> None:
+    """Inputs above a chunk go by cache-sized pieces (a chunk of 7 elements here: rows of 5
+    split into pieces, then rows of 11 split row by row), weights broadcast to every piece:
+    element losses and gradients bit for bit those of one piece, a reduced loss to the
+    rounding of its sum's order, a second backward the same bits."""
+    g = torch.Generator().manual_seed(9)
+    for shape in ((6, 5), (3, 11)):
+        x = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+        x.view(-1)[::7] = 0.0
+        t = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+        w = torch.rand(shape[-1], generator=g, dtype=torch.float64).to(dtype) + 0.5
+        kwargs: dict[str, Any] = {"reduction": reduction, "label_smoothing": 0.1}
+        if weighted != "none":
+            kwargs["weight"] = w
+        if weighted == "both":
+            kwargs["pos_weight"] = 2.0
+
+        def run(v: Any = x, t: Any = t, kwargs: dict[str, Any] = kwargs) -> tuple[Any, Any, Any]:
+            xg = v.clone().requires_grad_(True)
+            out = ce.binary_cross_entropy(xg, t, **kwargs)
+            up = torch.full(out.shape, 0.3, dtype=out.dtype)
+            (first,) = torch.autograd.grad(out, xg, up, retain_graph=True)
+            (second,) = torch.autograd.grad(out, xg, up)
+            return out.detach(), first, second
+
+        whole = run()
+        with monkeypatch.context() as m:
+            m.setattr(torch_exec, "_BINARY_CHUNK", 7)
+            pieces = run()
+        assert torch.equal(whole[1], pieces[1])
+        assert torch.equal(pieces[1], pieces[2])
+        if reduction == "none":
+            assert torch.equal(whole[0], pieces[0])
+        else:
+            torch.testing.assert_close(whole[0], pieces[0])

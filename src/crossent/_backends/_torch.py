@@ -1160,11 +1160,11 @@ def _smoothed(t: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
 
 
 def _masses(t: Tensor, pos: Coef, neg: Coef) -> tuple[Tensor, Tensor]:
-    r""":math:`P = \mathrm{pos}\cdot t` and :math:`N = \mathrm{neg}\cdot(1-t)` (:math:`1-t` as
-    ``neg(t).add_(1)``: the same bits, a third of ``1 - t``'s cost on a small tensor, whose
-    number is wrapped into a tensor per call)."""
-    not_t = torch.neg(t).add_(1)
-    return (t if _is_one(pos) else t * pos), (not_t if _is_one(neg) else not_t.mul_(neg))
+    r""":math:`P = \mathrm{pos}\cdot t` and :math:`N = \mathrm{neg}\cdot(1-t)`. On the CPU
+    :math:`1-t` is ``neg(t).add_(1)`` (the same bits, a third of ``1 - t``'s cost on a small
+    tensor, whose number is wrapped into a tensor per call); elsewhere one kernel."""
+    not_t = torch.neg(t).add_(1) if t.is_cpu else 1 - t
+    return (t if _is_one(pos) else t * pos), (not_t if _is_one(neg) else not_t * neg)
 
 
 _CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}

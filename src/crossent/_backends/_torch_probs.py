@@ -40,7 +40,7 @@ operations, so second derivatives are exact.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -48,7 +48,9 @@ from torch import Tensor
 from crossent._backends._torch import (
     _FLOATS,
     _LOW,
+    Coef,
     _binary_coefs,
+    _binary_parts,
     _half_result,
     _in_unit_interval,
     _label_error,
@@ -470,39 +472,82 @@ def binary(
     coefs = _binary_coefs(x, cdt, weight, pos_weight, opts.alpha, checked=checked)
     if coefs is None or (checked and not (_in_unit_interval(x) and _in_unit_interval(target))):
         return None  # the generic path's message (NaN: its propagation)
-    pos, neg = _masses(_smoothed(target.detach(), cdt, eps), *coefs)
+    t = _smoothed(target.detach(), cdt, eps)
     if x.requires_grad and torch.is_grad_enabled():
-        out = _BINARY_APPLY(x, pos, neg, opts.reduction)
+        out = _BINARY_APPLY(x, t, coefs, opts.reduction)
     else:
-        out = _binary_value(x, pos, neg, opts.reduction)
+        out = cast(Tensor, _binary_chunks(x, t, coefs, opts.reduction)[0])
     return out if out.dtype is x.dtype else out.to(x.dtype)
 
 
-def _binary_value(x: Tensor, pos: Tensor, neg: Tensor, reduction: str) -> Tensor:
-    """The reduced loss: the two clamped logs, each times its mass, in place."""
+def _binary_terms(x: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+    """The element losses (compute dtype): the two clamped logs, each times its mass, in
+    place."""
     p = x.float() if x.dtype in _LOW else x
     log_not_p = torch.neg(p).log1p_().clamp_min_(LOG_CLAMP)
-    loss = clamped_log(p).mul_(pos).add_(log_not_p.mul_(neg)).neg_()
+    return clamped_log(p).mul_(pos).add_(log_not_p.mul_(neg)).neg_()
+
+
+def _binary_chunks(
+    x: Tensor,
+    t: Tensor,
+    coefs: tuple[Coef, Coef],
+    reduction: str | None,
+    s: Tensor | float | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(the loss, or None without `reduction`; the gradient for `s`, or None without it) by
+    cache-sized pieces (``._torch._binary_parts``), the masses formed per piece: nothing of
+    the input's size is made but the gradient and the losses of ``"none"``. A reduced loss
+    adds the pieces' sums (pairwise within each, like the sum of one array)."""
+    losses = None
     if reduction == "none":
-        return loss
-    total = loss.sum()
-    return total if reduction == "sum" else total / loss.numel()
+        losses = torch.empty(x.shape, dtype=t.dtype, device=x.device)
+    g = None if s is None else torch.empty_like(x)
+    column = s if isinstance(s, Tensor) and s.ndim else None
+    sums = []
+    for x_, t_, pos_c, neg_c, out_, g_, s_ in _binary_parts(x, t, *coefs, losses, g, column):
+        pos, neg = _masses(t_, pos_c, neg_c)
+        if reduction is not None:
+            terms = _binary_terms(x_, pos, neg)
+            if out_ is None:
+                sums.append(terms.sum())
+            else:
+                out_.copy_(terms)
+        if g_ is not None:
+            g_.copy_(
+                _binary_gradient(x_, pos, neg, cast("Tensor | float", s if s_ is None else s_))
+            )
+    if reduction is None or losses is not None:
+        return losses, g
+    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    return (total if reduction == "sum" else total / x.numel()), g
 
 
 class _BinaryProbs(torch.autograd.Function):
-    r""":func:`binary` with a gradient (:func:`_binary_gradient`; :func:`_start`,
-    :func:`_backward`)."""
+    r""":func:`binary` with a gradient (:func:`_binary_gradient` by pieces; recorded, for a
+    double backward, on the whole array; :func:`_start`, :func:`_backward`). The tensor
+    coefficients (the caller's weights) are saved too, so that one changed in place before
+    backward is an error, not another gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, pos: Tensor, neg: Tensor, reduction: str) -> Tensor:
-        ctx.save_for_backward(x, pos, neg)
-        _start(ctx, reduction, x.numel(), lambda s: _binary_gradient(x, pos, neg, s))
-        return _binary_value(x, pos, neg, reduction)
+    def forward(ctx: Any, x: Tensor, t: Tensor, coefs: tuple[Coef, Coef], reduction: str) -> Tensor:
+        ctx.save_for_backward(x, t, *(c for c in coefs if isinstance(c, Tensor)))
+        ctx.coefs = coefs
+        _start(ctx, reduction, x.numel(), lambda s: _binary_chunks(x, t, coefs, None, s)[1])
+        return cast(Tensor, _binary_chunks(x, t, coefs, reduction)[0])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, pos, neg = ctx.saved_tensors
-        return _backward(ctx, grad, x, lambda s: _binary_gradient(x, pos, neg, s)), None, None, None
+        x, t, *_ = ctx.saved_tensors
+        coefs = ctx.coefs
+
+        def gradient(s: Tensor | float) -> Tensor:
+            if not torch.is_grad_enabled():  # the forward's bits
+                return cast(Tensor, _binary_chunks(x, t, coefs, None, s)[1])
+            pos, neg = _masses(t, *coefs)
+            return _binary_gradient(x, pos, neg, s)  # (recorded: a double backward)
+
+        return _backward(ctx, grad, x, gradient), None, None, None
 
 
 def _binary_gradient(x: Tensor, pos: Tensor, neg: Tensor, s: Tensor | float) -> Tensor:
@@ -510,7 +555,8 @@ def _binary_gradient(x: Tensor, pos: Tensor, neg: Tensor, s: Tensor | float) -> 
     (:math:`p = 1`; below :func:`~crossent._losses._common.clamp_floor`); `s` multiplies the
     masses before the division (as autodiff's order: :math:`sP/p` of a subnormal :math:`p`
     is finite where :math:`P/p` overflows). Recorded (a double backward) by differentiable
-    operations; otherwise in two buffers of the input's size, written in place."""
+    operations; otherwise in two buffers of the input's size (one piece of
+    :func:`_binary_chunks`), written in place."""
     p = x.float() if x.dtype in _LOW else x
     if torch.is_grad_enabled():
         if not (isinstance(s, float) and s == 1.0):
