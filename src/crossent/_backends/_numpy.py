@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from crossent._lib._checks import check_axis, check_label_range, row_sum_tolerance, values_checked
+from crossent._lib._checks import check_axis, check_label_range, sum_tolerance, values_checked
 from crossent._lib._xp import quiet
 from crossent._losses import _rows
 from crossent._losses._common import LOG_CLAMP, clamp_floor, mean_class_weight
@@ -221,7 +221,7 @@ def _probability_rows_fit(x: np.ndarray, counted: np.ndarray | None) -> bool:
     sums = x.sum(axis=-1)
     if counted is not None:  # ignored rows (padding) are not checked
         sums = np.where(counted, sums, 1)
-    tol = sums.dtype.type(row_sum_tolerance(x.dtype, x.shape[-1], xp=np))
+    tol = sum_tolerance(x.dtype, x.shape[-1], xp=np)
     # 1 - min and max - 1 are exact (Sterbenz) where they could pass: the generic |s - 1| > tol
     return bool(1 - sums.min() <= tol and sums.max() - 1 <= tol)
 

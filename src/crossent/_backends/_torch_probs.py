@@ -66,7 +66,7 @@ from crossent._backends._torch import (
     _weight_needs_grad,
     index_target,
 )
-from crossent._lib._checks import row_sum_tolerance
+from crossent._lib._checks import sum_tolerance
 from crossent._lib._config import get_validation
 from crossent._lib._xp import _torch_namespace, torch_autocast
 from crossent._losses._common import LOG_CLAMP, clamp_floor, mean_class_weight
@@ -94,21 +94,6 @@ def log_derivative(p: Tensor, c: Tensor | float, *, out: Tensor | None = None) -
     return torch.where(p < floor, 0.0, c / p)
 
 
-def _tolerance(dtype: torch.dtype, sum_dtype: torch.dtype, num_classes: int) -> float:
-    """:func:`row_sum_tolerance` rounded to the sums' dtype, as the generic check compares."""
-    key = (dtype, sum_dtype, num_classes)
-    tol = _TOLERANCES.get(key)
-    if tol is None:
-        if len(_TOLERANCES) >= 256:
-            _TOLERANCES.clear()
-        exact = row_sum_tolerance(dtype, num_classes, xp=_torch_namespace())
-        tol = _TOLERANCES[key] = torch.tensor(exact, dtype=sum_dtype).item()
-    return tol
-
-
-_TOLERANCES: dict[tuple[torch.dtype, torch.dtype, int], float] = {}
-
-
 def _rows_fit(x: Tensor, axis: int, counted: Tensor | None = None) -> bool:
     """Whether this module may serve `x` (probabilities, classes on `axis`): with validation on,
     all in [0, 1] and every row summing to 1 (the generic check's tolerance; only the rows
@@ -122,7 +107,7 @@ def _rows_fit(x: Tensor, axis: int, counted: Tensor | None = None) -> bool:
     if counted is not None:
         sums = torch.where(counted, sums, 1.0)
     lo, hi = torch.aminmax(sums)
-    tol = _tolerance(x.dtype, sums.dtype, x.shape[axis])
+    tol = sum_tolerance(x.dtype, x.shape[axis], xp=_torch_namespace())
     # 1 - lo and hi - 1 are exact (Sterbenz) where they could pass: the generic |s - 1| > tol
     return 1 - lo.item() <= tol and hi.item() - 1 <= tol
 
