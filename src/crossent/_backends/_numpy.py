@@ -41,7 +41,13 @@ from typing import Any
 
 import numpy as np
 
-from crossent._lib._checks import check_axis, check_label_range, sum_tolerance, values_checked
+from crossent._lib._checks import (
+    check_axis,
+    check_label_range,
+    numpy_in_unit_interval,
+    sum_tolerance,
+    values_checked,
+)
 from crossent._lib._xp import quiet
 from crossent._losses import _rows
 from crossent._losses._common import LOG_CLAMP, clamp_floor, mean_class_weight
@@ -216,7 +222,7 @@ def _probability_rows_fit(x: np.ndarray, counted: np.ndarray | None) -> bool:
     if not values_checked(x):
         with quiet(np, "invalid"):
             return not np.isnan(x.sum())
-    if not (x.min() >= 0 and x.max() <= 1):  # NaN too
+    if not numpy_in_unit_interval(x):  # NaN too
         return False
     sums = x.sum(axis=-1)
     if counted is not None:  # ignored rows (padding) are not checked
@@ -311,7 +317,7 @@ def categorical_probabilities(
         check_class_weight(weight, num_classes, xp=np)
     x = np.moveaxis(input, axis_, -1)
     t = np.moveaxis(target, axis_, -1)
-    if values_checked(t) and not (t.min() >= 0 and t.max() <= 1):
+    if values_checked(t) and not numpy_in_unit_interval(t):
         return None  # the generic check's message (NaN: its propagation)
     if not _probability_rows_fit(x.reshape(-1, num_classes), None):
         return None
@@ -360,7 +366,7 @@ def binary_probabilities(
     if w is None or pw is None:
         return None
     if values_checked(input) and not (
-        input.min() >= 0 and input.max() <= 1 and target.min() >= 0 and target.max() <= 1
+        numpy_in_unit_interval(input) and numpy_in_unit_interval(target)
     ):
         return None  # the generic checks' messages (NaN: their propagation)
     eps = opts.label_smoothing

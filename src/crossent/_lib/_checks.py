@@ -74,6 +74,7 @@ __all__ = [
     "label_index_error",
     "label_range_message",
     "not_ignored",
+    "numpy_in_unit_interval",
     "outside_unit_interval",
     "read_beneath",
     "refuse_traced_numpy_scalar",
@@ -425,13 +426,17 @@ def outside_unit_interval(
         lo_, hi_ = torch.aminmax(x.detach())
         if lo_.item() >= 0 and hi_.item() <= 1:
             return None
-    elif (  # NumPy: two passes, no masks (NaN: the comparisons below decide)
-        type(x) is np.ndarray and x.dtype.kind == "f" and x.size and x.min() >= 0 and x.max() <= 1
-    ):
-        return None
+    elif type(x) is np.ndarray and x.dtype.kind == "f" and x.size and numpy_in_unit_interval(x):
+        return None  # (NaN: the comparisons below decide)
     if known(xp.any((x < 0) | (x > 1))):
         return host_float(xp.min(x)), host_float(xp.max(x))
     return None
+
+
+def numpy_in_unit_interval(x: np.ndarray) -> bool:
+    """Whether every value of the non-empty NumPy array `x` lies in [0, 1] (False for NaN):
+    ``min`` and ``max``, two passes without boolean arrays."""
+    return bool(x.min() >= 0 and x.max() <= 1)
 
 
 def _probabilities_read(
