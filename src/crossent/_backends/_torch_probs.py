@@ -401,7 +401,8 @@ class _CategoricalProbs(torch.autograd.Function):
         def gradient(s: Tensor | float) -> Tensor:
             if chunked and not torch.is_grad_enabled():  # the forward's bits
                 return _categorical_chunks(x, t, w, eps, s=s)
-            c = _soft_coefficients(t if x.dtype not in _LOW else t.float(), w, eps, axis)
+            dtype = torch.float32 if x.dtype in _LOW else x.dtype  # as the forward's
+            c = _soft_coefficients(t.to(dtype), w, eps, axis)
             return _categorical_gradient(x, c, s, axis)  # (recorded: a double backward)
 
         return _backward(ctx, grad, x, gradient), None, None, None
