@@ -11,6 +11,7 @@ from crossent._lib._xp import (
     is_jax_namespace,
     is_numpy_namespace,
     is_torch_namespace,
+    quiet,
     safe_divide,
     size_array,
     stop_gradient,
@@ -202,12 +203,15 @@ def log_prob(x: Array, *, complement: bool = False, xp: Any) -> Array:
     The argument at the pole (0, or 1 for the complement) is replaced before
     the log, so NumPy warns about nothing and autodiff sees a finite
     derivative there, which a ``where`` downstream (the -100 clamp, the focal
-    factor) turns into an exact 0 instead of ``0 * inf = NaN``. NaN propagates.
+    factor) turns into an exact 0 instead of ``0 * inf = NaN``. NaN propagates; a value
+    outside [0, 1] gives NaN without NumPy's warning (one the checks let through: in a row
+    under ``ignore_index``, which they do not read, and whose loss is then masked).
     """
     pole = 1.0 if complement else 0.0
     at_pole = x == pole
     safe = xp.where(at_pole, xp.full_like(x, 1.0 - pole), x)
-    raw = xp.log1p(-safe) if complement else xp.log(safe)
+    with quiet(xp, "invalid"):
+        raw = xp.log1p(-safe) if complement else xp.log(safe)
     return xp.where(at_pole, xp.full_like(raw, -float("inf")), raw)
 
 

@@ -283,10 +283,13 @@ def _focal(terms: ClassTerms, gamma: float, *, nll: Array | None = None, xp: Any
 def term_value(c: Array, terms: ClassTerms, gamma: float, *, xp: Any) -> Array:
     r"""The per-class loss :math:`c_k (1-p_k)^\gamma (-\log p_k)`, exactly 0 where ``c_k = 0``.
 
-    Only ``0 · inf`` (a masked class with target 0) is replaced by 0; ``0 · NaN``
-    stays NaN, so NaN logits propagate also through a zero class weight.
+    Only ``0 · ±inf`` (a masked class with target 0; an infinite probability in a row under
+    ``ignore_index``, which the checks do not read) is replaced by 0; ``0 · NaN`` stays NaN,
+    so NaN logits propagate also through a zero class weight.
     """
-    nlp = xp.where((c == 0) & (terms.nlp == float("inf")), xp.zeros_like(terms.nlp), terms.nlp)
+    nlp = xp.where(
+        (c == 0) & (xp.abs(terms.nlp) == float("inf")), xp.zeros_like(terms.nlp), terms.nlp
+    )
     # logits and log-probabilities: the factor's derivative holds p (probabilities: not)
     f = _focal(terms, gamma, nll=terms.nlp if terms.mask is None else None, xp=xp)
     return c * nlp if f is None else c * f * nlp
