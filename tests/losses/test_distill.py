@@ -11,7 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import crossent as ce
-from tests._reference.distill import distill_grad_ref, distill_rows_ref, kl_ref
+from tests._reference.distill import (
+    distill_grad_ref,
+    distill_rows_close_ref,
+    distill_rows_ref,
+    kl_ref,
+)
 from tests.conftest import to_numpy, to_xp
 
 
@@ -509,3 +514,142 @@ def test_float32_closed_form_gradient_of_rows_peaked_on_the_same_class(xp: Any) 
     want = distill_grad_ref(student, teacher, beta=0.0) / 16  # the mean over 16 rows
     err = np.abs(got - want).max(axis=-1) / np.linalg.norm(want, axis=-1)
     assert err.max() < 1e-4
+
+
+def _close_models(gap: float, *, shift: float = 0.0, peak: float = 0.0) -> tuple[Any, Any]:
+    """float32 teacher logits and a student `gap` away (plus a constant `shift`: logits are
+    defined up to one), as float64 arrays of the float32 values (the references' inputs)."""
+    rng = np.random.default_rng(29)
+    t = rng.normal(size=(6, 700)) * 3
+    t[:, 0] += peak
+    s = t + shift + gap * rng.normal(size=t.shape)
+    return s.astype(np.float32).astype(np.float64), t.astype(np.float32).astype(np.float64)
+
+
+def _close_paths(xp: str, s: Any, t: Any, beta: float) -> dict[str, tuple[Any, Any]]:
+    """(row losses, gradient of their sum or None) of float32 `s`, `t` by every path on `xp`."""
+    conv = to_xp(xp)
+    s32, t32 = s.astype(np.float32), t.astype(np.float32)
+    opts = {"beta": beta, "reduction": "none"}
+    out = {
+        "value": (ce.distillation_loss(conv(s32), conv(t32), **opts), None),
+        "value_and_grad": ce.value_and_grad(
+            ce.distillation_loss, conv(s32), conv(t32), beta=beta, reduction="sum"
+        ),
+    }
+    out["value_and_grad"] = (None, out["value_and_grad"][1])
+    if xp == "torch":
+        import torch
+
+        from crossent.fused import linear_distillation_loss
+
+        x = torch.tensor(s32, requires_grad=True)
+        rows = ce.distillation_loss(x, torch.tensor(t32), **opts)
+        rows.sum().backward()
+        out["autograd"] = (rows.detach(), x.grad)
+        h = torch.tensor(s32, requires_grad=True)
+        eye = torch.eye(s.shape[1])
+        fused = linear_distillation_loss(h, eye, torch.tensor(t32), eye, **opts)
+        fused.sum().backward()
+        out["fused"] = (fused.detach(), h.grad)
+    if xp == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        fn = lambda a: ce.distillation_loss(a, jnp.asarray(t32), beta=beta, reduction="sum")  # noqa: E731
+        out["jax.grad"] = (None, jax.grad(fn)(jnp.asarray(s32)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("gap", "shift", "peak"),
+    [(1e-5, 0.0, 0.0), (1e-3, 0.0, 0.0), (1e-4, 7.0, 0.0), (3e-2, 0.0, 14.0)],
+    ids=["1e-5 apart", "1e-3 apart", "1e-4 apart, shifted", "peaked, 3e-2 apart"],
+)
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 1.0])
+def test_close_models_keep_a_few_ulps_on_every_path(
+    xp: str, beta: float, gap: float, shift: float, peak: float
+) -> None:
+    """float32 models close to each other: each row's loss within 1e-5 of the float64
+    reference and the gradient within 1e-5 of its norm, on every path (the loss, the closed
+    form, PyTorch's autograd, the fused loss, jax.grad). Summed from the differences of the
+    float32 log-probabilities, which round at their size (:math:`\\epsilon|\\log P|`, against
+    log ratios of 1e-5), losses were up to 5e-3 off and gradients 3e-2 to 1e-1 of their norm
+    (1e-3 apart: 3e-5 and 1e-3; peaked rows: 2e-3 of the gradient)."""
+    s, t = _close_models(gap, shift=shift, peak=peak)
+    want = distill_rows_close_ref(s, t, beta=beta)
+    want_grad = distill_grad_ref(s, t, beta=beta)
+    for path, (rows, grad) in _close_paths(xp, s, t, beta).items():
+        if rows is not None:
+            got = to_numpy(rows).astype(np.float64)
+            np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=path)
+        if grad is not None:
+            g = to_numpy(grad).astype(np.float64)
+            err = np.linalg.norm(g - want_grad, axis=1) / np.linalg.norm(want_grad, axis=1)
+            assert err.max() < 1e-5, (path, err.max())
+
+
+@pytest.mark.parametrize("beta", [1e-12, 1e-6, 0.1, 0.5, 0.999, 1 - 1e-9])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mixture_log_ratios_are_accurate_for_every_beta(beta: float, dtype: Any) -> None:
+    """log(a/m) and log(b/m), m = beta a + (1 - beta) b, from d = log(a/b), to a few ulps
+    against mpmath, for every d (the asymptotes beyond 80, where e^d overflows float32) and
+    beta (1 - beta formed from a rounded beta lost a tiny beta's digits: 1e-4 relative in
+    float64 at beta = 1e-12; a sum near 0, 1e-3 in float32 at beta = 1e-6)."""
+    import array_api_compat.numpy as xnp
+    import mpmath
+
+    from crossent._lib._logdiv import mixture_log_ratios
+
+    d = np.concatenate(
+        [[-1e4, -100.0, -81.0, -79.0, 79.0, 81.0, 100.0, 1e4], np.linspace(-20, 20, 161)]
+    )
+    d = np.concatenate([d, [-1e-3, 1e-3, -1e-7, 1e-7, 0.0]]).astype(dtype)
+    a_m, b_m = mixture_log_ratios(d, beta=beta, xp=xnp)
+    eps = np.finfo(dtype).eps
+    with mpmath.workdps(50):
+        b = mpmath.mpf(beta)
+        for di, got_a, got_b in zip(d.tolist(), a_m.tolist(), b_m.tolist(), strict=True):
+            x = mpmath.mpf(di)
+            for got, want in (
+                (got_a, -mpmath.log(b + (1 - b) * mpmath.exp(-x))),
+                (got_b, -mpmath.log(b * mpmath.exp(x) + (1 - b))),
+            ):
+                assert abs(got - want) <= 4 * eps * abs(want), (di, got, float(want))
+    inf = np.array([np.inf, -np.inf], dtype)
+    a_inf, b_inf = mixture_log_ratios(inf, beta=beta, xp=xnp)
+    np.testing.assert_allclose(a_inf, [-np.log(beta), -np.inf], rtol=4 * eps)
+    np.testing.assert_allclose(b_inf, [-np.inf, -np.log1p(-beta)], rtol=4 * eps)
+
+
+def test_torch_autograd_node_double_backward_and_a_second_backward() -> None:
+    """PyTorch's autograd of distillation_loss runs one node with the closed form: under
+    ``create_graph`` backward records the closed form (gradgradcheck), a second backward of a
+    retained graph gives the same gradient, ignored rows get 0 and a NaN row NaN."""
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    target = torch.tensor([0, -100, 2, 3, 4])
+    for beta in (0.0, 0.3, 1.0):
+
+        def fn(v: Any, beta: float = beta) -> Any:
+            return ce.distillation_loss(v, t, beta=beta, temperature=1.5, target=target)
+
+        assert torch.autograd.gradgradcheck(fn, (s,))
+        loss = fn(s)
+        (g1,) = torch.autograd.grad(loss, s, retain_graph=True)
+        (g2,) = torch.autograd.grad(loss, s)
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+        assert (g1[1] == 0).all()
+        want = distill_grad_ref(s.detach().numpy(), t.numpy(), beta=beta, temperature=1.5) / 4
+        want[1] = 0.0
+        np.testing.assert_allclose(g1.numpy(), want, rtol=1e-10, atol=1e-15)
+    bad = s.detach().clone()
+    bad[2, 0] = float("nan")
+    bad.requires_grad_(True)
+    ce.distillation_loss(bad, t, reduction="sum").backward()
+    assert bad.grad is not None
+    assert torch.isnan(bad.grad[2]).all()
+    assert torch.isfinite(bad.grad[[0, 1, 3, 4]]).all()

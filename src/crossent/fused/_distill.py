@@ -59,8 +59,9 @@ __all__ = ["linear_distillation_loss"]
 
 #: Row blocks per chunk for :func:`distill_rows`' temporaries (four arrays per block).
 _SUB_BLOCKS = 16
-#: Work arrays :func:`distill_rows` allocates per row block (it works in place in the chunk).
-_BLOCK_TEMPS = 4
+#: Work arrays :func:`distill_rows` takes per row block (it works in place in the chunk): four
+#: for its formulas, two for the logits its close rows are computed again from.
+_BLOCK_TEMPS = 6
 
 
 @dataclass(frozen=True)
