@@ -1244,6 +1244,7 @@ def refine_close_rows(
     beta: float,
     xp: Any,
     scale: float | Array = 1.0,
+    work: Any = None,
 ) -> tuple[Any, Any]:
     r"""`loss` and `g` (the gradient, or None) of the plain formulas for the logits `z_p`, `z_q`
     (last axis; untracked PyTorch tensors or NumPy arrays), with the rows whose divergence is
@@ -1258,7 +1259,8 @@ def refine_close_rows(
     for a float32 result (:func:`jsd_in_float64`'s argument; about three times the time of
     those rows in float32); float64 logits go through the array-API formulas with the log
     ratio from the logits (:func:`log_ratio_from_logits`, :func:`mixture_terms`: a few ulps,
-    several times slower).
+    several times slower). `work`: a contiguous PyTorch tensor free to overwrite (the fused
+    loop's work space of the row block), the float64 scratch then (:func:`_float64_space`).
     """
     n = z_q.shape[-1]
     if n == 0 or (is_torch_namespace(xp) and loss.device.type == "meta"):  # no values
@@ -1273,14 +1275,17 @@ def refine_close_rows(
         g = None if g is None else xp.asarray(g, copy=True)
     flat_loss = loss.view(-1) if torch_ else xp.reshape(loss, (-1,))
     flat_g = None if g is None else g.view(-1, n) if torch_ else xp.reshape(g, (-1, n))
-    # a sixteenth of the rows at a time: the float64 temporaries (about ten arrays) stay
-    # below the float32 work space of the fused loop's row block (its extra memory measured
-    # 1.41 chunks of logits with a quarter, 1.02 without close rows)
+    space = None  # PyTorch float32 and narrower: float64 scratch for _jsd_torch's in-place form
     piece = max(1, flat_loss.shape[0] // 16)
+    if torch_ and z_q.dtype is not xp.float64:
+        space, piece = _float64_space(work, rows.shape[0], n, z_q.device)
     z_p, z_q = xp.reshape(z_p, (-1, n)), xp.reshape(z_q, (-1, n))
     for i in range(0, rows.shape[0], piece):
         at = rows[i : i + piece]
         part = scale if isinstance(scale, int | float) else xp.reshape(scale, (-1,))[at]
+        if space is not None:
+            _refined_in_place(z_p, z_q, at, flat_loss, flat_g, beta=beta, scale=part, space=space)
+            continue
         value, grad = _refined(
             z_p[at, ...], z_q[at, ...], beta=beta, grad=g is not None, xp=xp, scale=part
         )
@@ -1295,18 +1300,70 @@ def refine_close_rows(
     return loss, g
 
 
+_SPACE_BYTES = 1 << 25
+"""The float64 scratch :func:`refine_close_rows` allocates when the caller gives none (32 MiB:
+about 150 rows of 32000 classes at a time)."""
+
+
+def _float64_space(work: Any, count: int, n: int, device: Any) -> tuple[Any, int]:
+    """Float64 scratch of ``7 * piece * n`` elements for :func:`_refined_in_place`, and the
+    rows per piece: the caller's `work` (a contiguous tensor it no longer needs, the fused
+    loop's float32 work space of the row block: no memory beyond it) viewed as float64, or
+    one allocation for the call (up to :data:`_SPACE_BYTES`)."""
+    import torch
+
+    if work is not None and work.is_contiguous() and work.numel() * work.element_size() >= 56 * n:
+        flat = work.reshape(-1)
+        size = flat.numel() * flat.element_size() // 8
+        space = flat[: size * 8 // flat.element_size()].view(torch.float64)
+        return space, max(1, min(count, size // (7 * n)))
+    piece = max(1, min(count, _SPACE_BYTES // (56 * n)))
+    return torch.empty(7 * piece * n, dtype=torch.float64, device=device), piece
+
+
+def _refined_in_place(
+    z_p: Any,
+    z_q: Any,
+    at: Any,
+    loss: Any,
+    g: Any,
+    *,
+    beta: float,
+    scale: Any,
+    space: Any,
+) -> None:
+    """:func:`refine_close_rows` of the float32 rows `at` of the PyTorch logits `z_p`, `z_q`
+    (2-d), written into `loss` and `g` (None: no gradient): :func:`_jsd_torch` in float64,
+    every temporary in `space` (:func:`_float64_space`): the rows gathered into its last
+    seventh (as float32), the log-softmaxes and the work arrays in the rest."""
+    import torch
+
+    rows, n = at.shape[0], z_q.shape[-1]
+    buf = space[: 6 * rows * n].view(6, rows, n)
+    gathered = space[6 * rows * n : 7 * rows * n].view(torch.float32)
+    z32 = gathered[: rows * n].view(rows, n)
+    for b, z in ((buf[0], z_p), (buf[1], z_q)):
+        torch._log_softmax(b.copy_(torch.index_select(z, 0, at, out=z32)), -1, False, out=b)
+    log_p, log_q = buf[0], buf[1]
+    value, grad = _jsd_torch(
+        log_p, log_q, beta=beta, axis=-1, grad=g is not None, scale=scale, work=buf[2:]
+    )
+    loss.index_copy_(0, at, value.to(loss.dtype))
+    if g is not None:
+        g.index_copy_(0, at, z32.copy_(grad))
+
+
 def _refined(zp: Any, zq: Any, *, beta: float, grad: bool, xp: Any, scale: Any) -> Any:
-    """:func:`refine_close_rows`' formulas for the rows `zp`, `zq` (teacher, student logits)."""
+    """:func:`refine_close_rows`' formulas for the rows `zp`, `zq` (teacher, student logits)
+    where :func:`_refined_in_place` does not serve: float64 logits, NumPy."""
     if zq.dtype == xp.float64:  # the log ratio from the logits (array-API formulas)
         log_q = log_softmax(zq, axis=-1, xp=xp, exact_peak=True)
         log_p = log_softmax(zp, axis=-1, xp=xp)
         d = log_ratio_from_logits(zp, zq, log_p, log_q, axis=-1, xp=xp)
         return _jsd_generic(log_p, log_q, beta=beta, axis=-1, grad=grad, xp=xp, scale=scale, d=d)
-    # the same formulas in float64, accurate enough for a float32 result
+    # NumPy float32: the same formulas in float64, accurate enough for a float32 result
     log_q = log_softmax(xp.astype(zq, xp.float64), axis=-1, xp=xp)
     log_p = log_softmax(xp.astype(zp, xp.float64), axis=-1, xp=xp)
-    if is_torch_namespace(xp):
-        return _jsd_torch(log_p, log_q, beta=beta, axis=-1, grad=grad, scale=scale)
     return _jsd_generic(log_p, log_q, beta=beta, axis=-1, grad=grad, xp=xp, scale=scale)
 
 

@@ -260,7 +260,15 @@ def distill_rows(
             log_p, log_q, beta=beta, xp=xp, scale=factor, work=buffers, wide=wide, d=d
         )
     if kept is not None:
-        loss, g = refine_close_rows(*kept, loss, g, beta=beta, xp=xp, scale=factor)
+        loss, g = refine_close_rows(
+            *kept,
+            loss,
+            g,
+            beta=beta,
+            xp=xp,
+            scale=factor,
+            work=buffers,  # free by now
+        )
     return loss, g
 
 
