@@ -339,3 +339,30 @@ def test_float32_gradient_of_a_small_beta(beta: float) -> None:
     (g,) = torch.autograd.grad(_fused(hh, w, th, tw, beta=beta, chunk_size=7), hh)
     err = float((g.double() - want_g).norm() / want_g.norm())
     assert err < 1e-6, err
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_close_rows_with_a_row_upstream_gradient(beta: float) -> None:
+    """reduction="none" with a per-row upstream gradient (the backward recomputes with each
+    row's factor) and a teacher 1e-5 from the student: the rows are computed a second time
+    in the block's work space as float64, their factors picked per row; the gradient within
+    1e-6 of its norm of float64's (2e-2 to 1e-1 summed from the float32 log-probabilities).
+    Several chunks and blocks (chunk_size=8)."""
+    g = torch.Generator().manual_seed(0)
+    n, v = 40, 300
+    t = torch.randn(n, v, generator=g) * 3
+    s = t + 1e-5 * torch.randn(n, v, generator=g)
+    up = torch.rand(n, generator=g)
+    ref = distill_grad_ref(s.double().numpy(), t.double().numpy(), beta=beta)
+    want = ref * up.double().numpy()[:, None]
+    h = s.clone().requires_grad_()
+    eye = torch.eye(v)
+    rows = _fused(h, eye, t, eye, beta=beta, reduction="none", chunk_size=8)
+    np.testing.assert_allclose(
+        rows.detach().double().numpy(), distill_rows_ref(s.double(), t.double(), beta=beta),
+        rtol=1e-3,
+    )  # fmt: skip
+    rows.backward(up)
+    assert h.grad is not None
+    err = np.linalg.norm(h.grad.double().numpy() - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert err.max() < 1e-6, err.max()
