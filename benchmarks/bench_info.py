@@ -6,9 +6,11 @@ The references are what a PyTorch user writes: ``F.kl_div`` of two ``log_softmax
 the two halves of the Jensen–Shannon divergence against ``logaddexp(log p, log q) - log 2``,
 ``-(softmax · log_softmax).sum()`` (cross-entropy), ``Categorical(logits=z).entropy()``, and
 from probabilities ``F.kl_div(q.log(), p)``, the two halves of JS against ``((p + q)/2).log()``
-and ``-torch.xlogy`` (cross-entropy, entropy). crossent keeps nearly equal rows and peaked rows
-accurate where these cancel: the last table gives the relative error of each on float32 logits
-:math:`10^{-6}` apart against float64 (mpmath-grade: the float64 form of crossent's formula).
+and ``-torch.xlogy`` (cross-entropy, entropy); ``crossent.distillation_loss`` (beta = 1/2, the
+teacher a constant) against TRL's generalized JSD of two ``log_softmax``. crossent keeps nearly
+equal rows and peaked rows accurate where these cancel: the last table gives the relative error
+of each on float32 logits :math:`10^{-6}` apart against float64 (mpmath-grade: the float64
+form of crossent's formula).
 
 Per-call process CPU time, 1 thread, contenders interleaved round by round, median of the
 rounds; ratio = crossent / reference; glibc's malloc thresholds raised for both (freed blocks
@@ -29,6 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+import crossent as ce
 from benchmarks._util import interleaved_cpu_times
 from crossent import info
 from crossent._eval._memory import reuse_freed_memory
@@ -54,6 +57,15 @@ def _ce_logits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _entropy_logits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.distributions.Categorical(logits=a).entropy()
+
+
+def _distill_logits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """TRL's generalized JSD (beta = 1/2) of student `a` and teacher `b` (a constant)."""
+    lq, lp = a.log_softmax(-1), b.detach().log_softmax(-1)
+    lm = torch.logaddexp(lp, lq) - math.log(2.0)
+    kl_p = F.kl_div(lm, lp, reduction="none", log_target=True).sum(-1)
+    kl_q = F.kl_div(lm, lq, reduction="none", log_target=True).sum(-1)
+    return 0.5 * kl_p + 0.5 * kl_q
 
 
 def _kl_probs(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -86,6 +98,9 @@ CASES: dict[str, tuple[Fn, Fn, bool]] = {
     ),
     "entropy, logits": (
         lambda a, b: info.entropy(a, from_logits=True), _entropy_logits, True,
+    ),
+    "distillation_loss, logits": (
+        lambda a, b: ce.distillation_loss(a, b, reduction="none"), _distill_logits, True,
     ),
     "kl_divergence, probabilities": (info.kl_divergence, _kl_probs, False),
     "js_divergence, probabilities": (info.js_divergence, _js_probs, False),
@@ -134,7 +149,7 @@ def _accuracy() -> None:
     print("\nfloat32 logits 1e-6 apart, 64 x 1000: worst relative error of a row against float64")
     print("| measure | torch | crossent |")
     print("|---|---|---|")
-    for name in ("kl_divergence, logits", "js_divergence, logits"):
+    for name in ("kl_divergence, logits", "js_divergence, logits", "distillation_loss, logits"):
         ours, ref, _ = CASES[name]
         want = ours(zp.double(), zq.double())
         err = [float(((f(zp, zq).double() - want).abs() / want).max()) for f in (ref, ours)]
