@@ -232,11 +232,13 @@ def _probability_rows_fit(x: np.ndarray, counted: np.ndarray | None) -> bool:
     return bool(1 - sums.min() <= tol and sums.max() - 1 <= tol)
 
 
-def _clamped_log(p: np.ndarray) -> np.ndarray:
-    r""":math:`\max(\log p, -100)`, a new array (the rule of
-    :func:`crossent._losses._common.clamped_log`, without its masks)."""
-    with quiet(np, "divide"):
-        out = np.log(p)
+def _clamped_log(p: np.ndarray, *, complement: bool = False) -> np.ndarray:
+    r""":math:`\max(\log p, -100)` (with `complement`, of :math:`\log(1-p)` as ``log1p(-p)``), a
+    new array (the rule of :func:`crossent._losses._common.clamped_log`, without its masks; NaN
+    for a value outside [0, 1], quietly, as there: with validation off, or in a row under
+    ``ignore_index``, masked after)."""
+    with quiet(np, "divide", "invalid"):
+        out = np.log1p(-p) if complement else np.log(p)
     return np.maximum(out, LOG_CLAMP, out=out)
 
 
@@ -272,7 +274,8 @@ def _sparse_probabilities(
     if valid is not None:
         w_y = valid.astype(dtype) if w_y is None else np.where(valid, w_y, 0).astype(dtype)
     log_p = _clamped_log(p)
-    row = -log_p if w_y is None else -(log_p * w_y)
+    with quiet(np, "invalid"):  # 0 * inf of an ignored row (validation off): masked below
+        row = -log_p if w_y is None else -(log_p * w_y)
     if valid is not None:  # an ignored row reads class 0, which may be anything
         row = np.where(valid, row, 0).astype(dtype, copy=False)
     loss, scale = _reduced(row, w_y, shape, dtype, opts.reduction)
@@ -378,11 +381,8 @@ def binary_probabilities(
         pos = pos * pw
     if not (isinstance(w, float) and w == 1.0):
         pos, neg = pos * w, neg * w
-    with quiet(np, "divide"):
-        log_not_p = np.log1p(-input)
-    np.maximum(log_not_p, LOG_CLAMP, out=log_not_p)
     loss = pos * _clamped_log(input)
-    loss += neg * log_not_p
+    loss += neg * _clamped_log(input, complement=True)
     np.negative(loss, out=loss)
     if opts.reduction == "none":
         return loss
