@@ -1263,13 +1263,13 @@ def refine_close_rows(
     loop's work space of the row block), the float64 scratch then (:func:`_float64_space`).
     """
     n = z_q.shape[-1]
-    if n == 0 or (is_torch_namespace(xp) and loss.device.type == "meta"):  # no values
+    torch_ = is_torch_namespace(xp)
+    if n == 0 or (torch_ and loss.device.type == "meta"):  # no values
         return loss, g
     tau = _CLOSE_ROWS * (beta * (1.0 - beta) if 0.0 < beta < 1.0 else 1.0)
     rows = xp.nonzero(xp.reshape(loss, (-1,)) < tau)[0]
     if rows.shape[0] == 0:
         return loss, g
-    torch_ = is_torch_namespace(xp)
     if not torch_:  # NumPy: written into copies (the plain formulas' arrays may be read-only)
         loss = xp.asarray(loss, copy=True)
         g = None if g is None else xp.asarray(g, copy=True)
