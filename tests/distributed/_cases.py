@@ -30,6 +30,9 @@ class Case:
     bias: bool = False  # fused cases: a bias vector
     hidden_dtype: str | None = None  # fused cases: hidden in another dtype than the weight
     far_target: float = 0.0  # fused cases with a bias: row 1's target class lowered this much
+    # fused cases: hidden states moved so that one class gets p near 1, 1 - p falling from
+    # 1e-1 to below 1e-10 along the rows: the target in even rows, the next class in odd ones
+    confident: bool = False
     # class weights of the upper classes (>= HIGH_CLASSES) times this: none on rank 0's slice
     # of 2, 3 or 4 ranks, so that a scale decided from a rank's own slice would differ
     weight_scale: float = 1.0
@@ -94,6 +97,12 @@ def problem(case: Case) -> dict[str, Any]:
         bias[ZERO_WEIGHT_CLASS] = -float("inf")
     if case.far_target:
         bias[target.view(-1)[1]] -= case.far_target
+    if case.confident:
+        flat = target.view(-1).clamp(0, case.vocab - 1)
+        top = (flat + torch.arange(n) % 2) % case.vocab
+        boost = torch.linspace(4.0, 50.0, n, dtype=torch.float64)
+        rows = matrix[top]
+        hidden.view(n, -1).add_(boost[:, None] * rows / (rows**2).sum(dim=1, keepdim=True))
     reduction = case.options.get("reduction", "mean")
     out_shape = case.batch
     if case.options.get("shift"):
@@ -283,6 +292,14 @@ LOG_PROB_CASES = [
         {"return_entropy": True},
         bias=True,
         far_target=1e6,
+    ),
+    Case(  # log_softmax's log p_* of a confident row is rounded at 1, as was log(sum e^delta)
+        "log_probs_confident_rows_entropy",
+        {"return_entropy": True, "chunk_size": 4},
+        batch=(16,),
+        hidden=32,
+        bias=True,
+        confident=True,
     ),
     Case(
         "log_probs_bfloat16_hidden_float32_weight",

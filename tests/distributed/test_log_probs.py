@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -38,6 +39,14 @@ def test_log_probs_entropy_and_grads_equal_single_process(case: Case, ranks: Any
     torch.testing.assert_close(
         torch.cat([res["grad_weight"] for res in results]), want["grad_weight"], **tol
     )
+    if case.confident:  # each row to its own size, against float64
+        exact = run_log_prob_case(linear_log_probs, replace(case, dtype="float64"), 0, 0)
+        for r, res in enumerate(results):
+            for key in ("log_probs", "entropy"):
+                got, ref = res[key].double(), exact[key]
+                assert ((got - ref).abs() <= 3e-5 * ref.abs()).all(), (r, key, got, ref)
+            err = (res["grad_hidden"].double() - exact["grad_hidden"]).norm(dim=-1)
+            assert (err <= 3e-5 * exact["grad_hidden"].norm(dim=-1)).all(), (r, err)
     if case.bias:
         grad_b = torch.cat([res["grad_bias"] for res in results])
         torch.testing.assert_close(grad_b, want["grad_bias"], **tol)

@@ -306,3 +306,48 @@ def test_entropy_gradient_at_a_tiny_temperature_equals_float64(temperature: floa
     torch.testing.assert_close(got_ent.double(), want_ent.detach(), rtol=1e-6, atol=1e-6)
     scale = float(want_g.abs().max())
     torch.testing.assert_close(g.double(), want_g, rtol=1e-5, atol=1e-6 * scale)
+
+
+def _confident(n: int = 24, d: int = 64, v: int = 300, *, seed: int = 3) -> Any:
+    """Float64 data of float32 values whose rows put 1 - p_* from 1e-1 down to 1e-10 on one
+    class: the target in most rows, another class in every fourth."""
+    data = _inputs(n, d, v, seed=seed, ignored=False)
+    w = data["weight"]
+    top = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed))
+    boost = torch.linspace(4.0, 50.0, n, dtype=torch.float64)
+    data["hidden"] += boost[:, None] * w[top] / (w[top] ** 2).sum(dim=1, keepdim=True)
+    data["target"] = torch.where(torch.arange(n) % 4 == 3, (top + 1) % v, top)
+    data["target"][5] = -100
+    for k in ("hidden", "weight", "bias"):  # the float32 inputs exactly, in float64
+        data[k] = data[k].float().double()
+    return data
+
+
+@pytest.mark.parametrize(
+    ("temperature", "softcap", "upstream"),
+    [(1.0, None, "both"), (0.7, None, "log_probs"), (1.3, 100.0, "entropy"), (1.0, 60.0, "both")],
+)
+def test_confident_rows_keep_float32_rounding(
+    temperature: float, softcap: float | None, upstream: str
+) -> None:
+    """A row whose most probable class has p_* near 1 (RL's sampled tokens): log p_* is
+    about -(1 - p_*), which log_softmax rounds at 1 (1 % off at 1 - p_* = 1e-5 in float32,
+    0 below 6e-8), and the entropy and the gradient entry g (1 - p_*) with it (up to 4e-2
+    of the row's gradient norm). Each row within 3e-5 of the float64 reference, relative to
+    its own size: the float32 product's own rounding (logits near 50 from 64 terms) moves
+    the gaps between logits, which 1 - p_* = e^(gap) turns into relative error, by 1e-5."""
+    data = _confident()
+    opts = {"temperature": temperature, "softcap": softcap, "chunk_size": 8}
+    got = _ours(data, bias=True, upstream=upstream, dtype=torch.float32, **opts)
+    want = _ref(data, bias=True, upstream=upstream, **opts)
+    lp = got[0].double().numpy()
+    q = -np.expm1(want[0][data["target"].numpy() >= 0])  # 1 - p_y
+    assert q.min() < 1e-6  # the rows reach below float32's resolution of log p
+    np.testing.assert_allclose(lp, want[0], rtol=3e-5, atol=0)
+    if got[1] is not None:
+        np.testing.assert_allclose(got[1].double().numpy(), want[1], rtol=3e-5, atol=0)
+    g_h = got[2].double().numpy()  # row i of d/d hidden is row i's logit gradient times W
+    err = np.linalg.norm(g_h - want[2], axis=1)
+    assert (err <= 3e-5 * np.linalg.norm(want[2], axis=1)).all(), err / np.linalg.norm(want[2])
+    for g, w in zip(got[3:], want[3:], strict=True):
+        assert np.linalg.norm(g.double().numpy() - w) <= 3e-5 * np.linalg.norm(w)
