@@ -504,6 +504,20 @@ def test_value_and_grad_over_no_classes_is_zero(xp: Any, beta: float) -> None:
     assert tuple(grad.shape) == (4, 0)
 
 
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0, 3)])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_torch_autograd_over_no_rows_is_zero(shape: tuple[int, ...], beta: float) -> None:
+    """An empty batch (a causal shift of one-token sequences) through PyTorch's autograd: for
+    beta = 1 the node's forward asked for the teacher's smallest log-probability, a reduction
+    PyTorch refuses on an empty tensor (a RuntimeError, where every other path gave 0)."""
+    torch = pytest.importorskip("torch")
+    student = torch.zeros(shape, requires_grad=True)
+    loss = ce.distillation_loss(student, torch.zeros(shape), beta=beta)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert loss.item() == 0.0
+    assert grad.shape == shape
+
+
 def test_float32_closed_form_gradient_of_rows_peaked_on_the_same_class(xp: Any) -> None:
     """beta = 0: the gradient Q - P of rows that both put 1 - 6e-6 on the same class. At that
     class it is a difference of two numbers near 1, rounded at 1 in float32 (6e-8) where its

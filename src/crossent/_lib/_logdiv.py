@@ -1458,8 +1458,11 @@ def _jsd_torch(
         if beta == 1.0:  # KL(Q || P): a = Q, b = P
             torch.sub(log_q, log_p, out=d)
             # Q_k > 0 = P_k (an infinite loss) and Q_k = 0: _infinite_limit; on the CPU only
-            # where the teacher rules a class out (one pass; as _chunked, no sync elsewhere)
-            if grad and (log_p.device.type != "cpu" or not bool(log_p.amin() > -math.inf)):
+            # where the teacher rules a class out (one pass; as _chunked, no sync elsewhere;
+            # an empty batch has none)
+            if grad and (
+                log_p.device.type != "cpu" or (log_p.numel() and not bool(log_p.amin() > -math.inf))
+            ):
                 zero = log_q == -math.inf
                 off = (log_p == -math.inf) & ~zero
                 log_q_off = torch.where(off, log_q, 0.0)  # log_q is overwritten below
