@@ -358,6 +358,13 @@ def linear_log_probs(
         \frac{\partial}{\partial u_k}\big(g_y \log p_y + g_H H\big)
             = g_y([k = y] - p_k) - g_H\, p_k (\log p_k + H).
 
+    A confident token's :math:`\log p_* \approx -(1 - p_*)` is formed as
+    :math:`\operatorname{log1p}(-\sum_{k \ne *} p_k)` wherever :math:`p_* > 1/2`, and its
+    gradient entry :math:`g_y(1 - p_*)` from it: ``log_softmax`` rounds it at 1 (off by up to
+    6e-8 in float32: 0 for :math:`1 - p_* < 6 \cdot 10^{-8}`), so both outputs and the
+    gradients keep the dtype's rounding relative to their own size (the RL guide, "Confident
+    tokens").
+
     The forward pass does one matrix product per chunk; backward recomputes the
     chunk's logits and does the two gradient products (four in all, the cost of
     the unfused ``log_softmax`` + ``gather`` with autograd, at a fraction of

@@ -130,8 +130,9 @@ def _exact_top_(
     :math:`p_* > 1/2`; below, where :math:`|\log p_*| > \log 2`, PyTorch's value is
     already exact to a few ulps (and :math:`1 - q` would cancel), and NaN and −inf rows
     keep theirs. `buf` is read by blocks of `work`'s rows (the probabilities); on the CPU a
-    block without `candidates` (a boolean mask holding every row that needs it; None: all)
-    is skipped. With `p_log_p`, that gets :math:`\sum_k p_k \log p_k` per row in the same
+    block without `candidates` (a boolean mask holding every row that needs it; None: the
+    rows whose largest log-probability exceeds :math:`-\log 2`, one ``amax`` per block) is
+    skipped. With `p_log_p`, that gets :math:`\sum_k p_k \log p_k` per row in the same
     pass, `buf` raised to :data:`_LOG_FLOOR` first (0 · −inf). With `column` (one class per
     row, the target) the most probable class is not looked for: that column is made exact
     where its :math:`p > 1/2` (then it is the most probable), which is all that the target's
@@ -139,14 +140,18 @@ def _exact_top_(
     """
     n = buf.shape[0]
     step = min(work.shape[0], max(1, _CACHE_BLOCK // max(1, buf.shape[1])))
-    skip = buf.is_cpu and candidates is not None
     tops: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for i in range(0, n, step):
-        if skip and not bool(candidates[i : i + step].any()):  # type: ignore[index]
-            continue
         b = buf[i : i + step]
         if p_log_p is not None:
             b.clamp_(min=_LOG_FLOOR)
+        if buf.is_cpu:  # a host read per block: free there
+            wanted = b.amax(dim=1) > -_LN2 if candidates is None else candidates[i : i + step]
+            if not bool(wanted.any()):
+                if p_log_p is not None:
+                    w = torch.exp(b, out=work[: b.shape[0]])
+                    torch.sum(w.mul_(b), dim=1, out=p_log_p[i : i + step])
+                continue
         s = _argmax_rows(b) if column is None else column[i : i + step, None]
         w = torch.exp(b, out=work[: b.shape[0]]).scatter_(1, s, 0.0)
         t = b.gather(1, s)
