@@ -20,6 +20,8 @@ import sys
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -751,3 +753,78 @@ def test_triton_huge_softcap_equals_the_float64_reference(
     calls = _force_triton_sparse(monkeypatch)
     huge.test_torch_unfused_losses_equal_the_float64_reference(cap, dtype, grad=True)
     assert calls, "the Triton executor did not run"
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    n=st.integers(0, 6),
+    d=st.integers(1, 5),
+    v=st.sampled_from([1, 2, 15, 16, 17, 40]),
+    dtype=st.sampled_from(["float32", "float64", "bfloat16"]),
+    scale=st.sampled_from([1e-3, 1.0, 30.0, 300.0]),
+    masked=st.booleans(),
+    cw=st.sampled_from([None, "random", "zeros"]),
+    eps=st.sampled_from([0.0, 0.2, 1.0]),
+    zeta=st.sampled_from([0.0, 1e-3]),
+    cap=st.sampled_from([None, 3.0, 1e39]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    chunk=st.sampled_from([1, 3, 8]),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_chunk_loop_fuzz_equals_pytorch_path(
+    n: int, d: int, v: int, dtype: str, scale: float, masked: bool, cw: str | None,
+    eps: float, zeta: float, cap: float | None, reduction: str, chunk: int, seed: int,
+) -> None:  # fmt: skip
+    """Random sizes (ragged and single vocabulary tiles, empty batches), logits up to 300·d,
+    classes masked by a -inf bias, class weights with zeros, every option: the Triton
+    kernels give the PyTorch path's loss and gradients."""
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, d, generator=gen) * scale).to(dt)
+    w = torch.randn(v, d, generator=gen).to(dt)
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[::3] = -100
+    bias = torch.randn(v, generator=gen)
+    if masked and v > 1:
+        off = torch.rand(v, generator=gen) < 0.3
+        off[0] = False
+        bias[off] = -math.inf
+        y = torch.where((y >= 0) & off[y.clamp(min=0)], 0, y)
+    weights = None
+    if cw is not None:
+        weights = torch.rand(v, generator=gen) + (0.0 if cw == "random" else 0.5)
+        if cw == "zeros":
+            weights[::2] = 0.0
+            if masked:  # smoothing over a masked class of weight 0: tested on its own
+                weights[torch.isinf(bias)] = 0.5
+        weights = weights.to(dt)
+    kw: dict[str, Any] = {
+        "bias": bias.to(dt),
+        "class_weight": weights,
+        "compute_grad": True,
+        "row_scale": torch.randn(n, generator=gen).to(dt) if reduction == "none" else None,
+    }
+    opts = LinearCEOptions(-100, eps, zeta, cap, reduction, chunk)
+    ref = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=False), **kw)
+    got = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=True), **kw)
+    for g, r in itertools.zip_longest(_plain(got), _plain(ref)):
+        if r is None:
+            assert g is None
+            continue
+        assert g is not None
+        assert g.dtype == r.dtype
+        assert torch.equal(torch.isnan(g), torch.isnan(r))
+        scale_r = (
+            float(torch.where(torch.isfinite(r), r.abs(), 0).double().max()) if r.numel() else 0
+        )
+        low = dt == torch.bfloat16 and g.dtype == torch.bfloat16
+        rtol = 1e-2 if low else 1e-5 if dt != torch.float64 else 1e-11
+        torch.testing.assert_close(
+            g.double(), r.double(), rtol=rtol, atol=rtol * (scale_r + 1e-30), equal_nan=True
+        )
