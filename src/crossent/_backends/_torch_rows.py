@@ -231,14 +231,14 @@ def _chunk(
     """
     z = x.float() if x.dtype in _LOW else x
     num_classes = z.shape[1]
-    th = None
+    th = u = None  # tanh(x / c) of a guarded cap; x / c of the others
     form = softcap_form(opts.softcap, z.dtype, xp=torch)
     if form is not None and form.guarded:  # a huge cap (float32: > 1e31): x where x/c is tiny
         z, th = softcap_guarded(z, form, xp=torch)
     elif form is not None:
         cap = form.cap
-        th = torch.mul(z, _scalar(1.0 / cap, z.dtype)).tanh_()
-        capped = th * _scalar(cap, z.dtype)
+        u = torch.mul(z, _scalar(1.0 / cap, z.dtype))
+        capped = torch.tanh(u).mul_(_scalar(cap, z.dtype))
         z = torch.where(z == -math.inf, z, capped) if mask else capped
     eps, gamma = opts.label_smoothing, opts.gamma
     if scale is None and eps == 0:  # the loss only: -log p_y from F.cross_entropy's kernel
@@ -287,8 +287,12 @@ def _chunk(
             g.addcmul_(e, dense, value=-1)
         else:
             g.add_(dense, alpha=-e)
-    if th is not None:  # the chain rule: dz/dx = 1 - tanh²(x/c) (0 at a masked -inf logit)
+    # the chain rule: dz/dx = 1 - tanh²(x/c), 0 at a masked -inf logit (softcap_slope: as
+    # 1 / cosh² where x / c is not tiny, 1 - t * t cancelling near saturation)
+    if th is not None:
         g.addcmul_(g * th, th, value=-1)
+    elif u is not None:
+        g.mul_(u.cosh_().square_().reciprocal_())
     if out is not None:
         if g.data_ptr() != out.data_ptr():
             out.copy_(g)

@@ -597,10 +597,14 @@ def softmax_(buf: torch.Tensor, *, log: bool) -> None:
 
 
 def _softcap_(
-    buf: torch.Tensor, tanh_buf: torch.Tensor | None, softcap: float | None, scale: float = 1.0
+    buf: torch.Tensor, slope_buf: torch.Tensor | None, softcap: float | None, scale: float = 1.0
 ) -> None:
     r"""Raw logits :math:`x` in `buf` become :math:`\mathrm{scale} \cdot c \tanh(x/c)`;
-    `tanh_buf` keeps the tanh.
+    `slope_buf` keeps the chain rule's slope :math:`dz/dx = 1 - \tanh^2(x/c)`.
+
+    The slope is :math:`1/\cosh^2(x/c)`, exact to a few ulps: ``1 - t * t`` from the tanh
+    cancels where the tanh is near ±1 (its rounding times :math:`1/(1 - t^2)`: 6e-4 relative
+    at :math:`|x/c| = 5` in float32, the same in the Triton kernel, ``_kernels._tanh_sech2``).
 
     A logit of :math:`-\infty` (a masked class, e.g. from a bias of −inf) stays
     :math:`-\infty`, as in the unfused losses: :math:`c \tanh(-\infty / c) = -c` would
@@ -611,40 +615,40 @@ def _softcap_(
 
     form = softcap_form(softcap, buf.dtype, xp=torch)
     if form is None:  # no cap, or one above float32's range times 1/sqrt(eps): the identity
-        if tanh_buf is not None:
-            tanh_buf.zero_()  # the chain rule's 1 - tanh^2 is 1
+        if slope_buf is not None:
+            slope_buf.fill_(1.0)
         if scale != 1.0:
             buf.mul_(scale)
         return
     if form.guarded:  # a huge cap (float32: > 1e31): x where x/c is tiny, c divided in two
         z, t = softcap_guarded(buf, form, xp=torch)
         buf.copy_(z)
-        if tanh_buf is not None:
-            tanh_buf.copy_(t)
+        if slope_buf is not None:  # x / c tiny: 1 - t^2 is exact
+            torch.mul(t, t, out=slope_buf).neg_().add_(1.0)
         if scale != 1.0:
             buf.mul_(scale)
         return
     masked = None
     if buf.numel() and (buf.device.type != "cpu" or not bool(buf.amin() > -math.inf)):
         masked = torch.isneginf(buf)
-    buf.div_(form.cap).tanh_()
-    if tanh_buf is not None:
-        tanh_buf.copy_(buf)
-    buf.mul_(form.cap * scale)
+    buf.div_(form.cap)
+    if slope_buf is not None:  # 1 / cosh^2 (cosh overflowing to inf: 0, below the range)
+        torch.cosh(buf, out=slope_buf).square_().reciprocal_()
+    buf.tanh_().mul_(form.cap * scale)
     if masked is not None:
         buf.masked_fill_(masked, -math.inf)
 
 
 def slice_statistics(
     buf: torch.Tensor,
-    tanh_buf: torch.Tensor | None,
+    slope_buf: torch.Tensor | None,
     labels: torch.Tensor,
     spec: SliceSpec,
 ) -> _rows.RowStats:
     """Row statistics of this slice of the vocabulary, from the raw logits in `buf`.
 
     The Triton statistics kernel leaves `buf` unchanged; the PyTorch path soft-caps
-    it in place (keeping the tanh in `tanh_buf`) and leaves the slice's softmax
+    it in place (keeping the slope of the cap in `slope_buf`) and leaves the slice's softmax
     (:func:`softmax_stats_`).
     """
     import torch
@@ -652,7 +656,7 @@ def slice_statistics(
     with_wz = spec.opts.label_smoothing != 0
     cw = spec.class_weight
     if spec.triton is None:
-        _softcap_(buf, tanh_buf, spec.softcap)
+        _softcap_(buf, slope_buf, spec.softcap)
         return softmax_stats_(buf, labels, cw, offset=spec.vocab_start, with_wz=with_wz)
     local = labels - spec.vocab_start
     m, s, wd, z_y = spec.triton.row_stats(buf, local, cw, softcap=spec.softcap, smoothing=with_wz)
@@ -672,7 +676,7 @@ def slice_statistics(
 
 def chunk_statistics(
     buf: torch.Tensor,
-    tanh_buf: torch.Tensor | None,
+    slope_buf: torch.Tensor | None,
     labels: torch.Tensor,
     spec: SliceSpec,
 ) -> tuple[_rows.RowStats, _rows.RowStats]:
@@ -682,7 +686,7 @@ def chunk_statistics(
     vocabulary, through :func:`crossent._losses._rows.all_reduce` across the
     ranks (the same object in a single process).
     """
-    local = slice_statistics(buf, tanh_buf, labels, spec)
+    local = slice_statistics(buf, slope_buf, labels, spec)
     return local, (local if spec.shard is None else spec.shard.merge(local))
 
 
@@ -704,7 +708,7 @@ def chunk_losses(merged: _rows.RowStats, spec: SliceSpec) -> tuple[torch.Tensor,
 
 def logits_grad_(
     buf: torch.Tensor,
-    tanh_buf: torch.Tensor | None,
+    slope_buf: torch.Tensor | None,
     labels: torch.Tensor,
     local: _rows.RowStats,
     merged: _rows.RowStats,
@@ -751,9 +755,8 @@ def logits_grad_(
             buf.addr_(e, cw, alpha=-1.0)
         else:
             buf.sub_(e[:, None])
-    if tanh_buf is not None:
-        tanh_buf.square_().neg_().add_(1.0)
-        buf.mul_(tanh_buf)
+    if slope_buf is not None:
+        buf.mul_(slope_buf)
 
 
 def _chunked_linear_ce(
@@ -832,16 +835,16 @@ def _chunked_linear_ce(
         reduce_max=None if shard is None else shard.reduce_max,
         device=device,
     )
-    keep_tanh = has_softcap and plan.spec.triton is None and any(want)
-    tanh_all = None
-    if keep_tanh and n_counted:
-        tanh_all = _workspace("tanh", (chunk, v_local), cdt, device)
+    keep_slope = has_softcap and plan.spec.triton is None and any(want)
+    slope_all = None
+    if keep_slope and n_counted:
+        slope_all = _workspace("slope", (chunk, v_local), cdt, device)
     row_scale_c = None if row_scale is None else row_scale.to(cdt)
 
     def body(buf: torch.Tensor, c: _Chunk) -> bool:
         labels = plan.labels[c.start : c.stop]
-        tanh_buf = tanh_all[: c.stop - c.start] if tanh_all is not None else None
-        local, merged = chunk_statistics(buf, tanh_buf, labels, plan.spec)
+        slope_buf = slope_all[: c.stop - c.start] if slope_all is not None else None
+        local, merged = chunk_statistics(buf, slope_buf, labels, plan.spec)
         row, big_l = chunk_losses(merged, plan.spec)
         loss_rows[c.rows], lse_rows[c.rows] = row, big_l
         if not any(want):
@@ -851,7 +854,7 @@ def _chunked_linear_ce(
         # a row without a finite max (NaN, +inf, or -inf throughout: no softmax) has a NaN
         # gradient throughout, as the unfused losses' (p = 0 gave a finite one at -inf)
         scale = nan_rows(scale.expand(n), ~isfinite(merged.m, xp=torch), xp=torch)
-        logits_grad_(buf, tanh_buf, labels, local, merged, scale, plan.spec, big_l)
+        logits_grad_(buf, slope_buf, labels, local, merged, scale, plan.spec, big_l)
         return True
 
     grad_h, grad_w, grad_b = _chunk_loop(
@@ -1239,7 +1242,7 @@ def _mm_out_dtype(x: torch.Tensor) -> bool:
 
 def _row_stats_torch(
     buf: torch.Tensor,
-    tanh_buf: torch.Tensor | None,
+    slope_buf: torch.Tensor | None,
     y_loc: torch.Tensor,
     cw_local: torch.Tensor | None,
     *,
@@ -1263,9 +1266,10 @@ def _row_stats_torch(
     (not NaN). Without `need_lse` (a caller that reads only the log-softmax and
     ``z_y - lse_loc``) ``lse_loc`` is not formed: NaN stands in its place. The
     logits are ``z = scale · softcap · tanh(x / softcap)`` (``scale`` is
-    1 / temperature); with `tanh_buf`, tanh(x/c) is kept there for the chain rule. A huge
-    ``scale`` (a tiny temperature) is applied after the row max ``ref`` of the soft-capped
-    logits is subtracted (``_distill.tempered``): the plain product overflowed. Then
+    1 / temperature); with `slope_buf`, the cap's slope 1 - tanh²(x/c) is kept there for
+    the chain rule. A huge ``scale`` (a tiny temperature) is applied after the row max
+    ``ref`` of the soft-capped logits is subtracted (``_distill.tempered``): the plain
+    product overflowed. Then
     ``lse_loc`` is that of the shifted logits, the slice's true one being
     ``scale · ref + lse_loc`` (which may overflow: slices are combined with ``ref`` apart,
     ``_logprobs``); ``ref`` is None for ordinary scales.
@@ -1274,9 +1278,9 @@ def _row_stats_torch(
 
     ref = None
     if scale <= HUGE_INV_TEMPERATURE:
-        _softcap_(buf, tanh_buf, softcap, scale)
+        _softcap_(buf, slope_buf, softcap, scale)
     else:
-        _softcap_(buf, tanh_buf, softcap)
+        _softcap_(buf, slope_buf, softcap)
         xp = array_namespace(buf)
         shift = tempered_shift(buf, xp=xp)
         tempered(buf, scale, xp=xp, overwrite=True, shift=shift)

@@ -239,19 +239,19 @@ def _chunked_log_probs(
     ent_rows = None
     if opts.entropy:
         ent_rows = torch.zeros((n_total,), dtype=cdt, device=device) if entropy is None else entropy
-    keep_tanh = opts.softcap is not None and any_grad
+    keep_slope = opts.softcap is not None and any_grad
     chunk = _agreed_chunk(
         opts.chunk_size,
         int(rows_all.numel()),
         v_local,
-        buffers=1.0 + (1.0 if keep_tanh else 0.0) + 1.0 / _SUB_BLOCKS,
+        buffers=1.0 + (1.0 if keep_slope else 0.0) + 1.0 / _SUB_BLOCKS,
         low_precision=cdt != weight.dtype,
         reduce_max=None if shard is None else shard.reduce_max,
         device=device,
     )
-    tanh_all = (
-        _workspace("tanh", (chunk, v_local), cdt, device)
-        if keep_tanh and rows_all.numel()
+    slope_all = (
+        _workspace("slope", (chunk, v_local), cdt, device)
+        if keep_slope and rows_all.numel()
         else None
     )
     step = max(1, -(-chunk // _SUB_BLOCKS))  # rows per block of the element-wise passes
@@ -265,9 +265,9 @@ def _chunked_log_probs(
         y_loc = y_all[c.start : c.stop] - vocab_start
         owned = (y_loc >= 0) & (y_loc < v_local)
         y_loc = torch.where(owned, y_loc, 0)
-        tanh_buf = tanh_all[:n] if tanh_all is not None else None
+        slope_buf = slope_all[:n] if slope_all is not None else None
         lse_loc, ref, _, d_loc = _row_stats_torch(
-            buf, tanh_buf, y_loc, None, softcap=opts.softcap, smoothing=False, scale=inv_t,
+            buf, slope_buf, y_loc, None, softcap=opts.softcap, smoothing=False, scale=inv_t,
             need_lse=shard is not None,
         )  # fmt: skip
         t_loc = None  # sum_k p_k log p_k over the slice (not needed when the entropy is given)
@@ -340,9 +340,8 @@ def _chunked_log_probs(
         buf.index_put_((idx, y_loc), g_y * owned * inv_t, accumulate=True)
         lp_top = top.log_p if shift is None else top.log_p + shift[top.rows]
         _exact_top_entry(buf, top, lp_top, hit, g_y, g_h, ent, inv_t)
-        if tanh_buf is not None:
-            tanh_buf.square_().neg_().add_(1.0)
-            buf.mul_(tanh_buf)
+        if slope_buf is not None:
+            buf.mul_(slope_buf)
         return True
 
     with no_autocast(hidden):
