@@ -2,7 +2,7 @@
 
 Logits include ±1e4, -inf (a class one model or both rule out), subnormals and rows
 of one class; β from 0 (forward KL) to 1 (reverse KL), temperatures, ignored rows,
-every reduction, float32 and float64, NumPy, PyTorch and array-api-strict, the loss
+every reduction, float32 and float64, NumPy, PyTorch, JAX and array-api-strict, the loss
 and `value_and_grad` (and PyTorch's autograd). Every value must equal the reference
 to the rounding of the dtype at the logits' size, +inf where the reference is
 (mass on a class the other model rules out), NaN where it is NaN; every gradient
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import crossent as ce
 
 FUZZ = settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,
@@ -73,6 +73,9 @@ def _convert(a: np.ndarray, backend: str, dtype: str, *, grad: bool = False) -> 
     if backend == "array_api_strict":
         xp = pytest.importorskip("array_api_strict")
         return xp.asarray(a, dtype=getattr(xp, dtype))
+    if backend == "jax":
+        jnp = pytest.importorskip("jax.numpy")
+        return jnp.asarray(a, dtype=getattr(jnp, dtype))
     return a.astype(dtype)
 
 
@@ -108,7 +111,7 @@ def calls(draw: st.DrawFn) -> dict[str, Any]:
         "reduction": draw(st.sampled_from(["mean", "sum", "none"])),
         "target": target,
         "dtype": dtype,
-        "backend": draw(st.sampled_from(["numpy", "torch", "array_api_strict"])),
+        "backend": draw(st.sampled_from(["numpy", "torch", "array_api_strict", "jax"])),
         "autograd": draw(st.booleans()),
     }
 
