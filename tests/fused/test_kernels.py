@@ -73,6 +73,24 @@ def _interpreted(fn: Any) -> Any:
     return InterpretedFunction(fn)
 
 
+def _triton_and_pytorch(
+    h: Any, w: Any, y: Any, opts: LinearCEOptions, kw: dict[str, Any]
+) -> list[tuple[Any, Any]]:
+    """The results of ``_chunked_linear_ce`` with the Triton kernels and on the PyTorch path,
+    paired, where the PyTorch path has one (then so must Triton, in the same dtype)."""
+    ref = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=False), **kw)
+    got = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=True), **kw)
+    pairs = []
+    for g, r in itertools.zip_longest(_plain(got), _plain(ref)):
+        if r is None:
+            assert g is None
+            continue
+        assert g is not None
+        assert g.dtype == r.dtype
+        pairs.append((g, r))
+    return pairs
+
+
 def _tol(dtype: Any) -> dict[str, float]:
     return (
         {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
@@ -223,15 +241,8 @@ def test_chunk_loop_with_triton_equals_pytorch_path(
         "row_scale": torch.randn(n, generator=gen).to(dtype) if reduction == "none" else None,
     }
     opts = LinearCEOptions(-100, eps, zeta, cap, reduction, 8)
-    ref = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=False), **kw)
-    got = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=True), **kw)
     tol = _tol(torch.float32 if dtype == torch.bfloat16 else dtype)
-    for g, r in itertools.zip_longest(_plain(got), _plain(ref)):
-        if r is None:
-            assert g is None
-            continue
-        assert g is not None
-        assert g.dtype == r.dtype
+    for g, r in _triton_and_pytorch(h, w, y, opts, kw):
         if dtype == torch.bfloat16:
             # the same float32 gradient, rounded to bfloat16 (the Triton kernels write it
             # over the bfloat16 logits, as on CUDA: the weight gradient's products read it)
@@ -831,14 +842,7 @@ def test_triton_chunk_loop_fuzz_equals_pytorch_path(
         "row_scale": torch.randn(n, generator=gen).to(dt) if reduction == "none" else None,
     }
     opts = LinearCEOptions(-100, eps, zeta, cap, reduction, chunk)
-    ref = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=False), **kw)
-    got = _chunked_linear_ce(h, w, y, opts=dataclasses.replace(opts, use_triton=True), **kw)
-    for g, r in itertools.zip_longest(_plain(got), _plain(ref)):
-        if r is None:
-            assert g is None
-            continue
-        assert g is not None
-        assert g.dtype == r.dtype
+    for g, r in _triton_and_pytorch(h, w, y, opts, kw):
         assert torch.equal(torch.isnan(g), torch.isnan(r))
         scale_r = (
             float(torch.where(torch.isfinite(r), r.abs(), 0).double().max()) if r.numel() else 0

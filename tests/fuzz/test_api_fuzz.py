@@ -17,23 +17,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import crossent as ce
 from tests._reference import binary as ref_binary
 from tests._reference import categorical as ref_cat
 from tests._reference import info as ref_info
+from tests.fuzz._settings import fuzz
 
 torch = pytest.importorskip("torch")
 
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+FUZZ = fuzz(200)
 
 INF = math.inf
 SPECIAL_LOGITS = [0.0, 1.0, -1.0, 1e4, -1e4, 5e-324, -5e-324, 1e-310, 2.2250738585072014e-308]

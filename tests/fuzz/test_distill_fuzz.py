@@ -16,18 +16,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import crossent as ce
+from tests.fuzz._settings import fuzz
 
-FUZZ = settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+FUZZ = fuzz(100)
 
 INF = math.inf
 LOGITS = [0.0, 1.0, -1.0, 3.5, 1e4, -1e4, 5e-324, -INF]
