@@ -57,7 +57,7 @@ from crossent._backends._torch import (
 )
 from crossent._lib._xp import output_dtype
 from crossent._losses import _rows
-from crossent._losses._logprob import softcap_form, softcap_guarded
+from crossent._losses._logprob import softcap_form, softcap_guarded, softcap_slope_
 from crossent._losses._options import CEOptions
 
 __all__ = ["own_rows"]
@@ -287,12 +287,12 @@ def _chunk(
             g.addcmul_(e, dense, value=-1)
         else:
             g.add_(dense, alpha=-e)
-    # the chain rule: dz/dx = 1 - tanh²(x/c), 0 at a masked -inf logit (softcap_slope: as
-    # 1 / cosh² where x / c is not tiny, 1 - t * t cancelling near saturation)
+    # the chain rule: dz/dx = 1 - tanh²(x/c), 0 at a masked -inf logit (softcap_slope: not
+    # 1 - t * t, which cancels near saturation, except for a guarded cap, where x / c is tiny)
     if th is not None:
         g.addcmul_(g * th, th, value=-1)
     elif u is not None:
-        g.mul_(u.cosh_().square_().reciprocal_())
+        g.mul_(softcap_slope_(u))
     if out is not None:
         if g.data_ptr() != out.data_ptr():
             out.copy_(g)

@@ -31,7 +31,7 @@ from crossent._lib._xp import array_namespace, isfinite
 from crossent._losses import _rows
 from crossent._losses._common import nan_rows
 from crossent._losses._distill import HUGE_INV_TEMPERATURE, tempered, tempered_shift
-from crossent._losses._logprob import softcap_form, softcap_guarded
+from crossent._losses._logprob import softcap_form, softcap_guarded, softcap_slope_
 from crossent._losses._options import CEOptions, Reduction
 
 if TYPE_CHECKING:
@@ -602,9 +602,10 @@ def _softcap_(
     r"""Raw logits :math:`x` in `buf` become :math:`\mathrm{scale} \cdot c \tanh(x/c)`;
     `slope_buf` keeps the chain rule's slope :math:`dz/dx = 1 - \tanh^2(x/c)`.
 
-    The slope is :math:`1/\cosh^2(x/c)`, exact to a few ulps: ``1 - t * t`` from the tanh
-    cancels where the tanh is near ±1 (its rounding times :math:`1/(1 - t^2)`: 6e-4 relative
-    at :math:`|x/c| = 5` in float32, the same in the Triton kernel, ``_kernels._tanh_sech2``).
+    The slope is :func:`~crossent._losses._logprob.softcap_slope_`'s, exact to a few ulps:
+    ``1 - t * t`` from the tanh cancels where the tanh is near ±1 (its rounding times
+    :math:`1/(1 - t^2)`: 6e-4 relative at :math:`|x/c| = 5` in float32; the Triton kernel
+    forms the same slope, ``_kernels._tanh_sech2``).
 
     A logit of :math:`-\infty` (a masked class, e.g. from a bias of −inf) stays
     :math:`-\infty`, as in the unfused losses: :math:`c \tanh(-\infty / c) = -c` would
@@ -632,8 +633,8 @@ def _softcap_(
     if buf.numel() and (buf.device.type != "cpu" or not bool(buf.amin() > -math.inf)):
         masked = torch.isneginf(buf)
     buf.div_(form.cap)
-    if slope_buf is not None:  # 1 / cosh^2 (cosh overflowing to inf: 0, below the range)
-        torch.cosh(buf, out=slope_buf).square_().reciprocal_()
+    if slope_buf is not None:
+        softcap_slope_(buf, out=slope_buf)
     buf.tanh_().mul_(form.cap * scale)
     if masked is not None:
         buf.masked_fill_(masked, -math.inf)

@@ -203,7 +203,7 @@ def _logits_grad_kernel(
     dt = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(dt)
     if HAS_SOFTCAP:
-        # the chain rule's 1 - t^2 (0 at -inf)
+        # the chain rule's 1 - t^2 (0 at -inf), as 4 e / (1 + e)^2 (softcap_slope)
         z, sech2 = _cap_tanh(x, softcap, cap_scale, cap_below, CAP_GUARD)
     else:
         z = x
