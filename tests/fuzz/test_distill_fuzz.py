@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import crossent as ce
 from tests.fuzz._settings import fuzz
 
-FUZZ = fuzz(100)
+FUZZ = fuzz(50)
 
 INF = math.inf
 LOGITS = [0.0, 1.0, -1.0, 3.5, 1e4, -1e4, 5e-324, -INF]
