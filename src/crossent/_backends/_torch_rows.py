@@ -231,10 +231,10 @@ def _chunk(
     """
     z = x.float() if x.dtype in _LOW else x
     num_classes = z.shape[1]
-    th = u = None  # tanh(x / c) of a guarded cap; x / c of the others
+    cap_slope = u = None  # the slope dz/dx of a guarded cap; x / c of the others
     form = softcap_form(opts.softcap, z.dtype, xp=torch)
     if form is not None and form.guarded:  # a huge cap (float32: > 1e31): x where x/c is tiny
-        z, th = softcap_guarded(z, form, xp=torch)
+        z, cap_slope = softcap_guarded(z, form, xp=torch)
     elif form is not None:
         cap = form.cap
         u = torch.mul(z, _scalar(1.0 / cap, z.dtype))
@@ -289,8 +289,8 @@ def _chunk(
             g.add_(dense, alpha=-e)
     # the chain rule: dz/dx = 1 - tanh²(x/c), 0 at a masked -inf logit (softcap_slope: not
     # 1 - t * t, which cancels near saturation, except for a guarded cap, where x / c is tiny)
-    if th is not None:
-        g.addcmul_(g * th, th, value=-1)
+    if cap_slope is not None:
+        g.mul_(cap_slope)
     elif u is not None:
         g.mul_(softcap_slope_(u))
     if out is not None:

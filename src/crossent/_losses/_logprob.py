@@ -172,8 +172,9 @@ def softcap_tanh(x: Array, form: SoftcapForm, *, xp: Any) -> Array:
 
 
 def softcap_guarded(x: Array, form: SoftcapForm, *, xp: Any) -> tuple[Array, Array]:
-    r"""The guarded :math:`(z, \tanh(x / c))` of :class:`SoftcapForm`: :math:`z = x` below
-    ``form.below``, ``-inf`` kept ``-inf``.
+    r"""The guarded :math:`(z, 1 - \tanh^2(x / c))` of :class:`SoftcapForm`: :math:`z = x`
+    below ``form.below``, ``-inf`` kept ``-inf``; the second is the slope (exact as ``1 - t *
+    t``: :math:`x/c` is tiny for such caps), a constant for autodiff.
 
     Differentiable by autodiff with the derivative :math:`1 - \tanh^2(x/c)` itself
     (:math:`z = x\,d + (z - x\,d)` with :math:`d = 1 - \tanh^2` and the bracket held
@@ -194,7 +195,7 @@ def softcap_guarded(x: Array, form: SoftcapForm, *, xp: Any) -> tuple[Array, Arr
     slope = 1 - t * t
     w = xp.where(infinite, zero, x) * slope
     z = xp.where(xp.abs(x0) < form.below, x, w + (value - stop_gradient(w, xp=xp)))
-    return z + edge, t
+    return z + edge, slope
 
 
 def softcap_logits(x: Array, cap: float | None, *, xp: Any) -> Array:

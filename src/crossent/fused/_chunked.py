@@ -622,10 +622,10 @@ def _softcap_(
             buf.mul_(scale)
         return
     if form.guarded:  # a huge cap (float32: > 1e31): x where x/c is tiny, c divided in two
-        z, t = softcap_guarded(buf, form, xp=torch)
+        z, slope = softcap_guarded(buf, form, xp=torch)
         buf.copy_(z)
-        if slope_buf is not None:  # x / c tiny: 1 - t^2 is exact
-            torch.mul(t, t, out=slope_buf).neg_().add_(1.0)
+        if slope_buf is not None:
+            slope_buf.copy_(slope)
         if scale != 1.0:
             buf.mul_(scale)
         return
@@ -1270,8 +1270,7 @@ def _row_stats_torch(
     1 / temperature); with `slope_buf`, the cap's slope 1 - tanh²(x/c) is kept there for
     the chain rule. A huge ``scale`` (a tiny temperature) is applied after the row max
     ``ref`` of the soft-capped logits is subtracted (``_distill.tempered``): the plain
-    product overflowed. Then
-    ``lse_loc`` is that of the shifted logits, the slice's true one being
+    product overflowed. Then ``lse_loc`` is that of the shifted logits, the slice's true one being
     ``scale · ref + lse_loc`` (which may overflow: slices are combined with ``ref`` apart,
     ``_logprobs``); ``ref`` is None for ordinary scales.
     """

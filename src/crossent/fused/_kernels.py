@@ -55,12 +55,6 @@ _coefficients = _jit_helper(coefficients)
 
 
 @triton.jit
-def _tanh(u):
-    t, _ = _tanh_sech2(u)
-    return t
-
-
-@triton.jit
 def _tanh_sech2(u):
     # (tanh u, 1 - tanh^2 u); the second as 4 e / (1 + e)^2, e = exp(-2|u|), where tanh is
     # near 1 and 1 - t * t cancels (its rounding times 1 / (1 - t^2): 1e-3 relative at |u| = 5
@@ -84,7 +78,7 @@ def _tanh_sech2(u):
 
 
 @triton.jit
-def _cap_tanh(x, softcap, cap_scale, cap_below, CAP_GUARD: tl.constexpr):
+def _cap_and_slope(x, softcap, cap_scale, cap_below, CAP_GUARD: tl.constexpr):
     # (c tanh(x / c), 1 - tanh^2(x / c)), with -inf (a masked class) kept -inf as in the
     # unfused losses; guarded (a huge cap: _logprob.SoftcapForm) x itself below cap_below and
     # c = cap_scale * softcap divided in two steps
@@ -102,7 +96,7 @@ def _cap_tanh(x, softcap, cap_scale, cap_below, CAP_GUARD: tl.constexpr):
 
 @triton.jit
 def _cap(x, softcap, cap_scale, cap_below, CAP_GUARD: tl.constexpr):
-    z, _ = _cap_tanh(x, softcap, cap_scale, cap_below, CAP_GUARD)
+    z, _ = _cap_and_slope(x, softcap, cap_scale, cap_below, CAP_GUARD)
     return z
 
 
@@ -204,7 +198,7 @@ def _logits_grad_kernel(
     x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(dt)
     if HAS_SOFTCAP:
         # the chain rule's 1 - t^2 (0 at -inf), as 4 e / (1 + e)^2 (softcap_slope)
-        z, sech2 = _cap_tanh(x, softcap, cap_scale, cap_below, CAP_GUARD)
+        z, sech2 = _cap_and_slope(x, softcap, cap_scale, cap_below, CAP_GUARD)
     else:
         z = x
     lse = tl.load(LSE + row * stride_lse)
