@@ -598,3 +598,33 @@ def test_binary_by_pieces_gives_the_whole_array_bits(
             assert torch.equal(whole[0], pieces[0])
         else:
             torch.testing.assert_close(whole[0], pieces[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_second_derivatives_at_probabilities_of_exactly_0_and_1(dtype: Any) -> None:
+    """A double backward through a clamped log: the term -100 is a constant there (second
+    derivative 0) and the other term keeps its own, 1/p² or 1/(1 - p)²; the recorded
+    gradient divided by p where its ``where`` then dropped the quotient, so that the zero it
+    passed back met c/p² = inf: NaN (binary, sparse and categorical alike)."""
+    p = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0], dtype=dtype, requires_grad=True)
+    t = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0], dtype=dtype)
+    loss = ce.binary_cross_entropy(p, t, reduction="sum")
+    assert type(loss.grad_fn).__name__ == NODES["binary"]
+    (g,) = torch.autograd.grad(loss, p, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), p)
+    torch.testing.assert_close(h, torch.tensor([0.0, 0.0, 4.0, 1.0, 1.0], dtype=dtype))
+
+    rows = torch.tensor([[0.0, 1.0, 0.0], [0.25, 0.25, 0.5]], dtype=dtype, requires_grad=True)
+    y = torch.tensor([0, 2])
+    for name, loss in (
+        ("sparse", ce.sparse_categorical_cross_entropy(rows, y, reduction="sum")),
+        (
+            "categorical",
+            ce.categorical_cross_entropy(rows, F.one_hot(y, 3).to(dtype), reduction="sum"),
+        ),
+    ):
+        assert type(loss.grad_fn).__name__ == NODES[name]
+        (g,) = torch.autograd.grad(loss, rows, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), rows)
+        want = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 4.0]], dtype=dtype)  # 1/p² at p = 1/2
+        torch.testing.assert_close(h, want, msg=name)

@@ -87,11 +87,15 @@ def clamped_log(p: Tensor, *, out: Tensor | None = None) -> Tensor:
 def log_derivative(p: Tensor, c: Tensor | float, *, out: Tensor | None = None) -> Tensor:
     r""":math:`\partial_p\,(c \max(\log p, -100)) = c/p` where :math:`p` is at least
     :func:`~crossent._losses._common.clamp_floor`, 0 below (NaN stays NaN; three passes):
-    differentiable operations, or with `out` (which may be `c`) written there."""
+    differentiable operations, or with `out` (which may be `c`) written there. The
+    differentiable form divides by 1 where clamped, so that its own derivative is 0 there
+    too (``where`` routes a zero into the other branch, whose :math:`c/p^2` at :math:`p = 0`
+    would make it NaN)."""
     floor = clamp_floor(p.dtype, xp=torch)
     if out is not None:
         return torch.div(c, p, out=out).masked_fill_(p < floor, 0.0)
-    return torch.where(p < floor, 0.0, c / p)
+    clamped = p < floor
+    return torch.where(clamped, 0.0, c / torch.where(clamped, 1.0, p))
 
 
 def _rows_fit(x: Tensor, axis: int, counted: Tensor | None = None) -> bool:
@@ -547,7 +551,8 @@ def _binary_gradient(x: Tensor, pos: Tensor, neg: Tensor, s: Tensor | float) -> 
     if torch.is_grad_enabled():
         if not (isinstance(s, float) and s == 1.0):
             pos, neg = pos * s, neg * s
-        d = torch.where(p == 1, 0.0, neg / (1 - p)) - log_derivative(p, pos)
+        one = p == 1  # log1p(-p) clamped: 0, and (a safe denominator) 0 derivatives
+        d = torch.where(one, 0.0, neg / (1 - torch.where(one, 0.0, p))) - log_derivative(p, pos)
     else:
         if isinstance(s, float):  # a cached 0-d tensor: wrapping the number costs more
             s = _scalar(s, p.dtype)
