@@ -1391,3 +1391,24 @@ def test_torch_fast_paths_equal_the_array_api_formulas(case: Any) -> None:
             np.testing.assert_allclose(
                 got.double(), want, rtol=10 * rtol, atol=10 * rtol * scale, err_msg=name
             )
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_js_second_derivatives_of_far_apart_probabilities(dtype: str) -> None:
+    """JS of probabilities: d²/dp² = q / (2 p (p + q)), which autograd of log(2p / (p + q))
+    formed as 1/(2p) - 1/(2(p + q)), rounding noise of eps/p where q << p (80 times the value
+    at p = 3e-25, q = 3e-43); now exact on the array-API formulas (float64) and the float64
+    node of float32 tensors, and the mixed derivative -1 / (2 (p + q)) with them."""
+    torch = pytest.importorskip("torch")
+    p = torch.tensor(
+        [8.3e-12, 1.0e-4, 6.2e-10, 0.0446, 2.7e-25, 6.7e-16, 0.9554], dtype=torch.float64
+    )
+    q = torch.tensor([1.3e-16, 4.6e-18, 0.99, 1.7e-20, 2.6e-43, 5.1e-22, 0.01], dtype=torch.float64)
+    tdtype = getattr(torch, dtype)
+    p, q = p.to(tdtype).double(), q.to(tdtype).double()  # values the dtype holds
+    x, y = p.to(tdtype).requires_grad_(), q.to(tdtype).requires_grad_()
+    (gx,) = torch.autograd.grad(info.js_divergence(x, y), x, create_graph=True)
+    hxx, hxy = (h.double() for h in torch.autograd.grad(gx.sum(), (x, y)))
+    rtol = 1e-13 if dtype == "float64" else 2.0**-23  # the float32 gradient's own rounding
+    torch.testing.assert_close(hxx, q / (2 * p * (p + q)), rtol=rtol, atol=0)
+    torch.testing.assert_close(hxy, -1 / (2 * (p + q)), rtol=rtol, atol=0)

@@ -54,6 +54,7 @@ from crossent._lib._checks import (
 )
 from crossent._lib._logdiv import (
     cross_entropy_of_logits,
+    half_mixture_log_ratio,
     jsd_in_float64,
     log_ratio_from_logits,
     log_softmax,
@@ -764,18 +765,13 @@ def js_divergence(
         return d.finish(xp.sum(terms, axis=d.axis))
     s = d.p + d.q
     none = s == 0
-    # v = (p - q) / (p + q): log(2p / (p + q)) = log1p(v), log(2q / (p + q)) = log1p(-v)
-    one = xp.ones_like(s)
-    v = (d.p - d.q) / xp.where(none, one, s)
-    near = xp.abs(v) <= 0.5  # else log1p(-v) rounds: p / q below eps gives v = -1 exactly
     m = s / 2
     terms = xp.zeros_like(s)
-    for a, sign in ((d.p, 1.0), (d.q, -1.0)):
+    for a, b in ((d.p, d.q), (d.q, d.p)):
         no_mass = a == 0  # the term is m (rel_entr_terms' limit)
         skip = no_mass | none
-        ratio = xp.where(skip | near, one, 2 * a / xp.where(none, one, s))  # in (0, 2]
-        r_near = xp.log1p(xp.where(near & ~skip, sign * v, xp.zeros_like(v)))
-        r = xp.where(near, r_near, xp.log(ratio))
+        # log(a / m), exact derivatives (a masked where it has no mass: no -inf behind a where)
+        r = half_mixture_log_ratio(xp.where(skip, b, a), b, xp=xp)
         terms = terms + xp.where(no_mass, m, rel_entr_terms(a, m, r, xp=xp))
     # no mass in either: a constant 0 (the limits m of the two terms had derivatives 1/2
     # each, so the gradient was 1/2 there, where each is 0 beside any q > 0)

@@ -674,3 +674,24 @@ def test_torch_autograd_node_double_backward_and_a_second_backward() -> None:
     assert bad.grad is not None
     assert torch.isnan(bad.grad[2]).all()
     assert torch.isfinite(bad.grad[[0, 1, 3, 4]]).all()
+
+
+def test_double_backward_with_a_vanishing_student_probability() -> None:
+    """float32, 0 < beta < 1, a student class of probability 1e-23 (logits 50 apart): the
+    recorded closed form formed P / Q there before taking log Q - log M from the difference of
+    the logits instead, and P / Q's derivative -P / Q² overflowed to inf, which the ``where``'s
+    zero made NaN; second derivatives equal float64's."""
+    import torch
+
+    s = torch.tensor([[30.8199, -5.8686, -43.5758, 11.3686, -21.6904]])
+    t = torch.tensor([[0.0368, -0.1699, 0.1119, -0.2676, -0.4527]])
+    v = torch.tensor([[1.0, -2.0, 0.5, 3.0, -1.0]])
+    hvp = []
+    for dtype in (torch.float32, torch.float64):
+        x = s.to(dtype).requires_grad_(True)
+        (g,) = torch.autograd.grad(
+            ce.distillation_loss(x, t.to(dtype), beta=0.5), x, create_graph=True
+        )
+        hvp.append(torch.autograd.grad((g * v.to(dtype)).sum(), x)[0])
+    assert hvp[0].isfinite().all()
+    torch.testing.assert_close(hvp[0].double(), hvp[1], rtol=1e-4, atol=1e-12)
