@@ -467,3 +467,54 @@ def test_autodiff_of_an_ignored_row_with_a_masked_class_under_focal_smoothing(ga
     _, ref = ce.value_and_grad(ce.sparse_categorical_cross_entropy, x, t, **opts)
     np.testing.assert_array_equal(g[0], 0.0)
     np.testing.assert_allclose(g, ref, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "opts", [{}, {"label_smoothing": 0.1}, {"gamma": 2.0}, {"gamma": 2.0, "label_smoothing": 0.1}]
+)
+@pytest.mark.parametrize("how", ["torch", "torch_double", "torch_func", "jax"])
+def test_class_weight_gradient_beside_an_ignored_row_with_masked_classes(
+    how: str, opts: dict[str, Any]
+) -> None:
+    """Class weights that take a gradient (learned class weights) and an ignored row holding
+    masked classes: its -inf logits gave the smoothing sum w_k (m - z_k) = inf, and its stand-in
+    label 0 (a masked class) an infinite -log p_y times the target weight 0; the row's loss is
+    masked, and the zero gradient that reached those products made the weights' gradient NaN
+    (autograd, its double backward, torch.func and JAX alike). It equals the gradient without
+    the ignored row."""
+    x = np.array([[-_INF, 0.5, -_INF, 0.2], [0.1, 0.2, 0.3, 0.4], [1.0, -0.5, 0.0, 2.0]])
+    t = np.array([-100, 1, 3])
+    w = np.array([0.8, 0.9, 1.2, 1.5])
+    kw = {"from_logits": True, "ignore_index": -100, **opts}
+    if how == "jax":
+        jax = pytest.importorskip("jax")
+        jnp = jax.numpy
+
+        def jloss(xx: Any, ww: Any, rows: slice) -> Any:
+            return ce.sparse_categorical_cross_entropy(
+                xx[rows], jnp.asarray(t[rows]), weight=ww, **kw
+            )
+
+        got = jax.grad(jloss, argnums=1)(jnp.asarray(x), jnp.asarray(w), slice(None))
+        want = jax.grad(jloss, argnums=1)(jnp.asarray(x), jnp.asarray(w), slice(1, None))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-15)
+        return
+    torch = pytest.importorskip("torch")
+
+    def loss(xx: Any, ww: Any, rows: slice) -> Any:
+        return ce.sparse_categorical_cross_entropy(xx[rows], torch.tensor(t[rows]), weight=ww, **kw)
+
+    def weight_grad(rows: slice) -> Any:
+        xx, ww = torch.tensor(x), torch.tensor(w)
+        if how == "torch_func":
+            return torch.func.grad(loss, argnums=1)(xx, ww, rows)
+        ww.requires_grad_(True)
+        xx.requires_grad_(how == "torch_double")
+        if how == "torch":
+            return torch.autograd.grad(loss(xx, ww, rows), ww)[0]
+        (gx,) = torch.autograd.grad(loss(xx, ww, rows), xx, create_graph=True)
+        return torch.autograd.grad((gx * gx).sum(), ww)[0]  # a gradient penalty's
+
+    got, want = weight_grad(slice(None)), weight_grad(slice(1, None))
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)

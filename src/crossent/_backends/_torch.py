@@ -562,7 +562,13 @@ def _sparse_rows_generic(
     smooth = opts.label_smoothing != 0
     # every row counts for the shift (a NaN gradient without a finite max): the ignored rows
     # of -inf only, whose gradient is 0, read zeros (mask_ignored_rows above)
-    stats = _rows.row_stats(z, label, w, with_wz=smooth, whole=True, xp=array_namespace(z))
+    stats = _rows.row_stats(
+        z, label, w, with_wz=smooth, whole=True, counted=valid, xp=array_namespace(z)
+    )
+    if valid is not None and w is not None:
+        # the ignored rows' stand-in target logit: label 0 on a masked class had an infinite
+        # -log p_y, whose product with the zero target weight made the weights' gradient NaN
+        stats = _rows.stand_in_ignored(stats, valid, xp=torch)
     return _rows_reduce(stats, w, label, valid, num_classes, opts)
 
 

@@ -182,8 +182,13 @@ def row_stats(
             wd = xp.sum(d, axis=-1)
             wsum: Array | float = float(num)
         else:
-            # 0 where w_k = 0, before the product: a masked class has m - z_k = inf
-            wd = xp.sum(weight * xp.where(weight == 0, xp.zeros_like(d), d), axis=-1)
+            # 0 where w_k = 0, before the product: a masked class has m - z_k = inf; also in
+            # the rows not `counted` (ignored, their loss masked), whose inf times the zero
+            # that reaches them made the weights' gradient NaN
+            drop = weight == 0
+            if counted is not None:
+                drop = drop | (~xp.expand_dims(counted, axis=-1) & (d == float("inf")))
+            wd = xp.sum(weight * xp.where(drop, xp.zeros_like(d), d), axis=-1)
             wsum = xp.sum(weight)
     else:
         wd, wsum = xp.zeros_like(m), 0.0
