@@ -97,7 +97,10 @@ def _sparse_ref(x: Any, t: Any, axis: int, w: Any, o: dict[str, Any]) -> tuple[A
     c = z.shape[-1]
     log_p = torch.log_softmax(z, -1)
     gamma, eps = o["gamma"], o["label_smoothing"]
-    term = -log_p * ((1 - log_p.exp()) ** gamma if gamma else 1.0)
+
+    def term_of(lp: Any) -> Any:
+        return -lp * ((1 - lp.exp()) ** gamma if gamma else 1.0)
+
     valid = (
         torch.ones_like(t, dtype=torch.bool)
         if o["ignore_index"] is None
@@ -106,9 +109,12 @@ def _sparse_ref(x: Any, t: Any, axis: int, w: Any, o: dict[str, Any]) -> tuple[A
     label = torch.where(valid, t, 0).long()
     ww = torch.ones(c, dtype=x.dtype) if w is None else w
     w_y = torch.where(valid, ww[label], 0.0)
-    row = (1 - eps) * w_y * term.gather(-1, label.unsqueeze(-1)).squeeze(-1)
-    if eps:
-        row = row + eps / c * (ww * term).sum(-1)
+    # the target's term from its own log p (the focal factor's derivative at a masked class
+    # would meet its infinite -log p), 0 for an ignored row (whose class 0 may be masked)
+    lp_y = torch.where(valid, log_p.gather(-1, label.unsqueeze(-1)).squeeze(-1), 0.0)
+    row = (1 - eps) * w_y * term_of(lp_y)
+    if eps:  # an ignored row's log p replaced too
+        row = row + eps / c * (ww * term_of(torch.where(valid[..., None], log_p, 0.0))).sum(-1)
     lse = torch.logsumexp(z, -1)
     if o["z_loss"]:
         row = row + o["z_loss"] * lse * lse
@@ -127,8 +133,10 @@ def _categorical_ref(x: Any, t: Any, axis: int, w: Any, o: dict[str, Any]) -> tu
     if w is not None:
         c = c * w
     log_p = torch.log_softmax(z, -1)
+    none = (c == 0) & (log_p == -math.inf)  # 0 · log 0 = 0, log p replaced there (no 0 · inf
+    log_p = torch.where(none, 0.0, log_p)  # in the derivatives of the branch not taken)
     factor = (1 - log_p.exp()) ** o["gamma"] if o["gamma"] else 1.0
-    term = torch.where((c == 0) & (log_p == -math.inf), 0.0, c * factor * -log_p)
+    term = torch.where(none, 0.0, c * factor * -log_p)
     row = term.sum(-1)
     zmax = torch.where(z.isfinite(), z.abs(), 0.0).amax(-1)
     mag = (row.abs() + (1 + zmax) * c.abs().sum(-1)).detach()

@@ -1,0 +1,444 @@
+"""A bounded differential fuzz of second derivatives (double backward, ``torch.func``).
+
+The contract promises exact second derivatives for every unfused PyTorch loss under
+``create_graph=True`` and ``torch.func`` (Hessian-vector products for influence functions,
+gradient penalties, per-sample curvature), or an error that says so, never a wrong number.
+Each generated call draws the function (sparse, categorical and binary cross-entropy from
+logits and from probabilities, ListNet, distillation, the information measures from logits
+and from probabilities), its options, the shape, the dtype, extreme values (logits of ±1e4,
+masked classes, probabilities of exactly 0 and 1, close and far-apart distributions),
+whether the executor's size thresholds are shrunk so that tiny inputs take the chunked
+paths, whether the accelerator path (no scalar read back) serves it, and which inputs take
+gradients (logits, soft targets, the second distribution, class weights). The
+Hessian-vector product of the first input, and the mixed second derivatives through the
+others, must equal those of the float64 formula under PyTorch's autograd to the dtype's
+rounding at the size of the terms.
+
+It found NaN second derivatives at probabilities of exactly 0 and 1, NaN ones of float32
+distillation at a vanishing student probability, the rounding noise of JS's second
+derivative where one distribution is far below the other, and NaN class-weight gradients
+beside an ignored row holding masked classes (first derivatives too).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import crossent as ce
+from tests.fuzz._settings import fuzz
+
+torch = pytest.importorskip("torch")
+from tests.losses.test_torch_differential import (  # noqa: E402
+    _accelerator,
+    _binary_ref,
+    _categorical_ref,
+    _sparse_ref,
+    _thresholds,
+)
+
+FUZZ = fuzz(400)
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+INFO = ("entropy", "cross_entropy", "kl_divergence", "js_divergence")
+OTHERS = ("listnet", "distill", *INFO)
+"""Functions of two distributions given alike (:func:`_other_calls`)."""
+LOSSES = ("sparse", "categorical", "binary", "sparse_p", "categorical_p", "binary_p", *OTHERS)
+SHAPES = [(3, 5), (8, 10), (1, 7), (2, 3, 4), (6,), (5, 1), (40, 3)]
+
+
+@dataclass
+class Call:
+    """One generated call: the loss, float64 data, options, and what requires a gradient."""
+
+    loss: str
+    dtype: str
+    x: Any
+    t: Any
+    weight: Any = None
+    pos_weight: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+    axis: int = -1
+    mode: str = "autograd"
+    shrunk: bool = False
+    device: bool = False
+    t_grad: bool = False
+    w_grad: bool = False
+    seed: int = 0
+
+
+@st.composite
+def calls(draw: st.DrawFn) -> Call:
+    loss = draw(st.sampled_from(LOSSES))
+    if loss in OTHERS:
+        return draw(_other_calls(loss))
+    dtype = draw(st.sampled_from(["float64", "float64", "float32"]))
+    shape = draw(st.sampled_from(SHAPES))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([0.3, 3.0, 20.0]))
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    axis = -1 if len(shape) == 1 else draw(st.sampled_from([-1, 1, 0]))
+    c = shape[axis]
+    categorical = loss.startswith(("sparse", "categorical"))
+    extreme = draw(st.sampled_from(["none", "none", "big", "masked"]))
+    if extreme != "none" and not loss.endswith("_p") and (categorical or extreme == "big"):
+        pick = torch.rand(shape, generator=g) < 0.2  # ±1e4, or -inf: a masked class
+        x = torch.where(pick, -math.inf if extreme == "masked" else 1e4, x)
+        if extreme == "big":
+            x = torch.where(pick & (torch.rand(shape, generator=g) < 0.5), -1e4, x)
+    if loss.endswith("_p"):  # probabilities: a softmax (categorical) or sigmoid (binary)
+        x = torch.softmax(x, axis) if categorical else torch.sigmoid(x)
+        if dtype == "float32":  # 1/p² overflows float32 below 1e-19, PyTorch's autograd alike
+            x = x.clamp(1e-15, 1 - 1e-7)
+        if draw(st.booleans()):  # exact 0 and 1 (clamped logs): a confident row, or elements
+            pick = torch.rand(shape, generator=g) < 0.3
+            if categorical:
+                hard = torch.nn.functional.one_hot(x.movedim(axis, -1).argmax(-1), c)
+                hard = hard.double().movedim(-1, axis)
+                x = torch.where(pick.any(axis, keepdim=True), hard, x)
+            else:
+                x = torch.where(pick, (x > 0.5).double(), x)
+    call = Call(
+        loss, dtype, x, None, axis=axis, seed=seed,
+        mode=draw(st.sampled_from(["autograd", "autograd", "func"])),
+        shrunk=draw(st.booleans()),
+        device=draw(st.sampled_from([False, False, True])),
+        options={"reduction": draw(st.sampled_from(["mean", "sum", "none"]))},
+    )  # fmt: skip
+    o = call.options
+    if loss.startswith("sparse"):
+        ax = axis % len(shape)
+        t = torch.randint(0, c, shape[:ax] + shape[ax + 1 :], generator=g)
+        if draw(st.booleans()):
+            o["ignore_index"] = -100
+            t = torch.where(torch.rand(t.shape, generator=g) < 0.3, -100, t)
+        call.t = t
+    elif categorical:
+        kind = draw(st.sampled_from(["one_hot", "soft", "unnormalized"]))
+        if kind == "one_hot":
+            ax = axis % len(shape)
+            labels = torch.randint(0, c, shape[:ax] + shape[ax + 1 :], generator=g)
+            t = torch.nn.functional.one_hot(labels, c).double().movedim(-1, ax)
+        elif kind == "soft":
+            t = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64), axis)
+        else:
+            t = torch.rand(shape, generator=g, dtype=torch.float64)
+        call.t = t
+        call.t_grad = draw(st.booleans())
+    else:
+        soft = draw(st.booleans())
+        t = torch.rand(shape, generator=g, dtype=torch.float64)
+        call.t = t if soft else (t < 0.5).double()
+        call.t_grad = draw(st.booleans())
+        for name in ("weight", "pos_weight"):
+            how = draw(st.sampled_from([None, None, "full", "last", "number"]))
+            if how == "number":
+                setattr(call, name, draw(st.sampled_from([0.5, 2.0])))
+            elif how is not None:
+                w_shape = shape if how == "full" else shape[-1:]
+                setattr(call, name, torch.rand(w_shape, generator=g, dtype=torch.float64) * 2)
+    o["label_smoothing"] = draw(st.sampled_from([0.0, 0.0, 0.1]))
+    o["gamma"] = draw(st.sampled_from([0.0, 0.0, 2.0]))
+    if loss == "sparse":
+        o["z_loss"] = draw(st.sampled_from([0.0, 0.0, 1e-2]))
+        o["softcap"] = draw(st.sampled_from([None, None, 5.0]))
+    if loss.startswith("binary"):
+        o["alpha"] = draw(st.sampled_from([None, None, 0.25]))
+    if categorical and draw(st.booleans()):
+        call.weight = torch.rand(c, generator=g, dtype=torch.float64) * 2
+        call.w_grad = draw(st.booleans())
+    return call
+
+
+@st.composite
+def _other_calls(draw: st.DrawFn, loss: str) -> Call:
+    """ListNet, distillation (the teacher as `t`, without a gradient) and the information
+    measures (from logits, or from positive probabilities: the second argument as `t`)."""
+    dtype = draw(st.sampled_from(["float64", "float64", "float32"]))
+    shape = draw(st.sampled_from(SHAPES))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    axis = -1 if len(shape) == 1 else draw(st.sampled_from([-1, 1, 0]))
+
+    def logits() -> Any:
+        scale = draw(st.sampled_from([0.3, 3.0, 20.0]))
+        return torch.randn(shape, generator=g, dtype=torch.float64) * scale
+
+    x, t = logits(), logits()
+    if draw(st.booleans()):  # close models / lists (late distillation: KL near 0)
+        t = x + 1e-3 * torch.randn(shape, generator=g, dtype=torch.float64)
+    o: dict[str, Any] = {}
+    if loss == "distill":
+        o = {
+            "beta": draw(st.sampled_from([0.0, 0.5, 1.0, 0.1])),
+            "temperature": draw(st.sampled_from([1.0, 2.0, 0.5])),
+            "reduction": draw(st.sampled_from(["mean", "sum", "none"])),
+        }
+    elif loss == "listnet":
+        o = {"reduction": draw(st.sampled_from(["mean", "sum", "none"]))}
+    else:
+        o = {"from_logits": draw(st.booleans()), "base": draw(st.sampled_from([None, 2.0]))}
+        if not o["from_logits"]:  # positive probabilities (the log's pole is not derivable)
+            x, t = torch.softmax(x, axis), torch.softmax(t, axis)
+            if dtype == "float32":  # 1/p² overflows float32 below 1e-19
+                x, t = x.clamp_min(1e-15), t.clamp_min(1e-15)
+    return Call(
+        loss, dtype, x, None if loss == "entropy" else t, options=o, axis=axis, seed=seed,
+        mode=draw(st.sampled_from(["autograd", "autograd", "func"])),
+        shrunk=draw(st.booleans()), device=draw(st.sampled_from([False, False, True])),
+        t_grad=loss not in ("entropy", "distill") and draw(st.booleans()),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- references
+
+
+_FLOOR = math.exp(-100.0)
+
+
+def _clamped_log(p: Any, *, complement: bool = False) -> Any:
+    """PyTorch's rule for probabilities: log p (log(1 - p) with `complement`, by ``log1p``)
+    clamped at -100, the constant -100 where clamped (no 0 · inf in its derivatives)."""
+    small = (1 - p if complement else p) < _FLOOR
+    safe = torch.where(small, 0.0 if complement else 1.0, p)
+    return torch.where(small, -100.0, torch.log1p(-safe) if complement else torch.log(safe))
+
+
+def _reference(call: Call, x: Any, t: Any, w: Any) -> Any:
+    """The float64 loss of `call` from the documented formula, differentiable in each input."""
+    o = dict(call.options)
+    loss = call.loss
+    if loss in OTHERS:
+        return _other_reference(call, x, t)
+    if loss == "sparse":
+        full = {"ignore_index": None, "z_loss": 0.0, "softcap": None, **o}
+        return _sparse_ref(x, t, call.axis, w, full)[0]
+    if loss == "categorical":
+        return _categorical_ref(x, t, call.axis, w, o)[0]
+    if loss == "binary":
+        return _binary_ref(x, t, w, _as64(call.pos_weight), o)[0]
+    # from probabilities: the same formulas with log p (and log(1 - p)) clamped at -100
+    if loss == "binary_p":
+        eps, gamma, alpha = o["label_smoothing"], o["gamma"], o["alpha"]
+        ts = t * (1 - eps) + eps / 2
+        big_p, big_n = ts, 1 - ts
+        if w is not None:
+            big_p, big_n = big_p * w, big_n * w
+        if call.pos_weight is not None:
+            big_p = big_p * _as64(call.pos_weight)
+        if alpha is not None:
+            big_p, big_n = big_p * alpha, big_n * (1 - alpha)
+        lp, lq = -_clamped_log(x), -_clamped_log(x, complement=True)
+        if gamma:
+            lp, lq = lp * (1 - x) ** gamma, lq * x**gamma
+        row = big_p * lp + big_n * lq
+        return _reduced(row, o["reduction"], torch.tensor(float(row.numel()), dtype=x.dtype))
+    z = x.movedim(call.axis, -1)
+    c = z.shape[-1]
+    log_p = _clamped_log(z)
+    factor = (1 - z) ** o["gamma"] if o["gamma"] else 1.0
+    term = -log_p * factor
+    ww = torch.ones(c, dtype=x.dtype) if w is None else w
+    eps = o["label_smoothing"]
+    if loss == "categorical_p":
+        tt = t.movedim(call.axis, -1)
+        mass = ((1 - eps) * tt + eps / c) * ww
+        row = (mass * term).sum(-1)
+        return _reduced(row, o["reduction"], torch.tensor(float(row.numel()), dtype=x.dtype))
+    valid = t != o["ignore_index"] if "ignore_index" in o else torch.ones_like(t, dtype=torch.bool)
+    label = torch.where(valid, t, 0)
+    w_y = torch.where(valid, ww[label], 0.0)
+    row = (1 - eps) * w_y * term.gather(-1, label.unsqueeze(-1)).squeeze(-1)
+    if eps:
+        row = row + torch.where(valid, eps / c * (ww * term).sum(-1), 0.0)
+    return _reduced(row, o["reduction"], w_y.sum())
+
+
+def _other_reference(call: Call, x: Any, t: Any) -> Any:
+    o = call.options
+    z = x.movedim(call.axis, -1)
+    u = None if t is None else t.movedim(call.axis, -1)
+    if call.loss == "listnet":
+        row = -(torch.softmax(u, -1) * torch.log_softmax(z, -1)).sum(-1)
+        return _reduced(row, o["reduction"], torch.tensor(float(row.numel()), dtype=x.dtype))
+    if call.loss == "distill":
+        beta, temp = o["beta"], o["temperature"]
+        ls, lt = torch.log_softmax(z / temp, -1), torch.log_softmax(u / temp, -1)
+        if beta == 0:
+            row = (lt.exp() * (lt - ls)).sum(-1)
+        elif beta == 1:
+            row = (ls.exp() * (ls - lt)).sum(-1)
+        else:
+            lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), 0)
+            row = beta * (lt.exp() * (lt - lm)).sum(-1)
+            row = row + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+        return _reduced(row, o["reduction"], torch.tensor(float(row.numel()), dtype=x.dtype))
+    if o["from_logits"]:
+        lp = torch.log_softmax(z, -1)
+        lq = None if u is None else torch.log_softmax(u, -1)
+        p = lp.exp()
+    else:
+        p, lp, lq = z, torch.log(z), None if u is None else torch.log(u)
+    if call.loss == "entropy":
+        row = -(p * lp).sum(-1)
+    elif call.loss == "cross_entropy":
+        row = -(p * lq).sum(-1)
+    elif call.loss == "kl_divergence":
+        row = (p * (lp - lq)).sum(-1)
+    else:  # log(p / m) = log 2 - softplus(log q - log p): no cancellation in its derivatives
+        q = lq.exp() if o["from_logits"] else u
+        sp = _softplus
+        row = (p * (math.log(2) - sp(lq - lp))).sum(-1) + (q * (math.log(2) - sp(lp - lq))).sum(-1)
+        row = row / 2
+    return row / math.log(o["base"]) if o["base"] else row
+
+
+def _softplus(v: Any) -> Any:
+    """softplus without PyTorch's default threshold (20: above, x and a derivative of 1)."""
+    return torch.nn.functional.softplus(v, threshold=1e300)
+
+
+def _js_gradient(call: Call, p: Any, q: Any, up: Any) -> Any:
+    r"""Of probabilities: :math:`\partial\,\mathrm{JS}/\partial p = \tfrac12 \log(2p/(p+q))`
+    as :math:`\tfrac12(\log 2 - \operatorname{softplus}(\log q - \log p))` (in the base),
+    times the upstream gradient: its own derivatives are exact."""
+    sp = _softplus(torch.log(q) - torch.log(p))
+    g = (math.log(2) - sp) / 2 * up.unsqueeze(call.axis)
+    return g / math.log(call.options["base"]) if call.options["base"] else g
+
+
+def _reduced(row: Any, reduction: str, den: Any) -> Any:
+    if reduction == "none":
+        return row
+    if reduction == "sum":
+        return row.sum()
+    return row.sum() / torch.where(den == 0, 1.0, den)
+
+
+def _as64(v: Any) -> Any:
+    return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def _crossent(call: Call, x: Any, t: Any, w: Any) -> Any:
+    o = dict(call.options)
+    if call.loss == "listnet":
+        return ce.listnet_loss(x, t, axis=call.axis, **o)
+    if call.loss == "distill":
+        return ce.distillation_loss(x, t, axis=call.axis, **o)
+    if call.loss in INFO:
+        args = (x,) if t is None else (x, t)
+        return getattr(ce.info, call.loss)(*args, axis=call.axis, **o)
+    logits = not call.loss.endswith("_p")
+    if call.loss.startswith("sparse"):
+        return ce.sparse_categorical_cross_entropy(
+            x, t, from_logits=logits, axis=call.axis, weight=w, **o
+        )
+    if call.loss.startswith("categorical"):
+        return ce.categorical_cross_entropy(x, t, from_logits=logits, axis=call.axis, weight=w, **o)
+    pw = call.pos_weight
+    pw = pw.to(x.dtype) if isinstance(pw, torch.Tensor) else pw
+    return ce.binary_cross_entropy(x, t, from_logits=logits, weight=w, pos_weight=pw, **o)
+
+
+# --------------------------------------------------------------------------- second order
+
+
+def _second_order(
+    fn: Any, ins: list[Any], up: Any, v: Any, mode: str, first: Any = None
+) -> tuple[list[Any], Any]:
+    """d/d(ins) of <d(sum(up * fn))/dx, v> (x = ins[0]): the Hessian-vector product of the
+    logits and the mixed derivatives of the others, by double backward or ``torch.func``
+    (`first`, when given, forms d(sum(up * fn))/dx from the leaves instead); and that first
+    derivative (None under ``torch.func``)."""
+    if mode == "func":
+
+        def first(*args: Any) -> Any:
+            def scalar(xx: Any) -> Any:
+                return (fn(xx, *args[1:]) * up).sum()
+
+            return (torch.func.grad(scalar)(args[0]) * v).sum()
+
+        return list(torch.func.grad(first, argnums=tuple(range(len(ins))))(*ins)), None
+    leaves = [a.detach().requires_grad_(True) for a in ins]
+    if first is not None:
+        gx = first(*leaves)
+    else:
+        out = fn(*leaves)
+        (gx,) = torch.autograd.grad(out, leaves[0], up.to(out.dtype), create_graph=True)
+    if not gx.requires_grad:  # a gradient that depends on none of them (p ↦ -Σ p log q)
+        return [torch.zeros_like(a) for a in leaves], gx
+    got = torch.autograd.grad((gx * v).sum(), leaves, allow_unused=True)
+    return [torch.zeros_like(a) if g is None else g for a, g in zip(leaves, got, strict=True)], gx
+
+
+@FUZZ
+@given(call=calls())
+def test_second_derivatives_equal_the_float64_formula(call: Call) -> None:
+    dtype = DTYPES[call.dtype]
+    x = call.x.to(dtype)
+    t = call.t if call.t is None or call.loss.startswith("sparse") else call.t.to(dtype)
+    w = call.weight.to(dtype) if isinstance(call.weight, torch.Tensor) else call.weight
+    diff = [("t", call.t_grad), ("w", call.w_grad)]
+
+    def fn(xx: Any, *rest: Any) -> Any:
+        it = iter(rest)
+        tt = next(it) if call.t_grad else t
+        ww = next(it) if call.w_grad else w
+        return _crossent(call, xx, tt, ww)
+
+    def ref_fn(xx: Any, *rest: Any) -> Any:
+        it = iter(rest)
+        tt = next(it) if call.t_grad else _as64(t)
+        ww = next(it) if call.w_grad else _as64(w)
+        return _reference(call, xx, tt, ww)
+
+    g = torch.Generator().manual_seed(call.seed + 1)
+    ins = [x] + [a for a, (_, on) in zip((t, w), diff, strict=True) if on]
+    with torch.no_grad():
+        value = _reference(call, x.double(), _as64(t), _as64(w))
+    if not value.isfinite().all():  # a positive target on a masked class: no derivative
+        return
+    shape = value.shape
+    up = torch.randn(shape, generator=g, dtype=torch.float64) if shape else torch.tensor(1.5)
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    what = f"{call.loss} {call.dtype} {tuple(x.shape)} axis={call.axis} {call.options} " + (
+        f"w={w is not None} pw={call.pos_weight is not None} t_grad={call.t_grad} "
+        f"w_grad={call.w_grad} {call.mode} shrunk={call.shrunk} device={call.device}"
+    )
+    with _thresholds(call.shrunk), _accelerator(call.device):
+        got, _ = _second_order(fn, ins, up.to(dtype), v.to(dtype), call.mode)
+    first = None
+    if call.loss == "js_divergence" and not call.options["from_logits"]:
+
+        def first(xx: Any, *rest: Any) -> Any:  # autograd of the value cancels: 1/p - 1/(p+q)
+            return _js_gradient(call, xx, rest[0] if call.t_grad else _as64(t), up)
+
+    want, gx = _second_order(ref_fn, [a.double() for a in ins], up, v, "autograd", first)
+    names = ["x"] + [name for name, on in diff if on]
+    # the rounding of the dtype at the size of the terms: the second derivatives', the first
+    # derivative's times v (a mixed derivative of a weighted mean is a difference of such
+    # terms over the weights), the logits' magnitude (the rounding of p = exp(z - lse))
+    finite = call.x[call.x.isfinite()]
+    size = 1 + (float(finite.abs().max()) if finite.numel() else 0.0)
+    first_size = _max(gx) * _max(v) * (1 + (1 / _min(w) if call.w_grad else 0.0))
+    for name, a, b, a_in in zip(names, got, want, ins, strict=True):
+        assert a.dtype == a_in.dtype, f"{what}: d/d{name} is {a.dtype}"
+        a, b = a.double(), b.double()
+        scale = _max(b) + _max(v) * _max(up) + first_size
+        tol = 256 * torch.finfo(dtype).eps * scale * size
+        bad = ((a - b).abs() > tol) | (a.isnan() != b.isnan())
+        assert not bad.any(), f"{what}: d/d{name} {a[bad][:6]} vs {b[bad][:6]}"
+
+
+def _max(a: Any) -> float:
+    return float(a.detach().abs().max()) if a is not None and a.numel() else 0.0
+
+
+def _min(a: Any) -> float:
+    return float(a.detach().abs().min()) if a is not None and a.numel() else 1.0
