@@ -518,3 +518,55 @@ def test_class_weight_gradient_beside_an_ignored_row_with_masked_classes(
     got, want = weight_grad(slice(None)), weight_grad(slice(1, None))
     assert got.isfinite().all()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["categorical", "listnet", "sparse", "entropy", "kl"])
+def test_jax_hessian_where_the_largest_logit_is_tied(name: str) -> None:
+    """JAX's Hessians equal those of ``jax.nn.log_softmax``'s formula where the row max is
+    shared by several classes (equal logits: a freshly initialized classifier). The log-sum-exp
+    held the maxima's terms at 1 and took their derivative from the max's own, which JAX
+    splits between the tied classes: right in the first derivative, wrong in the second
+    (0 at equal logits) for the categorical loss and ListNet."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(0)
+    t = jax.nn.softmax(jnp.asarray(rng.standard_normal((3, 5))), axis=-1)
+    y = jnp.array([1, 3, 0])
+
+    def log_softmax(v: Any) -> Any:
+        return jax.nn.log_softmax(v, axis=-1)
+
+    ours, ref = {
+        "categorical": (
+            lambda v: ce.categorical_cross_entropy(v, t, from_logits=True),
+            lambda v: -jnp.mean(jnp.sum(t * log_softmax(v), axis=-1)),
+        ),
+        "listnet": (
+            lambda v: ce.listnet_loss(v, jnp.log(t)),
+            lambda v: -jnp.mean(jnp.sum(t * log_softmax(v), axis=-1)),
+        ),
+        "sparse": (
+            lambda v: ce.sparse_categorical_cross_entropy(v, y, from_logits=True),
+            lambda v: -jnp.mean(jnp.take_along_axis(log_softmax(v), y[:, None], axis=-1)),
+        ),
+        "entropy": (
+            lambda v: jnp.sum(ce.info.entropy(v, from_logits=True)),
+            lambda v: -jnp.sum(jax.nn.softmax(v, axis=-1) * log_softmax(v)),
+        ),
+        "kl": (
+            lambda v: jnp.sum(ce.info.kl_divergence(jnp.log(t), v, from_logits=True)),
+            lambda v: jnp.sum(t * (jnp.log(t) - log_softmax(v))),
+        ),
+    }[name]
+    for x in (
+        jnp.zeros((3, 5)),
+        jnp.array(
+            [[1.0, 1.0, 0.0, -1.0, 1.0], [2.0, -1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 5.0, 5.0, 5.0]]
+        ),
+    ):
+        np.testing.assert_allclose(
+            np.asarray(jax.hessian(ours)(x)),
+            np.asarray(jax.hessian(ref)(x)),
+            rtol=1e-12,
+            atol=1e-15,
+        )

@@ -543,18 +543,25 @@ def logsumexp(
         import torch
 
         return torch.logsumexp(x, dim=axis, keepdim=keepdims)
-    m = xp.max(x, axis=axis, keepdims=True)
+    m = stop_gradient(xp.max(x, axis=axis, keepdims=True), xp=xp)
     finite_max = xp.isfinite(m)
     m_safe = xp.where(finite_max, m, xp.zeros_like(m))
     is_max = x == m
+    zero = xp.zeros_like(x)
     # rows whose max is NaN or +inf are shifted by NaN (nan_shift): nothing overflows, the
     # value is m there, and autodiff's gradient is NaN throughout (every exp(x - NaN) has
-    # a NaN derivative), not the max's own; rows of -inf by 0 (exp(-inf) = 0)
-    e = xp.where(is_max, xp.zeros_like(x), xp.exp(difference(x, nan_shift(m, xp=xp), xp=xp)))
-    n_max = xp.sum(xp.astype(is_max, x.dtype), axis=axis, keepdims=True)
-    s = (xp.sum(e, axis=axis, keepdims=True) if row_sum is None else row_sum(e)) + (n_max - 1)
+    # a NaN derivative); rows of -inf by 0 (exp(-inf) = 0)
+    e = xp.exp(difference(x, nan_shift(m, xp=xp), xp=xp))
+    total = xp.sum if row_sum is None else (lambda a, axis, keepdims: row_sum(a))
+    # s = sum_k e_k - 1: the others' terms, plus the maxima's minus 1, each exactly 1 in value
+    # (so n_max - 1 exactly) and e_k in every derivative, with m a constant: autodiff's
+    # derivatives of every order are those of the log-sum-exp, also where the max is tied
+    # (the maxima's terms held at 1 and the max's own derivative, shared between the tied
+    # classes, gave a wrong Hessian there: 0 at equal logits)
+    rest = total(xp.where(is_max, zero, e), axis=axis, keepdims=True)
+    s = rest + (total(xp.where(is_max, e, zero), axis=axis, keepdims=True) - 1)
     # A non-finite max decides the result on its own: -inf (all masked), +inf or NaN.
-    out = xp.where(xp.isfinite(m), xp.log1p(s) + m_safe, m)
+    out = xp.where(finite_max, xp.log1p(s) + m_safe, m)
     if not keepdims:
         out = xp.squeeze(out, axis=axis)
     return out
