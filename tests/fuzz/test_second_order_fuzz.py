@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -43,6 +44,15 @@ from tests.losses.test_torch_differential import (  # noqa: E402
 )
 
 FUZZ = fuzz(400)
+
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError:  # pragma: no cover - jax is in the dev extra
+    jax = None
+MODES = ("autograd", "autograd", "func")
+"""PyTorch's double backward (twice as often) and ``torch.func``; ``"jax"`` (JAX's ``grad`` of
+``grad``, a compilation per primitive and shape) runs as a test of its own, fewer examples."""
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 INFO = ("entropy", "cross_entropy", "kl_divergence", "js_divergence")
@@ -73,10 +83,10 @@ class Call:
 
 
 @st.composite
-def calls(draw: st.DrawFn) -> Call:
+def calls(draw: st.DrawFn, modes: tuple[str, ...] = MODES) -> Call:
     loss = draw(st.sampled_from(LOSSES))
     if loss in OTHERS:
-        return draw(_other_calls(loss))
+        return draw(_other_calls(loss, modes))
     dtype = draw(st.sampled_from(["float64", "float64", "float32"]))
     shape = draw(st.sampled_from(SHAPES))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -86,8 +96,10 @@ def calls(draw: st.DrawFn) -> Call:
     axis = -1 if len(shape) == 1 else draw(st.sampled_from([-1, 1, 0]))
     c = shape[axis]
     categorical = loss.startswith(("sparse", "categorical"))
-    extreme = draw(st.sampled_from(["none", "none", "big", "masked"]))
-    if extreme != "none" and not loss.endswith("_p") and (categorical or extreme == "big"):
+    extreme = draw(st.sampled_from(["none", "none", "big", "masked", "tied"]))
+    if extreme == "tied":  # whole numbers: rows whose largest logit is shared (equal at 0)
+        x = x.round()
+    elif extreme != "none" and not loss.endswith("_p") and (categorical or extreme == "big"):
         pick = torch.rand(shape, generator=g) < 0.2  # ±1e4, or -inf: a masked class
         x = torch.where(pick, -math.inf if extreme == "masked" else 1e4, x)
         if extreme == "big":
@@ -106,7 +118,7 @@ def calls(draw: st.DrawFn) -> Call:
                 x = torch.where(pick, (x > 0.5).double(), x)
     call = Call(
         loss, dtype, x, None, axis=axis, seed=seed,
-        mode=draw(st.sampled_from(["autograd", "autograd", "func"])),
+        mode=draw(st.sampled_from(modes)),
         shrunk=draw(st.booleans()),
         device=draw(st.sampled_from([False, False, True])),
         options={"reduction": draw(st.sampled_from(["mean", "sum", "none"]))},
@@ -157,7 +169,7 @@ def calls(draw: st.DrawFn) -> Call:
 
 
 @st.composite
-def _other_calls(draw: st.DrawFn, loss: str) -> Call:
+def _other_calls(draw: st.DrawFn, loss: str, modes: tuple[str, ...]) -> Call:
     """ListNet, distillation (the teacher as `t`, without a gradient) and the information
     measures (from logits, or from positive probabilities: the second argument as `t`)."""
     dtype = draw(st.sampled_from(["float64", "float64", "float32"]))
@@ -168,7 +180,8 @@ def _other_calls(draw: st.DrawFn, loss: str) -> Call:
 
     def logits() -> Any:
         scale = draw(st.sampled_from([0.3, 3.0, 20.0]))
-        return torch.randn(shape, generator=g, dtype=torch.float64) * scale
+        z = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+        return z.round() if draw(st.booleans()) else z  # tied maxima, equal logits
 
     x, t = logits(), logits()
     if draw(st.booleans()):  # close models / lists (late distillation: KL near 0)
@@ -190,7 +203,7 @@ def _other_calls(draw: st.DrawFn, loss: str) -> Call:
                 x, t = x.clamp_min(1e-15), t.clamp_min(1e-15)
     return Call(
         loss, dtype, x, None if loss == "entropy" else t, options=o, axis=axis, seed=seed,
-        mode=draw(st.sampled_from(["autograd", "autograd", "func"])),
+        mode=draw(st.sampled_from(modes)),
         shrunk=draw(st.booleans()), device=draw(st.sampled_from([False, False, True])),
         t_grad=loss not in ("entropy", "distill") and draw(st.booleans()),
     )  # fmt: skip
@@ -342,11 +355,34 @@ def _crossent(call: Call, x: Any, t: Any, w: Any) -> Any:
     if call.loss.startswith("categorical"):
         return ce.categorical_cross_entropy(x, t, from_logits=logits, axis=call.axis, weight=w, **o)
     pw = call.pos_weight
-    pw = pw.to(x.dtype) if isinstance(pw, torch.Tensor) else pw
+    if isinstance(pw, torch.Tensor):
+        pw = pw.to(x.dtype) if isinstance(x, torch.Tensor) else _to_jax(pw, x.dtype)
     return ce.binary_cross_entropy(x, t, from_logits=logits, weight=w, pos_weight=pw, **o)
 
 
 # --------------------------------------------------------------------------- second order
+
+
+def _to_jax(a: Any, dtype: Any = None) -> Any:
+    """A PyTorch tensor as a JAX array (floating ones in `dtype` when given)."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    out = jnp.asarray(a.detach().numpy())
+    return out.astype(dtype) if dtype is not None and a.is_floating_point() else out
+
+
+def _jax_second_order(fn: Any, ins: list[Any], up: Any, v: Any) -> list[Any]:
+    """:func:`_second_order` by JAX's ``grad`` of ``grad``, of `fn` given JAX arrays."""
+    up_j, v_j = _to_jax(up), _to_jax(v)
+
+    def first(*args: Any) -> Any:
+        def scalar(xx: Any) -> Any:
+            return jnp.sum(fn(xx, *args[1:]) * up_j)
+
+        return jnp.sum(jax.grad(scalar)(args[0]) * v_j)
+
+    got = jax.grad(first, argnums=tuple(range(len(ins))))(*(_to_jax(a) for a in ins))
+    return [torch.from_numpy(np.array(g)) for g in got]
 
 
 def _second_order(
@@ -356,6 +392,8 @@ def _second_order(
     logits and the mixed derivatives of the others, by double backward or ``torch.func``
     (`first`, when given, forms d(sum(up * fn))/dx from the leaves instead); and that first
     derivative (None under ``torch.func``)."""
+    if mode == "jax":
+        return _jax_second_order(fn, ins, up, v), None
     if mode == "func":
 
         def first(*args: Any) -> Any:
@@ -380,6 +418,18 @@ def _second_order(
 @FUZZ
 @given(call=calls())
 def test_second_derivatives_equal_the_float64_formula(call: Call) -> None:
+    _check(call)
+
+
+@pytest.mark.skipif(jax is None, reason="JAX is not installed")
+@fuzz(25)
+@given(call=calls(modes=("jax",)))
+def test_jax_second_derivatives_equal_the_float64_formula(call: Call) -> None:
+    _check(call)
+
+
+def _check(call: Call) -> None:
+    """The second derivatives of `call` equal the float64 formula's."""
     dtype = DTYPES[call.dtype]
     x = call.x.to(dtype)
     t = call.t if call.t is None or call.loss.startswith("sparse") else call.t.to(dtype)
@@ -390,6 +440,8 @@ def test_second_derivatives_equal_the_float64_formula(call: Call) -> None:
         it = iter(rest)
         tt = next(it) if call.t_grad else t
         ww = next(it) if call.w_grad else w
+        if call.mode == "jax":  # the fixed inputs as JAX arrays too
+            tt, ww = _to_jax(tt), _to_jax(ww, xx.dtype)
         return _crossent(call, xx, tt, ww)
 
     def ref_fn(xx: Any, *rest: Any) -> Any:

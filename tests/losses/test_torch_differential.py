@@ -95,6 +95,8 @@ def _sparse_ref(x: Any, t: Any, axis: int, w: Any, o: dict[str, Any]) -> tuple[A
         cap = o["softcap"]
         z = torch.where(z == -math.inf, z, cap * torch.tanh(z / cap))
     c = z.shape[-1]
+    if o["ignore_index"] is not None:  # an ignored row's -inf (a row of them: NaN log p) as 0
+        z = torch.where((t == o["ignore_index"])[..., None] & (z == -math.inf), 0.0, z)
     log_p = torch.log_softmax(z, -1)
     gamma, eps = o["gamma"], o["label_smoothing"]
 
