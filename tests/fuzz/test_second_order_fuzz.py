@@ -10,9 +10,9 @@ masked classes, probabilities of exactly 0 and 1, close and far-apart distributi
 whether the executor's size thresholds are shrunk so that tiny inputs take the chunked
 paths, whether the accelerator path (no scalar read back) serves it, and which inputs take
 gradients (logits, soft targets, the second distribution, class weights). The
-Hessian-vector product of the first input, and the mixed second derivatives through the
-others, must equal those of the float64 formula under PyTorch's autograd to the dtype's
-rounding at the size of the terms.
+first derivative, the Hessian-vector product of the first input, and the mixed second
+derivatives through the others must equal those of the float64 formula under PyTorch's
+autograd to the dtype's rounding at the size of the terms.
 
 It found NaN second derivatives at probabilities of exactly 0 and 1, NaN ones of float32
 distillation at a vanishing student probability, the rounding noise of JS's second
@@ -155,6 +155,7 @@ def calls(draw: st.DrawFn, modes: tuple[str, ...] = MODES) -> Call:
             elif how is not None:
                 w_shape = shape if how == "full" else shape[-1:]
                 setattr(call, name, torch.rand(w_shape, generator=g, dtype=torch.float64) * 2)
+        call.w_grad = isinstance(call.weight, torch.Tensor) and draw(st.booleans())
     o["label_smoothing"] = draw(st.sampled_from([0.0, 0.0, 0.1]))
     o["gamma"] = draw(st.sampled_from([0.0, 0.0, 2.0]))
     if loss == "sparse":
@@ -371,7 +372,7 @@ def _to_jax(a: Any, dtype: Any = None) -> Any:
     return out.astype(dtype) if dtype is not None and a.is_floating_point() else out
 
 
-def _jax_second_order(fn: Any, ins: list[Any], up: Any, v: Any) -> list[Any]:
+def _jax_second_order(fn: Any, ins: list[Any], up: Any, v: Any) -> tuple[list[Any], Any]:
     """:func:`_second_order` by JAX's ``grad`` of ``grad``, of `fn` given JAX arrays."""
     up_j, v_j = _to_jax(up), _to_jax(v)
 
@@ -379,30 +380,35 @@ def _jax_second_order(fn: Any, ins: list[Any], up: Any, v: Any) -> list[Any]:
         def scalar(xx: Any) -> Any:
             return jnp.sum(fn(xx, *args[1:]) * up_j)
 
-        return jnp.sum(jax.grad(scalar)(args[0]) * v_j)
+        gx = jax.grad(scalar)(args[0])
+        return jnp.sum(gx * v_j), gx
 
-    got = jax.grad(first, argnums=tuple(range(len(ins))))(*(_to_jax(a) for a in ins))
-    return [torch.from_numpy(np.array(g)) for g in got]
+    argnums = tuple(range(len(ins)))
+    got, gx = jax.grad(first, argnums=argnums, has_aux=True)(*(_to_jax(a) for a in ins))
+    return [torch.from_numpy(np.array(g)) for g in got], torch.from_numpy(np.array(gx))
 
 
 def _second_order(
     fn: Any, ins: list[Any], up: Any, v: Any, mode: str, first: Any = None
 ) -> tuple[list[Any], Any]:
     """d/d(ins) of <d(sum(up * fn))/dx, v> (x = ins[0]): the Hessian-vector product of the
-    logits and the mixed derivatives of the others, by double backward or ``torch.func``
-    (`first`, when given, forms d(sum(up * fn))/dx from the leaves instead); and that first
-    derivative (None under ``torch.func``)."""
+    logits and the mixed derivatives of the others, by double backward, ``torch.func`` or
+    JAX (`first`, when given, forms d(sum(up * fn))/dx from the leaves instead); and that
+    first derivative."""
     if mode == "jax":
-        return _jax_second_order(fn, ins, up, v), None
+        return _jax_second_order(fn, ins, up, v)
     if mode == "func":
 
-        def first(*args: Any) -> Any:
+        def func_first(*args: Any) -> Any:
             def scalar(xx: Any) -> Any:
                 return (fn(xx, *args[1:]) * up).sum()
 
-            return (torch.func.grad(scalar)(args[0]) * v).sum()
+            gx = torch.func.grad(scalar)(args[0])
+            return (gx * v).sum(), gx
 
-        return list(torch.func.grad(first, argnums=tuple(range(len(ins))))(*ins)), None
+        argnums = tuple(range(len(ins)))
+        got, gx = torch.func.grad(func_first, argnums=argnums, has_aux=True)(*ins)
+        return list(got), gx
     leaves = [a.detach().requires_grad_(True) for a in ins]
     if first is not None:
         gx = first(*leaves)
@@ -429,7 +435,7 @@ def test_jax_second_derivatives_equal_the_float64_formula(call: Call) -> None:
 
 
 def _check(call: Call) -> None:
-    """The second derivatives of `call` equal the float64 formula's."""
+    """The first and second derivatives of `call` equal the float64 formula's."""
     dtype = DTYPES[call.dtype]
     x = call.x.to(dtype)
     t = call.t if call.t is None or call.loss.startswith("sparse") else call.t.to(dtype)
@@ -464,7 +470,7 @@ def _check(call: Call) -> None:
         f"w_grad={call.w_grad} {call.mode} shrunk={call.shrunk} device={call.device}"
     )
     with _thresholds(call.shrunk), _accelerator(call.device):
-        got, _ = _second_order(fn, ins, up.to(dtype), v.to(dtype), call.mode)
+        got, got_gx = _second_order(fn, ins, up.to(dtype), v.to(dtype), call.mode)
     first = None
     if call.loss == "js_divergence" and not call.options["from_logits"]:
 
@@ -479,6 +485,10 @@ def _check(call: Call) -> None:
     finite = call.x[call.x.isfinite()]
     size = 1 + (float(finite.abs().max()) if finite.numel() else 0.0)
     first_size = _max(gx) * _max(v) * (1 + (1 / _min(w) if call.w_grad else 0.0))
+    a, b = got_gx.detach().double(), gx.detach().double()  # the first derivative too
+    tol = 256 * torch.finfo(dtype).eps * (_max(b) + _max(up)) * size
+    bad = ((a - b).abs() > tol) | (a.isnan() != b.isnan())
+    assert not bad.any(), f"{what}: d/dx (first) {a[bad][:6]} vs {b[bad][:6]}"
     for name, a, b, a_in in zip(names, got, want, ins, strict=True):
         assert a.dtype == a_in.dtype, f"{what}: d/d{name} is {a.dtype}"
         a, b = a.double(), b.double()
