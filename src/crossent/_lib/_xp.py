@@ -50,6 +50,7 @@ __all__ = [
     "safe_divide",
     "size",
     "size_array",
+    "softplus_of_neg_abs",
     "stop_gradient",
     "take_along_axis",
     "to_numpy",
@@ -589,12 +590,30 @@ def log_sigmoid_pair(x: Array, *, xp: Any) -> tuple[Array, Array]:
     than the shared form's); traced (``torch.compile``, ``torch.func``) and
     elsewhere the shared form, so the compiler (or NumPy) computes the
     exponential and the logarithm once per element instead of twice.
+
+    At :math:`x = 0`, where :math:`|x|` has no derivative, autodiff of the shared form
+    took the tail's derivatives as 0 (and ``minimum``'s as 1/2 each): right in the first
+    derivative, 0 instead of :math:`-1/4` in the second (focal binary loss under
+    ``torch.func``: its Hessian 6 % off at logits of exactly 0). Both pieces take the
+    :math:`x \le 0` side there: ``where`` for the minima, :func:`softplus_of_neg_abs` for
+    the tail.
     """
     if is_jax_namespace(xp) or (is_torch_namespace(xp) and not torch_tracing()):
         return log_sigmoid(x, xp=xp), log_sigmoid(-x, xp=xp)
     zero = xp.zeros_like(x)
-    tail = xp.log1p(xp.exp(-xp.abs(x)))
-    return xp.minimum(x, zero) - tail, xp.minimum(-x, zero) - tail
+    tail = softplus_of_neg_abs(x, xp=xp)
+    right = x > 0
+    return xp.where(right, zero, x) - tail, xp.where(right, -x, zero) - tail
+
+
+def softplus_of_neg_abs(x: Array, *, xp: Any) -> Array:
+    r""":math:`\operatorname{softplus}(-|x|) = \operatorname{log1p}(e^{-|x|})`, the transcendental
+    part shared by :math:`\log\sigma(\pm x)` and :math:`\operatorname{softplus}(\pm x)`, with
+    autodiff's derivatives at :math:`x = 0` those of the :math:`x \le 0` side (1/2 and 1/4,
+    the third 0): :math:`|x|` has none there, and autodiff took 0 for both. An exact 0,
+    :math:`x_0 (1/2 + x_0/8)` with :math:`x_0 = x` only where :math:`x = 0`, carries them."""
+    x0 = xp.where(x == 0, x, xp.zeros_like(x))
+    return xp.log1p(xp.exp(-xp.abs(x))) + x0 * (0.5 + 0.125 * x0)
 
 
 def stop_gradient(x: Array, *, xp: Any) -> Array:
