@@ -560,7 +560,9 @@ def logsumexp(
     # (the maxima's terms held at 1 and the max's own derivative, shared between the tied
     # classes, gave a wrong Hessian there: 0 at equal logits)
     rest = total(xp.where(is_max, zero, e), axis=axis, keepdims=True)
-    s = rest + (total(xp.where(is_max, e, zero), axis=axis, keepdims=True) - 1)
+    maxima = total(xp.where(is_max, e, zero), axis=axis, keepdims=True) - 1
+    # (a row without a finite max reads m alone below: its terms, 0 or NaN, no log1p(-1))
+    s = rest + xp.where(finite_max, maxima, xp.zeros_like(maxima))
     # A non-finite max decides the result on its own: -inf (all masked), +inf or NaN.
     out = xp.where(finite_max, xp.log1p(s) + m_safe, m)
     if not keepdims:
