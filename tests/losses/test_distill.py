@@ -695,3 +695,36 @@ def test_double_backward_with_a_vanishing_student_probability() -> None:
         hvp.append(torch.autograd.grad((g * v.to(dtype)).sum(), x)[0])
     assert hvp[0].isfinite().all()
     torch.testing.assert_close(hvp[0].double(), hvp[1], rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_double_backward_with_a_class_both_models_rule_out(beta: float) -> None:
+    """A class whose logit is -inf in both models (a constrained vocabulary) has d = log P -
+    log Q = NaN; the recorded closed form took the mixture's log ratio from d only where it
+    was finite, but formed it everywhere, and the NaN's derivatives made every second
+    derivative of the row NaN (0 < beta < 1). The Hessian equals that of the same loss over
+    the other classes, and is 0 for the ruled-out one."""
+    import torch
+
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    t = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    s[:, 2] = t[:, 2] = -float("inf")
+    keep = [0, 1, 3, 4]
+
+    def hessian(student: Any, teacher: Any) -> Any:
+        def loss(v: Any) -> Any:
+            return ce.distillation_loss(v, teacher, beta=beta, temperature=1.5)
+
+        x = student.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(x), x, create_graph=True)
+        rows = [
+            torch.autograd.grad(g.reshape(-1)[k], x, retain_graph=True)[0] for k in range(g.numel())
+        ]
+        return torch.stack(rows).reshape(*student.shape, *student.shape)
+
+    got = hessian(s, t)
+    want = hessian(s[:, keep], t[:, keep])
+    torch.testing.assert_close(got[:, keep][:, :, :, keep], want, rtol=1e-10, atol=1e-15)
+    assert (got[:, 2] == 0).all()
+    assert (got[:, :, :, 2] == 0).all()

@@ -1214,8 +1214,12 @@ def _jsd_gradient(
         big = xp.full_like(y, xp.finfo(y.dtype).max)  # Q = 0 < P: a finite r, times Q = 0
         y = xp.where(normal, y, xp.where(p > 0, big, xp.zeros_like(y)))
         r = -xp.log1p(xp.where(xp.isnan(y), xp.zeros_like(y), y))
-        if d is not None:  # log Q - log M from d, but where Q = 0 (d = +inf) or NaN
-            r = xp.where(d < math.inf, mixture_log_ratios(d, beta=beta, xp=xp)[1], r)
+        if d is not None:  # log Q - log M from d, but where Q = 0 (d = +inf) or NaN (a class
+            # both rule out: d = -inf - -inf), d replaced there (recorded for a double backward,
+            # the derivatives at NaN are NaN, and the where's zero does not cancel them)
+            finite = d < math.inf
+            ratio = mixture_log_ratios(xp.where(finite, d, xp.zeros_like(d)), beta=beta, xp=xp)
+            r = xp.where(finite, ratio[1], r)
     star = xp.argmax(log_q, axis=axis, keepdims=True)
     r = r - take_along_axis(r, star, axis=axis, xp=xp)  # r' = r - r_* (module docstring)
     g = q * (r - xp.sum(q * r, axis=axis, keepdims=True))
