@@ -1412,3 +1412,32 @@ def test_js_second_derivatives_of_far_apart_probabilities(dtype: str) -> None:
     rtol = 1e-13 if dtype == "float64" else 2.0**-23  # the float32 gradient's own rounding
     torch.testing.assert_close(hxx, q / (2 * p * (p + q)), rtol=rtol, atol=0)
     torch.testing.assert_close(hxy, -1 / (2 * (p + q)), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("how", ["torch64", "torch32", "jax"])
+def test_js_mixed_second_derivative_where_one_distribution_is_zero(how: str) -> None:
+    """d/dq of dJS/dp = 1/2 log(2p / (p + q)) is -1 / (2 (p + q)), also at q = 0 (a one-hot or
+    sparse q): the array-API formulas replaced the term of an entry without mass by its
+    limit m, whose mixed derivative is 0, so autograd (float64 PyTorch tensors, JAX) gave 0
+    there; the float64 node of float32 tensors had it right. Now every path."""
+    p = np.array([[0.3, 0.2, 0.1, 0.25, 0.15], [0.0, 0.4, 0.1, 0.3, 0.2]])
+    q = np.array([[0.5, 0.0, 0.2, 0.0, 0.3], [0.2, 0.0, 0.3, 0.25, 0.25]])
+    counted = p > 0  # dJS/dp is the documented 0 where p = 0 (its limit is -inf)
+    want = np.where(counted, -0.5 / (p + q), 0.0)
+    if how == "jax":
+        jax = pytest.importorskip("jax")
+        jnp = jax.numpy
+
+        def first(y: Any) -> Any:
+            return jnp.sum(jax.grad(lambda x: jnp.sum(info.js_divergence(x, y)))(jnp.asarray(p)))
+
+        got = np.asarray(jax.grad(first)(jnp.asarray(q)))
+    else:
+        torch = pytest.importorskip("torch")
+        dtype = torch.float64 if how == "torch64" else torch.float32
+        x = torch.tensor(p, dtype=dtype, requires_grad=True)
+        y = torch.tensor(q, dtype=dtype, requires_grad=True)
+        (gx,) = torch.autograd.grad(info.js_divergence(x, y).sum(), x, create_graph=True)
+        got = torch.autograd.grad(gx.sum(), y)[0].double().numpy()
+    rtol = 1e-13 if how != "torch32" else 1e-6
+    np.testing.assert_allclose(got[counted], want[counted], rtol=rtol)

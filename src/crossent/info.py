@@ -67,12 +67,14 @@ from crossent._lib._xp import (
     array_namespace,
     astype,
     compute_dtype,
+    is_numpy_namespace,
     is_torch_namespace,
     known_true,
     numpy_array,
     output_dtype,
     quiet,
     size,
+    stop_gradient,
     torch_tracing,
     xlogy,
 )
@@ -767,12 +769,18 @@ def js_divergence(
     none = s == 0
     m = s / 2
     terms = xp.zeros_like(s)
+    autodiff = not is_numpy_namespace(xp)  # (NumPy: no derivatives to keep)
     for a, b in ((d.p, d.q), (d.q, d.p)):
         no_mass = a == 0  # the term is m (rel_entr_terms' limit)
         skip = no_mass | none
         # log(a / m), exact derivatives (a masked where it has no mass: no -inf behind a where)
         r = half_mixture_log_ratio(xp.where(skip, b, a), b, xp=xp)
-        terms = terms + xp.where(no_mass, m, rel_entr_terms(a, m, r, xp=xp))
+        limit = m
+        if autodiff:  # a log(a / m)'s mixed derivative at a = 0, -1/b, which m alone lacks:
+            # -a (log b - log b) adds it (its value and first derivatives are 0 there)
+            log_b = xp.log(xp.where(b > 0, b, xp.ones_like(b)))
+            limit = m - a * (log_b - stop_gradient(log_b, xp=xp))
+        terms = terms + xp.where(no_mass, limit, rel_entr_terms(a, m, r, xp=xp))
     # no mass in either: a constant 0 (the limits m of the two terms had derivatives 1/2
     # each, so the gradient was 1/2 there, where each is 0 beside any q > 0)
     terms = xp.where(none, xp.zeros_like(terms), terms)

@@ -359,8 +359,8 @@ def _js_analytic(call: Call, p: Any, q: Any, up: Any, v: Any) -> tuple[list[Any]
     upstream gradient and, as :func:`_second_order` gives them, its derivatives along `v`
     for `p`, :math:`\tfrac12\,q/(p(p+q))`, and for `q`, :math:`-\tfrac12/(p+q)`, in closed
     form (autograd of the value cancels in :math:`1/p - 1/(p+q)`); the first 0 where
-    :math:`p = 0` (the documented gradient there), the second undefined there (NaN: not
-    compared; the first derivative tends to :math:`-\infty`), in the base."""
+    :math:`p = 0` (the documented gradient there), the second for `p` undefined there (NaN:
+    not compared; the first derivative tends to :math:`-\infty`), in the base."""
     up = up.unsqueeze(call.axis)
     mass = p > 0
     p_s, s_s = torch.where(mass, p, 1.0), torch.where(mass, p + q, 1.0)
@@ -369,7 +369,9 @@ def _js_analytic(call: Call, p: Any, q: Any, up: Any, v: Any) -> tuple[list[Any]
     hx = torch.where(mass, 0.5 * q / (p_s * s_s), math.nan) * up * v / base
     got = [hx]
     if call.t_grad:
-        got.append((torch.where(mass, -0.5 / s_s, math.nan) * up * v).sum_to_size(q.shape) / base)
+        some = p + q > 0  # (p = 0 too: the limit of -1 / (2 (p + q)))
+        mixed = torch.where(some, -0.5 / torch.where(some, p + q, 1.0), math.nan)
+        got.append((mixed * up * v).sum_to_size(q.shape) / base)
     return got, gx
 
 
