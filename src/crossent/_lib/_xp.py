@@ -553,14 +553,15 @@ def logsumexp(
     # value is m there, and autodiff's gradient is NaN throughout (every exp(x - NaN) has
     # a NaN derivative); rows of -inf by 0 (exp(-inf) = 0)
     e = xp.exp(difference(x, nan_shift(m, xp=xp), xp=xp))
-    total = xp.sum if row_sum is None else (lambda a, axis, keepdims: row_sum(a))
     # s = sum_k e_k - 1: the others' terms, plus the maxima's minus 1, each exactly 1 in value
-    # (so n_max - 1 exactly) and e_k in every derivative, with m a constant: autodiff's
-    # derivatives of every order are those of the log-sum-exp, also where the max is tied
-    # (the maxima's terms held at 1 and the max's own derivative, shared between the tied
-    # classes, gave a wrong Hessian there: 0 at equal logits)
-    rest = total(xp.where(is_max, zero, e), axis=axis, keepdims=True)
-    maxima = total(xp.where(is_max, e, zero), axis=axis, keepdims=True) - 1
+    # (so n_max - 1 exactly, in any order of summation) and e_k in every derivative, with m a
+    # constant: autodiff's derivatives of every order are those of the log-sum-exp, also where
+    # the max is tied (the maxima's terms held at 1 and the max's own derivative, shared
+    # between the tied classes, gave a wrong Hessian there: 0 at equal logits)
+    total = row_sum if row_sum is not None else (lambda a: xp.sum(a, axis=axis, keepdims=True))
+    # (each where's temporary freed before the next is made: reused, not faulted in afresh)
+    rest = total(xp.where(is_max, zero, e))
+    maxima = xp.sum(xp.where(is_max, e, zero), axis=axis, keepdims=True) - 1
     # (a row without a finite max reads m alone below: its terms, 0 or NaN, no log1p(-1))
     s = rest + xp.where(finite_max, maxima, xp.zeros_like(maxima))
     # A non-finite max decides the result on its own: -inf (all masked), +inf or NaN.
