@@ -55,6 +55,7 @@ from crossent._lib._checks import (
 from crossent._lib._logdiv import (
     cross_entropy_of_logits,
     half_mixture_log_ratio,
+    in_place,
     jsd_in_float64,
     log_ratio_from_logits,
     log_softmax,
@@ -769,12 +770,13 @@ def js_divergence(
     none = s == 0
     m = s / 2
     terms = xp.zeros_like(s)
-    autodiff = not is_numpy_namespace(xp)  # (NumPy: no derivatives to keep)
+    # derivatives to keep: not on NumPy, nor for PyTorch tensors autograd does not track
+    autodiff = not (is_numpy_namespace(xp) or in_place(xp, d.p, d.q))
     for a, b in ((d.p, d.q), (d.q, d.p)):
         no_mass = a == 0  # the term is m (rel_entr_terms' limit)
         skip = no_mass | none
         # log(a / m), exact derivatives (a masked where it has no mass: no -inf behind a where)
-        r = half_mixture_log_ratio(xp.where(skip, b, a), b, xp=xp)
+        r = half_mixture_log_ratio(xp.where(skip, b, a), b, xp=xp, derivatives=autodiff)
         limit = m
         if autodiff:  # a log(a / m)'s mixed derivative at a = 0, -1/b, which m alone lacks:
             # -a (log b - log b) adds it (its value and first derivatives are 0 there)

@@ -417,7 +417,7 @@ def rel_entr_terms(a: Array, b: Array, d: Array, *, series: bool = True, xp: Any
     return xp.where(low, lo, hi)
 
 
-def half_mixture_log_ratio(a: Array, b: Array, *, xp: Any) -> Array:
+def half_mixture_log_ratio(a: Array, b: Array, *, xp: Any, derivatives: bool = True) -> Array:
     r""":math:`\log(2a/(a + b))`, the log ratio of a probability :math:`a` to its mixture with
     :math:`b`, whose derivatives of every order autodiff takes exactly (Jensen–Shannon's
     terms and gradient factors); 0 where :math:`a = b = 0`, :math:`-\infty` where
@@ -425,26 +425,34 @@ def half_mixture_log_ratio(a: Array, b: Array, *, xp: Any) -> Array:
 
     With :math:`v = (a - b)/(a + b)`: :math:`\operatorname{log1p}(v)` for :math:`|v| \le 1/2`
     (close masses: the value keeps its relative accuracy), else, with no ratio above 1,
-    :math:`\log 2 - \operatorname{log1p}(b/a)` for :math:`a > b` and
-    :math:`\log 2 + \log(a/b) - \operatorname{log1p}(a/b)` for :math:`a < b`. Their derivatives
-    :math:`b/(a(a + b))` and :math:`1/a - 1/(a + b)` (the larger term first) are exact where
-    autodiff of :math:`\log(2a/(a + b))` cancels in :math:`1/a - 1/(a + b)` at :math:`b \ll a`
-    (its rounding :math:`\epsilon/a` was 80 times the second derivative at
-    :math:`a = 3 \cdot 10^{-25}`, :math:`b = 3 \cdot 10^{-43}`). Each branch's inputs are
-    replaced where it is not taken (no 0/0, no overflow behind a ``where``).
+    :math:`\log 2 - \operatorname{log1p}(b/a)` for :math:`a > b` (one ``log1p`` serves both)
+    and :math:`\log(2\rho/(1 + \rho))`, :math:`\rho = a/b < 1/3`, for :math:`a < b`. Their
+    derivatives :math:`b/(a(a + b))` and :math:`1/\rho - 1/(1 + \rho)` (the larger term at
+    least 3 times the other) are exact where autodiff of :math:`\log(2a/(a + b))` cancels in
+    :math:`1/a - 1/(a + b)` at :math:`b \ll a` (its rounding :math:`\epsilon/a` was 80 times
+    the second derivative at :math:`a = 3 \cdot 10^{-25}`, :math:`b = 3 \cdot 10^{-43}`). Two
+    transcendental passes, as :math:`\log(2a/(a + b))` with the close form took. Each
+    branch's inputs are replaced where it is not taken (no 0/0, no overflow behind a
+    ``where``). Without `derivatives` (no autodiff: NumPy, untracked PyTorch tensors) the far
+    masses take :math:`\log(2a/(a + b))` itself, the same values to rounding in fewer passes
+    (the exact-derivative form took ``js_divergence`` of NumPy probabilities at 2000 x 1000
+    from 0.35 to 0.41 s).
     """
     one, zero = xp.ones_like(a), xp.zeros_like(a)
     s = a + b
     none = s == 0
     v = (a - b) / xp.where(none, one, s)
     near = (xp.abs(v) <= 0.5) | none
+    if not derivatives:
+        ratio = xp.where(near, one, 2 * a / xp.where(none, one, s))  # in (0, 2]
+        return xp.where(near, xp.log1p(xp.where(near, v, zero)), xp.log(ratio))
     above = ~near & (a > b)
     below = ~near & ~above
-    r_near = xp.log1p(xp.where(near, v, zero))
-    r_above = math.log(2.0) - xp.log1p(xp.where(above, b, zero) / xp.where(above, a, one))
-    ratio = xp.where(below, a, one) / xp.where(below, b, one)
-    r_below = math.log(2.0) + xp.log(ratio) - xp.log1p(ratio)
-    return xp.where(near, r_near, xp.where(above, r_above, r_below))
+    t = xp.where(above, b, zero) / xp.where(above, a, one)
+    r = xp.log1p(xp.where(near, v, t))
+    rho = xp.where(below, a, one) / xp.where(below, b, one)
+    r_below = xp.log(2 * rho / (1 + rho))
+    return xp.where(near, r, xp.where(above, math.log(2.0) - r, r_below))
 
 
 _PSI_SMALL = 0.5
