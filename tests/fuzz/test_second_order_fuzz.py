@@ -222,13 +222,13 @@ def _other_calls(draw: st.DrawFn, loss: str, modes: tuple[str, ...]) -> Call:
 # --------------------------------------------------------------------------- references
 
 
-_FLOOR = math.exp(-100.0)
-
-
 def _clamped_log(p: Any, *, complement: bool = False) -> Any:
     """PyTorch's rule for probabilities: log p (log(1 - p) with `complement`, by ``log1p``)
-    clamped at -100, the constant -100 where clamped (no 0 · inf in its derivatives)."""
-    small = (1 - p if complement else p) < _FLOOR
+    clamped at -100 where the computed log is below it (not where p is below exp(-100)
+    rounded: the two differ by an ulp at the edge), the constant -100 there (no 0 · inf in
+    its derivatives)."""
+    with torch.no_grad():
+        small = (torch.log1p(-p) if complement else torch.log(p)) < -100.0
     safe = torch.where(small, 0.0 if complement else 1.0, p)
     return torch.where(small, -100.0, torch.log1p(-safe) if complement else torch.log(safe))
 
