@@ -98,19 +98,19 @@ def _tol(dtype: Any) -> dict[str, float]:
 
 
 @triton.jit
-def _tanh_probe(X, Y, n, BLOCK_V: tl.constexpr):
+def _tanh_sech2_probe(X, T, S, n, BLOCK_V: tl.constexpr):
     offs = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = offs < n
-    t, _ = _kernels._tanh_sech2(tl.load(X + offs, mask=mask))
-    tl.store(Y + offs, t, mask=mask)
+    t, s2 = _kernels._tanh_sech2(tl.load(X + offs, mask=mask))
+    tl.store(T + offs, t, mask=mask)
+    tl.store(S + offs, s2, mask=mask)
 
 
-@triton.jit
-def _sech2_probe(X, Y, n, BLOCK_V: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask = offs < n
-    _, s2 = _kernels._tanh_sech2(tl.load(X + offs, mask=mask))
-    tl.store(Y + offs, s2, mask=mask)
+def _tanh_sech2(x: Any) -> tuple[Any, Any]:
+    """The kernels' ``_tanh_sech2`` of `x`, elementwise: (tanh x, 1 - tanh² x)."""
+    t, s2 = torch.empty_like(x), torch.empty_like(x)
+    _tanh_sech2_probe[(triton.cdiv(x.numel(), 64),)](x, t, s2, x.numel(), BLOCK_V=64)
+    return t, s2
 
 
 # Everything is decorated now; leave the environment as it was for other test modules.
@@ -130,8 +130,7 @@ def test_tanh_is_accurate_near_zero_and_saturates(dtype: Any) -> None:
             ),
         ]
     )
-    y = torch.empty_like(x)
-    _tanh_probe[(triton.cdiv(x.numel(), 64),)](x, y, x.numel(), BLOCK_V=64)
+    y, _ = _tanh_sech2(x)
     want = torch.tanh(x.double())
     ulp = torch.finfo(dtype).eps
     err = ((y.double() - want).abs() / want.abs().clamp_min(torch.finfo(dtype).tiny)).max()
@@ -144,8 +143,7 @@ def test_tanh_slope_is_accurate_where_tanh_saturates(dtype: Any) -> None:
     """1 - tanh^2 (the soft cap's slope): ``1 - t * t`` lost 1e-3 relative at |u| = 5 in
     float32; 4 e / (1 + e)^2 keeps a few ulps up to where it underflows."""
     x = torch.cat([torch.linspace(-12, 12, 961, dtype=dtype), torch.tensor([0.0, 0.1251, 40.0])])
-    y = torch.empty_like(x)
-    _sech2_probe[(triton.cdiv(x.numel(), 64),)](x, y, x.numel(), BLOCK_V=64)
+    _, y = _tanh_sech2(x)
     want = 1 / torch.cosh(x.double()) ** 2
     err = ((y.double() - want).abs() / want).max()
     assert err <= 8 * torch.finfo(dtype).eps, err
