@@ -566,9 +566,9 @@ def _sparse_rows_generic(
     stats = _rows.row_stats(
         z, label, w, with_wz=smooth, whole=True, counted=valid, xp=array_namespace(z)
     )
-    if valid is not None and w is not None:
-        # the ignored rows' stand-in target logit: label 0 on a masked class had an infinite
-        # -log p_y, whose product with the zero target weight made the weights' gradient NaN
+    if valid is not None:  # as the array-API formulas' (_sparse._statistics): the ignored
+        # rows' stand-in target logit (label 0 on a masked class had an infinite -log p_y,
+        # whose product with a zero target weight made the class weights' gradient NaN)
         stats = _rows.stand_in_ignored(stats, valid, xp=torch)
     return _rows_reduce(stats, w, label, valid, num_classes, opts)
 

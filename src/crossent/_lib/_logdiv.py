@@ -64,6 +64,7 @@ from typing import Any
 
 from crossent._lib._xp import (
     Array,
+    _torch_namespace,
     array_namespace,
     device,
     difference,
@@ -752,8 +753,6 @@ def _probability_gradients(x: Any, y: Any, beta: float) -> tuple[Any, Any]:
         mass = p > 0
         ps, qs = torch.where(mass, p, 1.0), torch.where(mass, q, 1.0)
         return torch.where(mass, ps.log() - qs.log() + 1.0, zero), torch.where(mass, -ps / qs, zero)
-    from crossent._lib._xp import _torch_namespace
-
     xp = _torch_namespace()
     half = []
     for own, other in ((p, q), (q, p)):
