@@ -8,7 +8,6 @@ smoothed target :math:`t(1-\\varepsilon) + \\varepsilon/2`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -23,10 +22,12 @@ def clamped_log(p: Any, *, complement: bool = False) -> np.ndarray:
 
 
 def log_derivative(p: Any) -> np.ndarray:
-    """d max(log p, -100) / dp in float64: 1/p where log p >= -100, else 0."""
+    """d max(log p, -100) / dp in float64: 1/p where log p >= -100, else 0 (the computed
+    log, as :func:`clamped_log` and PyTorch clamp it: ``p < exp(-100)`` rounded differs by
+    a few ulps at the edge)."""
     p = np.asarray(p, dtype=np.float64)
     with np.errstate(divide="ignore"):
-        return np.where(p < math.exp(-100), 0.0, 1 / np.where(p == 0, 1.0, p))
+        return np.where(np.log(p) < -100.0, 0.0, 1 / np.where(p == 0, 1.0, p))
 
 
 def reduce(row: np.ndarray, reduction: str, den: float) -> np.ndarray:
