@@ -71,6 +71,7 @@ from crossent._lib._xp import (
     is_numpy_namespace,
     is_torch_namespace,
     known_true,
+    number_for,
     numpy_array,
     output_dtype,
     quiet,
@@ -155,7 +156,7 @@ def _in_base(x: Array, base: float | None, *, xp: Any) -> Array:
     if base is None:
         return x
     with quiet(xp, "over"):
-        return x / math.log(base)
+        return x / number_for(math.log(base), x)
 
 
 @dataclass(frozen=True)
@@ -786,4 +787,5 @@ def js_divergence(
     # no mass in either: a constant 0 (the limits m of the two terms had derivatives 1/2
     # each, so the gradient was 1/2 there, where each is 0 beside any q > 0)
     terms = xp.where(none, xp.zeros_like(terms), terms)
-    return d.finish(xp.sum(terms, axis=d.axis) / 2)
+    total = xp.sum(terms, axis=d.axis)
+    return d.finish(total / number_for(2.0, total))

@@ -1010,3 +1010,76 @@ def test_binary_second_derivative_at_a_logit_of_exactly_zero(how: str, gamma: fl
         second = torch.compile(second, backend="aot_eager", fullgraph=True)
     want = 0.3991433975699931636771540151822720710094 if gamma else 0.25
     torch.testing.assert_close(second(x), torch.full((2,), want, dtype=torch.float64))
+
+
+def _tangent_losses(shape: tuple[int, ...]) -> dict[str, Callable[[Any], Any]]:
+    """name -> float32 loss of logits of `shape` (classes last), one per formula whose
+    ``torch.func.jvp`` tangent came back in float64."""
+    g = torch.Generator().manual_seed(11)
+    c = shape[-1]
+    y = torch.randint(0, c, shape[:-1], generator=g)
+    p = torch.softmax(torch.randn(shape, generator=g), -1)
+    sparse = functools.partial(ce.sparse_categorical_cross_entropy, target=y, from_logits=True)
+    return {
+        "sparse-focal": lambda v: sparse(v, gamma=2.0),
+        "sparse-z-loss": lambda v: sparse(v, z_loss=1e-2),
+        "sparse-softcap": lambda v: sparse(v, softcap=5.0),
+        "sparse-smoothing-focal-none": lambda v: sparse(
+            v, ignore_index=-100, label_smoothing=0.1, gamma=2.0, reduction="none"
+        ),
+        "sparse-probabilities-focal": lambda v: ce.sparse_categorical_cross_entropy(
+            torch.softmax(v, -1), y, gamma=2.0
+        ),
+        "entropy-bits": lambda v: ce.info.entropy(v, from_logits=True, base=2.0),
+        "js-bits": lambda v: ce.info.js_divergence(v, p.log(), from_logits=True, base=2.0),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("shape", [(6,), (3, 6)], ids=str)
+@pytest.mark.parametrize("name", list(_tangent_losses((2, 2))))
+def test_jvp_tangent_has_the_loss_dtype(name: str, shape: tuple[int, ...]) -> None:
+    """``torch.func.jvp`` gives ``x * 2.0`` (and ``/ + -``) of a 0-d float32 `x` a float64
+    tangent (PyTorch 2.13; dual tensors of ``torch.autograd.forward_ad`` do not): a reduced
+    loss divided by its row count, a focal exponent, a base's log, and every row quantity of
+    an unbatched input (0-d rows) made the tangent of a float32 loss float64. Its value is
+    the float64 directional derivative."""
+    loss = _tangent_losses(shape)[name]
+    g = torch.Generator().manual_seed(12)
+    x, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    out, tangent = torch.func.jvp(loss, (x,), (v,))
+    assert out.dtype == tangent.dtype == torch.float32
+    expected = torch.func.jvp(lambda u: loss(u.float()).double(), (x.double(),), (v.double(),))
+    torch.testing.assert_close(tangent.double(), expected[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", ["sparse-probabilities-focal", "sparse-focal", "entropy-bits"])
+def test_vmap_of_per_example_hessian_vector_products(name: str) -> None:
+    """Per-example Hessian-vector products, ``vmap`` of ``jvp`` of ``grad`` (forward over
+    reverse; each example's logits 1-d, its rows 0-d): the float64 tangent of a 0-d row
+    (see above) met the float32 one of the gather's backward, 'scatter(): Expected self.dtype
+    to be equal to src.dtype'. Equal to double backward example by example."""
+    n, c = 4, 6
+    g = torch.Generator().manual_seed(13)
+    x, v = torch.randn(n, c, generator=g), torch.randn(n, c, generator=g)
+    y = torch.randint(0, c, (n,), generator=g)
+    loss = {
+        "sparse-probabilities-focal": lambda u, t: ce.sparse_categorical_cross_entropy(
+            torch.softmax(u, -1), t, gamma=2.0
+        ),
+        "sparse-focal": lambda u, t: ce.sparse_categorical_cross_entropy(
+            u, t, from_logits=True, gamma=2.0
+        ),
+        "entropy-bits": lambda u, t: ce.info.entropy(u, from_logits=True, base=2.0),
+    }[name]
+
+    def hvp(u: Any, t: Any, w: Any) -> Any:
+        return torch.func.jvp(torch.func.grad(lambda z: loss(z, t)), (u,), (w,))[1]
+
+    got = torch.func.vmap(hvp)(x, y, v)
+    for i in range(n):
+        u = x[i].clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(loss(u, y[i]), u, create_graph=True)
+        (want,) = torch.autograd.grad((gx * v[i]).sum(), u)
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)

@@ -82,6 +82,7 @@ from crossent._lib._xp import (
     array_namespace,
     forward_ad_active,
     int64_labels,
+    number_for,
     output_dtype,
     representable,
     softplus_of_neg_abs,
@@ -614,7 +615,11 @@ def _weighted_reduce(
         return row
     if reduction == "sum":
         return row.sum()
-    return row.sum() / _mean_denominator(w_y, valid, row.numel(), row.dtype)
+    total = row.sum()
+    den = _mean_denominator(w_y, valid, row.numel(), row.dtype)
+    if isinstance(den, float):  # a 0-d tensor: torch.func.jvp of `total / number` (number_for)
+        den = torch.full_like(total, den) if torch_tracing() else _constant(den, total)
+    return total / den
 
 
 def _rows_reduce(
@@ -1086,8 +1091,9 @@ def _binary_coefs(
 
 
 def _product(a: Coef, b: Coef) -> Coef:
-    """``a * b``, skipping a factor that is the number 1."""
-    return a if _is_one(b) else b if _is_one(a) else a * b
+    """``a * b``, skipping a factor that is the number 1 (a number beside a 0-d tensor: a
+    tensor, :func:`number_for`)."""
+    return a if _is_one(b) else b if _is_one(a) else number_for(a, b) * number_for(b, a)
 
 
 def _unweighted(pos: Coef, neg: Coef) -> bool:
@@ -1161,7 +1167,9 @@ _BINARY_CHUNK = 1 << 16
 
 def _smoothed(t: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
     t = t if t.dtype is dtype else t.float() if dtype is torch.float32 else t.to(dtype)
-    return t if eps == 0 else t * (1 - eps) + eps / 2
+    if eps == 0:
+        return t
+    return t * number_for(1 - eps, t) + number_for(eps / 2, t)
 
 
 def _masses(t: Tensor, pos: Coef, neg: Coef) -> tuple[Tensor, Tensor]:
@@ -1169,6 +1177,10 @@ def _masses(t: Tensor, pos: Coef, neg: Coef) -> tuple[Tensor, Tensor]:
     :math:`1-t` is ``neg(t).add_(1)`` (the same bits, a third of ``1 - t``'s cost on a small
     tensor, whose number is wrapped into a tensor per call); elsewhere one kernel."""
     not_t = torch.neg(t).add_(1) if t.is_cpu else 1 - t
+    if t.ndim == 0:  # torch.func.jvp's tangent of a 0-d tensor times a number (number_for)
+        pos, neg = (
+            c if isinstance(c, Tensor) or _is_one(c) else number_for(c, t) for c in (pos, neg)
+        )
     return (t if _is_one(pos) else t * pos), (not_t if _is_one(neg) else not_t * neg)
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "logsumexp",
     "moveaxis",
     "nan_shift",
+    "number_for",
     "one_hot",
     "output_dtype",
     "quiet",
@@ -616,7 +617,24 @@ def softplus_of_neg_abs(x: Array, *, xp: Any) -> Array:
     the third 0): :math:`|x|` has none there, and autodiff took 0 for both. An exact 0,
     :math:`x_0 (1/2 + x_0/8)` with :math:`x_0 = x` only where :math:`x = 0`, carries them."""
     x0 = xp.where(x == 0, x, xp.zeros_like(x))
-    return xp.log1p(xp.exp(-xp.abs(x))) + x0 * (0.5 + 0.125 * x0)
+    half, eighth = number_for(0.5, x), number_for(0.125, x)
+    return xp.log1p(xp.exp(-xp.abs(x))) + x0 * (half + eighth * x0)
+
+
+def number_for(value: Any, x: Any) -> Any:
+    """`value` to combine with `x` by ``* / + -``: the Python number itself (an array `value` as
+    it is), except beside a 0-d PyTorch tensor, which gets a 0-d tensor of its dtype and device.
+
+    ``torch.func.jvp`` gives ``x * 2.0`` (also ``/``, ``+``, ``-``) of a 0-d float32 `x` a
+    float64 tangent (PyTorch 2.13: the number's wrapped tensor promotes the tangent, not the
+    value; ``torch.autograd.forward_ad`` keeps float32): the tangent of a float32 loss came
+    back in float64, and under ``jvp`` of ``grad`` (per-sample Hessian-vector products,
+    ``vmap`` of them) that tangent met a float32 one in a ``scatter``: a traceback. Rows are
+    0-d for an unbatched input, and so under ``vmap`` of a per-example loss.
+    """
+    if getattr(x, "ndim", 1) != 0 or not is_torch_tensor(x) or not isinstance(value, float | int):
+        return value
+    return sys.modules["torch"].full((), value, dtype=x.dtype, device=x.device)
 
 
 def stop_gradient(x: Array, *, xp: Any) -> Array:

@@ -57,6 +57,7 @@ from crossent._lib._xp import (
     is_torch_namespace,
     is_torch_tensor,
     log_sigmoid_pair,
+    number_for,
     numpy_array,
     output_dtype,
     quiet,
@@ -178,7 +179,8 @@ def _prepare(
     check_in_unit_interval(target, name="target", xp=xp)
     t = astype(target, dtype, xp=xp)
     if label_smoothing != 0:
-        t = t * (1 - label_smoothing) + label_smoothing / 2
+        eps = label_smoothing
+        t = t * number_for(1 - eps, t) + number_for(eps / 2, t)
     return _Binary(
         xp=xp,
         input=astype(input, dtype, xp=xp),
@@ -284,7 +286,8 @@ def _terms(b: _Binary) -> _Terms:
     logs = _log_probs(b.input, from_logits=b.from_logits, xp=xp)
     coef_pos, coef_neg = b.target, 1 - b.target
     if b.alpha is not None:
-        coef_pos, coef_neg = b.alpha * coef_pos, (1 - b.alpha) * coef_neg
+        alpha = number_for(b.alpha, coef_pos)
+        coef_pos, coef_neg = alpha * coef_pos, (1 - alpha) * coef_neg
     if b.pos_weight is not None:
         coef_pos = coef_pos * b.pos_weight
     if b.weight is not None:

@@ -11,6 +11,7 @@ from crossent._lib._xp import (
     is_jax_namespace,
     is_numpy_namespace,
     is_torch_namespace,
+    number_for,
     quiet,
     safe_divide,
     size_array,
@@ -166,7 +167,7 @@ def focal_factor(
         return xp.ones_like(base)
     is_certain = base == (-float("inf") if log else 0.0)
     safe = xp.where(is_certain, xp.zeros_like(base) if log else xp.ones_like(base), base)
-    raised = xp.exp(gamma * safe) if log else safe**gamma
+    raised = xp.exp(number_for(gamma, safe) * safe) if log else safe**gamma
     out = xp.where(is_certain, xp.zeros_like(raised), raised)
     if nll is not None and (is_jax_namespace(xp) or is_torch_namespace(xp)):
         fi = xp.finfo(nll.dtype)

@@ -88,6 +88,7 @@ from crossent._lib._xp import (
     is_torch_namespace,
     isfinite,
     nan_shift,
+    number_for,
     quiet,
     stop_gradient,
     take_along_axis,
@@ -449,7 +450,7 @@ def focal_terms(
 
 def _times(c: Any, x: Array) -> Array:
     """``c * x``, without the multiplication where `c` is the float 1."""
-    return x if isinstance(c, float) and c == 1.0 else c * x
+    return x if isinstance(c, float) and c == 1.0 else number_for(c, x) * x
 
 
 def _plus_product(row: Array, c: float, u: Array, v: Array, *, xp: Any) -> Array:
@@ -464,7 +465,7 @@ def _plus_product(row: Array, c: float, u: Array, v: Array, *, xp: Any) -> Array
 
 def _target_coef(eps: float, w_y: Any) -> Any:
     r""":math:`(1-\varepsilon) w_y` (`w_y` itself without smoothing: no array operation)."""
-    return w_y if eps == 0 else (1 - eps) * w_y
+    return w_y if eps == 0 else number_for(1 - eps, w_y) * w_y
 
 
 def _target_term(c_y: Any, nll: Array, *, xp: Any) -> Array:
@@ -511,7 +512,8 @@ def row_loss(
     if opts.label_smoothing != 0:
         # a +inf logit: inf - inf, a NaN row (as PyTorch's)
         with quiet(xp, "invalid", when=terms[2] is not None):
-            smooth = stats.wd + total_weight * log_s(stats, terms, xp=xp)
+            log_s_ = log_s(stats, terms, xp=xp)
+            smooth = stats.wd + number_for(total_weight, log_s_) * log_s_
     row, _ = loss_and_coefficients(big_l, nll_y, smooth, None, w_y, num_classes, opts, xp=xp)
     return row, big_l
 
@@ -573,7 +575,7 @@ def loss_and_coefficients(
         if eps == 1:
             row = xp.zeros_like(nll_y)
         if eps != 0:
-            row = row + (eps / num_classes) * smooth
+            row = row + number_for(eps / num_classes, smooth) * smooth
         if opts.z_loss != 0:
             row = _plus_product(row, opts.z_loss, big_l, big_l, xp=xp)
     if not with_grad:

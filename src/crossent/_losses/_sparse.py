@@ -48,6 +48,7 @@ from crossent._lib._xp import (
     is_torch_tensor,
     logsumexp,
     moveaxis,
+    number_for,
     numpy_array,
     output_dtype,
     quiet,
@@ -217,7 +218,7 @@ def _sparse_rows(
         lse = xp.where(keep, lse, xp.zeros_like(lse))
         lse_shift = None if lse_shift is None else xp.where(valid, lse_shift, xp.zeros_like(lse))
     terms_y = class_terms(_gather(z, label, xp=xp), lse, kind=kind, gamma=gamma, xp=xp)
-    row = term_value((1 - eps) * w_y, terms_y, gamma, xp=xp)
+    row = term_value(number_for(1 - eps, w_y) * w_y, terms_y, gamma, xp=xp)
     if eps > 0:
         c_s = _smoothing_coef(weight, eps, z.shape[-1], like=z, xp=xp)
         lse_col = None if lse is None else xp.expand_dims(lse, axis=-1)
