@@ -50,9 +50,13 @@ try:
     import jax.numpy as jnp
 except ImportError:  # pragma: no cover - jax is in the dev extra
     jax = None
-MODES = ("autograd", "autograd", "func")
-"""PyTorch's double backward (twice as often) and ``torch.func``; ``"jax"`` (JAX's ``grad`` of
-``grad``, a compilation per primitive and shape) runs as a test of its own, fewer examples."""
+MODES = ("autograd", "autograd", "func", "fwd_rev", "rev_fwd", "dual")
+"""PyTorch's double backward (twice as often), ``torch.func``'s ``grad`` of ``grad``, and
+forward mode: ``jvp`` of ``grad`` (forward over reverse, as ``torch.func.hessian``),
+``grad`` of ``jvp`` (reverse over forward) and dual tensors (``torch.autograd.forward_ad``)
+through double backward, whose loss's tangent is the directional derivative too. ``"jax"``
+and ``"jax_fwd"`` (JAX's ``grad`` of ``grad`` and ``jvp`` of ``grad``, a compilation per
+primitive and shape) run as a test of their own, fewer examples."""
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 INFO = ("entropy", "cross_entropy", "kl_divergence", "js_divergence")
@@ -88,13 +92,14 @@ def calls(draw: st.DrawFn, modes: tuple[str, ...] = MODES) -> Call:
     if loss in OTHERS:
         return draw(_other_calls(loss, modes))
     dtype = draw(st.sampled_from(["float64", "float64", "float32"]))
-    shape = draw(st.sampled_from(SHAPES))
+    # binary: a 0-d input too (one example's logit, as under vmap of a per-example loss)
+    shape = draw(st.sampled_from(SHAPES + [()] if loss.startswith("binary") else SHAPES))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     scale = draw(st.sampled_from([0.3, 3.0, 20.0]))
     x = torch.randn(shape, generator=g, dtype=torch.float64) * scale
-    axis = -1 if len(shape) == 1 else draw(st.sampled_from([-1, 1, 0]))
-    c = shape[axis]
+    axis = -1 if len(shape) <= 1 else draw(st.sampled_from([-1, 1, 0]))
+    c = shape[axis] if shape else 1
     categorical = loss.startswith(("sparse", "categorical"))
     extreme = draw(st.sampled_from(["none", "none", "big", "masked", "tied"]))
     if extreme == "tied":  # whole numbers: rows whose largest logit is shared (equal at 0)
@@ -420,49 +425,97 @@ def _to_jax(a: Any, dtype: Any = None) -> Any:
     return out.astype(dtype) if dtype is not None and a.is_floating_point() else out
 
 
-def _jax_second_order(fn: Any, ins: list[Any], up: Any, v: Any) -> tuple[list[Any], Any]:
-    """:func:`_second_order` by JAX's ``grad`` of ``grad``, of `fn` given JAX arrays."""
+def _jax_second_order(
+    fn: Any, ins: list[Any], up: Any, v: Any, forward: bool
+) -> tuple[list[Any], Any, Any]:
+    """:func:`_second_order` by JAX's ``grad`` of ``grad`` (``jvp`` of ``grad`` if `forward`),
+    of `fn` given JAX arrays."""
     up_j, v_j = _to_jax(up), _to_jax(v)
-
-    def first(*args: Any) -> Any:
-        def scalar(xx: Any) -> Any:
-            return jnp.sum(fn(xx, *args[1:]) * up_j)
-
-        gx = jax.grad(scalar)(args[0])
-        return jnp.sum(gx * v_j), gx
-
+    ins_j = tuple(_to_jax(a) for a in ins)
     argnums = tuple(range(len(ins)))
-    got, gx = jax.grad(first, argnums=argnums, has_aux=True)(*(_to_jax(a) for a in ins))
-    return [torch.from_numpy(np.array(g)) for g in got], torch.from_numpy(np.array(gx))
+
+    def scalar(*args: Any) -> Any:
+        return jnp.sum(fn(*args) * up_j)
+
+    if forward:
+        tangents = (v_j, *(jnp.zeros_like(a) for a in ins_j[1:]))
+        grads, got = jax.jvp(jax.grad(scalar, argnums=argnums), ins_j, tangents)
+        gx = grads[0]
+    else:
+
+        def first(*args: Any) -> Any:
+            gx = jax.grad(scalar)(*args)
+            return jnp.sum(gx * v_j), gx
+
+        got, gx = jax.grad(first, argnums=argnums, has_aux=True)(*ins_j)
+    return [torch.from_numpy(np.array(g)) for g in got], torch.from_numpy(np.array(gx)), None
 
 
-def _second_order(fn: Any, ins: list[Any], up: Any, v: Any, mode: str) -> tuple[list[Any], Any]:
+def _second_order(
+    fn: Any, ins: list[Any], up: Any, v: Any, mode: str
+) -> tuple[list[Any], Any, Any]:
     """d/d(ins) of <d(sum(up * fn))/dx, v> (x = ins[0]): the Hessian-vector product of the
-    logits and the mixed derivatives of the others, by double backward, ``torch.func`` or
-    JAX; and that first derivative."""
-    if mode == "jax":
-        return _jax_second_order(fn, ins, up, v)
+    logits and the mixed derivatives of the others, by double backward, ``torch.func``
+    (reverse or forward over reverse, or reverse over forward), dual tensors or JAX; that
+    first derivative; and, where forward mode gives it, the directional derivative
+    <d(sum(up * fn))/dx, v> from the loss's own tangent (else None)."""
+    if mode in ("jax", "jax_fwd"):
+        return _jax_second_order(fn, ins, up, v, forward=mode == "jax_fwd")
+    argnums = tuple(range(len(ins)))
+
+    def scalar(*args: Any) -> Any:
+        return (fn(*args) * up).sum()
+
     if mode == "func":
 
         def func_first(*args: Any) -> Any:
-            def scalar(xx: Any) -> Any:
-                return (fn(xx, *args[1:]) * up).sum()
-
-            gx = torch.func.grad(scalar)(args[0])
+            gx = torch.func.grad(scalar)(*args)
             return (gx * v).sum(), gx
 
-        argnums = tuple(range(len(ins)))
         got, gx = torch.func.grad(func_first, argnums=argnums, has_aux=True)(*ins)
-        return list(got), gx
+        return list(got), gx, None
+    if mode in ("fwd_rev", "rev_fwd"):  # and the loss's own tangent, in the loss's dtype
+        out, tangent = torch.func.jvp(lambda xx: fn(xx, *ins[1:]), (ins[0],), (v,))
+        assert tangent.dtype == out.dtype, f"a {tangent.dtype} tangent of a {out.dtype} loss"
+        along = (tangent * up).sum()
+    if mode == "fwd_rev":
+        tangents = (v, *(torch.zeros_like(a) for a in ins[1:]))
+        grads, got = torch.func.jvp(torch.func.grad(scalar, argnums=argnums), tuple(ins), tangents)
+        return list(got), grads[0], along
+    if mode == "rev_fwd":
+
+        def directional(*args: Any) -> Any:
+            rest = args[1:]
+            out, tangent = torch.func.jvp(lambda xx: scalar(xx, *rest), (args[0],), (v,))
+            return tangent, out
+
+        got, _ = torch.func.grad(directional, argnums=argnums, has_aux=True)(*ins)
+        return list(got), torch.func.grad(scalar)(*ins), along
     leaves = [a.detach().requires_grad_(True) for a in ins]
+    if mode == "dual":
+        import torch.autograd.forward_ad as fwad
+
+        with fwad.dual_level():
+            out = fn(fwad.make_dual(leaves[0], v), *leaves[1:])
+            directional = (fwad.unpack_dual(out).tangent * up).sum()
+            grads = torch.autograd.grad(out, leaves, up.to(out.dtype), allow_unused=True)
+            unpacked = [None if g is None else fwad.unpack_dual(g) for g in grads]
+        got = [
+            torch.zeros_like(a) if u is None or u.tangent is None else u.tangent
+            for a, u in zip(leaves, unpacked, strict=True)
+        ]
+        gx = torch.zeros_like(leaves[0]) if unpacked[0] is None else unpacked[0].primal
+        return got, gx, directional
     out = fn(*leaves)
     (gx,) = torch.autograd.grad(out, leaves[0], up.to(out.dtype), create_graph=True)
     if not gx.requires_grad:  # a gradient that depends on none of them (p ↦ -Σ p log q)
-        return [torch.zeros_like(a) for a in leaves], gx
+        return [torch.zeros_like(a) for a in leaves], gx, None
     got = torch.autograd.grad((gx * v).sum(), leaves, allow_unused=True)
-    return [torch.zeros_like(a) if g is None else g for a, g in zip(leaves, got, strict=True)], gx
+    grads_ = [torch.zeros_like(a) if g is None else g for a, g in zip(leaves, got, strict=True)]
+    return grads_, gx, None
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @FUZZ
 @given(call=calls())
 def test_second_derivatives_equal_the_float64_formula(call: Call) -> None:
@@ -471,7 +524,7 @@ def test_second_derivatives_equal_the_float64_formula(call: Call) -> None:
 
 @pytest.mark.skipif(jax is None, reason="JAX is not installed")
 @fuzz(25)
-@given(call=calls(modes=("jax",)))
+@given(call=calls(modes=("jax", "jax_fwd")))
 def test_jax_second_derivatives_equal_the_float64_formula(call: Call) -> None:
     _check(call)
 
@@ -488,7 +541,7 @@ def _check(call: Call) -> None:
         it = iter(rest)
         tt = next(it) if call.t_grad else t
         ww = next(it) if call.w_grad else w
-        if call.mode == "jax":  # the fixed inputs as JAX arrays too
+        if call.mode.startswith("jax"):  # the fixed inputs as JAX arrays too
             tt, ww = _to_jax(tt), _to_jax(ww, xx.dtype)
         return _crossent(call, xx, tt, ww)
 
@@ -512,12 +565,13 @@ def _check(call: Call) -> None:
         f"w_grad={call.w_grad} {call.mode} shrunk={call.shrunk} device={call.device}"
     )
     with _thresholds(call.shrunk), _accelerator(call.device):
-        got, got_gx = _second_order(fn, ins, up.to(dtype), v.to(dtype), call.mode)
+        got, got_gx, directional = _second_order(fn, ins, up.to(dtype), v.to(dtype), call.mode)
     if call.loss == "js_divergence" and not call.options["from_logits"]:
         want, gx = _js_analytic(call, x.double(), _as64(t), up, v)
     else:
-        want, gx = _second_order(ref_fn, [a.double() for a in ins], up, v, "autograd")
+        want, gx, _ = _second_order(ref_fn, [a.double() for a in ins], up, v, "autograd")
     names = ["x"] + [name for name, on in diff if on]
+    kept = _native_nan(call)
     # the rounding of the dtype at the size of the terms: the second derivatives', the first
     # derivative's times v (a mixed derivative of a weighted mean is a difference of such
     # terms over the weights), the logits' magnitude (the rounding of p = exp(z - lse))
@@ -525,18 +579,46 @@ def _check(call: Call) -> None:
     size = 1 + (float(finite.abs().max()) if finite.numel() else 0.0)
     first_size = _max(gx) * _max(v) * (1 + (1 / _min(w) if call.w_grad else 0.0))
     a, b = got_gx.detach().double(), gx.detach().double()  # the first derivative too
+    b = torch.where(kept, a, b)
     tol = 256 * torch.finfo(dtype).eps * (_max(b) + _max(up)) * size
     bad = ((a - b).abs() > tol) | (a.isnan() != b.isnan())
     assert not bad.any(), f"{what}: d/dx (first) {a[bad][:6]} vs {b[bad][:6]}"
+    if directional is not None and not kept.any():  # the loss's tangent along v: <d/dx, v>
+        b64 = gx.detach().double()
+        a, b = directional.detach().double(), (b64 * v).sum()
+        tol = 256 * torch.finfo(dtype).eps * float(((b64.abs() + _max(up)) * v.abs()).sum()) * size
+        assert (a - b).abs() <= tol or (a.isnan() and b.isnan()), f"{what}: tangent {a} vs {b}"
     for name, a, b, a_in in zip(names, got, want, ins, strict=True):
         assert a.dtype == a_in.dtype, f"{what}: d/d{name} is {a.dtype}"
         a, b = a.double(), b.double()
         defined = ~b.isnan() | (call.loss != "js_divergence")  # (_js_analytic's NaN)
         b = torch.where(defined, b, a)
+        if name == "x":
+            b = torch.where(kept, a, b)
         scale = _max(b[defined]) + _max(v) * _max(up) + first_size
         tol = 256 * torch.finfo(dtype).eps * scale * size
         bad = ((a - b).abs() > tol) | (a.isnan() != b.isnan())
         assert not bad.any(), f"{what}: d/d{name} {a[bad][:6]} vs {b[bad][:6]}"
+
+
+def _native_nan(call: Call) -> Any:
+    """Where the first and second derivatives in the logits may be NaN as documented (the
+    differences page): ignored rows of -inf only on an accelerator's eager path through
+    PyTorch's own kernels (no z-loss, softcap or focal; nothing traced or transformed),
+    ``F.cross_entropy``'s NaN gradient row."""
+    o = call.options
+    native = (
+        call.loss == "sparse"
+        and call.device
+        and call.mode in ("autograd", "dual")
+        and "ignore_index" in o
+        and not (o["z_loss"] or o["softcap"] or o["gamma"])
+    )
+    if not native:
+        return torch.zeros(call.x.shape, dtype=torch.bool)
+    masked = (call.x == -math.inf).all(call.axis, keepdim=True)
+    ignored = (call.t == o["ignore_index"]).unsqueeze(call.axis)
+    return (masked & ignored).expand(call.x.shape)
 
 
 def _max(a: Any) -> float:
