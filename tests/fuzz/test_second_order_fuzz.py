@@ -93,7 +93,7 @@ def calls(draw: st.DrawFn, modes: tuple[str, ...] = MODES) -> Call:
         return draw(_other_calls(loss, modes))
     dtype = draw(st.sampled_from(["float64", "float64", "float32"]))
     # binary: a 0-d input too (one example's logit, as under vmap of a per-example loss)
-    shape = draw(st.sampled_from(SHAPES + [()] if loss.startswith("binary") else SHAPES))
+    shape = draw(st.sampled_from([*SHAPES, ()] if loss.startswith("binary") else SHAPES))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     scale = draw(st.sampled_from([0.3, 3.0, 20.0]))

@@ -1083,3 +1083,22 @@ def test_vmap_of_per_example_hessian_vector_products(name: str) -> None:
         (gx,) = torch.autograd.grad(loss(u, y[i]), u, create_graph=True)
         (want,) = torch.autograd.grad((gx * v[i]).sum(), u)
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["js", "kl", "entropy"])
+def test_compiled_measures_of_probabilities_equal_eager(name: str) -> None:
+    """The measures of probabilities under ``torch.compile(fullgraph=True)``, warnings being
+    errors: ``js_divergence`` asked array-api-compat's ``is_numpy_namespace``, an
+    ``lru_cache``-wrapped function, and dynamo warns at every traced call of one ('Dynamo
+    detected a call to a functools.lru_cache-wrapped function')."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(14)
+    p = torch.softmax(torch.randn(4, 6, generator=g, dtype=torch.float64), 1)
+    q = torch.softmax(torch.randn(4, 6, generator=g, dtype=torch.float64), 1)
+    measure = {
+        "js": lambda a: ce.info.js_divergence(a, q),
+        "kl": lambda a: ce.info.kl_divergence(a, q),
+        "entropy": lambda a: ce.info.entropy(a),
+    }[name]
+    eager, compiled = eager_and_compiled(measure, p)
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)

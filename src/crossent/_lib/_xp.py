@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import array_api_compat
-from array_api_compat import is_jax_namespace, is_numpy_namespace
+from array_api_compat import is_jax_namespace
 
 __all__ = [
     "Array",
@@ -74,6 +74,14 @@ def is_torch_namespace(xp: Any) -> bool:
     ``torch.compile`` refuses to trace silently.
     """
     return getattr(xp, "__name__", None) in ("torch", "array_api_compat.torch")
+
+
+def is_numpy_namespace(xp: Any) -> bool:
+    """Whether `xp` is NumPy's namespace (plain or array-api-compat's): written out, as
+    :func:`is_torch_namespace` (array-api-compat's is ``lru_cache``-wrapped, and dynamo warns
+    at every traced call of one, an error where warnings are errors: ``js_divergence`` of
+    probabilities under ``torch.compile``)."""
+    return getattr(xp, "__name__", None) in ("numpy", "array_api_compat.numpy")
 
 
 def _library(x: object) -> str:
