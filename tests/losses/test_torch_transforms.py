@@ -1027,6 +1027,9 @@ def _tangent_losses(shape: tuple[int, ...]) -> dict[str, Callable[[Any], Any]]:
         "sparse-smoothing-focal-none": lambda v: sparse(
             v, ignore_index=-100, label_smoothing=0.1, gamma=2.0, reduction="none"
         ),
+        "sparse-smoothing-focal-z-loss": lambda v: sparse(
+            v, label_smoothing=0.1, gamma=2.0, z_loss=1e-2
+        ),
         "sparse-probabilities-focal": lambda v: ce.sparse_categorical_cross_entropy(
             torch.softmax(v, -1), y, gamma=2.0
         ),

@@ -226,7 +226,7 @@ def _sparse_rows(
         row = row + xp.sum(term_value(c_s, terms, gamma, xp=xp), axis=-1)
     if z_loss > 0:
         full = lse if lse_shift is None else lse + lse_shift
-        row = row + z_loss * (full * full)
+        row = row + number_for(z_loss, full) * (full * full)
     row = propagate_nan(row, z, kind=kind, xp=xp)
     return xp.where(valid, row, xp.zeros_like(row)), w_y
 
