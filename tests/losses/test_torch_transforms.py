@@ -1105,3 +1105,91 @@ def test_compiled_measures_of_probabilities_equal_eager(name: str) -> None:
     }[name]
     eager, compiled = eager_and_compiled(measure, p)
     torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
+
+
+def _option_sweep() -> list[tuple[str, dict[str, Any]]]:
+    """(loss, options): every subset of each loss's options, for one-example inputs."""
+    import itertools
+
+    w = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.25, 1.0])
+    families = {
+        "sparse": {
+            "label_smoothing": 0.1, "weight": w, "gamma": 2.0, "z_loss": 1e-2, "softcap": 5.0,
+            "ignore_index": -100,
+        },
+        "sparse_p": {"label_smoothing": 0.1, "weight": w, "gamma": 2.0, "ignore_index": -100},
+        "categorical": {"label_smoothing": 0.1, "weight": w, "gamma": 2.0},
+        "categorical_p": {"label_smoothing": 0.1, "weight": w, "gamma": 2.0},
+        "binary": {
+            "label_smoothing": 0.1, "weight": 0.5, "pos_weight": 2.0, "gamma": 2.0, "alpha": 0.25,
+        },
+        "binary_p": {
+            "label_smoothing": 0.1, "weight": 0.5, "pos_weight": 2.0, "gamma": 2.0, "alpha": 0.25,
+        },
+        "distill": {"beta": 0.3, "temperature": 2.0, "target": torch.tensor(2)},
+        "listnet": {},
+    }  # fmt: skip
+    sweep = []
+    for loss, options in families.items():
+        for r in range(len(options) + 1):
+            for names in itertools.combinations(options, r):
+                for reduction in ("mean", "sum", "none"):
+                    sweep.append((loss, {**{k: options[k] for k in names}, "reduction": reduction}))
+    for measure in ("entropy", "cross_entropy", "kl_divergence", "js_divergence"):
+        for from_logits in (True, False):
+            for base in (None, 2.0):
+                sweep.append((measure, {"from_logits": from_logits, "base": base}))
+    return sweep
+
+
+def _one_example_loss(loss: str, options: dict[str, Any]) -> Callable[[Any], Any]:
+    """The loss of one example's logits (6,) (binary: one logit, 0-d), float32."""
+    g = torch.Generator().manual_seed(15)
+    p = torch.softmax(torch.randn(6, generator=g), 0)
+    y = torch.tensor(2)
+    o = dict(options)
+    if loss in ("entropy", "cross_entropy", "kl_divergence", "js_divergence"):
+        measure = getattr(ce.info, loss)
+        other = () if loss == "entropy" else ((p.log() if o["from_logits"] else p),)
+        return lambda v: measure(v if o["from_logits"] else torch.softmax(v, 0), *other, **o)
+    if loss == "distill":
+        return lambda v: ce.distillation_loss(v, p.log() * 2, **o)
+    if loss == "listnet":
+        return lambda v: ce.listnet_loss(v, p, **o)
+    if loss.startswith("binary"):
+        logits = loss == "binary"
+        t = torch.tensor(0.7)
+        return lambda v: ce.binary_cross_entropy(
+            v[0] if logits else torch.sigmoid(v[0]), t, from_logits=logits, **o
+        )
+    probs = loss.endswith("_p")
+    fn = (
+        ce.sparse_categorical_cross_entropy
+        if loss.startswith("sparse")
+        else (ce.categorical_cross_entropy)
+    )
+    target = y if loss.startswith("sparse") else p
+    return lambda v: fn(torch.softmax(v, 0) if probs else v, target, from_logits=not probs, **o)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_jvp_of_one_example_keeps_float32_for_every_option_subset() -> None:
+    """Every subset of every loss's options on one example (0-d rows, as under ``vmap`` of a
+    per-example loss): ``torch.func.jvp``'s tangent is float32 as the loss is, and ``jvp`` of
+    ``grad`` (a Hessian-vector product) runs and is float32. PyTorch's ``jvp`` promotes the
+    tangent of a 0-d tensor combined with a Python number to float64 (see
+    :func:`crossent._lib._xp.number_for`): label smoothing with focal and z-loss together
+    still did (the z-loss term), which the bounded fuzzers had not drawn."""
+    x = torch.randn(6, generator=torch.Generator().manual_seed(16))
+    v = torch.ones(6)
+    wrong = []
+    for loss, options in _option_sweep():
+        fn = _one_example_loss(loss, options)
+        out, tangent = torch.func.jvp(fn, (x,), (v,))
+        if tangent.dtype != out.dtype:
+            wrong.append((loss, options, "tangent", tangent.dtype))
+        if out.ndim == 0:
+            hvp = torch.func.jvp(torch.func.grad(fn), (x,), (v,))[1]
+            if hvp.dtype != torch.float32:
+                wrong.append((loss, options, "hvp", hvp.dtype))
+    assert not wrong, wrong[:5]
