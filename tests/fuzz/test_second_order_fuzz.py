@@ -207,6 +207,11 @@ def _other_calls(draw: st.DrawFn, loss: str, modes: tuple[str, ...]) -> Call:
             "temperature": draw(st.sampled_from([1.0, 2.0, 0.5])),
             "reduction": draw(st.sampled_from(["mean", "sum", "none"])),
         }
+        if len(shape) > 1 and draw(st.booleans()):  # rows masked by `target` (padding)
+            ax = axis % len(shape)
+            rows = shape[:ax] + shape[ax + 1 :]
+            masked_rows = torch.rand(rows, generator=g) < draw(st.sampled_from([0.3, 1.0]))
+            o["target"] = torch.where(masked_rows, -100, torch.randint(0, 5, rows, generator=g))
     elif loss == "listnet":
         o = {"reduction": draw(st.sampled_from(["mean", "sum", "none"]))}
     else:
@@ -298,6 +303,7 @@ def _other_reference(call: Call, x: Any, t: Any) -> Any:
         return _reduced(row, o["reduction"], count)
     if call.loss == "distill":
         beta, temp = o["beta"], o["temperature"]
+        counted = None if o.get("target") is None else o["target"] != -100
         ls, lt = torch.log_softmax(z / temp, -1), torch.log_softmax(u / temp, -1)
         if beta == 0:
             row = _p_log_ratio(lt, ls).sum(-1)
@@ -308,6 +314,9 @@ def _other_reference(call: Call, x: Any, t: Any) -> Any:
             lt_s, ls_s = torch.where(both, 0.0, lt), torch.where(both, 0.0, ls)
             lm = torch.logsumexp(torch.stack([lt_s + math.log(beta), ls_s + math.log(1 - beta)]), 0)
             row = beta * _p_log_ratio(lt, lm).sum(-1) + (1 - beta) * _p_log_ratio(ls, lm).sum(-1)
+        if counted is not None:  # masked rows: 0, and the mean over the counted ones
+            row = torch.where(counted, row, 0.0)
+            count = counted.sum().to(row.dtype)
         return _reduced(row, o["reduction"], count)
     logits = o["from_logits"]
     lp, lq = _log(z, logits), None if u is None else _log(u, logits)
