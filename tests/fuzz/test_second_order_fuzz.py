@@ -304,6 +304,8 @@ def _other_reference(call: Call, x: Any, t: Any) -> Any:
     if call.loss == "distill":
         beta, temp = o["beta"], o["temperature"]
         counted = None if o.get("target") is None else o["target"] != -100
+        if counted is not None:  # masked rows read zeros: no inf or NaN in their derivatives
+            z, u = (torch.where(counted.unsqueeze(-1), a, 0.0) for a in (z, u))
         ls, lt = torch.log_softmax(z / temp, -1), torch.log_softmax(u / temp, -1)
         if beta == 0:
             row = _p_log_ratio(lt, ls).sum(-1)
@@ -406,6 +408,8 @@ def _crossent(call: Call, x: Any, t: Any, w: Any) -> Any:
     if call.loss == "listnet":
         return ce.listnet_loss(x, t, axis=call.axis, **o)
     if call.loss == "distill":
+        if "target" in o and not isinstance(x, torch.Tensor):  # JAX: its labels too
+            o["target"] = _to_jax(o["target"])
         return ce.distillation_loss(x, t, axis=call.axis, **o)
     if call.loss in INFO:
         args = (x,) if t is None else (x, t)

@@ -121,6 +121,21 @@ def test_array_namespace_rejects_mixed_libraries() -> None:
         _xp.array_namespace(1.0, None)
 
 
+def test_mixed_libraries_under_jax_grad_name_the_foreign_argument() -> None:
+    """Under ``jax.grad`` the differentiated logits are a tracer (``jax.LinearizeTracer``) and
+    the teacher a concrete JAX array (``jaxlib.ArrayImpl``): their types' modules differ, and
+    the message named the teacher, not the PyTorch `target` that is foreign."""
+    jax = pytest.importorskip("jax")
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+
+    import crossent as ce
+
+    teacher, target = jnp.ones((3, 5)), torch.tensor([1, 2, -100])
+    with pytest.raises(TypeError, match=r"but `target` is a torch\.Tensor.*jnp\.asarray\(target\)"):
+        jax.grad(lambda s: ce.distillation_loss(s, teacher, target=target))(jnp.zeros((3, 5)))
+
+
 def test_log1mexp_accurate_and_edges(xp: Any) -> None:
     u = np.array([-1e-20, -1e-8, -0.5, -0.7, -1.0, -40.0, 0.0, -np.inf])
     got = to_numpy(_common.log1mexp(to_xp(xp)(u), xp=xp))

@@ -163,9 +163,8 @@ def array_namespace(*arrays: object, **named: object) -> Any:
         return array_api_compat.array_namespace(*(a for _, a in present))
     except TypeError as exc:
         first_name, first = present[0]
-        other = next(
-            ((n, a) for n, a in present if type(a).__module__ != type(first).__module__), None
-        )
+        library = _namespace_of(first)
+        other = next(((n, a) for n, a in present if _namespace_of(a) is not library), None)
         if other is None:
             raise
         msg = (
@@ -174,6 +173,16 @@ def array_namespace(*arrays: object, **named: object) -> Any:
             f"e.g. `{_conversion(first, other[0])}`."
         )
         raise TypeError(msg) from exc
+
+
+def _namespace_of(x: object) -> Any:
+    """The namespace of one array (None if it has none), for :func:`array_namespace`'s message:
+    a JAX tracer (``jax.LinearizeTracer``, under ``jax.grad``) and a concrete JAX array
+    (``jaxlib.ArrayImpl``) are of one library though their types' modules differ."""
+    try:
+        return array_api_compat.array_namespace(x)
+    except TypeError:
+        return None
 
 
 def dim_size(n: Any) -> Any:
