@@ -17,7 +17,10 @@ autograd to the dtype's rounding at the size of the terms.
 It found NaN second derivatives at probabilities of exactly 0 and 1, NaN ones of float32
 distillation at a vanishing student probability, the rounding noise of JS's second
 derivative where one distribution is far below the other, and NaN class-weight gradients
-beside an ignored row holding masked classes (first derivatives too).
+beside an ignored row holding masked classes (first derivatives too); in forward mode,
+float64 tangents of float32 losses and a traceback of ``jvp`` of ``grad`` on one example
+(PyTorch's ``jvp`` of a 0-d tensor times a number: ``crossent._lib._xp.number_for``); with
+distillation targets under ``jax.grad``, an error message naming the wrong argument.
 """
 
 from __future__ import annotations
