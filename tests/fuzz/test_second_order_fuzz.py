@@ -545,13 +545,17 @@ def test_jax_second_derivatives_equal_the_float64_formula(call: Call) -> None:
     _check(call)
 
 
-def _check(call: Call) -> None:
-    """The first and second derivatives of `call` equal the float64 formula's."""
+def _typed(call: Call) -> tuple[Any, Any, Any]:
+    """The call's input, target and class weight in its dtype (sparse labels as they are)."""
     dtype = DTYPES[call.dtype]
-    x = call.x.to(dtype)
     t = call.t if call.t is None or call.loss.startswith("sparse") else call.t.to(dtype)
     w = call.weight.to(dtype) if isinstance(call.weight, torch.Tensor) else call.weight
-    diff = [("t", call.t_grad), ("w", call.w_grad)]
+    return call.x.to(dtype), t, w
+
+
+def _functions(call: Call, t: Any, w: Any) -> tuple[Any, Any]:
+    """crossent's loss and the float64 formula's, each of the input and then of the target and
+    the class weight where `call` differentiates them (fixed `t` and `w` otherwise)."""
 
     def fn(xx: Any, *rest: Any) -> Any:
         it = iter(rest)
@@ -566,6 +570,22 @@ def _check(call: Call) -> None:
         tt = next(it) if call.t_grad else _as64(t)
         ww = next(it) if call.w_grad else _as64(w)
         return _reference(call, xx, tt, ww)
+
+    return fn, ref_fn
+
+
+def _magnitude(call: Call) -> float:
+    """1 + the largest finite magnitude of the call's input: the rounding of p = exp(z - lse)."""
+    finite = call.x[call.x.isfinite()]
+    return 1 + (float(finite.abs().max()) if finite.numel() else 0.0)
+
+
+def _check(call: Call) -> None:
+    """The first and second derivatives of `call` equal the float64 formula's."""
+    dtype = DTYPES[call.dtype]
+    x, t, w = _typed(call)
+    diff = [("t", call.t_grad), ("w", call.w_grad)]
+    fn, ref_fn = _functions(call, t, w)
 
     g = torch.Generator().manual_seed(call.seed + 1)
     ins = [x] + [a for a, (_, on) in zip((t, w), diff, strict=True) if on]
@@ -591,8 +611,7 @@ def _check(call: Call) -> None:
     # the rounding of the dtype at the size of the terms: the second derivatives', the first
     # derivative's times v (a mixed derivative of a weighted mean is a difference of such
     # terms over the weights), the logits' magnitude (the rounding of p = exp(z - lse))
-    finite = call.x[call.x.isfinite()]
-    size = 1 + (float(finite.abs().max()) if finite.numel() else 0.0)
+    size = _magnitude(call)
     first_size = _max(gx) * _max(v) * (1 + (1 / _min(w) if call.w_grad else 0.0))
     a, b = got_gx.detach().double(), gx.detach().double()  # the first derivative too
     b = torch.where(kept, a, b)

@@ -33,27 +33,13 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-def _inputs(call: so.Call) -> tuple[Any, Any, Any]:
-    """The call's logits (or probabilities), target and class weight in its dtype."""
-    dtype = so.DTYPES[call.dtype]
-    t = call.t if call.t is None or call.loss.startswith("sparse") else call.t.to(dtype)
-    w = call.weight.to(dtype) if isinstance(call.weight, torch.Tensor) else call.weight
-    return call.x.to(dtype), t, w
-
-
-def _size(call: so.Call) -> float:
-    """1 + the largest finite magnitude of the call's input: the rounding of p = exp(z - lse)."""
-    finite = call.x[call.x.isfinite()]
-    return 1 + (float(finite.abs().max()) if finite.numel() else 0.0)
-
-
 def _assert_close(got: Any, want: Any, scale: float, call: so.Call, what: str) -> None:
     """`got` (the call's dtype) equals the float64 `want` to 256 ulps of `scale` times the
     input's magnitude; NaN where `want` is NaN, and the documented NaN gradient rows."""
     a, b = got.detach().double(), want.detach().double()
     if a.shape == call.x.shape:
         b = torch.where(so._native_nan(call), a, b)
-    tol = 256 * torch.finfo(so.DTYPES[call.dtype]).eps * scale * _size(call)
+    tol = 256 * torch.finfo(so.DTYPES[call.dtype]).eps * scale * so._magnitude(call)
     bad = ((a - b).abs() > tol) | (a.isnan() != b.isnan())
     assert not bad.any(), f"{what}: {a[bad][:6]} vs {b[bad][:6]}"
 
@@ -63,20 +49,11 @@ def _assert_close(got: Any, want: Any, scale: float, call: so.Call, what: str) -
 def test_compiled_values_and_gradients_equal_the_float64_formula(
     call: so.Call, dynamic: bool
 ) -> None:
-    x, t, w = _inputs(call)
+    x, t, w = so._typed(call)
     diff = [call.t_grad, call.w_grad]
     ins = [x] + [a for a, on in zip((t, w), diff, strict=True) if on]
 
-    def fn(xx: Any, *rest: Any) -> Any:
-        it = iter(rest)
-        return so._crossent(
-            call, xx, next(it) if call.t_grad else t, next(it) if call.w_grad else w
-        )
-
-    def ref_fn(xx: Any, *rest: Any) -> Any:
-        it = iter(rest)
-        tt = next(it) if call.t_grad else so._as64(t)
-        return so._reference(call, xx, tt, next(it) if call.w_grad else so._as64(w))
+    fn, ref_fn = so._functions(call, t, w)
 
     with torch.no_grad():
         if not ref_fn(*(a.double() for a in ins)).isfinite().all():
@@ -115,7 +92,7 @@ def test_per_sample_vmap_equals_the_rows_of_the_batch(call: so.Call, second: boo
         return  # a pos_weight per element, distillation's row mask: more vmapped arguments
     if "reduction" in call.options:
         call.options["reduction"] = "sum"
-    x, t, w = _inputs(call)
+    x, t, w = so._typed(call)
     one = so.Call(**{**call.__dict__, "axis": call.axis % x.ndim - 1})  # a sample's class axis
     w_dim = 0 if isinstance(w, torch.Tensor) and w.shape == x.shape else None
     t_dim = None if t is None else 0

@@ -1177,11 +1177,9 @@ def _masses(t: Tensor, pos: Coef, neg: Coef) -> tuple[Tensor, Tensor]:
     :math:`1-t` is ``neg(t).add_(1)`` (the same bits, a third of ``1 - t``'s cost on a small
     tensor, whose number is wrapped into a tensor per call); elsewhere one kernel."""
     not_t = torch.neg(t).add_(1) if t.is_cpu else 1 - t
-    if t.ndim == 0:  # torch.func.jvp's tangent of a 0-d tensor times a number (number_for)
-        pos, neg = (
-            c if isinstance(c, Tensor) or _is_one(c) else number_for(c, t) for c in (pos, neg)
-        )
-    return (t if _is_one(pos) else t * pos), (not_t if _is_one(neg) else not_t * neg)
+    # (a number beside a 0-d tensor: a tensor, number_for)
+    p = t if _is_one(pos) else t * number_for(pos, t)
+    return p, (not_t if _is_one(neg) else not_t * number_for(neg, t))
 
 
 _CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
