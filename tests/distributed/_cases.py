@@ -38,6 +38,9 @@ class Case:
     weight_scale: float = 1.0
     # row 1's label is ZERO_WEIGHT_CLASS, of class weight 0 and logit -inf (fused: bias -inf)
     zero_weight_masked: bool = False
+    # fused cases with a bias: every class's bias lowered this much (every row's largest logit
+    # negative, below the 0 that stands in for the max of a slice of -inf logits)
+    bias_shift: float = 0.0
     seed: int = 0
 
 
@@ -97,6 +100,7 @@ def problem(case: Case) -> dict[str, Any]:
         bias[ZERO_WEIGHT_CLASS] = -float("inf")
     if case.far_target:
         bias[target.view(-1)[1]] -= case.far_target
+    bias -= case.bias_shift
     if case.confident:
         flat = target.view(-1).clamp(0, case.vocab - 1)
         top = (flat + torch.arange(n) % 2) % case.vocab
@@ -317,6 +321,17 @@ LOG_PROB_CASES = [
         bias=True,
         masked=True,
         split="skewed",
+    ),
+    Case(  # rank 0's slice all -inf, every row's largest logit negative: the empty slice's
+        # stand-in maximum 0 won the ranks' maximum, and log p came back +inf (float64: the
+        # tempered logits are finite; float32 alike)
+        "log_probs_tiny_temperature_empty_slice_negative_logits",
+        {"temperature": 3e-39, "return_entropy": True, "chunk_size": 3},
+        bias=True,
+        masked=True,
+        split="skewed",
+        bias_shift=40.0,
+        dtype="float64",
     ),
 ]
 

@@ -287,6 +287,9 @@ def _chunked_log_probs(
             if ref is None:
                 delta = lse_loc - shard.reduce_max(lse_loc.clone())
             else:  # tiny T: lse_r = ref_r / T + lse_loc overflows; relative to max_r ref_r / T
+                # (a slice of -inf logits holds no mass: its stand-in ref of 0 must not be the
+                # maximum; it was, where every logit of the row is negative: log p = +inf)
+                ref = torch.where(lse_loc == -math.inf, -math.inf, ref)
                 delta = (ref - shard.reduce_max(ref.clone())).mul_(inv_t).add_(lse_loc)
             e = torch.exp(delta)
             peak = delta == 0  # the slices of the row's largest log-sum-exp: e = 1
