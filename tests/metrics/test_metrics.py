@@ -669,6 +669,17 @@ def test_a_low_precision_log_softmax_is_a_distribution(dtype: str, classes: int)
         CrossEntropy(input_kind="log_probs").update(bad, y)
 
 
+def test_a_low_precision_log_probability_of_minus_inf_is_checked_without_a_warning() -> None:
+    # a class ruled out (log p = -inf) in float16 log-probabilities: the rounding slack formed
+    # 0 · inf, dropped afterwards, but NumPy warned "invalid value encountered in multiply",
+    # an error where warnings are (this suite; found by a random metrics hunt)
+    log_p = np.array([[0.0, -np.inf], [math.log(0.25), math.log(0.75)]], dtype=np.float16)
+    y = np.array([0, 1])
+    got = CrossEntropy(input_kind="log_probs").update(log_p, y).compute()
+    assert got == pytest.approx(-float(log_p[1, 1]) / 2)
+    assert ClassificationMetrics(input_kind="log_probs").update(log_p, y).compute()["brier"] > 0
+
+
 @pytest.mark.parametrize("classes", [3, F.COLUMN_CLASSES + 6])
 @pytest.mark.parametrize("bad", [-1.0, 5.0, np.inf])
 def test_a_probability_outside_0_1_beside_a_nan_is_a_bad_row_on_every_backend(
