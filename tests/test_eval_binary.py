@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossent.metrics import BadRowError, BinaryClassificationMetrics
+from crossent.metrics import BadRowError, BinaryClassificationMetrics, ClassificationMetrics
 from tests._evaldata import error, run_json, write
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
@@ -76,6 +76,16 @@ def test_logits_and_log_probs_give_the_same_figures() -> None:
         r = BinaryClassificationMetrics(input_kind=kind).update(scores, y).compute()
         for key in ("log_loss_nats", "brier", "ece", "accuracy"):
             assert r[key] == pytest.approx(ref[key], rel=1e-12, abs=1e-15), (kind, key)
+
+
+def test_a_tiny_positive_logit_predicts_class_1_as_the_two_class_metrics_do() -> None:
+    # σ(z) rounds to 0.5 for |z| below about 1e-16: "p > 0.5" predicted class 0 for a positive
+    # logit, and the binary accuracy (1/3) disagreed with the two-class one of logits [0, z] (1)
+    z, y = np.array([1e-17, -1e-17, 3e-300, 0.0]), np.array([1, 0, 1, 0])
+    binary = BinaryClassificationMetrics(input_kind="logits").update(z, y).compute()
+    two = ClassificationMetrics(input_kind="logits").update(np.stack([0 * z, z], 1), y).compute()
+    assert binary["accuracy"] == two["accuracy"] == 1.0
+    assert [c["recall"] for c in binary["per_class"]] == [1.0, 1.0]
 
 
 def test_extreme_logits_are_exact_and_zero_probabilities_are_clamped() -> None:

@@ -79,7 +79,9 @@ def _binary_rows(score: np.ndarray, label: np.ndarray, *, input_kind: str) -> di
         "label": y,
         "nll": -log_p_y,
         "clamped": clamped,
-        "pred": (p > 0.5).astype(np.int64),  # argmax of (1 − p, p): a tie goes to class 0
+        # argmax of (1 − p, p), a tie going to class 0; from logits the logit's sign (p rounds
+        # to 0.5 for |z| below 1e-16, which predicted 0 for a positive logit)
+        "pred": ((score > 0) if input_kind == "logits" else (p > 0.5)).astype(np.int64),
         "conf": p,
         "brier": (p - y) ** 2,
         "nan": nan,
@@ -170,7 +172,7 @@ class BinaryClassificationMetrics(Metric):
     ``clamped_rows`` counts where that happened); logits use
     −log σ(z) = softplus(−z), exact for any finite logit. The Brier score is
     scikit-learn's ``brier_score_loss``, half the two-column multiclass one.
-    Accuracy predicts class 1 when p > 0.5. ``ece`` is the calibration error
+    Accuracy predicts class 1 when p > 0.5 (from logits: z > 0). ``ece`` is the calibration error
     of p against the positive rate, Σ_b (n_b/N)|mean y_b − mean p_b| over
     equal-width bins of p (the reliability diagram of scikit-learn's
     ``calibration_curve``, but with bins [k/B, (k+1)/B), as
