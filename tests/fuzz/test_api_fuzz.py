@@ -180,6 +180,11 @@ def valid_calls(draw: st.DrawFn) -> Call:
     if loss.startswith("info"):
         options["base"] = draw(st.sampled_from([None, 2.0]))
     grad = loss in ("sparse", "categorical", "binary", "listnet") and draw(st.booleans())
+    plain = not options.get("gamma") and not options.get("z_loss") and not options.get("softcap")
+    if backend == "torch" and weight is not None and from_logits and plain:
+        # a class of weight 0 masked by -inf: PyTorch's kernel (the plain options) forms
+        # 0 · inf = NaN, as F.cross_entropy does (the differences page); here a nonzero weight
+        options["weight"] = np.where((weight == 0) & np.isinf(x).any(axis=0), 0.5, weight)
     return Call(loss, x, t, options, backend, dtype, grad)
 
 
