@@ -55,7 +55,10 @@ def _reduce(per_row: np.ndarray, denominator: float, reduction: str) -> np.ndarr
     total = per_row.sum()
     if reduction == "sum":
         return np.asarray(total)
-    return np.asarray(total / denominator if denominator != 0 else 0.0)
+    if denominator == 0:  # 0 for a finite sum; NaN for a NaN or infinite one (the differences page)
+        with np.errstate(invalid="ignore"):
+            return np.asarray(total / np.inf)
+    return np.asarray(total / denominator)
 
 
 def sparse_ce(

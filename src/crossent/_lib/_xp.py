@@ -806,10 +806,13 @@ def safe_divide(num: Array, den: Array, *, xp: Any) -> Array:
 
     Where `den` is 0 the quotient is ``num / inf``: 0 for a finite `num`, NaN for a NaN
     (NaN propagates: a NaN logit in a row of weight 0 makes the mean NaN, as in
-    PyTorch's kernels, whose mean crossent divides by +inf there, not 0).
+    PyTorch's kernels, whose mean crossent divides by +inf there, not 0) or an infinite one
+    (inf / inf; quietly on NumPy, which warned of it: an error where warnings are).
     """
     den_zero = den == 0
-    q = num / xp.where(den_zero, xp.full_like(den, float("inf")), den)
+    numpy_like = getattr(xp, "__name__", "") in _NUMPY_NAMESPACES
+    with quiet(xp, "invalid", when=numpy_like and bool(xp.any(den_zero))):
+        q = num / xp.where(den_zero, xp.full_like(den, float("inf")), den)
     return xp.where(den_zero, q, q)  # an array, also where NumPy's division gives a scalar
 
 
