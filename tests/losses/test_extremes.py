@@ -105,6 +105,40 @@ def test_nan_logits_of_counted_targets_of_weight_0_make_the_mean_nan(
     assert math.isnan(float(to_numpy(value)))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_full_label_smoothing_of_a_label_masked_by_minus_inf_is_inf_not_nan(
+    xp: Any, reduction: str
+) -> None:
+    """ε = 1: the label's own term has coefficient 1 - ε = 0 and the smoothing term reaches its
+    -inf logit, so the row's loss is +inf. PyTorch's kernel, which crossent ran for these
+    options, forms 0 · inf = NaN there (found by a long random run of the API fuzz)."""
+    x = np.zeros((4, 4))
+    x[2, 1] = -np.inf
+    y = np.array([0, 0, 1, 0])
+    conv = to_xp(xp)
+    out = to_numpy(
+        ce.sparse_categorical_cross_entropy(
+            conv(x), conv(y), from_logits=True, label_smoothing=1.0, reduction=reduction
+        )
+    )
+    want = np.array([math.log(4), math.log(4), np.inf, math.log(4)])
+    want = {"none": want, "sum": np.inf, "mean": np.inf}[reduction]
+    np.testing.assert_allclose(out, want, rtol=1e-12)
+
+
+def test_full_label_smoothing_of_a_masked_label_through_torchs_paths() -> None:
+    x = torch.zeros(4, 4)
+    x[2, 1] = -math.inf
+    y = torch.tensor([0, 0, 1, 0])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        loss = ce.sparse_categorical_cross_entropy(
+            x.to(dtype), y, from_logits=True, label_smoothing=1.0
+        )
+        assert loss.item() == math.inf, dtype
+    assert ce.nn.CrossEntropyLoss(label_smoothing=1.0)(x, y).item() == math.inf
+    assert ce.nn.CrossEntropyLoss(label_smoothing=1.0, ignore_index=3)(x, y).item() == math.inf
+
+
 def test_an_infinite_smoothing_sum_over_no_counted_weight_is_nan_without_a_warning(
     xp: Any,
 ) -> None:

@@ -421,6 +421,7 @@ def sparse(
     if (  # the common call: PyTorch's kernel, nothing else (its bound check raises)
         weight is None
         and opts.plain
+        and opts.label_smoothing != 1.0
         and opts.ignore_index is None
         and opts.kind == "logits"
         and dtype in _FLOATS
@@ -468,7 +469,9 @@ def sparse(
         return None  # PyTorch's kernels (and the Triton ones) give no weight gradient
     if dtype in _LOW and _triton_sparse.usable(input, opts):  # an accelerator's
         return _sparse_triton(input, target, weight, axis, opts)
-    if not opts.plain:
+    if not opts.plain or opts.label_smoothing == 1.0:
+        # (ε = 1: PyTorch's kernel forms (1 - ε) · (-log p_y) = 0 · inf = NaN for a label masked
+        # by -inf, where the loss is the smoothing term's +inf)
         return _sparse_rows(input, target, weight, axis, opts)
     if _maybe_traced(target):
         target = traced_labels(input, target, axis, opts.ignore_index)
