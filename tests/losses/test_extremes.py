@@ -137,6 +137,18 @@ def test_full_label_smoothing_of_a_masked_label_through_torchs_paths() -> None:
         assert loss.item() == math.inf, dtype
     assert ce.nn.CrossEntropyLoss(label_smoothing=1.0)(x, y).item() == math.inf
     assert ce.nn.CrossEntropyLoss(label_smoothing=1.0, ignore_index=3)(x, y).item() == math.inf
+    # the rows that now serve ε = 1 give exact first and second derivatives (finite logits)
+    z = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.tensor([0.5, 1.0, 2.0, 0.25], dtype=torch.float64)
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        return ce.sparse_categorical_cross_entropy(
+            z, y, from_logits=True, label_smoothing=1.0, weight=w, ignore_index=3
+        )
+
+    z.requires_grad_()
+    assert torch.autograd.gradcheck(loss, (z,))
+    assert torch.autograd.gradgradcheck(loss, (z,))
 
 
 def test_an_infinite_smoothing_sum_over_no_counted_weight_is_nan_without_a_warning(
