@@ -50,7 +50,7 @@ from crossent._lib._checks import (
 )
 from crossent._lib._xp import quiet
 from crossent._losses import _rows
-from crossent._losses._common import LOG_CLAMP, clamp_floor, mean_class_weight
+from crossent._losses._common import LOG_CLAMP, clamp_floor, mean_class_weight, smoothed_target
 from crossent._losses._logprob import check_class_weight, softcap_backward, softcap_logits
 from crossent._losses._options import CEOptions
 
@@ -325,7 +325,7 @@ def categorical_probabilities(
     if not _probability_rows_fit(x.reshape(-1, num_classes), None):
         return None
     eps = opts.label_smoothing
-    c = t if eps == 0 else (1 - eps) * t + eps / num_classes
+    c = smoothed_target(t, eps, num_classes)
     if weight is not None:
         c = c * weight.astype(input.dtype, copy=False)
     terms = _clamped_log(x)
@@ -373,7 +373,7 @@ def binary_probabilities(
     ):
         return None  # the generic checks' messages (NaN: their propagation)
     eps = opts.label_smoothing
-    t = target if eps == 0 else target * (1 - eps) + eps / 2
+    t = smoothed_target(target, eps, 2)
     pos, neg = t, 1 - t
     if opts.alpha is not None:
         pos, neg = opts.alpha * pos, (1 - opts.alpha) * neg

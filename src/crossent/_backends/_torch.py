@@ -90,7 +90,12 @@ from crossent._lib._xp import (
     torch_tracing,
 )
 from crossent._losses import _rows
-from crossent._losses._common import broadcastable, mean_class_weight, times_log
+from crossent._losses._common import (
+    broadcastable,
+    mean_class_weight,
+    smoothed_target,
+    times_log,
+)
 from crossent._losses._logprob import check_class_weight, softcap_form, softcap_logits
 from crossent._losses._options import CEOptions
 
@@ -1170,9 +1175,7 @@ _BINARY_CHUNK = 1 << 16
 
 def _smoothed(t: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
     t = t if t.dtype is dtype else t.float() if dtype is torch.float32 else t.to(dtype)
-    if eps == 0:
-        return t
-    return t * number_for(1 - eps, t) + number_for(eps / 2, t)
+    return smoothed_target(t, eps, 2)
 
 
 def _masses(t: Tensor, pos: Coef, neg: Coef) -> tuple[Tensor, Tensor]:
@@ -1927,8 +1930,7 @@ def _soft_coefficients(
         if eps:
             c.mul_(1 - eps).add_(eps / c.shape[axis])
         return c if w is None else c.mul_(w.reshape(shape))
-    if eps:
-        t = t * (1 - eps) + eps / t.shape[axis]
+    t = smoothed_target(t, eps, t.shape[axis])
     return t if w is None else t * w.reshape(shape)
 
 

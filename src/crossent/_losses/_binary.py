@@ -70,6 +70,7 @@ from crossent._losses._common import (
     focal_factor,
     log_prob,
     reduce_loss,
+    smoothed_target,
     times_log,
 )
 from crossent._losses._options import make_options
@@ -178,9 +179,7 @@ def _prepare(
         check_probabilities(input, name="input", xp=xp)
     check_in_unit_interval(target, name="target", xp=xp)
     t = astype(target, dtype, xp=xp)
-    if label_smoothing != 0:
-        eps = label_smoothing
-        t = t * number_for(1 - eps, t) + number_for(eps / 2, t)
+    t = smoothed_target(t, label_smoothing, 2)
     return _Binary(
         xp=xp,
         input=astype(input, dtype, xp=xp),

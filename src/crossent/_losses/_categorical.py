@@ -40,7 +40,7 @@ from crossent._lib._xp import (
     shift_by_max,
     size_array,
 )
-from crossent._losses._common import nan_rows, reduce_loss
+from crossent._losses._common import nan_rows, reduce_loss, smoothed_target
 from crossent._losses._logprob import (
     check_class_weight,
     class_terms,
@@ -156,7 +156,7 @@ def _coefficients(
     cdt = compute_dtype(input.dtype, xp=xp)
     x = moveaxis(astype(input, cdt, xp=xp), axis, -1, xp=xp)
     t = moveaxis(astype(target, cdt, xp=xp), axis, -1, xp=xp)
-    c = t if eps == 0 else (1 - eps) * t + eps / num_classes
+    c = smoothed_target(t, eps, num_classes)
     if weight is not None:
         c = c * astype(weight, cdt, xp=xp)
     return x, c

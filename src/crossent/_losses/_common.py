@@ -29,6 +29,7 @@ __all__ = [
     "mean_class_weight",
     "nan_rows",
     "reduce_loss",
+    "smoothed_target",
     "times_log",
 ]
 
@@ -98,6 +99,17 @@ def reduce_loss(loss: Array, reduction: str, *, denominator: Array | None = None
     if denominator is None:
         denominator = size_array(loss, dtype=loss.dtype, xp=xp)
     return safe_divide(total, denominator, xp=xp)
+
+
+def smoothed_target(t: Array, eps: float, num_classes: Any) -> Array:
+    r"""The label-smoothed target :math:`(1-\varepsilon)\,t + \varepsilon/C` (`t` itself for
+    :math:`\varepsilon = 0`): PyTorch's categorical smoothing over `num_classes` classes, and
+    with ``num_classes=2`` the binary one, :math:`t(1-\varepsilon) + \varepsilon/2` (Keras's).
+    A number beside a 0-d PyTorch tensor enters as a 0-d tensor of its dtype
+    (:func:`~crossent._lib._xp.number_for`: ``torch.func.jvp`` keeps the tangent's dtype)."""
+    if eps == 0:
+        return t
+    return t * number_for(1 - eps, t) + number_for(eps / num_classes, t)
 
 
 def nan_rows(scale: Array, bad: Array, *, xp: Any) -> Array:
