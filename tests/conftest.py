@@ -26,11 +26,16 @@ from hypothesis import HealthCheck, settings
 os.environ.setdefault("JAX_ENABLE_X64", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA compiles each jitted program and each operation per shape (half the JAX tests' time);
-# without LLVM's optimization passes the JAX tests take 0.9x the time (-n 2: 126 s, 140 s).
-# The HLO (the operations and their order) is unchanged; the machine code is slower and may
-# contract fewer multiply-adds, differences far inside every tolerance here (all pass either
-# way). (A persistent compilation cache was tried: 2x slower with the cold cache CI has.)
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# without LLVM's optimization passes the JAX tests take 0.9x the time (-n 2: 126 s, 140 s),
+# and with the CPU backend's older LLVM emitters for fusions instead of its MLIR fusion
+# emitters a compile takes 0.55x as long (the two hypothesis tests of test_differential that
+# run JAX eagerly: 43.6 s, 27.8 s). The HLO (the operations and their order) is unchanged;
+# the machine code is slower and may contract fewer multiply-adds, differences far inside
+# every tolerance here (all pass either way). (A persistent compilation cache was tried: 2x
+# slower with the cold cache CI has.)
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+)
 
 settings.register_profile(
     "crossent",
