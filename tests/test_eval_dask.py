@@ -191,24 +191,43 @@ def test_cli_unreachable_scheduler(
     assert f"--scheduler tcp://127.0.0.1:{port}: cannot connect to a Dask scheduler there" in err
 
 
-def test_cli_dask_engine_file_given_twice(
-    cluster: Any, tmp_path: Path, data: dict[str, Any]
+def test_cli_dask_engine_refuses_a_file_named_twice(
+    cluster: Any, tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # a file named twice is one Dask task, whose state two merges read: merging in place
-    # into it counted the files merged into it twice (170 rows read as 240)
+    """A file named twice was scored twice on both engines (120 rows as 160): now exit 2 on
+    both, naming it, before a task starts."""
     paths = [
         str(write(tmp_path / f"p{i}.csv", csv_text(data, 40 * i, 40 * (i + 1)))) for i in range(3)
     ]
-    header = str(write(tmp_path / "header.csv", csv_text(data, 0, 0)))  # no rows, no types
-    for files in ([paths[0], paths[1], paths[0]], [*paths, header, paths[0], paths[1]]):
-        args = ("eval", *files, "--exclude", "id", "--group-by", "day")
-        local = run_json(*args)
-        remote = run_json(*args, "--engine", "dask", "--scheduler", cluster.scheduler_address)
-        assert local["rows"] == 40 * (len(files) - (header in files))
-        assert_same_figures(remote, local, rtol=0)
-        assert [g["rows"] for g in remote["groups"]] == [g["rows"] for g in local["groups"]]
-        for a, b in zip(remote["groups"], local["groups"], strict=True):
-            assert_same_figures(a, b, rtol=0)
+    for engine in (
+        ("--engine", "local"),
+        ("--engine", "dask", "--scheduler", cluster.scheduler_address),
+    ):
+        err = error(capsys, "eval", *paths, paths[0], "--exclude", "id", *engine)
+        assert f"{paths[0]}: named twice" in err
+        assert "its rows would be scored twice" in err
+
+
+def test_merge_pair_leaves_its_inputs_unchanged(data: dict[str, Any]) -> None:
+    """A Dask task's state may be read by several merges (and a distributed scheduler may run
+    one merge twice): merging into a copy keeps each input as it was. It merged in place into
+    its first input, so a file named twice counted the files merged into it twice (170 rows
+    as 240) before such calls were refused."""
+    from crossent._eval._dask import merge_pair
+    from crossent.metrics import ClassificationMetrics
+
+    def state(lo: int, hi: int) -> Any:
+        m = ClassificationMetrics(num_classes=len(NAMES), input_kind="probs")
+        m.update(np.asarray(data["p"][lo:hi]), np.asarray(data["y"][lo:hi]))
+        return m
+
+    a, b, whole = state(0, 50), state(50, 120), state(0, 120)
+    merged = merge_pair(a, b)
+    again = merge_pair(a, b)  # the inputs as they were: the same result
+    np.testing.assert_equal(merged.compute(), whole.compute())
+    np.testing.assert_equal(again.compute(), whole.compute())
+    np.testing.assert_equal(a.compute(), state(0, 50).compute())
+    np.testing.assert_equal(b.compute(), state(50, 120).compute())
 
 
 def test_cli_dask_engine_list_columns_of_other_lengths_are_the_local_error(

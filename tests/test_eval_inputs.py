@@ -71,6 +71,26 @@ def test_several_files_a_directory_and_a_glob_are_one_table(
     )
 
 
+def test_a_file_reached_twice_is_refused_not_scored_twice(
+    tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file named twice, by a directory and a glob (or a file) that overlap, or by a link,
+    was scored twice (its rows counted twice, silently): exit 2, naming it."""
+    parts = _shards(tmp_path / "shards", data)
+    folder, first = str(tmp_path / "shards"), str(parts[0])
+    link = tmp_path / "link.csv"
+    link.symlink_to(parts[0])
+    for args, says in (
+        ([first, first], f"{first}: named twice"),
+        ([folder, first], f"{first}: named twice"),
+        ([folder, str(tmp_path / "shards" / "part-*.csv")], f"{first}: named twice"),
+        ([str(link), folder], f"{first}: the same file as {link}"),
+    ):
+        err = error(capsys, "eval", *args, "--exclude", "id")
+        assert says in err, (args, err)
+        assert "its rows would be scored twice. Name each file once" in err
+
+
 def test_a_directory_skips_everything_under_hidden_and_underscore_folders(
     tmp_path: Path, data: dict[str, Any], single: dict[str, Any]
 ) -> None:
@@ -111,8 +131,11 @@ def test_files_without_rows_among_others(
     write(empty[1], header.replace("label,", "truth,"))
     err = error(capsys, "eval", str(tmp_path / "shards"), "--exclude", "id")
     assert f"{empty[1]}: has other columns than {parts[0]} (it lacks label; it also" in err
-    err = error(capsys, "eval", str(empty[0]), str(empty[0]), "--exclude", "id")
-    assert err == error(capsys, "eval", str(empty[0]), "--exclude", "id")
+    again = write(tmp_path / "again.csv", header)
+    err = error(capsys, "eval", str(empty[0]), str(again), "--exclude", "id")
+    assert err.replace(str(again), str(empty[0])) == error(
+        capsys, "eval", str(empty[0]), "--exclude", "id"
+    )
 
 
 def test_blank_files_among_others_have_no_rows(
@@ -139,8 +162,8 @@ def test_blank_files_among_others_have_no_rows(
     assert_same_figures(out, single)
     csv_parts = _shards(tmp_path / "csv", data)
     write(tmp_path / "csv" / "part-0a.csv", "")
-    out = run_json("eval", str(tmp_path / "csv"), str(csv_parts[0]), "--exclude", "id,day")
-    assert out["rows"] == 80
+    out = run_json("eval", str(tmp_path / "csv"), "--exclude", "id,day")
+    assert (out["rows"], out["files"]) == (60, len(csv_parts) + 1)
     blank = [str(folder / "part-1a.jsonl"), str(folder / "part-1b.jsonl")]
     assert "Empty JSON stream" in error(capsys, "eval", blank[0])
     assert "is empty (0 bytes)" in error(capsys, "eval", *blank)

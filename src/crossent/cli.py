@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=(
             "predictions files, directories or quoted globs, scored as one table (same columns "
-            "in each); .gz, .bz2, .xz and .zst CSV/JSONL are read by extension; - is CSV on stdin"
+            "in each, each file once); .gz, .bz2, .xz and .zst CSV/JSONL are read by extension; "
+            "- is CSV on stdin"
         ),
     )
     ev.add_argument(

@@ -5,7 +5,8 @@ of files, in a stable order (each directory and glob sorted by path): a
 directory contributes every predictions file under it (hidden files and
 names starting with ``_``, such as Spark's ``_SUCCESS``, are skipped, and so
 is everything under such a folder, such as Spark's ``_temporary``), a glob
-every file it matches. ``-`` is CSV on standard input, spooled to a
+every file it matches; a file reached twice (named twice, or by a directory and a
+glob that overlap) is refused rather than scored twice. ``-`` is CSV on standard input, spooled to a
 temporary file (pyarrow reads a CSV twice: once for its columns, once for
 its rows).
 
@@ -148,7 +149,30 @@ def expand_sources(files: Sequence[str], *, formats: Sequence[str]) -> list[Path
     if "-" in out and len(out) > 1:
         msg = "`-` (CSV on standard input) cannot be combined with other files."
         raise CLIError(msg)
+    _refuse_repeats(out)
     return out
+
+
+def _refuse_repeats(paths: Sequence[Path | str]) -> None:
+    """Raise if two entries of `paths` are one file (named twice, by a directory and a glob
+    that overlap, or through a link): its rows would be scored twice."""
+    seen: dict[tuple[int, int], Path] = {}
+    for path in paths:
+        try:
+            info = Path(path).stat()
+        except OSError:  # missing or unreadable: the opener says so
+            continue
+        key = (info.st_dev, info.st_ino)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = Path(path)
+        else:
+            same = "named twice" if first == Path(path) else f"the same file as {first}"
+            msg = (
+                f"{path}: {same} (by overlapping FILE arguments, a directory and a "
+                "pattern, or a link); its rows would be scored twice. Name each file once."
+            )
+            raise CLIError(msg)
 
 
 @contextlib.contextmanager
