@@ -53,6 +53,7 @@ from crossent._backends._torch import (
     _binary_parts,
     _half_result,
     _in_unit_interval,
+    _is_one,
     _label_error,
     _low_chunks,
     _masses,
@@ -60,15 +61,17 @@ from crossent._backends._torch import (
     _own_eager,
     _scalar,
     _smoothed,
+    _smoothed_into,
     _soft_chunked_from,
     _soft_coefficients,
     _valid_label,
     _weight_needs_grad,
+    _Workspace,
     index_target,
 )
 from crossent._lib._checks import sum_tolerance
 from crossent._lib._config import get_validation
-from crossent._lib._xp import _torch_namespace, torch_autocast
+from crossent._lib._xp import _torch_namespace, number_for, torch_autocast
 from crossent._losses._common import LOG_CLAMP, clamp_floor, mean_class_weight
 from crossent._losses._options import CEOptions
 
@@ -462,51 +465,67 @@ def binary(
     coefs = _binary_coefs(x, cdt, weight, pos_weight, opts.alpha, checked=checked)
     if coefs is None or (checked and not (_in_unit_interval(x) and _in_unit_interval(target))):
         return None  # the generic path's message (NaN: its propagation)
-    t = _smoothed(target.detach(), cdt, eps)
+    t = target.detach()  # smoothed (and converted) per piece
     if x.requires_grad and torch.is_grad_enabled():
-        out = _BINARY_APPLY(x, t, coefs, opts.reduction)
+        out = _BINARY_APPLY(x, t, coefs, eps, opts.reduction)
     else:
-        out = cast(Tensor, _binary_chunks(x, t, coefs, opts.reduction)[0])
+        out = cast(Tensor, _binary_chunks(x, t, coefs, eps, opts.reduction)[0])
     return out if out.dtype is x.dtype else out.to(x.dtype)
 
 
-def _binary_terms(x: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-    """The element losses (compute dtype): the two clamped logs, each times its mass, in
-    place."""
-    p = x.float() if x.dtype in _LOW else x
-    log_not_p = torch.neg(p).log1p_().clamp_min_(LOG_CLAMP)
-    return clamped_log(p).mul_(pos).add_(log_not_p.mul_(neg)).neg_()
+def _binary_terms(p: Tensor, pos: Tensor, neg: Tensor, bufs: list[Tensor]) -> Tensor:
+    """The element losses of the probabilities `p` (compute dtype): the two clamped logs,
+    each times its mass, written into two of the buffers `bufs`."""
+    log_not_p = torch.neg(p, out=bufs[0]).log1p_().clamp_min_(LOG_CLAMP)
+    return clamped_log(p, out=bufs[1]).mul_(pos).add_(log_not_p.mul_(neg)).neg_()
+
+
+def _masses_into(t: Tensor, pos: Coef, neg: Coef, bufs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`~crossent._backends._torch._masses` written into the buffers `bufs` (``t``
+    itself for a unit `pos`): the same bits."""
+    not_t = torch.neg(t, out=bufs[0]).add_(1)
+    p = t if _is_one(pos) else torch.mul(t, number_for(pos, t), out=bufs[1])
+    return p, (not_t if _is_one(neg) else not_t.mul_(number_for(neg, t)))
 
 
 def _binary_chunks(
     x: Tensor,
     t: Tensor,
     coefs: tuple[Coef, Coef],
+    eps: float,
     reduction: str | None,
     s: Tensor | float | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """(the loss, or None without `reduction`; the gradient for `s`, or None without it) by
-    cache-sized pieces (``._torch._binary_parts``), the masses formed per piece: nothing of
-    the input's size is made but the gradient and the losses of ``"none"``. A reduced loss
-    adds the pieces' sums (pairwise within each, like the sum of one array)."""
+    cache-sized pieces (``._torch._binary_parts``), each computed in the thread's chunk-sized
+    buffers (``._torch._Workspace``, as the loss from logits): nothing of the input's size
+    is made but the gradient and the losses of ``"none"``, and a call allocates no more than
+    ``F.binary_cross_entropy`` does. A reduced loss adds the pieces' sums (pairwise within
+    each, like the sum of one array). The targets `t` are smoothed by `eps` per piece too
+    (and converted to the compute dtype there): a half-precision target gets no float32
+    copy of its size."""
+    cdt = torch.float32 if x.dtype in _LOW else x.dtype
     losses = None
     if reduction == "none":
-        losses = torch.empty(x.shape, dtype=t.dtype, device=x.device)
+        losses = torch.empty(x.shape, dtype=cdt, device=x.device)
     g = None if s is None else torch.empty_like(x)
     column = s if isinstance(s, Tensor) and s.ndim else None
+    work = _Workspace(cdt, x.device)
     sums = []
     for x_, t_, pos_c, neg_c, out_, g_, s_ in _binary_parts(x, t, *coefs, losses, g, column):
-        pos, neg = _masses(t_, pos_c, neg_c)
+        # p, the two masses, two for the terms (then the gradient), the smoothed target
+        bufs = work.views(x_.shape)
+        p = x_ if x_.dtype is cdt else bufs[0].copy_(x_)
+        pos, neg = _masses_into(_smoothed_into(t_, cdt, eps, bufs[5]), pos_c, neg_c, bufs[1:3])
         if reduction is not None:
-            terms = _binary_terms(x_, pos, neg)
+            terms = _binary_terms(p, pos, neg, bufs[3:5])
             if out_ is None:
                 sums.append(terms.sum())
             else:
                 out_.copy_(terms)
         if g_ is not None:
-            g_.copy_(
-                _binary_gradient(x_, pos, neg, cast("Tensor | float", s if s_ is None else s_))
-            )
+            s_piece = cast("Tensor | float", s if s_ is None else s_)
+            g_.copy_(_binary_gradient(p, pos, neg, s_piece, bufs=bufs[3:5]))
     if reduction is None or losses is not None:
         return losses, g
     total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
@@ -520,47 +539,51 @@ class _BinaryProbs(torch.autograd.Function):
     backward is an error, not another gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, t: Tensor, coefs: tuple[Coef, Coef], reduction: str) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, t: Tensor, coefs: tuple[Coef, Coef], eps: float, reduction: str
+    ) -> Tensor:
         ctx.save_for_backward(x, t, *(c for c in coefs if isinstance(c, Tensor)))
-        ctx.coefs = coefs
-        _start(ctx, reduction, x.numel(), lambda s: _binary_chunks(x, t, coefs, None, s)[1])
-        return cast(Tensor, _binary_chunks(x, t, coefs, reduction)[0])
+        ctx.coefs, ctx.eps = coefs, eps
+        _start(ctx, reduction, x.numel(), lambda s: _binary_chunks(x, t, coefs, eps, None, s)[1])
+        return cast(Tensor, _binary_chunks(x, t, coefs, eps, reduction)[0])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, t, *_ = ctx.saved_tensors
-        coefs = ctx.coefs
+        coefs, eps = ctx.coefs, ctx.eps
 
         def gradient(s: Tensor | float) -> Tensor:
             if not torch.is_grad_enabled():  # the forward's bits
-                return cast(Tensor, _binary_chunks(x, t, coefs, None, s)[1])
-            pos, neg = _masses(t, *coefs)
+                return cast(Tensor, _binary_chunks(x, t, coefs, eps, None, s)[1])
+            cdt = torch.float32 if x.dtype in _LOW else x.dtype
+            pos, neg = _masses(_smoothed(t, cdt, eps), *coefs)
             return _binary_gradient(x, pos, neg, s)  # (recorded: a double backward)
 
-        return _backward(ctx, grad, x, gradient), None, None, None
+        return _backward(ctx, grad, x, gradient), None, None, None, None
 
 
-def _binary_gradient(x: Tensor, pos: Tensor, neg: Tensor, s: Tensor | float) -> Tensor:
+def _binary_gradient(
+    x: Tensor, pos: Tensor, neg: Tensor, s: Tensor | float, *, bufs: list[Tensor] | None = None
+) -> Tensor:
     r""":math:`s\,(N/(1-p) - P/p)` in `x`'s dtype, each term 0 where its log is clamped
     (:math:`p = 1`; below :func:`~crossent._losses._common.clamp_floor`); `s` multiplies the
     masses before the division (as autodiff's order: :math:`sP/p` of a subnormal :math:`p`
     is finite where :math:`P/p` overflows). Recorded (a double backward) by differentiable
-    operations; otherwise in two buffers of the input's size (one piece of
-    :func:`_binary_chunks`), written in place."""
+    operations; otherwise (one piece of :func:`_binary_chunks`, `x` already in the compute
+    dtype) written in place into two of the buffers `bufs`, returned there."""
     p = x.float() if x.dtype in _LOW else x
-    if torch.is_grad_enabled():
+    if bufs is None:
         if not (isinstance(s, float) and s == 1.0):
             pos, neg = pos * s, neg * s
         one = p == 1  # log1p(-p) clamped: 0, and (a safe denominator) 0 derivatives
         d = torch.where(one, 0.0, neg / (1 - torch.where(one, 0.0, p))) - log_derivative(p, pos)
-    else:
-        if isinstance(s, float):  # a cached 0-d tensor: wrapping the number costs more
-            s = _scalar(s, p.dtype)
-        d = torch.mul(neg, s)
-        buf = torch.neg(p).add_(1)  # 1 - p
-        d.div_(buf).masked_fill_(p == 1, 0.0)
-        d.sub_(log_derivative(p, torch.mul(pos, s, out=buf), out=buf))
-    return d if d.dtype is x.dtype else d.to(x.dtype)
+        return d if d.dtype is x.dtype else d.to(x.dtype)
+    if isinstance(s, float):  # a cached 0-d tensor: wrapping the number costs more
+        s = _scalar(s, p.dtype)
+    d = torch.mul(neg, s, out=bufs[0])
+    buf = torch.neg(p, out=bufs[1]).add_(1)  # 1 - p
+    d.div_(buf).masked_fill_(p == 1, 0.0)
+    return d.sub_(log_derivative(p, torch.mul(pos, s, out=buf), out=buf))
 
 
 _BINARY_APPLY = super(torch.autograd.Function, _BinaryProbs).apply
