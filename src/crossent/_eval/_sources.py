@@ -167,11 +167,12 @@ def _refuse_repeats(paths: Sequence[Path | str]) -> None:
         if first is None:
             seen[key] = Path(path)
         else:
-            same = "named twice" if first == Path(path) else f"the same file as {first}"
-            msg = (
-                f"{path}: {same} (by overlapping FILE arguments, a directory and a "
-                "pattern, or a link); its rows would be scored twice. Name each file once."
+            same = (
+                "named twice by the FILE arguments (a directory, a pattern and a file may overlap)"
+                if first == Path(path)
+                else f"the same file as {first} (a link)"
             )
+            msg = f"{path}: {same}; its rows would be scored twice. Name each file once."
             raise CLIError(msg)
 
 
