@@ -16,7 +16,7 @@ import crossent as ce  # noqa: E402
 
 
 def _cases() -> list[tuple[Any, Callable[[Any], Any]]]:
-    """(logits, loss) pairs of different shapes and dtypes, each on a chunked buffer path."""
+    """(input, loss) pairs of different shapes and dtypes, each on a chunked buffer path."""
     g = torch.Generator().manual_seed(0)
     cases: list[tuple[Any, Callable[[Any], Any]]] = []
     for n, c, dtype in [(700, 300, torch.bfloat16), (400, 400, torch.float16),
@@ -26,7 +26,9 @@ def _cases() -> list[tuple[Any, Callable[[Any], Any]]]:
         t = torch.rand(n, c, generator=g).to(dtype)
         p = torch.softmax(torch.randn(n, c, generator=g), 1).to(dtype)
         w = (torch.rand(c, generator=g) + 0.5).to(dtype)
+        q = torch.rand(n, c, generator=g).to(dtype)  # probabilities
         cases += [
+            (q, lambda v, t=t, w=w: ce.binary_cross_entropy(v, t, weight=w, label_smoothing=0.1)),
             (x, lambda v, y=y: ce.sparse_categorical_cross_entropy(v, y, from_logits=True)),
             (x, lambda v, t=t, w=w: ce.binary_cross_entropy(v, t, from_logits=True, pos_weight=w)),
             (x, lambda v, p=p: ce.categorical_cross_entropy(v, p, from_logits=True, reduction="none")),
