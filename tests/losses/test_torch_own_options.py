@@ -10,6 +10,7 @@ masked classes, chunking).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -357,3 +358,39 @@ def test_z_loss_of_a_label_far_below_the_row_max(dtype: Any, options: dict[str, 
     tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 0}
     np.testing.assert_allclose(loss.item(), value, rtol=1e-6 if dtype == torch.float32 else 1e-12)
     np.testing.assert_allclose(z.grad.double().numpy(), grad, **tol)
+
+
+@pytest.mark.parametrize("direct", [0, 1 << 12], ids=["from_nll", "logsumexp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_z_loss_without_a_gradient_takes_an_exact_log_sum_exp(
+    dtype: Any, direct: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss alone forms the z-loss's L from the cross-entropy kernel's -log p_y (z_y +
+    (-log p_y), checked, else torch.logsumexp), or for small chunks with torch.logsumexp at
+    once (_LSE_DIRECT): both equal value_and_grad's float64 value, a label far below the row
+    max (where z_y + (-log p_y) cancels) and a NaN row included."""
+    monkeypatch.setattr(_torch_rows, "_LSE_DIRECT", direct)
+    rows = [[2.0, 0.5, -1e9], [1.0, 0.0, -3.0], [30.0, -2.0, 4.0]]
+    y = torch.tensor([2, 0, 1])
+    kw = {"from_logits": True, "z_loss": 0.01, "reduction": "none"}
+    # the masked class's weight 0 leaves the row's loss to the (unweighted) z-loss term, where
+    # an L of z_y + (-log p_y) = -1e9 + (1e9 + 2.24) shows: float32 gave 0
+    weight = torch.tensor([1.0, 0.5, 0.0], dtype=dtype)
+    for softcap, w in ((None, None), (None, weight), (50.0, weight)):
+        z = torch.tensor(rows, dtype=dtype)
+        with torch.no_grad():
+            got = ce.sparse_categorical_cross_entropy(z, y, softcap=softcap, weight=w, **kw)
+        want = ce.sparse_categorical_cross_entropy(
+            z.double().numpy(),
+            y.numpy(),
+            softcap=softcap,
+            weight=None if w is None else w.double().numpy(),
+            **kw,
+        )
+        rtol = 1e-6 if dtype == torch.float32 else 1e-12
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=rtol)
+    z = torch.tensor([[1.0, math.nan, 0.0], [1.0, 0.0, -3.0]], dtype=dtype)
+    with torch.no_grad():
+        got = ce.sparse_categorical_cross_entropy(z, y[:2], **kw)
+    assert math.isnan(got[0])
+    assert math.isfinite(got[1])

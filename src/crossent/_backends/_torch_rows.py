@@ -195,11 +195,20 @@ def _lse(z: Tensor) -> Tensor:
     return torch.logsumexp(z, 1, keepdim=True)
 
 
+_LSE_DIRECT = 1 << 12
+"""Up to this many logits :func:`_lse_of_nll` takes ``torch.logsumexp`` directly: one call
+against the gather, the add and the check's six operations and host read (one thread: 7.9
+against 12.9 µs at 32 × 10; 20.5 against 13.0 µs at 256 × 100)."""
+
+
 def _lse_of_nll(z: Tensor, label: Tensor, nll_y: Tensor) -> Tensor:
     """:func:`_lse` ``(n,)`` from the rows' ``-log p_y`` as ``z_y + (-log p_y)`` (a gather and
     an add) where that is exact: ``-log p_y`` at most 4 (1 + |L|), so that its rounding is a
     few ulps of L. Else (a label far below the row max, where the sum cancels, or NaN) one
-    host read sends the chunk to ``torch.logsumexp``."""
+    host read sends the chunk to ``torch.logsumexp``, as it does a small chunk
+    (:data:`_LSE_DIRECT`) at once."""
+    if z.numel() <= _LSE_DIRECT:
+        return _lse(z).view(-1)
     fast = z.gather(1, label.unsqueeze(1)).view(-1).add_(nll_y)
     bound = fast.abs().add_(1).mul_(4)
     if bool((nll_y <= bound).all()):  # False for NaN
