@@ -5,10 +5,10 @@ of files, in a stable order (each directory and glob sorted by path): a
 directory contributes every predictions file under it (hidden files and
 names starting with ``_``, such as Spark's ``_SUCCESS``, are skipped, and so
 is everything under such a folder, such as Spark's ``_temporary``), a glob
-every file it matches; a file reached twice (named twice, or by a directory and a
-glob that overlap) is refused rather than scored twice. ``-`` is CSV on standard input, spooled to a
-temporary file (pyarrow reads a CSV twice: once for its columns, once for
-its rows).
+every file it matches; a file reached twice (named twice, by a directory and
+a glob that overlap, or through a link) is refused rather than scored twice.
+``-`` is CSV on standard input, spooled to a temporary file (pyarrow reads a
+CSV twice: once for its columns, once for its rows).
 
 :func:`data_suffix` and :func:`open_input` handle compressed text files:
 ``.gz``, ``.bz2`` and ``.zst`` are decompressed by pyarrow's own codecs as
