@@ -554,14 +554,8 @@ def _sparse_rows_generic(
     t = index_target(target)
     z = mask_ignored_rows(z, t, opts.ignore_index, z.ndim - 1, accelerator=True)
     form = softcap_form(opts.softcap, z.dtype, xp=torch)
-    if form is not None and form.guarded:  # a huge cap (float32: > 1e31): x where x/c is tiny
-        z = softcap_logits(z, opts.softcap, xp=torch)
-    elif form is not None:
-        cap = form.cap
-        capped = cap * torch.tanh(z / cap)
-        if _may_hold_neg_inf(z):  # -inf stays -inf, derivative 0 (_logprob.softcap_logits)
-            capped = capped + torch.where(z == -math.inf, -math.inf, capped.new_zeros(()))
-        z = capped
+    if form is not None:  # -inf stays -inf, derivative 0: one read tells whether z holds it
+        z = softcap_logits(z, opts.softcap, xp=torch, masked=form.guarded or _may_hold_neg_inf(z))
     # eagerly read; compiled the assertion, and the labels it refuses replaced by 0 (indexed
     # with, only the assertion fails); under torch.func read beneath the transforms
     t = check_label_range(t, num_classes, ignore_index=opts.ignore_index, xp=array_namespace(t))

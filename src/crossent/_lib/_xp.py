@@ -26,6 +26,7 @@ __all__ = [
     "compute_dtype",
     "device",
     "difference",
+    "differentiated",
     "dim_size",
     "forward_ad_active",
     "host_float",
@@ -668,6 +669,16 @@ def stop_gradient(x: Array, *, xp: Any) -> Array:
 
         return jax.lax.stop_gradient(x)
     return x
+
+
+def differentiated(x: Array, *, xp: Any) -> bool:
+    """Whether autodiff may differentiate through `x`: a JAX tracer (``jax.grad``, or ``jit``,
+    whose trace may be differentiated later), a PyTorch tensor that requires a gradient, under
+    a ``torch.func`` transform or in a forward-AD level; never NumPy and the others. For forms
+    that cost more only so that their derivatives are exact."""
+    if is_torch_tensor(x):
+        return bool(x.requires_grad or torch_transform_name() is not None or forward_ad_active())
+    return is_jax_namespace(xp) and _is_tracer(x)
 
 
 def nan_shift(m: Array, *, zero: Array | bool = True, xp: Any) -> Array:

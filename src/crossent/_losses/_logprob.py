@@ -45,6 +45,7 @@ from crossent._lib._config import dynamo_tracing
 from crossent._lib._xp import (
     Array,
     difference,
+    differentiated,
     is_jax_namespace,
     is_numpy_namespace,
     is_torch_namespace,
@@ -70,6 +71,7 @@ __all__ = [
     "softcap_slope",
     "softcap_slope_",
     "softcap_tanh",
+    "tanh_exact_slope",
     "term_grad",
     "term_value",
 ]
@@ -198,7 +200,7 @@ def softcap_guarded(x: Array, form: SoftcapForm, *, xp: Any) -> tuple[Array, Arr
     return z + edge, slope
 
 
-def softcap_logits(x: Array, cap: float | None, *, xp: Any) -> Array:
+def softcap_logits(x: Array, cap: float | None, *, xp: Any, masked: bool = True) -> Array:
     r"""Gemma-2 soft-capping :math:`z = c \tanh(x / c)`; ``-inf`` stays ``-inf`` (masking): its
     derivative is :math:`1 - \tanh^2(-\infty) = 0`, as in the fused and Triton kernels and
     PyTorch's eager executor (a label on a masked class gets no gradient there).
@@ -212,7 +214,12 @@ def softcap_logits(x: Array, cap: float | None, *, xp: Any) -> Array:
     steps), the identity beyond the dtype's range; others take the plain form. A huge cap
     (1e38 in float32) made :math:`x/c` subnormal, which XLA on CPU flushes to 0 (every logit
     0: log C instead of the loss), and a cap above float32's range became
-    :math:`\infty \cdot 0` = NaN."""
+    :math:`\infty \cdot 0` = NaN.
+
+    Where autodiff may differentiate `x` (:func:`~crossent._lib._xp.differentiated`) the
+    plain form's tanh is :func:`tanh_exact_slope` (the same values, derivatives exact where
+    the tanh saturates). `masked=False` says that `x` holds no ``-inf`` (the caller has
+    looked): no ``where`` for it."""
     form = softcap_form(cap, x.dtype, xp=xp)
     if form is None:
         return x
@@ -222,8 +229,41 @@ def softcap_logits(x: Array, cap: float | None, *, xp: Any) -> Array:
     # smallest_normal <= eps (else the form is guarded), and its second derivative is exact
     # (a branch z = x below c sqrt(eps) made it 0: float32 Hessians 3.5e-4 off)
     with quiet(xp, "over"):  # a tiny cap: x / c is +-inf, tanh(x / c) = +-1 (no warning)
-        capped = form.cap * xp.tanh(x / form.cap)
+        u = x / form.cap
+        t = tanh_exact_slope(u, xp=xp) if differentiated(x, xp=xp) else xp.tanh(u)
+    capped = form.cap * t
+    if not masked:
+        return capped
     return capped + xp.where(x == -float("inf"), xp.full_like(x, -float("inf")), xp.zeros_like(x))
+
+
+#: From this :math:`|u|` on, :func:`tanh_exact_slope` differentiates :math:`(1 - e)/(1 + e)`.
+_SATURATING = 0.5
+
+
+def tanh_exact_slope(u: Array, *, xp: Any) -> Array:
+    r""":math:`\tanh u`, the same values as ``tanh``, whose autodiff derivatives of every order
+    stay exact where it saturates.
+
+    Autodiff through ``tanh`` forms the slope as :math:`1 - t^2`, which cancels where
+    :math:`|t|` is near 1: its rounding times :math:`1/(1 - t^2)`, 6e-4 relative at
+    :math:`|u| = 5` in float32 (the gradients of a soft cap's saturated logits under
+    ``create_graph``, ``torch.func``, ``torch.compile`` and ``jax.grad`` were 2.5e-5 and
+    6.6e-5 of their norm off in float32, where the closed forms are at 1e-7). From
+    :math:`|u| = 1/2` on, the derivatives are those of
+    :math:`\pm(1 - e)/(1 + e)` (the sign of :math:`u`), :math:`e = e^{-2|u|} \le e^{-1}`,
+    whose autodiff slope is the sum of two positive terms
+    :math:`2e/(1 + e) + 2e(1 - e)/(1 + e)^2 = 4e/(1+e)^2` (and whose curvature cancels
+    only mildly, :math:`e \le e^{-1}`); it enters as :math:`r - \operatorname{stop}(r)`,
+    0 in value, beside the held tanh. Below :math:`1/2`, ``tanh``'s own (:math:`t^2 < 0.22`:
+    no cancellation, and the slope 1 at 0, where :math:`|u|` has none)."""
+    t = xp.tanh(u)
+    a = xp.abs(u)
+    e = xp.exp(-2 * a)
+    q = (1 - e) / (1 + e)
+    r = xp.where(u < 0, -q, q)  # (not sign(u) * q: array-api-compat's sign masks NaN by index)
+    far = stop_gradient(a, xp=xp) >= _SATURATING
+    return xp.where(far, stop_gradient(t, xp=xp) + (r - stop_gradient(r, xp=xp)), t)
 
 
 def softcap_slope(x: Array, form: SoftcapForm, *, xp: Any) -> Array:
@@ -231,7 +271,8 @@ def softcap_slope(x: Array, form: SoftcapForm, *, xp: Any) -> Array:
 
     As :math:`4e/(1 + e)^2` with :math:`e = e^{-2|u|} \le 1`, exact to a few ulps: ``1 - t *
     t`` cancels where the tanh is near ±1, its rounding times :math:`1/(1 - t^2)` (6e-4
-    relative at :math:`|u| = 5` in float32; autodiff through ``tanh`` forms it so). The
+    relative at :math:`|u| = 5` in float32; autodiff through ``tanh`` forms it so, not through
+    :func:`tanh_exact_slope`). The
     in-place PyTorch executors form the same as :math:`4s(1 - s)`, :math:`s = \sigma(-2|u|)
     = e/(1 + e)` (:func:`softcap_slope_`), the Triton kernel from its tanh's own :math:`e`.
     A guarded form (a huge cap) has :math:`u` tiny, where ``1 - t * t`` is exact."""
