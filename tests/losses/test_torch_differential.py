@@ -577,6 +577,52 @@ def test_class_weights_requiring_grad_get_their_gradient(dtype: Any, options: An
         assert w_grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"label_smoothing": 0.1},
+        {"label_smoothing": 0.2, "ignore_index": 3},
+        {"label_smoothing": 0.2, "z_loss": 0.01, "softcap": 3.0},
+        {"label_smoothing": 0.1, "gamma": 2.0},
+    ],
+)
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_a_zero_class_weight_keeps_its_gradient(backend: str, options: Any) -> None:
+    """A summed loss is affine in the class weights (the z-loss is not weighted), so d/dw_k is
+    the loss with weight e_k less the loss with weight 0. The
+    smoothing sum dropped every term of a zero weight before the product (meant for a masked
+    class's 0 * inf), and with it that term's derivative: 1.42 for 1.52 (sum) and up to a
+    third of the weights' gradient missing (mean), on PyTorch and JAX alike."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64) * 2
+    x[1, 2] = -math.inf  # a masked class of a counted row: weight 0, its term 0 (not 0 * inf)
+    t = torch.tensor([0, 0, 1, 3, 2])
+    w = torch.tensor([1.0, 0.0, 0.0, 0.5], dtype=torch.float64)
+    if backend == "torch":
+        xp_x, xp_t, as_w = x, t, lambda v: v
+    else:
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        xp_x, xp_t = jax.numpy.asarray(x.numpy()), jax.numpy.asarray(t.numpy())
+        as_w = lambda v: jax.numpy.asarray(v.numpy())  # noqa: E731
+
+    def loss(weight: Any) -> Any:
+        return ce.sparse_categorical_cross_entropy(
+            xp_x, xp_t, from_logits=True, weight=weight, reduction="sum", **options
+        )
+
+    if backend == "torch":
+        wg = w.clone().requires_grad_(True)
+        got = torch.autograd.grad(loss(wg), wg)[0].numpy()
+    else:
+        got = np.asarray(jax.grad(loss)(as_w(w)))
+    base = float(loss(as_w(torch.zeros(4, dtype=torch.float64))))
+    units = torch.eye(4, dtype=torch.float64)
+    want = np.array([float(loss(as_w(units[k]))) - base for k in range(4)])
+    assert want[2] == math.inf  # the masked class: one-sided, its term held at 0 for w_2 = 0
+    np.testing.assert_allclose(got[[0, 1, 3]], want[[0, 1, 3]], rtol=1e-12)
+
+
 def _masked_batch() -> tuple[Any, Any]:
     """Row 0 plain, row 1 with a masked class (target 0 there), row 2 NaN with no target mass."""
     x = torch.tensor([[0.5, 1.0, -1.0], [0.2, -math.inf, 0.3], [math.nan, 1.0, 2.0]],
