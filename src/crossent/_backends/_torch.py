@@ -474,18 +474,27 @@ def sparse(
         return None  # PyTorch's kernels (and the Triton ones) give no weight gradient
     if dtype in _LOW and _triton_sparse.usable(input, opts):  # an accelerator's
         return _sparse_triton(input, target, weight, axis, opts)
-    if not opts.plain or opts.label_smoothing == 1.0:
-        # (ε = 1: PyTorch's kernel forms (1 - ε) · (-log p_y) = 0 · inf = NaN for a label masked
-        # by -inf, where the loss is the smoothing term's +inf)
+    # PyTorch's kernel forms 0 · inf = NaN for a class masked by -inf under smoothing: where ε
+    # = 1 ((1 - ε) · (-log p_y) of a masked label, where the loss is the smoothing term's +inf)
+    # and where that class's weight is 0 (w_k · (-log p_k), where crossent's term is 0)
+    weighted_smoothing = weight is not None and opts.label_smoothing != 0
+    if (
+        not opts.plain
+        or opts.label_smoothing == 1.0
+        or (weighted_smoothing and not _host_readable(input))  # nothing to read back
+    ):
         return _sparse_rows(input, target, weight, axis, opts)
     if _maybe_traced(target):
         target = traced_labels(input, target, axis, opts.ignore_index)
-    input = mask_ignored_rows(input, target, opts.ignore_index, axis)
+    masked = mask_ignored_rows(input, target, opts.ignore_index, axis)
     if dtype in _LOW and weight is None and opts.label_smoothing == 0:
-        out = _sparse_low(input, target, axis, opts)
+        out = _sparse_low(masked, target, axis, opts)
         if out is not None:
             return out
-    return _native_indices(_CROSS_ENTROPY, input, target, weight, axis, opts, opts.label_smoothing)
+    out = _native_indices(_CROSS_ENTROPY, masked, target, weight, axis, opts, opts.label_smoothing)
+    if weighted_smoothing and _holds_nan(out, opts.reduction):  # one read; then the row terms
+        return _sparse_rows(input, target, weight, axis, opts)
+    return out
 
 
 def _sparse_rows(
