@@ -21,6 +21,19 @@ TOL = {
 }
 
 
+def assert_rounded_alike(got: torch.Tensor, want: torch.Tensor) -> None:
+    """`got` within one unit in the last place of `want`'s low-precision dtype, entry by entry:
+    two roundings of wider values that differ by their own rounding (the sum over the ranks
+    and the single process's product) agree but at a rounding boundary."""
+    assert got.dtype == want.dtype
+    w, info = want.double(), torch.finfo(want.dtype)
+    ulp = torch.exp2(torch.floor(torch.log2(w.abs().clamp_min(info.tiny)))) * info.eps
+    err = (got.double() - w).abs()
+    assert (err <= ulp).all(), (
+        f"{int((err > ulp).sum())} entries off by {float((err / ulp).max()):.1f} ulp"
+    )
+
+
 def reference(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     """The single-process crossent loss and its gradient on the whole logits."""
     p = problem(case)

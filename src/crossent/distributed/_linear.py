@@ -237,8 +237,10 @@ def vocab_parallel_linear_cross_entropy(
     (its part of `hidden`'s gradient) with no further communication. The
     backward pass all-reduces `hidden`'s gradient (one ``(N, d)`` SUM); for
     ``"none"`` it first recomputes the chunks (with their per-chunk
-    all-reduces) under the incoming row gradients. The formulas are those of
-    :func:`crossent.fused.linear_cross_entropy`.
+    all-reduces) under the incoming row gradients. A float16/bfloat16 `hidden`
+    with a float32 head sums each chunk's float32 part of that gradient instead
+    (one ``(chunk, d)`` SUM per chunk) and rounds the sum once, as one process
+    does. The formulas are those of :func:`crossent.fused.linear_cross_entropy`.
 
     Examples
     --------
@@ -349,7 +351,9 @@ def vocab_parallel_linear_log_probs(
     :math:`t_r = \sum_{k \in r} e^{u_k - \ell_r}(u_k - \ell_r)`; one MAX and one
     SUM all-reduce combine them into :math:`\log p_y` and :math:`H` (see
     ``crossent.fused._logprobs``). Backward recomputes the chunks (the same
-    two all-reduces per chunk) and all-reduces the gradient of `hidden` once.
+    two all-reduces per chunk) and all-reduces the gradient of `hidden` once
+    (a float16/bfloat16 `hidden` with a float32 head: chunk by chunk, in float32,
+    before the rounding).
 
     Examples
     --------

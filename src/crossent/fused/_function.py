@@ -241,7 +241,7 @@ def fused_backward(
         row_scale = grad_loss.expand(rows) if grad_loss.ndim == 0 else grad_loss
         grad_h, grad_w, grad_b = recompute(row_scale)
     if isinstance(grad_h, RowScaled):  # rounded to hidden's dtype once more, block by block
-        grad_h = grad_h.scaled(factor, reduce_sum)
+        grad_h = grad_h.scaled(factor, None if grad_h.summed else reduce_sum)
     elif grad_h is not None:
         scale_grads_((grad_h,), factor)
         if reduce_sum is not None:

@@ -351,6 +351,7 @@ def _chunked_log_probs(
         grad_h, grad_w, grad_b = _chunk_loop(
             hidden, weight, bias, rows_all, chunk=chunk, want=want if any_grad else None,
             body=body, hidden_grad="round" if shard is None else "stash",
+            reduce_hidden=None if shard is None else shard.reduce_sum,
         )  # fmt: skip
     return _LogProbResult(lp_rows, ent_rows, grad_h, grad_w, grad_b)
 
