@@ -89,7 +89,8 @@ def problem(case: Case) -> dict[str, Any]:
         mask.view(-1, case.vocab)[torch.arange(n), target.view(-1).clamp(0, case.vocab - 1)] = False
         logits = logits.masked_fill(mask, -float("inf"))
     class_weight = torch.rand(case.vocab, generator=g, dtype=torch.float64) + 0.25
-    class_weight[HIGH_CLASSES:] *= case.weight_scale
+    # huge: the high classes; tiny: every class (all below 2**-64 is what scales them)
+    class_weight[HIGH_CLASSES if case.weight_scale > 1 else 0 :] *= case.weight_scale
     bias = torch.randn(case.vocab, generator=g, dtype=torch.float64)
     if case.masked and case.bias:  # fused cases: classes ruled out by a -inf bias
         bias[MASKED_CLASSES] = -float("inf")
@@ -164,6 +165,8 @@ CASES = [
     # float32 class weights near its largest: both sums of the weighted mean overflowed (NaN)
     Case("huge_weight_local_mean", {"label_smoothing": 0.1}, weight="local", weight_scale=2.5e38),
     Case("huge_weight_global_mean", weight="global", weight_scale=2.5e38, split="skewed"),
+    # subnormal float32 weights: their products lost digits (every rank scales them alike)
+    Case("tiny_weight_local_mean", {"label_smoothing": 0.1}, weight="local", weight_scale=1e-40),
     # above the scaling threshold (2**64) on some ranks' slices only: one decision for all ranks
     Case("large_weight_local_mean", weight="local", weight_scale=2.0**66),
     # a counted label of class weight 0 on a -inf logit: its term is 0, not 0 * inf = NaN
@@ -235,6 +238,12 @@ LINEAR_CASES = [
         {"label_smoothing": 0.1, "chunk_size": 3},
         weight="global",
         weight_scale=2.5e38,
+    ),
+    Case(  # subnormal float32 class weights: 1 / sum(w_y) overflowed (inf)
+        "linear_tiny_class_weight_mean",
+        {"chunk_size": 3},
+        weight="global",
+        weight_scale=1e-40,
     ),
     Case(  # a counted label of class weight 0 on a class masked by a -inf bias
         "linear_zero_weight_label_on_masked_bias",

@@ -31,6 +31,7 @@ __all__ = [
     "reduce_loss",
     "smoothed_target",
     "times_log",
+    "weight_factor",
 ]
 
 LOG_CLAMP = -100.0
@@ -38,38 +39,51 @@ LOG_CLAMP = -100.0
 
 
 HUGE_WEIGHT = 2.0**64
-"""Class weights above this are scaled by its reciprocal for a weighted mean
-(``mean_class_weight``)."""
+"""Class weights above this are scaled by its reciprocal for a weighted mean, and weights all
+below its reciprocal by it (``mean_class_weight``)."""
 
 
 def mean_class_weight(
-    w: Array | None, reduction: str, z_loss: float, *, xp: Any, huge: bool | None = None
+    w: Array | None, reduction: str, z_loss: float, *, xp: Any, factor: float | None = None
 ) -> Array | None:
     r"""Class weights `w` for a ``"mean"``: scaled by :math:`2^{-64}` if any exceeds
-    :math:`2^{64}`, `w` itself otherwise.
+    :math:`2^{64}`, by :math:`2^{64}` if all lie below :math:`2^{-64}`, `w` itself otherwise.
 
     The weighted mean :math:`\sum_i w_{y_i} \ell_i / \sum_i w_{y_i}` does not change when
     every weight is multiplied by the same power of two (every product and sum is scaled
     exactly), but its two sums overflow for huge weights: float32 weights of 3e38 made both
-    inf and the mean NaN where it is about 1.3. No weight anyone trains with reaches
-    :math:`2^{64}`, so the common call is unchanged bit for bit: on NumPy one host ``max``
-    decides, elsewhere a factor of exactly 1 (:math:`O(C)`, no pass over the logits, no
-    host read). Not for ``"sum"``/``"none"``, whose values scale with the weights, nor with
-    a z-loss, which the weights do not multiply but the mean divides by their sum.
+    inf and the mean NaN where it is about 1.3. Subnormal weights lose their digits in the
+    products :math:`w_{y_i} \ell_i` (float32 weights of 1e-44: 0.857 for 0.862), and the fused
+    losses' :math:`1 / \sum_i w_{y_i}` overflowed (inf). No weight anyone trains with lies
+    beyond :math:`2^{\pm 64}`, so the common call is unchanged bit for bit: on NumPy one host
+    ``max`` decides, elsewhere a factor of exactly 1 (:math:`O(C)`, no pass over the logits,
+    no host read). Not for ``"sum"``/``"none"``, whose values scale with the weights, nor
+    with a z-loss, which the weights do not multiply but the mean divides by their sum.
 
-    `huge`, when given, is whether any weight of the whole vector exceeds :math:`2^{64}`,
-    decided by the caller: the vocabulary-parallel losses, whose `w` may be one rank's slice
-    while every rank must scale alike (they learn it from their handshake).
+    `factor`, when given, is the factor decided by the caller (:func:`weight_factor` of the
+    largest weight of the whole vector): the vocabulary-parallel losses, whose `w` may be one
+    rank's slice while every rank must scale alike (they learn it from their handshake).
     """
     if w is None or reduction != "mean" or z_loss != 0 or w.shape[0] == 0:
         return w
-    if huge is not None:
-        return w * (1 / HUGE_WEIGHT) if huge else w
+    if factor is not None:
+        return w * factor if factor != 1.0 else w
     if is_numpy_namespace(xp):
-        return w * (1 / HUGE_WEIGHT) if w.max() > HUGE_WEIGHT else w
-    huge = xp.max(w) > HUGE_WEIGHT
-    one, small = (xp.asarray(v, dtype=w.dtype, device=device(w)) for v in (1.0, 1 / HUGE_WEIGHT))
-    return w * xp.where(huge, small, one)
+        f = weight_factor(float(w.max()))
+        return w * f if f != 1.0 else w
+    top = xp.max(w)
+    one, small, big = (
+        xp.asarray(v, dtype=w.dtype, device=device(w)) for v in (1.0, 1 / HUGE_WEIGHT, HUGE_WEIGHT)
+    )
+    return w * xp.where(top > HUGE_WEIGHT, small, xp.where(top < 1 / HUGE_WEIGHT, big, one))
+
+
+def weight_factor(top: float) -> float:
+    """The power of two :func:`mean_class_weight` scales weights by, for their largest, `top`
+    (NaN: 1)."""
+    if top > HUGE_WEIGHT:
+        return 1 / HUGE_WEIGHT
+    return HUGE_WEIGHT if top < 1 / HUGE_WEIGHT else 1.0
 
 
 def broadcastable(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:

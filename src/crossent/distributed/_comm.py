@@ -36,7 +36,7 @@ from crossent._lib._checks import (
     values_checked,
 )
 from crossent._lib._xp import int64_labels, is_lazy, label_extremes
-from crossent._losses._common import HUGE_WEIGHT
+from crossent._losses._common import HUGE_WEIGHT, weight_factor
 
 __all__ = ["Layout", "Options", "agree", "all_reduce", "check_options", "group_of", "row_reducers"]
 
@@ -85,8 +85,10 @@ class Layout:
     vocab_start: int
     local_vocab: int
     vocab_size: int
-    huge_weight: bool = False
-    """Whether a class weight of any rank exceeds ``HUGE_WEIGHT`` (``mean_class_weight``)."""
+    weight_factor: float = 1.0
+    """What a weighted mean scales the class weights by, the same on every rank
+    (``mean_class_weight``): 2^-64 where a weight of any rank exceeds ``HUGE_WEIGHT``, 2^64
+    where every rank's lie below its reciprocal, else 1."""
 
 
 def group_of(group: Any, *, caller: str) -> Any:
@@ -211,8 +213,10 @@ def agree(
         if checked and weight is not None and not is_lazy(weight):
             header[_WSUM] = _weight_fingerprint(weight).to(where)
         if weight is not None and weight.numel() and not is_lazy(weight):
-            # one decision for every rank: whether a weighted mean scales the weights
-            header[_WHUGE] = (weight.detach().amax() > HUGE_WEIGHT).to(where)
+            # one decision for every rank: whether a weighted mean scales the weights (1: a
+            # weight above HUGE_WEIGHT, -1: all below its reciprocal)
+            top = weight.detach().amax()
+            header[_WHUGE] = ((top > HUGE_WEIGHT).long() - (top < 1 / HUGE_WEIGHT).long()).to(where)
     rows_t = [torch.empty_like(header) for _ in range(world_size)]
     dist.all_gather(rows_t, header, group=group)
     rows: list[list[int]] = torch.stack(rows_t).tolist()
@@ -313,8 +317,16 @@ def agree(
         vocab_start=sum(sizes[:rank]),
         local_vocab=sizes[rank],
         vocab_size=vocab_size,
-        huge_weight=any(column(_WHUGE)),
+        weight_factor=_weight_factor(column(_WHUGE)),
     )
+
+
+def _weight_factor(codes: list[int]) -> float:
+    """:attr:`Layout.weight_factor` from every rank's code (1: a weight above ``HUGE_WEIGHT``,
+    -1: every weight below its reciprocal, 0: neither, or no weights)."""
+    if any(c == 1 for c in codes):
+        return weight_factor(2 * HUGE_WEIGHT)
+    return weight_factor(0.0) if codes and all(c == -1 for c in codes) else 1.0
 
 
 def all_reduce(x: torch.Tensor, op: Any, group: Any) -> torch.Tensor:

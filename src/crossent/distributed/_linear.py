@@ -100,14 +100,15 @@ def _prepare(
     tensors: tuple[Any, Any, Any, Any, Any],
     shift: bool,
     options: Callable[[], Any],
-) -> tuple[Any, VocabShard, torch.Tensor, torch.Tensor, bool]:
+) -> tuple[Any, VocabShard, torch.Tensor, torch.Tensor, float]:
     """Checks and handshake of a fused vocab-parallel call;
-    ``(opts, shard, hidden_2d, target, huge_weight)``.
+    ``(opts, shard, hidden_2d, target, weight_factor)``.
 
     `tensors` is ``(hidden, local_weight, target, bias, class_weight)``; `options()`
     checks and returns the call's options. The returned target is shifted
-    (when `shift`), with `hidden`'s batch shape; `huge_weight` is the handshake's
-    ``Layout.huge_weight`` (a class weight above ``HUGE_WEIGHT``, the same on every rank).
+    (when `shift`), with `hidden`'s batch shape; `weight_factor` is the handshake's
+    ``Layout.weight_factor`` (what a weighted mean scales the class weights by, the same on
+    every rank).
     """
     hidden, local_weight, target, bias, class_weight = tensors
 
@@ -153,7 +154,7 @@ def _prepare(
     target = shift_target(target, shift=shift, ignore_index=opts.ignore_index)
     reduce_max, reduce_sum = row_reducers(layout.group)
     shard = VocabShard(layout.vocab_start, layout.vocab_size, reduce_max, reduce_sum)
-    return opts, shard, rows_2d(hidden), target, layout.huge_weight
+    return opts, shard, rows_2d(hidden), target, layout.weight_factor
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -264,7 +265,7 @@ def vocab_parallel_linear_cross_entropy(
     >>> dist.destroy_process_group()
     """
 
-    opts, shard, h2, target, huge_weight = _prepare(
+    opts, shard, h2, target, weight_factor = _prepare(
         caller=_CALLER,
         group=group,
         tensors=(hidden, local_weight, target, bias, class_weight),
@@ -279,9 +280,10 @@ def vocab_parallel_linear_cross_entropy(
         ),
     )
     t1 = target.reshape(-1)
-    # a weighted mean of huge class weights (float32 near 3e38): scaled on every rank alike
+    # a weighted mean of huge or tiny class weights (float32 near 3e38, subnormal): scaled on
+    # every rank alike
     class_weight = mean_class_weight(
-        class_weight, opts.reduction, opts.z_loss, xp=torch, huge=huge_weight
+        class_weight, opts.reduction, opts.z_loss, xp=torch, factor=weight_factor
     )
     loss = run_linear_ce(h2, local_weight, t1, bias, class_weight, opts, shard)
     if opts.reduction == "none":

@@ -242,8 +242,9 @@ class _VocabParallelCE(torch.autograd.Function):
         t = target.reshape(-1).to(torch.int64)
         dtype = compute_dtype(local_logits.dtype)
         w = local_class_weight(weight, layout, dtype=dtype)
-        # a weighted mean of huge weights (float32 near 3e38): scaled on every rank alike
-        w = mean_class_weight(w, opts.reduction, opts.z_loss, xp=torch, huge=layout.huge_weight)
+        # a weighted mean of huge or tiny weights (float32 near 3e38, subnormal): scaled on
+        # every rank alike
+        w = mean_class_weight(w, opts.reduction, opts.z_loss, xp=torch, factor=layout.weight_factor)
         spec, shard = _slice_spec(layout, opts, w)
         counted, label = _labels(t, opts)
         z = _logits(local_logits, layout, opts, dtype)
