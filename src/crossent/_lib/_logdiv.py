@@ -295,7 +295,7 @@ r""":func:`log_ratio_from_logits` forms `d` from the logits' differences where
 
 
 def log_ratio_from_logits(
-    z_a: Array, z_b: Array, log_a: Array, log_b: Array, *, axis: int, xp: Any
+    z_a: Array, z_b: Array, log_a: Array, log_b: Array, *, axis: int, xp: Any, inv_t: float = 1.0
 ) -> Array:
     r""":math:`d = \log a - \log b` of two log-softmaxes, to a few ulps of `d` where the rows
     are close (same shape; `z_a`, `z_b` their logits).
@@ -315,6 +315,11 @@ def log_ratio_from_logits(
     mass of `a` where `b` has none); elsewhere, and on rows far apart, the difference of
     the logs. Classes that both rule out count as :math:`\delta = 0`. The value is this
     `d`, the derivatives those of :math:`\log a - \log b` (:func:`value_from`).
+
+    `inv_t`: the log-softmaxes are those of the logits times `inv_t` (over a temperature),
+    and :math:`\delta'` is formed from the logits themselves, then multiplied: each product
+    rounds at its size, :math:`\epsilon |z\,/T|`, which swamps a difference of :math:`10^{-5}`
+    unless :math:`T` is a power of two (a distillation loss 2e-2 off at :math:`T = 3`).
     """
     plain = difference(log_a, log_b, xp=xp)
     if plain.shape[axis] == 0:  # no outcomes: nothing to refine (argmax has no maximum)
@@ -332,6 +337,9 @@ def log_ratio_from_logits(
     at = lambda x: take_along_axis(x, star, axis=axis, xp=xp)  # noqa: E731
     # hi_k - hi_* is exact for close values (Sterbenz), the lo part is tiny
     delta = difference(hi, at(hi), xp=xp) + (lo - at(lo))
+    if inv_t != 1.0:
+        with quiet(xp, "over"):  # beyond the range: +inf, not usable below
+            delta = delta * inv_t
     usable = delta <= 30.0  # False for NaN and +inf (mass of a where b has none)
     delta = xp.where(usable, delta, zero)
     s = xp.sum(xp.exp(log_b) * xp.expm1(delta), axis=axis, keepdims=True)
@@ -1290,10 +1298,14 @@ def refine_close_rows(
     xp: Any,
     scale: float | Array = 1.0,
     work: Any = None,
+    inv_t: float = 1.0,
 ) -> tuple[Any, Any]:
     r"""`loss` and `g` (the gradient, or None) of the plain formulas for the logits `z_p`, `z_q`
-    (last axis; untracked PyTorch tensors or NumPy arrays), with the rows whose divergence is
-    small computed again more accurately.
+    times `inv_t` (last axis; untracked PyTorch tensors or NumPy arrays), with the rows whose
+    divergence is small computed again more accurately. The logits come undivided: their
+    differences are exact where the rows are close, each quotient by a temperature that is
+    not a power of two is rounded at its size (taken in float64, or the log ratio formed from
+    the logits and then divided: :func:`log_ratio_from_logits`).
 
     The plain formulas (:func:`_jsd_torch`, :func:`_jsd_generic` without `d`) sum the terms
     from the differences of the log-probabilities, rounded at their size: rows
@@ -1329,11 +1341,14 @@ def refine_close_rows(
         at = rows[i : i + piece]
         part = scale if isinstance(scale, int | float) else xp.reshape(scale, (-1,))[at]
         if space is not None:
-            _refined_in_place(z_p, z_q, at, flat_loss, flat_g, beta=beta, scale=part, space=space)
+            _refined_in_place(
+                z_p, z_q, at, flat_loss, flat_g, beta=beta, scale=part, space=space, inv_t=inv_t
+            )
             continue
         value, grad = _refined(
-            z_p[at, ...], z_q[at, ...], beta=beta, grad=g is not None, xp=xp, scale=part
-        )
+            z_p[at, ...], z_q[at, ...], beta=beta, grad=g is not None, xp=xp, scale=part,
+            inv_t=inv_t,
+        )  # fmt: skip
         if torch_:
             flat_loss.index_copy_(0, at, value.to(flat_loss.dtype))
             if flat_g is not None:
@@ -1376,11 +1391,12 @@ def _refined_in_place(
     beta: float,
     scale: Any,
     space: Any,
+    inv_t: float,
 ) -> None:
     """:func:`refine_close_rows` of the float32 rows `at` of the PyTorch logits `z_p`, `z_q`
-    (2-d), written into `loss` and `g` (None: no gradient): :func:`_jsd_torch` in float64,
-    every temporary in `space` (:func:`_float64_space`): the rows gathered into its last
-    seventh (as float32), the log-softmaxes and the work arrays in the rest."""
+    (2-d) times `inv_t`, written into `loss` and `g` (None: no gradient): :func:`_jsd_torch`
+    in float64, every temporary in `space` (:func:`_float64_space`): the rows gathered into
+    its last seventh (as float32), the log-softmaxes and the work arrays in the rest."""
     import torch
 
     rows, n = at.shape[0], z_q.shape[-1]
@@ -1388,7 +1404,8 @@ def _refined_in_place(
     gathered = space[6 * rows * n : 7 * rows * n].view(torch.float32)
     z32 = gathered[: rows * n].view(rows, n)
     for b, z in ((buf[0], z_p), (buf[1], z_q)):
-        torch._log_softmax(b.copy_(torch.index_select(z, 0, at, out=z32)), -1, False, out=b)
+        b.copy_(torch.index_select(z, 0, at, out=z32))
+        torch._log_softmax(b if inv_t == 1.0 else b.mul_(inv_t), -1, False, out=b)
     log_p, log_q = buf[0], buf[1]
     value, grad = _jsd_torch(
         log_p, log_q, beta=beta, axis=-1, grad=g is not None, scale=scale, work=buf[2:]
@@ -1398,18 +1415,25 @@ def _refined_in_place(
         g.index_copy_(0, at, z32.copy_(grad))
 
 
-def _refined(zp: Any, zq: Any, *, beta: float, grad: bool, xp: Any, scale: Any) -> Any:
-    """:func:`refine_close_rows`' formulas for the rows `zp`, `zq` (teacher, student logits)
-    where :func:`_refined_in_place` does not serve: float64 logits, NumPy."""
+def _refined(
+    zp: Any, zq: Any, *, beta: float, grad: bool, xp: Any, scale: Any, inv_t: float
+) -> Any:
+    """:func:`refine_close_rows`' formulas for the rows `zp`, `zq` (teacher, student logits,
+    times `inv_t`) where :func:`_refined_in_place` does not serve: float64 logits, NumPy."""
     if zq.dtype == xp.float64:  # the log ratio from the logits (array-API formulas)
-        log_q = log_softmax(zq, axis=-1, xp=xp, exact_peak=True)
-        log_p = log_softmax(zp, axis=-1, xp=xp)
-        d = log_ratio_from_logits(zp, zq, log_p, log_q, axis=-1, xp=xp)
+        log_q = log_softmax(_times(zq, inv_t), axis=-1, xp=xp, exact_peak=True)
+        log_p = log_softmax(_times(zp, inv_t), axis=-1, xp=xp)
+        d = log_ratio_from_logits(zp, zq, log_p, log_q, axis=-1, xp=xp, inv_t=inv_t)
         return _jsd_generic(log_p, log_q, beta=beta, axis=-1, grad=grad, xp=xp, scale=scale, d=d)
     # NumPy float32: the same formulas in float64, accurate enough for a float32 result
-    log_q = log_softmax(xp.astype(zq, xp.float64), axis=-1, xp=xp)
-    log_p = log_softmax(xp.astype(zp, xp.float64), axis=-1, xp=xp)
+    log_q = log_softmax(_times(xp.astype(zq, xp.float64), inv_t), axis=-1, xp=xp)
+    log_p = log_softmax(_times(xp.astype(zp, xp.float64), inv_t), axis=-1, xp=xp)
     return _jsd_generic(log_p, log_q, beta=beta, axis=-1, grad=grad, xp=xp, scale=scale)
+
+
+def _times(z: Any, inv_t: float) -> Any:
+    """`z` times `inv_t` (a new array; `z` itself for 1)."""
+    return z if inv_t == 1.0 else z * inv_t
 
 
 def in_place(xp: Any, *arrays: Array) -> bool:

@@ -219,8 +219,9 @@ def distill_rows(
     from it; the in-place PyTorch formulas (untracked tensors: the fused loop,
     ``value_and_grad``, ``no_grad``), which difference the log-probabilities, have their
     close rows computed again that way (``refine_close_rows``; from the logits kept in
-    ``work[4:]``). A tiny temperature (1 / T above ``HUGE_INV_TEMPERATURE``) keeps the
-    differences of the logs.
+    ``work[4:]``). Both read the logits before their division by the temperature (whose
+    quotients round at their size unless :math:`T` is a power of two). A tiny temperature
+    (1 / T above ``HUGE_INV_TEMPERATURE``) keeps the differences of the logs.
 
     Tracked PyTorch logits (eager; not under a ``torch.func`` transform, forward-mode AD or
     ``torch.compile``) without `grad` go through one autograd node (:func:`_distill_node`):
@@ -231,18 +232,22 @@ def distill_rows(
     overwrite = work is not None
     inv_t = 1.0 / temperature
     wide = inv_t > HUGE_INV_TEMPERATURE
-    student = tempered(student, inv_t, xp=xp, overwrite=overwrite)
-    teacher = tempered(teacher, inv_t, xp=xp, overwrite=overwrite)
     fast = in_place(xp, student, teacher)
     # the rows the plain formulas leave inaccurate are computed again (refine_close_rows) where
     # rows can be picked eagerly: untracked PyTorch tensors and NumPy; elsewhere (JAX, traced
-    # calls, autograd) the array-API formulas take the log ratio from the logits
+    # calls, autograd) the array-API formulas take the log ratio from the logits. Both from
+    # the logits before the division by T: their differences are exact where the rows are
+    # close, the quotients by a T that is not a power of two each rounded at its size (float32
+    # rows 1e-5 apart at T = 3: the loss 2e-2 off, the gradient 3e-2 of its norm)
     eager = fast or getattr(xp, "__name__", "") in _NUMPY  # (not lru_cache'd: dynamo warns)
+    logits = (teacher, student)
     kept = None  # the logits of the rows refine_close_rows computes again
     if eager and not wide:
-        kept = (teacher, student)
+        kept = logits
         if work is not None:  # overwritten below
             kept = (work[4].copy_(teacher), work[5].copy_(student))
+    student = tempered(student, inv_t, xp=xp, overwrite=overwrite)
+    teacher = tempered(teacher, inv_t, xp=xp, overwrite=overwrite)
     # the student's log Q relative to its top class: autodiff's gradient of a peaked student
     # (log_softmax); the in-place formulas (the fused loop, untracked tensors) form the gradient
     # in closed form, and PyTorch's kernel takes a third of the time (its max with indices
@@ -253,7 +258,7 @@ def distill_rows(
     log_p = log_softmax(teacher, axis=-1, xp=xp, overwrite=overwrite)
     d = None  # log P - log Q from the logits, accurate for close rows
     if not (eager or wide):
-        d = log_ratio_from_logits(teacher, student, log_p, log_q, axis=-1, xp=xp)
+        d = log_ratio_from_logits(*logits, log_p, log_q, axis=-1, xp=xp, inv_t=inv_t)
     buffers = None if work is None else work[:4]
     factor = scale * inv_t
     if not grad:
@@ -272,6 +277,7 @@ def distill_rows(
             xp=xp,
             scale=factor,
             work=buffers,  # free by now
+            inv_t=inv_t,
         )
     return loss, g
 
@@ -484,7 +490,10 @@ def distillation_loss(
     :math:`Q`-weighted ``expm1``: the difference of the log-probabilities rounds at their
     size, :math:`\epsilon |\log P_k|`, where :math:`d_k` may be :math:`10^{-5}`) and the
     terms by their series, so the loss and its gradient keep a few ulps however close the
-    models are (float32 rows :math:`10^{-5}` apart: 1e-7 relative, where summing the
+    models are, at any temperature (the differences are those of the logits, divided by
+    :math:`T` after: each model's logits divided first round at their size unless :math:`T`
+    is a power of two, 2e-2 relative at :math:`T = 3`) (float32 rows :math:`10^{-5}` apart:
+    1e-7 relative, where summing the
     differences of the log-probabilities was 0.5 % off and the gradient 2–10 %; peaked rows
     of 32000 classes at a KL of 1e-3: 2e-3). On untracked PyTorch tensors and NumPy arrays
     the rows are computed first by the faster formulas and those below a small divergence
