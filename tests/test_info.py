@@ -1393,6 +1393,27 @@ def test_torch_fast_paths_equal_the_array_api_formulas(case: Any) -> None:
             )
 
 
+@pytest.mark.parametrize("gap", [350.0, 400.0, 700.0])
+def test_js_second_derivatives_of_logits_whose_probability_underflows(gap: float) -> None:
+    """JS of float32 logits [0, gap, 1] against zeros: the float64 double backward formed P / Q
+    for every normal Q, whose recorded derivative -P / Q² underflowed to -inf below Q = e^-354
+    and met a where's zero: NaN second derivatives (gap 400) where they are 0 to rounding."""
+    torch = pytest.importorskip("torch")
+    zp = torch.tensor([[0.0, gap, 1.0]], requires_grad=True)
+    zq = torch.zeros(1, 3)
+    (g,) = torch.autograd.grad(
+        info.js_divergence(zp, zq, from_logits=True).sum(), zp, create_graph=True
+    )
+    (h,) = torch.autograd.grad((g * torch.tensor([[0.3, -1.0, 2.0]])).sum(), zp)
+    z64 = zp.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(
+        info.js_divergence(z64, zq.double(), from_logits=True).sum(), z64, create_graph=True
+    )
+    (h64,) = torch.autograd.grad((g64 * torch.tensor([[0.3, -1.0, 2.0]]).double()).sum(), z64)
+    assert torch.isfinite(h).all()
+    torch.testing.assert_close(h.double(), h64, rtol=1e-6, atol=1e-30)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_js_second_derivatives_of_far_apart_probabilities(dtype: str) -> None:
     """JS of probabilities: d²/dp² = q / (2 p (p + q)), which autograd of log(2p / (p + q))

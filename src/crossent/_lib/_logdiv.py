@@ -1220,14 +1220,23 @@ def _jsd_gradient(
             r = xp.where(cut | ~xp.isfinite(d), r, -d)
     else:  # r = -log1p(beta (P / Q - 1)) (module docstring), as _jsd_torch forms it
         p = xp.exp(log_p)
-        normal = q >= xp.finfo(q.dtype).smallest_normal  # P / Q cannot overflow there
+        # P / Q where its derivative -P / Q² (recorded for a double backward) stays finite;
+        # for a smaller, nonzero Q, e^(log P - log Q) (its derivative is itself): the zero a
+        # where passes to -P / Q² = -inf made a float32 JS's second derivatives NaN where a
+        # probability is below e^-354 (logits 400 apart), as rounding's 0 they are
+        normal = q >= math.sqrt(float(xp.finfo(q.dtype).smallest_normal))
+        small = (q > 0) & ~normal
         if d is not None:  # r from d below, but where Q = 0: P / Q is not formed there at
-            # all (recorded for a double backward, P / Q's derivative -P / Q² overflows for a
-            # tiny Q, and the zero where passes it would make that NaN)
+            # all (for a double backward, as above)
             normal = normal & ~(d < math.inf)
+            small = small & (d < math.inf)
         y = beta * (p / xp.where(normal, q, xp.ones_like(q))) - beta
         big = xp.full_like(y, xp.finfo(y.dtype).max)  # Q = 0 < P: a finite r, times Q = 0
-        y = xp.where(normal, y, xp.where(p > 0, big, xp.zeros_like(y)))
+        with quiet(xp, "over", "invalid"):  # beyond the range: big, as Q = 0 (-inf - -inf:
+            # a class both rule out, not small)
+            tiny_q = beta * xp.expm1(xp.where(small, log_p - log_q, xp.zeros_like(y)))
+        tiny_q = xp.where(tiny_q < big, tiny_q, big)
+        y = xp.where(normal, y, xp.where(small, tiny_q, xp.where(p > 0, big, xp.zeros_like(y))))
         r = -xp.log1p(xp.where(xp.isnan(y), xp.zeros_like(y), y))
         if d is not None:  # log Q - log M from d, but where Q = 0 (d = +inf) or NaN (a class
             # both rule out: d = -inf - -inf), d replaced there (recorded for a double backward,
