@@ -860,5 +860,7 @@ def test_triton_chunk_loop_fuzz_equals_pytorch_path(
         )
         low = dt == torch.bfloat16 and g.dtype == torch.bfloat16
         rtol = 1e-2 if low else 16 * eps_dt * (1.0 + size)
-        atol = rtol * scale_r + (0.0 if low else 16 * eps_dt * natural) + 1e-300
+        # (bfloat16 too: a batch of confident rows only has gradients at that rounding, each
+        # path's p_y - 1 rounded at 1 in float32: 0 against -6e-8 where it is -3.4e-8)
+        atol = rtol * scale_r + 16 * eps_dt * natural + 1e-300
         torch.testing.assert_close(g.double(), r.double(), rtol=rtol, atol=atol, equal_nan=True)
