@@ -84,6 +84,7 @@ from crossent._lib._xp import (
     int64_labels,
     number_for,
     output_dtype,
+    refuse_jit_trace,
     representable,
     softplus_of_neg_abs,
     torch_autocast,
@@ -422,6 +423,7 @@ def sparse(
     after :func:`traced_labels`, the others by their own label check (before, the executor's
     check ran first and the rows path and the generic path traced a second one).
     """
+    refuse_jit_trace(torch)  # (every PyTorch loss passes one of sparse, categorical, binary)
     dtype = input.dtype
     if (  # the common call: PyTorch's kernel, nothing else (its bound check raises)
         weight is None
@@ -737,6 +739,7 @@ def categorical(
     checks again and raises the message), so that the common call makes no array-API call;
     the targets' range costs one ``aminmax`` (:func:`_in_unit_interval`).
     """
+    refuse_jit_trace(torch)
     if (  # the common call: 2-d logits and targets on the CPU, eager, no weight
         not torch_tracing()  # first: traced, no condition below leaves a guard
         and weight is None
@@ -936,6 +939,7 @@ def binary(
     product compute 0 · ∞: a NaN result is recomputed by the guarded generic formula (one
     scalar test, eager only; traced calls: :func:`_binary_traced`).
     """
+    refuse_jit_trace(torch)
     if opts.kind == "probs":  # eagerly on the CPU: vectorized clamped logs
         return _probabilities().binary(input, target, weight, pos_weight, label_smoothing, opts)
     if not (

@@ -29,7 +29,13 @@ from crossent._lib._checks import (
     check_unit_interval_scalar,
     guard_label_range,
 )
-from crossent._lib._xp import array_namespace, check_same_device, int64_labels, torch_tracing
+from crossent._lib._xp import (
+    array_namespace,
+    check_same_device,
+    int64_labels,
+    refuse_jit_trace,
+    torch_tracing,
+)
 from crossent.fused._function import LinearCEOptions
 
 __all__ = [
@@ -90,6 +96,7 @@ def clears_skip_mark(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 def _check_tensor(x: object, *, name: str) -> torch.Tensor:
+    refuse_jit_trace(torch)  # (every fused and vocabulary-parallel function checks its tensors)
     if not isinstance(x, torch.Tensor):
         msg = f"`{name}` must be a torch.Tensor; got {type(x).__name__}. Use torch.as_tensor first."
         raise TypeError(msg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+import weakref
 from typing import Any, Literal, NoReturn, cast
 
 import torch
@@ -27,7 +28,7 @@ from crossent._lib._checks import (
     check_unit_interval_scalar,
 )
 from crossent._lib._config import dynamo_tracing
-from crossent._lib._xp import array_namespace, check_same_device
+from crossent._lib._xp import array_namespace, check_same_device, refuse_jit_trace
 from crossent._losses._binary import binary_cross_entropy
 from crossent._losses._categorical import categorical_cross_entropy
 from crossent._losses._options import CEOptions, make_options
@@ -143,6 +144,7 @@ def _cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, opts: C
     `opts` were checked when the module was built (or its options last set);
     class indices go straight to the PyTorch executor.
     """
+    refuse_jit_trace(torch)  # before the shapes are compared (a trace warns there)
     axis = _class_axis(input)
     if not isinstance(target, Tensor) or not target.is_floating_point():
         if isinstance(input, Tensor) and not dynamo_tracing():  # traced: the loss's graph node
@@ -283,6 +285,33 @@ class _WeightedLoss(_Loss):
     ) -> None:
         super().__init__(size_average, reduce, reduction)
         self.register_buffer("weight", _check_tensor(weight, name="weight", per_class=per_class))
+        self._note_weight_checked()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's state for pickling, without the weak reference to the checked weight
+        (unpicklable; a copy checks its weight on first use)."""
+        state = dict(self.__dict__)
+        state.pop("_weight_checked", None)
+        return state
+
+    def _note_weight_checked(self) -> None:
+        w = self.weight
+        self.__dict__["_weight_checked"] = None if w is None else (weakref.ref(w), w._version)
+
+    def _checked_weight(self) -> Tensor | None:
+        """`weight`, its values checked again if it changed since they last were: replaced
+        (``loss.weight = ...``), or changed in place (``load_state_dict``, ``weight[1] = -1``:
+        its version counter moves). The class-index path reads it unchecked (the module
+        checked it), and a negative weight came out as a silent number (weights summing to
+        0: a loss of 0). Traced, the functional path checks it."""
+        w = self.weight
+        if w is None or dynamo_tracing():
+            return w
+        seen = self.__dict__.get("_weight_checked")
+        if seen is None or seen[0]() is not w or seen[1] != w._version:
+            _check_tensor(w, name="weight", per_class=True)
+            self._note_weight_checked()
+        return w
 
 
 # ----------------------------------------------------------------------------
@@ -434,7 +463,7 @@ class CrossEntropyLoss(_OptionsCache, _WeightedLoss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The loss of logits `input` (classes on dim 1) against `target`."""
-        return _cross_entropy(input, target, self.weight, self._options())
+        return _cross_entropy(input, target, self._checked_weight(), self._options())
 
 
 class NLLLoss(_WeightedLoss):
@@ -716,7 +745,7 @@ class FocalLoss(_OptionsCache, _WeightedLoss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The focal loss of logits `input` (classes on dim 1) against `target`."""
-        return _cross_entropy(input, target, self.weight, self._options())
+        return _cross_entropy(input, target, self._checked_weight(), self._options())
 
 
 class BinaryFocalLoss(_BinaryLoss):
